@@ -1,0 +1,217 @@
+"""Stage 2: the behavior-conditioning VAE (posterior, prior, action decoder).
+
+Learns a behavior embedding z that captures *how the acting policy decides* from an
+(observation, action) history. Observations arrive as the frozen tokenizer's code vectors
+``codes_BThwC``; a small learned attention pooling (a summary token attending over the h x w grid)
+turns each frame into one feature vector. Each step t becomes one token from (frame feature,
+normalised action a_t), with a sinusoidal time embedding, and runs through the shared ST transformer
+with S = 1 (a purely temporal transformer):
+
+- posterior q(z | tau_{0:T}): bidirectional over the segment, mean-pooled over t -> (mu_BZ, logvar_BZ);
+- prior p(z_t | tau_{0:t}): causal, one Gaussian per step -> (mu_BTZ, logvar_BTZ). tau_{0:t} includes
+  a_t (our choice: at imagination time the action about to be taken is known);
+- decoder pi(a_t | o_t, z): MLP on (frame feature of o_t, z) -> Gaussian mean and log-variance of a_t.
+
+Loss (beta-VAE / information bottleneck): mean_t NLL(a_t) + beta * mean_t KL(q || p_t), with optional
+free bits (a floor per z dimension on the batch-mean KL) against posterior collapse.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from whale_pl.models.st_block import Attention, STTransformer
+
+LOGVAR_MIN, LOGVAR_MAX = -10.0, 6.0
+
+
+def sinusoidal_time_BTD(T: int, dim: int, device: torch.device) -> torch.Tensor:
+    """[1, T, dim] sinusoidal embedding of step indices 0..T-1 (no maximum length)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=device, dtype=torch.float32) / half)
+    ang = torch.arange(T, device=device, dtype=torch.float32)[:, None] * freqs[None]
+    emb = torch.cat([ang.sin(), ang.cos()], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros(T, 1, device=device)], dim=-1)
+    return emb[None]
+
+
+def gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(N(mu_q, e^logvar_q) || N(mu_p, e^logvar_p)) (broadcasting), in nats."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1.0)
+
+
+def gaussian_nll(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Elementwise negative log-likelihood of x under N(mu, e^logvar), in nats."""
+    return 0.5 * (logvar + (x - mu) ** 2 / logvar.exp() + math.log(2 * math.pi))
+
+
+class GridPool(nn.Module):
+    """Attention pooling of a frame's h*w code vectors into one feature: a learned summary token
+    attends (with the grid tokens, one shared ``Attention``) over the grid; its output is the feature."""
+
+    def __init__(self, code_dim: int, dim: int, grid_tokens: int, heads: int) -> None:
+        super().__init__()
+        self.grid_tokens = grid_tokens
+        self.inp = nn.Linear(code_dim, dim)
+        self.pos_SD = nn.Parameter(torch.randn(grid_tokens, dim) * 0.02)
+        self.query_D = nn.Parameter(torch.randn(dim) * 0.02)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
+
+    def forward(self, codes_BThwC: torch.Tensor) -> torch.Tensor:
+        B, T, h, w, C = codes_BThwC.shape
+        if h * w != self.grid_tokens:
+            raise ValueError(
+                f"codes grid {h}x{w} = {h * w} tokens, but the behavior model was built for "
+                f"grid_tokens={self.grid_tokens}"
+            )
+        x = self.inp(rearrange(codes_BThwC, "b t h w c -> (b t) (h w) c")) + self.pos_SD
+        q = self.query_D.expand(x.shape[0], 1, -1)
+        x = torch.cat([q, x], dim=1)
+        y, _ = self.attn(self.norm(x))
+        feat = (q[:, 0] + y[:, 0])
+        return rearrange(self.out(feat), "(b t) d -> b t d", b=B)
+
+
+@dataclass
+class BehaviorOutput:
+    """Everything ``BehaviorModel.loss`` computes, for logging and analysis."""
+
+    loss: torch.Tensor
+    nll: torch.Tensor  # mean over B, T of the action NLL summed over action dims
+    kl: torch.Tensor  # mean over B, T of KL(q || p_t) summed over z dims (before free bits)
+    kl_loss: torch.Tensor  # the KL term that enters the loss (after free bits)
+    action_mse: torch.Tensor  # decoder mean vs true action, with posterior-mean z
+    action_mse_prior: torch.Tensor  # decoder mean vs true action, with the prior mean z_t
+    post_mu_BZ: torch.Tensor
+    prior_mu_BTZ: torch.Tensor
+
+
+class BehaviorModel(nn.Module):
+    """Posterior, causal prior and action decoder over (code grids, actions)."""
+
+    def __init__(
+        self,
+        code_dim: int,
+        action_dim: int,
+        grid_tokens: int,
+        z_dim: int = 16,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        decoder_hidden: int = 128,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.code_dim, self.action_dim, self.z_dim, self.dim = code_dim, action_dim, z_dim, dim
+        self.pool = GridPool(code_dim, dim, grid_tokens, heads)
+        self.post_in = nn.Linear(dim + action_dim, dim)
+        self.prior_in = nn.Linear(dim + action_dim, dim)
+        self.post_tf = STTransformer(dim, depth, heads, mlp_ratio, causal=False, dropout=dropout)
+        self.prior_tf = STTransformer(dim, depth, heads, mlp_ratio, causal=True, dropout=dropout)
+        self.post_head = nn.Linear(dim, 2 * z_dim)
+        self.prior_head = nn.Linear(dim, 2 * z_dim)
+        self.decoder = nn.Sequential(
+            nn.Linear(dim + z_dim, decoder_hidden),
+            nn.GELU(),
+            nn.Linear(decoder_hidden, decoder_hidden),
+            nn.GELU(),
+            nn.Linear(decoder_hidden, 2 * action_dim),
+        )
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def _check(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> None:
+        if codes_BThwC.ndim != 5 or codes_BThwC.shape[-1] != self.code_dim:
+            raise ValueError(f"codes must be [B,T,h,w,{self.code_dim}], got {tuple(codes_BThwC.shape)}")
+        if actions_BTA.ndim != 3 or actions_BTA.shape[-1] != self.action_dim:
+            raise ValueError(f"actions must be [B,T,{self.action_dim}], got {tuple(actions_BTA.shape)}")
+        if codes_BThwC.shape[:2] != actions_BTA.shape[:2]:
+            raise ValueError(
+                f"codes {tuple(codes_BThwC.shape[:2])} and actions {tuple(actions_BTA.shape[:2])} "
+                "disagree on [B, T]"
+            )
+
+    def frame_features(self, codes_BThwC: torch.Tensor) -> torch.Tensor:
+        """[B, T, h, w, C] code vectors -> [B, T, dim] per-frame features."""
+        return self.pool(codes_BThwC)
+
+    def _tokens(self, proj: nn.Linear, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
+        x = proj(torch.cat([feat_BTD, actions_BTA], dim=-1))
+        x = x + sinusoidal_time_BTD(x.shape[1], self.dim, x.device).to(x.dtype)
+        return rearrange(x, "b t d -> b t 1 d")
+
+    @staticmethod
+    def _split(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = h.chunk(2, dim=-1)
+        return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+    def posterior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
+        h = self.post_tf(self._tokens(self.post_in, feat_BTD, actions_BTA))[:, :, 0]
+        return self._split(self.post_head(h.mean(dim=1)))
+
+    def prior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
+        h = self.prior_tf(self._tokens(self.prior_in, feat_BTD, actions_BTA))[:, :, 0]
+        return self._split(self.prior_head(h))
+
+    def decode(self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pi(a_t | o_t, z): Gaussian (mean, log-variance) of each action, [B, T, A] each."""
+        return self._split(self.decoder(torch.cat([feat_BTD, z_BTZ], dim=-1)))
+
+    # -- public API -----------------------------------------------------------------------------
+    def posterior(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z | tau_{0:T}) -> (mu_BZ, logvar_BZ), bidirectional over the whole segment."""
+        self._check(codes_BThwC, actions_BTA)
+        return self.posterior_from_features(self.frame_features(codes_BThwC), actions_BTA)
+
+    def prior(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """p(z_t | tau_{0:t}) -> (mu_BTZ, logvar_BTZ); step t sees codes and actions at steps <= t only.
+        The stage-3 behavior embedding is ``mu_BTZ``."""
+        self._check(codes_BThwC, actions_BTA)
+        return self.prior_from_features(self.frame_features(codes_BThwC), actions_BTA)
+
+    def loss(
+        self,
+        codes_BThwC: torch.Tensor,
+        actions_BTA: torch.Tensor,
+        beta: float,
+        free_bits: float = 0.0,
+        sample: bool = True,
+    ) -> BehaviorOutput:
+        """Action NLL + beta * KL(q(z | tau_{0:T}) || p(z_t | tau_{0:t})), both averaged over B and t.
+
+        ``free_bits`` (nats per z dimension): each dimension's batch-mean KL is floored at this value
+        in the loss, so the optimiser gains nothing by pushing the posterior onto the prior below it.
+        """
+        self._check(codes_BThwC, actions_BTA)
+        feat_BTD = self.frame_features(codes_BThwC)
+        mu_q, logvar_q = self.posterior_from_features(feat_BTD, actions_BTA)
+        mu_p, logvar_p = self.prior_from_features(feat_BTD, actions_BTA)
+        T = actions_BTA.shape[1]
+        z_BZ = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp() if sample else mu_q
+        a_mu, a_logvar = self.decode(feat_BTD, z_BZ[:, None].expand(-1, T, -1))
+        nll = gaussian_nll(actions_BTA, a_mu, a_logvar).sum(-1).mean()
+        kl_BTZ = gaussian_kl(mu_q[:, None], logvar_q[:, None], mu_p, logvar_p)
+        kl_Z = kl_BTZ.mean(dim=(0, 1))
+        kl_loss = kl_Z.clamp(min=free_bits).sum() if free_bits > 0 else kl_Z.sum()
+        with torch.no_grad():
+            mse = (a_mu - actions_BTA).pow(2).mean()
+            a_mu_p, _ = self.decode(feat_BTD, mu_p)
+            mse_p = (a_mu_p - actions_BTA).pow(2).mean()
+        return BehaviorOutput(
+            loss=nll + beta * kl_loss,
+            nll=nll,
+            kl=kl_Z.sum(),
+            kl_loss=kl_loss,
+            action_mse=mse,
+            action_mse_prior=mse_p,
+            post_mu_BZ=mu_q,
+            prior_mu_BTZ=mu_p,
+        )
