@@ -1,0 +1,412 @@
+"""Stage 3: the action- and behavior-conditioned ST-MaskGIT dynamics model over token grids.
+
+Frames are grids of tokenizer ids ``[T, h, w]``. The shared ``STTransformer`` (spatial attention in
+a frame, causal temporal attention across frames) runs over embedded ids; masked positions hold an
+extra ``mask_id = codebook_size``. Slot t is conditioned on what led *into* frame t: the action
+``a_{t-1}``, the behavior embedding ``z_{t-1}`` (prior mean of the frozen behavior model, switchable
+off) and the clip's frame stride k (retracing clips compose k actions into one); slot 0 gets a
+learned start vector instead of an action. The conditioning vector enters by ``injection``:
+
+- ``"adanorm"``: modulates every LayerNorm of every block (scale, shift, gate; DiT-style);
+- ``"additive"``: added to every token of the frame before the first block;
+- ``"token"``: an extra spatial token per frame that the frame's tokens attend to.
+
+Heads on the frame latent (mean over the frame's positions) predict the reward and success of the
+transition into frame t (``rewards[t-1]``, ``success[t-1]``) and the low-dimensional state of frame t.
+
+Generation (``imagine``) is frame by frame, a few MaskGIT steps per frame, reusing the temporal
+keys/values of finished frames (``use_cache``). When a rollout outgrows ``max_frames`` the window
+restarts from its last ``max_frames // 2`` frames (both with and without the cache, so they agree).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from whale_pl.models.maskgit import corrupt_tokens, maskgit_decode_frame, training_mask
+from whale_pl.models.st_block import KV, STTransformer, append_kv
+
+INJECTIONS = ("adanorm", "additive", "token")
+ZFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class DynamicsModel(nn.Module):
+    """ST-MaskGIT world model: ``forward(ids_BThw, actions_BTA, z_BTZ) -> logits_BThwV``."""
+
+    def __init__(
+        self,
+        codebook_size: int,
+        grid_hw: tuple[int, int] | list[int],
+        action_dim: int,
+        behavior_dim: int = 0,
+        state_dim: int = 0,
+        dim: int = 256,
+        depth: int = 8,
+        heads: int = 8,
+        mlp_ratio: float = 4.0,
+        max_frames: int = 16,
+        max_stride: int = 4,
+        injection: str = "adanorm",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if injection not in INJECTIONS:
+            raise ValueError(f"injection must be one of {INJECTIONS}, got {injection!r}")
+        self.codebook_size = codebook_size
+        self.mask_id = codebook_size
+        self.grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
+        self.num_tokens = self.grid_hw[0] * self.grid_hw[1]
+        self.action_dim = action_dim
+        self.behavior_dim = behavior_dim
+        self.state_dim = state_dim
+        self.max_frames = max_frames
+        self.max_stride = max_stride
+        self.injection = injection
+        self.dim = dim
+
+        self.tok_emb = nn.Embedding(codebook_size + 1, dim)
+        self.pos_s = nn.Parameter(torch.randn(self.num_tokens, dim) * 0.02)
+        self.pos_t = nn.Parameter(torch.randn(max_frames, dim) * 0.02)
+        self.act_mlp = nn.Sequential(nn.Linear(action_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.beh_proj = nn.Linear(behavior_dim, dim) if behavior_dim > 0 else None
+        self.stride_emb = nn.Embedding(max_stride + 1, dim)
+        self.start = nn.Parameter(torch.zeros(dim))
+        self.cond_norm = nn.LayerNorm(dim)
+        if injection == "token":
+            self.cond_pos = nn.Parameter(torch.randn(dim) * 0.02)
+        self.transformer = STTransformer(
+            dim, depth, heads, mlp_ratio, causal=True,
+            cond_dim=dim if injection == "adanorm" else None, dropout=dropout,
+        )
+        self.logits_head = nn.Linear(dim, codebook_size)
+        self.frame_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
+        self.reward_head = nn.Linear(dim, 1)
+        self.success_head = nn.Linear(dim, 1)
+        self.state_head = nn.Linear(dim, state_dim) if state_dim > 0 else None
+
+    # ------------------------------------------------------------------ building blocks
+    @property
+    def uses_behavior(self) -> bool:
+        return self.beh_proj is not None
+
+    def _check_inputs(self, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None) -> None:
+        if actions_BTA.shape[-1] != self.action_dim:
+            raise ValueError(f"actions have {actions_BTA.shape[-1]} dims, the model was built for {self.action_dim}")
+        if self.uses_behavior:
+            if z_BTZ is None:
+                raise ValueError("this dynamics model is behavior-conditioned: pass z (behavior_dim="
+                                 f"{self.behavior_dim}); build it with behavior_dim=0 for the ablation")
+            if z_BTZ.shape[-1] != self.behavior_dim:
+                raise ValueError(f"z has {z_BTZ.shape[-1]} dims, the model was built for {self.behavior_dim}")
+        elif z_BTZ is not None:
+            raise ValueError("this dynamics model has behavior-conditioning off (behavior_dim=0) but got z")
+
+    def condition(
+        self,
+        act_in_BTA: torch.Tensor,
+        z_in_BTZ: torch.Tensor | None,
+        stride_B: torch.Tensor | None,
+        first_is_start: bool,
+    ) -> torch.Tensor:
+        """Per-slot conditioning ``[B, T, D]`` from the action/behavior leading INTO each slot;
+        with ``first_is_start`` slot 0 takes the learned start vector (there is no action into it)."""
+        B, T, _ = act_in_BTA.shape
+        c = self.act_mlp(act_in_BTA)
+        if self.beh_proj is not None:
+            assert z_in_BTZ is not None
+            c = c + self.beh_proj(z_in_BTZ)
+        if first_is_start:
+            c = torch.cat([self.start.expand(B, 1, -1), c[:, 1:]], dim=1)
+        if stride_B is None:
+            stride_B = torch.ones(B, dtype=torch.long, device=act_in_BTA.device)
+        if int(stride_B.max()) > self.max_stride or int(stride_B.min()) < 1:
+            raise ValueError(f"frame stride must be in [1, {self.max_stride}], got {stride_B.tolist()}")
+        c = c + self.stride_emb(stride_B.long()).unsqueeze(1)
+        return self.cond_norm(c)
+
+    @staticmethod
+    def shift_in(x_BTX: torch.Tensor | None) -> torch.Tensor | None:
+        """Align per-frame inputs (``x[t]`` at frame t) to slots (slot t gets ``x[t-1]``)."""
+        if x_BTX is None:
+            return None
+        return torch.cat([torch.zeros_like(x_BTX[:, :1]), x_BTX[:, :-1]], dim=1)
+
+    def trunk(
+        self,
+        ids_BTS: torch.Tensor,
+        cond_BTD: torch.Tensor,
+        t0: int = 0,
+        kv_cache: list[KV] | None = None,
+        return_kv: bool = False,
+    ) -> tuple[torch.Tensor, list[KV] | None]:
+        """Hidden states ``[B, T, S, D]`` of frames at window positions ``t0 .. t0+T-1``."""
+        B, T, S = ids_BTS.shape
+        if t0 + T > self.max_frames:
+            raise ValueError(f"window of {t0 + T} frames exceeds max_frames={self.max_frames}")
+        x = self.tok_emb(ids_BTS) + self.pos_s + self.pos_t[t0 : t0 + T, None]
+        cond = None
+        if self.injection == "adanorm":
+            cond = cond_BTD
+        elif self.injection == "additive":
+            x = x + cond_BTD.unsqueeze(2)
+        else:
+            x = torch.cat([(cond_BTD + self.cond_pos).unsqueeze(2), x], dim=2)
+        out = self.transformer(x, cond, kv_cache=kv_cache, return_kv=return_kv)
+        h, kv = (out if return_kv else (out, None))
+        if self.injection == "token":
+            h = h[:, :, 1:]
+        return h, kv
+
+    def heads(self, h_BTSD: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Reward, success logit and state predicted from each frame's latent."""
+        f = self.frame_head(h_BTSD.mean(dim=2))
+        out = {
+            "frame_feat": f,
+            "reward": self.reward_head(f).squeeze(-1),
+            "success_logit": self.success_head(f).squeeze(-1),
+        }
+        if self.state_head is not None:
+            out["state"] = self.state_head(f)
+        return out
+
+    # ------------------------------------------------------------------ training
+    def forward(
+        self,
+        ids_BThw: torch.Tensor,
+        actions_BTA: torch.Tensor,
+        z_BTZ: torch.Tensor | None = None,
+        stride_B: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits ``[B, T, h, w, V]`` for every position of ``ids_BThw`` (which may hold ``mask_id``)
+        and the head outputs. ``actions[:, t]``/``z[:, t]`` are taken at frame t (lead to t+1)."""
+        self._check_inputs(actions_BTA, z_BTZ)
+        B, T, hh, ww = ids_BThw.shape
+        cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B, first_is_start=True)
+        h, _ = self.trunk(rearrange(ids_BThw, "b t h w -> b t (h w)"), cond)
+        logits = rearrange(self.logits_head(h), "b t (h w) v -> b t h w v", h=hh)
+        return logits, self.heads(h)
+
+    def training_losses(
+        self,
+        ids_BThw: torch.Tensor,
+        actions_BTA: torch.Tensor,
+        z_BTZ: torch.Tensor | None,
+        rewards_BT: torch.Tensor,
+        success_BT: torch.Tensor,
+        state_BTS: torch.Tensor | None = None,
+        stride_B: torch.Tensor | None = None,
+        context_frames: int = 1,
+        corrupt_prob: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """MaskGIT loss: cross-entropy on masked (and corrupted) positions of future frames, plus
+        reward (MSE), success (BCE) and state (MSE) head losses. Returns the parts and ``acc``."""
+        B, T, hh, ww = ids_BThw.shape
+        ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
+        mask = training_mask(B, T, hh * ww, context_frames, ids.device, generator)
+        inp, hit = corrupt_tokens(ids, mask, context_frames, corrupt_prob, self.codebook_size, generator)
+        inp = inp.masked_fill(mask, self.mask_id)
+        logits, heads = self(rearrange(inp, "b t (h w) -> b t h w", h=hh), actions_BTA, z_BTZ, stride_B)
+        logits = rearrange(logits, "b t h w v -> b t (h w) v")
+        target = mask | hit
+        ce = F.cross_entropy(logits[target].float(), ids[target])
+        acc = (logits[mask].argmax(-1) == ids[mask]).float().mean()
+        out = {"ce": ce, "acc": acc}
+        out["reward"] = F.mse_loss(heads["reward"][:, 1:].float(), rewards_BT[:, :-1].float())
+        out["success"] = F.binary_cross_entropy_with_logits(
+            heads["success_logit"][:, 1:].float(), success_BT[:, :-1].float())
+        if self.state_head is not None and state_BTS is not None and state_BTS.shape[-1] > 0:
+            if state_BTS.shape[-1] != self.state_dim:
+                raise ValueError(f"batch state has {state_BTS.shape[-1]} dims, the model was built for {self.state_dim}")
+            out["state"] = F.mse_loss(heads["state"].float(), state_BTS.float())
+        return out
+
+    # ------------------------------------------------------------------ prediction
+    @torch.no_grad()
+    def teacher_forced(
+        self,
+        ids_BThw: torch.Tensor,
+        actions_BTA: torch.Tensor,
+        z_BTZ: torch.Tensor | None = None,
+        stride_B: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, T-1, h, w, V]`` for frames 1..T-1, each predicted in one step from a fully
+        masked frame given the clean ground-truth frames before it (the inference situation)."""
+        self._check_inputs(actions_BTA, z_BTZ)
+        B, T, hh, ww = ids_BThw.shape
+        ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
+        cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B, first_is_start=True)
+        _, kv = self.trunk(ids, cond, return_kv=True)
+        masked = torch.full_like(ids[:, :1], self.mask_id)
+        outs = []
+        for t in range(1, T):
+            past = [(k[:, :, :t], v[:, :, :t]) for k, v in kv]
+            h, _ = self.trunk(masked, cond[:, t : t + 1], t0=t, kv_cache=past)
+            outs.append(self.logits_head(h))
+        logits = torch.cat(outs, dim=1)
+        return rearrange(logits, "b t (h w) v -> b t h w v", h=hh)
+
+    @torch.no_grad()
+    def predict_next(
+        self,
+        context_ids_BChw: torch.Tensor,
+        actions_BCA: torch.Tensor,
+        z_BCZ: torch.Tensor | None = None,
+        stride_B: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One-step prediction of the frame after the context (for retracing-rollout): per-position
+        token distributions ``probs_BhwV`` and latent features ``features_BhwD`` of the next frame,
+        from a fully masked next frame, given ``actions[:, -1]`` (possibly a composed action over
+        ``stride`` steps; then the context frames should be strided by the same k)."""
+        self._check_inputs(actions_BCA, z_BCZ)
+        B, C, hh, ww = context_ids_BChw.shape
+        if actions_BCA.shape[1] != C:
+            raise ValueError(f"predict_next needs one action per context frame: {actions_BCA.shape[1]} != {C}")
+        ids = rearrange(context_ids_BChw, "b t h w -> b t (h w)")
+        ids = torch.cat([ids, torch.full_like(ids[:, :1], self.mask_id)], dim=1)
+        act_in = torch.cat([torch.zeros_like(actions_BCA[:, :1]), actions_BCA], dim=1)
+        z_in = None if z_BCZ is None else torch.cat([torch.zeros_like(z_BCZ[:, :1]), z_BCZ], dim=1)
+        t0 = max(0, C + 1 - self.max_frames)
+        if t0:  # keep the last max_frames slots; the window restarts at its first frame
+            ids, act_in = ids[:, t0:], act_in[:, t0:]
+            z_in = None if z_in is None else z_in[:, t0:]
+        cond = self.condition(act_in, z_in, stride_B, first_is_start=True)
+        h, _ = self.trunk(ids, cond)
+        last = h[:, -1]
+        heads = self.heads(h[:, -1:])
+        logits = self.logits_head(last)
+        return {
+            "logits_BhwV": rearrange(logits, "b (h w) v -> b h w v", h=hh),
+            "probs_BhwV": rearrange(logits.float().softmax(-1), "b (h w) v -> b h w v", h=hh),
+            "features_BhwD": rearrange(last, "b (h w) d -> b h w d", h=hh),
+            "reward_B": heads["reward"][:, 0],
+            "success_B": heads["success_logit"][:, 0].sigmoid(),
+            **({"state_BS": heads["state"][:, 0]} if "state" in heads else {}),
+        }
+
+    @torch.no_grad()
+    def imagine(
+        self,
+        context_ids_BChw: torch.Tensor,
+        actions_BTA: torch.Tensor,
+        z: torch.Tensor | ZFn | None = None,
+        horizon: int | None = None,
+        steps: int = 4,
+        temperature: float = 1.0,
+        stride_B: torch.Tensor | None = None,
+        use_cache: bool = True,
+        return_probs: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Roll the model out frame by frame from ``context_ids_BChw``.
+
+        ``actions_BTA[:, t]`` is taken at frame t counted from the first context frame; ``horizon``
+        frames are generated (default ``T - C + 1``). ``z`` is the behavior embedding, either a tensor
+        ``[B, >=C+horizon-1, Z]`` aligned like the actions, or a callable ``z_fn(ids_BThw, actions_BTA)
+        -> z_BTZ`` (the frozen causal prior) that is re-evaluated on the growing history. Returns
+        ``ids_BThw`` (generated frames), ``token_prob_BThw`` (probability of each chosen token),
+        ``reward_BT``, ``success_BT`` (probability), ``state_BTS`` (if the model has a state head)
+        and, with ``return_probs``, ``probs_BThwV`` (each position's distribution when it was fixed).
+        """
+        B, C, hh, ww = context_ids_BChw.shape
+        S = hh * ww
+        if horizon is None:
+            horizon = actions_BTA.shape[1] - C + 1
+        if horizon < 1 or actions_BTA.shape[1] < C + horizon - 1:
+            raise ValueError(f"need >= C + horizon - 1 = {C + horizon - 1} actions, got {actions_BTA.shape[1]}")
+        if actions_BTA.shape[-1] != self.action_dim:
+            raise ValueError(f"actions have {actions_BTA.shape[-1]} dims, the model was built for {self.action_dim}")
+        if self.uses_behavior and z is None:
+            raise ValueError("this dynamics model is behavior-conditioned: pass z (a tensor or the prior as a callable)")
+        if not self.uses_behavior and z is not None:
+            raise ValueError("this dynamics model has behavior-conditioning off (behavior_dim=0) but got z")
+        if C > self.max_frames - 1:
+            raise ValueError(f"context of {C} frames leaves no room in max_frames={self.max_frames}")
+        device = context_ids_BChw.device
+        all_ids = rearrange(context_ids_BChw, "b t h w -> b t (h w)")
+        z_rows: list[torch.Tensor] = []  # z at each frame so far (only for behavior models)
+
+        def z_at(n: int) -> torch.Tensor | None:
+            """z of frame n (the one leading into frame n+1), from history ``<= n``."""
+            if z is None:
+                return None
+            if torch.is_tensor(z):
+                return z[:, n]
+            while len(z_rows) <= n:
+                m = len(z_rows)
+                ids_hist = rearrange(all_ids[:, : m + 1], "b t (h w) -> b t h w", h=hh)
+                z_rows.append(z(ids_hist, actions_BTA[:, : m + 1])[:, -1])
+            return z_rows[n]
+
+        def cond_of(frames: range) -> torch.Tensor:
+            """Conditioning of a window of global frames; its first slot takes the start vector, as
+            slot 0 of a training clip does."""
+            acts = torch.stack([actions_BTA[:, n - 1] if n > 0 else torch.zeros_like(actions_BTA[:, 0]) for n in frames], 1)
+            zs = None
+            if self.uses_behavior:
+                zs = torch.stack([z_at(n - 1) if n > 0 else torch.zeros(B, self.behavior_dim, device=device)
+                                  for n in frames], 1)
+            return self.condition(acts, zs, stride_B, first_is_start=True)
+
+        start = 0  # global index of the window's first frame
+        cache: list[KV] | None = None
+        outs: dict[str, list[torch.Tensor]] = {k: [] for k in ("ids", "prob", "probs", "reward", "success", "state")}
+        cache_len = 0
+        for n in range(C, C + horizon):
+            if n - start + 1 > self.max_frames:  # window full: restart it from its recent frames
+                start = n + 1 - max(1, self.max_frames // 2)
+                cache, cache_len = None, 0
+            window = range(start, n + 1)
+            cond_w = cond_of(window)
+            if use_cache:
+                if cache is None or cache_len < n - start:
+                    # (re)prime the cache with the finished frames of the window
+                    _, cache = self.trunk(all_ids[:, start:n], cond_w[:, :-1], t0=0, return_kv=True)
+                    cache_len = n - start
+                t_slot = n - start
+
+                def logits_fn(ids_BS: torch.Tensor) -> torch.Tensor:
+                    h, _ = self.trunk(ids_BS.unsqueeze(1), cond_w[:, -1:], t0=t_slot, kv_cache=cache)
+                    return self.logits_head(h[:, 0])
+            else:
+                def logits_fn(ids_BS: torch.Tensor) -> torch.Tensor:
+                    seq = torch.cat([all_ids[:, start:n], ids_BS.unsqueeze(1)], dim=1)
+                    h, _ = self.trunk(seq, cond_w)
+                    return self.logits_head(h[:, -1])
+
+            ids_BS, prob_BS, probs_BSV = maskgit_decode_frame(
+                logits_fn, B, S, self.mask_id, steps, temperature, device, generator)
+            all_ids = torch.cat([all_ids, ids_BS.unsqueeze(1)], dim=1)
+            # the finished frame: its latent gives the heads, its keys/values join the cache
+            if use_cache:
+                h, kv = self.trunk(ids_BS.unsqueeze(1), cond_w[:, -1:], t0=n - start, kv_cache=cache, return_kv=True)
+                cache = append_kv(cache, kv)
+                cache_len += 1
+            else:
+                h, _ = self.trunk(all_ids[:, start : n + 1], cond_w)
+                h = h[:, -1:]
+            hd = self.heads(h)
+            outs["ids"].append(ids_BS)
+            outs["prob"].append(prob_BS)
+            if return_probs:
+                outs["probs"].append(probs_BSV)
+            outs["reward"].append(hd["reward"][:, 0])
+            outs["success"].append(hd["success_logit"][:, 0].sigmoid())
+            if "state" in hd:
+                outs["state"].append(hd["state"][:, 0])
+        result = {
+            "ids_BThw": rearrange(torch.stack(outs["ids"], 1), "b t (h w) -> b t h w", h=hh),
+            "token_prob_BThw": rearrange(torch.stack(outs["prob"], 1), "b t (h w) -> b t h w", h=hh),
+            "reward_BT": torch.stack(outs["reward"], 1),
+            "success_BT": torch.stack(outs["success"], 1),
+        }
+        if outs["state"]:
+            result["state_BTS"] = torch.stack(outs["state"], 1)
+        if return_probs:
+            result["probs_BThwV"] = rearrange(torch.stack(outs["probs"], 1), "b t (h w) v -> b t h w v", h=hh)
+        return result
