@@ -1,0 +1,1 @@
+"""Analysis tools: linear probes and projections of learned embeddings."""

@@ -1,0 +1,102 @@
+"""Linear probe and 2-D projection for behavior embeddings.
+
+The probe asks whether the behavior embedding z_t linearly encodes *which policy family acted*:
+multinomial logistic regression (L2-regularised, fitted with L-BFGS on standardised features)
+trained on embeddings of some episodes and scored on embeddings of held-out episodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class LinearProbe:
+    """A fitted multinomial logistic regression on standardised features."""
+
+    mean_Z: torch.Tensor
+    std_Z: torch.Tensor
+    weight_ZK: torch.Tensor
+    bias_K: torch.Tensor
+
+    def predict(self, x_NZ: torch.Tensor) -> torch.Tensor:
+        x = (x_NZ.double() - self.mean_Z) / self.std_Z
+        return (x @ self.weight_ZK + self.bias_K).argmax(-1)
+
+    def accuracy(self, x_NZ: torch.Tensor, y_N: torch.Tensor) -> float:
+        return (self.predict(x_NZ) == y_N.long()).double().mean().item()
+
+
+def fit_linear_probe(
+    x_NZ: torch.Tensor, y_N: torch.Tensor, n_classes: int | None = None, l2: float = 1e-3, max_iter: int = 300
+) -> LinearProbe:
+    """Fit logistic regression ``y ~ softmax(W x + b)`` (mean cross-entropy + ``l2 * |W|^2``)."""
+    if x_NZ.ndim != 2 or y_N.ndim != 1 or x_NZ.shape[0] != y_N.shape[0]:
+        raise ValueError(f"need x [N, Z] and y [N] with the same N, got {tuple(x_NZ.shape)} and {tuple(y_N.shape)}")
+    if x_NZ.shape[0] == 0:
+        raise ValueError("cannot fit a probe on zero samples")
+    x = x_NZ.detach().double().cpu()
+    y = y_N.detach().long().cpu()
+    K = int(n_classes if n_classes is not None else y.max().item() + 1)
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-8)
+    xs = (x - mean) / std
+    W = torch.zeros(x.shape[1], K, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(K, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xs @ W + b, y) + l2 * W.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return LinearProbe(mean, std, W.detach(), b.detach())
+
+
+def probe_accuracy(
+    train_x_NZ: torch.Tensor,
+    train_y_N: torch.Tensor,
+    test_x_NZ: torch.Tensor,
+    test_y_N: torch.Tensor,
+    n_classes: int | None = None,
+    l2: float = 1e-3,
+) -> float:
+    """Fit on the training embeddings, return accuracy on the held-out ones."""
+    if n_classes is None:
+        n_classes = int(max(train_y_N.max().item(), test_y_N.max().item()) + 1)
+    return fit_linear_probe(train_x_NZ, train_y_N, n_classes, l2).accuracy(test_x_NZ, test_y_N)
+
+
+def pca_2d(x_NZ: torch.Tensor) -> np.ndarray:
+    """Project onto the first two principal components, [N, 2] (zeros padded when Z < 2)."""
+    x = x_NZ.detach().double().cpu()
+    x = x - x.mean(0)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)
+    proj = x @ v[:2].T
+    if proj.shape[1] < 2:
+        proj = torch.cat([proj, torch.zeros(proj.shape[0], 2 - proj.shape[1], dtype=proj.dtype)], 1)
+    return proj.numpy()
+
+
+def scatter_figure(points_N2: np.ndarray, labels_N: np.ndarray, names: list[str] | None = None, title: str = ""):
+    """A matplotlib figure of 2-D points coloured by label (one legend entry per label)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    for k in np.unique(labels_N):
+        sel = labels_N == k
+        name = names[int(k)] if names is not None and int(k) < len(names) else str(int(k))
+        ax.scatter(points_N2[sel, 0], points_N2[sel, 1], s=6, alpha=0.6, label=name)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title)
+    ax.legend(fontsize=7, markerscale=2)
+    fig.tight_layout()
+    return fig

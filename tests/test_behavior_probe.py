@@ -1,0 +1,52 @@
+"""The linear probe and PCA projection used to judge behavior embeddings."""
+
+import numpy as np
+import pytest
+import torch
+
+from whale_pl.analysis.probe import fit_linear_probe, pca_2d, probe_accuracy, scatter_figure
+
+
+def _blobs(n_per: int, seed: int, sep: float):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.tensor([[0.0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0]]) * sep
+    x = torch.cat([c + torch.randn(n_per, 4, generator=g) for c in centers])
+    y = torch.arange(3).repeat_interleave(n_per)
+    return x, y
+
+
+def test_probe_separates_linearly_separable_classes_and_not_noise():
+    xtr, ytr = _blobs(100, 0, sep=8.0)
+    xte, yte = _blobs(50, 1, sep=8.0)
+    assert probe_accuracy(xtr, ytr, xte, yte) > 0.97
+    # labels unrelated to the features: held-out accuracy stays near chance (1/3)
+    g = torch.Generator().manual_seed(2)
+    acc = probe_accuracy(xtr, torch.randint(0, 3, (300,), generator=g), xte, torch.randint(0, 3, (150,), generator=g))
+    assert acc < 0.5
+
+
+def test_probe_is_linear_not_a_lookup():
+    # XOR-like classes are not linearly separable: a linear probe must fail on them
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 2, (400, 2), generator=g).double() * 6 - 3 + 0.3 * torch.randn(400, 2, generator=g).double()
+    y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).long()
+    assert fit_linear_probe(x, y).accuracy(x, y) < 0.8
+
+
+def test_probe_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="same N"):
+        fit_linear_probe(torch.randn(5, 3), torch.zeros(4, dtype=torch.long))
+
+
+def test_pca_finds_the_main_axis_and_figure_renders():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(200, 1, generator=g)
+    direction = torch.tensor([[3.0, 4.0, 0.0, 0.0]]) / 5
+    x = t * 10 * direction + 0.1 * torch.randn(200, 4, generator=g)
+    p = pca_2d(x)
+    assert p.shape == (200, 2)
+    assert abs(np.corrcoef(p[:, 0], t[:, 0].numpy())[0, 1]) > 0.99
+    assert p[:, 0].var() > 100 * p[:, 1].var()
+    fig = scatter_figure(p, np.repeat(np.arange(2), 100), ["a", "b"], "z")
+    fig.canvas.draw()
+    assert fig.axes[0].get_legend() is not None
