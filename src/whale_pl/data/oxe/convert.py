@@ -1,0 +1,500 @@
+"""RLDS (TFRecord) -> Episodes -> WebDataset shards; parallel over input files, streaming, resumable.
+
+Two stages:
+
+1. Every input file is converted, in a worker process, into its own part directory
+   ``<out>/.parts/<split>-<file index>/`` (a ShardWriter dataset) and a ``part.json`` completion
+   marker written last. One episode is in memory at a time, so memory stays flat. A rerun skips
+   every part whose marker matches the current source file and options.
+2. The parts are merged, in file and record order, into ``<out>`` by one ShardWriter (manifest with
+   per-dataset action statistics), after which the parts are removed. A rerun of a finished
+   conversion with the same source and options finds the manifest and does nothing.
+
+The result does not depend on the number of workers or on interruptions: keys, order and bytes are
+fixed by (split, file index, record index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from whale_pl.data.episode import EEF7_ACTION_SPACE, ActionSpace, Episode
+from whale_pl.data.oxe import registry as reg
+from whale_pl.data.oxe.example_proto import parse_example
+from whale_pl.data.oxe.schema import DatasetSchema, SchemaError, load_schema
+from whale_pl.data.oxe.standardize import (RecordError, Where, decode_frame, episode_length,
+                                           language_of, native_actions, standard_actions, step_array,
+                                           step_bytes)
+from whale_pl.data.oxe.tfrecord import TFRecordError, iter_records_safe
+from whale_pl.data.shards import MANIFEST, ShardWriter, iter_episodes, write_json_atomic
+
+log = logging.getLogger(__name__)
+PARTS = ".parts"
+RLDS_TO_SHARD_SPLIT = {"train": "train", "val": "val", "validation": "val", "test": "val"}
+
+
+class ConversionError(ValueError):
+    """The source cannot be converted as asked (ambiguous schema, missing files, corrupt input)."""
+
+
+@dataclass
+class ConvertOptions:
+    size: int = 64                      # output frames are size x size; 0 keeps the native size
+    crop: str = "center"                # "center" (crop to square) | "pad" (letterbox to square)
+    camera: str | None = None           # override the primary camera (key under steps/observation/)
+    action_key: str | None = None       # unregistered datasets: the flat action tensor to use
+    language_key: str | None = None     # unregistered datasets: the instruction key
+    splits: tuple[str, ...] = ("train",)
+    stride: int | None = None           # None: the registry's frame stride (1 if unregistered)
+    workers: int = 0                    # 0: min(#files, cpu count)
+    skip_corrupt: bool = False          # skip and count corrupt episodes instead of failing
+    episodes_per_shard: int = 64
+    overwrite: bool = False             # replace an existing, different output directory
+    keep_parts: bool = False
+
+
+@dataclass
+class Plan:
+    """What to read from the source and how: decided once from features.json."""
+
+    dataset: str
+    version: str
+    camera_key: str                     # full Example key
+    language_key: str | None
+    language_encoding: str
+    stride: int
+    control_hz: float | None
+    action: dict                        # {"registry": ActionMap dict} or {"native": key}
+    action_space: dict
+    registered: bool
+    reward_key: str | None
+    size: int
+    crop: str
+    splits: list[str] = field(default_factory=list)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# planning: registry entry or an unambiguous schema
+# ------------------------------------------------------------------------------------------------
+def _obs_key(key: str) -> str:
+    key = key.removeprefix("steps/").removeprefix("observation/")
+    return f"steps/observation/{key}"
+
+
+def _step_key(key: str) -> str:
+    return key if key.startswith("steps/") else f"steps/{key}"
+
+
+def make_plan(src: Path, schema: DatasetSchema, opts: ConvertOptions) -> Plan:
+    dataset, version = src.parent.name, src.name
+    cfg = reg.lookup(dataset)
+    problems: list[str] = []
+    images = schema.image_keys()
+
+    if opts.camera:
+        camera = _obs_key(opts.camera)
+        if camera not in schema.features:
+            raise ConversionError(f"{schema.path}: --camera {opts.camera!r}: no image feature {camera!r}; "
+                                  f"image keys: {', '.join(images) or 'none'}")
+    elif cfg is not None:
+        camera = _obs_key(cfg.camera)
+        if camera not in schema.features:
+            raise ConversionError(f"{schema.path}: registry entry {dataset!r} names camera {camera!r}, "
+                                  f"which features.json lacks; image keys: {', '.join(images)}; "
+                                  "choose one with --camera KEY")
+    elif len(images) == 1:
+        camera = images[0]
+    else:
+        camera = ""
+        problems.append(f"{len(images)} camera keys ({', '.join(images) or 'none'}): choose one with "
+                        "--camera KEY")
+
+    if cfg is not None and opts.action_key is None:
+        reg.check_config(cfg)
+        action = {"registry": asdict(cfg.action)}
+        space = EEF7_ACTION_SPACE.to_json()
+    else:
+        cands = schema.numeric_step_keys("action")
+        flat = [k for k in cands if len(schema.features[k].shape) <= 1]
+        key = _step_key(opts.action_key) if opts.action_key else (flat[0] if len(cands) == 1 and flat else None)
+        if opts.action_key and key not in schema.features:
+            raise ConversionError(f"{schema.path}: --action-key {opts.action_key!r}: no step feature {key!r}; "
+                                  f"action tensors: {', '.join(cands) or 'none'}")
+        if key is None:
+            action, space = {}, {}
+            problems.append(f"action is not one flat tensor ({', '.join(cands) or 'none'}): register the "
+                            "dataset in whale_pl/data/oxe/registry.py, or choose one flat tensor with "
+                            "--action-key KEY")
+        else:
+            n = schema.features[key].size
+            if n is None:
+                raise ConversionError(f"{schema.path}: action {key!r} has unknown shape "
+                                      f"{schema.features[key].shape}")
+            action = {"native": key}
+            if n == 7:  # the standard layout: (dx, dy, dz, droll, dpitch, dyaw, gripper)
+                space = EEF7_ACTION_SPACE.to_json()
+            else:
+                space = ActionSpace(names=[f"a{i}" for i in range(n)], sum_dims=list(range(n))).to_json()
+
+    if opts.language_key:
+        lang = _step_key(opts.language_key)
+        if lang not in schema.features:
+            raise ConversionError(f"{schema.path}: --language-key {opts.language_key!r}: no step feature "
+                                  f"{lang!r}; text keys: {', '.join(schema.text_step_keys()) or 'none'}")
+        enc = "codepoints" if schema.features[lang].kind == "tensor" else "utf8"
+    elif cfg is not None:
+        lang = _step_key(cfg.language) if cfg.language else None
+        enc = cfg.language_encoding
+        if lang is not None and lang not in schema.features:
+            raise ConversionError(f"{schema.path}: registry entry {dataset!r} names language key {lang!r}, "
+                                  f"which features.json lacks; text keys: "
+                                  f"{', '.join(schema.text_step_keys()) or 'none'}")
+    else:
+        texts = schema.text_step_keys()
+        enc = "utf8"
+        if len(texts) <= 1:
+            lang = texts[0] if texts else None
+        else:
+            lang = None
+            problems.append(f"{len(texts)} text keys ({', '.join(texts)}): choose the instruction with "
+                            "--language-key KEY")
+
+    if problems:
+        raise ConversionError(f"{schema.path}: dataset {dataset!r} is not in the OXE registry and its "
+                              "schema is ambiguous:\n  - " + "\n  - ".join(problems))
+
+    stride = opts.stride or (cfg.frame_stride if cfg else 1)
+    if stride > 1 and ActionSpace.from_json(space).uncomposable_dims:
+        raise ConversionError(f"{dataset}: frame stride {stride} needs composable actions; {space}")
+    return Plan(dataset=dataset, version=version, camera_key=camera, language_key=lang,
+                language_encoding=enc, stride=stride, control_hz=cfg.control_hz if cfg else None,
+                action=action, action_space=space, registered=cfg is not None,
+                reward_key="steps/reward" if "steps/reward" in schema.features else None,
+                size=opts.size, crop=opts.crop, splits=list(opts.splits))
+
+
+# ------------------------------------------------------------------------------------------------
+# source files
+# ------------------------------------------------------------------------------------------------
+def source_files(src: Path, split: str) -> list[tuple[Path, int | None]]:
+    """The split's TFRecord files in shard order, with episode counts from dataset_info.json."""
+    dataset = src.parent.name
+    info_path = src / "dataset_info.json"
+    counts: list[int] | None = None
+    template = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+    name = dataset
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        name = info.get("name", dataset)
+        for s in info.get("splits", []):
+            if s.get("name") == split:
+                counts = [int(c) for c in s.get("shardLengths", [])]
+                template = s.get("filepathTemplate", template)
+    if counts is not None:
+        n = len(counts)
+        files = [src / template.replace("{DATASET}", name).replace("{SPLIT}", split)
+                 .replace("{FILEFORMAT}", "tfrecord").replace("{SHARD_X_OF_Y}", f"{i:05d}-of-{n:05d}")
+                 for i in range(n)]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ConversionError(f"{src}: dataset_info.json lists {n} {split!r} files; missing: "
+                                  f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        return list(zip(files, counts))
+    files = sorted(src.glob(f"{name}-{split}.tfrecord-*"))
+    if not files:
+        raise ConversionError(f"{src}: no split {split!r} (no dataset_info.json entry, no "
+                              f"{name}-{split}.tfrecord-* files)")
+    return [(f, None) for f in files]
+
+
+# ------------------------------------------------------------------------------------------------
+# one record -> Episode
+# ------------------------------------------------------------------------------------------------
+def record_to_episode(data: bytes, schema: DatasetSchema, plan: Plan, where: Where, split: str,
+                      file_index: int) -> Episode:
+    try:
+        ex = parse_example(data)
+    except DecodeError as e:
+        raise RecordError(where.path, where.index, "<record>", f"not a tf.train.Example: {e}") from e
+    t = episode_length(ex, schema, plan.camera_key, where)
+    if t == 0:
+        raise where.err(plan.camera_key, "episode has no steps")
+    if "registry" in plan.action:
+        amap = reg.ActionMap(**plan.action["registry"])
+        actions = standard_actions(ex, schema, amap, t, where)
+    else:
+        actions = native_actions(ex, schema, plan.action["native"], t, where)
+    flags = {}
+    for name in ("is_first", "is_last", "is_terminal"):
+        key = f"steps/{name}"
+        flags[name] = (step_array(ex, schema, key, t, where)[:, 0] != 0 if key in schema.features
+                       else np.arange(t) == (0 if name == "is_first" else t - 1))
+    rewards = (step_array(ex, schema, plan.reward_key, t, where)[:, 0].astype(np.float32)
+               if plan.reward_key else np.zeros(t, np.float32))
+    images = step_bytes(ex, plan.camera_key, t, where)
+    language = language_of(ex, None, plan.language_key, plan.language_encoding, t, where)
+    k = plan.stride
+    keep = range(0, t, k)
+    frames = np.stack([decode_frame(images[i], plan.size, plan.crop, plan.camera_key, i, where)
+                       for i in keep])
+    success = flags["is_terminal"].astype(np.float32)
+    if k > 1:
+        space = ActionSpace.from_json(plan.action_space)
+        groups = [slice(i, min(i + k, t)) for i in keep]
+        actions = np.stack([space.compose(actions[g]) for g in groups]).astype(np.float32)
+        rewards = np.array([rewards[g].sum() for g in groups], np.float32)
+        success = np.array([success[g].max() for g in groups], np.float32)
+        flags = {n: np.array([v[g].any() for g in groups]) for n, v in flags.items()}
+    name = plan.dataset
+    hz = plan.control_hz / k if plan.control_hz else None
+    meta = {
+        "source": f"oxe/{name}",
+        "task": language or name,
+        "policy": {"name": f"oxe/{name}", "family": name, "params": {}},
+        "split": RLDS_TO_SHARD_SPLIT.get(split, split),
+        "action_space": plan.action_space,
+        "control_hz": hz,
+        "episode_id": f"{name}/{split}/{file_index:05d}/{where.index:06d}",
+        "oxe": {"dataset": name, "version": plan.version, "split": split,
+                "file": Path(where.path).name, "record": where.index, "frame_stride": k,
+                "camera": plan.camera_key, "native_steps": t},
+    }
+    return Episode(frames=frames, actions=np.ascontiguousarray(actions, np.float32), rewards=rewards,
+                   success=success, is_first=flags["is_first"], is_last=flags["is_last"],
+                   is_terminal=flags["is_terminal"], state=None, language=language, meta=meta)
+
+
+def episode_key(split: str, file_index: int, record: int) -> str:
+    return f"{split}-{file_index:05d}-{record:06d}"
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 1: one input file -> one part directory (runs in a worker)
+# ------------------------------------------------------------------------------------------------
+def _source_id(path: Path) -> dict:
+    st = path.stat()
+    return {"file": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _part_dir(out: Path, split: str, file_index: int) -> Path:
+    return out / PARTS / f"{split}-{file_index:05d}"
+
+
+def _part_done(part: Path, marker: dict) -> dict | None:
+    mp_ = part / "part.json"
+    if not mp_.is_file():
+        return None
+    try:
+        done = json.loads(mp_.read_text())
+    except json.JSONDecodeError:
+        return None
+    return done if done.get("id") == marker else None
+
+
+def convert_file(job: tuple) -> dict:
+    """Convert one TFRecord file into its part directory; returns the part's summary."""
+    src, path, split, file_index, expected, plan_d, out, skip_corrupt = job
+    plan = Plan(**plan_d)
+    path, out = Path(path), Path(out)
+    part = _part_dir(out, split, file_index)
+    marker = {"plan": plan.fingerprint(), "source": _source_id(path), "skip_corrupt": skip_corrupt}
+    done = _part_done(part, marker)
+    if done is not None:
+        done["resumed"] = True
+        return done
+    if part.exists():
+        shutil.rmtree(part)
+    part.mkdir(parents=True)
+    schema = load_schema(src)
+    writer: ShardWriter | None = None
+    skipped: list[dict] = []
+    n_ep = n_frames = n_records = 0
+    try:
+        for index, item in iter_records_safe(path):
+            n_records += 1
+            where = Where(str(path), index)
+            try:
+                if isinstance(item, TFRecordError):
+                    raise item
+                ep = record_to_episode(item, schema, plan, where, split, file_index)
+            except (TFRecordError, RecordError) as e:
+                if not skip_corrupt:
+                    raise
+                log.warning("skipping corrupt episode: %s", e)
+                skipped.append({"file": path.name, "record": index, "error": str(e)})
+                continue
+            if writer is None:
+                writer = ShardWriter(part / "shards", episodes_per_shard=1 << 30)
+            writer.write(ep, key=episode_key(split, file_index, index))
+            n_ep += 1
+            n_frames += len(ep)
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if expected is not None and n_ep + len(skipped) != expected:
+        msg = (f"{path}: dataset_info.json promises {expected} episodes, the file holds {n_records} "
+               f"readable records ({n_ep} converted, {len(skipped)} skipped as corrupt)")
+        if not skip_corrupt or n_ep + len(skipped) > expected:
+            raise ConversionError(msg)
+        skipped.append({"file": path.name, "record": n_records, "error": msg})
+    summary = {"id": marker, "split": split, "file_index": file_index, "episodes": n_ep,
+               "frames": n_frames, "skipped": skipped, "resumed": False}
+    write_json_atomic(part / "part.json", summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole dataset
+# ------------------------------------------------------------------------------------------------
+def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions | None = None,
+                    progress: bool = True) -> dict:
+    """Convert ``<root>/<dataset>/<version>`` into a shard directory ``out``; returns the manifest."""
+    opts = opts or ConvertOptions()
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise ConversionError(f"{src}: source directory does not exist (expected <root>/<dataset>/<version>)")
+    try:
+        schema = load_schema(src)
+    except SchemaError as e:
+        raise ConversionError(str(e)) from e
+    plan = make_plan(src, schema, opts)
+    jobs = []
+    for split in opts.splits:
+        if split not in RLDS_TO_SHARD_SPLIT:
+            raise ConversionError(f"split {split!r}: expected one of {sorted(RLDS_TO_SHARD_SPLIT)}")
+        for i, (path, expected) in enumerate(source_files(src, split)):
+            jobs.append((str(src), str(path), split, i, expected, asdict(plan), str(out), opts.skip_corrupt))
+    ident = {"plan": plan.fingerprint(), "sources": [_source_id(Path(j[1])) for j in jobs],
+             "skip_corrupt": opts.skip_corrupt, "episodes_per_shard": opts.episodes_per_shard}
+
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        m = json.loads(manifest_path.read_text())
+        if m.get("extra", {}).get("oxe", {}).get("id") == ident:
+            log.info("%s: already converted with the same source and options", out)
+            return m
+        if not opts.overwrite:
+            raise ConversionError(f"{out}: holds a different dataset (its manifest does not match this "
+                                  "source and these options); pass --overwrite to replace it")
+    elif out.exists() and any(p.name != PARTS for p in out.iterdir()) and not opts.overwrite:
+        raise ConversionError(f"{out}: exists, is not empty and holds no finished conversion; pass "
+                              "--overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    workers = opts.workers or min(len(jobs), os.cpu_count() or 1)
+    summaries = _run_jobs(jobs, workers, progress, plan.dataset)
+    skipped = [s for p in summaries for s in p["skipped"]]
+    extra = {"oxe": {
+        "id": ident, "dataset": plan.dataset, "version": plan.version, "plan": asdict(plan),
+        "registry": reg.REGISTRY[plan.dataset].to_json() if plan.registered else None,
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite", "keep_parts")},
+        "crop_policy": ("center-crop to square, antialiased bilinear resize" if opts.crop == "center"
+                        else "letterbox (black) to square, antialiased bilinear resize"),
+        "gripper_convention": "absolute opening in [0, 1]: 1 = open, 0 = closed",
+        "skipped_corrupt": skipped, "corrupt_episodes": len(skipped),
+        "source_episodes": sum(p["episodes"] for p in summaries) + len(skipped),
+    }}
+    if not any(p["episodes"] for p in summaries):
+        raise ConversionError(f"{src}: no episode converted ({len(skipped)} corrupt)")
+    with ShardWriter(out, episodes_per_shard=opts.episodes_per_shard, overwrite=True, extra=extra) as w:
+        for p in summaries:
+            if p["episodes"]:
+                for ep in iter_episodes(_part_dir(out, p["split"], p["file_index"]) / "shards"):
+                    oxe = ep.meta["oxe"]
+                    w.write(ep, key=episode_key(oxe["split"], p["file_index"], oxe["record"]))
+    manifest = json.loads(manifest_path.read_text())
+    if not opts.keep_parts:
+        shutil.rmtree(out / PARTS, ignore_errors=True)
+    dt = time.perf_counter() - t0
+    log.info("%s: %d episodes, %d frames in %.1f s (%d corrupt skipped)", out, manifest["episodes"],
+             manifest["frames"], dt, len(skipped))
+    return manifest
+
+
+def _run_jobs(jobs: list[tuple], workers: int, progress: bool, name: str) -> list[dict]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc=f"oxe {name}: files", unit="file", disable=not progress)
+    results: list[dict] = []
+    try:
+        if workers <= 1:
+            for j in jobs:
+                results.append(convert_file(j))
+                bar.update(1)
+        else:
+            ctx = mp.get_context("forkserver")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+                for r in ex.map(convert_file, jobs):
+                    results.append(r)
+                    bar.update(1)
+    finally:
+        bar.close()
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# mixtures
+# ------------------------------------------------------------------------------------------------
+MIXTURE_FILE = "mixture.json"
+
+
+def convert_mixture(root: str | os.PathLike, datasets: list[tuple[str, float | None]],
+                    out: str | os.PathLike, opts: ConvertOptions | None = None,
+                    progress: bool = True) -> dict:
+    """Convert several datasets under one root to ``out/<dataset>`` and write ``out/mixture.json``.
+
+    ``datasets``: (name or name/version, weight or None for the registry default). The mixture file
+    lists each dataset directory (relative to the mixture file) with its sampling weight.
+    """
+    root, out = Path(root), Path(out)
+    entries = []
+    for name, weight in datasets:
+        src = root / name
+        if src.is_dir() and not (src / "features.json").is_file():
+            versions = sorted(p for p in src.iterdir() if (p / "features.json").is_file())
+            if not versions:
+                raise ConversionError(f"{src}: no <version>/features.json under it")
+            src = versions[-1]
+        dataset = src.parent.name
+        w = weight if weight is not None else reg.DEFAULT_MIXTURE_WEIGHTS.get(dataset, 1.0)
+        if not w > 0:
+            raise ConversionError(f"{dataset}: sampling weight must be > 0, got {w}")
+        m = convert_dataset(src, out / dataset, opts, progress)
+        entries.append({"name": dataset, "path": dataset, "weight": float(w),
+                        "episodes": m["episodes"], "frames": m["frames"]})
+    mixture = {"kind": "whale_pl.mixture", "version": 1, "datasets": entries}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / MIXTURE_FILE, mixture)
+    return mixture
+
+
+def read_mixture(path: str | os.PathLike) -> list[tuple[Path, float]]:
+    """``mixture.json`` -> [(dataset dir, weight)], paths resolved against the file's directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MIXTURE_FILE
+    if not path.is_file():
+        raise ConversionError(f"{path}: mixture file does not exist")
+    m = json.loads(path.read_text())
+    if m.get("kind") != "whale_pl.mixture" or not m.get("datasets"):
+        raise ConversionError(f"{path}: not a whale_pl mixture file (kind {m.get('kind')!r})")
+    return [(path.parent / d["path"], float(d["weight"])) for d in m["datasets"]]

@@ -1,0 +1,132 @@
+"""The TFDS `features.json` schema of an RLDS dataset, flattened to the keys of its tf.train.Example.
+
+TFDS nests FeaturesDicts; in the serialized Example every leaf is one key joined with '/', e.g.
+``steps/observation/image_0``. Leaves inside the ``steps`` Dataset hold one entry (or one tensor) per
+step. The converter takes every key and shape from here, never by guessing from a record.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+_FLOAT_DTYPES = {"float16", "float32", "float64", "bfloat16"}
+_INT_DTYPES = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
+
+
+class SchemaError(ValueError):
+    """features.json is missing, unreadable or holds something the converter cannot read."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    key: str                 # flattened Example key, e.g. "steps/observation/image_0"
+    kind: str                # "image" | "tensor" | "text" | "other"
+    shape: tuple[int, ...]   # per step for step features; -1 for unknown dims
+    dtype: str               # numpy-style dtype name ("uint8", "float32", "string", ...)
+    encoding: str            # "jpeg"/"png" for images; "none"/"bytes"/"zlib" for tensors
+    per_step: bool           # lives inside the `steps` Dataset
+    description: str = ""
+
+    @property
+    def storage(self) -> str:
+        """Which tf.train.Feature list holds it: 'bytes', 'float' or 'int64'."""
+        if self.kind in ("image", "text") or self.dtype == "string":
+            return "bytes"
+        if self.encoding not in ("none", ""):
+            return "bytes"
+        if self.dtype in _FLOAT_DTYPES:
+            return "float"
+        if self.dtype in _INT_DTYPES:
+            return "int64"
+        return "bytes"
+
+    @property
+    def size(self) -> int | None:
+        """Values per step (per episode for episode features) for numeric tensors; None if unknown."""
+        if any(d < 0 for d in self.shape):
+            return None
+        return math.prod(self.shape)
+
+
+def _dims(shape_obj: dict | None) -> tuple[int, ...]:
+    if not shape_obj:
+        return ()
+    return tuple(int(d) for d in shape_obj.get("dimensions", []))
+
+
+def _walk(node: dict, prefix: str, per_step: bool, out: dict[str, FeatureSpec], where: str) -> None:
+    cls = node.get("pythonClassName", "")
+    desc = node.get("description", "")
+    short = cls.rsplit(".", 1)[-1]
+    if "featuresDict" in node:
+        for name, child in node["featuresDict"].get("features", {}).items():
+            _walk(child, f"{prefix}/{name}" if prefix else name, per_step, out, where)
+    elif "sequence" in node:  # tfds Dataset (RLDS steps) or Sequence
+        _walk(node["sequence"]["feature"], prefix, True, out, where)
+    elif "image" in node:
+        img = node["image"]
+        out[prefix] = FeatureSpec(prefix, "image", _dims(img.get("shape")), img.get("dtype", "uint8"),
+                                  img.get("encodingFormat", "png"), per_step, desc)
+    elif "text" in node or short == "Text":
+        out[prefix] = FeatureSpec(prefix, "text", (), "string", "none", per_step, desc)
+    elif "tensor" in node:
+        t = node["tensor"]
+        out[prefix] = FeatureSpec(prefix, "tensor", _dims(t.get("shape")), t.get("dtype", "float32"),
+                                  t.get("encoding", "none"), per_step, desc)
+    elif "classLabel" in node or short == "ClassLabel":
+        out[prefix] = FeatureSpec(prefix, "tensor", (), "int64", "none", per_step, desc)
+    else:
+        out[prefix] = FeatureSpec(prefix, "other", (), "unknown", "unknown", per_step, desc)
+
+
+@dataclass(frozen=True)
+class DatasetSchema:
+    path: str
+    features: dict[str, FeatureSpec]
+
+    def step(self, key: str) -> FeatureSpec:
+        """The step feature ``steps/<key>``; SchemaError listing the step keys if there is none."""
+        full = key if key.startswith("steps/") else f"steps/{key}"
+        if full not in self.features:
+            raise SchemaError(f"{self.path}: no step feature {full!r}; step features are: "
+                              f"{', '.join(sorted(k for k in self.features if k.startswith('steps/')))}")
+        return self.features[full]
+
+    def has_step(self, key: str) -> bool:
+        return (key if key.startswith("steps/") else f"steps/{key}") in self.features
+
+    def image_keys(self) -> list[str]:
+        """Step image keys with 3 channels (RGB cameras; depth images are left out)."""
+        return sorted(k for k, f in self.features.items()
+                      if f.per_step and f.kind == "image" and (len(f.shape) == 3 and f.shape[-1] == 3))
+
+    def numeric_step_keys(self, under: str) -> list[str]:
+        """Numeric step tensors under ``steps/<under>`` (the key itself or nested beneath it)."""
+        full = f"steps/{under}"
+        return sorted(k for k, f in self.features.items()
+                      if f.per_step and f.kind == "tensor" and f.storage in ("float", "int64")
+                      and (k == full or k.startswith(full + "/")))
+
+    def text_step_keys(self) -> list[str]:
+        return sorted(k for k, f in self.features.items() if f.per_step and f.kind == "text")
+
+
+def load_schema(version_dir: str | os.PathLike) -> DatasetSchema:
+    """Read ``<version_dir>/features.json``."""
+    path = Path(version_dir) / "features.json"
+    if not path.is_file():
+        raise SchemaError(f"{path}: missing; an RLDS dataset directory <root>/<dataset>/<version>/ "
+                          "must hold features.json (the TFDS FeaturesDict schema)")
+    try:
+        root = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SchemaError(f"{path}: cannot read as JSON: {e}") from e
+    out: dict[str, FeatureSpec] = {}
+    _walk(root, "", False, out, str(path))
+    if not any(f.per_step for f in out.values()):
+        raise SchemaError(f"{path}: no 'steps' Dataset feature; not an RLDS schema")
+    return DatasetSchema(str(path), out)

@@ -1,0 +1,247 @@
+"""One parsed RLDS episode record -> standard arrays: 7-D actions, frames, language, step flags.
+
+Every read is checked against the features.json schema; a key the schema promises that a record
+lacks, or a list of the wrong length, raises `RecordError` naming file, record index and key.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from whale_pl.data.oxe.registry import ActionMap, DatasetConfig
+from whale_pl.data.oxe.schema import DatasetSchema, FeatureSpec
+
+_SPEC = re.compile(r"^(?P<key>[A-Za-z0-9_\-/]+?)(?:\[(?P<a>\d+)(?::(?P<b>\d+))?\])?$")
+
+
+class RecordError(ValueError):
+    """A record disagrees with the schema: names the file, record index and key."""
+
+    def __init__(self, path: str, index: int, key: str, message: str):
+        self.path, self.index, self.key = path, index, key
+        super().__init__(f"{path}: record {index}: key {key!r}: {message}")
+
+
+@dataclass(frozen=True)
+class Where:
+    path: str
+    index: int
+
+    def err(self, key: str, msg: str) -> RecordError:
+        return RecordError(self.path, self.index, key, msg)
+
+
+def parse_spec(spec: str) -> tuple[str, slice]:
+    """``"action/world_vector"`` -> ("steps/action/world_vector", all); ``"action[6]"`` -> (.., 6:7)."""
+    m = _SPEC.match(spec)
+    if not m:
+        raise ValueError(f"bad key spec {spec!r}; expected 'path/to/key' or 'key[i]' or 'key[i:j]'")
+    a, b = m.group("a"), m.group("b")
+    sl = slice(None) if a is None else slice(int(a), int(b) if b is not None else int(a) + 1)
+    return "steps/" + m.group("key"), sl
+
+
+def episode_length(ex: dict, schema: DatasetSchema, camera_key: str, where: Where) -> int:
+    """Number of steps, from ``steps/is_first`` (or the camera's list when the schema has no flags)."""
+    key = "steps/is_first" if "steps/is_first" in schema.features else camera_key
+    if key not in ex:
+        raise where.err(key, "missing from the record (features.json promises it)")
+    return len(ex[key])
+
+
+def step_array(ex: dict, schema: DatasetSchema, key: str, t: int, where: Where) -> np.ndarray:
+    """A numeric step feature as float64 [T, n] (n = values per step from the schema)."""
+    spec: FeatureSpec | None = schema.features.get(key)
+    if spec is None:
+        raise where.err(key, f"not in features.json ({schema.path})")
+    if key not in ex:
+        raise where.err(key, "missing from the record (features.json promises it)")
+    v = ex[key]
+    if isinstance(v, list):
+        if spec.encoding == "bytes" or spec.storage == "bytes":
+            raise where.err(key, f"stored as bytes (encoding {spec.encoding!r}); not readable as numbers")
+        raise where.err(key, "holds byte strings, schema says numeric")
+    arr = np.asarray(v, dtype=np.float64)
+    n = spec.size
+    if n is None:
+        if t == 0 or arr.size % t:
+            raise where.err(key, f"{arr.size} values do not split into {t} steps")
+        n = arr.size // t
+    if arr.size != t * n:
+        raise where.err(key, f"expected {t} steps x {n} values = {t * n}, record has {arr.size}")
+    return arr.reshape(t, n)
+
+
+def step_bytes(ex: dict, key: str, t: int, where: Where) -> list[bytes]:
+    if key not in ex:
+        raise where.err(key, "missing from the record (features.json promises it)")
+    v = ex[key]
+    if not isinstance(v, list):
+        raise where.err(key, f"expected {t} byte strings, record holds numbers")
+    if len(v) != t:
+        raise where.err(key, f"expected {t} entries (one per step), record has {len(v)}")
+    return v
+
+
+def _select(ex, schema, spec: str, t: int, where: Where) -> np.ndarray:
+    key, sl = parse_spec(spec)
+    arr = step_array(ex, schema, key, t, where)
+    out = arr[:, sl]
+    want = (sl.stop - sl.start) if sl.start is not None else arr.shape[1]
+    if out.shape[1] != want:
+        raise where.err(key, f"spec {spec!r} asks for columns {sl.start}:{sl.stop}, feature has "
+                             f"{arr.shape[1]} values per step")
+    return out
+
+
+def _to_euler(rot: np.ndarray, fmt: str) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    if fmt == "euler":
+        return rot
+    if fmt == "euler_deg":
+        return np.deg2rad(rot)
+    if fmt == "quat_xyzw":
+        norm = np.linalg.norm(rot, axis=1, keepdims=True)
+        q = np.where(norm > 0, rot / np.where(norm > 0, norm, 1), np.array([0, 0, 0, 1.0]))
+        return Rotation.from_quat(q).as_euler("xyz")
+    if fmt == "rotvec":
+        return Rotation.from_rotvec(rot).as_euler("xyz")
+    raise ValueError(f"unknown rot_format {fmt!r}")
+
+
+def _absolute_to_delta(xyz: np.ndarray, rpy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.spatial.transform import Rotation
+
+    dxyz = np.zeros_like(xyz)
+    dxyz[1:] = xyz[1:] - xyz[:-1]
+    drpy = np.zeros_like(rpy)
+    if len(rpy) > 1:
+        r = Rotation.from_euler("xyz", rpy)
+        drpy[1:] = (r[1:] * r[:-1].inv()).as_euler("xyz")
+    return dxyz, drpy
+
+
+def relative_gripper_to_absolute(cmd: np.ndarray, threshold: float = 0.1) -> np.ndarray:
+    """Relative closedness commands (+1 close, -1 open, else keep) -> absolute opening (1 = open)."""
+    nz = np.flatnonzero(np.abs(cmd) > threshold)
+    state = 1.0 if nz.size == 0 or cmd[nz[0]] > 0 else 0.0
+    out = np.empty(len(cmd), np.float64)
+    for i, c in enumerate(cmd):
+        if c > threshold:
+            state = 0.0
+        elif c < -threshold:
+            state = 1.0
+        out[i] = state
+    return out
+
+
+def gripper_values(ex, schema, amap: ActionMap, t: int, where: Where) -> np.ndarray:
+    mode = amap.gripper_mode
+    if mode == "const_open":
+        return np.ones(t)
+    if mode == "const_closed":
+        return np.zeros(t)
+    g = _select(ex, schema, amap.gripper, t, where)[:, 0]
+    if mode == "open":
+        return g
+    if mode == "open_clip":
+        return np.clip(g, 0.0, 1.0)
+    if mode == "close_clip":
+        return 1.0 - np.clip(g, 0.0, 1.0)
+    if mode == "relative":
+        return relative_gripper_to_absolute(g)
+    raise ValueError(f"unknown gripper_mode {mode!r}")
+
+
+def standard_actions(ex: dict, schema: DatasetSchema, amap: ActionMap, t: int, where: Where) -> np.ndarray:
+    """float32 [T, 7]: (dx, dy, dz, droll, dpitch, dyaw, gripper) under the registry's mapping."""
+    xyz = np.zeros((t, 3))
+    if amap.xyz is not None:
+        v = _select(ex, schema, amap.xyz, t, where)
+        if v.shape[1] > 3:
+            raise where.err(parse_spec(amap.xyz)[0], f"translation spec gives {v.shape[1]} values (> 3)")
+        xyz[:, : v.shape[1]] = v
+    rpy = np.zeros((t, 3))
+    if amap.rot is not None:
+        rot = _select(ex, schema, amap.rot, t, where)
+        want = 4 if amap.rot_format == "quat_xyzw" else 3
+        if rot.shape[1] != want:
+            raise where.err(parse_spec(amap.rot)[0], f"rotation ({amap.rot_format}) needs {want} values, "
+                                                     f"spec gives {rot.shape[1]}")
+        rpy = _to_euler(rot, amap.rot_format)
+    if amap.pose == "absolute":
+        xyz, rpy = _absolute_to_delta(xyz, rpy)
+    g = gripper_values(ex, schema, amap, t, where)
+    return np.concatenate([xyz, rpy, g[:, None]], axis=1).astype(np.float32)
+
+
+def native_actions(ex: dict, schema: DatasetSchema, key: str, t: int, where: Where) -> np.ndarray:
+    """float32 [T, A] of one flat action tensor, unchanged (unregistered datasets)."""
+    return step_array(ex, schema, key, t, where).astype(np.float32)
+
+
+def language_of(ex: dict, cfg: DatasetConfig | None, key: str | None, encoding: str, t: int,
+                where: Where) -> str:
+    """The episode's instruction: the first non-empty step instruction ('' when there is none)."""
+    if key is None:
+        return ""
+    if encoding == "codepoints":
+        if key not in ex:
+            raise where.err(key, "missing from the record (features.json promises it)")
+        arr = np.asarray(ex[key], dtype=np.int64)
+        if t == 0 or arr.size % t:
+            raise where.err(key, f"{arr.size} code points do not split into {t} steps")
+        for row in arr.reshape(t, -1):
+            s = "".join(chr(c) for c in row if c > 0)
+            if s:
+                return s
+        return ""
+    for b in step_bytes(ex, key, t, where):
+        if b:
+            try:
+                return b.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise where.err(key, f"instruction is not UTF-8: {e}") from e
+    return ""
+
+
+def decode_frame(data: bytes, size: int, crop: str, key: str, step: int, where: Where) -> np.ndarray:
+    """Encoded image -> uint8 [H, W, 3]; resized to ``size`` x ``size`` unless ``size`` is 0.
+
+    Crop/pad policy: ``center`` crops the longer side to a centred square, ``pad`` letterboxes
+    the shorter side with black to a square; then one antialiased bilinear resize (PIL). An image
+    already ``size`` x ``size`` is returned exactly as decoded. Large JPEGs are decoded at a reduced
+    DCT scale first (PIL ``draft``), never below twice the target size.
+    """
+    try:
+        im = Image.open(io.BytesIO(data))
+        if size and im.format == "JPEG":
+            w, h = im.size
+            m = min(w, h) if crop == "center" else max(w, h)
+            if m >= 4 * size:
+                im.draft("RGB", (max(1, w * 2 * size // m), max(1, h * 2 * size // m)))
+        im = im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt frame
+        raise where.err(key, f"step {step}: image cannot be decoded: {e}") from e
+    if size:
+        w, h = im.size
+        if (w, h) != (size, size):
+            if crop == "center":
+                m = min(w, h)
+                left, top = (w - m) // 2, (h - m) // 2
+                im = im.resize((size, size), Image.Resampling.BILINEAR,
+                               box=(left, top, left + m, top + m))
+            elif crop == "pad":
+                m = max(w, h)
+                canvas = Image.new("RGB", (m, m))
+                canvas.paste(im, ((m - w) // 2, (m - h) // 2))
+                im = canvas.resize((size, size), Image.Resampling.BILINEAR)
+            else:
+                raise ValueError(f"crop must be 'center' or 'pad', got {crop!r}")
+    return np.asarray(im, dtype=np.uint8)
