@@ -1,0 +1,198 @@
+"""Behavior-policy families built on Meta-World's scripted experts.
+
+Every policy has a string name that fully determines it (``parse_policy(name)``) and a JSON
+descriptor ``{"name", "family", "params"}`` stored in each episode's metadata.
+
+    name                     family  behaviour
+    expert                   expert  the scripted expert (actions clipped to [-1, 1])
+    noise_<sigma>            noise   expert + N(0, sigma^2) on every dim, re-clipped
+    eps_<p>                  eps     with probability p a uniform random action, else the expert
+    slow_<scale>             slow    expert xyz scaled by scale (< 1); gripper unchanged
+    lag_<k>                  lag     the expert acting on the observation k steps old
+    bias_<axis><value>...    bias    expert + a constant offset, e.g. bias_x0.4, bias_y-0.3z0.2
+    mix_<a>+<b>[+...]        mix     segments of 10 steps, each driven by a component picked
+                                     uniformly at random, e.g. mix_expert+lag_6
+
+All randomness comes from the generator passed to ``reset`` (seeded per episode), so rollouts
+are reproducible.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+FAMILIES = ("expert", "noise", "eps", "slow", "lag", "bias", "mix")
+NAME_HELP = ("expert | noise_<sigma> | eps_<p> | slow_<scale in (0,1]> | lag_<k steps> | "
+             "bias_<axis in x,y,z,g><offset>[...] | mix_<name>+<name>[+...]")
+MIX_SEGMENT = 10
+_NUM = r"-?\d+(?:\.\d+)?"
+_AXES = {"x": 0, "y": 1, "z": 2, "g": 3}
+
+
+class PolicyNameError(ValueError):
+    pass
+
+
+def expert_for(task: str):
+    """A fresh Meta-World scripted expert for ``task``; error listing the valid tasks."""
+    from metaworld.policies import ENV_POLICY_MAP
+
+    if task not in ENV_POLICY_MAP:
+        raise PolicyNameError(f"no scripted expert for task {task!r}; valid tasks: {sorted(ENV_POLICY_MAP)}")
+    return ENV_POLICY_MAP[task]()
+
+
+class BehaviorPolicy:
+    """Base: wraps the scripted expert. ``reset(task, rng)`` before each episode, then ``act(obs)``."""
+
+    family = "expert"
+
+    def __init__(self, name: str, params: dict[str, Any] | None = None):
+        self.name = name
+        self.params = params or {}
+        self.expert = None
+        self.rng: np.random.Generator | None = None
+
+    def descriptor(self) -> dict:
+        return {"name": self.name, "family": self.family, "params": dict(self.params)}
+
+    def reset(self, task: str, rng: np.random.Generator) -> None:
+        self.expert = expert_for(task)
+        self.rng = rng
+
+    def expert_action(self, obs: np.ndarray) -> np.ndarray:
+        return np.clip(np.asarray(self.expert.get_action(obs), np.float64), -1.0, 1.0)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return self.expert_action(obs).astype(np.float32)
+
+
+class Expert(BehaviorPolicy):
+    family = "expert"
+
+
+class Noise(BehaviorPolicy):
+    family = "noise"
+
+    def act(self, obs):
+        a = self.expert_action(obs) + self.rng.normal(0.0, self.params["sigma"], size=4)
+        return np.clip(a, -1, 1).astype(np.float32)
+
+
+class EpsRandom(BehaviorPolicy):
+    family = "eps"
+
+    def act(self, obs):
+        a = self.expert_action(obs)  # always queried, so the expert's internal state stays in step
+        if self.rng.random() < self.params["p"]:
+            a = self.rng.uniform(-1.0, 1.0, size=4)
+        return a.astype(np.float32)
+
+
+class Slow(BehaviorPolicy):
+    family = "slow"
+
+    def act(self, obs):
+        a = self.expert_action(obs)
+        a[:3] *= self.params["scale"]
+        return a.astype(np.float32)
+
+
+class Lag(BehaviorPolicy):
+    family = "lag"
+
+    def reset(self, task, rng):
+        super().reset(task, rng)
+        self.buf: deque = deque(maxlen=self.params["k"] + 1)
+
+    def act(self, obs):
+        self.buf.append(np.array(obs, copy=True))
+        return self.expert_action(self.buf[0]).astype(np.float32)  # oldest kept = k steps ago (or the first)
+
+
+class Bias(BehaviorPolicy):
+    family = "bias"
+
+    def act(self, obs):
+        off = np.zeros(4)
+        for ax, v in self.params["offset"].items():
+            off[_AXES[ax]] = v
+        return np.clip(self.expert_action(obs) + off, -1, 1).astype(np.float32)
+
+
+class Mix(BehaviorPolicy):
+    family = "mix"
+
+    def __init__(self, name, params, components: list[BehaviorPolicy]):
+        super().__init__(name, params)
+        self.components = components
+
+    def reset(self, task, rng):
+        self.rng = rng
+        for c in self.components:
+            c.reset(task, rng)
+        self.t = 0
+        self.cur = 0
+
+    def act(self, obs):
+        if self.t % MIX_SEGMENT == 0:
+            self.cur = int(self.rng.integers(len(self.components)))
+        self.t += 1
+        actions = [c.act(obs) for c in self.components]  # every component sees every obs (lag buffers)
+        return actions[self.cur]
+
+
+def _num(s: str, name: str, what: str) -> float:
+    if not re.fullmatch(_NUM, s):
+        raise PolicyNameError(f"policy {name!r}: {what} {s!r} is not a number; valid names: {NAME_HELP}")
+    return float(s)
+
+
+def parse_policy(name: str) -> BehaviorPolicy:
+    """Build the policy a name describes; PolicyNameError listing the valid forms otherwise."""
+    if not isinstance(name, str) or not name:
+        raise PolicyNameError(f"policy name must be a non-empty string, got {name!r}; valid names: {NAME_HELP}")
+    if name == "expert":
+        return Expert(name, {})
+    if name.startswith("mix_"):
+        parts = name[4:].split("+")
+        if len(parts) < 2:
+            raise PolicyNameError(f"policy {name!r}: a mixture needs >= 2 components joined by '+'; valid names: {NAME_HELP}")
+        comps = [parse_policy(p) for p in parts]
+        if any(isinstance(c, Mix) for c in comps):
+            raise PolicyNameError(f"policy {name!r}: mixtures cannot nest")
+        return Mix(name, {"components": [c.descriptor() for c in comps], "segment": MIX_SEGMENT}, comps)
+    fam, _, arg = name.partition("_")
+    if fam == "noise":
+        s = _num(arg, name, "sigma")
+        if s < 0:
+            raise PolicyNameError(f"policy {name!r}: sigma must be >= 0")
+        return Noise(name, {"sigma": s})
+    if fam == "eps":
+        p = _num(arg, name, "probability")
+        if not 0 <= p <= 1:
+            raise PolicyNameError(f"policy {name!r}: probability must be in [0, 1]")
+        return EpsRandom(name, {"p": p})
+    if fam == "slow":
+        s = _num(arg, name, "scale")
+        if not 0 < s <= 1:
+            raise PolicyNameError(f"policy {name!r}: scale must be in (0, 1]")
+        return Slow(name, {"scale": s})
+    if fam == "lag":
+        if not re.fullmatch(r"\d+", arg):
+            raise PolicyNameError(f"policy {name!r}: lag must be a whole number of steps; valid names: {NAME_HELP}")
+        return Lag(name, {"k": int(arg)})
+    if fam == "bias":
+        parts = re.findall(rf"([xyzg])({_NUM})", arg)
+        if not parts or "".join(a + v for a, v in parts) != arg:
+            raise PolicyNameError(f"policy {name!r}: offset must look like x0.4 or y-0.3z0.2; valid names: {NAME_HELP}")
+        return Bias(name, {"offset": {a: float(v) for a, v in parts}})
+    raise PolicyNameError(f"unknown behavior policy {name!r}; valid names: {NAME_HELP} (families: {list(FAMILIES)})")
+
+
+def policy_family(name: str) -> str:
+    return parse_policy(name).family
