@@ -1,0 +1,196 @@
+"""Fréchet Video Distance (Unterthiner et al. 2018) with a local I3D; no network access.
+
+Preprocessing follows the reference implementation (google-research `frechet_video_distance.py`):
+every frame is resized to 224x224 with TF1 `resize_bilinear` (align_corners=False, no half-pixel
+centres) and scaled to [-1, 1]; the embedding is the I3D's 400 Kinetics logits. The distance between
+the two Gaussians is computed in float64 from an eigen-decomposition of the symmetric form
+sqrt(S1) S2 sqrt(S1), which stays real and well defined for the rank-deficient covariances that
+fewer clips than 400 produce (where `scipy.linalg.sqrtm(S1 @ S2)` returns complex noise).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import nn
+
+from whale_pl.metrics.i3d import I3DWeightsError, load_i3d
+
+__all__ = [
+    "FVD",
+    "FVDSkippedWarning",
+    "I3D_MIN_FRAMES",
+    "I3D_SIZE",
+    "frechet_distance",
+    "gaussian_stats",
+    "i3d_input",
+    "make_fvd",
+    "resize_bilinear_tf1",
+]
+
+I3D_SIZE = 224
+I3D_MIN_FRAMES = 9
+
+
+class FVDSkippedWarning(UserWarning):
+    """FVD cannot be computed (no I3D weights or clips too short); other metrics go on."""
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Emit `FVDSkippedWarning` once per process for `key`."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, FVDSkippedWarning, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=16)
+def _tf1_resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """[out, in] weights of TF1 `resize_bilinear` (align_corners=False, half_pixel_centers=False)."""
+    scale = size_in / size_out
+    src = torch.arange(size_out, dtype=torch.float64) * scale
+    lo = src.floor().long().clamp(max=size_in - 1)
+    hi = (lo + 1).clamp(max=size_in - 1)
+    frac = src - lo.double()
+    m = torch.zeros(size_out, size_in, dtype=torch.float64)
+    m[torch.arange(size_out), lo] += 1 - frac
+    m[torch.arange(size_out), hi] += frac
+    return m.float()
+
+
+def resize_bilinear_tf1(frames_NCHW: torch.Tensor, size: int = I3D_SIZE) -> torch.Tensor:
+    """Bilinear resize with TF1 `tf.image.resize_bilinear` semantics (as the reference FVD)."""
+    h, w = frames_NCHW.shape[-2:]
+    m_h = _tf1_resize_matrix(h, size).to(frames_NCHW.device)
+    m_w = _tf1_resize_matrix(w, size).to(frames_NCHW.device)
+    return torch.einsum("oh,nchw,pw->ncop", m_h, frames_NCHW, m_w)
+
+
+def to_minus_one_one(frames: torch.Tensor, name: str = "frames") -> torch.Tensor:
+    """uint8 [0, 255] or float [-1, 1] -> float32 [-1, 1]; anything else is an error."""
+    if frames.dtype == torch.uint8:
+        return frames.float() / 127.5 - 1.0
+    if not frames.is_floating_point():
+        raise TypeError(f"{name}: expected uint8 or float frames, got {frames.dtype}")
+    lo, hi = frames.min().item(), frames.max().item()
+    if lo < -1.001 or hi > 1.001:
+        raise ValueError(f"{name}: float frames must lie in [-1, 1], got [{lo:.3f}, {hi:.3f}]")
+    return frames.float().clamp(-1, 1)
+
+
+def i3d_input(frames_BTCHW: torch.Tensor) -> torch.Tensor:
+    """Video clips (uint8 or [-1, 1] float, [B, T, 3, H, W]) -> I3D input [B, 3, T, 224, 224] in [-1, 1]."""
+    if frames_BTCHW.ndim != 5 or frames_BTCHW.shape[2] != 3:
+        raise ValueError(f"expected frames [B, T, 3, H, W], got shape {tuple(frames_BTCHW.shape)}")
+    b = frames_BTCHW.shape[0]
+    x_NCHW = rearrange(to_minus_one_one(frames_BTCHW), "b t c h w -> (b t) c h w")
+    if x_NCHW.shape[-2:] != (I3D_SIZE, I3D_SIZE):
+        x_NCHW = resize_bilinear_tf1(x_NCHW, I3D_SIZE)
+    return rearrange(x_NCHW, "(b t) c h w -> b c t h w", b=b).contiguous()
+
+
+def gaussian_stats(feats_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance (float64) of N feature vectors; needs N >= 2."""
+    feats_ND = np.asarray(feats_ND, dtype=np.float64)
+    if feats_ND.ndim != 2 or feats_ND.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature vectors [N, D], got shape {feats_ND.shape}")
+    return feats_ND.mean(axis=0), np.cov(feats_ND, rowvar=False)
+
+
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    evals, evecs = np.linalg.eigh((sigma + sigma.T) / 2)
+    return (evecs * np.sqrt(np.clip(evals, 0, None))) @ evecs.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64.
+
+    tr((S1 S2)^(1/2)) = sum of sqrt(eigenvalues of sqrt(S1) S2 sqrt(S1)), a symmetric PSD matrix, so
+    the eigenvalues are real; round-off negatives are clipped to zero.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    root1 = _psd_sqrt(sigma1)
+    inner = root1 @ sigma2 @ root1
+    evals = np.linalg.eigvalsh((inner + inner.T) / 2)
+    tr_covmean = np.sqrt(np.clip(evals, 0, None)).sum()
+    diff = mu1 - mu2
+    d = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    return max(d, 0.0)
+
+
+class FVD:
+    """Accumulates I3D logits of real and generated clips; `compute()` gives the FVD.
+
+    `update(real_BTCHW, fake_BTCHW)` takes uint8 or [-1, 1] float clips (any size, T >= 9);
+    features are computed in chunks of `batch_size` clips on `device`.
+    """
+
+    def __init__(self, i3d: nn.Module, device: str | torch.device = "cpu", batch_size: int = 8):
+        self.i3d = i3d.to(device)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.real: list[np.ndarray] = []
+        self.fake: list[np.ndarray] = []
+
+    @classmethod
+    def load(cls, i3d_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+             batch_size: int = 8) -> FVD:
+        return cls(load_i3d(i3d_path, device), device, batch_size)
+
+    @torch.no_grad()
+    def features(self, frames_BTCHW: torch.Tensor) -> np.ndarray:
+        """I3D logits [B, 400] (float64) of a batch of clips."""
+        if frames_BTCHW.ndim == 5 and frames_BTCHW.shape[1] < I3D_MIN_FRAMES:
+            raise ValueError(f"FVD needs clips of at least {I3D_MIN_FRAMES} frames, got T={frames_BTCHW.shape[1]}")
+        out = []
+        for chunk in frames_BTCHW.split(self.batch_size):
+            x = i3d_input(chunk.to(self.device))
+            out.append(self.i3d(x).double().cpu().numpy())
+        return np.concatenate(out)
+
+    def update(self, real_BTCHW: torch.Tensor | None = None, fake_BTCHW: torch.Tensor | None = None) -> None:
+        if real_BTCHW is not None:
+            self.real.append(self.features(real_BTCHW))
+        if fake_BTCHW is not None:
+            self.fake.append(self.features(fake_BTCHW))
+
+    @property
+    def num_clips(self) -> tuple[int, int]:
+        return sum(len(f) for f in self.real), sum(len(f) for f in self.fake)
+
+    def compute(self) -> float:
+        n_real, n_fake = self.num_clips
+        if n_real < 2 or n_fake < 2:
+            raise ValueError(f"FVD needs >= 2 real and >= 2 generated clips, got {n_real} and {n_fake}")
+        mu1, s1 = gaussian_stats(np.concatenate(self.real))
+        mu2, s2 = gaussian_stats(np.concatenate(self.fake))
+        return frechet_distance(mu1, s1, mu2, s2)
+
+    def reset(self) -> None:
+        self.real.clear()
+        self.fake.clear()
+
+
+def make_fvd(i3d_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+             batch_size: int = 8) -> FVD | None:
+    """`FVD.load(...)`, or None after ONE `FVDSkippedWarning` per process when no weights exist.
+
+    A user-named `i3d_path` that does not load is an error, not a skip.
+    """
+    try:
+        return FVD.load(i3d_path, device, batch_size)
+    except I3DWeightsError as e:
+        if i3d_path is not None:
+            raise
+        warn_once("weights", f"FVD skipped: {e}. PSNR/SSIM are still computed.")
+        return None

@@ -1,0 +1,107 @@
+"""PSNR and SSIM over video clips (torchmetrics), per frame index and overall, plus an accumulator
+that also feeds FVD — shared by the training callback and `whale eval video`.
+
+Frames are uint8 [0, 255] or float [-1, 1], shaped [B, T, 3, H, W]. Scores are computed per image
+on [0, 1] data (data_range 1), averaged over clips for each frame index t, and over everything for
+the mean. PSNR of an exact match is infinite; it is capped at `PSNR_CAP_DB` so that means and JSON
+stay finite (the cap is reported, never hit silently: `psnr_capped` counts the images).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from einops import rearrange
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from whale_pl.metrics.fvd import FVD, I3D_MIN_FRAMES, to_minus_one_one, warn_once
+
+__all__ = ["PSNR_CAP_DB", "VideoEvaluator", "video_psnr_ssim"]
+
+PSNR_CAP_DB = 100.0
+
+
+def _unit(frames_BTCHW: torch.Tensor, name: str) -> torch.Tensor:
+    if frames_BTCHW.ndim != 5 or frames_BTCHW.shape[2] != 3:
+        raise ValueError(f"{name}: expected [B, T, 3, H, W], got shape {tuple(frames_BTCHW.shape)}")
+    return (to_minus_one_one(frames_BTCHW, name) + 1) / 2
+
+
+@torch.no_grad()
+def video_psnr_ssim(real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image PSNR (dB) and SSIM, shaped [B, T] each (float64)."""
+    if real_BTCHW.shape != fake_BTCHW.shape:
+        raise ValueError(f"real {tuple(real_BTCHW.shape)} and generated {tuple(fake_BTCHW.shape)} clips differ in shape")
+    b = real_BTCHW.shape[0]
+    real = rearrange(_unit(real_BTCHW, "real"), "b t c h w -> (b t) c h w")
+    fake = rearrange(_unit(fake_BTCHW, "generated"), "b t c h w -> (b t) c h w")
+    psnr = peak_signal_noise_ratio(fake, real, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    ssim = structural_similarity_index_measure(fake, real, data_range=1.0, reduction="none")
+    return {
+        "psnr": rearrange(psnr.double(), "(b t) -> b t", b=b),
+        "ssim": rearrange(ssim.double(), "(b t) -> b t", b=b),
+    }
+
+
+class VideoEvaluator:
+    """Accumulates PSNR/SSIM (per frame index) and FVD features over batches of (real, generated) clips.
+
+    `fvd=None` computes PSNR/SSIM only. Clips shorter than I3D's 9 frames skip FVD with one warning.
+    `compute()` -> {"psnr", "ssim", "psnr_per_frame", "ssim_per_frame", "num_clips", "psnr_capped",
+    "fvd" (only when computed), "fvd_num_clips"}.
+    """
+
+    def __init__(self, fvd: FVD | None = None):
+        self.fvd = fvd
+        self.psnr: list[np.ndarray] = []
+        self.ssim: list[np.ndarray] = []
+        self.fvd_skipped = False
+
+    def update(self, real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor) -> None:
+        scores = video_psnr_ssim(real_BTCHW, fake_BTCHW)
+        self.psnr.append(scores["psnr"].cpu().numpy())
+        self.ssim.append(scores["ssim"].cpu().numpy())
+        if self.fvd is not None and not self.fvd_skipped:
+            if real_BTCHW.shape[1] < I3D_MIN_FRAMES:
+                warn_once("short-clips", f"FVD skipped: clips have T={real_BTCHW.shape[1]} frames, I3D needs "
+                          f">= {I3D_MIN_FRAMES}. PSNR/SSIM are still computed.")
+                self.fvd_skipped = True
+            else:
+                self.fvd.update(real_BTCHW, fake_BTCHW)
+
+    @property
+    def num_clips(self) -> int:
+        return sum(len(p) for p in self.psnr)
+
+    def compute(self) -> dict:
+        if not self.psnr:
+            raise ValueError("VideoEvaluator.compute() called before any update()")
+        if len({p.shape[1] for p in self.psnr}) != 1:
+            raise ValueError(f"clips of different lengths were accumulated: {sorted({p.shape[1] for p in self.psnr})}")
+        psnr_BT = np.concatenate(self.psnr)
+        ssim_BT = np.concatenate(self.ssim)
+        capped = int(np.sum(~np.isfinite(psnr_BT) | (psnr_BT > PSNR_CAP_DB)))
+        psnr_BT = np.minimum(np.nan_to_num(psnr_BT, posinf=PSNR_CAP_DB), PSNR_CAP_DB)
+        out: dict = {
+            "psnr": float(psnr_BT.mean()),
+            "ssim": float(ssim_BT.mean()),
+            "psnr_per_frame": [float(v) for v in psnr_BT.mean(axis=0)],
+            "ssim_per_frame": [float(v) for v in ssim_BT.mean(axis=0)],
+            "num_clips": int(psnr_BT.shape[0]),
+            "psnr_capped": capped,
+        }
+        if self.fvd is not None and not self.fvd_skipped:
+            n_real, n_fake = self.fvd.num_clips
+            if min(n_real, n_fake) >= 2:
+                out["fvd"] = self.fvd.compute()
+                out["fvd_num_clips"] = n_fake
+            else:
+                warn_once("few-clips", f"FVD skipped: needs >= 2 clips, got {min(n_real, n_fake)}.")
+        return out
+
+    def reset(self) -> None:
+        self.psnr.clear()
+        self.ssim.clear()
+        self.fvd_skipped = False
+        if self.fvd is not None:
+            self.fvd.reset()
