@@ -234,7 +234,7 @@ def _worker(jobs_q, results_q, size: int, camera: str, max_steps: int) -> None:
 
 
 def iter_collect(jobs: list[Job], size: int, camera: str, max_steps: int, workers: int,
-                 chunk: int = 4) -> Iterator[Episode]:
+                 chunk: int = 8) -> Iterator[Episode]:
     """Run the jobs in ``workers`` spawned processes; yield episodes in job order."""
     ctx = mp.get_context("spawn")
     chunks: list[list[Job]] = []

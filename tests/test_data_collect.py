@@ -1,0 +1,144 @@
+"""Meta-World collection: the tiny session dataset, determinism, policy families, bad names."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from whale_pl.data.metaworld import CollectConfig, collect, dataset_status, ensure_collected
+from whale_pl.data.policies import PolicyNameError, parse_policy
+from whale_pl.data.shards import iter_episodes, verify_dataset
+
+
+def test_tiny_shards_layout(tiny_shards, tiny_config):
+    m = verify_dataset(tiny_shards)
+    assert m["frame_size"] == [32, 32] and m["action_dim"] == 4 and m["state_dim"] == 39
+    assert {k: v["episodes"] for k, v in m["splits"].items()} == {"train": 12, "val": 6, "ood": 4}
+    assert m["families"] == ["expert", "lag", "noise"]
+    eps = list(iter_episodes(tiny_shards))
+    assert len(eps) == 22
+    for ep in eps:
+        assert ep.frames.shape == (24, 32, 32, 3) and ep.actions.shape == (24, 4)
+        assert ep.is_first[0] and ep.is_last[-1] and ep.is_first.sum() == 1
+        assert np.all(np.abs(ep.actions) <= 1.0)
+        assert ep.meta["split"] in ("train", "val", "ood")
+        assert (ep.meta["split"] == "ood") == (ep.meta["policy"]["name"] == "noise_1.0")
+        # frames are real renders that change over time, and upright: the (grey) floor is in the bottom rows
+        assert ep.frames.std() > 5 and np.abs(ep.frames[-1].astype(int) - ep.frames[0]).mean() > 0.5
+    # the stats in the manifest are those of the train split
+    a = np.concatenate([e.actions for e in eps if e.meta["split"] == "train"]).astype(np.float64)
+    np.testing.assert_allclose(m["action_stats"]["mean"], a.mean(0), atol=1e-6)
+    np.testing.assert_allclose(m["action_stats"]["std"], a.std(0), atol=1e-6)
+    np.testing.assert_allclose(m["action_stats"]["q99"], np.quantile(a, 0.99, axis=0), atol=1e-6)
+    assert dataset_status(tiny_config)[0] == "complete"
+
+
+def test_same_command_same_bytes_any_worker_count(tiny_shards, tiny_config, tmp_path):
+    """Re-collect part of the tiny config with 1 worker (2 in the fixture): every episode's sample
+    bytes are identical (episode seeds depend on task/policy/split/index only)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config, tasks=["push-v3"], train_policies=["noise_0.5"], workers=1,
+                              out=str(tmp_path / "again"))
+    collect(cfg, progress=False)
+    first = {e.meta["episode_id"]: e for e in iter_episodes(tiny_shards)}
+    again = list(iter_episodes(cfg.out))
+    assert len(again) == 5
+    for e in again:
+        a, b = e.to_sample("k"), first[e.meta["episode_id"]].to_sample("k")
+        assert all(a[x] == b[x] for x in ("frames.npz", "steps.npz", "meta.json")), e.meta["episode_id"]
+    # a complete dataset of the same config is not collected again
+    before = (tmp_path / "again" / "manifest.json").stat().st_mtime_ns
+    ensure_collected(cfg, progress=False)
+    assert (tmp_path / "again" / "manifest.json").stat().st_mtime_ns == before
+
+
+def _returns(task: str, names: list[str], steps: int = 100, n: int = 2) -> dict[str, float]:
+    import metaworld
+
+    from whale_pl.data.metaworld import episode_seed
+
+    mt = metaworld.MT1(task, seed=0)
+    env = mt.train_classes[task]()  # stepping only, no rendering in the test process
+    out = {}
+    try:
+        for name in names:
+            rets = []
+            for i in range(n):
+                seed = episode_seed(0, task, name, "train", i)
+                env.set_task(mt.train_tasks[seed % 50])
+                env.seed(seed)
+                obs, _ = env.reset()
+                pol = parse_policy(name)
+                pol.reset(task, np.random.default_rng(seed))
+                ret = 0.0
+                for _ in range(steps):
+                    obs, r, *_ = env.step(pol.act(obs))
+                    ret += r
+                rets.append(ret)
+            out[name] = float(np.mean(rets))
+    finally:
+        env.close()
+    return out
+
+
+def test_policies_differ_in_return(tiny_shards):
+    r = _returns("push-v3", ["expert", "noise_1.0", "slow_0.25", "lag_10"])
+    for poor in ("noise_1.0", "slow_0.25", "lag_10"):
+        assert r["expert"] > 3 * r[poor], r
+    # in the tiny dataset too, the expert's actions differ from the OOD noise policy's
+    eps = list(iter_episodes(tiny_shards))
+    a = {p: np.concatenate([e.actions for e in eps if e.meta["policy"]["name"] == p]) for p in ("expert", "noise_1.0")}
+    assert np.abs(a["noise_1.0"] - a["expert"][: len(a["noise_1.0"])]).mean() > 0.2
+
+
+def test_policy_names_and_descriptors():
+    for name, fam in [("expert", "expert"), ("noise_0.3", "noise"), ("eps_0.5", "eps"), ("slow_0.5", "slow"),
+                      ("lag_4", "lag"), ("bias_x0.3", "bias"), ("bias_y-0.3z0.2", "bias"),
+                      ("mix_expert+eps_1.0", "mix")]:
+        p = parse_policy(name)
+        d = p.descriptor()
+        assert d["name"] == name and d["family"] == fam and json.loads(json.dumps(d)) == d
+    assert parse_policy("bias_y-0.3z0.2").params == {"offset": {"y": -0.3, "z": 0.2}}
+    for bad in ["experts", "noise_x", "slow_1.5", "lag_2.5", "bias_q0.3", "mix_expert", "eps_2", ""]:
+        with pytest.raises(PolicyNameError, match="valid names|must be|cannot"):
+            parse_policy(bad)
+    with pytest.raises(PolicyNameError, match="noise_<sigma>"):
+        parse_policy("gaussian_0.1")
+
+
+def test_policies_act_as_described():
+    """Each family's action relates to the expert's as documented, on real Meta-World observations."""
+    import metaworld
+
+    mt = metaworld.MT1("reach-v3", seed=0)
+    env = mt.train_classes["reach-v3"]()  # no rendering here
+    env.set_task(mt.train_tasks[0])
+    obs, _ = env.reset()
+    try:
+        observations = [obs]
+        for _ in range(6):
+            obs, *_ = env.step(env.action_space.sample() * 0)
+            observations.append(obs)
+    finally:
+        env.close()
+    pol = {n: parse_policy(n) for n in ["expert", "slow_0.5", "bias_x0.3", "lag_3", "eps_1.0"]}
+    for p in pol.values():
+        p.reset("reach-v3", np.random.default_rng(0))
+    out = {n: [p.act(o) for o in observations] for n, p in pol.items()}
+    e = np.array(out["expert"])
+    np.testing.assert_allclose(np.array(out["slow_0.5"])[:, :3], e[:, :3] * 0.5, atol=1e-6)
+    np.testing.assert_allclose(np.array(out["bias_x0.3"])[:, 0], np.clip(e[:, 0] + 0.3, -1, 1), atol=1e-6)
+    np.testing.assert_allclose(np.array(out["lag_3"])[3:], e[:-3], atol=1e-6)  # acts on obs 3 steps old
+    assert np.abs(np.array(out["eps_1.0"]) - e).mean() > 0.2
+
+
+def test_bad_task_and_config():
+    with pytest.raises(ValueError, match="valid tasks: .*push-v3"):
+        CollectConfig(tasks=["pushh-v3"], train_policies=["expert"])
+    with pytest.raises(PolicyNameError, match="valid names"):
+        CollectConfig(tasks=["push-v3"], train_policies=["expertt"])
+    with pytest.raises(ValueError, match="both training and OOD"):
+        CollectConfig(tasks=["push-v3"], train_policies=["expert"], ood_policies=["expert"])
