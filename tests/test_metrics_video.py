@@ -1,0 +1,86 @@
+"""PSNR/SSIM over videos: known values, per-frame resolution, dtype handling, the accumulator."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from whale_pl.metrics import fvd as fvd_mod
+from whale_pl.metrics.fvd import FVDSkippedWarning
+from whale_pl.metrics.video import PSNR_CAP_DB, VideoEvaluator, video_psnr_ssim
+
+
+def _clips(b=2, t=5, h=24, w=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(20, 236, (b, t, 3, h, w), dtype=torch.uint8, generator=g)
+
+
+def test_psnr_known_value_and_per_frame():
+    real = _clips()
+    fake = real.clone()
+    fake[:, 2] += 10  # only frame 2 differs, by 10 grey levels everywhere
+    s = video_psnr_ssim(real, fake)
+    assert s["psnr"].shape == (2, 5) and s["ssim"].shape == (2, 5)
+    expected = 10 * math.log10(1 / (10 / 255) ** 2)
+    assert torch.allclose(s["psnr"][:, 2], torch.full((2,), expected, dtype=torch.float64), atol=1e-3)
+    assert torch.isinf(s["psnr"][:, [0, 1, 3, 4]]).all()
+    assert torch.allclose(s["ssim"][:, [0, 1, 3, 4]], torch.ones(2, 4, dtype=torch.float64))
+    assert (s["ssim"][:, 2] < 1).all()
+
+
+def test_uint8_and_float_agree():
+    real, fake = _clips(seed=1), _clips(seed=2)
+    a = video_psnr_ssim(real, fake)
+    b = video_psnr_ssim(real.float() / 127.5 - 1, fake.float() / 127.5 - 1)
+    assert torch.allclose(a["psnr"], b["psnr"], atol=1e-4) and torch.allclose(a["ssim"], b["ssim"], atol=1e-5)
+
+
+def test_bad_input_is_an_error():
+    real = _clips()
+    with pytest.raises(ValueError, match="differ in shape"):
+        video_psnr_ssim(real, real[:, :4])
+    with pytest.raises(ValueError, match=r"generated: float frames must lie in \[-1, 1\]"):
+        video_psnr_ssim(real, real.float())
+    with pytest.raises(ValueError, match=r"\[B, T, 3, H, W\]"):
+        video_psnr_ssim(real[:, :, :1], real[:, :, :1])
+
+
+def test_evaluator_accumulates_means_per_frame_and_caps_exact_matches(monkeypatch):
+    monkeypatch.setattr(fvd_mod, "_warned", set())
+    real = _clips(b=3)
+    noisy = (real.float() / 127.5 - 1 + 0.1 * torch.randn(real.shape, generator=torch.Generator().manual_seed(3)))
+    noisy = noisy.clamp(-1, 1)
+    ev = VideoEvaluator()
+    ev.update(real[:2], noisy[:2])
+    ev.update(real[2:], real[2:])  # exact: PSNR capped, counted
+    out = ev.compute()
+    direct = video_psnr_ssim(real[:2], noisy[:2])
+    psnr = np.concatenate([direct["psnr"].numpy(), np.full((1, 5), PSNR_CAP_DB)])
+    assert out["num_clips"] == 3 and out["psnr_capped"] == 5 and "fvd" not in out
+    assert out["psnr"] == pytest.approx(psnr.mean(), rel=1e-9)
+    assert out["psnr_per_frame"] == pytest.approx(list(psnr.mean(0)), rel=1e-9)
+    assert out["ssim"] == pytest.approx((direct["ssim"].sum().item() + 5) / 15, rel=1e-9)
+    ev.reset()
+    with pytest.raises(ValueError, match="before any update"):
+        ev.compute()
+
+
+def test_short_clips_skip_fvd_once_and_keep_psnr(monkeypatch):
+    monkeypatch.setattr(fvd_mod, "_warned", set())
+
+    class NoFeatures:  # never reached: 5-frame clips are rejected before any I3D call
+        def update(self, *a):
+            raise AssertionError("FVD must not run on clips shorter than 9 frames")
+
+    ev = VideoEvaluator(NoFeatures())
+    with pytest.warns(FVDSkippedWarning, match="T=5"):
+        ev.update(_clips(), _clips(seed=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ev.update(_clips(), _clips(seed=5))
+        out = ev.compute()
+    assert out["num_clips"] == 4 and "fvd" not in out and np.isfinite(out["psnr"])
