@@ -1,0 +1,473 @@
+"""Clips from episode shards: ``ClipDataModule`` and ``MetaWorldDataModule``.
+
+Batches are dicts of tensors (docs/contracts.md "Batches"), plus ``dataset`` int64 [B] (index
+into ``data_spec["datasets"]``), ``episode`` int64 [B] (episode index in its directory's
+manifest order) and ``start`` int64 [B] (first frame of the clip in the episode).
+
+How clips are drawn, per DataLoader worker:
+- Readers are (rank, worker) pairs, ``n = world_size * num_workers`` of them. With at least ``n``
+  shards of a split in a directory each reader owns whole shards (``shards[i::n]``); with fewer,
+  each reader owns every n-th episode (it still reads every shard but decodes only its own). So
+  ranks always read different episodes. Rank and world size are passed explicitly (or taken from
+  the Trainer in ``setup``), never guessed from the environment.
+- Each reader streams its episodes endlessly (reshuffled every pass), keeps a pool of decoded
+  episodes and cuts ``clips_per_episode`` random clips from each before replacing it; the
+  directory of every clip is drawn by ``weights``. Episodes too short for a clip are skipped and
+  counted (warning); a reader that finds no usable episode raises.
+- An epoch is exactly ``steps_per_epoch`` batches per rank (``val_steps`` for validation), split
+  over the workers: every rank runs the same number of steps (unequal counts hang DDP).
+- Train clips are reseeded every epoch (seed, epoch, rank, worker); validation clips are the
+  same every time.
+
+Normalisation: each directory with its own manifest's train-split statistics:
+``(a - k*mean) / std`` for summed and rotation dims of a clip with stride ``k``; the gripper raw.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+try:
+    import lightning as L
+except ImportError:  # pragma: no cover - lightning is a dependency
+    import pytorch_lightning as L  # type: ignore
+
+from whale_pl.data.episode import ActionSpace, Episode
+from whale_pl.data.shards import (ShardError, iter_shard_episodes, read_manifest, safe_std, verify_dataset)
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# one dataset directory, as seen by the clip stream
+# --------------------------------------------------------------------------------------------
+class _DirInfo:
+    def __init__(self, path: str, manifest: dict, index: int):
+        self.path, self.m, self.index = path, manifest, index
+        self.name = Path(path).name
+        self.space = ActionSpace.from_json(manifest["action_space"])
+        st = manifest["action_stats"]
+        self.mean = np.asarray(st["mean"], np.float32)
+        self.std = safe_std(st["std"])
+        mask = self.space.normalised_mask
+        self.mean = np.where(mask, self.mean, 0.0).astype(np.float32)  # gripper: raw
+        self.std = np.where(mask, self.std, 1.0).astype(np.float32)
+        # global episode index of every (shard, key), in manifest order
+        self.ep_index: dict[tuple[str, str], int] = {}
+        for sh in manifest["shards"]:
+            for k in sh["keys"]:
+                self.ep_index[(sh["name"], k)] = len(self.ep_index)
+
+    def shards(self, splits: Sequence[str]) -> list[dict]:
+        return [s for s in self.m["shards"] if s["split"] in splits]
+
+
+class ClipStream(IterableDataset):
+    """Endless weighted clip stream cut into exactly ``steps`` batches per rank per epoch."""
+
+    def __init__(self, dirs: list[_DirInfo], weights: list[float], splits: Sequence[str], clip_len: int,
+                 frame_stride: int, retrace_strides: Sequence[int], retrace_prob: float, batch_size: int,
+                 steps: int, rank: int, world_size: int, seed: int, families: list[str], policies: list[str],
+                 ood_policies: set[str], state_dim: int, clips_per_episode: int = 4, pool_size: int = 8,
+                 on_error: str = "raise", fixed_seed: bool = False):
+        super().__init__()
+        self.dirs, self.splits = dirs, tuple(splits)
+        w = np.asarray(weights, np.float64)
+        if len(w) != len(dirs) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f"weights {weights} must be >= 0, one per directory ({len(dirs)}), not all 0")
+        self.p = w / w.sum()
+        self.clip_len, self.frame_stride = clip_len, frame_stride
+        self.retrace_strides, self.retrace_prob = list(retrace_strides), retrace_prob
+        self.batch_size, self.steps = batch_size, steps
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.families, self.policies, self.ood_policies = families, policies, ood_policies
+        self.state_dim = state_dim
+        self.clips_per_episode, self.pool_size = clips_per_episode, pool_size
+        self.on_error, self.fixed_seed = on_error, fixed_seed
+        self.epoch = 0
+        for d in dirs:
+            if not d.shards(self.splits):
+                raise ShardError(f"{d.path}: no shards of split(s) {list(self.splits)} "
+                                 f"(has {sorted(d.m['splits'])})")
+
+    def with_epoch(self, steps: int) -> "ClipStream":
+        """Set the epoch length: ``steps`` batches per rank."""
+        self.steps = int(steps)
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    # ---- per-reader episode source ----------------------------------------------------------
+    def _episodes(self, d: _DirInfo, reader: int, n_readers: int, rng: np.random.Generator) -> Iterator[tuple[int, Episode]]:
+        shards = d.shards(self.splits)
+        if len(shards) >= n_readers:
+            mine, keys = shards[reader::n_readers], None
+        else:
+            all_keys = [(s["name"], k) for s in shards for k in s["keys"]]
+            own = all_keys[reader::n_readers]
+            if not own:
+                raise ShardError(f"{d.path}: split(s) {list(self.splits)} hold {len(all_keys)} episodes, fewer than the "
+                                 f"{n_readers} readers (world_size x num_workers); use fewer workers or more data")
+            names = {s for s, _ in own}
+            mine, keys = [s for s in shards if s["name"] in names], {k for _, k in own}
+        usable, skipped = 0, 0
+        need = self.clip_len * self.frame_stride
+        while True:
+            order = rng.permutation(len(mine))
+            for j in order:
+                sh = mine[j]
+                sel = None if keys is None else {k for k in sh["keys"] if k in keys}
+                for key, ep in iter_shard_episodes(d.path, sh, d.m, on_error=self.on_error, keys=sel):
+                    if len(ep) < need:
+                        skipped += 1
+                        if skipped == 1 or skipped % 1000 == 0:
+                            log.warning("%s: %d episode(s) shorter than clip_len*frame_stride=%d skipped (e.g. %s/%s, "
+                                        "%d frames)", d.path, skipped, need, sh["name"], key, len(ep))
+                        continue
+                    usable += 1
+                    yield d.ep_index[(sh["name"], key)], ep
+            if usable == 0:
+                raise ShardError(f"{d.path}: no episode of split(s) {list(self.splits)} read by reader {reader}/{n_readers}"
+                                 f" has the {need} frames a clip needs (clip_len={self.clip_len}, frame_stride="
+                                 f"{self.frame_stride})")
+
+    # ---- clips ------------------------------------------------------------------------------
+    def _clip(self, d: _DirInfo, ep_idx: int, ep: Episode, rng: np.random.Generator) -> dict[str, Any]:
+        t_ep, T = len(ep), self.clip_len
+        k = self.frame_stride
+        if self.retrace_strides and rng.random() < self.retrace_prob:
+            ok = [s for s in self.retrace_strides if T * s <= t_ep]
+            if ok:
+                k = int(rng.choice(ok))
+        start = int(rng.integers(0, t_ep - T * k + 1))
+        idx = start + k * np.arange(T)
+        if k == 1:
+            a_raw = ep.actions[idx]
+            rew = ep.rewards[idx]
+            suc = ep.success[idx]
+        else:
+            win = idx[:, None] + np.arange(k)[None, :]  # [T, k] underlying steps of each clip step
+            a_raw = d.space.compose(ep.actions[win]).astype(np.float32)
+            rew = ep.rewards[win].sum(1)
+            suc = ep.success[win[:, -1]]
+        scale = np.where(d.space.normalised_mask, k, 0).astype(np.float32)
+        a = (a_raw - scale * d.mean) / d.std
+        a[:, ~d.space.normalised_mask] = a_raw[:, ~d.space.normalised_mask]
+        if self.state_dim and ep.state is not None:
+            state = ep.state[idx]
+        else:
+            state = np.zeros((T, self.state_dim), np.float32)
+        pol = ep.meta.get("policy") or {}
+        pname = pol.get("name", "unknown") if isinstance(pol, dict) else str(pol)
+        fam = pol.get("family", pname) if isinstance(pol, dict) else pname
+        return {"frames": ep.frames[idx], "actions": a.astype(np.float32), "actions_raw": a_raw.astype(np.float32),
+                "rewards": rew.astype(np.float32), "success": suc.astype(np.float32), "state": state,
+                "is_first": ep.is_first[idx], "family": self.families.index(fam), "policy": self.policies.index(pname),
+                "ood": pname in self.ood_policies or ep.meta.get("split") == "ood", "stride": k,
+                "dataset": d.index, "episode": ep_idx, "start": start}
+
+    def _collate(self, clips: list[dict]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        frames = np.stack([c["frames"] for c in clips])  # [B, T, H, W, 3]
+        out["frames"] = torch.from_numpy(frames).permute(0, 1, 4, 2, 3).contiguous()
+        for k in ("actions", "actions_raw", "rewards", "success", "state", "is_first"):
+            out[k] = torch.from_numpy(np.stack([c[k] for c in clips]))
+        for k in ("family", "policy", "stride", "dataset", "episode", "start"):
+            out[k] = torch.tensor([c[k] for c in clips], dtype=torch.int64)
+        out["ood"] = torch.tensor([c["ood"] for c in clips], dtype=torch.bool)
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        wi = get_worker_info()
+        wid, nw = (wi.id, wi.num_workers) if wi is not None else (0, 1)
+        reader, n_readers = self.rank * nw + wid, self.world_size * nw
+        my_steps = self.steps // nw + (1 if wid < self.steps % nw else 0)
+        if my_steps == 0:
+            return
+        epoch = 0 if self.fixed_seed else self.epoch
+        rng = np.random.default_rng([self.seed, epoch, self.rank, wid])
+        sources = [self._episodes(d, reader, n_readers, np.random.default_rng([self.seed, epoch, self.rank, wid, d.index]))
+                   for d in self.dirs]
+        pools: list[list[list]] = [[] for _ in self.dirs]  # per dir: [ep_idx, episode, clips left]
+        for _ in range(my_steps):
+            clips = []
+            for _b in range(self.batch_size):
+                di = int(rng.choice(len(self.dirs), p=self.p))
+                pool = pools[di]
+                while len(pool) < self.pool_size:
+                    ep_idx, ep = next(sources[di])
+                    pool.append([ep_idx, ep, self.clips_per_episode])
+                j = int(rng.integers(len(pool)))
+                entry = pool[j]
+                clips.append(self._clip(self.dirs[di], entry[0], entry[1], rng))
+                entry[2] -= 1
+                if entry[2] <= 0:
+                    pool.pop(j)
+            yield self._collate(clips)
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader that advances its ClipStream's epoch every time it is iterated (new clips per
+    epoch; workers are not persistent, so each epoch's workers get the updated copy)."""
+
+    def __iter__(self):
+        ds = self.dataset
+        if isinstance(ds, ClipStream) and not ds.fixed_seed:
+            ds.set_epoch(ds.epoch + 1 if getattr(ds, "_iterated", False) else ds.epoch)
+            ds._iterated = True
+        return super().__iter__()
+
+
+# --------------------------------------------------------------------------------------------
+# datamodules
+# --------------------------------------------------------------------------------------------
+class ClipDataModule(L.LightningDataModule):
+    """Random clips from one or more shard directories (see the module docstring).
+
+    Args:
+        dirs: dataset directories (each with its own manifest and normalisation statistics).
+        weights: sampling weight per directory (default: equal).
+        clip_len: frames per clip (T).
+        frame_stride: base stride between clip frames; actions are composed over it.
+        retrace_strides / retrace_prob: with probability ``retrace_prob`` a train clip uses a stride
+            drawn from ``retrace_strides`` (composed actions; ``batch["stride"]``).
+        batch_size: clips per batch (per rank).
+        num_workers: DataLoader workers per rank.
+        steps_per_epoch / val_steps: batches per rank per train epoch / validation run.
+        train_splits / val_splits: manifest splits for training and validation clips.
+        clips_per_episode / pool_size: clips cut from each decoded episode / episodes held per reader.
+        seed: base seed. rank / world_size: explicit; default from the Trainer in ``setup``.
+        verify: check shard sizes and sha256 against the manifests in ``setup``.
+        on_error: "raise" (default) or "skip" corrupt samples (each one logged).
+        multiprocessing_context: e.g. "forkserver" if this process has rendered (PLATFORM.md).
+    """
+
+    def __init__(self, dirs: list[str] | str, weights: list[float] | None = None, clip_len: int = 16,
+                 frame_stride: int = 1, retrace_strides: list[int] | None = None, retrace_prob: float = 0.0,
+                 batch_size: int = 8, num_workers: int = 2, steps_per_epoch: int = 100, val_steps: int = 10,
+                 train_splits: list[str] | None = None, val_splits: list[str] | None = None,
+                 clips_per_episode: int = 4, pool_size: int = 8, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None, verify: bool = True, on_error: str = "raise",
+                 multiprocessing_context: str | None = None, pin_memory: bool = False):
+        super().__init__()
+        self.dir_paths = [dirs] if isinstance(dirs, (str, Path)) else [str(d) for d in dirs]
+        if not self.dir_paths:
+            raise ValueError("ClipDataModule needs at least one dataset directory")
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.dir_paths)
+        if len(self.weights) != len(self.dir_paths):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.dir_paths)} directories")
+        for name, v in (("clip_len", clip_len), ("frame_stride", frame_stride), ("batch_size", batch_size),
+                        ("clips_per_episode", clips_per_episode), ("pool_size", pool_size)):
+            if int(v) < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.clip_len, self.frame_stride = int(clip_len), int(frame_stride)
+        self.retrace_strides = [int(s) for s in (retrace_strides or [])]
+        if any(s < 1 for s in self.retrace_strides) or not 0.0 <= retrace_prob <= 1.0:
+            raise ValueError(f"retrace_strides {retrace_strides} must be >= 1 and retrace_prob in [0, 1]")
+        self.retrace_prob = float(retrace_prob)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.steps_per_epoch, self.val_steps = int(steps_per_epoch), int(val_steps)
+        self.train_splits = list(train_splits or ["train"])
+        self.val_splits = list(val_splits or ["val"])
+        self.clips_per_episode, self.pool_size = int(clips_per_episode), int(pool_size)
+        self.seed, self.rank, self.world_size = int(seed), rank, world_size
+        self.verify, self.on_error = verify, on_error
+        self.multiprocessing_context, self.pin_memory = multiprocessing_context, pin_memory
+        self._dirs: list[_DirInfo] | None = None
+        self._train_ds: ClipStream | None = None
+
+    # ---- metadata ---------------------------------------------------------------------------
+    def _load(self) -> list[_DirInfo]:
+        if self._dirs is None:
+            dirs = []
+            for i, p in enumerate(self.dir_paths):
+                m = verify_dataset(p, checksums=True) if self.verify else read_manifest(p)
+                dirs.append(_DirInfo(p, m, i))
+            ref = dirs[0]
+            for d in dirs[1:]:
+                for k in ("frame_size", "action_dim"):
+                    if d.m[k] != ref.m[k]:
+                        raise ShardError(f"{d.path}: {k} {d.m[k]} differs from {ref.path}'s {ref.m[k]}; "
+                                         "datasets mixed in one ClipDataModule must agree")
+            self._dirs = dirs
+        return self._dirs
+
+    @property
+    def families(self) -> list[str]:
+        return sorted({f for d in self._load() for f in d.m["families"]})
+
+    @property
+    def policies(self) -> list[str]:
+        return sorted({p for d in self._load() for p in d.m["policies"]})
+
+    @property
+    def ood_policies(self) -> list[str]:
+        return sorted({n for d in self._load() for n, p in d.m["policies"].items() if set(p["splits"]) == {"ood"}})
+
+    @property
+    def state_dim(self) -> int:
+        dims = {d.m["state_dim"] for d in self._load()}
+        return dims.pop() if len(dims) == 1 else 0
+
+    @property
+    def data_spec(self) -> dict:
+        """What a model trained on these batches depends on; stored in every stage checkpoint."""
+        dirs = self._load()
+        d0 = dirs[0]
+        return {
+            "frame_size": list(d0.m["frame_size"]),
+            "action_dim": int(d0.m["action_dim"]),
+            "action_space": d0.m["action_space"],
+            "action_mean": [float(x) for x in d0.mean],
+            "action_std": [float(x) for x in d0.std],
+            "state_dim": self.state_dim,
+            "families": self.families,
+            "policies": self.policies,
+            "ood_policies": self.ood_policies,
+            "datasets": [{"name": d.name, "action_mean": [float(x) for x in d.mean],
+                          "action_std": [float(x) for x in d.std], "weight": float(w)}
+                         for d, w in zip(dirs, self.weights)],
+        }
+
+    # ---- Lightning --------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.rank is None or self.world_size is None:
+            tr = getattr(self, "trainer", None)
+            self._rank = tr.global_rank if tr is not None else 0
+            self._world = tr.world_size if tr is not None else 1
+        else:
+            self._rank, self._world = int(self.rank), int(self.world_size)
+        if not 0 <= self._rank < self._world:
+            raise ValueError(f"rank {self._rank} not in [0, world_size={self._world})")
+        if self._train_ds is not None and (self._train_ds.rank, self._train_ds.world_size) != (self._rank, self._world):
+            self._train_ds = None
+        self._load()
+
+    def _stream(self, train: bool) -> ClipStream:
+        if not hasattr(self, "_rank"):
+            self.setup()
+        return ClipStream(
+            self._load(), self.weights, self.train_splits if train else self.val_splits, self.clip_len,
+            self.frame_stride, self.retrace_strides if train else [], self.retrace_prob if train else 0.0,
+            self.batch_size, self.steps_per_epoch if train else self.val_steps, self._rank, self._world,
+            self.seed if train else self.seed + 7919, self.families, self.policies, set(self.ood_policies),
+            self.state_dim, self.clips_per_episode, self.pool_size, self.on_error, fixed_seed=not train)
+
+    def _loader(self, ds: ClipStream) -> DataLoader:
+        nw = min(self.num_workers, max(1, ds.steps)) if self.num_workers > 0 else 0
+        return _EpochLoader(ds, batch_size=None, num_workers=nw, pin_memory=self.pin_memory,
+                            multiprocessing_context=self.multiprocessing_context if nw > 0 else None)
+
+    def train_dataset(self) -> ClipStream:
+        """The train stream (cached, so its epoch counter advances across ``train_dataloader`` calls)."""
+        if getattr(self, "_train_ds", None) is None:
+            self._train_ds = self._stream(train=True)
+        self._train_ds.with_epoch(self.steps_per_epoch)
+        return self._train_ds
+
+    def val_dataset(self) -> ClipStream:
+        return self._stream(train=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset())
+
+    def with_epoch(self, steps_per_epoch: int) -> "ClipDataModule":
+        self.steps_per_epoch = int(steps_per_epoch)
+        return self
+
+    # ---- whole episodes (evaluation) --------------------------------------------------------
+    def episodes(self, split: str | Sequence[str] = "ood", family: str | None = None, policy: str | None = None,
+                 task: str | None = None, limit: int | None = None, dataset: int = 0) -> list[Episode]:
+        """Whole episodes of one directory, filtered by split/family/policy/task, in manifest order."""
+        d = self._load()[dataset]
+        splits = [split] if isinstance(split, str) else list(split)
+        out: list[Episode] = []
+        for sh in d.shards(splits):
+            for _, ep in iter_shard_episodes(d.path, sh, d.m, on_error=self.on_error):
+                pol = ep.meta.get("policy") or {}
+                if family is not None and pol.get("family") != family:
+                    continue
+                if policy is not None and pol.get("name") != policy:
+                    continue
+                if task is not None and ep.meta.get("task") != task:
+                    continue
+                out.append(ep)
+                if limit is not None and len(out) >= limit:
+                    return out
+        return out
+
+    def episodes_by_policy(self, split: str | Sequence[str] = "ood", dataset: int = 0) -> dict[str, list[Episode]]:
+        """{policy name: [episodes]} for the given split(s)."""
+        out: dict[str, list[Episode]] = {}
+        for ep in self.episodes(split, dataset=dataset):
+            out.setdefault(ep.meta["policy"]["name"], []).append(ep)
+        return out
+
+    def manifest(self, dataset: int = 0) -> dict:
+        return self._load()[dataset].m
+
+
+class MetaWorldDataModule(ClipDataModule):
+    """Clips from a Meta-World dataset config (``stages/<scale>/data.yaml``).
+
+    ``prepare_data`` (rank 0) collects the config into its ``out`` directory unless complete,
+    verified shards of the same config are there; then clips are served as by ClipDataModule.
+    ``out`` overrides the config's directory; ``collect_workers`` its worker count;
+    ``overwrite`` allows replacing a directory that holds a different config.
+    """
+
+    def __init__(self, config: str, out: str | None = None, collect_workers: int | None = None,
+                 overwrite: bool = False, **clip_kwargs: Any):
+        from whale_pl.data.metaworld import CollectConfig
+
+        self.config_path = str(config)
+        self.collect_config = CollectConfig.from_yaml(config, out=out, workers=collect_workers)
+        self.overwrite = overwrite
+        super().__init__(dirs=[self.collect_config.out], **clip_kwargs)
+
+    def prepare_data(self) -> None:
+        from whale_pl.data.metaworld import ensure_collected
+
+        ensure_collected(self.collect_config, overwrite=self.overwrite)
+
+    def _load(self) -> list[_DirInfo]:
+        if self._dirs is None and not Path(self.collect_config.out, "manifest.json").exists():
+            raise ShardError(f"{self.collect_config.out}: no dataset yet; call prepare_data() (Lightning does) or run "
+                             f"`whale-data metaworld --config {self.config_path}`")
+        return super()._load()
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.collect_config.tasks)
+
+    @property
+    def train_policies(self) -> list[str]:
+        return list(self.collect_config.train_policies)
+
+    @property
+    def held_out_policies(self) -> list[str]:
+        return list(self.collect_config.ood_policies)
+
+    @property
+    def data_spec(self) -> dict:
+        spec = super().data_spec
+        c = self.collect_config
+        spec["metaworld"] = {"tasks": list(c.tasks), "camera": c.camera, "size": c.size, "max_steps": c.max_steps,
+                             "train_policies": list(c.train_policies), "ood_policies": list(c.ood_policies)}
+        return spec
