@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from whale_pl.data.episode import EEF7_ACTION_SPACE, ActionSpace, Episode
+from whale_pl.data.episode import EEF7_ACTION_SPACE, STEP_FIELDS, ActionSpace, Episode, load_npz
 from whale_pl.data.oxe import registry as reg
 from whale_pl.data.oxe.example_proto import parse_example
 from whale_pl.data.oxe.schema import DatasetSchema, SchemaError, load_schema
@@ -38,7 +38,7 @@ from whale_pl.data.oxe.standardize import (RecordError, Where, decode_frame, epi
                                            language_of, native_actions, standard_actions, step_array,
                                            step_bytes)
 from whale_pl.data.oxe.tfrecord import TFRecordError, iter_records_safe
-from whale_pl.data.shards import MANIFEST, ShardWriter, iter_episodes, write_json_atomic
+from whale_pl.data.shards import MANIFEST, ShardWriter, iter_tar_samples, verify_dataset, write_json_atomic
 
 log = logging.getLogger(__name__)
 PARTS = ".parts"
@@ -320,6 +320,7 @@ def convert_file(job: tuple) -> dict:
     if part.exists():
         shutil.rmtree(part)
     part.mkdir(parents=True)
+    cpu0 = time.process_time()
     schema = load_schema(src)
     writer: ShardWriter | None = None
     skipped: list[dict] = []
@@ -356,7 +357,8 @@ def convert_file(job: tuple) -> dict:
             raise ConversionError(msg)
         skipped.append({"file": path.name, "record": n_records, "error": msg})
     summary = {"id": marker, "split": split, "file_index": file_index, "episodes": n_ep,
-               "frames": n_frames, "skipped": skipped, "resumed": False}
+               "frames": n_frames, "skipped": skipped, "resumed": False,
+               "cpu_s": time.process_time() - cpu0}
     write_json_atomic(part / "part.json", summary)
     return summary
 
@@ -365,8 +367,12 @@ def convert_file(job: tuple) -> dict:
 # the whole dataset
 # ------------------------------------------------------------------------------------------------
 def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions | None = None,
-                    progress: bool = True) -> dict:
-    """Convert ``<root>/<dataset>/<version>`` into a shard directory ``out``; returns the manifest."""
+                    progress: bool = True, timing: dict | None = None) -> dict:
+    """Convert ``<root>/<dataset>/<version>`` into a shard directory ``out``; returns the manifest.
+
+    ``timing``, if given, receives wall seconds, CPU seconds (this process + the part workers) and
+    how many parts were resumed rather than converted.
+    """
     opts = opts or ConvertOptions()
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -399,56 +405,96 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
                               "--overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     workers = opts.workers or min(len(jobs), os.cpu_count() or 1)
-    summaries = _run_jobs(jobs, workers, progress, plan.dataset)
-    skipped = [s for p in summaries for s in p["skipped"]]
-    extra = {"oxe": {
+    oxe = {
         "id": ident, "dataset": plan.dataset, "version": plan.version, "plan": asdict(plan),
         "registry": reg.REGISTRY[plan.dataset].to_json() if plan.registered else None,
         "options": {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite", "keep_parts")},
         "crop_policy": ("center-crop to square, antialiased bilinear resize" if opts.crop == "center"
                         else "letterbox (black) to square, antialiased bilinear resize"),
         "gripper_convention": "absolute opening in [0, 1]: 1 = open, 0 = closed",
-        "skipped_corrupt": skipped, "corrupt_episodes": len(skipped),
-        "source_episodes": sum(p["episodes"] for p in summaries) + len(skipped),
-    }}
-    if not any(p["episodes"] for p in summaries):
-        raise ConversionError(f"{src}: no episode converted ({len(skipped)} corrupt)")
+    }
+    extra = {"oxe": oxe}
+    summaries: list[dict] = []
+    # parts are merged in file order as soon as each is done, while the workers go on
     with ShardWriter(out, episodes_per_shard=opts.episodes_per_shard, overwrite=True, extra=extra) as w:
-        for p in summaries:
+        for p in _iter_jobs(jobs, workers, progress, plan.dataset):
+            summaries.append(p)
             if p["episodes"]:
-                for ep in iter_episodes(_part_dir(out, p["split"], p["file_index"]) / "shards"):
-                    oxe = ep.meta["oxe"]
-                    w.write(ep, key=episode_key(oxe["split"], p["file_index"], oxe["record"]))
+                for ep in _iter_encoded(_part_dir(out, p["split"], p["file_index"]) / "shards"):
+                    w.write(ep, key=ep.sample["__key__"])
+        skipped = [s for p in summaries for s in p["skipped"]]
+        oxe.update(skipped_corrupt=skipped, corrupt_episodes=len(skipped),
+                   source_episodes=sum(p["episodes"] for p in summaries) + len(skipped))
+        if not any(p["episodes"] for p in summaries):
+            raise ConversionError(f"{src}: no episode converted ({len(skipped)} corrupt)")
     manifest = json.loads(manifest_path.read_text())
+    if manifest.get("extra", {}).get("oxe", {}).get("corrupt_episodes") != len(skipped):
+        raise ConversionError(f"{manifest_path}: the conversion record did not reach the manifest")
     if not opts.keep_parts:
         shutil.rmtree(out / PARTS, ignore_errors=True)
     dt = time.perf_counter() - t0
+    if timing is not None:
+        timing.update(wall_s=dt, cpu_s=time.process_time() - cpu0 + sum(p.get("cpu_s", 0.0) for p in summaries
+                                                                          if not p["resumed"]),
+                      parts=len(summaries), parts_resumed=sum(bool(p["resumed"]) for p in summaries))
     log.info("%s: %d episodes, %d frames in %.1f s (%d corrupt skipped)", out, manifest["episodes"],
              manifest["frames"], dt, len(skipped))
     return manifest
 
 
-def _run_jobs(jobs: list[tuple], workers: int, progress: bool, name: str) -> list[dict]:
+@dataclass
+class _EncodedEpisode(Episode):
+    """An episode read back from a part shard, carrying its encoded sample so that the merge copies
+    the bytes instead of compressing the frames again (encoding is deterministic: they are the bytes
+    ``Episode.to_sample`` gives for this key; the tests check it). ``frames`` is a zero-cost
+    placeholder of the right shape; the real frames are only in ``sample`` (checked by sha256 of
+    the part shard), so encoding it under any other key is refused."""
+
+    sample: dict | None = None
+
+    def to_sample(self, key: str) -> dict:
+        if self.sample is None or key != self.sample["__key__"]:
+            raise ConversionError(f"episode {key}: encoded sample is for key "
+                                  f"{None if self.sample is None else self.sample['__key__']!r}")
+        self.validate(f"episode {key}")
+        return self.sample
+
+
+def _iter_encoded(part_dir: Path):
+    m = verify_dataset(part_dir)
+    h, w = m["frame_size"]
+    for sh in m["shards"]:
+        for s in iter_tar_samples(part_dir / sh["name"]):
+            steps = load_npz(s["steps.npz"])
+            meta = json.loads(s["meta.json"].decode("utf-8"))
+            language = meta.pop("language", "")
+            t = len(steps["actions"])
+            placeholder = np.broadcast_to(np.zeros((1, 1, 1, 3), np.uint8), (t, h, w, 3))
+            sample = {k: s[k] for k in ("__key__", "frames.npz", "steps.npz", "meta.json")}
+            yield _EncodedEpisode(frames=placeholder, state=steps.get("state"), language=language, meta=meta,
+                                  sample=sample, **{n: steps[n] for n in STEP_FIELDS})
+
+
+def _iter_jobs(jobs: list[tuple], workers: int, progress: bool, name: str):
+    """Run `convert_file` over the jobs (in worker processes when workers > 1); yield in job order."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc=f"oxe {name}: files", unit="file", disable=not progress)
-    results: list[dict] = []
     try:
         if workers <= 1:
             for j in jobs:
-                results.append(convert_file(j))
+                yield convert_file(j)
                 bar.update(1)
         else:
             ctx = mp.get_context("forkserver")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
                 for r in ex.map(convert_file, jobs):
-                    results.append(r)
+                    yield r
                     bar.update(1)
     finally:
         bar.close()
-    return results
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,8 +23,11 @@ class RecordError(ValueError):
     """A record disagrees with the schema: names the file, record index and key."""
 
     def __init__(self, path: str, index: int, key: str, message: str):
-        self.path, self.index, self.key = path, index, key
+        self.path, self.index, self.key, self.message = path, index, key, message
         super().__init__(f"{path}: record {index}: key {key!r}: {message}")
+
+    def __reduce__(self):  # survives the trip back from a worker process
+        return type(self), (self.path, self.index, self.key, self.message)
 
 
 @dataclass(frozen=True)
@@ -100,12 +103,12 @@ def _select(ex, schema, spec: str, t: int, where: Where) -> np.ndarray:
 
 
 def _to_euler(rot: np.ndarray, fmt: str) -> np.ndarray:
-    from scipy.spatial.transform import Rotation
-
     if fmt == "euler":
         return rot
     if fmt == "euler_deg":
         return np.deg2rad(rot)
+    from scipy.spatial.transform import Rotation  # imported only when needed: ~0.8 s
+
     if fmt == "quat_xyzw":
         norm = np.linalg.norm(rot, axis=1, keepdims=True)
         q = np.where(norm > 0, rot / np.where(norm > 0, norm, 1), np.array([0, 0, 0, 1.0]))

@@ -24,8 +24,11 @@ class TFRecordError(ValueError):
     """A TFRecord file is corrupt: names the file, record index, byte offset and what was expected."""
 
     def __init__(self, path: str | os.PathLike, index: int, offset: int, message: str):
-        self.path, self.index, self.offset = str(path), index, offset
+        self.path, self.index, self.offset, self.message = str(path), index, offset, message
         super().__init__(f"{path}: record {index} (byte offset {offset}): {message}")
+
+    def __reduce__(self):  # survives the trip back from a worker process
+        return type(self), (self.path, self.index, self.offset, self.message)
 
 
 def crc32c(data: bytes | memoryview) -> int:

@@ -1,0 +1,324 @@
+"""Other RLDS schemas (RT-1 nested actions, several cameras, no language), bad input, resumability.
+
+Every fixture is a real RLDS directory: features.json, dataset_info.json and TFRecord files written
+with our framing and CRCs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.spatial.transform import Rotation
+
+from whale_pl.data.episode import EEF7_ACTION_SPACE
+from whale_pl.data.oxe import rlds_writer as rw
+from whale_pl.data.oxe.cli import main
+from whale_pl.data.oxe.convert import (PARTS, ConversionError, ConvertOptions, convert_dataset,
+                                       convert_file, make_plan, source_files)
+from whale_pl.data.oxe.example_proto import parse_example
+from whale_pl.data.oxe.registry import REGISTRY, ActionMap, check_config
+from whale_pl.data.oxe.schema import load_schema
+from whale_pl.data.oxe.standardize import RecordError, Where, relative_gripper_to_absolute, standard_actions
+from whale_pl.data.oxe.tfrecord import TFRecordError, iter_records, write_records
+from whale_pl.data.shards import iter_episodes, sha256_file, verify_dataset
+
+T = 6
+H, W = 24, 32
+
+
+def _frames(rng, t=T, h=H, w=W):
+    return rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+
+
+def _flags(t=T):
+    return {"steps/is_first": np.arange(t) == 0, "steps/is_last": np.arange(t) == t - 1,
+            "steps/is_terminal": np.arange(t) == t - 1, "steps/reward": (np.arange(t) == t - 1).astype(np.float32)}
+
+
+def _flag_schema():
+    return {"is_first": rw.scalar("bool"), "is_last": rw.scalar("bool"), "is_terminal": rw.scalar("bool"),
+            "reward": rw.scalar("float32")}
+
+
+def rt1_dataset(root: Path, n_files=2, per_file=2, drop_key_at: int | None = None, seed=0) -> tuple[Path, list]:
+    """RT-1 layout (registered as fractal20220817_data): nested action dict, two cameras,
+    the instruction under observation/."""
+    rng = np.random.default_rng(seed)
+    feats = rw.features_json({
+        "action": {"world_vector": rw.tensor((3,)), "rotation_delta": rw.tensor((3,)),
+                   "gripper_closedness_action": rw.tensor((1,)),
+                   "base_displacement_vector": rw.tensor((2,)),
+                   "terminate_episode": rw.tensor((3,), "int32")},
+        "observation": {"image": rw.image(H, W), "wrist_image": rw.image(16, 16),
+                        "natural_language_instruction": rw.text()},
+        **_flag_schema()})
+    files, raw = [], []
+    k = 0
+    for _ in range(n_files):
+        recs = []
+        for _ in range(per_file):
+            fr = _frames(rng)
+            vals = {
+                "steps/action/world_vector": rng.normal(size=(T, 3)).astype(np.float32),
+                "steps/action/rotation_delta": rng.normal(size=(T, 3)).astype(np.float32) * 0.1,
+                "steps/action/gripper_closedness_action": np.array([0, 1, 0, 0, -1, 0], np.float32)[:, None],
+                "steps/action/base_displacement_vector": np.zeros((T, 2), np.float32),
+                "steps/action/terminate_episode": np.tile([0, 1, 0], (T, 1)).astype(np.int32),
+                "steps/observation/image": [rw.encode_image(f) for f in fr],
+                "steps/observation/wrist_image": [rw.encode_image(f[:16, :16]) for f in fr],
+                "steps/observation/natural_language_instruction": [f"pick block {k}".encode()] * T,
+                **_flags()}
+            if drop_key_at == k:
+                del vals["steps/action/rotation_delta"]
+            raw.append(vals)
+            recs.append(rw.episode_record(vals))
+            k += 1
+        files.append(recs)
+    d = rw.write_dataset(root / "fractal20220817_data" / "0.1.0", feats, {"train": files})
+    return d, raw
+
+
+def plain_dataset(root: Path, name: str, cameras=("image",), action_shape=(7,), language=False,
+                  n=3, seed=1) -> tuple[Path, list]:
+    rng = np.random.default_rng(seed)
+    obs = {c: rw.image(H, W, "png") for c in cameras}
+    steps = {"action": rw.tensor(action_shape), "observation": obs, **_flag_schema()}
+    if language:
+        steps["language_instruction"] = rw.text()
+    raw, recs = [], []
+    for i in range(n):
+        vals = {"steps/action": rng.normal(size=(T,) + action_shape).astype(np.float32), **_flags()}
+        for c in cameras:
+            vals[f"steps/observation/{c}"] = [rw.encode_image(f, "png") for f in _frames(rng)]
+        if language:
+            vals["steps/language_instruction"] = [b"do it"] * T
+        raw.append(vals)
+        recs.append(rw.episode_record(vals))
+    d = rw.write_dataset(root / name / "1.0.0", rw.features_json(steps), {"train": [recs]})
+    return d, raw
+
+
+def _decode(b: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+
+
+def _center_resize(img: np.ndarray, size: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    m = min(h, w)
+    top, left = (h - m) // 2, (w - m) // 2
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR,
+                                                  box=(left, top, left + m, top + m)))
+
+
+# ------------------------------------------------------------------------------------------------
+def test_registry_entries_are_well_formed():
+    for name in ["fractal20220817_data", "kuka", "bridge", "taco_play", "jaco_play", "berkeley_cable_routing",
+                 "roboturk", "viola", "berkeley_autolab_ur5", "toto", "language_table",
+                 "stanford_hydra_dataset_converted_externally_to_rlds",
+                 "austin_buds_dataset_converted_externally_to_rlds",
+                 "nyu_franka_play_dataset_converted_externally_to_rlds",
+                 "furniture_bench_dataset_converted_externally_to_rlds",
+                 "ucsd_kitchen_dataset_converted_externally_to_rlds", "bc_z", "utaustin_mutex",
+                 "berkeley_fanuc_manipulation", "cmu_stretch",
+                 "dlr_edan_shared_control_converted_externally_to_rlds",
+                 "iamlab_cmu_pickup_insert_converted_externally_to_rlds"]:
+        cfg = REGISTRY[name]
+        check_config(cfg)
+        assert cfg.control_hz > 0 and cfg.frame_stride == max(1, round(cfg.control_hz / 5))
+
+
+def test_rt1_nested_actions_two_cameras_language(tmp_path):
+    src, raw = rt1_dataset(tmp_path / "src")
+    out = tmp_path / "out"
+    m = convert_dataset(src, out, ConvertOptions(size=16, workers=2), progress=False)
+    eps = list(iter_episodes(out))
+    assert m["episodes"] == 4 and len(eps) == 4 and m["action_space"] == EEF7_ACTION_SPACE.to_json()
+    for ep, v in zip(eps, raw):
+        want = np.concatenate([v["steps/action/world_vector"], v["steps/action/rotation_delta"],
+                               np.array([1, 0, 0, 0, 1, 1], np.float32)[:, None]], axis=1)
+        np.testing.assert_array_equal(ep.actions, want)
+        # registry's primary camera ("image"), centre-cropped 24x32 -> 24x24 -> 16x16
+        np.testing.assert_array_equal(ep.frames, np.stack([_center_resize(_decode(b), 16)
+                                                           for b in v["steps/observation/image"]]))
+        assert ep.language == v["steps/observation/natural_language_instruction"][0].decode()
+        np.testing.assert_array_equal(ep.success, [0, 0, 0, 0, 0, 1])
+    assert m["extra"]["oxe"]["plan"]["stride"] == 1  # 3 Hz: no stride
+
+
+def test_stride_composes_actions_and_pad_policy(tmp_path):
+    src, raw = rt1_dataset(tmp_path / "src", n_files=1, per_file=1)
+    out = tmp_path / "out"
+    convert_dataset(src, out, ConvertOptions(size=16, stride=4, crop="pad", camera="wrist_image",
+                                             workers=1), progress=False)
+    (ep,) = list(iter_episodes(out))
+    v = raw[0]
+    assert len(ep) == 2  # steps 0..3 and 4..5
+    wv, rd = v["steps/action/world_vector"], v["steps/action/rotation_delta"]
+    np.testing.assert_allclose(ep.actions[0, :3], wv[:4].sum(0), rtol=1e-5)
+    np.testing.assert_allclose(ep.actions[1, :3], wv[4:].sum(0), rtol=1e-5)
+    r = Rotation.identity()
+    for a in rd[:4]:
+        r = Rotation.from_euler("xyz", a) * r
+    np.testing.assert_allclose(ep.actions[0, 3:6], r.as_euler("xyz"), atol=1e-5)
+    np.testing.assert_array_equal(ep.actions[:, 6], [0, 1])   # last command of each group
+    np.testing.assert_array_equal(ep.is_first, [True, False])
+    np.testing.assert_array_equal(ep.is_last, [False, True])
+    assert ep.rewards.tolist() == [0.0, 1.0] and ep.meta["control_hz"] == pytest.approx(3 / 4)
+    # the wrist camera is 16x16 already: frames are the decoded images themselves
+    np.testing.assert_array_equal(ep.frames, np.stack([_decode(v["steps/observation/wrist_image"][i])
+                                                       for i in (0, 4)]))
+    # pad policy on a non-square image: black bars top and bottom
+    im = np.full((8, 16, 3), 200, np.uint8)
+    from whale_pl.data.oxe.standardize import decode_frame
+    f = decode_frame(rw.encode_image(im, "png"), 16, "pad", "k", 0, Where("x", 0))
+    assert (f[:4] == 0).all() and (f[4:12] == 200).all() and (f[12:] == 0).all()
+
+
+def test_unregistered_unambiguous_without_language(tmp_path):
+    src, raw = plain_dataset(tmp_path / "src", "my_robot_set")
+    out = tmp_path / "out"
+    assert main(["--src", str(src), "--out", str(out), "--size", "0", "-q", "--workers", "1"]) == 0
+    eps = list(iter_episodes(out))
+    assert len(eps) == 3
+    for ep, v in zip(eps, raw):
+        assert ep.language == ""
+        np.testing.assert_array_equal(ep.actions, v["steps/action"])
+        np.testing.assert_array_equal(ep.frames, np.stack([_decode(b) for b in v["steps/observation/image"]]))
+    m = verify_dataset(out)
+    assert m["frame_size"] == [H, W] and m["extra"]["oxe"]["registry"] is None
+
+
+def test_unregistered_ambiguous_fails_listing_keys_and_flags(tmp_path, capsys):
+    src, _ = plain_dataset(tmp_path / "src", "two_cam_set", cameras=("front", "side"), action_shape=(4,))
+    rc = main(["--src", str(src), "--out", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "steps/observation/front" in err and "steps/observation/side" in err and "--camera KEY" in err
+    # choosing the camera resolves it; the 4-D action stays native (not the 7-D layout)
+    assert main(["--src", str(src), "--out", str(tmp_path / "out"), "--camera", "side", "-q",
+                 "--workers", "1"]) == 0
+    m = verify_dataset(tmp_path / "out")
+    assert m["action_space"]["names"] == ["a0", "a1", "a2", "a3"]
+    # nested actions without a registry entry: the action candidates and the flag are listed
+    src2, _ = rt1_dataset(tmp_path / "src2")
+    renamed = tmp_path / "src2" / "rt1_copy" / "0.1.0"
+    renamed.parent.mkdir(parents=True)
+    os.rename(src2, renamed)
+    info = json.loads((renamed / "dataset_info.json").read_text())
+    info["name"] = "fractal20220817_data"  # file names keep the original dataset name
+    (renamed / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(ConversionError) as e:
+        make_plan(renamed, load_schema(renamed), ConvertOptions())
+    msg = str(e.value)
+    assert "steps/action/world_vector" in msg and "--action-key KEY" in msg and "--camera KEY" in msg
+
+
+def test_missing_key_names_file_record_and_key_then_skip(tmp_path):
+    src, _ = rt1_dataset(tmp_path / "src", n_files=2, per_file=2, drop_key_at=1)
+    with pytest.raises(RecordError) as e:  # raised in a worker process, arrives intact
+        convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=2), progress=False)
+    assert e.value.index == 1 and e.value.key == "steps/action/rotation_delta"
+    assert "fractal20220817_data-train.tfrecord-00000-of-00002" in str(e.value)
+    m = convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=1, skip_corrupt=True),
+                        progress=False)
+    assert m["episodes"] == 3 and m["extra"]["oxe"]["corrupt_episodes"] == 1
+    (sk,) = m["extra"]["oxe"]["skipped_corrupt"]
+    assert sk["record"] == 1 and "rotation_delta" in sk["error"]
+
+
+def test_crc_mismatch_and_truncation_fail_or_are_counted(tmp_path, capsys):
+    src, _ = rt1_dataset(tmp_path / "src", n_files=2, per_file=2)
+    f0, f1 = [p for p, _ in source_files(src, "train")]
+    raw = bytearray(f0.read_bytes())
+    raw[len(raw) // 4] ^= 0xFF          # inside record 0's payload
+    f0.write_bytes(bytes(raw))
+    f1.write_bytes(f1.read_bytes()[:-10])  # record 1 of file 1 truncated
+    rc = main(["--src", str(src), "--out", str(tmp_path / "out"), "--size", "16", "-q", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "record 0" in err and "CRC mismatch" in err and f0.name in err
+    out = tmp_path / "out2"
+    assert main(["--src", str(src), "--out", str(out), "--size", "16", "-q", "--workers", "1",
+                 "--skip-corrupt"]) == 0
+    m = verify_dataset(out)
+    assert m["episodes"] == 2 and m["extra"]["oxe"]["corrupt_episodes"] == 2
+    errs = " ".join(s["error"] for s in m["extra"]["oxe"]["skipped_corrupt"])
+    assert "CRC mismatch" in errs and "truncated" in errs
+
+
+def test_promised_episode_count_is_checked(tmp_path):
+    src, _ = rt1_dataset(tmp_path / "src", n_files=1, per_file=3)
+    (f0, n), = source_files(src, "train")
+    assert n == 3
+    write_records(f0, list(iter_records(f0))[:2])  # a well-formed but shorter file
+    with pytest.raises(ConversionError, match="promises 3 episodes"):
+        convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=1), progress=False)
+
+
+def test_missing_features_json(tmp_path, capsys):
+    d = tmp_path / "x" / "1.0.0"
+    d.mkdir(parents=True)
+    assert main(["--src", str(d), "--out", str(tmp_path / "out"), "-q"]) == 2
+    assert "features.json: missing" in capsys.readouterr().err
+
+
+def test_resume_after_interruption_gives_identical_output(tmp_path):
+    src, _ = rt1_dataset(tmp_path / "src", n_files=3, per_file=2)
+    clean = tmp_path / "clean"
+    convert_dataset(src, clean, ConvertOptions(size=16, workers=2), progress=False)
+    # an interrupted run: file 1 finished its part, file 2 left a half-written part, no manifest
+    out = tmp_path / "resumed"
+    opts = ConvertOptions(size=16, workers=1, keep_parts=True)
+    plan = make_plan(src, load_schema(src), opts)
+    files = source_files(src, "train")
+    from dataclasses import asdict
+    job = lambda i: (str(src), str(files[i][0]), "train", i, files[i][1], asdict(plan), str(out), False)  # noqa: E731
+    done1 = convert_file(job(1))
+    assert done1["episodes"] == 2 and not done1["resumed"]
+    (out / PARTS / "train-00002").mkdir(parents=True)
+    (out / PARTS / "train-00002" / "garbage").write_bytes(b"partial")
+    mtime = (out / PARTS / "train-00001" / "part.json").stat().st_mtime_ns
+    m = convert_dataset(src, out, opts, progress=False)
+    assert (out / PARTS / "train-00001" / "part.json").stat().st_mtime_ns == mtime  # skipped, not redone
+    assert not (out / PARTS / "train-00002" / "garbage").exists()
+    mc = verify_dataset(clean)
+    assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in mc["shards"]]
+    assert [sha256_file(clean / s["name"]) for s in mc["shards"]] == [s["sha256"] for s in m["shards"]]
+    # a different existing dataset is not overwritten silently
+    with pytest.raises(ConversionError, match="--overwrite"):
+        convert_dataset(src, out, ConvertOptions(size=8, workers=1), progress=False)
+
+
+def test_absolute_quaternion_pose_becomes_deltas():
+    schema_feats = rw.features_json({"action": rw.tensor((8,)), "observation": {"image": rw.image(4, 4)},
+                                     **_flag_schema()})
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "features.json").write_text(json.dumps(schema_feats))
+        schema = load_schema(d)
+    q = Rotation.from_euler("xyz", [[0, 0, 0], [0, 0, np.pi / 2], [0.1, 0, np.pi / 2]]).as_quat()
+    pos = np.array([[0, 0, 0], [1, 0, 0], [1, 2, 0]], np.float64)
+    act = np.concatenate([pos, q, np.array([[1], [0], [1]])], axis=1).astype(np.float32)
+    ex = parse_example(rw.episode_record({"steps/action": act}))
+    amap = ActionMap(xyz="action[0:3]", rot="action[3:7]", gripper="action[7]", gripper_mode="open",
+                     rot_format="quat_xyzw", pose="absolute")
+    a = standard_actions(ex, schema, amap, 3, Where("f", 0))
+    np.testing.assert_allclose(a[:, :3], [[0, 0, 0], [1, 0, 0], [0, 2, 0]], atol=1e-6)
+    np.testing.assert_allclose(a[1, 3:6], [0, 0, np.pi / 2], atol=1e-6)
+    # R2 R1^-1 composed back onto R1 gives R2
+    r1, r2 = Rotation.from_quat(q[1]), Rotation.from_quat(q[2])
+    np.testing.assert_allclose((Rotation.from_euler("xyz", a[2, 3:6]) * r1).as_matrix(), r2.as_matrix(),
+                               atol=1e-5)
+    np.testing.assert_array_equal(a[:, 6], [1, 0, 1])
+
+
+def test_relative_gripper_integration():
+    np.testing.assert_array_equal(relative_gripper_to_absolute(np.array([0, 0, 1, 0, -1, 0.05])),
+                                  [1, 1, 0, 0, 1, 1])
+    np.testing.assert_array_equal(relative_gripper_to_absolute(np.array([0, -1, 0, 1])), [0, 1, 1, 0])
+    np.testing.assert_array_equal(relative_gripper_to_absolute(np.zeros(3)), [1, 1, 1])
