@@ -501,6 +501,7 @@ def _iter_jobs(jobs: list[tuple], workers: int, progress: bool, name: str):
 # mixtures
 # ------------------------------------------------------------------------------------------------
 MIXTURE_FILE = "mixture.json"
+DATAMODULE_FILE = "datamodule.yaml"
 
 
 def convert_mixture(root: str | os.PathLike, datasets: list[tuple[str, float | None]],
@@ -512,6 +513,9 @@ def convert_mixture(root: str | os.PathLike, datasets: list[tuple[str, float | N
     lists each dataset directory (relative to the mixture file) with its sampling weight.
     """
     root, out = Path(root), Path(out)
+    names = [n.split("/")[0] for n, _ in datasets]
+    if len(set(names)) != len(names):
+        raise ConversionError(f"--datasets names a dataset twice: {names}")
     entries = []
     for name, weight in datasets:
         src = root / name
@@ -530,11 +534,22 @@ def convert_mixture(root: str | os.PathLike, datasets: list[tuple[str, float | N
     mixture = {"kind": "whale_pl.mixture", "version": 1, "datasets": entries}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / MIXTURE_FILE, mixture)
+    # the same as a LightningCLI data config: `whale fit ... --data <out>/datamodule.yaml`
+    # (directories as given by --out, i.e. relative to where the conversion ran)
+    import yaml
+
+    dm = {"class_path": "whale_pl.data.datamodule.ClipDataModule",
+          "init_args": {"dirs": [str(out / e["path"]) for e in entries],
+                        "weights": [e["weight"] for e in entries]}}
+    tmp = out / f".{DATAMODULE_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(yaml.safe_dump(dm, sort_keys=False))
+    os.replace(tmp, out / DATAMODULE_FILE)
     return mixture
 
 
-def read_mixture(path: str | os.PathLike) -> list[tuple[Path, float]]:
-    """``mixture.json`` -> [(dataset dir, weight)], paths resolved against the file's directory."""
+def read_mixture(path: str | os.PathLike) -> tuple[list[str], list[float]]:
+    """``mixture.json`` (or its directory) -> (dataset dirs, weights), the ``dirs`` and ``weights``
+    of ``ClipDataModule``; paths are resolved against the file's directory."""
     path = Path(path)
     if path.is_dir():
         path = path / MIXTURE_FILE
@@ -543,4 +558,4 @@ def read_mixture(path: str | os.PathLike) -> list[tuple[Path, float]]:
     m = json.loads(path.read_text())
     if m.get("kind") != "whale_pl.mixture" or not m.get("datasets"):
         raise ConversionError(f"{path}: not a whale_pl mixture file (kind {m.get('kind')!r})")
-    return [(path.parent / d["path"], float(d["weight"])) for d in m["datasets"]]
+    return ([str(path.parent / d["path"]) for d in m["datasets"]], [float(d["weight"]) for d in m["datasets"]])
