@@ -41,6 +41,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from whale_pl.eval_cli import run_value_fn
 from whale_pl.metrics.fvd import FVD, make_fvd, to_minus_one_one
 from whale_pl.metrics.video import VideoEvaluator
 
@@ -88,14 +89,6 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         raise
 
 
-def resolve(spec: str):
-    """'package.module:function' -> the function."""
-    mod, _, name = spec.partition(":")
-    if not name:
-        raise ValueError(f"expected 'module:function', got {spec!r}")
-    return getattr(importlib.import_module(mod), name)
-
-
 def value_fn_available(spec: str) -> bool:
     mod, _, name = spec.partition(":")
     try:
@@ -104,15 +97,10 @@ def value_fn_available(spec: str) -> bool:
         return False
 
 
-def _value_child(spec: str, ckpt_path: str, kwargs: dict) -> dict:
-    """Runs in a spawned process: free to build simulators and render."""
-    return dict(resolve(spec)(ckpt_path, **kwargs))
-
-
 def run_value_hook(spec: str, ckpt_path: str, kwargs: dict) -> dict[str, float]:
     """`spec(ckpt_path, **kwargs)` in a spawned child; its numeric results as floats."""
     with mp.get_context("spawn").Pool(1) as pool:
-        out = pool.apply(_value_child, (spec, ckpt_path, kwargs))
+        out = pool.apply(run_value_fn, (spec, ckpt_path, kwargs))
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 

