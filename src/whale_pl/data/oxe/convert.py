@@ -21,6 +21,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import resource
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -358,7 +359,8 @@ def convert_file(job: tuple) -> dict:
         skipped.append({"file": path.name, "record": n_records, "error": msg})
     summary = {"id": marker, "split": split, "file_index": file_index, "episodes": n_ep,
                "frames": n_frames, "skipped": skipped, "resumed": False,
-               "cpu_s": time.process_time() - cpu0}
+               "cpu_s": time.process_time() - cpu0,
+               "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     write_json_atomic(part / "part.json", summary)
     return summary
 
@@ -438,7 +440,9 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
     if timing is not None:
         timing.update(wall_s=dt, cpu_s=time.process_time() - cpu0 + sum(p.get("cpu_s", 0.0) for p in summaries
                                                                           if not p["resumed"]),
-                      parts=len(summaries), parts_resumed=sum(bool(p["resumed"]) for p in summaries))
+                      parts=len(summaries), parts_resumed=sum(bool(p["resumed"]) for p in summaries),
+                      max_rss_mb=max((p.get("max_rss_mb", 0.0) for p in summaries if not p["resumed"]),
+                                     default=0.0))
     log.info("%s: %d episodes, %d frames in %.1f s (%d corrupt skipped)", out, manifest["episodes"],
              manifest["frames"], dt, len(skipped))
     return manifest
