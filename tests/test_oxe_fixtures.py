@@ -232,6 +232,22 @@ def test_missing_key_names_file_record_and_key_then_skip(tmp_path):
     assert sk["record"] == 1 and "rotation_delta" in sk["error"]
 
 
+def test_undecodable_image_names_record_key_and_step(tmp_path):
+    src, raw = rt1_dataset(tmp_path / "src", n_files=1, per_file=2)
+    (f0, _), = source_files(src, "train")
+    recs = list(iter_records(f0))
+    ex = parse_example(recs[1])
+    ex["steps/observation/image"][3] = b"\xff\xd8 not a jpeg"
+    from whale_pl.data.oxe.example_proto import build_example
+    write_records(f0, [recs[0], build_example(ex)])
+    with pytest.raises(RecordError, match=r"record 1: key 'steps/observation/image': step 3: image cannot"):
+        convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=1), progress=False)
+    # the registry's language can be switched off
+    m = convert_dataset(src, tmp_path / "out2", ConvertOptions(size=16, workers=1, skip_corrupt=True,
+                                                                language_key="none"), progress=False)
+    assert m["episodes"] == 1 and next(iter_episodes(tmp_path / "out2")).language == ""
+
+
 def test_crc_mismatch_and_truncation_fail_or_are_counted(tmp_path, capsys):
     src, _ = rt1_dataset(tmp_path / "src", n_files=2, per_file=2)
     f0, f1 = [p for p, _ in source_files(src, "train")]
@@ -282,6 +298,7 @@ def test_resume_after_interruption_gives_identical_output(tmp_path):
     assert done1["episodes"] == 2 and not done1["resumed"]
     (out / PARTS / "train-00002").mkdir(parents=True)
     (out / PARTS / "train-00002" / "garbage").write_bytes(b"partial")
+    (out / "shard-000000.tar").write_bytes(b"left by an interrupted merge")
     mtime = (out / PARTS / "train-00001" / "part.json").stat().st_mtime_ns
     m = convert_dataset(src, out, opts, progress=False)
     assert (out / PARTS / "train-00001" / "part.json").stat().st_mtime_ns == mtime  # skipped, not redone

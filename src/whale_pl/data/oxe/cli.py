@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="non-square frames: centre-crop (default) or letterbox to a square")
     p.add_argument("--camera", help="primary camera key under steps/observation/ (overrides the registry)")
     p.add_argument("--action-key", help="unregistered dataset: the flat action tensor (e.g. action)")
-    p.add_argument("--language-key", help="unregistered dataset: the instruction key")
+    p.add_argument("--language-key", help="the instruction key (overrides the registry); 'none': no language")
     p.add_argument("--split", default="train", help="RLDS split(s), comma list (test maps to val)")
     p.add_argument("--stride", type=int, help="frame stride (default: the registry's; 1 keeps all steps)")
     p.add_argument("--workers", type=int, default=0, help="worker processes (0: min(files, cpus))")

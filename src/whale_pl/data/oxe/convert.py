@@ -152,7 +152,9 @@ def make_plan(src: Path, schema: DatasetSchema, opts: ConvertOptions) -> Plan:
             else:
                 space = ActionSpace(names=[f"a{i}" for i in range(n)], sum_dims=list(range(n))).to_json()
 
-    if opts.language_key:
+    if opts.language_key in ("none", ""):
+        lang, enc = None, "utf8"
+    elif opts.language_key:
         lang = _step_key(opts.language_key)
         if lang not in schema.features:
             raise ConversionError(f"{schema.path}: --language-key {opts.language_key!r}: no step feature "
@@ -402,8 +404,9 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
         if not opts.overwrite:
             raise ConversionError(f"{out}: holds a different dataset (its manifest does not match this "
                                   "source and these options); pass --overwrite to replace it")
-    elif out.exists() and any(p.name != PARTS for p in out.iterdir()) and not opts.overwrite:
-        raise ConversionError(f"{out}: exists, is not empty and holds no finished conversion; pass "
+    elif out.exists() and any(out.iterdir()) and not (out / PARTS).is_dir() and not opts.overwrite:
+        # (a directory with PARTS is an interrupted conversion of ours: it resumes)
+        raise ConversionError(f"{out}: exists, is not empty and holds no conversion of ours; pass "
                               "--overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
 
