@@ -15,10 +15,13 @@ re-normalises exactly as the datamodule does for stride-k clips:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from whale_pl.data.episode import ActionSpace
+from whale_pl.rollout.uncertainty import combine_predictions
 
 
 class RetracingError(ValueError):
@@ -110,3 +113,98 @@ def strided_context(anchor: int, k: int, max_frames: int) -> list[int]:
 
 def as_tensor(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=like.dtype, device=like.device)
+
+
+# --------------------------------------------------------------------------------------------
+# retracing-rollout uncertainty of an imagined rollout
+# --------------------------------------------------------------------------------------------
+ZFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def composed_action_table(actions_norm_BTA: torch.Tensor, normaliser: ActionNormaliser, K: int) -> list[torch.Tensor]:
+    """``table[k-1][:, j]``: the normalised stride-k action leading from frame j to j+k,
+    compose(a_j .. a_{j+k-1}), for k = 1..K (``table[k-1]`` has T-k+1 rows)."""
+    a = actions_norm_BTA.detach().cpu().numpy()
+    out = [actions_norm_BTA]
+    for k in range(2, K + 1):
+        if a.shape[1] < k:
+            break
+        win = np.lib.stride_tricks.sliding_window_view(a, k, axis=1)  # [B, T-k+1, A, k]
+        out.append(as_tensor(normaliser.compose_normalised(np.swapaxes(win, -1, -2)), actions_norm_BTA))
+    return out
+
+
+@torch.no_grad()
+def retracing_predictions(
+    model: "torch.nn.Module",
+    ids_BNhw: torch.Tensor,
+    table: list[torch.Tensor],
+    n: int,
+    K: int,
+    z_fn: ZFn | None = None,
+    max_context: int | None = None,
+) -> list[torch.Tensor]:
+    """The K token distributions ``probs_BhwV`` of frame n, one per anchor n-k (k = 1..K, anchors
+    >= 0), each from the stride-k context ending at the anchor with the composed action.
+
+    ``ids_BNhw`` holds frames 0..n-1 at least (real context and imagined frames); ``table`` comes
+    from :func:`composed_action_table`; ``model`` has ``predict_next`` and ``max_frames``.
+    """
+    max_ctx = (model.max_frames - 1) if max_context is None else max_context
+    out = []
+    for k, anchor in retracing_plan(n - 1, K):
+        if k > len(table):
+            break
+        idx = strided_context(anchor, k, max_ctx)
+        ctx = ids_BNhw[:, idx]
+        acts = table[k - 1][:, idx]
+        z = None if z_fn is None else z_fn(ctx, acts)
+        stride = torch.full((ctx.shape[0],), k, dtype=torch.long, device=ctx.device)
+        out.append(model.predict_next(ctx, acts, z, stride)["probs_BhwV"])
+    return out
+
+
+@torch.no_grad()
+def retracing_uncertainty(
+    model: "torch.nn.Module",
+    ids_BNhw: torch.Tensor,
+    actions_norm_BTA: torch.Tensor,
+    normaliser: ActionNormaliser,
+    first: int,
+    K: int = 3,
+    codebook_VC: torch.Tensor | None = None,
+    z_fn: ZFn | None = None,
+    weight: float = 0.5,
+    max_context: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-step retracing uncertainty of frames ``first .. N-1`` of a rollout ``ids_BNhw``.
+
+    ``actions_norm_BTA[:, t]`` is the (normalised, single-step) action taken at frame t. Returns
+    ``score_BH``, ``disagreement_BH``, ``entropy_BH`` and ``n_predictions_H`` (how many anchors
+    each step had; a step with a single anchor has disagreement 0 by definition). Costs at most K
+    ``predict_next`` passes per step.
+    """
+    check_composable(normaliser.space)
+    if K < 2:
+        raise RetracingError(f"retracing needs K >= 2 predictions per step, got K={K}")
+    max_stride = getattr(model, "max_stride", K)
+    if K > max_stride:
+        raise RetracingError(f"K={K} exceeds the strides the model was trained for (max_stride={max_stride})")
+    N = ids_BNhw.shape[1]
+    V = model.codebook_size
+    codes = torch.eye(V, device=ids_BNhw.device) if codebook_VC is None else codebook_VC
+    table = composed_action_table(actions_norm_BTA, normaliser, K)
+    parts: dict[str, list[torch.Tensor]] = {"score": [], "disagreement": [], "entropy": []}
+    n_pred = []
+    for n in range(first, N):
+        preds = retracing_predictions(model, ids_BNhw, table, n, K, z_fn, max_context)
+        n_pred.append(len(preds))
+        probs_KBSV = torch.stack([p.flatten(1, 2) for p in preds])
+        if len(preds) == 1:  # one anchor: nothing to disagree with
+            probs_KBSV = torch.cat([probs_KBSV, probs_KBSV])
+        u = combine_predictions(probs_KBSV, codes, weight)
+        for key in parts:
+            parts[key].append(u[key])
+    res = {f"{k}_BH": torch.stack(v, 1) for k, v in parts.items()}
+    res["n_predictions_H"] = torch.tensor(n_pred)
+    return res
