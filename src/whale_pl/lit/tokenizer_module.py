@@ -1,0 +1,187 @@
+"""Stage 1 LightningModule: trains the ``VideoTokenizer`` (a thin wrapper: losses, optimiser, logs).
+
+Loss = MSE reconstruction (+ optional L1) + the quantiser's commitment loss. Validation runs the
+inference path (``encode`` -> ``decode``) and logs PSNR / SSIM (torchmetrics), codebook usage
+(share of codes used in the epoch) and perplexity, and a grid of originals above reconstructions.
+Mixed precision comes from the Trainer (``precision: bf16-mixed``). The datamodule's ``data_spec``
+is stored in the hyper-parameters (so in every checkpoint) and checked against the data at setup
+and on resume; a frame size that differs from the tokenizer's is an error before training starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from whale_pl.lit.handoff import HandoffError, check_data_spec, stamp_class
+from whale_pl.lit.logging import log_image, paired_video_grid
+from whale_pl.lit.optim import adamw_warmup_cosine
+from whale_pl.models.tokenizer import VideoTokenizer
+
+
+def frames_to_unit_range(frames_BTCHW: torch.Tensor) -> torch.Tensor:
+    """uint8 frames (batch layout) -> float in [-1, 1]."""
+    if frames_BTCHW.dtype != torch.uint8:
+        raise TypeError(f"batch['frames'] must be uint8 [B,T,3,H,W], got {frames_BTCHW.dtype}")
+    return frames_BTCHW.float() / 127.5 - 1
+
+
+def usage_and_perplexity(hist_K: torch.Tensor) -> tuple[float, float]:
+    """Share of codes used at least once, and exp(entropy) of the code distribution."""
+    total = hist_K.sum()
+    if total == 0:
+        return 0.0, 0.0
+    p = hist_K.double() / total
+    ent = -(p[p > 0] * p[p > 0].log()).sum()
+    return float((hist_K > 0).double().mean()), float(ent.exp())
+
+
+class TokenizerModule(L.LightningModule):
+    """Trains stage 1. ``tokenizer``: keyword arguments of ``VideoTokenizer``."""
+
+    def __init__(
+        self,
+        tokenizer: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        total_steps: int | None = None,
+        l1_weight: float = 0.0,
+        log_images_every_n_epochs: int = 1,
+        data_spec: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = VideoTokenizer(**(tokenizer or {}))
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.test_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.test_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self._hist: dict[str, torch.Tensor] = {}
+        self._grid_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ---- data contract -------------------------------------------------------------------------
+    def check_data_spec(self, spec: dict[str, Any], where: str) -> None:
+        """Frame size of the data must equal the tokenizer's; a stored spec must match the data."""
+        fs = spec.get("frame_size")
+        if fs is None:
+            raise ValueError(f"{where}: data_spec has no 'frame_size'")
+        if tuple(int(s) for s in fs) != tuple(self.model.frame_size):
+            raise ValueError(
+                f"{where}: data frame_size {list(fs)} differs from the tokenizer's configured "
+                f"frame_size {list(self.model.frame_size)} (model.init_args.tokenizer.frame_size)"
+            )
+        if self.hparams.data_spec is not None:
+            try:
+                check_data_spec(self.hparams.data_spec, spec, where, keys=["frame_size"])
+            except HandoffError as e:
+                raise ValueError(str(e)) from None
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        spec = getattr(dm, "data_spec", None)
+        if spec is None:
+            if self.hparams.data_spec is None:
+                raise ValueError("TokenizerModule needs a datamodule with a data_spec (see docs/contracts.md)")
+            return
+        self.check_data_spec(spec, f"datamodule {type(dm).__name__}")
+        self.hparams.data_spec = dict(spec)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        stamp_class(checkpoint, self)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        stored = checkpoint.get("hyper_parameters", {}).get("data_spec")
+        if stored is not None and self.hparams.data_spec is not None:
+            # resuming: the checkpoint's data must agree with the data we are given now
+            check_data_spec(stored, self.hparams.data_spec, "resumed tokenizer checkpoint", keys=["frame_size"])
+
+    # ---- training -------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        h = self.hparams
+        return adamw_warmup_cosine(
+            self, h.lr, h.weight_decay, tuple(h.betas), h.warmup_steps, h.total_steps, h.min_lr_ratio
+        )
+
+    def _count(self, key: str, ids: torch.Tensor) -> None:
+        k = self.model.codebook_size
+        counts = torch.bincount(ids.reshape(-1), minlength=k).to(torch.long)
+        self._hist[key] = counts if key not in self._hist else self._hist[key] + counts
+
+    def _log_usage(self, key: str, prefix: str) -> None:
+        hist = self._hist.pop(key, None)
+        if hist is None:
+            return
+        if self.trainer.world_size > 1:
+            hist = self.trainer.strategy.reduce(hist.float(), reduce_op="sum")
+        usage, ppl = usage_and_perplexity(hist)
+        self.log(f"{prefix}/codebook_usage", usage, sync_dist=False)
+        self.log(f"{prefix}/perplexity", ppl, sync_dist=False)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x = frames_to_unit_range(batch["frames"])
+        out = self.model(x)
+        recon = out.recon_BTCHW.float()
+        mse = F.mse_loss(recon, x)
+        loss = mse + out.commit_loss
+        if self.hparams.l1_weight:
+            loss = loss + self.hparams.l1_weight * F.l1_loss(recon, x)
+        self._count("train", out.ids_BThw)
+        psnr = 10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10))  # range 2 in [-1,1]
+        self.log_dict(
+            {
+                "train/loss": loss.detach(),
+                "train/mse": mse.detach(),
+                "train/commit": out.commit_loss.detach(),
+                "train/psnr": psnr,
+                "train/restarted_codes": float(out.restarted),
+            },
+            prog_bar=False,
+        )
+        self.log("train/loss_step", loss.detach(), prog_bar=True, logger=False)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._log_usage("train", "train")
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def _eval_step(self, batch: dict, batch_idx: int, prefix: str) -> None:
+        x = frames_to_unit_range(batch["frames"])
+        ids = self.model.encode(x)
+        recon = self.model.decode(ids).float()
+        self._count(prefix, ids)
+        psnr, ssim = (self.val_psnr, self.val_ssim) if prefix == "val" else (self.test_psnr, self.test_ssim)
+        a = ((recon + 1) / 2).flatten(0, 1)
+        b = ((x + 1) / 2).flatten(0, 1)
+        psnr.update(a, b)
+        ssim.update(a, b)
+        self.log(f"{prefix}/mse", F.mse_loss(recon, x), sync_dist=True)
+        self.log(f"{prefix}/psnr", psnr, prog_bar=True)
+        self.log(f"{prefix}/ssim", ssim)
+        if batch_idx == 0:
+            self._grid_batch = (x[:4].detach(), recon[:4].detach())
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_usage("val", "val")
+        every = self.hparams.log_images_every_n_epochs
+        if self._grid_batch is not None and every and self.current_epoch % every == 0 and self.global_rank == 0:
+            log_image(self, "val/originals_above_reconstructions", paired_video_grid(*self._grid_batch))
+        self._grid_batch = None
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_usage("test", "test")
+        if self._grid_batch is not None and self.global_rank == 0:
+            log_image(self, "test/originals_above_reconstructions", paired_video_grid(*self._grid_batch))
+        self._grid_batch = None

@@ -1,0 +1,140 @@
+"""ST-ViViT VQ-VAE video tokenizer (Genie-style), stage 1 of WHALE.
+
+frames [B,T,C,H,W] in [-1,1] -> non-overlapping patches -> linear patch embedding + spatial position
+embedding -> ST-transformer encoder (spatial attention within a frame, causal temporal attention
+across frames) -> projection to a low-dimensional code space -> vector quantiser -> token ids
+[B,T,h,w]. The decoder mirrors it: code vectors -> projection -> ST-transformer (causal in time) ->
+linear head to patch pixels. Because both stacks are causal in time, the tokens and the
+reconstruction of frame t depend on frames <= t only. There is no temporal position embedding:
+causal attention alone orders the frames, so the tokenizer runs on clips of any length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from whale_pl.models.quantizer import VectorQuantizer
+from whale_pl.models.st_block import STTransformer
+
+
+@dataclass
+class TokenizerOutput:
+    recon_BTCHW: torch.Tensor
+    ids_BThw: torch.Tensor
+    commit_loss: torch.Tensor
+    restarted: int
+
+
+class VideoTokenizer(nn.Module):
+    """Patchify -> causal ST encoder -> VQ -> causal ST decoder -> pixels."""
+
+    def __init__(
+        self,
+        frame_size: tuple[int, int] | list[int] = (64, 64),
+        in_channels: int = 3,
+        patch_size: int = 8,
+        dim: int = 256,
+        enc_depth: int = 4,
+        dec_depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        codebook_size: int = 1024,
+        code_dim: int = 32,
+        beta: float = 0.25,
+        ema: bool = True,
+        ema_decay: float = 0.99,
+        restart_threshold: float = 0.03,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        H, W = (int(s) for s in frame_size)
+        if H % patch_size or W % patch_size:
+            raise ValueError(
+                f"frame_size {H}x{W} is not divisible by patch_size={patch_size}; "
+                f"choose a patch size that divides both sides"
+            )
+        self.frame_size = (H, W)
+        self.in_channels = in_channels
+        self.patch_size = patch_size
+        self.codebook_size = codebook_size
+        self.code_dim = code_dim
+        h, w = H // patch_size, W // patch_size
+        patch_dim = in_channels * patch_size * patch_size
+        self.patch_embed = nn.Linear(patch_dim, dim)
+        self.enc_pos = nn.Parameter(torch.randn(h * w, dim) * 0.02)
+        self.encoder = STTransformer(dim, enc_depth, heads, mlp_ratio, causal=True, dropout=dropout)
+        self.to_code = nn.Linear(dim, code_dim)
+        self.quantizer = VectorQuantizer(
+            codebook_size, code_dim, beta=beta, ema=ema, decay=ema_decay, restart_threshold=restart_threshold
+        )
+        self.from_code = nn.Linear(code_dim, dim)
+        self.dec_pos = nn.Parameter(torch.randn(h * w, dim) * 0.02)
+        self.decoder = STTransformer(dim, dec_depth, heads, mlp_ratio, causal=True, dropout=dropout)
+        self.to_pixels = nn.Linear(dim, patch_dim)
+
+    def grid_hw(self, frame_hw: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Token grid (h, w) for frames of size ``frame_hw`` (default: the configured size)."""
+        H, W = frame_hw if frame_hw is not None else self.frame_size
+        return H // self.patch_size, W // self.patch_size
+
+    def check_frames(self, frames_BTCHW: torch.Tensor) -> None:
+        """Raise a clear ValueError unless frames are [B,T,C,H,W] of the configured size."""
+        if frames_BTCHW.ndim != 5:
+            raise ValueError(f"frames must be [B, T, C, H, W], got shape {tuple(frames_BTCHW.shape)}")
+        _, _, C, H, W = frames_BTCHW.shape
+        if (C, H, W) != (self.in_channels, *self.frame_size):
+            raise ValueError(
+                f"frames are {C}x{H}x{W} (CxHxW) but the tokenizer was built for "
+                f"{self.in_channels}x{self.frame_size[0]}x{self.frame_size[1]}"
+            )
+
+    def _encode_latent(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
+        self.check_frames(frames_BTCHW)
+        p = self.patch_size
+        x = rearrange(frames_BTCHW, "b t c (h p1) (w p2) -> b t (h w) (p1 p2 c)", p1=p, p2=p)
+        x = self.patch_embed(x) + self.enc_pos
+        return self.to_code(self.encoder(x))  # [B, T, S, code_dim]
+
+    def _decode_codes(self, codes_BTSC: torch.Tensor) -> torch.Tensor:
+        h, w = self.grid_hw()
+        p = self.patch_size
+        x = self.decoder(self.from_code(codes_BTSC) + self.dec_pos)
+        x = self.to_pixels(x)
+        return rearrange(x, "b t (h w) (p1 p2 c) -> b t c (h p1) (w p2)", h=h, w=w, p1=p, p2=p)
+
+    def forward(self, frames_BTCHW: torch.Tensor) -> TokenizerOutput:
+        """Reconstruct frames through the quantiser (training path; straight-through gradient)."""
+        z_BTSC = self._encode_latent(frames_BTCHW)
+        B, T, S, C = z_BTSC.shape
+        q = self.quantizer(rearrange(z_BTSC, "b t s c -> (b t s) c"))
+        codes_BTSC = rearrange(q.codes_NC, "(b t s) c -> b t s c", b=B, t=T, s=S)
+        h, w = self.grid_hw()
+        ids_BThw = rearrange(q.ids_N, "(b t h w) -> b t h w", b=B, t=T, h=h, w=w)
+        recon = self._decode_codes(codes_BTSC.to(z_BTSC.dtype))
+        return TokenizerOutput(recon, ids_BThw, q.commit_loss, q.restarted)
+
+    @torch.no_grad()
+    def encode(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
+        """frames in [-1, 1], [B,T,C,H,W] -> token ids [B,T,h,w] (long)."""
+        z_BTSC = self._encode_latent(frames_BTCHW)
+        B, T = z_BTSC.shape[:2]
+        h, w = self.grid_hw()
+        ids_N = self.quantizer.lookup(rearrange(z_BTSC, "b t s c -> (b t s) c"))
+        return rearrange(ids_N, "(b t h w) -> b t h w", b=B, t=T, h=h, w=w)
+
+    def embed(self, ids_BThw: torch.Tensor) -> torch.Tensor:
+        """token ids [B,T,h,w] -> unit code vectors [B,T,h,w,code_dim]."""
+        return self.quantizer.embed(ids_BThw)
+
+    @torch.no_grad()
+    def decode(self, ids_BThw: torch.Tensor) -> torch.Tensor:
+        """token ids [B,T,h,w] -> frames [B,T,C,H,W], clamped to [-1, 1]."""
+        h, w = self.grid_hw()
+        if ids_BThw.ndim != 4 or tuple(ids_BThw.shape[2:]) != (h, w):
+            raise ValueError(f"ids must be [B, T, {h}, {w}], got shape {tuple(ids_BThw.shape)}")
+        codes_BTSC = rearrange(self.embed(ids_BThw), "b t h w c -> b t (h w) c")
+        return self._decode_codes(codes_BTSC).clamp(-1, 1)
