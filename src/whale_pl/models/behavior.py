@@ -25,7 +25,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from whale_pl.models.st_block import Attention, STTransformer
+from whale_pl.models.st_block import STTransformer
 
 LOGVAR_MIN, LOGVAR_MAX = -10.0, 6.0
 
@@ -52,17 +52,21 @@ def gaussian_nll(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> tor
 
 
 class GridPool(nn.Module):
-    """Attention pooling of a frame's h*w code vectors into one feature: a learned summary token
-    attends (with the grid tokens, one shared ``Attention``) over the grid; its output is the feature."""
+    """Multi-head attention pooling of a frame's h*w code vectors into one feature: each head
+    scores every grid position (from its code and a learned position embedding), softmaxes over the
+    grid and averages that head's slice of the projected codes. Cheap (no token-token attention),
+    and it can learn to look at the gripper and the object rather than the whole picture."""
 
     def __init__(self, code_dim: int, dim: int, grid_tokens: int, heads: int) -> None:
         super().__init__()
-        self.grid_tokens = grid_tokens
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        self.grid_tokens, self.heads = grid_tokens, heads
         self.inp = nn.Linear(code_dim, dim)
         self.pos_SD = nn.Parameter(torch.randn(grid_tokens, dim) * 0.02)
-        self.query_D = nn.Parameter(torch.randn(dim) * 0.02)
         self.norm = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.score = nn.Linear(dim, heads)
+        self.value = nn.Linear(dim, dim)
         self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
 
     def forward(self, codes_BThwC: torch.Tensor) -> torch.Tensor:
@@ -72,12 +76,11 @@ class GridPool(nn.Module):
                 f"codes grid {h}x{w} = {h * w} tokens, but the behavior model was built for "
                 f"grid_tokens={self.grid_tokens}"
             )
-        x = self.inp(rearrange(codes_BThwC, "b t h w c -> (b t) (h w) c")) + self.pos_SD
-        q = self.query_D.expand(x.shape[0], 1, -1)
-        x = torch.cat([q, x], dim=1)
-        y, _ = self.attn(self.norm(x))
-        feat = (q[:, 0] + y[:, 0])
-        return rearrange(self.out(feat), "(b t) d -> b t d", b=B)
+        x = self.norm(self.inp(rearrange(codes_BThwC, "b t h w c -> (b t) (h w) c")) + self.pos_SD)
+        attn_NSH = self.score(x).softmax(dim=1)
+        v_NSHE = rearrange(self.value(x), "n s (heads e) -> n s heads e", heads=self.heads)
+        feat = torch.einsum("nsh,nshe->nhe", attn_NSH, v_NSHE)
+        return rearrange(self.out(rearrange(feat, "n h e -> n (h e)")), "(b t) d -> b t d", b=B)
 
 
 @dataclass
@@ -150,7 +153,7 @@ class BehaviorModel(nn.Module):
 
     @staticmethod
     def _split(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = h.chunk(2, dim=-1)
+        mu, logvar = h.float().chunk(2, dim=-1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def posterior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):

@@ -1,0 +1,112 @@
+"""Linear-probe accuracy of the behavior prior's z_t on held-out episodes (issue 5's quality target).
+
+For each behavior checkpoint: cut every episode of the dataset into clips of ``--clip-len`` steps
+(hop ``--hop``), run the frozen tokenizer and the causal prior on each clip, and keep the prior mean
+z_t for t >= ``--t-min`` (z_t has seen steps <= t only). A multinomial logistic regression fitted on
+the points of the *training* episodes predicts the behavior-policy family of the points of the
+held-out *val* episodes (same policies, episodes never trained on); the OOD episodes (policies
+never trained on, families seen) are scored too where their family exists in training.
+
+    .venv/bin/python benchmarks/behavior_probe.py                       # runs/demo/behavior best.ckpt
+    .venv/bin/python benchmarks/behavior_probe.py --ckpt A.ckpt B.ckpt  # several (e.g. betas)
+
+Last line: ``behavior_probe_acc: <val accuracy of the first checkpoint> fraction``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from whale_pl.analysis.probe import fit_linear_probe
+
+
+def clips_of(ep, clip_len: int, hop: int, mean: np.ndarray, std: np.ndarray, norm_mask: np.ndarray):
+    """All clips of one episode: uint8 frames [N,T,3,H,W], normalised actions [N,T,A]."""
+    T = len(ep)
+    if T < clip_len:
+        raise ValueError(f"episode {ep.meta.get('episode_id')} has {T} steps < clip_len={clip_len}")
+    starts = list(range(0, T - clip_len + 1, hop))
+    idx = np.asarray(starts)[:, None] + np.arange(clip_len)[None]
+    frames = torch.from_numpy(np.ascontiguousarray(ep.frames[idx])).permute(0, 1, 4, 2, 3)
+    a_raw = ep.actions[idx]
+    a = np.where(norm_mask, (a_raw - mean) / std, a_raw).astype(np.float32)
+    return frames, torch.from_numpy(a)
+
+
+@torch.no_grad()
+def embed_split(module, episodes, families, clip_len, hop, t_min, batch=32):
+    spec = module.hparams.data_spec
+    mean = np.asarray(spec["action_mean"], np.float32)
+    std = np.asarray(spec["action_std"], np.float32)
+    gi = spec["action_space"].get("gripper_index")
+    mask = np.ones(len(mean), bool)
+    if gi is not None:
+        mask[gi] = False
+    zs, ys = [], []
+    for ep in episodes:
+        fam = ep.meta["policy"]["family"]
+        frames, actions = clips_of(ep, clip_len, hop, mean, std, mask)
+        for i in range(0, len(frames), batch):
+            z = module.behavior_z(frames[i : i + batch], actions[i : i + batch])[:, t_min:]
+            zs.append(z.flatten(0, 1))
+            ys.append(torch.full((z.shape[0] * z.shape[1],), families.index(fam) if fam in families else -1))
+    return torch.cat(zs), torch.cat(ys)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", nargs="+", default=["runs/demo/behavior/checkpoints/best.ckpt"])
+    p.add_argument("--data-config", default="stages/demo/data.yaml")
+    p.add_argument("--clip-len", type=int, default=16, help="clip length the prior runs over (training clip_len)")
+    p.add_argument("--hop", type=int, default=8)
+    p.add_argument("--t-min", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    from whale_pl.data.datamodule import MetaWorldDataModule
+    from whale_pl.lit.behavior_module import BehaviorModule
+    from whale_pl.lit.handoff import load_frozen
+
+    dm = MetaWorldDataModule(config=a.data_config)
+    eps = {s: dm.episodes(split=s) for s in ("train", "val", "ood")}
+    results = []
+    for ckpt in a.ckpt:
+        t0 = time.time()
+        module = load_frozen(ckpt, BehaviorModule, data_spec=dm.data_spec,
+                             data_spec_keys=["frame_size", "action_dim", "action_mean", "action_std", "families"])
+        families = list(module.hparams.data_spec["families"])
+        pts = {s: embed_split(module, e, families, a.clip_len, a.hop, a.t_min) for s, e in eps.items() if e}
+        xtr, ytr = pts["train"]
+        probe = fit_linear_probe(xtr, ytr, n_classes=len(families))
+        acc = {"train": probe.accuracy(xtr, ytr)}
+        per_family = {}
+        for s in ("val", "ood"):
+            if s not in pts:
+                continue
+            x, y = pts[s]
+            keep = y >= 0
+            if keep.any():
+                acc[s] = probe.accuracy(x[keep], y[keep])
+            if s == "val":
+                pred = probe.predict(x)
+                per_family = {f: (pred[y == k] == k).double().mean().item() for k, f in enumerate(families) if (y == k).any()}
+        hp = module.hparams
+        print(f"{ckpt}: beta={hp.beta} z_dim={hp.model_z_dim if 'model_z_dim' in hp else hp.z_dim} "
+              f"free_bits={hp.free_bits} | probe accuracy train {acc['train']:.3f}  val (held-out episodes) "
+              f"{acc.get('val', float('nan')):.3f}  ood (unseen policies) {acc.get('ood', float('nan')):.3f} | "
+              f"chance {1 / len(families):.3f} | {len(ytr)} train points, t >= {a.t_min} of {a.clip_len}-step clips "
+              f"| {time.time() - t0:.0f}s", flush=True)
+        print("  val accuracy per family: " + ", ".join(f"{f} {v:.2f}" for f, v in per_family.items()), flush=True)
+        results.append(acc.get("val", float("nan")))
+    print(f"behavior_probe_acc: {results[0]:.3f} fraction")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

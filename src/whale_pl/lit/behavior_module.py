@@ -1,0 +1,228 @@
+"""Stage 2 LightningModule: trains the behavior-conditioning VAE on top of the frozen tokenizer.
+
+Thin by design: the model and its loss live in ``whale_pl.models.behavior``. This module loads the
+stage-1 tokenizer from the checkpoint path its config names (``load_frozen``: class, data_spec and
+codebook-size checks; frozen and pinned in eval mode for the whole fit), turns batches into code
+vectors ``tokenizer.embed(tokenizer.encode(frames))``, and logs the action reconstruction error, the
+KL, a linear-probe accuracy and a PCA picture of the prior's z coloured by behavior-policy family.
+
+The behavior checkpoint holds the tokenizer's *path and fingerprint* (sha256 of its weights and
+buffers), not its weights: loading a behavior checkpoint re-loads the tokenizer from that path and
+raises if the file no longer holds the weights the behavior model was trained with. So the
+tokenizer file stays the one source of truth, and stage 3 can check that its own tokenizer is the
+same one (``tokenizer_fingerprint(module) == behavior.hparams.tokenizer_sha256``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+
+from whale_pl.analysis.probe import pca_2d, probe_accuracy, scatter_figure
+from whale_pl.lit.handoff import HandoffError, check_data_spec, freeze_, load_frozen, stamp_class
+from whale_pl.lit.optim import adamw_warmup_cosine
+from whale_pl.models.behavior import BehaviorModel
+
+# keys of data_spec the behavior model must agree on with its tokenizer and with the data
+SPEC_KEYS = ("frame_size", "action_dim", "action_space", "action_mean", "action_std", "state_dim")
+TOKENIZER_PREFIX = "tokenizer."
+
+
+def frames_to_unit(frames_BTCHW: torch.Tensor) -> torch.Tensor:
+    """uint8 frames -> float in [-1, 1] (contracts.md)."""
+    return frames_BTCHW.float() / 127.5 - 1.0
+
+
+def tokenizer_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes and bytes of weights and buffers)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _own_hparams() -> Iterator[None]:
+    """Load a nested stage checkpoint with its *own* hyper-parameters. LightningCLI instantiates this
+    module inside a context that makes every ``save_hyperparameters()`` call record the CLI's
+    arguments, which would give the loaded tokenizer the behavior module's hparams (no data_spec)."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    token = _given_hyperparameters.set(None)
+    try:
+        yield
+    finally:
+        _given_hyperparameters.reset(token)
+
+
+class BehaviorModule(L.LightningModule):
+    """Stage 2 training / validation around ``BehaviorModel``."""
+
+    def __init__(
+        self,
+        tokenizer_ckpt: str,
+        data_spec: dict | None = None,
+        expect_codebook_size: int | None = None,
+        z_dim: int = 16,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        decoder_hidden: int = 128,
+        dropout: float = 0.0,
+        beta: float = 0.1,
+        free_bits: float = 0.0,
+        kl_warmup_steps: int = 0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+        total_steps: int | None = None,
+        probe_t_min: int = 8,
+        probe_max_points: int = 4000,
+        tokenizer_sha256: str | None = None,
+    ) -> None:
+        """``tokenizer_ckpt``: stage-1 checkpoint (``runs/<scale>/tokenizer/checkpoints/best.ckpt``).
+        ``data_spec``: from the datamodule (the CLI links it); None inherits the tokenizer's.
+        ``expect_codebook_size``: when set, the tokenizer must have exactly this codebook size.
+        ``beta``: KL weight; ``free_bits``: nats per z dimension below which KL is not penalised;
+        ``kl_warmup_steps``: beta ramps linearly from 0 over this many steps.
+        ``tokenizer_sha256``: filled in automatically; a checkpoint's value must match the file."""
+        super().__init__()
+        self.save_hyperparameters()
+        from whale_pl.lit.tokenizer_module import TokenizerModule
+
+        expect = {"codebook_size": expect_codebook_size} if expect_codebook_size is not None else None
+        keys = None if data_spec is None else [k for k in SPEC_KEYS if k in data_spec]
+        with _own_hparams():
+            self.tokenizer = load_frozen(tokenizer_ckpt, TokenizerModule, data_spec=data_spec, data_spec_keys=keys,
+                                         expect=expect)
+        if data_spec is None:  # inherit the data the tokenizer was trained on; checked against the datamodule
+            data_spec = dict(self.tokenizer.hparams["data_spec"])
+            self.hparams["data_spec"] = data_spec
+        sha = tokenizer_fingerprint(self.tokenizer)
+        if tokenizer_sha256 is not None and tokenizer_sha256 != sha:
+            raise HandoffError(
+                f"stage checkpoint {str(tokenizer_ckpt)!r}: the tokenizer there is not the one this behavior "
+                f"model was trained with (sha256 {sha[:16]}... != recorded {tokenizer_sha256[:16]}...); "
+                "retrain the behavior stage or restore that tokenizer checkpoint"
+            )
+        self.hparams["tokenizer_sha256"] = sha
+        tok = self.tokenizer.model
+        h, w = tok.grid_hw(tuple(data_spec["frame_size"]))
+        self.model = BehaviorModel(
+            code_dim=tok.code_dim,
+            action_dim=int(data_spec["action_dim"]),
+            grid_tokens=h * w,
+            z_dim=z_dim, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
+            decoder_hidden=decoder_hidden, dropout=dropout,
+        )
+        self.families: list[str] = list(data_spec.get("families") or [])
+        self._val_z: list[torch.Tensor] = []
+        self._val_family: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ hand-off
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The tokenizer's weights are not duplicated here: only its path and sha256 (hparams)."""
+        stamp_class(checkpoint, self)
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith(TOKENIZER_PREFIX)]:
+            del sd[k]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put the (fingerprint-checked) tokenizer back into the state dict so a strict load fits."""
+        sd = checkpoint["state_dict"]
+        for k, v in self.tokenizer.state_dict().items():
+            sd.setdefault(TOKENIZER_PREFIX + k, v)
+        freeze_(self.tokenizer)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        current = getattr(dm, "data_spec", None)
+        if current is not None:
+            keys = [k for k in SPEC_KEYS if k in current]
+            check_data_spec(self.hparams.data_spec, current, "behavior module (its data_spec vs the datamodule's)", keys)
+            if not self.families:
+                self.families = list(current.get("families") or [])
+
+    # ------------------------------------------------------------------ batch -> model inputs
+    @torch.no_grad()
+    def codes(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
+        """uint8 frames [B,T,3,H,W] -> frozen tokenizer code vectors [B,T,h,w,C]."""
+        tok = self.tokenizer.model
+        return tok.embed(tok.encode(frames_to_unit(frames_BTCHW))).float()
+
+    @torch.no_grad()
+    def behavior_z(self, frames_BTCHW: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
+        """The stage-3 behavior embedding from pixels: prior mean z_t [B,T,Z] (causal in t)."""
+        mu_BTZ, _ = self.model.prior(self.codes(frames_BTCHW), actions_BTA)
+        return mu_BTZ
+
+    def current_beta(self) -> float:
+        hp = self.hparams
+        if hp.kl_warmup_steps and hp.kl_warmup_steps > 0:
+            return float(hp.beta) * min(1.0, self.global_step / hp.kl_warmup_steps)
+        return float(hp.beta)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        beta = self.current_beta()
+        out = self.model.loss(self.codes(batch["frames"]), batch["actions"], beta=beta,
+                              free_bits=float(self.hparams.free_bits), sample=True)
+        B = batch["actions"].shape[0]
+        self.log_dict({"train/loss": out.loss, "train/action_nll": out.nll, "train/kl": out.kl,
+                       "train/action_mse": out.action_mse, "train/beta": beta},
+                      prog_bar=False, batch_size=B)
+        self.log("loss", out.loss, prog_bar=True, logger=False, batch_size=B)
+        return out.loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self.model.loss(self.codes(batch["frames"]), batch["actions"], beta=float(self.hparams.beta),
+                              free_bits=float(self.hparams.free_bits), sample=False)
+        B = batch["actions"].shape[0]
+        self.log_dict({"val/loss": out.loss, "val/action_nll": out.nll, "val/kl": out.kl,
+                       "val/action_mse": out.action_mse, "val/action_mse_prior": out.action_mse_prior},
+                      prog_bar=False, batch_size=B, sync_dist=True)
+        self.log("val_loss", out.loss, prog_bar=True, logger=False, batch_size=B, sync_dist=True)
+        t0 = int(self.hparams.probe_t_min)
+        if "family" in batch and out.prior_mu_BTZ.shape[1] > t0:
+            self._val_z.append(out.prior_mu_BTZ[:, t0:].detach().float().cpu())  # [B, T - t0, Z]
+            self._val_family.append(batch["family"].detach().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_z:
+            return
+        z_BTZ, fam_B = torch.cat(self._val_z), torch.cat(self._val_family)
+        self._val_z, self._val_family = [], []
+        if self.trainer.sanity_checking:
+            return
+        n_classes = max(len(self.families), 1 + int(fam_B.max()))
+        # a quick in-training probe on z_t (t >= probe_t_min): fit on even-indexed validation clips,
+        # score the odd-indexed ones (benchmarks/behavior_probe.py: train episodes -> held-out episodes)
+        if len(fam_B) >= 8 and len(fam_B.unique()) >= 2:
+            tr, te = z_BTZ[0::2], z_BTZ[1::2]
+            acc = probe_accuracy(tr.flatten(0, 1), fam_B[0::2].repeat_interleave(tr.shape[1]),
+                                 te.flatten(0, 1), fam_B[1::2].repeat_interleave(te.shape[1]), n_classes=n_classes)
+            self.log("val/probe_acc_clips", acc, rank_zero_only=True)
+        exp = getattr(self.logger, "experiment", None)
+        if exp is not None and hasattr(exp, "add_figure") and self.global_rank == 0 and len(fam_B) >= 3:
+            z_NZ = z_BTZ.flatten(0, 1)
+            fam_N = fam_B.repeat_interleave(z_BTZ.shape[1])
+            keep = torch.randperm(len(fam_N), generator=torch.Generator().manual_seed(0))[: self.hparams.probe_max_points]
+            fig = scatter_figure(pca_2d(z_NZ[keep]), fam_N[keep].numpy(), self.families or None,
+                                 f"prior z_t (t >= {self.hparams.probe_t_min}), step {self.global_step}")
+            exp.add_figure("val/z_pca_by_family", fig, self.global_step)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        return adamw_warmup_cosine(self, hp.lr, hp.weight_decay, tuple(hp.betas), hp.warmup_steps, hp.total_steps,
+                                   hp.min_lr_ratio)

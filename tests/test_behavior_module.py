@@ -1,0 +1,182 @@
+"""BehaviorModule on real (tiny) Meta-World data: the whole `whale fit` path with the demo YAML,
+the frozen tokenizer bit-identical after the fit, checkpoints that stage 3 can load, clear errors
+for missing / incompatible tokenizer checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from whale_pl.lit.handoff import HandoffError, load_frozen
+
+TINY_TOKENIZER = dict(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2,
+                      codebook_size=32, code_dim=8)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_ckpt(tiny_data_yaml, tmp_path_factory) -> Path:
+    """A real stage-1 checkpoint: a tiny tokenizer fitted for a few steps on the tiny dataset."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from whale_pl.data.datamodule import MetaWorldDataModule
+    from whale_pl.lit.tokenizer_module import TokenizerModule
+
+    out = tmp_path_factory.mktemp("tok")
+    torch.manual_seed(0)
+    dm = MetaWorldDataModule(config=str(tiny_data_yaml), clip_len=4, batch_size=2, num_workers=0,
+                             steps_per_epoch=3, val_steps=1)
+    module = TokenizerModule(tokenizer=TINY_TOKENIZER, warmup_steps=1)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[ModelCheckpoint(dirpath=out, filename="best", save_last=False)])
+    trainer.fit(module, dm)
+    return out / "best.ckpt"
+
+
+def _fit_cli(tokenizer_ckpt: Path, data_yaml: Path, run_root: Path, extra: list[str] = ()) -> None:
+    """`whale fit --config stages/demo/behavior.yaml` with tiny-data overrides."""
+    from whale_pl.cli import main
+
+    main([
+        "fit", "--config", "stages/demo/behavior.yaml",
+        "--model.init_args.tokenizer_ckpt", str(tokenizer_ckpt),
+        "--model.init_args.expect_codebook_size", "32",
+        "--model.init_args.dim", "32", "--model.init_args.decoder_hidden", "32",
+        "--data.init_args.config", str(data_yaml),
+        "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+        "--data.init_args.steps_per_epoch", "4", "--data.init_args.val_steps", "2",
+        "--trainer.max_steps", "8", "--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(run_root),
+        *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def fitted(tokenizer_ckpt, tiny_data_yaml, tmp_path_factory):
+    from whale_pl.lit.tokenizer_module import TokenizerModule
+
+    before = load_frozen(tokenizer_ckpt, TokenizerModule).state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    root = tmp_path_factory.mktemp("runs")
+    torch.manual_seed(0)
+    _fit_cli(tokenizer_ckpt, tiny_data_yaml, root)
+    return root / "behavior", before
+
+
+def test_fit_keeps_tokenizer_bit_identical_and_writes_checkpoints(fitted, tokenizer_ckpt):
+    from whale_pl.lit.behavior_module import BehaviorModule, tokenizer_fingerprint
+
+    run, before = fitted
+    ckpts = run / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file() and (ckpts / "best.ckpt").is_file()
+    raw = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert raw["whale_class"].endswith("BehaviorModule")
+    assert not any(k.startswith("tokenizer.") for k in raw["state_dict"])  # only path + fingerprint
+    assert raw["hyper_parameters"]["tokenizer_ckpt"] == str(tokenizer_ckpt)
+    assert raw["global_step"] == 8
+
+    beh = load_frozen(ckpts / "last.ckpt", BehaviorModule)
+    after = beh.tokenizer.state_dict()
+    assert before.keys() == after.keys()
+    assert any("codebook" in k or "embed" in k for k in before)  # the codebook is among what we compare
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"tokenizer tensor {k} changed during the behavior fit"
+    assert raw["hyper_parameters"]["tokenizer_sha256"] == tokenizer_fingerprint(beh.tokenizer)
+    # and the tokenizer file on disk is untouched
+    from whale_pl.lit.tokenizer_module import TokenizerModule
+
+    on_disk = load_frozen(tokenizer_ckpt, TokenizerModule).state_dict()
+    assert all(torch.equal(on_disk[k], before[k]) for k in before)
+    # the behavior model itself did train: its weights differ from a fresh init with the same seed
+    assert all(not m.training for m in beh.modules())
+
+
+def test_tokenizer_stays_in_eval_mode_during_fit(tokenizer_ckpt, tiny_data_yaml, tmp_path):
+    """Lightning calls .train() on the whole module; the pinned tokenizer must stay in eval."""
+    from whale_pl.data.datamodule import MetaWorldDataModule
+    from whale_pl.lit.behavior_module import BehaviorModule
+
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((pl_module.model.training, any(m.training for m in pl_module.tokenizer.modules()),
+                         any(p.requires_grad for p in pl_module.tokenizer.parameters())))
+
+    dm = MetaWorldDataModule(config=str(tiny_data_yaml), clip_len=12, batch_size=2, num_workers=0,
+                             steps_per_epoch=2, val_steps=1)
+    module = BehaviorModule(tokenizer_ckpt=str(tokenizer_ckpt), dim=32, depth=1, z_dim=4, decoder_hidden=16,
+                            warmup_steps=1, probe_t_min=4)
+    L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+              enable_model_summary=False, callbacks=[Spy()]).fit(module, dm)
+    assert len(seen) == 4
+    assert all(model_train and not tok_train and not tok_grad for model_train, tok_train, tok_grad in seen)
+
+
+def test_pca_image_and_metrics_reach_tensorboard(fitted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = fitted
+    ea = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
+    ea.Reload()
+    assert "val/z_pca_by_family" in ea.Tags()["images"]
+    for tag in ("train/action_mse", "train/kl", "val/action_mse", "val/kl", "val/action_mse_prior"):
+        assert tag in ea.Tags()["scalars"], tag
+
+
+def test_behavior_z_from_pixels_is_causal(fitted):
+    from whale_pl.lit.behavior_module import BehaviorModule
+
+    run, _ = fitted
+    beh = load_frozen(run / "checkpoints" / "last.ckpt", BehaviorModule)
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (2, 10, 3, 32, 32), generator=g, dtype=torch.uint8)
+    actions = torch.randn(2, 10, 4, generator=g)
+    z = beh.behavior_z(frames, actions)
+    assert z.shape == (2, 10, beh.model.z_dim)
+    frames2, actions2 = frames.clone(), actions.clone()
+    frames2[:, 6:] = torch.randint(0, 256, frames2[:, 6:].shape, generator=g, dtype=torch.uint8)
+    actions2[:, 6:] = torch.randn(actions2[:, 6:].shape, generator=g)
+    z2 = beh.behavior_z(frames2, actions2)
+    assert torch.allclose(z[:, :6], z2[:, :6], atol=1e-5)
+    assert not torch.allclose(z[:, 6:], z2[:, 6:], atol=1e-4)
+
+
+def test_changed_tokenizer_file_is_rejected(fitted, tokenizer_ckpt, tmp_path):
+    from whale_pl.lit.behavior_module import BehaviorModule
+
+    run, _ = fitted
+    tok_copy = tmp_path / "tokenizer.ckpt"
+    ck = torch.load(tokenizer_ckpt, map_location="cpu", weights_only=False)
+    key = next(k for k in ck["state_dict"] if k.endswith("weight"))
+    ck["state_dict"][key] = ck["state_dict"][key] + 1e-3
+    torch.save(ck, tok_copy)
+    beh = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    beh["hyper_parameters"]["tokenizer_ckpt"] = str(tok_copy)
+    torch.save(beh, tmp_path / "behavior.ckpt")
+    with pytest.raises(HandoffError, match=r"tokenizer\.ckpt.*not the one this behavior model was trained with"):
+        load_frozen(tmp_path / "behavior.ckpt", BehaviorModule)
+
+
+def test_bad_tokenizer_checkpoints_name_path_and_mismatch(fitted, tokenizer_ckpt, tmp_path):
+    from whale_pl.lit.behavior_module import BehaviorModule
+
+    run, _ = fitted
+    missing = tmp_path / "nope" / "best.ckpt"
+    with pytest.raises(HandoffError, match=r"nope/best\.ckpt.*does not exist"):
+        BehaviorModule(tokenizer_ckpt=str(missing))
+    # another stage's checkpoint where the tokenizer's should be
+    wrong = run / "checkpoints" / "last.ckpt"
+    with pytest.raises(HandoffError, match=r"last\.ckpt.*holds a whale_pl\.lit\.behavior_module\.BehaviorModule, "
+                                           r"expected a whale_pl\.lit\.tokenizer_module\.TokenizerModule"):
+        BehaviorModule(tokenizer_ckpt=str(wrong))
+    with pytest.raises(HandoffError, match=r"best\.ckpt.*codebook_size is 32, expected 1024"):
+        BehaviorModule(tokenizer_ckpt=str(tokenizer_ckpt), expect_codebook_size=1024)
+    spec = dict(torch.load(tokenizer_ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["data_spec"])
+    spec["frame_size"] = [64, 64]
+    with pytest.raises(HandoffError, match=r"best\.ckpt.*frame_size: checkpoint \[32, 32\] != current \[64, 64\]"):
+        BehaviorModule(tokenizer_ckpt=str(tokenizer_ckpt), data_spec=spec)
