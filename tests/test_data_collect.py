@@ -25,7 +25,7 @@ def test_tiny_shards_layout(tiny_shards, tiny_config):
         assert np.all(np.abs(ep.actions) <= 1.0)
         assert ep.meta["split"] in ("train", "val", "ood")
         assert (ep.meta["split"] == "ood") == (ep.meta["policy"]["name"] == "noise_1.0")
-        # frames are real renders that change over time, and upright: the (grey) floor is in the bottom rows
+        # frames are real renders that change over time
         assert ep.frames.std() > 5 and np.abs(ep.frames[-1].astype(int) - ep.frames[0]).mean() > 0.5
     # the stats in the manifest are those of the train split
     a = np.concatenate([e.actions for e in eps if e.meta["split"] == "train"]).astype(np.float64)

@@ -433,13 +433,24 @@ class MetaWorldDataModule(ClipDataModule):
     """
 
     def __init__(self, config: str, out: str | None = None, collect_workers: int | None = None,
-                 overwrite: bool = False, **clip_kwargs: Any):
+                 overwrite: bool = False, clip_len: int = 16, frame_stride: int = 1,
+                 retrace_strides: list[int] | None = None, retrace_prob: float = 0.0, batch_size: int = 8,
+                 num_workers: int = 2, steps_per_epoch: int = 100, val_steps: int = 10,
+                 train_splits: list[str] | None = None, val_splits: list[str] | None = None,
+                 clips_per_episode: int = 4, pool_size: int = 8, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None, verify: bool = True, on_error: str = "raise",
+                 multiprocessing_context: str | None = None, pin_memory: bool = False):
         from whale_pl.data.metaworld import CollectConfig
 
         self.config_path = str(config)
         self.collect_config = CollectConfig.from_yaml(config, out=out, workers=collect_workers)
         self.overwrite = overwrite
-        super().__init__(dirs=[self.collect_config.out], **clip_kwargs)
+        super().__init__(dirs=[self.collect_config.out], weights=None, clip_len=clip_len, frame_stride=frame_stride,
+                         retrace_strides=retrace_strides, retrace_prob=retrace_prob, batch_size=batch_size,
+                         num_workers=num_workers, steps_per_epoch=steps_per_epoch, val_steps=val_steps,
+                         train_splits=train_splits, val_splits=val_splits, clips_per_episode=clips_per_episode,
+                         pool_size=pool_size, seed=seed, rank=rank, world_size=world_size, verify=verify,
+                         on_error=on_error, multiprocessing_context=multiprocessing_context, pin_memory=pin_memory)
 
     def prepare_data(self) -> None:
         from whale_pl.data.metaworld import ensure_collected

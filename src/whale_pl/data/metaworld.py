@@ -210,6 +210,9 @@ def rollout(env: MetaWorldEnv, policy_name: str, seed: int, max_steps: int) -> E
 
 
 def _worker(jobs_q, results_q, size: int, camera: str, max_steps: int) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")  # the experts' gains, harmless
     env = None
     try:
         while True:
@@ -290,7 +293,7 @@ def collect(cfg: CollectConfig, overwrite: bool = False, progress: bool = True) 
     frames_total = len(jobs) * cfg.max_steps
     bar = tqdm(total=len(jobs), desc=f"collect {cfg.name}", unit="ep", disable=not progress, dynamic_ncols=True)
     with ShardWriter(cfg.out, episodes_per_shard=cfg.episodes_per_shard, overwrite=overwrite,
-                     extra={"collect_config": cfg.data_json(), "valid_frames": frames_total}) as w:
+                     extra={"collect_config": cfg.data_json(), "expected_frames": frames_total}) as w:
         for ep in iter_collect(jobs, cfg.size, cfg.camera, cfg.max_steps, cfg.workers):
             w.write(ep)
             bar.update(1)
