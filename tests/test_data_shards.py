@@ -197,3 +197,17 @@ def test_uncomposable_space_raises():
     with pytest.raises(EpisodeError, match="rot_dims"):
         ActionSpace(names=["a", "b", "c"], sum_dims=[0], rot_dims=[1, 2])
     assert ActionSpace.from_json(EEF7_ACTION_SPACE.to_json()) == EEF7_ACTION_SPACE
+
+
+def test_truncated_and_garbled_tar_named(small_ds):
+    shard = small_ds / "shard-000000.tar"
+    data = shard.read_bytes()
+    off, size = _member_offset(shard, "ep0000001.frames.npz")
+    shard.write_bytes(data[: off + size // 2])
+    with pytest.raises(ShardError, match=r"shard-000000\.tar key ep0000001: member 'ep0000001.frames.npz' truncated"):
+        list(iter_episodes(small_ds, verify=False))
+    garbled = bytearray(data)
+    garbled[off - 512 + 130] ^= 0x55  # inside the size field of ep0000001.frames.npz's header
+    shard.write_bytes(bytes(garbled))
+    with pytest.raises(ShardError, match=r"shard-000000\.tar: corrupt tar header at byte \d+ \(after key ep0000000\): bad checksum"):
+        list(iter_episodes(small_ds, verify=False))

@@ -75,7 +75,7 @@ class ClipStream(IterableDataset):
     def __init__(self, dirs: list[_DirInfo], weights: list[float], splits: Sequence[str], clip_len: int,
                  frame_stride: int, retrace_strides: Sequence[int], retrace_prob: float, batch_size: int,
                  steps: int, rank: int, world_size: int, seed: int, families: list[str], policies: list[str],
-                 ood_policies: set[str], state_dim: int, clips_per_episode: int = 4, pool_size: int = 8,
+                 ood_policies: set[str], state_dim: int, clips_per_episode: int = 8, pool_size: int = 16,
                  on_error: str = "raise", fixed_seed: bool = False):
         super().__init__()
         self.dirs, self.splits = dirs, tuple(splits)
@@ -171,7 +171,7 @@ class ClipStream(IterableDataset):
         pol = ep.meta.get("policy") or {}
         pname = pol.get("name", "unknown") if isinstance(pol, dict) else str(pol)
         fam = pol.get("family", pname) if isinstance(pol, dict) else pname
-        return {"frames": ep.frames[idx], "actions": a.astype(np.float32), "actions_raw": a_raw.astype(np.float32),
+        return {"frames": ep.frames[start:start + T * k:k], "actions": a.astype(np.float32), "actions_raw": a_raw.astype(np.float32),
                 "rewards": rew.astype(np.float32), "success": suc.astype(np.float32), "state": state,
                 "is_first": ep.is_first[idx], "family": self.families.index(fam), "policy": self.policies.index(pname),
                 "ood": pname in self.ood_policies or ep.meta.get("split") == "ood", "stride": k,
@@ -179,8 +179,14 @@ class ClipStream(IterableDataset):
 
     def _collate(self, clips: list[dict]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        frames = np.stack([c["frames"] for c in clips])  # [B, T, H, W, 3]
-        out["frames"] = torch.from_numpy(frames).permute(0, 1, 4, 2, 3).contiguous()
+        t_, h, w, c3 = clips[0]["frames"].shape
+        frames = torch.empty((len(clips), t_, c3, h, w), dtype=torch.uint8)
+        if get_worker_info() is not None:
+            frames.share_memory_()  # filled in place: no extra copy when the batch crosses to the main process
+        f_np = frames.numpy()
+        for i, c in enumerate(clips):
+            f_np[i] = c["frames"].transpose(0, 3, 1, 2)  # the one copy of the pixels: [T, H, W, 3] -> [T, 3, H, W]
+        out["frames"] = frames
         for k in ("actions", "actions_raw", "rewards", "success", "state", "is_first"):
             out[k] = torch.from_numpy(np.stack([c[k] for c in clips]))
         for k in ("family", "policy", "stride", "dataset", "episode", "start"):
@@ -200,10 +206,12 @@ class ClipStream(IterableDataset):
         sources = [self._episodes(d, reader, n_readers, np.random.default_rng([self.seed, epoch, self.rank, wid, d.index]))
                    for d in self.dirs]
         pools: list[list[list]] = [[] for _ in self.dirs]  # per dir: [ep_idx, episode, clips left]
+        cum_p = np.minimum(np.cumsum(self.p), 1.0)
+        cum_p[-1] = 1.0
         for _ in range(my_steps):
             clips = []
             for _b in range(self.batch_size):
-                di = int(rng.choice(len(self.dirs), p=self.p))
+                di = 0 if len(self.dirs) == 1 else int(np.searchsorted(cum_p, rng.random(), side="right"))
                 pool = pools[di]
                 while len(pool) < self.pool_size:
                     ep_idx, ep = next(sources[di])
@@ -257,7 +265,7 @@ class ClipDataModule(L.LightningDataModule):
                  frame_stride: int = 1, retrace_strides: list[int] | None = None, retrace_prob: float = 0.0,
                  batch_size: int = 8, num_workers: int = 2, steps_per_epoch: int = 100, val_steps: int = 10,
                  train_splits: list[str] | None = None, val_splits: list[str] | None = None,
-                 clips_per_episode: int = 4, pool_size: int = 8, seed: int = 0, rank: int | None = None,
+                 clips_per_episode: int = 8, pool_size: int = 16, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, verify: bool = True, on_error: str = "raise",
                  multiprocessing_context: str | None = None, pin_memory: bool = False):
         super().__init__()
@@ -437,7 +445,7 @@ class MetaWorldDataModule(ClipDataModule):
                  retrace_strides: list[int] | None = None, retrace_prob: float = 0.0, batch_size: int = 8,
                  num_workers: int = 2, steps_per_epoch: int = 100, val_steps: int = 10,
                  train_splits: list[str] | None = None, val_splits: list[str] | None = None,
-                 clips_per_episode: int = 4, pool_size: int = 8, seed: int = 0, rank: int | None = None,
+                 clips_per_episode: int = 8, pool_size: int = 16, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, verify: bool = True, on_error: str = "raise",
                  multiprocessing_context: str | None = None, pin_memory: bool = False):
         from whale_pl.data.metaworld import CollectConfig

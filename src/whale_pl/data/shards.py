@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import logging
+import mmap
 import os
 import tarfile
 import zlib
@@ -351,38 +352,121 @@ def verify_dataset(data_dir: str | Path, checksums: bool = True) -> dict:
     return m
 
 
-def iter_tar_samples(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Group a WebDataset tar's members by key: {'__key__', '__url__', ext: bytes, ...}."""
+def iter_tar_samples(path: str | Path, keys: set[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Group a WebDataset tar's members by key: {'__key__', '__url__', ext: bytes, ...}.
+
+    Plain ustar/gnu member headers are parsed straight from a memory map (header checksums are
+    checked by ``TarInfo.frombuf``); a tar with extended (pax / long-name) headers goes through
+    ``tarfile``. With ``keys`` only those samples are returned (others are not copied).
+    """
     path = str(path)
-    cur: dict[str, Any] | None = None
-    last_key = None
     try:
-        with tarfile.open(path, "r|") as tf:
-            for info in tf:
-                if not info.isfile():
-                    continue
-                base = os.path.basename(info.name)
-                if "." not in base:
-                    raise ShardError(f"{path}: member {info.name!r} has no extension (after key {last_key})",
-                                     shard=path, key=last_key)
-                key, ext = base.split(".", 1)
-                fh = tf.extractfile(info)
-                data = fh.read() if fh is not None else b""
-                if len(data) != info.size:
-                    raise ShardError(f"{path} key {key}: member {info.name!r} truncated ({len(data)} of {info.size} bytes)",
-                                     shard=path, key=key, field=ext)
-                if cur is None or cur["__key__"] != key:
-                    if cur is not None:
-                        yield cur
-                    cur = {"__key__": key, "__url__": path}
-                    last_key = key
-                if ext in cur:
-                    raise ShardError(f"{path} key {key}: member {ext} appears twice", shard=path, key=key, field=ext)
-                cur[ext] = data
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise ShardError(f"{path}: tar is corrupt or truncated after key {last_key}: {e}", shard=path, key=last_key) from e
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size == 0:
+                raise ShardError(f"{path}: tar is empty", shard=path)
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read shard: {e}", shard=path) from e
+    try:
+        yield from _iter_mapped(path, buf, keys)
+    except _NeedsTarfile:
+        yield from _iter_tarfile(path, keys)
+    finally:
+        buf.close()
+
+
+class _NeedsTarfile(Exception):
+    pass
+
+
+def _group(path: str, members: Iterator[tuple[str, str, Any]]) -> Iterator[dict[str, Any]]:
+    cur: dict[str, Any] | None = None
+    for key, ext, data in members:
+        if cur is None or cur["__key__"] != key:
+            if cur is not None:
+                yield cur
+            cur = {"__key__": key, "__url__": path}
+        if ext in cur:
+            raise ShardError(f"{path} key {key}: member {ext} appears twice", shard=path, key=key, field=ext)
+        cur[ext] = data
     if cur is not None:
         yield cur
+
+
+def _split_name(path: str, name: str, last_key: str | None) -> tuple[str, str]:
+    base = os.path.basename(name)
+    if "." not in base:
+        raise ShardError(f"{path}: member {name!r} has no extension (after key {last_key})", shard=path, key=last_key)
+    key, ext = base.split(".", 1)
+    return key, ext
+
+
+def _iter_mapped(path: str, buf: mmap.mmap, keys: set[str] | None) -> Iterator[dict[str, Any]]:
+    def members():
+        pos, n, last_key, started = 0, len(buf), None, False
+        while pos + 512 <= n:
+            hdr = buf[pos:pos + 512]
+            if hdr.count(0) == 512:  # end-of-archive block
+                return
+            try:
+                info = tarfile.TarInfo.frombuf(hdr, "utf-8", "surrogateescape")
+            except tarfile.HeaderError as e:
+                raise ShardError(f"{path}: corrupt tar header at byte {pos} (after key {last_key}): {e}",
+                                 shard=path, key=last_key) from e
+            if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE):
+                if started:
+                    raise ShardError(f"{path}: unsupported tar member type {info.type!r} after key {last_key}",
+                                     shard=path, key=last_key)
+                raise _NeedsTarfile()
+            start, end = pos + 512, pos + 512 + info.size
+            pos = start + -(-info.size // 512) * 512
+            if not info.isfile():
+                continue
+            started = True
+            key, ext = _split_name(path, info.name, last_key)
+            if end > n:
+                raise ShardError(f"{path} key {key}: member {info.name!r} truncated ({n - start} of {info.size} bytes)",
+                                 shard=path, key=key, field=ext)
+            last_key = key
+            yield key, ext, (buf[start:end] if keys is None or key in keys else None)
+        if pos < n:
+            raise ShardError(f"{path}: tar ends mid-header after key {last_key}", shard=path, key=last_key)
+        raise ShardError(f"{path}: tar lacks its end-of-archive blocks (truncated after key {last_key}?)",
+                         shard=path, key=last_key)
+
+    for s in _group(path, members()):
+        if keys is None or s["__key__"] in keys:
+            yield s
+        else:
+            yield {"__key__": s["__key__"], "__url__": path, "__skipped__": True}
+
+
+def _iter_tarfile(path: str, keys: set[str] | None) -> Iterator[dict[str, Any]]:
+    def members():
+        last_key = None
+        try:
+            with tarfile.open(path, "r|") as tf:
+                for info in tf:
+                    if not info.isfile():
+                        continue
+                    key, ext = _split_name(path, info.name, last_key)
+                    fh = tf.extractfile(info)
+                    data = fh.read() if fh is not None else b""
+                    if len(data) != info.size:
+                        raise ShardError(f"{path} key {key}: member {info.name!r} truncated ({len(data)} of "
+                                         f"{info.size} bytes)", shard=path, key=key, field=ext)
+                    last_key = key
+                    yield key, ext, data
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise ShardError(f"{path}: tar is corrupt or truncated after key {last_key}: {e}",
+                             shard=path, key=last_key) from e
+
+    for s in _group(path, members()):
+        if keys is None or s["__key__"] in keys:
+            yield s
+        else:
+            yield {"__key__": s["__key__"], "__url__": path, "__skipped__": True}
 
 
 def decode_sample(sample: dict[str, Any], manifest: dict | None = None) -> Episode:
@@ -415,9 +499,9 @@ def iter_shard_episodes(data_dir: str | Path, shard: dict, manifest: dict, on_er
         raise ShardError(f"{path}: shard listed in the manifest is missing", shard=str(path))
     seen = []
     try:
-        for s in iter_tar_samples(path):
+        for s in iter_tar_samples(path, keys=keys):
             seen.append(s["__key__"])
-            if keys is not None and s["__key__"] not in keys:
+            if s.get("__skipped__"):
                 continue
             try:
                 ep = decode_sample(s, manifest)
