@@ -25,6 +25,9 @@ def test_tiny_shards_layout(tiny_shards, tiny_config):
         assert np.all(np.abs(ep.actions) <= 1.0)
         assert ep.meta["split"] in ("train", "val", "ood")
         assert (ep.meta["split"] == "ood") == (ep.meta["policy"]["name"] == "noise_1.0")
+        # upright: corner2's top rows are plain wall, the bottom rows hold the table legs and robot base
+        q = ep.frames.shape[1] // 4
+        assert ep.frames[:, :q].std() < 10 < 30 < ep.frames[:, -q:].std()
         # frames are real renders that change over time
         assert ep.frames.std() > 5 and np.abs(ep.frames[-1].astype(int) - ep.frames[0]).mean() > 0.5
     # the stats in the manifest are those of the train split
