@@ -158,3 +158,20 @@ def test_append_jsonl_refuses_a_damaged_file(tmp_path):
         append_jsonl(p, {"a": 3})
     with pytest.raises(ValueError):
         append_jsonl(tmp_path / "n.jsonl", {"a": float("nan")})
+
+
+def test_configurable_from_a_stage_yaml(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    cfg = tmp_path / "stage.yaml"
+    cfg.write_text(
+        "trainer:\n"
+        "  accelerator: cpu\n"
+        "  logger: false\n"
+        "  callbacks:\n"
+        "    - class_path: whale_pl.callbacks.EvalCallback\n"
+        "      init_args: {every_n_val_epochs: 2, num_clips: 5, fvd: false, i3d_path: null,\n"
+        "                  value_kwargs: {episodes: 3}}\n")
+    cli = LightningCLI(TinyAE, run=False, args=["--config", str(cfg)], save_config_callback=None)
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, EvalCallback)]
+    assert (cb.every_n_val_epochs, cb.num_clips, cb.fvd, cb.value_kwargs) == (2, 5, False, {"episodes": 3})
