@@ -34,6 +34,7 @@ def main() -> None:
         n += b["frames"].shape[0]
     dt = time.perf_counter() - t0
     print(f"{n} clips of {tuple(b['frames'].shape[1:])} uint8 in {dt:.2f} s with {WORKERS} workers, batch {BATCH}")
+    print(f"load average: {os.getloadavg()[0]:.1f} (other processes on the 2 cores lower this figure)")
     print(f"loader: {n / dt:.0f} clips/s")
 
 
