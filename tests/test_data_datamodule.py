@@ -149,6 +149,8 @@ def test_metaworld_datamodule_reuses_shards_and_serves_episodes(tiny_data_yaml, 
     assert len(ood) == 4 and {e.meta["policy"]["name"] for e in ood} == {"noise_1.0"}
     assert [len(v) for v in dm.episodes_by_policy("val").values()] == [2, 2, 2]
     assert len(dm.episodes("train", family="lag", task="push-v3")) == 2
+    with pytest.raises(ValueError, match=r"no policy 'lag_9'; valid: \['expert', 'lag_3'"):
+        dm.episodes("ood", policy="lag_9")
 
 
 def test_missing_data_errors(tmp_path):

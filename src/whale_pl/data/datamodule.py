@@ -400,12 +400,16 @@ class ClipDataModule(L.LightningDataModule):
         return self
 
     # ---- whole episodes (evaluation) --------------------------------------------------------
-    def episodes(self, split: str | Sequence[str] = "ood", family: str | None = None, policy: str | None = None,
-                 task: str | None = None, limit: int | None = None, dataset: int = 0) -> list[Episode]:
-        """Whole episodes of one directory, filtered by split/family/policy/task, in manifest order."""
+    def iter_episodes(self, split: str | Sequence[str] = "ood", family: str | None = None,
+                      policy: str | None = None, task: str | None = None, dataset: int = 0) -> Iterator[Episode]:
+        """Whole episodes of one directory, filtered by split/family/policy/task, in manifest order
+        (streamed: a large held-out set need not fit in memory)."""
         d = self._load()[dataset]
         splits = [split] if isinstance(split, str) else list(split)
-        out: list[Episode] = []
+        for what, val, valid in (("policy", policy, d.m["policies"]), ("family", family, d.m["families"]),
+                                 ("task", task, d.m.get("tasks", {}))):
+            if val is not None and val not in valid:
+                raise ValueError(f"{d.path}: no {what} {val!r}; valid: {sorted(valid)}")
         for sh in d.shards(splits):
             for _, ep in iter_shard_episodes(d.path, sh, d.m, on_error=self.on_error):
                 pol = ep.meta.get("policy") or {}
@@ -415,9 +419,16 @@ class ClipDataModule(L.LightningDataModule):
                     continue
                 if task is not None and ep.meta.get("task") != task:
                     continue
-                out.append(ep)
-                if limit is not None and len(out) >= limit:
-                    return out
+                yield ep
+
+    def episodes(self, split: str | Sequence[str] = "ood", family: str | None = None, policy: str | None = None,
+                 task: str | None = None, limit: int | None = None, dataset: int = 0) -> list[Episode]:
+        """``iter_episodes`` as a list (at most ``limit`` episodes)."""
+        out: list[Episode] = []
+        for ep in self.iter_episodes(split, family, policy, task, dataset):
+            if limit is not None and len(out) >= limit:
+                break
+            out.append(ep)
         return out
 
     def episodes_by_policy(self, split: str | Sequence[str] = "ood", dataset: int = 0) -> dict[str, list[Episode]]:
