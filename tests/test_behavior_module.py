@@ -91,8 +91,9 @@ def test_fit_keeps_tokenizer_bit_identical_and_writes_checkpoints(fitted, tokeni
 
     on_disk = load_frozen(tokenizer_ckpt, TokenizerModule).state_dict()
     assert all(torch.equal(on_disk[k], before[k]) for k in before)
-    # the behavior model itself did train: its weights differ from a fresh init with the same seed
+    # loaded for stage 3: frozen and in eval mode, the tokenizer inside it too
     assert all(not m.training for m in beh.modules())
+    assert not any(p.requires_grad for p in beh.parameters())
 
 
 def test_tokenizer_stays_in_eval_mode_during_fit(tokenizer_ckpt, tiny_data_yaml, tmp_path):
@@ -180,3 +181,28 @@ def test_bad_tokenizer_checkpoints_name_path_and_mismatch(fitted, tokenizer_ckpt
     spec["frame_size"] = [64, 64]
     with pytest.raises(HandoffError, match=r"best\.ckpt.*frame_size: checkpoint \[32, 32\] != current \[64, 64\]"):
         BehaviorModule(tokenizer_ckpt=str(tokenizer_ckpt), data_spec=spec)
+
+
+def test_code_cache_matches_the_tokenizer_and_catches_misindexing(tokenizer_ckpt, tiny_data_yaml):
+    from whale_pl.data.datamodule import MetaWorldDataModule
+    from whale_pl.lit.behavior_module import BehaviorModule, frames_to_unit
+
+    dm = MetaWorldDataModule(config=str(tiny_data_yaml), clip_len=6, batch_size=3, num_workers=0,
+                             steps_per_epoch=1, val_steps=1)
+    dm.setup("fit")
+    module = BehaviorModule(tokenizer_ckpt=str(tokenizer_ckpt), dim=32, depth=1)
+    module.build_code_cache(dm, ["train", "val"])
+    assert len(module._ids_cache) == 12 + 6  # every train and val episode of the tiny dataset
+    batch = next(iter(dm.val_dataloader()))
+    tok = module.tokenizer.model
+    # every frame of the clip, tokenized alone, equals the cached ids
+    B, T = batch["frames"].shape[:2]
+    alone = tok.encode(frames_to_unit(batch["frames"].reshape(B * T, 1, *batch["frames"].shape[2:])))
+    codes = module.batch_codes(batch)
+    assert torch.equal(codes, tok.embed(alone.reshape(B, T, *alone.shape[2:])).float())
+    # a cache holding other tokens than the tokenizer gives for these frames is caught on the first batch
+    # (the fixture's few-step tokenizer uses few codes, so shifting frames would not change the ids)
+    module._ids_cache = {k: (v + 1) % tok.codebook_size for k, v in module._ids_cache.items()}
+    module._cache_checked = False
+    with pytest.raises(RuntimeError, match="code_cache disagrees with the tokenizer"):
+        module.batch_codes(batch)

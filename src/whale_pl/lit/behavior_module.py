@@ -88,6 +88,7 @@ class BehaviorModule(L.LightningModule):
         total_steps: int | None = None,
         probe_t_min: int = 8,
         probe_max_points: int = 4000,
+        code_cache: bool = False,
         tokenizer_sha256: str | None = None,
     ) -> None:
         """``tokenizer_ckpt``: stage-1 checkpoint (``runs/<scale>/tokenizer/checkpoints/best.ckpt``).
@@ -95,6 +96,11 @@ class BehaviorModule(L.LightningModule):
         ``expect_codebook_size``: when set, the tokenizer must have exactly this codebook size.
         ``beta``: KL weight; ``free_bits``: nats per z dimension below which KL is not penalised;
         ``kl_warmup_steps``: beta ramps linearly from 0 over this many steps.
+        ``code_cache``: tokenize every frame of the datamodule's train/val episodes once at the start of
+        the fit (each frame on its own, i.e. exactly as the first frame of a clip is tokenized) and
+        look clips up by (dataset, episode, start) instead of running the tokenizer on every batch.
+        For CPU-scale runs, where the frozen tokenizer costs most of each step. Clips are checked
+        against the online tokenizer on the first batch.
         ``tokenizer_sha256``: filled in automatically; a checkpoint's value must match the file."""
         super().__init__()
         self.save_hyperparameters()
@@ -126,6 +132,9 @@ class BehaviorModule(L.LightningModule):
             decoder_hidden=decoder_hidden, dropout=dropout,
         )
         self.families: list[str] = list(data_spec.get("families") or [])
+        self._ids_cache: dict[tuple[int, int], torch.Tensor] | None = None
+        self._cache_checked = False
+        self._cache_splits: list[str] = []
         self._val_z: list[torch.Tensor] = []
         self._val_family: list[torch.Tensor] = []
 
@@ -161,6 +170,76 @@ class BehaviorModule(L.LightningModule):
         return tok.embed(tok.encode(frames_to_unit(frames_BTCHW))).float()
 
     @torch.no_grad()
+    def batch_codes(self, batch: dict) -> torch.Tensor:
+        """Code vectors of a batch's clips: from the id cache when enabled, else the online tokenizer."""
+        if self._ids_cache is None:
+            return self.codes(batch["frames"])
+        if (batch["stride"] != 1).any():
+            raise ValueError(f"code_cache needs frame_stride 1 clips, got strides {batch['stride'].unique().tolist()}")
+        T = batch["frames"].shape[1]
+        steps = torch.arange(T)
+        ids = []
+        for ds, ep, st in zip(batch["dataset"].tolist(), batch["episode"].tolist(), batch["start"].tolist()):
+            if (ds, ep) not in self._ids_cache:
+                raise KeyError(f"code_cache: no cached ids for dataset {ds} episode {ep} (splits cached: "
+                               f"{self._cache_splits}); the batch comes from a split that was not cached")
+            ids.append(self._ids_cache[(ds, ep)][st + steps])
+        ids_BThw = torch.stack(ids).to(self.device, torch.long)
+        if not self._cache_checked:  # the cache must say what the tokenizer says about these very frames
+            online = self.tokenizer.model.encode(frames_to_unit(batch["frames"][:, :1]))
+            agree = (online == ids_BThw[:, :1]).double().mean().item()
+            if agree < 0.99:
+                raise RuntimeError(f"code_cache disagrees with the tokenizer on the first frames of a batch "
+                                   f"({agree:.1%} of tokens equal): the (dataset, episode, start) indexing is off")
+            self._cache_checked = True
+        return self.tokenizer.model.embed(ids_BThw).float()
+
+    @torch.no_grad()
+    def build_code_cache(self, datamodule, splits: list[str], batch_frames: int = 256) -> None:
+        """Tokenize every frame of ``splits`` (each frame alone) into ``{(dataset, episode): ids [T,h,w]}``."""
+        from tqdm import tqdm
+
+        cache: dict[tuple[int, int], torch.Tensor] = {}
+        tok = self.tokenizer.model
+        n_dirs = len(datamodule.data_spec.get("datasets") or [None])
+        jobs = []
+        for ds in range(n_dirs):
+            m = datamodule.manifest(ds)
+            index, wanted = 0, []
+            for sh in m["shards"]:
+                for _ in sh["keys"]:
+                    if sh["split"] in splits:
+                        wanted.append(index)
+                    index += 1
+            eps = datamodule.episodes(split=splits, dataset=ds)
+            if len(eps) != len(wanted):
+                raise RuntimeError(f"code_cache: dataset {ds} lists {len(wanted)} episodes in splits {splits} "
+                                   f"but {len(eps)} were read")
+            jobs += [((ds, i), ep) for i, ep in zip(wanted, eps)]
+        total = sum(len(ep) for _, ep in jobs)
+        bar = tqdm(total=total, desc="behavior: tokenizing frames for the code cache", unit="frame",
+                   disable=self.global_rank != 0)
+        with self.trainer.precision_plugin.forward_context() if self._trainer is not None else contextlib.nullcontext():
+            for key, ep in jobs:
+                frames = torch.from_numpy(ep.frames).permute(0, 3, 1, 2)  # [T, 3, H, W] uint8
+                out = []
+                for i in range(0, len(frames), batch_frames):
+                    chunk = frames_to_unit(frames[i : i + batch_frames, None].to(self.device))  # [n, 1, 3, H, W]
+                    out.append(tok.encode(chunk)[:, 0].to(torch.int32).cpu())
+                    bar.update(len(chunk))
+                cache[key] = torch.cat(out)
+        bar.close()
+        self._ids_cache, self._cache_splits, self._cache_checked = cache, list(splits), False
+
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.hparams.code_cache and self._ids_cache is None:
+            if dm is None or not hasattr(dm, "episodes"):
+                raise ValueError("code_cache: true needs a ClipDataModule (with episodes()/manifest())")
+            splits = list(dict.fromkeys(list(dm.train_splits) + list(dm.val_splits)))
+            self.build_code_cache(dm, splits)
+
+    @torch.no_grad()
     def behavior_z(self, frames_BTCHW: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
         """The stage-3 behavior embedding from pixels: prior mean z_t [B,T,Z] (causal in t)."""
         mu_BTZ, _ = self.model.prior(self.codes(frames_BTCHW), actions_BTA)
@@ -175,7 +254,7 @@ class BehaviorModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         beta = self.current_beta()
-        out = self.model.loss(self.codes(batch["frames"]), batch["actions"], beta=beta,
+        out = self.model.loss(self.batch_codes(batch), batch["actions"], beta=beta,
                               free_bits=float(self.hparams.free_bits), sample=True)
         B = batch["actions"].shape[0]
         self.log_dict({"train/loss": out.loss, "train/action_nll": out.nll, "train/kl": out.kl,
@@ -185,7 +264,7 @@ class BehaviorModule(L.LightningModule):
         return out.loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        out = self.model.loss(self.codes(batch["frames"]), batch["actions"], beta=float(self.hparams.beta),
+        out = self.model.loss(self.batch_codes(batch), batch["actions"], beta=float(self.hparams.beta),
                               free_bits=float(self.hparams.free_bits), sample=False)
         B = batch["actions"].shape[0]
         self.log_dict({"val/loss": out.loss, "val/action_nll": out.nll, "val/kl": out.kl,
