@@ -1,0 +1,262 @@
+"""The headline experiment (METHOD.md, "the headline claims"), one command, written to a report.
+
+    python -m whale_pl.experiment --scale demo
+
+(1) **Behavior-conditioning on against off**: OOD value gap and return correlation (open- and
+    closed-loop) of two dynamics models that differ only in ``use_behavior``, same seed, same
+    training budget. (2) **Retracing against a deep ensemble**: AUROC and Spearman of the per-step
+    uncertainty against the true per-step error on the same imagined rollouts, and the compute cost
+    ratio (wall-clock of the uncertainty computation; training cost is N models against one).
+
+What is trained here (reused when complete, i.e. ``DONE`` is present): ``members`` ensemble members
+``runs/<scale>/ensemble/<seed>`` with behavior-conditioning on (member 0 is also the "on" arm of
+(1) and the retracing model of (2)) and one "off" model ``runs/<scale>/ensemble_off/0``. Each is
+``whale fit --config stages/<scale>/dynamics.yaml --seed_everything <seed>`` with the logger's
+run directory moved, a smaller size and a short budget (``--member-*`` flags; at demo scale the
+members are deliberately small and brief to keep this step within minutes). The stage's own
+dynamics model (``runs/<scale>/dynamics``), trained with the full budget, is evaluated too: its
+value figures and its retracing uncertainty are reported beside the like-for-like comparison.
+
+Writes ``runs/<scale>/experiment.json``, ``runs/<scale>/experiment.md`` and the plots it links.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from whale_pl.pipeline import fmt_elapsed
+
+MEMBER_DEFAULTS = {  # scale -> (dim, depth, heads, max_steps) of the ensemble members and the off model
+    "demo": (64, 2, 4, 150),
+}
+
+
+def _ckpt_of(run_dir: Path) -> Path:
+    for name in ("best.ckpt", "last.ckpt"):
+        p = run_dir / "checkpoints" / name
+        if p.is_file():
+            return p
+    raise FileNotFoundError(f"no checkpoints/best.ckpt or last.ckpt under {run_dir}")
+
+
+def train_member(scale: str, group: str, seed: int, use_behavior: bool, size: tuple[int, int, int], steps: int,
+                 runs: Path, extra: list[str]) -> tuple[Path, float]:
+    """Train (or reuse) one dynamics model with the stage's config; returns (checkpoint, seconds)."""
+    run_dir = runs / scale / group / str(seed)
+    done = run_dir / "DONE"
+    if done.is_file():
+        info = json.loads(done.read_text())
+        print(f"[experiment] {group}/{seed}: complete, reusing {info['ckpt']}", flush=True)
+        return Path(info["ckpt"]), float(info["seconds"])
+    dim, depth, heads = size
+    cmd = [sys.executable, "-m", "whale_pl.cli", "fit", "--config", str(Path("stages") / scale / "dynamics.yaml"),
+           "--seed_everything", str(seed),
+           "--trainer.logger.init_args.save_dir", str(runs / scale / group), "--trainer.logger.init_args.name",
+           str(seed), "--trainer.max_steps", str(steps),
+           "--model.init_args.use_behavior", "true" if use_behavior else "false",
+           "--model.init_args.dim", str(dim), "--model.init_args.depth", str(depth),
+           "--model.init_args.heads", str(heads), *extra]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        cmd += ["--ckpt_path", str(last)]
+    print(f"[experiment] {group}/{seed}: {' '.join(cmd[2:])}", flush=True)
+    t0 = time.time()
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        raise SystemExit(f"[experiment] training {group}/{seed} failed (exit {proc.returncode}); rerun to resume")
+    seconds = time.time() - t0
+    ckpt = _ckpt_of(run_dir)
+    tmp = run_dir / "DONE.tmp"
+    tmp.write_text(json.dumps({"ckpt": str(ckpt), "seconds": seconds, "steps": steps, "seed": seed,
+                               "use_behavior": use_behavior, "size": list(size)}))
+    os.replace(tmp, done)
+    print(f"[experiment] {group}/{seed}: trained in {fmt_elapsed(seconds)}", flush=True)
+    return ckpt, seconds
+
+
+def _f(x, nd: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{nd}f}"
+
+
+def _value_row(name: str, v: dict, mode: str) -> str:
+    m = v.get(mode)
+    if m is None:
+        return f"| {name} | {mode} | n/a | n/a | n/a | n/a | n/a |"
+    ood, al = m.get("ood") or {}, m.get("all") or {}
+    return (f"| {name} | {mode} | {_f(ood.get('value_gap'))} | {_f(ood.get('spearman'), 2)} | "
+            f"{_f(ood.get('pearson'), 2)} | {_f(al.get('value_gap'))} | {_f(al.get('regret_at_1'))} |")
+
+
+def verdicts(res: dict) -> list[str]:
+    """Does each headline claim reproduce here? Stated plainly, whatever the answer."""
+    out = []
+    on, off = res["on"]["value"], res["off"]["value"]
+    for mode in ("open_loop", "closed_loop"):
+        a, b = (on.get(mode) or {}).get("ood"), (off.get(mode) or {}).get("ood")
+        if not a or not b:
+            out.append(f"- (1) {mode}: OOD figures undefined (too few OOD policies or equal real returns).")
+            continue
+        gap_ok = a["value_gap"] < b["value_gap"]
+        corr_ok = (a["spearman"] or -2) > (b["spearman"] or -2)
+        out.append(f"- (1) {mode}: OOD value gap on {_f(a['value_gap'])} vs off {_f(b['value_gap'])} -> "
+                   f"{'lower with conditioning (claim reproduces)' if gap_ok else 'NOT lower with conditioning (claim does not reproduce)'}; "
+                   f"OOD Spearman on {_f(a['spearman'], 2)} vs off {_f(b['spearman'], 2)} -> "
+                   f"{'higher' if corr_ok else 'not higher'}.")
+    u = res["uncertainty"]
+    q = u["quality_vs_mse"]
+    r, e = q["retracing_score"], q["ensemble_score"]
+    auroc_ok = (r["auroc"] or 0) >= (e["auroc"] or 0)
+    sp_ok = (r["spearman"] or -2) >= (e["spearman"] or -2)
+    ratio = u.get("cost_ratio_ensemble_over_retracing")
+    out.append(f"- (2) retracing AUROC {_f(r['auroc'], 2)} vs ensemble {_f(e['auroc'], 2)}, Spearman "
+               f"{_f(r['spearman'], 2)} vs {_f(e['spearman'], 2)} -> "
+               f"{'at least as good (claim reproduces)' if auroc_ok and sp_ok else 'not as good on ' + ', '.join(n for n, ok in (('AUROC', auroc_ok), ('Spearman', sp_ok)) if not ok) + ' (claim does not reproduce)'}; "
+               f"inference cost: the ensemble takes {_f(ratio, 2)}x the retracing time "
+               f"({'retracing cheaper' if ratio and ratio > 1 else 'retracing NOT cheaper'}), training cost "
+               f"{res['members']}x (N models against one).")
+    return out
+
+
+def write_report(res: dict, path: Path, cmd: str) -> None:
+    L = [f"# Headline experiment ({res['scale']} scale)", "",
+         f"Command: `{cmd}` (total {fmt_elapsed(res['seconds'])}; training {fmt_elapsed(res['train_seconds'])}).", "",
+         f"Evaluation set: tasks {', '.join(res['tasks'])}; {res['starts']} start state(s) per task; horizon "
+         f"{res['horizon']}; discount {res['discount']}; training policies "
+         f"{', '.join(res['train_policies'])}; OOD policies {', '.join(res['ood_policies'])}. Real returns from "
+         "Meta-World, imagined returns from the reward head, same start states.", "",
+         f"Models: {res['members']} ensemble members (behavior-conditioning on, seeds 0..{res['members'] - 1}) and "
+         f"one model with it off (seed 0), each dim {res['member_size'][0]}, depth {res['member_size'][1]}, "
+         f"{res['member_steps']} steps, else the stage config; the stage's own model "
+         f"(`{res['main']['dynamics']}`) for reference.", "",
+         "## Verdicts", "", *verdicts(res), "",
+         "## (1) Behavior-conditioning on vs off", "",
+         "| model | mode | OOD value gap | OOD Spearman | OOD Pearson | all: value gap | all: regret@1 |",
+         "|---|---|---|---|---|---|---|"]
+    for name, key in (("on (member 0)", "on"), ("off (seed 0)", "off"), ("stage model", "main")):
+        for mode in ("open_loop", "closed_loop"):
+            L.append(_value_row(name, res[key]["value"], mode))
+    L += ["", "Real and imagined returns per policy:", ""]
+    L += ["| policy | split | real | " + " | ".join(f"{k} {m}" for k in ("on", "off") for m in ("open", "closed")) + " |",
+          "|---|---|---|---|---|---|---|"]
+    v_on, v_off = res["on"]["value"], res["off"]["value"]
+    for i, p in enumerate(v_on["policies"]):
+        cells = [_f((v.get(m) or {}).get("imagined_return", [None] * (i + 1))[i], 2)
+                 for v in (v_on, v_off) for m in ("open_loop", "closed_loop")]
+        L.append(f"| {p} | {v_on['split'][i]} | {_f(v_on['real_return'][i], 2)} | " + " | ".join(cells) + " |")
+    u = res["uncertainty"]
+    L += ["", f"## (2) Retracing (K={u['K']}) vs a {u['ensemble_size']}-member ensemble", "",
+          f"Same open-loop rollouts of member 0 ({u['steps_scored']} imagined steps with >= 2 anchors). True error: "
+          "pixel MSE of the decoded frame and share of wrong tokens against the real frame. AUROC: "
+          "bad step = error above the median.", "",
+          "| uncertainty | AUROC (MSE) | Spearman (MSE) | AUROC (tokens) | Spearman (tokens) |", "|---|---|---|---|---|"]
+    for k in u["quality_vs_mse"]:
+        a, b = u["quality_vs_mse"][k], u["quality_vs_token_err"][k]
+        L.append(f"| {k} | {_f(a['auroc'], 3)} | {_f(a['spearman'], 3)} | {_f(b['auroc'], 3)} | {_f(b['spearman'], 3)} |")
+    mu = res["main"].get("uncertainty", {}).get("quality_vs_mse", {}).get("retracing_score")
+    if mu:
+        L.append(f"| stage model: retracing_score | {_f(mu['auroc'], 3)} | {_f(mu['spearman'], 3)} | | |")
+    s = u["seconds"]
+    L += ["", f"Cost: retracing {s['retracing']:.1f} s, ensemble {s['ensemble']:.1f} s for the same steps -> ratio "
+          f"{_f(u.get('cost_ratio_ensemble_over_retracing'), 2)}; training {fmt_elapsed(res['member_train_seconds'][0])} "
+          f"for one model against {fmt_elapsed(sum(res['member_train_seconds']))} for the ensemble.", "",
+          "## Plots", ""]
+    for name, p in res["plots"].items():
+        L.append(f"- {name}: ![{name}]({Path(p).name})")
+    L += ["", "Regenerate: the command above (reuses trained members; delete `runs/<scale>/ensemble*` to retrain).", ""]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(L))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m whale_pl.experiment", description=__doc__.split("\n")[0])
+    p.add_argument("--scale", default="demo")
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--data-config", default=None, help="default stages/<scale>/data.yaml")
+    p.add_argument("--dynamics", default=None, help="the stage model; default runs/<scale>/dynamics best.ckpt")
+    p.add_argument("--members", type=int, default=5)
+    p.add_argument("--member-dim", type=int, default=None)
+    p.add_argument("--member-depth", type=int, default=None)
+    p.add_argument("--member-heads", type=int, default=None)
+    p.add_argument("--member-steps", type=int, default=None)
+    p.add_argument("--starts", type=int, default=1)
+    p.add_argument("--horizon", type=int, default=24)
+    p.add_argument("--discount", type=float, default=0.99)
+    p.add_argument("--K", type=int, default=3)
+    p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
+                   help="extra `whale fit` overrides for the members (last on the command line)")
+    a = p.parse_args(argv)
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    from whale_pl.rollout.value import EvalSet, collect_real
+    from whale_pl.rollout.value_cli import plot_returns, plot_uncertainty, run, write_json_atomic
+
+    t_start = time.time()
+    runs = Path(a.runs)
+    dflt = MEMBER_DEFAULTS.get(a.scale, (None, None, None, None))
+    size = (a.member_dim or dflt[0] or 128, a.member_depth or dflt[1] or 4, a.member_heads or dflt[2] or 4)
+    steps = a.member_steps or dflt[3] or 600
+    if a.members < 2:
+        p.error(f"--members must be >= 2, got {a.members}")
+    main_ckpt = Path(a.dynamics) if a.dynamics else runs / a.scale / "dynamics" / "checkpoints" / "best.ckpt"
+    if not main_ckpt.is_file():
+        p.error(f"the stage's dynamics checkpoint {main_ckpt} is missing: train it first "
+                f"(python -m whale_pl.pipeline dynamics --scale {a.scale})")
+    data_cfg = a.data_config or str(Path("stages") / a.scale / "data.yaml")
+
+    # ---- train (or reuse) the ensemble members and the behavior-off model
+    t0 = time.time()
+    members, member_secs = [], []
+    for seed in range(a.members):
+        c, s = train_member(a.scale, "ensemble", seed, True, size, steps, runs, a.fit_args)
+        members.append(c)
+        member_secs.append(s)
+    off_ckpt, _ = train_member(a.scale, "ensemble_off", 0, False, size, steps, runs, a.fit_args)
+    train_seconds = time.time() - t0
+
+    # ---- one set of real rollouts for everything
+    ev = EvalSet.from_data_config(data_cfg, starts=a.starts, horizon=a.horizon, discount=a.discount)
+    print(f"[experiment] real rollouts: {len(ev.tasks)} tasks x {len(ev.policies)} policies x {a.starts} starts", flush=True)
+    real = collect_real(ev)
+    common = dict(data_config=data_cfg, starts=a.starts, horizon=a.horizon, discount=a.discount, K=a.K,
+                  modes=["open_loop", "closed_loop"], real=real)
+    print("[experiment] behavior on (member 0), retracing vs the ensemble on its rollouts", flush=True)
+    on = run(str(members[0]), [str(c) for c in members], **common)
+    unc = on["uncertainty"]
+    print("[experiment] behavior off", flush=True)
+    off = run(str(off_ckpt), None, **common)
+    print("[experiment] the stage's own model", flush=True)
+    main_res = run(str(main_ckpt), None, **common)
+
+    out_dir = runs / a.scale
+    res = {"scale": a.scale, "members": a.members, "member_size": list(size), "member_steps": steps,
+           "member_train_seconds": member_secs, "train_seconds": train_seconds, "tasks": ev.tasks,
+           "starts": a.starts, "horizon": a.horizon, "discount": a.discount, "train_policies": ev.train_policies,
+           "ood_policies": ev.ood_policies, "on": on, "off": off, "main": main_res, "uncertainty": unc,
+           "plots": {}}
+    for key, r in (("on", on), ("off", off), ("main", main_res)):
+        pth = out_dir / f"experiment_returns_{key}.png"
+        plot_returns(r["value"], pth, title=f"{key}: {r['dynamics']}")
+        res["plots"][f"returns ({key})"] = str(pth)
+    pth = out_dir / "experiment_uncertainty.png"
+    plot_uncertainty(unc, pth, title="retracing (member 0) vs ensemble")
+    res["plots"]["uncertainty vs true error"] = str(pth)
+    res["seconds"] = time.time() - t_start
+    write_json_atomic(out_dir / "experiment.json", res)
+    cmd = "python -m whale_pl.experiment " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_report(res, out_dir / "experiment.md", cmd.strip())
+    print("\n".join(verdicts(res)))
+    print(f"[experiment] wrote {out_dir / 'experiment.md'} and experiment.json in {fmt_elapsed(res['seconds'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
