@@ -1,0 +1,356 @@
+"""Stage 3 LightningModule: trains the ST-MaskGIT dynamics on token grids of the frozen tokenizer,
+conditioned on actions and on the frozen behavior prior's embedding z_t.
+
+Thin by design: the model, its loss and generation live in ``whale_pl.models.dynamics``. This
+module loads the earlier stages (``load_frozen``, pinned in eval, bit-identical after a fit), turns
+batches into ids / z, and validates: teacher-forced next-frame token accuracy and cross-entropy
+(each future frame predicted in one step from a fully masked frame given the true past), the
+copy-the-previous-frame baseline, and PSNR / SSIM of autoregressive rollouts decoded to pixels,
+split into training-family and OOD-family episodes. Real-beside-imagined rollouts go to
+TensorBoard as an image grid, and to the evaluation callback through ``eval_videos``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torchmetrics import MeanMetric
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+from whale_pl.lit.optim import adamw_warmup_cosine
+from whale_pl.lit.handoff import HandoffError, check_data_spec, freeze_, load_frozen, stamp_class
+from whale_pl.models.dynamics import DynamicsModel
+
+# keys of data_spec a dynamics checkpoint must agree on with the data it is used on
+SPEC_KEYS = ("frame_size", "action_dim", "action_space", "action_mean", "action_std", "state_dim")
+FROZEN_PREFIXES = ("tokenizer.", "behavior.")
+
+
+@contextmanager
+def _outside_cli_hparams():
+    """LightningCLI instantiates this module inside a context that hands *its* init args to every
+    ``save_hyperparameters`` call, including those of the checkpoints loaded in ``__init__`` (their
+    hparams would become ours). Load the earlier stages outside that context."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    token = _given_hyperparameters.set(None)
+    try:
+        yield
+    finally:
+        _given_hyperparameters.reset(token)
+
+
+def frames_to_unit(frames_BTCHW: torch.Tensor) -> torch.Tensor:
+    """uint8 frames -> float in [-1, 1] (contracts.md)."""
+    return frames_BTCHW.float() / 127.5 - 1.0
+
+
+def psnr_per_sample(pred_BTCHW: torch.Tensor, true_BTCHW: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of frames in [-1, 1] (data range 2), averaged over frames -> [B]."""
+    mse = ((pred_BTCHW.float() - true_BTCHW.float()) ** 2).mean(dim=(2, 3, 4)).clamp_min(1e-10)
+    return (10 * torch.log10(4.0 / mse)).mean(dim=1)
+
+
+def ssim_per_sample(pred_BTCHW: torch.Tensor, true_BTCHW: torch.Tensor) -> torch.Tensor:
+    """SSIM of frames in [-1, 1], averaged over frames -> [B]."""
+    B, T = pred_BTCHW.shape[:2]
+    p = rearrange(pred_BTCHW.float() * 0.5 + 0.5, "b t c h w -> (b t) c h w")
+    t = rearrange(true_BTCHW.float() * 0.5 + 0.5, "b t c h w -> (b t) c h w")
+    s = structural_similarity_index_measure(p, t, data_range=1.0, reduction="none")
+    return rearrange(s, "(b t) -> b t", b=B).mean(dim=1)
+
+
+class DynamicsModule(L.LightningModule):
+    """Stage 3 training / validation around ``DynamicsModel``."""
+
+    supports_value_eval = True  # the evaluation callback's value hook (contracts.md, Evaluation)
+
+    def __init__(
+        self,
+        tokenizer_ckpt: str,
+        behavior_ckpt: str | None = None,
+        use_behavior: bool = True,
+        data_spec: dict | None = None,
+        dim: int = 256,
+        depth: int = 8,
+        heads: int = 8,
+        mlp_ratio: float = 4.0,
+        max_frames: int = 16,
+        max_stride: int = 4,
+        injection: str = "adanorm",
+        dropout: float = 0.0,
+        context_frames: int = 1,
+        corrupt_prob: float = 0.1,
+        reward_weight: float = 0.1,
+        success_weight: float = 0.1,
+        state_weight: float = 0.1,
+        lr: float = 3e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 200,
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        maskgit_steps: int = 4,
+        temperature: float = 0.0,
+        rollout_horizon: int = 8,
+        rollout_batches: int = 2,
+        log_samples: int = 4,
+        tokenizer_sha256: str | None = None,
+        behavior_sha256: str | None = None,
+    ) -> None:
+        """``tokenizer_ckpt`` / ``behavior_ckpt``: the earlier stages' checkpoints
+        (``runs/<scale>/{tokenizer,behavior}/checkpoints/best.ckpt``), loaded frozen.
+        ``use_behavior=False``: the ablation without behavior-conditioning (no behavior_ckpt needed).
+        ``data_spec``: from the datamodule (the CLI links it); None inherits the tokenizer's.
+        ``injection``: how the per-frame (action, z, stride) vector enters (models/dynamics.py).
+        ``context_frames``: clean frames at the start of each training clip and of rollouts.
+        ``corrupt_prob``: max share of visible future tokens replaced by random ids in training.
+        ``maskgit_steps`` / ``temperature``: generation in validation rollouts and ``imagine``.
+        ``*_sha256``: filled in automatically; a checkpoint's values must match the files."""
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer, self.behavior = self._load_earlier_stages(data_spec)
+        tok = self.tokenizer.model
+        spec = self.hparams.data_spec
+        self.model = DynamicsModel(
+            codebook_size=tok.codebook_size,
+            grid_hw=tok.grid_hw(),
+            action_dim=int(spec["action_dim"]),
+            behavior_dim=self.behavior.model.z_dim if self.behavior is not None else 0,
+            state_dim=int(spec.get("state_dim") or 0),
+            dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, max_frames=max_frames,
+            max_stride=max_stride, injection=injection, dropout=dropout,
+        )
+        self.val_psnr = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})
+        self.val_ssim = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})
+
+    # ------------------------------------------------------------------ hand-off
+    def _load_earlier_stages(self, data_spec: dict | None):
+        with _outside_cli_hparams():
+            return self._load_earlier_stages_inner(data_spec)
+
+    def _load_earlier_stages_inner(self, data_spec: dict | None):
+        """Load the frozen tokenizer and behavior model from their paths; check that they were
+        trained on this data (data_spec), that the behavior model was trained on this very
+        tokenizer, and, when re-loading a dynamics checkpoint, that both files still hold the
+        weights the dynamics model was trained with (sha256 fingerprints in the hyper-parameters)."""
+        from whale_pl.lit.behavior_module import BehaviorModule, tokenizer_fingerprint
+        from whale_pl.lit.tokenizer_module import TokenizerModule
+
+        hp = self.hparams
+        keys = None if data_spec is None else [k for k in SPEC_KEYS if k in data_spec]
+        tokenizer = load_frozen(hp.tokenizer_ckpt, TokenizerModule, data_spec=data_spec, data_spec_keys=keys)
+        if data_spec is None:  # inherit the data the tokenizer was trained on; checked on fit
+            data_spec = dict(tokenizer.hparams["data_spec"])
+            self.hparams["data_spec"] = data_spec
+        tok_sha = tokenizer_fingerprint(tokenizer)
+        self._check_fingerprint("tokenizer", hp.tokenizer_ckpt, tok_sha)
+        behavior = None
+        if hp.use_behavior:
+            if not hp.behavior_ckpt:
+                raise ValueError("use_behavior=True needs behavior_ckpt (or set use_behavior: false for the ablation)")
+            keys = [k for k in SPEC_KEYS if k in data_spec]
+            behavior = load_frozen(hp.behavior_ckpt, BehaviorModule, data_spec=data_spec, data_spec_keys=keys)
+            if behavior.hparams.get("tokenizer_sha256") != tok_sha:
+                raise HandoffError(
+                    f"stage checkpoint {str(hp.behavior_ckpt)!r} was trained on a different tokenizer than "
+                    f"{str(hp.tokenizer_ckpt)!r} (sha256 {str(behavior.hparams.get('tokenizer_sha256'))[:16]}... "
+                    f"!= {tok_sha[:16]}...); point both paths at the same stage-1 run"
+                )
+            self._check_fingerprint("behavior", hp.behavior_ckpt, tokenizer_fingerprint(behavior.model))
+        return tokenizer, behavior
+
+    def _check_fingerprint(self, stage: str, path: str, sha: str) -> None:
+        key = f"{stage}_sha256"
+        recorded = self.hparams.get(key)
+        if recorded is not None and recorded != sha:
+            raise HandoffError(
+                f"stage checkpoint {str(path)!r}: the {stage} there is not the one this dynamics model was "
+                f"trained with (sha256 {sha[:16]}... != recorded {recorded[:16]}...); retrain the dynamics "
+                f"stage or restore that {stage} checkpoint"
+            )
+        self.hparams[key] = sha
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The frozen stages' weights are not duplicated here: only their paths and sha256 (hparams)."""
+        stamp_class(checkpoint, self)
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith(FROZEN_PREFIXES)]:
+            del sd[k]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put the (fingerprint-checked) frozen stages back into the state dict so a strict load fits."""
+        sd = checkpoint["state_dict"]
+        for prefix, module in (("tokenizer.", self.tokenizer), ("behavior.", self.behavior)):
+            if module is None:
+                continue
+            for k, v in module.state_dict().items():
+                sd.setdefault(prefix + k, v)
+            freeze_(module)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        current = getattr(dm, "data_spec", None)
+        if current is not None:
+            keys = [k for k in SPEC_KEYS if k in current]
+            check_data_spec(self.hparams.data_spec, current, "dynamics module (its data_spec vs the datamodule's)", keys)
+
+    # ------------------------------------------------------------------ batch -> model inputs
+    @torch.no_grad()
+    def tokenize(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.model.encode(frames_to_unit(frames_BTCHW))
+
+    @torch.no_grad()
+    def behavior_z(self, ids_BThw: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor | None:
+        """z_t = prior mean of the frozen behavior model given history <= t (None when off)."""
+        if self.behavior is None:
+            return None
+        codes = self.tokenizer.model.embed(ids_BThw)
+        mu_BTZ, _ = self.behavior.model.prior(codes, actions_BTA)
+        return mu_BTZ.float()
+
+    def z_fn(self):
+        """The prior as a callable for ``imagine`` / retracing (None when behavior is off)."""
+        return None if self.behavior is None else self.behavior_z
+
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        actions = batch["actions"].float()
+        A = self.model.action_dim
+        if actions.shape[-1] != A:
+            raise ValueError(f"batch['actions'] has {actions.shape[-1]} dims; this dynamics model was trained with {A}")
+        ids = self.tokenize(batch["frames"])
+        z = self.behavior_z(ids, actions)
+        stride = batch.get("stride")
+        return ids, actions, z, stride
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        ids, actions, z, stride = self._inputs(batch)
+        state = batch.get("state")
+        out = self.model.training_losses(
+            ids, actions, z, batch["rewards"], batch["success"], state, stride,
+            context_frames=self.hparams.context_frames, corrupt_prob=self.hparams.corrupt_prob,
+        )
+        hp = self.hparams
+        loss = out["ce"] + hp.reward_weight * out["reward"] + hp.success_weight * out["success"]
+        if "state" in out:
+            loss = loss + hp.state_weight * out["state"]
+        B = ids.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        for k, v in out.items():
+            self.log(f"train/{k}", v, batch_size=B, prog_bar=k == "acc")
+        return loss
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        ids, actions, z, stride = self._inputs(batch)
+        B = ids.shape[0]
+        logits = self.model.teacher_forced(ids, actions, z, stride).float()
+        target = ids[:, 1:]
+        ce = F.cross_entropy(rearrange(logits, "b t h w v -> (b t h w) v"), target.reshape(-1))
+        acc = (logits.argmax(-1) == target).float().mean()
+        copy = (ids[:, :-1] == ids[:, 1:]).float().mean()
+        self.log("val/ce", ce, batch_size=B, sync_dist=True)
+        self.log("val/acc", acc, batch_size=B, prog_bar=True, sync_dist=True)
+        self.log("val/copy_acc", copy, batch_size=B, sync_dist=True)
+        self.log("val/acc_minus_copy", acc - copy, batch_size=B, sync_dist=True)
+        if batch_idx < self.hparams.rollout_batches:
+            out = self.rollout(batch, ids=ids, actions=actions, stride=stride)
+            ood = batch["ood"].bool() if "ood" in batch else torch.zeros(B, dtype=torch.bool, device=ids.device)
+            for name, sel in (("train_family", ~ood), ("ood", ood), ("all", torch.ones_like(ood))):
+                if sel.any():
+                    self.val_psnr[name].update(out["psnr_B"][sel])
+                    self.val_ssim[name].update(out["ssim_B"][sel])
+            if batch_idx == 0:
+                self._log_grid(out["real_BTCHW"], out["imagined_BTCHW"])
+
+    def on_validation_epoch_end(self) -> None:
+        for name in ("train_family", "ood", "all"):
+            for kind, metric in (("psnr", self.val_psnr[name]), ("ssim", self.val_ssim[name])):
+                if metric.update_count > 0:
+                    self.log(f"val/{kind}_ar_{name}", metric.compute(), sync_dist=False)
+                metric.reset()
+
+    @torch.no_grad()
+    def rollout(
+        self,
+        batch: dict,
+        horizon: int | None = None,
+        ids: torch.Tensor | None = None,
+        actions: torch.Tensor | None = None,
+        stride: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Autoregressive rollout of a batch's clips from their first ``context_frames`` frames with
+        the recorded actions; decoded frames and PSNR / SSIM (per clip) against the real frames."""
+        if ids is None:
+            ids, actions, _, stride = self._inputs(batch)
+        C = self.hparams.context_frames
+        H = min(horizon or self.hparams.rollout_horizon, ids.shape[1] - C)
+        out = self.model.imagine(
+            ids[:, :C], actions, self.z_fn(), horizon=H, steps=self.hparams.maskgit_steps,
+            temperature=self.hparams.temperature, stride_B=stride, generator=generator,
+        )
+        imagined = self.tokenizer.model.decode(out["ids_BThw"]).float()
+        real = frames_to_unit(batch["frames"][:, C : C + H])
+        return {
+            **out,
+            "imagined_BTCHW": imagined,
+            "real_BTCHW": real,
+            "psnr_B": psnr_per_sample(imagined, real),
+            "ssim_B": ssim_per_sample(imagined, real),
+        }
+
+    @torch.no_grad()
+    def imagine(
+        self,
+        context_frames_BCCHW: torch.Tensor,
+        actions_BTA: torch.Tensor,
+        horizon: int | None = None,
+        steps: int | None = None,
+        temperature: float | None = None,
+        stride_B: torch.Tensor | None = None,
+        use_cache: bool = True,
+        return_probs: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Pixels in, pixels out: tokenise uint8 context frames, imagine with the behavior prior
+        re-evaluated on the imagined history, decode. Adds ``frames_BTCHW`` (float in [-1, 1])."""
+        ids = self.tokenize(context_frames_BCCHW)
+        out = self.model.imagine(
+            ids, actions_BTA.float(), self.z_fn(), horizon=horizon,
+            steps=steps or self.hparams.maskgit_steps,
+            temperature=self.hparams.temperature if temperature is None else temperature,
+            stride_B=stride_B, use_cache=use_cache, return_probs=return_probs, generator=generator,
+        )
+        out["frames_BTCHW"] = self.tokenizer.model.decode(out["ids_BThw"]).float()
+        return out
+
+    @torch.no_grad()
+    def eval_videos(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real frames after the context, imagined rollout from the same context and recorded
+        actions), float [B, T, 3, H, W] in [-1, 1] — the evaluation callback's protocol."""
+        out = self.rollout(batch)
+        return out["real_BTCHW"], out["imagined_BTCHW"]
+
+    def _log_grid(self, real_BTCHW: torch.Tensor, imagined_BTCHW: torch.Tensor) -> None:
+        """Rows: real / imagined per clip; columns: rollout steps."""
+        exp = getattr(self.logger, "experiment", None)
+        if exp is None or not hasattr(exp, "add_image"):
+            return
+        n = min(self.hparams.log_samples, real_BTCHW.shape[0])
+        pairs = torch.stack([real_BTCHW[:n], imagined_BTCHW[:n]], dim=1)  # [n, 2, T, C, H, W]
+        grid = rearrange(pairs, "n r t c h w -> c (n r h) (t w)")
+        exp.add_image("val/rollout_real_vs_imagined", (grid.clamp(-1, 1) + 1) / 2, self.global_step)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        return adamw_warmup_cosine(self, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
+                                   warmup_steps=hp.warmup_steps, total_steps=hp.max_steps,
+                                   min_lr_ratio=hp.min_lr_ratio)

@@ -1,0 +1,187 @@
+"""DynamicsModule on real (tiny) Meta-World data: the whole `whale fit` path with the demo YAML on
+real tiny tokenizer and behavior checkpoints; the frozen stages bit-identical after the fit;
+validation figures and rollout pictures in TensorBoard; clear errors for mismatched data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from whale_pl.lit.handoff import HandoffError, load_frozen
+
+TINY_TOKENIZER = dict(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2,
+                      codebook_size=32, code_dim=8)
+QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+             num_sanity_val_steps=0)
+
+
+def _dm(data_yaml: Path, clip_len: int = 4, **kw):
+    from whale_pl.data.datamodule import MetaWorldDataModule
+
+    return MetaWorldDataModule(config=str(data_yaml), clip_len=clip_len, batch_size=2, num_workers=0,
+                               steps_per_epoch=3, val_steps=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def stage_ckpts(tiny_data_yaml, tmp_path_factory) -> tuple[Path, Path]:
+    """Real stage-1 and stage-2 checkpoints, each fitted for a few steps on the tiny dataset."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from whale_pl.lit.behavior_module import BehaviorModule
+    from whale_pl.lit.tokenizer_module import TokenizerModule
+
+    out = tmp_path_factory.mktemp("stages")
+    torch.manual_seed(0)
+    L.Trainer(max_steps=3, callbacks=[ModelCheckpoint(dirpath=out / "tok", filename="best")], **QUIET).fit(
+        TokenizerModule(tokenizer=TINY_TOKENIZER, warmup_steps=1), _dm(tiny_data_yaml))
+    tok = out / "tok" / "best.ckpt"
+    beh = BehaviorModule(tokenizer_ckpt=str(tok), dim=16, depth=1, z_dim=4, decoder_hidden=16, warmup_steps=1,
+                         probe_t_min=2)
+    L.Trainer(max_steps=3, callbacks=[ModelCheckpoint(dirpath=out / "beh", filename="best")], **QUIET).fit(
+        beh, _dm(tiny_data_yaml, clip_len=6))
+    return tok, out / "beh" / "best.ckpt"
+
+
+def _fit_cli(tok: Path, beh: Path, data_yaml: Path, run_root: Path, extra: list[str] = ()) -> None:
+    """`whale fit --config stages/demo/dynamics.yaml` with tiny-data overrides."""
+    from whale_pl.cli import main
+
+    main([
+        "fit", "--config", "stages/demo/dynamics.yaml",
+        "--model.init_args.tokenizer_ckpt", str(tok), "--model.init_args.behavior_ckpt", str(beh),
+        "--model.init_args.dim", "32", "--model.init_args.depth", "1", "--model.init_args.heads", "2",
+        "--model.init_args.maskgit_steps", "2", "--model.init_args.rollout_horizon", "4",
+        "--model.init_args.rollout_batches", "1", "--model.init_args.warmup_steps", "1",
+        "--data.init_args.config", str(data_yaml), "--data.init_args.clip_len", "6",
+        "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+        "--data.init_args.steps_per_epoch", "3", "--data.init_args.val_steps", "2",
+        "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(run_root),
+        *extra,
+    ])
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def fitted(stage_ckpts, tiny_data_yaml, tmp_path_factory):
+    from whale_pl.lit.behavior_module import BehaviorModule
+    from whale_pl.lit.tokenizer_module import TokenizerModule
+
+    tok, beh = stage_ckpts
+    before = {"tokenizer": _snapshot(load_frozen(tok, TokenizerModule)),
+              "behavior": _snapshot(load_frozen(beh, BehaviorModule))}
+    root = tmp_path_factory.mktemp("runs")
+    torch.manual_seed(0)
+    _fit_cli(tok, beh, tiny_data_yaml, root)
+    return root / "dynamics", before
+
+
+def test_fit_keeps_frozen_stages_bit_identical(fitted, stage_ckpts):
+    from whale_pl.lit.behavior_module import tokenizer_fingerprint
+    from whale_pl.lit.dynamics_module import DynamicsModule
+
+    run, before = fitted
+    ckpts = run / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file() and (ckpts / "best.ckpt").is_file()
+    raw = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert raw["whale_class"].endswith("DynamicsModule") and raw["global_step"] == 6
+    assert not any(k.startswith(("tokenizer.", "behavior.")) for k in raw["state_dict"])  # paths + sha256 only
+    dyn = load_frozen(ckpts / "last.ckpt", DynamicsModule)
+    for name, module in (("tokenizer", dyn.tokenizer), ("behavior", dyn.behavior)):
+        after = module.state_dict()
+        assert before[name].keys() == after.keys()
+        for k in before[name]:
+            assert torch.equal(before[name][k], after[k]), f"{name} tensor {k} changed during the dynamics fit"
+    assert any("codebook" in k or "embed" in k for k in before["tokenizer"])
+    assert raw["hyper_parameters"]["tokenizer_sha256"] == tokenizer_fingerprint(dyn.tokenizer)
+    # the dynamics weights did train
+    assert not torch.equal(raw["state_dict"]["model.logits_head.weight"],
+                           DynamicsModule(tokenizer_ckpt=str(stage_ckpts[0]), behavior_ckpt=str(stage_ckpts[1]),
+                                          dim=32, depth=1, heads=2).state_dict()["model.logits_head.weight"])
+
+
+def test_frozen_stages_stay_in_eval_mode_during_fit(stage_ckpts, tiny_data_yaml):
+    from whale_pl.lit.dynamics_module import DynamicsModule
+
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            frozen = [pl_module.tokenizer, pl_module.behavior]
+            seen.append((pl_module.model.training, any(m.training for f in frozen for m in f.modules()),
+                         any(p.requires_grad for f in frozen for p in f.parameters())))
+
+    tok, beh = stage_ckpts
+    module = DynamicsModule(tokenizer_ckpt=str(tok), behavior_ckpt=str(beh), dim=32, depth=1, heads=2,
+                            warmup_steps=1, rollout_horizon=2, rollout_batches=0)
+    L.Trainer(max_steps=2, enable_checkpointing=False, callbacks=[Spy()], **QUIET).fit(module, _dm(tiny_data_yaml))
+    assert len(seen) == 2
+    assert all(model_train and not frozen_train and not frozen_grad for model_train, frozen_train, frozen_grad in seen)
+
+
+def test_validation_figures_and_rollout_picture_in_tensorboard(fitted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = fitted
+    ea = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
+    ea.Reload()
+    assert "val/rollout_real_vs_imagined" in ea.Tags()["images"]
+    for tag in ("train/ce", "train/acc", "train/reward", "train/state", "val/acc", "val/ce", "val/copy_acc",
+                "val/psnr_ar_all", "val/ssim_ar_all"):
+        assert tag in ea.Tags()["scalars"], tag
+    assert any(t in ea.Tags()["scalars"] for t in ("val/psnr_ar_train_family", "val/psnr_ar_ood"))
+
+
+def test_imagine_and_eval_videos_from_pixels(fitted, tiny_data_yaml):
+    from whale_pl.lit.dynamics_module import DynamicsModule
+
+    run, _ = fitted
+    dyn = load_frozen(run / "checkpoints" / "last.ckpt", DynamicsModule)
+    dm = _dm(tiny_data_yaml, clip_len=6)
+    batch = next(iter(dm.val_dataloader()))
+    real, imagined = dyn.eval_videos(batch)
+    assert real.shape == imagined.shape == (2, 4, 3, 32, 32)
+    assert imagined.min() >= -1 and imagined.max() <= 1
+    out = dyn.imagine(batch["frames"][:, :1], batch["actions"], horizon=3, steps=2, temperature=1.0,
+                      generator=torch.Generator().manual_seed(0))
+    assert out["frames_BTCHW"].shape == (2, 3, 3, 32, 32) and out["state_BTS"].shape[:2] == (2, 3)
+    assert ((out["token_prob_BThw"] > 0) & (out["token_prob_BThw"] <= 1)).all()
+
+
+def test_mismatched_data_is_a_clear_error_at_load(fitted, stage_ckpts, tiny_data_yaml):
+    from whale_pl.lit.dynamics_module import DynamicsModule
+
+    run, _ = fitted
+    spec = dict(_dm(tiny_data_yaml).data_spec)
+    load_frozen(run / "checkpoints" / "last.ckpt", DynamicsModule, data_spec=spec,
+                data_spec_keys=["action_dim", "action_mean", "action_std"])  # the same data loads
+    bad = dict(spec, action_std=[s * 2 for s in spec["action_std"]])
+    with pytest.raises(HandoffError, match="action_std"):
+        load_frozen(run / "checkpoints" / "last.ckpt", DynamicsModule, data_spec=bad,
+                    data_spec_keys=["action_dim", "action_mean", "action_std"])
+    tok, beh = stage_ckpts
+    with pytest.raises(HandoffError, match="action_dim"):
+        DynamicsModule(tokenizer_ckpt=str(tok), behavior_ckpt=str(beh), data_spec=dict(spec, action_dim=7))
+    # a module built for other data refuses the datamodule when the fit starts
+    module = DynamicsModule(tokenizer_ckpt=str(tok), use_behavior=False, dim=32, depth=1, heads=2)
+    module.hparams["data_spec"] = dict(spec, action_mean=[0.5] * len(spec["action_mean"]))
+    with pytest.raises(HandoffError, match="action_mean"):
+        L.Trainer(max_steps=1, enable_checkpointing=False, **QUIET).fit(module, _dm(tiny_data_yaml))
+
+
+def test_behavior_ablation_fits_without_behavior_checkpoint(stage_ckpts, tiny_data_yaml):
+    from whale_pl.lit.dynamics_module import DynamicsModule
+
+    tok, _ = stage_ckpts
+    module = DynamicsModule(tokenizer_ckpt=str(tok), use_behavior=False, dim=32, depth=1, heads=2,
+                            warmup_steps=1, rollout_horizon=2, rollout_batches=1)
+    assert module.behavior is None and module.model.beh_proj is None
+    L.Trainer(max_steps=2, enable_checkpointing=False, limit_val_batches=1, **QUIET).fit(module, _dm(tiny_data_yaml))
+    with pytest.raises(ValueError, match="behavior_ckpt"):
+        DynamicsModule(tokenizer_ckpt=str(tok), use_behavior=True, behavior_ckpt=None)
