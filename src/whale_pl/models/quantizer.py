@@ -6,7 +6,7 @@ Gradients pass straight through to the encoder; a commitment loss pulls the enco
 codes. The codebook is learned either by exponential moving averages of the assigned inputs
 (``ema=True``, the default) or by gradient through a codebook loss. Codes whose (EMA) usage falls
 below ``restart_threshold`` times the expected share (inputs per step / codebook size) are restarted at random encoder outputs of the
-current batch (dead-code restart). The first training batch initialises the codebook from data.
+current batch, drawn in proportion to how badly the codebook fits them (dead-code restart). The first training batch initialises the codebook from data.
 Under ``torch.distributed`` the statistics are all-reduced and restarts broadcast from rank 0, so
 every rank keeps the same codebook.
 """
@@ -94,9 +94,12 @@ class VectorQuantizer(nn.Module):
         return QuantizerOutput(codes_NC, ids_N, loss, restarted)
 
     @torch.no_grad()
-    def _sample_rows(self, z_NC: torch.Tensor, n: int) -> torch.Tensor:
-        """``n`` rows of ``z_NC`` (with replacement if the batch is small), identical on all ranks."""
-        idx = torch.randint(0, z_NC.shape[0], (n,), device=z_NC.device)
+    def _sample_rows(self, z_NC: torch.Tensor, n: int, weights_N: torch.Tensor | None = None) -> torch.Tensor:
+        """``n`` rows of ``z_NC`` (drawn in proportion to ``weights_N`` if given), identical on all ranks."""
+        if weights_N is not None and float(weights_N.sum()) > 0:
+            idx = torch.multinomial(weights_N.float(), n, replacement=n > z_NC.shape[0])
+        else:
+            idx = torch.randint(0, z_NC.shape[0], (n,), device=z_NC.device)
         rows = F.normalize(z_NC[idx] + 1e-3 * torch.randn_like(z_NC[idx]), dim=-1)
         if _dist_on():
             dist.broadcast(rows, src=0)
@@ -108,6 +111,7 @@ class VectorQuantizer(nn.Module):
         self.codebook.data.copy_(rows)
         if self.ema:
             self.ema_sum.copy_(rows)
+        self.ema_count.zero_()  # codes that win nothing in the first steps are restarted at once
         self.initialized.fill_(True)
 
     @torch.no_grad()
@@ -131,7 +135,9 @@ class VectorQuantizer(nn.Module):
         dead_K = self.ema_count < self.restart_threshold * expected
         n_dead = int(dead_K.sum())
         if n_dead:
-            rows = self._sample_rows(z_NC, n_dead)
+            # new codes go where the codebook fits worst: inputs drawn by their quantisation error
+            err_N = (1 - (z_NC @ self.normalized_codebook().t()).amax(dim=-1)).clamp_min(0)
+            rows = self._sample_rows(z_NC, n_dead, err_N)
             self.codebook.data[dead_K] = rows
             level = expected
             self.ema_count[dead_K] = level
