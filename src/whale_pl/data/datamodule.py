@@ -59,11 +59,15 @@ class _DirInfo:
         mask = self.space.normalised_mask
         self.mean = np.where(mask, self.mean, 0.0).astype(np.float32)  # gripper: raw
         self.std = np.where(mask, self.std, 1.0).astype(np.float32)
-        # global episode index of every (shard, key), in manifest order
-        self.ep_index: dict[tuple[str, str], int] = {}
+        # episode index = index of the first episode of its shard + position in the shard (manifest order)
+        self.shard_offset: dict[str, int] = {}
+        n = 0
         for sh in manifest["shards"]:
-            for k in sh["keys"]:
-                self.ep_index[(sh["name"], k)] = len(self.ep_index)
+            self.shard_offset[sh["name"]] = n
+            n += len(sh["keys"])
+
+    def episode_index(self, shard: dict, key: str) -> int:
+        return self.shard_offset[shard["name"]] + shard["keys"].index(key)
 
     def shards(self, splits: Sequence[str]) -> list[dict]:
         return [s for s in self.m["shards"] if s["split"] in splits]
@@ -136,7 +140,7 @@ class ClipStream(IterableDataset):
                                         "%d frames)", d.path, skipped, need, sh["name"], key, len(ep))
                         continue
                     usable += 1
-                    yield d.ep_index[(sh["name"], key)], ep
+                    yield d.episode_index(sh, key), ep
             if usable == 0:
                 raise ShardError(f"{d.path}: no episode of split(s) {list(self.splits)} read by reader {reader}/{n_readers}"
                                  f" has the {need} frames a clip needs (clip_len={self.clip_len}, frame_stride="
