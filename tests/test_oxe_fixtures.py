@@ -56,7 +56,8 @@ def rt1_dataset(root: Path, n_files=2, per_file=2, drop_key_at: int | None = Non
                    "base_displacement_vector": rw.tensor((2,)),
                    "terminate_episode": rw.tensor((3,), "int32")},
         "observation": {"image": rw.image(H, W), "wrist_image": rw.image(16, 16),
-                        "natural_language_instruction": rw.text()},
+                        # a string Tensor, as in the real RT-1 style features.json
+                        "natural_language_instruction": rw.tensor((), "string")},
         **_flag_schema()})
     files, raw = [], []
     k = 0

@@ -75,8 +75,10 @@ def _walk(node: dict, prefix: str, per_step: bool, out: dict[str, FeatureSpec], 
         out[prefix] = FeatureSpec(prefix, "text", (), "string", "none", per_step, desc)
     elif "tensor" in node:
         t = node["tensor"]
-        out[prefix] = FeatureSpec(prefix, "tensor", _dims(t.get("shape")), t.get("dtype", "float32"),
-                                  t.get("encoding", "none"), per_step, desc)
+        dtype = t.get("dtype", "float32")
+        # string tensors (e.g. RT-1's natural_language_instruction) are text, stored as bytes
+        out[prefix] = FeatureSpec(prefix, "text" if dtype == "string" else "tensor", _dims(t.get("shape")),
+                                  dtype, t.get("encoding", "none"), per_step, desc)
     elif "classLabel" in node or short == "ClassLabel":
         out[prefix] = FeatureSpec(prefix, "tensor", (), "int64", "none", per_step, desc)
     else:
