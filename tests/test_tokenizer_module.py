@@ -45,7 +45,7 @@ def fitted(tiny_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("tok_fit")
     torch.set_num_threads(1)
     L.seed_everything(0)
-    module = TokenizerModule(tokenizer=TINY_TOK, lr=3e-3, warmup_steps=1)
+    module = TokenizerModule(**TINY_TOK, lr=3e-3, warmup_steps=1)
     dm = _dm(tiny_shards)
     _trainer(root, max_steps=4).fit(module, dm)
     return root / "tok", module, dm
@@ -89,14 +89,14 @@ def test_tensorboard_has_losses_metrics_usage_and_images(fitted):
 
 def test_resume_continues_from_last(fitted, tmp_path):
     run, _, dm = fitted
-    module = TokenizerModule(tokenizer=TINY_TOK, lr=3e-3, warmup_steps=1)
+    module = TokenizerModule(**TINY_TOK, lr=3e-3, warmup_steps=1)
     trainer = _trainer(tmp_path, max_steps=6)
     trainer.fit(module, dm, ckpt_path=str(run / "checkpoints" / "last.ckpt"))
     assert trainer.global_step == 6
 
 
 def test_frame_size_mismatch_fails_before_training(tiny_shards, tmp_path):
-    module = TokenizerModule(tokenizer={**TINY_TOK, "frame_size": [64, 64]})
+    module = TokenizerModule(**{**TINY_TOK, "frame_size": [64, 64]})
     trainer = _trainer(tmp_path, max_steps=2)
     with pytest.raises(ValueError, match=r"data frame_size \[32, 32\] differs from the tokenizer's configured frame_size \[64, 64\]"):
         trainer.fit(module, _dm(tiny_shards))

@@ -41,11 +41,26 @@ def usage_and_perplexity(hist_K: torch.Tensor) -> tuple[float, float]:
 
 
 class TokenizerModule(L.LightningModule):
-    """Trains stage 1. ``tokenizer``: keyword arguments of ``VideoTokenizer``."""
+    """Trains stage 1. The first group of arguments (up to ``dropout``) are ``VideoTokenizer``'s;
+    the rest configure the optimisation and logging."""
 
     def __init__(
         self,
-        tokenizer: dict[str, Any] | None = None,
+        frame_size: tuple[int, int] | list[int] = (64, 64),
+        in_channels: int = 3,
+        patch_size: int = 8,
+        dim: int = 256,
+        enc_depth: int = 4,
+        dec_depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        codebook_size: int = 1024,
+        code_dim: int = 32,
+        beta: float = 0.25,
+        ema: bool = True,
+        ema_decay: float = 0.99,
+        restart_threshold: float = 0.03,
+        dropout: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -58,7 +73,12 @@ class TokenizerModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = VideoTokenizer(**(tokenizer or {}))
+        self.model = VideoTokenizer(
+            frame_size=frame_size, in_channels=in_channels, patch_size=patch_size, dim=dim,
+            enc_depth=enc_depth, dec_depth=dec_depth, heads=heads, mlp_ratio=mlp_ratio,
+            codebook_size=codebook_size, code_dim=code_dim, beta=beta, ema=ema, ema_decay=ema_decay,
+            restart_threshold=restart_threshold, dropout=dropout,
+        )
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.test_psnr = PeakSignalNoiseRatio(data_range=1.0)
@@ -75,7 +95,7 @@ class TokenizerModule(L.LightningModule):
         if tuple(int(s) for s in fs) != tuple(self.model.frame_size):
             raise ValueError(
                 f"{where}: data frame_size {list(fs)} differs from the tokenizer's configured "
-                f"frame_size {list(self.model.frame_size)} (model.init_args.tokenizer.frame_size)"
+                f"frame_size {list(self.model.frame_size)} (model.init_args.frame_size)"
             )
         if self.hparams.data_spec is not None:
             try:
