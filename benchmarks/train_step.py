@@ -1,0 +1,172 @@
+"""Training throughput of a stage's LightningModule on random batches of the documented shapes.
+
+Builds the module from the ``model`` section of ``stages/<scale>/<stage>.yaml`` and trains it with a
+real Lightning Trainer (the YAML's precision and gradient clipping) on random batches laid out as in
+docs/contracts.md (batch size and clip length from the YAML's ``data`` section unless given), then
+prints training clips/s over the timed steps and peak memory (CUDA: max allocated; CPU: peak RSS).
+
+    python benchmarks/train_step.py                                  # tokenizer, demo
+    python benchmarks/train_step.py --stage dynamics --scale whale_st --set tokenizer_ckpt=PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import resource
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from torch.utils.data import DataLoader, IterableDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+METAWORLD_ACTIONS = {"names": ["dx", "dy", "dz", "gripper"], "sum_dims": [0, 1, 2], "rot_dims": [], "gripper_index": 3}
+OXE_ACTIONS = {"names": ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"], "sum_dims": [0, 1, 2],
+               "rot_dims": [3, 4, 5], "gripper_index": 6}
+
+
+def _import(path: str):
+    mod, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(mod), name)
+
+
+def data_spec_for(cfg: dict, frame_size: list[int]) -> dict:
+    """A data_spec as the datamodule would give it, for the YAML's kind of data."""
+    data = cfg.get("data", {})
+    metaworld = "MetaWorld" in data.get("class_path", "MetaWorld")
+    space = METAWORLD_ACTIONS if metaworld else OXE_ACTIONS
+    a = len(space["names"])
+    fams = ["expert", "noise"]
+    return {
+        "frame_size": list(frame_size), "action_dim": a, "action_space": space,
+        "action_mean": [0.0] * a, "action_std": [1.0] * a, "state_dim": 39 if metaworld else 0,
+        "families": fams, "policies": ["expert", "noise_0.1"], "ood_policies": [],
+        "datasets": [{"name": "random", "action_mean": [0.0] * a, "action_std": [1.0] * a, "weight": 1.0}],
+    }
+
+
+class RandomClips(IterableDataset):
+    """Endless random batches with the contract's keys, dtypes and shapes."""
+
+    def __init__(self, spec: dict, batch_size: int, clip_len: int) -> None:
+        self.spec, self.B, self.T = spec, batch_size, clip_len
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        B, T = self.B, self.T
+        H, W = self.spec["frame_size"]
+        A, S = self.spec["action_dim"], self.spec["state_dim"]
+        while True:
+            yield {
+                "frames": torch.randint(0, 256, (B, T, 3, H, W), dtype=torch.uint8, generator=g),
+                "actions": torch.randn(B, T, A, generator=g), "actions_raw": torch.randn(B, T, A, generator=g),
+                "rewards": torch.rand(B, T, generator=g), "success": (torch.rand(B, T, generator=g) > 0.9).float(),
+                "state": torch.randn(B, T, S, generator=g), "is_first": torch.zeros(B, T, dtype=torch.bool),
+                "family": torch.randint(0, 2, (B,), generator=g), "policy": torch.randint(0, 2, (B,), generator=g),
+                "ood": torch.zeros(B, dtype=torch.bool), "stride": torch.ones(B, dtype=torch.long),
+                "dataset": torch.zeros(B, dtype=torch.long), "episode": torch.arange(B), "start": torch.zeros(B, dtype=torch.long),
+            }
+
+
+class RandomDataModule(L.LightningDataModule):
+    def __init__(self, spec: dict, batch_size: int, clip_len: int) -> None:
+        super().__init__()
+        self.data_spec = spec
+        self.families, self.policies, self.ood_policies = spec["families"], spec["policies"], spec["ood_policies"]
+        self.state_dim = spec["state_dim"]
+        self._ds = RandomClips(spec, batch_size, clip_len)
+
+    def train_dataloader(self):
+        return DataLoader(self._ds, batch_size=None, num_workers=0)
+
+
+class StepTimer(L.Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.t0, self.timed = warmup, None, 0
+
+    def _sync(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup:
+            self._sync()
+            self.t0 = time.perf_counter()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.t0 is not None:
+            self.timed += 1
+
+    def on_train_end(self, trainer, pl_module):
+        self._sync()
+        self.seconds = time.perf_counter() - self.t0
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise SystemExit(f"--set expects key=value, got {it!r}")
+        k, v = it.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stage", default="tokenizer", choices=["tokenizer", "behavior", "dynamics"])
+    p.add_argument("--scale", default="demo", choices=["demo", "whale_st", "whale_x"])
+    p.add_argument("--batch-size", type=int, help="default: the YAML's data.init_args.batch_size")
+    p.add_argument("--clip-len", type=int, help="default: the YAML's data.init_args.clip_len")
+    p.add_argument("--steps", type=int, default=8, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--precision", help="default: the YAML's trainer.precision")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override model init_args")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg_path = ROOT / "stages" / a.scale / f"{a.stage}.yaml"
+    if not cfg_path.is_file():
+        raise SystemExit(f"no config {cfg_path}")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    model_cfg, data_args, trainer_cfg = cfg["model"], cfg.get("data", {}).get("init_args", {}), cfg.get("trainer", {})
+    init_args = {**model_cfg.get("init_args", {}), **_parse_set(a.set)}
+    frame_size = init_args.get("frame_size")
+    if frame_size is None:
+        data_yaml = data_args.get("config")
+        size = yaml.safe_load((ROOT / data_yaml).read_text())["size"] if data_yaml else 64
+        frame_size = [size, size]
+    spec = data_spec_for(cfg, frame_size)
+    B = a.batch_size or data_args.get("batch_size", 8)
+    T = a.clip_len or data_args.get("clip_len", 16)
+    cls = _import(model_cfg["class_path"])
+    module = cls(**init_args)
+    n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    timer = StepTimer(a.warmup)
+    trainer = L.Trainer(
+        accelerator="auto", devices=1, precision=a.precision or trainer_cfg.get("precision", "32-true"),
+        gradient_clip_val=trainer_cfg.get("gradient_clip_val"), max_steps=a.warmup + a.steps,
+        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=False, callbacks=[timer],
+    )
+    trainer.fit(module, RandomDataModule(spec, B, T))
+    clips_s = timer.timed * B / timer.seconds
+    if torch.cuda.is_available():
+        mem = f"peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    else:
+        mem = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    print(f"{a.stage} {a.scale}: {n_params / 1e6:.1f}M trainable params, batch {B}x{T} frames {frame_size[0]}x{frame_size[1]}, "
+          f"precision {trainer.precision}, threads {torch.get_num_threads()}, device {trainer.strategy.root_device}")
+    print(f"{timer.timed} steps in {timer.seconds:.1f}s = {timer.seconds / timer.timed:.3f} s/step; {mem}")
+    print(f"train_step_{a.stage}_{a.scale}: {clips_s:.2f} clips/s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
