@@ -9,6 +9,7 @@ Run: ``flock /tmp/whale_heavy.lock .venv/bin/python benchmarks/loader.py``. Targ
 from __future__ import annotations
 
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -25,15 +26,20 @@ def main() -> None:
                              steps_per_epoch=STEPS + WARMUP)
     dm.prepare_data()
     dm.setup("fit")
+    kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     it = iter(dm.train_dataloader())
     for _ in range(WARMUP):
         b = next(it)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for b in it:
         n += b["frames"].shape[0]
-    dt = time.perf_counter() - t0
+    dt, main_cpu = time.perf_counter() - t0, time.process_time() - c0
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers have exited: their whole lives, warm-up included
+    worker_cpu = (kids.ru_utime - kids0.ru_utime) + (kids.ru_stime - kids0.ru_stime)
     print(f"{n} clips of {tuple(b['frames'].shape[1:])} uint8 in {dt:.2f} s with {WORKERS} workers, batch {BATCH}")
+    print(f"CPU: workers {worker_cpu:.2f} s (incl. warm-up), main {main_cpu:.2f} s -> "
+          f"{n / (worker_cpu + main_cpu):.0f} clips per CPU-second (2 free cores: ~{2 * n / (worker_cpu + main_cpu):.0f} clips/s)")
     print(f"load average: {os.getloadavg()[0]:.1f} (other processes on the 2 cores lower this figure)")
     print(f"loader: {n / dt:.0f} clips/s")
 
