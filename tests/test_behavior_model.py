@@ -107,3 +107,22 @@ def test_free_bits_floor_the_kl_term():
     assert torch.isclose(out.kl_loss, torch.tensor(100.0 * 6))
     out0 = m.loss(codes, actions, beta=1.0, free_bits=0.0, sample=False)
     assert torch.isclose(out0.kl_loss, out0.kl)
+
+
+def test_kl_balance_keeps_the_value_and_shifts_the_gradient():
+    m = _model()
+    codes, actions = _inputs()
+    torch.manual_seed(3)
+    plain = m.loss(codes, actions, beta=1.0, sample=False)
+    torch.manual_seed(3)
+    bal = m.loss(codes, actions, beta=1.0, sample=False, kl_balance=0.8)
+    assert torch.isclose(plain.kl_loss, bal.kl_loss, rtol=1e-5)
+
+    def grads(out):
+        m.zero_grad()
+        out.kl_loss.backward()
+        return (m.prior_head.weight.grad.norm().item(), m.post_head.weight.grad.norm().item())
+
+    gp, gq = grads(m.loss(codes, actions, beta=1.0, sample=False))
+    bp, bq = grads(m.loss(codes, actions, beta=1.0, sample=False, kl_balance=0.8))
+    assert bp == pytest.approx(0.8 * gp, rel=1e-4) and bq == pytest.approx(0.2 * gq, rel=1e-4)

@@ -80,6 +80,7 @@ class BehaviorModule(L.LightningModule):
         beta: float = 0.1,
         free_bits: float = 0.0,
         kl_warmup_steps: int = 0,
+        kl_balance: float | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -95,7 +96,8 @@ class BehaviorModule(L.LightningModule):
         ``data_spec``: from the datamodule (the CLI links it); None inherits the tokenizer's.
         ``expect_codebook_size``: when set, the tokenizer must have exactly this codebook size.
         ``beta``: KL weight; ``free_bits``: nats per z dimension below which KL is not penalised;
-        ``kl_warmup_steps``: beta ramps linearly from 0 over this many steps.
+        ``kl_warmup_steps``: beta ramps linearly from 0 over this many steps; ``kl_balance``: see
+        ``BehaviorModel.loss`` (None: plain KL).
         ``code_cache``: tokenize every frame of the datamodule's train/val episodes once at the start of
         the fit (each frame on its own, i.e. exactly as the first frame of a clip is tokenized) and
         look clips up by (dataset, episode, start) instead of running the tokenizer on every batch.
@@ -255,7 +257,8 @@ class BehaviorModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         beta = self.current_beta()
         out = self.model.loss(self.batch_codes(batch), batch["actions"], beta=beta,
-                              free_bits=float(self.hparams.free_bits), sample=True)
+                              free_bits=float(self.hparams.free_bits), sample=True,
+                              kl_balance=self.hparams.kl_balance)
         B = batch["actions"].shape[0]
         self.log_dict({"train/loss": out.loss, "train/action_nll": out.nll, "train/kl": out.kl,
                        "train/action_mse": out.action_mse, "train/beta": beta},
@@ -265,7 +268,8 @@ class BehaviorModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self.model.loss(self.batch_codes(batch), batch["actions"], beta=float(self.hparams.beta),
-                              free_bits=float(self.hparams.free_bits), sample=False)
+                              free_bits=float(self.hparams.free_bits), sample=False,
+                              kl_balance=self.hparams.kl_balance)
         B = batch["actions"].shape[0]
         self.log_dict({"val/loss": out.loss, "val/action_nll": out.nll, "val/kl": out.kl,
                        "val/action_mse": out.action_mse, "val/action_mse_prior": out.action_mse_prior},

@@ -112,12 +112,15 @@ class BehaviorModel(nn.Module):
         mlp_ratio: float = 4.0,
         decoder_hidden: int = 128,
         dropout: float = 0.0,
+        action_deltas: bool = False,
     ) -> None:
         super().__init__()
         self.code_dim, self.action_dim, self.z_dim, self.dim = code_dim, action_dim, z_dim, dim
         self.pool = GridPool(code_dim, dim, grid_tokens, heads)
-        self.post_in = nn.Linear(dim + action_dim, dim)
-        self.prior_in = nn.Linear(dim + action_dim, dim)
+        self.action_deltas = action_deltas
+        step_in = dim + action_dim * (2 if action_deltas else 1)
+        self.post_in = nn.Linear(step_in, dim)
+        self.prior_in = nn.Linear(step_in, dim)
         self.post_tf = STTransformer(dim, depth, heads, mlp_ratio, causal=False, dropout=dropout)
         self.prior_tf = STTransformer(dim, depth, heads, mlp_ratio, causal=True, dropout=dropout)
         self.post_head = nn.Linear(dim, 2 * z_dim)
@@ -147,7 +150,10 @@ class BehaviorModel(nn.Module):
         return self.pool(codes_BThwC)
 
     def _tokens(self, proj: nn.Linear, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
-        x = proj(torch.cat([feat_BTD, actions_BTA], dim=-1))
+        parts = [feat_BTD, actions_BTA]
+        if self.action_deltas:  # a_t - a_{t-1} (0 at t = 0): jitter and outliers become visible per step
+            parts.append(torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA.diff(dim=1)], dim=1))
+        x = proj(torch.cat(parts, dim=-1))
         x = x + sinusoidal_time_BTD(x.shape[1], self.dim, x.device).to(x.dtype)
         return rearrange(x, "b t d -> b t 1 d")
 
@@ -187,11 +193,15 @@ class BehaviorModel(nn.Module):
         beta: float,
         free_bits: float = 0.0,
         sample: bool = True,
+        kl_balance: float | None = None,
     ) -> BehaviorOutput:
         """Action NLL + beta * KL(q(z | tau_{0:T}) || p(z_t | tau_{0:t})), both averaged over B and t.
 
         ``free_bits`` (nats per z dimension): each dimension's batch-mean KL is floored at this value
         in the loss, so the optimiser gains nothing by pushing the posterior onto the prior below it.
+        ``kl_balance`` alpha (KL balancing, as in DreamerV2): the KL term becomes
+        alpha * KL(sg(q) || p_t) + (1 - alpha) * KL(q || sg(p_t)) -- the same value, but alpha > 0.5 lets
+        the prior learn the posterior faster than the posterior is pulled towards the prior. None: plain KL.
         """
         self._check(codes_BThwC, actions_BTA)
         feat_BTD = self.frame_features(codes_BThwC)
@@ -201,7 +211,13 @@ class BehaviorModel(nn.Module):
         z_BZ = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp() if sample else mu_q
         a_mu, a_logvar = self.decode(feat_BTD, z_BZ[:, None].expand(-1, T, -1))
         nll = gaussian_nll(actions_BTA, a_mu, a_logvar).sum(-1).mean()
-        kl_BTZ = gaussian_kl(mu_q[:, None], logvar_q[:, None], mu_p, logvar_p)
+        mq, lq = mu_q[:, None], logvar_q[:, None]
+        if kl_balance is None:
+            kl_BTZ = gaussian_kl(mq, lq, mu_p, logvar_p)
+        else:
+            to_prior = gaussian_kl(mq.detach(), lq.detach(), mu_p, logvar_p)
+            to_post = gaussian_kl(mq, lq, mu_p.detach(), logvar_p.detach())
+            kl_BTZ = kl_balance * to_prior + (1 - kl_balance) * to_post
         kl_Z = kl_BTZ.mean(dim=(0, 1))
         kl_loss = kl_Z.clamp(min=free_bits).sum() if free_bits > 0 else kl_Z.sum()
         with torch.no_grad():
