@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from einops import rearrange
-from scipy.cluster.vq import kmeans2
 from tqdm import tqdm
 
 from whale_pl.data.shards import iter_episodes, read_manifest, safe_std
@@ -35,12 +34,25 @@ def patches(frames_THWC: np.ndarray, p: int) -> np.ndarray:
     return rearrange(frames_THWC.astype(np.float32) / 255.0, "t (h p1) (w p2) c -> t (h w) (p1 p2 c)", p1=p, p2=p)
 
 
+def kmeans_torch(x_ND: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:
+    """Plain Lloyd k-means (random initial centres from the data; empty clusters re-seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    C = x_ND[torch.randperm(len(x_ND), generator=g)[:k]].clone()
+    for _ in range(iters):
+        assign = torch.cdist(x_ND, C).argmin(-1)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(C).index_add_(0, assign, x_ND)
+        empty = counts == 0
+        C = torch.where(empty[:, None], x_ND[torch.randint(0, len(x_ND), (k,), generator=g)], sums / counts.clamp_min(1)[:, None])
+    return C
+
+
 def tokenise_kmeans(train, others, codebook: int, p: int, seed: int):
     rng = np.random.default_rng(seed)
-    pool = np.concatenate([patches(f, p) for f, _ in train]).reshape(-1, p * p * 3)
-    sample = pool[rng.choice(len(pool), size=min(40000, len(pool)), replace=False)]
-    centres, _ = kmeans2(sample, codebook, minit="++", seed=seed, iter=15)
-    C = torch.from_numpy(centres)
+    frames = [f for f, _ in train]
+    pick = rng.choice(sum(len(f) for f in frames), size=min(2000, sum(len(f) for f in frames)), replace=False)
+    allf = np.concatenate(frames)[np.sort(pick)]
+    C = kmeans_torch(torch.from_numpy(patches(allf, p).reshape(-1, p * p * 3)), codebook, 20, seed)
 
     def ids(frames):
         x = torch.from_numpy(patches(frames, p))
@@ -90,7 +102,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     p.add_argument("--cache", type=Path, default=None, help="token ids cache (.pt); reused when present")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: fastest on a busy box)")
     a = p.parse_args()
+    torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     man = read_manifest(a.data)
     mean = np.asarray(man["action_stats"]["mean"], np.float32)
