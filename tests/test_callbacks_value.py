@@ -1,4 +1,4 @@
-"""The value hook renders in a spawned child, so forked DataLoader workers that render afterwards
+"""The value hook renders in a child process, so forked DataLoader workers that render afterwards
 in a later epoch do not hang (PLATFORM.md: a forked worker that renders hangs if the parent rendered)."""
 
 from __future__ import annotations
@@ -113,3 +113,51 @@ def test_value_gap_required_but_unsupported_is_an_error(tmp_path):
     data = DataLoader([{"frames": torch.zeros(2, 3, 8, 8, dtype=torch.uint8)}] * 2, batch_size=2)
     with pytest.raises(RuntimeError, match="supports_value_eval=False"):
         trainer.fit(Plain(), data, data)
+
+
+def checkpoint_value(ckpt_path: str) -> dict:
+    """A non-rendering value function: the sum of the checkpoint's parameters."""
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    return {"param_sum": float(sum(v.sum() for v in state.values()))}
+
+
+DDP_SCRIPT = """
+import json, sys, torch, lightning as L
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+sys.path.insert(0, {tests!r})
+from test_callbacks_value import ValueModule
+from whale_pl.callbacks import EvalCallback
+
+cb = EvalCallback(num_clips=3, fvd=False, value_fn="test_callbacks_value:checkpoint_value")
+data = DataLoader([{{"frames": torch.full((2, 3, 8, 8), 60 * i, dtype=torch.uint8)}} for i in range(4)], batch_size=1)
+trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", limit_train_batches=2,
+                    limit_val_batches=2, num_sanity_val_steps=0, logger=CSVLogger({out!r}, name="ddp"),
+                    callbacks=[cb], enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False)
+module = ValueModule()
+trainer.fit(module, data, data)
+log_dir = trainer.log_dir  # a collective call under DDP: every rank
+if trainer.is_global_zero:
+    json.dump({{"log_dir": log_dir,
+               "param_sum": float(sum(v.sum() for v in module.state_dict().values()))}},
+              open({out!r} + "/result.json", "w"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_two_process_ddp_evaluates_on_rank_zero_with_the_value_hook(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ddp_eval.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    records = [json.loads(x) for x in open(Path(result["log_dir"]) / "metrics.jsonl")]
+    assert [r["epoch"] for r in records] == [0, 1]  # one line per evaluation, from rank 0 only
+    assert all(r["num_clips"] == 2 for r in records)  # rank 0's share of the 4 validation clips (batch 1)
+    assert records[-1]["value/param_sum"] == pytest.approx(result["param_sum"], rel=1e-5)

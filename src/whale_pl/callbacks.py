@@ -14,7 +14,7 @@ validation batches (rank 0; the batches are the held-out split) until ``num_clip
 
 Value gap: for a module with ``supports_value_eval = True`` the callback saves a temporary checkpoint
 and calls ``whale_pl.rollout.value.value_metrics_for_checkpoint(ckpt_path, **value_kwargs)`` in a
-*spawned* child process. The simulator's GL contexts therefore never exist in the trainer process,
+fresh child process. The simulator's GL contexts therefore never exist in the trainer process,
 so DataLoader workers it forks later cannot hang on them (PLATFORM.md).
 
 Results go to every logger (``eval/...`` scalars), to TensorBoard as pictures (real vs generated
@@ -27,8 +27,9 @@ import importlib
 import importlib.util
 import json
 import math
-import multiprocessing as mp
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +42,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from whale_pl.eval_cli import run_value_fn
 from whale_pl.metrics.fvd import FVD, make_fvd, to_minus_one_one
 from whale_pl.metrics.video import VideoEvaluator
 
@@ -97,10 +97,29 @@ def value_fn_available(spec: str) -> bool:
         return False
 
 
-def run_value_hook(spec: str, ckpt_path: str, kwargs: dict) -> dict[str, float]:
-    """`spec(ckpt_path, **kwargs)` in a spawned child; its numeric results as floats."""
-    with mp.get_context("spawn").Pool(1) as pool:
-        out = pool.apply(run_value_fn, (spec, ckpt_path, kwargs))
+# the trainer's distributed environment must not leak into the child (it is a lone process)
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
+             "MASTER_PORT", "TORCHELASTIC_RUN_ID", "PL_GLOBAL_SEED")
+
+
+def run_value_hook(spec: str, ckpt_path: str, kwargs: dict, timeout: float | None = None) -> dict[str, float]:
+    """`spec(ckpt_path, **kwargs)` in a fresh Python process; its numeric results as floats.
+
+    A fresh interpreter (not multiprocessing's spawn) never re-imports the trainer's `__main__`, so an
+    unguarded training script cannot re-run itself, and DDP environment variables are removed.
+    """
+    with tempfile.TemporaryDirectory(prefix="whale_value_") as tmp:
+        req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        req.write_text(json.dumps({"spec": spec, "ckpt_path": ckpt_path, "kwargs": kwargs}))
+        env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        proc = subprocess.run([sys.executable, "-c", "from whale_pl.eval_cli import value_child_main; "
+                               "value_child_main()", str(req), str(res)],
+                              env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"value function {spec} failed on {ckpt_path} (exit {proc.returncode}):\n"
+                               f"{proc.stderr[-4000:]}")
+        out = json.loads(res.read_text())
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
@@ -196,7 +215,9 @@ class EvalCallback(Callback):
         if not self._active:
             return
         self._active = False
-        value = self._value_metrics(trainer, pl_module)  # collective: every rank takes part
+        # both are collective under DDP (save_checkpoint barriers, log_dir broadcasts): every rank takes part
+        value = self._value_metrics(trainer, pl_module)
+        log_dir = trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
             return
         if self._evaluator is None or self._evaluator.num_clips == 0:
@@ -215,7 +236,6 @@ class EvalCallback(Callback):
         }
         self.last_metrics = record
         self._log(trainer, metrics)
-        log_dir = trainer.log_dir or trainer.default_root_dir
         append_jsonl(Path(log_dir) / self.metrics_file, record)
         self._evaluator.reset()
 

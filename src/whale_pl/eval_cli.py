@@ -5,7 +5,7 @@
 
 `video` computes what `EvalCallback` logs during training (PSNR/SSIM per frame and mean, FVD) on
 validation clips of a shard set, through the module's `eval_videos(batch)` protocol. Heavy imports
-stay inside functions so that `run_value_fn` (run in a spawned child by the callback) is cheap.
+stay inside functions so that `value_child_main` (the callback's value child process) starts cheaply.
 """
 
 from __future__ import annotations
@@ -27,11 +27,21 @@ SPEC_KEYS = ("frame_size", "action_dim", "action_space", "action_mean", "action_
 
 
 def run_value_fn(spec: str, ckpt_path: str, kwargs: dict) -> dict:
-    """Call 'package.module:function'(ckpt_path, **kwargs); the callback runs this in a spawned child."""
+    """Call 'package.module:function'(ckpt_path, **kwargs); the callback runs this in a child process."""
     mod, _, name = spec.partition(":")
     if not name:
         raise ValueError(f"value function must be given as 'module:function', got {spec!r}")
     return dict(getattr(importlib.import_module(mod), name)(ckpt_path, **kwargs))
+
+
+def value_child_main() -> None:
+    """Entry point of the callback's value child: argv = request.json result.json."""
+    req_path, res_path = sys.argv[1], sys.argv[2]
+    with open(req_path) as f:
+        req = json.load(f)
+    out = run_value_fn(req["spec"], req["ckpt_path"], req["kwargs"])
+    write_json_atomic(res_path, {k: v for k, v in out.items() if isinstance(v, (int, float, str, bool))},
+                      allow_nan=True)
 
 
 def load_stage_module(ckpt_path: str | os.PathLike, class_path: str | None = None, device: str = "cpu"):
@@ -99,13 +109,13 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
     return out
 
 
-def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
+def write_json_atomic(path: str | os.PathLike, obj: dict, allow_nan: bool = False) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=False)
+            json.dump(obj, f, indent=2, allow_nan=allow_nan)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
