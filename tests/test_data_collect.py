@@ -87,6 +87,7 @@ def _returns(task: str, names: list[str], steps: int = 100, n: int = 2) -> dict[
     return out
 
 
+@pytest.mark.filterwarnings("ignore:Constant")
 def test_policies_differ_in_return(tiny_shards):
     r = _returns("push-v3", ["expert", "noise_1.0", "slow_0.25", "lag_10"])
     for poor in ("noise_1.0", "slow_0.25", "lag_10"):
@@ -112,6 +113,7 @@ def test_policy_names_and_descriptors():
         parse_policy("gaussian_0.1")
 
 
+@pytest.mark.filterwarnings("ignore:Constant")
 def test_policies_act_as_described():
     """Each family's action relates to the expert's as documented, on real Meta-World observations."""
     import metaworld
