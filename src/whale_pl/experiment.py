@@ -59,7 +59,7 @@ def train_member(scale: str, group: str, seed: int, use_behavior: bool, size: tu
     cmd = [sys.executable, "-m", "whale_pl.cli", "fit", "--config", str(Path("stages") / scale / "dynamics.yaml"),
            "--seed_everything", str(seed),
            "--trainer.logger.init_args.save_dir", str(runs / scale / group), "--trainer.logger.init_args.name",
-           str(seed), "--trainer.max_steps", str(steps),
+           str(seed), "--trainer.max_steps", str(steps), "--data.init_args.steps_per_epoch", str(steps),
            "--model.init_args.use_behavior", "true" if use_behavior else "false",
            "--model.init_args.dim", str(dim), "--model.init_args.depth", str(depth),
            "--model.init_args.heads", str(heads), *extra]
