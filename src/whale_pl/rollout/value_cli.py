@@ -35,6 +35,7 @@ def write_json_atomic(path: Path, obj: dict) -> None:
 
 def _savefig(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     os.replace(tmp, path)
