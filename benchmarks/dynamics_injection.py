@@ -63,7 +63,7 @@ def tokenise_kmeans(train, others, codebook: int, p: int, seed: int):
     return [[ids(f) for f, _ in split] for split in (train, *others)]
 
 
-def tokenise_ckpt(path: str, splits):
+def tokenise_ckpt(path: str, splits, chunk: int):
     from whale_pl.lit.handoff import load_frozen
     from whale_pl.lit.tokenizer_module import TokenizerModule
 
@@ -72,8 +72,9 @@ def tokenise_ckpt(path: str, splits):
     for split in splits:
         rows = []
         for f, _ in split:
-            x = torch.from_numpy(f).permute(0, 3, 1, 2).float().unsqueeze(0) / 127.5 - 1
-            rows.append(tok.encode(x)[0])
+            # encode in clip-length chunks, as the datamodule's clips are (causal tokenizer)
+            x = torch.from_numpy(f).permute(0, 3, 1, 2).float() / 127.5 - 1
+            rows.append(torch.cat([tok.encode(x[s : s + chunk].unsqueeze(0))[0] for s in range(0, len(x), chunk)]))
         out.append(rows)
     return out, tok.codebook_size
 
@@ -118,7 +119,7 @@ def main() -> None:
     if a.cache is not None and a.cache.exists():
         ids, V, tok_name = torch.load(a.cache)
     elif a.tokenizer_ckpt:
-        ids, V = tokenise_ckpt(a.tokenizer_ckpt, splits)
+        ids, V = tokenise_ckpt(a.tokenizer_ckpt, splits, a.clip_len)
         tok_name = f"tokenizer {a.tokenizer_ckpt}"
     else:
         ids, V = tokenise_kmeans(splits[0], splits[1:], a.codebook, 8, a.seed), a.codebook
@@ -129,7 +130,7 @@ def main() -> None:
         tmp.rename(a.cache)
     print(f"tokenised with {tok_name} in {time.time() - t0:.0f} s", flush=True)
     norm = [[(ac - mean) / std for _, ac in s] for s in splits]
-    tr_x, tr_a = clips(ids[0], norm[0], a.clip_len, 4)
+    tr_x, tr_a = clips(ids[0], norm[0], a.clip_len, a.clip_len)  # clips = encoded chunks
     ev = {name: clips(ids[i], norm[i], a.clip_len, a.clip_len) for i, name in ((1, "val"), (2, "ood"))}
     hw = tuple(tr_x.shape[2:])
     results = {}

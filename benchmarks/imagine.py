@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--z-dim", type=int, default=16)
     p.add_argument("--state-dim", type=int, default=39)
     p.add_argument("--bf16", action="store_true", help="run under bf16 autocast")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+X
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
