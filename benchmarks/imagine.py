@@ -50,7 +50,8 @@ def main() -> None:
     p.add_argument("--z-dim", type=int, default=16)
     p.add_argument("--state-dim", type=int, default=39)
     p.add_argument("--bf16", action="store_true", help="run under bf16 autocast")
-X
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: on the shared 2-core box 2 threads were several times slower)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
