@@ -267,10 +267,10 @@ class DynamicsModule(L.LightningModule):
         if batch_idx < self.hparams.rollout_batches:
             out = self.rollout(batch, ids=ids, actions=actions, stride=stride)
             ood = batch["ood"].bool() if "ood" in batch else torch.zeros(B, dtype=torch.bool, device=ids.device)
+            # always update (weight 0 where a group is absent) so every DDP rank syncs the same metrics
             for name, sel in (("train_family", ~ood), ("ood", ood), ("all", torch.ones_like(ood))):
-                if sel.any():
-                    self.val_psnr[name].update(out["psnr_B"][sel])
-                    self.val_ssim[name].update(out["ssim_B"][sel])
+                self.val_psnr[name].update(out["psnr_B"].float(), sel.float())
+                self.val_ssim[name].update(out["ssim_B"].float(), sel.float())
             if batch_idx == 0:
                 self._log_grid(out["real_BTCHW"], out["imagined_BTCHW"])
 
@@ -278,7 +278,9 @@ class DynamicsModule(L.LightningModule):
         for name in ("train_family", "ood", "all"):
             for kind, metric in (("psnr", self.val_psnr[name]), ("ssim", self.val_ssim[name])):
                 if metric.update_count > 0:
-                    self.log(f"val/{kind}_ar_{name}", metric.compute(), sync_dist=False)
+                    value = metric.compute()
+                    if torch.isfinite(value):  # NaN: no clip of this group in the rollouts
+                        self.log(f"val/{kind}_ar_{name}", value, sync_dist=False)
                 metric.reset()
 
     @torch.no_grad()
