@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from einops import rearrange
 from torch import nn
 
@@ -75,6 +76,11 @@ class VideoTokenizer(nn.Module):
         self.dec_pos = nn.Parameter(torch.randn(h * w, dim) * 0.02)
         self.decoder = STTransformer(dim, dec_depth, heads, mlp_ratio, causal=True, dropout=dropout)
         self.to_pixels = nn.Linear(dim, patch_dim)
+        # per-position pixel bias, set to the mean patch of the first training batch: the decoder
+        # then learns residuals around the (mostly static) scene instead of spending its first
+        # hundreds of steps on the mean image
+        self.pixel_bias = nn.Parameter(torch.zeros(h * w, patch_dim))
+        self.register_buffer("pixel_bias_initialized", torch.tensor(False))
 
     def grid_hw(self, frame_hw: tuple[int, int] | None = None) -> tuple[int, int]:
         """Token grid (h, w) for frames of size ``frame_hw`` (default: the configured size)."""
@@ -92,10 +98,13 @@ class VideoTokenizer(nn.Module):
                 f"{self.in_channels}x{self.frame_size[0]}x{self.frame_size[1]}"
             )
 
+    def _patches(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        return rearrange(frames_BTCHW, "b t c (h p1) (w p2) -> b t (h w) (p1 p2 c)", p1=p, p2=p)
+
     def _encode_latent(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
         self.check_frames(frames_BTCHW)
-        p = self.patch_size
-        x = rearrange(frames_BTCHW, "b t c (h p1) (w p2) -> b t (h w) (p1 p2 c)", p1=p, p2=p)
+        x = self._patches(frames_BTCHW)
         x = self.patch_embed(x) + self.enc_pos
         return self.to_code(self.encoder(x))  # [B, T, S, code_dim]
 
@@ -103,12 +112,20 @@ class VideoTokenizer(nn.Module):
         h, w = self.grid_hw()
         p = self.patch_size
         x = self.decoder(self.from_code(codes_BTSC) + self.dec_pos)
-        x = self.to_pixels(x)
+        x = self.to_pixels(x) + self.pixel_bias
         return rearrange(x, "b t (h w) (p1 p2 c) -> b t c (h p1) (w p2)", h=h, w=w, p1=p, p2=p)
 
     def forward(self, frames_BTCHW: torch.Tensor) -> TokenizerOutput:
         """Reconstruct frames through the quantiser (training path; straight-through gradient)."""
         z_BTSC = self._encode_latent(frames_BTCHW)
+        if self.training and not bool(self.pixel_bias_initialized):
+            with torch.no_grad():
+                mean = self._patches(frames_BTCHW.float()).mean(dim=(0, 1))
+                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                    dist.all_reduce(mean)  # every rank must start from the same bias
+                    mean /= dist.get_world_size()
+                self.pixel_bias.copy_(mean)
+                self.pixel_bias_initialized.fill_(True)
         B, T, S, C = z_BTSC.shape
         q = self.quantizer(rearrange(z_BTSC, "b t s c -> (b t s) c"))
         codes_BTSC = rearrange(q.codes_NC, "(b t s) c -> b t s c", b=B, t=T, s=S)
