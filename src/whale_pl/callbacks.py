@@ -178,6 +178,7 @@ class EvalCallback(Callback):
         self._fvd_loaded = False
         self._evaluator: VideoEvaluator | None = None
         self._shown: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._seconds = 0.0
         self.last_metrics: dict | None = None
 
     # ------------------------------------------------------------------ hooks
@@ -197,6 +198,7 @@ class EvalCallback(Callback):
                 self._fvd.reset()
             self._evaluator = VideoEvaluator(self._fvd if self.fvd else None)
             self._shown = None
+            self._seconds = 0.0
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -205,9 +207,11 @@ class EvalCallback(Callback):
         need = self.num_clips - self._evaluator.num_clips
         if need <= 0:
             return
+        t0 = time.perf_counter()
         real, fake = call_eval_videos(pl_module, batch)
         real, fake = real[:need], fake[:need]
         self._evaluator.update(real, fake)
+        self._seconds += time.perf_counter() - t0
         if self._shown is None and self.log_clips > 0:
             self._shown = (real[: self.log_clips].cpu(), fake[: self.log_clips].cpu())
 
@@ -216,7 +220,9 @@ class EvalCallback(Callback):
             return
         self._active = False
         # both are collective under DDP (save_checkpoint barriers, log_dir broadcasts): every rank takes part
+        t_value = time.perf_counter()
         value = self._value_metrics(trainer, pl_module)
+        t_value = time.perf_counter() - t_value
         log_dir = trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
             return
@@ -231,7 +237,8 @@ class EvalCallback(Callback):
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "metrics_seconds": round(time.perf_counter() - t0, 3),
+            "eval_seconds": round(self._seconds + time.perf_counter() - t0, 3),  # eval_videos + metrics
+            "value_seconds": round(t_value, 3),
             **{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()},
         }
         self.last_metrics = record
