@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                 pred = probe.predict(x)
                 per_family = {f: (pred[y == k] == k).double().mean().item() for k, f in enumerate(families) if (y == k).any()}
         hp = module.hparams
-        print(f"{ckpt}: beta={hp.beta} z_dim={hp.model_z_dim if 'model_z_dim' in hp else hp.z_dim} "
+        print(f"{ckpt}: beta={hp.beta} z_dim={module.model.z_dim} "
               f"free_bits={hp.free_bits} | probe accuracy train {acc['train']:.3f}  val (held-out episodes) "
               f"{acc.get('val', float('nan')):.3f}  ood (unseen policies) {acc.get('ood', float('nan')):.3f} | "
               f"chance {1 / len(families):.3f} | {len(ytr)} train points, t >= {a.t_min} of {a.clip_len}-step clips "
