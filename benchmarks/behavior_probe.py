@@ -5,7 +5,9 @@ For each behavior checkpoint: cut every episode of the dataset into clips of ``-
 z_t for t >= ``--t-min`` (z_t has seen steps <= t only). A multinomial logistic regression fitted on
 the points of the *training* episodes predicts the behavior-policy family of the points of the
 held-out *val* episodes (same policies, episodes never trained on); the OOD episodes (policies
-never trained on, families seen) are scored too where their family exists in training.
+never trained on, families seen) are scored too where their family exists in training. Each point is
+scored on its own (the headline figure); a whole-episode decision (the probe's log-probabilities
+averaged over all of an episode's points) is printed too.
 
     .venv/bin/python benchmarks/behavior_probe.py                       # runs/demo/behavior best.ckpt
     .venv/bin/python benchmarks/behavior_probe.py --ckpt A.ckpt B.ckpt  # several (e.g. betas)
@@ -48,15 +50,24 @@ def embed_split(module, episodes, families, clip_len, hop, t_min, batch=32):
     mask = np.ones(len(mean), bool)
     if gi is not None:
         mask[gi] = False
-    zs, ys = [], []
-    for ep in episodes:
+    zs, ys, es = [], [], []
+    for e, ep in enumerate(episodes):
         fam = ep.meta["policy"]["family"]
         frames, actions = clips_of(ep, clip_len, hop, mean, std, mask)
         for i in range(0, len(frames), batch):
             z = module.behavior_z(frames[i : i + batch], actions[i : i + batch])[:, t_min:]
             zs.append(z.flatten(0, 1))
             ys.append(torch.full((z.shape[0] * z.shape[1],), families.index(fam) if fam in families else -1))
-    return torch.cat(zs), torch.cat(ys)
+            es.append(torch.full((z.shape[0] * z.shape[1],), e))
+    return torch.cat(zs), torch.cat(ys), torch.cat(es)
+
+
+def episode_accuracy(probe, x_NZ, y_N, ep_N) -> float:
+    """Whole-episode decision: the probe's log-probabilities averaged over all of an episode's z_t."""
+    logp = (((x_NZ.double() - probe.mean_Z) / probe.std_Z) @ probe.weight_ZK + probe.bias_K).log_softmax(-1)
+    eps = ep_N.unique()
+    right = [(logp[ep_N == e].mean(0).argmax() == y_N[ep_N == e][0]).item() for e in eps]
+    return sum(right) / len(right)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,17 +94,18 @@ def main(argv: list[str] | None = None) -> None:
                              data_spec_keys=["frame_size", "action_dim", "action_mean", "action_std", "families"])
         families = list(module.hparams.data_spec["families"])
         pts = {s: embed_split(module, e, families, a.clip_len, a.hop, a.t_min) for s, e in eps.items() if e}
-        xtr, ytr = pts["train"]
+        xtr, ytr, _ = pts["train"]
         probe = fit_linear_probe(xtr, ytr, n_classes=len(families))
         acc = {"train": probe.accuracy(xtr, ytr)}
         per_family = {}
         for s in ("val", "ood"):
             if s not in pts:
                 continue
-            x, y = pts[s]
+            x, y, ep = pts[s]
             keep = y >= 0
             if keep.any():
                 acc[s] = probe.accuracy(x[keep], y[keep])
+                acc[s + "_episode"] = episode_accuracy(probe, x[keep], y[keep], ep[keep])
             if s == "val":
                 pred = probe.predict(x)
                 per_family = {f: (pred[y == k] == k).double().mean().item() for k, f in enumerate(families) if (y == k).any()}
@@ -101,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{ckpt}: beta={hp.beta} z_dim={module.model.z_dim} "
               f"free_bits={hp.free_bits} | probe accuracy train {acc['train']:.3f}  val (held-out episodes) "
               f"{acc.get('val', float('nan')):.3f}  ood (unseen policies) {acc.get('ood', float('nan')):.3f} | "
-              f"chance {1 / len(families):.3f} | {len(ytr)} train points, t >= {a.t_min} of {a.clip_len}-step clips "
+              f"chance {1 / len(families):.3f} | whole-episode decisions: val {acc.get('val_episode', float('nan')):.3f} "
+              f"ood {acc.get('ood_episode', float('nan')):.3f} | {len(ytr)} train points, t >= {a.t_min} of {a.clip_len}-step clips "
               f"| {time.time() - t0:.0f}s", flush=True)
         print("  val accuracy per family: " + ", ".join(f"{f} {v:.2f}" for f, v in per_family.items()), flush=True)
         results.append(acc.get("val", float("nan")))
