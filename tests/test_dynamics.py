@@ -156,3 +156,16 @@ def test_imagine_with_prior_callable_is_causal():
     zs = z_fn(ids[:, :2], act[:, :2])
     nxt = m.predict_next(ids[:, :2], act[:, :2], zs)
     assert torch.equal(one["ids_BThw"][:, 0], nxt["probs_BhwV"].argmax(-1))
+
+
+def test_random_context_lengths_leave_a_clean_prefix_per_clip():
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.tensor([1, 3, 4, 2])
+    m = training_mask(4, 5, 9, ctx, generator=g)
+    for b, c in enumerate(ctx.tolist()):
+        assert not m[b, :c].any() and (m[b, c:].sum(-1) >= 1).all()
+    model = _model()
+    ids, act, z = _batch(B=8)
+    out = model.training_losses(ids, act, z, torch.zeros(8, 5), torch.zeros(8, 5), context_frames=1,
+                                max_context_frames=4, corrupt_prob=0.2, generator=g)
+    assert torch.isfinite(out["ce"])

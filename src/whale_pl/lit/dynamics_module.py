@@ -85,6 +85,7 @@ class DynamicsModule(L.LightningModule):
         injection: str = "adanorm",
         dropout: float = 0.0,
         context_frames: int = 1,
+        max_context_frames: int | None = None,
         corrupt_prob: float = 0.1,
         reward_weight: float = 0.1,
         success_weight: float = 0.1,
@@ -110,6 +111,8 @@ class DynamicsModule(L.LightningModule):
         ``data_spec``: from the datamodule (the CLI links it); None inherits the tokenizer's.
         ``injection``: how the per-frame (action, z, stride) vector enters (models/dynamics.py).
         ``context_frames``: clean frames at the start of each training clip and of rollouts.
+        ``max_context_frames``: None, or each training clip draws its clean context length from
+        ``[context_frames, max_context_frames]`` (the first predicted frame then sees a clean history).
         ``corrupt_prob``: max share of visible future tokens replaced by random ids in training.
         ``maskgit_steps`` / ``temperature``: generation in validation rollouts and ``imagine``.
         ``intra_op_threads``: ``torch.set_num_threads`` at setup (None: leave it). On a CPU box
@@ -240,6 +243,7 @@ class DynamicsModule(L.LightningModule):
         out = self.model.training_losses(
             ids, actions, z, batch["rewards"], batch["success"], state, stride,
             context_frames=self.hparams.context_frames, corrupt_prob=self.hparams.corrupt_prob,
+            max_context_frames=self.hparams.max_context_frames,
         )
         hp = self.hparams
         loss = out["ce"] + hp.reward_weight * out["reward"] + hp.success_weight * out["success"]

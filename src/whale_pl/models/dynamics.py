@@ -203,13 +203,23 @@ class DynamicsModel(nn.Module):
         context_frames: int = 1,
         corrupt_prob: float = 0.0,
         generator: torch.Generator | None = None,
+        max_context_frames: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """MaskGIT loss: cross-entropy on masked (and corrupted) positions of future frames, plus
-        reward (MSE), success (BCE) and state (MSE) head losses. Returns the parts and ``acc``."""
+        reward (MSE), success (BCE) and state (MSE) head losses. Returns the parts and ``acc``.
+
+        ``max_context_frames``: each clip draws its number of clean context frames uniformly from
+        ``[context_frames, max_context_frames]`` (clamped to T-1), so the first masked frame of a
+        clip sees a fully clean history, as every frame does at inference (teacher-forced and in
+        rollouts); later frames see masked histories, as in plain per-frame MaskGIT training."""
         B, T, hh, ww = ids_BThw.shape
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
-        mask = training_mask(B, T, hh * ww, context_frames, ids.device, generator)
-        inp, hit = corrupt_tokens(ids, mask, context_frames, corrupt_prob, self.codebook_size, generator)
+        ctx: int | torch.Tensor = context_frames
+        if max_context_frames is not None and max_context_frames > context_frames:
+            hi = min(max_context_frames, T - 1)
+            ctx = torch.randint(context_frames, hi + 1, (B,), generator=generator).to(ids.device)
+        mask = training_mask(B, T, hh * ww, ctx, ids.device, generator)
+        inp, hit = corrupt_tokens(ids, mask, ctx, corrupt_prob, self.codebook_size, generator)
         inp = inp.masked_fill(mask, self.mask_id)
         logits, heads = self(rearrange(inp, "b t (h w) -> b t h w", h=hh), actions_BTA, z_BTZ, stride_B)
         logits = rearrange(logits, "b t h w v -> b t (h w) v")

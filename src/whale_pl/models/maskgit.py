@@ -25,15 +25,17 @@ def training_mask(
     B: int,
     T: int,
     S: int,
-    context_frames: int,
+    context_frames: int | torch.Tensor,
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Bool mask ``[B, T, S]`` (True = masked): frames ``< context_frames`` are clean, every later
-    frame gets its own cosine-schedule ratio (at least one masked token)."""
+    """Bool mask ``[B, T, S]`` (True = masked): frames ``< context_frames`` (an int, or one count
+    per clip ``[B]``) are clean, every later frame gets its own cosine-schedule ratio (at least one
+    masked token)."""
     u_BT = torch.rand(B, T, device=device, generator=generator)
     n_BT = torch.ceil(cosine_mask_ratio(u_BT) * S).clamp(min=1, max=S)
-    n_BT[:, :context_frames] = 0
+    ctx_B = torch.as_tensor(context_frames, device=device).expand(B)
+    n_BT = n_BT.masked_fill(torch.arange(T, device=device)[None] < ctx_B[:, None], 0)
     # rank random scores per frame; the n lowest-ranked positions are masked
     scores = torch.rand(B, T, S, device=device, generator=generator)
     rank = scores.argsort(dim=-1).argsort(dim=-1)
@@ -43,7 +45,7 @@ def training_mask(
 def corrupt_tokens(
     ids_BTS: torch.Tensor,
     mask_BTS: torch.Tensor,
-    context_frames: int,
+    context_frames: int | torch.Tensor,
     max_prob: float,
     vocab: int,
     generator: torch.Generator | None = None,
@@ -56,7 +58,8 @@ def corrupt_tokens(
     p_BT = torch.rand(B, T, 1, device=ids_BTS.device, generator=generator) * max_prob
     hit = torch.rand(B, T, S, device=ids_BTS.device, generator=generator) < p_BT
     hit &= ~mask_BTS
-    hit[:, :context_frames] = False
+    ctx_B = torch.as_tensor(context_frames, device=ids_BTS.device).expand(B)
+    hit &= (torch.arange(T, device=ids_BTS.device)[None] >= ctx_B[:, None]).unsqueeze(-1)
     rand_ids = torch.randint(0, vocab, (B, T, S), device=ids_BTS.device, generator=generator)
     return torch.where(hit, rand_ids, ids_BTS), hit
 
