@@ -142,7 +142,7 @@ def test_validation_figures_and_rollout_picture_in_tensorboard(fitted):
     ea.Reload()
     assert "val/rollout_real_vs_imagined" in ea.Tags()["images"]
     for tag in ("train/ce", "train/acc", "train/reward", "train/state", "val/acc", "val/ce", "val/copy_acc",
-                "val/psnr_ar_all", "val/ssim_ar_all"):
+                "val/psnr_ar_all", "val/ssim_ar_all", "val/psnr_tokenizer_recon", "val/psnr_still_context"):
         assert tag in ea.Tags()["scalars"], tag
     assert any(t in ea.Tags()["scalars"] for t in ("val/psnr_ar_train_family", "val/psnr_ar_ood"))
 

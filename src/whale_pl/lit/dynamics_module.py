@@ -271,6 +271,8 @@ class DynamicsModule(L.LightningModule):
         if batch_idx < self.hparams.rollout_batches:
             out = self.rollout(batch, ids=ids, actions=actions, stride=stride)
             ood = batch["ood"].bool() if "ood" in batch else torch.zeros(B, dtype=torch.bool, device=ids.device)
+            self.log("val/psnr_tokenizer_recon", out["psnr_recon_B"].mean(), batch_size=B, sync_dist=True)
+            self.log("val/psnr_still_context", out["psnr_still_B"].mean(), batch_size=B, sync_dist=True)
             # always update (weight 0 where a group is absent) so every DDP rank syncs the same metrics
             for name, sel in (("train_family", ~ood), ("ood", ood), ("all", torch.ones_like(ood))):
                 self.val_psnr[name].update(out["psnr_B"].float(), sel.float())
@@ -298,7 +300,9 @@ class DynamicsModule(L.LightningModule):
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """Autoregressive rollout of a batch's clips from their first ``context_frames`` frames with
-        the recorded actions; decoded frames and PSNR / SSIM (per clip) against the real frames."""
+        the recorded actions; decoded frames and PSNR / SSIM (per clip) against the real frames,
+        beside two references: the tokenizer's reconstruction of the real frames (ceiling) and the
+        last context frame held still (floor)."""
         if ids is None:
             ids, actions, _, stride = self._inputs(batch)
         C = self.hparams.context_frames
@@ -309,12 +313,16 @@ class DynamicsModule(L.LightningModule):
         )
         imagined = self.tokenizer.model.decode(out["ids_BThw"]).float()
         real = frames_to_unit(batch["frames"][:, C : C + H])
+        recon = self.tokenizer.model.decode(ids[:, C : C + H]).float()  # the tokenizer's ceiling
+        still = frames_to_unit(batch["frames"][:, C - 1 : C]).expand_as(real)  # last context frame held
         return {
             **out,
             "imagined_BTCHW": imagined,
             "real_BTCHW": real,
             "psnr_B": psnr_per_sample(imagined, real),
             "ssim_B": ssim_per_sample(imagined, real),
+            "psnr_recon_B": psnr_per_sample(recon, real),
+            "psnr_still_B": psnr_per_sample(still, real),
         }
 
     @torch.no_grad()
