@@ -68,7 +68,7 @@ class VideoTokenizer(nn.Module):
         self.patch_embed = nn.Linear(patch_dim, dim)
         self.enc_pos = nn.Parameter(torch.randn(h * w, dim) * 0.02)
         self.encoder = STTransformer(dim, enc_depth, heads, mlp_ratio, causal=True, dropout=dropout)
-        self.to_code = nn.Linear(dim, code_dim, bias=False)
+        self.to_code = nn.Linear(dim, code_dim)
         self.quantizer = VectorQuantizer(
             codebook_size, code_dim, beta=beta, ema=ema, decay=ema_decay, restart_threshold=restart_threshold
         )
@@ -104,9 +104,7 @@ class VideoTokenizer(nn.Module):
 
     def _encode_latent(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
         self.check_frames(frames_BTCHW)
-        # the encoder sees each patch's deviation from the mean scene (the decoder adds it back):
-        # raw patches share one dominant direction, which would crowd all codes into a narrow cone
-        x = self._patches(frames_BTCHW) - self.pixel_bias.detach().to(frames_BTCHW.dtype)
+        x = self._patches(frames_BTCHW)
         x = self.patch_embed(x) + self.enc_pos
         return self.to_code(self.encoder(x))  # [B, T, S, code_dim]
 
@@ -119,8 +117,8 @@ class VideoTokenizer(nn.Module):
 
     def forward(self, frames_BTCHW: torch.Tensor) -> TokenizerOutput:
         """Reconstruct frames through the quantiser (training path; straight-through gradient)."""
+        z_BTSC = self._encode_latent(frames_BTCHW)
         if self.training and not bool(self.pixel_bias_initialized):
-            self.check_frames(frames_BTCHW)
             with torch.no_grad():
                 mean = self._patches(frames_BTCHW.float()).mean(dim=(0, 1))
                 if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -128,7 +126,6 @@ class VideoTokenizer(nn.Module):
                     mean /= dist.get_world_size()
                 self.pixel_bias.copy_(mean)
                 self.pixel_bias_initialized.fill_(True)
-        z_BTSC = self._encode_latent(frames_BTCHW)
         B, T, S, C = z_BTSC.shape
         q = self.quantizer(rearrange(z_BTSC, "b t s c -> (b t s) c"))
         codes_BTSC = rearrange(q.codes_NC, "(b t s) c -> b t s c", b=B, t=T, s=S)
