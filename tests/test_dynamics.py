@@ -18,10 +18,10 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _model(injection="adanorm", behavior=True, max_frames=6, seed=0):
+def _model(injection="adanorm", behavior=True, max_frames=6, seed=0, prev=False):
     torch.manual_seed(seed)
     m = DynamicsModel(V, HW, A, behavior_dim=Z if behavior else 0, state_dim=SD, dim=32, depth=2,
-                      heads=4, max_frames=max_frames, max_stride=3, injection=injection)
+                      heads=4, max_frames=max_frames, max_stride=3, injection=injection, prev_frame_input=prev)
     # zero-initialised adaptive norms would hide conditioning bugs: perturb every parameter
     with torch.no_grad():
         for p in m.parameters():
@@ -100,8 +100,9 @@ def test_loss_falls_on_fixed_batch():
     assert loss.item() < 0.5 * first
 
 
-def test_teacher_forced_matches_masked_full_pass():
-    m = _model()
+@pytest.mark.parametrize("prev", [False, True])
+def test_teacher_forced_matches_masked_full_pass(prev):
+    m = _model(prev=prev)
     ids, act, z = _batch()
     tf = m.teacher_forced(ids, act, z)
     for t in (1, 4):
@@ -123,9 +124,9 @@ def test_predict_next_matches_teacher_forced_and_strides():
     assert not torch.allclose(k2["probs_BhwV"], out["probs_BhwV"])
 
 
-@pytest.mark.parametrize("injection", ["adanorm", "token"])
-def test_imagine_cache_equals_no_cache(injection):
-    m = _model(injection, max_frames=4)  # 1 context + 7 new frames: the window restarts twice
+@pytest.mark.parametrize("injection,prev", [("adanorm", False), ("token", False), ("adanorm", True)])
+def test_imagine_cache_equals_no_cache(injection, prev):
+    m = _model(injection, max_frames=4, prev=prev)  # 1 context + 7 new frames: the window restarts twice
     ids, act, z = _batch(T=7)
     runs = []
     for use_cache in (True, False):

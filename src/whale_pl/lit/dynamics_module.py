@@ -84,6 +84,7 @@ class DynamicsModule(L.LightningModule):
         max_stride: int = 4,
         injection: str = "adanorm",
         dropout: float = 0.0,
+        prev_frame_input: bool = False,
         context_frames: int = 1,
         max_context_frames: int | None = None,
         corrupt_prob: float = 0.1,
@@ -110,6 +111,7 @@ class DynamicsModule(L.LightningModule):
         ``use_behavior=False``: the ablation without behavior-conditioning (no behavior_ckpt needed).
         ``data_spec``: from the datamodule (the CLI links it); None inherits the tokenizer's.
         ``injection``: how the per-frame (action, z, stride) vector enters (models/dynamics.py).
+        ``prev_frame_input``: each position also embeds the id it held one frame earlier (a copy path).
         ``context_frames``: clean frames at the start of each training clip and of rollouts.
         ``max_context_frames``: None, or each training clip draws its clean context length from
         ``[context_frames, max_context_frames]`` (the first predicted frame then sees a clean history).
@@ -130,7 +132,7 @@ class DynamicsModule(L.LightningModule):
             behavior_dim=self.behavior.model.z_dim if self.behavior is not None else 0,
             state_dim=int(spec.get("state_dim") or 0),
             dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, max_frames=max_frames,
-            max_stride=max_stride, injection=injection, dropout=dropout,
+            max_stride=max_stride, injection=injection, dropout=dropout, prev_frame_input=prev_frame_input,
         )
         self.val_psnr = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})
         self.val_ssim = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})

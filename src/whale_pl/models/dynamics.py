@@ -53,6 +53,7 @@ class DynamicsModel(nn.Module):
         max_stride: int = 4,
         injection: str = "adanorm",
         dropout: float = 0.0,
+        prev_frame_input: bool = False,
     ) -> None:
         super().__init__()
         if injection not in INJECTIONS:
@@ -70,6 +71,12 @@ class DynamicsModel(nn.Module):
         self.dim = dim
 
         self.tok_emb = nn.Embedding(codebook_size + 1, dim)
+        # optional: each position also sees the id the same position held one frame earlier (a direct
+        # copy path; index codebook_size + 1 = "no earlier frame in this window")
+        self.prev_emb = None
+        if prev_frame_input:
+            self.prev_emb = nn.Embedding(codebook_size + 2, dim)
+            nn.init.normal_(self.prev_emb.weight, std=0.02)
         self.pos_s = nn.Parameter(torch.randn(self.num_tokens, dim) * 0.02)
         self.pos_t = nn.Parameter(torch.randn(max_frames, dim) * 0.02)
         self.act_mlp = nn.Sequential(nn.Linear(action_dim, dim), nn.GELU(), nn.Linear(dim, dim))
@@ -143,12 +150,19 @@ class DynamicsModel(nn.Module):
         t0: int = 0,
         kv_cache: list[KV] | None = None,
         return_kv: bool = False,
+        prev_ids_BS: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KV] | None]:
-        """Hidden states ``[B, T, S, D]`` of frames at window positions ``t0 .. t0+T-1``."""
+        """Hidden states ``[B, T, S, D]`` of frames at window positions ``t0 .. t0+T-1``.
+        ``prev_ids_BS``: ids of the frame before the first of these (None: none in the window);
+        used only with ``prev_frame_input``."""
         B, T, S = ids_BTS.shape
         if t0 + T > self.max_frames:
             raise ValueError(f"window of {t0 + T} frames exceeds max_frames={self.max_frames}")
         x = self.tok_emb(ids_BTS) + self.pos_s + self.pos_t[t0 : t0 + T, None]
+        if self.prev_emb is not None:
+            first = (torch.full_like(ids_BTS[:, 0], self.codebook_size + 1) if prev_ids_BS is None
+                     else prev_ids_BS)
+            x = x + self.prev_emb(torch.cat([first.unsqueeze(1), ids_BTS[:, :-1]], dim=1))
         cond = None
         if self.injection == "adanorm":
             cond = cond_BTD
@@ -256,7 +270,7 @@ class DynamicsModel(nn.Module):
         outs = []
         for t in range(1, T):
             past = [(k[:, :, :t], v[:, :, :t]) for k, v in kv]
-            h, _ = self.trunk(masked, cond[:, t : t + 1], t0=t, kv_cache=past)
+            h, _ = self.trunk(masked, cond[:, t : t + 1], t0=t, kv_cache=past, prev_ids_BS=ids[:, t - 1])
             outs.append(self.logits_head(h))
         logits = torch.cat(outs, dim=1)
         return rearrange(logits, "b t (h w) v -> b t h w v", h=hh)
@@ -379,9 +393,10 @@ class DynamicsModel(nn.Module):
                     _, cache = self.trunk(all_ids[:, start:n], cond_w[:, :-1], t0=0, return_kv=True)
                     cache_len = n - start
                 t_slot = n - start
+                prev = all_ids[:, n - 1] if n - 1 >= start else None
 
                 def logits_fn(ids_BS: torch.Tensor) -> torch.Tensor:
-                    h, _ = self.trunk(ids_BS.unsqueeze(1), cond_w[:, -1:], t0=t_slot, kv_cache=cache)
+                    h, _ = self.trunk(ids_BS.unsqueeze(1), cond_w[:, -1:], t0=t_slot, kv_cache=cache, prev_ids_BS=prev)
                     return self.logits_head(h[:, 0])
             else:
                 def logits_fn(ids_BS: torch.Tensor) -> torch.Tensor:
@@ -394,7 +409,8 @@ class DynamicsModel(nn.Module):
             all_ids = torch.cat([all_ids, ids_BS.unsqueeze(1)], dim=1)
             # the finished frame: its latent gives the heads, its keys/values join the cache
             if use_cache:
-                h, kv = self.trunk(ids_BS.unsqueeze(1), cond_w[:, -1:], t0=n - start, kv_cache=cache, return_kv=True)
+                h, kv = self.trunk(ids_BS.unsqueeze(1), cond_w[:, -1:], t0=n - start, kv_cache=cache, return_kv=True,
+                                   prev_ids_BS=prev)
                 cache = append_kv(cache, kv)
                 cache_len += 1
             else:
