@@ -103,6 +103,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     p.add_argument("--cache", type=Path, default=None, help="token ids cache (.pt); reused when present")
+    p.add_argument("--prev-frame-input", action="store_true", help="give the model the previous frame's ids")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: fastest on a busy box)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -136,7 +137,8 @@ def main() -> None:
     results = {}
     for variant in a.variants.split(","):
         torch.manual_seed(a.seed)
-        m = DynamicsModel(V, hw, tr_a.shape[-1], dim=a.dim, depth=a.depth, heads=4, max_frames=16, injection=variant)
+        m = DynamicsModel(V, hw, tr_a.shape[-1], dim=a.dim, depth=a.depth, heads=4, max_frames=16, injection=variant,
+                          prev_frame_input=a.prev_frame_input)
         opt = torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=0.05, betas=(0.9, 0.95))
         g = torch.Generator().manual_seed(a.seed)
         t0 = time.time()
