@@ -26,7 +26,6 @@ Normalisation: each directory with its own manifest's train-split statistics:
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
