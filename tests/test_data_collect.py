@@ -58,6 +58,20 @@ def test_same_command_same_bytes_any_worker_count(tiny_shards, tiny_config, tmp_
     assert (tmp_path / "again" / "manifest.json").stat().st_mtime_ns == before
 
 
+def test_episode_bytes_do_not_depend_on_the_previous_episode():
+    """The same job gives the same frames whether or not the worker's env ran another episode first."""
+    from whale_pl.data.metaworld import Job, iter_collect
+
+    from whale_pl.data.metaworld import episode_seed
+
+    # a pair that exposed a stale goal marker in frame 0 (fixed in MetaWorldEnv.reset)
+    a = Job(0, "push-v3", "expert", "train", 3, episode_seed(0, "push-v3", "expert", "train", 3))
+    b = Job(1, "push-v3", "noise_0.1", "train", 0, episode_seed(0, "push-v3", "noise_0.1", "train", 0))
+    alone = list(iter_collect([Job(0, b.task, b.policy, b.split, b.episode, b.seed)], 64, "corner2", 120, 1))
+    after = list(iter_collect([a, b], 64, "corner2", 120, 1))
+    assert after[1].to_sample("k") == alone[0].to_sample("k")
+
+
 def _returns(task: str, names: list[str], steps: int = 100, n: int = 2) -> dict[str, float]:
     import metaworld
 

@@ -178,6 +178,13 @@ class MetaWorldEnv:
         self.env.set_task(self.mt.train_tasks[seed % len(self.mt.train_tasks)])
         self.env.seed(seed)
         obs, _ = self.env.reset()
+        # Meta-World moves its goal-marker sites only in step(): without this, frame 0 shows the
+        # previous episode's goal and an episode's bytes would depend on what the worker ran before.
+        import mujoco
+
+        for site in self.env._target_site_config:
+            self.env._set_pos_site(*site)
+        mujoco.mj_forward(self.env.model, self.env.data)
         return obs
 
     def close(self) -> None:
