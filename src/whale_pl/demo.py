@@ -42,6 +42,13 @@ def _sh(cmd: list[str]) -> None:
         raise SystemExit(f"[demo] command failed (exit {proc.returncode}): {' '.join(cmd)}")
 
 
+def _data_out(data_cfg: Path) -> str:
+    """The shard directory a dataset config writes (its ``out`` key)."""
+    import yaml
+
+    return str(yaml.safe_load(data_cfg.read_text())["out"])
+
+
 def build_steps(scale: str) -> list[Step]:
     py = sys.executable
     run_root = Path("runs") / scale
@@ -49,11 +56,13 @@ def build_steps(scale: str) -> list[Step]:
     steps = [
         Step("data", "whale_pl.data.metaworld",
              lambda: _sh([py, "-m", "whale_pl.data.cli", "metaworld", "--config", str(data_cfg)])),
-        Step("tokenizer", "whale_pl.lit.tokenizer_module", lambda: run_stage(scale, "tokenizer") and None),
-        Step("behavior", "whale_pl.lit.behavior_module", lambda: run_stage(scale, "behavior") and None),
-        Step("dynamics", "whale_pl.lit.dynamics_module", lambda: run_stage(scale, "dynamics") and None),
+        Step("tokenizer", "whale_pl.lit.tokenizer_module", lambda: run_stage(scale, "tokenizer")),
+        Step("behavior", "whale_pl.lit.behavior_module", lambda: run_stage(scale, "behavior")),
+        Step("dynamics", "whale_pl.lit.dynamics_module", lambda: run_stage(scale, "dynamics")),
         Step("video metrics", "whale_pl.eval_cli",
-             lambda: _sh([py, "-m", "whale_pl.eval_cli", "video", "--scale", scale,
+             lambda: _sh([py, "-m", "whale_pl.eval_cli", "video",
+                          "--ckpt", str(stage_dir(scale, "dynamics") / "checkpoints" / "best.ckpt"),
+                          "--shards", _data_out(data_cfg), "--num-clips", "16",
                           "--out", str(run_root / "video_metrics.json")])),
         Step("experiment", "whale_pl.experiment",
              lambda: _sh([py, "-m", "whale_pl.experiment", "--scale", scale])),
