@@ -106,3 +106,21 @@ def test_frame_size_mismatch_fails_before_training(tiny_shards, tmp_path):
 def test_usage_and_perplexity():
     assert usage_and_perplexity(torch.tensor([5, 5, 0, 0])) == pytest.approx((0.5, 2.0))
     assert usage_and_perplexity(torch.tensor([1, 1, 1, 1])) == pytest.approx((1.0, 4.0))
+
+
+def test_eval_videos_protocol_and_offline_video_eval(fitted, tiny_shards, tmp_path):
+    """The tokenizer serves the evaluation callback's protocol, so `whale eval video` takes its checkpoint."""
+    import json
+
+    from whale_pl.eval_cli import main as eval_main
+
+    run, module, dm = fitted
+    batch = next(iter(dm.val_dataloader()))
+    real, recon = module.eval_videos(batch)
+    assert real.shape == recon.shape == batch["frames"].shape
+    assert torch.equal(recon, module.model.decode(module.model.encode(real)).float().clamp(-1, 1))
+    out = tmp_path / "video.json"
+    rc = eval_main(["video", "--ckpt", str(run / "checkpoints" / "best.ckpt"), "--shards", str(tiny_shards),
+                    "--num-clips", "2", "--clip-len", "4", "--batch-size", "2", "--no-fvd", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert rc == 0 and res["num_clips"] == 2 and 5.0 < res["psnr"] < 100.0 and 0.0 < res["ssim"] <= 1.0

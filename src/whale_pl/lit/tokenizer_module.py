@@ -190,6 +190,13 @@ class TokenizerModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val")
 
+    @torch.no_grad()
+    def eval_videos(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(originals, reconstructions), float [B, T, 3, H, W] in [-1, 1]: the evaluation
+        callback's protocol (docs/contracts.md)."""
+        x = frames_to_unit_range(batch["frames"])
+        return x, self.model.decode(self.model.encode(x)).float().clamp(-1, 1)
+
     def on_validation_epoch_end(self) -> None:
         self._log_usage("val", "val")
         every = self.hparams.log_images_every_n_epochs
