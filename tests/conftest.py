@@ -37,6 +37,18 @@ TINY = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Test shapes are tiny: one intra-op thread is faster than two, and far faster on a busy machine.
+    Tests that need more threads set them themselves; the count is restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory):
     from whale_pl.data.metaworld import CollectConfig

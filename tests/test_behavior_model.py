@@ -61,15 +61,6 @@ def test_bad_shapes_name_the_mismatch():
         m.posterior(codes, actions[:, :-1])
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train ~10x faster on one thread than on two contended cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_learns_policy_dependent_actions_on_a_fixed_batch(one_thread):
     """Two 'policies' act differently on the same observations; the latent must carry which one,
     so the loss falls and the posterior means of the two groups separate."""

@@ -21,14 +21,6 @@ SHRINK = ["--model.init_args.frame_size", "[32, 32]", "--model.init_args.dim", "
           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_fit_and_resume_through_the_cli(tiny_data_yaml, tmp_path):
     cfg = str(ROOT / "stages" / "demo" / "tokenizer.yaml")
     common = ["--config", cfg, "--data.init_args.config", str(tiny_data_yaml),

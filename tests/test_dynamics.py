@@ -9,15 +9,6 @@ from whale_pl.models.maskgit import training_mask
 V, HW, A, Z, SD = 16, (3, 3), 4, 5, 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(injection="adanorm", behavior=True, max_frames=6, seed=0, prev=False):
     torch.manual_seed(seed)
     m = DynamicsModel(V, HW, A, behavior_dim=Z if behavior else 0, state_dim=SD, dim=32, depth=2,

@@ -18,15 +18,6 @@ QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_
              num_sanity_val_steps=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _dm(data_yaml: Path, clip_len: int = 4, **kw):
     from whale_pl.data.datamodule import MetaWorldDataModule
 

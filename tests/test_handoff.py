@@ -20,14 +20,6 @@ TINY_TOK = dict(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_dept
                 codebook_size=32, code_dim=8, ema_decay=0.5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _dm(shards: Path) -> ClipDataModule:
     return ClipDataModule(dirs=[str(shards)], clip_len=4, batch_size=2, num_workers=0, steps_per_epoch=3, val_steps=1)
 

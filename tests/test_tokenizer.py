@@ -13,15 +13,6 @@ TINY_TOK = dict(frame_size=(32, 32), patch_size=8, dim=32, enc_depth=2, dec_dept
                 codebook_size=32, code_dim=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes run fastest single-threaded (and do not stall when the 2 cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tok(**kw) -> VideoTokenizer:
     torch.manual_seed(0)
     return VideoTokenizer(**{**TINY_TOK, **kw})
