@@ -3,7 +3,7 @@
 Each worker (spawned, one env each, as in the collector) builds a ``MetaWorldEnv`` (64x64, corner2),
 warms up, then runs expert rollouts (``rollout``: policy + env.step + render + flip) for a fixed
 number of frames; workers start together and the wall time of the slowest counts.
-Run: ``flock /tmp/whale_heavy.lock .venv/bin/python benchmarks/collect.py``.
+Run: ``.venv/bin/python benchmarks/collect.py`` (on an otherwise idle machine).
 Target: >= 100 frames/s per worker, near-linear speed-up from 1 to 2 workers.
 """
 

@@ -7,7 +7,7 @@ k-means patch quantiser (8x8 patches, ``--codebook`` centres fitted on training 
 comparison can run before a tokenizer exists. Conditioning: normalised actions only (the three
 variants inject z the same way, through the same per-frame vector).
 
-    flock /tmp/whale_heavy.lock .venv/bin/python benchmarks/dynamics_injection.py [--steps 100] [--cache tokens.pt]
+    .venv/bin/python benchmarks/dynamics_injection.py [--steps 100] [--cache tokens.pt]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Seconds for one FVD evaluation: 64 real + 64 generated clips of 16 frames at 64x64 (uint8).
 
 I3D features of both sets (resize to 224, Kinetics-400 logits) and the Fréchet distance; the weight
-load is timed separately. Run alone (flock /tmp/whale_heavy.lock ...): it keeps both cores busy.
+load is timed separately. Run it with nothing else on the machine: it keeps both cores busy.
 Last line: `fvd_64x16: <seconds> s`.
 """
 

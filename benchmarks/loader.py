@@ -3,7 +3,7 @@
 Uses ``stages/demo/data.yaml``'s dataset (collected first if absent, ~1.5 min). Times batches of
 32 clips through ``MetaWorldDataModule.train_dataloader()`` (decode, clip cut, normalisation,
 collation, worker -> main transfer) after a warm-up.
-Run: ``flock /tmp/whale_heavy.lock .venv/bin/python benchmarks/loader.py``. Target: >= 1000 clips/s.
+Run: ``.venv/bin/python benchmarks/loader.py`` (on an otherwise idle machine). Target: >= 1000 clips/s.
 """
 
 from __future__ import annotations

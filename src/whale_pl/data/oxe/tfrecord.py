@@ -43,39 +43,12 @@ def masked_crc32c(data: bytes | memoryview) -> int:
 
 
 def iter_records(path: str | os.PathLike, verify: bool = True) -> Iterator[bytes]:
-    """Yield the payload of every record in ``path``, streaming (one record in memory at a time)."""
-    path = Path(path)
-    with open(path, "rb", buffering=1 << 20) as f:
-        index, offset = 0, 0
-        while True:
-            header = f.read(_HEADER.size)
-            if not header:
-                return
-            if len(header) < _HEADER.size:
-                raise TFRecordError(path, index, offset,
-                                    f"truncated header: {len(header)} of {_HEADER.size} bytes")
-            length, length_crc = _HEADER.unpack(header)
-            if verify and masked_crc32c(header[:8]) != length_crc:
-                raise TFRecordError(path, index, offset,
-                                    f"length CRC mismatch (stored {length_crc:#010x}, "
-                                    f"computed {masked_crc32c(header[:8]):#010x}); not a TFRecord "
-                                    "file or corrupt")
-            data = f.read(length)
-            footer = f.read(_FOOTER.size)
-            if len(data) < length or len(footer) < _FOOTER.size:
-                raise TFRecordError(path, index, offset,
-                                    f"truncated record: expected {length} data bytes + 4 CRC bytes, "
-                                    f"file has {len(data) + len(footer)}")
-            if verify:
-                (data_crc,) = _FOOTER.unpack(footer)
-                computed = masked_crc32c(data)
-                if computed != data_crc:
-                    raise TFRecordError(path, index, offset,
-                                        f"data CRC mismatch (stored {data_crc:#010x}, "
-                                        f"computed {computed:#010x})")
-            yield data
-            index += 1
-            offset += _HEADER.size + length + _FOOTER.size
+    """Yield the payload of every record in ``path``, streaming (one record in memory at a time);
+    the first damaged record raises its `TFRecordError`."""
+    for _, item in iter_records_safe(path, verify):
+        if isinstance(item, TFRecordError):
+            raise item
+        yield item
 
 
 def encode_record(data: bytes) -> bytes:
@@ -115,7 +88,9 @@ def iter_records_safe(path: str | os.PathLike, verify: bool = True) -> Iterator[
             length, length_crc = _HEADER.unpack(header)
             if verify and masked_crc32c(header[:8]) != length_crc:
                 yield index, TFRecordError(path, index, offset,
-                                           "length CRC mismatch; framing lost, rest of file unreadable")
+                                           f"length CRC mismatch (stored {length_crc:#010x}, computed "
+                                           f"{masked_crc32c(header[:8]):#010x}); not a TFRecord file or "
+                                           "corrupt: framing lost, rest of file unreadable")
                 return
             data = f.read(length)
             footer = f.read(_FOOTER.size)
