@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[demo] finished what exists; not built yet: {', '.join(missing)}", flush=True)
     else:
         print(f"[demo] all done in {fmt_elapsed(time.time() - t_start)}: report at "
-              f"{stage_dir(a.scale, 'report').parent / 'report.md'}", flush=True)
+              f"{Path('runs') / a.scale / 'report.md'}", flush=True)
 
 
 if __name__ == "__main__":
