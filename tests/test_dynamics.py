@@ -9,10 +9,11 @@ from whale_pl.models.maskgit import training_mask
 V, HW, A, Z, SD = 16, (3, 3), 4, 5, 6
 
 
-def _model(injection="adanorm", behavior=True, max_frames=6, seed=0, prev=False):
+def _model(injection="adanorm", behavior=True, max_frames=6, seed=0, prev=False, copy=False):
     torch.manual_seed(seed)
     m = DynamicsModel(V, HW, A, behavior_dim=Z if behavior else 0, state_dim=SD, dim=32, depth=2,
-                      heads=4, max_frames=max_frames, max_stride=3, injection=injection, prev_frame_input=prev)
+                      heads=4, max_frames=max_frames, max_stride=3, injection=injection, prev_frame_input=prev,
+                      copy_logit=copy)
     # zero-initialised adaptive norms would hide conditioning bugs: perturb every parameter
     with torch.no_grad():
         for p in m.parameters():
@@ -91,9 +92,9 @@ def test_loss_falls_on_fixed_batch():
     assert loss.item() < 0.5 * first
 
 
-@pytest.mark.parametrize("prev", [False, True])
-def test_teacher_forced_matches_masked_full_pass(prev):
-    m = _model(prev=prev)
+@pytest.mark.parametrize("prev,copy", [(False, False), (True, False), (True, True)])
+def test_teacher_forced_matches_masked_full_pass(prev, copy):
+    m = _model(prev=prev, copy=copy)
     ids, act, z = _batch()
     tf = m.teacher_forced(ids, act, z)
     for t in (1, 4):
@@ -103,8 +104,9 @@ def test_teacher_forced_matches_masked_full_pass(prev):
         assert torch.allclose(tf[:, t - 1], full[:, t], atol=1e-4)
 
 
-def test_predict_next_matches_teacher_forced_and_strides():
-    m = _model()
+@pytest.mark.parametrize("copy", [False, True])
+def test_predict_next_matches_teacher_forced_and_strides(copy):
+    m = _model(copy=copy)
     ids, act, z = _batch()
     tf = m.teacher_forced(ids, act, z)
     out = m.predict_next(ids[:, :3], act[:, :3], z[:, :3])
@@ -115,9 +117,10 @@ def test_predict_next_matches_teacher_forced_and_strides():
     assert not torch.allclose(k2["probs_BhwV"], out["probs_BhwV"])
 
 
-@pytest.mark.parametrize("injection,prev", [("adanorm", False), ("token", False), ("adanorm", True)])
-def test_imagine_cache_equals_no_cache(injection, prev):
-    m = _model(injection, max_frames=4, prev=prev)  # 1 context + 7 new frames: the window restarts twice
+@pytest.mark.parametrize("injection,prev,copy", [("adanorm", False, False), ("token", False, False),
+                                                 ("adanorm", True, False), ("adanorm", True, True)])
+def test_imagine_cache_equals_no_cache(injection, prev, copy):
+    m = _model(injection, max_frames=4, prev=prev, copy=copy)  # 1 context + 7 new frames: the window restarts twice
     ids, act, z = _batch(T=7)
     runs = []
     for use_cache in (True, False):
@@ -161,3 +164,28 @@ def test_random_context_lengths_leave_a_clean_prefix_per_clip():
     out = model.training_losses(ids, act, z, torch.zeros(8, 5), torch.zeros(8, 5), context_frames=1,
                                 max_context_frames=4, corrupt_prob=0.2, generator=g)
     assert torch.isfinite(out["ce"])
+
+
+def test_copy_logit_starts_at_copy_baseline_and_learns_the_changes():
+    """A fresh copy-logit model predicts 'same as the previous frame' everywhere; trained on clips
+    where one position follows the action and the rest stand still, it beats copying."""
+    torch.manual_seed(0)
+    m = DynamicsModel(V, HW, A, behavior_dim=0, dim=32, depth=2, heads=4, max_frames=6, copy_logit=True)
+    g = torch.Generator().manual_seed(0)
+    B, T = 16, 5
+    ids = torch.randint(0, V, (B, 1, *HW), generator=g).repeat(1, T, 1, 1)
+    act = torch.randn(B, T, A, generator=g)
+    ids[:, 1:, 0, 0] = (act[:, :-1, 0] > 0).long() * 7  # position (0, 0) is set by the action
+    tf = m.eval().teacher_forced(ids, act).argmax(-1)
+    assert torch.equal(tf, ids[:, :-1])  # copies at init
+    copy_acc = (ids[:, :-1] == ids[:, 1:]).float().mean().item()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    rew, suc = torch.zeros(B, T), torch.zeros(B, T)
+    m.train()
+    for _ in range(60):
+        out = m.training_losses(ids, act, None, rew, suc, context_frames=1, generator=g)
+        opt.zero_grad()
+        out["ce"].backward()
+        opt.step()
+    acc = (m.eval().teacher_forced(ids, act).argmax(-1) == ids[:, 1:]).float().mean().item()
+    assert acc > copy_acc + 0.5 * (1 - copy_acc), (acc, copy_acc)

@@ -85,6 +85,7 @@ class DynamicsModule(L.LightningModule):
         injection: str = "adanorm",
         dropout: float = 0.0,
         prev_frame_input: bool = False,
+        copy_logit: bool = False,
         context_frames: int = 1,
         max_context_frames: int | None = None,
         corrupt_prob: float = 0.1,
@@ -112,6 +113,7 @@ class DynamicsModule(L.LightningModule):
         ``data_spec``: from the datamodule (the CLI links it); None inherits the tokenizer's.
         ``injection``: how the per-frame (action, z, stride) vector enters (models/dynamics.py).
         ``prev_frame_input``: each position also embeds the id it held one frame earlier (a copy path).
+        ``copy_logit``: a learned gate adds to the logit of that earlier id (starts at the copy baseline).
         ``context_frames``: clean frames at the start of each training clip and of rollouts.
         ``max_context_frames``: None, or each training clip draws its clean context length from
         ``[context_frames, max_context_frames]`` (the first predicted frame then sees a clean history).
@@ -133,6 +135,7 @@ class DynamicsModule(L.LightningModule):
             state_dim=int(spec.get("state_dim") or 0),
             dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, max_frames=max_frames,
             max_stride=max_stride, injection=injection, dropout=dropout, prev_frame_input=prev_frame_input,
+            copy_logit=copy_logit,
         )
         self.val_psnr = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})
         self.val_ssim = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})

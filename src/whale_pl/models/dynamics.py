@@ -11,6 +11,12 @@ learned start vector instead of an action. The conditioning vector enters by ``i
 - ``"additive"``: added to every token of the frame before the first block;
 - ``"token"``: an extra spatial token per frame that the frame's tokens attend to.
 
+Copy paths (both optional): ``prev_frame_input`` adds to each position the embedding of the id the
+same position held one frame earlier; ``copy_logit`` adds a learned, position-wise gate g(h) to the
+logit of that earlier id (a pointer-style copy prior). Most of a frame's tokens repeat from one
+frame to the next, so with the copy logit the model starts at the copy-the-previous-frame baseline
+and spends its capacity on what moves.
+
 Heads on the frame latent (mean over the frame's positions) predict the reward and success of the
 transition into frame t (``rewards[t-1]``, ``success[t-1]``) and the low-dimensional state of frame t.
 
@@ -54,6 +60,8 @@ class DynamicsModel(nn.Module):
         injection: str = "adanorm",
         dropout: float = 0.0,
         prev_frame_input: bool = False,
+        copy_logit: bool = False,
+        copy_init: float = 4.0,
     ) -> None:
         super().__init__()
         if injection not in INJECTIONS:
@@ -91,6 +99,11 @@ class DynamicsModel(nn.Module):
             cond_dim=dim if injection == "adanorm" else None, dropout=dropout,
         )
         self.logits_head = nn.Linear(dim, codebook_size)
+        self.copy_gate = None
+        if copy_logit:
+            self.copy_gate = nn.Linear(dim, 1)
+            nn.init.zeros_(self.copy_gate.weight)
+            nn.init.constant_(self.copy_gate.bias, copy_init)
         self.frame_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
         self.reward_head = nn.Linear(dim, 1)
         self.success_head = nn.Linear(dim, 1)
@@ -160,9 +173,7 @@ class DynamicsModel(nn.Module):
             raise ValueError(f"window of {t0 + T} frames exceeds max_frames={self.max_frames}")
         x = self.tok_emb(ids_BTS) + self.pos_s + self.pos_t[t0 : t0 + T, None]
         if self.prev_emb is not None:
-            first = (torch.full_like(ids_BTS[:, 0], self.codebook_size + 1) if prev_ids_BS is None
-                     else prev_ids_BS)
-            x = x + self.prev_emb(torch.cat([first.unsqueeze(1), ids_BTS[:, :-1]], dim=1))
+            x = x + self.prev_emb(self.prev_ids(ids_BTS, prev_ids_BS))
         cond = None
         if self.injection == "adanorm":
             cond = cond_BTD
@@ -175,6 +186,23 @@ class DynamicsModel(nn.Module):
         if self.injection == "token":
             h = h[:, :, 1:]
         return h, kv
+
+    def prev_ids(self, ids_BTS: torch.Tensor, prev_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """Ids each slot's positions held one frame earlier ``[B, T, S]`` (``codebook_size + 1`` where
+        there is no earlier frame in the window; ``mask_id`` where the earlier frame is masked)."""
+        first = torch.full_like(ids_BTS[:, 0], self.codebook_size + 1) if prev_ids_BS is None else prev_ids_BS
+        return torch.cat([first.unsqueeze(1), ids_BTS[:, :-1]], dim=1)
+
+    def token_logits(self, h_BTSD: torch.Tensor, prev_ids_BTS: torch.Tensor | None = None) -> torch.Tensor:
+        """Token logits ``[B, T, S, V]``; with ``copy_logit`` the gate g(h) is added to the logit of
+        the id the position held one frame earlier (nothing where that id is unknown or masked)."""
+        logits = self.logits_head(h_BTSD)
+        if self.copy_gate is None or prev_ids_BTS is None:
+            return logits
+        V = self.codebook_size
+        known = (prev_ids_BTS < V).unsqueeze(-1)
+        gate = self.copy_gate(h_BTSD).to(logits.dtype) * known
+        return logits.scatter_add(-1, prev_ids_BTS.clamp(max=V - 1).unsqueeze(-1), gate)
 
     def heads(self, h_BTSD: torch.Tensor) -> dict[str, torch.Tensor]:
         """Reward, success logit and state predicted from each frame's latent."""
@@ -195,14 +223,20 @@ class DynamicsModel(nn.Module):
         actions_BTA: torch.Tensor,
         z_BTZ: torch.Tensor | None = None,
         stride_B: torch.Tensor | None = None,
+        copy_src_BThw: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits ``[B, T, h, w, V]`` for every position of ``ids_BThw`` (which may hold ``mask_id``)
-        and the head outputs. ``actions[:, t]``/``z[:, t]`` are taken at frame t (lead to t+1)."""
+        and the head outputs. ``actions[:, t]``/``z[:, t]`` are taken at frame t (lead to t+1).
+        ``copy_src_BThw``: the complete frames the copy logit of slot t reads frame t-1 from (in
+        training the unmasked input, as at inference where the previous frame is always whole);
+        default ``ids_BThw``."""
         self._check_inputs(actions_BTA, z_BTZ)
         B, T, hh, ww = ids_BThw.shape
         cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B, first_is_start=True)
-        h, _ = self.trunk(rearrange(ids_BThw, "b t h w -> b t (h w)"), cond)
-        logits = rearrange(self.logits_head(h), "b t (h w) v -> b t h w v", h=hh)
+        ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
+        h, _ = self.trunk(ids, cond)
+        src = ids if copy_src_BThw is None else rearrange(copy_src_BThw, "b t h w -> b t (h w)")
+        logits = rearrange(self.token_logits(h, self.prev_ids(src)), "b t (h w) v -> b t h w v", h=hh)
         return logits, self.heads(h)
 
     def training_losses(
@@ -234,8 +268,9 @@ class DynamicsModel(nn.Module):
             ctx = torch.randint(context_frames, hi + 1, (B,), generator=generator).to(ids.device)
         mask = training_mask(B, T, hh * ww, ctx, ids.device, generator)
         inp, hit = corrupt_tokens(ids, mask, ctx, corrupt_prob, self.codebook_size, generator)
+        whole = rearrange(inp, "b t (h w) -> b t h w", h=hh)  # corrupted but unmasked: the copy source
         inp = inp.masked_fill(mask, self.mask_id)
-        logits, heads = self(rearrange(inp, "b t (h w) -> b t h w", h=hh), actions_BTA, z_BTZ, stride_B)
+        logits, heads = self(rearrange(inp, "b t (h w) -> b t h w", h=hh), actions_BTA, z_BTZ, stride_B, whole)
         logits = rearrange(logits, "b t h w v -> b t (h w) v")
         target = mask | hit
         ce = F.cross_entropy(logits[target].float(), ids[target])
@@ -271,7 +306,7 @@ class DynamicsModel(nn.Module):
         for t in range(1, T):
             past = [(k[:, :, :t], v[:, :, :t]) for k, v in kv]
             h, _ = self.trunk(masked, cond[:, t : t + 1], t0=t, kv_cache=past, prev_ids_BS=ids[:, t - 1])
-            outs.append(self.logits_head(h))
+            outs.append(self.token_logits(h, ids[:, t - 1 : t]))
         logits = torch.cat(outs, dim=1)
         return rearrange(logits, "b t (h w) v -> b t h w v", h=hh)
 
@@ -303,7 +338,7 @@ class DynamicsModel(nn.Module):
         h, _ = self.trunk(ids, cond)
         last = h[:, -1]
         heads = self.heads(h[:, -1:])
-        logits = self.logits_head(last)
+        logits = self.token_logits(h[:, -1:], ids[:, -2:-1])[:, 0]
         return {
             "logits_BhwV": rearrange(logits, "b (h w) v -> b h w v", h=hh),
             "probs_BhwV": rearrange(logits.float().softmax(-1), "b (h w) v -> b h w v", h=hh),
@@ -397,12 +432,12 @@ class DynamicsModel(nn.Module):
 
                 def logits_fn(ids_BS: torch.Tensor) -> torch.Tensor:
                     h, _ = self.trunk(ids_BS.unsqueeze(1), cond_w[:, -1:], t0=t_slot, kv_cache=cache, prev_ids_BS=prev)
-                    return self.logits_head(h[:, 0])
+                    return self.token_logits(h, None if prev is None else prev.unsqueeze(1))[:, 0]
             else:
                 def logits_fn(ids_BS: torch.Tensor) -> torch.Tensor:
                     seq = torch.cat([all_ids[:, start:n], ids_BS.unsqueeze(1)], dim=1)
                     h, _ = self.trunk(seq, cond_w)
-                    return self.logits_head(h[:, -1])
+                    return self.token_logits(h[:, -1:], self.prev_ids(seq)[:, -1:])[:, 0]
 
             ids_BS, prob_BS, probs_BSV = maskgit_decode_frame(
                 logits_fn, B, S, self.mask_id, steps, temperature, device, generator)

@@ -142,14 +142,15 @@ class WorldModel:
                 _, cache = m.trunk(all_ids[:, start:n], cond[:, :-1], t0=0, return_kv=True)
                 cache_len = n - start
             slot = n - start
+            prev = all_ids[:, n - 1] if n - 1 >= start else None  # as DynamicsModel.imagine
 
             def logits_fn(ids_BS: torch.Tensor) -> torch.Tensor:
-                h, _ = m.trunk(ids_BS.unsqueeze(1), cond[:, -1:], t0=slot, kv_cache=cache)
-                return m.logits_head(h[:, 0])
+                h, _ = m.trunk(ids_BS.unsqueeze(1), cond[:, -1:], t0=slot, kv_cache=cache, prev_ids_BS=prev)
+                return m.token_logits(h, None if prev is None else prev[:, None])[:, 0]
 
             ids_BS, _, _ = maskgit_decode_frame(logits_fn, B, S, m.mask_id, self.steps, self.temperature, dev)
             all_ids = torch.cat([all_ids, ids_BS[:, None]], 1)
-            h, kv = m.trunk(ids_BS[:, None], cond[:, -1:], t0=slot, kv_cache=cache, return_kv=True)
+            h, kv = m.trunk(ids_BS[:, None], cond[:, -1:], t0=slot, kv_cache=cache, return_kv=True, prev_ids_BS=prev)
             cache, cache_len = append_kv(cache, kv), cache_len + 1
             hd = m.heads(h)
             outs["ids"].append(ids_BS)
