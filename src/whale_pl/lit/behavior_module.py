@@ -25,6 +25,7 @@ import torch
 
 from whale_pl.analysis.probe import pca_2d, probe_accuracy, scatter_figure
 from whale_pl.lit.handoff import HandoffError, check_data_spec, freeze_, load_frozen, stamp_class
+from whale_pl.lit.init_from import maybe_init_from
 from whale_pl.lit.optim import adamw_warmup_cosine
 from whale_pl.models.behavior import BehaviorModel
 
@@ -91,6 +92,7 @@ class BehaviorModule(L.LightningModule):
         probe_max_points: int = 4000,
         code_cache: bool = False,
         tokenizer_sha256: str | None = None,
+        init_from: str | None = None,
     ) -> None:
         """``tokenizer_ckpt``: stage-1 checkpoint (``runs/<scale>/tokenizer/checkpoints/best.ckpt``).
         ``data_spec``: from the datamodule (the CLI links it); None inherits the tokenizer's.
@@ -103,7 +105,9 @@ class BehaviorModule(L.LightningModule):
         look clips up by (dataset, episode, start) instead of running the tokenizer on every batch.
         For CPU-scale runs, where the frozen tokenizer costs most of each step. Clips are checked
         against the online tokenizer on the first batch.
-        ``tokenizer_sha256``: filled in automatically; a checkpoint's value must match the file."""
+        ``tokenizer_sha256``: filled in automatically; a checkpoint's value must match the file.
+        ``init_from``: a pretrained behavior checkpoint whose weights this model starts from when
+        fitting (fine-tuning; the tokenizer still comes from ``tokenizer_ckpt``; ``lit/init_from.py``)."""
         super().__init__()
         self.save_hyperparameters()
         from whale_pl.lit.tokenizer_module import TokenizerModule
@@ -163,6 +167,7 @@ class BehaviorModule(L.LightningModule):
             check_data_spec(self.hparams.data_spec, current, "behavior module (its data_spec vs the datamodule's)", keys)
             if not self.families:
                 self.families = list(current.get("families") or [])
+        maybe_init_from(self, stage, data_spec_keys=("action_space",))
 
     # ------------------------------------------------------------------ batch -> model inputs
     @torch.no_grad()

@@ -24,6 +24,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 
 from whale_pl.lit.optim import adamw_warmup_cosine
 from whale_pl.lit.handoff import HandoffError, check_data_spec, freeze_, load_frozen, stamp_class
+from whale_pl.lit.init_from import maybe_init_from
 from whale_pl.models.dynamics import DynamicsModel
 
 # keys of data_spec a dynamics checkpoint must agree on with the data it is used on
@@ -106,6 +107,7 @@ class DynamicsModule(L.LightningModule):
         intra_op_threads: int | None = None,
         tokenizer_sha256: str | None = None,
         behavior_sha256: str | None = None,
+        init_from: str | None = None,
     ) -> None:
         """``tokenizer_ckpt`` / ``behavior_ckpt``: the earlier stages' checkpoints
         (``runs/<scale>/{tokenizer,behavior}/checkpoints/best.ckpt``), loaded frozen.
@@ -121,7 +123,9 @@ class DynamicsModule(L.LightningModule):
         ``maskgit_steps`` / ``temperature``: generation in validation rollouts and ``imagine``.
         ``intra_op_threads``: ``torch.set_num_threads`` at setup (None: leave it). On a CPU box
         shared with other jobs one thread was 6x faster per step than two (OpenMP barriers).
-        ``*_sha256``: filled in automatically; a checkpoint's values must match the files."""
+        ``*_sha256``: filled in automatically; a checkpoint's values must match the files.
+        ``init_from``: a pretrained dynamics checkpoint whose weights this model starts from when
+        fitting (fine-tuning; the frozen stages still come from their paths; ``lit/init_from.py``)."""
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer, self.behavior = self._load_earlier_stages(data_spec)
@@ -212,6 +216,7 @@ class DynamicsModule(L.LightningModule):
         if current is not None:
             keys = [k for k in SPEC_KEYS if k in current]
             check_data_spec(self.hparams.data_spec, current, "dynamics module (its data_spec vs the datamodule's)", keys)
+        maybe_init_from(self, stage, data_spec_keys=("action_space",))
 
     # ------------------------------------------------------------------ batch -> model inputs
     @torch.no_grad()

@@ -21,6 +21,10 @@ import torch
 from torch import nn
 
 CLASS_KEY = "whale_class"
+FACTS_KEY = "whale_model_facts"
+# attributes of a stage's trainable ``model`` that a checkpoint records (``model_facts``)
+FACT_NAMES = ("frame_size", "patch_size", "codebook_size", "code_dim", "grid_hw", "action_dim", "z_dim",
+              "behavior_dim", "state_dim")
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -32,9 +36,22 @@ def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def model_facts(module: nn.Module) -> dict[str, Any]:
+    """The shape-defining attributes of ``module.model`` (codebook size, action dim, ...) that it has."""
+    model = getattr(module, "model", None)
+    facts: dict[str, Any] = {}
+    for name in FACT_NAMES:
+        v = getattr(model, name, None)
+        if isinstance(v, (int, tuple, list)) and not isinstance(v, bool):
+            facts[name] = list(v) if isinstance(v, (tuple, list)) else int(v)
+    return facts
+
+
 def stamp_class(checkpoint: dict, module: nn.Module) -> None:
-    """Record the module's class in a checkpoint dict; call from ``on_save_checkpoint``."""
+    """Record the module's class (and its model facts, for ``init_from`` checks) in a checkpoint
+    dict; call from ``on_save_checkpoint``."""
     checkpoint[CLASS_KEY] = qualified_name(type(module))
+    checkpoint[FACTS_KEY] = model_facts(module)
 
 
 class _PinnedTrain:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from whale_pl.lit.handoff import HandoffError, check_data_spec, stamp_class
+from whale_pl.lit.init_from import maybe_init_from
 from whale_pl.lit.logging import log_image, paired_video_grid
 from whale_pl.lit.optim import adamw_warmup_cosine
 from whale_pl.models.tokenizer import VideoTokenizer
@@ -70,7 +71,10 @@ class TokenizerModule(L.LightningModule):
         l1_weight: float = 0.0,
         log_images_every_n_epochs: int = 1,
         data_spec: dict[str, Any] | None = None,
+        init_from: str | None = None,
     ) -> None:
+        """``init_from``: a pretrained tokenizer checkpoint whose weights (codebook and EMA state
+        included) this one starts from when fitting: fine-tuning, not a resume (``lit/init_from.py``)."""
         super().__init__()
         self.save_hyperparameters()
         self.model = VideoTokenizer(
@@ -109,9 +113,10 @@ class TokenizerModule(L.LightningModule):
         if spec is None:
             if self.hparams.data_spec is None:
                 raise ValueError("TokenizerModule needs a datamodule with a data_spec (see docs/contracts.md)")
-            return
-        self.check_data_spec(spec, f"datamodule {type(dm).__name__}")
-        self.hparams.data_spec = dict(spec)
+        else:
+            self.check_data_spec(spec, f"datamodule {type(dm).__name__}")
+            self.hparams.data_spec = dict(spec)
+        maybe_init_from(self, stage)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         stamp_class(checkpoint, self)
