@@ -6,7 +6,13 @@ docs/contracts.md (batch size and clip length from the YAML's ``data`` section u
 prints training clips/s over the timed steps and peak memory (CUDA: max allocated; CPU: peak RSS).
 
     python benchmarks/train_step.py                                  # tokenizer, demo
-    python benchmarks/train_step.py --stage dynamics --scale whale_st --set tokenizer_ckpt=PATH
+    python benchmarks/train_step.py --stage dynamics                 # on runs/demo's trained stages
+    python benchmarks/train_step.py --stage dynamics --scale whale_st --fresh
+
+Behavior and dynamics need the earlier stages' checkpoints. The YAML's paths are used when those
+files exist (the data_spec then comes from the tokenizer checkpoint, as in a real run); otherwise,
+or with ``--fresh``, untrained earlier stages are built from their stage YAMLs, fitted one step on
+the same random batches and saved to a temporary directory (their speed is not what is measured).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import importlib
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,6 +115,49 @@ class StepTimer(L.Callback):
         self.seconds = time.perf_counter() - self.t0
 
 
+def _trainer(max_steps: int, precision: str, clip, callbacks=()) -> L.Trainer:
+    return L.Trainer(
+        accelerator="auto", devices=1, precision=precision, gradient_clip_val=clip, max_steps=max_steps,
+        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=False, callbacks=list(callbacks),
+    )
+
+
+def earlier_stages(stage: str, scale: str, init_args: dict, spec: dict, B: int, T: int, precision: str,
+                   fresh: bool, tmp: Path) -> tuple[dict, dict]:
+    """Checkpoint paths of the stages before ``stage`` (set into ``init_args``) and the data_spec to use.
+    Trained checkpoints named by the YAML are used when present (their data_spec wins); else
+    untrained ones are built from the stage YAMLs, one step on random batches, saved under ``tmp``."""
+    wanted = {"tokenizer": [], "behavior": ["tokenizer"], "dynamics": ["tokenizer", "behavior"]}[stage]
+    if stage == "dynamics" and init_args.get("use_behavior", True) is False:
+        wanted = ["tokenizer"]
+    init_args = dict(init_args)
+    tok = init_args.get("tokenizer_ckpt")
+    if wanted and not fresh and all(init_args.get(f"{w}_ckpt") and (ROOT / init_args[f"{w}_ckpt"]).is_file()
+                                    for w in wanted):
+        ck = torch.load(ROOT / tok, map_location="cpu", weights_only=False)
+        spec = dict(ck["hyper_parameters"]["data_spec"])
+        for w in wanted:
+            init_args[f"{w}_ckpt"] = str(ROOT / init_args[f"{w}_ckpt"])
+        print(f"earlier stages: trained checkpoints {', '.join(init_args[f'{w}_ckpt'] for w in wanted)}")
+        return init_args, spec
+    made: dict[str, str] = {}
+    for w in wanted:
+        cfg = yaml.safe_load((ROOT / "stages" / scale / f"{w}.yaml").read_text())["model"]
+        args = {**cfg.get("init_args", {}), **{f"{k}_ckpt": v for k, v in made.items()}}
+        if w == "behavior":
+            args["code_cache"] = False  # random batches: no episodes to cache
+        module = _import(cfg["class_path"])(**args)
+        tr = _trainer(1, precision, None)
+        tr.fit(module, RandomDataModule(spec, B, T))
+        path = tmp / f"{w}.ckpt"
+        tr.save_checkpoint(str(path))
+        made[w] = str(path)
+        print(f"earlier stages: untrained {w} from stages/{scale}/{w}.yaml -> {path}")
+    init_args.update({f"{k}_ckpt": v for k, v in made.items()})
+    return init_args, spec
+
+
 def _parse_set(items: list[str]) -> dict:
     out = {}
     for it in items:
@@ -129,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", help="default: the YAML's trainer.precision")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override model init_args")
+    p.add_argument("--fresh", action="store_true", help="untrained earlier stages even if trained ones exist")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -146,17 +197,18 @@ def main(argv: list[str] | None = None) -> None:
     spec = data_spec_for(cfg, frame_size)
     B = a.batch_size or data_args.get("batch_size", 8)
     T = a.clip_len or data_args.get("clip_len", 16)
+    precision = a.precision or trainer_cfg.get("precision", "32-true")
+    tmp = tempfile.TemporaryDirectory(prefix="whale_train_step_")
+    init_args, spec = earlier_stages(a.stage, a.scale, init_args, spec, B, T, precision, a.fresh, Path(tmp.name))
+    if a.stage == "behavior":
+        init_args["code_cache"] = False  # random batches: the frozen tokenizer runs every step (timed)
     cls = _import(model_cfg["class_path"])
     module = cls(**init_args)
     n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     timer = StepTimer(a.warmup)
-    trainer = L.Trainer(
-        accelerator="auto", devices=1, precision=a.precision or trainer_cfg.get("precision", "32-true"),
-        gradient_clip_val=trainer_cfg.get("gradient_clip_val"), max_steps=a.warmup + a.steps,
-        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=False, callbacks=[timer],
-    )
+    trainer = _trainer(a.warmup + a.steps, precision, trainer_cfg.get("gradient_clip_val"), [timer])
     trainer.fit(module, RandomDataModule(spec, B, T))
+    tmp.cleanup()
     clips_s = timer.timed * B / timer.seconds
     if torch.cuda.is_available():
         mem = f"peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"

@@ -146,7 +146,7 @@ def test_imagine_and_eval_videos_from_pixels(fitted, tiny_data_yaml):
     dm = _dm(tiny_data_yaml, clip_len=6)
     batch = next(iter(dm.val_dataloader()))
     real, imagined = dyn.eval_videos(batch)
-    assert real.shape == imagined.shape == (2, 4, 3, 32, 32)
+    assert real.shape == imagined.shape == (2, 5, 3, 32, 32)  # the whole clip after the context (FVD wants >= 9)
     assert imagined.min() >= -1 and imagined.max() <= 1
     out = dyn.imagine(batch["frames"][:, :1], batch["actions"], horizon=3, steps=2, temperature=1.0,
                       generator=torch.Generator().manual_seed(0))

@@ -102,6 +102,7 @@ class DynamicsModule(L.LightningModule):
         maskgit_steps: int = 4,
         temperature: float = 0.0,
         rollout_horizon: int = 8,
+        eval_horizon: int | None = None,
         rollout_batches: int = 2,
         log_samples: int = 4,
         intra_op_threads: int | None = None,
@@ -121,6 +122,9 @@ class DynamicsModule(L.LightningModule):
         ``[context_frames, max_context_frames]`` (the first predicted frame then sees a clean history).
         ``corrupt_prob``: max share of visible future tokens replaced by random ids in training.
         ``maskgit_steps`` / ``temperature``: generation in validation rollouts and ``imagine``.
+        ``rollout_horizon``: frames of the validation rollouts (val/psnr_ar_*).
+        ``eval_horizon``: frames of the evaluation callback's rollouts (``eval_videos``); None: as
+        many as the clip holds after the context (FVD's I3D needs >= 9).
         ``intra_op_threads``: ``torch.set_num_threads`` at setup (None: leave it). On a CPU box
         shared with other jobs one thread was 6x faster per step than two (OpenMP barriers).
         ``*_sha256``: filled in automatically; a checkpoint's values must match the files.
@@ -363,8 +367,9 @@ class DynamicsModule(L.LightningModule):
     @torch.no_grad()
     def eval_videos(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(real frames after the context, imagined rollout from the same context and recorded
-        actions), float [B, T, 3, H, W] in [-1, 1] — the evaluation callback's protocol."""
-        out = self.rollout(batch)
+        actions), float [B, T, 3, H, W] in [-1, 1] — the evaluation callback's protocol. T is
+        ``eval_horizon`` (default: the whole clip after the context)."""
+        out = self.rollout(batch, horizon=self.hparams.eval_horizon or batch["frames"].shape[1])
         return out["real_BTCHW"], out["imagined_BTCHW"]
 
     def _log_grid(self, real_BTCHW: torch.Tensor, imagined_BTCHW: torch.Tensor) -> None:
