@@ -50,3 +50,14 @@ def test_pca_finds_the_main_axis_and_figure_renders():
     fig = scatter_figure(p, np.repeat(np.arange(2), 100), ["a", "b"], "z")
     fig.canvas.draw()
     assert fig.axes[0].get_legend() is not None
+
+
+def test_probe_fits_inside_inference_mode():
+    """The behavior module probes in ``on_validation_epoch_end``; ``trainer.validate`` runs it under
+    ``torch.inference_mode``, where LBFGS's ``enable_grad`` alone does not bring autograd back."""
+    xtr, ytr = _blobs(100, 0, sep=8.0)
+    xte, yte = _blobs(50, 1, sep=8.0)
+    with torch.inference_mode():
+        xtr, ytr, xte, yte = xtr.clone(), ytr.clone(), xte.clone(), yte.clone()  # inference tensors
+        acc = probe_accuracy(xtr, ytr, xte, yte)
+    assert acc == probe_accuracy(xtr.clone(), ytr.clone(), xte.clone(), yte.clone()) and acc > 0.97

@@ -33,13 +33,18 @@ class LinearProbe:
 def fit_linear_probe(
     x_NZ: torch.Tensor, y_N: torch.Tensor, n_classes: int | None = None, l2: float = 1e-3, max_iter: int = 300
 ) -> LinearProbe:
-    """Fit logistic regression ``y ~ softmax(W x + b)`` (mean cross-entropy + ``l2 * |W|^2``)."""
+    """Fit logistic regression ``y ~ softmax(W x + b)`` (mean cross-entropy + ``l2 * |W|^2``).
+    Works inside ``torch.no_grad`` / ``torch.inference_mode`` too (``trainer.validate`` runs in the latter)."""
     if x_NZ.ndim != 2 or y_N.ndim != 1 or x_NZ.shape[0] != y_N.shape[0]:
         raise ValueError(f"need x [N, Z] and y [N] with the same N, got {tuple(x_NZ.shape)} and {tuple(y_N.shape)}")
     if x_NZ.shape[0] == 0:
         raise ValueError("cannot fit a probe on zero samples")
-    x = x_NZ.detach().double().cpu()
-    y = y_N.detach().long().cpu()
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit_linear_probe(x_NZ.detach().double().cpu().clone(), y_N.detach().long().cpu().clone(), n_classes, l2,
+                                 max_iter)
+
+
+def _fit_linear_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int | None, l2: float, max_iter: int) -> LinearProbe:
     K = int(n_classes if n_classes is not None else y.max().item() + 1)
     mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-8)
     xs = (x - mean) / std

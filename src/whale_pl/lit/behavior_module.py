@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from whale_pl.analysis.probe import pca_2d, probe_accuracy, scatter_figure
 from whale_pl.lit.handoff import HandoffError, check_data_spec, freeze_, load_frozen, stamp_class
@@ -292,6 +293,9 @@ class BehaviorModule(L.LightningModule):
         self._val_z, self._val_family = [], []
         if self.trainer.sanity_checking:
             return
+        if self.trainer.world_size > 1:  # probe and picture over every rank's clips (in rank order), not rank 0's
+            z_BTZ = torch.cat(gather_all_tensors(z_BTZ.to(self.device))).cpu()
+            fam_B = torch.cat(gather_all_tensors(fam_B.to(self.device))).cpu()
         n_classes = max(len(self.families), 1 + int(fam_B.max()))
         # a quick in-training probe on z_t (t >= probe_t_min): fit on even-indexed validation clips,
         # score the odd-indexed ones (benchmarks/behavior_probe.py: train episodes -> held-out episodes)
@@ -299,7 +303,7 @@ class BehaviorModule(L.LightningModule):
             tr, te = z_BTZ[0::2], z_BTZ[1::2]
             acc = probe_accuracy(tr.flatten(0, 1), fam_B[0::2].repeat_interleave(tr.shape[1]),
                                  te.flatten(0, 1), fam_B[1::2].repeat_interleave(te.shape[1]), n_classes=n_classes)
-            self.log("val/probe_acc_clips", acc, rank_zero_only=True)
+            self.log("val/probe_acc_clips", acc, sync_dist=True)  # the same value on every rank
         exp = getattr(self.logger, "experiment", None)
         if exp is not None and hasattr(exp, "add_figure") and self.global_rank == 0 and len(fam_B) >= 3:
             z_NZ = z_BTZ.flatten(0, 1)
