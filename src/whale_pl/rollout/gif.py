@@ -1,0 +1,245 @@
+"""Real-against-imagined rollout GIFs with the per-step uncertainty curve under them.
+
+Each GIF frame t shows the real frame t (left) and the imagined frame t (right), upscaled by an
+integer factor (nearest neighbour, so every source pixel becomes a ``scale x scale`` block),
+labelled above; under them a plot of the per-step uncertainty over the horizon (and, when given,
+the true per-step error on a second axis) with a marker at step t; a footer names the step and its
+values. The plot is rendered once with matplotlib (Agg, no pyplot state); the marker is drawn per
+frame with Pillow. GIF frames are palette images (256 colours each, no dithering): a frame pair
+with few colours is stored exactly, a richer one to the nearest of its frame's 256 colours.
+
+    write_rollout_gif("out.gif", real_TCHW, imagined_TCHW, uncertainty_T, error_T)
+
+Frames are ``[T, 3, H, W]``: uint8, or float in [-1, 1] (docs/contracts.md). ``uncertainty_T``
+may hold NaN for steps without a score (drawn as a gap, no marker dot). Written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MARGIN, GAP, LABEL_H, FOOTER_H = 4, 4, 14, 14
+CHROME_COLORS = 48
+MIN_WIDTH = 360  # room for a readable plot under small frames
+UNC_COLOR, ERR_COLOR, CURSOR_COLOR = "#1f77b4", "#d62728", (40, 40, 40)
+
+
+@dataclass(frozen=True)
+class GifLayout:
+    """Pixel boxes ``(x0, y0, x1, y1)`` (x1, y1 exclusive) of a GIF frame's parts."""
+
+    width: int
+    height: int
+    real: tuple[int, int, int, int]
+    imagined: tuple[int, int, int, int]
+    plot: tuple[int, int, int, int]
+
+
+def layout(frame_hw: tuple[int, int], scale: int, plot_height: int | None = None, title: bool = False) -> GifLayout:
+    """Where the panels and the plot go for frames of ``frame_hw`` upscaled by ``scale``."""
+    h, w = frame_hw[0] * scale, frame_hw[1] * scale
+    width = max(MIN_WIDTH, 2 * MARGIN + 2 * w + GAP)
+    left = (width - 2 * w - GAP) // 2  # panels centred
+    ph = plot_height or max(110, int(round(0.6 * h)))
+    top = MARGIN + (LABEL_H if title else 0) + LABEL_H
+    real = (left, top, left + w, top + h)
+    imag = (left + w + GAP, top, left + 2 * w + GAP, top + h)
+    plot = (0, top + h + GAP, width, top + h + GAP + ph)
+    return GifLayout(width, plot[3] + FOOTER_H + MARGIN, real, imag, plot)
+
+
+def to_uint8_THWC(frames_TCHW, name: str = "frames") -> np.ndarray:
+    """``[T, 3, H, W]`` uint8 or float in [-1, 1] (numpy or torch) -> uint8 ``[T, H, W, 3]``."""
+    if hasattr(frames_TCHW, "detach"):
+        frames_TCHW = frames_TCHW.detach().cpu().numpy()
+    x = np.asarray(frames_TCHW)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"{name} must be [T, 3, H, W], got shape {x.shape}")
+    if x.dtype == np.uint8:
+        out = x
+    elif np.issubdtype(x.dtype, np.floating):
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"{name} has non-finite values")
+        out = np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    else:
+        raise ValueError(f"{name} must be uint8 or float in [-1, 1], got dtype {x.dtype}")
+    return np.ascontiguousarray(out.transpose(0, 2, 3, 1))
+
+
+def upscale(frame_HWC: np.ndarray, scale: int) -> np.ndarray:
+    """Nearest-neighbour upscale: each pixel becomes a ``scale x scale`` block."""
+    return np.repeat(np.repeat(frame_HWC, scale, axis=0), scale, axis=1)
+
+
+def _curve_image(values_T: np.ndarray, error_T: np.ndarray | None, size: tuple[int, int], label: str,
+                 error_label: str) -> tuple[np.ndarray, list[tuple[int, int | None, int | None]], tuple[int, int]]:
+    """The plot as uint8 RGB ``[h, w, 3]``, per step its pixel (x, y of the uncertainty, y of the
+    error; None where not finite), and the axes' vertical pixel extent (top, bottom)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    w, h = size
+    dpi = 100
+    T = len(values_T)
+    fig = Figure(figsize=(w / dpi, h / dpi), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.13, 0.24, 0.74 if error_T is not None else 0.83, 0.68))
+    steps = np.arange(1, T + 1)
+    fs = 7
+    finite = np.isfinite(values_T)
+    ax.plot(steps, values_T, "o-", color=UNC_COLOR, ms=2.5, lw=1.2, label=label)
+    if finite.any():
+        lo, hi = float(values_T[finite].min()), float(values_T[finite].max())
+        pad = 0.08 * (hi - lo) if hi > lo else max(abs(hi) * 0.1, 1e-3)
+        ax.set_ylim(lo - pad, hi + pad)
+    else:
+        ax.set_ylim(0, 1)
+    ax.set_xlim(0.5, T + 0.5)
+    ax.set_xlabel("imagined step", fontsize=fs, labelpad=1)
+    ax.set_ylabel(label, fontsize=fs, color=UNC_COLOR, labelpad=2)
+    ax.tick_params(labelsize=fs - 1, pad=1, length=2)
+    ax.yaxis.get_offset_text().set_fontsize(fs - 1)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=4))
+    ax.grid(alpha=0.3, lw=0.5)
+    ax2 = None
+    if error_T is not None:
+        ax2 = ax.twinx()
+        ax2.plot(steps, error_T, "s--", color=ERR_COLOR, ms=2, lw=1.0, label=error_label)
+        fin = np.isfinite(error_T)
+        if fin.any():
+            lo, hi = float(error_T[fin].min()), float(error_T[fin].max())
+            pad = 0.08 * (hi - lo) if hi > lo else max(abs(hi) * 0.1, 1e-3)
+            ax2.set_ylim(lo - pad, hi + pad)
+        ax2.set_ylabel(error_label, fontsize=fs, color=ERR_COLOR, labelpad=2)
+        ax2.tick_params(labelsize=fs - 1, pad=1, length=2)
+        ax2.yaxis.get_offset_text().set_fontsize(fs - 1)
+        ax2.yaxis.set_major_locator(MaxNLocator(nbins=4))
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    img = np.ascontiguousarray(rgba[..., :3])
+    if img.shape[:2] != (h, w):  # dpi rounding: pad / crop to the exact box
+        fixed = np.full((h, w, 3), 255, np.uint8)
+        hh, ww = min(h, img.shape[0]), min(w, img.shape[1])
+        fixed[:hh, :ww] = img[:hh, :ww]
+        img = fixed
+    H_img = rgba.shape[0]
+
+    def to_px(axis, x: float, y: float) -> tuple[int, int]:
+        dx, dy = axis.transData.transform((x, y))
+        return int(round(dx)), int(round(H_img - dy))
+
+    points = []
+    for t in range(T):
+        x_px, y_u = to_px(ax, steps[t], values_T[t] if finite[t] else 0.0)
+        y_e = None
+        if ax2 is not None and np.isfinite(error_T[t]):
+            y_e = to_px(ax2, steps[t], error_T[t])[1]
+        points.append((x_px, y_u if finite[t] else None, y_e))
+    bb = ax.get_window_extent()
+    extent = (int(round(H_img - bb.y1)), int(round(H_img - bb.y0)))
+    return img, points, extent
+
+
+def _fmt(v: float) -> str:
+    return "n/a" if not np.isfinite(v) else f"{v:.3g}"
+
+
+def compose_frames(real_TCHW, imagined_TCHW, uncertainty_T, error_T=None, scale: int = 4,
+                   title: str = "", labels: tuple[str, str] = ("real", "imagined"),
+                   uncertainty_label: str = "uncertainty", error_label: str = "true error",
+                   plot_height: int | None = None) -> tuple[list[np.ndarray], GifLayout]:
+    """The GIF's frames as uint8 RGB arrays ``[height, width, 3]``, and their layout."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    real = to_uint8_THWC(real_TCHW, "real frames")
+    imag = to_uint8_THWC(imagined_TCHW, "imagined frames")
+    if real.shape != imag.shape:
+        raise ValueError(f"real and imagined frames differ in shape: {tuple(np.shape(real_TCHW))} vs "
+                         f"{tuple(np.shape(imagined_TCHW))}")
+    T = real.shape[0]
+    u = np.asarray(uncertainty_T.detach().cpu() if hasattr(uncertainty_T, "detach") else uncertainty_T, np.float64)
+    if u.shape != (T,):
+        raise ValueError(f"uncertainty must be [T={T}], got shape {u.shape}")
+    e = None
+    if error_T is not None:
+        e = np.asarray(error_T.detach().cpu() if hasattr(error_T, "detach") else error_T, np.float64)
+        if e.shape != (T,):
+            raise ValueError(f"error must be [T={T}], got shape {e.shape}")
+    if int(scale) != scale or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale}")
+    lay = layout(real.shape[1:3], int(scale), plot_height, bool(title))
+    x0, y0, x1, y1 = lay.plot
+    curve, points, (ax_top, ax_bot) = _curve_image(u, e, (x1 - x0, y1 - y0), uncertainty_label, error_label)
+    font = ImageFont.load_default()
+
+    base = Image.new("RGB", (lay.width, lay.height), (255, 255, 255))
+    draw = ImageDraw.Draw(base)
+    draw.fontmode = "1"  # no antialiasing: text adds black only, leaving the palette to the frames
+    if title:
+        draw.text((MARGIN, MARGIN), title, fill=(0, 0, 0), font=font)
+    for (bx0, by0, bx1, _), text in ((lay.real, labels[0]), (lay.imagined, labels[1])):
+        tw = draw.textlength(text, font=font)
+        draw.text((bx0 + (bx1 - bx0 - tw) / 2, by0 - LABEL_H + 1), text, fill=(0, 0, 0), font=font)
+    base.paste(Image.fromarray(curve), (x0, y0))
+    # the static parts get at most CHROME_COLORS colours, so a frame pair of up to
+    # 256 - CHROME_COLORS - 4 colours is stored exactly in the GIF's per-frame palette
+    base = base.quantize(CHROME_COLORS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).convert("RGB")
+    frames = []
+    for t in range(T):
+        im = base.copy()
+        im.paste(Image.fromarray(upscale(real[t], scale)), lay.real[:2])
+        im.paste(Image.fromarray(upscale(imag[t], scale)), lay.imagined[:2])
+        d = ImageDraw.Draw(im)
+        d.fontmode = "1"
+        px, py_u, py_e = points[t]
+        d.line([(x0 + px, y0 + ax_top), (x0 + px, y0 + ax_bot)], fill=CURSOR_COLOR, width=1)
+        for py, col in ((py_e, ERR_COLOR), (py_u, UNC_COLOR)):
+            if py is not None:
+                d.ellipse([x0 + px - 3, y0 + py - 3, x0 + px + 3, y0 + py + 3], fill=col, outline=(0, 0, 0))
+        foot = f"step {t + 1}/{T}   uncertainty {_fmt(u[t])}"
+        if e is not None:
+            foot += f"   error {_fmt(e[t])}"
+        d.text((MARGIN, y1 + 1), foot, fill=(0, 0, 0), font=font)
+        frames.append(np.asarray(im))
+    return frames, lay
+
+
+def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncertainty_T, error_T=None,
+                      scale: int = 4, fps: float = 4.0, title: str = "", **kw) -> GifLayout:
+    """Write the animated GIF (one frame per step, looping) atomically; returns its layout.
+
+    ``kw``: ``labels``, ``uncertainty_label``, ``error_label``, ``plot_height`` (see ``compose_frames``)."""
+    from PIL import Image
+
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    frames, lay = compose_frames(real_TCHW, imagined_TCHW, uncertainty_T, error_T, scale, title, **kw)
+    pal = [Image.fromarray(f).quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+           for f in frames]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pal[0].save(tmp, format="GIF", save_all=True, append_images=pal[1:], duration=int(round(1000 / fps)),
+                    loop=0, optimize=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return lay
+
+
+def read_gif_frames(path: str | os.PathLike) -> list[np.ndarray]:
+    """Every frame of a GIF as uint8 RGB ``[h, w, 3]`` (for checks)."""
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as im:
+        return [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]

@@ -1,0 +1,199 @@
+"""`whale eval gifs`: real-against-imagined rollout GIFs of held-out episodes, with the retracing
+uncertainty curve (and the true per-step error) under them, plus a JSON index for the report.
+
+    python -m whale_pl.rollout.gifs --ckpt runs/demo/dynamics/checkpoints/best.ckpt \
+        --shards data_shards/metaworld/demo --out runs/demo/gifs [--per-split 2] [--horizon 24]
+
+Picks ``--per-split`` episodes of each split in ``--splits`` (default ``val``: held-out episodes of
+the training policy families, and ``ood``: the held-out families), deterministically in manifest
+order, preferring a task and a policy not picked yet. Each is imagined open loop from its first
+``context`` real frames with its recorded actions (``WorldModel.imagine_open_loop``, the value
+evaluation's rollout), scored per imagined step by retracing-rollout uncertainty
+(``WorldModel.step_uncertainty``; a step with fewer than 2 anchors has no score and shows as a gap)
+and compared with the real frames (pixel MSE, PSNR). Writes ``<out>/<split>_<i>_<task>_<policy>.gif``
+and ``<out>/index.json`` (per clip: file, episode, figures per step, Spearman of uncertainty against
+error; and the command that regenerates the set), all atomically. Reads shards only: no rendering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_SPLITS = ("val", "ood")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name)).strip("-") or "x"
+
+
+def pick_episodes(dm, split: str, n: int, min_len: int) -> list:
+    """``n`` episodes of ``split`` at least ``min_len`` long, in manifest order, preferring a task and
+    a policy not yet picked (then a policy not yet picked, then any)."""
+    eps = [ep for ep in dm.iter_episodes(split) if len(ep) >= min_len]
+    chosen: list[int] = []
+    for rule in ("both", "policy", "any"):
+        for i, ep in enumerate(eps):
+            if len(chosen) >= n:
+                return [eps[j] for j in chosen]
+            if i in chosen:
+                continue
+            tasks = {eps[j].meta.get("task") for j in chosen}
+            pols = {(eps[j].meta.get("policy") or {}).get("name") for j in chosen}
+            new_task = ep.meta.get("task") not in tasks
+            new_pol = (ep.meta.get("policy") or {}).get("name") not in pols
+            if rule == "any" or (rule == "policy" and new_pol) or (rule == "both" and new_task and new_pol):
+                chosen.append(i)
+    return [eps[j] for j in chosen]
+
+
+def _spearman(u: np.ndarray, e: np.ndarray) -> float | None:
+    from whale_pl.rollout.metrics import spearman
+
+    ok = np.isfinite(u) & np.isfinite(e)
+    if ok.sum() < 3 or np.ptp(u[ok]) == 0 or np.ptp(e[ok]) == 0:
+        return None
+    v = spearman(u[ok], e[ok])
+    return None if not math.isfinite(v) else float(v)
+
+
+def _floats(x: np.ndarray) -> list[float | None]:
+    return [float(v) if math.isfinite(float(v)) else None for v in np.asarray(x, dtype=np.float64).ravel()]
+
+
+def imagine_episode(wm, ep, start: int, context: int, horizon: int, K: int) -> dict:
+    """Open-loop rollout of one episode from frame ``start`` and its per-step figures.
+
+    Returns ``real_TCHW`` (uint8), ``imagined_TCHW`` (float in [-1, 1]), ``uncertainty_T`` (the
+    retracing score; NaN where a step has < 2 anchors), ``disagreement_T``, ``entropy_T``,
+    ``n_predictions_T``, ``mse_T`` and ``psnr_T`` (decoded imagined frame against the real one)."""
+    import torch
+    from einops import rearrange
+
+    frames = ep.frames[start : start + context + horizon]  # uint8 [C+H, h, w, 3]
+    actions = ep.actions[start : start + context + horizon - 1]  # raw; action t leads to frame t+1
+    ctx = wm.tokenize(frames[None, :context])
+    out = wm.imagine_open_loop(ctx, actions[None], horizon)
+    u = wm.step_uncertainty(ctx, out["ids_BThw"], out["actions_norm_BTA"], K=K)
+    imagined = wm.decode(out["ids_BThw"])[0]  # [H, 3, h, w] in [-1, 1]
+    real = torch.as_tensor(rearrange(frames[context:], "t h w c -> t c h w").copy())
+    real_unit = real.float().to(imagined.device) / 127.5 - 1
+    mse = ((imagined - real_unit) ** 2).mean(dim=(1, 2, 3)).cpu().numpy().astype(np.float64)
+    n_pred = u["n_predictions_H"].cpu().numpy()
+    score = u["score_BH"][0].cpu().numpy().astype(np.float64)
+    score[n_pred < 2] = np.nan
+    return {
+        "real_TCHW": real.numpy(), "imagined_TCHW": imagined.cpu().numpy(), "uncertainty_T": score,
+        "disagreement_T": u["disagreement_BH"][0].cpu().numpy(), "entropy_T": u["entropy_BH"][0].cpu().numpy(),
+        "n_predictions_T": n_pred, "mse_T": mse, "psnr_T": 10 * np.log10(4.0 / np.maximum(mse, 1e-10)),
+    }
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def run(ckpt: str, shards: str, out: str | Path, splits: list[str] | tuple[str, ...] = DEFAULT_SPLITS,
+        per_split: int = 2, horizon: int = 24, start: int = 0, context: int | None = None, K: int = 3,
+        scale: int = 3, fps: float = 4.0, device: str = "cpu", command: str | None = None) -> dict:
+    """Write the GIFs and ``index.json`` under ``out``; returns the index."""
+    from whale_pl.data.datamodule import ClipDataModule
+    from whale_pl.eval_cli import SPEC_KEYS
+    from whale_pl.lit.handoff import check_data_spec
+    from whale_pl.rollout.gif import write_rollout_gif
+    from whale_pl.rollout.value import WorldModel
+
+    if per_split < 1 or horizon < 1 or start < 0:
+        raise ValueError(f"per_split ({per_split}) and horizon ({horizon}) must be >= 1, start ({start}) >= 0")
+    t0 = time.time()
+    out = Path(out)
+    wm = WorldModel.load(ckpt, device)
+    hp = wm.module.hparams
+    C = int(hp.get("context_frames", 1)) if context is None else int(context)
+    if not 1 <= C <= wm.model.max_frames - 1:
+        raise ValueError(f"context {C} must be in [1, max_frames - 1 = {wm.model.max_frames - 1}] for {ckpt}")
+    dm = ClipDataModule(str(shards), num_workers=0, rank=0, world_size=1)
+    check_data_spec(hp.get("data_spec"), dm.data_spec, where=f"{ckpt} on {shards}", keys=SPEC_KEYS)
+    available = dm.manifest().get("splits", {})
+    clips = []
+    for split in splits:
+        if split not in available:
+            raise ValueError(f"{shards}: no split {split!r} in manifest.json (has {sorted(available)})")
+        eps = pick_episodes(dm, split, per_split, start + C + 1)
+        if not eps:
+            raise ValueError(f"{shards}: split {split!r} has no episode of >= {start + C + 1} frames")
+        for i, ep in enumerate(eps):
+            H = min(horizon, len(ep) - start - C)
+            r = imagine_episode(wm, ep, start, C, H, K)
+            task, pol = ep.meta.get("task", "?"), (ep.meta.get("policy") or {})
+            name = f"{_safe(split)}_{i:02d}_{_safe(task)}_{_safe(pol.get('name', '?'))}.gif"
+            write_rollout_gif(out / name, r["real_TCHW"], r["imagined_TCHW"], r["uncertainty_T"], r["mse_T"],
+                              scale=scale, fps=fps, title=f"{split} | {task} | {pol.get('name', '?')}",
+                              error_label="pixel MSE")
+            clips.append({
+                "gif": name, "split": split, "task": task, "policy": pol.get("name"), "family": pol.get("family"),
+                "episode": ep.meta.get("episode_id"), "start": start, "context": C, "horizon": H, "K": K,
+                "psnr_mean": float(np.mean(r["psnr_T"])), "mse_mean": float(np.mean(r["mse_T"])),
+                "uncertainty_mean": float(np.nanmean(r["uncertainty_T"])) if np.isfinite(r["uncertainty_T"]).any() else None,
+                "spearman_uncertainty_vs_mse": _spearman(r["uncertainty_T"], r["mse_T"]),
+                "uncertainty": _floats(r["uncertainty_T"]), "disagreement": _floats(r["disagreement_T"]),
+                "entropy": _floats(r["entropy_T"]), "n_predictions": [int(v) for v in r["n_predictions_T"]],
+                "mse": _floats(r["mse_T"]), "psnr": _floats(r["psnr_T"]),
+            })
+            print(f"[gifs] {out / name}: PSNR {clips[-1]['psnr_mean']:.2f} dB, Spearman(u, MSE) "
+                  f"{clips[-1]['spearman_uncertainty_vs_mse']}", flush=True)
+    if command is None:
+        command = " ".join(shlex.quote(a) for a in [
+            "python", "-m", "whale_pl.rollout.gifs", "--ckpt", str(ckpt), "--shards", str(shards), "--out", str(out),
+            "--splits", *splits, "--per-split", str(per_split), "--horizon", str(horizon), "--start", str(start),
+            *(["--context", str(context)] if context is not None else []), "--K", str(K), "--scale", str(scale),
+            "--fps", f"{fps:g}"])
+    index = {"ckpt": str(ckpt), "shards": str(shards), "uses_behavior": wm.uses_behavior, "K": K,
+             "command": command, "seconds": time.time() - t0, "clips": clips}
+    write_json_atomic(out / "index.json", index)
+    return index
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="whale eval gifs", description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="dynamics-stage checkpoint")
+    p.add_argument("--shards", required=True, help="dataset directory (shards + manifest.json)")
+    p.add_argument("--out", required=True, help="directory for the GIFs and index.json")
+    p.add_argument("--splits", nargs="+", default=list(DEFAULT_SPLITS), help="manifest splits to take episodes from")
+    p.add_argument("--per-split", type=int, default=2)
+    p.add_argument("--horizon", type=int, default=24, help="imagined steps (shorter episodes: what they have)")
+    p.add_argument("--start", type=int, default=0, help="first frame of the context in each episode")
+    p.add_argument("--context", type=int, default=None, help="real context frames (default: the model's)")
+    p.add_argument("--K", type=int, default=3, help="retracing anchors per imagined step")
+    p.add_argument("--scale", type=int, default=3, help="integer upscale of the frames")
+    p.add_argument("--fps", type=float, default=4.0)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    if not Path(a.ckpt).is_file():
+        p.error(f"checkpoint not found: {a.ckpt}")
+    if not (Path(a.shards) / "manifest.json").is_file():
+        p.error(f"no manifest.json in --shards {a.shards}")
+    for name in ("per_split", "horizon", "K", "scale"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    cmd = "python -m whale_pl.rollout.gifs " + " ".join(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
+    index = run(a.ckpt, a.shards, a.out, a.splits, a.per_split, a.horizon, a.start, a.context, a.K, a.scale, a.fps,
+                a.device, command=cmd)
+    print(f"[gifs] wrote {len(index['clips'])} GIFs and {Path(a.out) / 'index.json'} in {index['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""Rollout GIFs: the writer (one frame per step, both panels pixel-exact, a cursor that moves along
+the uncertainty curve), `whale eval gifs` end to end on a tiny trained dynamics model, and the
+report embedding them with their regenerate command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from whale_pl.rollout.gif import CURSOR_COLOR, read_gif_frames, upscale, write_rollout_gif
+
+
+def _crop(img: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    return img[y0:y1, x0:x1]
+
+
+def _few_colour_frames(rng, T: int, n_colours: int, hw=(16, 20)) -> np.ndarray:
+    pal = rng.integers(0, 256, (n_colours, 3), dtype=np.uint8)
+    return pal[rng.integers(0, n_colours, (T, *hw))].transpose(0, 3, 1, 2).copy()  # [T, 3, H, W]
+
+
+def test_gif_has_a_frame_per_step_with_both_panels_exact_and_a_moving_cursor(tmp_path):
+    rng = np.random.default_rng(0)
+    T, s = 7, 3
+    real = _few_colour_frames(rng, T, 40)
+    imag_u8 = _few_colour_frames(rng, T, 40)
+    imagined = torch.as_tensor(imag_u8).float() / 127.5 - 1  # float input in [-1, 1]
+    unc = rng.random(T)
+    unc[0] = np.nan  # a step without a score
+    err = rng.random(T)
+    path = tmp_path / "sub" / "clip.gif"
+    lay = write_rollout_gif(path, real, imagined, unc, err, scale=s, title="val | push-v3 | expert")
+    assert path.read_bytes()[:6] == b"GIF89a"
+    assert [p.name for p in path.parent.iterdir()] == ["clip.gif"]  # no temporary left behind
+    frames = read_gif_frames(path)
+    assert len(frames) == T
+    cursor_x = []
+    for t, f in enumerate(frames):
+        assert f.shape == (lay.height, lay.width, 3)
+        np.testing.assert_array_equal(_crop(f, lay.real), upscale(real[t].transpose(1, 2, 0), s))
+        np.testing.assert_array_equal(_crop(f, lay.imagined), upscale(imag_u8[t].transpose(1, 2, 0), s))
+        cols = np.where((_crop(f, lay.plot) == CURSOR_COLOR).all(-1).sum(0) > 20)[0]
+        assert len(cols) >= 1, f"no cursor line in frame {t}"
+        cursor_x.append(cols.mean())
+    assert np.all(np.diff(cursor_x) > 0), cursor_x  # the marker walks along the horizon
+
+
+def test_gif_writer_rejects_mismatched_inputs(tmp_path):
+    rng = np.random.default_rng(1)
+    real = _few_colour_frames(rng, 4, 4)
+    with pytest.raises(ValueError, match=r"differ in shape: \(4, 3, 16, 20\) vs \(3, 3, 16, 20\)"):
+        write_rollout_gif(tmp_path / "a.gif", real, real[:3], np.zeros(4))
+    with pytest.raises(ValueError, match=r"uncertainty must be \[T=4\]"):
+        write_rollout_gif(tmp_path / "a.gif", real, real, np.zeros(5))
+    with pytest.raises(ValueError, match=r"must be \[T, 3, H, W\]"):
+        write_rollout_gif(tmp_path / "a.gif", real.transpose(0, 2, 3, 1), real.transpose(0, 2, 3, 1), np.zeros(4))
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end on a tiny trained model
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dynamics_ckpt(tiny_data_yaml, tmp_path_factory) -> Path:
+    """A tiny tokenizer and a tiny dynamics model (behavior off, strides up to 3), a few steps each."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from whale_pl.data.datamodule import MetaWorldDataModule
+    from whale_pl.lit.dynamics_module import DynamicsModule
+    from whale_pl.lit.tokenizer_module import TokenizerModule
+
+    out = tmp_path_factory.mktemp("gif_ckpts")
+
+    def fit(module, name, steps):
+        dm = MetaWorldDataModule(config=str(tiny_data_yaml), clip_len=4, batch_size=4, num_workers=0,
+                                 steps_per_epoch=steps, val_steps=1, retrace_strides=[2, 3], retrace_prob=0.5)
+        L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                  callbacks=[ModelCheckpoint(dirpath=out / name, filename="best")]).fit(module, dm)
+        return out / name / "best.ckpt"
+
+    torch.manual_seed(0)
+    tok = fit(TokenizerModule(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2,
+                              codebook_size=32, code_dim=8, warmup_steps=1), "tok", 3)
+    torch.manual_seed(0)
+    dyn = DynamicsModule(tokenizer_ckpt=str(tok), use_behavior=False, dim=32, depth=1, heads=2, max_frames=8,
+                         max_stride=3, warmup_steps=1, rollout_horizon=2, rollout_batches=1)
+    return fit(dyn, "dyn", 4)
+
+
+H = 10  # longer than max_frames=8: the rollout's window restarts on the way
+
+
+@pytest.fixture(scope="module")
+def gif_run(tiny_dynamics_ckpt, tiny_shards, tmp_path_factory) -> Path:
+    """`whale eval gifs` into runs/demo/gifs of a fresh runs directory; returns that runs directory."""
+    from whale_pl.eval_cli import main
+
+    runs = tmp_path_factory.mktemp("gif_runs") / "runs"
+    rc = main(["gifs", "--ckpt", str(tiny_dynamics_ckpt), "--shards", str(tiny_shards), "--out",
+               str(runs / "demo" / "gifs"), "--per-split", "2", "--horizon", str(H), "--start", "2", "--scale", "2"])
+    assert rc == 0
+    return runs
+
+
+def test_gifs_command_writes_one_gif_per_clip_consistent_with_the_shards(gif_run, tiny_shards, tiny_config):
+    from whale_pl.data.datamodule import ClipDataModule
+
+    out = gif_run / "demo" / "gifs"
+    index = json.loads((out / "index.json").read_text())
+    assert "python -m whale_pl.rollout.gifs gifs" not in index["command"]
+    assert index["command"].startswith("python -m whale_pl.rollout.gifs --ckpt ")
+    clips = index["clips"]
+    assert [c["split"] for c in clips] == ["val", "val", "ood", "ood"]
+    val_pols = {c["policy"] for c in clips if c["split"] == "val"}
+    assert len(val_pols) == 2 and val_pols <= set(tiny_config.train_policies)  # two different held-out episodes
+    assert {c["policy"] for c in clips if c["split"] == "ood"} <= set(tiny_config.ood_policies)
+    assert len({c["episode"] for c in clips}) == 4
+    eps = {ep.meta["episode_id"]: ep for sp in ("val", "ood")
+           for ep in ClipDataModule(str(tiny_shards), num_workers=0, verify=False).episodes(sp)}
+    for c in clips:
+        assert c["horizon"] == H and c["context"] == 1 and c["start"] == 2
+        # retracing: step 1 has a single anchor (no score), then 2, then K = 3 anchors
+        assert c["n_predictions"][:3] == [1, 2, 3] and set(c["n_predictions"][2:]) == {3}
+        assert c["uncertainty"][0] is None and all(u is not None and u >= 0 for u in c["uncertainty"][1:])
+        frames = read_gif_frames(out / c["gif"])
+        assert len(frames) == H
+        ep = eps[c["episode"]]
+        from whale_pl.rollout.gif import layout
+
+        lay = layout((32, 32), 2, title=True)
+        for t, f in enumerate(frames):
+            real = upscale(ep.frames[2 + 1 + t], 2).astype(float)  # real frame after the 1-frame context
+            shown_real = _crop(f, lay.real).astype(float)
+            assert 10 * np.log10(255**2 / max(((shown_real - real) ** 2).mean(), 1e-9)) > 35
+            # the panels' MSE (in [-1, 1] units) is the index's true per-step error, up to the palette
+            shown_imag = _crop(f, lay.imagined).astype(float)
+            mse = (((shown_imag - shown_real) / 127.5) ** 2).mean()
+            assert mse == pytest.approx(c["mse"][t], rel=0.1, abs=2e-3)
+
+
+def test_gifs_command_names_a_missing_split(tiny_dynamics_ckpt, tiny_shards, tmp_path):
+    from whale_pl.rollout.gifs import main
+
+    with pytest.raises(ValueError, match=r"no split 'test'.*'ood'"):
+        main(["--ckpt", str(tiny_dynamics_ckpt), "--shards", str(tiny_shards), "--out", str(tmp_path), "--splits",
+              "test"])
+    assert not (tmp_path / "index.json").exists()
+
+
+def test_report_embeds_the_gifs_with_their_command(gif_run):
+    from whale_pl import report
+
+    md = report.build_report("demo", gif_run)
+    index = json.loads((gif_run / "demo" / "gifs" / "index.json").read_text())
+    for c in index["clips"]:
+        assert f"](gifs/{c['gif']})" in md
+    assert index["command"] in md
+    # a GIF the index names but the directory lacks is reported, not linked
+    first = gif_run / "demo" / "gifs" / index["clips"][0]["gif"]
+    data = first.read_bytes()
+    first.unlink()
+    try:
+        md = report.build_report("demo", gif_run)
+        assert f"missing: {Path('gifs') / index['clips'][0]['gif']}" in md
+        assert f"](gifs/{index['clips'][0]['gif']})" not in md
+    finally:
+        first.write_bytes(data)
+
+
+def test_demo_makes_the_gifs_before_the_report():
+    from whale_pl.demo import build_steps
+
+    names = [s.name for s in build_steps("demo")]
+    assert names.index("rollout gifs") < names.index("report")
