@@ -179,3 +179,46 @@ def test_demo_makes_the_gifs_before_the_report():
 
     names = [s.name for s in build_steps("demo")]
     assert names.index("rollout gifs") < names.index("report")
+
+
+def test_report_metrics_table_has_every_metric_or_says_why_not(tmp_path, monkeypatch):
+    """PSNR, SSIM, FVD, value gap, return correlation, regret@1 and uncertainty AUROC, each with its
+    value or a 'missing'/'undefined' reason; the return scatter plot linked, an absent plot named."""
+    from whale_pl import report
+
+    monkeypatch.chdir(tmp_path)
+    root = Path("runs") / "demo"
+    root.mkdir(parents=True)
+    (root / "video_metrics.json").write_text(json.dumps({
+        "psnr": 21.5, "ssim": 0.625, "num_clips": 16, "clip_len": 16, "split": "val", "ckpt": "d.ckpt",
+        "shards": "data_shards/metaworld/demo"}))  # no "fvd": skipped
+    fig = {"value_gap": 0.125, "spearman": 0.375, "pearson": 0.875, "regret_at_1": 0.25}
+    value = {"policies": ["a", "b", "c"], "open_loop": {"ood": fig, "all": fig},
+             "closed_loop": {"ood": None, "all": dict(fig, regret_at_1=0.5)}}
+    (root / "experiment_returns_main.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    exp = {"horizon": 24,
+           "main": {"value": value, "uncertainty": {"quality_vs_mse": {"retracing_score": {"auroc": 0.6875}}}},
+           "uncertainty": {"ensemble_size": 5, "quality_vs_mse": {"retracing_score": {"auroc": 0.5625},
+                                                                  "ensemble_score": {"auroc": None}}},
+           "plots": {"returns (main)": str(root / "experiment_returns_main.png"),
+                     "uncertainty vs true error": str(root / "experiment_uncertainty.png")}}
+    (root / "experiment.json").write_text(json.dumps(exp))
+    md = report.build_report("demo", Path("runs"))
+    table = md.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "21.500" in rows["PSNR (dB), dynamics rollouts"] and "0.625" in rows["SSIM, dynamics rollouts"]
+    assert "missing: FVD was skipped" in rows["FVD, dynamics rollouts"]
+    assert "--shards data_shards/metaworld/demo" in rows["FVD, dynamics rollouts"]
+    assert "open-loop 0.125; closed-loop undefined (" in rows["value gap, OOD policies"]
+    assert "open-loop 0.375" in rows["return Spearman, OOD policies"]
+    assert "open-loop 0.875" in rows["return Pearson, OOD policies"]
+    assert "open-loop 0.250; closed-loop 0.500" in rows["regret@1, all policies"]
+    auroc = rows["uncertainty AUROC (bad step: pixel MSE above the median)"]
+    assert "stage model 0.688" in auroc and "retracing 0.562 vs 5-member ensemble undefined (" in auroc
+    assert all("`python -m whale_pl.experiment --scale demo`" in rows[k] for k in
+               ("value gap, OOD policies", "regret@1, all policies"))
+    assert "### Return scatter: real against imagined return per policy (main)" in md
+    assert "![returns (main)](experiment_returns_main.png)" in md
+    assert f"_missing: {root / 'experiment_uncertainty.png'} (named in experiment.json)_" in md
+    assert "## Rollouts: real against imagined" in md and "missing: runs/demo/gifs/index.json" in md
+    assert "python -m whale_pl.rollout.gifs --ckpt runs/demo/dynamics/checkpoints/best.ckpt" in md

@@ -1,7 +1,8 @@
 """`make demo`: the whole pipeline end to end at demo scale, then a report.
 
 Collects the Meta-World demo dataset, trains tokenizer -> behavior -> dynamics, evaluates video
-fidelity and policy values, runs the headline experiment and writes ``runs/<scale>/report.md``.
+fidelity, writes real-against-imagined rollout GIFs, runs the headline experiment and writes
+``runs/<scale>/report.md``.
 Every step reuses what is complete and resumes what was interrupted, so running it again is cheap.
 One progress line per step, with elapsed time.
 """
@@ -64,6 +65,10 @@ def build_steps(scale: str) -> list[Step]:
                           "--ckpt", str(stage_dir(scale, "dynamics") / "checkpoints" / "best.ckpt"),
                           "--shards", _data_out(data_cfg), "--num-clips", "16",
                           "--out", str(run_root / "video_metrics.json")])),
+        Step("rollout gifs", "whale_pl.rollout.gifs",
+             lambda: _sh([py, "-m", "whale_pl.rollout.gifs",
+                          "--ckpt", str(stage_dir(scale, "dynamics") / "checkpoints" / "best.ckpt"),
+                          "--shards", _data_out(data_cfg), "--out", str(run_root / "gifs")])),
         Step("experiment", "whale_pl.experiment",
              lambda: _sh([py, "-m", "whale_pl.experiment", "--scale", scale])),
         Step("report", "whale_pl.report",

