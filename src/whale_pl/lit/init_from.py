@@ -10,9 +10,10 @@ dynamics model runs on the fine-tuned earlier stages.
 
 Checks, each failing with ``InitFromError`` naming the path: the file exists and is a Lightning
 checkpoint; it was written by the same class; the model facts stamped in it (codebook size, action
-dim, frame size, ... — ``handoff.model_facts``) equal this module's; the architecture
-hyper-parameters (those the model's constructor takes) agree; the ``data_spec`` keys the caller
-names agree; and its state dict fits this module's own tensors exactly (names and shapes).
+dim, frame size, ... — ``handoff.model_facts``) equal this module's; the ``data_spec`` keys the
+caller names agree; and its state dict fits this module's own tensors exactly (names and shapes;
+the model constructor's hyper-parameters that differ are named to explain a misfit). Settings that
+leave the shapes alone (dropout, EMA decay, loss weights) may differ from pretraining.
 """
 
 from __future__ import annotations
@@ -75,9 +76,6 @@ def check_init_compatible(
             problems.append(f"{name} {stored_facts[name]!r} in the checkpoint != {have!r} here")
     hp_ckpt = ckpt.get("hyper_parameters", {}) or {}
     hp_here = getattr(module, "hparams", {})
-    for name in _architecture_names(module):
-        if name in hp_ckpt and name in hp_here and not _values_equal(hp_ckpt[name], hp_here[name]):
-            problems.append(f"hyper-parameter {name} {hp_ckpt[name]!r} in the checkpoint != {hp_here[name]!r} here")
     spec_ckpt, spec_here = hp_ckpt.get("data_spec") or {}, (hp_here.get("data_spec") or {})
     for k in data_spec_keys:
         if k in spec_ckpt and k in spec_here and not _values_equal(spec_ckpt[k], spec_here[k]):
@@ -95,6 +93,11 @@ def check_init_compatible(
     if shapes:
         problems.append(f"{len(shapes)} shape mismatch(es): " + "; ".join(shapes[:4])
                         + (f" (+{len(shapes) - 4} more)" if len(shapes) > 4 else ""))
+    if missing or unexpected or shapes:  # explain with the constructor arguments that differ (others,
+        # e.g. dropout or EMA decay, may change freely when fine-tuning)
+        problems = [f"hyper-parameter {n} {hp_ckpt[n]!r} in the checkpoint != {hp_here[n]!r} here"
+                    for n in _architecture_names(module)
+                    if n in hp_ckpt and n in hp_here and not _values_equal(hp_ckpt[n], hp_here[n])] + problems
     if problems:
         raise InitFromError(f"{where} does not fit this {type(module).__name__}: " + "; ".join(problems))
     return theirs
