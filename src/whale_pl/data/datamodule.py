@@ -370,8 +370,18 @@ class ClipDataModule(L.LightningDataModule):
     def _stream(self, train: bool) -> ClipStream:
         if not hasattr(self, "_rank"):
             self.setup()
+        dirs, weights = self._load(), self.weights
+        if not train:  # a mixture validates on the directories that have a held-out split
+            have = [i for i, d in enumerate(dirs) if d.shards(self.val_splits)]
+            if not have:
+                raise ShardError(f"{[d.path for d in dirs]}: no shards of split(s) {self.val_splits} in any directory "
+                                 "(convert with --split train,val, or set val_splits)")
+            if len(have) < len(dirs):
+                log.info("validation leaves out %s (no %s shards)",
+                         [d.name for d in dirs if not d.shards(self.val_splits)], self.val_splits)
+            dirs, weights = [dirs[i] for i in have], [weights[i] for i in have]
         return ClipStream(
-            self._load(), self.weights, self.train_splits if train else self.val_splits, self.clip_len,
+            dirs, weights, self.train_splits if train else self.val_splits, self.clip_len,
             self.frame_stride, self.retrace_strides if train else [], self.retrace_prob if train else 0.0,
             self.batch_size, self.steps_per_epoch if train else self.val_steps, self._rank, self._world,
             self.seed if train else self.seed + 7919, self.families, self.policies, set(self.ood_policies),

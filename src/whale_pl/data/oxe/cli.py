@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-corrupt", action="store_true",
                    help="skip and count corrupt episodes (recorded in the manifest) instead of failing")
     p.add_argument("--episodes-per-shard", type=int, default=64)
+    p.add_argument("--max-episodes", type=int, help="per split, only the first N episodes (in file and "
+                                                    "record order): e.g. a few in-domain demonstrations")
     p.add_argument("--overwrite", action="store_true", help="replace a different existing output")
     p.add_argument("--keep-parts", action="store_true", help="keep the per-file parts after merging")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                           language_key=args.language_key,
                           splits=tuple(s.strip() for s in args.split.split(",") if s.strip()),
                           stride=args.stride, workers=args.workers, skip_corrupt=args.skip_corrupt,
-                          episodes_per_shard=args.episodes_per_shard, overwrite=args.overwrite,
+                          episodes_per_shard=args.episodes_per_shard, max_episodes=args.max_episodes,
+                          overwrite=args.overwrite,
                           keep_parts=args.keep_parts)
     try:
         if args.src:

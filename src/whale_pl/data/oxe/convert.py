@@ -25,7 +25,7 @@ import resource
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,7 @@ class ConvertOptions:
     workers: int = 0                    # 0: min(#files, cpu count)
     skip_corrupt: bool = False          # skip and count corrupt episodes instead of failing
     episodes_per_shard: int = 64
+    max_episodes: int | None = None     # per split: only the first N episodes (file, record order)
     overwrite: bool = False             # replace an existing, different output directory
     keep_parts: bool = False
 
@@ -225,6 +226,29 @@ def source_files(src: Path, split: str) -> list[tuple[Path, int | None]]:
     return [(f, None) for f in files]
 
 
+def _enough_files(files: list[tuple[Path, int | None]], n: int) -> list[tuple[Path, int | None]]:
+    """The leading files that hold the first ``n`` episodes (all files when counts are unknown;
+    each then converts at most ``n`` and the merge keeps the first ``n``)."""
+    total = 0
+    for i, (_, count) in enumerate(files):
+        if count is None:
+            return files
+        total += count
+        if total >= n:
+            return files[: i + 1]
+    return files
+
+
+def dataset_splits(src: Path) -> set[str]:
+    """The RLDS split names a dataset directory holds (dataset_info.json, else its file names)."""
+    info_path = src / "dataset_info.json"
+    if info_path.is_file():
+        names = {s.get("name") for s in json.loads(info_path.read_text()).get("splits", [])}
+        if names:
+            return {n for n in names if n}
+    return {f.name.split(".tfrecord")[0].rsplit("-", 1)[-1] for f in src.glob("*-*.tfrecord-*")} if src.is_dir() else set()
+
+
 # ------------------------------------------------------------------------------------------------
 # one record -> Episode
 # ------------------------------------------------------------------------------------------------
@@ -310,12 +334,16 @@ def _part_done(part: Path, marker: dict) -> dict | None:
 
 
 def convert_file(job: tuple) -> dict:
-    """Convert one TFRecord file into its part directory; returns the part's summary."""
-    src, path, split, file_index, expected, plan_d, out, skip_corrupt = job
+    """Convert one TFRecord file into its part directory; returns the part's summary. An optional
+    9th job item ``limit`` stops after that many converted episodes."""
+    src, path, split, file_index, expected, plan_d, out, skip_corrupt, *rest = job
+    limit = rest[0] if rest else None
     plan = Plan(**plan_d)
     path, out = Path(path), Path(out)
     part = _part_dir(out, split, file_index)
     marker = {"plan": plan.fingerprint(), "source": _source_id(path), "skip_corrupt": skip_corrupt}
+    if limit is not None:
+        marker["limit"] = int(limit)
     done = _part_done(part, marker)
     if done is not None:
         done["resumed"] = True
@@ -330,6 +358,8 @@ def convert_file(job: tuple) -> dict:
     n_ep = n_frames = n_records = 0
     try:
         for index, item in iter_records_safe(path):
+            if limit is not None and n_ep >= limit:
+                break
             n_records += 1
             where = Where(str(path), index)
             try:
@@ -353,7 +383,8 @@ def convert_file(job: tuple) -> dict:
         if writer is not None:
             writer.abort()
         raise
-    if expected is not None and n_ep + len(skipped) != expected:
+    stopped = limit is not None and n_ep >= limit
+    if expected is not None and not stopped and n_ep + len(skipped) != expected:
         msg = (f"{path}: dataset_info.json promises {expected} episodes, the file holds {n_records} "
                f"readable records ({n_ep} converted, {len(skipped)} skipped as corrupt)")
         if not skip_corrupt or n_ep + len(skipped) > expected:
@@ -386,14 +417,22 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
     except SchemaError as e:
         raise ConversionError(str(e)) from e
     plan = make_plan(src, schema, opts)
+    limit = opts.max_episodes
+    if limit is not None and int(limit) < 1:
+        raise ConversionError(f"max_episodes must be >= 1, got {limit}")
     jobs = []
     for split in opts.splits:
         if split not in RLDS_TO_SHARD_SPLIT:
             raise ConversionError(f"split {split!r}: expected one of {sorted(RLDS_TO_SHARD_SPLIT)}")
-        for i, (path, expected) in enumerate(source_files(src, split)):
-            jobs.append((str(src), str(path), split, i, expected, asdict(plan), str(out), opts.skip_corrupt))
+        files = source_files(src, split)
+        if limit is not None:
+            files = _enough_files(files, int(limit))
+        for i, (path, expected) in enumerate(files):
+            jobs.append((str(src), str(path), split, i, expected, asdict(plan), str(out), opts.skip_corrupt, limit))
     ident = {"plan": plan.fingerprint(), "sources": [_source_id(Path(j[1])) for j in jobs],
              "skip_corrupt": opts.skip_corrupt, "episodes_per_shard": opts.episodes_per_shard}
+    if limit is not None:  # (absent otherwise, so conversions made before the option still match)
+        ident["max_episodes"] = int(limit)
 
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
@@ -424,11 +463,15 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
     summaries: list[dict] = []
     # parts are merged in file order as soon as each is done, while the workers go on
     with ShardWriter(out, episodes_per_shard=opts.episodes_per_shard, overwrite=True, extra=extra) as w:
+        written: dict[str, int] = {}
         for p in _iter_jobs(jobs, workers, progress, plan.dataset):
             summaries.append(p)
             if p["episodes"]:
                 for ep in _iter_encoded(_part_dir(out, p["split"], p["file_index"]) / "shards"):
+                    if limit is not None and written.get(p["split"], 0) >= limit:
+                        break
                     w.write(ep, key=ep.sample["__key__"])
+                    written[p["split"]] = written.get(p["split"], 0) + 1
         skipped = [s for p in summaries for s in p["skipped"]]
         oxe.update(skipped_corrupt=skipped, corrupt_episodes=len(skipped),
                    source_episodes=sum(p["episodes"] for p in summaries) + len(skipped))
@@ -517,8 +560,11 @@ def convert_mixture(root: str | os.PathLike, datasets: list[tuple[str, float | N
     """Convert several datasets under one root to ``out/<dataset>`` and write ``out/mixture.json``.
 
     ``datasets``: (name or name/version, weight or None for the registry default). The mixture file
-    lists each dataset directory (relative to the mixture file) with its sampling weight.
+    lists each dataset directory (relative to the mixture file) with its sampling weight and the
+    splits converted. RLDS datasets differ in their held-out splits (``val``, ``test`` or none), so
+    in a mixture each dataset converts the requested splits it has (``train`` is required).
     """
+    opts = opts or ConvertOptions()
     root, out = Path(root), Path(out)
     names = [n.split("/")[0] for n, _ in datasets]
     if len(set(names)) != len(names):
@@ -535,9 +581,16 @@ def convert_mixture(root: str | os.PathLike, datasets: list[tuple[str, float | N
         w = weight if weight is not None else reg.DEFAULT_MIXTURE_WEIGHTS.get(dataset, 1.0)
         if not w > 0:
             raise ConversionError(f"{dataset}: sampling weight must be > 0, got {w}")
-        m = convert_dataset(src, out / dataset, opts, progress)
+        splits = tuple(sp for sp in opts.splits if sp in dataset_splits(src))
+        if "train" in opts.splits and "train" not in splits or not splits:
+            raise ConversionError(f"{src}: has none of the splits {list(opts.splits)} needed "
+                                  f"(it has {sorted(dataset_splits(src))})")
+        if splits != tuple(opts.splits):
+            log.warning("%s: no split(s) %s; converting %s", dataset,
+                        [sp for sp in opts.splits if sp not in splits], list(splits))
+        m = convert_dataset(src, out / dataset, replace(opts, splits=splits), progress)
         entries.append({"name": dataset, "path": dataset, "weight": float(w),
-                        "episodes": m["episodes"], "frames": m["frames"]})
+                        "episodes": m["episodes"], "frames": m["frames"], "splits": list(splits)})
     mixture = {"kind": "whale_pl.mixture", "version": 1, "datasets": entries}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / MIXTURE_FILE, mixture)
