@@ -17,7 +17,6 @@ may hold NaN for steps without a score (drawn as a gap, no marker dot). Written 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,8 +224,7 @@ def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncerta
            for f in frames]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same directory: the rename is atomic
     try:
         pal[0].save(tmp, format="GIF", save_all=True, append_images=pal[1:], duration=int(round(1000 / fps)),
                     loop=0, optimize=False)
