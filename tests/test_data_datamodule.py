@@ -81,6 +81,16 @@ def test_epochs_reshuffle_and_validation_is_fixed(tiny_shards):
     dm2 = ClipDataModule(str(tiny_shards), clip_len=4, batch_size=4, num_workers=0, steps_per_epoch=3, val_splits=["ood"])
     dm2.setup("fit")
     assert all(bool(b["ood"].all()) for b in dm2.val_dataloader())
+    # longer held-out clips (e.g. for FVD) beside short training clips, cut from the same frames
+    dm3 = ClipDataModule(str(tiny_shards), clip_len=4, val_clip_len=10, batch_size=4, num_workers=0, steps_per_epoch=3,
+                         val_steps=2)
+    dm3.setup("fit")
+    vb, tb = next(iter(dm3.val_dataloader())), next(iter(dm3.train_dataloader()))
+    assert vb["frames"].shape[1] == 10 and tb["frames"].shape[1] == 4
+    e, s0 = vb["episode"][0].item(), vb["start"][0].item()
+    assert torch.equal(vb["frames"][0].permute(0, 2, 3, 1), torch.from_numpy(eps[e].frames[s0 : s0 + 10]))
+    with pytest.raises(ValueError, match="val_clip_len"):
+        ClipDataModule(str(tiny_shards), clip_len=4, val_clip_len=0)
 
 
 def test_readers_get_disjoint_episodes(tiny_shards):

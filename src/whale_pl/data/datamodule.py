@@ -250,6 +250,8 @@ class ClipDataModule(L.LightningDataModule):
         dirs: dataset directories (each with its own manifest and normalisation statistics).
         weights: sampling weight per directory (default: equal).
         clip_len: frames per clip (T).
+        val_clip_len: frames per validation clip (default ``clip_len``); e.g. longer held-out clips
+            for FVD (I3D needs >= 9 frames) while training on short ones.
         frame_stride: base stride between clip frames; actions are composed over it.
         retrace_strides / retrace_prob: with probability ``retrace_prob`` a train clip uses a stride
             drawn from ``retrace_strides`` (composed actions; ``batch["stride"]``).
@@ -270,7 +272,8 @@ class ClipDataModule(L.LightningDataModule):
                  train_splits: list[str] | None = None, val_splits: list[str] | None = None,
                  clips_per_episode: int = 8, pool_size: int = 16, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, verify: bool = True, on_error: str = "raise",
-                 multiprocessing_context: str | None = None, pin_memory: bool = False):
+                 multiprocessing_context: str | None = None, pin_memory: bool = False,
+                 val_clip_len: int | None = None):
         super().__init__()
         self.dir_paths = [dirs] if isinstance(dirs, (str, Path)) else [str(d) for d in dirs]
         if not self.dir_paths:
@@ -278,13 +281,16 @@ class ClipDataModule(L.LightningDataModule):
         self.weights = list(weights) if weights is not None else [1.0] * len(self.dir_paths)
         if len(self.weights) != len(self.dir_paths):
             raise ValueError(f"{len(self.weights)} weights for {len(self.dir_paths)} directories")
-        for name, v in (("clip_len", clip_len), ("frame_stride", frame_stride), ("batch_size", batch_size),
+        val_clip_len = clip_len if val_clip_len is None else val_clip_len
+        for name, v in (("clip_len", clip_len), ("val_clip_len", val_clip_len), ("frame_stride", frame_stride),
+                        ("batch_size", batch_size),
                         ("clips_per_episode", clips_per_episode), ("pool_size", pool_size)):
             if int(v) < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.clip_len, self.frame_stride = int(clip_len), int(frame_stride)
+        self.val_clip_len = int(val_clip_len)
         self.retrace_strides = [int(s) for s in (retrace_strides or [])]
         if any(s < 1 for s in self.retrace_strides) or not 0.0 <= retrace_prob <= 1.0:
             raise ValueError(f"retrace_strides {retrace_strides} must be >= 1 and retrace_prob in [0, 1]")
@@ -381,7 +387,8 @@ class ClipDataModule(L.LightningDataModule):
                          [d.name for d in dirs if not d.shards(self.val_splits)], self.val_splits)
             dirs, weights = [dirs[i] for i in have], [weights[i] for i in have]
         return ClipStream(
-            dirs, weights, self.train_splits if train else self.val_splits, self.clip_len,
+            dirs, weights, self.train_splits if train else self.val_splits,
+            self.clip_len if train else self.val_clip_len,
             self.frame_stride, self.retrace_strides if train else [], self.retrace_prob if train else 0.0,
             self.batch_size, self.steps_per_epoch if train else self.val_steps, self._rank, self._world,
             self.seed if train else self.seed + 7919, self.families, self.policies, set(self.ood_policies),
@@ -471,7 +478,8 @@ class MetaWorldDataModule(ClipDataModule):
                  train_splits: list[str] | None = None, val_splits: list[str] | None = None,
                  clips_per_episode: int = 8, pool_size: int = 16, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, verify: bool = True, on_error: str = "raise",
-                 multiprocessing_context: str | None = None, pin_memory: bool = False):
+                 multiprocessing_context: str | None = None, pin_memory: bool = False,
+                 val_clip_len: int | None = None):
         from whale_pl.data.metaworld import CollectConfig
 
         self.config_path = str(config)
@@ -482,7 +490,8 @@ class MetaWorldDataModule(ClipDataModule):
                          num_workers=num_workers, steps_per_epoch=steps_per_epoch, val_steps=val_steps,
                          train_splits=train_splits, val_splits=val_splits, clips_per_episode=clips_per_episode,
                          pool_size=pool_size, seed=seed, rank=rank, world_size=world_size, verify=verify,
-                         on_error=on_error, multiprocessing_context=multiprocessing_context, pin_memory=pin_memory)
+                         on_error=on_error, multiprocessing_context=multiprocessing_context, pin_memory=pin_memory,
+                         val_clip_len=val_clip_len)
 
     def prepare_data(self) -> None:
         from whale_pl.data.metaworld import ensure_collected
