@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from whale_pl.rollout.gif import CURSOR_COLOR, read_gif_frames, upscale, write_rollout_gif
+from whale_pl.rollout.gif import CURSOR_COLOR, layout, read_gif_frames, upscale, write_rollout_gif
 
 
 def _crop(img: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -132,8 +132,6 @@ def test_gifs_command_writes_one_gif_per_clip_consistent_with_the_shards(gif_run
         frames = read_gif_frames(out / c["gif"])
         assert len(frames) == H
         ep = eps[c["episode"]]
-        from whale_pl.rollout.gif import layout
-
         lay = layout((32, 32), 2, title=True)
         for t, f in enumerate(frames):
             real = upscale(ep.frames[2 + 1 + t], 2).astype(float)  # real frame after the 1-frame context
