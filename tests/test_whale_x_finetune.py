@@ -173,7 +173,8 @@ class Probe(L.Callback):
         self.loss_end = in_domain_loss(self.stage, pl_module, self.batch)
 
 
-def _finetune_cli(stage: str, run_root: Path, shards, pretrained, batch, tiny: dict, extra: list[str]):
+def _finetune_cli(stage: str, run_root: Path, shards, pretrained, batch, tiny: dict, extra: list[str],
+                  ckpt_path: Path | None = None):
     """`whale fit --config stages/whale_x_finetune/<stage>.yaml` with tiny overrides, with a Probe."""
     from whale_pl.cli import lightning_cli
 
@@ -193,7 +194,7 @@ def _finetune_cli(stage: str, run_root: Path, shards, pretrained, batch, tiny: d
     ], run=False)
     probe = Probe(stage, batch)
     cli.trainer.callbacks.append(probe)
-    cli.trainer.fit(cli.model, cli.datamodule)
+    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
     return run_root / stage / "checkpoints", probe, cli.model
 
 
@@ -254,6 +255,18 @@ def test_finetune_starts_from_pretrained_weights_and_lowers_in_domain_loss(stage
     assert last["lr_schedulers"][0]["last_epoch"] == FINETUNE_STEPS
     assert {int(s["step"]) for s in last["optimizer_states"][0]["state"].values()} == {FINETUNE_STEPS}
     assert last["hyper_parameters"]["init_from"] == str(pretrained[stage])
+
+
+def test_interrupted_finetune_resumes_from_its_own_checkpoint(shards, pretrained, finetuned, demo_batch, tmp_path):
+    """A resumed fine-tune (``--ckpt_path last.ckpt``, as ``make`` does) continues from that checkpoint:
+    the restore runs after ``init_from`` and wins."""
+    ckpts, _ = finetuned["tokenizer"]
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    pre = torch.load(pretrained["tokenizer"], map_location="cpu", weights_only=False)["state_dict"]
+    _, probe, _ = _finetune_cli("tokenizer", tmp_path, shards, pretrained, demo_batch, TINY_TOK,
+                                ["--trainer.max_steps", str(FINETUNE_STEPS + 3)], ckpt_path=ckpts / "last.ckpt")
+    assert all(torch.equal(probe.start[k], v) for k, v in last["state_dict"].items())
+    assert not all(torch.equal(probe.start[k], v) for k, v in pre.items())
 
 
 def test_finetuned_stages_hand_off_the_finetuned_earlier_stages(pretrained, finetuned):
