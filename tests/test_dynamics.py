@@ -189,3 +189,50 @@ def test_copy_logit_starts_at_copy_baseline_and_learns_the_changes():
         opt.step()
     acc = (m.eval().teacher_forced(ids, act).argmax(-1) == ids[:, 1:]).float().mean().item()
     assert acc > copy_acc + 0.5 * (1 - copy_acc), (acc, copy_acc)
+
+
+@pytest.mark.parametrize("injection,prev,copy", [("adanorm", True, True), ("token", False, False)])
+def test_two_stream_training_sees_a_clean_history_like_teacher_forcing(injection, prev, copy):
+    """history='clean': each masked frame is predicted from the true frames before it — with the
+    frame fully masked its logits are exactly the teacher-forced ones; the heads read clean frames."""
+    m = _model(injection, prev=prev, copy=copy)
+    ids, act, z = _batch(T=5)
+    S = HW[0] * HW[1]
+    flat = ids.flatten(2)
+    for first in (1, 3):
+        query = torch.full_like(flat[:, first:], m.mask_id)
+        logits, heads = m.two_stream(flat, query, act, z)
+        tf = m.teacher_forced(ids, act, z).flatten(2, 3)
+        assert torch.allclose(logits, tf[:, first - 1:], atol=1e-4)
+        _, ref = m(ids, act, z)
+        assert torch.allclose(heads["reward"], ref["reward"], atol=1e-4)
+    # a visible token of masked frame 3 informs frame 3 only, never another frame's prediction
+    query = torch.full_like(flat[:, 1:], m.mask_id)
+    q2 = query.clone()
+    q2[:, 2, 0] = flat[:, 3, 0]
+    a, _ = m.two_stream(flat, query, act, z)
+    b, _ = m.two_stream(flat, q2, act, z)
+    assert torch.allclose(a[:, [0, 1, 3]], b[:, [0, 1, 3]], atol=1e-5)
+    assert not torch.allclose(a[:, 2], b[:, 2], atol=1e-5)
+    assert S == flat.shape[-1]
+
+
+def test_two_stream_loss_falls_on_fixed_batch():
+    m = _model(prev=True, copy=True).train()
+    ids, act, z = _batch(B=4, T=4)
+    ids[:, 1:] = (ids[:, :1] + (act[:, :-1, :1] > 0).long().cumsum(1).unsqueeze(-1)) % V
+    rew, suc, st = torch.randn(4, 4), (torch.rand(4, 4) > 0.5).float(), torch.randn(4, 4, SD)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(40):
+        out = m.training_losses(ids, act, z, rew, suc, st, context_frames=1, corrupt_prob=0.1, generator=g,
+                                history="clean")
+        loss = out["ce"] + out["reward"] + out["success"] + out["state"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    with pytest.raises(ValueError, match="history must be"):
+        m.training_losses(ids, act, z, rew, suc, st, history="dirty")

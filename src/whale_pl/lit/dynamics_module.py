@@ -89,6 +89,7 @@ class DynamicsModule(L.LightningModule):
         copy_logit: bool = False,
         context_frames: int = 1,
         max_context_frames: int | None = None,
+        history: str = "masked",
         corrupt_prob: float = 0.1,
         reward_weight: float = 0.1,
         success_weight: float = 0.1,
@@ -120,6 +121,8 @@ class DynamicsModule(L.LightningModule):
         ``context_frames``: clean frames at the start of each training clip and of rollouts.
         ``max_context_frames``: None, or each training clip draws its clean context length from
         ``[context_frames, max_context_frames]`` (the first predicted frame then sees a clean history).
+        ``history``: "masked" (one pass, histories partly masked) or "clean" (two-stream: every
+        predicted frame sees the true frames before it, as at inference; ~2x tokens a step).
         ``corrupt_prob``: max share of visible future tokens replaced by random ids in training.
         ``maskgit_steps`` / ``temperature``: generation in validation rollouts and ``imagine``.
         ``rollout_horizon``: frames of the validation rollouts (val/psnr_ar_*).
@@ -257,7 +260,7 @@ class DynamicsModule(L.LightningModule):
         out = self.model.training_losses(
             ids, actions, z, batch["rewards"], batch["success"], state, stride,
             context_frames=self.hparams.context_frames, corrupt_prob=self.hparams.corrupt_prob,
-            max_context_frames=self.hparams.max_context_frames,
+            max_context_frames=self.hparams.max_context_frames, history=self.hparams.history,
         )
         hp = self.hparams
         loss = out["ce"] + hp.reward_weight * out["reward"] + hp.success_weight * out["success"]

@@ -164,16 +164,26 @@ class DynamicsModel(nn.Module):
         kv_cache: list[KV] | None = None,
         return_kv: bool = False,
         prev_ids_BS: torch.Tensor | None = None,
+        slots_T: torch.Tensor | None = None,
+        prev_BTS: torch.Tensor | None = None,
+        temporal_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KV] | None]:
         """Hidden states ``[B, T, S, D]`` of frames at window positions ``t0 .. t0+T-1``.
         ``prev_ids_BS``: ids of the frame before the first of these (None: none in the window);
-        used only with ``prev_frame_input``."""
+        used only with ``prev_frame_input``. Two-stream training passes explicit window positions
+        ``slots_T``, earlier-frame ids ``prev_BTS`` and a ``temporal_mask`` instead."""
         B, T, S = ids_BTS.shape
-        if t0 + T > self.max_frames:
-            raise ValueError(f"window of {t0 + T} frames exceeds max_frames={self.max_frames}")
-        x = self.tok_emb(ids_BTS) + self.pos_s + self.pos_t[t0 : t0 + T, None]
+        if slots_T is None:
+            if t0 + T > self.max_frames:
+                raise ValueError(f"window of {t0 + T} frames exceeds max_frames={self.max_frames}")
+            pos_t = self.pos_t[t0 : t0 + T]
+        else:
+            if int(slots_T.max()) >= self.max_frames:
+                raise ValueError(f"window of {int(slots_T.max()) + 1} frames exceeds max_frames={self.max_frames}")
+            pos_t = self.pos_t[slots_T]
+        x = self.tok_emb(ids_BTS) + self.pos_s + pos_t[:, None]
         if self.prev_emb is not None:
-            x = x + self.prev_emb(self.prev_ids(ids_BTS, prev_ids_BS))
+            x = x + self.prev_emb(self.prev_ids(ids_BTS, prev_ids_BS) if prev_BTS is None else prev_BTS)
         cond = None
         if self.injection == "adanorm":
             cond = cond_BTD
@@ -181,7 +191,7 @@ class DynamicsModel(nn.Module):
             x = x + cond_BTD.unsqueeze(2)
         else:
             x = torch.cat([(cond_BTD + self.cond_pos).unsqueeze(2), x], dim=2)
-        out = self.transformer(x, cond, kv_cache=kv_cache, return_kv=return_kv)
+        out = self.transformer(x, cond, kv_cache=kv_cache, return_kv=return_kv, temporal_mask=temporal_mask)
         h, kv = (out if return_kv else (out, None))
         if self.injection == "token":
             h = h[:, :, 1:]
@@ -252,14 +262,27 @@ class DynamicsModel(nn.Module):
         corrupt_prob: float = 0.0,
         generator: torch.Generator | None = None,
         max_context_frames: int | None = None,
+        history: str = "masked",
     ) -> dict[str, torch.Tensor]:
         """MaskGIT loss: cross-entropy on masked (and corrupted) positions of future frames, plus
         reward (MSE), success (BCE) and state (MSE) head losses. Returns the parts and ``acc``.
+
+        ``history="masked"``: one pass over the clip with every future frame partly masked, so a
+        frame's history is itself partly masked. ``history="clean"``: two streams in one pass, the
+        clean clip and a partly masked copy of frames ``context_frames..T-1``; masked frame t attends
+        (in time) to the clean frames before t and to itself only, so every predicted frame sees a
+        whole, true history, as at inference (``teacher_forced``, ``imagine``). It costs about twice
+        the tokens; the heads read the clean stream (as ``imagine`` reads finished frames).
 
         ``max_context_frames``: each clip draws its number of clean context frames uniformly from
         ``[context_frames, max_context_frames]`` (clamped to T-1), so the first masked frame of a
         clip sees a fully clean history, as every frame does at inference (teacher-forced and in
         rollouts); later frames see masked histories, as in plain per-frame MaskGIT training."""
+        if history == "clean":
+            return self._two_stream_losses(ids_BThw, actions_BTA, z_BTZ, rewards_BT, success_BT, state_BTS,
+                                           stride_B, context_frames, corrupt_prob, generator)
+        if history != "masked":
+            raise ValueError(f"history must be 'masked' or 'clean', got {history!r}")
         B, T, hh, ww = ids_BThw.shape
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
         ctx: int | torch.Tensor = context_frames
@@ -276,14 +299,70 @@ class DynamicsModel(nn.Module):
         ce = F.cross_entropy(logits[target].float(), ids[target])
         acc = (logits[mask].argmax(-1) == ids[mask]).float().mean()
         out = {"ce": ce, "acc": acc}
-        out["reward"] = F.mse_loss(heads["reward"][:, 1:].float(), rewards_BT[:, :-1].float())
-        out["success"] = F.binary_cross_entropy_with_logits(
-            heads["success_logit"][:, 1:].float(), success_BT[:, :-1].float())
+        out.update(self._head_losses(heads, rewards_BT, success_BT, state_BTS))
+        return out
+
+    def _head_losses(self, heads: dict[str, torch.Tensor], rewards_BT: torch.Tensor, success_BT: torch.Tensor,
+                     state_BTS: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        out = {"reward": F.mse_loss(heads["reward"][:, 1:].float(), rewards_BT[:, :-1].float()),
+               "success": F.binary_cross_entropy_with_logits(heads["success_logit"][:, 1:].float(),
+                                                             success_BT[:, :-1].float())}
         if self.state_head is not None and state_BTS is not None and state_BTS.shape[-1] > 0:
             if state_BTS.shape[-1] != self.state_dim:
                 raise ValueError(f"batch state has {state_BTS.shape[-1]} dims, the model was built for {self.state_dim}")
             out["state"] = F.mse_loss(heads["state"].float(), state_BTS.float())
         return out
+
+    @staticmethod
+    def two_stream_mask(T: int, first: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Temporal attention mask ``[T + Q, T + Q]`` (True = may attend) for the clean clip (frames
+        0..T-1, causal) followed by ``Q = T - first`` masked copies of frames first..T-1, each of
+        which sees the clean frames before it and itself."""
+        Q = T - first
+        m = torch.zeros(T + Q, T + Q, dtype=torch.bool, device=device)
+        m[:T, :T] = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        for j in range(Q):
+            t = first + j
+            m[T + j, :t] = True
+            m[T + j, T + j] = True
+        return m
+
+    def _two_stream_losses(self, ids_BThw, actions_BTA, z_BTZ, rewards_BT, success_BT, state_BTS, stride_B,
+                           context_frames, corrupt_prob, generator) -> dict[str, torch.Tensor]:
+        self._check_inputs(actions_BTA, z_BTZ)
+        B, T, hh, ww = ids_BThw.shape
+        c = int(context_frames)
+        if not 1 <= c < T:
+            raise ValueError(f"context_frames must be in [1, T-1={T - 1}], got {c}")
+        ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
+        Q = T - c
+        tgt = ids[:, c:]
+        mask = training_mask(B, Q, hh * ww, 0, ids.device, generator)
+        inp, hit = corrupt_tokens(tgt, mask, 0, corrupt_prob, self.codebook_size, generator)
+        inp = inp.masked_fill(mask, self.mask_id)
+        logits, heads = self.two_stream(ids, inp, actions_BTA, z_BTZ, stride_B)
+        target = mask | hit
+        out = {"ce": F.cross_entropy(logits[target].float(), tgt[target]),
+               "acc": (logits[mask].argmax(-1) == tgt[mask]).float().mean()}
+        out.update(self._head_losses(heads, rewards_BT, success_BT, state_BTS))
+        return out
+
+    def two_stream(self, ids_BTS: torch.Tensor, query_BQS: torch.Tensor, actions_BTA: torch.Tensor,
+                   z_BTZ: torch.Tensor | None, stride_B: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits ``[B, Q, S, V]`` of the last Q frames of the clean clip ``ids_BTS`` from their
+        partly masked versions ``query_BQS``, each given the clean frames before it (one pass), and
+        the heads of the clean frames."""
+        B, T, S = ids_BTS.shape
+        Q = query_BQS.shape[1]
+        c = T - Q
+        cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B, first_is_start=True)
+        slots = torch.cat([torch.arange(T), torch.arange(c, T)]).to(ids_BTS.device)
+        clean_prev = self.prev_ids(ids_BTS)
+        h, _ = self.trunk(torch.cat([ids_BTS, query_BQS], 1), torch.cat([cond, cond[:, c:]], 1), slots_T=slots,
+                          prev_BTS=torch.cat([clean_prev, clean_prev[:, c:]], 1),
+                          temporal_mask=self.two_stream_mask(T, c, ids_BTS.device))
+        return self.token_logits(h[:, T:], clean_prev[:, c:]), self.heads(h[:, :T])
 
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()

@@ -41,14 +41,16 @@ class Attention(nn.Module):
         x_BLD: torch.Tensor,
         causal: bool = False,
         past_kv: KV | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KV]:
+        """``attn_mask``: bool [L_q, L_k] (True = may attend); replaces the causal mask when given."""
         q, k, v = rearrange(self.qkv(x_BLD), "b l (three h d) -> three b h l d", three=3, h=self.heads)
         new_kv = (k, v)
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
-        mask = None
-        if causal:
+        mask = attn_mask
+        if causal and mask is None:
             lq, lk = q.shape[2], k.shape[2]
             if past_kv is None and lq == lk:
                 out = F.scaled_dot_product_attention(
@@ -121,16 +123,19 @@ class STBlock(nn.Module):
         cond_BTD: torch.Tensor | None = None,
         kv_cache: KV | None = None,
         return_kv: bool = False,
+        temporal_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, KV]:
         """``x_BTSD``: [B, T, S, D] tokens. ``kv_cache``: temporal keys/values of the frames before
-        these T frames, each [B*S, heads, T_past, D/heads]."""
+        these T frames, each [B*S, heads, T_past, D/heads]. ``temporal_mask``: bool [T, T] (True =
+        may attend) instead of the causal mask, e.g. for two-stream teacher-forced training."""
         B, T, S, _ = x_BTSD.shape
         h, gate = self.norm_s(x_BTSD, cond_BTD)
         h, _ = self.attn_s(rearrange(h, "b t s d -> (b t) s d"))
         x_BTSD = x_BTSD + self._gated(rearrange(h, "(b t) s d -> b t s d", b=B), gate)
 
         h, gate = self.norm_t(x_BTSD, cond_BTD)
-        h, kv = self.attn_t(rearrange(h, "b t s d -> (b s) t d"), causal=self.causal, past_kv=kv_cache)
+        h, kv = self.attn_t(rearrange(h, "b t s d -> (b s) t d"), causal=self.causal, past_kv=kv_cache,
+                            attn_mask=temporal_mask)
         x_BTSD = x_BTSD + self._gated(rearrange(h, "(b s) t d -> b t s d", b=B), gate)
 
         h, gate = self.norm_m(x_BTSD, cond_BTD)
@@ -163,11 +168,12 @@ class STTransformer(nn.Module):
         cond_BTD: torch.Tensor | None = None,
         kv_cache: list[KV] | None = None,
         return_kv: bool = False,
+        temporal_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[KV]]:
         new_kv: list[KV] = []
         for i, block in enumerate(self.blocks):
             past = None if kv_cache is None else kv_cache[i]
-            x_BTSD, kv = block(x_BTSD, cond_BTD, kv_cache=past, return_kv=True)
+            x_BTSD, kv = block(x_BTSD, cond_BTD, kv_cache=past, return_kv=True, temporal_mask=temporal_mask)
             new_kv.append(kv)
         x_BTSD = self.norm(x_BTSD)
         return (x_BTSD, new_kv) if return_kv else x_BTSD
