@@ -5,6 +5,11 @@ fidelity, writes real-against-imagined rollout GIFs, runs the headline experimen
 ``runs/<scale>/report.md``.
 Every step reuses what is complete and resumes what was interrupted, so running it again is cheap.
 One progress line per step, with elapsed time.
+
+The experiment's side models (the behavior-off dynamics model and the small ensemble members) do
+not depend on the stage dynamics model, so they train in a background process, started right
+after the tokenizer, beside the behavior and dynamics stages (each training uses one core; its log
+is ``runs/<scale>/side_models.log``). The experiment step waits for it, then evaluates.
 """
 
 from __future__ import annotations
@@ -50,14 +55,61 @@ def _data_out(data_cfg: Path) -> str:
     return str(yaml.safe_load(data_cfg.read_text())["out"])
 
 
-def build_steps(scale: str) -> list[Step]:
+class SideModels:
+    """The background ``python -m whale_pl.experiment --train-only`` run."""
+
+    def __init__(self, scale: str) -> None:
+        self.scale, self.proc, self.log = scale, None, Path("runs") / scale / "side_models.log"
+
+    def start(self) -> None:
+        if not _have("whale_pl.experiment"):
+            return
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "whale_pl.experiment", "--scale", self.scale, "--train-only"]
+        print(f"    $ {' '.join(cmd)} > {self.log} 2>&1 &   (background: behavior-off model, ensemble members)",
+              flush=True)
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+
+    def wait(self) -> None:
+        """Wait for the background run; if it failed, the experiment step retrains what is missing."""
+        if self.proc is None:
+            return
+        t0 = time.time()
+        rc = self.proc.wait()
+        self.proc = None
+        print(f"    side models: finished (exit {rc}) after waiting {fmt_elapsed(time.time() - t0)}; log {self.log}",
+              flush=True)
+        if rc != 0:
+            print("    side models failed in the background; the experiment step retrains what is missing", flush=True)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+def build_steps(scale: str, side: SideModels | None = None) -> list[Step]:
     py = sys.executable
     run_root = Path("runs") / scale
     data_cfg = Path("stages") / scale / "data.yaml"
+    side = side or SideModels(scale)
+
+    def tokenizer_then_side() -> None:
+        run_stage(scale, "tokenizer")  # alone on the machine: all cores
+        # from here two trainings share the cores: one thread each (OpenMP spin-waiting on an
+        # oversubscribed CPU made steps several times slower)
+        os.environ["OMP_NUM_THREADS"] = "1"
+        side.start()
+
+    def experiment() -> None:
+        side.wait()
+        _sh([py, "-m", "whale_pl.experiment", "--scale", scale])
+
     steps = [
         Step("data", "whale_pl.data.metaworld",
              lambda: _sh([py, "-m", "whale_pl.data.cli", "metaworld", "--config", str(data_cfg)])),
-        Step("tokenizer", "whale_pl.lit.tokenizer_module", lambda: run_stage(scale, "tokenizer")),
+        Step("tokenizer", "whale_pl.lit.tokenizer_module", tokenizer_then_side),
         Step("behavior", "whale_pl.lit.behavior_module", lambda: run_stage(scale, "behavior")),
         Step("dynamics", "whale_pl.lit.dynamics_module", lambda: run_stage(scale, "dynamics")),
         Step("video metrics", "whale_pl.eval_cli",
@@ -69,8 +121,7 @@ def build_steps(scale: str) -> list[Step]:
              lambda: _sh([py, "-m", "whale_pl.rollout.gifs",
                           "--ckpt", str(stage_dir(scale, "dynamics") / "checkpoints" / "best.ckpt"),
                           "--shards", _data_out(data_cfg), "--out", str(run_root / "gifs")])),
-        Step("experiment", "whale_pl.experiment",
-             lambda: _sh([py, "-m", "whale_pl.experiment", "--scale", scale])),
+        Step("experiment", "whale_pl.experiment", experiment),
         Step("report", "whale_pl.report",
              lambda: _sh([py, "-m", "whale_pl.report", "--scale", scale])),
     ]
@@ -82,19 +133,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", default="demo")
     a = p.parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
-    steps = build_steps(a.scale)
+    side = SideModels(a.scale)
+    steps = build_steps(a.scale, side)
     t_start = time.time()
     missing = [s.name for s in steps if not _have(s.needs_module)]
-    for i, step in enumerate(steps, 1):
-        head = f"[demo {i}/{len(steps)}] {step.name}"
-        if step.name in missing:
-            print(f"{head}: not built yet in this version of whale_pl — skipped", flush=True)
-            continue
-        t0 = time.time()
-        print(f"{head}: started (total {fmt_elapsed(t0 - t_start)})", flush=True)
-        step.run()
-        print(f"{head}: done in {fmt_elapsed(time.time() - t0)} (total {fmt_elapsed(time.time() - t_start)})",
-              flush=True)
+    try:
+        for i, step in enumerate(steps, 1):
+            head = f"[demo {i}/{len(steps)}] {step.name}"
+            if step.name in missing:
+                print(f"{head}: not built yet in this version of whale_pl — skipped", flush=True)
+                continue
+            t0 = time.time()
+            print(f"{head}: started (total {fmt_elapsed(t0 - t_start)})", flush=True)
+            step.run()
+            print(f"{head}: done in {fmt_elapsed(time.time() - t0)} (total {fmt_elapsed(time.time() - t_start)})",
+                  flush=True)
+    finally:
+        side.stop()  # an interrupted demo leaves no orphan training; a rerun resumes it
     if missing:
         print(f"[demo] finished what exists; not built yet: {', '.join(missing)}", flush=True)
     else:

@@ -3,19 +3,21 @@
     python -m whale_pl.experiment --scale demo
 
 (1) **Behavior-conditioning on against off**: OOD value gap and return correlation (open- and
-    closed-loop) of two dynamics models that differ only in ``use_behavior``, same seed, same
-    training budget. (2) **Retracing against a deep ensemble**: AUROC and Spearman of the per-step
-    uncertainty against the true per-step error on the same imagined rollouts, and the compute cost
-    ratio (wall-clock of the uncertainty computation; training cost is N models against one).
+    closed-loop) of the stage's dynamics model (``runs/<scale>/dynamics``, behavior on) and a model
+    trained by the very same config with ``use_behavior: false`` (``runs/<scale>/dynamics_off``),
+    same seed, same step and time budget. (2) **Retracing against a deep ensemble**: AUROC and
+    Spearman of the per-step uncertainty against the true per-step error on the same imagined
+    rollouts, and the compute cost ratio (wall-clock of the uncertainty computation; training cost
+    is N models against one).
 
-What is trained here (reused when complete, i.e. ``DONE`` is present): ``members`` ensemble members
-``runs/<scale>/ensemble/<seed>`` with behavior-conditioning on (member 0 is also the "on" arm of
-(1) and the retracing model of (2)) and one "off" model ``runs/<scale>/ensemble_off/0``. Each is
-``whale fit --config stages/<scale>/dynamics.yaml --seed_everything <seed>`` with the logger's
-run directory moved, a smaller size and a short budget (``--member-*`` flags; at demo scale the
-members are deliberately small and brief to keep this step within minutes). The stage's own
-dynamics model (``runs/<scale>/dynamics``), trained with the full budget, is evaluated too: its
-value figures and its retracing uncertainty are reported beside the like-for-like comparison.
+What is trained here (reused when complete, i.e. ``DONE`` is present): the "off" model, and
+``members`` ensemble members ``runs/<scale>/ensemble/<seed>`` with behavior-conditioning on (member
+0 is also the retracing model of (2), so both methods score the same rollouts). Each is ``whale fit
+--config stages/<scale>/dynamics.yaml --seed_everything <seed>`` with the logger's run directory
+moved; the members are smaller and briefer (``--member-*`` flags; at demo scale deliberately small
+to keep this within minutes). The evaluation callback is switched off for these runs.
+``--train-only`` trains them and stops (``make demo`` runs it beside the behavior and dynamics
+stages, one core each); the members wait for the behavior stage's ``DONE``.
 
 Writes ``runs/<scale>/experiment.json``, ``runs/<scale>/experiment.md`` and the plots it links.
 """
@@ -46,23 +48,50 @@ def _ckpt_of(run_dir: Path) -> Path:
     raise FileNotFoundError(f"no checkpoints/best.ckpt or last.ckpt under {run_dir}")
 
 
-def train_member(scale: str, group: str, seed: int, use_behavior: bool, size: tuple[int, int, int], steps: int,
-                 runs: Path, extra: list[str]) -> tuple[Path, float]:
-    """Train (or reuse) one dynamics model with the stage's config; returns (checkpoint, seconds)."""
+def _no_eval_callback(scale: str) -> list[str]:
+    """CLI overrides that silence the stage YAML's EvalCallback (the last callback) for side runs."""
+    import yaml
+
+    cfg = yaml.safe_load((Path("stages") / scale / "dynamics.yaml").read_text())
+    cbs = (cfg.get("trainer") or {}).get("callbacks") or []
+    if cbs and str(cbs[-1].get("class_path", "")).endswith("EvalCallback"):
+        return ["--trainer.callbacks.init_args.every_n_val_epochs", "1000000"]
+    return []
+
+
+def wait_for(path: Path, what: str, timeout: float = 7200.0) -> None:
+    """Block until ``path`` exists (another process is producing it), printing once."""
+    if path.is_file():
+        return
+    print(f"[experiment] waiting for {what} ({path})", flush=True)
+    t0 = time.time()
+    while not path.is_file():
+        if time.time() - t0 > timeout:
+            raise SystemExit(f"[experiment] gave up waiting for {path} after {timeout:.0f}s: build {what} first")
+        time.sleep(5)
+
+
+def train_member(scale: str, group: str, seed: int, use_behavior: bool, size: tuple[int, int, int] | None,
+                 steps: int | None, runs: Path, extra: list[str]) -> tuple[Path, float]:
+    """Train (or reuse) one dynamics model with the stage's config; returns (checkpoint, seconds).
+    ``size`` / ``steps`` None: the stage config's own model size / step budget."""
     run_dir = runs / scale / group / str(seed)
     done = run_dir / "DONE"
     if done.is_file():
         info = json.loads(done.read_text())
         print(f"[experiment] {group}/{seed}: complete, reusing {info['ckpt']}", flush=True)
         return Path(info["ckpt"]), float(info["seconds"])
-    dim, depth, heads = size
     cmd = [sys.executable, "-m", "whale_pl.cli", "fit", "--config", str(Path("stages") / scale / "dynamics.yaml"),
-           "--seed_everything", str(seed),
+           "--seed_everything", str(seed), *_no_eval_callback(scale),
            "--trainer.logger.init_args.save_dir", str(runs / scale / group), "--trainer.logger.init_args.name",
-           str(seed), "--trainer.max_steps", str(steps), "--data.init_args.steps_per_epoch", str(steps),
-           "--model.init_args.use_behavior", "true" if use_behavior else "false",
-           "--model.init_args.dim", str(dim), "--model.init_args.depth", str(depth),
-           "--model.init_args.heads", str(heads), *extra]
+           str(seed), "--model.init_args.use_behavior", "true" if use_behavior else "false"]
+    if steps is not None:
+        cmd += ["--trainer.max_steps", str(steps), "--data.init_args.steps_per_epoch", str(steps)]
+    if size is not None:
+        dim, depth, heads = size
+        cmd += ["--model.init_args.dim", str(dim), "--model.init_args.depth", str(depth),
+                "--model.init_args.heads", str(heads)]
+    cmd += list(extra)
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
         cmd += ["--ckpt_path", str(last)]
@@ -75,10 +104,28 @@ def train_member(scale: str, group: str, seed: int, use_behavior: bool, size: tu
     ckpt = _ckpt_of(run_dir)
     tmp = run_dir / "DONE.tmp"
     tmp.write_text(json.dumps({"ckpt": str(ckpt), "seconds": seconds, "steps": steps, "seed": seed,
-                               "use_behavior": use_behavior, "size": list(size)}))
+                               "use_behavior": use_behavior, "size": None if size is None else list(size)}))
     os.replace(tmp, done)
     print(f"[experiment] {group}/{seed}: trained in {fmt_elapsed(seconds)}", flush=True)
     return ckpt, seconds
+
+
+def _steps_trained(*ckpts: Path) -> list[int | None]:
+    """The global step each checkpoint was saved at (None if unreadable)."""
+    import torch
+
+    out: list[int | None] = []
+    for c in ckpts:
+        try:
+            out.append(int(torch.load(c, map_location="cpu", weights_only=False)["global_step"]))
+        except Exception:  # noqa: BLE001 - a figure for the report, not a gate
+            out.append(None)
+    return out
+
+
+def _steps(res: dict, i: int) -> str:
+    st = (res.get("steps_trained") or [None, None])[i]
+    return "?" if st is None else str(st)
 
 
 def _f(x, nd: int = 3) -> str:
@@ -99,7 +146,7 @@ def _value_row(name: str, v: dict, mode: str) -> str:
 def verdicts(res: dict) -> list[str]:
     """Does each headline claim reproduce here? Stated plainly, whatever the answer."""
     out = []
-    on, off = res["on"]["value"], res["off"]["value"]
+    on, off = res["main"]["value"], res["off"]["value"]
     for mode in ("open_loop", "closed_loop"):
         a, b = (on.get(mode) or {}).get("ood"), (off.get(mode) or {}).get("ood")
         if not a or not b:
@@ -133,21 +180,22 @@ def write_report(res: dict, path: Path, cmd: str) -> None:
          f"{res['horizon']}; discount {res['discount']}; training policies "
          f"{', '.join(res['train_policies'])}; OOD policies {', '.join(res['ood_policies'])}. Real returns from "
          "Meta-World, imagined returns from the reward head, same start states.", "",
-         f"Models: {res['members']} ensemble members (behavior-conditioning on, seeds 0..{res['members'] - 1}) and "
-         f"one model with it off (seed 0), each dim {res['member_size'][0]}, depth {res['member_size'][1]}, "
-         f"{res['member_steps']} steps, else the stage config; the stage's own model "
-         f"(`{res['main']['dynamics']}`) for reference.", "",
+         f"Models: (1) the stage's dynamics model (`{res['main']['dynamics']}`, behavior on) against the same "
+         f"config with behavior-conditioning off (seed 0), trained for {_steps(res, 0)} and {_steps(res, 1)} steps; "
+         f"(2) {res['members']} ensemble members (behavior on, seeds 0..{res['members'] - 1}), each dim "
+         f"{res['member_size'][0]}, depth {res['member_size'][1]}, {res['member_steps']} steps, else the stage "
+         "config; member 0 is the retracing model, so both methods score the same rollouts.", "",
          "## Verdicts", "", *verdicts(res), "",
          "## (1) Behavior-conditioning on vs off", "",
          "| model | mode | OOD value gap | OOD Spearman | OOD Pearson | all: value gap | all: regret@1 |",
          "|---|---|---|---|---|---|---|"]
-    for name, key in (("on (member 0)", "on"), ("off (seed 0)", "off"), ("stage model", "main")):
+    for name, key in (("on (stage model)", "main"), ("off (same config)", "off"), ("member 0 (small, on)", "on")):
         for mode in ("open_loop", "closed_loop"):
             L.append(_value_row(name, res[key]["value"], mode))
     L += ["", "Real and imagined returns per policy:", ""]
     L += ["| policy | split | real | " + " | ".join(f"{k} {m}" for k in ("on", "off") for m in ("open", "closed")) + " |",
           "|---|---|---|---|---|---|---|"]
-    v_on, v_off = res["on"]["value"], res["off"]["value"]
+    v_on, v_off = res["main"]["value"], res["off"]["value"]
     for i, p in enumerate(v_on["policies"]):
         cells = [_f((v.get(m) or {}).get("imagined_return", [None] * (i + 1))[i], 2)
                  for v in (v_on, v_off) for m in ("open_loop", "closed_loop")]
@@ -192,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--horizon", type=int, default=24)
     p.add_argument("--discount", type=float, default=0.99)
     p.add_argument("--K", type=int, default=3)
+    p.add_argument("--train-only", action="store_true",
+                   help="train (or reuse) the off model and the ensemble members, then stop")
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
                    help="extra `whale fit` overrides for the members (last on the command line)")
     a = p.parse_args(argv)
@@ -207,20 +257,25 @@ def main(argv: list[str] | None = None) -> int:
     if a.members < 2:
         p.error(f"--members must be >= 2, got {a.members}")
     main_ckpt = Path(a.dynamics) if a.dynamics else runs / a.scale / "dynamics" / "checkpoints" / "best.ckpt"
-    if not main_ckpt.is_file():
+    if not a.train_only and not main_ckpt.is_file():
         p.error(f"the stage's dynamics checkpoint {main_ckpt} is missing: train it first "
                 f"(python -m whale_pl.pipeline dynamics --scale {a.scale})")
     data_cfg = a.data_config or str(Path("stages") / a.scale / "data.yaml")
 
-    # ---- train (or reuse) the ensemble members and the behavior-off model
+    # ---- train (or reuse) the behavior-off model (the stage config as is) and the ensemble members
     t0 = time.time()
+    wait_for(runs / a.scale / "tokenizer" / "DONE", "the tokenizer stage")
+    off_ckpt, off_secs = train_member(a.scale, "dynamics_off", 0, False, None, None, runs, a.fit_args)
+    wait_for(runs / a.scale / "behavior" / "DONE", "the behavior stage")
     members, member_secs = [], []
     for seed in range(a.members):
         c, s = train_member(a.scale, "ensemble", seed, True, size, steps, runs, a.fit_args)
         members.append(c)
         member_secs.append(s)
-    off_ckpt, _ = train_member(a.scale, "ensemble_off", 0, False, size, steps, runs, a.fit_args)
     train_seconds = time.time() - t0
+    if a.train_only:
+        print(f"[experiment] models trained or reused in {fmt_elapsed(train_seconds)}", flush=True)
+        return 0
 
     # ---- one set of real rollouts for everything
     ev = EvalSet.from_data_config(data_cfg, starts=a.starts, horizon=a.horizon, discount=a.discount)
@@ -228,17 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     real = collect_real(ev)
     common = dict(data_config=data_cfg, starts=a.starts, horizon=a.horizon, discount=a.discount, K=a.K,
                   modes=["open_loop", "closed_loop"], real=real)
-    print("[experiment] behavior on (member 0), retracing vs the ensemble on its rollouts", flush=True)
+    print("[experiment] the stage's model (behavior on)", flush=True)
+    main_res = run(str(main_ckpt), None, **common)
+    print("[experiment] the same config with behavior off", flush=True)
+    off = run(str(off_ckpt), None, **common)
+    print("[experiment] member 0: retracing vs the ensemble on its rollouts", flush=True)
     on = run(str(members[0]), [str(c) for c in members], **common)
     unc = on["uncertainty"]
-    print("[experiment] behavior off", flush=True)
-    off = run(str(off_ckpt), None, **common)
-    print("[experiment] the stage's own model", flush=True)
-    main_res = run(str(main_ckpt), None, **common)
 
     out_dir = runs / a.scale
     res = {"scale": a.scale, "members": a.members, "member_size": list(size), "member_steps": steps,
-           "member_train_seconds": member_secs, "train_seconds": train_seconds, "tasks": ev.tasks,
+           "member_train_seconds": member_secs, "off_train_seconds": off_secs,
+           "train_seconds": train_seconds, "steps_trained": _steps_trained(main_ckpt, off_ckpt), "tasks": ev.tasks,
            "starts": a.starts, "horizon": a.horizon, "discount": a.discount, "train_policies": ev.train_policies,
            "ood_policies": ev.ood_policies, "on": on, "off": off, "main": main_res, "uncertainty": unc,
            "plots": {}}

@@ -174,7 +174,7 @@ def build_report(scale: str, runs: Path = Path("runs")) -> str:
     if exp:
         lines += ["| model | mode | OOD value gap | OOD Spearman | OOD Pearson | regret@1 (all) |",
                   "|---|---|---|---|---|---|"]
-        for key, name in (("main", "stage model"), ("on", "member 0 (behavior on)"), ("off", "behavior off")):
+        for key, name in (("main", "stage model"), ("on", "member 0 (behavior on)"), ("off", "behavior off (stage config)")):
             for mode in ("open_loop", "closed_loop"):
                 lines.append("| " + " | ".join(_value_row(name, exp.get(key), mode)) + " |")
         unc = exp.get("uncertainty") or {}
