@@ -20,7 +20,8 @@ import yaml
 
 from whale_pl.models.dynamics import DynamicsModel
 
-MODEL_KEYS = ("dim", "depth", "heads", "mlp_ratio", "max_frames", "max_stride", "injection")
+MODEL_KEYS = ("dim", "depth", "heads", "mlp_ratio", "max_frames", "max_stride", "injection", "prev_frame_input",
+              "copy_logit")
 
 
 def build(cfg_path: Path, codebook: int, grid: int, action_dim: int, z_dim: int, state_dim: int) -> DynamicsModel:

@@ -100,6 +100,7 @@ class DynamicsModule(L.LightningModule):
         warmup_steps: int = 200,
         max_steps: int | None = None,
         min_lr_ratio: float = 0.1,
+        anneal_by_time: bool = False,
         maskgit_steps: int = 4,
         temperature: float = 0.0,
         rollout_horizon: int = 8,
@@ -124,6 +125,7 @@ class DynamicsModule(L.LightningModule):
         ``history``: "masked" (one pass, histories partly masked) or "clean" (two-stream: every
         predicted frame sees the true frames before it, as at inference; ~2x tokens a step).
         ``corrupt_prob``: max share of visible future tokens replaced by random ids in training.
+        ``anneal_by_time``: the cosine lr schedule also follows the Trainer's ``max_time`` (lit/optim.py).
         ``maskgit_steps`` / ``temperature``: generation in validation rollouts and ``imagine``.
         ``rollout_horizon``: frames of the validation rollouts (val/psnr_ar_*).
         ``eval_horizon``: frames of the evaluation callback's rollouts (``eval_videos``); None: as
@@ -390,4 +392,4 @@ class DynamicsModule(L.LightningModule):
         hp = self.hparams
         return adamw_warmup_cosine(self, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
                                    warmup_steps=hp.warmup_steps, total_steps=hp.max_steps,
-                                   min_lr_ratio=hp.min_lr_ratio)
+                                   min_lr_ratio=hp.min_lr_ratio, anneal_by_time=hp.anneal_by_time)
