@@ -12,7 +12,6 @@ TensorBoard as an image grid, and to the evaluation callback through ``eval_vide
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -30,20 +29,6 @@ from whale_pl.models.dynamics import DynamicsModel
 # keys of data_spec a dynamics checkpoint must agree on with the data it is used on
 SPEC_KEYS = ("frame_size", "action_dim", "action_space", "action_mean", "action_std", "state_dim")
 FROZEN_PREFIXES = ("tokenizer.", "behavior.")
-
-
-@contextmanager
-def _outside_cli_hparams():
-    """LightningCLI instantiates this module inside a context that hands *its* init args to every
-    ``save_hyperparameters`` call, including those of the checkpoints loaded in ``__init__`` (their
-    hparams would become ours). Load the earlier stages outside that context."""
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-
-    token = _given_hyperparameters.set(None)
-    try:
-        yield
-    finally:
-        _given_hyperparameters.reset(token)
 
 
 def frames_to_unit(frames_BTCHW: torch.Tensor) -> torch.Tensor:
@@ -155,10 +140,6 @@ class DynamicsModule(L.LightningModule):
 
     # ------------------------------------------------------------------ hand-off
     def _load_earlier_stages(self, data_spec: dict | None):
-        with _outside_cli_hparams():
-            return self._load_earlier_stages_inner(data_spec)
-
-    def _load_earlier_stages_inner(self, data_spec: dict | None):
         """Load the frozen tokenizer and behavior model from their paths; check that they were
         trained on this data (data_spec), that the behavior model was trained on this very
         tokenizer, and, when re-loading a dynamics checkpoint, that both files still hold the

@@ -13,9 +13,10 @@ attribute values (codebook size, ...), and every error names the path and the mi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -130,6 +131,21 @@ def _lookup(module: nn.Module, name: str) -> Any:
     raise HandoffError(f"has no attribute or hyper-parameter {name!r}")
 
 
+@contextlib.contextmanager
+def own_hparams() -> Iterator[None]:
+    """Load a checkpoint with its *own* hyper-parameters. LightningCLI instantiates a stage module
+    inside a context that makes every ``save_hyperparameters()`` call record the CLI's arguments;
+    an earlier stage loaded in that module's ``__init__`` would otherwise get the later stage's
+    hparams (and lose its data_spec)."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    token = _given_hyperparameters.set(None)
+    try:
+        yield
+    finally:
+        _given_hyperparameters.reset(token)
+
+
 def load_frozen(
     path: str | Path,
     expected_cls: type[M],
@@ -162,7 +178,8 @@ def load_frozen(
     if got is not None and got != want:
         raise HandoffError(f"{where} holds a {got}, expected a {want}")
     try:
-        module = expected_cls.load_from_checkpoint(path, map_location=map_location, strict=True)
+        with own_hparams():
+            module = expected_cls.load_from_checkpoint(path, map_location=map_location, strict=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the path
         raise HandoffError(
             f"{where} does not load into {want} (class stamp: {got or 'none'}): {type(e).__name__}: {e}"
