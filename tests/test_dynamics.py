@@ -9,11 +9,13 @@ from whale_pl.models.maskgit import training_mask
 V, HW, A, Z, SD = 16, (3, 3), 4, 5, 6
 
 
-def _model(injection="adanorm", behavior=True, max_frames=6, seed=0, prev=False, copy=False):
+def _model(injection="adanorm", behavior=True, max_frames=6, seed=0, prev=False, copy=False, code=0):
     torch.manual_seed(seed)
     m = DynamicsModel(V, HW, A, behavior_dim=Z if behavior else 0, state_dim=SD, dim=32, depth=2,
                       heads=4, max_frames=max_frames, max_stride=3, injection=injection, prev_frame_input=prev,
-                      copy_logit=copy)
+                      copy_logit=copy, code_dim=code)
+    if code:
+        m.set_code_vectors(torch.nn.functional.normalize(torch.randn(V, code), dim=-1))
     # zero-initialised adaptive norms would hide conditioning bugs: perturb every parameter
     with torch.no_grad():
         for p in m.parameters():
@@ -117,10 +119,10 @@ def test_predict_next_matches_teacher_forced_and_strides(copy):
     assert not torch.allclose(k2["probs_BhwV"], out["probs_BhwV"])
 
 
-@pytest.mark.parametrize("injection,prev,copy", [("adanorm", False, False), ("token", False, False),
-                                                 ("adanorm", True, False), ("adanorm", True, True)])
-def test_imagine_cache_equals_no_cache(injection, prev, copy):
-    m = _model(injection, max_frames=4, prev=prev, copy=copy)  # 1 context + 7 new frames: the window restarts twice
+@pytest.mark.parametrize("injection,prev,copy,code", [("adanorm", False, False, 0), ("token", False, False, 0),
+                                                      ("adanorm", True, False, 0), ("adanorm", True, True, 3)])
+def test_imagine_cache_equals_no_cache(injection, prev, copy, code):
+    m = _model(injection, max_frames=4, prev=prev, copy=copy, code=code)  # 1 context + 7 new frames: the window restarts twice
     ids, act, z = _batch(T=7)
     runs = []
     for use_cache in (True, False):
@@ -236,3 +238,21 @@ def test_two_stream_loss_falls_on_fixed_batch():
     assert losses[-1] < 0.5 * losses[0]
     with pytest.raises(ValueError, match="history must be"):
         m.training_losses(ids, act, z, rew, suc, st, history="dirty")
+
+
+def test_code_vectors_enter_embedding_and_logits():
+    m = _model(code=3)
+    ids, act, z = _batch()
+    a, _ = m(ids, act, z)
+    vec = m.code_vectors.clone()
+    m.set_code_vectors(torch.roll(vec, 1, dims=0))
+    b, _ = m(ids, act, z)
+    assert not torch.allclose(a, b, atol=1e-4)
+    m.set_code_vectors(vec)
+    assert torch.allclose(m(ids, act, z)[0], a)
+    # state_dict does not carry the codebook (it is the frozen tokenizer's); bad shapes are named
+    assert "code_vectors" not in m.state_dict()
+    with pytest.raises(ValueError, match=r"code vectors \(16, 4\)"):
+        m.set_code_vectors(torch.zeros(V, 4))
+    with pytest.raises(ValueError, match="code_dim=0"):
+        _model().set_code_vectors(vec)

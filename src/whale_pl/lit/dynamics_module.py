@@ -72,6 +72,7 @@ class DynamicsModule(L.LightningModule):
         dropout: float = 0.0,
         prev_frame_input: bool = False,
         copy_logit: bool = False,
+        code_embed: bool = False,
         context_frames: int = 1,
         max_context_frames: int | None = None,
         history: str = "masked",
@@ -104,6 +105,7 @@ class DynamicsModule(L.LightningModule):
         ``injection``: how the per-frame (action, z, stride) vector enters (models/dynamics.py).
         ``prev_frame_input``: each position also embeds the id it held one frame earlier (a copy path).
         ``copy_logit``: a learned gate adds to the logit of that earlier id (starts at the copy baseline).
+        ``code_embed``: ids are also embedded, and scored, through the frozen tokenizer's code vectors.
         ``context_frames``: clean frames at the start of each training clip and of rollouts.
         ``max_context_frames``: None, or each training clip draws its clean context length from
         ``[context_frames, max_context_frames]`` (the first predicted frame then sees a clean history).
@@ -133,8 +135,10 @@ class DynamicsModule(L.LightningModule):
             state_dim=int(spec.get("state_dim") or 0),
             dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, max_frames=max_frames,
             max_stride=max_stride, injection=injection, dropout=dropout, prev_frame_input=prev_frame_input,
-            copy_logit=copy_logit,
+            copy_logit=copy_logit, code_dim=tok.quantizer.codebook.shape[1] if code_embed else 0,
         )
+        if code_embed:
+            self.model.set_code_vectors(self.tokenizer.model.embed(torch.arange(tok.codebook_size)))
         self.val_psnr = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})
         self.val_ssim = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})
 

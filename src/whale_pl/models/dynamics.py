@@ -17,6 +17,11 @@ logit of that earlier id (a pointer-style copy prior). Most of a frame's tokens 
 frame to the next, so with the copy logit the model starts at the copy-the-previous-frame baseline
 and spends its capacity on what moves.
 
+Code vectors (optional, ``code_dim > 0``): the frozen tokenizer's codebook ``[V, C]`` (set with
+``set_code_vectors``) enters both ends — each id's embedding adds a projection of its code vector,
+and the logits add a bilinear score between the latent and every code vector — so tokens that look
+alike start out alike, instead of as 512 unrelated symbols each learned from its own examples.
+
 Heads on the frame latent (mean over the frame's positions) predict the reward and success of the
 transition into frame t (``rewards[t-1]``, ``success[t-1]``) and the low-dimensional state of frame t.
 
@@ -62,6 +67,7 @@ class DynamicsModel(nn.Module):
         prev_frame_input: bool = False,
         copy_logit: bool = False,
         copy_init: float = 4.0,
+        code_dim: int = 0,
     ) -> None:
         super().__init__()
         if injection not in INJECTIONS:
@@ -99,6 +105,14 @@ class DynamicsModel(nn.Module):
             cond_dim=dim if injection == "adanorm" else None, dropout=dropout,
         )
         self.logits_head = nn.Linear(dim, codebook_size)
+        self.code_dim = code_dim
+        self.code_in = self.code_out = None
+        if code_dim > 0:
+            # the codebook itself is not a parameter of this model: the frozen tokenizer's, set by the owner
+            self.register_buffer("code_vectors", torch.zeros(codebook_size, code_dim), persistent=False)
+            self.code_in = nn.Linear(code_dim, dim, bias=False)
+            self.code_out = nn.Linear(dim, code_dim, bias=False)
+            self.code_scale = nn.Parameter(torch.tensor(1.0))
         self.copy_gate = None
         if copy_logit:
             self.copy_gate = nn.Linear(dim, 1)
@@ -108,6 +122,24 @@ class DynamicsModel(nn.Module):
         self.reward_head = nn.Linear(dim, 1)
         self.success_head = nn.Linear(dim, 1)
         self.state_head = nn.Linear(dim, state_dim) if state_dim > 0 else None
+
+    def set_code_vectors(self, code_vectors_VC: torch.Tensor) -> None:
+        """Install the tokenizer's codebook ``[V, C]`` (unit code vectors) for ``code_dim > 0``."""
+        if self.code_in is None:
+            raise ValueError("this dynamics model was built with code_dim=0: it takes no code vectors")
+        if tuple(code_vectors_VC.shape) != (self.codebook_size, self.code_dim):
+            raise ValueError(f"code vectors {tuple(code_vectors_VC.shape)} != (codebook_size, code_dim) = "
+                             f"{(self.codebook_size, self.code_dim)}")
+        self.code_vectors.copy_(code_vectors_VC.detach().to(self.code_vectors))
+
+    def embed_ids(self, ids_BTS: torch.Tensor) -> torch.Tensor:
+        """Input embedding of ids (``mask_id`` included): learned, plus the code vector's projection."""
+        x = self.tok_emb(ids_BTS)
+        if self.code_in is not None:
+            known = ids_BTS < self.codebook_size
+            vec = self.code_vectors[ids_BTS.clamp(max=self.codebook_size - 1)] * known.unsqueeze(-1)
+            x = x + self.code_in(vec.to(x.dtype))
+        return x
 
     # ------------------------------------------------------------------ building blocks
     @property
@@ -181,7 +213,7 @@ class DynamicsModel(nn.Module):
             if int(slots_T.max()) >= self.max_frames:
                 raise ValueError(f"window of {int(slots_T.max()) + 1} frames exceeds max_frames={self.max_frames}")
             pos_t = self.pos_t[slots_T]
-        x = self.tok_emb(ids_BTS) + self.pos_s + pos_t[:, None]
+        x = self.embed_ids(ids_BTS) + self.pos_s + pos_t[:, None]
         if self.prev_emb is not None:
             x = x + self.prev_emb(self.prev_ids(ids_BTS, prev_ids_BS) if prev_BTS is None else prev_BTS)
         cond = None
@@ -207,6 +239,9 @@ class DynamicsModel(nn.Module):
         """Token logits ``[B, T, S, V]``; with ``copy_logit`` the gate g(h) is added to the logit of
         the id the position held one frame earlier (nothing where that id is unknown or masked)."""
         logits = self.logits_head(h_BTSD)
+        if self.code_out is not None:
+            q = self.code_out(h_BTSD)
+            logits = logits + self.code_scale * (q @ self.code_vectors.to(q.dtype).T)
         if self.copy_gate is None or prev_ids_BTS is None:
             return logits
         V = self.codebook_size
