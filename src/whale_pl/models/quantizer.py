@@ -74,9 +74,11 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def lookup(self, z_NC: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest code (cosine similarity) for each row of ``z_NC``."""
-        z_NC = F.normalize(z_NC.float(), dim=-1)
-        return (z_NC @ self.normalized_codebook().float().t()).argmax(dim=-1)
+        """Index of the nearest code (cosine similarity) for each row of ``z_NC``, in float32 even
+        under autocast (a bf16 similarity flips near-ties between codes at random)."""
+        with torch.autocast(z_NC.device.type, enabled=False):
+            z_NC = F.normalize(z_NC.float(), dim=-1)
+            return (z_NC @ self.normalized_codebook().float().t()).argmax(dim=-1)
 
     def forward(self, z_NC: torch.Tensor) -> QuantizerOutput:
         z_NC = F.normalize(z_NC.float(), dim=-1)

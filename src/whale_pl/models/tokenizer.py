@@ -136,8 +136,11 @@ class VideoTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
-        """frames in [-1, 1], [B,T,C,H,W] -> token ids [B,T,h,w] (long)."""
-        z_BTSC = self._encode_latent(frames_BTCHW)
+        """frames in [-1, 1], [B,T,C,H,W] -> token ids [B,T,h,w] (long). Always in float32, whatever
+        autocast the caller runs under: the later stages' tokens (and the copy baseline) must not
+        depend on the precision a stage was trained or evaluated in (bf16 flipped ~1% of tokens)."""
+        with torch.autocast(frames_BTCHW.device.type, enabled=False):
+            z_BTSC = self._encode_latent(frames_BTCHW.float())
         B, T = z_BTSC.shape[:2]
         h, w = self.grid_hw()
         ids_N = self.quantizer.lookup(rearrange(z_BTSC, "b t s c -> (b t s) c"))
