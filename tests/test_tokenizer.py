@@ -137,3 +137,15 @@ def test_bad_frame_sizes_error_clearly():
         m.encode(torch.zeros(2, 3, 32, 32))
     with pytest.raises(ValueError, match=r"ids must be \[B, T, 4, 4\]"):
         m.decode(torch.zeros(1, 2, 8, 8, dtype=torch.long))
+
+
+def test_encode_ignores_the_callers_autocast():
+    """Later stages tokenise inside bf16-mixed training steps: their tokens must equal the float32 ones
+    (a bf16 nearest-code search flips near-ties, which made tokens depend on the caller's precision)."""
+    torch.manual_seed(0)
+    tok = _tok().eval()
+    frames = torch.rand(4, 3, 3, 32, 32) * 2 - 1
+    ids = tok.encode(frames)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ids_bf16 = tok.encode(frames)
+    assert torch.equal(ids, ids_bf16)
