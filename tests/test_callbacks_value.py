@@ -77,8 +77,9 @@ class ValueModule(L.LightningModule):
 
 
 def rendered_batches_in_forked_worker() -> list[dict]:
-    """Iterate a DataLoader whose forked worker renders; a hang becomes a timeout error."""
-    return list(DataLoader(RenderedClips(), batch_size=2, num_workers=1, timeout=60,
+    """Iterate a DataLoader whose forked worker renders; a hang becomes a timeout error (generous:
+    a loaded CI box can take a minute to start a worker)."""
+    return list(DataLoader(RenderedClips(), batch_size=2, num_workers=1, timeout=240,
                            multiprocessing_context="fork"))
 
 
