@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[experiment] the stage's model (behavior on)", flush=True)
     main_res = run(str(main_ckpt), None, **common)
     print("[experiment] the same config with behavior off", flush=True)
-    off = run(str(off_ckpt), None, **common)
+    off = run(str(off_ckpt), None, **common, uncertainty=False)  # (1) compares values only
     print("[experiment] member 0: retracing vs the ensemble on its rollouts", flush=True)
     on = run(str(members[0]), [str(c) for c in members], **common)
     unc = on["uncertainty"]

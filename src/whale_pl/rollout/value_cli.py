@@ -96,8 +96,10 @@ def plot_uncertainty(unc: dict, path: Path, title: str = "") -> None:
 
 
 def run(dynamics: str, ensemble: list[str] | None, data_config: str, starts: int, horizon: int, discount: float,
-        K: int, modes: list[str], device: str = "cpu", progress: bool = True, real=None) -> dict:
-    """Everything `whale eval value` computes, as a dict (also used by the headline experiment)."""
+        K: int, modes: list[str], device: str = "cpu", progress: bool = True, real=None,
+        uncertainty: bool = True) -> dict:
+    """Everything `whale eval value` computes, as a dict (also used by the headline experiment).
+    ``uncertainty=False`` skips the per-step uncertainty of the open-loop rollouts."""
     from whale_pl.rollout.value import EvalSet, WorldModel, collect_real, evaluate_uncertainty, evaluate_values
 
     ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, discount=discount)
@@ -110,7 +112,7 @@ def run(dynamics: str, ensemble: list[str] | None, data_config: str, starts: int
     rollouts = res.pop("_rollouts", None)
     out = {"dynamics": str(dynamics), "uses_behavior": wm.uses_behavior, "data_config": data_config,
            "starts": starts, "tasks": ev.tasks, "real_seconds": real.seconds, "value": res}
-    if rollouts is not None:
+    if rollouts is not None and uncertainty:
         out["uncertainty"] = evaluate_uncertainty(wm, real, rollouts, K=K, ensemble=members, progress=progress)
         if members:
             out["ensemble"] = [str(p) for p in ensemble]
