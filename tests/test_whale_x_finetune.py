@@ -38,7 +38,10 @@ pytestmark = pytest.mark.skipif(not BRIDGE.is_dir(), reason=f"real OXE sample da
 TINY_TOK = dict(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2, codebook_size=32,
                 code_dim=8)
 TINY_BEH = dict(z_dim=4, dim=16, depth=1, heads=2, decoder_hidden=16)
-TINY_DYN = dict(dim=32, depth=1, heads=2, maskgit_steps=2, rollout_horizon=3, rollout_batches=1)
+# the structural switches of the Whale-X dynamics config (copy paths, code vectors), at tiny size
+_XDYN = yaml.safe_load((ROOT / "stages" / "whale_x" / "dynamics.yaml").read_text())["model"]["init_args"]
+TINY_DYN = dict(dim=32, depth=1, heads=2, maskgit_steps=2, rollout_horizon=3, rollout_batches=1,
+                **{k: _XDYN[k] for k in ("prev_frame_input", "copy_logit", "code_embed") if k in _XDYN})
 QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
              enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)
 PRETRAIN_STEPS = {"tokenizer": 40, "behavior": 10, "dynamics": 40}
