@@ -84,3 +84,24 @@ def test_short_clips_skip_fvd_once_and_keep_psnr(monkeypatch):
         ev.update(_clips(), _clips(seed=5))
         out = ev.compute()
     assert out["num_clips"] == 4 and "fvd" not in out and np.isfinite(out["psnr"])
+
+
+def test_psnr_ssim_do_not_depend_on_the_callers_autocast():
+    """Stage modules compute their metrics inside bf16-mixed validation steps; SSIM's variance terms
+    cancel catastrophically in bf16 (it read 0.75 for reconstructions whose float32 SSIM is 0.94)."""
+    import torch
+
+    from whale_pl.lit.dynamics_module import ssim_per_sample
+    from whale_pl.metrics.video import video_psnr_ssim
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(2, 3, 3, 32, 32, generator=g) * 0.2 + 0.4  # flat-ish frames, as Meta-World backgrounds
+    fake = (real + 0.01 * torch.randn(real.shape, generator=g)).clamp(0, 1)
+    real, fake = real * 2 - 1, fake * 2 - 1
+    ref = video_psnr_ssim(real, fake)
+    ref_mod = ssim_per_sample(fake, real)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = video_psnr_ssim(real, fake)
+        got_mod = ssim_per_sample(fake, real)
+    assert torch.allclose(got["ssim"], ref["ssim"]) and torch.allclose(got["psnr"], ref["psnr"])
+    assert torch.allclose(got_mod, ref_mod)

@@ -184,8 +184,9 @@ class TokenizerModule(L.LightningModule):
         psnr, ssim = (self.val_psnr, self.val_ssim) if prefix == "val" else (self.test_psnr, self.test_ssim)
         a = ((recon + 1) / 2).flatten(0, 1)
         b = ((x + 1) / 2).flatten(0, 1)
-        psnr.update(a, b)
-        ssim.update(a, b)
+        with torch.autocast(a.device.type, enabled=False):  # SSIM's variances cancel catastrophically in bf16
+            psnr.update(a, b)
+            ssim.update(a, b)
         self.log(f"{prefix}/mse", F.mse_loss(recon, x), sync_dist=True)
         self.log(f"{prefix}/psnr", psnr, prog_bar=True)
         self.log(f"{prefix}/ssim", ssim)

@@ -33,10 +33,11 @@ def video_psnr_ssim(real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor) -> dict[
     if real_BTCHW.shape != fake_BTCHW.shape:
         raise ValueError(f"real {tuple(real_BTCHW.shape)} and generated {tuple(fake_BTCHW.shape)} clips differ in shape")
     b = real_BTCHW.shape[0]
-    real = rearrange(_unit(real_BTCHW, "real"), "b t c h w -> (b t) c h w")
-    fake = rearrange(_unit(fake_BTCHW, "generated"), "b t c h w -> (b t) c h w")
-    psnr = peak_signal_noise_ratio(fake, real, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    ssim = structural_similarity_index_measure(fake, real, data_range=1.0, reduction="none")
+    real = rearrange(_unit(real_BTCHW, "real"), "b t c h w -> (b t) c h w").float()
+    fake = rearrange(_unit(fake_BTCHW, "generated"), "b t c h w -> (b t) c h w").float()
+    with torch.autocast(real.device.type, enabled=False):  # bf16 ruins SSIM's variance terms
+        psnr = peak_signal_noise_ratio(fake, real, data_range=1.0, reduction="none", dim=(1, 2, 3))
+        ssim = structural_similarity_index_measure(fake, real, data_range=1.0, reduction="none")
     return {
         "psnr": rearrange(psnr.double(), "(b t) -> b t", b=b),
         "ssim": rearrange(ssim.double(), "(b t) -> b t", b=b),
