@@ -65,7 +65,7 @@ class SideModels:
         if not _have("whale_pl.experiment"):
             return
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "whale_pl.experiment", "--scale", self.scale, "--train-only"]
+        cmd = [sys.executable, "-m", "whale_pl.experiment", "--scale", self.scale, "--train-only", "--jobs", "2"]
         print(f"    $ {' '.join(cmd)} > {self.log} 2>&1 &   (background: behavior-off model, ensemble members)",
               flush=True)
         with open(self.log, "ab") as f:

@@ -35,8 +35,8 @@ from pathlib import Path
 
 from whale_pl.pipeline import fmt_elapsed
 
-MEMBER_DEFAULTS = {  # scale -> (dim, depth, heads, max_steps) of the ensemble members and the off model
-    "demo": (64, 2, 4, 150),
+MEMBER_DEFAULTS = {  # scale -> (dim, depth, heads, max_steps) of the ensemble members
+    "demo": (64, 2, 4, 120),
 }
 
 
@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--horizon", type=int, default=24)
     p.add_argument("--discount", type=float, default=0.99)
     p.add_argument("--K", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="ensemble members trained at once (one process each; 2 on a 2-core machine once the "
+                        "stage models are done)")
     p.add_argument("--train-only", action="store_true",
                    help="train (or reuse) the off model and the ensemble members, then stop")
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
@@ -267,11 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     wait_for(runs / a.scale / "tokenizer" / "DONE", "the tokenizer stage")
     off_ckpt, off_secs = train_member(a.scale, "dynamics_off", 0, False, None, None, runs, a.fit_args)
     wait_for(runs / a.scale / "behavior" / "DONE", "the behavior stage")
-    members, member_secs = [], []
-    for seed in range(a.members):
-        c, s = train_member(a.scale, "ensemble", seed, True, size, steps, runs, a.fit_args)
-        members.append(c)
-        member_secs.append(s)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:  # each job is its own `whale fit` process
+        done = list(pool.map(lambda seed: train_member(a.scale, "ensemble", seed, True, size, steps, runs,
+                                                       a.fit_args), range(a.members)))
+    members, member_secs = [c for c, _ in done], [s for _, s in done]
     train_seconds = time.time() - t0
     if a.train_only:
         print(f"[experiment] models trained or reused in {fmt_elapsed(train_seconds)}", flush=True)
