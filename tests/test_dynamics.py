@@ -9,11 +9,11 @@ from whale_pl.models.maskgit import training_mask
 V, HW, A, Z, SD = 16, (3, 3), 4, 5, 6
 
 
-def _model(injection="adanorm", behavior=True, max_frames=6, seed=0, prev=False, copy=False, code=0):
+def _model(injection="adanorm", behavior=True, max_frames=6, seed=0, prev=False, copy=False, code=0, change=False):
     torch.manual_seed(seed)
     m = DynamicsModel(V, HW, A, behavior_dim=Z if behavior else 0, state_dim=SD, dim=32, depth=2,
                       heads=4, max_frames=max_frames, max_stride=3, injection=injection, prev_frame_input=prev,
-                      copy_logit=copy, code_dim=code)
+                      copy_logit=copy, code_dim=code, change_input=change)
     if code:
         m.set_code_vectors(torch.nn.functional.normalize(torch.randn(V, code), dim=-1))
     # zero-initialised adaptive norms would hide conditioning bugs: perturb every parameter
@@ -94,9 +94,10 @@ def test_loss_falls_on_fixed_batch():
     assert loss.item() < 0.5 * first
 
 
-@pytest.mark.parametrize("prev,copy", [(False, False), (True, False), (True, True)])
-def test_teacher_forced_matches_masked_full_pass(prev, copy):
-    m = _model(prev=prev, copy=copy)
+@pytest.mark.parametrize("prev,copy,change", [(False, False, False), (True, False, False), (True, True, False),
+                                              (True, True, True)])
+def test_teacher_forced_matches_masked_full_pass(prev, copy, change):
+    m = _model(prev=prev, copy=copy, change=change)
     ids, act, z = _batch()
     tf = m.teacher_forced(ids, act, z)
     for t in (1, 4):
@@ -119,10 +120,11 @@ def test_predict_next_matches_teacher_forced_and_strides(copy):
     assert not torch.allclose(k2["probs_BhwV"], out["probs_BhwV"])
 
 
-@pytest.mark.parametrize("injection,prev,copy,code", [("adanorm", False, False, 0), ("token", False, False, 0),
-                                                      ("adanorm", True, False, 0), ("adanorm", True, True, 3)])
-def test_imagine_cache_equals_no_cache(injection, prev, copy, code):
-    m = _model(injection, max_frames=4, prev=prev, copy=copy, code=code)  # 1 context + 7 new frames: the window restarts twice
+@pytest.mark.parametrize("injection,prev,copy,code,change", [
+    ("adanorm", False, False, 0, False), ("token", False, False, 0, False), ("adanorm", True, False, 0, False),
+    ("adanorm", True, True, 3, False), ("adanorm", True, True, 3, True)])
+def test_imagine_cache_equals_no_cache(injection, prev, copy, code, change):
+    m = _model(injection, max_frames=4, prev=prev, copy=copy, code=code, change=change)  # 1 context + 7 new frames: the window restarts twice
     ids, act, z = _batch(T=7)
     runs = []
     for use_cache in (True, False):
@@ -256,3 +258,38 @@ def test_code_vectors_enter_embedding_and_logits():
         m.set_code_vectors(torch.zeros(V, 4))
     with pytest.raises(ValueError, match="code_dim=0"):
         _model().set_code_vectors(vec)
+
+
+def test_change_flags_and_their_embedding():
+    """Flags: 0 same id as a frame earlier, 1 changed, 2 unknown (masked now or then, or no earlier
+    frame); the logits depend on them (zeroing the change embedding changes them)."""
+    m = _model(prev=True, copy=True, change=True)
+    ids = torch.tensor([[[1, 2, 3], [1, 5, m.mask_id], [1, 6, 3]]])  # [B=1, T=3, S=3]
+    flags = m.change_flags(ids, m.prev_ids(ids))
+    assert flags.tolist() == [[[2, 2, 2], [0, 1, 2], [0, 1, 2]]]
+    with pytest.raises(ValueError, match="change_input needs prev_frame_input"):
+        DynamicsModel(V, HW, A, dim=32, depth=1, heads=4, change_input=True)
+    grid, act, z = _batch()
+    before = m.teacher_forced(grid, act, z)
+    with torch.no_grad():
+        m.change_emb.weight.zero_()
+    assert not torch.allclose(before, m.teacher_forced(grid, act, z), atol=1e-4)
+
+
+def test_change_weight_is_a_weighted_mean_over_changed_targets():
+    """change_weight w: the cross-entropy weights targets whose id changed since the frame before by w;
+    w = 1 is the plain mean, and a large w pulls the loss towards the changed targets' mean."""
+    m = _model(prev=True, copy=True).train()
+    ids, act, z = _batch(B=4, T=5)
+    ids[:, 2:, 0] = ids[:, 1:2, 0]  # some positions stand still, so both kinds of targets exist
+    rew, suc = torch.zeros(4, 5), torch.zeros(4, 5)
+    out = {}
+    for w in (1.0, 3.0, 1e6):
+        g = torch.Generator().manual_seed(5)
+        out[w] = m.training_losses(ids, act, z, rew, suc, generator=g, change_weight=w)["ce"].item()
+    g = torch.Generator().manual_seed(5)
+    plain = m.training_losses(ids, act, z, rew, suc, generator=g)["ce"].item()
+    assert out[1.0] == pytest.approx(plain, rel=1e-6)
+    assert out[3.0] != pytest.approx(plain, rel=1e-3)
+    lo, hi = sorted((plain, out[1e6]))
+    assert lo <= out[3.0] <= hi  # between the plain mean and the changed-only mean

@@ -15,7 +15,10 @@ Copy paths (both optional): ``prev_frame_input`` adds to each position the embed
 same position held one frame earlier; ``copy_logit`` adds a learned, position-wise gate g(h) to the
 logit of that earlier id (a pointer-style copy prior). Most of a frame's tokens repeat from one
 frame to the next, so with the copy logit the model starts at the copy-the-previous-frame baseline
-and spends its capacity on what moves.
+and spends its capacity on what moves. ``change_input`` adds to each position an embedding of
+whether its id differs from the one it held a frame earlier (same / changed / unknown: masked or no
+earlier frame): a masked position then reads, through temporal and spatial attention, *where* the
+previous frames moved, without having to learn the equality of two ids from their embeddings.
 
 Code vectors (optional, ``code_dim > 0``): the frozen tokenizer's codebook ``[V, C]`` (set with
 ``set_code_vectors``) enters both ends — each id's embedding adds a projection of its code vector,
@@ -68,6 +71,7 @@ class DynamicsModel(nn.Module):
         copy_logit: bool = False,
         copy_init: float = 4.0,
         code_dim: int = 0,
+        change_input: bool = False,
     ) -> None:
         super().__init__()
         if injection not in INJECTIONS:
@@ -91,6 +95,13 @@ class DynamicsModel(nn.Module):
         if prev_frame_input:
             self.prev_emb = nn.Embedding(codebook_size + 2, dim)
             nn.init.normal_(self.prev_emb.weight, std=0.02)
+        # optional: same (0) / changed (1) / unknown (2) since the frame before, per position
+        self.change_emb = None
+        if change_input:
+            if not prev_frame_input:
+                raise ValueError("change_input needs prev_frame_input (it compares each id with the earlier one)")
+            self.change_emb = nn.Embedding(3, dim)
+            nn.init.normal_(self.change_emb.weight, std=0.02)
         self.pos_s = nn.Parameter(torch.randn(self.num_tokens, dim) * 0.02)
         self.pos_t = nn.Parameter(torch.randn(max_frames, dim) * 0.02)
         self.act_mlp = nn.Sequential(nn.Linear(action_dim, dim), nn.GELU(), nn.Linear(dim, dim))
@@ -215,7 +226,10 @@ class DynamicsModel(nn.Module):
             pos_t = self.pos_t[slots_T]
         x = self.embed_ids(ids_BTS) + self.pos_s + pos_t[:, None]
         if self.prev_emb is not None:
-            x = x + self.prev_emb(self.prev_ids(ids_BTS, prev_ids_BS) if prev_BTS is None else prev_BTS)
+            prev = self.prev_ids(ids_BTS, prev_ids_BS) if prev_BTS is None else prev_BTS
+            x = x + self.prev_emb(prev)
+            if self.change_emb is not None:
+                x = x + self.change_emb(self.change_flags(ids_BTS, prev))
         cond = None
         if self.injection == "adanorm":
             cond = cond_BTD
@@ -234,6 +248,13 @@ class DynamicsModel(nn.Module):
         there is no earlier frame in the window; ``mask_id`` where the earlier frame is masked)."""
         first = torch.full_like(ids_BTS[:, 0], self.codebook_size + 1) if prev_ids_BS is None else prev_ids_BS
         return torch.cat([first.unsqueeze(1), ids_BTS[:, :-1]], dim=1)
+
+    def change_flags(self, ids_BTS: torch.Tensor, prev_BTS: torch.Tensor) -> torch.Tensor:
+        """0 where a position holds the id it held a frame earlier, 1 where that id changed, 2 where
+        either is unknown (masked, or no earlier frame in the window)."""
+        V = self.codebook_size
+        unknown = (ids_BTS >= V) | (prev_BTS >= V)
+        return torch.where(unknown, 2, (ids_BTS != prev_BTS).long())
 
     def token_logits(self, h_BTSD: torch.Tensor, prev_ids_BTS: torch.Tensor | None = None) -> torch.Tensor:
         """Token logits ``[B, T, S, V]``; with ``copy_logit`` the gate g(h) is added to the logit of
@@ -298,6 +319,7 @@ class DynamicsModel(nn.Module):
         generator: torch.Generator | None = None,
         max_context_frames: int | None = None,
         history: str = "masked",
+        change_weight: float = 1.0,
     ) -> dict[str, torch.Tensor]:
         """MaskGIT loss: cross-entropy on masked (and corrupted) positions of future frames, plus
         reward (MSE), success (BCE) and state (MSE) head losses. Returns the parts and ``acc``.
@@ -312,7 +334,11 @@ class DynamicsModel(nn.Module):
         ``max_context_frames``: each clip draws its number of clean context frames uniformly from
         ``[context_frames, max_context_frames]`` (clamped to T-1), so the first masked frame of a
         clip sees a fully clean history, as every frame does at inference (teacher-forced and in
-        rollouts); later frames see masked histories, as in plain per-frame MaskGIT training."""
+        rollouts); later frames see masked histories, as in plain per-frame MaskGIT training.
+
+        ``change_weight``: cross-entropy weight of target positions whose true id differs from the
+        one a frame earlier (1: plain mean). The few tokens that change carry all of the gain over
+        copying the previous frame; up-weighting them makes the model learn motion sooner."""
         if history == "clean":
             return self._two_stream_losses(ids_BThw, actions_BTA, z_BTZ, rewards_BT, success_BT, state_BTS,
                                            stride_B, context_frames, corrupt_prob, generator)
@@ -331,7 +357,12 @@ class DynamicsModel(nn.Module):
         logits, heads = self(rearrange(inp, "b t (h w) -> b t h w", h=hh), actions_BTA, z_BTZ, stride_B, whole)
         logits = rearrange(logits, "b t h w v -> b t (h w) v")
         target = mask | hit
-        ce = F.cross_entropy(logits[target].float(), ids[target])
+        if change_weight == 1.0:
+            ce = F.cross_entropy(logits[target].float(), ids[target])
+        else:
+            changed = ids != self.prev_ids(ids)  # slot 0 (no earlier frame) is never a target
+            w = torch.where(changed, change_weight, 1.0)[target]
+            ce = (F.cross_entropy(logits[target].float(), ids[target], reduction="none") * w).sum() / w.sum()
         acc = (logits[mask].argmax(-1) == ids[mask]).float().mean()
         out = {"ce": ce, "acc": acc}
         out.update(self._head_losses(heads, rewards_BT, success_BT, state_BTS))
