@@ -117,3 +117,71 @@ def test_kl_balance_keeps_the_value_and_shifts_the_gradient():
     gp, gq = grads(m.loss(codes, actions, beta=1.0, sample=False))
     bp, bq = grads(m.loss(codes, actions, beta=1.0, sample=False, kl_balance=0.8))
     assert bp == pytest.approx(0.8 * gp, rel=1e-4) and bq == pytest.approx(0.2 * gq, rel=1e-4)
+
+
+def test_gridpool_pools_then_projects_like_project_then_pool():
+    """GridPool averages per head first and projects each head's pool after: the same feature as
+    projecting every grid token and averaging (value is affine, attention weights sum to 1)."""
+    from einops import rearrange
+
+    from whale_pl.models.behavior import GridPool
+
+    torch.manual_seed(0)
+    g = GridPool(C, 32, H * W, heads=4)
+    codes = torch.randn(B, T, H, W, C)
+    x = g.norm(g.inp(rearrange(codes, "b t h w c -> (b t) (h w) c")) + g.pos_SD)
+    attn = g.score(x).softmax(dim=1)
+    v = rearrange(g.value(x), "n s (heads e) -> n s heads e", heads=4)
+    ref = rearrange(g.out(rearrange(torch.einsum("nsh,nshe->nhe", attn, v), "n h e -> n (h e)")), "(b t) d -> b t d", b=B)
+    assert torch.allclose(g(codes), ref, atol=1e-5)
+
+
+def test_decoder_prev_action_sees_a_prev_never_a_t():
+    m = _model(decoder_prev_action=True).eval()
+    codes, actions = _inputs()
+    feat = m.frame_features(codes)
+    z = torch.randn(B, T, 6)
+    mu, logvar = m.decode(feat, z, actions)
+    t = 3
+    later = actions.clone()
+    later[:, t:] += 2.0  # a_t and everything after: step t's prediction must not move
+    mu2, logvar2 = m.decode(feat, z, later)
+    assert torch.equal(mu[:, : t + 1], mu2[:, : t + 1]) and torch.equal(logvar[:, : t + 1], logvar2[:, : t + 1])
+    assert not torch.allclose(mu[:, t + 1], mu2[:, t + 1], atol=1e-4)  # a_t does reach step t + 1
+    prev = actions.clone()
+    prev[:, t - 1] += 2.0
+    assert not torch.allclose(m.decode(feat, z, prev)[0][:, t], mu[:, t], atol=1e-4)
+    with pytest.raises(ValueError, match="decoder_prev_action"):
+        m.decode(feat, z)
+    # the loss's NLL at step t therefore cannot be lowered by peeking: a_t enters only as the target
+    assert _model(decoder_prev_action=False).decoder[0].in_features + A == m.decoder[0].in_features
+
+
+def test_decoder_prev_action_keeps_the_prior_causal_and_learns(one_thread):
+    """With a_{t-1} in the decoder the prior stays causal, and the latent still has to carry what
+    a_{t-1} does not tell: two policies with the same smooth actions but different jitter."""
+    m = _model(decoder_prev_action=True).eval()
+    codes, actions = _inputs()
+    mu = m.prior(codes, actions)[0]
+    a2 = actions.clone()
+    a2[:, 4:] = torch.randn_like(a2[:, 4:])
+    assert torch.allclose(m.prior(codes, a2)[0][:, :4], mu[:, :4], atol=1e-5)
+
+    torch.manual_seed(0)
+    m = _model(decoder_prev_action=True)
+    codes = torch.cat([codes, codes], 0)
+    g = torch.Generator().manual_seed(5)
+    smooth = torch.cumsum(torch.full((2 * B, T, A), 0.1), dim=1)
+    jitter = torch.randn(2 * B, T, A, generator=g) * torch.tensor([1.0] * B + [0.05] * B)[:, None, None]
+    actions = smooth + jitter
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(150):
+        out = m.loss(codes, actions, beta=0.1, free_bits=0.05)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        out = m.loss(codes, actions, beta=0.1, sample=False)
+    q = out.post_mu_BZ
+    assert (q[:B].mean(0) - q[B:].mean(0)).norm() > 2 * (q[:B].std(0).norm() + q[B:].std(0).norm())

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -25,7 +24,7 @@ import torch
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from whale_pl.analysis.probe import pca_2d, probe_accuracy, scatter_figure
-from whale_pl.lit.handoff import HandoffError, check_data_spec, freeze_, load_frozen, stamp_class
+from whale_pl.lit.handoff import HandoffError, check_data_spec, freeze_, load_frozen, own_hparams, stamp_class
 from whale_pl.lit.init_from import maybe_init_from
 from whale_pl.lit.optim import adamw_warmup_cosine
 from whale_pl.models.behavior import BehaviorModel
@@ -50,20 +49,6 @@ def tokenizer_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _own_hparams() -> Iterator[None]:
-    """Load a nested stage checkpoint with its *own* hyper-parameters. LightningCLI instantiates this
-    module inside a context that makes every ``save_hyperparameters()`` call record the CLI's
-    arguments, which would give the loaded tokenizer the behavior module's hparams (no data_spec)."""
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-
-    token = _given_hyperparameters.set(None)
-    try:
-        yield
-    finally:
-        _given_hyperparameters.reset(token)
-
-
 class BehaviorModule(L.LightningModule):
     """Stage 2 training / validation around ``BehaviorModel``."""
 
@@ -79,6 +64,10 @@ class BehaviorModule(L.LightningModule):
         mlp_ratio: float = 4.0,
         decoder_hidden: int = 128,
         dropout: float = 0.0,
+        action_deltas: bool = False,
+        decoder_prev_action: bool = False,
+        decoder_components: int = 1,
+        decoder_history: int = 0,
         beta: float = 0.1,
         free_bits: float = 0.0,
         kl_warmup_steps: int = 0,
@@ -97,6 +86,10 @@ class BehaviorModule(L.LightningModule):
     ) -> None:
         """``tokenizer_ckpt``: stage-1 checkpoint (``runs/<scale>/tokenizer/checkpoints/best.ckpt``).
         ``data_spec``: from the datamodule (the CLI links it); None inherits the tokenizer's.
+        ``action_deltas``: a_t - a_{t-1} as a further step input; ``decoder_prev_action``: the action decoder
+        also sees a_{t-1} (never a_t); see ``BehaviorModel``. ``decoder_components`` / ``decoder_history``:
+        retired (a mixture decoder and a frame stack did not raise the probe; checkpoints written while they
+        existed store them): only their defaults, 1 and 0, are accepted.
         ``expect_codebook_size``: when set, the tokenizer must have exactly this codebook size.
         ``beta``: KL weight; ``free_bits``: nats per z dimension below which KL is not penalised;
         ``kl_warmup_steps``: beta ramps linearly from 0 over this many steps; ``kl_balance``: see
@@ -110,12 +103,15 @@ class BehaviorModule(L.LightningModule):
         ``init_from``: a pretrained behavior checkpoint whose weights this model starts from when
         fitting (fine-tuning; the tokenizer still comes from ``tokenizer_ckpt``; ``lit/init_from.py``)."""
         super().__init__()
+        if decoder_components != 1 or decoder_history != 0:
+            raise ValueError(f"decoder_components={decoder_components} / decoder_history={decoder_history}: these "
+                             "options are retired; only decoder_components=1, decoder_history=0 are accepted")
         self.save_hyperparameters()
         from whale_pl.lit.tokenizer_module import TokenizerModule
 
         expect = {"codebook_size": expect_codebook_size} if expect_codebook_size is not None else None
         keys = None if data_spec is None else [k for k in SPEC_KEYS if k in data_spec]
-        with _own_hparams():
+        with own_hparams():
             self.tokenizer = load_frozen(tokenizer_ckpt, TokenizerModule, data_spec=data_spec, data_spec_keys=keys,
                                          expect=expect)
         if data_spec is None:  # inherit the data the tokenizer was trained on; checked against the datamodule
@@ -136,7 +132,8 @@ class BehaviorModule(L.LightningModule):
             action_dim=int(data_spec["action_dim"]),
             grid_tokens=h * w,
             z_dim=z_dim, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
-            decoder_hidden=decoder_hidden, dropout=dropout,
+            decoder_hidden=decoder_hidden, dropout=dropout, action_deltas=action_deltas,
+            decoder_prev_action=decoder_prev_action,
         )
         self.families: list[str] = list(data_spec.get("families") or [])
         self._ids_cache: dict[tuple[int, int], torch.Tensor] | None = None

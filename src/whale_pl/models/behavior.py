@@ -10,7 +10,10 @@ with S = 1 (a purely temporal transformer):
 - posterior q(z | tau_{0:T}): bidirectional over the segment, mean-pooled over t -> (mu_BZ, logvar_BZ);
 - prior p(z_t | tau_{0:t}): causal, one Gaussian per step -> (mu_BTZ, logvar_BTZ). tau_{0:t} includes
   a_t (our choice: at imagination time the action about to be taken is known);
-- decoder pi(a_t | o_t, z): MLP on (frame feature of o_t, z) -> Gaussian mean and log-variance of a_t.
+- decoder pi(a_t | o_t, z): MLP on (frame feature of o_t, z) -> Gaussian mean and log-variance of a_t
+  (both depend on z: a noisier policy gets a wider Gaussian). With ``decoder_prev_action`` it also sees
+  a_{t-1} (never a_t): the previous action predicts most of a smooth policy's next one, so the NLL
+  measures what is left -- jitter, random steps -- which is where the policy families differ.
 
 Loss (beta-VAE / information bottleneck): mean_t NLL(a_t) + beta * mean_t KL(q || p_t), with optional
 free bits (a floor per z dimension on the batch-mean KL) against posterior collapse.
@@ -78,8 +81,12 @@ class GridPool(nn.Module):
             )
         x = self.norm(self.inp(rearrange(codes_BThwC, "b t h w c -> (b t) (h w) c")) + self.pos_SD)
         attn_NSH = self.score(x).softmax(dim=1)
-        v_NSHE = rearrange(self.value(x), "n s (heads e) -> n s heads e", heads=self.heads)
-        feat = torch.einsum("nsh,nshe->nhe", attn_NSH, v_NSHE)
+        # sum_s attn[s,h] * value(x_s)[head h] == value_h(sum_s attn[s,h] * x_s), value_h being head h's rows of
+        # the (affine) value map and the weights summing to 1: pool first, then project each head's pool
+        pooled_NHD = torch.einsum("nsh,nsd->nhd", attn_NSH, x)
+        w_HED = rearrange(self.value.weight, "(heads e) d -> heads e d", heads=self.heads)
+        b_HE = rearrange(self.value.bias, "(heads e) -> heads e", heads=self.heads)
+        feat = torch.einsum("nhd,hed->nhe", pooled_NHD, w_HED.to(pooled_NHD.dtype)) + b_HE.to(pooled_NHD.dtype)
         return rearrange(self.out(rearrange(feat, "n h e -> n (h e)")), "(b t) d -> b t d", b=B)
 
 
@@ -113,8 +120,10 @@ class BehaviorModel(nn.Module):
         decoder_hidden: int = 128,
         dropout: float = 0.0,
         action_deltas: bool = False,
+        decoder_prev_action: bool = False,
     ) -> None:
         super().__init__()
+        self.decoder_prev_action = decoder_prev_action
         self.code_dim, self.action_dim, self.z_dim, self.dim = code_dim, action_dim, z_dim, dim
         self.pool = GridPool(code_dim, dim, grid_tokens, heads)
         self.action_deltas = action_deltas
@@ -126,7 +135,7 @@ class BehaviorModel(nn.Module):
         self.post_head = nn.Linear(dim, 2 * z_dim)
         self.prior_head = nn.Linear(dim, 2 * z_dim)
         self.decoder = nn.Sequential(
-            nn.Linear(dim + z_dim, decoder_hidden),
+            nn.Linear(dim + (action_dim if decoder_prev_action else 0) + z_dim, decoder_hidden),
             nn.GELU(),
             nn.Linear(decoder_hidden, decoder_hidden),
             nn.GELU(),
@@ -170,9 +179,24 @@ class BehaviorModel(nn.Module):
         h = self.prior_tf(self._tokens(self.prior_in, feat_BTD, actions_BTA))[:, :, 0]
         return self._split(self.prior_head(h))
 
-    def decode(self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pi(a_t | o_t, z): Gaussian (mean, log-variance) of each action, [B, T, A] each."""
-        return self._split(self.decoder(torch.cat([feat_BTD, z_BTZ], dim=-1)))
+    def decode(
+        self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """pi(a_t | o_t, z): Gaussian (mean, log-variance) of each action, [B, T, A] each. ``actions_BTA``
+        (the clip's actions) is needed only with ``decoder_prev_action``: the decoder then also sees
+        a_{t-1} (zeros at t = 0), never a_t."""
+        parts = [feat_BTD]
+        if self.decoder_prev_action:
+            if actions_BTA is None:
+                raise ValueError("decoder_prev_action=True: decode needs the clip's actions (for a_{t-1})")
+            prev_BTA = torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA[:, :-1]], dim=1)
+            parts.append(prev_BTA.to(feat_BTD.dtype))
+        return self._split(self.decoder(torch.cat([*parts, z_BTZ.to(feat_BTD.dtype)], dim=-1)))
+
+    def action_nll(self, actions_BTA: torch.Tensor, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor) -> torch.Tensor:
+        """-log pi(a_t | o_t, z) per step, summed over action dims: [B, T], in nats."""
+        mu, logvar = self.decode(feat_BTD, z_BTZ, actions_BTA)
+        return gaussian_nll(actions_BTA.float(), mu, logvar).sum(-1)
 
     # -- public API -----------------------------------------------------------------------------
     def posterior(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,8 +233,8 @@ class BehaviorModel(nn.Module):
         mu_p, logvar_p = self.prior_from_features(feat_BTD, actions_BTA)
         T = actions_BTA.shape[1]
         z_BZ = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp() if sample else mu_q
-        a_mu, a_logvar = self.decode(feat_BTD, z_BZ[:, None].expand(-1, T, -1))
-        nll = gaussian_nll(actions_BTA, a_mu, a_logvar).sum(-1).mean()
+        a_mu, a_logvar = self.decode(feat_BTD, z_BZ[:, None].expand(-1, T, -1), actions_BTA)
+        nll = gaussian_nll(actions_BTA.float(), a_mu, a_logvar).sum(-1).mean()
         mq, lq = mu_q[:, None], logvar_q[:, None]
         if kl_balance is None:
             kl_BTZ = gaussian_kl(mq, lq, mu_p, logvar_p)
@@ -222,7 +246,7 @@ class BehaviorModel(nn.Module):
         kl_loss = kl_Z.clamp(min=free_bits).sum() if free_bits > 0 else kl_Z.sum()
         with torch.no_grad():
             mse = (a_mu - actions_BTA).pow(2).mean()
-            a_mu_p, _ = self.decode(feat_BTD, mu_p)
+            a_mu_p, _ = self.decode(feat_BTD, mu_p, actions_BTA)
             mse_p = (a_mu_p - actions_BTA).pow(2).mean()
         return BehaviorOutput(
             loss=nll + beta * kl_loss,
