@@ -76,6 +76,7 @@ class DynamicsModule(L.LightningModule):
         copy_logit: bool = False,
         code_embed: bool = False,
         change_input: bool = False,
+        change_weight: float = 1.0,
         context_frames: int = 1,
         max_context_frames: int | None = None,
         history: str = "masked",
@@ -110,6 +111,7 @@ class DynamicsModule(L.LightningModule):
         ``copy_logit``: a learned gate adds to the logit of that earlier id (starts at the copy baseline).
         ``code_embed``: ids are also embedded, and scored, through the frozen tokenizer's code vectors.
         ``change_input``: each position also embeds whether its id changed since the frame before.
+        ``change_weight``: training CE weight of targets that change (logits corrected by log w).
         ``context_frames``: clean frames at the start of each training clip and of rollouts.
         ``max_context_frames``: None, or each training clip draws its clean context length from
         ``[context_frames, max_context_frames]`` (the first predicted frame then sees a clean history).
@@ -140,7 +142,7 @@ class DynamicsModule(L.LightningModule):
             dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, max_frames=max_frames,
             max_stride=max_stride, injection=injection, dropout=dropout, prev_frame_input=prev_frame_input,
             copy_logit=copy_logit, code_dim=tok.quantizer.codebook.shape[1] if code_embed else 0,
-            change_input=change_input,
+            change_input=change_input, change_weight=change_weight,
         )
         if code_embed:
             self.model.set_code_vectors(self.tokenizer.model.embed(torch.arange(tok.codebook_size)))

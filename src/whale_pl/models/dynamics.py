@@ -20,6 +20,13 @@ whether its id differs from the one it held a frame earlier (same / changed / un
 earlier frame): a masked position then reads, through temporal and spatial attention, *where* the
 previous frames moved, without having to learn the equality of two ids from their embeddings.
 
+Change weighting (optional, ``change_weight`` w > 1): the training cross-entropy weights the few
+targets whose id changes from the frame before by w, so the model learns motion sooner instead of
+spending its first thousand steps on the copies. Weighting shifts what the model learns towards
+"changed" by a factor w in odds; the logits correct for it exactly by adding log w to the logit of
+the previous frame's id at every position (a fixed prior correction, as for any class-weighted
+loss), so predictions and probabilities outside the training loss stay calibrated.
+
 Code vectors (optional, ``code_dim > 0``): the frozen tokenizer's codebook ``[V, C]`` (set with
 ``set_code_vectors``) enters both ends — each id's embedding adds a projection of its code vector,
 and the logits add a bilinear score between the latent and every code vector — so tokens that look
@@ -35,6 +42,7 @@ restarts from its last ``max_frames // 2`` frames (both with and without the cac
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -72,6 +80,7 @@ class DynamicsModel(nn.Module):
         copy_init: float = 4.0,
         code_dim: int = 0,
         change_input: bool = False,
+        change_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if injection not in INJECTIONS:
@@ -102,6 +111,10 @@ class DynamicsModel(nn.Module):
                 raise ValueError("change_input needs prev_frame_input (it compares each id with the earlier one)")
             self.change_emb = nn.Embedding(3, dim)
             nn.init.normal_(self.change_emb.weight, std=0.02)
+        if not change_weight > 0:
+            raise ValueError(f"change_weight must be > 0, got {change_weight}")
+        self.change_weight = float(change_weight)
+        self.copy_bias = math.log(self.change_weight)  # undoes the weighting's shift of the odds
         self.pos_s = nn.Parameter(torch.randn(self.num_tokens, dim) * 0.02)
         self.pos_t = nn.Parameter(torch.randn(max_frames, dim) * 0.02)
         self.act_mlp = nn.Sequential(nn.Linear(action_dim, dim), nn.GELU(), nn.Linear(dim, dim))
@@ -256,19 +269,22 @@ class DynamicsModel(nn.Module):
         unknown = (ids_BTS >= V) | (prev_BTS >= V)
         return torch.where(unknown, 2, (ids_BTS != prev_BTS).long())
 
-    def token_logits(self, h_BTSD: torch.Tensor, prev_ids_BTS: torch.Tensor | None = None) -> torch.Tensor:
+    def token_logits(self, h_BTSD: torch.Tensor, prev_ids_BTS: torch.Tensor | None = None,
+                     raw: bool = False) -> torch.Tensor:
         """Token logits ``[B, T, S, V]``; with ``copy_logit`` the gate g(h) is added to the logit of
-        the id the position held one frame earlier (nothing where that id is unknown or masked)."""
+        the id the position held one frame earlier (nothing where that id is unknown or masked), and
+        with ``change_weight`` w the prior correction log w too, unless ``raw`` (the training loss)."""
         logits = self.logits_head(h_BTSD)
         if self.code_out is not None:
             q = self.code_out(h_BTSD)
             logits = logits + self.code_scale * (q @ self.code_vectors.to(q.dtype).T)
-        if self.copy_gate is None or prev_ids_BTS is None:
+        bias = 0.0 if raw else self.copy_bias
+        if prev_ids_BTS is None or (self.copy_gate is None and bias == 0.0):
             return logits
         V = self.codebook_size
         known = (prev_ids_BTS < V).unsqueeze(-1)
-        gate = self.copy_gate(h_BTSD).to(logits.dtype) * known
-        return logits.scatter_add(-1, prev_ids_BTS.clamp(max=V - 1).unsqueeze(-1), gate)
+        gate = self.copy_gate(h_BTSD).to(logits.dtype) if self.copy_gate is not None else torch.zeros_like(logits[..., :1])
+        return logits.scatter_add(-1, prev_ids_BTS.clamp(max=V - 1).unsqueeze(-1), (gate + bias) * known)
 
     def heads(self, h_BTSD: torch.Tensor) -> dict[str, torch.Tensor]:
         """Reward, success logit and state predicted from each frame's latent."""
@@ -290,19 +306,20 @@ class DynamicsModel(nn.Module):
         z_BTZ: torch.Tensor | None = None,
         stride_B: torch.Tensor | None = None,
         copy_src_BThw: torch.Tensor | None = None,
+        raw: bool = False,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits ``[B, T, h, w, V]`` for every position of ``ids_BThw`` (which may hold ``mask_id``)
         and the head outputs. ``actions[:, t]``/``z[:, t]`` are taken at frame t (lead to t+1).
         ``copy_src_BThw``: the complete frames the copy logit of slot t reads frame t-1 from (in
         training the unmasked input, as at inference where the previous frame is always whole);
-        default ``ids_BThw``."""
+        default ``ids_BThw``. ``raw``: without the ``change_weight`` correction (for the training loss)."""
         self._check_inputs(actions_BTA, z_BTZ)
         B, T, hh, ww = ids_BThw.shape
         cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B, first_is_start=True)
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
         h, _ = self.trunk(ids, cond)
         src = ids if copy_src_BThw is None else rearrange(copy_src_BThw, "b t h w -> b t (h w)")
-        logits = rearrange(self.token_logits(h, self.prev_ids(src)), "b t (h w) v -> b t h w v", h=hh)
+        logits = rearrange(self.token_logits(h, self.prev_ids(src), raw=raw), "b t (h w) v -> b t h w v", h=hh)
         return logits, self.heads(h)
 
     def training_losses(
@@ -319,7 +336,6 @@ class DynamicsModel(nn.Module):
         generator: torch.Generator | None = None,
         max_context_frames: int | None = None,
         history: str = "masked",
-        change_weight: float = 1.0,
     ) -> dict[str, torch.Tensor]:
         """MaskGIT loss: cross-entropy on masked (and corrupted) positions of future frames, plus
         reward (MSE), success (BCE) and state (MSE) head losses. Returns the parts and ``acc``.
@@ -336,9 +352,8 @@ class DynamicsModel(nn.Module):
         clip sees a fully clean history, as every frame does at inference (teacher-forced and in
         rollouts); later frames see masked histories, as in plain per-frame MaskGIT training.
 
-        ``change_weight``: cross-entropy weight of target positions whose true id differs from the
-        one a frame earlier (1: plain mean). The few tokens that change carry all of the gain over
-        copying the previous frame; up-weighting them makes the model learn motion sooner."""
+        With ``change_weight`` w the cross-entropy (on the raw logits) is a weighted mean in which
+        targets whose true id differs from the one a frame earlier count w times."""
         if history == "clean":
             return self._two_stream_losses(ids_BThw, actions_BTA, z_BTZ, rewards_BT, success_BT, state_BTS,
                                            stride_B, context_frames, corrupt_prob, generator)
@@ -354,19 +369,22 @@ class DynamicsModel(nn.Module):
         inp, hit = corrupt_tokens(ids, mask, ctx, corrupt_prob, self.codebook_size, generator)
         whole = rearrange(inp, "b t (h w) -> b t h w", h=hh)  # corrupted but unmasked: the copy source
         inp = inp.masked_fill(mask, self.mask_id)
-        logits, heads = self(rearrange(inp, "b t (h w) -> b t h w", h=hh), actions_BTA, z_BTZ, stride_B, whole)
+        logits, heads = self(rearrange(inp, "b t (h w) -> b t h w", h=hh), actions_BTA, z_BTZ, stride_B, whole,
+                             raw=True)
         logits = rearrange(logits, "b t h w v -> b t (h w) v")
         target = mask | hit
-        if change_weight == 1.0:
-            ce = F.cross_entropy(logits[target].float(), ids[target])
-        else:
-            changed = ids != self.prev_ids(ids)  # slot 0 (no earlier frame) is never a target
-            w = torch.where(changed, change_weight, 1.0)[target]
-            ce = (F.cross_entropy(logits[target].float(), ids[target], reduction="none") * w).sum() / w.sum()
+        ce = self._weighted_ce(logits[target], ids[target], self.prev_ids(ids)[target])
         acc = (logits[mask].argmax(-1) == ids[mask]).float().mean()
         out = {"ce": ce, "acc": acc}
         out.update(self._head_losses(heads, rewards_BT, success_BT, state_BTS))
         return out
+
+    def _weighted_ce(self, logits_NV: torch.Tensor, target_N: torch.Tensor, prev_N: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy; with ``change_weight`` w, targets that differ from the previous frame's id count w times."""
+        if self.change_weight == 1.0:
+            return F.cross_entropy(logits_NV.float(), target_N)
+        w = torch.where(target_N != prev_N, self.change_weight, 1.0)
+        return (F.cross_entropy(logits_NV.float(), target_N, reduction="none") * w).sum() / w.sum()
 
     def _head_losses(self, heads: dict[str, torch.Tensor], rewards_BT: torch.Tensor, success_BT: torch.Tensor,
                      state_BTS: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -406,15 +424,15 @@ class DynamicsModel(nn.Module):
         mask = training_mask(B, Q, hh * ww, 0, ids.device, generator)
         inp, hit = corrupt_tokens(tgt, mask, 0, corrupt_prob, self.codebook_size, generator)
         inp = inp.masked_fill(mask, self.mask_id)
-        logits, heads = self.two_stream(ids, inp, actions_BTA, z_BTZ, stride_B)
+        logits, heads = self.two_stream(ids, inp, actions_BTA, z_BTZ, stride_B, raw=True)
         target = mask | hit
-        out = {"ce": F.cross_entropy(logits[target].float(), tgt[target]),
+        out = {"ce": self._weighted_ce(logits[target], tgt[target], self.prev_ids(ids)[:, c:][target]),
                "acc": (logits[mask].argmax(-1) == tgt[mask]).float().mean()}
         out.update(self._head_losses(heads, rewards_BT, success_BT, state_BTS))
         return out
 
     def two_stream(self, ids_BTS: torch.Tensor, query_BQS: torch.Tensor, actions_BTA: torch.Tensor,
-                   z_BTZ: torch.Tensor | None, stride_B: torch.Tensor | None = None,
+                   z_BTZ: torch.Tensor | None, stride_B: torch.Tensor | None = None, raw: bool = False,
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits ``[B, Q, S, V]`` of the last Q frames of the clean clip ``ids_BTS`` from their
         partly masked versions ``query_BQS``, each given the clean frames before it (one pass), and
@@ -428,7 +446,7 @@ class DynamicsModel(nn.Module):
         h, _ = self.trunk(torch.cat([ids_BTS, query_BQS], 1), torch.cat([cond, cond[:, c:]], 1), slots_T=slots,
                           prev_BTS=torch.cat([clean_prev, clean_prev[:, c:]], 1),
                           temporal_mask=self.two_stream_mask(T, c, ids_BTS.device))
-        return self.token_logits(h[:, T:], clean_prev[:, c:]), self.heads(h[:, :T])
+        return self.token_logits(h[:, T:], clean_prev[:, c:], raw=raw), self.heads(h[:, :T])
 
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
