@@ -41,7 +41,7 @@ TINY_BEH = dict(z_dim=4, dim=16, depth=1, heads=2, decoder_hidden=16)
 # the structural switches of the Whale-X dynamics config (copy paths, code vectors), at tiny size
 _XDYN = yaml.safe_load((ROOT / "stages" / "whale_x" / "dynamics.yaml").read_text())["model"]["init_args"]
 TINY_DYN = dict(dim=32, depth=1, heads=2, maskgit_steps=2, rollout_horizon=3, rollout_batches=1,
-                **{k: _XDYN[k] for k in ("prev_frame_input", "copy_logit", "code_embed") if k in _XDYN})
+                **{k: _XDYN[k] for k in ("prev_frame_input", "copy_logit", "code_embed", "change_weight") if k in _XDYN})
 QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
              enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)
 PRETRAIN_STEPS = {"tokenizer": 40, "behavior": 10, "dynamics": 40}
