@@ -1,0 +1,118 @@
+"""What a fixed CPU time budget of dynamics training reaches: held-out cross-entropy and accuracy.
+
+Trains the stage-3 module of ``stages/<scale>/dynamics.yaml`` (model section, with ``--set`` overrides)
+on the YAML's datamodule with a real Lightning Trainer for ``--minutes`` of wall time (no validation
+while training; the lr schedule anneals by time as in the stage), then scores it teacher-forced on the
+first ``--val-batches`` batches of 8 held-out clips: every frame t >= 1 predicted in one step from a
+fully masked frame given the true frames before it. Reported beside the copy-the-previous-frame
+baseline: accuracy, cross-entropy, and for the tokens that change, how often the prediction is right,
+the probability left on the old id, and how often the best *new* id (the old one excluded) is right.
+Compare settings side by side, e.g.
+
+    .venv/bin/python benchmarks/dynamics_budget.py                            # the stage config
+    .venv/bin/python benchmarks/dynamics_budget.py --set change_weight=1.0    # without change weighting
+
+Last line: ``dynamics_budget_val_ce: <held-out cross-entropy> nats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import(path: str):
+    mod, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(mod), name)
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise SystemExit(f"--set expects key=value, got {it!r}")
+        k, v = it.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+@torch.no_grad()
+def teacher_forced_stats(module, batches) -> dict[str, float]:
+    """Held-out teacher-forced figures of a DynamicsModule on a list of batches."""
+    module.eval()
+    n = chg = right = copy = chg_right = top1_new = 0
+    ce = p_old_chg = 0.0
+    for batch in batches:
+        ids, actions, z, stride = module._inputs(batch)
+        logp = module.model.teacher_forced(ids, actions, z, stride).float().log_softmax(-1)
+        tgt, prev = ids[:, 1:], ids[:, :-1]
+        changed = tgt != prev
+        pred = logp.argmax(-1)
+        n += tgt.numel()
+        chg += int(changed.sum())
+        right += int((pred == tgt).sum())
+        copy += int((~changed).sum())
+        chg_right += int((pred == tgt)[changed].sum())
+        ce -= logp.gather(-1, tgt[..., None]).sum().item()
+        p_old_chg += logp.gather(-1, prev[..., None])[..., 0].exp()[changed].sum().item()
+        new_best = logp.scatter(-1, prev[..., None], float("-inf")).argmax(-1)
+        top1_new += int((new_best == tgt)[changed].sum())
+    c = max(chg, 1)
+    return {"tokens": n, "changing_share": chg / n, "acc": right / n, "copy_acc": copy / n,
+            "acc_minus_copy_pt": 100 * (right - copy) / n, "ce": ce / n, "changing_right": chg_right / c,
+            "changing_p_old_id": p_old_chg / c, "changing_best_new_id_right": top1_new / c}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scale", default="demo")
+    p.add_argument("--minutes", type=float, default=8.0, help="wall-clock training budget")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override model init_args")
+    p.add_argument("--val-batches", type=int, default=4, help="held-out batches of 8 clips (val split)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    cfg = yaml.safe_load((ROOT / "stages" / a.scale / "dynamics.yaml").read_text())
+    margs = {**cfg["model"]["init_args"], **_parse_set(a.set)}
+    margs.pop("intra_op_threads", None)  # --threads decides
+    dcfg = cfg["data"]
+    L.seed_everything(a.seed, verbose=False)
+    dm = _import(dcfg["class_path"])(**dcfg.get("init_args", {}))
+    dm.setup("fit")
+    module = _import(cfg["model"]["class_path"])(**margs, data_spec=dm.data_spec)
+    tcfg = cfg["trainer"]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, precision=tcfg.get("precision", "32-true"),
+        gradient_clip_val=tcfg.get("gradient_clip_val"), max_steps=int(margs.get("max_steps") or 10**6),
+        max_time={"seconds": int(a.minutes * 60)}, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    seconds = time.perf_counter() - t0
+    vdm = _import(dcfg["class_path"])(**{**dcfg.get("init_args", {}), "batch_size": 8, "num_workers": 0,
+                                         "val_steps": a.val_batches, "val_splits": ["val"]})
+    vdm.setup("validate")
+    stats = teacher_forced_stats(module, list(vdm.val_dataloader()))
+    print(f"stages/{a.scale}/dynamics.yaml with {a.set or 'no overrides'}: {trainer.global_step} steps in "
+          f"{seconds:.0f} s ({a.threads} thread(s)); held-out: {stats['tokens']} tokens, "
+          f"{100 * stats['changing_share']:.2f}% change from the frame before")
+    print(f"  teacher-forced acc {100 * stats['acc']:.3f}% vs copy {100 * stats['copy_acc']:.3f}% "
+          f"({stats['acc_minus_copy_pt']:+.3f} pt); cross-entropy {stats['ce']:.4f}")
+    print(f"  changing tokens: right {100 * stats['changing_right']:.2f}%, probability left on the old id "
+          f"{stats['changing_p_old_id']:.3f}, best new id right {100 * stats['changing_best_new_id_right']:.1f}%")
+    print(f"dynamics_budget_val_ce: {stats['ce']:.4f} nats")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
