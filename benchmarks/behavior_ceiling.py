@@ -1,0 +1,159 @@
+"""The honest ceiling for issue 5's probe target, from hand-made causal action statistics.
+
+``benchmarks/behavior_probe.py`` asks a linear probe on the causal prior's z_t (t >= 8 of a clip)
+to name the behavior-policy family of held-out val episodes; the target is 0.8. z_t has seen only
+the clip's frames and actions up to step t, so this benchmark asks how well the *same* probe does
+on features built by hand from exactly that: at every point t >= ``--t-min`` of every clip (hop
+``--hop``, the same clips as the probe benchmark), running means over the clip's steps <= t of the
+normalised action a, a^2, |a|, the saturation rate (|a| at the [-1, 1] bound), |delta a|,
+(delta a)^2, the jump rate (max |delta a| over xyz > 0.5), the near-zero rate, the xyz norm and
+its square, plus the running std of a, and the current a_t and |delta a_t|. Bound
+and threshold features are taken in the raw action units, i.e. after undoing the per-dim affine
+normalisation, which is fixed by the data spec, so every feature is a causal function of the
+normalised actions the prior sees (thresholds applied to the normalised values instead lose ~0.02). A multinomial logistic regression
+(``whale_pl.analysis.probe.fit_linear_probe``) is fitted on the points of the train episodes and
+scored per point on the val episodes, for several clip lengths, with the accuracy by history
+length (how many steps the point has seen) and by family. If even these features stay near or
+under the target at the training clip length, the target asks for more than a clip's actions
+hold; longer clips show what more history buys.
+
+``--expert`` adds the scripted expert's action for the true simulator state (from the episodes'
+recorded states via ``whale_pl.data.policies.expert_for``) and residual features against it: an
+oracle the prior does not have (it sees frames, not the state), an upper bound on what knowing
+the task's expert behaviour could add.
+
+    .venv/bin/python benchmarks/behavior_ceiling.py                       # clip lengths 16 32 64 120
+    .venv/bin/python benchmarks/behavior_ceiling.py --clip-len 16 --expert
+
+Last line: ``behavior_ceiling_acc: <val per-point accuracy at the first clip length> fraction``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from whale_pl.analysis.probe import fit_linear_probe
+
+HISTORY_BUCKETS = [(8, 16), (16, 32), (32, 64), (64, 120)]
+
+
+def normalised_actions(ep, mean: np.ndarray, std: np.ndarray, norm_mask: np.ndarray) -> np.ndarray:
+    """The episode's actions ``[T, A]`` normalised as the behavior stage sees them (behavior_probe's clips_of)."""
+    return np.where(norm_mask, (ep.actions - mean) / std, ep.actions).astype(np.float64)
+
+
+def expert_actions(ep) -> np.ndarray:
+    """The scripted expert's action ``[T, A]`` for each recorded simulator state of the episode (clipped to [-1, 1])."""
+    from whale_pl.data.policies import expert_for
+
+    ex = expert_for(ep.meta["task"])
+    with warnings.catch_warnings():  # Meta-World's "Constant(s) may be too high": we clip, as the collector does
+        warnings.simplefilter("ignore", UserWarning)
+        a = [np.asarray(ex.get_action(s), np.float64) for s in ep.state.astype(np.float64)]
+    return np.clip(np.stack(a), -1, 1)
+
+
+def causal_features(a_TA: np.ndarray, raw_TA: np.ndarray, expert_TA: np.ndarray | None = None) -> np.ndarray:
+    """Running statistics over one clip: row t uses steps <= t only. ``a_TA`` normalised actions,
+    ``raw_TA`` the same in raw units (for bounds and thresholds), ``expert_TA`` optional raw expert actions."""
+    n = len(a_TA)
+    da = np.diff(a_TA, axis=0, prepend=a_TA[:1])
+    draw = np.diff(raw_TA, axis=0, prepend=raw_TA[:1])
+    xyz = raw_TA[:, :3]
+    norm = np.linalg.norm(xyz, axis=1, keepdims=True)
+    cols = [a_TA, a_TA**2, np.abs(a_TA), (np.abs(xyz) > 0.999).astype(float), np.abs(da), da**2,
+            (np.abs(draw[:, :3]).max(1, keepdims=True) > 0.5).astype(float),
+            (np.abs(xyz) < 0.05).astype(float), norm, norm**2]
+    if expert_TA is not None:
+        r = raw_TA - expert_TA
+        lag3 = np.concatenate([np.repeat(expert_TA[:1], 3, 0), expert_TA[:-3]])  # lag_3's signature
+        cols += [r, r**2, np.abs(r), (np.abs(r[:, :3]).max(1, keepdims=True) < 1e-3).astype(float),
+                 (np.abs(raw_TA - lag3)[:, :3].max(1, keepdims=True) < 1e-3).astype(float)]
+    x = np.concatenate(cols, 1)
+    m = np.cumsum(x, 0) / np.arange(1, n + 1)[:, None]
+    A = a_TA.shape[1]
+    var = np.maximum(m[:, A : 2 * A] - m[:, :A] ** 2, 0)  # running variance of a
+    return np.concatenate([m, np.sqrt(var), a_TA, np.abs(da)], 1)
+
+
+def split_points(episodes, families, clip_len, hop, t_min, mean, std, mask, experts: list | None = None):
+    """Features ``[N, F]``, family labels ``[N]`` and history lengths ``[N]`` of every point t >= t_min of every clip."""
+    X, Y, H = [], [], []
+    for i, ep in enumerate(episodes):
+        T = len(ep)
+        if T < clip_len:
+            raise ValueError(f"episode {ep.meta.get('episode_id')} has {T} steps < clip_len={clip_len}")
+        a = normalised_actions(ep, mean, std, mask)
+        raw = ep.actions.astype(np.float64)
+        ea = experts[i] if experts is not None else None
+        y = families.index(ep.meta["policy"]["family"])
+        for s0 in range(0, T - clip_len + 1, hop):
+            sl = slice(s0, s0 + clip_len)
+            f = causal_features(a[sl], raw[sl], None if ea is None else ea[sl])[t_min:]
+            X.append(f)
+            Y.append(np.full(len(f), y))
+            H.append(np.arange(t_min, clip_len))
+    return torch.from_numpy(np.concatenate(X)), torch.from_numpy(np.concatenate(Y)), np.concatenate(H)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-config", default="stages/demo/data.yaml")
+    p.add_argument("--clip-len", type=int, nargs="+", default=[16, 32, 64, 120],
+                   help="clip lengths; the first is the headline (16 = the demo's training clip_len)")
+    p.add_argument("--hop", type=int, default=8)
+    p.add_argument("--t-min", type=int, default=8)
+    p.add_argument("--expert", action="store_true", help="add oracle residuals against the scripted expert's action")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    from whale_pl.data.datamodule import MetaWorldDataModule
+
+    dm = MetaWorldDataModule(config=a.data_config)
+    spec = dm.data_spec
+    families = list(spec["families"])
+    mean = np.asarray(spec["action_mean"], np.float64)
+    std = np.asarray(spec["action_std"], np.float64)
+    mask = np.ones(len(mean), bool)
+    gi = spec["action_space"].get("gripper_index")
+    if gi is not None:
+        mask[gi] = False
+    eps = {s: dm.episodes(split=s) for s in ("train", "val")}
+    for s, e in eps.items():
+        if not e:
+            raise ValueError(f"{a.data_config}: no {s} episodes (collect the demo data first)")
+    print(f"{len(eps['train'])} train / {len(eps['val'])} val episodes, families {families}, "
+          f"expert oracle {'on' if a.expert else 'off'}", flush=True)
+    experts = {s: None for s in eps}
+    if a.expert:
+        t0 = time.time()
+        experts = {s: [expert_actions(ep) for ep in e] for s, e in eps.items()}
+        print(f"expert actions for every recorded state ({time.time() - t0:.0f}s)", flush=True)
+
+    results = []
+    for L in a.clip_len:
+        t0 = time.time()
+        xtr, ytr, _ = split_points(eps["train"], families, L, a.hop, a.t_min, mean, std, mask, experts["train"])
+        xv, yv, hv = split_points(eps["val"], families, L, a.hop, a.t_min, mean, std, mask, experts["val"])
+        probe = fit_linear_probe(xtr, ytr, n_classes=len(families), max_iter=500)
+        ok = (probe.predict(xv) == yv).numpy()
+        by_hist = [f"t {lo}-{hi - 1} {ok[(hv >= lo) & (hv < hi)].mean():.2f}"
+                   for lo, hi in HISTORY_BUCKETS if ((hv >= lo) & (hv < hi)).any()]
+        by_fam = [f"{f} {ok[yv.numpy() == k].mean():.2f}" for k, f in enumerate(families) if (yv == k).any()]
+        print(f"clip_len {L}: val per-point accuracy {ok.mean():.3f}  train {probe.accuracy(xtr, ytr):.3f} | "
+              f"{len(ytr)} train / {len(yv)} val points, {xtr.shape[1]} features | {time.time() - t0:.0f}s", flush=True)
+        print("  by history: " + ", ".join(by_hist), flush=True)
+        print("  by family:  " + ", ".join(by_fam), flush=True)
+        results.append(float(ok.mean()))
+    print(f"behavior_ceiling_acc: {results[0]:.3f} fraction")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
