@@ -39,13 +39,9 @@ import numpy as np
 import torch
 
 from whale_pl.analysis.probe import fit_linear_probe
+from whale_pl.rollout.retracing import ActionNormaliser
 
 HISTORY_BUCKETS = [(8, 16), (16, 32), (32, 64), (64, 120)]
-
-
-def normalised_actions(ep, mean: np.ndarray, std: np.ndarray, norm_mask: np.ndarray) -> np.ndarray:
-    """The episode's actions ``[T, A]`` normalised as the behavior stage sees them (behavior_probe's clips_of)."""
-    return np.where(norm_mask, (ep.actions - mean) / std, ep.actions).astype(np.float64)
 
 
 def expert_actions(ep) -> np.ndarray:
@@ -82,14 +78,14 @@ def causal_features(a_TA: np.ndarray, raw_TA: np.ndarray, expert_TA: np.ndarray 
     return np.concatenate([m, np.sqrt(var), a_TA, np.abs(da)], 1)
 
 
-def split_points(episodes, families, clip_len, hop, t_min, mean, std, mask, experts: list | None = None):
+def split_points(episodes, families, clip_len, hop, t_min, normaliser, experts: list | None = None):
     """Features ``[N, F]``, family labels ``[N]`` and history lengths ``[N]`` of every point t >= t_min of every clip."""
     X, Y, H = [], [], []
     for i, ep in enumerate(episodes):
         T = len(ep)
         if T < clip_len:
             raise ValueError(f"episode {ep.meta.get('episode_id')} has {T} steps < clip_len={clip_len}")
-        a = normalised_actions(ep, mean, std, mask)
+        a = normaliser.normalise(ep.actions).astype(np.float64)  # as the behavior stage sees them
         raw = ep.actions.astype(np.float64)
         ea = experts[i] if experts is not None else None
         y = families.index(ep.meta["policy"]["family"])
@@ -119,12 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     dm = MetaWorldDataModule(config=a.data_config)
     spec = dm.data_spec
     families = list(spec["families"])
-    mean = np.asarray(spec["action_mean"], np.float64)
-    std = np.asarray(spec["action_std"], np.float64)
-    mask = np.ones(len(mean), bool)
-    gi = spec["action_space"].get("gripper_index")
-    if gi is not None:
-        mask[gi] = False
+    normaliser = ActionNormaliser.from_data_spec(spec)
     eps = {s: dm.episodes(split=s) for s in ("train", "val")}
     for s, e in eps.items():
         if not e:
@@ -140,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for L in a.clip_len:
         t0 = time.time()
-        xtr, ytr, _ = split_points(eps["train"], families, L, a.hop, a.t_min, mean, std, mask, experts["train"])
-        xv, yv, hv = split_points(eps["val"], families, L, a.hop, a.t_min, mean, std, mask, experts["val"])
+        xtr, ytr, _ = split_points(eps["train"], families, L, a.hop, a.t_min, normaliser, experts["train"])
+        xv, yv, hv = split_points(eps["val"], families, L, a.hop, a.t_min, normaliser, experts["val"])
         probe = fit_linear_probe(xtr, ytr, n_classes=len(families), max_iter=500)
         ok = (probe.predict(xv) == yv).numpy()
         by_hist = [f"t {lo}-{hi - 1} {ok[(hv >= lo) & (hv < hi)].mean():.2f}"

@@ -18,7 +18,6 @@ Last line: ``dynamics_budget_val_ce: <held-out cross-entropy> nats``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from pathlib import Path
@@ -26,23 +25,9 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from train_step import import_path, parse_set  # sibling benchmark: the same --set and class_path helpers
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import(path: str):
-    mod, name = path.rsplit(".", 1)
-    return getattr(importlib.import_module(mod), name)
-
-
-def _parse_set(items: list[str]) -> dict:
-    out = {}
-    for it in items:
-        if "=" not in it:
-            raise SystemExit(f"--set expects key=value, got {it!r}")
-        k, v = it.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
 
 
 @torch.no_grad()
@@ -83,13 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = yaml.safe_load((ROOT / "stages" / a.scale / "dynamics.yaml").read_text())
-    margs = {**cfg["model"]["init_args"], **_parse_set(a.set)}
+    margs = {**cfg["model"]["init_args"], **parse_set(a.set)}
     margs.pop("intra_op_threads", None)  # --threads decides
     dcfg = cfg["data"]
     L.seed_everything(a.seed, verbose=False)
-    dm = _import(dcfg["class_path"])(**dcfg.get("init_args", {}))
+    dm = import_path(dcfg["class_path"])(**dcfg.get("init_args", {}))
     dm.setup("fit")
-    module = _import(cfg["model"]["class_path"])(**margs, data_spec=dm.data_spec)
+    module = import_path(cfg["model"]["class_path"])(**margs, data_spec=dm.data_spec)
     tcfg = cfg["trainer"]
     trainer = L.Trainer(
         accelerator="cpu", devices=1, precision=tcfg.get("precision", "32-true"),
@@ -100,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - t0
-    vdm = _import(dcfg["class_path"])(**{**dcfg.get("init_args", {}), "batch_size": 8, "num_workers": 0,
+    vdm = import_path(dcfg["class_path"])(**{**dcfg.get("init_args", {}), "batch_size": 8, "num_workers": 0,
                                          "val_steps": a.val_batches, "val_splits": ["val"]})
     vdm.setup("validate")
     stats = teacher_forced_stats(module, list(vdm.val_dataloader()))

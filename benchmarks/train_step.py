@@ -36,7 +36,8 @@ OXE_ACTIONS = {"names": ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]
                "rot_dims": [3, 4, 5], "gripper_index": 6}
 
 
-def _import(path: str):
+def import_path(path: str):
+    """The class (or function) a dotted ``class_path`` names."""
     mod, _, name = path.rpartition(".")
     return getattr(importlib.import_module(mod), name)
 
@@ -147,7 +148,7 @@ def earlier_stages(stage: str, scale: str, init_args: dict, spec: dict, B: int, 
         args = {**cfg.get("init_args", {}), **{f"{k}_ckpt": v for k, v in made.items()}}
         if w == "behavior":
             args["code_cache"] = False  # random batches: no episodes to cache
-        module = _import(cfg["class_path"])(**args)
+        module = import_path(cfg["class_path"])(**args)
         tr = _trainer(1, precision, None)
         tr.fit(module, RandomDataModule(spec, B, T))
         path = tmp / f"{w}.ckpt"
@@ -158,7 +159,8 @@ def earlier_stages(stage: str, scale: str, init_args: dict, spec: dict, B: int, 
     return init_args, spec
 
 
-def _parse_set(items: list[str]) -> dict:
+def parse_set(items: list[str]) -> dict:
+    """``--set key=value ...`` -> {key: YAML-parsed value}."""
     out = {}
     for it in items:
         if "=" not in it:
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no config {cfg_path}")
     cfg = yaml.safe_load(cfg_path.read_text())
     model_cfg, data_args, trainer_cfg = cfg["model"], cfg.get("data", {}).get("init_args", {}), cfg.get("trainer", {})
-    init_args = {**model_cfg.get("init_args", {}), **_parse_set(a.set)}
+    init_args = {**model_cfg.get("init_args", {}), **parse_set(a.set)}
     frame_size = init_args.get("frame_size")
     if frame_size is None:
         data_yaml = data_args.get("config")
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     init_args, spec = earlier_stages(a.stage, a.scale, init_args, spec, B, T, precision, a.fresh, Path(tmp.name))
     if a.stage == "behavior":
         init_args["code_cache"] = False  # random batches: the frozen tokenizer runs every step (timed)
-    cls = _import(model_cfg["class_path"])
+    cls = import_path(model_cfg["class_path"])
     module = cls(**init_args)
     n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     timer = StepTimer(a.warmup)

@@ -61,6 +61,19 @@ def test_bad_shapes_name_the_mismatch():
         m.posterior(codes, actions[:, :-1])
 
 
+def _fit_then_eval(m, codes, actions, steps: int = 150):
+    """Adam on the fixed batch (beta 0.1, free bits 0.05), then the loss in eval mode with posterior-mean z."""
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(steps):
+        out = m.loss(codes, actions, beta=0.1, free_bits=0.05)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        return m.loss(codes, actions, beta=0.1, sample=False)
+
+
 def test_learns_policy_dependent_actions_on_a_fixed_batch(one_thread):
     """Two 'policies' act differently on the same observations; the latent must carry which one,
     so the loss falls and the posterior means of the two groups separate."""
@@ -71,16 +84,8 @@ def test_learns_policy_dependent_actions_on_a_fixed_batch(one_thread):
     w = torch.randn(C, A)
     base = codes.mean(dim=(2, 3)) @ w
     actions = torch.cat([base[:B] + 1.5, base[B:] - 1.5], 0)
-    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     first = m.loss(codes, actions, beta=0.1).loss.item()
-    for _ in range(150):
-        out = m.loss(codes, actions, beta=0.1, free_bits=0.05)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    m.eval()
-    with torch.no_grad():
-        out = m.loss(codes, actions, beta=0.1, sample=False)
+    out = _fit_then_eval(m, codes, actions)
     assert out.loss.item() < first - 2.0
     assert out.action_mse.item() < 0.1
     mu = out.post_mu_BZ
@@ -174,14 +179,6 @@ def test_decoder_prev_action_keeps_the_prior_causal_and_learns(one_thread):
     smooth = torch.cumsum(torch.full((2 * B, T, A), 0.1), dim=1)
     jitter = torch.randn(2 * B, T, A, generator=g) * torch.tensor([1.0] * B + [0.05] * B)[:, None, None]
     actions = smooth + jitter
-    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
-    for _ in range(150):
-        out = m.loss(codes, actions, beta=0.1, free_bits=0.05)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    m.eval()
-    with torch.no_grad():
-        out = m.loss(codes, actions, beta=0.1, sample=False)
+    out = _fit_then_eval(m, codes, actions)
     q = out.post_mu_BZ
     assert (q[:B].mean(0) - q[B:].mean(0)).norm() > 2 * (q[:B].std(0).norm() + q[B:].std(0).norm())

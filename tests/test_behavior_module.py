@@ -208,15 +208,10 @@ def test_code_cache_matches_the_tokenizer_and_catches_misindexing(tokenizer_ckpt
         module.batch_codes(batch)
 
 
-def test_decoder_prev_action_reaches_the_model_and_retired_options_are_refused(tokenizer_ckpt):
+def test_decoder_prev_action_reaches_the_model(tokenizer_ckpt):
     from whale_pl.lit.behavior_module import BehaviorModule
 
     on = BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16, decoder_prev_action=True)
     off = BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16)
     assert on.model.decoder_prev_action and not off.model.decoder_prev_action
     assert on.model.decoder[0].in_features == off.model.decoder[0].in_features + 4  # + a_{t-1}
-    # checkpoints written while the mixture decoder / frame stack existed store their defaults: those load
-    BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, decoder_components=1, decoder_history=0)
-    for bad in ({"decoder_components": 2}, {"decoder_history": 3}):
-        with pytest.raises(ValueError, match="retired"):
-            BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, **bad)

@@ -66,8 +66,6 @@ class BehaviorModule(L.LightningModule):
         dropout: float = 0.0,
         action_deltas: bool = False,
         decoder_prev_action: bool = False,
-        decoder_components: int = 1,
-        decoder_history: int = 0,
         beta: float = 0.1,
         free_bits: float = 0.0,
         kl_warmup_steps: int = 0,
@@ -87,9 +85,7 @@ class BehaviorModule(L.LightningModule):
         """``tokenizer_ckpt``: stage-1 checkpoint (``runs/<scale>/tokenizer/checkpoints/best.ckpt``).
         ``data_spec``: from the datamodule (the CLI links it); None inherits the tokenizer's.
         ``action_deltas``: a_t - a_{t-1} as a further step input; ``decoder_prev_action``: the action decoder
-        also sees a_{t-1} (never a_t); see ``BehaviorModel``. ``decoder_components`` / ``decoder_history``:
-        retired (a mixture decoder and a frame stack did not raise the probe; checkpoints written while they
-        existed store them): only their defaults, 1 and 0, are accepted.
+        also sees a_{t-1} (never a_t); see ``BehaviorModel``.
         ``expect_codebook_size``: when set, the tokenizer must have exactly this codebook size.
         ``beta``: KL weight; ``free_bits``: nats per z dimension below which KL is not penalised;
         ``kl_warmup_steps``: beta ramps linearly from 0 over this many steps; ``kl_balance``: see
@@ -103,9 +99,6 @@ class BehaviorModule(L.LightningModule):
         ``init_from``: a pretrained behavior checkpoint whose weights this model starts from when
         fitting (fine-tuning; the tokenizer still comes from ``tokenizer_ckpt``; ``lit/init_from.py``)."""
         super().__init__()
-        if decoder_components != 1 or decoder_history != 0:
-            raise ValueError(f"decoder_components={decoder_components} / decoder_history={decoder_history}: these "
-                             "options are retired; only decoder_components=1, decoder_history=0 are accepted")
         self.save_hyperparameters()
         from whale_pl.lit.tokenizer_module import TokenizerModule
 

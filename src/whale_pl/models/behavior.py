@@ -193,11 +193,6 @@ class BehaviorModel(nn.Module):
             parts.append(prev_BTA.to(feat_BTD.dtype))
         return self._split(self.decoder(torch.cat([*parts, z_BTZ.to(feat_BTD.dtype)], dim=-1)))
 
-    def action_nll(self, actions_BTA: torch.Tensor, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor) -> torch.Tensor:
-        """-log pi(a_t | o_t, z) per step, summed over action dims: [B, T], in nats."""
-        mu, logvar = self.decode(feat_BTD, z_BTZ, actions_BTA)
-        return gaussian_nll(actions_BTA.float(), mu, logvar).sum(-1)
-
     # -- public API -----------------------------------------------------------------------------
     def posterior(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z | tau_{0:T}) -> (mu_BZ, logvar_BZ), bidirectional over the whole segment."""

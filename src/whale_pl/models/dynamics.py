@@ -114,7 +114,6 @@ class DynamicsModel(nn.Module):
         if not change_weight > 0:
             raise ValueError(f"change_weight must be > 0, got {change_weight}")
         self.change_weight = float(change_weight)
-        self.copy_bias = math.log(self.change_weight)  # undoes the weighting's shift of the odds
         self.pos_s = nn.Parameter(torch.randn(self.num_tokens, dim) * 0.02)
         self.pos_t = nn.Parameter(torch.randn(max_frames, dim) * 0.02)
         self.act_mlp = nn.Sequential(nn.Linear(action_dim, dim), nn.GELU(), nn.Linear(dim, dim))
@@ -262,6 +261,11 @@ class DynamicsModel(nn.Module):
         first = torch.full_like(ids_BTS[:, 0], self.codebook_size + 1) if prev_ids_BS is None else prev_ids_BS
         return torch.cat([first.unsqueeze(1), ids_BTS[:, :-1]], dim=1)
 
+    @property
+    def copy_bias(self) -> float:
+        """log ``change_weight``: added to the previous id's logit, it undoes the weighting's shift of the odds."""
+        return math.log(self.change_weight)
+
     def change_flags(self, ids_BTS: torch.Tensor, prev_BTS: torch.Tensor) -> torch.Tensor:
         """0 where a position holds the id it held a frame earlier, 1 where that id changed, 2 where
         either is unknown (masked, or no earlier frame in the window)."""
@@ -282,9 +286,9 @@ class DynamicsModel(nn.Module):
         if prev_ids_BTS is None or (self.copy_gate is None and bias == 0.0):
             return logits
         V = self.codebook_size
-        known = (prev_ids_BTS < V).unsqueeze(-1)
-        gate = self.copy_gate(h_BTSD).to(logits.dtype) if self.copy_gate is not None else torch.zeros_like(logits[..., :1])
-        return logits.scatter_add(-1, prev_ids_BTS.clamp(max=V - 1).unsqueeze(-1), (gate + bias) * known)
+        known = (prev_ids_BTS < V).unsqueeze(-1).to(logits.dtype)
+        bonus = bias if self.copy_gate is None else self.copy_gate(h_BTSD).to(logits.dtype) + bias
+        return logits.scatter_add(-1, prev_ids_BTS.clamp(max=V - 1).unsqueeze(-1), bonus * known)
 
     def heads(self, h_BTSD: torch.Tensor) -> dict[str, torch.Tensor]:
         """Reward, success logit and state predicted from each frame's latent."""
