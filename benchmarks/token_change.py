@@ -10,6 +10,12 @@ changed, and the action is among the largest 20 %. If even that probability stay
 no model can be confident enough about *when* a token flips to beat copying by much, whatever it
 knows about *what* it flips to.
 
+It also asks how well token changes follow *pixel* changes: the share of token changes at patches
+whose pixels did not change at all (max |delta| <= 2 of 255 over the patch), and the probability that a
+token changes given how much its patch's pixels changed. Changes at still patches come from the
+encoder's spatial attention (a patch's code depends on the whole frame) and are noise no dynamics
+model can time.
+
     .venv/bin/python benchmarks/token_change.py                  # stride 1 (the demo dynamics)
     .venv/bin/python benchmarks/token_change.py --stride 1 2 3   # coarser time steps too
 
@@ -23,6 +29,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from whale_pl.data.datamodule import MetaWorldDataModule
 from whale_pl.lit.behavior_module import frames_to_unit
@@ -30,19 +37,40 @@ from whale_pl.lit.handoff import load_frozen
 from whale_pl.lit.tokenizer_module import TokenizerModule
 
 
+PIXEL_BUCKETS = [(-1, 2), (2, 10), (10, 30), (30, 80), (80, 255)]  # max |delta| over a patch, in 0..255 levels
+
+
 @torch.no_grad()
-def clip_ids(tok, episodes, clip_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids ``[N, clip_len, h*w]`` of consecutive clips and the xyz action norm ``[N, clip_len]`` of
-    the (composed) action taken at each of their frames."""
-    ids, norms = [], []
+def clip_ids(tok, episodes, clip_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ids ``[N, clip_len, h*w]`` of consecutive clips, the xyz action norm ``[N, clip_len]`` of
+    the (composed) action taken at each of their frames, and each patch's largest absolute pixel
+    change from the previous frame ``[N, clip_len - 1, h*w]`` (uint8 levels)."""
+    ids, norms, dpix = [], [], []
+    p = tok.patch_size
     for ep in episodes:
-        frames = frames_to_unit(torch.from_numpy(ep.frames[::stride]).permute(0, 3, 1, 2))
+        raw = torch.from_numpy(ep.frames[::stride]).permute(0, 3, 1, 2)
+        frames = frames_to_unit(raw)
         n = (len(frames) // clip_len) * clip_len
         for s in range(0, n, clip_len):
             ids.append(tok.encode(frames[s : s + clip_len][None])[0].flatten(1))
+            patches = rearrange(raw[s : s + clip_len].float(), "t c (h p) (w q) -> t (h w) (c p q)", p=p, q=p)
+            dpix.append((patches[1:] - patches[:-1]).abs().amax(-1))
         acts = torch.from_numpy(ep.actions[: n * stride, :3]).reshape(n, stride, 3).sum(1)
         norms.append(acts.norm(dim=-1).reshape(-1, clip_len))
-    return torch.stack(ids), torch.cat(norms)
+    return torch.stack(ids), torch.cat(norms), torch.stack(dpix)
+
+
+def pixel_stats(ids_NTS: torch.Tensor, dpix_NTS: torch.Tensor) -> dict[str, float]:
+    """How token changes follow pixel changes: share of changes at still patches, P(change | pixel bucket)."""
+    changed = ids_NTS[:, 1:] != ids_NTS[:, :-1]
+    still = dpix_NTS <= 2
+    out = {"share_of_changes_at_still_patches": int((changed & still).sum()) / max(1, int(changed.sum()))}
+    for lo, hi in PIXEL_BUCKETS:
+        sel = (dpix_NTS > lo) & (dpix_NTS <= hi)
+        if sel.any():
+            out[f"p_change_pixel_delta_{max(lo, 0)}_{hi}"] = changed[sel].float().mean().item()
+            out[f"share_of_patches_pixel_delta_{max(lo, 0)}_{hi}"] = sel.float().mean().item()
+    return out
 
 
 def change_stats(ids_NTS: torch.Tensor, norm_NT: torch.Tensor, grid_hw: tuple[int, int]) -> dict[str, float]:
@@ -81,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     episodes = dm.episodes(split="train")[:: a.every]
     first = None
     for k in a.stride:
-        ids, norms = clip_ids(tok, episodes, a.clip_len, k)
-        st = change_stats(ids, norms, tok.grid_hw())
+        ids, norms, dpix = clip_ids(tok, episodes, a.clip_len, k)
+        st = {**change_stats(ids, norms, tok.grid_hw()), **pixel_stats(ids, dpix)}
         first = st if first is None else first
         print(f"stride {k}: {len(episodes)} episodes, {ids.shape[0]} clips of {a.clip_len} frames")
         for name, v in st.items():

@@ -149,3 +149,27 @@ def test_encode_ignores_the_callers_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ids_bf16 = tok.encode(frames)
     assert torch.equal(ids, ids_bf16)
+
+
+def test_encoder_spatial_radius_zero_codes_each_patch_from_its_own_pixels():
+    """encoder_spatial_radius=0: repainting one patch moves that patch's latent (and its code at most) and
+    leaves every other patch's latent bit-identical; the default whole-frame encoder moves them all."""
+    from whale_pl.models.tokenizer import VideoTokenizer
+
+    torch.manual_seed(0)
+    frames = torch.rand(1, 2, 3, 16, 16) * 2 - 1
+    edited = frames.clone()
+    edited[:, 1, :, 4:8, 8:12] = -frames[:, 1, :, 4:8, 8:12]  # patch (1, 2) of frame 1, 4x4 patches
+    for radius, others_move in ((0, False), (None, True)):
+        torch.manual_seed(0)
+        tok = VideoTokenizer(frame_size=(16, 16), patch_size=4, dim=32, enc_depth=2, dec_depth=1, heads=4,
+                             codebook_size=16, code_dim=8, encoder_spatial_radius=radius).eval()
+        with torch.no_grad():
+            d = (tok._encode_latent(edited) - tok._encode_latent(frames)).abs().amax(-1)[0]  # [T, S]
+        assert not d[0].any() and d[1, 1 * 4 + 2] > 1e-4
+        others = torch.cat([d[1, : 1 * 4 + 2], d[1, 1 * 4 + 3 :]])
+        assert bool((others > 1e-6).any()) == others_move
+        if not others_move:  # so no other patch's token can change
+            keep = torch.ones(16, dtype=torch.bool)
+            keep[1 * 4 + 2] = False
+            assert torch.equal(tok.encode(edited)[0, 1].flatten()[keep], tok.encode(frames)[0, 1].flatten()[keep])

@@ -62,6 +62,7 @@ class TokenizerModule(L.LightningModule):
         ema_decay: float = 0.99,
         restart_threshold: float = 0.03,
         dropout: float = 0.0,
+        encoder_spatial_radius: int | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -73,7 +74,8 @@ class TokenizerModule(L.LightningModule):
         data_spec: dict[str, Any] | None = None,
         init_from: str | None = None,
     ) -> None:
-        """``init_from``: a pretrained tokenizer checkpoint whose weights (codebook and EMA state
+        """``encoder_spatial_radius``: see ``VideoTokenizer`` (None: whole-frame spatial attention).
+        ``init_from``: a pretrained tokenizer checkpoint whose weights (codebook and EMA state
         included) this one starts from when fitting: fine-tuning, not a resume (``lit/init_from.py``)."""
         super().__init__()
         self.save_hyperparameters()
@@ -81,7 +83,7 @@ class TokenizerModule(L.LightningModule):
             frame_size=frame_size, in_channels=in_channels, patch_size=patch_size, dim=dim,
             enc_depth=enc_depth, dec_depth=dec_depth, heads=heads, mlp_ratio=mlp_ratio,
             codebook_size=codebook_size, code_dim=code_dim, beta=beta, ema=ema, ema_decay=ema_decay,
-            restart_threshold=restart_threshold, dropout=dropout,
+            restart_threshold=restart_threshold, dropout=dropout, encoder_spatial_radius=encoder_spatial_radius,
         )
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)

@@ -124,13 +124,16 @@ class STBlock(nn.Module):
         kv_cache: KV | None = None,
         return_kv: bool = False,
         temporal_mask: torch.Tensor | None = None,
+        spatial_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, KV]:
         """``x_BTSD``: [B, T, S, D] tokens. ``kv_cache``: temporal keys/values of the frames before
         these T frames, each [B*S, heads, T_past, D/heads]. ``temporal_mask``: bool [T, T] (True =
-        may attend) instead of the causal mask, e.g. for two-stream teacher-forced training."""
+        may attend) instead of the causal mask, e.g. for two-stream teacher-forced training.
+        ``spatial_mask``: bool [S, S] (True = may attend) restricting spatial attention, e.g. to a
+        neighbourhood (``local_spatial_mask``)."""
         B, T, S, _ = x_BTSD.shape
         h, gate = self.norm_s(x_BTSD, cond_BTD)
-        h, _ = self.attn_s(rearrange(h, "b t s d -> (b t) s d"))
+        h, _ = self.attn_s(rearrange(h, "b t s d -> (b t) s d"), attn_mask=spatial_mask)
         x_BTSD = x_BTSD + self._gated(rearrange(h, "(b t) s d -> b t s d", b=B), gate)
 
         h, gate = self.norm_t(x_BTSD, cond_BTD)
@@ -143,8 +146,19 @@ class STBlock(nn.Module):
         return (x_BTSD, kv) if return_kv else x_BTSD
 
 
+def local_spatial_mask(h: int, w: int, radius: int) -> torch.Tensor:
+    """bool [h*w, h*w]: position i may attend to j when their grid rows and columns differ by at most
+    ``radius`` (0: each position sees only itself, so its output depends on its own input alone)."""
+    if radius < 0:
+        raise ValueError(f"spatial radius must be >= 0, got {radius}")
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    y, x = yy.flatten(), xx.flatten()
+    return ((y[:, None] - y[None]).abs() <= radius) & ((x[:, None] - x[None]).abs() <= radius)
+
+
 class STTransformer(nn.Module):
-    """A stack of ``STBlock``s with a final LayerNorm; caches per-layer temporal keys/values."""
+    """A stack of ``STBlock``s with a final LayerNorm; caches per-layer temporal keys/values.
+    ``spatial_mask`` (bool [S, S], optional) restricts every block's spatial attention."""
 
     def __init__(
         self,
@@ -155,12 +169,14 @@ class STTransformer(nn.Module):
         causal: bool = True,
         cond_dim: int | None = None,
         dropout: float = 0.0,
+        spatial_mask: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             STBlock(dim, heads, mlp_ratio, causal, cond_dim, dropout) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
+        self.register_buffer("spatial_mask", spatial_mask, persistent=False)
 
     def forward(
         self,
@@ -173,7 +189,8 @@ class STTransformer(nn.Module):
         new_kv: list[KV] = []
         for i, block in enumerate(self.blocks):
             past = None if kv_cache is None else kv_cache[i]
-            x_BTSD, kv = block(x_BTSD, cond_BTD, kv_cache=past, return_kv=True, temporal_mask=temporal_mask)
+            x_BTSD, kv = block(x_BTSD, cond_BTD, kv_cache=past, return_kv=True, temporal_mask=temporal_mask,
+                               spatial_mask=self.spatial_mask)
             new_kv.append(kv)
         x_BTSD = self.norm(x_BTSD)
         return (x_BTSD, new_kv) if return_kv else x_BTSD

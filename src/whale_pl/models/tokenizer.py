@@ -7,6 +7,12 @@ across frames) -> projection to a low-dimensional code space -> vector quantiser
 linear head to patch pixels. Because both stacks are causal in time, the tokens and the
 reconstruction of frame t depend on frames <= t only. There is no temporal position embedding:
 causal attention alone orders the frames, so the tokenizer runs on clips of any length.
+
+``encoder_spatial_radius`` r limits the encoder's spatial attention to the (2r+1) x (2r+1) patches
+around each patch (None: the whole frame). With a whole-frame encoder a patch's code depends on every
+patch, so a moving arm flips codes of patches whose pixels did not change -- changes no dynamics model
+can time (``benchmarks/token_change.py`` measures the share). With r = 0 a code depends only on its
+own patch's pixels, now and in earlier frames.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from whale_pl.models.quantizer import VectorQuantizer
-from whale_pl.models.st_block import STTransformer
+from whale_pl.models.st_block import STTransformer, local_spatial_mask
 
 
 @dataclass
@@ -50,6 +56,7 @@ class VideoTokenizer(nn.Module):
         ema_decay: float = 0.99,
         restart_threshold: float = 0.03,
         dropout: float = 0.0,
+        encoder_spatial_radius: int | None = None,
     ) -> None:
         super().__init__()
         H, W = (int(s) for s in frame_size)
@@ -67,7 +74,10 @@ class VideoTokenizer(nn.Module):
         patch_dim = in_channels * patch_size * patch_size
         self.patch_embed = nn.Linear(patch_dim, dim)
         self.enc_pos = nn.Parameter(torch.randn(h * w, dim) * 0.02)
-        self.encoder = STTransformer(dim, enc_depth, heads, mlp_ratio, causal=True, dropout=dropout)
+        self.encoder_spatial_radius = encoder_spatial_radius
+        enc_mask = None if encoder_spatial_radius is None else local_spatial_mask(h, w, encoder_spatial_radius)
+        self.encoder = STTransformer(dim, enc_depth, heads, mlp_ratio, causal=True, dropout=dropout,
+                                     spatial_mask=enc_mask)
         self.to_code = nn.Linear(dim, code_dim)
         self.quantizer = VectorQuantizer(
             codebook_size, code_dim, beta=beta, ema=ema, decay=ema_decay, restart_threshold=restart_threshold
