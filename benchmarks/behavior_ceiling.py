@@ -22,8 +22,16 @@ recorded states via ``whale_pl.data.policies.expert_for``) and residual features
 oracle the prior does not have (it sees frames, not the state), an upper bound on what knowing
 the task's expert behaviour could add.
 
+``--frame-expert`` replaces that oracle by an MLP that reads the expert's action off the *frames*
+(each frame's tokenizer code grid and its change since the previous frame), fitted on the train
+episodes either to the scripted expert's actions (``oracle``: expert labels the behavior model never
+gets) or to the behavior data's own actions with an L1 loss (``median``: the action most policies take
+at that frame -- all a model without expert labels can learn); it prints how well each predicts the
+expert on the val episodes (R^2). It answers whether the frames hold what the target needs.
+
     .venv/bin/python benchmarks/behavior_ceiling.py                       # clip lengths 16 32 64 120
     .venv/bin/python benchmarks/behavior_ceiling.py --clip-len 16 --expert
+    .venv/bin/python benchmarks/behavior_ceiling.py --clip-len 16 32 64 --frame-expert oracle median
 
 Last line: ``behavior_ceiling_acc: <val per-point accuracy at the first clip length> fraction``.
 """
@@ -53,6 +61,35 @@ def expert_actions(ep) -> np.ndarray:
         warnings.simplefilter("ignore", UserWarning)
         a = [np.asarray(ex.get_action(s), np.float64) for s in ep.state.astype(np.float64)]
     return np.clip(np.stack(a), -1, 1)
+
+
+@torch.no_grad()
+def frame_inputs(tok, ep) -> torch.Tensor:
+    """[T, 2 * h*w*C]: each frame's tokenizer code grid (frame tokenized alone) and its change since the previous one."""
+    from whale_pl.lit.behavior_module import frames_to_unit
+
+    frames = frames_to_unit(torch.from_numpy(ep.frames).permute(0, 3, 1, 2))
+    codes = torch.cat([tok.embed(tok.encode(frames[i : i + 256, None]))[:, 0].flatten(1).float()
+                       for i in range(0, len(frames), 256)])
+    return torch.cat([codes, codes - torch.cat([codes[:1], codes[:-1]])], 1)
+
+
+def fit_frame_expert(x_tr: list, y_tr: list, loss: str, steps: int = 3000, seed: int = 0) -> torch.nn.Module:
+    """MLP frames -> action, fitted with MSE (``oracle`` labels) or L1 (``median``) by AdamW on batches of 256."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    X, Y = torch.cat(x_tr), torch.from_numpy(np.concatenate(y_tr)).float()
+    net = torch.nn.Sequential(torch.nn.Linear(X.shape[1], 512), torch.nn.GELU(), torch.nn.Linear(512, 256),
+                              torch.nn.GELU(), torch.nn.Linear(256, Y.shape[1]))
+    opt = torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=0.01)
+    for _ in range(steps):
+        i = torch.randint(len(X), (256,), generator=g)
+        err = net(X[i]) - Y[i]
+        out = err.pow(2).mean() if loss == "mse" else err.abs().mean()
+        opt.zero_grad()
+        out.backward()
+        opt.step()
+    return net.eval()
 
 
 def causal_features(a_TA: np.ndarray, raw_TA: np.ndarray, expert_TA: np.ndarray | None = None) -> np.ndarray:
@@ -106,8 +143,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hop", type=int, default=8)
     p.add_argument("--t-min", type=int, default=8)
     p.add_argument("--expert", action="store_true", help="add oracle residuals against the scripted expert's action")
+    p.add_argument("--frame-expert", nargs="+", choices=["oracle", "median"], default=[],
+                   help="residuals against an MLP reading the expert's action off the frames (see above)")
+    p.add_argument("--tokenizer", default="runs/demo/tokenizer/checkpoints/best.ckpt",
+                   help="stage-1 checkpoint whose codes --frame-expert reads")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     a = p.parse_args(argv)
+    if a.expert and a.frame_expert:
+        raise SystemExit("--expert and --frame-expert are separate comparisons: give one of them")
     torch.set_num_threads(a.threads)
 
     from whale_pl.data.datamodule import MetaWorldDataModule
@@ -122,27 +165,48 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"{a.data_config}: no {s} episodes (collect the demo data first)")
     print(f"{len(eps['train'])} train / {len(eps['val'])} val episodes, families {families}, "
           f"expert oracle {'on' if a.expert else 'off'}", flush=True)
-    experts = {s: None for s in eps}
-    if a.expert:
+    variants = {"actions only": {s: None for s in eps}}
+    if a.expert or a.frame_expert:
         t0 = time.time()
-        experts = {s: [expert_actions(ep) for ep in e] for s, e in eps.items()}
+        true_expert = {s: [expert_actions(ep) for ep in e] for s, e in eps.items()}
         print(f"expert actions for every recorded state ({time.time() - t0:.0f}s)", flush=True)
+        if a.expert:
+            variants = {"scripted expert (oracle)": true_expert}
+    if a.frame_expert:
+        from whale_pl.lit.handoff import load_frozen
+        from whale_pl.lit.tokenizer_module import TokenizerModule
+
+        tok = load_frozen(a.tokenizer, TokenizerModule).model
+        x = {s: [frame_inputs(tok, ep) for ep in e] for s, e in eps.items()}
+        yv = np.concatenate(true_expert["val"])
+        for kind in a.frame_expert:
+            t0 = time.time()
+            labels = true_expert["train"] if kind == "oracle" else [ep.actions for ep in eps["train"]]
+            net = fit_frame_expert(x["train"], labels, "mse" if kind == "oracle" else "l1")
+            with torch.no_grad():
+                pred = {s: [net(xe).clamp(-1, 1).double().numpy() for xe in x[s]] for s in eps}
+            r2 = 1 - ((np.concatenate(pred["val"]) - yv) ** 2).mean(0) / yv.var(0)
+            print(f"frame expert '{kind}' ({'MSE on expert labels' if kind == 'oracle' else 'L1 on the data actions'}): "
+                  f"val R^2 against the scripted expert per action dim {np.round(r2, 3).tolist()} ({time.time() - t0:.0f}s)",
+                  flush=True)
+            variants[f"frame expert '{kind}'"] = pred
 
     results = []
     for L in a.clip_len:
-        t0 = time.time()
-        xtr, ytr, _ = split_points(eps["train"], families, L, a.hop, a.t_min, normaliser, experts["train"])
-        xv, yv, hv = split_points(eps["val"], families, L, a.hop, a.t_min, normaliser, experts["val"])
-        probe = fit_linear_probe(xtr, ytr, n_classes=len(families), max_iter=500)
-        ok = (probe.predict(xv) == yv).numpy()
-        by_hist = [f"t {lo}-{hi - 1} {ok[(hv >= lo) & (hv < hi)].mean():.2f}"
-                   for lo, hi in HISTORY_BUCKETS if ((hv >= lo) & (hv < hi)).any()]
-        by_fam = [f"{f} {ok[yv.numpy() == k].mean():.2f}" for k, f in enumerate(families) if (yv == k).any()]
-        print(f"clip_len {L}: val per-point accuracy {ok.mean():.3f}  train {probe.accuracy(xtr, ytr):.3f} | "
-              f"{len(ytr)} train / {len(yv)} val points, {xtr.shape[1]} features | {time.time() - t0:.0f}s", flush=True)
-        print("  by history: " + ", ".join(by_hist), flush=True)
-        print("  by family:  " + ", ".join(by_fam), flush=True)
-        results.append(float(ok.mean()))
+        for name, experts in variants.items():
+            t0 = time.time()
+            xtr, ytr, _ = split_points(eps["train"], families, L, a.hop, a.t_min, normaliser, experts["train"])
+            xv, yv, hv = split_points(eps["val"], families, L, a.hop, a.t_min, normaliser, experts["val"])
+            probe = fit_linear_probe(xtr, ytr, n_classes=len(families), max_iter=500)
+            ok = (probe.predict(xv) == yv).numpy()
+            by_hist = [f"t {lo}-{hi - 1} {ok[(hv >= lo) & (hv < hi)].mean():.2f}"
+                       for lo, hi in HISTORY_BUCKETS if ((hv >= lo) & (hv < hi)).any()]
+            by_fam = [f"{f} {ok[yv.numpy() == k].mean():.2f}" for k, f in enumerate(families) if (yv == k).any()]
+            print(f"clip_len {L}, {name}: val per-point accuracy {ok.mean():.3f}  train {probe.accuracy(xtr, ytr):.3f} | "
+                  f"{len(ytr)} train / {len(yv)} val points, {xtr.shape[1]} features | {time.time() - t0:.0f}s", flush=True)
+            print("  by history: " + ", ".join(by_hist), flush=True)
+            print("  by family:  " + ", ".join(by_fam), flush=True)
+            results.append(float(ok.mean()))
     print(f"behavior_ceiling_acc: {results[0]:.3f} fraction")
 
 
