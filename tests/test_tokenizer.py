@@ -173,3 +173,5 @@ def test_encoder_spatial_radius_zero_codes_each_patch_from_its_own_pixels():
             keep = torch.ones(16, dtype=torch.bool)
             keep[1 * 4 + 2] = False
             assert torch.equal(tok.encode(edited)[0, 1].flatten()[keep], tok.encode(frames)[0, 1].flatten()[keep])
+    with pytest.raises(ValueError, match="encoder_spatial_radius=-1"):
+        VideoTokenizer(frame_size=(16, 16), patch_size=4, dim=32, encoder_spatial_radius=-1)
