@@ -165,13 +165,12 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"{a.data_config}: no {s} episodes (collect the demo data first)")
     print(f"{len(eps['train'])} train / {len(eps['val'])} val episodes, families {families}, "
           f"expert oracle {'on' if a.expert else 'off'}", flush=True)
-    variants = {"actions only": {s: None for s in eps}}
     if a.expert or a.frame_expert:
         t0 = time.time()
         true_expert = {s: [expert_actions(ep) for ep in e] for s, e in eps.items()}
         print(f"expert actions for every recorded state ({time.time() - t0:.0f}s)", flush=True)
-        if a.expert:
-            variants = {"scripted expert (oracle)": true_expert}
+    # --expert: the oracle alone (as before); otherwise actions only, then each --frame-expert beside it
+    variants = {"scripted expert (oracle)": true_expert} if a.expert else {"actions only": {s: None for s in eps}}
     if a.frame_expert:
         from whale_pl.lit.handoff import load_frozen
         from whale_pl.lit.tokenizer_module import TokenizerModule

@@ -283,12 +283,20 @@ class DynamicsModel(nn.Module):
             q = self.code_out(h_BTSD)
             logits = logits + self.code_scale * (q @ self.code_vectors.to(q.dtype).T)
         bias = 0.0 if raw else self.copy_bias
-        if prev_ids_BTS is None or (self.copy_gate is None and bias == 0.0):
+        if prev_ids_BTS is None:
             return logits
-        V = self.codebook_size
-        known = (prev_ids_BTS < V).unsqueeze(-1).to(logits.dtype)
         bonus = bias if self.copy_gate is None else self.copy_gate(h_BTSD).to(logits.dtype) + bias
-        return logits.scatter_add(-1, prev_ids_BTS.clamp(max=V - 1).unsqueeze(-1), bonus * known)
+        return self.add_at_prev(logits, prev_ids_BTS, bonus)
+
+    def add_at_prev(self, logits_NV: torch.Tensor, prev_ids_N: torch.Tensor,
+                    bonus: torch.Tensor | float) -> torch.Tensor:
+        """``logits [..., V]`` with ``bonus`` (a float, or ``[..., 1]``) added at each position's previous id,
+        nowhere the previous id is unknown or masked (>= V)."""
+        if isinstance(bonus, float) and bonus == 0.0:
+            return logits_NV
+        V = self.codebook_size
+        known = (prev_ids_N < V).unsqueeze(-1).to(logits_NV.dtype)
+        return logits_NV.scatter_add(-1, prev_ids_N.clamp(max=V - 1).unsqueeze(-1), bonus * known)
 
     def heads(self, h_BTSD: torch.Tensor) -> dict[str, torch.Tensor]:
         """Reward, success logit and state predicted from each frame's latent."""
@@ -378,8 +386,8 @@ class DynamicsModel(nn.Module):
         logits = rearrange(logits, "b t h w v -> b t (h w) v")
         target = mask | hit
         ce = self._weighted_ce(logits[target], ids[target], self.prev_ids(ids)[target])
-        acc = (logits[mask].argmax(-1) == ids[mask]).float().mean()
-        out = {"ce": ce, "acc": acc}
+        src_prev = self.prev_ids(rearrange(whole, "b t h w -> b t (h w)"))  # what token_logits corrects at
+        out = {"ce": ce, "acc": self._corrected_acc(logits[mask], src_prev[mask], ids[mask])}
         out.update(self._head_losses(heads, rewards_BT, success_BT, state_BTS))
         return out
 
@@ -389,6 +397,11 @@ class DynamicsModel(nn.Module):
             return F.cross_entropy(logits_NV.float(), target_N)
         w = torch.where(target_N != prev_N, self.change_weight, 1.0)
         return (F.cross_entropy(logits_NV.float(), target_N, reduction="none") * w).sum() / w.sum()
+
+    def _corrected_acc(self, raw_logits_NV: torch.Tensor, src_prev_N: torch.Tensor, target_N: torch.Tensor) -> torch.Tensor:
+        """Accuracy of the predictions every caller outside the loss sees (raw logits + the log w correction)."""
+        pred = self.add_at_prev(raw_logits_NV, src_prev_N, self.copy_bias).argmax(-1)
+        return (pred == target_N).float().mean()
 
     def _head_losses(self, heads: dict[str, torch.Tensor], rewards_BT: torch.Tensor, success_BT: torch.Tensor,
                      state_BTS: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -430,8 +443,9 @@ class DynamicsModel(nn.Module):
         inp = inp.masked_fill(mask, self.mask_id)
         logits, heads = self.two_stream(ids, inp, actions_BTA, z_BTZ, stride_B, raw=True)
         target = mask | hit
-        out = {"ce": self._weighted_ce(logits[target], tgt[target], self.prev_ids(ids)[:, c:][target]),
-               "acc": (logits[mask].argmax(-1) == tgt[mask]).float().mean()}
+        prev = self.prev_ids(ids)[:, c:]  # the clean frame before each query: copy source and change reference
+        out = {"ce": self._weighted_ce(logits[target], tgt[target], prev[target]),
+               "acc": self._corrected_acc(logits[mask], prev[mask], tgt[mask])}
         out.update(self._head_losses(heads, rewards_BT, success_BT, state_BTS))
         return out
 

@@ -146,11 +146,13 @@ class STBlock(nn.Module):
         return (x_BTSD, kv) if return_kv else x_BTSD
 
 
-def local_spatial_mask(h: int, w: int, radius: int) -> torch.Tensor:
+def local_spatial_mask(h: int, w: int, radius: int, name: str = "radius") -> torch.Tensor:
     """bool [h*w, h*w]: position i may attend to j when their grid rows and columns differ by at most
-    ``radius`` (0: each position sees only itself, so its output depends on its own input alone)."""
-    if radius < 0:
-        raise ValueError(f"spatial radius must be >= 0, got {radius}")
+    ``radius`` (0: each position sees only itself, so its output depends on its own input alone).
+    ``name``: what a bad radius is called in the error (the caller's config key)."""
+    if not isinstance(radius, int) or isinstance(radius, bool) or radius < 0:
+        raise ValueError(f"{name}={radius!r}: expected an integer >= 0 (positions of grid distance <= {name} "
+                         "attend to each other)")
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     y, x = yy.flatten(), xx.flatten()
     return ((y[:, None] - y[None]).abs() <= radius) & ((x[:, None] - x[None]).abs() <= radius)

@@ -74,12 +74,9 @@ class VideoTokenizer(nn.Module):
         patch_dim = in_channels * patch_size * patch_size
         self.patch_embed = nn.Linear(patch_dim, dim)
         self.enc_pos = nn.Parameter(torch.randn(h * w, dim) * 0.02)
-        r = encoder_spatial_radius
-        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 0):
-            raise ValueError(f"encoder_spatial_radius={encoder_spatial_radius!r}: expected None (whole-frame spatial "
-                             "attention) or an integer >= 0 (patches of grid distance <= r)")
-        self.encoder_spatial_radius = encoder_spatial_radius
-        enc_mask = None if encoder_spatial_radius is None else local_spatial_mask(h, w, encoder_spatial_radius)
+        self.encoder_spatial_radius = encoder_spatial_radius  # None: whole-frame spatial attention
+        enc_mask = (None if encoder_spatial_radius is None
+                    else local_spatial_mask(h, w, encoder_spatial_radius, name="encoder_spatial_radius"))
         self.encoder = STTransformer(dim, enc_depth, heads, mlp_ratio, causal=True, dropout=dropout,
                                      spatial_mask=enc_mask)
         self.to_code = nn.Linear(dim, code_dim)
