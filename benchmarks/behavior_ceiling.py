@@ -74,6 +74,17 @@ def frame_inputs(tok, ep) -> torch.Tensor:
     return torch.cat([codes, codes - torch.cat([codes[:1], codes[:-1]])], 1)
 
 
+def state_inputs(eps: dict) -> dict:
+    """Each episode's low-dimensional state ``[T, S]``, standardised with the training episodes' mean and std."""
+    for s, e in eps.items():
+        missing = [ep.meta.get("episode_id") for ep in e if ep.state is None or ep.state.shape[-1] == 0]
+        if missing:
+            raise ValueError(f"--expert-input state: {s} episodes {missing[:3]} carry no low-dimensional state")
+    tr = np.concatenate([ep.state for ep in eps["train"]]).astype(np.float64)
+    mu, sd = tr.mean(0), np.maximum(tr.std(0), 1e-3)
+    return {s: [torch.from_numpy((ep.state - mu) / sd).float() for ep in e] for s, e in eps.items()}
+
+
 def fit_frame_expert(x_tr: list, y_tr: list, loss: str, steps: int = 3000, seed: int = 0) -> torch.nn.Module:
     """MLP frames -> action, fitted with MSE (``oracle`` labels) or L1 (``median``) by AdamW on batches of 256."""
     g = torch.Generator().manual_seed(seed)
@@ -145,6 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--expert", action="store_true", help="add oracle residuals against the scripted expert's action")
     p.add_argument("--frame-expert", nargs="+", choices=["oracle", "median"], default=[],
                    help="residuals against an MLP reading the expert's action off the frames (see above)")
+    p.add_argument("--expert-input", choices=["codes", "state"], default="codes",
+                   help="what the --frame-expert MLP reads: the tokenizer's code grid (and its change) per frame, "
+                        "or the recorded low-dimensional state (standardised with the training episodes' statistics)")
     p.add_argument("--tokenizer", default="runs/demo/tokenizer/checkpoints/best.ckpt",
                    help="stage-1 checkpoint whose codes --frame-expert reads")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
@@ -175,8 +189,11 @@ def main(argv: list[str] | None = None) -> None:
         from whale_pl.lit.handoff import load_frozen
         from whale_pl.lit.tokenizer_module import TokenizerModule
 
-        tok = load_frozen(a.tokenizer, TokenizerModule).model
-        x = {s: [frame_inputs(tok, ep) for ep in e] for s, e in eps.items()}
+        if a.expert_input == "codes":
+            tok = load_frozen(a.tokenizer, TokenizerModule).model
+            x = {s: [frame_inputs(tok, ep) for ep in e] for s, e in eps.items()}
+        else:
+            x = state_inputs(eps)
         yv = np.concatenate(true_expert["val"])
         for kind in a.frame_expert:
             t0 = time.time()
@@ -185,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             with torch.no_grad():
                 pred = {s: [net(xe).clamp(-1, 1).double().numpy() for xe in x[s]] for s in eps}
             r2 = 1 - ((np.concatenate(pred["val"]) - yv) ** 2).mean(0) / yv.var(0)
-            print(f"frame expert '{kind}' ({'MSE on expert labels' if kind == 'oracle' else 'L1 on the data actions'}): "
+            print(f"frame expert '{kind}' from {a.expert_input} ({'MSE on expert labels' if kind == 'oracle' else 'L1 on the data actions'}): "
                   f"val R^2 against the scripted expert per action dim {np.round(r2, 3).tolist()} ({time.time() - t0:.0f}s)",
                   flush=True)
             variants[f"frame expert '{kind}'"] = pred

@@ -37,6 +37,7 @@ def teacher_forced_stats(module, batches) -> dict[str, float]:
     n = chg = right = copy = chg_right = top1_new = 0
     ce = p_old_chg = 0.0
     for batch in batches:
+        batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         ids, actions, z, stride = module._inputs(batch)
         logp = module.model.teacher_forced(ids, actions, z, stride).float().log_softmax(-1)
         tgt, prev = ids[:, 1:], ids[:, :-1]
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override model init_args")
     p.add_argument("--val-batches", type=int, default=4, help="held-out batches of 8 clips (val split)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu (the issue's budget) or gpu")
+    p.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override datamodule init_args, e.g. batch_size=32 num_workers=8")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -72,12 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     margs.pop("intra_op_threads", None)  # --threads decides
     dcfg = cfg["data"]
     L.seed_everything(a.seed, verbose=False)
-    dm = import_path(dcfg["class_path"])(**dcfg.get("init_args", {}))
+    dm = import_path(dcfg["class_path"])(**{**dcfg.get("init_args", {}), **parse_set(a.data)})
     dm.setup("fit")
     module = import_path(cfg["model"]["class_path"])(**margs, data_spec=dm.data_spec)
     tcfg = cfg["trainer"]
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision=tcfg.get("precision", "32-true"),
+        accelerator=a.accelerator, devices=1, precision=tcfg.get("precision", "32-true"),
         gradient_clip_val=tcfg.get("gradient_clip_val"), max_steps=int(margs.get("max_steps") or 10**6),
         max_time={"seconds": int(a.minutes * 60)}, limit_val_batches=0, logger=False, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     vdm.setup("validate")
     stats = teacher_forced_stats(module, list(vdm.val_dataloader()))
     print(f"stages/{a.scale}/dynamics.yaml with {a.set or 'no overrides'}: {trainer.global_step} steps in "
-          f"{seconds:.0f} s ({a.threads} thread(s)); held-out: {stats['tokens']} tokens, "
+          f"{seconds:.0f} s ({a.accelerator}, {a.threads} thread(s), data {a.data or 'as configured'}); held-out: {stats['tokens']} tokens, "
           f"{100 * stats['changing_share']:.2f}% change from the frame before")
     print(f"  teacher-forced acc {100 * stats['acc']:.3f}% vs copy {100 * stats['copy_acc']:.3f}% "
           f"({stats['acc_minus_copy_pt']:+.3f} pt); cross-entropy {stats['ce']:.4f}")
