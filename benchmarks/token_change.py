@@ -10,7 +10,8 @@ changed, and the action is among the largest 20 %. If even that probability stay
 no model can be confident enough about *when* a token flips to beat copying by much, whatever it
 knows about *what* it flips to.
 
-It also asks how well token changes follow *pixel* changes: the share of token changes at patches
+It counts flicker: the share of changes undone at the very next frame (A -> B -> A), which no
+model can time from the frames before. It also asks how well token changes follow *pixel* changes: the share of token changes at patches
 whose pixels did not change at all (max |delta| <= 2 of 255 over the patch), and the probability that a
 token changes given how much its patch's pixels changed. Changes at still patches come from the
 encoder's spatial attention (a patch's code depends on the whole frame) and are noise no dynamics
@@ -79,9 +80,11 @@ def change_stats(ids_NTS: torch.Tensor, norm_NT: torch.Tensor, grid_hw: tuple[in
     h, w = grid_hw
     nb = F.conv2d(now.float().reshape(-1, 1, h, w), torch.ones(1, 1, 3, 3), padding=1).reshape(now.shape)
     big = norm_NT[:, 1:-1, None] >= torch.quantile(norm_NT[:, 1:-1].flatten(), 0.8)
+    back = now & (ids_NTS[:, 2:] == ids_NTS[:, :-2])  # A -> B -> A: the change undone one frame later
     out = {"p_change": changed.float().mean().item(),
            "p_change_after_change": nxt[now].float().mean().item(),
-           "p_change_after_still": nxt[~now].float().mean().item()}
+           "p_change_after_still": nxt[~now].float().mean().item(),
+           "share_of_changes_undone_next_frame": int(back.sum()) / max(1, int(now.sum()))}
     best = 0.0
     for k in (3, 5, 7):
         sel = now & (nb >= k) & big
