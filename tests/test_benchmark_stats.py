@@ -1,0 +1,49 @@
+"""The statistics benchmarks print, on inputs whose answer is known by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_token_change_counts_changes_undone_at_the_next_frame():
+    tc = _load("token_change")
+    # position 0 flickers 1 -> 2 -> 1 and then changes nothing; position 1 changes 1 -> 2 and stays
+    ids = torch.tensor([[[1, 1], [2, 1], [1, 2], [1, 2]]])  # [N=1, T=4, S=2]
+    st = tc.change_stats(ids, torch.ones(1, 4), (1, 2))
+    # changes into frames 1 and 2 (the ones with a frame after them): three; one of them is undone
+    assert st["share_of_changes_undone_next_frame"] == pytest.approx(1 / 3)
+    assert st["p_change"] == pytest.approx(3 / 6)
+
+
+def test_behavior_ceiling_state_inputs_standardise_with_training_statistics_and_name_missing_states():
+    bc = _load("behavior_ceiling")
+    rng = np.random.default_rng(0)
+    ep = lambda shift: SimpleNamespace(state=rng.normal(shift, 2.0, (50, 3)), meta={"episode_id": "e"})  # noqa: E731
+    eps = {"train": [ep(1.0), ep(1.0)], "val": [ep(5.0)]}
+    x = bc.state_inputs(eps)
+    tr = torch.cat(x["train"])
+    assert torch.allclose(tr.mean(0), torch.zeros(3), atol=1e-5) and torch.allclose(tr.std(0, unbiased=False), torch.ones(3), atol=1e-4)
+    assert (x["val"][0].mean(0) > 1.0).all()  # val standardised with the training statistics, not its own
+    eps["val"].append(SimpleNamespace(state=None, meta={"episode_id": "task/policy/val/3"}))
+    with pytest.raises(ValueError, match="task/policy/val/3.*no low-dimensional state"):
+        bc.state_inputs(eps)
