@@ -19,6 +19,7 @@ model can time.
 
     .venv/bin/python benchmarks/token_change.py                  # stride 1 (the demo dynamics)
     .venv/bin/python benchmarks/token_change.py --stride 1 2 3   # coarser time steps too
+    .venv/bin/python benchmarks/token_change.py --sticky-margin 0.02   # hysteresis at encode time
 
 Last line: ``token_change_p_max: <largest conditional change probability at the first stride> prob``.
 """
@@ -42,23 +43,27 @@ PIXEL_BUCKETS = [(-1, 2), (2, 10), (10, 30), (30, 80), (80, 255)]  # max |delta|
 
 
 @torch.no_grad()
-def clip_ids(tok, episodes, clip_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def clip_ids(tok, episodes, clip_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Ids ``[N, clip_len, h*w]`` of consecutive clips, the xyz action norm ``[N, clip_len]`` of
-    the (composed) action taken at each of their frames, and each patch's largest absolute pixel
-    change from the previous frame ``[N, clip_len - 1, h*w]`` (uint8 levels)."""
-    ids, norms, dpix = [], [], []
+    the (composed) action taken at each of their frames, each patch's largest absolute pixel
+    change from the previous frame ``[N, clip_len - 1, h*w]`` (uint8 levels), and the PSNR (dB) of
+    the clips decoded from these ids."""
+    ids, norms, dpix, sq_err = [], [], [], []
     p = tok.patch_size
     for ep in episodes:
         raw = torch.from_numpy(ep.frames[::stride]).permute(0, 3, 1, 2)
         frames = frames_to_unit(raw)
         n = (len(frames) // clip_len) * clip_len
         for s in range(0, n, clip_len):
-            ids.append(tok.encode(frames[s : s + clip_len][None])[0].flatten(1))
+            clip_ids_Thw = tok.encode(frames[s : s + clip_len][None])
+            ids.append(clip_ids_Thw[0].flatten(1))
+            sq_err.append(((tok.decode(clip_ids_Thw)[0] - frames[s : s + clip_len]) ** 2).mean())
             patches = rearrange(raw[s : s + clip_len].float(), "t c (h p) (w q) -> t (h w) (c p q)", p=p, q=p)
             dpix.append((patches[1:] - patches[:-1]).abs().amax(-1))
         acts = torch.from_numpy(ep.actions[: n * stride, :3]).reshape(n, stride, 3).sum(1)
         norms.append(acts.norm(dim=-1).reshape(-1, clip_len))
-    return torch.stack(ids), torch.cat(norms), torch.stack(dpix)
+    psnr_db = float((10 * torch.log10(4.0 / torch.stack(sq_err))).mean())  # frames in [-1, 1]: range 2
+    return torch.stack(ids), torch.cat(norms), torch.stack(dpix), psnr_db
 
 
 def pixel_stats(ids_NTS: torch.Tensor, dpix_NTS: torch.Tensor) -> dict[str, float]:
@@ -105,15 +110,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stride", type=int, nargs="+", default=[1])
     p.add_argument("--every", type=int, default=3, help="use every n-th training episode")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sticky-margin", type=float, default=None,
+                   help="encode with this hysteresis margin instead of the checkpoint's (VideoTokenizer.sticky_margin)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     tok = load_frozen(a.tokenizer, TokenizerModule).model
+    if a.sticky_margin is not None:
+        tok.sticky_margin = a.sticky_margin
     dm = MetaWorldDataModule(config=a.data_config)
     episodes = dm.episodes(split="train")[:: a.every]
     first = None
     for k in a.stride:
-        ids, norms, dpix = clip_ids(tok, episodes, a.clip_len, k)
-        st = {**change_stats(ids, norms, tok.grid_hw()), **pixel_stats(ids, dpix)}
+        ids, norms, dpix, psnr_db = clip_ids(tok, episodes, a.clip_len, k)
+        st = {**change_stats(ids, norms, tok.grid_hw()), **pixel_stats(ids, dpix), "recon_psnr_db": psnr_db}
         first = st if first is None else first
         print(f"stride {k}: {len(episodes)} episodes, {ids.shape[0]} clips of {a.clip_len} frames")
         for name, v in st.items():

@@ -175,3 +175,38 @@ def test_encoder_spatial_radius_zero_codes_each_patch_from_its_own_pixels():
             assert torch.equal(tok.encode(edited)[0, 1].flatten()[keep], tok.encode(frames)[0, 1].flatten()[keep])
     with pytest.raises(ValueError, match="encoder_spatial_radius=-1"):
         VideoTokenizer(frame_size=(16, 16), patch_size=4, dim=32, encoder_spatial_radius=-1)
+
+
+def test_sticky_lookup_keeps_near_ties_and_switches_past_the_margin():
+    """Hysteresis: a latent drifting from code A to code B with jitter flips back and forth under
+    plain nearest-code lookup, once under ``lookup_sticky``; every id stays within the margin."""
+    q = VectorQuantizer(codebook_size=3, code_dim=2, restart_threshold=0.0, init_from_data=False).eval()
+    with torch.no_grad():
+        q.codebook.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+    g = torch.Generator().manual_seed(0)
+    angle = torch.linspace(0.0, torch.pi / 2, 40) + 0.05 * torch.randn(40, generator=g)  # A -> B, jittered
+    z_BTSC = torch.stack([angle.cos(), angle.sin()], -1)[None, :, None]  # [1, 40, 1, 2]
+    plain = q.lookup_sticky(z_BTSC, 0.0)[0, :, 0]
+    assert torch.equal(plain, q.lookup(z_BTSC.reshape(-1, 2)))  # margin 0 is the nearest code
+    sticky = q.lookup_sticky(z_BTSC, 0.1)[0, :, 0]
+    flips = lambda ids: int((ids[1:] != ids[:-1]).sum())  # noqa: E731
+    assert flips(plain) > 1 and flips(sticky) == 1
+    assert sticky[0] == 0 and sticky[-1] == 1
+    sim = F.normalize(z_BTSC[0, :, 0], dim=-1) @ q.normalized_codebook().t()
+    assert (sim.gather(1, sticky[:, None])[:, 0] >= sim.amax(1) - 0.1 - 1e-6).all()
+    t = int((sticky[1:] != sticky[:-1]).nonzero()[0]) + 1  # the switch: B beats A by more than the margin
+    assert sim[t, 1] - sim[t, 0] > 0.1
+
+
+def test_sticky_margin_changes_only_encode_and_is_checked():
+    torch.manual_seed(0)
+    plain = VideoTokenizer(**TINY_TOK).eval()
+    sticky = VideoTokenizer(**TINY_TOK, sticky_margin=0.5).eval()
+    sticky.load_state_dict(plain.state_dict())
+    frames = torch.rand(2, 6, 3, 32, 32) * 2 - 1
+    a, b = plain.encode(frames), sticky.encode(frames)
+    assert torch.equal(a[:, 0], b[:, 0])  # the first frame has nothing to stick to
+    assert (b[:, 1:] != b[:, :-1]).sum() < (a[:, 1:] != a[:, :-1]).sum()
+    torch.testing.assert_close(plain(frames).recon_BTCHW, sticky(frames).recon_BTCHW)  # training path untouched
+    with pytest.raises(ValueError, match="sticky_margin=-0.1: expected"):
+        VideoTokenizer(**TINY_TOK, sticky_margin=-0.1)

@@ -63,6 +63,7 @@ class TokenizerModule(L.LightningModule):
         restart_threshold: float = 0.03,
         dropout: float = 0.0,
         encoder_spatial_radius: int | None = None,
+        sticky_margin: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -75,6 +76,8 @@ class TokenizerModule(L.LightningModule):
         init_from: str | None = None,
     ) -> None:
         """``encoder_spatial_radius``: see ``VideoTokenizer`` (None: whole-frame spatial attention).
+        ``sticky_margin``: encode-time hysteresis (``VectorQuantizer.lookup_sticky``), stored with the
+        checkpoint so every later stage tokenizes alike; training and reconstruction metrics are unaffected.
         ``init_from``: a pretrained tokenizer checkpoint whose weights (codebook and EMA state
         included) this one starts from when fitting: fine-tuning, not a resume (``lit/init_from.py``)."""
         super().__init__()
@@ -84,6 +87,7 @@ class TokenizerModule(L.LightningModule):
             enc_depth=enc_depth, dec_depth=dec_depth, heads=heads, mlp_ratio=mlp_ratio,
             codebook_size=codebook_size, code_dim=code_dim, beta=beta, ema=ema, ema_decay=ema_decay,
             restart_threshold=restart_threshold, dropout=dropout, encoder_spatial_radius=encoder_spatial_radius,
+            sticky_margin=sticky_margin,
         )
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)

@@ -80,6 +80,24 @@ class VectorQuantizer(nn.Module):
             z_NC = F.normalize(z_NC.float(), dim=-1)
             return (z_NC @ self.normalized_codebook().float().t()).argmax(dim=-1)
 
+    @torch.no_grad()
+    def lookup_sticky(self, z_BTSC: torch.Tensor, margin: float) -> torch.Tensor:
+        """Ids ``[B, T, S]`` of a clip with hysteresis: position s keeps the id it had at frame t-1
+        unless the nearest code is more similar (cosine) by more than ``margin``. Every id stays
+        within ``margin`` of the nearest code; near-ties no longer flip from frame to frame."""
+        with torch.autocast(z_BTSC.device.type, enabled=False):
+            z = F.normalize(z_BTSC.float(), dim=-1)
+            sim_BTSV = z @ self.normalized_codebook().float().t()
+        best_BTS = sim_BTSV.argmax(dim=-1)
+        if margin <= 0:
+            return best_BTS
+        ids = [best_BTS[:, 0]]
+        for t in range(1, z.shape[1]):
+            prev_BS = ids[-1]
+            keep = sim_BTSV[:, t].gather(-1, prev_BS[..., None])[..., 0] >= sim_BTSV[:, t].amax(-1) - margin
+            ids.append(torch.where(keep, prev_BS, best_BTS[:, t]))
+        return torch.stack(ids, dim=1)
+
     def forward(self, z_NC: torch.Tensor) -> QuantizerOutput:
         z_NC = F.normalize(z_NC.float(), dim=-1)
         if self.training and not bool(self.initialized):

@@ -57,8 +57,14 @@ class VideoTokenizer(nn.Module):
         restart_threshold: float = 0.03,
         dropout: float = 0.0,
         encoder_spatial_radius: int | None = None,
+        sticky_margin: float = 0.0,
     ) -> None:
         super().__init__()
+        if not (isinstance(sticky_margin, (int, float)) and 0.0 <= float(sticky_margin) < 2.0):
+            raise ValueError(f"sticky_margin={sticky_margin!r}: expected a cosine-similarity margin in [0, 2) "
+                             "(0: plain nearest-code tokens)")
+        # encode-time hysteresis (VectorQuantizer.lookup_sticky); training and decoding are unaffected
+        self.sticky_margin = float(sticky_margin)
         H, W = (int(s) for s in frame_size)
         if H % patch_size or W % patch_size:
             raise ValueError(
@@ -149,13 +155,14 @@ class VideoTokenizer(nn.Module):
     def encode(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
         """frames in [-1, 1], [B,T,C,H,W] -> token ids [B,T,h,w] (long). Always in float32, whatever
         autocast the caller runs under: the later stages' tokens (and the copy baseline) must not
-        depend on the precision a stage was trained or evaluated in (bf16 flipped ~1% of tokens)."""
+        depend on the precision a stage was trained or evaluated in (bf16 flipped ~1% of tokens).
+        With ``sticky_margin`` > 0 a position keeps its previous frame's id within the clip unless the
+        nearest code beats it by more than the margin (``VectorQuantizer.lookup_sticky``)."""
         with torch.autocast(frames_BTCHW.device.type, enabled=False):
             z_BTSC = self._encode_latent(frames_BTCHW.float())
-        B, T = z_BTSC.shape[:2]
         h, w = self.grid_hw()
-        ids_N = self.quantizer.lookup(rearrange(z_BTSC, "b t s c -> (b t s) c"))
-        return rearrange(ids_N, "(b t h w) -> b t h w", b=B, t=T, h=h, w=w)
+        ids_BTS = self.quantizer.lookup_sticky(z_BTSC, self.sticky_margin)
+        return rearrange(ids_BTS, "b t (h w) -> b t h w", h=h, w=w)
 
     def embed(self, ids_BThw: torch.Tensor) -> torch.Tensor:
         """token ids [B,T,h,w] -> unit code vectors [B,T,h,w,code_dim]."""
