@@ -5,7 +5,8 @@ on the YAML's datamodule with a real Lightning Trainer for ``--minutes`` of wall
 while training; the lr schedule anneals by time as in the stage), then scores it teacher-forced on the
 first ``--val-batches`` batches of 8 held-out clips: every frame t >= 1 predicted in one step from a
 fully masked frame given the true frames before it. Reported beside the copy-the-previous-frame
-baseline: accuracy, cross-entropy, and for the tokens that change, how often the prediction is right,
+baseline: accuracy, cross-entropy (beside that of the best smoothed copy: 1 - r on the previous id and r
+spread evenly over the others, r the held-out change rate), and for the tokens that change, how often the prediction is right,
 the probability left on the old id, and how often the best *new* id (the old one excluded) is right.
 Compare settings side by side, e.g.
 
@@ -18,6 +19,7 @@ Last line: ``dynamics_budget_val_ce: <held-out cross-entropy> nats``.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -53,7 +55,12 @@ def teacher_forced_stats(module, batches) -> dict[str, float]:
         new_best = logp.scatter(-1, prev[..., None], float("-inf")).argmax(-1)
         top1_new += int((new_best == tgt)[changed].sum())
     c = max(chg, 1)
+    V = module.model.codebook_size
+    rate = min(max(chg / n, 1e-9), 1 - 1e-9)
+    # the best smoothed copy: 1 - rate on the old id, rate spread evenly over the other V - 1 ids
+    smoothed_copy_ce = -(1 - rate) * math.log(1 - rate) - rate * math.log(rate / (V - 1))
     return {"tokens": n, "changing_share": chg / n, "acc": right / n, "copy_acc": copy / n,
+            "smoothed_copy_ce": smoothed_copy_ce,
             "acc_minus_copy_pt": 100 * (right - copy) / n, "ce": ce / n, "changing_right": chg_right / c,
             "changing_p_old_id": p_old_chg / c, "changing_best_new_id_right": top1_new / c}
 
@@ -97,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{seconds:.0f} s ({a.accelerator}, {a.threads} thread(s), data {a.data or 'as configured'}); held-out: {stats['tokens']} tokens, "
           f"{100 * stats['changing_share']:.2f}% change from the frame before")
     print(f"  teacher-forced acc {100 * stats['acc']:.3f}% vs copy {100 * stats['copy_acc']:.3f}% "
-          f"({stats['acc_minus_copy_pt']:+.3f} pt); cross-entropy {stats['ce']:.4f}")
+          f"({stats['acc_minus_copy_pt']:+.3f} pt); cross-entropy {stats['ce']:.4f} vs {stats['smoothed_copy_ce']:.4f} "
+          "for the best smoothed copy")
     print(f"  changing tokens: right {100 * stats['changing_right']:.2f}%, probability left on the old id "
           f"{stats['changing_p_old_id']:.3f}, best new id right {100 * stats['changing_best_new_id_right']:.1f}%")
     print(f"dynamics_budget_val_ce: {stats['ce']:.4f} nats")
