@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override model init_args")
     p.add_argument("--val-batches", type=int, default=4, help="held-out batches of 8 clips (val split)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--sticky-margin", type=float, default=None,
+                   help="tokenize with this hysteresis margin instead of the tokenizer checkpoint's (VideoTokenizer.sticky_margin)")
     p.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu (the issue's budget) or gpu")
     p.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override datamodule init_args, e.g. batch_size=32 num_workers=8")
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     dm = import_path(dcfg["class_path"])(**{**dcfg.get("init_args", {}), **parse_set(a.data)})
     dm.setup("fit")
     module = import_path(cfg["model"]["class_path"])(**margs, data_spec=dm.data_spec)
+    if a.sticky_margin is not None:
+        module.tokenizer.model.sticky_margin = a.sticky_margin
     tcfg = cfg["trainer"]
     trainer = L.Trainer(
         accelerator=a.accelerator, devices=1, precision=tcfg.get("precision", "32-true"),
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     vdm.setup("validate")
     stats = teacher_forced_stats(module, list(vdm.val_dataloader()))
     print(f"stages/{a.scale}/dynamics.yaml with {a.set or 'no overrides'}: {trainer.global_step} steps in "
-          f"{seconds:.0f} s ({a.accelerator}, {a.threads} thread(s), data {a.data or 'as configured'}); held-out: {stats['tokens']} tokens, "
+          f"{seconds:.0f} s (sticky margin {module.tokenizer.model.sticky_margin}, {a.accelerator}, {a.threads} thread(s), data {a.data or 'as configured'}); held-out: {stats['tokens']} tokens, "
           f"{100 * stats['changing_share']:.2f}% change from the frame before")
     print(f"  teacher-forced acc {100 * stats['acc']:.3f}% vs copy {100 * stats['copy_acc']:.3f}% "
           f"({stats['acc_minus_copy_pt']:+.3f} pt); cross-entropy {stats['ce']:.4f} vs {stats['smoothed_copy_ce']:.4f} "
