@@ -86,7 +86,8 @@ def state_inputs(eps: dict) -> dict:
 
 
 def fit_frame_expert(x_tr: list, y_tr: list, loss: str, steps: int = 3000, seed: int = 0) -> torch.nn.Module:
-    """MLP frames -> action, fitted with MSE (``oracle`` labels) or L1 (``median``) by AdamW on batches of 256."""
+    """MLP per-frame inputs (codes or state) -> action, fitted with MSE (``oracle`` labels) or L1 (``median``)
+    by AdamW on batches of 256."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     X, Y = torch.cat(x_tr), torch.from_numpy(np.concatenate(y_tr)).float()
@@ -165,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.expert and a.frame_expert:
         raise SystemExit("--expert and --frame-expert are separate comparisons: give one of them")
+    if a.expert_input != "codes" and not a.frame_expert:
+        raise SystemExit(f"--expert-input {a.expert_input} chooses what --frame-expert reads: give --frame-expert too")
     torch.set_num_threads(a.threads)
 
     from whale_pl.data.datamodule import MetaWorldDataModule

@@ -73,26 +73,28 @@ class VectorQuantizer(nn.Module):
         return F.embedding(ids, self.normalized_codebook())
 
     @torch.no_grad()
-    def lookup(self, z_NC: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest code (cosine similarity) for each row of ``z_NC``, in float32 even
+    def similarities(self, z_XC: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity ``[..., V]`` of each latent ``[..., C]`` to every code, in float32 even
         under autocast (a bf16 similarity flips near-ties between codes at random)."""
-        with torch.autocast(z_NC.device.type, enabled=False):
-            z_NC = F.normalize(z_NC.float(), dim=-1)
-            return (z_NC @ self.normalized_codebook().float().t()).argmax(dim=-1)
+        with torch.autocast(z_XC.device.type, enabled=False):
+            return F.normalize(z_XC.float(), dim=-1) @ self.normalized_codebook().float().t()
+
+    @torch.no_grad()
+    def lookup(self, z_NC: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest code (cosine similarity) for each row of ``z_NC``."""
+        return self.similarities(z_NC).argmax(dim=-1)
 
     @torch.no_grad()
     def lookup_sticky(self, z_BTSC: torch.Tensor, margin: float) -> torch.Tensor:
         """Ids ``[B, T, S]`` of a clip with hysteresis: position s keeps the id it had at frame t-1
         unless the nearest code is more similar (cosine) by more than ``margin``. Every id stays
         within ``margin`` of the nearest code; near-ties no longer flip from frame to frame."""
-        with torch.autocast(z_BTSC.device.type, enabled=False):
-            z = F.normalize(z_BTSC.float(), dim=-1)
-            sim_BTSV = z @ self.normalized_codebook().float().t()
+        sim_BTSV = self.similarities(z_BTSC)
         best_BTS = sim_BTSV.argmax(dim=-1)
         if margin <= 0:
             return best_BTS
         ids = [best_BTS[:, 0]]
-        for t in range(1, z.shape[1]):
+        for t in range(1, sim_BTSV.shape[1]):
             prev_BS = ids[-1]
             keep = sim_BTSV[:, t].gather(-1, prev_BS[..., None])[..., 0] >= sim_BTSV[:, t].amax(-1) - margin
             ids.append(torch.where(keep, prev_BS, best_BTS[:, t]))

@@ -60,11 +60,7 @@ class VideoTokenizer(nn.Module):
         sticky_margin: float = 0.0,
     ) -> None:
         super().__init__()
-        if not (isinstance(sticky_margin, (int, float)) and 0.0 <= float(sticky_margin) < 2.0):
-            raise ValueError(f"sticky_margin={sticky_margin!r}: expected a cosine-similarity margin in [0, 2) "
-                             "(0: plain nearest-code tokens)")
-        # encode-time hysteresis (VectorQuantizer.lookup_sticky); training and decoding are unaffected
-        self.sticky_margin = float(sticky_margin)
+        self.sticky_margin = sticky_margin  # checked by the setter
         H, W = (int(s) for s in frame_size)
         if H % patch_size or W % patch_size:
             raise ValueError(
@@ -98,6 +94,18 @@ class VideoTokenizer(nn.Module):
         # hundreds of steps on the mean image
         self.pixel_bias = nn.Parameter(torch.zeros(h * w, patch_dim))
         self.register_buffer("pixel_bias_initialized", torch.tensor(False))
+
+    @property
+    def sticky_margin(self) -> float:
+        """Encode-time hysteresis (``VectorQuantizer.lookup_sticky``); training and decoding are unaffected."""
+        return self._sticky_margin
+
+    @sticky_margin.setter
+    def sticky_margin(self, value: float) -> None:
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= float(value) < 2.0):
+            raise ValueError(f"sticky_margin={value!r}: expected a cosine-similarity margin in [0, 2) "
+                             "(0: plain nearest-code tokens)")
+        self._sticky_margin = float(value)
 
     def grid_hw(self, frame_hw: tuple[int, int] | None = None) -> tuple[int, int]:
         """Token grid (h, w) for frames of size ``frame_hw`` (default: the configured size)."""
