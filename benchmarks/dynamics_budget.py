@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - t0
-    vdm = import_path(dcfg["class_path"])(**{**dcfg.get("init_args", {}), "batch_size": 8, "num_workers": 0,
-                                         "val_steps": a.val_batches, "val_splits": ["val"]})
+    vdm = import_path(dcfg["class_path"])(**{**dcfg.get("init_args", {}), **parse_set(a.data), "batch_size": 8,
+                                             "num_workers": 0, "val_steps": a.val_batches, "val_splits": ["val"]})
     vdm.setup("validate")
     stats = teacher_forced_stats(module, list(vdm.val_dataloader()))
     print(f"stages/{a.scale}/dynamics.yaml with {a.set or 'no overrides'}: {trainer.global_step} steps in "

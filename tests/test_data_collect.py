@@ -161,3 +161,50 @@ def test_bad_task_and_config():
         CollectConfig(tasks=["push-v3"], train_policies=["expertt"])
     with pytest.raises(ValueError, match="both training and OOD"):
         CollectConfig(tasks=["push-v3"], train_policies=["expert"], ood_policies=["expert"])
+
+
+@pytest.mark.filterwarnings("ignore:Constant")
+def test_action_repeat_holds_each_action_for_r_simulator_steps():
+    """With action_repeat R, replaying each recorded action R times in a fresh env from the same seed
+    reproduces the next recorded state and frame exactly, and the recorded reward is the sum of the R."""
+    from whale_pl.data.metaworld import MetaWorldEnv, rollout
+
+    R, T = 3, 6
+    env = MetaWorldEnv("push-v3", 32, "corner2")
+    try:
+        ep = rollout(env, "noise_0.5", 11, T, action_repeat=R)
+        assert ep.frames.shape == (T, 32, 32, 3) and env.env.curr_path_length == R * T
+        assert ep.meta["action_repeat"] == R and ep.meta["control_hz"] == pytest.approx(80.0 / R)
+        obs = env.reset(11)
+        for t in range(T):
+            np.testing.assert_array_equal(ep.state[t], obs.astype(np.float32))
+            np.testing.assert_array_equal(ep.frames[t], env.render())
+            total = 0.0
+            for _ in range(R):
+                obs, r, *_ = env.env.step(ep.actions[t])
+                total += float(r)
+            assert ep.rewards[t] == pytest.approx(total, rel=1e-6)
+        # the policy decided once per R steps: the arm moved about R times as far as between 80 Hz frames
+        one = rollout(env, "expert", 11, T, action_repeat=1)
+        held = rollout(env, "expert", 11, T, action_repeat=R)
+        move = lambda e: np.linalg.norm(np.diff(e.state[:, :3], axis=0), axis=1).mean()  # noqa: E731
+        assert move(held) > 2 * move(one)
+        with pytest.raises(ValueError, match="action_repeat"):
+            rollout(env, "expert", 11, T, action_repeat=0)
+    finally:
+        env.close()
+
+
+def test_action_repeat_config_checks_and_dataset_identity(tiny_shards, tiny_config):
+    import dataclasses
+
+    with pytest.raises(ValueError, match=r"max_steps 200 x action_repeat 4 = 800 .* > 500"):
+        CollectConfig(tasks=["push-v3"], train_policies=["expert"], max_steps=200, action_repeat=4)
+    with pytest.raises(ValueError, match="action_repeat must be >= 1"):
+        CollectConfig(tasks=["push-v3"], train_policies=["expert"], action_repeat=0)
+    # R = 1 is left out of the stored identity (datasets collected before the option stay complete);
+    # another R is a different dataset
+    assert "action_repeat" not in tiny_config.data_json()
+    other = dataclasses.replace(tiny_config, action_repeat=2)
+    assert other.data_json()["action_repeat"] == 2
+    assert dataset_status(other)[0] == "different"

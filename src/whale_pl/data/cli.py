@@ -26,6 +26,7 @@ def _metaworld(argv: Sequence[str]) -> int:
     p.add_argument("--val-episodes-per-policy", type=int)
     p.add_argument("--ood-episodes-per-policy", type=int)
     p.add_argument("--max-steps", type=int, help="steps (frames) per episode")
+    p.add_argument("--action-repeat", type=int, help="simulator steps each action is held for (one frame per decision)")
     p.add_argument("--size", type=int, help="frame height = width")
     p.add_argument("--camera")
     p.add_argument("--seed", type=int)
@@ -39,7 +40,7 @@ def _metaworld(argv: Sequence[str]) -> int:
     from whale_pl.data.metaworld import CollectConfig, collect, ensure_collected
 
     over = {k: getattr(a, k) for k in ("tasks", "train_policies", "ood_policies", "episodes_per_policy",
-                                        "val_episodes_per_policy", "ood_episodes_per_policy", "max_steps", "size",
+                                        "val_episodes_per_policy", "ood_episodes_per_policy", "max_steps", "action_repeat", "size",
                                         "camera", "seed", "episodes_per_shard", "out", "workers")}
     try:
         if a.config:

@@ -521,5 +521,6 @@ class MetaWorldDataModule(ClipDataModule):
         spec = super().data_spec
         c = self.collect_config
         spec["metaworld"] = {"tasks": list(c.tasks), "camera": c.camera, "size": c.size, "max_steps": c.max_steps,
+                             "action_repeat": c.action_repeat,
                              "train_policies": list(c.train_policies), "ood_policies": list(c.ood_policies)}
         return spec

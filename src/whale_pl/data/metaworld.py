@@ -11,6 +11,13 @@ number of workers: the same config gives the same bytes.
 Per task, each ``train_policies`` entry gives ``episodes_per_policy`` train episodes and
 ``val_episodes_per_policy`` val episodes; each ``ood_policies`` entry gives
 ``ood_episodes_per_policy`` held-out (split ``ood``) episodes.
+
+``action_repeat`` R (our choice for the demo: 4): the policy decides every R simulator steps and its
+action is held for all R of them; one frame, state, action, summed reward and end-of-window success
+is recorded per decision. Meta-World simulates at 80 Hz, where the arm moves about a pixel per step in
+a 64-px frame, so consecutive frames are nearly identical and whether a patch's token flips at a given
+step is close to chance; robot datasets (Open X-Embodiment) record at 3-15 Hz. ``max_steps`` counts
+decisions: an episode spans ``max_steps * action_repeat`` simulator steps (at most 500).
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class CollectConfig:
     val_episodes_per_policy: int = 1
     ood_episodes_per_policy: int = 2
     max_steps: int = 120
+    action_repeat: int = 1
     size: int = 64
     camera: str = "corner2"
     seed: int = 0
@@ -94,20 +102,23 @@ class CollectConfig:
             raise ValueError(f"policies {both} are both training and OOD policies")
         if len(set(self.train_policies)) != len(self.train_policies) or len(set(self.ood_policies)) != len(self.ood_policies):
             raise ValueError("a policy is listed twice")
-        for k in ("episodes_per_policy", "max_steps", "size", "episodes_per_shard", "workers"):
+        for k in ("episodes_per_policy", "max_steps", "action_repeat", "size", "episodes_per_shard", "workers"):
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         for k in ("val_episodes_per_policy", "ood_episodes_per_policy"):
             if int(getattr(self, k)) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
-        if self.max_steps > 500:
-            raise ValueError(f"max_steps {self.max_steps} > 500, Meta-World's episode limit")
+        if self.max_steps * self.action_repeat > 500:
+            raise ValueError(f"max_steps {self.max_steps} x action_repeat {self.action_repeat} = "
+                             f"{self.max_steps * self.action_repeat} simulator steps > 500, Meta-World's episode limit")
 
     def data_json(self) -> dict:
         """The fields that determine the data (stored in the manifest, compared on reuse)."""
         d = dataclasses.asdict(self)
         for k in ("out", "workers"):
             d.pop(k)
+        if d["action_repeat"] == 1:  # datasets collected before the option existed stay valid
+            d.pop("action_repeat")
         return d
 
 
@@ -192,8 +203,11 @@ class MetaWorldEnv:
         self.env.close()
 
 
-def rollout(env: MetaWorldEnv, policy_name: str, seed: int, max_steps: int) -> Episode:
-    """One episode of ``max_steps`` steps: frames[t] and state[t] before actions[t]."""
+def rollout(env: MetaWorldEnv, policy_name: str, seed: int, max_steps: int, action_repeat: int = 1) -> Episode:
+    """One episode of ``max_steps`` decisions: frames[t] and state[t] before actions[t]. Each action is
+    held for ``action_repeat`` simulator steps; rewards[t] sums their rewards, success[t] is the last one's."""
+    if action_repeat < 1:
+        raise ValueError(f"action_repeat must be >= 1, got {action_repeat}")
     pol = parse_policy(policy_name)
     rng = np.random.default_rng(seed)
     obs = env.reset(seed)
@@ -209,19 +223,23 @@ def rollout(env: MetaWorldEnv, policy_name: str, seed: int, max_steps: int) -> E
         state[t] = obs
         a = pol.act(obs)
         actions[t] = a
-        obs, r, _term, _trunc, info = env.env.step(a)
-        rewards[t] = r
+        r_sum = 0.0
+        for _ in range(action_repeat):
+            obs, r, _term, _trunc, info = env.env.step(a)
+            r_sum += float(r)
+        rewards[t] = r_sum
         success[t] = float(info["success"])
     idx = np.arange(t_)
     return Episode(frames=frames, actions=actions, rewards=rewards, success=success,
                    is_first=idx == 0, is_last=idx == t_ - 1, is_terminal=np.zeros(t_, bool), state=state,
                    language=env.task.removesuffix("-v3").replace("-", " "),
                    meta={"source": "metaworld", "task": env.task, "policy": pol.descriptor(),
-                         "action_space": METAWORLD_ACTION_SPACE.to_json(), "control_hz": env.control_hz,
+                         "action_space": METAWORLD_ACTION_SPACE.to_json(),
+                         "control_hz": env.control_hz / action_repeat, "action_repeat": action_repeat,
                          "camera": env.camera, "seed": seed})
 
 
-def _worker(jobs_q, results_q, size: int, camera: str, max_steps: int) -> None:
+def _worker(jobs_q, results_q, size: int, camera: str, max_steps: int, action_repeat: int = 1) -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")  # the experts' gains, harmless
@@ -237,7 +255,7 @@ def _worker(jobs_q, results_q, size: int, camera: str, max_steps: int) -> None:
                     if env is not None:
                         env.close()
                     env = MetaWorldEnv(job.task, size, camera)
-                ep = rollout(env, job.policy, job.seed, max_steps)
+                ep = rollout(env, job.policy, job.seed, max_steps, action_repeat)
                 ep.meta.update({"split": job.split, "episode_id": f"{job.task}/{job.policy}/{job.split}/{job.episode}"})
                 out.append((job.index, ep))
             results_q.put(("ok", out))
@@ -249,7 +267,7 @@ def _worker(jobs_q, results_q, size: int, camera: str, max_steps: int) -> None:
 
 
 def iter_collect(jobs: list[Job], size: int, camera: str, max_steps: int, workers: int,
-                 chunk: int = 8) -> Iterator[Episode]:
+                 chunk: int = 8, action_repeat: int = 1) -> Iterator[Episode]:
     """Run the jobs in ``workers`` spawned processes; yield episodes in job order."""
     ctx = mp.get_context("spawn")
     chunks: list[list[Job]] = []
@@ -264,7 +282,7 @@ def iter_collect(jobs: list[Job], size: int, camera: str, max_steps: int, worker
     n = max(1, min(workers, len(chunks)))
     for _ in range(n):
         jobs_q.put(None)
-    procs = [ctx.Process(target=_worker, args=(jobs_q, results_q, size, camera, max_steps), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(jobs_q, results_q, size, camera, max_steps, action_repeat), daemon=True)
              for _ in range(n)]
     os.environ.setdefault("MUJOCO_GL", "egl")  # inherited by the spawned workers
     for p in procs:
@@ -306,7 +324,7 @@ def collect(cfg: CollectConfig, overwrite: bool = False, progress: bool = True) 
     bar = tqdm(total=len(jobs), desc=f"collect {cfg.name}", unit="ep", disable=not progress, dynamic_ncols=True)
     with ShardWriter(cfg.out, episodes_per_shard=cfg.episodes_per_shard, overwrite=overwrite,
                      extra={"collect_config": cfg.data_json(), "expected_frames": frames_total}) as w:
-        for ep in iter_collect(jobs, cfg.size, cfg.camera, cfg.max_steps, cfg.workers):
+        for ep in iter_collect(jobs, cfg.size, cfg.camera, cfg.max_steps, cfg.workers, action_repeat=cfg.action_repeat):
             w.write(ep)
             bar.update(1)
         bar.close()

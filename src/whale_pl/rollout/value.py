@@ -206,6 +206,7 @@ class EvalSet:
     discount: float = 0.99
     size: int = 64
     camera: str = "corner2"
+    action_repeat: int = 1  # simulator steps per decision, as the dataset was collected
     seed: int = 20_000  # start states: disjoint from the collector's episode seeds by construction
     policies: list[str] = field(init=False)
 
@@ -213,9 +214,9 @@ class EvalSet:
         self.policies = list(self.train_policies) + list(self.ood_policies)
         if not self.policies or not self.tasks:
             raise ValueError(f"an evaluation set needs tasks and policies, got {self.tasks} / {self.policies}")
-        if self.starts < 1 or self.horizon < 2 or not 0 < self.discount <= 1:
+        if self.starts < 1 or self.horizon < 2 or not 0 < self.discount <= 1 or self.action_repeat < 1:
             raise ValueError(f"starts ({self.starts}) >= 1, horizon ({self.horizon}) >= 2, discount "
-                             f"({self.discount}) in (0, 1] expected")
+                             f"({self.discount}) in (0, 1], action_repeat ({self.action_repeat}) >= 1 expected")
 
     @classmethod
     def from_data_config(cls, path: str | Path, **kw) -> "EvalSet":
@@ -226,7 +227,7 @@ class EvalSet:
         if not c.ood_policies:
             raise ValueError(f"{path}: no ood_policies: the OOD value gap needs held-out policy families")
         return cls(tasks=list(c.tasks), train_policies=list(c.train_policies), ood_policies=list(c.ood_policies),
-                   size=c.size, camera=c.camera, **kw)
+                   size=c.size, camera=c.camera, action_repeat=c.action_repeat, **kw)
 
     def start_seed(self, task: str, i: int) -> int:
         """The same start state (task variation, env seed, policy noise seed) for every policy."""
@@ -265,7 +266,7 @@ def collect_real(ev: EvalSet, progress: bool = True) -> RealRollouts:
             for pol in ev.policies:
                 for i in range(ev.starts):
                     seed = ev.start_seed(task, i)
-                    ep = rollout(env, pol, seed, ev.horizon)
+                    ep = rollout(env, pol, seed, ev.horizon, ev.action_repeat)
                     for k, v in (("task", task), ("policy", pol), ("seed", seed), ("frames", ep.frames),
                                  ("actions", ep.actions), ("rewards", ep.rewards), ("state", ep.state)):
                         rows[k].append(v)
