@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu (the issue's budget) or gpu")
     p.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override datamodule init_args, e.g. batch_size=32 num_workers=8")
+    p.add_argument("--precision", help="Lightning precision (default: the YAML's trainer.precision), e.g. 32-true")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         module.tokenizer.model.sticky_margin = a.sticky_margin
     tcfg = cfg["trainer"]
     trainer = L.Trainer(
-        accelerator=a.accelerator, devices=1, precision=tcfg.get("precision", "32-true"),
+        accelerator=a.accelerator, devices=1, precision=a.precision or tcfg.get("precision", "32-true"),
         gradient_clip_val=tcfg.get("gradient_clip_val"), max_steps=int(margs.get("max_steps") or 10**6),
         max_time={"seconds": int(a.minutes * 60)}, limit_val_batches=0, logger=False, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     vdm.setup("validate")
     stats = teacher_forced_stats(module, list(vdm.val_dataloader()))
     print(f"stages/{a.scale}/dynamics.yaml with {a.set or 'no overrides'}: {trainer.global_step} steps in "
-          f"{seconds:.0f} s (sticky margin {module.tokenizer.model.sticky_margin}, {a.accelerator}, {a.threads} thread(s), data {a.data or 'as configured'}); held-out: {stats['tokens']} tokens, "
+          f"{seconds:.0f} s (sticky margin {module.tokenizer.model.sticky_margin}, {a.accelerator}, {trainer.precision}, {a.threads} thread(s), data {a.data or 'as configured'}); held-out: {stats['tokens']} tokens, "
           f"{100 * stats['changing_share']:.2f}% change from the frame before")
     print(f"  teacher-forced acc {100 * stats['acc']:.3f}% vs copy {100 * stats['copy_acc']:.3f}% "
           f"({stats['acc_minus_copy_pt']:+.3f} pt); cross-entropy {stats['ce']:.4f} vs {stats['smoothed_copy_ce']:.4f} "

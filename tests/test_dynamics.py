@@ -39,6 +39,22 @@ def test_training_mask_context_clean_and_future_masked():
     assert per_frame.float().std() > 0  # the ratio varies frame to frame
 
 
+def test_training_mask_full_mask_prob():
+    """full_mask_prob p: a share p of future frames (beyond the cosine schedule's own) is masked whole;
+    context frames stay clean; p = 0 draws exactly the plain schedule's mask."""
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    plain = training_mask(2000, 4, 16, context_frames=1, generator=g())
+    assert torch.equal(training_mask(2000, 4, 16, context_frames=1, generator=g(), full_mask_prob=0.0), plain)
+    full = training_mask(2000, 4, 16, context_frames=1, generator=g(), full_mask_prob=0.5)
+    assert not full[:, :1].any()
+    whole = lambda m: m[:, 1:].all(-1).float().mean().item()  # noqa: E731
+    base = whole(plain)  # the cosine ratio alone masks a frame whole this often
+    assert abs(whole(full) - (base + 0.5 * (1 - base))) < 0.03
+    assert whole(training_mask(50, 4, 16, context_frames=1, generator=g(), full_mask_prob=1.0)) == 1.0
+    with pytest.raises(ValueError, match="full_mask_prob"):
+        training_mask(2, 4, 16, context_frames=1, full_mask_prob=1.5)
+
+
 @pytest.mark.parametrize("injection", ["adanorm", "additive", "token"])
 def test_causal_in_time_and_conditioned(injection):
     m = _model(injection)

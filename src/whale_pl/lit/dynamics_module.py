@@ -80,6 +80,7 @@ class DynamicsModule(L.LightningModule):
         context_frames: int = 1,
         max_context_frames: int | None = None,
         history: str = "masked",
+        full_mask_prob: float = 0.0,
         corrupt_prob: float = 0.1,
         reward_weight: float = 0.1,
         success_weight: float = 0.1,
@@ -117,6 +118,8 @@ class DynamicsModule(L.LightningModule):
         ``[context_frames, max_context_frames]`` (the first predicted frame then sees a clean history).
         ``history``: "masked" (one pass, histories partly masked) or "clean" (two-stream: every
         predicted frame sees the true frames before it, as at inference; ~2x tokens a step).
+        ``full_mask_prob``: share of future training frames masked whole (else a cosine-schedule ratio):
+        the frame must then come from its history alone, as in the first MaskGIT step and teacher-forced scoring.
         ``corrupt_prob``: max share of visible future tokens replaced by random ids in training.
         ``anneal_by_time``: the cosine lr schedule also follows the Trainer's ``max_time`` (lit/optim.py).
         ``maskgit_steps`` / ``temperature``: generation in validation rollouts and ``imagine``.
@@ -255,6 +258,7 @@ class DynamicsModule(L.LightningModule):
             ids, actions, z, batch["rewards"], batch["success"], state, stride,
             context_frames=self.hparams.context_frames, corrupt_prob=self.hparams.corrupt_prob,
             max_context_frames=self.hparams.max_context_frames, history=self.hparams.history,
+            full_mask_prob=self.hparams.full_mask_prob,
         )
         hp = self.hparams
         loss = out["ce"] + hp.reward_weight * out["reward"] + hp.success_weight * out["success"]

@@ -348,6 +348,7 @@ class DynamicsModel(nn.Module):
         generator: torch.Generator | None = None,
         max_context_frames: int | None = None,
         history: str = "masked",
+        full_mask_prob: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """MaskGIT loss: cross-entropy on masked (and corrupted) positions of future frames, plus
         reward (MSE), success (BCE) and state (MSE) head losses. Returns the parts and ``acc``.
@@ -363,12 +364,13 @@ class DynamicsModel(nn.Module):
         ``[context_frames, max_context_frames]`` (clamped to T-1), so the first masked frame of a
         clip sees a fully clean history, as every frame does at inference (teacher-forced and in
         rollouts); later frames see masked histories, as in plain per-frame MaskGIT training.
+        ``full_mask_prob``: share of future frames masked whole instead of at a cosine-schedule ratio.
 
         With ``change_weight`` w the cross-entropy (on the raw logits) is a weighted mean in which
         targets whose true id differs from the one a frame earlier count w times."""
         if history == "clean":
             return self._two_stream_losses(ids_BThw, actions_BTA, z_BTZ, rewards_BT, success_BT, state_BTS,
-                                           stride_B, context_frames, corrupt_prob, generator)
+                                           stride_B, context_frames, corrupt_prob, generator, full_mask_prob)
         if history != "masked":
             raise ValueError(f"history must be 'masked' or 'clean', got {history!r}")
         B, T, hh, ww = ids_BThw.shape
@@ -377,7 +379,7 @@ class DynamicsModel(nn.Module):
         if max_context_frames is not None and max_context_frames > context_frames:
             hi = min(max_context_frames, T - 1)
             ctx = torch.randint(context_frames, hi + 1, (B,), generator=generator).to(ids.device)
-        mask = training_mask(B, T, hh * ww, ctx, ids.device, generator)
+        mask = training_mask(B, T, hh * ww, ctx, ids.device, generator, full_mask_prob)
         inp, hit = corrupt_tokens(ids, mask, ctx, corrupt_prob, self.codebook_size, generator)
         whole = rearrange(inp, "b t (h w) -> b t h w", h=hh)  # corrupted but unmasked: the copy source
         inp = inp.masked_fill(mask, self.mask_id)
@@ -429,7 +431,7 @@ class DynamicsModel(nn.Module):
         return m
 
     def _two_stream_losses(self, ids_BThw, actions_BTA, z_BTZ, rewards_BT, success_BT, state_BTS, stride_B,
-                           context_frames, corrupt_prob, generator) -> dict[str, torch.Tensor]:
+                           context_frames, corrupt_prob, generator, full_mask_prob=0.0) -> dict[str, torch.Tensor]:
         self._check_inputs(actions_BTA, z_BTZ)
         B, T, hh, ww = ids_BThw.shape
         c = int(context_frames)
@@ -438,7 +440,7 @@ class DynamicsModel(nn.Module):
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
         Q = T - c
         tgt = ids[:, c:]
-        mask = training_mask(B, Q, hh * ww, 0, ids.device, generator)
+        mask = training_mask(B, Q, hh * ww, 0, ids.device, generator, full_mask_prob)
         inp, hit = corrupt_tokens(tgt, mask, 0, corrupt_prob, self.codebook_size, generator)
         inp = inp.masked_fill(mask, self.mask_id)
         logits, heads = self.two_stream(ids, inp, actions_BTA, z_BTZ, stride_B, raw=True)
