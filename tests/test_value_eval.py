@@ -23,6 +23,32 @@ def test_discounted_return_by_hand():
     np.testing.assert_allclose(discounted_return(torch.tensor(r), 1.0), [7.0, 1.0])
 
 
+@pytest.mark.filterwarnings("ignore:Constant")
+def test_real_rollouts_use_the_datasets_action_repeat(tmp_path):
+    """EvalSet.from_data_config takes action_repeat from the dataset config, and the real rollouts hold
+    each action that long: they equal the collector's episode from the same start."""
+    import yaml
+
+    from whale_pl.data.metaworld import MetaWorldEnv, rollout
+    from whale_pl.rollout.value import EvalSet, collect_real
+
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text(yaml.safe_dump({"tasks": ["push-v3"], "train_policies": ["noise_0.5"], "ood_policies": ["lag_2"],
+                                   "size": 16, "action_repeat": 3}))
+    ev = EvalSet.from_data_config(cfg, starts=1, horizon=3)
+    assert ev.action_repeat == 3
+    real = collect_real(ev, progress=False)
+    env = MetaWorldEnv("push-v3", 16, "corner2")
+    try:
+        for i, pol in enumerate(real.policy):
+            ep = rollout(env, pol, real.seed[i], 3, action_repeat=3)
+            np.testing.assert_array_equal(real.frames[i], ep.frames)
+            np.testing.assert_array_equal(real.rewards[i], ep.rewards)
+        assert not np.array_equal(real.state[0], rollout(env, real.policy[0], real.seed[0], 3).state)
+    finally:
+        env.close()
+
+
 def test_penalised_reward_by_hand():
     r = torch.tensor([[1.0, 2.0]])
     u = torch.tensor([[0.5, 0.0]])

@@ -25,7 +25,7 @@ def _metaworld(argv: Sequence[str]) -> int:
     p.add_argument("--episodes-per-policy", type=int)
     p.add_argument("--val-episodes-per-policy", type=int)
     p.add_argument("--ood-episodes-per-policy", type=int)
-    p.add_argument("--max-steps", type=int, help="steps (frames) per episode")
+    p.add_argument("--max-steps", type=int, help="decisions (frames) per episode; each spans --action-repeat simulator steps")
     p.add_argument("--action-repeat", type=int, help="simulator steps each action is held for (one frame per decision)")
     p.add_argument("--size", type=int, help="frame height = width")
     p.add_argument("--camera")
