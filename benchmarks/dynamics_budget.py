@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     margs.pop("intra_op_threads", None)  # --threads decides
     dcfg = cfg["data"]
     L.seed_everything(a.seed, verbose=False)
-    dm = import_path(dcfg["class_path"])(**{**dcfg.get("init_args", {}), **parse_set(a.data)})
+    data_args = {**dcfg.get("init_args", {}), **parse_set(a.data)}
+    dm = import_path(dcfg["class_path"])(**data_args)
     dm.setup("fit")
     module = import_path(cfg["model"]["class_path"])(**margs, data_spec=dm.data_spec)
     if a.sticky_margin is not None:
@@ -101,8 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - t0
-    vdm = import_path(dcfg["class_path"])(**{**dcfg.get("init_args", {}), **parse_set(a.data), "batch_size": 8,
-                                             "num_workers": 0, "val_steps": a.val_batches, "val_splits": ["val"]})
+    vdm = import_path(dcfg["class_path"])(**{**data_args, "batch_size": 8, "num_workers": 0,
+                                             "val_steps": a.val_batches, "val_splits": ["val"]})
     vdm.setup("validate")
     stats = teacher_forced_stats(module, list(vdm.val_dataloader()))
     print(f"stages/{a.scale}/dynamics.yaml with {a.set or 'no overrides'}: {trainer.global_step} steps in "

@@ -214,9 +214,9 @@ class EvalSet:
         self.policies = list(self.train_policies) + list(self.ood_policies)
         if not self.policies or not self.tasks:
             raise ValueError(f"an evaluation set needs tasks and policies, got {self.tasks} / {self.policies}")
-        if self.starts < 1 or self.horizon < 2 or not 0 < self.discount <= 1 or self.action_repeat < 1:
+        if self.starts < 1 or self.horizon < 2 or not 0 < self.discount <= 1:
             raise ValueError(f"starts ({self.starts}) >= 1, horizon ({self.horizon}) >= 2, discount "
-                             f"({self.discount}) in (0, 1], action_repeat ({self.action_repeat}) >= 1 expected")
+                             f"({self.discount}) in (0, 1] expected")
 
     @classmethod
     def from_data_config(cls, path: str | Path, **kw) -> "EvalSet":
