@@ -47,3 +47,30 @@ def test_behavior_ceiling_state_inputs_standardise_with_training_statistics_and_
     eps["val"].append(SimpleNamespace(state=None, meta={"episode_id": "task/policy/val/3"}))
     with pytest.raises(ValueError, match="task/policy/val/3.*no low-dimensional state"):
         bc.state_inputs(eps)
+
+
+def test_token_ngram_learns_a_deterministic_cycle_that_copying_always_misses():
+    tn = _load("token_ngram")
+    nbrs = tn.grid_neighbours(1, 2)
+    assert nbrs == [[1], [0]]
+    # position 0 cycles 0 -> 1 -> 2 -> 0 ...: copying is never right there, the id -> next-id table always is;
+    # position 1 never changes, so both are right there
+    ids_TS = torch.tensor([[t % 3, 5] for t in range(7)])
+    clip = (ids_TS, [6] * 7)
+    counts = tn.fit_counts([clip], nbrs)
+    assert counts["id"][(0, 2)] == {0: 2}  # 2 -> 0 seen twice (t = 2, 5)
+    r = tn.score(counts, [clip], nbrs, tn.ORDERS["id"], min_count=1)
+    assert r["tokens"] == 12
+    assert r["copy_acc"] == pytest.approx(6 / 12)
+    assert r["acc"] == 1.0 and r["acc_minus_copy_pt"] == pytest.approx(50.0)
+    assert r["changes_called"] == 6 and r["called_right"] == 1.0
+    # a key never seen often enough backs off to copying
+    r = tn.score(counts, [clip], nbrs, tn.ORDERS["id"], min_count=10)
+    assert r["acc"] == pytest.approx(r["copy_acc"]) and r["changes_called"] == 0
+
+
+def test_token_ngram_action_bins():
+    tn = _load("token_ngram")
+    assert tn.action_bin(torch.tensor([0.1, -0.1, 0.05])) == 6
+    assert tn.action_bin(torch.tensor([0.1, -0.9, 0.3])) == 2  # y axis, negative
+    assert tn.action_bin(torch.tensor([0.0, 0.1, 0.5])) == 5  # z axis, positive
