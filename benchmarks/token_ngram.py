@@ -17,6 +17,7 @@ seen at least ``--min-count`` times (backing off to poorer keys, then to copying
 
     .venv/bin/python benchmarks/token_ngram.py
     .venv/bin/python benchmarks/token_ngram.py --tokenizer <ckpt> --data-config <data.yaml>
+    .venv/bin/python benchmarks/token_ngram.py --stride 4 --clip-len 10   # every 4th frame (20 Hz)
 
 Last line: ``token_ngram_best_causal_minus_copy: <best causal predictor's accuracy - copy, in points> pt``.
 """
@@ -114,12 +115,14 @@ def score(counts: dict[str, dict], clips: list[tuple[torch.Tensor, list[int]]], 
 
 
 @torch.no_grad()
-def tokenize(tok, episodes, clip_len: int) -> list[tuple[torch.Tensor, list[int]]]:
-    """Non-overlapping ``clip_len``-frame clips of each episode: (ids ``[T, h*w]``, action bins ``[T]``)."""
+def tokenize(tok, episodes, clip_len: int, stride: int = 1) -> list[tuple[torch.Tensor, list[int]]]:
+    """Non-overlapping ``clip_len``-frame clips of each episode's every ``stride``-th frame: (ids
+    ``[T, h*w]``, bins ``[T]`` of the xyz actions composed (summed) over each stride)."""
     clips = []
     for ep in episodes:
-        frames = frames_to_unit(torch.from_numpy(ep.frames).permute(0, 3, 1, 2))
-        acts = torch.from_numpy(ep.actions[:, :3])
+        frames = frames_to_unit(torch.from_numpy(ep.frames[::stride]).permute(0, 3, 1, 2))
+        n = len(ep.actions) // stride
+        acts = torch.from_numpy(ep.actions[: n * stride, :3]).reshape(n, stride, 3).sum(1)
         for s in range(0, len(frames) - clip_len + 1, clip_len):
             ids_TS = tok.encode(frames[s : s + clip_len][None])[0].flatten(1)
             clips.append((ids_TS, [action_bin(a) for a in acts[s : s + clip_len]]))
@@ -131,17 +134,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer", default="runs/demo/tokenizer/checkpoints/best.ckpt")
     p.add_argument("--data-config", default="stages/demo/data.yaml")
     p.add_argument("--clip-len", type=int, default=12, help="the dynamics stage's clip length")
+    p.add_argument("--stride", type=int, default=1, help="every stride-th frame, actions composed over it")
     p.add_argument("--min-count", type=int, nargs="+", default=[1, 3])
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     tok = load_frozen(a.tokenizer, TokenizerModule).model
     dm = MetaWorldDataModule(config=a.data_config)
-    train = tokenize(tok, dm.episodes(split="train"), a.clip_len)
-    val = tokenize(tok, dm.episodes(split="val"), a.clip_len)
+    if a.stride < 1:
+        p.error(f"--stride {a.stride}: expected >= 1")
+    train = tokenize(tok, dm.episodes(split="train"), a.clip_len, a.stride)
+    val = tokenize(tok, dm.episodes(split="val"), a.clip_len, a.stride)
     nbrs = grid_neighbours(*tok.grid_hw())
     counts = fit_counts(train, nbrs)
-    print(f"{a.tokenizer} on {a.data_config}: counts from {len(train)} train clips, scored on {len(val)} val clips "
+    print(f"{a.tokenizer} on {a.data_config}, stride {a.stride}: counts from {len(train)} train clips, scored on {len(val)} val clips "
           f"of {a.clip_len} frames")
     best = None
     for name, order in ORDERS.items():
