@@ -77,6 +77,7 @@ class DynamicsModule(L.LightningModule):
         code_embed: bool = False,
         change_input: bool = False,
         change_weight: float = 1.0,
+        transition_rank: int = 0,
         context_frames: int = 1,
         max_context_frames: int | None = None,
         history: str = "masked",
@@ -113,6 +114,8 @@ class DynamicsModule(L.LightningModule):
         ``code_embed``: ids are also embedded, and scored, through the frozen tokenizer's code vectors.
         ``change_input``: each position also embeds whether its id changed since the frame before.
         ``change_weight``: training CE weight of targets that change (logits corrected by log w).
+        ``transition_rank``: r > 0 adds a learned per-(position, previous id) rank-r map to the
+        code-space query (needs ``code_embed``): a factorised transition table, learned fast.
         ``context_frames``: clean frames at the start of each training clip and of rollouts.
         ``max_context_frames``: None, or each training clip draws its clean context length from
         ``[context_frames, max_context_frames]`` (the first predicted frame then sees a clean history).
@@ -145,7 +148,7 @@ class DynamicsModule(L.LightningModule):
             dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, max_frames=max_frames,
             max_stride=max_stride, injection=injection, dropout=dropout, prev_frame_input=prev_frame_input,
             copy_logit=copy_logit, code_dim=tok.quantizer.codebook.shape[1] if code_embed else 0,
-            change_input=change_input, change_weight=change_weight,
+            change_input=change_input, change_weight=change_weight, transition_rank=transition_rank,
         )
         if code_embed:
             self.model.set_code_vectors(self.tokenizer.model.embed(torch.arange(tok.codebook_size)))

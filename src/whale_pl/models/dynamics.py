@@ -81,6 +81,7 @@ class DynamicsModel(nn.Module):
         code_dim: int = 0,
         change_input: bool = False,
         change_weight: float = 1.0,
+        transition_rank: int = 0,
     ) -> None:
         super().__init__()
         if injection not in INJECTIONS:
@@ -136,6 +137,20 @@ class DynamicsModel(nn.Module):
             self.code_in = nn.Linear(code_dim, dim, bias=False)
             self.code_out = nn.Linear(dim, code_dim, bias=False)
             self.code_scale = nn.Parameter(torch.tensor(1.0))
+        # optional: per (position, previous id), a learned rank-r map from the trunk's state to the
+        # code-space query -- a factorised per-position transition table. An embedding row is trained
+        # by every example of its (position, id) pair, so it learns "what this patch becomes" far
+        # sooner than the shared trunk does (benchmarks/dynamics_budget.py, docs/findings.md)
+        if isinstance(transition_rank, bool) or not isinstance(transition_rank, int) or transition_rank < 0:
+            raise ValueError(f"transition_rank must be an int >= 0, got {transition_rank!r}")
+        self.transition_rank = transition_rank
+        self.trans = self.trans_in = None
+        if transition_rank > 0:
+            if code_dim <= 0:
+                raise ValueError("transition_rank > 0 needs code_dim > 0 (code_embed): it adds to the code-space query")
+            self.trans = nn.Embedding(self.num_tokens * codebook_size, code_dim * transition_rank)
+            nn.init.zeros_(self.trans.weight)  # starts as the plain model
+            self.trans_in = nn.Linear(dim, transition_rank)
         self.copy_gate = None
         if copy_logit:
             self.copy_gate = nn.Linear(dim, 1)
@@ -281,12 +296,25 @@ class DynamicsModel(nn.Module):
         logits = self.logits_head(h_BTSD)
         if self.code_out is not None:
             q = self.code_out(h_BTSD)
+            if self.trans is not None and prev_ids_BTS is not None:
+                q = q + self.transition_query(h_BTSD, prev_ids_BTS).to(q.dtype)
             logits = logits + self.code_scale * (q @ self.code_vectors.to(q.dtype).T)
         bias = 0.0 if raw else self.copy_bias
         if prev_ids_BTS is None:
             return logits
         bonus = bias if self.copy_gate is None else self.copy_gate(h_BTSD).to(logits.dtype) + bias
         return self.add_at_prev(logits, prev_ids_BTS, bonus)
+
+    def transition_query(self, h_BTSD: torch.Tensor, prev_ids_BTS: torch.Tensor) -> torch.Tensor:
+        """``[B, T, S, code_dim]``: the (position, previous id) row of the transition table, a
+        ``code_dim x r`` map, applied to an r-dim projection of the trunk's state; zero where the
+        previous id is unknown or masked (>= V)."""
+        V, S = self.codebook_size, h_BTSD.shape[2]
+        idx_BTS = torch.arange(S, device=h_BTSD.device) * V + prev_ids_BTS.clamp(max=V - 1)
+        table_BTSCR = rearrange(self.trans(idx_BTS), "b t s (c r) -> b t s c r", r=self.transition_rank)
+        proj_BTSR = self.trans_in(h_BTSD).to(table_BTSCR.dtype)
+        q_BTSC = torch.einsum("btscr,btsr->btsc", table_BTSCR, proj_BTSR)
+        return q_BTSC * (prev_ids_BTS < V).unsqueeze(-1).to(q_BTSC.dtype)
 
     def add_at_prev(self, logits_NV: torch.Tensor, prev_ids_N: torch.Tensor,
                     bonus: torch.Tensor | float) -> torch.Tensor:
