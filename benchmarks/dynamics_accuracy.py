@@ -20,7 +20,6 @@ import argparse
 import sys
 
 import torch
-from einops import rearrange
 
 from whale_pl.data.datamodule import ClipDataModule
 from whale_pl.eval_cli import load_stage_module
@@ -41,21 +40,12 @@ def maskgit_teacher_forced(model, ids_BThw, actions, z, steps: int) -> torch.Ten
 def partly_visible(model, ids_BThw, actions, z, stride, visible: float, generator: torch.Generator) -> tuple[int, int, int]:
     """Frame t (t >= 1) predicted in one step given the true frames before it and a random ``visible``
     share of its own true tokens: (hidden tokens, hidden tokens right, hidden tokens copying gets right)."""
-    ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
-    cond = model.condition(model.shift_in(actions), model.shift_in(z), stride, first_is_start=True)
-    _, kv = model.trunk(ids, cond, return_kv=True)
-    n = right = copy = 0
-    for t in range(1, ids.shape[1]):
-        past = [(k[:, :, :t], v[:, :, :t]) for k, v in kv]
-        hidden = torch.rand(ids[:, t : t + 1].shape, generator=generator) >= visible
-        inp = ids[:, t : t + 1].masked_fill(hidden, model.mask_id)
-        h, _ = model.trunk(inp, cond[:, t : t + 1], t0=t, kv_cache=past, prev_ids_BS=ids[:, t - 1])
-        pred = model.token_logits(h, ids[:, t - 1 : t]).argmax(-1)
-        tgt, prev = ids[:, t : t + 1][hidden], ids[:, t - 1 : t][hidden]
-        n += tgt.numel()
-        right += int((pred[hidden] == tgt).sum())
-        copy += int((prev == tgt).sum())
-    return n, right, copy
+    B, T = ids_BThw.shape[:2]
+    hidden = torch.cat([torch.rand((B, 1, *ids_BThw.shape[2:]), generator=generator) >= visible
+                        for _ in range(1, T)], dim=1)
+    pred = model.teacher_forced(ids_BThw, actions, z, stride, given_BThw=~hidden).argmax(-1)
+    tgt, prev = ids_BThw[:, 1:][hidden], ids_BThw[:, :-1][hidden]
+    return tgt.numel(), int((pred[hidden] == tgt).sum()), int((prev == tgt).sum())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -138,11 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-count", type=int, nargs="+", default=[1, 3])
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
+    if a.stride < 1:
+        p.error(f"--stride {a.stride}: expected >= 1")
     torch.set_num_threads(a.threads)
     tok = load_frozen(a.tokenizer, TokenizerModule).model
     dm = MetaWorldDataModule(config=a.data_config)
-    if a.stride < 1:
-        p.error(f"--stride {a.stride}: expected >= 1")
     train = tokenize(tok, dm.episodes(split="train"), a.clip_len, a.stride)
     val = tokenize(tok, dm.episodes(split="val"), a.clip_len, a.stride)
     nbrs = grid_neighbours(*tok.grid_hw())

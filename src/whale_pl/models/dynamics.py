@@ -504,19 +504,27 @@ class DynamicsModel(nn.Module):
         actions_BTA: torch.Tensor,
         z_BTZ: torch.Tensor | None = None,
         stride_B: torch.Tensor | None = None,
+        given_BThw: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, T-1, h, w, V]`` for frames 1..T-1, each predicted in one step from a fully
-        masked frame given the clean ground-truth frames before it (the inference situation)."""
+        masked frame given the clean ground-truth frames before it (the inference situation).
+        ``given_BThw`` (bool, frames 1..T-1): those positions of each predicted frame hold their true
+        id instead of the mask (a MaskGIT step after some of the frame is decoded)."""
         self._check_inputs(actions_BTA, z_BTZ)
         B, T, hh, ww = ids_BThw.shape
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
         cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B, first_is_start=True)
         _, kv = self.trunk(ids, cond, return_kv=True)
-        masked = torch.full_like(ids[:, :1], self.mask_id)
+        query = torch.full_like(ids[:, 1:], self.mask_id)
+        if given_BThw is not None:
+            if tuple(given_BThw.shape) != (B, T - 1, hh, ww):
+                raise ValueError(f"given_BThw must be [B, T-1, h, w] = {(B, T - 1, hh, ww)}, got {tuple(given_BThw.shape)}")
+            given = rearrange(given_BThw, "b t h w -> b t (h w)")
+            query = torch.where(given, ids[:, 1:], query)
         outs = []
         for t in range(1, T):
             past = [(k[:, :, :t], v[:, :, :t]) for k, v in kv]
-            h, _ = self.trunk(masked, cond[:, t : t + 1], t0=t, kv_cache=past, prev_ids_BS=ids[:, t - 1])
+            h, _ = self.trunk(query[:, t - 1 : t], cond[:, t : t + 1], t0=t, kv_cache=past, prev_ids_BS=ids[:, t - 1])
             outs.append(self.token_logits(h, ids[:, t - 1 : t]))
         logits = torch.cat(outs, dim=1)
         return rearrange(logits, "b t (h w) v -> b t h w v", h=hh)
