@@ -221,3 +221,28 @@ def test_two_process_ddp_fit(tiny_shards, tmp_path):
     assert [x["world"] for x in res] == [2, 2]
     assert res[0]["steps"] == res[1]["steps"] == 6  # 2 epochs x 3 steps on every rank
     assert not set(res[0]["episodes"]) & set(res[1]["episodes"]) and res[0]["episodes"] and res[1]["episodes"]
+
+
+def test_frame_stride_is_the_clock_and_retrace_strides_multiply_it(tiny_shards):
+    """frame_stride 2: base clips step 2 frames (batch stride 1), retracing clips 2*m (batch stride m);
+    actions are composed and rewards summed over the underlying steps; data_spec records the clock."""
+    dm = ClipDataModule(str(tiny_shards), clip_len=4, frame_stride=2, batch_size=4, num_workers=0,
+                        steps_per_epoch=6, retrace_strides=[2, 3], retrace_prob=0.6, seed=3)
+    dm.setup("fit")
+    assert dm.data_spec["frame_stride"] == 2
+    m, eps = _episodes_by_index(tiny_shards)
+    mean, std = np.array(m["action_stats"]["mean"]), np.array(m["action_stats"]["std"])
+    seen = set()
+    for x in dm.train_dataloader():
+        for i in range(4):
+            ep = eps[int(x["episode"][i])]
+            mult, s = int(x["stride"][i]), int(x["start"][i])
+            seen.add(mult)
+            k = 2 * mult
+            idx = s + k * np.arange(4)
+            assert torch.equal(x["frames"][i], torch.from_numpy(ep.frames[idx]).permute(0, 3, 1, 2))
+            win = idx[:, None] + np.arange(k)
+            raw = METAWORLD_ACTION_SPACE.compose(ep.actions[win])
+            np.testing.assert_allclose(x["actions"][i, :, :3].numpy(), (raw[:, :3] - k * mean[:3]) / std[:3], atol=1e-5)
+            np.testing.assert_allclose(x["rewards"][i].numpy(), ep.rewards[win].sum(1), atol=1e-5)
+    assert seen == {1, 2, 3}

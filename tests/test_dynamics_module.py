@@ -56,6 +56,7 @@ def _fit_cli(tok: Path, beh: Path, data_yaml: Path, run_root: Path, extra: list[
         "--model.init_args.maskgit_steps", "2", "--model.init_args.rollout_horizon", "4",
         "--model.init_args.rollout_batches", "1", "--model.init_args.warmup_steps", "1",
         "--data.init_args.config", str(data_yaml), "--data.init_args.clip_len", "6",
+        "--data.init_args.val_clip_len", "6", "--data.init_args.frame_stride", "2",  # 24-frame tiny episodes
         "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
         "--data.init_args.steps_per_epoch", "3", "--data.init_args.val_steps", "2",
         "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false",

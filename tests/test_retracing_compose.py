@@ -30,6 +30,28 @@ def test_normalised_composition_matches_datamodule_rule():
     np.testing.assert_allclose(norm.compose_normalised(a_norm), [0.4, -0.1, 0.1, 1.0], atol=1e-6)
 
 
+def test_base_stride_composes_model_steps_as_the_datamodule_does():
+    """base 2 (data frame_stride 2): a model-step action is compose(2 recorded steps) normalised with
+    k=2; composing two model steps equals the stride-4 rule on the 4 recorded steps; a held decision
+    is the action repeated for 2 recorded steps."""
+    mean, std = np.array([0.1, 0.0, 0.0, 0.0]), np.array([0.5, 1.0, 2.0, 1.0])
+    rec = np.array([[0.1, 0.0, 0.2, -1.0], [0.3, -0.1, 0.0, 1.0], [0.0, 0.5, 0.0, 0.5], [0.2, 0.2, -0.4, 0.0]],
+                   dtype=np.float32)
+    norm = ActionNormaliser(METAWORLD_ACTION_SPACE, mean, std, base=2)
+    step = np.stack([METAWORLD_ACTION_SPACE.compose(rec[:2]), METAWORLD_ACTION_SPACE.compose(rec[2:])])
+    a_norm = norm.normalise(step, 2)
+    np.testing.assert_allclose(a_norm[0], [(0.4 - 0.2) / 0.5, -0.1, 0.1, 1.0], atol=1e-6)
+    raw4 = METAWORLD_ACTION_SPACE.compose(rec)  # [0.6, 0.6, -0.2, 0.0]
+    want = np.concatenate([(raw4[:3] - 4 * mean[:3]) / std[:3], raw4[3:]])
+    np.testing.assert_allclose(norm.compose_normalised(a_norm), want, atol=1e-6)
+    held = norm.normalise_held(rec[1])
+    np.testing.assert_allclose(held, [(0.6 - 0.2) / 0.5, -0.2, 0.0, 1.0], atol=1e-6)
+    one = ActionNormaliser(METAWORLD_ACTION_SPACE, mean, std)  # base 1: a held decision is the action itself
+    np.testing.assert_array_equal(one.normalise_held(rec[1]), one.normalise(rec[1]))
+    with pytest.raises(RetracingError, match="base"):
+        ActionNormaliser(METAWORLD_ACTION_SPACE, mean, std, base=0)
+
+
 def _rx(a):
     return np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
 

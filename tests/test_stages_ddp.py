@@ -249,6 +249,7 @@ def test_dynamics_two_process_ddp_fit(stage_ckpts, tiny_data_yaml, tmp_path):
         "--model.init_args.maskgit_steps", "2", "--model.init_args.rollout_horizon", "4",
         "--model.init_args.rollout_batches", "4", "--model.init_args.warmup_steps", "1",
         "--data.init_args.config", str(tiny_data_yaml), "--data.init_args.clip_len", "6",
+        "--data.init_args.val_clip_len", "6", "--data.init_args.frame_stride", "2",  # 24-frame tiny episodes
         "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
         "--data.init_args.steps_per_epoch", "2", "--data.init_args.val_steps", "2", "--trainer.max_steps", "4",
     ])

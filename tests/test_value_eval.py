@@ -24,9 +24,11 @@ def test_discounted_return_by_hand():
 
 
 @pytest.mark.filterwarnings("ignore:Constant")
-def test_real_rollouts_use_the_datasets_action_repeat(tmp_path):
+@pytest.mark.parametrize("frame_stride", [1, 2])
+def test_real_rollouts_use_the_datasets_action_repeat(tmp_path, frame_stride):
     """EvalSet.from_data_config takes action_repeat from the dataset config, and the real rollouts hold
-    each action that long: they equal the collector's episode from the same start."""
+    each action that long (times the model's frame_stride: one decision per model step): they equal
+    the collector's episode from the same start."""
     import yaml
 
     from whale_pl.data.metaworld import MetaWorldEnv, rollout
@@ -35,13 +37,14 @@ def test_real_rollouts_use_the_datasets_action_repeat(tmp_path):
     cfg = tmp_path / "data.yaml"
     cfg.write_text(yaml.safe_dump({"tasks": ["push-v3"], "train_policies": ["noise_0.5"], "ood_policies": ["lag_2"],
                                    "size": 16, "action_repeat": 3}))
-    ev = EvalSet.from_data_config(cfg, starts=1, horizon=3)
-    assert ev.action_repeat == 3
+    ev = EvalSet.from_data_config(cfg, starts=1, horizon=3, frame_stride=frame_stride)
+    assert ev.action_repeat == 3 and ev.frame_stride == frame_stride
     real = collect_real(ev, progress=False)
+    assert real.frame_stride == frame_stride
     env = MetaWorldEnv("push-v3", 16, "corner2")
     try:
         for i, pol in enumerate(real.policy):
-            ep = rollout(env, pol, real.seed[i], 3, action_repeat=3)
+            ep = rollout(env, pol, real.seed[i], 3, action_repeat=3 * frame_stride)
             np.testing.assert_array_equal(real.frames[i], ep.frames)
             np.testing.assert_array_equal(real.rewards[i], ep.rewards)
         assert not np.array_equal(real.state[0], rollout(env, real.policy[0], real.seed[0], 3).state)

@@ -85,11 +85,12 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
     from whale_pl.metrics.fvd import make_fvd
     from whale_pl.metrics.video import VideoEvaluator
 
-    dm = ClipDataModule(str(shards), clip_len=clip_len, batch_size=batch_size, num_workers=num_workers,
-                        val_steps=math.ceil(num_clips / batch_size), val_splits=[split], seed=seed,
-                        rank=0, world_size=1)
-    dm.setup("validate")
     stored = dict(getattr(module, "hparams", {})).get("data_spec")
+    stride = int((stored or {}).get("frame_stride", 1))  # clips on the clock the model was trained on
+    dm = ClipDataModule(str(shards), clip_len=clip_len, frame_stride=stride, batch_size=batch_size,
+                        num_workers=num_workers, val_steps=math.ceil(num_clips / batch_size), val_splits=[split],
+                        seed=seed, rank=0, world_size=1)
+    dm.setup("validate")
     if stored is not None:
         check_data_spec(stored, dm.data_spec, where=f"evaluating on {shards}", keys=SPEC_KEYS)
     evaluator = VideoEvaluator(make_fvd(i3d_path, device) if fvd else None)
@@ -106,7 +107,7 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
     if evaluator.num_clips < num_clips:
         raise ValueError(f"{shards}: split {split!r} gave only {evaluator.num_clips} clips, {num_clips} asked for")
     out = evaluator.compute()
-    out.update(stage=type(module).__name__, split=split, clip_len=clip_len, shards=str(shards))
+    out.update(stage=type(module).__name__, split=split, clip_len=clip_len, frame_stride=stride, shards=str(shards))
     return out
 
 

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra `whale fit` overrides for the members (last on the command line)")
     a = p.parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
-    from whale_pl.rollout.value import EvalSet, collect_real
+    from whale_pl.rollout.value import EvalSet, collect_real, frame_stride_of
     from whale_pl.rollout.value_cli import plot_returns, plot_uncertainty, run, write_json_atomic
 
     t_start = time.time()
@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # ---- one set of real rollouts for everything
-    ev = EvalSet.from_data_config(data_cfg, starts=a.starts, horizon=a.horizon, discount=a.discount)
+    ev = EvalSet.from_data_config(data_cfg, starts=a.starts, horizon=a.horizon, discount=a.discount,
+                                  frame_stride=frame_stride_of(main_ckpt))
     print(f"[experiment] real rollouts: {len(ev.tasks)} tasks x {len(ev.policies)} policies x {a.starts} starts", flush=True)
     real = collect_real(ev)
     common = dict(data_config=data_cfg, starts=a.starts, horizon=a.horizon, discount=a.discount, K=a.K,

@@ -148,11 +148,12 @@ class ClipStream(IterableDataset):
     # ---- clips ------------------------------------------------------------------------------
     def _clip(self, d: _DirInfo, ep_idx: int, ep: Episode, rng: np.random.Generator) -> dict[str, Any]:
         t_ep, T = len(ep), self.clip_len
-        k = self.frame_stride
+        m = 1  # stride in units of the base frame_stride (the model's clock): batch["stride"]
         if self.retrace_strides and rng.random() < self.retrace_prob:
-            ok = [s for s in self.retrace_strides if T * s <= t_ep]
+            ok = [s for s in self.retrace_strides if T * s * self.frame_stride <= t_ep]
             if ok:
-                k = int(rng.choice(ok))
+                m = int(rng.choice(ok))
+        k = m * self.frame_stride  # underlying steps between clip frames
         start = int(rng.integers(0, t_ep - T * k + 1))
         idx = start + k * np.arange(T)
         if k == 1:
@@ -177,7 +178,7 @@ class ClipStream(IterableDataset):
         return {"frames": ep.frames[start:start + T * k:k], "actions": a.astype(np.float32), "actions_raw": a_raw.astype(np.float32),
                 "rewards": rew.astype(np.float32), "success": suc.astype(np.float32), "state": state,
                 "is_first": ep.is_first[idx], "family": self.families.index(fam), "policy": self.policies.index(pname),
-                "ood": pname in self.ood_policies or ep.meta.get("split") == "ood", "stride": k,
+                "ood": pname in self.ood_policies or ep.meta.get("split") == "ood", "stride": m,
                 "dataset": d.index, "episode": ep_idx, "start": start}
 
     def _collate(self, clips: list[dict]) -> dict[str, torch.Tensor]:
@@ -252,9 +253,12 @@ class ClipDataModule(L.LightningDataModule):
         clip_len: frames per clip (T).
         val_clip_len: frames per validation clip (default ``clip_len``); e.g. longer held-out clips
             for FVD (I3D needs >= 9 frames) while training on short ones.
-        frame_stride: base stride between clip frames; actions are composed over it.
+        frame_stride: base stride between clip frames (the model's clock); actions are composed
+            and rewards summed over it. Stored in ``data_spec`` so later consumers of a checkpoint
+            (value evaluation, video metrics, GIFs) read data on the same clock.
         retrace_strides / retrace_prob: with probability ``retrace_prob`` a train clip uses a stride
-            drawn from ``retrace_strides`` (composed actions; ``batch["stride"]``).
+            drawn from ``retrace_strides``, in units of ``frame_stride`` (composed actions;
+            ``batch["stride"]`` is in the same units: 1 for a base clip).
         batch_size: clips per batch (per rank).
         num_workers: DataLoader workers per rank.
         steps_per_epoch / val_steps: batches per rank per train epoch / validation run.
@@ -351,6 +355,7 @@ class ClipDataModule(L.LightningDataModule):
             "action_mean": [float(x) for x in d0.mean],
             "action_std": [float(x) for x in d0.std],
             "state_dim": self.state_dim,
+            "frame_stride": self.frame_stride,
             "families": self.families,
             "policies": self.policies,
             "ood_policies": self.ood_policies,

@@ -223,6 +223,10 @@ class DynamicsModule(L.LightningModule):
         if current is not None:
             keys = [k for k in SPEC_KEYS if k in current]
             check_data_spec(self.hparams.data_spec, current, "dynamics module (its data_spec vs the datamodule's)", keys)
+            if stage == "fit" and "frame_stride" in current:
+                # the clock is the data's: what this model steps over is what it is trained on now
+                # (a data_spec inherited from the tokenizer carries the tokenizer's clips' stride)
+                self.hparams.data_spec = {**self.hparams.data_spec, "frame_stride": int(current["frame_stride"])}
         maybe_init_from(self, stage, data_spec_keys=("action_space",))
 
     # ------------------------------------------------------------------ batch -> model inputs

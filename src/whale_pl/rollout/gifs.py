@@ -70,8 +70,22 @@ def _floats(x: np.ndarray) -> list[float | None]:
     return [float(v) if math.isfinite(float(v)) else None for v in np.asarray(x, dtype=np.float64).ravel()]
 
 
+def on_model_clock(ep, start: int, n: int, k: int, space) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` frames of an episode from recorded frame ``start`` every ``k`` recorded steps, and the
+    ``n - 1`` raw actions between them, each composed over its ``k`` recorded steps."""
+    idx = start + k * np.arange(n)
+    if idx[-1] >= len(ep):
+        raise ValueError(f"episode of {len(ep)} frames has no {n} frames every {k} from {start}")
+    frames = ep.frames[idx]
+    if k == 1:
+        return frames, ep.actions[idx[:-1]]
+    win = idx[:-1, None] + np.arange(k)[None, :]
+    return frames, space.compose(ep.actions[win]).astype(np.float32)
+
+
 def imagine_episode(wm, ep, start: int, context: int, horizon: int, K: int) -> dict:
-    """Open-loop rollout of one episode from frame ``start`` and its per-step figures.
+    """Open-loop rollout of one episode from frame ``start`` and its per-step figures, on the
+    model's clock (every ``wm.frame_stride``-th recorded frame, actions composed between them).
 
     Returns ``real_TCHW`` (uint8), ``imagined_TCHW`` (float in [-1, 1]), ``uncertainty_T`` (the
     retracing score; NaN where a step has < 2 anchors), ``disagreement_T``, ``entropy_T``,
@@ -79,10 +93,9 @@ def imagine_episode(wm, ep, start: int, context: int, horizon: int, K: int) -> d
     import torch
     from einops import rearrange
 
-    frames = ep.frames[start : start + context + horizon]  # uint8 [C+H, h, w, 3]
-    actions = ep.actions[start : start + context + horizon - 1]  # raw; action t leads to frame t+1
+    frames, actions = on_model_clock(ep, start, context + horizon, wm.frame_stride, wm.normaliser.space)
     ctx = wm.tokenize(frames[None, :context])
-    out = wm.imagine_open_loop(ctx, actions[None], horizon)
+    out = wm.imagine_open_loop(ctx, actions[None], horizon, composed=True)
     u = wm.step_uncertainty(ctx, out["ids_BThw"], out["actions_norm_BTA"], K=K)
     imagined = wm.decode(out["ids_BThw"])[0]  # [H, 3, h, w] in [-1, 1]
     real = torch.as_tensor(rearrange(frames[context:], "t h w c -> t c h w").copy())
@@ -131,11 +144,13 @@ def run(ckpt: str, shards: str, out: str | Path, splits: list[str] | tuple[str, 
     for split in splits:
         if split not in available:
             raise ValueError(f"{shards}: no split {split!r} in manifest.json (has {sorted(available)})")
-        eps = pick_episodes(dm, split, per_split, start + C + 1)
+        k = wm.frame_stride
+        need = start + C * k + 1  # C context frames and one imagined frame, every k recorded steps
+        eps = pick_episodes(dm, split, per_split, need)
         if not eps:
-            raise ValueError(f"{shards}: split {split!r} has no episode of >= {start + C + 1} frames")
+            raise ValueError(f"{shards}: split {split!r} has no episode of >= {need} frames")
         for i, ep in enumerate(eps):
-            H = min(horizon, len(ep) - start - C)
+            H = min(horizon, (len(ep) - 1 - start) // k + 1 - C)
             r = imagine_episode(wm, ep, start, C, H, K)
             task, pol = ep.meta.get("task", "?"), (ep.meta.get("policy") or {})
             name = f"{_safe(split)}_{i:02d}_{_safe(task)}_{_safe(pol.get('name', '?'))}.gif"

@@ -53,10 +53,16 @@ def retracing_actions(actions_raw_TA: np.ndarray, space: ActionSpace, k: int) ->
 
 
 class ActionNormaliser:
-    """The datamodule's action normalisation, for single and composed actions."""
+    """The datamodule's action normalisation, for single and composed actions.
 
-    def __init__(self, space: ActionSpace, mean_A: np.ndarray | list, std_A: np.ndarray | list) -> None:
-        self.space = space
+    ``base`` is the data's ``frame_stride`` (the model's clock): one model step composes ``base``
+    recorded steps, so a model-step action is normalised with ``k = base`` and a retracing-action
+    over K model steps with ``k = K * base``."""
+
+    def __init__(self, space: ActionSpace, mean_A: np.ndarray | list, std_A: np.ndarray | list, base: int = 1) -> None:
+        if int(base) < 1:
+            raise RetracingError(f"base frame stride must be >= 1, got {base}")
+        self.space, self.base = space, int(base)
         self.mean = np.asarray(mean_A, dtype=np.float64)
         self.std = np.asarray(std_A, dtype=np.float64)
         if self.mean.shape != (space.dim,) or self.std.shape != (space.dim,):
@@ -71,7 +77,8 @@ class ActionNormaliser:
         for key in ("action_space", "action_mean", "action_std"):
             if key not in data_spec:
                 raise RetracingError(f"data_spec lacks '{key}' (has {sorted(data_spec)})")
-        return cls(ActionSpace.from_json(data_spec["action_space"]), data_spec["action_mean"], data_spec["action_std"])
+        return cls(ActionSpace.from_json(data_spec["action_space"]), data_spec["action_mean"], data_spec["action_std"],
+                   base=int(data_spec.get("frame_stride", 1)))
 
     def normalise(self, raw: np.ndarray, k: int | np.ndarray = 1) -> np.ndarray:
         """Raw (composed over k steps) actions [..., A] -> model inputs."""
@@ -89,11 +96,21 @@ class ActionNormaliser:
         return out.astype(np.float32)
 
     def compose_normalised(self, actions_norm_KA: np.ndarray) -> np.ndarray:
-        """Normalised single-step actions [..., K, A] -> the normalised retracing-action [..., A]."""
+        """Normalised model-step actions [..., K, A] -> the normalised retracing-action [..., A]."""
         check_composable(self.space)
         a = np.asarray(actions_norm_KA)
-        raw = self.denormalise(a, 1)
-        return self.normalise(self.space.compose(raw), a.shape[-2])
+        raw = self.denormalise(a, self.base)
+        return self.normalise(self.space.compose(raw), a.shape[-2] * self.base)
+
+    def normalise_held(self, raw_A: np.ndarray) -> np.ndarray:
+        """Raw decisions [..., A], each held for one model step (``base`` recorded steps, as the
+        simulator does with ``action_repeat``) -> model inputs: compose(a, .., a), normalised."""
+        a = np.asarray(raw_A, dtype=np.float64)
+        if self.base == 1:
+            return self.normalise(a, 1)
+        check_composable(self.space)
+        held = np.repeat(a[..., None, :], self.base, axis=-2)
+        return self.normalise(self.space.compose(held), self.base)
 
 
 def retracing_plan(t: int, K: int) -> list[tuple[int, int]]:

@@ -51,6 +51,7 @@ class WorldModel:
         self.model = module.model
         hp = module.hparams
         self.normaliser = ActionNormaliser.from_data_spec(hp["data_spec"])
+        self.frame_stride = self.normaliser.base  # recorded steps per model step (the model's clock)
         self.steps = int(steps or hp.get("maskgit_steps", 4))
         self.temperature = float(hp.get("temperature", 0.0) if temperature is None else temperature)
         self.z_fn = module.z_fn()
@@ -89,9 +90,14 @@ class WorldModel:
 
     @torch.no_grad()
     def imagine_open_loop(self, context_ids_BChw: torch.Tensor, actions_raw_BTA: np.ndarray,
-                          horizon: int) -> dict[str, torch.Tensor]:
-        """Replay recorded raw actions; returns the model's ``imagine`` dict plus ``actions_norm_BTA``."""
-        act = torch.as_tensor(self.normaliser.normalise(actions_raw_BTA), device=self.device)
+                          horizon: int, composed: bool = False) -> dict[str, torch.Tensor]:
+        """Replay raw actions, one per model step: decisions each held ``frame_stride`` recorded
+        steps (the simulator's ``action_repeat``), or with ``composed`` actions already composed
+        over the ``frame_stride`` recorded steps of a dataset episode. Returns the model's
+        ``imagine`` dict plus ``actions_norm_BTA``."""
+        n = self.normaliser
+        norm = n.normalise(actions_raw_BTA, n.base) if composed else n.normalise_held(actions_raw_BTA)
+        act = torch.as_tensor(norm, device=self.device)
         out = self.model.imagine(context_ids_BChw, act, self.z_fn, horizon=horizon, steps=self.steps,
                                  temperature=self.temperature)
         out["actions_norm_BTA"] = act
@@ -101,7 +107,8 @@ class WorldModel:
     def imagine_closed_loop(self, context_ids_B1hw: torch.Tensor, state0_BS: np.ndarray, policy_fn: PolicyFn,
                             horizon: int) -> dict[str, torch.Tensor]:
         """The policy acts on the state the model predicts: ``policy_fn(t, states)`` gives the raw
-        actions at frame t from the real state (t = 0) or the state head's prediction (t > 0).
+        actions at frame t from the real state (t = 0) or the state head's prediction (t > 0); each
+        is held for one model step (``frame_stride`` recorded steps).
 
         Frame-by-frame MaskGIT generation with the temporal key/value cache, the same window rule
         as ``DynamicsModel.imagine`` (restart from the last ``max_frames // 2`` frames when full).
@@ -124,7 +131,7 @@ class WorldModel:
         for n in range(1, horizon + 1):
             a_raw = np.asarray(policy_fn(n - 1, state), dtype=np.float32)
             acts_raw.append(a_raw)
-            a = torch.as_tensor(self.normaliser.normalise(a_raw), device=dev)
+            a = torch.as_tensor(self.normaliser.normalise_held(a_raw), device=dev)
             acts = torch.cat([acts, a[:, None]], 1)
             if self.uses_behavior:
                 hist = rearrange(all_ids, "b t (h w) -> b t h w", h=hh)
@@ -179,6 +186,16 @@ class WorldModel:
                                      codebook_VC=self.codebook_VC, z_fn=self.z_fn, weight=weight)
 
 
+def frame_stride_of(ckpt_path: str | Path) -> int:
+    """The clock of a dynamics checkpoint: recorded steps per model step (``data_spec["frame_stride"]``;
+    1 for checkpoints from before the key existed)."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dynamics checkpoint not found: {path}")
+    hp = torch.load(str(path), map_location="cpu", weights_only=False).get("hyper_parameters") or {}
+    return int((hp.get("data_spec") or {}).get("frame_stride", 1))
+
+
 def discounted_return(rewards_BT: np.ndarray | torch.Tensor, discount: float) -> np.ndarray:
     r = np.asarray(rewards_BT.detach().cpu() if torch.is_tensor(rewards_BT) else rewards_BT, dtype=np.float64)
     return (r * discount ** np.arange(r.shape[-1])).sum(-1)
@@ -206,7 +223,8 @@ class EvalSet:
     discount: float = 0.99
     size: int = 64
     camera: str = "corner2"
-    action_repeat: int = 1  # simulator steps per decision, as the dataset was collected
+    action_repeat: int = 1  # simulator steps per recorded step, as the dataset was collected
+    frame_stride: int = 1  # recorded steps per model step: each decision is held that long (the model's clock)
     seed: int = 20_000  # start states: disjoint from the collector's episode seeds by construction
     policies: list[str] = field(init=False)
 
@@ -214,13 +232,14 @@ class EvalSet:
         self.policies = list(self.train_policies) + list(self.ood_policies)
         if not self.policies or not self.tasks:
             raise ValueError(f"an evaluation set needs tasks and policies, got {self.tasks} / {self.policies}")
-        if self.starts < 1 or self.horizon < 2 or not 0 < self.discount <= 1:
+        if self.starts < 1 or self.horizon < 2 or not 0 < self.discount <= 1 or self.frame_stride < 1:
             raise ValueError(f"starts ({self.starts}) >= 1, horizon ({self.horizon}) >= 2, discount "
-                             f"({self.discount}) in (0, 1] expected")
+                             f"({self.discount}) in (0, 1], frame_stride ({self.frame_stride}) >= 1 expected")
 
     @classmethod
     def from_data_config(cls, path: str | Path, **kw) -> "EvalSet":
-        """Tasks, policies, frame size and camera of a Meta-World dataset config (stages/<scale>/data.yaml)."""
+        """Tasks, policies, frame size and camera of a Meta-World dataset config (stages/<scale>/data.yaml).
+        Pass ``frame_stride`` (:func:`frame_stride_of` the checkpoint) for a model on a coarser clock."""
         from whale_pl.data.metaworld import CollectConfig
 
         c = CollectConfig.from_yaml(path)
@@ -250,6 +269,7 @@ class RealRollouts:
     rewards: np.ndarray  # float32 [B, H]
     state: np.ndarray  # float32 [B, H, S]
     seconds: float
+    frame_stride: int = 1  # recorded steps per decision (EvalSet.frame_stride)
 
 
 def collect_real(ev: EvalSet, progress: bool = True) -> RealRollouts:
@@ -266,7 +286,7 @@ def collect_real(ev: EvalSet, progress: bool = True) -> RealRollouts:
             for pol in ev.policies:
                 for i in range(ev.starts):
                     seed = ev.start_seed(task, i)
-                    ep = rollout(env, pol, seed, ev.horizon, ev.action_repeat)
+                    ep = rollout(env, pol, seed, ev.horizon, ev.action_repeat * ev.frame_stride)
                     for k, v in (("task", task), ("policy", pol), ("seed", seed), ("frames", ep.frames),
                                  ("actions", ep.actions), ("rewards", ep.rewards), ("state", ep.state)):
                         rows[k].append(v)
@@ -277,7 +297,7 @@ def collect_real(ev: EvalSet, progress: bool = True) -> RealRollouts:
     return RealRollouts(task=rows["task"], policy=rows["policy"], seed=rows["seed"],
                         frames=np.stack(rows["frames"]), actions=np.stack(rows["actions"]),
                         rewards=np.stack(rows["rewards"]), state=np.stack(rows["state"]),
-                        seconds=time.time() - t0)
+                        seconds=time.time() - t0, frame_stride=ev.frame_stride)
 
 
 def scripted_policy_fn(real: RealRollouts, index: Sequence[int]) -> PolicyFn:
@@ -314,6 +334,10 @@ def evaluate_values(wm: WorldModel, real: RealRollouts, ev: EvalSet, modes: Sequ
     """Real and imagined returns per policy, and value gap / Spearman / Pearson / regret@1 over all
     policies, the training-family ones and the OOD ones, for each mode. Keeps the open-loop
     rollouts (``_rollouts``) for the uncertainty evaluation."""
+    if real.frame_stride != wm.frame_stride:
+        raise ValueError(f"the real rollouts hold each decision {real.frame_stride} recorded step(s) but the world "
+                         f"model steps {wm.frame_stride} at a time (its data_spec frame_stride): build the EvalSet "
+                         f"with frame_stride=frame_stride_of(<checkpoint>)")
     B, H = real.actions.shape[:2]
     v_real = discounted_return(real.rewards, ev.discount)
     out: dict = {"policies": list(ev.policies), "split": [ev.split_of(p) for p in ev.policies],
@@ -404,7 +428,8 @@ def value_metrics_for_checkpoint(ckpt_path: str, data_config: str = "stages/demo
                                  horizon: int = 24, discount: float = 0.99, mode: str = "open_loop",
                                  device: str = "cpu") -> dict[str, float]:
     """The evaluation callback's value hook (docs/contracts.md): flat floats of one mode."""
-    ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, discount=discount)
+    ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, discount=discount,
+                                  frame_stride=frame_stride_of(ckpt_path))
     wm = WorldModel.load(ckpt_path, device)
     res = evaluate_values(wm, collect_real(ev, progress=False), ev, modes=(mode,), progress=False)[mode]
     flat: dict[str, float] = {}

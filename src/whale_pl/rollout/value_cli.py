@@ -100,13 +100,19 @@ def run(dynamics: str, ensemble: list[str] | None, data_config: str, starts: int
         uncertainty: bool = True) -> dict:
     """Everything `whale eval value` computes, as a dict (also used by the headline experiment).
     ``uncertainty=False`` skips the per-step uncertainty of the open-loop rollouts."""
-    from whale_pl.rollout.value import EvalSet, WorldModel, collect_real, evaluate_uncertainty, evaluate_values
+    from whale_pl.rollout.value import (EvalSet, WorldModel, collect_real, evaluate_uncertainty, evaluate_values,
+                                        frame_stride_of)
 
-    ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, discount=discount)
+    ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, discount=discount,
+                                  frame_stride=frame_stride_of(dynamics))
     if real is None:
         real = collect_real(ev, progress=progress)
     wm = WorldModel.load(dynamics, device)
     members = [WorldModel.load(p, device) for p in ensemble] if ensemble else None
+    for p, m in zip(ensemble or [], members or []):
+        if m.frame_stride != wm.frame_stride:
+            raise ValueError(f"ensemble member {p} steps {m.frame_stride} recorded step(s) at a time, {dynamics} "
+                             f"{wm.frame_stride}: the members must share the model's clock (data frame_stride)")
     t0 = time.time()
     res = evaluate_values(wm, real, ev, modes=modes, progress=progress)
     rollouts = res.pop("_rollouts", None)
