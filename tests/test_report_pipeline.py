@@ -19,6 +19,26 @@ def test_report_names_missing_inputs_and_tables_present_ones(tmp_path, monkeypat
     assert "missing: " in md and "experiment.json" in md
 
 
+def test_report_reads_the_dynamics_validation_from_tensorboard(tmp_path, monkeypatch):
+    """The last logged val/ scalars of runs/<scale>/dynamics (real TensorBoard events) and its clock."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    monkeypatch.chdir(tmp_path)
+    assert "no TensorBoard events" in report.build_report("demo", tmp_path / "runs")
+    log = TensorBoardLogger(str(tmp_path / "runs" / "demo"), name="dynamics", version="")
+    for step, acc in ((100, 0.80), (200, 0.87)):
+        log.log_metrics({"val/acc": acc, "val/copy_acc": 0.86, "val/acc_minus_copy": acc - 0.86,
+                         "val/psnr_ar_ood": 24.5}, step=step)
+    log.experiment.flush()
+    (tmp_path / "runs" / "demo" / "dynamics" / "hparams.yaml").write_text("data_spec:\n  frame_stride: 8\n")
+    md = report.build_report("demo", tmp_path / "runs")
+    assert "| teacher-forced token accuracy | 0.870 |" in md
+    assert "| copy-the-previous-frame baseline | 0.860 |" in md and "| accuracy minus copy | +1.000 pt |" in md
+    assert "| 8-step autoregressive PSNR (dB), OOD-family episodes | 24.500 |" in md
+    assert "training-family episodes | missing (not logged) |" in md
+    assert "global step 200" in md and "one step = 8 recorded steps" in md
+
+
 def test_run_until_reuses_complete_stages_and_names_missing_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for st in pipeline.STAGES:

@@ -59,6 +59,53 @@ def _gifs_cmd(scale: str, runs: Path) -> str:
             f"--shards {_shards_of(scale)} --out {runs / scale / 'gifs'}")
 
 
+VAL_TAGS = (("val/acc", "teacher-forced token accuracy"), ("val/copy_acc", "copy-the-previous-frame baseline"),
+            ("val/acc_minus_copy", "accuracy minus copy"), ("val/ce", "teacher-forced cross-entropy (nats)"),
+            ("val/psnr_ar_train_family", "8-step autoregressive PSNR (dB), training-family episodes"),
+            ("val/psnr_ar_ood", "8-step autoregressive PSNR (dB), OOD-family episodes"))
+
+
+def last_val_scalars(log_dir: Path) -> dict[str, tuple[int, float]]:
+    """The last logged value (step, value) of each ``VAL_TAGS`` scalar in a run's TensorBoard events."""
+    if not any(log_dir.glob("events.out.tfevents.*")):
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    have = set(acc.Tags().get("scalars", []))
+    return {t: (acc.Scalars(t)[-1].step, float(acc.Scalars(t)[-1].value)) for t, _ in VAL_TAGS if t in have}
+
+
+def dynamics_section(scale: str, runs: Path) -> list[str]:
+    """The dynamics stage's last validation: teacher-forced accuracy beside copying, rollout PSNR."""
+    d = stage_dir(scale, "dynamics", runs)
+    lines = ["## Dynamics: last validation of the stage run", ""]
+    vals = last_val_scalars(d)
+    if not vals:
+        return lines + [f"_missing: no TensorBoard events with val/ scalars under {d} (train it: "
+                        f"`python -m whale_pl.pipeline dynamics --scale {scale}`)_", ""]
+    clock = ""
+    hp = d / "hparams.yaml"
+    if hp.is_file():
+        import yaml
+
+        spec = (yaml.safe_load(hp.read_text()) or {}).get("data_spec") or {}
+        k = int(spec.get("frame_stride", 1))
+        clock = f" The model's clock: one step = {k} recorded step{'s' if k > 1 else ''} (data `frame_stride`)."
+    step = max(s for s, _ in vals.values())
+    lines += ["| figure | value |", "|---|---|"]
+    for tag, name in VAL_TAGS:
+        if tag in vals:
+            v = vals[tag][1]
+            lines.append(f"| {name} | {f'{100 * v:+.3f} pt' if tag == 'val/acc_minus_copy' else _fmt(v)} |")
+        else:
+            lines.append(f"| {name} | missing (not logged) |")
+    lines += ["", f"Held-out clips of the last validation (global step {step}); logged to TensorBoard under "
+              f"`{d}`.{clock}", ""]
+    return lines
+
+
 def _undefined(v: object, why: str) -> str:
     return _fmt(v) if v is not None else f"undefined ({why})"
 
@@ -159,6 +206,7 @@ def build_report(scale: str, runs: Path = Path("runs")) -> str:
     vid = _load(root / "video_metrics.json")
     exp = _load(root / "experiment.json")
     lines += metrics_table(scale, root, vid, exp)
+    lines += dynamics_section(scale, runs)
 
     lines += ["## Video fidelity (dynamics rollouts on held-out clips)", ""]
     if vid:
