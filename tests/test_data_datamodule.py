@@ -246,3 +246,28 @@ def test_frame_stride_is_the_clock_and_retrace_strides_multiply_it(tiny_shards):
             np.testing.assert_allclose(x["actions"][i, :, :3].numpy(), (raw[:, :3] - k * mean[:3]) / std[:3], atol=1e-5)
             np.testing.assert_allclose(x["rewards"][i].numpy(), ep.rewards[win].sum(1), atol=1e-5)
     assert seen == {1, 2, 3}
+
+
+def test_retracing_batches_use_their_own_clip_length(tiny_shards):
+    """retrace_clip_len 3 with frame_stride 2: base batches are 8 frames (16 steps of the 24-frame
+    episodes), retracing batches 3 frames at strides 2 and 3 (12 and 18 steps), which would not fit
+    at 8 frames; every batch has one stride and one length."""
+    dm = ClipDataModule(str(tiny_shards), clip_len=8, frame_stride=2, batch_size=3, num_workers=0,
+                        steps_per_epoch=12, retrace_strides=[2, 3], retrace_prob=0.5, retrace_clip_len=3, seed=4)
+    dm.setup("fit")
+    _, eps = _episodes_by_index(tiny_shards)
+    shapes = set()
+    for x in dm.train_dataloader():
+        mult = set(x["stride"].tolist())
+        assert len(mult) == 1
+        (mult,) = mult
+        T = x["frames"].shape[1]
+        shapes.add((mult, T))
+        for i in range(3):
+            ep = eps[int(x["episode"][i])]
+            idx = int(x["start"][i]) + 2 * mult * np.arange(T)
+            assert torch.equal(x["frames"][i], torch.from_numpy(ep.frames[idx]).permute(0, 3, 1, 2))
+    assert shapes == {(1, 8), (2, 3), (3, 3)}
+    assert {b["frames"].shape[1] for b in dm.val_dataloader()} == {8}
+    with pytest.raises(ValueError, match="retrace_clip_len"):
+        ClipDataModule(str(tiny_shards), clip_len=4, retrace_clip_len=5)

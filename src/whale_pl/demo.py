@@ -115,7 +115,7 @@ def build_steps(scale: str, side: SideModels | None = None) -> list[Step]:
         Step("video metrics", "whale_pl.eval_cli",
              lambda: _sh([py, "-m", "whale_pl.eval_cli", "video",
                           "--ckpt", str(stage_dir(scale, "dynamics") / "checkpoints" / "best.ckpt"),
-                          "--shards", _data_out(data_cfg), "--num-clips", "16",
+                          "--shards", _data_out(data_cfg), "--num-clips", "16", "--clip-len", "12",
                           "--out", str(run_root / "video_metrics.json")])),
         Step("rollout gifs", "whale_pl.rollout.gifs",
              lambda: _sh([py, "-m", "whale_pl.rollout.gifs",

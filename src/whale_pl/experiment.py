@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--member-heads", type=int, default=None)
     p.add_argument("--member-steps", type=int, default=None)
     p.add_argument("--starts", type=int, default=1)
-    p.add_argument("--horizon", type=int, default=24)
+    p.add_argument("--horizon", type=int, default=None,
+                   help="imagined steps (model steps); default: 24, or fewer when the training episodes are shorter")
     p.add_argument("--discount", type=float, default=0.99)
     p.add_argument("--K", type=int, default=3)
     p.add_argument("--jobs", type=int, default=1,
@@ -282,8 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # ---- one set of real rollouts for everything
+    k = frame_stride_of(main_ckpt)
+    if a.horizon is None:  # no longer than the model has seen episodes run (in its own steps)
+        from whale_pl.data.metaworld import CollectConfig
+
+        a.horizon = max(2, min(24, CollectConfig.from_yaml(data_cfg).max_steps // k - 1))
     ev = EvalSet.from_data_config(data_cfg, starts=a.starts, horizon=a.horizon, discount=a.discount,
-                                  frame_stride=frame_stride_of(main_ckpt))
+                                  frame_stride=k)
     print(f"[experiment] real rollouts: {len(ev.tasks)} tasks x {len(ev.policies)} policies x {a.starts} starts", flush=True)
     real = collect_real(ev)
     common = dict(data_config=data_cfg, starts=a.starts, horizon=a.horizon, discount=a.discount, K=a.K,

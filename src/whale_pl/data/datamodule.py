@@ -79,7 +79,7 @@ class ClipStream(IterableDataset):
                  frame_stride: int, retrace_strides: Sequence[int], retrace_prob: float, batch_size: int,
                  steps: int, rank: int, world_size: int, seed: int, families: list[str], policies: list[str],
                  ood_policies: set[str], state_dim: int, clips_per_episode: int = 8, pool_size: int = 16,
-                 on_error: str = "raise", fixed_seed: bool = False):
+                 on_error: str = "raise", fixed_seed: bool = False, retrace_clip_len: int | None = None):
         super().__init__()
         self.dirs, self.splits = dirs, tuple(splits)
         w = np.asarray(weights, np.float64)
@@ -88,6 +88,7 @@ class ClipStream(IterableDataset):
         self.p = w / w.sum()
         self.clip_len, self.frame_stride = clip_len, frame_stride
         self.retrace_strides, self.retrace_prob = list(retrace_strides), retrace_prob
+        self.retrace_clip_len = clip_len if retrace_clip_len is None else min(int(retrace_clip_len), clip_len)
         self.batch_size, self.steps = batch_size, steps
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.families, self.policies, self.ood_policies = families, policies, ood_policies
@@ -146,13 +147,22 @@ class ClipStream(IterableDataset):
                                  f"{self.frame_stride})")
 
     # ---- clips ------------------------------------------------------------------------------
-    def _clip(self, d: _DirInfo, ep_idx: int, ep: Episode, rng: np.random.Generator) -> dict[str, Any]:
-        t_ep, T = len(ep), self.clip_len
-        m = 1  # stride in units of the base frame_stride (the model's clock): batch["stride"]
+    def _batch_plan(self, rng: np.random.Generator) -> tuple[int, int]:
+        """(stride multiple m, clip length T) of the next batch: with probability ``retrace_prob`` a
+        retracing batch (m drawn from ``retrace_strides``, ``retrace_clip_len`` frames), else (1, clip_len)."""
         if self.retrace_strides and rng.random() < self.retrace_prob:
+            return int(rng.choice(self.retrace_strides)), self.retrace_clip_len
+        return 1, self.clip_len
+
+    def _clip(self, d: _DirInfo, ep_idx: int, ep: Episode, rng: np.random.Generator, m: int = 1,
+              T: int | None = None) -> dict[str, Any]:
+        """A clip of T frames every m * frame_stride recorded steps (m: stride in units of the base
+        frame_stride, the model's clock: batch["stride"]). An episode too short for m takes the
+        largest retrace stride that fits it, else the base stride."""
+        t_ep, T = len(ep), self.clip_len if T is None else T
+        if T * m * self.frame_stride > t_ep:
             ok = [s for s in self.retrace_strides if T * s * self.frame_stride <= t_ep]
-            if ok:
-                m = int(rng.choice(ok))
+            m = max(ok) if ok else 1
         k = m * self.frame_stride  # underlying steps between clip frames
         start = int(rng.integers(0, t_ep - T * k + 1))
         idx = start + k * np.arange(T)
@@ -214,6 +224,7 @@ class ClipStream(IterableDataset):
         cum_p[-1] = 1.0
         for _ in range(my_steps):
             clips = []
+            m, T = self._batch_plan(rng)
             for _b in range(self.batch_size):
                 di = 0 if len(self.dirs) == 1 else int(np.searchsorted(cum_p, rng.random(), side="right"))
                 pool = pools[di]
@@ -222,7 +233,7 @@ class ClipStream(IterableDataset):
                     pool.append([ep_idx, ep, self.clips_per_episode])
                 j = int(rng.integers(len(pool)))
                 entry = pool[j]
-                clips.append(self._clip(self.dirs[di], entry[0], entry[1], rng))
+                clips.append(self._clip(self.dirs[di], entry[0], entry[1], rng, m, T))
                 entry[2] -= 1
                 if entry[2] <= 0:
                     pool.pop(j)
@@ -256,9 +267,11 @@ class ClipDataModule(L.LightningDataModule):
         frame_stride: base stride between clip frames (the model's clock); actions are composed
             and rewards summed over it. Stored in ``data_spec`` so later consumers of a checkpoint
             (value evaluation, video metrics, GIFs) read data on the same clock.
-        retrace_strides / retrace_prob: with probability ``retrace_prob`` a train clip uses a stride
-            drawn from ``retrace_strides``, in units of ``frame_stride`` (composed actions;
-            ``batch["stride"]`` is in the same units: 1 for a base clip).
+        retrace_strides / retrace_prob: with probability ``retrace_prob`` a train batch is a retracing
+            batch: its clips use a stride drawn from ``retrace_strides``, in units of ``frame_stride``
+            (composed actions; ``batch["stride"]`` is in the same units: 1 for a base clip).
+        retrace_clip_len: frames per retracing clip (default and at most ``clip_len``): shorter clips let
+            large strides fit short episodes (a stride-3 clip of T frames spans 3 * frame_stride * T steps).
         batch_size: clips per batch (per rank).
         num_workers: DataLoader workers per rank.
         steps_per_epoch / val_steps: batches per rank per train epoch / validation run.
@@ -277,7 +290,7 @@ class ClipDataModule(L.LightningDataModule):
                  clips_per_episode: int = 8, pool_size: int = 16, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, verify: bool = True, on_error: str = "raise",
                  multiprocessing_context: str | None = None, pin_memory: bool = False,
-                 val_clip_len: int | None = None):
+                 val_clip_len: int | None = None, retrace_clip_len: int | None = None):
         super().__init__()
         self.dir_paths = [dirs] if isinstance(dirs, (str, Path)) else [str(d) for d in dirs]
         if not self.dir_paths:
@@ -299,6 +312,9 @@ class ClipDataModule(L.LightningDataModule):
         if any(s < 1 for s in self.retrace_strides) or not 0.0 <= retrace_prob <= 1.0:
             raise ValueError(f"retrace_strides {retrace_strides} must be >= 1 and retrace_prob in [0, 1]")
         self.retrace_prob = float(retrace_prob)
+        if retrace_clip_len is not None and not 1 <= int(retrace_clip_len) <= self.clip_len:
+            raise ValueError(f"retrace_clip_len must be in [1, clip_len={self.clip_len}], got {retrace_clip_len}")
+        self.retrace_clip_len = None if retrace_clip_len is None else int(retrace_clip_len)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.steps_per_epoch, self.val_steps = int(steps_per_epoch), int(val_steps)
         self.train_splits = list(train_splits or ["train"])
@@ -397,7 +413,8 @@ class ClipDataModule(L.LightningDataModule):
             self.frame_stride, self.retrace_strides if train else [], self.retrace_prob if train else 0.0,
             self.batch_size, self.steps_per_epoch if train else self.val_steps, self._rank, self._world,
             self.seed if train else self.seed + 7919, self.families, self.policies, set(self.ood_policies),
-            self.state_dim, self.clips_per_episode, self.pool_size, self.on_error, fixed_seed=not train)
+            self.state_dim, self.clips_per_episode, self.pool_size, self.on_error, fixed_seed=not train,
+            retrace_clip_len=self.retrace_clip_len if train else None)
 
     def _loader(self, ds: ClipStream) -> DataLoader:
         nw = min(self.num_workers, max(1, ds.steps)) if self.num_workers > 0 else 0
@@ -484,7 +501,7 @@ class MetaWorldDataModule(ClipDataModule):
                  clips_per_episode: int = 8, pool_size: int = 16, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, verify: bool = True, on_error: str = "raise",
                  multiprocessing_context: str | None = None, pin_memory: bool = False,
-                 val_clip_len: int | None = None):
+                 val_clip_len: int | None = None, retrace_clip_len: int | None = None):
         from whale_pl.data.metaworld import CollectConfig
 
         self.config_path = str(config)
@@ -496,7 +513,7 @@ class MetaWorldDataModule(ClipDataModule):
                          train_splits=train_splits, val_splits=val_splits, clips_per_episode=clips_per_episode,
                          pool_size=pool_size, seed=seed, rank=rank, world_size=world_size, verify=verify,
                          on_error=on_error, multiprocessing_context=multiprocessing_context, pin_memory=pin_memory,
-                         val_clip_len=val_clip_len)
+                         val_clip_len=val_clip_len, retrace_clip_len=retrace_clip_len)
 
     def prepare_data(self) -> None:
         from whale_pl.data.metaworld import ensure_collected

@@ -9,6 +9,10 @@ For every evaluation policy (training families and held-out OOD families) and ev
 - **closed-loop**: the same scripted policy (same seed, so the same noise) acts on the state the
   model's state head predicts for each imagined frame (the real start state for frame 0).
 
+Everything runs on the model's clock (``frame_stride`` of its data_spec, k): a step is one decision
+held for k recorded steps (``action_repeat * k`` simulator steps), its reward the sum over them,
+exactly as the datamodule composes actions and sums rewards for stride-k clips.
+
 Imagined return ``Σ_t γ^t r̂_t`` from the reward head (``reward_BT[:, t]`` is the reward of the
 transition into imagined frame t+1, i.e. of action t). Per policy, returns are averaged over tasks
 and start states. :mod:`whale_pl.rollout.metrics` gives the figures.
