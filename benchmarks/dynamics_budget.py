@@ -32,12 +32,24 @@ from train_step import import_path, parse_set  # sibling benchmark: the same --s
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def bootstrap_ci(per_clip: list[tuple[int, int]], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of accuracy minus copy (points) over clips resampled with replacement: tokens of
+    one clip are not independent, clips are."""
+    import numpy as np
+
+    d = np.array(per_clip, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(reps, len(d)))
+    stats = 100 * d[idx, 0].sum(1) / d[idx, 1].sum(1)
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
 @torch.no_grad()
 def teacher_forced_stats(module, batches) -> dict[str, float]:
     """Held-out teacher-forced figures of a DynamicsModule on a list of batches."""
     module.eval()
     n = chg = right = copy = chg_right = top1_new = 0
     ce = p_old_chg = 0.0
+    per_clip = []  # (right - copy, tokens) of each held-out clip: the bootstrap unit
     for batch in batches:
         batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         ids, actions, z, stride = module._inputs(batch)
@@ -49,6 +61,8 @@ def teacher_forced_stats(module, batches) -> dict[str, float]:
         chg += int(changed.sum())
         right += int((pred == tgt).sum())
         copy += int((~changed).sum())
+        per_clip += [(int(r) - int(c), tgt[0].numel()) for r, c in
+                     zip((pred == tgt).flatten(1).sum(1).tolist(), (~changed).flatten(1).sum(1).tolist())]
         chg_right += int((pred == tgt)[changed].sum())
         ce -= logp.gather(-1, tgt[..., None]).sum().item()
         p_old_chg += logp.gather(-1, prev[..., None])[..., 0].exp()[changed].sum().item()
@@ -59,7 +73,9 @@ def teacher_forced_stats(module, batches) -> dict[str, float]:
     rate = min(max(chg / n, 1e-9), 1 - 1e-9)
     # the best smoothed copy: 1 - rate on the old id, rate spread evenly over the other V - 1 ids
     smoothed_copy_ce = -(1 - rate) * math.log(1 - rate) - rate * math.log(rate / (V - 1))
-    return {"tokens": n, "changing_share": chg / n, "acc": right / n, "copy_acc": copy / n,
+    lo, hi = bootstrap_ci(per_clip)
+    return {"tokens": n, "clips": len(per_clip), "acc_minus_copy_ci95_pt": (lo, hi),
+            "changing_share": chg / n, "acc": right / n, "copy_acc": copy / n,
             "smoothed_copy_ce": smoothed_copy_ce,
             "acc_minus_copy_pt": 100 * (right - copy) / n, "ce": ce / n, "changing_right": chg_right / c,
             "changing_p_old_id": p_old_chg / c, "changing_best_new_id_right": top1_new / c}
@@ -79,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="override datamodule init_args, e.g. batch_size=32 num_workers=8")
     p.add_argument("--precision", help="Lightning precision (default: the YAML's trainer.precision), e.g. 32-true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", help="also write the trained module's checkpoint here (rescoring, dynamics_accuracy.py)")
+    p.add_argument("--ood", action="store_true", help="also score the OOD-family episodes (same figures)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = yaml.safe_load((ROOT / "stages" / a.scale / "dynamics.yaml").read_text())
@@ -102,18 +120,31 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - t0
-    vdm = import_path(dcfg["class_path"])(**{**data_args, "batch_size": 8, "num_workers": 0,
-                                             "val_steps": a.val_batches, "val_splits": ["val"]})
-    vdm.setup("validate")
-    stats = teacher_forced_stats(module, list(vdm.val_dataloader()))
+    if a.save:
+        trainer.save_checkpoint(a.save)
+        print(f"saved the trained module to {a.save}")
+
+    def held_out(split: str) -> dict:
+        vdm = import_path(dcfg["class_path"])(**{**data_args, "batch_size": 8, "num_workers": 0,
+                                                 "val_steps": a.val_batches, "val_splits": [split]})
+        vdm.setup("validate")
+        return teacher_forced_stats(module, list(vdm.val_dataloader()))
+
+    stats = held_out("val")
     print(f"stages/{a.scale}/dynamics.yaml with {a.set or 'no overrides'}: {trainer.global_step} steps in "
           f"{seconds:.0f} s (sticky margin {module.tokenizer.model.sticky_margin}, {a.accelerator}, {trainer.precision}, {a.threads} thread(s), data {a.data or 'as configured'}); held-out: {stats['tokens']} tokens, "
           f"{100 * stats['changing_share']:.2f}% change from the frame before")
     print(f"  teacher-forced acc {100 * stats['acc']:.3f}% vs copy {100 * stats['copy_acc']:.3f}% "
-          f"({stats['acc_minus_copy_pt']:+.3f} pt); cross-entropy {stats['ce']:.4f} vs {stats['smoothed_copy_ce']:.4f} "
-          "for the best smoothed copy")
+          f"({stats['acc_minus_copy_pt']:+.3f} pt, 95% interval over {stats['clips']} clips "
+          f"[{stats['acc_minus_copy_ci95_pt'][0]:+.3f}, {stats['acc_minus_copy_ci95_pt'][1]:+.3f}]); cross-entropy "
+          f"{stats['ce']:.4f} vs {stats['smoothed_copy_ce']:.4f} for the best smoothed copy")
     print(f"  changing tokens: right {100 * stats['changing_right']:.2f}%, probability left on the old id "
           f"{stats['changing_p_old_id']:.3f}, best new id right {100 * stats['changing_best_new_id_right']:.1f}%")
+    if a.ood:
+        o = held_out("ood")
+        print(f"  OOD families: acc {100 * o['acc']:.3f}% vs copy {100 * o['copy_acc']:.3f}% ({o['acc_minus_copy_pt']:+.3f} pt, "
+              f"95% interval [{o['acc_minus_copy_ci95_pt'][0]:+.3f}, {o['acc_minus_copy_ci95_pt'][1]:+.3f}]; "
+              f"{o['tokens']} tokens), cross-entropy {o['ce']:.4f} vs {o['smoothed_copy_ce']:.4f}")
     print(f"dynamics_budget_val_ce: {stats['ce']:.4f} nats")
 
 

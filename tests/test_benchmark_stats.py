@@ -74,3 +74,15 @@ def test_token_ngram_action_bins():
     assert tn.action_bin(torch.tensor([0.1, -0.1, 0.05])) == 6
     assert tn.action_bin(torch.tensor([0.1, -0.9, 0.3])) == 2  # y axis, negative
     assert tn.action_bin(torch.tensor([0.0, 0.1, 0.5])) == 5  # z axis, positive
+
+
+def test_budget_bootstrap_interval_over_clips():
+    """Equal clips give a zero-width interval at their value; clips that disagree widen it around the
+    pooled figure; more clips of the same kind narrow it."""
+    db = _load("dynamics_budget")
+    assert db.bootstrap_ci([(2, 100)] * 20) == pytest.approx((2.0, 2.0))
+    mixed = [(5, 100), (-3, 100)] * 10  # pooled +1 pt
+    lo, hi = db.bootstrap_ci(mixed)
+    assert lo < 1.0 < hi and lo > -3 and hi < 5
+    lo4, hi4 = db.bootstrap_ci(mixed * 4)
+    assert hi4 - lo4 < 0.7 * (hi - lo)
