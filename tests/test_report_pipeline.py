@@ -21,6 +21,7 @@ def test_report_names_missing_inputs_and_tables_present_ones(tmp_path, monkeypat
 
 def test_report_reads_the_dynamics_validation_from_tensorboard(tmp_path, monkeypatch):
     """The last logged val/ scalars of runs/<scale>/dynamics (real TensorBoard events) and its clock."""
+    import torch
     from lightning.pytorch.loggers import TensorBoardLogger
 
     monkeypatch.chdir(tmp_path)
@@ -30,7 +31,9 @@ def test_report_reads_the_dynamics_validation_from_tensorboard(tmp_path, monkeyp
         log.log_metrics({"val/acc": acc, "val/copy_acc": 0.86, "val/acc_minus_copy": acc - 0.86,
                          "val/psnr_ar_ood": 24.5}, step=step)
     log.experiment.flush()
-    (tmp_path / "runs" / "demo" / "dynamics" / "hparams.yaml").write_text("data_spec:\n  frame_stride: 8\n")
+    ckpt = tmp_path / "runs" / "demo" / "dynamics" / "checkpoints" / "best.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"hyper_parameters": {"data_spec": {"frame_stride": 8}}}, ckpt)
     md = report.build_report("demo", tmp_path / "runs")
     assert "| teacher-forced token accuracy | 0.870 |" in md
     assert "| copy-the-previous-frame baseline | 0.860 |" in md and "| accuracy minus copy | +1.000 pt |" in md

@@ -86,12 +86,11 @@ def dynamics_section(scale: str, runs: Path) -> list[str]:
         return lines + [f"_missing: no TensorBoard events with val/ scalars under {d} (train it: "
                         f"`python -m whale_pl.pipeline dynamics --scale {scale}`)_", ""]
     clock = ""
-    hp = d / "hparams.yaml"
-    if hp.is_file():
-        import yaml
+    ckpt = d / "checkpoints" / "best.ckpt"
+    if ckpt.is_file():  # the clock is in the checkpoint's data_spec (hparams.yaml has the CLI's init args)
+        from whale_pl.rollout.value import frame_stride_of
 
-        spec = (yaml.safe_load(hp.read_text()) or {}).get("data_spec") or {}
-        k = int(spec.get("frame_stride", 1))
+        k = frame_stride_of(ckpt)
         clock = f" The model's clock: one step = {k} recorded step{'s' if k > 1 else ''} (data `frame_stride`)."
     step = max(s for s, _ in vals.values())
     lines += ["| figure | value |", "|---|---|"]
