@@ -72,3 +72,38 @@ def tiny_data_yaml(tiny_shards, tiny_config, tmp_path_factory) -> Path:
     d = dict(TINY, out=str(tiny_shards))
     p.write_text(yaml.safe_dump(d))
     return p
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tiny_data_yaml, tmp_path_factory):
+    """``make(name, frame_stride=1, tok_steps=3, dyn_steps=4) -> Path``: a tiny tokenizer and a tiny
+    dynamics model on it (behavior off, retracing strides 2-3), a few real steps each; the dynamics
+    checkpoint's path."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from whale_pl.data.datamodule import MetaWorldDataModule
+    from whale_pl.lit.dynamics_module import DynamicsModule
+    from whale_pl.lit.tokenizer_module import TokenizerModule
+
+    def fit(module, out: Path, steps: int, stride: int) -> Path:
+        dm = MetaWorldDataModule(config=str(tiny_data_yaml), clip_len=4, frame_stride=stride, batch_size=4,
+                                 num_workers=0, steps_per_epoch=steps, val_steps=1, retrace_strides=[2, 3],
+                                 retrace_prob=0.5)
+        L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                  callbacks=[ModelCheckpoint(dirpath=out, filename="best")]).fit(module, dm)
+        return out / "best.ckpt"
+
+    def make(name: str, frame_stride: int = 1, tok_steps: int = 3, dyn_steps: int = 4) -> Path:
+        out = tmp_path_factory.mktemp(name)
+        torch.manual_seed(0)
+        tok = fit(TokenizerModule(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2,
+                                  codebook_size=32, code_dim=8, warmup_steps=1), out / "tok", tok_steps, 1)
+        torch.manual_seed(0)
+        dyn = DynamicsModule(tokenizer_ckpt=str(tok), use_behavior=False, dim=32, depth=1, heads=2, max_frames=8,
+                             max_stride=3, warmup_steps=1, rollout_horizon=2, rollout_batches=1)
+        return fit(dyn, out / "dyn", dyn_steps, frame_stride)
+
+    return make

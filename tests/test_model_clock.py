@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from whale_pl.rollout.gif import layout, read_gif_frames, upscale
 
@@ -17,32 +16,8 @@ K_CLOCK = 2
 
 
 @pytest.fixture(scope="module")
-def strided_ckpt(tiny_data_yaml, tmp_path_factory) -> Path:
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from whale_pl.data.datamodule import MetaWorldDataModule
-    from whale_pl.lit.dynamics_module import DynamicsModule
-    from whale_pl.lit.tokenizer_module import TokenizerModule
-
-    out = tmp_path_factory.mktemp("clock_ckpts")
-
-    def fit(module, name, steps, stride):
-        dm = MetaWorldDataModule(config=str(tiny_data_yaml), clip_len=4, frame_stride=stride, batch_size=4,
-                                 num_workers=0, steps_per_epoch=steps, val_steps=1,
-                                 retrace_strides=[2, 3] if stride > 1 else None, retrace_prob=0.5)
-        L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                  callbacks=[ModelCheckpoint(dirpath=out / name, filename="best")]).fit(module, dm)
-        return out / name / "best.ckpt"
-
-    torch.manual_seed(0)
-    tok = fit(TokenizerModule(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2,
-                              codebook_size=32, code_dim=8, warmup_steps=1), "tok", 2, 1)
-    torch.manual_seed(0)
-    dyn = DynamicsModule(tokenizer_ckpt=str(tok), use_behavior=False, dim=32, depth=1, heads=2, max_frames=8,
-                         max_stride=3, warmup_steps=1, rollout_horizon=2, rollout_batches=1)
-    return fit(dyn, "dyn", 3, K_CLOCK)
+def strided_ckpt(tiny_world) -> Path:
+    return tiny_world("clock_ckpts", frame_stride=K_CLOCK, tok_steps=2, dyn_steps=3)
 
 
 def test_checkpoint_records_the_clock(strided_ckpt):

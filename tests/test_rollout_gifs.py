@@ -66,32 +66,9 @@ def test_gif_writer_rejects_mismatched_inputs(tmp_path):
 # end to end on a tiny trained model
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_dynamics_ckpt(tiny_data_yaml, tmp_path_factory) -> Path:
+def tiny_dynamics_ckpt(tiny_world) -> Path:
     """A tiny tokenizer and a tiny dynamics model (behavior off, strides up to 3), a few steps each."""
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from whale_pl.data.datamodule import MetaWorldDataModule
-    from whale_pl.lit.dynamics_module import DynamicsModule
-    from whale_pl.lit.tokenizer_module import TokenizerModule
-
-    out = tmp_path_factory.mktemp("gif_ckpts")
-
-    def fit(module, name, steps):
-        dm = MetaWorldDataModule(config=str(tiny_data_yaml), clip_len=4, batch_size=4, num_workers=0,
-                                 steps_per_epoch=steps, val_steps=1, retrace_strides=[2, 3], retrace_prob=0.5)
-        L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                  callbacks=[ModelCheckpoint(dirpath=out / name, filename="best")]).fit(module, dm)
-        return out / name / "best.ckpt"
-
-    torch.manual_seed(0)
-    tok = fit(TokenizerModule(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2,
-                              codebook_size=32, code_dim=8, warmup_steps=1), "tok", 3)
-    torch.manual_seed(0)
-    dyn = DynamicsModule(tokenizer_ckpt=str(tok), use_behavior=False, dim=32, depth=1, heads=2, max_frames=8,
-                         max_stride=3, warmup_steps=1, rollout_horizon=2, rollout_batches=1)
-    return fit(dyn, "dyn", 4)
+    return tiny_world("gif_ckpts")
 
 
 H = 10  # longer than max_frames=8: the rollout's window restarts on the way
