@@ -88,7 +88,7 @@ class ClipStream(IterableDataset):
         self.p = w / w.sum()
         self.clip_len, self.frame_stride = clip_len, frame_stride
         self.retrace_strides, self.retrace_prob = list(retrace_strides), retrace_prob
-        self.retrace_clip_len = clip_len if retrace_clip_len is None else min(int(retrace_clip_len), clip_len)
+        self.retrace_clip_len = retrace_clip_len or clip_len  # ClipDataModule checks it is <= clip_len
         self.batch_size, self.steps = batch_size, steps
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.families, self.policies, self.ood_policies = families, policies, ood_policies

@@ -107,7 +107,8 @@ class DynamicsModule(L.LightningModule):
         """``tokenizer_ckpt`` / ``behavior_ckpt``: the earlier stages' checkpoints
         (``runs/<scale>/{tokenizer,behavior}/checkpoints/best.ckpt``), loaded frozen.
         ``use_behavior=False``: the ablation without behavior-conditioning (no behavior_ckpt needed).
-        ``data_spec``: from the datamodule (the CLI links it); None inherits the tokenizer's.
+        ``data_spec``: None inherits the tokenizer's until ``fit``, which checks it against the
+        datamodule's and then records the datamodule's (its ``frame_stride`` clock included).
         ``injection``: how the per-frame (action, z, stride) vector enters (models/dynamics.py).
         ``prev_frame_input``: each position also embeds the id it held one frame earlier (a copy path).
         ``copy_logit``: a learned gate adds to the logit of that earlier id (starts at the copy baseline).
@@ -223,10 +224,8 @@ class DynamicsModule(L.LightningModule):
         if current is not None:
             keys = [k for k in SPEC_KEYS if k in current]
             check_data_spec(self.hparams.data_spec, current, "dynamics module (its data_spec vs the datamodule's)", keys)
-            if stage == "fit" and "frame_stride" in current:
-                # the clock is the data's: what this model steps over is what it is trained on now
-                # (a data_spec inherited from the tokenizer carries the tokenizer's clips' stride)
-                self.hparams.data_spec = {**self.hparams.data_spec, "frame_stride": int(current["frame_stride"])}
+            if stage == "fit":  # the checkpoint describes the data it is trained on (its clock included)
+                self.hparams.data_spec = dict(current)
         maybe_init_from(self, stage, data_spec_keys=("action_space",))
 
     # ------------------------------------------------------------------ batch -> model inputs

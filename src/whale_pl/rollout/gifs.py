@@ -73,14 +73,14 @@ def _floats(x: np.ndarray) -> list[float | None]:
 def on_model_clock(ep, start: int, n: int, k: int, space) -> tuple[np.ndarray, np.ndarray]:
     """``n`` frames of an episode from recorded frame ``start`` every ``k`` recorded steps, and the
     ``n - 1`` raw actions between them, each composed over its ``k`` recorded steps."""
+    from whale_pl.rollout.retracing import retracing_actions
+
     idx = start + k * np.arange(n)
     if idx[-1] >= len(ep):
         raise ValueError(f"episode of {len(ep)} frames has no {n} frames every {k} from {start}")
-    frames = ep.frames[idx]
-    if k == 1:
-        return frames, ep.actions[idx[:-1]]
-    win = idx[:-1, None] + np.arange(k)[None, :]
-    return frames, space.compose(ep.actions[win]).astype(np.float32)
+    # row j of the stride-k retracing-actions composes recorded steps j..j+k-1: every k-th row
+    actions = retracing_actions(ep.actions[start : idx[-1]], space, k)[::k] if n > 1 else ep.actions[:0]
+    return ep.frames[idx], actions.astype(np.float32)
 
 
 def imagine_episode(wm, ep, start: int, context: int, horizon: int, K: int) -> dict:

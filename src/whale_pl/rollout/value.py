@@ -432,9 +432,9 @@ def value_metrics_for_checkpoint(ckpt_path: str, data_config: str = "stages/demo
                                  horizon: int = 24, discount: float = 0.99, mode: str = "open_loop",
                                  device: str = "cpu") -> dict[str, float]:
     """The evaluation callback's value hook (docs/contracts.md): flat floats of one mode."""
-    ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, discount=discount,
-                                  frame_stride=frame_stride_of(ckpt_path))
     wm = WorldModel.load(ckpt_path, device)
+    ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, discount=discount,
+                                  frame_stride=wm.frame_stride)
     res = evaluate_values(wm, collect_real(ev, progress=False), ev, modes=(mode,), progress=False)[mode]
     flat: dict[str, float] = {}
     for split in ("all", "ood", "train"):

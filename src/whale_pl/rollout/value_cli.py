@@ -100,14 +100,13 @@ def run(dynamics: str, ensemble: list[str] | None, data_config: str, starts: int
         uncertainty: bool = True) -> dict:
     """Everything `whale eval value` computes, as a dict (also used by the headline experiment).
     ``uncertainty=False`` skips the per-step uncertainty of the open-loop rollouts."""
-    from whale_pl.rollout.value import (EvalSet, WorldModel, collect_real, evaluate_uncertainty, evaluate_values,
-                                        frame_stride_of)
+    from whale_pl.rollout.value import EvalSet, WorldModel, collect_real, evaluate_uncertainty, evaluate_values
 
+    wm = WorldModel.load(dynamics, device)
     ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, discount=discount,
-                                  frame_stride=frame_stride_of(dynamics))
+                                  frame_stride=wm.frame_stride)
     if real is None:
         real = collect_real(ev, progress=progress)
-    wm = WorldModel.load(dynamics, device)
     members = [WorldModel.load(p, device) for p in ensemble] if ensemble else None
     for p, m in zip(ensemble or [], members or []):
         if m.frame_stride != wm.frame_stride:
