@@ -86,3 +86,19 @@ def test_budget_bootstrap_interval_over_clips():
     assert lo < 1.0 < hi and lo > -3 and hi < 5
     lo4, hi4 = db.bootstrap_ci(mixed * 4)
     assert hi4 - lo4 < 0.7 * (hi - lo)
+
+
+def test_behavior_family_value_conditions_and_clips_carry_the_labels_they_name():
+    fv = _load("behavior_family_value")
+    y = torch.tensor([[2, 0], [0, 3]])  # (family, policy) of two clips
+    assert torch.equal(fv.condition(y, "none", 3, 4), torch.zeros(2, 7))
+    fam = fv.condition(y, "family", 3, 4)
+    assert fam[0].nonzero().flatten().tolist() == [2] and fam[1].nonzero().flatten().tolist() == [0]
+    pol = fv.condition(y, "policy", 3, 4)
+    assert pol[0].nonzero().flatten().tolist() == [3] and pol[1].nonzero().flatten().tolist() == [6]
+    # clips: every start of every episode, in order, with that episode's labels and the right steps
+    codes = torch.arange(10.0)[:, None, None, None].expand(10, 1, 1, 2)
+    data = [(codes, torch.arange(10.0)[:, None], (1, 5)), (codes + 100, torch.arange(10.0)[:, None] + 100, (0, 2))]
+    c, a, lab = fv.clips(data, 4, [[0, 6], [3]])
+    assert c.shape == (3, 4, 1, 1, 2) and a[:, :, 0].tolist() == [[0, 1, 2, 3], [6, 7, 8, 9], [103, 104, 105, 106]]
+    assert lab.tolist() == [[1, 5], [1, 5], [0, 2]]
