@@ -66,11 +66,9 @@ def expert_actions(ep) -> np.ndarray:
 @torch.no_grad()
 def frame_inputs(tok, ep) -> torch.Tensor:
     """[T, 2 * h*w*C]: each frame's tokenizer code grid (frame tokenized alone) and its change since the previous one."""
-    from whale_pl.lit.behavior_module import frames_to_unit
+    from whale_pl.lit.behavior_module import encode_frames_alone
 
-    frames = frames_to_unit(torch.from_numpy(ep.frames).permute(0, 3, 1, 2))
-    codes = torch.cat([tok.embed(tok.encode(frames[i : i + 256, None]))[:, 0].flatten(1).float()
-                       for i in range(0, len(frames), 256)])
+    codes = tok.embed(encode_frames_alone(tok, torch.from_numpy(ep.frames).permute(0, 3, 1, 2))).flatten(1).float()
     return torch.cat([codes, codes - torch.cat([codes[:1], codes[:-1]])], 1)
 
 

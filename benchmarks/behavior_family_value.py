@@ -36,10 +36,9 @@ from whale_pl.rollout.retracing import ActionNormaliser
 @torch.no_grad()
 def episode_codes(tok, ep) -> torch.Tensor:
     """[T, h, w, C] code vectors of an episode's frames, each frame tokenized alone (as the code cache does)."""
-    from whale_pl.lit.behavior_module import frames_to_unit
+    from whale_pl.lit.behavior_module import encode_frames_alone
 
-    frames = frames_to_unit(torch.from_numpy(ep.frames).permute(0, 3, 1, 2))
-    return torch.cat([tok.embed(tok.encode(frames[i : i + 256, None]))[:, 0].float() for i in range(0, len(frames), 256)])
+    return tok.embed(encode_frames_alone(tok, torch.from_numpy(ep.frames).permute(0, 3, 1, 2))).float()
 
 
 def clips(data: list, clip_len: int, starts: list[list[int]]):

@@ -39,6 +39,15 @@ def frames_to_unit(frames_BTCHW: torch.Tensor) -> torch.Tensor:
     return frames_BTCHW.float() / 127.5 - 1.0
 
 
+@torch.no_grad()
+def encode_frames_alone(tok: torch.nn.Module, frames_TCHW: torch.Tensor, batch_frames: int = 256) -> torch.Tensor:
+    """Token ids ``[T, h, w]`` of uint8 frames ``[T, 3, H, W]``, each frame tokenized on its own (exactly as
+    the first frame of a clip is), ``batch_frames`` at a time on the tokenizer's device: the code cache's unit."""
+    device = next(tok.parameters()).device
+    return torch.cat([tok.encode(frames_to_unit(frames_TCHW[i : i + batch_frames, None].to(device)))[:, 0]
+                      for i in range(0, len(frames_TCHW), batch_frames)])
+
+
 def tokenizer_fingerprint(module: torch.nn.Module) -> str:
     """sha256 over a module's state dict (names, dtypes, shapes and bytes of weights and buffers)."""
     h = hashlib.sha256()
@@ -220,12 +229,8 @@ class BehaviorModule(L.LightningModule):
         with self.trainer.precision_plugin.forward_context() if self._trainer is not None else contextlib.nullcontext():
             for key, ep in jobs:
                 frames = torch.from_numpy(ep.frames).permute(0, 3, 1, 2)  # [T, 3, H, W] uint8
-                out = []
-                for i in range(0, len(frames), batch_frames):
-                    chunk = frames_to_unit(frames[i : i + batch_frames, None].to(self.device))  # [n, 1, 3, H, W]
-                    out.append(tok.encode(chunk)[:, 0].to(torch.int32).cpu())
-                    bar.update(len(chunk))
-                cache[key] = torch.cat(out)
+                cache[key] = encode_frames_alone(tok, frames, batch_frames).to(torch.int32).cpu()
+                bar.update(len(frames))
         bar.close()
         self._ids_cache, self._cache_splits, self._cache_checked = cache, list(splits), False
 
