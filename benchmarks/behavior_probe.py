@@ -11,6 +11,7 @@ averaged over all of an episode's points) is printed too.
 
     .venv/bin/python benchmarks/behavior_probe.py                       # runs/demo/behavior best.ckpt
     .venv/bin/python benchmarks/behavior_probe.py --ckpt A.ckpt B.ckpt  # several (e.g. betas)
+    .venv/bin/python benchmarks/behavior_probe.py --by-policy           # which family each val policy's points get
 
 Last line: ``behavior_probe_acc: <val accuracy of the first checkpoint> fraction``.
 """
@@ -70,6 +71,17 @@ def episode_accuracy(probe, x_NZ, y_N, ep_N) -> float:
     return sum(right) / len(right)
 
 
+def family_shares_by_policy(pred_N: torch.Tensor, ep_N: torch.Tensor, policy_of_episode: list[str],
+                            n_families: int) -> dict[str, list[float]]:
+    """{policy name: share of its points the probe assigns to each family}, policies in sorted order.
+
+    A family probe can fail because one family's policies sit far apart in z (``noise_0.1`` beside the
+    expert, ``noise_0.5`` beside ``eps``), which a per-family accuracy hides."""
+    pol_N = np.asarray(policy_of_episode)[ep_N.numpy()]
+    pred = pred_N.numpy()
+    return {pol: [float((pred[pol_N == pol] == k).mean()) for k in range(n_families)] for pol in sorted(set(pol_N))}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", nargs="+", default=["runs/demo/behavior/checkpoints/best.ckpt"])
@@ -78,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hop", type=int, default=8)
     p.add_argument("--t-min", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    p.add_argument("--by-policy", action="store_true",
+                   help="also print, for each val policy, the share of its points given to each family")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
 
@@ -109,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             if s == "val":
                 pred = probe.predict(x)
                 per_family = {f: (pred[y == k] == k).double().mean().item() for k, f in enumerate(families) if (y == k).any()}
+                shares = family_shares_by_policy(pred, ep, [e.meta["policy"]["name"] for e in eps["val"]], len(families))
         hp = module.hparams
         print(f"{ckpt}: beta={hp.beta} z_dim={module.model.z_dim} "
               f"free_bits={hp.free_bits} | probe accuracy train {acc['train']:.3f}  val (held-out episodes) "
@@ -117,6 +132,12 @@ def main(argv: list[str] | None = None) -> None:
               f"ood {acc.get('ood_episode', float('nan')):.3f} | {len(ytr)} train points, t >= {a.t_min} of {a.clip_len}-step clips "
               f"| {time.time() - t0:.0f}s", flush=True)
         print("  val accuracy per family: " + ", ".join(f"{f} {v:.2f}" for f, v in per_family.items()), flush=True)
+        if a.by_policy and per_family:
+            width = max(len(k) for k in shares)
+            print("  val points by policy: the share the probe gives each family")
+            print(f"    {'':{width}s} " + " ".join(f"{f[:6]:>6}" for f in families))
+            for pol, row in shares.items():
+                print(f"    {pol:{width}s} " + " ".join(f"{v:6.2f}" for v in row), flush=True)
         results.append(acc.get("val", float("nan")))
     print(f"behavior_probe_acc: {results[0]:.3f} fraction")
 

@@ -102,3 +102,14 @@ def test_behavior_family_value_conditions_and_clips_carry_the_labels_they_name()
     c, a, lab = fv.clips(data, 4, [[0, 6], [3]])
     assert c.shape == (3, 4, 1, 1, 2) and a[:, :, 0].tolist() == [[0, 1, 2, 3], [6, 7, 8, 9], [103, 104, 105, 106]]
     assert lab.tolist() == [[1, 5], [1, 5], [0, 2]]
+
+
+def test_behavior_probe_family_shares_by_policy():
+    bp = _load("behavior_probe")
+    # episodes 0, 1: policy "b" (points predicted 0, 0, 1 / 1); episode 2: policy "a" (points predicted 2, 2)
+    pred = torch.tensor([0, 0, 1, 1, 2, 2])
+    ep = torch.tensor([0, 0, 0, 1, 2, 2])
+    shares = bp.family_shares_by_policy(pred, ep, ["b", "b", "a"], n_families=3)
+    assert list(shares) == ["a", "b"]
+    assert shares["a"] == [0.0, 0.0, 1.0]
+    assert shares["b"] == pytest.approx([0.5, 0.5, 0.0])
