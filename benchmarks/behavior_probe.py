@@ -12,6 +12,7 @@ averaged over all of an episode's points) is printed too.
     .venv/bin/python benchmarks/behavior_probe.py                       # runs/demo/behavior best.ckpt
     .venv/bin/python benchmarks/behavior_probe.py --ckpt A.ckpt B.ckpt  # several (e.g. betas)
     .venv/bin/python benchmarks/behavior_probe.py --by-policy           # which family each val policy's points get
+    .venv/bin/python benchmarks/behavior_probe.py --layout              # does z also name the task / object places?
 
 Last line: ``behavior_probe_acc: <val accuracy of the first checkpoint> fraction``.
 """
@@ -82,6 +83,28 @@ def family_shares_by_policy(pred_N: torch.Tensor, ep_N: torch.Tensor, policy_of_
     return {pol: [float((pred[pol_N == pol] == k).mean()) for k in range(n_families)] for pol in sorted(set(pol_N))}
 
 
+def layout_readout(x_tr: torch.Tensor, ep_tr: torch.Tensor, eps_tr: list, x_va: torch.Tensor, ep_va: torch.Tensor,
+                   eps_va: list, ridge: float = 1e-2) -> tuple[float, dict[int, float]]:
+    """What z holds besides the policy: val accuracy of a linear probe for the episode's *task*, and the val R^2
+    of a ridge regression from z to each varying dimension of the episode's first recorded state (object and
+    goal positions), both fitted on the train points. Returns (task accuracy, {state dim: R^2})."""
+    tasks = sorted({e.meta.get("task") for e in eps_tr})
+    t_tr = torch.tensor([tasks.index(eps_tr[i].meta.get("task")) for i in ep_tr.tolist()])
+    keep = np.array([eps_va[i].meta.get("task") in tasks for i in ep_va.tolist()])
+    t_va = torch.tensor([tasks.index(eps_va[i].meta.get("task")) for i in ep_va[keep].tolist()])
+    acc = fit_linear_probe(x_tr, t_tr, n_classes=len(tasks)).accuracy(x_va[keep], t_va) if len(tasks) > 1 else float("nan")
+    if any(e.state is None for e in eps_tr + eps_va):
+        return acc, {}
+    s_tr = np.stack([eps_tr[i].state[0] for i in ep_tr.tolist()]).astype(np.float64)
+    s_va = np.stack([eps_va[i].state[0] for i in ep_va.tolist()]).astype(np.float64)
+    X = np.c_[x_tr.double().numpy(), np.ones(len(x_tr))]
+    Xv = np.c_[x_va.double().numpy(), np.ones(len(x_va))]
+    W = np.linalg.solve(X.T @ X + ridge * np.eye(X.shape[1]), X.T @ s_tr)
+    resid = ((Xv @ W - s_va) ** 2).sum(0)
+    total = ((s_va - s_va.mean(0)) ** 2).sum(0)
+    return acc, {int(d): float(1 - resid[d] / total[d]) for d in np.where(s_va.std(0) > 1e-4)[0]}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", nargs="+", default=["runs/demo/behavior/checkpoints/best.ckpt"])
@@ -92,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     p.add_argument("--by-policy", action="store_true",
                    help="also print, for each val policy, the share of its points given to each family")
+    p.add_argument("--layout", action="store_true",
+                   help="also print how well z names the episode's task and its first state (object/goal positions)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
 
@@ -138,6 +163,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"    {'':{width}s} " + " ".join(f"{f[:6]:>6}" for f in families))
             for pol, row in shares.items():
                 print(f"    {pol:{width}s} " + " ".join(f"{v:6.2f}" for v in row), flush=True)
+        if a.layout and "val" in pts:
+            task_acc, r2 = layout_readout(xtr, pts["train"][2], eps["train"], pts["val"][0], pts["val"][2], eps["val"])
+            print(f"  layout: task probe val {task_acc:.3f}; ridge R^2 of the first state's varying dims: "
+                  + ", ".join(f"{d}: {v:.2f}" for d, v in r2.items()), flush=True)
         results.append(acc.get("val", float("nan")))
     print(f"behavior_probe_acc: {results[0]:.3f} fraction")
 

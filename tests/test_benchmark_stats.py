@@ -113,3 +113,30 @@ def test_behavior_probe_family_shares_by_policy():
     assert list(shares) == ["a", "b"]
     assert shares["a"] == [0.0, 0.0, 1.0]
     assert shares["b"] == pytest.approx([0.5, 0.5, 0.0])
+
+
+def test_behavior_probe_layout_readout_finds_task_and_state_carried_by_z():
+    bp = _load("behavior_probe")
+    rng = np.random.default_rng(0)
+
+    def episodes(n):
+        out = []
+        for i in range(n):
+            st = np.zeros((3, 5), np.float32)
+            st[0, 1] = rng.normal()  # dim 1 varies across episodes; the rest is constant
+            out.append(SimpleNamespace(meta={"task": ["a", "b"][i % 2]}, state=st))
+        return out
+
+    tr, va = episodes(40), episodes(20)
+    ep_tr, ep_va = torch.arange(40).repeat_interleave(3), torch.arange(20).repeat_interleave(3)
+
+    def z_of(eps, ep):  # z = (task, state dim 1, noise): both readable
+        return torch.tensor([[float(eps[i].meta["task"] == "b") * 4, eps[i].state[0, 1], rng.normal() * 0.1]
+                             for i in ep.tolist()], dtype=torch.float32)
+
+    acc, r2 = bp.layout_readout(z_of(tr, ep_tr), ep_tr, tr, z_of(va, ep_va), ep_va, va)
+    assert acc == 1.0 and list(r2) == [1] and r2[1] > 0.95
+    # z that holds neither: chance-level task accuracy, R^2 near 0
+    noise = lambda n: torch.from_numpy(rng.normal(size=(n, 3)).astype(np.float32))
+    acc, r2 = bp.layout_readout(noise(120), ep_tr, tr, noise(60), ep_va, va)
+    assert acc < 0.75 and r2[1] < 0.2
