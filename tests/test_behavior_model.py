@@ -182,3 +182,45 @@ def test_decoder_prev_action_keeps_the_prior_causal_and_learns(one_thread):
     out = _fit_then_eval(m, codes, actions)
     q = out.post_mu_BZ
     assert (q[:B].mean(0) - q[B:].mean(0)).norm() > 2 * (q[:B].std(0).norm() + q[B:].std(0).norm())
+
+
+def test_mixture_nll_and_moments_match_torch_distributions():
+    from torch.distributions import Categorical, Independent, MixtureSameFamily
+
+    m = _model(action_likelihood="mixture", mixture_k=3)
+    codes, actions = _inputs()
+    feat, z = m.frame_features(codes), torch.randn(B, T, 6)
+    nll_BT, mean_BTA = m.action_nll(feat, z, actions)
+    logw, mu, logvar = m._mixture(m._decoder_raw(feat, z, actions))
+    ref = MixtureSameFamily(Categorical(logits=logw), Independent(Normal(mu, (0.5 * logvar).exp()), 1))
+    assert torch.allclose(nll_BT, -ref.log_prob(actions), atol=1e-5)
+    d_mu, d_logvar = m.decode(feat, z, actions)
+    assert torch.allclose(d_mu, ref.mean, atol=1e-5) and torch.allclose(mean_BTA, ref.mean, atol=1e-5)
+    assert torch.allclose(d_logvar.exp(), ref.variance, rtol=1e-4)
+    with pytest.raises(ValueError, match="action_likelihood"):
+        _model(action_likelihood="laplace")
+
+
+def test_mixture_models_random_steps_a_gaussian_cannot(one_thread):
+    """An epsilon-random policy: 80% of steps exactly one action, 20% uniform over the whole box. A single
+    Gaussian must spread over both; the mixture puts a narrow component on the policy's action and a wide
+    one on the random steps, so after the same training its NLL is far lower."""
+    n, t = 4, 64
+    codes = torch.randn(1, 1, H, W, C).expand(n, t, H, W, C).contiguous()  # one observation: no step stands out
+    g = torch.Generator().manual_seed(7)
+    actions = torch.full((n, t, A), 0.3)
+    rand = torch.rand(n, t, 1, generator=g) < 0.2
+    actions = torch.where(rand, torch.rand(n, t, A, generator=g) * 2 - 1, actions)
+    nll = {}
+    for kind in ("gaussian", "mixture"):
+        m = _model(action_likelihood=kind)
+        opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+        for _ in range(400):  # as the stage trains: gradients clipped at norm 1
+            out = m.loss(codes, actions, beta=0.1, free_bits=0.05)
+            opt.zero_grad()
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+        with torch.no_grad():
+            nll[kind] = m.eval().loss(codes, actions, beta=0.1, sample=False).nll.item()
+    assert nll["mixture"] < nll["gaussian"] - 2.0, nll

@@ -215,3 +215,12 @@ def test_decoder_prev_action_reaches_the_model(tokenizer_ckpt):
     off = BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16)
     assert on.model.decoder_prev_action and not off.model.decoder_prev_action
     assert on.model.decoder[0].in_features == off.model.decoder[0].in_features + 4  # + a_{t-1}
+
+
+def test_action_likelihood_reaches_the_model(tokenizer_ckpt):
+    from whale_pl.lit.behavior_module import BehaviorModule
+
+    mix = BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16, action_likelihood="mixture",
+                         mixture_k=3)
+    assert mix.model.action_likelihood == "mixture" and mix.model.decoder[-1].out_features == 3 * (1 + 2 * 4)
+    assert BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16).model.action_likelihood == "gaussian"

@@ -75,6 +75,8 @@ class BehaviorModule(L.LightningModule):
         dropout: float = 0.0,
         action_deltas: bool = False,
         decoder_prev_action: bool = False,
+        action_likelihood: str = "gaussian",
+        mixture_k: int = 4,
         beta: float = 0.1,
         free_bits: float = 0.0,
         kl_warmup_steps: int = 0,
@@ -94,7 +96,8 @@ class BehaviorModule(L.LightningModule):
         """``tokenizer_ckpt``: stage-1 checkpoint (``runs/<scale>/tokenizer/checkpoints/best.ckpt``).
         ``data_spec``: from the datamodule (the CLI links it); None inherits the tokenizer's.
         ``action_deltas``: a_t - a_{t-1} as a further step input; ``decoder_prev_action``: the action decoder
-        also sees a_{t-1} (never a_t); see ``BehaviorModel``.
+        also sees a_{t-1} (never a_t); ``action_likelihood`` ("gaussian" | "mixture" of ``mixture_k``
+        Gaussians): the decoder's action distribution; see ``BehaviorModel``.
         ``expect_codebook_size``: when set, the tokenizer must have exactly this codebook size.
         ``beta``: KL weight; ``free_bits``: nats per z dimension below which KL is not penalised;
         ``kl_warmup_steps``: beta ramps linearly from 0 over this many steps; ``kl_balance``: see
@@ -135,7 +138,7 @@ class BehaviorModule(L.LightningModule):
             grid_tokens=h * w,
             z_dim=z_dim, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
             decoder_hidden=decoder_hidden, dropout=dropout, action_deltas=action_deltas,
-            decoder_prev_action=decoder_prev_action,
+            decoder_prev_action=decoder_prev_action, action_likelihood=action_likelihood, mixture_k=mixture_k,
         )
         self.families: list[str] = list(data_spec.get("families") or [])
         self._ids_cache: dict[tuple[int, int], torch.Tensor] | None = None

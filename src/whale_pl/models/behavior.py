@@ -121,8 +121,15 @@ class BehaviorModel(nn.Module):
         dropout: float = 0.0,
         action_deltas: bool = False,
         decoder_prev_action: bool = False,
+        action_likelihood: str = "gaussian",
+        mixture_k: int = 4,
     ) -> None:
         super().__init__()
+        if action_likelihood not in ("gaussian", "mixture"):
+            raise ValueError(f"action_likelihood must be 'gaussian' or 'mixture', got {action_likelihood!r}")
+        if action_likelihood == "mixture" and mixture_k < 2:
+            raise ValueError(f"mixture_k must be >= 2 for action_likelihood='mixture', got {mixture_k}")
+        self.action_likelihood, self.mixture_k = action_likelihood, mixture_k
         self.decoder_prev_action = decoder_prev_action
         self.code_dim, self.action_dim, self.z_dim, self.dim = code_dim, action_dim, z_dim, dim
         self.pool = GridPool(code_dim, dim, grid_tokens, heads)
@@ -139,8 +146,17 @@ class BehaviorModel(nn.Module):
             nn.GELU(),
             nn.Linear(decoder_hidden, decoder_hidden),
             nn.GELU(),
-            nn.Linear(decoder_hidden, 2 * action_dim),
+            nn.Linear(decoder_hidden, self._decoder_out(action_dim)),
         )
+        if action_likelihood == "mixture":  # break the components' symmetry: each starts at its own width
+            with torch.no_grad():
+                bias_KP = rearrange(self.decoder[-1].bias, "(k p) -> k p", k=mixture_k)
+                bias_KP[:, 1 + action_dim :] = torch.linspace(-6.0, 0.0, mixture_k)[:, None]
+
+    def _decoder_out(self, action_dim: int) -> int:
+        if self.action_likelihood == "mixture":  # per component: weight logit, mean [A], log-variance [A]
+            return self.mixture_k * (1 + 2 * action_dim)
+        return 2 * action_dim
 
     # -- pieces ---------------------------------------------------------------------------------
     def _check(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> None:
@@ -179,19 +195,56 @@ class BehaviorModel(nn.Module):
         h = self.prior_tf(self._tokens(self.prior_in, feat_BTD, actions_BTA))[:, :, 0]
         return self._split(self.prior_head(h))
 
-    def decode(
-        self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """pi(a_t | o_t, z): Gaussian (mean, log-variance) of each action, [B, T, A] each. ``actions_BTA``
-        (the clip's actions) is needed only with ``decoder_prev_action``: the decoder then also sees
-        a_{t-1} (zeros at t = 0), never a_t."""
+    def _decoder_raw(
+        self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None
+    ) -> torch.Tensor:
         parts = [feat_BTD]
         if self.decoder_prev_action:
             if actions_BTA is None:
                 raise ValueError("decoder_prev_action=True: decode needs the clip's actions (for a_{t-1})")
             prev_BTA = torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA[:, :-1]], dim=1)
             parts.append(prev_BTA.to(feat_BTD.dtype))
-        return self._split(self.decoder(torch.cat([*parts, z_BTZ.to(feat_BTD.dtype)], dim=-1)))
+        return self.decoder(torch.cat([*parts, z_BTZ.to(feat_BTD.dtype)], dim=-1)).float()
+
+    def _mixture(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoder output -> (log weights [B,T,K], means [B,T,K,A], log-variances [B,T,K,A])."""
+        A = self.action_dim
+        raw_BTKP = rearrange(raw, "b t (k p) -> b t k p", k=self.mixture_k)
+        logw = raw_BTKP[..., 0].log_softmax(dim=-1)
+        mu, logvar = raw_BTKP[..., 1 : 1 + A], raw_BTKP[..., 1 + A :]
+        return logw, mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+    def decode(
+        self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """pi(a_t | o_t, z): mean and log-variance of each action, [B, T, A] each (for a mixture, the
+        mixture's own mean and variance). ``actions_BTA`` (the clip's actions) is needed only with
+        ``decoder_prev_action``: the decoder then also sees a_{t-1} (zeros at t = 0), never a_t."""
+        raw = self._decoder_raw(feat_BTD, z_BTZ, actions_BTA)
+        if self.action_likelihood == "gaussian":
+            return self._split(raw)
+        logw, mu, logvar = self._mixture(raw)
+        w = logw.exp()[..., None]
+        mean = (w * mu).sum(-2)
+        var = (w * (logvar.exp() + (mu - mean[..., None, :]) ** 2)).sum(-2)
+        return mean, var.clamp_min(1e-8).log()
+
+    def action_nll(
+        self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-log pi(a_t | o_t, z) per step [B, T] (nats, over all action dims) and the decoder's mean
+        action [B, T, A]. ``gaussian``: a diagonal Gaussian. ``mixture``: K diagonal Gaussians whose
+        weights, means and variances all depend on z -- one component covers *all* of a step's action
+        dims, so an epsilon-random step (every dim off at once) and per-dim Gaussian noise of the same
+        variance have different likelihoods, which a single Gaussian cannot tell apart."""
+        raw = self._decoder_raw(feat_BTD, z_BTZ, actions_BTA)
+        a = actions_BTA.float()
+        if self.action_likelihood == "gaussian":
+            mu, logvar = self._split(raw)
+            return gaussian_nll(a, mu, logvar).sum(-1), mu
+        logw, mu, logvar = self._mixture(raw)
+        comp_BTK = -gaussian_nll(a[..., None, :], mu, logvar).sum(-1)
+        return -(logw + comp_BTK).logsumexp(dim=-1), (logw.exp()[..., None] * mu).sum(-2)
 
     # -- public API -----------------------------------------------------------------------------
     def posterior(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,8 +281,8 @@ class BehaviorModel(nn.Module):
         mu_p, logvar_p = self.prior_from_features(feat_BTD, actions_BTA)
         T = actions_BTA.shape[1]
         z_BZ = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp() if sample else mu_q
-        a_mu, a_logvar = self.decode(feat_BTD, z_BZ[:, None].expand(-1, T, -1), actions_BTA)
-        nll = gaussian_nll(actions_BTA.float(), a_mu, a_logvar).sum(-1).mean()
+        nll_BT, a_mu = self.action_nll(feat_BTD, z_BZ[:, None].expand(-1, T, -1), actions_BTA)
+        nll = nll_BT.mean()
         mq, lq = mu_q[:, None], logvar_q[:, None]
         if kl_balance is None:
             kl_BTZ = gaussian_kl(mq, lq, mu_p, logvar_p)
