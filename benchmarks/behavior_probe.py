@@ -13,6 +13,7 @@ averaged over all of an episode's points) is printed too.
     .venv/bin/python benchmarks/behavior_probe.py --ckpt A.ckpt B.ckpt  # several (e.g. betas)
     .venv/bin/python benchmarks/behavior_probe.py --by-policy           # which family each val policy's points get
     .venv/bin/python benchmarks/behavior_probe.py --layout              # does z also name the task / object places?
+    .venv/bin/python benchmarks/behavior_probe.py --posterior           # the posterior mean's probe (the bound)
 
 Last line: ``behavior_probe_acc: <val accuracy of the first checkpoint> fraction``.
 """
@@ -62,6 +63,28 @@ def embed_split(module, episodes, families, clip_len, hop, t_min, batch=32):
             ys.append(torch.full((z.shape[0] * z.shape[1],), families.index(fam) if fam in families else -1))
             es.append(torch.full((z.shape[0] * z.shape[1],), e))
     return torch.cat(zs), torch.cat(ys), torch.cat(es)
+
+
+@torch.no_grad()
+def embed_posterior(module, episodes, families, clip_len, hop, batch=32):
+    """The posterior mean of every clip (it has seen the whole clip): [N, Z], families [N]. An upper bound
+    on what the prior, trained to predict it from the history, can carry."""
+    spec = module.hparams.data_spec
+    mean = np.asarray(spec["action_mean"], np.float32)
+    std = np.asarray(spec["action_std"], np.float32)
+    gi = spec["action_space"].get("gripper_index")
+    mask = np.ones(len(mean), bool)
+    if gi is not None:
+        mask[gi] = False
+    zs, ys = [], []
+    for ep in episodes:
+        fam = ep.meta["policy"]["family"]
+        frames, actions = clips_of(ep, clip_len, hop, mean, std, mask)
+        for i in range(0, len(frames), batch):
+            mu_BZ, _ = module.model.posterior(module.codes(frames[i : i + batch]), actions[i : i + batch])
+            zs.append(mu_BZ.float())
+            ys.append(torch.full((len(mu_BZ),), families.index(fam) if fam in families else -1))
+    return torch.cat(zs), torch.cat(ys)
 
 
 def episode_accuracy(probe, x_NZ, y_N, ep_N) -> float:
@@ -117,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="also print, for each val policy, the share of its points given to each family")
     p.add_argument("--layout", action="store_true",
                    help="also print how well z names the episode's task and its first state (object/goal positions)")
+    p.add_argument("--posterior", action="store_true",
+                   help="also probe the posterior mean of each clip (sees the whole clip: the prior's upper bound)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
 
@@ -163,6 +188,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"    {'':{width}s} " + " ".join(f"{f[:6]:>6}" for f in families))
             for pol, row in shares.items():
                 print(f"    {pol:{width}s} " + " ".join(f"{v:6.2f}" for v in row), flush=True)
+        if a.posterior and "val" in pts:
+            ptr, pytr = embed_posterior(module, eps["train"], families, a.clip_len, a.hop)
+            pva, pyva = embed_posterior(module, eps["val"], families, a.clip_len, a.hop)
+            post = fit_linear_probe(ptr, pytr, n_classes=len(families))
+            print(f"  posterior mean (one point per clip, sees all of it): probe train {post.accuracy(ptr, pytr):.3f} "
+                  f"val {post.accuracy(pva[pyva >= 0], pyva[pyva >= 0]):.3f} ({len(pytr)} train clips)", flush=True)
         if a.layout and "val" in pts:
             task_acc, r2 = layout_readout(xtr, pts["train"][2], eps["train"], pts["val"][0], pts["val"][2], eps["val"])
             print(f"  layout: task probe val {task_acc:.3f}; ridge R^2 of the first state's varying dims: "

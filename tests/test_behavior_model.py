@@ -224,3 +224,20 @@ def test_mixture_models_random_steps_a_gaussian_cannot(one_thread):
         with torch.no_grad():
             nll[kind] = m.eval().loss(codes, actions, beta=0.1, sample=False).nll.item()
     assert nll["mixture"] < nll["gaussian"] - 2.0, nll
+
+
+def test_decoder_state_reaches_only_the_decoder():
+    """With ``decoder_state_dim`` the decoder reads the low-dimensional state; the posterior and prior do not
+    (so z need not carry what the state shows, and stage 3's z_t stays a function of frames and actions)."""
+    S = 5
+    m = _model(decoder_state_dim=S).eval()
+    codes, actions = _inputs()
+    state = torch.randn(B, T, S)
+    feat, z = m.frame_features(codes), torch.randn(B, T, 6)
+    mu, _ = m.decode(feat, z, actions, state)
+    assert not torch.allclose(m.decode(feat, z, actions, state + 1.0)[0], mu, atol=1e-4)
+    assert m.post_in.in_features == m.prior_in.in_features == _model().post_in.in_features
+    with pytest.raises(ValueError, match=r"decoder_state_dim=5.*\[B,T,5\]"):
+        m.decode(feat, z, actions)
+    out = m.loss(codes, actions, beta=0.1, state_BTS=state, sample=False)
+    assert torch.isfinite(out.loss)

@@ -77,6 +77,7 @@ class BehaviorModule(L.LightningModule):
         decoder_prev_action: bool = False,
         action_likelihood: str = "gaussian",
         mixture_k: int = 4,
+        decoder_state: bool = False,
         beta: float = 0.1,
         free_bits: float = 0.0,
         kl_warmup_steps: int = 0,
@@ -139,7 +140,10 @@ class BehaviorModule(L.LightningModule):
             z_dim=z_dim, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
             decoder_hidden=decoder_hidden, dropout=dropout, action_deltas=action_deltas,
             decoder_prev_action=decoder_prev_action, action_likelihood=action_likelihood, mixture_k=mixture_k,
+            decoder_state_dim=int(data_spec.get("state_dim") or 0) if decoder_state else 0,
         )
+        if decoder_state and not self.model.decoder_state_dim:
+            raise ValueError("decoder_state: true needs data with a low-dimensional state (data_spec state_dim > 0)")
         self.families: list[str] = list(data_spec.get("families") or [])
         self._ids_cache: dict[tuple[int, int], torch.Tensor] | None = None
         self._cache_checked = False
@@ -251,6 +255,9 @@ class BehaviorModule(L.LightningModule):
         mu_BTZ, _ = self.model.prior(self.codes(frames_BTCHW), actions_BTA)
         return mu_BTZ
 
+    def _decoder_state(self, batch: dict) -> torch.Tensor | None:
+        return batch["state"].float() if self.model.decoder_state_dim else None
+
     def current_beta(self) -> float:
         hp = self.hparams
         if hp.kl_warmup_steps and hp.kl_warmup_steps > 0:
@@ -262,7 +269,7 @@ class BehaviorModule(L.LightningModule):
         beta = self.current_beta()
         out = self.model.loss(self.batch_codes(batch), batch["actions"], beta=beta,
                               free_bits=float(self.hparams.free_bits), sample=True,
-                              kl_balance=self.hparams.kl_balance)
+                              kl_balance=self.hparams.kl_balance, state_BTS=self._decoder_state(batch))
         B = batch["actions"].shape[0]
         self.log_dict({"train/loss": out.loss, "train/action_nll": out.nll, "train/kl": out.kl,
                        "train/action_mse": out.action_mse, "train/beta": beta},
@@ -273,7 +280,7 @@ class BehaviorModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self.model.loss(self.batch_codes(batch), batch["actions"], beta=float(self.hparams.beta),
                               free_bits=float(self.hparams.free_bits), sample=False,
-                              kl_balance=self.hparams.kl_balance)
+                              kl_balance=self.hparams.kl_balance, state_BTS=self._decoder_state(batch))
         B = batch["actions"].shape[0]
         self.log_dict({"val/loss": out.loss, "val/action_nll": out.nll, "val/kl": out.kl,
                        "val/action_mse": out.action_mse, "val/action_mse_prior": out.action_mse_prior},

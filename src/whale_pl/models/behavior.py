@@ -123,6 +123,7 @@ class BehaviorModel(nn.Module):
         decoder_prev_action: bool = False,
         action_likelihood: str = "gaussian",
         mixture_k: int = 4,
+        decoder_state_dim: int = 0,
     ) -> None:
         super().__init__()
         if action_likelihood not in ("gaussian", "mixture"):
@@ -131,6 +132,7 @@ class BehaviorModel(nn.Module):
             raise ValueError(f"mixture_k must be >= 2 for action_likelihood='mixture', got {mixture_k}")
         self.action_likelihood, self.mixture_k = action_likelihood, mixture_k
         self.decoder_prev_action = decoder_prev_action
+        self.decoder_state_dim = decoder_state_dim
         self.code_dim, self.action_dim, self.z_dim, self.dim = code_dim, action_dim, z_dim, dim
         self.pool = GridPool(code_dim, dim, grid_tokens, heads)
         self.action_deltas = action_deltas
@@ -142,7 +144,7 @@ class BehaviorModel(nn.Module):
         self.post_head = nn.Linear(dim, 2 * z_dim)
         self.prior_head = nn.Linear(dim, 2 * z_dim)
         self.decoder = nn.Sequential(
-            nn.Linear(dim + (action_dim if decoder_prev_action else 0) + z_dim, decoder_hidden),
+            nn.Linear(dim + (action_dim if decoder_prev_action else 0) + decoder_state_dim + z_dim, decoder_hidden),
             nn.GELU(),
             nn.Linear(decoder_hidden, decoder_hidden),
             nn.GELU(),
@@ -196,9 +198,16 @@ class BehaviorModel(nn.Module):
         return self._split(self.prior_head(h))
 
     def _decoder_raw(
-        self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None
+        self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None,
+        state_BTS: torch.Tensor | None = None,
     ) -> torch.Tensor:
         parts = [feat_BTD]
+        if self.decoder_state_dim:
+            if state_BTS is None or state_BTS.shape[-1] != self.decoder_state_dim:
+                got = None if state_BTS is None else tuple(state_BTS.shape)
+                raise ValueError(f"decoder_state_dim={self.decoder_state_dim}: decode needs the clip's low-dimensional "
+                                 f"state [B,T,{self.decoder_state_dim}], got {got}")
+            parts.append(state_BTS.to(feat_BTD.dtype))
         if self.decoder_prev_action:
             if actions_BTA is None:
                 raise ValueError("decoder_prev_action=True: decode needs the clip's actions (for a_{t-1})")
@@ -215,12 +224,13 @@ class BehaviorModel(nn.Module):
         return logw, mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def decode(
-        self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None = None
+        self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None = None,
+        state_BTS: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """pi(a_t | o_t, z): mean and log-variance of each action, [B, T, A] each (for a mixture, the
         mixture's own mean and variance). ``actions_BTA`` (the clip's actions) is needed only with
         ``decoder_prev_action``: the decoder then also sees a_{t-1} (zeros at t = 0), never a_t."""
-        raw = self._decoder_raw(feat_BTD, z_BTZ, actions_BTA)
+        raw = self._decoder_raw(feat_BTD, z_BTZ, actions_BTA, state_BTS)
         if self.action_likelihood == "gaussian":
             return self._split(raw)
         logw, mu, logvar = self._mixture(raw)
@@ -230,14 +240,15 @@ class BehaviorModel(nn.Module):
         return mean, var.clamp_min(1e-8).log()
 
     def action_nll(
-        self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor
+        self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor,
+        state_BTS: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-log pi(a_t | o_t, z) per step [B, T] (nats, over all action dims) and the decoder's mean
         action [B, T, A]. ``gaussian``: a diagonal Gaussian. ``mixture``: K diagonal Gaussians whose
         weights, means and variances all depend on z -- one component covers *all* of a step's action
         dims, so an epsilon-random step (every dim off at once) and per-dim Gaussian noise of the same
         variance have different likelihoods, which a single Gaussian cannot tell apart."""
-        raw = self._decoder_raw(feat_BTD, z_BTZ, actions_BTA)
+        raw = self._decoder_raw(feat_BTD, z_BTZ, actions_BTA, state_BTS)
         a = actions_BTA.float()
         if self.action_likelihood == "gaussian":
             mu, logvar = self._split(raw)
@@ -266,6 +277,7 @@ class BehaviorModel(nn.Module):
         free_bits: float = 0.0,
         sample: bool = True,
         kl_balance: float | None = None,
+        state_BTS: torch.Tensor | None = None,
     ) -> BehaviorOutput:
         """Action NLL + beta * KL(q(z | tau_{0:T}) || p(z_t | tau_{0:t})), both averaged over B and t.
 
@@ -281,7 +293,7 @@ class BehaviorModel(nn.Module):
         mu_p, logvar_p = self.prior_from_features(feat_BTD, actions_BTA)
         T = actions_BTA.shape[1]
         z_BZ = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp() if sample else mu_q
-        nll_BT, a_mu = self.action_nll(feat_BTD, z_BZ[:, None].expand(-1, T, -1), actions_BTA)
+        nll_BT, a_mu = self.action_nll(feat_BTD, z_BZ[:, None].expand(-1, T, -1), actions_BTA, state_BTS)
         nll = nll_BT.mean()
         mq, lq = mu_q[:, None], logvar_q[:, None]
         if kl_balance is None:
@@ -294,7 +306,7 @@ class BehaviorModel(nn.Module):
         kl_loss = kl_Z.clamp(min=free_bits).sum() if free_bits > 0 else kl_Z.sum()
         with torch.no_grad():
             mse = (a_mu - actions_BTA).pow(2).mean()
-            a_mu_p, _ = self.decode(feat_BTD, mu_p, actions_BTA)
+            a_mu_p, _ = self.decode(feat_BTD, mu_p, actions_BTA, state_BTS)
             mse_p = (a_mu_p - actions_BTA).pow(2).mean()
         return BehaviorOutput(
             loss=nll + beta * kl_loss,
