@@ -241,3 +241,31 @@ def test_decoder_state_reaches_only_the_decoder():
         m.decode(feat, z, actions)
     out = m.loss(codes, actions, beta=0.1, state_BTS=state, sample=False)
     assert torch.isfinite(out.loss)
+
+
+def test_window_mean_encoder_is_causal_and_learns(one_thread):
+    """``encoder='window_mean'``: z_t is the running mean of a local MLP over the last ``window`` steps, so the
+    prior stays causal, and at the clip's last step the prior averages the same kind of windows the posterior
+    does; on a fixed batch the latent still comes to carry which of two policies acted."""
+    m = _model(encoder="window_mean", window=3).eval()
+    codes, actions = _inputs()
+    mu = m.prior(codes, actions)[0]
+    t = 3
+    c2, a2 = codes.clone(), actions.clone()
+    c2[:, t + 1 :] += 1.0
+    a2[:, t + 1 :] += 1.0
+    mu2 = m.prior(c2, a2)[0]
+    assert torch.equal(mu[:, : t + 1], mu2[:, : t + 1]) and not torch.allclose(mu[:, t + 1 :], mu2[:, t + 1 :], atol=1e-4)
+    assert not torch.allclose(m.posterior(c2, a2)[0], m.posterior(codes, actions)[0], atol=1e-4)
+    with pytest.raises(ValueError, match="encoder"):
+        _model(encoder="lstm")
+
+    torch.manual_seed(0)
+    m = _model(encoder="window_mean", window=3)
+    codes = torch.cat([codes, codes], 0)
+    base = codes.mean(dim=(2, 3)) @ torch.randn(C, A)
+    actions = torch.cat([base[:B] + 1.5, base[B:] - 1.5], 0)
+    out = _fit_then_eval(m, codes, actions)
+    q = out.post_mu_BZ
+    assert (q[:B].mean(0) - q[B:].mean(0)).norm() > 2 * (q[:B].std(0).norm() + q[B:].std(0).norm())
+    assert out.action_mse.item() < 0.1

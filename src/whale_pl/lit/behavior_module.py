@@ -78,6 +78,8 @@ class BehaviorModule(L.LightningModule):
         action_likelihood: str = "gaussian",
         mixture_k: int = 4,
         decoder_state: bool = False,
+        encoder: str = "transformer",
+        window: int = 4,
         beta: float = 0.1,
         free_bits: float = 0.0,
         kl_warmup_steps: int = 0,
@@ -141,6 +143,7 @@ class BehaviorModule(L.LightningModule):
             decoder_hidden=decoder_hidden, dropout=dropout, action_deltas=action_deltas,
             decoder_prev_action=decoder_prev_action, action_likelihood=action_likelihood, mixture_k=mixture_k,
             decoder_state_dim=int(data_spec.get("state_dim") or 0) if decoder_state else 0,
+            encoder=encoder, window=window,
         )
         if decoder_state and not self.model.decoder_state_dim:
             raise ValueError("decoder_state: true needs data with a low-dimensional state (data_spec state_dim > 0)")

@@ -124,6 +124,8 @@ class BehaviorModel(nn.Module):
         action_likelihood: str = "gaussian",
         mixture_k: int = 4,
         decoder_state_dim: int = 0,
+        encoder: str = "transformer",
+        window: int = 4,
     ) -> None:
         super().__init__()
         if action_likelihood not in ("gaussian", "mixture"):
@@ -131,6 +133,11 @@ class BehaviorModel(nn.Module):
         if action_likelihood == "mixture" and mixture_k < 2:
             raise ValueError(f"mixture_k must be >= 2 for action_likelihood='mixture', got {mixture_k}")
         self.action_likelihood, self.mixture_k = action_likelihood, mixture_k
+        if encoder not in ("transformer", "window_mean"):
+            raise ValueError(f"encoder must be 'transformer' or 'window_mean', got {encoder!r}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.encoder, self.window = encoder, window
         self.decoder_prev_action = decoder_prev_action
         self.decoder_state_dim = decoder_state_dim
         self.code_dim, self.action_dim, self.z_dim, self.dim = code_dim, action_dim, z_dim, dim
@@ -139,8 +146,13 @@ class BehaviorModel(nn.Module):
         step_in = dim + action_dim * (2 if action_deltas else 1)
         self.post_in = nn.Linear(step_in, dim)
         self.prior_in = nn.Linear(step_in, dim)
-        self.post_tf = STTransformer(dim, depth, heads, mlp_ratio, causal=False, dropout=dropout)
-        self.prior_tf = STTransformer(dim, depth, heads, mlp_ratio, causal=True, dropout=dropout)
+        if encoder == "transformer":
+            self.post_tf = STTransformer(dim, depth, heads, mlp_ratio, causal=False, dropout=dropout)
+            self.prior_tf = STTransformer(dim, depth, heads, mlp_ratio, causal=True, dropout=dropout)
+        else:  # an MLP over each causal window of `window` steps, averaged over time
+            self.post_local, self.prior_local = (
+                nn.Sequential(nn.Linear(window * dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim), nn.GELU())
+                for _ in range(2))
         self.post_head = nn.Linear(dim, 2 * z_dim)
         self.prior_head = nn.Linear(dim, 2 * z_dim)
         self.decoder = nn.Sequential(
@@ -176,12 +188,13 @@ class BehaviorModel(nn.Module):
         """[B, T, h, w, C] code vectors -> [B, T, dim] per-frame features."""
         return self.pool(codes_BThwC)
 
-    def _tokens(self, proj: nn.Linear, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
+    def _tokens(self, proj: nn.Linear, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor, time: bool = True) -> torch.Tensor:
         parts = [feat_BTD, actions_BTA]
         if self.action_deltas:  # a_t - a_{t-1} (0 at t = 0): jitter and outliers become visible per step
             parts.append(torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA.diff(dim=1)], dim=1))
         x = proj(torch.cat(parts, dim=-1))
-        x = x + sinusoidal_time_BTD(x.shape[1], self.dim, x.device).to(x.dtype)
+        if time:
+            x = x + sinusoidal_time_BTD(x.shape[1], self.dim, x.device).to(x.dtype)
         return rearrange(x, "b t d -> b t 1 d")
 
     @staticmethod
@@ -189,11 +202,24 @@ class BehaviorModel(nn.Module):
         mu, logvar = h.float().chunk(2, dim=-1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
+    def _windows(self, proj: nn.Linear, local: nn.Module, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
+        """``window_mean``: the local MLP of each step's last ``window`` step tokens (zeros before the clip), [B,T,D]."""
+        x_BTD = self._tokens(proj, feat_BTD, actions_BTA, time=False)[:, :, 0]
+        pad = torch.cat([x_BTD.new_zeros(x_BTD.shape[0], self.window - 1, x_BTD.shape[2]), x_BTD], dim=1)
+        win_BTWD = pad.unfold(1, self.window, 1)  # [B, T, D, W]: steps t-W+1 .. t
+        return local(rearrange(win_BTWD, "b t d w -> b t (w d)"))
+
     def posterior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
+        if self.encoder == "window_mean":
+            return self._split(self.post_head(self._windows(self.post_in, self.post_local, feat_BTD, actions_BTA).mean(1)))
         h = self.post_tf(self._tokens(self.post_in, feat_BTD, actions_BTA))[:, :, 0]
         return self._split(self.post_head(h.mean(dim=1)))
 
     def prior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
+        if self.encoder == "window_mean":  # running mean over steps <= t: the posterior's estimate on the prefix
+            h_BTD = self._windows(self.prior_in, self.prior_local, feat_BTD, actions_BTA)
+            count = torch.arange(1, h_BTD.shape[1] + 1, device=h_BTD.device, dtype=h_BTD.dtype)[None, :, None]
+            return self._split(self.prior_head(h_BTD.cumsum(dim=1) / count))
         h = self.prior_tf(self._tokens(self.prior_in, feat_BTD, actions_BTA))[:, :, 0]
         return self._split(self.prior_head(h))
 
