@@ -269,3 +269,57 @@ def test_window_mean_encoder_is_causal_and_learns(one_thread):
     q = out.post_mu_BZ
     assert (q[:B].mean(0) - q[B:].mean(0)).norm() > 2 * (q[:B].std(0).norm() + q[B:].std(0).norm())
     assert out.action_mse.item() < 0.1
+
+
+def test_decoder_z_modulate_reaches_the_actions_only_through_the_deviation_parameters():
+    """``decoder_z='modulate'``: the decoder MLP never reads z (so z cannot carry the scene for it); z sets
+    the scale, bias, noise, outlier rate and inertia of a two-component likelihood, whose NLL and moments
+    match torch's mixture."""
+    from torch.distributions import Categorical, Independent, MixtureSameFamily
+
+    m = _model(decoder_z="modulate", decoder_prev_action=True).eval()
+    assert m.decoder[0].in_features == _model(decoder_prev_action=True).decoder[0].in_features - 6 - A  # no z, a_{t-1}
+    codes, actions = _inputs()
+    feat, z = m.frame_features(codes), torch.randn(B, T, 6)
+    nll_BT, mean_BTA = m.action_nll(feat, z, actions)
+    logw, mu, logvar = m._modulated(feat, z, actions)
+    ref = MixtureSameFamily(Categorical(logits=logw), Independent(Normal(mu, (0.5 * logvar).exp()), 1))
+    assert torch.allclose(nll_BT, -ref.log_prob(actions), atol=1e-5)
+    d_mu, d_logvar = m.decode(feat, z, actions)
+    assert torch.allclose(d_mu, ref.mean, atol=1e-5) and torch.allclose(d_logvar.exp(), ref.variance, rtol=1e-4)
+    assert not torch.allclose(m.decode(feat, z + 1.0, actions)[0], d_mu, atol=1e-4)
+    with torch.no_grad():
+        m.modulator.weight.zero_()  # the linear map is z's only way in
+    assert torch.equal(m.decode(feat, z + 1.0, actions)[0], m.decode(feat, z, actions)[0])
+    assert not torch.allclose(m.decode(feat, z, actions + 1.0)[0], m.decode(feat, z, actions)[0], atol=1e-4)
+    with torch.no_grad():
+        m.modulator.bias[-1] = -50.0  # no inertia: a_{t-1} has no other way into the decoder
+    assert torch.equal(m.decode(feat, z, actions + 1.0)[0], m.decode(feat, z, actions)[0])
+    with pytest.raises(ValueError, match="decoder_z"):
+        _model(decoder_z="film")
+    with pytest.raises(ValueError, match="action_likelihood='gaussian'"):
+        _model(decoder_z="modulate", action_likelihood="mixture")
+
+
+def test_decoder_z_modulate_learns_which_policy_acted(one_thread):
+    """Same observations, two policies: one the base policy scaled by 0.3 plus noise, the other the base policy
+    itself; only z can tell the decoder which, so the loss falls, the posterior means of the two groups separate
+    along a line, and the prior keeps causality."""
+    torch.manual_seed(0)
+    m = _model(decoder_z="modulate", decoder_prev_action=True)
+    codes, _ = _inputs()
+    codes = torch.cat([codes, codes], 0)
+    base = codes.mean(dim=(2, 3)) @ torch.randn(C, A)
+    g = torch.Generator().manual_seed(3)
+    actions = torch.cat([0.3 * base[:B] + 0.3 * torch.randn(B, T, A, generator=g), base[B:]], 0)
+    first = m.loss(codes, actions, beta=0.1).loss.item()
+    out = _fit_then_eval(m, codes, actions, steps=300)
+    assert out.loss.item() < first - 2.0
+    q = out.post_mu_BZ  # separated along the line between the group means (what a linear probe reads)
+    d = q[:B].mean(0) - q[B:].mean(0)
+    p = q @ (d / d.norm())
+    assert p[:B].mean() - p[B:].mean() > 2 * (p[:B].std() + p[B:].std())
+    mu = m.prior(codes, actions)[0]
+    a2 = actions.clone()
+    a2[:, 4:] += 1.0
+    assert torch.allclose(m.prior(codes, a2)[0][:, :4], mu[:, :4], atol=1e-5)

@@ -80,6 +80,7 @@ class BehaviorModule(L.LightningModule):
         decoder_state: bool = False,
         encoder: str = "transformer",
         window: int = 4,
+        decoder_z: str = "input",
         beta: float = 0.1,
         free_bits: float = 0.0,
         kl_warmup_steps: int = 0,
@@ -100,7 +101,8 @@ class BehaviorModule(L.LightningModule):
         ``data_spec``: from the datamodule (the CLI links it); None inherits the tokenizer's.
         ``action_deltas``: a_t - a_{t-1} as a further step input; ``decoder_prev_action``: the action decoder
         also sees a_{t-1} (never a_t); ``action_likelihood`` ("gaussian" | "mixture" of ``mixture_k``
-        Gaussians): the decoder's action distribution; see ``BehaviorModel``.
+        Gaussians): the decoder's action distribution; ``decoder_z`` ("input" | "modulate"): z is an input of
+        the decoder MLP, or sets only the episode's deviation from a z-free base policy; see ``BehaviorModel``.
         ``expect_codebook_size``: when set, the tokenizer must have exactly this codebook size.
         ``beta``: KL weight; ``free_bits``: nats per z dimension below which KL is not penalised;
         ``kl_warmup_steps``: beta ramps linearly from 0 over this many steps; ``kl_balance``: see
@@ -143,7 +145,7 @@ class BehaviorModule(L.LightningModule):
             decoder_hidden=decoder_hidden, dropout=dropout, action_deltas=action_deltas,
             decoder_prev_action=decoder_prev_action, action_likelihood=action_likelihood, mixture_k=mixture_k,
             decoder_state_dim=int(data_spec.get("state_dim") or 0) if decoder_state else 0,
-            encoder=encoder, window=window,
+            encoder=encoder, window=window, decoder_z=decoder_z,
         )
         if decoder_state and not self.model.decoder_state_dim:
             raise ValueError("decoder_state: true needs data with a low-dimensional state (data_spec state_dim > 0)")

@@ -14,6 +14,8 @@ with S = 1 (a purely temporal transformer):
   (both depend on z: a noisier policy gets a wider Gaussian). With ``decoder_prev_action`` it also sees
   a_{t-1} (never a_t): the previous action predicts most of a smooth policy's next one, so the NLL
   measures what is left -- jitter, random steps -- which is where the policy families differ.
+  With ``decoder_z='modulate'`` the decoder MLP sees o_t only: z sets, through one linear map, only the
+  episode's deviation from that base policy (scale, bias, noise, outlier rate, inertia towards a_{t-1}).
 
 Loss (beta-VAE / information bottleneck): mean_t NLL(a_t) + beta * mean_t KL(q || p_t), with optional
 free bits (a floor per z dimension on the batch-mean KL) against posterior collapse.
@@ -126,8 +128,15 @@ class BehaviorModel(nn.Module):
         decoder_state_dim: int = 0,
         encoder: str = "transformer",
         window: int = 4,
+        decoder_z: str = "input",
     ) -> None:
         super().__init__()
+        if decoder_z not in ("input", "modulate"):
+            raise ValueError(f"decoder_z must be 'input' or 'modulate', got {decoder_z!r}")
+        if decoder_z == "modulate" and action_likelihood != "gaussian":
+            raise ValueError("decoder_z='modulate' brings its own likelihood (a Gaussian plus a broad outlier "
+                             f"component); it needs action_likelihood='gaussian', got {action_likelihood!r}")
+        self.decoder_z = decoder_z
         if action_likelihood not in ("gaussian", "mixture"):
             raise ValueError(f"action_likelihood must be 'gaussian' or 'mixture', got {action_likelihood!r}")
         if action_likelihood == "mixture" and mixture_k < 2:
@@ -155,13 +164,21 @@ class BehaviorModel(nn.Module):
                 for _ in range(2))
         self.post_head = nn.Linear(dim, 2 * z_dim)
         self.prior_head = nn.Linear(dim, 2 * z_dim)
+        modulate = decoder_z == "modulate"
         self.decoder = nn.Sequential(
-            nn.Linear(dim + (action_dim if decoder_prev_action else 0) + decoder_state_dim + z_dim, decoder_hidden),
+            nn.Linear(dim + decoder_state_dim + (0 if modulate else z_dim + (action_dim if decoder_prev_action else 0)),
+                      decoder_hidden),
             nn.GELU(),
             nn.Linear(decoder_hidden, decoder_hidden),
             nn.GELU(),
-            nn.Linear(decoder_hidden, self._decoder_out(action_dim)),
+            nn.Linear(decoder_hidden, action_dim if modulate else self._decoder_out(action_dim)),
         )
+        if modulate:  # z -> [log-scale A, bias A, log-variance A, outlier logit, inertia logit], linear in z
+            self.modulator = nn.Linear(z_dim, 3 * action_dim + 2)
+            with torch.no_grad():
+                self.modulator.bias.zero_()
+                self.modulator.bias[3 * action_dim :] = -3.0  # few outliers, little inertia at the start
+            self.outlier_logvar_A = nn.Parameter(torch.full((action_dim,), 0.5))
         if action_likelihood == "mixture":  # break the components' symmetry: each starts at its own width
             with torch.no_grad():
                 bias_KP = rearrange(self.decoder[-1].bias, "(k p) -> k p", k=mixture_k)
@@ -224,9 +241,11 @@ class BehaviorModel(nn.Module):
         return self._split(self.prior_head(h))
 
     def _decoder_raw(
-        self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None,
+        self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor | None, actions_BTA: torch.Tensor | None,
         state_BTS: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The decoder MLP's output. ``z_BTZ`` None (``decoder_z='modulate'``): the MLP reads o_t (and the state)
+        only -- neither z nor a_{t-1}, which would tell it the policy's family without z."""
         parts = [feat_BTD]
         if self.decoder_state_dim:
             if state_BTS is None or state_BTS.shape[-1] != self.decoder_state_dim:
@@ -234,12 +253,49 @@ class BehaviorModel(nn.Module):
                 raise ValueError(f"decoder_state_dim={self.decoder_state_dim}: decode needs the clip's low-dimensional "
                                  f"state [B,T,{self.decoder_state_dim}], got {got}")
             parts.append(state_BTS.to(feat_BTD.dtype))
-        if self.decoder_prev_action:
+        if self.decoder_prev_action and z_BTZ is not None:  # 'modulate' adds a_{t-1} after the MLP
             if actions_BTA is None:
                 raise ValueError("decoder_prev_action=True: decode needs the clip's actions (for a_{t-1})")
             prev_BTA = torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA[:, :-1]], dim=1)
             parts.append(prev_BTA.to(feat_BTD.dtype))
-        return self.decoder(torch.cat([*parts, z_BTZ.to(feat_BTD.dtype)], dim=-1)).float()
+        if z_BTZ is not None:
+            parts.append(z_BTZ.to(feat_BTD.dtype))
+        return self.decoder(torch.cat(parts, dim=-1)).float()
+
+    def _modulated(
+        self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None,
+        state_BTS: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``decoder_z='modulate'`` as a two-component mixture (log weights [B,T,2], means and log-variances
+        [B,T,2,A]). A base policy f(o_t) that sees neither z nor a_{t-1} gives the mean; z sets, through one linear
+        map, only how this episode's policy departs from it: a_t ~ (1 - w) N(s * ((1 - alpha) f + alpha a_{t-1})
+        + b, sigma^2) + w N(0, sigma_out^2), with per-dim scale s, bias b and sigma, outlier rate w and inertia
+        alpha (with ``decoder_prev_action``, a_{t-1}'s only way in: a smooth or lagging policy follows its previous
+        action). The scene cannot help the decoder through z, nor a_{t-1} tell it the policy without z, so z has
+        nothing to carry but the policy's deviation parameters."""
+        A = self.action_dim
+        base_BTA = self._decoder_raw(feat_BTD, None, actions_BTA, state_BTS)
+        m = self.modulator(z_BTZ.float())
+        log_s, bias, logvar = m[..., :A], m[..., A : 2 * A], m[..., 2 * A : 3 * A]
+        w_logit, inertia_logit = m[..., 3 * A], m[..., 3 * A + 1]
+        if self.decoder_prev_action:
+            prev_BTA = torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA[:, :-1]], dim=1).float()
+            alpha = torch.sigmoid(inertia_logit)[..., None]
+            base_BTA = (1 - alpha) * base_BTA + alpha * prev_BTA
+        mu_BTA = log_s.clamp(-5.0, 3.0).exp() * base_BTA + bias
+        logw = torch.stack([nn.functional.logsigmoid(-w_logit), nn.functional.logsigmoid(w_logit)], dim=-1)
+        mu = torch.stack([mu_BTA, torch.zeros_like(mu_BTA)], dim=-2)
+        lv_out = self.outlier_logvar_A.float().clamp(LOGVAR_MIN, LOGVAR_MAX).expand_as(logvar)
+        return logw, mu, torch.stack([logvar.clamp(LOGVAR_MIN, LOGVAR_MAX), lv_out], dim=-2)
+
+    def _components(
+        self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None,
+        state_BTS: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mixture parameters (log weights, means, log-variances) for the 'mixture' likelihood or 'modulate'."""
+        if self.decoder_z == "modulate":
+            return self._modulated(feat_BTD, z_BTZ, actions_BTA, state_BTS)
+        return self._mixture(self._decoder_raw(feat_BTD, z_BTZ, actions_BTA, state_BTS))
 
     def _mixture(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decoder output -> (log weights [B,T,K], means [B,T,K,A], log-variances [B,T,K,A])."""
@@ -256,10 +312,9 @@ class BehaviorModel(nn.Module):
         """pi(a_t | o_t, z): mean and log-variance of each action, [B, T, A] each (for a mixture, the
         mixture's own mean and variance). ``actions_BTA`` (the clip's actions) is needed only with
         ``decoder_prev_action``: the decoder then also sees a_{t-1} (zeros at t = 0), never a_t."""
-        raw = self._decoder_raw(feat_BTD, z_BTZ, actions_BTA, state_BTS)
-        if self.action_likelihood == "gaussian":
-            return self._split(raw)
-        logw, mu, logvar = self._mixture(raw)
+        if self.action_likelihood == "gaussian" and self.decoder_z == "input":
+            return self._split(self._decoder_raw(feat_BTD, z_BTZ, actions_BTA, state_BTS))
+        logw, mu, logvar = self._components(feat_BTD, z_BTZ, actions_BTA, state_BTS)
         w = logw.exp()[..., None]
         mean = (w * mu).sum(-2)
         var = (w * (logvar.exp() + (mu - mean[..., None, :]) ** 2)).sum(-2)
@@ -274,12 +329,11 @@ class BehaviorModel(nn.Module):
         weights, means and variances all depend on z -- one component covers *all* of a step's action
         dims, so an epsilon-random step (every dim off at once) and per-dim Gaussian noise of the same
         variance have different likelihoods, which a single Gaussian cannot tell apart."""
-        raw = self._decoder_raw(feat_BTD, z_BTZ, actions_BTA, state_BTS)
         a = actions_BTA.float()
-        if self.action_likelihood == "gaussian":
-            mu, logvar = self._split(raw)
+        if self.action_likelihood == "gaussian" and self.decoder_z == "input":
+            mu, logvar = self._split(self._decoder_raw(feat_BTD, z_BTZ, actions_BTA, state_BTS))
             return gaussian_nll(a, mu, logvar).sum(-1), mu
-        logw, mu, logvar = self._mixture(raw)
+        logw, mu, logvar = self._components(feat_BTD, z_BTZ, actions_BTA, state_BTS)
         comp_BTK = -gaussian_nll(a[..., None, :], mu, logvar).sum(-1)
         return -(logw + comp_BTK).logsumexp(dim=-1), (logw.exp()[..., None] * mu).sum(-2)
 
