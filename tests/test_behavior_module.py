@@ -224,3 +224,6 @@ def test_action_likelihood_reaches_the_model(tokenizer_ckpt):
                          mixture_k=3)
     assert mix.model.action_likelihood == "mixture" and mix.model.decoder[-1].out_features == 3 * (1 + 2 * 4)
     assert BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16).model.action_likelihood == "gaussian"
+    mod = BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16, decoder_z="modulate")
+    assert mod.model.decoder_z == "modulate" and mod.model.modulator.in_features == 16
+    assert BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16).model.decoder_z == "input"

@@ -81,6 +81,7 @@ class BehaviorModule(L.LightningModule):
         encoder: str = "transformer",
         window: int = 4,
         decoder_z: str = "input",
+        modulate_outliers: bool = True,
         beta: float = 0.1,
         free_bits: float = 0.0,
         kl_warmup_steps: int = 0,
@@ -146,6 +147,7 @@ class BehaviorModule(L.LightningModule):
             decoder_prev_action=decoder_prev_action, action_likelihood=action_likelihood, mixture_k=mixture_k,
             decoder_state_dim=int(data_spec.get("state_dim") or 0) if decoder_state else 0,
             encoder=encoder, window=window, decoder_z=decoder_z,
+            modulate_outliers=modulate_outliers,
         )
         if decoder_state and not self.model.decoder_state_dim:
             raise ValueError("decoder_state: true needs data with a low-dimensional state (data_spec state_dim > 0)")

@@ -129,6 +129,7 @@ class BehaviorModel(nn.Module):
         encoder: str = "transformer",
         window: int = 4,
         decoder_z: str = "input",
+        modulate_outliers: bool = True,
     ) -> None:
         super().__init__()
         if decoder_z not in ("input", "modulate"):
@@ -136,7 +137,7 @@ class BehaviorModel(nn.Module):
         if decoder_z == "modulate" and action_likelihood != "gaussian":
             raise ValueError("decoder_z='modulate' brings its own likelihood (a Gaussian plus a broad outlier "
                              f"component); it needs action_likelihood='gaussian', got {action_likelihood!r}")
-        self.decoder_z = decoder_z
+        self.decoder_z, self.modulate_outliers = decoder_z, modulate_outliers
         if action_likelihood not in ("gaussian", "mixture"):
             raise ValueError(f"action_likelihood must be 'gaussian' or 'mixture', got {action_likelihood!r}")
         if action_likelihood == "mixture" and mixture_k < 2:
@@ -283,6 +284,8 @@ class BehaviorModel(nn.Module):
             alpha = torch.sigmoid(inertia_logit)[..., None]
             base_BTA = (1 - alpha) * base_BTA + alpha * prev_BTA
         mu_BTA = log_s.clamp(-5.0, 3.0).exp() * base_BTA + bias
+        if not self.modulate_outliers:  # a single Gaussian: every departure from f must be explained through z
+            w_logit = torch.full_like(w_logit, -1e4)
         logw = torch.stack([nn.functional.logsigmoid(-w_logit), nn.functional.logsigmoid(w_logit)], dim=-1)
         mu = torch.stack([mu_BTA, torch.zeros_like(mu_BTA)], dim=-2)
         lv_out = self.outlier_logvar_A.float().clamp(LOGVAR_MIN, LOGVAR_MAX).expand_as(logvar)
