@@ -44,8 +44,8 @@ def clips_of(ep, clip_len: int, hop: int, mean: np.ndarray, std: np.ndarray, nor
     return frames, torch.from_numpy(a)
 
 
-@torch.no_grad()
-def embed_split(module, episodes, families, clip_len, hop, t_min, batch=32):
+def action_norm(module) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The checkpoint's action normalisation: mean, std and which dims it applies to (not the gripper)."""
     spec = module.hparams.data_spec
     mean = np.asarray(spec["action_mean"], np.float32)
     std = np.asarray(spec["action_std"], np.float32)
@@ -53,6 +53,12 @@ def embed_split(module, episodes, families, clip_len, hop, t_min, batch=32):
     mask = np.ones(len(mean), bool)
     if gi is not None:
         mask[gi] = False
+    return mean, std, mask
+
+
+@torch.no_grad()
+def embed_split(module, episodes, families, clip_len, hop, t_min, batch=32):
+    mean, std, mask = action_norm(module)
     zs, ys, es = [], [], []
     for e, ep in enumerate(episodes):
         fam = ep.meta["policy"]["family"]
@@ -69,13 +75,7 @@ def embed_split(module, episodes, families, clip_len, hop, t_min, batch=32):
 def embed_posterior(module, episodes, families, clip_len, hop, batch=32):
     """The posterior mean of every clip (it has seen the whole clip): [N, Z], families [N]. An upper bound
     on what the prior, trained to predict it from the history, can carry."""
-    spec = module.hparams.data_spec
-    mean = np.asarray(spec["action_mean"], np.float32)
-    std = np.asarray(spec["action_std"], np.float32)
-    gi = spec["action_space"].get("gripper_index")
-    mask = np.ones(len(mean), bool)
-    if gi is not None:
-        mask[gi] = False
+    mean, std, mask = action_norm(module)
     zs, ys = [], []
     for ep in episodes:
         fam = ep.meta["policy"]["family"]
