@@ -296,8 +296,9 @@ def test_decoder_z_modulate_reaches_the_actions_only_through_the_deviation_param
         m.modulator.bias[-1] = -50.0  # no inertia: a_{t-1} has no other way into the decoder
     assert torch.equal(m.decode(feat, z, actions + 1.0)[0], m.decode(feat, z, actions)[0])
     single = _model(decoder_z="modulate", modulate_outliers=False)  # one Gaussian: the outlier weight is 0
-    assert torch.allclose(single._modulated(feat, z, actions)[0][..., 1].exp(), torch.zeros(B, T))
-    _, mu_c, lv_c = single._modulated(feat, z, actions)
+    logw_c, mu_c, lv_c = single._modulated(feat, z, actions)
+    assert logw_c.shape == (B, T, 1) and torch.equal(logw_c, torch.zeros(B, T, 1))
+    assert not hasattr(single, "outlier_logvar_A")  # no parameter left without a gradient (DDP)
     mu1, lv1 = single.decode(feat, z, actions)
     assert torch.allclose(mu1, mu_c[..., 0, :], atol=1e-5) and torch.allclose(lv1, lv_c[..., 0, :], atol=1e-4)
     with pytest.raises(ValueError, match="decoder_z"):

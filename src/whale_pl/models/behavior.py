@@ -179,7 +179,8 @@ class BehaviorModel(nn.Module):
             with torch.no_grad():
                 self.modulator.bias.zero_()
                 self.modulator.bias[3 * action_dim :] = -3.0  # few outliers, little inertia at the start
-            self.outlier_logvar_A = nn.Parameter(torch.full((action_dim,), 0.5))
+            if modulate_outliers:
+                self.outlier_logvar_A = nn.Parameter(torch.full((action_dim,), 0.5))
         if action_likelihood == "mixture":  # break the components' symmetry: each starts at its own width
             with torch.no_grad():
                 bias_KP = rearrange(self.decoder[-1].bias, "(k p) -> k p", k=mixture_k)
@@ -245,8 +246,8 @@ class BehaviorModel(nn.Module):
         self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor | None, actions_BTA: torch.Tensor | None,
         state_BTS: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The decoder MLP's output. ``z_BTZ`` None (``decoder_z='modulate'``): the MLP reads o_t (and the state)
-        only -- neither z nor a_{t-1}, which would tell it the policy's family without z."""
+        """The decoder MLP's output. With ``decoder_z='modulate'`` the MLP reads o_t (and the state) only -- neither
+        z (pass None) nor a_{t-1}, which would tell it the policy's family without z."""
         parts = [feat_BTD]
         if self.decoder_state_dim:
             if state_BTS is None or state_BTS.shape[-1] != self.decoder_state_dim:
@@ -254,21 +255,24 @@ class BehaviorModel(nn.Module):
                 raise ValueError(f"decoder_state_dim={self.decoder_state_dim}: decode needs the clip's low-dimensional "
                                  f"state [B,T,{self.decoder_state_dim}], got {got}")
             parts.append(state_BTS.to(feat_BTD.dtype))
-        if self.decoder_prev_action and z_BTZ is not None:  # 'modulate' adds a_{t-1} after the MLP
-            if actions_BTA is None:
-                raise ValueError("decoder_prev_action=True: decode needs the clip's actions (for a_{t-1})")
-            prev_BTA = torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA[:, :-1]], dim=1)
-            parts.append(prev_BTA.to(feat_BTD.dtype))
-        if z_BTZ is not None:
+        if self.decoder_z == "input":  # 'modulate' brings a_{t-1} and z in after the MLP
+            if self.decoder_prev_action:
+                parts.append(self._prev_actions(actions_BTA).to(feat_BTD.dtype))
             parts.append(z_BTZ.to(feat_BTD.dtype))
         return self.decoder(torch.cat(parts, dim=-1)).float()
+
+    def _prev_actions(self, actions_BTA: torch.Tensor | None) -> torch.Tensor:
+        """a_{t-1} for every step of the clip (zeros at t = 0), [B, T, A]."""
+        if actions_BTA is None:
+            raise ValueError("decoder_prev_action=True: decode needs the clip's actions (for a_{t-1})")
+        return torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA[:, :-1]], dim=1)
 
     def _modulated(
         self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None,
         state_BTS: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``decoder_z='modulate'`` as a two-component mixture (log weights [B,T,2], means and log-variances
-        [B,T,2,A]). A base policy f(o_t) that sees neither z nor a_{t-1} gives the mean; z sets, through one linear
+        """``decoder_z='modulate'`` as a mixture (log weights [B,T,K], means and log-variances [B,T,K,A]; K = 2,
+        or K = 1 without ``modulate_outliers``). A base policy f(o_t) that sees neither z nor a_{t-1} gives the mean; z sets, through one linear
         map, only how this episode's policy departs from it: a_t ~ (1 - w) N(s * ((1 - alpha) f + alpha a_{t-1})
         + b, sigma^2) + w N(0, sigma_out^2), with per-dim scale s, bias b and sigma, outlier rate w and inertia
         alpha (with ``decoder_prev_action``, a_{t-1}'s only way in: a smooth or lagging policy follows its previous
@@ -280,16 +284,21 @@ class BehaviorModel(nn.Module):
         log_s, bias, logvar = m[..., :A], m[..., A : 2 * A], m[..., 2 * A : 3 * A]
         w_logit, inertia_logit = m[..., 3 * A], m[..., 3 * A + 1]
         if self.decoder_prev_action:
-            prev_BTA = torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA[:, :-1]], dim=1).float()
             alpha = torch.sigmoid(inertia_logit)[..., None]
-            base_BTA = (1 - alpha) * base_BTA + alpha * prev_BTA
+            base_BTA = (1 - alpha) * base_BTA + alpha * self._prev_actions(actions_BTA).float()
         mu_BTA = log_s.clamp(-5.0, 3.0).exp() * base_BTA + bias
+        logvar = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
         if not self.modulate_outliers:  # a single Gaussian: every departure from f must be explained through z
-            w_logit = torch.full_like(w_logit, -1e4)
+            return torch.zeros_like(w_logit)[..., None], mu_BTA[..., None, :], logvar[..., None, :]
         logw = torch.stack([nn.functional.logsigmoid(-w_logit), nn.functional.logsigmoid(w_logit)], dim=-1)
         mu = torch.stack([mu_BTA, torch.zeros_like(mu_BTA)], dim=-2)
         lv_out = self.outlier_logvar_A.float().clamp(LOGVAR_MIN, LOGVAR_MAX).expand_as(logvar)
-        return logw, mu, torch.stack([logvar.clamp(LOGVAR_MIN, LOGVAR_MAX), lv_out], dim=-2)
+        return logw, mu, torch.stack([logvar, lv_out], dim=-2)
+
+    @property
+    def _plain_gaussian(self) -> bool:
+        """One Gaussian straight from the decoder MLP (the default); otherwise a mixture from ``_components``."""
+        return self.action_likelihood == "gaussian" and self.decoder_z == "input"
 
     def _components(
         self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None,
@@ -315,7 +324,7 @@ class BehaviorModel(nn.Module):
         """pi(a_t | o_t, z): mean and log-variance of each action, [B, T, A] each (for a mixture, the
         mixture's own mean and variance). ``actions_BTA`` (the clip's actions) is needed only with
         ``decoder_prev_action``: the decoder then also sees a_{t-1} (zeros at t = 0), never a_t."""
-        if self.action_likelihood == "gaussian" and self.decoder_z == "input":
+        if self._plain_gaussian:
             return self._split(self._decoder_raw(feat_BTD, z_BTZ, actions_BTA, state_BTS))
         logw, mu, logvar = self._components(feat_BTD, z_BTZ, actions_BTA, state_BTS)
         w = logw.exp()[..., None]
@@ -333,7 +342,7 @@ class BehaviorModel(nn.Module):
         dims, so an epsilon-random step (every dim off at once) and per-dim Gaussian noise of the same
         variance have different likelihoods, which a single Gaussian cannot tell apart."""
         a = actions_BTA.float()
-        if self.action_likelihood == "gaussian" and self.decoder_z == "input":
+        if self._plain_gaussian:
             mu, logvar = self._split(self._decoder_raw(feat_BTD, z_BTZ, actions_BTA, state_BTS))
             return gaussian_nll(a, mu, logvar).sum(-1), mu
         logw, mu, logvar = self._components(feat_BTD, z_BTZ, actions_BTA, state_BTS)
