@@ -329,3 +329,54 @@ def test_decoder_z_modulate_learns_which_policy_acted(one_thread):
     a2 = actions.clone()
     a2[:, 4:] += 1.0
     assert torch.allclose(m.prior(codes, a2)[0][:, :4], mu[:, :4], atol=1e-5)
+
+
+def test_prior_decode_explains_a_t_with_z_from_the_history_before_it():
+    """The prior-decoded NLL of step t uses z_{t-1}: changing the last action changes only that step's target, not
+    the z that explains it -- the value equals the NLL of the new actions under the old actions' prior."""
+    m = _model(decoder_prev_action=True).eval()
+    codes, actions = _inputs()
+    out = m.loss(codes, actions, beta=0.1, sample=False, prior_decode=1.0)
+    assert out.prior_nll.item() > 0 and torch.isclose(out.loss, out.nll + 0.1 * out.kl_loss + out.prior_nll)
+    assert m.loss(codes, actions, beta=0.1, sample=False).prior_nll.item() == 0.0  # off by default
+    feat = m.frame_features(codes)
+
+    def nll_with_z_from(acts_for_z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        mu = m.prior(codes, acts_for_z)[0]
+        z = torch.cat([mu[:, :1], mu[:, :-1]], 1)
+        return m.action_nll(feat, z, target)[0][:, 1:].mean()
+
+    assert torch.allclose(out.prior_nll, nll_with_z_from(actions, actions), atol=1e-5)
+    a2 = actions.clone()
+    a2[:, -1] += 2.0
+    got = m.loss(codes, a2, beta=0.1, sample=False, prior_decode=1.0).prior_nll
+    assert torch.allclose(got, nll_with_z_from(actions, a2), atol=1e-5)  # a_{T-1} never reached its own z
+    assert not torch.allclose(got, out.prior_nll, atol=1e-3)
+
+
+def test_prior_decode_trains_the_prior_to_name_the_policy(one_thread):
+    """Same observations, two policies (offset +1.5 / -1.5): with the prior-decoded term the prior's own z_t (not only
+    the posterior's) carries which policy acted once it has seen a few actions, and the prior-decoded NLL falls."""
+    torch.manual_seed(0)
+    m = _model()
+    codes, _ = _inputs()
+    codes = torch.cat([codes, codes], 0)
+    base = codes.mean(dim=(2, 3)) @ torch.randn(C, A)
+    g = torch.Generator().manual_seed(3)
+    actions = torch.cat([base[:B] + 1.5, base[B:] - 1.5], 0) + 0.1 * torch.randn(2 * B, T, A, generator=g)
+    first = m.loss(codes, actions, beta=0.1, sample=False, prior_decode=1.0).prior_nll.item()
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(150):
+        out = m.loss(codes, actions, beta=0.1, prior_decode=1.0)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        out = m.loss(codes, actions, beta=0.1, sample=False, prior_decode=1.0)
+    assert out.prior_nll.item() < first - 2.0
+    z = out.prior_mu_BTZ[:, 2:].flatten(0, 1)  # every step t >= 2 of both groups
+    y = torch.arange(2 * B).repeat_interleave(T - 2) < B
+    d = z[y].mean(0) - z[~y].mean(0)
+    p = z @ (d / d.norm())
+    assert p[y].mean() - p[~y].mean() > 2 * (p[y].std() + p[~y].std())

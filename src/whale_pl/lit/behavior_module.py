@@ -83,6 +83,7 @@ class BehaviorModule(L.LightningModule):
         decoder_z: str = "input",
         modulate_outliers: bool = True,
         beta: float = 0.1,
+        prior_decode: float = 0.0,
         free_bits: float = 0.0,
         kl_warmup_steps: int = 0,
         kl_balance: float | None = None,
@@ -105,7 +106,8 @@ class BehaviorModule(L.LightningModule):
         Gaussians): the decoder's action distribution; ``decoder_z`` ("input" | "modulate"): z is an input of
         the decoder MLP, or sets only the episode's deviation from a z-free base policy; see ``BehaviorModel``.
         ``expect_codebook_size``: when set, the tokenizer must have exactly this codebook size.
-        ``beta``: KL weight; ``free_bits``: nats per z dimension below which KL is not penalised;
+        ``beta``: KL weight; ``prior_decode``: weight of the action NLL decoded from the prior's z_{t-1}
+        (``BehaviorModel.loss``; 0: the plain beta-VAE loss); ``free_bits``: nats per z dimension below which KL is not penalised;
         ``kl_warmup_steps``: beta ramps linearly from 0 over this many steps; ``kl_balance``: see
         ``BehaviorModel.loss`` (None: plain KL).
         ``code_cache``: tokenize every frame of the datamodule's train/val episodes once at the start of
@@ -276,9 +278,11 @@ class BehaviorModule(L.LightningModule):
         beta = self.current_beta()
         out = self.model.loss(self.batch_codes(batch), batch["actions"], beta=beta,
                               free_bits=float(self.hparams.free_bits), sample=True,
-                              kl_balance=self.hparams.kl_balance, state_BTS=self._decoder_state(batch))
+                              kl_balance=self.hparams.kl_balance, state_BTS=self._decoder_state(batch),
+                              prior_decode=float(self.hparams.prior_decode))
         B = batch["actions"].shape[0]
         self.log_dict({"train/loss": out.loss, "train/action_nll": out.nll, "train/kl": out.kl,
+                       "train/prior_action_nll": out.prior_nll,
                        "train/action_mse": out.action_mse, "train/beta": beta},
                       prog_bar=False, batch_size=B)
         self.log("loss", out.loss, prog_bar=True, logger=False, batch_size=B)
@@ -287,9 +291,11 @@ class BehaviorModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self.model.loss(self.batch_codes(batch), batch["actions"], beta=float(self.hparams.beta),
                               free_bits=float(self.hparams.free_bits), sample=False,
-                              kl_balance=self.hparams.kl_balance, state_BTS=self._decoder_state(batch))
+                              kl_balance=self.hparams.kl_balance, state_BTS=self._decoder_state(batch),
+                              prior_decode=float(self.hparams.prior_decode))
         B = batch["actions"].shape[0]
         self.log_dict({"val/loss": out.loss, "val/action_nll": out.nll, "val/kl": out.kl,
+                       "val/prior_action_nll": out.prior_nll,
                        "val/action_mse": out.action_mse, "val/action_mse_prior": out.action_mse_prior},
                       prog_bar=False, batch_size=B, sync_dist=True)
         self.log("val_loss", out.loss, prog_bar=True, logger=False, batch_size=B, sync_dist=True)

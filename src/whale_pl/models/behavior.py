@@ -102,6 +102,7 @@ class BehaviorOutput:
     kl_loss: torch.Tensor  # the KL term that enters the loss (after free bits)
     action_mse: torch.Tensor  # decoder mean vs true action, with posterior-mean z
     action_mse_prior: torch.Tensor  # decoder mean vs true action, with the prior mean z_t
+    prior_nll: torch.Tensor  # mean over B and t >= 1 of the action NLL with z from the prior p(z_{t-1} | tau_{0:t-1})
     post_mu_BZ: torch.Tensor
     prior_mu_BTZ: torch.Tensor
 
@@ -370,8 +371,14 @@ class BehaviorModel(nn.Module):
         sample: bool = True,
         kl_balance: float | None = None,
         state_BTS: torch.Tensor | None = None,
+        prior_decode: float = 0.0,
     ) -> BehaviorOutput:
         """Action NLL + beta * KL(q(z | tau_{0:T}) || p(z_t | tau_{0:t})), both averaged over B and t.
+
+        ``prior_decode`` gamma (the hybrid objective of Sohn et al. 2015's CVAE, whose GSNN term decodes from the
+        prior): adds gamma * mean_{t >= 1} -log pi(a_t | o_t, z_{t-1}), z_{t-1} drawn from the prior over the history
+        *before* a_t (it has seen a_{t-1}, never a_t). The prior is then trained directly to summarise what the
+        history says about how this policy acts next, not only to match the posterior through the KL.
 
         ``free_bits`` (nats per z dimension): each dimension's batch-mean KL is floored at this value
         in the loss, so the optimiser gains nothing by pushing the posterior onto the prior below it.
@@ -396,17 +403,25 @@ class BehaviorModel(nn.Module):
             kl_BTZ = kl_balance * to_prior + (1 - kl_balance) * to_post
         kl_Z = kl_BTZ.mean(dim=(0, 1))
         kl_loss = kl_Z.clamp(min=free_bits).sum() if free_bits > 0 else kl_Z.sum()
+        loss = nll + beta * kl_loss
+        prior_nll = torch.zeros((), device=nll.device)
+        if prior_decode > 0 and T > 1:  # z_{t-1} decodes a_t: the prior never sees the action it explains
+            z_prev = mu_p + torch.randn_like(mu_p) * (0.5 * logvar_p).exp() if sample else mu_p
+            z_BTZ = torch.cat([z_prev[:, :1], z_prev[:, :-1]], dim=1)  # step t reads z_{t-1}; step 0 is dropped below
+            prior_nll = self.action_nll(feat_BTD, z_BTZ, actions_BTA, state_BTS)[0][:, 1:].mean()
+            loss = loss + prior_decode * prior_nll
         with torch.no_grad():
             mse = (a_mu - actions_BTA).pow(2).mean()
             a_mu_p, _ = self.decode(feat_BTD, mu_p, actions_BTA, state_BTS)
             mse_p = (a_mu_p - actions_BTA).pow(2).mean()
         return BehaviorOutput(
-            loss=nll + beta * kl_loss,
+            loss=loss,
             nll=nll,
             kl=kl_Z.sum(),
             kl_loss=kl_loss,
             action_mse=mse,
             action_mse_prior=mse_p,
+            prior_nll=prior_nll,
             post_mu_BZ=mu_q,
             prior_mu_BTZ=mu_p,
         )
