@@ -1,5 +1,7 @@
 """The pure behavior VAE on random tensors: causality, KL/NLL correctness, learning."""
 
+import math
+
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
@@ -380,3 +382,55 @@ def test_prior_decode_trains_the_prior_to_name_the_policy(one_thread):
     d = z[y].mean(0) - z[~y].mean(0)
     p = z @ (d / d.norm())
     assert p[y].mean() - p[~y].mean() > 2 * (p[y].std() + p[~y].std())
+
+
+def test_marginal_nll_is_a_normalised_density_of_actions_and_their_changes():
+    """p(a | z) is the Gaussian of its head; p(d | z) ~ exp(-|d|/b - d^2/(2 s^2)) integrates to 1 (by quadrature)."""
+    m = _model(marginal_head=True)
+    with torch.no_grad():
+        m.marginal.weight.zero_()
+        m.marginal.bias.copy_(torch.tensor([0.2] * A + [-0.5] * A + [-1.2] * A + [-0.3] * A))
+    z = torch.zeros(1, 6)
+    x = torch.linspace(-12.0, 12.0, 240001, dtype=torch.float64)
+    # a clip [a_0 = 0, a_1 = x]: the t = 1 NLL is -log N(x; 0.2, e^-0.5) - log p_d(x) in each dim
+    acts = torch.zeros(len(x), 2, A)
+    acts[:, 1] = x[:, None].float()
+    nll_1 = m.marginal_nll(z.expand(len(x), -1), acts)[:, 1]
+    gauss = -Normal(0.2, math.exp(-0.25)).log_prob(x)
+    log_pd = -(nll_1.double() - A * gauss) / A
+    assert torch.isclose(torch.trapezoid(log_pd.exp(), x), torch.tensor(1.0, dtype=torch.float64), atol=1e-3)
+    with pytest.raises(ValueError, match="marginal_head"):
+        _model().marginal_nll(z, acts[:2])
+
+
+def test_marginal_decode_tells_sticky_jumps_from_jitter_with_the_same_action_marginal(one_thread):
+    """Same observations, and actions ~ N(0, 1) at every step in both groups: one group draws a fresh action each
+    step (jitter), the other keeps its action and redraws it at random (rate 0.25: sticky jumps). Only the changes
+    a_t - a_{t-1} differ; with the observation-free term the posterior means of the two groups separate along a
+    line, and that term falls well below its start."""
+    torch.manual_seed(0)
+    m = _model(marginal_head=True)
+    n, L = 4, 48
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randn(1, L, H, W, C, generator=g).expand(2 * n, -1, -1, -1, -1)
+    fresh = torch.randn(2 * n, L, A, generator=g)
+    redraw = torch.rand(n, L, 1, generator=g) < 0.25
+    redraw[:, 0] = True
+    last = torch.where(redraw, torch.arange(L)[None, :, None], 0).cummax(dim=1).values  # last redraw step
+    sticky = fresh[n:].gather(1, last.expand(-1, -1, A))
+    actions = torch.cat([fresh[:n], sticky], 0)
+    first = m.loss(codes, actions, beta=0.1, sample=False, marginal_decode=1.0).marginal_nll.item()
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(200):
+        out = m.loss(codes, actions, beta=0.1, marginal_decode=1.0)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        out = m.loss(codes, actions, beta=0.1, sample=False, marginal_decode=1.0)
+    assert out.marginal_nll.item() < first - 2.0
+    q = out.post_mu_BZ
+    d = q[:n].mean(0) - q[n:].mean(0)
+    p = q @ (d / d.norm())
+    assert p[:n].mean() - p[n:].mean() > 2 * (p[:n].std() + p[n:].std())

@@ -84,6 +84,7 @@ class BehaviorModule(L.LightningModule):
         modulate_outliers: bool = True,
         beta: float = 0.1,
         prior_decode: float = 0.0,
+        marginal_decode: float = 0.0,
         free_bits: float = 0.0,
         kl_warmup_steps: int = 0,
         kl_balance: float | None = None,
@@ -107,7 +108,8 @@ class BehaviorModule(L.LightningModule):
         the decoder MLP, or sets only the episode's deviation from a z-free base policy; see ``BehaviorModel``.
         ``expect_codebook_size``: when set, the tokenizer must have exactly this codebook size.
         ``beta``: KL weight; ``prior_decode``: weight of the action NLL decoded from the prior's z_{t-1}
-        (``BehaviorModel.loss``; 0: the plain beta-VAE loss); ``free_bits``: nats per z dimension below which KL is not penalised;
+        (``BehaviorModel.loss``; 0: the plain beta-VAE loss); ``marginal_decode``: weight of the observation-free
+        action likelihood p(a_t, a_t - a_{t-1} | z) (``BehaviorModel.marginal_nll``; 0: off); ``free_bits``: nats per z dimension below which KL is not penalised;
         ``kl_warmup_steps``: beta ramps linearly from 0 over this many steps; ``kl_balance``: see
         ``BehaviorModel.loss`` (None: plain KL).
         ``code_cache``: tokenize every frame of the datamodule's train/val episodes once at the start of
@@ -149,7 +151,7 @@ class BehaviorModule(L.LightningModule):
             decoder_prev_action=decoder_prev_action, action_likelihood=action_likelihood, mixture_k=mixture_k,
             decoder_state_dim=int(data_spec.get("state_dim") or 0) if decoder_state else 0,
             encoder=encoder, window=window, decoder_z=decoder_z,
-            modulate_outliers=modulate_outliers,
+            modulate_outliers=modulate_outliers, marginal_head=marginal_decode > 0,
         )
         if decoder_state and not self.model.decoder_state_dim:
             raise ValueError("decoder_state: true needs data with a low-dimensional state (data_spec state_dim > 0)")
@@ -279,10 +281,11 @@ class BehaviorModule(L.LightningModule):
         out = self.model.loss(self.batch_codes(batch), batch["actions"], beta=beta,
                               free_bits=float(self.hparams.free_bits), sample=True,
                               kl_balance=self.hparams.kl_balance, state_BTS=self._decoder_state(batch),
-                              prior_decode=float(self.hparams.prior_decode))
+                              prior_decode=float(self.hparams.prior_decode),
+                              marginal_decode=float(self.hparams.marginal_decode))
         B = batch["actions"].shape[0]
         self.log_dict({"train/loss": out.loss, "train/action_nll": out.nll, "train/kl": out.kl,
-                       "train/prior_action_nll": out.prior_nll,
+                       "train/prior_action_nll": out.prior_nll, "train/marginal_action_nll": out.marginal_nll,
                        "train/action_mse": out.action_mse, "train/beta": beta},
                       prog_bar=False, batch_size=B)
         self.log("loss", out.loss, prog_bar=True, logger=False, batch_size=B)
@@ -292,10 +295,11 @@ class BehaviorModule(L.LightningModule):
         out = self.model.loss(self.batch_codes(batch), batch["actions"], beta=float(self.hparams.beta),
                               free_bits=float(self.hparams.free_bits), sample=False,
                               kl_balance=self.hparams.kl_balance, state_BTS=self._decoder_state(batch),
-                              prior_decode=float(self.hparams.prior_decode))
+                              prior_decode=float(self.hparams.prior_decode),
+                              marginal_decode=float(self.hparams.marginal_decode))
         B = batch["actions"].shape[0]
         self.log_dict({"val/loss": out.loss, "val/action_nll": out.nll, "val/kl": out.kl,
-                       "val/prior_action_nll": out.prior_nll,
+                       "val/prior_action_nll": out.prior_nll, "val/marginal_action_nll": out.marginal_nll,
                        "val/action_mse": out.action_mse, "val/action_mse_prior": out.action_mse_prior},
                       prog_bar=False, batch_size=B, sync_dist=True)
         self.log("val_loss", out.loss, prog_bar=True, logger=False, batch_size=B, sync_dist=True)

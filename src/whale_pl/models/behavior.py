@@ -102,6 +102,7 @@ class BehaviorOutput:
     kl_loss: torch.Tensor  # the KL term that enters the loss (after free bits)
     action_mse: torch.Tensor  # decoder mean vs true action, with posterior-mean z
     action_mse_prior: torch.Tensor  # decoder mean vs true action, with the prior mean z_t
+    marginal_nll: torch.Tensor  # mean over B, T of the observation-free action NLL -log p(a_t, da_t | z)
     prior_nll: torch.Tensor  # mean over B and t >= 1 of the action NLL with z from the prior p(z_{t-1} | tau_{0:t-1})
     post_mu_BZ: torch.Tensor
     prior_mu_BTZ: torch.Tensor
@@ -131,6 +132,7 @@ class BehaviorModel(nn.Module):
         window: int = 4,
         decoder_z: str = "input",
         modulate_outliers: bool = True,
+        marginal_head: bool = False,
     ) -> None:
         super().__init__()
         if decoder_z not in ("input", "modulate"):
@@ -182,6 +184,12 @@ class BehaviorModel(nn.Module):
                 self.modulator.bias[3 * action_dim :] = -3.0  # few outliers, little inertia at the start
             if modulate_outliers:
                 self.outlier_logvar_A = nn.Parameter(torch.full((action_dim,), 0.5))
+        # p(a_t | z), p(da_t | z) without the observation: [mean A, log-var A, log Laplace scale A, log Gaussian scale A]
+        self.marginal = nn.Linear(z_dim, 4 * action_dim) if marginal_head else None
+        if self.marginal is not None:  # start at the standard normal / unit scales, gently tied to z
+            with torch.no_grad():
+                self.marginal.weight.mul_(0.1)
+                self.marginal.bias.zero_()
         if action_likelihood == "mixture":  # break the components' symmetry: each starts at its own width
             with torch.no_grad():
                 bias_KP = rearrange(self.decoder[-1].bias, "(k p) -> k p", k=mixture_k)
@@ -350,6 +358,26 @@ class BehaviorModel(nn.Module):
         comp_BTK = -gaussian_nll(a[..., None, :], mu, logvar).sum(-1)
         return -(logw + comp_BTK).logsumexp(dim=-1), (logw.exp()[..., None] * mu).sum(-2)
 
+    def marginal_nll(self, z_BZ: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
+        """-log p(a_t | z) - log p(a_t - a_{t-1} | z) per step [B, T] (the change term from t = 1), with no observation:
+        the episode's action distribution as z alone describes it. a_t ~ N(mu, sigma^2); the change d ~ exp(-|d| / b
+        - d^2 / (2 s^2)) / Z(b, s), a Laplace-Gaussian product whose sufficient statistics |d| and d^2 are what
+        tells random jumps (heavy tails) from Gaussian jitter of the same variance. Every parameter is linear in z
+        (scales floored at 0.01, normalised action units)."""
+        if self.marginal is None:
+            raise ValueError("marginal_nll needs marginal_head=True")
+        A = self.action_dim
+        mu, logvar, log_b, log_s = self.marginal(z_BZ.float()).float()[:, None].split(A, dim=-1)
+        a = actions_BTA.float()
+        nll_a = gaussian_nll(a, mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)).sum(-1)
+        d = torch.cat([torch.zeros_like(a[:, :1]), a.diff(dim=1)], dim=1)
+        b, s = log_b.clamp(math.log(0.01), 3.0).exp(), log_s.clamp(math.log(0.01), 3.0).exp()
+        # Z = int exp(-|d|/b - d^2/(2 s^2)) dd = sqrt(2 pi) s erfcx(s / (sqrt(2) b)), erfcx(x) = exp(x^2) erfc(x)
+        log_z = 0.5 * math.log(2 * math.pi) + s.log() + torch.special.erfcx(s / (math.sqrt(2) * b)).log()
+        nll_d = (d.abs() / b + d.pow(2) / (2 * s.pow(2)) + log_z).sum(-1)
+        nll_d = torch.cat([torch.zeros_like(nll_d[:, :1]), nll_d[:, 1:]], dim=1)
+        return nll_a + nll_d
+
     # -- public API -----------------------------------------------------------------------------
     def posterior(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z | tau_{0:T}) -> (mu_BZ, logvar_BZ), bidirectional over the whole segment."""
@@ -372,6 +400,7 @@ class BehaviorModel(nn.Module):
         kl_balance: float | None = None,
         state_BTS: torch.Tensor | None = None,
         prior_decode: float = 0.0,
+        marginal_decode: float = 0.0,
     ) -> BehaviorOutput:
         """Action NLL + beta * KL(q(z | tau_{0:T}) || p(z_t | tau_{0:t})), both averaged over B and t.
 
@@ -379,6 +408,9 @@ class BehaviorModel(nn.Module):
         prior): adds gamma * mean_{t >= 1} -log pi(a_t | o_t, z_{t-1}), z_{t-1} drawn from the prior over the history
         *before* a_t (it has seen a_{t-1}, never a_t). The prior is then trained directly to summarise what the
         history says about how this policy acts next, not only to match the posterior through the KL.
+        ``marginal_decode`` lambda (needs ``marginal_head``): adds lambda * mean_t ``marginal_nll`` of the posterior's z --
+        z must also describe the episode's distribution of actions and action changes on its own, which o_t and a_{t-1}
+        cannot explain away in the conditional decoder.
 
         ``free_bits`` (nats per z dimension): each dimension's batch-mean KL is floored at this value
         in the loss, so the optimiser gains nothing by pushing the posterior onto the prior below it.
@@ -410,6 +442,10 @@ class BehaviorModel(nn.Module):
             z_BTZ = torch.cat([z_prev[:, :1], z_prev[:, :-1]], dim=1)  # step t reads z_{t-1}; step 0 is dropped below
             prior_nll = self.action_nll(feat_BTD, z_BTZ, actions_BTA, state_BTS)[0][:, 1:].mean()
             loss = loss + prior_decode * prior_nll
+        marginal_nll = torch.zeros((), device=nll.device)
+        if marginal_decode > 0:
+            marginal_nll = self.marginal_nll(z_BZ, actions_BTA).mean()
+            loss = loss + marginal_decode * marginal_nll
         with torch.no_grad():
             mse = (a_mu - actions_BTA).pow(2).mean()
             a_mu_p, _ = self.decode(feat_BTD, mu_p, actions_BTA, state_BTS)
@@ -422,6 +458,7 @@ class BehaviorModel(nn.Module):
             action_mse=mse,
             action_mse_prior=mse_p,
             prior_nll=prior_nll,
+            marginal_nll=marginal_nll,
             post_mu_BZ=mu_q,
             prior_mu_BTZ=mu_p,
         )
