@@ -434,3 +434,18 @@ def test_marginal_decode_tells_sticky_jumps_from_jitter_with_the_same_action_mar
     d = q[:n].mean(0) - q[n:].mean(0)
     p = q @ (d / d.norm())
     assert p[:n].mean() - p[n:].mean() > 2 * (p[:n].std() + p[n:].std())
+
+
+def test_encoder_frames_off_reads_the_actions_alone():
+    """encoder_frames=False: posterior and prior ignore the frames (and stay causal); the decoder still reads o_t."""
+    m = _model(encoder_frames=False).eval()
+    codes, actions = _inputs()
+    other = torch.randn_like(codes)
+    assert torch.equal(m.posterior(codes, actions)[0], m.posterior(other, actions)[0])
+    assert torch.equal(m.prior(codes, actions)[0], m.prior(other, actions)[0])
+    a2 = actions.clone()
+    a2[:, 4:] += 1.0
+    assert torch.allclose(m.prior(codes, a2)[0][:, :4], m.prior(codes, actions)[0][:, :4], atol=1e-5)
+    assert not torch.allclose(m.prior(codes, a2)[0][:, 4:], m.prior(codes, actions)[0][:, 4:], atol=1e-4)
+    z = torch.zeros(B, T, 6)
+    assert not torch.allclose(m.decode(m.frame_features(codes), z)[0], m.decode(m.frame_features(other), z)[0])

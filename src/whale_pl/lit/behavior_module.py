@@ -78,6 +78,7 @@ class BehaviorModule(L.LightningModule):
         action_likelihood: str = "gaussian",
         mixture_k: int = 4,
         decoder_state: bool = False,
+        encoder_frames: bool = True,
         encoder: str = "transformer",
         window: int = 4,
         decoder_z: str = "input",
@@ -107,6 +108,7 @@ class BehaviorModule(L.LightningModule):
         Gaussians): the decoder's action distribution; ``decoder_z`` ("input" | "modulate"): z is an input of
         the decoder MLP, or sets only the episode's deviation from a z-free base policy; see ``BehaviorModel``.
         ``expect_codebook_size``: when set, the tokenizer must have exactly this codebook size.
+        ``encoder_frames``: false -- the posterior and prior read the actions alone (the decoder still sees o_t).
         ``beta``: KL weight; ``prior_decode``: weight of the action NLL decoded from the prior's z_{t-1}
         (``BehaviorModel.loss``; 0: the plain beta-VAE loss); ``marginal_decode``: weight of the observation-free
         action likelihood p(a_t, a_t - a_{t-1} | z) (``BehaviorModel.marginal_nll``; 0: off); ``free_bits``: nats per z dimension below which KL is not penalised;
@@ -151,7 +153,7 @@ class BehaviorModule(L.LightningModule):
             decoder_prev_action=decoder_prev_action, action_likelihood=action_likelihood, mixture_k=mixture_k,
             decoder_state_dim=int(data_spec.get("state_dim") or 0) if decoder_state else 0,
             encoder=encoder, window=window, decoder_z=decoder_z,
-            modulate_outliers=modulate_outliers, marginal_head=marginal_decode > 0,
+            modulate_outliers=modulate_outliers, marginal_head=marginal_decode > 0, encoder_frames=encoder_frames,
         )
         if decoder_state and not self.model.decoder_state_dim:
             raise ValueError("decoder_state: true needs data with a low-dimensional state (data_spec state_dim > 0)")

@@ -133,6 +133,7 @@ class BehaviorModel(nn.Module):
         decoder_z: str = "input",
         modulate_outliers: bool = True,
         marginal_head: bool = False,
+        encoder_frames: bool = True,
     ) -> None:
         super().__init__()
         if decoder_z not in ("input", "modulate"):
@@ -153,6 +154,7 @@ class BehaviorModel(nn.Module):
         self.encoder, self.window = encoder, window
         self.decoder_prev_action = decoder_prev_action
         self.decoder_state_dim = decoder_state_dim
+        self.encoder_frames = encoder_frames
         self.code_dim, self.action_dim, self.z_dim, self.dim = code_dim, action_dim, z_dim, dim
         self.pool = GridPool(code_dim, dim, grid_tokens, heads)
         self.action_deltas = action_deltas
@@ -217,7 +219,8 @@ class BehaviorModel(nn.Module):
         return self.pool(codes_BThwC)
 
     def _tokens(self, proj: nn.Linear, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor, time: bool = True) -> torch.Tensor:
-        parts = [feat_BTD, actions_BTA]
+        # without encoder_frames the posterior and prior read the actions alone (the decoder still sees o_t)
+        parts = [feat_BTD if self.encoder_frames else torch.zeros_like(feat_BTD), actions_BTA]
         if self.action_deltas:  # a_t - a_{t-1} (0 at t = 0): jitter and outliers become visible per step
             parts.append(torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA.diff(dim=1)], dim=1))
         x = proj(torch.cat(parts, dim=-1))
