@@ -50,6 +50,21 @@ from whale_pl.analysis.probe import fit_linear_probe
 from whale_pl.rollout.retracing import ActionNormaliser
 
 HISTORY_BUCKETS = [(8, 16), (16, 32), (32, 64), (64, 120)]
+# the column groups of causal_features (actions only), in order, with their widths for A action dims
+FEATURES = ("a", "a2", "absa", "sat", "absda", "da2", "jump", "near0", "norm", "norm2", "std", "a_t", "absda_t")
+
+
+def feature_columns(A: int, expert: bool = False) -> np.ndarray:
+    """The group name of every column ``causal_features`` returns (``expert`` residual groups as 'expert')."""
+    width = {"sat": 3, "jump": 1, "near0": 3, "norm": 1, "norm2": 1}
+    names = []
+    for g in FEATURES[:10]:
+        names += [g] * width.get(g, A)
+    if expert:
+        names += ["expert"] * (3 * A + 2)
+    for g in FEATURES[10:]:
+        names += [g] * A
+    return np.array(names)
 
 
 def expert_actions(ep) -> np.ndarray:
@@ -161,6 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer", default="runs/demo/tokenizer/checkpoints/best.ckpt",
                    help="stage-1 checkpoint whose codes --frame-expert reads")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    p.add_argument("--features", nargs="+", choices=FEATURES, default=list(FEATURES),
+                   help="which groups of hand features the probe reads (running means of a, a^2, |a|, the saturation "
+                        "rate, |delta a|, (delta a)^2, the jump rate, the near-zero rate, the xyz norm and its square; "
+                        "the running std; the current a_t and |delta a_t|): which statistics carry the ceiling")
     a = p.parse_args(argv)
     if a.expert and a.frame_expert:
         raise SystemExit("--expert and --frame-expert are separate comparisons: give one of them")
@@ -214,6 +233,11 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.time()
             xtr, ytr, _ = split_points(eps["train"], families, L, a.hop, a.t_min, normaliser, experts["train"])
             xv, yv, hv = split_points(eps["val"], families, L, a.hop, a.t_min, normaliser, experts["val"])
+            cols = feature_columns(int(spec["action_dim"]), expert=experts["train"] is not None)
+            if len(cols) != xtr.shape[1]:
+                raise RuntimeError(f"feature_columns names {len(cols)} columns, causal_features gives {xtr.shape[1]}")
+            keep = torch.from_numpy(np.isin(cols, list(a.features) + ["expert"]))
+            xtr, xv = xtr[:, keep], xv[:, keep]
             probe = fit_linear_probe(xtr, ytr, n_classes=len(families), max_iter=500)
             ok = (probe.predict(xv) == yv).numpy()
             by_hist = [f"t {lo}-{hi - 1} {ok[(hv >= lo) & (hv < hi)].mean():.2f}"

@@ -49,6 +49,23 @@ def test_behavior_ceiling_state_inputs_standardise_with_training_statistics_and_
         bc.state_inputs(eps)
 
 
+def test_behavior_ceiling_feature_columns_name_every_column_of_the_hand_features():
+    """--features selects column groups by name: the names line up with what causal_features computes."""
+    bc = _load("behavior_ceiling")
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(-1, 1, (20, 4))
+    a = 2.0 * raw + 0.5  # "normalised" actions: an affine map of the raw ones
+    for expert in (None, rng.uniform(-1, 1, (20, 4))):
+        x = bc.causal_features(a, raw, expert)
+        cols = bc.feature_columns(4, expert=expert is not None)
+        assert len(cols) == x.shape[1]
+        np.testing.assert_allclose(x[:, cols == "a_t"], a)  # the current action
+        np.testing.assert_allclose(x[-1, cols == "a"], a.mean(0))  # running mean over the whole clip
+        np.testing.assert_allclose(x[-1, cols == "std"], a.std(0), atol=1e-9)
+        np.testing.assert_allclose(x[-1, cols == "absda"], np.abs(np.diff(a, axis=0)).sum(0) / 20)  # 0 at t = 0
+        assert set(cols) == set(bc.FEATURES) | ({"expert"} if expert is not None else set())
+
+
 def test_token_ngram_learns_a_deterministic_cycle_that_copying_always_misses():
     tn = _load("token_ngram")
     nbrs = tn.grid_neighbours(1, 2)
