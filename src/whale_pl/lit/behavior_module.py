@@ -104,7 +104,7 @@ class BehaviorModule(L.LightningModule):
         """``tokenizer_ckpt``: stage-1 checkpoint (``runs/<scale>/tokenizer/checkpoints/best.ckpt``).
         ``data_spec``: from the datamodule (the CLI links it); None inherits the tokenizer's.
         ``action_deltas``: a_t - a_{t-1} as a further step input; ``decoder_prev_action``: the action decoder
-        also sees a_{t-1} (never a_t); ``action_likelihood`` ("gaussian" | "mixture" of ``mixture_k``
+        also sees a_{t-1} (never a_t); ``action_likelihood`` ("gaussian" | "laplace" | "mixture" of ``mixture_k``
         Gaussians): the decoder's action distribution; ``decoder_z`` ("input" | "modulate"): z is an input of
         the decoder MLP, or sets only the episode's deviation from a z-free base policy; see ``BehaviorModel``.
         ``expect_codebook_size``: when set, the tokenizer must have exactly this codebook size.

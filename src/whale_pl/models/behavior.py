@@ -56,6 +56,13 @@ def gaussian_nll(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> tor
     return 0.5 * (logvar + (x - mu) ** 2 / logvar.exp() + math.log(2 * math.pi))
 
 
+def laplace_nll(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Elementwise negative log-likelihood of x under the Laplace with mean mu and variance e^logvar (scale
+    b = sqrt(e^logvar / 2)), in nats."""
+    log_b = 0.5 * (logvar - math.log(2.0))
+    return math.log(2.0) + log_b + (x - mu).abs() / log_b.exp()
+
+
 class GridPool(nn.Module):
     """Multi-head attention pooling of a frame's h*w code vectors into one feature: each head
     scores every grid position (from its code and a learned position embedding), softmaxes over the
@@ -142,8 +149,8 @@ class BehaviorModel(nn.Module):
             raise ValueError("decoder_z='modulate' brings its own likelihood (a Gaussian plus a broad outlier "
                              f"component); it needs action_likelihood='gaussian', got {action_likelihood!r}")
         self.decoder_z, self.modulate_outliers = decoder_z, modulate_outliers
-        if action_likelihood not in ("gaussian", "mixture"):
-            raise ValueError(f"action_likelihood must be 'gaussian' or 'mixture', got {action_likelihood!r}")
+        if action_likelihood not in ("gaussian", "laplace", "mixture"):
+            raise ValueError(f"action_likelihood must be 'gaussian', 'laplace' or 'mixture', got {action_likelihood!r}")
         if action_likelihood == "mixture" and mixture_k < 2:
             raise ValueError(f"mixture_k must be >= 2 for action_likelihood='mixture', got {mixture_k}")
         self.action_likelihood, self.mixture_k = action_likelihood, mixture_k
@@ -308,9 +315,9 @@ class BehaviorModel(nn.Module):
         return logw, mu, torch.stack([logvar, lv_out], dim=-2)
 
     @property
-    def _plain_gaussian(self) -> bool:
-        """One Gaussian straight from the decoder MLP (the default); otherwise a mixture from ``_components``."""
-        return self.action_likelihood == "gaussian" and self.decoder_z == "input"
+    def _plain(self) -> bool:
+        """One Gaussian (the default) or Laplace straight from the decoder MLP; otherwise a mixture from ``_components``."""
+        return self.action_likelihood in ("gaussian", "laplace") and self.decoder_z == "input"
 
     def _components(
         self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None,
@@ -336,7 +343,7 @@ class BehaviorModel(nn.Module):
         """pi(a_t | o_t, z): mean and log-variance of each action, [B, T, A] each (for a mixture, the
         mixture's own mean and variance). ``actions_BTA`` (the clip's actions) is needed only with
         ``decoder_prev_action``: the decoder then also sees a_{t-1} (zeros at t = 0), never a_t."""
-        if self._plain_gaussian:
+        if self._plain:
             return self._split(self._decoder_raw(feat_BTD, z_BTZ, actions_BTA, state_BTS))
         logw, mu, logvar = self._components(feat_BTD, z_BTZ, actions_BTA, state_BTS)
         w = logw.exp()[..., None]
@@ -349,13 +356,17 @@ class BehaviorModel(nn.Module):
         state_BTS: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-log pi(a_t | o_t, z) per step [B, T] (nats, over all action dims) and the decoder's mean
-        action [B, T, A]. ``gaussian``: a diagonal Gaussian. ``mixture``: K diagonal Gaussians whose
+        action [B, T, A]. ``gaussian``: a diagonal Gaussian. ``laplace``: per-dim Laplace (the decoder's second
+        output is still its log-variance, 2 b^2): its maximum-likelihood scale is the mean *absolute* residual, the
+        statistic that tells rare large steps from Gaussian jitter of the same variance. ``mixture``: K diagonal Gaussians whose
         weights, means and variances all depend on z -- one component covers *all* of a step's action
         dims, so an epsilon-random step (every dim off at once) and per-dim Gaussian noise of the same
         variance have different likelihoods, which a single Gaussian cannot tell apart."""
         a = actions_BTA.float()
-        if self._plain_gaussian:
+        if self._plain:
             mu, logvar = self._split(self._decoder_raw(feat_BTD, z_BTZ, actions_BTA, state_BTS))
+            if self.action_likelihood == "laplace":
+                return laplace_nll(a, mu, logvar).sum(-1), mu
             return gaussian_nll(a, mu, logvar).sum(-1), mu
         logw, mu, logvar = self._components(feat_BTD, z_BTZ, actions_BTA, state_BTS)
         comp_BTK = -gaussian_nll(a[..., None, :], mu, logvar).sum(-1)
