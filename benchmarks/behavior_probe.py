@@ -14,6 +14,7 @@ averaged over all of an episode's points) is printed too.
     .venv/bin/python benchmarks/behavior_probe.py --by-policy           # which family each val policy's points get
     .venv/bin/python benchmarks/behavior_probe.py --layout              # does z also name the task / object places?
     .venv/bin/python benchmarks/behavior_probe.py --posterior           # the posterior mean's probe (the bound)
+    .venv/bin/python benchmarks/behavior_probe.py --posterior --stats   # does that z hold the clip's action statistics?
 
 Last line: ``behavior_probe_acc: <val accuracy of the first checkpoint> fraction``.
 """
@@ -29,6 +30,8 @@ import numpy as np
 import torch
 
 from whale_pl.analysis.probe import fit_linear_probe
+
+HISTORY_BUCKETS = [(8, 16), (16, 32), (32, 64), (64, 120)]
 
 
 def clips_of(ep, clip_len: int, hop: int, mean: np.ndarray, std: np.ndarray, norm_mask: np.ndarray):
@@ -71,12 +74,44 @@ def embed_split(module, episodes, families, clip_len, hop, t_min, batch=32):
     return torch.cat(zs), torch.cat(ys), torch.cat(es)
 
 
+STAT_NAMES = ("a", "a^2", "std a", "|da|", "da^2")
+
+
+def action_stats(actions_NTA: torch.Tensor) -> torch.Tensor:
+    """Each clip's action statistics [N, 5A]: mean of a, a^2, the std of a, mean |a_t - a_{t-1}| and
+    (a_t - a_{t-1})^2 per dim (normalised units) -- the hand statistics a linear family probe reads best
+    (``behavior_ceiling.py --features a a2 std absda da2``)."""
+    a = actions_NTA.double()
+    d = a.diff(dim=1)
+    return torch.cat([a.mean(1), a.pow(2).mean(1), a.std(1, unbiased=False), d.abs().mean(1), d.pow(2).mean(1)], 1)
+
+
+def ridge_fit(x_NZ: torch.Tensor, y_NK: torch.Tensor, ridge: float = 1e-2):
+    """Ridge regression with an intercept; returns the fitted map x -> y."""
+    X = torch.cat([x_NZ.double(), torch.ones(len(x_NZ), 1, dtype=torch.float64)], 1)
+    W = torch.linalg.solve(X.T @ X + ridge * torch.eye(X.shape[1], dtype=torch.float64), X.T @ y_NK.double())
+    return lambda x: torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1) @ W
+
+
+def stats_readout(z_tr, s_tr, y_tr, z_va, s_va, y_va, n_classes: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """Does z hold the clip's action statistics, and would they name the family? Val R^2 of a ridge map
+    z -> statistics (fitted on train clips) per statistic, and val accuracy of the clip-level family probe on
+    the statistics themselves, on z, and on z mapped to the statistics (a linear function of z)."""
+    f = ridge_fit(z_tr, s_tr)
+    r2 = 1 - (f(z_va) - s_va).pow(2).mean(0) / s_va.var(0, unbiased=False).clamp_min(1e-12)
+    acc = {}
+    for name, (xa, xb) in {"statistics": (s_tr, s_va), "z": (z_tr, z_va), "z -> statistics": (f(z_tr), f(z_va))}.items():
+        acc[name] = fit_linear_probe(xa, y_tr, n_classes=n_classes).accuracy(xb, y_va)
+    return r2, acc
+
+
 @torch.no_grad()
 def embed_posterior(module, episodes, families, clip_len, hop, batch=32):
-    """The posterior mean of every clip (it has seen the whole clip): [N, Z], families [N]. An upper bound
-    on what the prior, trained to predict it from the history, can carry."""
+    """The posterior mean of every clip (it has seen the whole clip): [N, Z], families [N], and the clip's
+    ``action_stats`` [N, 5A]. The posterior mean bounds what the prior, trained to predict it from the history,
+    can carry."""
     mean, std, mask = action_norm(module)
-    zs, ys = [], []
+    zs, ys, st = [], [], []
     for ep in episodes:
         fam = ep.meta["policy"]["family"]
         frames, actions = clips_of(ep, clip_len, hop, mean, std, mask)
@@ -84,7 +119,8 @@ def embed_posterior(module, episodes, families, clip_len, hop, batch=32):
             mu_BZ, _ = module.model.posterior(module.codes(frames[i : i + batch]), actions[i : i + batch])
             zs.append(mu_BZ.float())
             ys.append(torch.full((len(mu_BZ),), families.index(fam) if fam in families else -1))
-    return torch.cat(zs), torch.cat(ys)
+            st.append(action_stats(actions[i : i + batch]))
+    return torch.cat(zs), torch.cat(ys), torch.cat(st)
 
 
 def episode_accuracy(probe, x_NZ, y_N, ep_N) -> float:
@@ -142,7 +178,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="also print how well z names the episode's task and its first state (object/goal positions)")
     p.add_argument("--posterior", action="store_true",
                    help="also probe the posterior mean of each clip (sees the whole clip: the prior's upper bound)")
+    p.add_argument("--stats", action="store_true",
+                   help="with --posterior: how well the posterior mean holds each clip's action statistics, and the "
+                        "clip-level family probe on those statistics, on z, and on z mapped to them")
     a = p.parse_args(argv)
+    if a.stats and not a.posterior:
+        raise SystemExit("--stats reads the posterior mean: give --posterior too")
     torch.set_num_threads(a.threads)
 
     from whale_pl.data.datamodule import MetaWorldDataModule
@@ -172,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
                 acc[s + "_episode"] = episode_accuracy(probe, x[keep], y[keep], ep[keep])
             if s == "val":
                 pred = probe.predict(x)
+                t_N = torch.arange(a.t_min, a.clip_len).repeat(len(y) // (a.clip_len - a.t_min))  # each point's t
+                by_hist = [f"t {lo}-{hi - 1} {(pred == y)[(t_N >= lo) & (t_N < hi)].double().mean():.2f}"
+                           for lo, hi in HISTORY_BUCKETS if ((t_N >= lo) & (t_N < hi)).any()]
                 per_family = {f: (pred[y == k] == k).double().mean().item() for k, f in enumerate(families) if (y == k).any()}
                 shares = family_shares_by_policy(pred, ep, [e.meta["policy"]["name"] for e in eps["val"]], len(families))
         hp = module.hparams
@@ -182,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
               f"ood {acc.get('ood_episode', float('nan')):.3f} | {len(ytr)} train points, t >= {a.t_min} of {a.clip_len}-step clips "
               f"| {time.time() - t0:.0f}s", flush=True)
         print("  val accuracy per family: " + ", ".join(f"{f} {v:.2f}" for f, v in per_family.items()), flush=True)
+        if per_family:
+            print("  val accuracy by history: " + ", ".join(by_hist), flush=True)
         if a.by_policy and per_family:
             width = max(len(k) for k in shares)
             print("  val points by policy: the share the probe gives each family")
@@ -189,11 +235,19 @@ def main(argv: list[str] | None = None) -> None:
             for pol, row in shares.items():
                 print(f"    {pol:{width}s} " + " ".join(f"{v:6.2f}" for v in row), flush=True)
         if a.posterior and "val" in pts:
-            ptr, pytr = embed_posterior(module, eps["train"], families, a.clip_len, a.hop)
-            pva, pyva = embed_posterior(module, eps["val"], families, a.clip_len, a.hop)
+            ptr, pytr, str_ = embed_posterior(module, eps["train"], families, a.clip_len, a.hop)
+            pva, pyva, sva = embed_posterior(module, eps["val"], families, a.clip_len, a.hop)
             post = fit_linear_probe(ptr, pytr, n_classes=len(families))
             print(f"  posterior mean (one point per clip, sees all of it): probe train {post.accuracy(ptr, pytr):.3f} "
                   f"val {post.accuracy(pva[pyva >= 0], pyva[pyva >= 0]):.3f} ({len(pytr)} train clips)", flush=True)
+            if a.stats:
+                r2, sacc = stats_readout(ptr, str_, pytr, pva, sva, pyva, len(families))
+                A = str_.shape[1] // len(STAT_NAMES)
+                print("  posterior mean -> clip action statistics, val R^2: " + "; ".join(
+                    f"{n} " + " ".join(f"{v:.2f}" for v in r2[k * A : (k + 1) * A].tolist())
+                    for k, n in enumerate(STAT_NAMES)), flush=True)
+                print("  clip-level family probe, val: " + ", ".join(f"on {k} {v:.3f}" for k, v in sacc.items()),
+                      flush=True)
         if a.layout and "val" in pts:
             task_acc, r2 = layout_readout(xtr, pts["train"][2], eps["train"], pts["val"][0], pts["val"][2], eps["val"])
             print(f"  layout: task probe val {task_acc:.3f}; ridge R^2 of the first state's varying dims: "

@@ -157,3 +157,18 @@ def test_behavior_probe_layout_readout_finds_task_and_state_carried_by_z():
     noise = lambda n: torch.from_numpy(rng.normal(size=(n, 3)).astype(np.float32))
     acc, r2 = bp.layout_readout(noise(120), ep_tr, tr, noise(60), ep_va, va)
     assert acc < 0.75 and r2[1] < 0.2
+
+
+def test_behavior_probe_stats_readout_reads_statistics_a_linear_z_holds():
+    """action_stats are the clip moments they name; when z is a linear image of them, the ridge map recovers
+    them (R^2 ~ 1) and the family probe on z does as well as the one on the statistics."""
+    bp = _load("behavior_probe")
+    a = torch.tensor([[[0.0], [2.0], [2.0], [4.0]]])  # one clip, A = 1
+    assert bp.action_stats(a).tolist() == [[2.0, 6.0, pytest.approx(2 ** 0.5), 4 / 3, 8 / 3]]
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(3).repeat(40)
+    s = torch.randn(120, 5, generator=g, dtype=torch.float64) + 3.0 * torch.nn.functional.one_hot(y, 5)
+    z = s @ torch.randn(5, 8, generator=g, dtype=torch.float64)
+    r2, acc = bp.stats_readout(z[:90], s[:90], y[:90], z[90:], s[90:], y[90:], n_classes=3)
+    assert (r2 > 0.99).all()
+    assert acc["statistics"] > 0.8 and abs(acc["z"] - acc["statistics"]) < 0.1
