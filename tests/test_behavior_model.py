@@ -63,17 +63,18 @@ def test_bad_shapes_name_the_mismatch():
         m.posterior(codes, actions[:, :-1])
 
 
-def _fit_then_eval(m, codes, actions, steps: int = 150):
-    """Adam on the fixed batch (beta 0.1, free bits 0.05), then the loss in eval mode with posterior-mean z."""
+def _fit_then_eval(m, codes, actions, steps: int = 150, free_bits: float = 0.05, **loss_kw):
+    """Adam on the fixed batch (beta 0.1, free bits 0.05 unless given), then the loss in eval mode with
+    posterior-mean z; ``loss_kw`` (e.g. ``prior_decode``) go to both."""
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     for _ in range(steps):
-        out = m.loss(codes, actions, beta=0.1, free_bits=0.05)
+        out = m.loss(codes, actions, beta=0.1, free_bits=free_bits, **loss_kw)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
     m.eval()
     with torch.no_grad():
-        return m.loss(codes, actions, beta=0.1, sample=False)
+        return m.loss(codes, actions, beta=0.1, sample=False, **loss_kw)
 
 
 def test_learns_policy_dependent_actions_on_a_fixed_batch(one_thread):
@@ -367,15 +368,7 @@ def test_prior_decode_trains_the_prior_to_name_the_policy(one_thread):
     g = torch.Generator().manual_seed(3)
     actions = torch.cat([base[:B] + 1.5, base[B:] - 1.5], 0) + 0.1 * torch.randn(2 * B, T, A, generator=g)
     first = m.loss(codes, actions, beta=0.1, sample=False, prior_decode=1.0).prior_nll.item()
-    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
-    for _ in range(150):
-        out = m.loss(codes, actions, beta=0.1, prior_decode=1.0)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    m.eval()
-    with torch.no_grad():
-        out = m.loss(codes, actions, beta=0.1, sample=False, prior_decode=1.0)
+    out = _fit_then_eval(m, codes, actions, free_bits=0.0, prior_decode=1.0)
     assert out.prior_nll.item() < first - 2.0
     z = out.prior_mu_BTZ[:, 2:].flatten(0, 1)  # every step t >= 2 of both groups
     y = torch.arange(2 * B).repeat_interleave(T - 2) < B
@@ -420,15 +413,7 @@ def test_marginal_decode_tells_sticky_jumps_from_jitter_with_the_same_action_mar
     sticky = fresh[n:].gather(1, last.expand(-1, -1, A))
     actions = torch.cat([fresh[:n], sticky], 0)
     first = m.loss(codes, actions, beta=0.1, sample=False, marginal_decode=1.0).marginal_nll.item()
-    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
-    for _ in range(200):
-        out = m.loss(codes, actions, beta=0.1, marginal_decode=1.0)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    m.eval()
-    with torch.no_grad():
-        out = m.loss(codes, actions, beta=0.1, sample=False, marginal_decode=1.0)
+    out = _fit_then_eval(m, codes, actions, steps=200, free_bits=0.0, marginal_decode=1.0)
     assert out.marginal_nll.item() < first - 2.0
     q = out.post_mu_BZ
     d = q[:n].mean(0) - q[n:].mean(0)
