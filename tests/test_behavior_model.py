@@ -201,7 +201,7 @@ def test_mixture_nll_and_moments_match_torch_distributions():
     assert torch.allclose(d_mu, ref.mean, atol=1e-5) and torch.allclose(mean_BTA, ref.mean, atol=1e-5)
     assert torch.allclose(d_logvar.exp(), ref.variance, rtol=1e-4)
     with pytest.raises(ValueError, match="action_likelihood"):
-        _model(action_likelihood="laplace")
+        _model(action_likelihood="cauchy")
 
 
 def test_mixture_models_random_steps_a_gaussian_cannot(one_thread):
