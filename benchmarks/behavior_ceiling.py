@@ -46,10 +46,9 @@ import warnings
 import numpy as np
 import torch
 
-from whale_pl.analysis.probe import fit_linear_probe
+from whale_pl.analysis.probe import accuracy_by_history, fit_linear_probe
 from whale_pl.rollout.retracing import ActionNormaliser
 
-HISTORY_BUCKETS = [(8, 16), (16, 32), (32, 64), (64, 120)]
 # the column groups of causal_features (actions only), in order, with their widths for A action dims
 FEATURES = ("a", "a2", "absa", "sat", "absda", "da2", "jump", "near0", "norm", "norm2", "std", "a_t", "absda_t")
 
@@ -240,12 +239,11 @@ def main(argv: list[str] | None = None) -> None:
             xtr, xv = xtr[:, keep], xv[:, keep]
             probe = fit_linear_probe(xtr, ytr, n_classes=len(families), max_iter=500)
             ok = (probe.predict(xv) == yv).numpy()
-            by_hist = [f"t {lo}-{hi - 1} {ok[(hv >= lo) & (hv < hi)].mean():.2f}"
-                       for lo, hi in HISTORY_BUCKETS if ((hv >= lo) & (hv < hi)).any()]
+            by_hist = accuracy_by_history(ok, hv)
             by_fam = [f"{f} {ok[yv.numpy() == k].mean():.2f}" for k, f in enumerate(families) if (yv == k).any()]
             print(f"clip_len {L}, {name}: val per-point accuracy {ok.mean():.3f}  train {probe.accuracy(xtr, ytr):.3f} | "
                   f"{len(ytr)} train / {len(yv)} val points, {xtr.shape[1]} features | {time.time() - t0:.0f}s", flush=True)
-            print("  by history: " + ", ".join(by_hist), flush=True)
+            print("  by history: " + by_hist, flush=True)
             print("  by family:  " + ", ".join(by_fam), flush=True)
             results.append(float(ok.mean()))
     print(f"behavior_ceiling_acc: {results[0]:.3f} fraction")

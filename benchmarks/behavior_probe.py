@@ -29,9 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from whale_pl.analysis.probe import fit_linear_probe
-
-HISTORY_BUCKETS = [(8, 16), (16, 32), (32, 64), (64, 120)]
+from whale_pl.analysis.probe import accuracy_by_history, fit_linear_probe
 
 
 def clips_of(ep, clip_len: int, hop: int, mean: np.ndarray, std: np.ndarray, norm_mask: np.ndarray):
@@ -156,10 +154,7 @@ def layout_readout(x_tr: torch.Tensor, ep_tr: torch.Tensor, eps_tr: list, x_va: 
         return acc, {}
     s_tr = np.stack([eps_tr[i].state[0] for i in ep_tr.tolist()]).astype(np.float64)
     s_va = np.stack([eps_va[i].state[0] for i in ep_va.tolist()]).astype(np.float64)
-    X = np.c_[x_tr.double().numpy(), np.ones(len(x_tr))]
-    Xv = np.c_[x_va.double().numpy(), np.ones(len(x_va))]
-    W = np.linalg.solve(X.T @ X + ridge * np.eye(X.shape[1]), X.T @ s_tr)
-    resid = ((Xv @ W - s_va) ** 2).sum(0)
+    resid = ((ridge_fit(x_tr, torch.from_numpy(s_tr), ridge)(x_va).numpy() - s_va) ** 2).sum(0)
     total = ((s_va - s_va.mean(0)) ** 2).sum(0)
     return acc, {int(d): float(1 - resid[d] / total[d]) for d in np.where(s_va.std(0) > 1e-4)[0]}
 
@@ -214,8 +209,7 @@ def main(argv: list[str] | None = None) -> None:
             if s == "val":
                 pred = probe.predict(x)
                 t_N = torch.arange(a.t_min, a.clip_len).repeat(len(y) // (a.clip_len - a.t_min))  # each point's t
-                by_hist = [f"t {lo}-{hi - 1} {(pred == y)[(t_N >= lo) & (t_N < hi)].double().mean():.2f}"
-                           for lo, hi in HISTORY_BUCKETS if ((t_N >= lo) & (t_N < hi)).any()]
+                by_hist = accuracy_by_history((pred == y).numpy(), t_N.numpy())
                 per_family = {f: (pred[y == k] == k).double().mean().item() for k, f in enumerate(families) if (y == k).any()}
                 shares = family_shares_by_policy(pred, ep, [e.meta["policy"]["name"] for e in eps["val"]], len(families))
         hp = module.hparams
@@ -227,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
               f"| {time.time() - t0:.0f}s", flush=True)
         print("  val accuracy per family: " + ", ".join(f"{f} {v:.2f}" for f, v in per_family.items()), flush=True)
         if per_family:
-            print("  val accuracy by history: " + ", ".join(by_hist), flush=True)
+            print("  val accuracy by history: " + by_hist, flush=True)
         if a.by_policy and per_family:
             width = max(len(k) for k in shares)
             print("  val points by policy: the share the probe gives each family")

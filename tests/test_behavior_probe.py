@@ -61,3 +61,12 @@ def test_probe_fits_inside_inference_mode():
         xtr, ytr, xte, yte = xtr.clone(), ytr.clone(), xte.clone(), yte.clone()  # inference tensors
         acc = probe_accuracy(xtr, ytr, xte, yte)
     assert acc == probe_accuracy(xtr.clone(), ytr.clone(), xte.clone(), yte.clone()) and acc > 0.97
+
+
+def test_accuracy_by_history_buckets_points_by_history_length():
+    from whale_pl.analysis.probe import accuracy_by_history
+
+    t = np.array([8, 9, 20, 40, 70, 100])
+    ok = np.array([1, 0, 1, 1, 0, 1])
+    assert accuracy_by_history(ok, t) == "t 8-15 0.50, t 16-31 1.00, t 32-63 1.00, t 64-119 0.50"
+    assert accuracy_by_history(ok[:2], t[:2]) == "t 8-15 0.50"  # empty buckets are left out

@@ -76,6 +76,17 @@ def probe_accuracy(
     return fit_linear_probe(train_x_NZ, train_y_N, n_classes, l2).accuracy(test_x_NZ, test_y_N)
 
 
+HISTORY_BUCKETS = ((8, 16), (16, 32), (32, 64), (64, 120))
+
+
+def accuracy_by_history(correct_N, t_N, buckets=HISTORY_BUCKETS) -> str:
+    """'t 8-15 0.60, t 16-31 0.76, ...': the share of correct points among those whose history length t falls in each
+    bucket (buckets with no points left out). Arrays or tensors of the same length."""
+    ok, t = np.asarray(correct_N, dtype=float), np.asarray(t_N)
+    return ", ".join(f"t {lo}-{hi - 1} {ok[(t >= lo) & (t < hi)].mean():.2f}"
+                     for lo, hi in buckets if ((t >= lo) & (t < hi)).any())
+
+
 def pca_2d(x_NZ: torch.Tensor) -> np.ndarray:
     """Project onto the first two principal components, [N, 2] (zeros padded when Z < 2)."""
     x = x_NZ.detach().double().cpu()

@@ -384,13 +384,12 @@ class BehaviorModel(nn.Module):
         mu, logvar, log_b, log_s = self.marginal(z_BZ.float()).float()[:, None].split(A, dim=-1)
         a = actions_BTA.float()
         nll_a = gaussian_nll(a, mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)).sum(-1)
-        d = torch.cat([torch.zeros_like(a[:, :1]), a.diff(dim=1)], dim=1)
+        d = a.diff(dim=1)  # steps 1..T-1
         b, s = log_b.clamp(math.log(0.01), 3.0).exp(), log_s.clamp(math.log(0.01), 3.0).exp()
         # Z = int exp(-|d|/b - d^2/(2 s^2)) dd = sqrt(2 pi) s erfcx(s / (sqrt(2) b)), erfcx(x) = exp(x^2) erfc(x)
         log_z = 0.5 * math.log(2 * math.pi) + s.log() + torch.special.erfcx(s / (math.sqrt(2) * b)).log()
         nll_d = (d.abs() / b + d.pow(2) / (2 * s.pow(2)) + log_z).sum(-1)
-        nll_d = torch.cat([torch.zeros_like(nll_d[:, :1]), nll_d[:, 1:]], dim=1)
-        return nll_a + nll_d
+        return nll_a + torch.cat([torch.zeros_like(nll_a[:, :1]), nll_d], dim=1)
 
     # -- public API -----------------------------------------------------------------------------
     def posterior(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
