@@ -457,3 +457,67 @@ def test_laplace_likelihood_matches_torch_and_learns(one_thread):
     assert out.loss.item() < first - 2.0 and out.action_mse.item() < 0.1
     with pytest.raises(ValueError, match="'laplace'"):
         _model(action_likelihood="cauchy")
+
+
+def test_change_nll_scores_each_action_change_bin_with_the_z_before_it():
+    """With z's weights zeroed, -log p is the log-softmax of the bias at the bin each change a_t - a_{t-1} falls in
+    (edges: (lo, hi] per bin), summed over dims from t = 1; from the prior, step t's change is read with z_{t-1}, so
+    changing the last action changes its target only."""
+    edges = (-1.0, 0.0, 1.0)
+    m = _model(change_edges=edges).eval()
+    with torch.no_grad():
+        m.change.weight.zero_()
+        m.change.bias.copy_(torch.arange(A * 4, dtype=torch.float32) / 7)
+    logp_AK = (torch.arange(A * 4, dtype=torch.float32) / 7).view(A, 4).log_softmax(-1)
+    acts = torch.zeros(1, 4, A)
+    acts[0, 1] = torch.tensor([-3.0, -1.0, 0.5, 2.0])  # changes at t = 1 fall in bins 0, 0, 2, 3
+    acts[0, 2] = acts[0, 1] + torch.tensor([0.0, 0.2, -0.4, 1.0])  # bins 1, 2, 1, 2
+    acts[0, 3] = acts[0, 2]  # bins 1 x 4
+    want = torch.stack([logp_AK[torch.arange(A), torch.tensor(b)].sum() for b in
+                        ([0, 0, 2, 3], [1, 2, 1, 2], [1, 1, 1, 1])])
+    got = m.change_nll(torch.randn(1, 4, 6), acts)
+    assert torch.allclose(got[0], -want, atol=1e-6)
+    codes, actions = _inputs()
+    out = m.loss(codes, actions, beta=0.1, sample=False, change_decode_prior=1.0)
+    assert torch.isclose(out.loss, out.nll + 0.1 * out.kl_loss + out.change_nll)
+    with torch.no_grad():
+        m.change.weight.normal_()
+    out = m.loss(codes, actions, beta=0.1, sample=False, change_decode_prior=1.0)
+    mu = m.prior(codes, actions)[0]
+    z_prev = torch.cat([mu[:, :1], mu[:, :-1]], 1)
+    assert torch.allclose(out.change_nll, m.change_nll(z_prev, actions).mean(), atol=1e-5)
+    a2 = actions.clone()
+    a2[:, -1] += 2.0
+    got = m.loss(codes, a2, beta=0.1, sample=False, change_decode_prior=1.0).change_nll
+    assert torch.allclose(got, m.change_nll(z_prev, a2).mean(), atol=1e-5)  # a_{T-1} never reached its own z
+    assert m.loss(codes, actions, beta=0.1, sample=False).change_nll.item() == 0.0  # off by default
+    with pytest.raises(ValueError, match="change_edges"):
+        _model().change_nll(z_prev, actions)
+    with pytest.raises(ValueError, match="increasing"):
+        _model(change_edges=(0.5, 0.1))
+
+
+def test_change_decode_prior_tells_sticky_jumps_from_jitter_with_the_same_action_marginal(one_thread):
+    """Same observations, actions ~ N(0, 1) at every step in both groups: one draws a fresh action each step, the
+    other keeps its action and redraws it at rate 0.25. Only the changes differ; trained with the change histogram
+    read from the prior's z_{t-1} alone (no posterior term), the prior's own z_t separates the groups once it has
+    seen some steps, and the term falls."""
+    torch.manual_seed(0)
+    m = _model(change_edges=(-2.0, -1.0, -0.25, 0.25, 1.0, 2.0))
+    n, L = 4, 48
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randn(1, L, H, W, C, generator=g).expand(2 * n, -1, -1, -1, -1)
+    fresh = torch.randn(2 * n, L, A, generator=g)
+    redraw = torch.rand(n, L, 1, generator=g) < 0.25
+    redraw[:, 0] = True
+    last = torch.where(redraw, torch.arange(L)[None, :, None], 0).cummax(dim=1).values
+    actions = torch.cat([fresh[:n], fresh[n:].gather(1, last.expand(-1, -1, A))], 0)
+    first = m.loss(codes, actions, beta=0.1, sample=False, change_decode_prior=1.0).change_nll.item()
+    out = _fit_then_eval(m, codes, actions, steps=200, free_bits=0.0, change_decode_prior=1.0)
+    assert out.change_nll.item() < first - 1.0
+    z = out.prior_mu_BTZ[:, 16:].flatten(0, 1)
+    y = torch.arange(2 * n).repeat_interleave(L - 16) < n
+    d = z[y].mean(0) - z[~y].mean(0)
+    p = z @ (d / d.norm())
+    cut = 0.5 * (p[y].mean() + p[~y].mean())  # a linear read-out: the midpoint between the groups' means
+    assert ((p > cut) == y).float().mean() > 0.8  # 0.55 untrained

@@ -27,7 +27,7 @@ from whale_pl.analysis.probe import pca_2d, probe_accuracy, scatter_figure
 from whale_pl.lit.handoff import HandoffError, check_data_spec, freeze_, load_frozen, own_hparams, stamp_class
 from whale_pl.lit.init_from import maybe_init_from
 from whale_pl.lit.optim import adamw_warmup_cosine
-from whale_pl.models.behavior import BehaviorModel
+from whale_pl.models.behavior import CHANGE_EDGES, BehaviorModel
 
 # keys of data_spec the behavior model must agree on with its tokenizer and with the data
 SPEC_KEYS = ("frame_size", "action_dim", "action_space", "action_mean", "action_std", "state_dim")
@@ -86,6 +86,9 @@ class BehaviorModule(L.LightningModule):
         beta: float = 0.1,
         prior_decode: float = 0.0,
         marginal_decode: float = 0.0,
+        change_decode: float = 0.0,
+        change_decode_prior: float = 0.0,
+        change_edges: list[float] | None = None,
         free_bits: float = 0.0,
         kl_warmup_steps: int = 0,
         kl_balance: float | None = None,
@@ -111,7 +114,10 @@ class BehaviorModule(L.LightningModule):
         ``encoder_frames``: false -- the posterior and prior read the actions alone (the decoder still sees o_t).
         ``beta``: KL weight; ``prior_decode``: weight of the action NLL decoded from the prior's z_{t-1}
         (``BehaviorModel.loss``; 0: the plain beta-VAE loss); ``marginal_decode``: weight of the observation-free
-        action likelihood p(a_t, a_t - a_{t-1} | z) (``BehaviorModel.marginal_nll``; 0: off); ``free_bits``: nats per z dimension below which KL is not penalised;
+        action likelihood p(a_t, a_t - a_{t-1} | z) (``BehaviorModel.marginal_nll``; 0: off); ``change_decode`` /
+        ``change_decode_prior``: weight of the histogram likelihood of the action changes a_t - a_{t-1} from the
+        posterior's z / the prior's z_{t-1} (``BehaviorModel.change_nll``; 0: off) over the bins ``change_edges``
+        (None: ``CHANGE_EDGES``); ``free_bits``: nats per z dimension below which KL is not penalised;
         ``kl_warmup_steps``: beta ramps linearly from 0 over this many steps; ``kl_balance``: see
         ``BehaviorModel.loss`` (None: plain KL).
         ``code_cache``: tokenize every frame of the datamodule's train/val episodes once at the start of
@@ -154,6 +160,7 @@ class BehaviorModule(L.LightningModule):
             decoder_state_dim=int(data_spec.get("state_dim") or 0) if decoder_state else 0,
             encoder=encoder, window=window, decoder_z=decoder_z,
             modulate_outliers=modulate_outliers, marginal_head=marginal_decode > 0, encoder_frames=encoder_frames,
+            change_edges=(tuple(change_edges or CHANGE_EDGES) if change_decode > 0 or change_decode_prior > 0 else None),
         )
         if decoder_state and not self.model.decoder_state_dim:
             raise ValueError("decoder_state: true needs data with a low-dimensional state (data_spec state_dim > 0)")
@@ -284,10 +291,13 @@ class BehaviorModule(L.LightningModule):
                               free_bits=float(self.hparams.free_bits), sample=True,
                               kl_balance=self.hparams.kl_balance, state_BTS=self._decoder_state(batch),
                               prior_decode=float(self.hparams.prior_decode),
-                              marginal_decode=float(self.hparams.marginal_decode))
+                              marginal_decode=float(self.hparams.marginal_decode),
+                              change_decode=float(self.hparams.change_decode),
+                              change_decode_prior=float(self.hparams.change_decode_prior))
         B = batch["actions"].shape[0]
         self.log_dict({"train/loss": out.loss, "train/action_nll": out.nll, "train/kl": out.kl,
                        "train/prior_action_nll": out.prior_nll, "train/marginal_action_nll": out.marginal_nll,
+                       "train/change_nll": out.change_nll,
                        "train/action_mse": out.action_mse, "train/beta": beta},
                       prog_bar=False, batch_size=B)
         self.log("loss", out.loss, prog_bar=True, logger=False, batch_size=B)
@@ -298,10 +308,13 @@ class BehaviorModule(L.LightningModule):
                               free_bits=float(self.hparams.free_bits), sample=False,
                               kl_balance=self.hparams.kl_balance, state_BTS=self._decoder_state(batch),
                               prior_decode=float(self.hparams.prior_decode),
-                              marginal_decode=float(self.hparams.marginal_decode))
+                              marginal_decode=float(self.hparams.marginal_decode),
+                              change_decode=float(self.hparams.change_decode),
+                              change_decode_prior=float(self.hparams.change_decode_prior))
         B = batch["actions"].shape[0]
         self.log_dict({"val/loss": out.loss, "val/action_nll": out.nll, "val/kl": out.kl,
                        "val/prior_action_nll": out.prior_nll, "val/marginal_action_nll": out.marginal_nll,
+                       "val/change_nll": out.change_nll,
                        "val/action_mse": out.action_mse, "val/action_mse_prior": out.action_mse_prior},
                       prog_bar=False, batch_size=B, sync_dist=True)
         self.log("val_loss", out.loss, prog_bar=True, logger=False, batch_size=B, sync_dist=True)

@@ -33,6 +33,9 @@ from torch import nn
 from whale_pl.models.st_block import STTransformer
 
 LOGVAR_MIN, LOGVAR_MAX = -10.0, 6.0
+# bin edges (normalised action units) of the action-change histogram p(a_t - a_{t-1} | z): fine near 0 (a smooth
+# policy's changes), coarse in the tails (random jumps); 13 bins per action dim
+CHANGE_EDGES = (-2.0, -1.0, -0.5, -0.25, -0.1, -0.03, 0.03, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 
 def sinusoidal_time_BTD(T: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -110,6 +113,7 @@ class BehaviorOutput:
     action_mse: torch.Tensor  # decoder mean vs true action, with posterior-mean z
     action_mse_prior: torch.Tensor  # decoder mean vs true action, with the prior mean z_t
     marginal_nll: torch.Tensor  # mean over B, T of the observation-free action NLL -log p(a_t, da_t | z)
+    change_nll: torch.Tensor  # change_nll (posterior z) + change_nll (prior z_{t-1}), each mean over B, t >= 1; 0 when off
     prior_nll: torch.Tensor  # mean over B and t >= 1 of the action NLL with z from the prior p(z_{t-1} | tau_{0:t-1})
     post_mu_BZ: torch.Tensor
     prior_mu_BTZ: torch.Tensor
@@ -141,6 +145,7 @@ class BehaviorModel(nn.Module):
         modulate_outliers: bool = True,
         marginal_head: bool = False,
         encoder_frames: bool = True,
+        change_edges: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__()
         if decoder_z not in ("input", "modulate"):
@@ -199,6 +204,17 @@ class BehaviorModel(nn.Module):
             with torch.no_grad():
                 self.marginal.weight.mul_(0.1)
                 self.marginal.bias.zero_()
+        # p(a_t - a_{t-1} | z): per action dim, a categorical over the bins of ``change_edges``, logits linear in z
+        self.change = None
+        if change_edges is not None:
+            edges = torch.as_tensor(list(change_edges), dtype=torch.float32)
+            if edges.ndim != 1 or len(edges) < 1 or not bool((edges.diff() > 0).all()):
+                raise ValueError(f"change_edges must be a non-empty increasing list of numbers, got {list(change_edges)}")
+            self.register_buffer("change_edges_E", edges, persistent=False)
+            self.change = nn.Linear(z_dim, action_dim * (len(edges) + 1))
+            with torch.no_grad():
+                self.change.weight.mul_(0.1)
+                self.change.bias.zero_()
         if action_likelihood == "mixture":  # break the components' symmetry: each starts at its own width
             with torch.no_grad():
                 bias_KP = rearrange(self.decoder[-1].bias, "(k p) -> k p", k=mixture_k)
@@ -391,6 +407,20 @@ class BehaviorModel(nn.Module):
         nll_d = (d.abs() / b + d.pow(2) / (2 * s.pow(2)) + log_z).sum(-1)
         return nll_a + torch.cat([torch.zeros_like(nll_a[:, :1]), nll_d], dim=1)
 
+    def change_nll(self, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
+        """-log p(bin of a_t - a_{t-1} | z_t) per step t >= 1, summed over action dims, [B, T-1] (nats). No observation and
+        no a_{t-1} to explain the change away: only z can say how this policy's actions change from step to step -- how
+        often it jumps, how far, how much it jitters (the histogram of changes tells epsilon-random steps from Gaussian
+        noise of the same variance, and a smooth policy from both). The log-probabilities are linear in z, so z holds
+        the episode's change histogram in a linearly readable form. ``z_BTZ`` [B, T, Z]: step t's z explains a_t - a_{t-1}
+        (t = 0 is not scored)."""
+        if self.change is None:
+            raise ValueError("change_nll needs change_edges")
+        d_BTA = actions_BTA.float().diff(dim=1)
+        bins_BTA = torch.bucketize(d_BTA, self.change_edges_E.to(d_BTA.device))
+        logits = rearrange(self.change(z_BTZ[:, 1:].float()), "b t (a k) -> b t a k", a=self.action_dim)
+        return -logits.log_softmax(-1).gather(-1, bins_BTA[..., None])[..., 0].sum(-1)
+
     # -- public API -----------------------------------------------------------------------------
     def posterior(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z | tau_{0:T}) -> (mu_BZ, logvar_BZ), bidirectional over the whole segment."""
@@ -414,6 +444,8 @@ class BehaviorModel(nn.Module):
         state_BTS: torch.Tensor | None = None,
         prior_decode: float = 0.0,
         marginal_decode: float = 0.0,
+        change_decode: float = 0.0,
+        change_decode_prior: float = 0.0,
     ) -> BehaviorOutput:
         """Action NLL + beta * KL(q(z | tau_{0:T}) || p(z_t | tau_{0:t})), both averaged over B and t.
 
@@ -424,6 +456,10 @@ class BehaviorModel(nn.Module):
         ``marginal_decode`` lambda (needs ``marginal_head``): adds lambda * mean_t ``marginal_nll`` of the posterior's z --
         z must also describe the episode's distribution of actions and action changes on its own, which o_t and a_{t-1}
         cannot explain away in the conditional decoder.
+        ``change_decode`` / ``change_decode_prior`` (need ``change_edges``): add the weight times mean_{t >= 1}
+        ``change_nll`` of the posterior's z / of the prior's z_{t-1} (which has seen a_{t-1}, never a_t): the
+        histogram of the policy's action changes, read linearly from z. From the prior, the best z_{t-1} is the
+        running histogram of the changes so far -- the causal statistic that names the policy family.
 
         ``free_bits`` (nats per z dimension): each dimension's batch-mean KL is floored at this value
         in the loss, so the optimiser gains nothing by pushing the posterior onto the prior below it.
@@ -459,6 +495,17 @@ class BehaviorModel(nn.Module):
         if marginal_decode > 0:
             marginal_nll = self.marginal_nll(z_BZ, actions_BTA).mean()
             loss = loss + marginal_decode * marginal_nll
+        change_nll = torch.zeros((), device=nll.device)
+        if (change_decode > 0 or change_decode_prior > 0) and T > 1:
+            if change_decode > 0:
+                c = self.change_nll(z_BZ[:, None].expand(-1, T, -1), actions_BTA).mean()
+                change_nll = change_nll + c
+                loss = loss + change_decode * c
+            if change_decode_prior > 0:  # z_{t-1} from the prior explains a_t - a_{t-1}
+                z_prev = mu_p + torch.randn_like(mu_p) * (0.5 * logvar_p).exp() if sample else mu_p
+                c = self.change_nll(torch.cat([z_prev[:, :1], z_prev[:, :-1]], dim=1), actions_BTA).mean()
+                change_nll = change_nll + c
+                loss = loss + change_decode_prior * c
         with torch.no_grad():
             mse = (a_mu - actions_BTA).pow(2).mean()
             a_mu_p, _ = self.decode(feat_BTD, mu_p, actions_BTA, state_BTS)
@@ -472,6 +519,7 @@ class BehaviorModel(nn.Module):
             action_mse_prior=mse_p,
             prior_nll=prior_nll,
             marginal_nll=marginal_nll,
+            change_nll=change_nll,
             post_mu_BZ=mu_q,
             prior_mu_BTZ=mu_p,
         )
