@@ -521,3 +521,21 @@ def test_change_decode_prior_tells_sticky_jumps_from_jitter_with_the_same_action
     p = z @ (d / d.norm())
     cut = 0.5 * (p[y].mean() + p[~y].mean())  # a linear read-out: the midpoint between the groups' means
     assert ((p > cut) == y).float().mean() > 0.8  # 0.55 untrained
+
+
+def test_level_histogram_adds_the_bins_of_abs_a_from_the_same_z():
+    """With ``level_edges`` the change term also scores |a_t|'s bin (t >= 1) per dim, from the same z; it needs the change term."""
+    m = _model(change_edges=(0.0,), level_edges=(0.5, 1.0)).eval()
+    with torch.no_grad():
+        m.change.weight.zero_()
+        m.change.bias.zero_()  # 2 change bins, uniform: log 2 per dim
+        m.level.weight.zero_()
+        m.level.bias.copy_(torch.tensor([0.0, 1.0, 2.0] * A))
+    logp_K = torch.tensor([0.0, 1.0, 2.0]).log_softmax(0)
+    acts = torch.zeros(1, 2, A)
+    acts[0, 1] = torch.tensor([0.2, -0.7, 1.5, -1.0])  # |a_1| bins 0, 1, 2, 1
+    got = m.change_nll(torch.randn(1, 2, 6), acts)
+    want = A * math.log(2.0) - logp_K[torch.tensor([0, 1, 2, 1])].sum()
+    assert torch.allclose(got[0, 0], want, atol=1e-6)
+    with pytest.raises(ValueError, match="needs change_edges"):
+        _model(level_edges=(0.5,))

@@ -227,3 +227,17 @@ def test_action_likelihood_reaches_the_model(tokenizer_ckpt):
     mod = BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16, decoder_z="modulate")
     assert mod.model.decoder_z == "modulate" and mod.model.modulator.in_features == 16
     assert BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16).model.decoder_z == "input"
+
+
+def test_change_term_options_reach_the_model(tokenizer_ckpt):
+    from whale_pl.lit.behavior_module import BehaviorModule
+    from whale_pl.models.behavior import CHANGE_EDGES, LEVEL_EDGES
+
+    on = BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16, change_decode_prior=1.0,
+                        change_levels=True)
+    assert on.model.change.out_features == 4 * (len(CHANGE_EDGES) + 1)
+    assert on.model.level.out_features == 4 * (len(LEVEL_EDGES) + 1)
+    off = BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16)
+    assert off.model.change is None and off.model.level is None
+    with pytest.raises(ValueError, match="change_levels: true is part of the change term"):
+        BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16, change_levels=True)

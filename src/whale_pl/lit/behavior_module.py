@@ -27,7 +27,7 @@ from whale_pl.analysis.probe import pca_2d, probe_accuracy, scatter_figure
 from whale_pl.lit.handoff import HandoffError, check_data_spec, freeze_, load_frozen, own_hparams, stamp_class
 from whale_pl.lit.init_from import maybe_init_from
 from whale_pl.lit.optim import adamw_warmup_cosine
-from whale_pl.models.behavior import CHANGE_EDGES, BehaviorModel
+from whale_pl.models.behavior import CHANGE_EDGES, LEVEL_EDGES, BehaviorModel
 
 # keys of data_spec the behavior model must agree on with its tokenizer and with the data
 SPEC_KEYS = ("frame_size", "action_dim", "action_space", "action_mean", "action_std", "state_dim")
@@ -89,6 +89,7 @@ class BehaviorModule(L.LightningModule):
         change_decode: float = 0.0,
         change_decode_prior: float = 0.0,
         change_edges: list[float] | None = None,
+        change_levels: bool = False,
         free_bits: float = 0.0,
         kl_warmup_steps: int = 0,
         kl_balance: float | None = None,
@@ -117,7 +118,7 @@ class BehaviorModule(L.LightningModule):
         action likelihood p(a_t, a_t - a_{t-1} | z) (``BehaviorModel.marginal_nll``; 0: off); ``change_decode`` /
         ``change_decode_prior``: weight of the histogram likelihood of the action changes a_t - a_{t-1} from the
         posterior's z / the prior's z_{t-1} (``BehaviorModel.change_nll``; 0: off) over the bins ``change_edges``
-        (None: ``CHANGE_EDGES``); ``free_bits``: nats per z dimension below which KL is not penalised;
+        (None: ``CHANGE_EDGES``); ``change_levels``: that term also scores the histogram of |a_t| (``LEVEL_EDGES``); ``free_bits``: nats per z dimension below which KL is not penalised;
         ``kl_warmup_steps``: beta ramps linearly from 0 over this many steps; ``kl_balance``: see
         ``BehaviorModel.loss`` (None: plain KL).
         ``code_cache``: tokenize every frame of the datamodule's train/val episodes once at the start of
@@ -161,7 +162,10 @@ class BehaviorModule(L.LightningModule):
             encoder=encoder, window=window, decoder_z=decoder_z,
             modulate_outliers=modulate_outliers, marginal_head=marginal_decode > 0, encoder_frames=encoder_frames,
             change_edges=(tuple(change_edges or CHANGE_EDGES) if change_decode > 0 or change_decode_prior > 0 else None),
+            level_edges=(LEVEL_EDGES if change_levels and (change_decode > 0 or change_decode_prior > 0) else None),
         )
+        if change_levels and not (change_decode > 0 or change_decode_prior > 0):
+            raise ValueError("change_levels: true is part of the change term; set change_decode or change_decode_prior > 0")
         if decoder_state and not self.model.decoder_state_dim:
             raise ValueError("decoder_state: true needs data with a low-dimensional state (data_spec state_dim > 0)")
         self.families: list[str] = list(data_spec.get("families") or [])

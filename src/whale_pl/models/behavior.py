@@ -36,6 +36,9 @@ LOGVAR_MIN, LOGVAR_MAX = -10.0, 6.0
 # bin edges (normalised action units) of the action-change histogram p(a_t - a_{t-1} | z): fine near 0 (a smooth
 # policy's changes), coarse in the tails (random jumps); 13 bins per action dim
 CHANGE_EDGES = (-2.0, -1.0, -0.5, -0.25, -0.1, -0.03, 0.03, 0.1, 0.25, 0.5, 1.0, 2.0)
+# bin edges of the action-level histogram p(|a_t| | z) (normalised units): near zero (a policy at rest), half
+# speed, the clip bound (|raw a| = 1 is about 2 normalised units), beyond it
+LEVEL_EDGES = (0.03, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
 def sinusoidal_time_BTD(T: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -146,6 +149,7 @@ class BehaviorModel(nn.Module):
         marginal_head: bool = False,
         encoder_frames: bool = True,
         change_edges: tuple[float, ...] | None = None,
+        level_edges: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__()
         if decoder_z not in ("input", "modulate"):
@@ -205,16 +209,22 @@ class BehaviorModel(nn.Module):
                 self.marginal.weight.mul_(0.1)
                 self.marginal.bias.zero_()
         # p(a_t - a_{t-1} | z): per action dim, a categorical over the bins of ``change_edges``, logits linear in z
-        self.change = None
-        if change_edges is not None:
-            edges = torch.as_tensor(list(change_edges), dtype=torch.float32)
-            if edges.ndim != 1 or len(edges) < 1 or not bool((edges.diff() > 0).all()):
-                raise ValueError(f"change_edges must be a non-empty increasing list of numbers, got {list(change_edges)}")
-            self.register_buffer("change_edges_E", edges, persistent=False)
-            self.change = nn.Linear(z_dim, action_dim * (len(edges) + 1))
+        # and, with ``level_edges``, p(|a_t| | z) the same way (how far the policy's actions reach: slow vs saturating)
+        self.change = self.level = None
+        if level_edges is not None and change_edges is None:
+            raise ValueError("level_edges is part of the change term: it needs change_edges too")
+        for name, edges in (("change", change_edges), ("level", level_edges)):
+            if edges is None:
+                continue
+            e = torch.as_tensor(list(edges), dtype=torch.float32)
+            if e.ndim != 1 or len(e) < 1 or not bool((e.diff() > 0).all()):
+                raise ValueError(f"{name}_edges must be a non-empty increasing list of numbers, got {list(edges)}")
+            self.register_buffer(f"{name}_edges_E", e, persistent=False)
+            head = nn.Linear(z_dim, action_dim * (len(e) + 1))
             with torch.no_grad():
-                self.change.weight.mul_(0.1)
-                self.change.bias.zero_()
+                head.weight.mul_(0.1)
+                head.bias.zero_()
+            setattr(self, name, head)
         if action_likelihood == "mixture":  # break the components' symmetry: each starts at its own width
             with torch.no_grad():
                 bias_KP = rearrange(self.decoder[-1].bias, "(k p) -> k p", k=mixture_k)
@@ -412,13 +422,22 @@ class BehaviorModel(nn.Module):
         no a_{t-1} to explain the change away: only z can say how this policy's actions change from step to step -- how
         often it jumps, how far, how much it jitters (the histogram of changes tells epsilon-random steps from Gaussian
         noise of the same variance, and a smooth policy from both). The log-probabilities are linear in z, so z holds
-        the episode's change histogram in a linearly readable form. ``z_BTZ`` [B, T, Z]: step t's z explains a_t - a_{t-1}
+        the episode's change histogram in a linearly readable form. With ``level_edges`` the histogram of |a_t| is
+        scored too (the same way, from the same z): how far the policy's actions reach. ``z_BTZ`` [B, T, Z]: step t's z explains a_t - a_{t-1}
         (t = 0 is not scored)."""
         if self.change is None:
             raise ValueError("change_nll needs change_edges")
-        d_BTA = actions_BTA.float().diff(dim=1)
-        bins_BTA = torch.bucketize(d_BTA, self.change_edges_E.to(d_BTA.device))
-        logits = rearrange(self.change(z_BTZ[:, 1:].float()), "b t (a k) -> b t a k", a=self.action_dim)
+        a = actions_BTA.float()
+        z = z_BTZ[:, 1:].float()
+        nll = self._hist_nll(self.change, self.change_edges_E, z, a.diff(dim=1))
+        if self.level is not None:
+            nll = nll + self._hist_nll(self.level, self.level_edges_E, z, a[:, 1:].abs())
+        return nll
+
+    def _hist_nll(self, head: nn.Linear, edges_E: torch.Tensor, z_BTZ: torch.Tensor, x_BTA: torch.Tensor) -> torch.Tensor:
+        """-log of each value's bin (edges: (lo, hi] per bin) under per-dim categoricals with logits head(z), summed over dims."""
+        bins_BTA = torch.bucketize(x_BTA, edges_E.to(x_BTA.device))
+        logits = rearrange(head(z_BTZ), "b t (a k) -> b t a k", a=self.action_dim)
         return -logits.log_softmax(-1).gather(-1, bins_BTA[..., None])[..., 0].sum(-1)
 
     # -- public API -----------------------------------------------------------------------------
