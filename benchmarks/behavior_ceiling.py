@@ -47,10 +47,15 @@ import numpy as np
 import torch
 
 from whale_pl.analysis.probe import accuracy_by_history, fit_linear_probe
+from whale_pl.models.behavior import CHANGE_EDGES, LEVEL_EDGES
 from whale_pl.rollout.retracing import ActionNormaliser
 
 # the column groups of causal_features (actions only), in order, with their widths for A action dims
-FEATURES = ("a", "a2", "absa", "sat", "absda", "da2", "jump", "near0", "norm", "norm2", "std", "a_t", "absda_t")
+FEATURES = ("a", "a2", "absa", "sat", "absda", "da2", "jump", "near0", "norm", "norm2", "std", "a_t", "absda_t",
+            "dhist", "ahist")
+# the default groups (the hand statistics); "dhist" / "ahist" are the running histograms of delta a / |a| over the
+# bins the behavior model's change term uses (CHANGE_EDGES / LEVEL_EDGES): what that term can put into z
+HAND = FEATURES[:13]
 
 
 def feature_columns(A: int, expert: bool = False) -> np.ndarray:
@@ -61,9 +66,17 @@ def feature_columns(A: int, expert: bool = False) -> np.ndarray:
         names += [g] * width.get(g, A)
     if expert:
         names += ["expert"] * (3 * A + 2)
-    for g in FEATURES[10:]:
+    for g in FEATURES[10:13]:
         names += [g] * A
+    names += ["dhist"] * (A * (len(CHANGE_EDGES) + 1)) + ["ahist"] * (A * (len(LEVEL_EDGES) + 1))
     return np.array(names)
+
+
+def running_histogram(x_TA: np.ndarray, edges: tuple[float, ...]) -> np.ndarray:
+    """Row t: per dim, the share of steps <= t whose value falls in each bin ((lo, hi] per bin, as torch.bucketize), [T, A*K]."""
+    k = len(edges) + 1
+    onehot = np.eye(k)[np.searchsorted(np.asarray(edges), x_TA, side="left")].reshape(len(x_TA), -1)
+    return np.cumsum(onehot, 0) / np.arange(1, len(x_TA) + 1)[:, None]
 
 
 def expert_actions(ep) -> np.ndarray:
@@ -136,7 +149,10 @@ def causal_features(a_TA: np.ndarray, raw_TA: np.ndarray, expert_TA: np.ndarray 
     m = np.cumsum(x, 0) / np.arange(1, n + 1)[:, None]
     A = a_TA.shape[1]
     var = np.maximum(m[:, A : 2 * A] - m[:, :A] ** 2, 0)  # running variance of a
-    return np.concatenate([m, np.sqrt(var), a_TA, np.abs(da)], 1)
+    # the changes from t = 1 (t = 0 has none: its row repeats t = 1's, as da above is 0 there)
+    d_hist = running_histogram(np.diff(a_TA, axis=0), CHANGE_EDGES)
+    d_hist = np.concatenate([d_hist[:1], d_hist]) if n > 1 else np.zeros((n, A * (len(CHANGE_EDGES) + 1)))
+    return np.concatenate([m, np.sqrt(var), a_TA, np.abs(da), d_hist, running_histogram(np.abs(a_TA), LEVEL_EDGES)], 1)
 
 
 def split_points(episodes, families, clip_len, hop, t_min, normaliser, experts: list | None = None):
@@ -175,10 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer", default="runs/demo/tokenizer/checkpoints/best.ckpt",
                    help="stage-1 checkpoint whose codes --frame-expert reads")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    p.add_argument("--features", nargs="+", choices=FEATURES, default=list(FEATURES),
+    p.add_argument("--features", nargs="+", choices=FEATURES, default=list(HAND),
                    help="which groups of hand features the probe reads (running means of a, a^2, |a|, the saturation "
                         "rate, |delta a|, (delta a)^2, the jump rate, the near-zero rate, the xyz norm and its square; "
-                        "the running std; the current a_t and |delta a_t|): which statistics carry the ceiling")
+                        "the running std; the current a_t and |delta a_t|; default all of these): which statistics "
+                        "carry the ceiling. 'dhist' / 'ahist': running histograms of delta a / |a| over the behavior "
+                        "model's change-term bins")
     a = p.parse_args(argv)
     if a.expert and a.frame_expert:
         raise SystemExit("--expert and --frame-expert are separate comparisons: give one of them")

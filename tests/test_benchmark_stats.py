@@ -64,6 +64,12 @@ def test_behavior_ceiling_feature_columns_name_every_column_of_the_hand_features
         np.testing.assert_allclose(x[-1, cols == "std"], a.std(0), atol=1e-9)
         np.testing.assert_allclose(x[-1, cols == "absda"], np.abs(np.diff(a, axis=0)).sum(0) / 20)  # 0 at t = 0
         assert set(cols) == set(bc.FEATURES) | ({"expert"} if expert is not None else set())
+        # running histograms: the last row is the share of the clip's changes (from t = 1) / |a| in each bin, per dim
+        K = len(bc.CHANGE_EDGES) + 1
+        d_bins = np.searchsorted(bc.CHANGE_EDGES, np.diff(a, axis=0), side="left")
+        want = np.stack([np.bincount(d_bins[:, j], minlength=K) / 19 for j in range(4)]).ravel()
+        np.testing.assert_allclose(x[-1, cols == "dhist"], want)
+        assert np.allclose(x[:, cols == "ahist"].reshape(20, 4, -1).sum(-1), 1.0)
 
 
 def test_token_ngram_learns_a_deterministic_cycle_that_copying_always_misses():
