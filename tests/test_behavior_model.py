@@ -539,3 +539,18 @@ def test_level_histogram_adds_the_bins_of_abs_a_from_the_same_z():
     assert torch.allclose(got[0, 0], want, atol=1e-6)
     with pytest.raises(ValueError, match="needs change_edges"):
         _model(level_edges=(0.5,))
+
+
+def test_window_shared_prior_is_the_posterior_on_the_prefix():
+    """``window_shared``: the prior at step t is the posterior computed on steps 0..t (same window MLP and head), so it
+    is causal and ends at the posterior; it needs the window_mean encoder."""
+    m = _model(encoder="window_mean", window=3, window_shared=True).eval()
+    codes, actions = _inputs()
+    mu_p, lv_p = m.prior(codes, actions)
+    for t in (0, 3, T - 1):
+        mu_q, lv_q = m.posterior(codes[:, : t + 1], actions[:, : t + 1])
+        assert torch.allclose(mu_p[:, t], mu_q, atol=1e-5) and torch.allclose(lv_p[:, t], lv_q, atol=1e-5)
+    assert not torch.allclose(_model(encoder="window_mean", window=3).eval().prior(codes, actions)[0][:, -1],
+                              m.posterior(codes, actions)[0], atol=1e-3)  # not shared: a second network
+    with pytest.raises(ValueError, match="window_shared needs encoder='window_mean'"):
+        _model(window_shared=True)

@@ -81,6 +81,7 @@ class BehaviorModule(L.LightningModule):
         encoder_frames: bool = True,
         encoder: str = "transformer",
         window: int = 4,
+        window_shared: bool = False,
         decoder_z: str = "input",
         modulate_outliers: bool = True,
         beta: float = 0.1,
@@ -112,6 +113,8 @@ class BehaviorModule(L.LightningModule):
         Gaussians): the decoder's action distribution; ``decoder_z`` ("input" | "modulate"): z is an input of
         the decoder MLP, or sets only the episode's deviation from a z-free base policy; see ``BehaviorModel``.
         ``expect_codebook_size``: when set, the tokenizer must have exactly this codebook size.
+        ``window_shared`` (``encoder: window_mean``): the prior is the posterior itself run on the prefix (its
+        window MLP and head), not a second network; the KL then asks the posterior to say the same from any prefix.
         ``encoder_frames``: false -- the posterior and prior read the actions alone (the decoder still sees o_t).
         ``beta``: KL weight; ``prior_decode``: weight of the action NLL decoded from the prior's z_{t-1}
         (``BehaviorModel.loss``; 0: the plain beta-VAE loss); ``marginal_decode``: weight of the observation-free
@@ -159,7 +162,7 @@ class BehaviorModule(L.LightningModule):
             decoder_hidden=decoder_hidden, dropout=dropout, action_deltas=action_deltas,
             decoder_prev_action=decoder_prev_action, action_likelihood=action_likelihood, mixture_k=mixture_k,
             decoder_state_dim=int(data_spec.get("state_dim") or 0) if decoder_state else 0,
-            encoder=encoder, window=window, decoder_z=decoder_z,
+            encoder=encoder, window=window, window_shared=window_shared, decoder_z=decoder_z,
             modulate_outliers=modulate_outliers, marginal_head=marginal_decode > 0, encoder_frames=encoder_frames,
             change_edges=(tuple(change_edges or CHANGE_EDGES) if change_decode > 0 or change_decode_prior > 0 else None),
             level_edges=(LEVEL_EDGES if change_levels and (change_decode > 0 or change_decode_prior > 0) else None),

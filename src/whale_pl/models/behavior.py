@@ -150,6 +150,7 @@ class BehaviorModel(nn.Module):
         encoder_frames: bool = True,
         change_edges: tuple[float, ...] | None = None,
         level_edges: tuple[float, ...] | None = None,
+        window_shared: bool = False,
     ) -> None:
         super().__init__()
         if decoder_z not in ("input", "modulate"):
@@ -167,7 +168,9 @@ class BehaviorModel(nn.Module):
             raise ValueError(f"encoder must be 'transformer' or 'window_mean', got {encoder!r}")
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        self.encoder, self.window = encoder, window
+        if window_shared and encoder != "window_mean":
+            raise ValueError(f"window_shared needs encoder='window_mean', got encoder={encoder!r}")
+        self.encoder, self.window, self.window_shared = encoder, window, window_shared
         self.decoder_prev_action = decoder_prev_action
         self.decoder_state_dim = decoder_state_dim
         self.encoder_frames = encoder_frames
@@ -281,9 +284,12 @@ class BehaviorModel(nn.Module):
 
     def prior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
         if self.encoder == "window_mean":  # running mean over steps <= t: the posterior's estimate on the prefix
-            h_BTD = self._windows(self.prior_in, self.prior_local, feat_BTD, actions_BTA)
+            # window_shared: literally the posterior run on the prefix (its window MLP and head)
+            proj, local, head = ((self.post_in, self.post_local, self.post_head) if self.window_shared
+                                 else (self.prior_in, self.prior_local, self.prior_head))
+            h_BTD = self._windows(proj, local, feat_BTD, actions_BTA)
             count = torch.arange(1, h_BTD.shape[1] + 1, device=h_BTD.device, dtype=h_BTD.dtype)[None, :, None]
-            return self._split(self.prior_head(h_BTD.cumsum(dim=1) / count))
+            return self._split(head(h_BTD.cumsum(dim=1) / count))
         h = self.prior_tf(self._tokens(self.prior_in, feat_BTD, actions_BTA))[:, :, 0]
         return self._split(self.prior_head(h))
 
