@@ -37,12 +37,13 @@ def tokenizer_ckpt(tiny_data_yaml, tmp_path_factory) -> Path:
     return out / "best.ckpt"
 
 
-def _fit_cli(tokenizer_ckpt: Path, data_yaml: Path, run_root: Path, extra: list[str] = ()) -> None:
-    """`whale fit --config stages/demo/behavior.yaml` with tiny-data overrides."""
+def _fit_cli(tokenizer_ckpt: Path, data_yaml: Path, run_root: Path, extra: list[str] = (),
+             config: str = "stages/demo/behavior.yaml") -> None:
+    """`whale fit --config stages/demo/behavior.yaml` (or ``config``) with tiny-data overrides."""
     from whale_pl.cli import main
 
     main([
-        "fit", "--config", "stages/demo/behavior.yaml",
+        "fit", "--config", config,
         "--model.init_args.tokenizer_ckpt", str(tokenizer_ckpt),
         "--model.init_args.expect_codebook_size", "32",
         "--model.init_args.dim", "32", "--model.init_args.decoder_hidden", "32",
@@ -241,3 +242,23 @@ def test_change_term_options_reach_the_model(tokenizer_ckpt):
     assert off.model.change is None and off.model.level is None
     with pytest.raises(ValueError, match="change_levels: true is part of the change term"):
         BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16, change_levels=True)
+
+
+def test_episodes_config_fits_with_the_change_term_on_the_actions_alone(tokenizer_ckpt, tiny_data_yaml, tmp_path):
+    """stages/demo/behavior_episodes.yaml (issue 5's probe setting) fits through the CLI (tiny data, 24-step clips):
+    the checkpoint holds the change head and the window-mean encoder the config names, and z_t stays causal."""
+    torch.manual_seed(0)
+    _fit_cli(tokenizer_ckpt, tiny_data_yaml, tmp_path, config="stages/demo/behavior_episodes.yaml",
+             extra=["--data.init_args.clip_len", "24", "--data.init_args.pool_size", "4"])
+    from whale_pl.lit.behavior_module import BehaviorModule
+
+    module = BehaviorModule.load_from_checkpoint(tmp_path / "behavior_episodes" / "checkpoints" / "last.ckpt",
+                                                 map_location="cpu").eval()
+    m = module.model
+    assert m.encoder == "window_mean" and not m.encoder_frames and m.change is not None and m.z_dim == 32
+    codes = torch.randn(2, 10, *module.tokenizer.model.grid_hw((32, 32)), module.tokenizer.model.code_dim)
+    acts = torch.randn(2, 10, 4)
+    a2 = acts.clone()
+    a2[:, 6:] += 1.0
+    z, z2 = m.prior(codes, acts)[0], m.prior(codes, a2)[0]
+    assert torch.equal(z[:, :6], z2[:, :6]) and not torch.allclose(z[:, 6:], z2[:, 6:])
