@@ -396,6 +396,18 @@ def test_marginal_nll_is_a_normalised_density_of_actions_and_their_changes():
         _model().marginal_nll(z, acts[:2])
 
 
+def _jitter_then_sticky(n: int, L: int = 48, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes [2n, L, H, W, C] (one clip's, for all) and actions [2n, L, A], N(0, 1) at every step in both groups: the
+    first n draw a fresh action each step (jitter), the last n keep theirs and redraw it at rate 0.25 (sticky jumps)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randn(1, L, H, W, C, generator=g).expand(2 * n, -1, -1, -1, -1)
+    fresh = torch.randn(2 * n, L, A, generator=g)
+    redraw = torch.rand(n, L, 1, generator=g) < 0.25
+    redraw[:, 0] = True
+    last = torch.where(redraw, torch.arange(L)[None, :, None], 0).cummax(dim=1).values  # last redraw step
+    return codes, torch.cat([fresh[:n], fresh[n:].gather(1, last.expand(-1, -1, A))], 0)
+
+
 def test_marginal_decode_tells_sticky_jumps_from_jitter_with_the_same_action_marginal(one_thread):
     """Same observations, and actions ~ N(0, 1) at every step in both groups: one group draws a fresh action each
     step (jitter), the other keeps its action and redraws it at random (rate 0.25: sticky jumps). Only the changes
@@ -403,15 +415,8 @@ def test_marginal_decode_tells_sticky_jumps_from_jitter_with_the_same_action_mar
     line, and that term falls well below its start."""
     torch.manual_seed(0)
     m = _model(marginal_head=True)
-    n, L = 4, 48
-    g = torch.Generator().manual_seed(5)
-    codes = torch.randn(1, L, H, W, C, generator=g).expand(2 * n, -1, -1, -1, -1)
-    fresh = torch.randn(2 * n, L, A, generator=g)
-    redraw = torch.rand(n, L, 1, generator=g) < 0.25
-    redraw[:, 0] = True
-    last = torch.where(redraw, torch.arange(L)[None, :, None], 0).cummax(dim=1).values  # last redraw step
-    sticky = fresh[n:].gather(1, last.expand(-1, -1, A))
-    actions = torch.cat([fresh[:n], sticky], 0)
+    n = 4
+    codes, actions = _jitter_then_sticky(n)
     first = m.loss(codes, actions, beta=0.1, sample=False, marginal_decode=1.0).marginal_nll.item()
     out = _fit_then_eval(m, codes, actions, steps=200, free_bits=0.0, marginal_decode=1.0)
     assert out.marginal_nll.item() < first - 2.0
@@ -505,13 +510,7 @@ def test_change_decode_prior_tells_sticky_jumps_from_jitter_with_the_same_action
     torch.manual_seed(0)
     m = _model(change_edges=(-2.0, -1.0, -0.25, 0.25, 1.0, 2.0))
     n, L = 4, 48
-    g = torch.Generator().manual_seed(5)
-    codes = torch.randn(1, L, H, W, C, generator=g).expand(2 * n, -1, -1, -1, -1)
-    fresh = torch.randn(2 * n, L, A, generator=g)
-    redraw = torch.rand(n, L, 1, generator=g) < 0.25
-    redraw[:, 0] = True
-    last = torch.where(redraw, torch.arange(L)[None, :, None], 0).cummax(dim=1).values
-    actions = torch.cat([fresh[:n], fresh[n:].gather(1, last.expand(-1, -1, A))], 0)
+    codes, actions = _jitter_then_sticky(n, L)
     first = m.loss(codes, actions, beta=0.1, sample=False, change_decode_prior=1.0).change_nll.item()
     out = _fit_then_eval(m, codes, actions, steps=200, free_bits=0.0, change_decode_prior=1.0)
     assert out.change_nll.item() < first - 1.0
