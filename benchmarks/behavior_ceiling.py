@@ -155,6 +155,37 @@ def causal_features(a_TA: np.ndarray, raw_TA: np.ndarray, expert_TA: np.ndarray 
     return np.concatenate([m, np.sqrt(var), a_TA, np.abs(da), d_hist, running_histogram(np.abs(a_TA), LEVEL_EDGES)], 1)
 
 
+def change_histogram_nll(train, val, normaliser, edges: tuple[float, ...] = CHANGE_EDGES) -> dict[str, float]:
+    """What the behavior model's change term can reach: the val episodes' mean NLL per step (nats, summed over action
+    dims) of the bin of each change a_t - a_{t-1} under per-dim histograms counted on the train episodes -- one for all
+    (what a z-free term gets), one per family, one per policy (what knowing the policy gives) -- and under each val
+    episode's own histogram (in-sample: a floor). Counts get +0.5 per bin."""
+    k = len(edges) + 1
+
+    def bins(ep):
+        return np.searchsorted(np.asarray(edges), np.diff(normaliser.normalise(ep.actions).astype(np.float64), axis=0),
+                               side="left")
+
+    def counts(b):
+        return np.stack([np.bincount(b[:, j], minlength=k) for j in range(b.shape[1])]).astype(np.float64)
+
+    def nll(b, c):
+        p = (c + 0.5) / (c + 0.5).sum(1, keepdims=True)
+        return float(-np.log(p[np.arange(b.shape[1])[None], b]).sum(1).mean())
+
+    tb = [(ep.meta["policy"], bins(ep)) for ep in train]
+    pooled = sum(counts(b) for _, b in tb)
+    by = {key: {} for key in ("family", "name")}
+    for pol, b in tb:
+        for key in by:
+            by[key][pol[key]] = by[key].get(pol[key], 0) + counts(b)
+    vb = [(ep.meta["policy"], bins(ep)) for ep in val]
+    return {"one histogram": float(np.mean([nll(b, pooled) for _, b in vb])),
+            "per family": float(np.mean([nll(b, by["family"][p["family"]]) for p, b in vb])),
+            "per policy": float(np.mean([nll(b, by["name"][p["name"]]) for p, b in vb])),
+            "own episode": float(np.mean([nll(b, counts(b)) for _, b in vb]))}
+
+
 def split_points(episodes, families, clip_len, hop, t_min, normaliser, experts: list | None = None):
     """Features ``[N, F]``, family labels ``[N]`` and history lengths ``[N]`` of every point t >= t_min of every clip."""
     X, Y, H = [], [], []
@@ -197,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
                         "the running std; the current a_t and |delta a_t|; default all of these): which statistics "
                         "carry the ceiling. 'dhist' / 'ahist': running histograms of delta a / |a| over the behavior "
                         "model's change-term bins")
+    p.add_argument("--change-nll", action="store_true",
+                   help="also print the val NLL per step of the action-change bins under train histograms (one for all, "
+                        "per family, per policy): the references for the behavior model's change term")
     a = p.parse_args(argv)
     if a.expert and a.frame_expert:
         raise SystemExit("--expert and --frame-expert are separate comparisons: give one of them")
@@ -216,6 +250,10 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"{a.data_config}: no {s} episodes (collect the demo data first)")
     print(f"{len(eps['train'])} train / {len(eps['val'])} val episodes, families {families}, "
           f"expert oracle {'on' if a.expert else 'off'}", flush=True)
+    if a.change_nll:
+        ref = change_histogram_nll(eps["train"], eps["val"], normaliser)
+        print("change-bin NLL per step on val episodes (nats, summed over action dims), histograms counted on train: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in ref.items()), flush=True)
     if a.expert or a.frame_expert:
         t0 = time.time()
         true_expert = {s: [expert_actions(ep) for ep in e] for s, e in eps.items()}

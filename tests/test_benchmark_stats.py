@@ -72,6 +72,30 @@ def test_behavior_ceiling_feature_columns_name_every_column_of_the_hand_features
         assert np.allclose(x[:, cols == "ahist"].reshape(20, 4, -1).sum(-1), 1.0)
 
 
+def test_change_histogram_nll_orders_the_references():
+    """Two policies whose changes differ (jitter vs constant): knowing the policy beats one shared histogram, and each
+    val episode's own histogram is the floor; with identity normalisation the values are exact counts."""
+    from types import SimpleNamespace
+
+    bc = _load("behavior_ceiling")
+    rng = np.random.default_rng(0)
+    ident = SimpleNamespace(normalise=lambda a: a)
+
+    def ep(name, fam):
+        a = rng.normal(0, 1, (30, 2)) if name == "jitter" else np.zeros((30, 2))
+        return SimpleNamespace(actions=a, meta={"policy": {"name": name, "family": fam}})
+
+    train = [ep("jitter", "noise") for _ in range(3)] + [ep("still", "expert") for _ in range(3)]
+    val = [ep("jitter", "noise"), ep("still", "expert")]
+    ref = bc.change_histogram_nll(train, val, ident)
+    assert ref["own episode"] <= ref["per policy"] + 0.1 < ref["one histogram"]
+    assert ref["per family"] == ref["per policy"]  # one policy per family here
+    # the still episode's changes all fall in the bin holding 0: per policy, p = (3 * 29 + 0.5) / (3 * 29 + 0.5 * K)
+    K = len(bc.CHANGE_EDGES) + 1
+    still = -2 * np.log((87 + 0.5) / (87 + 0.5 * K))
+    assert np.isclose(bc.change_histogram_nll(train, val[1:], ident)["per policy"], still)
+
+
 def test_token_ngram_learns_a_deterministic_cycle_that_copying_always_misses():
     tn = _load("token_ngram")
     nbrs = tn.grid_neighbours(1, 2)
