@@ -18,7 +18,10 @@ with S = 1 (a purely temporal transformer):
   episode's deviation from that base policy (scale, bias, noise, outlier rate, inertia towards a_{t-1}).
 
 Loss (beta-VAE / information bottleneck): mean_t NLL(a_t) + beta * mean_t KL(q || p_t), with optional
-free bits (a floor per z dimension on the batch-mean KL) against posterior collapse.
+free bits (a floor per z dimension on the batch-mean KL) against posterior collapse. Optional terms (``loss``) shape
+z further; the change term (``change_nll``: the histogram of a_t - a_{t-1} read linearly from z, with neither o_t nor
+a_{t-1} to explain the changes away) with the ``window_mean`` encoder over the actions alone is what
+``stages/demo/behavior_episodes.yaml`` uses (docs/findings.md, stage 2).
 """
 
 from __future__ import annotations
