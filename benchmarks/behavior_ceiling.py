@@ -149,9 +149,10 @@ def causal_features(a_TA: np.ndarray, raw_TA: np.ndarray, expert_TA: np.ndarray 
     m = np.cumsum(x, 0) / np.arange(1, n + 1)[:, None]
     A = a_TA.shape[1]
     var = np.maximum(m[:, A : 2 * A] - m[:, :A] ** 2, 0)  # running variance of a
-    # the changes from t = 1 (t = 0 has none: its row repeats t = 1's, as da above is 0 there)
-    d_hist = running_histogram(np.diff(a_TA, axis=0), CHANGE_EDGES)
-    d_hist = np.concatenate([d_hist[:1], d_hist]) if n > 1 else np.zeros((n, A * (len(CHANGE_EDGES) + 1)))
+    # the changes from t = 1; row 0 has seen none (all zeros), so every row stays causal
+    d_hist = np.zeros((n, A * (len(CHANGE_EDGES) + 1)))
+    if n > 1:
+        d_hist[1:] = running_histogram(np.diff(a_TA, axis=0), CHANGE_EDGES)
     return np.concatenate([m, np.sqrt(var), a_TA, np.abs(da), d_hist, running_histogram(np.abs(a_TA), LEVEL_EDGES)], 1)
 
 

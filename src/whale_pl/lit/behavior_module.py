@@ -134,6 +134,10 @@ class BehaviorModule(L.LightningModule):
         fitting (fine-tuning; the tokenizer still comes from ``tokenizer_ckpt``; ``lit/init_from.py``)."""
         super().__init__()
         self.save_hyperparameters()
+        change_on = change_decode > 0 or change_decode_prior > 0
+        if (change_levels or change_edges is not None) and not change_on:
+            what = "change_levels: true" if change_levels else f"change_edges {list(change_edges)}"
+            raise ValueError(f"{what} is part of the change term; set change_decode or change_decode_prior > 0")
         from whale_pl.lit.tokenizer_module import TokenizerModule
 
         expect = {"codebook_size": expect_codebook_size} if expect_codebook_size is not None else None
@@ -164,11 +168,9 @@ class BehaviorModule(L.LightningModule):
             decoder_state_dim=int(data_spec.get("state_dim") or 0) if decoder_state else 0,
             encoder=encoder, window=window, window_shared=window_shared, decoder_z=decoder_z,
             modulate_outliers=modulate_outliers, marginal_head=marginal_decode > 0, encoder_frames=encoder_frames,
-            change_edges=(tuple(change_edges or CHANGE_EDGES) if change_decode > 0 or change_decode_prior > 0 else None),
-            level_edges=(LEVEL_EDGES if change_levels and (change_decode > 0 or change_decode_prior > 0) else None),
+            change_edges=tuple(change_edges or CHANGE_EDGES) if change_on else None,
+            level_edges=LEVEL_EDGES if change_levels else None,
         )
-        if change_levels and not (change_decode > 0 or change_decode_prior > 0):
-            raise ValueError("change_levels: true is part of the change term; set change_decode or change_decode_prior > 0")
         if decoder_state and not self.model.decoder_state_dim:
             raise ValueError("decoder_state: true needs data with a low-dimensional state (data_spec state_dim > 0)")
         self.families: list[str] = list(data_spec.get("families") or [])

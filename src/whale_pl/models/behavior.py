@@ -514,26 +514,26 @@ class BehaviorModel(nn.Module):
         kl_loss = kl_Z.clamp(min=free_bits).sum() if free_bits > 0 else kl_Z.sum()
         loss = nll + beta * kl_loss
         prior_nll = torch.zeros((), device=nll.device)
-        if prior_decode > 0 and T > 1:  # z_{t-1} decodes a_t: the prior never sees the action it explains
-            z_prev = mu_p + torch.randn_like(mu_p) * (0.5 * logvar_p).exp() if sample else mu_p
-            z_BTZ = torch.cat([z_prev[:, :1], z_prev[:, :-1]], dim=1)  # step t reads z_{t-1}; step 0 is dropped below
-            prior_nll = self.action_nll(feat_BTD, z_BTZ, actions_BTA, state_BTS)[0][:, 1:].mean()
+        z_prev_BTZ = None  # one draw of the prior's z_{t-1} at every step t for all the terms that read it
+        if T > 1 and (prior_decode > 0 or change_decode_prior > 0):
+            z_p = mu_p + torch.randn_like(mu_p) * (0.5 * logvar_p).exp() if sample else mu_p
+            z_prev_BTZ = torch.cat([z_p[:, :1], z_p[:, :-1]], dim=1)  # step t reads z_{t-1}; step 0 is never scored
+        if prior_decode > 0 and z_prev_BTZ is not None:  # z_{t-1} decodes a_t: the prior never sees the action it explains
+            prior_nll = self.action_nll(feat_BTD, z_prev_BTZ, actions_BTA, state_BTS)[0][:, 1:].mean()
             loss = loss + prior_decode * prior_nll
         marginal_nll = torch.zeros((), device=nll.device)
         if marginal_decode > 0:
             marginal_nll = self.marginal_nll(z_BZ, actions_BTA).mean()
             loss = loss + marginal_decode * marginal_nll
         change_nll = torch.zeros((), device=nll.device)
-        if (change_decode > 0 or change_decode_prior > 0) and T > 1:
-            if change_decode > 0:
-                c = self.change_nll(z_BZ[:, None].expand(-1, T, -1), actions_BTA).mean()
-                change_nll = change_nll + c
-                loss = loss + change_decode * c
-            if change_decode_prior > 0:  # z_{t-1} from the prior explains a_t - a_{t-1}
-                z_prev = mu_p + torch.randn_like(mu_p) * (0.5 * logvar_p).exp() if sample else mu_p
-                c = self.change_nll(torch.cat([z_prev[:, :1], z_prev[:, :-1]], dim=1), actions_BTA).mean()
-                change_nll = change_nll + c
-                loss = loss + change_decode_prior * c
+        if change_decode > 0 and T > 1:
+            c = self.change_nll(z_BZ[:, None].expand(-1, T, -1), actions_BTA).mean()
+            change_nll = change_nll + c
+            loss = loss + change_decode * c
+        if change_decode_prior > 0 and z_prev_BTZ is not None:  # z_{t-1} from the prior explains a_t - a_{t-1}
+            c = self.change_nll(z_prev_BTZ, actions_BTA).mean()
+            change_nll = change_nll + c
+            loss = loss + change_decode_prior * c
         with torch.no_grad():
             mse = (a_mu - actions_BTA).pow(2).mean()
             a_mu_p, _ = self.decode(feat_BTD, mu_p, actions_BTA, state_BTS)
