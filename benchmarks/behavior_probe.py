@@ -13,6 +13,8 @@ averaged over all of an episode's points) is printed too.
     .venv/bin/python benchmarks/behavior_probe.py --ckpt A.ckpt B.ckpt  # several (e.g. betas)
     .venv/bin/python benchmarks/behavior_probe.py --by-policy           # which family each val policy's points get
     .venv/bin/python benchmarks/behavior_probe.py --layout              # does z also name the task / object places?
+    .venv/bin/python benchmarks/behavior_probe.py --by-episode          # the same per val episode (task, policy)
+    .venv/bin/python benchmarks/behavior_probe.py --pooled              # window_mean: the statistics before the z head
     .venv/bin/python benchmarks/behavior_probe.py --posterior           # the posterior mean's probe (the bound)
     .venv/bin/python benchmarks/behavior_probe.py --posterior --stats   # does that z hold the clip's action statistics?
 
@@ -58,14 +60,17 @@ def action_norm(module) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def embed_split(module, episodes, families, clip_len, hop, t_min, batch=32):
+def embed_split(module, episodes, families, clip_len, hop, t_min, batch=32, pooled: bool = False):
+    """Every point t >= t_min of every clip: the prior mean z_t (or, ``pooled``, the window-mean prior's running
+    statistics its z head reads), family index, episode index."""
     mean, std, mask = action_norm(module)
     zs, ys, es = [], [], []
     for e, ep in enumerate(episodes):
         fam = ep.meta["policy"]["family"]
         frames, actions = clips_of(ep, clip_len, hop, mean, std, mask)
         for i in range(0, len(frames), batch):
-            z = module.behavior_z(frames[i : i + batch], actions[i : i + batch])[:, t_min:]
+            f, a = frames[i : i + batch], actions[i : i + batch]
+            z = (module.model.prior_pooled(module.codes(f), a) if pooled else module.behavior_z(f, a))[:, t_min:]
             zs.append(z.flatten(0, 1))
             ys.append(torch.full((z.shape[0] * z.shape[1],), families.index(fam) if fam in families else -1))
             es.append(torch.full((z.shape[0] * z.shape[1],), e))
@@ -140,6 +145,20 @@ def family_shares_by_policy(pred_N: torch.Tensor, ep_N: torch.Tensor, policy_of_
     return {pol: [float((pred[pol_N == pol] == k).mean()) for k in range(n_families)] for pol in sorted(set(pol_N))}
 
 
+def episode_breakdown(pred_N: torch.Tensor, y_N: torch.Tensor, ep_N: torch.Tensor, names: list[str],
+                      families: list[str]) -> list[tuple[str, float, list[tuple[str, float]]]]:
+    """Per episode (in index order): its name, the share of its points given its true family, and the two families
+    given most of its points with their shares. One val episode per (task, policy) in the demo data, so a policy
+    that fails in one task only (bias_x0.3 in push, where the arm stalls) shows here and not in ``--by-policy``."""
+    rows = []
+    for e in ep_N.unique().tolist():
+        sel = ep_N == e
+        share = torch.bincount(pred_N[sel], minlength=len(families)).double() / sel.sum()
+        top = [(families[k], float(share[k])) for k in share.argsort(descending=True)[:2].tolist() if share[k] > 0]
+        rows.append((names[e], float(share[int(y_N[sel][0])]), top))
+    return rows
+
+
 def layout_readout(x_tr: torch.Tensor, ep_tr: torch.Tensor, eps_tr: list, x_va: torch.Tensor, ep_va: torch.Tensor,
                    eps_va: list, ridge: float = 1e-2) -> tuple[float, dict[int, float]]:
     """What z holds besides the policy: val accuracy of a linear probe for the episode's *task*, and the val R^2
@@ -171,6 +190,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="also print, for each val policy, the share of its points given to each family")
     p.add_argument("--layout", action="store_true",
                    help="also print how well z names the episode's task and its first state (object/goal positions)")
+    p.add_argument("--by-episode", action="store_true",
+                   help="also print, for each val episode (task, policy), the share of its points named right")
+    p.add_argument("--pooled", action="store_true",
+                   help="also probe the window-mean prior's running statistics before its z head (what the head drops)")
     p.add_argument("--posterior", action="store_true",
                    help="also probe the posterior mean of each clip (sees the whole clip: the prior's upper bound)")
     p.add_argument("--stats", action="store_true",
@@ -207,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
                 acc[s] = probe.accuracy(x[keep], y[keep])
                 acc[s + "_episode"] = episode_accuracy(probe, x[keep], y[keep], ep[keep])
             if s == "val":
-                pred = probe.predict(x)
+                pred, y_val, ep_val = probe.predict(x), y, ep
                 t_N = torch.arange(a.t_min, a.clip_len).repeat(len(y) // (a.clip_len - a.t_min))  # each point's t
                 by_hist = accuracy_by_history((pred == y).numpy(), t_N.numpy())
                 per_family = {f: (pred[y == k] == k).double().mean().item() for k, f in enumerate(families) if (y == k).any()}
@@ -228,6 +251,18 @@ def main(argv: list[str] | None = None) -> None:
             print(f"    {'':{width}s} " + " ".join(f"{f[:6]:>6}" for f in families))
             for pol, row in shares.items():
                 print(f"    {pol:{width}s} " + " ".join(f"{v:6.2f}" for v in row), flush=True)
+        if a.by_episode and per_family:
+            print("  val episodes: the share of their points given their family (the two families given most)")
+            names = [f"{e.meta.get('task')} {e.meta['policy']['name']}" for e in eps["val"]]
+            width = max(len(n) for n in names)
+            for name, right, top in episode_breakdown(pred, y_val, ep_val, names, families):
+                print(f"    {name:{width}s} {right:.2f}  (" + ", ".join(f"{f} {v:.2f}" for f, v in top) + ")", flush=True)
+        if a.pooled and "val" in pts and module.model.encoder == "window_mean":
+            htr, hytr, _ = embed_split(module, eps["train"], families, a.clip_len, a.hop, a.t_min, pooled=True)
+            hva, hyva, _ = embed_split(module, eps["val"], families, a.clip_len, a.hop, a.t_min, pooled=True)
+            hp_ = fit_linear_probe(htr, hytr, n_classes=len(families))
+            print(f"  the prior's pooled statistics before the z head ({htr.shape[1]} dims): probe train "
+                  f"{hp_.accuracy(htr, hytr):.3f} val {hp_.accuracy(hva[hyva >= 0], hyva[hyva >= 0]):.3f}", flush=True)
         if a.posterior and "val" in pts:
             ptr, pytr, str_ = embed_posterior(module, eps["train"], families, a.clip_len, a.hop)
             pva, pyva, sva = embed_posterior(module, eps["val"], families, a.clip_len, a.hop)

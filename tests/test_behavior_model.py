@@ -553,3 +553,19 @@ def test_window_shared_prior_is_the_posterior_on_the_prefix():
                               m.posterior(codes, actions)[0], atol=1e-3)  # not shared: a second network
     with pytest.raises(ValueError, match="window_shared needs encoder='window_mean'"):
         _model(window_shared=True)
+
+
+def test_prior_pooled_is_what_the_window_mean_prior_head_reads():
+    """``prior_pooled``: the running mean of the prior's window features; its z head maps it to the prior (so a probe
+    on it bounds a linear probe on z_t), it is causal, and it is refused for the transformer encoder."""
+    m = _model(encoder="window_mean", window=3, action_deltas=True).eval()
+    codes, actions = _inputs()
+    pooled = m.prior_pooled(codes, actions)
+    mu, logvar = m.prior(codes, actions)
+    assert pooled.shape == (B, T, m.dim)
+    assert torch.allclose(m._split(m.prior_head(pooled))[0], mu, atol=1e-6)
+    a2 = actions.clone()
+    a2[:, 4:] += 1.0
+    assert torch.equal(m.prior_pooled(codes, a2)[:, :4], pooled[:, :4])
+    with pytest.raises(ValueError, match="prior_pooled needs encoder='window_mean'"):
+        _model().prior_pooled(codes, actions)

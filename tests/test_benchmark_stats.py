@@ -202,3 +202,15 @@ def test_behavior_probe_stats_readout_reads_statistics_a_linear_z_holds():
     r2, acc = bp.stats_readout(z[:90], s[:90], y[:90], z[90:], s[90:], y[90:], n_classes=3)
     assert (r2 > 0.99).all()
     assert acc["statistics"] > 0.8 and abs(acc["z"] - acc["statistics"]) < 0.1
+
+
+def test_behavior_probe_episode_breakdown_names_each_episode_and_its_confusions():
+    bp = _load("behavior_probe")
+    # episode 0 (family 1): points predicted 1, 1, 2, 1 -> 0.75 right, then family 2; episode 3 (family 0): all 2
+    pred = torch.tensor([1, 1, 2, 1, 2, 2])
+    y = torch.tensor([1, 1, 1, 1, 0, 0])
+    ep = torch.tensor([0, 0, 0, 0, 3, 3])
+    rows = bp.episode_breakdown(pred, y, ep, ["push a", "x", "y", "door b"], ["f0", "f1", "f2"])
+    assert rows[0][0] == "push a" and rows[0][1] == pytest.approx(0.75)
+    assert rows[0][2] == [("f1", 0.75), ("f2", 0.25)]
+    assert rows[1] == ("door b", 0.0, [("f2", 1.0)])

@@ -279,6 +279,21 @@ class BehaviorModel(nn.Module):
         win_BTWD = pad.unfold(1, self.window, 1)  # [B, T, D, W]: steps t-W+1 .. t
         return local(rearrange(win_BTWD, "b t d w -> b t (w d)"))
 
+    @staticmethod
+    def _running_mean(h_BTD: torch.Tensor) -> torch.Tensor:
+        """Row t: the mean of rows 0..t, [B, T, D]."""
+        count = torch.arange(1, h_BTD.shape[1] + 1, device=h_BTD.device, dtype=h_BTD.dtype)[None, :, None]
+        return h_BTD.cumsum(dim=1) / count
+
+    def prior_pooled(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
+        """``window_mean`` only: the prior's running mean of its window features over steps <= t, [B, T, dim] -- what the
+        prior's z head reads. A probe on it tells what the pooled statistics hold that the (KL-shaped) head leaves out."""
+        if self.encoder != "window_mean":
+            raise ValueError(f"prior_pooled needs encoder='window_mean', got encoder={self.encoder!r}")
+        self._check(codes_BThwC, actions_BTA)
+        proj, local = (self.post_in, self.post_local) if self.window_shared else (self.prior_in, self.prior_local)
+        return self._running_mean(self._windows(proj, local, self.frame_features(codes_BThwC), actions_BTA))
+
     def posterior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
         if self.encoder == "window_mean":
             return self._split(self.post_head(self._windows(self.post_in, self.post_local, feat_BTD, actions_BTA).mean(1)))
@@ -290,9 +305,7 @@ class BehaviorModel(nn.Module):
             # window_shared: literally the posterior run on the prefix (its window MLP and head)
             proj, local, head = ((self.post_in, self.post_local, self.post_head) if self.window_shared
                                  else (self.prior_in, self.prior_local, self.prior_head))
-            h_BTD = self._windows(proj, local, feat_BTD, actions_BTA)
-            count = torch.arange(1, h_BTD.shape[1] + 1, device=h_BTD.device, dtype=h_BTD.dtype)[None, :, None]
-            return self._split(head(h_BTD.cumsum(dim=1) / count))
+            return self._split(head(self._running_mean(self._windows(proj, local, feat_BTD, actions_BTA))))
         h = self.prior_tf(self._tokens(self.prior_in, feat_BTD, actions_BTA))[:, :, 0]
         return self._split(self.prior_head(h))
 
