@@ -257,7 +257,10 @@ def main(argv: list[str] | None = None) -> None:
             width = max(len(n) for n in names)
             for name, right, top in episode_breakdown(pred, y_val, ep_val, names, families):
                 print(f"    {name:{width}s} {right:.2f}  (" + ", ".join(f"{f} {v:.2f}" for f, v in top) + ")", flush=True)
-        if a.pooled and "val" in pts and module.model.encoder == "window_mean":
+        if a.pooled and module.model.encoder != "window_mean":
+            print(f"  --pooled: not for this checkpoint (encoder {module.model.encoder!r}; the pooled statistics are the "
+                  "window_mean encoder's)", flush=True)
+        elif a.pooled and "val" in pts:
             htr, hytr, _ = embed_split(module, eps["train"], families, a.clip_len, a.hop, a.t_min, pooled=True)
             hva, hyva, _ = embed_split(module, eps["val"], families, a.clip_len, a.hop, a.t_min, pooled=True)
             hp_ = fit_linear_probe(htr, hytr, n_classes=len(families))
