@@ -61,20 +61,23 @@ def action_norm(module) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def embed_split(module, episodes, families, clip_len, hop, t_min, batch=32, pooled: bool = False):
-    """Every point t >= t_min of every clip: the prior mean z_t (or, ``pooled``, the window-mean prior's running
-    statistics its z head reads), family index, episode index."""
+    """Every point t >= t_min of every clip: the prior mean z_t (``behavior_z``), family index, episode index, and with
+    ``pooled`` the window-mean prior's running statistics its z head reads (else None) -- from the same codes, so the
+    frozen tokenizer runs once per clip."""
     mean, std, mask = action_norm(module)
-    zs, ys, es = [], [], []
+    zs, ys, es, hs = [], [], [], []
     for e, ep in enumerate(episodes):
         fam = ep.meta["policy"]["family"]
         frames, actions = clips_of(ep, clip_len, hop, mean, std, mask)
         for i in range(0, len(frames), batch):
-            f, a = frames[i : i + batch], actions[i : i + batch]
-            z = (module.model.prior_pooled(module.codes(f), a) if pooled else module.behavior_z(f, a))[:, t_min:]
+            codes, a = module.codes(frames[i : i + batch]), actions[i : i + batch]
+            z = module.model.prior(codes, a)[0][:, t_min:]
             zs.append(z.flatten(0, 1))
+            if pooled:
+                hs.append(module.model.prior_pooled(codes, a)[:, t_min:].flatten(0, 1))
             ys.append(torch.full((z.shape[0] * z.shape[1],), families.index(fam) if fam in families else -1))
             es.append(torch.full((z.shape[0] * z.shape[1],), e))
-    return torch.cat(zs), torch.cat(ys), torch.cat(es)
+    return torch.cat(zs), torch.cat(ys), torch.cat(es), (torch.cat(hs) if pooled else None)
 
 
 STAT_NAMES = ("a", "a^2", "std a", "|da|", "da^2")
@@ -149,13 +152,14 @@ def episode_breakdown(pred_N: torch.Tensor, y_N: torch.Tensor, ep_N: torch.Tenso
                       families: list[str]) -> list[tuple[str, float, list[tuple[str, float]]]]:
     """Per episode (in index order): its name, the share of its points given its true family, and the two families
     given most of its points with their shares. One val episode per (task, policy) in the demo data, so a policy
-    that fails in one task only (bias_x0.3 in push, where the arm stalls) shows here and not in ``--by-policy``."""
+    that fails in one task only (bias_x0.3 in push, where the arm stalls) shows here and not in ``--by-policy``.
+    Episodes that share a name are counted together (``family_shares_by_policy`` keyed by name)."""
+    shares = family_shares_by_policy(pred_N, ep_N, names, len(families))  # keyed by episode name
     rows = []
     for e in ep_N.unique().tolist():
-        sel = ep_N == e
-        share = torch.bincount(pred_N[sel], minlength=len(families)).double() / sel.sum()
-        top = [(families[k], float(share[k])) for k in share.argsort(descending=True)[:2].tolist() if share[k] > 0]
-        rows.append((names[e], float(share[int(y_N[sel][0])]), top))
+        share = np.asarray(shares[names[e]])
+        top = [(families[k], float(share[k])) for k in np.argsort(-share, kind="stable")[:2] if share[k] > 0]
+        rows.append((names[e], float(share[int(y_N[ep_N == e][0])]), top))
     return rows
 
 
@@ -216,15 +220,16 @@ def main(argv: list[str] | None = None) -> None:
         module = load_frozen(ckpt, BehaviorModule, data_spec=dm.data_spec,
                              data_spec_keys=["frame_size", "action_dim", "action_mean", "action_std", "families"])
         families = list(module.hparams.data_spec["families"])
-        pts = {s: embed_split(module, e, families, a.clip_len, a.hop, a.t_min) for s, e in eps.items() if e}
-        xtr, ytr, _ = pts["train"]
+        pooled = a.pooled and module.model.encoder == "window_mean"
+        pts = {s: embed_split(module, e, families, a.clip_len, a.hop, a.t_min, pooled=pooled) for s, e in eps.items() if e}
+        xtr, ytr, _, _ = pts["train"]
         probe = fit_linear_probe(xtr, ytr, n_classes=len(families))
         acc = {"train": probe.accuracy(xtr, ytr)}
         per_family = {}
         for s in ("val", "ood"):
             if s not in pts:
                 continue
-            x, y, ep = pts[s]
+            x, y, ep, _ = pts[s]
             keep = y >= 0
             if keep.any():
                 acc[s] = probe.accuracy(x[keep], y[keep])
@@ -260,12 +265,11 @@ def main(argv: list[str] | None = None) -> None:
         if a.pooled and module.model.encoder != "window_mean":
             print(f"  --pooled: not for this checkpoint (encoder {module.model.encoder!r}; the pooled statistics are the "
                   "window_mean encoder's)", flush=True)
-        elif a.pooled and "val" in pts:
-            htr, hytr, _ = embed_split(module, eps["train"], families, a.clip_len, a.hop, a.t_min, pooled=True)
-            hva, hyva, _ = embed_split(module, eps["val"], families, a.clip_len, a.hop, a.t_min, pooled=True)
-            hp_ = fit_linear_probe(htr, hytr, n_classes=len(families))
+        elif pooled and "val" in pts:
+            htr, hva, yva = pts["train"][3], pts["val"][3], pts["val"][1]
+            hp_ = fit_linear_probe(htr, ytr, n_classes=len(families))
             print(f"  the prior's pooled statistics before the z head ({htr.shape[1]} dims): probe train "
-                  f"{hp_.accuracy(htr, hytr):.3f} val {hp_.accuracy(hva[hyva >= 0], hyva[hyva >= 0]):.3f}", flush=True)
+                  f"{hp_.accuracy(htr, ytr):.3f} val {hp_.accuracy(hva[yva >= 0], yva[yva >= 0]):.3f}", flush=True)
         if a.posterior and "val" in pts:
             ptr, pytr, str_ = embed_posterior(module, eps["train"], families, a.clip_len, a.hop)
             pva, pyva, sva = embed_posterior(module, eps["val"], families, a.clip_len, a.hop)

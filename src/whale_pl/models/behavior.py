@@ -291,8 +291,13 @@ class BehaviorModel(nn.Module):
         if self.encoder != "window_mean":
             raise ValueError(f"prior_pooled needs encoder='window_mean', got encoder={self.encoder!r}")
         self._check(codes_BThwC, actions_BTA)
+        return self._prior_running(self.frame_features(codes_BThwC), actions_BTA)
+
+    def _prior_running(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
+        """``window_mean``: the running mean of the prior's window features (with ``window_shared``, the posterior's
+        window MLP: the prior is the posterior run on the prefix)."""
         proj, local = (self.post_in, self.post_local) if self.window_shared else (self.prior_in, self.prior_local)
-        return self._running_mean(self._windows(proj, local, self.frame_features(codes_BThwC), actions_BTA))
+        return self._running_mean(self._windows(proj, local, feat_BTD, actions_BTA))
 
     def posterior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
         if self.encoder == "window_mean":
@@ -303,9 +308,8 @@ class BehaviorModel(nn.Module):
     def prior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
         if self.encoder == "window_mean":  # running mean over steps <= t: the posterior's estimate on the prefix
             # window_shared: literally the posterior run on the prefix (its window MLP and head)
-            proj, local, head = ((self.post_in, self.post_local, self.post_head) if self.window_shared
-                                 else (self.prior_in, self.prior_local, self.prior_head))
-            return self._split(head(self._running_mean(self._windows(proj, local, feat_BTD, actions_BTA))))
+            head = self.post_head if self.window_shared else self.prior_head
+            return self._split(head(self._prior_running(feat_BTD, actions_BTA)))
         h = self.prior_tf(self._tokens(self.prior_in, feat_BTD, actions_BTA))[:, :, 0]
         return self._split(self.prior_head(h))
 
