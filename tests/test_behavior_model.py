@@ -569,3 +569,46 @@ def test_prior_pooled_is_what_the_window_mean_prior_head_reads():
     assert torch.equal(m.prior_pooled(codes, a2)[:, :4], pooled[:, :4])
     with pytest.raises(ValueError, match="prior_pooled needs encoder='window_mean'"):
         _model().prior_pooled(codes, actions)
+
+
+def test_encoder_stats_heads_read_the_running_moments_and_change_histogram(one_thread):
+    """``encoder_stats``: beside the learned window features, the z heads read the running mean of fixed per-step
+    statistics -- a, a^2, |a|, |da|, da^2 and the one-hot bin of da over CHANGE_EDGES -- so the prior at step t holds
+    the moments and the change histogram of steps <= t exactly (checked against numpy); the posterior reads the whole
+    clip's; the prior stays causal; it needs the window_mean encoder; and the latent still learns which policy acted."""
+    import numpy as np
+
+    from whale_pl.models.behavior import CHANGE_EDGES
+
+    m = _model(encoder="window_mean", window=3, action_deltas=True, encoder_stats=True).eval()
+    codes, actions = _inputs()
+    pooled = m.prior_pooled(codes, actions)
+    S = BehaviorModel.stats_dim(A)
+    assert pooled.shape == (B, T, m.dim + S)
+    assert torch.allclose(m._split(m.prior_head(pooled))[0], m.prior(codes, actions)[0], atol=1e-6)
+    a = actions.double().numpy()
+    da = np.concatenate([np.zeros_like(a[:, :1]), np.diff(a, axis=1)], axis=1)
+    steps = np.arange(1, T + 1)[None, :, None]
+    moments = [a, a**2, np.abs(a), np.abs(da), da**2]
+    bins = np.searchsorted(np.asarray(CHANGE_EDGES), da, side="left")  # (lo, hi] bins, as torch.bucketize
+    hist = np.eye(len(CHANGE_EDGES) + 1)[bins].reshape(B, T, -1)
+    want = np.concatenate([np.cumsum(x, 1) / steps for x in moments] + [np.cumsum(hist, 1) / steps], -1)
+    assert np.allclose(pooled[..., m.dim :].detach().double().numpy(), want, atol=1e-5)
+    assert np.allclose(hist.reshape(B, T, A, -1).sum(-1), 1.0)  # one bin per dim and step
+    post_in = m._with_stats(torch.zeros(B, m.dim), actions, running=False)[:, m.dim :]
+    assert np.allclose(post_in.detach().double().numpy(), want[:, -1], atol=1e-5)  # the posterior: the whole clip's statistics
+    a2 = actions.clone()
+    a2[:, 4:] += 1.0
+    assert torch.equal(m.prior(codes, a2)[0][:, :4], m.prior(codes, actions)[0][:, :4])
+    with pytest.raises(ValueError, match="encoder_stats needs encoder='window_mean'"):
+        _model(encoder_stats=True)
+
+    torch.manual_seed(0)
+    m = _model(encoder="window_mean", window=3, encoder_stats=True)
+    codes = torch.cat([codes, codes], 0)
+    base = codes.mean(dim=(2, 3)) @ torch.randn(C, A)
+    actions = torch.cat([base[:B] + 1.5, base[B:] - 1.5], 0)
+    out = _fit_then_eval(m, codes, actions)
+    q = out.post_mu_BZ
+    assert (q[:B].mean(0) - q[B:].mean(0)).norm() > 2 * (q[:B].std(0).norm() + q[B:].std(0).norm())
+    assert out.action_mse.item() < 0.1

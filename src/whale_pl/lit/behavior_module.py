@@ -82,6 +82,7 @@ class BehaviorModule(L.LightningModule):
         encoder: str = "transformer",
         window: int = 4,
         window_shared: bool = False,
+        encoder_stats: bool = False,
         decoder_z: str = "input",
         modulate_outliers: bool = True,
         beta: float = 0.1,
@@ -116,6 +117,8 @@ class BehaviorModule(L.LightningModule):
         ``window_shared`` (``encoder: window_mean``): the prior is the posterior itself run on the prefix (its
         window MLP and head), not a second network; the KL then asks the posterior to say the same from any prefix.
         ``encoder_frames``: false -- the posterior and prior read the actions alone (the decoder still sees o_t).
+        ``encoder_stats`` (``encoder: window_mean``): the z heads also read the running mean of fixed action statistics
+        (``BehaviorModel.step_stats``: a, a^2, |a|, |da|, da^2 and the histogram of da), beside the learned window features.
         ``beta``: KL weight; ``prior_decode``: weight of the action NLL decoded from the prior's z_{t-1}
         (``BehaviorModel.loss``; 0: the plain beta-VAE loss); ``marginal_decode``: weight of the observation-free
         action likelihood p(a_t, a_t - a_{t-1} | z) (``BehaviorModel.marginal_nll``; 0: off); ``change_decode`` /
@@ -166,7 +169,7 @@ class BehaviorModule(L.LightningModule):
             decoder_hidden=decoder_hidden, dropout=dropout, action_deltas=action_deltas,
             decoder_prev_action=decoder_prev_action, action_likelihood=action_likelihood, mixture_k=mixture_k,
             decoder_state_dim=int(data_spec.get("state_dim") or 0) if decoder_state else 0,
-            encoder=encoder, window=window, window_shared=window_shared, decoder_z=decoder_z,
+            encoder=encoder, window=window, window_shared=window_shared, encoder_stats=encoder_stats, decoder_z=decoder_z,
             modulate_outliers=modulate_outliers, marginal_head=marginal_decode > 0, encoder_frames=encoder_frames,
             change_edges=tuple(change_edges or CHANGE_EDGES) if change_on else None,
             level_edges=LEVEL_EDGES if change_levels else None,

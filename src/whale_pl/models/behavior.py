@@ -21,7 +21,8 @@ Loss (beta-VAE / information bottleneck): mean_t NLL(a_t) + beta * mean_t KL(q |
 free bits (a floor per z dimension on the batch-mean KL) against posterior collapse. Optional terms (``loss``) shape
 z further; the change term (``change_nll``: the histogram of a_t - a_{t-1} read linearly from z, with neither o_t nor
 a_{t-1} to explain the changes away) with the ``window_mean`` encoder over the actions alone is what
-``stages/demo/behavior_episodes.yaml`` uses (docs/findings.md, stage 2).
+``stages/demo/behavior_episodes.yaml`` uses (docs/findings.md, stage 2). With ``encoder_stats`` the z heads also read
+the running mean of fixed per-step action statistics (``step_stats``: moments and the change histogram).
 """
 
 from __future__ import annotations
@@ -154,8 +155,12 @@ class BehaviorModel(nn.Module):
         change_edges: tuple[float, ...] | None = None,
         level_edges: tuple[float, ...] | None = None,
         window_shared: bool = False,
+        encoder_stats: bool = False,
     ) -> None:
         super().__init__()
+        if encoder_stats and encoder != "window_mean":
+            raise ValueError(f"encoder_stats needs encoder='window_mean', got encoder={encoder!r}")
+        self.encoder_stats = encoder_stats
         if decoder_z not in ("input", "modulate"):
             raise ValueError(f"decoder_z must be 'input' or 'modulate', got {decoder_z!r}")
         if decoder_z == "modulate" and action_likelihood != "gaussian":
@@ -190,8 +195,9 @@ class BehaviorModel(nn.Module):
             self.post_local, self.prior_local = (
                 nn.Sequential(nn.Linear(window * dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim), nn.GELU())
                 for _ in range(2))
-        self.post_head = nn.Linear(dim, 2 * z_dim)
-        self.prior_head = nn.Linear(dim, 2 * z_dim)
+        head_in = dim + (self.stats_dim(action_dim) if encoder_stats else 0)
+        self.post_head = nn.Linear(head_in, 2 * z_dim)
+        self.prior_head = nn.Linear(head_in, 2 * z_dim)
         modulate = decoder_z == "modulate"
         self.decoder = nn.Sequential(
             nn.Linear(dim + decoder_state_dim + (0 if modulate else z_dim + (action_dim if decoder_prev_action else 0)),
@@ -280,14 +286,39 @@ class BehaviorModel(nn.Module):
         return local(rearrange(win_BTWD, "b t d w -> b t (w d)"))
 
     @staticmethod
+    def stats_dim(action_dim: int) -> int:
+        """Width of ``step_stats``: a, a^2, |a|, |da|, da^2 and the one-hot bin of da over ``CHANGE_EDGES``, per dim."""
+        return action_dim * (5 + len(CHANGE_EDGES) + 1)
+
+    @staticmethod
+    def step_stats(actions_BTA: torch.Tensor) -> torch.Tensor:
+        """``encoder_stats``: fixed per-step action statistics whose running mean the z heads also read, [B, T, S]:
+        a, a^2, |a|, |da|, da^2 and the one-hot bin of da = a_t - a_{t-1} (0 at t = 0) over ``CHANGE_EDGES``. Their
+        means are the moments and the change histogram of the actions so far -- summary statistics that cannot
+        over-fit the training episodes, beside the learned window features."""
+        a = actions_BTA.float()
+        da = torch.cat([torch.zeros_like(a[:, :1]), a.diff(dim=1)], dim=1)
+        edges = torch.as_tensor(CHANGE_EDGES, dtype=a.dtype, device=a.device)
+        onehot = nn.functional.one_hot(torch.bucketize(da, edges), len(CHANGE_EDGES) + 1).to(a.dtype)
+        return torch.cat([a, a * a, a.abs(), da.abs(), da * da, rearrange(onehot, "b t a k -> b t (a k)")], dim=-1)
+
+    def _with_stats(self, pooled: torch.Tensor, actions_BTA: torch.Tensor, running: bool) -> torch.Tensor:
+        """The pooled window features, with ``encoder_stats`` followed by the (running) mean of ``step_stats``."""
+        if not self.encoder_stats:
+            return pooled
+        st = self.step_stats(actions_BTA)
+        st = self._running_mean(st) if running else st.mean(1)
+        return torch.cat([pooled.float(), st], dim=-1)
+
+    @staticmethod
     def _running_mean(h_BTD: torch.Tensor) -> torch.Tensor:
         """Row t: the mean of rows 0..t, [B, T, D]."""
         count = torch.arange(1, h_BTD.shape[1] + 1, device=h_BTD.device, dtype=h_BTD.dtype)[None, :, None]
         return h_BTD.cumsum(dim=1) / count
 
     def prior_pooled(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
-        """``window_mean`` only: the prior's running mean of its window features over steps <= t, [B, T, dim] -- what the
-        prior's z head reads. A probe on it tells what the pooled statistics hold that the (KL-shaped) head leaves out."""
+        """``window_mean`` only: the prior's running mean of its window features over steps <= t, [B, T, dim] (with
+        ``encoder_stats``, followed by the running action statistics: [B, T, dim + stats_dim]) -- what the prior's z head reads. A probe on it tells what the pooled statistics hold that the (KL-shaped) head leaves out."""
         if self.encoder != "window_mean":
             raise ValueError(f"prior_pooled needs encoder='window_mean', got encoder={self.encoder!r}")
         self._check(codes_BThwC, actions_BTA)
@@ -297,11 +328,12 @@ class BehaviorModel(nn.Module):
         """``window_mean``: the running mean of the prior's window features (with ``window_shared``, the posterior's
         window MLP: the prior is the posterior run on the prefix)."""
         proj, local = (self.post_in, self.post_local) if self.window_shared else (self.prior_in, self.prior_local)
-        return self._running_mean(self._windows(proj, local, feat_BTD, actions_BTA))
+        return self._with_stats(self._running_mean(self._windows(proj, local, feat_BTD, actions_BTA)), actions_BTA, True)
 
     def posterior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
         if self.encoder == "window_mean":
-            return self._split(self.post_head(self._windows(self.post_in, self.post_local, feat_BTD, actions_BTA).mean(1)))
+            pooled = self._windows(self.post_in, self.post_local, feat_BTD, actions_BTA).mean(1)
+            return self._split(self.post_head(self._with_stats(pooled, actions_BTA, False)))
         h = self.post_tf(self._tokens(self.post_in, feat_BTD, actions_BTA))[:, :, 0]
         return self._split(self.post_head(h.mean(dim=1)))
 
