@@ -246,7 +246,8 @@ def test_change_term_options_reach_the_model(tokenizer_ckpt):
 
 def test_episodes_config_fits_with_the_change_term_on_the_actions_alone(tokenizer_ckpt, tiny_data_yaml, tmp_path):
     """stages/demo/behavior_episodes.yaml (issue 5's probe setting) fits through the CLI (tiny data, 24-step clips):
-    the checkpoint holds the change head and the window-mean encoder the config names, and z_t stays causal."""
+    the checkpoint holds the change head, the window-mean encoder and the running action statistics the config names,
+    and z_t stays causal."""
     torch.manual_seed(0)
     _fit_cli(tokenizer_ckpt, tiny_data_yaml, tmp_path, config="stages/demo/behavior_episodes.yaml",
              extra=["--data.init_args.clip_len", "24", "--data.init_args.pool_size", "4"])
@@ -256,6 +257,7 @@ def test_episodes_config_fits_with_the_change_term_on_the_actions_alone(tokenize
                                                  map_location="cpu").eval()
     m = module.model
     assert m.encoder == "window_mean" and not m.encoder_frames and m.change is not None and m.z_dim == 32
+    assert m.encoder_stats and m.prior_head.in_features == m.dim + m.stats_dim(4)
     codes = torch.randn(2, 10, *module.tokenizer.model.grid_hw((32, 32)), module.tokenizer.model.code_dim)
     acts = torch.randn(2, 10, 4)
     a2 = acts.clone()

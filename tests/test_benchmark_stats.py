@@ -214,3 +214,33 @@ def test_behavior_probe_episode_breakdown_names_each_episode_and_its_confusions(
     assert rows[0][0] == "push a" and rows[0][1] == pytest.approx(0.75)
     assert rows[0][2] == [("f1", 0.75), ("f2", 0.25)]
     assert rows[1] == ("door b", 0.0, [("f2", 1.0)])
+
+
+def test_behavior_supervised_keeps_the_first_episodes_per_policy_and_learns_the_family(one_thread):
+    """``behavior_supervised``: ``--per-policy`` keeps each (task, policy) group's first N training episodes by the index
+    in their id (a bad id is named); trained with the labels, the prior's z_t tells a jittery family from a smooth one."""
+    bs = _load("behavior_supervised")
+
+    class Ep(SimpleNamespace):
+        def __len__(self):
+            return len(self.actions)
+
+    rng = np.random.default_rng(0)
+    eps = []
+    for fam, scale in (("noise", 1.0), ("expert", 0.05)):
+        for i in range(6):
+            a = np.cumsum(rng.normal(0, 0.05, (24, 4)), 0) + rng.normal(0, scale, (24, 4))
+            eps.append(Ep(actions=a.astype(np.float32), meta={"episode_id": f"push-v3/{fam}_x/train/{i}",
+                                                             "policy": {"family": fam}}))
+    norm = SimpleNamespace(normalise=lambda a: a)
+    a_all, y_all = bs.split_tensors(eps, ["expert", "noise"], norm, 24)
+    a4, y4 = bs.split_tensors(eps, ["expert", "noise"], norm, 24, per_policy=4)
+    assert a_all.shape == (12, 24, 4) and a4.shape == (8, 24, 4) and y4.tolist() == [1] * 4 + [0] * 4
+    with pytest.raises(ValueError, match="fewer than clip_len=30"):
+        bs.split_tensors(eps, ["expert", "noise"], norm, 30)
+    with pytest.raises(ValueError, match="episode_id 'odd'"):
+        bs.episode_index(Ep(actions=a_all[0], meta={"episode_id": "odd"}))
+    model, cls = bs.train_supervised(a4, y4, 2, z_dim=4, steps=60, t_min=4, seed=0, batch=8, lr=3e-3)
+    with torch.no_grad():
+        pred = cls(bs.prior_z(model, a_all)[:, 4:]).argmax(-1)
+    assert (pred == y_all[:, None]).double().mean().item() > 0.9  # the held-out episodes 4, 5 too
