@@ -77,6 +77,20 @@ def _fit_then_eval(m, codes, actions, steps: int = 150, free_bits: float = 0.05,
         return m.loss(codes, actions, beta=0.1, sample=False, **loss_kw)
 
 
+def _assert_learns_which_of_two_offsets(model_kw: dict, codes) -> None:
+    """A fresh model (``model_kw``) fitted on a fixed batch where two 'policies' add opposite offsets to the same
+    observation-driven actions: the posterior means of the two groups separate and the decoder reconstructs them."""
+    torch.manual_seed(0)
+    m = _model(**model_kw)
+    codes = torch.cat([codes, codes], 0)
+    base = codes.mean(dim=(2, 3)) @ torch.randn(C, A)
+    actions = torch.cat([base[:B] + 1.5, base[B:] - 1.5], 0)
+    out = _fit_then_eval(m, codes, actions)
+    q = out.post_mu_BZ
+    assert (q[:B].mean(0) - q[B:].mean(0)).norm() > 2 * (q[:B].std(0).norm() + q[B:].std(0).norm())
+    assert out.action_mse.item() < 0.1
+
+
 def test_learns_policy_dependent_actions_on_a_fixed_batch(one_thread):
     """Two 'policies' act differently on the same observations; the latent must carry which one,
     so the loss falls and the posterior means of the two groups separate."""
@@ -263,15 +277,7 @@ def test_window_mean_encoder_is_causal_and_learns(one_thread):
     with pytest.raises(ValueError, match="encoder"):
         _model(encoder="lstm")
 
-    torch.manual_seed(0)
-    m = _model(encoder="window_mean", window=3)
-    codes = torch.cat([codes, codes], 0)
-    base = codes.mean(dim=(2, 3)) @ torch.randn(C, A)
-    actions = torch.cat([base[:B] + 1.5, base[B:] - 1.5], 0)
-    out = _fit_then_eval(m, codes, actions)
-    q = out.post_mu_BZ
-    assert (q[:B].mean(0) - q[B:].mean(0)).norm() > 2 * (q[:B].std(0).norm() + q[B:].std(0).norm())
-    assert out.action_mse.item() < 0.1
+    _assert_learns_which_of_two_offsets(dict(encoder="window_mean", window=3), codes)
 
 
 def test_decoder_z_modulate_reaches_the_actions_only_through_the_deviation_parameters():
@@ -603,12 +609,4 @@ def test_encoder_stats_heads_read_the_running_moments_and_change_histogram(one_t
     with pytest.raises(ValueError, match="encoder_stats needs encoder='window_mean'"):
         _model(encoder_stats=True)
 
-    torch.manual_seed(0)
-    m = _model(encoder="window_mean", window=3, encoder_stats=True)
-    codes = torch.cat([codes, codes], 0)
-    base = codes.mean(dim=(2, 3)) @ torch.randn(C, A)
-    actions = torch.cat([base[:B] + 1.5, base[B:] - 1.5], 0)
-    out = _fit_then_eval(m, codes, actions)
-    q = out.post_mu_BZ
-    assert (q[:B].mean(0) - q[B:].mean(0)).norm() > 2 * (q[:B].std(0).norm() + q[B:].std(0).norm())
-    assert out.action_mse.item() < 0.1
+    _assert_learns_which_of_two_offsets(dict(encoder="window_mean", window=3, encoder_stats=True), codes)
