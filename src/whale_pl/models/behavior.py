@@ -318,7 +318,8 @@ class BehaviorModel(nn.Module):
 
     def prior_pooled(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
         """``window_mean`` only: the prior's running mean of its window features over steps <= t, [B, T, dim] (with
-        ``encoder_stats``, followed by the running action statistics: [B, T, dim + stats_dim]) -- what the prior's z head reads. A probe on it tells what the pooled statistics hold that the (KL-shaped) head leaves out."""
+        ``encoder_stats``, followed by the running action statistics: [B, T, dim + stats_dim]) -- what the prior's z
+        head reads. A probe on it tells what the pooled statistics hold that the (KL-shaped) head leaves out."""
         if self.encoder != "window_mean":
             raise ValueError(f"prior_pooled needs encoder='window_mean', got encoder={self.encoder!r}")
         self._check(codes_BThwC, actions_BTA)
