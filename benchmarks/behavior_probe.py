@@ -71,10 +71,13 @@ def embed_split(module, episodes, families, clip_len, hop, t_min, batch=32, pool
         frames, actions = clips_of(ep, clip_len, hop, mean, std, mask)
         for i in range(0, len(frames), batch):
             codes, a = module.codes(frames[i : i + batch]), actions[i : i + batch]
-            z = module.model.prior(codes, a)[0][:, t_min:]
+            if pooled:  # the pooled statistics once; z_t is the prior's head applied to them
+                h = module.model.prior_pooled(codes, a)
+                z = module.model.prior_from_pooled(h)[0][:, t_min:]
+                hs.append(h[:, t_min:].flatten(0, 1))
+            else:
+                z = module.model.prior(codes, a)[0][:, t_min:]
             zs.append(z.flatten(0, 1))
-            if pooled:
-                hs.append(module.model.prior_pooled(codes, a)[:, t_min:].flatten(0, 1))
             ys.append(torch.full((z.shape[0] * z.shape[1],), families.index(fam) if fam in families else -1))
             es.append(torch.full((z.shape[0] * z.shape[1],), e))
     return torch.cat(zs), torch.cat(ys), torch.cat(es), (torch.cat(hs) if pooled else None)

@@ -267,7 +267,7 @@ class BehaviorModel(nn.Module):
         # without encoder_frames the posterior and prior read the actions alone (the decoder still sees o_t)
         parts = [feat_BTD if self.encoder_frames else torch.zeros_like(feat_BTD), actions_BTA]
         if self.action_deltas:  # a_t - a_{t-1} (0 at t = 0): jitter and outliers become visible per step
-            parts.append(torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA.diff(dim=1)], dim=1))
+            parts.append(self._deltas(actions_BTA))
         x = proj(torch.cat(parts, dim=-1))
         if time:
             x = x + sinusoidal_time_BTD(x.shape[1], self.dim, x.device).to(x.dtype)
@@ -286,6 +286,11 @@ class BehaviorModel(nn.Module):
         return local(rearrange(win_BTWD, "b t d w -> b t (w d)"))
 
     @staticmethod
+    def _deltas(actions_BTA: torch.Tensor) -> torch.Tensor:
+        """a_t - a_{t-1} at every step, 0 at t = 0, [B, T, A]."""
+        return torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA.diff(dim=1)], dim=1)
+
+    @staticmethod
     def stats_dim(action_dim: int) -> int:
         """Width of ``step_stats``: a, a^2, |a|, |da|, da^2 and the one-hot bin of da over ``CHANGE_EDGES``, per dim."""
         return action_dim * (5 + len(CHANGE_EDGES) + 1)
@@ -297,7 +302,7 @@ class BehaviorModel(nn.Module):
         means are the moments and the change histogram of the actions so far -- summary statistics that cannot
         over-fit the training episodes, beside the learned window features."""
         a = actions_BTA.float()
-        da = torch.cat([torch.zeros_like(a[:, :1]), a.diff(dim=1)], dim=1)
+        da = BehaviorModel._deltas(a)
         edges = torch.as_tensor(CHANGE_EDGES, dtype=a.dtype, device=a.device)
         onehot = nn.functional.one_hot(torch.bucketize(da, edges), len(CHANGE_EDGES) + 1).to(a.dtype)
         return torch.cat([a, a * a, a.abs(), da.abs(), da * da, rearrange(onehot, "b t a k -> b t (a k)")], dim=-1)
@@ -325,6 +330,11 @@ class BehaviorModel(nn.Module):
         self._check(codes_BThwC, actions_BTA)
         return self._prior_running(self.frame_features(codes_BThwC), actions_BTA)
 
+    def prior_from_pooled(self, pooled_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``window_mean``: the prior (mu_BTZ, logvar_BTZ) from ``prior_pooled``'s output -- its z head (with
+        ``window_shared``, the posterior's), so a caller holding the pooled statistics need not run the encoder again."""
+        return self._split((self.post_head if self.window_shared else self.prior_head)(pooled_BTD))
+
     def _prior_running(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
         """``window_mean``: the running mean of the prior's window features (with ``window_shared``, the posterior's
         window MLP: the prior is the posterior run on the prefix)."""
@@ -341,8 +351,7 @@ class BehaviorModel(nn.Module):
     def prior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
         if self.encoder == "window_mean":  # running mean over steps <= t: the posterior's estimate on the prefix
             # window_shared: literally the posterior run on the prefix (its window MLP and head)
-            head = self.post_head if self.window_shared else self.prior_head
-            return self._split(head(self._prior_running(feat_BTD, actions_BTA)))
+            return self.prior_from_pooled(self._prior_running(feat_BTD, actions_BTA))
         h = self.prior_tf(self._tokens(self.prior_in, feat_BTD, actions_BTA))[:, :, 0]
         return self._split(self.prior_head(h))
 
