@@ -610,3 +610,60 @@ def test_encoder_stats_heads_read_the_running_moments_and_change_histogram(one_t
         _model(encoder_stats=True)
 
     _assert_learns_which_of_two_offsets(dict(encoder="window_mean", window=3, encoder_stats=True), codes)
+
+
+def test_encoder_stats_groups_rates_turns_std_match_numpy(one_thread):
+    """``encoder_stats: [moments, rates, turns, std]`` (any order): ``rates`` undoes the data's action normalisation on
+    the rate dims (not the gripper) and gives, per step, |raw a| at the bound and near zero per dim, whether any dim
+    jumped by more than half the bound, the norm and its square; ``turns`` da_t * da_{t-1} and whether it is < 0;
+    ``std`` the standard deviation of a over the same steps. The prior's z head reads them over steps <= t and the
+    posterior's over the clip (both checked against numpy); the change histogram is left out; bad groups, rate dims
+    or a missing normalisation are refused; and the latent still learns which of two policies acted."""
+    import numpy as np
+
+    from whale_pl.models.behavior import DEFAULT_STAT_GROUPS, stat_groups
+
+    mean, std = [0.1, -0.2, 0.3, 0.0], [0.5, 0.8, 0.6, 1.0]
+    kw = dict(encoder="window_mean", window=3, action_deltas=True, encoder_stats=["std", "turns", "rates", "moments"],
+              action_mean=mean, action_std=std, rate_dims=[0, 1, 2])
+    m = _model(**kw).eval()
+    assert m.stat_groups == ("moments", "rates", "turns", "std") and stat_groups(True) == DEFAULT_STAT_GROUPS
+    g = torch.Generator().manual_seed(3)
+    raw = (1.5 * torch.randn(B, T, A, generator=g)).clamp(-1, 1).double()  # many steps at the bound
+    raw[:, 2, :3] = 0.01  # a step at rest
+    raw[..., 3] = torch.sign(raw[..., 3])
+    actions = raw.clone()
+    actions[..., :3] = (raw[..., :3] - torch.tensor(mean[:3]).double()) / torch.tensor(std[:3]).double()
+    codes = _inputs()[0]
+    pooled = m.prior_pooled(codes, actions.float())
+    S = BehaviorModel.stats_dim(A, m.stat_groups, 3)
+    assert S == 5 * A + (2 * 3 + 3) + 2 * A + A and pooled.shape == (B, T, m.dim + S)
+    r = raw[..., :3].numpy()
+    a = actions.numpy()
+    da = np.concatenate([np.zeros_like(a[:, :1]), np.diff(a, axis=1)], axis=1)
+    dr = np.concatenate([np.zeros_like(r[:, :1]), np.diff(r, axis=1)], axis=1)
+    turn = da * np.concatenate([np.zeros_like(da[:, :1]), da[:, :-1]], axis=1)
+    norm = np.linalg.norm(r, axis=-1, keepdims=True)
+    per_step = [a, a**2, np.abs(a), np.abs(da), da**2, (np.abs(r) >= 0.999).astype(float), (np.abs(r) < 0.05).astype(float),
+                (np.abs(dr).max(-1, keepdims=True) > 0.5).astype(float), norm, norm**2, turn, (turn < 0).astype(float)]
+    steps = np.arange(1, T + 1)[None, :, None]
+    run = np.concatenate([np.cumsum(x, 1) / steps for x in per_step], -1)
+    run_std = np.stack([a[:, : t + 1].std(1) for t in range(T)], 1)
+    want = np.concatenate([run, run_std], -1)
+    assert np.allclose(pooled[..., m.dim :].detach().double().numpy(), want, atol=1e-5)
+    post = m.pooled_stats(actions.float(), running=False).double().numpy()
+    assert np.allclose(post, want[:, -1], atol=1e-5)
+    sat = want[..., 5 * A : 5 * A + 3]
+    assert 0.2 < sat[:, -1].mean() < 0.9  # the check is not vacuous: some steps saturate, some do not
+    assert 0 < want[:, -1, 5 * A + 9 + A : 5 * A + 9 + 2 * A].mean() < 1  # ... and some changes reverse
+    a2 = actions.clone().float()
+    a2[:, 4:] += 1.0
+    assert torch.equal(m.prior(codes, a2)[0][:, :4], m.prior(codes, actions.float())[0][:, :4])
+    with pytest.raises(ValueError, match="list of distinct groups"):
+        _model(encoder="window_mean", encoder_stats=["moments", "levels"])
+    with pytest.raises(ValueError, match="needs the data's action_mean and action_std"):
+        _model(encoder="window_mean", encoder_stats=["rates"])
+    with pytest.raises(ValueError, match="rate_dims must be distinct action dims"):
+        _model(**{**kw, "rate_dims": [0, 4]})
+
+    _assert_learns_which_of_two_offsets(dict(kw, encoder_stats=["rates"]), codes)

@@ -244,6 +244,22 @@ def test_change_term_options_reach_the_model(tokenizer_ckpt):
         BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16, change_levels=True)
 
 
+def test_rate_statistics_take_the_raw_units_from_the_data_spec(tokenizer_ckpt):
+    """``encoder_stats: [moments, rates]``: the model gets data_spec's action normalisation for the non-gripper dims,
+    so its rates are in the raw units the collector clipped at."""
+    from whale_pl.lit.behavior_module import BehaviorModule
+
+    mod = BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16, encoder="window_mean",
+                         encoder_stats=["moments", "rates"])
+    spec, m = mod.hparams.data_spec, mod.model
+    gi = spec["action_space"]["gripper_index"]
+    dims = [i for i in range(4) if i != gi]
+    assert m.rate_dims_R.tolist() == dims and m.stat_groups == ("moments", "rates")
+    assert torch.allclose(m.rate_mean_R, torch.tensor(spec["action_mean"])[dims])
+    assert torch.allclose(m.rate_std_R, torch.tensor(spec["action_std"])[dims])
+    assert m.prior_head.in_features == 32 + m.stats_dim(4, ("moments", "rates"), 3)
+
+
 def test_episodes_config_fits_with_the_change_term_on_the_actions_alone(tokenizer_ckpt, tiny_data_yaml, tmp_path):
     """stages/demo/behavior_episodes.yaml (issue 5's probe setting) fits through the CLI (tiny data, 24-step clips):
     the checkpoint holds the change head, the window-mean encoder and the running action statistics the config names,

@@ -27,7 +27,7 @@ from whale_pl.analysis.probe import pca_2d, probe_accuracy, scatter_figure
 from whale_pl.lit.handoff import HandoffError, check_data_spec, freeze_, load_frozen, own_hparams, stamp_class
 from whale_pl.lit.init_from import maybe_init_from
 from whale_pl.lit.optim import adamw_warmup_cosine
-from whale_pl.models.behavior import CHANGE_EDGES, LEVEL_EDGES, BehaviorModel
+from whale_pl.models.behavior import CHANGE_EDGES, LEVEL_EDGES, BehaviorModel, stat_groups
 
 # keys of data_spec the behavior model must agree on with its tokenizer and with the data
 SPEC_KEYS = ("frame_size", "action_dim", "action_space", "action_mean", "action_std", "state_dim")
@@ -82,7 +82,7 @@ class BehaviorModule(L.LightningModule):
         encoder: str = "transformer",
         window: int = 4,
         window_shared: bool = False,
-        encoder_stats: bool = False,
+        encoder_stats: bool | list[str] = False,
         decoder_z: str = "input",
         modulate_outliers: bool = True,
         beta: float = 0.1,
@@ -118,7 +118,10 @@ class BehaviorModule(L.LightningModule):
         window MLP and head), not a second network; the KL then asks the posterior to say the same from any prefix.
         ``encoder_frames``: false -- the posterior and prior read the actions alone (the decoder still sees o_t).
         ``encoder_stats`` (``encoder: window_mean``): the z heads also read the running mean of fixed action statistics
-        (``BehaviorModel.step_stats``: a, a^2, |a|, |da|, da^2 and the histogram of da), beside the learned window features.
+        (``BehaviorModel.step_stats``), beside the learned window features: true -- the groups ``moments`` (a, a^2, |a|,
+        |da|, da^2) and ``changes`` (the histogram of da); or a list of groups, ``rates`` among them (the saturation,
+        near-zero and jump rates and the norm of the raw non-gripper actions; raw units from data_spec's
+        action_mean / action_std, bound 1).
         ``beta``: KL weight; ``prior_decode``: weight of the action NLL decoded from the prior's z_{t-1}
         (``BehaviorModel.loss``; 0: the plain beta-VAE loss); ``marginal_decode``: weight of the observation-free
         action likelihood p(a_t, a_t - a_{t-1} | z) (``BehaviorModel.marginal_nll``; 0: off); ``change_decode`` /
@@ -173,6 +176,7 @@ class BehaviorModule(L.LightningModule):
             modulate_outliers=modulate_outliers, marginal_head=marginal_decode > 0, encoder_frames=encoder_frames,
             change_edges=tuple(change_edges or CHANGE_EDGES) if change_on else None,
             level_edges=LEVEL_EDGES if change_levels else None,
+            **self._rate_args(data_spec, encoder_stats),
         )
         if decoder_state and not self.model.decoder_state_dim:
             raise ValueError("decoder_state: true needs data with a low-dimensional state (data_spec state_dim > 0)")
@@ -184,6 +188,21 @@ class BehaviorModule(L.LightningModule):
         self._val_family: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ hand-off
+    @staticmethod
+    def _rate_args(data_spec: dict, encoder_stats: bool | list[str]) -> dict:
+        """The raw-unit scale the ``rates`` statistics need: data_spec's action normalisation, over the non-gripper
+        dims (the gripper is not normalised and its open / close command is no rate of motion)."""
+        if "rates" not in stat_groups(encoder_stats):
+            return {}
+        missing = [k for k in ("action_mean", "action_std", "action_space") if k not in data_spec]
+        if missing:
+            raise ValueError(f"encoder_stats 'rates' needs data_spec {missing} (the raw action units); data_spec has "
+                             f"{sorted(data_spec)}")
+        gi = data_spec["action_space"].get("gripper_index")
+        dims = [i for i in range(int(data_spec["action_dim"])) if i != gi]
+        return dict(action_mean=[float(x) for x in data_spec["action_mean"]],
+                    action_std=[float(x) for x in data_spec["action_std"]], rate_dims=dims)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The tokenizer's weights are not duplicated here: only its path and sha256 (hparams)."""
         stamp_class(checkpoint, self)

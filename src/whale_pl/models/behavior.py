@@ -43,6 +43,26 @@ CHANGE_EDGES = (-2.0, -1.0, -0.5, -0.25, -0.1, -0.03, 0.03, 0.1, 0.25, 0.5, 1.0,
 # bin edges of the action-level histogram p(|a_t| | z) (normalised units): near zero (a policy at rest), half
 # speed, the clip bound (|raw a| = 1 is about 2 normalised units), beyond it
 LEVEL_EDGES = (0.03, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+# ``encoder_stats`` groups of fixed action statistics, in the order the z heads read them (``pooled_stats``); ``True``
+# means the first two (what session 18 measured)
+STAT_GROUPS = ("moments", "changes", "rates", "turns", "std")
+DEFAULT_STAT_GROUPS = ("moments", "changes")
+# ``rates`` thresholds, as fractions of the raw action bound: at the bound, near zero, a jump between two steps
+RATE_SATURATED, RATE_NEAR_ZERO, RATE_JUMP = 0.999, 0.05, 0.5
+
+
+def stat_groups(encoder_stats: bool | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """``encoder_stats`` as the tuple of groups it turns on (in ``STAT_GROUPS`` order); True: ``DEFAULT_STAT_GROUPS``."""
+    if encoder_stats is True:
+        return DEFAULT_STAT_GROUPS
+    if not encoder_stats:
+        return ()
+    groups = [encoder_stats] if isinstance(encoder_stats, str) else list(encoder_stats)
+    bad = [g for g in groups if g not in STAT_GROUPS]
+    if bad or len(set(groups)) != len(groups):
+        raise ValueError(f"encoder_stats must be true/false or a list of distinct groups from {list(STAT_GROUPS)}, "
+                         f"got {encoder_stats!r}")
+    return tuple(g for g in STAT_GROUPS if g in groups)
 
 
 def sinusoidal_time_BTD(T: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -155,12 +175,32 @@ class BehaviorModel(nn.Module):
         change_edges: tuple[float, ...] | None = None,
         level_edges: tuple[float, ...] | None = None,
         window_shared: bool = False,
-        encoder_stats: bool = False,
+        encoder_stats: bool | list[str] = False,
+        action_mean: list[float] | None = None,
+        action_std: list[float] | None = None,
+        rate_dims: list[int] | None = None,
+        action_bound: float = 1.0,
     ) -> None:
         super().__init__()
-        if encoder_stats and encoder != "window_mean":
+        self.stat_groups = stat_groups(encoder_stats)
+        if self.stat_groups and encoder != "window_mean":
             raise ValueError(f"encoder_stats needs encoder='window_mean', got encoder={encoder!r}")
-        self.encoder_stats = encoder_stats
+        self.encoder_stats = bool(self.stat_groups)
+        if "rates" in self.stat_groups:  # thresholds apply to raw actions: undo the data's fixed normalisation
+            if action_mean is None or action_std is None:
+                raise ValueError("encoder_stats 'rates' needs the data's action_mean and action_std (raw-unit thresholds)")
+            dims = list(range(action_dim)) if rate_dims is None else [int(i) for i in rate_dims]
+            if not dims or any(not 0 <= i < action_dim for i in dims) or len(set(dims)) != len(dims):
+                raise ValueError(f"rate_dims must be distinct action dims in [0, {action_dim}), got {rate_dims}")
+            if len(action_mean) != action_dim or len(action_std) != action_dim:
+                raise ValueError(f"action_mean / action_std need {action_dim} values, got {len(action_mean)} / "
+                                 f"{len(action_std)}")
+            if not action_bound > 0:
+                raise ValueError(f"action_bound must be > 0, got {action_bound}")
+            self.register_buffer("rate_dims_R", torch.as_tensor(dims), persistent=False)
+            self.register_buffer("rate_mean_R", torch.as_tensor(action_mean, dtype=torch.float32)[dims], persistent=False)
+            self.register_buffer("rate_std_R", torch.as_tensor(action_std, dtype=torch.float32)[dims], persistent=False)
+            self.action_bound = float(action_bound)
         if decoder_z not in ("input", "modulate"):
             raise ValueError(f"decoder_z must be 'input' or 'modulate', got {decoder_z!r}")
         if decoder_z == "modulate" and action_likelihood != "gaussian":
@@ -195,7 +235,8 @@ class BehaviorModel(nn.Module):
             self.post_local, self.prior_local = (
                 nn.Sequential(nn.Linear(window * dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim), nn.GELU())
                 for _ in range(2))
-        head_in = dim + (self.stats_dim(action_dim) if encoder_stats else 0)
+        n_rate = len(self.rate_dims_R) if "rates" in self.stat_groups else 0
+        head_in = dim + (self.stats_dim(action_dim, self.stat_groups, n_rate) if self.stat_groups else 0)
         self.post_head = nn.Linear(head_in, 2 * z_dim)
         self.prior_head = nn.Linear(head_in, 2 * z_dim)
         modulate = decoder_z == "modulate"
@@ -291,29 +332,62 @@ class BehaviorModel(nn.Module):
         return torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA.diff(dim=1)], dim=1)
 
     @staticmethod
-    def stats_dim(action_dim: int) -> int:
-        """Width of ``step_stats``: a, a^2, |a|, |da|, da^2 and the one-hot bin of da over ``CHANGE_EDGES``, per dim."""
-        return action_dim * (5 + len(CHANGE_EDGES) + 1)
+    def stats_dim(action_dim: int, groups: tuple[str, ...] = DEFAULT_STAT_GROUPS, n_rate: int | None = None) -> int:
+        """Width of ``step_stats`` for these groups: ``moments`` a, a^2, |a|, |da|, da^2 per dim; ``changes`` the
+        one-hot bin of da over ``CHANGE_EDGES`` per dim; ``rates`` per rate dim the at-bound and near-zero
+        indicators, then the jump indicator, the norm and its square over the rate dims; ``turns`` da_t * da_{t-1} and
+        whether it is < 0 (a reversal) per dim; ``std`` the standard deviation of a per dim."""
+        n_rate = action_dim if n_rate is None else n_rate
+        width = {"moments": 5 * action_dim, "changes": action_dim * (len(CHANGE_EDGES) + 1), "rates": 2 * n_rate + 3,
+                 "turns": 2 * action_dim, "std": action_dim}
+        return sum(width[g] for g in groups)
 
-    @staticmethod
-    def step_stats(actions_BTA: torch.Tensor) -> torch.Tensor:
-        """``encoder_stats``: fixed per-step action statistics whose running mean the z heads also read, [B, T, S]:
-        a, a^2, |a|, |da|, da^2 and the one-hot bin of da = a_t - a_{t-1} (0 at t = 0) over ``CHANGE_EDGES``. Their
-        means are the moments and the change histogram of the actions so far -- summary statistics that cannot
-        over-fit the training episodes, beside the learned window features."""
+    def step_stats(self, actions_BTA: torch.Tensor) -> torch.Tensor:
+        """``encoder_stats``: fixed per-step action statistics whose running mean the z heads also read (``pooled_stats``
+        adds the ``std`` group, which is no mean), [B, T, S - A with std].
+        ``moments``: a, a^2, |a|, |da|, da^2 (da = a_t - a_{t-1}, 0 at t = 0); ``changes``: the one-hot bin of da over
+        ``CHANGE_EDGES``; ``rates``, in raw units over ``rate_dims`` (a * std + mean): |a| at the bound
+        (>= 0.999 ``action_bound``) and near zero (< 0.05 bound) per dim, a jump (max |da| > 0.5 bound), the norm and
+        its square; ``turns`` da_t * da_{t-1} and its sign (< 0: the policy reversed). Their means are the moments,
+        the change histogram, the saturation / rest / jump rates and the lag-1 autocovariance and reversal rate of
+        the changes so far -- summary statistics that cannot over-fit the training episodes, beside the learned
+        window features."""
         a = actions_BTA.float()
-        da = BehaviorModel._deltas(a)
-        edges = torch.as_tensor(CHANGE_EDGES, dtype=a.dtype, device=a.device)
-        onehot = nn.functional.one_hot(torch.bucketize(da, edges), len(CHANGE_EDGES) + 1).to(a.dtype)
-        return torch.cat([a, a * a, a.abs(), da.abs(), da * da, rearrange(onehot, "b t a k -> b t (a k)")], dim=-1)
+        da = self._deltas(a)
+        parts = []
+        if "moments" in self.stat_groups:
+            parts += [a, a * a, a.abs(), da.abs(), da * da]
+        if "changes" in self.stat_groups:
+            edges = torch.as_tensor(CHANGE_EDGES, dtype=a.dtype, device=a.device)
+            onehot = nn.functional.one_hot(torch.bucketize(da, edges), len(CHANGE_EDGES) + 1).to(a.dtype)
+            parts.append(rearrange(onehot, "b t a k -> b t (a k)"))
+        if "rates" in self.stat_groups:
+            raw = a[..., self.rate_dims_R] * self.rate_std_R + self.rate_mean_R
+            draw = self._deltas(raw)
+            bound = self.action_bound
+            norm = raw.norm(dim=-1, keepdim=True)
+            parts += [(raw.abs() >= RATE_SATURATED * bound).to(a.dtype), (raw.abs() < RATE_NEAR_ZERO * bound).to(a.dtype),
+                      (draw.abs().amax(-1, keepdim=True) > RATE_JUMP * bound).to(a.dtype), norm, norm * norm]
+        if "turns" in self.stat_groups:
+            turn = da * torch.cat([torch.zeros_like(da[:, :1]), da[:, :-1]], dim=1)  # da_t * da_{t-1}, 0 at t <= 1
+            parts += [turn, (turn < 0).to(a.dtype)]
+        return torch.cat(parts, dim=-1)
+
+    def pooled_stats(self, actions_BTA: torch.Tensor, running: bool) -> torch.Tensor:
+        """The z heads' fixed statistics: the (running, over steps <= t: [B, T, S]; else over the clip: [B, S]) mean
+        of ``step_stats``, then with ``std`` the standard deviation of a per dim over the same steps."""
+        mean = self._running_mean if running else (lambda x: x.mean(1))
+        parts = [mean(self.step_stats(actions_BTA))] if set(self.stat_groups) - {"std"} else []
+        if "std" in self.stat_groups:
+            a = actions_BTA.float()
+            parts.append((mean(a * a) - mean(a).square()).clamp_min(0).sqrt())
+        return torch.cat(parts, dim=-1)
 
     def _with_stats(self, pooled: torch.Tensor, actions_BTA: torch.Tensor, running: bool) -> torch.Tensor:
-        """The pooled window features, with ``encoder_stats`` followed by the (running) mean of ``step_stats``."""
+        """The pooled window features, with ``encoder_stats`` followed by the fixed statistics (``pooled_stats``)."""
         if not self.encoder_stats:
             return pooled
-        st = self.step_stats(actions_BTA)
-        st = self._running_mean(st) if running else st.mean(1)
-        return torch.cat([pooled.float(), st], dim=-1)
+        return torch.cat([pooled.float(), self.pooled_stats(actions_BTA, running)], dim=-1)
 
     @staticmethod
     def _running_mean(h_BTD: torch.Tensor) -> torch.Tensor:
