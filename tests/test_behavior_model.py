@@ -581,7 +581,7 @@ def test_encoder_stats_heads_read_the_running_moments_and_change_histogram(one_t
     """``encoder_stats``: beside the learned window features, the z heads read the running mean of fixed per-step
     statistics -- a, a^2, |a|, |da|, da^2 and the one-hot bin of da over CHANGE_EDGES -- so the prior at step t holds
     the moments and the change histogram of steps <= t exactly (checked against numpy); the posterior reads the whole
-    clip's; the prior stays causal; it needs the window_mean encoder; and the latent still learns which policy acted."""
+    clip's; the prior stays causal, with the transformer encoder too; and the latent still learns which policy acted."""
     import numpy as np
 
     from whale_pl.models.behavior import CHANGE_EDGES
@@ -606,8 +606,10 @@ def test_encoder_stats_heads_read_the_running_moments_and_change_histogram(one_t
     a2 = actions.clone()
     a2[:, 4:] += 1.0
     assert torch.equal(m.prior(codes, a2)[0][:, :4], m.prior(codes, actions)[0][:, :4])
-    with pytest.raises(ValueError, match="encoder_stats needs encoder='window_mean'"):
-        _model(encoder_stats=True)
+    tf = _model(encoder_stats=True).eval()  # the transformer encoder: its heads read the same statistics
+    assert tf.prior_head.in_features == tf.post_head.in_features == tf.dim + S
+    mu_tf = tf.prior(codes, actions)[0]
+    assert torch.equal(tf.prior(codes, a2)[0][:, :4], mu_tf[:, :4]) and not torch.allclose(tf.prior(codes, a2)[0], mu_tf)
 
     _assert_learns_which_of_two_offsets(dict(encoder="window_mean", window=3, encoder_stats=True), codes)
 

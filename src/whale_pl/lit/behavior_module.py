@@ -117,8 +117,8 @@ class BehaviorModule(L.LightningModule):
         ``window_shared`` (``encoder: window_mean``): the prior is the posterior itself run on the prefix (its
         window MLP and head), not a second network; the KL then asks the posterior to say the same from any prefix.
         ``encoder_frames``: false -- the posterior and prior read the actions alone (the decoder still sees o_t).
-        ``encoder_stats`` (``encoder: window_mean``): the z heads also read the running mean of fixed action statistics
-        (``BehaviorModel.step_stats``), beside the learned window features: true -- the groups ``moments`` (a, a^2, |a|,
+        ``encoder_stats``: the z heads also read fixed action statistics over the steps each z has seen
+        (``BehaviorModel.pooled_stats``), beside the encoder's features (either encoder): true -- the groups ``moments`` (a, a^2, |a|,
         |da|, da^2) and ``changes`` (the histogram of da); or a list of groups, ``rates`` among them (the saturation,
         near-zero and jump rates and the norm of the raw non-gripper actions; raw units from data_spec's
         action_mean / action_std, bound 1).

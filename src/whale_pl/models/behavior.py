@@ -183,8 +183,6 @@ class BehaviorModel(nn.Module):
     ) -> None:
         super().__init__()
         self.stat_groups = stat_groups(encoder_stats)
-        if self.stat_groups and encoder != "window_mean":
-            raise ValueError(f"encoder_stats needs encoder='window_mean', got encoder={encoder!r}")
         self.encoder_stats = bool(self.stat_groups)
         if "rates" in self.stat_groups:  # thresholds apply to raw actions: undo the data's fixed normalisation
             if action_mean is None or action_std is None:
@@ -420,14 +418,14 @@ class BehaviorModel(nn.Module):
             pooled = self._windows(self.post_in, self.post_local, feat_BTD, actions_BTA).mean(1)
             return self._split(self.post_head(self._with_stats(pooled, actions_BTA, False)))
         h = self.post_tf(self._tokens(self.post_in, feat_BTD, actions_BTA))[:, :, 0]
-        return self._split(self.post_head(h.mean(dim=1)))
+        return self._split(self.post_head(self._with_stats(h.mean(dim=1), actions_BTA, False)))
 
     def prior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
         if self.encoder == "window_mean":  # running mean over steps <= t: the posterior's estimate on the prefix
             # window_shared: literally the posterior run on the prefix (its window MLP and head)
             return self.prior_from_pooled(self._prior_running(feat_BTD, actions_BTA))
         h = self.prior_tf(self._tokens(self.prior_in, feat_BTD, actions_BTA))[:, :, 0]
-        return self._split(self.prior_head(h))
+        return self._split(self.prior_head(self._with_stats(h, actions_BTA, True)))
 
     def _decoder_raw(
         self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor | None, actions_BTA: torch.Tensor | None,
