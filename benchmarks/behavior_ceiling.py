@@ -52,9 +52,10 @@ from whale_pl.rollout.retracing import ActionNormaliser
 
 # the column groups of causal_features (actions only), in order, with their widths for A action dims
 FEATURES = ("a", "a2", "absa", "sat", "absda", "da2", "jump", "near0", "norm", "norm2", "std", "a_t", "absda_t",
-            "dhist", "ahist")
+            "dhist", "ahist", "turn", "rev")
 # the default groups (the hand statistics); "dhist" / "ahist" are the running histograms of delta a / |a| over the
-# bins the behavior model's change term uses (CHANGE_EDGES / LEVEL_EDGES): what that term can put into z
+# bins the behavior model's change term uses (CHANGE_EDGES / LEVEL_EDGES): what that term can put into z; "turn" /
+# "rev": the running mean of delta a_t * delta a_{t-1} and of its being < 0 (a reversal), per dim
 HAND = FEATURES[:13]
 
 
@@ -69,6 +70,7 @@ def feature_columns(A: int, expert: bool = False) -> np.ndarray:
     for g in FEATURES[10:13]:
         names += [g] * A
     names += ["dhist"] * (A * (len(CHANGE_EDGES) + 1)) + ["ahist"] * (A * (len(LEVEL_EDGES) + 1))
+    names += ["turn"] * A + ["rev"] * A
     return np.array(names)
 
 
@@ -153,7 +155,10 @@ def causal_features(a_TA: np.ndarray, raw_TA: np.ndarray, expert_TA: np.ndarray 
     d_hist = np.zeros((n, A * (len(CHANGE_EDGES) + 1)))
     if n > 1:
         d_hist[1:] = running_histogram(np.diff(a_TA, axis=0), CHANGE_EDGES)
-    return np.concatenate([m, np.sqrt(var), a_TA, np.abs(da), d_hist, running_histogram(np.abs(a_TA), LEVEL_EDGES)], 1)
+    turn = da * np.concatenate([np.zeros_like(da[:1]), da[:-1]])  # delta a_t * delta a_{t-1}, 0 at t <= 1
+    turns = np.cumsum(np.concatenate([turn, (turn < 0).astype(float)], 1), 0) / np.arange(1, n + 1)[:, None]
+    return np.concatenate([m, np.sqrt(var), a_TA, np.abs(da), d_hist, running_histogram(np.abs(a_TA), LEVEL_EDGES),
+                           turns], 1)
 
 
 def change_histogram_nll(train, val, normaliser, edges: tuple[float, ...] = CHANGE_EDGES) -> dict[str, float]:
@@ -228,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
                         "rate, |delta a|, (delta a)^2, the jump rate, the near-zero rate, the xyz norm and its square; "
                         "the running std; the current a_t and |delta a_t|; default all of these): which statistics "
                         "carry the ceiling. 'dhist' / 'ahist': running histograms of delta a / |a| over the behavior "
-                        "model's change-term bins")
+                        "model's change-term bins; 'turn' / 'rev': running mean of delta a_t * delta a_{t-1} and the "
+                        "reversal rate (that product < 0)")
     p.add_argument("--change-nll", action="store_true",
                    help="also print the val NLL per step of the action-change bins under train histograms (one for all, "
                         "per family, per policy): the references for the behavior model's change term")

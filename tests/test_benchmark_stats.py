@@ -70,6 +70,9 @@ def test_behavior_ceiling_feature_columns_name_every_column_of_the_hand_features
         want = np.stack([np.bincount(d_bins[:, j], minlength=K) / 19 for j in range(4)]).ravel()
         np.testing.assert_allclose(x[-1, cols == "dhist"], want)
         assert np.allclose(x[:, cols == "ahist"].reshape(20, 4, -1).sum(-1), 1.0)
+        d = np.diff(a, axis=0)
+        np.testing.assert_allclose(x[-1, cols == "turn"], (d[1:] * d[:-1]).sum(0) / 20)  # 0 at t <= 1
+        np.testing.assert_allclose(x[-1, cols == "rev"], (d[1:] * d[:-1] < 0).sum(0) / 20)
 
 
 def test_change_histogram_nll_orders_the_references():
