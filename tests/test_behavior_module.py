@@ -273,7 +273,8 @@ def test_episodes_config_fits_with_the_change_term_on_the_actions_alone(tokenize
                                                  map_location="cpu").eval()
     m = module.model
     assert m.encoder == "window_mean" and not m.encoder_frames and m.change is not None and m.z_dim == 32
-    assert m.encoder_stats and m.prior_head.in_features == m.dim + m.stats_dim(4)
+    assert m.stat_groups == ("moments", "rates", "turns", "std")
+    assert m.prior_head.in_features == m.dim + m.stats_dim(4, m.stat_groups, 3) and m.rate_dims_R.tolist() == [0, 1, 2]
     codes = torch.randn(2, 10, *module.tokenizer.model.grid_hw((32, 32)), module.tokenizer.model.code_dim)
     acts = torch.randn(2, 10, 4)
     a2 = acts.clone()
