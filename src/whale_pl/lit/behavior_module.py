@@ -119,9 +119,9 @@ class BehaviorModule(L.LightningModule):
         ``encoder_frames``: false -- the posterior and prior read the actions alone (the decoder still sees o_t).
         ``encoder_stats``: the z heads also read fixed action statistics over the steps each z has seen
         (``BehaviorModel.pooled_stats``), beside the encoder's features (either encoder): true -- the groups ``moments`` (a, a^2, |a|,
-        |da|, da^2) and ``changes`` (the histogram of da); or a list of groups, ``rates`` among them (the saturation,
+        |da|, da^2) and ``changes`` (the histogram of da); or a list of groups from those two, ``rates`` (the saturation,
         near-zero and jump rates and the norm of the raw non-gripper actions; raw units from data_spec's
-        action_mean / action_std, bound 1).
+        action_mean / action_std, bound 1), ``turns`` (da_t * da_{t-1} and the reversal rate) and ``std``.
         ``beta``: KL weight; ``prior_decode``: weight of the action NLL decoded from the prior's z_{t-1}
         (``BehaviorModel.loss``; 0: the plain beta-VAE loss); ``marginal_decode``: weight of the observation-free
         action likelihood p(a_t, a_t - a_{t-1} | z) (``BehaviorModel.marginal_nll``; 0: off); ``change_decode`` /

@@ -22,7 +22,8 @@ free bits (a floor per z dimension on the batch-mean KL) against posterior colla
 z further; the change term (``change_nll``: the histogram of a_t - a_{t-1} read linearly from z, with neither o_t nor
 a_{t-1} to explain the changes away) with the ``window_mean`` encoder over the actions alone is what
 ``stages/demo/behavior_episodes.yaml`` uses (docs/findings.md, stage 2). With ``encoder_stats`` the z heads also read
-the running mean of fixed per-step action statistics (``step_stats``: moments and the change histogram).
+fixed statistics of the actions each z has seen (``pooled_stats``: moments, change histogram, raw-unit saturation /
+rest / jump rates, reversals, std -- groups chosen in the config).
 """
 
 from __future__ import annotations
@@ -331,7 +332,7 @@ class BehaviorModel(nn.Module):
 
     @staticmethod
     def stats_dim(action_dim: int, groups: tuple[str, ...] = DEFAULT_STAT_GROUPS, n_rate: int | None = None) -> int:
-        """Width of ``step_stats`` for these groups: ``moments`` a, a^2, |a|, |da|, da^2 per dim; ``changes`` the
+        """Width of ``pooled_stats`` for these groups: ``moments`` a, a^2, |a|, |da|, da^2 per dim; ``changes`` the
         one-hot bin of da over ``CHANGE_EDGES`` per dim; ``rates`` per rate dim the at-bound and near-zero
         indicators, then the jump indicator, the norm and its square over the rate dims; ``turns`` da_t * da_{t-1} and
         whether it is < 0 (a reversal) per dim; ``std`` the standard deviation of a per dim."""
