@@ -13,6 +13,7 @@ more episodes per policy (same seed), N = 4 is exactly the demo's training set a
 
     .venv/bin/python benchmarks/behavior_supervised.py                          # demo data, seed 0
     .venv/bin/python benchmarks/behavior_supervised.py --data-config D.yaml --per-policy 8
+    .venv/bin/python benchmarks/behavior_supervised.py --encoder-stats moments rates turns std   # the config's z heads
 
 Last line: ``behavior_supervised_acc: <val accuracy of the issue's probe on the supervised z_t> fraction``.
 """
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from whale_pl.analysis.probe import accuracy_by_history, fit_linear_probe
-from whale_pl.models.behavior import BehaviorModel
+from whale_pl.models.behavior import STAT_GROUPS, BehaviorModel
 from whale_pl.rollout.retracing import ActionNormaliser
 
 
@@ -58,12 +59,14 @@ def prior_z(model: BehaviorModel, actions_BTA: torch.Tensor) -> torch.Tensor:
 
 
 def train_supervised(a_tr: torch.Tensor, y_tr: torch.Tensor, n_classes: int, z_dim: int, steps: int, t_min: int,
-                     seed: int, batch: int = 16, lr: float = 1e-3) -> tuple[BehaviorModel, torch.nn.Linear]:
-    """The prior and a linear classifier on its z_t, trained together with the family labels at every t >= t_min."""
+                     seed: int, batch: int = 16, lr: float = 1e-3, stats: dict | None = None
+                     ) -> tuple[BehaviorModel, torch.nn.Linear]:
+    """The prior and a linear classifier on its z_t, trained together with the family labels at every t >= t_min.
+    ``stats``: ``BehaviorModel``'s ``encoder_stats`` arguments (the groups, and for ``rates`` the raw-unit scale)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = BehaviorModel(code_dim=1, action_dim=a_tr.shape[-1], grid_tokens=1, z_dim=z_dim, encoder="window_mean",
-                          encoder_frames=False, action_deltas=True)
+                          encoder_frames=False, action_deltas=True, **(stats or {}))
     cls = torch.nn.Linear(z_dim, n_classes)
     params = list(model.prior_in.parameters()) + list(model.prior_local.parameters()) + \
         list(model.prior_head.parameters()) + list(cls.parameters())
@@ -88,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--encoder-stats", nargs="+", default=[], choices=STAT_GROUPS,
+                   help="fixed statistics the z head also reads, as the stage's encoder_stats (default none; the "
+                        "episodes config's: moments rates turns std)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from whale_pl.data.datamodule import MetaWorldDataModule
@@ -98,7 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     a_tr, y_tr = split_tensors(dm.episodes(split="train"), families, nz, a.clip_len, a.per_policy)
     a_va, y_va = split_tensors(dm.episodes(split="val"), families, nz, a.clip_len)
     t0 = time.time()
-    model, cls = train_supervised(a_tr, y_tr, len(families), a.z_dim, a.steps, a.t_min, a.seed)
+    stats = None
+    if a.encoder_stats:
+        from whale_pl.lit.behavior_module import BehaviorModule
+
+        stats = dict(encoder_stats=a.encoder_stats, **BehaviorModule._rate_args(dm.data_spec, a.encoder_stats))
+    model, cls = train_supervised(a_tr, y_tr, len(families), a.z_dim, a.steps, a.t_min, a.seed, stats=stats)
     with torch.no_grad():
         z_tr, z_va = prior_z(model, a_tr)[:, a.t_min:], prior_z(model, a_va)[:, a.t_min:]
         direct = (cls(z_va).argmax(-1) == y_va[:, None]).double().mean().item()
@@ -108,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     ok = (probe.predict(z_va.flatten(0, 1)) == yv).numpy()
     hist = np.tile(np.arange(a.t_min, a.clip_len), len(y_va))
     print(f"{a.data_config}: {len(y_tr)} train / {len(y_va)} val episodes, seed {a.seed}, {a.steps} steps, "
-          f"{time.time() - t0:.0f}s | classifier val {direct:.3f} | probe train {probe.accuracy(z_tr.flatten(0, 1), yt):.3f}"
+          f"{time.time() - t0:.0f}s, encoder_stats {a.encoder_stats or 'none'} | classifier val {direct:.3f} | probe train {probe.accuracy(z_tr.flatten(0, 1), yt):.3f}"
           f" val {ok.mean():.3f}")
     print("  val accuracy by history:", accuracy_by_history(ok, hist))
     print("  val accuracy per family:", ", ".join(f"{f} {ok[yv.numpy() == k].mean():.2f}" for k, f in enumerate(families)

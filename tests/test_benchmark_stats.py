@@ -247,3 +247,9 @@ def test_behavior_supervised_keeps_the_first_episodes_per_policy_and_learns_the_
     with torch.no_grad():
         pred = cls(bs.prior_z(model, a_all)[:, 4:]).argmax(-1)
     assert (pred == y_all[:, None]).double().mean().item() > 0.9  # the held-out episodes 4, 5 too
+    stats = dict(encoder_stats=["moments", "turns", "std"])  # --encoder-stats: the z head also reads them
+    model, cls = bs.train_supervised(a4, y4, 2, z_dim=4, steps=60, t_min=4, seed=0, batch=8, lr=3e-3, stats=stats)
+    assert model.stat_groups == ("moments", "turns", "std")
+    with torch.no_grad():
+        pred = cls(bs.prior_z(model, a_all)[:, 4:]).argmax(-1)
+    assert (pred == y_all[:, None]).double().mean().item() > 0.9
