@@ -106,9 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     stats = None
     if a.encoder_stats:
-        from whale_pl.lit.behavior_module import BehaviorModule
+        from whale_pl.lit.behavior_module import rate_args
 
-        stats = dict(encoder_stats=a.encoder_stats, **BehaviorModule._rate_args(dm.data_spec, a.encoder_stats))
+        stats = dict(encoder_stats=a.encoder_stats, **rate_args(dm.data_spec, a.encoder_stats))
     model, cls = train_supervised(a_tr, y_tr, len(families), a.z_dim, a.steps, a.t_min, a.seed, stats=stats)
     with torch.no_grad():
         z_tr, z_va = prior_z(model, a_tr)[:, a.t_min:], prior_z(model, a_va)[:, a.t_min:]

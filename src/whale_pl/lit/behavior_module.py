@@ -20,6 +20,7 @@ import hashlib
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torchmetrics.utilities.distributed import gather_all_tensors
 
@@ -28,6 +29,7 @@ from whale_pl.lit.handoff import HandoffError, check_data_spec, freeze_, load_fr
 from whale_pl.lit.init_from import maybe_init_from
 from whale_pl.lit.optim import adamw_warmup_cosine
 from whale_pl.models.behavior import CHANGE_EDGES, LEVEL_EDGES, BehaviorModel, stat_groups
+from whale_pl.rollout.retracing import ActionNormaliser
 
 # keys of data_spec the behavior model must agree on with its tokenizer and with the data
 SPEC_KEYS = ("frame_size", "action_dim", "action_space", "action_mean", "action_std", "state_dim")
@@ -46,6 +48,17 @@ def encode_frames_alone(tok: torch.nn.Module, frames_TCHW: torch.Tensor, batch_f
     device = next(tok.parameters()).device
     return torch.cat([tok.encode(frames_to_unit(frames_TCHW[i : i + batch_frames, None].to(device)))[:, 0]
                       for i in range(0, len(frames_TCHW), batch_frames)])
+
+
+def rate_args(data_spec: dict, encoder_stats: bool | list[str]) -> dict:
+    """``BehaviorModel``'s raw-unit scale for the ``rates`` statistics (nothing when they are off): the data's action
+    normalisation (``ActionNormaliser``: its mean, std and the normalised, i.e. non-gripper, dims) at the model's clock --
+    one model step composes ``frame_stride`` recorded steps, so its mean offset and action bound scale with it."""
+    if "rates" not in stat_groups(encoder_stats):
+        return {}
+    nz = ActionNormaliser.from_data_spec(data_spec)
+    return dict(action_mean=(nz.base * nz.mean).tolist(), action_std=nz.std.tolist(),
+                rate_dims=np.flatnonzero(nz.mask).tolist(), action_bound=float(nz.base))
 
 
 def tokenizer_fingerprint(module: torch.nn.Module) -> str:
@@ -118,10 +131,10 @@ class BehaviorModule(L.LightningModule):
         window MLP and head), not a second network; the KL then asks the posterior to say the same from any prefix.
         ``encoder_frames``: false -- the posterior and prior read the actions alone (the decoder still sees o_t).
         ``encoder_stats``: the z heads also read fixed action statistics over the steps each z has seen
-        (``BehaviorModel.pooled_stats``), beside the encoder's features (either encoder): true -- the groups ``moments`` (a, a^2, |a|,
-        |da|, da^2) and ``changes`` (the histogram of da); or a list of groups from those two, ``rates`` (the saturation,
-        near-zero and jump rates and the norm of the raw non-gripper actions; raw units from data_spec's
-        action_mean / action_std, bound 1), ``turns`` (da_t * da_{t-1} and the reversal rate) and ``std``.
+        (``BehaviorModel.pooled_stats``), beside the encoder's features (either encoder): true -- the groups
+        ``moments`` (a, a^2, |a|, |da|, da^2) and ``changes`` (the histogram of da); or a list of groups from those
+        two, ``rates`` (the saturation, near-zero and jump rates and the norm of the raw non-gripper actions;
+        ``rate_args``), ``turns`` (da_t * da_{t-1} and the reversal rate) and ``std``.
         ``beta``: KL weight; ``prior_decode``: weight of the action NLL decoded from the prior's z_{t-1}
         (``BehaviorModel.loss``; 0: the plain beta-VAE loss); ``marginal_decode``: weight of the observation-free
         action likelihood p(a_t, a_t - a_{t-1} | z) (``BehaviorModel.marginal_nll``; 0: off); ``change_decode`` /
@@ -176,7 +189,7 @@ class BehaviorModule(L.LightningModule):
             modulate_outliers=modulate_outliers, marginal_head=marginal_decode > 0, encoder_frames=encoder_frames,
             change_edges=tuple(change_edges or CHANGE_EDGES) if change_on else None,
             level_edges=LEVEL_EDGES if change_levels else None,
-            **self._rate_args(data_spec, encoder_stats),
+            **rate_args(data_spec, encoder_stats),
         )
         if decoder_state and not self.model.decoder_state_dim:
             raise ValueError("decoder_state: true needs data with a low-dimensional state (data_spec state_dim > 0)")
@@ -188,21 +201,6 @@ class BehaviorModule(L.LightningModule):
         self._val_family: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ hand-off
-    @staticmethod
-    def _rate_args(data_spec: dict, encoder_stats: bool | list[str]) -> dict:
-        """The raw-unit scale the ``rates`` statistics need: data_spec's action normalisation, over the non-gripper
-        dims (the gripper is not normalised and its open / close command is no rate of motion)."""
-        if "rates" not in stat_groups(encoder_stats):
-            return {}
-        missing = [k for k in ("action_mean", "action_std", "action_space") if k not in data_spec]
-        if missing:
-            raise ValueError(f"encoder_stats 'rates' needs data_spec {missing} (the raw action units); data_spec has "
-                             f"{sorted(data_spec)}")
-        gi = data_spec["action_space"].get("gripper_index")
-        dims = [i for i in range(int(data_spec["action_dim"])) if i != gi]
-        return dict(action_mean=[float(x) for x in data_spec["action_mean"]],
-                    action_std=[float(x) for x in data_spec["action_std"]], rate_dims=dims)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The tokenizer's weights are not duplicated here: only its path and sha256 (hparams)."""
         stamp_class(checkpoint, self)

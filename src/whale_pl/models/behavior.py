@@ -184,7 +184,6 @@ class BehaviorModel(nn.Module):
     ) -> None:
         super().__init__()
         self.stat_groups = stat_groups(encoder_stats)
-        self.encoder_stats = bool(self.stat_groups)
         if "rates" in self.stat_groups:  # thresholds apply to raw actions: undo the data's fixed normalisation
             if action_mean is None or action_std is None:
                 raise ValueError("encoder_stats 'rates' needs the data's action_mean and action_std (raw-unit thresholds)")
@@ -384,7 +383,7 @@ class BehaviorModel(nn.Module):
 
     def _with_stats(self, pooled: torch.Tensor, actions_BTA: torch.Tensor, running: bool) -> torch.Tensor:
         """The pooled window features, with ``encoder_stats`` followed by the fixed statistics (``pooled_stats``)."""
-        if not self.encoder_stats:
+        if not self.stat_groups:
             return pooled
         return torch.cat([pooled.float(), self.pooled_stats(actions_BTA, running)], dim=-1)
 
