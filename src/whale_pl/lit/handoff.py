@@ -30,7 +30,16 @@ M = TypeVar("M", bound=nn.Module)
 
 
 class HandoffError(RuntimeError):
-    """A stage checkpoint cannot be handed to the next stage (missing, wrong class, mismatched)."""
+    """A stage checkpoint cannot be handed to the next stage (missing, wrong class, mismatched).
+
+    The newest one raised is kept (``HandoffError.last``), so that a command line that reports errors
+    through another library's output can still print the project's own message last (``cli.py``)."""
+
+    last: "HandoffError | None" = None
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        HandoffError.last = self
 
 
 def qualified_name(cls: type) -> str:
@@ -83,11 +92,12 @@ def is_frozen(module: nn.Module) -> bool:
     return bool(getattr(module, "whale_frozen", False))
 
 
-def _values_equal(a: Any, b: Any) -> bool:
+def values_equal(a: Any, b: Any) -> bool:
+    """Equal as plain data (floats to 1e-5 relative, sequences and mappings item by item)."""
     if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(_values_equal(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(values_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_values_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(values_equal(x, y) for x, y in zip(a, b))
     if isinstance(a, float) or isinstance(b, float):
         try:
             return math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=1e-7)
@@ -114,7 +124,7 @@ def check_data_spec(
             raise HandoffError(f"{where}: current data_spec has no key {k!r} to compare")
         if k not in stored:
             bad.append(f"{k}: missing in checkpoint, current {current[k]!r}")
-        elif not _values_equal(stored[k], current[k]):
+        elif not values_equal(stored[k], current[k]):
             bad.append(f"{k}: checkpoint {stored[k]!r} != current {current[k]!r}")
     if bad:
         raise HandoffError(f"{where}: data_spec mismatch: " + "; ".join(bad))
@@ -163,27 +173,11 @@ def load_frozen(
     ``expect`` item (e.g. ``{"codebook_size": 1024}``) equals the loaded module's attribute /
     ``.model`` attribute / hyper-parameter of that name.
     """
-    path = Path(path)
+    from whale_pl.lit.checkpoint import load_module, read_checkpoint
+
     where = f"stage checkpoint {str(path)!r}"
-    if not path.is_file():
-        raise HandoffError(f"{where} does not exist (train the earlier stage first, or fix the path)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - re-raised with the path
-        raise HandoffError(f"{where} cannot be read: {type(e).__name__}: {e}") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise HandoffError(f"{where} is not a Lightning checkpoint (no 'state_dict')")
-    want = qualified_name(expected_cls)
-    got = ckpt.get(CLASS_KEY)
-    if got is not None and got != want:
-        raise HandoffError(f"{where} holds a {got}, expected a {want}")
-    try:
-        with own_hparams():
-            module = expected_cls.load_from_checkpoint(path, map_location=map_location, strict=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the path
-        raise HandoffError(
-            f"{where} does not load into {want} (class stamp: {got or 'none'}): {type(e).__name__}: {e}"
-        ) from e
+    ckpt = read_checkpoint(path, where)
+    module = load_module(path, expected_cls, where=where, map_location=map_location, ckpt=ckpt)
     if data_spec is not None:
         check_data_spec(ckpt.get("hyper_parameters", {}).get("data_spec"), data_spec, where, data_spec_keys)
     for name, value in (expect or {}).items():
@@ -191,6 +185,6 @@ def load_frozen(
             have = _lookup(module, name)
         except HandoffError as e:
             raise HandoffError(f"{where}: {e}") from None
-        if not _values_equal(have, value):
+        if not values_equal(have, value):
             raise HandoffError(f"{where}: {name} is {have!r}, expected {value!r}")
     return freeze_(module)

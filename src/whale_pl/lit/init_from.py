@@ -25,8 +25,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from whale_pl.lit.handoff import (CLASS_KEY, FACTS_KEY, HandoffError, _values_equal, is_frozen, model_facts,
-                                  qualified_name)
+from whale_pl.lit.checkpoint import migrate_hparams, read_checkpoint
+from whale_pl.lit.handoff import (CLASS_KEY, FACTS_KEY, HandoffError, is_frozen, model_facts, qualified_name,
+                                  values_equal)
 
 
 class InitFromError(HandoffError):
@@ -52,9 +53,27 @@ def _architecture_names(module: nn.Module) -> list[str]:
     return [n for n in inspect.signature(type(model).__init__).parameters if n != "self"]
 
 
+def _flat(hp: Mapping[str, Any]) -> dict[str, Any]:
+    """Hyper-parameters with the argument groups (``net``, ``optim``, ...) opened into one level."""
+    out: dict[str, Any] = {}
+    for k, v in hp.items():
+        if k == "net" and isinstance(v, Mapping):
+            out.update(v)
+        else:
+            out[k] = v
+    return out
+
+
 def _fmt_keys(keys: Sequence[str], n: int = 4) -> str:
     keys = sorted(keys)
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _migrate(module: nn.Module, hp: Mapping[str, Any], where: str) -> dict[str, Any]:
+    try:
+        return migrate_hparams(type(module), hp, where)
+    except HandoffError as e:
+        raise InitFromError(str(e)) from None
 
 
 def check_init_compatible(
@@ -72,13 +91,13 @@ def check_init_compatible(
     problems: list[str] = []
     stored_facts = ckpt.get(FACTS_KEY) or {}
     for name, have in model_facts(module).items():
-        if name in stored_facts and not _values_equal(stored_facts[name], have):
+        if name in stored_facts and not values_equal(stored_facts[name], have):
             problems.append(f"{name} {stored_facts[name]!r} in the checkpoint != {have!r} here")
-    hp_ckpt = ckpt.get("hyper_parameters", {}) or {}
-    hp_here = getattr(module, "hparams", {})
+    hp_ckpt = _flat(_migrate(module, ckpt.get("hyper_parameters") or {}, where))
+    hp_here = _flat(getattr(module, "hparams", {}))
     spec_ckpt, spec_here = hp_ckpt.get("data_spec") or {}, (hp_here.get("data_spec") or {})
     for k in data_spec_keys:
-        if k in spec_ckpt and k in spec_here and not _values_equal(spec_ckpt[k], spec_here[k]):
+        if k in spec_ckpt and k in spec_here and not values_equal(spec_ckpt[k], spec_here[k]):
             problems.append(f"data_spec {k} {spec_ckpt[k]!r} in the checkpoint != {spec_here[k]!r} here")
     skip = frozen_prefixes(module)
     theirs = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(skip)}
@@ -97,7 +116,7 @@ def check_init_compatible(
         # e.g. dropout or EMA decay, may change freely when fine-tuning)
         problems = [f"hyper-parameter {n} {hp_ckpt[n]!r} in the checkpoint != {hp_here[n]!r} here"
                     for n in _architecture_names(module)
-                    if n in hp_ckpt and n in hp_here and not _values_equal(hp_ckpt[n], hp_here[n])] + problems
+                    if n in hp_ckpt and n in hp_here and not values_equal(hp_ckpt[n], hp_here[n])] + problems
     if problems:
         raise InitFromError(f"{where} does not fit this {type(module).__name__}: " + "; ".join(problems))
     return theirs
@@ -116,11 +135,9 @@ def init_from_checkpoint(
     if not path.is_file():
         raise InitFromError(f"{where} does not exist (train the pretrained stage first, or fix the path)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - re-raised with the path
-        raise InitFromError(f"{where} cannot be read: {type(e).__name__}: {e}") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise InitFromError(f"{where} is not a Lightning checkpoint (no 'state_dict')")
+        ckpt = read_checkpoint(path, where)
+    except HandoffError as e:
+        raise InitFromError(str(e)) from None
     tensors = check_init_compatible(module, ckpt, where, data_spec_keys)
     result = module.load_state_dict(tensors, strict=False)
     skip = frozen_prefixes(module)

@@ -1,0 +1,148 @@
+"""What the three stage LightningModules share: argument groups, the optimiser, checkpoints, data checks.
+
+A stage module takes its network's configuration as one nested group (``net:``, a dataclass beside
+the model) and the optimiser's as another (``optim:``, ``Optim``); both are stored in checkpoints as
+plain dicts. ``StageModule`` holds the frozen earlier stages out of its checkpoints (their paths and
+sha256 are in the hyper-parameters), stamps its class, refuses a checkpoint of another stage or other
+data on resume, checks the datamodule's ``data_spec`` at setup and records it when fitting, applies
+``init_from`` when fine-tuning, and builds AdamW with warm-up and cosine decay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import Any, ClassVar, Mapping, Sequence, TypeVar
+
+import lightning as L
+import torch
+
+from whale_pl.lit.handoff import CLASS_KEY, HandoffError, check_data_spec, freeze_, qualified_name, stamp_class
+from whale_pl.lit.init_from import maybe_init_from
+from whale_pl.lit.optim import adamw_warmup_cosine
+
+D = TypeVar("D")
+
+
+@dataclass
+class Optim:
+    """AdamW with linear warm-up and cosine decay (``lit/optim.py``)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    total_steps: int | None = None  # the schedule's length; None: the Trainer's max_steps
+    anneal_by_time: bool = False  # the cosine also follows the Trainer's max_time
+
+
+def as_group(value: D | Mapping[str, Any] | None, cls: type[D], where: str) -> D:
+    """An argument group as its dataclass, from the dataclass, a dict (YAML, checkpoint) or None (defaults)."""
+    if value is None:
+        return cls()
+    if is_dataclass(value):
+        return value  # type: ignore[return-value]
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(value).__name__}")
+    names = {f for f in cls.__dataclass_fields__}  # type: ignore[attr-defined]
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise TypeError(f"{where}: unknown key(s) {unknown}; {cls.__name__} has {sorted(names)}")
+    return cls(**value)
+
+
+def plain(group: Any) -> dict[str, Any]:
+    """A group as a plain dict (what a checkpoint stores)."""
+    d = asdict(group) if is_dataclass(group) else dict(group)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+class StageModule(L.LightningModule):
+    """Base of the stage modules: groups, optimiser, checkpoint hooks and the data_spec contract."""
+
+    GROUPS: ClassVar[dict[str, type]] = {"optim": Optim}
+    RENAMED: ClassVar[dict[str, str]] = {}  # old hyper-parameter name -> today's
+    RETIRED: ClassVar[dict[str, Any]] = {}  # removed option -> the default it had
+    FROZEN: ClassVar[tuple[str, ...]] = ()  # attributes holding frozen earlier stages
+    SPEC_KEYS: ClassVar[Sequence[str] | None] = ()  # data_spec keys this stage must agree on (None: all)
+
+    def init_groups(self, **groups: Any) -> dict[str, Any]:
+        """Each group as its dataclass; also stores them in the hyper-parameters as plain dicts."""
+        out = {}
+        for name, value in groups.items():
+            out[name] = as_group(value, self.GROUPS[name], f"{type(self).__name__}.{name}")
+            self.hparams[name] = plain(out[name])
+        return out
+
+    @property
+    def optim(self) -> Optim:
+        """The optimiser group."""
+        return as_group(self.hparams.get("optim"), Optim, "optim")
+
+    def configure_optimizers(self) -> dict:
+        o = self.optim
+        return adamw_warmup_cosine(self, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
+                                   warmup_steps=o.warmup_steps, total_steps=o.total_steps,
+                                   min_lr_ratio=o.min_lr_ratio, anneal_by_time=o.anneal_by_time)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def frozen_stages(self) -> dict[str, torch.nn.Module]:
+        """The frozen earlier stages this module holds, by state-dict prefix."""
+        return {f"{n}.": getattr(self, n) for n in self.FROZEN if getattr(self, n, None) is not None}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Stamp the class; leave the frozen stages out (their paths and sha256 are hyper-parameters)."""
+        stamp_class(checkpoint, self)
+        prefixes = tuple(f"{n}." for n in self.FROZEN)
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if prefixes and k.startswith(prefixes)]:
+            del sd[k]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse another stage's checkpoint or other data; put the frozen stages back for a strict load."""
+        got, want = checkpoint.get(CLASS_KEY), qualified_name(type(self))
+        if got is not None and got != want:
+            raise HandoffError(f"checkpoint holds a {got}, but this run trains a {want}: resume from a checkpoint "
+                               f"of the same stage")
+        stored = (checkpoint.get("hyper_parameters") or {}).get("data_spec")
+        mine = self.hparams.get("data_spec")
+        if stored is not None and mine is not None:
+            keys = self.spec_keys(mine)
+            check_data_spec(stored, mine, f"{type(self).__name__} checkpoint (its data_spec vs this run's)", keys)
+        sd = checkpoint["state_dict"]
+        for prefix, module in self.frozen_stages().items():
+            for k, v in module.state_dict().items():
+                sd.setdefault(prefix + k, v)
+            freeze_(module)
+
+    # ---- data contract -------------------------------------------------------------------------
+    def spec_keys(self, spec: Mapping[str, Any]) -> list[str] | None:
+        """The keys of ``spec`` this stage compares (None: all)."""
+        return None if self.SPEC_KEYS is None else [k for k in self.SPEC_KEYS if k in spec]
+
+    def check_data(self, spec: Mapping[str, Any], where: str) -> None:
+        """Raise when the datamodule's data_spec does not fit this module (stages add their own checks)."""
+        if self.hparams.get("data_spec") is not None:
+            check_data_spec(self.hparams["data_spec"], spec, where, self.spec_keys(spec))
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        spec = getattr(dm, "data_spec", None)
+        if spec is None and self.hparams.get("data_spec") is None:
+            raise ValueError(f"{type(self).__name__} needs a datamodule with a data_spec (docs/contracts.md)")
+        if spec is not None:
+            self.check_data(spec, f"{type(self).__name__} (its data_spec vs datamodule {type(dm).__name__}'s)")
+            if stage == "fit":  # the checkpoint describes the data it is trained on (its clock included)
+                self.hparams["data_spec"] = dict(spec)
+        maybe_init_from(self, stage, data_spec_keys=self.init_from_spec_keys())
+
+    def init_from_spec_keys(self) -> Sequence[str]:
+        """data_spec keys an ``init_from`` checkpoint must share (fine-tuning may change the rest)."""
+        return ()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """Rebuild from a checkpoint safely (``lit/checkpoint.py``: no unpickling; older arguments mapped)."""
+        from whale_pl.lit.checkpoint import load_module
+
+        return load_module(checkpoint_path, cls, map_location=map_location or "cpu", **kwargs)

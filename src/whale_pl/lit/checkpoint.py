@@ -1,0 +1,107 @@
+"""Reading stage checkpoints: tensors and plain data only, and older hyper-parameters mapped onto today's.
+
+Every entry point that opens a checkpoint (stage hand-off, ``init_from``, evaluation, resume) reads it
+with ``read_checkpoint``, which never unpickles Python objects (``torch.load(weights_only=True)``): a
+checkpoint a user hands over cannot run code. ``load_module`` rebuilds a stage module from a checkpoint's
+own hyper-parameters. A checkpoint written before a module's arguments were grouped (``net``, ``optim``,
+...) still loads: ``migrate_hparams`` moves each flat argument into its group, and refuses, naming it,
+an option that whale_pl no longer has when the checkpoint used it with a value other than its default.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import torch
+from torch import nn
+
+from whale_pl.lit.handoff import CLASS_KEY, HandoffError, own_hparams, qualified_name, values_equal
+
+M = TypeVar("M", bound=nn.Module)
+CLI_KEYS = ("_class_path", "_instantiator")  # what LightningCLI adds to the hyper-parameters
+
+
+def read_checkpoint(path: str | Path, where: str | None = None) -> dict[str, Any]:
+    """The checkpoint at ``path`` as tensors and plain data, or ``HandoffError`` naming the file."""
+    path = Path(path)
+    where = where or f"checkpoint {str(path)!r}"
+    if not path.is_file():
+        raise HandoffError(f"{where} does not exist (train that stage first, or fix the path)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HandoffError(f"{where} holds Python objects other than tensors and plain data; whale_pl does not "
+                           f"unpickle them, since unpickling can run code ({first})") from None
+    except Exception as e:  # noqa: BLE001 - re-raised with the path
+        raise HandoffError(f"{where} cannot be read: {type(e).__name__}: {e}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise HandoffError(f"{where} is not a Lightning checkpoint (no 'state_dict')")
+    return ckpt
+
+
+def _group_fields(cls: type) -> dict[str, str]:
+    """Argument name -> the group (``net``, ``optim``, ...) of ``cls`` whose dataclass has that field."""
+    out: dict[str, str] = {}
+    for group, dc in getattr(cls, "GROUPS", {}).items():
+        for f in fields(dc):
+            out.setdefault(f.name, group)
+    return out
+
+
+def migrate_hparams(cls: type, hparams: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A checkpoint's hyper-parameters as arguments of today's ``cls``: flat names moved into their
+    group, renamed ones renamed, retired ones dropped when at their default and refused otherwise."""
+    import inspect
+
+    params = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    groups, renamed, retired = getattr(cls, "GROUPS", {}), getattr(cls, "RENAMED", {}), getattr(cls, "RETIRED", {})
+    owner = _group_fields(cls)
+    out: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {g: {} for g in groups}
+    for key, value in hparams.items():
+        if key in CLI_KEYS:
+            continue
+        key = renamed.get(key, key)
+        if key in groups and isinstance(value, Mapping):
+            nested[key].update(value)
+        elif key in retired:
+            if not values_equal(value, retired[key]):
+                raise HandoffError(
+                    f"{where} was trained with {key}={value!r}, an option {cls.__name__} no longer has (its default "
+                    f"was {retired[key]!r}); load it with a whale_pl release that has it, e.g. commit cf14e40")
+        elif key in params:
+            out[key] = value
+        elif key in owner:
+            nested[owner[key]][key] = value
+        else:
+            raise HandoffError(f"{where}: hyper-parameter {key!r} is not an argument of {cls.__name__}")
+    out.update({g: v for g, v in nested.items() if v})
+    return out
+
+
+def load_module(path: str | Path, cls: type[M], where: str | None = None, map_location: str | torch.device = "cpu",
+                ckpt: Mapping[str, Any] | None = None, **overrides: Any) -> M:
+    """Rebuild a stage module of class ``cls`` from the checkpoint at ``path`` (or its contents already
+    read, ``ckpt``): its own hyper-parameters, ``overrides`` on top; weights loaded strictly."""
+    where = where or f"stage checkpoint {str(path)!r}"
+    ckpt = read_checkpoint(path, where) if ckpt is None else ckpt
+    want, got = qualified_name(cls), ckpt.get(CLASS_KEY)
+    if got is not None and got != want:
+        raise HandoffError(f"{where} holds a {got}, expected a {want}")
+    hp = migrate_hparams(cls, ckpt.get("hyper_parameters") or {}, where)
+    hp.update(overrides)
+    try:
+        with own_hparams():
+            module = cls(**hp)
+        module.on_load_checkpoint(ckpt)
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except HandoffError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised with the path
+        raise HandoffError(f"{where} does not load into {want} (class stamp: {got or 'none'}): "
+                           f"{type(e).__name__}: {e}") from None
+    return module.to(map_location)
