@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 SUBCOMMANDS = {
     "eval": "whale_pl.eval_cli",
@@ -32,12 +33,47 @@ def _dispatch(name: str, argv: list[str]) -> int | None:
     return mod.main(argv)
 
 
+def _resume_check(cli, ckpt_path: str) -> dict | None:
+    """The hyper-parameters of a resume checkpoint as this run's model arguments, after refusing a
+    checkpoint of another stage (LightningCLI would otherwise rebuild the checkpoint's class)."""
+    from whale_pl.lit.checkpoint import CLI_KEYS, migrate_hparams, read_checkpoint
+    from whale_pl.lit.handoff import CLASS_KEY, HandoffError
+
+    where = f"--ckpt_path {ckpt_path!r}"
+    ckpt = read_checkpoint(ckpt_path, where)
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    model_cfg = cli.config[cli.config.subcommand].get("model")
+    want = getattr(model_cfg, "class_path", None)
+    got = ckpt.get(CLASS_KEY) or hp.get("_class_path")
+    if want and got and got != want:
+        raise HandoffError(f"{where} holds a {got}, but the config trains a {want}: resume a run from its own "
+                           f"checkpoints/last.ckpt")
+    if not hp or not want:
+        return None
+    module, _, name = want.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return {"class_path": want, "dict_kwargs": migrate_hparams(cls, {k: v for k, v in hp.items() if k not in CLI_KEYS},
+                                                              where)}
+
+
 def lightning_cli(argv: list[str], run: bool = True):
     """Build the LightningCLI over any LightningModule / LightningDataModule named in the config."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
-    return LightningCLI(
+    class WhaleCLI(LightningCLI):
+        """LightningCLI whose resume checks the checkpoint's stage and reads it without unpickling."""
+
+        def _parse_ckpt_path(self) -> None:
+            sub = self.config.get("subcommand")
+            path = self.config[sub].get("ckpt_path") if sub else None
+            if not path or not Path(path).is_file():
+                return
+            hp = _resume_check(self, path)
+            if hp is not None:
+                self.config = self.parser.parse_object({sub: {"model": hp}}, self.config)
+
+    return WhaleCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -46,6 +82,22 @@ def lightning_cli(argv: list[str], run: bool = True):
         run=run,
         save_config_kwargs={"overwrite": True},
     )
+
+
+def _run_lightning(argv: list[str]) -> int:
+    """Run a Lightning subcommand; the project's own error, when one stopped it, is printed last and alone."""
+    from whale_pl.lit.handoff import HandoffError
+
+    HandoffError.last = None
+    try:
+        lightning_cli(argv)
+    except HandoffError as e:
+        raise SystemExit(f"\nwhale: error: {e}") from None
+    except (SystemExit, Exception) as e:  # jsonargparse reports it inside its own (long) message
+        if not (isinstance(e, SystemExit) and e.code in (0, None)) and HandoffError.last is not None:
+            raise SystemExit(f"\nwhale: error: {HandoffError.last}") from None
+        raise
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int | None:
@@ -64,8 +116,7 @@ def main(argv: list[str] | None = None) -> int | None:
             f"whale: unknown subcommand {argv[0]!r}; expected one of "
             f"{', '.join(LIGHTNING_SUBCOMMANDS + tuple(SUBCOMMANDS))}"
         )
-    lightning_cli(argv)
-    return 0
+    return _run_lightning(argv)
 
 
 if __name__ == "__main__":
