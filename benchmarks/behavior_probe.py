@@ -1,4 +1,4 @@
-"""Linear-probe accuracy of the behavior prior's z_t on held-out episodes (issue 5's quality target).
+"""Linear-probe accuracy of the behavior prior's z_t on held-out episodes (stage 2's quality measure).
 
 For each behavior checkpoint: cut every episode of the dataset into clips of ``--clip-len`` steps
 (hop ``--hop``), run the frozen tokenizer and the causal prior on each clip, and keep the prior mean
