@@ -37,13 +37,12 @@ def tokenizer_ckpt(tiny_data_yaml, tmp_path_factory) -> Path:
     return out / "best.ckpt"
 
 
-def _fit_cli(tokenizer_ckpt: Path, data_yaml: Path, run_root: Path, extra: list[str] = (),
-             config: str = "stages/demo/behavior.yaml") -> None:
-    """`whale fit --config stages/demo/behavior.yaml` (or ``config``) with tiny-data overrides."""
+def _fit_cli(tokenizer_ckpt: Path, data_yaml: Path, run_root: Path) -> None:
+    """`whale fit --config stages/demo/behavior.yaml` with tiny-data overrides."""
     from whale_pl.cli import main
 
     main([
-        "fit", "--config", config,
+        "fit", "--config", "stages/demo/behavior.yaml",
         "--model.init_args.tokenizer_ckpt", str(tokenizer_ckpt),
         "--model.init_args.expect_codebook_size", "32",
         "--model.init_args.dim", "32", "--model.init_args.decoder_hidden", "32",
@@ -52,7 +51,6 @@ def _fit_cli(tokenizer_ckpt: Path, data_yaml: Path, run_root: Path, extra: list[
         "--data.init_args.steps_per_epoch", "4", "--data.init_args.val_steps", "2",
         "--trainer.max_steps", "8", "--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(run_root),
-        *extra,
     ])
 
 
@@ -218,66 +216,37 @@ def test_decoder_prev_action_reaches_the_model(tokenizer_ckpt):
     assert on.model.decoder[0].in_features == off.model.decoder[0].in_features + 4  # + a_{t-1}
 
 
-def test_action_likelihood_reaches_the_model(tokenizer_ckpt):
+def test_checkpoints_with_retired_options_load_when_neutral_and_name_them_otherwise(fitted, tmp_path):
+    """A checkpoint of an earlier version that recorded a retired option at its neutral value loads; one trained
+    with a retired option on fails with an error naming that option."""
     from whale_pl.lit.behavior_module import BehaviorModule
 
-    mix = BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16, action_likelihood="mixture",
-                         mixture_k=3)
-    assert mix.model.action_likelihood == "mixture" and mix.model.decoder[-1].out_features == 3 * (1 + 2 * 4)
-    assert BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16).model.action_likelihood == "gaussian"
-    mod = BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16, decoder_z="modulate")
-    assert mod.model.decoder_z == "modulate" and mod.model.modulator.in_features == 16
-    assert BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16).model.decoder_z == "input"
+    run, _ = fitted
+    raw = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    raw["hyper_parameters"].update(action_likelihood="gaussian", encoder_stats=False, change_decode=0.0, window=4)
+    torch.save(raw, tmp_path / "neutral.ckpt")
+    assert load_frozen(tmp_path / "neutral.ckpt", BehaviorModule).model.z_dim == raw["hyper_parameters"]["z_dim"]
+    raw["hyper_parameters"].update(encoder="window_mean", encoder_stats=["moments"])
+    torch.save(raw, tmp_path / "retired.ckpt")
+    with pytest.raises(HandoffError, match=r"retired option\(s\) encoder='window_mean', encoder_stats=\['moments'\]"):
+        load_frozen(tmp_path / "retired.ckpt", BehaviorModule)
 
 
-def test_change_term_options_reach_the_model(tokenizer_ckpt):
-    from whale_pl.lit.behavior_module import BehaviorModule
-    from whale_pl.models.behavior import CHANGE_EDGES, LEVEL_EDGES
+def test_probe_benchmark_runs_every_report_and_ends_with_its_figure(fitted, tiny_data_yaml, capsys):
+    """``benchmarks/behavior_probe.py`` on a fitted checkpoint: every optional report prints, and the last line is
+    ``behavior_probe_acc: <value> fraction`` with the val accuracy of the headline line."""
+    import importlib.util
+    import re
 
-    on = BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16, change_decode_prior=1.0,
-                        change_levels=True)
-    assert on.model.change.out_features == 4 * (len(CHANGE_EDGES) + 1)
-    assert on.model.level.out_features == 4 * (len(LEVEL_EDGES) + 1)
-    off = BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16)
-    assert off.model.change is None and off.model.level is None
-    with pytest.raises(ValueError, match="change_levels: true is part of the change term"):
-        BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16, change_levels=True)
-
-
-def test_rate_statistics_take_the_raw_units_from_the_data_spec(tokenizer_ckpt):
-    """``encoder_stats: [moments, rates]``: the model gets data_spec's action normalisation for the non-gripper dims,
-    so its rates are in the raw units the collector clipped at."""
-    from whale_pl.lit.behavior_module import BehaviorModule
-
-    mod = BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16, encoder="window_mean",
-                         encoder_stats=["moments", "rates"])
-    spec, m = mod.hparams.data_spec, mod.model
-    gi = spec["action_space"]["gripper_index"]
-    dims = [i for i in range(4) if i != gi]
-    assert m.rate_dims_R.tolist() == dims and m.stat_groups == ("moments", "rates")
-    assert torch.allclose(m.rate_mean_R, torch.tensor(spec["action_mean"])[dims])
-    assert torch.allclose(m.rate_std_R, torch.tensor(spec["action_std"])[dims])
-    assert m.prior_head.in_features == 32 + m.stats_dim(4, ("moments", "rates"), 3)
-
-
-def test_episodes_config_fits_with_the_change_term_on_the_actions_alone(tokenizer_ckpt, tiny_data_yaml, tmp_path):
-    """stages/demo/behavior_episodes.yaml (issue 5's probe setting) fits through the CLI (tiny data, 24-step clips):
-    the checkpoint holds the change head, the window-mean encoder and the running action statistics the config names,
-    and z_t stays causal."""
-    torch.manual_seed(0)
-    _fit_cli(tokenizer_ckpt, tiny_data_yaml, tmp_path, config="stages/demo/behavior_episodes.yaml",
-             extra=["--data.init_args.clip_len", "24", "--data.init_args.pool_size", "4"])
-    from whale_pl.lit.behavior_module import BehaviorModule
-
-    module = BehaviorModule.load_from_checkpoint(tmp_path / "behavior_episodes" / "checkpoints" / "last.ckpt",
-                                                 map_location="cpu").eval()
-    m = module.model
-    assert m.encoder == "window_mean" and not m.encoder_frames and m.change is not None and m.z_dim == 32
-    assert m.stat_groups == ("moments", "rates", "turns", "std")
-    assert m.prior_head.in_features == m.dim + m.stats_dim(4, m.stat_groups, 3) and m.rate_dims_R.tolist() == [0, 1, 2]
-    codes = torch.randn(2, 10, *module.tokenizer.model.grid_hw((32, 32)), module.tokenizer.model.code_dim)
-    acts = torch.randn(2, 10, 4)
-    a2 = acts.clone()
-    a2[:, 6:] += 1.0
-    z, z2 = m.prior(codes, acts)[0], m.prior(codes, a2)[0]
-    assert torch.equal(z[:, :6], z2[:, :6]) and not torch.allclose(z[:, 6:], z2[:, 6:])
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "behavior_probe.py"
+    spec = importlib.util.spec_from_file_location("bench_behavior_probe", path)
+    bp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bp)
+    run, _ = fitted
+    bp.main(["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--data-config", str(tiny_data_yaml), "--clip-len", "6",
+             "--hop", "3", "--t-min", "2", "--by-policy", "--by-episode", "--layout", "--posterior"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    for what in ("val accuracy per family", "val points by policy", "val episodes:", "posterior mean", "layout:"):
+        assert any(what in line for line in lines), what
+    m = re.fullmatch(r"behavior_probe_acc: (\d\.\d{3}) fraction", lines[-1])
+    assert m and f"val (held-out episodes) {m.group(1)}" in lines[0]

@@ -23,10 +23,12 @@ class LinearProbe:
     bias_K: torch.Tensor
 
     def predict(self, x_NZ: torch.Tensor) -> torch.Tensor:
+        """The most probable class of each row, [N]."""
         x = (x_NZ.double() - self.mean_Z) / self.std_Z
         return (x @ self.weight_ZK + self.bias_K).argmax(-1)
 
     def accuracy(self, x_NZ: torch.Tensor, y_N: torch.Tensor) -> float:
+        """The share of rows whose predicted class is their label."""
         return (self.predict(x_NZ) == y_N.long()).double().mean().item()
 
 

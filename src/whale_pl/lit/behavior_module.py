@@ -20,7 +20,6 @@ import hashlib
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torchmetrics.utilities.distributed import gather_all_tensors
 
@@ -28,12 +27,18 @@ from whale_pl.analysis.probe import pca_2d, probe_accuracy, scatter_figure
 from whale_pl.lit.handoff import HandoffError, check_data_spec, freeze_, load_frozen, own_hparams, stamp_class
 from whale_pl.lit.init_from import maybe_init_from
 from whale_pl.lit.optim import adamw_warmup_cosine
-from whale_pl.models.behavior import CHANGE_EDGES, LEVEL_EDGES, BehaviorModel, stat_groups
-from whale_pl.rollout.retracing import ActionNormaliser
+from whale_pl.models.behavior import BehaviorModel
 
 # keys of data_spec the behavior model must agree on with its tokenizer and with the data
 SPEC_KEYS = ("frame_size", "action_dim", "action_space", "action_mean", "action_std", "state_dim")
 TOKENIZER_PREFIX = "tokenizer."
+# options of earlier versions of this module, with the value under which they left the model as it is now
+# (removed after cf14e40; `git show cf14e40:src/whale_pl/models/behavior.py`)
+RETIRED_OPTIONS = {
+    "action_deltas": False, "action_likelihood": "gaussian", "decoder_state": False, "encoder": "transformer",
+    "encoder_frames": True, "encoder_stats": False, "decoder_z": "input", "prior_decode": 0.0,
+    "marginal_decode": 0.0, "change_decode": 0.0, "change_decode_prior": 0.0,
+}
 
 
 def frames_to_unit(frames_BTCHW: torch.Tensor) -> torch.Tensor:
@@ -50,15 +55,13 @@ def encode_frames_alone(tok: torch.nn.Module, frames_TCHW: torch.Tensor, batch_f
                       for i in range(0, len(frames_TCHW), batch_frames)])
 
 
-def rate_args(data_spec: dict, encoder_stats: bool | list[str]) -> dict:
-    """``BehaviorModel``'s raw-unit scale for the ``rates`` statistics (nothing when they are off): the data's action
-    normalisation (``ActionNormaliser``: its mean, std and the normalised, i.e. non-gripper, dims) at the model's clock --
-    one model step composes ``frame_stride`` recorded steps, so its mean offset and action bound scale with it."""
-    if "rates" not in stat_groups(encoder_stats):
-        return {}
-    nz = ActionNormaliser.from_data_spec(data_spec)
-    return dict(action_mean=(nz.base * nz.mean).tolist(), action_std=nz.std.tolist(),
-                rate_dims=np.flatnonzero(nz.mask).tolist(), action_bound=float(nz.base))
+def check_retired_options(hparams: dict, where: str) -> None:
+    """Raise naming every retired option that ``hparams`` (a checkpoint's) sets to anything but its neutral value."""
+    bad = [f"{k}={hparams[k]!r}" for k, neutral in RETIRED_OPTIONS.items()
+           if k in hparams and hparams[k] != neutral and (hparams[k] or neutral)]
+    if bad:
+        raise ValueError(f"{where} was trained with retired option(s) {', '.join(bad)}, which this version no longer "
+                         "implements (removed after cf14e40; check out that commit to use the checkpoint)")
 
 
 def tokenizer_fingerprint(module: torch.nn.Module) -> str:
@@ -86,25 +89,8 @@ class BehaviorModule(L.LightningModule):
         mlp_ratio: float = 4.0,
         decoder_hidden: int = 128,
         dropout: float = 0.0,
-        action_deltas: bool = False,
         decoder_prev_action: bool = False,
-        action_likelihood: str = "gaussian",
-        mixture_k: int = 4,
-        decoder_state: bool = False,
-        encoder_frames: bool = True,
-        encoder: str = "transformer",
-        window: int = 4,
-        window_shared: bool = False,
-        encoder_stats: bool | list[str] = False,
-        decoder_z: str = "input",
-        modulate_outliers: bool = True,
         beta: float = 0.1,
-        prior_decode: float = 0.0,
-        marginal_decode: float = 0.0,
-        change_decode: float = 0.0,
-        change_decode_prior: float = 0.0,
-        change_edges: list[float] | None = None,
-        change_levels: bool = False,
         free_bits: float = 0.0,
         kl_warmup_steps: int = 0,
         kl_balance: float | None = None,
@@ -122,27 +108,12 @@ class BehaviorModule(L.LightningModule):
     ) -> None:
         """``tokenizer_ckpt``: stage-1 checkpoint (``runs/<scale>/tokenizer/checkpoints/best.ckpt``).
         ``data_spec``: from the datamodule (the CLI links it); None inherits the tokenizer's.
-        ``action_deltas``: a_t - a_{t-1} as a further step input; ``decoder_prev_action``: the action decoder
-        also sees a_{t-1} (never a_t); ``action_likelihood`` ("gaussian" | "laplace" | "mixture" of ``mixture_k``
-        Gaussians): the decoder's action distribution; ``decoder_z`` ("input" | "modulate"): z is an input of
-        the decoder MLP, or sets only the episode's deviation from a z-free base policy; see ``BehaviorModel``.
         ``expect_codebook_size``: when set, the tokenizer must have exactly this codebook size.
-        ``window_shared`` (``encoder: window_mean``): the prior is the posterior itself run on the prefix (its
-        window MLP and head), not a second network; the KL then asks the posterior to say the same from any prefix.
-        ``encoder_frames``: false -- the posterior and prior read the actions alone (the decoder still sees o_t).
-        ``encoder_stats``: the z heads also read fixed action statistics over the steps each z has seen
-        (``BehaviorModel.pooled_stats``), beside the encoder's features (either encoder): true -- the groups
-        ``moments`` (a, a^2, |a|, |da|, da^2) and ``changes`` (the histogram of da); or a list of groups from those
-        two, ``rates`` (the saturation, near-zero and jump rates and the norm of the raw non-gripper actions;
-        ``rate_args``), ``turns`` (da_t * da_{t-1} and the reversal rate) and ``std``.
-        ``beta``: KL weight; ``prior_decode``: weight of the action NLL decoded from the prior's z_{t-1}
-        (``BehaviorModel.loss``; 0: the plain beta-VAE loss); ``marginal_decode``: weight of the observation-free
-        action likelihood p(a_t, a_t - a_{t-1} | z) (``BehaviorModel.marginal_nll``; 0: off); ``change_decode`` /
-        ``change_decode_prior``: weight of the histogram likelihood of the action changes a_t - a_{t-1} from the
-        posterior's z / the prior's z_{t-1} (``BehaviorModel.change_nll``; 0: off) over the bins ``change_edges``
-        (None: ``CHANGE_EDGES``); ``change_levels``: that term also scores the histogram of |a_t| (``LEVEL_EDGES``); ``free_bits``: nats per z dimension below which KL is not penalised;
+        ``decoder_prev_action``: the action decoder also sees a_{t-1} (never a_t); see ``BehaviorModel``.
+        ``beta``: KL weight; ``free_bits``: nats per z dimension below which KL is not penalised;
         ``kl_warmup_steps``: beta ramps linearly from 0 over this many steps; ``kl_balance``: see
-        ``BehaviorModel.loss`` (None: plain KL).
+        ``BehaviorModel.kl_term`` (None: plain KL).
+        ``probe_t_min``: the in-training probe and PCA picture read the prior's z_t for t >= this.
         ``code_cache``: tokenize every frame of the datamodule's train/val episodes once at the start of
         the fit (each frame on its own, i.e. exactly as the first frame of a clip is tokenized) and
         look clips up by (dataset, episode, start) instead of running the tokenizer on every batch.
@@ -153,10 +124,27 @@ class BehaviorModule(L.LightningModule):
         fitting (fine-tuning; the tokenizer still comes from ``tokenizer_ckpt``; ``lit/init_from.py``)."""
         super().__init__()
         self.save_hyperparameters()
-        change_on = change_decode > 0 or change_decode_prior > 0
-        if (change_levels or change_edges is not None) and not change_on:
-            what = "change_levels: true" if change_levels else f"change_edges {list(change_edges)}"
-            raise ValueError(f"{what} is part of the change term; set change_decode or change_decode_prior > 0")
+        data_spec = self._load_tokenizer(tokenizer_ckpt, data_spec, expect_codebook_size, tokenizer_sha256)
+        tok = self.tokenizer.model
+        h, w = tok.grid_hw(tuple(data_spec["frame_size"]))
+        self.model = BehaviorModel(
+            code_dim=tok.code_dim,
+            action_dim=int(data_spec["action_dim"]),
+            grid_tokens=h * w,
+            z_dim=z_dim, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
+            decoder_hidden=decoder_hidden, dropout=dropout, decoder_prev_action=decoder_prev_action,
+        )
+        self.families: list[str] = list(data_spec.get("families") or [])
+        self._ids_cache: dict[tuple[int, int], torch.Tensor] | None = None
+        self._cache_checked = False
+        self._cache_splits: list[str] = []
+        self._val_z: list[torch.Tensor] = []
+        self._val_family: list[torch.Tensor] = []
+
+    def _load_tokenizer(self, tokenizer_ckpt: str, data_spec: dict | None, expect_codebook_size: int | None,
+                        tokenizer_sha256: str | None) -> dict:
+        """Load the frozen stage-1 tokenizer (checked against ``data_spec``, the expected codebook size and the
+        recorded fingerprint), record its fingerprint, and return the data_spec (the tokenizer's when None)."""
         from whale_pl.lit.tokenizer_module import TokenizerModule
 
         expect = {"codebook_size": expect_codebook_size} if expect_codebook_size is not None else None
@@ -175,30 +163,7 @@ class BehaviorModule(L.LightningModule):
                 "retrain the behavior stage or restore that tokenizer checkpoint"
             )
         self.hparams["tokenizer_sha256"] = sha
-        tok = self.tokenizer.model
-        h, w = tok.grid_hw(tuple(data_spec["frame_size"]))
-        self.model = BehaviorModel(
-            code_dim=tok.code_dim,
-            action_dim=int(data_spec["action_dim"]),
-            grid_tokens=h * w,
-            z_dim=z_dim, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
-            decoder_hidden=decoder_hidden, dropout=dropout, action_deltas=action_deltas,
-            decoder_prev_action=decoder_prev_action, action_likelihood=action_likelihood, mixture_k=mixture_k,
-            decoder_state_dim=int(data_spec.get("state_dim") or 0) if decoder_state else 0,
-            encoder=encoder, window=window, window_shared=window_shared, encoder_stats=encoder_stats, decoder_z=decoder_z,
-            modulate_outliers=modulate_outliers, marginal_head=marginal_decode > 0, encoder_frames=encoder_frames,
-            change_edges=tuple(change_edges or CHANGE_EDGES) if change_on else None,
-            level_edges=LEVEL_EDGES if change_levels else None,
-            **rate_args(data_spec, encoder_stats),
-        )
-        if decoder_state and not self.model.decoder_state_dim:
-            raise ValueError("decoder_state: true needs data with a low-dimensional state (data_spec state_dim > 0)")
-        self.families: list[str] = list(data_spec.get("families") or [])
-        self._ids_cache: dict[tuple[int, int], torch.Tensor] | None = None
-        self._cache_checked = False
-        self._cache_splits: list[str] = []
-        self._val_z: list[torch.Tensor] = []
-        self._val_family: list[torch.Tensor] = []
+        return data_spec
 
     # ------------------------------------------------------------------ hand-off
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -209,13 +174,15 @@ class BehaviorModule(L.LightningModule):
             del sd[k]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Put the (fingerprint-checked) tokenizer back into the state dict so a strict load fits."""
+        """Refuse retired options; put the (fingerprint-checked) tokenizer back so a strict load fits."""
+        check_retired_options(checkpoint.get("hyper_parameters") or {}, "behavior checkpoint")
         sd = checkpoint["state_dict"]
         for k, v in self.tokenizer.state_dict().items():
             sd.setdefault(TOKENIZER_PREFIX + k, v)
         freeze_(self.tokenizer)
 
     def setup(self, stage: str) -> None:
+        """Check the datamodule's data_spec against the checkpointed one; apply ``init_from`` when fitting."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         current = getattr(dm, "data_spec", None)
         if current is not None:
@@ -291,6 +258,7 @@ class BehaviorModule(L.LightningModule):
         self._ids_cache, self._cache_splits, self._cache_checked = cache, list(splits), False
 
     def on_fit_start(self) -> None:
+        """Build the code cache (``code_cache: true``) over the datamodule's train and val splits."""
         dm = getattr(self.trainer, "datamodule", None)
         if self.hparams.code_cache and self._ids_cache is None:
             if dm is None or not hasattr(dm, "episodes"):
@@ -304,10 +272,8 @@ class BehaviorModule(L.LightningModule):
         mu_BTZ, _ = self.model.prior(self.codes(frames_BTCHW), actions_BTA)
         return mu_BTZ
 
-    def _decoder_state(self, batch: dict) -> torch.Tensor | None:
-        return batch["state"].float() if self.model.decoder_state_dim else None
-
     def current_beta(self) -> float:
+        """The KL weight at this step: ``beta``, ramped linearly from 0 over ``kl_warmup_steps``."""
         hp = self.hparams
         if hp.kl_warmup_steps and hp.kl_warmup_steps > 0:
             return float(hp.beta) * min(1.0, self.global_step / hp.kl_warmup_steps)
@@ -315,35 +281,22 @@ class BehaviorModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """One stage-2 step on a batch of clips (posterior z sampled)."""
         beta = self.current_beta()
         out = self.model.loss(self.batch_codes(batch), batch["actions"], beta=beta,
-                              free_bits=float(self.hparams.free_bits), sample=True,
-                              kl_balance=self.hparams.kl_balance, state_BTS=self._decoder_state(batch),
-                              prior_decode=float(self.hparams.prior_decode),
-                              marginal_decode=float(self.hparams.marginal_decode),
-                              change_decode=float(self.hparams.change_decode),
-                              change_decode_prior=float(self.hparams.change_decode_prior))
+                              free_bits=float(self.hparams.free_bits), sample=True, kl_balance=self.hparams.kl_balance)
         B = batch["actions"].shape[0]
         self.log_dict({"train/loss": out.loss, "train/action_nll": out.nll, "train/kl": out.kl,
-                       "train/prior_action_nll": out.prior_nll, "train/marginal_action_nll": out.marginal_nll,
-                       "train/change_nll": out.change_nll,
-                       "train/action_mse": out.action_mse, "train/beta": beta},
-                      prog_bar=False, batch_size=B)
+                       "train/action_mse": out.action_mse, "train/beta": beta}, prog_bar=False, batch_size=B)
         self.log("loss", out.loss, prog_bar=True, logger=False, batch_size=B)
         return out.loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Validation loss with the posterior mean; keeps the prior's z_t (t >= probe_t_min) for the probe."""
         out = self.model.loss(self.batch_codes(batch), batch["actions"], beta=float(self.hparams.beta),
-                              free_bits=float(self.hparams.free_bits), sample=False,
-                              kl_balance=self.hparams.kl_balance, state_BTS=self._decoder_state(batch),
-                              prior_decode=float(self.hparams.prior_decode),
-                              marginal_decode=float(self.hparams.marginal_decode),
-                              change_decode=float(self.hparams.change_decode),
-                              change_decode_prior=float(self.hparams.change_decode_prior))
+                              free_bits=float(self.hparams.free_bits), sample=False, kl_balance=self.hparams.kl_balance)
         B = batch["actions"].shape[0]
         self.log_dict({"val/loss": out.loss, "val/action_nll": out.nll, "val/kl": out.kl,
-                       "val/prior_action_nll": out.prior_nll, "val/marginal_action_nll": out.marginal_nll,
-                       "val/change_nll": out.change_nll,
                        "val/action_mse": out.action_mse, "val/action_mse_prior": out.action_mse_prior},
                       prog_bar=False, batch_size=B, sync_dist=True)
         self.log("val_loss", out.loss, prog_bar=True, logger=False, batch_size=B, sync_dist=True)
@@ -353,6 +306,7 @@ class BehaviorModule(L.LightningModule):
             self._val_family.append(batch["family"].detach().cpu())
 
     def on_validation_epoch_end(self) -> None:
+        """Log the in-training family probe on the kept z_t and their PCA picture coloured by family."""
         if not self._val_z:
             return
         z_BTZ, fam_B = torch.cat(self._val_z), torch.cat(self._val_family)
@@ -381,6 +335,7 @@ class BehaviorModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict:
+        """AdamW with linear warmup and cosine decay (``lit/optim.py``)."""
         hp = self.hparams
         return adamw_warmup_cosine(self, hp.lr, hp.weight_decay, tuple(hp.betas), hp.warmup_steps, hp.total_steps,
                                    hp.min_lr_ratio)
