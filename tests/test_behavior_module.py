@@ -45,7 +45,7 @@ def _fit_cli(tokenizer_ckpt: Path, data_yaml: Path, run_root: Path) -> None:
         "fit", "--config", "stages/demo/behavior.yaml",
         "--model.init_args.tokenizer_ckpt", str(tokenizer_ckpt),
         "--model.init_args.expect_codebook_size", "32",
-        "--model.init_args.dim", "32", "--model.init_args.decoder_hidden", "32",
+        "--model.init_args.net.dim", "32", "--model.init_args.net.decoder_hidden", "32",
         "--data.init_args.config", str(data_yaml),
         "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
         "--data.init_args.steps_per_epoch", "4", "--data.init_args.val_steps", "2",
@@ -109,8 +109,8 @@ def test_tokenizer_stays_in_eval_mode_during_fit(tokenizer_ckpt, tiny_data_yaml,
 
     dm = MetaWorldDataModule(config=str(tiny_data_yaml), clip_len=12, batch_size=2, num_workers=0,
                              steps_per_epoch=2, val_steps=1)
-    module = BehaviorModule(tokenizer_ckpt=str(tokenizer_ckpt), dim=32, depth=1, z_dim=4, decoder_hidden=16,
-                            warmup_steps=1, probe_t_min=4)
+    module = BehaviorModule(tokenizer_ckpt=str(tokenizer_ckpt), net=dict(dim=32, depth=1, z_dim=4, decoder_hidden=16),
+                            optim=dict(warmup_steps=1), probe_t_min=4)
     L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False, enable_checkpointing=False,
               enable_model_summary=False, callbacks=[Spy()]).fit(module, dm)
     assert len(seen) == 4
@@ -158,7 +158,7 @@ def test_changed_tokenizer_file_is_rejected(fitted, tokenizer_ckpt, tmp_path):
     beh = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     beh["hyper_parameters"]["tokenizer_ckpt"] = str(tok_copy)
     torch.save(beh, tmp_path / "behavior.ckpt")
-    with pytest.raises(HandoffError, match=r"tokenizer\.ckpt.*not the one this behavior model was trained with"):
+    with pytest.raises(HandoffError, match=r"tokenizer\.ckpt.*not the one this BehaviorModule was trained with"):
         load_frozen(tmp_path / "behavior.ckpt", BehaviorModule)
 
 
@@ -189,7 +189,7 @@ def test_code_cache_matches_the_tokenizer_and_catches_misindexing(tokenizer_ckpt
     dm = MetaWorldDataModule(config=str(tiny_data_yaml), clip_len=6, batch_size=3, num_workers=0,
                              steps_per_epoch=1, val_steps=1)
     dm.setup("fit")
-    module = BehaviorModule(tokenizer_ckpt=str(tokenizer_ckpt), dim=32, depth=1)
+    module = BehaviorModule(tokenizer_ckpt=str(tokenizer_ckpt), net=dict(dim=32, depth=1))
     module.build_code_cache(dm, ["train", "val"])
     assert len(module._ids_cache) == 12 + 6  # every train and val episode of the tiny dataset
     batch = next(iter(dm.val_dataloader()))
@@ -210,8 +210,8 @@ def test_code_cache_matches_the_tokenizer_and_catches_misindexing(tokenizer_ckpt
 def test_decoder_prev_action_reaches_the_model(tokenizer_ckpt):
     from whale_pl.lit.behavior_module import BehaviorModule
 
-    on = BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16, decoder_prev_action=True)
-    off = BehaviorModule(str(tokenizer_ckpt), dim=32, decoder_hidden=32, z_dim=16)
+    on = BehaviorModule(str(tokenizer_ckpt), net=dict(dim=32, decoder_hidden=32, z_dim=16, decoder_prev_action=True))
+    off = BehaviorModule(str(tokenizer_ckpt), net=dict(dim=32, decoder_hidden=32, z_dim=16))
     assert on.model.decoder_prev_action and not off.model.decoder_prev_action
     assert on.model.decoder[0].in_features == off.model.decoder[0].in_features + 4  # + a_{t-1}
 
@@ -225,10 +225,10 @@ def test_checkpoints_with_retired_options_load_when_neutral_and_name_them_otherw
     raw = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     raw["hyper_parameters"].update(action_likelihood="gaussian", encoder_stats=False, change_decode=0.0, window=4)
     torch.save(raw, tmp_path / "neutral.ckpt")
-    assert load_frozen(tmp_path / "neutral.ckpt", BehaviorModule).model.z_dim == raw["hyper_parameters"]["z_dim"]
-    raw["hyper_parameters"].update(encoder="window_mean", encoder_stats=["moments"])
+    assert load_frozen(tmp_path / "neutral.ckpt", BehaviorModule).model.z_dim == raw["hyper_parameters"]["net"]["z_dim"]
+    raw["hyper_parameters"].update(encoder_stats=["moments"])
     torch.save(raw, tmp_path / "retired.ckpt")
-    with pytest.raises(HandoffError, match=r"retired option\(s\) encoder='window_mean', encoder_stats=\['moments'\]"):
+    with pytest.raises(HandoffError, match=r"trained with encoder_stats=\['moments'\], an option BehaviorModule no longer"):
         load_frozen(tmp_path / "retired.ckpt", BehaviorModule)
 
 

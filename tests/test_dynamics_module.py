@@ -38,8 +38,8 @@ def stage_ckpts(tiny_data_yaml, tmp_path_factory) -> tuple[Path, Path]:
     L.Trainer(max_steps=3, callbacks=[ModelCheckpoint(dirpath=out / "tok", filename="best")], **QUIET).fit(
         TokenizerModule(**TINY_TOKENIZER, warmup_steps=1), _dm(tiny_data_yaml))
     tok = out / "tok" / "best.ckpt"
-    beh = BehaviorModule(tokenizer_ckpt=str(tok), dim=16, depth=1, z_dim=4, decoder_hidden=16, warmup_steps=1,
-                         probe_t_min=2)
+    beh = BehaviorModule(tokenizer_ckpt=str(tok), net=dict(dim=16, depth=1, z_dim=4, decoder_hidden=16),
+                         optim=dict(warmup_steps=1), probe_t_min=2)
     L.Trainer(max_steps=3, callbacks=[ModelCheckpoint(dirpath=out / "beh", filename="best")], **QUIET).fit(
         beh, _dm(tiny_data_yaml, clip_len=6))
     return tok, out / "beh" / "best.ckpt"

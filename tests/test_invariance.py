@@ -46,11 +46,27 @@ TINY_DATA = {
 }
 
 
+def _arg_path(stage: str, key: str) -> str:
+    """Where a (flat) argument lives in the stage module's arguments: itself, or inside its group."""
+    import importlib
+    import inspect
+    from dataclasses import fields
+
+    cls = getattr(importlib.import_module(f"whale_pl.lit.{stage}_module"), f"{stage.capitalize()}Module")
+    if key in inspect.signature(cls.__init__).parameters:
+        return key
+    for group, dc in getattr(cls, "GROUPS", {}).items():
+        if key in {f.name for f in fields(dc)}:
+            return f"{group}.{key}"
+    raise KeyError(f"{cls.__name__} has no argument {key!r}")
+
+
 def model_flags(stage: str, args: dict) -> list[str]:
     """Command-line overrides of a stage module's arguments."""
     out = []
     for k, v in args.items():
-        out += [f"--model.init_args.{k}", json.dumps(v) if isinstance(v, (list, dict, bool)) else str(v)]
+        value = json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
+        out += [f"--model.init_args.{_arg_path(stage, k)}", value]
     return out
 
 

@@ -115,8 +115,8 @@ def stage_ckpts(tiny_data_yaml, tmp_path_factory) -> tuple[Path, Path]:
     L.Trainer(max_steps=3, callbacks=[ModelCheckpoint(dirpath=out / "tok", filename="best")], **QUIET).fit(
         TokenizerModule(**TINY_TOKENIZER, warmup_steps=1), _dm(tiny_data_yaml))
     tok = out / "tok" / "best.ckpt"
-    beh = BehaviorModule(tokenizer_ckpt=str(tok), dim=16, depth=1, z_dim=4, decoder_hidden=16, warmup_steps=1,
-                         probe_t_min=2)
+    beh = BehaviorModule(tokenizer_ckpt=str(tok), net=dict(dim=16, depth=1, z_dim=4, decoder_hidden=16),
+                         optim=dict(warmup_steps=1), probe_t_min=2)
     L.Trainer(max_steps=3, callbacks=[ModelCheckpoint(dirpath=out / "beh", filename="best")], **QUIET).fit(
         beh, _dm(tiny_data_yaml, clip_len=6))
     return tok, out / "beh" / "best.ckpt"
@@ -210,9 +210,9 @@ def test_behavior_two_process_ddp_fit(stage_ckpts, tiny_data_yaml, tmp_path):
     before = {"tokenizer": load_frozen(tok, TokenizerModule).state_dict()}
     run, s0, s1 = _ddp_fit("behavior", tmp_path, [
         "--model.init_args.tokenizer_ckpt", str(tok), "--model.init_args.expect_codebook_size", "32",
-        "--model.init_args.dim", "16", "--model.init_args.depth", "1", "--model.init_args.heads", "2",
-        "--model.init_args.z_dim", "4", "--model.init_args.decoder_hidden", "16",
-        "--model.init_args.warmup_steps", "1", "--model.init_args.probe_t_min", "2",
+        "--model.init_args.net.dim", "16", "--model.init_args.net.depth", "1", "--model.init_args.net.heads", "2",
+        "--model.init_args.net.z_dim", "4", "--model.init_args.net.decoder_hidden", "16",
+        "--model.init_args.optim.warmup_steps", "1", "--model.init_args.probe_t_min", "2",
         "--data.init_args.config", str(tiny_data_yaml), "--data.init_args.clip_len", "6",
         "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
         "--data.init_args.steps_per_epoch", "2", "--data.init_args.val_steps", "2", "--trainer.max_steps", "4",

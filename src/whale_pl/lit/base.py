@@ -10,13 +10,15 @@ data on resume, checks the datamodule's ``data_spec`` at setup and records it wh
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, is_dataclass
+import inspect
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 
 import lightning as L
 import torch
 
-from whale_pl.lit.handoff import CLASS_KEY, HandoffError, check_data_spec, freeze_, qualified_name, stamp_class
+from whale_pl.lit.handoff import (CLASS_KEY, HandoffError, check_data_spec, fingerprint, freeze_, load_frozen,
+                                  own_hparams, qualified_name, stamp_class)
 from whale_pl.lit.init_from import maybe_init_from
 from whale_pl.lit.optim import adamw_warmup_cosine
 
@@ -36,10 +38,12 @@ class Optim:
     anneal_by_time: bool = False  # the cosine also follows the Trainer's max_time
 
 
-def as_group(value: D | Mapping[str, Any] | None, cls: type[D], where: str) -> D:
-    """An argument group as its dataclass, from the dataclass, a dict (YAML, checkpoint) or None (defaults)."""
+def as_group(value: D | Mapping[str, Any] | None, cls: type[D], where: str, default: D | None = None) -> D:
+    """An argument group as its dataclass: the dataclass itself, or a dict (YAML, checkpoint, Python call)
+    of the fields that differ from ``default`` (the argument's default; else the dataclass defaults)."""
+    base = default if default is not None else cls()
     if value is None:
-        return cls()
+        return base
     if is_dataclass(value):
         return value  # type: ignore[return-value]
     if not isinstance(value, Mapping):
@@ -48,7 +52,7 @@ def as_group(value: D | Mapping[str, Any] | None, cls: type[D], where: str) -> D
     unknown = sorted(set(value) - names)
     if unknown:
         raise TypeError(f"{where}: unknown key(s) {unknown}; {cls.__name__} has {sorted(names)}")
-    return cls(**value)
+    return replace(base, **value)
 
 
 def plain(group: Any) -> dict[str, Any]:
@@ -68,16 +72,19 @@ class StageModule(L.LightningModule):
 
     def init_groups(self, **groups: Any) -> dict[str, Any]:
         """Each group as its dataclass; also stores them in the hyper-parameters as plain dicts."""
+        defaults = inspect.signature(type(self).__init__).parameters
         out = {}
         for name, value in groups.items():
-            out[name] = as_group(value, self.GROUPS[name], f"{type(self).__name__}.{name}")
+            default = defaults[name].default if name in defaults else None
+            out[name] = as_group(value, self.GROUPS[name], f"{type(self).__name__}.{name}",
+                                 default if is_dataclass(default) else None)
             self.hparams[name] = plain(out[name])
         return out
 
     @property
     def optim(self) -> Optim:
         """The optimiser group."""
-        return as_group(self.hparams.get("optim"), Optim, "optim")
+        return as_group(self.hparams.get("optim"), Optim, "optim")  # complete: init_groups stored every field
 
     def configure_optimizers(self) -> dict:
         o = self.optim
@@ -114,6 +121,24 @@ class StageModule(L.LightningModule):
             for k, v in module.state_dict().items():
                 sd.setdefault(prefix + k, v)
             freeze_(module)
+
+    def load_earlier(self, name: str, path: str, cls: type, data_spec: Mapping[str, Any] | None,
+                     expect: Mapping[str, Any] | None = None, own_weights: bool = False) -> Any:
+        """Load the frozen earlier stage ``name`` (``tokenizer``, ``behavior``) from ``path``, checked against
+        ``data_spec`` and ``expect``, and against the sha256 recorded as ``<name>_sha256`` when re-loading
+        (of the whole module, or with ``own_weights`` of its ``model`` alone)."""
+        keys = None if data_spec is None else self.spec_keys(data_spec)
+        with own_hparams():
+            module = load_frozen(path, cls, data_spec=data_spec, data_spec_keys=keys, expect=expect)
+        sha = fingerprint(module.model if own_weights else module)
+        recorded = self.hparams.get(f"{name}_sha256")
+        if recorded is not None and recorded != sha:
+            raise HandoffError(
+                f"stage checkpoint {str(path)!r}: the {name} there is not the one this {type(self).__name__} was "
+                f"trained with (sha256 {sha[:16]}... != recorded {recorded[:16]}...); retrain this stage or "
+                f"restore that {name} checkpoint")
+        self.hparams[f"{name}_sha256"] = sha
+        return module
 
     # ---- data contract -------------------------------------------------------------------------
     def spec_keys(self, spec: Mapping[str, Any]) -> list[str] | None:

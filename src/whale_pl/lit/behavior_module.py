@@ -10,34 +10,28 @@ The behavior checkpoint holds the tokenizer's *path and fingerprint* (sha256 of 
 buffers), not its weights: loading a behavior checkpoint re-loads the tokenizer from that path and
 raises if the file no longer holds the weights the behavior model was trained with. So the
 tokenizer file stays the one source of truth, and stage 3 can check that its own tokenizer is the
-same one (``tokenizer_fingerprint(module) == behavior.hparams.tokenizer_sha256``).
+same one (``handoff.fingerprint(module) == behavior.hparams.tokenizer_sha256``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-from typing import Any
+from dataclasses import asdict
 
-import lightning as L
 import torch
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from whale_pl.analysis.probe import pca_2d, probe_accuracy, scatter_figure
-from whale_pl.lit.handoff import HandoffError, check_data_spec, freeze_, load_frozen, own_hparams, stamp_class
-from whale_pl.lit.init_from import maybe_init_from
-from whale_pl.lit.optim import adamw_warmup_cosine
-from whale_pl.models.behavior import BehaviorModel
+from whale_pl.lit.base import Optim, StageModule
+from whale_pl.lit.handoff import SPEC_KEYS
+from whale_pl.lit.tokenizer_module import TokenizerModule
+from whale_pl.models.behavior import BehaviorModel, BehaviorNet
 
-# keys of data_spec the behavior model must agree on with its tokenizer and with the data
-SPEC_KEYS = ("frame_size", "action_dim", "action_space", "action_mean", "action_std", "state_dim")
-TOKENIZER_PREFIX = "tokenizer."
-# options of earlier versions of this module, with the value under which they left the model as it is now
-# (removed after cf14e40; `git show cf14e40:src/whale_pl/models/behavior.py`)
-RETIRED_OPTIONS = {
-    "action_deltas": False, "action_likelihood": "gaussian", "decoder_state": False, "encoder": "transformer",
-    "encoder_frames": True, "encoder_stats": False, "decoder_z": "input", "prior_decode": 0.0,
-    "marginal_decode": 0.0, "change_decode": 0.0, "change_decode_prior": 0.0,
+RETIRED = {  # options of earlier versions, with the value that left the model as it is now (cf14e40)
+    "action_deltas": False, "action_likelihood": "gaussian", "mixture_k": 4, "decoder_state": False,
+    "encoder_frames": True, "encoder": "transformer", "window": 4, "window_shared": False, "encoder_stats": False,
+    "decoder_z": "input", "modulate_outliers": True, "prior_decode": 0.0, "marginal_decode": 0.0,
+    "change_decode": 0.0, "change_decode_prior": 0.0, "change_edges": None, "change_levels": False,
 }
 
 
@@ -55,85 +49,54 @@ def encode_frames_alone(tok: torch.nn.Module, frames_TCHW: torch.Tensor, batch_f
                       for i in range(0, len(frames_TCHW), batch_frames)])
 
 
-def check_retired_options(hparams: dict, where: str) -> None:
-    """Raise naming every retired option that ``hparams`` (a checkpoint's) sets to anything but its neutral value."""
-    bad = [f"{k}={hparams[k]!r}" for k, neutral in RETIRED_OPTIONS.items()
-           if k in hparams and hparams[k] != neutral and (hparams[k] or neutral)]
-    if bad:
-        raise ValueError(f"{where} was trained with retired option(s) {', '.join(bad)}, which this version no longer "
-                         "implements (removed after cf14e40; check out that commit to use the checkpoint)")
-
-
-def tokenizer_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over a module's state dict (names, dtypes, shapes and bytes of weights and buffers)."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-class BehaviorModule(L.LightningModule):
+class BehaviorModule(StageModule):
     """Stage 2 training / validation around ``BehaviorModel``."""
+
+    GROUPS = {"net": BehaviorNet, "optim": Optim}
+    RETIRED = RETIRED
+    FROZEN = ("tokenizer",)
+    SPEC_KEYS = SPEC_KEYS
 
     def __init__(
         self,
         tokenizer_ckpt: str,
-        data_spec: dict | None = None,
-        expect_codebook_size: int | None = None,
-        z_dim: int = 16,
-        dim: int = 64,
-        depth: int = 2,
-        heads: int = 4,
-        mlp_ratio: float = 4.0,
-        decoder_hidden: int = 128,
-        dropout: float = 0.0,
-        decoder_prev_action: bool = False,
+        net: BehaviorNet = BehaviorNet(),
         beta: float = 0.1,
         free_bits: float = 0.0,
         kl_warmup_steps: int = 0,
         kl_balance: float | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 50,
-        min_lr_ratio: float = 0.1,
-        total_steps: int | None = None,
+        optim: Optim = Optim(lr=1e-3, weight_decay=0.01, warmup_steps=50),
         probe_t_min: int = 8,
         probe_max_points: int = 4000,
         code_cache: bool = False,
+        expect_codebook_size: int | None = None,
+        data_spec: dict | None = None,
         tokenizer_sha256: str | None = None,
         init_from: str | None = None,
     ) -> None:
-        """``tokenizer_ckpt``: stage-1 checkpoint (``runs/<scale>/tokenizer/checkpoints/best.ckpt``).
-        ``data_spec``: from the datamodule (the CLI links it); None inherits the tokenizer's.
-        ``expect_codebook_size``: when set, the tokenizer must have exactly this codebook size.
-        ``decoder_prev_action``: the action decoder also sees a_{t-1} (never a_t); see ``BehaviorModel``.
-        ``beta``: KL weight; ``free_bits``: nats per z dimension below which KL is not penalised;
-        ``kl_warmup_steps``: beta ramps linearly from 0 over this many steps; ``kl_balance``: see
-        ``BehaviorModel.kl_term`` (None: plain KL).
+        """``tokenizer_ckpt``: stage-1 checkpoint (``runs/<scale>/tokenizer/checkpoints/best.ckpt``), loaded frozen.
+        ``net``: the VAE's architecture (``BehaviorNet``). ``beta``: KL weight; ``free_bits``: nats per z
+        dimension below which KL is not penalised; ``kl_warmup_steps``: beta ramps linearly from 0 over this
+        many steps; ``kl_balance``: see ``BehaviorModel.kl_term`` (None: plain KL).
         ``probe_t_min``: the in-training probe and PCA picture read the prior's z_t for t >= this.
         ``code_cache``: tokenize every frame of the datamodule's train/val episodes once at the start of
-        the fit (each frame on its own, i.e. exactly as the first frame of a clip is tokenized) and
-        look clips up by (dataset, episode, start) instead of running the tokenizer on every batch.
-        For CPU-scale runs, where the frozen tokenizer costs most of each step. Clips are checked
-        against the online tokenizer on the first batch.
+        the fit (each frame on its own, exactly as the first frame of a clip is tokenized) and look clips
+        up instead of running the tokenizer on every batch (for CPU-scale runs).
+        ``expect_codebook_size``: when set, the tokenizer must have exactly this codebook size.
+        ``data_spec``: from the datamodule at fit; None inherits the tokenizer's.
         ``tokenizer_sha256``: filled in automatically; a checkpoint's value must match the file.
-        ``init_from``: a pretrained behavior checkpoint whose weights this model starts from when
-        fitting (fine-tuning; the tokenizer still comes from ``tokenizer_ckpt``; ``lit/init_from.py``)."""
+        ``init_from``: a pretrained behavior checkpoint to start the weights from (``lit/init_from.py``)."""
         super().__init__()
         self.save_hyperparameters()
-        data_spec = self._load_tokenizer(tokenizer_ckpt, data_spec, expect_codebook_size, tokenizer_sha256)
+        groups = self.init_groups(net=net, optim=optim)
+        expect = {"codebook_size": expect_codebook_size} if expect_codebook_size is not None else None
+        self.tokenizer = self.load_earlier("tokenizer", tokenizer_ckpt, TokenizerModule, data_spec, expect)
+        if data_spec is None:  # inherit the data the tokenizer was trained on; checked against the datamodule
+            data_spec = self.hparams["data_spec"] = dict(self.tokenizer.hparams["data_spec"])
         tok = self.tokenizer.model
         h, w = tok.grid_hw(tuple(data_spec["frame_size"]))
-        self.model = BehaviorModel(
-            code_dim=tok.code_dim,
-            action_dim=int(data_spec["action_dim"]),
-            grid_tokens=h * w,
-            z_dim=z_dim, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
-            decoder_hidden=decoder_hidden, dropout=dropout, decoder_prev_action=decoder_prev_action,
-        )
+        self.model = BehaviorModel(code_dim=tok.code_dim, action_dim=int(data_spec["action_dim"]), grid_tokens=h * w,
+                                   **asdict(groups["net"]))
         self.families: list[str] = list(data_spec.get("families") or [])
         self._ids_cache: dict[tuple[int, int], torch.Tensor] | None = None
         self._cache_checked = False
@@ -141,56 +104,15 @@ class BehaviorModule(L.LightningModule):
         self._val_z: list[torch.Tensor] = []
         self._val_family: list[torch.Tensor] = []
 
-    def _load_tokenizer(self, tokenizer_ckpt: str, data_spec: dict | None, expect_codebook_size: int | None,
-                        tokenizer_sha256: str | None) -> dict:
-        """Load the frozen stage-1 tokenizer (checked against ``data_spec``, the expected codebook size and the
-        recorded fingerprint), record its fingerprint, and return the data_spec (the tokenizer's when None)."""
-        from whale_pl.lit.tokenizer_module import TokenizerModule
-
-        expect = {"codebook_size": expect_codebook_size} if expect_codebook_size is not None else None
-        keys = None if data_spec is None else [k for k in SPEC_KEYS if k in data_spec]
-        with own_hparams():
-            self.tokenizer = load_frozen(tokenizer_ckpt, TokenizerModule, data_spec=data_spec, data_spec_keys=keys,
-                                         expect=expect)
-        if data_spec is None:  # inherit the data the tokenizer was trained on; checked against the datamodule
-            data_spec = dict(self.tokenizer.hparams["data_spec"])
-            self.hparams["data_spec"] = data_spec
-        sha = tokenizer_fingerprint(self.tokenizer)
-        if tokenizer_sha256 is not None and tokenizer_sha256 != sha:
-            raise HandoffError(
-                f"stage checkpoint {str(tokenizer_ckpt)!r}: the tokenizer there is not the one this behavior "
-                f"model was trained with (sha256 {sha[:16]}... != recorded {tokenizer_sha256[:16]}...); "
-                "retrain the behavior stage or restore that tokenizer checkpoint"
-            )
-        self.hparams["tokenizer_sha256"] = sha
-        return data_spec
-
-    # ------------------------------------------------------------------ hand-off
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The tokenizer's weights are not duplicated here: only its path and sha256 (hparams)."""
-        stamp_class(checkpoint, self)
-        sd = checkpoint["state_dict"]
-        for k in [k for k in sd if k.startswith(TOKENIZER_PREFIX)]:
-            del sd[k]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse retired options; put the (fingerprint-checked) tokenizer back so a strict load fits."""
-        check_retired_options(checkpoint.get("hyper_parameters") or {}, "behavior checkpoint")
-        sd = checkpoint["state_dict"]
-        for k, v in self.tokenizer.state_dict().items():
-            sd.setdefault(TOKENIZER_PREFIX + k, v)
-        freeze_(self.tokenizer)
+    def init_from_spec_keys(self) -> tuple[str, ...]:
+        return ("action_space",)
 
     def setup(self, stage: str) -> None:
-        """Check the datamodule's data_spec against the checkpointed one; apply ``init_from`` when fitting."""
+        """The base's data checks; the families come from the data when the checkpoint has none."""
+        super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        current = getattr(dm, "data_spec", None)
-        if current is not None:
-            keys = [k for k in SPEC_KEYS if k in current]
-            check_data_spec(self.hparams.data_spec, current, "behavior module (its data_spec vs the datamodule's)", keys)
-            if not self.families:
-                self.families = list(current.get("families") or [])
-        maybe_init_from(self, stage, data_spec_keys=("action_space",))
+        if not self.families and getattr(dm, "data_spec", None) is not None:
+            self.families = list(dm.data_spec.get("families") or [])
 
     # ------------------------------------------------------------------ batch -> model inputs
     @torch.no_grad()
@@ -333,9 +255,5 @@ class BehaviorModule(L.LightningModule):
                                  f"prior z_t (t >= {self.hparams.probe_t_min}), step {self.global_step}")
             exp.add_figure("val/z_pca_by_family", fig, self.global_step)
 
-    # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> dict:
-        """AdamW with linear warmup and cosine decay (``lit/optim.py``)."""
-        hp = self.hparams
-        return adamw_warmup_cosine(self, hp.lr, hp.weight_decay, tuple(hp.betas), hp.warmup_steps, hp.total_steps,
-                                   hp.min_lr_ratio)
+
+from whale_pl.lit.handoff import fingerprint as tokenizer_fingerprint  # noqa: E402  TEMP until the dynamics regroup

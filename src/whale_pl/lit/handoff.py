@@ -14,6 +14,7 @@ attribute values (codebook size, ...), and every error names the path and the mi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, TypeVar
@@ -26,6 +27,8 @@ FACTS_KEY = "whale_model_facts"
 # attributes of a stage's trainable ``model`` that a checkpoint records (``model_facts``)
 FACT_NAMES = ("frame_size", "patch_size", "codebook_size", "code_dim", "grid_hw", "action_dim", "z_dim",
               "behavior_dim", "state_dim")
+# data_spec keys a later stage must agree on with the data and with the earlier stages
+SPEC_KEYS = ("frame_size", "action_dim", "action_space", "action_mean", "action_std", "state_dim")
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -55,6 +58,16 @@ def model_facts(module: nn.Module) -> dict[str, Any]:
         if isinstance(v, (int, tuple, list)) and not isinstance(v, bool):
             facts[name] = list(v) if isinstance(v, (tuple, list)) else int(v)
     return facts
+
+
+def fingerprint(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes and bytes of weights and buffers)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def stamp_class(checkpoint: dict, module: nn.Module) -> None:

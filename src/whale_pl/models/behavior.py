@@ -106,6 +106,20 @@ class BehaviorOutput:
     prior_mu_BTZ: torch.Tensor
 
 
+@dataclass
+class BehaviorNet:
+    """The behavior VAE's architecture (``BehaviorModule``'s ``net:`` group)."""
+
+    z_dim: int = 16
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    decoder_hidden: int = 128
+    dropout: float = 0.0
+    decoder_prev_action: bool = False  # the action decoder also sees a_{t-1} (never a_t)
+
+
 class BehaviorModel(nn.Module):
     """Posterior, causal prior and action decoder over (code grids, actions)."""
 
