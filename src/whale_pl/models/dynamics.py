@@ -565,8 +565,7 @@ class Rollout:
                  act_fn: ActFn | None) -> None:
         self.hh = context_ids_BChw.shape[2]
         self.ids_BTS = rearrange(context_ids_BChw, "b t h w -> b t (h w)")
-        self.actions_BTA = actions_BTA  # the given actions
-        self.chosen: list[torch.Tensor] = []  # actions act_fn chose, for the frames after the given ones
+        self.actions_BTA = actions_BTA  # given, then extended by act_fn's choices
         self.act_fn = act_fn
         self.z = z
         self.z_rows: list[torch.Tensor] = []  # z of each frame so far, when z is the prior
@@ -574,22 +573,12 @@ class Rollout:
 
     def action_at(self, n: int) -> torch.Tensor:
         """The action ``[B, A]`` taken at frame n: given, or chosen now by ``act_fn`` from what is imagined so far."""
-        given = self.actions_BTA.shape[1]
-        if n < given:
-            return self.actions_BTA[:, n]
-        while given + len(self.chosen) <= n:
+        while self.actions_BTA.shape[1] <= n:
             if self.act_fn is None:
-                raise ValueError(f"no action for frame {n}: {given} given and no act_fn")
-            self.chosen.append(self.act_fn(given + len(self.chosen), self.outputs(with_probs=False)))
-        return self.chosen[n - given]
-
-    def actions_upto(self, n: int) -> torch.Tensor:
-        """Actions ``[B, n+1, A]`` taken at frames 0..n."""
-        given = self.actions_BTA.shape[1]
-        if n < given:
-            return self.actions_BTA[:, : n + 1]
-        self.action_at(n)
-        return torch.cat([self.actions_BTA, torch.stack(self.chosen[: n + 1 - given], 1)], 1)
+                raise ValueError(f"no action for frame {n}: {self.actions_BTA.shape[1]} given and no act_fn")
+            a_BA = self.act_fn(self.actions_BTA.shape[1], self.outputs(with_probs=False))
+            self.actions_BTA = torch.cat([self.actions_BTA, a_BA.unsqueeze(1)], dim=1)
+        return self.actions_BTA[:, n]
 
     def z_at(self, n: int) -> torch.Tensor:
         """The behavior embedding ``[B, Z]`` of frame n (leading into frame n+1), from history ``<= n``."""
@@ -597,8 +586,9 @@ class Rollout:
             return self.z[:, n]
         while len(self.z_rows) <= n:
             m = len(self.z_rows)
+            self.action_at(m)
             ids_hist = rearrange(self.ids_BTS[:, : m + 1], "b t (h w) -> b t h w", h=self.hh)
-            self.z_rows.append(self.z(ids_hist, self.actions_upto(m))[:, -1])
+            self.z_rows.append(self.z(ids_hist, self.actions_BTA[:, : m + 1])[:, -1])
         return self.z_rows[n]
 
     def add_frame(self, ids_BS: torch.Tensor, prob_BS: torch.Tensor, probs_BSV: torch.Tensor | None,
