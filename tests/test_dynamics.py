@@ -11,11 +11,11 @@ from whale_pl.models.maskgit import training_mask
 V, HW, A, Z, SD = 16, (3, 3), 4, 5, 6
 
 
-def _model(injection="adanorm", behavior=True, max_frames=6, seed=0, prev=False, copy=False, code=0, change=False):
+def _model(behavior=True, max_frames=6, seed=0, prev=False, copy=False, code=0, rank=0):
     torch.manual_seed(seed)
     m = DynamicsModel(V, HW, A, behavior_dim=Z if behavior else 0, state_dim=SD, dim=32, depth=2,
-                      heads=4, max_frames=max_frames, max_stride=3, injection=injection, prev_frame_input=prev,
-                      copy_logit=copy, code_dim=code, change_input=change)
+                      heads=4, max_frames=max_frames, max_stride=3, prev_frame_input=prev,
+                      copy_logit=copy, code_dim=code, transition_rank=rank)
     if code:
         m.set_code_vectors(torch.nn.functional.normalize(torch.randn(V, code), dim=-1))
     # zero-initialised adaptive norms would hide conditioning bugs: perturb every parameter
@@ -39,25 +39,8 @@ def test_training_mask_context_clean_and_future_masked():
     assert per_frame.float().std() > 0  # the ratio varies frame to frame
 
 
-def test_training_mask_full_mask_prob():
-    """full_mask_prob p: a share p of future frames (beyond the cosine schedule's own) is masked whole;
-    context frames stay clean; p = 0 draws exactly the plain schedule's mask."""
-    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
-    plain = training_mask(2000, 4, 16, context_frames=1, generator=g())
-    assert torch.equal(training_mask(2000, 4, 16, context_frames=1, generator=g(), full_mask_prob=0.0), plain)
-    full = training_mask(2000, 4, 16, context_frames=1, generator=g(), full_mask_prob=0.5)
-    assert not full[:, :1].any()
-    whole = lambda m: m[:, 1:].all(-1).float().mean().item()  # noqa: E731
-    base = whole(plain)  # the cosine ratio alone masks a frame whole this often
-    assert abs(whole(full) - (base + 0.5 * (1 - base))) < 0.03
-    assert whole(training_mask(50, 4, 16, context_frames=1, generator=g(), full_mask_prob=1.0)) == 1.0
-    with pytest.raises(ValueError, match="full_mask_prob"):
-        training_mask(2, 4, 16, context_frames=1, full_mask_prob=1.5)
-
-
-@pytest.mark.parametrize("injection", ["adanorm", "additive", "token"])
-def test_causal_in_time_and_conditioned(injection):
-    m = _model(injection)
+def test_causal_in_time_and_conditioned():
+    m = _model()
     ids, act, z = _batch()
     logits, heads = m(ids, act, z)
     assert logits.shape == (2, 5, *HW, V) and heads["state"].shape == (2, 5, SD)
@@ -112,10 +95,9 @@ def test_loss_falls_on_fixed_batch():
     assert loss.item() < 0.5 * first
 
 
-@pytest.mark.parametrize("prev,copy,change", [(False, False, False), (True, False, False), (True, True, False),
-                                              (True, True, True)])
-def test_teacher_forced_matches_masked_full_pass(prev, copy, change):
-    m = _model(prev=prev, copy=copy, change=change)
+@pytest.mark.parametrize("prev,copy", [(False, False), (True, False), (True, True)])
+def test_teacher_forced_matches_masked_full_pass(prev, copy):
+    m = _model(prev=prev, copy=copy)
     ids, act, z = _batch()
     tf = m.teacher_forced(ids, act, z)
     for t in (1, 4):
@@ -138,11 +120,10 @@ def test_predict_next_matches_teacher_forced_and_strides(copy):
     assert not torch.allclose(k2["probs_BhwV"], out["probs_BhwV"])
 
 
-@pytest.mark.parametrize("injection,prev,copy,code,change", [
-    ("adanorm", False, False, 0, False), ("token", False, False, 0, False), ("adanorm", True, False, 0, False),
-    ("adanorm", True, True, 3, False), ("adanorm", True, True, 3, True)])
-def test_imagine_cache_equals_no_cache(injection, prev, copy, code, change):
-    m = _model(injection, max_frames=4, prev=prev, copy=copy, code=code, change=change)  # 1 context + 7 new frames: the window restarts twice
+@pytest.mark.parametrize("prev,copy,code,rank", [(False, False, 0, 0), (True, False, 0, 0), (True, True, 3, 0),
+                                                 (True, True, 3, 2)])
+def test_imagine_cache_equals_no_cache(prev, copy, code, rank):
+    m = _model(max_frames=4, prev=prev, copy=copy, code=code, rank=rank)  # 1 context + 7 new frames: the window restarts twice
     ids, act, z = _batch(T=7)
     runs = []
     for use_cache in (True, False):
@@ -173,6 +154,32 @@ def test_imagine_with_prior_callable_is_causal():
     zs = z_fn(ids[:, :2], act[:, :2])
     nxt = m.predict_next(ids[:, :2], act[:, :2], zs)
     assert torch.equal(one["ids_BThw"][:, 0], nxt["probs_BhwV"].argmax(-1))
+
+
+def test_imagine_with_act_fn_chooses_actions_from_what_was_imagined():
+    """Closed loop: act_fn(t, so_far) is asked for each frame's action in order, sees only the frames
+    imagined before it, and a hook that returns the given actions reproduces the open-loop rollout."""
+    m = _model(max_frames=4)  # 2 context + 5 new frames: the window restarts
+    ids, act, z = _batch(T=6)
+    z_fn = lambda ids_BThw, actions_BTA: actions_BTA[..., :1].expand(-1, -1, Z) + ids_BThw.float().mean((2, 3))[..., None] / V  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    open_loop = m.imagine(ids[:, :2], act, z_fn, steps=2, temperature=1.0, generator=g())
+    seen = []
+
+    def act_fn(t, so_far):
+        seen.append((t, 0 if not so_far else so_far["ids_BThw"].shape[1]))
+        if so_far:  # what it sees are the frames imagined so far, as the open loop imagined them
+            assert torch.equal(so_far["ids_BThw"], open_loop["ids_BThw"][:, : t - 1])
+            assert so_far["state_BTS"].shape == (2, t - 1, SD)
+        return act[:, t]
+
+    closed = m.imagine(ids[:, :2], act[:, :1], z_fn, horizon=5, steps=2, temperature=1.0, generator=g(),
+                       act_fn=act_fn)
+    assert seen == [(1, 0), (2, 1), (3, 2), (4, 3), (5, 4)]
+    for k in open_loop:
+        assert torch.equal(closed[k], open_loop[k]), k
+    with pytest.raises(ValueError, match="pass the horizon"):
+        m.imagine(ids[:, :2], None, z_fn, act_fn=act_fn)
 
 
 def test_random_context_lengths_leave_a_clean_prefix_per_clip():
@@ -213,53 +220,6 @@ def test_copy_logit_starts_at_copy_baseline_and_learns_the_changes():
     assert acc > copy_acc + 0.5 * (1 - copy_acc), (acc, copy_acc)
 
 
-@pytest.mark.parametrize("injection,prev,copy", [("adanorm", True, True), ("token", False, False)])
-def test_two_stream_training_sees_a_clean_history_like_teacher_forcing(injection, prev, copy):
-    """history='clean': each masked frame is predicted from the true frames before it — with the
-    frame fully masked its logits are exactly the teacher-forced ones; the heads read clean frames."""
-    m = _model(injection, prev=prev, copy=copy)
-    ids, act, z = _batch(T=5)
-    S = HW[0] * HW[1]
-    flat = ids.flatten(2)
-    for first in (1, 3):
-        query = torch.full_like(flat[:, first:], m.mask_id)
-        logits, heads = m.two_stream(flat, query, act, z)
-        tf = m.teacher_forced(ids, act, z).flatten(2, 3)
-        assert torch.allclose(logits, tf[:, first - 1:], atol=1e-4)
-        _, ref = m(ids, act, z)
-        assert torch.allclose(heads["reward"], ref["reward"], atol=1e-4)
-    # a visible token of masked frame 3 informs frame 3 only, never another frame's prediction
-    query = torch.full_like(flat[:, 1:], m.mask_id)
-    q2 = query.clone()
-    q2[:, 2, 0] = flat[:, 3, 0]
-    a, _ = m.two_stream(flat, query, act, z)
-    b, _ = m.two_stream(flat, q2, act, z)
-    assert torch.allclose(a[:, [0, 1, 3]], b[:, [0, 1, 3]], atol=1e-5)
-    assert not torch.allclose(a[:, 2], b[:, 2], atol=1e-5)
-    assert S == flat.shape[-1]
-
-
-def test_two_stream_loss_falls_on_fixed_batch():
-    m = _model(prev=True, copy=True).train()
-    ids, act, z = _batch(B=4, T=4)
-    ids[:, 1:] = (ids[:, :1] + (act[:, :-1, :1] > 0).long().cumsum(1).unsqueeze(-1)) % V
-    rew, suc, st = torch.randn(4, 4), (torch.rand(4, 4) > 0.5).float(), torch.randn(4, 4, SD)
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(40):
-        out = m.training_losses(ids, act, z, rew, suc, st, context_frames=1, corrupt_prob=0.1, generator=g,
-                                history="clean")
-        loss = out["ce"] + out["reward"] + out["success"] + out["state"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
-    with pytest.raises(ValueError, match="history must be"):
-        m.training_losses(ids, act, z, rew, suc, st, history="dirty")
-
-
 def test_code_vectors_enter_embedding_and_logits():
     m = _model(code=3)
     ids, act, z = _batch()
@@ -276,22 +236,6 @@ def test_code_vectors_enter_embedding_and_logits():
         m.set_code_vectors(torch.zeros(V, 4))
     with pytest.raises(ValueError, match="code_dim=0"):
         _model().set_code_vectors(vec)
-
-
-def test_change_flags_and_their_embedding():
-    """Flags: 0 same id as a frame earlier, 1 changed, 2 unknown (masked now or then, or no earlier
-    frame); the logits depend on them (zeroing the change embedding changes them)."""
-    m = _model(prev=True, copy=True, change=True)
-    ids = torch.tensor([[[1, 2, 3], [1, 5, m.mask_id], [1, 6, 3]]])  # [B=1, T=3, S=3]
-    flags = m.change_flags(ids, m.prev_ids(ids))
-    assert flags.tolist() == [[[2, 2, 2], [0, 1, 2], [0, 1, 2]]]
-    with pytest.raises(ValueError, match="change_input needs prev_frame_input"):
-        DynamicsModel(V, HW, A, dim=32, depth=1, heads=4, change_input=True)
-    grid, act, z = _batch()
-    before = m.teacher_forced(grid, act, z)
-    with torch.no_grad():
-        m.change_emb.weight.zero_()
-    assert not torch.allclose(before, m.teacher_forced(grid, act, z), atol=1e-4)
 
 
 def test_change_weight_weights_changed_targets_and_corrects_the_logits():

@@ -186,3 +186,19 @@ def test_behavior_ablation_fits_without_behavior_checkpoint(stage_ckpts, tiny_da
     L.Trainer(max_steps=2, enable_checkpointing=False, limit_val_batches=1, **QUIET).fit(module, _dm(tiny_data_yaml))
     with pytest.raises(ValueError, match="behavior_ckpt"):
         DynamicsModule(tokenizer_ckpt=str(tok), use_behavior=True, behavior_ckpt=None)
+
+
+def test_checkpoint_of_a_retired_option_is_refused_by_name(fitted, tmp_path):
+    """Checkpoints that carry a retired option at the one value the code still implements load; one
+    that set it otherwise (trained by a removed path) fails with an error naming the option."""
+    from whale_pl.lit.dynamics_module import DynamicsModule
+
+    run, _ = fitted
+    raw = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    raw["hyper_parameters"].update(injection="adanorm", history="masked", full_mask_prob=0.0, change_input=False)
+    torch.save(raw, tmp_path / "kept.ckpt")
+    assert load_frozen(tmp_path / "kept.ckpt", DynamicsModule).model.uses_behavior
+    raw["hyper_parameters"]["history"] = "clean"
+    torch.save(raw, tmp_path / "clean.ckpt")
+    with pytest.raises(HandoffError, match=r"history='clean' \(only 'masked' remains\).*cf14e40"):
+        load_frozen(tmp_path / "clean.ckpt", DynamicsModule)

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torchmetrics import MeanMetric
-from torchmetrics.functional.image import structural_similarity_index_measure
 
-from whale_pl.lit.optim import adamw_warmup_cosine
 from whale_pl.lit.handoff import HandoffError, check_data_spec, freeze_, load_frozen, stamp_class
 from whale_pl.lit.init_from import maybe_init_from
+from whale_pl.lit.logging import log_image, paired_video_grid
+from whale_pl.lit.optim import adamw_warmup_cosine
+from whale_pl.metrics.video import PSNR_CAP_DB, video_psnr_ssim
 from whale_pl.models.dynamics import DynamicsModel
 
 # keys of data_spec a dynamics checkpoint must agree on with the data it is used on
@@ -37,24 +38,57 @@ def frames_to_unit(frames_BTCHW: torch.Tensor) -> torch.Tensor:
 
 
 def psnr_per_sample(pred_BTCHW: torch.Tensor, true_BTCHW: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of frames in [-1, 1] (data range 2), averaged over frames -> [B]."""
-    mse = ((pred_BTCHW.float() - true_BTCHW.float()) ** 2).mean(dim=(2, 3, 4)).clamp_min(1e-10)
-    return (10 * torch.log10(4.0 / mse)).mean(dim=1)
+    """PSNR in dB of each clip ``[B]`` (frames in [-1, 1]): the mean over its frames of
+    ``video_psnr_ssim``'s per-image PSNR, an exact match counted as ``PSNR_CAP_DB``."""
+    psnr_BT = video_psnr_ssim(true_BTCHW, pred_BTCHW)["psnr"]
+    return psnr_BT.clamp(max=PSNR_CAP_DB).mean(dim=1).float()
 
 
 def ssim_per_sample(pred_BTCHW: torch.Tensor, true_BTCHW: torch.Tensor) -> torch.Tensor:
-    """SSIM of frames in [-1, 1], averaged over frames -> [B]. In float32 even under autocast: SSIM's
-    local variances (E[x^2] - E[x]^2) cancel catastrophically in bf16 (0.75 instead of 0.94)."""
-    B, T = pred_BTCHW.shape[:2]
-    p = rearrange(pred_BTCHW.float() * 0.5 + 0.5, "b t c h w -> (b t) c h w")
-    t = rearrange(true_BTCHW.float() * 0.5 + 0.5, "b t c h w -> (b t) c h w")
-    with torch.autocast(p.device.type, enabled=False):
-        s = structural_similarity_index_measure(p, t, data_range=1.0, reduction="none")
-    return rearrange(s, "(b t) -> b t", b=B).mean(dim=1)
+    """SSIM of each clip ``[B]`` (frames in [-1, 1]): the mean over its frames of ``video_psnr_ssim``'s."""
+    return video_psnr_ssim(true_BTCHW, pred_BTCHW)["ssim"].mean(dim=1).float()
+
+
+# options of earlier versions of this module, each with the only value the code still implements;
+# a checkpoint that set another was trained by a path removed after cf14e40
+# (`git show cf14e40:src/whale_pl/models/dynamics.py`)
+RETIRED_OPTIONS = {"injection": "adanorm", "history": "masked", "full_mask_prob": 0.0, "change_input": False}
+
+
+def check_retired_options(hparams: dict[str, Any], where: str) -> None:
+    """Refuse hyper-parameters that set a retired option to anything but the value the code implements."""
+    bad = [f"{k}={hparams[k]!r} (only {keep!r} remains)" for k, keep in RETIRED_OPTIONS.items()
+           if k in hparams and hparams[k] != keep]
+    if bad:
+        raise ValueError(f"{where} was trained with retired option(s) {', '.join(bad)}; that code was removed "
+                         "after cf14e40 (`git show cf14e40:src/whale_pl/models/dynamics.py`)")
 
 
 class DynamicsModule(L.LightningModule):
-    """Stage 3 training / validation around ``DynamicsModel``."""
+    """Stage 3 training / validation around ``DynamicsModel``.
+
+    ``tokenizer_ckpt`` / ``behavior_ckpt``: the earlier stages' checkpoints
+    (``runs/<scale>/{tokenizer,behavior}/checkpoints/best.ckpt``), loaded frozen.
+    ``use_behavior=False``: the ablation without behavior-conditioning (no behavior_ckpt needed).
+    ``data_spec``: None inherits the tokenizer's until ``fit``, which checks it against the
+    datamodule's and then records the datamodule's (its ``frame_stride`` clock included).
+    ``dim`` ... ``transition_rank``: the model (``models/dynamics.py``; ``code_embed`` gives it the
+    frozen tokenizer's code vectors).
+    ``context_frames``: clean frames at the start of each training clip and of rollouts.
+    ``max_context_frames``: None, or each training clip draws its clean context length from
+    ``[context_frames, max_context_frames]`` (the first predicted frame then sees a clean history).
+    ``corrupt_prob``: max share of visible future tokens replaced by random ids in training.
+    ``anneal_by_time``: the cosine lr schedule also follows the Trainer's ``max_time`` (lit/optim.py).
+    ``maskgit_steps`` / ``temperature``: generation in validation rollouts and ``imagine``.
+    ``rollout_horizon``: frames of the validation rollouts (val/psnr_ar_*).
+    ``eval_horizon``: frames of the evaluation callback's rollouts (``eval_videos``); None: as
+    many as the clip holds after the context (FVD's I3D needs >= 9).
+    ``intra_op_threads``: ``torch.set_num_threads`` at setup (None: leave it). On a CPU box
+    shared with other jobs one thread was 6x faster per step than two (OpenMP barriers).
+    ``*_sha256``: filled in automatically; a checkpoint's values must match the files.
+    ``init_from``: a pretrained dynamics checkpoint whose weights this model starts from when
+    fitting (fine-tuning; the frozen stages still come from their paths; ``lit/init_from.py``).
+    """
 
     supports_value_eval = True  # the evaluation callback's value hook (contracts.md, Evaluation)
 
@@ -64,77 +98,23 @@ class DynamicsModule(L.LightningModule):
         behavior_ckpt: str | None = None,
         use_behavior: bool = True,
         data_spec: dict | None = None,
-        dim: int = 256,
-        depth: int = 8,
-        heads: int = 8,
-        mlp_ratio: float = 4.0,
-        max_frames: int = 16,
-        max_stride: int = 4,
-        injection: str = "adanorm",
-        dropout: float = 0.0,
-        prev_frame_input: bool = False,
-        copy_logit: bool = False,
-        code_embed: bool = False,
-        change_input: bool = False,
-        change_weight: float = 1.0,
-        transition_rank: int = 0,
-        context_frames: int = 1,
-        max_context_frames: int | None = None,
-        history: str = "masked",
-        full_mask_prob: float = 0.0,
-        corrupt_prob: float = 0.1,
-        reward_weight: float = 0.1,
-        success_weight: float = 0.1,
-        state_weight: float = 0.1,
-        lr: float = 3e-4,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 200,
-        max_steps: int | None = None,
-        min_lr_ratio: float = 0.1,
+        dim: int = 256, depth: int = 8, heads: int = 8, mlp_ratio: float = 4.0,
+        max_frames: int = 16, max_stride: int = 4, dropout: float = 0.0,
+        prev_frame_input: bool = False, copy_logit: bool = False, code_embed: bool = False,
+        change_weight: float = 1.0, transition_rank: int = 0,
+        context_frames: int = 1, max_context_frames: int | None = None, corrupt_prob: float = 0.1,
+        reward_weight: float = 0.1, success_weight: float = 0.1, state_weight: float = 0.1,
+        lr: float = 3e-4, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 200, max_steps: int | None = None, min_lr_ratio: float = 0.1,
         anneal_by_time: bool = False,
-        maskgit_steps: int = 4,
-        temperature: float = 0.0,
-        rollout_horizon: int = 8,
-        eval_horizon: int | None = None,
-        rollout_batches: int = 2,
-        log_samples: int = 4,
+        maskgit_steps: int = 4, temperature: float = 0.0,
+        rollout_horizon: int = 8, eval_horizon: int | None = None, rollout_batches: int = 2, log_samples: int = 4,
         intra_op_threads: int | None = None,
         tokenizer_sha256: str | None = None,
         behavior_sha256: str | None = None,
         init_from: str | None = None,
     ) -> None:
-        """``tokenizer_ckpt`` / ``behavior_ckpt``: the earlier stages' checkpoints
-        (``runs/<scale>/{tokenizer,behavior}/checkpoints/best.ckpt``), loaded frozen.
-        ``use_behavior=False``: the ablation without behavior-conditioning (no behavior_ckpt needed).
-        ``data_spec``: None inherits the tokenizer's until ``fit``, which checks it against the
-        datamodule's and then records the datamodule's (its ``frame_stride`` clock included).
-        ``injection``: how the per-frame (action, z, stride) vector enters (models/dynamics.py).
-        ``prev_frame_input``: each position also embeds the id it held one frame earlier (a copy path).
-        ``copy_logit``: a learned gate adds to the logit of that earlier id (starts at the copy baseline).
-        ``code_embed``: ids are also embedded, and scored, through the frozen tokenizer's code vectors.
-        ``change_input``: each position also embeds whether its id changed since the frame before.
-        ``change_weight``: training CE weight of targets that change (logits corrected by log w).
-        ``transition_rank``: r > 0 adds a learned per-(position, previous id) rank-r map to the
-        code-space query (needs ``code_embed``): a factorised transition table, learned fast.
-        ``context_frames``: clean frames at the start of each training clip and of rollouts.
-        ``max_context_frames``: None, or each training clip draws its clean context length from
-        ``[context_frames, max_context_frames]`` (the first predicted frame then sees a clean history).
-        ``history``: "masked" (one pass, histories partly masked) or "clean" (two-stream: every
-        predicted frame sees the true frames before it, as at inference; ~2x tokens a step).
-        ``full_mask_prob``: share of future training frames masked whole (else a cosine-schedule ratio):
-        the frame must then come from its history alone, as in the first MaskGIT step and teacher-forced scoring.
-        ``corrupt_prob``: max share of visible future tokens replaced by random ids in training.
-        ``anneal_by_time``: the cosine lr schedule also follows the Trainer's ``max_time`` (lit/optim.py).
-        ``maskgit_steps`` / ``temperature``: generation in validation rollouts and ``imagine``.
-        ``rollout_horizon``: frames of the validation rollouts (val/psnr_ar_*).
-        ``eval_horizon``: frames of the evaluation callback's rollouts (``eval_videos``); None: as
-        many as the clip holds after the context (FVD's I3D needs >= 9).
-        ``intra_op_threads``: ``torch.set_num_threads`` at setup (None: leave it). On a CPU box
-        shared with other jobs one thread was 6x faster per step than two (OpenMP barriers).
-        ``*_sha256``: filled in automatically; a checkpoint's values must match the files.
-        ``init_from``: a pretrained dynamics checkpoint whose weights this model starts from when
-        fitting (fine-tuning; the frozen stages still come from their paths; ``lit/init_from.py``)."""
+        """Load the frozen earlier stages and build the dynamics model on their shapes (class docstring)."""
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer, self.behavior = self._load_earlier_stages(data_spec)
@@ -147,9 +127,9 @@ class DynamicsModule(L.LightningModule):
             behavior_dim=self.behavior.model.z_dim if self.behavior is not None else 0,
             state_dim=int(spec.get("state_dim") or 0),
             dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, max_frames=max_frames,
-            max_stride=max_stride, injection=injection, dropout=dropout, prev_frame_input=prev_frame_input,
+            max_stride=max_stride, dropout=dropout, prev_frame_input=prev_frame_input,
             copy_logit=copy_logit, code_dim=tok.quantizer.codebook.shape[1] if code_embed else 0,
-            change_input=change_input, change_weight=change_weight, transition_rank=transition_rank,
+            change_weight=change_weight, transition_rank=transition_rank,
         )
         if code_embed:
             self.model.set_code_vectors(self.tokenizer.model.embed(torch.arange(tok.codebook_size)))
@@ -207,7 +187,9 @@ class DynamicsModule(L.LightningModule):
             del sd[k]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Put the (fingerprint-checked) frozen stages back into the state dict so a strict load fits."""
+        """Refuse checkpoints of retired options; put the (fingerprint-checked) frozen stages back into
+        the state dict so a strict load fits."""
+        check_retired_options(checkpoint.get("hyper_parameters") or {}, "this dynamics checkpoint")
         sd = checkpoint["state_dict"]
         for prefix, module in (("tokenizer.", self.tokenizer), ("behavior.", self.behavior)):
             if module is None:
@@ -217,6 +199,7 @@ class DynamicsModule(L.LightningModule):
             freeze_(module)
 
     def setup(self, stage: str) -> None:
+        """Set the thread count, check the datamodule's data against the checkpoint's, apply ``init_from``."""
         if self.hparams.intra_op_threads:
             torch.set_num_threads(int(self.hparams.intra_op_threads))
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -231,6 +214,7 @@ class DynamicsModule(L.LightningModule):
     # ------------------------------------------------------------------ batch -> model inputs
     @torch.no_grad()
     def tokenize(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
+        """uint8 frames -> token ids ``[B, T, h, w]`` of the frozen tokenizer."""
         return self.tokenizer.model.encode(frames_to_unit(frames_BTCHW))
 
     @torch.no_grad()
@@ -247,6 +231,7 @@ class DynamicsModule(L.LightningModule):
         return None if self.behavior is None else self.behavior_z
 
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """A batch as model inputs: token ids, actions, behavior embeddings z (None when off), strides."""
         actions = batch["actions"].float()
         A = self.model.action_dim
         if actions.shape[-1] != A:
@@ -258,13 +243,13 @@ class DynamicsModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The MaskGIT cross-entropy plus the weighted head losses; logs each part."""
         ids, actions, z, stride = self._inputs(batch)
         state = batch.get("state")
         out = self.model.training_losses(
             ids, actions, z, batch["rewards"], batch["success"], state, stride,
             context_frames=self.hparams.context_frames, corrupt_prob=self.hparams.corrupt_prob,
-            max_context_frames=self.hparams.max_context_frames, history=self.hparams.history,
-            full_mask_prob=self.hparams.full_mask_prob,
+            max_context_frames=self.hparams.max_context_frames,
         )
         hp = self.hparams
         loss = out["ce"] + hp.reward_weight * out["reward"] + hp.success_weight * out["success"]
@@ -278,6 +263,7 @@ class DynamicsModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Teacher-forced CE / accuracy against the copy baseline; on the first batches, rollout PSNR / SSIM."""
         ids, actions, z, stride = self._inputs(batch)
         B = ids.shape[0]
         logits = self.model.teacher_forced(ids, actions, z, stride).float()
@@ -299,9 +285,12 @@ class DynamicsModule(L.LightningModule):
                 self.val_psnr[name].update(out["psnr_B"].float(), sel.float())
                 self.val_ssim[name].update(out["ssim_B"].float(), sel.float())
             if batch_idx == 0:
-                self._log_grid(out["real_BTCHW"], out["imagined_BTCHW"])
+                real = out["real_BTCHW"]
+                log_image(self, "val/rollout_real_vs_imagined", paired_video_grid(
+                    real, out["imagined_BTCHW"], max_clips=self.hparams.log_samples, max_frames=real.shape[1]))
 
     def on_validation_epoch_end(self) -> None:
+        """Log the rollout PSNR / SSIM of each episode group (training families, OOD, all)."""
         for name in ("train_family", "ood", "all"):
             for kind, metric in (("psnr", self.val_psnr[name]), ("ssim", self.val_ssim[name])):
                 if metric.update_count > 0:
@@ -379,18 +368,9 @@ class DynamicsModule(L.LightningModule):
         out = self.rollout(batch, horizon=self.hparams.eval_horizon or batch["frames"].shape[1])
         return out["real_BTCHW"], out["imagined_BTCHW"]
 
-    def _log_grid(self, real_BTCHW: torch.Tensor, imagined_BTCHW: torch.Tensor) -> None:
-        """Rows: real / imagined per clip; columns: rollout steps."""
-        exp = getattr(self.logger, "experiment", None)
-        if exp is None or not hasattr(exp, "add_image"):
-            return
-        n = min(self.hparams.log_samples, real_BTCHW.shape[0])
-        pairs = torch.stack([real_BTCHW[:n], imagined_BTCHW[:n]], dim=1)  # [n, 2, T, C, H, W]
-        grid = rearrange(pairs, "n r t c h w -> c (n r h) (t w)")
-        exp.add_image("val/rollout_real_vs_imagined", (grid.clamp(-1, 1) + 1) / 2, self.global_step)
-
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict:
+        """AdamW with linear warmup and cosine decay (``lit/optim.py``)."""
         hp = self.hparams
         return adamw_warmup_cosine(self, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
                                    warmup_steps=hp.warmup_steps, total_steps=hp.max_steps,

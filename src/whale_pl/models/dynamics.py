@@ -1,43 +1,31 @@
 """Stage 3: the action- and behavior-conditioned ST-MaskGIT dynamics model over token grids.
 
-Frames are grids of tokenizer ids ``[T, h, w]``. The shared ``STTransformer`` (spatial attention in
-a frame, causal temporal attention across frames) runs over embedded ids; masked positions hold an
-extra ``mask_id = codebook_size``. Slot t is conditioned on what led *into* frame t: the action
-``a_{t-1}``, the behavior embedding ``z_{t-1}`` (prior mean of the frozen behavior model, switchable
-off) and the clip's frame stride k (retracing clips compose k actions into one); slot 0 gets a
-learned start vector instead of an action. The conditioning vector enters by ``injection``:
+Frames are grids of tokenizer ids ``[T, h, w]``, flattened to S = h*w positions. An ``STTransformer``
+(spatial attention within a frame, causal temporal attention across frames) runs over the embedded
+ids; a masked position holds the extra id ``mask_id = codebook_size``. Slot t is conditioned on what
+led into frame t: the action ``a_{t-1}``, the behavior embedding ``z_{t-1}`` (the frozen behavior
+prior's mean; absent in the ablation) and the clip's frame stride k (a retracing clip composes k
+actions into one); slot 0 takes a learned start vector. The conditioning vector modulates every
+LayerNorm of every block (adaptive LayerNorm: scale, shift and residual gate, as in DiT).
 
-- ``"adanorm"``: modulates every LayerNorm of every block (scale, shift, gate; DiT-style);
-- ``"additive"``: added to every token of the frame before the first block;
-- ``"token"``: an extra spatial token per frame that the frame's tokens attend to.
+Training (``training_losses``) is MaskGIT per frame: the first frames of a clip are clean context,
+every later frame is masked at a cosine-schedule ratio, and the cross-entropy is taken on the masked
+positions. Heads on each frame's mean latent predict the reward and success of the transition into
+the frame and its low-dimensional state. Generation (``imagine``) decodes one frame at a time in a
+few MaskGIT steps, reusing the temporal keys/values of the finished frames.
 
-Copy paths (both optional): ``prev_frame_input`` adds to each position the embedding of the id the
-same position held one frame earlier; ``copy_logit`` adds a learned, position-wise gate g(h) to the
-logit of that earlier id (a pointer-style copy prior). Most of a frame's tokens repeat from one
-frame to the next, so with the copy logit the model starts at the copy-the-previous-frame baseline
-and spends its capacity on what moves. ``change_input`` adds to each position an embedding of
-whether its id differs from the one it held a frame earlier (same / changed / unknown: masked or no
-earlier frame): a masked position then reads, through temporal and spatial attention, *where* the
-previous frames moved, without having to learn the equality of two ids from their embeddings.
+Options the pipeline configs set:
 
-Change weighting (optional, ``change_weight`` w > 1): the training cross-entropy weights the few
-targets whose id changes from the frame before by w, so the model learns motion sooner instead of
-spending its first thousand steps on the copies. Weighting shifts what the model learns towards
-"changed" by a factor w in odds; the logits correct for it exactly by adding log w to the logit of
-the previous frame's id at every position (a fixed prior correction, as for any class-weighted
-loss), so predictions and probabilities outside the training loss stay calibrated.
-
-Code vectors (optional, ``code_dim > 0``): the frozen tokenizer's codebook ``[V, C]`` (set with
-``set_code_vectors``) enters both ends — each id's embedding adds a projection of its code vector,
-and the logits add a bilinear score between the latent and every code vector — so tokens that look
-alike start out alike, instead of as 512 unrelated symbols each learned from its own examples.
-
-Heads on the frame latent (mean over the frame's positions) predict the reward and success of the
-transition into frame t (``rewards[t-1]``, ``success[t-1]``) and the low-dimensional state of frame t.
-
-Generation (``imagine``) is frame by frame, a few MaskGIT steps per frame, reusing the temporal
-keys/values of finished frames (``use_cache``). When a rollout outgrows ``max_frames`` the window
-restarts from its last ``max_frames // 2`` frames (both with and without the cache, so they agree).
+- ``prev_frame_input``: each position also embeds the id it held one frame earlier;
+- ``copy_logit``: a learned gate g(h) adds to the logit of that earlier id, so a fresh model predicts
+  "copy the previous frame" and spends its capacity on what moves;
+- ``code_dim > 0``: ids are embedded and scored through the frozen tokenizer's code vectors, so
+  tokens that look alike start out alike;
+- ``transition_rank`` r > 0: a learned rank-r map per (position, previous id) adds to the
+  code-space query, a factorised per-position transition table;
+- ``change_weight`` w: targets whose id changed since the previous frame weigh w in the loss; every
+  prediction outside the loss adds log w to the previous id's logit, which undoes the shift of the
+  odds that the weighting causes, so probabilities stay calibrated.
 """
 
 from __future__ import annotations
@@ -53,8 +41,9 @@ from torch import nn
 from whale_pl.models.maskgit import corrupt_tokens, maskgit_decode_frame, training_mask
 from whale_pl.models.st_block import KV, STTransformer, append_kv
 
-INJECTIONS = ("adanorm", "additive", "token")
-ZFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ZFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids_BThw, actions_BTA) -> z_BTZ
+ActFn = Callable[[int, dict[str, torch.Tensor]], torch.Tensor]  # (frame t, imagined so far) -> actions_BA
+COPY_INIT = 4.0  # initial bias of the copy gate: a fresh model puts the previous id's logit 4 nats up
 
 
 class DynamicsModel(nn.Module):
@@ -73,19 +62,20 @@ class DynamicsModel(nn.Module):
         mlp_ratio: float = 4.0,
         max_frames: int = 16,
         max_stride: int = 4,
-        injection: str = "adanorm",
         dropout: float = 0.0,
         prev_frame_input: bool = False,
         copy_logit: bool = False,
-        copy_init: float = 4.0,
         code_dim: int = 0,
-        change_input: bool = False,
         change_weight: float = 1.0,
         transition_rank: int = 0,
     ) -> None:
         super().__init__()
-        if injection not in INJECTIONS:
-            raise ValueError(f"injection must be one of {INJECTIONS}, got {injection!r}")
+        if not change_weight > 0:
+            raise ValueError(f"change_weight must be > 0, got {change_weight}")
+        if isinstance(transition_rank, bool) or not isinstance(transition_rank, int) or transition_rank < 0:
+            raise ValueError(f"transition_rank must be an int >= 0, got {transition_rank!r}")
+        if transition_rank > 0 and code_dim <= 0:
+            raise ValueError("transition_rank > 0 needs code_dim > 0 (code_embed): it adds to the code-space query")
         self.codebook_size = codebook_size
         self.mask_id = codebook_size
         self.grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
@@ -95,71 +85,55 @@ class DynamicsModel(nn.Module):
         self.state_dim = state_dim
         self.max_frames = max_frames
         self.max_stride = max_stride
-        self.injection = injection
         self.dim = dim
-
-        self.tok_emb = nn.Embedding(codebook_size + 1, dim)
-        # optional: each position also sees the id the same position held one frame earlier (a direct
-        # copy path; index codebook_size + 1 = "no earlier frame in this window")
-        self.prev_emb = None
-        if prev_frame_input:
-            self.prev_emb = nn.Embedding(codebook_size + 2, dim)
-            nn.init.normal_(self.prev_emb.weight, std=0.02)
-        # optional: same (0) / changed (1) / unknown (2) since the frame before, per position
-        self.change_emb = None
-        if change_input:
-            if not prev_frame_input:
-                raise ValueError("change_input needs prev_frame_input (it compares each id with the earlier one)")
-            self.change_emb = nn.Embedding(3, dim)
-            nn.init.normal_(self.change_emb.weight, std=0.02)
-        if not change_weight > 0:
-            raise ValueError(f"change_weight must be > 0, got {change_weight}")
         self.change_weight = float(change_weight)
-        self.pos_s = nn.Parameter(torch.randn(self.num_tokens, dim) * 0.02)
-        self.pos_t = nn.Parameter(torch.randn(max_frames, dim) * 0.02)
-        self.act_mlp = nn.Sequential(nn.Linear(action_dim, dim), nn.GELU(), nn.Linear(dim, dim))
-        self.beh_proj = nn.Linear(behavior_dim, dim) if behavior_dim > 0 else None
-        self.stride_emb = nn.Embedding(max_stride + 1, dim)
-        self.start = nn.Parameter(torch.zeros(dim))
-        self.cond_norm = nn.LayerNorm(dim)
-        if injection == "token":
-            self.cond_pos = nn.Parameter(torch.randn(dim) * 0.02)
-        self.transformer = STTransformer(
-            dim, depth, heads, mlp_ratio, causal=True,
-            cond_dim=dim if injection == "adanorm" else None, dropout=dropout,
-        )
-        self.logits_head = nn.Linear(dim, codebook_size)
         self.code_dim = code_dim
-        self.code_in = self.code_out = None
-        if code_dim > 0:
-            # the codebook itself is not a parameter of this model: the frozen tokenizer's, set by the owner
-            self.register_buffer("code_vectors", torch.zeros(codebook_size, code_dim), persistent=False)
-            self.code_in = nn.Linear(code_dim, dim, bias=False)
-            self.code_out = nn.Linear(dim, code_dim, bias=False)
-            self.code_scale = nn.Parameter(torch.tensor(1.0))
-        # optional: per (position, previous id), a learned rank-r map from the trunk's state to the
-        # code-space query -- a factorised per-position transition table. An embedding row is trained
-        # by every example of its (position, id) pair, so it learns "what this patch becomes" far
-        # sooner than the shared trunk does (benchmarks/dynamics_budget.py, docs/findings.md)
-        if isinstance(transition_rank, bool) or not isinstance(transition_rank, int) or transition_rank < 0:
-            raise ValueError(f"transition_rank must be an int >= 0, got {transition_rank!r}")
         self.transition_rank = transition_rank
+        self._build_inputs(prev_frame_input)
+        self.transformer = STTransformer(dim, depth, heads, mlp_ratio, causal=True, cond_dim=dim, dropout=dropout)
+        self._build_outputs(copy_logit)
+
+    def _build_inputs(self, prev_frame_input: bool) -> None:
+        """Token, position and conditioning embeddings."""
+        V, D = self.codebook_size, self.dim
+        self.tok_emb = nn.Embedding(V + 1, D)
+        self.prev_emb = None  # index V + 1: "no earlier frame in this window"
+        if prev_frame_input:
+            self.prev_emb = nn.Embedding(V + 2, D)
+            nn.init.normal_(self.prev_emb.weight, std=0.02)
+        self.pos_s = nn.Parameter(torch.randn(self.num_tokens, D) * 0.02)
+        self.pos_t = nn.Parameter(torch.randn(self.max_frames, D) * 0.02)
+        self.act_mlp = nn.Sequential(nn.Linear(self.action_dim, D), nn.GELU(), nn.Linear(D, D))
+        self.beh_proj = nn.Linear(self.behavior_dim, D) if self.behavior_dim > 0 else None
+        self.stride_emb = nn.Embedding(self.max_stride + 1, D)
+        self.start = nn.Parameter(torch.zeros(D))
+        self.cond_norm = nn.LayerNorm(D)
+
+    def _build_outputs(self, copy_logit: bool) -> None:
+        """Token logits (with the code-vector, transition and copy paths) and the frame heads."""
+        V, D, C, r = self.codebook_size, self.dim, self.code_dim, self.transition_rank
+        self.logits_head = nn.Linear(D, V)
+        self.code_in = self.code_out = None
+        if C > 0:
+            # the codebook itself is not a parameter of this model: the frozen tokenizer's, set by the owner
+            self.register_buffer("code_vectors", torch.zeros(V, C), persistent=False)
+            self.code_in = nn.Linear(C, D, bias=False)
+            self.code_out = nn.Linear(D, C, bias=False)
+            self.code_scale = nn.Parameter(torch.tensor(1.0))
         self.trans = self.trans_in = None
-        if transition_rank > 0:
-            if code_dim <= 0:
-                raise ValueError("transition_rank > 0 needs code_dim > 0 (code_embed): it adds to the code-space query")
-            self.trans = nn.Embedding(self.num_tokens * codebook_size, code_dim * transition_rank)
+        if r > 0:
+            self.trans = nn.Embedding(self.num_tokens * V, C * r)
             nn.init.zeros_(self.trans.weight)  # starts as the plain model
-            self.trans_in = nn.Linear(dim, transition_rank)
+            self.trans_in = nn.Linear(D, r)
         self.copy_gate = None
         if copy_logit:
-            self.copy_gate = nn.Linear(dim, 1)
+            self.copy_gate = nn.Linear(D, 1)
             nn.init.zeros_(self.copy_gate.weight)
-            nn.init.constant_(self.copy_gate.bias, copy_init)
-        self.frame_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
-        self.reward_head = nn.Linear(dim, 1)
-        self.success_head = nn.Linear(dim, 1)
-        self.state_head = nn.Linear(dim, state_dim) if state_dim > 0 else None
+            nn.init.constant_(self.copy_gate.bias, COPY_INIT)
+        self.frame_head = nn.Sequential(nn.Linear(D, D), nn.GELU())
+        self.reward_head = nn.Linear(D, 1)
+        self.success_head = nn.Linear(D, 1)
+        self.state_head = nn.Linear(D, self.state_dim) if self.state_dim > 0 else None
 
     def set_code_vectors(self, code_vectors_VC: torch.Tensor) -> None:
         """Install the tokenizer's codebook ``[V, C]`` (unit code vectors) for ``code_dim > 0``."""
@@ -182,6 +156,7 @@ class DynamicsModel(nn.Module):
     # ------------------------------------------------------------------ building blocks
     @property
     def uses_behavior(self) -> bool:
+        """Whether the model is conditioned on the behavior embedding z (False: the ablation)."""
         return self.beh_proj is not None
 
     def _check_inputs(self, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None) -> None:
@@ -197,21 +172,16 @@ class DynamicsModel(nn.Module):
             raise ValueError("this dynamics model has behavior-conditioning off (behavior_dim=0) but got z")
 
     def condition(
-        self,
-        act_in_BTA: torch.Tensor,
-        z_in_BTZ: torch.Tensor | None,
-        stride_B: torch.Tensor | None,
-        first_is_start: bool,
+        self, act_in_BTA: torch.Tensor, z_in_BTZ: torch.Tensor | None, stride_B: torch.Tensor | None
     ) -> torch.Tensor:
         """Per-slot conditioning ``[B, T, D]`` from the action/behavior leading INTO each slot;
-        with ``first_is_start`` slot 0 takes the learned start vector (there is no action into it)."""
+        slot 0 takes the learned start vector (there is no action into it)."""
         B, T, _ = act_in_BTA.shape
         c = self.act_mlp(act_in_BTA)
         if self.beh_proj is not None:
             assert z_in_BTZ is not None
             c = c + self.beh_proj(z_in_BTZ)
-        if first_is_start:
-            c = torch.cat([self.start.expand(B, 1, -1), c[:, 1:]], dim=1)
+        c = torch.cat([self.start.expand(B, 1, -1), c[:, 1:]], dim=1)
         if stride_B is None:
             stride_B = torch.ones(B, dtype=torch.long, device=act_in_BTA.device)
         if int(stride_B.max()) > self.max_stride or int(stride_B.min()) < 1:
@@ -234,41 +204,19 @@ class DynamicsModel(nn.Module):
         kv_cache: list[KV] | None = None,
         return_kv: bool = False,
         prev_ids_BS: torch.Tensor | None = None,
-        slots_T: torch.Tensor | None = None,
-        prev_BTS: torch.Tensor | None = None,
-        temporal_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KV] | None]:
-        """Hidden states ``[B, T, S, D]`` of frames at window positions ``t0 .. t0+T-1``.
-        ``prev_ids_BS``: ids of the frame before the first of these (None: none in the window);
-        used only with ``prev_frame_input``. Two-stream training passes explicit window positions
-        ``slots_T``, earlier-frame ids ``prev_BTS`` and a ``temporal_mask`` instead."""
+        """Hidden states ``[B, T, S, D]`` of frames at window positions ``t0 .. t0+T-1`` (and their
+        temporal keys/values with ``return_kv``). ``kv_cache``: keys/values of the window's frames
+        before ``t0``. ``prev_ids_BS``: ids of the frame before the first of these (None: none in
+        the window); used only with ``prev_frame_input``."""
         B, T, S = ids_BTS.shape
-        if slots_T is None:
-            if t0 + T > self.max_frames:
-                raise ValueError(f"window of {t0 + T} frames exceeds max_frames={self.max_frames}")
-            pos_t = self.pos_t[t0 : t0 + T]
-        else:
-            if int(slots_T.max()) >= self.max_frames:
-                raise ValueError(f"window of {int(slots_T.max()) + 1} frames exceeds max_frames={self.max_frames}")
-            pos_t = self.pos_t[slots_T]
-        x = self.embed_ids(ids_BTS) + self.pos_s + pos_t[:, None]
+        if t0 + T > self.max_frames:
+            raise ValueError(f"window of {t0 + T} frames exceeds max_frames={self.max_frames}")
+        x = self.embed_ids(ids_BTS) + self.pos_s + self.pos_t[t0 : t0 + T][:, None]
         if self.prev_emb is not None:
-            prev = self.prev_ids(ids_BTS, prev_ids_BS) if prev_BTS is None else prev_BTS
-            x = x + self.prev_emb(prev)
-            if self.change_emb is not None:
-                x = x + self.change_emb(self.change_flags(ids_BTS, prev))
-        cond = None
-        if self.injection == "adanorm":
-            cond = cond_BTD
-        elif self.injection == "additive":
-            x = x + cond_BTD.unsqueeze(2)
-        else:
-            x = torch.cat([(cond_BTD + self.cond_pos).unsqueeze(2), x], dim=2)
-        out = self.transformer(x, cond, kv_cache=kv_cache, return_kv=return_kv, temporal_mask=temporal_mask)
-        h, kv = (out if return_kv else (out, None))
-        if self.injection == "token":
-            h = h[:, :, 1:]
-        return h, kv
+            x = x + self.prev_emb(self.prev_ids(ids_BTS, prev_ids_BS))
+        out = self.transformer(x, cond_BTD, kv_cache=kv_cache, return_kv=return_kv)
+        return out if return_kv else (out, None)
 
     def prev_ids(self, ids_BTS: torch.Tensor, prev_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
         """Ids each slot's positions held one frame earlier ``[B, T, S]`` (``codebook_size + 1`` where
@@ -280,13 +228,6 @@ class DynamicsModel(nn.Module):
     def copy_bias(self) -> float:
         """log ``change_weight``: added to the previous id's logit, it undoes the weighting's shift of the odds."""
         return math.log(self.change_weight)
-
-    def change_flags(self, ids_BTS: torch.Tensor, prev_BTS: torch.Tensor) -> torch.Tensor:
-        """0 where a position holds the id it held a frame earlier, 1 where that id changed, 2 where
-        either is unknown (masked, or no earlier frame in the window)."""
-        V = self.codebook_size
-        unknown = (ids_BTS >= V) | (prev_BTS >= V)
-        return torch.where(unknown, 2, (ids_BTS != prev_BTS).long())
 
     def token_logits(self, h_BTSD: torch.Tensor, prev_ids_BTS: torch.Tensor | None = None,
                      raw: bool = False) -> torch.Tensor:
@@ -355,7 +296,7 @@ class DynamicsModel(nn.Module):
         default ``ids_BThw``. ``raw``: without the ``change_weight`` correction (for the training loss)."""
         self._check_inputs(actions_BTA, z_BTZ)
         B, T, hh, ww = ids_BThw.shape
-        cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B, first_is_start=True)
+        cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B)
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
         h, _ = self.trunk(ids, cond)
         src = ids if copy_src_BThw is None else rearrange(copy_src_BThw, "b t h w -> b t (h w)")
@@ -375,39 +316,25 @@ class DynamicsModel(nn.Module):
         corrupt_prob: float = 0.0,
         generator: torch.Generator | None = None,
         max_context_frames: int | None = None,
-        history: str = "masked",
-        full_mask_prob: float = 0.0,
     ) -> dict[str, torch.Tensor]:
-        """MaskGIT loss: cross-entropy on masked (and corrupted) positions of future frames, plus
-        reward (MSE), success (BCE) and state (MSE) head losses. Returns the parts and ``acc``.
-
-        ``history="masked"``: one pass over the clip with every future frame partly masked, so a
-        frame's history is itself partly masked. ``history="clean"``: two streams in one pass, the
-        clean clip and a partly masked copy of frames ``context_frames..T-1``; masked frame t attends
-        (in time) to the clean frames before t and to itself only, so every predicted frame sees a
-        whole, true history, as at inference (``teacher_forced``, ``imagine``). It costs about twice
-        the tokens; the heads read the clean stream (as ``imagine`` reads finished frames).
+        """MaskGIT loss of a batch of clips: cross-entropy on the masked (and corrupted) positions of
+        the frames after the context, plus reward (MSE), success (BCE) and state (MSE) head losses.
+        Returns the parts and ``acc`` (of the masked positions).
 
         ``max_context_frames``: each clip draws its number of clean context frames uniformly from
-        ``[context_frames, max_context_frames]`` (clamped to T-1), so the first masked frame of a
-        clip sees a fully clean history, as every frame does at inference (teacher-forced and in
-        rollouts); later frames see masked histories, as in plain per-frame MaskGIT training.
-        ``full_mask_prob``: share of future frames masked whole instead of at a cosine-schedule ratio.
-
+        ``[context_frames, max_context_frames]`` (at most T-1), so the first masked frame of a clip
+        sees a clean history, as every frame does at inference; later frames see masked histories.
+        ``corrupt_prob``: up to this share of the visible tokens after the context hold random ids,
+        which the model learns to correct (its own samples can be wrong at inference).
         With ``change_weight`` w the cross-entropy (on the raw logits) is a weighted mean in which
         targets whose true id differs from the one a frame earlier count w times."""
-        if history == "clean":
-            return self._two_stream_losses(ids_BThw, actions_BTA, z_BTZ, rewards_BT, success_BT, state_BTS,
-                                           stride_B, context_frames, corrupt_prob, generator, full_mask_prob)
-        if history != "masked":
-            raise ValueError(f"history must be 'masked' or 'clean', got {history!r}")
         B, T, hh, ww = ids_BThw.shape
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
         ctx: int | torch.Tensor = context_frames
         if max_context_frames is not None and max_context_frames > context_frames:
             hi = min(max_context_frames, T - 1)
             ctx = torch.randint(context_frames, hi + 1, (B,), generator=generator).to(ids.device)
-        mask = training_mask(B, T, hh * ww, ctx, ids.device, generator, full_mask_prob)
+        mask = training_mask(B, T, hh * ww, ctx, ids.device, generator)
         inp, hit = corrupt_tokens(ids, mask, ctx, corrupt_prob, self.codebook_size, generator)
         whole = rearrange(inp, "b t (h w) -> b t h w", h=hh)  # corrupted but unmasked: the copy source
         inp = inp.masked_fill(mask, self.mask_id)
@@ -435,6 +362,7 @@ class DynamicsModel(nn.Module):
 
     def _head_losses(self, heads: dict[str, torch.Tensor], rewards_BT: torch.Tensor, success_BT: torch.Tensor,
                      state_BTS: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Reward (MSE) and success (BCE) of the transition into each frame after the first; state (MSE) of every frame."""
         out = {"reward": F.mse_loss(heads["reward"][:, 1:].float(), rewards_BT[:, :-1].float()),
                "success": F.binary_cross_entropy_with_logits(heads["success_logit"][:, 1:].float(),
                                                              success_BT[:, :-1].float())}
@@ -443,58 +371,6 @@ class DynamicsModel(nn.Module):
                 raise ValueError(f"batch state has {state_BTS.shape[-1]} dims, the model was built for {self.state_dim}")
             out["state"] = F.mse_loss(heads["state"].float(), state_BTS.float())
         return out
-
-    @staticmethod
-    def two_stream_mask(T: int, first: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Temporal attention mask ``[T + Q, T + Q]`` (True = may attend) for the clean clip (frames
-        0..T-1, causal) followed by ``Q = T - first`` masked copies of frames first..T-1, each of
-        which sees the clean frames before it and itself."""
-        Q = T - first
-        m = torch.zeros(T + Q, T + Q, dtype=torch.bool, device=device)
-        m[:T, :T] = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        for j in range(Q):
-            t = first + j
-            m[T + j, :t] = True
-            m[T + j, T + j] = True
-        return m
-
-    def _two_stream_losses(self, ids_BThw, actions_BTA, z_BTZ, rewards_BT, success_BT, state_BTS, stride_B,
-                           context_frames, corrupt_prob, generator, full_mask_prob=0.0) -> dict[str, torch.Tensor]:
-        self._check_inputs(actions_BTA, z_BTZ)
-        B, T, hh, ww = ids_BThw.shape
-        c = int(context_frames)
-        if not 1 <= c < T:
-            raise ValueError(f"context_frames must be in [1, T-1={T - 1}], got {c}")
-        ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
-        Q = T - c
-        tgt = ids[:, c:]
-        mask = training_mask(B, Q, hh * ww, 0, ids.device, generator, full_mask_prob)
-        inp, hit = corrupt_tokens(tgt, mask, 0, corrupt_prob, self.codebook_size, generator)
-        inp = inp.masked_fill(mask, self.mask_id)
-        logits, heads = self.two_stream(ids, inp, actions_BTA, z_BTZ, stride_B, raw=True)
-        target = mask | hit
-        prev = self.prev_ids(ids)[:, c:]  # the clean frame before each query: copy source and change reference
-        out = {"ce": self._weighted_ce(logits[target], tgt[target], prev[target]),
-               "acc": self._corrected_acc(logits[mask], prev[mask], tgt[mask])}
-        out.update(self._head_losses(heads, rewards_BT, success_BT, state_BTS))
-        return out
-
-    def two_stream(self, ids_BTS: torch.Tensor, query_BQS: torch.Tensor, actions_BTA: torch.Tensor,
-                   z_BTZ: torch.Tensor | None, stride_B: torch.Tensor | None = None, raw: bool = False,
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits ``[B, Q, S, V]`` of the last Q frames of the clean clip ``ids_BTS`` from their
-        partly masked versions ``query_BQS``, each given the clean frames before it (one pass), and
-        the heads of the clean frames."""
-        B, T, S = ids_BTS.shape
-        Q = query_BQS.shape[1]
-        c = T - Q
-        cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B, first_is_start=True)
-        slots = torch.cat([torch.arange(T), torch.arange(c, T)]).to(ids_BTS.device)
-        clean_prev = self.prev_ids(ids_BTS)
-        h, _ = self.trunk(torch.cat([ids_BTS, query_BQS], 1), torch.cat([cond, cond[:, c:]], 1), slots_T=slots,
-                          prev_BTS=torch.cat([clean_prev, clean_prev[:, c:]], 1),
-                          temporal_mask=self.two_stream_mask(T, c, ids_BTS.device))
-        return self.token_logits(h[:, T:], clean_prev[:, c:], raw=raw), self.heads(h[:, :T])
 
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
@@ -513,7 +389,7 @@ class DynamicsModel(nn.Module):
         self._check_inputs(actions_BTA, z_BTZ)
         B, T, hh, ww = ids_BThw.shape
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
-        cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B, first_is_start=True)
+        cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B)
         _, kv = self.trunk(ids, cond, return_kv=True)
         query = torch.full_like(ids[:, 1:], self.mask_id)
         if given_BThw is not None:
@@ -553,7 +429,7 @@ class DynamicsModel(nn.Module):
         if t0:  # keep the last max_frames slots; the window restarts at its first frame
             ids, act_in = ids[:, t0:], act_in[:, t0:]
             z_in = None if z_in is None else z_in[:, t0:]
-        cond = self.condition(act_in, z_in, stride_B, first_is_start=True)
+        cond = self.condition(act_in, z_in, stride_B)
         h, _ = self.trunk(ids, cond)
         last = h[:, -1]
         heads = self.heads(h[:, -1:])
@@ -571,7 +447,7 @@ class DynamicsModel(nn.Module):
     def imagine(
         self,
         context_ids_BChw: torch.Tensor,
-        actions_BTA: torch.Tensor,
+        actions_BTA: torch.Tensor | None,
         z: torch.Tensor | ZFn | None = None,
         horizon: int | None = None,
         steps: int = 4,
@@ -580,22 +456,52 @@ class DynamicsModel(nn.Module):
         use_cache: bool = True,
         return_probs: bool = False,
         generator: torch.Generator | None = None,
+        act_fn: ActFn | None = None,
     ) -> dict[str, torch.Tensor]:
         """Roll the model out frame by frame from ``context_ids_BChw``.
 
-        ``actions_BTA[:, t]`` is taken at frame t counted from the first context frame; ``horizon``
-        frames are generated (default ``T - C + 1``). ``z`` is the behavior embedding, either a tensor
-        ``[B, >=C+horizon-1, Z]`` aligned like the actions, or a callable ``z_fn(ids_BThw, actions_BTA)
-        -> z_BTZ`` (the frozen causal prior) that is re-evaluated on the growing history. Returns
-        ``ids_BThw`` (generated frames), ``token_prob_BThw`` (probability of each chosen token),
-        ``reward_BT``, ``success_BT`` (probability), ``state_BTS`` (if the model has a state head)
-        and, with ``return_probs``, ``probs_BThwV`` (each position's distribution when it was fixed).
-        """
+        ``actions_BTA[:, t]`` is taken at frame t counted from the first context frame. Open loop,
+        they are all given and ``horizon`` defaults to ``T - C + 1``; closed loop, ``act_fn(t,
+        so_far)`` chooses the action ``[B, A]`` of each frame t past the given ones (None: none
+        given) from ``so_far``, this method's outputs for the frames imagined before it (empty
+        before the first). ``z`` is the behavior embedding: a tensor ``[B, >=C+horizon-1, Z]``
+        aligned like the actions, or ``z_fn(ids_BThw, actions_BTA) -> z_BTZ`` (the frozen causal
+        prior), evaluated on the growing history. Returns ``ids_BThw`` (the imagined frames),
+        ``token_prob_BThw`` (probability of each chosen token), ``reward_BT``, ``success_BT``
+        (probability), ``state_BTS`` (with a state head) and, with ``return_probs``, ``probs_BThwV``
+        (each position's distribution when it was fixed).
+
+        The temporal window holds at most ``max_frames`` frames; when a rollout outgrows it, it
+        restarts from its last ``max_frames // 2`` frames (with and without the key/value cache
+        alike, so both give the same frames)."""
         B, C, hh, ww = context_ids_BChw.shape
-        S = hh * ww
+        if actions_BTA is None:
+            actions_BTA = torch.zeros(B, 0, self.action_dim, device=context_ids_BChw.device)
+        horizon = self._check_rollout(C, actions_BTA, z, horizon, act_fn)
+        roll = Rollout(context_ids_BChw, actions_BTA, z, act_fn)
+        start, cache = 0, None  # the window's first frame; temporal keys/values of its finished frames
+        for n in range(C, C + horizon):
+            if n - start + 1 > self.max_frames:  # window full: restart it from its recent frames
+                start, cache = n + 1 - max(1, self.max_frames // 2), None
+            cond_BTD = self._window_condition(roll, range(start, n + 1), stride_B)
+            past_BTS = roll.ids_BTS[:, start:n]
+            if use_cache and cache is None:  # (re)prime the cache with the window's finished frames
+                _, cache = self.trunk(past_BTS, cond_BTD[:, :-1], return_kv=True)
+            ids_BS, prob_BS, probs_BSV = maskgit_decode_frame(
+                self._next_frame_logits(past_BTS, cond_BTD, cache), B, hh * ww, self.mask_id, steps, temperature,
+                context_ids_BChw.device, generator)
+            h_B1SD, cache = self._finish_frame(past_BTS, ids_BS, cond_BTD, cache)
+            roll.add_frame(ids_BS, prob_BS, probs_BSV if return_probs else None, self.heads(h_B1SD))
+        return roll.outputs()
+
+    def _check_rollout(self, C: int, actions_BTA: torch.Tensor, z: torch.Tensor | ZFn | None, horizon: int | None,
+                       act_fn: ActFn | None) -> int:
+        """The rollout's horizon, after checking its inputs against the model."""
         if horizon is None:
+            if act_fn is not None:
+                raise ValueError("with act_fn, pass the horizon (the actions are chosen as the rollout goes)")
             horizon = actions_BTA.shape[1] - C + 1
-        if horizon < 1 or actions_BTA.shape[1] < C + horizon - 1:
+        if horizon < 1 or (act_fn is None and actions_BTA.shape[1] < C + horizon - 1):
             raise ValueError(f"need >= C + horizon - 1 = {C + horizon - 1} actions, got {actions_BTA.shape[1]}")
         if actions_BTA.shape[-1] != self.action_dim:
             raise ValueError(f"actions have {actions_BTA.shape[-1]} dims, the model was built for {self.action_dim}")
@@ -605,88 +511,113 @@ class DynamicsModel(nn.Module):
             raise ValueError("this dynamics model has behavior-conditioning off (behavior_dim=0) but got z")
         if C > self.max_frames - 1:
             raise ValueError(f"context of {C} frames leaves no room in max_frames={self.max_frames}")
-        device = context_ids_BChw.device
-        all_ids = rearrange(context_ids_BChw, "b t h w -> b t (h w)")
-        z_rows: list[torch.Tensor] = []  # z at each frame so far (only for behavior models)
+        return horizon
 
-        def z_at(n: int) -> torch.Tensor | None:
-            """z of frame n (the one leading into frame n+1), from history ``<= n``."""
-            if z is None:
-                return None
-            if torch.is_tensor(z):
-                return z[:, n]
-            while len(z_rows) <= n:
-                m = len(z_rows)
-                ids_hist = rearrange(all_ids[:, : m + 1], "b t (h w) -> b t h w", h=hh)
-                z_rows.append(z(ids_hist, actions_BTA[:, : m + 1])[:, -1])
-            return z_rows[n]
+    def _window_condition(self, roll: Rollout, frames: range, stride_B: torch.Tensor | None) -> torch.Tensor:
+        """Conditioning ``[B, T, D]`` of a window of frames of a rollout; its first slot takes the start
+        vector, as slot 0 of a training clip does."""
+        B = roll.ids_BTS.shape[0]
+        no_action = torch.zeros(B, self.action_dim, dtype=roll.actions_BTA.dtype, device=roll.ids_BTS.device)
+        acts = torch.stack([roll.action_at(n - 1) if n > 0 else no_action for n in frames], 1)
+        zs = None
+        if self.uses_behavior:
+            no_z = torch.zeros(B, self.behavior_dim, device=roll.ids_BTS.device)
+            zs = torch.stack([roll.z_at(n - 1) if n > 0 else no_z for n in frames], 1)
+        return self.condition(acts, zs, stride_B)
 
-        def cond_of(frames: range) -> torch.Tensor:
-            """Conditioning of a window of global frames; its first slot takes the start vector, as
-            slot 0 of a training clip does."""
-            acts = torch.stack([actions_BTA[:, n - 1] if n > 0 else torch.zeros_like(actions_BTA[:, 0]) for n in frames], 1)
-            zs = None
-            if self.uses_behavior:
-                zs = torch.stack([z_at(n - 1) if n > 0 else torch.zeros(B, self.behavior_dim, device=device)
-                                  for n in frames], 1)
-            return self.condition(acts, zs, stride_B, first_is_start=True)
+    def _next_frame_logits(self, past_BTS: torch.Tensor, cond_BTD: torch.Tensor,
+                           cache: list[KV] | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``ids_BS -> logits_BSV`` of the frame after ``past_BTS`` (the window's finished frames),
+        with the keys/values of ``cache`` or, without one, a pass over the whole window."""
+        t = past_BTS.shape[1]
+        prev_BS = past_BTS[:, -1] if t > 0 else None
 
-        start = 0  # global index of the window's first frame
-        cache: list[KV] | None = None
-        outs: dict[str, list[torch.Tensor]] = {k: [] for k in ("ids", "prob", "probs", "reward", "success", "state")}
-        cache_len = 0
-        for n in range(C, C + horizon):
-            if n - start + 1 > self.max_frames:  # window full: restart it from its recent frames
-                start = n + 1 - max(1, self.max_frames // 2)
-                cache, cache_len = None, 0
-            window = range(start, n + 1)
-            cond_w = cond_of(window)
-            if use_cache:
-                if cache is None or cache_len < n - start:
-                    # (re)prime the cache with the finished frames of the window
-                    _, cache = self.trunk(all_ids[:, start:n], cond_w[:, :-1], t0=0, return_kv=True)
-                    cache_len = n - start
-                t_slot = n - start
-                prev = all_ids[:, n - 1] if n - 1 >= start else None
+        def cached(ids_BS: torch.Tensor) -> torch.Tensor:
+            h, _ = self.trunk(ids_BS.unsqueeze(1), cond_BTD[:, -1:], t0=t, kv_cache=cache, prev_ids_BS=prev_BS)
+            return self.token_logits(h, None if prev_BS is None else prev_BS.unsqueeze(1))[:, 0]
 
-                def logits_fn(ids_BS: torch.Tensor) -> torch.Tensor:
-                    h, _ = self.trunk(ids_BS.unsqueeze(1), cond_w[:, -1:], t0=t_slot, kv_cache=cache, prev_ids_BS=prev)
-                    return self.token_logits(h, None if prev is None else prev.unsqueeze(1))[:, 0]
-            else:
-                def logits_fn(ids_BS: torch.Tensor) -> torch.Tensor:
-                    seq = torch.cat([all_ids[:, start:n], ids_BS.unsqueeze(1)], dim=1)
-                    h, _ = self.trunk(seq, cond_w)
-                    return self.token_logits(h[:, -1:], self.prev_ids(seq)[:, -1:])[:, 0]
+        def uncached(ids_BS: torch.Tensor) -> torch.Tensor:
+            seq = torch.cat([past_BTS, ids_BS.unsqueeze(1)], dim=1)
+            h, _ = self.trunk(seq, cond_BTD)
+            return self.token_logits(h[:, -1:], self.prev_ids(seq)[:, -1:])[:, 0]
 
-            ids_BS, prob_BS, probs_BSV = maskgit_decode_frame(
-                logits_fn, B, S, self.mask_id, steps, temperature, device, generator)
-            all_ids = torch.cat([all_ids, ids_BS.unsqueeze(1)], dim=1)
-            # the finished frame: its latent gives the heads, its keys/values join the cache
-            if use_cache:
-                h, kv = self.trunk(ids_BS.unsqueeze(1), cond_w[:, -1:], t0=n - start, kv_cache=cache, return_kv=True,
-                                   prev_ids_BS=prev)
-                cache = append_kv(cache, kv)
-                cache_len += 1
-            else:
-                h, _ = self.trunk(all_ids[:, start : n + 1], cond_w)
-                h = h[:, -1:]
-            hd = self.heads(h)
-            outs["ids"].append(ids_BS)
-            outs["prob"].append(prob_BS)
-            if return_probs:
-                outs["probs"].append(probs_BSV)
-            outs["reward"].append(hd["reward"][:, 0])
-            outs["success"].append(hd["success_logit"][:, 0].sigmoid())
-            if "state" in hd:
-                outs["state"].append(hd["state"][:, 0])
-        result = {
-            "ids_BThw": rearrange(torch.stack(outs["ids"], 1), "b t (h w) -> b t h w", h=hh),
-            "token_prob_BThw": rearrange(torch.stack(outs["prob"], 1), "b t (h w) -> b t h w", h=hh),
-            "reward_BT": torch.stack(outs["reward"], 1),
-            "success_BT": torch.stack(outs["success"], 1),
+        return uncached if cache is None else cached
+
+    def _finish_frame(self, past_BTS: torch.Tensor, ids_BS: torch.Tensor, cond_BTD: torch.Tensor,
+                      cache: list[KV] | None) -> tuple[torch.Tensor, list[KV] | None]:
+        """Latent ``[B, 1, S, D]`` of a decoded frame (for the heads), and the cache with the frame's
+        keys/values appended (None without a cache)."""
+        t = past_BTS.shape[1]
+        if cache is None:
+            h, _ = self.trunk(torch.cat([past_BTS, ids_BS.unsqueeze(1)], dim=1), cond_BTD)
+            return h[:, -1:], None
+        prev_BS = past_BTS[:, -1] if t > 0 else None
+        h, kv = self.trunk(ids_BS.unsqueeze(1), cond_BTD[:, -1:], t0=t, kv_cache=cache, return_kv=True,
+                           prev_ids_BS=prev_BS)
+        return h, append_kv(cache, kv)
+
+
+class Rollout:
+    """The growing history of one ``DynamicsModel.imagine`` call: every frame so far (context and
+    imagined), the actions and behavior embeddings taken at them, and the imagined frames' outputs."""
+
+    def __init__(self, context_ids_BChw: torch.Tensor, actions_BTA: torch.Tensor, z: torch.Tensor | ZFn | None,
+                 act_fn: ActFn | None) -> None:
+        self.hh = context_ids_BChw.shape[2]
+        self.ids_BTS = rearrange(context_ids_BChw, "b t h w -> b t (h w)")
+        self.actions_BTA = actions_BTA  # given, then extended by act_fn's choices
+        self.act_fn = act_fn
+        self.z = z
+        self.z_rows: list[torch.Tensor] = []  # z of each frame so far, when z is the prior
+        self.rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("ids", "prob", "probs", "reward", "success", "state")}
+
+    def action_at(self, n: int) -> torch.Tensor:
+        """The action ``[B, A]`` taken at frame n: given, or chosen now by ``act_fn`` from what is imagined so far."""
+        while self.actions_BTA.shape[1] <= n:
+            if self.act_fn is None:
+                raise ValueError(f"no action for frame {n}: {self.actions_BTA.shape[1]} given and no act_fn")
+            a_BA = self.act_fn(self.actions_BTA.shape[1], self.outputs(with_probs=False))
+            self.actions_BTA = torch.cat([self.actions_BTA, a_BA.unsqueeze(1)], dim=1)
+        return self.actions_BTA[:, n]
+
+    def z_at(self, n: int) -> torch.Tensor:
+        """The behavior embedding ``[B, Z]`` of frame n (leading into frame n+1), from history ``<= n``."""
+        if torch.is_tensor(self.z):
+            return self.z[:, n]
+        while len(self.z_rows) <= n:
+            m = len(self.z_rows)
+            self.action_at(m)
+            ids_hist = rearrange(self.ids_BTS[:, : m + 1], "b t (h w) -> b t h w", h=self.hh)
+            self.z_rows.append(self.z(ids_hist, self.actions_BTA[:, : m + 1])[:, -1])
+        return self.z_rows[n]
+
+    def add_frame(self, ids_BS: torch.Tensor, prob_BS: torch.Tensor, probs_BSV: torch.Tensor | None,
+                  heads: dict[str, torch.Tensor]) -> None:
+        """Append an imagined frame: its ids, the probability of each chosen id (and each position's
+        distribution, if kept) and the heads' outputs."""
+        self.ids_BTS = torch.cat([self.ids_BTS, ids_BS.unsqueeze(1)], dim=1)
+        self.rows["ids"].append(ids_BS)
+        self.rows["prob"].append(prob_BS)
+        if probs_BSV is not None:
+            self.rows["probs"].append(probs_BSV)
+        self.rows["reward"].append(heads["reward"][:, 0])
+        self.rows["success"].append(heads["success_logit"][:, 0].sigmoid())
+        if "state" in heads:
+            self.rows["state"].append(heads["state"][:, 0])
+
+    def outputs(self, with_probs: bool = True) -> dict[str, torch.Tensor]:
+        """The imagined frames so far, as ``DynamicsModel.imagine`` returns them (empty before the first)."""
+        rows, hh = self.rows, self.hh
+        if not rows["ids"]:
+            return {}
+        out = {
+            "ids_BThw": rearrange(torch.stack(rows["ids"], 1), "b t (h w) -> b t h w", h=hh),
+            "token_prob_BThw": rearrange(torch.stack(rows["prob"], 1), "b t (h w) -> b t h w", h=hh),
+            "reward_BT": torch.stack(rows["reward"], 1),
+            "success_BT": torch.stack(rows["success"], 1),
         }
-        if outs["state"]:
-            result["state_BTS"] = torch.stack(outs["state"], 1)
-        if return_probs:
-            result["probs_BThwV"] = rearrange(torch.stack(outs["probs"], 1), "b t (h w) v -> b t h w v", h=hh)
-        return result
+        if rows["state"]:
+            out["state_BTS"] = torch.stack(rows["state"], 1)
+        if with_probs and rows["probs"]:
+            out["probs_BThwV"] = rearrange(torch.stack(rows["probs"], 1), "b t (h w) v -> b t h w v", h=hh)
+        return out

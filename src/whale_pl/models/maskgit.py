@@ -28,19 +28,12 @@ def training_mask(
     context_frames: int | torch.Tensor,
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
-    full_mask_prob: float = 0.0,
 ) -> torch.Tensor:
     """Bool mask ``[B, T, S]`` (True = masked): frames ``< context_frames`` (an int, or one count
     per clip ``[B]``) are clean, every later frame gets its own cosine-schedule ratio (at least one
-    masked token), or with probability ``full_mask_prob`` is masked whole (the first MaskGIT step's
-    case, and the teacher-forced score's: the frame must come from its history alone)."""
-    if not 0.0 <= full_mask_prob <= 1.0:
-        raise ValueError(f"full_mask_prob must be in [0, 1], got {full_mask_prob}")
+    masked token)."""
     u_BT = torch.rand(B, T, device=device, generator=generator)
     n_BT = torch.ceil(cosine_mask_ratio(u_BT) * S).clamp(min=1, max=S)
-    if full_mask_prob > 0:
-        full_BT = torch.rand(B, T, device=device, generator=generator) < full_mask_prob
-        n_BT = n_BT.masked_fill(full_BT, S)
     ctx_B = torch.as_tensor(context_frames, device=device).expand(B)
     n_BT = n_BT.masked_fill(torch.arange(T, device=device)[None] < ctx_B[:, None], 0)
     # rank random scores per frame; the n lowest-ranked positions are masked

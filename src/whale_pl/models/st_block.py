@@ -123,22 +123,18 @@ class STBlock(nn.Module):
         cond_BTD: torch.Tensor | None = None,
         kv_cache: KV | None = None,
         return_kv: bool = False,
-        temporal_mask: torch.Tensor | None = None,
         spatial_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, KV]:
         """``x_BTSD``: [B, T, S, D] tokens. ``kv_cache``: temporal keys/values of the frames before
-        these T frames, each [B*S, heads, T_past, D/heads]. ``temporal_mask``: bool [T, T] (True =
-        may attend) instead of the causal mask, e.g. for two-stream teacher-forced training.
-        ``spatial_mask``: bool [S, S] (True = may attend) restricting spatial attention, e.g. to a
-        neighbourhood (``local_spatial_mask``)."""
+        these T frames, each [B*S, heads, T_past, D/heads]. ``spatial_mask``: bool [S, S] (True =
+        may attend) restricting spatial attention, e.g. to a neighbourhood (``local_spatial_mask``)."""
         B, T, S, _ = x_BTSD.shape
         h, gate = self.norm_s(x_BTSD, cond_BTD)
         h, _ = self.attn_s(rearrange(h, "b t s d -> (b t) s d"), attn_mask=spatial_mask)
         x_BTSD = x_BTSD + self._gated(rearrange(h, "(b t) s d -> b t s d", b=B), gate)
 
         h, gate = self.norm_t(x_BTSD, cond_BTD)
-        h, kv = self.attn_t(rearrange(h, "b t s d -> (b s) t d"), causal=self.causal, past_kv=kv_cache,
-                            attn_mask=temporal_mask)
+        h, kv = self.attn_t(rearrange(h, "b t s d -> (b s) t d"), causal=self.causal, past_kv=kv_cache)
         x_BTSD = x_BTSD + self._gated(rearrange(h, "(b s) t d -> b t s d", b=B), gate)
 
         h, gate = self.norm_m(x_BTSD, cond_BTD)
@@ -186,13 +182,13 @@ class STTransformer(nn.Module):
         cond_BTD: torch.Tensor | None = None,
         kv_cache: list[KV] | None = None,
         return_kv: bool = False,
-        temporal_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[KV]]:
+        """Run the blocks (each attending to its layer's ``kv_cache`` entry) and the final norm; with
+        ``return_kv`` also this call's per-layer temporal keys/values."""
         new_kv: list[KV] = []
         for i, block in enumerate(self.blocks):
             past = None if kv_cache is None else kv_cache[i]
-            x_BTSD, kv = block(x_BTSD, cond_BTD, kv_cache=past, return_kv=True, temporal_mask=temporal_mask,
-                               spatial_mask=self.spatial_mask)
+            x_BTSD, kv = block(x_BTSD, cond_BTD, kv_cache=past, return_kv=True, spatial_mask=self.spatial_mask)
             new_kv.append(kv)
         x_BTSD = self.norm(x_BTSD)
         return (x_BTSD, new_kv) if return_kv else x_BTSD

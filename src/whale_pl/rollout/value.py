@@ -36,8 +36,6 @@ import torch
 from einops import rearrange
 from tqdm import tqdm
 
-from whale_pl.models.maskgit import maskgit_decode_frame
-from whale_pl.models.st_block import append_kv
 from whale_pl.rollout.metrics import value_figures
 from whale_pl.rollout.retracing import ActionNormaliser, retracing_uncertainty
 
@@ -111,71 +109,30 @@ class WorldModel:
     def imagine_closed_loop(self, context_ids_B1hw: torch.Tensor, state0_BS: np.ndarray, policy_fn: PolicyFn,
                             horizon: int) -> dict[str, torch.Tensor]:
         """The policy acts on the state the model predicts: ``policy_fn(t, states)`` gives the raw
-        actions at frame t from the real state (t = 0) or the state head's prediction (t > 0); each
-        is held for one model step (``frame_stride`` recorded steps).
-
-        Frame-by-frame MaskGIT generation with the temporal key/value cache, the same window rule
-        as ``DynamicsModel.imagine`` (restart from the last ``max_frames // 2`` frames when full).
+        actions at frame t from the real state (t = 0) or the state head's prediction of imagined
+        frame t (t > 0); each is held for one model step (``frame_stride`` recorded steps).
         Returns ``ids_BThw``, ``reward_BT``, ``success_BT``, ``state_BTS`` (imagined frames 1..H),
         ``actions_raw_BTA`` and ``actions_norm_BTA`` (the H actions taken)."""
-        m = self.model
-        if m.state_head is None:
+        if self.model.state_head is None:
             raise ValueError("closed-loop evaluation needs a dynamics model with a state head (data with state)")
         if context_ids_B1hw.shape[1] != 1:
             raise ValueError("closed-loop rollouts start from one real frame")
-        B, _, hh, ww = context_ids_B1hw.shape
-        S, dev = hh * ww, self.device
-        all_ids = rearrange(context_ids_B1hw, "b t h w -> b t (h w)")
-        acts_raw: list[np.ndarray] = []
-        acts = torch.zeros(B, 0, m.action_dim, device=dev)
-        z_rows: list[torch.Tensor] = []
-        state = np.asarray(state0_BS, dtype=np.float32)
-        outs: dict[str, list] = {"ids": [], "reward": [], "success": [], "state": []}
-        start, cache, cache_len = 0, None, 0
-        for n in range(1, horizon + 1):
-            a_raw = np.asarray(policy_fn(n - 1, state), dtype=np.float32)
-            acts_raw.append(a_raw)
-            a = torch.as_tensor(self.normaliser.normalise_held(a_raw), device=dev)
-            acts = torch.cat([acts, a[:, None]], 1)
-            if self.uses_behavior:
-                hist = rearrange(all_ids, "b t (h w) -> b t h w", h=hh)
-                z_rows.append(self.z_fn(hist, acts)[:, -1])
-            if n - start + 1 > m.max_frames:
-                start = n + 1 - max(1, m.max_frames // 2)
-                cache, cache_len = None, 0
-            frames = range(start, n + 1)
-            act_in = torch.stack([acts[:, j - 1] if j > 0 else torch.zeros_like(acts[:, 0]) for j in frames], 1)
-            z_in = None
-            if self.uses_behavior:
-                z_in = torch.stack([z_rows[j - 1] if j > 0 else torch.zeros_like(z_rows[0]) for j in frames], 1)
-            cond = m.condition(act_in, z_in, None, first_is_start=True)
-            if cache is None or cache_len < n - start:
-                _, cache = m.trunk(all_ids[:, start:n], cond[:, :-1], t0=0, return_kv=True)
-                cache_len = n - start
-            slot = n - start
-            prev = all_ids[:, n - 1] if n - 1 >= start else None  # as DynamicsModel.imagine
+        raw: list[np.ndarray] = []
+        norm: list[torch.Tensor] = []
 
-            def logits_fn(ids_BS: torch.Tensor) -> torch.Tensor:
-                h, _ = m.trunk(ids_BS.unsqueeze(1), cond[:, -1:], t0=slot, kv_cache=cache, prev_ids_BS=prev)
-                return m.token_logits(h, None if prev is None else prev[:, None])[:, 0]
+        def act_fn(t: int, so_far: dict[str, torch.Tensor]) -> torch.Tensor:
+            state = state0_BS if t == 0 else so_far["state_BTS"][:, -1].float().cpu().numpy()
+            raw.append(np.asarray(policy_fn(t, np.asarray(state, dtype=np.float32)), dtype=np.float32))
+            norm.append(torch.as_tensor(self.normaliser.normalise_held(raw[-1]), device=self.device))
+            return norm[-1]
 
-            ids_BS, _, _ = maskgit_decode_frame(logits_fn, B, S, m.mask_id, self.steps, self.temperature, dev)
-            all_ids = torch.cat([all_ids, ids_BS[:, None]], 1)
-            h, kv = m.trunk(ids_BS[:, None], cond[:, -1:], t0=slot, kv_cache=cache, return_kv=True, prev_ids_BS=prev)
-            cache, cache_len = append_kv(cache, kv), cache_len + 1
-            hd = m.heads(h)
-            outs["ids"].append(ids_BS)
-            outs["reward"].append(hd["reward"][:, 0])
-            outs["success"].append(hd["success_logit"][:, 0].sigmoid())
-            outs["state"].append(hd["state"][:, 0])
-            state = hd["state"][:, 0].float().cpu().numpy()
+        out = self.model.imagine(context_ids_B1hw, None, self.z_fn, horizon=horizon, steps=self.steps,
+                                 temperature=self.temperature, act_fn=act_fn)
         return {
-            "ids_BThw": rearrange(torch.stack(outs["ids"], 1), "b t (h w) -> b t h w", h=hh),
-            "reward_BT": torch.stack(outs["reward"], 1).float(),
-            "success_BT": torch.stack(outs["success"], 1).float(),
-            "state_BTS": torch.stack(outs["state"], 1).float(),
-            "actions_raw_BTA": torch.as_tensor(np.stack(acts_raw, 1)),
-            "actions_norm_BTA": acts,
+            "ids_BThw": out["ids_BThw"],
+            **{k: out[k].float() for k in ("reward_BT", "success_BT", "state_BTS")},
+            "actions_raw_BTA": torch.as_tensor(np.stack(raw, 1)),
+            "actions_norm_BTA": torch.stack(norm, 1),
         }
 
     @torch.no_grad()
