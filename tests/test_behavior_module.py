@@ -67,7 +67,8 @@ def fitted(tokenizer_ckpt, tiny_data_yaml, tmp_path_factory):
 
 
 def test_fit_keeps_tokenizer_bit_identical_and_writes_checkpoints(fitted, tokenizer_ckpt):
-    from whale_pl.lit.behavior_module import BehaviorModule, tokenizer_fingerprint
+    from whale_pl.lit.behavior_module import BehaviorModule
+    from whale_pl.lit.handoff import fingerprint as tokenizer_fingerprint
 
     run, before = fitted
     ckpts = run / "checkpoints"

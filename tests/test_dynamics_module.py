@@ -52,9 +52,9 @@ def _fit_cli(tok: Path, beh: Path, data_yaml: Path, run_root: Path, extra: list[
     main([
         "fit", "--config", "stages/demo/dynamics.yaml",
         "--model.init_args.tokenizer_ckpt", str(tok), "--model.init_args.behavior_ckpt", str(beh),
-        "--model.init_args.dim", "32", "--model.init_args.depth", "1", "--model.init_args.heads", "2",
-        "--model.init_args.maskgit_steps", "2", "--model.init_args.rollout_horizon", "4",
-        "--model.init_args.rollout_batches", "1", "--model.init_args.warmup_steps", "1",
+        "--model.init_args.net.dim", "32", "--model.init_args.net.depth", "1", "--model.init_args.net.heads", "2",
+        "--model.init_args.sampling.maskgit_steps", "2", "--model.init_args.sampling.rollout_horizon", "4",
+        "--model.init_args.sampling.rollout_batches", "1", "--model.init_args.optim.warmup_steps", "1",
         "--data.init_args.config", str(data_yaml), "--data.init_args.clip_len", "6",
         "--data.init_args.val_clip_len", "6", "--data.init_args.frame_stride", "2",  # 24-frame tiny episodes
         "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
@@ -84,7 +84,7 @@ def fitted(stage_ckpts, tiny_data_yaml, tmp_path_factory):
 
 
 def test_fit_keeps_frozen_stages_bit_identical(fitted, stage_ckpts):
-    from whale_pl.lit.behavior_module import tokenizer_fingerprint
+    from whale_pl.lit.handoff import fingerprint as tokenizer_fingerprint
     from whale_pl.lit.dynamics_module import DynamicsModule
 
     run, before = fitted
@@ -103,8 +103,7 @@ def test_fit_keeps_frozen_stages_bit_identical(fitted, stage_ckpts):
     assert raw["hyper_parameters"]["tokenizer_sha256"] == tokenizer_fingerprint(dyn.tokenizer)
     # the dynamics weights did train
     assert not torch.equal(raw["state_dict"]["model.logits_head.weight"],
-                           DynamicsModule(tokenizer_ckpt=str(stage_ckpts[0]), behavior_ckpt=str(stage_ckpts[1]),
-                                          dim=32, depth=1, heads=2).state_dict()["model.logits_head.weight"])
+                           DynamicsModule(tokenizer_ckpt=str(stage_ckpts[0]), behavior_ckpt=str(stage_ckpts[1]), net=dict(dim=32, depth=1, heads=2)).state_dict()["model.logits_head.weight"])
 
 
 def test_frozen_stages_stay_in_eval_mode_during_fit(stage_ckpts, tiny_data_yaml):
@@ -119,8 +118,7 @@ def test_frozen_stages_stay_in_eval_mode_during_fit(stage_ckpts, tiny_data_yaml)
                          any(p.requires_grad for f in frozen for p in f.parameters())))
 
     tok, beh = stage_ckpts
-    module = DynamicsModule(tokenizer_ckpt=str(tok), behavior_ckpt=str(beh), dim=32, depth=1, heads=2,
-                            warmup_steps=1, rollout_horizon=2, rollout_batches=0)
+    module = DynamicsModule(tokenizer_ckpt=str(tok), behavior_ckpt=str(beh), net=dict(dim=32, depth=1, heads=2), optim=dict(warmup_steps=1), sampling=dict(rollout_horizon=2, rollout_batches=0))
     L.Trainer(max_steps=2, enable_checkpointing=False, callbacks=[Spy()], **QUIET).fit(module, _dm(tiny_data_yaml))
     assert len(seen) == 2
     assert all(model_train and not frozen_train and not frozen_grad for model_train, frozen_train, frozen_grad in seen)
@@ -170,7 +168,7 @@ def test_mismatched_data_is_a_clear_error_at_load(fitted, stage_ckpts, tiny_data
     with pytest.raises(HandoffError, match="action_dim"):
         DynamicsModule(tokenizer_ckpt=str(tok), behavior_ckpt=str(beh), data_spec=dict(spec, action_dim=7))
     # a module built for other data refuses the datamodule when the fit starts
-    module = DynamicsModule(tokenizer_ckpt=str(tok), use_behavior=False, dim=32, depth=1, heads=2)
+    module = DynamicsModule(tokenizer_ckpt=str(tok), use_behavior=False, net=dict(dim=32, depth=1, heads=2))
     module.hparams["data_spec"] = dict(spec, action_mean=[0.5] * len(spec["action_mean"]))
     with pytest.raises(HandoffError, match="action_mean"):
         L.Trainer(max_steps=1, enable_checkpointing=False, **QUIET).fit(module, _dm(tiny_data_yaml))
@@ -180,8 +178,7 @@ def test_behavior_ablation_fits_without_behavior_checkpoint(stage_ckpts, tiny_da
     from whale_pl.lit.dynamics_module import DynamicsModule
 
     tok, _ = stage_ckpts
-    module = DynamicsModule(tokenizer_ckpt=str(tok), use_behavior=False, dim=32, depth=1, heads=2,
-                            warmup_steps=1, rollout_horizon=2, rollout_batches=1)
+    module = DynamicsModule(tokenizer_ckpt=str(tok), use_behavior=False, net=dict(dim=32, depth=1, heads=2), optim=dict(warmup_steps=1), sampling=dict(rollout_horizon=2, rollout_batches=1))
     assert module.behavior is None and module.model.beh_proj is None
     L.Trainer(max_steps=2, enable_checkpointing=False, limit_val_batches=1, **QUIET).fit(module, _dm(tiny_data_yaml))
     with pytest.raises(ValueError, match="behavior_ckpt"):
@@ -200,5 +197,5 @@ def test_checkpoint_of_a_retired_option_is_refused_by_name(fitted, tmp_path):
     assert load_frozen(tmp_path / "kept.ckpt", DynamicsModule).model.uses_behavior
     raw["hyper_parameters"]["history"] = "clean"
     torch.save(raw, tmp_path / "clean.ckpt")
-    with pytest.raises(HandoffError, match=r"history='clean' \(only 'masked' remains\).*cf14e40"):
+    with pytest.raises(HandoffError, match=r"history='clean', an option DynamicsModule no longer has.*cf14e40"):
         load_frozen(tmp_path / "clean.ckpt", DynamicsModule)

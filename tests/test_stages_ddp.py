@@ -245,9 +245,9 @@ def test_dynamics_two_process_ddp_fit(stage_ckpts, tiny_data_yaml, tmp_path):
               "behavior": load_frozen(beh, BehaviorModule).state_dict()}
     run, s0, s1 = _ddp_fit("dynamics", tmp_path, [
         "--model.init_args.tokenizer_ckpt", str(tok), "--model.init_args.behavior_ckpt", str(beh),
-        "--model.init_args.dim", "32", "--model.init_args.depth", "1", "--model.init_args.heads", "2",
-        "--model.init_args.maskgit_steps", "2", "--model.init_args.rollout_horizon", "4",
-        "--model.init_args.rollout_batches", "4", "--model.init_args.warmup_steps", "1",
+        "--model.init_args.net.dim", "32", "--model.init_args.net.depth", "1", "--model.init_args.net.heads", "2",
+        "--model.init_args.sampling.maskgit_steps", "2", "--model.init_args.sampling.rollout_horizon", "4",
+        "--model.init_args.sampling.rollout_batches", "4", "--model.init_args.optim.warmup_steps", "1",
         "--data.init_args.config", str(tiny_data_yaml), "--data.init_args.clip_len", "6",
         "--data.init_args.val_clip_len", "6", "--data.init_args.frame_stride", "2",  # 24-frame tiny episodes
         "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",

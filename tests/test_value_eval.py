@@ -100,8 +100,7 @@ def tiny_dynamics(tiny_data_yaml, tmp_path_factory) -> list[Path]:
     ckpts = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        dyn = DynamicsModule(tokenizer_ckpt=str(tok), use_behavior=False, dim=32, depth=1, heads=2, max_frames=8,
-                             max_stride=3, warmup_steps=1, rollout_horizon=2, rollout_batches=1)
+        dyn = DynamicsModule(tokenizer_ckpt=str(tok), use_behavior=False, net=dict(dim=32, depth=1, heads=2, max_frames=8, max_stride=3), optim=dict(warmup_steps=1), sampling=dict(rollout_horizon=2, rollout_batches=1))
         ckpts.append(fit(dyn, f"dyn{seed}", 6))
     return ckpts
 

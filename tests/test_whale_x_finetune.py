@@ -273,7 +273,8 @@ def test_interrupted_finetune_resumes_from_its_own_checkpoint(shards, pretrained
 
 
 def test_finetuned_stages_hand_off_the_finetuned_earlier_stages(pretrained, finetuned):
-    from whale_pl.lit.behavior_module import BehaviorModule, tokenizer_fingerprint
+    from whale_pl.lit.behavior_module import BehaviorModule
+    from whale_pl.lit.handoff import fingerprint as tokenizer_fingerprint
     from whale_pl.lit.dynamics_module import DynamicsModule
     from whale_pl.lit.handoff import load_frozen
     from whale_pl.lit.tokenizer_module import TokenizerModule

@@ -13,13 +13,13 @@ from whale_pl.models.dynamics import DynamicsModel
 from whale_pl.models.tokenizer import VideoTokenizer
 
 STAGES = Path(__file__).resolve().parents[1] / "stages" / "whale_x"
-OXE_ACTION_DIM = 7  # 7-D end-effector deltas (METHOD.md, Scales)
+OXE_ACTION_DIM = 7  # 7-D end-effector deltas (docs/method.md, Scales)
 
 
 def _init_args(stage: str) -> dict:
     path = STAGES / f"{stage}.yaml"
-    cfg = yaml.safe_load(path.read_text())
-    return cfg["model"]["init_args"]
+    args = yaml.safe_load(path.read_text())["model"]["init_args"]
+    return {**args, **args.get("net", {})}  # the architecture is the net: group
 
 
 def _kwargs_for(cls, args: dict, **fixed) -> dict:

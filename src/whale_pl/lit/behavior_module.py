@@ -255,5 +255,3 @@ class BehaviorModule(StageModule):
                                  f"prior z_t (t >= {self.hparams.probe_t_min}), step {self.global_step}")
             exp.add_figure("val/z_pca_by_family", fig, self.global_step)
 
-
-from whale_pl.lit.handoff import fingerprint as tokenizer_fingerprint  # noqa: E402  TEMP until the dynamics regroup

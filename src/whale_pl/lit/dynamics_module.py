@@ -12,24 +12,21 @@ TensorBoard as an image grid, and to the evaluation callback through ``eval_vide
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict, dataclass
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torchmetrics import MeanMetric
 
-from whale_pl.lit.handoff import HandoffError, check_data_spec, freeze_, load_frozen, stamp_class
-from whale_pl.lit.init_from import maybe_init_from
+from whale_pl.lit.base import Optim, StageModule
+from whale_pl.lit.handoff import SPEC_KEYS, HandoffError
 from whale_pl.lit.logging import log_image, paired_video_grid
-from whale_pl.lit.optim import adamw_warmup_cosine
 from whale_pl.metrics.video import PSNR_CAP_DB, video_psnr_ssim
-from whale_pl.models.dynamics import DynamicsModel
+from whale_pl.models.dynamics import DynamicsModel, DynamicsNet
 
-# keys of data_spec a dynamics checkpoint must agree on with the data it is used on
-SPEC_KEYS = ("frame_size", "action_dim", "action_space", "action_mean", "action_std", "state_dim")
-FROZEN_PREFIXES = ("tokenizer.", "behavior.")
+# options of earlier versions, each with the only value the code still implements (cf14e40)
+RETIRED = {"injection": "adanorm", "history": "masked", "full_mask_prob": 0.0, "change_input": False}
 
 
 def frames_to_unit(frames_BTCHW: torch.Tensor) -> torch.Tensor:
@@ -49,40 +46,39 @@ def ssim_per_sample(pred_BTCHW: torch.Tensor, true_BTCHW: torch.Tensor) -> torch
     return video_psnr_ssim(true_BTCHW, pred_BTCHW)["ssim"].mean(dim=1).float()
 
 
-# options of earlier versions of this module, each with the only value the code still implements;
-# a checkpoint that set another was trained by a path removed after cf14e40
-# (`git show cf14e40:src/whale_pl/models/dynamics.py`)
-RETIRED_OPTIONS = {"injection": "adanorm", "history": "masked", "full_mask_prob": 0.0, "change_input": False}
+@dataclass
+class DynamicsLoss:
+    """How training clips are masked and the heads weighted (``loss:`` group)."""
+
+    context_frames: int = 1  # clean frames at the start of each training clip and of rollouts
+    max_context_frames: int | None = None  # None, or each clip draws its context from [context_frames, this]
+    corrupt_prob: float = 0.1  # max share of visible future tokens replaced by random ids
+    reward_weight: float = 0.1
+    success_weight: float = 0.1
+    state_weight: float = 0.1
 
 
-def check_retired_options(hparams: dict[str, Any], where: str) -> None:
-    """Refuse hyper-parameters that set a retired option to anything but the value the code implements."""
-    bad = [f"{k}={hparams[k]!r} (only {keep!r} remains)" for k, keep in RETIRED_OPTIONS.items()
-           if k in hparams and hparams[k] != keep]
-    if bad:
-        raise ValueError(f"{where} was trained with retired option(s) {', '.join(bad)}; that code was removed "
-                         "after cf14e40 (`git show cf14e40:src/whale_pl/models/dynamics.py`)")
+@dataclass
+class Sampling:
+    """Generation in validation rollouts and ``imagine`` (``sampling:`` group)."""
+
+    maskgit_steps: int = 4
+    temperature: float = 0.0  # 0: greedy
+    rollout_horizon: int = 8  # frames of the validation rollouts (val/psnr_ar_*)
+    eval_horizon: int | None = None  # frames of the evaluation callback's rollouts; None: the whole clip
+    rollout_batches: int = 2  # validation batches rolled out
+    log_samples: int = 4  # clips in the TensorBoard picture
 
 
-class DynamicsModule(L.LightningModule):
+class DynamicsModule(StageModule):
     """Stage 3 training / validation around ``DynamicsModel``.
 
     ``tokenizer_ckpt`` / ``behavior_ckpt``: the earlier stages' checkpoints
     (``runs/<scale>/{tokenizer,behavior}/checkpoints/best.ckpt``), loaded frozen.
     ``use_behavior=False``: the ablation without behavior-conditioning (no behavior_ckpt needed).
-    ``data_spec``: None inherits the tokenizer's until ``fit``, which checks it against the
-    datamodule's and then records the datamodule's (its ``frame_stride`` clock included).
-    ``dim`` ... ``transition_rank``: the model (``models/dynamics.py``; ``code_embed`` gives it the
-    frozen tokenizer's code vectors).
-    ``context_frames``: clean frames at the start of each training clip and of rollouts.
-    ``max_context_frames``: None, or each training clip draws its clean context length from
-    ``[context_frames, max_context_frames]`` (the first predicted frame then sees a clean history).
-    ``corrupt_prob``: max share of visible future tokens replaced by random ids in training.
-    ``anneal_by_time``: the cosine lr schedule also follows the Trainer's ``max_time`` (lit/optim.py).
-    ``maskgit_steps`` / ``temperature``: generation in validation rollouts and ``imagine``.
-    ``rollout_horizon``: frames of the validation rollouts (val/psnr_ar_*).
-    ``eval_horizon``: frames of the evaluation callback's rollouts (``eval_videos``); None: as
-    many as the clip holds after the context (FVD's I3D needs >= 9).
+    ``net`` (``DynamicsNet``), ``loss`` (``DynamicsLoss``), ``sampling`` (``Sampling``), ``optim`` (``Optim``):
+    the argument groups. ``data_spec``: None inherits the tokenizer's until ``fit``, which checks it
+    against the datamodule's and then records the datamodule's (its ``frame_stride`` clock included).
     ``intra_op_threads``: ``torch.set_num_threads`` at setup (None: leave it). On a CPU box
     shared with other jobs one thread was 6x faster per step than two (OpenMP barriers).
     ``*_sha256``: filled in automatically; a checkpoint's values must match the files.
@@ -90,6 +86,11 @@ class DynamicsModule(L.LightningModule):
     fitting (fine-tuning; the frozen stages still come from their paths; ``lit/init_from.py``).
     """
 
+    GROUPS = {"net": DynamicsNet, "loss": DynamicsLoss, "sampling": Sampling, "optim": Optim}
+    RENAMED = {"max_steps": "total_steps"}
+    RETIRED = RETIRED
+    FROZEN = ("tokenizer", "behavior")
+    SPEC_KEYS = SPEC_KEYS
     supports_value_eval = True  # the evaluation callback's value hook (contracts.md, Evaluation)
 
     def __init__(
@@ -97,19 +98,12 @@ class DynamicsModule(L.LightningModule):
         tokenizer_ckpt: str,
         behavior_ckpt: str | None = None,
         use_behavior: bool = True,
-        data_spec: dict | None = None,
-        dim: int = 256, depth: int = 8, heads: int = 8, mlp_ratio: float = 4.0,
-        max_frames: int = 16, max_stride: int = 4, dropout: float = 0.0,
-        prev_frame_input: bool = False, copy_logit: bool = False, code_embed: bool = False,
-        change_weight: float = 1.0, transition_rank: int = 0,
-        context_frames: int = 1, max_context_frames: int | None = None, corrupt_prob: float = 0.1,
-        reward_weight: float = 0.1, success_weight: float = 0.1, state_weight: float = 0.1,
-        lr: float = 3e-4, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 200, max_steps: int | None = None, min_lr_ratio: float = 0.1,
-        anneal_by_time: bool = False,
-        maskgit_steps: int = 4, temperature: float = 0.0,
-        rollout_horizon: int = 8, eval_horizon: int | None = None, rollout_batches: int = 2, log_samples: int = 4,
+        net: DynamicsNet = DynamicsNet(),
+        loss: DynamicsLoss = DynamicsLoss(),
+        sampling: Sampling = Sampling(),
+        optim: Optim = Optim(lr=3e-4, warmup_steps=200),
         intra_op_threads: int | None = None,
+        data_spec: dict | None = None,
         tokenizer_sha256: str | None = None,
         behavior_sha256: str | None = None,
         init_from: str | None = None,
@@ -117,19 +111,17 @@ class DynamicsModule(L.LightningModule):
         """Load the frozen earlier stages and build the dynamics model on their shapes (class docstring)."""
         super().__init__()
         self.save_hyperparameters()
+        groups = self.init_groups(net=net, loss=loss, sampling=sampling, optim=optim)
+        self.loss_cfg, self.sampling = groups["loss"], groups["sampling"]
         self.tokenizer, self.behavior = self._load_earlier_stages(data_spec)
-        tok = self.tokenizer.model
-        spec = self.hparams.data_spec
+        tok, spec = self.tokenizer.model, self.hparams.data_spec
+        arch = asdict(groups["net"])
+        code_embed = arch.pop("code_embed")
         self.model = DynamicsModel(
-            codebook_size=tok.codebook_size,
-            grid_hw=tok.grid_hw(),
-            action_dim=int(spec["action_dim"]),
+            codebook_size=tok.codebook_size, grid_hw=tok.grid_hw(), action_dim=int(spec["action_dim"]),
             behavior_dim=self.behavior.model.z_dim if self.behavior is not None else 0,
             state_dim=int(spec.get("state_dim") or 0),
-            dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, max_frames=max_frames,
-            max_stride=max_stride, dropout=dropout, prev_frame_input=prev_frame_input,
-            copy_logit=copy_logit, code_dim=tok.quantizer.codebook.shape[1] if code_embed else 0,
-            change_weight=change_weight, transition_rank=transition_rank,
+            code_dim=tok.quantizer.codebook.shape[1] if code_embed else 0, **arch,
         )
         if code_embed:
             self.model.set_code_vectors(self.tokenizer.model.embed(torch.arange(tok.codebook_size)))
@@ -138,78 +130,35 @@ class DynamicsModule(L.LightningModule):
 
     # ------------------------------------------------------------------ hand-off
     def _load_earlier_stages(self, data_spec: dict | None):
-        """Load the frozen tokenizer and behavior model from their paths; check that they were
-        trained on this data (data_spec), that the behavior model was trained on this very
-        tokenizer, and, when re-loading a dynamics checkpoint, that both files still hold the
-        weights the dynamics model was trained with (sha256 fingerprints in the hyper-parameters)."""
-        from whale_pl.lit.behavior_module import BehaviorModule, tokenizer_fingerprint
+        """The frozen tokenizer and behavior model from their paths, trained on this data, the behavior
+        model on this very tokenizer, and (re-loading) the files the dynamics model was trained with."""
+        from whale_pl.lit.behavior_module import BehaviorModule
         from whale_pl.lit.tokenizer_module import TokenizerModule
 
         hp = self.hparams
-        keys = None if data_spec is None else [k for k in SPEC_KEYS if k in data_spec]
-        tokenizer = load_frozen(hp.tokenizer_ckpt, TokenizerModule, data_spec=data_spec, data_spec_keys=keys)
+        tokenizer = self.load_earlier("tokenizer", hp.tokenizer_ckpt, TokenizerModule, data_spec)
         if data_spec is None:  # inherit the data the tokenizer was trained on; checked on fit
-            data_spec = dict(tokenizer.hparams["data_spec"])
-            self.hparams["data_spec"] = data_spec
-        tok_sha = tokenizer_fingerprint(tokenizer)
-        self._check_fingerprint("tokenizer", hp.tokenizer_ckpt, tok_sha)
-        behavior = None
-        if hp.use_behavior:
-            if not hp.behavior_ckpt:
-                raise ValueError("use_behavior=True needs behavior_ckpt (or set use_behavior: false for the ablation)")
-            keys = [k for k in SPEC_KEYS if k in data_spec]
-            behavior = load_frozen(hp.behavior_ckpt, BehaviorModule, data_spec=data_spec, data_spec_keys=keys)
-            if behavior.hparams.get("tokenizer_sha256") != tok_sha:
-                raise HandoffError(
-                    f"stage checkpoint {str(hp.behavior_ckpt)!r} was trained on a different tokenizer than "
-                    f"{str(hp.tokenizer_ckpt)!r} (sha256 {str(behavior.hparams.get('tokenizer_sha256'))[:16]}... "
-                    f"!= {tok_sha[:16]}...); point both paths at the same stage-1 run"
-                )
-            self._check_fingerprint("behavior", hp.behavior_ckpt, tokenizer_fingerprint(behavior.model))
+            data_spec = self.hparams["data_spec"] = dict(tokenizer.hparams["data_spec"])
+        if not hp.use_behavior:
+            return tokenizer, None
+        if not hp.behavior_ckpt:
+            raise ValueError("use_behavior=True needs behavior_ckpt (or set use_behavior: false for the ablation)")
+        behavior = self.load_earlier("behavior", hp.behavior_ckpt, BehaviorModule, data_spec, own_weights=True)
+        if behavior.hparams.get("tokenizer_sha256") != hp.tokenizer_sha256:
+            raise HandoffError(
+                f"stage checkpoint {str(hp.behavior_ckpt)!r} was trained on a different tokenizer than "
+                f"{str(hp.tokenizer_ckpt)!r} (sha256 {str(behavior.hparams.get('tokenizer_sha256'))[:16]}... "
+                f"!= {hp.tokenizer_sha256[:16]}...); point both paths at the same stage-1 run")
         return tokenizer, behavior
 
-    def _check_fingerprint(self, stage: str, path: str, sha: str) -> None:
-        key = f"{stage}_sha256"
-        recorded = self.hparams.get(key)
-        if recorded is not None and recorded != sha:
-            raise HandoffError(
-                f"stage checkpoint {str(path)!r}: the {stage} there is not the one this dynamics model was "
-                f"trained with (sha256 {sha[:16]}... != recorded {recorded[:16]}...); retrain the dynamics "
-                f"stage or restore that {stage} checkpoint"
-            )
-        self.hparams[key] = sha
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The frozen stages' weights are not duplicated here: only their paths and sha256 (hparams)."""
-        stamp_class(checkpoint, self)
-        sd = checkpoint["state_dict"]
-        for k in [k for k in sd if k.startswith(FROZEN_PREFIXES)]:
-            del sd[k]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse checkpoints of retired options; put the (fingerprint-checked) frozen stages back into
-        the state dict so a strict load fits."""
-        check_retired_options(checkpoint.get("hyper_parameters") or {}, "this dynamics checkpoint")
-        sd = checkpoint["state_dict"]
-        for prefix, module in (("tokenizer.", self.tokenizer), ("behavior.", self.behavior)):
-            if module is None:
-                continue
-            for k, v in module.state_dict().items():
-                sd.setdefault(prefix + k, v)
-            freeze_(module)
+    def init_from_spec_keys(self) -> tuple[str, ...]:
+        return ("action_space",)
 
     def setup(self, stage: str) -> None:
-        """Set the thread count, check the datamodule's data against the checkpoint's, apply ``init_from``."""
+        """Set the thread count; then the base's data checks and ``init_from``."""
         if self.hparams.intra_op_threads:
             torch.set_num_threads(int(self.hparams.intra_op_threads))
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        current = getattr(dm, "data_spec", None)
-        if current is not None:
-            keys = [k for k in SPEC_KEYS if k in current]
-            check_data_spec(self.hparams.data_spec, current, "dynamics module (its data_spec vs the datamodule's)", keys)
-            if stage == "fit":  # the checkpoint describes the data it is trained on (its clock included)
-                self.hparams.data_spec = dict(current)
-        maybe_init_from(self, stage, data_spec_keys=("action_space",))
+        super().setup(stage)
 
     # ------------------------------------------------------------------ batch -> model inputs
     @torch.no_grad()
@@ -248,13 +197,13 @@ class DynamicsModule(L.LightningModule):
         state = batch.get("state")
         out = self.model.training_losses(
             ids, actions, z, batch["rewards"], batch["success"], state, stride,
-            context_frames=self.hparams.context_frames, corrupt_prob=self.hparams.corrupt_prob,
-            max_context_frames=self.hparams.max_context_frames,
+            context_frames=self.loss_cfg.context_frames, corrupt_prob=self.loss_cfg.corrupt_prob,
+            max_context_frames=self.loss_cfg.max_context_frames,
         )
-        hp = self.hparams
-        loss = out["ce"] + hp.reward_weight * out["reward"] + hp.success_weight * out["success"]
+        w = self.loss_cfg
+        loss = out["ce"] + w.reward_weight * out["reward"] + w.success_weight * out["success"]
         if "state" in out:
-            loss = loss + hp.state_weight * out["state"]
+            loss = loss + w.state_weight * out["state"]
         B = ids.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         for k, v in out.items():
@@ -275,7 +224,7 @@ class DynamicsModule(L.LightningModule):
         self.log("val/acc", acc, batch_size=B, prog_bar=True, sync_dist=True)
         self.log("val/copy_acc", copy, batch_size=B, sync_dist=True)
         self.log("val/acc_minus_copy", acc - copy, batch_size=B, sync_dist=True)
-        if batch_idx < self.hparams.rollout_batches:
+        if batch_idx < self.sampling.rollout_batches:
             out = self.rollout(batch, ids=ids, actions=actions, stride=stride)
             ood = batch["ood"].bool() if "ood" in batch else torch.zeros(B, dtype=torch.bool, device=ids.device)
             self.log("val/psnr_tokenizer_recon", out["psnr_recon_B"].mean(), batch_size=B, sync_dist=True)
@@ -287,7 +236,7 @@ class DynamicsModule(L.LightningModule):
             if batch_idx == 0:
                 real = out["real_BTCHW"]
                 log_image(self, "val/rollout_real_vs_imagined", paired_video_grid(
-                    real, out["imagined_BTCHW"], max_clips=self.hparams.log_samples, max_frames=real.shape[1]))
+                    real, out["imagined_BTCHW"], max_clips=self.sampling.log_samples, max_frames=real.shape[1]))
 
     def on_validation_epoch_end(self) -> None:
         """Log the rollout PSNR / SSIM of each episode group (training families, OOD, all)."""
@@ -315,11 +264,11 @@ class DynamicsModule(L.LightningModule):
         last context frame held still (floor)."""
         if ids is None:
             ids, actions, _, stride = self._inputs(batch)
-        C = self.hparams.context_frames
-        H = min(horizon or self.hparams.rollout_horizon, ids.shape[1] - C)
+        C = self.loss_cfg.context_frames
+        H = min(horizon or self.sampling.rollout_horizon, ids.shape[1] - C)
         out = self.model.imagine(
-            ids[:, :C], actions, self.z_fn(), horizon=H, steps=self.hparams.maskgit_steps,
-            temperature=self.hparams.temperature, stride_B=stride, generator=generator,
+            ids[:, :C], actions, self.z_fn(), horizon=H, steps=self.sampling.maskgit_steps,
+            temperature=self.sampling.temperature, stride_B=stride, generator=generator,
         )
         imagined = self.tokenizer.model.decode(out["ids_BThw"]).float()
         real = frames_to_unit(batch["frames"][:, C : C + H])
@@ -353,8 +302,8 @@ class DynamicsModule(L.LightningModule):
         ids = self.tokenize(context_frames_BCCHW)
         out = self.model.imagine(
             ids, actions_BTA.float(), self.z_fn(), horizon=horizon,
-            steps=steps or self.hparams.maskgit_steps,
-            temperature=self.hparams.temperature if temperature is None else temperature,
+            steps=steps or self.sampling.maskgit_steps,
+            temperature=self.sampling.temperature if temperature is None else temperature,
             stride_B=stride_B, use_cache=use_cache, return_probs=return_probs, generator=generator,
         )
         out["frames_BTCHW"] = self.tokenizer.model.decode(out["ids_BThw"]).float()
@@ -365,13 +314,5 @@ class DynamicsModule(L.LightningModule):
         """(real frames after the context, imagined rollout from the same context and recorded
         actions), float [B, T, 3, H, W] in [-1, 1] — the evaluation callback's protocol. T is
         ``eval_horizon`` (default: the whole clip after the context)."""
-        out = self.rollout(batch, horizon=self.hparams.eval_horizon or batch["frames"].shape[1])
+        out = self.rollout(batch, horizon=self.sampling.eval_horizon or batch["frames"].shape[1])
         return out["real_BTCHW"], out["imagined_BTCHW"]
-
-    # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> dict:
-        """AdamW with linear warmup and cosine decay (``lit/optim.py``)."""
-        hp = self.hparams
-        return adamw_warmup_cosine(self, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
-                                   warmup_steps=hp.warmup_steps, total_steps=hp.max_steps,
-                                   min_lr_ratio=hp.min_lr_ratio, anneal_by_time=hp.anneal_by_time)

@@ -31,6 +31,7 @@ Options the pipeline configs set:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -44,6 +45,24 @@ from whale_pl.models.st_block import KV, STTransformer, append_kv
 ZFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids_BThw, actions_BTA) -> z_BTZ
 ActFn = Callable[[int, dict[str, torch.Tensor]], torch.Tensor]  # (frame t, imagined so far) -> actions_BA
 COPY_INIT = 4.0  # initial bias of the copy gate: a fresh model puts the previous id's logit 4 nats up
+
+
+@dataclass
+class DynamicsNet:
+    """The dynamics model's architecture (``DynamicsModule``'s ``net:`` group)."""
+
+    dim: int = 256
+    depth: int = 8
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    max_frames: int = 16  # frames one pass attends over (context + generated)
+    max_stride: int = 4  # clip strides embedded (1, and 2.. for retracing), in units of frame_stride
+    dropout: float = 0.0
+    prev_frame_input: bool = False  # each position also embeds the id it held one frame earlier
+    copy_logit: bool = False  # a learned gate adds to that earlier id's logit (starts at copying)
+    code_embed: bool = False  # ids embedded and scored through the frozen tokenizer's code vectors
+    change_weight: float = 1.0  # training CE weight of targets that change (logits corrected by log w)
+    transition_rank: int = 0  # r > 0: per-(position, previous id) rank-r maps on the code-space query
 
 
 class DynamicsModel(nn.Module):

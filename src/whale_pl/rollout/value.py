@@ -54,8 +54,8 @@ class WorldModel:
         hp = module.hparams
         self.normaliser = ActionNormaliser.from_data_spec(hp["data_spec"])
         self.frame_stride = self.normaliser.base  # recorded steps per model step (the model's clock)
-        self.steps = int(steps or hp.get("maskgit_steps", 4))
-        self.temperature = float(hp.get("temperature", 0.0) if temperature is None else temperature)
+        self.steps = int(steps or module.sampling.maskgit_steps)
+        self.temperature = float(module.sampling.temperature if temperature is None else temperature)
         self.z_fn = module.z_fn()
         tok = module.tokenizer.model
         V = self.model.codebook_size
