@@ -116,3 +116,25 @@ def test_eval_videos_protocol_and_offline_video_eval(fitted, tiny_shards, tmp_pa
                     "--num-clips", "2", "--clip-len", "4", "--batch-size", "2", "--no-fvd", "--out", str(out)])
     res = json.loads(out.read_text())
     assert rc == 0 and res["num_clips"] == 2 and 5.0 < res["psnr"] < 100.0 and 0.0 < res["ssim"] <= 1.0
+
+
+@pytest.mark.parametrize("option, value", [("sticky_margin", 0.02), ("encoder_spatial_radius", 0), ("l1_weight", 0.5)])
+def test_checkpoints_with_a_retired_option_set_are_refused_by_name(fitted, tmp_path, option, value):
+    """A checkpoint that holds a retired option at its inert value loads (as every old checkpoint did); one that
+    set it otherwise fails at the hand-off, on a plain load and under ``init_from``, naming the option."""
+    from whale_pl.lit.handoff import HandoffError, load_frozen
+    from whale_pl.lit.init_from import init_from_checkpoint
+
+    run, _, _ = fitted
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    inert = dict(ckpt, hyper_parameters={**ckpt["hyper_parameters"], **TokenizerModule.retired_options})
+    torch.save(inert, tmp_path / "inert.ckpt")
+    assert load_frozen(tmp_path / "inert.ckpt", TokenizerModule).model.codebook_size == 32
+    ckpt["hyper_parameters"] = {**ckpt["hyper_parameters"], option: value}
+    torch.save(ckpt, tmp_path / "retired.ckpt")
+    with pytest.raises(HandoffError, match=f"since retired: {option}={value!r}"):
+        load_frozen(tmp_path / "retired.ckpt", TokenizerModule)
+    with pytest.raises(HandoffError, match=f"since retired: {option}={value!r}"):
+        TokenizerModule.load_from_checkpoint(tmp_path / "retired.ckpt", map_location="cpu")
+    with pytest.raises(HandoffError, match=f"since retired: {option}={value!r}"):
+        init_from_checkpoint(TokenizerModule(**TINY_TOK), tmp_path / "retired.ckpt")

@@ -26,6 +26,9 @@ FACTS_KEY = "whale_model_facts"
 # attributes of a stage's trainable ``model`` that a checkpoint records (``model_facts``)
 FACT_NAMES = ("frame_size", "patch_size", "codebook_size", "code_dim", "grid_hw", "action_dim", "z_dim",
               "behavior_dim", "state_dim")
+# data_spec keys a checkpoint must share with the data a later stage or an evaluation runs it on
+# (those of them the current data_spec has)
+SPEC_KEYS = ("frame_size", "action_dim", "action_space", "action_mean", "action_std", "state_dim")
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -118,6 +121,17 @@ def check_data_spec(
             bad.append(f"{k}: checkpoint {stored[k]!r} != current {current[k]!r}")
     if bad:
         raise HandoffError(f"{where}: data_spec mismatch: " + "; ".join(bad))
+
+
+def check_retired(hparams: Mapping[str, Any], retired: Mapping[str, Any], where: str) -> None:
+    """Raise ``HandoffError`` naming each retired option that ``hparams`` (a checkpoint's) sets to
+    anything but the value that made it inert: this code cannot reproduce that model."""
+    bad = [f"{k}={hparams[k]!r}" for k, inert in retired.items()
+           if k in hparams and not _values_equal(hparams[k], inert)]
+    if bad:
+        raise HandoffError(f"{where} was trained with option(s) since retired: {', '.join(bad)} (only "
+                           f"{', '.join(f'{k}={v!r}' for k, v in retired.items())} still load; the code that ran "
+                           "them is in the git history)")
 
 
 def _lookup(module: nn.Module, name: str) -> Any:

@@ -25,8 +25,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from whale_pl.lit.handoff import (CLASS_KEY, FACTS_KEY, HandoffError, _values_equal, is_frozen, model_facts,
-                                  qualified_name)
+from whale_pl.lit.handoff import (CLASS_KEY, FACTS_KEY, HandoffError, _values_equal, check_retired, is_frozen,
+                                  model_facts, qualified_name)
 
 
 class InitFromError(HandoffError):
@@ -69,6 +69,7 @@ def check_init_compatible(
     got = ckpt.get(CLASS_KEY)
     if got is not None and got != want:
         raise InitFromError(f"{where} holds a {got}, not a {want}: init_from needs a checkpoint of the same stage")
+    check_retired(ckpt.get("hyper_parameters") or {}, getattr(module, "retired_options", {}), where)
     problems: list[str] = []
     stored_facts = ckpt.get(FACTS_KEY) or {}
     for name, have in model_facts(module).items():
