@@ -69,11 +69,16 @@ def cli_import(path: str):
     return getattr(importlib.import_module(mod), name)
 
 
-def test_subcommand_dispatch(monkeypatch, capsys):
+def test_subcommand_dispatch(capsys):
     assert cli.main(["eval", "--help"]) == 0  # handed to whale_pl.eval_cli.main
     assert "whale eval" in capsys.readouterr().out
-    monkeypatch.setitem(cli.SUBCOMMANDS, "imagine", "whale_pl.no_such_cli")
-    with pytest.raises(SystemExit, match="whale imagine: whale_pl.no_such_cli is not part of this installation"):
+    import importlib
+
+    from whale_pl import eval_cli
+
+    for module in [*cli.SUBCOMMANDS.values(), *eval_cli.SUBCOMMANDS.values()]:  # no route leads nowhere
+        assert callable(importlib.import_module(module).main), module
+    with pytest.raises(SystemExit, match="unknown subcommand 'imagine'"):
         cli.main(["imagine", "--help"])
     with pytest.raises(SystemExit, match="unknown subcommand 'fitt'"):
         cli.main(["fitt"])
