@@ -15,7 +15,7 @@ validation batches (rank 0; the batches are the held-out split) until ``num_clip
 Value gap: for a module with ``supports_value_eval = True`` the callback saves a temporary checkpoint
 and calls ``whale_pl.rollout.value.value_metrics_for_checkpoint(ckpt_path, **value_kwargs)`` in a
 fresh child process. The simulator's GL contexts therefore never exist in the trainer process,
-so DataLoader workers it forks later cannot hang on them (PLATFORM.md).
+so DataLoader workers it forks later cannot hang on them (README, "Troubleshooting").
 
 Results go to every logger (``eval/...`` scalars), to TensorBoard as pictures (real vs generated
 frames, per-frame PSNR/SSIM curves), and as one JSON line per evaluation to ``<log_dir>/metrics.jsonl``.

@@ -261,6 +261,7 @@ class EvalSet:
         return int(ss.generate_state(1, np.uint32)[0])
 
     def split_of(self, policy: str) -> str:
+        """Which split a policy belongs to: "ood" (a held-out family) or "train"."""
         return "ood" if policy in self.ood_policies else "train"
 
 
