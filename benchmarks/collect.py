@@ -46,6 +46,7 @@ def run(workers: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    """1 worker, then 2; print both and the last line."""
     load0 = os.getloadavg()[0]
     one, cpu1 = run(1)
     print(f"1 worker : {one:6.1f} frames/s ({SIZE}x{SIZE}, {CAMERA}, {TASK}, step+render; {cpu1:.0f} frames/CPU-s)")

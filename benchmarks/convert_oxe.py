@@ -1,13 +1,15 @@
 """OXE (RLDS/TFRecord) -> shards conversion throughput: episodes/s and frames/s.
 
-Default: the real BridgeData sample (../shared/data/oxe/bridge_dataset/1.0.0, 64x64 JPEG cameras,
-10-step episodes) is replicated into a temporary RLDS directory of ``--files`` TFRecord files x
-``--copies`` x 25 episodes, then converted end to end at 64x64 (parse, CRC, JPEG decode, action
-mapping, shard writing, merge, manifest) with ``--workers`` processes.
-``--source-hw 256x320`` instead writes synthetic JPEG episodes of that size (the RT-1 camera size),
-to measure the decode + centre-crop + resize path.
+Default: synthetic JPEG episodes of ``--source-hw`` (256x320, the RT-1 camera size; 10 steps each) in
+``--files`` TFRecord files x ``--copies`` x 25 episodes, converted end to end at ``--size`` (parse,
+CRC, JPEG decode, centre-crop + resize, action mapping, shard writing, merge, manifest) with
+``--workers`` processes. ``--bridge DIR`` (a BridgeData RLDS version directory with its
+``features.json``, e.g. ``<rlds_root>/bridge_dataset/1.0.0``) instead replicates that dataset's first
+training file.
 
-    .venv/bin/python benchmarks/convert_oxe.py [--files 8] [--copies 4] [--workers 2] [--size 64]
+    .venv/bin/python benchmarks/convert_oxe.py [--bridge DIR] [--files 8] [--copies 4] [--workers 2] [--size 64]
+
+Last line: ``convert_oxe: <frames/s> frames/s``.
 """
 
 from __future__ import annotations
@@ -26,22 +28,22 @@ from whale_pl.data.oxe import rlds_writer as rw
 from whale_pl.data.oxe.convert import ConvertOptions, convert_dataset
 from whale_pl.data.oxe.tfrecord import iter_records
 
-BRIDGE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "oxe" / "bridge_dataset" / "1.0.0"
 
-
-def replicate_bridge(dst: Path, files: int, copies: int) -> int:
-    (src,) = sorted(BRIDGE.glob("bridge_dataset-train.tfrecord-*"))
+def replicate_bridge(bridge: Path, dst: Path, files: int, copies: int) -> int:
+    """``files`` TFRecord files of ``copies`` x the first training file of ``bridge``; returns the episodes."""
+    src = sorted(bridge.glob("bridge_dataset-train.tfrecord-*"))[0]
     recs = list(iter_records(src))
     d = dst / "bridge_dataset" / "1.0.0"
     d.mkdir(parents=True)
-    shutil.copy(BRIDGE / "features.json", d / "features.json")
+    shutil.copy(bridge / "features.json", d / "features.json")
     per_file = [recs * copies for _ in range(files)]
-    rw.write_dataset(d, json.loads((BRIDGE / "features.json").read_text()), {"train": per_file},
+    rw.write_dataset(d, json.loads((bridge / "features.json").read_text()), {"train": per_file},
                      name="bridge_dataset")
     return sum(len(r) for r in per_file)
 
 
 def synthetic(dst: Path, files: int, episodes: int, hw: tuple[int, int], t: int = 10) -> int:
+    """``files`` TFRecord files of ``episodes`` smooth JPEG episodes of size ``hw``; returns the episodes."""
     rng = np.random.default_rng(0)
     h, w = hw
     feats = rw.features_json({"action": rw.tensor((7,)), "observation": {"image": rw.image(h, w)},
@@ -64,26 +66,28 @@ def synthetic(dst: Path, files: int, episodes: int, hw: tuple[int, int], t: int 
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Build the source, convert it, print the throughput."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=8)
     p.add_argument("--copies", type=int, default=4, help="bridge: copies of the 25 episodes per file")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--source-hw", help="synthetic source frames HxW (e.g. 256x320) instead of bridge")
+    p.add_argument("--source-hw", default="256x320", help="synthetic source frames HxW")
+    p.add_argument("--bridge", type=Path, help="replicate this BridgeData RLDS directory instead")
     a = p.parse_args(argv)
+    if a.bridge is not None and not (a.bridge / "features.json").is_file():
+        sys.exit(f"--bridge {a.bridge}: no features.json (expected an RLDS version directory)")
     with tempfile.TemporaryDirectory(prefix="convert_oxe_") as tmp:
         tmp = Path(tmp)
-        if a.source_hw:
+        if a.bridge is None:
             hw = tuple(int(x) for x in a.source_hw.split("x"))
             n = synthetic(tmp / "src", a.files, 25 * a.copies, hw)
             src = tmp / "src" / "synthetic_rt1" / "1.0.0"
             what = f"synthetic {hw[0]}x{hw[1]} JPEG"
         else:
-            if not BRIDGE.is_dir():
-                sys.exit(f"bridge sample absent: {BRIDGE}")
-            n = replicate_bridge(tmp / "src", a.files, a.copies)
+            n = replicate_bridge(a.bridge, tmp / "src", a.files, a.copies)
             src = tmp / "src" / "bridge_dataset" / "1.0.0"
-            what = "bridge 64x64 JPEG (replicated)"
+            what = f"{a.bridge} (replicated)"
         timing: dict = {}
         t0 = time.perf_counter()
         m = convert_dataset(src, tmp / "out", ConvertOptions(size=a.size, workers=a.workers), progress=False,

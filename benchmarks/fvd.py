@@ -28,6 +28,7 @@ def clips(n: int, T: int, size: int, seed: int) -> torch.Tensor:
 
 
 def main() -> None:
+    """Time the weight load, the I3D features of both sets and the distance."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--clips", type=int, default=64)
     p.add_argument("--frames", type=int, default=16)

@@ -25,6 +25,7 @@ MODEL_KEYS = ("dim", "depth", "heads", "mlp_ratio", "max_frames", "max_stride", 
 
 
 def build(cfg_path: Path, codebook: int, grid: int, action_dim: int, z_dim: int, state_dim: int) -> DynamicsModel:
+    """The dynamics model at the size the stage config names, random weights, in eval mode."""
     init = yaml.safe_load(cfg_path.read_text())["model"]["init_args"]
     kw = {k: init[k] for k in MODEL_KEYS if k in init}
     return DynamicsModel(codebook, (grid, grid), action_dim, behavior_dim=z_dim if init.get("use_behavior", True) else 0,
@@ -32,6 +33,7 @@ def build(cfg_path: Path, codebook: int, grid: int, action_dim: int, z_dim: int,
 
 
 def timed(model: DynamicsModel, ctx, act, z, horizon: int, steps: int, use_cache: bool, bf16: bool):
+    """One seeded rollout and its wall-clock seconds."""
     g = torch.Generator().manual_seed(0)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         t0 = time.perf_counter()
@@ -40,6 +42,7 @@ def timed(model: DynamicsModel, ctx, act, z, horizon: int, steps: int, use_cache
 
 
 def main() -> None:
+    """Roll out with and without the cache; check they agree; print frames/s last."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", type=Path, default=Path("stages/demo/dynamics.yaml"))
     p.add_argument("--batch", type=int, default=4)

@@ -18,6 +18,7 @@ BATCH, STEPS, WARMUP, WORKERS, CLIP = 32, 160, 10, 2, 16
 
 
 def main() -> None:
+    """Time the demo loader after a warm-up; print clips/s last."""
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.chdir(ROOT)
     from whale_pl.data.datamodule import MetaWorldDataModule

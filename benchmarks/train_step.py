@@ -81,6 +81,8 @@ class RandomClips(IterableDataset):
 
 
 class RandomDataModule(L.LightningDataModule):
+    """A datamodule over ``RandomClips`` with the data_spec attributes the stage modules read."""
+
     def __init__(self, spec: dict, batch_size: int, clip_len: int) -> None:
         super().__init__()
         self.data_spec = spec
@@ -89,10 +91,13 @@ class RandomDataModule(L.LightningDataModule):
         self._ds = RandomClips(spec, batch_size, clip_len)
 
     def train_dataloader(self):
+        """The endless random batches (already batched)."""
         return DataLoader(self._ds, batch_size=None, num_workers=0)
 
 
 class StepTimer(L.Callback):
+    """Wall-clock seconds of the training steps after ``warmup`` untimed ones."""
+
     def __init__(self, warmup: int) -> None:
         self.warmup, self.t0, self.timed = warmup, None, 0
 
@@ -101,6 +106,7 @@ class StepTimer(L.Callback):
             torch.cuda.synchronize()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        """Start the clock at the first timed step."""
         if trainer.global_step == self.warmup:
             self._sync()
             self.t0 = time.perf_counter()
@@ -108,10 +114,12 @@ class StepTimer(L.Callback):
                 torch.cuda.reset_peak_memory_stats()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        """Count the timed steps."""
         if self.t0 is not None:
             self.timed += 1
 
     def on_train_end(self, trainer, pl_module):
+        """Stop the clock."""
         self._sync()
         self.seconds = time.perf_counter() - self.t0
 
@@ -171,6 +179,7 @@ def parse_set(items: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Build the stage module and its earlier stages, train the timed steps, print clips/s last."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", default="tokenizer", choices=["tokenizer", "behavior", "dynamics"])
     p.add_argument("--scale", default="demo", choices=["demo", "whale_st", "whale_x"])

@@ -99,8 +99,7 @@ def tiny_world(tiny_data_yaml, tmp_path_factory):
     def make(name: str, frame_stride: int = 1, tok_steps: int = 3, dyn_steps: int = 4) -> Path:
         out = tmp_path_factory.mktemp(name)
         torch.manual_seed(0)
-        tok = fit(TokenizerModule(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2,
-                                  codebook_size=32, code_dim=8, warmup_steps=1), out / "tok", tok_steps, 1)
+        tok = fit(TokenizerModule(net=dict(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2, codebook_size=32, code_dim=8), optim=dict(warmup_steps=1)), out / "tok", tok_steps, 1)
         torch.manual_seed(0)
         dyn = DynamicsModule(tokenizer_ckpt=str(tok), use_behavior=False, net=dict(dim=32, depth=1, heads=2, max_frames=8, max_stride=3), optim=dict(warmup_steps=1), sampling=dict(rollout_horizon=2, rollout_batches=1))
         return fit(dyn, out / "dyn", dyn_steps, frame_stride)

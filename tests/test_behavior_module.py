@@ -29,7 +29,7 @@ def tokenizer_ckpt(tiny_data_yaml, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     dm = MetaWorldDataModule(config=str(tiny_data_yaml), clip_len=4, batch_size=2, num_workers=0,
                              steps_per_epoch=3, val_steps=1)
-    module = TokenizerModule(**TINY_TOKENIZER, warmup_steps=1)
+    module = TokenizerModule(net=TINY_TOKENIZER, optim=dict(warmup_steps=1))
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=[ModelCheckpoint(dirpath=out, filename="best", save_last=False)])

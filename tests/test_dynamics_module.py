@@ -36,7 +36,7 @@ def stage_ckpts(tiny_data_yaml, tmp_path_factory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("stages")
     torch.manual_seed(0)
     L.Trainer(max_steps=3, callbacks=[ModelCheckpoint(dirpath=out / "tok", filename="best")], **QUIET).fit(
-        TokenizerModule(**TINY_TOKENIZER, warmup_steps=1), _dm(tiny_data_yaml))
+        TokenizerModule(net=TINY_TOKENIZER, optim=dict(warmup_steps=1)), _dm(tiny_data_yaml))
     tok = out / "tok" / "best.ckpt"
     beh = BehaviorModule(tokenizer_ckpt=str(tok), net=dict(dim=16, depth=1, z_dim=4, decoder_hidden=16),
                          optim=dict(warmup_steps=1), probe_t_min=2)

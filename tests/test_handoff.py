@@ -33,7 +33,7 @@ def _trainer(max_steps: int) -> L.Trainer:
 def tok_ckpt(tiny_shards, tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     L.seed_everything(0)
-    module = TokenizerModule(**TINY_TOK, lr=3e-3, warmup_steps=1)
+    module = TokenizerModule(net=TINY_TOK, optim=dict(lr=3e-3, warmup_steps=1))
     trainer = _trainer(max_steps=2)
     trainer.fit(module, _dm(tiny_shards))
     path = tmp_path_factory.mktemp("handoff") / "tokenizer.ckpt"

@@ -11,7 +11,7 @@ import torch
 
 from whale_pl.metrics import fvd as fvd_mod
 from whale_pl.metrics.fvd import FVDSkippedWarning
-from whale_pl.metrics.video import PSNR_CAP_DB, VideoEvaluator, video_psnr_ssim
+from whale_pl.metrics.video import PSNR_CAP_DB, VideoEvaluator, psnr_ssim_per_sample, video_psnr_ssim
 
 
 def _clips(b=2, t=5, h=24, w=24, seed=0):
@@ -89,19 +89,31 @@ def test_short_clips_skip_fvd_once_and_keep_psnr(monkeypatch):
 def test_psnr_ssim_do_not_depend_on_the_callers_autocast():
     """Stage modules compute their metrics inside bf16-mixed validation steps; SSIM's variance terms
     cancel catastrophically in bf16 (it read 0.75 for reconstructions whose float32 SSIM is 0.94)."""
-    import torch
-
-    from whale_pl.lit.dynamics_module import ssim_per_sample
-    from whale_pl.metrics.video import video_psnr_ssim
-
     g = torch.Generator().manual_seed(0)
     real = torch.rand(2, 3, 3, 32, 32, generator=g) * 0.2 + 0.4  # flat-ish frames, as Meta-World backgrounds
     fake = (real + 0.01 * torch.randn(real.shape, generator=g)).clamp(0, 1)
     real, fake = real * 2 - 1, fake * 2 - 1
     ref = video_psnr_ssim(real, fake)
-    ref_mod = ssim_per_sample(fake, real)
+    ref_psnr_B, ref_ssim_B = psnr_ssim_per_sample(real, fake)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = video_psnr_ssim(real, fake)
-        got_mod = ssim_per_sample(fake, real)
+        psnr_B, ssim_B = psnr_ssim_per_sample(real.bfloat16(), fake.bfloat16())
     assert torch.allclose(got["ssim"], ref["ssim"]) and torch.allclose(got["psnr"], ref["psnr"])
-    assert torch.allclose(got_mod, ref_mod)
+    assert torch.allclose(ssim_B, ref_ssim_B, atol=1e-3) and torch.allclose(psnr_B, ref_psnr_B, atol=0.1)
+
+
+def test_per_sample_scores_are_the_clip_means_of_the_per_frame_ones_with_exact_frames_capped():
+    """``psnr_ssim_per_sample`` (what the stage modules log per clip) is ``video_psnr_ssim`` averaged over each
+    clip's frames; an exactly reproduced frame counts as ``PSNR_CAP_DB``, not infinity."""
+    real = _clips(b=3)
+    fake = real.clone()
+    fake[0, 1:] += 10  # clip 0: frame 0 exact, the rest 10 grey levels off
+    fake[1] = _clips(b=1, seed=7)[0]
+    psnr_B, ssim_B = psnr_ssim_per_sample(real, fake)
+    per_frame = video_psnr_ssim(real, fake)
+    assert psnr_B.shape == ssim_B.shape == (3,) and psnr_B.dtype == ssim_B.dtype == torch.float32
+    off = 10 * math.log10(1 / (10 / 255) ** 2)
+    assert psnr_B[0].item() == pytest.approx((PSNR_CAP_DB + 4 * off) / 5, rel=1e-5)
+    assert psnr_B[1].item() == pytest.approx(per_frame["psnr"][1].mean().item(), rel=1e-5)
+    assert psnr_B[2].item() == PSNR_CAP_DB and ssim_B[2].item() == pytest.approx(1.0)
+    assert torch.allclose(ssim_B.double(), per_frame["ssim"].mean(1))

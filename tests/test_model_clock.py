@@ -32,7 +32,7 @@ def test_gifs_show_every_kth_frame(strided_ckpt, tiny_shards, tmp_path):
     import json
 
     from whale_pl.data.datamodule import ClipDataModule
-    from whale_pl.rollout.gifs import run
+    from whale_pl.rollout.gif_cli import run
 
     start, H = 1, 20  # more than the 24-frame episodes hold at stride 2: clipped to what they have
     index = run(str(strided_ckpt), str(tiny_shards), tmp_path, splits=["val"], per_split=1, horizon=H, start=start,

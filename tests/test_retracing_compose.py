@@ -4,13 +4,8 @@ import numpy as np
 import pytest
 
 from whale_pl.data.episode import EEF7_ACTION_SPACE, METAWORLD_ACTION_SPACE, ActionSpace
-from whale_pl.rollout.retracing import (
-    ActionNormaliser,
-    RetracingError,
-    retracing_actions,
-    retracing_plan,
-    strided_context,
-)
+from whale_pl.data.actions import ActionError, ActionNormaliser
+from whale_pl.rollout.retracing import retracing_actions, retracing_plan, strided_context
 
 MW = np.array([[0.1, 0.0, 0.2, -1.0], [0.3, -0.1, 0.0, 1.0], [0.0, 0.5, 0.0, 0.5]], dtype=np.float32)
 
@@ -48,7 +43,7 @@ def test_base_stride_composes_model_steps_as_the_datamodule_does():
     np.testing.assert_allclose(held, [(0.6 - 0.2) / 0.5, -0.2, 0.0, 1.0], atol=1e-6)
     one = ActionNormaliser(METAWORLD_ACTION_SPACE, mean, std)  # base 1: a held decision is the action itself
     np.testing.assert_array_equal(one.normalise_held(rec[1]), one.normalise(rec[1]))
-    with pytest.raises(RetracingError, match="base"):
+    with pytest.raises(ActionError, match="base"):
         ActionNormaliser(METAWORLD_ACTION_SPACE, mean, std, base=0)
 
 
@@ -84,9 +79,9 @@ def test_oxe_rotations_compose_as_rotations():
 
 def test_non_composing_space_is_a_clear_error():
     joint_space = ActionSpace(names=["q0", "q1", "gripper"], sum_dims=[], gripper_index=2)
-    with pytest.raises(RetracingError, match=r"\['q0', 'q1'\]"):
+    with pytest.raises(ActionError, match=r"\['q0', 'q1'\]"):
         retracing_actions(np.zeros((4, 3)), joint_space, 2)
-    with pytest.raises(RetracingError, match="stride k=5"):
+    with pytest.raises(ActionError, match="stride k=5"):
         retracing_actions(MW, METAWORLD_ACTION_SPACE, 5)
 
 

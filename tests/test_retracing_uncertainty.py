@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from whale_pl.rollout.uncertainty import combine_predictions
+from whale_pl.rollout.retracing import combine_predictions
 
 CODES = torch.eye(2)
 

@@ -91,8 +91,8 @@ def test_gifs_command_writes_one_gif_per_clip_consistent_with_the_shards(gif_run
 
     out = gif_run / "demo" / "gifs"
     index = json.loads((out / "index.json").read_text())
-    assert "python -m whale_pl.rollout.gifs gifs" not in index["command"]
-    assert index["command"].startswith("python -m whale_pl.rollout.gifs --ckpt ")
+    assert "whale eval gifs gifs" not in index["command"]
+    assert index["command"].startswith("whale eval gifs --ckpt ")
     clips = index["clips"]
     assert [c["split"] for c in clips] == ["val", "val", "ood", "ood"]
     val_pols = {c["policy"] for c in clips if c["split"] == "val"}
@@ -121,7 +121,7 @@ def test_gifs_command_writes_one_gif_per_clip_consistent_with_the_shards(gif_run
 
 
 def test_gifs_command_names_a_missing_split(tiny_dynamics_ckpt, tiny_shards, tmp_path):
-    from whale_pl.rollout.gifs import main
+    from whale_pl.rollout.gif_cli import main
 
     with pytest.raises(ValueError, match=r"no split 'test'.*'ood'"):
         main(["--ckpt", str(tiny_dynamics_ckpt), "--shards", str(tiny_shards), "--out", str(tmp_path), "--splits",
@@ -196,4 +196,4 @@ def test_report_metrics_table_has_every_metric_or_says_why_not(tmp_path, monkeyp
     assert "![returns (main)](experiment_returns_main.png)" in md
     assert f"_missing: {root / 'experiment_uncertainty.png'} (named in experiment.json)_" in md
     assert "## Rollouts: real against imagined" in md and "missing: runs/demo/gifs/index.json" in md
-    assert "python -m whale_pl.rollout.gifs --ckpt runs/demo/dynamics/checkpoints/best.ckpt" in md
+    assert "whale eval gifs --ckpt runs/demo/dynamics/checkpoints/best.ckpt" in md

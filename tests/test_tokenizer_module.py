@@ -37,7 +37,7 @@ def fitted(tiny_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("tok_fit")
     torch.set_num_threads(1)
     L.seed_everything(0)
-    module = TokenizerModule(**TINY_TOK, lr=3e-3, warmup_steps=1)
+    module = TokenizerModule(net=TINY_TOK, optim=dict(lr=3e-3, warmup_steps=1))
     dm = _dm(tiny_shards)
     _trainer(root, max_steps=4).fit(module, dm)
     return root / "tok", module, dm
@@ -81,14 +81,14 @@ def test_tensorboard_has_losses_metrics_usage_and_images(fitted):
 
 def test_resume_continues_from_last(fitted, tmp_path):
     run, _, dm = fitted
-    module = TokenizerModule(**TINY_TOK, lr=3e-3, warmup_steps=1)
+    module = TokenizerModule(net=TINY_TOK, optim=dict(lr=3e-3, warmup_steps=1))
     trainer = _trainer(tmp_path, max_steps=6)
     trainer.fit(module, dm, ckpt_path=str(run / "checkpoints" / "last.ckpt"))
     assert trainer.global_step == 6
 
 
 def test_frame_size_mismatch_fails_before_training(tiny_shards, tmp_path):
-    module = TokenizerModule(**{**TINY_TOK, "frame_size": [64, 64]})
+    module = TokenizerModule(net={**TINY_TOK, "frame_size": [64, 64]})
     trainer = _trainer(tmp_path, max_steps=2)
     with pytest.raises(ValueError, match=r"data frame_size \[32, 32\] differs from the tokenizer's configured frame_size \[64, 64\]"):
         trainer.fit(module, _dm(tiny_shards))
@@ -116,3 +116,25 @@ def test_eval_videos_protocol_and_offline_video_eval(fitted, tiny_shards, tmp_pa
                     "--num-clips", "2", "--clip-len", "4", "--batch-size", "2", "--no-fvd", "--out", str(out)])
     res = json.loads(out.read_text())
     assert rc == 0 and res["num_clips"] == 2 and 5.0 < res["psnr"] < 100.0 and 0.0 < res["ssim"] <= 1.0
+
+
+@pytest.mark.parametrize("option, value", [("sticky_margin", 0.02), ("encoder_spatial_radius", 0), ("l1_weight", 0.5)])
+def test_checkpoints_with_a_retired_option_set_are_refused_by_name(fitted, tmp_path, option, value):
+    """A checkpoint that holds a retired option at its inert value loads (as every old checkpoint did); one that
+    set it otherwise fails at the hand-off, on a plain load and under ``init_from``, naming the option."""
+    from whale_pl.lit.handoff import HandoffError, load_frozen
+    from whale_pl.lit.init_from import init_from_checkpoint
+
+    run, _, _ = fitted
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    inert = dict(ckpt, hyper_parameters={**ckpt["hyper_parameters"], **TokenizerModule.retired_options})
+    torch.save(inert, tmp_path / "inert.ckpt")
+    assert load_frozen(tmp_path / "inert.ckpt", TokenizerModule).model.codebook_size == 32
+    ckpt["hyper_parameters"] = {**ckpt["hyper_parameters"], option: value}
+    torch.save(ckpt, tmp_path / "retired.ckpt")
+    with pytest.raises(HandoffError, match=f"since retired: {option}={value!r}"):
+        load_frozen(tmp_path / "retired.ckpt", TokenizerModule)
+    with pytest.raises(HandoffError, match=f"since retired: {option}={value!r}"):
+        TokenizerModule.load_from_checkpoint(tmp_path / "retired.ckpt", map_location="cpu")
+    with pytest.raises(HandoffError, match=f"since retired: {option}={value!r}"):
+        init_from_checkpoint(TokenizerModule(net=TINY_TOK), tmp_path / "retired.ckpt")

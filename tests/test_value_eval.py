@@ -95,8 +95,7 @@ def tiny_dynamics(tiny_data_yaml, tmp_path_factory) -> list[Path]:
         return out / name / "best.ckpt"
 
     torch.manual_seed(0)
-    tok = fit(TokenizerModule(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2,
-                              codebook_size=32, code_dim=8, warmup_steps=1), "tok", 3)
+    tok = fit(TokenizerModule(net=dict(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2, codebook_size=32, code_dim=8), optim=dict(warmup_steps=1)), "tok", 3)
     ckpts = []
     for seed in (0, 1):
         torch.manual_seed(seed)

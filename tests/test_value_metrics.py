@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from whale_pl.rollout.metrics import (
+from whale_pl.rollout.value_metrics import (
     auroc,
     pearson,
     regret_at_1,

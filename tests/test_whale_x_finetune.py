@@ -37,11 +37,12 @@ pytestmark = pytest.mark.skipif(not BRIDGE.is_dir(), reason=f"real OXE sample da
 
 TINY_TOK = dict(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2, codebook_size=32,
                 code_dim=8)
-TINY_BEH = dict(z_dim=4, dim=16, depth=1, heads=2, decoder_hidden=16)
+TINY_BEH = dict(net=dict(z_dim=4, dim=16, depth=1, heads=2, decoder_hidden=16))
 # the structural switches of the Whale-X dynamics config (copy paths, code vectors), at tiny size
 _XDYN = yaml.safe_load((ROOT / "stages" / "whale_x" / "dynamics.yaml").read_text())["model"]["init_args"]
-TINY_DYN = dict(dim=32, depth=1, heads=2, maskgit_steps=2, rollout_horizon=3, rollout_batches=1,
-                **{k: _XDYN[k] for k in ("prev_frame_input", "copy_logit", "code_embed", "change_weight") if k in _XDYN})
+TINY_DYN = dict(net=dict(dim=32, depth=1, heads=2, **{k: _XDYN["net"][k] for k in (
+                    "prev_frame_input", "copy_logit", "code_embed", "change_weight") if k in _XDYN["net"]}),
+                sampling=dict(maskgit_steps=2, rollout_horizon=3, rollout_batches=1))
 QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
              enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)
 PRETRAIN_STEPS = {"tokenizer": 40, "behavior": 10, "dynamics": 40}
@@ -132,11 +133,11 @@ def pretrained(shards, tmp_path_factory) -> dict[str, Path]:
         trainer.save_checkpoint(ckpts[stage])
 
     torch.manual_seed(0)
-    fit("tokenizer", TokenizerModule(**TINY_TOK, lr=3e-3, warmup_steps=1), clip_len=4)
-    fit("behavior", BehaviorModule(tokenizer_ckpt=str(ckpts["tokenizer"]), **TINY_BEH, lr=3e-3, warmup_steps=1,
-                                   probe_t_min=2), clip_len=6)
+    fit("tokenizer", TokenizerModule(net=TINY_TOK, optim=dict(lr=3e-3, warmup_steps=1)), clip_len=4)
+    fit("behavior", BehaviorModule(tokenizer_ckpt=str(ckpts["tokenizer"]), **TINY_BEH,
+                                   optim=dict(lr=3e-3, warmup_steps=1), probe_t_min=2), clip_len=6)
     fit("dynamics", DynamicsModule(tokenizer_ckpt=str(ckpts["tokenizer"]), behavior_ckpt=str(ckpts["behavior"]),
-                                   **TINY_DYN, lr=3e-3, warmup_steps=1), clip_len=6)
+                                   **TINY_DYN, optim=dict(lr=3e-3, warmup_steps=1)), clip_len=6)
     return ckpts
 
 
@@ -181,11 +182,13 @@ def _finetune_cli(stage: str, run_root: Path, shards, pretrained, batch, tiny: d
     """`whale fit --config stages/whale_x_finetune/<stage>.yaml` with tiny overrides, with a Probe."""
     from whale_pl.cli import lightning_cli
 
-    model = [a for k, v in tiny.items() for a in (f"--model.init_args.{k}", json.dumps(v))]
+    model = [a for k, v in tiny.items() for a in (  # a group's fields one by one, so the config's others stay
+        [x for f, w in v.items() for x in (f"--model.init_args.{k}.{f}", json.dumps(w))] if isinstance(v, dict)
+        else [f"--model.init_args.{k}", json.dumps(v)])]
     cli = lightning_cli([
         "--config", str(ROOT / "stages" / "whale_x_finetune" / f"{stage}.yaml"), *model,
         "--model.init_args.init_from", str(pretrained[stage]),
-        "--model.init_args.lr", "3e-3", "--model.init_args.warmup_steps", "1",
+        "--model.init_args.optim.lr", "3e-3", "--model.init_args.optim.warmup_steps", "1",
         "--data.init_args.dirs", json.dumps([str(shards["demos"])]), "--data.init_args.train_splits", "[val]",
         "--data.init_args.val_splits", "[val]", "--data.init_args.clip_len", "4" if stage == "tokenizer" else "6",
         "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
@@ -206,7 +209,7 @@ def finetuned(shards, pretrained, demo_batch, tmp_path_factory):
     run_root = tmp_path_factory.mktemp("runs_whale_x_finetune")
     torch.manual_seed(0)
     out = {}
-    ck, probe, _ = _finetune_cli("tokenizer", run_root, shards, pretrained, demo_batch, TINY_TOK, [])
+    ck, probe, _ = _finetune_cli("tokenizer", run_root, shards, pretrained, demo_batch, dict(net=TINY_TOK), [])
     out["tokenizer"] = (ck, probe)
     tok = ["--model.init_args.tokenizer_ckpt", str(ck / "best.ckpt"), "--model.init_args.expect_codebook_size", "32"]
     ck, probe, _ = _finetune_cli("behavior", run_root, shards, pretrained, demo_batch,
@@ -229,7 +232,7 @@ def _scratch_loss(stage: str, pretrained: dict, finetuned: dict, batch: dict) ->
     torch.manual_seed(0)
     tok = str(finetuned["tokenizer"][0] / "best.ckpt")
     if stage == "tokenizer":
-        m = TokenizerModule(**TINY_TOK)
+        m = TokenizerModule(net=TINY_TOK)
     elif stage == "behavior":
         m = BehaviorModule(tokenizer_ckpt=tok, **TINY_BEH)
     else:
@@ -266,7 +269,7 @@ def test_interrupted_finetune_resumes_from_its_own_checkpoint(shards, pretrained
     ckpts, _ = finetuned["tokenizer"]
     last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
     pre = torch.load(pretrained["tokenizer"], map_location="cpu", weights_only=False)["state_dict"]
-    _, probe, _ = _finetune_cli("tokenizer", tmp_path, shards, pretrained, demo_batch, TINY_TOK,
+    _, probe, _ = _finetune_cli("tokenizer", tmp_path, shards, pretrained, demo_batch, dict(net=TINY_TOK),
                                 ["--trainer.max_steps", str(FINETUNE_STEPS + 3)], ckpt_path=ckpts / "last.ckpt")
     assert all(torch.equal(probe.start[k], v) for k, v in last["state_dict"].items())
     assert not all(torch.equal(probe.start[k], v) for k, v in pre.items())
@@ -297,15 +300,15 @@ def test_init_from_names_the_path_and_the_mismatch(pretrained, tmp_path):
 
     tok = str(pretrained["tokenizer"])
     with pytest.raises(InitFromError, match=r"'.*tokenizer\.ckpt'.*codebook_size 32 in the checkpoint != 64 here"):
-        init_from_checkpoint(TokenizerModule(**dict(TINY_TOK, codebook_size=64)), tok)
+        init_from_checkpoint(TokenizerModule(net=dict(TINY_TOK, codebook_size=64)), tok)
     with pytest.raises(InitFromError, match=r"hyper-parameter dim 32 in the checkpoint != 48 here.*shape mismatch"):
-        init_from_checkpoint(TokenizerModule(**dict(TINY_TOK, dim=48)), tok)
+        init_from_checkpoint(TokenizerModule(net=dict(TINY_TOK, dim=48)), tok)
     with pytest.raises(InitFromError, match=re.escape(f"'{pretrained['behavior']}' holds a "
                                                       "whale_pl.lit.behavior_module.BehaviorModule, not a "
                                                       "whale_pl.lit.tokenizer_module.TokenizerModule")):
-        init_from_checkpoint(TokenizerModule(**TINY_TOK), pretrained["behavior"])
+        init_from_checkpoint(TokenizerModule(net=TINY_TOK), pretrained["behavior"])
     with pytest.raises(InitFromError, match=r"'.*nothing\.ckpt' does not exist"):
-        init_from_checkpoint(TokenizerModule(**TINY_TOK), tmp_path / "nothing.ckpt")
+        init_from_checkpoint(TokenizerModule(net=TINY_TOK), tmp_path / "nothing.ckpt")
     off = DynamicsModule(tokenizer_ckpt=tok, use_behavior=False, **TINY_DYN)
     with pytest.raises(InitFromError, match=r"'.*dynamics\.ckpt'.*behavior_dim 4 in the checkpoint != 0 here"):
         init_from_checkpoint(off, pretrained["dynamics"])

@@ -15,7 +15,7 @@ validation batches (rank 0; the batches are the held-out split) until ``num_clip
 Value gap: for a module with ``supports_value_eval = True`` the callback saves a temporary checkpoint
 and calls ``whale_pl.rollout.value.value_metrics_for_checkpoint(ckpt_path, **value_kwargs)`` in a
 fresh child process. The simulator's GL contexts therefore never exist in the trainer process,
-so DataLoader workers it forks later cannot hang on them (PLATFORM.md).
+so DataLoader workers it forks later cannot hang on them (README, "Troubleshooting").
 
 Results go to every logger (``eval/...`` scalars), to TensorBoard as pictures (real vs generated
 frames, per-frame PSNR/SSIM curves), and as one JSON line per evaluation to ``<log_dir>/metrics.jsonl``.
@@ -37,12 +37,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from einops import rearrange
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from whale_pl.metrics.fvd import FVD, make_fvd, to_minus_one_one
+from whale_pl.io import write_bytes_atomic
+from whale_pl.lit.logging import paired_video_grid
+from whale_pl.metrics.fvd import FVD, make_fvd
 from whale_pl.metrics.video import VideoEvaluator
 
 __all__ = ["EvalCallback", "append_jsonl", "call_eval_videos", "DEFAULT_VALUE_FN"]
@@ -72,24 +73,14 @@ def call_eval_videos(module: Any, batch: dict) -> tuple[torch.Tensor, torch.Tens
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line; the file is rewritten under a temporary name and renamed (atomic)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     old = path.read_bytes() if path.exists() else b""
     if old and not old.endswith(b"\n"):
         raise ValueError(f"{path}: last line is incomplete; refusing to append to a damaged metrics file")
-    line = json.dumps(record, allow_nan=False, sort_keys=True).encode() + b"\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(old + line)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, old + json.dumps(record, allow_nan=False, sort_keys=True).encode() + b"\n")
 
 
 def value_fn_available(spec: str) -> bool:
+    """Whether 'module:function' names a function that can be imported."""
     mod, _, name = spec.partition(":")
     try:
         return importlib.util.find_spec(mod) is not None and hasattr(importlib.import_module(mod), name)
@@ -121,12 +112,6 @@ def run_value_hook(spec: str, ckpt_path: str, kwargs: dict, timeout: float | Non
                                f"{proc.stderr[-4000:]}")
         out = json.loads(res.read_text())
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def frame_grid(real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor, n: int) -> torch.Tensor:
-    """[3, n*2*H, T*W] in [0, 1]: per clip a real row above a generated row, time left to right."""
-    pairs = torch.stack([to_minus_one_one(real_BTCHW[:n]), to_minus_one_one(fake_BTCHW[:n])], dim=1)
-    return (rearrange(pairs.cpu(), "n r t c h w -> c (n r h) (t w)") + 1) / 2
 
 
 class EvalCallback(Callback):
@@ -183,6 +168,7 @@ class EvalCallback(Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Decide whether this validation epoch is evaluated; on rank 0 set up the accumulators."""
         self._active = False
         if trainer.sanity_checking:
             return
@@ -202,6 +188,7 @@ class EvalCallback(Callback):
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Score this batch's clips (rank 0) until ``num_clips`` are seen."""
         if not (self._active and trainer.is_global_zero):
             return
         need = self.num_clips - self._evaluator.num_clips
@@ -216,6 +203,7 @@ class EvalCallback(Callback):
             self._shown = (real[: self.log_clips].cpu(), fake[: self.log_clips].cpu())
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Compute the figures (+ value gap), log them and append a line to the metrics file."""
         if not self._active:
             return
         self._active = False
@@ -279,8 +267,8 @@ class EvalCallback(Callback):
             if isinstance(logger, TensorBoardLogger):
                 exp = logger.experiment
                 if self._shown is not None:
-                    exp.add_image("eval/real_vs_generated", frame_grid(*self._shown, self.log_clips),
-                                  trainer.global_step)
+                    grid = paired_video_grid(*self._shown, max_clips=self.log_clips, max_frames=None)
+                    exp.add_image("eval/real_vs_generated", grid, trainer.global_step)
                 exp.add_figure("eval/per_frame", _per_frame_figure(metrics), trainer.global_step)
 
 

@@ -2,8 +2,8 @@
 
 ``whale fit|validate|test|predict --config stages/<scale>/<stage>.yaml`` trains / evaluates a stage
 through LightningCLI; the YAML names the LightningModule and the datamodule by ``class_path``.
-``whale eval ...``, ``whale imagine ...`` and ``whale data ...`` hand their arguments to
-``whale_pl.eval_cli``, ``whale_pl.imagine_cli`` and ``whale_pl.data.cli`` (imported only when asked for).
+``whale eval ...`` and ``whale data ...`` hand their arguments to ``whale_pl.eval_cli`` and
+``whale_pl.data.cli`` (imported only when asked for).
 """
 
 from __future__ import annotations
@@ -14,23 +14,9 @@ from pathlib import Path
 
 SUBCOMMANDS = {
     "eval": "whale_pl.eval_cli",
-    "imagine": "whale_pl.imagine_cli",
     "data": "whale_pl.data.cli",
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
-def _dispatch(name: str, argv: list[str]) -> int | None:
-    modname = SUBCOMMANDS[name]
-    try:
-        mod = importlib.import_module(modname)
-    except ModuleNotFoundError as e:
-        if e.name != modname:
-            raise
-        raise SystemExit(f"whale {name}: {modname} is not part of this installation (module not found)") from None
-    if not hasattr(mod, "main"):
-        raise SystemExit(f"whale {name}: {modname} has no main(argv)")
-    return mod.main(argv)
 
 
 def _resume_check(cli, ckpt_path: str) -> dict | None:
@@ -101,13 +87,14 @@ def _run_lightning(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int | None:
+    """``whale <subcommand> ...``: a Lightning subcommand, or ``eval`` / ``data`` handed to their module."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
-        return _dispatch(argv[0], argv[1:])
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
         print(
             "usage: whale {fit,validate,test,predict} --config stages/<scale>/<stage>.yaml [overrides]\n"
-            "       whale {eval,imagine,data} ...\n"
+            "       whale {eval,data} ...\n"
             "Lightning subcommands take --help for every option."
         )
         return 0

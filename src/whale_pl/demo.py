@@ -15,7 +15,6 @@ is ``runs/<scale>/side_models.log``). The experiment step waits for it, then eva
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -29,16 +28,10 @@ from whale_pl.pipeline import fmt_elapsed, run_stage, stage_dir
 
 @dataclass
 class Step:
+    """One step of the demo: a name for the progress lines and what runs it."""
+
     name: str
-    needs_module: str  # the step is built when this module is importable
     run: Callable[[], None]
-
-
-def _have(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def _sh(cmd: list[str]) -> None:
@@ -62,8 +55,7 @@ class SideModels:
         self.scale, self.proc, self.log = scale, None, Path("runs") / scale / "side_models.log"
 
     def start(self) -> None:
-        if not _have("whale_pl.experiment"):
-            return
+        """Start the background run, its output appended to ``runs/<scale>/side_models.log``."""
         self.log.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "whale_pl.experiment", "--scale", self.scale, "--train-only", "--jobs", "2"]
         print(f"    $ {' '.join(cmd)} > {self.log} 2>&1 &   (background: behavior-off model, ensemble members)",
@@ -84,12 +76,14 @@ class SideModels:
             print("    side models failed in the background; the experiment step retrains what is missing", flush=True)
 
     def stop(self) -> None:
+        """Terminate the background run if it is still going."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait()
 
 
 def build_steps(scale: str, side: SideModels | None = None) -> list[Step]:
+    """The demo's steps in order, for ``scale``."""
     py = sys.executable
     run_root = Path("runs") / scale
     data_cfg = Path("stages") / scale / "data.yaml"
@@ -106,29 +100,24 @@ def build_steps(scale: str, side: SideModels | None = None) -> list[Step]:
         side.wait()
         _sh([py, "-m", "whale_pl.experiment", "--scale", scale])
 
-    steps = [
-        Step("data", "whale_pl.data.metaworld",
-             lambda: _sh([py, "-m", "whale_pl.data.cli", "metaworld", "--config", str(data_cfg)])),
-        Step("tokenizer", "whale_pl.lit.tokenizer_module", tokenizer_then_side),
-        Step("behavior", "whale_pl.lit.behavior_module", lambda: run_stage(scale, "behavior")),
-        Step("dynamics", "whale_pl.lit.dynamics_module", lambda: run_stage(scale, "dynamics")),
-        Step("video metrics", "whale_pl.eval_cli",
-             lambda: _sh([py, "-m", "whale_pl.eval_cli", "video",
-                          "--ckpt", str(stage_dir(scale, "dynamics") / "checkpoints" / "best.ckpt"),
-                          "--shards", _data_out(data_cfg), "--num-clips", "16", "--clip-len", "12",
-                          "--out", str(run_root / "video_metrics.json")])),
-        Step("rollout gifs", "whale_pl.rollout.gifs",
-             lambda: _sh([py, "-m", "whale_pl.rollout.gifs",
-                          "--ckpt", str(stage_dir(scale, "dynamics") / "checkpoints" / "best.ckpt"),
-                          "--shards", _data_out(data_cfg), "--out", str(run_root / "gifs")])),
-        Step("experiment", "whale_pl.experiment", experiment),
-        Step("report", "whale_pl.report",
-             lambda: _sh([py, "-m", "whale_pl.report", "--scale", scale])),
+    dynamics_ckpt = str(stage_dir(scale, "dynamics") / "checkpoints" / "best.ckpt")
+    return [
+        Step("data", lambda: _sh([py, "-m", "whale_pl.data.cli", "metaworld", "--config", str(data_cfg)])),
+        Step("tokenizer", tokenizer_then_side),
+        Step("behavior", lambda: run_stage(scale, "behavior")),
+        Step("dynamics", lambda: run_stage(scale, "dynamics")),
+        Step("video metrics", lambda: _sh([py, "-m", "whale_pl.eval_cli", "video", "--ckpt", dynamics_ckpt,
+                                           "--shards", _data_out(data_cfg), "--num-clips", "16", "--clip-len", "12",
+                                           "--out", str(run_root / "video_metrics.json")])),
+        Step("rollout gifs", lambda: _sh([py, "-m", "whale_pl.eval_cli", "gifs", "--ckpt", dynamics_ckpt,
+                                          "--shards", _data_out(data_cfg), "--out", str(run_root / "gifs")])),
+        Step("experiment", experiment),
+        Step("report", lambda: _sh([py, "-m", "whale_pl.report", "--scale", scale])),
     ]
-    return steps
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m whale_pl.demo [--scale demo]``: every step, resuming what exists."""
     p = argparse.ArgumentParser(prog="python -m whale_pl.demo", description=__doc__.split("\n")[0])
     p.add_argument("--scale", default="demo")
     a = p.parse_args(argv)
@@ -136,13 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     side = SideModels(a.scale)
     steps = build_steps(a.scale, side)
     t_start = time.time()
-    missing = [s.name for s in steps if not _have(s.needs_module)]
     try:
         for i, step in enumerate(steps, 1):
             head = f"[demo {i}/{len(steps)}] {step.name}"
-            if step.name in missing:
-                print(f"{head}: not built yet in this version of whale_pl — skipped", flush=True)
-                continue
             t0 = time.time()
             print(f"{head}: started (total {fmt_elapsed(t0 - t_start)})", flush=True)
             step.run()
@@ -150,11 +135,8 @@ def main(argv: list[str] | None = None) -> None:
                   flush=True)
     finally:
         side.stop()  # an interrupted demo leaves no orphan training; a rerun resumes it
-    if missing:
-        print(f"[demo] finished what exists; not built yet: {', '.join(missing)}", flush=True)
-    else:
-        print(f"[demo] all done in {fmt_elapsed(time.time() - t_start)}: report at "
-              f"{Path('runs') / a.scale / 'report.md'}", flush=True)
+    print(f"[demo] all done in {fmt_elapsed(time.time() - t_start)}: report at "
+          f"{Path('runs') / a.scale / 'report.md'}", flush=True)
 
 
 if __name__ == "__main__":

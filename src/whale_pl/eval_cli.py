@@ -2,7 +2,7 @@
 
     whale eval video --ckpt PATH --shards DIR [--num-clips N] [--out metrics.json]
     whale eval value ...            (whale_pl.rollout.value_cli, imported only when asked for)
-    whale eval gifs ...             (whale_pl.rollout.gifs: real-vs-imagined rollout GIFs)
+    whale eval gifs ...             (whale_pl.rollout.gif_cli: real-vs-imagined rollout GIFs)
 
 `video` computes what `EvalCallback` logs during training (PSNR/SSIM per frame and mean, FVD) on
 validation clips of a shard set, through the module's `eval_videos(batch)` protocol. Heavy imports
@@ -17,14 +17,14 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from whale_pl.io import write_json_atomic
+
 __all__ = ["evaluate_video", "load_stage_module", "main", "run_value_fn"]
 
-# data_spec keys a checkpoint must share with the shards it is evaluated on
-SPEC_KEYS = ("frame_size", "action_dim", "action_space", "action_mean", "action_std")
+SUBCOMMANDS = {"value": "whale_pl.rollout.value_cli", "gifs": "whale_pl.rollout.gif_cli"}
 
 
 def run_value_fn(spec: str, ckpt_path: str, kwargs: dict) -> dict:
@@ -81,7 +81,7 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
 
     from whale_pl.callbacks import call_eval_videos
     from whale_pl.data.datamodule import ClipDataModule
-    from whale_pl.lit.handoff import check_data_spec
+    from whale_pl.lit.handoff import SPEC_KEYS, check_data_spec
     from whale_pl.metrics.fvd import make_fvd
     from whale_pl.metrics.video import VideoEvaluator
 
@@ -92,7 +92,8 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
                         seed=seed, rank=0, world_size=1)
     dm.setup("validate")
     if stored is not None:
-        check_data_spec(stored, dm.data_spec, where=f"evaluating on {shards}", keys=SPEC_KEYS)
+        check_data_spec(stored, dm.data_spec, where=f"evaluating on {shards}",
+                        keys=[k for k in SPEC_KEYS if k in dm.data_spec])
     evaluator = VideoEvaluator(make_fvd(i3d_path, device) if fvd else None)
     module = module.to(device).eval()
     with tqdm(total=num_clips, desc="eval video", unit="clip", disable=None) as bar:
@@ -109,20 +110,6 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
     out = evaluator.compute()
     out.update(stage=type(module).__name__, split=split, clip_len=clip_len, frame_stride=stride, shards=str(shards))
     return out
-
-
-def write_json_atomic(path: str | os.PathLike, obj: dict, allow_nan: bool = False) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=allow_nan)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _video(argv: list[str]) -> int:
@@ -155,25 +142,18 @@ def _video(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``whale eval {video,value,gifs} ...``: the video figures here, the others in their modules."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: whale eval {video,value,gifs} ...\n  video  PSNR/SSIM/FVD of a checkpoint on a shard set\n"
               "  value  value gap of policies in imagination (whale_pl.rollout.value_cli)\n"
-              "  gifs   real-against-imagined rollout GIFs with the uncertainty curve (whale_pl.rollout.gifs)")
+              "  gifs   real-against-imagined rollout GIFs with the uncertainty curve (whale_pl.rollout.gif_cli)")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "video":
         return _video(rest)
-    if cmd in ("value", "gifs"):
-        modname = {"value": "whale_pl.rollout.value_cli", "gifs": "whale_pl.rollout.gifs"}[cmd]
-        try:
-            sub = importlib.import_module(modname)
-        except ModuleNotFoundError as e:
-            if e.name != modname:
-                raise
-            print(f"whale eval {cmd}: {modname} is not installed in this build", file=sys.stderr)
-            return 2
-        return int(sub.main(rest) or 0)
+    if cmd in SUBCOMMANDS:
+        return int(importlib.import_module(SUBCOMMANDS[cmd]).main(rest) or 0)
     print(f"whale eval: unknown subcommand {cmd!r}; expected 'video', 'value' or 'gifs'", file=sys.stderr)
     return 2
 

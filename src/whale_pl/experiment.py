@@ -1,4 +1,4 @@
-"""The headline experiment (METHOD.md, "the headline claims"), one command, written to a report.
+"""The headline experiment (docs/method.md, "the headline claims"), one command, written to a report.
 
     python -m whale_pl.experiment --scale demo
 
@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from whale_pl.io import write_json_atomic, write_text_atomic
 from whale_pl.pipeline import fmt_elapsed
 
 MEMBER_DEFAULTS = {  # scale -> (dim, depth, heads, max_steps) of the ensemble members
@@ -102,10 +103,8 @@ def train_member(scale: str, group: str, seed: int, use_behavior: bool, size: tu
         raise SystemExit(f"[experiment] training {group}/{seed} failed (exit {proc.returncode}); rerun to resume")
     seconds = time.time() - t0
     ckpt = _ckpt_of(run_dir)
-    tmp = run_dir / "DONE.tmp"
-    tmp.write_text(json.dumps({"ckpt": str(ckpt), "seconds": seconds, "steps": steps, "seed": seed,
-                               "use_behavior": use_behavior, "size": None if size is None else list(size)}))
-    os.replace(tmp, done)
+    write_json_atomic(done, {"ckpt": str(ckpt), "seconds": seconds, "steps": steps, "seed": seed,
+                             "use_behavior": use_behavior, "size": None if size is None else list(size)})
     print(f"[experiment] {group}/{seed}: trained in {fmt_elapsed(seconds)}", flush=True)
     return ckpt, seconds
 
@@ -174,6 +173,7 @@ def verdicts(res: dict) -> list[str]:
 
 
 def write_report(res: dict, path: Path, cmd: str) -> None:
+    """``experiment.md``: the set-up, the verdicts, the tables of (1) and (2), the plots."""
     L = [f"# Headline experiment ({res['scale']} scale)", "",
          f"Command: `{cmd}` (total {fmt_elapsed(res['seconds'])}; training {fmt_elapsed(res['train_seconds'])}).", "",
          f"Evaluation set: tasks {', '.join(res['tasks'])}; {res['starts']} start state(s) per task; horizon "
@@ -220,12 +220,11 @@ def write_report(res: dict, path: Path, cmd: str) -> None:
     for name, p in res["plots"].items():
         L.append(f"- {name}: ![{name}]({Path(p).name})")
     L += ["", "Regenerate: the command above (reuses trained members; delete `runs/<scale>/ensemble*` to retrain).", ""]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(L))
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(L))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line of ``python -m whale_pl.experiment``."""
     p = argparse.ArgumentParser(prog="python -m whale_pl.experiment", description=__doc__.split("\n")[0])
     p.add_argument("--scale", default="demo")
     p.add_argument("--runs", default="runs")
@@ -249,75 +248,93 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
                    help="extra `whale fit` overrides for the members (last on the command line)")
     a = p.parse_args(argv)
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    from whale_pl.rollout.value import EvalSet, collect_real, frame_stride_of
-    from whale_pl.rollout.value_cli import plot_returns, plot_uncertainty, run, write_json_atomic
-
-    t_start = time.time()
-    runs = Path(a.runs)
-    dflt = MEMBER_DEFAULTS.get(a.scale, (None, None, None, None))
-    size = (a.member_dim or dflt[0] or 128, a.member_depth or dflt[1] or 4, a.member_heads or dflt[2] or 4)
-    steps = a.member_steps or dflt[3] or 600
     if a.members < 2:
         p.error(f"--members must be >= 2, got {a.members}")
-    main_ckpt = Path(a.dynamics) if a.dynamics else runs / a.scale / "dynamics" / "checkpoints" / "best.ckpt"
-    if not a.train_only and not main_ckpt.is_file():
-        p.error(f"the stage's dynamics checkpoint {main_ckpt} is missing: train it first "
+    a.main_ckpt = Path(a.dynamics) if a.dynamics else Path(a.runs) / a.scale / "dynamics" / "checkpoints" / "best.ckpt"
+    if not a.train_only and not a.main_ckpt.is_file():
+        p.error(f"the stage's dynamics checkpoint {a.main_ckpt} is missing: train it first "
                 f"(python -m whale_pl.pipeline dynamics --scale {a.scale})")
-    data_cfg = a.data_config or str(Path("stages") / a.scale / "data.yaml")
+    a.data_config = a.data_config or str(Path("stages") / a.scale / "data.yaml")
+    dflt = MEMBER_DEFAULTS.get(a.scale, (None, None, None, None))
+    a.size = (a.member_dim or dflt[0] or 128, a.member_depth or dflt[1] or 4, a.member_heads or dflt[2] or 4)
+    a.steps = a.member_steps or dflt[3] or 600
+    return a
 
-    # ---- train (or reuse) the behavior-off model (the stage config as is) and the ensemble members
-    t0 = time.time()
+
+def train_side_models(a: argparse.Namespace) -> dict:
+    """Train (or reuse) the behavior-off model (the stage config as is) and the ensemble members."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0, runs = time.time(), Path(a.runs)
     wait_for(runs / a.scale / "tokenizer" / "DONE", "the tokenizer stage")
     off_ckpt, off_secs = train_member(a.scale, "dynamics_off", 0, False, None, None, runs, a.fit_args)
     wait_for(runs / a.scale / "behavior" / "DONE", "the behavior stage")
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:  # each job is its own `whale fit` process
-        done = list(pool.map(lambda seed: train_member(a.scale, "ensemble", seed, True, size, steps, runs,
+        done = list(pool.map(lambda seed: train_member(a.scale, "ensemble", seed, True, a.size, a.steps, runs,
                                                        a.fit_args), range(a.members)))
-    members, member_secs = [c for c, _ in done], [s for _, s in done]
-    train_seconds = time.time() - t0
-    if a.train_only:
-        print(f"[experiment] models trained or reused in {fmt_elapsed(train_seconds)}", flush=True)
-        return 0
+    return {"off": off_ckpt, "off_seconds": off_secs, "members": [c for c, _ in done],
+            "member_seconds": [s for _, s in done], "seconds": time.time() - t0}
 
-    # ---- one set of real rollouts for everything
-    k = frame_stride_of(main_ckpt)
+
+def evaluate(a: argparse.Namespace, side: dict) -> dict:
+    """One set of real rollouts; the stage model, the off model and member 0 against the ensemble."""
+    from whale_pl.rollout.value import EvalSet, collect_real, frame_stride_of
+    from whale_pl.rollout.value_cli import run
+
+    k = frame_stride_of(a.main_ckpt)
     if a.horizon is None:  # no longer than the model has seen episodes run (in its own steps)
         from whale_pl.data.metaworld import CollectConfig
 
-        a.horizon = max(2, min(24, CollectConfig.from_yaml(data_cfg).max_steps // k - 1))
-    ev = EvalSet.from_data_config(data_cfg, starts=a.starts, horizon=a.horizon, discount=a.discount,
+        a.horizon = max(2, min(24, CollectConfig.from_yaml(a.data_config).max_steps // k - 1))
+    ev = EvalSet.from_data_config(a.data_config, starts=a.starts, horizon=a.horizon, discount=a.discount,
                                   frame_stride=k)
     print(f"[experiment] real rollouts: {len(ev.tasks)} tasks x {len(ev.policies)} policies x {a.starts} starts", flush=True)
     real = collect_real(ev)
-    common = dict(data_config=data_cfg, starts=a.starts, horizon=a.horizon, discount=a.discount, K=a.K,
+    common = dict(data_config=a.data_config, starts=a.starts, horizon=a.horizon, discount=a.discount, K=a.K,
                   modes=["open_loop", "closed_loop"], real=real)
     print("[experiment] the stage's model (behavior on)", flush=True)
-    main_res = run(str(main_ckpt), None, **common)
+    main_res = run(str(a.main_ckpt), None, **common)
     print("[experiment] the same config with behavior off", flush=True)
-    off = run(str(off_ckpt), None, **common, uncertainty=False)  # (1) compares values only
+    off = run(str(side["off"]), None, **common, uncertainty=False)  # (1) compares values only
     print("[experiment] member 0: retracing vs the ensemble on its rollouts", flush=True)
-    on = run(str(members[0]), [str(c) for c in members], **common)
-    unc = on["uncertainty"]
+    on = run(str(side["members"][0]), [str(c) for c in side["members"]], **common)
+    return {"scale": a.scale, "members": a.members, "member_size": list(a.size), "member_steps": a.steps,
+            "member_train_seconds": side["member_seconds"], "off_train_seconds": side["off_seconds"],
+            "train_seconds": side["seconds"], "steps_trained": _steps_trained(a.main_ckpt, side["off"]),
+            "tasks": ev.tasks, "starts": a.starts, "horizon": a.horizon, "discount": a.discount,
+            "train_policies": ev.train_policies, "ood_policies": ev.ood_policies, "on": on, "off": off,
+            "main": main_res, "uncertainty": on["uncertainty"], "plots": {}}
 
-    out_dir = runs / a.scale
-    res = {"scale": a.scale, "members": a.members, "member_size": list(size), "member_steps": steps,
-           "member_train_seconds": member_secs, "off_train_seconds": off_secs,
-           "train_seconds": train_seconds, "steps_trained": _steps_trained(main_ckpt, off_ckpt), "tasks": ev.tasks,
-           "starts": a.starts, "horizon": a.horizon, "discount": a.discount, "train_policies": ev.train_policies,
-           "ood_policies": ev.ood_policies, "on": on, "off": off, "main": main_res, "uncertainty": unc,
-           "plots": {}}
-    for key, r in (("on", on), ("off", off), ("main", main_res)):
+
+def write_plots(res: dict, out_dir: Path) -> None:
+    """The return scatter of each model and the uncertainty plot, named in ``res["plots"]``."""
+    from whale_pl.rollout.value_cli import plot_returns, plot_uncertainty
+
+    for key in ("on", "off", "main"):
         pth = out_dir / f"experiment_returns_{key}.png"
-        plot_returns(r["value"], pth, title=f"{key}: {r['dynamics']}")
+        plot_returns(res[key]["value"], pth, title=f"{key}: {res[key]['dynamics']}")
         res["plots"][f"returns ({key})"] = str(pth)
     pth = out_dir / "experiment_uncertainty.png"
-    plot_uncertainty(unc, pth, title="retracing (member 0) vs ensemble")
+    plot_uncertainty(res["uncertainty"], pth, title="retracing (member 0) vs ensemble")
     res["plots"]["uncertainty vs true error"] = str(pth)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train or reuse the side models; unless ``--train-only``, evaluate and write the report."""
+    from whale_pl.rollout.value_metrics import nan_to_none
+
+    a = parse_args(argv)
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    t_start = time.time()
+    side = train_side_models(a)
+    if a.train_only:
+        print(f"[experiment] models trained or reused in {fmt_elapsed(side['seconds'])}", flush=True)
+        return 0
+    res = evaluate(a, side)
+    out_dir = Path(a.runs) / a.scale
+    write_plots(res, out_dir)
     res["seconds"] = time.time() - t_start
-    write_json_atomic(out_dir / "experiment.json", res)
+    write_json_atomic(out_dir / "experiment.json", nan_to_none(res))
     cmd = "python -m whale_pl.experiment " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(res, out_dir / "experiment.md", cmd.strip())
     print("\n".join(verdicts(res)))

@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+from whale_pl.io import write_text_atomic
 from whale_pl.pipeline import STAGES, stage_dir
 
 
@@ -55,7 +56,7 @@ def _video_cmd(vid: dict, root: Path) -> str:
 
 
 def _gifs_cmd(scale: str, runs: Path) -> str:
-    return (f"python -m whale_pl.rollout.gifs --ckpt {runs / scale / 'dynamics' / 'checkpoints' / 'best.ckpt'} "
+    return (f"whale eval gifs --ckpt {runs / scale / 'dynamics' / 'checkpoints' / 'best.ckpt'} "
             f"--shards {_shards_of(scale)} --out {runs / scale / 'gifs'}")
 
 
@@ -156,7 +157,7 @@ def metrics_table(scale: str, root: Path, vid: dict | None, exp: dict | None) ->
 
 
 def gifs_section(scale: str, root: Path, runs: Path) -> list[str]:
-    """Real-against-imagined rollout GIFs from ``<root>/gifs/index.json`` (``whale_pl.rollout.gifs``)."""
+    """Real-against-imagined rollout GIFs from ``<root>/gifs/index.json`` (``whale eval gifs``)."""
     gdir = root / "gifs"
     index = _load(gdir / "index.json")
     lines = ["## Rollouts: real against imagined", ""]
@@ -193,7 +194,43 @@ PLOT_TITLES = {"returns": "Return scatter: real against imagined return per poli
                "uncertainty vs true error": "Uncertainty against the true per-step error"}
 
 
+def value_section(scale: str, root: Path, exp: dict | None) -> list[str]:
+    """Value estimation of the three models, uncertainty against the true error, the plots."""
+    cmd = f"python -m whale_pl.experiment --scale {scale}"
+    lines = ["## Value estimation and uncertainty", ""]
+    if not exp:
+        return lines + [f"_missing: {root / 'experiment.json'} (run `{cmd}`)_", ""]
+    lines += ["| model | mode | OOD value gap | OOD Spearman | OOD Pearson | regret@1 (all) |", "|---|---|---|---|---|---|"]
+    for key, name in (("main", "stage model"), ("on", "member 0 (behavior on)"), ("off", "behavior off (stage config)")):
+        for mode in ("open_loop", "closed_loop"):
+            lines.append("| " + " | ".join(_value_row(name, exp.get(key), mode)) + " |")
+    unc = exp.get("uncertainty") or {}
+    q = unc.get("quality_vs_mse") or {}
+    lines += ["", "Uncertainty against the true per-step error (pixel MSE):", "",
+              "| uncertainty | AUROC | Spearman |", "|---|---|---|"]
+    for meth in ("retracing", "ensemble"):
+        u = q.get(f"{meth}_score") or {}
+        lines.append(f"| {meth} | {_fmt(u.get('auroc'))} | {_fmt(u.get('spearman'))} |")
+    lines += ["", f"Cost ratio (ensemble / retracing time): {_fmt(unc.get('cost_ratio_ensemble_over_retracing'))}", ""]
+    plots = exp.get("plots") or {}
+    if not any(k.startswith("returns") for k in plots):
+        lines += [f"_missing: the return scatter plot (experiment.json names none; rerun `{cmd}`)_", ""]
+    for title, pth in plots.items():
+        base, _, which = title.partition(" (")
+        lines += [f"### {PLOT_TITLES.get(base, base) + (f' ({which}' if which else '')}", ""]
+        if Path(pth).is_file():
+            lines += [f"![{title}]({Path(os.path.relpath(pth, root)).as_posix()})", ""]
+        else:
+            lines += [f"_missing: {pth} (named in experiment.json)_", ""]
+        lines += [f"Regenerate: `{cmd}`", ""]
+    md = root / "experiment.md"
+    if md.is_file():
+        lines += ["## Experiment details", "", md.read_text(), ""]
+    return lines
+
+
 def build_report(scale: str, runs: Path = Path("runs")) -> str:
+    """The report's markdown, from whatever the pipeline's steps have written under ``runs/<scale>``."""
     root = runs / scale
     lines = [f"# whale_pl demo report (scale `{scale}`)", ""]
     lines += ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
@@ -201,12 +238,10 @@ def build_report(scale: str, runs: Path = Path("runs")) -> str:
         done = _load(stage_dir(scale, st, runs) / "DONE")
         lines.append(f"| {st} | {'complete' if done else 'missing'} | {_fmt((done or {}).get('seconds'))} |")
     lines += ["", "Regenerate a stage: `python -m whale_pl.pipeline <stage> --scale " + scale + " --force`.", ""]
-
     vid = _load(root / "video_metrics.json")
     exp = _load(root / "experiment.json")
     lines += metrics_table(scale, root, vid, exp)
     lines += dynamics_section(scale, runs)
-
     lines += ["## Video fidelity (dynamics rollouts on held-out clips)", ""]
     if vid:
         lines += ["| PSNR (dB) | SSIM | FVD | clips |", "|---|---|---|---|",
@@ -214,57 +249,18 @@ def build_report(scale: str, runs: Path = Path("runs")) -> str:
                   f"{_fmt(vid.get('num_clips'))} |", "", f"Command: `{_video_cmd(vid, root)}`", ""]
     else:
         lines += [f"_missing: {root / 'video_metrics.json'} (run `whale eval video ...`)_", ""]
-
     lines += gifs_section(scale, root, runs)
-
-    lines += ["## Value estimation and uncertainty", ""]
-    if exp:
-        lines += ["| model | mode | OOD value gap | OOD Spearman | OOD Pearson | regret@1 (all) |",
-                  "|---|---|---|---|---|---|"]
-        for key, name in (("main", "stage model"), ("on", "member 0 (behavior on)"), ("off", "behavior off (stage config)")):
-            for mode in ("open_loop", "closed_loop"):
-                lines.append("| " + " | ".join(_value_row(name, exp.get(key), mode)) + " |")
-        unc = exp.get("uncertainty") or {}
-        q = unc.get("quality_vs_mse") or {}
-        lines += ["", "Uncertainty against the true per-step error (pixel MSE):", "",
-                  "| uncertainty | AUROC | Spearman |", "|---|---|---|"]
-        for meth in ("retracing", "ensemble"):
-            u = q.get(f"{meth}_score") or {}
-            lines.append(f"| {meth} | {_fmt(u.get('auroc'))} | {_fmt(u.get('spearman'))} |")
-        lines += ["", f"Cost ratio (ensemble / retracing time): {_fmt(unc.get('cost_ratio_ensemble_over_retracing'))}",
-                  ""]
-        plots = exp.get("plots") or {}
-        if not any(k.startswith("returns") for k in plots):
-            lines += [f"_missing: the return scatter plot (experiment.json names none; rerun "
-                      f"`python -m whale_pl.experiment --scale {scale}`)_", ""]
-        for title, pth in plots.items():
-            rel = Path(os.path.relpath(pth, root)).as_posix()
-            base, _, which = title.partition(" (")
-            head = PLOT_TITLES.get(base, base) + (f" ({which}" if which else "")
-            lines += [f"### {head}", ""]
-            if Path(pth).is_file():
-                lines += [f"![{title}]({rel})", ""]
-            else:
-                lines += [f"_missing: {pth} (named in experiment.json)_", ""]
-            lines += [f"Regenerate: `python -m whale_pl.experiment --scale {scale}`", ""]
-        md = root / "experiment.md"
-        if md.is_file():
-            lines += ["## Experiment details", "", md.read_text(), ""]
-    else:
-        lines += [f"_missing: {root / 'experiment.json'} (run `python -m whale_pl.experiment --scale {scale}`)_", ""]
+    lines += value_section(scale, root, exp)
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m whale_pl.report [--scale demo] [--runs runs]``: write ``runs/<scale>/report.md``."""
     p = argparse.ArgumentParser(prog="python -m whale_pl.report", description=__doc__.split("\n")[0])
     p.add_argument("--scale", default="demo")
     p.add_argument("--runs", default="runs")
     a = p.parse_args(argv)
-    out = Path(a.runs) / a.scale / "report.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(build_report(a.scale, Path(a.runs)))
-    os.replace(tmp, out)
+    out = write_text_atomic(Path(a.runs) / a.scale / "report.md", build_report(a.scale, Path(a.runs)))
     print(f"[report] wrote {out}")
     return 0
 

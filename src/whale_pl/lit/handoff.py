@@ -27,7 +27,8 @@ FACTS_KEY = "whale_model_facts"
 # attributes of a stage's trainable ``model`` that a checkpoint records (``model_facts``)
 FACT_NAMES = ("frame_size", "patch_size", "codebook_size", "code_dim", "grid_hw", "action_dim", "z_dim",
               "behavior_dim", "state_dim")
-# data_spec keys a later stage must agree on with the data and with the earlier stages
+# data_spec keys a checkpoint must share with the data a later stage or an evaluation runs it on
+# (those of them the current data_spec has)
 SPEC_KEYS = ("frame_size", "action_dim", "action_space", "action_mean", "action_std", "state_dim")
 M = TypeVar("M", bound=nn.Module)
 

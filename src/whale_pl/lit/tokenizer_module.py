@@ -1,6 +1,6 @@
 """Stage 1 LightningModule: trains the ``VideoTokenizer`` (a thin wrapper: losses, optimiser, logs).
 
-Loss = MSE reconstruction (+ optional L1) + the quantiser's commitment loss. Validation runs the
+Loss = MSE reconstruction + the quantiser's commitment loss. Validation runs the
 inference path (``encode`` -> ``decode``) and logs PSNR / SSIM (torchmetrics), codebook usage
 (share of codes used in the epoch) and perplexity, and a grid of originals above reconstructions.
 Mixed precision comes from the Trainer (``precision: bf16-mixed``). The datamodule's ``data_spec``
@@ -10,25 +10,18 @@ and on resume; a frame size that differs from the tokenizer's is an error before
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from whale_pl.lit.handoff import HandoffError, check_data_spec, stamp_class
-from whale_pl.lit.init_from import maybe_init_from
+from whale_pl.data.frames import frames_to_unit
+from whale_pl.lit.base import Optim, StageModule
+from whale_pl.lit.handoff import HandoffError
 from whale_pl.lit.logging import log_image, paired_video_grid
-from whale_pl.lit.optim import adamw_warmup_cosine
-from whale_pl.models.tokenizer import VideoTokenizer
-
-
-def frames_to_unit_range(frames_BTCHW: torch.Tensor) -> torch.Tensor:
-    """uint8 frames (batch layout) -> float in [-1, 1]."""
-    if frames_BTCHW.dtype != torch.uint8:
-        raise TypeError(f"batch['frames'] must be uint8 [B,T,3,H,W], got {frames_BTCHW.dtype}")
-    return frames_BTCHW.float() / 127.5 - 1
+from whale_pl.models.tokenizer import TokenizerNet, VideoTokenizer
 
 
 def usage_and_perplexity(hist_K: torch.Tensor) -> tuple[float, float]:
@@ -41,54 +34,28 @@ def usage_and_perplexity(hist_K: torch.Tensor) -> tuple[float, float]:
     return float((hist_K > 0).double().mean()), float(ent.exp())
 
 
-class TokenizerModule(L.LightningModule):
-    """Trains stage 1. The first group of arguments (up to ``dropout``) are ``VideoTokenizer``'s;
-    the rest configure the optimisation and logging."""
+class TokenizerModule(StageModule):
+    """Trains stage 1: ``net`` is the ``VideoTokenizer``'s architecture (``TokenizerNet``), ``optim`` the
+    optimiser's settings; images go to TensorBoard every ``log_images_every_n_epochs`` validations."""
+
+    GROUPS = {"net": TokenizerNet, "optim": Optim}
+    RETIRED = {"encoder_spatial_radius": None, "sticky_margin": 0.0, "l1_weight": 0.0}  # inert values (cf14e40)
+    SPEC_KEYS = ("frame_size",)
 
     def __init__(
         self,
-        frame_size: tuple[int, int] | list[int] = (64, 64),
-        in_channels: int = 3,
-        patch_size: int = 8,
-        dim: int = 256,
-        enc_depth: int = 4,
-        dec_depth: int = 4,
-        heads: int = 4,
-        mlp_ratio: float = 4.0,
-        codebook_size: int = 1024,
-        code_dim: int = 32,
-        beta: float = 0.25,
-        ema: bool = True,
-        ema_decay: float = 0.99,
-        restart_threshold: float = 0.03,
-        dropout: float = 0.0,
-        encoder_spatial_radius: int | None = None,
-        sticky_margin: float = 0.0,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        total_steps: int | None = None,
-        l1_weight: float = 0.0,
+        net: TokenizerNet = TokenizerNet(),
+        optim: Optim = Optim(lr=1e-3, warmup_steps=100),
         log_images_every_n_epochs: int = 1,
         data_spec: dict[str, Any] | None = None,
         init_from: str | None = None,
     ) -> None:
-        """``encoder_spatial_radius``: see ``VideoTokenizer`` (None: whole-frame spatial attention).
-        ``sticky_margin``: encode-time hysteresis (``VectorQuantizer.lookup_sticky``), stored with the
-        checkpoint so every later stage tokenizes alike; training and reconstruction metrics are unaffected.
-        ``init_from``: a pretrained tokenizer checkpoint whose weights (codebook and EMA state
+        """``init_from``: a pretrained tokenizer checkpoint whose weights (codebook and EMA state
         included) this one starts from when fitting: fine-tuning, not a resume (``lit/init_from.py``)."""
         super().__init__()
         self.save_hyperparameters()
-        self.model = VideoTokenizer(
-            frame_size=frame_size, in_channels=in_channels, patch_size=patch_size, dim=dim,
-            enc_depth=enc_depth, dec_depth=dec_depth, heads=heads, mlp_ratio=mlp_ratio,
-            codebook_size=codebook_size, code_dim=code_dim, beta=beta, ema=ema, ema_decay=ema_decay,
-            restart_threshold=restart_threshold, dropout=dropout, encoder_spatial_radius=encoder_spatial_radius,
-            sticky_margin=sticky_margin,
-        )
+        groups = self.init_groups(net=net, optim=optim)
+        self.model = VideoTokenizer(**asdict(groups["net"]))
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.test_psnr = PeakSignalNoiseRatio(data_range=1.0)
@@ -96,50 +63,22 @@ class TokenizerModule(L.LightningModule):
         self._hist: dict[str, torch.Tensor] = {}
         self._grid_batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    # ---- data contract -------------------------------------------------------------------------
-    def check_data_spec(self, spec: dict[str, Any], where: str) -> None:
-        """Frame size of the data must equal the tokenizer's; a stored spec must match the data."""
+    def check_data(self, spec: dict[str, Any], where: str) -> None:
+        """The data's frame size must equal the tokenizer's; a stored spec must match the data."""
         fs = spec.get("frame_size")
         if fs is None:
             raise ValueError(f"{where}: data_spec has no 'frame_size'")
         if tuple(int(s) for s in fs) != tuple(self.model.frame_size):
             raise ValueError(
                 f"{where}: data frame_size {list(fs)} differs from the tokenizer's configured "
-                f"frame_size {list(self.model.frame_size)} (model.init_args.frame_size)"
+                f"frame_size {list(self.model.frame_size)} (model.init_args.net.frame_size)"
             )
-        if self.hparams.data_spec is not None:
-            try:
-                check_data_spec(self.hparams.data_spec, spec, where, keys=["frame_size"])
-            except HandoffError as e:
-                raise ValueError(str(e)) from None
-
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self.trainer is not None else None
-        spec = getattr(dm, "data_spec", None)
-        if spec is None:
-            if self.hparams.data_spec is None:
-                raise ValueError("TokenizerModule needs a datamodule with a data_spec (see docs/contracts.md)")
-        else:
-            self.check_data_spec(spec, f"datamodule {type(dm).__name__}")
-            self.hparams.data_spec = dict(spec)
-        maybe_init_from(self, stage)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        stamp_class(checkpoint, self)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        stored = checkpoint.get("hyper_parameters", {}).get("data_spec")
-        if stored is not None and self.hparams.data_spec is not None:
-            # resuming: the checkpoint's data must agree with the data we are given now
-            check_data_spec(stored, self.hparams.data_spec, "resumed tokenizer checkpoint", keys=["frame_size"])
+        try:
+            super().check_data(spec, where)
+        except HandoffError as e:
+            raise ValueError(str(e)) from None
 
     # ---- training -------------------------------------------------------------------------------
-    def configure_optimizers(self) -> dict:
-        h = self.hparams
-        return adamw_warmup_cosine(
-            self, h.lr, h.weight_decay, tuple(h.betas), h.warmup_steps, h.total_steps, h.min_lr_ratio
-        )
-
     def _count(self, key: str, ids: torch.Tensor) -> None:
         k = self.model.codebook_size
         counts = torch.bincount(ids.reshape(-1), minlength=k).to(torch.long)
@@ -156,13 +95,12 @@ class TokenizerModule(L.LightningModule):
         self.log(f"{prefix}/perplexity", ppl, sync_dist=False)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        x = frames_to_unit_range(batch["frames"])
+        """Reconstruction MSE + commitment loss of one batch; logs the parts and the PSNR."""
+        x = frames_to_unit(batch["frames"], "batch['frames']")
         out = self.model(x)
         recon = out.recon_BTCHW.float()
         mse = F.mse_loss(recon, x)
         loss = mse + out.commit_loss
-        if self.hparams.l1_weight:
-            loss = loss + self.hparams.l1_weight * F.l1_loss(recon, x)
         self._count("train", out.ids_BThw)
         psnr = 10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10))  # range 2 in [-1,1]
         self.log_dict(
@@ -179,11 +117,12 @@ class TokenizerModule(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
+        """Log the epoch's codebook usage and perplexity."""
         self._log_usage("train", "train")
 
     # ---- evaluation -----------------------------------------------------------------------------
     def _eval_step(self, batch: dict, batch_idx: int, prefix: str) -> None:
-        x = frames_to_unit_range(batch["frames"])
+        x = frames_to_unit(batch["frames"], "batch['frames']")
         ids = self.model.encode(x)
         recon = self.model.decode(ids).float()
         self._count(prefix, ids)
@@ -200,16 +139,18 @@ class TokenizerModule(L.LightningModule):
             self._grid_batch = (x[:4].detach(), recon[:4].detach())
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Reconstruct through ``encode`` -> ``decode``; accumulate PSNR/SSIM and code counts."""
         self._eval_step(batch, batch_idx, "val")
 
     @torch.no_grad()
     def eval_videos(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(originals, reconstructions), float [B, T, 3, H, W] in [-1, 1]: the evaluation
         callback's protocol (docs/contracts.md)."""
-        x = frames_to_unit_range(batch["frames"])
+        x = frames_to_unit(batch["frames"], "batch['frames']")
         return x, self.model.decode(self.model.encode(x)).float().clamp(-1, 1)
 
     def on_validation_epoch_end(self) -> None:
+        """Log codebook usage and (every ``log_images_every_n_epochs``) originals above reconstructions."""
         self._log_usage("val", "val")
         every = self.hparams.log_images_every_n_epochs
         if self._grid_batch is not None and every and self.current_epoch % every == 0 and self.global_rank == 0:
@@ -217,9 +158,11 @@ class TokenizerModule(L.LightningModule):
         self._grid_batch = None
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        """As ``validation_step``, under ``test/``."""
         self._eval_step(batch, batch_idx, "test")
 
     def on_test_epoch_end(self) -> None:
+        """Log codebook usage and originals above reconstructions."""
         self._log_usage("test", "test")
         if self._grid_batch is not None and self.global_rank == 0:
             log_image(self, "test/originals_above_reconstructions", paired_video_grid(*self._grid_batch))

@@ -19,6 +19,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from whale_pl.data.frames import frames_to_unit
 from whale_pl.metrics.i3d import I3DWeightsError, load_i3d
 
 __all__ = [
@@ -73,24 +74,12 @@ def resize_bilinear_tf1(frames_NCHW: torch.Tensor, size: int = I3D_SIZE) -> torc
     return torch.einsum("oh,nchw,pw->ncop", m_h, frames_NCHW, m_w)
 
 
-def to_minus_one_one(frames: torch.Tensor, name: str = "frames") -> torch.Tensor:
-    """uint8 [0, 255] or float [-1, 1] -> float32 [-1, 1]; anything else is an error."""
-    if frames.dtype == torch.uint8:
-        return frames.float() / 127.5 - 1.0
-    if not frames.is_floating_point():
-        raise TypeError(f"{name}: expected uint8 or float frames, got {frames.dtype}")
-    lo, hi = frames.min().item(), frames.max().item()
-    if lo < -1.001 or hi > 1.001:
-        raise ValueError(f"{name}: float frames must lie in [-1, 1], got [{lo:.3f}, {hi:.3f}]")
-    return frames.float().clamp(-1, 1)
-
-
 def i3d_input(frames_BTCHW: torch.Tensor) -> torch.Tensor:
     """Video clips (uint8 or [-1, 1] float, [B, T, 3, H, W]) -> I3D input [B, 3, T, 224, 224] in [-1, 1]."""
     if frames_BTCHW.ndim != 5 or frames_BTCHW.shape[2] != 3:
         raise ValueError(f"expected frames [B, T, 3, H, W], got shape {tuple(frames_BTCHW.shape)}")
     b = frames_BTCHW.shape[0]
-    x_NCHW = rearrange(to_minus_one_one(frames_BTCHW), "b t c h w -> (b t) c h w")
+    x_NCHW = rearrange(frames_to_unit(frames_BTCHW), "b t c h w -> (b t) c h w")
     if x_NCHW.shape[-2:] != (I3D_SIZE, I3D_SIZE):
         x_NCHW = resize_bilinear_tf1(x_NCHW, I3D_SIZE)
     return rearrange(x_NCHW, "(b t) c h w -> b c t h w", b=b).contiguous()
@@ -145,6 +134,7 @@ class FVD:
     @classmethod
     def load(cls, i3d_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
              batch_size: int = 8) -> FVD:
+        """An FVD over ``load_i3d(i3d_path)``."""
         return cls(load_i3d(i3d_path, device), device, batch_size)
 
     @torch.no_grad()
@@ -159,6 +149,7 @@ class FVD:
         return np.concatenate(out)
 
     def update(self, real_BTCHW: torch.Tensor | None = None, fake_BTCHW: torch.Tensor | None = None) -> None:
+        """Add the I3D features of real and/or generated clips."""
         if real_BTCHW is not None:
             self.real.append(self.features(real_BTCHW))
         if fake_BTCHW is not None:
@@ -166,9 +157,11 @@ class FVD:
 
     @property
     def num_clips(self) -> tuple[int, int]:
+        """(real, generated) clips accumulated."""
         return sum(len(f) for f in self.real), sum(len(f) for f in self.fake)
 
     def compute(self) -> float:
+        """The Fréchet distance between the real and the generated features."""
         n_real, n_fake = self.num_clips
         if n_real < 2 or n_fake < 2:
             raise ValueError(f"FVD needs >= 2 real and >= 2 generated clips, got {n_real} and {n_fake}")
@@ -177,6 +170,7 @@ class FVD:
         return frechet_distance(mu1, s1, mu2, s2)
 
     def reset(self) -> None:
+        """Forget the accumulated features."""
         self.real.clear()
         self.fake.clear()
 

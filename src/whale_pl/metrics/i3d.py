@@ -62,6 +62,7 @@ class Unit3D(nn.Module):
         self.conv = nn.Conv3d(in_ch, out_ch, kernel, stride=stride, bias=True)
 
     def forward(self, x_BCTHW: torch.Tensor) -> torch.Tensor:
+        """Conv (+ ReLU) with SAME padding."""
         pads = [_same_pads(x_BCTHW.shape[d], k, s) for d, k, s in zip((2, 3, 4), self.kernel, self.stride)]
         if all(a == b for a, b in pads):
             x = F.conv3d(x_BCTHW, self.conv.weight, self.conv.bias, self.stride, tuple(a for a, _ in pads))
@@ -78,6 +79,7 @@ class MaxPoolSame(nn.Module):
         self.kernel, self.stride = kernel, stride
 
     def forward(self, x_BCTHW: torch.Tensor) -> torch.Tensor:
+        """Max-pool with SAME padding."""
         pads = [_same_pads(x_BCTHW.shape[d], k, s) for d, k, s in zip((2, 3, 4), self.kernel, self.stride)]
         if all(a == b for a, b in pads) and all(2 * a <= k for (a, _), k in zip(pads, self.kernel)):
             return F.max_pool3d(x_BCTHW, self.kernel, self.stride, padding=tuple(a for a, _ in pads))
@@ -86,6 +88,8 @@ class MaxPoolSame(nn.Module):
 
 
 class InceptionModule(nn.Module):
+    """I3D's inception block: four branches (1x1; 1x1 -> 3x3x3; 1x1 -> 3x3x3; pool -> 1x1) concatenated."""
+
     def __init__(self, in_ch: int, out: tuple[int, int, int, int, int, int]):
         super().__init__()
         self.b0 = Unit3D(in_ch, out[0])
@@ -98,6 +102,7 @@ class InceptionModule(nn.Module):
         self.out_channels = out[0] + out[2] + out[4] + out[5]
 
     def forward(self, x_BCTHW: torch.Tensor) -> torch.Tensor:
+        """The four branches, concatenated along channels."""
         return torch.cat([
             self.b0(x_BCTHW),
             self.b1b(self.b1a(x_BCTHW)),
@@ -162,6 +167,7 @@ class InceptionI3d(nn.Module):
         return x
 
     def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
+        """Kinetics-400 logits ``[B, 400]`` of clips ``[B, 3, T >= 9, 224, 224]`` in [-1, 1]."""
         if video_BCTHW.ndim != 5 or video_BCTHW.shape[1] != 3:
             raise ValueError(f"I3D expects [B, 3, T, H, W] in [-1, 1], got shape {tuple(video_BCTHW.shape)}")
         if video_BCTHW.shape[2] < 9:
@@ -237,6 +243,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module: str, name: str):
+        """Only the numpy classes in ``ALLOWED``; anything else is refused."""
         target = self.ALLOWED.get((module, name))
         if target is None:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are expected")
@@ -291,6 +298,7 @@ class TorchScriptI3D(nn.Module):
         self.module = module
 
     def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
+        """The script's pre-softmax logits of clips already in [-1, 1] at 224 px."""
         return self.module(video_BCTHW, rescale=False, resize=False, return_features=True)
 
 

@@ -1,5 +1,6 @@
 """PSNR and SSIM over video clips (torchmetrics), per frame index and overall, plus an accumulator
-that also feeds FVD — shared by the training callback and `whale eval video`.
+that also feeds FVD: the one implementation the stage modules, the training callback and
+`whale eval video` use.
 
 Frames are uint8 [0, 255] or float [-1, 1], shaped [B, T, 3, H, W]. Scores are computed per image
 on [0, 1] data (data_range 1), averaged over clips for each frame index t, and over everything for
@@ -14,9 +15,10 @@ import torch
 from einops import rearrange
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from whale_pl.metrics.fvd import FVD, I3D_MIN_FRAMES, to_minus_one_one, warn_once
+from whale_pl.data.frames import frames_to_unit
+from whale_pl.metrics.fvd import FVD, I3D_MIN_FRAMES, warn_once
 
-__all__ = ["PSNR_CAP_DB", "VideoEvaluator", "video_psnr_ssim"]
+__all__ = ["PSNR_CAP_DB", "VideoEvaluator", "psnr_ssim_per_sample", "video_psnr_ssim"]
 
 PSNR_CAP_DB = 100.0
 
@@ -24,7 +26,7 @@ PSNR_CAP_DB = 100.0
 def _unit(frames_BTCHW: torch.Tensor, name: str) -> torch.Tensor:
     if frames_BTCHW.ndim != 5 or frames_BTCHW.shape[2] != 3:
         raise ValueError(f"{name}: expected [B, T, 3, H, W], got shape {tuple(frames_BTCHW.shape)}")
-    return (to_minus_one_one(frames_BTCHW, name) + 1) / 2
+    return (frames_to_unit(frames_BTCHW, name) + 1) / 2
 
 
 @torch.no_grad()
@@ -44,6 +46,13 @@ def video_psnr_ssim(real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor) -> dict[
     }
 
 
+def psnr_ssim_per_sample(real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-clip PSNR (dB; each frame's capped at ``PSNR_CAP_DB``) and SSIM, averaged over the clip's frames:
+    ``(psnr_B, ssim_B)``, float32. SSIM runs in float32 whatever the caller's autocast."""
+    scores = video_psnr_ssim(real_BTCHW, fake_BTCHW)
+    return scores["psnr"].clamp(max=PSNR_CAP_DB).mean(1).float(), scores["ssim"].mean(1).float()
+
+
 class VideoEvaluator:
     """Accumulates PSNR/SSIM (per frame index) and FVD features over batches of (real, generated) clips.
 
@@ -59,6 +68,7 @@ class VideoEvaluator:
         self.fvd_skipped = False
 
     def update(self, real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor) -> None:
+        """Score a batch of (real, generated) clips and feed their FVD features."""
         scores = video_psnr_ssim(real_BTCHW, fake_BTCHW)
         self.psnr.append(scores["psnr"].cpu().numpy())
         self.ssim.append(scores["ssim"].cpu().numpy())
@@ -72,9 +82,11 @@ class VideoEvaluator:
 
     @property
     def num_clips(self) -> int:
+        """Clips scored so far."""
         return sum(len(p) for p in self.psnr)
 
     def compute(self) -> dict:
+        """The accumulated figures (see the class docstring)."""
         if not self.psnr:
             raise ValueError("VideoEvaluator.compute() called before any update()")
         if len({p.shape[1] for p in self.psnr}) != 1:
@@ -101,6 +113,7 @@ class VideoEvaluator:
         return out
 
     def reset(self) -> None:
+        """Forget everything accumulated."""
         self.psnr.clear()
         self.ssim.clear()
         self.fvd_skipped = False

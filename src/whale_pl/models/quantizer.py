@@ -23,6 +23,8 @@ from torch import nn
 
 @dataclass
 class QuantizerOutput:
+    """What one quantiser call gives: codes, ids, commitment loss, restarted codes."""
+
     codes_NC: torch.Tensor  # quantised, straight-through (gradient flows to the input)
     ids_N: torch.Tensor  # long code indices
     commit_loss: torch.Tensor  # beta * ||z - sg(q)||^2 (+ codebook loss when not EMA)
@@ -66,6 +68,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(not init_from_data))
 
     def normalized_codebook(self) -> torch.Tensor:
+        """The codebook ``[V, C]`` with unit-length rows."""
         return F.normalize(self.codebook, dim=-1)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -80,27 +83,12 @@ class VectorQuantizer(nn.Module):
             return F.normalize(z_XC.float(), dim=-1) @ self.normalized_codebook().float().t()
 
     @torch.no_grad()
-    def lookup(self, z_NC: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest code (cosine similarity) for each row of ``z_NC``."""
-        return self.similarities(z_NC).argmax(dim=-1)
-
-    @torch.no_grad()
-    def lookup_sticky(self, z_BTSC: torch.Tensor, margin: float) -> torch.Tensor:
-        """Ids ``[B, T, S]`` of a clip with hysteresis: position s keeps the id it had at frame t-1
-        unless the nearest code is more similar (cosine) by more than ``margin``. Every id stays
-        within ``margin`` of the nearest code; near-ties no longer flip from frame to frame."""
-        sim_BTSV = self.similarities(z_BTSC)
-        best_BTS = sim_BTSV.argmax(dim=-1)
-        if margin <= 0:
-            return best_BTS
-        ids = [best_BTS[:, 0]]
-        for t in range(1, sim_BTSV.shape[1]):
-            prev_BS = ids[-1]
-            keep = sim_BTSV[:, t].gather(-1, prev_BS[..., None])[..., 0] >= sim_BTSV[:, t].amax(-1) - margin
-            ids.append(torch.where(keep, prev_BS, best_BTS[:, t]))
-        return torch.stack(ids, dim=1)
+    def lookup(self, z_XC: torch.Tensor) -> torch.Tensor:
+        """Index ``[...]`` of the nearest code (cosine similarity) for each latent ``[..., C]``."""
+        return self.similarities(z_XC).argmax(dim=-1)
 
     def forward(self, z_NC: torch.Tensor) -> QuantizerOutput:
+        """Quantise rows of ``z_NC`` (straight-through); in training also update and restart codes."""
         z_NC = F.normalize(z_NC.float(), dim=-1)
         if self.training and not bool(self.initialized):
             self._init_from(z_NC.detach())

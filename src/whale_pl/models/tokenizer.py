@@ -7,12 +7,6 @@ across frames) -> projection to a low-dimensional code space -> vector quantiser
 linear head to patch pixels. Because both stacks are causal in time, the tokens and the
 reconstruction of frame t depend on frames <= t only. There is no temporal position embedding:
 causal attention alone orders the frames, so the tokenizer runs on clips of any length.
-
-``encoder_spatial_radius`` r limits the encoder's spatial attention to the (2r+1) x (2r+1) patches
-around each patch (None: the whole frame). With a whole-frame encoder a patch's code depends on every
-patch, so a moving arm flips codes of patches whose pixels did not change -- changes no dynamics model
-can time (``benchmarks/token_change.py`` measures the share). With r = 0 a code depends only on its
-own patch's pixels, now and in earlier frames.
 """
 
 from __future__ import annotations
@@ -25,15 +19,38 @@ from einops import rearrange
 from torch import nn
 
 from whale_pl.models.quantizer import VectorQuantizer
-from whale_pl.models.st_block import STTransformer, local_spatial_mask
+from whale_pl.models.st_block import STTransformer
 
 
 @dataclass
 class TokenizerOutput:
+    """What a training forward pass gives: reconstruction, token ids, commitment loss, restarted codes."""
+
     recon_BTCHW: torch.Tensor
     ids_BThw: torch.Tensor
     commit_loss: torch.Tensor
     restarted: int
+
+
+@dataclass
+class TokenizerNet:
+    """The tokenizer's architecture (``TokenizerModule``'s ``net:`` group)."""
+
+    frame_size: tuple[int, int] = (64, 64)
+    in_channels: int = 3
+    patch_size: int = 8
+    dim: int = 256
+    enc_depth: int = 4
+    dec_depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    codebook_size: int = 1024
+    code_dim: int = 32
+    beta: float = 0.25  # commitment weight
+    ema: bool = True  # codebook learned by exponential moving averages (else by gradient)
+    ema_decay: float = 0.99
+    restart_threshold: float = 0.03  # dead codes (usage below this share of uniform) restart from encoder outputs
+    dropout: float = 0.0
 
 
 class VideoTokenizer(nn.Module):
@@ -56,11 +73,8 @@ class VideoTokenizer(nn.Module):
         ema_decay: float = 0.99,
         restart_threshold: float = 0.03,
         dropout: float = 0.0,
-        encoder_spatial_radius: int | None = None,
-        sticky_margin: float = 0.0,
     ) -> None:
         super().__init__()
-        self.sticky_margin = sticky_margin  # checked by the setter
         H, W = (int(s) for s in frame_size)
         if H % patch_size or W % patch_size:
             raise ValueError(
@@ -76,11 +90,7 @@ class VideoTokenizer(nn.Module):
         patch_dim = in_channels * patch_size * patch_size
         self.patch_embed = nn.Linear(patch_dim, dim)
         self.enc_pos = nn.Parameter(torch.randn(h * w, dim) * 0.02)
-        self.encoder_spatial_radius = encoder_spatial_radius  # None: whole-frame spatial attention
-        enc_mask = (None if encoder_spatial_radius is None
-                    else local_spatial_mask(h, w, encoder_spatial_radius, name="encoder_spatial_radius"))
-        self.encoder = STTransformer(dim, enc_depth, heads, mlp_ratio, causal=True, dropout=dropout,
-                                     spatial_mask=enc_mask)
+        self.encoder = STTransformer(dim, enc_depth, heads, mlp_ratio, causal=True, dropout=dropout)
         self.to_code = nn.Linear(dim, code_dim)
         self.quantizer = VectorQuantizer(
             codebook_size, code_dim, beta=beta, ema=ema, decay=ema_decay, restart_threshold=restart_threshold
@@ -94,18 +104,6 @@ class VideoTokenizer(nn.Module):
         # hundreds of steps on the mean image
         self.pixel_bias = nn.Parameter(torch.zeros(h * w, patch_dim))
         self.register_buffer("pixel_bias_initialized", torch.tensor(False))
-
-    @property
-    def sticky_margin(self) -> float:
-        """Encode-time hysteresis (``VectorQuantizer.lookup_sticky``); training and decoding are unaffected."""
-        return self._sticky_margin
-
-    @sticky_margin.setter
-    def sticky_margin(self, value: float) -> None:
-        if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= float(value) < 2.0):
-            raise ValueError(f"sticky_margin={value!r}: expected a cosine-similarity margin in [0, 2) "
-                             "(0: plain nearest-code tokens)")
-        self._sticky_margin = float(value)
 
     def grid_hw(self, frame_hw: tuple[int, int] | None = None) -> tuple[int, int]:
         """Token grid (h, w) for frames of size ``frame_hw`` (default: the configured size)."""
@@ -163,13 +161,11 @@ class VideoTokenizer(nn.Module):
     def encode(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
         """frames in [-1, 1], [B,T,C,H,W] -> token ids [B,T,h,w] (long). Always in float32, whatever
         autocast the caller runs under: the later stages' tokens (and the copy baseline) must not
-        depend on the precision a stage was trained or evaluated in (bf16 flipped ~1% of tokens).
-        With ``sticky_margin`` > 0 a position keeps its previous frame's id within the clip unless the
-        nearest code beats it by more than the margin (``VectorQuantizer.lookup_sticky``)."""
+        depend on the precision a stage was trained or evaluated in (bf16 flipped ~1% of tokens)."""
         with torch.autocast(frames_BTCHW.device.type, enabled=False):
             z_BTSC = self._encode_latent(frames_BTCHW.float())
         h, w = self.grid_hw()
-        ids_BTS = self.quantizer.lookup_sticky(z_BTSC, self.sticky_margin)
+        ids_BTS = self.quantizer.lookup(z_BTSC)
         return rearrange(ids_BTS, "b t (h w) -> b t h w", h=h, w=w)
 
     def embed(self, ids_BThw: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,13 @@
-"""Retracing-rollout uncertainty, the ensemble baseline, and policy value estimation in imagination.
+"""What a trained world model is used for, one job per group of modules.
 
-- ``retracing``: retracing-actions (``ActionSpace.compose`` on normalised actions) and the per-step
-  retracing uncertainty of an imagined rollout (K predictions of each frame from K anchors);
-- ``ensemble``: the deep-ensemble disagreement on the same rollouts;
-- ``uncertainty``: the one scoring rule both use (feature disagreement + predictive entropy);
-- ``metrics``: value gap, Spearman / Pearson, regret@1, AUROC / Spearman of uncertainty vs error;
-- ``value``: real rollouts in Meta-World vs open- and closed-loop imagination; ``value_cli``: ``whale eval value``.
+- retracing uncertainty: ``retracing`` (retracing-actions, the per-step retracing-rollout uncertainty of
+  an imagined rollout, and the scoring rule ``combine_predictions``) and ``ensemble`` (the deep-ensemble
+  baseline, scored by the same rule);
+- value evaluation: ``value`` (the dynamics stage as a simulator of token frames, real rollouts in
+  Meta-World against open- and closed-loop imagination), ``value_metrics`` (value gap, Spearman /
+  Pearson, regret@1, AUROC / Spearman of uncertainty against error) and ``value_cli`` (``whale eval value``);
+- GIF rendering: ``gif`` (drawing real against imagined frames with the uncertainty curve) and
+  ``gif_cli`` (``whale eval gifs``).
 
 Submodules import torch / Meta-World lazily on use; import them directly.
 """

@@ -3,19 +3,17 @@
 --trainer.default_root_dir runs/<scale>/ensemble/k``); the uncertainty of an imagined frame is the
 disagreement of their predictions of it from the same context.
 
-Scored by the same formula as retracing (:func:`whale_pl.rollout.uncertainty.combine_predictions`):
+Scored by the same formula as retracing (:func:`whale_pl.rollout.retracing.combine_predictions`):
 feature disagreement among the N token distributions plus the entropy of their mixture.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from whale_pl.rollout.uncertainty import combine_predictions
-
-ZFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from whale_pl.rollout.retracing import ZFn, combine_predictions
 
 
 @torch.no_grad()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -54,25 +53,52 @@ def layout(frame_hw: tuple[int, int], scale: int, plot_height: int | None = None
 
 def to_uint8_THWC(frames_TCHW, name: str = "frames") -> np.ndarray:
     """``[T, 3, H, W]`` uint8 or float in [-1, 1] (numpy or torch) -> uint8 ``[T, H, W, 3]``."""
-    if hasattr(frames_TCHW, "detach"):
-        frames_TCHW = frames_TCHW.detach().cpu().numpy()
-    x = np.asarray(frames_TCHW)
+    import torch
+
+    from whale_pl.data.frames import frames_to_uint8
+
+    x = torch.as_tensor(np.asarray(frames_TCHW.detach().cpu() if hasattr(frames_TCHW, "detach") else frames_TCHW))
     if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"{name} must be [T, 3, H, W], got shape {x.shape}")
-    if x.dtype == np.uint8:
-        out = x
-    elif np.issubdtype(x.dtype, np.floating):
-        if not np.all(np.isfinite(x)):
-            raise ValueError(f"{name} has non-finite values")
-        out = np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-    else:
-        raise ValueError(f"{name} must be uint8 or float in [-1, 1], got dtype {x.dtype}")
-    return np.ascontiguousarray(out.transpose(0, 2, 3, 1))
+        raise ValueError(f"{name} must be [T, 3, H, W], got shape {tuple(x.shape)}")
+    return np.ascontiguousarray(frames_to_uint8(x, name).numpy().transpose(0, 2, 3, 1))
 
 
 def upscale(frame_HWC: np.ndarray, scale: int) -> np.ndarray:
     """Nearest-neighbour upscale: each pixel becomes a ``scale x scale`` block."""
     return np.repeat(np.repeat(frame_HWC, scale, axis=0), scale, axis=1)
+
+
+def _fit_ylim(ax, values_T: np.ndarray) -> None:
+    """Vertical limits around the finite values, 8 % padding (a constant curve gets a small band)."""
+    finite = np.isfinite(values_T)
+    if not finite.any():
+        ax.set_ylim(0, 1)
+        return
+    lo, hi = float(values_T[finite].min()), float(values_T[finite].max())
+    pad = 0.08 * (hi - lo) if hi > lo else max(abs(hi) * 0.1, 1e-3)
+    ax.set_ylim(lo - pad, hi + pad)
+
+
+def _style_y(ax, label: str, color: str, fs: int) -> None:
+    """Label, ticks and tick count of one y axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_ylabel(label, fontsize=fs, color=color, labelpad=2)
+    ax.tick_params(labelsize=fs - 1, pad=1, length=2)
+    ax.yaxis.get_offset_text().set_fontsize(fs - 1)
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=4))
+
+
+def _rgb_of(canvas, size: tuple[int, int]) -> np.ndarray:
+    """The drawn canvas as uint8 RGB ``[h, w, 3]``, padded / cropped to exactly ``size`` (w, h)."""
+    w, h = size
+    img = np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
+    if img.shape[:2] != (h, w):  # dpi rounding: pad / crop to the exact box
+        fixed = np.full((h, w, 3), 255, np.uint8)
+        hh, ww = min(h, img.shape[0]), min(w, img.shape[1])
+        fixed[:hh, :ww] = img[:hh, :ww]
+        img = fixed
+    return img
 
 
 def _curve_image(values_T: np.ndarray, error_T: np.ndarray | None, size: tuple[int, int], label: str,
@@ -84,66 +110,38 @@ def _curve_image(values_T: np.ndarray, error_T: np.ndarray | None, size: tuple[i
     from matplotlib.ticker import MaxNLocator
 
     w, h = size
-    dpi = 100
-    T = len(values_T)
+    dpi, fs, T = 100, 7, len(values_T)
     fig = Figure(figsize=(w / dpi, h / dpi), dpi=dpi)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_axes((0.13, 0.24, 0.74 if error_T is not None else 0.83, 0.68))
     steps = np.arange(1, T + 1)
-    fs = 7
-    finite = np.isfinite(values_T)
     ax.plot(steps, values_T, "o-", color=UNC_COLOR, ms=2.5, lw=1.2, label=label)
-    if finite.any():
-        lo, hi = float(values_T[finite].min()), float(values_T[finite].max())
-        pad = 0.08 * (hi - lo) if hi > lo else max(abs(hi) * 0.1, 1e-3)
-        ax.set_ylim(lo - pad, hi + pad)
-    else:
-        ax.set_ylim(0, 1)
+    _fit_ylim(ax, values_T)
     ax.set_xlim(0.5, T + 0.5)
     ax.set_xlabel("imagined step", fontsize=fs, labelpad=1)
-    ax.set_ylabel(label, fontsize=fs, color=UNC_COLOR, labelpad=2)
-    ax.tick_params(labelsize=fs - 1, pad=1, length=2)
-    ax.yaxis.get_offset_text().set_fontsize(fs - 1)
+    _style_y(ax, label, UNC_COLOR, fs)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
-    ax.yaxis.set_major_locator(MaxNLocator(nbins=4))
     ax.grid(alpha=0.3, lw=0.5)
     ax2 = None
     if error_T is not None:
         ax2 = ax.twinx()
         ax2.plot(steps, error_T, "s--", color=ERR_COLOR, ms=2, lw=1.0, label=error_label)
-        fin = np.isfinite(error_T)
-        if fin.any():
-            lo, hi = float(error_T[fin].min()), float(error_T[fin].max())
-            pad = 0.08 * (hi - lo) if hi > lo else max(abs(hi) * 0.1, 1e-3)
-            ax2.set_ylim(lo - pad, hi + pad)
-        ax2.set_ylabel(error_label, fontsize=fs, color=ERR_COLOR, labelpad=2)
-        ax2.tick_params(labelsize=fs - 1, pad=1, length=2)
-        ax2.yaxis.get_offset_text().set_fontsize(fs - 1)
-        ax2.yaxis.set_major_locator(MaxNLocator(nbins=4))
+        if np.isfinite(error_T).any():
+            _fit_ylim(ax2, error_T)
+        _style_y(ax2, error_label, ERR_COLOR, fs)
     canvas.draw()
-    rgba = np.asarray(canvas.buffer_rgba())
-    img = np.ascontiguousarray(rgba[..., :3])
-    if img.shape[:2] != (h, w):  # dpi rounding: pad / crop to the exact box
-        fixed = np.full((h, w, 3), 255, np.uint8)
-        hh, ww = min(h, img.shape[0]), min(w, img.shape[1])
-        fixed[:hh, :ww] = img[:hh, :ww]
-        img = fixed
-    H_img = rgba.shape[0]
+    H_img = np.asarray(canvas.buffer_rgba()).shape[0]
 
-    def to_px(axis, x: float, y: float) -> tuple[int, int]:
-        dx, dy = axis.transData.transform((x, y))
-        return int(round(dx)), int(round(H_img - dy))
+    def y_px(axis, x: float, y: float) -> int:
+        return int(round(H_img - axis.transData.transform((x, y))[1]))
 
-    points = []
-    for t in range(T):
-        x_px, y_u = to_px(ax, steps[t], values_T[t] if finite[t] else 0.0)
-        y_e = None
-        if ax2 is not None and np.isfinite(error_T[t]):
-            y_e = to_px(ax2, steps[t], error_T[t])[1]
-        points.append((x_px, y_u if finite[t] else None, y_e))
+    finite = np.isfinite(values_T)
+    points = [(int(round(ax.transData.transform((steps[t], 0.0))[0])),
+               y_px(ax, steps[t], values_T[t]) if finite[t] else None,
+               y_px(ax2, steps[t], error_T[t]) if ax2 is not None and np.isfinite(error_T[t]) else None)
+              for t in range(T)]
     bb = ax.get_window_extent()
-    extent = (int(round(H_img - bb.y1)), int(round(H_img - bb.y0)))
-    return img, points, extent
+    return _rgb_of(canvas, size), points, (int(round(H_img - bb.y1)), int(round(H_img - bb.y0)))
 
 
 def _fmt(v: float) -> str:
@@ -217,21 +215,16 @@ def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncerta
     ``kw``: ``labels``, ``uncertainty_label``, ``error_label``, ``plot_height`` (see ``compose_frames``)."""
     from PIL import Image
 
+    from whale_pl.io import atomic_path
+
     if fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     frames, lay = compose_frames(real_TCHW, imagined_TCHW, uncertainty_T, error_T, scale, title, **kw)
     pal = [Image.fromarray(f).quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
            for f in frames]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same directory: the rename is atomic
-    try:
+    with atomic_path(path) as tmp:
         pal[0].save(tmp, format="GIF", save_all=True, append_images=pal[1:], duration=int(round(1000 / fps)),
                     loop=0, optimize=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return lay
 
 

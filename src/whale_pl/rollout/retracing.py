@@ -1,42 +1,71 @@
-"""Retracing-actions and retracing-rollout uncertainty (METHOD.md, "Retracing-rollout").
+"""Retracing-rollout uncertainty of imagined frames (docs/method.md, "Retracing-rollout").
 
 To judge imagined frame o_{t+1}, predict it K ways: for k = 1..K, from the (stride-k) context
 ending at o_{t-k+1}, with the retracing-action ā_k = compose(a_{t-k+1..t}). The model has been
 trained on stride-k clips with composed actions (ClipDataModule ``frame_stride`` / batch
-``stride``), so each of the K predictions is in-distribution for it. The K token distributions
-are scored by :func:`whale_pl.rollout.uncertainty.combine_predictions` (feature disagreement +
-predictive entropy).
+``stride``), so each of the K predictions is in-distribution for it. Composition follows the data's
+:class:`~whale_pl.data.episode.ActionSpace`; model inputs are normalised actions, so composing a
+normalised sequence un-normalises, composes and re-normalises exactly as the datamodule does for
+stride-k clips (:class:`whale_pl.data.actions.ActionNormaliser`).
 
-Composition follows the data's :class:`~whale_pl.data.episode.ActionSpace` (``compose``); model
-inputs are normalised actions, so composing a normalised sequence un-normalises, composes and
-re-normalises exactly as the datamodule does for stride-k clips:
-``(compose(raw) - k * mean) / std`` on normalised dims, the gripper raw.
+The K token distributions of a frame are scored by :func:`combine_predictions`, the rule the
+deep-ensemble baseline (``rollout/ensemble.py``) shares:
+
+- **feature disagreement**: each prediction's expected code vector per position,
+  ``f_k = Σ_v p_k(v) e_v`` (``e_v`` the tokenizer's l2-normalised code vectors), and the total
+  variance across predictions ``Σ_C Var_k f_k``, averaged over the frame's positions. With unit
+  code vectors it lies in [0, 1].
+- **predictive entropy**: entropy of the predictions' mixture ``H(mean_k p_k)`` per position, divided
+  by ``log V`` so it lies in [0, 1], averaged over positions. (It contains the disagreement in
+  distribution space plus the model's own aleatoric spread.)
+- **score** (our choice): ``w · disagreement + (1 − w) · entropy``, ``w = 0.5`` by default. Both
+  parts are reported so another combination can be formed later.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from einops import einsum
 
+from whale_pl.data.actions import ActionError, ActionNormaliser, check_composable
 from whale_pl.data.episode import ActionSpace
-from whale_pl.rollout.uncertainty import combine_predictions
+
+ZFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class RetracingError(ValueError):
-    """The action space or the request cannot give retracing-actions."""
+def combine_predictions(
+    probs_KBSV: torch.Tensor, codebook_VC: torch.Tensor, weight: float = 0.5
+) -> dict[str, torch.Tensor]:
+    """Uncertainty of B frames from K predictions each.
 
-
-def check_composable(space: ActionSpace) -> None:
-    """Raise RetracingError naming the dims when ``space`` has dims that do not compose."""
-    bad = space.uncomposable_dims
-    if bad:
-        raise RetracingError(
-            f"action space {space.names} cannot give retracing-actions: dims "
-            f"{[space.names[i] for i in bad]} are neither summed (sum_dims={space.sum_dims}), rotations "
-            f"(rot_dims={space.rot_dims}) nor the gripper (gripper_index={space.gripper_index})"
-        )
+    ``probs_KBSV``: token probabilities, K predictions × B frames × S positions × V codes.
+    ``codebook_VC``: code vectors (the tokenizer's embedding of each id).
+    Returns ``disagreement_B``, ``entropy_B`` and ``score_B`` (float32).
+    """
+    if probs_KBSV.ndim != 4:
+        raise ValueError(f"probs_KBSV must be [K, B, S, V], got shape {tuple(probs_KBSV.shape)}")
+    K, _, _, V = probs_KBSV.shape
+    if codebook_VC.shape[0] != V:
+        raise ValueError(f"codebook has {codebook_VC.shape[0]} codes but the predictions have V={V}")
+    if K < 2:
+        raise ValueError(f"need at least 2 predictions of a frame to measure disagreement, got K={K}")
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in [0, 1], got {weight}")
+    p = probs_KBSV.float()
+    feats_KBSC = einsum(p, codebook_VC.float(), "k b s v, v c -> k b s c")
+    disagreement_B = feats_KBSC.var(dim=0, unbiased=False).sum(-1).mean(-1)
+    mix_BSV = p.mean(0)
+    ent_BS = -(mix_BSV * mix_BSV.clamp_min(1e-12).log()).sum(-1) / math.log(V)
+    entropy_B = ent_BS.mean(-1)
+    return {
+        "disagreement": disagreement_B,
+        "entropy": entropy_B,
+        "score": weight * disagreement_B + (1 - weight) * entropy_B,
+    }
 
 
 def retracing_actions(actions_raw_TA: np.ndarray, space: ActionSpace, k: int) -> np.ndarray:
@@ -45,79 +74,18 @@ def retracing_actions(actions_raw_TA: np.ndarray, space: ActionSpace, k: int) ->
     check_composable(space)
     a = np.asarray(actions_raw_TA)
     if a.ndim != 2 or a.shape[1] != space.dim:
-        raise RetracingError(f"actions must be [T, {space.dim}] for {space.names}, got {a.shape}")
+        raise ActionError(f"actions must be [T, {space.dim}] for {space.names}, got {a.shape}")
     if not 1 <= k <= a.shape[0]:
-        raise RetracingError(f"stride k={k} must be in [1, T={a.shape[0]}]")
+        raise ActionError(f"stride k={k} must be in [1, T={a.shape[0]}]")
     windows = np.lib.stride_tricks.sliding_window_view(a, k, axis=0)  # [T-k+1, A, k]
     return space.compose(np.swapaxes(windows, -1, -2))
-
-
-class ActionNormaliser:
-    """The datamodule's action normalisation, for single and composed actions.
-
-    ``base`` is the data's ``frame_stride`` (the model's clock): one model step composes ``base``
-    recorded steps, so a model-step action is normalised with ``k = base`` and a retracing-action
-    over K model steps with ``k = K * base``."""
-
-    def __init__(self, space: ActionSpace, mean_A: np.ndarray | list, std_A: np.ndarray | list, base: int = 1) -> None:
-        if int(base) < 1:
-            raise RetracingError(f"base frame stride must be >= 1, got {base}")
-        self.space, self.base = space, int(base)
-        self.mean = np.asarray(mean_A, dtype=np.float64)
-        self.std = np.asarray(std_A, dtype=np.float64)
-        if self.mean.shape != (space.dim,) or self.std.shape != (space.dim,):
-            raise RetracingError(
-                f"action mean {self.mean.shape} / std {self.std.shape} do not match the {space.dim} "
-                f"dims of {space.names}"
-            )
-        self.mask = space.normalised_mask
-
-    @classmethod
-    def from_data_spec(cls, data_spec: dict) -> "ActionNormaliser":
-        for key in ("action_space", "action_mean", "action_std"):
-            if key not in data_spec:
-                raise RetracingError(f"data_spec lacks '{key}' (has {sorted(data_spec)})")
-        return cls(ActionSpace.from_json(data_spec["action_space"]), data_spec["action_mean"], data_spec["action_std"],
-                   base=int(data_spec.get("frame_stride", 1)))
-
-    def normalise(self, raw: np.ndarray, k: int | np.ndarray = 1) -> np.ndarray:
-        """Raw (composed over k steps) actions [..., A] -> model inputs."""
-        k_arr = np.asarray(k, dtype=np.float64)[..., None]
-        out = np.asarray(raw, dtype=np.float64).copy()
-        norm = (out - k_arr * self.mean) / self.std
-        out[..., self.mask] = norm[..., self.mask]
-        return out.astype(np.float32)
-
-    def denormalise(self, norm: np.ndarray, k: int | np.ndarray = 1) -> np.ndarray:
-        k_arr = np.asarray(k, dtype=np.float64)[..., None]
-        out = np.asarray(norm, dtype=np.float64).copy()
-        raw = out * self.std + k_arr * self.mean
-        out[..., self.mask] = raw[..., self.mask]
-        return out.astype(np.float32)
-
-    def compose_normalised(self, actions_norm_KA: np.ndarray) -> np.ndarray:
-        """Normalised model-step actions [..., K, A] -> the normalised retracing-action [..., A]."""
-        check_composable(self.space)
-        a = np.asarray(actions_norm_KA)
-        raw = self.denormalise(a, self.base)
-        return self.normalise(self.space.compose(raw), a.shape[-2] * self.base)
-
-    def normalise_held(self, raw_A: np.ndarray) -> np.ndarray:
-        """Raw decisions [..., A], each held for one model step (``base`` recorded steps, as the
-        simulator does with ``action_repeat``) -> model inputs: compose(a, .., a), normalised."""
-        a = np.asarray(raw_A, dtype=np.float64)
-        if self.base == 1:
-            return self.normalise(a, 1)
-        check_composable(self.space)
-        held = np.repeat(a[..., None, :], self.base, axis=-2)
-        return self.normalise(self.space.compose(held), self.base)
 
 
 def retracing_plan(t: int, K: int) -> list[tuple[int, int]]:
     """For imagined frame index t+1 (predicted from frame t), the (k, anchor) pairs: anchor frame
     t-k+1 for k = 1..K, keeping only anchors >= 0."""
     if K < 1:
-        raise RetracingError(f"K must be >= 1, got {K}")
+        raise ActionError(f"K must be >= 1, got {K}")
     return [(k, t - k + 1) for k in range(1, K + 1) if t - k + 1 >= 0]
 
 
@@ -126,16 +94,6 @@ def strided_context(anchor: int, k: int, max_frames: int) -> list[int]:
     (at most ``max_frames``, none below 0), oldest first."""
     idx = list(range(anchor, -1, -k))[:max_frames]
     return idx[::-1]
-
-
-def as_tensor(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(x), dtype=like.dtype, device=like.device)
-
-
-# --------------------------------------------------------------------------------------------
-# retracing-rollout uncertainty of an imagined rollout
-# --------------------------------------------------------------------------------------------
-ZFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def composed_action_table(actions_norm_BTA: torch.Tensor, normaliser: ActionNormaliser, K: int) -> list[torch.Tensor]:
@@ -147,7 +105,8 @@ def composed_action_table(actions_norm_BTA: torch.Tensor, normaliser: ActionNorm
         if a.shape[1] < k:
             break
         win = np.lib.stride_tricks.sliding_window_view(a, k, axis=1)  # [B, T-k+1, A, k]
-        out.append(as_tensor(normaliser.compose_normalised(np.swapaxes(win, -1, -2)), actions_norm_BTA))
+        composed = normaliser.compose_normalised(np.swapaxes(win, -1, -2))
+        out.append(torch.as_tensor(composed, dtype=actions_norm_BTA.dtype, device=actions_norm_BTA.device))
     return out
 
 
@@ -203,10 +162,10 @@ def retracing_uncertainty(
     """
     check_composable(normaliser.space)
     if K < 2:
-        raise RetracingError(f"retracing needs K >= 2 predictions per step, got K={K}")
+        raise ActionError(f"retracing needs K >= 2 predictions per step, got K={K}")
     max_stride = getattr(model, "max_stride", K)
     if K > max_stride:
-        raise RetracingError(f"K={K} exceeds the strides the model was trained for (max_stride={max_stride})")
+        raise ActionError(f"K={K} exceeds the strides the model was trained for (max_stride={max_stride})")
     N = ids_BNhw.shape[1]
     V = model.codebook_size
     codes = torch.eye(V, device=ids_BNhw.device) if codebook_VC is None else codebook_VC

@@ -1,4 +1,4 @@
-"""Policy evaluation in imagination against the simulator (METHOD.md, "Evaluation").
+"""Policy evaluation in imagination against the simulator (docs/method.md, "Evaluation").
 
 For every evaluation policy (training families and held-out OOD families) and every start state:
 
@@ -15,7 +15,7 @@ exactly as the datamodule composes actions and sums rewards for stride-k clips.
 
 Imagined return ``Σ_t γ^t r̂_t`` from the reward head (``reward_BT[:, t]`` is the reward of the
 transition into imagined frame t+1, i.e. of action t). Per policy, returns are averaged over tasks
-and start states. :mod:`whale_pl.rollout.metrics` gives the figures.
+and start states. :mod:`whale_pl.rollout.value_metrics` gives the figures.
 
 For a policy optimiser: :meth:`WorldModel.imagine_closed_loop` / :meth:`WorldModel.imagine_open_loop`
 return the rollout ids, and :meth:`WorldModel.step_uncertainty` the per-step uncertainty of each
@@ -36,8 +36,10 @@ import torch
 from einops import rearrange
 from tqdm import tqdm
 
-from whale_pl.rollout.metrics import value_figures
-from whale_pl.rollout.retracing import ActionNormaliser, retracing_uncertainty
+from whale_pl.data.actions import ActionNormaliser
+from whale_pl.data.frames import frames_to_unit
+from whale_pl.rollout.retracing import retracing_uncertainty
+from whale_pl.rollout.value_metrics import value_figures
 
 PolicyFn = Callable[[int, np.ndarray], np.ndarray]  # (step, states [B, S] raw) -> raw actions [B, A]
 
@@ -158,6 +160,7 @@ def frame_stride_of(ckpt_path: str | Path) -> int:
 
 
 def discounted_return(rewards_BT: np.ndarray | torch.Tensor, discount: float) -> np.ndarray:
+    """``Σ_t γ^t r_t`` over the last axis."""
     r = np.asarray(rewards_BT.detach().cpu() if torch.is_tensor(rewards_BT) else rewards_BT, dtype=np.float64)
     return (r * discount ** np.arange(r.shape[-1])).sum(-1)
 
@@ -215,6 +218,7 @@ class EvalSet:
         return int(ss.generate_state(1, np.uint32)[0])
 
     def split_of(self, policy: str) -> str:
+        """Which split a policy belongs to: "ood" (a held-out family) or "train"."""
         return "ood" if policy in self.ood_policies else "train"
 
 
@@ -281,6 +285,7 @@ def scripted_policy_fn(real: RealRollouts, index: Sequence[int]) -> PolicyFn:
 # value figures of one world model
 # --------------------------------------------------------------------------------------------
 def per_policy(values_B: np.ndarray, real: RealRollouts, policies: Sequence[str]) -> np.ndarray:
+    """Mean of ``values_B`` over each policy's episodes, in the order of ``policies``."""
     pol = np.asarray(real.policy)
     return np.array([values_B[pol == p].mean() for p in policies])
 
@@ -342,7 +347,7 @@ def evaluate_uncertainty(wm: WorldModel, real: RealRollouts, rollouts: list, K: 
     steps that have >= 2 retracing anchors (n >= 2), the same steps for both methods. Wall-clock
     seconds of each method's uncertainty computation give the cost ratio."""
     from whale_pl.rollout.ensemble import ensemble_uncertainty
-    from whale_pl.rollout.metrics import uncertainty_quality
+    from whale_pl.rollout.value_metrics import uncertainty_quality
 
     parts = ("score", "disagreement", "entropy")
     acc: dict[str, list] = {k: [] for k in ["mse", "token_err"] + [f"retracing_{p}" for p in parts]
@@ -356,7 +361,7 @@ def evaluate_uncertainty(wm: WorldModel, real: RealRollouts, rollouts: list, K: 
         H = imag.shape[1]
         ids = torch.cat([ctx, imag[:, : H - 1]], 1)  # frames 0..H-1; frames 1..H-1 have a real twin
         real_f = torch.as_tensor(real.frames[idx, 1:H], device=wm.device)
-        real_unit = rearrange(real_f, "b t h w c -> b t c h w").float() / 127.5 - 1
+        real_unit = frames_to_unit(rearrange(real_f, "b t h w c -> b t c h w"))
         acc["mse"].append(((wm.decode(ids[:, 1:]) - real_unit) ** 2).mean(dim=(2, 3, 4)).cpu())
         acc["token_err"].append((wm.tokenize(real.frames[idx, 1:H]) != ids[:, 1:]).float().mean(dim=(2, 3)).cpu())
         t0 = time.perf_counter()

@@ -15,7 +15,6 @@ Renders Meta-World in this process (run it as its own process, as the CLI does).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,22 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    from whale_pl.rollout.metrics import nan_to_none
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(nan_to_none(obj), indent=1, allow_nan=False))
-    os.replace(tmp, path)
+from whale_pl.io import atomic_path, write_json_atomic
+from whale_pl.rollout.value_metrics import nan_to_none
 
 
 def _savefig(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
 
 
 def plot_returns(res: dict, path: Path, title: str = "") -> None:
@@ -126,6 +117,7 @@ def run(dynamics: str, ensemble: list[str] | None, data_config: str, starts: int
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``whale eval value`` (arguments: ``--help``)."""
     p = argparse.ArgumentParser(prog="whale eval value", description=__doc__.split("\n")[0])
     p.add_argument("--dynamics", required=True, help="dynamics-stage checkpoint")
     p.add_argument("--ensemble", nargs="*", default=None, help="checkpoints of the ensemble members (>= 2)")
@@ -154,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if "uncertainty" in res:
         res["plots"]["uncertainty"] = str(out.with_name(out.stem + "_uncertainty.png"))
         plot_uncertainty(res["uncertainty"], Path(res["plots"]["uncertainty"]), title=str(a.dynamics))
-    write_json_atomic(out, res)
+    write_json_atomic(out, nan_to_none(res))
     v = res["value"]
     for mode in a.modes:
         f = v[mode]["all"] or {}

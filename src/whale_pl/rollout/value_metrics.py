@@ -1,4 +1,4 @@
-"""Figures of merit for value estimation and uncertainty quality (METHOD.md, "Evaluation").
+"""Figures of merit for value estimation and uncertainty quality (docs/method.md, "Evaluation").
 
 Value estimation compares the real returns ``V_i`` of a set of policies (from the simulator) with
 the returns ``V̂_i`` the world model imagines for them (same start states, horizon, discount):

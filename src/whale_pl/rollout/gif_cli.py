@@ -1,7 +1,7 @@
 """`whale eval gifs`: real-against-imagined rollout GIFs of held-out episodes, with the retracing
 uncertainty curve (and the true per-step error) under them, plus a JSON index for the report.
 
-    python -m whale_pl.rollout.gifs --ckpt runs/demo/dynamics/checkpoints/best.ckpt \
+    whale eval gifs --ckpt runs/demo/dynamics/checkpoints/best.ckpt \
         --shards data_shards/metaworld/demo --out runs/demo/gifs [--per-split 2] [--horizon 24]
 
 Picks ``--per-split`` episodes of each split in ``--splits`` (default ``val``: held-out episodes of
@@ -13,14 +13,13 @@ evaluation's rollout), scored per imagined step by retracing-rollout uncertainty
 and compared with the real frames (pixel MSE, PSNR). Writes ``<out>/<split>_<i>_<task>_<policy>.gif``
 and ``<out>/index.json`` (per clip: file, episode, figures per step, Spearman of uncertainty against
 error; and the command that regenerates the set), all atomically. Reads shards only: no rendering.
+Drawing is ``rollout/gif.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import re
 import shlex
 import sys
@@ -57,7 +56,7 @@ def pick_episodes(dm, split: str, n: int, min_len: int) -> list:
 
 
 def _spearman(u: np.ndarray, e: np.ndarray) -> float | None:
-    from whale_pl.rollout.metrics import spearman
+    from whale_pl.rollout.value_metrics import spearman
 
     ok = np.isfinite(u) & np.isfinite(e)
     if ok.sum() < 3 or np.ptp(u[ok]) == 0 or np.ptp(e[ok]) == 0:
@@ -93,13 +92,15 @@ def imagine_episode(wm, ep, start: int, context: int, horizon: int, K: int) -> d
     import torch
     from einops import rearrange
 
+    from whale_pl.data.frames import frames_to_unit
+
     frames, actions = on_model_clock(ep, start, context + horizon, wm.frame_stride, wm.normaliser.space)
     ctx = wm.tokenize(frames[None, :context])
     out = wm.imagine_open_loop(ctx, actions[None], horizon, composed=True)
     u = wm.step_uncertainty(ctx, out["ids_BThw"], out["actions_norm_BTA"], K=K)
     imagined = wm.decode(out["ids_BThw"])[0]  # [H, 3, h, w] in [-1, 1]
     real = torch.as_tensor(rearrange(frames[context:], "t h w c -> t c h w").copy())
-    real_unit = real.float().to(imagined.device) / 127.5 - 1
+    real_unit = frames_to_unit(real.to(imagined.device))
     mse = ((imagined - real_unit) ** 2).mean(dim=(1, 2, 3)).cpu().numpy().astype(np.float64)
     n_pred = u["n_predictions_H"].cpu().numpy()
     score = u["score_BH"][0].cpu().numpy().astype(np.float64)
@@ -111,40 +112,64 @@ def imagine_episode(wm, ep, start: int, context: int, horizon: int, K: int) -> d
     }
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+def clip_record(ep, split: str, name: str, start: int, context: int, horizon: int, K: int, r: dict) -> dict:
+    """The index entry of one GIF: which episode, and its figures per step (``imagine_episode``'s ``r``)."""
+    pol = ep.meta.get("policy") or {}
+    u = r["uncertainty_T"]
+    return {
+        "gif": name, "split": split, "task": ep.meta.get("task", "?"), "policy": pol.get("name"),
+        "family": pol.get("family"), "episode": ep.meta.get("episode_id"), "start": start, "context": context,
+        "horizon": horizon, "K": K, "psnr_mean": float(np.mean(r["psnr_T"])), "mse_mean": float(np.mean(r["mse_T"])),
+        "uncertainty_mean": float(np.nanmean(u)) if np.isfinite(u).any() else None,
+        "spearman_uncertainty_vs_mse": _spearman(u, r["mse_T"]),
+        "uncertainty": _floats(u), "disagreement": _floats(r["disagreement_T"]), "entropy": _floats(r["entropy_T"]),
+        "n_predictions": [int(v) for v in r["n_predictions_T"]], "mse": _floats(r["mse_T"]), "psnr": _floats(r["psnr_T"]),
+    }
 
 
-def run(ckpt: str, shards: str, out: str | Path, splits: list[str] | tuple[str, ...] = DEFAULT_SPLITS,
-        per_split: int = 2, horizon: int = 24, start: int = 0, context: int | None = None, K: int = 3,
-        scale: int = 3, fps: float = 4.0, device: str = "cpu", command: str | None = None) -> dict:
-    """Write the GIFs and ``index.json`` under ``out``; returns the index."""
+def gifs_command(ckpt: str, shards: str, out: str | Path, splits, per_split: int, horizon: int, start: int,
+                 context: int | None, K: int, scale: int, fps: float) -> str:
+    """The ``whale eval gifs`` command line that writes this set of GIFs."""
+    return " ".join(shlex.quote(a) for a in [
+        "whale", "eval", "gifs", "--ckpt", str(ckpt), "--shards", str(shards), "--out", str(out),
+        "--splits", *splits, "--per-split", str(per_split), "--horizon", str(horizon), "--start", str(start),
+        *(["--context", str(context)] if context is not None else []), "--K", str(K), "--scale", str(scale),
+        "--fps", f"{fps:g}"])
+
+
+def _world_model_on(ckpt: str, shards: str, context: int | None, device: str):
+    """The checkpoint's world model, the shards' datamodule (data_spec checked) and the context length."""
     from whale_pl.data.datamodule import ClipDataModule
-    from whale_pl.eval_cli import SPEC_KEYS
-    from whale_pl.lit.handoff import check_data_spec
-    from whale_pl.rollout.gif import write_rollout_gif
+    from whale_pl.lit.handoff import SPEC_KEYS, check_data_spec
     from whale_pl.rollout.value import WorldModel
 
-    if per_split < 1 or horizon < 1 or start < 0:
-        raise ValueError(f"per_split ({per_split}) and horizon ({horizon}) must be >= 1, start ({start}) >= 0")
-    t0 = time.time()
-    out = Path(out)
     wm = WorldModel.load(ckpt, device)
     hp = wm.module.hparams
     C = int(hp.get("context_frames", 1)) if context is None else int(context)
     if not 1 <= C <= wm.model.max_frames - 1:
         raise ValueError(f"context {C} must be in [1, max_frames - 1 = {wm.model.max_frames - 1}] for {ckpt}")
     dm = ClipDataModule(str(shards), num_workers=0, rank=0, world_size=1)
-    check_data_spec(hp.get("data_spec"), dm.data_spec, where=f"{ckpt} on {shards}", keys=SPEC_KEYS)
-    available = dm.manifest().get("splits", {})
+    check_data_spec(hp.get("data_spec"), dm.data_spec, where=f"{ckpt} on {shards}",
+                    keys=[k for k in SPEC_KEYS if k in dm.data_spec])
+    return wm, dm, C
+
+
+def run(ckpt: str, shards: str, out: str | Path, splits: list[str] | tuple[str, ...] = DEFAULT_SPLITS,
+        per_split: int = 2, horizon: int = 24, start: int = 0, context: int | None = None, K: int = 3,
+        scale: int = 3, fps: float = 4.0, device: str = "cpu", command: str | None = None) -> dict:
+    """Write the GIFs and ``index.json`` under ``out``; returns the index."""
+    from whale_pl.io import write_json_atomic
+    from whale_pl.rollout.gif import write_rollout_gif
+
+    if per_split < 1 or horizon < 1 or start < 0:
+        raise ValueError(f"per_split ({per_split}) and horizon ({horizon}) must be >= 1, start ({start}) >= 0")
+    t0, out = time.time(), Path(out)
+    wm, dm, C = _world_model_on(ckpt, shards, context, device)
+    available, k = dm.manifest().get("splits", {}), wm.frame_stride
     clips = []
     for split in splits:
         if split not in available:
             raise ValueError(f"{shards}: no split {split!r} in manifest.json (has {sorted(available)})")
-        k = wm.frame_stride
         need = start + C * k + 1  # C context frames and one imagined frame, every k recorded steps
         eps = pick_episodes(dm, split, per_split, need)
         if not eps:
@@ -152,29 +177,14 @@ def run(ckpt: str, shards: str, out: str | Path, splits: list[str] | tuple[str, 
         for i, ep in enumerate(eps):
             H = min(horizon, (len(ep) - 1 - start) // k + 1 - C)
             r = imagine_episode(wm, ep, start, C, H, K)
-            task, pol = ep.meta.get("task", "?"), (ep.meta.get("policy") or {})
-            name = f"{_safe(split)}_{i:02d}_{_safe(task)}_{_safe(pol.get('name', '?'))}.gif"
+            task, pol = ep.meta.get("task", "?"), (ep.meta.get("policy") or {}).get("name", "?")
+            name = f"{_safe(split)}_{i:02d}_{_safe(task)}_{_safe(pol)}.gif"
             write_rollout_gif(out / name, r["real_TCHW"], r["imagined_TCHW"], r["uncertainty_T"], r["mse_T"],
-                              scale=scale, fps=fps, title=f"{split} | {task} | {pol.get('name', '?')}",
-                              error_label="pixel MSE")
-            clips.append({
-                "gif": name, "split": split, "task": task, "policy": pol.get("name"), "family": pol.get("family"),
-                "episode": ep.meta.get("episode_id"), "start": start, "context": C, "horizon": H, "K": K,
-                "psnr_mean": float(np.mean(r["psnr_T"])), "mse_mean": float(np.mean(r["mse_T"])),
-                "uncertainty_mean": float(np.nanmean(r["uncertainty_T"])) if np.isfinite(r["uncertainty_T"]).any() else None,
-                "spearman_uncertainty_vs_mse": _spearman(r["uncertainty_T"], r["mse_T"]),
-                "uncertainty": _floats(r["uncertainty_T"]), "disagreement": _floats(r["disagreement_T"]),
-                "entropy": _floats(r["entropy_T"]), "n_predictions": [int(v) for v in r["n_predictions_T"]],
-                "mse": _floats(r["mse_T"]), "psnr": _floats(r["psnr_T"]),
-            })
+                              scale=scale, fps=fps, title=f"{split} | {task} | {pol}", error_label="pixel MSE")
+            clips.append(clip_record(ep, split, name, start, C, H, K, r))
             print(f"[gifs] {out / name}: PSNR {clips[-1]['psnr_mean']:.2f} dB, Spearman(u, MSE) "
                   f"{clips[-1]['spearman_uncertainty_vs_mse']}", flush=True)
-    if command is None:
-        command = " ".join(shlex.quote(a) for a in [
-            "python", "-m", "whale_pl.rollout.gifs", "--ckpt", str(ckpt), "--shards", str(shards), "--out", str(out),
-            "--splits", *splits, "--per-split", str(per_split), "--horizon", str(horizon), "--start", str(start),
-            *(["--context", str(context)] if context is not None else []), "--K", str(K), "--scale", str(scale),
-            "--fps", f"{fps:g}"])
+    command = command or gifs_command(ckpt, shards, out, splits, per_split, horizon, start, context, K, scale, fps)
     index = {"ckpt": str(ckpt), "shards": str(shards), "uses_behavior": wm.uses_behavior, "K": K,
              "command": command, "seconds": time.time() - t0, "clips": clips}
     write_json_atomic(out / "index.json", index)
@@ -182,6 +192,7 @@ def run(ckpt: str, shards: str, out: str | Path, splits: list[str] | tuple[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``whale eval gifs`` (arguments: ``--help``)."""
     p = argparse.ArgumentParser(prog="whale eval gifs", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="dynamics-stage checkpoint")
     p.add_argument("--shards", required=True, help="dataset directory (shards + manifest.json)")
@@ -203,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("per_split", "horizon", "K", "scale"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    cmd = "python -m whale_pl.rollout.gifs " + " ".join(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
+    cmd = "whale eval gifs " + " ".join(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
     index = run(a.ckpt, a.shards, a.out, a.splits, a.per_split, a.horizon, a.start, a.context, a.K, a.scale, a.fps,
                 a.device, command=cmd)
     print(f"[gifs] wrote {len(index['clips'])} GIFs and {Path(a.out) / 'index.json'} in {index['seconds']:.1f} s")

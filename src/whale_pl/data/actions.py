@@ -1,0 +1,92 @@
+"""Action normalisation for single and composed actions, as the datamodule applies it.
+
+The model sees normalised actions: ``(a - k * mean) / std`` on every dim but the gripper (which
+stays raw), where ``a`` is a raw action composed over ``k`` recorded steps with the data's
+:class:`~whale_pl.data.episode.ActionSpace` (``compose``: positions summed, rotations composed,
+the gripper's last value). The datamodule normalises stride-k clips this way; the evaluation and
+retracing code use :class:`ActionNormaliser` to do the same outside the loader.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from whale_pl.data.episode import ActionSpace
+
+
+class ActionError(ValueError):
+    """Actions that cannot be composed or normalised as asked (action space, shapes, strides)."""
+
+
+def check_composable(space: ActionSpace) -> None:
+    """Raise ActionError naming the dims when ``space`` has dims that do not compose over steps."""
+    bad = space.uncomposable_dims
+    if bad:
+        raise ActionError(
+            f"action space {space.names} cannot compose actions over several steps: dims "
+            f"{[space.names[i] for i in bad]} are neither summed (sum_dims={space.sum_dims}), rotations "
+            f"(rot_dims={space.rot_dims}) nor the gripper (gripper_index={space.gripper_index})"
+        )
+
+
+class ActionNormaliser:
+    """The datamodule's action normalisation, for single and composed actions.
+
+    ``base`` is the data's ``frame_stride`` (the model's clock): one model step composes ``base``
+    recorded steps, so a model-step action is normalised with ``k = base`` and a retracing-action
+    over K model steps with ``k = K * base``."""
+
+    def __init__(self, space: ActionSpace, mean_A: np.ndarray | list, std_A: np.ndarray | list, base: int = 1) -> None:
+        if int(base) < 1:
+            raise ActionError(f"base frame stride must be >= 1, got {base}")
+        self.space, self.base = space, int(base)
+        self.mean = np.asarray(mean_A, dtype=np.float64)
+        self.std = np.asarray(std_A, dtype=np.float64)
+        if self.mean.shape != (space.dim,) or self.std.shape != (space.dim,):
+            raise ActionError(
+                f"action mean {self.mean.shape} / std {self.std.shape} do not match the {space.dim} "
+                f"dims of {space.names}"
+            )
+        self.mask = space.normalised_mask
+
+    @classmethod
+    def from_data_spec(cls, data_spec: dict) -> "ActionNormaliser":
+        """The normaliser of the data a ``data_spec`` describes (space, mean, std, frame_stride)."""
+        for key in ("action_space", "action_mean", "action_std"):
+            if key not in data_spec:
+                raise ActionError(f"data_spec lacks '{key}' (has {sorted(data_spec)})")
+        return cls(ActionSpace.from_json(data_spec["action_space"]), data_spec["action_mean"], data_spec["action_std"],
+                   base=int(data_spec.get("frame_stride", 1)))
+
+    def normalise(self, raw: np.ndarray, k: int | np.ndarray = 1) -> np.ndarray:
+        """Raw (composed over k steps) actions [..., A] -> model inputs."""
+        k_arr = np.asarray(k, dtype=np.float64)[..., None]
+        out = np.asarray(raw, dtype=np.float64).copy()
+        norm = (out - k_arr * self.mean) / self.std
+        out[..., self.mask] = norm[..., self.mask]
+        return out.astype(np.float32)
+
+    def denormalise(self, norm: np.ndarray, k: int | np.ndarray = 1) -> np.ndarray:
+        """Model inputs [..., A] -> the raw actions (composed over k steps) they stand for."""
+        k_arr = np.asarray(k, dtype=np.float64)[..., None]
+        out = np.asarray(norm, dtype=np.float64).copy()
+        raw = out * self.std + k_arr * self.mean
+        out[..., self.mask] = raw[..., self.mask]
+        return out.astype(np.float32)
+
+    def compose_normalised(self, actions_norm_KA: np.ndarray) -> np.ndarray:
+        """Normalised model-step actions [..., K, A] -> the normalised retracing-action [..., A]."""
+        check_composable(self.space)
+        a = np.asarray(actions_norm_KA)
+        raw = self.denormalise(a, self.base)
+        return self.normalise(self.space.compose(raw), a.shape[-2] * self.base)
+
+    def normalise_held(self, raw_A: np.ndarray) -> np.ndarray:
+        """Raw decisions [..., A], each held for one model step (``base`` recorded steps, as the
+        simulator does with ``action_repeat``) -> model inputs: compose(a, .., a), normalised."""
+        a = np.asarray(raw_A, dtype=np.float64)
+        if self.base == 1:
+            return self.normalise(a, 1)
+        check_composable(self.space)
+        held = np.repeat(a[..., None, :], self.base, axis=-2)
+        return self.normalise(self.space.compose(held), self.base)
