@@ -20,14 +20,13 @@ import yaml
 
 from whale_pl.models.dynamics import DynamicsModel
 
-MODEL_KEYS = ("dim", "depth", "heads", "mlp_ratio", "max_frames", "max_stride", "injection", "prev_frame_input",
-              "copy_logit")
+MODEL_KEYS = ("dim", "depth", "heads", "mlp_ratio", "max_frames", "max_stride", "prev_frame_input", "copy_logit")
 
 
 def build(cfg_path: Path, codebook: int, grid: int, action_dim: int, z_dim: int, state_dim: int) -> DynamicsModel:
     """The dynamics model at the size the stage config names, random weights, in eval mode."""
     init = yaml.safe_load(cfg_path.read_text())["model"]["init_args"]
-    kw = {k: init[k] for k in MODEL_KEYS if k in init}
+    kw = {k: init["net"][k] for k in MODEL_KEYS if k in init.get("net", {})}
     return DynamicsModel(codebook, (grid, grid), action_dim, behavior_dim=z_dim if init.get("use_behavior", True) else 0,
                          state_dim=state_dim, **kw).eval()
 

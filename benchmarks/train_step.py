@@ -30,6 +30,8 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, IterableDataset
 
+from whale_pl.lit.checkpoint import read_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 METAWORLD_ACTIONS = {"names": ["dx", "dy", "dz", "gripper"], "sum_dims": [0, 1, 2], "rot_dims": [], "gripper_index": 3}
 OXE_ACTIONS = {"names": ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"], "sum_dims": [0, 1, 2],
@@ -144,7 +146,7 @@ def earlier_stages(stage: str, scale: str, init_args: dict, spec: dict, B: int, 
     tok = init_args.get("tokenizer_ckpt")
     if wanted and not fresh and all(init_args.get(f"{w}_ckpt") and (ROOT / init_args[f"{w}_ckpt"]).is_file()
                                     for w in wanted):
-        ck = torch.load(ROOT / tok, map_location="cpu", weights_only=False)
+        ck = read_checkpoint(ROOT / tok)
         spec = dict(ck["hyper_parameters"]["data_spec"])
         for w in wanted:
             init_args[f"{w}_ckpt"] = str(ROOT / init_args[f"{w}_ckpt"])
@@ -168,13 +170,17 @@ def earlier_stages(stage: str, scale: str, init_args: dict, spec: dict, B: int, 
 
 
 def parse_set(items: list[str]) -> dict:
-    """``--set key=value ...`` -> {key: YAML-parsed value}."""
-    out = {}
+    """``--set key=value ...`` -> {key: YAML-parsed value}; ``group.key=value`` sets a field of a group (``net``)."""
+    out: dict = {}
     for it in items:
         if "=" not in it:
             raise SystemExit(f"--set expects key=value, got {it!r}")
         k, v = it.split("=", 1)
-        out[k] = yaml.safe_load(v)
+        *groups, name = k.split(".")
+        d = out
+        for g in groups:
+            d = d.setdefault(g, {})
+        d[name] = yaml.safe_load(v)
     return out
 
 
@@ -199,8 +205,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no config {cfg_path}")
     cfg = yaml.safe_load(cfg_path.read_text())
     model_cfg, data_args, trainer_cfg = cfg["model"], cfg.get("data", {}).get("init_args", {}), cfg.get("trainer", {})
-    init_args = {**model_cfg.get("init_args", {}), **parse_set(a.set)}
-    frame_size = init_args.get("frame_size")
+    init_args = dict(model_cfg.get("init_args", {}))
+    for k, v in parse_set(a.set).items():
+        init_args[k] = {**init_args.get(k, {}), **v} if isinstance(v, dict) else v
+    frame_size = (init_args.get("net") or {}).get("frame_size")
     if frame_size is None:
         data_yaml = data_args.get("config")
         size = yaml.safe_load((ROOT / data_yaml).read_text())["size"] if data_yaml else 64

@@ -185,7 +185,8 @@ def test_bad_tokenizer_checkpoints_name_path_and_mismatch(fitted, tokenizer_ckpt
 
 def test_code_cache_matches_the_tokenizer_and_catches_misindexing(tokenizer_ckpt, tiny_data_yaml):
     from whale_pl.data.datamodule import MetaWorldDataModule
-    from whale_pl.lit.behavior_module import BehaviorModule, frames_to_unit
+    from whale_pl.data.frames import frames_to_unit
+    from whale_pl.lit.behavior_module import BehaviorModule
 
     dm = MetaWorldDataModule(config=str(tiny_data_yaml), clip_len=6, batch_size=3, num_workers=0,
                              steps_per_epoch=1, val_steps=1)

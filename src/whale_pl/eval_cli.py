@@ -48,15 +48,12 @@ def value_child_main() -> None:
 def load_stage_module(ckpt_path: str | os.PathLike, class_path: str | None = None, device: str = "cpu"):
     """Load a LightningModule checkpoint: class from `class_path` ('module:Class' or 'module.Class')
     or from the class name stamped into the checkpoint (`whale_pl.lit.handoff.CLASS_KEY`)."""
-    import torch
-
+    from whale_pl.lit.checkpoint import load_module, read_checkpoint
     from whale_pl.lit.handoff import CLASS_KEY
 
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = read_checkpoint(path)
     if class_path is None:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         class_path = ckpt.get(CLASS_KEY)
         if class_path is None:
             raise ValueError(f"{path}: no {CLASS_KEY!r} entry naming the module class; pass --class module:Class")
@@ -65,7 +62,7 @@ def load_stage_module(ckpt_path: str | os.PathLike, class_path: str | None = Non
         cls = getattr(importlib.import_module(mod), name)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"{path}: cannot import module class {class_path!r} ({e})") from e
-    module = cls.load_from_checkpoint(str(path), map_location=device)
+    module = load_module(path, cls, map_location=device, ckpt=ckpt)
     if not hasattr(module, "eval_videos"):
         raise TypeError(f"{path}: {class_path} has no eval_videos(batch) -> (real_BTCHW, generated_BTCHW) "
                         "(docs/contracts.md, Evaluation)")

@@ -90,8 +90,8 @@ def train_member(scale: str, group: str, seed: int, use_behavior: bool, size: tu
         cmd += ["--trainer.max_steps", str(steps), "--data.init_args.steps_per_epoch", str(steps)]
     if size is not None:
         dim, depth, heads = size
-        cmd += ["--model.init_args.dim", str(dim), "--model.init_args.depth", str(depth),
-                "--model.init_args.heads", str(heads)]
+        cmd += ["--model.init_args.net.dim", str(dim), "--model.init_args.net.depth", str(depth),
+                "--model.init_args.net.heads", str(heads)]
     cmd += list(extra)
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
@@ -111,12 +111,12 @@ def train_member(scale: str, group: str, seed: int, use_behavior: bool, size: tu
 
 def _steps_trained(*ckpts: Path) -> list[int | None]:
     """The global step each checkpoint was saved at (None if unreadable)."""
-    import torch
+    from whale_pl.lit.checkpoint import read_checkpoint
 
     out: list[int | None] = []
     for c in ckpts:
         try:
-            out.append(int(torch.load(c, map_location="cpu", weights_only=False)["global_step"]))
+            out.append(int(read_checkpoint(c)["global_step"]))
         except Exception:  # noqa: BLE001 - a figure for the report, not a gate
             out.append(None)
     return out

@@ -21,6 +21,7 @@ from dataclasses import asdict
 import torch
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from whale_pl.data.frames import frames_to_unit
 from whale_pl.analysis.probe import pca_2d, probe_accuracy, scatter_figure
 from whale_pl.lit.base import Optim, StageModule
 from whale_pl.lit.handoff import SPEC_KEYS
@@ -33,11 +34,6 @@ RETIRED = {  # options of earlier versions, with the value that left the model a
     "decoder_z": "input", "modulate_outliers": True, "prior_decode": 0.0, "marginal_decode": 0.0,
     "change_decode": 0.0, "change_decode_prior": 0.0, "change_edges": None, "change_levels": False,
 }
-
-
-def frames_to_unit(frames_BTCHW: torch.Tensor) -> torch.Tensor:
-    """uint8 frames -> float in [-1, 1] (contracts.md)."""
-    return frames_BTCHW.float() / 127.5 - 1.0
 
 
 @torch.no_grad()

@@ -19,31 +19,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torchmetrics import MeanMetric
 
+from whale_pl.data.frames import frames_to_unit
 from whale_pl.lit.base import Optim, StageModule
 from whale_pl.lit.handoff import SPEC_KEYS, HandoffError
 from whale_pl.lit.logging import log_image, paired_video_grid
-from whale_pl.metrics.video import PSNR_CAP_DB, video_psnr_ssim
+from whale_pl.metrics.video import psnr_ssim_per_sample
 from whale_pl.models.dynamics import DynamicsModel, DynamicsNet
 
 # options of earlier versions, each with the only value the code still implements (cf14e40)
 RETIRED = {"injection": "adanorm", "history": "masked", "full_mask_prob": 0.0, "change_input": False}
-
-
-def frames_to_unit(frames_BTCHW: torch.Tensor) -> torch.Tensor:
-    """uint8 frames -> float in [-1, 1] (contracts.md)."""
-    return frames_BTCHW.float() / 127.5 - 1.0
-
-
-def psnr_per_sample(pred_BTCHW: torch.Tensor, true_BTCHW: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of each clip ``[B]`` (frames in [-1, 1]): the mean over its frames of
-    ``video_psnr_ssim``'s per-image PSNR, an exact match counted as ``PSNR_CAP_DB``."""
-    psnr_BT = video_psnr_ssim(true_BTCHW, pred_BTCHW)["psnr"]
-    return psnr_BT.clamp(max=PSNR_CAP_DB).mean(dim=1).float()
-
-
-def ssim_per_sample(pred_BTCHW: torch.Tensor, true_BTCHW: torch.Tensor) -> torch.Tensor:
-    """SSIM of each clip ``[B]`` (frames in [-1, 1]): the mean over its frames of ``video_psnr_ssim``'s."""
-    return video_psnr_ssim(true_BTCHW, pred_BTCHW)["ssim"].mean(dim=1).float()
 
 
 @dataclass
@@ -274,14 +258,15 @@ class DynamicsModule(StageModule):
         real = frames_to_unit(batch["frames"][:, C : C + H])
         recon = self.tokenizer.model.decode(ids[:, C : C + H]).float()  # the tokenizer's ceiling
         still = frames_to_unit(batch["frames"][:, C - 1 : C]).expand_as(real)  # last context frame held
+        psnr_B, ssim_B = psnr_ssim_per_sample(real, imagined)
         return {
             **out,
             "imagined_BTCHW": imagined,
             "real_BTCHW": real,
-            "psnr_B": psnr_per_sample(imagined, real),
-            "ssim_B": ssim_per_sample(imagined, real),
-            "psnr_recon_B": psnr_per_sample(recon, real),
-            "psnr_still_B": psnr_per_sample(still, real),
+            "psnr_B": psnr_B,
+            "ssim_B": ssim_B,
+            "psnr_recon_B": psnr_ssim_per_sample(real, recon)[0],
+            "psnr_still_B": psnr_ssim_per_sample(real, still)[0],
         }
 
     @torch.no_grad()

@@ -145,7 +145,7 @@ def _world_model_on(ckpt: str, shards: str, context: int | None, device: str):
 
     wm = WorldModel.load(ckpt, device)
     hp = wm.module.hparams
-    C = int(hp.get("context_frames", 1)) if context is None else int(context)
+    C = wm.module.loss_cfg.context_frames if context is None else int(context)
     if not 1 <= C <= wm.model.max_frames - 1:
         raise ValueError(f"context {C} must be in [1, max_frames - 1 = {wm.model.max_frames - 1}] for {ckpt}")
     dm = ClipDataModule(str(shards), num_workers=0, rank=0, world_size=1)

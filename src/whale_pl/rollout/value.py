@@ -37,6 +37,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 from whale_pl.data.actions import ActionNormaliser
+from whale_pl.lit.checkpoint import load_module, read_checkpoint
 from whale_pl.data.frames import frames_to_unit
 from whale_pl.rollout.retracing import retracing_uncertainty
 from whale_pl.rollout.value_metrics import value_figures
@@ -72,7 +73,7 @@ class WorldModel:
         path = Path(ckpt_path)
         if not path.is_file():
             raise FileNotFoundError(f"dynamics checkpoint not found: {path}")
-        return cls(DynamicsModule.load_from_checkpoint(str(path), map_location=device), **kw)
+        return cls(load_module(path, DynamicsModule, map_location=device), **kw)
 
     @property
     def device(self) -> torch.device:
@@ -155,7 +156,7 @@ def frame_stride_of(ckpt_path: str | Path) -> int:
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"dynamics checkpoint not found: {path}")
-    hp = torch.load(str(path), map_location="cpu", weights_only=False).get("hyper_parameters") or {}
+    hp = read_checkpoint(path).get("hyper_parameters") or {}
     return int((hp.get("data_spec") or {}).get("frame_stride", 1))
 
 
