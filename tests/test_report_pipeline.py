@@ -33,7 +33,7 @@ def test_report_reads_the_dynamics_validation_from_tensorboard(tmp_path, monkeyp
     log.experiment.flush()
     ckpt = tmp_path / "runs" / "demo" / "dynamics" / "checkpoints" / "best.ckpt"
     ckpt.parent.mkdir()
-    torch.save({"hyper_parameters": {"data_spec": {"frame_stride": 8}}}, ckpt)
+    torch.save({"state_dict": {}, "hyper_parameters": {"data_spec": {"frame_stride": 8}}}, ckpt)
     md = report.build_report("demo", tmp_path / "runs")
     assert "| teacher-forced token accuracy | 0.870 |" in md
     assert "| copy-the-previous-frame baseline | 0.860 |" in md and "| accuracy minus copy | +1.000 pt |" in md

@@ -78,7 +78,8 @@ def fmt_elapsed(seconds: float) -> str:
 def _move_aside(run_dir: Path) -> None:
     """Start a clean run directory: an old one is renamed ``<stage>.old-<time>``, never deleted."""
     if run_dir.exists() and any(run_dir.iterdir()):
-        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        stem = f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside = next(p for i in range(1000) if not (p := run_dir.with_name(stem + (f"-{i}" if i else ""))).exists())
         os.replace(run_dir, aside)
         print(f"[whale] moved the previous run aside to {aside}", flush=True)
 
