@@ -26,8 +26,8 @@ SCRIPT = textwrap.dedent('''
                        f"{out_dir}/rank{self.global_rank}.pt")
 
     L.seed_everything(0)
-    m = Tok(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2, codebook_size=32,
-            code_dim=8, ema_decay=0.5, restart_threshold=0.5, lr=3e-3, warmup_steps=1)
+    m = Tok(net=dict(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2, codebook_size=32,
+                     code_dim=8, ema_decay=0.5, restart_threshold=0.5), optim=dict(lr=3e-3, warmup_steps=1))
     dm = ClipDataModule(data_dir, clip_len=4, batch_size=2, num_workers=0, steps_per_epoch=3, val_steps=1)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,

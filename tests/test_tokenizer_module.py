@@ -127,14 +127,14 @@ def test_checkpoints_with_a_retired_option_set_are_refused_by_name(fitted, tmp_p
 
     run, _, _ = fitted
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    inert = dict(ckpt, hyper_parameters={**ckpt["hyper_parameters"], **TokenizerModule.retired_options})
+    inert = dict(ckpt, hyper_parameters={**ckpt["hyper_parameters"], **TokenizerModule.RETIRED})
     torch.save(inert, tmp_path / "inert.ckpt")
     assert load_frozen(tmp_path / "inert.ckpt", TokenizerModule).model.codebook_size == 32
     ckpt["hyper_parameters"] = {**ckpt["hyper_parameters"], option: value}
     torch.save(ckpt, tmp_path / "retired.ckpt")
-    with pytest.raises(HandoffError, match=f"since retired: {option}={value!r}"):
+    with pytest.raises(HandoffError, match=f"trained with {option}={value!r}, an option TokenizerModule no longer has"):
         load_frozen(tmp_path / "retired.ckpt", TokenizerModule)
-    with pytest.raises(HandoffError, match=f"since retired: {option}={value!r}"):
+    with pytest.raises(HandoffError, match=f"trained with {option}={value!r}, an option TokenizerModule no longer has"):
         TokenizerModule.load_from_checkpoint(tmp_path / "retired.ckpt", map_location="cpu")
-    with pytest.raises(HandoffError, match=f"since retired: {option}={value!r}"):
+    with pytest.raises(HandoffError, match=f"trained with {option}={value!r}, an option TokenizerModule no longer has"):
         init_from_checkpoint(TokenizerModule(net=TINY_TOK), tmp_path / "retired.ckpt")

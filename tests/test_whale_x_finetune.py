@@ -333,10 +333,11 @@ def test_finetune_configs_match_whale_x_and_pretraining_uses_the_oxe_mixture():
         for k in ("tokenizer_ckpt", "behavior_ckpt"):
             if k in mf:
                 assert mf[k] == f"runs/whale_x_finetune/{k.split('_')[0]}/checkpoints/best.ckpt"
-        arch = set(mp) - {"lr", "warmup_steps", "kl_warmup_steps", "rollout_batches", "tokenizer_ckpt",
-                          "behavior_ckpt"}
+        assert mf["net"] == mp["net"], stage  # the architecture: the net: group
+        arch = set(mp) - {"net", "optim", "sampling", "kl_warmup_steps", "tokenizer_ckpt", "behavior_ckpt"}
         assert {k: mf.get(k) for k in arch} == {k: mp[k] for k in arch}, stage
-        assert mf["lr"] <= mp["lr"] / 5 and ft["trainer"]["max_steps"] <= pre["trainer"]["max_steps"] / 20
+        assert mf["optim"]["lr"] <= mp["optim"]["lr"] / 5
+        assert ft["trainer"]["max_steps"] <= pre["trainer"]["max_steps"] / 20
         assert ft["trainer"]["logger"]["init_args"]["save_dir"] == "runs/whale_x_finetune"
         for section in ("model", "data"):
             mod, _, cls = ft[section]["class_path"].rpartition(".")
