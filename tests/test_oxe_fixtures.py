@@ -226,7 +226,10 @@ def test_missing_key_names_file_record_and_key_then_skip(tmp_path):
         convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=2), progress=False)
     assert e.value.index == 1 and e.value.key == "steps/action/rotation_delta"
     assert "fractal20220817_data-train.tfrecord-00000-of-00002" in str(e.value)
-    m = convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=1, skip_corrupt=True),
+    # the failed run's folder is resumed only with the same options: other options replace it explicitly
+    with pytest.raises(ConversionError, match="written with another config"):
+        convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=1, skip_corrupt=True), progress=False)
+    m = convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=1, skip_corrupt=True, overwrite=True),
                         progress=False)
     assert m["episodes"] == 3 and m["extra"]["oxe"]["corrupt_episodes"] == 1
     (sk,) = m["extra"]["oxe"]["skipped_corrupt"]
@@ -284,19 +287,27 @@ def test_missing_features_json(tmp_path, capsys):
     assert "features.json: missing" in capsys.readouterr().err
 
 
-def test_resume_after_interruption_gives_identical_output(tmp_path):
+def test_resume_after_interruption_gives_identical_output(tmp_path, monkeypatch):
+    import whale_pl.data.oxe.convert as conv
+
     src, _ = rt1_dataset(tmp_path / "src", n_files=3, per_file=2)
     clean = tmp_path / "clean"
     convert_dataset(src, clean, ConvertOptions(size=16, workers=2), progress=False)
     # an interrupted run: file 1 finished its part, file 2 left a half-written part, no manifest
     out = tmp_path / "resumed"
     opts = ConvertOptions(size=16, workers=1, keep_parts=True)
-    plan = make_plan(src, load_schema(src), opts)
-    files = source_files(src, "train")
-    from dataclasses import asdict
-    job = lambda i: (str(src), str(files[i][0]), "train", i, files[i][1], asdict(plan), str(out), False)  # noqa: E731
-    done1 = convert_file(job(1))
-    assert done1["episodes"] == 2 and not done1["resumed"]
+    done = []
+
+    def interrupted(jobs, workers, progress, name):
+        done.append(convert_file(jobs[1]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv, "_iter_jobs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_dataset(src, out, opts, progress=False)
+    monkeypatch.undo()
+    (done1,) = done
+    assert done1["episodes"] == 2 and not done1["resumed"] and not (out / "manifest.json").exists()
     (out / PARTS / "train-00002").mkdir(parents=True)
     (out / PARTS / "train-00002" / "garbage").write_bytes(b"partial")
     (out / "shard-000000.tar").write_bytes(b"left by an interrupted merge")

@@ -39,7 +39,8 @@ except ImportError:  # pragma: no cover - lightning is a dependency
     import pytorch_lightning as L  # type: ignore
 
 from whale_pl.data.episode import ActionSpace, Episode
-from whale_pl.data.shards import (ShardError, iter_shard_episodes, read_manifest, safe_std, verify_dataset)
+from whale_pl.data.shards import (ShardError, episode_lengths, iter_shard_episodes, read_manifest, safe_std,
+                                  verify_dataset)
 
 log = logging.getLogger(__name__)
 
@@ -437,6 +438,12 @@ class ClipDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset())
 
+    def val_clip_count(self) -> int:
+        """Distinct validation clips the val splits hold at ``val_clip_len`` and ``frame_stride``: one per
+        (episode, start frame). Asking for more clips than this can only repeat clips."""
+        need = self.val_clip_len * self.frame_stride
+        return sum(max(0, n - need + 1) for d in self._load() for n in episode_lengths(d.path, d.m, self.val_splits))
+
     def with_epoch(self, steps_per_epoch: int) -> "ClipDataModule":
         self.steps_per_epoch = int(steps_per_epoch)
         return self
@@ -490,7 +497,8 @@ class MetaWorldDataModule(ClipDataModule):
     ``prepare_data`` (rank 0) collects the config into its ``out`` directory unless complete,
     verified shards of the same config are there; then clips are served as by ClipDataModule.
     ``out`` overrides the config's directory; ``collect_workers`` its worker count;
-    ``overwrite`` allows replacing a directory that holds a different config.
+    ``overwrite`` allows replacing a directory that holds another config's collection or anything
+    whale-data did not collect (without it, such a directory is refused, never wiped).
     """
 
     def __init__(self, config: str, out: str | None = None, collect_workers: int | None = None,

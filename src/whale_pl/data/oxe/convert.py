@@ -39,10 +39,13 @@ from whale_pl.data.oxe.standardize import (RecordError, Where, decode_frame, epi
                                            language_of, native_actions, standard_actions, step_array,
                                            step_bytes)
 from whale_pl.data.oxe.tfrecord import TFRecordError, iter_records_safe
+from whale_pl.data.ownership import claim, ownership
 from whale_pl.data.shards import MANIFEST, ShardWriter, iter_tar_samples, verify_dataset, write_json_atomic
+from whale_pl.data.workers import exit_with_parent
 
 log = logging.getLogger(__name__)
 PARTS = ".parts"
+KIND = "whale-data oxe"
 RLDS_TO_SHARD_SPLIT = {"train": "train", "val": "val", "validation": "val", "test": "val"}
 
 
@@ -389,7 +392,9 @@ def convert_file(job: tuple) -> dict:
                f"readable records ({n_ep} converted, {len(skipped)} skipped as corrupt)")
         if not skip_corrupt or n_ep + len(skipped) > expected:
             raise ConversionError(msg)
-        skipped.append({"file": path.name, "record": n_records, "error": msg})
+        # records lost where the framing could not be recovered: each one counts as a dropped episode
+        skipped.append({"file": path.name, "record": None, "episodes": expected - n_ep - len(skipped),
+                        "error": msg})
     summary = {"id": marker, "split": split, "file_index": file_index, "episodes": n_ep,
                "frames": n_frames, "skipped": skipped, "resumed": False,
                "cpu_s": time.process_time() - cpu0,
@@ -435,19 +440,14 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
         ident["max_episodes"] = int(limit)
 
     manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        m = json.loads(manifest_path.read_text())
-        if m.get("extra", {}).get("oxe", {}).get("id") == ident:
-            log.info("%s: already converted with the same source and options", out)
-            return m
-        if not opts.overwrite:
-            raise ConversionError(f"{out}: holds a different dataset (its manifest does not match this "
-                                  "source and these options); pass --overwrite to replace it")
-    elif out.exists() and any(out.iterdir()) and not (out / PARTS).is_dir() and not opts.overwrite:
-        # (a directory with PARTS is an interrupted conversion of ours: it resumes)
-        raise ConversionError(f"{out}: exists, is not empty and holds no conversion of ours; pass "
-                              "--overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
+    done = _finished_conversion(out, ident)
+    if done is not None:
+        log.info("%s: already converted with the same source and options", out)
+        return done
+    state, what = ownership(out, KIND, ident)
+    if state in ("other_config", "foreign") and not opts.overwrite:
+        raise ConversionError(f"{what}; pass --overwrite to replace it, or choose another --out")
+    claim(out, KIND, ident)  # before the first part: an interrupted conversion resumes only as ours
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     workers = opts.workers or min(len(jobs), os.cpu_count() or 1)
@@ -473,12 +473,13 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
                     w.write(ep, key=ep.sample["__key__"])
                     written[p["split"]] = written.get(p["split"], 0) + 1
         skipped = [s for p in summaries for s in p["skipped"]]
-        oxe.update(skipped_corrupt=skipped, corrupt_episodes=len(skipped),
-                   source_episodes=sum(p["episodes"] for p in summaries) + len(skipped))
+        n_skipped = sum(s.get("episodes", 1) for s in skipped)
+        oxe.update(skipped_corrupt=skipped, corrupt_episodes=n_skipped,
+                   source_episodes=sum(p["episodes"] for p in summaries) + n_skipped)
         if not any(p["episodes"] for p in summaries):
-            raise ConversionError(f"{src}: no episode converted ({len(skipped)} corrupt)")
+            raise ConversionError(f"{src}: no episode converted ({n_skipped} corrupt)")
     manifest = json.loads(manifest_path.read_text())
-    if manifest.get("extra", {}).get("oxe", {}).get("corrupt_episodes") != len(skipped):
+    if manifest.get("extra", {}).get("oxe", {}).get("corrupt_episodes") != n_skipped:
         raise ConversionError(f"{manifest_path}: the conversion record did not reach the manifest")
     if not opts.keep_parts:
         shutil.rmtree(out / PARTS, ignore_errors=True)
@@ -490,8 +491,17 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
                       max_rss_mb=max((p.get("max_rss_mb", 0.0) for p in summaries if not p["resumed"]),
                                      default=0.0))
     log.info("%s: %d episodes, %d frames in %.1f s (%d corrupt skipped)", out, manifest["episodes"],
-             manifest["frames"], dt, len(skipped))
+             manifest["frames"], dt, n_skipped)
     return manifest
+
+
+def _finished_conversion(out: Path, ident: dict) -> dict | None:
+    """The manifest of a finished conversion of ``ident`` in ``out`` (None if there is none)."""
+    try:
+        m = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("extra", {}).get("oxe", {}).get("id") == ident else None
 
 
 @dataclass
@@ -539,7 +549,8 @@ def _iter_jobs(jobs: list[tuple], workers: int, progress: bool, name: str):
                 bar.update(1)
         else:
             ctx = mp.get_context("forkserver")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=exit_with_parent,
+                                     initargs=(os.getpid(),)) as ex:
                 for r in ex.map(convert_file, jobs):
                     yield r
                     bar.update(1)
@@ -566,6 +577,7 @@ def convert_mixture(root: str | os.PathLike, datasets: list[tuple[str, float | N
     """
     opts = opts or ConvertOptions()
     root, out = Path(root), Path(out)
+    _check_mixture_root(out, opts.overwrite)
     names = [n.split("/")[0] for n, _ in datasets]
     if len(set(names)) != len(names):
         raise ConversionError(f"--datasets names a dataset twice: {names}")
@@ -605,6 +617,25 @@ def convert_mixture(root: str | os.PathLike, datasets: list[tuple[str, float | N
     tmp.write_text(yaml.safe_dump(dm, sort_keys=False))
     os.replace(tmp, out / DATAMODULE_FILE)
     return mixture
+
+
+def _check_mixture_root(out: Path, overwrite: bool) -> None:
+    """Refuse (unless ``overwrite``) to replace a mixture.json or datamodule.yaml that a mixture
+    conversion did not write."""
+    import yaml
+
+    for name, ours in ((MIXTURE_FILE, lambda t: json.loads(t).get("kind") == "whale_pl.mixture"),
+                       (DATAMODULE_FILE, lambda t: yaml.safe_load(t).get("class_path", "").startswith("whale_pl."))):
+        path = out / name
+        if not path.exists() or overwrite:
+            continue
+        try:
+            mine = path.is_file() and ours(path.read_text())
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+            mine = False
+        if not mine:
+            raise ConversionError(f"{path}: not written by whale-data oxe; pass --overwrite to replace it, "
+                                  "or choose another --out")
 
 
 def read_mixture(path: str | os.PathLike) -> tuple[list[str], list[float]]:
