@@ -21,16 +21,6 @@ import time
 PR_SET_PDEATHSIG = 1
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _arm_parent_death_signal() -> None:
     if not sys.platform.startswith("linux"):
         return
@@ -46,13 +36,10 @@ def _watch(parent: int, poll_s: float) -> None:
     os._exit(1)
 
 
-def exit_with_parent(starter_pid: int, poll_s: float = 0.5) -> None:
-    """Make this worker exit as soon as its parent dies. ``starter_pid`` is the process that started the
-    worker: its parent (spawn), or the grandparent whose forkserver (the parent) exits when it does."""
-    parent = os.getppid()
-    if parent != starter_pid and not _alive(starter_pid):
-        os._exit(1)
+def exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Make this worker exit as soon as ``parent_pid``, the process that spawned it, dies. (Workers must
+    be spawned, not started by a forkserver: every forkserver child keeps the forkserver alive.)"""
     _arm_parent_death_signal()
-    if os.getppid() != parent:  # the parent died before the signal was armed
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
         os._exit(1)
-    threading.Thread(target=_watch, args=(parent, poll_s), daemon=True, name="exit-with-parent").start()
+    threading.Thread(target=_watch, args=(parent_pid, poll_s), daemon=True, name="exit-with-parent").start()

@@ -548,7 +548,7 @@ def _iter_jobs(jobs: list[tuple], workers: int, progress: bool, name: str):
                 yield convert_file(j)
                 bar.update(1)
         else:
-            ctx = mp.get_context("forkserver")
+            ctx = mp.get_context("spawn")  # (not forkserver: its children keep it alive, see data/workers.py)
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=exit_with_parent,
                                      initargs=(os.getpid(),)) as ex:
                 for r in ex.map(convert_file, jobs):
