@@ -351,3 +351,21 @@ def test_relative_gripper_integration():
                                   [1, 1, 0, 0, 1, 1])
     np.testing.assert_array_equal(relative_gripper_to_absolute(np.array([0, -1, 0, 1])), [0, 1, 1, 0])
     np.testing.assert_array_equal(relative_gripper_to_absolute(np.zeros(3)), [1, 1, 1])
+
+
+def test_skip_corrupt_keeps_intact_neighbours_and_counts_every_dropped_episode(tmp_path):
+    src, _ = rt1_dataset(tmp_path / "src", n_files=2, per_file=3)
+    f0, f1 = [p for p, _ in source_files(src, "train")]
+    # file 0: record 1's length field damaged; records 0 and 2 are intact
+    recs = list(iter_records(f0))
+    raw = bytearray(f0.read_bytes())
+    raw[len(recs[0]) + 16] ^= 0x10
+    f0.write_bytes(bytes(raw))
+    # file 1: cut cleanly after its first record; dataset_info.json still promises 3
+    write_records(f1, list(iter_records(f1))[:1])
+    m = convert_dataset(src, tmp_path / "out", ConvertOptions(size=8, workers=1, skip_corrupt=True), progress=False)
+    ids = [e.meta["episode_id"] for e in iter_episodes(tmp_path / "out")]
+    assert ids == ["fractal20220817_data/train/00000/000000", "fractal20220817_data/train/00000/000002",
+                   "fractal20220817_data/train/00001/000000"]
+    oxe = m["extra"]["oxe"]
+    assert oxe["corrupt_episodes"] == 3 and oxe["source_episodes"] == 6  # record 1 of file 0, records 1-2 of file 1
