@@ -119,17 +119,7 @@ def _center_resize(img: np.ndarray, size: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------
 def test_registry_entries_are_well_formed():
-    for name in ["fractal20220817_data", "kuka", "bridge", "taco_play", "jaco_play", "berkeley_cable_routing",
-                 "roboturk", "viola", "berkeley_autolab_ur5", "toto", "language_table",
-                 "stanford_hydra_dataset_converted_externally_to_rlds",
-                 "austin_buds_dataset_converted_externally_to_rlds",
-                 "nyu_franka_play_dataset_converted_externally_to_rlds",
-                 "furniture_bench_dataset_converted_externally_to_rlds",
-                 "ucsd_kitchen_dataset_converted_externally_to_rlds", "bc_z", "utaustin_mutex",
-                 "berkeley_fanuc_manipulation", "cmu_stretch",
-                 "dlr_edan_shared_control_converted_externally_to_rlds",
-                 "iamlab_cmu_pickup_insert_converted_externally_to_rlds"]:
-        cfg = REGISTRY[name]
+    for cfg in REGISTRY.values():
         check_config(cfg)
         assert cfg.control_hz > 0 and cfg.frame_stride == max(1, round(cfg.control_hz / 5))
 
