@@ -186,6 +186,7 @@ def _video(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``whale eval``: dispatch to video, value or gifs; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: whale eval {video,value,gifs} ...\n  video  PSNR/SSIM/FVD of a checkpoint on a shard set\n"

@@ -86,6 +86,7 @@ def _verify(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``whale-data``: dispatch to a subcommand; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cmds = {"metaworld": _metaworld, "verify": _verify}
     if not argv or argv[0] in ("-h", "--help"):

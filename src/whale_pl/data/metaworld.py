@@ -55,6 +55,7 @@ _INTS = ("episodes_per_policy", "val_episodes_per_policy", "ood_episodes_per_pol
 
 
 def valid_tasks() -> list[str]:
+    """Names of all Meta-World v3 tasks."""
     import metaworld
 
     return sorted(metaworld.ALL_V3_ENVIRONMENTS)
@@ -82,6 +83,7 @@ class CollectConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "CollectConfig":
+        """A config from a dataset YAML; ``overrides`` that are not None replace its keys."""
         import yaml
 
         p = Path(path)
@@ -160,6 +162,7 @@ class CollectConfig:
 
 @dataclass(frozen=True)
 class Job:
+    """One episode to collect: its task, policy, split, index and seed."""
     index: int
     task: str
     policy: str
@@ -169,6 +172,7 @@ class Job:
 
 
 def episode_seed(base: int, task: str, policy: str, split: str, idx: int) -> int:
+    """The seed of one episode, from (config seed, task, policy, split, index) only."""
     ss = np.random.SeedSequence([base, zlib.crc32(task.encode()), zlib.crc32(policy.encode()), SPLIT_CODE[split], idx])
     return int(ss.generate_state(1, np.uint32)[0])
 
@@ -218,10 +222,12 @@ class MetaWorldEnv:
         self.control_hz = float(1.0 / self.env.dt)
 
     def render(self) -> np.ndarray:
+        """The current frame, upright, uint8 [size, size, 3]."""
         self.renderer.update_scene(self.env.data, camera=self.camera)
         return np.ascontiguousarray(self.renderer.render()[::-1])  # rows come out bottom-up
 
     def reset(self, seed: int) -> np.ndarray:
+        """Reset to the task variation and randomness of ``seed``; returns the first observation."""
         self.env.set_task(self.mt.train_tasks[seed % len(self.mt.train_tasks)])
         self.env.seed(seed)
         obs, _ = self.env.reset()
@@ -235,6 +241,7 @@ class MetaWorldEnv:
         return obs
 
     def close(self) -> None:
+        """Free the renderer and the simulator."""
         self.renderer.close()
         self.env.close()
 

@@ -53,10 +53,12 @@ class ShardError(ValueError):
 
 
 def shard_name(index: int) -> str:
+    """File name of shard ``index``."""
     return f"shard-{index:06d}.tar"
 
 
 def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -65,6 +67,7 @@ def sha256_file(path: str | Path) -> str:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file, fsync and rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as fh:
@@ -597,6 +600,7 @@ def episode_lengths(data_dir: str | Path, manifest: dict, splits: Iterable[str])
 
 
 def action_space_of(manifest: dict) -> ActionSpace:
+    """The dataset's ActionSpace from its manifest."""
     return ActionSpace.from_json(manifest["action_space"])
 
 

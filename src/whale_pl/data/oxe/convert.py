@@ -55,6 +55,7 @@ class ConversionError(ValueError):
 
 @dataclass
 class ConvertOptions:
+    """How to convert: frame size and crop, key overrides, splits, stride, workers, corrupt input."""
     size: int = 64                      # output frames are size x size; 0 keeps the native size
     crop: str = "center"                # "center" (crop to square) | "pad" (letterbox to square)
     camera: str | None = None           # override the primary camera (key under steps/observation/)
@@ -90,6 +91,7 @@ class Plan:
     splits: list[str] = field(default_factory=list)
 
     def fingerprint(self) -> str:
+        """Short sha256 of the plan (part markers and the conversion identity use it)."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -106,85 +108,17 @@ def _step_key(key: str) -> str:
 
 
 def make_plan(src: Path, schema: DatasetSchema, opts: ConvertOptions) -> Plan:
+    """What to read from ``src`` and how: the registry entry's choices (or the flags'), else the only
+    camera, flat action tensor and text key the schema has; ConversionError listing what is ambiguous."""
     dataset, version = src.parent.name, src.name
     cfg = reg.lookup(dataset)
     problems: list[str] = []
-    images = schema.image_keys()
-
-    if opts.camera:
-        camera = _obs_key(opts.camera)
-        if camera not in schema.features:
-            raise ConversionError(f"{schema.path}: --camera {opts.camera!r}: no image feature {camera!r}; "
-                                  f"image keys: {', '.join(images) or 'none'}")
-    elif cfg is not None:
-        camera = _obs_key(cfg.camera)
-        if camera not in schema.features:
-            raise ConversionError(f"{schema.path}: registry entry {dataset!r} names camera {camera!r}, "
-                                  f"which features.json lacks; image keys: {', '.join(images)}; "
-                                  "choose one with --camera KEY")
-    elif len(images) == 1:
-        camera = images[0]
-    else:
-        camera = ""
-        problems.append(f"{len(images)} camera keys ({', '.join(images) or 'none'}): choose one with "
-                        "--camera KEY")
-
-    if cfg is not None and opts.action_key is None:
-        reg.check_config(cfg)
-        action = {"registry": asdict(cfg.action)}
-        space = EEF7_ACTION_SPACE.to_json()
-    else:
-        cands = schema.numeric_step_keys("action")
-        flat = [k for k in cands if len(schema.features[k].shape) <= 1]
-        key = _step_key(opts.action_key) if opts.action_key else (flat[0] if len(cands) == 1 and flat else None)
-        if opts.action_key and key not in schema.features:
-            raise ConversionError(f"{schema.path}: --action-key {opts.action_key!r}: no step feature {key!r}; "
-                                  f"action tensors: {', '.join(cands) or 'none'}")
-        if key is None:
-            action, space = {}, {}
-            problems.append(f"action is not one flat tensor ({', '.join(cands) or 'none'}): register the "
-                            "dataset in whale_pl/data/oxe/registry.py, or choose one flat tensor with "
-                            "--action-key KEY")
-        else:
-            n = schema.features[key].size
-            if n is None:
-                raise ConversionError(f"{schema.path}: action {key!r} has unknown shape "
-                                      f"{schema.features[key].shape}")
-            action = {"native": key}
-            if n == 7:  # the standard layout: (dx, dy, dz, droll, dpitch, dyaw, gripper)
-                space = EEF7_ACTION_SPACE.to_json()
-            else:
-                space = ActionSpace(names=[f"a{i}" for i in range(n)], sum_dims=list(range(n))).to_json()
-
-    if opts.language_key in ("none", ""):
-        lang, enc = None, "utf8"
-    elif opts.language_key:
-        lang = _step_key(opts.language_key)
-        if lang not in schema.features:
-            raise ConversionError(f"{schema.path}: --language-key {opts.language_key!r}: no step feature "
-                                  f"{lang!r}; text keys: {', '.join(schema.text_step_keys()) or 'none'}")
-        enc = "codepoints" if schema.features[lang].kind == "tensor" else "utf8"
-    elif cfg is not None:
-        lang = _step_key(cfg.language) if cfg.language else None
-        enc = cfg.language_encoding
-        if lang is not None and lang not in schema.features:
-            raise ConversionError(f"{schema.path}: registry entry {dataset!r} names language key {lang!r}, "
-                                  f"which features.json lacks; text keys: "
-                                  f"{', '.join(schema.text_step_keys()) or 'none'}")
-    else:
-        texts = schema.text_step_keys()
-        enc = "utf8"
-        if len(texts) <= 1:
-            lang = texts[0] if texts else None
-        else:
-            lang = None
-            problems.append(f"{len(texts)} text keys ({', '.join(texts)}): choose the instruction with "
-                            "--language-key KEY")
-
+    camera = _plan_camera(schema, cfg, opts, dataset, problems)
+    action, space = _plan_action(schema, cfg, opts, problems)
+    lang, enc = _plan_language(schema, cfg, opts, dataset, problems)
     if problems:
         raise ConversionError(f"{schema.path}: dataset {dataset!r} is not in the OXE registry and its "
                               "schema is ambiguous:\n  - " + "\n  - ".join(problems))
-
     stride = opts.stride or (cfg.frame_stride if cfg else 1)
     if stride > 1 and ActionSpace.from_json(space).uncomposable_dims:
         raise ConversionError(f"{dataset}: frame stride {stride} needs composable actions; {space}")
@@ -193,6 +127,74 @@ def make_plan(src: Path, schema: DatasetSchema, opts: ConvertOptions) -> Plan:
                 action=action, action_space=space, registered=cfg is not None,
                 reward_key="steps/reward" if "steps/reward" in schema.features else None,
                 size=opts.size, crop=opts.crop, splits=list(opts.splits))
+
+
+def _plan_camera(schema: DatasetSchema, cfg, opts: ConvertOptions, dataset: str, problems: list[str]) -> str:
+    images = schema.image_keys()
+    if opts.camera:
+        camera = _obs_key(opts.camera)
+        if camera not in schema.features:
+            raise ConversionError(f"{schema.path}: --camera {opts.camera!r}: no image feature {camera!r}; "
+                                  f"image keys: {', '.join(images) or 'none'}")
+        return camera
+    if cfg is not None:
+        camera = _obs_key(cfg.camera)
+        if camera not in schema.features:
+            raise ConversionError(f"{schema.path}: registry entry {dataset!r} names camera {camera!r}, "
+                                  f"which features.json lacks; image keys: {', '.join(images)}; "
+                                  "choose one with --camera KEY")
+        return camera
+    if len(images) == 1:
+        return images[0]
+    problems.append(f"{len(images)} camera keys ({', '.join(images) or 'none'}): choose one with --camera KEY")
+    return ""
+
+
+def _plan_action(schema: DatasetSchema, cfg, opts: ConvertOptions, problems: list[str]) -> tuple[dict, dict]:
+    if cfg is not None and opts.action_key is None:
+        reg.check_config(cfg)
+        return {"registry": asdict(cfg.action)}, EEF7_ACTION_SPACE.to_json()
+    cands = schema.numeric_step_keys("action")
+    flat = [k for k in cands if len(schema.features[k].shape) <= 1]
+    key = _step_key(opts.action_key) if opts.action_key else (flat[0] if len(cands) == 1 and flat else None)
+    if opts.action_key and key not in schema.features:
+        raise ConversionError(f"{schema.path}: --action-key {opts.action_key!r}: no step feature {key!r}; "
+                              f"action tensors: {', '.join(cands) or 'none'}")
+    if key is None:
+        problems.append(f"action is not one flat tensor ({', '.join(cands) or 'none'}): register the "
+                        "dataset in whale_pl/data/oxe/registry.py, or choose one flat tensor with "
+                        "--action-key KEY")
+        return {}, {}
+    n = schema.features[key].size
+    if n is None:
+        raise ConversionError(f"{schema.path}: action {key!r} has unknown shape {schema.features[key].shape}")
+    if n == 7:  # the standard layout: (dx, dy, dz, droll, dpitch, dyaw, gripper)
+        return {"native": key}, EEF7_ACTION_SPACE.to_json()
+    return {"native": key}, ActionSpace(names=[f"a{i}" for i in range(n)], sum_dims=list(range(n))).to_json()
+
+
+def _plan_language(schema: DatasetSchema, cfg, opts: ConvertOptions, dataset: str,
+                   problems: list[str]) -> tuple[str | None, str]:
+    if opts.language_key in ("none", ""):
+        return None, "utf8"
+    if opts.language_key:
+        lang = _step_key(opts.language_key)
+        if lang not in schema.features:
+            raise ConversionError(f"{schema.path}: --language-key {opts.language_key!r}: no step feature "
+                                  f"{lang!r}; text keys: {', '.join(schema.text_step_keys()) or 'none'}")
+        return lang, "codepoints" if schema.features[lang].kind == "tensor" else "utf8"
+    if cfg is not None:
+        lang = _step_key(cfg.language) if cfg.language else None
+        if lang is not None and lang not in schema.features:
+            raise ConversionError(f"{schema.path}: registry entry {dataset!r} names language key {lang!r}, "
+                                  f"which features.json lacks; text keys: "
+                                  f"{', '.join(schema.text_step_keys()) or 'none'}")
+        return lang, cfg.language_encoding
+    texts = schema.text_step_keys()
+    if len(texts) <= 1:
+        return (texts[0] if texts else None), "utf8"
+    problems.append(f"{len(texts)} text keys ({', '.join(texts)}): choose the instruction with --language-key KEY")
+    return None, "utf8"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,6 +259,7 @@ def dataset_splits(src: Path) -> set[str]:
 # ------------------------------------------------------------------------------------------------
 def record_to_episode(data: bytes, schema: DatasetSchema, plan: Plan, where: Where, split: str,
                       file_index: int) -> Episode:
+    """One serialized RLDS episode -> Episode, under the plan (RecordError on any fault)."""
     try:
         ex = parse_example(data)
     except DecodeError as e:
@@ -310,6 +313,7 @@ def record_to_episode(data: bytes, schema: DatasetSchema, plan: Plan, where: Whe
 
 
 def episode_key(split: str, file_index: int, record: int) -> str:
+    """The shard sample key of a record: fixed by (split, file index, record index)."""
     return f"{split}-{file_index:05d}-{record:06d}"
 
 
@@ -422,22 +426,7 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
     except SchemaError as e:
         raise ConversionError(str(e)) from e
     plan = make_plan(src, schema, opts)
-    limit = opts.max_episodes
-    if limit is not None and int(limit) < 1:
-        raise ConversionError(f"max_episodes must be >= 1, got {limit}")
-    jobs = []
-    for split in opts.splits:
-        if split not in RLDS_TO_SHARD_SPLIT:
-            raise ConversionError(f"split {split!r}: expected one of {sorted(RLDS_TO_SHARD_SPLIT)}")
-        files = source_files(src, split)
-        if limit is not None:
-            files = _enough_files(files, int(limit))
-        for i, (path, expected) in enumerate(files):
-            jobs.append((str(src), str(path), split, i, expected, asdict(plan), str(out), opts.skip_corrupt, limit))
-    ident = {"plan": plan.fingerprint(), "sources": [_source_id(Path(j[1])) for j in jobs],
-             "skip_corrupt": opts.skip_corrupt, "episodes_per_shard": opts.episodes_per_shard}
-    if limit is not None:  # (absent otherwise, so conversions made before the option still match)
-        ident["max_episodes"] = int(limit)
+    jobs, ident = _plan_jobs(src, out, plan, opts)
 
     manifest_path = out / MANIFEST
     done = _finished_conversion(out, ident)
@@ -459,10 +448,53 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
                         else "letterbox (black) to square, antialiased bilinear resize"),
         "gripper_convention": "absolute opening in [0, 1]: 1 = open, 0 = closed",
     }
-    extra = {"oxe": oxe}
+    summaries, n_skipped = _merge_parts(src, out, jobs, opts, plan, oxe, workers, progress)
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("extra", {}).get("oxe", {}).get("corrupt_episodes") != n_skipped:
+        raise ConversionError(f"{manifest_path}: the conversion record did not reach the manifest")
+    if not opts.keep_parts:
+        shutil.rmtree(out / PARTS, ignore_errors=True)
+    dt = time.perf_counter() - t0
+    if timing is not None:
+        fresh = [p for p in summaries if not p["resumed"]]
+        timing.update(wall_s=dt, cpu_s=time.process_time() - cpu0 + sum(p.get("cpu_s", 0.0) for p in fresh),
+                      parts=len(summaries), parts_resumed=len(summaries) - len(fresh),
+                      max_rss_mb=max((p.get("max_rss_mb", 0.0) for p in fresh), default=0.0))
+    log.info("%s: %d episodes, %d frames in %.1f s (%d corrupt skipped)", out, manifest["episodes"],
+             manifest["frames"], dt, n_skipped)
+    return manifest
+
+
+def _plan_jobs(src: Path, out: Path, plan: Plan, opts: ConvertOptions) -> tuple[list[tuple], dict]:
+    """One ``convert_file`` job per source file of each split, and the conversion's identity (the plan,
+    the source files' sizes and times, the options that change the output)."""
+    limit = opts.max_episodes
+    if limit is not None and int(limit) < 1:
+        raise ConversionError(f"max_episodes must be >= 1, got {limit}")
+    jobs = []
+    for split in opts.splits:
+        if split not in RLDS_TO_SHARD_SPLIT:
+            raise ConversionError(f"split {split!r}: expected one of {sorted(RLDS_TO_SHARD_SPLIT)}")
+        files = source_files(src, split)
+        if limit is not None:
+            files = _enough_files(files, int(limit))
+        for i, (path, expected) in enumerate(files):
+            jobs.append((str(src), str(path), split, i, expected, asdict(plan), str(out), opts.skip_corrupt, limit))
+    ident = {"plan": plan.fingerprint(), "sources": [_source_id(Path(j[1])) for j in jobs],
+             "skip_corrupt": opts.skip_corrupt, "episodes_per_shard": opts.episodes_per_shard}
+    if limit is not None:  # (absent otherwise, so conversions made before the option still match)
+        ident["max_episodes"] = int(limit)
+    return jobs, ident
+
+
+def _merge_parts(src: Path, out: Path, jobs: list[tuple], opts: ConvertOptions, plan: Plan, oxe: dict,
+                 workers: int, progress: bool) -> tuple[list[dict], int]:
+    """Convert the parts and merge them, in file order as each is done while the workers go on, into
+    ``out``; ``oxe`` (the manifest's conversion record) gets the corrupt-episode counts. Returns the
+    parts' summaries and the number of episodes skipped as corrupt."""
+    limit = opts.max_episodes
     summaries: list[dict] = []
-    # parts are merged in file order as soon as each is done, while the workers go on
-    with ShardWriter(out, episodes_per_shard=opts.episodes_per_shard, overwrite=True, extra=extra) as w:
+    with ShardWriter(out, episodes_per_shard=opts.episodes_per_shard, overwrite=True, extra={"oxe": oxe}) as w:
         written: dict[str, int] = {}
         for p in _iter_jobs(jobs, workers, progress, plan.dataset):
             summaries.append(p)
@@ -478,21 +510,7 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
                    source_episodes=sum(p["episodes"] for p in summaries) + n_skipped)
         if not any(p["episodes"] for p in summaries):
             raise ConversionError(f"{src}: no episode converted ({n_skipped} corrupt)")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("extra", {}).get("oxe", {}).get("corrupt_episodes") != n_skipped:
-        raise ConversionError(f"{manifest_path}: the conversion record did not reach the manifest")
-    if not opts.keep_parts:
-        shutil.rmtree(out / PARTS, ignore_errors=True)
-    dt = time.perf_counter() - t0
-    if timing is not None:
-        timing.update(wall_s=dt, cpu_s=time.process_time() - cpu0 + sum(p.get("cpu_s", 0.0) for p in summaries
-                                                                          if not p["resumed"]),
-                      parts=len(summaries), parts_resumed=sum(bool(p["resumed"]) for p in summaries),
-                      max_rss_mb=max((p.get("max_rss_mb", 0.0) for p in summaries if not p["resumed"]),
-                                     default=0.0))
-    log.info("%s: %d episodes, %d frames in %.1f s (%d corrupt skipped)", out, manifest["episodes"],
-             manifest["frames"], dt, n_skipped)
-    return manifest
+    return summaries, n_skipped
 
 
 def _finished_conversion(out: Path, ident: dict) -> dict | None:

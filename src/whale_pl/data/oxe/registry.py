@@ -36,6 +36,7 @@ TARGET_HZ = 5.0  # frame strides bring every dataset near this rate
 
 @dataclass(frozen=True)
 class ActionMap:
+    """How a dataset's native action maps to the 7-D end-effector action (see the module docstring)."""
     xyz: str | None                   # spec of the translation delta (<= 3 values; zero-padded)
     rot: str | None                   # spec of the rotation delta; None -> zeros
     gripper: str | None               # spec of the gripper command; None with const_* modes
@@ -46,6 +47,7 @@ class ActionMap:
 
 @dataclass(frozen=True)
 class DatasetConfig:
+    """One registered OXE dataset: camera, action mapping, language key, rate and frame stride."""
     name: str
     camera: str                       # primary camera, key under steps/observation/
     action: ActionMap
@@ -57,6 +59,7 @@ class DatasetConfig:
     notes: str = ""
 
     def to_json(self) -> dict:
+        """The entry as plain data (stored in the manifest)."""
         return asdict(self)
 
 
@@ -188,6 +191,7 @@ ROT_FORMATS = ("euler", "euler_deg", "quat_xyzw", "rotvec")
 
 
 def lookup(name: str) -> DatasetConfig | None:
+    """The registry entry of ``name`` (None if it is not registered)."""
     return REGISTRY.get(name)
 
 
