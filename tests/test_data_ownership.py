@@ -100,7 +100,7 @@ def test_own_interrupted_collection_is_recollected_and_overwrite_replaces(tmp_pa
     verify_dataset(out)
 
 
-def test_oxe_converter_refuses_folders_it_did_not_write(tmp_path):
+def test_oxe_converter_refuses_folders_it_did_not_write(tiny_config, tmp_path):
     src, _ = rt1_dataset(tmp_path / "src", n_files=1, per_file=1)
     opts = ConvertOptions(size=8, workers=1)
     # a folder with a '.parts' subfolder of someone else's: not resumed (its parts were once deleted)
@@ -129,3 +129,6 @@ def test_oxe_converter_refuses_folders_it_did_not_write(tmp_path):
     # overwrite replaces explicitly
     m = convert_dataset(src, out, ConvertOptions(size=8, workers=1, overwrite=True), progress=False)
     assert m["episodes"] == 1 and json.loads((out / MARKER).read_text())["kind"] == "whale-data oxe"
+    # and the Meta-World collector will not take the converter's folder
+    status, why = dataset_status(dataclasses.replace(tiny_config, out=str(out)))
+    assert status == "foreign" and why.startswith(f"{out} was written by 'whale-data oxe', not 'whale-data metaworld'")

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from whale_pl.data.episode import METAWORLD_ACTION_SPACE, Episode
-from whale_pl.data.ownership import claim, config_hash, describe, ownership
+from whale_pl.data.ownership import claim, config_hash, ownership
 from whale_pl.data.policies import PolicyNameError, parse_policy
 from whale_pl.data.shards import ShardError, ShardWriter, verify_dataset
 from whale_pl.data.workers import exit_with_parent
@@ -405,7 +405,7 @@ def dataset_status(cfg: CollectConfig) -> tuple[str, str]:
     if have == want:  # (datasets collected before the marker existed have none)
         return "complete", "ok"
     if have is None:
-        return "foreign", f"{out} {describe(out)}, not collected by {KIND}"
+        return "foreign", f"{what}; its dataset was not collected by {KIND}"
     return "different", f"{out} was collected with another config (hash {config_hash(have)} != {config_hash(want)})"
 
 
