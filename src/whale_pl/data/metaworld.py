@@ -18,6 +18,9 @@ is recorded per decision. Meta-World simulates at 80 Hz: on the demo data the ha
 on average (13.0 mm at R = 4) and 4 % of tokens change from one frame to the next; the Open
 X-Embodiment datasets in ``oxe/registry.py`` record at 2-30 Hz, most at 5-10. ``max_steps`` counts
 decisions: an episode spans ``max_steps * action_repeat`` simulator steps (at most 500).
+
+The collector writes only into an empty ``out`` folder or one whose ``.whale_collect.json`` marker
+says it holds a collection of this config (``ownership.py``); anything else needs ``overwrite``.
 """
 
 from __future__ import annotations
