@@ -642,8 +642,9 @@ def _check_mixture_root(out: Path, overwrite: bool) -> None:
     conversion did not write."""
     import yaml
 
+    dm_class = "whale_pl.data.datamodule.ClipDataModule"
     for name, ours in ((MIXTURE_FILE, lambda t: json.loads(t).get("kind") == "whale_pl.mixture"),
-                       (DATAMODULE_FILE, lambda t: yaml.safe_load(t).get("class_path", "").startswith("whale_pl."))):
+                       (DATAMODULE_FILE, lambda t: yaml.safe_load(t).get("class_path") == dm_class)):
         path = out / name
         if not path.exists() or overwrite:
             continue
