@@ -31,3 +31,49 @@ def test_oxe_dispatch():
     with pytest.raises(SystemExit) as e:
         main(["oxe", "--help"])
     assert e.value.code == 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"episodes_per_policy": 2.5}, "episodes_per_policy must be an integer, got 2.5"),
+    ({"tasks": "push-v3"}, "tasks must be a list of names, got the string 'push-v3' (write [push-v3])"),
+    ({"camera": "bogus"}, "unknown camera 'bogus'; valid cameras: ['topview', 'corner', 'corner2'"),
+    ({"size": 100000}, "size 100000 > 480"),
+])
+def test_bad_config_values_get_one_line_before_any_work(bad, message, tiny_config, tmp_path, capsys):
+    import dataclasses
+
+    import yaml
+
+    out = tmp_path / "never"
+    cfg = {**dataclasses.asdict(tiny_config), "out": str(out), **bad}
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["metaworld", "--config", str(tmp_path / "data.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()  # nothing was started
+    flag = {"camera": ["--camera", "bogus"], "size": ["--size", "100000"]}.get(next(iter(bad)))
+    if flag:  # the same from the command line
+        assert main(["metaworld", "--tasks", "push-v3", "--policies", "expert", "--out", str(out), *flag]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and not out.exists()
+
+
+def test_verify_checks_the_manifest_counts_against_the_shards(tiny_shards, tmp_path, capsys):
+    import json
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(tiny_shards, d)
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**m, "episodes": 23}))
+    assert main(["verify", str(d)]) == 1
+    assert "manifest says 23 episodes, its shards hold 22" in capsys.readouterr().err
+    # counts that agree with each other but not with the samples: found by decoding every shard
+    sh = m["shards"][0]
+    sh["frames"] += 5
+    m["frames"] += 5
+    m["splits"][sh["split"]]["frames"] += 5
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert main(["verify", str(d)]) == 1
+    assert f"{sh['name']}: holds 2 episodes / {sh['frames'] - 5} frames, the manifest says 2 / {sh['frames']}" \
+        in capsys.readouterr().err

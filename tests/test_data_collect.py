@@ -208,3 +208,25 @@ def test_action_repeat_config_checks_and_dataset_identity(tiny_shards, tiny_conf
     other = dataclasses.replace(tiny_config, action_repeat=2)
     assert other.data_json()["action_repeat"] == 2
     assert dataset_status(other)[0] == "different"
+
+
+def test_camera_names_and_size_limit_match_the_models():
+    """CollectConfig checks cameras and size against constants; they are the real models' (no rendering here)."""
+    import metaworld
+
+    from whale_pl.data.metaworld import CAMERAS, MAX_SIZE
+
+    for task in ("push-v3", "door-open-v3"):
+        env = metaworld.ALL_V3_ENVIRONMENTS[task]()
+        try:
+            m = env.model
+            assert tuple(m.camera(i).name for i in range(m.ncam)) == CAMERAS
+            assert min(m.vis.global_.offwidth, m.vis.global_.offheight) == MAX_SIZE
+        finally:
+            env.close()
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        CollectConfig(tasks=["push-v3"], train_policies=["expert"], seed=-1)
+    with pytest.raises(ValueError, match=r"ood_policies must be a list of names, got \{'noise_1.0': 1\}"):
+        CollectConfig(tasks=["push-v3"], train_policies=["expert"], ood_policies={"noise_1.0": 1})
+    with pytest.raises(ValueError, match="workers must be an integer, got True"):
+        CollectConfig(tasks=["push-v3"], train_policies=["expert"], workers=True)

@@ -93,3 +93,37 @@ def test_checkpoint_without_class_and_bad_subcommands(tmp_path, capsys):
         load_stage_module(p)
     assert main(["bogus"]) == 2 and "unknown subcommand 'bogus'" in capsys.readouterr().err
     assert main([]) == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0", "--no-fvd"], "--batch-size must be >= 1, got 0"),
+    (["--clip-len", "1", "--no-fvd"], "--clip-len must be >= 2 (a video needs 2 frames), got 1"),
+    (["--clip-len", "4"], "--clip-len must be >= 9 (FVD's I3D needs them; --no-fvd allows 2), got 4"),
+    (["--num-clips", "0", "--no-fvd"], "--num-clips must be >= 1, got 0"),
+    (["--out", "."], "--out . is a directory"),
+])
+def test_bad_video_arguments_get_one_line_before_any_work(flags, message, tiny_shards, monkeypatch, capsys):
+    import whale_pl.eval_cli as ec
+
+    def no_work(*a, **k):
+        raise AssertionError("the checkpoint was loaded")
+
+    monkeypatch.setattr(ec, "load_stage_module", no_work)
+    assert main(["video", "--ckpt", "x.ckpt", "--shards", str(tiny_shards), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"whale eval video: error: {message}"), err
+
+
+def test_more_clips_than_the_split_holds_is_refused(trained, tiny_shards, tmp_path, capsys):
+    ckpt, _, _ = trained
+    dm = ClipDataModule(str(tiny_shards), clip_len=4, num_workers=0, rank=0, world_size=1)
+    assert dm.val_clip_count() == 6 * (24 - 4 + 1)  # 6 val episodes of 24 frames: 21 starts each
+    dm2 = ClipDataModule(str(tiny_shards), clip_len=4, frame_stride=3, num_workers=0, rank=0, world_size=1)
+    assert dm2.val_clip_count() == 6 * (24 - 12 + 1)
+    out = tmp_path / "m.json"
+    assert main(["video", "--ckpt", str(ckpt), "--shards", str(tiny_shards), "--num-clips", "127", "--clip-len",
+                 "4", "--no-fvd", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "split 'val' holds 126 distinct clips of 4 frames at stride 1; --num-clips 127 would " \
+        "repeat clips" in err[0], err
+    assert not out.exists()

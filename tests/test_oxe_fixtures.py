@@ -119,17 +119,7 @@ def _center_resize(img: np.ndarray, size: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------
 def test_registry_entries_are_well_formed():
-    for name in ["fractal20220817_data", "kuka", "bridge", "taco_play", "jaco_play", "berkeley_cable_routing",
-                 "roboturk", "viola", "berkeley_autolab_ur5", "toto", "language_table",
-                 "stanford_hydra_dataset_converted_externally_to_rlds",
-                 "austin_buds_dataset_converted_externally_to_rlds",
-                 "nyu_franka_play_dataset_converted_externally_to_rlds",
-                 "furniture_bench_dataset_converted_externally_to_rlds",
-                 "ucsd_kitchen_dataset_converted_externally_to_rlds", "bc_z", "utaustin_mutex",
-                 "berkeley_fanuc_manipulation", "cmu_stretch",
-                 "dlr_edan_shared_control_converted_externally_to_rlds",
-                 "iamlab_cmu_pickup_insert_converted_externally_to_rlds"]:
-        cfg = REGISTRY[name]
+    for cfg in REGISTRY.values():
         check_config(cfg)
         assert cfg.control_hz > 0 and cfg.frame_stride == max(1, round(cfg.control_hz / 5))
 
@@ -226,7 +216,10 @@ def test_missing_key_names_file_record_and_key_then_skip(tmp_path):
         convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=2), progress=False)
     assert e.value.index == 1 and e.value.key == "steps/action/rotation_delta"
     assert "fractal20220817_data-train.tfrecord-00000-of-00002" in str(e.value)
-    m = convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=1, skip_corrupt=True),
+    # the failed run's folder is resumed only with the same options: other options replace it explicitly
+    with pytest.raises(ConversionError, match="written with another config"):
+        convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=1, skip_corrupt=True), progress=False)
+    m = convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=1, skip_corrupt=True, overwrite=True),
                         progress=False)
     assert m["episodes"] == 3 and m["extra"]["oxe"]["corrupt_episodes"] == 1
     (sk,) = m["extra"]["oxe"]["skipped_corrupt"]
@@ -284,19 +277,27 @@ def test_missing_features_json(tmp_path, capsys):
     assert "features.json: missing" in capsys.readouterr().err
 
 
-def test_resume_after_interruption_gives_identical_output(tmp_path):
+def test_resume_after_interruption_gives_identical_output(tmp_path, monkeypatch):
+    import whale_pl.data.oxe.convert as conv
+
     src, _ = rt1_dataset(tmp_path / "src", n_files=3, per_file=2)
     clean = tmp_path / "clean"
     convert_dataset(src, clean, ConvertOptions(size=16, workers=2), progress=False)
     # an interrupted run: file 1 finished its part, file 2 left a half-written part, no manifest
     out = tmp_path / "resumed"
     opts = ConvertOptions(size=16, workers=1, keep_parts=True)
-    plan = make_plan(src, load_schema(src), opts)
-    files = source_files(src, "train")
-    from dataclasses import asdict
-    job = lambda i: (str(src), str(files[i][0]), "train", i, files[i][1], asdict(plan), str(out), False)  # noqa: E731
-    done1 = convert_file(job(1))
-    assert done1["episodes"] == 2 and not done1["resumed"]
+    done = []
+
+    def interrupted(jobs, workers, progress, name):
+        done.append(convert_file(jobs[1]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv, "_iter_jobs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_dataset(src, out, opts, progress=False)
+    monkeypatch.undo()
+    (done1,) = done
+    assert done1["episodes"] == 2 and not done1["resumed"] and not (out / "manifest.json").exists()
     (out / PARTS / "train-00002").mkdir(parents=True)
     (out / PARTS / "train-00002" / "garbage").write_bytes(b"partial")
     (out / "shard-000000.tar").write_bytes(b"left by an interrupted merge")
@@ -340,3 +341,21 @@ def test_relative_gripper_integration():
                                   [1, 1, 0, 0, 1, 1])
     np.testing.assert_array_equal(relative_gripper_to_absolute(np.array([0, -1, 0, 1])), [0, 1, 1, 0])
     np.testing.assert_array_equal(relative_gripper_to_absolute(np.zeros(3)), [1, 1, 1])
+
+
+def test_skip_corrupt_keeps_intact_neighbours_and_counts_every_dropped_episode(tmp_path):
+    src, _ = rt1_dataset(tmp_path / "src", n_files=2, per_file=3)
+    f0, f1 = [p for p, _ in source_files(src, "train")]
+    # file 0: record 1's length field damaged; records 0 and 2 are intact
+    recs = list(iter_records(f0))
+    raw = bytearray(f0.read_bytes())
+    raw[len(recs[0]) + 16] ^= 0x10
+    f0.write_bytes(bytes(raw))
+    # file 1: cut cleanly after its first record; dataset_info.json still promises 3
+    write_records(f1, list(iter_records(f1))[:1])
+    m = convert_dataset(src, tmp_path / "out", ConvertOptions(size=8, workers=1, skip_corrupt=True), progress=False)
+    ids = [e.meta["episode_id"] for e in iter_episodes(tmp_path / "out")]
+    assert ids == ["fractal20220817_data/train/00000/000000", "fractal20220817_data/train/00000/000002",
+                   "fractal20220817_data/train/00001/000000"]
+    oxe = m["extra"]["oxe"]
+    assert oxe["corrupt_episodes"] == 3 and oxe["source_episodes"] == 6  # record 1 of file 0, records 1-2 of file 1

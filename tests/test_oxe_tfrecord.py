@@ -110,3 +110,29 @@ def test_length_field_layout():
     rec = encode_record(b"hello")
     (n,) = struct.unpack("<Q", rec[:8])
     assert n == 5 and rec[12:17] == b"hello"
+
+
+def test_damaged_record_never_takes_an_intact_neighbour(tmp_path):
+    p = tmp_path / "d.tfrecord"
+    recs = [b"first" * 20, b"second" * 20, b"third" * 20, b"fourth" * 20]
+    write_records(p, recs)
+    raw = p.read_bytes()
+    starts = np.cumsum([0] + [len(r) + 16 for r in recs])
+    # record 1's length field corrupted: framing at record 1 lost, records 2 and 3 still read
+    bad = bytearray(raw)
+    bad[starts[1]] ^= 0x40
+    p.write_bytes(bytes(bad))
+    items = list(iter_records_safe(p))
+    assert [i for i, _ in items] == [0, 1, 2, 3] and "length CRC" in str(items[1][1])
+    assert [x for _, x in items if not isinstance(x, TFRecordError)] == [recs[0], recs[2], recs[3]]
+    # 7 bytes cut out of record 1's payload: its CRC fails and no header follows it; resynchronised
+    p.write_bytes(raw[:starts[1] + 20] + raw[starts[1] + 27:])
+    items = list(iter_records_safe(p))
+    assert [x for _, x in items if not isinstance(x, TFRecordError)] == [recs[0], recs[2], recs[3]]
+    assert len(items) == 4
+    # a damaged last record: the intact ones before it are kept, nothing invented after it
+    bad = bytearray(raw)
+    bad[starts[3] + 13] ^= 0x01
+    p.write_bytes(bytes(bad))
+    items = list(iter_records_safe(p))
+    assert [x for _, x in items[:3]] == recs[:3] and "data CRC mismatch" in str(items[3][1]) and len(items) == 4

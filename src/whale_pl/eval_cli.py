@@ -78,6 +78,7 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
 
     from whale_pl.callbacks import call_eval_videos
     from whale_pl.data.datamodule import ClipDataModule
+    from whale_pl.data.shards import ShardError
     from whale_pl.lit.handoff import SPEC_KEYS, check_data_spec
     from whale_pl.metrics.fvd import make_fvd
     from whale_pl.metrics.video import VideoEvaluator
@@ -91,6 +92,10 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
     if stored is not None:
         check_data_spec(stored, dm.data_spec, where=f"evaluating on {shards}",
                         keys=[k for k in SPEC_KEYS if k in dm.data_spec])
+    available = dm.val_clip_count()
+    if num_clips > available:
+        raise ShardError(f"{shards}: split {split!r} holds {available} distinct clips of {clip_len} frames at stride "
+                         f"{stride}; --num-clips {num_clips} would repeat clips")
     evaluator = VideoEvaluator(make_fvd(i3d_path, device) if fvd else None)
     module = module.to(device).eval()
     with tqdm(total=num_clips, desc="eval video", unit="clip", disable=None) as bar:
@@ -109,12 +114,32 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
     return out
 
 
+class _ArgError(ValueError):
+    """A `whale eval video` argument that cannot work, found before any work starts."""
+
+
+def _check_video_args(a: argparse.Namespace) -> None:
+    """One clear error for the first unusable argument, before the checkpoint or the data is read."""
+    from whale_pl.metrics.fvd import I3D_MIN_FRAMES
+
+    clip_why = " (a video needs 2 frames)" if a.no_fvd else " (FVD's I3D needs them; --no-fvd allows 2)"
+    for flag, value, least, why in (("--num-clips", a.num_clips, 1, ""), ("--batch-size", a.batch_size, 1, ""),
+                                    ("--clip-len", a.clip_len, 2 if a.no_fvd else I3D_MIN_FRAMES, clip_why)):
+        if value < least:
+            raise _ArgError(f"{flag} must be >= {least}{why}, got {value}")
+    if a.out and Path(a.out).is_dir():
+        raise _ArgError(f"--out {a.out} is a directory; give the path of the metrics JSON file to write")
+    if not Path(a.shards).is_dir():
+        raise _ArgError(f"--shards {a.shards}: no such dataset directory")
+
+
 def _video(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="whale eval video", description="PSNR, SSIM and FVD of a checkpoint "
                                 "on validation clips of a shard set (the EvalCallback's figures, offline).")
     p.add_argument("--ckpt", required=True, help="stage checkpoint (.ckpt)")
     p.add_argument("--shards", required=True, help="dataset directory (shards + manifest.json)")
-    p.add_argument("--num-clips", type=int, default=64)
+    p.add_argument("--num-clips", type=int, default=64,
+                   help="clips to evaluate: at most the distinct (episode, start) clips the split holds")
     p.add_argument("--clip-len", type=int, default=16, help="frames per clip (FVD needs >= 9)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--split", default="val", help="manifest split to take clips from (val, ood, train)")
@@ -125,11 +150,17 @@ def _video(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the metrics as JSON here (atomic)")
     a = p.parse_args(argv)
-    if a.num_clips < 1:
-        p.error(f"--num-clips must be >= 1, got {a.num_clips}")
-    module = load_stage_module(a.ckpt, a.class_path, a.device)
-    out = evaluate_video(module, a.shards, a.num_clips, a.clip_len, a.batch_size, a.split, not a.no_fvd,
-                         a.i3d, a.device, a.seed)
+    from whale_pl.data.shards import ShardError
+    from whale_pl.lit.handoff import HandoffError
+
+    try:
+        _check_video_args(a)
+        module = load_stage_module(a.ckpt, a.class_path, a.device)
+        out = evaluate_video(module, a.shards, a.num_clips, a.clip_len, a.batch_size, a.split, not a.no_fvd,
+                             a.i3d, a.device, a.seed)
+    except (_ArgError, FileNotFoundError, ShardError, HandoffError) as e:
+        print(f"whale eval video: error: {e}", file=sys.stderr)
+        return 2
     out["ckpt"] = str(a.ckpt)
     if a.out:
         write_json_atomic(a.out, out)

@@ -3,7 +3,7 @@
     whale-data metaworld --config stages/demo/data.yaml [--out DIR] [--workers N] [--overwrite]
     whale-data metaworld --tasks door-open-v3 push-v3 --policies expert noise_0.1 \\
         --ood-policies noise_1.0 --episodes-per-policy 4 --size 64 --camera corner2 --out DIR
-    whale-data verify DIR [DIR ...]        # checksums + decode every sample, print a summary
+    whale-data verify DIR [DIR ...]        # checksums, manifest counts, decode every sample; print a summary
     whale-data oxe ...                     # Open X-Embodiment conversion (whale_pl.data.oxe.cli)
 """
 
@@ -33,8 +33,9 @@ def _metaworld(argv: Sequence[str]) -> int:
     p.add_argument("--episodes-per-shard", type=int)
     p.add_argument("--out", help="output dataset directory")
     p.add_argument("--workers", type=int, help="render worker processes (default 2)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
-    p.add_argument("--force", action="store_true", help="collect even if complete shards of this config exist")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --out holds (another config's collection, or files whale-data did not write)")
+    p.add_argument("--force", action="store_true", help="collect again even if complete shards of this config exist")
     a = p.parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
     from whale_pl.data.metaworld import CollectConfig, collect, ensure_collected
@@ -71,21 +72,21 @@ def _verify(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="whale-data verify", description="Verify dataset directories completely.")
     p.add_argument("dirs", nargs="+")
     a = p.parse_args(argv)
-    from whale_pl.data.shards import ShardError, iter_episodes, verify_dataset
+    from whale_pl.data.shards import ShardError, read_manifest, verify_contents
 
     for d in a.dirs:
         try:
-            m = verify_dataset(d)
-            n = sum(1 for _ in iter_episodes(d, verify=False))
+            n, _ = verify_contents(d)
         except ShardError as e:
             print(f"whale-data verify: error: {e}", file=sys.stderr)
             return 1
-        _summary(d, m)
+        _summary(d, read_manifest(d))
         print(f"{d}: OK ({n} episodes decoded and checked)")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``whale-data``: dispatch to a subcommand; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cmds = {"metaworld": _metaworld, "verify": _verify}
     if not argv or argv[0] in ("-h", "--help"):

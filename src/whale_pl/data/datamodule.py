@@ -39,7 +39,8 @@ except ImportError:  # pragma: no cover - lightning is a dependency
     import pytorch_lightning as L  # type: ignore
 
 from whale_pl.data.episode import ActionSpace, Episode
-from whale_pl.data.shards import (ShardError, iter_shard_episodes, read_manifest, safe_std, verify_dataset)
+from whale_pl.data.shards import (ShardError, episode_lengths, iter_shard_episodes, read_manifest, safe_std,
+                                  verify_dataset)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class ClipStream(IterableDataset):
         return self
 
     def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that seeds the train clips."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
@@ -344,18 +346,22 @@ class ClipDataModule(L.LightningDataModule):
 
     @property
     def families(self) -> list[str]:
+        """Behavior-policy families of all directories, sorted."""
         return sorted({f for d in self._load() for f in d.m["families"]})
 
     @property
     def policies(self) -> list[str]:
+        """Behavior-policy names of all directories, sorted."""
         return sorted({p for d in self._load() for p in d.m["policies"]})
 
     @property
     def ood_policies(self) -> list[str]:
+        """Policies that appear only in the ood split."""
         return sorted({n for d in self._load() for n, p in d.m["policies"].items() if set(p["splits"]) == {"ood"}})
 
     @property
     def state_dim(self) -> int:
+        """The proprioceptive state size shared by all directories (0 if they differ)."""
         dims = {d.m["state_dim"] for d in self._load()}
         return dims.pop() if len(dims) == 1 else 0
 
@@ -382,6 +388,7 @@ class ClipDataModule(L.LightningDataModule):
 
     # ---- Lightning --------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
+        """Resolve rank and world size (explicit, else from the Trainer) and load the manifests."""
         if self.rank is None or self.world_size is None:
             tr = getattr(self, "trainer", None)
             self._rank = tr.global_rank if tr is not None else 0
@@ -429,15 +436,25 @@ class ClipDataModule(L.LightningDataModule):
         return self._train_ds
 
     def val_dataset(self) -> ClipStream:
+        """A fresh validation stream (the same clips every time)."""
         return self._stream(train=False)
 
     def train_dataloader(self) -> DataLoader:
+        """Loader of ``steps_per_epoch`` train batches per rank."""
         return self._loader(self.train_dataset())
 
     def val_dataloader(self) -> DataLoader:
+        """Loader of ``val_steps`` validation batches per rank."""
         return self._loader(self.val_dataset())
 
+    def val_clip_count(self) -> int:
+        """Distinct validation clips the val splits hold at ``val_clip_len`` and ``frame_stride``: one per
+        (episode, start frame). Asking for more clips than this can only repeat clips."""
+        need = self.val_clip_len * self.frame_stride
+        return sum(max(0, n - need + 1) for d in self._load() for n in episode_lengths(d.path, d.m, self.val_splits))
+
     def with_epoch(self, steps_per_epoch: int) -> "ClipDataModule":
+        """Set the train epoch length in batches per rank; returns self."""
         self.steps_per_epoch = int(steps_per_epoch)
         return self
 
@@ -481,6 +498,7 @@ class ClipDataModule(L.LightningDataModule):
         return out
 
     def manifest(self, dataset: int = 0) -> dict:
+        """The manifest of directory ``dataset``."""
         return self._load()[dataset].m
 
 
@@ -490,7 +508,8 @@ class MetaWorldDataModule(ClipDataModule):
     ``prepare_data`` (rank 0) collects the config into its ``out`` directory unless complete,
     verified shards of the same config are there; then clips are served as by ClipDataModule.
     ``out`` overrides the config's directory; ``collect_workers`` its worker count;
-    ``overwrite`` allows replacing a directory that holds a different config.
+    ``overwrite`` allows replacing a directory that holds another config's collection or anything
+    whale-data did not collect (without it, such a directory is refused, never wiped).
     """
 
     def __init__(self, config: str, out: str | None = None, collect_workers: int | None = None,
@@ -516,6 +535,7 @@ class MetaWorldDataModule(ClipDataModule):
                          val_clip_len=val_clip_len, retrace_clip_len=retrace_clip_len)
 
     def prepare_data(self) -> None:
+        """Collect the config into its ``out`` directory unless complete shards of it are there."""
         from whale_pl.data.metaworld import ensure_collected
 
         ensure_collected(self.collect_config, overwrite=self.overwrite)
@@ -528,18 +548,22 @@ class MetaWorldDataModule(ClipDataModule):
 
     @property
     def tasks(self) -> list[str]:
+        """Meta-World tasks of the config."""
         return list(self.collect_config.tasks)
 
     @property
     def train_policies(self) -> list[str]:
+        """Training behavior policies of the config."""
         return list(self.collect_config.train_policies)
 
     @property
     def held_out_policies(self) -> list[str]:
+        """Held-out (OOD) behavior policies of the config."""
         return list(self.collect_config.ood_policies)
 
     @property
     def data_spec(self) -> dict:
+        """ClipDataModule's data_spec plus the Meta-World collection settings."""
         spec = super().data_spec
         c = self.collect_config
         spec["metaworld"] = {"tasks": list(c.tasks), "camera": c.camera, "size": c.size, "max_steps": c.max_steps,

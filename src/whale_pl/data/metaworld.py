@@ -18,6 +18,9 @@ is recorded per decision. Meta-World simulates at 80 Hz: on the demo data the ha
 on average (13.0 mm at R = 4) and 4 % of tokens change from one frame to the next; the Open
 X-Embodiment datasets in ``oxe/registry.py`` record at 2-30 Hz, most at 5-10. ``max_steps`` counts
 decisions: an episode spans ``max_steps * action_repeat`` simulator steps (at most 500).
+
+The collector writes only into an empty ``out`` folder or one whose ``.whale_collect.json`` marker
+says it holds a collection of this config (``ownership.py``); anything else needs ``overwrite``.
 """
 
 from __future__ import annotations
@@ -37,15 +40,25 @@ from typing import Any, Iterator
 import numpy as np
 
 from whale_pl.data.episode import METAWORLD_ACTION_SPACE, Episode
+from whale_pl.data.ownership import claim, config_hash, ownership
 from whale_pl.data.policies import PolicyNameError, parse_policy
 from whale_pl.data.shards import ShardError, ShardWriter, verify_dataset
+from whale_pl.data.workers import exit_with_parent
 
 log = logging.getLogger(__name__)
 SPLIT_CODE = {"train": 0, "val": 1, "ood": 2}
 STATE_DIM = 39
+KIND = "whale-data metaworld"
+# every Meta-World v3 model has these cameras and a 640 x 480 offscreen framebuffer (checked in the tests)
+CAMERAS = ("topview", "corner", "corner2", "corner3", "corner4", "behindGripper", "gripperPOV")
+MAX_SIZE = 480
+_NAME_LISTS = ("tasks", "train_policies", "ood_policies")
+_INTS = ("episodes_per_policy", "val_episodes_per_policy", "ood_episodes_per_policy", "max_steps", "action_repeat",
+         "size", "seed", "episodes_per_shard", "workers")
 
 
 def valid_tasks() -> list[str]:
+    """Names of all Meta-World v3 tasks."""
     import metaworld
 
     return sorted(metaworld.ALL_V3_ENVIRONMENTS)
@@ -73,6 +86,7 @@ class CollectConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "CollectConfig":
+        """A config from a dataset YAML; ``overrides`` that are not None replace its keys."""
         import yaml
 
         p = Path(path)
@@ -87,6 +101,7 @@ class CollectConfig:
         return cls(**d)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if not self.tasks:
             raise ValueError("no tasks given")
         if not self.train_policies:
@@ -102,12 +117,38 @@ class CollectConfig:
             raise ValueError(f"policies {both} are both training and OOD policies")
         if len(set(self.train_policies)) != len(self.train_policies) or len(set(self.ood_policies)) != len(self.ood_policies):
             raise ValueError("a policy is listed twice")
+        self._check_ranges()
+
+    def _check_types(self) -> None:
+        """Wrong types fail here, before any work: ``tasks: push-v3`` would otherwise be read as the
+        task list ['p', 'u', 's', 'h', ...] and ``episodes_per_policy: 2.5`` fail deep in the collector."""
+        for k in _NAME_LISTS:
+            v = getattr(self, k)
+            if isinstance(v, str):
+                raise ValueError(f"{k} must be a list of names, got the string {v!r} (write [{v}])")
+            if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+                raise ValueError(f"{k} must be a list of names, got {v!r}")
+            setattr(self, k, list(v))
+        for k in _INTS:
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{k} must be an integer, got {v!r}")
+        for k in ("camera", "out", "name"):
+            if not isinstance(getattr(self, k), str):
+                raise ValueError(f"{k} must be a string, got {getattr(self, k)!r}")
+
+    def _check_ranges(self) -> None:
         for k in ("episodes_per_policy", "max_steps", "action_repeat", "size", "episodes_per_shard", "workers"):
-            if int(getattr(self, k)) < 1:
+            if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("val_episodes_per_policy", "ood_episodes_per_policy"):
-            if int(getattr(self, k)) < 0:
+        for k in ("val_episodes_per_policy", "ood_episodes_per_policy", "seed"):
+            if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.size > MAX_SIZE:
+            raise ValueError(f"size {self.size} > {MAX_SIZE}: Meta-World renders at most {MAX_SIZE} x {MAX_SIZE} "
+                             "(its 640 x 480 offscreen framebuffer)")
+        if self.camera not in CAMERAS:
+            raise ValueError(f"unknown camera {self.camera!r}; valid cameras: {list(CAMERAS)}")
         if self.max_steps * self.action_repeat > 500:
             raise ValueError(f"max_steps {self.max_steps} x action_repeat {self.action_repeat} = "
                              f"{self.max_steps * self.action_repeat} simulator steps > 500, Meta-World's episode limit")
@@ -124,6 +165,7 @@ class CollectConfig:
 
 @dataclass(frozen=True)
 class Job:
+    """One episode to collect: its task, policy, split, index and seed."""
     index: int
     task: str
     policy: str
@@ -133,6 +175,7 @@ class Job:
 
 
 def episode_seed(base: int, task: str, policy: str, split: str, idx: int) -> int:
+    """The seed of one episode, from (config seed, task, policy, split, index) only."""
     ss = np.random.SeedSequence([base, zlib.crc32(task.encode()), zlib.crc32(policy.encode()), SPLIT_CODE[split], idx])
     return int(ss.generate_state(1, np.uint32)[0])
 
@@ -182,10 +225,12 @@ class MetaWorldEnv:
         self.control_hz = float(1.0 / self.env.dt)
 
     def render(self) -> np.ndarray:
+        """The current frame, upright, uint8 [size, size, 3]."""
         self.renderer.update_scene(self.env.data, camera=self.camera)
         return np.ascontiguousarray(self.renderer.render()[::-1])  # rows come out bottom-up
 
     def reset(self, seed: int) -> np.ndarray:
+        """Reset to the task variation and randomness of ``seed``; returns the first observation."""
         self.env.set_task(self.mt.train_tasks[seed % len(self.mt.train_tasks)])
         self.env.seed(seed)
         obs, _ = self.env.reset()
@@ -199,6 +244,7 @@ class MetaWorldEnv:
         return obs
 
     def close(self) -> None:
+        """Free the renderer and the simulator."""
         self.renderer.close()
         self.env.close()
 
@@ -239,9 +285,10 @@ def rollout(env: MetaWorldEnv, policy_name: str, seed: int, max_steps: int, acti
                          "camera": env.camera, "seed": seed})
 
 
-def _worker(jobs_q, results_q, size: int, camera: str, max_steps: int, action_repeat: int = 1) -> None:
+def _worker(jobs_q, results_q, size: int, camera: str, max_steps: int, action_repeat: int, parent_pid: int) -> None:
     import warnings
 
+    exit_with_parent(parent_pid)  # a killed collector leaves no worker behind
     warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")  # the experts' gains, harmless
     env = None
     try:
@@ -282,8 +329,8 @@ def iter_collect(jobs: list[Job], size: int, camera: str, max_steps: int, worker
     n = max(1, min(workers, len(chunks)))
     for _ in range(n):
         jobs_q.put(None)
-    procs = [ctx.Process(target=_worker, args=(jobs_q, results_q, size, camera, max_steps, action_repeat), daemon=True)
-             for _ in range(n)]
+    procs = [ctx.Process(target=_worker, args=(jobs_q, results_q, size, camera, max_steps, action_repeat, os.getpid()),
+                         daemon=True) for _ in range(n)]
     os.environ.setdefault("MUJOCO_GL", "egl")  # inherited by the spawned workers
     for p in procs:
         p.start()
@@ -316,13 +363,22 @@ def iter_collect(jobs: list[Job], size: int, camera: str, max_steps: int, worker
 
 
 def collect(cfg: CollectConfig, overwrite: bool = False, progress: bool = True) -> dict:
-    """Collect ``cfg`` into ``cfg.out``; returns the manifest."""
+    """Collect ``cfg`` into ``cfg.out``; returns the manifest. ``cfg.out`` must be empty, or a collection
+    of this config (complete or not); anything else is replaced only with ``overwrite``."""
+    status, why = dataset_status(cfg)
+    if status in ("different", "foreign") and not overwrite:
+        raise ShardError(f"{why}; pass --overwrite to replace it, or choose another out dir")
+    return _collect(cfg, progress)
+
+
+def _collect(cfg: CollectConfig, progress: bool) -> dict:
     from tqdm import tqdm
 
     jobs = make_jobs(cfg)
     frames_total = len(jobs) * cfg.max_steps
+    claim(cfg.out, KIND, cfg.data_json())  # before the first shard: an interrupted run is resumable as ours
     bar = tqdm(total=len(jobs), desc=f"collect {cfg.name}", unit="ep", disable=not progress, dynamic_ncols=True)
-    with ShardWriter(cfg.out, episodes_per_shard=cfg.episodes_per_shard, overwrite=overwrite,
+    with ShardWriter(cfg.out, episodes_per_shard=cfg.episodes_per_shard, overwrite=True,
                      extra={"collect_config": cfg.data_json(), "expected_frames": frames_total}) as w:
         for ep in iter_collect(jobs, cfg.size, cfg.camera, cfg.max_steps, cfg.workers, action_repeat=cfg.action_repeat):
             w.write(ep)
@@ -332,34 +388,44 @@ def collect(cfg: CollectConfig, overwrite: bool = False, progress: bool = True) 
 
 
 def dataset_status(cfg: CollectConfig) -> tuple[str, str]:
-    """('complete'|'absent'|'incomplete'|'different', reason) for ``cfg.out``."""
+    """('complete'|'absent'|'incomplete'|'different'|'foreign', one line on what ``cfg.out`` holds).
+
+    'incomplete': an interrupted or damaged collection of this config (its marker says so);
+    'different': a collection of another config; 'foreign': anything else (another program's files,
+    a dataset without a collection marker that fails verification)."""
     out = Path(cfg.out)
-    if not out.exists() or not any(out.iterdir()):
-        return "absent", f"{out} does not exist or is empty"
+    want = json.loads(json.dumps(cfg.data_json()))
+    state, what = ownership(out, KIND, want)
+    if state == "empty":
+        return "absent", what
     try:
         m = verify_dataset(out)
     except ShardError as e:
-        return "incomplete", str(e)
+        if state == "ours":
+            return "incomplete", f"{out}: interrupted or damaged collection of this config ({e})"
+        return ("different" if state == "other_config" else "foreign"), f"{what}; it fails verification: {e}"
     have = m.get("extra", {}).get("collect_config")
-    if have != json.loads(json.dumps(cfg.data_json())):
-        return "different", f"{out} holds a dataset collected with another config: {have} != {cfg.data_json()}"
-    return "complete", "ok"
+    if have == want:  # (datasets collected before the marker existed have none)
+        return "complete", "ok"
+    if have is None:
+        return "foreign", f"{what}; its dataset was not collected by {KIND}"
+    return "different", f"{out} was collected with another config (hash {config_hash(have)} != {config_hash(want)})"
 
 
 def ensure_collected(cfg: CollectConfig, overwrite: bool = False, progress: bool = True) -> dict:
     """Collect unless complete, verified shards of this exact config exist; returns the manifest.
 
-    An incomplete directory (no manifest, failed checksum) is re-collected with a warning; one
-    holding a different config raises unless ``overwrite``.
+    An interrupted or damaged collection of this config is re-collected with a warning; a folder
+    holding another config or anything not collected by whale-data raises unless ``overwrite``.
     """
     status, why = dataset_status(cfg)
     if status == "complete":
         return verify_dataset(cfg.out)
-    if status == "different" and not overwrite:
-        raise ShardError(f"{why}; pass overwrite=True (or --overwrite) to replace it, or choose another out dir")
+    if status in ("different", "foreign") and not overwrite:
+        raise ShardError(f"{why}; pass --overwrite to replace it, or choose another out dir")
     if status == "incomplete":
-        log.warning("re-collecting incomplete dataset: %s", why)
-    return collect(cfg, overwrite=status != "absent", progress=progress)
+        log.warning("re-collecting: %s", why)
+    return _collect(cfg, progress)
 
 
 __all__ = ["CollectConfig", "MetaWorldEnv", "rollout", "collect", "ensure_collected", "dataset_status",

@@ -26,6 +26,7 @@ import logging
 import mmap
 import os
 import tarfile
+import zipfile
 import zlib
 from collections import defaultdict
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from whale_pl.data.episode import KEY_RE, SAMPLE_EXTS, ActionSpace, Episode, EpisodeError
+from whale_pl.data.episode import KEY_RE, SAMPLE_EXTS, ActionSpace, Episode, EpisodeError, load_npz
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -52,10 +53,12 @@ class ShardError(ValueError):
 
 
 def shard_name(index: int) -> str:
+    """File name of shard ``index``."""
     return f"shard-{index:06d}.tar"
 
 
 def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -64,6 +67,7 @@ def sha256_file(path: str | Path) -> str:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file, fsync and rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as fh:
@@ -330,10 +334,31 @@ def read_manifest(data_dir: str | Path) -> dict:
     return m
 
 
+def check_manifest_counts(m: dict, where: str | Path) -> None:
+    """The manifest's episode and frame counts agree with its shard list (per shard, per split, in all)."""
+    for s in m["shards"]:
+        if s.get("episodes") != len(s.get("keys", ())):
+            raise ShardError(f"{where}: manifest says shard {s.get('name')} holds {s.get('episodes')} episodes, "
+                             f"it lists {len(s.get('keys', ()))} keys", shard=s.get("name"))
+    for what in ("episodes", "frames"):
+        total = sum(s.get(what, 0) for s in m["shards"])
+        if m.get(what) != total:
+            raise ShardError(f"{where}: manifest says {m.get(what)} {what}, its shards hold {total}")
+        for sp, v in m.get("splits", {}).items():
+            n = sum(s.get(what, 0) for s in m["shards"] if s.get("split") == sp)
+            if v.get(what) != n:
+                raise ShardError(f"{where}: manifest says split {sp!r} has {v.get(what)} {what}, its shards hold {n}")
+    missing = sorted({s.get("split") for s in m["shards"]} - set(m.get("splits", {})))
+    if missing:
+        raise ShardError(f"{where}: manifest has shards of split(s) {missing} that its split table lacks")
+
+
 def verify_dataset(data_dir: str | Path, checksums: bool = True) -> dict:
-    """Check every shard the manifest lists exists with its size (and sha256); no unlisted shards."""
+    """Check every shard the manifest lists exists with its size (and sha256); no unlisted shards; the
+    manifest's counts agree with its shard list."""
     d = Path(data_dir)
     m = read_manifest(d)
+    check_manifest_counts(m, d / MANIFEST)
     listed = {s["name"] for s in m["shards"]}
     extra = sorted(p.name for p in d.glob("shard-*.tar") if p.name not in listed)
     if extra:
@@ -542,7 +567,40 @@ def iter_episodes(data_dir: str | Path, splits: Iterable[str] | None = None, ver
                 yield ep
 
 
+def verify_contents(data_dir: str | Path) -> tuple[int, int]:
+    """Verify a dataset completely: checksums, then every sample decoded and each shard's episodes and
+    frames counted against the manifest. Returns (episodes, frames)."""
+    m = verify_dataset(data_dir)
+    episodes = frames = 0
+    for sh in m["shards"]:
+        n_ep = n_fr = 0
+        for _, ep in iter_shard_episodes(data_dir, sh, m):
+            n_ep, n_fr = n_ep + 1, n_fr + len(ep)
+        if (n_ep, n_fr) != (sh["episodes"], sh["frames"]):
+            raise ShardError(f"{Path(data_dir) / sh['name']}: holds {n_ep} episodes / {n_fr} frames, the manifest "
+                             f"says {sh['episodes']} / {sh['frames']}", shard=sh["name"])
+        episodes, frames = episodes + n_ep, frames + n_fr
+    return episodes, frames
+
+
+def episode_lengths(data_dir: str | Path, manifest: dict, splits: Iterable[str]) -> list[int]:
+    """Frames of every episode of ``splits``, in shard order, read from the samples' step arrays
+    (frames are not decoded)."""
+    want = set(splits)
+    out = []
+    for sh in manifest["shards"]:
+        if sh["split"] in want:
+            for s in iter_tar_samples(Path(data_dir) / sh["name"]):
+                try:
+                    out.append(int(load_npz(s["steps.npz"])["actions"].shape[0]))
+                except (KeyError, ValueError, OSError, zlib.error, zipfile.BadZipFile) as e:
+                    raise ShardError(f"{s['__url__']} key {s['__key__']}: unreadable steps: {e}",
+                                     shard=sh["name"], key=s["__key__"]) from e
+    return out
+
+
 def action_space_of(manifest: dict) -> ActionSpace:
+    """The dataset's ActionSpace from its manifest."""
     return ActionSpace.from_json(manifest["action_space"])
 
 

@@ -39,10 +39,13 @@ from whale_pl.data.oxe.standardize import (RecordError, Where, decode_frame, epi
                                            language_of, native_actions, standard_actions, step_array,
                                            step_bytes)
 from whale_pl.data.oxe.tfrecord import TFRecordError, iter_records_safe
+from whale_pl.data.ownership import claim, ownership
 from whale_pl.data.shards import MANIFEST, ShardWriter, iter_tar_samples, verify_dataset, write_json_atomic
+from whale_pl.data.workers import exit_with_parent
 
 log = logging.getLogger(__name__)
 PARTS = ".parts"
+KIND = "whale-data oxe"
 RLDS_TO_SHARD_SPLIT = {"train": "train", "val": "val", "validation": "val", "test": "val"}
 
 
@@ -52,6 +55,7 @@ class ConversionError(ValueError):
 
 @dataclass
 class ConvertOptions:
+    """How to convert: frame size and crop, key overrides, splits, stride, workers, corrupt input."""
     size: int = 64                      # output frames are size x size; 0 keeps the native size
     crop: str = "center"                # "center" (crop to square) | "pad" (letterbox to square)
     camera: str | None = None           # override the primary camera (key under steps/observation/)
@@ -87,6 +91,7 @@ class Plan:
     splits: list[str] = field(default_factory=list)
 
     def fingerprint(self) -> str:
+        """Short sha256 of the plan (part markers and the conversion identity use it)."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -103,85 +108,17 @@ def _step_key(key: str) -> str:
 
 
 def make_plan(src: Path, schema: DatasetSchema, opts: ConvertOptions) -> Plan:
+    """What to read from ``src`` and how: the registry entry's choices (or the flags'), else the only
+    camera, flat action tensor and text key the schema has; ConversionError listing what is ambiguous."""
     dataset, version = src.parent.name, src.name
     cfg = reg.lookup(dataset)
     problems: list[str] = []
-    images = schema.image_keys()
-
-    if opts.camera:
-        camera = _obs_key(opts.camera)
-        if camera not in schema.features:
-            raise ConversionError(f"{schema.path}: --camera {opts.camera!r}: no image feature {camera!r}; "
-                                  f"image keys: {', '.join(images) or 'none'}")
-    elif cfg is not None:
-        camera = _obs_key(cfg.camera)
-        if camera not in schema.features:
-            raise ConversionError(f"{schema.path}: registry entry {dataset!r} names camera {camera!r}, "
-                                  f"which features.json lacks; image keys: {', '.join(images)}; "
-                                  "choose one with --camera KEY")
-    elif len(images) == 1:
-        camera = images[0]
-    else:
-        camera = ""
-        problems.append(f"{len(images)} camera keys ({', '.join(images) or 'none'}): choose one with "
-                        "--camera KEY")
-
-    if cfg is not None and opts.action_key is None:
-        reg.check_config(cfg)
-        action = {"registry": asdict(cfg.action)}
-        space = EEF7_ACTION_SPACE.to_json()
-    else:
-        cands = schema.numeric_step_keys("action")
-        flat = [k for k in cands if len(schema.features[k].shape) <= 1]
-        key = _step_key(opts.action_key) if opts.action_key else (flat[0] if len(cands) == 1 and flat else None)
-        if opts.action_key and key not in schema.features:
-            raise ConversionError(f"{schema.path}: --action-key {opts.action_key!r}: no step feature {key!r}; "
-                                  f"action tensors: {', '.join(cands) or 'none'}")
-        if key is None:
-            action, space = {}, {}
-            problems.append(f"action is not one flat tensor ({', '.join(cands) or 'none'}): register the "
-                            "dataset in whale_pl/data/oxe/registry.py, or choose one flat tensor with "
-                            "--action-key KEY")
-        else:
-            n = schema.features[key].size
-            if n is None:
-                raise ConversionError(f"{schema.path}: action {key!r} has unknown shape "
-                                      f"{schema.features[key].shape}")
-            action = {"native": key}
-            if n == 7:  # the standard layout: (dx, dy, dz, droll, dpitch, dyaw, gripper)
-                space = EEF7_ACTION_SPACE.to_json()
-            else:
-                space = ActionSpace(names=[f"a{i}" for i in range(n)], sum_dims=list(range(n))).to_json()
-
-    if opts.language_key in ("none", ""):
-        lang, enc = None, "utf8"
-    elif opts.language_key:
-        lang = _step_key(opts.language_key)
-        if lang not in schema.features:
-            raise ConversionError(f"{schema.path}: --language-key {opts.language_key!r}: no step feature "
-                                  f"{lang!r}; text keys: {', '.join(schema.text_step_keys()) or 'none'}")
-        enc = "codepoints" if schema.features[lang].kind == "tensor" else "utf8"
-    elif cfg is not None:
-        lang = _step_key(cfg.language) if cfg.language else None
-        enc = cfg.language_encoding
-        if lang is not None and lang not in schema.features:
-            raise ConversionError(f"{schema.path}: registry entry {dataset!r} names language key {lang!r}, "
-                                  f"which features.json lacks; text keys: "
-                                  f"{', '.join(schema.text_step_keys()) or 'none'}")
-    else:
-        texts = schema.text_step_keys()
-        enc = "utf8"
-        if len(texts) <= 1:
-            lang = texts[0] if texts else None
-        else:
-            lang = None
-            problems.append(f"{len(texts)} text keys ({', '.join(texts)}): choose the instruction with "
-                            "--language-key KEY")
-
+    camera = _plan_camera(schema, cfg, opts, dataset, problems)
+    action, space = _plan_action(schema, cfg, opts, problems)
+    lang, enc = _plan_language(schema, cfg, opts, dataset, problems)
     if problems:
         raise ConversionError(f"{schema.path}: dataset {dataset!r} is not in the OXE registry and its "
                               "schema is ambiguous:\n  - " + "\n  - ".join(problems))
-
     stride = opts.stride or (cfg.frame_stride if cfg else 1)
     if stride > 1 and ActionSpace.from_json(space).uncomposable_dims:
         raise ConversionError(f"{dataset}: frame stride {stride} needs composable actions; {space}")
@@ -190,6 +127,74 @@ def make_plan(src: Path, schema: DatasetSchema, opts: ConvertOptions) -> Plan:
                 action=action, action_space=space, registered=cfg is not None,
                 reward_key="steps/reward" if "steps/reward" in schema.features else None,
                 size=opts.size, crop=opts.crop, splits=list(opts.splits))
+
+
+def _plan_camera(schema: DatasetSchema, cfg, opts: ConvertOptions, dataset: str, problems: list[str]) -> str:
+    images = schema.image_keys()
+    if opts.camera:
+        camera = _obs_key(opts.camera)
+        if camera not in schema.features:
+            raise ConversionError(f"{schema.path}: --camera {opts.camera!r}: no image feature {camera!r}; "
+                                  f"image keys: {', '.join(images) or 'none'}")
+        return camera
+    if cfg is not None:
+        camera = _obs_key(cfg.camera)
+        if camera not in schema.features:
+            raise ConversionError(f"{schema.path}: registry entry {dataset!r} names camera {camera!r}, "
+                                  f"which features.json lacks; image keys: {', '.join(images)}; "
+                                  "choose one with --camera KEY")
+        return camera
+    if len(images) == 1:
+        return images[0]
+    problems.append(f"{len(images)} camera keys ({', '.join(images) or 'none'}): choose one with --camera KEY")
+    return ""
+
+
+def _plan_action(schema: DatasetSchema, cfg, opts: ConvertOptions, problems: list[str]) -> tuple[dict, dict]:
+    if cfg is not None and opts.action_key is None:
+        reg.check_config(cfg)
+        return {"registry": asdict(cfg.action)}, EEF7_ACTION_SPACE.to_json()
+    cands = schema.numeric_step_keys("action")
+    flat = [k for k in cands if len(schema.features[k].shape) <= 1]
+    key = _step_key(opts.action_key) if opts.action_key else (flat[0] if len(cands) == 1 and flat else None)
+    if opts.action_key and key not in schema.features:
+        raise ConversionError(f"{schema.path}: --action-key {opts.action_key!r}: no step feature {key!r}; "
+                              f"action tensors: {', '.join(cands) or 'none'}")
+    if key is None:
+        problems.append(f"action is not one flat tensor ({', '.join(cands) or 'none'}): register the "
+                        "dataset in whale_pl/data/oxe/registry.py, or choose one flat tensor with "
+                        "--action-key KEY")
+        return {}, {}
+    n = schema.features[key].size
+    if n is None:
+        raise ConversionError(f"{schema.path}: action {key!r} has unknown shape {schema.features[key].shape}")
+    if n == 7:  # the standard layout: (dx, dy, dz, droll, dpitch, dyaw, gripper)
+        return {"native": key}, EEF7_ACTION_SPACE.to_json()
+    return {"native": key}, ActionSpace(names=[f"a{i}" for i in range(n)], sum_dims=list(range(n))).to_json()
+
+
+def _plan_language(schema: DatasetSchema, cfg, opts: ConvertOptions, dataset: str,
+                   problems: list[str]) -> tuple[str | None, str]:
+    if opts.language_key in ("none", ""):
+        return None, "utf8"
+    if opts.language_key:
+        lang = _step_key(opts.language_key)
+        if lang not in schema.features:
+            raise ConversionError(f"{schema.path}: --language-key {opts.language_key!r}: no step feature "
+                                  f"{lang!r}; text keys: {', '.join(schema.text_step_keys()) or 'none'}")
+        return lang, "codepoints" if schema.features[lang].kind == "tensor" else "utf8"
+    if cfg is not None:
+        lang = _step_key(cfg.language) if cfg.language else None
+        if lang is not None and lang not in schema.features:
+            raise ConversionError(f"{schema.path}: registry entry {dataset!r} names language key {lang!r}, "
+                                  f"which features.json lacks; text keys: "
+                                  f"{', '.join(schema.text_step_keys()) or 'none'}")
+        return lang, cfg.language_encoding
+    texts = schema.text_step_keys()
+    if len(texts) <= 1:
+        return (texts[0] if texts else None), "utf8"
+    problems.append(f"{len(texts)} text keys ({', '.join(texts)}): choose the instruction with --language-key KEY")
+    return None, "utf8"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,6 +259,7 @@ def dataset_splits(src: Path) -> set[str]:
 # ------------------------------------------------------------------------------------------------
 def record_to_episode(data: bytes, schema: DatasetSchema, plan: Plan, where: Where, split: str,
                       file_index: int) -> Episode:
+    """One serialized RLDS episode -> Episode, under the plan (RecordError on any fault)."""
     try:
         ex = parse_example(data)
     except DecodeError as e:
@@ -307,6 +313,7 @@ def record_to_episode(data: bytes, schema: DatasetSchema, plan: Plan, where: Whe
 
 
 def episode_key(split: str, file_index: int, record: int) -> str:
+    """The shard sample key of a record: fixed by (split, file index, record index)."""
     return f"{split}-{file_index:05d}-{record:06d}"
 
 
@@ -389,7 +396,9 @@ def convert_file(job: tuple) -> dict:
                f"readable records ({n_ep} converted, {len(skipped)} skipped as corrupt)")
         if not skip_corrupt or n_ep + len(skipped) > expected:
             raise ConversionError(msg)
-        skipped.append({"file": path.name, "record": n_records, "error": msg})
+        # records lost where the framing could not be recovered: each one counts as a dropped episode
+        skipped.append({"file": path.name, "record": None, "episodes": expected - n_ep - len(skipped),
+                        "error": msg})
     summary = {"id": marker, "split": split, "file_index": file_index, "episodes": n_ep,
                "frames": n_frames, "skipped": skipped, "resumed": False,
                "cpu_s": time.process_time() - cpu0,
@@ -417,6 +426,48 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
     except SchemaError as e:
         raise ConversionError(str(e)) from e
     plan = make_plan(src, schema, opts)
+    jobs, ident = _plan_jobs(src, out, plan, opts)
+
+    manifest_path = out / MANIFEST
+    done = _finished_conversion(out, ident)
+    if done is not None:
+        log.info("%s: already converted with the same source and options", out)
+        return done
+    state, what = ownership(out, KIND, ident)
+    if state in ("other_config", "foreign") and not opts.overwrite:
+        raise ConversionError(f"{what}; pass --overwrite to replace it, or choose another --out")
+    claim(out, KIND, ident)  # before the first part: an interrupted conversion resumes only as ours
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    workers = opts.workers or min(len(jobs), os.cpu_count() or 1)
+    oxe = {
+        "id": ident, "dataset": plan.dataset, "version": plan.version, "plan": asdict(plan),
+        "registry": reg.REGISTRY[plan.dataset].to_json() if plan.registered else None,
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite", "keep_parts")},
+        "crop_policy": ("center-crop to square, antialiased bilinear resize" if opts.crop == "center"
+                        else "letterbox (black) to square, antialiased bilinear resize"),
+        "gripper_convention": "absolute opening in [0, 1]: 1 = open, 0 = closed",
+    }
+    summaries, n_skipped = _merge_parts(src, out, jobs, opts, plan, oxe, workers, progress)
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("extra", {}).get("oxe", {}).get("corrupt_episodes") != n_skipped:
+        raise ConversionError(f"{manifest_path}: the conversion record did not reach the manifest")
+    if not opts.keep_parts:
+        shutil.rmtree(out / PARTS, ignore_errors=True)
+    dt = time.perf_counter() - t0
+    if timing is not None:
+        fresh = [p for p in summaries if not p["resumed"]]
+        timing.update(wall_s=dt, cpu_s=time.process_time() - cpu0 + sum(p.get("cpu_s", 0.0) for p in fresh),
+                      parts=len(summaries), parts_resumed=len(summaries) - len(fresh),
+                      max_rss_mb=max((p.get("max_rss_mb", 0.0) for p in fresh), default=0.0))
+    log.info("%s: %d episodes, %d frames in %.1f s (%d corrupt skipped)", out, manifest["episodes"],
+             manifest["frames"], dt, n_skipped)
+    return manifest
+
+
+def _plan_jobs(src: Path, out: Path, plan: Plan, opts: ConvertOptions) -> tuple[list[tuple], dict]:
+    """One ``convert_file`` job per source file of each split, and the conversion's identity (the plan,
+    the source files' sizes and times, the options that change the output)."""
     limit = opts.max_episodes
     if limit is not None and int(limit) < 1:
         raise ConversionError(f"max_episodes must be >= 1, got {limit}")
@@ -433,36 +484,17 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
              "skip_corrupt": opts.skip_corrupt, "episodes_per_shard": opts.episodes_per_shard}
     if limit is not None:  # (absent otherwise, so conversions made before the option still match)
         ident["max_episodes"] = int(limit)
+    return jobs, ident
 
-    manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        m = json.loads(manifest_path.read_text())
-        if m.get("extra", {}).get("oxe", {}).get("id") == ident:
-            log.info("%s: already converted with the same source and options", out)
-            return m
-        if not opts.overwrite:
-            raise ConversionError(f"{out}: holds a different dataset (its manifest does not match this "
-                                  "source and these options); pass --overwrite to replace it")
-    elif out.exists() and any(out.iterdir()) and not (out / PARTS).is_dir() and not opts.overwrite:
-        # (a directory with PARTS is an interrupted conversion of ours: it resumes)
-        raise ConversionError(f"{out}: exists, is not empty and holds no conversion of ours; pass "
-                              "--overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
 
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    workers = opts.workers or min(len(jobs), os.cpu_count() or 1)
-    oxe = {
-        "id": ident, "dataset": plan.dataset, "version": plan.version, "plan": asdict(plan),
-        "registry": reg.REGISTRY[plan.dataset].to_json() if plan.registered else None,
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite", "keep_parts")},
-        "crop_policy": ("center-crop to square, antialiased bilinear resize" if opts.crop == "center"
-                        else "letterbox (black) to square, antialiased bilinear resize"),
-        "gripper_convention": "absolute opening in [0, 1]: 1 = open, 0 = closed",
-    }
-    extra = {"oxe": oxe}
+def _merge_parts(src: Path, out: Path, jobs: list[tuple], opts: ConvertOptions, plan: Plan, oxe: dict,
+                 workers: int, progress: bool) -> tuple[list[dict], int]:
+    """Convert the parts and merge them, in file order as each is done while the workers go on, into
+    ``out``; ``oxe`` (the manifest's conversion record) gets the corrupt-episode counts. Returns the
+    parts' summaries and the number of episodes skipped as corrupt."""
+    limit = opts.max_episodes
     summaries: list[dict] = []
-    # parts are merged in file order as soon as each is done, while the workers go on
-    with ShardWriter(out, episodes_per_shard=opts.episodes_per_shard, overwrite=True, extra=extra) as w:
+    with ShardWriter(out, episodes_per_shard=opts.episodes_per_shard, overwrite=True, extra={"oxe": oxe}) as w:
         written: dict[str, int] = {}
         for p in _iter_jobs(jobs, workers, progress, plan.dataset):
             summaries.append(p)
@@ -473,25 +505,21 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
                     w.write(ep, key=ep.sample["__key__"])
                     written[p["split"]] = written.get(p["split"], 0) + 1
         skipped = [s for p in summaries for s in p["skipped"]]
-        oxe.update(skipped_corrupt=skipped, corrupt_episodes=len(skipped),
-                   source_episodes=sum(p["episodes"] for p in summaries) + len(skipped))
+        n_skipped = sum(s.get("episodes", 1) for s in skipped)
+        oxe.update(skipped_corrupt=skipped, corrupt_episodes=n_skipped,
+                   source_episodes=sum(p["episodes"] for p in summaries) + n_skipped)
         if not any(p["episodes"] for p in summaries):
-            raise ConversionError(f"{src}: no episode converted ({len(skipped)} corrupt)")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("extra", {}).get("oxe", {}).get("corrupt_episodes") != len(skipped):
-        raise ConversionError(f"{manifest_path}: the conversion record did not reach the manifest")
-    if not opts.keep_parts:
-        shutil.rmtree(out / PARTS, ignore_errors=True)
-    dt = time.perf_counter() - t0
-    if timing is not None:
-        timing.update(wall_s=dt, cpu_s=time.process_time() - cpu0 + sum(p.get("cpu_s", 0.0) for p in summaries
-                                                                          if not p["resumed"]),
-                      parts=len(summaries), parts_resumed=sum(bool(p["resumed"]) for p in summaries),
-                      max_rss_mb=max((p.get("max_rss_mb", 0.0) for p in summaries if not p["resumed"]),
-                                     default=0.0))
-    log.info("%s: %d episodes, %d frames in %.1f s (%d corrupt skipped)", out, manifest["episodes"],
-             manifest["frames"], dt, len(skipped))
-    return manifest
+            raise ConversionError(f"{src}: no episode converted ({n_skipped} corrupt)")
+    return summaries, n_skipped
+
+
+def _finished_conversion(out: Path, ident: dict) -> dict | None:
+    """The manifest of a finished conversion of ``ident`` in ``out`` (None if there is none)."""
+    try:
+        m = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("extra", {}).get("oxe", {}).get("id") == ident else None
 
 
 @dataclass
@@ -538,8 +566,9 @@ def _iter_jobs(jobs: list[tuple], workers: int, progress: bool, name: str):
                 yield convert_file(j)
                 bar.update(1)
         else:
-            ctx = mp.get_context("forkserver")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+            ctx = mp.get_context("spawn")  # (not forkserver: its children keep it alive, see data/workers.py)
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=exit_with_parent,
+                                     initargs=(os.getpid(),)) as ex:
                 for r in ex.map(convert_file, jobs):
                     yield r
                     bar.update(1)
@@ -566,6 +595,7 @@ def convert_mixture(root: str | os.PathLike, datasets: list[tuple[str, float | N
     """
     opts = opts or ConvertOptions()
     root, out = Path(root), Path(out)
+    _check_mixture_root(out, opts.overwrite)
     names = [n.split("/")[0] for n, _ in datasets]
     if len(set(names)) != len(names):
         raise ConversionError(f"--datasets names a dataset twice: {names}")
@@ -605,6 +635,26 @@ def convert_mixture(root: str | os.PathLike, datasets: list[tuple[str, float | N
     tmp.write_text(yaml.safe_dump(dm, sort_keys=False))
     os.replace(tmp, out / DATAMODULE_FILE)
     return mixture
+
+
+def _check_mixture_root(out: Path, overwrite: bool) -> None:
+    """Refuse (unless ``overwrite``) to replace a mixture.json or datamodule.yaml that a mixture
+    conversion did not write."""
+    import yaml
+
+    dm_class = "whale_pl.data.datamodule.ClipDataModule"
+    for name, ours in ((MIXTURE_FILE, lambda t: json.loads(t).get("kind") == "whale_pl.mixture"),
+                       (DATAMODULE_FILE, lambda t: yaml.safe_load(t).get("class_path") == dm_class)):
+        path = out / name
+        if not path.exists() or overwrite:
+            continue
+        try:
+            mine = path.is_file() and ours(path.read_text())
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+            mine = False
+        if not mine:
+            raise ConversionError(f"{path}: not written by whale-data oxe; pass --overwrite to replace it, "
+                                  "or choose another --out")
 
 
 def read_mixture(path: str | os.PathLike) -> tuple[list[str], list[float]]:

@@ -36,6 +36,7 @@ TARGET_HZ = 5.0  # frame strides bring every dataset near this rate
 
 @dataclass(frozen=True)
 class ActionMap:
+    """How a dataset's native action maps to the 7-D end-effector action (see the module docstring)."""
     xyz: str | None                   # spec of the translation delta (<= 3 values; zero-padded)
     rot: str | None                   # spec of the rotation delta; None -> zeros
     gripper: str | None               # spec of the gripper command; None with const_* modes
@@ -46,6 +47,7 @@ class ActionMap:
 
 @dataclass(frozen=True)
 class DatasetConfig:
+    """One registered OXE dataset: camera, action mapping, language key, rate and frame stride."""
     name: str
     camera: str                       # primary camera, key under steps/observation/
     action: ActionMap
@@ -57,6 +59,7 @@ class DatasetConfig:
     notes: str = ""
 
     def to_json(self) -> dict:
+        """The entry as plain data (stored in the manifest)."""
         return asdict(self)
 
 
@@ -107,6 +110,9 @@ REGISTRY: dict[str, DatasetConfig] = {c.name: c for c in [
     _cfg("berkeley_cable_routing", "image",
          _rt1(None, "const_closed"), _NL, 10.0, wrist_camera="wrist45_image",
          notes="no gripper command: the gripper holds the cable (closed)"),
+    _cfg("nyu_door_opening_surprising_effectiveness", "image",
+         _rt1("action/gripper_closedness_action", "relative"), _NL, 3.0,
+         notes="Hello Stretch opening cabinet doors; one camera (720x960); RT-1 style action dict"),
     _cfg("roboturk", "front_rgb",
          _rt1("action/gripper_closedness_action", "close_clip"), _NL, 10.0),
     _cfg("viola", "agentview_rgb",
@@ -134,6 +140,12 @@ REGISTRY: dict[str, DatasetConfig] = {c.name: c for c in [
     _cfg("ucsd_kitchen_dataset_converted_externally_to_rlds", "image",
          _flat("open", rot_format="euler_deg", pose="absolute"), _LI, 2.0,
          notes="native action is an absolute EE position + orientation (degrees) target; differenced"),
+    _cfg("austin_sailor_dataset_converted_externally_to_rlds", "image",
+         _flat("close_clip"), _LI, 20.0, wrist_camera="wrist_image",
+         notes="native [3 EE delta pos, 3 EE delta rot, gripper (1 = close)]"),
+    _cfg("austin_sirius_dataset_converted_externally_to_rlds", "image",
+         _flat("close_clip"), _LI, 20.0, wrist_camera="wrist_image",
+         notes="two 84x84 cameras; native [3 EE delta pos, 3 EE delta rot, gripper (1 = close)]"),
     _cfg("bc_z", "image",
          ActionMap(xyz="action/future/xyz_residual[0:3]", rot="action/future/axis_angle_residual[0:3]",
                    gripper="action/future/target_close[0]", gripper_mode="close_clip",
@@ -154,26 +166,32 @@ REGISTRY: dict[str, DatasetConfig] = {c.name: c for c in [
          notes="native action is an absolute EE pose (position + quaternion) target; differenced"),
 ]}
 
-# Sampling weights of the common OXE training mixture (Octo's "oxe_magic_soup"); 1.0 otherwise.
-DEFAULT_MIXTURE_WEIGHTS: dict[str, float] = {
-    "fractal20220817_data": 0.54087122203, "kuka": 0.8341046294, "bridge": 1.0, "bridge_dataset": 1.0,
-    "taco_play": 2.0, "jaco_play": 1.0, "berkeley_cable_routing": 1.0, "roboturk": 2.0, "viola": 2.0,
-    "berkeley_autolab_ur5": 2.0, "toto": 1.0, "language_table": 0.1,
-    "stanford_hydra_dataset_converted_externally_to_rlds": 2.0,
+# The Open X-Embodiment pretraining mixture Octo trains on ("oxe_magic_soup"): dataset -> sampling
+# weight. Every one of them is registered above.
+OXE_MAGIC_SOUP: dict[str, float] = {
+    "fractal20220817_data": 0.54087122203, "kuka": 0.8341046294, "bridge_dataset": 1.0, "taco_play": 2.0,
+    "jaco_play": 1.0, "berkeley_cable_routing": 1.0, "roboturk": 2.0,
+    "nyu_door_opening_surprising_effectiveness": 1.0, "viola": 2.0, "berkeley_autolab_ur5": 2.0, "toto": 1.0,
+    "language_table": 0.1, "stanford_hydra_dataset_converted_externally_to_rlds": 2.0,
     "austin_buds_dataset_converted_externally_to_rlds": 1.0,
     "nyu_franka_play_dataset_converted_externally_to_rlds": 3.0,
     "furniture_bench_dataset_converted_externally_to_rlds": 0.1,
-    "ucsd_kitchen_dataset_converted_externally_to_rlds": 2.0, "bc_z": 0.2,
+    "ucsd_kitchen_dataset_converted_externally_to_rlds": 2.0,
+    "austin_sailor_dataset_converted_externally_to_rlds": 1.0,
+    "austin_sirius_dataset_converted_externally_to_rlds": 1.0, "bc_z": 0.2,
     "dlr_edan_shared_control_converted_externally_to_rlds": 1.0,
     "iamlab_cmu_pickup_insert_converted_externally_to_rlds": 1.0, "utaustin_mutex": 1.0,
     "berkeley_fanuc_manipulation": 2.0, "cmu_stretch": 1.0,
 }
+# Default sampling weights of `whale-data oxe --datasets` (1.0 for a dataset not listed).
+DEFAULT_MIXTURE_WEIGHTS: dict[str, float] = {**OXE_MAGIC_SOUP, "bridge": 1.0}
 
 GRIPPER_MODES = ("open", "open_clip", "close_clip", "relative", "const_open", "const_closed")
 ROT_FORMATS = ("euler", "euler_deg", "quat_xyzw", "rotvec")
 
 
 def lookup(name: str) -> DatasetConfig | None:
+    """The registry entry of ``name`` (None if it is not registered)."""
     return REGISTRY.get(name)
 
 

@@ -4,10 +4,12 @@ A TFRecord file is a sequence of records, each
 ``uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)`` (little endian).
 The reader checks both CRCs and raises `TFRecordError` naming the file, the record index and the
 byte offset at fault; a file that ends inside a record is an error, never a silently shorter read.
+`iter_records_safe` reports each damaged record and goes on with the intact records after it.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -68,42 +70,86 @@ def write_records(path: str | os.PathLike, records: list[bytes] | Iterator[bytes
     os.replace(tmp, path)
 
 
+def _header_at(buf, pos: int, size: int, verify: bool) -> tuple[int | None, str]:
+    """(payload length, '') if an intact header starts at ``pos`` whose record fits the file, else
+    (length or None, what is wrong)."""
+    header = buf[pos:pos + _HEADER.size]
+    if len(header) < _HEADER.size:
+        return None, f"truncated header: {len(header)} of {_HEADER.size} bytes"
+    length, length_crc = _HEADER.unpack(header)
+    if verify and masked_crc32c(header[:8]) != length_crc:
+        return None, (f"length CRC mismatch (stored {length_crc:#010x}, computed {masked_crc32c(header[:8]):#010x}); "
+                      "not a TFRecord file or corrupt")
+    if pos + _HEADER.size + length + _FOOTER.size > size:
+        return length, (f"truncated record: expected {length} data bytes + 4 CRC bytes, file has "
+                        f"{size - pos - _HEADER.size}")
+    return length, ""
+
+
+def _intact_at(buf, pos: int, size: int) -> bool:
+    length, bad = _header_at(buf, pos, size, True)
+    if bad:
+        return False
+    data = buf[pos + _HEADER.size:pos + _HEADER.size + length]
+    return masked_crc32c(data) == _FOOTER.unpack(buf[pos + _HEADER.size + length:pos + _HEADER.size + length + 4])[0]
+
+
+def _resync(buf, start: int, size: int, chunk: int = 1 << 20) -> int | None:
+    """The first offset >= ``start`` where a complete record with both CRCs intact begins (None: none).
+    Candidates are offsets whose length field fits the rest of the file (found with numpy a chunk at a
+    time); only those are checked with CRCs."""
+    import numpy as np
+
+    pos = start
+    while pos + _HEADER.size + _FOOTER.size <= size:
+        last = min(size - _HEADER.size - _FOOTER.size, pos + chunk - 1)  # candidate offsets pos..last
+        raw = np.frombuffer(bytes(buf[pos:last + 8]), np.uint8)
+        lengths = np.lib.stride_tricks.sliding_window_view(raw, 8).copy().view("<u8")[:, 0]
+        room = size - _HEADER.size - _FOOTER.size - np.arange(pos, last + 1, dtype=np.int64)
+        for off in np.flatnonzero(lengths <= room.astype(np.uint64)):
+            if _intact_at(buf, pos + int(off), size):
+                return pos + int(off)
+        pos = last + 1
+    return None
+
+
 def iter_records_safe(path: str | os.PathLike, verify: bool = True) -> Iterator[tuple[int, bytes | TFRecordError]]:
     """Like `iter_records`, but yields ``(index, payload)`` or ``(index, TFRecordError)``.
 
-    A data-CRC mismatch leaves the framing intact, so reading goes on with the next record; a bad
-    length CRC or a truncated record loses the framing, so that error is the last item yielded.
+    A damaged record never takes an intact neighbour with it: after a data-CRC mismatch reading goes
+    on at the next record when an intact header follows; after a damaged header, a record that overruns
+    the file or a payload that an intact header does not follow, the reader resynchronises at the next
+    offset where a complete record with both CRCs intact starts. Each damaged stretch yields one error
+    (it may have held more than one record; the converter counts those against dataset_info.json).
+    Without ``verify`` nothing can be recovered: the first fault is the last item.
     """
     path = Path(path)
-    with open(path, "rb", buffering=1 << 20) as f:
-        index, offset = 0, 0
-        while True:
-            header = f.read(_HEADER.size)
-            if not header:
-                return
-            if len(header) < _HEADER.size:
-                yield index, TFRecordError(path, index, offset,
-                                           f"truncated header: {len(header)} of {_HEADER.size} bytes")
-                return
-            length, length_crc = _HEADER.unpack(header)
-            if verify and masked_crc32c(header[:8]) != length_crc:
-                yield index, TFRecordError(path, index, offset,
-                                           f"length CRC mismatch (stored {length_crc:#010x}, computed "
-                                           f"{masked_crc32c(header[:8]):#010x}); not a TFRecord file or "
-                                           "corrupt: framing lost, rest of file unreadable")
-                return
-            data = f.read(length)
-            footer = f.read(_FOOTER.size)
-            if len(data) < length or len(footer) < _FOOTER.size:
-                yield index, TFRecordError(path, index, offset,
-                                           f"truncated record: expected {length} data bytes + 4 CRC "
-                                           f"bytes, file has {len(data) + len(footer)}")
-                return
-            if verify and masked_crc32c(data) != _FOOTER.unpack(footer)[0]:
-                yield index, TFRecordError(path, index, offset,
-                                           f"data CRC mismatch (stored {_FOOTER.unpack(footer)[0]:#010x}, "
-                                           f"computed {masked_crc32c(data):#010x})")
-            else:
-                yield index, data
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        index, pos = 0, 0
+        while pos < size:
+            length, bad = _header_at(buf, pos, size, verify)
+            nxt = None if length is None else pos + _HEADER.size + length + _FOOTER.size
+            if not bad:
+                data = buf[pos + _HEADER.size:nxt - _FOOTER.size]
+                stored = _FOOTER.unpack(buf[nxt - _FOOTER.size:nxt])[0]
+                if not verify or masked_crc32c(data) == stored:
+                    yield index, data
+                    index, pos = index + 1, nxt
+                    continue
+                bad = f"data CRC mismatch (stored {stored:#010x}, computed {masked_crc32c(data):#010x})"
+                if nxt == size or not _header_at(buf, nxt, size, True)[1]:
+                    yield index, TFRecordError(path, index, pos, bad)
+                    index, pos = index + 1, nxt
+                    continue
+            yield index, TFRecordError(path, index, pos, bad)
             index += 1
-            offset += _HEADER.size + length + _FOOTER.size
+            pos = _resync(buf, pos + (1 if length is None else _HEADER.size), size) if verify else None
+            if pos is None:
+                return
+    finally:
+        buf.close()

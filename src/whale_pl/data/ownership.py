@@ -1,0 +1,77 @@
+"""Which output folders a data writer may resume or replace: only its own, started with the same config.
+
+Before it writes its first shard, a writer (``whale-data metaworld``, ``whale-data oxe``) records in
+its output folder, atomically, a marker ``.whale_collect.json`` naming the project, the writer
+(``kind``) and the hash of the config that determines the data. A later run resumes or re-collects
+that folder only if the marker names the same writer and config hash. Any other non-empty folder
+(another program's files, another config, a dataset without a marker) is refused with one line
+naming the folder and what it holds, unless the caller passes ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from whale_pl.data.shards import MANIFEST, SCHEMA_VERSION, write_json_atomic
+
+MARKER = ".whale_collect.json"
+PROJECT = "whale_pl"
+
+
+def config_hash(config: Any) -> str:
+    """Short sha256 of a JSON-serialisable config (key order does not matter)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def claim(out: str | Path, kind: str, config: Any) -> None:
+    """Record (atomically) that ``kind`` writes ``out`` with ``config``; call before the first shard."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / MARKER, {"project": PROJECT, "kind": kind, "config_hash": config_hash(config),
+                                     "config": config})
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def describe(out: Path) -> str:
+    """What a folder without a valid marker holds, as the end of a sentence starting with its name."""
+    entries = sorted(p.name for p in out.iterdir())
+    if MANIFEST in entries:
+        m = _read_json(out / MANIFEST)
+        if isinstance(m, dict) and m.get("schema_version") == SCHEMA_VERSION and "shards" in m:
+            return f"holds a whale_pl dataset ({m.get('episodes', '?')} episodes) without a whale-data marker ({MARKER})"
+        return f"holds a {MANIFEST} not written by whale-data"
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    return f"holds {len(entries)} entries ({shown}) and no whale-data marker ({MARKER})"
+
+
+def ownership(out: str | Path, kind: str, config: Any) -> tuple[str, str]:
+    """('empty' | 'ours' | 'other_config' | 'foreign', one line on what ``out`` holds) for writer ``kind``
+    about to write ``config`` there: only 'empty' and 'ours' may be written without ``overwrite``."""
+    out = Path(out)
+    if not out.exists():
+        return "empty", f"{out} does not exist"
+    if not out.is_dir():
+        return "foreign", f"{out} is a file, not a folder"
+    if not any(out.iterdir()):
+        return "empty", f"{out} is empty"
+    if not (out / MARKER).exists():
+        return "foreign", f"{out} {describe(out)}"
+    m = _read_json(out / MARKER)
+    if not isinstance(m, dict) or m.get("project") != PROJECT:
+        return "foreign", f"{out} holds a {MARKER} not written by whale-data"
+    if m.get("kind") != kind:
+        return "foreign", f"{out} was written by {m.get('kind')!r}, not {kind!r}"
+    want = config_hash(config)
+    if m.get("config_hash") != want:
+        return "other_config", f"{out} was written with another config (hash {m.get('config_hash')} != {want})"
+    return "ours", f"{out} was started by {kind} with this config (hash {want})"
