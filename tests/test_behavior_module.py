@@ -73,7 +73,7 @@ def test_fit_keeps_tokenizer_bit_identical_and_writes_checkpoints(fitted, tokeni
     run, before = fitted
     ckpts = run / "checkpoints"
     assert (ckpts / "last.ckpt").is_file() and (ckpts / "best.ckpt").is_file()
-    raw = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    raw = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
     assert raw["whale_class"].endswith("BehaviorModule")
     assert not any(k.startswith("tokenizer.") for k in raw["state_dict"])  # only path + fingerprint
     assert raw["hyper_parameters"]["tokenizer_ckpt"] == str(tokenizer_ckpt)
@@ -152,11 +152,11 @@ def test_changed_tokenizer_file_is_rejected(fitted, tokenizer_ckpt, tmp_path):
 
     run, _ = fitted
     tok_copy = tmp_path / "tokenizer.ckpt"
-    ck = torch.load(tokenizer_ckpt, map_location="cpu", weights_only=False)
+    ck = torch.load(tokenizer_ckpt, map_location="cpu", weights_only=True)
     key = next(k for k in ck["state_dict"] if k.endswith("weight"))
     ck["state_dict"][key] = ck["state_dict"][key] + 1e-3
     torch.save(ck, tok_copy)
-    beh = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    beh = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     beh["hyper_parameters"]["tokenizer_ckpt"] = str(tok_copy)
     torch.save(beh, tmp_path / "behavior.ckpt")
     with pytest.raises(HandoffError, match=r"tokenizer\.ckpt.*not the one this BehaviorModule was trained with"):
@@ -177,7 +177,7 @@ def test_bad_tokenizer_checkpoints_name_path_and_mismatch(fitted, tokenizer_ckpt
         BehaviorModule(tokenizer_ckpt=str(wrong))
     with pytest.raises(HandoffError, match=r"best\.ckpt.*codebook_size is 32, expected 1024"):
         BehaviorModule(tokenizer_ckpt=str(tokenizer_ckpt), expect_codebook_size=1024)
-    spec = dict(torch.load(tokenizer_ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["data_spec"])
+    spec = dict(torch.load(tokenizer_ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["data_spec"])
     spec["frame_size"] = [64, 64]
     with pytest.raises(HandoffError, match=r"best\.ckpt.*frame_size: checkpoint \[32, 32\] != current \[64, 64\]"):
         BehaviorModule(tokenizer_ckpt=str(tokenizer_ckpt), data_spec=spec)
@@ -224,7 +224,7 @@ def test_checkpoints_with_retired_options_load_when_neutral_and_name_them_otherw
     from whale_pl.lit.behavior_module import BehaviorModule
 
     run, _ = fitted
-    raw = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    raw = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     raw["hyper_parameters"].update(action_likelihood="gaussian", encoder_stats=False, change_decode=0.0, window=4)
     torch.save(raw, tmp_path / "neutral.ckpt")
     assert load_frozen(tmp_path / "neutral.ckpt", BehaviorModule).model.z_dim == raw["hyper_parameters"]["net"]["z_dim"]

@@ -22,7 +22,7 @@ def render_value(ckpt_path: str, task: str = "reach-v3") -> dict:
     """A value function in the hook's shape: reads the checkpoint and renders the simulator."""
     from whale_pl.data.metaworld import MetaWorldEnv
 
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
     env = MetaWorldEnv(task, 32, "corner2")
     try:
         env.reset(0)
@@ -118,7 +118,7 @@ def test_value_gap_required_but_unsupported_is_an_error(tmp_path):
 
 def checkpoint_value(ckpt_path: str) -> dict:
     """A non-rendering value function: the sum of the checkpoint's parameters."""
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
     return {"param_sum": float(sum(v.sum() for v in state.values()))}
 
 

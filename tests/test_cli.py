@@ -29,10 +29,10 @@ def test_fit_and_resume_through_the_cli(tiny_data_yaml, tmp_path):
     run = tmp_path / "tokenizer"
     last, best = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "best.ckpt"
     assert last.is_file() and best.is_file() and (run / "config.yaml").is_file()
-    assert torch.load(last, weights_only=False)["global_step"] == 2
+    assert torch.load(last, weights_only=True)["global_step"] == 2
     # resume from last.ckpt to a later step
     cli.main(["fit", *common, "--trainer.max_steps", "4", "--ckpt_path", str(last)])
-    ck = torch.load(last, weights_only=False)
+    ck = torch.load(last, weights_only=True)
     assert ck["global_step"] == 4
     assert ck["hyper_parameters"]["data_spec"]["frame_size"] == [32, 32]
 

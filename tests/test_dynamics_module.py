@@ -90,7 +90,7 @@ def test_fit_keeps_frozen_stages_bit_identical(fitted, stage_ckpts):
     run, before = fitted
     ckpts = run / "checkpoints"
     assert (ckpts / "last.ckpt").is_file() and (ckpts / "best.ckpt").is_file()
-    raw = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    raw = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
     assert raw["whale_class"].endswith("DynamicsModule") and raw["global_step"] == 6
     assert not any(k.startswith(("tokenizer.", "behavior.")) for k in raw["state_dict"])  # paths + sha256 only
     dyn = load_frozen(ckpts / "last.ckpt", DynamicsModule)
@@ -191,7 +191,7 @@ def test_checkpoint_of_a_retired_option_is_refused_by_name(fitted, tmp_path):
     from whale_pl.lit.dynamics_module import DynamicsModule
 
     run, _ = fitted
-    raw = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    raw = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     raw["hyper_parameters"].update(injection="adanorm", history="masked", full_mask_prob=0.0, change_input=False)
     torch.save(raw, tmp_path / "kept.ckpt")
     assert load_frozen(tmp_path / "kept.ckpt", DynamicsModule).model.uses_behavior

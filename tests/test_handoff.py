@@ -131,7 +131,7 @@ def test_handoff_errors_name_path_and_mismatch(tok_ckpt, tmp_path):
     torch.save(ckpt, other)
     with pytest.raises(HandoffError, match=r"probe\.ckpt.*does not load into .*TokenizerModule"):
         load_frozen(other, TokenizerModule)
-    spec = torch.load(tok_ckpt, weights_only=False)["hyper_parameters"]["data_spec"]
+    spec = torch.load(tok_ckpt, weights_only=True)["hyper_parameters"]["data_spec"]
     with pytest.raises(HandoffError, match=r"tokenizer\.ckpt.*frame_size: checkpoint \[32, 32\] != current \[64, 64\]"):
         load_frozen(tok_ckpt, TokenizerModule, data_spec={**spec, "frame_size": [64, 64]})
     with pytest.raises(HandoffError, match=r"codebook_size is 32, expected 1024"):

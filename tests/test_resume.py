@@ -41,7 +41,7 @@ def test_killed_fit_resumes_at_the_same_step(tiny_data_yaml, tmp_path):
     while time.time() < deadline and proc.poll() is None:
         if last.exists():
             try:
-                step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+                step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
             except Exception:  # being replaced right now; Lightning renames complete files into place
                 step = 0
             if step >= 4:
@@ -50,13 +50,13 @@ def test_killed_fit_resumes_at_the_same_step(tiny_data_yaml, tmp_path):
     assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     proc.kill()  # SIGKILL: no teardown, like a crash or a pre-empted node
     proc.wait()
-    saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    saved = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert 4 <= saved < 400
 
     target = saved + 4
     resume = [a if a != "400" else str(target) for a in common] + ["--ckpt_path", str(last)]
     done = subprocess.run([sys.executable, *resume], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == target
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == target
     resumed_steps = _events_steps(tmp_path / "tokenizer")[-1]
     assert resumed_steps and min(resumed_steps) >= saved, (saved, resumed_steps)  # continued, not restarted

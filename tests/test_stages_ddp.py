@@ -140,7 +140,7 @@ def _ddp_fit(stage: str, tmp_path: Path, overrides: list[str]) -> tuple[Path, di
     r = subprocess.run([sys.executable, str(script), str(out), *argv], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
-    ranks = [torch.load(out / f"rank{i}.pt", weights_only=False) for i in range(2)]
+    ranks = [torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(2)]
     run = runs / stage
     # (d) one checkpoint set and one event file, written by rank 0 only
     ckpts = run / "checkpoints"
@@ -163,7 +163,7 @@ def _check_ranks(s0: dict, s1: dict, run: Path, steps: int, frozen_before: dict)
     for k in s0["model"]:
         assert torch.equal(s0["model"][k], s1["model"][k]), f"model.{k} differs between ranks"
     assert any(not torch.equal(s0["model"][k], s0["init"][k]) for k in s0["model"]), "the fit changed nothing"
-    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == steps
     for k, v in s0["model"].items():
         assert torch.equal(last["state_dict"][f"model.{k}"], v), f"last.ckpt model.{k} is not the trained weight"

@@ -47,7 +47,7 @@ def test_checkpoints_written_and_reload_identically(fitted):
     run, module, dm = fitted
     last, best = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "best.ckpt"
     assert last.is_file() and best.is_file()
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt[CLASS_KEY] == "whale_pl.lit.tokenizer_module.TokenizerModule"
     assert ckpt["hyper_parameters"]["data_spec"]["frame_size"] == [32, 32]
     assert ckpt["global_step"] == 4
@@ -126,7 +126,7 @@ def test_checkpoints_with_a_retired_option_set_are_refused_by_name(fitted, tmp_p
     from whale_pl.lit.init_from import init_from_checkpoint
 
     run, _, _ = fitted
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     inert = dict(ckpt, hyper_parameters={**ckpt["hyper_parameters"], **TokenizerModule.RETIRED})
     torch.save(inert, tmp_path / "inert.ckpt")
     assert load_frozen(tmp_path / "inert.ckpt", TokenizerModule).model.codebook_size == 32

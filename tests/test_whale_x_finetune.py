@@ -243,7 +243,7 @@ def _scratch_loss(stage: str, pretrained: dict, finetuned: dict, batch: dict) ->
 @pytest.mark.parametrize("stage", STAGES)
 def test_finetune_starts_from_pretrained_weights_and_lowers_in_domain_loss(stage, pretrained, finetuned, demo_batch):
     ckpts, probe = finetuned[stage]
-    raw = torch.load(pretrained[stage], map_location="cpu", weights_only=False)
+    raw = torch.load(pretrained[stage], map_location="cpu", weights_only=True)
     theirs = {k: v for k, v in raw["state_dict"].items() if not k.startswith(("tokenizer.", "behavior."))}
     # step 0 of the fine-tune holds exactly the pretrained weights and buffers (codebook, EMA state included)
     assert probe.start.keys() == theirs.keys() and len(theirs) > 5
@@ -256,7 +256,7 @@ def test_finetune_starts_from_pretrained_weights_and_lowers_in_domain_loss(stage
         assert probe.loss_start < 0.9 * scratch, (stage, probe.loss_start, scratch)
     assert probe.loss_end < probe.loss_start, (stage, probe.loss_start, probe.loss_end)
     # weights only: a new optimiser and schedule from step 0, not a resume of the pretraining run
-    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == FINETUNE_STEPS
     assert last["lr_schedulers"][0]["last_epoch"] == FINETUNE_STEPS
     assert {int(s["step"]) for s in last["optimizer_states"][0]["state"].values()} == {FINETUNE_STEPS}
@@ -267,8 +267,8 @@ def test_interrupted_finetune_resumes_from_its_own_checkpoint(shards, pretrained
     """A resumed fine-tune (``--ckpt_path last.ckpt``, as ``make`` does) continues from that checkpoint:
     the restore runs after ``init_from`` and wins."""
     ckpts, _ = finetuned["tokenizer"]
-    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
-    pre = torch.load(pretrained["tokenizer"], map_location="cpu", weights_only=False)["state_dict"]
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    pre = torch.load(pretrained["tokenizer"], map_location="cpu", weights_only=True)["state_dict"]
     _, probe, _ = _finetune_cli("tokenizer", tmp_path, shards, pretrained, demo_batch, dict(net=TINY_TOK),
                                 ["--trainer.max_steps", str(FINETUNE_STEPS + 3)], ckpt_path=ckpts / "last.ckpt")
     assert all(torch.equal(probe.start[k], v) for k, v in last["state_dict"].items())
