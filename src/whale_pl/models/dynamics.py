@@ -1,23 +1,17 @@
 """Stage 3: the action- and behavior-conditioned ST-MaskGIT dynamics model over token grids.
 
-Frames are grids of tokenizer ids ``[T, h, w]``, flattened to S = h*w positions; a masked position holds
-``mask_id = codebook_size``. A causal ``STTransformer`` runs over the embedded ids. Slot t is conditioned
-(adaptive LayerNorm) on what led into frame t: the action ``a_{t-1}``, the behavior embedding ``z_{t-1}``
-(the frozen prior's mean; absent in the ablation) and the clip's frame stride k; slot 0 takes a learned
+Frames are grids of tokenizer ids flattened to S = h*w positions (``mask_id = codebook_size`` where masked),
+run through a causal ``STTransformer``. Slot t is conditioned (adaptive LayerNorm) on the action ``a_{t-1}``,
+the behavior embedding ``z_{t-1}`` (absent in the ablation) and the clip's frame stride; slot 0 takes a learned
 start vector. Training is MaskGIT per frame after clean context frames; heads on each frame's mean latent
-predict reward, success and state. ``imagine`` decodes one frame at a time, caching temporal keys/values.
-
-Options (``DynamicsNet``): ``prev_frame_input`` embeds the id each position held one frame earlier;
-``copy_logit`` adds a learned gate g(h) to that id's logit, so a fresh model copies the previous frame;
-``code_dim > 0`` embeds and scores ids through the frozen tokenizer's code vectors; ``transition_rank`` r
-adds a learned rank-r map per (position, previous id) to the code-space query; ``change_weight`` w weighs
-targets that changed w times in the loss, and every prediction outside the loss adds log w to the previous
-id's logit, which undoes the weighting's shift of the odds.
+predict reward, success and state; ``imagine`` decodes frame by frame with a temporal key/value cache.
+The options are explained where ``DynamicsNet`` declares them.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,7 +42,7 @@ class DynamicsNet:
     prev_frame_input: bool = False  # each position also embeds the id it held one frame earlier
     copy_logit: bool = False  # a learned gate adds to that earlier id's logit (starts at copying)
     code_embed: bool = False  # ids embedded and scored through the frozen tokenizer's code vectors
-    change_weight: float = 1.0  # training CE weight of targets that change (logits corrected by log w)
+    change_weight: float = 1.0  # CE weight w of targets that change; log w on the previous id's logit undoes it
     transition_rank: int = 0  # r > 0: per-(position, previous id) rank-r maps on the code-space query
 
 
@@ -81,9 +75,8 @@ class DynamicsModel(nn.Module):
         """Token, position and conditioning embeddings."""
         V, D = self.codebook_size, self.dim
         self.tok_emb = nn.Embedding(V + 1, D)
-        self.prev_emb = None  # index V + 1: "no earlier frame in this window"
+        self.prev_emb = nn.Embedding(V + 2, D) if prev_frame_input else None  # id V + 1: no earlier frame in the window
         if prev_frame_input:
-            self.prev_emb = nn.Embedding(V + 2, D)
             nn.init.normal_(self.prev_emb.weight, std=0.02)
         self.pos_s = nn.Parameter(torch.randn(self.num_tokens, D) * 0.02)
         self.pos_t = nn.Parameter(torch.randn(self.max_frames, D) * 0.02)
@@ -108,9 +101,8 @@ class DynamicsModel(nn.Module):
             self.trans = nn.Embedding(self.num_tokens * V, C * r)
             nn.init.zeros_(self.trans.weight)  # starts as the plain model
             self.trans_in = nn.Linear(D, r)
-        self.copy_gate = None
+        self.copy_gate = nn.Linear(D, 1) if copy_logit else None
         if copy_logit:
-            self.copy_gate = nn.Linear(D, 1)
             nn.init.zeros_(self.copy_gate.weight)
             nn.init.constant_(self.copy_gate.bias, COPY_INIT)
         self.frame_head = nn.Sequential(nn.Linear(D, D), nn.GELU())
@@ -133,15 +125,6 @@ class DynamicsModel(nn.Module):
         return self.beh_proj is not None
 
     # ------------------------------------------------------------------ embeddings and conditioning
-    def embed_ids(self, ids_BTS: torch.Tensor) -> torch.Tensor:
-        """Input embedding of ids (``mask_id`` included): learned, plus the code vector's projection."""
-        x = self.tok_emb(ids_BTS)
-        if self.code_in is not None:
-            known = ids_BTS < self.codebook_size
-            vec = self.code_vectors[ids_BTS.clamp(max=self.codebook_size - 1)] * known.unsqueeze(-1)
-            x = x + self.code_in(vec.to(x.dtype))
-        return x
-
     def prev_ids(self, ids_BTS: torch.Tensor, prev_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
         """Ids each slot's positions held one frame earlier ``[B, T, S]``: ``prev_ids_BS`` before the first,
         or ``codebook_size + 1`` (no earlier frame in the window)."""
@@ -189,15 +172,14 @@ class DynamicsModel(nn.Module):
         T = ids_BTS.shape[1]
         if t0 + T > self.max_frames:
             raise ValueError(f"window of {t0 + T} frames exceeds max_frames={self.max_frames}")
-        x = self.embed_ids(ids_BTS) + self.pos_s + self.pos_t[t0 : t0 + T][:, None]
+        x = self.tok_emb(ids_BTS)
+        if self.code_in is not None:  # plus the projected code vector of each known id
+            known = (ids_BTS < self.codebook_size).unsqueeze(-1)
+            x = x + self.code_in((self.code_vectors[ids_BTS.clamp(max=self.codebook_size - 1)] * known).to(x.dtype))
+        x = x + self.pos_s + self.pos_t[t0 : t0 + T][:, None]
         if self.prev_emb is not None:
             x = x + self.prev_emb(self.prev_ids(ids_BTS, prev_ids_BS))
         return self.transformer(x, cond_BTD, kv_cache=kv_cache, return_kv=True)
-
-    @property
-    def copy_bias(self) -> float:
-        """log ``change_weight``: added to the previous id's logit, it undoes the weighting's shift of the odds."""
-        return math.log(self.change_weight)
 
     def token_logits(self, h_BTSD: torch.Tensor, prev_ids_BTS: torch.Tensor | None = None,
                      raw: bool = False) -> torch.Tensor:
@@ -211,7 +193,7 @@ class DynamicsModel(nn.Module):
             logits = logits + self.code_scale * (q @ self.code_vectors.to(q.dtype).T)
         if prev_ids_BTS is None:
             return logits
-        bias = 0.0 if raw else self.copy_bias
+        bias = 0.0 if raw else math.log(self.change_weight)  # undoes the weighting's shift of the odds
         bonus = bias if self.copy_gate is None else self.copy_gate(h_BTSD).to(logits.dtype) + bias
         return self.add_at_prev(logits, prev_ids_BTS, bonus)
 
@@ -225,7 +207,8 @@ class DynamicsModel(nn.Module):
         q_BTSC = torch.einsum("btscr,btsr->btsc", table_BTSCR, proj_BTSR)
         return q_BTSC * (prev_ids_BTS < V).unsqueeze(-1).to(q_BTSC.dtype)
 
-    def add_at_prev(self, logits_NV: torch.Tensor, prev_ids_N: torch.Tensor, bonus: torch.Tensor | float) -> torch.Tensor:
+    def add_at_prev(self, logits_NV: torch.Tensor, prev_ids_N: torch.Tensor,
+                    bonus: torch.Tensor | float) -> torch.Tensor:
         """``logits [..., V]`` plus ``bonus`` (a float, or ``[..., 1]``) at each position's previous id, where
         that id is known (< V)."""
         if isinstance(bonus, float) and bonus == 0.0:
@@ -244,31 +227,24 @@ class DynamicsModel(nn.Module):
 
     # ------------------------------------------------------------------ training
     def forward(self, ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None = None,
-                stride_B: torch.Tensor | None = None, copy_src_BThw: torch.Tensor | None = None,
-                raw: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                stride_B: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits ``[B, T, h, w, V]`` for every position of ``ids_BThw`` (which may hold ``mask_id``) and the
-        heads' outputs; ``actions[:, t]``/``z[:, t]`` are taken at frame t. ``copy_src_BThw``: the whole frames
-        the copy path reads the previous ids from (default ``ids_BThw``); ``raw``: see ``token_logits``."""
+        heads' outputs; ``actions[:, t]``/``z[:, t]`` are taken at frame t."""
         self._check_inputs(actions_BTA, z_BTZ)
-        cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B)
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
-        h, _ = self.trunk(ids, cond)
-        src = ids if copy_src_BThw is None else rearrange(copy_src_BThw, "b t h w -> b t (h w)")
-        logits = self.token_logits(h, self.prev_ids(src), raw=raw)
-        return rearrange(logits, "b t (h w) v -> b t h w v", h=ids_BThw.shape[2]), self.heads(h)
+        h, _ = self.trunk(ids, self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B))
+        logits = rearrange(self.token_logits(h, self.prev_ids(ids)), "b t (h w) v -> b t h w v", h=ids_BThw.shape[2])
+        return logits, self.heads(h)
 
     def training_losses(self, ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None,
                         rewards_BT: torch.Tensor, success_BT: torch.Tensor, state_BTS: torch.Tensor | None = None,
                         stride_B: torch.Tensor | None = None, context_frames: int = 1, corrupt_prob: float = 0.0,
                         generator: torch.Generator | None = None,
                         max_context_frames: int | None = None) -> dict[str, torch.Tensor]:
-        """MaskGIT cross-entropy on the masked (and corrupted) positions after the context frames, the head
-        losses, and ``acc`` (of the masked positions, with the logits callers see).
-
-        ``max_context_frames``: each clip draws its clean context length from ``[context_frames,
-        max_context_frames]`` (at most T-1). ``corrupt_prob``: up to this share of the visible tokens after
-        the context hold random ids, to be corrected. With ``change_weight`` w, targets whose id changed since
-        the frame before count w times in the (raw-logit) cross-entropy."""
+        """MaskGIT cross-entropy on the masked (and corrupted) positions after the context, the head losses and
+        ``acc`` (masked positions, logits as callers see them). ``max_context_frames``: each clip draws its context
+        length from ``[context_frames, max_context_frames]`` (at most T-1); ``corrupt_prob``: up to this share of
+        the visible tokens after the context hold random ids."""
         B, T, hh, ww = ids_BThw.shape
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
         ctx: int | torch.Tensor = context_frames
@@ -276,17 +252,23 @@ class DynamicsModel(nn.Module):
             hi = min(max_context_frames, T - 1)
             ctx = torch.randint(context_frames, hi + 1, (B,), generator=generator).to(ids.device)
         mask = training_mask(B, T, hh * ww, ctx, ids.device, generator)
-        inp, hit = corrupt_tokens(ids, mask, ctx, corrupt_prob, self.codebook_size, generator)
-        whole = rearrange(inp, "b t (h w) -> b t h w", h=hh)  # corrupted but unmasked: the copy source
-        inp = rearrange(inp.masked_fill(mask, self.mask_id), "b t (h w) -> b t h w", h=hh)
-        logits, heads = self(inp, actions_BTA, z_BTZ, stride_B, whole, raw=True)
-        logits = rearrange(logits, "b t h w v -> b t (h w) v")
+        whole, hit = corrupt_tokens(ids, mask, ctx, corrupt_prob, self.codebook_size, generator)  # the copy source
+        self._check_inputs(actions_BTA, z_BTZ)
+        cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B)
+        h, _ = self.trunk(whole.masked_fill(mask, self.mask_id), cond)
+        logits = self.token_logits(h, self.prev_ids(whole), raw=True)  # the copy path reads the unmasked input
         target = mask | hit
         out = {"ce": self._weighted_ce(logits[target], ids[target], self.prev_ids(ids)[target])}
-        src_prev = self.prev_ids(rearrange(whole, "b t h w -> b t (h w)"))  # where token_logits corrects
-        pred = self.add_at_prev(logits[mask], src_prev[mask], self.copy_bias).argmax(-1)
+        pred = self.add_at_prev(logits[mask], self.prev_ids(whole)[mask], math.log(self.change_weight)).argmax(-1)
         out["acc"] = (pred == ids[mask]).float().mean()
-        out.update(self._head_losses(heads, rewards_BT, success_BT, state_BTS))
+        heads = self.heads(h)  # reward and success of the transition into each frame after the first
+        out["reward"] = F.mse_loss(heads["reward"][:, 1:].float(), rewards_BT[:, :-1].float())
+        out["success"] = F.binary_cross_entropy_with_logits(heads["success_logit"][:, 1:].float(),
+                                                            success_BT[:, :-1].float())
+        if self.state_head is not None and state_BTS is not None and state_BTS.shape[-1] > 0:
+            if state_BTS.shape[-1] != self.state_dim:
+                raise ValueError(f"batch state has {state_BTS.shape[-1]} dims, the model has {self.state_dim}")
+            out["state"] = F.mse_loss(heads["state"].float(), state_BTS.float())
         return out
 
     def _weighted_ce(self, logits_NV: torch.Tensor, target_N: torch.Tensor, prev_N: torch.Tensor) -> torch.Tensor:
@@ -295,18 +277,6 @@ class DynamicsModel(nn.Module):
             return F.cross_entropy(logits_NV.float(), target_N)
         w = torch.where(target_N != prev_N, self.change_weight, 1.0)
         return (F.cross_entropy(logits_NV.float(), target_N, reduction="none") * w).sum() / w.sum()
-
-    def _head_losses(self, heads: dict[str, torch.Tensor], rewards_BT: torch.Tensor, success_BT: torch.Tensor,
-                     state_BTS: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Reward (MSE) and success (BCE) of the transition into each frame after the first; state (MSE) of every frame."""
-        out = {"reward": F.mse_loss(heads["reward"][:, 1:].float(), rewards_BT[:, :-1].float()),
-               "success": F.binary_cross_entropy_with_logits(heads["success_logit"][:, 1:].float(),
-                                                             success_BT[:, :-1].float())}
-        if self.state_head is not None and state_BTS is not None and state_BTS.shape[-1] > 0:
-            if state_BTS.shape[-1] != self.state_dim:
-                raise ValueError(f"batch state has {state_BTS.shape[-1]} dims, the model was built for {self.state_dim}")
-            out["state"] = F.mse_loss(heads["state"].float(), state_BTS.float())
-        return out
 
     # ------------------------------------------------------------------ one-step prediction
     @torch.no_grad()
@@ -345,32 +315,26 @@ class DynamicsModel(nn.Module):
         h, _ = self.trunk(ids, self.condition(act_in, z_in, stride_B))
         heads = self.heads(h[:, -1:])
         logits = self.token_logits(h[:, -1:], ids[:, -2:-1])[:, 0]
-        return {
-            "logits_BhwV": rearrange(logits, "b (h w) v -> b h w v", h=hh),
-            "probs_BhwV": rearrange(logits.float().softmax(-1), "b (h w) v -> b h w v", h=hh),
-            "features_BhwD": rearrange(h[:, -1], "b (h w) d -> b h w d", h=hh),
-            "reward_B": heads["reward"][:, 0],
-            "success_B": heads["success_logit"][:, 0].sigmoid(),
-            **({"state_BS": heads["state"][:, 0]} if "state" in heads else {}),
-        }
+        out = {"logits_BhwV": logits, "probs_BhwV": logits.float().softmax(-1), "features_BhwD": h[:, -1]}
+        return {**{k: rearrange(v, "b (h w) x -> b h w x", h=hh) for k, v in out.items()},
+                "reward_B": heads["reward"][:, 0], "success_B": heads["success_logit"][:, 0].sigmoid(),
+                **({"state_BS": heads["state"][:, 0]} if "state" in heads else {})}
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def imagine(self, context_ids_BChw: torch.Tensor, actions_BTA: torch.Tensor | None, z: torch.Tensor | ZFn | None = None,
-                horizon: int | None = None, steps: int = 4, temperature: float = 1.0,
-                stride_B: torch.Tensor | None = None, use_cache: bool = True, return_probs: bool = False,
-                generator: torch.Generator | None = None, act_fn: ActFn | None = None) -> dict[str, torch.Tensor]:
+    def imagine(self, context_ids_BChw: torch.Tensor, actions_BTA: torch.Tensor | None,
+                z: torch.Tensor | ZFn | None = None, horizon: int | None = None, steps: int = 4,
+                temperature: float = 1.0, stride_B: torch.Tensor | None = None, use_cache: bool = True,
+                return_probs: bool = False, generator: torch.Generator | None = None,
+                act_fn: ActFn | None = None) -> dict[str, torch.Tensor]:
         """Roll the model out frame by frame from ``context_ids_BChw``.
 
-        ``actions_BTA[:, t]`` is taken at frame t counted from the first context frame. Open loop they are all
-        given and ``horizon`` defaults to ``T - C + 1``; closed loop ``act_fn(t, so_far)`` chooses the action
-        ``[B, A]`` of each frame t past the given ones (None: none) from this method's outputs for the frames
-        imagined so far. ``z``: a tensor ``[B, >=C+horizon-1, Z]`` aligned like the actions, or the prior
-        ``z_fn(ids_BThw, actions_BTA) -> z_BTZ`` evaluated on the growing history. Returns ``ids_BThw``,
-        ``token_prob_BThw`` (of each chosen token), ``reward_BT``, ``success_BT`` (probability), ``state_BTS``
-        (with a state head) and with ``return_probs`` ``probs_BThwV`` (each position's distribution when fixed).
-        A rollout that outgrows ``max_frames`` restarts its window from its last ``max_frames // 2`` frames
-        (with and without the key/value cache alike)."""
+        ``actions_BTA[:, t]`` is taken at frame t (from the first context frame): all given (open loop; ``horizon``
+        defaults to ``T - C + 1``), or past the given ones (None: none) chosen by ``act_fn(t, so_far)`` from the
+        outputs imagined so far. ``z``: a tensor ``[B, >=C+horizon-1, Z]`` aligned like the actions, or the prior
+        ``z_fn(ids_BThw, actions_BTA)`` on the growing history. Returns ``ids_BThw``, ``token_prob_BThw``,
+        ``reward_BT``, ``success_BT`` (probability), ``state_BTS`` (with a state head) and with ``return_probs``
+        ``probs_BThwV``. A rollout outgrowing ``max_frames`` restarts its window from its last ``max_frames // 2``."""
         B, C, hh, ww = context_ids_BChw.shape
         if actions_BTA is None:
             actions_BTA = torch.zeros(B, 0, self.action_dim, device=context_ids_BChw.device)
@@ -384,10 +348,15 @@ class DynamicsModel(nn.Module):
             past_BTS = roll.ids_BTS[:, start:n]
             if use_cache and cache is None:  # (re)prime the cache with the window's finished frames
                 _, cache = self.trunk(past_BTS, cond_BTD[:, :-1])
-            ids_BS, prob_BS, probs_BSV = maskgit_decode_frame(
-                self._next_frame_logits(past_BTS, cond_BTD, cache), B, hh * ww, self.mask_id, steps, temperature,
-                context_ids_BChw.device, generator)
-            h_B1SD, cache = self._finish_frame(past_BTS, ids_BS, cond_BTD, cache)
+            prev_B1S = past_BTS[:, -1:] if past_BTS.shape[1] else None
+
+            def logits_fn(ids_BS: torch.Tensor) -> torch.Tensor:
+                return self.token_logits(self._frame_after(past_BTS, ids_BS, cond_BTD, cache)[0], prev_B1S)[:, 0]
+
+            ids_BS, prob_BS, probs_BSV = maskgit_decode_frame(logits_fn, B, hh * ww, self.mask_id, steps, temperature,
+                                                              context_ids_BChw.device, generator)
+            h_B1SD, kv = self._frame_after(past_BTS, ids_BS, cond_BTD, cache)
+            cache = None if cache is None else append_kv(cache, kv)
             roll.add_frame(ids_BS, prob_BS, probs_BSV if return_probs else None, self.heads(h_B1SD))
         return roll.outputs()
 
@@ -416,34 +385,16 @@ class DynamicsModel(nn.Module):
             zs = torch.stack([roll.z_at(n - 1) if n > 0 else no_z for n in frames], 1)
         return self.condition(acts, zs, stride_B)
 
-    def _next_frame_logits(self, past_BTS: torch.Tensor, cond_BTD: torch.Tensor,
-                           cache: list[KV] | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``ids_BS -> logits_BSV`` of the frame after ``past_BTS`` (the window's finished frames), from the
-        keys/values of ``cache`` or, without one, a pass over the whole window."""
-        t = past_BTS.shape[1]
-        prev_BS = past_BTS[:, -1] if t > 0 else None
-
-        def cached(ids_BS: torch.Tensor) -> torch.Tensor:
-            h, _ = self.trunk(ids_BS.unsqueeze(1), cond_BTD[:, -1:], t0=t, kv_cache=cache, prev_ids_BS=prev_BS)
-            return self.token_logits(h, None if prev_BS is None else prev_BS.unsqueeze(1))[:, 0]
-
-        def uncached(ids_BS: torch.Tensor) -> torch.Tensor:
-            seq = torch.cat([past_BTS, ids_BS.unsqueeze(1)], dim=1)
-            h, _ = self.trunk(seq, cond_BTD)
-            return self.token_logits(h[:, -1:], self.prev_ids(seq)[:, -1:])[:, 0]
-
-        return uncached if cache is None else cached
-
-    def _finish_frame(self, past_BTS: torch.Tensor, ids_BS: torch.Tensor, cond_BTD: torch.Tensor,
-                      cache: list[KV] | None) -> tuple[torch.Tensor, list[KV] | None]:
-        """Latent ``[B, 1, S, D]`` of a decoded frame (for the heads), and the cache with its keys/values appended."""
+    def _frame_after(self, past_BTS: torch.Tensor, ids_BS: torch.Tensor, cond_BTD: torch.Tensor,
+                     cache: list[KV] | None) -> tuple[torch.Tensor, list[KV] | None]:
+        """Hidden state ``[B, 1, S, D]`` of frame ``ids_BS`` after the window's finished frames ``past_BTS``, and
+        its keys/values: from the keys/values of ``cache`` or, without one, a pass over the whole window."""
         t = past_BTS.shape[1]
         if cache is None:
             h, _ = self.trunk(torch.cat([past_BTS, ids_BS.unsqueeze(1)], dim=1), cond_BTD)
             return h[:, -1:], None
-        h, kv = self.trunk(ids_BS.unsqueeze(1), cond_BTD[:, -1:], t0=t, kv_cache=cache,
-                           prev_ids_BS=past_BTS[:, -1] if t > 0 else None)
-        return h, append_kv(cache, kv)
+        return self.trunk(ids_BS.unsqueeze(1), cond_BTD[:, -1:], t0=t, kv_cache=cache,
+                          prev_ids_BS=past_BTS[:, -1] if t > 0 else None)
 
 
 class Rollout:
@@ -457,7 +408,7 @@ class Rollout:
         self.actions_BTA = actions_BTA  # given, then extended by act_fn's choices
         self.act_fn, self.z = act_fn, z
         self.z_rows: list[torch.Tensor] = []  # z of each frame so far, when z is the prior
-        self.rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("ids", "prob", "probs", "reward", "success", "state")}
+        self.rows: dict[str, list[torch.Tensor]] = defaultdict(list)  # imagine's outputs, frame by frame
 
     def action_at(self, n: int) -> torch.Tensor:
         """The action ``[B, A]`` taken at frame n: given, or chosen now by ``act_fn`` from what is imagined so far."""
@@ -483,22 +434,14 @@ class Rollout:
                   heads: dict[str, torch.Tensor]) -> None:
         """Append an imagined frame: its ids, each chosen id's probability (and distribution, if kept), the heads."""
         self.ids_BTS = torch.cat([self.ids_BTS, ids_BS.unsqueeze(1)], dim=1)
-        new = {"ids": ids_BS, "prob": prob_BS, "probs": probs_BSV, "reward": heads["reward"][:, 0],
-               "success": heads["success_logit"][:, 0].sigmoid(), "state": heads["state"][:, 0] if "state" in heads else None}
+        new = {"ids_BThw": ids_BS, "token_prob_BThw": prob_BS, "reward_BT": heads["reward"][:, 0],
+               "success_BT": heads["success_logit"][:, 0].sigmoid(),
+               "state_BTS": heads["state"][:, 0] if "state" in heads else None, "probs_BThwV": probs_BSV}
         for k, v in new.items():
             if v is not None:
                 self.rows[k].append(v)
 
     def outputs(self, with_probs: bool = True) -> dict[str, torch.Tensor]:
         """The imagined frames so far, as ``DynamicsModel.imagine`` returns them (empty before the first)."""
-        rows, hh = self.rows, self.hh
-        if not rows["ids"]:
-            return {}
-        out = {"ids_BThw": rearrange(torch.stack(rows["ids"], 1), "b t (h w) -> b t h w", h=hh),
-               "token_prob_BThw": rearrange(torch.stack(rows["prob"], 1), "b t (h w) -> b t h w", h=hh),
-               "reward_BT": torch.stack(rows["reward"], 1), "success_BT": torch.stack(rows["success"], 1)}
-        if rows["state"]:
-            out["state_BTS"] = torch.stack(rows["state"], 1)
-        if with_probs and rows["probs"]:
-            out["probs_BThwV"] = rearrange(torch.stack(rows["probs"], 1), "b t (h w) v -> b t h w v", h=hh)
-        return out
+        out = {k: torch.stack(v, 1) for k, v in self.rows.items() if with_probs or k != "probs_BThwV"}
+        return {k: rearrange(v, "b t (h w) ... -> b t h w ...", h=self.hh) if "hw" in k else v for k, v in out.items()}

@@ -1,8 +1,7 @@
 """MaskGIT pieces: the cosine mask schedule, training masks, random-token corruption and per-frame decoding.
 
-Training masks ``ceil(cos(u * pi / 2) * S)`` of each future frame's S tokens (u ~ U(0, 1), at least one).
-Decoding starts from a fully masked frame; step i keeps the ``S * (1 - cos(pi/2 * (i+1)/steps))`` most
-confident sampled tokens and re-masks the rest; the last step fixes every token.
+Training masks ``ceil(cos(u * pi / 2) * S)`` of each future frame's S tokens (u ~ U(0, 1), at least one);
+decoding step i of a frame re-masks all but the ``S * (1 - cos(pi/2 * (i+1)/steps))`` most confident tokens.
 """
 
 from __future__ import annotations
@@ -69,7 +68,8 @@ def maskgit_decode_frame(logits_fn: Callable[[torch.Tensor], torch.Tensor], B: i
         else:
             sampled_BS = probs.argmax(-1)
         conf_BS = probs.gather(-1, sampled_BS.unsqueeze(-1)).squeeze(-1)
-        n_masked_after = 0 if i == steps - 1 else int(math.floor(S * cosine_mask_ratio(torch.tensor((i + 1) / steps)).item()))
+        ratio = cosine_mask_ratio(torch.tensor((i + 1) / steps)).item()
+        n_masked_after = 0 if i == steps - 1 else math.floor(S * ratio)
         # the least confident still-free positions are re-masked; fixed ones never are
         order = torch.where(fixed_BS, torch.full_like(conf_BS, float("inf")), conf_BS).argsort(dim=-1)
         remask_BS = torch.zeros_like(fixed_BS)
@@ -78,6 +78,7 @@ def maskgit_decode_frame(logits_fn: Callable[[torch.Tensor], torch.Tensor], B: i
         newly_BS = ~fixed_BS & ~remask_BS
         ids_BS = torch.where(newly_BS, sampled_BS, ids_BS)
         token_prob_BS = torch.where(newly_BS, conf_BS, token_prob_BS)
-        probs_BSV = torch.where(newly_BS.unsqueeze(-1), probs, torch.zeros_like(probs) if probs_BSV is None else probs_BSV)
+        probs_BSV = torch.zeros_like(probs) if probs_BSV is None else probs_BSV
+        probs_BSV = torch.where(newly_BS.unsqueeze(-1), probs, probs_BSV)
         fixed_BS |= newly_BS
     return ids_BS, token_prob_BS, probs_BSV

@@ -1,10 +1,8 @@
 """The spatial-temporal transformer shared by the tokenizer, behavior model and dynamics.
 
-A pre-norm block runs spatial attention within each frame, temporal attention across frames at each
-position (causal by default), then an MLP. With ``cond_dim`` a per-frame vector ``cond_BTD`` modulates
-every LayerNorm (adaptive LayerNorm: scale, shift and a zero-initialised residual gate, as in DiT).
-For frame-by-frame generation a call takes the temporal keys/values of earlier frames (``kv_cache``)
-and, with ``return_kv``, returns its own.
+A pre-norm block runs spatial attention within each frame, temporal attention across frames at each position
+(causal by default), then an MLP. With ``cond_dim`` a per-frame vector modulates every LayerNorm (scale, shift
+and a zero-initialised residual gate, as in DiT). Temporal keys/values can be cached for frame-by-frame generation.
 """
 
 from __future__ import annotations
