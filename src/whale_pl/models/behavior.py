@@ -1,23 +1,10 @@
 """Stage 2: the behavior-conditioning VAE (posterior, prior, action decoder).
 
-Learns a behavior embedding z that captures *how the acting policy decides* from an
-(observation, action) history. Observations arrive as the frozen tokenizer's code vectors
-``codes_BThwC``; a small learned attention pooling (a summary token attending over the h x w grid)
-turns each frame into one feature vector. Each step t becomes one token from (frame feature,
-normalised action a_t), with a sinusoidal time embedding, and runs through the shared ST transformer
-with S = 1 (a purely temporal transformer):
-
-- posterior q(z | tau_{0:T}): bidirectional over the segment, mean-pooled over t -> (mu_BZ, logvar_BZ);
-- prior p(z_t | tau_{0:t}): causal, one Gaussian per step -> (mu_BTZ, logvar_BTZ). tau_{0:t} includes
-  a_t (at imagination time the action about to be taken is known);
-- decoder pi(a_t | o_t, z): MLP on (frame feature of o_t, z) -> Gaussian mean and log-variance of a_t
-  (both depend on z: a noisier policy gets a wider Gaussian). With ``decoder_prev_action`` it also sees
-  a_{t-1} (never a_t): the previous action predicts most of a smooth policy's next one, so the NLL
-  measures what is left -- jitter, random steps -- which is where the policy families differ.
-
-Loss (beta-VAE / information bottleneck): mean_t NLL(a_t) + beta * mean_t KL(q || p_t), with optional
-free bits (a floor per z dimension on the batch-mean KL) against posterior collapse and optional KL
-balancing. Stage 3 conditions on the prior mean ``mu_BTZ``.
+A behavior embedding z captures how the acting policy decides. Each frame's code vectors (from the frozen
+tokenizer) are pooled by ``GridPool``; step t becomes one token from (frame feature, a_t) plus a time embedding,
+run through an ``STTransformer`` with S = 1: bidirectional for the posterior q(z | tau_{0:T}), causal for the
+prior p(z_t | tau_{0:t}) whose mean conditions stage 3. The decoder pi(a_t | o_t, z) is a diagonal Gaussian.
+Loss: mean_t NLL(a_t) + beta * mean_t KL(q || p_t), with optional free bits and KL balancing (``kl_term``).
 """
 
 from __future__ import annotations
@@ -56,10 +43,8 @@ def gaussian_nll(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> tor
 
 
 class GridPool(nn.Module):
-    """Multi-head attention pooling of a frame's h*w code vectors into one feature: each head
-    scores every grid position (from its code and a learned position embedding), softmaxes over the
-    grid and averages that head's slice of the projected codes. Cheap (no token-token attention),
-    and it can learn to look at the gripper and the object rather than the whole picture."""
+    """Multi-head attention pooling of a frame's h*w code vectors into one feature: each head softmaxes its scores
+    over the grid and averages its slice of the projected codes (it can look at the gripper and the object)."""
 
     def __init__(self, code_dim: int, dim: int, grid_tokens: int, heads: int) -> None:
         super().__init__()
@@ -77,14 +62,11 @@ class GridPool(nn.Module):
         """[B, T, h, w, C] code vectors -> [B, T, dim] per-frame features."""
         B, T, h, w, C = codes_BThwC.shape
         if h * w != self.grid_tokens:
-            raise ValueError(
-                f"codes grid {h}x{w} = {h * w} tokens, but the behavior model was built for "
-                f"grid_tokens={self.grid_tokens}"
-            )
+            raise ValueError(f"codes grid {h}x{w} = {h * w} tokens, but the behavior model was built for "
+                             f"grid_tokens={self.grid_tokens}")
         x = self.norm(self.inp(rearrange(codes_BThwC, "b t h w c -> (b t) (h w) c")) + self.pos_SD)
         attn_NSH = self.score(x).softmax(dim=1)
-        # sum_s attn[s,h] * value(x_s)[head h] == value_h(sum_s attn[s,h] * x_s), value_h being head h's rows of
-        # the (affine) value map and the weights summing to 1: pool first, then project each head's pool
+        # the value map is affine and the weights sum to 1: pool each head first, then project its pool
         pooled_NHD = torch.einsum("nsh,nsd->nhd", attn_NSH, x)
         w_HED = rearrange(self.value.weight, "(heads e) d -> heads e d", heads=self.heads)
         b_HE = rearrange(self.value.bias, "(heads e) -> heads e", heads=self.heads)
@@ -123,20 +105,9 @@ class BehaviorNet:
 class BehaviorModel(nn.Module):
     """Posterior, causal prior and action decoder over (code grids, actions)."""
 
-    def __init__(
-        self,
-        code_dim: int,
-        action_dim: int,
-        grid_tokens: int,
-        z_dim: int = 16,
-        dim: int = 64,
-        depth: int = 2,
-        heads: int = 4,
-        mlp_ratio: float = 4.0,
-        decoder_hidden: int = 128,
-        dropout: float = 0.0,
-        decoder_prev_action: bool = False,
-    ) -> None:
+    def __init__(self, code_dim: int, action_dim: int, grid_tokens: int, z_dim: int = 16, dim: int = 64,
+                 depth: int = 2, heads: int = 4, mlp_ratio: float = 4.0, decoder_hidden: int = 128,
+                 dropout: float = 0.0, decoder_prev_action: bool = False) -> None:
         super().__init__()
         self.decoder_prev_action = decoder_prev_action
         self.code_dim, self.action_dim, self.z_dim, self.dim = code_dim, action_dim, z_dim, dim
@@ -148,139 +119,95 @@ class BehaviorModel(nn.Module):
         self.post_head = nn.Linear(dim, 2 * z_dim)
         self.prior_head = nn.Linear(dim, 2 * z_dim)
         self.decoder = nn.Sequential(
-            nn.Linear(dim + z_dim + (action_dim if decoder_prev_action else 0), decoder_hidden),
-            nn.GELU(),
-            nn.Linear(decoder_hidden, decoder_hidden),
-            nn.GELU(),
-            nn.Linear(decoder_hidden, 2 * action_dim),
-        )
+            nn.Linear(dim + z_dim + (action_dim if decoder_prev_action else 0), decoder_hidden), nn.GELU(),
+            nn.Linear(decoder_hidden, decoder_hidden), nn.GELU(), nn.Linear(decoder_hidden, 2 * action_dim))
 
-    # -- pieces ---------------------------------------------------------------------------------
-    def _check(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> None:
+    def _features(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
+        """``frame_features`` of codes and actions of the shapes the model was built for, on the same [B, T]."""
         if codes_BThwC.ndim != 5 or codes_BThwC.shape[-1] != self.code_dim:
             raise ValueError(f"codes must be [B,T,h,w,{self.code_dim}], got {tuple(codes_BThwC.shape)}")
         if actions_BTA.ndim != 3 or actions_BTA.shape[-1] != self.action_dim:
             raise ValueError(f"actions must be [B,T,{self.action_dim}], got {tuple(actions_BTA.shape)}")
         if codes_BThwC.shape[:2] != actions_BTA.shape[:2]:
-            raise ValueError(
-                f"codes {tuple(codes_BThwC.shape[:2])} and actions {tuple(actions_BTA.shape[:2])} "
-                "disagree on [B, T]"
-            )
+            raise ValueError(f"codes {tuple(codes_BThwC.shape[:2])} and actions {tuple(actions_BTA.shape[:2])} "
+                             "disagree on [B, T]")
+        return self.frame_features(codes_BThwC)
 
     def frame_features(self, codes_BThwC: torch.Tensor) -> torch.Tensor:
         """[B, T, h, w, C] code vectors -> [B, T, dim] per-frame features."""
         return self.pool(codes_BThwC)
 
-    def _tokens(self, proj: nn.Linear, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
-        """One token per step from (frame feature, a_t) plus the step's time embedding, [B, T, 1, dim]."""
+    def _encode(self, proj: nn.Linear, tf: STTransformer, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
+        """One token per step from (frame feature, a_t) plus its time embedding, through ``tf``: [B, T, dim]."""
         x = proj(torch.cat([feat_BTD, actions_BTA], dim=-1))
         x = x + sinusoidal_time_BTD(x.shape[1], self.dim, x.device).to(x.dtype)
-        return rearrange(x, "b t d -> b t 1 d")
+        return tf(rearrange(x, "b t d -> b t 1 d"))[:, :, 0]
 
     @staticmethod
     def _split(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and clamped log-variance halves of a Gaussian head's output."""
         mu, logvar = h.float().chunk(2, dim=-1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def posterior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
         """q(z | tau_{0:T}) from per-frame features: (mu_BZ, logvar_BZ)."""
-        h = self.post_tf(self._tokens(self.post_in, feat_BTD, actions_BTA))[:, :, 0]
-        return self._split(self.post_head(h.mean(dim=1)))
+        return self._split(self.post_head(self._encode(self.post_in, self.post_tf, feat_BTD, actions_BTA).mean(dim=1)))
 
     def prior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
         """p(z_t | tau_{0:t}) from per-frame features: (mu_BTZ, logvar_BTZ)."""
-        h = self.prior_tf(self._tokens(self.prior_in, feat_BTD, actions_BTA))[:, :, 0]
-        return self._split(self.prior_head(h))
+        return self._split(self.prior_head(self._encode(self.prior_in, self.prior_tf, feat_BTD, actions_BTA)))
 
-    def _prev_actions(self, actions_BTA: torch.Tensor | None) -> torch.Tensor:
-        """a_{t-1} for every step of the clip (zeros at t = 0), [B, T, A]."""
-        if actions_BTA is None:
-            raise ValueError("decoder_prev_action=True: decode needs the clip's actions (for a_{t-1})")
-        return torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA[:, :-1]], dim=1)
+    def posterior(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z | tau_{0:T}) -> (mu_BZ, logvar_BZ), bidirectional over the whole segment."""
+        return self.posterior_from_features(self._features(codes_BThwC, actions_BTA), actions_BTA)
 
-    def decode(
-        self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """pi(a_t | o_t, z): mean and log-variance of each action, [B, T, A] each. ``actions_BTA`` (the clip's
-        actions) is needed only with ``decoder_prev_action``: the decoder then also sees a_{t-1} (zeros at t = 0),
-        never a_t."""
+    def prior(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """p(z_t | tau_{0:t}) -> (mu_BTZ, logvar_BTZ); step t sees codes and actions at steps <= t only."""
+        return self.prior_from_features(self._features(codes_BThwC, actions_BTA), actions_BTA)
+
+    def decode(self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """pi(a_t | o_t, z): mean and log-variance of each action, [B, T, A] each. With ``decoder_prev_action``
+        the decoder also sees a_{t-1} (zeros at t = 0, never a_t) from the clip's ``actions_BTA``."""
         parts = [feat_BTD]
         if self.decoder_prev_action:
-            parts.append(self._prev_actions(actions_BTA).to(feat_BTD.dtype))
+            if actions_BTA is None:
+                raise ValueError("decoder_prev_action=True: decode needs the clip's actions (for a_{t-1})")
+            prev_BTA = torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA[:, :-1]], dim=1)
+            parts.append(prev_BTA.to(feat_BTD.dtype))
         parts.append(z_BTZ.to(feat_BTD.dtype))
         return self._split(self.decoder(torch.cat(parts, dim=-1)).float())
 
-    def action_nll(
-        self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-log pi(a_t | o_t, z) per step [B, T] (nats, a diagonal Gaussian over all action dims) and the decoder's
-        mean action [B, T, A]."""
+    def action_nll(self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-log pi(a_t | o_t, z) per step [B, T] (nats, over all action dims) and the decoder's mean [B, T, A]."""
         mu, logvar = self.decode(feat_BTD, z_BTZ, actions_BTA)
         return gaussian_nll(actions_BTA.float(), mu, logvar).sum(-1), mu
 
-    # -- public API -----------------------------------------------------------------------------
-    def posterior(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z | tau_{0:T}) -> (mu_BZ, logvar_BZ), bidirectional over the whole segment."""
-        self._check(codes_BThwC, actions_BTA)
-        return self.posterior_from_features(self.frame_features(codes_BThwC), actions_BTA)
-
-    def prior(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """p(z_t | tau_{0:t}) -> (mu_BTZ, logvar_BTZ); step t sees codes and actions at steps <= t only.
-        The stage-3 behavior embedding is ``mu_BTZ``."""
-        self._check(codes_BThwC, actions_BTA)
-        return self.prior_from_features(self.frame_features(codes_BThwC), actions_BTA)
-
-    def loss(
-        self,
-        codes_BThwC: torch.Tensor,
-        actions_BTA: torch.Tensor,
-        beta: float,
-        free_bits: float = 0.0,
-        sample: bool = True,
-        kl_balance: float | None = None,
-    ) -> BehaviorOutput:
-        """Action NLL + beta * KL(q(z | tau_{0:T}) || p(z_t | tau_{0:t})), both averaged over B and t.
-
-        ``sample``: decode from a draw of the posterior (training) or its mean (validation).
-        ``free_bits`` and ``kl_balance``: see ``kl_term``.
-        """
-        self._check(codes_BThwC, actions_BTA)
-        feat_BTD = self.frame_features(codes_BThwC)
+    def loss(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor, beta: float, free_bits: float = 0.0,
+             sample: bool = True, kl_balance: float | None = None) -> BehaviorOutput:
+        """Action NLL + beta * KL(q(z | tau_{0:T}) || p(z_t | tau_{0:t})), both averaged over B and t. ``sample``:
+        decode from a draw of the posterior (training) or its mean; ``free_bits``, ``kl_balance``: see ``kl_term``."""
+        feat_BTD = self._features(codes_BThwC, actions_BTA)
         mu_q, logvar_q = self.posterior_from_features(feat_BTD, actions_BTA)
         mu_p, logvar_p = self.prior_from_features(feat_BTD, actions_BTA)
-        T = actions_BTA.shape[1]
         z_BZ = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp() if sample else mu_q
-        nll_BT, a_mu = self.action_nll(feat_BTD, z_BZ[:, None].expand(-1, T, -1), actions_BTA)
+        nll_BT, a_mu = self.action_nll(feat_BTD, z_BZ[:, None].expand(-1, actions_BTA.shape[1], -1), actions_BTA)
         nll = nll_BT.mean()
         kl_Z, kl_loss = self.kl_term(mu_q, logvar_q, mu_p, logvar_p, free_bits, kl_balance)
         with torch.no_grad():
             mse = (a_mu - actions_BTA).pow(2).mean()
-            a_mu_p, _ = self.decode(feat_BTD, mu_p, actions_BTA)
-            mse_p = (a_mu_p - actions_BTA).pow(2).mean()
-        return BehaviorOutput(
-            loss=nll + beta * kl_loss,
-            nll=nll,
-            kl=kl_Z.sum(),
-            kl_loss=kl_loss,
-            action_mse=mse,
-            action_mse_prior=mse_p,
-            post_mu_BZ=mu_q,
-            prior_mu_BTZ=mu_p,
-        )
+            mse_p = (self.decode(feat_BTD, mu_p, actions_BTA)[0] - actions_BTA).pow(2).mean()
+        return BehaviorOutput(loss=nll + beta * kl_loss, nll=nll, kl=kl_Z.sum(), kl_loss=kl_loss, action_mse=mse,
+                              action_mse_prior=mse_p, post_mu_BZ=mu_q, prior_mu_BTZ=mu_p)
 
     @staticmethod
-    def kl_term(
-        mu_q_BZ: torch.Tensor, logvar_q_BZ: torch.Tensor, mu_p_BTZ: torch.Tensor, logvar_p_BTZ: torch.Tensor,
-        free_bits: float = 0.0, kl_balance: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def kl_term(mu_q_BZ: torch.Tensor, logvar_q_BZ: torch.Tensor, mu_p_BTZ: torch.Tensor, logvar_p_BTZ: torch.Tensor,
+                free_bits: float = 0.0, kl_balance: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """KL(q || p_t) per z dimension, averaged over B and t, [Z], and the KL term of the loss.
 
-        ``free_bits`` (nats per z dimension): each dimension's batch-mean KL is floored at this value
-        in the loss, so the optimiser gains nothing by pushing the posterior onto the prior below it.
-        ``kl_balance`` alpha (KL balancing, as in DreamerV2): the KL term becomes
-        alpha * KL(sg(q) || p_t) + (1 - alpha) * KL(q || sg(p_t)) -- the same value, but alpha > 0.5 lets
-        the prior learn the posterior faster than the posterior is pulled towards the prior. None: plain KL.
-        """
+        ``free_bits`` (nats per z dimension) floors each dimension's batch-mean KL. ``kl_balance`` alpha (DreamerV2):
+        alpha * KL(sg(q) || p_t) + (1 - alpha) * KL(q || sg(p_t)), the same value with alpha of the gradient on p."""
         mq, lq = mu_q_BZ[:, None], logvar_q_BZ[:, None]
         if kl_balance is None:
             kl_BTZ = gaussian_kl(mq, lq, mu_p_BTZ, logvar_p_BTZ)

@@ -1,36 +1,17 @@
 """Stage 3: the action- and behavior-conditioned ST-MaskGIT dynamics model over token grids.
 
-Frames are grids of tokenizer ids ``[T, h, w]``, flattened to S = h*w positions. An ``STTransformer``
-(spatial attention within a frame, causal temporal attention across frames) runs over the embedded
-ids; a masked position holds the extra id ``mask_id = codebook_size``. Slot t is conditioned on what
-led into frame t: the action ``a_{t-1}``, the behavior embedding ``z_{t-1}`` (the frozen behavior
-prior's mean; absent in the ablation) and the clip's frame stride k (a retracing clip composes k
-actions into one); slot 0 takes a learned start vector. The conditioning vector modulates every
-LayerNorm of every block (adaptive LayerNorm: scale, shift and residual gate, as in DiT).
-
-Training (``training_losses``) is MaskGIT per frame: the first frames of a clip are clean context,
-every later frame is masked at a cosine-schedule ratio, and the cross-entropy is taken on the masked
-positions. Heads on each frame's mean latent predict the reward and success of the transition into
-the frame and its low-dimensional state. Generation (``imagine``) decodes one frame at a time in a
-few MaskGIT steps, reusing the temporal keys/values of the finished frames.
-
-Options the pipeline configs set:
-
-- ``prev_frame_input``: each position also embeds the id it held one frame earlier;
-- ``copy_logit``: a learned gate g(h) adds to the logit of that earlier id, so a fresh model predicts
-  "copy the previous frame" and spends its capacity on what moves;
-- ``code_dim > 0``: ids are embedded and scored through the frozen tokenizer's code vectors, so
-  tokens that look alike start out alike;
-- ``transition_rank`` r > 0: a learned rank-r map per (position, previous id) adds to the
-  code-space query, a factorised per-position transition table;
-- ``change_weight`` w: targets whose id changed since the previous frame weigh w in the loss; every
-  prediction outside the loss adds log w to the previous id's logit, which undoes the shift of the
-  odds that the weighting causes, so probabilities stay calibrated.
+Frames are grids of tokenizer ids flattened to S = h*w positions (``mask_id = codebook_size`` where masked),
+run through a causal ``STTransformer``. Slot t is conditioned (adaptive LayerNorm) on the action ``a_{t-1}``,
+the behavior embedding ``z_{t-1}`` (absent in the ablation) and the clip's frame stride; slot 0 takes a learned
+start vector. Training is MaskGIT per frame after clean context frames; heads on each frame's mean latent
+predict reward, success and state; ``imagine`` decodes frame by frame with a temporal key/value cache.
+The options are explained where ``DynamicsNet`` declares them.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -61,33 +42,18 @@ class DynamicsNet:
     prev_frame_input: bool = False  # each position also embeds the id it held one frame earlier
     copy_logit: bool = False  # a learned gate adds to that earlier id's logit (starts at copying)
     code_embed: bool = False  # ids embedded and scored through the frozen tokenizer's code vectors
-    change_weight: float = 1.0  # training CE weight of targets that change (logits corrected by log w)
+    change_weight: float = 1.0  # CE weight w of targets that change; log w on the previous id's logit undoes it
     transition_rank: int = 0  # r > 0: per-(position, previous id) rank-r maps on the code-space query
 
 
 class DynamicsModel(nn.Module):
     """ST-MaskGIT world model: ``forward(ids_BThw, actions_BTA, z_BTZ) -> logits_BThwV``."""
 
-    def __init__(
-        self,
-        codebook_size: int,
-        grid_hw: tuple[int, int] | list[int],
-        action_dim: int,
-        behavior_dim: int = 0,
-        state_dim: int = 0,
-        dim: int = 256,
-        depth: int = 8,
-        heads: int = 8,
-        mlp_ratio: float = 4.0,
-        max_frames: int = 16,
-        max_stride: int = 4,
-        dropout: float = 0.0,
-        prev_frame_input: bool = False,
-        copy_logit: bool = False,
-        code_dim: int = 0,
-        change_weight: float = 1.0,
-        transition_rank: int = 0,
-    ) -> None:
+    def __init__(self, codebook_size: int, grid_hw: tuple[int, int] | list[int], action_dim: int, behavior_dim: int = 0,
+                 state_dim: int = 0, dim: int = 256, depth: int = 8, heads: int = 8, mlp_ratio: float = 4.0,
+                 max_frames: int = 16, max_stride: int = 4, dropout: float = 0.0, prev_frame_input: bool = False,
+                 copy_logit: bool = False, code_dim: int = 0, change_weight: float = 1.0,
+                 transition_rank: int = 0) -> None:
         super().__init__()
         if not change_weight > 0:
             raise ValueError(f"change_weight must be > 0, got {change_weight}")
@@ -95,19 +61,12 @@ class DynamicsModel(nn.Module):
             raise ValueError(f"transition_rank must be an int >= 0, got {transition_rank!r}")
         if transition_rank > 0 and code_dim <= 0:
             raise ValueError("transition_rank > 0 needs code_dim > 0 (code_embed): it adds to the code-space query")
-        self.codebook_size = codebook_size
-        self.mask_id = codebook_size
+        self.codebook_size = self.mask_id = codebook_size
         self.grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
         self.num_tokens = self.grid_hw[0] * self.grid_hw[1]
-        self.action_dim = action_dim
-        self.behavior_dim = behavior_dim
-        self.state_dim = state_dim
-        self.max_frames = max_frames
-        self.max_stride = max_stride
-        self.dim = dim
-        self.change_weight = float(change_weight)
-        self.code_dim = code_dim
-        self.transition_rank = transition_rank
+        self.action_dim, self.behavior_dim, self.state_dim = action_dim, behavior_dim, state_dim
+        self.max_frames, self.max_stride, self.dim = max_frames, max_stride, dim
+        self.change_weight, self.code_dim, self.transition_rank = float(change_weight), code_dim, transition_rank
         self._build_inputs(prev_frame_input)
         self.transformer = STTransformer(dim, depth, heads, mlp_ratio, causal=True, cond_dim=dim, dropout=dropout)
         self._build_outputs(copy_logit)
@@ -116,9 +75,8 @@ class DynamicsModel(nn.Module):
         """Token, position and conditioning embeddings."""
         V, D = self.codebook_size, self.dim
         self.tok_emb = nn.Embedding(V + 1, D)
-        self.prev_emb = None  # index V + 1: "no earlier frame in this window"
+        self.prev_emb = nn.Embedding(V + 2, D) if prev_frame_input else None  # id V + 1: no earlier frame in the window
         if prev_frame_input:
-            self.prev_emb = nn.Embedding(V + 2, D)
             nn.init.normal_(self.prev_emb.weight, std=0.02)
         self.pos_s = nn.Parameter(torch.randn(self.num_tokens, D) * 0.02)
         self.pos_t = nn.Parameter(torch.randn(self.max_frames, D) * 0.02)
@@ -133,8 +91,7 @@ class DynamicsModel(nn.Module):
         V, D, C, r = self.codebook_size, self.dim, self.code_dim, self.transition_rank
         self.logits_head = nn.Linear(D, V)
         self.code_in = self.code_out = None
-        if C > 0:
-            # the codebook itself is not a parameter of this model: the frozen tokenizer's, set by the owner
+        if C > 0:  # the codebook is the frozen tokenizer's, installed by set_code_vectors (not a parameter)
             self.register_buffer("code_vectors", torch.zeros(V, C), persistent=False)
             self.code_in = nn.Linear(C, D, bias=False)
             self.code_out = nn.Linear(D, C, bias=False)
@@ -144,9 +101,8 @@ class DynamicsModel(nn.Module):
             self.trans = nn.Embedding(self.num_tokens * V, C * r)
             nn.init.zeros_(self.trans.weight)  # starts as the plain model
             self.trans_in = nn.Linear(D, r)
-        self.copy_gate = None
+        self.copy_gate = nn.Linear(D, 1) if copy_logit else None
         if copy_logit:
-            self.copy_gate = nn.Linear(D, 1)
             nn.init.zeros_(self.copy_gate.weight)
             nn.init.constant_(self.copy_gate.bias, COPY_INIT)
         self.frame_head = nn.Sequential(nn.Linear(D, D), nn.GELU())
@@ -163,112 +119,87 @@ class DynamicsModel(nn.Module):
                              f"{(self.codebook_size, self.code_dim)}")
         self.code_vectors.copy_(code_vectors_VC.detach().to(self.code_vectors))
 
-    def embed_ids(self, ids_BTS: torch.Tensor) -> torch.Tensor:
-        """Input embedding of ids (``mask_id`` included): learned, plus the code vector's projection."""
-        x = self.tok_emb(ids_BTS)
-        if self.code_in is not None:
-            known = ids_BTS < self.codebook_size
-            vec = self.code_vectors[ids_BTS.clamp(max=self.codebook_size - 1)] * known.unsqueeze(-1)
-            x = x + self.code_in(vec.to(x.dtype))
-        return x
-
-    # ------------------------------------------------------------------ building blocks
     @property
     def uses_behavior(self) -> bool:
         """Whether the model is conditioned on the behavior embedding z (False: the ablation)."""
         return self.beh_proj is not None
 
-    def _check_inputs(self, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None) -> None:
+    # ------------------------------------------------------------------ embeddings and conditioning
+    def prev_ids(self, ids_BTS: torch.Tensor, prev_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """Ids each slot's positions held one frame earlier ``[B, T, S]``: ``prev_ids_BS`` before the first,
+        or ``codebook_size + 1`` (no earlier frame in the window)."""
+        first = torch.full_like(ids_BTS[:, 0], self.codebook_size + 1) if prev_ids_BS is None else prev_ids_BS
+        return torch.cat([first.unsqueeze(1), ids_BTS[:, :-1]], dim=1)
+
+    def _check_inputs(self, actions_BTA: torch.Tensor, z: torch.Tensor | ZFn | None) -> None:
+        """Raise unless the actions and z (a tensor; for ``imagine`` also the prior as a callable) fit the model."""
         if actions_BTA.shape[-1] != self.action_dim:
             raise ValueError(f"actions have {actions_BTA.shape[-1]} dims, the model was built for {self.action_dim}")
-        if self.uses_behavior:
-            if z_BTZ is None:
-                raise ValueError("this dynamics model is behavior-conditioned: pass z (behavior_dim="
-                                 f"{self.behavior_dim}); build it with behavior_dim=0 for the ablation")
-            if z_BTZ.shape[-1] != self.behavior_dim:
-                raise ValueError(f"z has {z_BTZ.shape[-1]} dims, the model was built for {self.behavior_dim}")
-        elif z_BTZ is not None:
+        if self.uses_behavior and z is None:
+            raise ValueError(f"this dynamics model is behavior-conditioned: pass z (behavior_dim={self.behavior_dim}); "
+                             "build it with behavior_dim=0 for the ablation")
+        if not self.uses_behavior and z is not None:
             raise ValueError("this dynamics model has behavior-conditioning off (behavior_dim=0) but got z")
+        if torch.is_tensor(z) and z.shape[-1] != self.behavior_dim:
+            raise ValueError(f"z has {z.shape[-1]} dims, the model was built for {self.behavior_dim}")
 
-    def condition(
-        self, act_in_BTA: torch.Tensor, z_in_BTZ: torch.Tensor | None, stride_B: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Per-slot conditioning ``[B, T, D]`` from the action/behavior leading INTO each slot;
-        slot 0 takes the learned start vector (there is no action into it)."""
-        B, T, _ = act_in_BTA.shape
+    def condition(self, act_in_BTA: torch.Tensor, z_in_BTZ: torch.Tensor | None,
+                  stride_B: torch.Tensor | None) -> torch.Tensor:
+        """Per-slot conditioning ``[B, T, D]`` from the action/behavior leading INTO each slot (slot 0: the start
+        vector) and the clip's stride (None: 1)."""
+        B = act_in_BTA.shape[0]
         c = self.act_mlp(act_in_BTA)
         if self.beh_proj is not None:
-            assert z_in_BTZ is not None
             c = c + self.beh_proj(z_in_BTZ)
         c = torch.cat([self.start.expand(B, 1, -1), c[:, 1:]], dim=1)
         if stride_B is None:
             stride_B = torch.ones(B, dtype=torch.long, device=act_in_BTA.device)
         if int(stride_B.max()) > self.max_stride or int(stride_B.min()) < 1:
             raise ValueError(f"frame stride must be in [1, {self.max_stride}], got {stride_B.tolist()}")
-        c = c + self.stride_emb(stride_B.long()).unsqueeze(1)
-        return self.cond_norm(c)
+        return self.cond_norm(c + self.stride_emb(stride_B.long()).unsqueeze(1))
 
     @staticmethod
     def shift_in(x_BTX: torch.Tensor | None) -> torch.Tensor | None:
         """Align per-frame inputs (``x[t]`` at frame t) to slots (slot t gets ``x[t-1]``)."""
-        if x_BTX is None:
-            return None
-        return torch.cat([torch.zeros_like(x_BTX[:, :1]), x_BTX[:, :-1]], dim=1)
+        return None if x_BTX is None else torch.cat([torch.zeros_like(x_BTX[:, :1]), x_BTX[:, :-1]], dim=1)
 
-    def trunk(
-        self,
-        ids_BTS: torch.Tensor,
-        cond_BTD: torch.Tensor,
-        t0: int = 0,
-        kv_cache: list[KV] | None = None,
-        return_kv: bool = False,
-        prev_ids_BS: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list[KV] | None]:
-        """Hidden states ``[B, T, S, D]`` of frames at window positions ``t0 .. t0+T-1`` (and their
-        temporal keys/values with ``return_kv``). ``kv_cache``: keys/values of the window's frames
-        before ``t0``. ``prev_ids_BS``: ids of the frame before the first of these (None: none in
-        the window); used only with ``prev_frame_input``."""
-        B, T, S = ids_BTS.shape
+    # ------------------------------------------------------------------ trunk and heads
+    def trunk(self, ids_BTS: torch.Tensor, cond_BTD: torch.Tensor, t0: int = 0, kv_cache: list[KV] | None = None,
+              prev_ids_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KV]]:
+        """Hidden states ``[B, T, S, D]`` of frames at window positions ``t0 .. t0+T-1`` and their temporal
+        keys/values. ``kv_cache``: those of the window's frames before ``t0``; ``prev_ids_BS``: ids of the frame
+        before the first of these (None: none in the window)."""
+        T = ids_BTS.shape[1]
         if t0 + T > self.max_frames:
             raise ValueError(f"window of {t0 + T} frames exceeds max_frames={self.max_frames}")
-        x = self.embed_ids(ids_BTS) + self.pos_s + self.pos_t[t0 : t0 + T][:, None]
+        x = self.tok_emb(ids_BTS)
+        if self.code_in is not None:  # plus the projected code vector of each known id
+            known = (ids_BTS < self.codebook_size).unsqueeze(-1)
+            x = x + self.code_in((self.code_vectors[ids_BTS.clamp(max=self.codebook_size - 1)] * known).to(x.dtype))
+        x = x + self.pos_s + self.pos_t[t0 : t0 + T][:, None]
         if self.prev_emb is not None:
             x = x + self.prev_emb(self.prev_ids(ids_BTS, prev_ids_BS))
-        out = self.transformer(x, cond_BTD, kv_cache=kv_cache, return_kv=return_kv)
-        return out if return_kv else (out, None)
-
-    def prev_ids(self, ids_BTS: torch.Tensor, prev_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
-        """Ids each slot's positions held one frame earlier ``[B, T, S]`` (``codebook_size + 1`` where
-        there is no earlier frame in the window; ``mask_id`` where the earlier frame is masked)."""
-        first = torch.full_like(ids_BTS[:, 0], self.codebook_size + 1) if prev_ids_BS is None else prev_ids_BS
-        return torch.cat([first.unsqueeze(1), ids_BTS[:, :-1]], dim=1)
-
-    @property
-    def copy_bias(self) -> float:
-        """log ``change_weight``: added to the previous id's logit, it undoes the weighting's shift of the odds."""
-        return math.log(self.change_weight)
+        return self.transformer(x, cond_BTD, kv_cache=kv_cache, return_kv=True)
 
     def token_logits(self, h_BTSD: torch.Tensor, prev_ids_BTS: torch.Tensor | None = None,
                      raw: bool = False) -> torch.Tensor:
-        """Token logits ``[B, T, S, V]``; with ``copy_logit`` the gate g(h) is added to the logit of
-        the id the position held one frame earlier (nothing where that id is unknown or masked), and
-        with ``change_weight`` w the prior correction log w too, unless ``raw`` (the training loss)."""
+        """Token logits ``[B, T, S, V]``; at each position's previous id the copy gate g(h) is added and, unless
+        ``raw`` (the training loss), log ``change_weight``."""
         logits = self.logits_head(h_BTSD)
         if self.code_out is not None:
             q = self.code_out(h_BTSD)
             if self.trans is not None and prev_ids_BTS is not None:
                 q = q + self.transition_query(h_BTSD, prev_ids_BTS).to(q.dtype)
             logits = logits + self.code_scale * (q @ self.code_vectors.to(q.dtype).T)
-        bias = 0.0 if raw else self.copy_bias
         if prev_ids_BTS is None:
             return logits
+        bias = 0.0 if raw else math.log(self.change_weight)  # undoes the weighting's shift of the odds
         bonus = bias if self.copy_gate is None else self.copy_gate(h_BTSD).to(logits.dtype) + bias
         return self.add_at_prev(logits, prev_ids_BTS, bonus)
 
     def transition_query(self, h_BTSD: torch.Tensor, prev_ids_BTS: torch.Tensor) -> torch.Tensor:
-        """``[B, T, S, code_dim]``: the (position, previous id) row of the transition table, a
-        ``code_dim x r`` map, applied to an r-dim projection of the trunk's state; zero where the
-        previous id is unknown or masked (>= V)."""
+        """``[B, T, S, code_dim]``: the (position, previous id) row of the transition table, a ``code_dim x r``
+        map, applied to an r-dim projection of h; zero where the previous id is unknown or masked (>= V)."""
         V, S = self.codebook_size, h_BTSD.shape[2]
         idx_BTS = torch.arange(S, device=h_BTSD.device) * V + prev_ids_BTS.clamp(max=V - 1)
         table_BTSCR = rearrange(self.trans(idx_BTS), "b t s (c r) -> b t s c r", r=self.transition_rank)
@@ -278,8 +209,8 @@ class DynamicsModel(nn.Module):
 
     def add_at_prev(self, logits_NV: torch.Tensor, prev_ids_N: torch.Tensor,
                     bonus: torch.Tensor | float) -> torch.Tensor:
-        """``logits [..., V]`` with ``bonus`` (a float, or ``[..., 1]``) added at each position's previous id,
-        nowhere the previous id is unknown or masked (>= V)."""
+        """``logits [..., V]`` plus ``bonus`` (a float, or ``[..., 1]``) at each position's previous id, where
+        that id is known (< V)."""
         if isinstance(bonus, float) and bonus == 0.0:
             return logits_NV
         V = self.codebook_size
@@ -287,66 +218,33 @@ class DynamicsModel(nn.Module):
         return logits_NV.scatter_add(-1, prev_ids_N.clamp(max=V - 1).unsqueeze(-1), bonus * known)
 
     def heads(self, h_BTSD: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Reward, success logit and state predicted from each frame's latent."""
+        """Reward, success logit and state predicted from each frame's mean latent."""
         f = self.frame_head(h_BTSD.mean(dim=2))
-        out = {
-            "frame_feat": f,
-            "reward": self.reward_head(f).squeeze(-1),
-            "success_logit": self.success_head(f).squeeze(-1),
-        }
+        out = {"reward": self.reward_head(f).squeeze(-1), "success_logit": self.success_head(f).squeeze(-1)}
         if self.state_head is not None:
             out["state"] = self.state_head(f)
         return out
 
     # ------------------------------------------------------------------ training
-    def forward(
-        self,
-        ids_BThw: torch.Tensor,
-        actions_BTA: torch.Tensor,
-        z_BTZ: torch.Tensor | None = None,
-        stride_B: torch.Tensor | None = None,
-        copy_src_BThw: torch.Tensor | None = None,
-        raw: bool = False,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits ``[B, T, h, w, V]`` for every position of ``ids_BThw`` (which may hold ``mask_id``)
-        and the head outputs. ``actions[:, t]``/``z[:, t]`` are taken at frame t (lead to t+1).
-        ``copy_src_BThw``: the complete frames the copy logit of slot t reads frame t-1 from (in
-        training the unmasked input, as at inference where the previous frame is always whole);
-        default ``ids_BThw``. ``raw``: without the ``change_weight`` correction (for the training loss)."""
+    def forward(self, ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None = None,
+                stride_B: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits ``[B, T, h, w, V]`` for every position of ``ids_BThw`` (which may hold ``mask_id``) and the
+        heads' outputs; ``actions[:, t]``/``z[:, t]`` are taken at frame t."""
         self._check_inputs(actions_BTA, z_BTZ)
-        B, T, hh, ww = ids_BThw.shape
-        cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B)
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
-        h, _ = self.trunk(ids, cond)
-        src = ids if copy_src_BThw is None else rearrange(copy_src_BThw, "b t h w -> b t (h w)")
-        logits = rearrange(self.token_logits(h, self.prev_ids(src), raw=raw), "b t (h w) v -> b t h w v", h=hh)
+        h, _ = self.trunk(ids, self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B))
+        logits = rearrange(self.token_logits(h, self.prev_ids(ids)), "b t (h w) v -> b t h w v", h=ids_BThw.shape[2])
         return logits, self.heads(h)
 
-    def training_losses(
-        self,
-        ids_BThw: torch.Tensor,
-        actions_BTA: torch.Tensor,
-        z_BTZ: torch.Tensor | None,
-        rewards_BT: torch.Tensor,
-        success_BT: torch.Tensor,
-        state_BTS: torch.Tensor | None = None,
-        stride_B: torch.Tensor | None = None,
-        context_frames: int = 1,
-        corrupt_prob: float = 0.0,
-        generator: torch.Generator | None = None,
-        max_context_frames: int | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """MaskGIT loss of a batch of clips: cross-entropy on the masked (and corrupted) positions of
-        the frames after the context, plus reward (MSE), success (BCE) and state (MSE) head losses.
-        Returns the parts and ``acc`` (of the masked positions).
-
-        ``max_context_frames``: each clip draws its number of clean context frames uniformly from
-        ``[context_frames, max_context_frames]`` (at most T-1), so the first masked frame of a clip
-        sees a clean history, as every frame does at inference; later frames see masked histories.
-        ``corrupt_prob``: up to this share of the visible tokens after the context hold random ids,
-        which the model learns to correct (its own samples can be wrong at inference).
-        With ``change_weight`` w the cross-entropy (on the raw logits) is a weighted mean in which
-        targets whose true id differs from the one a frame earlier count w times."""
+    def training_losses(self, ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None,
+                        rewards_BT: torch.Tensor, success_BT: torch.Tensor, state_BTS: torch.Tensor | None = None,
+                        stride_B: torch.Tensor | None = None, context_frames: int = 1, corrupt_prob: float = 0.0,
+                        generator: torch.Generator | None = None,
+                        max_context_frames: int | None = None) -> dict[str, torch.Tensor]:
+        """MaskGIT cross-entropy on the masked (and corrupted) positions after the context, the head losses and
+        ``acc`` (masked positions, logits as callers see them). ``max_context_frames``: each clip draws its context
+        length from ``[context_frames, max_context_frames]`` (at most T-1); ``corrupt_prob``: up to this share of
+        the visible tokens after the context hold random ids."""
         B, T, hh, ww = ids_BThw.shape
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
         ctx: int | torch.Tensor = context_frames
@@ -354,17 +252,23 @@ class DynamicsModel(nn.Module):
             hi = min(max_context_frames, T - 1)
             ctx = torch.randint(context_frames, hi + 1, (B,), generator=generator).to(ids.device)
         mask = training_mask(B, T, hh * ww, ctx, ids.device, generator)
-        inp, hit = corrupt_tokens(ids, mask, ctx, corrupt_prob, self.codebook_size, generator)
-        whole = rearrange(inp, "b t (h w) -> b t h w", h=hh)  # corrupted but unmasked: the copy source
-        inp = inp.masked_fill(mask, self.mask_id)
-        logits, heads = self(rearrange(inp, "b t (h w) -> b t h w", h=hh), actions_BTA, z_BTZ, stride_B, whole,
-                             raw=True)
-        logits = rearrange(logits, "b t h w v -> b t (h w) v")
+        whole, hit = corrupt_tokens(ids, mask, ctx, corrupt_prob, self.codebook_size, generator)  # the copy source
+        self._check_inputs(actions_BTA, z_BTZ)
+        cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B)
+        h, _ = self.trunk(whole.masked_fill(mask, self.mask_id), cond)
+        logits = self.token_logits(h, self.prev_ids(whole), raw=True)  # the copy path reads the unmasked input
         target = mask | hit
-        ce = self._weighted_ce(logits[target], ids[target], self.prev_ids(ids)[target])
-        src_prev = self.prev_ids(rearrange(whole, "b t h w -> b t (h w)"))  # what token_logits corrects at
-        out = {"ce": ce, "acc": self._corrected_acc(logits[mask], src_prev[mask], ids[mask])}
-        out.update(self._head_losses(heads, rewards_BT, success_BT, state_BTS))
+        out = {"ce": self._weighted_ce(logits[target], ids[target], self.prev_ids(ids)[target])}
+        pred = self.add_at_prev(logits[mask], self.prev_ids(whole)[mask], math.log(self.change_weight)).argmax(-1)
+        out["acc"] = (pred == ids[mask]).float().mean()
+        heads = self.heads(h)  # reward and success of the transition into each frame after the first
+        out["reward"] = F.mse_loss(heads["reward"][:, 1:].float(), rewards_BT[:, :-1].float())
+        out["success"] = F.binary_cross_entropy_with_logits(heads["success_logit"][:, 1:].float(),
+                                                            success_BT[:, :-1].float())
+        if self.state_head is not None and state_BTS is not None and state_BTS.shape[-1] > 0:
+            if state_BTS.shape[-1] != self.state_dim:
+                raise ValueError(f"batch state has {state_BTS.shape[-1]} dims, the model has {self.state_dim}")
+            out["state"] = F.mse_loss(heads["state"].float(), state_BTS.float())
         return out
 
     def _weighted_ce(self, logits_NV: torch.Tensor, target_N: torch.Tensor, prev_N: torch.Tensor) -> torch.Tensor:
@@ -374,125 +278,63 @@ class DynamicsModel(nn.Module):
         w = torch.where(target_N != prev_N, self.change_weight, 1.0)
         return (F.cross_entropy(logits_NV.float(), target_N, reduction="none") * w).sum() / w.sum()
 
-    def _corrected_acc(self, raw_logits_NV: torch.Tensor, src_prev_N: torch.Tensor, target_N: torch.Tensor) -> torch.Tensor:
-        """Accuracy of the predictions every caller outside the loss sees (raw logits + the log w correction)."""
-        pred = self.add_at_prev(raw_logits_NV, src_prev_N, self.copy_bias).argmax(-1)
-        return (pred == target_N).float().mean()
-
-    def _head_losses(self, heads: dict[str, torch.Tensor], rewards_BT: torch.Tensor, success_BT: torch.Tensor,
-                     state_BTS: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Reward (MSE) and success (BCE) of the transition into each frame after the first; state (MSE) of every frame."""
-        out = {"reward": F.mse_loss(heads["reward"][:, 1:].float(), rewards_BT[:, :-1].float()),
-               "success": F.binary_cross_entropy_with_logits(heads["success_logit"][:, 1:].float(),
-                                                             success_BT[:, :-1].float())}
-        if self.state_head is not None and state_BTS is not None and state_BTS.shape[-1] > 0:
-            if state_BTS.shape[-1] != self.state_dim:
-                raise ValueError(f"batch state has {state_BTS.shape[-1]} dims, the model was built for {self.state_dim}")
-            out["state"] = F.mse_loss(heads["state"].float(), state_BTS.float())
-        return out
-
-    # ------------------------------------------------------------------ prediction
+    # ------------------------------------------------------------------ one-step prediction
     @torch.no_grad()
-    def teacher_forced(
-        self,
-        ids_BThw: torch.Tensor,
-        actions_BTA: torch.Tensor,
-        z_BTZ: torch.Tensor | None = None,
-        stride_B: torch.Tensor | None = None,
-        given_BThw: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits ``[B, T-1, h, w, V]`` for frames 1..T-1, each predicted in one step from a fully
-        masked frame given the clean ground-truth frames before it (the inference situation).
-        ``given_BThw`` (bool, frames 1..T-1): those positions of each predicted frame hold their true
-        id instead of the mask (a MaskGIT step after some of the frame is decoded)."""
+    def teacher_forced(self, ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None = None,
+                       stride_B: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, T-1, h, w, V]`` for frames 1..T-1, each predicted in one step from a fully masked frame
+        given the clean ground-truth frames before it (the inference situation)."""
         self._check_inputs(actions_BTA, z_BTZ)
-        B, T, hh, ww = ids_BThw.shape
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
         cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B)
-        _, kv = self.trunk(ids, cond, return_kv=True)
-        query = torch.full_like(ids[:, 1:], self.mask_id)
-        if given_BThw is not None:
-            if tuple(given_BThw.shape) != (B, T - 1, hh, ww):
-                raise ValueError(f"given_BThw must be [B, T-1, h, w] = {(B, T - 1, hh, ww)}, got {tuple(given_BThw.shape)}")
-            given = rearrange(given_BThw, "b t h w -> b t (h w)")
-            query = torch.where(given, ids[:, 1:], query)
+        _, kv = self.trunk(ids, cond)
+        query = torch.full_like(ids[:, :1], self.mask_id)
         outs = []
-        for t in range(1, T):
+        for t in range(1, ids.shape[1]):
             past = [(k[:, :, :t], v[:, :, :t]) for k, v in kv]
-            h, _ = self.trunk(query[:, t - 1 : t], cond[:, t : t + 1], t0=t, kv_cache=past, prev_ids_BS=ids[:, t - 1])
+            h, _ = self.trunk(query, cond[:, t : t + 1], t0=t, kv_cache=past, prev_ids_BS=ids[:, t - 1])
             outs.append(self.token_logits(h, ids[:, t - 1 : t]))
-        logits = torch.cat(outs, dim=1)
-        return rearrange(logits, "b t (h w) v -> b t h w v", h=hh)
+        return rearrange(torch.cat(outs, dim=1), "b t (h w) v -> b t h w v", h=ids_BThw.shape[2])
 
     @torch.no_grad()
-    def predict_next(
-        self,
-        context_ids_BChw: torch.Tensor,
-        actions_BCA: torch.Tensor,
-        z_BCZ: torch.Tensor | None = None,
-        stride_B: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """One-step prediction of the frame after the context (for retracing-rollout): per-position
-        token distributions ``probs_BhwV`` and latent features ``features_BhwD`` of the next frame,
-        from a fully masked next frame, given ``actions[:, -1]`` (possibly a composed action over
-        ``stride`` steps; then the context frames should be strided by the same k)."""
+    def predict_next(self, context_ids_BChw: torch.Tensor, actions_BCA: torch.Tensor, z_BCZ: torch.Tensor | None = None,
+                     stride_B: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The frame after the context, from a fully masked one, given ``actions[:, -1]`` (with ``stride_B`` k a
+        composed action over k steps, after a context strided by k): logits, probabilities and latent features
+        per position (``*_BhwV``, ``features_BhwD``) and the heads' outputs."""
         self._check_inputs(actions_BCA, z_BCZ)
-        B, C, hh, ww = context_ids_BChw.shape
+        C, hh = context_ids_BChw.shape[1], context_ids_BChw.shape[2]
         if actions_BCA.shape[1] != C:
             raise ValueError(f"predict_next needs one action per context frame: {actions_BCA.shape[1]} != {C}")
         ids = rearrange(context_ids_BChw, "b t h w -> b t (h w)")
         ids = torch.cat([ids, torch.full_like(ids[:, :1], self.mask_id)], dim=1)
         act_in = torch.cat([torch.zeros_like(actions_BCA[:, :1]), actions_BCA], dim=1)
         z_in = None if z_BCZ is None else torch.cat([torch.zeros_like(z_BCZ[:, :1]), z_BCZ], dim=1)
-        t0 = max(0, C + 1 - self.max_frames)
-        if t0:  # keep the last max_frames slots; the window restarts at its first frame
-            ids, act_in = ids[:, t0:], act_in[:, t0:]
-            z_in = None if z_in is None else z_in[:, t0:]
-        cond = self.condition(act_in, z_in, stride_B)
-        h, _ = self.trunk(ids, cond)
-        last = h[:, -1]
+        t0 = max(0, C + 1 - self.max_frames)  # keep the last max_frames slots; the window restarts at its first
+        ids, act_in, z_in = ids[:, t0:], act_in[:, t0:], None if z_in is None else z_in[:, t0:]
+        h, _ = self.trunk(ids, self.condition(act_in, z_in, stride_B))
         heads = self.heads(h[:, -1:])
         logits = self.token_logits(h[:, -1:], ids[:, -2:-1])[:, 0]
-        return {
-            "logits_BhwV": rearrange(logits, "b (h w) v -> b h w v", h=hh),
-            "probs_BhwV": rearrange(logits.float().softmax(-1), "b (h w) v -> b h w v", h=hh),
-            "features_BhwD": rearrange(last, "b (h w) d -> b h w d", h=hh),
-            "reward_B": heads["reward"][:, 0],
-            "success_B": heads["success_logit"][:, 0].sigmoid(),
-            **({"state_BS": heads["state"][:, 0]} if "state" in heads else {}),
-        }
+        out = {"logits_BhwV": logits, "probs_BhwV": logits.float().softmax(-1), "features_BhwD": h[:, -1]}
+        return {**{k: rearrange(v, "b (h w) x -> b h w x", h=hh) for k, v in out.items()},
+                "reward_B": heads["reward"][:, 0], "success_B": heads["success_logit"][:, 0].sigmoid(),
+                **({"state_BS": heads["state"][:, 0]} if "state" in heads else {})}
 
+    # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def imagine(
-        self,
-        context_ids_BChw: torch.Tensor,
-        actions_BTA: torch.Tensor | None,
-        z: torch.Tensor | ZFn | None = None,
-        horizon: int | None = None,
-        steps: int = 4,
-        temperature: float = 1.0,
-        stride_B: torch.Tensor | None = None,
-        use_cache: bool = True,
-        return_probs: bool = False,
-        generator: torch.Generator | None = None,
-        act_fn: ActFn | None = None,
-    ) -> dict[str, torch.Tensor]:
+    def imagine(self, context_ids_BChw: torch.Tensor, actions_BTA: torch.Tensor | None,
+                z: torch.Tensor | ZFn | None = None, horizon: int | None = None, steps: int = 4,
+                temperature: float = 1.0, stride_B: torch.Tensor | None = None, use_cache: bool = True,
+                return_probs: bool = False, generator: torch.Generator | None = None,
+                act_fn: ActFn | None = None) -> dict[str, torch.Tensor]:
         """Roll the model out frame by frame from ``context_ids_BChw``.
 
-        ``actions_BTA[:, t]`` is taken at frame t counted from the first context frame. Open loop,
-        they are all given and ``horizon`` defaults to ``T - C + 1``; closed loop, ``act_fn(t,
-        so_far)`` chooses the action ``[B, A]`` of each frame t past the given ones (None: none
-        given) from ``so_far``, this method's outputs for the frames imagined before it (empty
-        before the first). ``z`` is the behavior embedding: a tensor ``[B, >=C+horizon-1, Z]``
-        aligned like the actions, or ``z_fn(ids_BThw, actions_BTA) -> z_BTZ`` (the frozen causal
-        prior), evaluated on the growing history. Returns ``ids_BThw`` (the imagined frames),
-        ``token_prob_BThw`` (probability of each chosen token), ``reward_BT``, ``success_BT``
-        (probability), ``state_BTS`` (with a state head) and, with ``return_probs``, ``probs_BThwV``
-        (each position's distribution when it was fixed).
-
-        The temporal window holds at most ``max_frames`` frames; when a rollout outgrows it, it
-        restarts from its last ``max_frames // 2`` frames (with and without the key/value cache
-        alike, so both give the same frames)."""
+        ``actions_BTA[:, t]`` is taken at frame t (from the first context frame): all given (open loop; ``horizon``
+        defaults to ``T - C + 1``), or past the given ones (None: none) chosen by ``act_fn(t, so_far)`` from the
+        outputs imagined so far. ``z``: a tensor ``[B, >=C+horizon-1, Z]`` aligned like the actions, or the prior
+        ``z_fn(ids_BThw, actions_BTA)`` on the growing history. Returns ``ids_BThw``, ``token_prob_BThw``,
+        ``reward_BT``, ``success_BT`` (probability), ``state_BTS`` (with a state head) and with ``return_probs``
+        ``probs_BThwV``. A rollout outgrowing ``max_frames`` restarts its window from its last ``max_frames // 2``."""
         B, C, hh, ww = context_ids_BChw.shape
         if actions_BTA is None:
             actions_BTA = torch.zeros(B, 0, self.action_dim, device=context_ids_BChw.device)
@@ -505,11 +347,16 @@ class DynamicsModel(nn.Module):
             cond_BTD = self._window_condition(roll, range(start, n + 1), stride_B)
             past_BTS = roll.ids_BTS[:, start:n]
             if use_cache and cache is None:  # (re)prime the cache with the window's finished frames
-                _, cache = self.trunk(past_BTS, cond_BTD[:, :-1], return_kv=True)
-            ids_BS, prob_BS, probs_BSV = maskgit_decode_frame(
-                self._next_frame_logits(past_BTS, cond_BTD, cache), B, hh * ww, self.mask_id, steps, temperature,
-                context_ids_BChw.device, generator)
-            h_B1SD, cache = self._finish_frame(past_BTS, ids_BS, cond_BTD, cache)
+                _, cache = self.trunk(past_BTS, cond_BTD[:, :-1])
+            prev_B1S = past_BTS[:, -1:] if past_BTS.shape[1] else None
+
+            def logits_fn(ids_BS: torch.Tensor) -> torch.Tensor:
+                return self.token_logits(self._frame_after(past_BTS, ids_BS, cond_BTD, cache)[0], prev_B1S)[:, 0]
+
+            ids_BS, prob_BS, probs_BSV = maskgit_decode_frame(logits_fn, B, hh * ww, self.mask_id, steps, temperature,
+                                                              context_ids_BChw.device, generator)
+            h_B1SD, kv = self._frame_after(past_BTS, ids_BS, cond_BTD, cache)
+            cache = None if cache is None else append_kv(cache, kv)
             roll.add_frame(ids_BS, prob_BS, probs_BSV if return_probs else None, self.heads(h_B1SD))
         return roll.outputs()
 
@@ -522,73 +369,46 @@ class DynamicsModel(nn.Module):
             horizon = actions_BTA.shape[1] - C + 1
         if horizon < 1 or (act_fn is None and actions_BTA.shape[1] < C + horizon - 1):
             raise ValueError(f"need >= C + horizon - 1 = {C + horizon - 1} actions, got {actions_BTA.shape[1]}")
-        if actions_BTA.shape[-1] != self.action_dim:
-            raise ValueError(f"actions have {actions_BTA.shape[-1]} dims, the model was built for {self.action_dim}")
-        if self.uses_behavior and z is None:
-            raise ValueError("this dynamics model is behavior-conditioned: pass z (a tensor or the prior as a callable)")
-        if not self.uses_behavior and z is not None:
-            raise ValueError("this dynamics model has behavior-conditioning off (behavior_dim=0) but got z")
+        self._check_inputs(actions_BTA, z)
         if C > self.max_frames - 1:
             raise ValueError(f"context of {C} frames leaves no room in max_frames={self.max_frames}")
         return horizon
 
     def _window_condition(self, roll: Rollout, frames: range, stride_B: torch.Tensor | None) -> torch.Tensor:
-        """Conditioning ``[B, T, D]`` of a window of frames of a rollout; its first slot takes the start
-        vector, as slot 0 of a training clip does."""
-        B = roll.ids_BTS.shape[0]
-        no_action = torch.zeros(B, self.action_dim, dtype=roll.actions_BTA.dtype, device=roll.ids_BTS.device)
+        """Conditioning ``[B, T, D]`` of a window of a rollout's frames; its first slot takes the start vector."""
+        B, dev = roll.ids_BTS.shape[0], roll.ids_BTS.device
+        no_action = torch.zeros(B, self.action_dim, dtype=roll.actions_BTA.dtype, device=dev)
         acts = torch.stack([roll.action_at(n - 1) if n > 0 else no_action for n in frames], 1)
         zs = None
         if self.uses_behavior:
-            no_z = torch.zeros(B, self.behavior_dim, device=roll.ids_BTS.device)
+            no_z = torch.zeros(B, self.behavior_dim, device=dev)
             zs = torch.stack([roll.z_at(n - 1) if n > 0 else no_z for n in frames], 1)
         return self.condition(acts, zs, stride_B)
 
-    def _next_frame_logits(self, past_BTS: torch.Tensor, cond_BTD: torch.Tensor,
-                           cache: list[KV] | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``ids_BS -> logits_BSV`` of the frame after ``past_BTS`` (the window's finished frames),
-        with the keys/values of ``cache`` or, without one, a pass over the whole window."""
-        t = past_BTS.shape[1]
-        prev_BS = past_BTS[:, -1] if t > 0 else None
-
-        def cached(ids_BS: torch.Tensor) -> torch.Tensor:
-            h, _ = self.trunk(ids_BS.unsqueeze(1), cond_BTD[:, -1:], t0=t, kv_cache=cache, prev_ids_BS=prev_BS)
-            return self.token_logits(h, None if prev_BS is None else prev_BS.unsqueeze(1))[:, 0]
-
-        def uncached(ids_BS: torch.Tensor) -> torch.Tensor:
-            seq = torch.cat([past_BTS, ids_BS.unsqueeze(1)], dim=1)
-            h, _ = self.trunk(seq, cond_BTD)
-            return self.token_logits(h[:, -1:], self.prev_ids(seq)[:, -1:])[:, 0]
-
-        return uncached if cache is None else cached
-
-    def _finish_frame(self, past_BTS: torch.Tensor, ids_BS: torch.Tensor, cond_BTD: torch.Tensor,
-                      cache: list[KV] | None) -> tuple[torch.Tensor, list[KV] | None]:
-        """Latent ``[B, 1, S, D]`` of a decoded frame (for the heads), and the cache with the frame's
-        keys/values appended (None without a cache)."""
+    def _frame_after(self, past_BTS: torch.Tensor, ids_BS: torch.Tensor, cond_BTD: torch.Tensor,
+                     cache: list[KV] | None) -> tuple[torch.Tensor, list[KV] | None]:
+        """Hidden state ``[B, 1, S, D]`` of frame ``ids_BS`` after the window's finished frames ``past_BTS``, and
+        its keys/values: from the keys/values of ``cache`` or, without one, a pass over the whole window."""
         t = past_BTS.shape[1]
         if cache is None:
             h, _ = self.trunk(torch.cat([past_BTS, ids_BS.unsqueeze(1)], dim=1), cond_BTD)
             return h[:, -1:], None
-        prev_BS = past_BTS[:, -1] if t > 0 else None
-        h, kv = self.trunk(ids_BS.unsqueeze(1), cond_BTD[:, -1:], t0=t, kv_cache=cache, return_kv=True,
-                           prev_ids_BS=prev_BS)
-        return h, append_kv(cache, kv)
+        return self.trunk(ids_BS.unsqueeze(1), cond_BTD[:, -1:], t0=t, kv_cache=cache,
+                          prev_ids_BS=past_BTS[:, -1] if t > 0 else None)
 
 
 class Rollout:
-    """The growing history of one ``DynamicsModel.imagine`` call: every frame so far (context and
-    imagined), the actions and behavior embeddings taken at them, and the imagined frames' outputs."""
+    """The growing history of one ``DynamicsModel.imagine`` call: every frame so far (context and imagined),
+    the actions and behavior embeddings taken at them, and the imagined frames' outputs."""
 
     def __init__(self, context_ids_BChw: torch.Tensor, actions_BTA: torch.Tensor, z: torch.Tensor | ZFn | None,
                  act_fn: ActFn | None) -> None:
         self.hh = context_ids_BChw.shape[2]
         self.ids_BTS = rearrange(context_ids_BChw, "b t h w -> b t (h w)")
         self.actions_BTA = actions_BTA  # given, then extended by act_fn's choices
-        self.act_fn = act_fn
-        self.z = z
+        self.act_fn, self.z = act_fn, z
         self.z_rows: list[torch.Tensor] = []  # z of each frame so far, when z is the prior
-        self.rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("ids", "prob", "probs", "reward", "success", "state")}
+        self.rows: dict[str, list[torch.Tensor]] = defaultdict(list)  # imagine's outputs, frame by frame
 
     def action_at(self, n: int) -> torch.Tensor:
         """The action ``[B, A]`` taken at frame n: given, or chosen now by ``act_fn`` from what is imagined so far."""
@@ -612,31 +432,16 @@ class Rollout:
 
     def add_frame(self, ids_BS: torch.Tensor, prob_BS: torch.Tensor, probs_BSV: torch.Tensor | None,
                   heads: dict[str, torch.Tensor]) -> None:
-        """Append an imagined frame: its ids, the probability of each chosen id (and each position's
-        distribution, if kept) and the heads' outputs."""
+        """Append an imagined frame: its ids, each chosen id's probability (and distribution, if kept), the heads."""
         self.ids_BTS = torch.cat([self.ids_BTS, ids_BS.unsqueeze(1)], dim=1)
-        self.rows["ids"].append(ids_BS)
-        self.rows["prob"].append(prob_BS)
-        if probs_BSV is not None:
-            self.rows["probs"].append(probs_BSV)
-        self.rows["reward"].append(heads["reward"][:, 0])
-        self.rows["success"].append(heads["success_logit"][:, 0].sigmoid())
-        if "state" in heads:
-            self.rows["state"].append(heads["state"][:, 0])
+        new = {"ids_BThw": ids_BS, "token_prob_BThw": prob_BS, "reward_BT": heads["reward"][:, 0],
+               "success_BT": heads["success_logit"][:, 0].sigmoid(),
+               "state_BTS": heads["state"][:, 0] if "state" in heads else None, "probs_BThwV": probs_BSV}
+        for k, v in new.items():
+            if v is not None:
+                self.rows[k].append(v)
 
     def outputs(self, with_probs: bool = True) -> dict[str, torch.Tensor]:
         """The imagined frames so far, as ``DynamicsModel.imagine`` returns them (empty before the first)."""
-        rows, hh = self.rows, self.hh
-        if not rows["ids"]:
-            return {}
-        out = {
-            "ids_BThw": rearrange(torch.stack(rows["ids"], 1), "b t (h w) -> b t h w", h=hh),
-            "token_prob_BThw": rearrange(torch.stack(rows["prob"], 1), "b t (h w) -> b t h w", h=hh),
-            "reward_BT": torch.stack(rows["reward"], 1),
-            "success_BT": torch.stack(rows["success"], 1),
-        }
-        if rows["state"]:
-            out["state_BTS"] = torch.stack(rows["state"], 1)
-        if with_probs and rows["probs"]:
-            out["probs_BThwV"] = rearrange(torch.stack(rows["probs"], 1), "b t (h w) v -> b t h w v", h=hh)
-        return out
+        out = {k: torch.stack(v, 1) for k, v in self.rows.items() if with_probs or k != "probs_BThwV"}
+        return {k: rearrange(v, "b t (h w) ... -> b t h w ...", h=self.hh) if "hw" in k else v for k, v in out.items()}

@@ -1,11 +1,7 @@
-"""MaskGIT pieces for frame-by-frame token generation: the cosine mask schedule, training masks
-with optional random-token corruption, and the per-frame iterative decoding loop.
+"""MaskGIT pieces: the cosine mask schedule, training masks, random-token corruption and per-frame decoding.
 
-Training (per future frame): draw u ~ U(0, 1), mask ``ceil(cos(u * pi / 2) * S)`` of the frame's
-S tokens (at least one), optionally replace a share of the *visible* tokens by random ids so the
-model learns to distrust its own earlier samples, as at inference. Generation: start from a fully
-masked frame; at step i keep the ``S * (1 - cos(pi/2 * (i+1)/steps))`` most confident sampled
-tokens fixed and re-mask the rest; the last step fixes every token.
+Training masks ``ceil(cos(u * pi / 2) * S)`` of each future frame's S tokens (u ~ U(0, 1), at least one);
+decoding step i of a frame re-masks all but the ``S * (1 - cos(pi/2 * (i+1)/steps))`` most confident tokens.
 """
 
 from __future__ import annotations
@@ -21,95 +17,68 @@ def cosine_mask_ratio(u: torch.Tensor) -> torch.Tensor:
     return torch.cos(u * math.pi / 2)
 
 
-def training_mask(
-    B: int,
-    T: int,
-    S: int,
-    context_frames: int | torch.Tensor,
-    device: torch.device | str = "cpu",
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Bool mask ``[B, T, S]`` (True = masked): frames ``< context_frames`` (an int, or one count
-    per clip ``[B]``) are clean, every later frame gets its own cosine-schedule ratio (at least one
-    masked token)."""
+def training_mask(B: int, T: int, S: int, context_frames: int | torch.Tensor, device: torch.device | str = "cpu",
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool mask ``[B, T, S]`` (True = masked): frames ``< context_frames`` (an int, or one count per clip
+    ``[B]``) are clean, every later frame gets its own cosine-schedule ratio (at least one masked token)."""
     u_BT = torch.rand(B, T, device=device, generator=generator)
     n_BT = torch.ceil(cosine_mask_ratio(u_BT) * S).clamp(min=1, max=S)
     ctx_B = torch.as_tensor(context_frames, device=device).expand(B)
     n_BT = n_BT.masked_fill(torch.arange(T, device=device)[None] < ctx_B[:, None], 0)
-    # rank random scores per frame; the n lowest-ranked positions are masked
-    scores = torch.rand(B, T, S, device=device, generator=generator)
-    rank = scores.argsort(dim=-1).argsort(dim=-1)
-    return rank < n_BT.unsqueeze(-1)
+    rank_BTS = torch.rand(B, T, S, device=device, generator=generator).argsort(dim=-1).argsort(dim=-1)
+    return rank_BTS < n_BT.unsqueeze(-1)  # the n lowest-ranked positions of a frame are masked
 
 
-def corrupt_tokens(
-    ids_BTS: torch.Tensor,
-    mask_BTS: torch.Tensor,
-    context_frames: int | torch.Tensor,
-    max_prob: float,
-    vocab: int,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace visible tokens of future frames by uniform random ids, each frame with its own
-    probability ~ U(0, max_prob). Returns (corrupted ids, bool mask of replaced positions)."""
+def corrupt_tokens(ids_BTS: torch.Tensor, mask_BTS: torch.Tensor, context_frames: int | torch.Tensor,
+                   max_prob: float, vocab: int, generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace visible tokens of future frames by uniform random ids, each frame with its own probability
+    ~ U(0, max_prob), so the model learns to distrust its own samples. Returns (ids, bool mask of replaced)."""
     B, T, S = ids_BTS.shape
     if max_prob <= 0:
         return ids_BTS, torch.zeros_like(mask_BTS)
-    p_BT = torch.rand(B, T, 1, device=ids_BTS.device, generator=generator) * max_prob
-    hit = torch.rand(B, T, S, device=ids_BTS.device, generator=generator) < p_BT
-    hit &= ~mask_BTS
-    ctx_B = torch.as_tensor(context_frames, device=ids_BTS.device).expand(B)
-    hit &= (torch.arange(T, device=ids_BTS.device)[None] >= ctx_B[:, None]).unsqueeze(-1)
-    rand_ids = torch.randint(0, vocab, (B, T, S), device=ids_BTS.device, generator=generator)
+    dev = ids_BTS.device
+    p_BT = torch.rand(B, T, 1, device=dev, generator=generator) * max_prob
+    hit = (torch.rand(B, T, S, device=dev, generator=generator) < p_BT) & ~mask_BTS
+    ctx_B = torch.as_tensor(context_frames, device=dev).expand(B)
+    hit &= (torch.arange(T, device=dev)[None] >= ctx_B[:, None]).unsqueeze(-1)
+    rand_ids = torch.randint(0, vocab, (B, T, S), device=dev, generator=generator)
     return torch.where(hit, rand_ids, ids_BTS), hit
 
 
-def maskgit_decode_frame(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor],
-    B: int,
-    S: int,
-    mask_id: int,
-    steps: int,
-    temperature: float,
-    device: torch.device | str,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode one frame of S tokens in ``steps`` MaskGIT steps.
+def maskgit_decode_frame(logits_fn: Callable[[torch.Tensor], torch.Tensor], B: int, S: int, mask_id: int, steps: int,
+                         temperature: float, device: torch.device | str, generator: torch.Generator | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode one frame of S tokens in ``steps`` MaskGIT steps; ``logits_fn(ids_BS) -> [B, S, V]``.
 
-    ``logits_fn(ids_BS)`` returns ``[B, S, V]`` logits for the frame given its current ids (masked
-    positions hold ``mask_id``). ``temperature=0`` is greedy. Returns ``(ids_BS, token_prob_BS,
-    probs_BSV)``: the final ids, the probability each chosen token had when it was fixed, and the
-    full distribution of each position at the step it was fixed.
-    """
+    ``temperature=0`` is greedy. Returns the ids, the probability each chosen token had when it was
+    fixed, and each position's distribution at that step: ``(ids_BS, token_prob_BS, probs_BSV)``."""
     if steps < 1:
         raise ValueError(f"MaskGIT steps must be >= 1, got {steps}")
     ids_BS = torch.full((B, S), mask_id, dtype=torch.long, device=device)
     fixed_BS = torch.zeros(B, S, dtype=torch.bool, device=device)
     token_prob_BS = torch.zeros(B, S, device=device)
-    probs_BSV: torch.Tensor | None = None
+    probs_BSV = None
     for i in range(steps):
         logits_BSV = logits_fn(ids_BS).float()
         probs = logits_BSV.softmax(-1)
         if temperature > 0:
-            sample_probs = (logits_BSV / temperature).softmax(-1)
-            flat = sample_probs.reshape(B * S, -1)
+            flat = (logits_BSV / temperature).softmax(-1).reshape(B * S, -1)
             sampled_BS = torch.multinomial(flat, 1, generator=generator).view(B, S)
         else:
             sampled_BS = probs.argmax(-1)
         conf_BS = probs.gather(-1, sampled_BS.unsqueeze(-1)).squeeze(-1)
-        n_masked_after = 0 if i == steps - 1 else int(math.floor(S * cosine_mask_ratio(torch.tensor((i + 1) / steps)).item()))
-        # rank only the still-free positions; fixed ones can never be re-masked
-        rank_conf = torch.where(fixed_BS, torch.full_like(conf_BS, float("inf")), conf_BS)
-        order = rank_conf.argsort(dim=-1)  # ascending: least confident first
+        ratio = cosine_mask_ratio(torch.tensor((i + 1) / steps)).item()
+        n_masked_after = 0 if i == steps - 1 else math.floor(S * ratio)
+        # the least confident still-free positions are re-masked; fixed ones never are
+        order = torch.where(fixed_BS, torch.full_like(conf_BS, float("inf")), conf_BS).argsort(dim=-1)
         remask_BS = torch.zeros_like(fixed_BS)
         if n_masked_after > 0:
             remask_BS.scatter_(1, order[:, :n_masked_after], True)
         newly_BS = ~fixed_BS & ~remask_BS
         ids_BS = torch.where(newly_BS, sampled_BS, ids_BS)
         token_prob_BS = torch.where(newly_BS, conf_BS, token_prob_BS)
-        if probs_BSV is None:
-            probs_BSV = torch.zeros_like(probs)
+        probs_BSV = torch.zeros_like(probs) if probs_BSV is None else probs_BSV
         probs_BSV = torch.where(newly_BS.unsqueeze(-1), probs, probs_BSV)
         fixed_BS |= newly_BS
-    assert probs_BSV is not None
     return ids_BS, token_prob_BS, probs_BSV

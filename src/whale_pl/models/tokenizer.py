@@ -1,12 +1,8 @@
-"""ST-ViViT VQ-VAE video tokenizer (Genie-style), stage 1 of WHALE.
+"""Stage 1: the ST-ViViT VQ-VAE video tokenizer (Genie-style).
 
-frames [B,T,C,H,W] in [-1,1] -> non-overlapping patches -> linear patch embedding + spatial position
-embedding -> ST-transformer encoder (spatial attention within a frame, causal temporal attention
-across frames) -> projection to a low-dimensional code space -> vector quantiser -> token ids
-[B,T,h,w]. The decoder mirrors it: code vectors -> projection -> ST-transformer (causal in time) ->
-linear head to patch pixels. Because both stacks are causal in time, the tokens and the
-reconstruction of frame t depend on frames <= t only. There is no temporal position embedding:
-causal attention alone orders the frames, so the tokenizer runs on clips of any length.
+Frames [B,T,C,H,W] in [-1,1] -> patches -> causal ``STTransformer`` -> low-dimensional codes -> ids [B,T,h,w];
+the decoder mirrors it back to pixels. Frame t's tokens and reconstruction depend on frames <= t only, and with
+no temporal position embedding clips may have any length.
 """
 
 from __future__ import annotations
@@ -18,7 +14,7 @@ import torch.distributed as dist
 from einops import rearrange
 from torch import nn
 
-from whale_pl.models.quantizer import VectorQuantizer
+from whale_pl.models.quantizer import VectorQuantizer, distributed
 from whale_pl.models.st_block import STTransformer
 
 
@@ -56,52 +52,30 @@ class TokenizerNet:
 class VideoTokenizer(nn.Module):
     """Patchify -> causal ST encoder -> VQ -> causal ST decoder -> pixels."""
 
-    def __init__(
-        self,
-        frame_size: tuple[int, int] | list[int] = (64, 64),
-        in_channels: int = 3,
-        patch_size: int = 8,
-        dim: int = 256,
-        enc_depth: int = 4,
-        dec_depth: int = 4,
-        heads: int = 4,
-        mlp_ratio: float = 4.0,
-        codebook_size: int = 1024,
-        code_dim: int = 32,
-        beta: float = 0.25,
-        ema: bool = True,
-        ema_decay: float = 0.99,
-        restart_threshold: float = 0.03,
-        dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, frame_size: tuple[int, int] | list[int] = (64, 64), in_channels: int = 3, patch_size: int = 8,
+                 dim: int = 256, enc_depth: int = 4, dec_depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
+                 codebook_size: int = 1024, code_dim: int = 32, beta: float = 0.25, ema: bool = True,
+                 ema_decay: float = 0.99, restart_threshold: float = 0.03, dropout: float = 0.0) -> None:
         super().__init__()
         H, W = (int(s) for s in frame_size)
         if H % patch_size or W % patch_size:
-            raise ValueError(
-                f"frame_size {H}x{W} is not divisible by patch_size={patch_size}; "
-                f"choose a patch size that divides both sides"
-            )
-        self.frame_size = (H, W)
-        self.in_channels = in_channels
-        self.patch_size = patch_size
-        self.codebook_size = codebook_size
-        self.code_dim = code_dim
+            raise ValueError(f"frame_size {H}x{W} is not divisible by patch_size={patch_size}; "
+                             "choose a patch size that divides both sides")
+        self.frame_size, self.in_channels, self.patch_size = (H, W), in_channels, patch_size
+        self.codebook_size, self.code_dim = codebook_size, code_dim
         h, w = H // patch_size, W // patch_size
         patch_dim = in_channels * patch_size * patch_size
         self.patch_embed = nn.Linear(patch_dim, dim)
         self.enc_pos = nn.Parameter(torch.randn(h * w, dim) * 0.02)
         self.encoder = STTransformer(dim, enc_depth, heads, mlp_ratio, causal=True, dropout=dropout)
         self.to_code = nn.Linear(dim, code_dim)
-        self.quantizer = VectorQuantizer(
-            codebook_size, code_dim, beta=beta, ema=ema, decay=ema_decay, restart_threshold=restart_threshold
-        )
+        self.quantizer = VectorQuantizer(codebook_size, code_dim, beta=beta, ema=ema, decay=ema_decay,
+                                         restart_threshold=restart_threshold)
         self.from_code = nn.Linear(code_dim, dim)
         self.dec_pos = nn.Parameter(torch.randn(h * w, dim) * 0.02)
         self.decoder = STTransformer(dim, dec_depth, heads, mlp_ratio, causal=True, dropout=dropout)
         self.to_pixels = nn.Linear(dim, patch_dim)
-        # per-position pixel bias, set to the mean patch of the first training batch: the decoder
-        # then learns residuals around the (mostly static) scene instead of spending its first
-        # hundreds of steps on the mean image
+        # per-position pixel bias, set to the first training batch's mean patch: the decoder learns residuals
         self.pixel_bias = nn.Parameter(torch.zeros(h * w, patch_dim))
         self.register_buffer("pixel_bias_initialized", torch.tensor(False))
 
@@ -110,33 +84,26 @@ class VideoTokenizer(nn.Module):
         H, W = frame_hw if frame_hw is not None else self.frame_size
         return H // self.patch_size, W // self.patch_size
 
-    def check_frames(self, frames_BTCHW: torch.Tensor) -> None:
-        """Raise a clear ValueError unless frames are [B,T,C,H,W] of the configured size."""
+    def _encode_latent(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
+        """Frames [B, T, C, H, W] of the configured size -> unquantised latents [B, T, S, code_dim]."""
         if frames_BTCHW.ndim != 5:
             raise ValueError(f"frames must be [B, T, C, H, W], got shape {tuple(frames_BTCHW.shape)}")
         _, _, C, H, W = frames_BTCHW.shape
         if (C, H, W) != (self.in_channels, *self.frame_size):
-            raise ValueError(
-                f"frames are {C}x{H}x{W} (CxHxW) but the tokenizer was built for "
-                f"{self.in_channels}x{self.frame_size[0]}x{self.frame_size[1]}"
-            )
+            raise ValueError(f"frames are {C}x{H}x{W} (CxHxW) but the tokenizer was built for "
+                             f"{self.in_channels}x{self.frame_size[0]}x{self.frame_size[1]}")
+        return self.to_code(self.encoder(self.patch_embed(self._patches(frames_BTCHW)) + self.enc_pos))
 
     def _patches(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
+        """[B, T, C, H, W] frames -> [B, T, S, patch_dim] patches."""
         p = self.patch_size
         return rearrange(frames_BTCHW, "b t c (h p1) (w p2) -> b t (h w) (p1 p2 c)", p1=p, p2=p)
 
-    def _encode_latent(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
-        self.check_frames(frames_BTCHW)
-        x = self._patches(frames_BTCHW)
-        x = self.patch_embed(x) + self.enc_pos
-        return self.to_code(self.encoder(x))  # [B, T, S, code_dim]
-
     def _decode_codes(self, codes_BTSC: torch.Tensor) -> torch.Tensor:
-        h, w = self.grid_hw()
-        p = self.patch_size
-        x = self.decoder(self.from_code(codes_BTSC) + self.dec_pos)
-        x = self.to_pixels(x) + self.pixel_bias
-        return rearrange(x, "b t (h w) (p1 p2 c) -> b t c (h p1) (w p2)", h=h, w=w, p1=p, p2=p)
+        """Code vectors [B, T, S, code_dim] -> frames [B, T, C, H, W] (unclamped)."""
+        h, p = self.grid_hw()[0], self.patch_size
+        x = self.to_pixels(self.decoder(self.from_code(codes_BTSC) + self.dec_pos)) + self.pixel_bias
+        return rearrange(x, "b t (h w) (p1 p2 c) -> b t c (h p1) (w p2)", h=h, p1=p, p2=p)
 
     def forward(self, frames_BTCHW: torch.Tensor) -> TokenizerOutput:
         """Reconstruct frames through the quantiser (training path; straight-through gradient)."""
@@ -144,29 +111,24 @@ class VideoTokenizer(nn.Module):
         if self.training and not bool(self.pixel_bias_initialized):
             with torch.no_grad():
                 mean = self._patches(frames_BTCHW.float()).mean(dim=(0, 1))
-                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                if distributed():
                     dist.all_reduce(mean)  # every rank must start from the same bias
                     mean /= dist.get_world_size()
                 self.pixel_bias.copy_(mean)
                 self.pixel_bias_initialized.fill_(True)
-        B, T, S, C = z_BTSC.shape
+        B, T = z_BTSC.shape[:2]
         q = self.quantizer(rearrange(z_BTSC, "b t s c -> (b t s) c"))
-        codes_BTSC = rearrange(q.codes_NC, "(b t s) c -> b t s c", b=B, t=T, s=S)
-        h, w = self.grid_hw()
-        ids_BThw = rearrange(q.ids_N, "(b t h w) -> b t h w", b=B, t=T, h=h, w=w)
-        recon = self._decode_codes(codes_BTSC.to(z_BTSC.dtype))
-        return TokenizerOutput(recon, ids_BThw, q.commit_loss, q.restarted)
+        codes_BTSC = rearrange(q.codes_NC, "(b t s) c -> b t s c", b=B, t=T)
+        ids_BThw = rearrange(q.ids_N, "(b t h w) -> b t h w", b=B, t=T, h=self.grid_hw()[0])
+        return TokenizerOutput(self._decode_codes(codes_BTSC.to(z_BTSC.dtype)), ids_BThw, q.commit_loss, q.restarted)
 
     @torch.no_grad()
     def encode(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
-        """frames in [-1, 1], [B,T,C,H,W] -> token ids [B,T,h,w] (long). Always in float32, whatever
-        autocast the caller runs under: the later stages' tokens (and the copy baseline) must not
-        depend on the precision a stage was trained or evaluated in (bf16 flipped ~1% of tokens)."""
+        """frames in [-1, 1], [B,T,C,H,W] -> token ids [B,T,h,w] (long), in float32 under any autocast: the later
+        stages' tokens must not depend on the caller's precision (bf16 flipped ~1% of tokens)."""
         with torch.autocast(frames_BTCHW.device.type, enabled=False):
             z_BTSC = self._encode_latent(frames_BTCHW.float())
-        h, w = self.grid_hw()
-        ids_BTS = self.quantizer.lookup(z_BTSC)
-        return rearrange(ids_BTS, "b t (h w) -> b t h w", h=h, w=w)
+        return rearrange(self.quantizer.lookup(z_BTSC), "b t (h w) -> b t h w", h=self.grid_hw()[0])
 
     def embed(self, ids_BThw: torch.Tensor) -> torch.Tensor:
         """token ids [B,T,h,w] -> unit code vectors [B,T,h,w,code_dim]."""
