@@ -1,11 +1,9 @@
 """Real-against-imagined rollout GIFs with the per-step uncertainty curve under them.
 
-GIF frame t shows real frame t (left) and imagined frame t (right), upscaled by an integer factor
-(nearest neighbour), labelled; under them the per-step uncertainty over the horizon (and the true
-per-step error on a second axis when given) with a cursor at step t, and a footer with the step's
-values. The plot is drawn once with matplotlib (Agg, no pyplot), the cursor per frame with Pillow.
-Frames are ``[T, 3, H, W]`` uint8 or float in [-1, 1]; ``uncertainty_T`` may hold NaN (a gap). GIF
-frames are palette images (256 colours each, no dithering), so a frame pair with few colours is exact.
+GIF frame t: real frame t (left) and imagined frame t (right), upscaled (nearest neighbour); under them
+the uncertainty over the horizon (and the true error on a second axis) with a cursor at step t. The plot
+is drawn once with matplotlib (Agg), the cursor per frame with Pillow; GIF frames are palette images
+(256 colours each, no dithering), so a frame pair with few colours is stored exactly.
 """
 
 from __future__ import annotations
@@ -146,13 +144,18 @@ def _chrome(lay: GifLayout, curve_HWC: np.ndarray, title: str, labels: tuple[str
     return base.quantize(CHROME_COLORS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).convert("RGB")
 
 
-def compose_frames(real_TCHW, imagined_TCHW, uncertainty_T, error_T=None, scale: int = 4,
-                   title: str = "", labels: tuple[str, str] = ("real", "imagined"),
-                   uncertainty_label: str = "uncertainty", error_label: str = "true error",
-                   plot_height: int | None = None) -> tuple[list[np.ndarray], GifLayout]:
-    """The GIF's frames as uint8 RGB arrays ``[height, width, 3]``, and their layout."""
+def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncertainty_T, error_T=None,
+                      scale: int = 4, fps: float = 4.0, title: str = "", labels: tuple[str, str] = ("real", "imagined"),
+                      uncertainty_label: str = "uncertainty", error_label: str = "true error",
+                      plot_height: int | None = None) -> GifLayout:
+    """Write the animated GIF (one frame per step, looping) atomically; returns its layout. Frames are
+    ``[T, 3, H, W]`` uint8 or float in [-1, 1]; ``uncertainty_T`` may hold NaN (no score: a gap)."""
     from PIL import Image, ImageDraw, ImageFont
 
+    from whale_pl.io import atomic_path
+
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
     real = to_uint8_THWC(real_TCHW, "real frames")
     imag = to_uint8_THWC(imagined_TCHW, "imagined frames")
     if real.shape != imag.shape:
@@ -181,26 +184,10 @@ def compose_frames(real_TCHW, imagined_TCHW, uncertainty_T, error_T=None, scale:
                 d.ellipse([x0 + px - 3, y0 + py - 3, x0 + px + 3, y0 + py + 3], fill=col, outline=(0, 0, 0))
         foot = f"step {t + 1}/{T}   uncertainty {_fmt(u[t])}" + ("" if e is None else f"   error {_fmt(e[t])}")
         d.text((MARGIN, y1 + 1), foot, fill=(0, 0, 0), font=font)
-        frames.append(np.asarray(im))
-    return frames, lay
-
-
-def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncertainty_T, error_T=None,
-                      scale: int = 4, fps: float = 4.0, title: str = "", **kw) -> GifLayout:
-    """Write the animated GIF (one frame per step, looping) atomically; returns its layout.
-    ``kw``: ``labels``, ``uncertainty_label``, ``error_label``, ``plot_height`` (see ``compose_frames``)."""
-    from PIL import Image
-
-    from whale_pl.io import atomic_path
-
-    if fps <= 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
-    frames, lay = compose_frames(real_TCHW, imagined_TCHW, uncertainty_T, error_T, scale, title, **kw)
-    pal = [Image.fromarray(f).quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-           for f in frames]
+        frames.append(im.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE))
     with atomic_path(path) as tmp:
-        pal[0].save(tmp, format="GIF", save_all=True, append_images=pal[1:], duration=int(round(1000 / fps)),
-                    loop=0, optimize=False)
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(round(1000 / fps)),
+                       loop=0, optimize=False)
     return lay
 
 

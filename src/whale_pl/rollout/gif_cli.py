@@ -4,12 +4,10 @@ uncertainty curve (and the true per-step error) under them, plus a JSON index fo
     whale eval gifs --ckpt runs/demo/dynamics/checkpoints/best.ckpt \
         --shards data_shards/metaworld/demo --out runs/demo/gifs [--per-split 2] [--horizon 24]
 
-Takes ``--per-split`` episodes of each split (default ``val`` and ``ood``) in manifest order, a new
-task and policy first; imagines each open loop from its first ``context`` real frames with its recorded
-actions on the model's clock, scores every imagined step by retracing uncertainty (no score, a gap, for
-a step with fewer than 2 anchors) and compares it with the real frame (pixel MSE, PSNR). Writes
-``<out>/<split>_<i>_<task>_<policy>.gif`` and ``<out>/index.json`` (per clip: episode, figures per step,
-Spearman of uncertainty against error; the command that regenerates the set). Reads shards only.
+Each of ``--per-split`` episodes per split (manifest order, a new task and policy first) is imagined
+open loop on the model's clock, every step scored by retracing uncertainty and by its error against the
+real frame. Writes ``<out>/<split>_<i>_<task>_<policy>.gif`` and ``<out>/index.json`` (per clip: episode,
+figures per step; the command that regenerates the set). Reads shards only.
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """Policy evaluation in imagination against the simulator (docs/method.md, "Evaluation").
 
-For every evaluation policy (training and held-out OOD families) and start state: **real**, the policy
-acts in Meta-World for ``horizon`` steps (return ``Σ_t γ^t r_t``; frames, actions and states kept);
-**open-loop**, the dynamics model imagines from the real first frame with the recorded actions;
-**closed-loop**, the same scripted policy (same seed, same noise) acts on the state the model's state
-head predicts for each imagined frame. Imagined returns come from the reward head (``reward_BT[:, t]``
-rewards action t). Everything runs on the model's clock: a step is one decision held for
-``frame_stride`` recorded steps (``action_repeat * frame_stride`` simulator steps), its reward the sum.
-
-For a policy optimiser: :meth:`WorldModel.imagine_closed_loop` / :meth:`WorldModel.imagine_open_loop`
-give the rollout ids and :meth:`WorldModel.step_uncertainty` the per-step uncertainty aligned with
-``reward_BT``, so ``r − λ·u`` is :func:`penalised_reward`.
+Per policy and start state: the **real** return in Meta-World, and the imagined return (reward head)
+**open-loop** (from the real first frame with the recorded actions) and **closed-loop** (the same
+seeded scripted policy acting on the state head's prediction of each imagined frame). A step is one
+decision held for the model's ``frame_stride`` recorded steps, its reward their sum. For a policy
+optimiser, ``r − λ·u`` is :func:`penalised_reward` of ``reward_BT`` and :meth:`WorldModel.step_uncertainty`.
 """
 
 from __future__ import annotations
@@ -45,25 +39,22 @@ def _existing(ckpt_path: str | Path) -> Path:
 class WorldModel:
     """A trained dynamics stage (``DynamicsModule``) seen as a simulator of token frames."""
 
-    def __init__(self, module: torch.nn.Module, steps: int | None = None, temperature: float | None = None) -> None:
-        self.module = module.eval()
-        self.model = module.model
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module, self.model, self.z_fn = module.eval(), module.model, module.z_fn()
         self.normaliser = ActionNormaliser.from_data_spec(module.hparams["data_spec"])
         self.frame_stride = self.normaliser.base  # recorded steps per model step (the model's clock)
-        self.steps = int(steps or module.sampling.maskgit_steps)
-        self.temperature = float(module.sampling.temperature if temperature is None else temperature)
-        self.z_fn = module.z_fn()
+        self.steps, self.temperature = int(module.sampling.maskgit_steps), float(module.sampling.temperature)
         V = self.model.codebook_size
         with torch.no_grad():
             ids = torch.arange(V, device=self.device).view(1, 1, V, 1)
             self.codebook_VC = module.tokenizer.model.embed(ids).reshape(V, -1).float()
 
     @classmethod
-    def load(cls, ckpt_path: str | Path, device: str = "cpu", **kw) -> "WorldModel":
+    def load(cls, ckpt_path: str | Path, device: str = "cpu") -> "WorldModel":
         """The world model of a dynamics checkpoint."""
         from whale_pl.lit.dynamics_module import DynamicsModule
 
-        return cls(load_module(_existing(ckpt_path), DynamicsModule, map_location=device), **kw)
+        return cls(load_module(_existing(ckpt_path), DynamicsModule, map_location=device))
 
     @property
     def device(self) -> torch.device:
