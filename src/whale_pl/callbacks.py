@@ -1,13 +1,9 @@
 """Evaluation callback: PSNR/SSIM, FVD and (dynamics) value gap on held-out clips every N validations.
 
-Configured from a stage YAML (``trainer.callbacks``: ``class_path: whale_pl.callbacks.EvalCallback``,
-``init_args: {every_n_val_epochs: 2, num_clips: 16, fvd: true}``). The LightningModule implements
-``eval_videos(batch) -> (real_BTCHW, generated_BTCHW)`` (docs/contracts.md), called on the first
-validation batches on rank 0 until ``num_clips`` clips are seen. For a module with
-``supports_value_eval = True`` a temporary checkpoint goes to ``value_fn(ckpt_path, **value_kwargs)`` in a
-fresh child process, so the simulator's GL contexts never exist in the trainer process (forked
-DataLoader workers would hang on them). Results go to every logger (``eval/...``), to TensorBoard as
-pictures, and as one JSON line per evaluation to ``<log_dir>/metrics.jsonl``.
+The module implements ``eval_videos(batch) -> (real_BTCHW, generated_BTCHW)`` (docs/contracts.md). The
+value hook runs in a fresh child process, so the simulator's GL contexts never exist in the trainer
+process (forked DataLoader workers would hang on them). Results go to every logger (``eval/...``), to
+TensorBoard as pictures, and as one JSON line per evaluation to ``<log_dir>/metrics.jsonl``.
 """
 
 from __future__ import annotations

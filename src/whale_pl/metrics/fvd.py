@@ -1,10 +1,8 @@
 """Fréchet Video Distance (Unterthiner et al. 2018) with a local I3D; no network access.
 
-Preprocessing follows the reference implementation (google-research `frechet_video_distance.py`):
-frames resized to 224x224 with TF1 `resize_bilinear` (no half-pixel centres), scaled to [-1, 1];
-the embedding is the I3D's 400 Kinetics logits. The distance is computed in float64 from the
-eigenvalues of the symmetric sqrt(S1) S2 sqrt(S1), which stays real for the rank-deficient
-covariances of fewer than 400 clips (where `scipy.linalg.sqrtm(S1 @ S2)` returns complex noise).
+As the reference (google-research `frechet_video_distance.py`): frames resized to 224x224 with TF1
+`resize_bilinear`, in [-1, 1]; the embedding is the I3D's 400 logits. The distance uses the eigenvalues of
+the symmetric sqrt(S1) S2 sqrt(S1) in float64, real also for the rank-deficient covariances of < 400 clips.
 """
 
 from __future__ import annotations
@@ -100,10 +98,8 @@ class FVD:
     """Accumulates I3D logits of real and generated clips (uint8 or [-1, 1], T >= 9); `compute()` gives the FVD."""
 
     def __init__(self, i3d: nn.Module, device: str | torch.device = "cpu", batch_size: int = 8):
-        self.i3d = i3d.to(device)
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.real: list[np.ndarray] = []
+        self.i3d, self.device, self.batch_size = i3d.to(device), torch.device(device), batch_size
+        self.real: list[np.ndarray] = []  # I3D logits of each batch
         self.fake: list[np.ndarray] = []
 
     @classmethod

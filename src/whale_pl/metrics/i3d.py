@@ -75,25 +75,17 @@ class InceptionModule(nn.Module):
 
     def __init__(self, in_ch: int, out: tuple[int, int, int, int, int, int]):
         super().__init__()
-        self.b0 = Unit3D(in_ch, out[0])
-        self.b1a = Unit3D(in_ch, out[1])
-        self.b1b = Unit3D(out[1], out[2], (3, 3, 3))
-        self.b2a = Unit3D(in_ch, out[3])
-        self.b2b = Unit3D(out[3], out[4], (3, 3, 3))
-        self.b3_pool = MaxPoolSame((3, 3, 3), (1, 1, 1))
-        self.b3b = Unit3D(in_ch, out[5])
+        self.b0, self.b1a, self.b1b = Unit3D(in_ch, out[0]), Unit3D(in_ch, out[1]), Unit3D(out[1], out[2], (3, 3, 3))
+        self.b2a, self.b2b = Unit3D(in_ch, out[3]), Unit3D(out[3], out[4], (3, 3, 3))
+        self.b3_pool, self.b3b = MaxPoolSame((3, 3, 3), (1, 1, 1)), Unit3D(in_ch, out[5])
 
     def forward(self, x_BCTHW: torch.Tensor) -> torch.Tensor:
         """The four branches, concatenated along channels."""
         x = x_BCTHW
         return torch.cat([self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3b(self.b3_pool(x))], 1)
 
-    # flax name of each unit inside a module
-    FLAX_NAMES = {
-        "b0": "Branch_0/Conv3d_0a_1x1", "b1a": "Branch_1/Conv3d_0a_1x1",
-        "b1b": "Branch_1/Conv3d_0b_3x3", "b2a": "Branch_2/Conv3d_0a_1x1",
-        "b2b": "Branch_2/Conv3d_0b_3x3", "b3b": "Branch_3/Conv3d_0b_1x1",
-    }
+    FLAX_NAMES = {"b0": "Branch_0/Conv3d_0a_1x1", "b1a": "Branch_1/Conv3d_0a_1x1", "b1b": "Branch_1/Conv3d_0b_3x3",
+                  "b2a": "Branch_2/Conv3d_0a_1x1", "b2b": "Branch_2/Conv3d_0b_3x3", "b3b": "Branch_3/Conv3d_0b_1x1"}
 
 
 _LAYERS = {  # after the stem: inception blocks (in channels, branch widths), max-pools (kernel, stride)

@@ -49,10 +49,9 @@ class VideoEvaluator:
     skip it with one warning) over batches of (real, generated) clips."""
 
     def __init__(self, fvd: FVD | None = None):
-        self.fvd = fvd
-        self.psnr: list[np.ndarray] = []
+        self.fvd, self.fvd_skipped = fvd, False
+        self.psnr: list[np.ndarray] = []  # [B, T] of each batch
         self.ssim: list[np.ndarray] = []
-        self.fvd_skipped = False
 
     def update(self, real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor) -> None:
         """Score a batch of (real, generated) clips and feed their FVD features."""

@@ -1,15 +1,10 @@
 """Retracing-rollout uncertainty of imagined frames (docs/method.md, "Retracing-rollout").
 
-To judge imagined frame o_{t+1}, predict it K ways: for k = 1..K, from the stride-k context ending at
-o_{t-k+1}, with the retracing-action ā_k = compose(a_{t-k+1..t}). The model was trained on stride-k
-clips with composed actions, so each prediction is in-distribution for it; composing normalised
-actions un-normalises, composes and re-normalises exactly as the datamodule does
-(:class:`whale_pl.data.actions.ActionNormaliser`).
-
-:func:`combine_predictions` scores the K token distributions of a frame (the deep-ensemble baseline
-shares it): the feature disagreement ``Σ_C Var_k f_k`` of the expected code vectors
-``f_k = Σ_v p_k(v) e_v`` (in [0, 1] for unit codes), the entropy of their mixture over ``log V``,
-each averaged over positions, and ``score = w · disagreement + (1 − w) · entropy`` (w = 0.5 by default).
+Imagined frame o_{t+1} is predicted K ways: for k = 1..K, from the stride-k context ending at o_{t-k+1}
+with the retracing-action compose(a_{t-k+1..t}), as the model was trained on stride-k clips. The K token
+distributions are scored by :func:`combine_predictions` (shared with the deep ensemble): the variance of
+the expected code vectors (disagreement), the normalised entropy of their mixture, and
+``score = w · disagreement + (1 − w) · entropy``.
 """
 
 from __future__ import annotations

@@ -4,10 +4,8 @@
         [--ensemble CKPT CKPT ...] [--data-config stages/demo/data.yaml] [--starts 2] [--horizon 32] \
         [--discount 0.99] [--K 3] [--modes open_loop closed_loop] --out runs/demo/value.json
 
-Writes one JSON with the real and imagined return of every policy, value gap, Spearman / Pearson and
-regret@1 (all, training-family and OOD policies) per mode, and the uncertainty figures (retracing, and
-the ensemble when given: Spearman / AUROC against the true per-step error, seconds, cost ratio); and
-``<out>_returns.png`` and ``<out>_uncertainty.png`` beside it. Renders Meta-World in this process.
+Writes the value figures of every mode and the uncertainty figures (retracing, and the ensemble when
+given) to one JSON, with ``<out>_returns.png`` and ``<out>_uncertainty.png`` beside it. Renders Meta-World.
 """
 
 from __future__ import annotations
