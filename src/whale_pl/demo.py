@@ -1,15 +1,10 @@
 """`make demo`: the whole pipeline end to end at demo scale, then a report.
 
 Collects the Meta-World demo dataset, trains tokenizer -> behavior -> dynamics, evaluates video
-fidelity, writes real-against-imagined rollout GIFs, runs the headline experiment and writes
-``runs/<scale>/report.md``.
-Every step reuses what is complete and resumes what was interrupted, so running it again is cheap.
-One progress line per step, with elapsed time.
-
-The experiment's side models (the behavior-off dynamics model and the small ensemble members) do
-not depend on the stage dynamics model, so they train in a background process, started right
-after the tokenizer, beside the behavior and dynamics stages (each training uses one core; its log
-is ``runs/<scale>/side_models.log``). The experiment step waits for it, then evaluates.
+fidelity, writes rollout GIFs, runs the headline experiment and writes ``runs/<scale>/report.md``;
+each step reuses what is complete and resumes what was interrupted. The experiment's side models do
+not need the stage dynamics model, so they train in a background process (log
+``runs/<scale>/side_models.log``) from the end of the tokenizer step, beside the other stages.
 """
 
 from __future__ import annotations
@@ -41,13 +36,6 @@ def _sh(cmd: list[str]) -> None:
         raise SystemExit(f"[demo] command failed (exit {proc.returncode}): {' '.join(cmd)}")
 
 
-def _data_out(data_cfg: Path) -> str:
-    """The shard directory a dataset config writes (its ``out`` key)."""
-    import yaml
-
-    return str(yaml.safe_load(data_cfg.read_text())["out"])
-
-
 class SideModels:
     """The background ``python -m whale_pl.experiment --train-only`` run."""
 
@@ -67,8 +55,7 @@ class SideModels:
         """Wait for the background run; if it failed, the experiment step retrains what is missing."""
         if self.proc is None:
             return
-        t0 = time.time()
-        rc = self.proc.wait()
+        t0, rc = time.time(), self.proc.wait()
         self.proc = None
         print(f"    side models: finished (exit {rc}) after waiting {fmt_elapsed(time.time() - t0)}; log {self.log}",
               flush=True)
@@ -84,33 +71,33 @@ class SideModels:
 
 def build_steps(scale: str, side: SideModels | None = None) -> list[Step]:
     """The demo's steps in order, for ``scale``."""
-    py = sys.executable
-    run_root = Path("runs") / scale
+    import yaml
+
+    py, run_root, side = sys.executable, Path("runs") / scale, side or SideModels(scale)
     data_cfg = Path("stages") / scale / "data.yaml"
-    side = side or SideModels(scale)
+    dynamics_ckpt = str(stage_dir(scale, "dynamics") / "checkpoints" / "best.ckpt")
 
     def tokenizer_then_side() -> None:
         run_stage(scale, "tokenizer")  # alone on the machine: all cores
-        # from here two trainings share the cores: one thread each (OpenMP spin-waiting on an
-        # oversubscribed CPU made steps several times slower)
-        os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ["OMP_NUM_THREADS"] = "1"  # then two trainings share the cores (spin-waiting OpenMP is slow)
         side.start()
+
+    def evaluate(cmd: str, *args: str) -> None:
+        shards = str(yaml.safe_load(data_cfg.read_text())["out"])  # the shard directory the data step wrote
+        _sh([py, "-m", "whale_pl.eval_cli", cmd, "--ckpt", dynamics_ckpt, "--shards", shards, *args])
 
     def experiment() -> None:
         side.wait()
         _sh([py, "-m", "whale_pl.experiment", "--scale", scale])
 
-    dynamics_ckpt = str(stage_dir(scale, "dynamics") / "checkpoints" / "best.ckpt")
     return [
         Step("data", lambda: _sh([py, "-m", "whale_pl.data.cli", "metaworld", "--config", str(data_cfg)])),
         Step("tokenizer", tokenizer_then_side),
         Step("behavior", lambda: run_stage(scale, "behavior")),
         Step("dynamics", lambda: run_stage(scale, "dynamics")),
-        Step("video metrics", lambda: _sh([py, "-m", "whale_pl.eval_cli", "video", "--ckpt", dynamics_ckpt,
-                                           "--shards", _data_out(data_cfg), "--num-clips", "16", "--clip-len", "12",
-                                           "--out", str(run_root / "video_metrics.json")])),
-        Step("rollout gifs", lambda: _sh([py, "-m", "whale_pl.eval_cli", "gifs", "--ckpt", dynamics_ckpt,
-                                          "--shards", _data_out(data_cfg), "--out", str(run_root / "gifs")])),
+        Step("video metrics", lambda: evaluate("video", "--num-clips", "16", "--clip-len", "12",
+                                               "--out", str(run_root / "video_metrics.json"))),
+        Step("rollout gifs", lambda: evaluate("gifs", "--out", str(run_root / "gifs"))),
         Step("experiment", experiment),
         Step("report", lambda: _sh([py, "-m", "whale_pl.report", "--scale", scale])),
     ]
@@ -127,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.time()
     try:
         for i, step in enumerate(steps, 1):
-            head = f"[demo {i}/{len(steps)}] {step.name}"
-            t0 = time.time()
+            head, t0 = f"[demo {i}/{len(steps)}] {step.name}", time.time()
             print(f"{head}: started (total {fmt_elapsed(t0 - t_start)})", flush=True)
             step.run()
             print(f"{head}: done in {fmt_elapsed(time.time() - t0)} (total {fmt_elapsed(time.time() - t_start)})",

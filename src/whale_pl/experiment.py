@@ -2,24 +2,12 @@
 
     python -m whale_pl.experiment --scale demo
 
-(1) **Behavior-conditioning on against off**: OOD value gap and return correlation (open- and
-    closed-loop) of the stage's dynamics model (``runs/<scale>/dynamics``, behavior on) and a model
-    trained by the very same config with ``use_behavior: false`` (``runs/<scale>/dynamics_off``),
-    same seed, same step and time budget. (2) **Retracing against a deep ensemble**: AUROC and
-    Spearman of the per-step uncertainty against the true per-step error on the same imagined
-    rollouts, and the compute cost ratio (wall-clock of the uncertainty computation; training cost
-    is N models against one).
-
-What is trained here (reused when complete, i.e. ``DONE`` is present): the "off" model, and
-``members`` ensemble members ``runs/<scale>/ensemble/<seed>`` with behavior-conditioning on (member
-0 is also the retracing model of (2), so both methods score the same rollouts). Each is ``whale fit
---config stages/<scale>/dynamics.yaml --seed_everything <seed>`` with the logger's run directory
-moved; the members are smaller and briefer (``--member-*`` flags; at demo scale deliberately small
-to keep this within minutes). The evaluation callback is switched off for these runs.
-``--train-only`` trains them and stops (``make demo`` runs it beside the behavior and dynamics
-stages, one core each); the members wait for the behavior stage's ``DONE``.
-
-Writes ``runs/<scale>/experiment.json``, ``runs/<scale>/experiment.md`` and the plots it links.
+(1) Behavior-conditioning on against off: OOD value gap and return correlation of the stage's dynamics
+model and the same config trained with ``use_behavior: false`` (``runs/<scale>/dynamics_off/0``).
+(2) Retracing against a deep ensemble (``runs/<scale>/ensemble/<seed>``, smaller and briefer, member 0
+the retracing model): AUROC and Spearman of the per-step uncertainty against the true per-step error
+on the same rollouts, and the cost ratio. Side models train with ``whale fit`` (reused once ``DONE`` is
+present); ``--train-only`` stops there. Writes ``runs/<scale>/experiment.{json,md}`` and plots.
 """
 
 from __future__ import annotations
@@ -36,17 +24,8 @@ from pathlib import Path
 from whale_pl.io import write_json_atomic, write_text_atomic
 from whale_pl.pipeline import fmt_elapsed
 
-MEMBER_DEFAULTS = {  # scale -> (dim, depth, heads, max_steps) of the ensemble members
-    "demo": (64, 2, 4, 120),
-}
-
-
-def _ckpt_of(run_dir: Path) -> Path:
-    for name in ("best.ckpt", "last.ckpt"):
-        p = run_dir / "checkpoints" / name
-        if p.is_file():
-            return p
-    raise FileNotFoundError(f"no checkpoints/best.ckpt or last.ckpt under {run_dir}")
+MEMBER_DEFAULTS = {"demo": (64, 2, 4, 120)}  # scale -> (dim, depth, heads, max_steps) of the ensemble members
+MODES = ("open_loop", "closed_loop")
 
 
 def _no_eval_callback(scale: str) -> list[str]:
@@ -62,9 +41,8 @@ def _no_eval_callback(scale: str) -> list[str]:
 
 def wait_for(path: Path, what: str, timeout: float = 7200.0) -> None:
     """Block until ``path`` exists (another process is producing it), printing once."""
-    if path.is_file():
-        return
-    print(f"[experiment] waiting for {what} ({path})", flush=True)
+    if not path.is_file():
+        print(f"[experiment] waiting for {what} ({path})", flush=True)
     t0 = time.time()
     while not path.is_file():
         if time.time() - t0 > timeout:
@@ -77,9 +55,8 @@ def train_member(scale: str, group: str, seed: int, use_behavior: bool, size: tu
     """Train (or reuse) one dynamics model with the stage's config; returns (checkpoint, seconds).
     ``size`` / ``steps`` None: the stage config's own model size / step budget."""
     run_dir = runs / scale / group / str(seed)
-    done = run_dir / "DONE"
-    if done.is_file():
-        info = json.loads(done.read_text())
+    if (run_dir / "DONE").is_file():
+        info = json.loads((run_dir / "DONE").read_text())
         print(f"[experiment] {group}/{seed}: complete, reusing {info['ckpt']}", flush=True)
         return Path(info["ckpt"]), float(info["seconds"])
     cmd = [sys.executable, "-m", "whale_pl.cli", "fit", "--config", str(Path("stages") / scale / "dynamics.yaml"),
@@ -88,49 +65,38 @@ def train_member(scale: str, group: str, seed: int, use_behavior: bool, size: tu
            str(seed), "--model.init_args.use_behavior", "true" if use_behavior else "false"]
     if steps is not None:
         cmd += ["--trainer.max_steps", str(steps), "--data.init_args.steps_per_epoch", str(steps)]
-    if size is not None:
-        dim, depth, heads = size
-        cmd += ["--model.init_args.net.dim", str(dim), "--model.init_args.net.depth", str(depth),
-                "--model.init_args.net.heads", str(heads)]
+    for key, v in zip(("dim", "depth", "heads"), size or ()):
+        cmd += [f"--model.init_args.net.{key}", str(v)]
     cmd += list(extra)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        cmd += ["--ckpt_path", str(last)]
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        cmd += ["--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
     print(f"[experiment] {group}/{seed}: {' '.join(cmd[2:])}", flush=True)
     t0 = time.time()
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
         raise SystemExit(f"[experiment] training {group}/{seed} failed (exit {proc.returncode}); rerun to resume")
     seconds = time.time() - t0
-    ckpt = _ckpt_of(run_dir)
-    write_json_atomic(done, {"ckpt": str(ckpt), "seconds": seconds, "steps": steps, "seed": seed,
-                             "use_behavior": use_behavior, "size": None if size is None else list(size)})
+    ckpt = next((p for p in (run_dir / "checkpoints" / n for n in ("best.ckpt", "last.ckpt")) if p.is_file()), None)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoints/best.ckpt or last.ckpt under {run_dir}")
+    write_json_atomic(run_dir / "DONE", {"ckpt": str(ckpt), "seconds": seconds, "steps": steps, "seed": seed,
+                                         "use_behavior": use_behavior, "size": None if size is None else list(size)})
     print(f"[experiment] {group}/{seed}: trained in {fmt_elapsed(seconds)}", flush=True)
     return ckpt, seconds
 
 
-def _steps_trained(*ckpts: Path) -> list[int | None]:
-    """The global step each checkpoint was saved at (None if unreadable)."""
+def _global_step(ckpt: Path) -> int | None:
+    """The global step a checkpoint was saved at (None if unreadable)."""
     from whale_pl.lit.checkpoint import read_checkpoint
 
-    out: list[int | None] = []
-    for c in ckpts:
-        try:
-            out.append(int(read_checkpoint(c)["global_step"]))
-        except Exception:  # noqa: BLE001 - a figure for the report, not a gate
-            out.append(None)
-    return out
-
-
-def _steps(res: dict, i: int) -> str:
-    st = (res.get("steps_trained") or [None, None])[i]
-    return "?" if st is None else str(st)
+    try:
+        return int(read_checkpoint(ckpt)["global_step"])
+    except Exception:  # noqa: BLE001 - a figure for the report, not a gate
+        return None
 
 
 def _f(x, nd: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return f"{x:.{nd}f}"
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
 
 
 def _value_row(name: str, v: dict, mode: str) -> str:
@@ -145,60 +111,59 @@ def _value_row(name: str, v: dict, mode: str) -> str:
 def verdicts(res: dict) -> list[str]:
     """Does each headline claim reproduce here? Stated plainly, whatever the answer."""
     out = []
-    on, off = res["main"]["value"], res["off"]["value"]
-    for mode in ("open_loop", "closed_loop"):
-        a, b = (on.get(mode) or {}).get("ood"), (off.get(mode) or {}).get("ood")
+    for mode in MODES:
+        a, b = ((res[k]["value"].get(mode) or {}).get("ood") for k in ("main", "off"))
         if not a or not b:
             out.append(f"- (1) {mode}: OOD figures undefined (too few OOD policies or equal real returns).")
             continue
-        gap_ok = a["value_gap"] < b["value_gap"]
-        corr_ok = (a["spearman"] or -2) > (b["spearman"] or -2)
-        out.append(f"- (1) {mode}: OOD value gap on {_f(a['value_gap'])} vs off {_f(b['value_gap'])} -> "
-                   f"{'lower with conditioning (claim reproduces)' if gap_ok else 'NOT lower with conditioning (claim does not reproduce)'}; "
-                   f"OOD Spearman on {_f(a['spearman'], 2)} vs off {_f(b['spearman'], 2)} -> "
-                   f"{'higher' if corr_ok else 'not higher'}.")
+        gap = "lower with conditioning (claim reproduces)" if a["value_gap"] < b["value_gap"] else \
+            "NOT lower with conditioning (claim does not reproduce)"
+        corr = "higher" if (a["spearman"] or -2) > (b["spearman"] or -2) else "not higher"
+        out.append(f"- (1) {mode}: OOD value gap on {_f(a['value_gap'])} vs off {_f(b['value_gap'])} -> {gap}; "
+                   f"OOD Spearman on {_f(a['spearman'], 2)} vs off {_f(b['spearman'], 2)} -> {corr}.")
     u = res["uncertainty"]
-    q = u["quality_vs_mse"]
-    r, e = q["retracing_score"], q["ensemble_score"]
-    auroc_ok = (r["auroc"] or 0) >= (e["auroc"] or 0)
-    sp_ok = (r["spearman"] or -2) >= (e["spearman"] or -2)
+    r, e = u["quality_vs_mse"]["retracing_score"], u["quality_vs_mse"]["ensemble_score"]
+    worse = [n for n, ok in (("AUROC", (r["auroc"] or 0) >= (e["auroc"] or 0)),
+                             ("Spearman", (r["spearman"] or -2) >= (e["spearman"] or -2))) if not ok]
+    quality = "at least as good (claim reproduces)" if not worse else \
+        f"not as good on {', '.join(worse)} (claim does not reproduce)"
     ratio = u.get("cost_ratio_ensemble_over_retracing")
     out.append(f"- (2) retracing AUROC {_f(r['auroc'], 2)} vs ensemble {_f(e['auroc'], 2)}, Spearman "
-               f"{_f(r['spearman'], 2)} vs {_f(e['spearman'], 2)} -> "
-               f"{'at least as good (claim reproduces)' if auroc_ok and sp_ok else 'not as good on ' + ', '.join(n for n, ok in (('AUROC', auroc_ok), ('Spearman', sp_ok)) if not ok) + ' (claim does not reproduce)'}; "
-               f"inference cost: the ensemble takes {_f(ratio, 2)}x the retracing time "
-               f"({'retracing cheaper' if ratio and ratio > 1 else 'retracing NOT cheaper'}), training cost "
-               f"{res['members']}x (N models against one).")
+               f"{_f(r['spearman'], 2)} vs {_f(e['spearman'], 2)} -> {quality}; inference cost: the ensemble takes "
+               f"{_f(ratio, 2)}x the retracing time ({'retracing cheaper' if ratio and ratio > 1 else 'retracing NOT cheaper'}), "
+               f"training cost {res['members']}x (N models against one).")
     return out
+
+
+def _setup_lines(res: dict, cmd: str) -> list[str]:
+    """The experiment's command, evaluation set and models, for the top of ``experiment.md``."""
+    steps = [("?" if st is None else str(st)) for st in (res.get("steps_trained") or [None, None])[:2]]
+    return [f"# Headline experiment ({res['scale']} scale)", "",
+            f"Command: `{cmd}` (total {fmt_elapsed(res['seconds'])}; training {fmt_elapsed(res['train_seconds'])}).",
+            "", f"Evaluation set: tasks {', '.join(res['tasks'])}; {res['starts']} start state(s) per task; horizon "
+            f"{res['horizon']}; discount {res['discount']}; training policies {', '.join(res['train_policies'])}; "
+            f"OOD policies {', '.join(res['ood_policies'])}. Real returns from Meta-World, imagined returns from the "
+            "reward head, same start states.", "",
+            f"Models: (1) the stage's dynamics model (`{res['main']['dynamics']}`, behavior on) against the same "
+            f"config with behavior-conditioning off (seed 0), trained for {steps[0]} and {steps[1]} steps; "
+            f"(2) {res['members']} ensemble members (behavior on, seeds 0..{res['members'] - 1}), each dim "
+            f"{res['member_size'][0]}, depth {res['member_size'][1]}, {res['member_steps']} steps, else the stage "
+            "config; member 0 is the retracing model, so both methods score the same rollouts.", ""]
 
 
 def write_report(res: dict, path: Path, cmd: str) -> None:
     """``experiment.md``: the set-up, the verdicts, the tables of (1) and (2), the plots."""
-    L = [f"# Headline experiment ({res['scale']} scale)", "",
-         f"Command: `{cmd}` (total {fmt_elapsed(res['seconds'])}; training {fmt_elapsed(res['train_seconds'])}).", "",
-         f"Evaluation set: tasks {', '.join(res['tasks'])}; {res['starts']} start state(s) per task; horizon "
-         f"{res['horizon']}; discount {res['discount']}; training policies "
-         f"{', '.join(res['train_policies'])}; OOD policies {', '.join(res['ood_policies'])}. Real returns from "
-         "Meta-World, imagined returns from the reward head, same start states.", "",
-         f"Models: (1) the stage's dynamics model (`{res['main']['dynamics']}`, behavior on) against the same "
-         f"config with behavior-conditioning off (seed 0), trained for {_steps(res, 0)} and {_steps(res, 1)} steps; "
-         f"(2) {res['members']} ensemble members (behavior on, seeds 0..{res['members'] - 1}), each dim "
-         f"{res['member_size'][0]}, depth {res['member_size'][1]}, {res['member_steps']} steps, else the stage "
-         "config; member 0 is the retracing model, so both methods score the same rollouts.", "",
-         "## Verdicts", "", *verdicts(res), "",
-         "## (1) Behavior-conditioning on vs off", "",
-         "| model | mode | OOD value gap | OOD Spearman | OOD Pearson | all: value gap | all: regret@1 |",
-         "|---|---|---|---|---|---|---|"]
+    L = _setup_lines(res, cmd) + ["## Verdicts", "", *verdicts(res), "", "## (1) Behavior-conditioning on vs off", "",
+                                  "| model | mode | OOD value gap | OOD Spearman | OOD Pearson | all: value gap | "
+                                  "all: regret@1 |", "|---|---|---|---|---|---|---|"]
     for name, key in (("on (stage model)", "main"), ("off (same config)", "off"), ("member 0 (small, on)", "on")):
-        for mode in ("open_loop", "closed_loop"):
-            L.append(_value_row(name, res[key]["value"], mode))
-    L += ["", "Real and imagined returns per policy:", ""]
-    L += ["| policy | split | real | " + " | ".join(f"{k} {m}" for k in ("on", "off") for m in ("open", "closed")) + " |",
+        L += [_value_row(name, res[key]["value"], mode) for mode in MODES]
+    L += ["", "Real and imagined returns per policy:", "",
+          "| policy | split | real | " + " | ".join(f"{k} {m}" for k in ("on", "off") for m in ("open", "closed")) + " |",
           "|---|---|---|---|---|---|---|"]
     v_on, v_off = res["main"]["value"], res["off"]["value"]
     for i, p in enumerate(v_on["policies"]):
-        cells = [_f((v.get(m) or {}).get("imagined_return", [None] * (i + 1))[i], 2)
-                 for v in (v_on, v_off) for m in ("open_loop", "closed_loop")]
+        cells = [_f((v.get(m) or {}).get("imagined_return", [None] * (i + 1))[i], 2) for v in (v_on, v_off) for m in MODES]
         L.append(f"| {p} | {v_on['split'][i]} | {_f(v_on['real_return'][i], 2)} | " + " | ".join(cells) + " |")
     u = res["uncertainty"]
     L += ["", f"## (2) Retracing (K={u['K']}) vs a {u['ensemble_size']}-member ensemble", "",
@@ -206,20 +171,18 @@ def write_report(res: dict, path: Path, cmd: str) -> None:
           "pixel MSE of the decoded frame and share of wrong tokens against the real frame. AUROC: "
           "bad step = error above the median.", "",
           "| uncertainty | AUROC (MSE) | Spearman (MSE) | AUROC (tokens) | Spearman (tokens) |", "|---|---|---|---|---|"]
-    for k in u["quality_vs_mse"]:
-        a, b = u["quality_vs_mse"][k], u["quality_vs_token_err"][k]
-        L.append(f"| {k} | {_f(a['auroc'], 3)} | {_f(a['spearman'], 3)} | {_f(b['auroc'], 3)} | {_f(b['spearman'], 3)} |")
+    for k, a in u["quality_vs_mse"].items():
+        b = u["quality_vs_token_err"][k]
+        L.append(f"| {k} | {_f(a['auroc'])} | {_f(a['spearman'])} | {_f(b['auroc'])} | {_f(b['spearman'])} |")
     mu = res["main"].get("uncertainty", {}).get("quality_vs_mse", {}).get("retracing_score")
     if mu:
-        L.append(f"| stage model: retracing_score | {_f(mu['auroc'], 3)} | {_f(mu['spearman'], 3)} | | |")
+        L.append(f"| stage model: retracing_score | {_f(mu['auroc'])} | {_f(mu['spearman'])} | | |")
     s = u["seconds"]
     L += ["", f"Cost: retracing {s['retracing']:.1f} s, ensemble {s['ensemble']:.1f} s for the same steps -> ratio "
           f"{_f(u.get('cost_ratio_ensemble_over_retracing'), 2)}; training {fmt_elapsed(res['member_train_seconds'][0])} "
           f"for one model against {fmt_elapsed(sum(res['member_train_seconds']))} for the ensemble.", "",
-          "## Plots", ""]
-    for name, p in res["plots"].items():
-        L.append(f"- {name}: ![{name}]({Path(p).name})")
-    L += ["", "Regenerate: the command above (reuses trained members; delete `runs/<scale>/ensemble*` to retrain).", ""]
+          "## Plots", "", *(f"- {name}: ![{name}]({Path(p).name})" for name, p in res["plots"].items()), "",
+          "Regenerate: the command above (reuses trained members; delete `runs/<scale>/ensemble*` to retrain).", ""]
     write_text_atomic(path, "\n".join(L))
 
 
@@ -231,18 +194,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-config", default=None, help="default stages/<scale>/data.yaml")
     p.add_argument("--dynamics", default=None, help="the stage model; default runs/<scale>/dynamics best.ckpt")
     p.add_argument("--members", type=int, default=5)
-    p.add_argument("--member-dim", type=int, default=None)
-    p.add_argument("--member-depth", type=int, default=None)
-    p.add_argument("--member-heads", type=int, default=None)
-    p.add_argument("--member-steps", type=int, default=None)
+    for name in ("dim", "depth", "heads", "steps"):
+        p.add_argument(f"--member-{name}", type=int, default=None)
     p.add_argument("--starts", type=int, default=1)
     p.add_argument("--horizon", type=int, default=None,
                    help="imagined steps (model steps); default: 24, or fewer when the training episodes are shorter")
     p.add_argument("--discount", type=float, default=0.99)
     p.add_argument("--K", type=int, default=3)
-    p.add_argument("--jobs", type=int, default=1,
-                   help="ensemble members trained at once (one process each; 2 on a 2-core machine once the "
-                        "stage models are done)")
+    p.add_argument("--jobs", type=int, default=1, help="ensemble members trained at once (one process each; 2 on a "
+                   "2-core machine once the stage models are done)")
     p.add_argument("--train-only", action="store_true",
                    help="train (or reuse) the off model and the ensemble members, then stop")
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
@@ -255,9 +215,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"the stage's dynamics checkpoint {a.main_ckpt} is missing: train it first "
                 f"(python -m whale_pl.pipeline dynamics --scale {a.scale})")
     a.data_config = a.data_config or str(Path("stages") / a.scale / "data.yaml")
-    dflt = MEMBER_DEFAULTS.get(a.scale, (None, None, None, None))
-    a.size = (a.member_dim or dflt[0] or 128, a.member_depth or dflt[1] or 4, a.member_heads or dflt[2] or 4)
-    a.steps = a.member_steps or dflt[3] or 600
+    dim, depth, heads, steps = MEMBER_DEFAULTS.get(a.scale, (128, 4, 4, 600))
+    a.size = (a.member_dim or dim, a.member_depth or depth, a.member_heads or heads)
+    a.steps = a.member_steps or steps
     return a
 
 
@@ -288,10 +248,10 @@ def evaluate(a: argparse.Namespace, side: dict) -> dict:
         a.horizon = max(2, min(24, CollectConfig.from_yaml(a.data_config).max_steps // k - 1))
     ev = EvalSet.from_data_config(a.data_config, starts=a.starts, horizon=a.horizon, discount=a.discount,
                                   frame_stride=k)
-    print(f"[experiment] real rollouts: {len(ev.tasks)} tasks x {len(ev.policies)} policies x {a.starts} starts", flush=True)
-    real = collect_real(ev)
+    print(f"[experiment] real rollouts: {len(ev.tasks)} tasks x {len(ev.policies)} policies x {a.starts} starts",
+          flush=True)
     common = dict(data_config=a.data_config, starts=a.starts, horizon=a.horizon, discount=a.discount, K=a.K,
-                  modes=["open_loop", "closed_loop"], real=real)
+                  modes=list(MODES), real=collect_real(ev))
     print("[experiment] the stage's model (behavior on)", flush=True)
     main_res = run(str(a.main_ckpt), None, **common)
     print("[experiment] the same config with behavior off", flush=True)
@@ -300,7 +260,7 @@ def evaluate(a: argparse.Namespace, side: dict) -> dict:
     on = run(str(side["members"][0]), [str(c) for c in side["members"]], **common)
     return {"scale": a.scale, "members": a.members, "member_size": list(a.size), "member_steps": a.steps,
             "member_train_seconds": side["member_seconds"], "off_train_seconds": side["off_seconds"],
-            "train_seconds": side["seconds"], "steps_trained": _steps_trained(a.main_ckpt, side["off"]),
+            "train_seconds": side["seconds"], "steps_trained": [_global_step(c) for c in (a.main_ckpt, side["off"])],
             "tasks": ev.tasks, "starts": a.starts, "horizon": a.horizon, "discount": a.discount,
             "train_policies": ev.train_policies, "ood_policies": ev.ood_policies, "on": on, "off": off,
             "main": main_res, "uncertainty": on["uncertainty"], "plots": {}}

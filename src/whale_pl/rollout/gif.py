@@ -1,17 +1,9 @@
 """Real-against-imagined rollout GIFs with the per-step uncertainty curve under them.
 
-Each GIF frame t shows the real frame t (left) and the imagined frame t (right), upscaled by an
-integer factor (nearest neighbour, so every source pixel becomes a ``scale x scale`` block),
-labelled above; under them a plot of the per-step uncertainty over the horizon (and, when given,
-the true per-step error on a second axis) with a marker at step t; a footer names the step and its
-values. The plot is rendered once with matplotlib (Agg, no pyplot state); the marker is drawn per
-frame with Pillow. GIF frames are palette images (256 colours each, no dithering): a frame pair
-with few colours is stored exactly, a richer one to the nearest of its frame's 256 colours.
-
-    write_rollout_gif("out.gif", real_TCHW, imagined_TCHW, uncertainty_T, error_T)
-
-Frames are ``[T, 3, H, W]``: uint8, or float in [-1, 1] (docs/contracts.md). ``uncertainty_T``
-may hold NaN for steps without a score (drawn as a gap, no marker dot). Written atomically.
+GIF frame t: real frame t (left) and imagined frame t (right), upscaled (nearest neighbour); under them
+the uncertainty over the horizon (and the true error on a second axis) with a cursor at step t. The plot
+is drawn once with matplotlib (Agg), the cursor per frame with Pillow; GIF frames are palette images
+(256 colours each, no dithering), so a frame pair with few colours is stored exactly.
 """
 
 from __future__ import annotations
@@ -68,114 +60,78 @@ def upscale(frame_HWC: np.ndarray, scale: int) -> np.ndarray:
     return np.repeat(np.repeat(frame_HWC, scale, axis=0), scale, axis=1)
 
 
-def _fit_ylim(ax, values_T: np.ndarray) -> None:
-    """Vertical limits around the finite values, 8 % padding (a constant curve gets a small band)."""
-    finite = np.isfinite(values_T)
-    if not finite.any():
-        ax.set_ylim(0, 1)
-        return
-    lo, hi = float(values_T[finite].min()), float(values_T[finite].max())
-    pad = 0.08 * (hi - lo) if hi > lo else max(abs(hi) * 0.1, 1e-3)
-    ax.set_ylim(lo - pad, hi + pad)
+def _series(x, T: int, name: str) -> np.ndarray:
+    v = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, np.float64)
+    if v.shape != (T,):
+        raise ValueError(f"{name} must be [T={T}], got shape {v.shape}")
+    return v
 
 
-def _style_y(ax, label: str, color: str, fs: int) -> None:
-    """Label, ticks and tick count of one y axis."""
+def _axis(ax, steps: np.ndarray, values_T: np.ndarray, style: str, color: str, label: str, **kw) -> None:
+    """One curve on its own y axis: limits around the finite values (8 % padding), label, 4 ticks."""
     from matplotlib.ticker import MaxNLocator
 
-    ax.set_ylabel(label, fontsize=fs, color=color, labelpad=2)
-    ax.tick_params(labelsize=fs - 1, pad=1, length=2)
-    ax.yaxis.get_offset_text().set_fontsize(fs - 1)
+    ax.plot(steps, values_T, style, color=color, label=label, **kw)
+    finite = values_T[np.isfinite(values_T)]
+    if finite.size:
+        lo, hi = float(finite.min()), float(finite.max())
+        pad = 0.08 * (hi - lo) if hi > lo else max(abs(hi) * 0.1, 1e-3)
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.set_ylabel(label, fontsize=7, color=color, labelpad=2)
+    ax.tick_params(labelsize=6, pad=1, length=2)
+    ax.yaxis.get_offset_text().set_fontsize(6)
     ax.yaxis.set_major_locator(MaxNLocator(nbins=4))
-
-
-def _rgb_of(canvas, size: tuple[int, int]) -> np.ndarray:
-    """The drawn canvas as uint8 RGB ``[h, w, 3]``, padded / cropped to exactly ``size`` (w, h)."""
-    w, h = size
-    img = np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
-    if img.shape[:2] != (h, w):  # dpi rounding: pad / crop to the exact box
-        fixed = np.full((h, w, 3), 255, np.uint8)
-        hh, ww = min(h, img.shape[0]), min(w, img.shape[1])
-        fixed[:hh, :ww] = img[:hh, :ww]
-        img = fixed
-    return img
 
 
 def _curve_image(values_T: np.ndarray, error_T: np.ndarray | None, size: tuple[int, int], label: str,
                  error_label: str) -> tuple[np.ndarray, list[tuple[int, int | None, int | None]], tuple[int, int]]:
-    """The plot as uint8 RGB ``[h, w, 3]``, per step its pixel (x, y of the uncertainty, y of the
-    error; None where not finite), and the axes' vertical pixel extent (top, bottom)."""
+    """The plot as uint8 RGB ``[h, w, 3]``, per step its pixel (x, y of the uncertainty, y of the error;
+    None where not finite), and the axes' vertical pixel extent (top, bottom)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    w, h = size
-    dpi, fs, T = 100, 7, len(values_T)
-    fig = Figure(figsize=(w / dpi, h / dpi), dpi=dpi)
+    (w, h), T = size, len(values_T)
+    fig = Figure(figsize=(w / 100, h / 100), dpi=100)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_axes((0.13, 0.24, 0.74 if error_T is not None else 0.83, 0.68))
     steps = np.arange(1, T + 1)
-    ax.plot(steps, values_T, "o-", color=UNC_COLOR, ms=2.5, lw=1.2, label=label)
-    _fit_ylim(ax, values_T)
+    _axis(ax, steps, values_T, "o-", UNC_COLOR, label, ms=2.5, lw=1.2)
+    if not np.isfinite(values_T).any():
+        ax.set_ylim(0, 1)
     ax.set_xlim(0.5, T + 0.5)
-    ax.set_xlabel("imagined step", fontsize=fs, labelpad=1)
-    _style_y(ax, label, UNC_COLOR, fs)
+    ax.set_xlabel("imagined step", fontsize=7, labelpad=1)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
     ax.grid(alpha=0.3, lw=0.5)
-    ax2 = None
-    if error_T is not None:
-        ax2 = ax.twinx()
-        ax2.plot(steps, error_T, "s--", color=ERR_COLOR, ms=2, lw=1.0, label=error_label)
-        if np.isfinite(error_T).any():
-            _fit_ylim(ax2, error_T)
-        _style_y(ax2, error_label, ERR_COLOR, fs)
+    ax2 = None if error_T is None else ax.twinx()
+    if ax2 is not None:
+        _axis(ax2, steps, error_T, "s--", ERR_COLOR, error_label, ms=2, lw=1.0)
     canvas.draw()
-    H_img = np.asarray(canvas.buffer_rgba()).shape[0]
+    img = np.asarray(canvas.buffer_rgba())[..., :3]
+    H_img = img.shape[0]
 
-    def y_px(axis, x: float, y: float) -> int:
-        return int(round(H_img - axis.transData.transform((x, y))[1]))
+    def y_px(axis, t: int, values: np.ndarray) -> int | None:
+        finite = np.isfinite(values[t])
+        return int(round(H_img - axis.transData.transform((steps[t], values[t]))[1])) if finite else None
 
-    finite = np.isfinite(values_T)
-    points = [(int(round(ax.transData.transform((steps[t], 0.0))[0])),
-               y_px(ax, steps[t], values_T[t]) if finite[t] else None,
-               y_px(ax2, steps[t], error_T[t]) if ax2 is not None and np.isfinite(error_T[t]) else None)
-              for t in range(T)]
+    points = [(int(round(ax.transData.transform((steps[t], 0.0))[0])), y_px(ax, t, values_T),
+               y_px(ax2, t, error_T) if ax2 is not None else None) for t in range(T)]
     bb = ax.get_window_extent()
-    return _rgb_of(canvas, size), points, (int(round(H_img - bb.y1)), int(round(H_img - bb.y0)))
+    rgb = np.full((h, w, 3), 255, np.uint8)  # dpi rounding: pad / crop to the exact box
+    rgb[: min(h, H_img), : min(w, img.shape[1])] = img[:h, :w]
+    return rgb, points, (int(round(H_img - bb.y1)), int(round(H_img - bb.y0)))
 
 
 def _fmt(v: float) -> str:
     return "n/a" if not np.isfinite(v) else f"{v:.3g}"
 
 
-def compose_frames(real_TCHW, imagined_TCHW, uncertainty_T, error_T=None, scale: int = 4,
-                   title: str = "", labels: tuple[str, str] = ("real", "imagined"),
-                   uncertainty_label: str = "uncertainty", error_label: str = "true error",
-                   plot_height: int | None = None) -> tuple[list[np.ndarray], GifLayout]:
-    """The GIF's frames as uint8 RGB arrays ``[height, width, 3]``, and their layout."""
+def _chrome(lay: GifLayout, curve_HWC: np.ndarray, title: str, labels: tuple[str, str]):
+    """The static parts of every frame (title, panel labels, the plot), quantised to ``CHROME_COLORS``
+    colours so that a frame pair of up to 256 - CHROME_COLORS - 4 colours keeps its exact palette."""
     from PIL import Image, ImageDraw, ImageFont
 
-    real = to_uint8_THWC(real_TCHW, "real frames")
-    imag = to_uint8_THWC(imagined_TCHW, "imagined frames")
-    if real.shape != imag.shape:
-        raise ValueError(f"real and imagined frames differ in shape: {tuple(np.shape(real_TCHW))} vs "
-                         f"{tuple(np.shape(imagined_TCHW))}")
-    T = real.shape[0]
-    u = np.asarray(uncertainty_T.detach().cpu() if hasattr(uncertainty_T, "detach") else uncertainty_T, np.float64)
-    if u.shape != (T,):
-        raise ValueError(f"uncertainty must be [T={T}], got shape {u.shape}")
-    e = None
-    if error_T is not None:
-        e = np.asarray(error_T.detach().cpu() if hasattr(error_T, "detach") else error_T, np.float64)
-        if e.shape != (T,):
-            raise ValueError(f"error must be [T={T}], got shape {e.shape}")
-    if int(scale) != scale or scale < 1:
-        raise ValueError(f"scale must be a positive integer, got {scale}")
-    lay = layout(real.shape[1:3], int(scale), plot_height, bool(title))
-    x0, y0, x1, y1 = lay.plot
-    curve, points, (ax_top, ax_bot) = _curve_image(u, e, (x1 - x0, y1 - y0), uncertainty_label, error_label)
     font = ImageFont.load_default()
-
     base = Image.new("RGB", (lay.width, lay.height), (255, 255, 255))
     draw = ImageDraw.Draw(base)
     draw.fontmode = "1"  # no antialiasing: text adds black only, leaving the palette to the frames
@@ -184,10 +140,36 @@ def compose_frames(real_TCHW, imagined_TCHW, uncertainty_T, error_T=None, scale:
     for (bx0, by0, bx1, _), text in ((lay.real, labels[0]), (lay.imagined, labels[1])):
         tw = draw.textlength(text, font=font)
         draw.text((bx0 + (bx1 - bx0 - tw) / 2, by0 - LABEL_H + 1), text, fill=(0, 0, 0), font=font)
-    base.paste(Image.fromarray(curve), (x0, y0))
-    # the static parts get at most CHROME_COLORS colours, so a frame pair of up to
-    # 256 - CHROME_COLORS - 4 colours is stored exactly in the GIF's per-frame palette
-    base = base.quantize(CHROME_COLORS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).convert("RGB")
+    base.paste(Image.fromarray(curve_HWC), lay.plot[:2])
+    return base.quantize(CHROME_COLORS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).convert("RGB")
+
+
+def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncertainty_T, error_T=None,
+                      scale: int = 4, fps: float = 4.0, title: str = "", labels: tuple[str, str] = ("real", "imagined"),
+                      uncertainty_label: str = "uncertainty", error_label: str = "true error",
+                      plot_height: int | None = None) -> GifLayout:
+    """Write the animated GIF (one frame per step, looping) atomically; returns its layout. Frames are
+    ``[T, 3, H, W]`` uint8 or float in [-1, 1]; ``uncertainty_T`` may hold NaN (no score: a gap)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from whale_pl.io import atomic_path
+
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    real = to_uint8_THWC(real_TCHW, "real frames")
+    imag = to_uint8_THWC(imagined_TCHW, "imagined frames")
+    if real.shape != imag.shape:
+        raise ValueError(f"real and imagined frames differ in shape: {tuple(np.shape(real_TCHW))} vs "
+                         f"{tuple(np.shape(imagined_TCHW))}")
+    T = real.shape[0]
+    u = _series(uncertainty_T, T, "uncertainty")
+    e = None if error_T is None else _series(error_T, T, "error")
+    if int(scale) != scale or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale}")
+    lay = layout(real.shape[1:3], int(scale), plot_height, bool(title))
+    x0, y0, x1, y1 = lay.plot
+    curve, points, (ax_top, ax_bot) = _curve_image(u, e, (x1 - x0, y1 - y0), uncertainty_label, error_label)
+    base, font = _chrome(lay, curve, title, labels), ImageFont.load_default()
     frames = []
     for t in range(T):
         im = base.copy()
@@ -200,31 +182,12 @@ def compose_frames(real_TCHW, imagined_TCHW, uncertainty_T, error_T=None, scale:
         for py, col in ((py_e, ERR_COLOR), (py_u, UNC_COLOR)):
             if py is not None:
                 d.ellipse([x0 + px - 3, y0 + py - 3, x0 + px + 3, y0 + py + 3], fill=col, outline=(0, 0, 0))
-        foot = f"step {t + 1}/{T}   uncertainty {_fmt(u[t])}"
-        if e is not None:
-            foot += f"   error {_fmt(e[t])}"
+        foot = f"step {t + 1}/{T}   uncertainty {_fmt(u[t])}" + ("" if e is None else f"   error {_fmt(e[t])}")
         d.text((MARGIN, y1 + 1), foot, fill=(0, 0, 0), font=font)
-        frames.append(np.asarray(im))
-    return frames, lay
-
-
-def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncertainty_T, error_T=None,
-                      scale: int = 4, fps: float = 4.0, title: str = "", **kw) -> GifLayout:
-    """Write the animated GIF (one frame per step, looping) atomically; returns its layout.
-
-    ``kw``: ``labels``, ``uncertainty_label``, ``error_label``, ``plot_height`` (see ``compose_frames``)."""
-    from PIL import Image
-
-    from whale_pl.io import atomic_path
-
-    if fps <= 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
-    frames, lay = compose_frames(real_TCHW, imagined_TCHW, uncertainty_T, error_T, scale, title, **kw)
-    pal = [Image.fromarray(f).quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-           for f in frames]
+        frames.append(im.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE))
     with atomic_path(path) as tmp:
-        pal[0].save(tmp, format="GIF", save_all=True, append_images=pal[1:], duration=int(round(1000 / fps)),
-                    loop=0, optimize=False)
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(round(1000 / fps)),
+                       loop=0, optimize=False)
     return lay
 
 

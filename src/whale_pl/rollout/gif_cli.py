@@ -4,16 +4,10 @@ uncertainty curve (and the true per-step error) under them, plus a JSON index fo
     whale eval gifs --ckpt runs/demo/dynamics/checkpoints/best.ckpt \
         --shards data_shards/metaworld/demo --out runs/demo/gifs [--per-split 2] [--horizon 24]
 
-Picks ``--per-split`` episodes of each split in ``--splits`` (default ``val``: held-out episodes of
-the training policy families, and ``ood``: the held-out families), deterministically in manifest
-order, preferring a task and a policy not picked yet. Each is imagined open loop from its first
-``context`` real frames with its recorded actions (``WorldModel.imagine_open_loop``, the value
-evaluation's rollout), scored per imagined step by retracing-rollout uncertainty
-(``WorldModel.step_uncertainty``; a step with fewer than 2 anchors has no score and shows as a gap)
-and compared with the real frames (pixel MSE, PSNR). Writes ``<out>/<split>_<i>_<task>_<policy>.gif``
-and ``<out>/index.json`` (per clip: file, episode, figures per step, Spearman of uncertainty against
-error; and the command that regenerates the set), all atomically. Reads shards only: no rendering.
-Drawing is ``rollout/gif.py``.
+Each of ``--per-split`` episodes per split (manifest order, a new task and policy first) is imagined
+open loop on the model's clock, every step scored by retracing uncertainty and by its error against the
+real frame. Writes ``<out>/<split>_<i>_<task>_<policy>.gif`` and ``<out>/index.json`` (per clip: episode,
+figures per step; the command that regenerates the set). Reads shards only.
 """
 
 from __future__ import annotations
@@ -35,9 +29,13 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name)).strip("-") or "x"
 
 
+def _task_policy(ep) -> tuple[str | None, str | None]:
+    return ep.meta.get("task"), (ep.meta.get("policy") or {}).get("name")
+
+
 def pick_episodes(dm, split: str, n: int, min_len: int) -> list:
-    """``n`` episodes of ``split`` at least ``min_len`` long, in manifest order, preferring a task and
-    a policy not yet picked (then a policy not yet picked, then any)."""
+    """``n`` episodes of ``split`` at least ``min_len`` long, in manifest order, preferring a task and a
+    policy not yet picked (then a policy not yet picked, then any)."""
     eps = [ep for ep in dm.iter_episodes(split) if len(ep) >= min_len]
     chosen: list[int] = []
     for rule in ("both", "policy", "any"):
@@ -46,23 +44,12 @@ def pick_episodes(dm, split: str, n: int, min_len: int) -> list:
                 return [eps[j] for j in chosen]
             if i in chosen:
                 continue
-            tasks = {eps[j].meta.get("task") for j in chosen}
-            pols = {(eps[j].meta.get("policy") or {}).get("name") for j in chosen}
-            new_task = ep.meta.get("task") not in tasks
-            new_pol = (ep.meta.get("policy") or {}).get("name") not in pols
-            if rule == "any" or (rule == "policy" and new_pol) or (rule == "both" and new_task and new_pol):
+            task, pol = _task_policy(ep)
+            new_task = task not in {_task_policy(eps[j])[0] for j in chosen}
+            new_pol = pol not in {_task_policy(eps[j])[1] for j in chosen}
+            if rule == "any" or (new_pol and (rule == "policy" or new_task)):
                 chosen.append(i)
     return [eps[j] for j in chosen]
-
-
-def _spearman(u: np.ndarray, e: np.ndarray) -> float | None:
-    from whale_pl.rollout.value_metrics import spearman
-
-    ok = np.isfinite(u) & np.isfinite(e)
-    if ok.sum() < 3 or np.ptp(u[ok]) == 0 or np.ptp(e[ok]) == 0:
-        return None
-    v = spearman(u[ok], e[ok])
-    return None if not math.isfinite(v) else float(v)
 
 
 def _floats(x: np.ndarray) -> list[float | None]:
@@ -70,8 +57,8 @@ def _floats(x: np.ndarray) -> list[float | None]:
 
 
 def on_model_clock(ep, start: int, n: int, k: int, space) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` frames of an episode from recorded frame ``start`` every ``k`` recorded steps, and the
-    ``n - 1`` raw actions between them, each composed over its ``k`` recorded steps."""
+    """``n`` frames of an episode from recorded frame ``start`` every ``k`` recorded steps, and the ``n - 1``
+    raw actions between them, each composed over its ``k`` recorded steps."""
     from whale_pl.rollout.retracing import retracing_actions
 
     idx = start + k * np.arange(n)
@@ -83,12 +70,9 @@ def on_model_clock(ep, start: int, n: int, k: int, space) -> tuple[np.ndarray, n
 
 
 def imagine_episode(wm, ep, start: int, context: int, horizon: int, K: int) -> dict:
-    """Open-loop rollout of one episode from frame ``start`` and its per-step figures, on the
-    model's clock (every ``wm.frame_stride``-th recorded frame, actions composed between them).
-
-    Returns ``real_TCHW`` (uint8), ``imagined_TCHW`` (float in [-1, 1]), ``uncertainty_T`` (the
-    retracing score; NaN where a step has < 2 anchors), ``disagreement_T``, ``entropy_T``,
-    ``n_predictions_T``, ``mse_T`` and ``psnr_T`` (decoded imagined frame against the real one)."""
+    """Open-loop rollout of one episode from frame ``start`` on the model's clock, and its per-step figures:
+    ``real_TCHW`` (uint8), ``imagined_TCHW`` ([-1, 1]), ``uncertainty_T`` (the retracing score, NaN where a
+    step has < 2 anchors), ``disagreement_T``, ``entropy_T``, ``n_predictions_T``, ``mse_T``, ``psnr_T``."""
     import torch
     from einops import rearrange
 
@@ -97,44 +81,35 @@ def imagine_episode(wm, ep, start: int, context: int, horizon: int, K: int) -> d
     frames, actions = on_model_clock(ep, start, context + horizon, wm.frame_stride, wm.normaliser.space)
     ctx = wm.tokenize(frames[None, :context])
     out = wm.imagine_open_loop(ctx, actions[None], horizon, composed=True)
-    u = wm.step_uncertainty(ctx, out["ids_BThw"], out["actions_norm_BTA"], K=K)
+    u = {k: v.cpu().numpy() for k, v in wm.step_uncertainty(ctx, out["ids_BThw"], out["actions_norm_BTA"], K=K).items()}
     imagined = wm.decode(out["ids_BThw"])[0]  # [H, 3, h, w] in [-1, 1]
     real = torch.as_tensor(rearrange(frames[context:], "t h w c -> t c h w").copy())
-    real_unit = frames_to_unit(real.to(imagined.device))
-    mse = ((imagined - real_unit) ** 2).mean(dim=(1, 2, 3)).cpu().numpy().astype(np.float64)
-    n_pred = u["n_predictions_H"].cpu().numpy()
-    score = u["score_BH"][0].cpu().numpy().astype(np.float64)
-    score[n_pred < 2] = np.nan
-    return {
-        "real_TCHW": real.numpy(), "imagined_TCHW": imagined.cpu().numpy(), "uncertainty_T": score,
-        "disagreement_T": u["disagreement_BH"][0].cpu().numpy(), "entropy_T": u["entropy_BH"][0].cpu().numpy(),
-        "n_predictions_T": n_pred, "mse_T": mse, "psnr_T": 10 * np.log10(4.0 / np.maximum(mse, 1e-10)),
-    }
+    mse = ((imagined - frames_to_unit(real.to(imagined.device))) ** 2).mean(dim=(1, 2, 3)).cpu().double().numpy()
+    score = u["score_BH"][0].astype(np.float64)
+    score[u["n_predictions_H"] < 2] = np.nan
+    return {"real_TCHW": real.numpy(), "imagined_TCHW": imagined.cpu().numpy(), "uncertainty_T": score,
+            "disagreement_T": u["disagreement_BH"][0], "entropy_T": u["entropy_BH"][0],
+            "n_predictions_T": u["n_predictions_H"], "mse_T": mse,
+            "psnr_T": 10 * np.log10(4.0 / np.maximum(mse, 1e-10))}
 
 
 def clip_record(ep, split: str, name: str, start: int, context: int, horizon: int, K: int, r: dict) -> dict:
     """The index entry of one GIF: which episode, and its figures per step (``imagine_episode``'s ``r``)."""
+    from whale_pl.rollout.value_metrics import spearman
+
     pol = ep.meta.get("policy") or {}
-    u = r["uncertainty_T"]
+    u, e = r["uncertainty_T"], r["mse_T"]
+    ok = np.isfinite(u) & np.isfinite(e)
+    sp = spearman(u[ok], e[ok]) if ok.sum() >= 3 and np.ptp(u[ok]) > 0 and np.ptp(e[ok]) > 0 else math.nan
     return {
         "gif": name, "split": split, "task": ep.meta.get("task", "?"), "policy": pol.get("name"),
         "family": pol.get("family"), "episode": ep.meta.get("episode_id"), "start": start, "context": context,
-        "horizon": horizon, "K": K, "psnr_mean": float(np.mean(r["psnr_T"])), "mse_mean": float(np.mean(r["mse_T"])),
+        "horizon": horizon, "K": K, "psnr_mean": float(np.mean(r["psnr_T"])), "mse_mean": float(np.mean(e)),
         "uncertainty_mean": float(np.nanmean(u)) if np.isfinite(u).any() else None,
-        "spearman_uncertainty_vs_mse": _spearman(u, r["mse_T"]),
+        "spearman_uncertainty_vs_mse": float(sp) if math.isfinite(sp) else None,
         "uncertainty": _floats(u), "disagreement": _floats(r["disagreement_T"]), "entropy": _floats(r["entropy_T"]),
-        "n_predictions": [int(v) for v in r["n_predictions_T"]], "mse": _floats(r["mse_T"]), "psnr": _floats(r["psnr_T"]),
+        "n_predictions": [int(v) for v in r["n_predictions_T"]], "mse": _floats(e), "psnr": _floats(r["psnr_T"]),
     }
-
-
-def gifs_command(ckpt: str, shards: str, out: str | Path, splits, per_split: int, horizon: int, start: int,
-                 context: int | None, K: int, scale: int, fps: float) -> str:
-    """The ``whale eval gifs`` command line that writes this set of GIFs."""
-    return " ".join(shlex.quote(a) for a in [
-        "whale", "eval", "gifs", "--ckpt", str(ckpt), "--shards", str(shards), "--out", str(out),
-        "--splits", *splits, "--per-split", str(per_split), "--horizon", str(horizon), "--start", str(start),
-        *(["--context", str(context)] if context is not None else []), "--K", str(K), "--scale", str(scale),
-        "--fps", f"{fps:g}"])
 
 
 def _world_model_on(ckpt: str, shards: str, context: int | None, device: str):
@@ -144,12 +119,11 @@ def _world_model_on(ckpt: str, shards: str, context: int | None, device: str):
     from whale_pl.rollout.value import WorldModel
 
     wm = WorldModel.load(ckpt, device)
-    hp = wm.module.hparams
     C = wm.module.loss_cfg.context_frames if context is None else int(context)
     if not 1 <= C <= wm.model.max_frames - 1:
         raise ValueError(f"context {C} must be in [1, max_frames - 1 = {wm.model.max_frames - 1}] for {ckpt}")
     dm = ClipDataModule(str(shards), num_workers=0, rank=0, world_size=1)
-    check_data_spec(hp.get("data_spec"), dm.data_spec, where=f"{ckpt} on {shards}",
+    check_data_spec(wm.module.hparams.get("data_spec"), dm.data_spec, where=f"{ckpt} on {shards}",
                     keys=[k for k in SPEC_KEYS if k in dm.data_spec])
     return wm, dm, C
 
@@ -184,7 +158,11 @@ def run(ckpt: str, shards: str, out: str | Path, splits: list[str] | tuple[str, 
             clips.append(clip_record(ep, split, name, start, C, H, K, r))
             print(f"[gifs] {out / name}: PSNR {clips[-1]['psnr_mean']:.2f} dB, Spearman(u, MSE) "
                   f"{clips[-1]['spearman_uncertainty_vs_mse']}", flush=True)
-    command = command or gifs_command(ckpt, shards, out, splits, per_split, horizon, start, context, K, scale, fps)
+    command = command or shlex.join([
+        "whale", "eval", "gifs", "--ckpt", str(ckpt), "--shards", str(shards), "--out", str(out), "--splits", *splits,
+        "--per-split", str(per_split), "--horizon", str(horizon), "--start", str(start),
+        *(["--context", str(context)] if context is not None else []), "--K", str(K), "--scale", str(scale),
+        "--fps", f"{fps:g}"])
     index = {"ckpt": str(ckpt), "shards": str(shards), "uses_behavior": wm.uses_behavior, "K": K,
              "command": command, "seconds": time.time() - t0, "clips": clips}
     write_json_atomic(out / "index.json", index)
@@ -214,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("per_split", "horizon", "K", "scale"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    cmd = "whale eval gifs " + " ".join(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
+    cmd = "whale eval gifs " + shlex.join(sys.argv[1:] if argv is None else argv)
     index = run(a.ckpt, a.shards, a.out, a.splits, a.per_split, a.horizon, a.start, a.context, a.K, a.scale, a.fps,
                 a.device, command=cmd)
     print(f"[gifs] wrote {len(index['clips'])} GIFs and {Path(a.out) / 'index.json'} in {index['seconds']:.1f} s")

@@ -4,12 +4,8 @@
         [--ensemble CKPT CKPT ...] [--data-config stages/demo/data.yaml] [--starts 2] [--horizon 32] \
         [--discount 0.99] [--K 3] [--modes open_loop closed_loop] --out runs/demo/value.json
 
-Writes one JSON (atomically) with the real and imagined return of every policy, value gap,
-Spearman / Pearson and regret@1 (all policies, training families, OOD families) for each mode, and
-the uncertainty figures (retracing, and the ensemble when given: Spearman / AUROC against the true
-per-step error, seconds, cost ratio); and two plots beside it: ``<out>_returns.png`` (real against
-imagined return per policy) and ``<out>_uncertainty.png`` (uncertainty against true per-step error).
-Renders Meta-World in this process (run it as its own process, as the CLI does).
+Writes the value figures of every mode and the uncertainty figures (retracing, and the ensemble when
+given) to one JSON, with ``<out>_returns.png`` and ``<out>_uncertainty.png`` beside it. Renders Meta-World.
 """
 
 from __future__ import annotations
@@ -26,28 +22,35 @@ from whale_pl.io import atomic_path, write_json_atomic
 from whale_pl.rollout.value_metrics import nan_to_none
 
 
-def _savefig(fig, path: Path) -> None:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
-
-
-def plot_returns(res: dict, path: Path, title: str = "") -> None:
-    """Real against imagined return per policy, one panel per mode; OOD policies as crosses."""
+def _panels(n: int):
+    """A figure of ``n`` side-by-side panels (Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(1, n, figsize=(5 * n, 4.2), squeeze=False)
+
+
+def _savefig(fig, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_returns(res: dict, path: Path, title: str = "") -> None:
+    """Real against imagined return per policy, one panel per mode; OOD policies as crosses."""
     modes = [m for m in ("open_loop", "closed_loop") if m in res]
-    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4.2), squeeze=False)
-    real = np.array(res["real_return"])
-    split = np.array(res["split"])
+    fig, axes = _panels(len(modes))
+    real, split = np.array(res["real_return"]), np.array(res["split"])
     for ax, mode in zip(axes[0], modes):
         imag = np.array(res[mode]["imagined_return"])
         for s, marker in (("train", "o"), ("ood", "x")):
-            sel = split == s
-            ax.scatter(real[sel], imag[sel], marker=marker, label=f"{s} families")
+            ax.scatter(real[split == s], imag[split == s], marker=marker, label=f"{s} families")
         for p, x, y in zip(res["policies"], real, imag):
             ax.annotate(p, (x, y), fontsize=6, alpha=0.7)
         lo, hi = min(real.min(), imag.min()), max(real.max(), imag.max())
@@ -55,41 +58,29 @@ def plot_returns(res: dict, path: Path, title: str = "") -> None:
         f = res[mode].get("all") or {}
         ax.set_title(f"{mode}: gap {f.get('value_gap', float('nan')):.3f}, "
                      f"spearman {f.get('spearman', float('nan')):.2f}", fontsize=9)
-        ax.set_xlabel("real return (simulator)")
-        ax.set_ylabel("imagined return (world model)")
+        ax.set(xlabel="real return (simulator)", ylabel="imagined return (world model)")
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    _savefig(fig, path)
-    plt.close(fig)
+    _savefig(fig, path, title)
 
 
 def plot_uncertainty(unc: dict, path: Path, title: str = "") -> None:
     """Per-step uncertainty (retracing, ensemble) against the true per-step error (pixel MSE)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ps = unc["per_step"]
     methods = [m for m in ("retracing", "ensemble") if f"{m}_score" in ps]
-    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4.2), squeeze=False)
+    fig, axes = _panels(len(methods))
     err = np.asarray(ps["mse"])[:, 1:].ravel()
     for ax, m in zip(axes[0], methods):
-        u = np.asarray(ps[f"{m}_score"])[:, 1:].ravel()
-        ax.scatter(err, u, s=6, alpha=0.5)
+        ax.scatter(err, np.asarray(ps[f"{m}_score"])[:, 1:].ravel(), s=6, alpha=0.5)
         q = unc["quality_vs_mse"][f"{m}_score"]
         ax.set_title(f"{m}: spearman {q['spearman']:.2f}, AUROC {q['auroc']:.2f}", fontsize=9)
-        ax.set_xlabel("true per-step error (pixel MSE)")
-        ax.set_ylabel("uncertainty score")
-    fig.suptitle(title, fontsize=10)
-    _savefig(fig, path)
-    plt.close(fig)
+        ax.set(xlabel="true per-step error (pixel MSE)", ylabel="uncertainty score")
+    _savefig(fig, path, title)
 
 
 def run(dynamics: str, ensemble: list[str] | None, data_config: str, starts: int, horizon: int, discount: float,
         K: int, modes: list[str], device: str = "cpu", progress: bool = True, real=None,
         uncertainty: bool = True) -> dict:
-    """Everything `whale eval value` computes, as a dict (also used by the headline experiment).
+    """Everything `whale eval value` computes, as a dict (also used by the headline experiment);
     ``uncertainty=False`` skips the per-step uncertainty of the open-loop rollouts."""
     from whale_pl.rollout.value import EvalSet, WorldModel, collect_real, evaluate_uncertainty, evaluate_values
 
@@ -147,9 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         res["plots"]["uncertainty"] = str(out.with_name(out.stem + "_uncertainty.png"))
         plot_uncertainty(res["uncertainty"], Path(res["plots"]["uncertainty"]), title=str(a.dynamics))
     write_json_atomic(out, nan_to_none(res))
-    v = res["value"]
     for mode in a.modes:
-        f = v[mode]["all"] or {}
+        f = res["value"][mode]["all"] or {}
         print(f"{mode}: value_gap {f.get('value_gap')}, spearman {f.get('spearman')}, regret@1 {f.get('regret_at_1')}")
     print(f"wrote {out}")
     return 0

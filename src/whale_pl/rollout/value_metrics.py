@@ -1,17 +1,10 @@
 """Figures of merit for value estimation and uncertainty quality (docs/method.md, "Evaluation").
 
-Value estimation compares the real returns ``V_i`` of a set of policies (from the simulator) with
-the returns ``V̂_i`` the world model imagines for them (same start states, horizon, discount):
-
-- value gap: ``mean_i |Ṽ_i − V̂'_i|`` where both are min–max normalised by the *real* values'
-  range, ``x' = (x − min V) / (max V − min V)`` — so it equals ``mean_i |V_i − V̂_i| / range(V)``;
-- return correlation: Spearman (rank) and Pearson between V and V̂ over the policies;
-- regret@1: ``(max V − V[argmax V̂]) / (max V − min V)`` — the real value lost by trusting the
-  model's favourite policy, normalised the same way.
-
-Uncertainty quality compares a per-step uncertainty ``u`` with the true per-step error ``e``:
-Spearman(u, e), and the AUROC of ``u`` as a detector of "bad" steps, a step being bad when its
-error exceeds a threshold (our choice: the median error unless a threshold is given).
+Real returns ``V_i`` of a set of policies (simulator) against the returns ``V̂_i`` the world model
+imagines for them: value gap ``mean_i |V_i − V̂_i| / range(V)`` (both min–max normalised by the real
+range), Spearman / Pearson over the policies, and regret@1 ``(max V − V[argmax V̂]) / range(V)``.
+A per-step uncertainty ``u`` against the true per-step error ``e``: Spearman, and the AUROC of ``u``
+as a detector of "bad" steps (error above a threshold, by default the median).
 """
 
 from __future__ import annotations
@@ -35,8 +28,7 @@ def _as_1d(name: str, x: ArrayLike) -> np.ndarray:
 
 
 def _pair(real: ArrayLike, imagined: ArrayLike, need: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    v = _as_1d("real returns", real)
-    v_hat = _as_1d("imagined returns", imagined)
+    v, v_hat = _as_1d("real returns", real), _as_1d("imagined returns", imagined)
     if v.shape != v_hat.shape:
         raise ValueError(f"real returns {v.shape} and imagined returns {v_hat.shape} differ in length")
     if len(v) < need:
@@ -45,61 +37,47 @@ def _pair(real: ArrayLike, imagined: ArrayLike, need: int = 2) -> tuple[np.ndarr
 
 
 def _real_range(v: np.ndarray) -> float:
-    rng = float(v.max() - v.min())
-    if rng <= 0:
-        raise ValueError(
-            f"real returns have zero range (all {v[0]:.6g}): min-max normalisation is undefined; "
-            "evaluate policies whose returns differ"
-        )
-    return rng
+    if v.max() <= v.min():
+        raise ValueError(f"real returns have zero range (all {v[0]:.6g}): min-max normalisation is undefined; "
+                         "evaluate policies whose returns differ")
+    return float(v.max() - v.min())
+
+
+def _corr(fn, a: np.ndarray, b: np.ndarray) -> float:
+    return float("nan") if np.ptp(a) == 0 or np.ptp(b) == 0 else float(fn(a, b)[0])  # undefined for a constant
 
 
 def value_gap(real: ArrayLike, imagined: ArrayLike) -> float:
-    """Mean absolute difference of min–max normalised real and imagined returns (normalised by the
-    real returns' range)."""
+    """Mean absolute difference of real and imagined returns, both min–max normalised by the real range."""
     v, v_hat = _pair(real, imagined)
     lo, rng = float(v.min()), _real_range(v)
     return float(np.mean(np.abs((v - lo) / rng - (v_hat - lo) / rng)))
 
 
-def _corr(fn, v: np.ndarray, v_hat: np.ndarray) -> float:
-    if np.ptp(v) == 0 or np.ptp(v_hat) == 0:
-        return float("nan")  # correlation with a constant is undefined
-    return float(fn(v, v_hat)[0])
-
-
 def spearman(x: ArrayLike, y: ArrayLike) -> float:
     """Spearman rank correlation (ties get average ranks); NaN if either side is constant."""
-    a, b = _pair(x, y)
-    return _corr(stats.spearmanr, a, b)
+    return _corr(stats.spearmanr, *_pair(x, y))
 
 
 def pearson(x: ArrayLike, y: ArrayLike) -> float:
     """Pearson correlation; NaN if either side is constant."""
-    a, b = _pair(x, y)
-    return _corr(stats.pearsonr, a, b)
+    return _corr(stats.pearsonr, *_pair(x, y))
 
 
 def regret_at_1(real: ArrayLike, imagined: ArrayLike) -> float:
-    """Normalised real value lost by picking the policy the model ranks first (ties in the model's
-    ranking: the first such policy in the given order)."""
+    """Normalised real value lost by picking the policy the model ranks first (the first of tied ones)."""
     v, v_hat = _pair(real, imagined)
     return float((v.max() - v[int(np.argmax(v_hat))]) / _real_range(v))
 
 
 def value_figures(real: ArrayLike, imagined: ArrayLike) -> dict[str, float]:
     """All value-estimation figures at once: value_gap, spearman, pearson, regret_at_1."""
-    return {
-        "value_gap": value_gap(real, imagined),
-        "spearman": spearman(real, imagined),
-        "pearson": pearson(real, imagined),
-        "regret_at_1": regret_at_1(real, imagined),
-    }
+    return {f.__name__: f(real, imagined) for f in (value_gap, spearman, pearson, regret_at_1)}
 
 
 def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
-    """Area under the ROC curve of ``scores`` for binary ``labels`` (Mann–Whitney U with average
-    ranks for ties). NaN when only one class is present."""
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (Mann–Whitney U, average ranks for
+    ties); NaN when only one class is present."""
     s = _as_1d("scores", scores)
     y = np.asarray(labels).astype(bool)
     if y.shape != s.shape:
@@ -107,38 +85,19 @@ def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = stats.rankdata(s)
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
+    return float((stats.rankdata(s)[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def uncertainty_quality(
-    uncertainty: ArrayLike, error: ArrayLike, threshold: float | None = None
-) -> dict[str, float]:
-    """How well a per-step uncertainty tracks the true per-step error.
-
-    Returns ``spearman``, ``pearson``, ``auroc`` (bad step = error > threshold; default threshold
-    the median error), the ``threshold`` used and the number of steps ``n``.
-    """
+def uncertainty_quality(uncertainty: ArrayLike, error: ArrayLike, threshold: float | None = None) -> dict[str, float]:
+    """How well a per-step uncertainty tracks the true per-step error: ``spearman``, ``pearson``, ``auroc``
+    (bad step = error > ``threshold``, by default the median error), the ``threshold`` and the steps ``n``."""
     u, e = _pair(uncertainty, error, need=3)
     thr = float(np.median(e)) if threshold is None else float(threshold)
-    return {
-        "spearman": _corr(stats.spearmanr, u, e),
-        "pearson": _corr(stats.pearsonr, u, e),
-        "auroc": auroc(u, e > thr),
-        "threshold": thr,
-        "n": int(len(u)),
-    }
+    return {"spearman": _corr(stats.spearmanr, u, e), "pearson": _corr(stats.pearsonr, u, e),
+            "auroc": auroc(u, e > thr), "threshold": thr, "n": int(len(u))}
 
 
 def nan_to_none(d: dict) -> dict:
-    """JSON has no NaN: replace NaN/inf floats (recursively) with None."""
-    out: dict = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out[k] = nan_to_none(v)
-        elif isinstance(v, float) and not math.isfinite(v):
-            out[k] = None
-        else:
-            out[k] = v
-    return out
+    """JSON has no NaN: replace NaN/inf floats (recursively through dicts) with None."""
+    return {k: nan_to_none(v) if isinstance(v, dict) else None if isinstance(v, float) and not math.isfinite(v)
+            else v for k, v in d.items()}
