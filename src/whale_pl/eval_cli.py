@@ -1,12 +1,7 @@
-"""`whale eval ...`: offline evaluation of a stage checkpoint.
+"""`whale eval video|value|gifs ...`: offline evaluation of a stage checkpoint.
 
-    whale eval video --ckpt PATH --shards DIR [--num-clips N] [--out metrics.json]
-    whale eval value ...            (whale_pl.rollout.value_cli, imported only when asked for)
-    whale eval gifs ...             (whale_pl.rollout.gif_cli: real-vs-imagined rollout GIFs)
-
-`video` computes what `EvalCallback` logs during training (PSNR/SSIM per frame and mean, FVD) on
-validation clips of a shard set, through the module's `eval_videos(batch)` protocol. Heavy imports
-stay inside functions so that `value_child_main` (the callback's value child process) starts cheaply.
+`video` computes what `EvalCallback` logs (PSNR/SSIM per frame and mean, FVD); `value` and `gifs` live in
+`whale_pl.rollout`. Heavy imports stay inside functions so that `value_child_main` starts cheaply.
 """
 
 from __future__ import annotations
@@ -22,26 +17,17 @@ from typing import Any
 
 from whale_pl.io import write_json_atomic
 
-__all__ = ["evaluate_video", "load_stage_module", "main", "run_value_fn"]
-
 SUBCOMMANDS = {"value": "whale_pl.rollout.value_cli", "gifs": "whale_pl.rollout.gif_cli"}
 
 
-def run_value_fn(spec: str, ckpt_path: str, kwargs: dict) -> dict:
-    """Call 'package.module:function'(ckpt_path, **kwargs); the callback runs this in a child process."""
-    mod, _, name = spec.partition(":")
-    if not name:
-        raise ValueError(f"value function must be given as 'module:function', got {spec!r}")
-    return dict(getattr(importlib.import_module(mod), name)(ckpt_path, **kwargs))
-
-
 def value_child_main() -> None:
-    """Entry point of the callback's value child: argv = request.json result.json."""
-    req_path, res_path = sys.argv[1], sys.argv[2]
-    with open(req_path) as f:
-        req = json.load(f)
-    out = run_value_fn(req["spec"], req["ckpt_path"], req["kwargs"])
-    write_json_atomic(res_path, {k: v for k, v in out.items() if isinstance(v, (int, float, str, bool))},
+    """The callback's value child (argv: request.json result.json): calls 'module:function'(ckpt_path, **kwargs)."""
+    req = json.loads(Path(sys.argv[1]).read_text())
+    mod, _, name = req["spec"].partition(":")
+    if not name:
+        raise ValueError(f"value function must be given as 'module:function', got {req['spec']!r}")
+    out = dict(getattr(importlib.import_module(mod), name)(req["ckpt_path"], **req["kwargs"]))
+    write_json_atomic(sys.argv[2], {k: v for k, v in out.items() if isinstance(v, (int, float, str, bool))},
                       allow_nan=True)
 
 
@@ -53,11 +39,9 @@ def load_stage_module(ckpt_path: str | os.PathLike, class_path: str | None = Non
 
     path = Path(ckpt_path)
     ckpt = read_checkpoint(path)
-    if class_path is None:
-        class_path = ckpt.get(CLASS_KEY)
-        if class_path is None:
-            raise ValueError(f"{path}: no {CLASS_KEY!r} entry naming the module class; pass --class module:Class")
-    mod, sep, name = class_path.partition(":") if ":" in class_path else class_path.rpartition(".")
+    if class_path is None and (class_path := ckpt.get(CLASS_KEY)) is None:
+        raise ValueError(f"{path}: no {CLASS_KEY!r} entry naming the module class; pass --class module:Class")
+    mod, _, name = class_path.partition(":") if ":" in class_path else class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(mod), name)
     except (ImportError, AttributeError) as e:
@@ -90,10 +74,8 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
                         seed=seed, rank=0, world_size=1)
     dm.setup("validate")
     if stored is not None:
-        check_data_spec(stored, dm.data_spec, where=f"evaluating on {shards}",
-                        keys=[k for k in SPEC_KEYS if k in dm.data_spec])
-    available = dm.val_clip_count()
-    if num_clips > available:
+        check_data_spec(stored, dm.data_spec, f"evaluating on {shards}", [k for k in SPEC_KEYS if k in dm.data_spec])
+    if num_clips > (available := dm.val_clip_count()):
         raise ShardError(f"{shards}: split {split!r} holds {available} distinct clips of {clip_len} frames at stride "
                          f"{stride}; --num-clips {num_clips} would repeat clips")
     evaluator = VideoEvaluator(make_fvd(i3d_path, device) if fvd else None)
@@ -109,9 +91,8 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
                 break
     if evaluator.num_clips < num_clips:
         raise ValueError(f"{shards}: split {split!r} gave only {evaluator.num_clips} clips, {num_clips} asked for")
-    out = evaluator.compute()
-    out.update(stage=type(module).__name__, split=split, clip_len=clip_len, frame_stride=stride, shards=str(shards))
-    return out
+    return evaluator.compute() | dict(stage=type(module).__name__, split=split, clip_len=clip_len,
+                                      frame_stride=stride, shards=str(shards))
 
 
 class _ArgError(ValueError):
@@ -134,12 +115,12 @@ def _check_video_args(a: argparse.Namespace) -> None:
 
 
 def _video(argv: list[str]) -> int:
+    """``whale eval video ...``: print the figures (and write them with ``--out``); 2 on a usage error."""
     p = argparse.ArgumentParser(prog="whale eval video", description="PSNR, SSIM and FVD of a checkpoint "
                                 "on validation clips of a shard set (the EvalCallback's figures, offline).")
     p.add_argument("--ckpt", required=True, help="stage checkpoint (.ckpt)")
     p.add_argument("--shards", required=True, help="dataset directory (shards + manifest.json)")
-    p.add_argument("--num-clips", type=int, default=64,
-                   help="clips to evaluate: at most the distinct (episode, start) clips the split holds")
+    p.add_argument("--num-clips", type=int, default=64, help="clips to evaluate: at most the split's distinct clips")
     p.add_argument("--clip-len", type=int, default=16, help="frames per clip (FVD needs >= 9)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--split", default="val", help="manifest split to take clips from (val, ood, train)")
@@ -164,8 +145,7 @@ def _video(argv: list[str]) -> int:
     out["ckpt"] = str(a.ckpt)
     if a.out:
         write_json_atomic(a.out, out)
-    summary = {k: out[k] for k in ("psnr", "ssim", "fvd", "num_clips") if k in out}
-    print(json.dumps(summary))
+    print(json.dumps({k: out[k] for k in ("psnr", "ssim", "fvd", "num_clips") if k in out}))
     return 0
 
 
@@ -177,12 +157,11 @@ def main(argv: list[str] | None = None) -> int:
               "  value  value gap of policies in imagination (whale_pl.rollout.value_cli)\n"
               "  gifs   real-against-imagined rollout GIFs with the uncertainty curve (whale_pl.rollout.gif_cli)")
         return 0 if argv else 2
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "video":
-        return _video(rest)
-    if cmd in SUBCOMMANDS:
-        return int(importlib.import_module(SUBCOMMANDS[cmd]).main(rest) or 0)
-    print(f"whale eval: unknown subcommand {cmd!r}; expected 'video', 'value' or 'gifs'", file=sys.stderr)
+    if argv[0] == "video":
+        return _video(argv[1:])
+    if argv[0] in SUBCOMMANDS:
+        return int(importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:]) or 0)
+    print(f"whale eval: unknown subcommand {argv[0]!r}; expected 'video', 'value' or 'gifs'", file=sys.stderr)
     return 2
 
 

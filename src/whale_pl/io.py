@@ -1,9 +1,6 @@
 """Atomic file writes: a reader (or a rerun after a crash) finds the old file or the whole new one.
 
-Each write goes to a temporary file in the target's folder, is flushed to disk, and is renamed over
-the target (``os.replace``, atomic within a file system); on any error the temporary file is removed.
-Temporary names start with a dot and end in ``.tmp`` plus the target's suffix, so nothing left behind
-looks like a finished result.
+Temporary files are dot files ending in ``.tmp`` plus the target's suffix, so none looks like a result.
 """
 
 from __future__ import annotations
@@ -19,8 +16,7 @@ from typing import Any
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path to write ``path``'s content to (e.g. by a library's ``save``); renamed over
-    ``path`` when the block ends without error, removed otherwise. Creates the parent folder."""
+    """A temporary path for ``path``'s content: renamed over ``path`` on success, removed on error (parent made)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
@@ -35,11 +31,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (flushed to disk before the rename); returns the path."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     return Path(path)
 
 
@@ -49,6 +44,5 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, allow_nan: bool = False, sort_keys: bool = False) -> Path:
-    """Write ``obj`` as indented JSON (one trailing newline) to ``path`` atomically; returns the path.
-    ``allow_nan=False``: a NaN or infinity is an error, not invalid JSON on disk."""
+    """Write ``obj`` as indented JSON to ``path`` atomically; a NaN is an error unless ``allow_nan``."""
     return write_text_atomic(path, json.dumps(obj, indent=1, allow_nan=allow_nan, sort_keys=sort_keys) + "\n")

@@ -1,8 +1,6 @@
-"""Linear probe and 2-D projection for behavior embeddings.
+"""Linear probe and 2-D projection for behavior embeddings: does z_t linearly encode which policy acted?
 
-The probe asks whether the behavior embedding z_t linearly encodes *which policy family acted*:
-multinomial logistic regression (L2-regularised, fitted with L-BFGS on standardised features)
-trained on embeddings of some episodes and scored on embeddings of held-out episodes.
+The probe is L2-regularised multinomial logistic regression on standardised features, scored on held-out episodes.
 """
 
 from __future__ import annotations
@@ -24,66 +22,52 @@ class LinearProbe:
 
     def predict(self, x_NZ: torch.Tensor) -> torch.Tensor:
         """The most probable class of each row, [N]."""
-        x = (x_NZ.double() - self.mean_Z) / self.std_Z
-        return (x @ self.weight_ZK + self.bias_K).argmax(-1)
+        return (((x_NZ.double() - self.mean_Z) / self.std_Z) @ self.weight_ZK + self.bias_K).argmax(-1)
 
     def accuracy(self, x_NZ: torch.Tensor, y_N: torch.Tensor) -> float:
         """The share of rows whose predicted class is their label."""
         return (self.predict(x_NZ) == y_N.long()).double().mean().item()
 
 
-def fit_linear_probe(
-    x_NZ: torch.Tensor, y_N: torch.Tensor, n_classes: int | None = None, l2: float = 1e-3, max_iter: int = 300
-) -> LinearProbe:
-    """Fit logistic regression ``y ~ softmax(W x + b)`` (mean cross-entropy + ``l2 * |W|^2``).
-    Works inside ``torch.no_grad`` / ``torch.inference_mode`` too (``trainer.validate`` runs in the latter)."""
+def fit_linear_probe(x_NZ: torch.Tensor, y_N: torch.Tensor, n_classes: int | None = None, l2: float = 1e-3,
+                     max_iter: int = 300) -> LinearProbe:
+    """Fit logistic regression ``y ~ softmax(W x + b)`` (mean cross-entropy + ``l2 * |W|^2``); works inside
+    ``torch.no_grad`` / ``torch.inference_mode`` too (``trainer.validate`` runs in the latter)."""
     if x_NZ.ndim != 2 or y_N.ndim != 1 or x_NZ.shape[0] != y_N.shape[0]:
         raise ValueError(f"need x [N, Z] and y [N] with the same N, got {tuple(x_NZ.shape)} and {tuple(y_N.shape)}")
     if x_NZ.shape[0] == 0:
         raise ValueError("cannot fit a probe on zero samples")
     with torch.inference_mode(False), torch.enable_grad():
-        return _fit_linear_probe(x_NZ.detach().double().cpu().clone(), y_N.detach().long().cpu().clone(), n_classes, l2,
-                                 max_iter)
+        x, y = x_NZ.detach().double().cpu().clone(), y_N.detach().long().cpu().clone()
+        K = int(n_classes if n_classes is not None else y.max().item() + 1)
+        mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-8)
+        xs = (x - mean) / std
+        W = torch.zeros(x.shape[1], K, dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(K, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([W, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            """The regularised loss, with its gradient."""
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(xs @ W + b, y) + l2 * W.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return LinearProbe(mean, std, W.detach(), b.detach())
 
 
-def _fit_linear_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int | None, l2: float, max_iter: int) -> LinearProbe:
-    K = int(n_classes if n_classes is not None else y.max().item() + 1)
-    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-8)
-    xs = (x - mean) / std
-    W = torch.zeros(x.shape[1], K, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(K, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xs @ W + b, y) + l2 * W.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return LinearProbe(mean, std, W.detach(), b.detach())
-
-
-def probe_accuracy(
-    train_x_NZ: torch.Tensor,
-    train_y_N: torch.Tensor,
-    test_x_NZ: torch.Tensor,
-    test_y_N: torch.Tensor,
-    n_classes: int | None = None,
-    l2: float = 1e-3,
-) -> float:
+def probe_accuracy(train_x_NZ: torch.Tensor, train_y_N: torch.Tensor, test_x_NZ: torch.Tensor,
+                   test_y_N: torch.Tensor, n_classes: int | None = None, l2: float = 1e-3) -> float:
     """Fit on the training embeddings, return accuracy on the held-out ones."""
     if n_classes is None:
         n_classes = int(max(train_y_N.max().item(), test_y_N.max().item()) + 1)
     return fit_linear_probe(train_x_NZ, train_y_N, n_classes, l2).accuracy(test_x_NZ, test_y_N)
 
 
-HISTORY_BUCKETS = ((8, 16), (16, 32), (32, 64), (64, 120))
-
-
-def accuracy_by_history(correct_N, t_N, buckets=HISTORY_BUCKETS) -> str:
-    """'t 8-15 0.60, t 16-31 0.76, ...': the share of correct points among those whose history length t falls in each
-    bucket (buckets with no points left out). Arrays or tensors of the same length."""
+def accuracy_by_history(correct_N, t_N, buckets=((8, 16), (16, 32), (32, 64), (64, 120))) -> str:
+    """'t 8-15 0.60, t 16-31 0.76, ...': the share of correct points whose history length t falls in each
+    bucket (empty buckets left out). Arrays or tensors of the same length."""
     ok, t = np.asarray(correct_N, dtype=float), np.asarray(t_N)
     return ", ".join(f"t {lo}-{hi - 1} {ok[(t >= lo) & (t < hi)].mean():.2f}"
                      for lo, hi in buckets if ((t >= lo) & (t < hi)).any())
@@ -95,9 +79,7 @@ def pca_2d(x_NZ: torch.Tensor) -> np.ndarray:
     x = x - x.mean(0)
     _, _, v = torch.linalg.svd(x, full_matrices=False)
     proj = x @ v[:2].T
-    if proj.shape[1] < 2:
-        proj = torch.cat([proj, torch.zeros(proj.shape[0], 2 - proj.shape[1], dtype=proj.dtype)], 1)
-    return proj.numpy()
+    return torch.nn.functional.pad(proj, (0, 2 - proj.shape[1])).numpy()
 
 
 def scatter_figure(points_N2: np.ndarray, labels_N: np.ndarray, names: list[str] | None = None, title: str = ""):
@@ -112,9 +94,7 @@ def scatter_figure(points_N2: np.ndarray, labels_N: np.ndarray, names: list[str]
         sel = labels_N == k
         name = names[int(k)] if names is not None and int(k) < len(names) else str(int(k))
         ax.scatter(points_N2[sel, 0], points_N2[sel, 1], s=6, alpha=0.6, label=name)
-    ax.set_xlabel("PC 1")
-    ax.set_ylabel("PC 2")
-    ax.set_title(title)
+    ax.set(xlabel="PC 1", ylabel="PC 2", title=title)
     ax.legend(fontsize=7, markerscale=2)
     fig.tight_layout()
     return fig

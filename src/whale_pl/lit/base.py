@@ -1,11 +1,7 @@
 """What the three stage LightningModules share: argument groups, the optimiser, checkpoints, data checks.
 
-A stage module takes its network's configuration as one nested group (``net:``, a dataclass beside
-the model) and the optimiser's as another (``optim:``, ``Optim``); both are stored in checkpoints as
-plain dicts. ``StageModule`` holds the frozen earlier stages out of its checkpoints (their paths and
-sha256 are in the hyper-parameters), stamps its class, refuses a checkpoint of another stage or other
-data on resume, checks the datamodule's ``data_spec`` at setup and records it when fitting, applies
-``init_from`` when fine-tuning, and builds AdamW with warm-up and cosine decay.
+A stage takes its network's settings as one group (``net:``) and the optimiser's as another (``optim:``);
+checkpoints store them as plain dicts and leave the frozen earlier stages out (their sha256 is recorded).
 """
 
 from __future__ import annotations
@@ -15,11 +11,12 @@ from dataclasses import asdict, dataclass, is_dataclass, replace
 from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 
 import lightning as L
-import torch
+from lightning.pytorch.utilities import rank_zero_info
 
+from whale_pl.lit.checkpoint import load_module
 from whale_pl.lit.handoff import (CLASS_KEY, HandoffError, check_data_spec, fingerprint, freeze_, load_frozen,
                                   own_hparams, qualified_name, stamp_class)
-from whale_pl.lit.init_from import maybe_init_from
+from whale_pl.lit.init_from import init_from_checkpoint
 from whale_pl.lit.optim import adamw_warmup_cosine
 
 D = TypeVar("D")
@@ -39,18 +36,16 @@ class Optim:
 
 
 def as_group(value: D | Mapping[str, Any] | None, cls: type[D], where: str, default: D | None = None) -> D:
-    """An argument group as its dataclass: the dataclass itself, or a dict (YAML, checkpoint, Python call)
-    of the fields that differ from ``default`` (the argument's default; else the dataclass defaults)."""
+    """An argument group as its dataclass, given as one or as a dict of the fields that differ from ``default``."""
+    if is_dataclass(value):
+        return value  # type: ignore[return-value]
     base = default if default is not None else cls()
     if value is None:
         return base
-    if is_dataclass(value):
-        return value  # type: ignore[return-value]
     if not isinstance(value, Mapping):
         raise TypeError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(value).__name__}")
-    names = {f for f in cls.__dataclass_fields__}  # type: ignore[attr-defined]
-    unknown = sorted(set(value) - names)
-    if unknown:
+    names = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    if unknown := sorted(set(value) - names):
         raise TypeError(f"{where}: unknown key(s) {unknown}; {cls.__name__} has {sorted(names)}")
     return replace(base, **value)
 
@@ -81,27 +76,14 @@ class StageModule(L.LightningModule):
             self.hparams[name] = plain(out[name])
         return out
 
-    @property
-    def optim(self) -> Optim:
-        """The optimiser group."""
-        return as_group(self.hparams.get("optim"), Optim, "optim")  # complete: init_groups stored every field
-
     def configure_optimizers(self) -> dict:
-        o = self.optim
-        return adamw_warmup_cosine(self, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
-                                   warmup_steps=o.warmup_steps, total_steps=o.total_steps,
-                                   min_lr_ratio=o.min_lr_ratio, anneal_by_time=o.anneal_by_time)
-
-    # ---- checkpoints ---------------------------------------------------------------------------
-    def frozen_stages(self) -> dict[str, torch.nn.Module]:
-        """The frozen earlier stages this module holds, by state-dict prefix."""
-        return {f"{n}.": getattr(self, n) for n in self.FROZEN if getattr(self, n, None) is not None}
+        """AdamW with warm-up and cosine decay, from the ``optim`` group (init_groups stored every field)."""
+        return adamw_warmup_cosine(self, **self.hparams["optim"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Stamp the class; leave the frozen stages out (their paths and sha256 are hyper-parameters)."""
         stamp_class(checkpoint, self)
-        prefixes = tuple(f"{n}." for n in self.FROZEN)
-        sd = checkpoint["state_dict"]
+        sd, prefixes = checkpoint["state_dict"], tuple(f"{n}." for n in self.FROZEN)
         for k in [k for k in sd if prefixes and k.startswith(prefixes)]:
             del sd[k]
 
@@ -111,22 +93,20 @@ class StageModule(L.LightningModule):
         if got is not None and got != want:
             raise HandoffError(f"checkpoint holds a {got}, but this run trains a {want}: resume from a checkpoint "
                                f"of the same stage")
-        stored = (checkpoint.get("hyper_parameters") or {}).get("data_spec")
-        mine = self.hparams.get("data_spec")
+        stored, mine = (checkpoint.get("hyper_parameters") or {}).get("data_spec"), self.hparams.get("data_spec")
         if stored is not None and mine is not None:
-            keys = self.spec_keys(mine)
-            check_data_spec(stored, mine, f"{type(self).__name__} checkpoint (its data_spec vs this run's)", keys)
-        sd = checkpoint["state_dict"]
-        for prefix, module in self.frozen_stages().items():
-            for k, v in module.state_dict().items():
-                sd.setdefault(prefix + k, v)
-            freeze_(module)
+            check_data_spec(stored, mine, f"{type(self).__name__} checkpoint (its data_spec vs this run's)",
+                            self.spec_keys(mine))
+        for name in self.FROZEN:
+            if (module := getattr(self, name, None)) is not None:
+                for k, v in module.state_dict().items():
+                    checkpoint["state_dict"].setdefault(f"{name}.{k}", v)
+                freeze_(module)
 
     def load_earlier(self, name: str, path: str, cls: type, data_spec: Mapping[str, Any] | None,
                      expect: Mapping[str, Any] | None = None, own_weights: bool = False) -> Any:
-        """Load the frozen earlier stage ``name`` (``tokenizer``, ``behavior``) from ``path``, checked against
-        ``data_spec`` and ``expect``, and against the sha256 recorded as ``<name>_sha256`` when re-loading
-        (of the whole module, or with ``own_weights`` of its ``model`` alone)."""
+        """Load the frozen earlier stage ``name`` from ``path``, checked against ``data_spec``, ``expect``
+        and the sha256 recorded as ``<name>_sha256`` (of the module, or with ``own_weights`` its ``model``)."""
         keys = None if data_spec is None else self.spec_keys(data_spec)
         with own_hparams():
             module = load_frozen(path, cls, data_spec=data_spec, data_spec_keys=keys, expect=expect)
@@ -140,7 +120,6 @@ class StageModule(L.LightningModule):
         self.hparams[f"{name}_sha256"] = sha
         return module
 
-    # ---- data contract -------------------------------------------------------------------------
     def spec_keys(self, spec: Mapping[str, Any]) -> list[str] | None:
         """The keys of ``spec`` this stage compares (None: all)."""
         return None if self.SPEC_KEYS is None else [k for k in self.SPEC_KEYS if k in spec]
@@ -151,6 +130,7 @@ class StageModule(L.LightningModule):
             check_data_spec(self.hparams["data_spec"], spec, where, self.spec_keys(spec))
 
     def setup(self, stage: str) -> None:
+        """Check the datamodule's data_spec (and record it when fitting); apply ``init_from`` when fitting."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         spec = getattr(dm, "data_spec", None)
         if spec is None and self.hparams.get("data_spec") is None:
@@ -159,7 +139,10 @@ class StageModule(L.LightningModule):
             self.check_data(spec, f"{type(self).__name__} (its data_spec vs datamodule {type(dm).__name__}'s)")
             if stage == "fit":  # the checkpoint describes the data it is trained on (its clock included)
                 self.hparams["data_spec"] = dict(spec)
-        maybe_init_from(self, stage, data_spec_keys=self.init_from_spec_keys())
+        if stage == "fit" and (path := self.hparams.get("init_from")):
+            n = init_from_checkpoint(self, path, self.init_from_spec_keys())
+            rank_zero_info(f"[whale] {type(self).__name__}: {n} tensors initialised from {path} (weights only; "
+                           "new optimiser and schedule)")
 
     def init_from_spec_keys(self) -> Sequence[str]:
         """data_spec keys an ``init_from`` checkpoint must share (fine-tuning may change the rest)."""
@@ -168,6 +151,4 @@ class StageModule(L.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
         """Rebuild from a checkpoint safely (``lit/checkpoint.py``: no unpickling; older arguments mapped)."""
-        from whale_pl.lit.checkpoint import load_module
-
         return load_module(checkpoint_path, cls, map_location=map_location or "cpu", **kwargs)

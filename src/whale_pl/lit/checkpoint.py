@@ -1,15 +1,11 @@
 """Reading stage checkpoints: tensors and plain data only, and older hyper-parameters mapped onto today's.
 
-Every entry point that opens a checkpoint (stage hand-off, ``init_from``, evaluation, resume) reads it
-with ``read_checkpoint``, which never unpickles Python objects (``torch.load(weights_only=True)``): a
-checkpoint a user hands over cannot run code. ``load_module`` rebuilds a stage module from a checkpoint's
-own hyper-parameters. A checkpoint written before a module's arguments were grouped (``net``, ``optim``,
-...) still loads: ``migrate_hparams`` moves each flat argument into its group, and refuses, naming it,
-an option that whale_pl no longer has when the checkpoint used it with a value other than its default.
+``read_checkpoint`` never unpickles Python objects (``weights_only=True``), so a checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
+import inspect
 import pickle
 from dataclasses import fields
 from pathlib import Path
@@ -43,23 +39,12 @@ def read_checkpoint(path: str | Path, where: str | None = None) -> dict[str, Any
     return ckpt
 
 
-def _group_fields(cls: type) -> dict[str, str]:
-    """Argument name -> the group (``net``, ``optim``, ...) of ``cls`` whose dataclass has that field."""
-    out: dict[str, str] = {}
-    for group, dc in getattr(cls, "GROUPS", {}).items():
-        for f in fields(dc):
-            out.setdefault(f.name, group)
-    return out
-
-
 def migrate_hparams(cls: type, hparams: Mapping[str, Any], where: str) -> dict[str, Any]:
     """A checkpoint's hyper-parameters as arguments of today's ``cls``: flat names moved into their
     group, renamed ones renamed, retired ones dropped when at their default and refused otherwise."""
-    import inspect
-
     params = set(inspect.signature(cls.__init__).parameters) - {"self"}
     groups, renamed, retired = getattr(cls, "GROUPS", {}), getattr(cls, "RENAMED", {}), getattr(cls, "RETIRED", {})
-    owner = _group_fields(cls)
+    owner = {f.name: g for g, dc in reversed(groups.items()) for f in fields(dc)}  # field -> first group with it
     out: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {g: {} for g in groups}
     for key, value in hparams.items():
@@ -79,8 +64,7 @@ def migrate_hparams(cls: type, hparams: Mapping[str, Any], where: str) -> dict[s
             nested[owner[key]][key] = value
         else:
             raise HandoffError(f"{where}: hyper-parameter {key!r} is not an argument of {cls.__name__}")
-    out.update({g: v for g, v in nested.items() if v})
-    return out
+    return out | {g: v for g, v in nested.items() if v}
 
 
 def load_module(path: str | Path, cls: type[M], where: str | None = None, map_location: str | torch.device = "cpu",
@@ -92,8 +76,7 @@ def load_module(path: str | Path, cls: type[M], where: str | None = None, map_lo
     want, got = qualified_name(cls), ckpt.get(CLASS_KEY)
     if got is not None and got != want:
         raise HandoffError(f"{where} holds a {got}, expected a {want}")
-    hp = migrate_hparams(cls, ckpt.get("hyper_parameters") or {}, where)
-    hp.update(overrides)
+    hp = migrate_hparams(cls, ckpt.get("hyper_parameters") or {}, where) | overrides
     try:
         with own_hparams():
             module = cls(**hp)

@@ -1,26 +1,14 @@
 """Fine-tuning: start a stage's own weights from a pretrained checkpoint of the same stage.
 
-Every stage module takes ``init_from: <ckpt>``. At the start of a fit (``setup("fit")``) the
-module's *own* weights and buffers (``model.*``: the codebook and its EMA statistics included) are
-copied from that checkpoint. Weights only: the optimiser, the lr schedule, the step counter and the
-callbacks start fresh — this is not a resume (that is ``--ckpt_path``, which, when given as well,
-restores its own weights after this and wins). Frozen earlier stages are *not* taken from the
-checkpoint: they come from the paths the config names (the hand-off), so a fine-tuned behavior or
-dynamics model runs on the fine-tuned earlier stages.
-
-Checks, each failing with ``InitFromError`` naming the path: the file exists and is a Lightning
-checkpoint; it was written by the same class; the model facts stamped in it (codebook size, action
-dim, frame size, ... — ``handoff.model_facts``) equal this module's; the ``data_spec`` keys the
-caller names agree; and its state dict fits this module's own tensors exactly (names and shapes;
-the model constructor's hyper-parameters that differ are named to explain a misfit). Settings that
-leave the shapes alone (dropout, EMA decay, loss weights) may differ from pretraining.
+At ``setup("fit")`` a module's *own* weights and buffers come from its ``init_from`` checkpoint; the optimiser,
+schedule and step start fresh (unlike a ``--ckpt_path`` resume), and frozen earlier stages come from the config.
 """
 
 from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -45,115 +33,69 @@ def own_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in module.state_dict().items() if not k.startswith(skip)}
 
 
-def _architecture_names(module: nn.Module) -> list[str]:
-    """Hyper-parameters the trainable model's constructor takes (dim, depth, codebook_size, ...)."""
-    model = getattr(module, "model", None)
-    if model is None:
-        return []
-    return [n for n in inspect.signature(type(model).__init__).parameters if n != "self"]
-
-
 def _flat(hp: Mapping[str, Any]) -> dict[str, Any]:
-    """Hyper-parameters with the argument groups (``net``, ``optim``, ...) opened into one level."""
+    """Hyper-parameters with the ``net`` group opened into the top level."""
     out: dict[str, Any] = {}
     for k, v in hp.items():
-        if k == "net" and isinstance(v, Mapping):
-            out.update(v)
-        else:
-            out[k] = v
+        out.update(v if k == "net" and isinstance(v, Mapping) else {k: v})
     return out
 
 
-def _fmt_keys(keys: Sequence[str], n: int = 4) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+def _first(items: Sequence[str], sep: str = ", ", n: int = 4) -> str:
+    """The first ``n`` of ``items`` (sorted), and how many more there are."""
+    items = sorted(items)
+    return sep.join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def _migrate(module: nn.Module, hp: Mapping[str, Any], where: str) -> dict[str, Any]:
-    try:
-        return migrate_hparams(type(module), hp, where)
-    except HandoffError as e:
-        raise InitFromError(str(e)) from None
+def _differ(label: str, theirs: Mapping[str, Any], ours: Mapping[str, Any], names: Iterable[str]) -> list[str]:
+    """'<label><name> <theirs> in the checkpoint != <ours> here' for each name both have with other values."""
+    return [f"{label}{n} {theirs[n]!r} in the checkpoint != {ours[n]!r} here" for n in names
+            if n in theirs and n in ours and not values_equal(theirs[n], ours[n])]
 
 
-def check_init_compatible(
-    module: nn.Module,
-    ckpt: Mapping[str, Any],
-    where: str,
-    data_spec_keys: Sequence[str] = (),
-) -> dict[str, torch.Tensor]:
-    """Return the checkpoint tensors to load into ``module`` (its own, non-frozen ones), or raise
-    ``InitFromError`` listing every mismatch."""
-    want = qualified_name(type(module))
-    got = ckpt.get(CLASS_KEY)
+def check_init_compatible(module: nn.Module, ckpt: Mapping[str, Any], where: str,
+                          data_spec_keys: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors to load into ``module`` (its own, non-frozen ones), or ``InitFromError``
+    listing every mismatch."""
+    want, got = qualified_name(type(module)), ckpt.get(CLASS_KEY)
     if got is not None and got != want:
         raise InitFromError(f"{where} holds a {got}, not a {want}: init_from needs a checkpoint of the same stage")
-    problems: list[str] = []
-    stored_facts = ckpt.get(FACTS_KEY) or {}
-    for name, have in model_facts(module).items():
-        if name in stored_facts and not values_equal(stored_facts[name], have):
-            problems.append(f"{name} {stored_facts[name]!r} in the checkpoint != {have!r} here")
-    hp_ckpt = _flat(_migrate(module, ckpt.get("hyper_parameters") or {}, where))
-    hp_here = _flat(getattr(module, "hparams", {}))
-    spec_ckpt, spec_here = hp_ckpt.get("data_spec") or {}, (hp_here.get("data_spec") or {})
-    for k in data_spec_keys:
-        if k in spec_ckpt and k in spec_here and not values_equal(spec_ckpt[k], spec_here[k]):
-            problems.append(f"data_spec {k} {spec_ckpt[k]!r} in the checkpoint != {spec_here[k]!r} here")
-    skip = frozen_prefixes(module)
-    theirs = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(skip)}
+    try:
+        hp_ckpt = _flat(migrate_hparams(type(module), ckpt.get("hyper_parameters") or {}, where))
+    except HandoffError as e:
+        raise InitFromError(str(e)) from None
+    hp_here, facts = _flat(getattr(module, "hparams", {})), model_facts(module)
+    problems = _differ("", ckpt.get(FACTS_KEY) or {}, facts, facts)
+    problems += _differ("data_spec ", hp_ckpt.get("data_spec") or {}, hp_here.get("data_spec") or {}, data_spec_keys)
+    theirs = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(frozen_prefixes(module))}
     mine = own_state(module)
     missing, unexpected = mine.keys() - theirs.keys(), theirs.keys() - mine.keys()
+    shapes = _differ("", {k: list(v.shape) for k, v in theirs.items()}, {k: list(v.shape) for k, v in mine.items()},
+                     sorted(mine.keys() & theirs.keys()))
     if missing:
-        problems.append(f"{len(missing)} tensor(s) missing from the checkpoint: {_fmt_keys(missing)}")
+        problems.append(f"{len(missing)} tensor(s) missing from the checkpoint: {_first(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} tensor(s) in the checkpoint not in this model: {_fmt_keys(unexpected)}")
-    shapes = [f"{k} {list(theirs[k].shape)} in the checkpoint != {list(mine[k].shape)} here"
-              for k in sorted(mine.keys() & theirs.keys()) if theirs[k].shape != mine[k].shape]
+        problems.append(f"{len(unexpected)} tensor(s) in the checkpoint not in this model: {_first(unexpected)}")
     if shapes:
-        problems.append(f"{len(shapes)} shape mismatch(es): " + "; ".join(shapes[:4])
-                        + (f" (+{len(shapes) - 4} more)" if len(shapes) > 4 else ""))
-    if missing or unexpected or shapes:  # explain with the constructor arguments that differ (others,
-        # e.g. dropout or EMA decay, may change freely when fine-tuning)
-        problems = [f"hyper-parameter {n} {hp_ckpt[n]!r} in the checkpoint != {hp_here[n]!r} here"
-                    for n in _architecture_names(module)
-                    if n in hp_ckpt and n in hp_here and not values_equal(hp_ckpt[n], hp_here[n])] + problems
+        problems.append(f"{len(shapes)} shape mismatch(es): {_first(shapes, '; ')}")
+    if missing or unexpected or shapes:  # named with the model's constructor arguments that differ
+        model = getattr(module, "model", None)
+        names = inspect.signature(type(model).__init__).parameters if model is not None else ()
+        problems = _differ("hyper-parameter ", hp_ckpt, hp_here, names) + problems
     if problems:
         raise InitFromError(f"{where} does not fit this {type(module).__name__}: " + "; ".join(problems))
     return theirs
 
 
-def init_from_checkpoint(
-    module: nn.Module,
-    path: str | Path,
-    data_spec_keys: Sequence[str] = (),
-    map_location: str | torch.device = "cpu",
-) -> int:
-    """Copy a pretrained checkpoint's weights and buffers into ``module``'s own (non-frozen)
-    tensors in place (parameters keep their identity). Returns the number of tensors copied."""
-    path = Path(path)
-    where = f"init_from checkpoint {str(path)!r}"
-    if not path.is_file():
-        raise InitFromError(f"{where} does not exist (train the pretrained stage first, or fix the path)")
+def init_from_checkpoint(module: nn.Module, path: str | Path, data_spec_keys: Sequence[str] = (),
+                         map_location: str | torch.device = "cpu") -> int:
+    """Copy a pretrained checkpoint's weights and buffers into ``module``'s own (non-frozen) tensors in
+    place (parameters keep their identity). Returns the number of tensors copied."""
+    where = f"init_from checkpoint {str(Path(path))!r}"
     try:
         ckpt = read_checkpoint(path, where)
     except HandoffError as e:
         raise InitFromError(str(e)) from None
     tensors = check_init_compatible(module, ckpt, where, data_spec_keys)
-    result = module.load_state_dict(tensors, strict=False)
-    skip = frozen_prefixes(module)
-    left = [k for k in result.missing_keys if not k.startswith(skip)]
-    if left or result.unexpected_keys:  # cannot happen after the check; guard against a silent partial load
-        raise InitFromError(f"{where}: partial load (missing {left[:4]}, unexpected {result.unexpected_keys[:4]})")
+    module.load_state_dict(tensors, strict=False)  # the check above made the keys match this module's own
     return len(tensors)
-
-
-def maybe_init_from(module: nn.Module, stage: str, data_spec_keys: Sequence[str] = ()) -> None:
-    """Call from a stage module's ``setup``: apply its ``init_from`` hyper-parameter when fitting."""
-    path = getattr(module, "hparams", {}).get("init_from")
-    if stage != "fit" or not path:
-        return
-    from lightning.pytorch.utilities import rank_zero_info
-
-    n = init_from_checkpoint(module, path, data_spec_keys)
-    rank_zero_info(f"[whale] {type(module).__name__}: {n} tensors initialised from {path} (weights only; "
-                   "new optimiser and schedule)")

@@ -8,26 +8,21 @@ from einops import rearrange
 from whale_pl.data.frames import frames_to_unit
 
 
-def paired_video_grid(
-    top_BTCHW: torch.Tensor, bottom_BTCHW: torch.Tensor, max_clips: int = 4, max_frames: int | None = 8, pad: int = 1
-) -> torch.Tensor:
-    """One image [3, H', W'] in [0, 1]: for each clip a row of ``top`` frames above a row of
-    ``bottom`` frames (e.g. originals above reconstructions), time running left to right.
-    Frames are uint8 or float in [-1, 1]; ``max_frames=None`` shows every frame."""
+def paired_video_grid(top_BTCHW: torch.Tensor, bottom_BTCHW: torch.Tensor, max_clips: int = 4,
+                      max_frames: int | None = 8, pad: int = 1) -> torch.Tensor:
+    """One image [3, H', W'] in [0, 1]: per clip a row of ``top`` frames above a row of ``bottom`` frames,
+    time running left to right. Frames are uint8 or float in [-1, 1]; ``max_frames=None`` shows all."""
     if top_BTCHW.shape != bottom_BTCHW.shape:
         raise ValueError(f"grid halves differ in shape: {tuple(top_BTCHW.shape)} vs {tuple(bottom_BTCHW.shape)}")
     halves = [(frames_to_unit(x[:max_clips, :max_frames]).cpu() + 1) / 2 for x in (top_BTCHW, bottom_BTCHW)]
-    rows = torch.stack(halves, dim=1)  # [B, 2, T, C, H, W]
-    rows = torch.nn.functional.pad(rows, (pad, pad, pad, pad), value=1.0)
-    return rearrange(rows, "b r t c h w -> c (b r h) (t w)")
+    rows_B2TCHW = torch.nn.functional.pad(torch.stack(halves, dim=1), (pad, pad, pad, pad), value=1.0)
+    return rearrange(rows_B2TCHW, "b r t c h w -> c (b r h) (t w)")
 
 
 def log_image(module, tag: str, image_CHW: torch.Tensor) -> bool:
-    """Write an image to the module's TensorBoard logger at the current global step. Returns False
-    (and writes nothing) when the run has no logger that takes images."""
-    logger = getattr(module, "logger", None)
-    exp = getattr(logger, "experiment", None) if logger is not None else None
-    if exp is None or not hasattr(exp, "add_image"):
+    """Write an image to the module's TensorBoard logger at the current step; False if it takes no images."""
+    exp = getattr(getattr(module, "logger", None), "experiment", None)
+    if not hasattr(exp, "add_image"):
         return False
     exp.add_image(tag, image_CHW, global_step=module.global_step)
     return True

@@ -1,12 +1,4 @@
-"""Stage 1 LightningModule: trains the ``VideoTokenizer`` (a thin wrapper: losses, optimiser, logs).
-
-Loss = MSE reconstruction + the quantiser's commitment loss. Validation runs the
-inference path (``encode`` -> ``decode``) and logs PSNR / SSIM (torchmetrics), codebook usage
-(share of codes used in the epoch) and perplexity, and a grid of originals above reconstructions.
-Mixed precision comes from the Trainer (``precision: bf16-mixed``). The datamodule's ``data_spec``
-is stored in the hyper-parameters (so in every checkpoint) and checked against the data at setup
-and on resume; a frame size that differs from the tokenizer's is an error before training starts.
-"""
+"""Stage 1 LightningModule: trains the ``VideoTokenizer`` on MSE reconstruction + commitment loss."""
 
 from __future__ import annotations
 
@@ -35,31 +27,21 @@ def usage_and_perplexity(hist_K: torch.Tensor) -> tuple[float, float]:
 
 
 class TokenizerModule(StageModule):
-    """Trains stage 1: ``net`` is the ``VideoTokenizer``'s architecture (``TokenizerNet``), ``optim`` the
-    optimiser's settings; images go to TensorBoard every ``log_images_every_n_epochs`` validations."""
+    """Trains stage 1: ``net`` is the ``VideoTokenizer``'s architecture, ``optim`` the optimiser's settings."""
 
     GROUPS = {"net": TokenizerNet, "optim": Optim}
     RETIRED = {"encoder_spatial_radius": None, "sticky_margin": 0.0, "l1_weight": 0.0}  # inert values (cf14e40)
     SPEC_KEYS = ("frame_size",)
 
-    def __init__(
-        self,
-        net: TokenizerNet = TokenizerNet(),
-        optim: Optim = Optim(lr=1e-3, warmup_steps=100),
-        log_images_every_n_epochs: int = 1,
-        data_spec: dict[str, Any] | None = None,
-        init_from: str | None = None,
-    ) -> None:
-        """``init_from``: a pretrained tokenizer checkpoint whose weights (codebook and EMA state
-        included) this one starts from when fitting: fine-tuning, not a resume (``lit/init_from.py``)."""
+    def __init__(self, net: TokenizerNet = TokenizerNet(), optim: Optim = Optim(lr=1e-3, warmup_steps=100),
+                 log_images_every_n_epochs: int = 1, data_spec: dict[str, Any] | None = None,
+                 init_from: str | None = None) -> None:
+        """``init_from``: a pretrained tokenizer checkpoint to start from when fitting (``lit/init_from.py``)."""
         super().__init__()
         self.save_hyperparameters()
-        groups = self.init_groups(net=net, optim=optim)
-        self.model = VideoTokenizer(**asdict(groups["net"]))
-        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
-        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
-        self.test_psnr = PeakSignalNoiseRatio(data_range=1.0)
-        self.test_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.model = VideoTokenizer(**asdict(self.init_groups(net=net, optim=optim)["net"]))
+        psnr, ssim = PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+        self.val_psnr, self.val_ssim, self.test_psnr, self.test_ssim = (m(data_range=1.0) for m in (psnr, ssim) * 2)
         self._hist: dict[str, torch.Tensor] = {}
         self._grid_batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -69,23 +51,19 @@ class TokenizerModule(StageModule):
         if fs is None:
             raise ValueError(f"{where}: data_spec has no 'frame_size'")
         if tuple(int(s) for s in fs) != tuple(self.model.frame_size):
-            raise ValueError(
-                f"{where}: data frame_size {list(fs)} differs from the tokenizer's configured "
-                f"frame_size {list(self.model.frame_size)} (model.init_args.net.frame_size)"
-            )
+            raise ValueError(f"{where}: data frame_size {list(fs)} differs from the tokenizer's configured "
+                             f"frame_size {list(self.model.frame_size)} (model.init_args.net.frame_size)")
         try:
             super().check_data(spec, where)
         except HandoffError as e:
             raise ValueError(str(e)) from None
 
-    # ---- training -------------------------------------------------------------------------------
     def _count(self, key: str, ids: torch.Tensor) -> None:
-        k = self.model.codebook_size
-        counts = torch.bincount(ids.reshape(-1), minlength=k).to(torch.long)
+        counts = torch.bincount(ids.reshape(-1), minlength=self.model.codebook_size).to(torch.long)
         self._hist[key] = counts if key not in self._hist else self._hist[key] + counts
 
-    def _log_usage(self, key: str, prefix: str) -> None:
-        hist = self._hist.pop(key, None)
+    def _log_usage(self, prefix: str) -> None:
+        hist = self._hist.pop(prefix, None)
         if hist is None:
             return
         if self.trainer.world_size > 1:
@@ -98,37 +76,26 @@ class TokenizerModule(StageModule):
         """Reconstruction MSE + commitment loss of one batch; logs the parts and the PSNR."""
         x = frames_to_unit(batch["frames"], "batch['frames']")
         out = self.model(x)
-        recon = out.recon_BTCHW.float()
-        mse = F.mse_loss(recon, x)
+        mse = F.mse_loss(out.recon_BTCHW.float(), x)
         loss = mse + out.commit_loss
         self._count("train", out.ids_BThw)
         psnr = 10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10))  # range 2 in [-1,1]
-        self.log_dict(
-            {
-                "train/loss": loss.detach(),
-                "train/mse": mse.detach(),
-                "train/commit": out.commit_loss.detach(),
-                "train/psnr": psnr,
-                "train/restarted_codes": float(out.restarted),
-            },
-            prog_bar=False,
-        )
+        self.log_dict({"train/loss": loss.detach(), "train/mse": mse.detach(), "train/commit": out.commit_loss.detach(),
+                       "train/psnr": psnr, "train/restarted_codes": float(out.restarted)}, prog_bar=False)
         self.log("train/loss_step", loss.detach(), prog_bar=True, logger=False)
         return loss
 
     def on_train_epoch_end(self) -> None:
         """Log the epoch's codebook usage and perplexity."""
-        self._log_usage("train", "train")
+        self._log_usage("train")
 
-    # ---- evaluation -----------------------------------------------------------------------------
     def _eval_step(self, batch: dict, batch_idx: int, prefix: str) -> None:
         x = frames_to_unit(batch["frames"], "batch['frames']")
         ids = self.model.encode(x)
         recon = self.model.decode(ids).float()
         self._count(prefix, ids)
         psnr, ssim = (self.val_psnr, self.val_ssim) if prefix == "val" else (self.test_psnr, self.test_ssim)
-        a = ((recon + 1) / 2).flatten(0, 1)
-        b = ((x + 1) / 2).flatten(0, 1)
+        a, b = ((recon + 1) / 2).flatten(0, 1), ((x + 1) / 2).flatten(0, 1)
         with torch.autocast(a.device.type, enabled=False):  # SSIM's variances cancel catastrophically in bf16
             psnr.update(a, b)
             ssim.update(a, b)
@@ -138,24 +105,20 @@ class TokenizerModule(StageModule):
         if batch_idx == 0:
             self._grid_batch = (x[:4].detach(), recon[:4].detach())
 
+    def _eval_epoch_end(self, prefix: str, images: bool) -> None:
+        self._log_usage(prefix)
+        if self._grid_batch is not None and images and self.global_rank == 0:
+            log_image(self, f"{prefix}/originals_above_reconstructions", paired_video_grid(*self._grid_batch))
+        self._grid_batch = None
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Reconstruct through ``encode`` -> ``decode``; accumulate PSNR/SSIM and code counts."""
         self._eval_step(batch, batch_idx, "val")
 
-    @torch.no_grad()
-    def eval_videos(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(originals, reconstructions), float [B, T, 3, H, W] in [-1, 1]: the evaluation
-        callback's protocol (docs/contracts.md)."""
-        x = frames_to_unit(batch["frames"], "batch['frames']")
-        return x, self.model.decode(self.model.encode(x)).float().clamp(-1, 1)
-
     def on_validation_epoch_end(self) -> None:
         """Log codebook usage and (every ``log_images_every_n_epochs``) originals above reconstructions."""
-        self._log_usage("val", "val")
         every = self.hparams.log_images_every_n_epochs
-        if self._grid_batch is not None and every and self.current_epoch % every == 0 and self.global_rank == 0:
-            log_image(self, "val/originals_above_reconstructions", paired_video_grid(*self._grid_batch))
-        self._grid_batch = None
+        self._eval_epoch_end("val", bool(every) and self.current_epoch % every == 0)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         """As ``validation_step``, under ``test/``."""
@@ -163,7 +126,10 @@ class TokenizerModule(StageModule):
 
     def on_test_epoch_end(self) -> None:
         """Log codebook usage and originals above reconstructions."""
-        self._log_usage("test", "test")
-        if self._grid_batch is not None and self.global_rank == 0:
-            log_image(self, "test/originals_above_reconstructions", paired_video_grid(*self._grid_batch))
-        self._grid_batch = None
+        self._eval_epoch_end("test", True)
+
+    @torch.no_grad()
+    def eval_videos(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(originals, reconstructions), float [B, T, 3, H, W] in [-1, 1]: the evaluation callback's protocol."""
+        x = frames_to_unit(batch["frames"], "batch['frames']")
+        return x, self.model.decode(self.model.encode(x)).float().clamp(-1, 1)
