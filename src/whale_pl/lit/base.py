@@ -84,7 +84,7 @@ class StageModule(L.LightningModule):
         """Stamp the class; leave the frozen stages out (their paths and sha256 are hyper-parameters)."""
         stamp_class(checkpoint, self)
         sd, prefixes = checkpoint["state_dict"], tuple(f"{n}." for n in self.FROZEN)
-        for k in [k for k in sd if prefixes and k.startswith(prefixes)]:
+        for k in [k for k in sd if k.startswith(prefixes)]:
             del sd[k]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ M = TypeVar("M", bound=nn.Module)
 
 
 class HandoffError(RuntimeError):
-    """A stage checkpoint cannot be handed on (missing, wrong class, mismatched); ``last``: the newest, for cli.py."""
+    """A stage checkpoint cannot be handed on (missing, wrong class, mismatched); ``last``: the newest raised."""
 
     last: "HandoffError | None" = None
 

@@ -2,6 +2,7 @@
 
 At ``setup("fit")`` a module's *own* weights and buffers come from its ``init_from`` checkpoint; the optimiser,
 schedule and step start fresh (unlike a ``--ckpt_path`` resume), and frozen earlier stages come from the config.
+Class, model facts, named data_spec keys and tensor shapes must match; dropout, EMA decay or loss weights may differ.
 """
 
 from __future__ import annotations

@@ -60,11 +60,10 @@ class TokenizerModule(StageModule):
 
     def _count(self, key: str, ids: torch.Tensor) -> None:
         counts = torch.bincount(ids.reshape(-1), minlength=self.model.codebook_size).to(torch.long)
-        self._hist[key] = counts if key not in self._hist else self._hist[key] + counts
+        self._hist[key] = self._hist[key] + counts if key in self._hist else counts
 
     def _log_usage(self, prefix: str) -> None:
-        hist = self._hist.pop(prefix, None)
-        if hist is None:
+        if (hist := self._hist.pop(prefix, None)) is None:
             return
         if self.trainer.world_size > 1:
             hist = self.trainer.strategy.reduce(hist.float(), reduce_op="sum")
