@@ -1,23 +1,15 @@
 """Meta-World behavior datasets: rollouts of the policy families in ``policies.py`` into shards.
 
-One env per worker process (spawned; envs are built inside the workers, never pickled), fast CPU
-rendering (``MUJOCO_GL=egl``; shadows, multisampling and reflections off; ``mujoco.Renderer``
-directly, ~7 ms a 64x64 frame against ~9.5 ms through ``env.render``; ``LP_NUM_THREADS=0``),
-frames flipped upright.
-Every episode's randomness (task variation, policy noise) comes from a seed derived from
-(config seed, task, policy, split, index), and episodes are written in job order whatever the
-number of workers: the same config gives the same bytes.
+One env per spawned worker process (built inside it, never pickled), rendered with ``mujoco.Renderer``
+(``MUJOCO_GL=egl``; shadows, multisampling and reflections off), frames flipped upright. Each episode's
+randomness comes from a seed derived from (config seed, task, policy, split, index) and episodes are
+written in job order whatever the number of workers: the same config gives the same bytes.
 
-Per task, each ``train_policies`` entry gives ``episodes_per_policy`` train episodes and
-``val_episodes_per_policy`` val episodes; each ``ood_policies`` entry gives
-``ood_episodes_per_policy`` held-out (split ``ood``) episodes.
-
-``action_repeat`` R (default 1, which the demo keeps): the policy decides every R simulator steps and
-its action is held for all R of them; one frame, state, action, summed reward and end-of-window success
-is recorded per decision. Meta-World simulates at 80 Hz: on the demo data the hand moves 5.4 mm a frame
-on average (13.0 mm at R = 4) and 4 % of tokens change from one frame to the next; the Open
-X-Embodiment datasets in ``oxe/registry.py`` record at 2-30 Hz, most at 5-10. ``max_steps`` counts
-decisions: an episode spans ``max_steps * action_repeat`` simulator steps (at most 500).
+Per task, each ``train_policies`` entry gives ``episodes_per_policy`` train and ``val_episodes_per_policy``
+val episodes; each ``ood_policies`` entry gives ``ood_episodes_per_policy`` held-out (``ood``) episodes.
+``action_repeat`` R (default 1): the policy decides every R simulator steps (80 Hz) and its action is
+held for all R; one frame, state, action, summed reward and end-of-window success is recorded per
+decision. ``max_steps`` counts decisions (``max_steps * action_repeat`` <= 500 simulator steps).
 
 The collector writes only into an empty ``out`` folder or one whose ``.whale_collect.json`` marker
 says it holds a collection of this config (``ownership.py``); anything else needs ``overwrite``.
@@ -41,7 +33,7 @@ import numpy as np
 
 from whale_pl.data.episode import METAWORLD_ACTION_SPACE, Episode
 from whale_pl.data.ownership import claim, config_hash, ownership
-from whale_pl.data.policies import PolicyNameError, parse_policy
+from whale_pl.data.policies import parse_policy
 from whale_pl.data.shards import ShardError, ShardWriter, verify_dataset
 from whale_pl.data.workers import exit_with_parent
 
@@ -155,9 +147,7 @@ class CollectConfig:
 
     def data_json(self) -> dict:
         """The fields that determine the data (stored in the manifest, compared on reuse)."""
-        d = dataclasses.asdict(self)
-        for k in ("out", "workers"):
-            d.pop(k)
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "workers")}
         if d["action_repeat"] == 1:  # datasets collected before the option existed stay valid
             d.pop("action_repeat")
         return d
@@ -193,18 +183,12 @@ def make_jobs(cfg: CollectConfig) -> list[Job]:
     return jobs
 
 
-# --------------------------------------------------------------------------------------------
-# one env, in the process that renders
-# --------------------------------------------------------------------------------------------
 class MetaWorldEnv:
     """One Meta-World task with a fast offscreen renderer. Build it in the process that renders."""
 
     def __init__(self, task: str, size: int, camera: str):
         os.environ.setdefault("MUJOCO_GL", "egl")
-        # llvmpipe: rasterise in the calling thread. With one worker process per core its helper
-        # threads only oversubscribe; measured on the shared 2-core machine: same pixels, 0-15 % less
-        # CPU per 64 px frame (noisy). Read when the first GL context is made; an explicit setting wins.
-        os.environ.setdefault("LP_NUM_THREADS", "0")
+        os.environ.setdefault("LP_NUM_THREADS", "0")  # llvmpipe rasterises in this thread: one worker per core
         import metaworld
         import mujoco
 
@@ -260,10 +244,8 @@ def rollout(env: MetaWorldEnv, policy_name: str, seed: int, max_steps: int, acti
     pol.reset(env.task, rng)
     t_ = max_steps
     frames = np.empty((t_, env.size, env.size, 3), np.uint8)
-    actions = np.empty((t_, 4), np.float32)
-    state = np.empty((t_, STATE_DIM), np.float32)
-    rewards = np.empty(t_, np.float32)
-    success = np.empty(t_, np.float32)
+    actions, state = np.empty((t_, 4), np.float32), np.empty((t_, STATE_DIM), np.float32)
+    rewards, success = np.empty(t_, np.float32), np.empty(t_, np.float32)
     for t in range(t_):
         frames[t] = env.render()
         state[t] = obs
@@ -336,7 +318,6 @@ def iter_collect(jobs: list[Job], size: int, camera: str, max_steps: int, worker
         p.start()
     pending: dict[int, Episode] = {}
     nxt = 0
-    done = 0
     try:
         while nxt < len(jobs):
             try:
@@ -348,9 +329,7 @@ def iter_collect(jobs: list[Job], size: int, camera: str, max_steps: int, worker
                 continue
             if status == "error":
                 raise RuntimeError(f"collector worker failed:\n{payload}")
-            for idx, ep in payload:
-                pending[idx] = ep
-            done += 1
+            pending.update(payload)
             while nxt in pending:
                 yield pending.pop(nxt)
                 nxt += 1
@@ -365,21 +344,23 @@ def iter_collect(jobs: list[Job], size: int, camera: str, max_steps: int, worker
 def collect(cfg: CollectConfig, overwrite: bool = False, progress: bool = True) -> dict:
     """Collect ``cfg`` into ``cfg.out``; returns the manifest. ``cfg.out`` must be empty, or a collection
     of this config (complete or not); anything else is replaced only with ``overwrite``."""
-    status, why = dataset_status(cfg)
+    _refuse_foreign(*dataset_status(cfg), overwrite)
+    return _collect(cfg, progress)
+
+
+def _refuse_foreign(status: str, why: str, overwrite: bool) -> None:
     if status in ("different", "foreign") and not overwrite:
         raise ShardError(f"{why}; pass --overwrite to replace it, or choose another out dir")
-    return _collect(cfg, progress)
 
 
 def _collect(cfg: CollectConfig, progress: bool) -> dict:
     from tqdm import tqdm
 
     jobs = make_jobs(cfg)
-    frames_total = len(jobs) * cfg.max_steps
     claim(cfg.out, KIND, cfg.data_json())  # before the first shard: an interrupted run is resumable as ours
     bar = tqdm(total=len(jobs), desc=f"collect {cfg.name}", unit="ep", disable=not progress, dynamic_ncols=True)
     with ShardWriter(cfg.out, episodes_per_shard=cfg.episodes_per_shard, overwrite=True,
-                     extra={"collect_config": cfg.data_json(), "expected_frames": frames_total}) as w:
+                     extra={"collect_config": cfg.data_json(), "expected_frames": len(jobs) * cfg.max_steps}) as w:
         for ep in iter_collect(jobs, cfg.size, cfg.camera, cfg.max_steps, cfg.workers, action_repeat=cfg.action_repeat):
             w.write(ep)
             bar.update(1)
@@ -421,12 +402,8 @@ def ensure_collected(cfg: CollectConfig, overwrite: bool = False, progress: bool
     status, why = dataset_status(cfg)
     if status == "complete":
         return verify_dataset(cfg.out)
-    if status in ("different", "foreign") and not overwrite:
-        raise ShardError(f"{why}; pass --overwrite to replace it, or choose another out dir")
+    _refuse_foreign(status, why, overwrite)
     if status == "incomplete":
         log.warning("re-collecting: %s", why)
     return _collect(cfg, progress)
 
-
-__all__ = ["CollectConfig", "MetaWorldEnv", "rollout", "collect", "ensure_collected", "dataset_status",
-           "make_jobs", "iter_collect", "valid_tasks", "PolicyNameError"]

@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from whale_pl.data.shards import MANIFEST, SCHEMA_VERSION, write_json_atomic
+from whale_pl.data.shards import MANIFEST, SCHEMA_VERSION
+from whale_pl.io import write_json_atomic
 
 MARKER = ".whale_collect.json"
 PROJECT = "whale_pl"
@@ -29,10 +30,8 @@ def config_hash(config: Any) -> str:
 
 def claim(out: str | Path, kind: str, config: Any) -> None:
     """Record (atomically) that ``kind`` writes ``out`` with ``config``; call before the first shard."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / MARKER, {"project": PROJECT, "kind": kind, "config_hash": config_hash(config),
-                                     "config": config})
+    write_json_atomic(Path(out) / MARKER, {"project": PROJECT, "kind": kind, "config_hash": config_hash(config),
+                                           "config": config}, sort_keys=True)
 
 
 def _read_json(path: Path) -> Any:

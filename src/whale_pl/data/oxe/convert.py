@@ -35,12 +35,12 @@ from whale_pl.data.episode import EEF7_ACTION_SPACE, STEP_FIELDS, ActionSpace, E
 from whale_pl.data.oxe import registry as reg
 from whale_pl.data.oxe.example_proto import parse_example
 from whale_pl.data.oxe.schema import DatasetSchema, SchemaError, load_schema
-from whale_pl.data.oxe.standardize import (RecordError, Where, decode_frame, episode_length,
-                                           language_of, native_actions, standard_actions, step_array,
-                                           step_bytes)
+from whale_pl.data.oxe.standardize import (RecordError, Where, decode_frame, episode_length, language_of,
+                                           standard_actions, step_array, step_bytes)
 from whale_pl.data.oxe.tfrecord import TFRecordError, iter_records_safe
 from whale_pl.data.ownership import claim, ownership
-from whale_pl.data.shards import MANIFEST, ShardWriter, iter_tar_samples, verify_dataset, write_json_atomic
+from whale_pl.data.shards import MANIFEST, ShardWriter, iter_tar_samples, verify_dataset
+from whale_pl.io import write_json_atomic, write_text_atomic
 from whale_pl.data.workers import exit_with_parent
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,6 @@ class Plan:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
-# ------------------------------------------------------------------------------------------------
-# planning: registry entry or an unambiguous schema
-# ------------------------------------------------------------------------------------------------
 def _obs_key(key: str) -> str:
     key = key.removeprefix("steps/").removeprefix("observation/")
     return f"steps/observation/{key}"
@@ -197,9 +194,6 @@ def _plan_language(schema: DatasetSchema, cfg, opts: ConvertOptions, dataset: st
     return None, "utf8"
 
 
-# ------------------------------------------------------------------------------------------------
-# source files
-# ------------------------------------------------------------------------------------------------
 def source_files(src: Path, split: str) -> list[tuple[Path, int | None]]:
     """The split's TFRecord files in shard order, with episode counts from dataset_info.json."""
     dataset = src.parent.name
@@ -254,9 +248,6 @@ def dataset_splits(src: Path) -> set[str]:
     return {f.name.split(".tfrecord")[0].rsplit("-", 1)[-1] for f in src.glob("*-*.tfrecord-*")} if src.is_dir() else set()
 
 
-# ------------------------------------------------------------------------------------------------
-# one record -> Episode
-# ------------------------------------------------------------------------------------------------
 def record_to_episode(data: bytes, schema: DatasetSchema, plan: Plan, where: Where, split: str,
                       file_index: int) -> Episode:
     """One serialized RLDS episode -> Episode, under the plan (RecordError on any fault)."""
@@ -268,10 +259,9 @@ def record_to_episode(data: bytes, schema: DatasetSchema, plan: Plan, where: Whe
     if t == 0:
         raise where.err(plan.camera_key, "episode has no steps")
     if "registry" in plan.action:
-        amap = reg.ActionMap(**plan.action["registry"])
-        actions = standard_actions(ex, schema, amap, t, where)
-    else:
-        actions = native_actions(ex, schema, plan.action["native"], t, where)
+        actions = standard_actions(ex, schema, reg.ActionMap(**plan.action["registry"]), t, where)
+    else:  # an unregistered dataset's flat action tensor, unchanged
+        actions = step_array(ex, schema, plan.action["native"], t, where).astype(np.float32)
     flags = {}
     for name in ("is_first", "is_last", "is_terminal"):
         key = f"steps/{name}"
@@ -280,7 +270,7 @@ def record_to_episode(data: bytes, schema: DatasetSchema, plan: Plan, where: Whe
     rewards = (step_array(ex, schema, plan.reward_key, t, where)[:, 0].astype(np.float32)
                if plan.reward_key else np.zeros(t, np.float32))
     images = step_bytes(ex, plan.camera_key, t, where)
-    language = language_of(ex, None, plan.language_key, plan.language_encoding, t, where)
+    language = language_of(ex, plan.language_key, plan.language_encoding, t, where)
     k = plan.stride
     keep = range(0, t, k)
     frames = np.stack([decode_frame(images[i], plan.size, plan.crop, plan.camera_key, i, where)
@@ -317,9 +307,6 @@ def episode_key(split: str, file_index: int, record: int) -> str:
     return f"{split}-{file_index:05d}-{record:06d}"
 
 
-# ------------------------------------------------------------------------------------------------
-# stage 1: one input file -> one part directory (runs in a worker)
-# ------------------------------------------------------------------------------------------------
 def _source_id(path: Path) -> dict:
     st = path.stat()
     return {"file": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -341,55 +328,23 @@ def _part_done(part: Path, marker: dict) -> dict | None:
 
 
 def convert_file(job: tuple) -> dict:
-    """Convert one TFRecord file into its part directory; returns the part's summary. An optional
-    9th job item ``limit`` stops after that many converted episodes."""
-    src, path, split, file_index, expected, plan_d, out, skip_corrupt, *rest = job
-    limit = rest[0] if rest else None
-    plan = Plan(**plan_d)
-    path, out = Path(path), Path(out)
-    part = _part_dir(out, split, file_index)
+    """Convert one TFRecord file into its part directory; returns the part's summary. ``limit`` (the
+    job's last item) stops after that many converted episodes."""
+    src, path, split, file_index, expected, plan_d, out, skip_corrupt, limit = job
+    plan, path = Plan(**plan_d), Path(path)
+    part = _part_dir(Path(out), split, file_index)
     marker = {"plan": plan.fingerprint(), "source": _source_id(path), "skip_corrupt": skip_corrupt}
     if limit is not None:
         marker["limit"] = int(limit)
     done = _part_done(part, marker)
     if done is not None:
-        done["resumed"] = True
-        return done
+        return {**done, "resumed": True}
     if part.exists():
         shutil.rmtree(part)
     part.mkdir(parents=True)
     cpu0 = time.process_time()
-    schema = load_schema(src)
-    writer: ShardWriter | None = None
-    skipped: list[dict] = []
-    n_ep = n_frames = n_records = 0
-    try:
-        for index, item in iter_records_safe(path):
-            if limit is not None and n_ep >= limit:
-                break
-            n_records += 1
-            where = Where(str(path), index)
-            try:
-                if isinstance(item, TFRecordError):
-                    raise item
-                ep = record_to_episode(item, schema, plan, where, split, file_index)
-            except (TFRecordError, RecordError) as e:
-                if not skip_corrupt:
-                    raise
-                log.warning("skipping corrupt episode: %s", e)
-                skipped.append({"file": path.name, "record": index, "error": str(e)})
-                continue
-            if writer is None:
-                writer = ShardWriter(part / "shards", episodes_per_shard=1 << 30)
-            writer.write(ep, key=episode_key(split, file_index, index))
-            n_ep += 1
-            n_frames += len(ep)
-        if writer is not None:
-            writer.close()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
+    n_ep, n_frames, n_records, skipped = _write_part(path, load_schema(src), plan, split, file_index,
+                                                     part / "shards", skip_corrupt, limit)
     stopped = limit is not None and n_ep >= limit
     if expected is not None and not stopped and n_ep + len(skipped) != expected:
         msg = (f"{path}: dataset_info.json promises {expected} episodes, the file holds {n_records} "
@@ -403,13 +358,43 @@ def convert_file(job: tuple) -> dict:
                "frames": n_frames, "skipped": skipped, "resumed": False,
                "cpu_s": time.process_time() - cpu0,
                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    write_json_atomic(part / "part.json", summary)
+    write_json_atomic(part / "part.json", summary, sort_keys=True)
     return summary
 
 
-# ------------------------------------------------------------------------------------------------
-# the whole dataset
-# ------------------------------------------------------------------------------------------------
+def _write_part(path: Path, schema: DatasetSchema, plan: Plan, split: str, file_index: int, shards: Path,
+                skip_corrupt: bool, limit: int | None) -> tuple[int, int, int, list[dict]]:
+    """Convert one file's records into the dataset ``shards``: (episodes, frames, records read, skipped)."""
+    writer: ShardWriter | None = None
+    skipped: list[dict] = []
+    n_ep = n_frames = n_records = 0
+    try:
+        for index, item in iter_records_safe(path):
+            if limit is not None and n_ep >= limit:
+                break
+            n_records += 1
+            try:
+                if isinstance(item, TFRecordError):
+                    raise item
+                ep = record_to_episode(item, schema, plan, Where(str(path), index), split, file_index)
+            except (TFRecordError, RecordError) as e:
+                if not skip_corrupt:
+                    raise
+                log.warning("skipping corrupt episode: %s", e)
+                skipped.append({"file": path.name, "record": index, "error": str(e)})
+                continue
+            writer = writer or ShardWriter(shards, episodes_per_shard=1 << 30)
+            writer.write(ep, key=episode_key(split, file_index, index))
+            n_ep, n_frames = n_ep + 1, n_frames + len(ep)
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return n_ep, n_frames, n_records, skipped
+
+
 def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions | None = None,
                     progress: bool = True, timing: dict | None = None) -> dict:
     """Convert ``<root>/<dataset>/<version>`` into a shard directory ``out``; returns the manifest.
@@ -524,15 +509,14 @@ def _finished_conversion(out: Path, ident: dict) -> dict | None:
 
 @dataclass
 class _EncodedEpisode(Episode):
-    """An episode read back from a part shard, carrying its encoded sample so that the merge copies
-    the bytes instead of compressing the frames again (encoding is deterministic: they are the bytes
-    ``Episode.to_sample`` gives for this key; the tests check it). ``frames`` is a zero-cost
-    placeholder of the right shape; the real frames are only in ``sample`` (checked by sha256 of
-    the part shard), so encoding it under any other key is refused."""
+    """An episode read back from a part shard with its encoded sample, which the merge copies instead of
+    compressing the frames again (``Episode.to_sample`` gives these bytes for this key; the tests check
+    it). ``frames`` is a zero-cost placeholder of the right shape."""
 
     sample: dict | None = None
 
     def to_sample(self, key: str) -> dict:
+        """The stored sample; refused under any other key."""
         if self.sample is None or key != self.sample["__key__"]:
             raise ConversionError(f"episode {key}: encoded sample is for key "
                                   f"{None if self.sample is None else self.sample['__key__']!r}")
@@ -576,11 +560,9 @@ def _iter_jobs(jobs: list[tuple], workers: int, progress: bool, name: str):
         bar.close()
 
 
-# ------------------------------------------------------------------------------------------------
-# mixtures
-# ------------------------------------------------------------------------------------------------
 MIXTURE_FILE = "mixture.json"
 DATAMODULE_FILE = "datamodule.yaml"
+DM_CLASS = "whale_pl.data.datamodule.ClipDataModule"
 
 
 def convert_mixture(root: str | os.PathLike, datasets: list[tuple[str, float | None]],
@@ -622,18 +604,13 @@ def convert_mixture(root: str | os.PathLike, datasets: list[tuple[str, float | N
         entries.append({"name": dataset, "path": dataset, "weight": float(w),
                         "episodes": m["episodes"], "frames": m["frames"], "splits": list(splits)})
     mixture = {"kind": "whale_pl.mixture", "version": 1, "datasets": entries}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / MIXTURE_FILE, mixture)
-    # the same as a LightningCLI data config: `whale fit ... --data <out>/datamodule.yaml`
-    # (directories as given by --out, i.e. relative to where the conversion ran)
+    write_json_atomic(out / MIXTURE_FILE, mixture, sort_keys=True)
+    # a LightningCLI data config: `whale fit ... --data <out>/datamodule.yaml` (dirs as given by --out)
     import yaml
 
-    dm = {"class_path": "whale_pl.data.datamodule.ClipDataModule",
-          "init_args": {"dirs": [str(out / e["path"]) for e in entries],
-                        "weights": [e["weight"] for e in entries]}}
-    tmp = out / f".{DATAMODULE_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(yaml.safe_dump(dm, sort_keys=False))
-    os.replace(tmp, out / DATAMODULE_FILE)
+    dm = {"class_path": DM_CLASS, "init_args": {"dirs": [str(out / e["path"]) for e in entries],
+                                                "weights": [e["weight"] for e in entries]}}
+    write_text_atomic(out / DATAMODULE_FILE, yaml.safe_dump(dm, sort_keys=False))
     return mixture
 
 
@@ -642,9 +619,8 @@ def _check_mixture_root(out: Path, overwrite: bool) -> None:
     conversion did not write."""
     import yaml
 
-    dm_class = "whale_pl.data.datamodule.ClipDataModule"
     for name, ours in ((MIXTURE_FILE, lambda t: json.loads(t).get("kind") == "whale_pl.mixture"),
-                       (DATAMODULE_FILE, lambda t: yaml.safe_load(t).get("class_path") == dm_class)):
+                       (DATAMODULE_FILE, lambda t: yaml.safe_load(t).get("class_path") == DM_CLASS)):
         path = out / name
         if not path.exists() or overwrite:
             continue

@@ -18,7 +18,7 @@ def _build_example_class():
                                            package=_PACKAGE, syntax="proto3")
     FD = descriptor_pb2.FieldDescriptorProto
 
-    def msg(name: str, fields: list[tuple[str, int, int, int, str | None]]):
+    def _msg(name: str, fields: list[tuple[str, int, int, int, str | None]]):
         m = f.message_type.add(name=name)
         for fname, number, ftype, label, type_name in fields:
             fld = m.field.add(name=fname, number=number, type=ftype, label=label)
@@ -27,10 +27,10 @@ def _build_example_class():
         return m
 
     rep, opt = FD.LABEL_REPEATED, FD.LABEL_OPTIONAL
-    msg("BytesList", [("value", 1, FD.TYPE_BYTES, rep, None)])
-    msg("FloatList", [("value", 1, FD.TYPE_FLOAT, rep, None)])
-    msg("Int64List", [("value", 1, FD.TYPE_INT64, rep, None)])
-    feature = msg("Feature", [
+    _msg("BytesList", [("value", 1, FD.TYPE_BYTES, rep, None)])
+    _msg("FloatList", [("value", 1, FD.TYPE_FLOAT, rep, None)])
+    _msg("Int64List", [("value", 1, FD.TYPE_INT64, rep, None)])
+    feature = _msg("Feature", [
         ("bytes_list", 1, FD.TYPE_MESSAGE, opt, f".{_PACKAGE}.BytesList"),
         ("float_list", 2, FD.TYPE_MESSAGE, opt, f".{_PACKAGE}.FloatList"),
         ("int64_list", 3, FD.TYPE_MESSAGE, opt, f".{_PACKAGE}.Int64List"),
@@ -38,14 +38,14 @@ def _build_example_class():
     feature.oneof_decl.add(name="kind")
     for fld in feature.field:
         fld.oneof_index = 0
-    features = msg("Features", [("feature", 1, FD.TYPE_MESSAGE, rep,
+    features = _msg("Features", [("feature", 1, FD.TYPE_MESSAGE, rep,
                                  f".{_PACKAGE}.Features.FeatureEntry")])
     entry = features.nested_type.add(name="FeatureEntry")
     entry.field.add(name="key", number=1, type=FD.TYPE_STRING, label=opt)
     entry.field.add(name="value", number=2, type=FD.TYPE_MESSAGE, label=opt,
                     type_name=f".{_PACKAGE}.Feature")
     entry.options.map_entry = True
-    msg("Example", [("features", 1, FD.TYPE_MESSAGE, opt, f".{_PACKAGE}.Features")])
+    _msg("Example", [("features", 1, FD.TYPE_MESSAGE, opt, f".{_PACKAGE}.Features")])
 
     pool = descriptor_pool.DescriptorPool()
     pool.Add(f)
@@ -79,28 +79,3 @@ def parse_example(data: bytes) -> dict[str, FeatureValue]:
         else:
             out[key] = np.zeros(0, dtype=np.float32)
     return out
-
-
-def build_example(features: dict[str, FeatureValue]) -> bytes:
-    """{key: floats | ints | list[bytes]} -> serialized `tf.train.Example` (for fixtures and tests).
-
-    numpy floating arrays become float_list, integer/bool arrays int64_list, lists of bytes bytes_list.
-    """
-    ex = Example()
-    for key, value in features.items():
-        feat = ex.features.feature[key]
-        if isinstance(value, (list, tuple)) and (not value or isinstance(value[0], bytes)):
-            feat.bytes_list.value.extend(value)
-            if not value:
-                feat.bytes_list.SetInParent()
-            continue
-        arr = np.asarray(value).reshape(-1)
-        if np.issubdtype(arr.dtype, np.floating):
-            feat.float_list.value.extend(arr.astype(np.float32).tolist())
-            feat.float_list.SetInParent()
-        elif np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
-            feat.int64_list.value.extend(arr.astype(np.int64).tolist())
-            feat.int64_list.SetInParent()
-        else:
-            raise TypeError(f"feature {key!r}: cannot encode dtype {arr.dtype}")
-    return ex.SerializeToString()

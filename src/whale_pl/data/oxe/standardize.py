@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from whale_pl.data.oxe.registry import ActionMap, DatasetConfig
+from whale_pl.data.oxe.registry import ActionMap
 from whale_pl.data.oxe.schema import DatasetSchema, FeatureSpec
 
 _SPEC = re.compile(r"^(?P<key>[A-Za-z0-9_\-/]+?)(?:\[(?P<a>\d+)(?::(?P<b>\d+))?\])?$")
@@ -32,10 +32,12 @@ class RecordError(ValueError):
 
 @dataclass(frozen=True)
 class Where:
+    """The file and record index being read, for error messages."""
     path: str
     index: int
 
     def err(self, key: str, msg: str) -> RecordError:
+        """A RecordError about ``key`` of this record."""
         return RecordError(self.path, self.index, key, msg)
 
 
@@ -81,6 +83,7 @@ def step_array(ex: dict, schema: DatasetSchema, key: str, t: int, where: Where) 
 
 
 def step_bytes(ex: dict, key: str, t: int, where: Where) -> list[bytes]:
+    """A byte-string step feature (encoded images, text): one entry per step."""
     if key not in ex:
         raise where.err(key, "missing from the record (features.json promises it)")
     v = ex[key]
@@ -144,7 +147,7 @@ def relative_gripper_to_absolute(cmd: np.ndarray, threshold: float = 0.1) -> np.
     return out
 
 
-def gripper_values(ex, schema, amap: ActionMap, t: int, where: Where) -> np.ndarray:
+def _gripper_values(ex, schema, amap: ActionMap, t: int, where: Where) -> np.ndarray:
     mode = amap.gripper_mode
     if mode == "const_open":
         return np.ones(t)
@@ -180,17 +183,11 @@ def standard_actions(ex: dict, schema: DatasetSchema, amap: ActionMap, t: int, w
         rpy = _to_euler(rot, amap.rot_format)
     if amap.pose == "absolute":
         xyz, rpy = _absolute_to_delta(xyz, rpy)
-    g = gripper_values(ex, schema, amap, t, where)
+    g = _gripper_values(ex, schema, amap, t, where)
     return np.concatenate([xyz, rpy, g[:, None]], axis=1).astype(np.float32)
 
 
-def native_actions(ex: dict, schema: DatasetSchema, key: str, t: int, where: Where) -> np.ndarray:
-    """float32 [T, A] of one flat action tensor, unchanged (unregistered datasets)."""
-    return step_array(ex, schema, key, t, where).astype(np.float32)
-
-
-def language_of(ex: dict, cfg: DatasetConfig | None, key: str | None, encoding: str, t: int,
-                where: Where) -> str:
+def language_of(ex: dict, key: str | None, encoding: str, t: int, where: Where) -> str:
     """The episode's instruction: the first non-empty step instruction ('' when there is none)."""
     if key is None:
         return ""
