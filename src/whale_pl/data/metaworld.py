@@ -93,27 +93,8 @@ class CollectConfig:
         return cls(**d)
 
     def __post_init__(self) -> None:
-        self._check_types()
-        if not self.tasks:
-            raise ValueError("no tasks given")
-        if not self.train_policies:
-            raise ValueError("no train_policies given")
-        tasks = valid_tasks()
-        bad = [t for t in self.tasks if t not in tasks]
-        if bad:
-            raise ValueError(f"unknown Meta-World task(s) {bad}; valid tasks: {tasks}")
-        for n in list(self.train_policies) + list(self.ood_policies):
-            parse_policy(n)  # raises PolicyNameError listing the valid forms
-        both = sorted(set(self.train_policies) & set(self.ood_policies))
-        if both:
-            raise ValueError(f"policies {both} are both training and OOD policies")
-        if len(set(self.train_policies)) != len(self.train_policies) or len(set(self.ood_policies)) != len(self.ood_policies):
-            raise ValueError("a policy is listed twice")
-        self._check_ranges()
-
-    def _check_types(self) -> None:
-        """Wrong types fail here, before any work: ``tasks: push-v3`` would otherwise be read as the
-        task list ['p', 'u', 's', 'h', ...] and ``episodes_per_policy: 2.5`` fail deep in the collector."""
+        # wrong types fail here, before any work: `tasks: push-v3` would otherwise be read as the task
+        # list ['p', 'u', 's', 'h', ...] and `episodes_per_policy: 2.5` fail deep in the collector
         for k in _NAME_LISTS:
             v = getattr(self, k)
             if isinstance(v, str):
@@ -122,20 +103,33 @@ class CollectConfig:
                 raise ValueError(f"{k} must be a list of names, got {v!r}")
             setattr(self, k, list(v))
         for k in _INTS:
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{k} must be an integer, got {v!r}")
+            if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int):
+                raise ValueError(f"{k} must be an integer, got {getattr(self, k)!r}")
         for k in ("camera", "out", "name"):
             if not isinstance(getattr(self, k), str):
                 raise ValueError(f"{k} must be a string, got {getattr(self, k)!r}")
+        if not self.tasks:
+            raise ValueError("no tasks given")
+        if not self.train_policies:
+            raise ValueError("no train_policies given")
+        tasks = valid_tasks()
+        bad = [t for t in self.tasks if t not in tasks]
+        if bad:
+            raise ValueError(f"unknown Meta-World task(s) {bad}; valid tasks: {tasks}")
+        for n in self.train_policies + self.ood_policies:
+            parse_policy(n)  # raises PolicyNameError listing the valid forms
+        both = sorted(set(self.train_policies) & set(self.ood_policies))
+        if both:
+            raise ValueError(f"policies {both} are both training and OOD policies")
+        if len(set(self.train_policies)) != len(self.train_policies) or len(set(self.ood_policies)) != len(self.ood_policies):
+            raise ValueError("a policy is listed twice")
+        self._check_ranges()
 
     def _check_ranges(self) -> None:
-        for k in ("episodes_per_policy", "max_steps", "action_repeat", "size", "episodes_per_shard", "workers"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("val_episodes_per_policy", "ood_episodes_per_policy", "seed"):
-            if getattr(self, k) < 0:
-                raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        for k in _INTS:
+            low = 0 if k in ("val_episodes_per_policy", "ood_episodes_per_policy", "seed") else 1
+            if getattr(self, k) < low:
+                raise ValueError(f"{k} must be >= {low}, got {getattr(self, k)}")
         if self.size > MAX_SIZE:
             raise ValueError(f"size {self.size} > {MAX_SIZE}: Meta-World renders at most {MAX_SIZE} x {MAX_SIZE} "
                              "(its 640 x 480 offscreen framebuffer)")

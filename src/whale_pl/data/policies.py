@@ -1,20 +1,9 @@
-"""Behavior-policy families built on Meta-World's scripted experts.
+"""Behavior-policy families built on Meta-World's scripted experts (one class per family below).
 
-Every policy has a string name that fully determines it (``parse_policy(name)``) and a JSON
-descriptor ``{"name", "family", "params"}`` stored in each episode's metadata.
-
-    name                     family  behaviour
-    expert                   expert  the scripted expert (actions clipped to [-1, 1])
-    noise_<sigma>            noise   expert + N(0, sigma^2) on every dim, re-clipped
-    eps_<p>                  eps     with probability p a uniform random action, else the expert
-    slow_<scale>             slow    expert xyz scaled by scale (< 1); gripper unchanged
-    lag_<k>                  lag     the expert acting on the observation k steps old
-    bias_<axis><value>...    bias    expert + a constant offset, e.g. bias_x0.4, bias_y-0.3z0.2
-    mix_<a>+<b>[+...]        mix     segments of 10 steps, each driven by a component picked
-                                     uniformly at random, e.g. mix_expert+lag_6
-
-All randomness comes from the generator passed to ``reset`` (seeded per episode), so rollouts
-are reproducible.
+A policy's name fully determines it: ``parse_policy(name)``, forms in ``NAME_HELP`` (e.g. ``noise_0.1``,
+``bias_y-0.3z0.2``, ``mix_expert+lag_6``); its descriptor ``{"name", "family", "params"}`` is stored in
+each episode's metadata. All randomness comes from the generator passed to ``reset`` (seeded per
+episode), so rollouts are reproducible.
 """
 
 from __future__ import annotations

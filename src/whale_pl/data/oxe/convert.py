@@ -1,17 +1,12 @@
 """RLDS (TFRecord) -> Episodes -> WebDataset shards; parallel over input files, streaming, resumable.
 
-Two stages:
+1. Every input file is converted, in a worker process, one episode in memory at a time, into its own
+   part directory ``<out>/.parts/<split>-<file index>/`` (a ShardWriter dataset) with a ``part.json``
+   completion marker written last. A rerun skips every part whose marker matches its source and options.
+2. The parts are merged, in file and record order, into ``<out>`` by one ShardWriter, then removed.
+   A rerun of a finished conversion with the same source and options finds the manifest and stops.
 
-1. Every input file is converted, in a worker process, into its own part directory
-   ``<out>/.parts/<split>-<file index>/`` (a ShardWriter dataset) and a ``part.json`` completion
-   marker written last. One episode is in memory at a time, so memory stays flat. A rerun skips
-   every part whose marker matches the current source file and options.
-2. The parts are merged, in file and record order, into ``<out>`` by one ShardWriter (manifest with
-   per-dataset action statistics), after which the parts are removed. A rerun of a finished
-   conversion with the same source and options finds the manifest and does nothing.
-
-The result does not depend on the number of workers or on interruptions: keys, order and bytes are
-fixed by (split, file index, record index).
+Keys, order and bytes are fixed by (split, file index, record index), whatever the workers or interruptions.
 """
 
 from __future__ import annotations
@@ -74,7 +69,6 @@ class ConvertOptions:
 @dataclass
 class Plan:
     """What to read from the source and how: decided once from features.json."""
-
     dataset: str
     version: str
     camera_key: str                     # full Example key
@@ -96,8 +90,7 @@ class Plan:
 
 
 def _obs_key(key: str) -> str:
-    key = key.removeprefix("steps/").removeprefix("observation/")
-    return f"steps/observation/{key}"
+    return "steps/observation/" + key.removeprefix("steps/").removeprefix("observation/")
 
 
 def _step_key(key: str) -> str:
@@ -108,7 +101,7 @@ def make_plan(src: Path, schema: DatasetSchema, opts: ConvertOptions) -> Plan:
     """What to read from ``src`` and how: the registry entry's choices (or the flags'), else the only
     camera, flat action tensor and text key the schema has; ConversionError listing what is ambiguous."""
     dataset, version = src.parent.name, src.name
-    cfg = reg.lookup(dataset)
+    cfg = reg.REGISTRY.get(dataset)
     problems: list[str] = []
     camera = _plan_camera(schema, cfg, opts, dataset, problems)
     action, space = _plan_action(schema, cfg, opts, problems)
@@ -194,21 +187,19 @@ def _plan_language(schema: DatasetSchema, cfg, opts: ConvertOptions, dataset: st
     return None, "utf8"
 
 
+def _dataset_info(src: Path) -> dict:
+    path = src / "dataset_info.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def source_files(src: Path, split: str) -> list[tuple[Path, int | None]]:
     """The split's TFRecord files in shard order, with episode counts from dataset_info.json."""
-    dataset = src.parent.name
-    info_path = src / "dataset_info.json"
-    counts: list[int] | None = None
-    template = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
-    name = dataset
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        name = info.get("name", dataset)
-        for s in info.get("splits", []):
-            if s.get("name") == split:
-                counts = [int(c) for c in s.get("shardLengths", [])]
-                template = s.get("filepathTemplate", template)
-    if counts is not None:
+    info = _dataset_info(src)
+    name = info.get("name", src.parent.name)
+    entries = [s for s in info.get("splits", []) if s.get("name") == split]
+    if entries:
+        counts = [int(c) for c in entries[-1].get("shardLengths", [])]
+        template = entries[-1].get("filepathTemplate", "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}")
         n = len(counts)
         files = [src / template.replace("{DATASET}", name).replace("{SPLIT}", split)
                  .replace("{FILEFORMAT}", "tfrecord").replace("{SHARD_X_OF_Y}", f"{i:05d}-of-{n:05d}")
@@ -228,24 +219,18 @@ def source_files(src: Path, split: str) -> list[tuple[Path, int | None]]:
 def _enough_files(files: list[tuple[Path, int | None]], n: int) -> list[tuple[Path, int | None]]:
     """The leading files that hold the first ``n`` episodes (all files when counts are unknown;
     each then converts at most ``n`` and the merge keeps the first ``n``)."""
-    total = 0
-    for i, (_, count) in enumerate(files):
-        if count is None:
-            return files
-        total += count
-        if total >= n:
-            return files[: i + 1]
-    return files
+    if any(count is None for _, count in files):
+        return files
+    totals = np.cumsum([count for _, count in files])
+    return files[: int(np.searchsorted(totals, n)) + 1]
 
 
 def dataset_splits(src: Path) -> set[str]:
     """The RLDS split names a dataset directory holds (dataset_info.json, else its file names)."""
-    info_path = src / "dataset_info.json"
-    if info_path.is_file():
-        names = {s.get("name") for s in json.loads(info_path.read_text()).get("splits", [])}
-        if names:
-            return {n for n in names if n}
-    return {f.name.split(".tfrecord")[0].rsplit("-", 1)[-1] for f in src.glob("*-*.tfrecord-*")} if src.is_dir() else set()
+    names = {s.get("name") for s in _dataset_info(src).get("splits", [])}
+    if names:
+        return {n for n in names if n}
+    return {f.name.split(".tfrecord")[0].rsplit("-", 1)[-1] for f in src.glob("*-*.tfrecord-*")}
 
 
 def record_to_episode(data: bytes, schema: DatasetSchema, plan: Plan, where: Where, split: str,
@@ -262,19 +247,17 @@ def record_to_episode(data: bytes, schema: DatasetSchema, plan: Plan, where: Whe
         actions = standard_actions(ex, schema, reg.ActionMap(**plan.action["registry"]), t, where)
     else:  # an unregistered dataset's flat action tensor, unchanged
         actions = step_array(ex, schema, plan.action["native"], t, where).astype(np.float32)
-    flags = {}
-    for name in ("is_first", "is_last", "is_terminal"):
+    flags, steps = {}, np.arange(t)
+    for name, default in (("is_first", 0), ("is_last", t - 1), ("is_terminal", t - 1)):
         key = f"steps/{name}"
-        flags[name] = (step_array(ex, schema, key, t, where)[:, 0] != 0 if key in schema.features
-                       else np.arange(t) == (0 if name == "is_first" else t - 1))
+        flags[name] = step_array(ex, schema, key, t, where)[:, 0] != 0 if key in schema.features else steps == default
     rewards = (step_array(ex, schema, plan.reward_key, t, where)[:, 0].astype(np.float32)
                if plan.reward_key else np.zeros(t, np.float32))
     images = step_bytes(ex, plan.camera_key, t, where)
     language = language_of(ex, plan.language_key, plan.language_encoding, t, where)
     k = plan.stride
     keep = range(0, t, k)
-    frames = np.stack([decode_frame(images[i], plan.size, plan.crop, plan.camera_key, i, where)
-                       for i in keep])
+    frames = np.stack([decode_frame(images[i], plan.size, plan.crop, plan.camera_key, i, where) for i in keep])
     success = flags["is_terminal"].astype(np.float32)
     if k > 1:
         space = ActionSpace.from_json(plan.action_space)
@@ -284,19 +267,13 @@ def record_to_episode(data: bytes, schema: DatasetSchema, plan: Plan, where: Whe
         success = np.array([success[g].max() for g in groups], np.float32)
         flags = {n: np.array([v[g].any() for g in groups]) for n, v in flags.items()}
     name = plan.dataset
-    hz = plan.control_hz / k if plan.control_hz else None
-    meta = {
-        "source": f"oxe/{name}",
-        "task": language or name,
-        "policy": {"name": f"oxe/{name}", "family": name, "params": {}},
-        "split": RLDS_TO_SHARD_SPLIT.get(split, split),
-        "action_space": plan.action_space,
-        "control_hz": hz,
-        "episode_id": f"{name}/{split}/{file_index:05d}/{where.index:06d}",
-        "oxe": {"dataset": name, "version": plan.version, "split": split,
-                "file": Path(where.path).name, "record": where.index, "frame_stride": k,
-                "camera": plan.camera_key, "native_steps": t},
-    }
+    meta = {"source": f"oxe/{name}", "task": language or name,
+            "policy": {"name": f"oxe/{name}", "family": name, "params": {}},
+            "split": RLDS_TO_SHARD_SPLIT.get(split, split), "action_space": plan.action_space,
+            "control_hz": plan.control_hz / k if plan.control_hz else None,
+            "episode_id": f"{name}/{split}/{file_index:05d}/{where.index:06d}",
+            "oxe": {"dataset": name, "version": plan.version, "split": split, "file": Path(where.path).name,
+                    "record": where.index, "frame_stride": k, "camera": plan.camera_key, "native_steps": t}}
     return Episode(frames=frames, actions=np.ascontiguousarray(actions, np.float32), rewards=rewards,
                    success=success, is_first=flags["is_first"], is_last=flags["is_last"],
                    is_terminal=flags["is_terminal"], state=None, language=language, meta=meta)
@@ -316,15 +293,13 @@ def _part_dir(out: Path, split: str, file_index: int) -> Path:
     return out / PARTS / f"{split}-{file_index:05d}"
 
 
-def _part_done(part: Path, marker: dict) -> dict | None:
-    mp_ = part / "part.json"
-    if not mp_.is_file():
-        return None
+def _recorded(path: Path, ident: dict, ident_of) -> dict | None:
+    """The JSON record at ``path`` if ``ident_of(record) == ident`` (None if absent, unreadable or another)."""
     try:
-        done = json.loads(mp_.read_text())
-    except json.JSONDecodeError:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    return done if done.get("id") == marker else None
+    return rec if isinstance(rec, dict) and ident_of(rec) == ident else None
 
 
 def convert_file(job: tuple) -> dict:
@@ -336,7 +311,7 @@ def convert_file(job: tuple) -> dict:
     marker = {"plan": plan.fingerprint(), "source": _source_id(path), "skip_corrupt": skip_corrupt}
     if limit is not None:
         marker["limit"] = int(limit)
-    done = _part_done(part, marker)
+    done = _recorded(part / "part.json", marker, lambda r: r.get("id"))
     if done is not None:
         return {**done, "resumed": True}
     if part.exists():
@@ -413,8 +388,7 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
     plan = make_plan(src, schema, opts)
     jobs, ident = _plan_jobs(src, out, plan, opts)
 
-    manifest_path = out / MANIFEST
-    done = _finished_conversion(out, ident)
+    done = _recorded(out / MANIFEST, ident, lambda m: m.get("extra", {}).get("oxe", {}).get("id"))
     if done is not None:
         log.info("%s: already converted with the same source and options", out)
         return done
@@ -434,9 +408,7 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
         "gripper_convention": "absolute opening in [0, 1]: 1 = open, 0 = closed",
     }
     summaries, n_skipped = _merge_parts(src, out, jobs, opts, plan, oxe, workers, progress)
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("extra", {}).get("oxe", {}).get("corrupt_episodes") != n_skipped:
-        raise ConversionError(f"{manifest_path}: the conversion record did not reach the manifest")
+    manifest = json.loads((out / MANIFEST).read_text())
     if not opts.keep_parts:
         shutil.rmtree(out / PARTS, ignore_errors=True)
     dt = time.perf_counter() - t0
@@ -496,15 +468,6 @@ def _merge_parts(src: Path, out: Path, jobs: list[tuple], opts: ConvertOptions, 
         if not any(p["episodes"] for p in summaries):
             raise ConversionError(f"{src}: no episode converted ({n_skipped} corrupt)")
     return summaries, n_skipped
-
-
-def _finished_conversion(out: Path, ident: dict) -> dict | None:
-    """The manifest of a finished conversion of ``ident`` in ``out`` (None if there is none)."""
-    try:
-        m = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return m if isinstance(m, dict) and m.get("extra", {}).get("oxe", {}).get("id") == ident else None
 
 
 @dataclass

@@ -63,13 +63,9 @@ class DatasetConfig:
         return asdict(self)
 
 
-def _stride(hz: float) -> int:
-    return max(1, round(hz / TARGET_HZ))
-
-
 def _cfg(name, camera, action, language, hz, **kw) -> DatasetConfig:
     return DatasetConfig(name=name, camera=camera, action=action, language=language, control_hz=hz,
-                         frame_stride=kw.pop("frame_stride", _stride(hz)), **kw)
+                         frame_stride=max(1, round(hz / TARGET_HZ)), **kw)
 
 
 _NL = "observation/natural_language_instruction"   # RT-1 style datasets
@@ -188,11 +184,6 @@ DEFAULT_MIXTURE_WEIGHTS: dict[str, float] = {**OXE_MAGIC_SOUP, "bridge": 1.0}
 
 GRIPPER_MODES = ("open", "open_clip", "close_clip", "relative", "const_open", "const_closed")
 ROT_FORMATS = ("euler", "euler_deg", "quat_xyzw", "rotvec")
-
-
-def lookup(name: str) -> DatasetConfig | None:
-    """The registry entry of ``name`` (None if it is not registered)."""
-    return REGISTRY.get(name)
 
 
 def check_config(cfg: DatasetConfig) -> None:
