@@ -20,10 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import multiprocessing as mp
 import os
-import queue
-import traceback
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +32,7 @@ from whale_pl.data.episode import METAWORLD_ACTION_SPACE, Episode
 from whale_pl.data.ownership import claim, config_hash, ownership
 from whale_pl.data.policies import parse_policy
 from whale_pl.data.shards import ShardError, ShardWriter, verify_dataset
-from whale_pl.data.workers import exit_with_parent
+from whale_pl.data.workers import map_ordered
 
 log = logging.getLogger(__name__)
 SPLIT_CODE = {"train": 0, "val": 1, "ood": 2}
@@ -261,78 +258,44 @@ def rollout(env: MetaWorldEnv, policy_name: str, seed: int, max_steps: int, acti
                          "camera": env.camera, "seed": seed})
 
 
-def _worker(jobs_q, results_q, size: int, camera: str, max_steps: int, action_repeat: int, parent_pid: int) -> None:
+def _quiet_worker() -> None:
     import warnings
 
-    exit_with_parent(parent_pid)  # a killed collector leaves no worker behind
     warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")  # the experts' gains, harmless
-    env = None
-    try:
-        while True:
-            chunk = jobs_q.get()
-            if chunk is None:
-                break
-            out = []
-            for job in chunk:
-                if env is None or env.task != job.task:
-                    if env is not None:
-                        env.close()
-                    env = MetaWorldEnv(job.task, size, camera)
-                ep = rollout(env, job.policy, job.seed, max_steps, action_repeat)
-                ep.meta.update({"split": job.split, "episode_id": f"{job.task}/{job.policy}/{job.split}/{job.episode}"})
-                out.append((job.index, ep))
-            results_q.put(("ok", out))
-    except BaseException:  # noqa: BLE001 - report everything to the parent
-        results_q.put(("error", traceback.format_exc()))
-    finally:
-        if env is not None:
-            env.close()
+
+
+_env: MetaWorldEnv | None = None  # a worker process's env, kept while its jobs stay on one task
+
+
+def _rollout_chunk(args: tuple) -> list[Episode]:
+    """Roll out a chunk of jobs in a worker process (rebuilding its env only when the task changes)."""
+    global _env
+    chunk, size, camera, max_steps, action_repeat = args
+    out = []
+    for job in chunk:
+        if _env is None or _env.task != job.task:
+            if _env is not None:
+                _env.close()
+            _env = MetaWorldEnv(job.task, size, camera)
+        ep = rollout(_env, job.policy, job.seed, max_steps, action_repeat)
+        ep.meta.update({"split": job.split, "episode_id": f"{job.task}/{job.policy}/{job.split}/{job.episode}"})
+        out.append(ep)
+    return out
 
 
 def iter_collect(jobs: list[Job], size: int, camera: str, max_steps: int, workers: int,
                  chunk: int = 8, action_repeat: int = 1) -> Iterator[Episode]:
     """Run the jobs in ``workers`` spawned processes; yield episodes in job order."""
-    ctx = mp.get_context("spawn")
     chunks: list[list[Job]] = []
     for j in jobs:  # chunks never straddle tasks
         if chunks and len(chunks[-1]) < chunk and chunks[-1][-1].task == j.task:
             chunks[-1].append(j)
         else:
             chunks.append([j])
-    jobs_q, results_q = ctx.Queue(), ctx.Queue()
-    for c in chunks:
-        jobs_q.put(c)
-    n = max(1, min(workers, len(chunks)))
-    for _ in range(n):
-        jobs_q.put(None)
-    procs = [ctx.Process(target=_worker, args=(jobs_q, results_q, size, camera, max_steps, action_repeat, os.getpid()),
-                         daemon=True) for _ in range(n)]
     os.environ.setdefault("MUJOCO_GL", "egl")  # inherited by the spawned workers
-    for p in procs:
-        p.start()
-    pending: dict[int, Episode] = {}
-    nxt = 0
-    try:
-        while nxt < len(jobs):
-            try:
-                status, payload = results_q.get(timeout=5.0)
-            except queue.Empty:
-                dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
-                if dead:
-                    raise RuntimeError(f"collector worker died with exit code {dead[0].exitcode}")
-                continue
-            if status == "error":
-                raise RuntimeError(f"collector worker failed:\n{payload}")
-            pending.update(payload)
-            while nxt in pending:
-                yield pending.pop(nxt)
-                nxt += 1
-    finally:
-        for p in procs:
-            p.join(timeout=10 if nxt >= len(jobs) else 0.1)
-            if p.is_alive():
-                p.terminate()
-                p.join()
+    args = [(c, size, camera, max_steps, action_repeat) for c in chunks]
+    for episodes in map_ordered(_rollout_chunk, args, max(1, min(workers, len(chunks))), _quiet_worker):
+        yield from episodes
 
 
 def collect(cfg: CollectConfig, overwrite: bool = False, progress: bool = True) -> dict:

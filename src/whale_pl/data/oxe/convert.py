@@ -14,12 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import resource
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -36,7 +34,7 @@ from whale_pl.data.oxe.tfrecord import TFRecordError, iter_records_safe
 from whale_pl.data.ownership import claim, ownership
 from whale_pl.data.shards import MANIFEST, ShardWriter, iter_tar_samples, verify_dataset
 from whale_pl.io import write_json_atomic, write_text_atomic
-from whale_pl.data.workers import exit_with_parent
+from whale_pl.data.workers import map_ordered
 
 log = logging.getLogger(__name__)
 PARTS = ".parts"
@@ -506,21 +504,10 @@ def _iter_jobs(jobs: list[tuple], workers: int, progress: bool, name: str):
     """Run `convert_file` over the jobs (in worker processes when workers > 1); yield in job order."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(jobs), desc=f"oxe {name}: files", unit="file", disable=not progress)
-    try:
-        if workers <= 1:
-            for j in jobs:
-                yield convert_file(j)
-                bar.update(1)
-        else:
-            ctx = mp.get_context("spawn")  # (not forkserver: its children keep it alive, see data/workers.py)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=exit_with_parent,
-                                     initargs=(os.getpid(),)) as ex:
-                for r in ex.map(convert_file, jobs):
-                    yield r
-                    bar.update(1)
-    finally:
-        bar.close()
+    with tqdm(total=len(jobs), desc=f"oxe {name}: files", unit="file", disable=not progress) as bar:
+        for r in map(convert_file, jobs) if workers <= 1 else map_ordered(convert_file, jobs, workers):
+            yield r
+            bar.update(1)
 
 
 MIXTURE_FILE = "mixture.json"
