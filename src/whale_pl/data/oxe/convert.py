@@ -31,7 +31,7 @@ from whale_pl.data.oxe.schema import DatasetSchema, SchemaError, load_schema
 from whale_pl.data.oxe.standardize import (RecordError, Where, decode_frame, episode_length, language_of,
                                            standard_actions, step_array, step_bytes)
 from whale_pl.data.oxe.tfrecord import TFRecordError, iter_records_safe
-from whale_pl.data.ownership import claim, ownership
+from whale_pl.data.ownership import claim, ownership, read_json
 from whale_pl.data.shards import MANIFEST, ShardWriter, iter_tar_samples, verify_dataset
 from whale_pl.io import write_json_atomic, write_text_atomic
 from whale_pl.data.workers import map_ordered
@@ -117,21 +117,19 @@ def make_plan(src: Path, schema: DatasetSchema, opts: ConvertOptions) -> Plan:
                 size=opts.size, crop=opts.crop, splits=list(opts.splits))
 
 
+def _key_in(schema: DatasetSchema, key: str, who: str, what: str, have: list[str], flag: str) -> str:
+    """``key`` if the schema has it, else a ConversionError naming who asked for it and the keys there are."""
+    if key not in schema.features:
+        raise ConversionError(f"{schema.path}: {who} names {what} {key!r}, which features.json lacks; {what} keys: "
+                              f"{', '.join(have) or 'none'}; choose one with {flag} KEY")
+    return key
+
+
 def _plan_camera(schema: DatasetSchema, cfg, opts: ConvertOptions, dataset: str, problems: list[str]) -> str:
     images = schema.image_keys()
-    if opts.camera:
-        camera = _obs_key(opts.camera)
-        if camera not in schema.features:
-            raise ConversionError(f"{schema.path}: --camera {opts.camera!r}: no image feature {camera!r}; "
-                                  f"image keys: {', '.join(images) or 'none'}")
-        return camera
-    if cfg is not None:
-        camera = _obs_key(cfg.camera)
-        if camera not in schema.features:
-            raise ConversionError(f"{schema.path}: registry entry {dataset!r} names camera {camera!r}, "
-                                  f"which features.json lacks; image keys: {', '.join(images)}; "
-                                  "choose one with --camera KEY")
-        return camera
+    if opts.camera or cfg is not None:
+        who = f"--camera {opts.camera!r}" if opts.camera else f"registry entry {dataset!r}"
+        return _key_in(schema, _obs_key(opts.camera or cfg.camera), who, "camera", images, "--camera")
     if len(images) == 1:
         return images[0]
     problems.append(f"{len(images)} camera keys ({', '.join(images) or 'none'}): choose one with --camera KEY")
@@ -144,14 +142,14 @@ def _plan_action(schema: DatasetSchema, cfg, opts: ConvertOptions, problems: lis
         return {"registry": asdict(cfg.action)}, EEF7_ACTION_SPACE.to_json()
     cands = schema.numeric_step_keys("action")
     flat = [k for k in cands if len(schema.features[k].shape) <= 1]
-    key = _step_key(opts.action_key) if opts.action_key else (flat[0] if len(cands) == 1 and flat else None)
-    if opts.action_key and key not in schema.features:
-        raise ConversionError(f"{schema.path}: --action-key {opts.action_key!r}: no step feature {key!r}; "
-                              f"action tensors: {', '.join(cands) or 'none'}")
-    if key is None:
-        problems.append(f"action is not one flat tensor ({', '.join(cands) or 'none'}): register the "
-                        "dataset in whale_pl/data/oxe/registry.py, or choose one flat tensor with "
-                        "--action-key KEY")
+    if opts.action_key:
+        key = _key_in(schema, _step_key(opts.action_key), f"--action-key {opts.action_key!r}", "action", cands,
+                      "--action-key")
+    elif len(cands) == 1 and flat:
+        key = flat[0]
+    else:
+        problems.append(f"action is not one flat tensor ({', '.join(cands) or 'none'}): register the dataset in "
+                        "whale_pl/data/oxe/registry.py, or choose one flat tensor with --action-key KEY")
         return {}, {}
     n = schema.features[key].size
     if n is None:
@@ -163,22 +161,18 @@ def _plan_action(schema: DatasetSchema, cfg, opts: ConvertOptions, problems: lis
 
 def _plan_language(schema: DatasetSchema, cfg, opts: ConvertOptions, dataset: str,
                    problems: list[str]) -> tuple[str | None, str]:
+    texts = schema.text_step_keys()
     if opts.language_key in ("none", ""):
         return None, "utf8"
     if opts.language_key:
-        lang = _step_key(opts.language_key)
-        if lang not in schema.features:
-            raise ConversionError(f"{schema.path}: --language-key {opts.language_key!r}: no step feature "
-                                  f"{lang!r}; text keys: {', '.join(schema.text_step_keys()) or 'none'}")
+        lang = _key_in(schema, _step_key(opts.language_key), f"--language-key {opts.language_key!r}", "text", texts,
+                       "--language-key")
         return lang, "codepoints" if schema.features[lang].kind == "tensor" else "utf8"
     if cfg is not None:
-        lang = _step_key(cfg.language) if cfg.language else None
-        if lang is not None and lang not in schema.features:
-            raise ConversionError(f"{schema.path}: registry entry {dataset!r} names language key {lang!r}, "
-                                  f"which features.json lacks; text keys: "
-                                  f"{', '.join(schema.text_step_keys()) or 'none'}")
-        return lang, cfg.language_encoding
-    texts = schema.text_step_keys()
+        if not cfg.language:
+            return None, cfg.language_encoding
+        who = f"registry entry {dataset!r}"
+        return _key_in(schema, _step_key(cfg.language), who, "text", texts, "--language-key"), cfg.language_encoding
     if len(texts) <= 1:
         return (texts[0] if texts else None), "utf8"
     problems.append(f"{len(texts)} text keys ({', '.join(texts)}): choose the instruction with --language-key KEY")
@@ -293,10 +287,7 @@ def _part_dir(out: Path, split: str, file_index: int) -> Path:
 
 def _recorded(path: Path, ident: dict, ident_of) -> dict | None:
     """The JSON record at ``path`` if ``ident_of(record) == ident`` (None if absent, unreadable or another)."""
-    try:
-        rec = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    rec = read_json(path)
     return rec if isinstance(rec, dict) and ident_of(rec) == ident else None
 
 
