@@ -30,11 +30,9 @@ def check_composable(space: ActionSpace) -> None:
 
 
 class ActionNormaliser:
-    """The datamodule's action normalisation, for single and composed actions.
-
-    ``base`` is the data's ``frame_stride`` (the model's clock): one model step composes ``base``
-    recorded steps, so a model-step action is normalised with ``k = base`` and a retracing-action
-    over K model steps with ``k = K * base``."""
+    """The datamodule's action normalisation, for single and composed actions. ``base`` is the data's
+    ``frame_stride``: a model-step action composes ``k = base`` recorded steps, a retracing-action over K
+    model steps ``k = K * base``."""
 
     def __init__(self, space: ActionSpace, mean_A: np.ndarray | list, std_A: np.ndarray | list, base: int = 1) -> None:
         if int(base) < 1:

@@ -35,13 +35,9 @@ class EpisodeError(ValueError):
 
 @dataclass
 class ActionSpace:
-    """Names and composition rules of the action dimensions.
-
-    ``compose`` gives the single retracing-action equivalent to K consecutive actions: summed
-    dims add up, rotation dims (roll, pitch, yaw deltas, extrinsic ``xyz`` Euler angles) compose
-    as rotations (the later rotation applied after the earlier: R = R_K ... R_1), the gripper
-    takes the last command. A dimension in none of the three groups cannot be composed.
-    """
+    """Names and composition rules of the action dimensions: over K steps ``sum_dims`` add up, ``rot_dims``
+    (roll, pitch, yaw deltas: extrinsic xyz Euler angles) compose as rotations R_K ... R_1, the gripper
+    takes the last command; a dim in none of these groups cannot be composed."""
 
     names: list[str]
     sum_dims: list[int]
@@ -198,10 +194,8 @@ class Episode:
     @classmethod
     def from_sample(cls, sample: dict[str, Any], where: str | None = None,
                     frame_size: tuple[int, int] | None = None, action_dim: int | None = None) -> "Episode":
-        """Decode a sample; errors name ``where`` (shard), the key and the field.
-
-        With ``frame_size``/``action_dim`` the decoded arrays are also checked against them.
-        """
+        """Decode a sample (checked against ``frame_size``/``action_dim`` when given); errors name
+        ``where`` (shard), the key and the field."""
         key = sample.get("__key__", "?")
         loc = f"{where or sample.get('__url__', '?')} key {key}"
         for ext in SAMPLE_EXTS:

@@ -326,11 +326,9 @@ def _collect(cfg: CollectConfig, progress: bool) -> dict:
 
 
 def dataset_status(cfg: CollectConfig) -> tuple[str, str]:
-    """('complete'|'absent'|'incomplete'|'different'|'foreign', one line on what ``cfg.out`` holds).
-
-    'incomplete': an interrupted or damaged collection of this config (its marker says so);
-    'different': a collection of another config; 'foreign': anything else (another program's files,
-    a dataset without a collection marker that fails verification)."""
+    """('complete'|'absent'|'incomplete'|'different'|'foreign', one line on what ``cfg.out`` holds):
+    'incomplete' is an interrupted or damaged collection of this config (its marker says so), 'different'
+    one of another config, 'foreign' anything else (another program's files, an unmarked broken dataset)."""
     out = Path(cfg.out)
     want = json.loads(json.dumps(cfg.data_json()))
     state, what = ownership(out, KIND, want)
@@ -351,11 +349,8 @@ def dataset_status(cfg: CollectConfig) -> tuple[str, str]:
 
 
 def ensure_collected(cfg: CollectConfig, overwrite: bool = False, progress: bool = True) -> dict:
-    """Collect unless complete, verified shards of this exact config exist; returns the manifest.
-
-    An interrupted or damaged collection of this config is re-collected with a warning; a folder
-    holding another config or anything not collected by whale-data raises unless ``overwrite``.
-    """
+    """Collect unless complete, verified shards of this exact config exist; returns the manifest. An
+    interrupted collection of this config is re-collected; anything else raises unless ``overwrite``."""
     status, why = dataset_status(cfg)
     if status == "complete":
         return verify_dataset(cfg.out)

@@ -138,12 +138,9 @@ class _OpenShard:
 
 
 class ShardWriter:
-    """Write Episodes into ``out_dir`` as shards of one split each, then the manifest.
-
-    ``out_dir`` must be empty or absent unless ``overwrite=True`` (then its manifest and shards are
-    removed first). On an exception inside the ``with`` block no manifest is written: the directory
-    reads as incomplete. ``extra`` is stored in the manifest as-is (e.g. the collection config).
-    """
+    """Write Episodes into ``out_dir`` (empty or absent unless ``overwrite``) as shards of one split each,
+    then the manifest, which stores ``extra`` as-is. After an exception in the ``with`` block there is no
+    manifest: the directory reads as incomplete."""
 
     def __init__(self, out_dir: str | Path, episodes_per_shard: int = 64, max_shard_bytes: int = 512 << 20,
                  overwrite: bool = False, extra: dict | None = None):
@@ -333,12 +330,9 @@ def verify_dataset(data_dir: str | Path, checksums: bool = True) -> dict:
 
 
 def iter_tar_samples(path: str | Path, keys: set[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Group a WebDataset tar's members by key: {'__key__', '__url__', ext: bytes, ...}.
-
-    Member headers are parsed straight from a memory map (header checksums are checked by
-    ``TarInfo.frombuf``); members must be plain files or folders, as ``ShardWriter`` writes them. With
-    ``keys`` only those samples are returned; the others come back as ``__skipped__`` stubs, not copied.
-    """
+    """Group a WebDataset tar's members by key: {'__key__', '__url__', ext: bytes, ...}, parsing the plain
+    ustar headers ``ShardWriter`` writes straight from a memory map (checksums checked). With ``keys`` the
+    other samples come back as ``__skipped__`` stubs, not copied."""
     path = str(path)
     try:
         with open(path, "rb") as fh:

@@ -362,10 +362,7 @@ def _write_part(path: Path, schema: DatasetSchema, plan: Plan, split: str, file_
 def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions | None = None,
                     progress: bool = True, timing: dict | None = None) -> dict:
     """Convert ``<root>/<dataset>/<version>`` into a shard directory ``out``; returns the manifest.
-
-    ``timing``, if given, receives wall seconds, CPU seconds (this process + the part workers) and
-    how many parts were resumed rather than converted.
-    """
+    ``timing`` receives wall and CPU seconds (this process + the part workers) and the parts resumed."""
     opts = opts or ConvertOptions()
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -509,13 +506,10 @@ DM_CLASS = "whale_pl.data.datamodule.ClipDataModule"
 def convert_mixture(root: str | os.PathLike, datasets: list[tuple[str, float | None]],
                     out: str | os.PathLike, opts: ConvertOptions | None = None,
                     progress: bool = True) -> dict:
-    """Convert several datasets under one root to ``out/<dataset>`` and write ``out/mixture.json``.
-
-    ``datasets``: (name or name/version, weight or None for the registry default). The mixture file
-    lists each dataset directory (relative to the mixture file) with its sampling weight and the
-    splits converted. RLDS datasets differ in their held-out splits (``val``, ``test`` or none), so
-    in a mixture each dataset converts the requested splits it has (``train`` is required).
-    """
+    """Convert several datasets under ``root`` to ``out/<dataset>``; write ``out/mixture.json`` (each
+    directory with its sampling weight and splits) and ``out/datamodule.yaml``. ``datasets``: (name or
+    name/version, weight or None for the registry default). Each dataset converts the requested splits it
+    has (RLDS held-out splits differ: ``val``, ``test`` or none); ``train`` is required."""
     opts = opts or ConvertOptions()
     root, out = Path(root), Path(out)
     _check_mixture_root(out, opts.overwrite)

@@ -48,10 +48,8 @@ FeatureValue = np.ndarray | list
 
 
 def parse_example(data: bytes) -> dict[str, FeatureValue]:
-    """Serialized `tf.train.Example` -> {key: float32 array | int64 array | list[bytes]}.
-
-    A feature whose kind is unset (an empty list) comes back as an empty float32 array.
-    """
+    """Serialized `tf.train.Example` -> {key: float32 array | int64 array | list[bytes]} (a feature of
+    unset kind, an empty list, as an empty float32 array)."""
     ex = Example()
     ex.ParseFromString(data)
     out: dict[str, FeatureValue] = {}

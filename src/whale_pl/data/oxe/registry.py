@@ -1,30 +1,22 @@
-"""Declarative per-dataset entries for Open X-Embodiment: which camera, how the native action maps to
-the standard 7-D end-effector delta, where the language lives, the control rate and a frame stride.
+"""Declarative per-dataset entries for Open X-Embodiment: which camera, how the native action maps to the
+standard 7-D end-effector delta ``[dx, dy, dz, droll, dpitch, dyaw, gripper]`` (``EEF7_ACTION_SPACE``), where
+the language lives, the control rate and a frame stride. Positions and rotation deltas stay in the dataset's
+own units and frame (per-dataset statistics in the manifest normalise them); rotations are extrinsic xyz
+Euler angles in radians.
 
-Standard action (``EEF7_ACTION_SPACE``): ``[dx, dy, dz, droll, dpitch, dyaw, gripper]``.
-Positions and rotation deltas are in the dataset's own units and frame (OXE does not unify them;
-per-dataset statistics in the manifest normalise them). Rotation deltas are extrinsic xyz Euler
-angles in radians.
+**Gripper convention, for every dataset: absolute target opening in [0, 1], 1 = open, 0 = closed** (Octo's).
+Native encodings are mapped by ``gripper_mode``:
 
-**Gripper convention (one, for every dataset): absolute target opening in [0, 1], 1 = open,
-0 = closed** (Octo's convention). Native encodings are mapped by ``gripper_mode``:
-
-- ``open``:        already 1 = open in [0, 1]; copied unchanged
-- ``open_clip``:   1 = open, values clipped to [0, 1] (e.g. -1/+1 or bool ``open_gripper``)
-- ``close_clip``:  1 = close; ``1 - clip(g, 0, 1)``
-- ``relative``:    relative closedness command (+1 close, -1 open, 0 keep, |g| <= 0.1 keeps):
-                   integrated to the absolute state; the state before the first command is the
-                   opposite of that command (open before a first "close")
+- ``open``: already 1 = open in [0, 1], copied; ``open_clip``: 1 = open, clipped to [0, 1] (e.g. -1/+1 or
+  bool ``open_gripper``); ``close_clip``: 1 = close, ``1 - clip(g, 0, 1)``
+- ``relative``: closedness command (+1 close, -1 open, |g| <= 0.1 keeps) integrated to the absolute state;
+  before the first command the state is its opposite (open before a first "close")
 - ``const_open`` / ``const_closed``: the dataset has no gripper command
 
-Key specs are relative to ``steps/`` and may index the last axis: ``"action[0:3]"``,
-``"action/world_vector"``, ``"observation/state[6]"``. Translation specs with fewer than 3 values
-(Language-Table's 2-D pushes) are zero-padded; ``rot=None`` gives zero rotation.
-
-Entries follow each dataset's published TFDS features (keys as they are in features.json) and the
-mapping choices of Octo's OXE standardisation, except that language is kept wherever the dataset
-has it, and that datasets whose actions are absolute poses (``pose="absolute"``) are turned into
-deltas (``a[t] = p[t] - p[t-1]``, rotations ``R[t] R[t-1]^-1``, first step zero).
+Key specs are relative to ``steps/`` and may index the last axis (``"action[0:3]"``, ``"observation/state[6]"``);
+translations of fewer than 3 values are zero-padded; ``rot=None`` gives zero rotation. Entries follow each
+dataset's TFDS features and Octo's OXE standardisation, except that language is kept wherever there is some
+and absolute poses (``pose="absolute"``) are differenced into deltas (rotations ``R[t] R[t-1]^-1``, first 0).
 """
 
 from __future__ import annotations

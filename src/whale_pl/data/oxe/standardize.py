@@ -199,13 +199,9 @@ def language_of(ex: dict, key: str | None, encoding: str, t: int, where: Where) 
 
 
 def decode_frame(data: bytes, size: int, crop: str, key: str, step: int, where: Where) -> np.ndarray:
-    """Encoded image -> uint8 [H, W, 3]; resized to ``size`` x ``size`` unless ``size`` is 0.
-
-    Crop/pad policy: ``center`` crops the longer side to a centred square, ``pad`` letterboxes
-    the shorter side with black to a square; then one antialiased bilinear resize (PIL). An image
-    already ``size`` x ``size`` is returned exactly as decoded. Large JPEGs are decoded at a reduced
-    DCT scale first (PIL ``draft``), never below twice the target size.
-    """
+    """Encoded image -> uint8 [H, W, 3], unless ``size`` is 0 made square (``crop``: ``center`` crops, ``pad``
+    letterboxes with black) with one antialiased bilinear resize to ``size`` x ``size`` (an image of that size
+    is returned as decoded). Large JPEGs are decoded at a reduced DCT scale, never below twice ``size``."""
     try:
         im = Image.open(io.BytesIO(data))
         if size and im.format == "JPEG":

@@ -93,14 +93,10 @@ def _resync(buf, start: int, size: int, chunk: int = 1 << 20) -> int | None:
 
 
 def iter_records_safe(path: str | os.PathLike) -> Iterator[tuple[int, bytes | TFRecordError]]:
-    """Like `iter_records`, but yields ``(index, payload)`` or ``(index, TFRecordError)``.
-
-    A damaged record never takes an intact neighbour with it: after a data-CRC mismatch reading goes
-    on at the next record when an intact header follows; after a damaged header, a record that overruns
-    the file or a payload that an intact header does not follow, the reader resynchronises at the next
-    offset where a complete record with both CRCs intact starts. Each damaged stretch yields one error
-    (it may have held more than one record; the converter counts those against dataset_info.json).
-    """
+    """Like `iter_records`, but yields ``(index, payload)`` or ``(index, TFRecordError)``: a damaged record
+    never takes an intact neighbour with it. After a data-CRC mismatch reading goes on at the next record
+    when an intact header follows; otherwise it resynchronises at the next offset where a complete record
+    with both CRCs intact starts. Each damaged stretch (maybe several records) yields one error."""
     path = Path(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
