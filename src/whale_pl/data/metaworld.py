@@ -41,9 +41,6 @@ KIND = "whale-data metaworld"
 # every Meta-World v3 model has these cameras and a 640 x 480 offscreen framebuffer (checked in the tests)
 CAMERAS = ("topview", "corner", "corner2", "corner3", "corner4", "behindGripper", "gripperPOV")
 MAX_SIZE = 480
-_NAME_LISTS = ("tasks", "train_policies", "ood_policies")
-_INTS = ("episodes_per_policy", "val_episodes_per_policy", "ood_episodes_per_policy", "max_steps", "action_repeat",
-         "size", "seed", "episodes_per_shard", "workers")
 
 
 def valid_tasks() -> list[str]:
@@ -92,19 +89,18 @@ class CollectConfig:
     def __post_init__(self) -> None:
         # wrong types fail here, before any work: `tasks: push-v3` would otherwise be read as the task
         # list ['p', 'u', 's', 'h', ...] and `episodes_per_policy: 2.5` fail deep in the collector
-        for k in _NAME_LISTS:
-            v = getattr(self, k)
-            if isinstance(v, str):
-                raise ValueError(f"{k} must be a list of names, got the string {v!r} (write [{v}])")
-            if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
-                raise ValueError(f"{k} must be a list of names, got {v!r}")
-            setattr(self, k, list(v))
-        for k in _INTS:
-            if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int):
-                raise ValueError(f"{k} must be an integer, got {getattr(self, k)!r}")
-        for k in ("camera", "out", "name"):
-            if not isinstance(getattr(self, k), str):
-                raise ValueError(f"{k} must be a string, got {getattr(self, k)!r}")
+        for f in dataclasses.fields(self):
+            k, v = f.name, getattr(self, f.name)
+            if f.type == "list[str]":
+                if isinstance(v, str):
+                    raise ValueError(f"{k} must be a list of names, got the string {v!r} (write [{v}])")
+                if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+                    raise ValueError(f"{k} must be a list of names, got {v!r}")
+                setattr(self, k, list(v))
+            elif f.type == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"{k} must be an integer, got {v!r}")
+            elif f.type == "str" and not isinstance(v, str):
+                raise ValueError(f"{k} must be a string, got {v!r}")
         if not self.tasks:
             raise ValueError("no tasks given")
         if not self.train_policies:
@@ -123,10 +119,10 @@ class CollectConfig:
         self._check_ranges()
 
     def _check_ranges(self) -> None:
-        for k in _INTS:
-            low = 0 if k in ("val_episodes_per_policy", "ood_episodes_per_policy", "seed") else 1
-            if getattr(self, k) < low:
-                raise ValueError(f"{k} must be >= {low}, got {getattr(self, k)}")
+        for f in dataclasses.fields(self):
+            low = 0 if f.name in ("val_episodes_per_policy", "ood_episodes_per_policy", "seed") else 1
+            if f.type == "int" and getattr(self, f.name) < low:
+                raise ValueError(f"{f.name} must be >= {low}, got {getattr(self, f.name)}")
         if self.size > MAX_SIZE:
             raise ValueError(f"size {self.size} > {MAX_SIZE}: Meta-World renders at most {MAX_SIZE} x {MAX_SIZE} "
                              "(its 640 x 480 offscreen framebuffer)")

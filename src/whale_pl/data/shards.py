@@ -173,8 +173,9 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close() if exc_type is None else self.abort()
 
-    def write(self, episode: Episode, key: str | None = None) -> str:
-        """Append one episode; returns its sample key."""
+    def write(self, episode: Episode, key: str | None = None, sample: dict | None = None) -> str:
+        """Append one episode; returns its sample key. ``sample``: the episode already encoded under ``key``
+        (``episode.to_sample(key)``), copied as it is; ``episode.frames`` may then be a placeholder."""
         if self._closed:
             raise ShardError(f"{self.out_dir}: writer is closed")
         key = key or f"ep{self._n:07d}"
@@ -186,7 +187,10 @@ class ShardWriter:
         split = episode.meta.get("split", "train")
         if split not in SPLITS:
             raise ShardError(f"{where}: meta split {split!r} is not one of {SPLITS}", key=key, field="meta")
-        sample = episode.to_sample(key)  # validates
+        if sample is None:
+            sample = episode.to_sample(key)  # validates
+        else:
+            episode.validate(f"episode {key}")
         ref = {"frame_size": list(episode.frames.shape[1:3]), "action_space": episode.meta["action_space"],
                "state_dim": 0 if episode.state is None else int(episode.state.shape[1])}
         if self._ref is None:

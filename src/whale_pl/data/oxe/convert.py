@@ -20,6 +20,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -33,8 +34,8 @@ from whale_pl.data.oxe.standardize import (RecordError, Where, decode_frame, epi
 from whale_pl.data.oxe.tfrecord import TFRecordError, iter_records_safe
 from whale_pl.data.ownership import claim, ownership, read_json
 from whale_pl.data.shards import MANIFEST, ShardWriter, iter_tar_samples, verify_dataset
-from whale_pl.io import write_json_atomic, write_text_atomic
 from whale_pl.data.workers import map_ordered
+from whale_pl.io import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 PARTS = ".parts"
@@ -442,10 +443,10 @@ def _merge_parts(src: Path, out: Path, jobs: list[tuple], opts: ConvertOptions, 
         for p in _iter_jobs(jobs, workers, progress, plan.dataset):
             summaries.append(p)
             if p["episodes"]:
-                for ep in _iter_encoded(_part_dir(out, p["split"], p["file_index"]) / "shards"):
+                for ep, sample in _iter_encoded(_part_dir(out, p["split"], p["file_index"]) / "shards"):
                     if limit is not None and written.get(p["split"], 0) >= limit:
                         break
-                    w.write(ep, key=ep.sample["__key__"])
+                    w.write(ep, key=sample["__key__"], sample=sample)
                     written[p["split"]] = written.get(p["split"], 0) + 1
         skipped = [s for p in summaries for s in p["skipped"]]
         n_skipped = sum(s.get("episodes", 1) for s in skipped)
@@ -456,24 +457,9 @@ def _merge_parts(src: Path, out: Path, jobs: list[tuple], opts: ConvertOptions, 
     return summaries, n_skipped
 
 
-@dataclass
-class _EncodedEpisode(Episode):
-    """An episode read back from a part shard with its encoded sample, which the merge copies instead of
-    compressing the frames again (``Episode.to_sample`` gives these bytes for this key; the tests check
-    it). ``frames`` is a zero-cost placeholder of the right shape."""
-
-    sample: dict | None = None
-
-    def to_sample(self, key: str) -> dict:
-        """The stored sample; refused under any other key."""
-        if self.sample is None or key != self.sample["__key__"]:
-            raise ConversionError(f"episode {key}: encoded sample is for key "
-                                  f"{None if self.sample is None else self.sample['__key__']!r}")
-        self.validate(f"episode {key}")
-        return self.sample
-
-
-def _iter_encoded(part_dir: Path):
+def _iter_encoded(part_dir: Path) -> Iterator[tuple[Episode, dict]]:
+    """(episode, its sample) of every episode of a part: the merge copies the encoded sample instead of
+    compressing the frames again, so the episode's frames are a zero-cost placeholder of the right shape."""
     m = verify_dataset(part_dir)
     h, w = m["frame_size"]
     for sh in m["shards"]:
@@ -481,11 +467,10 @@ def _iter_encoded(part_dir: Path):
             steps = load_npz(s["steps.npz"])
             meta = json.loads(s["meta.json"].decode("utf-8"))
             language = meta.pop("language", "")
-            t = len(steps["actions"])
-            placeholder = np.broadcast_to(np.zeros((1, 1, 1, 3), np.uint8), (t, h, w, 3))
-            sample = {k: s[k] for k in ("__key__", "frames.npz", "steps.npz", "meta.json")}
-            yield _EncodedEpisode(frames=placeholder, state=steps.get("state"), language=language, meta=meta,
-                                  sample=sample, **{n: steps[n] for n in STEP_FIELDS})
+            frames = np.broadcast_to(np.zeros((1, 1, 1, 3), np.uint8), (len(steps["actions"]), h, w, 3))
+            yield (Episode(frames=frames, state=steps.get("state"), language=language, meta=meta,
+                           **{n: steps[n] for n in STEP_FIELDS}),
+                   {k: s[k] for k in ("__key__", "frames.npz", "steps.npz", "meta.json")})
 
 
 def _iter_jobs(jobs: list[tuple], workers: int, progress: bool, name: str):
