@@ -421,7 +421,7 @@ def iter_shard_episodes(data_dir: str | Path, shard: dict, manifest: dict, on_er
     if not path.exists():
         raise ShardError(f"{path}: shard listed in the manifest is missing", shard=str(path))
 
-    def skip(what: str, msg: str, *args: Any) -> None:
+    def _skip(what: str, msg: str, *args: Any) -> None:
         log.warning(msg, *args)
         if counter is not None:
             counter.skipped.append(what)
@@ -438,13 +438,13 @@ def iter_shard_episodes(data_dir: str | Path, shard: dict, manifest: dict, on_er
             except EpisodeError as e:
                 if on_error == "raise":
                     raise ShardError(str(e), shard=s["__url__"], key=s["__key__"]) from e
-                skip(f"{path}:{s['__key__']}", "skipping corrupt sample: %s", e)
+                _skip(f"{path}:{s['__key__']}", "skipping corrupt sample: %s", e)
                 continue
             yield s["__key__"], ep
     except ShardError as e:
         if on_error == "raise" or e.key is None and not seen:
             raise
-        skip(f"{path}:<after {e.key}>", "skipping rest of corrupt shard: %s", e)
+        _skip(f"{path}:<after {e.key}>", "skipping rest of corrupt shard: %s", e)
         return
     if seen != shard["keys"]:
         missing = [k for k in shard["keys"] if k not in seen]
@@ -452,7 +452,7 @@ def iter_shard_episodes(data_dir: str | Path, shard: dict, manifest: dict, on_er
         msg = f"{path}: keys differ from the manifest (missing {missing[:5]}, unexpected {unexpected[:5]})"
         if on_error == "raise":
             raise ShardError(msg, shard=str(path), key=(missing or unexpected or [None])[0])
-        skip(msg, "%s", msg)
+        _skip(msg, "%s", msg)
 
 
 def iter_episodes(data_dir: str | Path, splits: Iterable[str] | None = None, verify: bool = True,
