@@ -24,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from whale_pl.data.oxe import rlds_writer as rw
 from whale_pl.data.oxe.convert import ConvertOptions, convert_dataset
 from whale_pl.data.oxe.tfrecord import iter_records
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import rlds_fixtures as rw  # noqa: E402  (the RLDS writer of the test fixtures)
 
 
 def replicate_bridge(bridge: Path, dst: Path, files: int, copies: int) -> int:

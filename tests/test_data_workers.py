@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from whale_pl.data.oxe import rlds_writer as rw
+import rlds_fixtures as rw  # (tests/ is on sys.path under pytest)
+
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 

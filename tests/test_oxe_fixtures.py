@@ -17,7 +17,6 @@ from PIL import Image
 from scipy.spatial.transform import Rotation
 
 from whale_pl.data.episode import EEF7_ACTION_SPACE
-from whale_pl.data.oxe import rlds_writer as rw
 from whale_pl.data.oxe.cli import main
 from whale_pl.data.oxe.convert import (PARTS, ConversionError, ConvertOptions, convert_dataset,
                                        convert_file, make_plan, source_files)
@@ -25,8 +24,11 @@ from whale_pl.data.oxe.example_proto import parse_example
 from whale_pl.data.oxe.registry import REGISTRY, ActionMap, check_config
 from whale_pl.data.oxe.schema import load_schema
 from whale_pl.data.oxe.standardize import RecordError, Where, relative_gripper_to_absolute, standard_actions
-from whale_pl.data.oxe.tfrecord import TFRecordError, iter_records, write_records
+from whale_pl.data.oxe.tfrecord import TFRecordError, iter_records
 from whale_pl.data.shards import iter_episodes, sha256_file, verify_dataset
+
+import rlds_fixtures as rw  # noqa: E402  (tests/ is on sys.path under pytest)
+from rlds_fixtures import build_example, write_records  # noqa: E402
 
 T = 6
 H, W = 24, 32
@@ -232,7 +234,6 @@ def test_undecodable_image_names_record_key_and_step(tmp_path):
     recs = list(iter_records(f0))
     ex = parse_example(recs[1])
     ex["steps/observation/image"][3] = b"\xff\xd8 not a jpeg"
-    from whale_pl.data.oxe.example_proto import build_example
     write_records(f0, [recs[0], build_example(ex)])
     with pytest.raises(RecordError, match=r"record 1: key 'steps/observation/image': step 3: image cannot"):
         convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=1), progress=False)

@@ -14,10 +14,11 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from whale_pl.data.episode import EEF7_ACTION_SPACE
-from whale_pl.data.oxe import rlds_writer as rw
 from whale_pl.data.oxe.convert import ConvertOptions, convert_dataset
 from whale_pl.data.oxe.registry import OXE_MAGIC_SOUP, REGISTRY
 from whale_pl.data.shards import iter_episodes
+
+import rlds_fixtures as rw  # noqa: E402  (tests/ is on sys.path under pytest)
 
 T = 6
 # native gripper commands of one episode and the absolute opening (1 = open) each encoding means

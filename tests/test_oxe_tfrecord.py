@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from whale_pl.data.oxe.example_proto import build_example, parse_example
+from whale_pl.data.oxe.example_proto import parse_example
 from whale_pl.data.oxe.schema import SchemaError, load_schema
-from whale_pl.data.oxe.tfrecord import (TFRecordError, crc32c, encode_record, iter_records,
-                                        iter_records_safe, masked_crc32c, write_records)
+from whale_pl.data.oxe.tfrecord import TFRecordError, crc32c, iter_records, iter_records_safe, masked_crc32c
+
+from rlds_fixtures import build_example, encode_record, write_records  # noqa: E402  (tests/ is on sys.path under pytest)
 
 BRIDGE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "oxe" / "bridge_dataset" / "1.0.0"
 needs_bridge = pytest.mark.skipif(not BRIDGE.is_dir(), reason=f"real OXE sample data absent: {BRIDGE}")

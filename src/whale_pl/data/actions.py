@@ -22,19 +22,15 @@ def check_composable(space: ActionSpace) -> None:
     """Raise ActionError naming the dims when ``space`` has dims that do not compose over steps."""
     bad = space.uncomposable_dims
     if bad:
-        raise ActionError(
-            f"action space {space.names} cannot compose actions over several steps: dims "
-            f"{[space.names[i] for i in bad]} are neither summed (sum_dims={space.sum_dims}), rotations "
-            f"(rot_dims={space.rot_dims}) nor the gripper (gripper_index={space.gripper_index})"
-        )
+        raise ActionError(f"action space {space.names} cannot compose actions over several steps: dims "
+                          f"{[space.names[i] for i in bad]} are neither summed (sum_dims={space.sum_dims}), rotations "
+                          f"(rot_dims={space.rot_dims}) nor the gripper (gripper_index={space.gripper_index})")
 
 
 class ActionNormaliser:
-    """The datamodule's action normalisation, for single and composed actions.
-
-    ``base`` is the data's ``frame_stride`` (the model's clock): one model step composes ``base``
-    recorded steps, so a model-step action is normalised with ``k = base`` and a retracing-action
-    over K model steps with ``k = K * base``."""
+    """The datamodule's action normalisation, for single and composed actions. ``base`` is the data's
+    ``frame_stride``: a model-step action composes ``k = base`` recorded steps, a retracing-action over K
+    model steps ``k = K * base``."""
 
     def __init__(self, space: ActionSpace, mean_A: np.ndarray | list, std_A: np.ndarray | list, base: int = 1) -> None:
         if int(base) < 1:
@@ -43,10 +39,8 @@ class ActionNormaliser:
         self.mean = np.asarray(mean_A, dtype=np.float64)
         self.std = np.asarray(std_A, dtype=np.float64)
         if self.mean.shape != (space.dim,) or self.std.shape != (space.dim,):
-            raise ActionError(
-                f"action mean {self.mean.shape} / std {self.std.shape} do not match the {space.dim} "
-                f"dims of {space.names}"
-            )
+            raise ActionError(f"action mean {self.mean.shape} / std {self.std.shape} do not match the {space.dim} "
+                              f"dims of {space.names}")
         self.mask = space.normalised_mask
 
     @classmethod
@@ -60,18 +54,17 @@ class ActionNormaliser:
 
     def normalise(self, raw: np.ndarray, k: int | np.ndarray = 1) -> np.ndarray:
         """Raw (composed over k steps) actions [..., A] -> model inputs."""
-        k_arr = np.asarray(k, dtype=np.float64)[..., None]
-        out = np.asarray(raw, dtype=np.float64).copy()
-        norm = (out - k_arr * self.mean) / self.std
-        out[..., self.mask] = norm[..., self.mask]
-        return out.astype(np.float32)
+        return self._map(raw, k, lambda x, k_arr: (x - k_arr * self.mean) / self.std)
 
     def denormalise(self, norm: np.ndarray, k: int | np.ndarray = 1) -> np.ndarray:
         """Model inputs [..., A] -> the raw actions (composed over k steps) they stand for."""
-        k_arr = np.asarray(k, dtype=np.float64)[..., None]
-        out = np.asarray(norm, dtype=np.float64).copy()
-        raw = out * self.std + k_arr * self.mean
-        out[..., self.mask] = raw[..., self.mask]
+        return self._map(norm, k, lambda x, k_arr: x * self.std + k_arr * self.mean)
+
+    def _map(self, x: np.ndarray, k: int | np.ndarray, fn) -> np.ndarray:
+        """``fn`` on every dim but the gripper (which stays as it is), in float64; float32 out."""
+        out = np.asarray(x, dtype=np.float64).copy()
+        y = fn(out, np.asarray(k, dtype=np.float64)[..., None])
+        out[..., self.mask] = y[..., self.mask]
         return out.astype(np.float32)
 
     def compose_normalised(self, actions_norm_KA: np.ndarray) -> np.ndarray:

@@ -22,9 +22,8 @@ def _metaworld(argv: Sequence[str]) -> int:
     p.add_argument("--tasks", nargs="+")
     p.add_argument("--policies", nargs="+", dest="train_policies", help="training behavior policies, e.g. expert noise_0.1")
     p.add_argument("--ood-policies", nargs="*", help="held-out (OOD) evaluation policies")
-    p.add_argument("--episodes-per-policy", type=int)
-    p.add_argument("--val-episodes-per-policy", type=int)
-    p.add_argument("--ood-episodes-per-policy", type=int)
+    for flag in ("--episodes-per-policy", "--val-episodes-per-policy", "--ood-episodes-per-policy"):
+        p.add_argument(flag, type=int)
     p.add_argument("--max-steps", type=int, help="decisions (frames) per episode; each spans --action-repeat simulator steps")
     p.add_argument("--action-repeat", type=int, help="simulator steps each action is held for (one frame per decision)")
     p.add_argument("--size", type=int, help="frame height = width")
@@ -40,9 +39,7 @@ def _metaworld(argv: Sequence[str]) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")
     from whale_pl.data.metaworld import CollectConfig, collect, ensure_collected
 
-    over = {k: getattr(a, k) for k in ("tasks", "train_policies", "ood_policies", "episodes_per_policy",
-                                        "val_episodes_per_policy", "ood_episodes_per_policy", "max_steps", "action_repeat", "size",
-                                        "camera", "seed", "episodes_per_shard", "out", "workers")}
+    over = {k: v for k, v in vars(a).items() if k not in ("config", "overwrite", "force")}  # CollectConfig keys
     try:
         if a.config:
             cfg = CollectConfig.from_yaml(a.config, **over)

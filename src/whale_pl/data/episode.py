@@ -7,22 +7,9 @@ One WebDataset sample per episode, three tar members per key:
                         state when present), stored uncompressed
 - ``<key>.meta.json``   language + metadata (source, task, policy, split, action space, control_hz)
 
-Frame encoding, measured on a 150-frame 64x64 Meta-World episode (door-open-v3, corner2, expert),
-on this 2-core machine (decode = whole episode to a uint8 array):
-
-    encoding                     bytes/frame  ratio  decode frames/s  lossless  encode ms/episode
-    PNG per frame                   4523      2.7        5.7k          yes          77
-    JPEG q95 per frame              2836      4.3        7.6k          no           -
-    raw .npy                       12288      1.0        huge          yes          0
-    zlib-1 of the whole [T,H,W,3]   1365      9.0       46k            yes          -
-    zlib-6 of the whole array        560     21.9       67k            yes          -
-    delta-in-time + zlib-3           484     25.4        6.4k          yes          -
-    lzma-1 of the whole array        408     30.1       25k            yes          -
-    .npz deflate (chosen)            561     21.9       69k            yes          9.5
-
-Whole-episode deflate wins on both size and decode speed (static camera, flat-shaded renders:
-long runs repeat across frames) and is lossless, so episodes round-trip byte-exactly. The npz
-is written with a fixed zip timestamp so that the same episode always gives the same bytes.
+Deflating the whole episode's frames is lossless and, on static-camera renders, both smaller and
+faster to decode than PNG or JPEG per frame (a 64x64 Meta-World episode: 561 bytes a frame, 69k
+frames/s decoded). The npz has fixed zip timestamps: the same episode always gives the same bytes.
 """
 
 from __future__ import annotations
@@ -46,18 +33,11 @@ class EpisodeError(ValueError):
     """An episode or sample does not have the documented layout."""
 
 
-# --------------------------------------------------------------------------------------------
-# action space
-# --------------------------------------------------------------------------------------------
 @dataclass
 class ActionSpace:
-    """Names and composition rules of the action dimensions.
-
-    ``compose`` gives the single retracing-action equivalent to K consecutive actions: summed
-    dims add up, rotation dims (roll, pitch, yaw deltas, extrinsic ``xyz`` Euler angles) compose
-    as rotations (the later rotation applied after the earlier: R = R_K ... R_1), the gripper
-    takes the last command. A dimension in none of the three groups cannot be composed.
-    """
+    """Names and composition rules of the action dimensions: over K steps ``sum_dims`` add up, ``rot_dims``
+    (roll, pitch, yaw deltas: extrinsic xyz Euler angles) compose as rotations R_K ... R_1, the gripper
+    takes the last command; a dim in none of these groups cannot be composed."""
 
     names: list[str]
     sum_dims: list[int]
@@ -78,10 +58,12 @@ class ActionSpace:
 
     @property
     def dim(self) -> int:
+        """Number of action dimensions."""
         return len(self.names)
 
     @property
     def uncomposable_dims(self) -> list[int]:
+        """Dims in none of the sum / rotation / gripper groups."""
         known = set(self.sum_dims) | set(self.rot_dims) | ({self.gripper_index} if self.gripper_index is not None else set())
         return [i for i in range(self.dim) if i not in known]
 
@@ -116,12 +98,14 @@ class ActionSpace:
         return out
 
     def to_json(self) -> dict:
+        """Plain data, as manifests and episode metadata store it."""
         return {"names": list(self.names), "sum_dims": [int(i) for i in self.sum_dims],
                 "rot_dims": [int(i) for i in self.rot_dims],
                 "gripper_index": None if self.gripper_index is None else int(self.gripper_index)}
 
     @classmethod
     def from_json(cls, d: dict) -> "ActionSpace":
+        """The inverse of ``to_json``."""
         missing = [k for k in ("names", "sum_dims") if k not in d]
         if missing:
             raise EpisodeError(f"action_space json lacks {missing}: {d}")
@@ -147,9 +131,6 @@ def compose_euler_xyz(angles_KR: np.ndarray) -> np.ndarray:
     return total.as_euler("xyz").reshape(lead + (3,))
 
 
-# --------------------------------------------------------------------------------------------
-# episode
-# --------------------------------------------------------------------------------------------
 @dataclass
 class Episode:
     """One trajectory. ``actions[t]`` is taken at ``frames[t]``; ``rewards[t]`` follows it."""
@@ -167,12 +148,6 @@ class Episode:
 
     def __len__(self) -> int:
         return int(self.frames.shape[0])
-
-    @property
-    def action_space(self) -> ActionSpace:
-        if "action_space" not in self.meta:
-            raise EpisodeError(f"episode {self.meta.get('episode_id', '?')}: meta has no 'action_space'")
-        return ActionSpace.from_json(self.meta["action_space"])
 
     def validate(self, where: str = "episode") -> None:
         """Check dtypes and shapes; raise EpisodeError naming ``where`` and the field at fault."""
@@ -200,7 +175,6 @@ class Episode:
         if not isinstance(self.language, str):
             raise EpisodeError(f"{where}: field 'language' must be str, got {type(self.language)}")
 
-    # ---- WebDataset sample ------------------------------------------------------------------
     def to_sample(self, key: str) -> dict[str, Any]:
         """Encode as a WebDataset sample: {'__key__', 'frames.npz', 'steps.npz', 'meta.json'} (bytes)."""
         if not KEY_RE.match(key):
@@ -209,8 +183,7 @@ class Episode:
         steps = {n: getattr(self, n) for n in STEP_FIELDS}
         if self.state is not None:
             steps["state"] = self.state
-        meta = dict(self.meta)
-        meta["language"] = self.language
+        meta = {**self.meta, "language": self.language}
         return {
             "__key__": key,
             "frames.npz": npz_bytes({"frames": self.frames}, compress=True),
@@ -221,27 +194,23 @@ class Episode:
     @classmethod
     def from_sample(cls, sample: dict[str, Any], where: str | None = None,
                     frame_size: tuple[int, int] | None = None, action_dim: int | None = None) -> "Episode":
-        """Decode a sample; errors name ``where`` (shard), the key and the field.
-
-        With ``frame_size``/``action_dim`` the decoded arrays are also checked against them.
-        """
+        """Decode a sample (checked against ``frame_size``/``action_dim`` when given); errors name
+        ``where`` (shard), the key and the field."""
         key = sample.get("__key__", "?")
         loc = f"{where or sample.get('__url__', '?')} key {key}"
         for ext in SAMPLE_EXTS:
             if ext not in sample:
                 raise EpisodeError(f"{loc}: sample lacks member '{ext}' (has {sorted(k for k in sample if not k.startswith('__'))})")
+        member = "frames.npz"
         try:
-            frames = load_npz(sample["frames.npz"])["frames"]
+            frames = load_npz(sample[member])["frames"]
+            member = "steps.npz"
+            steps = load_npz(sample[member])
+            member = "meta.json"
+            meta = json.loads(sample[member].decode("utf-8"))
         except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt member
-            raise EpisodeError(f"{loc}: field 'frames' (member frames.npz) cannot be decoded: {e}") from e
-        try:
-            steps = load_npz(sample["steps.npz"])
-        except Exception as e:  # noqa: BLE001
-            raise EpisodeError(f"{loc}: member steps.npz cannot be decoded: {e}") from e
-        try:
-            meta = json.loads(sample["meta.json"].decode("utf-8"))
-        except Exception as e:  # noqa: BLE001
-            raise EpisodeError(f"{loc}: member meta.json cannot be decoded: {e}") from e
+            what = "field 'frames' (member frames.npz)" if member == "frames.npz" else f"member {member}"
+            raise EpisodeError(f"{loc}: {what} cannot be decoded: {e}") from e
         missing = [n for n in STEP_FIELDS if n not in steps]
         if missing:
             raise EpisodeError(f"{loc}: steps.npz lacks fields {missing}")
@@ -257,14 +226,11 @@ class Episode:
 
     def equals(self, other: "Episode") -> bool:
         """Byte-exact equality of every array, the language and the metadata."""
-        for n in ("frames",) + STEP_FIELDS:
+        for n in ("frames", "state") + STEP_FIELDS:
             a, b = getattr(self, n), getattr(other, n)
-            if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
+            if (a is None) != (b is None) or a is not None and (
+                    a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes()):
                 return False
-        if (self.state is None) != (other.state is None):
-            return False
-        if self.state is not None and (self.state.shape != other.state.shape or self.state.tobytes() != other.state.tobytes()):
-            return False
         return self.language == other.language and json.dumps(self.meta, sort_keys=True) == json.dumps(other.meta, sort_keys=True)
 
 
@@ -283,5 +249,6 @@ def npz_bytes(arrays: dict[str, np.ndarray], compress: bool) -> bytes:
 
 
 def load_npz(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` held in memory."""
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}

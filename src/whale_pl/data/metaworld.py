@@ -1,23 +1,15 @@
 """Meta-World behavior datasets: rollouts of the policy families in ``policies.py`` into shards.
 
-One env per worker process (spawned; envs are built inside the workers, never pickled), fast CPU
-rendering (``MUJOCO_GL=egl``; shadows, multisampling and reflections off; ``mujoco.Renderer``
-directly, ~7 ms a 64x64 frame against ~9.5 ms through ``env.render``; ``LP_NUM_THREADS=0``),
-frames flipped upright.
-Every episode's randomness (task variation, policy noise) comes from a seed derived from
-(config seed, task, policy, split, index), and episodes are written in job order whatever the
-number of workers: the same config gives the same bytes.
+One env per spawned worker process (built inside it, never pickled), rendered with ``mujoco.Renderer``
+(``MUJOCO_GL=egl``; shadows, multisampling and reflections off), frames flipped upright. Each episode's
+randomness comes from a seed derived from (config seed, task, policy, split, index) and episodes are
+written in job order whatever the number of workers: the same config gives the same bytes.
 
-Per task, each ``train_policies`` entry gives ``episodes_per_policy`` train episodes and
-``val_episodes_per_policy`` val episodes; each ``ood_policies`` entry gives
-``ood_episodes_per_policy`` held-out (split ``ood``) episodes.
-
-``action_repeat`` R (default 1, which the demo keeps): the policy decides every R simulator steps and
-its action is held for all R of them; one frame, state, action, summed reward and end-of-window success
-is recorded per decision. Meta-World simulates at 80 Hz: on the demo data the hand moves 5.4 mm a frame
-on average (13.0 mm at R = 4) and 4 % of tokens change from one frame to the next; the Open
-X-Embodiment datasets in ``oxe/registry.py`` record at 2-30 Hz, most at 5-10. ``max_steps`` counts
-decisions: an episode spans ``max_steps * action_repeat`` simulator steps (at most 500).
+Per task, each ``train_policies`` entry gives ``episodes_per_policy`` train and ``val_episodes_per_policy``
+val episodes; each ``ood_policies`` entry gives ``ood_episodes_per_policy`` held-out (``ood``) episodes.
+``action_repeat`` R (default 1): the policy decides every R simulator steps (80 Hz) and its action is
+held for all R; one frame, state, action, summed reward and end-of-window success is recorded per
+decision. ``max_steps`` counts decisions (``max_steps * action_repeat`` <= 500 simulator steps).
 
 The collector writes only into an empty ``out`` folder or one whose ``.whale_collect.json`` marker
 says it holds a collection of this config (``ownership.py``); anything else needs ``overwrite``.
@@ -28,10 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import multiprocessing as mp
 import os
-import queue
-import traceback
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +30,9 @@ import numpy as np
 
 from whale_pl.data.episode import METAWORLD_ACTION_SPACE, Episode
 from whale_pl.data.ownership import claim, config_hash, ownership
-from whale_pl.data.policies import PolicyNameError, parse_policy
+from whale_pl.data.policies import parse_policy
 from whale_pl.data.shards import ShardError, ShardWriter, verify_dataset
-from whale_pl.data.workers import exit_with_parent
+from whale_pl.data.workers import map_ordered
 
 log = logging.getLogger(__name__)
 SPLIT_CODE = {"train": 0, "val": 1, "ood": 2}
@@ -52,9 +41,6 @@ KIND = "whale-data metaworld"
 # every Meta-World v3 model has these cameras and a 640 x 480 offscreen framebuffer (checked in the tests)
 CAMERAS = ("topview", "corner", "corner2", "corner3", "corner4", "behindGripper", "gripperPOV")
 MAX_SIZE = 480
-_NAME_LISTS = ("tasks", "train_policies", "ood_policies")
-_INTS = ("episodes_per_policy", "val_episodes_per_policy", "ood_episodes_per_policy", "max_steps", "action_repeat",
-         "size", "seed", "episodes_per_shard", "workers")
 
 
 def valid_tasks() -> list[str]:
@@ -101,7 +87,20 @@ class CollectConfig:
         return cls(**d)
 
     def __post_init__(self) -> None:
-        self._check_types()
+        # wrong types fail here, before any work: `tasks: push-v3` would otherwise be read as the task
+        # list ['p', 'u', 's', 'h', ...] and `episodes_per_policy: 2.5` fail deep in the collector
+        for f in dataclasses.fields(self):
+            k, v = f.name, getattr(self, f.name)
+            if f.type == "list[str]":
+                if isinstance(v, str):
+                    raise ValueError(f"{k} must be a list of names, got the string {v!r} (write [{v}])")
+                if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+                    raise ValueError(f"{k} must be a list of names, got {v!r}")
+                setattr(self, k, list(v))
+            elif f.type == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"{k} must be an integer, got {v!r}")
+            elif f.type == "str" and not isinstance(v, str):
+                raise ValueError(f"{k} must be a string, got {v!r}")
         if not self.tasks:
             raise ValueError("no tasks given")
         if not self.train_policies:
@@ -110,7 +109,7 @@ class CollectConfig:
         bad = [t for t in self.tasks if t not in tasks]
         if bad:
             raise ValueError(f"unknown Meta-World task(s) {bad}; valid tasks: {tasks}")
-        for n in list(self.train_policies) + list(self.ood_policies):
+        for n in self.train_policies + self.ood_policies:
             parse_policy(n)  # raises PolicyNameError listing the valid forms
         both = sorted(set(self.train_policies) & set(self.ood_policies))
         if both:
@@ -119,31 +118,11 @@ class CollectConfig:
             raise ValueError("a policy is listed twice")
         self._check_ranges()
 
-    def _check_types(self) -> None:
-        """Wrong types fail here, before any work: ``tasks: push-v3`` would otherwise be read as the
-        task list ['p', 'u', 's', 'h', ...] and ``episodes_per_policy: 2.5`` fail deep in the collector."""
-        for k in _NAME_LISTS:
-            v = getattr(self, k)
-            if isinstance(v, str):
-                raise ValueError(f"{k} must be a list of names, got the string {v!r} (write [{v}])")
-            if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
-                raise ValueError(f"{k} must be a list of names, got {v!r}")
-            setattr(self, k, list(v))
-        for k in _INTS:
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{k} must be an integer, got {v!r}")
-        for k in ("camera", "out", "name"):
-            if not isinstance(getattr(self, k), str):
-                raise ValueError(f"{k} must be a string, got {getattr(self, k)!r}")
-
     def _check_ranges(self) -> None:
-        for k in ("episodes_per_policy", "max_steps", "action_repeat", "size", "episodes_per_shard", "workers"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("val_episodes_per_policy", "ood_episodes_per_policy", "seed"):
-            if getattr(self, k) < 0:
-                raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        for f in dataclasses.fields(self):
+            low = 0 if f.name in ("val_episodes_per_policy", "ood_episodes_per_policy", "seed") else 1
+            if f.type == "int" and getattr(self, f.name) < low:
+                raise ValueError(f"{f.name} must be >= {low}, got {getattr(self, f.name)}")
         if self.size > MAX_SIZE:
             raise ValueError(f"size {self.size} > {MAX_SIZE}: Meta-World renders at most {MAX_SIZE} x {MAX_SIZE} "
                              "(its 640 x 480 offscreen framebuffer)")
@@ -155,9 +134,7 @@ class CollectConfig:
 
     def data_json(self) -> dict:
         """The fields that determine the data (stored in the manifest, compared on reuse)."""
-        d = dataclasses.asdict(self)
-        for k in ("out", "workers"):
-            d.pop(k)
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "workers")}
         if d["action_repeat"] == 1:  # datasets collected before the option existed stay valid
             d.pop("action_repeat")
         return d
@@ -193,18 +170,12 @@ def make_jobs(cfg: CollectConfig) -> list[Job]:
     return jobs
 
 
-# --------------------------------------------------------------------------------------------
-# one env, in the process that renders
-# --------------------------------------------------------------------------------------------
 class MetaWorldEnv:
     """One Meta-World task with a fast offscreen renderer. Build it in the process that renders."""
 
     def __init__(self, task: str, size: int, camera: str):
         os.environ.setdefault("MUJOCO_GL", "egl")
-        # llvmpipe: rasterise in the calling thread. With one worker process per core its helper
-        # threads only oversubscribe; measured on the shared 2-core machine: same pixels, 0-15 % less
-        # CPU per 64 px frame (noisy). Read when the first GL context is made; an explicit setting wins.
-        os.environ.setdefault("LP_NUM_THREADS", "0")
+        os.environ.setdefault("LP_NUM_THREADS", "0")  # llvmpipe rasterises in this thread: one worker per core
         import metaworld
         import mujoco
 
@@ -260,10 +231,8 @@ def rollout(env: MetaWorldEnv, policy_name: str, seed: int, max_steps: int, acti
     pol.reset(env.task, rng)
     t_ = max_steps
     frames = np.empty((t_, env.size, env.size, 3), np.uint8)
-    actions = np.empty((t_, 4), np.float32)
-    state = np.empty((t_, STATE_DIM), np.float32)
-    rewards = np.empty(t_, np.float32)
-    success = np.empty(t_, np.float32)
+    actions, state = np.empty((t_, 4), np.float32), np.empty((t_, STATE_DIM), np.float32)
+    rewards, success = np.empty(t_, np.float32), np.empty(t_, np.float32)
     for t in range(t_):
         frames[t] = env.render()
         state[t] = obs
@@ -285,101 +254,66 @@ def rollout(env: MetaWorldEnv, policy_name: str, seed: int, max_steps: int, acti
                          "camera": env.camera, "seed": seed})
 
 
-def _worker(jobs_q, results_q, size: int, camera: str, max_steps: int, action_repeat: int, parent_pid: int) -> None:
+def _quiet_worker() -> None:
     import warnings
 
-    exit_with_parent(parent_pid)  # a killed collector leaves no worker behind
     warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")  # the experts' gains, harmless
-    env = None
-    try:
-        while True:
-            chunk = jobs_q.get()
-            if chunk is None:
-                break
-            out = []
-            for job in chunk:
-                if env is None or env.task != job.task:
-                    if env is not None:
-                        env.close()
-                    env = MetaWorldEnv(job.task, size, camera)
-                ep = rollout(env, job.policy, job.seed, max_steps, action_repeat)
-                ep.meta.update({"split": job.split, "episode_id": f"{job.task}/{job.policy}/{job.split}/{job.episode}"})
-                out.append((job.index, ep))
-            results_q.put(("ok", out))
-    except BaseException:  # noqa: BLE001 - report everything to the parent
-        results_q.put(("error", traceback.format_exc()))
-    finally:
-        if env is not None:
-            env.close()
+
+
+_env: MetaWorldEnv | None = None  # a worker process's env, kept while its jobs stay on one task
+
+
+def _rollout_chunk(args: tuple) -> list[Episode]:
+    """Roll out a chunk of jobs in a worker process (rebuilding its env only when the task changes)."""
+    global _env
+    chunk, size, camera, max_steps, action_repeat = args
+    out = []
+    for job in chunk:
+        if _env is None or _env.task != job.task:
+            if _env is not None:
+                _env.close()
+            _env = MetaWorldEnv(job.task, size, camera)
+        ep = rollout(_env, job.policy, job.seed, max_steps, action_repeat)
+        ep.meta.update({"split": job.split, "episode_id": f"{job.task}/{job.policy}/{job.split}/{job.episode}"})
+        out.append(ep)
+    return out
 
 
 def iter_collect(jobs: list[Job], size: int, camera: str, max_steps: int, workers: int,
                  chunk: int = 8, action_repeat: int = 1) -> Iterator[Episode]:
     """Run the jobs in ``workers`` spawned processes; yield episodes in job order."""
-    ctx = mp.get_context("spawn")
     chunks: list[list[Job]] = []
     for j in jobs:  # chunks never straddle tasks
         if chunks and len(chunks[-1]) < chunk and chunks[-1][-1].task == j.task:
             chunks[-1].append(j)
         else:
             chunks.append([j])
-    jobs_q, results_q = ctx.Queue(), ctx.Queue()
-    for c in chunks:
-        jobs_q.put(c)
-    n = max(1, min(workers, len(chunks)))
-    for _ in range(n):
-        jobs_q.put(None)
-    procs = [ctx.Process(target=_worker, args=(jobs_q, results_q, size, camera, max_steps, action_repeat, os.getpid()),
-                         daemon=True) for _ in range(n)]
     os.environ.setdefault("MUJOCO_GL", "egl")  # inherited by the spawned workers
-    for p in procs:
-        p.start()
-    pending: dict[int, Episode] = {}
-    nxt = 0
-    done = 0
-    try:
-        while nxt < len(jobs):
-            try:
-                status, payload = results_q.get(timeout=5.0)
-            except queue.Empty:
-                dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
-                if dead:
-                    raise RuntimeError(f"collector worker died with exit code {dead[0].exitcode}")
-                continue
-            if status == "error":
-                raise RuntimeError(f"collector worker failed:\n{payload}")
-            for idx, ep in payload:
-                pending[idx] = ep
-            done += 1
-            while nxt in pending:
-                yield pending.pop(nxt)
-                nxt += 1
-    finally:
-        for p in procs:
-            p.join(timeout=10 if nxt >= len(jobs) else 0.1)
-            if p.is_alive():
-                p.terminate()
-                p.join()
+    args = [(c, size, camera, max_steps, action_repeat) for c in chunks]
+    for episodes in map_ordered(_rollout_chunk, args, max(1, min(workers, len(chunks))), _quiet_worker):
+        yield from episodes
 
 
 def collect(cfg: CollectConfig, overwrite: bool = False, progress: bool = True) -> dict:
     """Collect ``cfg`` into ``cfg.out``; returns the manifest. ``cfg.out`` must be empty, or a collection
     of this config (complete or not); anything else is replaced only with ``overwrite``."""
-    status, why = dataset_status(cfg)
+    _refuse_foreign(*dataset_status(cfg), overwrite)
+    return _collect(cfg, progress)
+
+
+def _refuse_foreign(status: str, why: str, overwrite: bool) -> None:
     if status in ("different", "foreign") and not overwrite:
         raise ShardError(f"{why}; pass --overwrite to replace it, or choose another out dir")
-    return _collect(cfg, progress)
 
 
 def _collect(cfg: CollectConfig, progress: bool) -> dict:
     from tqdm import tqdm
 
     jobs = make_jobs(cfg)
-    frames_total = len(jobs) * cfg.max_steps
     claim(cfg.out, KIND, cfg.data_json())  # before the first shard: an interrupted run is resumable as ours
     bar = tqdm(total=len(jobs), desc=f"collect {cfg.name}", unit="ep", disable=not progress, dynamic_ncols=True)
     with ShardWriter(cfg.out, episodes_per_shard=cfg.episodes_per_shard, overwrite=True,
-                     extra={"collect_config": cfg.data_json(), "expected_frames": frames_total}) as w:
+                     extra={"collect_config": cfg.data_json(), "expected_frames": len(jobs) * cfg.max_steps}) as w:
         for ep in iter_collect(jobs, cfg.size, cfg.camera, cfg.max_steps, cfg.workers, action_repeat=cfg.action_repeat):
             w.write(ep)
             bar.update(1)
@@ -388,11 +322,9 @@ def _collect(cfg: CollectConfig, progress: bool) -> dict:
 
 
 def dataset_status(cfg: CollectConfig) -> tuple[str, str]:
-    """('complete'|'absent'|'incomplete'|'different'|'foreign', one line on what ``cfg.out`` holds).
-
-    'incomplete': an interrupted or damaged collection of this config (its marker says so);
-    'different': a collection of another config; 'foreign': anything else (another program's files,
-    a dataset without a collection marker that fails verification)."""
+    """('complete'|'absent'|'incomplete'|'different'|'foreign', one line on what ``cfg.out`` holds):
+    'incomplete' is an interrupted or damaged collection of this config (its marker says so), 'different'
+    one of another config, 'foreign' anything else (another program's files, an unmarked broken dataset)."""
     out = Path(cfg.out)
     want = json.loads(json.dumps(cfg.data_json()))
     state, what = ownership(out, KIND, want)
@@ -413,20 +345,13 @@ def dataset_status(cfg: CollectConfig) -> tuple[str, str]:
 
 
 def ensure_collected(cfg: CollectConfig, overwrite: bool = False, progress: bool = True) -> dict:
-    """Collect unless complete, verified shards of this exact config exist; returns the manifest.
-
-    An interrupted or damaged collection of this config is re-collected with a warning; a folder
-    holding another config or anything not collected by whale-data raises unless ``overwrite``.
-    """
+    """Collect unless complete, verified shards of this exact config exist; returns the manifest. An
+    interrupted collection of this config is re-collected; anything else raises unless ``overwrite``."""
     status, why = dataset_status(cfg)
     if status == "complete":
         return verify_dataset(cfg.out)
-    if status in ("different", "foreign") and not overwrite:
-        raise ShardError(f"{why}; pass --overwrite to replace it, or choose another out dir")
+    _refuse_foreign(status, why, overwrite)
     if status == "incomplete":
         log.warning("re-collecting: %s", why)
     return _collect(cfg, progress)
 
-
-__all__ = ["CollectConfig", "MetaWorldEnv", "rollout", "collect", "ensure_collected", "dataset_status",
-           "make_jobs", "iter_collect", "valid_tasks", "PolicyNameError"]

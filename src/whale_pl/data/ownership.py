@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from whale_pl.data.shards import MANIFEST, SCHEMA_VERSION, write_json_atomic
+from whale_pl.data.shards import MANIFEST, SCHEMA_VERSION
+from whale_pl.io import write_json_atomic
 
 MARKER = ".whale_collect.json"
 PROJECT = "whale_pl"
@@ -29,13 +30,12 @@ def config_hash(config: Any) -> str:
 
 def claim(out: str | Path, kind: str, config: Any) -> None:
     """Record (atomically) that ``kind`` writes ``out`` with ``config``; call before the first shard."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / MARKER, {"project": PROJECT, "kind": kind, "config_hash": config_hash(config),
-                                     "config": config})
+    write_json_atomic(Path(out) / MARKER, {"project": PROJECT, "kind": kind, "config_hash": config_hash(config),
+                                           "config": config}, sort_keys=True)
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """The JSON value in ``path``; None if it is missing or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -46,7 +46,7 @@ def describe(out: Path) -> str:
     """What a folder without a valid marker holds, as the end of a sentence starting with its name."""
     entries = sorted(p.name for p in out.iterdir())
     if MANIFEST in entries:
-        m = _read_json(out / MANIFEST)
+        m = read_json(out / MANIFEST)
         if isinstance(m, dict) and m.get("schema_version") == SCHEMA_VERSION and "shards" in m:
             return f"holds a whale_pl dataset ({m.get('episodes', '?')} episodes) without a whale-data marker ({MARKER})"
         return f"holds a {MANIFEST} not written by whale-data"
@@ -66,7 +66,7 @@ def ownership(out: str | Path, kind: str, config: Any) -> tuple[str, str]:
         return "empty", f"{out} is empty"
     if not (out / MARKER).exists():
         return "foreign", f"{out} {describe(out)}"
-    m = _read_json(out / MARKER)
+    m = read_json(out / MARKER)
     if not isinstance(m, dict) or m.get("project") != PROJECT:
         return "foreign", f"{out} holds a {MARKER} not written by whale-data"
     if m.get("kind") != kind:

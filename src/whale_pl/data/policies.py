@@ -1,20 +1,9 @@
-"""Behavior-policy families built on Meta-World's scripted experts.
+"""Behavior-policy families built on Meta-World's scripted experts (one class per family below).
 
-Every policy has a string name that fully determines it (``parse_policy(name)``) and a JSON
-descriptor ``{"name", "family", "params"}`` stored in each episode's metadata.
-
-    name                     family  behaviour
-    expert                   expert  the scripted expert (actions clipped to [-1, 1])
-    noise_<sigma>            noise   expert + N(0, sigma^2) on every dim, re-clipped
-    eps_<p>                  eps     with probability p a uniform random action, else the expert
-    slow_<scale>             slow    expert xyz scaled by scale (< 1); gripper unchanged
-    lag_<k>                  lag     the expert acting on the observation k steps old
-    bias_<axis><value>...    bias    expert + a constant offset, e.g. bias_x0.4, bias_y-0.3z0.2
-    mix_<a>+<b>[+...]        mix     segments of 10 steps, each driven by a component picked
-                                     uniformly at random, e.g. mix_expert+lag_6
-
-All randomness comes from the generator passed to ``reset`` (seeded per episode), so rollouts
-are reproducible.
+A policy's name fully determines it: ``parse_policy(name)``, forms in ``NAME_HELP`` (e.g. ``noise_0.1``,
+``bias_y-0.3z0.2``, ``mix_expert+lag_6``); its descriptor ``{"name", "family", "params"}`` is stored in
+each episode's metadata. All randomness comes from the generator passed to ``reset`` (seeded per
+episode), so rollouts are reproducible.
 """
 
 from __future__ import annotations
@@ -34,7 +23,7 @@ _AXES = {"x": 0, "y": 1, "z": 2, "g": 3}
 
 
 class PolicyNameError(ValueError):
-    pass
+    """A policy name that does not describe a policy (the message lists the valid forms)."""
 
 
 def expert_for(task: str):
@@ -47,8 +36,7 @@ def expert_for(task: str):
 
 
 class BehaviorPolicy:
-    """Base: wraps the scripted expert. ``reset(task, rng)`` before each episode, then ``act(obs)``."""
-
+    """The scripted expert, and the base of the other families: ``reset(task, rng)``, then ``act(obs)``."""
     family = "expert"
 
     def __init__(self, name: str, params: dict[str, Any] | None = None):
@@ -58,73 +46,80 @@ class BehaviorPolicy:
         self.rng: np.random.Generator | None = None
 
     def descriptor(self) -> dict:
+        """``{"name", "family", "params"}``, as stored in each episode's metadata."""
         return {"name": self.name, "family": self.family, "params": dict(self.params)}
 
     def reset(self, task: str, rng: np.random.Generator) -> None:
+        """Start an episode of ``task``; every random draw comes from ``rng``."""
         self.expert = expert_for(task)
         self.rng = rng
 
     def expert_action(self, obs: np.ndarray) -> np.ndarray:
+        """The scripted expert's action for ``obs``, clipped to [-1, 1] (float64)."""
         return np.clip(np.asarray(self.expert.get_action(obs), np.float64), -1.0, 1.0)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        return self.expert_action(obs).astype(np.float32)
+        """The float32 [4] action for ``obs``."""
+        return self._act(obs).astype(np.float32)
 
-
-class Expert(BehaviorPolicy):
-    family = "expert"
+    def _act(self, obs: np.ndarray) -> np.ndarray:
+        return self.expert_action(obs)
 
 
 class Noise(BehaviorPolicy):
+    """Expert + N(0, sigma^2) on every dim, re-clipped."""
     family = "noise"
 
-    def act(self, obs):
-        a = self.expert_action(obs) + self.rng.normal(0.0, self.params["sigma"], size=4)
-        return np.clip(a, -1, 1).astype(np.float32)
+    def _act(self, obs):
+        return np.clip(self.expert_action(obs) + self.rng.normal(0.0, self.params["sigma"], size=4), -1, 1)
 
 
 class EpsRandom(BehaviorPolicy):
+    """With probability p a uniform random action, else the expert."""
     family = "eps"
 
-    def act(self, obs):
+    def _act(self, obs):
         a = self.expert_action(obs)  # always queried, so the expert's internal state stays in step
-        if self.rng.random() < self.params["p"]:
-            a = self.rng.uniform(-1.0, 1.0, size=4)
-        return a.astype(np.float32)
+        return self.rng.uniform(-1.0, 1.0, size=4) if self.rng.random() < self.params["p"] else a
 
 
 class Slow(BehaviorPolicy):
+    """Expert xyz scaled by ``scale``; gripper unchanged."""
     family = "slow"
 
-    def act(self, obs):
+    def _act(self, obs):
         a = self.expert_action(obs)
         a[:3] *= self.params["scale"]
-        return a.astype(np.float32)
+        return a
 
 
 class Lag(BehaviorPolicy):
+    """The expert acting on the observation ``k`` steps old (the first one until there is one)."""
     family = "lag"
 
     def reset(self, task, rng):
+        """Start an episode with an empty observation buffer."""
         super().reset(task, rng)
         self.buf: deque = deque(maxlen=self.params["k"] + 1)
 
-    def act(self, obs):
+    def _act(self, obs):
         self.buf.append(np.array(obs, copy=True))
-        return self.expert_action(self.buf[0]).astype(np.float32)  # oldest kept = k steps ago (or the first)
+        return self.expert_action(self.buf[0])
 
 
 class Bias(BehaviorPolicy):
+    """Expert + a constant offset per axis, re-clipped."""
     family = "bias"
 
-    def act(self, obs):
+    def _act(self, obs):
         off = np.zeros(4)
         for ax, v in self.params["offset"].items():
             off[_AXES[ax]] = v
-        return np.clip(self.expert_action(obs) + off, -1, 1).astype(np.float32)
+        return np.clip(self.expert_action(obs) + off, -1, 1)
 
 
 class Mix(BehaviorPolicy):
+    """Segments of ``MIX_SEGMENT`` steps, each driven by a component picked uniformly at random."""
     family = "mix"
 
     def __init__(self, name, params, components: list[BehaviorPolicy]):
@@ -132,13 +127,13 @@ class Mix(BehaviorPolicy):
         self.components = components
 
     def reset(self, task, rng):
+        """Start an episode: every component shares ``rng``."""
         self.rng = rng
         for c in self.components:
             c.reset(task, rng)
-        self.t = 0
-        self.cur = 0
+        self.t = self.cur = 0
 
-    def act(self, obs):
+    def _act(self, obs):
         if self.t % MIX_SEGMENT == 0:
             self.cur = int(self.rng.integers(len(self.components)))
         self.t += 1
@@ -146,10 +141,10 @@ class Mix(BehaviorPolicy):
         return actions[self.cur]
 
 
-def _num(s: str, name: str, what: str) -> float:
-    if not re.fullmatch(_NUM, s):
-        raise PolicyNameError(f"policy {name!r}: {what} {s!r} is not a number; valid names: {NAME_HELP}")
-    return float(s)
+# family -> (class, parameter, what it is, valid range)
+_NUMERIC = {"noise": (Noise, "sigma", "sigma", lambda v: v >= 0, ">= 0"),
+            "eps": (EpsRandom, "p", "probability", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            "slow": (Slow, "scale", "scale", lambda v: 0 < v <= 1, "in (0, 1]")}
 
 
 def parse_policy(name: str) -> BehaviorPolicy:
@@ -157,7 +152,7 @@ def parse_policy(name: str) -> BehaviorPolicy:
     if not isinstance(name, str) or not name:
         raise PolicyNameError(f"policy name must be a non-empty string, got {name!r}; valid names: {NAME_HELP}")
     if name == "expert":
-        return Expert(name, {})
+        return BehaviorPolicy(name, {})
     if name.startswith("mix_"):
         parts = name[4:].split("+")
         if len(parts) < 2:
@@ -167,21 +162,13 @@ def parse_policy(name: str) -> BehaviorPolicy:
             raise PolicyNameError(f"policy {name!r}: mixtures cannot nest")
         return Mix(name, {"components": [c.descriptor() for c in comps], "segment": MIX_SEGMENT}, comps)
     fam, _, arg = name.partition("_")
-    if fam == "noise":
-        s = _num(arg, name, "sigma")
-        if s < 0:
-            raise PolicyNameError(f"policy {name!r}: sigma must be >= 0")
-        return Noise(name, {"sigma": s})
-    if fam == "eps":
-        p = _num(arg, name, "probability")
-        if not 0 <= p <= 1:
-            raise PolicyNameError(f"policy {name!r}: probability must be in [0, 1]")
-        return EpsRandom(name, {"p": p})
-    if fam == "slow":
-        s = _num(arg, name, "scale")
-        if not 0 < s <= 1:
-            raise PolicyNameError(f"policy {name!r}: scale must be in (0, 1]")
-        return Slow(name, {"scale": s})
+    if fam in _NUMERIC:
+        cls, key, what, ok, valid = _NUMERIC[fam]
+        if not re.fullmatch(_NUM, arg):
+            raise PolicyNameError(f"policy {name!r}: {what} {arg!r} is not a number; valid names: {NAME_HELP}")
+        if not ok(float(arg)):
+            raise PolicyNameError(f"policy {name!r}: {what} must be {valid}")
+        return cls(name, {key: float(arg)})
     if fam == "lag":
         if not re.fullmatch(r"\d+", arg):
             raise PolicyNameError(f"policy {name!r}: lag must be a whole number of steps; valid names: {NAME_HELP}")
@@ -192,7 +179,3 @@ def parse_policy(name: str) -> BehaviorPolicy:
             raise PolicyNameError(f"policy {name!r}: offset must look like x0.4 or y-0.3z0.2; valid names: {NAME_HELP}")
         return Bias(name, {"offset": {a: float(v) for a, v in parts}})
     raise PolicyNameError(f"unknown behavior policy {name!r}; valid names: {NAME_HELP} (families: {list(FAMILIES)})")
-
-
-def policy_family(name: str) -> str:
-    return parse_policy(name).family

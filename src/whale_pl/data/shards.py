@@ -1,26 +1,23 @@
 """Episode shards: an atomic writer, the manifest, and a verifying reader.
 
-A dataset directory holds ``shard-000000.tar``, ``shard-000001.tar``, ... (WebDataset tars, one
-sample per episode, see ``episode.py``) and ``manifest.json``. The manifest is written last, so a
-directory without one is an incomplete dataset. Every shard holds episodes of one split
-(``train``, ``val`` or ``ood``, from ``episode.meta["split"]``, default ``train``); action statistics
-are computed over the ``train`` split (all episodes when there is none).
-
-Usage::
+A dataset directory holds ``shard-000000.tar``, ``shard-000001.tar``, ... (WebDataset tars, one sample
+per episode, see ``episode.py``) and ``manifest.json``, written last: a directory without one is an
+incomplete dataset. Every shard holds episodes of one split (``train``, ``val`` or ``ood``, from
+``episode.meta["split"]``, default ``train``); action statistics are computed over the ``train`` split
+(all episodes when there is none). Tars are written deterministically (fixed mtime/owner)::
 
     with ShardWriter(out_dir) as w:
         for ep in episodes:
             w.write(ep)
     manifest = verify_dataset(out_dir)          # counts, sizes and sha256 of every shard
     for ep in iter_episodes(out_dir): ...       # decodes and checks every sample
-
-Tars are written deterministically (fixed mtime/owner), so the same episodes give the same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import mmap
@@ -34,12 +31,12 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from whale_pl.data.episode import KEY_RE, SAMPLE_EXTS, ActionSpace, Episode, EpisodeError, load_npz
+from whale_pl.data.episode import KEY_RE, SAMPLE_EXTS, Episode, EpisodeError, load_npz
+from whale_pl.io import write_json_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "ood")
-FRAME_ENCODING = "npz-deflate"
 QUANTILE_RESERVOIR = 1_000_000
 log = logging.getLogger(__name__)
 
@@ -52,11 +49,6 @@ class ShardError(ValueError):
         self.shard, self.key, self.field = shard, key, field
 
 
-def shard_name(index: int) -> str:
-    """File name of shard ``index``."""
-    return f"shard-{index:06d}.tar"
-
-
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -66,43 +58,25 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file, fsync and rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------------
-# statistics
-# --------------------------------------------------------------------------------------------
 class _ActionStats:
     """Running mean/std/min/max (exact, float64) and q01/q99 (exact up to 1M rows, then a reservoir)."""
 
     def __init__(self, dim: int, seed: int = 0):
         self.n = 0
-        self.s1 = np.zeros(dim, np.float64)
-        self.s2 = np.zeros(dim, np.float64)
-        self.lo = np.full(dim, np.inf)
-        self.hi = np.full(dim, -np.inf)
+        self.s1, self.s2 = np.zeros(dim, np.float64), np.zeros(dim, np.float64)
+        self.lo, self.hi = np.full(dim, np.inf), np.full(dim, -np.inf)
         self.rows: list[np.ndarray] = []
-        self.kept = 0
         self.rng = np.random.default_rng(seed)
 
     def add(self, a_TA: np.ndarray) -> None:
+        """Account for the actions of one episode."""
         a = a_TA.astype(np.float64)
         self.s1 += a.sum(0)
         self.s2 += (a * a).sum(0)
-        self.lo = np.minimum(self.lo, a.min(0))
-        self.hi = np.maximum(self.hi, a.max(0))
+        self.lo, self.hi = np.minimum(self.lo, a.min(0)), np.maximum(self.hi, a.max(0))
         for row in a:  # reservoir sampling (algorithm R), deterministic via the seeded rng
-            if self.kept < QUANTILE_RESERVOIR:
+            if len(self.rows) < QUANTILE_RESERVOIR:
                 self.rows.append(row)
-                self.kept += 1
             else:
                 j = int(self.rng.integers(0, self.n + 1))
                 if j < QUANTILE_RESERVOIR:
@@ -110,6 +84,7 @@ class _ActionStats:
             self.n += 1
 
     def to_json(self) -> dict:
+        """The statistics as the manifest stores them."""
         if self.n == 0:
             raise ShardError("no actions to compute statistics from (empty dataset)")
         mean = self.s1 / self.n
@@ -121,20 +96,18 @@ class _ActionStats:
                 "q01": f(q01), "q99": f(q99), "quantile_rows": int(len(r))}
 
 
-# --------------------------------------------------------------------------------------------
-# writer
-# --------------------------------------------------------------------------------------------
 class _OpenShard:
+    """A shard being written under a temporary name."""
+
     def __init__(self, final: Path, split: str):
-        self.final = final
+        self.final, self.split = final, split
         self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        self.split = split
         self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
         self.keys: list[str] = []
-        self.frames = 0
-        self.bytes = 0
+        self.frames = self.bytes = 0
 
     def add(self, sample: dict[str, Any], frames: int) -> None:
+        """Append one sample's members (fixed mtime, mode and owner)."""
         key = sample["__key__"]
         for ext in SAMPLE_EXTS:
             data = sample[ext]
@@ -148,6 +121,7 @@ class _OpenShard:
         self.frames += frames
 
     def close(self) -> dict:
+        """Flush, rename to the final name; returns the shard's manifest entry."""
         self.tar.close()
         with open(self.tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -156,6 +130,7 @@ class _OpenShard:
                 "bytes": self.final.stat().st_size, "sha256": sha256_file(self.final), "keys": self.keys}
 
     def abort(self) -> None:
+        """Drop the temporary file."""
         try:
             self.tar.close()
         finally:
@@ -163,55 +138,44 @@ class _OpenShard:
 
 
 class ShardWriter:
-    """Write Episodes into ``out_dir`` as shards of one split each, then the manifest.
-
-    ``with ShardWriter(out_dir) as w: w.write(episode)``. ``out_dir`` must be empty or absent
-    unless ``overwrite=True`` (then its manifest and shards are removed first). On an exception
-    inside the ``with`` block no manifest is written: the directory reads as incomplete.
-    ``extra`` is stored in the manifest as-is (e.g. the collection config).
-    """
+    """Write Episodes into ``out_dir`` (empty or absent unless ``overwrite``) as shards of one split each,
+    then the manifest, which stores ``extra`` as-is. After an exception in the ``with`` block there is no
+    manifest: the directory reads as incomplete."""
 
     def __init__(self, out_dir: str | Path, episodes_per_shard: int = 64, max_shard_bytes: int = 512 << 20,
                  overwrite: bool = False, extra: dict | None = None):
         self.out_dir = Path(out_dir)
         if episodes_per_shard < 1:
             raise ValueError(f"episodes_per_shard must be >= 1, got {episodes_per_shard}")
-        self.episodes_per_shard = episodes_per_shard
-        self.max_shard_bytes = max_shard_bytes
-        self.extra = extra or {}
+        self.episodes_per_shard, self.max_shard_bytes, self.extra = episodes_per_shard, max_shard_bytes, extra or {}
         existing = sorted(p.name for p in self.out_dir.glob("*")) if self.out_dir.exists() else []
         if existing:
             if not overwrite:
                 raise ShardError(f"{self.out_dir}: output directory is not empty ({existing[:5]}...); "
                                  "pass overwrite=True to replace it")
             (self.out_dir / MANIFEST).unlink(missing_ok=True)  # first: the directory now reads as incomplete
-            for p in self.out_dir.glob("shard-*.tar"):
-                p.unlink()
-            for p in self.out_dir.glob(".shard-*.tar.tmp-*"):
+            for p in [*self.out_dir.glob("shard-*.tar"), *self.out_dir.glob(".shard-*.tar.tmp-*")]:
                 p.unlink()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._open: dict[str, _OpenShard] = {}
         self._done: list[dict] = []
-        self._next_shard = 0
         self._keys: set[str] = set()
-        self._n = 0
         self._ref: dict | None = None
         self._stats: dict[str, _ActionStats] = {}
         self._policies: dict[str, dict] = {}
         self._tasks: dict[str, int] = defaultdict(int)
+        self._next_shard = self._n = 0
         self._closed = False
 
     def __enter__(self) -> "ShardWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+        self.close() if exc_type is None else self.abort()
 
-    def write(self, episode: Episode, key: str | None = None) -> str:
-        """Append one episode; returns its sample key."""
+    def write(self, episode: Episode, key: str | None = None, sample: dict | None = None) -> str:
+        """Append one episode; returns its sample key. ``sample``: the episode already encoded under ``key``
+        (``episode.to_sample(key)``), copied as it is; ``episode.frames`` may then be a placeholder."""
         if self._closed:
             raise ShardError(f"{self.out_dir}: writer is closed")
         key = key or f"ep{self._n:07d}"
@@ -223,7 +187,10 @@ class ShardWriter:
         split = episode.meta.get("split", "train")
         if split not in SPLITS:
             raise ShardError(f"{where}: meta split {split!r} is not one of {SPLITS}", key=key, field="meta")
-        sample = episode.to_sample(key)  # validates
+        if sample is None:
+            sample = episode.to_sample(key)  # validates
+        else:
+            episode.validate(f"episode {key}")
         ref = {"frame_size": list(episode.frames.shape[1:3]), "action_space": episode.meta["action_space"],
                "state_dim": 0 if episode.state is None else int(episode.state.shape[1])}
         if self._ref is None:
@@ -233,26 +200,24 @@ class ShardWriter:
             raise ShardError(f"{where}: differs from the dataset's first episode in {diff} (this, first)", key=key)
         sh = self._open.get(split)
         if sh is None:
-            sh = self._open[split] = _OpenShard(self.out_dir / shard_name(self._next_shard), split)
+            sh = self._open[split] = _OpenShard(self.out_dir / f"shard-{self._next_shard:06d}.tar", split)
             self._next_shard += 1
         sh.add(sample, len(episode))
         self._keys.add(key)
         self._n += 1
         self._account(episode, split)
         if len(sh.keys) >= self.episodes_per_shard or sh.bytes >= self.max_shard_bytes:
-            self._done.append(sh.close())
-            del self._open[split]
+            self._done.append(self._open.pop(split).close())
         return key
 
     def _account(self, ep: Episode, split: str) -> None:
-        st = self._stats.get(split)
-        if st is None:
-            st = self._stats[split] = _ActionStats(ep.actions.shape[1])
-        st.add(ep.actions)
+        if split not in self._stats:
+            self._stats[split] = _ActionStats(ep.actions.shape[1])
+        self._stats[split].add(ep.actions)
         pol = ep.meta.get("policy") or {}
-        name = pol.get("name", "unknown") if isinstance(pol, dict) else str(pol)
-        p = self._policies.setdefault(name, {"family": pol.get("family", name) if isinstance(pol, dict) else name,
-                                             "params": pol.get("params", {}) if isinstance(pol, dict) else {},
+        pol = pol if isinstance(pol, dict) else {"name": str(pol)}
+        name = pol.get("name", "unknown")
+        p = self._policies.setdefault(name, {"family": pol.get("family", name), "params": pol.get("params", {}),
                                              "splits": {}, "episodes": 0, "frames": 0, "returns": [], "successes": []})
         p["splits"][split] = p["splits"].get(split, 0) + 1
         p["episodes"] += 1
@@ -262,6 +227,7 @@ class ShardWriter:
         self._tasks[str(ep.meta.get("task", "unknown"))] += 1
 
     def abort(self) -> None:
+        """Drop the open shards; no manifest is written."""
         for sh in self._open.values():
             sh.abort()
         self._open.clear()
@@ -271,8 +237,7 @@ class ShardWriter:
         """Flush open shards and write the manifest (atomically). Returns the manifest."""
         if self._closed:
             raise ShardError(f"{self.out_dir}: writer already closed")
-        for split in sorted(self._open):
-            self._done.append(self._open[split].close())
+        self._done += [self._open[split].close() for split in sorted(self._open)]
         self._open.clear()
         self._closed = True
         if self._n == 0:
@@ -281,19 +246,15 @@ class ShardWriter:
         stats_split = "train" if "train" in self._stats else sorted(self._stats)[0]
         policies = {}
         for name, p in sorted(self._policies.items()):
-            r = np.array(p.pop("returns"))
-            s = np.array(p.pop("successes"))
+            r, s = np.array(p.pop("returns")), np.array(p.pop("successes"))
             policies[name] = {**p, "return_mean": float(r.mean()), "return_std": float(r.std()),
                               "success_rate": float(s.mean())}
+        of = lambda sp, what: sum(s[what] for s in shards if s["split"] == sp)  # noqa: E731
         manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "frame_encoding": FRAME_ENCODING,
-            **self._ref,
+            "schema_version": SCHEMA_VERSION, "frame_encoding": "npz-deflate", **self._ref,
             "action_dim": len(self._ref["action_space"]["names"]),
-            "episodes": self._n,
-            "frames": int(sum(s["frames"] for s in shards)),
-            "splits": {sp: {"episodes": sum(s["episodes"] for s in shards if s["split"] == sp),
-                            "frames": sum(s["frames"] for s in shards if s["split"] == sp),
+            "episodes": self._n, "frames": int(sum(s["frames"] for s in shards)),
+            "splits": {sp: {"episodes": of(sp, "episodes"), "frames": of(sp, "frames"),
                             "shards": [s["name"] for s in shards if s["split"] == sp]}
                        for sp in SPLITS if any(s["split"] == sp for s in shards)},
             "shards": shards,
@@ -303,13 +264,10 @@ class ShardWriter:
             "tasks": dict(sorted(self._tasks.items())),
             "extra": self.extra,
         }
-        write_json_atomic(self.out_dir / MANIFEST, manifest)
+        write_json_atomic(self.out_dir / MANIFEST, manifest, allow_nan=True, sort_keys=True)
         return manifest
 
 
-# --------------------------------------------------------------------------------------------
-# reader
-# --------------------------------------------------------------------------------------------
 def read_manifest(data_dir: str | Path) -> dict:
     """Load and sanity-check ``manifest.json``; ShardError if the directory is missing/incomplete."""
     d = Path(data_dir)
@@ -334,7 +292,7 @@ def read_manifest(data_dir: str | Path) -> dict:
     return m
 
 
-def check_manifest_counts(m: dict, where: str | Path) -> None:
+def _check_counts(m: dict, where: str | Path) -> None:
     """The manifest's episode and frame counts agree with its shard list (per shard, per split, in all)."""
     for s in m["shards"]:
         if s.get("episodes") != len(s.get("keys", ())):
@@ -358,7 +316,7 @@ def verify_dataset(data_dir: str | Path, checksums: bool = True) -> dict:
     manifest's counts agree with its shard list."""
     d = Path(data_dir)
     m = read_manifest(d)
-    check_manifest_counts(m, d / MANIFEST)
+    _check_counts(m, d / MANIFEST)
     listed = {s["name"] for s in m["shards"]}
     extra = sorted(p.name for p in d.glob("shard-*.tar") if p.name not in listed)
     if extra:
@@ -369,139 +327,79 @@ def verify_dataset(data_dir: str | Path, checksums: bool = True) -> dict:
             raise ShardError(f"{p}: shard listed in the manifest is missing", shard=s["name"])
         if p.stat().st_size != s["bytes"]:
             raise ShardError(f"{p}: size {p.stat().st_size} bytes, manifest says {s['bytes']}", shard=s["name"])
-        if checksums:
-            h = sha256_file(p)
-            if h != s["sha256"]:
-                raise ShardError(f"{p}: sha256 {h[:16]}... does not match the manifest's {s['sha256'][:16]}...",
-                                 shard=s["name"])
+        if checksums and (h := sha256_file(p)) != s["sha256"]:
+            raise ShardError(f"{p}: sha256 {h[:16]}... does not match the manifest's {s['sha256'][:16]}...",
+                             shard=s["name"])
     return m
 
 
 def iter_tar_samples(path: str | Path, keys: set[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Group a WebDataset tar's members by key: {'__key__', '__url__', ext: bytes, ...}.
-
-    Plain ustar/gnu member headers are parsed straight from a memory map (header checksums are
-    checked by ``TarInfo.frombuf``); a tar with extended (pax / long-name) headers goes through
-    ``tarfile``. With ``keys`` only those samples are returned (others are not copied).
-    """
+    """Group a WebDataset tar's members by key: {'__key__', '__url__', ext: bytes, ...}, parsing the plain
+    ustar headers ``ShardWriter`` writes straight from a memory map (checksums checked). With ``keys`` the
+    other samples come back as ``__skipped__`` stubs, not copied."""
     path = str(path)
     try:
         with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size == 0:
+            if os.fstat(fh.fileno()).st_size == 0:
                 raise ShardError(f"{path}: tar is empty", shard=path)
             buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise ShardError(f"{path}: cannot read shard: {e}", shard=path) from e
     try:
-        yield from _iter_mapped(path, buf, keys)
-    except _NeedsTarfile:
-        yield from _iter_tarfile(path, keys)
+        yield from _group(path, _members(path, buf, keys), keys)
     finally:
         buf.close()
 
 
-class _NeedsTarfile(Exception):
-    pass
-
-
-def _group(path: str, members: Iterator[tuple[str, str, Any]]) -> Iterator[dict[str, Any]]:
+def _group(path: str, members: Iterator[tuple[str, str, Any]], keys: set[str] | None) -> Iterator[dict[str, Any]]:
+    """(key, ext, data) members -> samples; a sample not in ``keys`` comes back as a ``__skipped__`` stub."""
     cur: dict[str, Any] | None = None
-    for key, ext, data in members:
-        if cur is None or cur["__key__"] != key:
-            if cur is not None:
-                yield cur
-            cur = {"__key__": key, "__url__": path}
+    for key, ext, data in itertools.chain(members, [(None, None, None)]):
+        if cur is not None and cur["__key__"] != key:
+            wanted = keys is None or cur["__key__"] in keys
+            yield cur if wanted else {"__key__": cur["__key__"], "__url__": path, "__skipped__": True}
+            cur = None
+        if key is None:
+            return
+        cur = cur or {"__key__": key, "__url__": path}
         if ext in cur:
             raise ShardError(f"{path} key {key}: member {ext} appears twice", shard=path, key=key, field=ext)
         cur[ext] = data
-    if cur is not None:
-        yield cur
 
 
-def _split_name(path: str, name: str, last_key: str | None) -> tuple[str, str]:
-    base = os.path.basename(name)
-    if "." not in base:
-        raise ShardError(f"{path}: member {name!r} has no extension (after key {last_key})", shard=path, key=last_key)
-    key, ext = base.split(".", 1)
-    return key, ext
-
-
-def _iter_mapped(path: str, buf: mmap.mmap, keys: set[str] | None) -> Iterator[dict[str, Any]]:
-    def members():
-        pos, n, last_key, started = 0, len(buf), None, False
-        while pos + 512 <= n:
-            hdr = buf[pos:pos + 512]
-            if hdr.count(0) == 512:  # end-of-archive block
-                return
-            try:
-                info = tarfile.TarInfo.frombuf(hdr, "utf-8", "surrogateescape")
-            except tarfile.HeaderError as e:
-                raise ShardError(f"{path}: corrupt tar header at byte {pos} (after key {last_key}): {e}",
-                                 shard=path, key=last_key) from e
-            if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE):
-                if started:
-                    raise ShardError(f"{path}: unsupported tar member type {info.type!r} after key {last_key}",
-                                     shard=path, key=last_key)
-                raise _NeedsTarfile()
-            start, end = pos + 512, pos + 512 + info.size
-            pos = start + -(-info.size // 512) * 512
-            if not info.isfile():
-                continue
-            started = True
-            key, ext = _split_name(path, info.name, last_key)
-            if end > n:
-                raise ShardError(f"{path} key {key}: member {info.name!r} truncated ({n - start} of {info.size} bytes)",
-                                 shard=path, key=key, field=ext)
-            last_key = key
-            yield key, ext, (buf[start:end] if keys is None or key in keys else None)
-        if pos < n:
-            raise ShardError(f"{path}: tar ends mid-header after key {last_key}", shard=path, key=last_key)
-        raise ShardError(f"{path}: tar lacks its end-of-archive blocks (truncated after key {last_key}?)",
-                         shard=path, key=last_key)
-
-    for s in _group(path, members()):
-        if keys is None or s["__key__"] in keys:
-            yield s
-        else:
-            yield {"__key__": s["__key__"], "__url__": path, "__skipped__": True}
-
-
-def _iter_tarfile(path: str, keys: set[str] | None) -> Iterator[dict[str, Any]]:
-    def members():
-        last_key = None
+def _members(path: str, buf: mmap.mmap, keys: set[str] | None) -> Iterator[tuple[str, str, Any]]:
+    """(key, ext, bytes) of every file member; the bytes are None for a key not in ``keys``."""
+    pos, n, last_key = 0, len(buf), None
+    while pos + 512 <= n:
+        hdr = buf[pos:pos + 512]
+        if hdr.count(0) == 512:  # end-of-archive block
+            return
         try:
-            with tarfile.open(path, "r|") as tf:
-                for info in tf:
-                    if not info.isfile():
-                        continue
-                    key, ext = _split_name(path, info.name, last_key)
-                    fh = tf.extractfile(info)
-                    data = fh.read() if fh is not None else b""
-                    if len(data) != info.size:
-                        raise ShardError(f"{path} key {key}: member {info.name!r} truncated ({len(data)} of "
-                                         f"{info.size} bytes)", shard=path, key=key, field=ext)
-                    last_key = key
-                    yield key, ext, data
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-            raise ShardError(f"{path}: tar is corrupt or truncated after key {last_key}: {e}",
+            info = tarfile.TarInfo.frombuf(hdr, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as e:
+            raise ShardError(f"{path}: corrupt tar header at byte {pos} (after key {last_key}): {e}",
                              shard=path, key=last_key) from e
-
-    for s in _group(path, members()):
-        if keys is None or s["__key__"] in keys:
-            yield s
-        else:
-            yield {"__key__": s["__key__"], "__url__": path, "__skipped__": True}
-
-
-def decode_sample(sample: dict[str, Any], manifest: dict | None = None) -> Episode:
-    """Sample -> Episode, checked against the manifest's frame size and action dim; ShardError on fault."""
-    try:
-        return Episode.from_sample(sample, where=sample.get("__url__"),
-                                   frame_size=tuple(manifest["frame_size"]) if manifest else None,
-                                   action_dim=manifest.get("action_dim") if manifest else None)
-    except EpisodeError as e:
-        raise ShardError(str(e), shard=sample.get("__url__"), key=sample.get("__key__")) from e
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE):
+            raise ShardError(f"{path}: unsupported tar member type {info.type!r} after key {last_key}",
+                             shard=path, key=last_key)
+        start, end = pos + 512, pos + 512 + info.size
+        pos = start + -(-info.size // 512) * 512
+        if not info.isfile():
+            continue
+        base = os.path.basename(info.name)
+        if "." not in base:
+            raise ShardError(f"{path}: member {info.name!r} has no extension (after key {last_key})",
+                             shard=path, key=last_key)
+        key, ext = base.split(".", 1)
+        if end > n:
+            raise ShardError(f"{path} key {key}: member {info.name!r} truncated ({n - start} of {info.size} bytes)",
+                             shard=path, key=key, field=ext)
+        last_key = key
+        yield key, ext, (buf[start:end] if keys is None or key in keys else None)
+    if pos < n:
+        raise ShardError(f"{path}: tar ends mid-header after key {last_key}", shard=path, key=last_key)
+    raise ShardError(f"{path}: tar lacks its end-of-archive blocks (truncated after key {last_key}?)",
+                     shard=path, key=last_key)
 
 
 class CorruptCounter:
@@ -522,6 +420,12 @@ def iter_shard_episodes(data_dir: str | Path, shard: dict, manifest: dict, on_er
     path = Path(data_dir) / shard["name"]
     if not path.exists():
         raise ShardError(f"{path}: shard listed in the manifest is missing", shard=str(path))
+
+    def _skip(what: str, msg: str, *args: Any) -> None:
+        log.warning(msg, *args)
+        if counter is not None:
+            counter.skipped.append(what)
+
     seen = []
     try:
         for s in iter_tar_samples(path, keys=keys):
@@ -529,21 +433,18 @@ def iter_shard_episodes(data_dir: str | Path, shard: dict, manifest: dict, on_er
             if s.get("__skipped__"):
                 continue
             try:
-                ep = decode_sample(s, manifest)
-            except ShardError as e:
+                ep = Episode.from_sample(s, where=s["__url__"], frame_size=tuple(manifest["frame_size"]),
+                                         action_dim=manifest.get("action_dim"))
+            except EpisodeError as e:
                 if on_error == "raise":
-                    raise
-                log.warning("skipping corrupt sample: %s", e)
-                if counter is not None:
-                    counter.skipped.append(f"{path}:{s['__key__']}")
+                    raise ShardError(str(e), shard=s["__url__"], key=s["__key__"]) from e
+                _skip(f"{path}:{s['__key__']}", "skipping corrupt sample: %s", e)
                 continue
             yield s["__key__"], ep
     except ShardError as e:
         if on_error == "raise" or e.key is None and not seen:
             raise
-        log.warning("skipping rest of corrupt shard: %s", e)
-        if counter is not None:
-            counter.skipped.append(f"{path}:<after {e.key}>")
+        _skip(f"{path}:<after {e.key}>", "skipping rest of corrupt shard: %s", e)
         return
     if seen != shard["keys"]:
         missing = [k for k in shard["keys"] if k not in seen]
@@ -551,16 +452,14 @@ def iter_shard_episodes(data_dir: str | Path, shard: dict, manifest: dict, on_er
         msg = f"{path}: keys differ from the manifest (missing {missing[:5]}, unexpected {unexpected[:5]})"
         if on_error == "raise":
             raise ShardError(msg, shard=str(path), key=(missing or unexpected or [None])[0])
-        log.warning(msg)
-        if counter is not None:
-            counter.skipped.append(msg)
+        _skip(msg, "%s", msg)
 
 
 def iter_episodes(data_dir: str | Path, splits: Iterable[str] | None = None, verify: bool = True,
                   on_error: str = "raise", counter: CorruptCounter | None = None) -> Iterator[Episode]:
     """All episodes of a dataset directory (optionally only some splits), in shard order."""
     m = verify_dataset(data_dir, checksums=verify) if verify else read_manifest(data_dir)
-    want = set(splits) if splits is not None else None
+    want = None if splits is None else set(splits)
     for sh in m["shards"]:
         if want is None or sh["split"] in want:
             for _, ep in iter_shard_episodes(data_dir, sh, m, on_error=on_error, counter=counter):
@@ -573,9 +472,8 @@ def verify_contents(data_dir: str | Path) -> tuple[int, int]:
     m = verify_dataset(data_dir)
     episodes = frames = 0
     for sh in m["shards"]:
-        n_ep = n_fr = 0
-        for _, ep in iter_shard_episodes(data_dir, sh, m):
-            n_ep, n_fr = n_ep + 1, n_fr + len(ep)
+        lengths = [len(ep) for _, ep in iter_shard_episodes(data_dir, sh, m)]
+        n_ep, n_fr = len(lengths), sum(lengths)
         if (n_ep, n_fr) != (sh["episodes"], sh["frames"]):
             raise ShardError(f"{Path(data_dir) / sh['name']}: holds {n_ep} episodes / {n_fr} frames, the manifest "
                              f"says {sh['episodes']} / {sh['frames']}", shard=sh["name"])
@@ -586,8 +484,7 @@ def verify_contents(data_dir: str | Path) -> tuple[int, int]:
 def episode_lengths(data_dir: str | Path, manifest: dict, splits: Iterable[str]) -> list[int]:
     """Frames of every episode of ``splits``, in shard order, read from the samples' step arrays
     (frames are not decoded)."""
-    want = set(splits)
-    out = []
+    want, out = set(splits), []
     for sh in manifest["shards"]:
         if sh["split"] in want:
             for s in iter_tar_samples(Path(data_dir) / sh["name"]):
@@ -597,11 +494,6 @@ def episode_lengths(data_dir: str | Path, manifest: dict, splits: Iterable[str])
                     raise ShardError(f"{s['__url__']} key {s['__key__']}: unreadable steps: {e}",
                                      shard=sh["name"], key=s["__key__"]) from e
     return out
-
-
-def action_space_of(manifest: dict) -> ActionSpace:
-    """The dataset's ActionSpace from its manifest."""
-    return ActionSpace.from_json(manifest["action_space"])
 
 
 def safe_std(std: Iterable[float], floor: float = 1e-6) -> np.ndarray:

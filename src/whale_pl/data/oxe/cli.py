@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -22,6 +23,7 @@ from whale_pl.data.shards import ShardError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``whale-data oxe`` argument parser."""
     p = argparse.ArgumentParser(prog="whale-data oxe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -73,6 +75,7 @@ def _parse_datasets(text: str) -> list[tuple[str, float | None]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``whale-data oxe``: convert a dataset or a mixture, or list the registry; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.list:
         print(_registry_table())
@@ -81,13 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out:
         print("error: --out is required", file=sys.stderr)
         return 2
-    opts = ConvertOptions(size=args.size, crop=args.crop, camera=args.camera, action_key=args.action_key,
-                          language_key=args.language_key,
-                          splits=tuple(s.strip() for s in args.split.split(",") if s.strip()),
-                          stride=args.stride, workers=args.workers, skip_corrupt=args.skip_corrupt,
-                          episodes_per_shard=args.episodes_per_shard, max_episodes=args.max_episodes,
-                          overwrite=args.overwrite,
-                          keep_parts=args.keep_parts)
+    opts = ConvertOptions(splits=tuple(s.strip() for s in args.split.split(",") if s.strip()),
+                          **{f.name: getattr(args, f.name) for f in dataclasses.fields(ConvertOptions)
+                             if f.name != "splits"})
     try:
         if args.src:
             m = convert_dataset(args.src, args.out, opts, progress=not args.quiet)
@@ -105,7 +104,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

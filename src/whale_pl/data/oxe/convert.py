@@ -1,17 +1,12 @@
 """RLDS (TFRecord) -> Episodes -> WebDataset shards; parallel over input files, streaming, resumable.
 
-Two stages:
+1. Every input file is converted, in a worker process, one episode in memory at a time, into its own
+   part directory ``<out>/.parts/<split>-<file index>/`` (a ShardWriter dataset) with a ``part.json``
+   completion marker written last. A rerun skips every part whose marker matches its source and options.
+2. The parts are merged, in file and record order, into ``<out>`` by one ShardWriter, then removed.
+   A rerun of a finished conversion with the same source and options finds the manifest and stops.
 
-1. Every input file is converted, in a worker process, into its own part directory
-   ``<out>/.parts/<split>-<file index>/`` (a ShardWriter dataset) and a ``part.json`` completion
-   marker written last. One episode is in memory at a time, so memory stays flat. A rerun skips
-   every part whose marker matches the current source file and options.
-2. The parts are merged, in file and record order, into ``<out>`` by one ShardWriter (manifest with
-   per-dataset action statistics), after which the parts are removed. A rerun of a finished
-   conversion with the same source and options finds the manifest and does nothing.
-
-The result does not depend on the number of workers or on interruptions: keys, order and bytes are
-fixed by (split, file index, record index).
+Keys, order and bytes are fixed by (split, file index, record index), whatever the workers or interruptions.
 """
 
 from __future__ import annotations
@@ -19,14 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import resource
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -35,13 +29,13 @@ from whale_pl.data.episode import EEF7_ACTION_SPACE, STEP_FIELDS, ActionSpace, E
 from whale_pl.data.oxe import registry as reg
 from whale_pl.data.oxe.example_proto import parse_example
 from whale_pl.data.oxe.schema import DatasetSchema, SchemaError, load_schema
-from whale_pl.data.oxe.standardize import (RecordError, Where, decode_frame, episode_length,
-                                           language_of, native_actions, standard_actions, step_array,
-                                           step_bytes)
+from whale_pl.data.oxe.standardize import (RecordError, Where, decode_frame, episode_length, language_of,
+                                           standard_actions, step_array, step_bytes)
 from whale_pl.data.oxe.tfrecord import TFRecordError, iter_records_safe
-from whale_pl.data.ownership import claim, ownership
-from whale_pl.data.shards import MANIFEST, ShardWriter, iter_tar_samples, verify_dataset, write_json_atomic
-from whale_pl.data.workers import exit_with_parent
+from whale_pl.data.ownership import claim, ownership, read_json
+from whale_pl.data.shards import MANIFEST, ShardWriter, iter_tar_samples, verify_dataset
+from whale_pl.data.workers import map_ordered
+from whale_pl.io import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 PARTS = ".parts"
@@ -74,7 +68,6 @@ class ConvertOptions:
 @dataclass
 class Plan:
     """What to read from the source and how: decided once from features.json."""
-
     dataset: str
     version: str
     camera_key: str                     # full Example key
@@ -95,12 +88,8 @@ class Plan:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
-# ------------------------------------------------------------------------------------------------
-# planning: registry entry or an unambiguous schema
-# ------------------------------------------------------------------------------------------------
 def _obs_key(key: str) -> str:
-    key = key.removeprefix("steps/").removeprefix("observation/")
-    return f"steps/observation/{key}"
+    return "steps/observation/" + key.removeprefix("steps/").removeprefix("observation/")
 
 
 def _step_key(key: str) -> str:
@@ -111,7 +100,7 @@ def make_plan(src: Path, schema: DatasetSchema, opts: ConvertOptions) -> Plan:
     """What to read from ``src`` and how: the registry entry's choices (or the flags'), else the only
     camera, flat action tensor and text key the schema has; ConversionError listing what is ambiguous."""
     dataset, version = src.parent.name, src.name
-    cfg = reg.lookup(dataset)
+    cfg = reg.REGISTRY.get(dataset)
     problems: list[str] = []
     camera = _plan_camera(schema, cfg, opts, dataset, problems)
     action, space = _plan_action(schema, cfg, opts, problems)
@@ -129,21 +118,19 @@ def make_plan(src: Path, schema: DatasetSchema, opts: ConvertOptions) -> Plan:
                 size=opts.size, crop=opts.crop, splits=list(opts.splits))
 
 
+def _key_in(schema: DatasetSchema, key: str, who: str, what: str, have: list[str], flag: str) -> str:
+    """``key`` if the schema has it, else a ConversionError naming who asked for it and the keys there are."""
+    if key not in schema.features:
+        raise ConversionError(f"{schema.path}: {who} names {what} {key!r}, which features.json lacks; {what} keys: "
+                              f"{', '.join(have) or 'none'}; choose one with {flag} KEY")
+    return key
+
+
 def _plan_camera(schema: DatasetSchema, cfg, opts: ConvertOptions, dataset: str, problems: list[str]) -> str:
     images = schema.image_keys()
-    if opts.camera:
-        camera = _obs_key(opts.camera)
-        if camera not in schema.features:
-            raise ConversionError(f"{schema.path}: --camera {opts.camera!r}: no image feature {camera!r}; "
-                                  f"image keys: {', '.join(images) or 'none'}")
-        return camera
-    if cfg is not None:
-        camera = _obs_key(cfg.camera)
-        if camera not in schema.features:
-            raise ConversionError(f"{schema.path}: registry entry {dataset!r} names camera {camera!r}, "
-                                  f"which features.json lacks; image keys: {', '.join(images)}; "
-                                  "choose one with --camera KEY")
-        return camera
+    if opts.camera or cfg is not None:
+        who = f"--camera {opts.camera!r}" if opts.camera else f"registry entry {dataset!r}"
+        return _key_in(schema, _obs_key(opts.camera or cfg.camera), who, "camera", images, "--camera")
     if len(images) == 1:
         return images[0]
     problems.append(f"{len(images)} camera keys ({', '.join(images) or 'none'}): choose one with --camera KEY")
@@ -156,14 +143,14 @@ def _plan_action(schema: DatasetSchema, cfg, opts: ConvertOptions, problems: lis
         return {"registry": asdict(cfg.action)}, EEF7_ACTION_SPACE.to_json()
     cands = schema.numeric_step_keys("action")
     flat = [k for k in cands if len(schema.features[k].shape) <= 1]
-    key = _step_key(opts.action_key) if opts.action_key else (flat[0] if len(cands) == 1 and flat else None)
-    if opts.action_key and key not in schema.features:
-        raise ConversionError(f"{schema.path}: --action-key {opts.action_key!r}: no step feature {key!r}; "
-                              f"action tensors: {', '.join(cands) or 'none'}")
-    if key is None:
-        problems.append(f"action is not one flat tensor ({', '.join(cands) or 'none'}): register the "
-                        "dataset in whale_pl/data/oxe/registry.py, or choose one flat tensor with "
-                        "--action-key KEY")
+    if opts.action_key:
+        key = _key_in(schema, _step_key(opts.action_key), f"--action-key {opts.action_key!r}", "action", cands,
+                      "--action-key")
+    elif len(cands) == 1 and flat:
+        key = flat[0]
+    else:
+        problems.append(f"action is not one flat tensor ({', '.join(cands) or 'none'}): register the dataset in "
+                        "whale_pl/data/oxe/registry.py, or choose one flat tensor with --action-key KEY")
         return {}, {}
     n = schema.features[key].size
     if n is None:
@@ -175,46 +162,37 @@ def _plan_action(schema: DatasetSchema, cfg, opts: ConvertOptions, problems: lis
 
 def _plan_language(schema: DatasetSchema, cfg, opts: ConvertOptions, dataset: str,
                    problems: list[str]) -> tuple[str | None, str]:
+    texts = schema.text_step_keys()
     if opts.language_key in ("none", ""):
         return None, "utf8"
     if opts.language_key:
-        lang = _step_key(opts.language_key)
-        if lang not in schema.features:
-            raise ConversionError(f"{schema.path}: --language-key {opts.language_key!r}: no step feature "
-                                  f"{lang!r}; text keys: {', '.join(schema.text_step_keys()) or 'none'}")
+        lang = _key_in(schema, _step_key(opts.language_key), f"--language-key {opts.language_key!r}", "text", texts,
+                       "--language-key")
         return lang, "codepoints" if schema.features[lang].kind == "tensor" else "utf8"
     if cfg is not None:
-        lang = _step_key(cfg.language) if cfg.language else None
-        if lang is not None and lang not in schema.features:
-            raise ConversionError(f"{schema.path}: registry entry {dataset!r} names language key {lang!r}, "
-                                  f"which features.json lacks; text keys: "
-                                  f"{', '.join(schema.text_step_keys()) or 'none'}")
-        return lang, cfg.language_encoding
-    texts = schema.text_step_keys()
+        if not cfg.language:
+            return None, cfg.language_encoding
+        who = f"registry entry {dataset!r}"
+        return _key_in(schema, _step_key(cfg.language), who, "text", texts, "--language-key"), cfg.language_encoding
     if len(texts) <= 1:
         return (texts[0] if texts else None), "utf8"
     problems.append(f"{len(texts)} text keys ({', '.join(texts)}): choose the instruction with --language-key KEY")
     return None, "utf8"
 
 
-# ------------------------------------------------------------------------------------------------
-# source files
-# ------------------------------------------------------------------------------------------------
+def _dataset_info(src: Path) -> dict:
+    path = src / "dataset_info.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def source_files(src: Path, split: str) -> list[tuple[Path, int | None]]:
     """The split's TFRecord files in shard order, with episode counts from dataset_info.json."""
-    dataset = src.parent.name
-    info_path = src / "dataset_info.json"
-    counts: list[int] | None = None
-    template = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
-    name = dataset
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        name = info.get("name", dataset)
-        for s in info.get("splits", []):
-            if s.get("name") == split:
-                counts = [int(c) for c in s.get("shardLengths", [])]
-                template = s.get("filepathTemplate", template)
-    if counts is not None:
+    info = _dataset_info(src)
+    name = info.get("name", src.parent.name)
+    entries = [s for s in info.get("splits", []) if s.get("name") == split]
+    if entries:
+        counts = [int(c) for c in entries[-1].get("shardLengths", [])]
+        template = entries[-1].get("filepathTemplate", "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}")
         n = len(counts)
         files = [src / template.replace("{DATASET}", name).replace("{SPLIT}", split)
                  .replace("{FILEFORMAT}", "tfrecord").replace("{SHARD_X_OF_Y}", f"{i:05d}-of-{n:05d}")
@@ -234,29 +212,20 @@ def source_files(src: Path, split: str) -> list[tuple[Path, int | None]]:
 def _enough_files(files: list[tuple[Path, int | None]], n: int) -> list[tuple[Path, int | None]]:
     """The leading files that hold the first ``n`` episodes (all files when counts are unknown;
     each then converts at most ``n`` and the merge keeps the first ``n``)."""
-    total = 0
-    for i, (_, count) in enumerate(files):
-        if count is None:
-            return files
-        total += count
-        if total >= n:
-            return files[: i + 1]
-    return files
+    if any(count is None for _, count in files):
+        return files
+    totals = np.cumsum([count for _, count in files])
+    return files[: int(np.searchsorted(totals, n)) + 1]
 
 
 def dataset_splits(src: Path) -> set[str]:
     """The RLDS split names a dataset directory holds (dataset_info.json, else its file names)."""
-    info_path = src / "dataset_info.json"
-    if info_path.is_file():
-        names = {s.get("name") for s in json.loads(info_path.read_text()).get("splits", [])}
-        if names:
-            return {n for n in names if n}
-    return {f.name.split(".tfrecord")[0].rsplit("-", 1)[-1] for f in src.glob("*-*.tfrecord-*")} if src.is_dir() else set()
+    names = {s.get("name") for s in _dataset_info(src).get("splits", [])}
+    if names:
+        return {n for n in names if n}
+    return {f.name.split(".tfrecord")[0].rsplit("-", 1)[-1] for f in src.glob("*-*.tfrecord-*")}
 
 
-# ------------------------------------------------------------------------------------------------
-# one record -> Episode
-# ------------------------------------------------------------------------------------------------
 def record_to_episode(data: bytes, schema: DatasetSchema, plan: Plan, where: Where, split: str,
                       file_index: int) -> Episode:
     """One serialized RLDS episode -> Episode, under the plan (RecordError on any fault)."""
@@ -268,23 +237,20 @@ def record_to_episode(data: bytes, schema: DatasetSchema, plan: Plan, where: Whe
     if t == 0:
         raise where.err(plan.camera_key, "episode has no steps")
     if "registry" in plan.action:
-        amap = reg.ActionMap(**plan.action["registry"])
-        actions = standard_actions(ex, schema, amap, t, where)
-    else:
-        actions = native_actions(ex, schema, plan.action["native"], t, where)
-    flags = {}
-    for name in ("is_first", "is_last", "is_terminal"):
+        actions = standard_actions(ex, schema, reg.ActionMap(**plan.action["registry"]), t, where)
+    else:  # an unregistered dataset's flat action tensor, unchanged
+        actions = step_array(ex, schema, plan.action["native"], t, where).astype(np.float32)
+    flags, steps = {}, np.arange(t)
+    for name, default in (("is_first", 0), ("is_last", t - 1), ("is_terminal", t - 1)):
         key = f"steps/{name}"
-        flags[name] = (step_array(ex, schema, key, t, where)[:, 0] != 0 if key in schema.features
-                       else np.arange(t) == (0 if name == "is_first" else t - 1))
+        flags[name] = step_array(ex, schema, key, t, where)[:, 0] != 0 if key in schema.features else steps == default
     rewards = (step_array(ex, schema, plan.reward_key, t, where)[:, 0].astype(np.float32)
                if plan.reward_key else np.zeros(t, np.float32))
     images = step_bytes(ex, plan.camera_key, t, where)
-    language = language_of(ex, None, plan.language_key, plan.language_encoding, t, where)
+    language = language_of(ex, plan.language_key, plan.language_encoding, t, where)
     k = plan.stride
     keep = range(0, t, k)
-    frames = np.stack([decode_frame(images[i], plan.size, plan.crop, plan.camera_key, i, where)
-                       for i in keep])
+    frames = np.stack([decode_frame(images[i], plan.size, plan.crop, plan.camera_key, i, where) for i in keep])
     success = flags["is_terminal"].astype(np.float32)
     if k > 1:
         space = ActionSpace.from_json(plan.action_space)
@@ -294,19 +260,13 @@ def record_to_episode(data: bytes, schema: DatasetSchema, plan: Plan, where: Whe
         success = np.array([success[g].max() for g in groups], np.float32)
         flags = {n: np.array([v[g].any() for g in groups]) for n, v in flags.items()}
     name = plan.dataset
-    hz = plan.control_hz / k if plan.control_hz else None
-    meta = {
-        "source": f"oxe/{name}",
-        "task": language or name,
-        "policy": {"name": f"oxe/{name}", "family": name, "params": {}},
-        "split": RLDS_TO_SHARD_SPLIT.get(split, split),
-        "action_space": plan.action_space,
-        "control_hz": hz,
-        "episode_id": f"{name}/{split}/{file_index:05d}/{where.index:06d}",
-        "oxe": {"dataset": name, "version": plan.version, "split": split,
-                "file": Path(where.path).name, "record": where.index, "frame_stride": k,
-                "camera": plan.camera_key, "native_steps": t},
-    }
+    meta = {"source": f"oxe/{name}", "task": language or name,
+            "policy": {"name": f"oxe/{name}", "family": name, "params": {}},
+            "split": RLDS_TO_SHARD_SPLIT.get(split, split), "action_space": plan.action_space,
+            "control_hz": plan.control_hz / k if plan.control_hz else None,
+            "episode_id": f"{name}/{split}/{file_index:05d}/{where.index:06d}",
+            "oxe": {"dataset": name, "version": plan.version, "split": split, "file": Path(where.path).name,
+                    "record": where.index, "frame_stride": k, "camera": plan.camera_key, "native_steps": t}}
     return Episode(frames=frames, actions=np.ascontiguousarray(actions, np.float32), rewards=rewards,
                    success=success, is_first=flags["is_first"], is_last=flags["is_last"],
                    is_terminal=flags["is_terminal"], state=None, language=language, meta=meta)
@@ -317,9 +277,6 @@ def episode_key(split: str, file_index: int, record: int) -> str:
     return f"{split}-{file_index:05d}-{record:06d}"
 
 
-# ------------------------------------------------------------------------------------------------
-# stage 1: one input file -> one part directory (runs in a worker)
-# ------------------------------------------------------------------------------------------------
 def _source_id(path: Path) -> dict:
     st = path.stat()
     return {"file": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -329,67 +286,30 @@ def _part_dir(out: Path, split: str, file_index: int) -> Path:
     return out / PARTS / f"{split}-{file_index:05d}"
 
 
-def _part_done(part: Path, marker: dict) -> dict | None:
-    mp_ = part / "part.json"
-    if not mp_.is_file():
-        return None
-    try:
-        done = json.loads(mp_.read_text())
-    except json.JSONDecodeError:
-        return None
-    return done if done.get("id") == marker else None
+def _recorded(path: Path, ident: dict, ident_of) -> dict | None:
+    """The JSON record at ``path`` if ``ident_of(record) == ident`` (None if absent, unreadable or another)."""
+    rec = read_json(path)
+    return rec if isinstance(rec, dict) and ident_of(rec) == ident else None
 
 
 def convert_file(job: tuple) -> dict:
-    """Convert one TFRecord file into its part directory; returns the part's summary. An optional
-    9th job item ``limit`` stops after that many converted episodes."""
-    src, path, split, file_index, expected, plan_d, out, skip_corrupt, *rest = job
-    limit = rest[0] if rest else None
-    plan = Plan(**plan_d)
-    path, out = Path(path), Path(out)
-    part = _part_dir(out, split, file_index)
+    """Convert one TFRecord file into its part directory; returns the part's summary. ``limit`` (the
+    job's last item) stops after that many converted episodes."""
+    src, path, split, file_index, expected, plan_d, out, skip_corrupt, limit = job
+    plan, path = Plan(**plan_d), Path(path)
+    part = _part_dir(Path(out), split, file_index)
     marker = {"plan": plan.fingerprint(), "source": _source_id(path), "skip_corrupt": skip_corrupt}
     if limit is not None:
         marker["limit"] = int(limit)
-    done = _part_done(part, marker)
+    done = _recorded(part / "part.json", marker, lambda r: r.get("id"))
     if done is not None:
-        done["resumed"] = True
-        return done
+        return {**done, "resumed": True}
     if part.exists():
         shutil.rmtree(part)
     part.mkdir(parents=True)
     cpu0 = time.process_time()
-    schema = load_schema(src)
-    writer: ShardWriter | None = None
-    skipped: list[dict] = []
-    n_ep = n_frames = n_records = 0
-    try:
-        for index, item in iter_records_safe(path):
-            if limit is not None and n_ep >= limit:
-                break
-            n_records += 1
-            where = Where(str(path), index)
-            try:
-                if isinstance(item, TFRecordError):
-                    raise item
-                ep = record_to_episode(item, schema, plan, where, split, file_index)
-            except (TFRecordError, RecordError) as e:
-                if not skip_corrupt:
-                    raise
-                log.warning("skipping corrupt episode: %s", e)
-                skipped.append({"file": path.name, "record": index, "error": str(e)})
-                continue
-            if writer is None:
-                writer = ShardWriter(part / "shards", episodes_per_shard=1 << 30)
-            writer.write(ep, key=episode_key(split, file_index, index))
-            n_ep += 1
-            n_frames += len(ep)
-        if writer is not None:
-            writer.close()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
+    n_ep, n_frames, n_records, skipped = _write_part(path, load_schema(src), plan, split, file_index,
+                                                     part / "shards", skip_corrupt, limit)
     stopped = limit is not None and n_ep >= limit
     if expected is not None and not stopped and n_ep + len(skipped) != expected:
         msg = (f"{path}: dataset_info.json promises {expected} episodes, the file holds {n_records} "
@@ -403,20 +323,47 @@ def convert_file(job: tuple) -> dict:
                "frames": n_frames, "skipped": skipped, "resumed": False,
                "cpu_s": time.process_time() - cpu0,
                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    write_json_atomic(part / "part.json", summary)
+    write_json_atomic(part / "part.json", summary, sort_keys=True)
     return summary
 
 
-# ------------------------------------------------------------------------------------------------
-# the whole dataset
-# ------------------------------------------------------------------------------------------------
+def _write_part(path: Path, schema: DatasetSchema, plan: Plan, split: str, file_index: int, shards: Path,
+                skip_corrupt: bool, limit: int | None) -> tuple[int, int, int, list[dict]]:
+    """Convert one file's records into the dataset ``shards``: (episodes, frames, records read, skipped)."""
+    writer: ShardWriter | None = None
+    skipped: list[dict] = []
+    n_ep = n_frames = n_records = 0
+    try:
+        for index, item in iter_records_safe(path):
+            if limit is not None and n_ep >= limit:
+                break
+            n_records += 1
+            try:
+                if isinstance(item, TFRecordError):
+                    raise item
+                ep = record_to_episode(item, schema, plan, Where(str(path), index), split, file_index)
+            except (TFRecordError, RecordError) as e:
+                if not skip_corrupt:
+                    raise
+                log.warning("skipping corrupt episode: %s", e)
+                skipped.append({"file": path.name, "record": index, "error": str(e)})
+                continue
+            writer = writer or ShardWriter(shards, episodes_per_shard=1 << 30)
+            writer.write(ep, key=episode_key(split, file_index, index))
+            n_ep, n_frames = n_ep + 1, n_frames + len(ep)
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return n_ep, n_frames, n_records, skipped
+
+
 def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions | None = None,
                     progress: bool = True, timing: dict | None = None) -> dict:
     """Convert ``<root>/<dataset>/<version>`` into a shard directory ``out``; returns the manifest.
-
-    ``timing``, if given, receives wall seconds, CPU seconds (this process + the part workers) and
-    how many parts were resumed rather than converted.
-    """
+    ``timing`` receives wall and CPU seconds (this process + the part workers) and the parts resumed."""
     opts = opts or ConvertOptions()
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -428,8 +375,7 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
     plan = make_plan(src, schema, opts)
     jobs, ident = _plan_jobs(src, out, plan, opts)
 
-    manifest_path = out / MANIFEST
-    done = _finished_conversion(out, ident)
+    done = _recorded(out / MANIFEST, ident, lambda m: m.get("extra", {}).get("oxe", {}).get("id"))
     if done is not None:
         log.info("%s: already converted with the same source and options", out)
         return done
@@ -449,9 +395,7 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
         "gripper_convention": "absolute opening in [0, 1]: 1 = open, 0 = closed",
     }
     summaries, n_skipped = _merge_parts(src, out, jobs, opts, plan, oxe, workers, progress)
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("extra", {}).get("oxe", {}).get("corrupt_episodes") != n_skipped:
-        raise ConversionError(f"{manifest_path}: the conversion record did not reach the manifest")
+    manifest = json.loads((out / MANIFEST).read_text())
     if not opts.keep_parts:
         shutil.rmtree(out / PARTS, ignore_errors=True)
     dt = time.perf_counter() - t0
@@ -499,10 +443,10 @@ def _merge_parts(src: Path, out: Path, jobs: list[tuple], opts: ConvertOptions, 
         for p in _iter_jobs(jobs, workers, progress, plan.dataset):
             summaries.append(p)
             if p["episodes"]:
-                for ep in _iter_encoded(_part_dir(out, p["split"], p["file_index"]) / "shards"):
+                for ep, sample in _iter_encoded(_part_dir(out, p["split"], p["file_index"]) / "shards"):
                     if limit is not None and written.get(p["split"], 0) >= limit:
                         break
-                    w.write(ep, key=ep.sample["__key__"])
+                    w.write(ep, key=sample["__key__"], sample=sample)
                     written[p["split"]] = written.get(p["split"], 0) + 1
         skipped = [s for p in summaries for s in p["skipped"]]
         n_skipped = sum(s.get("episodes", 1) for s in skipped)
@@ -513,34 +457,9 @@ def _merge_parts(src: Path, out: Path, jobs: list[tuple], opts: ConvertOptions, 
     return summaries, n_skipped
 
 
-def _finished_conversion(out: Path, ident: dict) -> dict | None:
-    """The manifest of a finished conversion of ``ident`` in ``out`` (None if there is none)."""
-    try:
-        m = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return m if isinstance(m, dict) and m.get("extra", {}).get("oxe", {}).get("id") == ident else None
-
-
-@dataclass
-class _EncodedEpisode(Episode):
-    """An episode read back from a part shard, carrying its encoded sample so that the merge copies
-    the bytes instead of compressing the frames again (encoding is deterministic: they are the bytes
-    ``Episode.to_sample`` gives for this key; the tests check it). ``frames`` is a zero-cost
-    placeholder of the right shape; the real frames are only in ``sample`` (checked by sha256 of
-    the part shard), so encoding it under any other key is refused."""
-
-    sample: dict | None = None
-
-    def to_sample(self, key: str) -> dict:
-        if self.sample is None or key != self.sample["__key__"]:
-            raise ConversionError(f"episode {key}: encoded sample is for key "
-                                  f"{None if self.sample is None else self.sample['__key__']!r}")
-        self.validate(f"episode {key}")
-        return self.sample
-
-
-def _iter_encoded(part_dir: Path):
+def _iter_encoded(part_dir: Path) -> Iterator[tuple[Episode, dict]]:
+    """(episode, its sample) of every episode of a part: the merge copies the encoded sample instead of
+    compressing the frames again, so the episode's frames are a zero-cost placeholder of the right shape."""
     m = verify_dataset(part_dir)
     h, w = m["frame_size"]
     for sh in m["shards"]:
@@ -548,51 +467,34 @@ def _iter_encoded(part_dir: Path):
             steps = load_npz(s["steps.npz"])
             meta = json.loads(s["meta.json"].decode("utf-8"))
             language = meta.pop("language", "")
-            t = len(steps["actions"])
-            placeholder = np.broadcast_to(np.zeros((1, 1, 1, 3), np.uint8), (t, h, w, 3))
-            sample = {k: s[k] for k in ("__key__", "frames.npz", "steps.npz", "meta.json")}
-            yield _EncodedEpisode(frames=placeholder, state=steps.get("state"), language=language, meta=meta,
-                                  sample=sample, **{n: steps[n] for n in STEP_FIELDS})
+            frames = np.broadcast_to(np.zeros((1, 1, 1, 3), np.uint8), (len(steps["actions"]), h, w, 3))
+            yield (Episode(frames=frames, state=steps.get("state"), language=language, meta=meta,
+                           **{n: steps[n] for n in STEP_FIELDS}),
+                   {k: s[k] for k in ("__key__", "frames.npz", "steps.npz", "meta.json")})
 
 
 def _iter_jobs(jobs: list[tuple], workers: int, progress: bool, name: str):
     """Run `convert_file` over the jobs (in worker processes when workers > 1); yield in job order."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(jobs), desc=f"oxe {name}: files", unit="file", disable=not progress)
-    try:
-        if workers <= 1:
-            for j in jobs:
-                yield convert_file(j)
-                bar.update(1)
-        else:
-            ctx = mp.get_context("spawn")  # (not forkserver: its children keep it alive, see data/workers.py)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=exit_with_parent,
-                                     initargs=(os.getpid(),)) as ex:
-                for r in ex.map(convert_file, jobs):
-                    yield r
-                    bar.update(1)
-    finally:
-        bar.close()
+    with tqdm(total=len(jobs), desc=f"oxe {name}: files", unit="file", disable=not progress) as bar:
+        for r in map(convert_file, jobs) if workers <= 1 else map_ordered(convert_file, jobs, workers):
+            yield r
+            bar.update(1)
 
 
-# ------------------------------------------------------------------------------------------------
-# mixtures
-# ------------------------------------------------------------------------------------------------
 MIXTURE_FILE = "mixture.json"
 DATAMODULE_FILE = "datamodule.yaml"
+DM_CLASS = "whale_pl.data.datamodule.ClipDataModule"
 
 
 def convert_mixture(root: str | os.PathLike, datasets: list[tuple[str, float | None]],
                     out: str | os.PathLike, opts: ConvertOptions | None = None,
                     progress: bool = True) -> dict:
-    """Convert several datasets under one root to ``out/<dataset>`` and write ``out/mixture.json``.
-
-    ``datasets``: (name or name/version, weight or None for the registry default). The mixture file
-    lists each dataset directory (relative to the mixture file) with its sampling weight and the
-    splits converted. RLDS datasets differ in their held-out splits (``val``, ``test`` or none), so
-    in a mixture each dataset converts the requested splits it has (``train`` is required).
-    """
+    """Convert several datasets under ``root`` to ``out/<dataset>``; write ``out/mixture.json`` (each
+    directory with its sampling weight and splits) and ``out/datamodule.yaml``. ``datasets``: (name or
+    name/version, weight or None for the registry default). Each dataset converts the requested splits it
+    has (RLDS held-out splits differ: ``val``, ``test`` or none); ``train`` is required."""
     opts = opts or ConvertOptions()
     root, out = Path(root), Path(out)
     _check_mixture_root(out, opts.overwrite)
@@ -622,18 +524,13 @@ def convert_mixture(root: str | os.PathLike, datasets: list[tuple[str, float | N
         entries.append({"name": dataset, "path": dataset, "weight": float(w),
                         "episodes": m["episodes"], "frames": m["frames"], "splits": list(splits)})
     mixture = {"kind": "whale_pl.mixture", "version": 1, "datasets": entries}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / MIXTURE_FILE, mixture)
-    # the same as a LightningCLI data config: `whale fit ... --data <out>/datamodule.yaml`
-    # (directories as given by --out, i.e. relative to where the conversion ran)
+    write_json_atomic(out / MIXTURE_FILE, mixture, sort_keys=True)
+    # a LightningCLI data config: `whale fit ... --data <out>/datamodule.yaml` (dirs as given by --out)
     import yaml
 
-    dm = {"class_path": "whale_pl.data.datamodule.ClipDataModule",
-          "init_args": {"dirs": [str(out / e["path"]) for e in entries],
-                        "weights": [e["weight"] for e in entries]}}
-    tmp = out / f".{DATAMODULE_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(yaml.safe_dump(dm, sort_keys=False))
-    os.replace(tmp, out / DATAMODULE_FILE)
+    dm = {"class_path": DM_CLASS, "init_args": {"dirs": [str(out / e["path"]) for e in entries],
+                                                "weights": [e["weight"] for e in entries]}}
+    write_text_atomic(out / DATAMODULE_FILE, yaml.safe_dump(dm, sort_keys=False))
     return mixture
 
 
@@ -642,9 +539,8 @@ def _check_mixture_root(out: Path, overwrite: bool) -> None:
     conversion did not write."""
     import yaml
 
-    dm_class = "whale_pl.data.datamodule.ClipDataModule"
     for name, ours in ((MIXTURE_FILE, lambda t: json.loads(t).get("kind") == "whale_pl.mixture"),
-                       (DATAMODULE_FILE, lambda t: yaml.safe_load(t).get("class_path") == dm_class)):
+                       (DATAMODULE_FILE, lambda t: yaml.safe_load(t).get("class_path") == DM_CLASS)):
         path = out / name
         if not path.exists() or overwrite:
             continue

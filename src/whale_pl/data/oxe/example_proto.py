@@ -1,70 +1,55 @@
 """`tf.train.Example` parsing with plain protobuf.
 
-The message descriptors (Example, Features, Feature, BytesList, FloatList, Int64List, field numbers as
-in tensorflow/core/example/{example,feature}.proto) are built here in a private descriptor pool, so
-they never clash with a TensorFlow that may be loaded in the same process.
+The message descriptors (field numbers as in tensorflow/core/example/{example,feature}.proto) are built
+here in a private descriptor pool, so they never clash with a TensorFlow loaded in the same process.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
 _PACKAGE = "whale_pl_private.tensorflow"
-
-
-def _build_example_class():
-    f = descriptor_pb2.FileDescriptorProto(name="whale_pl_private/example.proto",
-                                           package=_PACKAGE, syntax="proto3")
-    FD = descriptor_pb2.FieldDescriptorProto
-
-    def msg(name: str, fields: list[tuple[str, int, int, int, str | None]]):
-        m = f.message_type.add(name=name)
-        for fname, number, ftype, label, type_name in fields:
-            fld = m.field.add(name=fname, number=number, type=ftype, label=label)
-            if type_name:
-                fld.type_name = type_name
-        return m
-
-    rep, opt = FD.LABEL_REPEATED, FD.LABEL_OPTIONAL
-    msg("BytesList", [("value", 1, FD.TYPE_BYTES, rep, None)])
-    msg("FloatList", [("value", 1, FD.TYPE_FLOAT, rep, None)])
-    msg("Int64List", [("value", 1, FD.TYPE_INT64, rep, None)])
-    feature = msg("Feature", [
-        ("bytes_list", 1, FD.TYPE_MESSAGE, opt, f".{_PACKAGE}.BytesList"),
-        ("float_list", 2, FD.TYPE_MESSAGE, opt, f".{_PACKAGE}.FloatList"),
-        ("int64_list", 3, FD.TYPE_MESSAGE, opt, f".{_PACKAGE}.Int64List"),
-    ])
-    feature.oneof_decl.add(name="kind")
-    for fld in feature.field:
-        fld.oneof_index = 0
-    features = msg("Features", [("feature", 1, FD.TYPE_MESSAGE, rep,
-                                 f".{_PACKAGE}.Features.FeatureEntry")])
-    entry = features.nested_type.add(name="FeatureEntry")
-    entry.field.add(name="key", number=1, type=FD.TYPE_STRING, label=opt)
-    entry.field.add(name="value", number=2, type=FD.TYPE_MESSAGE, label=opt,
-                    type_name=f".{_PACKAGE}.Feature")
-    entry.options.map_entry = True
-    msg("Example", [("features", 1, FD.TYPE_MESSAGE, opt, f".{_PACKAGE}.Features")])
-
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(f)
-    get = message_factory.GetMessageClass
-    return (get(pool.FindMessageTypeByName(f"{_PACKAGE}.Example")),
-            get(pool.FindMessageTypeByName(f"{_PACKAGE}.Feature")))
-
-
-Example, Feature = _build_example_class()
+_FILE = f"""
+name: "whale_pl_private/example.proto" package: "{_PACKAGE}" syntax: "proto3"
+message_type {{ name: "BytesList" field {{ name: "value" number: 1 type: TYPE_BYTES label: LABEL_REPEATED }} }}
+message_type {{ name: "FloatList" field {{ name: "value" number: 1 type: TYPE_FLOAT label: LABEL_REPEATED }} }}
+message_type {{ name: "Int64List" field {{ name: "value" number: 1 type: TYPE_INT64 label: LABEL_REPEATED }} }}
+message_type {{
+  name: "Feature" oneof_decl {{ name: "kind" }}
+  field {{ name: "bytes_list" number: 1 type: TYPE_MESSAGE label: LABEL_OPTIONAL type_name: ".{_PACKAGE}.BytesList"
+          oneof_index: 0 }}
+  field {{ name: "float_list" number: 2 type: TYPE_MESSAGE label: LABEL_OPTIONAL type_name: ".{_PACKAGE}.FloatList"
+          oneof_index: 0 }}
+  field {{ name: "int64_list" number: 3 type: TYPE_MESSAGE label: LABEL_OPTIONAL type_name: ".{_PACKAGE}.Int64List"
+          oneof_index: 0 }}
+}}
+message_type {{
+  name: "Features"
+  field {{ name: "feature" number: 1 type: TYPE_MESSAGE label: LABEL_REPEATED
+          type_name: ".{_PACKAGE}.Features.FeatureEntry" }}
+  nested_type {{
+    name: "FeatureEntry" options {{ map_entry: true }}
+    field {{ name: "key" number: 1 type: TYPE_STRING label: LABEL_OPTIONAL }}
+    field {{ name: "value" number: 2 type: TYPE_MESSAGE label: LABEL_OPTIONAL type_name: ".{_PACKAGE}.Feature" }}
+  }}
+}}
+message_type {{
+  name: "Example"
+  field {{ name: "features" number: 1 type: TYPE_MESSAGE label: LABEL_OPTIONAL type_name: ".{_PACKAGE}.Features" }}
+}}
+"""
+_POOL = descriptor_pool.DescriptorPool()
+_POOL.Add(text_format.Parse(_FILE, descriptor_pb2.FileDescriptorProto()))
+Example = message_factory.GetMessageClass(_POOL.FindMessageTypeByName(f"{_PACKAGE}.Example"))
 
 # A parsed feature: float32 / int64 array, or a list of byte strings.
 FeatureValue = np.ndarray | list
 
 
 def parse_example(data: bytes) -> dict[str, FeatureValue]:
-    """Serialized `tf.train.Example` -> {key: float32 array | int64 array | list[bytes]}.
-
-    A feature whose kind is unset (an empty list) comes back as an empty float32 array.
-    """
+    """Serialized `tf.train.Example` -> {key: float32 array | int64 array | list[bytes]} (a feature of
+    unset kind, an empty list, as an empty float32 array)."""
     ex = Example()
     ex.ParseFromString(data)
     out: dict[str, FeatureValue] = {}
@@ -79,28 +64,3 @@ def parse_example(data: bytes) -> dict[str, FeatureValue]:
         else:
             out[key] = np.zeros(0, dtype=np.float32)
     return out
-
-
-def build_example(features: dict[str, FeatureValue]) -> bytes:
-    """{key: floats | ints | list[bytes]} -> serialized `tf.train.Example` (for fixtures and tests).
-
-    numpy floating arrays become float_list, integer/bool arrays int64_list, lists of bytes bytes_list.
-    """
-    ex = Example()
-    for key, value in features.items():
-        feat = ex.features.feature[key]
-        if isinstance(value, (list, tuple)) and (not value or isinstance(value[0], bytes)):
-            feat.bytes_list.value.extend(value)
-            if not value:
-                feat.bytes_list.SetInParent()
-            continue
-        arr = np.asarray(value).reshape(-1)
-        if np.issubdtype(arr.dtype, np.floating):
-            feat.float_list.value.extend(arr.astype(np.float32).tolist())
-            feat.float_list.SetInParent()
-        elif np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
-            feat.int64_list.value.extend(arr.astype(np.int64).tolist())
-            feat.int64_list.SetInParent()
-        else:
-            raise TypeError(f"feature {key!r}: cannot encode dtype {arr.dtype}")
-    return ex.SerializeToString()

@@ -1,30 +1,22 @@
-"""Declarative per-dataset entries for Open X-Embodiment: which camera, how the native action maps to
-the standard 7-D end-effector delta, where the language lives, the control rate and a frame stride.
+"""Declarative per-dataset entries for Open X-Embodiment: which camera, how the native action maps to the
+standard 7-D end-effector delta ``[dx, dy, dz, droll, dpitch, dyaw, gripper]`` (``EEF7_ACTION_SPACE``), where
+the language lives, the control rate and a frame stride. Positions and rotation deltas stay in the dataset's
+own units and frame (per-dataset statistics in the manifest normalise them); rotations are extrinsic xyz
+Euler angles in radians.
 
-Standard action (``EEF7_ACTION_SPACE``): ``[dx, dy, dz, droll, dpitch, dyaw, gripper]``.
-Positions and rotation deltas are in the dataset's own units and frame (OXE does not unify them;
-per-dataset statistics in the manifest normalise them). Rotation deltas are extrinsic xyz Euler
-angles in radians.
+**Gripper convention, for every dataset: absolute target opening in [0, 1], 1 = open, 0 = closed** (Octo's).
+Native encodings are mapped by ``gripper_mode``:
 
-**Gripper convention (one, for every dataset): absolute target opening in [0, 1], 1 = open,
-0 = closed** (Octo's convention). Native encodings are mapped by ``gripper_mode``:
-
-- ``open``:        already 1 = open in [0, 1]; copied unchanged
-- ``open_clip``:   1 = open, values clipped to [0, 1] (e.g. -1/+1 or bool ``open_gripper``)
-- ``close_clip``:  1 = close; ``1 - clip(g, 0, 1)``
-- ``relative``:    relative closedness command (+1 close, -1 open, 0 keep, |g| <= 0.1 keeps):
-                   integrated to the absolute state; the state before the first command is the
-                   opposite of that command (open before a first "close")
+- ``open``: already 1 = open in [0, 1], copied; ``open_clip``: 1 = open, clipped to [0, 1] (e.g. -1/+1 or
+  bool ``open_gripper``); ``close_clip``: 1 = close, ``1 - clip(g, 0, 1)``
+- ``relative``: closedness command (+1 close, -1 open, |g| <= 0.1 keeps) integrated to the absolute state;
+  before the first command the state is its opposite (open before a first "close")
 - ``const_open`` / ``const_closed``: the dataset has no gripper command
 
-Key specs are relative to ``steps/`` and may index the last axis: ``"action[0:3]"``,
-``"action/world_vector"``, ``"observation/state[6]"``. Translation specs with fewer than 3 values
-(Language-Table's 2-D pushes) are zero-padded; ``rot=None`` gives zero rotation.
-
-Entries follow each dataset's published TFDS features (keys as they are in features.json) and the
-mapping choices of Octo's OXE standardisation, except that language is kept wherever the dataset
-has it, and that datasets whose actions are absolute poses (``pose="absolute"``) are turned into
-deltas (``a[t] = p[t] - p[t-1]``, rotations ``R[t] R[t-1]^-1``, first step zero).
+Key specs are relative to ``steps/`` and may index the last axis (``"action[0:3]"``, ``"observation/state[6]"``);
+translations of fewer than 3 values are zero-padded; ``rot=None`` gives zero rotation. Entries follow each
+dataset's TFDS features and Octo's OXE standardisation, except that language is kept wherever there is some
+and absolute poses (``pose="absolute"``) are differenced into deltas (rotations ``R[t] R[t-1]^-1``, first 0).
 """
 
 from __future__ import annotations
@@ -63,13 +55,9 @@ class DatasetConfig:
         return asdict(self)
 
 
-def _stride(hz: float) -> int:
-    return max(1, round(hz / TARGET_HZ))
-
-
 def _cfg(name, camera, action, language, hz, **kw) -> DatasetConfig:
     return DatasetConfig(name=name, camera=camera, action=action, language=language, control_hz=hz,
-                         frame_stride=kw.pop("frame_stride", _stride(hz)), **kw)
+                         frame_stride=max(1, round(hz / TARGET_HZ)), **kw)
 
 
 _NL = "observation/natural_language_instruction"   # RT-1 style datasets
@@ -85,51 +73,37 @@ def _flat(mode: str, gripper: str | None = "action[6]", xyz: str = "action[0:3]"
     return ActionMap(xyz=xyz, rot=rot, gripper=gripper, gripper_mode=mode, **kw)
 
 
+_GC = "action/gripper_closedness_action"
 REGISTRY: dict[str, DatasetConfig] = {c.name: c for c in [
-    _cfg("fractal20220817_data", "image",
-         _rt1("action/gripper_closedness_action", "relative"), _NL, 3.0,
+    _cfg("fractal20220817_data", "image", _rt1(_GC, "relative"), _NL, 3.0,
          notes="RT-1 (Google robot); base motion fields ignored"),
-    _cfg("kuka", "image",
-         _rt1("action/gripper_closedness_action", "relative"), _NL, 10.0,
-         notes="QT-Opt; the instruction is templated"),
-    _cfg("bridge", "image",
-         _rt1("action/open_gripper", "open_clip"), _NL, 5.0,
+    _cfg("kuka", "image", _rt1(_GC, "relative"), _NL, 10.0, notes="QT-Opt; the instruction is templated"),
+    _cfg("bridge", "image", _rt1("action/open_gripper", "open_clip"), _NL, 5.0,
          wrist_camera=None, notes="BridgeData V2 as released in OXE (480x640)"),
-    _cfg("bridge_dataset", "image_0",
-         _flat("open"), _LI, 5.0,
-         wrist_camera=None,
+    _cfg("bridge_dataset", "image_0", _flat("open"), _LI, 5.0, wrist_camera=None,
          notes="BridgeData V2 RLDS release (image_0..image_3); native action already is "
                "[dx,dy,dz,droll,dpitch,dyaw,gripper(1=open)] and is copied unchanged"),
     _cfg("taco_play", "rgb_static",
          _flat("open_clip", gripper="action/rel_actions_world[6]", xyz="action/rel_actions_world[0:3]",
                rot="action/rel_actions_world[3:6]"), _NL, 15.0, wrist_camera="rgb_gripper",
          notes="gripper -1 close / +1 open"),
-    _cfg("jaco_play", "image",
-         _rt1("action/gripper_closedness_action", "relative", rot=None), _NL, 10.0,
+    _cfg("jaco_play", "image", _rt1(_GC, "relative", rot=None), _NL, 10.0,
          wrist_camera="image_wrist", notes="translation only; rotation zero"),
-    _cfg("berkeley_cable_routing", "image",
-         _rt1(None, "const_closed"), _NL, 10.0, wrist_camera="wrist45_image",
+    _cfg("berkeley_cable_routing", "image", _rt1(None, "const_closed"), _NL, 10.0, wrist_camera="wrist45_image",
          notes="no gripper command: the gripper holds the cable (closed)"),
-    _cfg("nyu_door_opening_surprising_effectiveness", "image",
-         _rt1("action/gripper_closedness_action", "relative"), _NL, 3.0,
+    _cfg("nyu_door_opening_surprising_effectiveness", "image", _rt1(_GC, "relative"), _NL, 3.0,
          notes="Hello Stretch opening cabinet doors; one camera (720x960); RT-1 style action dict"),
-    _cfg("roboturk", "front_rgb",
-         _rt1("action/gripper_closedness_action", "close_clip"), _NL, 10.0),
-    _cfg("viola", "agentview_rgb",
-         _rt1("action/gripper_closedness_action", "close_clip"), _NL, 20.0,
-         wrist_camera="eye_in_hand_rgb"),
-    _cfg("berkeley_autolab_ur5", "image",
-         _rt1("action/gripper_closedness_action", "relative"), _NL, 5.0, wrist_camera="hand_image"),
-    _cfg("toto", "image",
-         _rt1("action/open_gripper", "open_clip"), _NL, 30.0),
-    _cfg("language_table", "rgb",
-         ActionMap(xyz="action[0:2]", rot=None, gripper=None, gripper_mode="const_open"),
+    _cfg("roboturk", "front_rgb", _rt1(_GC, "close_clip"), _NL, 10.0),
+    _cfg("viola", "agentview_rgb", _rt1(_GC, "close_clip"), _NL, 20.0, wrist_camera="eye_in_hand_rgb"),
+    _cfg("berkeley_autolab_ur5", "image", _rt1(_GC, "relative"), _NL, 5.0, wrist_camera="hand_image"),
+    _cfg("toto", "image", _rt1("action/open_gripper", "open_clip"), _NL, 30.0),
+    _cfg("language_table", "rgb", ActionMap(xyz="action[0:2]", rot=None, gripper=None, gripper_mode="const_open"),
          "observation/instruction", 10.0, language_encoding="codepoints",
          notes="2-D planar pushes (dx, dy); no gripper"),
-    _cfg("stanford_hydra_dataset_converted_externally_to_rlds", "image",
-         _flat("close_clip"), _LI, 10.0, wrist_camera="wrist_image"),
-    _cfg("austin_buds_dataset_converted_externally_to_rlds", "image",
-         _flat("close_clip"), _LI, 20.0, wrist_camera="wrist_image"),
+    _cfg("stanford_hydra_dataset_converted_externally_to_rlds", "image", _flat("close_clip"), _LI, 10.0,
+         wrist_camera="wrist_image"),
+    _cfg("austin_buds_dataset_converted_externally_to_rlds", "image", _flat("close_clip"), _LI, 20.0,
+         wrist_camera="wrist_image"),
     _cfg("nyu_franka_play_dataset_converted_externally_to_rlds", "image",
          _flat("open_clip", gripper="action[13]", xyz="action[7:10]", rot="action[10:13]"), _LI, 3.0,
          wrist_camera="image_additional_view",
@@ -140,26 +114,21 @@ REGISTRY: dict[str, DatasetConfig] = {c.name: c for c in [
     _cfg("ucsd_kitchen_dataset_converted_externally_to_rlds", "image",
          _flat("open", rot_format="euler_deg", pose="absolute"), _LI, 2.0,
          notes="native action is an absolute EE position + orientation (degrees) target; differenced"),
-    _cfg("austin_sailor_dataset_converted_externally_to_rlds", "image",
-         _flat("close_clip"), _LI, 20.0, wrist_camera="wrist_image",
-         notes="native [3 EE delta pos, 3 EE delta rot, gripper (1 = close)]"),
-    _cfg("austin_sirius_dataset_converted_externally_to_rlds", "image",
-         _flat("close_clip"), _LI, 20.0, wrist_camera="wrist_image",
+    _cfg("austin_sailor_dataset_converted_externally_to_rlds", "image", _flat("close_clip"), _LI, 20.0,
+         wrist_camera="wrist_image", notes="native [3 EE delta pos, 3 EE delta rot, gripper (1 = close)]"),
+    _cfg("austin_sirius_dataset_converted_externally_to_rlds", "image", _flat("close_clip"), _LI, 20.0,
+         wrist_camera="wrist_image",
          notes="two 84x84 cameras; native [3 EE delta pos, 3 EE delta rot, gripper (1 = close)]"),
     _cfg("bc_z", "image",
          ActionMap(xyz="action/future/xyz_residual[0:3]", rot="action/future/axis_angle_residual[0:3]",
                    gripper="action/future/target_close[0]", gripper_mode="close_clip",
                    rot_format="rotvec"), _NL, 10.0,
          notes="first of the 10 future waypoints; axis-angle residual converted to Euler"),
-    _cfg("utaustin_mutex", "image",
-         _flat("close_clip"), _LI, 20.0, wrist_camera="wrist_image"),
-    _cfg("berkeley_fanuc_manipulation", "image",
-         _flat("close_clip", gripper="observation/state[6]"), _LI, 10.0, wrist_camera="wrist_image",
-         notes="no gripper action: the gripper state (1 = closed) stands in for it"),
-    _cfg("cmu_stretch", "image",
-         _flat("open"), _LI, 10.0, notes="native 8-D (last = terminate)"),
-    _cfg("dlr_edan_shared_control_converted_externally_to_rlds", "image",
-         _flat("close_clip"), _LI, 5.0),
+    _cfg("utaustin_mutex", "image", _flat("close_clip"), _LI, 20.0, wrist_camera="wrist_image"),
+    _cfg("berkeley_fanuc_manipulation", "image", _flat("close_clip", gripper="observation/state[6]"), _LI, 10.0,
+         wrist_camera="wrist_image", notes="no gripper action: the gripper state (1 = closed) stands in for it"),
+    _cfg("cmu_stretch", "image", _flat("open"), _LI, 10.0, notes="native 8-D (last = terminate)"),
+    _cfg("dlr_edan_shared_control_converted_externally_to_rlds", "image", _flat("close_clip"), _LI, 5.0),
     _cfg("iamlab_cmu_pickup_insert_converted_externally_to_rlds", "image",
          _flat("open", gripper="action[7]", rot="action[3:7]", rot_format="quat_xyzw", pose="absolute"),
          _LI, 20.0, wrist_camera="wrist_image",
@@ -188,11 +157,6 @@ DEFAULT_MIXTURE_WEIGHTS: dict[str, float] = {**OXE_MAGIC_SOUP, "bridge": 1.0}
 
 GRIPPER_MODES = ("open", "open_clip", "close_clip", "relative", "const_open", "const_closed")
 ROT_FORMATS = ("euler", "euler_deg", "quat_xyzw", "rotvec")
-
-
-def lookup(name: str) -> DatasetConfig | None:
-    """The registry entry of ``name`` (None if it is not registered)."""
-    return REGISTRY.get(name)
 
 
 def check_config(cfg: DatasetConfig) -> None:

@@ -23,70 +23,59 @@ class SchemaError(ValueError):
 
 @dataclass(frozen=True)
 class FeatureSpec:
+    """One leaf of the schema."""
     key: str                 # flattened Example key, e.g. "steps/observation/image_0"
     kind: str                # "image" | "tensor" | "text" | "other"
     shape: tuple[int, ...]   # per step for step features; -1 for unknown dims
     dtype: str               # numpy-style dtype name ("uint8", "float32", "string", ...)
     encoding: str            # "jpeg"/"png" for images; "none"/"bytes"/"zlib" for tensors
     per_step: bool           # lives inside the `steps` Dataset
-    description: str = ""
 
     @property
     def storage(self) -> str:
         """Which tf.train.Feature list holds it: 'bytes', 'float' or 'int64'."""
-        if self.kind in ("image", "text") or self.dtype == "string":
+        if self.kind in ("image", "text") or self.dtype == "string" or self.encoding not in ("none", ""):
             return "bytes"
-        if self.encoding not in ("none", ""):
-            return "bytes"
-        if self.dtype in _FLOAT_DTYPES:
-            return "float"
-        if self.dtype in _INT_DTYPES:
-            return "int64"
-        return "bytes"
+        return "float" if self.dtype in _FLOAT_DTYPES else "int64" if self.dtype in _INT_DTYPES else "bytes"
 
     @property
     def size(self) -> int | None:
         """Values per step (per episode for episode features) for numeric tensors; None if unknown."""
-        if any(d < 0 for d in self.shape):
-            return None
-        return math.prod(self.shape)
+        return None if any(d < 0 for d in self.shape) else math.prod(self.shape)
 
 
 def _dims(shape_obj: dict | None) -> tuple[int, ...]:
-    if not shape_obj:
-        return ()
-    return tuple(int(d) for d in shape_obj.get("dimensions", []))
+    return tuple(int(d) for d in (shape_obj or {}).get("dimensions", []))
 
 
-def _walk(node: dict, prefix: str, per_step: bool, out: dict[str, FeatureSpec], where: str) -> None:
-    cls = node.get("pythonClassName", "")
-    desc = node.get("description", "")
-    short = cls.rsplit(".", 1)[-1]
+def _walk(node: dict, prefix: str, per_step: bool, out: dict[str, FeatureSpec]) -> None:
+    short = node.get("pythonClassName", "").rsplit(".", 1)[-1]
     if "featuresDict" in node:
         for name, child in node["featuresDict"].get("features", {}).items():
-            _walk(child, f"{prefix}/{name}" if prefix else name, per_step, out, where)
+            _walk(child, f"{prefix}/{name}" if prefix else name, per_step, out)
     elif "sequence" in node:  # tfds Dataset (RLDS steps) or Sequence
-        _walk(node["sequence"]["feature"], prefix, True, out, where)
+        _walk(node["sequence"]["feature"], prefix, True, out)
     elif "image" in node:
         img = node["image"]
         out[prefix] = FeatureSpec(prefix, "image", _dims(img.get("shape")), img.get("dtype", "uint8"),
-                                  img.get("encodingFormat", "png"), per_step, desc)
+                                  img.get("encodingFormat", "png"), per_step)
     elif "text" in node or short == "Text":
-        out[prefix] = FeatureSpec(prefix, "text", (), "string", "none", per_step, desc)
+        out[prefix] = FeatureSpec(prefix, "text", (), "string", "none", per_step)
     elif "tensor" in node:
         t = node["tensor"]
         dtype = t.get("dtype", "float32")
         # string tensors (e.g. RT-1's natural_language_instruction) are text, stored as bytes
         out[prefix] = FeatureSpec(prefix, "text" if dtype == "string" else "tensor", _dims(t.get("shape")),
-                                  dtype, t.get("encoding", "none"), per_step, desc)
+                                  dtype, t.get("encoding", "none"), per_step)
     elif "classLabel" in node or short == "ClassLabel":
-        out[prefix] = FeatureSpec(prefix, "tensor", (), "int64", "none", per_step, desc)
+        out[prefix] = FeatureSpec(prefix, "tensor", (), "int64", "none", per_step)
     else:
-        out[prefix] = FeatureSpec(prefix, "other", (), "unknown", "unknown", per_step, desc)
+        out[prefix] = FeatureSpec(prefix, "other", (), "unknown", "unknown", per_step)
 
 
 @dataclass(frozen=True)
 class DatasetSchema:
+    """The flattened features of one dataset version (``path``: its features.json)."""
     path: str
     features: dict[str, FeatureSpec]
 
@@ -97,9 +86,6 @@ class DatasetSchema:
             raise SchemaError(f"{self.path}: no step feature {full!r}; step features are: "
                               f"{', '.join(sorted(k for k in self.features if k.startswith('steps/')))}")
         return self.features[full]
-
-    def has_step(self, key: str) -> bool:
-        return (key if key.startswith("steps/") else f"steps/{key}") in self.features
 
     def image_keys(self) -> list[str]:
         """Step image keys with 3 channels (RGB cameras; depth images are left out)."""
@@ -114,6 +100,7 @@ class DatasetSchema:
                       and (k == full or k.startswith(full + "/")))
 
     def text_step_keys(self) -> list[str]:
+        """Step text keys (instruction candidates)."""
         return sorted(k for k, f in self.features.items() if f.per_step and f.kind == "text")
 
 
@@ -128,7 +115,7 @@ def load_schema(version_dir: str | os.PathLike) -> DatasetSchema:
     except (OSError, json.JSONDecodeError) as e:
         raise SchemaError(f"{path}: cannot read as JSON: {e}") from e
     out: dict[str, FeatureSpec] = {}
-    _walk(root, "", False, out, str(path))
+    _walk(root, "", False, out)
     if not any(f.per_step for f in out.values()):
         raise SchemaError(f"{path}: no 'steps' Dataset feature; not an RLDS schema")
     return DatasetSchema(str(path), out)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from whale_pl.data.oxe.registry import ActionMap, DatasetConfig
+from whale_pl.data.oxe.registry import ActionMap
 from whale_pl.data.oxe.schema import DatasetSchema, FeatureSpec
 
 _SPEC = re.compile(r"^(?P<key>[A-Za-z0-9_\-/]+?)(?:\[(?P<a>\d+)(?::(?P<b>\d+))?\])?$")
@@ -32,10 +32,12 @@ class RecordError(ValueError):
 
 @dataclass(frozen=True)
 class Where:
+    """The file and record index being read, for error messages."""
     path: str
     index: int
 
     def err(self, key: str, msg: str) -> RecordError:
+        """A RecordError about ``key`` of this record."""
         return RecordError(self.path, self.index, key, msg)
 
 
@@ -49,12 +51,15 @@ def parse_spec(spec: str) -> tuple[str, slice]:
     return "steps/" + m.group("key"), sl
 
 
-def episode_length(ex: dict, schema: DatasetSchema, camera_key: str, where: Where) -> int:
-    """Number of steps, from ``steps/is_first`` (or the camera's list when the schema has no flags)."""
-    key = "steps/is_first" if "steps/is_first" in schema.features else camera_key
+def _get(ex: dict, key: str, where: Where):
     if key not in ex:
         raise where.err(key, "missing from the record (features.json promises it)")
-    return len(ex[key])
+    return ex[key]
+
+
+def episode_length(ex: dict, schema: DatasetSchema, camera_key: str, where: Where) -> int:
+    """Number of steps, from ``steps/is_first`` (or the camera's list when the schema has no flags)."""
+    return len(_get(ex, "steps/is_first" if "steps/is_first" in schema.features else camera_key, where))
 
 
 def step_array(ex: dict, schema: DatasetSchema, key: str, t: int, where: Where) -> np.ndarray:
@@ -62,9 +67,7 @@ def step_array(ex: dict, schema: DatasetSchema, key: str, t: int, where: Where) 
     spec: FeatureSpec | None = schema.features.get(key)
     if spec is None:
         raise where.err(key, f"not in features.json ({schema.path})")
-    if key not in ex:
-        raise where.err(key, "missing from the record (features.json promises it)")
-    v = ex[key]
+    v = _get(ex, key, where)
     if isinstance(v, list):
         if spec.encoding == "bytes" or spec.storage == "bytes":
             raise where.err(key, f"stored as bytes (encoding {spec.encoding!r}); not readable as numbers")
@@ -81,9 +84,8 @@ def step_array(ex: dict, schema: DatasetSchema, key: str, t: int, where: Where) 
 
 
 def step_bytes(ex: dict, key: str, t: int, where: Where) -> list[bytes]:
-    if key not in ex:
-        raise where.err(key, "missing from the record (features.json promises it)")
-    v = ex[key]
+    """A byte-string step feature (encoded images, text): one entry per step."""
+    v = _get(ex, key, where)
     if not isinstance(v, list):
         raise where.err(key, f"expected {t} byte strings, record holds numbers")
     if len(v) != t:
@@ -103,19 +105,16 @@ def _select(ex, schema, spec: str, t: int, where: Where) -> np.ndarray:
 
 
 def _to_euler(rot: np.ndarray, fmt: str) -> np.ndarray:
-    if fmt == "euler":
-        return rot
-    if fmt == "euler_deg":
-        return np.deg2rad(rot)
+    """Rotations in ``fmt`` (one of registry.ROT_FORMATS) -> extrinsic xyz Euler angles in radians."""
+    if fmt in ("euler", "euler_deg"):
+        return rot if fmt == "euler" else np.deg2rad(rot)
     from scipy.spatial.transform import Rotation  # imported only when needed: ~0.8 s
 
-    if fmt == "quat_xyzw":
-        norm = np.linalg.norm(rot, axis=1, keepdims=True)
-        q = np.where(norm > 0, rot / np.where(norm > 0, norm, 1), np.array([0, 0, 0, 1.0]))
-        return Rotation.from_quat(q).as_euler("xyz")
     if fmt == "rotvec":
         return Rotation.from_rotvec(rot).as_euler("xyz")
-    raise ValueError(f"unknown rot_format {fmt!r}")
+    norm = np.linalg.norm(rot, axis=1, keepdims=True)  # quat_xyzw; a zero quaternion is the identity
+    q = np.where(norm > 0, rot / np.where(norm > 0, norm, 1), np.array([0, 0, 0, 1.0]))
+    return Rotation.from_quat(q).as_euler("xyz")
 
 
 def _absolute_to_delta(xyz: np.ndarray, rpy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,22 +143,15 @@ def relative_gripper_to_absolute(cmd: np.ndarray, threshold: float = 0.1) -> np.
     return out
 
 
-def gripper_values(ex, schema, amap: ActionMap, t: int, where: Where) -> np.ndarray:
-    mode = amap.gripper_mode
-    if mode == "const_open":
-        return np.ones(t)
-    if mode == "const_closed":
-        return np.zeros(t)
-    g = _select(ex, schema, amap.gripper, t, where)[:, 0]
-    if mode == "open":
-        return g
-    if mode == "open_clip":
-        return np.clip(g, 0.0, 1.0)
-    if mode == "close_clip":
-        return 1.0 - np.clip(g, 0.0, 1.0)
-    if mode == "relative":
-        return relative_gripper_to_absolute(g)
-    raise ValueError(f"unknown gripper_mode {mode!r}")
+_GRIPPER = {"open": lambda g: g, "open_clip": lambda g: np.clip(g, 0.0, 1.0),
+            "close_clip": lambda g: 1.0 - np.clip(g, 0.0, 1.0), "relative": relative_gripper_to_absolute}
+
+
+def _gripper_values(ex, schema, amap: ActionMap, t: int, where: Where) -> np.ndarray:
+    """The absolute opening [T] under ``amap.gripper_mode`` (one of registry.GRIPPER_MODES)."""
+    if amap.gripper_mode.startswith("const_"):
+        return np.full(t, 1.0 if amap.gripper_mode == "const_open" else 0.0)
+    return _GRIPPER[amap.gripper_mode](_select(ex, schema, amap.gripper, t, where)[:, 0])
 
 
 def standard_actions(ex: dict, schema: DatasetSchema, amap: ActionMap, t: int, where: Where) -> np.ndarray:
@@ -180,24 +172,16 @@ def standard_actions(ex: dict, schema: DatasetSchema, amap: ActionMap, t: int, w
         rpy = _to_euler(rot, amap.rot_format)
     if amap.pose == "absolute":
         xyz, rpy = _absolute_to_delta(xyz, rpy)
-    g = gripper_values(ex, schema, amap, t, where)
+    g = _gripper_values(ex, schema, amap, t, where)
     return np.concatenate([xyz, rpy, g[:, None]], axis=1).astype(np.float32)
 
 
-def native_actions(ex: dict, schema: DatasetSchema, key: str, t: int, where: Where) -> np.ndarray:
-    """float32 [T, A] of one flat action tensor, unchanged (unregistered datasets)."""
-    return step_array(ex, schema, key, t, where).astype(np.float32)
-
-
-def language_of(ex: dict, cfg: DatasetConfig | None, key: str | None, encoding: str, t: int,
-                where: Where) -> str:
+def language_of(ex: dict, key: str | None, encoding: str, t: int, where: Where) -> str:
     """The episode's instruction: the first non-empty step instruction ('' when there is none)."""
     if key is None:
         return ""
     if encoding == "codepoints":
-        if key not in ex:
-            raise where.err(key, "missing from the record (features.json promises it)")
-        arr = np.asarray(ex[key], dtype=np.int64)
+        arr = np.asarray(_get(ex, key, where), dtype=np.int64)
         if t == 0 or arr.size % t:
             raise where.err(key, f"{arr.size} code points do not split into {t} steps")
         for row in arr.reshape(t, -1):
@@ -215,13 +199,9 @@ def language_of(ex: dict, cfg: DatasetConfig | None, key: str | None, encoding: 
 
 
 def decode_frame(data: bytes, size: int, crop: str, key: str, step: int, where: Where) -> np.ndarray:
-    """Encoded image -> uint8 [H, W, 3]; resized to ``size`` x ``size`` unless ``size`` is 0.
-
-    Crop/pad policy: ``center`` crops the longer side to a centred square, ``pad`` letterboxes
-    the shorter side with black to a square; then one antialiased bilinear resize (PIL). An image
-    already ``size`` x ``size`` is returned exactly as decoded. Large JPEGs are decoded at a reduced
-    DCT scale first (PIL ``draft``), never below twice the target size.
-    """
+    """Encoded image -> uint8 [H, W, 3], unless ``size`` is 0 made square (``crop``: ``center`` crops, ``pad``
+    letterboxes with black) with one antialiased bilinear resize to ``size`` x ``size`` (an image of that size
+    is returned as decoded). Large JPEGs are decoded at a reduced DCT scale, never below twice ``size``."""
     try:
         im = Image.open(io.BytesIO(data))
         if size and im.format == "JPEG":
@@ -238,8 +218,7 @@ def decode_frame(data: bytes, size: int, crop: str, key: str, step: int, where: 
             if crop == "center":
                 m = min(w, h)
                 left, top = (w - m) // 2, (h - m) // 2
-                im = im.resize((size, size), Image.Resampling.BILINEAR,
-                               box=(left, top, left + m, top + m))
+                im = im.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + m, top + m))
             elif crop == "pad":
                 m = max(w, h)
                 canvas = Image.new("RGB", (m, m))
