@@ -127,3 +127,32 @@ def test_experiment_evaluates_and_reports_on_tiny_models(tiny_dynamics, tiny_dat
     (out / "experiment.json").write_text(json.dumps(nan_to_none(res)))
     full = report.build_report("tiny", Path("runs"))
     assert "## Experiment details" in full and "**One-seed version**" in full
+
+
+def test_gpu_script_dry_run_prints_a_budgeted_bf16_pipeline(monkeypatch):
+    """``scripts/gpu_experiment.sh --dry-run`` runs nothing and prints every command under a 10-minute limit
+    (less when the 15-minute total is smaller), the trainings in bf16 on the GPU without a time budget, the
+    experiment with 3 seeds and 5 members as its own parser accepts it, then the report."""
+    import shlex
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["bash", str(repo / "scripts" / "gpu_experiment.sh"), "--dry-run"], capture_output=True,
+                         text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin", "TOTAL_S": "500", "SCALE": "dry_run_check"}).stdout
+    assert not (repo / "runs" / "dry_run_check").exists()  # nothing ran, nothing was written
+    cmds = [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("+ ")]
+    assert [c[:2] for c in cmds] == [["timeout", "500"]] * len(cmds)  # min(600, what the total leaves)
+    mods = [" ".join(c[c.index("-m") + 1: c.index("-m") + 3]) for c in cmds]
+    assert mods == ["whale_pl.data.cli metaworld", "whale_pl.pipeline tokenizer", "whale_pl.pipeline behavior",
+                    "whale_pl.pipeline dynamics", "whale_pl.eval_cli video", "whale_pl.eval_cli gifs",
+                    "whale_pl.experiment --scale", "whale_pl.report --scale"]
+    for c in cmds:
+        if "whale_pl.pipeline" in c or "whale_pl.experiment" in c:
+            assert "bf16-mixed" in c and c[c.index("--trainer.max_time") + 1] == "null"
+            assert c[c.index("--trainer.accelerator") + 1] == "gpu"
+    monkeypatch.chdir(repo)
+    exp = next(c for c in cmds if "whale_pl.experiment" in c)
+    a = experiment.parse_args([x.replace("dry_run_check", "demo") for x in exp[exp.index("whale_pl.experiment") + 1:]])
+    assert (a.seeds, a.members, a.device, a.steps) == (3, 5, "cuda", 1500)
+    assert a.fit_args[a.fit_args.index("--trainer.precision") + 1] == "bf16-mixed"

@@ -8,8 +8,8 @@ split only; value figures per split with paired bootstrap intervals of on − of
 (2) Retracing on the on-model of seed 0 against an ensemble of the on-models of seeds 0..M-1 (member 0
 the retracing model, every member the stage's config and budget), scored within each imagined step
 index beside the step index alone and chance; inference and training cost ratios. (3) PSNR/SSIM of the
-open-loop rollouts beside copying the last real frame. Runs live in ``runs/<scale>/experiment/{on,off}/
-<seed>`` (reused once ``DONE``); ``--train-only`` stops after training. Writes
+open-loop rollouts beside copying the last real frame. Runs live in ``runs/<scale>/experiment/<N>_steps/
+{on,off}/<seed>`` (reused once ``DONE``); ``--train-only`` stops after training. Writes
 ``runs/<scale>/experiment.{json,md}`` and plots.
 """
 
@@ -108,8 +108,9 @@ def train_all(a: argparse.Namespace) -> dict:
         for st in stages:
             wait_for(root / st / "DONE", f"the {st} stage")
         handoff = [x for st in stages for x in (f"--model.init_args.{st}_ckpt", str(done_checkpoint(a.scale, st)))]
-        cmd = fit_command(config, root / "experiment" / group, seed, group == "on", a.steps, handoff, a.fit_args)
-        return train_run(cmd, root / "experiment" / group / str(seed),
+        group_dir = root / "experiment" / f"{a.steps}_steps" / group
+        cmd = fit_command(config, group_dir, seed, group == "on", a.steps, handoff, a.fit_args)
+        return train_run(cmd, group_dir / str(seed),
                          {"seed": seed, "steps": a.steps, "use_behavior": group == "on", "fit_args": a.fit_args})
 
     jobs = [("off", s) for s in range(a.seeds)] + [("on", s) for s in range(max(a.seeds, a.members))]
@@ -300,7 +301,8 @@ def write_report(res: dict, path: Path) -> None:
     L += [f"![{k}]({Path(p).name})" for k, p in res["plots"].items() if k.startswith("returns")] + [""]
     L += _uncertainty_lines(res) + [f"![{k}]({Path(p).name})" for k, p in res["plots"].items()
                                     if k.startswith("AUROC")] + [""] + _video_lines(res)
-    L += ["Regenerate: the command above (reuses finished runs; move `runs/<scale>/experiment` aside to retrain).", ""]
+    L += [f"Regenerate: the command above (reuses the finished runs under `runs/{res['scale']}/experiment/"
+          f"{res['steps']}_steps`; move them aside to retrain).", ""]
     write_text_atomic(path, "\n".join(L))
 
 
