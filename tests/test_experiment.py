@@ -46,7 +46,8 @@ def _tiny_config(tmp_path: Path, tok: Path, data_yaml: Path) -> Path:
 def test_fit_command_budgets_in_steps_and_validates_on_training_families(tmp_path):
     cfg = tmp_path / "d.yaml"
     cfg.write_text(yaml.safe_dump({"trainer": {"callbacks": [{"class_path": "whale_pl.callbacks.EvalCallback"}]}}))
-    cmd = experiment.fit_command(cfg, tmp_path / "on", 2, True, 40, ["--model.init_args.tokenizer_ckpt", "t"], ["--x", "1"])
+    handoff = ["--model.init_args.tokenizer_ckpt", "t"]
+    cmd = experiment.fit_command(cfg, tmp_path / "on", 2, True, 40, handoff, ["--x", "1"])
     args = dict(zip(cmd[4::2], cmd[5::2]))  # after `python -m whale_pl.cli fit`
     assert args["--trainer.max_time"] == "null" and args["--trainer.max_steps"] == "40"
     assert args["--data.init_args.val_splits"] == "[val]" and args["--seed_everything"] == "2"

@@ -103,6 +103,7 @@ def train_all(a: argparse.Namespace) -> dict:
     config = Path("stages") / a.scale / "dynamics.yaml"
 
     def one(job: tuple[str, int]) -> tuple[Path, float]:
+        """Train (or reuse) one run once the stages it needs are done."""
         group, seed = job
         stages = ("tokenizer", "behavior") if group == "on" else ("tokenizer",)
         for st in stages:
@@ -237,8 +238,8 @@ def _setup_lines(res: dict) -> list[str]:
           f"seeds 0..{res['seeds'] - 1}, behavior-conditioning on and off; each checkpoint chosen on `val/ce` of the "
           f"training families' held-out episodes only (`val_splits {VAL_SPLITS}`, no value hook). Ensemble: the on "
           f"models of seeds 0..{res['members'] - 1}, same config and budget (member 0 is the retracing model). "
-          f"Intervals: 95 % bootstrap ({'paired over seeds, policies and start states' if res['seeds'] > 1 else 'over policies and start states'}; "
-          "tasks are strata; uncertainty figures over rollouts).", ""]
+          f"Intervals: 95 % bootstrap ({'paired over seeds, ' if res['seeds'] > 1 else 'over '}policies and start "
+          "states; tasks are strata; uncertainty figures over rollouts).", ""]
     return L
 
 
@@ -313,7 +314,8 @@ def write_plots(res: dict, out_dir: Path) -> None:
     r = res["returns"]
     res["plots"] = {"returns (on and off)": str(out_dir / "experiment_returns.png"),
                     "AUROC per imagined step": str(out_dir / "experiment_step_auroc.png")}
-    plot_returns(r["real_TPK"], r["split"], {g: r[g] for g in ("on", "off")}, Path(res["plots"]["returns (on and off)"]),
+    plot_returns(r["real_TPK"], r["split"], {g: r[g] for g in ("on", "off")},
+                 Path(res["plots"]["returns (on and off)"]),
                  title=f"imagined vs real returns, behavior-conditioning on and off ({res['seeds']} seed(s) each)")
     plot_step_auroc(res["uncertainty"]["mse"], Path(res["plots"]["AUROC per imagined step"]),
                     title=f"retracing (on-model 0) vs {res['members']}-member ensemble: AUROC against pixel MSE")

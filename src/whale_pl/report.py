@@ -19,7 +19,8 @@ from whale_pl.pipeline import STAGES, stage_dir
 VAL_TAGS = (("val/acc", "teacher-forced token accuracy"), ("val/copy_acc", "copy-the-previous-frame baseline"),
             ("val/acc_minus_copy", "accuracy minus copy"), ("val/ce", "teacher-forced cross-entropy (nats)"),
             ("val/psnr_ar_train_family", "8-step autoregressive PSNR (dB), training-family episodes"),
-            ("val/psnr_ar_ood", "8-step autoregressive PSNR (dB), `ood` episodes (new parameters of the training families)"))
+            ("val/psnr_ar_ood",
+             "8-step autoregressive PSNR (dB), `ood` episodes (new parameters of the training families)"))
 PLOT_TITLES = {"returns": "Return scatter: imagined against real return per task and policy",
                "AUROC per imagined step": "Uncertainty AUROC within each imagined step, beside chance"}
 AUROC_ROW = "uncertainty AUROC within a step index (bad step: pixel MSE above that step's median)"
@@ -145,8 +146,10 @@ def metrics_table(scale: str, root: Path, vid: dict | None, exp: dict | None) ->
     why = "one class of steps, or too few defined bootstrap replicates"
     scores = _get(exp, "uncertainty", "mse", "scores") or {}
     auroc = "; ".join(f"{k} {_undefined(_interval(scores.get(k), 'auroc_within'), why)} "
-                      f"({(scores.get(k) or {}).get('verdict_within', 'undefined')})" for k in ("retracing", "ensemble"))
-    auroc += f"; step index alone, pooled over steps {_undefined(_interval(scores.get('step index'), 'auroc_pooled'), why)}"
+                      f"({(scores.get(k) or {}).get('verdict_within', 'undefined')})"
+                      for k in ("retracing", "ensemble"))
+    pooled = _undefined(_interval(scores.get("step index"), "auroc_pooled"), why)
+    auroc += f"; step index alone, pooled over steps {pooled}"
     return lines + [f"| {AUROC_ROW} | {auroc} | open-loop imagined steps 2..H-1 of on-model 0 | `{exp_cmd}` |", ""]
 
 

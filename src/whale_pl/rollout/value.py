@@ -287,7 +287,8 @@ def _frames_BTCHW(frames_BThwc: np.ndarray, device: torch.device) -> torch.Tenso
 
 
 @torch.no_grad()
-def rollout_errors(wm: WorldModel, real: RealRollouts, rollouts: list, baselines: bool = False) -> dict[str, np.ndarray]:
+def rollout_errors(wm: WorldModel, real: RealRollouts, rollouts: list,
+                   baselines: bool = False) -> dict[str, np.ndarray]:
     """Each imagined frame n = 1..H-1 of the open-loop rollouts against its real twin, [B, H-1]: pixel ``mse``
     (decoded frame), ``token_err`` (share of wrong tokens), ``psnr`` and ``ssim``; ``baselines`` adds
     ``copy_psnr`` / ``copy_ssim`` (repeating the last real context frame) and ``recon_psnr`` / ``recon_ssim``

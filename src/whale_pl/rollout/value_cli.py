@@ -81,6 +81,7 @@ def plot_step_auroc(unc: dict, path: Path, title: str = "") -> None:
         ax.fill_between(x, ci[:, 0], ci[:, 1], color=f"C{c}", alpha=0.2)
     ax.axhline(0.5, color="k", lw=0.8, label="chance = step index alone within a step")
     ax.set(xlabel="imagined step", ylabel="AUROC (bad: error above the step's median)", ylim=(0, 1))
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
     _savefig(fig, path, title)
 

@@ -3,8 +3,9 @@
 Real returns ``V_i`` of a set of policies (simulator) against the returns ``V̂_i`` the world model
 imagines for them, over the policies (the last axis; leading axes are batches): value gap
 ``mean_i |V̂_i − V_i| / R``, signed bias ``mean_i (V̂_i − V_i) / R``, Spearman and Pearson, and
-regret@1 ``(max V − V[argmax V̂]) / R``, where R is the real return range (of these policies, or given). A figure is NaN where it is undefined
-(equal real returns; a constant side for a correlation; regret@1 of a single policy). AUROC of a score as a detector of labels.
+regret@1 ``(max V − V[argmax V̂]) / R``, where R is the real return range (of these policies, or
+given). A figure is NaN where it is undefined (equal real returns; a constant side for a correlation;
+regret@1 of a single policy). AUROC of a score as a detector of labels.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def policy_figures(real_P: np.ndarray, imag_P: np.ndarray, scale: np.ndarray | N
     rng = np.where(rng > 0, rng, np.nan)
     err = (imag - real) / rng[..., None]
     picked = np.take_along_axis(real, imag.argmax(-1)[..., None], -1)[..., 0]
+    regret = (real.max(-1) - picked) / rng if real.shape[-1] > 1 else rng * np.nan  # one policy: nothing to pick
     return {"value_gap": np.abs(err).mean(-1), "bias": err.mean(-1), "spearman": rank_corr(real, imag),
-            "pearson": corr(real, imag), "regret_at_1": (real.max(-1) - picked) / rng if real.shape[-1] > 1 else rng * np.nan}
+            "pearson": corr(real, imag), "regret_at_1": regret}
 
 
 def value_figures(real: ArrayLike, imagined: ArrayLike) -> dict[str, float]:
