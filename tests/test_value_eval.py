@@ -107,3 +107,15 @@ def test_whale_eval_value_end_to_end(tiny_dynamics, tiny_data_yaml, tiny_config,
             assert len(q["auroc_per_step"]) == H - 2
     for png in res["plots"].values():
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.filterwarnings("ignore:Constant")
+def test_value_hook_reports_each_split_and_leaves_out_undefined_figures(tiny_dynamics, tiny_data_yaml):
+    """The EvalCallback's value hook: flat floats ``<split>_<figure>`` per split and ``all``; a figure that is
+    undefined (the tiny data's single OOD policy has no ranking) is left out, never NaN."""
+    from whale_pl.rollout.value import value_metrics_for_checkpoint
+
+    out = value_metrics_for_checkpoint(str(tiny_dynamics[0]), data_config=str(tiny_data_yaml), starts=1, horizon=3)
+    assert {"val_value_gap", "val_bias", "val_spearman", "all_regret_at_1", "ood_params_value_gap"} <= set(out)
+    assert "ood_params_spearman" not in out and "ood_params_regret_at_1" not in out
+    assert all(isinstance(v, float) and np.isfinite(v) for v in out.values())
