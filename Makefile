@@ -34,4 +34,5 @@ tokenizer behavior dynamics: $(STAMP)
 	$(PY) -m whale_pl.pipeline $@ --scale $(SCALE) -- $(ARGS)
 
 experiment: $(STAMP)
-	$(PY) -m whale_pl.experiment --scale $(SCALE)
+	$(PY) -m whale_pl.pipeline behavior --scale $(SCALE)
+	$(PY) -m whale_pl.experiment --scale $(SCALE) --jobs 2

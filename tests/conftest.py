@@ -6,6 +6,7 @@
                    2 episodes a shard, so 11 shards)
 - ``tiny_data_yaml`` Path of a dataset YAML naming that directory, for
                    ``MetaWorldDataModule(config=...)`` (finds the shards complete, collects nothing)
+- ``tiny_dynamics`` two tiny dynamics checkpoints (seeds 0, 1) on one tiny tokenizer
 
 Rendering happens in spawned worker processes, so the pytest process itself never renders (a
 forked DataLoader worker of a process that has rendered hangs; see PLATFORM.md).
@@ -105,3 +106,36 @@ def tiny_world(tiny_data_yaml, tmp_path_factory):
         return fit(dyn, out / "dyn", dyn_steps, frame_stride)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_dynamics(tiny_data_yaml, tmp_path_factory) -> list[Path]:
+    """A tiny tokenizer and two tiny dynamics models on it (seeds 0, 1; behavior off; retracing clips)."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from whale_pl.data.datamodule import MetaWorldDataModule
+    from whale_pl.lit.dynamics_module import DynamicsModule
+    from whale_pl.lit.tokenizer_module import TokenizerModule
+
+    out = tmp_path_factory.mktemp("value_ckpts")
+
+    def dm():
+        return MetaWorldDataModule(config=str(tiny_data_yaml), clip_len=4, batch_size=4, num_workers=0,
+                                   steps_per_epoch=6, val_steps=1, retrace_strides=[2, 3], retrace_prob=0.5)
+
+    def fit(module, name, steps):
+        L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0,
+                  callbacks=[ModelCheckpoint(dirpath=out / name, filename="best")]).fit(module, dm())
+        return out / name / "best.ckpt"
+
+    torch.manual_seed(0)
+    tok = fit(TokenizerModule(net=dict(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2, codebook_size=32, code_dim=8), optim=dict(warmup_steps=1)), "tok", 3)
+    ckpts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        dyn = DynamicsModule(tokenizer_ckpt=str(tok), use_behavior=False, net=dict(dim=32, depth=1, heads=2, max_frames=8, max_stride=3), optim=dict(warmup_steps=1), sampling=dict(rollout_horizon=2, rollout_batches=1))
+        ckpts.append(fit(dyn, f"dyn{seed}", 6))
+    return ckpts

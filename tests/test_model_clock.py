@@ -68,7 +68,7 @@ def test_value_evaluation_holds_decisions_for_the_clock(strided_ckpt, tiny_data_
     ev.tasks = ev.tasks[:1]
     real = collect_real(ev, progress=False)
     res = evaluate_values(wm, real, ev, modes=("open_loop", "closed_loop"), progress=False)
-    assert res["horizon"] == 3 and len(res["closed_loop"]["imagined_return"]) == len(ev.policies)
+    assert res["horizon"] == 3 and np.shape(res["closed_loop"]["imagined_TPK"]) == (1, len(ev.policies), 1)
     ctx, _, acts = res["_rollouts"][0]
     held = wm.normaliser.normalise_held(real.actions[: ctx.shape[0]])
     np.testing.assert_allclose(acts.numpy(), held, atol=1e-6)

@@ -15,7 +15,8 @@ def test_report_names_missing_inputs_and_tables_present_ones(tmp_path, monkeypat
     md = report.build_report("demo", tmp_path / "runs")
     assert "| tokenizer | complete | 12.500 |" in md
     assert "| behavior | missing |" in md
-    assert "| 25.250 | 0.750 | — | 16 |" in md
+    assert "| dynamics model | 25.250 | 0.750 | — | 16 |" in md
+    assert "| copy the last real frame | not measured by `whale eval video` |" in md
     assert "missing: " in md and "experiment.json" in md
 
 
@@ -37,7 +38,7 @@ def test_report_reads_the_dynamics_validation_from_tensorboard(tmp_path, monkeyp
     md = report.build_report("demo", tmp_path / "runs")
     assert "| teacher-forced token accuracy | 0.870 |" in md
     assert "| copy-the-previous-frame baseline | 0.860 |" in md and "| accuracy minus copy | +1.000 pt |" in md
-    assert "| 8-step autoregressive PSNR (dB), OOD-family episodes | 24.500 |" in md
+    assert "| 8-step autoregressive PSNR (dB), `ood` episodes (new parameters of the training families) | 24.500 |" in md
     assert "training-family episodes | missing (not logged) |" in md
     assert "global step 200" in md and "one step = 8 recorded steps" in md
 

