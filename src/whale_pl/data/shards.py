@@ -30,7 +30,7 @@ import zipfile
 import zlib
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -134,9 +134,9 @@ class _OpenShard:
         self.frames = 0
         self.bytes = 0
 
-    def add(self, sample: dict[str, Any], frames: int) -> None:
+    def add(self, sample: dict[str, Any], frames: int, exts: tuple[str, ...] = SAMPLE_EXTS) -> None:
         key = sample["__key__"]
-        for ext in SAMPLE_EXTS:
+        for ext in exts:
             data = sample[ext]
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -515,8 +515,10 @@ class CorruptCounter:
 
 
 def iter_shard_episodes(data_dir: str | Path, shard: dict, manifest: dict, on_error: str = "raise",
-                        counter: CorruptCounter | None = None, keys: set[str] | None = None) -> Iterator[tuple[str, Episode]]:
-    """Decode the episodes of one shard (optionally only ``keys``), checking counts against the manifest."""
+                        counter: CorruptCounter | None = None, keys: set[str] | None = None,
+                        decode: Callable[[dict, dict], Any] = decode_sample) -> Iterator[tuple[str, Any]]:
+    """Decode the episodes of one shard (optionally only ``keys``; ``decode``: sample -> record, by default an
+    Episode), checking counts against the manifest."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(data_dir) / shard["name"]
@@ -529,7 +531,7 @@ def iter_shard_episodes(data_dir: str | Path, shard: dict, manifest: dict, on_er
             if s.get("__skipped__"):
                 continue
             try:
-                ep = decode_sample(s, manifest)
+                ep = decode(s, manifest)
             except ShardError as e:
                 if on_error == "raise":
                     raise
