@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from whale_pl.pipeline import fmt_elapsed, run_stage, stage_dir
+from whale_pl.pipeline import fmt_elapsed, run_stage, run_tokens, stage_dir
 
 
 @dataclass
@@ -91,6 +91,7 @@ def build_steps(scale: str, side: SideModels | None = None) -> list[Step]:
 
     def tokenizer_then_side() -> None:
         run_stage(scale, "tokenizer")  # alone on the machine: all cores
+        run_tokens(scale)  # the side models and stages 2 and 3 all read the token shards
         # from here two trainings share the cores: one thread each (OpenMP spin-waiting on an
         # oversubscribed CPU made steps several times slower)
         os.environ["OMP_NUM_THREADS"] = "1"
