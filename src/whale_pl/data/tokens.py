@@ -145,6 +145,9 @@ def read_token_manifest(token_dir: str | Path, source_dir: str | Path | None = N
     """A complete token dataset's manifest, verified (sizes, sha256, counts); with ``source_dir`` it must
     have been made from that very dataset (its manifest's sha256), else TokenError naming both."""
     token_dir = Path(token_dir)
+    if not token_dir.is_dir():
+        raise TokenError(f"{token_dir}: no token shards; build them (`python -m whale_pl.pipeline tokens --scale S`, "
+                         "`make tokens`), or read the frames instead (data section: `tokens: null`)")
     if not (token_dir / MANIFEST).exists() and (token_dir / PARTS).is_dir():
         raise TokenError(f"{token_dir}: token dataset is incomplete (parts but no {MANIFEST}: an interrupted build); "
                          "rerun `python -m whale_pl.pipeline tokens` to finish it")
@@ -183,16 +186,6 @@ def source_identity(source_dir: str | Path) -> dict:
     return {"dir": str(source_dir), "manifest_sha256": sha256_file(p)}
 
 
-def _check_identity(found: dict, want: dict, where: str, found_from: str, want_from: str) -> None:
-    """Raise TokenError naming both values of every identity key that differs."""
-    what = {"tokenizer_sha256": "tokenizer checkpoint sha256", "source_manifest_sha256": "source dataset manifest sha256"}
-    bad = [f"{what[k]}: theirs {found.get(k)} (from {found_from}) != this {want[k]} (from {want_from})"
-           for k in want if found.get(k) != want[k]]
-    if bad:
-        raise TokenError(f"{where} were made with another tokenizer or from another source dataset: " + "; ".join(bad)
-                         + ". Rebuild them (`python -m whale_pl.pipeline tokens --scale S --force` moves them aside)")
-
-
 @dataclass
 class TokenJob:
     """What one token dataset is made of: a source dataset, a tokenizer checkpoint, the output folder."""
@@ -212,9 +205,15 @@ class TokenJob:
         return cls(str(source), str(out), str(tokenizer_ckpt), ident)
 
     def check(self, found: dict, where: str, found_tokenizer: str, found_source: str) -> None:
-        """Refuse parts or a manifest of another tokenizer or source, naming both."""
-        _check_identity(found, self.identity, where, f"{found_tokenizer} / {found_source}",
-                        f"{self.tokenizer_ckpt} / {self.source}")
+        """Refuse parts or a manifest of another tokenizer or source (``found``: their identity, made from
+        ``found_tokenizer`` and ``found_source``), naming both values of each that differs."""
+        what = {"tokenizer_sha256": "tokenizer checkpoint sha256", "source_manifest_sha256": "source dataset manifest sha256"}
+        bad = [f"{what[k]}: theirs {found.get(k)} (from {found_tokenizer} / {found_source}) != this {v} (from "
+               f"{self.tokenizer_ckpt} / {self.source})" for k, v in self.identity.items() if found.get(k) != v]
+        if bad:
+            raise TokenError(f"{where} were made with another tokenizer or from another source dataset: "
+                             + "; ".join(bad) + ". Rebuild them (`python -m whale_pl.pipeline tokens --scale S "
+                             "--force` moves them aside)")
 
 
 def load_tokenizer(ckpt: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, str, dict]:
@@ -400,23 +399,19 @@ def build_tokens(source: str | Path, out: str | Path, tokenizer_ckpt: str | Path
     if r != 0:
         return None
     parts = _wait_for_parts(job, source_manifest["shards"], wait_timeout_s)
-    _, fp, spec = load_tokenizer(tokenizer_ckpt)
-    tok_info = _tokenizer_info(job, fp, spec)
+    tok_info = _tokenizer_info(job, *load_tokenizer(tokenizer_ckpt))
     write_json_atomic(Path(out) / MANIFEST, token_manifest(job, source_manifest, parts, tok_info))
     for stale in Path(out).glob(".shard-*.tar.tmp-*"):  # left by an interrupted run; every writer has finished
         stale.unlink()
     return read_token_manifest(out, source)
 
 
-def _tokenizer_info(job: TokenJob, fingerprint_: str, spec: dict) -> dict:
-    from whale_pl.lit.checkpoint import read_checkpoint
-
-    net = read_checkpoint(job.tokenizer_ckpt)["hyper_parameters"]["net"]
-    size, patch = net.get("frame_size", [64, 64]), int(net.get("patch_size", 8))
+def _tokenizer_info(job: TokenJob, tok: torch.nn.Module, fingerprint_: str, spec: dict) -> dict:
+    """The manifest's account of the tokenizer: checkpoint, file sha256, weight fingerprint, data_spec, grid."""
     return {"tokenizer": {"checkpoint": job.tokenizer_ckpt, "sha256": job.identity["tokenizer_sha256"],
                           "fingerprint": fingerprint_, "data_spec": spec},
-            "grid": [int(size[0]) // patch, int(size[1]) // patch], "codebook_size": int(net["codebook_size"]),
-            "dtype": ids_dtype(int(net["codebook_size"])).name}
+            "grid": list(tok.grid_hw()), "codebook_size": int(tok.codebook_size),
+            "dtype": ids_dtype(int(tok.codebook_size)).name}
 
 
 def main(argv: list[str] | None = None) -> None:

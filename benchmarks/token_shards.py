@@ -7,8 +7,11 @@ held-out episodes' clips on the stage-3 clock (``--clip-len`` frames every ``--s
 from the ids of each frame encoded alone against the ids of the clip encoded whole (the causal encoder
 then sees the earlier frames of the clip), both decoded as clips; and the share of ids that differ.
 
-    python benchmarks/tokenize.py                   # runs/demo's tokenizer on data_shards/metaworld/demo
-    python benchmarks/tokenize.py --psnr            # + per-frame against clip-encoded reconstruction
+    python benchmarks/token_shards.py               # runs/demo's tokenizer on data_shards/metaworld/demo
+    python benchmarks/token_shards.py --psnr        # + per-frame against clip-encoded reconstruction
+
+(Not ``benchmarks/tokenize.py``: a script's folder comes first on ``sys.path``, so that name would shadow the
+standard library's ``tokenize``, which ``inspect`` imports, for every script in ``benchmarks/``.)
 
 Without a trained tokenizer at ``--tokenizer`` an untrained one is built from ``stages/demo/tokenizer.yaml``
 (speed only: ``--psnr`` needs a trained one). Last line: ``tokenize: N frames/s``.
@@ -16,20 +19,15 @@ Without a trained tokenizer at ``--tokenizer`` an untrained one is built from ``
 
 from __future__ import annotations
 
-import os
+import argparse
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]  # this file's name would shadow the standard library's tokenize module (used by inspect)
-
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import numpy as np
+import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
