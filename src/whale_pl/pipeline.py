@@ -153,6 +153,9 @@ def run_tokens(scale: str, force: bool = False, workers: int | None = None) -> P
     from whale_pl.data.tokens import TokenError, build_tokens
 
     out = tokens_dir(scale)
+    if force and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(f"[whale] tokens --force under torchrun: every rank would move {out} aside; move it aside "
+                         "once yourself, then run without --force")
     if force:
         _move_aside(out)
     ckpt = done_checkpoint(scale, "tokenizer")

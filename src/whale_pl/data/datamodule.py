@@ -503,7 +503,8 @@ class ClipDataModule(L.LightningDataModule):
 
     # ---- whole episodes (evaluation) --------------------------------------------------------
     def iter_episodes(self, split: str | Sequence[str] = "ood", family: str | None = None,
-                      policy: str | None = None, task: str | None = None, dataset: int = 0) -> Iterator[Episode]:
+                      policy: str | None = None, task: str | None = None,
+                      dataset: int = 0) -> Iterator[Episode | TokenEpisode]:
         """Whole episodes of one directory, filtered by split/family/policy/task, in manifest order
         (streamed: a large held-out set need not fit in memory); TokenEpisodes when reading tokens."""
         d = self._load()[dataset]
