@@ -1,6 +1,7 @@
 # whale_pl — `make demo` and `make test` are all a newcomer needs; both set themselves up.
-#   make tokenizer|behavior|dynamics [SCALE=demo|whale_st|whale_x] [ARGS="--trainer.devices 8"]
-# A stage target first builds any earlier stage that is missing and resumes an interrupted run.
+#   make tokenizer|tokens|behavior|dynamics [SCALE=demo|whale_st|whale_x] [ARGS="--trainer.devices 8"]
+# A stage target first builds any earlier stage that is missing and resumes an interrupted run;
+# `tokens` tokenises the stage data once with the trained tokenizer (runs/$(SCALE)/tokens).
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.whale_installed
 export MUJOCO_GL ?= egl
 export PYOPENGL_PLATFORM ?= egl
 
-.PHONY: setup test test-slow demo data tokenizer behavior dynamics experiment report
+.PHONY: setup test test-slow demo data tokenizer tokens behavior dynamics experiment report
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	@bash scripts/setup_venv.sh
@@ -30,7 +31,7 @@ demo: $(STAMP)
 data: $(STAMP)
 	$(VENV)/bin/whale-data metaworld --config stages/$(SCALE)/data.yaml
 
-tokenizer behavior dynamics: $(STAMP)
+tokenizer tokens behavior dynamics: $(STAMP)
 	$(PY) -m whale_pl.pipeline $@ --scale $(SCALE) -- $(ARGS)
 
 experiment: $(STAMP)

@@ -1,8 +1,9 @@
 """Linear-probe accuracy of the behavior prior's z_t on held-out episodes (stage 2's quality measure).
 
-For each behavior checkpoint: cut every episode of the dataset into clips of ``--clip-len`` steps
-(hop ``--hop``), run the frozen tokenizer and the causal prior on each clip, and keep the prior mean
-z_t for t >= ``--t-min`` (z_t has seen steps <= t only). A multinomial logistic regression fitted on
+For each behavior checkpoint: cut every episode of the dataset into clips of ``--clip-len`` steps on the
+checkpoint's clock (every ``frame_stride``-th recorded frame, actions composed over ``frame_stride`` steps,
+as its datamodule cut them; hop ``--hop`` recorded steps), run the frozen tokenizer (each frame alone) and
+the causal prior on each clip, and keep the prior mean z_t for t >= ``--t-min`` (z_t has seen steps <= t only). A multinomial logistic regression fitted on
 the points of the *training* episodes predicts the behavior-policy family of the points of the
 held-out *val* episodes (same policies, episodes never trained on); the OOD episodes (policies
 never trained on, families seen) are scored too where their family exists in training. Each point is
@@ -30,42 +31,36 @@ import numpy as np
 import torch
 
 from whale_pl.analysis.probe import accuracy_by_history, fit_linear_probe
+from whale_pl.data.actions import ActionNormaliser
 
 
-def clips_of(ep, clip_len: int, hop: int, mean: np.ndarray, std: np.ndarray, norm_mask: np.ndarray):
-    """All clips of one episode: uint8 frames [N,T,3,H,W], normalised actions [N,T,A]."""
-    T = len(ep)
-    if T < clip_len:
-        raise ValueError(f"episode {ep.meta.get('episode_id')} has {T} steps < clip_len={clip_len}")
-    starts = list(range(0, T - clip_len + 1, hop))
-    idx = np.asarray(starts)[:, None] + np.arange(clip_len)[None]
+def clips_of(ep, clip_len: int, hop: int, norm: ActionNormaliser):
+    """All clips of one episode on the clock ``k = norm.base`` (every k-th frame, actions composed over k
+    recorded steps and normalised as the datamodule does): uint8 frames [N,T,3,H,W], actions [N,T,A]."""
+    k, T = norm.base, len(ep)
+    if T < clip_len * k:
+        raise ValueError(f"episode {ep.meta.get('episode_id')} has {T} steps < clip_len x frame_stride = {clip_len * k}")
+    starts = np.arange(0, T - clip_len * k + 1, hop)
+    idx = starts[:, None] + k * np.arange(clip_len)[None]
     frames = torch.from_numpy(np.ascontiguousarray(ep.frames[idx])).permute(0, 1, 4, 2, 3)
-    a_raw = ep.actions[idx]
-    a = np.where(norm_mask, (a_raw - mean) / std, a_raw).astype(np.float32)
-    return frames, torch.from_numpy(a)
+    a_raw = ep.actions[idx] if k == 1 else norm.space.compose(ep.actions[idx[..., None] + np.arange(k)])
+    return frames, torch.from_numpy(norm.normalise(a_raw, k))
 
 
-def action_norm(module) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The checkpoint's action normalisation: mean, std and which dims it applies to (not the gripper)."""
-    spec = module.hparams.data_spec
-    mean = np.asarray(spec["action_mean"], np.float32)
-    std = np.asarray(spec["action_std"], np.float32)
-    gi = spec["action_space"].get("gripper_index")
-    mask = np.ones(len(mean), bool)
-    if gi is not None:
-        mask[gi] = False
-    return mean, std, mask
+def action_norm(module) -> ActionNormaliser:
+    """The checkpoint's action normalisation and clock (its data_spec's statistics and frame_stride)."""
+    return ActionNormaliser.from_data_spec(module.hparams.data_spec)
 
 
 @torch.no_grad()
 def embed_split(module, episodes, families, clip_len, hop, t_min, batch=32):
     """Every point t >= t_min of every clip: the prior mean z_t (``behavior_z``), its family index (-1: a family
     the checkpoint does not know) and its episode index."""
-    mean, std, mask = action_norm(module)
+    norm = action_norm(module)
     zs, ys, es = [], [], []
     for e, ep in enumerate(episodes):
         fam = ep.meta["policy"]["family"]
-        frames, actions = clips_of(ep, clip_len, hop, mean, std, mask)
+        frames, actions = clips_of(ep, clip_len, hop, norm)
         for i in range(0, len(frames), batch):
             z = module.model.prior(module.codes(frames[i : i + batch]), actions[i : i + batch])[0][:, t_min:]
             zs.append(z.flatten(0, 1))
@@ -85,11 +80,11 @@ def ridge_fit(x_NZ: torch.Tensor, y_NK: torch.Tensor, ridge: float = 1e-2):
 def embed_posterior(module, episodes, families, clip_len, hop, batch=32):
     """The posterior mean of every clip (it has seen the whole clip): [N, Z] and families [N]. The posterior mean
     bounds what the prior, trained to predict it from the history, can carry."""
-    mean, std, mask = action_norm(module)
+    norm = action_norm(module)
     zs, ys = [], []
     for ep in episodes:
         fam = ep.meta["policy"]["family"]
-        frames, actions = clips_of(ep, clip_len, hop, mean, std, mask)
+        frames, actions = clips_of(ep, clip_len, hop, norm)
         for i in range(0, len(frames), batch):
             mu_BZ, _ = module.model.posterior(module.codes(frames[i : i + batch]), actions[i : i + batch])
             zs.append(mu_BZ.float())
@@ -234,7 +229,7 @@ def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", nargs="+", default=["runs/demo/behavior/checkpoints/best.ckpt"])
     p.add_argument("--data-config", default="stages/demo/data.yaml")
-    p.add_argument("--clip-len", type=int, default=16, help="clip length the prior runs over (training clip_len)")
+    p.add_argument("--clip-len", type=int, default=12, help="clip length the prior runs over (training clip_len)")
     p.add_argument("--hop", type=int, default=8)
     p.add_argument("--t-min", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")

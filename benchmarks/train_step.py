@@ -8,11 +8,17 @@ prints training clips/s over the timed steps and peak memory (CUDA: max allocate
     python benchmarks/train_step.py                                  # tokenizer, demo
     python benchmarks/train_step.py --stage dynamics                 # on runs/demo's trained stages
     python benchmarks/train_step.py --stage dynamics --scale whale_st --fresh
+    python benchmarks/train_step.py --stage dynamics --tokens-vs-frames   # real data: token shards vs frames
 
 Behavior and dynamics need the earlier stages' checkpoints. The YAML's paths are used when those
 files exist (the data_spec then comes from the tokenizer checkpoint, as in a real run); otherwise,
 or with ``--fresh``, untrained earlier stages are built from their stage YAMLs, fitted one step on
 the same random batches and saved to a temporary directory (their speed is not what is measured).
+
+``--tokens-vs-frames`` (behavior, dynamics): the YAML's own datamodule on the real dataset (it must be
+collected), once reading the token shards (built first into a temporary folder with the tokenizer, two
+worker processes) and once the frames, tokenised in the step; ``--rounds`` alternating fits of the same
+module, so both see the same machine load. Prints clips/s and tokens/s of each and their ratio last.
 """
 
 from __future__ import annotations
@@ -101,7 +107,7 @@ class StepTimer(L.Callback):
     """Wall-clock seconds of the training steps after ``warmup`` untimed ones."""
 
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.t0, self.timed = warmup, None, 0
+        self.warmup, self.t0, self.timed, self.frames = warmup, None, 0, 0
 
     def _sync(self):
         if torch.cuda.is_available():
@@ -116,9 +122,10 @@ class StepTimer(L.Callback):
                 torch.cuda.reset_peak_memory_stats()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        """Count the timed steps."""
+        """Count the timed steps and the frames of their clips."""
         if self.t0 is not None:
             self.timed += 1
+            self.frames += batch["actions"].shape[0] * batch["actions"].shape[1]
 
     def on_train_end(self, trainer, pl_module):
         """Stop the clock."""
@@ -156,8 +163,6 @@ def earlier_stages(stage: str, scale: str, init_args: dict, spec: dict, B: int, 
     for w in wanted:
         cfg = yaml.safe_load((ROOT / "stages" / scale / f"{w}.yaml").read_text())["model"]
         args = {**cfg.get("init_args", {}), **{f"{k}_ckpt": v for k, v in made.items()}}
-        if w == "behavior":
-            args["code_cache"] = False  # random batches: no episodes to cache
         module = import_path(cfg["class_path"])(**args)
         tr = _trainer(1, precision, None)
         tr.fit(module, RandomDataModule(spec, B, T))
@@ -167,6 +172,45 @@ def earlier_stages(stage: str, scale: str, init_args: dict, spec: dict, B: int, 
         print(f"earlier stages: untrained {w} from stages/{scale}/{w}.yaml -> {path}")
     init_args.update({f"{k}_ckpt": v for k, v in made.items()})
     return init_args, spec
+
+
+def data_module(cfg: dict, tokens: str | None):
+    """The YAML's datamodule on its real dataset, reading ``tokens`` (a token folder) or frames (None)."""
+    data = cfg["data"]
+    return import_path(data["class_path"])(**{**data.get("init_args", {}), "tokens": tokens})
+
+
+def token_folder(dm, tokenizer_ckpt: str, tmp: Path) -> Path:
+    """Token shards of the datamodule's directories, built with the tokenizer into ``tmp/tokens``."""
+    from whale_pl.data.tokens import build_tokens
+
+    t0 = time.perf_counter()
+    for p in dm.dir_paths:
+        build_tokens(p, tmp / "tokens" / Path(p).name, tokenizer_ckpt, workers=2)
+    print(f"token shards built in {time.perf_counter() - t0:.1f}s")
+    return tmp / "tokens"
+
+
+def tokens_vs_frames(a, cfg: dict, module, B: int, precision: str, clip, tmp: Path) -> None:
+    """Alternate fits of ``module`` on the token shards and on the frames; print each one's throughput."""
+    frames_dm = data_module(cfg, None)
+    grid = module.tokenizer.model.grid_hw()
+    dms = {"frames (tokenised in the step)": frames_dm,
+           "token shards": data_module(cfg, str(token_folder(frames_dm, module.hparams.tokenizer_ckpt, tmp)))}
+    secs, steps, frames = ({k: 0.0 for k in dms} for _ in range(3))
+    for _ in range(a.rounds):
+        for name, dm in dms.items():
+            timer = StepTimer(a.warmup)
+            _trainer(a.warmup + a.steps, precision, clip, [timer]).fit(module, dm)
+            secs[name] += timer.seconds
+            steps[name] += timer.timed
+            frames[name] += timer.frames
+    rate = {k: steps[k] * B / secs[k] for k in dms}
+    for k in dms:  # tokens/s counts the clips' real frames (retracing batches are shorter)
+        print(f"{k}: {steps[k]:.0f} steps in {secs[k]:.1f}s = {secs[k] / steps[k]:.3f} s/step, {rate[k]:.2f} clips/s, "
+              f"{frames[k] * grid[0] * grid[1] / secs[k]:.0f} tokens/s")
+    ratio = rate["token shards"] / rate["frames (tokenised in the step)"]
+    print(f"train_step_{a.stage}_{a.scale}_tokens_vs_frames: {ratio:.2f}x")
 
 
 def parse_set(items: list[str]) -> dict:
@@ -197,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override model init_args")
     p.add_argument("--fresh", action="store_true", help="untrained earlier stages even if trained ones exist")
+    p.add_argument("--tokens-vs-frames", action="store_true", help="real data: token shards against frames")
+    p.add_argument("--rounds", type=int, default=3, help="alternations of --tokens-vs-frames")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -214,15 +260,18 @@ def main(argv: list[str] | None = None) -> None:
         size = yaml.safe_load((ROOT / data_yaml).read_text())["size"] if data_yaml else 64
         frame_size = [size, size]
     spec = data_spec_for(cfg, frame_size)
+    if a.tokens_vs_frames:  # the earlier stages are made on the real data's spec (the clock the fit checks)
+        spec = dict(data_module(cfg, None).data_spec)
     B = a.batch_size or data_args.get("batch_size", 8)
     T = a.clip_len or data_args.get("clip_len", 16)
     precision = a.precision or trainer_cfg.get("precision", "32-true")
     tmp = tempfile.TemporaryDirectory(prefix="whale_train_step_")
     init_args, spec = earlier_stages(a.stage, a.scale, init_args, spec, B, T, precision, a.fresh, Path(tmp.name))
-    if a.stage == "behavior":
-        init_args["code_cache"] = False  # random batches: the frozen tokenizer runs every step (timed)
     cls = import_path(model_cfg["class_path"])
     module = cls(**init_args)
+    if a.tokens_vs_frames:
+        tokens_vs_frames(a, cfg, module, B, precision, trainer_cfg.get("gradient_clip_val"), Path(tmp.name))
+        return tmp.cleanup()
     n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     timer = StepTimer(a.warmup)
     trainer = _trainer(a.warmup + a.steps, precision, trainer_cfg.get("gradient_clip_val"), [timer])

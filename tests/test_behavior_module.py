@@ -1,6 +1,6 @@
-"""BehaviorModule on real (tiny) Meta-World data: the whole `whale fit` path with the demo YAML,
-the frozen tokenizer bit-identical after the fit, checkpoints that stage 3 can load, clear errors
-for missing / incompatible tokenizer checkpoints."""
+"""BehaviorModule on real (tiny) Meta-World data: the whole `whale fit` path with the demo YAML (on token
+shards, stage 3's clock), the frozen tokenizer bit-identical after the fit, checkpoints that stage 3 can
+load, clear errors for missing / incompatible tokenizer checkpoints."""
 
 from __future__ import annotations
 
@@ -37,8 +37,19 @@ def tokenizer_ckpt(tiny_data_yaml, tmp_path_factory) -> Path:
     return out / "best.ckpt"
 
 
-def _fit_cli(tokenizer_ckpt: Path, data_yaml: Path, run_root: Path) -> None:
-    """`whale fit --config stages/demo/behavior.yaml` with tiny-data overrides."""
+@pytest.fixture(scope="module")
+def tokens_root(tokenizer_ckpt, tiny_shards, tmp_path_factory) -> Path:
+    """The tiny dataset's token shards made with the fixture's tokenizer (``tokens:`` of the data section)."""
+    from whale_pl.data.tokens import build_tokens
+
+    root = tmp_path_factory.mktemp("tokens")
+    build_tokens(tiny_shards, root / tiny_shards.name, tokenizer_ckpt)
+    return root
+
+
+def _fit_cli(tokenizer_ckpt: Path, data_yaml: Path, run_root: Path, tokens: Path) -> None:
+    """`whale fit --config stages/demo/behavior.yaml` with tiny-data overrides (clock: every 2nd frame, as
+    the tiny dynamics runs)."""
     from whale_pl.cli import main
 
     main([
@@ -46,7 +57,9 @@ def _fit_cli(tokenizer_ckpt: Path, data_yaml: Path, run_root: Path) -> None:
         "--model.init_args.tokenizer_ckpt", str(tokenizer_ckpt),
         "--model.init_args.expect_codebook_size", "32",
         "--model.init_args.net.dim", "32", "--model.init_args.net.decoder_hidden", "32",
-        "--data.init_args.config", str(data_yaml),
+        "--model.init_args.probe_t_min", "2",
+        "--data.init_args.config", str(data_yaml), "--data.init_args.tokens", str(tokens),
+        "--data.init_args.clip_len", "6", "--data.init_args.frame_stride", "2", "--data.init_args.retrace_clip_len", "3",
         "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
         "--data.init_args.steps_per_epoch", "4", "--data.init_args.val_steps", "2",
         "--trainer.max_steps", "8", "--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false",
@@ -55,14 +68,14 @@ def _fit_cli(tokenizer_ckpt: Path, data_yaml: Path, run_root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def fitted(tokenizer_ckpt, tiny_data_yaml, tmp_path_factory):
+def fitted(tokenizer_ckpt, tiny_data_yaml, tokens_root, tmp_path_factory):
     from whale_pl.lit.tokenizer_module import TokenizerModule
 
     before = load_frozen(tokenizer_ckpt, TokenizerModule).state_dict()
     before = {k: v.clone() for k, v in before.items()}
     root = tmp_path_factory.mktemp("runs")
     torch.manual_seed(0)
-    _fit_cli(tokenizer_ckpt, tiny_data_yaml, root)
+    _fit_cli(tokenizer_ckpt, tiny_data_yaml, root, tokens_root)
     return root / "behavior", before
 
 
@@ -183,30 +196,30 @@ def test_bad_tokenizer_checkpoints_name_path_and_mismatch(fitted, tokenizer_ckpt
         BehaviorModule(tokenizer_ckpt=str(tokenizer_ckpt), data_spec=spec)
 
 
-def test_code_cache_matches_the_tokenizer_and_catches_misindexing(tokenizer_ckpt, tiny_data_yaml):
+def test_fit_records_the_clock_and_token_shards_of_another_tokenizer_are_refused(fitted, tokenizer_ckpt, tokens_root,
+                                                                              tiny_data_yaml, tmp_path):
+    """The checkpoint records stage 3's clock (frame stride, retracing strides); a fit on token shards that
+    another tokenizer made stops before training, naming both tokenizers."""
     from whale_pl.data.datamodule import MetaWorldDataModule
-    from whale_pl.data.frames import frames_to_unit
+    from whale_pl.data.tokens import TokenError
     from whale_pl.lit.behavior_module import BehaviorModule
 
-    dm = MetaWorldDataModule(config=str(tiny_data_yaml), clip_len=6, batch_size=3, num_workers=0,
-                             steps_per_epoch=1, val_steps=1)
-    dm.setup("fit")
-    module = BehaviorModule(tokenizer_ckpt=str(tokenizer_ckpt), net=dict(dim=32, depth=1))
-    module.build_code_cache(dm, ["train", "val"])
-    assert len(module._ids_cache) == 12 + 6  # every train and val episode of the tiny dataset
-    batch = next(iter(dm.val_dataloader()))
-    tok = module.tokenizer.model
-    # every frame of the clip, tokenized alone, equals the cached ids
-    B, T = batch["frames"].shape[:2]
-    alone = tok.encode(frames_to_unit(batch["frames"].reshape(B * T, 1, *batch["frames"].shape[2:])))
-    codes = module.batch_codes(batch)
-    assert torch.equal(codes, tok.embed(alone.reshape(B, T, *alone.shape[2:])).float())
-    # a cache holding other tokens than the tokenizer gives for these frames is caught on the first batch
-    # (the fixture's few-step tokenizer uses few codes, so shifting frames would not change the ids)
-    module._ids_cache = {k: (v + 1) % tok.codebook_size for k, v in module._ids_cache.items()}
-    module._cache_checked = False
-    with pytest.raises(RuntimeError, match="code_cache disagrees with the tokenizer"):
-        module.batch_codes(batch)
+    run, _ = fitted
+    spec = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"][
+        "data_spec"]
+    assert spec["frame_stride"] == 2 and spec["retrace_strides"] == [2, 3]
+    other = tmp_path / "other.ckpt"
+    ck = torch.load(tokenizer_ckpt, map_location="cpu", weights_only=True)
+    key = next(k for k in ck["state_dict"] if k.endswith("weight"))
+    ck["state_dict"][key] = ck["state_dict"][key] + 1e-3
+    torch.save(ck, other)
+    module = BehaviorModule(tokenizer_ckpt=str(other), net=dict(dim=16, depth=1, z_dim=4, decoder_hidden=16))
+    dm = MetaWorldDataModule(config=str(tiny_data_yaml), tokens=str(tokens_root), clip_len=4, batch_size=2,
+                             num_workers=0, steps_per_epoch=1, val_steps=1)
+    with pytest.raises(TokenError, match=r"made with another tokenizer: .*best\.ckpt \(weights sha256 [0-9a-f]{16}\.\.\.\) "
+                                         r"!= this stage's \([0-9a-f]{16}\.\.\.\)"):
+        L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                  enable_checkpointing=False).fit(module, dm)
 
 
 def test_decoder_prev_action_reaches_the_model(tokenizer_ckpt):

@@ -1,6 +1,7 @@
-"""DynamicsModule on real (tiny) Meta-World data: the whole `whale fit` path with the demo YAML on
-real tiny tokenizer and behavior checkpoints; the frozen stages bit-identical after the fit;
-validation figures and rollout pictures in TensorBoard; clear errors for mismatched data."""
+"""DynamicsModule on real (tiny) Meta-World data: the whole `whale fit` path with the demo YAML (token
+shards) on real tiny tokenizer and behavior checkpoints of one clock; the frozen stages bit-identical
+after the fit; validation figures and rollout pictures in TensorBoard; clear errors for mismatched data
+and for a behavior prior trained on another clock."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ TINY_TOKENIZER = dict(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, de
                       codebook_size=32, code_dim=8)
 QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
              num_sanity_val_steps=0)
+CLOCK = dict(frame_stride=2, retrace_strides=[2, 3], retrace_prob=0.2, retrace_clip_len=3)  # 24-frame tiny episodes
 
 
 def _dm(data_yaml: Path, clip_len: int = 4, **kw):
@@ -27,7 +29,8 @@ def _dm(data_yaml: Path, clip_len: int = 4, **kw):
 
 @pytest.fixture(scope="module")
 def stage_ckpts(tiny_data_yaml, tmp_path_factory) -> tuple[Path, Path]:
-    """Real stage-1 and stage-2 checkpoints, each fitted for a few steps on the tiny dataset."""
+    """Real stage-1 and stage-2 checkpoints, each fitted for a few steps on the tiny dataset (stage 2 on the
+    clock of the stage-3 fits below)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from whale_pl.lit.behavior_module import BehaviorModule
@@ -41,11 +44,21 @@ def stage_ckpts(tiny_data_yaml, tmp_path_factory) -> tuple[Path, Path]:
     beh = BehaviorModule(tokenizer_ckpt=str(tok), net=dict(dim=16, depth=1, z_dim=4, decoder_hidden=16),
                          optim=dict(warmup_steps=1), probe_t_min=2)
     L.Trainer(max_steps=3, callbacks=[ModelCheckpoint(dirpath=out / "beh", filename="best")], **QUIET).fit(
-        beh, _dm(tiny_data_yaml, clip_len=6))
+        beh, _dm(tiny_data_yaml, clip_len=6, **CLOCK))
     return tok, out / "beh" / "best.ckpt"
 
 
-def _fit_cli(tok: Path, beh: Path, data_yaml: Path, run_root: Path, extra: list[str] = ()) -> None:
+@pytest.fixture(scope="module")
+def tokens_root(stage_ckpts, tiny_shards, tmp_path_factory) -> Path:
+    """The tiny dataset's token shards made with the stage-1 checkpoint."""
+    from whale_pl.data.tokens import build_tokens
+
+    root = tmp_path_factory.mktemp("tokens")
+    build_tokens(tiny_shards, root / tiny_shards.name, stage_ckpts[0])
+    return root
+
+
+def _fit_cli(tok: Path, beh: Path, data_yaml: Path, run_root: Path, tokens: Path, extra: list[str] = ()) -> None:
     """`whale fit --config stages/demo/dynamics.yaml` with tiny-data overrides."""
     from whale_pl.cli import main
 
@@ -55,8 +68,9 @@ def _fit_cli(tok: Path, beh: Path, data_yaml: Path, run_root: Path, extra: list[
         "--model.init_args.net.dim", "32", "--model.init_args.net.depth", "1", "--model.init_args.net.heads", "2",
         "--model.init_args.sampling.maskgit_steps", "2", "--model.init_args.sampling.rollout_horizon", "4",
         "--model.init_args.sampling.rollout_batches", "1", "--model.init_args.optim.warmup_steps", "1",
-        "--data.init_args.config", str(data_yaml), "--data.init_args.clip_len", "6",
-        "--data.init_args.val_clip_len", "6", "--data.init_args.frame_stride", "2",  # 24-frame tiny episodes
+        "--data.init_args.config", str(data_yaml), "--data.init_args.tokens", str(tokens),
+        "--data.init_args.clip_len", "6", "--data.init_args.val_clip_len", "6",
+        "--data.init_args.frame_stride", "2", "--data.init_args.retrace_clip_len", "3",  # 24-frame tiny episodes
         "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
         "--data.init_args.steps_per_epoch", "3", "--data.init_args.val_steps", "2",
         "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false",
@@ -70,7 +84,7 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def fitted(stage_ckpts, tiny_data_yaml, tmp_path_factory):
+def fitted(stage_ckpts, tiny_data_yaml, tokens_root, tmp_path_factory):
     from whale_pl.lit.behavior_module import BehaviorModule
     from whale_pl.lit.tokenizer_module import TokenizerModule
 
@@ -79,7 +93,7 @@ def fitted(stage_ckpts, tiny_data_yaml, tmp_path_factory):
               "behavior": _snapshot(load_frozen(beh, BehaviorModule))}
     root = tmp_path_factory.mktemp("runs")
     torch.manual_seed(0)
-    _fit_cli(tok, beh, tiny_data_yaml, root)
+    _fit_cli(tok, beh, tiny_data_yaml, root, tokens_root)
     return root / "dynamics", before
 
 
@@ -119,7 +133,7 @@ def test_frozen_stages_stay_in_eval_mode_during_fit(stage_ckpts, tiny_data_yaml)
 
     tok, beh = stage_ckpts
     module = DynamicsModule(tokenizer_ckpt=str(tok), behavior_ckpt=str(beh), net=dict(dim=32, depth=1, heads=2), optim=dict(warmup_steps=1), sampling=dict(rollout_horizon=2, rollout_batches=0))
-    L.Trainer(max_steps=2, enable_checkpointing=False, callbacks=[Spy()], **QUIET).fit(module, _dm(tiny_data_yaml))
+    L.Trainer(max_steps=2, enable_checkpointing=False, callbacks=[Spy()], **QUIET).fit(module, _dm(tiny_data_yaml, **CLOCK))
     assert len(seen) == 2
     assert all(model_train and not frozen_train and not frozen_grad for model_train, frozen_train, frozen_grad in seen)
 
@@ -132,21 +146,31 @@ def test_validation_figures_and_rollout_picture_in_tensorboard(fitted):
     ea.Reload()
     assert "val/rollout_real_vs_imagined" in ea.Tags()["images"]
     for tag in ("train/ce", "train/acc", "train/reward", "train/state", "val/acc", "val/ce", "val/copy_acc",
-                "val/psnr_ar_all", "val/ssim_ar_all", "val/psnr_tokenizer_recon", "val/psnr_still_context"):
+                "val/psnr_ar_all", "val/ssim_ar_all", "val/psnr_still_context"):
         assert tag in ea.Tags()["scalars"], tag
+    assert "val/psnr_tokenizer_recon" not in ea.Tags()["scalars"]  # token batches: the real clip is the decoding
     assert any(t in ea.Tags()["scalars"] for t in ("val/psnr_ar_train_family", "val/psnr_ar_ood"))
 
 
-def test_imagine_and_eval_videos_from_pixels(fitted, tiny_data_yaml):
+def test_imagine_and_eval_videos_from_pixels_and_from_tokens(fitted, tiny_data_yaml, tokens_root):
+    """Frame batches are scored against the recorded frames (with the tokenizer's reconstruction beside them);
+    the same clips from token shards roll out the same and are scored against the decoded real ids."""
     from whale_pl.lit.dynamics_module import DynamicsModule
 
     run, _ = fitted
     dyn = load_frozen(run / "checkpoints" / "last.ckpt", DynamicsModule)
-    dm = _dm(tiny_data_yaml, clip_len=6)
-    batch = next(iter(dm.val_dataloader()))
+    batch = next(iter(_dm(tiny_data_yaml, clip_len=6).val_dataloader()))
     real, imagined = dyn.eval_videos(batch)
     assert real.shape == imagined.shape == (2, 5, 3, 32, 32)  # the whole clip after the context (FVD wants >= 9)
     assert imagined.min() >= -1 and imagined.max() <= 1
+    token_batch = next(iter(_dm(tiny_data_yaml, clip_len=6, tokens=str(tokens_root)).val_dataloader()))
+    g = torch.Generator().manual_seed(0)
+    from_frames, from_tokens = dyn.rollout(batch, generator=g.manual_seed(0)), dyn.rollout(token_batch, generator=g.manual_seed(0))
+    assert "psnr_recon_B" in from_frames and "psnr_recon_B" not in from_tokens
+    assert torch.equal(from_frames["ids_BThw"], from_tokens["ids_BThw"])
+    C = dyn.loss_cfg.context_frames
+    decoded = dyn.tokenizer.model.decode(token_batch["ids"][:, C : C + from_tokens["real_BTCHW"].shape[1]])
+    assert torch.equal(from_tokens["real_BTCHW"], decoded.float())
     out = dyn.imagine(batch["frames"][:, :1], batch["actions"], horizon=3, steps=2, temperature=1.0,
                       generator=torch.Generator().manual_seed(0))
     assert out["frames_BTCHW"].shape == (2, 3, 3, 32, 32) and out["state_BTS"].shape[:2] == (2, 3)
@@ -172,6 +196,28 @@ def test_mismatched_data_is_a_clear_error_at_load(fitted, stage_ckpts, tiny_data
     module.hparams["data_spec"] = dict(spec, action_mean=[0.5] * len(spec["action_mean"]))
     with pytest.raises(HandoffError, match="action_mean"):
         L.Trainer(max_steps=1, enable_checkpointing=False, **QUIET).fit(module, _dm(tiny_data_yaml))
+
+
+def test_behavior_prior_on_another_clock_is_refused_at_fit(stage_ckpts, tiny_data_yaml):
+    """Stage 3 refuses a behavior checkpoint trained on another frame stride, another action normalisation or
+    without a retracing stride the fit draws, naming both values; the prior's own clock is accepted."""
+    from whale_pl.lit.dynamics_module import DynamicsModule
+
+    tok, beh = stage_ckpts
+    module = DynamicsModule(tokenizer_ckpt=str(tok), behavior_ckpt=str(beh), net=dict(dim=32, depth=1, heads=2))
+    fit = L.Trainer(max_steps=1, enable_checkpointing=False, limit_val_batches=0, **QUIET).fit
+    with pytest.raises(HandoffError, match=r"another clock than this dynamics fit: frame_stride: behavior 2 != this "
+                                           r"data's 1"):
+        fit(module, _dm(tiny_data_yaml))
+    with pytest.raises(HandoffError, match=r"retrace_strides: behavior trained on \[2, 3\], this fit asks its prior "
+                                           r"about \[2, 4\]"):
+        fit(module, _dm(tiny_data_yaml, **dict(CLOCK, retrace_strides=[2, 4], retrace_clip_len=2)))
+    spec = _dm(tiny_data_yaml, **CLOCK).data_spec
+    module.check_behavior_clock(spec)  # the prior's own clock
+    doubled = [2 * s for s in spec["action_std"]]
+    with pytest.raises(HandoffError, match=r"action_std: behavior \[.*\] != this data's \[.*\].*per-dataset"):
+        module.check_behavior_clock(dict(spec, action_std=doubled,
+                                         datasets=[dict(spec["datasets"][0], action_std=doubled)]))
 
 
 def test_behavior_ablation_fits_without_behavior_checkpoint(stage_ckpts, tiny_data_yaml):

@@ -22,6 +22,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 
 REF_DIR = Path(__file__).parent / "reference"
 REF = REF_DIR / "invariance.json"
@@ -39,10 +40,10 @@ TINY = {
     "dynamics": {"dim": 32, "depth": 1, "heads": 2, "max_frames": 8, "warmup_steps": 2,
                  "maskgit_steps": 2, "rollout_horizon": 2, "rollout_batches": 1},
 }
-TINY_DATA = {
+TINY_DATA = {  # stages 2 and 3 on one clock (every 2nd frame of the 24-frame tiny episodes), from token shards
     "tokenizer": {"clip_len": 4},
-    "behavior": {"clip_len": 6},
-    "dynamics": {"clip_len": 6, "val_clip_len": 6, "frame_stride": 2, "retrace_clip_len": 3},
+    "behavior": {"clip_len": 6, "frame_stride": 2, "retrace_clip_len": 3, "tokens": "tokens"},
+    "dynamics": {"clip_len": 6, "val_clip_len": 6, "frame_stride": 2, "retrace_clip_len": 3, "tokens": "tokens"},
 }
 
 
@@ -235,8 +236,11 @@ def test_seed0_initial_weights_of_every_pipeline_config(scale, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tiny_data_yaml, tmp_path_factory):
-    """The demo configs of the three stages, 20 steps each at tiny shapes: loss traces and checkpoints.
+    """The demo configs of the three stages, 20 steps each at tiny shapes (stages 2 and 3 on the token shards
+    built after stage 1): loss traces and checkpoints.
     Run from their own folder, so the checkpoints name each other by relative paths (``tokenizer/last.ckpt``)."""
+    from whale_pl.data.tokens import build_tokens
+
     out = tmp_path_factory.mktemp("invariance")
     traces, ckpts = {}, {}
     here = os.getcwd()
@@ -244,6 +248,9 @@ def tiny_pipeline(tiny_data_yaml, tmp_path_factory):
     try:
         for stage in STAGES:
             traces[stage], ckpts[stage] = tiny_fit(stage, tiny_data_yaml, ckpts, Path("."))
+            if stage == "tokenizer":
+                source = Path(yaml.safe_load(tiny_data_yaml.read_text())["out"])
+                build_tokens(source, Path("tokens") / source.name, ckpts["tokenizer"])
     finally:
         os.chdir(here)
     return traces, {k: out / v for k, v in ckpts.items()}

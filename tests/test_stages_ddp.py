@@ -84,7 +84,7 @@ SCRIPT = textwrap.dedent('''
             torch.save({"world_size": trainer.world_size, "global_step": trainer.global_step,
                         "init": self.init, "model": snapshot(pl_module.model), "frozen": frozen,
                         "train_keys": self.train_keys, "val_batches": self.val_batches,
-                        "val_metrics": self.val_metrics, "code_cache": getattr(pl_module, "_ids_cache", None)},
+                        "val_metrics": self.val_metrics},
                        f"{out_dir}/rank{trainer.global_rank}.pt")
 
 
@@ -102,9 +102,14 @@ def _dm(data_yaml: Path, clip_len: int = 4, **kw):
                                steps_per_epoch=3, val_steps=1, **kw)
 
 
+CLOCK = dict(frame_stride=2, retrace_strides=[2, 3], retrace_prob=0.2, retrace_clip_len=3)  # 24-frame tiny episodes
+CLOCK_FLAGS = ["--data.init_args.frame_stride", "2", "--data.init_args.retrace_clip_len", "3"]  # with the YAML's strides
+
+
 @pytest.fixture(scope="module")
 def stage_ckpts(tiny_data_yaml, tmp_path_factory) -> tuple[Path, Path]:
-    """Real stage-1 and stage-2 checkpoints, each fitted for a few steps (single process)."""
+    """Real stage-1 and stage-2 checkpoints, each fitted for a few steps (single process; stage 2 on the clock
+    of the stage-3 fit below)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from whale_pl.lit.behavior_module import BehaviorModule
@@ -118,8 +123,18 @@ def stage_ckpts(tiny_data_yaml, tmp_path_factory) -> tuple[Path, Path]:
     beh = BehaviorModule(tokenizer_ckpt=str(tok), net=dict(dim=16, depth=1, z_dim=4, decoder_hidden=16),
                          optim=dict(warmup_steps=1), probe_t_min=2)
     L.Trainer(max_steps=3, callbacks=[ModelCheckpoint(dirpath=out / "beh", filename="best")], **QUIET).fit(
-        beh, _dm(tiny_data_yaml, clip_len=6))
+        beh, _dm(tiny_data_yaml, clip_len=6, **CLOCK))
     return tok, out / "beh" / "best.ckpt"
+
+
+@pytest.fixture(scope="module")
+def tokens_root(stage_ckpts, tiny_shards, tmp_path_factory) -> Path:
+    """The tiny dataset's token shards made with the stage-1 checkpoint."""
+    from whale_pl.data.tokens import build_tokens
+
+    root = tmp_path_factory.mktemp("tokens")
+    build_tokens(tiny_shards, root / tiny_shards.name, stage_ckpts[0])
+    return root
 
 
 def _sha(path: Path) -> str:
@@ -201,7 +216,7 @@ def _check_metrics_reduced(s0: dict, s1: dict, make_module, loss_key: str) -> di
 
 
 @pytest.mark.ddp
-def test_behavior_two_process_ddp_fit(stage_ckpts, tiny_data_yaml, tmp_path):
+def test_behavior_two_process_ddp_fit(stage_ckpts, tiny_data_yaml, tokens_root, tmp_path):
     from whale_pl.lit.behavior_module import BehaviorModule
     from whale_pl.lit.tokenizer_module import TokenizerModule
 
@@ -213,28 +228,25 @@ def test_behavior_two_process_ddp_fit(stage_ckpts, tiny_data_yaml, tmp_path):
         "--model.init_args.net.dim", "16", "--model.init_args.net.depth", "1", "--model.init_args.net.heads", "2",
         "--model.init_args.net.z_dim", "4", "--model.init_args.net.decoder_hidden", "16",
         "--model.init_args.optim.warmup_steps", "1", "--model.init_args.probe_t_min", "2",
-        "--data.init_args.config", str(tiny_data_yaml), "--data.init_args.clip_len", "6",
+        "--data.init_args.config", str(tiny_data_yaml), "--data.init_args.tokens", str(tokens_root),
+        "--data.init_args.clip_len", "6", *CLOCK_FLAGS,
         "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
         "--data.init_args.steps_per_epoch", "2", "--data.init_args.val_steps", "2", "--trainer.max_steps", "4",
     ])
     last = _check_ranks(s0, s1, run, 4, before)
     assert _sha(tok) == tok_sha
     assert not any(k.startswith("tokenizer.") for k in last["state_dict"])
-    # the code cache (code_cache: true in the YAML) is the same on both ranks: every split, every episode
-    c0, c1 = s0["code_cache"], s1["code_cache"]
-    assert c0 is not None and c0.keys() == c1.keys() and all(torch.equal(c0[k], c1[k]) for k in c0)
+    assert all("ids" in b and "frames" not in b for b in s0["val_batches"] + s1["val_batches"])  # token shards
 
     def module():
-        m = BehaviorModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
-        m.build_code_cache(_dm(tiny_data_yaml), ["train", "val"])
-        return m
+        return BehaviorModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
 
     metrics = _check_metrics_reduced(s0, s1, module, "val/loss")
     assert {"val/loss", "val/kl", "val/action_mse", "val/probe_acc_clips"} <= metrics.keys()
 
 
 @pytest.mark.ddp
-def test_dynamics_two_process_ddp_fit(stage_ckpts, tiny_data_yaml, tmp_path):
+def test_dynamics_two_process_ddp_fit(stage_ckpts, tiny_data_yaml, tokens_root, tmp_path):
     from whale_pl.lit.behavior_module import BehaviorModule
     from whale_pl.lit.dynamics_module import DynamicsModule
     from whale_pl.lit.tokenizer_module import TokenizerModule
@@ -248,8 +260,8 @@ def test_dynamics_two_process_ddp_fit(stage_ckpts, tiny_data_yaml, tmp_path):
         "--model.init_args.net.dim", "32", "--model.init_args.net.depth", "1", "--model.init_args.net.heads", "2",
         "--model.init_args.sampling.maskgit_steps", "2", "--model.init_args.sampling.rollout_horizon", "4",
         "--model.init_args.sampling.rollout_batches", "4", "--model.init_args.optim.warmup_steps", "1",
-        "--data.init_args.config", str(tiny_data_yaml), "--data.init_args.clip_len", "6",
-        "--data.init_args.val_clip_len", "6", "--data.init_args.frame_stride", "2",  # 24-frame tiny episodes
+        "--data.init_args.config", str(tiny_data_yaml), "--data.init_args.tokens", str(tokens_root),
+        "--data.init_args.clip_len", "6", "--data.init_args.val_clip_len", "6", *CLOCK_FLAGS,
         "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
         "--data.init_args.steps_per_epoch", "2", "--data.init_args.val_steps", "2", "--trainer.max_steps", "4",
     ])

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from whale_pl.pipeline import fmt_elapsed, run_stage, stage_dir
+from whale_pl.pipeline import fmt_elapsed, run_stage, run_tokens, stage_dir
 
 # one seed each way, two ensemble members, two start states per task, a shorter step budget
 EXPERIMENT_ARGS = ["--seeds", "1", "--members", "2", "--starts", "2", "--steps", "300"]
@@ -84,7 +84,10 @@ def build_steps(scale: str, side: SideModels | None = None) -> list[Step]:
 
     def tokenizer_then_side() -> None:
         run_stage(scale, "tokenizer")  # alone on the machine: all cores
-        os.environ["OMP_NUM_THREADS"] = "1"  # then two trainings share the cores (spin-waiting OpenMP is slow)
+        run_tokens(scale)  # the side models and stages 2 and 3 all read the token shards
+        # from here two trainings share the cores: one thread each (OpenMP spin-waiting on an
+        # oversubscribed CPU made steps several times slower)
+        os.environ["OMP_NUM_THREADS"] = "1"
         side.start()
 
     def evaluate(cmd: str, *args: str) -> None:

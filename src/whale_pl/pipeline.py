@@ -1,10 +1,18 @@
 """Run the three stages in order, reusing what is complete and resuming what was interrupted.
 
 ``python -m whale_pl.pipeline dynamics --scale demo`` trains the dynamics stage, first building any
-stage it needs that is missing (tokenizer, then behavior). A stage is *complete* when its run
-directory holds ``DONE`` (written atomically after a successful fit, naming the checkpoint); a stage
-with ``checkpoints/last.ckpt`` but no ``DONE`` was interrupted and resumes from that checkpoint.
+stage it needs that is missing (tokenizer, token shards, then behavior). A stage is *complete* when its
+run directory holds ``DONE`` (written atomically after a successful fit, naming the checkpoint); a
+stage with ``checkpoints/last.ckpt`` but no ``DONE`` was interrupted and resumes from that checkpoint.
 Extra arguments after ``--`` go to ``whale fit`` unchanged (e.g. ``--trainer.devices 8``).
+
+``tokens`` (``runs/<scale>/tokens``, ``data/tokens.py``): every dataset directory the behavior and
+dynamics configs read, tokenised once by the tokenizer stage's checkpoint, each frame alone. It is built
+before a behavior or dynamics stage whose data section names ``tokens`` (and handed to it as
+``--data.init_args.tokens``); complete when each token dataset has its manifest (an interrupted build
+resumes); refused, naming both, when it was made with another tokenizer checkpoint or from other data
+(``tokens --force`` moves it aside and rebuilds). On a cluster, one rank per shard subset:
+``torchrun --nproc_per_node 8 -m whale_pl.pipeline tokens --scale whale_x`` (the tokenizer must be done).
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("tokenizer", "behavior", "dynamics")
+STAGES = ("tokenizer", "behavior", "dynamics")  # the trained stages (run directories with DONE)
+TARGETS = ("tokenizer", "tokens", "behavior", "dynamics")  # what the command line builds
 
 
 def stage_dir(scale: str, stage: str, runs: Path = Path("runs")) -> Path:
@@ -101,6 +110,79 @@ def _handoff_args(scale: str, stage: str) -> list[str]:
     return [x for st in earlier for x in (f"--model.init_args.{st}_ckpt", str(done_checkpoint(scale, st)))]
 
 
+def tokens_dir(scale: str, runs: Path = Path("runs")) -> Path:
+    """The token shards of a scale: ``runs/<scale>/tokens/<dataset directory name>/``."""
+    return runs / scale / "tokens"
+
+
+def _data_args(cfg: Path) -> dict:
+    import yaml
+
+    return dict((yaml.safe_load(cfg.read_text()).get("data") or {}).get("init_args") or {})
+
+
+def uses_tokens(cfg: Path) -> bool:
+    """Whether a stage config's data section reads token shards (``tokens:`` set)."""
+    return _data_args(cfg).get("tokens") is not None
+
+
+def data_dirs(cfg: Path) -> list[str]:
+    """The dataset directories a stage config's data section reads (a Meta-World config's ``out``, or ``dirs``)."""
+    import yaml
+
+    args = _data_args(cfg)
+    if "config" in args:
+        return [str(yaml.safe_load(Path(args["config"]).read_text())["out"])]
+    dirs = args.get("dirs") or []
+    return [dirs] if isinstance(dirs, str) else [str(d) for d in dirs]
+
+
+def _token_sources(scale: str) -> list[str]:
+    """Every dataset directory that a behavior or dynamics config of ``scale`` reads as tokens."""
+    out: list[str] = []
+    for stage in ("behavior", "dynamics"):
+        cfg = stage_config(scale, stage)
+        if uses_tokens(cfg):
+            out += [d for d in data_dirs(cfg) if d not in out]
+    return out
+
+
+def run_tokens(scale: str, force: bool = False, workers: int | None = None) -> Path:
+    """Build (or resume, or reuse) the scale's token shards with the tokenizer stage's checkpoint."""
+    from whale_pl.data.shards import MANIFEST
+    from whale_pl.data.tokens import TokenError, build_tokens
+
+    out = tokens_dir(scale)
+    if force and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(f"[whale] tokens --force under torchrun: every rank would move {out} aside; move it aside "
+                         "once yourself, then run without --force")
+    if force:
+        _move_aside(out)
+    ckpt = done_checkpoint(scale, "tokenizer")
+    workers = workers or (1 if _has_cuda() else 2)
+    for src in _token_sources(scale):
+        dst = out / Path(src).name
+        if (dst / MANIFEST).exists():
+            print(f"[whale] tokens: {dst} complete, checking it", flush=True)
+        else:
+            print(f"[whale] tokens: {src} -> {dst} ({workers} worker(s), tokenizer {ckpt})", flush=True)
+        t0 = time.time()
+        try:
+            m = build_tokens(src, dst, ckpt, workers=workers)
+        except TokenError as e:
+            raise SystemExit(f"[whale] tokens: {e}") from None
+        if m is not None:
+            print(f"[whale] tokens: {dst}: {m['frames']} frames of {m['episodes']} episodes "
+                  f"({fmt_elapsed(time.time() - t0)})", flush=True)
+    return out
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def run_stage(scale: str, stage: str, extra: list[str] | None = None, force: bool = False) -> Path:
     """Train one stage unless complete; resume from ``last.ckpt`` when a previous run was cut off.
     ``force`` (or a run directory holding something else than an interrupted run) starts clean."""
@@ -110,6 +192,8 @@ def run_stage(scale: str, stage: str, extra: list[str] | None = None, force: boo
         print(f"[whale] {stage}: complete ({run_dir / 'DONE'}), reusing it", flush=True)
         return run_dir
     cmd = [sys.executable, "-m", "whale_pl.cli", "fit", "--config", str(cfg), *_handoff_args(scale, stage)]
+    if stage != "tokenizer" and uses_tokens(cfg):
+        cmd += ["--data.init_args.tokens", str(run_tokens(scale))]
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.exists() and not force and not (run_dir / "DONE").exists():
         print(f"[whale] {stage}: resuming interrupted run from {last}", flush=True)
@@ -129,10 +213,16 @@ def run_stage(scale: str, stage: str, extra: list[str] | None = None, force: boo
     return run_dir
 
 
-def run_until(scale: str, target: str, extra: list[str] | None = None, force: bool = False) -> None:
+def run_until(scale: str, target: str, extra: list[str] | None = None, force: bool = False,
+              token_workers: int | None = None) -> None:
     """Build every stage up to ``target``: missing earlier stages first, then ``target`` itself."""
-    if target not in STAGES:
-        raise SystemExit(f"unknown stage '{target}'; expected one of {STAGES}")
+    if target not in TARGETS:
+        raise SystemExit(f"unknown stage '{target}'; expected one of {TARGETS}")
+    if target == "tokens":
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one of several ranks never trains the tokenizer
+            run_stage(scale, "tokenizer")
+        run_tokens(scale, force=force, workers=token_workers)
+        return
     upto = STAGES.index(target)
     for i, stage in enumerate(STAGES[: upto + 1]):
         last_one = i == upto
@@ -140,17 +230,20 @@ def run_until(scale: str, target: str, extra: list[str] | None = None, force: bo
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m whale_pl.pipeline STAGE --scale S [--force] [-- whale fit arguments]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
     p = argparse.ArgumentParser(prog="python -m whale_pl.pipeline", description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=STAGES)
+    p.add_argument("stage", choices=TARGETS)
     p.add_argument("--scale", default="demo")
     p.add_argument("--force", action="store_true", help="retrain the named stage even if complete")
+    p.add_argument("--token-workers", type=int, default=None,
+                   help="local processes tokenising (tokens; default 1 with CUDA, else 2)")
     a = p.parse_args(argv)
-    run_until(a.scale, a.stage, extra=extra, force=a.force)
+    run_until(a.scale, a.stage, extra=extra, force=a.force, token_workers=a.token_workers)
 
 
 if __name__ == "__main__":

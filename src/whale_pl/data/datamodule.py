@@ -4,6 +4,12 @@ Batches are dicts of tensors (docs/contracts.md "Batches"), plus ``dataset`` int
 into ``data_spec["datasets"]``), ``episode`` int64 [B] (episode index in its directory's
 manifest order) and ``start`` int64 [B] (first frame of the clip in the episode).
 
+Frames or tokens: with ``tokens`` (a folder holding one token dataset per dataset directory, named
+like it; ``data/tokens.py``) the clips come from the token shards and batches carry ``ids`` int64
+[B, T, h, w] (each frame tokenised alone by the frozen tokenizer) instead of ``frames``. Everything
+else is the same code for both: the token shards mirror the frame shards episode for episode, so the
+same seed cuts the same clips, with the same composed actions and normalisation.
+
 How clips are drawn, per DataLoader worker:
 - Readers are (rank, worker) pairs, ``n = world_size * num_workers`` of them. With at least ``n``
   shards of a split in a directory each reader owns whole shards (``shards[i::n]``); with fewer,
@@ -41,6 +47,7 @@ except ImportError:  # pragma: no cover - lightning is a dependency
 from whale_pl.data.episode import ActionSpace, Episode
 from whale_pl.data.shards import (ShardError, episode_lengths, iter_shard_episodes, read_manifest, safe_std,
                                   verify_dataset)
+from whale_pl.data.tokens import TokenEpisode, iter_token_episodes, read_token_manifest
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +56,10 @@ log = logging.getLogger(__name__)
 # one dataset directory, as seen by the clip stream
 # --------------------------------------------------------------------------------------------
 class _DirInfo:
-    def __init__(self, path: str, manifest: dict, index: int):
+    def __init__(self, path: str, manifest: dict, index: int, tokens: bool = False):
         self.path, self.m, self.index = path, manifest, index
         self.name = Path(path).name
+        self.read = iter_token_episodes if tokens else iter_shard_episodes  # (dir, shard, manifest, ...) -> episodes
         self.space = ActionSpace.from_json(manifest["action_space"])
         st = manifest["action_stats"]
         self.mean = np.asarray(st["mean"], np.float32)
@@ -134,7 +142,7 @@ class ClipStream(IterableDataset):
             for j in order:
                 sh = mine[j]
                 sel = None if keys is None else {k for k in sh["keys"] if k in keys}
-                for key, ep in iter_shard_episodes(d.path, sh, d.m, on_error=self.on_error, keys=sel):
+                for key, ep in d.read(d.path, sh, d.m, on_error=self.on_error, keys=sel):
                     if len(ep) < need:
                         skipped += 1
                         if skipped == 1 or skipped % 1000 == 0:
@@ -156,11 +164,11 @@ class ClipStream(IterableDataset):
             return int(rng.choice(self.retrace_strides)), self.retrace_clip_len
         return 1, self.clip_len
 
-    def _clip(self, d: _DirInfo, ep_idx: int, ep: Episode, rng: np.random.Generator, m: int = 1,
+    def _clip(self, d: _DirInfo, ep_idx: int, ep: Episode | TokenEpisode, rng: np.random.Generator, m: int = 1,
               T: int | None = None) -> dict[str, Any]:
-        """A clip of T frames every m * frame_stride recorded steps (m: stride in units of the base
-        frame_stride, the model's clock: batch["stride"]). An episode too short for m takes the
-        largest retrace stride that fits it, else the base stride."""
+        """A clip of T frames (or their token ids) every m * frame_stride recorded steps (m: stride in
+        units of the base frame_stride, the model's clock: batch["stride"]). An episode too short for m
+        takes the largest retrace stride that fits it, else the base stride."""
         t_ep, T = len(ep), self.clip_len if T is None else T
         if T * m * self.frame_stride > t_ep:
             ok = [s for s in self.retrace_strides if T * s * self.frame_stride <= t_ep]
@@ -187,13 +195,17 @@ class ClipStream(IterableDataset):
         pol = ep.meta.get("policy") or {}
         pname = pol.get("name", "unknown") if isinstance(pol, dict) else str(pol)
         fam = pol.get("family", pname) if isinstance(pol, dict) else pname
-        return {"frames": ep.frames[start:start + T * k:k], "actions": a.astype(np.float32), "actions_raw": a_raw.astype(np.float32),
+        pixels = ("ids", ep.ids) if isinstance(ep, TokenEpisode) else ("frames", ep.frames)
+        return {pixels[0]: pixels[1][start:start + T * k:k], "actions": a.astype(np.float32),
+                "actions_raw": a_raw.astype(np.float32),
                 "rewards": rew.astype(np.float32), "success": suc.astype(np.float32), "state": state,
                 "is_first": ep.is_first[idx], "family": self.families.index(fam), "policy": self.policies.index(pname),
                 "ood": pname in self.ood_policies or ep.meta.get("split") == "ood", "stride": m,
                 "dataset": d.index, "episode": ep_idx, "start": start}
 
     def _collate(self, clips: list[dict]) -> dict[str, torch.Tensor]:
+        if "ids" in clips[0]:
+            return {"ids": torch.from_numpy(np.stack([c["ids"] for c in clips])).long(), **self._collate_steps(clips)}
         out: dict[str, torch.Tensor] = {}
         t_, h, w, c3 = clips[0]["frames"].shape
         frames = torch.empty((len(clips), t_, c3, h, w), dtype=torch.uint8)
@@ -203,6 +215,12 @@ class ClipStream(IterableDataset):
         for i, c in enumerate(clips):
             f_np[i] = c["frames"].transpose(0, 3, 1, 2)  # the one copy of the pixels: [T, H, W, 3] -> [T, 3, H, W]
         out["frames"] = frames
+        return {**out, **self._collate_steps(clips)}
+
+    @staticmethod
+    def _collate_steps(clips: list[dict]) -> dict[str, torch.Tensor]:
+        """Everything of a batch but its frames or ids."""
+        out: dict[str, torch.Tensor] = {}
         for k in ("actions", "actions_raw", "rewards", "success", "state", "is_first"):
             out[k] = torch.from_numpy(np.stack([c[k] for c in clips]))
         for k in ("family", "policy", "stride", "dataset", "episode", "start"):
@@ -283,6 +301,11 @@ class ClipDataModule(L.LightningDataModule):
         verify: check shard sizes and sha256 against the manifests in ``setup``.
         on_error: "raise" (default) or "skip" corrupt samples (each one logged).
         multiprocessing_context: e.g. "forkserver" if this process has rendered (PLATFORM.md).
+        tokens: a folder of token datasets, one per directory of ``dirs`` under its name
+            (``runs/<scale>/tokens``, ``python -m whale_pl.pipeline tokens``): clips come from them and
+            batches carry ``ids`` instead of ``frames``. None: frames (the stage modules tokenise them).
+            Each token dataset must be complete and made from that very directory's data; which
+            tokenizer made it is checked by the stage module (``token_info``).
     """
 
     def __init__(self, dirs: list[str] | str, weights: list[float] | None = None, clip_len: int = 16,
@@ -292,11 +315,16 @@ class ClipDataModule(L.LightningDataModule):
                  clips_per_episode: int = 8, pool_size: int = 16, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, verify: bool = True, on_error: str = "raise",
                  multiprocessing_context: str | None = None, pin_memory: bool = False,
-                 val_clip_len: int | None = None, retrace_clip_len: int | None = None):
+                 val_clip_len: int | None = None, retrace_clip_len: int | None = None, tokens: str | None = None):
         super().__init__()
         self.dir_paths = [dirs] if isinstance(dirs, (str, Path)) else [str(d) for d in dirs]
         if not self.dir_paths:
             raise ValueError("ClipDataModule needs at least one dataset directory")
+        self.tokens = None if tokens is None else str(tokens)
+        names = [Path(p).name for p in self.dir_paths]
+        if self.tokens is not None and len(set(names)) < len(names):
+            raise ValueError(f"tokens: the dataset directories' names {names} must differ (each names its token "
+                             f"dataset under {self.tokens})")
         self.weights = list(weights) if weights is not None else [1.0] * len(self.dir_paths)
         if len(self.weights) != len(self.dir_paths):
             raise ValueError(f"{len(self.weights)} weights for {len(self.dir_paths)} directories")
@@ -329,12 +357,26 @@ class ClipDataModule(L.LightningDataModule):
         self._train_ds: ClipStream | None = None
 
     # ---- metadata ---------------------------------------------------------------------------
+    def token_dir(self, index: int) -> Path:
+        """The token dataset of directory ``index`` (``tokens`` / its name)."""
+        if self.tokens is None:
+            raise ValueError("this ClipDataModule reads frames (tokens: null)")
+        return Path(self.tokens) / Path(self.dir_paths[index]).name
+
+    @property
+    def token_info(self) -> list[dict]:
+        """The ``tokens`` section (tokenizer, source, grid, encoding) of each token dataset; [] for frames."""
+        return [] if self.tokens is None else [dict(d.m["tokens"], dir=d.path) for d in self._load()]
+
+    def _read(self, i: int, p: str) -> _DirInfo:
+        if self.tokens is None:
+            return _DirInfo(p, verify_dataset(p, checksums=True) if self.verify else read_manifest(p), i)
+        t = self.token_dir(i)
+        return _DirInfo(str(t), read_token_manifest(t, source_dir=p, checksums=self.verify), i, tokens=True)
+
     def _load(self) -> list[_DirInfo]:
         if self._dirs is None:
-            dirs = []
-            for i, p in enumerate(self.dir_paths):
-                m = verify_dataset(p, checksums=True) if self.verify else read_manifest(p)
-                dirs.append(_DirInfo(p, m, i))
+            dirs = [self._read(i, p) for i, p in enumerate(self.dir_paths)]
             ref = dirs[0]
             for d in dirs[1:]:
                 for k in ("frame_size", "action_dim"):
@@ -378,6 +420,7 @@ class ClipDataModule(L.LightningDataModule):
             "action_std": [float(x) for x in d0.std],
             "state_dim": self.state_dim,
             "frame_stride": self.frame_stride,
+            "retrace_strides": list(self.retrace_strides) if self.retrace_prob > 0 else [],
             "families": self.families,
             "policies": self.policies,
             "ood_policies": self.ood_policies,
@@ -460,9 +503,10 @@ class ClipDataModule(L.LightningDataModule):
 
     # ---- whole episodes (evaluation) --------------------------------------------------------
     def iter_episodes(self, split: str | Sequence[str] = "ood", family: str | None = None,
-                      policy: str | None = None, task: str | None = None, dataset: int = 0) -> Iterator[Episode]:
+                      policy: str | None = None, task: str | None = None,
+                      dataset: int = 0) -> Iterator[Episode | TokenEpisode]:
         """Whole episodes of one directory, filtered by split/family/policy/task, in manifest order
-        (streamed: a large held-out set need not fit in memory)."""
+        (streamed: a large held-out set need not fit in memory); TokenEpisodes when reading tokens."""
         d = self._load()[dataset]
         splits = [split] if isinstance(split, str) else list(split)
         for what, val, valid in (("policy", policy, d.m["policies"]), ("family", family, d.m["families"]),
@@ -470,7 +514,7 @@ class ClipDataModule(L.LightningDataModule):
             if val is not None and val not in valid:
                 raise ValueError(f"{d.path}: no {what} {val!r}; valid: {sorted(valid)}")
         for sh in d.shards(splits):
-            for _, ep in iter_shard_episodes(d.path, sh, d.m, on_error=self.on_error):
+            for _, ep in d.read(d.path, sh, d.m, on_error=self.on_error):
                 pol = ep.meta.get("policy") or {}
                 if family is not None and pol.get("family") != family:
                     continue
@@ -520,7 +564,7 @@ class MetaWorldDataModule(ClipDataModule):
                  clips_per_episode: int = 8, pool_size: int = 16, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, verify: bool = True, on_error: str = "raise",
                  multiprocessing_context: str | None = None, pin_memory: bool = False,
-                 val_clip_len: int | None = None, retrace_clip_len: int | None = None):
+                 val_clip_len: int | None = None, retrace_clip_len: int | None = None, tokens: str | None = None):
         from whale_pl.data.metaworld import CollectConfig
 
         self.config_path = str(config)
@@ -532,7 +576,7 @@ class MetaWorldDataModule(ClipDataModule):
                          train_splits=train_splits, val_splits=val_splits, clips_per_episode=clips_per_episode,
                          pool_size=pool_size, seed=seed, rank=rank, world_size=world_size, verify=verify,
                          on_error=on_error, multiprocessing_context=multiprocessing_context, pin_memory=pin_memory,
-                         val_clip_len=val_clip_len, retrace_clip_len=retrace_clip_len)
+                         val_clip_len=val_clip_len, retrace_clip_len=retrace_clip_len, tokens=tokens)
 
     def prepare_data(self) -> None:
         """Collect the config into its ``out`` directory unless complete shards of it are there."""

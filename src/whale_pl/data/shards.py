@@ -27,7 +27,7 @@ import zipfile
 import zlib
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -106,10 +106,10 @@ class _OpenShard:
         self.keys: list[str] = []
         self.frames = self.bytes = 0
 
-    def add(self, sample: dict[str, Any], frames: int) -> None:
-        """Append one sample's members (fixed mtime, mode and owner)."""
+    def add(self, sample: dict[str, Any], frames: int, exts: tuple[str, ...] = SAMPLE_EXTS) -> None:
+        """Append one sample's members ``exts`` (fixed mtime, mode and owner)."""
         key = sample["__key__"]
-        for ext in SAMPLE_EXTS:
+        for ext in exts:
             data = sample[ext]
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -412,9 +412,21 @@ class CorruptCounter:
         return len(self.skipped)
 
 
+def decode_sample(sample: dict[str, Any], manifest: dict | None = None) -> Episode:
+    """Sample -> Episode, checked against the manifest's frame size and action dim; ShardError on fault."""
+    try:
+        return Episode.from_sample(sample, where=sample.get("__url__"),
+                                   frame_size=tuple(manifest["frame_size"]) if manifest else None,
+                                   action_dim=manifest.get("action_dim") if manifest else None)
+    except EpisodeError as e:
+        raise ShardError(str(e), shard=sample.get("__url__"), key=sample.get("__key__")) from e
+
+
 def iter_shard_episodes(data_dir: str | Path, shard: dict, manifest: dict, on_error: str = "raise",
-                        counter: CorruptCounter | None = None, keys: set[str] | None = None) -> Iterator[tuple[str, Episode]]:
-    """Decode the episodes of one shard (optionally only ``keys``), checking counts against the manifest."""
+                        counter: CorruptCounter | None = None, keys: set[str] | None = None,
+                        decode: Callable[[dict, dict], Any] = decode_sample) -> Iterator[tuple[str, Any]]:
+    """Decode the episodes of one shard (optionally only ``keys``; ``decode``: sample -> record, by default an
+    Episode), checking counts against the manifest."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(data_dir) / shard["name"]
@@ -433,9 +445,8 @@ def iter_shard_episodes(data_dir: str | Path, shard: dict, manifest: dict, on_er
             if s.get("__skipped__"):
                 continue
             try:
-                ep = Episode.from_sample(s, where=s["__url__"], frame_size=tuple(manifest["frame_size"]),
-                                         action_dim=manifest.get("action_dim"))
-            except EpisodeError as e:
+                ep = decode(s, manifest)
+            except ShardError as e:
                 if on_error == "raise":
                     raise ShardError(str(e), shard=s["__url__"], key=s["__key__"]) from e
                 _skip(f"{path}:{s['__key__']}", "skipping corrupt sample: %s", e)

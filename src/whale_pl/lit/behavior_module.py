@@ -3,8 +3,10 @@
 Thin by design: the model and its loss live in ``whale_pl.models.behavior``. This module loads the
 stage-1 tokenizer from the checkpoint path its config names (``load_frozen``: class, data_spec and
 codebook-size checks; frozen and pinned in eval mode for the whole fit), turns batches into code
-vectors ``tokenizer.embed(tokenizer.encode(frames))``, and logs the action reconstruction error, the
-KL, a linear-probe accuracy and a PCA picture of the prior's z coloured by behavior-policy family.
+vectors ``tokenizer.embed(ids)`` (ids from token shards, ``batch["ids"]``, or the batch's frames
+tokenised on the fly, each frame alone: ``data/tokens.encode_frames``, the same ids), and logs the
+action reconstruction error, the KL, a linear-probe accuracy and a PCA picture of the prior's z
+coloured by behavior-policy family.
 
 The behavior checkpoint holds the tokenizer's *path and fingerprint* (sha256 of its weights and
 buffers), not its weights: loading a behavior checkpoint re-loads the tokenizer from that path and
@@ -15,14 +17,13 @@ same one (``handoff.fingerprint(module) == behavior.hparams.tokenizer_sha256``).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict
 
 import torch
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from whale_pl.data.frames import frames_to_unit
 from whale_pl.analysis.probe import pca_2d, probe_accuracy, scatter_figure
+from whale_pl.data.tokens import check_token_tokenizer, encode_frames
 from whale_pl.lit.base import Optim, StageModule
 from whale_pl.lit.handoff import SPEC_KEYS
 from whale_pl.lit.tokenizer_module import TokenizerModule
@@ -36,20 +37,12 @@ RETIRED = {  # options of earlier versions, with the value that left the model a
 }
 
 
-@torch.no_grad()
-def encode_frames_alone(tok: torch.nn.Module, frames_TCHW: torch.Tensor, batch_frames: int = 256) -> torch.Tensor:
-    """Token ids ``[T, h, w]`` of uint8 frames ``[T, 3, H, W]``, each frame tokenized on its own (exactly as
-    the first frame of a clip is), ``batch_frames`` at a time on the tokenizer's device: the code cache's unit."""
-    device = next(tok.parameters()).device
-    return torch.cat([tok.encode(frames_to_unit(frames_TCHW[i : i + batch_frames, None].to(device)))[:, 0]
-                      for i in range(0, len(frames_TCHW), batch_frames)])
-
-
 class BehaviorModule(StageModule):
     """Stage 2 training / validation around ``BehaviorModel``."""
 
     GROUPS = {"net": BehaviorNet, "optim": Optim}
     RETIRED = RETIRED
+    IGNORED = ("code_cache",)  # a speed switch of earlier versions (token shards replace it); the model is the same
     FROZEN = ("tokenizer",)
     SPEC_KEYS = SPEC_KEYS
 
@@ -64,7 +57,6 @@ class BehaviorModule(StageModule):
         optim: Optim = Optim(lr=1e-3, weight_decay=0.01, warmup_steps=50),
         probe_t_min: int = 8,
         probe_max_points: int = 4000,
-        code_cache: bool = False,
         expect_codebook_size: int | None = None,
         data_spec: dict | None = None,
         tokenizer_sha256: str | None = None,
@@ -75,9 +67,6 @@ class BehaviorModule(StageModule):
         dimension below which KL is not penalised; ``kl_warmup_steps``: beta ramps linearly from 0 over this
         many steps; ``kl_balance``: see ``BehaviorModel.kl_term`` (None: plain KL).
         ``probe_t_min``: the in-training probe and PCA picture read the prior's z_t for t >= this.
-        ``code_cache``: tokenize every frame of the datamodule's train/val episodes once at the start of
-        the fit (each frame on its own, exactly as the first frame of a clip is tokenized) and look clips
-        up instead of running the tokenizer on every batch (for CPU-scale runs).
         ``expect_codebook_size``: when set, the tokenizer must have exactly this codebook size.
         ``data_spec``: from the datamodule at fit; None inherits the tokenizer's.
         ``tokenizer_sha256``: filled in automatically; a checkpoint's value must match the file.
@@ -94,9 +83,6 @@ class BehaviorModule(StageModule):
         self.model = BehaviorModel(code_dim=tok.code_dim, action_dim=int(data_spec["action_dim"]), grid_tokens=h * w,
                                    **asdict(groups["net"]))
         self.families: list[str] = list(data_spec.get("families") or [])
-        self._ids_cache: dict[tuple[int, int], torch.Tensor] | None = None
-        self._cache_checked = False
-        self._cache_splits: list[str] = []
         self._val_z: list[torch.Tensor] = []
         self._val_family: list[torch.Tensor] = []
 
@@ -104,85 +90,30 @@ class BehaviorModule(StageModule):
         return ("action_space",)
 
     def setup(self, stage: str) -> None:
-        """The base's data checks; the families come from the data when the checkpoint has none."""
+        """The base's data checks; token shards must come from this tokenizer; the families come from the
+        data when the checkpoint has none."""
         super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        check_token_tokenizer(dm, self.hparams.tokenizer_sha256, f"{type(self).__name__} ({self.hparams.tokenizer_ckpt})")
         if not self.families and getattr(dm, "data_spec", None) is not None:
             self.families = list(dm.data_spec.get("families") or [])
 
     # ------------------------------------------------------------------ batch -> model inputs
     @torch.no_grad()
+    def tokenize(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
+        """uint8 frames [B,T,3,H,W] -> token ids [B,T,h,w], each frame alone (as the token shards hold them)."""
+        return encode_frames(self.tokenizer.model, frames_BTCHW)
+
+    @torch.no_grad()
     def codes(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
         """uint8 frames [B,T,3,H,W] -> frozen tokenizer code vectors [B,T,h,w,C]."""
-        tok = self.tokenizer.model
-        return tok.embed(tok.encode(frames_to_unit(frames_BTCHW))).float()
+        return self.tokenizer.model.embed(self.tokenize(frames_BTCHW)).float()
 
     @torch.no_grad()
     def batch_codes(self, batch: dict) -> torch.Tensor:
-        """Code vectors of a batch's clips: from the id cache when enabled, else the online tokenizer."""
-        if self._ids_cache is None:
-            return self.codes(batch["frames"])
-        if (batch["stride"] != 1).any():
-            raise ValueError(f"code_cache needs frame_stride 1 clips, got strides {batch['stride'].unique().tolist()}")
-        T = batch["frames"].shape[1]
-        steps = torch.arange(T)
-        ids = []
-        for ds, ep, st in zip(batch["dataset"].tolist(), batch["episode"].tolist(), batch["start"].tolist()):
-            if (ds, ep) not in self._ids_cache:
-                raise KeyError(f"code_cache: no cached ids for dataset {ds} episode {ep} (splits cached: "
-                               f"{self._cache_splits}); the batch comes from a split that was not cached")
-            ids.append(self._ids_cache[(ds, ep)][st + steps])
-        ids_BThw = torch.stack(ids).to(self.device, torch.long)
-        if not self._cache_checked:  # the cache must say what the tokenizer says about these very frames
-            online = self.tokenizer.model.encode(frames_to_unit(batch["frames"][:, :1]))
-            agree = (online == ids_BThw[:, :1]).double().mean().item()
-            if agree < 0.99:
-                raise RuntimeError(f"code_cache disagrees with the tokenizer on the first frames of a batch "
-                                   f"({agree:.1%} of tokens equal): the (dataset, episode, start) indexing is off")
-            self._cache_checked = True
+        """Code vectors of a batch's clips: of its ``ids`` (token shards), else of its frames tokenised now."""
+        ids_BThw = batch["ids"] if "ids" in batch else self.tokenize(batch["frames"])
         return self.tokenizer.model.embed(ids_BThw).float()
-
-    @torch.no_grad()
-    def build_code_cache(self, datamodule, splits: list[str], batch_frames: int = 256) -> None:
-        """Tokenize every frame of ``splits`` (each frame alone) into ``{(dataset, episode): ids [T,h,w]}``."""
-        from tqdm import tqdm
-
-        cache: dict[tuple[int, int], torch.Tensor] = {}
-        tok = self.tokenizer.model
-        n_dirs = len(datamodule.data_spec.get("datasets") or [None])
-        jobs = []
-        for ds in range(n_dirs):
-            m = datamodule.manifest(ds)
-            index, wanted = 0, []
-            for sh in m["shards"]:
-                for _ in sh["keys"]:
-                    if sh["split"] in splits:
-                        wanted.append(index)
-                    index += 1
-            eps = datamodule.episodes(split=splits, dataset=ds)
-            if len(eps) != len(wanted):
-                raise RuntimeError(f"code_cache: dataset {ds} lists {len(wanted)} episodes in splits {splits} "
-                                   f"but {len(eps)} were read")
-            jobs += [((ds, i), ep) for i, ep in zip(wanted, eps)]
-        total = sum(len(ep) for _, ep in jobs)
-        bar = tqdm(total=total, desc="behavior: tokenizing frames for the code cache", unit="frame",
-                   disable=self.global_rank != 0)
-        with self.trainer.precision_plugin.forward_context() if self._trainer is not None else contextlib.nullcontext():
-            for key, ep in jobs:
-                frames = torch.from_numpy(ep.frames).permute(0, 3, 1, 2)  # [T, 3, H, W] uint8
-                cache[key] = encode_frames_alone(tok, frames, batch_frames).to(torch.int32).cpu()
-                bar.update(len(frames))
-        bar.close()
-        self._ids_cache, self._cache_splits, self._cache_checked = cache, list(splits), False
-
-    def on_fit_start(self) -> None:
-        """Build the code cache (``code_cache: true``) over the datamodule's train and val splits."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if self.hparams.code_cache and self._ids_cache is None:
-            if dm is None or not hasattr(dm, "episodes"):
-                raise ValueError("code_cache: true needs a ClipDataModule (with episodes()/manifest())")
-            splits = list(dict.fromkeys(list(dm.train_splits) + list(dm.val_splits)))
-            self.build_code_cache(dm, splits)
 
     @torch.no_grad()
     def behavior_z(self, frames_BTCHW: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:

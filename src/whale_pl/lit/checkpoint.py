@@ -41,14 +41,16 @@ def read_checkpoint(path: str | Path, where: str | None = None) -> dict[str, Any
 
 def migrate_hparams(cls: type, hparams: Mapping[str, Any], where: str) -> dict[str, Any]:
     """A checkpoint's hyper-parameters as arguments of today's ``cls``: flat names moved into their
-    group, renamed ones renamed, retired ones dropped when at their default and refused otherwise."""
+    group, renamed ones renamed, retired ones dropped when at their default and refused otherwise, ignored
+    ones (``cls.IGNORED``) dropped whatever their value."""
     params = set(inspect.signature(cls.__init__).parameters) - {"self"}
     groups, renamed, retired = getattr(cls, "GROUPS", {}), getattr(cls, "RENAMED", {}), getattr(cls, "RETIRED", {})
+    ignored = set(getattr(cls, "IGNORED", ()))  # removed options that never changed the trained model
     owner = {f.name: g for g, dc in reversed(groups.items()) for f in fields(dc)}  # field -> first group with it
     out: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {g: {} for g in groups}
     for key, value in hparams.items():
-        if key in CLI_KEYS:
+        if key in CLI_KEYS or key in ignored:
             continue
         key = renamed.get(key, key)
         if key in groups and isinstance(value, Mapping):

@@ -3,11 +3,21 @@ conditioned on actions and on the frozen behavior prior's embedding z_t.
 
 Thin by design: the model, its loss and generation live in ``whale_pl.models.dynamics``. This
 module loads the earlier stages (``load_frozen``, pinned in eval, bit-identical after a fit), turns
-batches into ids / z, and validates: teacher-forced next-frame token accuracy and cross-entropy
-(each future frame predicted in one step from a fully masked frame given the true past), the
-copy-the-previous-frame baseline, and PSNR / SSIM of autoregressive rollouts decoded to pixels,
-split into training-family and OOD-family episodes. Real-beside-imagined rollouts go to
-TensorBoard as an image grid, and to the evaluation callback through ``eval_videos``.
+batches into ids (``batch["ids"]`` from token shards, or the frames tokenised now, each frame alone:
+``data/tokens.encode_frames``, the same ids) and z, and validates: teacher-forced next-frame token
+accuracy and cross-entropy (each future frame predicted in one step from a fully masked frame given
+the true past), the copy-the-previous-frame baseline, and PSNR / SSIM of autoregressive rollouts
+decoded to pixels, split into training-family and OOD-family episodes. Real-beside-imagined rollouts
+go to TensorBoard as an image grid, and to the evaluation callback through ``eval_videos``.
+
+On token batches (no frames) the "real" clip of the rollout figures is the tokenizer's decoding of
+the real ids: PSNR / SSIM / FVD then measure the dynamics model against the tokenizer's reconstruction
+(its ceiling), and ``val/psnr_tokenizer_recon`` is not logged. On frame batches they compare with the
+recorded frames, as the evaluation commands (``whale eval``) always do.
+
+At fit the frozen behavior prior must have been trained on this data's clock: the same
+``frame_stride``, action space and normalisation, and every retracing stride this fit draws
+(``check_behavior_clock``); a checkpoint written before that check loads as it is.
 """
 
 from __future__ import annotations
@@ -20,14 +30,16 @@ from einops import rearrange
 from torchmetrics import MeanMetric
 
 from whale_pl.data.frames import frames_to_unit
+from whale_pl.data.tokens import check_token_tokenizer, encode_frames
 from whale_pl.lit.base import Optim, StageModule
-from whale_pl.lit.handoff import SPEC_KEYS, HandoffError
+from whale_pl.lit.handoff import SPEC_KEYS, HandoffError, values_equal
 from whale_pl.lit.logging import log_image, paired_video_grid
 from whale_pl.metrics.video import psnr_ssim_per_sample
 from whale_pl.models.dynamics import DynamicsModel, DynamicsNet
 
 # options of earlier versions, each with the only value the code still implements (cf14e40)
 RETIRED = {"injection": "adanorm", "history": "masked", "full_mask_prob": 0.0, "change_input": False}
+CLOCK_KEYS = ("frame_stride", "action_space", "action_mean", "action_std")  # the behavior prior's inputs
 
 
 @dataclass
@@ -139,16 +151,43 @@ class DynamicsModule(StageModule):
         return ("action_space",)
 
     def setup(self, stage: str) -> None:
-        """Set the thread count; then the base's data checks and ``init_from``."""
+        """Set the thread count; then the base's data checks and ``init_from``; token shards must come from
+        this tokenizer, and when fitting the behavior prior must be on this data's clock."""
         if self.hparams.intra_op_threads:
             torch.set_num_threads(int(self.hparams.intra_op_threads))
         super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        where = f"{type(self).__name__} ({self.hparams.tokenizer_ckpt})"
+        check_token_tokenizer(dm, self.hparams.tokenizer_sha256, where)
+        if stage == "fit" and getattr(dm, "data_spec", None) is not None:
+            self.check_behavior_clock(dm.data_spec)
+
+    def check_behavior_clock(self, spec: dict) -> None:
+        """Refuse a behavior prior trained on another clock than ``spec``'s data: another ``frame_stride``,
+        action space or normalisation (of any dataset), or without a retracing stride ``spec`` draws;
+        the error names both values."""
+        if self.behavior is None:
+            return
+        theirs = self.behavior.hparams.get("data_spec") or {}
+        bad = [f"{k}: behavior {theirs.get(k)!r} != this data's {spec[k]!r}"
+               for k in CLOCK_KEYS if k in spec and not values_equal(theirs.get(k), spec[k])]
+        norm = lambda s: [[d["name"], d["action_mean"], d["action_std"]] for d in s.get("datasets") or []]  # noqa: E731
+        if "datasets" in spec and not values_equal(norm(theirs), norm(spec)):
+            bad.append(f"per-dataset normalisation: behavior {norm(theirs)!r} != this data's {norm(spec)!r}")
+        if set(spec.get("retrace_strides") or []) - set(theirs.get("retrace_strides") or []):
+            bad.append(f"retrace_strides: behavior trained on {theirs.get('retrace_strides')!r}, this fit asks its "
+                       f"prior about {spec['retrace_strides']!r}")
+        if bad:
+            raise HandoffError(f"behavior checkpoint {str(self.hparams.behavior_ckpt)!r} was trained on another clock "
+                               "than this dynamics fit: " + "; ".join(bad) + ". Train stage 2 on stage 3's data "
+                               "section (frame_stride, retrace_strides, the same datasets)")
 
     # ------------------------------------------------------------------ batch -> model inputs
     @torch.no_grad()
     def tokenize(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
-        """uint8 frames -> token ids ``[B, T, h, w]`` of the frozen tokenizer."""
-        return self.tokenizer.model.encode(frames_to_unit(frames_BTCHW))
+        """uint8 frames -> token ids ``[B, T, h, w]`` of the frozen tokenizer, each frame alone (as the token
+        shards hold them)."""
+        return encode_frames(self.tokenizer.model, frames_BTCHW)
 
     @torch.no_grad()
     def behavior_z(self, ids_BThw: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor | None:
@@ -164,12 +203,13 @@ class DynamicsModule(StageModule):
         return None if self.behavior is None else self.behavior_z
 
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """A batch as model inputs: token ids, actions, behavior embeddings z (None when off), strides."""
+        """A batch as model inputs: token ids (its ``ids``, else its frames tokenised), actions, behavior
+        embeddings z (None when off), strides."""
         actions = batch["actions"].float()
         A = self.model.action_dim
         if actions.shape[-1] != A:
             raise ValueError(f"batch['actions'] has {actions.shape[-1]} dims; this dynamics model was trained with {A}")
-        ids = self.tokenize(batch["frames"])
+        ids = batch["ids"].long() if "ids" in batch else self.tokenize(batch["frames"])
         z = self.behavior_z(ids, actions)
         stride = batch.get("stride")
         return ids, actions, z, stride
@@ -211,7 +251,8 @@ class DynamicsModule(StageModule):
         if batch_idx < self.sampling.rollout_batches:
             out = self.rollout(batch, ids=ids, actions=actions, stride=stride)
             ood = batch["ood"].bool() if "ood" in batch else torch.zeros(B, dtype=torch.bool, device=ids.device)
-            self.log("val/psnr_tokenizer_recon", out["psnr_recon_B"].mean(), batch_size=B, sync_dist=True)
+            if "psnr_recon_B" in out:  # frame batches only: on token batches the real clip is the decoding
+                self.log("val/psnr_tokenizer_recon", out["psnr_recon_B"].mean(), batch_size=B, sync_dist=True)
             self.log("val/psnr_still_context", out["psnr_still_B"].mean(), batch_size=B, sync_dist=True)
             # always update (weight 0 where a group is absent) so every DDP rank syncs the same metrics
             for name, sel in (("train_family", ~ood), ("ood", ood), ("all", torch.ones_like(ood))):
@@ -245,7 +286,8 @@ class DynamicsModule(StageModule):
         """Autoregressive rollout of a batch's clips from their first ``context_frames`` frames with
         the recorded actions; decoded frames and PSNR / SSIM (per clip) against the real frames,
         beside two references: the tokenizer's reconstruction of the real frames (ceiling) and the
-        last context frame held still (floor)."""
+        last context frame held still (floor). A token batch has no frames: its real clip is the
+        decoding of its real ids (module docstring), and there is no reconstruction reference."""
         if ids is None:
             ids, actions, _, stride = self._inputs(batch)
         C = self.loss_cfg.context_frames
@@ -254,20 +296,18 @@ class DynamicsModule(StageModule):
             ids[:, :C], actions, self.z_fn(), horizon=H, steps=self.sampling.maskgit_steps,
             temperature=self.sampling.temperature, stride_B=stride, generator=generator,
         )
-        imagined = self.tokenizer.model.decode(out["ids_BThw"]).float()
-        real = frames_to_unit(batch["frames"][:, C : C + H])
-        recon = self.tokenizer.model.decode(ids[:, C : C + H]).float()  # the tokenizer's ceiling
-        still = frames_to_unit(batch["frames"][:, C - 1 : C]).expand_as(real)  # last context frame held
+        decode = self.tokenizer.model.decode
+        imagined = decode(out["ids_BThw"]).float()
+        recon = decode(ids[:, C : C + H]).float()  # the tokenizer's ceiling
+        frames = batch.get("frames")
+        real = recon if frames is None else frames_to_unit(frames[:, C : C + H])
+        last = decode(ids[:, C - 1 : C]).float() if frames is None else frames_to_unit(frames[:, C - 1 : C])
         psnr_B, ssim_B = psnr_ssim_per_sample(real, imagined)
-        return {
-            **out,
-            "imagined_BTCHW": imagined,
-            "real_BTCHW": real,
-            "psnr_B": psnr_B,
-            "ssim_B": ssim_B,
-            "psnr_recon_B": psnr_ssim_per_sample(real, recon)[0],
-            "psnr_still_B": psnr_ssim_per_sample(real, still)[0],
-        }
+        res = {**out, "imagined_BTCHW": imagined, "real_BTCHW": real, "psnr_B": psnr_B, "ssim_B": ssim_B,
+               "psnr_still_B": psnr_ssim_per_sample(real, last.expand_as(real))[0]}  # last context frame held
+        if frames is not None:
+            res["psnr_recon_B"] = psnr_ssim_per_sample(real, recon)[0]
+        return res
 
     @torch.no_grad()
     def imagine(
@@ -299,5 +339,5 @@ class DynamicsModule(StageModule):
         """(real frames after the context, imagined rollout from the same context and recorded
         actions), float [B, T, 3, H, W] in [-1, 1] — the evaluation callback's protocol. T is
         ``eval_horizon`` (default: the whole clip after the context)."""
-        out = self.rollout(batch, horizon=self.sampling.eval_horizon or batch["frames"].shape[1])
+        out = self.rollout(batch, horizon=self.sampling.eval_horizon or batch["actions"].shape[1])
         return out["real_BTCHW"], out["imagined_BTCHW"]
