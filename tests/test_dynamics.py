@@ -115,7 +115,7 @@ def test_predict_next_matches_teacher_forced_and_strides(copy):
     out = m.predict_next(ids[:, :3], act[:, :3], z[:, :3])
     assert torch.allclose(out["logits_BhwV"], tf[:, 2], atol=1e-4)
     assert torch.allclose(out["probs_BhwV"].sum(-1), torch.ones(2, *HW))
-    assert out["features_BhwD"].shape == (2, *HW, 32) and out["state_BS"].shape == (2, SD)
+    assert out["features_BhwD"].shape == (2, *HW, 32) and out["state_BP"].shape == (2, SD)
     k2 = m.predict_next(ids[:, :3], act[:, :3], z[:, :3], stride_B=torch.tensor([2, 2]))
     assert not torch.allclose(k2["probs_BhwV"], out["probs_BhwV"])
 
@@ -133,7 +133,7 @@ def test_imagine_cache_equals_no_cache(prev, copy, code, rank):
     a, b = runs
     assert a["ids_BThw"].shape == (2, 7, *HW)
     assert torch.equal(a["ids_BThw"], b["ids_BThw"])
-    for k in ("token_prob_BThw", "probs_BThwV", "reward_BT", "success_BT", "state_BTS"):
+    for k in ("token_prob_BThw", "probs_BThwV", "reward_BT", "success_BT", "state_BTP"):
         assert torch.allclose(a[k], b[k], atol=1e-4), k
 
 
@@ -170,7 +170,7 @@ def test_imagine_with_act_fn_chooses_actions_from_what_was_imagined():
         seen.append((t, 0 if not so_far else so_far["ids_BThw"].shape[1]))
         if so_far:  # what it sees are the frames imagined so far, as the open loop imagined them
             assert torch.equal(so_far["ids_BThw"], open_loop["ids_BThw"][:, : t - 1])
-            assert so_far["state_BTS"].shape == (2, t - 1, SD)
+            assert so_far["state_BTP"].shape == (2, t - 1, SD)
         return act[:, t]
 
     closed = m.imagine(ids[:, :2], act[:, :1], z_fn, horizon=5, steps=2, temperature=1.0, generator=g(),

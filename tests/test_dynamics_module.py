@@ -173,7 +173,7 @@ def test_imagine_and_eval_videos_from_pixels_and_from_tokens(fitted, tiny_data_y
     assert torch.equal(from_tokens["real_BTCHW"], decoded.float())
     out = dyn.imagine(batch["frames"][:, :1], batch["actions"], horizon=3, steps=2, temperature=1.0,
                       generator=torch.Generator().manual_seed(0))
-    assert out["frames_BTCHW"].shape == (2, 3, 3, 32, 32) and out["state_BTS"].shape[:2] == (2, 3)
+    assert out["frames_BTCHW"].shape == (2, 3, 3, 32, 32) and out["state_BTP"].shape[:2] == (2, 3)
     assert ((out["token_prob_BThw"] > 0) & (out["token_prob_BThw"] <= 1)).all()
 
 

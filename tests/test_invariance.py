@@ -191,7 +191,7 @@ def imagination(dyn_ckpt: Path) -> dict:
         "open_ids": _digest(out["ids_BThw"]), "open_reward": out["reward_BT"].flatten().tolist(),
         "open_success": out["success_BT"].flatten().tolist(),
         "closed_ids": _digest(closed["ids_BThw"]), "closed_reward": closed["reward_BT"].flatten().tolist(),
-        "closed_state": closed["state_BTS"][..., :4].flatten().tolist(),
+        "closed_state": closed["state_BTP"][..., :4].flatten().tolist(),
     }
 
 

@@ -86,10 +86,10 @@ def test_uncertainty_higher_for_scrambled_actions(models):
     assert moved > 0.3
     real = retracing_uncertainty(models[0], ids, acts, NORM, first=2, K=K)
     scr = retracing_uncertainty(models[0], ids, scrambled, NORM, first=2, K=K)
-    assert (real["n_predictions_H"] >= 2).all()
+    assert (real["n_predictions_T"] >= 2).all()
     for part in ("score", "disagreement", "entropy"):
-        r, s = real[f"{part}_BH"].mean().item(), scr[f"{part}_BH"].mean().item()
+        r, s = real[f"{part}_BT"].mean().item(), scr[f"{part}_BT"].mean().item()
         assert s > 2 * r, f"{part}: scrambled {s:.4f} vs real {r:.4f}"
     ens_real = ensemble_uncertainty(models, ids, acts, first=2)
     ens_scr = ensemble_uncertainty(models, ids, scrambled, first=2)
-    assert ens_scr["score_BH"].mean() > 2 * ens_real["score_BH"].mean()
+    assert ens_scr["score_BT"].mean() > 2 * ens_real["score_BT"].mean()

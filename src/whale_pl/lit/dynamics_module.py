@@ -312,7 +312,7 @@ class DynamicsModule(StageModule):
     @torch.no_grad()
     def imagine(
         self,
-        context_frames_BCCHW: torch.Tensor,
+        context_frames_BTCHW: torch.Tensor,
         actions_BTA: torch.Tensor,
         horizon: int | None = None,
         steps: int | None = None,
@@ -324,7 +324,7 @@ class DynamicsModule(StageModule):
     ) -> dict[str, torch.Tensor]:
         """Pixels in, pixels out: tokenise uint8 context frames, imagine with the behavior prior
         re-evaluated on the imagined history, decode. Adds ``frames_BTCHW`` (float in [-1, 1])."""
-        ids = self.tokenize(context_frames_BCCHW)
+        ids = self.tokenize(context_frames_BTCHW)
         out = self.model.imagine(
             ids, actions_BTA.float(), self.z_fn(), horizon=horizon,
             steps=steps or self.sampling.maskgit_steps,

@@ -58,13 +58,13 @@ class GridPool(nn.Module):
         self.value = nn.Linear(dim, dim)
         self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
 
-    def forward(self, codes_BThwC: torch.Tensor) -> torch.Tensor:
+    def forward(self, codes_BThwE: torch.Tensor) -> torch.Tensor:
         """[B, T, h, w, C] code vectors -> [B, T, dim] per-frame features."""
-        B, T, h, w, C = codes_BThwC.shape
+        B, T, h, w, C = codes_BThwE.shape
         if h * w != self.grid_tokens:
             raise ValueError(f"codes grid {h}x{w} = {h * w} tokens, but the behavior model was built for "
                              f"grid_tokens={self.grid_tokens}")
-        x = self.norm(self.inp(rearrange(codes_BThwC, "b t h w c -> (b t) (h w) c")) + self.pos_SD)
+        x = self.norm(self.inp(rearrange(codes_BThwE, "b t h w c -> (b t) (h w) c")) + self.pos_SD)
         attn_NSH = self.score(x).softmax(dim=1)
         # the value map is affine and the weights sum to 1: pool each head first, then project its pool
         pooled_NHD = torch.einsum("nsh,nsd->nhd", attn_NSH, x)
@@ -122,20 +122,20 @@ class BehaviorModel(nn.Module):
             nn.Linear(dim + z_dim + (action_dim if decoder_prev_action else 0), decoder_hidden), nn.GELU(),
             nn.Linear(decoder_hidden, decoder_hidden), nn.GELU(), nn.Linear(decoder_hidden, 2 * action_dim))
 
-    def _features(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
+    def _features(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
         """``frame_features`` of codes and actions of the shapes the model was built for, on the same [B, T]."""
-        if codes_BThwC.ndim != 5 or codes_BThwC.shape[-1] != self.code_dim:
-            raise ValueError(f"codes must be [B,T,h,w,{self.code_dim}], got {tuple(codes_BThwC.shape)}")
+        if codes_BThwE.ndim != 5 or codes_BThwE.shape[-1] != self.code_dim:
+            raise ValueError(f"codes must be [B,T,h,w,{self.code_dim}], got {tuple(codes_BThwE.shape)}")
         if actions_BTA.ndim != 3 or actions_BTA.shape[-1] != self.action_dim:
             raise ValueError(f"actions must be [B,T,{self.action_dim}], got {tuple(actions_BTA.shape)}")
-        if codes_BThwC.shape[:2] != actions_BTA.shape[:2]:
-            raise ValueError(f"codes {tuple(codes_BThwC.shape[:2])} and actions {tuple(actions_BTA.shape[:2])} "
+        if codes_BThwE.shape[:2] != actions_BTA.shape[:2]:
+            raise ValueError(f"codes {tuple(codes_BThwE.shape[:2])} and actions {tuple(actions_BTA.shape[:2])} "
                              "disagree on [B, T]")
-        return self.frame_features(codes_BThwC)
+        return self.frame_features(codes_BThwE)
 
-    def frame_features(self, codes_BThwC: torch.Tensor) -> torch.Tensor:
+    def frame_features(self, codes_BThwE: torch.Tensor) -> torch.Tensor:
         """[B, T, h, w, C] code vectors -> [B, T, dim] per-frame features."""
-        return self.pool(codes_BThwC)
+        return self.pool(codes_BThwE)
 
     def _encode(self, proj: nn.Linear, tf: STTransformer, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
         """One token per step from (frame feature, a_t) plus its time embedding, through ``tf``: [B, T, dim]."""
@@ -157,13 +157,13 @@ class BehaviorModel(nn.Module):
         """p(z_t | tau_{0:t}) from per-frame features: (mu_BTZ, logvar_BTZ)."""
         return self._split(self.prior_head(self._encode(self.prior_in, self.prior_tf, feat_BTD, actions_BTA)))
 
-    def posterior(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def posterior(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z | tau_{0:T}) -> (mu_BZ, logvar_BZ), bidirectional over the whole segment."""
-        return self.posterior_from_features(self._features(codes_BThwC, actions_BTA), actions_BTA)
+        return self.posterior_from_features(self._features(codes_BThwE, actions_BTA), actions_BTA)
 
-    def prior(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prior(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """p(z_t | tau_{0:t}) -> (mu_BTZ, logvar_BTZ); step t sees codes and actions at steps <= t only."""
-        return self.prior_from_features(self._features(codes_BThwC, actions_BTA), actions_BTA)
+        return self.prior_from_features(self._features(codes_BThwE, actions_BTA), actions_BTA)
 
     def decode(self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,11 +184,11 @@ class BehaviorModel(nn.Module):
         mu, logvar = self.decode(feat_BTD, z_BTZ, actions_BTA)
         return gaussian_nll(actions_BTA.float(), mu, logvar).sum(-1), mu
 
-    def loss(self, codes_BThwC: torch.Tensor, actions_BTA: torch.Tensor, beta: float, free_bits: float = 0.0,
+    def loss(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor, beta: float, free_bits: float = 0.0,
              sample: bool = True, kl_balance: float | None = None) -> BehaviorOutput:
         """Action NLL + beta * KL(q(z | tau_{0:T}) || p(z_t | tau_{0:t})), both averaged over B and t. ``sample``:
         decode from a draw of the posterior (training) or its mean; ``free_bits``, ``kl_balance``: see ``kl_term``."""
-        feat_BTD = self._features(codes_BThwC, actions_BTA)
+        feat_BTD = self._features(codes_BThwE, actions_BTA)
         mu_q, logvar_q = self.posterior_from_features(feat_BTD, actions_BTA)
         mu_p, logvar_p = self.prior_from_features(feat_BTD, actions_BTA)
         z_BZ = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp() if sample else mu_q

@@ -110,14 +110,14 @@ class DynamicsModel(nn.Module):
         self.success_head = nn.Linear(D, 1)
         self.state_head = nn.Linear(D, self.state_dim) if self.state_dim > 0 else None
 
-    def set_code_vectors(self, code_vectors_VC: torch.Tensor) -> None:
+    def set_code_vectors(self, code_vectors_VE: torch.Tensor) -> None:
         """Install the tokenizer's codebook ``[V, C]`` (unit code vectors) for ``code_dim > 0``."""
         if self.code_in is None:
             raise ValueError("this dynamics model was built with code_dim=0: it takes no code vectors")
-        if tuple(code_vectors_VC.shape) != (self.codebook_size, self.code_dim):
-            raise ValueError(f"code vectors {tuple(code_vectors_VC.shape)} != (codebook_size, code_dim) = "
+        if tuple(code_vectors_VE.shape) != (self.codebook_size, self.code_dim):
+            raise ValueError(f"code vectors {tuple(code_vectors_VE.shape)} != (codebook_size, code_dim) = "
                              f"{(self.codebook_size, self.code_dim)}")
-        self.code_vectors.copy_(code_vectors_VC.detach().to(self.code_vectors))
+        self.code_vectors.copy_(code_vectors_VE.detach().to(self.code_vectors))
 
     @property
     def uses_behavior(self) -> bool:
@@ -202,10 +202,10 @@ class DynamicsModel(nn.Module):
         map, applied to an r-dim projection of h; zero where the previous id is unknown or masked (>= V)."""
         V, S = self.codebook_size, h_BTSD.shape[2]
         idx_BTS = torch.arange(S, device=h_BTSD.device) * V + prev_ids_BTS.clamp(max=V - 1)
-        table_BTSCR = rearrange(self.trans(idx_BTS), "b t s (c r) -> b t s c r", r=self.transition_rank)
-        proj_BTSR = self.trans_in(h_BTSD).to(table_BTSCR.dtype)
-        q_BTSC = torch.einsum("btscr,btsr->btsc", table_BTSCR, proj_BTSR)
-        return q_BTSC * (prev_ids_BTS < V).unsqueeze(-1).to(q_BTSC.dtype)
+        table_BTSER = rearrange(self.trans(idx_BTS), "b t s (c r) -> b t s c r", r=self.transition_rank)
+        proj_BTSR = self.trans_in(h_BTSD).to(table_BTSER.dtype)
+        q_BTSE = torch.einsum("btscr,btsr->btsc", table_BTSER, proj_BTSR)
+        return q_BTSE * (prev_ids_BTS < V).unsqueeze(-1).to(q_BTSE.dtype)
 
     def add_at_prev(self, logits_NV: torch.Tensor, prev_ids_N: torch.Tensor,
                     bonus: torch.Tensor | float) -> torch.Tensor:
@@ -237,7 +237,7 @@ class DynamicsModel(nn.Module):
         return logits, self.heads(h)
 
     def training_losses(self, ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None,
-                        rewards_BT: torch.Tensor, success_BT: torch.Tensor, state_BTS: torch.Tensor | None = None,
+                        rewards_BT: torch.Tensor, success_BT: torch.Tensor, state_BTP: torch.Tensor | None = None,
                         stride_B: torch.Tensor | None = None, context_frames: int = 1, corrupt_prob: float = 0.0,
                         generator: torch.Generator | None = None,
                         max_context_frames: int | None = None) -> dict[str, torch.Tensor]:
@@ -265,10 +265,10 @@ class DynamicsModel(nn.Module):
         out["reward"] = F.mse_loss(heads["reward"][:, 1:].float(), rewards_BT[:, :-1].float())
         out["success"] = F.binary_cross_entropy_with_logits(heads["success_logit"][:, 1:].float(),
                                                             success_BT[:, :-1].float())
-        if self.state_head is not None and state_BTS is not None and state_BTS.shape[-1] > 0:
-            if state_BTS.shape[-1] != self.state_dim:
-                raise ValueError(f"batch state has {state_BTS.shape[-1]} dims, the model has {self.state_dim}")
-            out["state"] = F.mse_loss(heads["state"].float(), state_BTS.float())
+        if self.state_head is not None and state_BTP is not None and state_BTP.shape[-1] > 0:
+            if state_BTP.shape[-1] != self.state_dim:
+                raise ValueError(f"batch state has {state_BTP.shape[-1]} dims, the model has {self.state_dim}")
+            out["state"] = F.mse_loss(heads["state"].float(), state_BTP.float())
         return out
 
     def _weighted_ce(self, logits_NV: torch.Tensor, target_N: torch.Tensor, prev_N: torch.Tensor) -> torch.Tensor:
@@ -297,19 +297,19 @@ class DynamicsModel(nn.Module):
         return rearrange(torch.cat(outs, dim=1), "b t (h w) v -> b t h w v", h=ids_BThw.shape[2])
 
     @torch.no_grad()
-    def predict_next(self, context_ids_BChw: torch.Tensor, actions_BCA: torch.Tensor, z_BCZ: torch.Tensor | None = None,
+    def predict_next(self, context_ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None = None,
                      stride_B: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The frame after the context, from a fully masked one, given ``actions[:, -1]`` (with ``stride_B`` k a
         composed action over k steps, after a context strided by k): logits, probabilities and latent features
         per position (``*_BhwV``, ``features_BhwD``) and the heads' outputs."""
-        self._check_inputs(actions_BCA, z_BCZ)
-        C, hh = context_ids_BChw.shape[1], context_ids_BChw.shape[2]
-        if actions_BCA.shape[1] != C:
-            raise ValueError(f"predict_next needs one action per context frame: {actions_BCA.shape[1]} != {C}")
-        ids = rearrange(context_ids_BChw, "b t h w -> b t (h w)")
+        self._check_inputs(actions_BTA, z_BTZ)
+        C, hh = context_ids_BThw.shape[1], context_ids_BThw.shape[2]
+        if actions_BTA.shape[1] != C:
+            raise ValueError(f"predict_next needs one action per context frame: {actions_BTA.shape[1]} != {C}")
+        ids = rearrange(context_ids_BThw, "b t h w -> b t (h w)")
         ids = torch.cat([ids, torch.full_like(ids[:, :1], self.mask_id)], dim=1)
-        act_in = torch.cat([torch.zeros_like(actions_BCA[:, :1]), actions_BCA], dim=1)
-        z_in = None if z_BCZ is None else torch.cat([torch.zeros_like(z_BCZ[:, :1]), z_BCZ], dim=1)
+        act_in = torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA], dim=1)
+        z_in = None if z_BTZ is None else torch.cat([torch.zeros_like(z_BTZ[:, :1]), z_BTZ], dim=1)
         t0 = max(0, C + 1 - self.max_frames)  # keep the last max_frames slots; the window restarts at its first
         ids, act_in, z_in = ids[:, t0:], act_in[:, t0:], None if z_in is None else z_in[:, t0:]
         h, _ = self.trunk(ids, self.condition(act_in, z_in, stride_B))
@@ -318,28 +318,28 @@ class DynamicsModel(nn.Module):
         out = {"logits_BhwV": logits, "probs_BhwV": logits.float().softmax(-1), "features_BhwD": h[:, -1]}
         return {**{k: rearrange(v, "b (h w) x -> b h w x", h=hh) for k, v in out.items()},
                 "reward_B": heads["reward"][:, 0], "success_B": heads["success_logit"][:, 0].sigmoid(),
-                **({"state_BS": heads["state"][:, 0]} if "state" in heads else {})}
+                **({"state_BP": heads["state"][:, 0]} if "state" in heads else {})}
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def imagine(self, context_ids_BChw: torch.Tensor, actions_BTA: torch.Tensor | None,
+    def imagine(self, context_ids_BThw: torch.Tensor, actions_BTA: torch.Tensor | None,
                 z: torch.Tensor | ZFn | None = None, horizon: int | None = None, steps: int = 4,
                 temperature: float = 1.0, stride_B: torch.Tensor | None = None, use_cache: bool = True,
                 return_probs: bool = False, generator: torch.Generator | None = None,
                 act_fn: ActFn | None = None) -> dict[str, torch.Tensor]:
-        """Roll the model out frame by frame from ``context_ids_BChw``.
+        """Roll the model out frame by frame from ``context_ids_BThw``.
 
         ``actions_BTA[:, t]`` is taken at frame t (from the first context frame): all given (open loop; ``horizon``
         defaults to ``T - C + 1``), or past the given ones (None: none) chosen by ``act_fn(t, so_far)`` from the
         outputs imagined so far. ``z``: a tensor ``[B, >=C+horizon-1, Z]`` aligned like the actions, or the prior
         ``z_fn(ids_BThw, actions_BTA)`` on the growing history. Returns ``ids_BThw``, ``token_prob_BThw``,
-        ``reward_BT``, ``success_BT`` (probability), ``state_BTS`` (with a state head) and with ``return_probs``
+        ``reward_BT``, ``success_BT`` (probability), ``state_BTP`` (with a state head) and with ``return_probs``
         ``probs_BThwV``. A rollout outgrowing ``max_frames`` restarts its window from its last ``max_frames // 2``."""
-        B, C, hh, ww = context_ids_BChw.shape
+        B, C, hh, ww = context_ids_BThw.shape
         if actions_BTA is None:
-            actions_BTA = torch.zeros(B, 0, self.action_dim, device=context_ids_BChw.device)
+            actions_BTA = torch.zeros(B, 0, self.action_dim, device=context_ids_BThw.device)
         horizon = self._check_rollout(C, actions_BTA, z, horizon, act_fn)
-        roll = Rollout(context_ids_BChw, actions_BTA, z, act_fn)
+        roll = Rollout(context_ids_BThw, actions_BTA, z, act_fn)
         start, cache = 0, None  # the window's first frame; temporal keys/values of its finished frames
         for n in range(C, C + horizon):
             if n - start + 1 > self.max_frames:  # window full: restart it from its recent frames
@@ -354,7 +354,7 @@ class DynamicsModel(nn.Module):
                 return self.token_logits(self._frame_after(past_BTS, ids_BS, cond_BTD, cache)[0], prev_B1S)[:, 0]
 
             ids_BS, prob_BS, probs_BSV = maskgit_decode_frame(logits_fn, B, hh * ww, self.mask_id, steps, temperature,
-                                                              context_ids_BChw.device, generator)
+                                                              context_ids_BThw.device, generator)
             h_B1SD, kv = self._frame_after(past_BTS, ids_BS, cond_BTD, cache)
             cache = None if cache is None else append_kv(cache, kv)
             roll.add_frame(ids_BS, prob_BS, probs_BSV if return_probs else None, self.heads(h_B1SD))
@@ -401,10 +401,10 @@ class Rollout:
     """The growing history of one ``DynamicsModel.imagine`` call: every frame so far (context and imagined),
     the actions and behavior embeddings taken at them, and the imagined frames' outputs."""
 
-    def __init__(self, context_ids_BChw: torch.Tensor, actions_BTA: torch.Tensor, z: torch.Tensor | ZFn | None,
+    def __init__(self, context_ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z: torch.Tensor | ZFn | None,
                  act_fn: ActFn | None) -> None:
-        self.hh = context_ids_BChw.shape[2]
-        self.ids_BTS = rearrange(context_ids_BChw, "b t h w -> b t (h w)")
+        self.hh = context_ids_BThw.shape[2]
+        self.ids_BTS = rearrange(context_ids_BThw, "b t h w -> b t (h w)")
         self.actions_BTA = actions_BTA  # given, then extended by act_fn's choices
         self.act_fn, self.z = act_fn, z
         self.z_rows: list[torch.Tensor] = []  # z of each frame so far, when z is the prior
@@ -436,7 +436,7 @@ class Rollout:
         self.ids_BTS = torch.cat([self.ids_BTS, ids_BS.unsqueeze(1)], dim=1)
         new = {"ids_BThw": ids_BS, "token_prob_BThw": prob_BS, "reward_BT": heads["reward"][:, 0],
                "success_BT": heads["success_logit"][:, 0].sigmoid(),
-               "state_BTS": heads["state"][:, 0] if "state" in heads else None, "probs_BThwV": probs_BSV}
+               "state_BTP": heads["state"][:, 0] if "state" in heads else None, "probs_BThwV": probs_BSV}
         for k, v in new.items():
             if v is not None:
                 self.rows[k].append(v)

@@ -99,15 +99,15 @@ class VideoTokenizer(nn.Module):
         p = self.patch_size
         return rearrange(frames_BTCHW, "b t c (h p1) (w p2) -> b t (h w) (p1 p2 c)", p1=p, p2=p)
 
-    def _decode_codes(self, codes_BTSC: torch.Tensor) -> torch.Tensor:
+    def _decode_codes(self, codes_BTSE: torch.Tensor) -> torch.Tensor:
         """Code vectors [B, T, S, code_dim] -> frames [B, T, C, H, W] (unclamped)."""
         h, p = self.grid_hw()[0], self.patch_size
-        x = self.to_pixels(self.decoder(self.from_code(codes_BTSC) + self.dec_pos)) + self.pixel_bias
+        x = self.to_pixels(self.decoder(self.from_code(codes_BTSE) + self.dec_pos)) + self.pixel_bias
         return rearrange(x, "b t (h w) (p1 p2 c) -> b t c (h p1) (w p2)", h=h, p1=p, p2=p)
 
     def forward(self, frames_BTCHW: torch.Tensor) -> TokenizerOutput:
         """Reconstruct frames through the quantiser (training path; straight-through gradient)."""
-        z_BTSC = self._encode_latent(frames_BTCHW)
+        z_BTSE = self._encode_latent(frames_BTCHW)
         if self.training and not bool(self.pixel_bias_initialized):
             with torch.no_grad():
                 mean = self._patches(frames_BTCHW.float()).mean(dim=(0, 1))
@@ -116,19 +116,19 @@ class VideoTokenizer(nn.Module):
                     mean /= dist.get_world_size()
                 self.pixel_bias.copy_(mean)
                 self.pixel_bias_initialized.fill_(True)
-        B, T = z_BTSC.shape[:2]
-        q = self.quantizer(rearrange(z_BTSC, "b t s c -> (b t s) c"))
-        codes_BTSC = rearrange(q.codes_NC, "(b t s) c -> b t s c", b=B, t=T)
+        B, T = z_BTSE.shape[:2]
+        q = self.quantizer(rearrange(z_BTSE, "b t s c -> (b t s) c"))
+        codes_BTSE = rearrange(q.codes_NC, "(b t s) c -> b t s c", b=B, t=T)
         ids_BThw = rearrange(q.ids_N, "(b t h w) -> b t h w", b=B, t=T, h=self.grid_hw()[0])
-        return TokenizerOutput(self._decode_codes(codes_BTSC.to(z_BTSC.dtype)), ids_BThw, q.commit_loss, q.restarted)
+        return TokenizerOutput(self._decode_codes(codes_BTSE.to(z_BTSE.dtype)), ids_BThw, q.commit_loss, q.restarted)
 
     @torch.no_grad()
     def encode(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
         """frames in [-1, 1], [B,T,C,H,W] -> token ids [B,T,h,w] (long), in float32 under any autocast: the later
         stages' tokens must not depend on the caller's precision (bf16 flipped ~1% of tokens)."""
         with torch.autocast(frames_BTCHW.device.type, enabled=False):
-            z_BTSC = self._encode_latent(frames_BTCHW.float())
-        return rearrange(self.quantizer.lookup(z_BTSC), "b t (h w) -> b t h w", h=self.grid_hw()[0])
+            z_BTSE = self._encode_latent(frames_BTCHW.float())
+        return rearrange(self.quantizer.lookup(z_BTSE), "b t (h w) -> b t h w", h=self.grid_hw()[0])
 
     def embed(self, ids_BThw: torch.Tensor) -> torch.Tensor:
         """token ids [B,T,h,w] -> unit code vectors [B,T,h,w,code_dim]."""
@@ -140,5 +140,5 @@ class VideoTokenizer(nn.Module):
         h, w = self.grid_hw()
         if ids_BThw.ndim != 4 or tuple(ids_BThw.shape[2:]) != (h, w):
             raise ValueError(f"ids must be [B, T, {h}, {w}], got shape {tuple(ids_BThw.shape)}")
-        codes_BTSC = rearrange(self.embed(ids_BThw), "b t h w c -> b t (h w) c")
-        return self._decode_codes(codes_BTSC).clamp(-1, 1)
+        codes_BTSE = rearrange(self.embed(ids_BThw), "b t h w c -> b t (h w) c")
+        return self._decode_codes(codes_BTSE).clamp(-1, 1)

@@ -12,11 +12,11 @@ from whale_pl.rollout.retracing import ZFn, combine_predictions
 
 
 @torch.no_grad()
-def ensemble_uncertainty(models: Sequence[torch.nn.Module], ids_BNhw: torch.Tensor, actions_norm_BTA: torch.Tensor,
-                         first: int, codebook_VC: torch.Tensor | None = None, z_fns: Sequence[ZFn | None] | None = None,
+def ensemble_uncertainty(models: Sequence[torch.nn.Module], ids_BThw: torch.Tensor, actions_norm_BTA: torch.Tensor,
+                         first: int, codebook_VE: torch.Tensor | None = None, z_fns: Sequence[ZFn | None] | None = None,
                          weight: float = 0.5) -> dict[str, torch.Tensor]:
     """Per-step ensemble uncertainty of frames ``first .. N-1`` of a rollout: every member predicts frame n
-    from frames ``< n`` with the single-step actions. ``score_BH``, ``disagreement_BH``, ``entropy_BH``."""
+    from frames ``< n`` with the single-step actions. ``score_BT``, ``disagreement_BT``, ``entropy_BT``."""
     if len(models) < 2:
         raise ValueError(f"an ensemble needs at least 2 members, got {len(models)}")
     z_fns = list(z_fns) if z_fns is not None else [None] * len(models)
@@ -25,16 +25,16 @@ def ensemble_uncertainty(models: Sequence[torch.nn.Module], ids_BNhw: torch.Tens
     V = {m.codebook_size for m in models}
     if len(V) != 1:
         raise ValueError(f"ensemble members disagree on the codebook size: {sorted(V)}")
-    codes = torch.eye(V.pop(), device=ids_BNhw.device) if codebook_VC is None else codebook_VC
+    codes = torch.eye(V.pop(), device=ids_BThw.device) if codebook_VE is None else codebook_VE
     parts: dict[str, list[torch.Tensor]] = {"score": [], "disagreement": [], "entropy": []}
-    for n in range(first, ids_BNhw.shape[1]):
+    for n in range(first, ids_BThw.shape[1]):
         preds = []
         for m, z_fn in zip(models, z_fns):
             lo = max(0, n - (m.max_frames - 1))
-            ctx, acts = ids_BNhw[:, lo:n], actions_norm_BTA[:, lo:n]
+            ctx, acts = ids_BThw[:, lo:n], actions_norm_BTA[:, lo:n]
             z = None if z_fn is None else z_fn(ctx, acts)
             preds.append(m.predict_next(ctx, acts, z)["probs_BhwV"].flatten(1, 2))
         u = combine_predictions(torch.stack(preds), codes, weight)
         for key in parts:
             parts[key].append(u[key])
-    return {f"{k}_BH": torch.stack(v, 1) for k, v in parts.items()}
+    return {f"{k}_BT": torch.stack(v, 1) for k, v in parts.items()}

@@ -85,11 +85,11 @@ def imagine_episode(wm, ep, start: int, context: int, horizon: int, K: int) -> d
     imagined = wm.decode(out["ids_BThw"])[0]  # [H, 3, h, w] in [-1, 1]
     real = torch.as_tensor(rearrange(frames[context:], "t h w c -> t c h w").copy())
     mse = ((imagined - frames_to_unit(real.to(imagined.device))) ** 2).mean(dim=(1, 2, 3)).cpu().double().numpy()
-    score = u["score_BH"][0].astype(np.float64)
-    score[u["n_predictions_H"] < 2] = np.nan
+    score = u["score_BT"][0].astype(np.float64)
+    score[u["n_predictions_T"] < 2] = np.nan
     return {"real_TCHW": real.numpy(), "imagined_TCHW": imagined.cpu().numpy(), "uncertainty_T": score,
-            "disagreement_T": u["disagreement_BH"][0], "entropy_T": u["entropy_BH"][0],
-            "n_predictions_T": u["n_predictions_H"], "mse_T": mse,
+            "disagreement_T": u["disagreement_BT"][0], "entropy_T": u["entropy_BT"][0],
+            "n_predictions_T": u["n_predictions_T"], "mse_T": mse,
             "psnr_T": 10 * np.log10(4.0 / np.maximum(mse, 1e-10))}
 
 

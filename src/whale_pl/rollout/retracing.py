@@ -22,21 +22,21 @@ from whale_pl.data.episode import ActionSpace
 ZFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def combine_predictions(probs_KBSV: torch.Tensor, codebook_VC: torch.Tensor,
+def combine_predictions(probs_KBSV: torch.Tensor, codebook_VE: torch.Tensor,
                         weight: float = 0.5) -> dict[str, torch.Tensor]:
     """Uncertainty of B frames from K token distributions each (K × B frames × S positions × V codes) and
-    the code vectors ``codebook_VC``: ``disagreement``, ``entropy`` and ``score``, each [B] float32."""
+    the code vectors ``codebook_VE``: ``disagreement``, ``entropy`` and ``score``, each [B] float32."""
     if probs_KBSV.ndim != 4:
         raise ValueError(f"probs_KBSV must be [K, B, S, V], got shape {tuple(probs_KBSV.shape)}")
     K, _, _, V = probs_KBSV.shape
-    if codebook_VC.shape[0] != V:
-        raise ValueError(f"codebook has {codebook_VC.shape[0]} codes but the predictions have V={V}")
+    if codebook_VE.shape[0] != V:
+        raise ValueError(f"codebook has {codebook_VE.shape[0]} codes but the predictions have V={V}")
     if K < 2:
         raise ValueError(f"need at least 2 predictions of a frame to measure disagreement, got K={K}")
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be in [0, 1], got {weight}")
     p = probs_KBSV.float()
-    feats_KBSC = einsum(p, codebook_VC.float(), "k b s v, v c -> k b s c")
+    feats_KBSC = einsum(p, codebook_VE.float(), "k b s v, v c -> k b s c")
     disagreement_B = feats_KBSC.var(dim=0, unbiased=False).sum(-1).mean(-1)
     mix_BSV = p.mean(0)
     entropy_B = (-(mix_BSV * mix_BSV.clamp_min(1e-12).log()).sum(-1) / math.log(V)).mean(-1)
@@ -81,26 +81,26 @@ def composed_action_table(actions_norm_BTA: torch.Tensor, normaliser: ActionNorm
 
 
 @torch.no_grad()
-def retracing_uncertainty(model: torch.nn.Module, ids_BNhw: torch.Tensor, actions_norm_BTA: torch.Tensor,
-                          normaliser: ActionNormaliser, first: int, K: int = 3, codebook_VC: torch.Tensor | None = None,
+def retracing_uncertainty(model: torch.nn.Module, ids_BThw: torch.Tensor, actions_norm_BTA: torch.Tensor,
+                          normaliser: ActionNormaliser, first: int, K: int = 3, codebook_VE: torch.Tensor | None = None,
                           z_fn: ZFn | None = None, weight: float = 0.5) -> dict[str, torch.Tensor]:
     """Per-step retracing uncertainty of frames ``first .. N-1`` of a rollout (``actions_norm_BTA[:, t]``
-    the single-step action taken at frame t): ``score_BH``, ``disagreement_BH``, ``entropy_BH`` and
-    ``n_predictions_H`` (anchors per step; one anchor gives disagreement 0). At most K passes a step."""
+    the single-step action taken at frame t): ``score_BT``, ``disagreement_BT``, ``entropy_BT`` and
+    ``n_predictions_T`` (anchors per step; one anchor gives disagreement 0). At most K passes a step."""
     check_composable(normaliser.space)
     if K < 2:
         raise ActionError(f"retracing needs K >= 2 predictions per step, got K={K}")
     if K > model.max_stride:
         raise ActionError(f"K={K} exceeds the strides the model was trained for (max_stride={model.max_stride})")
-    codes = torch.eye(model.codebook_size, device=ids_BNhw.device) if codebook_VC is None else codebook_VC
+    codes = torch.eye(model.codebook_size, device=ids_BThw.device) if codebook_VE is None else codebook_VE
     table = composed_action_table(actions_norm_BTA, normaliser, K)
     parts: dict[str, list[torch.Tensor]] = {"score": [], "disagreement": [], "entropy": []}
     n_pred = []
-    for n in range(first, ids_BNhw.shape[1]):
+    for n in range(first, ids_BThw.shape[1]):
         preds = []
         for k, anchor in retracing_plan(n - 1, min(K, len(table))):
             idx = strided_context(anchor, k, model.max_frames - 1)
-            ctx, acts = ids_BNhw[:, idx], table[k - 1][:, idx]
+            ctx, acts = ids_BThw[:, idx], table[k - 1][:, idx]
             stride = torch.full((ctx.shape[0],), k, dtype=torch.long, device=ctx.device)
             z = None if z_fn is None else z_fn(ctx, acts)
             preds.append(model.predict_next(ctx, acts, z, stride)["probs_BhwV"].flatten(1, 2))
@@ -108,4 +108,4 @@ def retracing_uncertainty(model: torch.nn.Module, ids_BNhw: torch.Tensor, action
         u = combine_predictions(torch.stack(preds * 2 if len(preds) == 1 else preds), codes, weight)
         for key in parts:
             parts[key].append(u[key])
-    return {**{f"{k}_BH": torch.stack(v, 1) for k, v in parts.items()}, "n_predictions_H": torch.tensor(n_pred)}
+    return {**{f"{k}_BT": torch.stack(v, 1) for k, v in parts.items()}, "n_predictions_T": torch.tensor(n_pred)}

@@ -46,7 +46,7 @@ class WorldModel:
         V = self.model.codebook_size
         with torch.no_grad():
             ids = torch.arange(V, device=self.device).view(1, 1, V, 1)
-            self.codebook_VC = module.tokenizer.model.embed(ids).reshape(V, -1).float()
+            self.codebook_VE = module.tokenizer.model.embed(ids).reshape(V, -1).float()
 
     @classmethod
     def load(cls, ckpt_path: str | Path, device: str = "cpu") -> "WorldModel":
@@ -77,7 +77,7 @@ class WorldModel:
         return self.module.tokenizer.model.decode(ids_BThw).float()
 
     @torch.no_grad()
-    def imagine_open_loop(self, context_ids_BChw: torch.Tensor, actions_raw_BTA: np.ndarray,
+    def imagine_open_loop(self, context_ids_BThw: torch.Tensor, actions_raw_BTA: np.ndarray,
                           horizon: int, composed: bool = False) -> dict[str, torch.Tensor]:
         """Replay raw actions, one per model step: decisions held ``frame_stride`` recorded steps, or with
         ``composed`` already composed over them (a dataset episode). The model's ``imagine`` dict plus
@@ -85,17 +85,17 @@ class WorldModel:
         n = self.normaliser
         norm = n.normalise(actions_raw_BTA, n.base) if composed else n.normalise_held(actions_raw_BTA)
         act = torch.as_tensor(norm, device=self.device)
-        out = self.model.imagine(context_ids_BChw, act, self.z_fn, horizon=horizon, steps=self.steps,
+        out = self.model.imagine(context_ids_BThw, act, self.z_fn, horizon=horizon, steps=self.steps,
                                  temperature=self.temperature)
         out["actions_norm_BTA"] = act
         return out
 
     @torch.no_grad()
-    def imagine_closed_loop(self, context_ids_B1hw: torch.Tensor, state0_BS: np.ndarray, policy_fn: PolicyFn,
+    def imagine_closed_loop(self, context_ids_B1hw: torch.Tensor, state0_BP: np.ndarray, policy_fn: PolicyFn,
                             horizon: int) -> dict[str, torch.Tensor]:
         """The policy acts on the state the model predicts: ``policy_fn(t, states)`` gets the real state
         (t = 0) or the state head's prediction of imagined frame t; each action is held one model step.
-        ``ids_BThw``, ``reward_BT``, ``success_BT``, ``state_BTS`` (frames 1..H), ``actions_raw_BTA``,
+        ``ids_BThw``, ``reward_BT``, ``success_BT``, ``state_BTP`` (frames 1..H), ``actions_raw_BTA``,
         ``actions_norm_BTA``."""
         if self.model.state_head is None:
             raise ValueError("closed-loop evaluation needs a dynamics model with a state head (data with state)")
@@ -105,24 +105,24 @@ class WorldModel:
         norm: list[torch.Tensor] = []
 
         def act_fn(t: int, so_far: dict[str, torch.Tensor]) -> torch.Tensor:
-            state = state0_BS if t == 0 else so_far["state_BTS"][:, -1].float().cpu().numpy()
+            state = state0_BP if t == 0 else so_far["state_BTP"][:, -1].float().cpu().numpy()
             raw.append(np.asarray(policy_fn(t, np.asarray(state, dtype=np.float32)), dtype=np.float32))
             norm.append(torch.as_tensor(self.normaliser.normalise_held(raw[-1]), device=self.device))
             return norm[-1]
 
         out = self.model.imagine(context_ids_B1hw, None, self.z_fn, horizon=horizon, steps=self.steps,
                                  temperature=self.temperature, act_fn=act_fn)
-        return {"ids_BThw": out["ids_BThw"], **{k: out[k].float() for k in ("reward_BT", "success_BT", "state_BTS")},
+        return {"ids_BThw": out["ids_BThw"], **{k: out[k].float() for k in ("reward_BT", "success_BT", "state_BTP")},
                 "actions_raw_BTA": torch.as_tensor(np.stack(raw, 1)), "actions_norm_BTA": torch.stack(norm, 1)}
 
     @torch.no_grad()
-    def step_uncertainty(self, context_ids_BChw: torch.Tensor, imagined_ids_BThw: torch.Tensor,
+    def step_uncertainty(self, context_ids_BThw: torch.Tensor, imagined_ids_BThw: torch.Tensor,
                          actions_norm_BTA: torch.Tensor, K: int = 3, weight: float = 0.5) -> dict[str, torch.Tensor]:
         """Retracing uncertainty of every imagined frame aligned with ``reward_BT`` (column t: imagined frame
-        t+1; the first step has a single anchor, disagreement 0): ``score_BH``, ``disagreement_BH``, ..."""
-        ids = torch.cat([context_ids_BChw, imagined_ids_BThw], 1)
-        return retracing_uncertainty(self.model, ids, actions_norm_BTA, self.normaliser, context_ids_BChw.shape[1],
-                                     K=K, codebook_VC=self.codebook_VC, z_fn=self.z_fn, weight=weight)
+        t+1; the first step has a single anchor, disagreement 0): ``score_BT``, ``disagreement_BT``, ..."""
+        ids = torch.cat([context_ids_BThw, imagined_ids_BThw], 1)
+        return retracing_uncertainty(self.model, ids, actions_norm_BTA, self.normaliser, context_ids_BThw.shape[1],
+                                     K=K, codebook_VE=self.codebook_VE, z_fn=self.z_fn, weight=weight)
 
 
 def frame_stride_of(ckpt_path: str | Path) -> int:
@@ -247,7 +247,7 @@ def scripted_policy_fn(real: RealRollouts, index: Sequence[int]) -> PolicyFn:
     for i in index:
         pols.append(parse_policy(real.policy[i]))
         pols[-1].reset(real.task[i], np.random.default_rng(real.seed[i]))
-    return lambda t, states_BS: np.stack([p.act(s.astype(np.float64)) for p, s in zip(pols, states_BS)])
+    return lambda t, states_BP: np.stack([p.act(s.astype(np.float64)) for p, s in zip(pols, states_BP)])
 
 
 @torch.no_grad()
@@ -333,13 +333,13 @@ def evaluate_uncertainty(wm: WorldModel, rollouts: list, K: int = 3, ensemble: S
             t0 = time.perf_counter()
             if m == "retracing":
                 u = retracing_uncertainty(wm.model, ids, acts, wm.normaliser, first=1, K=K,
-                                          codebook_VC=wm.codebook_VC, z_fn=wm.z_fn, weight=weight)
+                                          codebook_VE=wm.codebook_VE, z_fn=wm.z_fn, weight=weight)
             else:
-                u = ensemble_uncertainty([e.model for e in ensemble], ids, acts, first=1, codebook_VC=wm.codebook_VC,
+                u = ensemble_uncertainty([e.model for e in ensemble], ids, acts, first=1, codebook_VE=wm.codebook_VE,
                                          z_fns=[e.z_fn for e in ensemble], weight=weight)
             secs[m] += time.perf_counter() - t0
             for p in parts:
-                acc[f"{m}_{p}"].append(u[f"{p}_BH"].cpu())
+                acc[f"{m}_{p}"].append(u[f"{p}_BT"].cpu())
     return {"K": K, "ensemble_size": len(ensemble or ()), "seconds": secs,
             "per_step": {k: torch.cat(v).double().numpy() for k, v in acc.items()}}
 
