@@ -83,6 +83,7 @@ def build_steps(scale: str, side: SideModels | None = None) -> list[Step]:
     dynamics_ckpt = str(stage_dir(scale, "dynamics") / "checkpoints" / "best.ckpt")
 
     def tokenizer_then_side() -> None:
+        """Stage 1 and the token shards alone on the machine, then the side models start."""
         run_stage(scale, "tokenizer")  # alone on the machine: all cores
         run_tokens(scale)  # the side models and stages 2 and 3 all read the token shards
         # from here two trainings share the cores: one thread each (OpenMP spin-waiting on an
@@ -91,10 +92,12 @@ def build_steps(scale: str, side: SideModels | None = None) -> list[Step]:
         side.start()
 
     def evaluate(cmd: str, *args: str) -> None:
+        """``whale eval <cmd>`` of the stage dynamics model on the demo shards."""
         shards = str(yaml.safe_load(data_cfg.read_text())["out"])  # the shard directory the data step wrote
         _sh([py, "-m", "whale_pl.eval_cli", cmd, "--ckpt", dynamics_ckpt, "--shards", shards, *args])
 
     def experiment() -> None:
+        """The one-seed experiment, once the side models are trained."""
         side.wait()
         _sh([py, "-m", "whale_pl.experiment", "--scale", scale, *EXPERIMENT_ARGS])
 

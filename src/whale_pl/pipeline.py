@@ -36,6 +36,7 @@ def stage_dir(scale: str, stage: str, runs: Path = Path("runs")) -> Path:
 
 
 def stage_config(scale: str, stage: str, stages_root: Path = Path("stages")) -> Path:
+    """The config of a stage at a scale, ``stages/<scale>/<stage>.yaml``."""
     cfg = stages_root / scale / f"{stage}.yaml"
     if not cfg.exists():
         avail = sorted(p.name for p in stages_root.iterdir() if p.is_dir()) if stages_root.exists() else []

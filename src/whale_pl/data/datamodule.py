@@ -75,9 +75,11 @@ class _DirInfo:
             n += len(sh["keys"])
 
     def episode_index(self, shard: dict, key: str) -> int:
+        """The dataset-wide index of episode ``key`` of ``shard``."""
         return self.shard_offset[shard["name"]] + shard["keys"].index(key)
 
     def shards(self, splits: Sequence[str]) -> list[dict]:
+        """The manifest's shards of ``splits``."""
         return [s for s in self.m["shards"] if s["split"] in splits]
 
 

@@ -87,6 +87,7 @@ class BehaviorModule(StageModule):
         self._val_family: list[torch.Tensor] = []
 
     def init_from_spec_keys(self) -> tuple[str, ...]:
+        """A pretrained behavior model must share the action space."""
         return ("action_space",)
 
     def setup(self, stage: str) -> None:

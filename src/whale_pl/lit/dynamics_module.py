@@ -148,6 +148,7 @@ class DynamicsModule(StageModule):
         return tokenizer, behavior
 
     def init_from_spec_keys(self) -> tuple[str, ...]:
+        """A pretrained dynamics model must share the action space."""
         return ("action_space",)
 
     def setup(self, stage: str) -> None:

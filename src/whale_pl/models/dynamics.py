@@ -351,6 +351,7 @@ class DynamicsModel(nn.Module):
             prev_B1S = past_BTS[:, -1:] if past_BTS.shape[1] else None
 
             def logits_fn(ids_BS: torch.Tensor) -> torch.Tensor:
+                """Logits of the frame being decoded, given its ids so far."""
                 return self.token_logits(self._frame_after(past_BTS, ids_BS, cond_BTD, cache)[0], prev_B1S)[:, 0]
 
             ids_BS, prob_BS, probs_BSV = maskgit_decode_frame(logits_fn, B, hh * ww, self.mask_id, steps, temperature,

@@ -111,6 +111,7 @@ def _curve_image(values_T: np.ndarray, error_T: np.ndarray | None, size: tuple[i
     H_img = img.shape[0]
 
     def y_px(axis, t: int, values: np.ndarray) -> int | None:
+        """The pixel row of a curve's point t (None where it is undefined)."""
         finite = np.isfinite(values[t])
         return int(round(H_img - axis.transData.transform((steps[t], values[t]))[1])) if finite else None
 

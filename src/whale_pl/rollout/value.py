@@ -105,6 +105,7 @@ class WorldModel:
         norm: list[torch.Tensor] = []
 
         def act_fn(t: int, so_far: dict[str, torch.Tensor]) -> torch.Tensor:
+            """The policy's action at step t from the real state (t = 0) or the predicted one."""
             state = state0_BP if t == 0 else so_far["state_BTP"][:, -1].float().cpu().numpy()
             raw.append(np.asarray(policy_fn(t, np.asarray(state, dtype=np.float32)), dtype=np.float32))
             norm.append(torch.as_tensor(self.normaliser.normalise_held(raw[-1]), device=self.device))
