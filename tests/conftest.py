@@ -9,7 +9,7 @@
 - ``tiny_dynamics`` two tiny dynamics checkpoints (seeds 0, 1) on one tiny tokenizer
 
 Rendering happens in spawned worker processes, so the pytest process itself never renders (a
-forked DataLoader worker of a process that has rendered hangs; see PLATFORM.md).
+forked DataLoader worker of a process that has rendered hangs; README, Troubleshooting).
 """
 
 from __future__ import annotations

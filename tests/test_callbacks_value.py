@@ -1,5 +1,5 @@
 """The value hook renders in a child process, so forked DataLoader workers that render afterwards
-in a later epoch do not hang (PLATFORM.md: a forked worker that renders hangs if the parent rendered)."""
+in a later epoch do not hang (a forked worker that renders hangs if the parent rendered: README, Troubleshooting)."""
 
 from __future__ import annotations
 

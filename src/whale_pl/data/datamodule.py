@@ -302,7 +302,7 @@ class ClipDataModule(L.LightningDataModule):
         seed: base seed. rank / world_size: explicit; default from the Trainer in ``setup``.
         verify: check shard sizes and sha256 against the manifests in ``setup``.
         on_error: "raise" (default) or "skip" corrupt samples (each one logged).
-        multiprocessing_context: e.g. "forkserver" if this process has rendered (PLATFORM.md).
+        multiprocessing_context: e.g. "forkserver" if this process has rendered (README, Troubleshooting).
         tokens: a folder of token datasets, one per directory of ``dirs`` under its name
             (``runs/<scale>/tokens``, ``python -m whale_pl.pipeline tokens``): clips come from them and
             batches carry ``ids`` instead of ``frames``. None: frames (the stage modules tokenise them).
