@@ -63,7 +63,7 @@ def synthetic(dst: Path, files: int, episodes: int, hw: tuple[int, int], t: int 
             "steps/observation/image": jpgs, "steps/is_first": np.arange(t) == 0,
             "steps/is_last": np.arange(t) == t - 1, "steps/is_terminal": np.arange(t) == t - 1,
             "steps/language_instruction": [b"synthetic"] * t}))
-    d = rw.write_dataset(dst / "synthetic_rt1" / "1.0.0", feats, {"train": [recs] * files})
+    rw.write_dataset(dst / "synthetic_rt1" / "1.0.0", feats, {"train": [recs] * files})
     return files * episodes
 
 

@@ -4,7 +4,6 @@ load, clear errors for missing / incompatible tokenizer checkpoints."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import lightning as L

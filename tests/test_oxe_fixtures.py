@@ -24,7 +24,7 @@ from whale_pl.data.oxe.example_proto import parse_example
 from whale_pl.data.oxe.registry import REGISTRY, ActionMap, check_config
 from whale_pl.data.oxe.schema import load_schema
 from whale_pl.data.oxe.standardize import RecordError, Where, relative_gripper_to_absolute, standard_actions
-from whale_pl.data.oxe.tfrecord import TFRecordError, iter_records
+from whale_pl.data.oxe.tfrecord import iter_records
 from whale_pl.data.shards import iter_episodes, sha256_file, verify_dataset
 
 import rlds_fixtures as rw  # noqa: E402  (tests/ is on sys.path under pytest)

@@ -21,7 +21,7 @@ and absolute poses (``pose="absolute"``) are differenced into deltas (rotations 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 TARGET_HZ = 5.0  # frame strides bring every dataset near this rate
 
