@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from whale_pl.data.metaworld import CollectConfig, collect, dataset_status, ensure_collected
-from whale_pl.data.policies import PolicyNameError, parse_policy
+from whale_pl.data.policies import SINE_PERIOD, PolicyNameError, ood_split, parse_policy
 from whale_pl.data.shards import iter_episodes, verify_dataset
 
 
@@ -101,6 +101,39 @@ def _returns(task: str, names: list[str], steps: int = 100, n: int = 2) -> dict[
     return out
 
 
+def test_ood_split_is_derived_from_the_training_families():
+    train = ["expert", "noise_0.1", "lag_3", "mix_expert+eps_1.0"]
+    assert [ood_split(p, train) for p in ("noise_1.0", "lag_8", "mix_noise_0.3+expert", "eps_0.5")] == [
+        "ood_params", "ood_params", "ood_params", "ood_params"]  # eps is seen inside the training mixture
+    assert [ood_split(p, train) for p in ("sine_0.5", "pause_0.1", "goal_y0.1", "slow_0.5", "mix_expert+sine_1")] == [
+        "ood_families"] * 5
+
+
+@pytest.mark.filterwarnings("ignore:Constant")
+def test_new_families_act_as_described():
+    """Each family never seen in training departs from the expert on the same states the way its name says."""
+    from whale_pl.data.metaworld import MetaWorldEnv, rollout
+
+    env = MetaWorldEnv("push-v3", 32, "corner2")
+    try:
+        ep = {p: rollout(env, p, 7, 40, 1) for p in ("expert", "sine_0.5", "pause_0.5", "goal_y0.1")}
+    finally:
+        env.close()
+    exp = parse_policy("expert")
+    exp.reset("push-v3", np.random.default_rng(0))
+    on_pause = np.stack([exp.act(s) for s in ep["pause_0.5"].state])
+    paused = np.abs(ep["pause_0.5"].actions[:, :3]).max(1) == 0
+    assert paused.sum() >= 4 and np.abs(on_pause[paused, :3]).max() > 0.1  # stopped where the expert would move
+    np.testing.assert_allclose(ep["pause_0.5"].actions[~paused], on_pause[~paused], atol=1e-4)
+    push_TX = ep["sine_0.5"].actions[:, :3] - np.stack([exp.act(s) for s in ep["sine_0.5"].state])[:, :3]
+    w = 2 * np.pi * np.arange(len(push_TX)) / SINE_PERIOD
+    basis = np.stack([np.sin(w), np.cos(w)], 1)  # a sine of the family's period explains the push on every axis
+    fit = basis @ np.linalg.lstsq(basis, push_TX, rcond=None)[0]
+    assert ((fit - push_TX) ** 2).sum() < 0.3 * (push_TX ** 2).sum() and np.abs(push_TX).max() > 0.3
+    hand_end = ep["goal_y0.1"].state[-1, :3] - ep["expert"].state[-1, :3]
+    assert hand_end[1] > 0.05  # heads for targets 0.1 m along +y
+
+
 @pytest.mark.filterwarnings("ignore:Constant")
 def test_policies_differ_in_return(tiny_shards):
     r = _returns("push-v3", ["expert", "noise_1.0", "slow_0.25", "lag_10"])
@@ -115,12 +148,15 @@ def test_policies_differ_in_return(tiny_shards):
 def test_policy_names_and_descriptors():
     for name, fam in [("expert", "expert"), ("noise_0.3", "noise"), ("eps_0.5", "eps"), ("slow_0.5", "slow"),
                       ("lag_4", "lag"), ("bias_x0.3", "bias"), ("bias_y-0.3z0.2", "bias"),
-                      ("mix_expert+eps_1.0", "mix")]:
+                      ("mix_expert+eps_1.0", "mix"), ("sine_0.5", "sine"), ("overshoot_2", "overshoot"),
+                      ("pause_0.1", "pause"), ("goal_y0.1", "goal")]:
         p = parse_policy(name)
         d = p.descriptor()
         assert d["name"] == name and d["family"] == fam and json.loads(json.dumps(d)) == d
     assert parse_policy("bias_y-0.3z0.2").params == {"offset": {"y": -0.3, "z": 0.2}}
-    for bad in ["experts", "noise_x", "slow_1.5", "lag_2.5", "bias_q0.3", "mix_expert", "eps_2", ""]:
+    assert parse_policy("goal_x0.1z-0.05").params == {"offset": {"x": 0.1, "z": -0.05}}
+    for bad in ["experts", "noise_x", "slow_1.5", "lag_2.5", "bias_q0.3", "mix_expert", "eps_2", "", "overshoot_0.8",
+                "sine_0", "pause_1.5", "goal_g0.1"]:
         with pytest.raises(PolicyNameError, match="valid names|must be|cannot"):
             parse_policy(bad)
     with pytest.raises(PolicyNameError, match="noise_<sigma>"):

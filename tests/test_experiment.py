@@ -78,12 +78,27 @@ def test_runs_are_reproducible_and_choose_checkpoints_without_ood_data(tiny_dyna
         experiment.train_run([], tmp_path / "a" / "0", dict(record, steps=5))
 
 
-def test_splits_are_disjoint_and_labelled(tiny_data_yaml, tiny_config):
+def _with_new_families(data_yaml: Path, tmp_path: Path, extra=("sine_0.5", "goal_y0.1")) -> Path:
+    """The tiny data config with more OOD policies (by default two families never seen in training)."""
+    import yaml
+
+    d = yaml.safe_load(data_yaml.read_text())
+    d["ood_policies"] = d["ood_policies"] + list(extra)
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(d))
+    return tmp_path / "data.yaml"
+
+
+def test_splits_are_disjoint_and_labelled(tiny_data_yaml, tiny_config, tmp_path):
     from whale_pl.rollout.value import EvalSet
 
     ev = EvalSet.from_data_config(tiny_data_yaml)
     assert ev.splits == {"val": tiny_config.train_policies, "ood_params": tiny_config.ood_policies}
     assert ev.starts >= 5 and [ev.split_of(p) for p in ev.policies].count("ood_params") == len(tiny_config.ood_policies)
+    ev = EvalSet.from_data_config(_with_new_families(tiny_data_yaml, tmp_path, ("sine_0.5", "lag_8", "goal_y0.1")))
+    assert ev.splits == {"val": tiny_config.train_policies, "ood_params": ["noise_1.0", "lag_8"],
+                         "ood_families": ["sine_0.5", "goal_y0.1"]}
+    demo = EvalSet.from_data_config("stages/demo/data.yaml")
+    assert len(demo.splits["ood_families"]) >= 2 and len(demo.splits["ood_params"]) >= 2
     with pytest.raises(ValueError, match="disjoint"):
         EvalSet(tasks=["push-v3"], splits={"val": ["expert", "lag_3"], "ood_params": ["lag_3"]})
 
@@ -98,7 +113,7 @@ def test_experiment_evaluates_and_reports_on_tiny_models(tiny_dynamics, tiny_dat
 
     monkeypatch.chdir(tmp_path)
     H = 5
-    a = argparse.Namespace(data_config=str(tiny_data_yaml), starts=1, horizon=H, discount=0.99, seeds=1, members=2,
+    a = argparse.Namespace(data_config=str(_with_new_families(tiny_data_yaml, tmp_path)), starts=1, horizon=H, discount=0.99, seeds=1, members=2,
                            K=3, device="cpu", scale="tiny", steps=6)
     runs = {"on": [{"seed": s, "ckpt": str(c), "seconds": 1.0 + s} for s, c in enumerate(tiny_dynamics)],
             "off": [{"seed": 0, "ckpt": str(tiny_dynamics[1]), "seconds": 1.0}], "seconds": 3.0}
@@ -113,6 +128,8 @@ def test_experiment_evaluates_and_reports_on_tiny_models(tiny_dynamics, tiny_dat
     md = (out / "experiment.md").read_text()
     assert "**One-seed version**" in md and "`python -m whale_pl.experiment --scale tiny` (`make experiment`)" in md
     assert "### `val`: training families" in md and "### `ood_params`: new parameters" in md
+    assert "### `ood_families`: behavior families never seen in training (sine_0.5, goal_y0.1)" in md
+    assert "`ood_families` (behavior families never seen in training): value gap on" in md  # its own verdict line
     # one OOD policy: its value gap is defined (on the task's range over all policies), its correlations and
     # regret are not, and the tables say so
     ood = md.split("### `ood_params`", 1)[1].split("###", 1)[0]
@@ -120,8 +137,8 @@ def test_experiment_evaluates_and_reports_on_tiny_models(tiny_dynamics, tiny_dat
     assert "| regret_at_1 | open_loop | n/a [n/a, n/a] | n/a [n/a, n/a] | n/a [n/a, n/a] | undefined |" in ood
     assert "| step index | pixel MSE | 0.500" in md and "copy the last real frame" in md
     assert res["uncertainty"]["training_cost_ratio"] == pytest.approx(2.0 / 1.0 + 1.0)
-    assert res["returns"]["policies"] == tiny_config.train_policies + tiny_config.ood_policies
-    assert np.shape(res["returns"]["on"]["open_loop"]) == (1, len(tiny_config.tasks), 4, 1)
+    assert res["returns"]["policies"] == tiny_config.train_policies + tiny_config.ood_policies + ["sine_0.5", "goal_y0.1"]
+    assert np.shape(res["returns"]["on"]["open_loop"]) == (1, len(tiny_config.tasks), 6, 1)
     for png in res["plots"].values():
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({Path(png).name})" in md

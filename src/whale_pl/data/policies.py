@@ -14,10 +14,13 @@ from typing import Any
 
 import numpy as np
 
-FAMILIES = ("expert", "noise", "eps", "slow", "lag", "bias", "mix")
+FAMILIES = ("expert", "noise", "eps", "slow", "lag", "bias", "mix", "sine", "overshoot", "pause", "goal")
 NAME_HELP = ("expert | noise_<sigma> | eps_<p> | slow_<scale in (0,1]> | lag_<k steps> | "
-             "bias_<axis in x,y,z,g><offset>[...] | mix_<name>+<name>[+...]")
+             "bias_<axis in x,y,z,g><offset>[...] | mix_<name>+<name>[+...] | sine_<amplitude> | "
+             "overshoot_<gain > 1> | pause_<p in [0,1]> | goal_<axis in x,y,z><offset in m>[...]")
 MIX_SEGMENT = 10
+SINE_PERIOD = 16  # steps of one cycle of the sine family's perturbation
+PAUSE_STEPS = (4, 12)  # a pause lasts a uniform whole number of steps in [low, high)
 _NUM = r"-?\d+(?:\.\d+)?"
 _AXES = {"x": 0, "y": 1, "z": 2, "g": 3}
 
@@ -141,10 +144,70 @@ class Mix(BehaviorPolicy):
         return actions[self.cur]
 
 
+class Sine(BehaviorPolicy):
+    """Expert xyz + a periodic push ``amplitude * sin(2 pi t / SINE_PERIOD + phase)``, a random phase per axis."""
+    family = "sine"
+
+    def reset(self, task, rng):
+        """Start an episode at t = 0 with fresh phases."""
+        super().reset(task, rng)
+        self.t, self.phase = 0, rng.uniform(0.0, 2 * np.pi, size=3)
+
+    def _act(self, obs):
+        a = self.expert_action(obs)
+        a[:3] += self.params["amplitude"] * np.sin(2 * np.pi * self.t / SINE_PERIOD + self.phase)
+        self.t += 1
+        return np.clip(a, -1, 1)
+
+
+class Overshoot(BehaviorPolicy):
+    """Expert xyz multiplied by a gain above 1 (it overshoots its targets and corrects back), re-clipped."""
+    family = "overshoot"
+
+    def _act(self, obs):
+        a = self.expert_action(obs)
+        a[:3] *= self.params["gain"]
+        return np.clip(a, -1, 1)
+
+
+class Pause(BehaviorPolicy):
+    """The expert, but at each step it may (probability p) stop moving for a random stretch, gripper held."""
+    family = "pause"
+
+    def reset(self, task, rng):
+        """Start an episode moving."""
+        super().reset(task, rng)
+        self.left = 0
+
+    def _act(self, obs):
+        a = self.expert_action(obs)
+        if self.left == 0 and self.rng.random() < self.params["p"]:
+            self.left = int(self.rng.integers(*PAUSE_STEPS))
+        if self.left > 0:
+            self.left -= 1
+            a[:3] = 0.0
+        return a
+
+
+class Goal(BehaviorPolicy):
+    """The expert heading for targets displaced by a fixed offset (metres): it is shown its hand at
+    ``hand - offset``, so every reach ends ``offset`` away from where the expert's would."""
+    family = "goal"
+
+    def _act(self, obs):
+        seen = np.array(obs, dtype=np.float64, copy=True)
+        for ax, v in self.params["offset"].items():
+            seen[_AXES[ax]] -= v
+        return self.expert_action(seen)
+
+
 # family -> (class, parameter, what it is, valid range)
 _NUMERIC = {"noise": (Noise, "sigma", "sigma", lambda v: v >= 0, ">= 0"),
             "eps": (EpsRandom, "p", "probability", lambda v: 0 <= v <= 1, "in [0, 1]"),
-            "slow": (Slow, "scale", "scale", lambda v: 0 < v <= 1, "in (0, 1]")}
+            "slow": (Slow, "scale", "scale", lambda v: 0 < v <= 1, "in (0, 1]"),
+            "sine": (Sine, "amplitude", "amplitude", lambda v: v > 0, "> 0"),
+            "overshoot": (Overshoot, "gain", "gain", lambda v: v > 1, "> 1"),
+            "pause": (Pause, "p", "probability", lambda v: 0 <= v <= 1, "in [0, 1]")}
 
 
 def parse_policy(name: str) -> BehaviorPolicy:
@@ -173,9 +236,24 @@ def parse_policy(name: str) -> BehaviorPolicy:
         if not re.fullmatch(r"\d+", arg):
             raise PolicyNameError(f"policy {name!r}: lag must be a whole number of steps; valid names: {NAME_HELP}")
         return Lag(name, {"k": int(arg)})
-    if fam == "bias":
-        parts = re.findall(rf"([xyzg])({_NUM})", arg)
+    if fam in ("bias", "goal"):
+        axes = "xyzg" if fam == "bias" else "xyz"
+        parts = re.findall(rf"([{axes}])({_NUM})", arg)
         if not parts or "".join(a + v for a, v in parts) != arg:
-            raise PolicyNameError(f"policy {name!r}: offset must look like x0.4 or y-0.3z0.2; valid names: {NAME_HELP}")
-        return Bias(name, {"offset": {a: float(v) for a, v in parts}})
+            raise PolicyNameError(f"policy {name!r}: offset must look like x0.4 or y-0.3z0.2 (axes {', '.join(axes)});"
+                                  f" valid names: {NAME_HELP}")
+        return (Bias if fam == "bias" else Goal)(name, {"offset": {a: float(v) for a, v in parts}})
     raise PolicyNameError(f"unknown behavior policy {name!r}; valid names: {NAME_HELP} (families: {list(FAMILIES)})")
+
+
+def families_of(name: str) -> set[str]:
+    """The families a policy draws on: its own, and for a mixture its components' too."""
+    pol = parse_policy(name)
+    return {pol.family, *(c.family for c in getattr(pol, "components", []))}
+
+
+def ood_split(name: str, train_policies: list[str]) -> str:
+    """``ood_params`` when every family of ``name`` is among the training policies' (new parameters of seen
+    families), else ``ood_families`` (a behavior family never seen in training)."""
+    seen = set().union(*(families_of(p) for p in train_policies))
+    return "ood_params" if families_of(name) <= seen else "ood_families"

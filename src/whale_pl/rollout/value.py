@@ -175,14 +175,18 @@ class EvalSet:
     @classmethod
     def from_data_config(cls, path: str | Path, **kw) -> "EvalSet":
         """Tasks, policies by split, frame size and camera of a Meta-World dataset config (stages/<scale>/
-        data.yaml): ``val`` its training policies, ``ood_params`` its ``ood_policies`` (new parameters of the
-        training families); pass ``frame_stride`` (:func:`frame_stride_of` the checkpoint) for a model on a
-        coarser clock."""
+        data.yaml): ``val`` its training policies; its ``ood_policies`` split by :func:`ood_split` into
+        ``ood_params`` (new parameters of the training families) and ``ood_families`` (families never seen in
+        training); pass ``frame_stride`` (:func:`frame_stride_of` the checkpoint) for a model on a coarser clock."""
         from whale_pl.data.metaworld import CollectConfig
+        from whale_pl.data.policies import ood_split
 
         c = CollectConfig.from_yaml(path)
-        return cls(tasks=list(c.tasks), splits={"val": list(c.train_policies), "ood_params": list(c.ood_policies)},
-                   size=c.size, camera=c.camera, action_repeat=c.action_repeat, **kw)
+        splits: dict[str, list[str]] = {"val": list(c.train_policies), "ood_params": [], "ood_families": []}
+        for p in c.ood_policies:
+            splits[ood_split(p, c.train_policies)].append(p)
+        return cls(tasks=list(c.tasks), splits=splits, size=c.size, camera=c.camera, action_repeat=c.action_repeat,
+                   **kw)
 
     def start_seed(self, task: str, i: int) -> int:
         """The same start state (task variation, env seed, policy noise seed) for every policy."""
