@@ -83,3 +83,18 @@ def test_video_metrics_read_clips_on_the_clock(strided_ckpt, tiny_shards):
     module = DynamicsModule.load_from_checkpoint(str(strided_ckpt), map_location="cpu")
     out = evaluate_video(module, tiny_shards, num_clips=2, clip_len=4, batch_size=2, fvd=False)
     assert out["frame_stride"] == K_CLOCK and np.isfinite(out["psnr"])
+
+
+def test_video_metrics_carry_the_copy_baseline_on_the_same_clips(strided_ckpt, tiny_shards, monkeypatch):
+    """copy_psnr / copy_ssim score the last real context frame held on exactly the clips the model is scored
+    on: a model that imagines that very frame gets the copy figures."""
+    from whale_pl.eval_cli import evaluate_video
+    from whale_pl.lit.dynamics_module import DynamicsModule
+
+    module = DynamicsModule.load_from_checkpoint(str(strided_ckpt), map_location="cpu")
+    out = evaluate_video(module, tiny_shards, num_clips=3, clip_len=4, batch_size=2, fvd=False)
+    assert np.isfinite(out["copy_psnr"]) and 0 < out["copy_ssim"] <= 1 and out["copy_psnr"] != out["psnr"]
+    real_eval = module.eval_videos
+    monkeypatch.setattr(module, "eval_videos", lambda b: (lambda r: (r, module.copy_videos(b, r)))(real_eval(b)[0]))
+    copied = evaluate_video(module, tiny_shards, num_clips=3, clip_len=4, batch_size=2, fvd=False)
+    assert copied["psnr"] == pytest.approx(out["copy_psnr"]) and copied["ssim"] == pytest.approx(out["copy_ssim"])

@@ -56,7 +56,8 @@ def load_stage_module(ckpt_path: str | os.PathLike, class_path: str | None = Non
 def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, clip_len: int = 16,
                    batch_size: int = 8, split: str = "val", fvd: bool = True, i3d_path: str | None = None,
                    device: str = "cpu", seed: int = 0, num_workers: int = 0) -> dict:
-    """PSNR/SSIM (+ FVD) of `module.eval_videos` on `num_clips` clips of the `split` of a shard set."""
+    """PSNR/SSIM (+ FVD) of `module.eval_videos` on `num_clips` clips of the `split` of a shard set; for a module
+    with `copy_videos` (dynamics) the same figures of copying the last real frame, as `copy_psnr` etc."""
     import torch
     from tqdm import tqdm
 
@@ -79,6 +80,7 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
         raise ShardError(f"{shards}: split {split!r} holds {available} distinct clips of {clip_len} frames at stride "
                          f"{stride}; --num-clips {num_clips} would repeat clips")
     evaluator = VideoEvaluator(make_fvd(i3d_path, device) if fvd else None)
+    copy = VideoEvaluator(make_fvd(i3d_path, device) if fvd else None) if hasattr(module, "copy_videos") else None
     module = module.to(device).eval()
     with tqdm(total=num_clips, desc="eval video", unit="clip", disable=None) as bar:
         for batch in dm.val_dataloader():
@@ -86,13 +88,16 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
             real, fake = call_eval_videos(module, batch)
             need = num_clips - evaluator.num_clips
             evaluator.update(real[:need], fake[:need])
+            if copy is not None:  # the last real frame held, on the same clips
+                copy.update(real[:need], module.copy_videos(batch, real)[:need])
             bar.update(min(need, len(real)))
             if evaluator.num_clips >= num_clips:
                 break
     if evaluator.num_clips < num_clips:
         raise ValueError(f"{shards}: split {split!r} gave only {evaluator.num_clips} clips, {num_clips} asked for")
-    return evaluator.compute() | dict(stage=type(module).__name__, split=split, clip_len=clip_len,
-                                      frame_stride=stride, shards=str(shards))
+    baseline = {f"copy_{k}": v for k, v in (copy.compute() if copy else {}).items() if k in ("psnr", "ssim", "fvd")}
+    return evaluator.compute() | baseline | dict(stage=type(module).__name__, split=split, clip_len=clip_len,
+                                                 frame_stride=stride, shards=str(shards))
 
 
 class _ArgError(ValueError):
@@ -145,7 +150,8 @@ def _video(argv: list[str]) -> int:
     out["ckpt"] = str(a.ckpt)
     if a.out:
         write_json_atomic(a.out, out)
-    print(json.dumps({k: out[k] for k in ("psnr", "ssim", "fvd", "num_clips") if k in out}))
+    print(json.dumps({k: out[k] for k in ("psnr", "ssim", "fvd", "copy_psnr", "copy_ssim", "copy_fvd", "num_clips")
+                      if k in out}))
     return 0
 
 

@@ -20,7 +20,7 @@ VAL_TAGS = (("val/acc", "teacher-forced token accuracy"), ("val/copy_acc", "copy
             ("val/acc_minus_copy", "accuracy minus copy"), ("val/ce", "teacher-forced cross-entropy (nats)"),
             ("val/psnr_ar_train_family", "8-step autoregressive PSNR (dB), training-family episodes"),
             ("val/psnr_ar_ood",
-             "8-step autoregressive PSNR (dB), `ood` episodes (new parameters of the training families)"))
+             "8-step autoregressive PSNR (dB), `ood` episodes (held-out policies: `ood_params` and `ood_families`)"))
 PLOT_TITLES = {"returns": "Return scatter: imagined against real return per task and policy",
                "AUROC per imagined step": "Uncertainty AUROC within each imagined step, beside chance"}
 AUROC_ROW = "uncertainty AUROC within a step index (bad step: pixel MSE above that step's median)"
@@ -168,8 +168,8 @@ def gifs_section(scale: str, root: Path, runs: Path) -> list[str]:
               f"retracing uncertainty of every imagined step (blue, K={index.get('K')} anchors; no score where a "
               "step has a single anchor) and its true error, pixel MSE against the real frame (red, dashed), "
               f"with a marker at the current step. Checkpoint `{index.get('ckpt')}`, episodes from "
-              f"`{index.get('shards')}` (`val`: held-out episodes of the training policy families; `ood`: "
-              "new parameters of the training families).", "", f"Regenerate all GIFs: `{cmd}`", ""]
+              f"`{index.get('shards')}` (`val`: held-out episodes of the training policies; `ood`: held-out "
+              "policies, new parameters of the training families or families never seen in training).", "", f"Regenerate all GIFs: `{cmd}`", ""]
     if not index.get("clips"):
         lines += [f"_missing: {gdir / 'index.json'} lists no clips (rerun `{cmd}`)_", ""]
     for c in index.get("clips") or []:

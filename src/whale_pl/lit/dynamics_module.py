@@ -342,3 +342,14 @@ class DynamicsModule(StageModule):
         ``eval_horizon`` (default: the whole clip after the context)."""
         out = self.rollout(batch, horizon=self.sampling.eval_horizon or batch["actions"].shape[1])
         return out["real_BTCHW"], out["imagined_BTCHW"]
+
+    @torch.no_grad()
+    def copy_videos(self, batch: dict, real_BTCHW: torch.Tensor) -> torch.Tensor:
+        """The trivial baseline of :meth:`eval_videos` on the same clips: the last real context frame held
+        for every frame of ``real_BTCHW`` (a token batch: its decoding)."""
+        C, frames = self.loss_cfg.context_frames, batch.get("frames")
+        if frames is not None:
+            last = frames_to_unit(frames[:, C - 1 : C])
+        else:
+            last = self.tokenizer.model.decode(self._inputs(batch)[0][:, C - 1 : C]).float()
+        return last.expand_as(real_BTCHW)
