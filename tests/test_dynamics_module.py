@@ -245,3 +245,48 @@ def test_checkpoint_of_a_retired_option_is_refused_by_name(fitted, tmp_path):
     torch.save(raw, tmp_path / "clean.ckpt")
     with pytest.raises(HandoffError, match=r"history='clean', an option DynamicsModule no longer has.*cf14e40"):
         load_frozen(tmp_path / "clean.ckpt", DynamicsModule)
+
+
+def test_z_at_imagination_is_the_prior_on_the_same_history(fitted, monkeypatch):
+    """Open loop, closed loop and retracing condition each imagined step on z_t = the behavior prior over the
+    history so far: the real context, then the frames imagined so far, with the evaluated policy's actions.
+    Computed once over the finished rollout (the prior is causal), it gives the z each step was fed."""
+    import numpy as np
+
+    from whale_pl.rollout.value import WorldModel
+
+    run, _ = fitted
+    wm = WorldModel.load(run / "checkpoints" / "last.ckpt")
+    assert wm.uses_behavior
+    fed, predicted = [], []
+    condition, predict_next = wm.model.condition, wm.model.predict_next
+
+    def spy_condition(acts_BTA, zs_BTZ, stride_B):
+        fed.append(zs_BTZ[:, -1].clone())  # the z leading into the frame being imagined
+        return condition(acts_BTA, zs_BTZ, stride_B)
+
+    def spy_predict(ids_BThw, acts_BTA, z_BTZ, stride_B):
+        predicted.append((ids_BThw, acts_BTA, z_BTZ))
+        return predict_next(ids_BThw, acts_BTA, z_BTZ, stride_B)
+
+    monkeypatch.setattr(wm.model, "condition", spy_condition)
+    monkeypatch.setattr(wm.model, "predict_next", spy_predict)
+    rng = np.random.default_rng(0)
+    B, C, H = 2, 2, 4
+    ctx = wm.tokenize(rng.integers(0, 255, (B, C, 32, 32, 3), dtype=np.uint8))
+    out = wm.imagine_open_loop(ctx, rng.uniform(-1, 1, (B, C + H - 1, 4)).astype(np.float32), horizon=H)
+    closed = wm.imagine_closed_loop(ctx[:, :1], np.zeros((B, wm.model.state_head.out_features), np.float32),
+                                    lambda t, s: rng.uniform(-1, 1, (B, 4)), horizon=H)
+    for res, c in ((out, C), (closed, 1)):
+        steps, fed[:] = list(fed[:H]), fed[H:]
+        hist = torch.cat([ctx[:, :c], res["ids_BThw"]], 1)[:, : c + H - 1]
+        prior_BTZ = wm.module.behavior_z(hist, res["actions_norm_BTA"][:, : c + H - 1])
+        for i, z_BZ in enumerate(steps):
+            torch.testing.assert_close(z_BZ, prior_BTZ[:, c - 1 + i], atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(prior_BTZ[:, c - 1], prior_BTZ[:, -1], atol=1e-4)  # z moves with the history
+    wm.step_uncertainty(ctx, out["ids_BThw"], out["actions_norm_BTA"], K=2)
+    full = torch.cat([ctx, out["ids_BThw"]], 1)
+    assert predicted and any(not torch.equal(ids[:, -1], ctx[:, -1]) for ids, _, _ in predicted)  # imagined anchors
+    for ids, acts, z in predicted:
+        assert any(torch.equal(ids[:, -1], full[:, j]) for j in range(full.shape[1]))
+        torch.testing.assert_close(z, wm.module.behavior_z(ids, acts))
