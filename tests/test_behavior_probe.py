@@ -70,3 +70,35 @@ def test_accuracy_by_history_buckets_points_by_history_length():
     ok = np.array([1, 0, 1, 1, 0, 1])
     assert accuracy_by_history(ok, t) == "t 8-15 0.50, t 16-31 1.00, t 32-63 1.00, t 64-119 0.50"
     assert accuracy_by_history(ok[:2], t[:2]) == "t 8-15 0.50"  # empty buckets are left out
+
+
+def test_split_probes_read_families_and_policies_per_split_beside_chance():
+    """Synthetic z: the family is written in dims 0-1 and the policy's parameter in dim 2, with noise. The
+    family probe reads training families (leave one start out) and a seen family's new parameter; policies
+    are told apart within each split; a family never seen in training gets no family figure; pure noise
+    reads about chance."""
+    from whale_pl.analysis.probe import split_probes
+
+    rng = np.random.default_rng(0)
+    splits = {"val": ["noise_0.1", "noise_0.5", "lag_3", "lag_6"], "ood_params": ["noise_1.0", "lag_8"],
+              "ood_families": ["sine_0.5", "pause_0.1"]}
+    code = {"noise": (1.0, 0.0), "lag": (0.0, 1.0), "sine": (-1.0, 0.0), "pause": (0.0, -1.0)}
+    pol, spl, start, z = [], [], [], []
+    for s, ps in splits.items():
+        for p in ps:
+            fam, par = p.split("_")
+            for k in range(5):
+                pol.append(p), spl.append(s), start.append(k)
+                mean = np.array([*code[fam], float(par), 0.0])
+                z.append(mean + 0.05 * rng.normal(size=(10, 4)))
+    z_NTZ = torch.as_tensor(np.stack(z), dtype=torch.float32)
+    out = split_probes(z_NTZ, pol, spl, np.array(start), t_min=2)
+    assert out["families"] == ["lag", "noise"]
+    assert out["val"]["family"]["acc"] == 1.0 and out["val"]["family"]["chance"] == 0.5
+    assert out["ood_params"]["family"]["acc"] == 1.0 and "family" not in out["ood_families"]
+    for s, ps in splits.items():
+        assert out[s]["policy"]["acc"] > 0.95 and out[s]["policy"]["chance"] == 1 / len(ps)
+        assert out[s]["policy"]["episodes"] == 5 * len(ps)
+    noise = split_probes(torch.randn_like(z_NTZ), pol, spl, np.array(start), t_min=2)
+    lo, hi = noise["val"]["policy"]["acc_ci"]
+    assert lo - 0.1 <= 0.25 <= hi + 0.1 and noise["val"]["policy"]["acc"] < 0.5

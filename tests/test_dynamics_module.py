@@ -290,3 +290,22 @@ def test_z_at_imagination_is_the_prior_on_the_same_history(fitted, monkeypatch):
     for ids, acts, z in predicted:
         assert any(torch.equal(ids[:, -1], full[:, j]) for j in range(full.shape[1]))
         torch.testing.assert_close(z, wm.module.behavior_z(ids, acts))
+
+
+@pytest.mark.filterwarnings("ignore:Constant")
+def test_experiment_probe_reads_z_of_real_rollouts_per_split(fitted, tiny_data_yaml):
+    """The experiment's behavior probe runs the on-model's prior over real Meta-World rollouts from start
+    states the data never held, and reports each split beside chance (a few steps of training: no figure
+    is expected to beat chance here)."""
+    from whale_pl import experiment
+    from whale_pl.rollout.value import EvalSet, WorldModel, collect_real, frame_stride_of
+
+    ckpt = fitted[0] / "checkpoints" / "last.ckpt"
+    ev = EvalSet.from_data_config(tiny_data_yaml, starts=2, horizon=8, frame_stride=frame_stride_of(ckpt))
+    real = collect_real(ev, progress=False)
+    pr = experiment.behavior_probe(WorldModel.load(ckpt), real, ev)
+    assert pr["families"] == ["expert", "lag", "noise"] and set(pr) == {"t_min", "families", "val", "ood_params"}
+    assert pr["val"]["policy"]["episodes"] == len(ev.tasks) * 2 * len(ev.splits["val"])
+    assert pr["val"]["family"]["chance"] == pytest.approx(1 / 3) and 0 <= pr["ood_params"]["family"]["acc"] <= 1
+    md = "\n".join(experiment._probe_lines({"probe": pr}))
+    assert "| val | family |" in md and "| ood_params | policy |" in md

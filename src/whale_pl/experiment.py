@@ -128,6 +128,25 @@ def _mean_errors(errors: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.mean([e[k] for e in errors], 0) for k in MODEL_KEYS}
 
 
+def behavior_probe(wm, real, ev) -> dict:
+    """The linear probe of the behavior prior's z_t per split (``analysis.probe.split_probes``) on the real
+    rollouts, whose start states no stage saw or was chosen on; empty for a model without behavior."""
+    import torch
+
+    from whale_pl.analysis.probe import split_probes
+
+    if not wm.uses_behavior:
+        return {}
+    z = []
+    with torch.no_grad():
+        for i in range(0, len(real.policy), 32):
+            ids = wm.tokenize(real.frames[i: i + 32])
+            acts = torch.as_tensor(wm.normaliser.normalise_held(real.actions[i: i + 32]), device=wm.device)
+            z.append(wm.module.behavior_z(ids, acts).float().cpu())
+    start_B = np.arange(len(real.policy)) % ev.starts  # task-major, then policy, then start
+    return split_probes(torch.cat(z), real.policy, [ev.split_of(p) for p in real.policy], start_B)
+
+
 def evaluate(a: argparse.Namespace, runs: dict) -> dict:
     """One set of real rollouts; every on and off model's values and video errors; retracing of on-model 0
     against the ensemble of on-models 0..M-1."""
@@ -154,6 +173,7 @@ def evaluate(a: argparse.Namespace, runs: dict) -> dict:
             errors[group].append(rollout_errors(wm, real, rollouts, baselines=group == "on" and i == 0))
             if group == "on" and i == 0:
                 wm0, rollouts0, baselines = wm, rollouts, errors["on"][0]
+    probe = behavior_probe(wm0, real, ev)
     print(f"[experiment] retracing (K={a.K}) vs the {a.members}-member ensemble", flush=True)
     members = [wm0] + [WorldModel.load(c, a.device) for c in on_ckpts[1: a.members]]
     unc = evaluate_uncertainty(wm0, rollouts0, K=a.K, ensemble=members)
@@ -169,7 +189,7 @@ def evaluate(a: argparse.Namespace, runs: dict) -> dict:
                             "inference_cost_ratio": unc["seconds"]["ensemble"] / max(unc["seconds"]["retracing"], 1e-9),
                             "training_cost_ratio": sum(secs) / max(secs[0], 1e-9),
                             **uncertainty_figures(unc, errors["on"][0]), "per_step": per_step(unc, errors["on"][0])},
-            "splits": ev.splits, "tasks": ev.tasks, "real_seconds": real.seconds}
+            "probe": probe, "splits": ev.splits, "tasks": ev.tasks, "real_seconds": real.seconds}
 
 
 def _f(x, nd: int = 3) -> str:
@@ -296,12 +316,31 @@ def _video_lines(res: dict) -> list[str]:
     return L + [""]
 
 
+def _probe_lines(res: dict) -> list[str]:
+    """The behavior probe per split (a diagnostic), beside chance."""
+    pr = res.get("probe") or {}
+    L = ["## Behavior probe (a diagnostic)", ""]
+    if not pr:
+        return L + ["_no behavior-conditioned model: no probe_", ""]
+    L += [f"A linear probe of the on-model 0's prior z_t (t >= {pr['t_min']}) on the real rollouts above, whose start "
+          "states no stage saw or was chosen on. `family`: which training family acted (training policies: leave one "
+          "start state out; `ood_params`: fitted on every training-policy rollout; undefined for families never seen "
+          "in training). `policy`: which of the split's policies acted, leave one start state out. Interval: 95 % "
+          "bootstrap over episodes.", "", "| split | probe | accuracy | chance | episodes |", "|---|---|---|---|---|"]
+    for split in [k for k in pr if isinstance(pr[k], dict)]:
+        for kind in ("family", "policy"):
+            row = pr[split].get(kind)
+            L.append(f"| {split} | {kind} | " + (f"{_ci(row, 'acc')} | {_f(row['chance'])} | {row['episodes']} |"
+                                                  if row else "undefined (family never seen in training) | | |"))
+    return L + [""]
+
+
 def write_report(res: dict, path: Path) -> None:
     """``experiment.md``: the set-up, the verdicts, the tables of (1), (2) and (3), the plots."""
     L = _setup_lines(res) + ["## Verdicts", "", *verdicts(res), ""] + _value_lines(res)
     L += [f"![{k}]({Path(p).name})" for k, p in res["plots"].items() if k.startswith("returns")] + [""]
     L += _uncertainty_lines(res) + [f"![{k}]({Path(p).name})" for k, p in res["plots"].items()
-                                    if k.startswith("AUROC")] + [""] + _video_lines(res)
+                                    if k.startswith("AUROC")] + [""] + _video_lines(res) + _probe_lines(res)
     L += [f"Regenerate: the command above (reuses the finished runs under `runs/{res['scale']}/experiment/"
           f"{res['steps']}_steps`; move them aside to retrain).", ""]
     write_text_atomic(path, "\n".join(L))

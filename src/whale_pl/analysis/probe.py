@@ -98,3 +98,59 @@ def scatter_figure(points_N2: np.ndarray, labels_N: np.ndarray, names: list[str]
     ax.legend(fontsize=7, markerscale=2)
     fig.tight_layout()
     return fig
+
+
+def _cv_by_start(x_NTZ: torch.Tensor, y_N: np.ndarray, start_N: np.ndarray, n_classes: int) -> np.ndarray:
+    """Correct predictions [N, T] of a probe fitted on the episodes of every other start state (leave one start
+    state out: no episode's own start, in any task, is seen in fitting)."""
+    correct = np.zeros(x_NTZ.shape[:2], bool)
+    T = x_NTZ.shape[1]
+    for s in np.unique(start_N):
+        fit, test = start_N != s, start_N == s
+        if not fit.any():
+            return np.full(x_NTZ.shape[:2], np.nan)
+        y_fit = torch.as_tensor(np.repeat(y_N[fit], T))
+        probe = fit_linear_probe(x_NTZ[fit].flatten(0, 1), y_fit, n_classes)
+        correct[test] = (probe.predict(x_NTZ[test].flatten(0, 1)).numpy() == np.repeat(y_N[test], T)).reshape(-1, T)
+    return correct
+
+
+def _accuracy(correct_NT: np.ndarray, chance: float, seed: int = 0, n_boot: int = 2000) -> dict:
+    """Mean accuracy over episodes (each the share of its points) with a 95 % bootstrap interval over episodes."""
+    from whale_pl.rollout.stats import interval
+
+    per_ep = np.asarray(correct_NT, float).mean(1)
+    boot = per_ep[np.random.default_rng(seed).integers(0, len(per_ep), (n_boot, len(per_ep)))].mean(1)
+    return {"acc": float(per_ep.mean()), "acc_ci": interval(boot), "chance": chance, "episodes": len(per_ep)}
+
+
+def split_probes(z_NTZ: torch.Tensor, policy_N: list[str], split_N: list[str], start_N: np.ndarray,
+                 t_min: int = 4) -> dict:
+    """The behavior probe per split, on rollouts from start states no stage ever saw (nothing was chosen on them):
+    ``family`` (the training families' policies: which family, leave one start state out; ``ood_params``: the
+    family of a new parameter, fitted on every training-family rollout; undefined for families never seen) and
+    ``policy`` (which policy of the split, leave one start state out). Points: z_t for t >= ``t_min``."""
+    from whale_pl.data.policies import parse_policy
+
+    x, split, start = z_NTZ[:, t_min:].double(), np.asarray(split_N), np.asarray(start_N)
+    fam = np.array([parse_policy(p).family for p in policy_N])
+    families = sorted(set(fam[split == "val"]))
+    fam_y = np.array([families.index(f) if f in families else -1 for f in fam])
+    out: dict = {"t_min": t_min, "families": families}
+    for s in dict.fromkeys(split):
+        sel = split == s
+        pols = sorted(set(np.asarray(policy_N)[sel]))
+        pol_y = np.array([pols.index(p) for p in np.asarray(policy_N)[sel]])
+        out[s] = {"policy": _accuracy(_cv_by_start(x[sel], pol_y, start[sel], len(pols)), 1 / len(pols))}
+        if s == "val":
+            correct = _cv_by_start(x[sel], fam_y[sel], start[sel], len(families))
+        elif (fam_y[sel] >= 0).all():
+            train = split == "val"
+            probe = fit_linear_probe(x[train].flatten(0, 1), torch.as_tensor(np.repeat(fam_y[train], x.shape[1])),
+                                     len(families))
+            correct = (probe.predict(x[sel].flatten(0, 1)).numpy() == np.repeat(fam_y[sel], x.shape[1])).reshape(
+                -1, x.shape[1])
+        else:
+            continue  # a family never seen in training has no label the probe could give
+        out[s]["family"] = _accuracy(correct, 1 / len(families))
+    return out
