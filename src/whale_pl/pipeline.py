@@ -71,11 +71,9 @@ def _move_aside(run_dir: Path) -> None:
 def _written_checkpoint(run_dir: Path) -> Path:
     """The best checkpoint the fit wrote (the newest ``best*.ckpt``; ``last.ckpt`` without one)."""
     ckpts = sorted((run_dir / "checkpoints").glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpts = ckpts or [p for p in [run_dir / "checkpoints" / "last.ckpt"] if p.is_file()]
     if ckpts:
         return ckpts[-1]
-    if last.is_file():
-        return last
     raise SystemExit(f"[whale] the fit finished but wrote no checkpoint under {run_dir / 'checkpoints'}")
 
 
