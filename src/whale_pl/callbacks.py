@@ -110,9 +110,8 @@ class EvalCallback(Callback):
         self.every_n_val_epochs, self.num_clips, self.fvd, self.i3d_path = every_n_val_epochs, num_clips, fvd, i3d_path
         self.fvd_batch_size, self.log_clips, self.value_gap, self.value_fn = fvd_batch_size, log_clips, value_gap, value_fn
         self.value_kwargs, self.metrics_file = dict(value_kwargs or {}), metrics_file
-        self._val_epochs, self._active, self._seconds = 0, False, 0.0
+        self._val_epochs, self._active, self._seconds, self._fvd_loaded = 0, False, 0.0, False
         self._fvd: FVD | None = None
-        self._fvd_loaded = False
         self._evaluator: VideoEvaluator | None = None
         self._shown: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_metrics: dict | None = None

@@ -6,6 +6,7 @@ Temporary files are dot files ending in ``.tmp`` plus the target's suffix, so no
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -46,3 +47,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, obj: Any, allow_nan: bool = False, sort_keys: bool = False) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically; a NaN is an error unless ``allow_nan``."""
     return write_text_atomic(path, json.dumps(obj, indent=1, allow_nan=allow_nan, sort_keys=sort_keys) + "\n")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

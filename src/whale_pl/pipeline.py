@@ -1,30 +1,24 @@
 """Run the three stages in order, reusing what is complete and resuming what was interrupted.
 
-``python -m whale_pl.pipeline dynamics --scale demo`` trains the dynamics stage, first building any
-stage it needs that is missing (tokenizer, token shards, then behavior). A stage is *complete* when its
-run directory holds ``DONE`` (written atomically after a successful fit, naming the checkpoint); a
-stage with ``checkpoints/last.ckpt`` but no ``DONE`` was interrupted and resumes from that checkpoint.
-Extra arguments after ``--`` go to ``whale fit`` unchanged (e.g. ``--trainer.devices 8``).
-
-``tokens`` (``runs/<scale>/tokens``, ``data/tokens.py``): every dataset directory the behavior and
-dynamics configs read, tokenised once by the tokenizer stage's checkpoint, each frame alone. It is built
-before a behavior or dynamics stage whose data section names ``tokens`` (and handed to it as
-``--data.init_args.tokens``); complete when each token dataset has its manifest (an interrupted build
-resumes); refused, naming both, when it was made with another tokenizer checkpoint or from other data
-(``tokens --force`` moves it aside and rebuilds). On a cluster, one rank per shard subset:
+``python -m whale_pl.pipeline dynamics --scale demo`` builds every missing stage it needs first (tokenizer,
+token shards, behavior). A stage is complete when its run directory holds ``DONE`` (naming the checkpoint and
+its sha256); one with ``checkpoints/last.ckpt`` but no ``DONE`` resumes from it. Arguments after ``--`` go to
+``whale fit``. ``tokens`` (``runs/<scale>/tokens``, ``data/tokens.py``) tokenises every dataset directory a
+behavior or dynamics config reads with ``tokens`` set; on a cluster, one rank per shard subset:
 ``torchrun --nproc_per_node 8 -m whale_pl.pipeline tokens --scale whale_x`` (the tokenizer must be done).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from whale_pl.io import sha256_file as sha256_of, write_text_atomic
 
 STAGES = ("tokenizer", "behavior", "dynamics")  # the trained stages (run directories with DONE)
 TARGETS = ("tokenizer", "tokens", "behavior", "dynamics")  # what the command line builds
@@ -42,26 +36,6 @@ def stage_config(scale: str, stage: str, stages_root: Path = Path("stages")) -> 
         avail = sorted(p.name for p in stages_root.iterdir() if p.is_dir()) if stages_root.exists() else []
         raise FileNotFoundError(f"no config {cfg} for stage '{stage}' at scale '{scale}' (scales: {avail})")
     return cfg
-
-
-def is_complete(scale: str, stage: str) -> bool:
-    """Whether the stage finished (its run directory holds ``DONE``)."""
-    return (stage_dir(scale, stage) / "DONE").exists()
-
-
-def sha256_of(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _mark_done(run_dir: Path, info: dict) -> None:
-    tmp = run_dir / "DONE.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, run_dir / "DONE")
 
 
 def done_checkpoint(scale: str, stage: str) -> Path:
@@ -97,11 +71,9 @@ def _move_aside(run_dir: Path) -> None:
 def _written_checkpoint(run_dir: Path) -> Path:
     """The best checkpoint the fit wrote (the newest ``best*.ckpt``; ``last.ckpt`` without one)."""
     ckpts = sorted((run_dir / "checkpoints").glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpts = ckpts or [p for p in [run_dir / "checkpoints" / "last.ckpt"] if p.is_file()]
     if ckpts:
         return ckpts[-1]
-    if last.is_file():
-        return last
     raise SystemExit(f"[whale] the fit finished but wrote no checkpoint under {run_dir / 'checkpoints'}")
 
 
@@ -109,11 +81,6 @@ def _handoff_args(scale: str, stage: str) -> list[str]:
     """The earlier stages' checkpoints, as their DONE records name them, for this stage's config."""
     earlier = STAGES[: STAGES.index(stage)]
     return [x for st in earlier for x in (f"--model.init_args.{st}_ckpt", str(done_checkpoint(scale, st)))]
-
-
-def tokens_dir(scale: str, runs: Path = Path("runs")) -> Path:
-    """The token shards of a scale: ``runs/<scale>/tokens/<dataset directory name>/``."""
-    return runs / scale / "tokens"
 
 
 def _data_args(cfg: Path) -> dict:
@@ -150,17 +117,19 @@ def _token_sources(scale: str) -> list[str]:
 
 def run_tokens(scale: str, force: bool = False, workers: int | None = None) -> Path:
     """Build (or resume, or reuse) the scale's token shards with the tokenizer stage's checkpoint."""
+    import torch
+
     from whale_pl.data.shards import MANIFEST
     from whale_pl.data.tokens import TokenError, build_tokens
 
-    out = tokens_dir(scale)
+    out = Path("runs") / scale / "tokens"  # one token dataset per dataset directory, under its name
     if force and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit(f"[whale] tokens --force under torchrun: every rank would move {out} aside; move it aside "
                          "once yourself, then run without --force")
     if force:
         _move_aside(out)
     ckpt = done_checkpoint(scale, "tokenizer")
-    workers = workers or (1 if _has_cuda() else 2)
+    workers = workers or (1 if torch.cuda.is_available() else 2)
     for src in _token_sources(scale):
         dst = out / Path(src).name
         if (dst / MANIFEST).exists():
@@ -178,18 +147,12 @@ def run_tokens(scale: str, force: bool = False, workers: int | None = None) -> P
     return out
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def run_stage(scale: str, stage: str, extra: list[str] | None = None, force: bool = False) -> Path:
     """Train one stage unless complete; resume from ``last.ckpt`` when a previous run was cut off.
     ``force`` (or a run directory holding something else than an interrupted run) starts clean."""
     run_dir = stage_dir(scale, stage)
     cfg = stage_config(scale, stage)
-    if is_complete(scale, stage) and not force:
+    if (run_dir / "DONE").exists() and not force:
         print(f"[whale] {stage}: complete ({run_dir / 'DONE'}), reusing it", flush=True)
         return run_dir
     cmd = [sys.executable, "-m", "whale_pl.cli", "fit", "--config", str(cfg), *_handoff_args(scale, stage)]
@@ -208,8 +171,8 @@ def run_stage(scale: str, stage: str, extra: list[str] | None = None, force: boo
     if proc.returncode != 0:
         raise SystemExit(f"[whale] {stage}: training failed (exit {proc.returncode}); rerun to resume")
     ckpt = _written_checkpoint(run_dir)
-    _mark_done(run_dir, {"stage": stage, "scale": scale, "config": str(cfg), "seconds": time.time() - t0,
-                         "checkpoint": str(ckpt), "sha256": sha256_of(ckpt)})
+    write_text_atomic(run_dir / "DONE", json.dumps({"stage": stage, "scale": scale, "config": str(cfg), "seconds":
+                      time.time() - t0, "checkpoint": str(ckpt), "sha256": sha256_of(ckpt)}, indent=2))
     print(f"[whale] {stage}: done in {fmt_elapsed(time.time() - t0)} -> {ckpt}", flush=True)
     return run_dir
 

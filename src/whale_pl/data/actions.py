@@ -1,10 +1,8 @@
 """Action normalisation for single and composed actions, as the datamodule applies it.
 
-The model sees normalised actions: ``(a - k * mean) / std`` on every dim but the gripper (which
-stays raw), where ``a`` is a raw action composed over ``k`` recorded steps with the data's
-:class:`~whale_pl.data.episode.ActionSpace` (``compose``: positions summed, rotations composed,
-the gripper's last value). The datamodule normalises stride-k clips this way; the evaluation and
-retracing code use :class:`ActionNormaliser` to do the same outside the loader.
+The model sees ``(a - k * mean) / std`` on every dim but the gripper (raw), where ``a`` is a raw action composed
+over ``k`` recorded steps (``ActionSpace.compose``). Evaluation and retracing use ``ActionNormaliser`` to do the
+same outside the loader.
 """
 
 from __future__ import annotations

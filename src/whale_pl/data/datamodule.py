@@ -1,32 +1,17 @@
 """Clips from episode shards: ``ClipDataModule`` and ``MetaWorldDataModule``.
 
-Batches are dicts of tensors (docs/contracts.md "Batches"), plus ``dataset`` int64 [B] (index
-into ``data_spec["datasets"]``), ``episode`` int64 [B] (episode index in its directory's
-manifest order) and ``start`` int64 [B] (first frame of the clip in the episode).
+Batches are dicts of tensors (docs/contracts.md "Batches") plus ``dataset``, ``episode`` (index in its
+directory's manifest order) and ``start`` (first frame of the clip), int64 [B]. With ``tokens`` (one token
+dataset per directory, ``data/tokens.py``) batches carry ``ids`` [B, T, h, w] instead of ``frames``; the token
+shards mirror the frame shards episode for episode, so the same seed cuts the same clips.
 
-Frames or tokens: with ``tokens`` (a folder holding one token dataset per dataset directory, named
-like it; ``data/tokens.py``) the clips come from the token shards and batches carry ``ids`` int64
-[B, T, h, w] (each frame tokenised alone by the frozen tokenizer) instead of ``frames``. Everything
-else is the same code for both: the token shards mirror the frame shards episode for episode, so the
-same seed cuts the same clips, with the same composed actions and normalisation.
-
-How clips are drawn, per DataLoader worker:
-- Readers are (rank, worker) pairs, ``n = world_size * num_workers`` of them. With at least ``n``
-  shards of a split in a directory each reader owns whole shards (``shards[i::n]``); with fewer,
-  each reader owns every n-th episode (it still reads every shard but decodes only its own). So
-  ranks always read different episodes. Rank and world size are passed explicitly (or taken from
-  the Trainer in ``setup``), never guessed from the environment.
-- Each reader streams its episodes endlessly (reshuffled every pass), keeps a pool of decoded
-  episodes and cuts ``clips_per_episode`` random clips from each before replacing it; the
-  directory of every clip is drawn by ``weights``. Episodes too short for a clip are skipped and
-  counted (warning); a reader that finds no usable episode raises.
-- An epoch is exactly ``steps_per_epoch`` batches per rank (``val_steps`` for validation), split
-  over the workers: every rank runs the same number of steps (unequal counts hang DDP).
-- Train clips are reseeded every epoch (seed, epoch, rank, worker); validation clips are the
-  same every time.
-
-Normalisation: each directory with its own manifest's train-split statistics:
-``(a - k*mean) / std`` for summed and rotation dims of a clip with stride ``k``; the gripper raw.
+Per DataLoader worker: readers are the ``world_size * num_workers`` (rank, worker) pairs; each owns whole
+shards when there are enough, else every n-th episode, so ranks never share episodes. A reader streams its
+episodes endlessly, keeps a pool of decoded ones and cuts ``clips_per_episode`` clips from each; each clip's
+directory is drawn by ``weights``; too-short episodes are skipped (warned). An epoch is exactly
+``steps_per_epoch`` batches per rank (unequal counts hang DDP); train clips are reseeded every epoch,
+validation clips are the same every time. Actions are normalised with each directory's own train-split
+statistics: ``(a - k*mean) / std`` at stride ``k``, the gripper raw.
 """
 
 from __future__ import annotations
@@ -52,27 +37,18 @@ from whale_pl.data.tokens import TokenEpisode, iter_token_episodes, read_token_m
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------------------------
-# one dataset directory, as seen by the clip stream
-# --------------------------------------------------------------------------------------------
 class _DirInfo:
+    """One dataset directory as the clip stream sees it: manifest, reader, normalisation, episode indices."""
+
     def __init__(self, path: str, manifest: dict, index: int, tokens: bool = False):
-        self.path, self.m, self.index = path, manifest, index
-        self.name = Path(path).name
+        self.path, self.m, self.index, self.name = path, manifest, index, Path(path).name
         self.read = iter_token_episodes if tokens else iter_shard_episodes  # (dir, shard, manifest, ...) -> episodes
         self.space = ActionSpace.from_json(manifest["action_space"])
-        st = manifest["action_stats"]
-        self.mean = np.asarray(st["mean"], np.float32)
-        self.std = safe_std(st["std"])
-        mask = self.space.normalised_mask
-        self.mean = np.where(mask, self.mean, 0.0).astype(np.float32)  # gripper: raw
-        self.std = np.where(mask, self.std, 1.0).astype(np.float32)
-        # episode index = index of the first episode of its shard + position in the shard (manifest order)
-        self.shard_offset: dict[str, int] = {}
-        n = 0
-        for sh in manifest["shards"]:
-            self.shard_offset[sh["name"]] = n
-            n += len(sh["keys"])
+        mask, st = self.space.normalised_mask, manifest["action_stats"]  # the gripper stays raw
+        self.mean = np.where(mask, np.asarray(st["mean"], np.float32), 0.0).astype(np.float32)
+        self.std = np.where(mask, safe_std(st["std"]), 1.0).astype(np.float32)
+        first = np.cumsum([0] + [len(sh["keys"]) for sh in manifest["shards"]])  # index of each shard's first episode
+        self.shard_offset = {sh["name"]: int(n) for sh, n in zip(manifest["shards"], first)}
 
     def episode_index(self, shard: dict, key: str) -> int:
         """The dataset-wide index of episode ``key`` of ``shard``."""
@@ -112,19 +88,9 @@ class ClipStream(IterableDataset):
                 raise ShardError(f"{d.path}: no shards of split(s) {list(self.splits)} "
                                  f"(has {sorted(d.m['splits'])})")
 
-    def with_epoch(self, steps: int) -> "ClipStream":
-        """Set the epoch length: ``steps`` batches per rank."""
-        self.steps = int(steps)
-        return self
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch that seeds the train clips."""
-        self.epoch = int(epoch)
-
     def __len__(self) -> int:
         return self.steps
 
-    # ---- per-reader episode source ----------------------------------------------------------
     def _episodes(self, d: _DirInfo, reader: int, n_readers: int, rng: np.random.Generator) -> Iterator[tuple[int, Episode]]:
         shards = d.shards(self.splits)
         if len(shards) >= n_readers:
@@ -140,8 +106,7 @@ class ClipStream(IterableDataset):
         usable, skipped = 0, 0
         need = self.clip_len * self.frame_stride
         while True:
-            order = rng.permutation(len(mine))
-            for j in order:
+            for j in rng.permutation(len(mine)):
                 sh = mine[j]
                 sel = None if keys is None else {k for k in sh["keys"] if k in keys}
                 for key, ep in d.read(d.path, sh, d.m, on_error=self.on_error, keys=sel):
@@ -158,7 +123,6 @@ class ClipStream(IterableDataset):
                                  f" has the {need} frames a clip needs (clip_len={self.clip_len}, frame_stride="
                                  f"{self.frame_stride})")
 
-    # ---- clips ------------------------------------------------------------------------------
     def _batch_plan(self, rng: np.random.Generator) -> tuple[int, int]:
         """(stride multiple m, clip length T) of the next batch: with probability ``retrace_prob`` a
         retracing batch (m drawn from ``retrace_strides``, ``retrace_clip_len`` frames), else (1, clip_len)."""
@@ -205,24 +169,20 @@ class ClipStream(IterableDataset):
                 "ood": pname in self.ood_policies or ep.meta.get("split") == "ood", "stride": m,
                 "dataset": d.index, "episode": ep_idx, "start": start}
 
-    def _collate(self, clips: list[dict]) -> dict[str, torch.Tensor]:
-        if "ids" in clips[0]:
-            return {"ids": torch.from_numpy(np.stack([c["ids"] for c in clips])).long(), **self._collate_steps(clips)}
-        out: dict[str, torch.Tensor] = {}
-        t_, h, w, c3 = clips[0]["frames"].shape
-        frames = torch.empty((len(clips), t_, c3, h, w), dtype=torch.uint8)
-        if get_worker_info() is not None:
-            frames.share_memory_()  # filled in place: no extra copy when the batch crosses to the main process
-        f_np = frames.numpy()
-        for i, c in enumerate(clips):
-            f_np[i] = c["frames"].transpose(0, 3, 1, 2)  # the one copy of the pixels: [T, H, W, 3] -> [T, 3, H, W]
-        out["frames"] = frames
-        return {**out, **self._collate_steps(clips)}
-
     @staticmethod
-    def _collate_steps(clips: list[dict]) -> dict[str, torch.Tensor]:
-        """Everything of a batch but its frames or ids."""
-        out: dict[str, torch.Tensor] = {}
+    def _collate(clips: list[dict]) -> dict[str, torch.Tensor]:
+        """Clips -> a batch; frames are copied once, [T, H, W, 3] -> [T, 3, H, W], into shared memory in a worker."""
+        if "ids" in clips[0]:
+            out = {"ids": torch.from_numpy(np.stack([c["ids"] for c in clips])).long()}
+        else:
+            t_, h, w, c3 = clips[0]["frames"].shape
+            frames = torch.empty((len(clips), t_, c3, h, w), dtype=torch.uint8)
+            if get_worker_info() is not None:
+                frames.share_memory_()  # filled in place: no extra copy when the batch crosses to the main process
+            f_np = frames.numpy()
+            for i, c in enumerate(clips):
+                f_np[i] = c["frames"].transpose(0, 3, 1, 2)
+            out = {"frames": frames}
         for k in ("actions", "actions_raw", "rewards", "success", "state", "is_first"):
             out[k] = torch.from_numpy(np.stack([c[k] for c in clips]))
         for k in ("family", "policy", "stride", "dataset", "episode", "start"):
@@ -269,45 +229,24 @@ class _EpochLoader(DataLoader):
     def __iter__(self):
         ds = self.dataset
         if isinstance(ds, ClipStream) and not ds.fixed_seed:
-            ds.set_epoch(ds.epoch + 1 if getattr(ds, "_iterated", False) else ds.epoch)
+            ds.epoch += 1 if getattr(ds, "_iterated", False) else 0
             ds._iterated = True
         return super().__iter__()
 
 
-# --------------------------------------------------------------------------------------------
-# datamodules
-# --------------------------------------------------------------------------------------------
 class ClipDataModule(L.LightningDataModule):
     """Random clips from one or more shard directories (see the module docstring).
 
-    Args:
-        dirs: dataset directories (each with its own manifest and normalisation statistics).
-        weights: sampling weight per directory (default: equal).
-        clip_len: frames per clip (T).
-        val_clip_len: frames per validation clip (default ``clip_len``); e.g. longer held-out clips
-            for FVD (I3D needs >= 9 frames) while training on short ones.
-        frame_stride: base stride between clip frames (the model's clock); actions are composed
-            and rewards summed over it. Stored in ``data_spec`` so later consumers of a checkpoint
-            (value evaluation, video metrics, GIFs) read data on the same clock.
-        retrace_strides / retrace_prob: with probability ``retrace_prob`` a train batch is a retracing
-            batch: its clips use a stride drawn from ``retrace_strides``, in units of ``frame_stride``
-            (composed actions; ``batch["stride"]`` is in the same units: 1 for a base clip).
-        retrace_clip_len: frames per retracing clip (default and at most ``clip_len``): shorter clips let
-            large strides fit short episodes (a stride-3 clip of T frames spans 3 * frame_stride * T steps).
-        batch_size: clips per batch (per rank).
-        num_workers: DataLoader workers per rank.
-        steps_per_epoch / val_steps: batches per rank per train epoch / validation run.
-        train_splits / val_splits: manifest splits for training and validation clips.
-        clips_per_episode / pool_size: clips cut from each decoded episode / episodes held per reader.
-        seed: base seed. rank / world_size: explicit; default from the Trainer in ``setup``.
-        verify: check shard sizes and sha256 against the manifests in ``setup``.
-        on_error: "raise" (default) or "skip" corrupt samples (each one logged).
-        multiprocessing_context: e.g. "forkserver" if this process has rendered (README, Troubleshooting).
-        tokens: a folder of token datasets, one per directory of ``dirs`` under its name
-            (``runs/<scale>/tokens``, ``python -m whale_pl.pipeline tokens``): clips come from them and
-            batches carry ``ids`` instead of ``frames``. None: frames (the stage modules tokenise them).
-            Each token dataset must be complete and made from that very directory's data; which
-            tokenizer made it is checked by the stage module (``token_info``).
+    ``weights``: sampling weight per directory (default equal). ``val_clip_len``: frames per validation clip
+    (default ``clip_len``; FVD's I3D needs >= 9). ``frame_stride``: base stride between clip frames (the model's
+    clock, stored in ``data_spec``); actions are composed and rewards summed over it. With probability
+    ``retrace_prob`` a train batch uses a stride drawn from ``retrace_strides`` (in units of ``frame_stride``,
+    as ``batch["stride"]``) and ``retrace_clip_len`` frames (default and at most ``clip_len``).
+    ``steps_per_epoch`` / ``val_steps``: batches per rank. ``rank`` / ``world_size``: default from the Trainer.
+    ``verify``: check shard sizes and sha256. ``on_error``: "raise" or "skip" (logged) corrupt samples.
+    ``multiprocessing_context``: e.g. "forkserver" if this process has rendered (README, Troubleshooting).
+    ``tokens``: a folder with one token dataset per directory under its name (``runs/<scale>/tokens``); batches
+    then carry ``ids``; the stage module checks which tokenizer made them (``token_info``).
     """
 
     def __init__(self, dirs: list[str] | str, weights: list[float] | None = None, clip_len: int = 16,
@@ -358,7 +297,6 @@ class ClipDataModule(L.LightningDataModule):
         self._dirs: list[_DirInfo] | None = None
         self._train_ds: ClipStream | None = None
 
-    # ---- metadata ---------------------------------------------------------------------------
     def token_dir(self, index: int) -> Path:
         """The token dataset of directory ``index`` (``tokens`` / its name)."""
         if self.tokens is None:
@@ -431,7 +369,6 @@ class ClipDataModule(L.LightningDataModule):
                          for d, w in zip(dirs, self.weights)],
         }
 
-    # ---- Lightning --------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         """Resolve rank and world size (explicit, else from the Trainer) and load the manifests."""
         if self.rank is None or self.world_size is None:
@@ -477,7 +414,7 @@ class ClipDataModule(L.LightningDataModule):
         """The train stream (cached, so its epoch counter advances across ``train_dataloader`` calls)."""
         if getattr(self, "_train_ds", None) is None:
             self._train_ds = self._stream(train=True)
-        self._train_ds.with_epoch(self.steps_per_epoch)
+        self._train_ds.steps = self.steps_per_epoch
         return self._train_ds
 
     def val_dataset(self) -> ClipStream:
@@ -498,12 +435,6 @@ class ClipDataModule(L.LightningDataModule):
         need = self.val_clip_len * self.frame_stride
         return sum(max(0, n - need + 1) for d in self._load() for n in episode_lengths(d.path, d.m, self.val_splits))
 
-    def with_epoch(self, steps_per_epoch: int) -> "ClipDataModule":
-        """Set the train epoch length in batches per rank; returns self."""
-        self.steps_per_epoch = int(steps_per_epoch)
-        return self
-
-    # ---- whole episodes (evaluation) --------------------------------------------------------
     def iter_episodes(self, split: str | Sequence[str] = "ood", family: str | None = None,
                       policy: str | None = None, task: str | None = None,
                       dataset: int = 0) -> Iterator[Episode | TokenEpisode]:
@@ -559,26 +490,14 @@ class MetaWorldDataModule(ClipDataModule):
     """
 
     def __init__(self, config: str, out: str | None = None, collect_workers: int | None = None,
-                 overwrite: bool = False, clip_len: int = 16, frame_stride: int = 1,
-                 retrace_strides: list[int] | None = None, retrace_prob: float = 0.0, batch_size: int = 8,
-                 num_workers: int = 2, steps_per_epoch: int = 100, val_steps: int = 10,
-                 train_splits: list[str] | None = None, val_splits: list[str] | None = None,
-                 clips_per_episode: int = 8, pool_size: int = 16, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, verify: bool = True, on_error: str = "raise",
-                 multiprocessing_context: str | None = None, pin_memory: bool = False,
-                 val_clip_len: int | None = None, retrace_clip_len: int | None = None, tokens: str | None = None):
+                 overwrite: bool = False, **kwargs: Any):
+        """``kwargs``: ``ClipDataModule``'s arguments but ``dirs``."""
         from whale_pl.data.metaworld import CollectConfig
 
         self.config_path = str(config)
         self.collect_config = CollectConfig.from_yaml(config, out=out, workers=collect_workers)
         self.overwrite = overwrite
-        super().__init__(dirs=[self.collect_config.out], weights=None, clip_len=clip_len, frame_stride=frame_stride,
-                         retrace_strides=retrace_strides, retrace_prob=retrace_prob, batch_size=batch_size,
-                         num_workers=num_workers, steps_per_epoch=steps_per_epoch, val_steps=val_steps,
-                         train_splits=train_splits, val_splits=val_splits, clips_per_episode=clips_per_episode,
-                         pool_size=pool_size, seed=seed, rank=rank, world_size=world_size, verify=verify,
-                         on_error=on_error, multiprocessing_context=multiprocessing_context, pin_memory=pin_memory,
-                         val_clip_len=val_clip_len, retrace_clip_len=retrace_clip_len, tokens=tokens)
+        super().__init__(dirs=[self.collect_config.out], **kwargs)
 
     def prepare_data(self) -> None:
         """Collect the config into its ``out`` directory unless complete shards of it are there."""
@@ -591,16 +510,6 @@ class MetaWorldDataModule(ClipDataModule):
             raise ShardError(f"{self.collect_config.out}: no dataset yet; call prepare_data() (Lightning does) or run "
                              f"`whale-data metaworld --config {self.config_path}`")
         return super()._load()
-
-    @property
-    def tasks(self) -> list[str]:
-        """Meta-World tasks of the config."""
-        return list(self.collect_config.tasks)
-
-    @property
-    def train_policies(self) -> list[str]:
-        """Training behavior policies of the config."""
-        return list(self.collect_config.train_policies)
 
     @property
     def held_out_policies(self) -> list[str]:

@@ -1,15 +1,9 @@
 """The Episode record, the action-space descriptor, and Episode <-> WebDataset sample.
 
-One WebDataset sample per episode, three tar members per key:
-
-- ``<key>.frames.npz``  uint8 [T, H, W, 3] in a deflate-compressed ``.npz`` (``np.load`` reads it)
-- ``<key>.steps.npz``   the per-step arrays (actions, rewards, success, is_first/is_last/is_terminal,
-                        state when present), stored uncompressed
-- ``<key>.meta.json``   language + metadata (source, task, policy, split, action space, control_hz)
-
-Deflating the whole episode's frames is lossless and, on static-camera renders, both smaller and
-faster to decode than PNG or JPEG per frame (a 64x64 Meta-World episode: 561 bytes a frame, 69k
-frames/s decoded). The npz has fixed zip timestamps: the same episode always gives the same bytes.
+One sample per episode, three tar members per key: ``<key>.frames.npz`` (uint8 [T, H, W, 3], deflated: lossless
+and, on static-camera renders, smaller and faster to decode than PNG or JPEG per frame), ``<key>.steps.npz`` (the
+per-step arrays and ``state`` when present, stored) and ``<key>.meta.json`` (language and metadata). Fixed zip
+timestamps: the same episode always gives the same bytes.
 """
 
 from __future__ import annotations

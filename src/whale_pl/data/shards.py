@@ -15,7 +15,6 @@ incomplete dataset. Every shard holds episodes of one split (``train``, ``val`` 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import json
@@ -32,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from whale_pl.data.episode import KEY_RE, SAMPLE_EXTS, Episode, EpisodeError, load_npz
-from whale_pl.io import write_json_atomic
+from whale_pl.io import sha256_file, write_json_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -47,15 +46,6 @@ class ShardError(ValueError):
     def __init__(self, msg: str, shard: str | None = None, key: str | None = None, field: str | None = None):
         super().__init__(msg)
         self.shard, self.key, self.field = shard, key, field
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _ActionStats:
@@ -353,18 +343,13 @@ def iter_tar_samples(path: str | Path, keys: set[str] | None = None) -> Iterator
 
 def _group(path: str, members: Iterator[tuple[str, str, Any]], keys: set[str] | None) -> Iterator[dict[str, Any]]:
     """(key, ext, data) members -> samples; a sample not in ``keys`` comes back as a ``__skipped__`` stub."""
-    cur: dict[str, Any] | None = None
-    for key, ext, data in itertools.chain(members, [(None, None, None)]):
-        if cur is not None and cur["__key__"] != key:
-            wanted = keys is None or cur["__key__"] in keys
-            yield cur if wanted else {"__key__": cur["__key__"], "__url__": path, "__skipped__": True}
-            cur = None
-        if key is None:
-            return
-        cur = cur or {"__key__": key, "__url__": path}
-        if ext in cur:
-            raise ShardError(f"{path} key {key}: member {ext} appears twice", shard=path, key=key, field=ext)
-        cur[ext] = data
+    for key, items in itertools.groupby(members, key=lambda m: m[0]):
+        sample: dict[str, Any] = {"__key__": key, "__url__": path}
+        for _, ext, data in items:
+            if ext in sample:
+                raise ShardError(f"{path} key {key}: member {ext} appears twice", shard=path, key=key, field=ext)
+            sample[ext] = data
+        yield sample if keys is None or key in keys else {"__key__": key, "__url__": path, "__skipped__": True}
 
 
 def _members(path: str, buf: mmap.mmap, keys: set[str] | None) -> Iterator[tuple[str, str, Any]]:

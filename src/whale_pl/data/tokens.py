@@ -1,34 +1,19 @@
 """Token shards: every frame of a dataset tokenised once by the frozen tokenizer, for stages 2 and 3.
 
-A token dataset mirrors a frame dataset (``shards.py``) shard for shard: the same shard names, keys and
-splits, one WebDataset sample per episode with three members
+A token dataset mirrors a frame dataset (``shards.py``) shard for shard (names, keys, splits); a sample holds
+``<key>.ids.npy`` (``[T, h, w]``, uint8 up to 256 codes, else uint16) and the source sample's ``steps.npz`` and
+``meta.json`` bytes. Its ``manifest.json``, written last, is the source's with the token shards and a ``tokens``
+section naming the tokenizer and the source (docs/contracts.md). Each frame is encoded alone, as a one-frame
+clip: the causal encoder would otherwise make its ids depend on where its clip starts.
 
-- ``<key>.ids.npy``    token ids ``[T, h, w]``, uint8 for a codebook of at most 256 codes, else uint16
-- ``<key>.steps.npz``  the source sample's per-step arrays, byte for byte
-- ``<key>.meta.json``  the source sample's metadata, byte for byte
-
-and a ``manifest.json`` written last: the source manifest's counts, splits, action statistics and
-policies, the token shards' sizes and sha256, and a ``tokens`` section naming the tokenizer (checkpoint
-path, file sha256, weight fingerprint, data_spec, grid, codebook size) and the source (directory,
-manifest sha256). ``ClipDataModule(tokens=...)`` reads it exactly as it reads the frames.
-
-Per-frame tokenisation: each frame is encoded alone, as a one-frame clip (``encode_frames``). The
-tokenizer's encoder is causal in time, so encoding whole clips would make a frame's ids depend on where
-its clip starts; alone, they depend on the frame only. So one token dataset serves every clip start,
-stride and stage, and the stage modules' on-the-fly path (the same ``encode_frames``) gives the same ids.
-
-Building (``build_tokens``; ``python -m whale_pl.pipeline tokens``, or this module's command line):
-the shards are split over ``world_size`` ranks (``RANK`` / ``WORLD_SIZE`` as torchrun sets them) times
-``workers`` local processes. Each token shard is written atomically (temporary file, fsync, rename),
-then recorded in ``.parts/<shard>.json``; rank 0 writes the manifest once every part exists. A rerun
-keeps each part whose shard still matches its record (size and sha256) and redoes the rest; a
-directory without a manifest is never read as complete. Parts or a manifest made with another
-tokenizer file or from another source dataset are refused, naming both.
+``build_tokens`` splits the shards over ``RANK`` / ``WORLD_SIZE`` times ``workers`` processes; each token shard is
+written atomically and recorded in ``.parts/<shard>.json``; rank 0 writes the manifest once every part exists. A
+rerun keeps the parts still matching their record; parts or a manifest of another tokenizer file or source
+dataset are refused, naming both.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import multiprocessing as mp
@@ -55,9 +40,6 @@ class TokenError(ShardError):
     """A token dataset that is incomplete, damaged, or made with another tokenizer or from other data."""
 
 
-# --------------------------------------------------------------------------------------------
-# encoding
-# --------------------------------------------------------------------------------------------
 def ids_dtype(codebook_size: int) -> np.dtype:
     """The smallest unsigned integer dtype that holds ids ``0 .. codebook_size - 1``."""
     for dt in (np.uint8, np.uint16, np.uint32):
@@ -68,8 +50,7 @@ def ids_dtype(codebook_size: int) -> np.dtype:
 
 @torch.no_grad()
 def encode_frames(tok: torch.nn.Module, frames_BTCHW: torch.Tensor) -> torch.Tensor:
-    """Token ids ``[B, T, h, w]`` (long) of uint8 frames ``[B, T, 3, H, W]``, each frame encoded alone as a
-    one-frame clip, so that a frame's ids do not depend on the clip it sits in (module docstring)."""
+    """Token ids ``[B, T, h, w]`` (long) of uint8 frames ``[B, T, 3, H, W]``, each frame encoded alone."""
     B, T = frames_BTCHW.shape[:2]
     ids_N1hw = tok.encode(frames_to_unit(frames_BTCHW.flatten(0, 1).unsqueeze(1)))
     return ids_N1hw[:, 0].unflatten(0, (B, T))
@@ -86,9 +67,6 @@ def encode_episode(tok: torch.nn.Module, frames_THWC: np.ndarray, device: torch.
     return torch.cat(ids).numpy().astype(ids_dtype(tok.codebook_size))
 
 
-# --------------------------------------------------------------------------------------------
-# reading
-# --------------------------------------------------------------------------------------------
 @dataclass
 class TokenEpisode:
     """One episode of a token dataset: its frames' token ids and the source episode's other arrays."""
@@ -175,9 +153,6 @@ def check_token_tokenizer(datamodule: Any, fingerprint_: str | None, where: str)
                              "(`python -m whale_pl.pipeline tokens --scale S --force`)")
 
 
-# --------------------------------------------------------------------------------------------
-# identity of a token dataset: which tokenizer file, which source dataset
-# --------------------------------------------------------------------------------------------
 def source_identity(source_dir: str | Path) -> dict:
     """The source dataset's directory and the sha256 of its manifest (which lists every shard's sha256)."""
     p = Path(source_dir) / MANIFEST
@@ -226,9 +201,6 @@ def load_tokenizer(ckpt: str | Path, device: torch.device | str = "cpu") -> tupl
     return module.model.to(device), fingerprint(module), dict(module.hparams.get("data_spec") or {})
 
 
-# --------------------------------------------------------------------------------------------
-# building
-# --------------------------------------------------------------------------------------------
 def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
@@ -239,15 +211,19 @@ def _part_path(out: Path, shard: str) -> Path:
     return out / PARTS / f"{shard}.json"
 
 
-def _kept_part(job: TokenJob, shard: dict) -> dict | None:
-    """The recorded part of ``shard`` when its token shard is still the one recorded, else None."""
-    out = Path(job.out)
-    p = _part_path(out, shard["name"])
-    if not p.is_file():
-        return None
+def _checked_part(job: TokenJob, p: Path) -> dict:
+    """The part recorded at ``p``, refused when made with another tokenizer or from another source."""
     part = json.loads(p.read_text())
     job.check(part.get("identity", {}), f"token shard part {p}", part.get("tokenizer", "?"), part.get("source", "?"))
-    f = out / shard["name"]
+    return part
+
+
+def _kept_part(job: TokenJob, shard: dict) -> dict | None:
+    """The recorded part of ``shard`` when its token shard is still the one recorded, else None."""
+    p = _part_path(Path(job.out), shard["name"])
+    if not p.is_file():
+        return None
+    part, f = _checked_part(job, p), Path(job.out) / shard["name"]
     if not f.is_file() or f.stat().st_size != part["bytes"] or sha256_file(f) != part["sha256"]:
         return None
     return part
@@ -314,9 +290,8 @@ def _check_out_dir(job: TokenJob) -> dict | None:
             return read_token_manifest(out)
         except ShardError as e:
             raise TokenError(f"{out}: complete token dataset is damaged ({e}); rebuild it with --force") from e
-    for p in sorted((out / PARTS).glob("*.json")) if (out / PARTS).is_dir() else []:
-        part = json.loads(p.read_text())
-        job.check(part.get("identity", {}), f"token shard part {p}", part.get("tokenizer", "?"), part.get("source", "?"))
+    for p in sorted((out / PARTS).glob("*.json")):
+        _checked_part(job, p)
     return None
 
 
@@ -412,22 +387,3 @@ def _tokenizer_info(job: TokenJob, tok: torch.nn.Module, fingerprint_: str, spec
                           "fingerprint": fingerprint_, "data_spec": spec},
             "grid": list(tok.grid_hw()), "codebook_size": int(tok.codebook_size),
             "dtype": ids_dtype(int(tok.codebook_size)).name}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m whale_pl.data.tokens --source DIR --out DIR --tokenizer CKPT [--workers N]``."""
-    p = argparse.ArgumentParser(prog="python -m whale_pl.data.tokens", description=__doc__.split("\n")[0])
-    p.add_argument("--source", required=True, help="frame dataset directory (with manifest.json)")
-    p.add_argument("--out", required=True, help="token dataset directory to write (resumed when interrupted)")
-    p.add_argument("--tokenizer", required=True, help="stage-1 checkpoint")
-    p.add_argument("--workers", type=int, default=1, help="local processes (one torch thread each when > 1)")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
-    p.add_argument("--batch-frames", type=int, default=256)
-    a = p.parse_args(argv)
-    m = build_tokens(a.source, a.out, a.tokenizer, workers=a.workers, device=a.device, batch_frames=a.batch_frames)
-    if m is not None:
-        print(f"[tokens] {a.out}: {m['episodes']} episodes, {m['frames']} frames, {len(m['shards'])} shards")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,18 +1,10 @@
 """Stage 2 LightningModule: trains the behavior-conditioning VAE on top of the frozen tokenizer.
 
-Thin by design: the model and its loss live in ``whale_pl.models.behavior``. This module loads the
-stage-1 tokenizer from the checkpoint path its config names (``load_frozen``: class, data_spec and
-codebook-size checks; frozen and pinned in eval mode for the whole fit), turns batches into code
-vectors ``tokenizer.embed(ids)`` (ids from token shards, ``batch["ids"]``, or the batch's frames
-tokenised on the fly, each frame alone: ``data/tokens.encode_frames``, the same ids), and logs the
-action reconstruction error, the KL, a linear-probe accuracy and a PCA picture of the prior's z
-coloured by behavior-policy family.
-
-The behavior checkpoint holds the tokenizer's *path and fingerprint* (sha256 of its weights and
-buffers), not its weights: loading a behavior checkpoint re-loads the tokenizer from that path and
-raises if the file no longer holds the weights the behavior model was trained with. So the
-tokenizer file stays the one source of truth, and stage 3 can check that its own tokenizer is the
-same one (``handoff.fingerprint(module) == behavior.hparams.tokenizer_sha256``).
+The model and its loss live in ``whale_pl.models.behavior``. This module loads the stage-1 tokenizer frozen
+(``load_frozen``), turns batches into code vectors (``tokenizer.embed`` of ``batch["ids"]`` or of the frames
+tokenised now, each frame alone) and logs the action error, the KL, a linear-probe accuracy and a PCA picture of
+the prior's z by family. Its checkpoint holds the tokenizer's path and weight fingerprint, not its weights:
+loading re-loads the tokenizer and refuses a file that changed, and stage 3 checks it uses the same tokenizer.
 """
 
 from __future__ import annotations
@@ -46,22 +38,11 @@ class BehaviorModule(StageModule):
     FROZEN = ("tokenizer",)
     SPEC_KEYS = SPEC_KEYS
 
-    def __init__(
-        self,
-        tokenizer_ckpt: str,
-        net: BehaviorNet = BehaviorNet(),
-        beta: float = 0.1,
-        free_bits: float = 0.0,
-        kl_warmup_steps: int = 0,
-        kl_balance: float | None = None,
-        optim: Optim = Optim(lr=1e-3, weight_decay=0.01, warmup_steps=50),
-        probe_t_min: int = 8,
-        probe_max_points: int = 4000,
-        expect_codebook_size: int | None = None,
-        data_spec: dict | None = None,
-        tokenizer_sha256: str | None = None,
-        init_from: str | None = None,
-    ) -> None:
+    def __init__(self, tokenizer_ckpt: str, net: BehaviorNet = BehaviorNet(), beta: float = 0.1,
+                 free_bits: float = 0.0, kl_warmup_steps: int = 0, kl_balance: float | None = None,
+                 optim: Optim = Optim(lr=1e-3, weight_decay=0.01, warmup_steps=50), probe_t_min: int = 8,
+                 probe_max_points: int = 4000, expect_codebook_size: int | None = None, data_spec: dict | None = None,
+                 tokenizer_sha256: str | None = None, init_from: str | None = None) -> None:
         """``tokenizer_ckpt``: stage-1 checkpoint (``runs/<scale>/tokenizer/checkpoints/best.ckpt``), loaded frozen.
         ``net``: the VAE's architecture (``BehaviorNet``). ``beta``: KL weight; ``free_bits``: nats per z
         dimension below which KL is not penalised; ``kl_warmup_steps``: beta ramps linearly from 0 over this
@@ -99,16 +80,14 @@ class BehaviorModule(StageModule):
         if not self.families and getattr(dm, "data_spec", None) is not None:
             self.families = list(dm.data_spec.get("families") or [])
 
-    # ------------------------------------------------------------------ batch -> model inputs
     @torch.no_grad()
     def tokenize(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
         """uint8 frames [B,T,3,H,W] -> token ids [B,T,h,w], each frame alone (as the token shards hold them)."""
         return encode_frames(self.tokenizer.model, frames_BTCHW)
 
-    @torch.no_grad()
     def codes(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
         """uint8 frames [B,T,3,H,W] -> frozen tokenizer code vectors [B,T,h,w,C]."""
-        return self.tokenizer.model.embed(self.tokenize(frames_BTCHW)).float()
+        return self.batch_codes({"frames": frames_BTCHW})
 
     @torch.no_grad()
     def batch_codes(self, batch: dict) -> torch.Tensor:
@@ -124,12 +103,9 @@ class BehaviorModule(StageModule):
 
     def current_beta(self) -> float:
         """The KL weight at this step: ``beta``, ramped linearly from 0 over ``kl_warmup_steps``."""
-        hp = self.hparams
-        if hp.kl_warmup_steps and hp.kl_warmup_steps > 0:
-            return float(hp.beta) * min(1.0, self.global_step / hp.kl_warmup_steps)
-        return float(hp.beta)
+        warm = self.hparams.kl_warmup_steps or 0
+        return float(self.hparams.beta) * (min(1.0, self.global_step / warm) if warm > 0 else 1.0)
 
-    # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One stage-2 step on a batch of clips (posterior z sampled)."""
         beta = self.current_beta()

@@ -1,23 +1,12 @@
 """Stage 3 LightningModule: trains the ST-MaskGIT dynamics on token grids of the frozen tokenizer,
 conditioned on actions and on the frozen behavior prior's embedding z_t.
 
-Thin by design: the model, its loss and generation live in ``whale_pl.models.dynamics``. This
-module loads the earlier stages (``load_frozen``, pinned in eval, bit-identical after a fit), turns
-batches into ids (``batch["ids"]`` from token shards, or the frames tokenised now, each frame alone:
-``data/tokens.encode_frames``, the same ids) and z, and validates: teacher-forced next-frame token
-accuracy and cross-entropy (each future frame predicted in one step from a fully masked frame given
-the true past), the copy-the-previous-frame baseline, and PSNR / SSIM of autoregressive rollouts
-decoded to pixels, split into training-family and OOD-family episodes. Real-beside-imagined rollouts
-go to TensorBoard as an image grid, and to the evaluation callback through ``eval_videos``.
-
-On token batches (no frames) the "real" clip of the rollout figures is the tokenizer's decoding of
-the real ids: PSNR / SSIM / FVD then measure the dynamics model against the tokenizer's reconstruction
-(its ceiling), and ``val/psnr_tokenizer_recon`` is not logged. On frame batches they compare with the
-recorded frames, as the evaluation commands (``whale eval``) always do.
-
-At fit the frozen behavior prior must have been trained on this data's clock: the same
-``frame_stride``, action space and normalisation, and every retracing stride this fit draws
-(``check_behavior_clock``); a checkpoint written before that check loads as it is.
+The model, its loss and generation live in ``whale_pl.models.dynamics``. This module loads the earlier stages
+frozen, turns batches into ids (``batch["ids"]``, or the frames tokenised now, each frame alone) and z, and
+validates: teacher-forced next-frame accuracy and CE against the copy-the-previous-frame baseline, and PSNR / SSIM
+of rollouts decoded to pixels, by training-family and OOD episodes. On token batches the "real" clip is the
+tokenizer's decoding of the real ids (the dynamics model is then measured against its ceiling). At fit, the
+behavior prior must have been trained on this data's clock (``check_behavior_clock``).
 """
 
 from __future__ import annotations
@@ -69,17 +58,11 @@ class Sampling:
 class DynamicsModule(StageModule):
     """Stage 3 training / validation around ``DynamicsModel``.
 
-    ``tokenizer_ckpt`` / ``behavior_ckpt``: the earlier stages' checkpoints
-    (``runs/<scale>/{tokenizer,behavior}/checkpoints/best.ckpt``), loaded frozen.
-    ``use_behavior=False``: the ablation without behavior-conditioning (no behavior_ckpt needed).
-    ``net`` (``DynamicsNet``), ``loss`` (``DynamicsLoss``), ``sampling`` (``Sampling``), ``optim`` (``Optim``):
-    the argument groups. ``data_spec``: None inherits the tokenizer's until ``fit``, which checks it
-    against the datamodule's and then records the datamodule's (its ``frame_stride`` clock included).
-    ``intra_op_threads``: ``torch.set_num_threads`` at setup (None: leave it). On a CPU box
-    shared with other jobs one thread was 6x faster per step than two (OpenMP barriers).
-    ``*_sha256``: filled in automatically; a checkpoint's values must match the files.
-    ``init_from``: a pretrained dynamics checkpoint whose weights this model starts from when
-    fitting (fine-tuning; the frozen stages still come from their paths; ``lit/init_from.py``).
+    ``tokenizer_ckpt`` / ``behavior_ckpt``: the earlier stages' checkpoints, loaded frozen; ``use_behavior=False``:
+    the ablation without behavior-conditioning. ``data_spec``: None inherits the tokenizer's until ``fit`` records
+    the datamodule's. ``intra_op_threads``: ``torch.set_num_threads`` at setup (on a shared CPU box one thread was
+    6x faster per step than two). ``*_sha256``: filled in automatically. ``init_from``: a pretrained dynamics
+    checkpoint to start the weights from (``lit/init_from.py``).
     """
 
     GROUPS = {"net": DynamicsNet, "loss": DynamicsLoss, "sampling": Sampling, "optim": Optim}
@@ -89,21 +72,11 @@ class DynamicsModule(StageModule):
     SPEC_KEYS = SPEC_KEYS
     supports_value_eval = True  # the evaluation callback's value hook (contracts.md, Evaluation)
 
-    def __init__(
-        self,
-        tokenizer_ckpt: str,
-        behavior_ckpt: str | None = None,
-        use_behavior: bool = True,
-        net: DynamicsNet = DynamicsNet(),
-        loss: DynamicsLoss = DynamicsLoss(),
-        sampling: Sampling = Sampling(),
-        optim: Optim = Optim(lr=3e-4, warmup_steps=200),
-        intra_op_threads: int | None = None,
-        data_spec: dict | None = None,
-        tokenizer_sha256: str | None = None,
-        behavior_sha256: str | None = None,
-        init_from: str | None = None,
-    ) -> None:
+    def __init__(self, tokenizer_ckpt: str, behavior_ckpt: str | None = None, use_behavior: bool = True,
+                 net: DynamicsNet = DynamicsNet(), loss: DynamicsLoss = DynamicsLoss(), sampling: Sampling = Sampling(),
+                 optim: Optim = Optim(lr=3e-4, warmup_steps=200), intra_op_threads: int | None = None,
+                 data_spec: dict | None = None, tokenizer_sha256: str | None = None,
+                 behavior_sha256: str | None = None, init_from: str | None = None) -> None:
         """Load the frozen earlier stages and build the dynamics model on their shapes (class docstring)."""
         super().__init__()
         self.save_hyperparameters()
@@ -113,18 +86,15 @@ class DynamicsModule(StageModule):
         tok, spec = self.tokenizer.model, self.hparams.data_spec
         arch = asdict(groups["net"])
         code_embed = arch.pop("code_embed")
-        self.model = DynamicsModel(
-            codebook_size=tok.codebook_size, grid_hw=tok.grid_hw(), action_dim=int(spec["action_dim"]),
-            behavior_dim=self.behavior.model.z_dim if self.behavior is not None else 0,
-            state_dim=int(spec.get("state_dim") or 0),
-            code_dim=tok.quantizer.codebook.shape[1] if code_embed else 0, **arch,
-        )
+        self.model = DynamicsModel(tok.codebook_size, tok.grid_hw(), action_dim=int(spec["action_dim"]),
+                                   behavior_dim=self.behavior.model.z_dim if self.behavior is not None else 0,
+                                   state_dim=int(spec.get("state_dim") or 0),
+                                   code_dim=tok.quantizer.codebook.shape[1] if code_embed else 0, **arch)
         if code_embed:
             self.model.set_code_vectors(self.tokenizer.model.embed(torch.arange(tok.codebook_size)))
         self.val_psnr = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})
         self.val_ssim = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})
 
-    # ------------------------------------------------------------------ hand-off
     def _load_earlier_stages(self, data_spec: dict | None):
         """The frozen tokenizer and behavior model from their paths, trained on this data, the behavior
         model on this very tokenizer, and (re-loading) the files the dynamics model was trained with."""
@@ -183,7 +153,6 @@ class DynamicsModule(StageModule):
                                "than this dynamics fit: " + "; ".join(bad) + ". Train stage 2 on stage 3's data "
                                "section (frame_stride, retrace_strides, the same datasets)")
 
-    # ------------------------------------------------------------------ batch -> model inputs
     @torch.no_grad()
     def tokenize(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
         """uint8 frames -> token ids ``[B, T, h, w]`` of the frozen tokenizer, each frame alone (as the token
@@ -207,25 +176,19 @@ class DynamicsModule(StageModule):
         """A batch as model inputs: token ids (its ``ids``, else its frames tokenised), actions, behavior
         embeddings z (None when off), strides."""
         actions = batch["actions"].float()
-        A = self.model.action_dim
-        if actions.shape[-1] != A:
-            raise ValueError(f"batch['actions'] has {actions.shape[-1]} dims; this dynamics model was trained with {A}")
+        if actions.shape[-1] != self.model.action_dim:
+            raise ValueError(f"batch['actions'] has {actions.shape[-1]} dims; this dynamics model was trained with "
+                             f"{self.model.action_dim}")
         ids = batch["ids"].long() if "ids" in batch else self.tokenize(batch["frames"])
-        z = self.behavior_z(ids, actions)
-        stride = batch.get("stride")
-        return ids, actions, z, stride
+        return ids, actions, self.behavior_z(ids, actions), batch.get("stride")
 
-    # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """The MaskGIT cross-entropy plus the weighted head losses; logs each part."""
         ids, actions, z, stride = self._inputs(batch)
-        state = batch.get("state")
-        out = self.model.training_losses(
-            ids, actions, z, batch["rewards"], batch["success"], state, stride,
-            context_frames=self.loss_cfg.context_frames, corrupt_prob=self.loss_cfg.corrupt_prob,
-            max_context_frames=self.loss_cfg.max_context_frames,
-        )
         w = self.loss_cfg
+        out = self.model.training_losses(ids, actions, z, batch["rewards"], batch["success"], batch.get("state"), stride,
+                                         context_frames=w.context_frames, corrupt_prob=w.corrupt_prob,
+                                         max_context_frames=w.max_context_frames)
         loss = out["ce"] + w.reward_weight * out["reward"] + w.success_weight * out["success"]
         if "state" in out:
             loss = loss + w.state_weight * out["state"]
@@ -235,7 +198,6 @@ class DynamicsModule(StageModule):
             self.log(f"train/{k}", v, batch_size=B, prog_bar=k == "acc")
         return loss
 
-    # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Teacher-forced CE / accuracy against the copy baseline; on the first batches, rollout PSNR / SSIM."""
         ids, actions, z, stride = self._inputs(batch)
@@ -275,15 +237,9 @@ class DynamicsModule(StageModule):
                 metric.reset()
 
     @torch.no_grad()
-    def rollout(
-        self,
-        batch: dict,
-        horizon: int | None = None,
-        ids: torch.Tensor | None = None,
-        actions: torch.Tensor | None = None,
-        stride: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
+    def rollout(self, batch: dict, horizon: int | None = None, ids: torch.Tensor | None = None,
+                actions: torch.Tensor | None = None, stride: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Autoregressive rollout of a batch's clips from their first ``context_frames`` frames with
         the recorded actions; decoded frames and PSNR / SSIM (per clip) against the real frames,
         beside two references: the tokenizer's reconstruction of the real frames (ceiling) and the
@@ -293,10 +249,8 @@ class DynamicsModule(StageModule):
             ids, actions, _, stride = self._inputs(batch)
         C = self.loss_cfg.context_frames
         H = min(horizon or self.sampling.rollout_horizon, ids.shape[1] - C)
-        out = self.model.imagine(
-            ids[:, :C], actions, self.z_fn(), horizon=H, steps=self.sampling.maskgit_steps,
-            temperature=self.sampling.temperature, stride_B=stride, generator=generator,
-        )
+        out = self.model.imagine(ids[:, :C], actions, self.z_fn(), horizon=H, steps=self.sampling.maskgit_steps,
+                                 temperature=self.sampling.temperature, stride_B=stride, generator=generator)
         decode = self.tokenizer.model.decode
         imagined = decode(out["ids_BThw"]).float()
         recon = decode(ids[:, C : C + H]).float()  # the tokenizer's ceiling
@@ -311,27 +265,17 @@ class DynamicsModule(StageModule):
         return res
 
     @torch.no_grad()
-    def imagine(
-        self,
-        context_frames_BTCHW: torch.Tensor,
-        actions_BTA: torch.Tensor,
-        horizon: int | None = None,
-        steps: int | None = None,
-        temperature: float | None = None,
-        stride_B: torch.Tensor | None = None,
-        use_cache: bool = True,
-        return_probs: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
+    def imagine(self, context_frames_BTCHW: torch.Tensor, actions_BTA: torch.Tensor, horizon: int | None = None,
+                steps: int | None = None, temperature: float | None = None, stride_B: torch.Tensor | None = None,
+                use_cache: bool = True, return_probs: bool = False,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Pixels in, pixels out: tokenise uint8 context frames, imagine with the behavior prior
         re-evaluated on the imagined history, decode. Adds ``frames_BTCHW`` (float in [-1, 1])."""
         ids = self.tokenize(context_frames_BTCHW)
-        out = self.model.imagine(
-            ids, actions_BTA.float(), self.z_fn(), horizon=horizon,
-            steps=steps or self.sampling.maskgit_steps,
-            temperature=self.sampling.temperature if temperature is None else temperature,
-            stride_B=stride_B, use_cache=use_cache, return_probs=return_probs, generator=generator,
-        )
+        out = self.model.imagine(ids, actions_BTA.float(), self.z_fn(), horizon=horizon,
+                                 steps=steps or self.sampling.maskgit_steps,
+                                 temperature=self.sampling.temperature if temperature is None else temperature,
+                                 stride_B=stride_B, use_cache=use_cache, return_probs=return_probs, generator=generator)
         out["frames_BTCHW"] = self.tokenizer.model.decode(out["ids_BThw"]).float()
         return out
 

@@ -124,7 +124,6 @@ class DynamicsModel(nn.Module):
         """Whether the model is conditioned on the behavior embedding z (False: the ablation)."""
         return self.beh_proj is not None
 
-    # ------------------------------------------------------------------ embeddings and conditioning
     def prev_ids(self, ids_BTS: torch.Tensor, prev_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
         """Ids each slot's positions held one frame earlier ``[B, T, S]``: ``prev_ids_BS`` before the first,
         or ``codebook_size + 1`` (no earlier frame in the window)."""
@@ -163,7 +162,6 @@ class DynamicsModel(nn.Module):
         """Align per-frame inputs (``x[t]`` at frame t) to slots (slot t gets ``x[t-1]``)."""
         return None if x_BTX is None else torch.cat([torch.zeros_like(x_BTX[:, :1]), x_BTX[:, :-1]], dim=1)
 
-    # ------------------------------------------------------------------ trunk and heads
     def trunk(self, ids_BTS: torch.Tensor, cond_BTD: torch.Tensor, t0: int = 0, kv_cache: list[KV] | None = None,
               prev_ids_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KV]]:
         """Hidden states ``[B, T, S, D]`` of frames at window positions ``t0 .. t0+T-1`` and their temporal
@@ -225,7 +223,6 @@ class DynamicsModel(nn.Module):
             out["state"] = self.state_head(f)
         return out
 
-    # ------------------------------------------------------------------ training
     def forward(self, ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None = None,
                 stride_B: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits ``[B, T, h, w, V]`` for every position of ``ids_BThw`` (which may hold ``mask_id``) and the
@@ -278,7 +275,6 @@ class DynamicsModel(nn.Module):
         w = torch.where(target_N != prev_N, self.change_weight, 1.0)
         return (F.cross_entropy(logits_NV.float(), target_N, reduction="none") * w).sum() / w.sum()
 
-    # ------------------------------------------------------------------ one-step prediction
     @torch.no_grad()
     def teacher_forced(self, ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None = None,
                        stride_B: torch.Tensor | None = None) -> torch.Tensor:
@@ -320,7 +316,6 @@ class DynamicsModel(nn.Module):
                 "reward_B": heads["reward"][:, 0], "success_B": heads["success_logit"][:, 0].sigmoid(),
                 **({"state_BP": heads["state"][:, 0]} if "state" in heads else {})}
 
-    # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def imagine(self, context_ids_BThw: torch.Tensor, actions_BTA: torch.Tensor | None,
                 z: torch.Tensor | ZFn | None = None, horizon: int | None = None, steps: int = 4,

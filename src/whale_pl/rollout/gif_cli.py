@@ -4,10 +4,8 @@ uncertainty curve (and the true per-step error) under them, plus a JSON index fo
     whale eval gifs --ckpt runs/demo/dynamics/checkpoints/best.ckpt \
         --shards data_shards/metaworld/demo --out runs/demo/gifs [--per-split 2] [--horizon 24]
 
-Each of ``--per-split`` episodes per split (manifest order, a new task and policy first) is imagined
-open loop on the model's clock, every step scored by retracing uncertainty and by its error against the
-real frame. Writes ``<out>/<split>_<i>_<task>_<policy>.gif`` and ``<out>/index.json`` (per clip: episode,
-figures per step; the command that regenerates the set). Reads shards only.
+Episodes are picked per split in manifest order (a new task and policy first) and imagined open loop on the
+model's clock. Writes ``<out>/<split>_<i>_<task>_<policy>.gif`` and ``<out>/index.json``.
 """
 
 from __future__ import annotations
