@@ -55,12 +55,22 @@ def _setting(a: argparse.Namespace, members: list[str]) -> dict:
             "hold": c.action_repeat * stride, "best": best_policies(eps), "bc": base}
 
 
-def _jobs(s: dict, plan: PlanConfig, members: list[str], lambdas: dict, seeds_of, baselines: bool,
-          gif: str = "", progress: bool = True) -> list[TaskJob]:
-    """One job per task."""
-    return [TaskJob(t, seeds_of(t), lambdas, members, plan, s["size"], s["camera"], s["decisions"], s["hold"],
+def _jobs(s: dict, plan: PlanConfig, members: list[str], lambdas: dict, seeds: dict[str, list[int]],
+          baselines: bool, gif: str = "") -> list[TaskJob]:
+    """One job per task and start state (so the workers stay busy to the end)."""
+    return [TaskJob(t, [seed], lambdas, members, plan, s["size"], s["camera"], s["decisions"], s["hold"],
                     {**s["bc"], "behavior": s["best"][t]["policy"]} if baselines else {},
-                    gif if i == 0 else "", progress) for i, t in enumerate(s["tasks"])]
+                    gif if (i, j) == (0, 0) else "")
+            for i, t in enumerate(s["tasks"]) for j, seed in enumerate(seeds[t])]
+
+
+def _per_task(jobs: list[TaskJob], results: list[dict]) -> dict[str, dict[str, list]]:
+    """The jobs' episodes gathered per task and method, in start order."""
+    out: dict[str, dict[str, list]] = {}
+    for job, res in zip(jobs, results):
+        for method, eps in res.items():
+            out.setdefault(job.task, {}).setdefault(method, []).extend(eps)
+    return out
 
 
 def evaluate(a: argparse.Namespace, plan: PlanConfig, ev: EvalConfig) -> dict:
@@ -76,15 +86,15 @@ def evaluate(a: argparse.Namespace, plan: PlanConfig, ev: EvalConfig) -> dict:
     print(f"[plan] {len(s['tasks'])} tasks, {s['decisions']} decisions x {s['hold']} steps; members {members}; "
           f"best behavior policies {({t: v['policy'] for t, v in s['best'].items()})}", flush=True)
     t0 = time.time()
-    lams = choose_lambdas(ev, lambda pen, lam: _jobs(s, plan, members, {pen: lam},
-                                                     lambda t: start_seeds(ev.tune_seed, t, ev.tune_starts), False,
-                                                     progress=not a.no_progress),
-                          plan.discount, ev.jobs)
+    tune = {t: start_seeds(ev.tune_seed, t, ev.tune_starts) for t in s["tasks"]}
+    lams = choose_lambdas(ev, lambda pen, lam: _jobs(s, plan, members, {pen: lam}, tune, False), plan.discount,
+                          ev.jobs, not a.no_progress)
     print(f"[plan] lambda chosen in {time.time() - t0:.0f} s: {lams}", flush=True)
     lambdas = {"none": 0.0, **{pen: lams["chosen"][pen] for pen in ("retracing", "ensemble")}}
-    res = run_jobs(_jobs(s, plan, members, lambdas, lambda t: start_seeds(ev.seed, t, ev.starts), True,
-                         gif="plan_retracing", progress=not a.no_progress), ev.jobs)
-    return {"per_task": dict(zip(s["tasks"], res)), "setting": s, "members": members, "lambdas": lams}
+    jobs = _jobs(s, plan, members, lambdas, {t: start_seeds(ev.seed, t, ev.starts) for t in s["tasks"]}, True,
+                 gif="plan_retracing")
+    per_task = _per_task(jobs, run_jobs(jobs, ev.jobs, "evaluation", not a.no_progress))
+    return {"per_task": per_task, "setting": s, "members": members, "lambdas": lams}
 
 
 def finish(a: argparse.Namespace, plan: PlanConfig, ev: EvalConfig, out: dict, t_start: float) -> dict:

@@ -29,7 +29,6 @@ class TaskJob:
     hold: int
     baselines: dict = field(default_factory=dict)  # behavior policy name, BC state (None: skip baselines)
     gif_method: str = ""  # keep the frames of this planner's first episode
-    progress: bool = True
 
 
 def _planners(job: TaskJob):
@@ -69,8 +68,6 @@ def _baseline_acts(job: TaskJob, seed: int) -> dict:
 
 def run_task(job: TaskJob) -> dict:
     """Every method from every start seed of one task: per method a list of episode records."""
-    from tqdm import tqdm
-
     from whale_pl.data.metaworld import MetaWorldEnv
     from whale_pl.plan.evaluate import planned_episode, policy_episode
 
@@ -78,36 +75,34 @@ def run_task(job: TaskJob) -> dict:
     planners = _planners(job)
     env = MetaWorldEnv(job.task, job.size, job.camera)
     out: dict[str, list] = {}
-    bar = tqdm(total=len(job.seeds) * (len(planners) + (3 if job.baselines else 0)), desc=f"{job.task}",
-               disable=not job.progress, leave=False)
     try:
         for i, seed in enumerate(job.seeds):
             for pen, planner in planners.items():
                 keep = i == 0 and f"plan_{pen}" == job.gif_method
                 ep = planned_episode(planner, env, seed, job.decisions, job.hold, keep_frames=keep)
                 out.setdefault(f"plan_{pen}", []).append({"seed": seed, **ep})
-                bar.update(1)
             for name, (act, every) in (_baseline_acts(job, seed).items() if job.baselines else ()):
                 out.setdefault(name, []).append({"seed": seed, **policy_episode(env, seed, act, job.decisions,
                                                                                  job.hold, every)})
-                bar.update(1)
     finally:
         env.close()
-        bar.close()
     return out
 
 
-def run_jobs(jobs: list[TaskJob], workers: int) -> list[dict]:
-    """Run the tasks' jobs, ``workers`` processes at once (spawned: each renders on its own)."""
+def run_jobs(jobs: list[TaskJob], workers: int, desc: str = "episodes", progress: bool = True) -> list[dict]:
+    """Run the jobs in order, ``workers`` processes at once (spawned: each renders on its own)."""
+    from tqdm import tqdm
+
+    bar = dict(total=len(jobs), desc=desc, disable=not progress)
     if workers <= 1:
-        return [run_task(j) for j in jobs]
+        return [run_task(j) for j in tqdm(jobs, **bar)]
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(workers) as pool:
-        return pool.map(run_task, jobs)
+        return list(tqdm(pool.imap(run_task, jobs), **bar))
 
 
-def choose_lambdas(ev: EvalConfig, make_job, discount: float, workers: int) -> dict:
+def choose_lambdas(ev: EvalConfig, make_job, discount: float, workers: int, progress: bool = True) -> dict:
     """For each penalty, the λ of its grid with the highest mean real (discounted) return on the tuning start
     states (ties: the smaller λ); every grid point's return."""
     from whale_pl.plan.evaluate import discounted
@@ -118,7 +113,7 @@ def choose_lambdas(ev: EvalConfig, make_job, discount: float, workers: int) -> d
         for lam in lams:
             jobs.append(make_job(pen, lam))
             keys.append((pen, lam))
-    results = run_jobs([j for js in jobs for j in js], workers)
+    results = run_jobs([j for js in jobs for j in js], workers, "choosing lambda", progress)
     per = len(jobs[0]) if jobs else 0
     table: dict[str, dict[float, float]] = {pen: {} for pen in grid}
     for n, (pen, lam) in enumerate(keys):
