@@ -134,7 +134,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data-config", default=None, help="default stages/<scale>/data.yaml")
     p.add_argument("--starts", type=int, default=None, help="evaluation start states per task (overrides the YAML)")
     p.add_argument("--tune-starts", type=int, default=None, help="λ-selection start states per task")
-    p.add_argument("--jobs", type=int, default=None, help="tasks evaluated at once (one process each)")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (one job per task and start state)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     a.argv = list(argv)

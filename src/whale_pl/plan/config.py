@@ -63,7 +63,7 @@ class EvalConfig:
                                                                      "ensemble": [1.0, 10.0]})
     members: int = 2  # ensemble members: the experiment's on-models of seeds 0..M-1 (member 0 plans)
     experiment: str = ""  # runs/<scale>/experiment/<N>_steps; empty: the one with the most on-models
-    jobs: int = 1  # tasks evaluated at once (one process each)
+    jobs: int = 1  # worker processes (one job per task and start state)
 
     def check(self) -> "EvalConfig":
         """Raise PlanConfigError naming the first bad key and value."""
