@@ -11,7 +11,7 @@ STAMP := $(VENV)/.whale_installed
 export MUJOCO_GL ?= egl
 export PYOPENGL_PLATFORM ?= egl
 
-.PHONY: setup test test-slow demo data tokenizer tokens behavior dynamics experiment report
+.PHONY: setup test test-slow demo data tokenizer tokens behavior dynamics experiment mbpo report
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	@bash scripts/setup_venv.sh
@@ -37,3 +37,6 @@ tokenizer tokens behavior dynamics: $(STAMP)
 experiment: $(STAMP)
 	$(PY) -m whale_pl.pipeline behavior --scale $(SCALE)
 	$(PY) -m whale_pl.experiment --scale $(SCALE) --jobs 2
+
+mbpo: $(STAMP)
+	$(PY) -m whale_pl.plan --scale $(SCALE)

@@ -1,5 +1,6 @@
 """The ``whale`` command: ``whale fit|validate|test|predict --config stages/<scale>/<stage>.yaml`` runs a
-stage through LightningCLI; ``whale eval ...`` and ``whale data ...`` go to ``eval_cli`` and ``data.cli``."""
+stage through LightningCLI; ``whale eval ...``, ``whale data ...`` and ``whale plan ...``
+go to ``eval_cli``, ``data.cli`` and ``plan.cli``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import importlib
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = {"eval": "whale_pl.eval_cli", "data": "whale_pl.data.cli"}
+SUBCOMMANDS = {"eval": "whale_pl.eval_cli", "data": "whale_pl.data.cli", "plan": "whale_pl.plan.cli"}
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -63,13 +64,13 @@ def _run_lightning(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int | None:
-    """``whale <subcommand> ...``: a Lightning subcommand, or ``eval`` / ``data`` handed to their module."""
+    """``whale <subcommand> ...``: a Lightning subcommand, or ``eval`` / ``data`` / ``plan`` handed to their module."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: whale {fit,validate,test,predict} --config stages/<scale>/<stage>.yaml [overrides]\n"
-              "       whale {eval,data} ...\nLightning subcommands take --help for every option.")
+              "       whale {eval,data,plan} ...\nLightning subcommands take --help for every option.")
         return 0
     if argv[0] not in LIGHTNING_SUBCOMMANDS and not argv[0].startswith("-"):
         raise SystemExit(f"whale: unknown subcommand {argv[0]!r}; expected one of "

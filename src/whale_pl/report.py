@@ -231,6 +231,15 @@ def video_section(root: Path, vid: dict | None, exp: dict | None) -> list[str]:
     return lines
 
 
+def mbpo_section(scale: str, root: Path) -> list[str]:
+    """Model-based control in imagination: ``mbpo.md`` (``whale plan``), when ``mbpo.json`` exists."""
+    md = root / "mbpo.md"
+    if not (root / "mbpo.json").is_file() or not md.is_file():
+        return []
+    body = md.read_text().replace("\n# ", "\n### ").replace("\n## ", "\n### ").removeprefix("# ")
+    return ["## " + body, "", f"Regenerate: `whale plan --scale {scale}` (`make mbpo SCALE={scale}`)", ""]
+
+
 def build_report(scale: str, runs: Path = Path("runs")) -> str:
     """The report's markdown, from whatever the pipeline's steps have written under ``runs/<scale>``."""
     root = runs / scale
@@ -242,7 +251,8 @@ def build_report(scale: str, runs: Path = Path("runs")) -> str:
     lines += ["", f"Regenerate a stage: `python -m whale_pl.pipeline <stage> --scale {scale} --force`.", ""]
     vid, exp = _load(root / "video_metrics.json"), _load(root / "experiment.json")
     lines += metrics_table(scale, root, vid, exp) + dynamics_section(scale, runs) + video_section(root, vid, exp)
-    return "\n".join(lines + gifs_section(scale, root, runs) + value_section(scale, root, exp)) + "\n"
+    return "\n".join(lines + gifs_section(scale, root, runs) + value_section(scale, root, exp)
+                     + mbpo_section(scale, root)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

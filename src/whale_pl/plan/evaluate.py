@@ -1,0 +1,99 @@
+"""Episodes in the real simulator: the planner (one decision per model step, each held ``hold`` simulator
+steps) and the baselines, from start states whose seeds are disjoint from the dataset's episode seeds."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from whale_pl.plan.cem import History, Planner
+
+
+def start_seed(base: int, task: str, i: int) -> int:
+    """Start state i of a task (task variation and simulator seed), from a seed base of its own."""
+    return int(np.random.SeedSequence([base, zlib.crc32(task.encode()), i]).generate_state(1, np.uint32)[0])
+
+
+def start_seeds(base: int, task: str, n: int) -> list[int]:
+    """The first n start seeds of a task."""
+    return [start_seed(base, task, i) for i in range(n)]
+
+
+def _step(env, action: np.ndarray, repeat: int) -> tuple[np.ndarray, float, bool]:
+    """Hold one action ``repeat`` simulator steps: the last observation, the summed reward, any success."""
+    r_sum, success = 0.0, False
+    for _ in range(repeat):
+        obs, r, _t, _tr, info = env.env.step(np.asarray(action, np.float32))
+        r_sum += float(r)
+        success = success or bool(info["success"])
+    return obs, r_sum, success
+
+
+def policy_episode(env, seed: int, act: Callable[[int, np.ndarray], np.ndarray], decisions: int, hold: int,
+                   every: int = 1) -> dict:
+    """A policy acting every ``every`` simulator steps (1: each step; ``hold``: once per decision) for
+    ``decisions * hold`` steps; ``rewards_D`` summed per decision, ``success`` any step's."""
+    obs, rewards, success = env.reset(seed), np.zeros(decisions), False
+    for d in range(decisions):
+        for j in range(0, hold, every):
+            obs, r, s = _step(env, act(d * hold + j, obs), min(every, hold - j))
+            rewards[d] += r
+            success = success or s
+    return {"rewards_D": rewards, "success": success}
+
+
+def planned_episode(planner: Planner, env, seed: int, decisions: int, hold: int, keep_frames: bool = False) -> dict:
+    """The planner in the real simulator: each decision imagines from the real history, executes the first
+    action of the best plan for ``hold`` steps. Also what the model believed of each executed action:
+    ``imagined_rewards_D`` / ``imagined_success_D`` (first imagined step of the chosen plan) and its
+    ``uncertainty_D``; with ``keep_frames`` the real frames and the imagined first frames (token ids)."""
+    wm = planner.wm
+    env.reset(seed)
+    frame = env.render()
+    ids = [wm.tokenize(frame[None, None])[0, 0]]
+    acts: list[torch.Tensor] = []
+    out = {k: np.zeros(decisions) for k in ("rewards_D", "imagined_rewards_D", "imagined_success_D", "uncertainty_D")}
+    out["success"], frames, imagined, mean = False, [frame], [], None
+    for d in range(decisions):
+        hist = History(torch.stack(ids), torch.stack(acts) if acts else torch.zeros(0, wm.model.action_dim))
+        p = planner.plan(hist, mean)
+        a = p["actions_raw_HA"][0]
+        _, r, s = _step(env, a, hold)
+        out["rewards_D"][d], out["success"] = r, out["success"] or s
+        b = p["best"]
+        out["imagined_rewards_D"][d] = float(b["reward_NH"][0])
+        out["imagined_success_D"][d] = float(b["success_NH"][0])
+        out["uncertainty_D"][d] = float(b["uncertainty_NH"][0])
+        frame = env.render()
+        ids.append(wm.tokenize(frame[None, None])[0, 0])
+        acts.append(torch.as_tensor(wm.normaliser.normalise_held(a), device=wm.device))
+        mean = np.concatenate([p["actions_raw_HA"][1:], np.zeros_like(p["actions_raw_HA"][:1])])  # warm start
+        if keep_frames:
+            frames.append(frame)
+            imagined.append(b["ids_NHhw"][0])
+    if keep_frames:
+        out["frames"], out["imagined_ids"] = np.stack(frames), torch.stack(imagined)
+    return out
+
+
+def discounted(rewards_D: np.ndarray, discount: float) -> float:
+    """Σ_d γ^d r_d."""
+    r = np.asarray(rewards_D, np.float64)
+    return float((r * discount ** np.arange(len(r))).sum())
+
+
+def dataset_seeds(data_config) -> set[int]:
+    """Every episode seed of a Meta-World dataset config (train, val and OOD episodes)."""
+    from whale_pl.data.metaworld import make_jobs
+
+    return {j.seed for j in make_jobs(data_config)}
+
+
+def check_disjoint(seeds: list[int], data_config) -> None:
+    """Refuse start seeds that name one of the dataset's episodes."""
+    both = sorted(set(seeds) & dataset_seeds(data_config))
+    if both:
+        raise ValueError(f"start seeds {both} are episode seeds of the dataset: pick another seed base")
