@@ -11,7 +11,7 @@ import torch
 from whale_pl.plan.cem import History, Planner, shared_prefix_prior
 from whale_pl.plan.config import PlanConfig, PlanConfigError, load_plan_yaml
 from whale_pl.plan.evaluate import check_disjoint, dataset_seeds, planned_episode, start_seeds
-from whale_pl.plan.summary import compare
+from whale_pl.plan.summary import compare, with_interval
 from whale_pl.rollout.value import WorldModel
 
 CFG = dict(samples=6, horizon=3, iterations=2, elites=2, context=2, K=2)
@@ -155,6 +155,9 @@ def test_paired_verdict():
     assert compare(a + 5, a, "A", "B", idx)["verdict"] == "A beats B"
     assert compare(a, a + 5, "A", "B", idx)["verdict"] == "B beats A"
     assert compare(a, a[:, ::-1], "A", "B", idx)["verdict"] == "not distinguishable at this scale"
+    one = np.zeros((500, 3, 1), int)  # one start state per task: no interval, no verdict, however large the gap
+    assert compare(a[:, :1] + 5, a[:, :1], "A", "B", one)["verdict"] == "undefined"
+    assert np.isnan(with_interval(a[:, :1], one)["ci"]).all()
 
 
 def test_behavior_cloning_fits_the_data():

@@ -47,15 +47,20 @@ def _boot_mean(x_TK: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return np.take_along_axis(np.broadcast_to(x_TK, idx.shape), idx, axis=2).mean(axis=(1, 2))
 
 
+def _ci(x_TK: np.ndarray, idx: np.ndarray, level: float) -> list[float]:
+    """The bootstrap interval of the mean; undefined with one start state per task (nothing to resample)."""
+    return [float("nan")] * 2 if idx.shape[2] < 2 else interval(_boot_mean(x_TK, idx), level)
+
+
 def with_interval(x_TK: np.ndarray, idx: np.ndarray, level: float = LEVEL) -> dict:
     """Mean over tasks and starts, and its bootstrap interval."""
-    return {"mean": float(np.mean(x_TK)), "ci": interval(_boot_mean(x_TK, idx), level)}
+    return {"mean": float(np.mean(x_TK)), "ci": _ci(x_TK, idx, level)}
 
 
 def compare(a_TK: np.ndarray, b_TK: np.ndarray, a: str, b: str, idx: np.ndarray, level: float = LEVEL) -> dict:
     """Paired difference a − b with its interval; "<a> beats <b>" only when the interval excludes zero."""
     d = a_TK - b_TK
-    lo, hi = interval(_boot_mean(d, idx), level)
+    lo, hi = _ci(d, idx, level)
     if not np.isfinite([lo, hi]).all():
         verdict = "undefined"
     else:
