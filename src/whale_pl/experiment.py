@@ -29,7 +29,7 @@ from whale_pl.io import write_json_atomic, write_text_atomic
 from whale_pl.pipeline import done_checkpoint, fmt_elapsed, sha256_of
 
 MODES = ("open_loop", "closed_loop")
-STEPS = {"demo": 600}  # scale -> training steps of every run (else the config's trainer.max_steps)
+STEPS = {"demo": 300}  # scale -> training steps of every run (else the config's trainer.max_steps), as make demo's side runs
 VAL_SPLITS = "[val]"  # checkpoints are chosen on the training families' held-out episodes, never on OOD ones
 SPLIT_NOTES = {"val": "training families, new start states", "ood_params": "new parameters of the training families",
                "ood_families": "behavior families never seen in training"}
