@@ -3,7 +3,7 @@ the key and its value."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 PENALTIES = ("none", "retracing", "ensemble")
@@ -105,8 +105,3 @@ def load_plan_yaml(path: str | Path) -> tuple[PlanConfig, EvalConfig]:
         raise PlanConfigError(f"{path}: unknown group(s) {bad}; expected planner and evaluate")
     return (_build(PlanConfig, d.get("planner"), f"{path} planner").check(),
             _build(EvalConfig, d.get("evaluate"), f"{path} evaluate").check())
-
-
-def as_dict(cfg) -> dict:
-    """A config as a plain dict (for the report)."""
-    return asdict(cfg)

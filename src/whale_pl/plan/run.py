@@ -4,6 +4,7 @@ choice of λ on separate start states."""
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,14 +42,7 @@ def _planners(job: TaskJob):
     torch.set_num_threads(1)
     models = [WorldModel.load(c) for c in (job.members if "ensemble" in job.lambdas else job.members[:1])]
     return {pen: Planner(models[0], job.plan, pen, lam, members=models if pen == "ensemble" else (),
-                         seed=zlib_seed(job.task, pen)) for pen, lam in job.lambdas.items()}
-
-
-def zlib_seed(*parts: str) -> int:
-    """A stable seed from strings (the planners' sampling noise)."""
-    import zlib
-
-    return zlib.crc32("/".join(parts).encode())
+                         seed=zlib.crc32(f"{job.task}/{pen}".encode())) for pen, lam in job.lambdas.items()}
 
 
 def _baseline_acts(job: TaskJob, seed: int) -> dict:
@@ -105,19 +99,16 @@ def run_jobs(jobs: list[TaskJob], workers: int, desc: str = "episodes", progress
 def choose_lambdas(ev: EvalConfig, make_job, discount: float, workers: int, progress: bool = True) -> dict:
     """For each penalty, the λ of its grid with the highest mean real (discounted) return on the tuning start
     states (ties: the smaller λ); every grid point's return."""
-    from whale_pl.plan.evaluate import discounted
+    from whale_pl.rollout.value import discounted_return
 
     grid = {pen: sorted(set(v)) for pen, v in ev.lambdas.items()}
-    jobs, keys = [], []
-    for pen, lams in grid.items():
-        for lam in lams:
-            jobs.append(make_job(pen, lam))
-            keys.append((pen, lam))
+    keys = [(pen, lam) for pen, lams in grid.items() for lam in lams]
+    jobs = [make_job(pen, lam) for pen, lam in keys]
     results = run_jobs([j for js in jobs for j in js], workers, "choosing lambda", progress)
     per = len(jobs[0]) if jobs else 0
     table: dict[str, dict[float, float]] = {pen: {} for pen in grid}
     for n, (pen, lam) in enumerate(keys):
         eps = [e for r in results[n * per:(n + 1) * per] for e in r[f"plan_{pen}"]]
-        table[pen][lam] = float(np.mean([discounted(e["rewards_D"], discount) for e in eps]))
+        table[pen][lam] = float(np.mean([discounted_return(e["rewards_D"], discount) for e in eps]))
     chosen = {pen: max(sorted(t), key=lambda lam: (t[lam], -lam)) for pen, t in table.items()}
     return {"chosen": chosen, "grid": {pen: {str(k): v for k, v in t.items()} for pen, t in table.items()}}

@@ -138,6 +138,12 @@ def discounted_return(rewards_BT: np.ndarray | torch.Tensor, discount: float) ->
     return (r * discount ** np.arange(r.shape[-1])).sum(-1)
 
 
+def start_seeds(base: int, task: str, n: int) -> list[int]:
+    """The first n start states of a task (task variation, env seed, policy noise seed) from a seed base."""
+    return [int(np.random.SeedSequence([base, zlib.crc32(task.encode()), i]).generate_state(1, np.uint32)[0])
+            for i in range(n)]
+
+
 def penalised_reward(reward_BT: torch.Tensor, uncertainty_BT: torch.Tensor, lam: float) -> torch.Tensor:
     """MOPO-style reward for offline model-based policy optimisation: r − λ·u, per imagined step."""
     if reward_BT.shape != uncertainty_BT.shape:
@@ -188,10 +194,6 @@ class EvalSet:
         return cls(tasks=list(c.tasks), splits=splits, size=c.size, camera=c.camera, action_repeat=c.action_repeat,
                    **kw)
 
-    def start_seed(self, task: str, i: int) -> int:
-        """The same start state (task variation, env seed, policy noise seed) for every policy."""
-        return int(np.random.SeedSequence([self.seed, zlib.crc32(task.encode()), i]).generate_state(1, np.uint32)[0])
-
     def split_of(self, policy: str) -> str:
         """The split a policy belongs to."""
         return next(k for k, v in self.splits.items() if policy in v)
@@ -230,9 +232,9 @@ def collect_real(ev: EvalSet, progress: bool = True) -> RealRollouts:
         env = MetaWorldEnv(task, ev.size, ev.camera)
         try:
             for pol in ev.policies:
-                for i in range(ev.starts):
-                    keys.append((task, pol, ev.start_seed(task, i)))
-                    eps.append(rollout(env, pol, keys[-1][2], ev.horizon, ev.action_repeat * ev.frame_stride))
+                for seed in start_seeds(ev.seed, task, ev.starts):  # the same start states for every policy
+                    keys.append((task, pol, seed))
+                    eps.append(rollout(env, pol, seed, ev.horizon, ev.action_repeat * ev.frame_stride))
                     bar.update(1)
         finally:
             env.close()

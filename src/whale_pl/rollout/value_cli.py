@@ -119,17 +119,22 @@ def split_values(res: dict, on: dict, off: dict | None = None, **kw) -> dict:
     return out
 
 
-def per_step(unc: dict, errors: dict) -> dict[str, list]:
-    """The per-step uncertainties and true errors of the rollouts, [B, H-1] each, as lists for the JSON."""
-    return {k: np.asarray(v).tolist() for k, v in {**unc["per_step"], "mse": errors["mse"],
-                                                   "token_err": errors["token_err"]}.items()}
+def uncertainty_summary(wm, rollouts: list, errors: dict, K: int, members: list | None = None,
+                        progress: bool = True) -> dict:
+    """Retracing (and the ensemble of ``members``) on the open-loop rollouts against their true errors: the
+    seconds, ``uncertainty_figures`` per error, and the per-step uncertainties and errors [B, H-1] as lists."""
+    from whale_pl.rollout.value import evaluate_uncertainty, uncertainty_figures
+
+    unc = evaluate_uncertainty(wm, rollouts, K=K, ensemble=members or None, progress=progress)
+    steps = {**unc["per_step"], "mse": errors["mse"], "token_err": errors["token_err"]}
+    return {"K": K, "seconds": unc["seconds"], **uncertainty_figures(unc, errors),
+            "per_step": {k: np.asarray(v).tolist() for k, v in steps.items()}}
 
 
 def run(dynamics: str, ensemble: list[str] | None, data_config: str, starts: int, horizon: int, discount: float,
         K: int, modes: list[str], device: str = "cpu", progress: bool = True) -> dict:
     """Everything `whale eval value` computes, as a dict."""
-    from whale_pl.rollout.value import (EvalSet, WorldModel, collect_real, evaluate_uncertainty, evaluate_values,
-                                        rollout_errors, uncertainty_figures)
+    from whale_pl.rollout.value import EvalSet, WorldModel, collect_real, evaluate_values, rollout_errors
 
     wm = WorldModel.load(dynamics, device)
     ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, discount=discount,
@@ -148,9 +153,8 @@ def run(dynamics: str, ensemble: list[str] | None, data_config: str, starts: int
     if rollouts is not None:
         errors = rollout_errors(wm, real, rollouts, baselines=True)
         out["video"] = video_summary({"model": errors}, np.array([ev.split_of(p) for p in real.policy]))
-        unc = evaluate_uncertainty(wm, rollouts, K=K, ensemble=members or None, progress=progress)
-        out["uncertainty"] = {"K": K, "ensemble": list(ensemble or []), "seconds": unc["seconds"],
-                              **uncertainty_figures(unc, errors), "per_step": per_step(unc, errors)}
+        out["uncertainty"] = {**uncertainty_summary(wm, rollouts, errors, K, members, progress),
+                              "ensemble": list(ensemble or [])}
     return out
 
 
