@@ -99,8 +99,6 @@ class WorldModel:
         ``actions_norm_BTA``."""
         if self.model.state_head is None:
             raise ValueError("closed-loop evaluation needs a dynamics model with a state head (data with state)")
-        if context_ids_B1hw.shape[1] != 1:
-            raise ValueError("closed-loop rollouts start from one real frame")
         raw: list[np.ndarray] = []
         norm: list[torch.Tensor] = []
 
@@ -366,14 +364,14 @@ def value_metrics_for_checkpoint(ckpt_path: str, data_config: str = "stages/demo
     """The evaluation callback's value hook (docs/contracts.md): flat floats of one mode, ``<split>_<figure>``
     for each split and ``all`` (undefined figures left out)."""
     from whale_pl.rollout.stats import value_stat
+    from whale_pl.rollout.value_cli import split_masks
 
     wm = WorldModel.load(ckpt_path, device)
     ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, discount=discount,
                                   frame_stride=wm.frame_stride)
     res = evaluate_values(wm, collect_real(ev, progress=False), ev, modes=(mode,), progress=False)
-    real, imag, split = np.array(res["real_TPK"]), np.array(res[mode]["imagined_TPK"]), np.array(res["split"])
-    out, scale_T = {}, np.ptp(real.mean(-1), -1)
-    for name in [*ev.splits, "all"]:
-        sel = split == name if name != "all" else np.ones(len(split), bool)
-        out |= {f"{name}_{k}": float(v) for k, v in value_stat(real[:, sel], imag[None][:, :, sel], scale_T).items()}
+    real, imag = np.array(res["real_TPK"]), np.array(res[mode]["imagined_TPK"])[None]
+    scale_T = np.ptp(real.mean(-1), -1)
+    out = {f"{name}_{k}": float(v) for name, sel in split_masks(res["split"]).items()
+           for k, v in value_stat(real[:, sel], imag[:, :, sel], scale_T).items()}
     return {k: v for k, v in out.items() if np.isfinite(v)}

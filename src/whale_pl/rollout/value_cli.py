@@ -94,11 +94,14 @@ def video_summary(errors: dict[str, dict], split_B: np.ndarray) -> dict:
         for pre, name in (("", label), ("copy_", "copy the last real frame"), ("recon_", "tokenizer reconstruction")):
             if f"{pre}psnr" in e:
                 rows[name] = {k: np.asarray(e[f"{pre}{k}"], np.float64) for k in ("psnr", "ssim")}
-    out = {}
-    for s in [*dict.fromkeys(split_B), "all"]:
-        sel = np.ones(len(split_B), bool) if s == "all" else np.asarray(split_B) == s
-        out[s] = {n: {k: float(v[sel].mean()) for k, v in r.items()} for n, r in rows.items()}
-    return out
+    return {s: {n: {k: float(v[sel].mean()) for k, v in r.items()} for n, r in rows.items()}
+            for s, sel in split_masks(split_B).items()}
+
+
+def split_masks(split_B) -> dict[str, np.ndarray]:
+    """A boolean mask of each split's entries (in order of appearance), then ``all``."""
+    split = np.asarray(split_B)
+    return {s: split == s for s in dict.fromkeys(split.tolist())} | {"all": np.ones(len(split), bool)}
 
 
 def split_values(res: dict, on: dict, off: dict | None = None, **kw) -> dict:
@@ -107,16 +110,11 @@ def split_values(res: dict, on: dict, off: dict | None = None, **kw) -> dict:
     each normalised by the task's real return range over every evaluated policy."""
     from whale_pl.rollout.stats import value_intervals
 
-    real, split = np.asarray(res["real_TPK"], np.float64), np.array(res["split"])
+    real = np.asarray(res["real_TPK"], np.float64)
     kw.setdefault("scale_T", np.ptp(real.mean(-1), -1))  # every split on its task's range over all policies
-    out = {}
-    for mode in [m for m in MODES if m in on]:
-        out[mode] = {}
-        for s in [*dict.fromkeys(split), "all"]:
-            sel = np.ones(len(split), bool) if s == "all" else split == s
-            out[mode][s] = value_intervals(real[:, sel], np.asarray(on[mode])[:, :, sel],
-                                           None if off is None else np.asarray(off[mode])[:, :, sel], **kw)
-    return out
+    return {mode: {s: value_intervals(real[:, sel], np.asarray(on[mode])[:, :, sel],
+                                      None if off is None else np.asarray(off[mode])[:, :, sel], **kw)
+                   for s, sel in split_masks(res["split"]).items()} for mode in MODES if mode in on}
 
 
 def uncertainty_summary(wm, rollouts: list, errors: dict, K: int, members: list | None = None,
