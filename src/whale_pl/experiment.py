@@ -334,16 +334,13 @@ def write_report(res: dict, path: Path) -> None:
 
 def write_plots(res: dict, out_dir: Path) -> None:
     """The return scatter (on and off) and the per-step AUROC curve, named in ``res["plots"]``."""
-    from whale_pl.rollout.value_cli import plot_returns, plot_step_auroc
+    from whale_pl.rollout.value_cli import write_plots
 
-    r = res["returns"]
-    res["plots"] = {"returns (on and off)": str(out_dir / "experiment_returns.png"),
-                    "AUROC per imagined step": str(out_dir / "experiment_step_auroc.png")}
-    plot_returns(r["real_TPK"], r["split"], {g: r[g] for g in ("on", "off")},
-                 Path(res["plots"]["returns (on and off)"]),
-                 title=f"imagined vs real returns, behavior-conditioning on and off ({res['seeds']} seed(s) each)")
-    plot_step_auroc(res["uncertainty"]["mse"], Path(res["plots"]["AUROC per imagined step"]),
-                    title=f"retracing (on-model 0) vs {res['members']}-member ensemble: AUROC against pixel MSE")
+    res["plots"] = write_plots(
+        res, out_dir / "experiment", {g: res["returns"][g] for g in ("on", "off")},
+        ("returns (on and off)", "AUROC per imagined step"),
+        (f"imagined vs real returns, behavior-conditioning on and off ({res['seeds']} seed(s) each)",
+         f"retracing (on-model 0) vs {res['members']}-member ensemble: AUROC against pixel MSE"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -204,15 +204,13 @@ def video_section(root: Path, vid: dict | None, exp: dict | None) -> list[str]:
     row where it measured one) and the experiment's open-loop rollouts (on, off, copy, tokenizer ceiling)."""
     lines = ["## Video fidelity (dynamics rollouts on held-out clips)", ""]
     if vid:
+        cells = {pre: " | ".join(_fmt(vid.get(k if k == "num_clips" else pre + k))
+                                 for k in ("psnr", "ssim", "fvd", "num_clips")) for pre in ("", "copy_")}
+        copy = cells["copy_"] if any(f"copy_{k}" in vid for k in ("psnr", "ssim", "fvd")) else \
+            "not measured by `whale eval video` | | |"
         lines += ["| rollout | PSNR (dB) | SSIM | FVD | clips |", "|---|---|---|---|---|",
-                  f"| dynamics model | {_fmt(vid.get('psnr'))} | {_fmt(vid.get('ssim'))} | {_fmt(vid.get('fvd'))} | "
-                  f"{_fmt(vid.get('num_clips'))} |"]
-        if any(f"copy_{k}" in vid for k in ("psnr", "ssim", "fvd")):
-            lines.append(f"| copy the last real frame | {_fmt(vid.get('copy_psnr'))} | {_fmt(vid.get('copy_ssim'))} | "
-                         f"{_fmt(vid.get('copy_fvd'))} | {_fmt(vid.get('num_clips'))} |")
-        else:
-            lines.append("| copy the last real frame | not measured by `whale eval video` | | | |")
-        lines += ["", f"Command: `{_video_cmd(vid, root)}`", ""]
+                  f"| dynamics model | {cells['']} |", f"| copy the last real frame | {copy} |", "",
+                  f"Command: `{_video_cmd(vid, root)}`", ""]
     else:
         lines += [f"_missing: {root / 'video_metrics.json'} (run `whale eval video ...`)_", ""]
     rows = _get(exp, "video", "all")

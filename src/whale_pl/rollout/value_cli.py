@@ -86,6 +86,18 @@ def plot_step_auroc(unc: dict, path: Path, title: str = "") -> None:
     _savefig(fig, path, title)
 
 
+def write_plots(res: dict, stem: Path, models: dict[str, dict], names: tuple[str, str],
+                titles: tuple[str, str]) -> dict[str, str]:
+    """The return scatter of ``models`` (``<stem>_returns.png``) and, with uncertainty figures, the per-step
+    AUROC curve (``<stem>_step_auroc.png``); their paths under ``names``."""
+    r, plots = res["returns"], {names[0]: f"{stem}_returns.png"}
+    plot_returns(r["real_TPK"], r["split"], models, Path(plots[names[0]]), titles[0])
+    if "uncertainty" in res:
+        plots[names[1]] = f"{stem}_step_auroc.png"
+        plot_step_auroc(res["uncertainty"]["mse"], Path(plots[names[1]]), titles[1])
+    return plots
+
+
 def video_summary(errors: dict[str, dict], split_B: np.ndarray) -> dict:
     """Mean PSNR / SSIM of open-loop rollouts per split (and ``all``) for each labelled set of
     :func:`~whale_pl.rollout.value.rollout_errors` (``copy_``/``recon_`` keys become their own rows)."""
@@ -180,14 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     if "open_loop" not in a.modes:
         print("note: video and uncertainty figures need the open_loop mode; they are skipped", file=sys.stderr)
     res = run(a.dynamics, a.ensemble, a.data_config, a.starts, a.horizon, a.discount, a.K, a.modes, a.device)
-    out = Path(a.out)
-    res["plots"] = {"returns": str(out.with_name(out.stem + "_returns.png"))}
-    r = res["returns"]
-    plot_returns(r["real_TPK"], r["split"], {"model": {m: [r[m]["imagined_TPK"]] for m in a.modes}},
-                 Path(res["plots"]["returns"]), title=str(a.dynamics))
-    if "uncertainty" in res:
-        res["plots"]["step_auroc"] = str(out.with_name(out.stem + "_step_auroc.png"))
-        plot_step_auroc(res["uncertainty"]["mse"], Path(res["plots"]["step_auroc"]), title=str(a.dynamics))
+    out, r = Path(a.out), res["returns"]
+    res["plots"] = write_plots(res, out.with_suffix(""), {"model": {m: [r[m]["imagined_TPK"]] for m in a.modes}},
+                               ("returns", "step_auroc"), (str(a.dynamics),) * 2)
     write_json_atomic(out, nan_to_none(res))
     for mode in a.modes:
         for s, f in res["value"][mode].items():
