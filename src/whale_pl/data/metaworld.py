@@ -10,9 +10,6 @@ val episodes; each ``ood_policies`` entry gives ``ood_episodes_per_policy`` held
 ``action_repeat`` R (default 1): the policy decides every R simulator steps (80 Hz) and its action is
 held for all R; one frame, state, action, summed reward and end-of-window success is recorded per
 decision. ``max_steps`` counts decisions (``max_steps * action_repeat`` <= 500 simulator steps).
-
-The collector writes only into an empty ``out`` folder or one whose ``.whale_collect.json`` marker
-says it holds a collection of this config (``ownership.py``); anything else needs ``overwrite``.
 """
 
 from __future__ import annotations

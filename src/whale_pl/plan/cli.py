@@ -64,19 +64,10 @@ def _setting(a: argparse.Namespace, ev: EvalConfig, members: list[str]) -> dict:
 def _jobs(s: dict, plan: PlanConfig, members: list[str], lambdas: dict, seeds: dict[str, list[int]],
           baselines: bool, gif: str = "") -> list[TaskJob]:
     """One job per task and start state (so the workers stay busy to the end)."""
-    return [TaskJob(t, [seed], lambdas, members, plan, s["size"], s["camera"], s["decisions"], s["hold"],
+    return [TaskJob(t, seed, lambdas, members, plan, s["size"], s["camera"], s["decisions"], s["hold"],
                     {**s["bc"], "behavior": s["best"][t]["policy"]} if baselines else {},
                     gif if (i, j) == (0, 0) else "")
             for i, t in enumerate(s["tasks"]) for j, seed in enumerate(seeds[t])]
-
-
-def _per_task(jobs: list[TaskJob], results: list[dict]) -> dict[str, dict[str, list]]:
-    """The jobs' episodes gathered per task and method, in start order."""
-    out: dict[str, dict[str, list]] = {}
-    for job, res in zip(jobs, results):
-        for method, eps in res.items():
-            out.setdefault(job.task, {}).setdefault(method, []).extend(eps)
-    return out
 
 
 def evaluate(a: argparse.Namespace, plan: PlanConfig, ev: EvalConfig) -> dict:
@@ -91,7 +82,10 @@ def evaluate(a: argparse.Namespace, plan: PlanConfig, ev: EvalConfig) -> dict:
     print(f"[plan] lambda chosen in {time.time() - t0:.0f} s: {lams}", flush=True)
     lambdas = {"none": 0.0, **{pen: lams["chosen"][pen] for pen in ("retracing", "ensemble")}}
     jobs = _jobs(s, plan, members, lambdas, s["seeds"]["eval"], True, gif="plan_retracing")
-    per_task = _per_task(jobs, run_jobs(jobs, ev.jobs, "evaluation", not a.no_progress))
+    per_task: dict[str, dict[str, list]] = {}  # task -> method -> episodes, in start order
+    for job, res in zip(jobs, run_jobs(jobs, ev.jobs, "evaluation", not a.no_progress)):
+        for method, eps in res.items():
+            per_task.setdefault(job.task, {}).setdefault(method, []).extend(eps)
     return {"per_task": per_task, "setting": s, "members": members, "lambdas": lams}
 
 

@@ -11,16 +11,13 @@ import numpy as np
 
 from whale_pl.plan.config import EvalConfig, PlanConfig
 
-PLANNERS = ("plan_none", "plan_retracing", "plan_ensemble")
-BASELINES = ("behavior", "bc", "random")
-
 
 @dataclass
 class TaskJob:
-    """What one worker runs: a task's start seeds, the planners' λ, the models and the baselines' inputs."""
+    """What one worker runs: a task's start state, the planners' λ, the models and the baselines' inputs."""
 
     task: str
-    seeds: list[int]
+    seed: int
     lambdas: dict[str, float]  # penalty -> λ for each planner to run ("none" -> 0)
     members: list[str]  # dynamics checkpoints; the first plans
     plan: PlanConfig
@@ -29,7 +26,7 @@ class TaskJob:
     decisions: int
     hold: int
     baselines: dict = field(default_factory=dict)  # behavior policy name, BC state (None: skip baselines)
-    gif_method: str = ""  # keep the frames of this planner's first episode
+    gif_method: str = ""  # keep the frames of this planner's episode
 
 
 def _planners(job: TaskJob):
@@ -61,7 +58,7 @@ def _baseline_acts(job: TaskJob, seed: int) -> dict:
 
 
 def run_task(job: TaskJob) -> dict:
-    """Every method from every start seed of one task: per method a list of episode records."""
+    """Every method from the job's start state: per method a list of its one episode record."""
     from whale_pl.data.metaworld import MetaWorldEnv
     from whale_pl.plan.evaluate import planned_episode, policy_episode
 
@@ -70,14 +67,11 @@ def run_task(job: TaskJob) -> dict:
     env = MetaWorldEnv(job.task, job.size, job.camera)
     out: dict[str, list] = {}
     try:
-        for i, seed in enumerate(job.seeds):
-            for pen, planner in planners.items():
-                keep = i == 0 and f"plan_{pen}" == job.gif_method
-                ep = planned_episode(planner, env, seed, job.decisions, job.hold, keep_frames=keep)
-                out.setdefault(f"plan_{pen}", []).append({"seed": seed, **ep})
-            for name, (act, every) in (_baseline_acts(job, seed).items() if job.baselines else ()):
-                out.setdefault(name, []).append({"seed": seed, **policy_episode(env, seed, act, job.decisions,
-                                                                                 job.hold, every)})
+        for pen, planner in planners.items():
+            ep = planned_episode(planner, env, job.seed, job.decisions, job.hold, f"plan_{pen}" == job.gif_method)
+            out[f"plan_{pen}"] = [{"seed": job.seed, **ep}]
+        for name, (act, every) in (_baseline_acts(job, job.seed).items() if job.baselines else ()):
+            out[name] = [{"seed": job.seed, **policy_episode(env, job.seed, act, job.decisions, job.hold, every)}]
     finally:
         env.close()
     return out
