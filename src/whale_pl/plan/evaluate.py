@@ -52,17 +52,16 @@ def planned_episode(planner: Planner, env, seed: int, decisions: int, hold: int,
         a = p["actions_raw_HA"][0]
         _, r, s = _step(env, a, hold)
         out["rewards_D"][d], out["success"] = r, out["success"] or s
-        b = p["best"]
-        out["imagined_rewards_D"][d] = float(b["reward_NH"][0])
-        out["imagined_success_D"][d] = float(b["success_NH"][0])
-        out["uncertainty_D"][d] = float(b["uncertainty_NH"][0])
+        for k, v in (("imagined_rewards_D", "reward_NH"), ("imagined_success_D", "success_NH"),
+                     ("uncertainty_D", "uncertainty_NH")):
+            out[k][d] = float(p["best"][v][0])
         frame = env.render()
         ids.append(wm.tokenize(frame[None, None])[0, 0])
         acts.append(torch.as_tensor(wm.normaliser.normalise_held(a), device=wm.device))
         mean = np.concatenate([p["actions_raw_HA"][1:], np.zeros_like(p["actions_raw_HA"][:1])])  # warm start
         if keep_frames:
             frames.append(frame)
-            imagined.append(b["ids_NHhw"][0])
+            imagined.append(p["best"]["ids_NHhw"][0])
     if keep_frames:
         out["frames"], out["imagined_ids"] = np.stack(frames), torch.stack(imagined)
     return out

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from whale_pl.io import atomic_path, write_json_atomic
+from whale_pl.rollout.stats import fmt_key
 from whale_pl.rollout.value_metrics import nan_to_none
 
 MODES = ("open_loop", "closed_loop")
@@ -150,10 +151,9 @@ def run(dynamics: str, ensemble: list[str] | None, data_config: str, starts: int
     ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, discount=discount,
                                   frame_stride=wm.frame_stride)
     members = [WorldModel.load(p, device) for p in ensemble or ()]
-    for p, m in zip(ensemble or [], members):
-        if m.frame_stride != wm.frame_stride:
-            raise ValueError(f"ensemble member {p} steps {m.frame_stride} recorded step(s) at a time, {dynamics} "
-                             f"{wm.frame_stride}: the members must share the model's clock (data frame_stride)")
+    if any(m.frame_stride != wm.frame_stride for m in members):
+        raise ValueError(f"ensemble members {ensemble} must step {wm.frame_stride} recorded step(s) at a time like "
+                         f"{dynamics}: the members must share the model's clock (data frame_stride)")
     real = collect_real(ev, progress=progress)
     res = evaluate_values(wm, real, ev, modes=modes, progress=progress)
     rollouts = res.pop("_rollouts", None)
@@ -198,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(out, nan_to_none(res))
     for mode in a.modes:
         for s, f in res["value"][mode].items():
-            print(f"{mode} {s}: " + ", ".join(f"{k} {v['on']:.3f} [{v['on_ci'][0]:.3f}, {v['on_ci'][1]:.3f}]"
-                                               for k, v in f.items()))
+            print(f"{mode} {s}: " + ", ".join(f"{k} {fmt_key(v, 'on')}" for k, v in f.items()))
     print(f"wrote {out}")
     return 0
 
