@@ -139,7 +139,8 @@ def metrics_table(scale: str, root: Path, vid: dict | None, exp: dict | None) ->
     why = "one class of steps, or too few defined bootstrap replicates"
     scores = _get(exp, "uncertainty", "mse", "scores") or {}
     auroc = "; ".join(f"{k} {_or_why(scores.get(k), 'auroc_within', why)} "
-                      f"({(scores.get(k) or {}).get('verdict_within', 'undefined')})" for k in ("retracing", "ensemble"))
+                      f"({(scores.get(k) or {}).get('verdict_within', 'undefined')})"
+                      for k in ("retracing", "ensemble"))
     auroc += f"; step index alone, pooled over steps {_or_why(scores.get('step index'), 'auroc_pooled', why)}"
     return lines + [f"| {AUROC_ROW} | {auroc} | open-loop imagined steps 2..H-1 of on-model 0 | `{exp_cmd}` |", ""]
 
