@@ -10,9 +10,9 @@ import torch
 
 from whale_pl.plan.cem import History, Planner, shared_prefix_prior
 from whale_pl.plan.config import PlanConfig, PlanConfigError, load_plan_yaml
-from whale_pl.plan.evaluate import check_disjoint, dataset_seeds, planned_episode, start_seeds
+from whale_pl.plan.evaluate import check_disjoint, dataset_seeds, planned_episode
 from whale_pl.plan.summary import compare, with_interval
-from whale_pl.rollout.value import WorldModel
+from whale_pl.rollout.value import WorldModel, start_seeds
 
 CFG = dict(samples=6, horizon=3, iterations=2, elites=2, context=2, K=2)
 

@@ -38,7 +38,7 @@ def test_report_reads_the_dynamics_validation_from_tensorboard(tmp_path, monkeyp
     md = report.build_report("demo", tmp_path / "runs")
     assert "| teacher-forced token accuracy | 0.870 |" in md
     assert "| copy-the-previous-frame baseline | 0.860 |" in md and "| accuracy minus copy | +1.000 pt |" in md
-    assert "| 8-step autoregressive PSNR (dB), `ood` episodes (new parameters of the training families) | 24.500 |" in md
+    assert "| 8-step autoregressive PSNR (dB), `ood` episodes (held-out policies: `ood_params` and `ood_families`) | 24.500 |" in md
     assert "training-family episodes | missing (not logged) |" in md
     assert "global step 200" in md and "one step = 8 recorded steps" in md
 

@@ -27,8 +27,9 @@ import numpy as np
 
 from whale_pl.io import write_json_atomic, write_text_atomic
 from whale_pl.pipeline import done_checkpoint, fmt_elapsed, sha256_of
+from whale_pl.rollout.stats import fmt, fmt_key
+from whale_pl.rollout.value_cli import MODES
 
-MODES = ("open_loop", "closed_loop")
 STEPS = {"demo": 300}  # scale -> training steps of every run (else the config's trainer.max_steps), as make demo's side runs
 VAL_SPLITS = "[val]"  # checkpoints are chosen on the training families' held-out episodes, never on OOD ones
 SPLIT_NOTES = {"val": "training families, new start states", "ood_params": "new parameters of the training families",
@@ -123,11 +124,6 @@ def train_all(a: argparse.Namespace) -> dict:
     return out
 
 
-def _mean_errors(errors: list[dict]) -> dict[str, np.ndarray]:
-    """Per-step video errors averaged over seeds (the model's keys only)."""
-    return {k: np.mean([e[k] for e in errors], 0) for k in MODEL_KEYS}
-
-
 def behavior_probe(wm, real, ev) -> dict:
     """The linear probe of the behavior prior's z_t per split (``analysis.probe.split_probes``) on the real
     rollouts, whose start states no stage saw or was chosen on; empty for a model without behavior."""
@@ -150,9 +146,9 @@ def behavior_probe(wm, real, ev) -> dict:
 def evaluate(a: argparse.Namespace, runs: dict) -> dict:
     """One set of real rollouts; every on and off model's values and video errors; retracing of on-model 0
     against the ensemble of on-models 0..M-1."""
-    from whale_pl.rollout.value import (EvalSet, WorldModel, collect_real, evaluate_uncertainty, evaluate_values,
-                                        frame_stride_of, rollout_errors, uncertainty_figures)
-    from whale_pl.rollout.value_cli import per_step, split_values, video_summary
+    from whale_pl.rollout.value import (EvalSet, WorldModel, collect_real, evaluate_values, frame_stride_of,
+                                        rollout_errors)
+    from whale_pl.rollout.value_cli import split_values, uncertainty_summary, video_summary
 
     on_ckpts, off_ckpts = [r["ckpt"] for r in runs["on"]], [r["ckpt"] for r in runs["off"]]
     ev = EvalSet.from_data_config(a.data_config, starts=a.starts, horizon=a.horizon, discount=a.discount,
@@ -169,36 +165,26 @@ def evaluate(a: argparse.Namespace, runs: dict) -> dict:
             res = evaluate_values(wm, real, ev, modes=MODES)
             for m in MODES:
                 imag[group][m].append(res[m]["imagined_TPK"])
-            rollouts = res.pop("_rollouts")
-            errors[group].append(rollout_errors(wm, real, rollouts, baselines=group == "on" and i == 0))
-            if group == "on" and i == 0:
-                wm0, rollouts0, baselines = wm, rollouts, errors["on"][0]
+            rollouts, first = res.pop("_rollouts"), group == "on" and i == 0
+            errors[group].append(rollout_errors(wm, real, rollouts, baselines=first))
+            if first:
+                wm0, rollouts0 = wm, rollouts
     probe = behavior_probe(wm0, real, ev)
     print(f"[experiment] retracing (K={a.K}) vs the {a.members}-member ensemble", flush=True)
     members = [wm0] + [WorldModel.load(c, a.device) for c in on_ckpts[1: a.members]]
-    unc = evaluate_uncertainty(wm0, rollouts0, K=a.K, ensemble=members)
-    split_B = np.array([ev.split_of(p) for p in real.policy])
-    video = {"on": _mean_errors(errors["on"]), "off": _mean_errors(errors["off"]),
-             "baselines": {k: v for k, v in baselines.items() if k not in MODEL_KEYS}}
+    unc = uncertainty_summary(wm0, rollouts0, errors["on"][0], a.K, members)
+    video = {g: {k: np.mean([e[k] for e in errors[g]], 0) for k in MODEL_KEYS} for g in ("on", "off")}
+    video["baselines"] = {k: v for k, v in errors["on"][0].items() if k not in MODEL_KEYS}
     secs = [r["seconds"] for r in runs["on"][: a.members]]
     return {"returns": {**{k: res[k] for k in ("tasks", "policies", "split", "real_TPK", "discount", "horizon")},
                         "on": imag["on"], "off": imag["off"]},
             "value": split_values(res, imag["on"], imag["off"]),
-            "video": video_summary(video, split_B),
-            "uncertainty": {"K": a.K, "members": a.members, "seconds": unc["seconds"],
+            "video": video_summary(video, np.array([ev.split_of(p) for p in real.policy])),
+            "uncertainty": {**unc, "members": a.members,
                             "inference_cost_ratio": unc["seconds"]["ensemble"] / max(unc["seconds"]["retracing"], 1e-9),
-                            "training_cost_ratio": sum(secs) / max(secs[0], 1e-9),
-                            **uncertainty_figures(unc, errors["on"][0]), "per_step": per_step(unc, errors["on"][0])},
-            "probe": probe, "splits": ev.splits, "tasks": ev.tasks, "real_seconds": real.seconds}
-
-
-def _f(x, nd: int = 3) -> str:
-    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
-
-
-def _ci(row: dict, key: str, nd: int = 3) -> str:
-    lo, hi = row.get(f"{key}_ci") or (None, None)
-    return f"{_f(row.get(key), nd)} [{_f(lo, nd)}, {_f(hi, nd)}]"
+                            "training_cost_ratio": sum(secs) / max(secs[0], 1e-9)},
+            "probe": probe, "splits": ev.splits, "tasks": ev.tasks,
+            "real_seconds": real.seconds}
 
 
 def value_claim(gap: dict) -> str:
@@ -230,14 +216,14 @@ def verdicts(res: dict) -> list[str]:
             if split in ("all", "val"):
                 continue
             g = figs["value_gap"]
-            out.append(f"- (1) {mode}, `{split}` ({SPLIT_NOTES.get(split, split)}): value gap on {_ci(g, 'on')} vs off "
-                       f"{_ci(g, 'off')}; on − off {_ci(g, 'diff')}: {value_claim(g)}.")
+            out.append(f"- (1) {mode}, `{split}` ({SPLIT_NOTES.get(split, split)}): value gap on {fmt_key(g, 'on')} "
+                       f"vs off {fmt_key(g, 'off')}; on − off {fmt_key(g, 'diff')}: {value_claim(g)}.")
     u = res["uncertainty"]
     r, e = u["mse"]["scores"]["retracing"], u["mse"]["scores"]["ensemble"]
-    out.append(f"- (2) AUROC within a step index (pixel MSE): retracing {_ci(r, 'auroc_within', 2)} "
-               f"({r['verdict_within']}), {u['members']}-member ensemble {_ci(e, 'auroc_within', 2)} "
+    out.append(f"- (2) AUROC within a step index (pixel MSE): retracing {fmt_key(r, 'auroc_within', 2)} "
+               f"({r['verdict_within']}), {u['members']}-member ensemble {fmt_key(e, 'auroc_within', 2)} "
                f"({e['verdict_within']}): {uncertainty_claim(u['mse'])}. Inference: the ensemble takes "
-               f"{_f(u['inference_cost_ratio'], 2)}x retracing's time; training {_f(u['training_cost_ratio'], 2)}x.")
+               f"{fmt(u['inference_cost_ratio'], 2)}x retracing's time; training {fmt(u['training_cost_ratio'], 2)}x.")
     return out
 
 
@@ -277,7 +263,7 @@ def _value_lines(res: dict) -> list[str]:
         for fig in res["value"][MODES[0]][split]:
             for mode in MODES:
                 row = res["value"][mode][split][fig]
-                L.append(f"| {fig} | {mode} | {_ci(row, 'on')} | {_ci(row, 'off')} | {_ci(row, 'diff')} | "
+                L.append(f"| {fig} | {mode} | {fmt_key(row, 'on')} | {fmt_key(row, 'off')} | {fmt_key(row, 'diff')} | "
                          f"{row['verdict']} |")
         L.append("")
     return L
@@ -294,14 +280,14 @@ def _uncertainty_lines(res: dict) -> list[str]:
          "|---|---|---|---|---|---|"]
     for target, name in (("mse", "pixel MSE"), ("token_err", "wrong tokens")):
         for k, row in u[target]["scores"].items():
-            L.append(f"| {k} | {name} | {_ci(row, 'auroc_within')} | {_ci(row, 'spearman_within')} | "
-                     f"{_ci(row, 'auroc_pooled')} | {row['verdict_within']} |")
-    L += [""] + [f"- {k} (AUROC within a step, {t}): {_ci(d, 'diff')}: {d['verdict']}"
+            L.append(f"| {k} | {name} | {fmt_key(row, 'auroc_within')} | {fmt_key(row, 'spearman_within')} | "
+                     f"{fmt_key(row, 'auroc_pooled')} | {row['verdict_within']} |")
+    L += [""] + [f"- {k} (AUROC within a step, {t}): {fmt_key(d, 'diff')}: {d['verdict']}"
                  for t in ("mse", "token_err") for k, d in u[t]["differences"].items()]
     s = u["seconds"]
     return L + ["", f"Cost: retracing {s['retracing']:.2f} s, ensemble {s['ensemble']:.2f} s on the same steps "
-                f"(ratio {_f(u['inference_cost_ratio'], 2)}); training the ensemble took "
-                f"{_f(u['training_cost_ratio'], 2)}x one model's time.", ""]
+                f"(ratio {fmt(u['inference_cost_ratio'], 2)}); training the ensemble took "
+                f"{fmt(u['training_cost_ratio'], 2)}x one model's time.", ""]
 
 
 def _video_lines(res: dict) -> list[str]:
@@ -312,7 +298,7 @@ def _video_lines(res: dict) -> list[str]:
          "ceiling. FVD: `whale eval video` (video_metrics.json).", "", "| split | rollout | PSNR (dB) | SSIM |",
          "|---|---|---|---|"]
     for split, rows in res["video"].items():
-        L += [f"| {split} | {name} | {_f(v['psnr'], 2)} | {_f(v['ssim'])} |" for name, v in rows.items()]
+        L += [f"| {split} | {name} | {fmt(v['psnr'], 2)} | {fmt(v['ssim'])} |" for name, v in rows.items()]
     return L + [""]
 
 
@@ -330,7 +316,7 @@ def _probe_lines(res: dict) -> list[str]:
     for split in [k for k in pr if isinstance(pr[k], dict)]:
         for kind in ("family", "policy"):
             row = pr[split].get(kind)
-            L.append(f"| {split} | {kind} | " + (f"{_ci(row, 'acc')} | {_f(row['chance'])} | {row['episodes']} |"
+            L.append(f"| {split} | {kind} | " + (f"{fmt_key(row, 'acc')} | {fmt(row['chance'])} | {row['episodes']} |"
                                                   if row else "undefined (family never seen in training) | | |"))
     return L + [""]
 
@@ -348,16 +334,13 @@ def write_report(res: dict, path: Path) -> None:
 
 def write_plots(res: dict, out_dir: Path) -> None:
     """The return scatter (on and off) and the per-step AUROC curve, named in ``res["plots"]``."""
-    from whale_pl.rollout.value_cli import plot_returns, plot_step_auroc
+    from whale_pl.rollout.value_cli import write_plots
 
-    r = res["returns"]
-    res["plots"] = {"returns (on and off)": str(out_dir / "experiment_returns.png"),
-                    "AUROC per imagined step": str(out_dir / "experiment_step_auroc.png")}
-    plot_returns(r["real_TPK"], r["split"], {g: r[g] for g in ("on", "off")},
-                 Path(res["plots"]["returns (on and off)"]),
-                 title=f"imagined vs real returns, behavior-conditioning on and off ({res['seeds']} seed(s) each)")
-    plot_step_auroc(res["uncertainty"]["mse"], Path(res["plots"]["AUROC per imagined step"]),
-                    title=f"retracing (on-model 0) vs {res['members']}-member ensemble: AUROC against pixel MSE")
+    res["plots"] = write_plots(
+        res, out_dir / "experiment", {g: res["returns"][g] for g in ("on", "off")},
+        ("returns (on and off)", "AUROC per imagined step"),
+        (f"imagined vs real returns, behavior-conditioning on and off ({res['seeds']} seed(s) each)",
+         f"retracing (on-model 0) vs {res['members']}-member ensemble: AUROC against pixel MSE"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from whale_pl.io import write_text_atomic
 from whale_pl.pipeline import STAGES, stage_dir
+from whale_pl.rollout.stats import fmt_key
 
 VAL_TAGS = (("val/acc", "teacher-forced token accuracy"), ("val/copy_acc", "copy-the-previous-frame baseline"),
             ("val/acc_minus_copy", "accuracy minus copy"), ("val/ce", "teacher-forced cross-entropy (nats)"),
@@ -32,10 +33,6 @@ def _load(path: Path) -> dict | None:
 
 def _fmt(v: object) -> str:
     return f"{v:.3f}" if isinstance(v, float) else "—" if v is None else str(v)
-
-
-def _undefined(v: object, why: str) -> str:
-    return _fmt(v) if v is not None else f"undefined ({why})"
 
 
 def _get(d: dict | None, *keys: str):
@@ -96,12 +93,9 @@ def dynamics_section(scale: str, runs: Path) -> list[str]:
                     f"logged to TensorBoard under `{d}`.{clock}", ""]
 
 
-def _interval(row: dict | None, key: str) -> str | None:
-    """``x [lo, hi]`` of a figure and its interval, None when the figure is undefined."""
-    if row is None or row.get(key) is None:
-        return None
-    lo, hi = row.get(f"{key}_ci") or (None, None)
-    return f"{_fmt(row[key])} [{_fmt(lo)}, {_fmt(hi)}]"
+def _or_why(row: dict | None, key: str, why: str) -> str:
+    """``x [lo, hi]`` of a figure and its interval, or "undefined (why)"."""
+    return fmt_key(row, key) if (row or {}).get(key) is not None else f"undefined ({why})"
 
 
 def _video_rows(vid: dict | None, vid_cmd: str, root: Path) -> list[str]:
@@ -139,17 +133,15 @@ def metrics_table(scale: str, root: Path, vid: dict | None, exp: dict | None) ->
             cells = []
             for mode in ("open_loop", "closed_loop"):
                 row = _get(exp, "value", mode, split, fig)
-                cells.append(f"{mode.replace('_', '-')}: on {_undefined(_interval(row, 'on'), why)}, off "
-                             f"{_undefined(_interval(row, 'off'), why)}, on − off "
-                             f"{_undefined(_interval(row, 'diff'), why)} ({(row or {}).get('verdict', 'undefined')})")
+                cells.append(f"{mode.replace('_', '-')}: on {_or_why(row, 'on', why)}, off {_or_why(row, 'off', why)}, "
+                             f"on − off {_or_why(row, 'diff', why)} ({(row or {}).get('verdict', 'undefined')})")
             lines.append(f"| {name}, `{split}` policies | {'; '.join(cells)} | {on} | `{exp_cmd}` |")
     why = "one class of steps, or too few defined bootstrap replicates"
     scores = _get(exp, "uncertainty", "mse", "scores") or {}
-    auroc = "; ".join(f"{k} {_undefined(_interval(scores.get(k), 'auroc_within'), why)} "
+    auroc = "; ".join(f"{k} {_or_why(scores.get(k), 'auroc_within', why)} "
                       f"({(scores.get(k) or {}).get('verdict_within', 'undefined')})"
                       for k in ("retracing", "ensemble"))
-    pooled = _undefined(_interval(scores.get("step index"), "auroc_pooled"), why)
-    auroc += f"; step index alone, pooled over steps {pooled}"
+    auroc += f"; step index alone, pooled over steps {_or_why(scores.get('step index'), 'auroc_pooled', why)}"
     return lines + [f"| {AUROC_ROW} | {auroc} | open-loop imagined steps 2..H-1 of on-model 0 | `{exp_cmd}` |", ""]
 
 
@@ -179,7 +171,8 @@ def gifs_section(scale: str, root: Path, runs: Path) -> list[str]:
         if not (gdir / c["gif"]).is_file():
             lines += [f"_missing: {rel} (listed in {gdir / 'index.json'}; rerun `{cmd}`)_", ""]
             continue
-        sp = _undefined(c.get("spearman_uncertainty_vs_mse"), "too few scored steps or a constant curve")
+        sp = c.get("spearman_uncertainty_vs_mse")
+        sp = _fmt(sp) if sp is not None else "undefined (too few scored steps or a constant curve)"
         lines += [f"![{head}]({rel})", "",
                   f"Episode `{c.get('episode')}` from frame {c.get('start')}, {c.get('context')} context frame(s), "
                   f"{c.get('horizon')} imagined steps: PSNR {_fmt(c.get('psnr_mean'))} dB, mean uncertainty "
@@ -212,15 +205,13 @@ def video_section(root: Path, vid: dict | None, exp: dict | None) -> list[str]:
     row where it measured one) and the experiment's open-loop rollouts (on, off, copy, tokenizer ceiling)."""
     lines = ["## Video fidelity (dynamics rollouts on held-out clips)", ""]
     if vid:
+        cells = {pre: " | ".join(_fmt(vid.get(k if k == "num_clips" else pre + k))
+                                 for k in ("psnr", "ssim", "fvd", "num_clips")) for pre in ("", "copy_")}
+        copy = cells["copy_"] if any(f"copy_{k}" in vid for k in ("psnr", "ssim", "fvd")) else \
+            "not measured by `whale eval video` | | |"
         lines += ["| rollout | PSNR (dB) | SSIM | FVD | clips |", "|---|---|---|---|---|",
-                  f"| dynamics model | {_fmt(vid.get('psnr'))} | {_fmt(vid.get('ssim'))} | {_fmt(vid.get('fvd'))} | "
-                  f"{_fmt(vid.get('num_clips'))} |"]
-        if any(f"copy_{k}" in vid for k in ("psnr", "ssim", "fvd")):
-            lines.append(f"| copy the last real frame | {_fmt(vid.get('copy_psnr'))} | {_fmt(vid.get('copy_ssim'))} | "
-                         f"{_fmt(vid.get('copy_fvd'))} | {_fmt(vid.get('num_clips'))} |")
-        else:
-            lines.append("| copy the last real frame | not measured by `whale eval video` | | | |")
-        lines += ["", f"Command: `{_video_cmd(vid, root)}`", ""]
+                  f"| dynamics model | {cells['']} |", f"| copy the last real frame | {copy} |", "",
+                  f"Command: `{_video_cmd(vid, root)}`", ""]
     else:
         lines += [f"_missing: {root / 'video_metrics.json'} (run `whale eval video ...`)_", ""]
     rows = _get(exp, "video", "all")

@@ -100,18 +100,23 @@ def scatter_figure(points_N2: np.ndarray, labels_N: np.ndarray, names: list[str]
     return fig
 
 
+def _correct(fit_NTZ: torch.Tensor, fit_y_N: np.ndarray, x_NTZ: torch.Tensor, y_N: np.ndarray,
+             n_classes: int) -> np.ndarray:
+    """Correct predictions [N, T] on ``x`` of a probe fitted on every point of the ``fit`` episodes."""
+    T = x_NTZ.shape[1]
+    probe = fit_linear_probe(fit_NTZ.flatten(0, 1), torch.as_tensor(np.repeat(fit_y_N, T)), n_classes)
+    return (probe.predict(x_NTZ.flatten(0, 1)).numpy() == np.repeat(y_N, T)).reshape(-1, T)
+
+
 def _cv_by_start(x_NTZ: torch.Tensor, y_N: np.ndarray, start_N: np.ndarray, n_classes: int) -> np.ndarray:
     """Correct predictions [N, T] of a probe fitted on the episodes of every other start state (leave one start
     state out: no episode's own start, in any task, is seen in fitting)."""
     correct = np.zeros(x_NTZ.shape[:2], bool)
-    T = x_NTZ.shape[1]
     for s in np.unique(start_N):
         fit, test = start_N != s, start_N == s
         if not fit.any():
             return np.full(x_NTZ.shape[:2], np.nan)
-        y_fit = torch.as_tensor(np.repeat(y_N[fit], T))
-        probe = fit_linear_probe(x_NTZ[fit].flatten(0, 1), y_fit, n_classes)
-        correct[test] = (probe.predict(x_NTZ[test].flatten(0, 1)).numpy() == np.repeat(y_N[test], T)).reshape(-1, T)
+        correct[test] = _correct(x_NTZ[fit], y_N[fit], x_NTZ[test], y_N[test], n_classes)
     return correct
 
 
@@ -145,11 +150,7 @@ def split_probes(z_NTZ: torch.Tensor, policy_N: list[str], split_N: list[str], s
         if s == "val":
             correct = _cv_by_start(x[sel], fam_y[sel], start[sel], len(families))
         elif (fam_y[sel] >= 0).all():
-            train = split == "val"
-            probe = fit_linear_probe(x[train].flatten(0, 1), torch.as_tensor(np.repeat(fam_y[train], x.shape[1])),
-                                     len(families))
-            correct = (probe.predict(x[sel].flatten(0, 1)).numpy() == np.repeat(fam_y[sel], x.shape[1])).reshape(
-                -1, x.shape[1])
+            correct = _correct(x[split == "val"], fam_y[split == "val"], x[sel], fam_y[sel], len(families))
         else:
             continue  # a family never seen in training has no label the probe could give
         out[s]["family"] = _accuracy(correct, 1 / len(families))

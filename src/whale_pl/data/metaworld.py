@@ -10,9 +10,6 @@ val episodes; each ``ood_policies`` entry gives ``ood_episodes_per_policy`` held
 ``action_repeat`` R (default 1): the policy decides every R simulator steps (80 Hz) and its action is
 held for all R; one frame, state, action, summed reward and end-of-window success is recorded per
 decision. ``max_steps`` counts decisions (``max_steps * action_repeat`` <= 500 simulator steps).
-
-The collector writes only into an empty ``out`` folder or one whose ``.whale_collect.json`` marker
-says it holds a collection of this config (``ownership.py``); anything else needs ``overwrite``.
 """
 
 from __future__ import annotations
@@ -116,9 +113,6 @@ class CollectConfig:
             raise ValueError(f"policies {both} are both training and OOD policies")
         if len(set(self.train_policies)) != len(self.train_policies) or len(set(self.ood_policies)) != len(self.ood_policies):
             raise ValueError("a policy is listed twice")
-        self._check_ranges()
-
-    def _check_ranges(self) -> None:
         for f in dataclasses.fields(self):
             low = 0 if f.name in ("val_episodes_per_policy", "ood_episodes_per_policy", "seed") else 1
             if f.type == "int" and getattr(self, f.name) < low:
@@ -226,14 +220,13 @@ def rollout(env: MetaWorldEnv, policy_name: str, seed: int, max_steps: int, acti
     if action_repeat < 1:
         raise ValueError(f"action_repeat must be >= 1, got {action_repeat}")
     pol = parse_policy(policy_name)
-    rng = np.random.default_rng(seed)
     obs = env.reset(seed)
-    pol.reset(env.task, rng)
-    t_ = max_steps
-    frames = np.empty((t_, env.size, env.size, 3), np.uint8)
-    actions, state = np.empty((t_, 4), np.float32), np.empty((t_, STATE_DIM), np.float32)
-    rewards, success = np.empty(t_, np.float32), np.empty(t_, np.float32)
-    for t in range(t_):
+    pol.reset(env.task, np.random.default_rng(seed))
+    T = max_steps
+    frames = np.empty((T, env.size, env.size, 3), np.uint8)
+    actions, state = np.empty((T, 4), np.float32), np.empty((T, STATE_DIM), np.float32)
+    rewards, success = np.empty(T, np.float32), np.empty(T, np.float32)
+    for t in range(T):
         frames[t] = env.render()
         state[t] = obs
         a = pol.act(obs)
@@ -244,9 +237,9 @@ def rollout(env: MetaWorldEnv, policy_name: str, seed: int, max_steps: int, acti
             r_sum += float(r)
         rewards[t] = r_sum
         success[t] = float(info["success"])
-    idx = np.arange(t_)
+    idx = np.arange(T)
     return Episode(frames=frames, actions=actions, rewards=rewards, success=success,
-                   is_first=idx == 0, is_last=idx == t_ - 1, is_terminal=np.zeros(t_, bool), state=state,
+                   is_first=idx == 0, is_last=idx == T - 1, is_terminal=np.zeros(T, bool), state=state,
                    language=env.task.removesuffix("-v3").replace("-", " "),
                    meta={"source": "metaworld", "task": env.task, "policy": pol.descriptor(),
                          "action_space": METAWORLD_ACTION_SPACE.to_json(),
@@ -294,21 +287,15 @@ def iter_collect(jobs: list[Job], size: int, camera: str, max_steps: int, worker
         yield from episodes
 
 
-def collect(cfg: CollectConfig, overwrite: bool = False, progress: bool = True) -> dict:
+def collect(cfg: CollectConfig, overwrite: bool = False, progress: bool = True,
+            status: tuple[str, str] | None = None) -> dict:
     """Collect ``cfg`` into ``cfg.out``; returns the manifest. ``cfg.out`` must be empty, or a collection
     of this config (complete or not); anything else is replaced only with ``overwrite``."""
-    _refuse_foreign(*dataset_status(cfg), overwrite)
-    return _collect(cfg, progress)
-
-
-def _refuse_foreign(status: str, why: str, overwrite: bool) -> None:
-    if status in ("different", "foreign") and not overwrite:
-        raise ShardError(f"{why}; pass --overwrite to replace it, or choose another out dir")
-
-
-def _collect(cfg: CollectConfig, progress: bool) -> dict:
     from tqdm import tqdm
 
+    state, why = status or dataset_status(cfg)
+    if state in ("different", "foreign") and not overwrite:
+        raise ShardError(f"{why}; pass --overwrite to replace it, or choose another out dir")
     jobs = make_jobs(cfg)
     claim(cfg.out, KIND, cfg.data_json())  # before the first shard: an interrupted run is resumable as ours
     bar = tqdm(total=len(jobs), desc=f"collect {cfg.name}", unit="ep", disable=not progress, dynamic_ncols=True)
@@ -350,8 +337,7 @@ def ensure_collected(cfg: CollectConfig, overwrite: bool = False, progress: bool
     status, why = dataset_status(cfg)
     if status == "complete":
         return verify_dataset(cfg.out)
-    _refuse_foreign(status, why, overwrite)
     if status == "incomplete":
         log.warning("re-collecting: %s", why)
-    return _collect(cfg, progress)
+    return collect(cfg, overwrite, progress, (status, why))
 

@@ -29,33 +29,25 @@ class PolicyNameError(ValueError):
     """A policy name that does not describe a policy (the message lists the valid forms)."""
 
 
-def expert_for(task: str):
-    """A fresh Meta-World scripted expert for ``task``; error listing the valid tasks."""
-    from metaworld.policies import ENV_POLICY_MAP
-
-    if task not in ENV_POLICY_MAP:
-        raise PolicyNameError(f"no scripted expert for task {task!r}; valid tasks: {sorted(ENV_POLICY_MAP)}")
-    return ENV_POLICY_MAP[task]()
-
-
 class BehaviorPolicy:
     """The scripted expert, and the base of the other families: ``reset(task, rng)``, then ``act(obs)``."""
     family = "expert"
 
     def __init__(self, name: str, params: dict[str, Any] | None = None):
-        self.name = name
-        self.params = params or {}
-        self.expert = None
-        self.rng: np.random.Generator | None = None
+        self.name, self.params = name, params or {}
+        self.expert, self.rng = None, None
 
     def descriptor(self) -> dict:
         """``{"name", "family", "params"}``, as stored in each episode's metadata."""
         return {"name": self.name, "family": self.family, "params": dict(self.params)}
 
     def reset(self, task: str, rng: np.random.Generator) -> None:
-        """Start an episode of ``task``; every random draw comes from ``rng``."""
-        self.expert = expert_for(task)
-        self.rng = rng
+        """Start an episode of ``task`` with a fresh scripted expert; every random draw comes from ``rng``."""
+        from metaworld.policies import ENV_POLICY_MAP
+
+        if task not in ENV_POLICY_MAP:
+            raise PolicyNameError(f"no scripted expert for task {task!r}; valid tasks: {sorted(ENV_POLICY_MAP)}")
+        self.expert, self.rng = ENV_POLICY_MAP[task](), rng
 
     def expert_action(self, obs: np.ndarray) -> np.ndarray:
         """The scripted expert's action for ``obs``, clipped to [-1, 1] (float64)."""
@@ -88,12 +80,12 @@ class EpsRandom(BehaviorPolicy):
 
 class Slow(BehaviorPolicy):
     """Expert xyz scaled by ``scale``; gripper unchanged."""
-    family = "slow"
+    family, factor = "slow", "scale"
 
     def _act(self, obs):
         a = self.expert_action(obs)
-        a[:3] *= self.params["scale"]
-        return a
+        a[:3] *= self.params[self.factor]
+        return np.clip(a, -1, 1)  # a no-op for a scale <= 1
 
 
 class Lag(BehaviorPolicy):
@@ -160,14 +152,9 @@ class Sine(BehaviorPolicy):
         return np.clip(a, -1, 1)
 
 
-class Overshoot(BehaviorPolicy):
+class Overshoot(Slow):
     """Expert xyz multiplied by a gain above 1 (it overshoots its targets and corrects back), re-clipped."""
-    family = "overshoot"
-
-    def _act(self, obs):
-        a = self.expert_action(obs)
-        a[:3] *= self.params["gain"]
-        return np.clip(a, -1, 1)
+    family, factor = "overshoot", "gain"
 
 
 class Pause(BehaviorPolicy):

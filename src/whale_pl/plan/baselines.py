@@ -70,11 +70,10 @@ def train_bc(episodes: list[dict], steps: int = 2000, batch: int = 256, lr: floa
     tasks = sorted({e["task"] for e in episodes})
     S = torch.as_tensor(np.concatenate([e["state"] for e in episodes]))
     A = torch.as_tensor(np.clip(np.concatenate([e["actions"] for e in episodes]), -1, 1))
-    T = torch.as_tensor(np.concatenate([[tasks.index(e["task"])] * len(e["state"]) for e in episodes]))
     pol = BCPolicy(tasks, S.shape[1], A.shape[1])
     pol.mean.copy_(S.mean(0))
     pol.std.copy_(S.std(0).clamp_min(1e-3))
-    x = torch.cat([(S - pol.mean) / pol.std, nn.functional.one_hot(T, len(tasks)).float()], -1)
+    x = torch.cat([pol.inputs(e["task"], torch.as_tensor(e["state"])) for e in episodes])
     opt = torch.optim.Adam(pol.parameters(), lr=lr)
     for _ in range(steps):
         i = torch.randint(0, len(x), (batch,), generator=g)

@@ -1,12 +1,9 @@
 """CEM model-predictive control in imagination (docs/method.md, "Planning in imagination").
 
-At each decision the planner imagines N candidate sequences of H raw actions from the real history (its
-last ``context`` frames and the actions taken between them) in one batch with ``DynamicsModel.imagine``,
-scores each by the reward head's discounted return minus λ times its uncertainty summed over the
-horizon, refits a Gaussian to the best ``elites`` and samples again; after the last iteration it returns
-the best-scoring sequence seen, whose first action is executed. z (behavior-conditioned models) is the
-prior over the history: the real frames and actions so far, then the imagined frames with the
-candidate's actions, causally at each imagined step (``imagine(z=<prior>)``).
+Each decision imagines N candidate sequences of H raw actions from the real history in one batch, scores them
+by the reward head's discounted return minus λ times their summed uncertainty, refits a Gaussian to the elites
+and finally returns the best sequence seen. z (behavior-conditioned models) is the prior over the real history,
+then over the imagined frames with the candidate's actions, causally at each imagined step.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ the key and its value."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 PENALTIES = ("none", "retracing", "ensemble")
@@ -11,6 +11,14 @@ PENALTIES = ("none", "retracing", "ensemble")
 
 class PlanConfigError(ValueError):
     """A plan setting out of range: the message names the key and the value."""
+
+
+def _check(cfg, rules: list[tuple[str, bool, str]]):
+    """``cfg``, or PlanConfigError naming the first key whose rule fails, its value and what is expected."""
+    for key, ok, want in rules:
+        if not ok:
+            raise PlanConfigError(f"plan config: {key}={getattr(cfg, key)!r} is invalid, expected {want}")
+    return cfg
 
 
 @dataclass
@@ -45,10 +53,7 @@ class PlanConfig:
                           f"{max_frames - self.context}: the history and the imagined frames must fit one window"))
         if max_stride is not None:
             rules.append(("K", self.K <= max_stride, f"<= the model's max_stride ({max_stride})"))
-        for key, ok, want in rules:
-            if not ok:
-                raise PlanConfigError(f"plan config: {key}={getattr(self, key)!r} is invalid, expected {want}")
-        return self
+        return _check(self, rules)
 
 
 @dataclass
@@ -67,14 +72,9 @@ class EvalConfig:
 
     def check(self) -> "EvalConfig":
         """Raise PlanConfigError naming the first bad key and value."""
-        if self.starts < 1 or self.tune_starts < 1:
-            raise PlanConfigError(f"plan config: starts={self.starts} / tune_starts={self.tune_starts} must be >= 1")
-        if self.seed == self.tune_seed:
-            raise PlanConfigError(f"plan config: seed={self.seed} must differ from tune_seed={self.tune_seed}")
-        if self.members < 2:
-            raise PlanConfigError(f"plan config: members={self.members} is invalid, expected >= 2")
-        if self.jobs < 1:
-            raise PlanConfigError(f"plan config: jobs={self.jobs} is invalid, expected >= 1")
+        _check(self, [("starts", self.starts >= 1, ">= 1"), ("tune_starts", self.tune_starts >= 1, ">= 1"),
+                      ("tune_seed", self.tune_seed != self.seed, f"!= seed={self.seed}"),
+                      ("members", self.members >= 2, ">= 2"), ("jobs", self.jobs >= 1, ">= 1")])
         for pen, grid in self.lambdas.items():
             if pen not in PENALTIES[1:] or not grid:
                 raise PlanConfigError(f"plan config: lambdas.{pen}={grid!r}: keys must be {PENALTIES[1:]}, "
@@ -105,8 +105,3 @@ def load_plan_yaml(path: str | Path) -> tuple[PlanConfig, EvalConfig]:
         raise PlanConfigError(f"{path}: unknown group(s) {bad}; expected planner and evaluate")
     return (_build(PlanConfig, d.get("planner"), f"{path} planner").check(),
             _build(EvalConfig, d.get("evaluate"), f"{path} evaluate").check())
-
-
-def as_dict(cfg) -> dict:
-    """A config as a plain dict (for the report)."""
-    return asdict(cfg)

@@ -3,23 +3,12 @@ steps) and the baselines, from start states whose seeds are disjoint from the da
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from whale_pl.plan.cem import History, Planner
-
-
-def start_seed(base: int, task: str, i: int) -> int:
-    """Start state i of a task (task variation and simulator seed), from a seed base of its own."""
-    return int(np.random.SeedSequence([base, zlib.crc32(task.encode()), i]).generate_state(1, np.uint32)[0])
-
-
-def start_seeds(base: int, task: str, n: int) -> list[int]:
-    """The first n start seeds of a task."""
-    return [start_seed(base, task, i) for i in range(n)]
 
 
 def _step(env, action: np.ndarray, repeat: int) -> tuple[np.ndarray, float, bool]:
@@ -63,26 +52,19 @@ def planned_episode(planner: Planner, env, seed: int, decisions: int, hold: int,
         a = p["actions_raw_HA"][0]
         _, r, s = _step(env, a, hold)
         out["rewards_D"][d], out["success"] = r, out["success"] or s
-        b = p["best"]
-        out["imagined_rewards_D"][d] = float(b["reward_NH"][0])
-        out["imagined_success_D"][d] = float(b["success_NH"][0])
-        out["uncertainty_D"][d] = float(b["uncertainty_NH"][0])
+        for k, v in (("imagined_rewards_D", "reward_NH"), ("imagined_success_D", "success_NH"),
+                     ("uncertainty_D", "uncertainty_NH")):
+            out[k][d] = float(p["best"][v][0])
         frame = env.render()
         ids.append(wm.tokenize(frame[None, None])[0, 0])
         acts.append(torch.as_tensor(wm.normaliser.normalise_held(a), device=wm.device))
         mean = np.concatenate([p["actions_raw_HA"][1:], np.zeros_like(p["actions_raw_HA"][:1])])  # warm start
         if keep_frames:
             frames.append(frame)
-            imagined.append(b["ids_NHhw"][0])
+            imagined.append(p["best"]["ids_NHhw"][0])
     if keep_frames:
         out["frames"], out["imagined_ids"] = np.stack(frames), torch.stack(imagined)
     return out
-
-
-def discounted(rewards_D: np.ndarray, discount: float) -> float:
-    """Σ_d γ^d r_d."""
-    r = np.asarray(rewards_D, np.float64)
-    return float((r * discount ** np.arange(len(r))).sum())
 
 
 def dataset_seeds(data_config) -> set[int]:

@@ -7,16 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from whale_pl.io import write_text_atomic
 from whale_pl.plan.summary import NAMES
+from whale_pl.rollout.stats import fmt_ci
 
 
 def _ci(row: dict | None, nd: int = 2) -> str:
-    if not row:
-        return "—"
-    lo, hi = row["ci"]
-    f = (lambda v: "n/a" if v is None or not np.isfinite(v) else f"{v:.{nd}f}")
-    return f"{f(row.get('mean', row.get('diff')))} [{f(lo)}, {f(hi)}]"
+    return fmt_ci(row.get("mean", row.get("diff")), row["ci"], nd) if row else "—"
 
 
 def plot_success(res: dict, path: Path) -> None:
@@ -93,8 +89,3 @@ def md_lines(res: dict) -> list[str]:
     if res.get("gif"):
         L += [f"One planned episode ({res['gif_caption']}): ![planned episode]({Path(res['gif']).name})", ""]
     return L
-
-
-def write_md(res: dict, path: Path) -> None:
-    """Write ``mbpo.md``."""
-    write_text_atomic(path, "\n".join(md_lines(res)) + "\n")

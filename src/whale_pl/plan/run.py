@@ -4,22 +4,20 @@ choice of λ on separate start states."""
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from whale_pl.plan.config import EvalConfig, PlanConfig
 
-PLANNERS = ("plan_none", "plan_retracing", "plan_ensemble")
-BASELINES = ("behavior", "bc", "random")
-
 
 @dataclass
 class TaskJob:
-    """What one worker runs: a task's start seeds, the planners' λ, the models and the baselines' inputs."""
+    """What one worker runs: a task's start state, the planners' λ, the models and the baselines' inputs."""
 
     task: str
-    seeds: list[int]
+    seed: int
     lambdas: dict[str, float]  # penalty -> λ for each planner to run ("none" -> 0)
     members: list[str]  # dynamics checkpoints; the first plans
     plan: PlanConfig
@@ -28,7 +26,7 @@ class TaskJob:
     decisions: int
     hold: int
     baselines: dict = field(default_factory=dict)  # behavior policy name, BC state (None: skip baselines)
-    gif_method: str = ""  # keep the frames of this planner's first episode
+    gif_method: str = ""  # keep the frames of this planner's episode
 
 
 def _planners(job: TaskJob):
@@ -41,14 +39,7 @@ def _planners(job: TaskJob):
     torch.set_num_threads(1)
     models = [WorldModel.load(c) for c in (job.members if "ensemble" in job.lambdas else job.members[:1])]
     return {pen: Planner(models[0], job.plan, pen, lam, members=models if pen == "ensemble" else (),
-                         seed=zlib_seed(job.task, pen)) for pen, lam in job.lambdas.items()}
-
-
-def zlib_seed(*parts: str) -> int:
-    """A stable seed from strings (the planners' sampling noise)."""
-    import zlib
-
-    return zlib.crc32("/".join(parts).encode())
+                         seed=zlib.crc32(f"{job.task}/{pen}".encode())) for pen, lam in job.lambdas.items()}
 
 
 def _baseline_acts(job: TaskJob, seed: int) -> dict:
@@ -67,7 +58,7 @@ def _baseline_acts(job: TaskJob, seed: int) -> dict:
 
 
 def run_task(job: TaskJob) -> dict:
-    """Every method from every start seed of one task: per method a list of episode records."""
+    """Every method from the job's start state: per method a list of its one episode record."""
     from whale_pl.data.metaworld import MetaWorldEnv
     from whale_pl.plan.evaluate import planned_episode, policy_episode
 
@@ -76,14 +67,11 @@ def run_task(job: TaskJob) -> dict:
     env = MetaWorldEnv(job.task, job.size, job.camera)
     out: dict[str, list] = {}
     try:
-        for i, seed in enumerate(job.seeds):
-            for pen, planner in planners.items():
-                keep = i == 0 and f"plan_{pen}" == job.gif_method
-                ep = planned_episode(planner, env, seed, job.decisions, job.hold, keep_frames=keep)
-                out.setdefault(f"plan_{pen}", []).append({"seed": seed, **ep})
-            for name, (act, every) in (_baseline_acts(job, seed).items() if job.baselines else ()):
-                out.setdefault(name, []).append({"seed": seed, **policy_episode(env, seed, act, job.decisions,
-                                                                                 job.hold, every)})
+        for pen, planner in planners.items():
+            ep = planned_episode(planner, env, job.seed, job.decisions, job.hold, f"plan_{pen}" == job.gif_method)
+            out[f"plan_{pen}"] = [{"seed": job.seed, **ep}]
+        for name, (act, every) in (_baseline_acts(job, job.seed).items() if job.baselines else ()):
+            out[name] = [{"seed": job.seed, **policy_episode(env, job.seed, act, job.decisions, job.hold, every)}]
     finally:
         env.close()
     return out
@@ -105,19 +93,16 @@ def run_jobs(jobs: list[TaskJob], workers: int, desc: str = "episodes", progress
 def choose_lambdas(ev: EvalConfig, make_job, discount: float, workers: int, progress: bool = True) -> dict:
     """For each penalty, the λ of its grid with the highest mean real (discounted) return on the tuning start
     states (ties: the smaller λ); every grid point's return."""
-    from whale_pl.plan.evaluate import discounted
+    from whale_pl.rollout.value import discounted_return
 
     grid = {pen: sorted(set(v)) for pen, v in ev.lambdas.items()}
-    jobs, keys = [], []
-    for pen, lams in grid.items():
-        for lam in lams:
-            jobs.append(make_job(pen, lam))
-            keys.append((pen, lam))
+    keys = [(pen, lam) for pen, lams in grid.items() for lam in lams]
+    jobs = [make_job(pen, lam) for pen, lam in keys]
     results = run_jobs([j for js in jobs for j in js], workers, "choosing lambda", progress)
     per = len(jobs[0]) if jobs else 0
     table: dict[str, dict[float, float]] = {pen: {} for pen in grid}
     for n, (pen, lam) in enumerate(keys):
         eps = [e for r in results[n * per:(n + 1) * per] for e in r[f"plan_{pen}"]]
-        table[pen][lam] = float(np.mean([discounted(e["rewards_D"], discount) for e in eps]))
+        table[pen][lam] = float(np.mean([discounted_return(e["rewards_D"], discount) for e in eps]))
     chosen = {pen: max(sorted(t), key=lambda lam: (t[lam], -lam)) for pen, t in table.items()}
     return {"chosen": chosen, "grid": {pen: {str(k): v for k, v in t.items()} for pen, t in table.items()}}

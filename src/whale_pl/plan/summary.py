@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from whale_pl.plan.evaluate import discounted
-from whale_pl.rollout.stats import LEVEL, N_BOOT, interval
+from whale_pl.rollout.stats import LEVEL, N_BOOT, interval, verdict
+from whale_pl.rollout.value import discounted_return
 
 NAMES = {"plan_none": "plan, no penalty", "plan_retracing": "plan + retracing penalty",
          "plan_ensemble": "plan + ensemble penalty", "behavior": "best behavior policy in the data",
@@ -17,9 +17,9 @@ def episode_figures(ep: dict, discount: float) -> dict[str, float]:
     """Real return and success of an episode; for a planned one also the imagined return of the executed
     actions (each decision's first imagined reward), imagined success (any first-step success prob > 0.5),
     their exploitation (imagined − real return) and consistency (imagined success == real success)."""
-    out = {"return": discounted(ep["rewards_D"], discount), "success": float(ep["success"])}
+    out = {"return": float(discounted_return(ep["rewards_D"], discount)), "success": float(ep["success"])}
     if "imagined_rewards_D" in ep:
-        out["imagined_return"] = discounted(ep["imagined_rewards_D"], discount)
+        out["imagined_return"] = float(discounted_return(ep["imagined_rewards_D"], discount))
         out["exploitation"] = out["imagined_return"] - out["return"]
         imag_success = bool((np.asarray(ep["imagined_success_D"]) > 0.5).any())
         out["consistency"] = float(imag_success == bool(ep["success"]))
@@ -29,27 +29,18 @@ def episode_figures(ep: dict, discount: float) -> dict[str, float]:
 
 def grids(per_task: dict[str, dict[str, list]], discount: float) -> dict[str, dict[str, np.ndarray]]:
     """method -> figure -> [T, K] over tasks and start states."""
-    tasks = list(per_task)
-    methods = list(per_task[tasks[0]])
     out: dict[str, dict[str, np.ndarray]] = {}
-    for m in methods:
-        rows = [[episode_figures(ep, discount) for ep in per_task[t][m]] for t in tasks]
+    for m in next(iter(per_task.values())):
+        rows = [[episode_figures(ep, discount) for ep in eps[m]] for eps in per_task.values()]
         out[m] = {f: np.array([[r[f] for r in row] for row in rows]) for f in rows[0][0]}
     return out
 
 
-def boot_indices(T: int, K: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
-    """[n_boot, T, K] start-state indices resampled within each task."""
-    return np.random.default_rng(seed).integers(0, K, (n_boot, T, K))
-
-
-def _boot_mean(x_TK: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    return np.take_along_axis(np.broadcast_to(x_TK, idx.shape), idx, axis=2).mean(axis=(1, 2))
-
-
 def _ci(x_TK: np.ndarray, idx: np.ndarray, level: float) -> list[float]:
     """The bootstrap interval of the mean; undefined with one start state per task (nothing to resample)."""
-    return [float("nan")] * 2 if idx.shape[2] < 2 else interval(_boot_mean(x_TK, idx), level)
+    if idx.shape[2] < 2:
+        return [float("nan")] * 2
+    return interval(np.take_along_axis(np.broadcast_to(x_TK, idx.shape), idx, axis=2).mean(axis=(1, 2)), level)
 
 
 def with_interval(x_TK: np.ndarray, idx: np.ndarray, level: float = LEVEL) -> dict:
@@ -59,13 +50,9 @@ def with_interval(x_TK: np.ndarray, idx: np.ndarray, level: float = LEVEL) -> di
 
 def compare(a_TK: np.ndarray, b_TK: np.ndarray, a: str, b: str, idx: np.ndarray, level: float = LEVEL) -> dict:
     """Paired difference a − b with its interval; "<a> beats <b>" only when the interval excludes zero."""
-    d = a_TK - b_TK
-    lo, hi = _ci(d, idx, level)
-    if not np.isfinite([lo, hi]).all():
-        verdict = "undefined"
-    else:
-        verdict = f"{a} beats {b}" if lo > 0 else f"{b} beats {a}" if hi < 0 else "not distinguishable at this scale"
-    return {"diff": float(np.mean(d)), "ci": [lo, hi], "verdict": verdict}
+    d = float(np.mean(a_TK - b_TK))
+    ci = _ci(a_TK - b_TK, idx, level)
+    return {"diff": d, "ci": ci, "verdict": verdict(d, *ci, f"{a} beats {b}", f"{b} beats {a}")}
 
 
 def summarise(per_task: dict[str, dict[str, list]], discount: float) -> dict:
@@ -73,7 +60,7 @@ def summarise(per_task: dict[str, dict[str, list]], discount: float) -> dict:
     paired comparisons of each planner with each other method."""
     g = grids(per_task, discount)
     T, K = next(iter(g.values()))["return"].shape
-    idx = boot_indices(T, K)
+    idx = np.random.default_rng(0).integers(0, K, (N_BOOT, T, K))  # start states resampled within each task
     methods = {m: {f: with_interval(v, idx) for f, v in figs.items()} for m, figs in g.items()}
     comps = {}
     planners = [m for m in g if m.startswith("plan_")]

@@ -35,19 +35,38 @@ def interval(samples: np.ndarray, level: float = LEVEL) -> list[float]:
     return [float(q) for q in np.percentile(ok, [50 * (1 - level), 50 * (1 + level)])]
 
 
+def verdict(x: float, lo: float, hi: float, above: str, below: str, ref: float = 0.0,
+            neither: str = "not distinguishable at this scale") -> str:
+    """Where an interval lies against ``ref``: ``above`` / ``below`` it, else ``neither``; undefined with a NaN."""
+    if not np.isfinite([x, lo, hi]).all():
+        return "undefined"
+    return above if lo > ref else below if hi < ref else neither
+
+
 def difference_verdict(diff: float, lo: float, hi: float) -> str:
     """Verdict on an on − off difference from its interval."""
-    if not all(np.isfinite(v) for v in (diff, lo, hi)):
-        return "undefined"
-    return "lower with conditioning" if hi < 0 else "higher with conditioning" if lo > 0 else \
-        "not distinguishable at this scale"
+    return verdict(diff, lo, hi, "higher with conditioning", "lower with conditioning")
 
 
 def chance_verdict(point: float, lo: float, hi: float) -> str:
     """Verdict on an AUROC from its interval, against chance (0.5)."""
-    if not all(np.isfinite(v) for v in (point, lo, hi)):
-        return "undefined"
-    return "better than chance" if lo > 0.5 else "worse than chance" if hi < 0.5 else "no better than chance"
+    return verdict(point, lo, hi, "better than chance", "worse than chance", 0.5, "no better than chance")
+
+
+def fmt(x: float | None, nd: int = 3) -> str:
+    """A figure with ``nd`` decimals, "n/a" where it is undefined (None or NaN)."""
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
+
+
+def fmt_ci(x: float | None, ci, nd: int = 3) -> str:
+    """``x [lo, hi]``: a figure and its interval."""
+    lo, hi = ci or (None, None)
+    return f"{fmt(x, nd)} [{fmt(lo, nd)}, {fmt(hi, nd)}]"
+
+
+def fmt_key(row: dict, key: str, nd: int = 3) -> str:
+    """:func:`fmt_ci` of ``row[key]`` and its interval ``row[key + "_ci"]``."""
+    return fmt_ci(row.get(key), row.get(f"{key}_ci"), nd)
 
 
 def _take(x: np.ndarray, idx_NI: np.ndarray, axis: int) -> np.ndarray:
@@ -130,7 +149,6 @@ def uncertainty_intervals(scores: dict[str, np.ndarray], err_NH: np.ndarray, n_b
         for b in names[i + 1:]:
             d = out["scores"][a]["auroc_within"] - out["scores"][b]["auroc_within"]
             ci = interval(boot[a]["auroc_within"] - boot[b]["auroc_within"], level)
-            say = f"{a} higher" if ci[0] > 0 else f"{b} higher" if ci[1] < 0 else "not distinguishable at this scale"
             out["differences"][f"{a} - {b}"] = {"diff": d, "diff_ci": ci,
-                                                "verdict": say if np.isfinite([d, *ci]).all() else "undefined"}
+                                                "verdict": verdict(d, *ci, f"{a} higher", f"{b} higher")}
     return out

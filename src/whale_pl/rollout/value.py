@@ -99,8 +99,6 @@ class WorldModel:
         ``actions_norm_BTA``."""
         if self.model.state_head is None:
             raise ValueError("closed-loop evaluation needs a dynamics model with a state head (data with state)")
-        if context_ids_B1hw.shape[1] != 1:
-            raise ValueError("closed-loop rollouts start from one real frame")
         raw: list[np.ndarray] = []
         norm: list[torch.Tensor] = []
 
@@ -136,6 +134,12 @@ def discounted_return(rewards_BT: np.ndarray | torch.Tensor, discount: float) ->
     """``Σ_t γ^t r_t`` over the last axis."""
     r = np.asarray(rewards_BT.detach().cpu() if torch.is_tensor(rewards_BT) else rewards_BT, dtype=np.float64)
     return (r * discount ** np.arange(r.shape[-1])).sum(-1)
+
+
+def start_seeds(base: int, task: str, n: int) -> list[int]:
+    """The first n start states of a task (task variation, env seed, policy noise seed) from a seed base."""
+    return [int(np.random.SeedSequence([base, zlib.crc32(task.encode()), i]).generate_state(1, np.uint32)[0])
+            for i in range(n)]
 
 
 def penalised_reward(reward_BT: torch.Tensor, uncertainty_BT: torch.Tensor, lam: float) -> torch.Tensor:
@@ -188,10 +192,6 @@ class EvalSet:
         return cls(tasks=list(c.tasks), splits=splits, size=c.size, camera=c.camera, action_repeat=c.action_repeat,
                    **kw)
 
-    def start_seed(self, task: str, i: int) -> int:
-        """The same start state (task variation, env seed, policy noise seed) for every policy."""
-        return int(np.random.SeedSequence([self.seed, zlib.crc32(task.encode()), i]).generate_state(1, np.uint32)[0])
-
     def split_of(self, policy: str) -> str:
         """The split a policy belongs to."""
         return next(k for k, v in self.splits.items() if policy in v)
@@ -230,9 +230,9 @@ def collect_real(ev: EvalSet, progress: bool = True) -> RealRollouts:
         env = MetaWorldEnv(task, ev.size, ev.camera)
         try:
             for pol in ev.policies:
-                for i in range(ev.starts):
-                    keys.append((task, pol, ev.start_seed(task, i)))
-                    eps.append(rollout(env, pol, keys[-1][2], ev.horizon, ev.action_repeat * ev.frame_stride))
+                for seed in start_seeds(ev.seed, task, ev.starts):  # the same start states for every policy
+                    keys.append((task, pol, seed))
+                    eps.append(rollout(env, pol, seed, ev.horizon, ev.action_repeat * ev.frame_stride))
                     bar.update(1)
         finally:
             env.close()
@@ -364,14 +364,14 @@ def value_metrics_for_checkpoint(ckpt_path: str, data_config: str = "stages/demo
     """The evaluation callback's value hook (docs/contracts.md): flat floats of one mode, ``<split>_<figure>``
     for each split and ``all`` (undefined figures left out)."""
     from whale_pl.rollout.stats import value_stat
+    from whale_pl.rollout.value_cli import split_masks
 
     wm = WorldModel.load(ckpt_path, device)
     ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, discount=discount,
                                   frame_stride=wm.frame_stride)
     res = evaluate_values(wm, collect_real(ev, progress=False), ev, modes=(mode,), progress=False)
-    real, imag, split = np.array(res["real_TPK"]), np.array(res[mode]["imagined_TPK"]), np.array(res["split"])
-    out, scale_T = {}, np.ptp(real.mean(-1), -1)
-    for name in [*ev.splits, "all"]:
-        sel = split == name if name != "all" else np.ones(len(split), bool)
-        out |= {f"{name}_{k}": float(v) for k, v in value_stat(real[:, sel], imag[None][:, :, sel], scale_T).items()}
+    real, imag = np.array(res["real_TPK"]), np.array(res[mode]["imagined_TPK"])[None]
+    scale_T = np.ptp(real.mean(-1), -1)
+    out = {f"{name}_{k}": float(v) for name, sel in split_masks(res["split"]).items()
+           for k, v in value_stat(real[:, sel], imag[:, :, sel], scale_T).items()}
     return {k: v for k, v in out.items() if np.isfinite(v)}

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from whale_pl.io import atomic_path, write_json_atomic
+from whale_pl.rollout.stats import fmt_key
 from whale_pl.rollout.value_metrics import nan_to_none
 
 MODES = ("open_loop", "closed_loop")
@@ -86,6 +87,18 @@ def plot_step_auroc(unc: dict, path: Path, title: str = "") -> None:
     _savefig(fig, path, title)
 
 
+def write_plots(res: dict, stem: Path, models: dict[str, dict], names: tuple[str, str],
+                titles: tuple[str, str]) -> dict[str, str]:
+    """The return scatter of ``models`` (``<stem>_returns.png``) and, with uncertainty figures, the per-step
+    AUROC curve (``<stem>_step_auroc.png``); their paths under ``names``."""
+    r, plots = res["returns"], {names[0]: f"{stem}_returns.png"}
+    plot_returns(r["real_TPK"], r["split"], models, Path(plots[names[0]]), titles[0])
+    if "uncertainty" in res:
+        plots[names[1]] = f"{stem}_step_auroc.png"
+        plot_step_auroc(res["uncertainty"]["mse"], Path(plots[names[1]]), titles[1])
+    return plots
+
+
 def video_summary(errors: dict[str, dict], split_B: np.ndarray) -> dict:
     """Mean PSNR / SSIM of open-loop rollouts per split (and ``all``) for each labelled set of
     :func:`~whale_pl.rollout.value.rollout_errors` (``copy_``/``recon_`` keys become their own rows)."""
@@ -94,11 +107,14 @@ def video_summary(errors: dict[str, dict], split_B: np.ndarray) -> dict:
         for pre, name in (("", label), ("copy_", "copy the last real frame"), ("recon_", "tokenizer reconstruction")):
             if f"{pre}psnr" in e:
                 rows[name] = {k: np.asarray(e[f"{pre}{k}"], np.float64) for k in ("psnr", "ssim")}
-    out = {}
-    for s in [*dict.fromkeys(split_B), "all"]:
-        sel = np.ones(len(split_B), bool) if s == "all" else np.asarray(split_B) == s
-        out[s] = {n: {k: float(v[sel].mean()) for k, v in r.items()} for n, r in rows.items()}
-    return out
+    return {s: {n: {k: float(v[sel].mean()) for k, v in r.items()} for n, r in rows.items()}
+            for s, sel in split_masks(split_B).items()}
+
+
+def split_masks(split_B) -> dict[str, np.ndarray]:
+    """A boolean mask of each split's entries (in order of appearance), then ``all``."""
+    split = np.asarray(split_B)
+    return {s: split == s for s in dict.fromkeys(split.tolist())} | {"all": np.ones(len(split), bool)}
 
 
 def split_values(res: dict, on: dict, off: dict | None = None, **kw) -> dict:
@@ -107,38 +123,37 @@ def split_values(res: dict, on: dict, off: dict | None = None, **kw) -> dict:
     each normalised by the task's real return range over every evaluated policy."""
     from whale_pl.rollout.stats import value_intervals
 
-    real, split = np.asarray(res["real_TPK"], np.float64), np.array(res["split"])
+    real = np.asarray(res["real_TPK"], np.float64)
     kw.setdefault("scale_T", np.ptp(real.mean(-1), -1))  # every split on its task's range over all policies
-    out = {}
-    for mode in [m for m in MODES if m in on]:
-        out[mode] = {}
-        for s in [*dict.fromkeys(split), "all"]:
-            sel = np.ones(len(split), bool) if s == "all" else split == s
-            out[mode][s] = value_intervals(real[:, sel], np.asarray(on[mode])[:, :, sel],
-                                           None if off is None else np.asarray(off[mode])[:, :, sel], **kw)
-    return out
+    return {mode: {s: value_intervals(real[:, sel], np.asarray(on[mode])[:, :, sel],
+                                      None if off is None else np.asarray(off[mode])[:, :, sel], **kw)
+                   for s, sel in split_masks(res["split"]).items()} for mode in MODES if mode in on}
 
 
-def per_step(unc: dict, errors: dict) -> dict[str, list]:
-    """The per-step uncertainties and true errors of the rollouts, [B, H-1] each, as lists for the JSON."""
-    return {k: np.asarray(v).tolist() for k, v in {**unc["per_step"], "mse": errors["mse"],
-                                                   "token_err": errors["token_err"]}.items()}
+def uncertainty_summary(wm, rollouts: list, errors: dict, K: int, members: list | None = None,
+                        progress: bool = True) -> dict:
+    """Retracing (and the ensemble of ``members``) on the open-loop rollouts against their true errors: the
+    seconds, ``uncertainty_figures`` per error, and the per-step uncertainties and errors [B, H-1] as lists."""
+    from whale_pl.rollout.value import evaluate_uncertainty, uncertainty_figures
+
+    unc = evaluate_uncertainty(wm, rollouts, K=K, ensemble=members or None, progress=progress)
+    steps = {**unc["per_step"], "mse": errors["mse"], "token_err": errors["token_err"]}
+    return {"K": K, "seconds": unc["seconds"], **uncertainty_figures(unc, errors),
+            "per_step": {k: np.asarray(v).tolist() for k, v in steps.items()}}
 
 
 def run(dynamics: str, ensemble: list[str] | None, data_config: str, starts: int, horizon: int, discount: float,
         K: int, modes: list[str], device: str = "cpu", progress: bool = True) -> dict:
     """Everything `whale eval value` computes, as a dict."""
-    from whale_pl.rollout.value import (EvalSet, WorldModel, collect_real, evaluate_uncertainty, evaluate_values,
-                                        rollout_errors, uncertainty_figures)
+    from whale_pl.rollout.value import EvalSet, WorldModel, collect_real, evaluate_values, rollout_errors
 
     wm = WorldModel.load(dynamics, device)
     ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, discount=discount,
                                   frame_stride=wm.frame_stride)
     members = [WorldModel.load(p, device) for p in ensemble or ()]
-    for p, m in zip(ensemble or [], members):
-        if m.frame_stride != wm.frame_stride:
-            raise ValueError(f"ensemble member {p} steps {m.frame_stride} recorded step(s) at a time, {dynamics} "
-                             f"{wm.frame_stride}: the members must share the model's clock (data frame_stride)")
+    if any(m.frame_stride != wm.frame_stride for m in members):
+        raise ValueError(f"ensemble members {ensemble} must step {wm.frame_stride} recorded step(s) at a time like "
+                         f"{dynamics}: the members must share the model's clock (data frame_stride)")
     real = collect_real(ev, progress=progress)
     res = evaluate_values(wm, real, ev, modes=modes, progress=progress)
     rollouts = res.pop("_rollouts", None)
@@ -148,9 +163,8 @@ def run(dynamics: str, ensemble: list[str] | None, data_config: str, starts: int
     if rollouts is not None:
         errors = rollout_errors(wm, real, rollouts, baselines=True)
         out["video"] = video_summary({"model": errors}, np.array([ev.split_of(p) for p in real.policy]))
-        unc = evaluate_uncertainty(wm, rollouts, K=K, ensemble=members or None, progress=progress)
-        out["uncertainty"] = {"K": K, "ensemble": list(ensemble or []), "seconds": unc["seconds"],
-                              **uncertainty_figures(unc, errors), "per_step": per_step(unc, errors)}
+        out["uncertainty"] = {**uncertainty_summary(wm, rollouts, errors, K, members, progress),
+                              "ensemble": list(ensemble or [])}
     return out
 
 
@@ -178,19 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     if "open_loop" not in a.modes:
         print("note: video and uncertainty figures need the open_loop mode; they are skipped", file=sys.stderr)
     res = run(a.dynamics, a.ensemble, a.data_config, a.starts, a.horizon, a.discount, a.K, a.modes, a.device)
-    out = Path(a.out)
-    res["plots"] = {"returns": str(out.with_name(out.stem + "_returns.png"))}
-    r = res["returns"]
-    plot_returns(r["real_TPK"], r["split"], {"model": {m: [r[m]["imagined_TPK"]] for m in a.modes}},
-                 Path(res["plots"]["returns"]), title=str(a.dynamics))
-    if "uncertainty" in res:
-        res["plots"]["step_auroc"] = str(out.with_name(out.stem + "_step_auroc.png"))
-        plot_step_auroc(res["uncertainty"]["mse"], Path(res["plots"]["step_auroc"]), title=str(a.dynamics))
+    out, r = Path(a.out), res["returns"]
+    res["plots"] = write_plots(res, out.with_suffix(""), {"model": {m: [r[m]["imagined_TPK"]] for m in a.modes}},
+                               ("returns", "step_auroc"), (str(a.dynamics),) * 2)
     write_json_atomic(out, nan_to_none(res))
     for mode in a.modes:
         for s, f in res["value"][mode].items():
-            print(f"{mode} {s}: " + ", ".join(f"{k} {v['on']:.3f} [{v['on_ci'][0]:.3f}, {v['on_ci'][1]:.3f}]"
-                                               for k, v in f.items()))
+            print(f"{mode} {s}: " + ", ".join(f"{k} {fmt_key(v, 'on')}" for k, v in f.items()))
     print(f"wrote {out}")
     return 0
 
