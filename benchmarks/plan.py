@@ -3,7 +3,7 @@ N=64 candidates, H=4, 3 CEM iterations, the other settings of stages/demo/plan.y
 on-model of seed 0 (runs/demo/experiment/<N>_steps/on/0), from a real first frame of the dataset.
 
     .venv/bin/python benchmarks/plan.py [--samples 64 --horizon 4 --iterations 3] [--penalties none retracing]
-        [--decisions 2] [--threads 1]
+        [--decisions 2] [--threads 1] [--unshared]
 
 Each decision is one ``Planner.plan`` (the N candidates of an iteration imagined in one batch). Last line:
 ``plan_decisions_per_s: <none-penalty decisions/s> decisions/s``.
@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--penalties", nargs="+", default=["none"], choices=["none", "retracing", "ensemble"])
     p.add_argument("--decisions", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--unshared", action="store_true", help="also time the penalty-free planner with each "
+                   "candidate priming its own copy of the history's keys/values (the ratio, side by side)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     plan, ev = load_plan_yaml(a.config)
@@ -52,6 +54,15 @@ def main() -> None:
         rates[pen] = a.decisions / (time.perf_counter() - t0)
         print(f"{pen}: {rates[pen]:.3f} decisions/s (N={plan.samples}, H={plan.horizon}, {plan.iterations} "
               f"iterations, context {plan.context}, {planner.steps} MaskGIT step(s), threads {a.threads})", flush=True)
+    if a.unshared:
+        model = wm.model
+        model.imagine = lambda *x, **k: type(model).imagine(model, *x, **{**k, "shared_context": False})
+        planner, t0 = Planner(wm, plan, "none", 1.0), time.perf_counter()
+        for _ in range(a.decisions):
+            planner.plan(hist)
+        unshared = a.decisions / (time.perf_counter() - t0)
+        print(f"none, history keys/values per candidate: {unshared:.3f} decisions/s (shared: "
+              f"{rates['none'] / unshared:.2f}x)", flush=True)
     print(f"plan_decisions_per_s: {rates['none']:.3f} decisions/s")
 
 

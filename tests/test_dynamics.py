@@ -368,3 +368,25 @@ def test_transition_rank_needs_code_vectors_and_a_whole_number():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="transition_rank"):
             DynamicsModel(V, HW, A, dim=32, depth=1, heads=4, code_dim=8, transition_rank=bad)
+
+
+def test_shared_context_computes_the_history_once_and_imagines_the_same():
+    """Candidates of one plan share their context frames, actions and z: with ``shared_context`` the history's
+    keys/values are computed on one row (one trunk pass of batch 1) and the rollouts are those of the plain path."""
+    m = _model(prev=True, copy=True)
+    ids, act, z = _batch(B=1, T=6)
+    N = 5
+    ctx = ids[:, :2].expand(N, -1, -1, -1)
+    acts = torch.cat([act[:, :1].expand(N, -1, -1), torch.randn(N, 4, A, generator=torch.Generator().manual_seed(3))], 1)
+    z_fn = lambda ids_BThw, actions_BTA: actions_BTA[..., :1].expand(-1, -1, Z) + ids_BThw.float().mean((2, 3))[..., None] / V  # noqa: E731
+    batches = []
+    trunk = m.trunk
+    m.trunk = lambda ids_BTS, *a, **k: (batches.append(ids_BTS.shape[0]), trunk(ids_BTS, *a, **k))[1]
+    plain = DynamicsModel.imagine(m, ctx, acts, z_fn, steps=2, temperature=0.0)
+    first_plain, batches[:] = batches[0], []
+    shared = DynamicsModel.imagine(m, ctx, acts, z_fn, steps=2, temperature=0.0, shared_context=True)
+    assert first_plain == N and batches[0] == 1  # the priming pass ran on one row
+    assert torch.equal(plain["ids_BThw"], shared["ids_BThw"])
+    for k in ("token_prob_BThw", "reward_BT", "success_BT", "state_BTP"):
+        torch.testing.assert_close(plain[k], shared[k], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(plain["reward_BT"][0], plain["reward_BT"][1])  # the candidates do differ

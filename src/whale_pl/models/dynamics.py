@@ -321,7 +321,7 @@ class DynamicsModel(nn.Module):
                 z: torch.Tensor | ZFn | None = None, horizon: int | None = None, steps: int = 4,
                 temperature: float = 1.0, stride_B: torch.Tensor | None = None, use_cache: bool = True,
                 return_probs: bool = False, generator: torch.Generator | None = None,
-                act_fn: ActFn | None = None) -> dict[str, torch.Tensor]:
+                act_fn: ActFn | None = None, shared_context: bool = False) -> dict[str, torch.Tensor]:
         """Roll the model out frame by frame from ``context_ids_BThw``.
 
         ``actions_BTA[:, t]`` is taken at frame t (from the first context frame): all given (open loop; ``horizon``
@@ -329,7 +329,9 @@ class DynamicsModel(nn.Module):
         outputs imagined so far. ``z``: a tensor ``[B, >=C+horizon-1, Z]`` aligned like the actions, or the prior
         ``z_fn(ids_BThw, actions_BTA)`` on the growing history. Returns ``ids_BThw``, ``token_prob_BThw``,
         ``reward_BT``, ``success_BT`` (probability), ``state_BTP`` (with a state head) and with ``return_probs``
-        ``probs_BThwV``. A rollout outgrowing ``max_frames`` restarts its window from its last ``max_frames // 2``."""
+        ``probs_BThwV``. A rollout outgrowing ``max_frames`` restarts its window from its last ``max_frames // 2``.
+        ``shared_context``: every row has the same context frames, actions and z before its first imagined frame
+        (candidates of one plan), so their keys/values are computed once and shared."""
         B, C, hh, ww = context_ids_BThw.shape
         if actions_BTA is None:
             actions_BTA = torch.zeros(B, 0, self.action_dim, device=context_ids_BThw.device)
@@ -342,7 +344,7 @@ class DynamicsModel(nn.Module):
             cond_BTD = self._window_condition(roll, range(start, n + 1), stride_B)
             past_BTS = roll.ids_BTS[:, start:n]
             if use_cache and cache is None:  # (re)prime the cache with the window's finished frames
-                _, cache = self.trunk(past_BTS, cond_BTD[:, :-1])
+                cache = self._prime(past_BTS, cond_BTD[:, :-1], shared_context and start == 0)
             prev_B1S = past_BTS[:, -1:] if past_BTS.shape[1] else None
 
             def logits_fn(ids_BS: torch.Tensor) -> torch.Tensor:
@@ -355,6 +357,13 @@ class DynamicsModel(nn.Module):
             cache = None if cache is None else append_kv(cache, kv)
             roll.add_frame(ids_BS, prob_BS, probs_BSV if return_probs else None, self.heads(h_B1SD))
         return roll.outputs()
+
+    def _prime(self, past_BTS: torch.Tensor, cond_BTD: torch.Tensor, shared: bool) -> list[KV]:
+        """Keys/values of a window's finished frames; with ``shared`` (identical rows) computed on row 0 only."""
+        if not shared:
+            return self.trunk(past_BTS, cond_BTD)[1]
+        B = past_BTS.shape[0]
+        return [(k.repeat(B, 1, 1, 1), v.repeat(B, 1, 1, 1)) for k, v in self.trunk(past_BTS[:1], cond_BTD[:1])[1]]
 
     def _check_rollout(self, C: int, actions_BTA: torch.Tensor, z: torch.Tensor | ZFn | None, horizon: int | None,
                        act_fn: ActFn | None) -> int:

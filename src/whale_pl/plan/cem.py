@@ -90,7 +90,8 @@ class Planner:
         ``uncertainty_NH``, ``score_N`` = return - λ Σ_h u, ``reward_NH``, ``success_NH``, ``ids_NHhw``."""
         ctx, acts, z = self._inputs(history, np.asarray(actions_raw_NHA, np.float32))
         H = actions_raw_NHA.shape[1]
-        out = self.wm.model.imagine(ctx, acts, z, horizon=H, steps=self.steps, temperature=self.wm.temperature)
+        out = self.wm.model.imagine(ctx, acts, z, horizon=H, steps=self.steps, temperature=self.wm.temperature,
+                                    shared_context=True)  # one history: its keys/values computed once
         reward = out["reward_BT"].float()
         ret = (reward * self.cfg.discount ** torch.arange(H, device=reward.device)).sum(-1)
         u = self.uncertainty(ctx, out["ids_BThw"], acts).float()
