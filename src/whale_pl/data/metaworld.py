@@ -208,6 +208,15 @@ class MetaWorldEnv:
         mujoco.mj_forward(self.env.model, self.env.data)
         return obs
 
+    def step_held(self, action: np.ndarray, repeat: int) -> tuple[np.ndarray, float, list[bool]]:
+        """Hold one action ``repeat`` simulator steps: the last observation, the summed reward, each step's success."""
+        r_sum, successes = 0.0, []
+        for _ in range(repeat):
+            obs, r, _term, _trunc, info = self.env.step(np.asarray(action, np.float32))
+            r_sum += float(r)
+            successes.append(bool(info["success"]))
+        return obs, r_sum, successes
+
     def close(self) -> None:
         """Free the renderer and the simulator."""
         self.renderer.close()
@@ -231,12 +240,8 @@ def rollout(env: MetaWorldEnv, policy_name: str, seed: int, max_steps: int, acti
         state[t] = obs
         a = pol.act(obs)
         actions[t] = a
-        r_sum = 0.0
-        for _ in range(action_repeat):
-            obs, r, _term, _trunc, info = env.env.step(a)
-            r_sum += float(r)
-        rewards[t] = r_sum
-        success[t] = float(info["success"])
+        obs, rewards[t], successes = env.step_held(a, action_repeat)
+        success[t] = float(successes[-1])
     idx = np.arange(T)
     return Episode(frames=frames, actions=actions, rewards=rewards, success=success,
                    is_first=idx == 0, is_last=idx == T - 1, is_terminal=np.zeros(T, bool), state=state,

@@ -13,15 +13,11 @@ from torch import nn
 
 def training_episodes(data_dir: str | Path) -> list[dict]:
     """Task, policy, state [T, S], actions [T, A] and return of every training-split episode of a dataset."""
-    from whale_pl.data.shards import iter_shard_episodes, read_manifest
+    from whale_pl.data.shards import iter_episodes
 
-    m = read_manifest(data_dir)
-    out = []
-    for shard in (s for s in m["shards"] if s["split"] == "train"):
-        for _, ep in iter_shard_episodes(data_dir, shard, m):
-            out.append({"task": ep.meta["task"], "policy": ep.meta["policy"]["name"], "seed": int(ep.meta["seed"]),
-                        "state": np.asarray(ep.state, np.float32), "actions": np.asarray(ep.actions, np.float32),
-                        "return": float(np.sum(ep.rewards))})
+    out = [{"task": ep.meta["task"], "policy": ep.meta["policy"]["name"], "seed": int(ep.meta["seed"]),
+            "state": np.asarray(ep.state, np.float32), "actions": np.asarray(ep.actions, np.float32),
+            "return": float(np.sum(ep.rewards))} for ep in iter_episodes(data_dir, ["train"], verify=False)]
     if not out:
         raise ValueError(f"{data_dir}: no training episodes")
     return out

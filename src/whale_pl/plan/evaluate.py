@@ -11,16 +11,6 @@ import torch
 from whale_pl.plan.cem import History, Planner
 
 
-def _step(env, action: np.ndarray, repeat: int) -> tuple[np.ndarray, float, bool]:
-    """Hold one action ``repeat`` simulator steps: the last observation, the summed reward, any success."""
-    r_sum, success = 0.0, False
-    for _ in range(repeat):
-        obs, r, _t, _tr, info = env.env.step(np.asarray(action, np.float32))
-        r_sum += float(r)
-        success = success or bool(info["success"])
-    return obs, r_sum, success
-
-
 def policy_episode(env, seed: int, act: Callable[[int, np.ndarray], np.ndarray], decisions: int, hold: int,
                    every: int = 1) -> dict:
     """A policy acting every ``every`` simulator steps (1: each step; ``hold``: once per decision) for
@@ -28,9 +18,9 @@ def policy_episode(env, seed: int, act: Callable[[int, np.ndarray], np.ndarray],
     obs, rewards, success = env.reset(seed), np.zeros(decisions), False
     for d in range(decisions):
         for j in range(0, hold, every):
-            obs, r, s = _step(env, act(d * hold + j, obs), min(every, hold - j))
+            obs, r, s = env.step_held(act(d * hold + j, obs), min(every, hold - j))
             rewards[d] += r
-            success = success or s
+            success = success or any(s)
     return {"rewards_D": rewards, "success": success}
 
 
@@ -50,8 +40,8 @@ def planned_episode(planner: Planner, env, seed: int, decisions: int, hold: int,
         hist = History(torch.stack(ids), torch.stack(acts) if acts else torch.zeros(0, wm.model.action_dim))
         p = planner.plan(hist, mean)
         a = p["actions_raw_HA"][0]
-        _, r, s = _step(env, a, hold)
-        out["rewards_D"][d], out["success"] = r, out["success"] or s
+        _, r, s = env.step_held(a, hold)
+        out["rewards_D"][d], out["success"] = r, out["success"] or any(s)
         for k, v in (("imagined_rewards_D", "reward_NH"), ("imagined_success_D", "success_NH"),
                      ("uncertainty_D", "uncertainty_NH")):
             out[k][d] = float(p["best"][v][0])
