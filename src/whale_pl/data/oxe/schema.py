@@ -79,14 +79,6 @@ class DatasetSchema:
     path: str
     features: dict[str, FeatureSpec]
 
-    def step(self, key: str) -> FeatureSpec:
-        """The step feature ``steps/<key>``; SchemaError listing the step keys if there is none."""
-        full = key if key.startswith("steps/") else f"steps/{key}"
-        if full not in self.features:
-            raise SchemaError(f"{self.path}: no step feature {full!r}; step features are: "
-                              f"{', '.join(sorted(k for k in self.features if k.startswith('steps/')))}")
-        return self.features[full]
-
     def image_keys(self) -> list[str]:
         """Step image keys with 3 channels (RGB cameras; depth images are left out)."""
         return sorted(k for k, f in self.features.items()
