@@ -120,50 +120,30 @@ def _infer_keys(schema: DatasetSchema, dataset: str) -> tuple[str, dict, dict, s
     return images[0], {"native": actions[0]}, space.to_json(), (texts[0] if texts else None)
 
 
-def _dataset_info(src: Path) -> dict:
+def _splits_info(src: Path) -> tuple[str, dict[str, dict]]:
+    """The dataset's file name prefix and its splits' entries in dataset_info.json."""
     path = src / "dataset_info.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        raise ConversionError(f"{path}: missing; a TFDS dataset directory lists its splits and files there")
+    info = json.loads(path.read_text())
+    return info.get("name", src.parent.name), {s["name"]: s for s in info.get("splits", [])}
 
 
-def source_files(src: Path, split: str) -> list[tuple[Path, int | None]]:
-    """The split's TFRecord files in shard order, with episode counts from dataset_info.json."""
-    info = _dataset_info(src)
-    name = info.get("name", src.parent.name)
-    entries = [s for s in info.get("splits", []) if s.get("name") == split]
-    if entries:
-        counts = [int(c) for c in entries[-1].get("shardLengths", [])]
-        template = entries[-1].get("filepathTemplate", "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}")
-        n = len(counts)
-        files = [src / template.replace("{DATASET}", name).replace("{SPLIT}", split)
-                 .replace("{FILEFORMAT}", "tfrecord").replace("{SHARD_X_OF_Y}", f"{i:05d}-of-{n:05d}")
-                 for i in range(n)]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise ConversionError(f"{src}: dataset_info.json lists {n} {split!r} files; missing: "
-                                  f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        return list(zip(files, counts))
-    files = sorted(src.glob(f"{name}-{split}.tfrecord-*"))
-    if not files:
-        raise ConversionError(f"{src}: no split {split!r} (no dataset_info.json entry, no "
-                              f"{name}-{split}.tfrecord-* files)")
-    return [(f, None) for f in files]
-
-
-def _enough_files(files: list[tuple[Path, int | None]], n: int) -> list[tuple[Path, int | None]]:
-    """The leading files that hold the first ``n`` episodes (all files when counts are unknown;
-    each then converts at most ``n`` and the merge keeps the first ``n``)."""
-    if any(count is None for _, count in files):
-        return files
-    totals = np.cumsum([count for _, count in files])
-    return files[: int(np.searchsorted(totals, n)) + 1]
-
-
-def dataset_splits(src: Path) -> set[str]:
-    """The RLDS split names a dataset directory holds (dataset_info.json, else its file names)."""
-    names = {s.get("name") for s in _dataset_info(src).get("splits", [])}
-    if names:
-        return {n for n in names if n}
-    return {f.name.split(".tfrecord")[0].rsplit("-", 1)[-1] for f in src.glob("*-*.tfrecord-*")}
+def source_files(src: Path, split: str) -> list[tuple[Path, int]]:
+    """The split's TFRecord files in shard order, with their episode counts (dataset_info.json)."""
+    name, splits = _splits_info(src)
+    if split not in splits:
+        raise ConversionError(f"{src}: no split {split!r} in dataset_info.json (it has {sorted(splits)})")
+    counts = [int(c) for c in splits[split].get("shardLengths", [])]
+    template = splits[split].get("filepathTemplate", "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}")
+    n = len(counts)
+    files = [src / template.replace("{DATASET}", name).replace("{SPLIT}", split)
+             .replace("{FILEFORMAT}", "tfrecord").replace("{SHARD_X_OF_Y}", f"{i:05d}-of-{n:05d}") for i in range(n)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ConversionError(f"{src}: dataset_info.json lists {n} {split!r} files; missing: "
+                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return list(zip(files, counts))
 
 
 def record_to_episode(data: bytes, schema: DatasetSchema, plan: Plan, where: Where, split: str,
@@ -246,7 +226,7 @@ def convert_file(job: tuple) -> dict:
     part.mkdir(parents=True)
     cpu0 = time.process_time()
     n_ep, n_frames = _write_part(path, load_schema(src), plan, split, file_index, part / "shards", limit)
-    if expected is not None and n_ep != expected and (limit is None or n_ep < limit):
+    if n_ep != expected and (limit is None or n_ep < limit):
         raise ConversionError(f"{path}: dataset_info.json promises {expected} episodes, the file holds {n_ep}")
     summary = {"id": marker, "split": split, "file_index": file_index, "episodes": n_ep, "frames": n_frames,
                "resumed": False, "cpu_s": time.process_time() - cpu0,
@@ -327,8 +307,8 @@ def _plan_jobs(src: Path, out: Path, plan: Plan, opts: ConvertOptions) -> tuple[
         if split not in RLDS_TO_SHARD_SPLIT:
             raise ConversionError(f"split {split!r}: expected one of {sorted(RLDS_TO_SHARD_SPLIT)}")
         files = source_files(src, split)
-        if limit is not None:
-            files = _enough_files(files, limit)
+        if limit is not None:  # the leading files that hold the first `limit` episodes
+            files = files[: int(np.searchsorted(np.cumsum([n for _, n in files]), limit)) + 1]
         jobs += [(str(src), str(path), split, i, expected, asdict(plan), str(out), limit)
                  for i, (path, expected) in enumerate(files)]
     ident = {"plan": plan.fingerprint(), "sources": [_source_id(Path(j[1])) for j in jobs], "max_episodes": limit}
@@ -393,30 +373,27 @@ def convert_mixture(root: str | os.PathLike, datasets: list[tuple[str, float | N
     opts = opts or ConvertOptions()
     root, out = Path(root), Path(out)
     _check_mixture_root(out, opts.overwrite)
-    names = [n.split("/")[0] for n, _ in datasets]
+    names = [n for n, _ in datasets]
     if len(set(names)) != len(names):
         raise ConversionError(f"--datasets names a dataset twice: {names}")
     entries = []
     for name, weight in datasets:
-        src = root / name
-        if src.is_dir() and not (src / "features.json").is_file():
-            versions = sorted(p for p in src.iterdir() if (p / "features.json").is_file())
-            if not versions:
-                raise ConversionError(f"{src}: no <version>/features.json under it")
-            src = versions[-1]
-        dataset = src.parent.name
-        w = weight if weight is not None else reg.DEFAULT_MIXTURE_WEIGHTS.get(dataset, 1.0)
+        versions = sorted(p for p in (root / name).glob("*") if (p / "features.json").is_file())
+        if not versions:
+            raise ConversionError(f"{root / name}: no <version>/features.json under it")
+        src = versions[-1]
+        w = weight if weight is not None else reg.DEFAULT_MIXTURE_WEIGHTS.get(name, 1.0)
         if not w > 0:
-            raise ConversionError(f"{dataset}: sampling weight must be > 0, got {w}")
-        splits = tuple(sp for sp in opts.splits if sp in dataset_splits(src))
+            raise ConversionError(f"{name}: sampling weight must be > 0, got {w}")
+        have = _splits_info(src)[1]
+        splits = tuple(sp for sp in opts.splits if sp in have)
         if "train" in opts.splits and "train" not in splits or not splits:
-            raise ConversionError(f"{src}: has none of the splits {list(opts.splits)} needed "
-                                  f"(it has {sorted(dataset_splits(src))})")
+            raise ConversionError(f"{src}: has none of the splits {list(opts.splits)} needed (it has {sorted(have)})")
         if splits != tuple(opts.splits):
-            log.warning("%s: no split(s) %s; converting %s", dataset,
-                        [sp for sp in opts.splits if sp not in splits], list(splits))
-        m = convert_dataset(src, out / dataset, replace(opts, splits=splits), progress)
-        entries.append({"name": dataset, "path": dataset, "weight": float(w),
+            log.warning("%s: no split(s) %s; converting %s", name, [sp for sp in opts.splits if sp not in splits],
+                        list(splits))
+        m = convert_dataset(src, out / name, replace(opts, splits=splits), progress)
+        entries.append({"name": name, "path": name, "weight": float(w),
                         "episodes": m["episodes"], "frames": m["frames"], "splits": list(splits)})
     mixture = {"kind": "whale_pl.mixture", "version": 1, "datasets": entries}
     write_json_atomic(out / MIXTURE_FILE, mixture, sort_keys=True)
@@ -430,8 +407,7 @@ def convert_mixture(root: str | os.PathLike, datasets: list[tuple[str, float | N
 
 
 def _check_mixture_root(out: Path, overwrite: bool) -> None:
-    """Refuse (unless ``overwrite``) to replace a mixture.json or datamodule.yaml that a mixture
-    conversion did not write."""
+    """Refuse (unless ``overwrite``) to replace a mixture.json or datamodule.yaml that whale-data oxe did not write."""
     import yaml
 
     for name, ours in ((MIXTURE_FILE, lambda t: json.loads(t).get("kind") == "whale_pl.mixture"),
@@ -446,17 +422,3 @@ def _check_mixture_root(out: Path, overwrite: bool) -> None:
         if not mine:
             raise ConversionError(f"{path}: not written by whale-data oxe; pass --overwrite to replace it, "
                                   "or choose another --out")
-
-
-def read_mixture(path: str | os.PathLike) -> tuple[list[str], list[float]]:
-    """``mixture.json`` (or its directory) -> (dataset dirs, weights), the ``dirs`` and ``weights``
-    of ``ClipDataModule``; paths are resolved against the file's directory."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / MIXTURE_FILE
-    if not path.is_file():
-        raise ConversionError(f"{path}: mixture file does not exist")
-    m = json.loads(path.read_text())
-    if m.get("kind") != "whale_pl.mixture" or not m.get("datasets"):
-        raise ConversionError(f"{path}: not a whale_pl mixture file (kind {m.get('kind')!r})")
-    return ([str(path.parent / d["path"]) for d in m["datasets"]], [float(d["weight"]) for d in m["datasets"]])
