@@ -19,8 +19,7 @@ from scipy.spatial.transform import Rotation
 
 from whale_pl.data.episode import EEF7_ACTION_SPACE
 from whale_pl.data.oxe.cli import main
-from whale_pl.data.oxe.convert import (PARTS, ConversionError, ConvertOptions, convert_dataset,
-                                       convert_file, make_plan, source_files)
+from whale_pl.data.oxe.convert import PARTS, ConversionError, ConvertOptions, convert_dataset, make_plan, source_files
 from whale_pl.data.oxe.example_proto import parse_example
 from whale_pl.data.oxe.registry import REGISTRY, ActionMap
 from whale_pl.data.oxe.schema import load_schema
@@ -270,13 +269,13 @@ def test_resume_after_interruption_gives_identical_output(tmp_path, monkeypatch)
     opts = ConvertOptions(size=16, workers=1)
     done = []
 
-    def interrupted(jobs, workers, progress, name):
-        done.append(convert_file(jobs[1]))
+    def interrupted(fn, jobs, workers):
+        done.append(fn(jobs[1]))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(conv, "_iter_jobs", interrupted)
+    monkeypatch.setattr(conv, "map_ordered", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        convert_dataset(src, out, opts, progress=False)
+        convert_dataset(src, out, ConvertOptions(size=16, workers=2), progress=False)
     monkeypatch.undo()
     (done1,) = done
     assert done1["episodes"] == 2 and not done1["resumed"] and not (out / "manifest.json").exists()

@@ -73,8 +73,7 @@ class Plan:
 
 
 def make_plan(src: Path, schema: DatasetSchema, opts: ConvertOptions) -> Plan:
-    """What to read from ``src``: the registry entry's keys (checked against the schema), else the only camera,
-    flat action tensor and text key the schema has."""
+    """What to read from ``src``: the registry entry's keys, else the only camera, action and text key there are."""
     dataset, version = src.parent.name, src.name
     cfg = reg.REGISTRY.get(dataset)
     if cfg is None:
@@ -99,8 +98,7 @@ def _key_in(schema: DatasetSchema, key: str, dataset: str, what: str, have: list
 
 
 def _infer_keys(schema: DatasetSchema, dataset: str) -> tuple[str, dict, dict, str | None]:
-    """An unregistered dataset's only RGB camera, flat action tensor and text key (if any): (camera, action,
-    action space, language key); ConversionError listing what is ambiguous."""
+    """An unregistered dataset's only RGB camera, flat action tensor and text key (if any), else ConversionError."""
     images, texts, actions = schema.image_keys(), schema.text_step_keys(), schema.numeric_step_keys("action")
     problems = []
     if len(images) != 1:
@@ -192,11 +190,6 @@ def record_to_episode(data: bytes, schema: DatasetSchema, plan: Plan, where: Whe
                    is_terminal=flags["is_terminal"], state=None, language=language, meta=meta)
 
 
-def episode_key(split: str, file_index: int, record: int) -> str:
-    """The shard sample key of a record: fixed by (split, file index, record index)."""
-    return f"{split}-{file_index:05d}-{record:06d}"
-
-
 def _source_id(path: Path) -> dict:
     st = path.stat()
     return {"file": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -244,7 +237,7 @@ def _write_part(path: Path, schema: DatasetSchema, plan: Plan, split: str, file_
         for index, data in enumerate(iter_records(path)):
             ep = record_to_episode(data, schema, plan, Where(str(path), index), split, file_index)
             writer = writer or ShardWriter(shards, episodes_per_shard=1 << 30)
-            writer.write(ep, key=episode_key(split, file_index, index))
+            writer.write(ep, key=f"{split}-{file_index:05d}-{index:06d}")  # fixed by (split, file, record)
             n_ep, n_frames = n_ep + 1, n_frames + len(ep)
             if n_ep == limit:
                 break
@@ -263,8 +256,6 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
     ``timing`` receives wall and CPU seconds (this process + the part workers) and the parts resumed."""
     opts = opts or ConvertOptions()
     src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise ConversionError(f"{src}: source directory does not exist (expected <root>/<dataset>/<version>)")
     plan = make_plan(src, load_schema(src), opts)
     jobs, ident = _plan_jobs(src, out, plan, opts)
     done = _recorded(out / MANIFEST, ident, lambda m: m.get("extra", {}).get("oxe", {}).get("id"))
@@ -280,8 +271,6 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
     workers = opts.workers or min(len(jobs), os.cpu_count() or 1)
     oxe = {"id": ident, "dataset": plan.dataset, "version": plan.version, "plan": asdict(plan),
            "registry": asdict(reg.REGISTRY[plan.dataset]) if "registry" in plan.action else None,
-           "options": {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite")},
-           "crop_policy": "center-crop to square, antialiased bilinear resize",
            "gripper_convention": "absolute opening in [0, 1]: 1 = open, 0 = closed"}
     summaries = _merge_parts(out, jobs, opts, plan, oxe, workers, progress)
     manifest = json.loads((out / MANIFEST).read_text())
@@ -297,8 +286,7 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
 
 
 def _plan_jobs(src: Path, out: Path, plan: Plan, opts: ConvertOptions) -> tuple[list[tuple], dict]:
-    """One ``convert_file`` job per source file of each split, and the conversion's identity (the plan,
-    the source files' sizes and times, the episode limit)."""
+    """One ``convert_file`` job per source file of each split, and the conversion's identity."""
     limit = opts.max_episodes
     if limit is not None and limit < 1:
         raise ConversionError(f"max_episodes must be >= 1, got {limit}")
@@ -317,13 +305,15 @@ def _plan_jobs(src: Path, out: Path, plan: Plan, opts: ConvertOptions) -> tuple[
 
 def _merge_parts(out: Path, jobs: list[tuple], opts: ConvertOptions, plan: Plan, oxe: dict, workers: int,
                  progress: bool) -> list[dict]:
-    """Convert the parts and merge each, in file order as soon as it is done, into ``out`` (whose manifest
-    stores ``oxe``); returns the parts' summaries."""
+    """Convert the parts and merge each into ``out`` in file order, as soon as it is done; returns their summaries."""
+    from tqdm import tqdm
+
     limit = opts.max_episodes
     summaries: list[dict] = []
     written: dict[str, int] = {}
+    parts = map(convert_file, jobs) if workers <= 1 else map_ordered(convert_file, jobs, workers)
     with ShardWriter(out, overwrite=True, extra={"oxe": oxe}) as w:
-        for p in _iter_jobs(jobs, workers, progress, plan.dataset):
+        for p in tqdm(parts, total=len(jobs), desc=f"oxe {plan.dataset}: files", unit="file", disable=not progress):
             summaries.append(p)
             if p["episodes"]:
                 for ep, sample in _iter_encoded(_part_dir(out, p["split"], p["file_index"]) / "shards"):
@@ -335,8 +325,8 @@ def _merge_parts(out: Path, jobs: list[tuple], opts: ConvertOptions, plan: Plan,
 
 
 def _iter_encoded(part_dir: Path) -> Iterator[tuple[Episode, dict]]:
-    """(episode, its sample) of every episode of a part: the merge copies the encoded sample instead of
-    compressing the frames again, so the episode's frames are a zero-cost placeholder of the right shape."""
+    """(episode, its encoded sample) of every episode of a part; the frames are a placeholder (the merge copies
+    the sample instead of compressing the frames again)."""
     m = verify_dataset(part_dir)
     h, w = m["frame_size"]
     for sh in m["shards"]:
@@ -348,16 +338,6 @@ def _iter_encoded(part_dir: Path) -> Iterator[tuple[Episode, dict]]:
             yield (Episode(frames=frames, state=steps.get("state"), language=language, meta=meta,
                            **{n: steps[n] for n in STEP_FIELDS}),
                    {k: s[k] for k in ("__key__", "frames.npz", "steps.npz", "meta.json")})
-
-
-def _iter_jobs(jobs: list[tuple], workers: int, progress: bool, name: str):
-    """Run `convert_file` over the jobs (in worker processes when workers > 1); yield in job order."""
-    from tqdm import tqdm
-
-    with tqdm(total=len(jobs), desc=f"oxe {name}: files", unit="file", disable=not progress) as bar:
-        for r in map(convert_file, jobs) if workers <= 1 else map_ordered(convert_file, jobs, workers):
-            yield r
-            bar.update(1)
 
 
 MIXTURE_FILE = "mixture.json"
@@ -410,14 +390,11 @@ def _check_mixture_root(out: Path, overwrite: bool) -> None:
     """Refuse (unless ``overwrite``) to replace a mixture.json or datamodule.yaml that whale-data oxe did not write."""
     import yaml
 
-    for name, ours in ((MIXTURE_FILE, lambda t: json.loads(t).get("kind") == "whale_pl.mixture"),
-                       (DATAMODULE_FILE, lambda t: yaml.safe_load(t).get("class_path") == DM_CLASS)):
-        path = out / name
-        if not path.exists() or overwrite:
-            continue
-        try:
-            mine = path.is_file() and ours(path.read_text())
-        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+    owned = ((out / MIXTURE_FILE, "kind", "whale_pl.mixture"), (out / DATAMODULE_FILE, "class_path", DM_CLASS))
+    for path, key, ours in owned:
+        try:  # JSON is YAML
+            mine = not path.exists() or overwrite or yaml.safe_load(path.read_text()).get(key) == ours
+        except (OSError, AttributeError, yaml.YAMLError):
             mine = False
         if not mine:
             raise ConversionError(f"{path}: not written by whale-data oxe; pass --overwrite to replace it, "

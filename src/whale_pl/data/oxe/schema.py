@@ -1,9 +1,6 @@
-"""The TFDS `features.json` schema of an RLDS dataset, flattened to the keys of its tf.train.Example.
-
-TFDS nests FeaturesDicts; in the serialized Example every leaf is one key joined with '/', e.g.
-``steps/observation/image_0``. Leaves inside the ``steps`` Dataset hold one entry (or one tensor) per
-step. The converter takes every key and shape from here, never by guessing from a record.
-"""
+"""The TFDS `features.json` schema of an RLDS dataset, flattened to the keys of its tf.train.Example
+(``steps/observation/image_0``; leaves inside the ``steps`` Dataset hold one entry per step). The converter
+takes every key and shape from here, never by guessing from a record."""
 
 from __future__ import annotations
 

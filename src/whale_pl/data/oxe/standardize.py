@@ -36,8 +36,6 @@ class Where:
 def parse_spec(spec: str) -> tuple[str, slice]:
     """``"action/world_vector"`` -> ("steps/action/world_vector", all); ``"action[6]"`` -> (.., 6:7)."""
     m = _SPEC.match(spec)
-    if not m:
-        raise ValueError(f"bad key spec {spec!r}; expected 'path/to/key' or 'key[i]' or 'key[i:j]'")
     a, b = m.group("a"), m.group("b")
     sl = slice(None) if a is None else slice(int(a), int(b) if b is not None else int(a) + 1)
     return "steps/" + m.group("key"), sl
@@ -149,8 +147,6 @@ def standard_actions(ex: dict, schema: DatasetSchema, amap: ActionMap, t: int, w
     xyz = np.zeros((t, 3))
     if amap.xyz is not None:
         v = _select(ex, schema, amap.xyz, t, where)
-        if v.shape[1] > 3:
-            raise where.err(parse_spec(amap.xyz)[0], f"translation spec gives {v.shape[1]} values (> 3)")
         xyz[:, : v.shape[1]] = v
     rpy = np.zeros((t, 3))
     if amap.rot is not None:

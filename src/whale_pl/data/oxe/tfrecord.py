@@ -1,8 +1,6 @@
-"""TFRecord reading with CRC32C checks, without TensorFlow.
-
-Each record is ``uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)`` (little
-endian). A damaged or truncated record raises `TFRecordError` naming the file, record index and byte offset.
-"""
+"""TFRecord reading with CRC32C checks, without TensorFlow. Each record is ``uint64 length | uint32
+masked_crc32c(length) | data | uint32 masked_crc32c(data)`` (little endian); a damaged or truncated record
+raises `TFRecordError` naming the file, record index and byte offset."""
 
 from __future__ import annotations
 
@@ -21,14 +19,9 @@ class TFRecordError(ValueError):
     """A TFRecord file is corrupt: the message names the file, record index, byte offset and the fault."""
 
 
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli) of ``data``."""
-    return google_crc32c.value(data)
-
-
 def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC: rotate right by 15 bits and add a constant (mod 2**32)."""
-    crc = crc32c(data)
+    """TFRecord's masked CRC-32C (Castagnoli): rotate right by 15 bits and add a constant (mod 2**32)."""
+    crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
