@@ -6,6 +6,7 @@ with our framing and CRCs.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -18,10 +19,9 @@ from scipy.spatial.transform import Rotation
 
 from whale_pl.data.episode import EEF7_ACTION_SPACE
 from whale_pl.data.oxe.cli import main
-from whale_pl.data.oxe.convert import (PARTS, ConversionError, ConvertOptions, convert_dataset,
-                                       convert_file, make_plan, source_files)
+from whale_pl.data.oxe.convert import PARTS, ConversionError, ConvertOptions, convert_dataset, make_plan, source_files
 from whale_pl.data.oxe.example_proto import parse_example
-from whale_pl.data.oxe.registry import REGISTRY, ActionMap, check_config
+from whale_pl.data.oxe.registry import REGISTRY, ActionMap
 from whale_pl.data.oxe.schema import load_schema
 from whale_pl.data.oxe.standardize import RecordError, Where, relative_gripper_to_absolute, standard_actions
 from whale_pl.data.oxe.tfrecord import iter_records
@@ -120,12 +120,6 @@ def _center_resize(img: np.ndarray, size: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
-def test_registry_entries_are_well_formed():
-    for cfg in REGISTRY.values():
-        check_config(cfg)
-        assert cfg.control_hz > 0 and cfg.frame_stride == max(1, round(cfg.control_hz / 5))
-
-
 def test_rt1_nested_actions_two_cameras_language(tmp_path):
     src, raw = rt1_dataset(tmp_path / "src")
     out = tmp_path / "out"
@@ -144,11 +138,12 @@ def test_rt1_nested_actions_two_cameras_language(tmp_path):
     assert m["extra"]["oxe"]["plan"]["stride"] == 1  # 3 Hz: no stride
 
 
-def test_stride_composes_actions_and_pad_policy(tmp_path):
+def test_stride_composes_actions(tmp_path, monkeypatch):
     src, raw = rt1_dataset(tmp_path / "src", n_files=1, per_file=1)
     out = tmp_path / "out"
-    convert_dataset(src, out, ConvertOptions(size=16, stride=4, crop="pad", camera="wrist_image",
-                                             workers=1), progress=False)
+    name = "fractal20220817_data"
+    monkeypatch.setitem(REGISTRY, name, dataclasses.replace(REGISTRY[name], frame_stride=4, camera="wrist_image"))
+    convert_dataset(src, out, ConvertOptions(size=16, workers=1), progress=False)
     (ep,) = list(iter_episodes(out))
     v = raw[0]
     assert len(ep) == 2  # steps 0..3 and 4..5
@@ -166,11 +161,6 @@ def test_stride_composes_actions_and_pad_policy(tmp_path):
     # the wrist camera is 16x16 already: frames are the decoded images themselves
     np.testing.assert_array_equal(ep.frames, np.stack([_decode(v["steps/observation/wrist_image"][i])
                                                        for i in (0, 4)]))
-    # pad policy on a non-square image: black bars top and bottom
-    im = np.full((8, 16, 3), 200, np.uint8)
-    from whale_pl.data.oxe.standardize import decode_frame
-    f = decode_frame(rw.encode_image(im, "png"), 16, "pad", "k", 0, Where("x", 0))
-    assert (f[:4] == 0).all() and (f[4:12] == 200).all() and (f[12:] == 0).all()
 
 
 def test_unregistered_unambiguous_without_language(tmp_path):
@@ -187,18 +177,18 @@ def test_unregistered_unambiguous_without_language(tmp_path):
     assert m["frame_size"] == [H, W] and m["extra"]["oxe"]["registry"] is None
 
 
-def test_unregistered_ambiguous_fails_listing_keys_and_flags(tmp_path, capsys):
+def test_unregistered_ambiguous_fails_listing_keys(tmp_path, capsys):
     src, _ = plain_dataset(tmp_path / "src", "two_cam_set", cameras=("front", "side"), action_shape=(4,))
     rc = main(["--src", str(src), "--out", str(tmp_path / "out"), "-q"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "steps/observation/front" in err and "steps/observation/side" in err and "--camera KEY" in err
-    # choosing the camera resolves it; the 4-D action stays native (not the 7-D layout)
-    assert main(["--src", str(src), "--out", str(tmp_path / "out"), "--camera", "side", "-q",
-                 "--workers", "1"]) == 0
+    assert "steps/observation/front" in err and "steps/observation/side" in err and "registry.py" in err
+    # one camera: the 4-D action stays native (not the 7-D layout)
+    src, _ = plain_dataset(tmp_path / "src", "one_cam_set", action_shape=(4,))
+    assert main(["--src", str(src), "--out", str(tmp_path / "out"), "-q", "--workers", "1"]) == 0
     m = verify_dataset(tmp_path / "out")
     assert m["action_space"]["names"] == ["a0", "a1", "a2", "a3"]
-    # nested actions without a registry entry: the action candidates and the flag are listed
+    # nested actions without a registry entry: the action candidates are listed
     src2, _ = rt1_dataset(tmp_path / "src2")
     renamed = tmp_path / "src2" / "rt1_copy" / "0.1.0"
     renamed.parent.mkdir(parents=True)
@@ -209,23 +199,18 @@ def test_unregistered_ambiguous_fails_listing_keys_and_flags(tmp_path, capsys):
     with pytest.raises(ConversionError) as e:
         make_plan(renamed, load_schema(renamed), ConvertOptions())
     msg = str(e.value)
-    assert "steps/action/world_vector" in msg and "--action-key KEY" in msg and "--camera KEY" in msg
+    assert "steps/action/world_vector" in msg and "not in the OXE registry" in msg and "2 camera keys" in msg
 
 
-def test_missing_key_names_file_record_and_key_then_skip(tmp_path):
+def test_missing_key_names_file_record_and_key(tmp_path):
     src, _ = rt1_dataset(tmp_path / "src", n_files=2, per_file=2, drop_key_at=1)
     with pytest.raises(RecordError) as e:  # raised in a worker process, arrives intact
         convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=2), progress=False)
-    assert e.value.index == 1 and e.value.key == "steps/action/rotation_delta"
-    assert "fractal20220817_data-train.tfrecord-00000-of-00002" in str(e.value)
+    assert "fractal20220817_data-train.tfrecord-00000-of-00002: record 1: key 'steps/action/rotation_delta'" \
+        in str(e.value)
     # the failed run's folder is resumed only with the same options: other options replace it explicitly
     with pytest.raises(ConversionError, match="written with another config"):
-        convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=1, skip_corrupt=True), progress=False)
-    m = convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=1, skip_corrupt=True, overwrite=True),
-                        progress=False)
-    assert m["episodes"] == 3 and m["extra"]["oxe"]["corrupt_episodes"] == 1
-    (sk,) = m["extra"]["oxe"]["skipped_corrupt"]
-    assert sk["record"] == 1 and "rotation_delta" in sk["error"]
+        convert_dataset(src, tmp_path / "out", ConvertOptions(size=8, workers=1), progress=False)
 
 
 def test_undecodable_image_names_record_key_and_step(tmp_path):
@@ -237,29 +222,24 @@ def test_undecodable_image_names_record_key_and_step(tmp_path):
     write_records(f0, [recs[0], build_example(ex)])
     with pytest.raises(RecordError, match=r"record 1: key 'steps/observation/image': step 3: image cannot"):
         convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=1), progress=False)
-    # the registry's language can be switched off
-    m = convert_dataset(src, tmp_path / "out2", ConvertOptions(size=16, workers=1, skip_corrupt=True,
-                                                                language_key="none"), progress=False)
-    assert m["episodes"] == 1 and next(iter_episodes(tmp_path / "out2")).language == ""
 
 
-def test_crc_mismatch_and_truncation_fail_or_are_counted(tmp_path, capsys):
+def test_crc_mismatch_and_truncation_fail_naming_file_record_and_offset(tmp_path, capsys):
     src, _ = rt1_dataset(tmp_path / "src", n_files=2, per_file=2)
     f0, f1 = [p for p, _ in source_files(src, "train")]
-    raw = bytearray(f0.read_bytes())
+    good = f0.read_bytes()
+    raw = bytearray(good)
     raw[len(raw) // 4] ^= 0xFF          # inside record 0's payload
     f0.write_bytes(bytes(raw))
-    f1.write_bytes(f1.read_bytes()[:-10])  # record 1 of file 1 truncated
     rc = main(["--src", str(src), "--out", str(tmp_path / "out"), "--size", "16", "-q", "--workers", "1"])
     err = capsys.readouterr().err
-    assert rc == 2 and "record 0" in err and "CRC mismatch" in err and f0.name in err
-    out = tmp_path / "out2"
-    assert main(["--src", str(src), "--out", str(out), "--size", "16", "-q", "--workers", "1",
-                 "--skip-corrupt"]) == 0
-    m = verify_dataset(out)
-    assert m["episodes"] == 2 and m["extra"]["oxe"]["corrupt_episodes"] == 2
-    errs = " ".join(s["error"] for s in m["extra"]["oxe"]["skipped_corrupt"])
-    assert "CRC mismatch" in errs and "truncated" in errs
+    assert rc == 2 and f"{f0.name}: record 0 (byte offset 0): data CRC mismatch" in err
+    f0.write_bytes(good)
+    rec0 = len(next(iter_records(f1))) + 16
+    f1.write_bytes(f1.read_bytes()[:-10])  # record 1 of file 1 truncated
+    rc = main(["--src", str(src), "--out", str(tmp_path / "out2"), "--size", "16", "-q", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{f1.name}: record 1 (byte offset {rec0}): truncated record" in err
 
 
 def test_promised_episode_count_is_checked(tmp_path):
@@ -286,26 +266,26 @@ def test_resume_after_interruption_gives_identical_output(tmp_path, monkeypatch)
     convert_dataset(src, clean, ConvertOptions(size=16, workers=2), progress=False)
     # an interrupted run: file 1 finished its part, file 2 left a half-written part, no manifest
     out = tmp_path / "resumed"
-    opts = ConvertOptions(size=16, workers=1, keep_parts=True)
+    opts = ConvertOptions(size=16, workers=1)
     done = []
 
-    def interrupted(jobs, workers, progress, name):
-        done.append(convert_file(jobs[1]))
+    def interrupted(fn, jobs, workers):
+        done.append(fn(jobs[1]))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(conv, "_iter_jobs", interrupted)
+    monkeypatch.setattr(conv, "map_ordered", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        convert_dataset(src, out, opts, progress=False)
+        convert_dataset(src, out, ConvertOptions(size=16, workers=2), progress=False)
     monkeypatch.undo()
     (done1,) = done
     assert done1["episodes"] == 2 and not done1["resumed"] and not (out / "manifest.json").exists()
     (out / PARTS / "train-00002").mkdir(parents=True)
     (out / PARTS / "train-00002" / "garbage").write_bytes(b"partial")
     (out / "shard-000000.tar").write_bytes(b"left by an interrupted merge")
-    mtime = (out / PARTS / "train-00001" / "part.json").stat().st_mtime_ns
-    m = convert_dataset(src, out, opts, progress=False)
-    assert (out / PARTS / "train-00001" / "part.json").stat().st_mtime_ns == mtime  # skipped, not redone
-    assert not (out / PARTS / "train-00002" / "garbage").exists()
+    timing: dict = {}
+    m = convert_dataset(src, out, opts, progress=False, timing=timing)
+    assert timing["parts"] == 3 and timing["parts_resumed"] == 1  # file 1's part is reused, not redone
+    assert not (out / PARTS).exists()
     mc = verify_dataset(clean)
     assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in mc["shards"]]
     assert [sha256_file(clean / s["name"]) for s in mc["shards"]] == [s["sha256"] for s in m["shards"]]
@@ -342,21 +322,3 @@ def test_relative_gripper_integration():
                                   [1, 1, 0, 0, 1, 1])
     np.testing.assert_array_equal(relative_gripper_to_absolute(np.array([0, -1, 0, 1])), [0, 1, 1, 0])
     np.testing.assert_array_equal(relative_gripper_to_absolute(np.zeros(3)), [1, 1, 1])
-
-
-def test_skip_corrupt_keeps_intact_neighbours_and_counts_every_dropped_episode(tmp_path):
-    src, _ = rt1_dataset(tmp_path / "src", n_files=2, per_file=3)
-    f0, f1 = [p for p, _ in source_files(src, "train")]
-    # file 0: record 1's length field damaged; records 0 and 2 are intact
-    recs = list(iter_records(f0))
-    raw = bytearray(f0.read_bytes())
-    raw[len(recs[0]) + 16] ^= 0x10
-    f0.write_bytes(bytes(raw))
-    # file 1: cut cleanly after its first record; dataset_info.json still promises 3
-    write_records(f1, list(iter_records(f1))[:1])
-    m = convert_dataset(src, tmp_path / "out", ConvertOptions(size=8, workers=1, skip_corrupt=True), progress=False)
-    ids = [e.meta["episode_id"] for e in iter_episodes(tmp_path / "out")]
-    assert ids == ["fractal20220817_data/train/00000/000000", "fractal20220817_data/train/00000/000002",
-                   "fractal20220817_data/train/00001/000000"]
-    oxe = m["extra"]["oxe"]
-    assert oxe["corrupt_episodes"] == 3 and oxe["source_episodes"] == 6  # record 1 of file 0, records 1-2 of file 1

@@ -11,12 +11,18 @@ import pytest
 import yaml
 
 from whale_pl.data.oxe.cli import main
-from whale_pl.data.oxe.convert import read_mixture
 
 from test_oxe_fixtures import rt1_dataset  # noqa: E402  (tests/ is on sys.path under pytest)
 
 BRIDGE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "oxe" / "bridge_dataset" / "1.0.0"
 pytestmark = pytest.mark.skipif(not BRIDGE.is_dir(), reason=f"real OXE sample data absent: {BRIDGE}")
+
+
+def read_mixture(out: Path) -> tuple[list[str], list[float]]:
+    """A converted mixture's dataset directories and weights (ClipDataModule's ``dirs`` and ``weights``)."""
+    m = json.loads((Path(out) / "mixture.json").read_text())
+    assert m["kind"] == "whale_pl.mixture" and m["version"] == 1
+    return [str(Path(out) / d["path"]) for d in m["datasets"]], [float(d["weight"]) for d in m["datasets"]]
 
 
 def test_mixture_of_bridge_and_rt1_feeds_clip_datamodule(tmp_path):

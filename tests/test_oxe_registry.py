@@ -9,13 +9,15 @@ the frames against the registry's camera and the language against the instructio
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
 from whale_pl.data.episode import EEF7_ACTION_SPACE
 from whale_pl.data.oxe.convert import ConvertOptions, convert_dataset
-from whale_pl.data.oxe.registry import OXE_MAGIC_SOUP, REGISTRY
+from whale_pl.data.oxe.registry import DEFAULT_MIXTURE_WEIGHTS, REGISTRY
 from whale_pl.data.shards import iter_episodes
 
 import rlds_fixtures as rw  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -103,9 +105,6 @@ CASES = {
         "clip_function_input/base_pose_tool_reached": t(7), "clip_function_input/workspace_bounds": t(3, 3),
         "gripper_closed": t(1), "height_to_bottom": t(1), "image": img(512, 640), "task_id": t(1)}),
         "image", ("steps/action/gripper_closedness_action", 0), RELATIVE, wv_rd),
-    "bridge": (rt1({"open_gripper": rw.scalar("bool"), "rotation_delta": t(3), "terminate_episode": t(),
-                    "world_vector": t(3)}, {"image": img(480, 640), "state": t(7)}),
-               "image", ("steps/action/open_gripper", None), BINARY_OPEN, wv_rd),
     "bridge_dataset": (ext(7, {f"image_{i}": img(256, 256) for i in range(4)} | {"state": t(7)}),
                        "image_0", ("steps/action", 6), OPEN, cols("steps/action", 0, 6)),
     "taco_play": (rt1({"actions": t(7), "rel_actions_gripper": t(7), "rel_actions_world": t(7),
@@ -200,7 +199,7 @@ CASES = {
 
 
 def test_every_mixture_dataset_is_registered_and_tested():
-    assert set(OXE_MAGIC_SOUP) <= set(REGISTRY) and len(OXE_MAGIC_SOUP) == 25
+    assert set(DEFAULT_MIXTURE_WEIGHTS) == set(REGISTRY) and len(REGISTRY) == 25
     assert set(CASES) == set(REGISTRY)
 
 
@@ -246,7 +245,7 @@ def _value(key: str, node: dict, camera: str, instruction: str, instruction_key:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_registered_dataset_maps_to_the_7d_action(name, tmp_path):
+def test_registered_dataset_maps_to_the_7d_action(name, tmp_path, monkeypatch):
     steps, camera, grip, encoding, xyz_rot = CASES[name]
     leaves = _leaves(steps)
     instruction = f"do the {name.split('_')[0]} task"
@@ -263,7 +262,8 @@ def test_registered_dataset_maps_to_the_7d_action(name, tmp_path):
         else:
             arr[:, col] = native
     src = rw.write_dataset(tmp_path / name / "0.1.0", rw.features_json(steps), {"train": [[rw.episode_record(vals)]]})
-    m = convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, stride=1, workers=1), progress=False)
+    monkeypatch.setitem(REGISTRY, name, dataclasses.replace(REGISTRY[name], frame_stride=1))  # native steps
+    m = convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=1), progress=False)
     (ep,) = list(iter_episodes(tmp_path / "out"))
     assert m["action_space"] == EEF7_ACTION_SPACE.to_json() and m["extra"]["oxe"]["registry"]["name"] == name
     native = {k: np.asarray(v, np.float64) for k, v in vals.items() if not isinstance(v, list)}

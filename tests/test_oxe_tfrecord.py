@@ -10,7 +10,7 @@ import pytest
 
 from whale_pl.data.oxe.example_proto import parse_example
 from whale_pl.data.oxe.schema import SchemaError, load_schema
-from whale_pl.data.oxe.tfrecord import TFRecordError, crc32c, iter_records, iter_records_safe, masked_crc32c
+from whale_pl.data.oxe.tfrecord import TFRecordError, iter_records, masked_crc32c
 
 from rlds_fixtures import build_example, encode_record, write_records  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -19,12 +19,10 @@ needs_bridge = pytest.mark.skipif(not BRIDGE.is_dir(), reason=f"real OXE sample 
 
 
 def test_crc32c_known_vectors():
-    # RFC 3720 / iSCSI check value and the all-zero 32-byte vector
-    assert crc32c(b"123456789") == 0xE3069283
-    assert crc32c(bytes(32)) == 0x8A9136AA
-    # TFRecord's masking: rotate right 15, add 0xa282ead8
-    c = crc32c(b"abc")
-    assert masked_crc32c(b"abc") == ((((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+    # TFRecord's masking (rotate right 15, add 0xa282ead8) of the RFC 3720 / iSCSI check value and of the
+    # all-zero 32-byte vector's CRC-32C
+    for data, c in ((b"123456789", 0xE3069283), (bytes(32), 0x8A9136AA)):
+        assert masked_crc32c(data) == ((((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
 
 
 def test_records_round_trip(tmp_path):
@@ -42,13 +40,10 @@ def test_truncated_record_names_file_and_index(tmp_path):
     p.write_bytes(data[:-6])
     with pytest.raises(TFRecordError) as e:
         list(iter_records(p))
-    assert e.value.index == 1 and str(p) in str(e.value) and "truncated" in str(e.value)
-    # the safe iterator yields the good record, then the error, then stops
-    items = list(iter_records_safe(p))
-    assert items[0] == (0, b"first") and isinstance(items[1][1], TFRecordError) and len(items) == 2
+    assert f"{p}: record 1 (byte offset 21): truncated record" in str(e.value)
 
 
-def test_crc_mismatch_detected_and_skippable(tmp_path):
+def test_crc_mismatch_detected(tmp_path):
     p = tmp_path / "c.tfrecord"
     write_records(p, [b"aaaa", b"bbbb", b"cccc"])
     raw = bytearray(p.read_bytes())
@@ -56,11 +51,8 @@ def test_crc_mismatch_detected_and_skippable(tmp_path):
     assert raw[off:off + 4] == b"bbbb"
     raw[off] ^= 0x01
     p.write_bytes(bytes(raw))
-    with pytest.raises(TFRecordError, match=r"record 1 .*data CRC mismatch"):
+    with pytest.raises(TFRecordError, match=r"record 1 \(byte offset 20\): data CRC mismatch"):
         list(iter_records(p))
-    items = list(iter_records_safe(p))
-    assert [i for i, _ in items] == [0, 1, 2]
-    assert isinstance(items[1][1], TFRecordError) and items[2][1] == b"cccc"
     # a corrupted length field loses the framing: an error naming record 0
     raw2 = bytearray(encode_record(b"zz"))
     raw2[0] ^= 0xFF
@@ -90,8 +82,9 @@ def test_private_pool_does_not_touch_default_pool():
 def test_bridge_records_and_schema():
     schema = load_schema(BRIDGE)
     assert schema.image_keys() == [f"steps/observation/image_{i}" for i in range(4)]
-    assert schema.step("action").shape == (7,) and schema.step("action").storage == "float"
-    assert schema.step("is_first").storage == "int64" and schema.step("language_instruction").kind == "text"
+    f = schema.features
+    assert f["steps/action"].shape == (7,) and f["steps/action"].storage == "float"
+    assert f["steps/is_first"].storage == "int64" and f["steps/language_instruction"].kind == "text"
     recs = list(iter_records(next(BRIDGE.glob("*-train.tfrecord-*"))))
     assert len(recs) == 25
     ex = parse_example(recs[0])
@@ -111,29 +104,3 @@ def test_length_field_layout():
     rec = encode_record(b"hello")
     (n,) = struct.unpack("<Q", rec[:8])
     assert n == 5 and rec[12:17] == b"hello"
-
-
-def test_damaged_record_never_takes_an_intact_neighbour(tmp_path):
-    p = tmp_path / "d.tfrecord"
-    recs = [b"first" * 20, b"second" * 20, b"third" * 20, b"fourth" * 20]
-    write_records(p, recs)
-    raw = p.read_bytes()
-    starts = np.cumsum([0] + [len(r) + 16 for r in recs])
-    # record 1's length field corrupted: framing at record 1 lost, records 2 and 3 still read
-    bad = bytearray(raw)
-    bad[starts[1]] ^= 0x40
-    p.write_bytes(bytes(bad))
-    items = list(iter_records_safe(p))
-    assert [i for i, _ in items] == [0, 1, 2, 3] and "length CRC" in str(items[1][1])
-    assert [x for _, x in items if not isinstance(x, TFRecordError)] == [recs[0], recs[2], recs[3]]
-    # 7 bytes cut out of record 1's payload: its CRC fails and no header follows it; resynchronised
-    p.write_bytes(raw[:starts[1] + 20] + raw[starts[1] + 27:])
-    items = list(iter_records_safe(p))
-    assert [x for _, x in items if not isinstance(x, TFRecordError)] == [recs[0], recs[2], recs[3]]
-    assert len(items) == 4
-    # a damaged last record: the intact ones before it are kept, nothing invented after it
-    bad = bytearray(raw)
-    bad[starts[3] + 13] ^= 0x01
-    p.write_bytes(bytes(bad))
-    items = list(iter_records_safe(p))
-    assert [x for _, x in items[:3]] == recs[:3] and "data CRC mismatch" in str(items[3][1]) and len(items) == 4

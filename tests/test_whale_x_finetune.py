@@ -26,7 +26,7 @@ import yaml
 from einops import rearrange
 
 from whale_pl.data.oxe.cli import main as oxe_main
-from whale_pl.data.oxe.convert import read_mixture
+from test_oxe_mixture import read_mixture  # noqa: E402  (tests/ is on sys.path under pytest)
 from whale_pl.lit.init_from import InitFromError, init_from_checkpoint, own_state
 
 from test_oxe_fixtures import rt1_dataset  # noqa: E402  (tests/ is on sys.path under pytest)

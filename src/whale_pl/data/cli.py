@@ -1,8 +1,7 @@
 """``whale-data``: dataset commands.
 
     whale-data metaworld --config stages/demo/data.yaml [--out DIR] [--workers N] [--overwrite]
-    whale-data metaworld --tasks door-open-v3 push-v3 --policies expert noise_0.1 \\
-        --ood-policies noise_1.0 --episodes-per-policy 4 --size 64 --camera corner2 --out DIR
+    whale-data metaworld --tasks door-open-v3 push-v3 --policies expert noise_0.1 --out DIR
     whale-data verify DIR [DIR ...]        # checksums, manifest counts, decode every sample; print a summary
     whale-data oxe ...                     # Open X-Embodiment conversion (whale_pl.data.oxe.cli)
 """
@@ -17,29 +16,21 @@ from typing import Sequence
 
 
 def _metaworld(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="whale-data metaworld", description="Collect Meta-World behavior datasets into shards.")
+    p = argparse.ArgumentParser(prog="whale-data metaworld",
+                                description="Collect Meta-World behavior datasets into shards.")
     p.add_argument("--config", help="dataset YAML (stages/<scale>/data.yaml); flags override its keys")
-    p.add_argument("--tasks", nargs="+")
-    p.add_argument("--policies", nargs="+", dest="train_policies", help="training behavior policies, e.g. expert noise_0.1")
-    p.add_argument("--ood-policies", nargs="*", help="held-out (OOD) evaluation policies")
-    for flag in ("--episodes-per-policy", "--val-episodes-per-policy", "--ood-episodes-per-policy"):
-        p.add_argument(flag, type=int)
-    p.add_argument("--max-steps", type=int, help="decisions (frames) per episode; each spans --action-repeat simulator steps")
-    p.add_argument("--action-repeat", type=int, help="simulator steps each action is held for (one frame per decision)")
-    p.add_argument("--size", type=int, help="frame height = width")
-    p.add_argument("--camera")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--episodes-per-shard", type=int)
+    p.add_argument("--tasks", nargs="+", help="without --config: Meta-World tasks (other keys: their defaults)")
+    p.add_argument("--policies", nargs="+", dest="train_policies",
+                   help="training behavior policies, e.g. expert noise_0.1")
     p.add_argument("--out", help="output dataset directory")
     p.add_argument("--workers", type=int, help="render worker processes (default 2)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace what --out holds (another config's collection, or files whale-data did not write)")
-    p.add_argument("--force", action="store_true", help="collect again even if complete shards of this config exist")
     a = p.parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
-    from whale_pl.data.metaworld import CollectConfig, collect, ensure_collected
+    from whale_pl.data.metaworld import CollectConfig, ensure_collected
 
-    over = {k: v for k, v in vars(a).items() if k not in ("config", "overwrite", "force")}  # CollectConfig keys
+    over = {k: v for k, v in vars(a).items() if k not in ("config", "overwrite")}  # CollectConfig keys
     try:
         if a.config:
             cfg = CollectConfig.from_yaml(a.config, **over)
@@ -47,7 +38,7 @@ def _metaworld(argv: Sequence[str]) -> int:
             if not a.tasks or not a.train_policies or not a.out:
                 p.error("without --config, --tasks, --policies and --out are required")
             cfg = CollectConfig(**{k: v for k, v in over.items() if v is not None})
-        m = collect(cfg, overwrite=a.overwrite) if a.force else ensure_collected(cfg, overwrite=a.overwrite)
+        m = ensure_collected(cfg, overwrite=a.overwrite)
     except ValueError as e:  # bad names/config and ShardError: one clear line, no traceback
         print(f"whale-data metaworld: error: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,5 @@
-"""`tf.train.Example` parsing with plain protobuf.
-
-The message descriptors (field numbers as in tensorflow/core/example/{example,feature}.proto) are built
-here in a private descriptor pool, so they never clash with a TensorFlow loaded in the same process.
-"""
+"""`tf.train.Example` parsing with plain protobuf: the message descriptors (field numbers as in TensorFlow's
+example.proto and feature.proto) live in a private descriptor pool, never clashing with a loaded TensorFlow."""
 
 from __future__ import annotations
 
@@ -43,16 +40,12 @@ _POOL = descriptor_pool.DescriptorPool()
 _POOL.Add(text_format.Parse(_FILE, descriptor_pb2.FileDescriptorProto()))
 Example = message_factory.GetMessageClass(_POOL.FindMessageTypeByName(f"{_PACKAGE}.Example"))
 
-# A parsed feature: float32 / int64 array, or a list of byte strings.
-FeatureValue = np.ndarray | list
 
-
-def parse_example(data: bytes) -> dict[str, FeatureValue]:
-    """Serialized `tf.train.Example` -> {key: float32 array | int64 array | list[bytes]} (a feature of
-    unset kind, an empty list, as an empty float32 array)."""
+def parse_example(data: bytes) -> dict[str, np.ndarray | list]:
+    """Serialized `tf.train.Example` -> {key: float32 array | int64 array | list[bytes]} (unset kind: empty float32)."""
     ex = Example()
     ex.ParseFromString(data)
-    out: dict[str, FeatureValue] = {}
+    out: dict[str, np.ndarray | list] = {}
     for key, feat in ex.features.feature.items():
         kind = feat.WhichOneof("kind")
         if kind == "bytes_list":

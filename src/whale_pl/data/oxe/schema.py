@@ -1,9 +1,6 @@
-"""The TFDS `features.json` schema of an RLDS dataset, flattened to the keys of its tf.train.Example.
-
-TFDS nests FeaturesDicts; in the serialized Example every leaf is one key joined with '/', e.g.
-``steps/observation/image_0``. Leaves inside the ``steps`` Dataset hold one entry (or one tensor) per
-step. The converter takes every key and shape from here, never by guessing from a record.
-"""
+"""The TFDS `features.json` schema of an RLDS dataset, flattened to the keys of its tf.train.Example
+(``steps/observation/image_0``; leaves inside the ``steps`` Dataset hold one entry per step). The converter
+takes every key and shape from here, never by guessing from a record."""
 
 from __future__ import annotations
 
@@ -78,14 +75,6 @@ class DatasetSchema:
     """The flattened features of one dataset version (``path``: its features.json)."""
     path: str
     features: dict[str, FeatureSpec]
-
-    def step(self, key: str) -> FeatureSpec:
-        """The step feature ``steps/<key>``; SchemaError listing the step keys if there is none."""
-        full = key if key.startswith("steps/") else f"steps/{key}"
-        if full not in self.features:
-            raise SchemaError(f"{self.path}: no step feature {full!r}; step features are: "
-                              f"{', '.join(sorted(k for k in self.features if k.startswith('steps/')))}")
-        return self.features[full]
 
     def image_keys(self) -> list[str]:
         """Step image keys with 3 channels (RGB cameras; depth images are left out)."""
