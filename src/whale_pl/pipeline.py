@@ -1,11 +1,6 @@
-"""Run the three stages in order, reusing what is complete and resuming what was interrupted.
+"""Run the stages in order, reusing what is complete (``DONE``) and resuming what was interrupted.
 
-``python -m whale_pl.pipeline dynamics --scale demo`` builds every missing stage it needs first (tokenizer,
-token shards, behavior). A stage is complete when its run directory holds ``DONE`` (naming the checkpoint and
-its sha256); one with ``checkpoints/last.ckpt`` but no ``DONE`` resumes from it. Arguments after ``--`` go to
-``whale fit``. ``tokens`` (``runs/<scale>/tokens``, ``data/tokens.py``) tokenises every dataset directory a
-behavior or dynamics config reads with ``tokens`` set; on a cluster, one rank per shard subset:
-``torchrun --nproc_per_node 8 -m whale_pl.pipeline tokens --scale whale_x`` (the tokenizer must be done).
+    python -m whale_pl.pipeline tokenizer|tokens|behavior|dynamics --scale demo [--force] [-- whale fit arguments]
 """
 
 from __future__ import annotations
@@ -29,11 +24,11 @@ def stage_dir(scale: str, stage: str, runs: Path = Path("runs")) -> Path:
     return runs / scale / stage
 
 
-def stage_config(scale: str, stage: str, stages_root: Path = Path("stages")) -> Path:
+def stage_config(scale: str, stage: str) -> Path:
     """The config of a stage at a scale, ``stages/<scale>/<stage>.yaml``."""
-    cfg = stages_root / scale / f"{stage}.yaml"
+    cfg = Path("stages") / scale / f"{stage}.yaml"
     if not cfg.exists():
-        avail = sorted(p.name for p in stages_root.iterdir() if p.is_dir()) if stages_root.exists() else []
+        avail = sorted(p.name for p in Path("stages").iterdir() if p.is_dir()) if Path("stages").exists() else []
         raise FileNotFoundError(f"no config {cfg} for stage '{stage}' at scale '{scale}' (scales: {avail})")
     return cfg
 
@@ -115,7 +110,7 @@ def _token_sources(scale: str) -> list[str]:
     return out
 
 
-def run_tokens(scale: str, force: bool = False, workers: int | None = None) -> Path:
+def run_tokens(scale: str, force: bool = False) -> Path:
     """Build (or resume, or reuse) the scale's token shards with the tokenizer stage's checkpoint."""
     import torch
 
@@ -129,7 +124,7 @@ def run_tokens(scale: str, force: bool = False, workers: int | None = None) -> P
     if force:
         _move_aside(out)
     ckpt = done_checkpoint(scale, "tokenizer")
-    workers = workers or (1 if torch.cuda.is_available() else 2)
+    workers = 1 if torch.cuda.is_available() else 2
     for src in _token_sources(scale):
         dst = out / Path(src).name
         if (dst / MANIFEST).exists():
@@ -148,8 +143,7 @@ def run_tokens(scale: str, force: bool = False, workers: int | None = None) -> P
 
 
 def run_stage(scale: str, stage: str, extra: list[str] | None = None, force: bool = False) -> Path:
-    """Train one stage unless complete; resume from ``last.ckpt`` when a previous run was cut off.
-    ``force`` (or a run directory holding something else than an interrupted run) starts clean."""
+    """Train one stage unless complete; resume an interrupted run from ``last.ckpt``; ``force`` starts clean."""
     run_dir = stage_dir(scale, stage)
     cfg = stage_config(scale, stage)
     if (run_dir / "DONE").exists() and not force:
@@ -177,15 +171,14 @@ def run_stage(scale: str, stage: str, extra: list[str] | None = None, force: boo
     return run_dir
 
 
-def run_until(scale: str, target: str, extra: list[str] | None = None, force: bool = False,
-              token_workers: int | None = None) -> None:
+def run_until(scale: str, target: str, extra: list[str] | None = None, force: bool = False) -> None:
     """Build every stage up to ``target``: missing earlier stages first, then ``target`` itself."""
     if target not in TARGETS:
         raise SystemExit(f"unknown stage '{target}'; expected one of {TARGETS}")
     if target == "tokens":
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one of several ranks never trains the tokenizer
             run_stage(scale, "tokenizer")
-        run_tokens(scale, force=force, workers=token_workers)
+        run_tokens(scale, force=force)
         return
     upto = STAGES.index(target)
     for i, stage in enumerate(STAGES[: upto + 1]):
@@ -194,7 +187,7 @@ def run_until(scale: str, target: str, extra: list[str] | None = None, force: bo
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m whale_pl.pipeline STAGE --scale S [--force] [-- whale fit arguments]``."""
+    """The command line: build the named stage and whatever it needs first."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
@@ -204,10 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("stage", choices=TARGETS)
     p.add_argument("--scale", default="demo")
     p.add_argument("--force", action="store_true", help="retrain the named stage even if complete")
-    p.add_argument("--token-workers", type=int, default=None,
-                   help="local processes tokenising (tokens; default 1 with CUDA, else 2)")
     a = p.parse_args(argv)
-    run_until(a.scale, a.stage, extra=extra, force=a.force, token_workers=a.token_workers)
+    run_until(a.scale, a.stage, extra=extra, force=a.force)
 
 
 if __name__ == "__main__":
