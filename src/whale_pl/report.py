@@ -1,10 +1,6 @@
-"""The demo report: ``runs/<scale>/report.md`` from what the pipeline's steps wrote.
-
-Reads ``video_metrics.json`` (``whale eval video``), ``gifs/index.json`` (``whale eval gifs``),
-``experiment.json`` / ``experiment.md`` (``python -m whale_pl.experiment``) and the stages' ``DONE``
-files. A missing input or figure is named in the report with the command that makes it; GIFs and plots
-are linked by relative path, each with the command that regenerates it.
-"""
+"""The demo report: ``runs/<scale>/report.md`` from what the pipeline's steps wrote (``video_metrics.json``,
+``gifs/index.json``, ``experiment.json`` / ``.md``, ``mbpo.md``, the stages' ``DONE``); a missing input is named
+with the command that makes it, GIFs and plots linked by relative path with the command that regenerates them."""
 
 from __future__ import annotations
 
@@ -247,12 +243,11 @@ def build_report(scale: str, runs: Path = Path("runs")) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m whale_pl.report [--scale demo] [--runs runs]``: write ``runs/<scale>/report.md``."""
+    """``python -m whale_pl.report [--scale demo]``: write ``runs/<scale>/report.md``."""
     p = argparse.ArgumentParser(prog="python -m whale_pl.report", description=__doc__.split("\n")[0])
     p.add_argument("--scale", default="demo")
-    p.add_argument("--runs", default="runs")
-    a = p.parse_args(argv)
-    out = write_text_atomic(Path(a.runs) / a.scale / "report.md", build_report(a.scale, Path(a.runs)))
+    scale = p.parse_args(argv).scale
+    out = write_text_atomic(Path("runs") / scale / "report.md", build_report(scale))
     print(f"[report] wrote {out}")
     return 0
 
