@@ -37,9 +37,6 @@ def done_checkpoint(scale: str, stage: str) -> Path:
     """The checkpoint a finished stage's ``DONE`` names, checked against the sha256 recorded there."""
     done = stage_dir(scale, stage) / "DONE"
     info = json.loads(done.read_text())
-    if "checkpoint" not in info:
-        raise SystemExit(f"[whale] {done} names no checkpoint (written by an older whale_pl); retrain with "
-                         f"`python -m whale_pl.pipeline {stage} --scale {scale} --force`")
     ckpt = Path(info["checkpoint"])
     if not ckpt.is_file() or sha256_of(ckpt) != info["sha256"]:
         raise SystemExit(f"[whale] {ckpt}, the checkpoint {done} names, is missing or has changed since the stage "
@@ -89,24 +86,16 @@ def uses_tokens(cfg: Path) -> bool:
     return _data_args(cfg).get("tokens") is not None
 
 
-def data_dirs(cfg: Path) -> list[str]:
-    """The dataset directories a stage config's data section reads (a Meta-World config's ``out``, or ``dirs``)."""
+def _token_sources(scale: str) -> list[str]:
+    """Every dataset directory (a Meta-World config's ``out``, or ``dirs``) that a behavior or dynamics config of
+    ``scale`` reads as tokens."""
     import yaml
 
-    args = _data_args(cfg)
-    if "config" in args:
-        return [str(yaml.safe_load(Path(args["config"]).read_text())["out"])]
-    dirs = args.get("dirs") or []
-    return [dirs] if isinstance(dirs, str) else [str(d) for d in dirs]
-
-
-def _token_sources(scale: str) -> list[str]:
-    """Every dataset directory that a behavior or dynamics config of ``scale`` reads as tokens."""
     out: list[str] = []
-    for stage in ("behavior", "dynamics"):
-        cfg = stage_config(scale, stage)
-        if uses_tokens(cfg):
-            out += [d for d in data_dirs(cfg) if d not in out]
+    for args in (_data_args(stage_config(scale, stage)) for stage in ("behavior", "dynamics")):
+        if args.get("tokens") is not None:
+            dirs = [yaml.safe_load(Path(args["config"]).read_text())["out"]] if "config" in args else args["dirs"]
+            out += [str(d) for d in ([dirs] if isinstance(dirs, str) else dirs) if str(d) not in out]
     return out
 
 
@@ -173,8 +162,6 @@ def run_stage(scale: str, stage: str, extra: list[str] | None = None, force: boo
 
 def run_until(scale: str, target: str, extra: list[str] | None = None, force: bool = False) -> None:
     """Build every stage up to ``target``: missing earlier stages first, then ``target`` itself."""
-    if target not in TARGETS:
-        raise SystemExit(f"unknown stage '{target}'; expected one of {TARGETS}")
     if target == "tokens":
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one of several ranks never trains the tokenizer
             run_stage(scale, "tokenizer")
