@@ -21,7 +21,7 @@ from whale_pl.pipeline import done_checkpoint, fmt_elapsed, sha256_of
 from whale_pl.rollout.stats import fmt, fmt_key
 from whale_pl.rollout.value_cli import MODES
 
-STEPS = {"demo": 300}  # scale -> training steps of every run (else the config's trainer.max_steps), as make demo's side runs
+STEPS = {"demo": 300}  # scale -> steps of every run (else the config's trainer.max_steps), as make demo's side runs
 VAL_SPLITS = "[val]"  # checkpoints are chosen on the training families' held-out episodes, never on OOD ones
 SPLIT_NOTES = {"val": "training families, new start states", "ood_params": "new parameters of the training families",
                "ood_families": "behavior families never seen in training"}
@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     res = evaluate(a, runs)
     res.update({k: getattr(a, k) for k in ("scale", "seeds", "members", "steps", "starts", "horizon")},
-               discount=DISCOUNT, runs=runs, train_seconds=runs["seconds"], command=" ".join(["python -m whale_pl.experiment", *argv]),
+               discount=DISCOUNT, runs=runs, train_seconds=runs["seconds"],
+               command=" ".join(["python -m whale_pl.experiment", *argv]),
                full_command=f"python -m whale_pl.experiment --scale {a.scale}")
     out_dir = Path("runs") / a.scale
     write_plots(res, out_dir)

@@ -101,7 +101,8 @@ class CollectConfig:
             parse_policy(n)  # raises PolicyNameError listing the valid forms
         if len(set(names)) != len(names):
             both = sorted(set(self.train_policies) & set(self.ood_policies))
-            raise ValueError(f"policies {both} are both training and OOD policies" if both else "a policy is listed twice")
+            raise ValueError(f"policies {both} are both training and OOD policies" if both else
+                             "a policy is listed twice")
         if self.size > MAX_SIZE:
             raise ValueError(f"size {self.size} > {MAX_SIZE}: Meta-World renders at most {MAX_SIZE} x {MAX_SIZE} "
                              "(its 640 x 480 offscreen framebuffer)")

@@ -202,7 +202,8 @@ def parse_policy(name: str) -> BehaviorPolicy:
     if name.startswith("mix_"):
         parts = name[4:].split("+")
         if len(parts) < 2:
-            raise PolicyNameError(f"policy {name!r}: a mixture needs >= 2 components joined by '+'; valid names: {NAME_HELP}")
+            raise PolicyNameError(f"policy {name!r}: a mixture needs >= 2 components joined by '+'; "
+                                  f"valid names: {NAME_HELP}")
         comps = [parse_policy(p) for p in parts]
         if any(isinstance(c, Mix) for c in comps):
             raise PolicyNameError(f"policy {name!r}: mixtures cannot nest")

@@ -106,7 +106,8 @@ def plot_success(res: dict, path: Path) -> None:
     ax.set_ylabel("success rate")
     ax.set_ylim(0, 1.05)
     s = res["summary"]
-    ax.set_title(f"Meta-World success, {len(s['tasks'])} tasks x {s['starts']} start states (95 % interval)", fontsize=9)
+    ax.set_title(f"Meta-World success, {len(s['tasks'])} tasks x {s['starts']} start states (95 % interval)",
+                 fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
