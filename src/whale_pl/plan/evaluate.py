@@ -160,7 +160,7 @@ class TaskJob:
     camera: str
     decisions: int
     hold: int
-    baselines: dict = field(default_factory=dict)  # behavior policy name, BC state (None: skip baselines)
+    baselines: dict = field(default_factory=dict)  # behavior policy name, BC state (empty: no baselines)
     gif_method: str = ""  # keep the frames of this planner's episode
 
 
