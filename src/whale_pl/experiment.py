@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from whale_pl.io import write_json_atomic, write_text_atomic
-from whale_pl.pipeline import done_checkpoint, fmt_elapsed, sha256_of
+from whale_pl.pipeline import done_checkpoint, fmt_elapsed, sha256_of, written_checkpoint
 from whale_pl.rollout.stats import fmt, fmt_key
 from whale_pl.rollout.value_cli import MODES
 
@@ -68,9 +68,7 @@ def train_run(cmd: list[str], run_dir: Path, record: dict) -> tuple[Path, float]
     if proc.returncode != 0:
         raise SystemExit(f"[experiment] training {run_dir} failed (exit {proc.returncode}); rerun to resume")
     seconds = time.time() - t0
-    ckpt = next((p for p in (run_dir / "checkpoints" / n for n in ("best.ckpt", "last.ckpt")) if p.is_file()), None)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoints/best.ckpt or last.ckpt under {run_dir}")
+    ckpt = written_checkpoint(run_dir)
     write_json_atomic(done, {**record, "ckpt": str(ckpt), "sha256": sha256_of(ckpt), "seconds": seconds,
                              "command": cmd[2:]})
     print(f"[experiment] {run_dir}: trained in {fmt_elapsed(seconds)}", flush=True)

@@ -60,7 +60,7 @@ def _move_aside(run_dir: Path) -> None:
         print(f"[whale] moved the previous run aside to {aside}", flush=True)
 
 
-def _written_checkpoint(run_dir: Path) -> Path:
+def written_checkpoint(run_dir: Path) -> Path:
     """The best checkpoint the fit wrote (the newest ``best*.ckpt``; ``last.ckpt`` without one)."""
     ckpts = sorted((run_dir / "checkpoints").glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
     ckpts = ckpts or [p for p in [run_dir / "checkpoints" / "last.ckpt"] if p.is_file()]
@@ -153,7 +153,7 @@ def run_stage(scale: str, stage: str, extra: list[str] | None = None, force: boo
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
         raise SystemExit(f"[whale] {stage}: training failed (exit {proc.returncode}); rerun to resume")
-    ckpt = _written_checkpoint(run_dir)
+    ckpt = written_checkpoint(run_dir)
     write_text_atomic(run_dir / "DONE", json.dumps({"stage": stage, "scale": scale, "config": str(cfg), "seconds":
                       time.time() - t0, "checkpoint": str(ckpt), "sha256": sha256_of(ckpt)}, indent=2))
     print(f"[whale] {stage}: done in {fmt_elapsed(time.time() - t0)} -> {ckpt}", flush=True)
