@@ -20,9 +20,8 @@ import torch
 
 def main() -> None:
     """Time a few planning decisions per penalty; print decisions/s, the penalty-free figure last."""
-    from whale_pl.plan.cem import History, Planner
+    from whale_pl.plan.cem import History, Planner, load_plan_yaml
     from whale_pl.plan.cli import experiment_members
-    from whale_pl.plan.config import load_plan_yaml
     from whale_pl.rollout.value import WorldModel
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -92,13 +92,13 @@ def test_split_probes_read_families_and_policies_per_split_beside_chance():
                 mean = np.array([*code[fam], float(par), 0.0])
                 z.append(mean + 0.05 * rng.normal(size=(10, 4)))
     z_NTZ = torch.as_tensor(np.stack(z), dtype=torch.float32)
-    out = split_probes(z_NTZ, pol, spl, np.array(start), t_min=2)
+    out = split_probes(z_NTZ, pol, spl, np.array(start))
     assert out["families"] == ["lag", "noise"]
     assert out["val"]["family"]["acc"] == 1.0 and out["val"]["family"]["chance"] == 0.5
     assert out["ood_params"]["family"]["acc"] == 1.0 and "family" not in out["ood_families"]
     for s, ps in splits.items():
         assert out[s]["policy"]["acc"] > 0.95 and out[s]["policy"]["chance"] == 1 / len(ps)
         assert out[s]["policy"]["episodes"] == 5 * len(ps)
-    noise = split_probes(torch.randn_like(z_NTZ), pol, spl, np.array(start), t_min=2)
+    noise = split_probes(torch.randn_like(z_NTZ), pol, spl, np.array(start))
     lo, hi = noise["val"]["policy"]["acc_ci"]
     assert lo - 0.1 <= 0.25 <= hi + 0.1 and noise["val"]["policy"]["acc"] < 0.5

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from whale_pl.plan.cem import History, Planner, shared_prefix_prior
-from whale_pl.plan.config import PlanConfig, PlanConfigError, load_plan_yaml
+from whale_pl.plan.cem import History, PlanConfig, PlanConfigError, Planner, load_plan_yaml, shared_prefix_prior
+from whale_pl.plan.cli import compare, with_interval
 from whale_pl.plan.evaluate import check_disjoint, dataset_seeds, planned_episode
-from whale_pl.plan.summary import compare, with_interval
 from whale_pl.rollout.value import WorldModel, start_seeds
 
 CFG = dict(samples=6, horizon=3, iterations=2, elites=2, context=2, K=2)
@@ -98,12 +97,10 @@ def test_bad_config_refused_by_name(kw, name):
         PlanConfig(**kw).check()
 
 
-def test_horizon_beyond_the_models_frames_and_negative_lambda_refused(wm):
+def test_horizon_beyond_the_models_frames_refused(wm):
     F = wm.model.max_frames
     with pytest.raises(PlanConfigError, match=f"horizon={F}.*max_frames"):
         Planner(wm, PlanConfig(**{**CFG, "horizon": F, "context": 2}))
-    with pytest.raises(PlanConfigError, match="lambda=-0.5"):
-        Planner(wm, PlanConfig(**CFG), "retracing", -0.5)
 
 
 def test_plan_yaml_checked(tmp_path):
@@ -161,7 +158,7 @@ def test_paired_verdict():
 
 
 def test_behavior_cloning_fits_the_data():
-    from whale_pl.plan.baselines import best_policies, train_bc
+    from whale_pl.plan.evaluate import best_policies, train_bc
 
     rng = np.random.default_rng(0)
     W = rng.normal(size=(5, 2)) * 0.3

@@ -152,7 +152,7 @@ def test_report_embeds_the_gifs_with_their_command(gif_run):
 def test_demo_makes_the_gifs_before_the_report():
     from whale_pl.demo import build_steps
 
-    names = [s.name for s in build_steps("demo")]
+    names = [name for name, _ in build_steps("demo")]
     assert names.index("rollout gifs") < names.index("report")
 
 

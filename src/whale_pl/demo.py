@@ -1,36 +1,19 @@
-"""`make demo`: the whole pipeline end to end at demo scale, then a report.
-
-Collects the Meta-World demo dataset, trains tokenizer -> behavior -> dynamics, evaluates video
-fidelity, writes rollout GIFs, runs a one-seed version of the headline experiment (``EXPERIMENT_ARGS``;
-its report says so and gives the full command, ``make experiment``) and writes ``runs/<scale>/report.md``;
-each step reuses what is complete and resumes what was interrupted. The experiment's runs do not need the
-stage dynamics model, so they train in a background process (log ``runs/<scale>/side_models.log``) from
-the end of the tokenizer step, beside the other stages.
-"""
+"""`make demo`: the whole pipeline at demo scale (data, stages, video metrics, GIFs, a one-seed experiment) and
+``runs/<scale>/report.md``, reusing what is complete and resuming what was interrupted. The experiment's runs
+train in a background process (log ``runs/<scale>/side_models.log``) from the end of the tokenizer step."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from whale_pl.pipeline import fmt_elapsed, run_stage, run_tokens, stage_dir
 
 # one seed each way, two ensemble members, two start states per task, a shorter step budget
 EXPERIMENT_ARGS = ["--seeds", "1", "--members", "2", "--starts", "2", "--steps", "300"]
-
-
-@dataclass
-class Step:
-    """One step of the demo: a name for the progress lines and what runs it."""
-
-    name: str
-    run: Callable[[], None]
 
 
 def _sh(cmd: list[str]) -> None:
@@ -74,8 +57,8 @@ class SideModels:
             self.proc.wait()
 
 
-def build_steps(scale: str, side: SideModels | None = None) -> list[Step]:
-    """The demo's steps in order, for ``scale``."""
+def build_steps(scale: str, side: SideModels | None = None) -> list[tuple]:
+    """The demo's steps in order, for ``scale``: (name for the progress lines, what runs it)."""
     import yaml
 
     py, run_root, side = sys.executable, Path("runs") / scale, side or SideModels(scale)
@@ -102,38 +85,35 @@ def build_steps(scale: str, side: SideModels | None = None) -> list[Step]:
         _sh([py, "-m", "whale_pl.experiment", "--scale", scale, *EXPERIMENT_ARGS])
 
     return [
-        Step("data", lambda: _sh([py, "-m", "whale_pl.data.cli", "metaworld", "--config", str(data_cfg)])),
-        Step("tokenizer", tokenizer_then_side),
-        Step("behavior", lambda: run_stage(scale, "behavior")),
-        Step("dynamics", lambda: run_stage(scale, "dynamics")),
-        Step("video metrics", lambda: evaluate("video", "--num-clips", "16", "--clip-len", "12",
-                                               "--out", str(run_root / "video_metrics.json"))),
-        Step("rollout gifs", lambda: evaluate("gifs", "--out", str(run_root / "gifs"))),
-        Step("experiment", experiment),
-        Step("report", lambda: _sh([py, "-m", "whale_pl.report", "--scale", scale])),
+        ("data", lambda: _sh([py, "-m", "whale_pl.data.cli", "metaworld", "--config", str(data_cfg)])),
+        ("tokenizer", tokenizer_then_side),
+        ("behavior", lambda: run_stage(scale, "behavior")),
+        ("dynamics", lambda: run_stage(scale, "dynamics")),
+        ("video metrics", lambda: evaluate("video", "--num-clips", "16", "--clip-len", "12",
+                                           "--out", str(run_root / "video_metrics.json"))),
+        ("rollout gifs", lambda: evaluate("gifs", "--out", str(run_root / "gifs"))),
+        ("experiment", experiment),
+        ("report", lambda: _sh([py, "-m", "whale_pl.report", "--scale", scale])),
     ]
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m whale_pl.demo [--scale demo]``: every step, resuming what exists."""
-    p = argparse.ArgumentParser(prog="python -m whale_pl.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--scale", default="demo")
-    a = p.parse_args(argv)
+def main(scale: str = "demo") -> None:
+    """``python -m whale_pl.demo``: every step, resuming what exists."""
     os.environ.setdefault("MUJOCO_GL", "egl")
-    side = SideModels(a.scale)
-    steps = build_steps(a.scale, side)
+    side = SideModels(scale)
+    steps = build_steps(scale, side)
     t_start = time.time()
     try:
-        for i, step in enumerate(steps, 1):
-            head, t0 = f"[demo {i}/{len(steps)}] {step.name}", time.time()
+        for i, (name, run) in enumerate(steps, 1):
+            head, t0 = f"[demo {i}/{len(steps)}] {name}", time.time()
             print(f"{head}: started (total {fmt_elapsed(t0 - t_start)})", flush=True)
-            step.run()
+            run()
             print(f"{head}: done in {fmt_elapsed(time.time() - t0)} (total {fmt_elapsed(time.time() - t_start)})",
                   flush=True)
     finally:
         side.stop()  # an interrupted demo leaves no orphan training; a rerun resumes it
     print(f"[demo] all done in {fmt_elapsed(time.time() - t_start)}: report at "
-          f"{Path('runs') / a.scale / 'report.md'}", flush=True)
+          f"{Path('runs') / scale / 'report.md'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,7 @@
-"""The headline experiment (docs/method.md, "the headline claims"), one command, written to a report.
+"""The headline experiment (docs/method.md, "the headline claims"): behavior-conditioning on against off over
+seeds, retracing against an ensemble, rollout PSNR/SSIM beside copying; one command, written to a report.
 
-    python -m whale_pl.experiment --scale demo [--seeds 3] [--members 5] [--steps N] [--starts 5]
-
-(1) Behavior-conditioning on against off: the stage's dynamics config trained with seeds 0..n-1 each
-way, same data, budget in steps (no time limit), checkpoints chosen on the training-family validation
-split only; value figures per split with paired bootstrap intervals of on − off (``rollout/stats.py``).
-(2) Retracing on the on-model of seed 0 against an ensemble of the on-models of seeds 0..M-1 (member 0
-the retracing model, every member the stage's config and budget), scored within each imagined step
-index beside the step index alone and chance; inference and training cost ratios. (3) PSNR/SSIM of the
-open-loop rollouts beside copying the last real frame. Runs live in ``runs/<scale>/experiment/<N>_steps/
-{on,off}/<seed>`` (reused once ``DONE``); ``--train-only`` stops after training. Writes
-``runs/<scale>/experiment.{json,md}`` and plots.
+    python -m whale_pl.experiment --scale demo [--seeds 3] [--members 5] [--steps N] [--starts 5] [--train-only]
 """
 
 from __future__ import annotations
@@ -26,15 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from whale_pl.io import write_json_atomic, write_text_atomic
-from whale_pl.pipeline import done_checkpoint, fmt_elapsed, sha256_of
+from whale_pl.pipeline import done_checkpoint, fmt_elapsed, sha256_of, written_checkpoint
 from whale_pl.rollout.stats import fmt, fmt_key
 from whale_pl.rollout.value_cli import MODES
 
-STEPS = {"demo": 300}  # scale -> training steps of every run (else the config's trainer.max_steps), as make demo's side runs
+STEPS = {"demo": 300}  # scale -> steps of every run (else the config's trainer.max_steps), as make demo's side runs
 VAL_SPLITS = "[val]"  # checkpoints are chosen on the training families' held-out episodes, never on OOD ones
 SPLIT_NOTES = {"val": "training families, new start states", "ood_params": "new parameters of the training families",
                "ood_families": "behavior families never seen in training"}
 MODEL_KEYS = ("psnr", "ssim", "mse", "token_err")
+DISCOUNT, K = 0.99, 3  # per model step; retracing anchors per imagined step
 
 
 def _config(path: Path) -> dict:
@@ -76,9 +68,7 @@ def train_run(cmd: list[str], run_dir: Path, record: dict) -> tuple[Path, float]
     if proc.returncode != 0:
         raise SystemExit(f"[experiment] training {run_dir} failed (exit {proc.returncode}); rerun to resume")
     seconds = time.time() - t0
-    ckpt = next((p for p in (run_dir / "checkpoints" / n for n in ("best.ckpt", "last.ckpt")) if p.is_file()), None)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoints/best.ckpt or last.ckpt under {run_dir}")
+    ckpt = written_checkpoint(run_dir)
     write_json_atomic(done, {**record, "ckpt": str(ckpt), "sha256": sha256_of(ckpt), "seconds": seconds,
                              "command": cmd[2:]})
     print(f"[experiment] {run_dir}: trained in {fmt_elapsed(seconds)}", flush=True)
@@ -151,7 +141,7 @@ def evaluate(a: argparse.Namespace, runs: dict) -> dict:
     from whale_pl.rollout.value_cli import split_values, uncertainty_summary, video_summary
 
     on_ckpts, off_ckpts = [r["ckpt"] for r in runs["on"]], [r["ckpt"] for r in runs["off"]]
-    ev = EvalSet.from_data_config(a.data_config, starts=a.starts, horizon=a.horizon, discount=a.discount,
+    ev = EvalSet.from_data_config(a.data_config, starts=a.starts, horizon=a.horizon, discount=DISCOUNT,
                                   frame_stride=frame_stride_of(on_ckpts[0]))
     print(f"[experiment] real rollouts: {len(ev.tasks)} tasks x {len(ev.policies)} policies x {a.starts} starts, "
           f"{a.horizon} steps", flush=True)
@@ -170,9 +160,9 @@ def evaluate(a: argparse.Namespace, runs: dict) -> dict:
             if first:
                 wm0, rollouts0 = wm, rollouts
     probe = behavior_probe(wm0, real, ev)
-    print(f"[experiment] retracing (K={a.K}) vs the {a.members}-member ensemble", flush=True)
+    print(f"[experiment] retracing (K={K}) vs the {a.members}-member ensemble", flush=True)
     members = [wm0] + [WorldModel.load(c, a.device) for c in on_ckpts[1: a.members]]
-    unc = uncertainty_summary(wm0, rollouts0, errors["on"][0], a.K, members)
+    unc = uncertainty_summary(wm0, rollouts0, errors["on"][0], K, members)
     video = {g: {k: np.mean([e[k] for e in errors[g]], 0) for k in MODEL_KEYS} for g in ("on", "off")}
     video["baselines"] = {k: v for k, v in errors["on"][0].items() if k not in MODEL_KEYS}
     secs = [r["seconds"] for r in runs["on"][: a.members]]
@@ -347,15 +337,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line of ``python -m whale_pl.experiment``."""
     p = argparse.ArgumentParser(prog="python -m whale_pl.experiment", description=__doc__.split("\n")[0])
     p.add_argument("--scale", default="demo")
-    p.add_argument("--data-config", default=None, help="default stages/<scale>/data.yaml")
     p.add_argument("--seeds", type=int, default=3, help="training seeds of each of on and off")
     p.add_argument("--members", type=int, default=5, help="ensemble members (on models of seeds 0..M-1)")
     p.add_argument("--steps", type=int, default=None, help=f"training steps of every run (default {STEPS} by scale, "
                    "else the config's trainer.max_steps)")
     p.add_argument("--starts", type=int, default=5, help="start states per task")
-    p.add_argument("--horizon", type=int, default=None, help="imagined steps; default: the whole episode")
-    p.add_argument("--discount", type=float, default=0.99)
-    p.add_argument("--K", type=int, default=3, help="retracing anchors per imagined step")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (one process each)")
     p.add_argument("--train-only", action="store_true", help="train (or reuse) the runs, then stop")
@@ -364,14 +350,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.seeds < 1 or a.members < 2 or a.starts < 1:
         p.error(f"--seeds >= 1, --members >= 2 and --starts >= 1 expected, got {a.seeds}, {a.members}, {a.starts}")
-    a.data_config = a.data_config or str(Path("stages") / a.scale / "data.yaml")
-    cfg = Path("stages") / a.scale / "dynamics.yaml"
-    a.steps = a.steps or STEPS.get(a.scale) or int(_config(cfg)["trainer"]["max_steps"])
-    if a.horizon is None:
-        from whale_pl.data.metaworld import CollectConfig
+    from whale_pl.data.metaworld import CollectConfig
 
-        stride = int(((_config(cfg).get("data") or {}).get("init_args") or {}).get("frame_stride", 1))
-        a.horizon = CollectConfig.from_yaml(a.data_config).max_steps // stride
+    a.data_config = str(Path("stages") / a.scale / "data.yaml")
+    cfg = _config(Path("stages") / a.scale / "dynamics.yaml")
+    a.steps = a.steps or STEPS.get(a.scale) or int(cfg["trainer"]["max_steps"])
+    stride = int(((cfg.get("data") or {}).get("init_args") or {}).get("frame_stride", 1))
+    a.horizon = CollectConfig.from_yaml(a.data_config).max_steps // stride  # the whole episode
     return a
 
 
@@ -388,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[experiment] runs trained or reused in {fmt_elapsed(runs['seconds'])}", flush=True)
         return 0
     res = evaluate(a, runs)
-    res.update({k: getattr(a, k) for k in ("scale", "seeds", "members", "steps", "starts", "horizon", "discount")},
-               runs=runs, train_seconds=runs["seconds"], command=" ".join(["python -m whale_pl.experiment", *argv]),
+    res.update({k: getattr(a, k) for k in ("scale", "seeds", "members", "steps", "starts", "horizon")},
+               discount=DISCOUNT, runs=runs, train_seconds=runs["seconds"],
+               command=" ".join(["python -m whale_pl.experiment", *argv]),
                full_command=f"python -m whale_pl.experiment --scale {a.scale}")
     out_dir = Path("runs") / a.scale
     write_plots(res, out_dir)

@@ -1,11 +1,6 @@
-"""Run the three stages in order, reusing what is complete and resuming what was interrupted.
+"""Run the stages in order, reusing what is complete (``DONE``) and resuming what was interrupted.
 
-``python -m whale_pl.pipeline dynamics --scale demo`` builds every missing stage it needs first (tokenizer,
-token shards, behavior). A stage is complete when its run directory holds ``DONE`` (naming the checkpoint and
-its sha256); one with ``checkpoints/last.ckpt`` but no ``DONE`` resumes from it. Arguments after ``--`` go to
-``whale fit``. ``tokens`` (``runs/<scale>/tokens``, ``data/tokens.py``) tokenises every dataset directory a
-behavior or dynamics config reads with ``tokens`` set; on a cluster, one rank per shard subset:
-``torchrun --nproc_per_node 8 -m whale_pl.pipeline tokens --scale whale_x`` (the tokenizer must be done).
+    python -m whale_pl.pipeline tokenizer|tokens|behavior|dynamics --scale demo [--force] [-- whale fit arguments]
 """
 
 from __future__ import annotations
@@ -29,11 +24,11 @@ def stage_dir(scale: str, stage: str, runs: Path = Path("runs")) -> Path:
     return runs / scale / stage
 
 
-def stage_config(scale: str, stage: str, stages_root: Path = Path("stages")) -> Path:
+def stage_config(scale: str, stage: str) -> Path:
     """The config of a stage at a scale, ``stages/<scale>/<stage>.yaml``."""
-    cfg = stages_root / scale / f"{stage}.yaml"
+    cfg = Path("stages") / scale / f"{stage}.yaml"
     if not cfg.exists():
-        avail = sorted(p.name for p in stages_root.iterdir() if p.is_dir()) if stages_root.exists() else []
+        avail = sorted(p.name for p in Path("stages").iterdir() if p.is_dir()) if Path("stages").exists() else []
         raise FileNotFoundError(f"no config {cfg} for stage '{stage}' at scale '{scale}' (scales: {avail})")
     return cfg
 
@@ -42,9 +37,6 @@ def done_checkpoint(scale: str, stage: str) -> Path:
     """The checkpoint a finished stage's ``DONE`` names, checked against the sha256 recorded there."""
     done = stage_dir(scale, stage) / "DONE"
     info = json.loads(done.read_text())
-    if "checkpoint" not in info:
-        raise SystemExit(f"[whale] {done} names no checkpoint (written by an older whale_pl); retrain with "
-                         f"`python -m whale_pl.pipeline {stage} --scale {scale} --force`")
     ckpt = Path(info["checkpoint"])
     if not ckpt.is_file() or sha256_of(ckpt) != info["sha256"]:
         raise SystemExit(f"[whale] {ckpt}, the checkpoint {done} names, is missing or has changed since the stage "
@@ -68,7 +60,7 @@ def _move_aside(run_dir: Path) -> None:
         print(f"[whale] moved the previous run aside to {aside}", flush=True)
 
 
-def _written_checkpoint(run_dir: Path) -> Path:
+def written_checkpoint(run_dir: Path) -> Path:
     """The best checkpoint the fit wrote (the newest ``best*.ckpt``; ``last.ckpt`` without one)."""
     ckpts = sorted((run_dir / "checkpoints").glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
     ckpts = ckpts or [p for p in [run_dir / "checkpoints" / "last.ckpt"] if p.is_file()]
@@ -94,28 +86,20 @@ def uses_tokens(cfg: Path) -> bool:
     return _data_args(cfg).get("tokens") is not None
 
 
-def data_dirs(cfg: Path) -> list[str]:
-    """The dataset directories a stage config's data section reads (a Meta-World config's ``out``, or ``dirs``)."""
+def _token_sources(scale: str) -> list[str]:
+    """Every dataset directory (a Meta-World config's ``out``, or ``dirs``) that a behavior or dynamics config of
+    ``scale`` reads as tokens."""
     import yaml
 
-    args = _data_args(cfg)
-    if "config" in args:
-        return [str(yaml.safe_load(Path(args["config"]).read_text())["out"])]
-    dirs = args.get("dirs") or []
-    return [dirs] if isinstance(dirs, str) else [str(d) for d in dirs]
-
-
-def _token_sources(scale: str) -> list[str]:
-    """Every dataset directory that a behavior or dynamics config of ``scale`` reads as tokens."""
     out: list[str] = []
-    for stage in ("behavior", "dynamics"):
-        cfg = stage_config(scale, stage)
-        if uses_tokens(cfg):
-            out += [d for d in data_dirs(cfg) if d not in out]
+    for args in (_data_args(stage_config(scale, stage)) for stage in ("behavior", "dynamics")):
+        if args.get("tokens") is not None:
+            dirs = [yaml.safe_load(Path(args["config"]).read_text())["out"]] if "config" in args else args["dirs"]
+            out += [str(d) for d in ([dirs] if isinstance(dirs, str) else dirs) if str(d) not in out]
     return out
 
 
-def run_tokens(scale: str, force: bool = False, workers: int | None = None) -> Path:
+def run_tokens(scale: str, force: bool = False) -> Path:
     """Build (or resume, or reuse) the scale's token shards with the tokenizer stage's checkpoint."""
     import torch
 
@@ -129,7 +113,7 @@ def run_tokens(scale: str, force: bool = False, workers: int | None = None) -> P
     if force:
         _move_aside(out)
     ckpt = done_checkpoint(scale, "tokenizer")
-    workers = workers or (1 if torch.cuda.is_available() else 2)
+    workers = 1 if torch.cuda.is_available() else 2
     for src in _token_sources(scale):
         dst = out / Path(src).name
         if (dst / MANIFEST).exists():
@@ -148,8 +132,7 @@ def run_tokens(scale: str, force: bool = False, workers: int | None = None) -> P
 
 
 def run_stage(scale: str, stage: str, extra: list[str] | None = None, force: bool = False) -> Path:
-    """Train one stage unless complete; resume from ``last.ckpt`` when a previous run was cut off.
-    ``force`` (or a run directory holding something else than an interrupted run) starts clean."""
+    """Train one stage unless complete; resume an interrupted run from ``last.ckpt``; ``force`` starts clean."""
     run_dir = stage_dir(scale, stage)
     cfg = stage_config(scale, stage)
     if (run_dir / "DONE").exists() and not force:
@@ -170,22 +153,19 @@ def run_stage(scale: str, stage: str, extra: list[str] | None = None, force: boo
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
         raise SystemExit(f"[whale] {stage}: training failed (exit {proc.returncode}); rerun to resume")
-    ckpt = _written_checkpoint(run_dir)
+    ckpt = written_checkpoint(run_dir)
     write_text_atomic(run_dir / "DONE", json.dumps({"stage": stage, "scale": scale, "config": str(cfg), "seconds":
                       time.time() - t0, "checkpoint": str(ckpt), "sha256": sha256_of(ckpt)}, indent=2))
     print(f"[whale] {stage}: done in {fmt_elapsed(time.time() - t0)} -> {ckpt}", flush=True)
     return run_dir
 
 
-def run_until(scale: str, target: str, extra: list[str] | None = None, force: bool = False,
-              token_workers: int | None = None) -> None:
+def run_until(scale: str, target: str, extra: list[str] | None = None, force: bool = False) -> None:
     """Build every stage up to ``target``: missing earlier stages first, then ``target`` itself."""
-    if target not in TARGETS:
-        raise SystemExit(f"unknown stage '{target}'; expected one of {TARGETS}")
     if target == "tokens":
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one of several ranks never trains the tokenizer
             run_stage(scale, "tokenizer")
-        run_tokens(scale, force=force, workers=token_workers)
+        run_tokens(scale, force=force)
         return
     upto = STAGES.index(target)
     for i, stage in enumerate(STAGES[: upto + 1]):
@@ -194,7 +174,7 @@ def run_until(scale: str, target: str, extra: list[str] | None = None, force: bo
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m whale_pl.pipeline STAGE --scale S [--force] [-- whale fit arguments]``."""
+    """The command line: build the named stage and whatever it needs first."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
@@ -204,10 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("stage", choices=TARGETS)
     p.add_argument("--scale", default="demo")
     p.add_argument("--force", action="store_true", help="retrain the named stage even if complete")
-    p.add_argument("--token-workers", type=int, default=None,
-                   help="local processes tokenising (tokens; default 1 with CUDA, else 2)")
     a = p.parse_args(argv)
-    run_until(a.scale, a.stage, extra=extra, force=a.force, token_workers=a.token_workers)
+    run_until(a.scale, a.stage, extra=extra, force=a.force)
 
 
 if __name__ == "__main__":

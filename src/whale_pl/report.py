@@ -1,10 +1,6 @@
-"""The demo report: ``runs/<scale>/report.md`` from what the pipeline's steps wrote.
-
-Reads ``video_metrics.json`` (``whale eval video``), ``gifs/index.json`` (``whale eval gifs``),
-``experiment.json`` / ``experiment.md`` (``python -m whale_pl.experiment``) and the stages' ``DONE``
-files. A missing input or figure is named in the report with the command that makes it; GIFs and plots
-are linked by relative path, each with the command that regenerates it.
-"""
+"""The demo report: ``runs/<scale>/report.md`` from what the pipeline's steps wrote (``video_metrics.json``,
+``gifs/index.json``, ``experiment.json`` / ``.md``, ``mbpo.md``, the stages' ``DONE``); a missing input is named
+with the command that makes it, GIFs and plots linked by relative path with the command that regenerates them."""
 
 from __future__ import annotations
 
@@ -87,7 +83,8 @@ def dynamics_section(scale: str, runs: Path) -> list[str]:
     lines += ["| figure | value |", "|---|---|"]
     for tag, name in VAL_TAGS:
         v = vals[tag][1] if tag in vals else None
-        shown = "missing (not logged)" if v is None else f"{100 * v:+.3f} pt" if tag == "val/acc_minus_copy" else _fmt(v)
+        shown = ("missing (not logged)" if v is None else f"{100 * v:+.3f} pt" if tag == "val/acc_minus_copy"
+                 else _fmt(v))
         lines.append(f"| {name} | {shown} |")
     return lines + ["", f"Held-out clips of the last validation (global step {max(s for s, _ in vals.values())}); "
                     f"logged to TensorBoard under `{d}`.{clock}", ""]
@@ -118,7 +115,8 @@ def _video_rows(vid: dict | None, vid_cmd: str, root: Path) -> list[str]:
 def metrics_table(scale: str, root: Path, vid: dict | None, exp: dict | None) -> list[str]:
     """One row per headline metric: its value, or why it is missing and the command that makes it."""
     vid_cmd = _video_cmd(vid, root) if vid else (f"whale eval video --ckpt <dynamics best.ckpt> --shards "
-                                                 f"{_shards_of(scale)} --num-clips 16 --out {root / 'video_metrics.json'}")
+                                                 f"{_shards_of(scale)} --num-clips 16 --out "
+                                                 f"{root / 'video_metrics.json'}")
     exp_cmd = f"python -m whale_pl.experiment --scale {scale}"
     lines = ["## Metrics", "", "| metric | value | measured on | regenerate |", "|---|---|---|---|"]
     lines += _video_rows(vid, vid_cmd, root)
@@ -161,7 +159,8 @@ def gifs_section(scale: str, root: Path, runs: Path) -> list[str]:
               "step has a single anchor) and its true error, pixel MSE against the real frame (red, dashed), "
               f"with a marker at the current step. Checkpoint `{index.get('ckpt')}`, episodes from "
               f"`{index.get('shards')}` (`val`: held-out episodes of the training policies; `ood`: held-out "
-              "policies, new parameters of the training families or families never seen in training).", "", f"Regenerate all GIFs: `{cmd}`", ""]
+              "policies, new parameters of the training families or families never seen in training).", "",
+              f"Regenerate all GIFs: `{cmd}`", ""]
     if not index.get("clips"):
         lines += [f"_missing: {gdir / 'index.json'} lists no clips (rerun `{cmd}`)_", ""]
     for c in index.get("clips") or []:
@@ -247,12 +246,11 @@ def build_report(scale: str, runs: Path = Path("runs")) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m whale_pl.report [--scale demo] [--runs runs]``: write ``runs/<scale>/report.md``."""
+    """``python -m whale_pl.report [--scale demo]``: write ``runs/<scale>/report.md``."""
     p = argparse.ArgumentParser(prog="python -m whale_pl.report", description=__doc__.split("\n")[0])
     p.add_argument("--scale", default="demo")
-    p.add_argument("--runs", default="runs")
-    a = p.parse_args(argv)
-    out = write_text_atomic(Path(a.runs) / a.scale / "report.md", build_report(a.scale, Path(a.runs)))
+    scale = p.parse_args(argv).scale
+    out = write_text_atomic(Path("runs") / scale / "report.md", build_report(scale))
     print(f"[report] wrote {out}")
     return 0
 

@@ -1,7 +1,5 @@
-"""Linear probe and 2-D projection for behavior embeddings: does z_t linearly encode which policy acted?
-
-The probe is L2-regularised multinomial logistic regression on standardised features, scored on held-out episodes.
-"""
+"""Linear probe and 2-D projection for behavior embeddings: does z_t linearly encode which policy acted? The probe
+is L2-regularised multinomial logistic regression on standardised features, scored on held-out episodes."""
 
 from __future__ import annotations
 
@@ -9,6 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+L2 = 1e-3  # the probe's weight penalty
+T_MIN = 4  # split_probes reads z_t from this step on (a few frames of history)
 
 
 @dataclass
@@ -29,9 +30,8 @@ class LinearProbe:
         return (self.predict(x_NZ) == y_N.long()).double().mean().item()
 
 
-def fit_linear_probe(x_NZ: torch.Tensor, y_N: torch.Tensor, n_classes: int | None = None, l2: float = 1e-3,
-                     max_iter: int = 300) -> LinearProbe:
-    """Fit logistic regression ``y ~ softmax(W x + b)`` (mean cross-entropy + ``l2 * |W|^2``); works inside
+def fit_linear_probe(x_NZ: torch.Tensor, y_N: torch.Tensor, n_classes: int | None = None) -> LinearProbe:
+    """Fit logistic regression ``y ~ softmax(W x + b)`` (mean cross-entropy + ``L2 * |W|^2``); works inside
     ``torch.no_grad`` / ``torch.inference_mode`` too (``trainer.validate`` runs in the latter)."""
     if x_NZ.ndim != 2 or y_N.ndim != 1 or x_NZ.shape[0] != y_N.shape[0]:
         raise ValueError(f"need x [N, Z] and y [N] with the same N, got {tuple(x_NZ.shape)} and {tuple(y_N.shape)}")
@@ -44,12 +44,12 @@ def fit_linear_probe(x_NZ: torch.Tensor, y_N: torch.Tensor, n_classes: int | Non
         xs = (x - mean) / std
         W = torch.zeros(x.shape[1], K, dtype=torch.float64, requires_grad=True)
         b = torch.zeros(K, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([W, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS([W, b], max_iter=300, line_search_fn="strong_wolfe")
 
         def closure() -> torch.Tensor:
             """The regularised loss, with its gradient."""
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(xs @ W + b, y) + l2 * W.pow(2).sum()
+            loss = torch.nn.functional.cross_entropy(xs @ W + b, y) + L2 * W.pow(2).sum()
             loss.backward()
             return loss
 
@@ -58,19 +58,19 @@ def fit_linear_probe(x_NZ: torch.Tensor, y_N: torch.Tensor, n_classes: int | Non
 
 
 def probe_accuracy(train_x_NZ: torch.Tensor, train_y_N: torch.Tensor, test_x_NZ: torch.Tensor,
-                   test_y_N: torch.Tensor, n_classes: int | None = None, l2: float = 1e-3) -> float:
+                   test_y_N: torch.Tensor, n_classes: int | None = None) -> float:
     """Fit on the training embeddings, return accuracy on the held-out ones."""
     if n_classes is None:
         n_classes = int(max(train_y_N.max().item(), test_y_N.max().item()) + 1)
-    return fit_linear_probe(train_x_NZ, train_y_N, n_classes, l2).accuracy(test_x_NZ, test_y_N)
+    return fit_linear_probe(train_x_NZ, train_y_N, n_classes).accuracy(test_x_NZ, test_y_N)
 
 
-def accuracy_by_history(correct_N, t_N, buckets=((8, 16), (16, 32), (32, 64), (64, 120))) -> str:
+def accuracy_by_history(correct_N, t_N) -> str:
     """'t 8-15 0.60, t 16-31 0.76, ...': the share of correct points whose history length t falls in each
     bucket (empty buckets left out). Arrays or tensors of the same length."""
     ok, t = np.asarray(correct_N, dtype=float), np.asarray(t_N)
     return ", ".join(f"t {lo}-{hi - 1} {ok[(t >= lo) & (t < hi)].mean():.2f}"
-                     for lo, hi in buckets if ((t >= lo) & (t < hi)).any())
+                     for lo, hi in ((8, 16), (16, 32), (32, 64), (64, 120)) if ((t >= lo) & (t < hi)).any())
 
 
 def pca_2d(x_NZ: torch.Tensor) -> np.ndarray:
@@ -120,28 +120,27 @@ def _cv_by_start(x_NTZ: torch.Tensor, y_N: np.ndarray, start_N: np.ndarray, n_cl
     return correct
 
 
-def _accuracy(correct_NT: np.ndarray, chance: float, seed: int = 0, n_boot: int = 2000) -> dict:
+def _accuracy(correct_NT: np.ndarray, chance: float) -> dict:
     """Mean accuracy over episodes (each the share of its points) with a 95 % bootstrap interval over episodes."""
-    from whale_pl.rollout.stats import interval
+    from whale_pl.rollout.stats import N_BOOT, interval
 
     per_ep = np.asarray(correct_NT, float).mean(1)
-    boot = per_ep[np.random.default_rng(seed).integers(0, len(per_ep), (n_boot, len(per_ep)))].mean(1)
+    boot = per_ep[np.random.default_rng(0).integers(0, len(per_ep), (N_BOOT, len(per_ep)))].mean(1)
     return {"acc": float(per_ep.mean()), "acc_ci": interval(boot), "chance": chance, "episodes": len(per_ep)}
 
 
-def split_probes(z_NTZ: torch.Tensor, policy_N: list[str], split_N: list[str], start_N: np.ndarray,
-                 t_min: int = 4) -> dict:
+def split_probes(z_NTZ: torch.Tensor, policy_N: list[str], split_N: list[str], start_N: np.ndarray) -> dict:
     """The behavior probe per split, on rollouts from start states no stage ever saw (nothing was chosen on them):
     ``family`` (the training families' policies: which family, leave one start state out; ``ood_params``: the
     family of a new parameter, fitted on every training-family rollout; undefined for families never seen) and
-    ``policy`` (which policy of the split, leave one start state out). Points: z_t for t >= ``t_min``."""
+    ``policy`` (which policy of the split, leave one start state out). Points: z_t for t >= ``T_MIN``."""
     from whale_pl.data.policies import parse_policy
 
-    x, split, start = z_NTZ[:, t_min:].double(), np.asarray(split_N), np.asarray(start_N)
+    x, split, start = z_NTZ[:, T_MIN:].double(), np.asarray(split_N), np.asarray(start_N)
     fam = np.array([parse_policy(p).family for p in policy_N])
     families = sorted(set(fam[split == "val"]))
     fam_y = np.array([families.index(f) if f in families else -1 for f in fam])
-    out: dict = {"t_min": t_min, "families": families}
+    out: dict = {"t_min": T_MIN, "families": families}
     for s in dict.fromkeys(split):
         sel = split == s
         pols = sorted(set(np.asarray(policy_N)[sel]))

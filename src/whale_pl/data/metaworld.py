@@ -1,16 +1,7 @@
-"""Meta-World behavior datasets: rollouts of the policy families in ``policies.py`` into shards.
-
-One env per spawned worker process (built inside it, never pickled), rendered with ``mujoco.Renderer``
-(``MUJOCO_GL=egl``; shadows, multisampling and reflections off), frames flipped upright. Each episode's
-randomness comes from a seed derived from (config seed, task, policy, split, index) and episodes are
-written in job order whatever the number of workers: the same config gives the same bytes.
-
-Per task, each ``train_policies`` entry gives ``episodes_per_policy`` train and ``val_episodes_per_policy``
-val episodes; each ``ood_policies`` entry gives ``ood_episodes_per_policy`` held-out (``ood``) episodes.
-``action_repeat`` R (default 1): the policy decides every R simulator steps (80 Hz) and its action is
-held for all R; one frame, state, action, summed reward and end-of-window success is recorded per
-decision. ``max_steps`` counts decisions (``max_steps * action_repeat`` <= 500 simulator steps).
-"""
+"""Meta-World behavior datasets: rollouts of the policy families in ``policies.py`` into shards, one env per
+spawned worker (built there, never pickled), rendered by ``mujoco.Renderer`` (shadows, multisampling and
+reflections off), frames upright; each episode seeded from (config seed, task, policy, split, index) and
+written in job order, so a config gives the same bytes whatever the number of workers (docs/contracts.md)."""
 
 from __future__ import annotations
 
@@ -38,6 +29,7 @@ KIND = "whale-data metaworld"
 # every Meta-World v3 model has these cameras and a 640 x 480 offscreen framebuffer (checked in the tests)
 CAMERAS = ("topview", "corner", "corner2", "corner3", "corner4", "behindGripper", "gripperPOV")
 MAX_SIZE = 480
+MAY_BE_ZERO = ("val_episodes_per_policy", "ood_episodes_per_policy", "seed")  # every other int field is >= 1
 
 
 def valid_tasks() -> list[str]:
@@ -84,39 +76,33 @@ class CollectConfig:
         return cls(**d)
 
     def __post_init__(self) -> None:
-        # wrong types fail here, before any work: `tasks: push-v3` would otherwise be read as the task
-        # list ['p', 'u', 's', 'h', ...] and `episodes_per_policy: 2.5` fail deep in the collector
+        """Refuse, before any work, a value a user wrote wrong, naming the key, the value and what is valid."""
         for f in dataclasses.fields(self):
             k, v = f.name, getattr(self, f.name)
             if f.type == "list[str]":
-                if isinstance(v, str):
+                if isinstance(v, str):  # `tasks: push-v3` would otherwise be read as ['p', 'u', ...]
                     raise ValueError(f"{k} must be a list of names, got the string {v!r} (write [{v}])")
                 if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
                     raise ValueError(f"{k} must be a list of names, got {v!r}")
                 setattr(self, k, list(v))
             elif f.type == "int" and (isinstance(v, bool) or not isinstance(v, int)):
                 raise ValueError(f"{k} must be an integer, got {v!r}")
+            elif f.type == "int" and v < (low := 0 if k in MAY_BE_ZERO else 1):
+                raise ValueError(f"{k} must be >= {low}, got {v}")
             elif f.type == "str" and not isinstance(v, str):
                 raise ValueError(f"{k} must be a string, got {v!r}")
-        if not self.tasks:
-            raise ValueError("no tasks given")
-        if not self.train_policies:
-            raise ValueError("no train_policies given")
-        tasks = valid_tasks()
-        bad = [t for t in self.tasks if t not in tasks]
+        if not self.tasks or not self.train_policies:
+            raise ValueError("tasks and train_policies must each name at least one")
+        bad = sorted(set(self.tasks) - set(valid_tasks()))
         if bad:
-            raise ValueError(f"unknown Meta-World task(s) {bad}; valid tasks: {tasks}")
-        for n in self.train_policies + self.ood_policies:
+            raise ValueError(f"unknown Meta-World task(s) {bad}; valid tasks: {valid_tasks()}")
+        names = self.train_policies + self.ood_policies
+        for n in names:
             parse_policy(n)  # raises PolicyNameError listing the valid forms
-        both = sorted(set(self.train_policies) & set(self.ood_policies))
-        if both:
-            raise ValueError(f"policies {both} are both training and OOD policies")
-        if len(set(self.train_policies)) != len(self.train_policies) or len(set(self.ood_policies)) != len(self.ood_policies):
-            raise ValueError("a policy is listed twice")
-        for f in dataclasses.fields(self):
-            low = 0 if f.name in ("val_episodes_per_policy", "ood_episodes_per_policy", "seed") else 1
-            if f.type == "int" and getattr(self, f.name) < low:
-                raise ValueError(f"{f.name} must be >= {low}, got {getattr(self, f.name)}")
+        if len(set(names)) != len(names):
+            both = sorted(set(self.train_policies) & set(self.ood_policies))
+            raise ValueError(f"policies {both} are both training and OOD policies" if both else
+                             "a policy is listed twice")
         if self.size > MAX_SIZE:
             raise ValueError(f"size {self.size} > {MAX_SIZE}: Meta-World renders at most {MAX_SIZE} x {MAX_SIZE} "
                              "(its 640 x 480 offscreen framebuffer)")
@@ -173,8 +159,6 @@ class MetaWorldEnv:
         import metaworld
         import mujoco
 
-        if task not in metaworld.ALL_V3_ENVIRONMENTS:
-            raise ValueError(f"unknown Meta-World task {task!r}; valid tasks: {valid_tasks()}")
         self.task, self.size, self.camera = task, size, camera
         self.mt = metaworld.MT1(task, seed=0)
         self.env = self.mt.train_classes[task]()
@@ -182,10 +166,6 @@ class MetaWorldEnv:
         m.vis.quality.shadowsize = 0
         m.vis.quality.offsamples = 0
         m.mat_reflectance[:] = 0
-        names = [m.camera(i).name for i in range(m.ncam)]
-        if camera not in names:
-            self.env.close()
-            raise ValueError(f"unknown camera {camera!r} for {task}; valid cameras: {names}")
         self.renderer = mujoco.Renderer(m, size, size)
         self.control_hz = float(1.0 / self.env.dt)
 
@@ -226,8 +206,6 @@ class MetaWorldEnv:
 def rollout(env: MetaWorldEnv, policy_name: str, seed: int, max_steps: int, action_repeat: int = 1) -> Episode:
     """One episode of ``max_steps`` decisions: frames[t] and state[t] before actions[t]. Each action is
     held for ``action_repeat`` simulator steps; rewards[t] sums their rewards, success[t] is the last one's."""
-    if action_repeat < 1:
-        raise ValueError(f"action_repeat must be >= 1, got {action_repeat}")
     pol = parse_policy(policy_name)
     obs = env.reset(seed)
     pol.reset(env.task, np.random.default_rng(seed))
@@ -278,11 +256,11 @@ def _rollout_chunk(args: tuple) -> list[Episode]:
 
 
 def iter_collect(jobs: list[Job], size: int, camera: str, max_steps: int, workers: int,
-                 chunk: int = 8, action_repeat: int = 1) -> Iterator[Episode]:
-    """Run the jobs in ``workers`` spawned processes; yield episodes in job order."""
+                 action_repeat: int = 1) -> Iterator[Episode]:
+    """Run the jobs in ``workers`` spawned processes, 8 jobs of one task at a time; yield episodes in job order."""
     chunks: list[list[Job]] = []
     for j in jobs:  # chunks never straddle tasks
-        if chunks and len(chunks[-1]) < chunk and chunks[-1][-1].task == j.task:
+        if chunks and len(chunks[-1]) < 8 and chunks[-1][-1].task == j.task:
             chunks[-1].append(j)
         else:
             chunks.append([j])

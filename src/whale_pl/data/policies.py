@@ -1,10 +1,6 @@
-"""Behavior-policy families built on Meta-World's scripted experts (one class per family below).
-
-A policy's name fully determines it: ``parse_policy(name)``, forms in ``NAME_HELP`` (e.g. ``noise_0.1``,
-``bias_y-0.3z0.2``, ``mix_expert+lag_6``); its descriptor ``{"name", "family", "params"}`` is stored in
-each episode's metadata. All randomness comes from the generator passed to ``reset`` (seeded per
-episode), so rollouts are reproducible.
-"""
+"""Behavior-policy families built on Meta-World's scripted experts, one class per family. A name fully determines
+its policy (``parse_policy``, forms in ``NAME_HELP``); its descriptor ``{"name", "family", "params"}`` goes into each
+episode's metadata, and every random draw comes from the generator passed to ``reset`` (seeded per episode)."""
 
 from __future__ import annotations
 
@@ -206,7 +202,8 @@ def parse_policy(name: str) -> BehaviorPolicy:
     if name.startswith("mix_"):
         parts = name[4:].split("+")
         if len(parts) < 2:
-            raise PolicyNameError(f"policy {name!r}: a mixture needs >= 2 components joined by '+'; valid names: {NAME_HELP}")
+            raise PolicyNameError(f"policy {name!r}: a mixture needs >= 2 components joined by '+'; "
+                                  f"valid names: {NAME_HELP}")
         comps = [parse_policy(p) for p in parts]
         if any(isinstance(c, Mix) for c in comps):
             raise PolicyNameError(f"policy {name!r}: mixtures cannot nest")

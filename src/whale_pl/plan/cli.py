@@ -1,13 +1,7 @@
-"""``whale plan`` / ``python -m whale_pl.plan`` / ``make mbpo``: control Meta-World by CEM model-predictive
-control in a trained world model, from the offline dataset only, and judge it in the real simulator.
-
-    whale plan [--scale demo] [--config stages/<scale>/plan.yaml] [--starts N] [--jobs J]
-
-Uses the experiment's behavior-conditioned models (``runs/<scale>/experiment/<N>_steps/on/<seed>/DONE``:
-seed 0 plans, seeds 0..M-1 form the ensemble), chooses λ of each penalty on separate start states, runs
-every planner and baseline from the same evaluation start states, and writes ``runs/<scale>/mbpo.json``,
-``mbpo.md``, ``mbpo_success.png``, ``mbpo_episode.gif``, then rebuilds ``runs/<scale>/report.md``.
-"""
+"""``whale plan`` / ``python -m whale_pl.plan --scale demo`` / ``make mbpo``: CEM control of Meta-World in the
+experiment's on-models (seed 0 plans, seeds 0..M-1 form the ensemble), λ chosen on separate start states, every
+planner and baseline judged from the same start states with paired intervals; writes ``runs/<scale>/mbpo.json``,
+``mbpo.md``, ``mbpo_success.png``, ``mbpo_episode.gif`` and rebuilds ``report.md``."""
 
 from __future__ import annotations
 
@@ -16,11 +10,159 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
-from whale_pl.plan.config import EvalConfig, PlanConfig, load_plan_yaml
-from whale_pl.plan.run import TaskJob, choose_lambdas, run_jobs
+import numpy as np
+
+from whale_pl.plan.cem import EvalConfig, PlanConfig, load_plan_yaml
+from whale_pl.plan.evaluate import TaskJob, choose_lambdas, run_jobs
+from whale_pl.rollout.stats import N_BOOT, fmt_ci, interval, verdict
+from whale_pl.rollout.value import discounted_return
+
+NAMES = {"plan_none": "plan, no penalty", "plan_retracing": "plan + retracing penalty",
+         "plan_ensemble": "plan + ensemble penalty", "behavior": "best behavior policy in the data",
+         "bc": "behavior cloning", "random": "random actions"}
+
+
+def episode_figures(ep: dict, discount: float) -> dict[str, float]:
+    """Real return and success of an episode; for a planned one also the imagined return of the executed
+    actions (each decision's first imagined reward), imagined success (any first-step success prob > 0.5),
+    their exploitation (imagined − real return) and consistency (imagined success == real success)."""
+    out = {"return": float(discounted_return(ep["rewards_D"], discount)), "success": float(ep["success"])}
+    if "imagined_rewards_D" in ep:
+        out["imagined_return"] = float(discounted_return(ep["imagined_rewards_D"], discount))
+        out["exploitation"] = out["imagined_return"] - out["return"]
+        imag_success = bool((np.asarray(ep["imagined_success_D"]) > 0.5).any())
+        out["consistency"] = float(imag_success == bool(ep["success"]))
+        out["uncertainty"] = float(np.mean(ep["uncertainty_D"]))
+    return out
+
+
+def grids(per_task: dict[str, dict[str, list]], discount: float) -> dict[str, dict[str, np.ndarray]]:
+    """method -> figure -> [T, K] over tasks and start states."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for m in next(iter(per_task.values())):
+        rows = [[episode_figures(ep, discount) for ep in eps[m]] for eps in per_task.values()]
+        out[m] = {f: np.array([[r[f] for r in row] for row in rows]) for f in rows[0][0]}
+    return out
+
+
+def _interval(x_TK: np.ndarray, idx: np.ndarray) -> list[float]:
+    """The bootstrap interval of the mean; undefined with one start state per task (nothing to resample)."""
+    if idx.shape[2] < 2:
+        return [float("nan")] * 2
+    return interval(np.take_along_axis(np.broadcast_to(x_TK, idx.shape), idx, axis=2).mean(axis=(1, 2)))
+
+
+def with_interval(x_TK: np.ndarray, idx: np.ndarray) -> dict:
+    """Mean over tasks and starts, and its bootstrap interval."""
+    return {"mean": float(np.mean(x_TK)), "ci": _interval(x_TK, idx)}
+
+
+def compare(a_TK: np.ndarray, b_TK: np.ndarray, a: str, b: str, idx: np.ndarray) -> dict:
+    """Paired difference a − b with its interval; "<a> beats <b>" only when the interval excludes zero."""
+    d = float(np.mean(a_TK - b_TK))
+    ci = _interval(a_TK - b_TK, idx)
+    return {"diff": d, "ci": ci, "verdict": verdict(d, *ci, f"{a} beats {b}", f"{b} beats {a}")}
+
+
+def summarise(per_task: dict[str, dict[str, list]], discount: float) -> dict:
+    """Every method's success rate and return, each planner's exploitation and consistency, with intervals;
+    paired comparisons of each planner with each other method."""
+    g = grids(per_task, discount)
+    T, K = next(iter(g.values()))["return"].shape
+    idx = np.random.default_rng(0).integers(0, K, (N_BOOT, T, K))  # start states resampled within each task
+    methods = {m: {f: with_interval(v, idx) for f, v in figs.items()} for m, figs in g.items()}
+    comps = {}
+    planners = [m for m in g if m.startswith("plan_")]
+    for i, a in enumerate(planners):
+        for b in [*planners[i + 1:], *[m for m in g if not m.startswith("plan_")]]:
+            for f in ("return", "success"):
+                comps[f"{a} - {b} ({f})"] = compare(g[a][f], g[b][f], a, b, idx)
+    return {"methods": methods, "comparisons": comps, "tasks": list(per_task), "starts": K,
+            "per_task": {m: {f: v.mean(1).tolist() for f, v in figs.items()} for m, figs in g.items()}}
+
+
+def _ci(row: dict | None, nd: int = 2) -> str:
+    return fmt_ci(row.get("mean", row.get("diff")), row["ci"], nd) if row else "—"
+
+
+def plot_success(res: dict, path: Path) -> None:
+    """Bar plot of the success rate per method with its 95 % interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = res["summary"]["methods"]
+    names = list(ms)
+    mean = [ms[m]["success"]["mean"] for m in names]
+    lo = [max(0.0, mean[i] - ms[m]["success"]["ci"][0]) for i, m in enumerate(names)]
+    hi = [max(0.0, ms[m]["success"]["ci"][1] - mean[i]) for i, m in enumerate(names)]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.bar(range(len(names)), mean, yerr=[lo, hi], capsize=4, color=["C0"] * 3 + ["C7"] * (len(names) - 3))
+    ax.set_xticks(range(len(names)), [NAMES.get(m, m).replace(" ", "\n", 2) for m in names], fontsize=7)
+    ax.set_ylabel("success rate")
+    ax.set_ylim(0, 1.05)
+    s = res["summary"]
+    ax.set_title(f"Meta-World success, {len(s['tasks'])} tasks x {s['starts']} start states (95 % interval)",
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_gif(wm, ep: dict, path: Path, title: str) -> None:
+    """The planned episode: real frame after each decision beside the frame the model imagined for it,
+    with the chosen plan's first-step uncertainty."""
+    from whale_pl.rollout.gif import write_rollout_gif
+
+    real_TCHW = np.ascontiguousarray(np.asarray(ep["frames"])[1:].transpose(0, 3, 1, 2))
+    imag_TCHW = wm.decode(ep["imagined_ids"][None])[0].cpu().numpy()
+    write_rollout_gif(path, real_TCHW, imag_TCHW, np.asarray(ep["uncertainty_D"]), title=title,
+                      labels=("real", "imagined (plan's 1st step)"), uncertainty_label="uncertainty of the plan")
+
+
+def table_lines(res: dict) -> list[str]:
+    """The table of every method's figures with intervals."""
+    L = ["| method | success rate | return | imagined − real return | consistency rate | λ |",
+         "|---|---|---|---|---|---|"]
+    for m, f in res["summary"]["methods"].items():
+        lam = res["lambdas"]["chosen"].get(m.removeprefix("plan_"), 0.0 if m == "plan_none" else None)
+        L.append(f"| {NAMES.get(m, m)} | {_ci(f['success'])} | {_ci(f['return'], 1)} | "
+                 f"{_ci(f.get('exploitation'), 1)} | {_ci(f.get('consistency'))} | {'' if lam is None else lam} |")
+    return L
+
+
+def md_lines(res: dict) -> list[str]:
+    """The whole of ``mbpo.md``."""
+    s, p = res["summary"], res["plan"]
+    L = [f"# Model-based control in imagination ({res['scale']} scale)", "",
+         f"Command: `{res['command']}` ({res['seconds'] / 60:.1f} min). Planner: CEM, N={p['samples']} candidates of "
+         f"H={p['horizon']} decisions, {p['iterations']} iterations ({p['elites']} elites), {p['context']} real "
+         f"context frame(s), {res['maskgit_steps']} MaskGIT step(s) per imagined frame, discount {p['discount']}; "
+         f"retracing K={p['K']}; ensemble of {len(res['members'])} on-models ({', '.join(res['members'])}); the "
+         f"planning model is the first. A decision is held {res['hold']} simulator steps (the model's clock); "
+         f"{res['decisions']} decisions an episode. z: the behavior prior over the real history, then the imagined "
+         "frames with the candidate's actions.", "",
+         f"Evaluation: tasks {', '.join(s['tasks'])}, {s['starts']} start states each (seed base "
+         f"{res['evaluate']['seed']}, disjoint from the dataset's episode seeds), the same for every method. λ "
+         f"chosen on {res['evaluate']['tune_starts']} other start state(s) per task (seed base "
+         f"{res['evaluate']['tune_seed']}) by mean real return: " +
+         "; ".join(f"{pen}: {g} -> {res['lambdas']['chosen'][pen]}" for pen, g in res["lambdas"]["grid"].items()) +
+         ". Returns are discounted per decision. Intervals: 95 % bootstrap over start states within each task, "
+         "paired across methods.", "", *table_lines(res), "",
+         "Imagined − real return: the reward head's prediction of each executed action (the chosen plan's first "
+         "step) summed like the real return, minus the real return (model exploitation). Consistency rate: share "
+         "of episodes whose imagined success (a first-step success probability > 0.5) agrees with the real one.",
+         "", "## Paired comparisons", "", "| comparison | difference | verdict |", "|---|---|---|"]
+    L += [f"| {k} | {_ci(v)} | {v['verdict']} |" for k, v in s["comparisons"].items()]
+    L += ["", f"![success per method]({Path(res['plot']).name})", ""]
+    if res.get("gif"):
+        L += [f"One planned episode ({res['gif_caption']}): ![planned episode]({Path(res['gif']).name})", ""]
+    return L
 
 
 def experiment_members(scale: str, ev: EvalConfig, runs: Path = Path("runs")) -> list[str]:
@@ -40,15 +182,14 @@ def experiment_members(scale: str, ev: EvalConfig, runs: Path = Path("runs")) ->
                      f"--train-only --members {ev.members}`)")
 
 
-def _setting(a: argparse.Namespace, ev: EvalConfig, members: list[str]) -> dict:
+def _setting(scale: str, ev: EvalConfig, members: list[str]) -> dict:
     """Everything the jobs share: tasks, start states (refused where they are dataset episodes), clock,
     baselines (best policy per task, behavior cloning)."""
     from whale_pl.data.metaworld import CollectConfig
-    from whale_pl.plan.baselines import best_policies, train_bc, training_episodes
-    from whale_pl.plan.evaluate import check_disjoint
+    from whale_pl.plan.evaluate import best_policies, check_disjoint, train_bc, training_episodes
     from whale_pl.rollout.value import frame_stride_of, start_seeds
 
-    c = CollectConfig.from_yaml(a.data_config)
+    c = CollectConfig.from_yaml(Path("stages") / scale / "data.yaml")
     seeds = {k: {t: start_seeds(base, t, n) for t in c.tasks}
              for k, base, n in (("tune", ev.tune_seed, ev.tune_starts), ("eval", ev.seed, ev.starts))}
     check_disjoint([x for v in seeds.values() for xs in v.values() for x in xs], c)
@@ -70,38 +211,36 @@ def _jobs(s: dict, plan: PlanConfig, members: list[str], lambdas: dict, seeds: d
             for i, t in enumerate(s["tasks"]) for j, seed in enumerate(seeds[t])]
 
 
-def evaluate(a: argparse.Namespace, plan: PlanConfig, ev: EvalConfig) -> dict:
+def evaluate(scale: str, plan: PlanConfig, ev: EvalConfig) -> dict:
     """Choose λ, then run every method from the evaluation start states; the raw episodes per task."""
-    members = experiment_members(a.scale, ev)
-    s = _setting(a, ev, members)
+    members = experiment_members(scale, ev)
+    s = _setting(scale, ev, members)
     print(f"[plan] {len(s['tasks'])} tasks, {s['decisions']} decisions x {s['hold']} steps; members {members}; "
           f"best behavior policies {({t: v['policy'] for t, v in s['best'].items()})}", flush=True)
     t0 = time.time()
     lams = choose_lambdas(ev, lambda pen, lam: _jobs(s, plan, members, {pen: lam}, s["seeds"]["tune"], False),
-                          plan.discount, ev.jobs, not a.no_progress)
+                          plan.discount)
     print(f"[plan] lambda chosen in {time.time() - t0:.0f} s: {lams}", flush=True)
     lambdas = {"none": 0.0, **{pen: lams["chosen"][pen] for pen in ("retracing", "ensemble")}}
     jobs = _jobs(s, plan, members, lambdas, s["seeds"]["eval"], True, gif="plan_retracing")
     per_task: dict[str, dict[str, list]] = {}  # task -> method -> episodes, in start order
-    for job, res in zip(jobs, run_jobs(jobs, ev.jobs, "evaluation", not a.no_progress)):
+    for job, res in zip(jobs, run_jobs(jobs, ev.jobs, "evaluation")):
         for method, eps in res.items():
             per_task.setdefault(job.task, {}).setdefault(method, []).extend(eps)
     return {"per_task": per_task, "setting": s, "members": members, "lambdas": lams}
 
 
-def finish(a: argparse.Namespace, plan: PlanConfig, ev: EvalConfig, out: dict, t_start: float) -> dict:
+def finish(scale: str, command: str, plan: PlanConfig, ev: EvalConfig, out: dict, t_start: float) -> dict:
     """Summaries, plot, GIF, ``mbpo.json`` / ``mbpo.md`` and the rebuilt ``report.md``."""
     from whale_pl.io import write_json_atomic, write_text_atomic
-    from whale_pl.plan.report import md_lines, plot_success, write_gif
-    from whale_pl.plan.summary import summarise
     from whale_pl.report import main as report_main
     from whale_pl.rollout.value import WorldModel
     from whale_pl.rollout.value_metrics import nan_to_none
 
-    root, s = Path("runs") / a.scale, out["setting"]
+    root, s = Path("runs") / scale, out["setting"]
     ep = next((e for r in out["per_task"].values() for e in r.get("plan_retracing", []) if "frames" in e), None)
     wm = WorldModel.load(out["members"][0])
-    res = {"scale": a.scale, "command": " ".join(["whale plan", *a.argv]), "plan": asdict(plan),
+    res = {"scale": scale, "command": command, "plan": asdict(plan),
            "evaluate": asdict(ev), "members": out["members"], "lambdas": out["lambdas"],
            "maskgit_steps": plan.maskgit_steps or wm.steps, "decisions": s["decisions"], "hold": s["hold"],
            "best_behavior": s["best"], "summary": summarise(out["per_task"], plan.discount),
@@ -113,38 +252,20 @@ def finish(a: argparse.Namespace, plan: PlanConfig, ev: EvalConfig, out: dict, t
     res["seconds"] = time.time() - t_start
     write_json_atomic(root / "mbpo.json", nan_to_none(res))
     write_text_atomic(root / "mbpo.md", "\n".join(md_lines(res)) + "\n")
-    report_main(["--scale", a.scale])
+    report_main(["--scale", scale])
     return res
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The command line."""
-    p = argparse.ArgumentParser(prog="whale plan", description=__doc__.split("\n")[0])
-    p.add_argument("--scale", default="demo")
-    p.add_argument("--config", default=None, help="default stages/<scale>/plan.yaml")
-    p.add_argument("--data-config", default=None, help="default stages/<scale>/data.yaml")
-    p.add_argument("--starts", type=int, default=None, help="evaluation start states per task (overrides the YAML)")
-    p.add_argument("--tune-starts", type=int, default=None, help="λ-selection start states per task")
-    p.add_argument("--jobs", type=int, default=None, help="worker processes (one job per task and start state)")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    a.argv = list(argv)
-    a.config = a.config or str(Path("stages") / a.scale / "plan.yaml")
-    a.data_config = a.data_config or str(Path("stages") / a.scale / "data.yaml")
-    return a
 
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate and report; prints the table."""
-    from whale_pl.plan.report import table_lines
-
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="whale plan", description=__doc__.split("\n")[0])
+    p.add_argument("--scale", default="demo")
+    scale = p.parse_args(argv).scale
     os.environ.setdefault("MUJOCO_GL", "egl")
-    a = parse_args(list(sys.argv[1:] if argv is None else argv))
     t_start = time.time()
-    plan, ev = load_plan_yaml(a.config)
-    over = {k: v for k, v in (("starts", a.starts), ("tune_starts", a.tune_starts), ("jobs", a.jobs)) if v}
-    ev = replace(ev, **over).check()
-    res = finish(a, plan, ev, evaluate(a, plan, ev), t_start)
+    plan, ev = load_plan_yaml(Path("stages") / scale / "plan.yaml")
+    res = finish(scale, " ".join(["whale plan", *argv]), plan, ev, evaluate(scale, plan, ev), t_start)
     print("\n".join(table_lines(res)))
-    print(f"[plan] wrote runs/{a.scale}/mbpo.md and mbpo.json in {res['seconds'] / 60:.1f} min")
+    print(f"[plan] wrote runs/{scale}/mbpo.md and mbpo.json in {res['seconds'] / 60:.1f} min")
     return 0
