@@ -99,7 +99,7 @@ def test_readers_get_disjoint_episodes(tiny_shards):
         seen = []
         for rank in range(world):
             dm = ClipDataModule(str(tiny_shards), clip_len=4, batch_size=8, num_workers=0, steps_per_epoch=6,
-                                train_splits=[split], rank=rank, world_size=world, verify=False)
+                                train_splits=[split], rank=rank, world_size=world)
             dm.setup("fit")
             seen.append({e for b in dm.train_dataloader() for e in b["episode"].tolist()})
         for i in range(world):
@@ -154,13 +154,11 @@ def test_metaworld_datamodule_reuses_shards_and_serves_episodes(tiny_data_yaml, 
     dm.setup("fit")
     b = next(iter(dm.train_dataloader()))
     assert b["frames"].shape == (2, 8, 3, 32, 32)
-    assert dm.held_out_policies == ["noise_1.0"] and dm.data_spec["metaworld"]["camera"] == "corner2"
+    assert dm.data_spec["metaworld"]["ood_policies"] == ["noise_1.0"] and dm.data_spec["metaworld"]["camera"] == "corner2"
     ood = dm.episodes("ood")
     assert len(ood) == 4 and {e.meta["policy"]["name"] for e in ood} == {"noise_1.0"}
-    assert [len(v) for v in dm.episodes_by_policy("val").values()] == [2, 2, 2]
-    assert len(dm.episodes("train", family="lag", task="push-v3")) == 2
-    with pytest.raises(ValueError, match=r"no policy 'lag_9'; valid: \['expert', 'lag_3'"):
-        dm.episodes("ood", policy="lag_9")
+    assert [e.meta["episode_id"] for e in dm.iter_episodes("val")] == [e.meta["episode_id"] for e in
+                                                                       iter_episodes(tiny_shards, ["val"])]
 
 
 def test_missing_data_errors(tmp_path):
