@@ -53,22 +53,18 @@ class _DirInfo:
 class ClipStream(IterableDataset):
     """Endless weighted clip stream cut into exactly ``steps`` batches per rank per epoch."""
 
-    def __init__(self, dirs: list[_DirInfo], weights: list[float], splits: Sequence[str], clip_len: int,
-                 frame_stride: int, retrace_strides: Sequence[int], retrace_prob: float, batch_size: int,
-                 steps: int, rank: int, world_size: int, seed: int, families: list[str], policies: list[str],
-                 ood_policies: set[str], state_dim: int, fixed_seed: bool = False,
-                 retrace_clip_len: int | None = None):
+    def __init__(self, dm: "ClipDataModule", dirs: list[_DirInfo], weights: list[float], train: bool):
+        """The train or the validation stream of ``dm`` (its settings copied: workers get no datamodule)."""
         super().__init__()
-        self.dirs, self.splits = dirs, tuple(splits)
-        self.p = np.asarray(weights, np.float64) / np.sum(weights)
-        self.clip_len, self.frame_stride = clip_len, frame_stride
-        self.retrace_strides, self.retrace_prob = list(retrace_strides), retrace_prob
-        self.retrace_clip_len = retrace_clip_len or clip_len  # ClipDataModule checks it is <= clip_len
-        self.batch_size, self.steps = batch_size, steps
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.families, self.policies, self.ood_policies = families, policies, ood_policies
-        self.state_dim, self.fixed_seed = state_dim, fixed_seed
-        self.epoch = 0
+        self.dirs, self.p = dirs, np.asarray(weights, np.float64) / np.sum(weights)
+        self.splits = tuple(dm.train_splits if train else dm.val_splits)
+        self.clip_len, self.steps = (dm.clip_len, dm.steps_per_epoch) if train else (dm.val_clip_len, dm.val_steps)
+        self.retrace_strides, self.retrace_prob = (dm.retrace_strides, dm.retrace_prob) if train else ([], 0.0)
+        self.retrace_clip_len = dm.retrace_clip_len or dm.clip_len
+        self.seed, self.fixed_seed, self.epoch = dm.seed if train else dm.seed + 7919, not train, 0
+        self.frame_stride, self.batch_size, self.state_dim = dm.frame_stride, dm.batch_size, dm.state_dim
+        self.rank, self.world_size = dm._rank, dm._world
+        self.families, self.policies, self.ood_policies = dm.families, dm.policies, set(dm.ood_policies)
         for d in dirs:
             if not d.shards(self.splits):
                 raise ShardError(f"{d.path}: no shards of split(s) {list(self.splits)} "
@@ -77,7 +73,8 @@ class ClipStream(IterableDataset):
     def __len__(self) -> int:
         return self.steps
 
-    def _episodes(self, d: _DirInfo, reader: int, n_readers: int, rng: np.random.Generator) -> Iterator[tuple[int, Episode]]:
+    def _episodes(self, d: _DirInfo, reader: int, n_readers: int, rng: np.random.Generator) -> Iterator[tuple]:
+        """(episode index, episode) of this reader's share of ``d``, endlessly, each pass in a new shard order."""
         shards = d.shards(self.splits)
         if len(shards) >= n_readers:
             mine, keys = shards[reader::n_readers], None
@@ -85,8 +82,8 @@ class ClipStream(IterableDataset):
             all_keys = [(s["name"], k) for s in shards for k in s["keys"]]
             own = all_keys[reader::n_readers]
             if not own:
-                raise ShardError(f"{d.path}: split(s) {list(self.splits)} hold {len(all_keys)} episodes, fewer than the "
-                                 f"{n_readers} readers (world_size x num_workers); use fewer workers or more data")
+                raise ShardError(f"{d.path}: split(s) {list(self.splits)} hold {len(all_keys)} episodes, fewer than "
+                                 f"the {n_readers} readers (world_size x num_workers); use fewer workers or more data")
             names = {s for s, _ in own}
             mine, keys = [s for s in shards if s["name"] in names], {k for _, k in own}
         usable, skipped = 0, 0
@@ -105,9 +102,9 @@ class ClipStream(IterableDataset):
                     usable += 1
                     yield d.episode_index(sh, key), ep
             if usable == 0:
-                raise ShardError(f"{d.path}: no episode of split(s) {list(self.splits)} read by reader {reader}/{n_readers}"
-                                 f" has the {need} frames a clip needs (clip_len={self.clip_len}, frame_stride="
-                                 f"{self.frame_stride})")
+                raise ShardError(f"{d.path}: no episode of split(s) {list(self.splits)} read by reader "
+                                 f"{reader}/{n_readers} has the {need} frames a clip needs (clip_len={self.clip_len}, "
+                                 f"frame_stride={self.frame_stride})")
 
     def _clip(self, d: _DirInfo, ep_idx: int, ep: Episode, rng: np.random.Generator, m: int, T: int) -> dict[str, Any]:
         """T frames (or ids) every m * frame_stride recorded steps; an episode too short for m takes the largest
@@ -176,8 +173,8 @@ class ClipStream(IterableDataset):
             return
         epoch = 0 if self.fixed_seed else self.epoch
         rng = np.random.default_rng([self.seed, epoch, self.rank, wid])
-        sources = [self._episodes(d, reader, n_readers, np.random.default_rng([self.seed, epoch, self.rank, wid, d.index]))
-                   for d in self.dirs]
+        sources = [self._episodes(d, reader, n_readers, np.random.default_rng([self.seed, epoch, self.rank, wid,
+                                                                              d.index])) for d in self.dirs]
         pools: list[list[list]] = [[] for _ in self.dirs]  # per dir: [ep_idx, episode, clips left]
         cum_p = np.minimum(np.cumsum(self.p), 1.0)
         cum_p[-1] = 1.0
@@ -333,8 +330,6 @@ class ClipDataModule(L.LightningDataModule):
             self._world = tr.world_size if tr is not None else 1
         else:
             self._rank, self._world = int(self.rank), int(self.world_size)
-        if not 0 <= self._rank < self._world:
-            raise ValueError(f"rank {self._rank} not in [0, world_size={self._world})")
         if self._train_ds is not None and (self._train_ds.rank, self._train_ds.world_size) != (self._rank, self._world):
             self._train_ds = None
         self._load()
@@ -352,13 +347,7 @@ class ClipDataModule(L.LightningDataModule):
                 log.info("validation leaves out %s (no %s shards)",
                          [d.name for d in dirs if not d.shards(self.val_splits)], self.val_splits)
             dirs, weights = [dirs[i] for i in have], [weights[i] for i in have]
-        return ClipStream(
-            dirs, weights, self.train_splits if train else self.val_splits,
-            self.clip_len if train else self.val_clip_len,
-            self.frame_stride, self.retrace_strides if train else [], self.retrace_prob if train else 0.0,
-            self.batch_size, self.steps_per_epoch if train else self.val_steps, self._rank, self._world,
-            self.seed if train else self.seed + 7919, self.families, self.policies, set(self.ood_policies),
-            self.state_dim, fixed_seed=not train, retrace_clip_len=self.retrace_clip_len if train else None)
+        return ClipStream(self, dirs, weights, train)
 
     def _loader(self, ds: ClipStream) -> DataLoader:
         nw = min(self.num_workers, max(1, ds.steps))

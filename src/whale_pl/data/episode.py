@@ -33,16 +33,17 @@ class ActionSpace:
     gripper_index: int | None = None
 
     def __post_init__(self) -> None:
-        a = len(self.names)
-        groups = list(self.sum_dims) + list(self.rot_dims) + ([self.gripper_index] if self.gripper_index is not None else [])
-        bad = [i for i in groups if not (0 <= int(i) < a)]
-        if bad:
-            raise EpisodeError(f"ActionSpace {self.names}: dimension indices {bad} out of range [0, {a})")
-        if len(set(groups)) != len(groups):
-            raise EpisodeError(f"ActionSpace {self.names}: a dimension is in more than one group "
-                               f"(sum_dims={self.sum_dims}, rot_dims={self.rot_dims}, gripper_index={self.gripper_index})")
+        groups = self._grouped()
+        if any(not 0 <= int(i) < len(self.names) for i in groups) or len(set(groups)) != len(groups):
+            raise EpisodeError(f"ActionSpace {self.names}: a dimension index is out of range or in more than one "
+                               f"group (sum_dims={self.sum_dims}, rot_dims={self.rot_dims}, "
+                               f"gripper_index={self.gripper_index})")
         if len(self.rot_dims) not in (0, 3):
-            raise EpisodeError(f"ActionSpace {self.names}: rot_dims must be empty or (roll, pitch, yaw), got {self.rot_dims}")
+            raise EpisodeError(f"ActionSpace {self.names}: rot_dims must be empty or (roll, pitch, yaw), "
+                               f"got {self.rot_dims}")
+
+    def _grouped(self) -> list[int]:
+        return [*self.sum_dims, *self.rot_dims, *([] if self.gripper_index is None else [self.gripper_index])]
 
     @property
     def dim(self) -> int:
@@ -52,7 +53,7 @@ class ActionSpace:
     @property
     def uncomposable_dims(self) -> list[int]:
         """Dims in none of the sum / rotation / gripper groups."""
-        known = set(self.sum_dims) | set(self.rot_dims) | ({self.gripper_index} if self.gripper_index is not None else set())
+        known = set(self._grouped())
         return [i for i in range(self.dim) if i not in known]
 
     @property
@@ -92,7 +93,7 @@ class ActionSpace:
         return cls(**d)
 
 
-METAWORLD_ACTION_SPACE = ActionSpace(names=["dx", "dy", "dz", "gripper"], sum_dims=[0, 1, 2], rot_dims=[], gripper_index=3)
+METAWORLD_ACTION_SPACE = ActionSpace(names=["dx", "dy", "dz", "gripper"], sum_dims=[0, 1, 2], gripper_index=3)
 EEF7_ACTION_SPACE = ActionSpace(names=["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"],
                                 sum_dims=[0, 1, 2], rot_dims=[3, 4, 5], gripper_index=6)
 
@@ -198,7 +199,8 @@ class Episode:
         ep.validate(loc)
         name = "ids" if tokens else "frames"
         if frame_size is not None and tuple(px.shape[1:3]) != tuple(frame_size):
-            raise EpisodeError(f"{loc}: field '{name}' has size {tuple(px.shape[1:3])}, manifest says {tuple(frame_size)}")
+            raise EpisodeError(f"{loc}: field '{name}' has size {tuple(px.shape[1:3])}, manifest says "
+                               f"{tuple(frame_size)}")
         if action_dim is not None and ep.actions.shape[1] != action_dim:
             raise EpisodeError(f"{loc}: field 'actions' has {ep.actions.shape[1]} dims, manifest says {action_dim}")
         return ep

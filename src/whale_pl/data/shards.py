@@ -237,7 +237,7 @@ def read_manifest(data_dir: str | Path) -> dict:
     mp = d / MANIFEST
     if not mp.exists():
         tars = sorted(p.name for p in d.glob("shard-*.tar"))
-        what = f"has {len(tars)} shards but no {MANIFEST} (incomplete write?)" if tars else "is empty (no shards, no manifest)"
+        what = f"has {len(tars)} shards but no {MANIFEST} (incomplete write?)" if tars else "is empty"
         raise ShardError(f"{d}: dataset directory {what}")
     try:
         m = json.loads(mp.read_text())
@@ -248,7 +248,7 @@ def read_manifest(data_dir: str | Path) -> dict:
     return m
 
 
-def verify_dataset(data_dir: str | Path, checksums: bool = True) -> dict:
+def verify_dataset(data_dir: str | Path) -> dict:
     """The manifest, once every shard it lists exists with its size (and sha256) and no other shard is there."""
     d = Path(data_dir)
     m = read_manifest(d)
@@ -262,7 +262,7 @@ def verify_dataset(data_dir: str | Path, checksums: bool = True) -> dict:
             raise ShardError(f"{p}: shard listed in the manifest is missing")
         if p.stat().st_size != s["bytes"]:
             raise ShardError(f"{p}: size {p.stat().st_size} bytes, manifest says {s['bytes']}")
-        if checksums and (h := sha256_file(p)) != s["sha256"]:
+        if (h := sha256_file(p)) != s["sha256"]:
             raise ShardError(f"{p}: sha256 {h[:16]}... does not match the manifest's {s['sha256'][:16]}...")
     return m
 
@@ -297,7 +297,8 @@ def _members(path: str, buf: mmap.mmap, keys: set[str] | None) -> Iterator[tuple
         try:
             info = tarfile.TarInfo.frombuf(hdr, "utf-8", "surrogateescape")
         except tarfile.HeaderError as e:
-            raise ShardError(f"{path}: corrupt tar header at byte {pos} (after key {last_key}): {e}", key=last_key) from e
+            raise ShardError(f"{path}: corrupt tar header at byte {pos} (after key {last_key}): {e}",
+                             key=last_key) from e
         start, end = pos + 512, pos + 512 + info.size
         pos = start + -(-info.size // 512) * 512
         if not info.isfile():

@@ -122,7 +122,8 @@ class TokenJob:
     def check(self, found: dict, where: str, found_tokenizer: str, found_source: str) -> None:
         """Refuse parts or a manifest of another tokenizer or source (``found``: their identity, made from
         ``found_tokenizer`` and ``found_source``), naming both values of each that differs."""
-        what = {"tokenizer_sha256": "tokenizer checkpoint sha256", "source_manifest_sha256": "source dataset manifest sha256"}
+        what = {"tokenizer_sha256": "tokenizer checkpoint sha256",
+                "source_manifest_sha256": "source dataset manifest sha256"}
         bad = [f"{what[k]}: theirs {found.get(k)} (from {found_tokenizer} / {found_source}) != this {v} (from "
                f"{self.tokenizer_ckpt} / {self.source})" for k, v in self.identity.items() if found.get(k) != v]
         if bad:
