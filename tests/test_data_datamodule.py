@@ -57,8 +57,8 @@ def test_batch_layout_contents_and_normalisation(tiny_shards):
             np.testing.assert_array_equal(x["actions"][i, :, 3].numpy(), raw[:, 3])  # gripper raw
             np.testing.assert_allclose(x["rewards"][i].numpy(), ep.rewards[win].sum(1), atol=1e-5)
             np.testing.assert_array_equal(x["state"][i].numpy(), ep.state[idx])
-            assert dm.policies[int(x["policy"][i])] == ep.meta["policy"]["name"]
-            assert dm.families[int(x["family"][i])] == ep.meta["policy"]["family"]
+            assert dm.data_spec["policies"][int(x["policy"][i])] == ep.meta["policy"]["name"]
+            assert dm.data_spec["families"][int(x["family"][i])] == ep.meta["policy"]["family"]
             assert not bool(x["ood"][i])
     spec = dm.data_spec
     assert spec["frame_size"] == [32, 32] and spec["action_dim"] == 4 and spec["state_dim"] == 39
@@ -142,7 +142,7 @@ def test_weighted_dirs_each_normalised_with_own_stats(tiny_shards, tmp_path):
     raw = torch.cat([b["actions_raw"][:, :, :3] for b in batches])
     # raw actions of the shifted dir are ~3; normalised with its own stats both dirs are ~N(0, 1)
     assert raw[ds == 1].mean() > 2.5 and a[ds == 1].mean().abs() < 0.5 and a[ds == 0].abs().mean() < 2
-    assert dm.state_dim == 0 and batches[0]["state"].shape[-1] == 0  # dirs disagree on state: none served
+    assert dm.data_spec["state_dim"] == 0 and batches[0]["state"].shape[-1] == 0  # dirs disagree on state: none served
     assert len(dm.data_spec["datasets"]) == 2
 
 

@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover - lightning is a dependency
     import pytorch_lightning as L  # type: ignore
 
 from whale_pl.data.episode import ActionSpace, Episode, load_npz
-from whale_pl.data.shards import ShardError, iter_shard_episodes, iter_tar_samples, verify_dataset
+from whale_pl.data.shards import ShardError, iter_episodes, iter_shard_episodes, iter_tar_samples, verify_dataset
 from whale_pl.data.tokens import read_token_manifest
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,10 @@ class ClipStream(IterableDataset):
         self.retrace_strides, self.retrace_prob = (dm.retrace_strides, dm.retrace_prob) if train else ([], 0.0)
         self.retrace_clip_len = dm.retrace_clip_len or dm.clip_len
         self.seed, self.fixed_seed, self.epoch = dm.seed if train else dm.seed + 7919, not train, 0
-        self.frame_stride, self.batch_size, self.state_dim = dm.frame_stride, dm.batch_size, dm.state_dim
+        spec = dm.data_spec
+        self.frame_stride, self.batch_size, self.state_dim = dm.frame_stride, dm.batch_size, spec["state_dim"]
         self.rank, self.world_size = dm._rank, dm._world
-        self.families, self.policies, self.ood_policies = dm.families, dm.policies, set(dm.ood_policies)
+        self.families, self.policies, self.ood_policies = spec["families"], spec["policies"], set(spec["ood_policies"])
         for d in dirs:
             if not d.shards(self.splits):
                 raise ShardError(f"{d.path}: no shards of split(s) {list(self.splits)} "
@@ -125,16 +126,11 @@ class ClipStream(IterableDataset):
             a_raw = d.space.compose(ep.actions[win]).astype(np.float32)
             rew = ep.rewards[win].sum(1)
             suc = ep.success[win[:, -1]]
-        scale = np.where(d.space.normalised_mask, k, 0).astype(np.float32)
-        a = (a_raw - scale * d.mean) / d.std
-        a[:, ~d.space.normalised_mask] = a_raw[:, ~d.space.normalised_mask]
-        if self.state_dim and ep.state is not None:
-            state = ep.state[idx]
-        else:
-            state = np.zeros((T, self.state_dim), np.float32)
+        a = (a_raw - k * d.mean) / d.std  # the gripper's mean 0, std 1: it stays raw
+        state = ep.state[idx] if self.state_dim and ep.state is not None else np.zeros((T, self.state_dim), np.float32)
         pol = ep.meta.get("policy") or {}
-        pname = pol.get("name", "unknown") if isinstance(pol, dict) else str(pol)
-        fam = pol.get("family", pname) if isinstance(pol, dict) else pname
+        pname = pol.get("name", "unknown")
+        fam = pol.get("family", pname)
         pixels = ("frames", ep.frames) if ep.ids is None else ("ids", ep.ids)
         return {pixels[0]: pixels[1][start:start + T * k:k], "actions": a.astype(np.float32),
                 "actions_raw": a_raw.astype(np.float32),
@@ -280,43 +276,23 @@ class ClipDataModule(L.LightningDataModule):
         return self._dirs
 
     @property
-    def families(self) -> list[str]:
-        """Behavior-policy families of all directories, sorted."""
-        return sorted({f for d in self._load() for f in d.m["families"]})
-
-    @property
-    def policies(self) -> list[str]:
-        """Behavior-policy names of all directories, sorted."""
-        return sorted({p for d in self._load() for p in d.m["policies"]})
-
-    @property
-    def ood_policies(self) -> list[str]:
-        """Policies that appear only in the ood split."""
-        return sorted({n for d in self._load() for n, p in d.m["policies"].items() if set(p["splits"]) == {"ood"}})
-
-    @property
-    def state_dim(self) -> int:
-        """The proprioceptive state size shared by all directories (0 if they differ)."""
-        dims = {d.m["state_dim"] for d in self._load()}
-        return dims.pop() if len(dims) == 1 else 0
-
-    @property
     def data_spec(self) -> dict:
         """What a model trained on these batches depends on; stored in every stage checkpoint."""
         dirs = self._load()
-        d0 = dirs[0]
+        d0, state_dims = dirs[0], {d.m["state_dim"] for d in dirs}
         return {
             "frame_size": list(d0.m["frame_size"]),
             "action_dim": int(d0.m["action_dim"]),
             "action_space": d0.m["action_space"],
             "action_mean": [float(x) for x in d0.mean],
             "action_std": [float(x) for x in d0.std],
-            "state_dim": self.state_dim,
+            "state_dim": state_dims.pop() if len(state_dims) == 1 else 0,  # none served when directories differ
             "frame_stride": self.frame_stride,
             "retrace_strides": list(self.retrace_strides) if self.retrace_prob > 0 else [],
-            "families": self.families,
-            "policies": self.policies,
-            "ood_policies": self.ood_policies,
+            "families": sorted({f for d in dirs for f in d.m["families"]}),
+            "policies": sorted({p for d in dirs for p in d.m["policies"]}),
+            "ood_policies": sorted({n for d in dirs for n, p in d.m["policies"].items()
+                                    if set(p["splits"]) == {"ood"}}),  # policies seen only in the ood split
             "datasets": [{"name": d.name, "action_mean": [float(x) for x in d.mean],
                           "action_std": [float(x) for x in d.std], "weight": float(w)}
                          for d, w in zip(dirs, self.weights)],
@@ -371,11 +347,8 @@ class ClipDataModule(L.LightningDataModule):
         return sum(max(0, n - need + 1) for n in lengths)
 
     def iter_episodes(self, split: str) -> Iterator[Episode]:
-        """Whole episodes of ``split`` of the first directory, in manifest order, streamed."""
-        d = self._load()[0]
-        for sh in d.shards([split]):
-            for _, ep in iter_shard_episodes(d.path, sh, d.m):
-                yield ep
+        """Whole episodes of ``split`` of the first directory (its tokens with ``tokens``), in manifest order."""
+        return iter_episodes(self._load()[0].path, [split], verify=False)  # verified by _load
 
     def episodes(self, split: str) -> list[Episode]:
         """``iter_episodes`` as a list."""

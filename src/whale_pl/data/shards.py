@@ -180,7 +180,6 @@ class ShardWriter:
             self._stats[split] = _ActionStats(ep.actions.shape[1])
         self._stats[split].add(ep.actions)
         pol = ep.meta.get("policy") or {}
-        pol = pol if isinstance(pol, dict) else {"name": str(pol)}
         name = pol.get("name", "unknown")
         p = self._policies.setdefault(name, {"family": pol.get("family", name), "params": pol.get("params", {}),
                                              "splits": {}, "episodes": 0, "frames": 0, "returns": [], "successes": []})
