@@ -126,9 +126,8 @@ def test_corrupt_member_named(small_ds):
         fh.write(b"\xff" * 64)
     with pytest.raises(ShardError, match=r"shard-000001\.tar: sha256"):
         verify_dataset(small_ds)
-    with pytest.raises(ShardError, match=r"shard-000001\.tar key ep0000004: field 'frames'") as ei:
+    with pytest.raises(ShardError, match=r"shard-000001\.tar key ep0000004: field 'frames'"):
         list(iter_episodes(small_ds, verify=False))
-    assert ei.value.key == "ep0000004"
 
 
 def test_checksum_and_listing_mismatch(small_ds):

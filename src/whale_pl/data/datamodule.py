@@ -41,10 +41,6 @@ class _DirInfo:
         first = np.cumsum([0] + [len(sh["keys"]) for sh in manifest["shards"]])  # index of each shard's first episode
         self.shard_offset = {sh["name"]: int(n) for sh, n in zip(manifest["shards"], first)}
 
-    def episode_index(self, shard: dict, key: str) -> int:
-        """The dataset-wide index of episode ``key`` of ``shard``."""
-        return self.shard_offset[shard["name"]] + shard["keys"].index(key)
-
     def shards(self, splits: Sequence[str]) -> list[dict]:
         """The manifest's shards of ``splits``."""
         return [s for s in self.m["shards"] if s["split"] in splits]
@@ -101,7 +97,7 @@ class ClipStream(IterableDataset):
                                         "%d frames)", d.path, skipped, need, sh["name"], key, len(ep))
                         continue
                     usable += 1
-                    yield d.episode_index(sh, key), ep
+                    yield d.shard_offset[sh["name"]] + sh["keys"].index(key), ep
             if usable == 0:
                 raise ShardError(f"{d.path}: no episode of split(s) {list(self.splits)} read by reader "
                                  f"{reader}/{n_readers} has the {need} frames a clip needs (clip_len={self.clip_len}, "

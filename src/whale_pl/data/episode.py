@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-SAMPLE_EXTS = ("frames.npz", "steps.npz", "meta.json")
 STEP_FIELDS = ("actions", "rewards", "success", "is_first", "is_last", "is_terminal")
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -70,10 +69,8 @@ class ActionSpace:
         actions_KA = np.asarray(actions_KA)
         bad = self.uncomposable_dims
         if bad:
-            raise EpisodeError(
-                f"ActionSpace cannot compose dims {[self.names[i] for i in bad]}: each dim must be in sum_dims, "
-                f"rot_dims or be the gripper (names={self.names}, sum_dims={self.sum_dims}, rot_dims={self.rot_dims}, "
-                f"gripper_index={self.gripper_index})")
+            raise EpisodeError(f"ActionSpace cannot compose dims {[self.names[i] for i in bad]}: each dim must be in "
+                               f"sum_dims, rot_dims or be the gripper ({self})")
         out = np.empty(actions_KA.shape[:-2] + (self.dim,), dtype=actions_KA.dtype)
         if self.sum_dims:
             out[..., self.sum_dims] = actions_KA[..., :, self.sum_dims].sum(axis=-2)

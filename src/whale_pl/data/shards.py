@@ -31,10 +31,6 @@ MAX_SHARD_BYTES = 512 << 20
 class ShardError(ValueError):
     """A dataset directory, shard or sample is missing, corrupt or disagrees with its manifest."""
 
-    def __init__(self, msg: str, key: str | None = None):
-        super().__init__(msg)
-        self.key = key
-
 
 class _ActionStats:
     """Running mean/std/min/max (exact, float64) and q01/q99 (exact up to 1M rows, then a reservoir)."""
@@ -73,7 +69,7 @@ class _ActionStats:
 
 
 class _OpenShard:
-    """A shard being written under a temporary name."""
+    """A shard being written under a temporary name, renamed when complete."""
 
     def __init__(self, final: Path, split: str):
         self.final, self.split = final, split
@@ -153,7 +149,7 @@ class ShardWriter:
         split = episode.meta.get("split", "train")
         if key in self._keys or split not in SPLITS or "action_space" not in episode.meta:
             raise ShardError(f"{where}: the key must be unique, meta must hold 'action_space' and a split in "
-                             f"{SPLITS} (got {split!r})", key=key)
+                             f"{SPLITS} (got {split!r})")
         if sample is None:
             sample = episode.to_sample(key)  # validates
         else:
@@ -163,7 +159,7 @@ class ShardWriter:
         self._ref = self._ref or ref
         if ref != self._ref:
             diff = {k: (ref[k], self._ref[k]) for k in ref if ref[k] != self._ref[k]}
-            raise ShardError(f"{where}: differs from the dataset's first episode in {diff} (this, first)", key=key)
+            raise ShardError(f"{where}: differs from the dataset's first episode in {diff} (this, first)")
         sh = self._open.get(split)
         if sh is None:
             sh = self._open[split] = _OpenShard(self.out_dir / f"shard-{self._next_shard:06d}.tar", split)
@@ -267,9 +263,8 @@ def verify_dataset(data_dir: str | Path) -> dict:
 
 
 def iter_tar_samples(path: str | Path, keys: set[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Group a WebDataset tar's members by key: {'__key__', '__url__', ext: bytes, ...}, parsing the plain
-    ustar headers ``ShardWriter`` writes straight from a memory map (checksums checked). With ``keys`` the
-    other samples come back as ``__skipped__`` stubs, not copied."""
+    """The samples {'__key__', '__url__', ext: bytes, ...} of a WebDataset tar (only ``keys``, when given), read
+    from a memory map by parsing the plain ustar headers ``ShardWriter`` writes (checksums checked)."""
     path = str(path)
     try:
         with open(path, "rb") as fh:
@@ -280,14 +275,12 @@ def iter_tar_samples(path: str | Path, keys: set[str] | None = None) -> Iterator
         for key, items in itertools.groupby(_members(path, buf, keys), key=lambda m: m[0]):
             if keys is None or key in keys:
                 yield {"__key__": key, "__url__": path, **{ext: data for _, ext, data in items}}
-            else:
-                yield {"__key__": key, "__url__": path, "__skipped__": True}
     finally:
         buf.close()
 
 
 def _members(path: str, buf: mmap.mmap, keys: set[str] | None) -> Iterator[tuple[str, str, Any]]:
-    """(key, ext, bytes) of every file member; the bytes are None for a key not in ``keys``."""
+    """(key, ext, bytes) of every file member; the bytes are None for a key not in ``keys`` (not copied)."""
     pos, n, last_key = 0, len(buf), None
     while pos + 512 <= n:
         hdr = buf[pos:pos + 512]
@@ -296,19 +289,17 @@ def _members(path: str, buf: mmap.mmap, keys: set[str] | None) -> Iterator[tuple
         try:
             info = tarfile.TarInfo.frombuf(hdr, "utf-8", "surrogateescape")
         except tarfile.HeaderError as e:
-            raise ShardError(f"{path}: corrupt tar header at byte {pos} (after key {last_key}): {e}",
-                             key=last_key) from e
+            raise ShardError(f"{path}: corrupt tar header at byte {pos} (after key {last_key}): {e}") from e
         start, end = pos + 512, pos + 512 + info.size
         pos = start + -(-info.size // 512) * 512
         if not info.isfile():
             continue
         key, _, ext = os.path.basename(info.name).partition(".")
         if end > n:
-            raise ShardError(f"{path} key {key}: member {info.name!r} truncated ({n - start} of {info.size} bytes)",
-                             key=key)
+            raise ShardError(f"{path} key {key}: member {info.name!r} truncated ({n - start} of {info.size} bytes)")
         last_key = key
         yield key, ext, (buf[start:end] if keys is None or key in keys else None)
-    raise ShardError(f"{path}: tar lacks its end-of-archive blocks (truncated after key {last_key}?)", key=last_key)
+    raise ShardError(f"{path}: tar lacks its end-of-archive blocks (truncated after key {last_key}?)")
 
 
 def decode_sample(sample: dict[str, Any], manifest: dict) -> Episode:
@@ -318,7 +309,7 @@ def decode_sample(sample: dict[str, Any], manifest: dict) -> Episode:
     try:
         return Episode.from_sample(sample, frame_size=size, action_dim=manifest["action_dim"])
     except EpisodeError as e:
-        raise ShardError(str(e), key=sample.get("__key__")) from e
+        raise ShardError(str(e)) from e
 
 
 def iter_shard_episodes(data_dir: str | Path, shard: dict, manifest: dict,
@@ -327,16 +318,14 @@ def iter_shard_episodes(data_dir: str | Path, shard: dict, manifest: dict,
     path = Path(data_dir) / shard["name"]
     if not path.exists():
         raise ShardError(f"{path}: shard listed in the manifest is missing")
-    seen = []
+    seen, want = [], [k for k in shard["keys"] if keys is None or k in keys]
     for s in iter_tar_samples(path, keys=keys):
         seen.append(s["__key__"])
-        if not s.get("__skipped__"):
-            yield s["__key__"], decode_sample(s, manifest)
-    if seen != shard["keys"]:
-        missing = [k for k in shard["keys"] if k not in seen]
-        unexpected = [k for k in seen if k not in shard["keys"]]
-        raise ShardError(f"{path}: keys differ from the manifest (missing {missing[:5]}, unexpected {unexpected[:5]})",
-                         key=(missing or unexpected)[0])
+        yield s["__key__"], decode_sample(s, manifest)
+    if seen != want:
+        missing = [k for k in want if k not in seen]
+        unexpected = [k for k in seen if k not in want]
+        raise ShardError(f"{path}: keys differ from the manifest (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
 def iter_episodes(data_dir: str | Path, splits: Iterable[str] | None = None, verify: bool = True) -> Iterator[Episode]:

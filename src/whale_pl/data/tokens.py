@@ -49,16 +49,6 @@ def encode_frames(tok: torch.nn.Module, frames_BTCHW: torch.Tensor) -> torch.Ten
     return ids_N1hw[:, 0].unflatten(0, (B, T))
 
 
-@torch.no_grad()
-def encode_episode(tok: torch.nn.Module, frames_THWC: np.ndarray, device: torch.device | str) -> np.ndarray:
-    """Token ids ``[T, h, w]`` of one episode's uint8 frames ``[T, H, W, 3]``, in the smallest dtype that holds
-    the codebook."""
-    frames = torch.from_numpy(np.ascontiguousarray(frames_THWC)).permute(0, 3, 1, 2)
-    ids = [encode_frames(tok, frames[i : i + BATCH_FRAMES, None].to(device))[:, 0].cpu()
-           for i in range(0, len(frames), BATCH_FRAMES)]
-    return torch.cat(ids).numpy().astype(ids_dtype(tok.codebook_size))
-
-
 def read_token_manifest(token_dir: str | Path, source_dir: str | Path | None = None) -> dict:
     """A complete token dataset's manifest, verified (sizes, sha256, counts); with ``source_dir`` it must
     have been made from that very dataset (its manifest's sha256), else TokenError naming both."""
@@ -148,10 +138,6 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _part_path(out: Path, shard: str) -> Path:
-    return out / PARTS / f"{shard}.json"
-
-
 def _checked_part(job: TokenJob, p: Path) -> dict:
     """The part recorded at ``p``, refused when made with another tokenizer or from another source."""
     part = json.loads(p.read_text())
@@ -161,7 +147,7 @@ def _checked_part(job: TokenJob, p: Path) -> dict:
 
 def _kept_part(job: TokenJob, shard: dict) -> dict | None:
     """The recorded part of ``shard`` when its token shard is still the one recorded, else None."""
-    p = _part_path(Path(job.out), shard["name"])
+    p = Path(job.out) / PARTS / f"{shard['name']}.json"
     if not p.is_file():
         return None
     part, f = _checked_part(job, p), Path(job.out) / shard["name"]
@@ -178,8 +164,12 @@ def encode_shard(job: TokenJob, shard: dict, source_manifest: dict, tok: torch.n
     try:
         for s in iter_tar_samples(src / shard["name"]):
             ep = decode_sample(s, source_manifest)  # the source sample is checked before anything is copied
-            writer.add({"__key__": s["__key__"], "ids.npy": _npy_bytes(encode_episode(tok, ep.frames, device)),
-                        "steps.npz": bytes(s["steps.npz"]), "meta.json": bytes(s["meta.json"])}, len(ep))
+            frames = torch.from_numpy(np.ascontiguousarray(ep.frames)).permute(0, 3, 1, 2)
+            ids = [encode_frames(tok, frames[i : i + BATCH_FRAMES, None].to(device))[:, 0].cpu()
+                   for i in range(0, len(frames), BATCH_FRAMES)]  # [T, h, w]: BATCH_FRAMES frames at a time
+            ids = torch.cat(ids).numpy().astype(ids_dtype(tok.codebook_size))
+            writer.add({"__key__": s["__key__"], "ids.npy": _npy_bytes(ids), "steps.npz": bytes(s["steps.npz"]),
+                        "meta.json": bytes(s["meta.json"])}, len(ep))
         if writer.keys != shard["keys"]:
             raise TokenError(f"{src / shard['name']}: keys {writer.keys[:5]}... differ from its manifest's "
                              f"{shard['keys'][:5]}...")
@@ -188,7 +178,7 @@ def encode_shard(job: TokenJob, shard: dict, source_manifest: dict, tok: torch.n
         writer.abort()
         raise
     part = {**rec, "identity": job.identity, "tokenizer": job.tokenizer_ckpt, "source": job.source}
-    write_json_atomic(_part_path(out, shard["name"]), part)
+    write_json_atomic(out / PARTS / f"{shard['name']}.json", part)
     return part
 
 
