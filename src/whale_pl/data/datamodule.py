@@ -35,9 +35,8 @@ class _DirInfo:
         self.space = ActionSpace.from_json(manifest["action_space"])
         mask, st = self.space.normalised_mask, manifest["action_stats"]  # the gripper stays raw
         std = np.asarray(st["std"], np.float64)
-        std = np.where(np.isfinite(std) & (std > 1e-6), std, 1.0).astype(np.float32)  # a constant dim stays unscaled
         self.mean = np.where(mask, np.asarray(st["mean"], np.float32), 0.0).astype(np.float32)
-        self.std = np.where(mask, std, 1.0).astype(np.float32)
+        self.std = np.where(mask & np.isfinite(std) & (std > 1e-6), std, 1.0).astype(np.float32)  # constant: unscaled
         first = np.cumsum([0] + [len(sh["keys"]) for sh in manifest["shards"]])  # index of each shard's first episode
         self.shard_offset = {sh["name"]: int(n) for sh, n in zip(manifest["shards"], first)}
 
@@ -191,8 +190,7 @@ class ClipStream(IterableDataset):
 
 
 class _EpochLoader(DataLoader):
-    """A DataLoader that advances its train stream's epoch on every iteration after the first (fresh workers
-    get the updated copy)."""
+    """A DataLoader that advances its train stream's epoch on every pass after the first (for fresh workers)."""
 
     def __iter__(self):
         ds = self.dataset
@@ -203,10 +201,8 @@ class _EpochLoader(DataLoader):
 
 
 class ClipDataModule(L.LightningDataModule):
-    """Random clips from one or more shard directories (their token shards with ``tokens``), for every stage.
-
-    Arguments: docs/contracts.md, "Batches". ``rank`` / ``world_size`` default to the Trainer's.
-    """
+    """Random clips from one or more shard directories (their token shards with ``tokens``), for every stage;
+    arguments: docs/contracts.md, "Batches"."""
 
     def __init__(self, dirs: list[str] | str, weights: list[float] | None = None, clip_len: int = 16,
                  frame_stride: int = 1, retrace_strides: list[int] | None = None, retrace_prob: float = 0.0,
@@ -356,14 +352,12 @@ class ClipDataModule(L.LightningDataModule):
 
 
 class MetaWorldDataModule(ClipDataModule):
-    """Clips from a Meta-World dataset config (``stages/<scale>/data.yaml``), collected by ``prepare_data``
-    into its ``out`` directory unless complete shards of that config are there."""
+    """Clips from a Meta-World dataset config (``stages/<scale>/data.yaml``), collected by ``prepare_data``."""
 
     def __init__(self, config: str, **kwargs: Any):
         """``kwargs``: ``ClipDataModule``'s arguments but ``dirs``."""
         from whale_pl.data.metaworld import CollectConfig
 
-        self.config_path = str(config)
         self.collect_config = CollectConfig.from_yaml(config)
         super().__init__(dirs=[self.collect_config.out], **kwargs)
 
@@ -372,12 +366,6 @@ class MetaWorldDataModule(ClipDataModule):
         from whale_pl.data.metaworld import ensure_collected
 
         ensure_collected(self.collect_config)
-
-    def _load(self) -> list[_DirInfo]:
-        if self._dirs is None and not Path(self.collect_config.out, "manifest.json").exists():
-            raise ShardError(f"{self.collect_config.out}: no dataset yet; call prepare_data() (Lightning does) or run "
-                             f"`whale-data metaworld --config {self.config_path}`")
-        return super()._load()
 
     @property
     def data_spec(self) -> dict:

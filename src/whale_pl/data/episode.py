@@ -153,8 +153,6 @@ class Episode:
         if space is not None and self.actions.shape[1] != len(space["names"]):
             raise EpisodeError(f"{where}: field 'actions' has {self.actions.shape[1]} dims, action_space says "
                                f"{space['names']}")
-        if not isinstance(self.language, str):
-            raise EpisodeError(f"{where}: field 'language' must be str, got {type(self.language)}")
 
     def to_sample(self, key: str) -> dict[str, Any]:
         """Encode as a WebDataset sample: {'__key__', 'frames.npz', 'steps.npz', 'meta.json'} (bytes)."""

@@ -109,9 +109,8 @@ class _OpenShard:
 
 
 class ShardWriter:
-    """Write Episodes into ``out_dir`` (empty or absent unless ``overwrite``) as shards of one split each, then
-    the manifest, which stores ``extra`` as-is. After an exception in the ``with`` block there is no manifest:
-    the directory reads as incomplete."""
+    """Write Episodes into ``out_dir`` (empty or absent unless ``overwrite``) as shards of one split each, then the
+    manifest (``extra`` stored as-is); after an exception in the ``with`` block there is none."""
 
     def __init__(self, out_dir: str | Path, episodes_per_shard: int = 64, overwrite: bool = False,
                  extra: dict | None = None):

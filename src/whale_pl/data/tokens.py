@@ -50,8 +50,7 @@ def encode_frames(tok: torch.nn.Module, frames_BTCHW: torch.Tensor) -> torch.Ten
 
 
 def read_token_manifest(token_dir: str | Path, source_dir: str | Path | None = None) -> dict:
-    """A complete token dataset's manifest, verified (sizes, sha256, counts); with ``source_dir`` it must
-    have been made from that very dataset (its manifest's sha256), else TokenError naming both."""
+    """A complete token dataset's verified manifest; with ``source_dir``, refused unless made from that dataset."""
     token_dir = Path(token_dir)
     if not token_dir.is_dir():
         raise TokenError(f"{token_dir}: no token shards; build them (`python -m whale_pl.pipeline tokens --scale S`, "
@@ -72,8 +71,7 @@ def read_token_manifest(token_dir: str | Path, source_dir: str | Path | None = N
 
 
 def check_token_tokenizer(datamodule: Any, fingerprint_: str | None, where: str) -> None:
-    """Refuse a datamodule's token shards made with another tokenizer than the stage's (weight fingerprints
-    compared, as the stage records them), naming both; a datamodule reading frames passes."""
+    """Refuse a datamodule's token shards made with another tokenizer (weight fingerprint) than the stage's."""
     for info in getattr(datamodule, "token_info", None) or []:
         theirs = info["tokenizer"]
         if theirs["fingerprint"] != fingerprint_:
@@ -103,15 +101,12 @@ class TokenJob:
     @classmethod
     def make(cls, source: str | Path, out: str | Path, tokenizer_ckpt: str | Path) -> "TokenJob":
         """The job, with the identity (tokenizer file sha256, source manifest sha256) its parts carry."""
-        if not Path(tokenizer_ckpt).is_file():
-            raise TokenError(f"tokenizer checkpoint {tokenizer_ckpt} does not exist (train stage 1 first)")
         ident = {"tokenizer_sha256": sha256_file(tokenizer_ckpt),
                  "source_manifest_sha256": source_identity(source)["manifest_sha256"]}
         return cls(str(source), str(out), str(tokenizer_ckpt), ident)
 
     def check(self, found: dict, where: str, found_tokenizer: str, found_source: str) -> None:
-        """Refuse parts or a manifest of another tokenizer or source (``found``: their identity, made from
-        ``found_tokenizer`` and ``found_source``), naming both values of each that differs."""
+        """Refuse parts or a manifest whose identity ``found`` differs from this job's, naming both sides."""
         what = {"tokenizer_sha256": "tokenizer checkpoint sha256",
                 "source_manifest_sha256": "source dataset manifest sha256"}
         bad = [f"{what[k]}: theirs {found.get(k)} (from {found_tokenizer} / {found_source}) != this {v} (from "
@@ -123,8 +118,7 @@ class TokenJob:
 
 
 def load_tokenizer(ckpt: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, str, dict]:
-    """The frozen tokenizer of a stage-1 checkpoint on ``device``, its weight fingerprint (as the later stages
-    record it) and its data_spec."""
+    """The frozen tokenizer of a stage-1 checkpoint on ``device``, its weight fingerprint and its data_spec."""
     from whale_pl.lit.handoff import fingerprint, load_frozen
     from whale_pl.lit.tokenizer_module import TokenizerModule
 
@@ -190,8 +184,7 @@ def encode_shards(job: TokenJob, names: list[str], device: str) -> None:
 
 
 def _check_out_dir(job: TokenJob) -> dict | None:
-    """The verified manifest when ``out`` already holds this job's complete token dataset; None when it holds
-    nothing or this job's parts; TokenError for another job's dataset, a damaged one or foreign files."""
+    """The manifest of this job's complete dataset at ``out``; None for nothing or this job's parts; else TokenError."""
     out = Path(job.out)
     if not out.exists():
         return None
@@ -230,8 +223,7 @@ def _wait_for_parts(job: TokenJob, shards: list[dict]) -> list[dict]:
 
 
 def token_manifest(job: TokenJob, source_manifest: dict, parts: list[dict]) -> dict:
-    """The token dataset's manifest: the source's, with the token shards and the ``tokens`` section (the
-    tokenizer's checkpoint, file sha256, weight fingerprint, data_spec, grid)."""
+    """The token dataset's manifest: the source's, with the token shards and the ``tokens`` section."""
     shards = [{k: p[k] for k in ("name", "split", "episodes", "frames", "bytes", "sha256", "keys")} for p in parts]
     for sh, src in zip(shards, source_manifest["shards"]):
         if (sh["name"], sh["keys"], sh["frames"]) != (src["name"], src["keys"], src["frames"]):
@@ -247,9 +239,8 @@ def token_manifest(job: TokenJob, source_manifest: dict, parts: list[dict]) -> d
 
 
 def build_tokens(source: str | Path, out: str | Path, tokenizer_ckpt: str | Path, workers: int = 1) -> dict | None:
-    """Tokenise the dataset at ``source`` with the tokenizer checkpoint into ``out``, this rank's share of the
-    shards (``RANK`` / ``WORLD_SIZE``) over ``workers`` processes. Returns the verified manifest on rank 0 once
-    every rank's parts are there (None on the other ranks); a complete dataset of this job is returned as it is."""
+    """Tokenise this rank's share (``RANK`` / ``WORLD_SIZE``) of ``source`` into ``out`` over ``workers`` processes;
+    rank 0 returns the verified manifest once every part is there, the other ranks None."""
     r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     job = TokenJob.make(source, out, tokenizer_ckpt)
     done = _check_out_dir(job)
