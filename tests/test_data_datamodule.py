@@ -57,8 +57,8 @@ def test_batch_layout_contents_and_normalisation(tiny_shards):
             np.testing.assert_array_equal(x["actions"][i, :, 3].numpy(), raw[:, 3])  # gripper raw
             np.testing.assert_allclose(x["rewards"][i].numpy(), ep.rewards[win].sum(1), atol=1e-5)
             np.testing.assert_array_equal(x["state"][i].numpy(), ep.state[idx])
-            assert dm.policies[int(x["policy"][i])] == ep.meta["policy"]["name"]
-            assert dm.families[int(x["family"][i])] == ep.meta["policy"]["family"]
+            assert dm.data_spec["policies"][int(x["policy"][i])] == ep.meta["policy"]["name"]
+            assert dm.data_spec["families"][int(x["family"][i])] == ep.meta["policy"]["family"]
             assert not bool(x["ood"][i])
     spec = dm.data_spec
     assert spec["frame_size"] == [32, 32] and spec["action_dim"] == 4 and spec["state_dim"] == 39
@@ -99,7 +99,7 @@ def test_readers_get_disjoint_episodes(tiny_shards):
         seen = []
         for rank in range(world):
             dm = ClipDataModule(str(tiny_shards), clip_len=4, batch_size=8, num_workers=0, steps_per_epoch=6,
-                                train_splits=[split], rank=rank, world_size=world, verify=False)
+                                train_splits=[split], rank=rank, world_size=world)
             dm.setup("fit")
             seen.append({e for b in dm.train_dataloader() for e in b["episode"].tolist()})
         for i in range(world):
@@ -142,7 +142,7 @@ def test_weighted_dirs_each_normalised_with_own_stats(tiny_shards, tmp_path):
     raw = torch.cat([b["actions_raw"][:, :, :3] for b in batches])
     # raw actions of the shifted dir are ~3; normalised with its own stats both dirs are ~N(0, 1)
     assert raw[ds == 1].mean() > 2.5 and a[ds == 1].mean().abs() < 0.5 and a[ds == 0].abs().mean() < 2
-    assert dm.state_dim == 0 and batches[0]["state"].shape[-1] == 0  # dirs disagree on state: none served
+    assert dm.data_spec["state_dim"] == 0 and batches[0]["state"].shape[-1] == 0  # dirs disagree on state: none served
     assert len(dm.data_spec["datasets"]) == 2
 
 
@@ -154,13 +154,11 @@ def test_metaworld_datamodule_reuses_shards_and_serves_episodes(tiny_data_yaml, 
     dm.setup("fit")
     b = next(iter(dm.train_dataloader()))
     assert b["frames"].shape == (2, 8, 3, 32, 32)
-    assert dm.held_out_policies == ["noise_1.0"] and dm.data_spec["metaworld"]["camera"] == "corner2"
+    assert dm.data_spec["metaworld"]["ood_policies"] == ["noise_1.0"] and dm.data_spec["metaworld"]["camera"] == "corner2"
     ood = dm.episodes("ood")
     assert len(ood) == 4 and {e.meta["policy"]["name"] for e in ood} == {"noise_1.0"}
-    assert [len(v) for v in dm.episodes_by_policy("val").values()] == [2, 2, 2]
-    assert len(dm.episodes("train", family="lag", task="push-v3")) == 2
-    with pytest.raises(ValueError, match=r"no policy 'lag_9'; valid: \['expert', 'lag_3'"):
-        dm.episodes("ood", policy="lag_9")
+    assert [e.meta["episode_id"] for e in dm.iter_episodes("val")] == [e.meta["episode_id"] for e in
+                                                                       iter_episodes(tiny_shards, ["val"])]
 
 
 def test_missing_data_errors(tmp_path):

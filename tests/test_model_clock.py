@@ -39,7 +39,7 @@ def test_gifs_show_every_kth_frame(strided_ckpt, tiny_shards, tmp_path):
                 K=2, scale=1)
     (c,) = index["clips"]
     assert c["horizon"] == (24 - 1 - start) // K_CLOCK + 1 - 1 == 11
-    ep = {e.meta["episode_id"]: e for e in ClipDataModule(str(tiny_shards), num_workers=0, verify=False).episodes("val")}[
+    ep = {e.meta["episode_id"]: e for e in ClipDataModule(str(tiny_shards), num_workers=0).episodes("val")}[
         c["episode"]]
     frames = read_gif_frames(tmp_path / c["gif"])
     lay = layout((32, 32), 1, title=True)

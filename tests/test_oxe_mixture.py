@@ -44,7 +44,7 @@ def test_mixture_of_bridge_and_rt1_feeds_clip_datamodule(tmp_path):
     assert dm_yaml["init_args"] == {"dirs": dirs, "weights": weights}
 
     dm = ClipDataModule(dirs=dirs, weights=weights, clip_len=4, batch_size=16, num_workers=0,
-                        steps_per_epoch=20, rank=0, world_size=1, clips_per_episode=2, pool_size=4)
+                        steps_per_epoch=20, rank=0, world_size=1)
     dm.setup("fit")
     spec = dm.data_spec
     assert [(d["name"], d["weight"]) for d in spec["datasets"]] == list(zip(["bridge_dataset",

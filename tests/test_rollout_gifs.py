@@ -100,7 +100,7 @@ def test_gifs_command_writes_one_gif_per_clip_consistent_with_the_shards(gif_run
     assert {c["policy"] for c in clips if c["split"] == "ood"} <= set(tiny_config.ood_policies)
     assert len({c["episode"] for c in clips}) == 4
     eps = {ep.meta["episode_id"]: ep for sp in ("val", "ood")
-           for ep in ClipDataModule(str(tiny_shards), num_workers=0, verify=False).episodes(sp)}
+           for ep in ClipDataModule(str(tiny_shards), num_workers=0).episodes(sp)}
     for c in clips:
         assert c["horizon"] == H and c["context"] == 1 and c["start"] == 2
         # retracing: step 1 has a single anchor (no score), then 2, then K = 3 anchors

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from whale_pl.data import tokens as tk
-from whale_pl.data.shards import MANIFEST, ShardError, read_manifest
+from whale_pl.data.shards import MANIFEST, ShardError, decode_sample, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TOKENIZER = dict(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2,
@@ -157,14 +157,18 @@ def test_half_written_tokens_are_never_complete_and_a_rerun_resumes(built, token
     assert encoded[len(names) - 2 :] == [names[0]] and _shas(out) == _shas(built / tiny_shards.name)
 
 
-def test_ranks_split_the_shards_and_rank_zero_writes_the_manifest(built, tokenizers, tiny_shards, tmp_path):
+def test_ranks_split_the_shards_and_rank_zero_writes_the_manifest(built, tokenizers, tiny_shards, tmp_path,
+                                                                   monkeypatch):
     out = tmp_path / tiny_shards.name
     names = [s["name"] for s in read_manifest(tiny_shards)["shards"]]
-    assert tk.build_tokens(tiny_shards, out, tokenizers[0], rank=1, world_size=2) is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert tk.build_tokens(tiny_shards, out, tokenizers[0]) is None
     assert sorted(p.stem for p in (out / tk.PARTS).glob("*.json")) == names[1::2] and not (out / MANIFEST).exists()
     with pytest.raises(ShardError):
         tk.read_token_manifest(out)
-    m = tk.build_tokens(tiny_shards, out, tokenizers[0], rank=0, world_size=2, wait_timeout_s=60)
+    monkeypatch.setenv("RANK", "0")
+    m = tk.build_tokens(tiny_shards, out, tokenizers[0])
     assert m is not None and _shas(out) == _shas(built / tiny_shards.name)
 
 
@@ -236,5 +240,5 @@ def test_ids_dtype_is_the_smallest_that_holds_the_codebook():
     ids = np.arange(512, dtype=np.uint16).reshape(2, 16, 16)
     sample = {"__key__": "ep0", "__url__": "x", "ids.npy": tk._npy_bytes(ids), "meta.json": b"{}",
               "steps.npz": b"not an npz"}
-    with pytest.raises(ShardError, match="ep0: token sample cannot be decoded"):
-        tk.decode_token_sample(sample)
+    with pytest.raises(ShardError, match="ep0: member steps.npz cannot be decoded"):
+        decode_sample(sample, {"tokens": {"grid": [16, 16]}, "action_dim": 4})

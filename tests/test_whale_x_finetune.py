@@ -70,8 +70,7 @@ def shards(tmp_path_factory) -> dict[str, Path]:
 def _clip_dm(dirs, weights=None, clip_len=6, **kw):
     from whale_pl.data.datamodule import ClipDataModule
 
-    kw = dict(dict(batch_size=4, num_workers=0, steps_per_epoch=50, val_steps=1, clips_per_episode=2, pool_size=4),
-              **kw)
+    kw = dict(dict(batch_size=4, num_workers=0, steps_per_epoch=50, val_steps=1), **kw)
     return ClipDataModule(dirs=[str(d) for d in dirs], weights=weights, clip_len=clip_len, **kw)
 
 

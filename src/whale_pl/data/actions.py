@@ -1,8 +1,5 @@
-"""Action normalisation for single and composed actions, as the datamodule applies it.
-
-The model sees ``(a - k * mean) / std`` on every dim but the gripper (raw), where ``a`` is a raw action composed
-over ``k`` recorded steps (``ActionSpace.compose``). Evaluation and retracing use ``ActionNormaliser`` to do the
-same outside the loader.
+"""The datamodule's action normalisation outside the loader, for evaluation and retracing: ``(a - k * mean) / std``
+on every dim but the gripper (raw), ``a`` a raw action composed over ``k`` recorded steps.
 """
 
 from __future__ import annotations
@@ -26,9 +23,7 @@ def check_composable(space: ActionSpace) -> None:
 
 
 class ActionNormaliser:
-    """The datamodule's action normalisation, for single and composed actions. ``base`` is the data's
-    ``frame_stride``: a model-step action composes ``k = base`` recorded steps, a retracing-action over K
-    model steps ``k = K * base``."""
+    """Normalise single and composed actions; ``base``: the data's ``frame_stride`` (a model step's k)."""
 
     def __init__(self, space: ActionSpace, mean_A: np.ndarray | list, std_A: np.ndarray | list, base: int = 1) -> None:
         if int(base) < 1:
@@ -44,9 +39,6 @@ class ActionNormaliser:
     @classmethod
     def from_data_spec(cls, data_spec: dict) -> "ActionNormaliser":
         """The normaliser of the data a ``data_spec`` describes (space, mean, std, frame_stride)."""
-        for key in ("action_space", "action_mean", "action_std"):
-            if key not in data_spec:
-                raise ActionError(f"data_spec lacks '{key}' (has {sorted(data_spec)})")
         return cls(ActionSpace.from_json(data_spec["action_space"]), data_spec["action_mean"], data_spec["action_std"],
                    base=int(data_spec.get("frame_stride", 1)))
 
@@ -73,8 +65,7 @@ class ActionNormaliser:
         return self.normalise(self.space.compose(raw), a.shape[-2] * self.base)
 
     def normalise_held(self, raw_A: np.ndarray) -> np.ndarray:
-        """Raw decisions [..., A], each held for one model step (``base`` recorded steps, as the
-        simulator does with ``action_repeat``) -> model inputs: compose(a, .., a), normalised."""
+        """Raw decisions [..., A], each held for one model step (``base`` recorded steps) -> model inputs."""
         a = np.asarray(raw_A, dtype=np.float64)
         if self.base == 1:
             return self.normalise(a, 1)

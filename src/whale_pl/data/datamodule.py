@@ -1,17 +1,6 @@
-"""Clips from episode shards: ``ClipDataModule`` and ``MetaWorldDataModule``.
+"""Clips from episode shards (or their token shards): ``ClipDataModule`` and ``MetaWorldDataModule``.
 
-Batches are dicts of tensors (docs/contracts.md "Batches") plus ``dataset``, ``episode`` (index in its
-directory's manifest order) and ``start`` (first frame of the clip), int64 [B]. With ``tokens`` (one token
-dataset per directory, ``data/tokens.py``) batches carry ``ids`` [B, T, h, w] instead of ``frames``; the token
-shards mirror the frame shards episode for episode, so the same seed cuts the same clips.
-
-Per DataLoader worker: readers are the ``world_size * num_workers`` (rank, worker) pairs; each owns whole
-shards when there are enough, else every n-th episode, so ranks never share episodes. A reader streams its
-episodes endlessly, keeps a pool of decoded ones and cuts ``clips_per_episode`` clips from each; each clip's
-directory is drawn by ``weights``; too-short episodes are skipped (warned). An epoch is exactly
-``steps_per_epoch`` batches per rank (unequal counts hang DDP); train clips are reseeded every epoch,
-validation clips are the same every time. Actions are normalised with each directory's own train-split
-statistics: ``(a - k*mean) / std`` at stride ``k``, the gripper raw.
+Batch layout, reader split, epochs and action normalisation: docs/contracts.md, "Batches".
 """
 
 from __future__ import annotations
@@ -29,30 +18,27 @@ try:
 except ImportError:  # pragma: no cover - lightning is a dependency
     import pytorch_lightning as L  # type: ignore
 
-from whale_pl.data.episode import ActionSpace, Episode
-from whale_pl.data.shards import (ShardError, episode_lengths, iter_shard_episodes, read_manifest, safe_std,
-                                  verify_dataset)
-from whale_pl.data.tokens import TokenEpisode, iter_token_episodes, read_token_manifest
+from whale_pl.data.episode import ActionSpace, Episode, load_npz
+from whale_pl.data.shards import ShardError, iter_episodes, iter_shard_episodes, iter_tar_samples, verify_dataset
+from whale_pl.data.tokens import read_token_manifest
 
 log = logging.getLogger(__name__)
+CLIPS_PER_EPISODE = 8  # clips cut from each decoded episode before it leaves the pool
+POOL_SIZE = 16  # decoded episodes a reader keeps per directory
 
 
 class _DirInfo:
     """One dataset directory as the clip stream sees it: manifest, reader, normalisation, episode indices."""
 
-    def __init__(self, path: str, manifest: dict, index: int, tokens: bool = False):
+    def __init__(self, path: str, manifest: dict, index: int):
         self.path, self.m, self.index, self.name = path, manifest, index, Path(path).name
-        self.read = iter_token_episodes if tokens else iter_shard_episodes  # (dir, shard, manifest, ...) -> episodes
         self.space = ActionSpace.from_json(manifest["action_space"])
         mask, st = self.space.normalised_mask, manifest["action_stats"]  # the gripper stays raw
+        std = np.asarray(st["std"], np.float64)
         self.mean = np.where(mask, np.asarray(st["mean"], np.float32), 0.0).astype(np.float32)
-        self.std = np.where(mask, safe_std(st["std"]), 1.0).astype(np.float32)
+        self.std = np.where(mask & np.isfinite(std) & (std > 1e-6), std, 1.0).astype(np.float32)  # constant: unscaled
         first = np.cumsum([0] + [len(sh["keys"]) for sh in manifest["shards"]])  # index of each shard's first episode
         self.shard_offset = {sh["name"]: int(n) for sh, n in zip(manifest["shards"], first)}
-
-    def episode_index(self, shard: dict, key: str) -> int:
-        """The dataset-wide index of episode ``key`` of ``shard``."""
-        return self.shard_offset[shard["name"]] + shard["keys"].index(key)
 
     def shards(self, splits: Sequence[str]) -> list[dict]:
         """The manifest's shards of ``splits``."""
@@ -62,27 +48,19 @@ class _DirInfo:
 class ClipStream(IterableDataset):
     """Endless weighted clip stream cut into exactly ``steps`` batches per rank per epoch."""
 
-    def __init__(self, dirs: list[_DirInfo], weights: list[float], splits: Sequence[str], clip_len: int,
-                 frame_stride: int, retrace_strides: Sequence[int], retrace_prob: float, batch_size: int,
-                 steps: int, rank: int, world_size: int, seed: int, families: list[str], policies: list[str],
-                 ood_policies: set[str], state_dim: int, clips_per_episode: int = 8, pool_size: int = 16,
-                 on_error: str = "raise", fixed_seed: bool = False, retrace_clip_len: int | None = None):
+    def __init__(self, dm: "ClipDataModule", dirs: list[_DirInfo], weights: list[float], train: bool):
+        """The train or the validation stream of ``dm`` (its settings copied: workers get no datamodule)."""
         super().__init__()
-        self.dirs, self.splits = dirs, tuple(splits)
-        w = np.asarray(weights, np.float64)
-        if len(w) != len(dirs) or np.any(w < 0) or w.sum() <= 0:
-            raise ValueError(f"weights {weights} must be >= 0, one per directory ({len(dirs)}), not all 0")
-        self.p = w / w.sum()
-        self.clip_len, self.frame_stride = clip_len, frame_stride
-        self.retrace_strides, self.retrace_prob = list(retrace_strides), retrace_prob
-        self.retrace_clip_len = retrace_clip_len or clip_len  # ClipDataModule checks it is <= clip_len
-        self.batch_size, self.steps = batch_size, steps
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.families, self.policies, self.ood_policies = families, policies, ood_policies
-        self.state_dim = state_dim
-        self.clips_per_episode, self.pool_size = clips_per_episode, pool_size
-        self.on_error, self.fixed_seed = on_error, fixed_seed
-        self.epoch = 0
+        self.dirs, self.p = dirs, np.asarray(weights, np.float64) / np.sum(weights)
+        self.splits = tuple(dm.train_splits if train else dm.val_splits)
+        self.clip_len, self.steps = (dm.clip_len, dm.steps_per_epoch) if train else (dm.val_clip_len, dm.val_steps)
+        self.retrace_strides, self.retrace_prob = (dm.retrace_strides, dm.retrace_prob) if train else ([], 0.0)
+        self.retrace_clip_len = dm.retrace_clip_len or dm.clip_len
+        self.seed, self.fixed_seed, self.epoch = dm.seed if train else dm.seed + 7919, not train, 0
+        spec = dm.data_spec
+        self.frame_stride, self.batch_size, self.state_dim = dm.frame_stride, dm.batch_size, spec["state_dim"]
+        self.rank, self.world_size = dm._rank, dm._world
+        self.families, self.policies, self.ood_policies = spec["families"], spec["policies"], set(spec["ood_policies"])
         for d in dirs:
             if not d.shards(self.splits):
                 raise ShardError(f"{d.path}: no shards of split(s) {list(self.splits)} "
@@ -91,7 +69,8 @@ class ClipStream(IterableDataset):
     def __len__(self) -> int:
         return self.steps
 
-    def _episodes(self, d: _DirInfo, reader: int, n_readers: int, rng: np.random.Generator) -> Iterator[tuple[int, Episode]]:
+    def _episodes(self, d: _DirInfo, reader: int, n_readers: int, rng: np.random.Generator) -> Iterator[tuple]:
+        """(episode index, episode) of this reader's share of ``d``, endlessly, each pass in a new shard order."""
         shards = d.shards(self.splits)
         if len(shards) >= n_readers:
             mine, keys = shards[reader::n_readers], None
@@ -99,8 +78,8 @@ class ClipStream(IterableDataset):
             all_keys = [(s["name"], k) for s in shards for k in s["keys"]]
             own = all_keys[reader::n_readers]
             if not own:
-                raise ShardError(f"{d.path}: split(s) {list(self.splits)} hold {len(all_keys)} episodes, fewer than the "
-                                 f"{n_readers} readers (world_size x num_workers); use fewer workers or more data")
+                raise ShardError(f"{d.path}: split(s) {list(self.splits)} hold {len(all_keys)} episodes, fewer than "
+                                 f"the {n_readers} readers (world_size x num_workers); use fewer workers or more data")
             names = {s for s, _ in own}
             mine, keys = [s for s in shards if s["name"] in names], {k for _, k in own}
         usable, skipped = 0, 0
@@ -109,7 +88,7 @@ class ClipStream(IterableDataset):
             for j in rng.permutation(len(mine)):
                 sh = mine[j]
                 sel = None if keys is None else {k for k in sh["keys"] if k in keys}
-                for key, ep in d.read(d.path, sh, d.m, on_error=self.on_error, keys=sel):
+                for key, ep in iter_shard_episodes(d.path, sh, d.m, keys=sel):
                     if len(ep) < need:
                         skipped += 1
                         if skipped == 1 or skipped % 1000 == 0:
@@ -117,25 +96,16 @@ class ClipStream(IterableDataset):
                                         "%d frames)", d.path, skipped, need, sh["name"], key, len(ep))
                         continue
                     usable += 1
-                    yield d.episode_index(sh, key), ep
+                    yield d.shard_offset[sh["name"]] + sh["keys"].index(key), ep
             if usable == 0:
-                raise ShardError(f"{d.path}: no episode of split(s) {list(self.splits)} read by reader {reader}/{n_readers}"
-                                 f" has the {need} frames a clip needs (clip_len={self.clip_len}, frame_stride="
-                                 f"{self.frame_stride})")
+                raise ShardError(f"{d.path}: no episode of split(s) {list(self.splits)} read by reader "
+                                 f"{reader}/{n_readers} has the {need} frames a clip needs (clip_len={self.clip_len}, "
+                                 f"frame_stride={self.frame_stride})")
 
-    def _batch_plan(self, rng: np.random.Generator) -> tuple[int, int]:
-        """(stride multiple m, clip length T) of the next batch: with probability ``retrace_prob`` a
-        retracing batch (m drawn from ``retrace_strides``, ``retrace_clip_len`` frames), else (1, clip_len)."""
-        if self.retrace_strides and rng.random() < self.retrace_prob:
-            return int(rng.choice(self.retrace_strides)), self.retrace_clip_len
-        return 1, self.clip_len
-
-    def _clip(self, d: _DirInfo, ep_idx: int, ep: Episode | TokenEpisode, rng: np.random.Generator, m: int = 1,
-              T: int | None = None) -> dict[str, Any]:
-        """A clip of T frames (or their token ids) every m * frame_stride recorded steps (m: stride in
-        units of the base frame_stride, the model's clock: batch["stride"]). An episode too short for m
-        takes the largest retrace stride that fits it, else the base stride."""
-        t_ep, T = len(ep), self.clip_len if T is None else T
+    def _clip(self, d: _DirInfo, ep_idx: int, ep: Episode, rng: np.random.Generator, m: int, T: int) -> dict[str, Any]:
+        """T frames (or ids) every m * frame_stride recorded steps; an episode too short for m takes the largest
+        retrace stride that fits, else 1."""
+        t_ep = len(ep)
         if T * m * self.frame_stride > t_ep:
             ok = [s for s in self.retrace_strides if T * s * self.frame_stride <= t_ep]
             m = max(ok) if ok else 1
@@ -151,17 +121,12 @@ class ClipStream(IterableDataset):
             a_raw = d.space.compose(ep.actions[win]).astype(np.float32)
             rew = ep.rewards[win].sum(1)
             suc = ep.success[win[:, -1]]
-        scale = np.where(d.space.normalised_mask, k, 0).astype(np.float32)
-        a = (a_raw - scale * d.mean) / d.std
-        a[:, ~d.space.normalised_mask] = a_raw[:, ~d.space.normalised_mask]
-        if self.state_dim and ep.state is not None:
-            state = ep.state[idx]
-        else:
-            state = np.zeros((T, self.state_dim), np.float32)
+        a = (a_raw - k * d.mean) / d.std  # the gripper's mean 0, std 1: it stays raw
+        state = ep.state[idx] if self.state_dim and ep.state is not None else np.zeros((T, self.state_dim), np.float32)
         pol = ep.meta.get("policy") or {}
-        pname = pol.get("name", "unknown") if isinstance(pol, dict) else str(pol)
-        fam = pol.get("family", pname) if isinstance(pol, dict) else pname
-        pixels = ("ids", ep.ids) if isinstance(ep, TokenEpisode) else ("frames", ep.frames)
+        pname = pol.get("name", "unknown")
+        fam = pol.get("family", pname)
+        pixels = ("frames", ep.frames) if ep.ids is None else ("ids", ep.ids)
         return {pixels[0]: pixels[1][start:start + T * k:k], "actions": a.astype(np.float32),
                 "actions_raw": a_raw.astype(np.float32),
                 "rewards": rew.astype(np.float32), "success": suc.astype(np.float32), "state": state,
@@ -199,20 +164,22 @@ class ClipStream(IterableDataset):
             return
         epoch = 0 if self.fixed_seed else self.epoch
         rng = np.random.default_rng([self.seed, epoch, self.rank, wid])
-        sources = [self._episodes(d, reader, n_readers, np.random.default_rng([self.seed, epoch, self.rank, wid, d.index]))
-                   for d in self.dirs]
+        sources = [self._episodes(d, reader, n_readers, np.random.default_rng([self.seed, epoch, self.rank, wid,
+                                                                              d.index])) for d in self.dirs]
         pools: list[list[list]] = [[] for _ in self.dirs]  # per dir: [ep_idx, episode, clips left]
         cum_p = np.minimum(np.cumsum(self.p), 1.0)
         cum_p[-1] = 1.0
         for _ in range(my_steps):
             clips = []
-            m, T = self._batch_plan(rng)
+            m, T = 1, self.clip_len
+            if self.retrace_strides and rng.random() < self.retrace_prob:
+                m, T = int(rng.choice(self.retrace_strides)), self.retrace_clip_len
             for _b in range(self.batch_size):
                 di = 0 if len(self.dirs) == 1 else int(np.searchsorted(cum_p, rng.random(), side="right"))
                 pool = pools[di]
-                while len(pool) < self.pool_size:
+                while len(pool) < POOL_SIZE:
                     ep_idx, ep = next(sources[di])
-                    pool.append([ep_idx, ep, self.clips_per_episode])
+                    pool.append([ep_idx, ep, CLIPS_PER_EPISODE])
                 j = int(rng.integers(len(pool)))
                 entry = pool[j]
                 clips.append(self._clip(self.dirs[di], entry[0], entry[1], rng, m, T))
@@ -223,60 +190,42 @@ class ClipStream(IterableDataset):
 
 
 class _EpochLoader(DataLoader):
-    """A DataLoader that advances its ClipStream's epoch every time it is iterated (new clips per
-    epoch; workers are not persistent, so each epoch's workers get the updated copy)."""
+    """A DataLoader that advances its train stream's epoch on every pass after the first (for fresh workers)."""
 
     def __iter__(self):
         ds = self.dataset
-        if isinstance(ds, ClipStream) and not ds.fixed_seed:
+        if not ds.fixed_seed:
             ds.epoch += 1 if getattr(ds, "_iterated", False) else 0
             ds._iterated = True
         return super().__iter__()
 
 
 class ClipDataModule(L.LightningDataModule):
-    """Random clips from one or more shard directories (see the module docstring).
-
-    ``weights``: sampling weight per directory (default equal). ``val_clip_len``: frames per validation clip
-    (default ``clip_len``; FVD's I3D needs >= 9). ``frame_stride``: base stride between clip frames (the model's
-    clock, stored in ``data_spec``); actions are composed and rewards summed over it. With probability
-    ``retrace_prob`` a train batch uses a stride drawn from ``retrace_strides`` (in units of ``frame_stride``,
-    as ``batch["stride"]``) and ``retrace_clip_len`` frames (default and at most ``clip_len``).
-    ``steps_per_epoch`` / ``val_steps``: batches per rank. ``rank`` / ``world_size``: default from the Trainer.
-    ``verify``: check shard sizes and sha256. ``on_error``: "raise" or "skip" (logged) corrupt samples.
-    ``multiprocessing_context``: e.g. "forkserver" if this process has rendered (README, Troubleshooting).
-    ``tokens``: a folder with one token dataset per directory under its name (``runs/<scale>/tokens``); batches
-    then carry ``ids``; the stage module checks which tokenizer made them (``token_info``).
-    """
+    """Random clips from one or more shard directories (their token shards with ``tokens``), for every stage;
+    arguments: docs/contracts.md, "Batches"."""
 
     def __init__(self, dirs: list[str] | str, weights: list[float] | None = None, clip_len: int = 16,
                  frame_stride: int = 1, retrace_strides: list[int] | None = None, retrace_prob: float = 0.0,
                  batch_size: int = 8, num_workers: int = 2, steps_per_epoch: int = 100, val_steps: int = 10,
-                 train_splits: list[str] | None = None, val_splits: list[str] | None = None,
-                 clips_per_episode: int = 8, pool_size: int = 16, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, verify: bool = True, on_error: str = "raise",
-                 multiprocessing_context: str | None = None, pin_memory: bool = False,
+                 train_splits: list[str] | None = None, val_splits: list[str] | None = None, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None, pin_memory: bool = False,
                  val_clip_len: int | None = None, retrace_clip_len: int | None = None, tokens: str | None = None):
         super().__init__()
         self.dir_paths = [dirs] if isinstance(dirs, (str, Path)) else [str(d) for d in dirs]
-        if not self.dir_paths:
-            raise ValueError("ClipDataModule needs at least one dataset directory")
         self.tokens = None if tokens is None else str(tokens)
         names = [Path(p).name for p in self.dir_paths]
         if self.tokens is not None and len(set(names)) < len(names):
             raise ValueError(f"tokens: the dataset directories' names {names} must differ (each names its token "
                              f"dataset under {self.tokens})")
         self.weights = list(weights) if weights is not None else [1.0] * len(self.dir_paths)
-        if len(self.weights) != len(self.dir_paths):
-            raise ValueError(f"{len(self.weights)} weights for {len(self.dir_paths)} directories")
+        if not self.dir_paths or len(self.weights) != len(self.dir_paths) or min(self.weights) < 0 \
+                or sum(self.weights) <= 0:
+            raise ValueError(f"weights {self.weights} must be >= 0, not all 0, one per directory {self.dir_paths}")
         val_clip_len = clip_len if val_clip_len is None else val_clip_len
         for name, v in (("clip_len", clip_len), ("val_clip_len", val_clip_len), ("frame_stride", frame_stride),
-                        ("batch_size", batch_size),
-                        ("clips_per_episode", clips_per_episode), ("pool_size", pool_size)):
+                        ("batch_size", batch_size)):
             if int(v) < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.clip_len, self.frame_stride = int(clip_len), int(frame_stride)
         self.val_clip_len = int(val_clip_len)
         self.retrace_strides = [int(s) for s in (retrace_strides or [])]
@@ -290,18 +239,10 @@ class ClipDataModule(L.LightningDataModule):
         self.steps_per_epoch, self.val_steps = int(steps_per_epoch), int(val_steps)
         self.train_splits = list(train_splits or ["train"])
         self.val_splits = list(val_splits or ["val"])
-        self.clips_per_episode, self.pool_size = int(clips_per_episode), int(pool_size)
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
-        self.verify, self.on_error = verify, on_error
-        self.multiprocessing_context, self.pin_memory = multiprocessing_context, pin_memory
+        self.pin_memory = pin_memory
         self._dirs: list[_DirInfo] | None = None
         self._train_ds: ClipStream | None = None
-
-    def token_dir(self, index: int) -> Path:
-        """The token dataset of directory ``index`` (``tokens`` / its name)."""
-        if self.tokens is None:
-            raise ValueError("this ClipDataModule reads frames (tokens: null)")
-        return Path(self.tokens) / Path(self.dir_paths[index]).name
 
     @property
     def token_info(self) -> list[dict]:
@@ -310,9 +251,9 @@ class ClipDataModule(L.LightningDataModule):
 
     def _read(self, i: int, p: str) -> _DirInfo:
         if self.tokens is None:
-            return _DirInfo(p, verify_dataset(p, checksums=True) if self.verify else read_manifest(p), i)
-        t = self.token_dir(i)
-        return _DirInfo(str(t), read_token_manifest(t, source_dir=p, checksums=self.verify), i, tokens=True)
+            return _DirInfo(p, verify_dataset(p), i)
+        t = Path(self.tokens) / Path(p).name
+        return _DirInfo(str(t), read_token_manifest(t, source_dir=p), i)
 
     def _load(self) -> list[_DirInfo]:
         if self._dirs is None:
@@ -327,43 +268,23 @@ class ClipDataModule(L.LightningDataModule):
         return self._dirs
 
     @property
-    def families(self) -> list[str]:
-        """Behavior-policy families of all directories, sorted."""
-        return sorted({f for d in self._load() for f in d.m["families"]})
-
-    @property
-    def policies(self) -> list[str]:
-        """Behavior-policy names of all directories, sorted."""
-        return sorted({p for d in self._load() for p in d.m["policies"]})
-
-    @property
-    def ood_policies(self) -> list[str]:
-        """Policies that appear only in the ood split."""
-        return sorted({n for d in self._load() for n, p in d.m["policies"].items() if set(p["splits"]) == {"ood"}})
-
-    @property
-    def state_dim(self) -> int:
-        """The proprioceptive state size shared by all directories (0 if they differ)."""
-        dims = {d.m["state_dim"] for d in self._load()}
-        return dims.pop() if len(dims) == 1 else 0
-
-    @property
     def data_spec(self) -> dict:
         """What a model trained on these batches depends on; stored in every stage checkpoint."""
         dirs = self._load()
-        d0 = dirs[0]
+        d0, state_dims = dirs[0], {d.m["state_dim"] for d in dirs}
         return {
             "frame_size": list(d0.m["frame_size"]),
             "action_dim": int(d0.m["action_dim"]),
             "action_space": d0.m["action_space"],
             "action_mean": [float(x) for x in d0.mean],
             "action_std": [float(x) for x in d0.std],
-            "state_dim": self.state_dim,
+            "state_dim": state_dims.pop() if len(state_dims) == 1 else 0,  # none served when directories differ
             "frame_stride": self.frame_stride,
             "retrace_strides": list(self.retrace_strides) if self.retrace_prob > 0 else [],
-            "families": self.families,
-            "policies": self.policies,
-            "ood_policies": self.ood_policies,
+            "families": sorted({f for d in dirs for f in d.m["families"]}),
+            "policies": sorted({p for d in dirs for p in d.m["policies"]}),
+            "ood_policies": sorted({n for d in dirs for n, p in d.m["policies"].items()
+                                    if set(p["splits"]) == {"ood"}}),  # policies seen only in the ood split
             "datasets": [{"name": d.name, "action_mean": [float(x) for x in d.mean],
                           "action_std": [float(x) for x in d.std], "weight": float(w)}
                          for d, w in zip(dirs, self.weights)],
@@ -377,8 +298,6 @@ class ClipDataModule(L.LightningDataModule):
             self._world = tr.world_size if tr is not None else 1
         else:
             self._rank, self._world = int(self.rank), int(self.world_size)
-        if not 0 <= self._rank < self._world:
-            raise ValueError(f"rank {self._rank} not in [0, world_size={self._world})")
         if self._train_ds is not None and (self._train_ds.rank, self._train_ds.world_size) != (self._rank, self._world):
             self._train_ds = None
         self._load()
@@ -396,125 +315,57 @@ class ClipDataModule(L.LightningDataModule):
                 log.info("validation leaves out %s (no %s shards)",
                          [d.name for d in dirs if not d.shards(self.val_splits)], self.val_splits)
             dirs, weights = [dirs[i] for i in have], [weights[i] for i in have]
-        return ClipStream(
-            dirs, weights, self.train_splits if train else self.val_splits,
-            self.clip_len if train else self.val_clip_len,
-            self.frame_stride, self.retrace_strides if train else [], self.retrace_prob if train else 0.0,
-            self.batch_size, self.steps_per_epoch if train else self.val_steps, self._rank, self._world,
-            self.seed if train else self.seed + 7919, self.families, self.policies, set(self.ood_policies),
-            self.state_dim, self.clips_per_episode, self.pool_size, self.on_error, fixed_seed=not train,
-            retrace_clip_len=self.retrace_clip_len if train else None)
+        return ClipStream(self, dirs, weights, train)
 
     def _loader(self, ds: ClipStream) -> DataLoader:
-        nw = min(self.num_workers, max(1, ds.steps)) if self.num_workers > 0 else 0
-        return _EpochLoader(ds, batch_size=None, num_workers=nw, pin_memory=self.pin_memory,
-                            multiprocessing_context=self.multiprocessing_context if nw > 0 else None)
-
-    def train_dataset(self) -> ClipStream:
-        """The train stream (cached, so its epoch counter advances across ``train_dataloader`` calls)."""
-        if getattr(self, "_train_ds", None) is None:
-            self._train_ds = self._stream(train=True)
-        self._train_ds.steps = self.steps_per_epoch
-        return self._train_ds
-
-    def val_dataset(self) -> ClipStream:
-        """A fresh validation stream (the same clips every time)."""
-        return self._stream(train=False)
+        nw = min(self.num_workers, max(1, ds.steps))
+        return _EpochLoader(ds, batch_size=None, num_workers=nw, pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
-        """Loader of ``steps_per_epoch`` train batches per rank."""
-        return self._loader(self.train_dataset())
+        """Loader of ``steps_per_epoch`` train batches per rank (one cached stream: its epoch advances)."""
+        if self._train_ds is None:
+            self._train_ds = self._stream(train=True)
+        return self._loader(self._train_ds)
 
     def val_dataloader(self) -> DataLoader:
-        """Loader of ``val_steps`` validation batches per rank."""
-        return self._loader(self.val_dataset())
+        """Loader of ``val_steps`` validation batches per rank, the same clips every time."""
+        return self._loader(self._stream(train=False))
 
     def val_clip_count(self) -> int:
-        """Distinct validation clips the val splits hold at ``val_clip_len`` and ``frame_stride``: one per
-        (episode, start frame). Asking for more clips than this can only repeat clips."""
+        """Distinct validation clips (episode, start frame) at ``val_clip_len`` and ``frame_stride``."""
         need = self.val_clip_len * self.frame_stride
-        return sum(max(0, n - need + 1) for d in self._load() for n in episode_lengths(d.path, d.m, self.val_splits))
+        lengths = (len(load_npz(s["steps.npz"])["actions"]) for d in self._load() for sh in d.shards(self.val_splits)
+                   for s in iter_tar_samples(Path(d.path) / sh["name"]))
+        return sum(max(0, n - need + 1) for n in lengths)
 
-    def iter_episodes(self, split: str | Sequence[str] = "ood", family: str | None = None,
-                      policy: str | None = None, task: str | None = None,
-                      dataset: int = 0) -> Iterator[Episode | TokenEpisode]:
-        """Whole episodes of one directory, filtered by split/family/policy/task, in manifest order
-        (streamed: a large held-out set need not fit in memory); TokenEpisodes when reading tokens."""
-        d = self._load()[dataset]
-        splits = [split] if isinstance(split, str) else list(split)
-        for what, val, valid in (("policy", policy, d.m["policies"]), ("family", family, d.m["families"]),
-                                 ("task", task, d.m.get("tasks", {}))):
-            if val is not None and val not in valid:
-                raise ValueError(f"{d.path}: no {what} {val!r}; valid: {sorted(valid)}")
-        for sh in d.shards(splits):
-            for _, ep in d.read(d.path, sh, d.m, on_error=self.on_error):
-                pol = ep.meta.get("policy") or {}
-                if family is not None and pol.get("family") != family:
-                    continue
-                if policy is not None and pol.get("name") != policy:
-                    continue
-                if task is not None and ep.meta.get("task") != task:
-                    continue
-                yield ep
+    def iter_episodes(self, split: str) -> Iterator[Episode]:
+        """Whole episodes of ``split`` of the first directory (its tokens with ``tokens``), in manifest order."""
+        return iter_episodes(self._load()[0].path, [split], verify=False)  # verified by _load
 
-    def episodes(self, split: str | Sequence[str] = "ood", family: str | None = None, policy: str | None = None,
-                 task: str | None = None, limit: int | None = None, dataset: int = 0) -> list[Episode]:
-        """``iter_episodes`` as a list (at most ``limit`` episodes)."""
-        out: list[Episode] = []
-        for ep in self.iter_episodes(split, family, policy, task, dataset):
-            if limit is not None and len(out) >= limit:
-                break
-            out.append(ep)
-        return out
+    def episodes(self, split: str) -> list[Episode]:
+        """``iter_episodes`` as a list."""
+        return list(self.iter_episodes(split))
 
-    def episodes_by_policy(self, split: str | Sequence[str] = "ood", dataset: int = 0) -> dict[str, list[Episode]]:
-        """{policy name: [episodes]} for the given split(s)."""
-        out: dict[str, list[Episode]] = {}
-        for ep in self.episodes(split, dataset=dataset):
-            out.setdefault(ep.meta["policy"]["name"], []).append(ep)
-        return out
-
-    def manifest(self, dataset: int = 0) -> dict:
-        """The manifest of directory ``dataset``."""
-        return self._load()[dataset].m
+    def manifest(self) -> dict:
+        """The manifest of the first directory."""
+        return self._load()[0].m
 
 
 class MetaWorldDataModule(ClipDataModule):
-    """Clips from a Meta-World dataset config (``stages/<scale>/data.yaml``).
+    """Clips from a Meta-World dataset config (``stages/<scale>/data.yaml``), collected by ``prepare_data``."""
 
-    ``prepare_data`` (rank 0) collects the config into its ``out`` directory unless complete,
-    verified shards of the same config are there; then clips are served as by ClipDataModule.
-    ``out`` overrides the config's directory; ``collect_workers`` its worker count;
-    ``overwrite`` allows replacing a directory that holds another config's collection or anything
-    whale-data did not collect (without it, such a directory is refused, never wiped).
-    """
-
-    def __init__(self, config: str, out: str | None = None, collect_workers: int | None = None,
-                 overwrite: bool = False, **kwargs: Any):
+    def __init__(self, config: str, **kwargs: Any):
         """``kwargs``: ``ClipDataModule``'s arguments but ``dirs``."""
         from whale_pl.data.metaworld import CollectConfig
 
-        self.config_path = str(config)
-        self.collect_config = CollectConfig.from_yaml(config, out=out, workers=collect_workers)
-        self.overwrite = overwrite
+        self.collect_config = CollectConfig.from_yaml(config)
         super().__init__(dirs=[self.collect_config.out], **kwargs)
 
     def prepare_data(self) -> None:
         """Collect the config into its ``out`` directory unless complete shards of it are there."""
         from whale_pl.data.metaworld import ensure_collected
 
-        ensure_collected(self.collect_config, overwrite=self.overwrite)
-
-    def _load(self) -> list[_DirInfo]:
-        if self._dirs is None and not Path(self.collect_config.out, "manifest.json").exists():
-            raise ShardError(f"{self.collect_config.out}: no dataset yet; call prepare_data() (Lightning does) or run "
-                             f"`whale-data metaworld --config {self.config_path}`")
-        return super()._load()
-
-    @property
-    def held_out_policies(self) -> list[str]:
-        """Held-out (OOD) behavior policies of the config."""
-        return list(self.collect_config.ood_policies)
+        ensure_collected(self.collect_config)
 
     @property
     def data_spec(self) -> dict:

@@ -1,9 +1,5 @@
-"""The Episode record, the action-space descriptor, and Episode <-> WebDataset sample.
-
-One sample per episode, three tar members per key: ``<key>.frames.npz`` (uint8 [T, H, W, 3], deflated: lossless
-and, on static-camera renders, smaller and faster to decode than PNG or JPEG per frame), ``<key>.steps.npz`` (the
-per-step arrays and ``state`` when present, stored) and ``<key>.meta.json`` (language and metadata). Fixed zip
-timestamps: the same episode always gives the same bytes.
+"""The Episode record, the action-space descriptor, and Episode <-> WebDataset sample (layout: docs/contracts.md,
+"Episodes and actions"; fixed zip timestamps, so the same episode always gives the same bytes).
 """
 
 from __future__ import annotations
@@ -12,12 +8,11 @@ import io
 import json
 import re
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-SAMPLE_EXTS = ("frames.npz", "steps.npz", "meta.json")
 STEP_FIELDS = ("actions", "rewards", "success", "is_first", "is_last", "is_terminal")
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -29,9 +24,7 @@ class EpisodeError(ValueError):
 
 @dataclass
 class ActionSpace:
-    """Names and composition rules of the action dimensions: over K steps ``sum_dims`` add up, ``rot_dims``
-    (roll, pitch, yaw deltas: extrinsic xyz Euler angles) compose as rotations R_K ... R_1, the gripper
-    takes the last command; a dim in none of these groups cannot be composed."""
+    """Names and composition rules of the action dimensions (``compose``; docs/contracts.md)."""
 
     names: list[str]
     sum_dims: list[int]
@@ -39,16 +32,17 @@ class ActionSpace:
     gripper_index: int | None = None
 
     def __post_init__(self) -> None:
-        a = len(self.names)
-        groups = list(self.sum_dims) + list(self.rot_dims) + ([self.gripper_index] if self.gripper_index is not None else [])
-        bad = [i for i in groups if not (0 <= int(i) < a)]
-        if bad:
-            raise EpisodeError(f"ActionSpace {self.names}: dimension indices {bad} out of range [0, {a})")
-        if len(set(groups)) != len(groups):
-            raise EpisodeError(f"ActionSpace {self.names}: a dimension is in more than one group "
-                               f"(sum_dims={self.sum_dims}, rot_dims={self.rot_dims}, gripper_index={self.gripper_index})")
+        groups = self._grouped()
+        if any(not 0 <= int(i) < len(self.names) for i in groups) or len(set(groups)) != len(groups):
+            raise EpisodeError(f"ActionSpace {self.names}: a dimension index is out of range or in more than one "
+                               f"group (sum_dims={self.sum_dims}, rot_dims={self.rot_dims}, "
+                               f"gripper_index={self.gripper_index})")
         if len(self.rot_dims) not in (0, 3):
-            raise EpisodeError(f"ActionSpace {self.names}: rot_dims must be empty or (roll, pitch, yaw), got {self.rot_dims}")
+            raise EpisodeError(f"ActionSpace {self.names}: rot_dims must be empty or (roll, pitch, yaw), "
+                               f"got {self.rot_dims}")
+
+    def _grouped(self) -> list[int]:
+        return [*self.sum_dims, *self.rot_dims, *([] if self.gripper_index is None else [self.gripper_index])]
 
     @property
     def dim(self) -> int:
@@ -58,7 +52,7 @@ class ActionSpace:
     @property
     def uncomposable_dims(self) -> list[int]:
         """Dims in none of the sum / rotation / gripper groups."""
-        known = set(self.sum_dims) | set(self.rot_dims) | ({self.gripper_index} if self.gripper_index is not None else set())
+        known = set(self._grouped())
         return [i for i in range(self.dim) if i not in known]
 
     @property
@@ -70,49 +64,38 @@ class ActionSpace:
         return m
 
     def compose(self, actions_KA: np.ndarray) -> np.ndarray:
-        """[..., K, A] -> [..., A]: the one action equivalent to the K consecutive ones."""
+        """[..., K, A] -> [..., A]: the one action equivalent to the K consecutive ones: ``sum_dims`` add up,
+        ``rot_dims`` (extrinsic xyz Euler deltas) compose as R_K ... R_1, the gripper takes the last command."""
         actions_KA = np.asarray(actions_KA)
-        if actions_KA.ndim < 2 or actions_KA.shape[-1] != self.dim:
-            raise EpisodeError(f"ActionSpace.compose expects [..., K, {self.dim}] ({self.names}), got {actions_KA.shape}")
-        if actions_KA.shape[-2] == 0:
-            raise EpisodeError("ActionSpace.compose needs at least one action (K >= 1)")
         bad = self.uncomposable_dims
         if bad:
-            raise EpisodeError(
-                f"ActionSpace cannot compose dims {[self.names[i] for i in bad]}: each dim must be in sum_dims, "
-                f"rot_dims or be the gripper (names={self.names}, sum_dims={self.sum_dims}, rot_dims={self.rot_dims}, "
-                f"gripper_index={self.gripper_index})")
+            raise EpisodeError(f"ActionSpace cannot compose dims {[self.names[i] for i in bad]}: each dim must be in "
+                               f"sum_dims, rot_dims or be the gripper ({self})")
         out = np.empty(actions_KA.shape[:-2] + (self.dim,), dtype=actions_KA.dtype)
         if self.sum_dims:
             out[..., self.sum_dims] = actions_KA[..., :, self.sum_dims].sum(axis=-2)
         if self.gripper_index is not None:
             out[..., self.gripper_index] = actions_KA[..., -1, self.gripper_index]
         if self.rot_dims:
-            out[..., self.rot_dims] = compose_euler_xyz(actions_KA[..., :, self.rot_dims]).astype(actions_KA.dtype)
+            out[..., self.rot_dims] = _compose_euler_xyz(actions_KA[..., :, self.rot_dims]).astype(actions_KA.dtype)
         return out
 
     def to_json(self) -> dict:
         """Plain data, as manifests and episode metadata store it."""
-        return {"names": list(self.names), "sum_dims": [int(i) for i in self.sum_dims],
-                "rot_dims": [int(i) for i in self.rot_dims],
-                "gripper_index": None if self.gripper_index is None else int(self.gripper_index)}
+        return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> "ActionSpace":
         """The inverse of ``to_json``."""
-        missing = [k for k in ("names", "sum_dims") if k not in d]
-        if missing:
-            raise EpisodeError(f"action_space json lacks {missing}: {d}")
-        return cls(names=list(d["names"]), sum_dims=list(d["sum_dims"]), rot_dims=list(d.get("rot_dims", [])),
-                   gripper_index=d.get("gripper_index"))
+        return cls(**d)
 
 
-METAWORLD_ACTION_SPACE = ActionSpace(names=["dx", "dy", "dz", "gripper"], sum_dims=[0, 1, 2], rot_dims=[], gripper_index=3)
+METAWORLD_ACTION_SPACE = ActionSpace(names=["dx", "dy", "dz", "gripper"], sum_dims=[0, 1, 2], gripper_index=3)
 EEF7_ACTION_SPACE = ActionSpace(names=["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"],
                                 sum_dims=[0, 1, 2], rot_dims=[3, 4, 5], gripper_index=6)
 
 
-def compose_euler_xyz(angles_KR: np.ndarray) -> np.ndarray:
+def _compose_euler_xyz(angles_KR: np.ndarray) -> np.ndarray:
     """[..., K, 3] extrinsic xyz Euler deltas -> [..., 3]: the Euler angles of R_K @ ... @ R_1."""
     from scipy.spatial.transform import Rotation
 
@@ -127,9 +110,10 @@ def compose_euler_xyz(angles_KR: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Episode:
-    """One trajectory. ``actions[t]`` is taken at ``frames[t]``; ``rewards[t]`` follows it."""
+    """One trajectory. ``actions[t]`` is taken at ``frames[t]``; ``rewards[t]`` follows it. Read from token
+    shards, ``frames`` is None and ``ids`` [T, h, w] holds the frames' token ids."""
 
-    frames: np.ndarray
+    frames: np.ndarray | None
     actions: np.ndarray
     rewards: np.ndarray
     success: np.ndarray
@@ -139,19 +123,23 @@ class Episode:
     state: np.ndarray | None = None
     language: str = ""
     meta: dict = field(default_factory=dict)
+    ids: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return int(self.frames.shape[0])
+        return int(self.actions.shape[0])
 
     def validate(self, where: str = "episode") -> None:
         """Check dtypes and shapes; raise EpisodeError naming ``where`` and the field at fault."""
-        f = self.frames
-        if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3:
-            raise EpisodeError(f"{where}: field 'frames' must be uint8 [T, H, W, 3], got "
-                               f"{getattr(f, 'dtype', type(f))} {getattr(f, 'shape', '')}")
-        t = f.shape[0]
-        if t < 1:
-            raise EpisodeError(f"{where}: field 'frames' is empty")
+        if self.frames is None:
+            name, px, ok = "ids", self.ids, "unsigned [T, h, w]"
+            good = isinstance(px, np.ndarray) and px.dtype.kind == "u" and px.ndim == 3
+        else:
+            name, px, ok = "frames", self.frames, "uint8 [T, H, W, 3]"
+            good = isinstance(px, np.ndarray) and px.dtype == np.uint8 and px.ndim == 4 and px.shape[-1] == 3
+        if not good or px.shape[0] < 1:
+            raise EpisodeError(f"{where}: field '{name}' must be {ok}, T >= 1, got {getattr(px, 'dtype', type(px))} "
+                               f"{getattr(px, 'shape', '')}")
+        t = px.shape[0]
         expect = {"actions": (np.float32, 2), "rewards": (np.float32, 1), "success": (np.float32, 1),
                   "is_first": (np.bool_, 1), "is_last": (np.bool_, 1), "is_terminal": (np.bool_, 1)}
         if self.state is not None:
@@ -161,13 +149,10 @@ class Episode:
             if not isinstance(x, np.ndarray) or x.dtype != dt or x.ndim != nd or x.shape[0] != t:
                 raise EpisodeError(f"{where}: field '{name}' must be {np.dtype(dt).name} with {nd} dims and "
                                    f"length T={t}, got {getattr(x, 'dtype', type(x))} {getattr(x, 'shape', '')}")
-        if "action_space" in self.meta:
-            a = len(self.meta["action_space"]["names"])
-            if self.actions.shape[1] != a:
-                raise EpisodeError(f"{where}: field 'actions' has {self.actions.shape[1]} dims, "
-                                   f"action_space says {a} ({self.meta['action_space']['names']})")
-        if not isinstance(self.language, str):
-            raise EpisodeError(f"{where}: field 'language' must be str, got {type(self.language)}")
+        space = self.meta.get("action_space")
+        if space is not None and self.actions.shape[1] != len(space["names"]):
+            raise EpisodeError(f"{where}: field 'actions' has {self.actions.shape[1]} dims, action_space says "
+                               f"{space['names']}")
 
     def to_sample(self, key: str) -> dict[str, Any]:
         """Encode as a WebDataset sample: {'__key__', 'frames.npz', 'steps.npz', 'meta.json'} (bytes)."""
@@ -186,46 +171,34 @@ class Episode:
         }
 
     @classmethod
-    def from_sample(cls, sample: dict[str, Any], where: str | None = None,
-                    frame_size: tuple[int, int] | None = None, action_dim: int | None = None) -> "Episode":
-        """Decode a sample (checked against ``frame_size``/``action_dim`` when given); errors name
-        ``where`` (shard), the key and the field."""
-        key = sample.get("__key__", "?")
-        loc = f"{where or sample.get('__url__', '?')} key {key}"
-        for ext in SAMPLE_EXTS:
-            if ext not in sample:
-                raise EpisodeError(f"{loc}: sample lacks member '{ext}' (has {sorted(k for k in sample if not k.startswith('__'))})")
-        member = "frames.npz"
+    def from_sample(cls, sample: dict[str, Any], frame_size: tuple[int, int] | None = None,
+                    action_dim: int | None = None) -> "Episode":
+        """Decode a frame sample, or a token sample (``ids.npy`` -> ``ids``), checked against ``frame_size`` (or
+        the token grid) and ``action_dim`` when given; errors name the shard, the key and the field."""
+        loc = f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')}"
+        member = "ids.npy" if "ids.npy" in sample else "frames.npz"
         try:
-            frames = load_npz(sample[member])["frames"]
+            px = load_npz(sample[member])["frames"] if member == "frames.npz" else np.load(
+                io.BytesIO(sample[member]), allow_pickle=False)
             member = "steps.npz"
             steps = load_npz(sample[member])
             member = "meta.json"
-            meta = json.loads(sample[member].decode("utf-8"))
+            meta = json.loads(bytes(sample[member]).decode("utf-8"))
+            arrays = {n: steps[n] for n in STEP_FIELDS}
         except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt member
             what = "field 'frames' (member frames.npz)" if member == "frames.npz" else f"member {member}"
             raise EpisodeError(f"{loc}: {what} cannot be decoded: {e}") from e
-        missing = [n for n in STEP_FIELDS if n not in steps]
-        if missing:
-            raise EpisodeError(f"{loc}: steps.npz lacks fields {missing}")
-        language = meta.pop("language", "")
-        ep = cls(frames=frames, state=steps.get("state"), language=language, meta=meta,
-                 **{n: steps[n] for n in STEP_FIELDS})
+        tokens = "ids.npy" in sample
+        ep = cls(frames=None if tokens else px, ids=px if tokens else None, state=steps.get("state"),
+                 language=meta.pop("language", ""), meta=meta, **arrays)
         ep.validate(loc)
-        if frame_size is not None and tuple(frames.shape[1:3]) != tuple(frame_size):
-            raise EpisodeError(f"{loc}: field 'frames' has size {tuple(frames.shape[1:3])}, manifest says {tuple(frame_size)}")
+        name = "ids" if tokens else "frames"
+        if frame_size is not None and tuple(px.shape[1:3]) != tuple(frame_size):
+            raise EpisodeError(f"{loc}: field '{name}' has size {tuple(px.shape[1:3])}, manifest says "
+                               f"{tuple(frame_size)}")
         if action_dim is not None and ep.actions.shape[1] != action_dim:
             raise EpisodeError(f"{loc}: field 'actions' has {ep.actions.shape[1]} dims, manifest says {action_dim}")
         return ep
-
-    def equals(self, other: "Episode") -> bool:
-        """Byte-exact equality of every array, the language and the metadata."""
-        for n in ("frames", "state") + STEP_FIELDS:
-            a, b = getattr(self, n), getattr(other, n)
-            if (a is None) != (b is None) or a is not None and (
-                    a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes()):
-                return False
-        return self.language == other.language and json.dumps(self.meta, sort_keys=True) == json.dumps(other.meta, sort_keys=True)
 
 
 def npz_bytes(arrays: dict[str, np.ndarray], compress: bool) -> bytes:

@@ -1,8 +1,5 @@
-"""Frames as stored (uint8 in [0, 255]) and as the models see them (float in [-1, 1]).
-
-Every stage, metric and picture converts through these two functions, so the mapping
-``x = u / 127.5 - 1`` exists once (docs/contracts.md, batch layout).
-"""
+"""Frames as stored (uint8 in [0, 255]) and as the models see them (float in [-1, 1]): every stage, metric and
+picture converts through these two functions, so ``x = u / 127.5 - 1`` exists once."""
 
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
-"""Which output folders a data writer may resume or replace: only its own, started with the same config.
-
-Before it writes its first shard, a writer (``whale-data metaworld``, ``whale-data oxe``) records in
-its output folder, atomically, a marker ``.whale_collect.json`` naming the project, the writer
-(``kind``) and the hash of the config that determines the data. A later run resumes or re-collects
-that folder only if the marker names the same writer and config hash. Any other non-empty folder
-(another program's files, another config, a dataset without a marker) is refused with one line
-naming the folder and what it holds, unless the caller passes ``overwrite``.
+"""Which output folders a data writer may resume or replace: only its own, started with the same config, as the
+marker ``.whale_collect.json`` it writes first records (writer ``kind``, config hash). Any other non-empty folder
+is refused, naming what it holds, unless the caller passes ``overwrite``.
 """
 
 from __future__ import annotations
@@ -42,13 +37,14 @@ def read_json(path: Path) -> Any:
         return None
 
 
-def describe(out: Path) -> str:
+def _describe(out: Path) -> str:
     """What a folder without a valid marker holds, as the end of a sentence starting with its name."""
     entries = sorted(p.name for p in out.iterdir())
     if MANIFEST in entries:
         m = read_json(out / MANIFEST)
         if isinstance(m, dict) and m.get("schema_version") == SCHEMA_VERSION and "shards" in m:
-            return f"holds a whale_pl dataset ({m.get('episodes', '?')} episodes) without a whale-data marker ({MARKER})"
+            return f"holds a whale_pl dataset ({m.get('episodes', '?')} episodes) without a whale-data marker " \
+                f"({MARKER})"
         return f"holds a {MANIFEST} not written by whale-data"
     shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
     return f"holds {len(entries)} entries ({shown}) and no whale-data marker ({MARKER})"
@@ -65,7 +61,7 @@ def ownership(out: str | Path, kind: str, config: Any) -> tuple[str, str]:
     if not any(out.iterdir()):
         return "empty", f"{out} is empty"
     if not (out / MARKER).exists():
-        return "foreign", f"{out} {describe(out)}"
+        return "foreign", f"{out} {_describe(out)}"
     m = read_json(out / MARKER)
     if not isinstance(m, dict) or m.get("project") != PROJECT:
         return "foreign", f"{out} holds a {MARKER} not written by whale-data"

@@ -1,16 +1,7 @@
 """Episode shards: an atomic writer, the manifest, and a verifying reader.
 
-A dataset directory holds ``shard-000000.tar``, ``shard-000001.tar``, ... (WebDataset tars, one sample
-per episode, see ``episode.py``) and ``manifest.json``, written last: a directory without one is an
-incomplete dataset. Every shard holds episodes of one split (``train``, ``val`` or ``ood``, from
-``episode.meta["split"]``, default ``train``); action statistics are computed over the ``train`` split
-(all episodes when there is none). Tars are written deterministically (fixed mtime/owner)::
-
-    with ShardWriter(out_dir) as w:
-        for ep in episodes:
-            w.write(ep)
-    manifest = verify_dataset(out_dir)          # counts, sizes and sha256 of every shard
-    for ep in iter_episodes(out_dir): ...       # decodes and checks every sample
+A dataset directory holds WebDataset tars ``shard-000000.tar``, ... (one sample per episode, one split per shard)
+and ``manifest.json``, written last: a directory without one is an incomplete dataset (docs/contracts.md).
 """
 
 from __future__ import annotations
@@ -18,45 +9,38 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import logging
 import mmap
 import os
 import tarfile
-import zipfile
-import zlib
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from whale_pl.data.episode import KEY_RE, SAMPLE_EXTS, Episode, EpisodeError, load_npz
+from whale_pl.data.episode import Episode, EpisodeError
 from whale_pl.io import sha256_file, write_json_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "ood")
 QUANTILE_RESERVOIR = 1_000_000
-log = logging.getLogger(__name__)
+MAX_SHARD_BYTES = 512 << 20
 
 
 class ShardError(ValueError):
     """A dataset directory, shard or sample is missing, corrupt or disagrees with its manifest."""
 
-    def __init__(self, msg: str, shard: str | None = None, key: str | None = None, field: str | None = None):
-        super().__init__(msg)
-        self.shard, self.key, self.field = shard, key, field
-
 
 class _ActionStats:
     """Running mean/std/min/max (exact, float64) and q01/q99 (exact up to 1M rows, then a reservoir)."""
 
-    def __init__(self, dim: int, seed: int = 0):
+    def __init__(self, dim: int):
         self.n = 0
         self.s1, self.s2 = np.zeros(dim, np.float64), np.zeros(dim, np.float64)
         self.lo, self.hi = np.full(dim, np.inf), np.full(dim, -np.inf)
         self.rows: list[np.ndarray] = []
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(0)
 
     def add(self, a_TA: np.ndarray) -> None:
         """Account for the actions of one episode."""
@@ -75,8 +59,6 @@ class _ActionStats:
 
     def to_json(self) -> dict:
         """The statistics as the manifest stores them."""
-        if self.n == 0:
-            raise ShardError("no actions to compute statistics from (empty dataset)")
         mean = self.s1 / self.n
         var = np.maximum(self.s2 / self.n - mean * mean, 0.0)
         r = np.stack(self.rows)
@@ -87,7 +69,7 @@ class _ActionStats:
 
 
 class _OpenShard:
-    """A shard being written under a temporary name."""
+    """A shard being written under a temporary name, renamed when complete."""
 
     def __init__(self, final: Path, split: str):
         self.final, self.split = final, split
@@ -96,15 +78,14 @@ class _OpenShard:
         self.keys: list[str] = []
         self.frames = self.bytes = 0
 
-    def add(self, sample: dict[str, Any], frames: int, exts: tuple[str, ...] = SAMPLE_EXTS) -> None:
-        """Append one sample's members ``exts`` (fixed mtime, mode and owner)."""
+    def add(self, sample: dict[str, Any], frames: int) -> None:
+        """Append one sample's members, in their order (fixed mtime, mode and owner)."""
         key = sample["__key__"]
-        for ext in exts:
-            data = sample[ext]
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
+        for ext, data in sample.items():
+            if ext.startswith("__"):
+                continue
+            info = tarfile.TarInfo(f"{key}.{ext}")  # mtime 0, mode 0o644, owner 0 / "": the defaults
+            info.size = len(data)
             self.tar.addfile(info, io.BytesIO(data))
             self.bytes += 512 + len(data)
         self.keys.append(key)
@@ -128,21 +109,18 @@ class _OpenShard:
 
 
 class ShardWriter:
-    """Write Episodes into ``out_dir`` (empty or absent unless ``overwrite``) as shards of one split each,
-    then the manifest, which stores ``extra`` as-is. After an exception in the ``with`` block there is no
-    manifest: the directory reads as incomplete."""
+    """Write Episodes into ``out_dir`` (empty or absent unless ``overwrite``) as shards of one split each, then the
+    manifest (``extra`` stored as-is); after an exception in the ``with`` block there is none."""
 
-    def __init__(self, out_dir: str | Path, episodes_per_shard: int = 64, max_shard_bytes: int = 512 << 20,
-                 overwrite: bool = False, extra: dict | None = None):
+    def __init__(self, out_dir: str | Path, episodes_per_shard: int = 64, overwrite: bool = False,
+                 extra: dict | None = None):
         self.out_dir = Path(out_dir)
-        if episodes_per_shard < 1:
-            raise ValueError(f"episodes_per_shard must be >= 1, got {episodes_per_shard}")
-        self.episodes_per_shard, self.max_shard_bytes, self.extra = episodes_per_shard, max_shard_bytes, extra or {}
+        self.episodes_per_shard, self.extra = episodes_per_shard, extra or {}
         existing = sorted(p.name for p in self.out_dir.glob("*")) if self.out_dir.exists() else []
+        if existing and not overwrite:
+            raise ShardError(f"{self.out_dir}: output directory is not empty ({existing[:5]}...); "
+                             "pass overwrite=True to replace it")
         if existing:
-            if not overwrite:
-                raise ShardError(f"{self.out_dir}: output directory is not empty ({existing[:5]}...); "
-                                 "pass overwrite=True to replace it")
             (self.out_dir / MANIFEST).unlink(missing_ok=True)  # first: the directory now reads as incomplete
             for p in [*self.out_dir.glob("shard-*.tar"), *self.out_dir.glob(".shard-*.tar.tmp-*")]:
                 p.unlink()
@@ -154,8 +132,7 @@ class ShardWriter:
         self._stats: dict[str, _ActionStats] = {}
         self._policies: dict[str, dict] = {}
         self._tasks: dict[str, int] = defaultdict(int)
-        self._next_shard = self._n = 0
-        self._closed = False
+        self._next_shard = 0
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -166,37 +143,30 @@ class ShardWriter:
     def write(self, episode: Episode, key: str | None = None, sample: dict | None = None) -> str:
         """Append one episode; returns its sample key. ``sample``: the episode already encoded under ``key``
         (``episode.to_sample(key)``), copied as it is; ``episode.frames`` may then be a placeholder."""
-        if self._closed:
-            raise ShardError(f"{self.out_dir}: writer is closed")
-        key = key or f"ep{self._n:07d}"
+        key = key or f"ep{len(self._keys):07d}"
         where = f"{self.out_dir} episode {key} ({episode.meta.get('episode_id', '?')})"
-        if not KEY_RE.match(key) or key in self._keys:
-            raise ShardError(f"{where}: key must be unique and match {KEY_RE.pattern}", key=key)
-        if "action_space" not in episode.meta:
-            raise ShardError(f"{where}: meta lacks 'action_space' (ActionSpace.to_json())", key=key, field="meta")
         split = episode.meta.get("split", "train")
-        if split not in SPLITS:
-            raise ShardError(f"{where}: meta split {split!r} is not one of {SPLITS}", key=key, field="meta")
+        if key in self._keys or split not in SPLITS or "action_space" not in episode.meta:
+            raise ShardError(f"{where}: the key must be unique, meta must hold 'action_space' and a split in "
+                             f"{SPLITS} (got {split!r})")
         if sample is None:
             sample = episode.to_sample(key)  # validates
         else:
             episode.validate(f"episode {key}")
         ref = {"frame_size": list(episode.frames.shape[1:3]), "action_space": episode.meta["action_space"],
                "state_dim": 0 if episode.state is None else int(episode.state.shape[1])}
-        if self._ref is None:
-            self._ref = ref
-        elif ref != self._ref:
+        self._ref = self._ref or ref
+        if ref != self._ref:
             diff = {k: (ref[k], self._ref[k]) for k in ref if ref[k] != self._ref[k]}
-            raise ShardError(f"{where}: differs from the dataset's first episode in {diff} (this, first)", key=key)
+            raise ShardError(f"{where}: differs from the dataset's first episode in {diff} (this, first)")
         sh = self._open.get(split)
         if sh is None:
             sh = self._open[split] = _OpenShard(self.out_dir / f"shard-{self._next_shard:06d}.tar", split)
             self._next_shard += 1
         sh.add(sample, len(episode))
         self._keys.add(key)
-        self._n += 1
         self._account(episode, split)
-        if len(sh.keys) >= self.episodes_per_shard or sh.bytes >= self.max_shard_bytes:
+        if len(sh.keys) >= self.episodes_per_shard or sh.bytes >= MAX_SHARD_BYTES:
             self._done.append(self._open.pop(split).close())
         return key
 
@@ -205,7 +175,6 @@ class ShardWriter:
             self._stats[split] = _ActionStats(ep.actions.shape[1])
         self._stats[split].add(ep.actions)
         pol = ep.meta.get("policy") or {}
-        pol = pol if isinstance(pol, dict) else {"name": str(pol)}
         name = pol.get("name", "unknown")
         p = self._policies.setdefault(name, {"family": pol.get("family", name), "params": pol.get("params", {}),
                                              "splits": {}, "episodes": 0, "frames": 0, "returns": [], "successes": []})
@@ -221,16 +190,12 @@ class ShardWriter:
         for sh in self._open.values():
             sh.abort()
         self._open.clear()
-        self._closed = True
 
     def close(self) -> dict:
         """Flush open shards and write the manifest (atomically). Returns the manifest."""
-        if self._closed:
-            raise ShardError(f"{self.out_dir}: writer already closed")
         self._done += [self._open[split].close() for split in sorted(self._open)]
         self._open.clear()
-        self._closed = True
-        if self._n == 0:
+        if not self._keys:
             raise ShardError(f"{self.out_dir}: no episodes were written; no manifest")
         shards = sorted(self._done, key=lambda s: s["name"])
         stats_split = "train" if "train" in self._stats else sorted(self._stats)[0]
@@ -243,7 +208,7 @@ class ShardWriter:
         manifest = {
             "schema_version": SCHEMA_VERSION, "frame_encoding": "npz-deflate", **self._ref,
             "action_dim": len(self._ref["action_space"]["names"]),
-            "episodes": self._n, "frames": int(sum(s["frames"] for s in shards)),
+            "episodes": len(self._keys), "frames": int(sum(s["frames"] for s in shards)),
             "splits": {sp: {"episodes": of(sp, "episodes"), "frames": of(sp, "frames"),
                             "shards": [s["name"] for s in shards if s["split"] == sp]}
                        for sp in SPLITS if any(s["split"] == sp for s in shards)},
@@ -266,7 +231,7 @@ def read_manifest(data_dir: str | Path) -> dict:
     mp = d / MANIFEST
     if not mp.exists():
         tars = sorted(p.name for p in d.glob("shard-*.tar"))
-        what = f"has {len(tars)} shards but no {MANIFEST} (incomplete write?)" if tars else "is empty (no shards, no manifest)"
+        what = f"has {len(tars)} shards but no {MANIFEST} (incomplete write?)" if tars else "is empty"
         raise ShardError(f"{d}: dataset directory {what}")
     try:
         m = json.loads(mp.read_text())
@@ -274,86 +239,47 @@ def read_manifest(data_dir: str | Path) -> dict:
         raise ShardError(f"{mp}: manifest is not valid JSON: {e}") from e
     if m.get("schema_version") != SCHEMA_VERSION:
         raise ShardError(f"{mp}: schema_version {m.get('schema_version')!r}, this reader expects {SCHEMA_VERSION}")
-    for k in ("shards", "action_stats", "frame_size", "action_space", "state_dim"):
-        if k not in m:
-            raise ShardError(f"{mp}: manifest lacks '{k}'")
-    if not m["shards"]:
-        raise ShardError(f"{mp}: manifest lists no shards")
     return m
 
 
-def _check_counts(m: dict, where: str | Path) -> None:
-    """The manifest's episode and frame counts agree with its shard list (per shard, per split, in all)."""
-    for s in m["shards"]:
-        if s.get("episodes") != len(s.get("keys", ())):
-            raise ShardError(f"{where}: manifest says shard {s.get('name')} holds {s.get('episodes')} episodes, "
-                             f"it lists {len(s.get('keys', ()))} keys", shard=s.get("name"))
-    for what in ("episodes", "frames"):
-        total = sum(s.get(what, 0) for s in m["shards"])
-        if m.get(what) != total:
-            raise ShardError(f"{where}: manifest says {m.get(what)} {what}, its shards hold {total}")
-        for sp, v in m.get("splits", {}).items():
-            n = sum(s.get(what, 0) for s in m["shards"] if s.get("split") == sp)
-            if v.get(what) != n:
-                raise ShardError(f"{where}: manifest says split {sp!r} has {v.get(what)} {what}, its shards hold {n}")
-    missing = sorted({s.get("split") for s in m["shards"]} - set(m.get("splits", {})))
-    if missing:
-        raise ShardError(f"{where}: manifest has shards of split(s) {missing} that its split table lacks")
-
-
-def verify_dataset(data_dir: str | Path, checksums: bool = True) -> dict:
-    """Check every shard the manifest lists exists with its size (and sha256); no unlisted shards; the
-    manifest's counts agree with its shard list."""
+def verify_dataset(data_dir: str | Path) -> dict:
+    """The manifest, once every shard it lists exists with its size (and sha256) and no other shard is there."""
     d = Path(data_dir)
     m = read_manifest(d)
-    _check_counts(m, d / MANIFEST)
     listed = {s["name"] for s in m["shards"]}
     extra = sorted(p.name for p in d.glob("shard-*.tar") if p.name not in listed)
     if extra:
-        raise ShardError(f"{d}: shards not in the manifest: {extra}", shard=extra[0])
+        raise ShardError(f"{d}: shards not in the manifest: {extra}")
     for s in m["shards"]:
         p = d / s["name"]
         if not p.exists():
-            raise ShardError(f"{p}: shard listed in the manifest is missing", shard=s["name"])
+            raise ShardError(f"{p}: shard listed in the manifest is missing")
         if p.stat().st_size != s["bytes"]:
-            raise ShardError(f"{p}: size {p.stat().st_size} bytes, manifest says {s['bytes']}", shard=s["name"])
-        if checksums and (h := sha256_file(p)) != s["sha256"]:
-            raise ShardError(f"{p}: sha256 {h[:16]}... does not match the manifest's {s['sha256'][:16]}...",
-                             shard=s["name"])
+            raise ShardError(f"{p}: size {p.stat().st_size} bytes, manifest says {s['bytes']}")
+        if (h := sha256_file(p)) != s["sha256"]:
+            raise ShardError(f"{p}: sha256 {h[:16]}... does not match the manifest's {s['sha256'][:16]}...")
     return m
 
 
 def iter_tar_samples(path: str | Path, keys: set[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Group a WebDataset tar's members by key: {'__key__', '__url__', ext: bytes, ...}, parsing the plain
-    ustar headers ``ShardWriter`` writes straight from a memory map (checksums checked). With ``keys`` the
-    other samples come back as ``__skipped__`` stubs, not copied."""
+    """The samples {'__key__', '__url__', ext: bytes, ...} of a WebDataset tar (only ``keys``, when given), read
+    from a memory map by parsing the plain ustar headers ``ShardWriter`` writes (checksums checked)."""
     path = str(path)
     try:
         with open(path, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size == 0:
-                raise ShardError(f"{path}: tar is empty", shard=path)
             buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    except OSError as e:
-        raise ShardError(f"{path}: cannot read shard: {e}", shard=path) from e
+    except (OSError, ValueError) as e:  # ValueError: an empty file
+        raise ShardError(f"{path}: cannot read shard: {e}") from e
     try:
-        yield from _group(path, _members(path, buf, keys), keys)
+        for key, items in itertools.groupby(_members(path, buf, keys), key=lambda m: m[0]):
+            if keys is None or key in keys:
+                yield {"__key__": key, "__url__": path, **{ext: data for _, ext, data in items}}
     finally:
         buf.close()
 
 
-def _group(path: str, members: Iterator[tuple[str, str, Any]], keys: set[str] | None) -> Iterator[dict[str, Any]]:
-    """(key, ext, data) members -> samples; a sample not in ``keys`` comes back as a ``__skipped__`` stub."""
-    for key, items in itertools.groupby(members, key=lambda m: m[0]):
-        sample: dict[str, Any] = {"__key__": key, "__url__": path}
-        for _, ext, data in items:
-            if ext in sample:
-                raise ShardError(f"{path} key {key}: member {ext} appears twice", shard=path, key=key, field=ext)
-            sample[ext] = data
-        yield sample if keys is None or key in keys else {"__key__": key, "__url__": path, "__skipped__": True}
-
-
 def _members(path: str, buf: mmap.mmap, keys: set[str] | None) -> Iterator[tuple[str, str, Any]]:
-    """(key, ext, bytes) of every file member; the bytes are None for a key not in ``keys``."""
+    """(key, ext, bytes) of every file member; the bytes are None for a key not in ``keys`` (not copied)."""
     pos, n, last_key = 0, len(buf), None
     while pos + 512 <= n:
         hdr = buf[pos:pos + 512]
@@ -362,137 +288,67 @@ def _members(path: str, buf: mmap.mmap, keys: set[str] | None) -> Iterator[tuple
         try:
             info = tarfile.TarInfo.frombuf(hdr, "utf-8", "surrogateescape")
         except tarfile.HeaderError as e:
-            raise ShardError(f"{path}: corrupt tar header at byte {pos} (after key {last_key}): {e}",
-                             shard=path, key=last_key) from e
-        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE):
-            raise ShardError(f"{path}: unsupported tar member type {info.type!r} after key {last_key}",
-                             shard=path, key=last_key)
+            raise ShardError(f"{path}: corrupt tar header at byte {pos} (after key {last_key}): {e}") from e
         start, end = pos + 512, pos + 512 + info.size
         pos = start + -(-info.size // 512) * 512
         if not info.isfile():
             continue
-        base = os.path.basename(info.name)
-        if "." not in base:
-            raise ShardError(f"{path}: member {info.name!r} has no extension (after key {last_key})",
-                             shard=path, key=last_key)
-        key, ext = base.split(".", 1)
+        key, _, ext = os.path.basename(info.name).partition(".")
         if end > n:
-            raise ShardError(f"{path} key {key}: member {info.name!r} truncated ({n - start} of {info.size} bytes)",
-                             shard=path, key=key, field=ext)
+            raise ShardError(f"{path} key {key}: member {info.name!r} truncated ({n - start} of {info.size} bytes)")
         last_key = key
         yield key, ext, (buf[start:end] if keys is None or key in keys else None)
-    if pos < n:
-        raise ShardError(f"{path}: tar ends mid-header after key {last_key}", shard=path, key=last_key)
-    raise ShardError(f"{path}: tar lacks its end-of-archive blocks (truncated after key {last_key}?)",
-                     shard=path, key=last_key)
+    raise ShardError(f"{path}: tar lacks its end-of-archive blocks (truncated after key {last_key}?)")
 
 
-class CorruptCounter:
-    """Counts samples skipped under ``on_error='skip'`` (never silently: each one is logged)."""
-
-    def __init__(self) -> None:
-        self.skipped: list[str] = []
-
-    def __len__(self) -> int:
-        return len(self.skipped)
-
-
-def decode_sample(sample: dict[str, Any], manifest: dict | None = None) -> Episode:
-    """Sample -> Episode, checked against the manifest's frame size and action dim; ShardError on fault."""
+def decode_sample(sample: dict[str, Any], manifest: dict) -> Episode:
+    """Sample -> Episode (token ids when the manifest has a ``tokens`` section), checked against the manifest's
+    frame size (or token grid) and action dim; ShardError naming shard, key and field."""
+    size = manifest["tokens"]["grid"] if "tokens" in manifest else manifest["frame_size"]
     try:
-        return Episode.from_sample(sample, where=sample.get("__url__"),
-                                   frame_size=tuple(manifest["frame_size"]) if manifest else None,
-                                   action_dim=manifest.get("action_dim") if manifest else None)
+        return Episode.from_sample(sample, frame_size=size, action_dim=manifest["action_dim"])
     except EpisodeError as e:
-        raise ShardError(str(e), shard=sample.get("__url__"), key=sample.get("__key__")) from e
+        raise ShardError(str(e)) from e
 
 
-def iter_shard_episodes(data_dir: str | Path, shard: dict, manifest: dict, on_error: str = "raise",
-                        counter: CorruptCounter | None = None, keys: set[str] | None = None,
-                        decode: Callable[[dict, dict], Any] = decode_sample) -> Iterator[tuple[str, Any]]:
-    """Decode the episodes of one shard (optionally only ``keys``; ``decode``: sample -> record, by default an
-    Episode), checking counts against the manifest."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+def iter_shard_episodes(data_dir: str | Path, shard: dict, manifest: dict,
+                        keys: set[str] | None = None) -> Iterator[tuple[str, Episode]]:
+    """(key, episode) of one shard (optionally only ``keys``); its keys checked against the manifest's."""
     path = Path(data_dir) / shard["name"]
     if not path.exists():
-        raise ShardError(f"{path}: shard listed in the manifest is missing", shard=str(path))
-
-    def _skip(what: str, msg: str, *args: Any) -> None:
-        log.warning(msg, *args)
-        if counter is not None:
-            counter.skipped.append(what)
-
-    seen = []
-    try:
-        for s in iter_tar_samples(path, keys=keys):
-            seen.append(s["__key__"])
-            if s.get("__skipped__"):
-                continue
-            try:
-                ep = decode(s, manifest)
-            except ShardError as e:
-                if on_error == "raise":
-                    raise ShardError(str(e), shard=s["__url__"], key=s["__key__"]) from e
-                _skip(f"{path}:{s['__key__']}", "skipping corrupt sample: %s", e)
-                continue
-            yield s["__key__"], ep
-    except ShardError as e:
-        if on_error == "raise" or e.key is None and not seen:
-            raise
-        _skip(f"{path}:<after {e.key}>", "skipping rest of corrupt shard: %s", e)
-        return
-    if seen != shard["keys"]:
-        missing = [k for k in shard["keys"] if k not in seen]
-        unexpected = [k for k in seen if k not in shard["keys"]]
-        msg = f"{path}: keys differ from the manifest (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        if on_error == "raise":
-            raise ShardError(msg, shard=str(path), key=(missing or unexpected or [None])[0])
-        _skip(msg, "%s", msg)
+        raise ShardError(f"{path}: shard listed in the manifest is missing")
+    seen, want = [], [k for k in shard["keys"] if keys is None or k in keys]
+    for s in iter_tar_samples(path, keys=keys):
+        seen.append(s["__key__"])
+        yield s["__key__"], decode_sample(s, manifest)
+    if seen != want:
+        missing = [k for k in want if k not in seen]
+        unexpected = [k for k in seen if k not in want]
+        raise ShardError(f"{path}: keys differ from the manifest (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
-def iter_episodes(data_dir: str | Path, splits: Iterable[str] | None = None, verify: bool = True,
-                  on_error: str = "raise", counter: CorruptCounter | None = None) -> Iterator[Episode]:
+def iter_episodes(data_dir: str | Path, splits: Iterable[str] | None = None, verify: bool = True) -> Iterator[Episode]:
     """All episodes of a dataset directory (optionally only some splits), in shard order."""
-    m = verify_dataset(data_dir, checksums=verify) if verify else read_manifest(data_dir)
-    want = None if splits is None else set(splits)
+    m = verify_dataset(data_dir) if verify else read_manifest(data_dir)
     for sh in m["shards"]:
-        if want is None or sh["split"] in want:
-            for _, ep in iter_shard_episodes(data_dir, sh, m, on_error=on_error, counter=counter):
+        if splits is None or sh["split"] in splits:
+            for _, ep in iter_shard_episodes(data_dir, sh, m):
                 yield ep
 
 
 def verify_contents(data_dir: str | Path) -> tuple[int, int]:
-    """Verify a dataset completely: checksums, then every sample decoded and each shard's episodes and
-    frames counted against the manifest. Returns (episodes, frames)."""
+    """Verify a dataset completely (``whale-data verify``): checksums, the manifest's counts in all and per split,
+    then every sample decoded and each shard's episodes and frames counted. Returns (episodes, frames)."""
     m = verify_dataset(data_dir)
-    episodes = frames = 0
+    for what in ("episodes", "frames"):
+        for sp, v in [("", m), *m["splits"].items()]:
+            n = sum(s[what] for s in m["shards"] if sp in ("", s["split"]))
+            if v[what] != n:
+                raise ShardError(f"{Path(data_dir) / MANIFEST}: manifest says {v[what]} {what}"
+                                 f"{sp and f' in split {sp!r}'}, its shards hold {n}")
     for sh in m["shards"]:
         lengths = [len(ep) for _, ep in iter_shard_episodes(data_dir, sh, m)]
-        n_ep, n_fr = len(lengths), sum(lengths)
-        if (n_ep, n_fr) != (sh["episodes"], sh["frames"]):
-            raise ShardError(f"{Path(data_dir) / sh['name']}: holds {n_ep} episodes / {n_fr} frames, the manifest "
-                             f"says {sh['episodes']} / {sh['frames']}", shard=sh["name"])
-        episodes, frames = episodes + n_ep, frames + n_fr
-    return episodes, frames
-
-
-def episode_lengths(data_dir: str | Path, manifest: dict, splits: Iterable[str]) -> list[int]:
-    """Frames of every episode of ``splits``, in shard order, read from the samples' step arrays
-    (frames are not decoded)."""
-    want, out = set(splits), []
-    for sh in manifest["shards"]:
-        if sh["split"] in want:
-            for s in iter_tar_samples(Path(data_dir) / sh["name"]):
-                try:
-                    out.append(int(load_npz(s["steps.npz"])["actions"].shape[0]))
-                except (KeyError, ValueError, OSError, zlib.error, zipfile.BadZipFile) as e:
-                    raise ShardError(f"{s['__url__']} key {s['__key__']}: unreadable steps: {e}",
-                                     shard=sh["name"], key=s["__key__"]) from e
-    return out
-
-
-def safe_std(std: Iterable[float], floor: float = 1e-6) -> np.ndarray:
-    """Standard deviations used for normalisation: a (near-)constant dim is left unscaled (std 1)."""
-    s = np.asarray(list(std), np.float64)
-    return np.where(np.isfinite(s) & (s > floor), s, 1.0).astype(np.float32)
+        if (len(lengths), sum(lengths)) != (sh["episodes"], sh["frames"]):
+            raise ShardError(f"{Path(data_dir) / sh['name']}: holds {len(lengths)} episodes / {sum(lengths)} frames, "
+                             f"the manifest says {sh['episodes']} / {sh['frames']}")
+    return m["episodes"], m["frames"]

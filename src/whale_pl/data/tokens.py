@@ -1,39 +1,32 @@
 """Token shards: every frame of a dataset tokenised once by the frozen tokenizer, for stages 2 and 3.
 
-A token dataset mirrors a frame dataset (``shards.py``) shard for shard (names, keys, splits); a sample holds
-``<key>.ids.npy`` (``[T, h, w]``, uint8 up to 256 codes, else uint16) and the source sample's ``steps.npz`` and
-``meta.json`` bytes. Its ``manifest.json``, written last, is the source's with the token shards and a ``tokens``
-section naming the tokenizer and the source (docs/contracts.md). Each frame is encoded alone, as a one-frame
-clip: the causal encoder would otherwise make its ids depend on where its clip starts.
-
-``build_tokens`` splits the shards over ``RANK`` / ``WORLD_SIZE`` times ``workers`` processes; each token shard is
-written atomically and recorded in ``.parts/<shard>.json``; rank 0 writes the manifest once every part exists. A
-rerun keeps the parts still matching their record; parts or a manifest of another tokenizer file or source
-dataset are refused, naming both.
+A token dataset mirrors a frame dataset shard for shard, ``<key>.ids.npy`` in place of the frames; each frame is
+encoded alone (a one-frame clip). Layout, resuming and the refusals: docs/contracts.md, "Token shards".
 """
 
 from __future__ import annotations
 
 import io
 import json
-import multiprocessing as mp
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from whale_pl.data.episode import STEP_FIELDS, load_npz
 from whale_pl.data.frames import frames_to_unit
-from whale_pl.data.shards import (MANIFEST, ShardError, _OpenShard, decode_sample, iter_shard_episodes,
-                                  iter_tar_samples, read_manifest, sha256_file, verify_dataset, write_json_atomic)
+from whale_pl.data.shards import (MANIFEST, ShardError, _OpenShard, decode_sample, iter_tar_samples, read_manifest,
+                                  sha256_file, verify_dataset, write_json_atomic)
+from whale_pl.data.workers import map_ordered
 
-TOKEN_EXTS = ("ids.npy", "steps.npz", "meta.json")
 PARTS = ".parts"
 ENCODING = "per-frame"
+WAIT_S = 6 * 3600.0  # how long rank 0 waits for the other ranks' parts
+BATCH_FRAMES = 256
 
 
 class TokenError(ShardError):
@@ -56,72 +49,8 @@ def encode_frames(tok: torch.nn.Module, frames_BTCHW: torch.Tensor) -> torch.Ten
     return ids_N1hw[:, 0].unflatten(0, (B, T))
 
 
-@torch.no_grad()
-def encode_episode(tok: torch.nn.Module, frames_THWC: np.ndarray, device: torch.device | str,
-                   batch_frames: int = 256) -> np.ndarray:
-    """Token ids ``[T, h, w]`` of one episode's uint8 frames ``[T, H, W, 3]``, ``batch_frames`` at a time,
-    in the smallest dtype that holds the codebook."""
-    frames = torch.from_numpy(np.ascontiguousarray(frames_THWC)).permute(0, 3, 1, 2)
-    ids = [encode_frames(tok, frames[i : i + batch_frames, None].to(device))[:, 0].cpu()
-           for i in range(0, len(frames), batch_frames)]
-    return torch.cat(ids).numpy().astype(ids_dtype(tok.codebook_size))
-
-
-@dataclass
-class TokenEpisode:
-    """One episode of a token dataset: its frames' token ids and the source episode's other arrays."""
-
-    ids: np.ndarray  # [T, h, w] unsigned integers
-    actions: np.ndarray
-    rewards: np.ndarray
-    success: np.ndarray
-    is_first: np.ndarray
-    is_last: np.ndarray
-    is_terminal: np.ndarray
-    state: np.ndarray | None = None
-    language: str = ""
-    meta: dict = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return int(self.ids.shape[0])
-
-
-def decode_token_sample(sample: dict[str, Any], manifest: dict | None = None) -> TokenEpisode:
-    """Sample -> TokenEpisode, its ids checked against the manifest's grid; ShardError naming key and field."""
-    key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
-    missing = [e for e in TOKEN_EXTS if e not in sample]
-    if missing:
-        raise ShardError(f"{url} key {key}: token sample lacks {missing} (a frame dataset given as tokens?)",
-                         shard=url, key=key)
-    try:
-        ids = np.load(io.BytesIO(sample["ids.npy"]), allow_pickle=False)
-        steps = load_npz(sample["steps.npz"])
-        meta = json.loads(bytes(sample["meta.json"]).decode("utf-8"))
-    except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt member
-        raise ShardError(f"{url} key {key}: token sample cannot be decoded: {e}", shard=url, key=key) from e
-    grid = tuple((manifest or {}).get("tokens", {}).get("grid") or ids.shape[1:])
-    T = ids.shape[0] if ids.ndim == 3 else -1
-    if ids.ndim != 3 or ids.dtype.kind != "u" or tuple(ids.shape[1:]) != grid:
-        raise ShardError(f"{url} key {key}: field 'ids' must be unsigned [T, {grid[0]}, {grid[1]}], got {ids.dtype} "
-                         f"{ids.shape}", shard=url, key=key, field="ids")
-    bad = [n for n in STEP_FIELDS if n not in steps or len(steps[n]) != T]
-    if bad:
-        raise ShardError(f"{url} key {key}: steps {bad} missing or not of the ids' length {T}", shard=url, key=key,
-                         field=bad[0])
-    language = meta.pop("language", "")
-    return TokenEpisode(ids=ids, state=steps.get("state"), language=language, meta=meta,
-                        **{n: steps[n] for n in STEP_FIELDS})
-
-
-def iter_token_episodes(data_dir: str | Path, shard: dict, manifest: dict, on_error: str = "raise",
-                        keys: set[str] | None = None) -> Iterator[tuple[str, TokenEpisode]]:
-    """The episodes of one token shard (optionally only ``keys``), counts checked against the manifest."""
-    return iter_shard_episodes(data_dir, shard, manifest, on_error=on_error, keys=keys, decode=decode_token_sample)
-
-
-def read_token_manifest(token_dir: str | Path, source_dir: str | Path | None = None, checksums: bool = True) -> dict:
-    """A complete token dataset's manifest, verified (sizes, sha256, counts); with ``source_dir`` it must
-    have been made from that very dataset (its manifest's sha256), else TokenError naming both."""
+def read_token_manifest(token_dir: str | Path, source_dir: str | Path | None = None) -> dict:
+    """A complete token dataset's verified manifest; with ``source_dir``, refused unless made from that dataset."""
     token_dir = Path(token_dir)
     if not token_dir.is_dir():
         raise TokenError(f"{token_dir}: no token shards; build them (`python -m whale_pl.pipeline tokens --scale S`, "
@@ -129,7 +58,7 @@ def read_token_manifest(token_dir: str | Path, source_dir: str | Path | None = N
     if not (token_dir / MANIFEST).exists() and (token_dir / PARTS).is_dir():
         raise TokenError(f"{token_dir}: token dataset is incomplete (parts but no {MANIFEST}: an interrupted build); "
                          "rerun `python -m whale_pl.pipeline tokens` to finish it")
-    m = verify_dataset(token_dir, checksums=checksums)
+    m = verify_dataset(token_dir)
     if "tokens" not in m:
         raise TokenError(f"{token_dir}: {MANIFEST} has no 'tokens' section: a frame dataset, not token shards")
     if source_dir is not None:
@@ -142,8 +71,7 @@ def read_token_manifest(token_dir: str | Path, source_dir: str | Path | None = N
 
 
 def check_token_tokenizer(datamodule: Any, fingerprint_: str | None, where: str) -> None:
-    """Refuse a datamodule's token shards made with another tokenizer than the stage's (weight fingerprints
-    compared, as the stage records them), naming both; a datamodule reading frames passes."""
+    """Refuse a datamodule's token shards made with another tokenizer (weight fingerprint) than the stage's."""
     for info in getattr(datamodule, "token_info", None) or []:
         theirs = info["tokenizer"]
         if theirs["fingerprint"] != fingerprint_:
@@ -173,16 +101,14 @@ class TokenJob:
     @classmethod
     def make(cls, source: str | Path, out: str | Path, tokenizer_ckpt: str | Path) -> "TokenJob":
         """The job, with the identity (tokenizer file sha256, source manifest sha256) its parts carry."""
-        if not Path(tokenizer_ckpt).is_file():
-            raise TokenError(f"tokenizer checkpoint {tokenizer_ckpt} does not exist (train stage 1 first)")
         ident = {"tokenizer_sha256": sha256_file(tokenizer_ckpt),
                  "source_manifest_sha256": source_identity(source)["manifest_sha256"]}
         return cls(str(source), str(out), str(tokenizer_ckpt), ident)
 
     def check(self, found: dict, where: str, found_tokenizer: str, found_source: str) -> None:
-        """Refuse parts or a manifest of another tokenizer or source (``found``: their identity, made from
-        ``found_tokenizer`` and ``found_source``), naming both values of each that differs."""
-        what = {"tokenizer_sha256": "tokenizer checkpoint sha256", "source_manifest_sha256": "source dataset manifest sha256"}
+        """Refuse parts or a manifest whose identity ``found`` differs from this job's, naming both sides."""
+        what = {"tokenizer_sha256": "tokenizer checkpoint sha256",
+                "source_manifest_sha256": "source dataset manifest sha256"}
         bad = [f"{what[k]}: theirs {found.get(k)} (from {found_tokenizer} / {found_source}) != this {v} (from "
                f"{self.tokenizer_ckpt} / {self.source})" for k, v in self.identity.items() if found.get(k) != v]
         if bad:
@@ -192,8 +118,7 @@ class TokenJob:
 
 
 def load_tokenizer(ckpt: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, str, dict]:
-    """The frozen tokenizer of a stage-1 checkpoint on ``device``, its weight fingerprint (as the later stages
-    record it) and its data_spec."""
+    """The frozen tokenizer of a stage-1 checkpoint on ``device``, its weight fingerprint and its data_spec."""
     from whale_pl.lit.handoff import fingerprint, load_frozen
     from whale_pl.lit.tokenizer_module import TokenizerModule
 
@@ -207,10 +132,6 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _part_path(out: Path, shard: str) -> Path:
-    return out / PARTS / f"{shard}.json"
-
-
 def _checked_part(job: TokenJob, p: Path) -> dict:
     """The part recorded at ``p``, refused when made with another tokenizer or from another source."""
     part = json.loads(p.read_text())
@@ -220,7 +141,7 @@ def _checked_part(job: TokenJob, p: Path) -> dict:
 
 def _kept_part(job: TokenJob, shard: dict) -> dict | None:
     """The recorded part of ``shard`` when its token shard is still the one recorded, else None."""
-    p = _part_path(Path(job.out), shard["name"])
+    p = Path(job.out) / PARTS / f"{shard['name']}.json"
     if not p.is_file():
         return None
     part, f = _checked_part(job, p), Path(job.out) / shard["name"]
@@ -230,50 +151,40 @@ def _kept_part(job: TokenJob, shard: dict) -> dict | None:
 
 
 def encode_shard(job: TokenJob, shard: dict, source_manifest: dict, tok: torch.nn.Module,
-                 device: torch.device | str, batch_frames: int = 256) -> dict:
+                 device: torch.device | str) -> dict:
     """Tokenise one source shard into its token shard (atomically), then record the part; returns the part."""
     src, out = Path(job.source), Path(job.out)
     writer = _OpenShard(out / shard["name"], shard["split"])
     try:
         for s in iter_tar_samples(src / shard["name"]):
             ep = decode_sample(s, source_manifest)  # the source sample is checked before anything is copied
-            sample = {"__key__": s["__key__"], "ids.npy": _npy_bytes(encode_episode(tok, ep.frames, device, batch_frames)),
-                      "steps.npz": bytes(s["steps.npz"]), "meta.json": bytes(s["meta.json"])}
-            writer.add(sample, len(ep), TOKEN_EXTS)
-        if writer.keys != shard["keys"]:
-            raise TokenError(f"{src / shard['name']}: keys {writer.keys[:5]}... differ from its manifest's "
-                             f"{shard['keys'][:5]}...", shard=shard["name"])
-        rec = writer.close()
+            frames = torch.from_numpy(np.ascontiguousarray(ep.frames)).permute(0, 3, 1, 2)
+            ids = [encode_frames(tok, frames[i : i + BATCH_FRAMES, None].to(device))[:, 0].cpu()
+                   for i in range(0, len(frames), BATCH_FRAMES)]  # [T, h, w]: BATCH_FRAMES frames at a time
+            ids = torch.cat(ids).numpy().astype(ids_dtype(tok.codebook_size))
+            writer.add({"__key__": s["__key__"], "ids.npy": _npy_bytes(ids), "steps.npz": bytes(s["steps.npz"]),
+                        "meta.json": bytes(s["meta.json"])}, len(ep))
+        rec = writer.close()  # its keys are checked against the source's by token_manifest
     except BaseException:
         writer.abort()
         raise
     part = {**rec, "identity": job.identity, "tokenizer": job.tokenizer_ckpt, "source": job.source}
-    write_json_atomic(_part_path(out, shard["name"]), part)
+    write_json_atomic(out / PARTS / f"{shard['name']}.json", part)
     return part
 
 
-def encode_shards(job: TokenJob, names: list[str], device: str, batch_frames: int = 256,
-                  threads: int | None = None, parent_pid: int | None = None) -> int:
-    """Tokenise the shards ``names`` of the job that have no kept part; returns how many were encoded.
-    (The body of a worker process: ``threads`` torch threads, exits with ``parent_pid``.)"""
-    if parent_pid is not None:
-        from whale_pl.data.workers import exit_with_parent
-
-        exit_with_parent(parent_pid)
-    if threads:
-        torch.set_num_threads(threads)
+def encode_shards(job: TokenJob, names: list[str], device: str) -> None:
+    """Tokenise the shards ``names`` of the job that have no kept part."""
     source_manifest = read_manifest(job.source)
     todo = [sh for sh in source_manifest["shards"] if sh["name"] in set(names) and _kept_part(job, sh) is None]
     if todo:
         tok, _, _ = load_tokenizer(job.tokenizer_ckpt, device)
         for sh in todo:
-            encode_shard(job, sh, source_manifest, tok, device, batch_frames)
-    return len(todo)
+            encode_shard(job, sh, source_manifest, tok, device)
 
 
 def _check_out_dir(job: TokenJob) -> dict | None:
-    """The verified manifest when ``out`` already holds this job's complete token dataset; None when it holds
-    nothing or this job's parts; TokenError for another job's dataset, a damaged one or foreign files."""
+    """The manifest of this job's complete dataset at ``out``; None for nothing or this job's parts; else TokenError."""
     out = Path(job.out)
     if not out.exists():
         return None
@@ -295,7 +206,7 @@ def _check_out_dir(job: TokenJob) -> dict | None:
     return None
 
 
-def _wait_for_parts(job: TokenJob, shards: list[dict], timeout_s: float, poll_s: float = 2.0) -> list[dict]:
+def _wait_for_parts(job: TokenJob, shards: list[dict]) -> list[dict]:
     """Every shard's kept part (other ranks may still be writing theirs), in shard order."""
     t0, parts = time.time(), {}
     while True:
@@ -305,58 +216,32 @@ def _wait_for_parts(job: TokenJob, shards: list[dict], timeout_s: float, poll_s:
         missing = [sh["name"] for sh in shards if sh["name"] not in parts]
         if not missing:
             return [parts[sh["name"]] for sh in shards]
-        if time.time() - t0 > timeout_s:
-            raise TokenError(f"{job.out}: after {timeout_s:.0f}s still no token shard for {missing[:5]} "
+        if time.time() - t0 > WAIT_S:
+            raise TokenError(f"{job.out}: after {WAIT_S:.0f}s still no token shard for {missing[:5]} "
                              f"({len(missing)} of {len(shards)}); did another rank fail? Rerun to resume")
-        time.sleep(poll_s)
+        time.sleep(2.0)
 
 
-def token_manifest(job: TokenJob, source_manifest: dict, parts: list[dict], tok_info: dict) -> dict:
+def token_manifest(job: TokenJob, source_manifest: dict, parts: list[dict]) -> dict:
     """The token dataset's manifest: the source's, with the token shards and the ``tokens`` section."""
     shards = [{k: p[k] for k in ("name", "split", "episodes", "frames", "bytes", "sha256", "keys")} for p in parts]
     for sh, src in zip(shards, source_manifest["shards"]):
         if (sh["name"], sh["keys"], sh["frames"]) != (src["name"], src["keys"], src["frames"]):
             raise TokenError(f"{job.out}: token shard {sh['name']} does not mirror source shard {src['name']}")
+    tok, fingerprint_, spec = load_tokenizer(job.tokenizer_ckpt)
     return {**source_manifest, "frame_encoding": "token-ids", "shards": shards,
-            "tokens": {"encoding": ENCODING, "identity": job.identity, **tok_info,
+            "tokens": {"encoding": ENCODING, "identity": job.identity,
+                       "tokenizer": {"checkpoint": job.tokenizer_ckpt, "sha256": job.identity["tokenizer_sha256"],
+                                     "fingerprint": fingerprint_, "data_spec": spec},
+                       "grid": list(tok.grid_hw()), "codebook_size": int(tok.codebook_size),
+                       "dtype": ids_dtype(int(tok.codebook_size)).name,
                        "source": {"dir": job.source, "manifest_sha256": job.identity["source_manifest_sha256"]}}}
 
 
-def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    r = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
-    w = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else int(world_size)
-    if not 0 <= r < w:
-        raise ValueError(f"rank {r} not in [0, world_size={w})")
-    return r, w
-
-
-def _default_device() -> str:
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
-    return "cpu"
-
-
-def _run_workers(job: TokenJob, assignment: list[list[str]], device: str, batch_frames: int) -> None:
-    """Each list of shard names in its own spawned process (one torch thread each); raise if one fails."""
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=encode_shards, args=(job, names, device, batch_frames, 1, os.getpid()),
-                         name=f"whale-tokens-{i}") for i, names in enumerate(assignment)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    failed = [p.name for p in procs if p.exitcode != 0]
-    if failed:
-        raise TokenError(f"{job.out}: token worker(s) {failed} failed (see their errors above); rerun to resume")
-
-
-def build_tokens(source: str | Path, out: str | Path, tokenizer_ckpt: str | Path, workers: int = 1,
-                 rank: int | None = None, world_size: int | None = None, device: str | None = None,
-                 batch_frames: int = 256, wait_timeout_s: float = 6 * 3600.0) -> dict | None:
-    """Tokenise the dataset at ``source`` with the tokenizer checkpoint into ``out`` (module docstring).
-    Returns the verified manifest on rank 0 (None on the other ranks); a complete dataset of this job is
-    returned as it is."""
-    r, w = _rank_world(rank, world_size)
+def build_tokens(source: str | Path, out: str | Path, tokenizer_ckpt: str | Path, workers: int = 1) -> dict | None:
+    """Tokenise this rank's share (``RANK`` / ``WORLD_SIZE``) of ``source`` into ``out`` over ``workers`` processes;
+    rank 0 returns the verified manifest once every part is there, the other ranks None."""
+    r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     job = TokenJob.make(source, out, tokenizer_ckpt)
     done = _check_out_dir(job)
     if done is not None:
@@ -364,26 +249,20 @@ def build_tokens(source: str | Path, out: str | Path, tokenizer_ckpt: str | Path
     (Path(out) / PARTS).mkdir(parents=True, exist_ok=True)
     source_manifest = read_manifest(source)
     names = [sh["name"] for sh in source_manifest["shards"]]
-    slots = w * max(1, int(workers))
-    assignment = [names[s::slots] for s in range(r * max(1, int(workers)), (r + 1) * max(1, int(workers)))]
-    device = device or _default_device()
-    if len(assignment) == 1:
-        encode_shards(job, assignment[0], device, batch_frames)
-    else:
-        _run_workers(job, assignment, device, batch_frames)
+    workers = max(1, int(workers))
+    assignment = [names[s::w * workers] for s in range(r * workers, (r + 1) * workers)]
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    if workers == 1:
+        encode_shards(job, assignment[0], device)
+    else:  # one torch thread per spawned worker, which exits with this process
+        list(map_ordered(partial(encode_shards, job, device=device), assignment, workers,
+                         initializer=partial(torch.set_num_threads, 1)))
     if r != 0:
         return None
-    parts = _wait_for_parts(job, source_manifest["shards"], wait_timeout_s)
-    tok_info = _tokenizer_info(job, *load_tokenizer(tokenizer_ckpt))
-    write_json_atomic(Path(out) / MANIFEST, token_manifest(job, source_manifest, parts, tok_info))
+    parts = _wait_for_parts(job, source_manifest["shards"])
+    write_json_atomic(Path(out) / MANIFEST, token_manifest(job, source_manifest, parts))
     for stale in Path(out).glob(".shard-*.tar.tmp-*"):  # left by an interrupted run; every writer has finished
         stale.unlink()
     return read_token_manifest(out, source)
-
-
-def _tokenizer_info(job: TokenJob, tok: torch.nn.Module, fingerprint_: str, spec: dict) -> dict:
-    """The manifest's account of the tokenizer: checkpoint, file sha256, weight fingerprint, data_spec, grid."""
-    return {"tokenizer": {"checkpoint": job.tokenizer_ckpt, "sha256": job.identity["tokenizer_sha256"],
-                          "fingerprint": fingerprint_, "data_spec": spec},
-            "grid": list(tok.grid_hw()), "codebook_size": int(tok.codebook_size),
-            "dtype": ids_dtype(int(tok.codebook_size)).name}
