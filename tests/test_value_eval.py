@@ -1,4 +1,4 @@
-"""Policy evaluation in imagination: discounting and the penalised reward by hand; the value and uncertainty
+"""Policy evaluation in imagination: discounting by hand; the value and uncertainty
 summaries end to end on tiny real checkpoints (the shared ``tiny_dynamics`` fixture; renders Meta-World)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from whale_pl.rollout.value import discounted_return, penalised_reward
+from whale_pl.rollout.value import discounted_return
 
 
 def test_discounted_return_by_hand():
@@ -45,14 +45,6 @@ def test_real_rollouts_use_the_datasets_action_repeat(tmp_path, frame_stride):
         assert not np.array_equal(real.state[0], rollout(env, real.policy[0], real.seed[0], 3).state)
     finally:
         env.close()
-
-
-def test_penalised_reward_by_hand():
-    r = torch.tensor([[1.0, 2.0]])
-    u = torch.tensor([[0.5, 0.0]])
-    assert torch.equal(penalised_reward(r, u, 2.0), torch.tensor([[0.0, 2.0]]))
-    with pytest.raises(ValueError, match="differ"):
-        penalised_reward(r, u[:, :1], 1.0)
 
 
 @pytest.mark.filterwarnings("ignore:Constant")

@@ -1,9 +1,6 @@
-"""Fréchet Video Distance (Unterthiner et al. 2018) with a local I3D; no network access.
-
-As the reference (google-research `frechet_video_distance.py`): frames resized to 224x224 with TF1
-`resize_bilinear`, in [-1, 1]; the embedding is the I3D's 400 logits. The distance uses the eigenvalues of
-the symmetric sqrt(S1) S2 sqrt(S1) in float64, real also for the rank-deficient covariances of < 400 clips.
-"""
+"""Fréchet Video Distance (Unterthiner et al. 2018) as google-research's reference (docs/method.md, "Video
+metrics"): TF1 bilinear resize to 224x224, I3D logits, the distance from the eigenvalues of the symmetric
+sqrt(S1) S2 sqrt(S1) in float64 (real also for the rank-deficient covariances of < 400 clips); no network access."""
 
 from __future__ import annotations
 

@@ -264,12 +264,12 @@ def imagine_episode(wm, ep, context: int, horizon: int) -> dict:
 
 def clip_record(ep, split: str, name: str, context: int, horizon: int, r: dict) -> dict:
     """The index entry of one GIF: which episode, and its figures per step (``imagine_episode``'s ``r``)."""
-    from whale_pl.rollout.value_metrics import spearman
+    from whale_pl.rollout.value_metrics import rank_corr
 
     pol = ep.meta.get("policy") or {}
     u, e = r["uncertainty_T"], r["mse_T"]
     ok = np.isfinite(u) & np.isfinite(e)
-    sp = spearman(u[ok], e[ok]) if ok.sum() >= 3 and np.ptp(u[ok]) > 0 and np.ptp(e[ok]) > 0 else math.nan
+    sp = float(rank_corr(u[ok], e[ok])) if ok.sum() >= 3 and np.ptp(u[ok]) > 0 and np.ptp(e[ok]) > 0 else math.nan
     return {
         "gif": name, "split": split, "task": ep.meta.get("task", "?"), "policy": pol.get("name"),
         "family": pol.get("family"), "episode": ep.meta.get("episode_id"), "start": 0, "context": context,

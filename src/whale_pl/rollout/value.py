@@ -1,11 +1,6 @@
-"""Policy evaluation in imagination against the simulator (docs/method.md, "Evaluation").
-
-Per policy and start state: the **real** return in Meta-World, and the imagined return (reward head)
-**open-loop** (from the real first frame with the recorded actions) and **closed-loop** (the same
-seeded scripted policy acting on the state head's prediction of each imagined frame). A step is one
-decision held for the model's ``frame_stride`` recorded steps, its reward their sum. For a policy
-optimiser, ``r − λ·u`` is :func:`penalised_reward` of ``reward_BT`` and :meth:`WorldModel.step_uncertainty`.
-"""
+"""Policy evaluation in imagination against the simulator (docs/method.md, "Value evaluation"): per policy and
+start state the real return in Meta-World and the imagined one, open loop (recorded actions) and closed loop (the
+policy acting on the state head's predictions); a step is one decision held for the model's ``frame_stride``."""
 
 from __future__ import annotations
 
@@ -28,13 +23,6 @@ from whale_pl.rollout.retracing import retracing_uncertainty
 PolicyFn = Callable[[int, np.ndarray], np.ndarray]  # (step, states [B, S] raw) -> raw actions [B, A]
 
 
-def _existing(ckpt_path: str | Path) -> Path:
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"dynamics checkpoint not found: {path}")
-    return path
-
-
 class WorldModel:
     """A trained dynamics stage (``DynamicsModule``) seen as a simulator of token frames."""
 
@@ -53,7 +41,7 @@ class WorldModel:
         """The world model of a dynamics checkpoint."""
         from whale_pl.lit.dynamics_module import DynamicsModule
 
-        return cls(load_module(_existing(ckpt_path), DynamicsModule, map_location=device))
+        return cls(load_module(ckpt_path, DynamicsModule, map_location=device))
 
     @property
     def device(self) -> torch.device:
@@ -79,9 +67,8 @@ class WorldModel:
     @torch.no_grad()
     def imagine_open_loop(self, context_ids_BThw: torch.Tensor, actions_raw_BTA: np.ndarray,
                           horizon: int, composed: bool = False) -> dict[str, torch.Tensor]:
-        """Replay raw actions, one per model step: decisions held ``frame_stride`` recorded steps, or with
-        ``composed`` already composed over them (a dataset episode). The model's ``imagine`` dict plus
-        ``actions_norm_BTA``."""
+        """Replay raw actions, one per model step, held ``frame_stride`` recorded steps or ``composed`` over them
+        (a dataset episode): the model's ``imagine`` dict plus ``actions_norm_BTA``."""
         n = self.normaliser
         norm = n.normalise(actions_raw_BTA, n.base) if composed else n.normalise_held(actions_raw_BTA)
         act = torch.as_tensor(norm, device=self.device)
@@ -93,10 +80,8 @@ class WorldModel:
     @torch.no_grad()
     def imagine_closed_loop(self, context_ids_B1hw: torch.Tensor, state0_BP: np.ndarray, policy_fn: PolicyFn,
                             horizon: int) -> dict[str, torch.Tensor]:
-        """The policy acts on the state the model predicts: ``policy_fn(t, states)`` gets the real state
-        (t = 0) or the state head's prediction of imagined frame t; each action is held one model step.
-        ``ids_BThw``, ``reward_BT``, ``success_BT``, ``state_BTP`` (frames 1..H), ``actions_raw_BTA``,
-        ``actions_norm_BTA``."""
+        """``policy_fn(t, states)`` acts on the real state (t = 0), then on the state head's prediction of imagined
+        frame t, each action held one model step: ``ids_BThw``, ``reward_BT``, ``success_BT``, ``state_BTP``, ..."""
         if self.model.state_head is None:
             raise ValueError("closed-loop evaluation needs a dynamics model with a state head (data with state)")
         raw: list[np.ndarray] = []
@@ -117,8 +102,7 @@ class WorldModel:
     @torch.no_grad()
     def step_uncertainty(self, context_ids_BThw: torch.Tensor, imagined_ids_BThw: torch.Tensor,
                          actions_norm_BTA: torch.Tensor, K: int = 3, weight: float = 0.5) -> dict[str, torch.Tensor]:
-        """Retracing uncertainty of every imagined frame aligned with ``reward_BT`` (column t: imagined frame
-        t+1; the first step has a single anchor, disagreement 0): ``score_BT``, ``disagreement_BT``, ..."""
+        """Retracing uncertainty of every imagined frame, aligned with ``reward_BT``: ``score_BT``, ..."""
         ids = torch.cat([context_ids_BThw, imagined_ids_BThw], 1)
         return retracing_uncertainty(self.model, ids, actions_norm_BTA, self.normaliser, context_ids_BThw.shape[1],
                                      K=K, codebook_VE=self.codebook_VE, z_fn=self.z_fn, weight=weight)
@@ -126,7 +110,7 @@ class WorldModel:
 
 def frame_stride_of(ckpt_path: str | Path) -> int:
     """The clock of a dynamics checkpoint: recorded steps per model step (data_spec ``frame_stride``, else 1)."""
-    hp = read_checkpoint(_existing(ckpt_path)).get("hyper_parameters") or {}
+    hp = read_checkpoint(ckpt_path).get("hyper_parameters") or {}
     return int((hp.get("data_spec") or {}).get("frame_stride", 1))
 
 
@@ -140,13 +124,6 @@ def start_seeds(base: int, task: str, n: int) -> list[int]:
     """The first n start states of a task (task variation, env seed, policy noise seed) from a seed base."""
     return [int(np.random.SeedSequence([base, zlib.crc32(task.encode()), i]).generate_state(1, np.uint32)[0])
             for i in range(n)]
-
-
-def penalised_reward(reward_BT: torch.Tensor, uncertainty_BT: torch.Tensor, lam: float) -> torch.Tensor:
-    """MOPO-style reward for offline model-based policy optimisation: r − λ·u, per imagined step."""
-    if reward_BT.shape != uncertainty_BT.shape:
-        raise ValueError(f"reward {tuple(reward_BT.shape)} and uncertainty {tuple(uncertainty_BT.shape)} differ")
-    return reward_BT - lam * uncertainty_BT
 
 
 @dataclass
@@ -178,10 +155,8 @@ class EvalSet:
 
     @classmethod
     def from_data_config(cls, path: str | Path, **kw) -> "EvalSet":
-        """Tasks, policies by split, frame size and camera of a Meta-World dataset config (stages/<scale>/
-        data.yaml): ``val`` its training policies; its ``ood_policies`` split by :func:`ood_split` into
-        ``ood_params`` (new parameters of the training families) and ``ood_families`` (families never seen in
-        training); pass ``frame_stride`` (:func:`frame_stride_of` the checkpoint) for a model on a coarser clock."""
+        """Tasks, policies by split (``val``; ``ood_params`` / ``ood_families`` by :func:`ood_split`), frame size
+        and camera of a Meta-World dataset config; ``frame_stride``: :func:`frame_stride_of` the checkpoint."""
         from whale_pl.data.metaworld import CollectConfig
         from whale_pl.data.policies import ood_split
 
@@ -256,10 +231,10 @@ def scripted_policy_fn(real: RealRollouts, index: Sequence[int]) -> PolicyFn:
 
 
 @torch.no_grad()
-def evaluate_values(wm: WorldModel, real: RealRollouts, ev: EvalSet, modes: Sequence[str] = ("open_loop", "closed_loop"),
-                    batch_size: int = 32, progress: bool = True) -> dict:
-    """Real returns (``real_TPK``) and, for each mode, imagined returns (``imagined_TPK``) of every episode;
-    keeps the open-loop rollouts (``_rollouts``: context ids, imagined ids, normalised actions per batch)."""
+def evaluate_values(wm: WorldModel, real: RealRollouts, ev: EvalSet, modes: Sequence[str],
+                    progress: bool = True) -> dict:
+    """Real and, per mode, imagined returns (``real_TPK``, ``<mode>.imagined_TPK``) of every episode, and the
+    open-loop rollouts (``_rollouts``: context ids, imagined ids, normalised actions per batch)."""
     if real.frame_stride != wm.frame_stride:
         raise ValueError(f"the real rollouts hold each decision {real.frame_stride} recorded step(s) but the world "
                          f"model steps {wm.frame_stride} at a time (its data_spec frame_stride): build the EvalSet "
@@ -269,11 +244,9 @@ def evaluate_values(wm: WorldModel, real: RealRollouts, ev: EvalSet, modes: Sequ
                  "real_TPK": real.grid(discounted_return(real.rewards, ev.discount)).tolist(),
                  "discount": ev.discount, "horizon": H, "episodes": B}
     for mode in modes:
-        if mode not in ("open_loop", "closed_loop"):
-            raise ValueError(f"unknown mode {mode!r}; expected open_loop or closed_loop")
         t0, v_hat, ids_all = time.time(), np.zeros(B), []
-        for i in tqdm(range(0, B, batch_size), desc=f"imagine {mode}", disable=not progress, leave=False):
-            idx = np.arange(i, min(B, i + batch_size))
+        for i in tqdm(range(0, B, 32), desc=f"imagine {mode}", disable=not progress, leave=False):
+            idx = np.arange(i, min(B, i + 32))
             ctx = wm.tokenize(real.frames[idx, :1])
             if mode == "open_loop":
                 o = wm.imagine_open_loop(ctx, real.actions[idx], H)
@@ -294,10 +267,8 @@ def _frames_BTCHW(frames_BThwc: np.ndarray, device: torch.device) -> torch.Tenso
 @torch.no_grad()
 def rollout_errors(wm: WorldModel, real: RealRollouts, rollouts: list,
                    baselines: bool = False) -> dict[str, np.ndarray]:
-    """Each imagined frame n = 1..H-1 of the open-loop rollouts against its real twin, [B, H-1]: pixel ``mse``
-    (decoded frame), ``token_err`` (share of wrong tokens), ``psnr`` and ``ssim``; ``baselines`` adds
-    ``copy_psnr`` / ``copy_ssim`` (repeating the last real context frame) and ``recon_psnr`` / ``recon_ssim``
-    (the tokenizer's reconstruction of the real frames: the ceiling)."""
+    """Imagined frames n = 1..H-1 of the open-loop rollouts against their real twins, [B, H-1]: ``mse``, ``token_err``,
+    ``psnr``, ``ssim``; ``baselines`` adds ``copy_*`` (the last real frame held) and ``recon_*`` (the tokenizer)."""
     from whale_pl.metrics.video import PSNR_CAP_DB, video_psnr_ssim
 
     acc: dict[str, list] = {}

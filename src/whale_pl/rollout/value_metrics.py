@@ -5,7 +5,6 @@ correlation; regret@1 of a single policy)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,23 +12,7 @@ from scipy import stats
 
 from whale_pl.io import atomic_path
 
-ArrayLike = Sequence[float] | np.ndarray
-FIGURES = ("value_gap", "bias", "spearman", "pearson", "regret_at_1")
 MODES = ("open_loop", "closed_loop")
-
-
-def _pair(real: ArrayLike, imagined: ArrayLike, need: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    v, v_hat = (np.asarray(x, dtype=np.float64) for x in (real, imagined))
-    for name, arr in (("real returns", v), ("imagined returns", v_hat)):
-        if arr.ndim != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{name} has non-finite entries: {arr.tolist()}")
-    if v.shape != v_hat.shape:
-        raise ValueError(f"real returns {v.shape} and imagined returns {v_hat.shape} differ in length")
-    if len(v) < need:
-        raise ValueError(f"need at least {need} policies, got {len(v)}")
-    return v, v_hat
 
 
 def corr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -48,7 +31,7 @@ def rank_corr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def policy_figures(real_P: np.ndarray, imag_P: np.ndarray, scale: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Every value figure (``FIGURES``) over the last axis; ``scale`` replaces the real range as the normaliser."""
+    """value_gap, bias, spearman, pearson, regret_at_1 over the last axis, on the real range or ``scale``."""
     real, imag = np.broadcast_arrays(np.asarray(real_P, np.float64), np.asarray(imag_P, np.float64))
     rng = np.broadcast_to(np.ptp(real, axis=-1) if scale is None else np.asarray(scale, np.float64), real.shape[:-1])
     rng = np.where(rng > 0, rng, np.nan)
@@ -57,20 +40,6 @@ def policy_figures(real_P: np.ndarray, imag_P: np.ndarray, scale: np.ndarray | N
     regret = (real.max(-1) - picked) / rng if real.shape[-1] > 1 else rng * np.nan  # one policy: nothing to pick
     return {"value_gap": np.abs(err).mean(-1), "bias": err.mean(-1), "spearman": rank_corr(real, imag),
             "pearson": corr(real, imag), "regret_at_1": regret}
-
-
-def value_figures(real: ArrayLike, imagined: ArrayLike) -> dict[str, float]:
-    """All value figures of one set of policies; refuses equal real returns (no range to normalise by)."""
-    v, v_hat = _pair(real, imagined)
-    if v.max() <= v.min():
-        raise ValueError(f"real returns have zero range (all {v[0]:.6g}): min-max normalisation is undefined; "
-                         "evaluate policies whose returns differ")
-    return {k: float(x) for k, x in policy_figures(v, v_hat).items()}
-
-
-def spearman(x: ArrayLike, y: ArrayLike) -> float:
-    """Spearman rank correlation of two 1-D sequences (ties get average ranks); NaN if either is constant."""
-    return float(rank_corr(*_pair(x, y)))
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
