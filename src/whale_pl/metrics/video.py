@@ -42,8 +42,7 @@ def psnr_ssim_per_sample(real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor) -> 
 
 
 class VideoEvaluator:
-    """Accumulates PSNR/SSIM per frame index and FVD features (unless `fvd` is None; clips under 9 frames skip it
-    with one warning) over batches of (real, generated) clips."""
+    """Accumulates PSNR/SSIM per frame index and FVD features (unless `fvd` is None) of (real, generated) clips."""
 
     def __init__(self, fvd: FVD | None = None):
         self.fvd, self.fvd_skipped = fvd, False

@@ -239,9 +239,8 @@ def on_model_clock(ep, n: int, k: int, space) -> tuple[np.ndarray, np.ndarray]:
 
 
 def imagine_episode(wm, ep, context: int, horizon: int) -> dict:
-    """Open-loop rollout of an episode from its first frame on the model's clock and its per-step figures:
-    ``real_TCHW`` (uint8), ``imagined_TCHW`` ([-1, 1]), ``uncertainty_T`` (retracing score, NaN where a step has
-    < 2 anchors), ``disagreement_T``, ``entropy_T``, ``n_predictions_T``, ``mse_T``, ``psnr_T``."""
+    """Open-loop rollout of an episode on the model's clock and its per-step figures: ``real_TCHW``, ``imagined_TCHW``,
+    ``uncertainty_T`` (NaN where < 2 anchors), ``disagreement_T``, ``entropy_T``, ``n_predictions_T``, ``mse_T``, ..."""
     import torch
     from einops import rearrange
 
@@ -282,8 +281,7 @@ def clip_record(ep, split: str, name: str, context: int, horizon: int, r: dict) 
 
 
 def write_gifs(ckpt: str, shards: str, out: str | Path, command: str, device: str = "cpu") -> dict:
-    """GIFs of ``PER_SPLIT`` episodes of each of ``SPLITS`` (``HORIZON`` imagined steps, or what the episode has)
-    and ``index.json`` under ``out``; returns the index."""
+    """GIFs of ``PER_SPLIT`` episodes of each of ``SPLITS`` and ``index.json`` under ``out``; returns the index."""
     from whale_pl.data.datamodule import ClipDataModule
     from whale_pl.io import write_json_atomic
     from whale_pl.lit.handoff import SPEC_KEYS, check_data_spec

@@ -295,8 +295,7 @@ def rollout_errors(wm: WorldModel, real: RealRollouts, rollouts: list,
 @torch.no_grad()
 def evaluate_uncertainty(wm: WorldModel, rollouts: list, K: int = 3, ensemble: Sequence[WorldModel] | None = None,
                          progress: bool = True) -> dict:
-    """Per-step uncertainty [B, H-1] of the open-loop rollouts' imagined frames n = 1..H-1 (the columns of
-    :func:`rollout_errors`): retracing on ``wm`` and, given members, the ensemble's; ``seconds`` per method."""
+    """Per-step uncertainty [B, H-1] of imagined frames 1..H-1: retracing, and the ensemble's given members."""
     from whale_pl.rollout.ensemble import ensemble_uncertainty
 
     parts, methods = ("score", "disagreement", "entropy"), ["retracing"] + (["ensemble"] if ensemble else [])
@@ -319,9 +318,8 @@ def evaluate_uncertainty(wm: WorldModel, rollouts: list, K: int = 3, ensemble: S
 
 
 def uncertainty_summary(wm: WorldModel, rollouts: list, errors: dict, K: int, members: list | None = None) -> dict:
-    """Retracing (and the ensemble of ``members``) against the rollouts' true errors: the seconds,
-    ``uncertainty_intervals`` against pixel MSE and token error over imagined frames n >= 2 (each with >= 2
-    retracing anchors), and the per-step uncertainties and errors [B, H-1] as lists."""
+    """Seconds, ``uncertainty_intervals`` against MSE and token error over imagined frames n >= 2 (>= 2 anchors)
+    and the per-step uncertainties and errors of retracing (and the ensemble of ``members``)."""
     from whale_pl.rollout.stats import uncertainty_intervals
 
     unc = evaluate_uncertainty(wm, rollouts, K=K, ensemble=members or None)
@@ -334,8 +332,7 @@ def uncertainty_summary(wm: WorldModel, rollouts: list, errors: dict, K: int, me
 
 def value_metrics_for_checkpoint(ckpt_path: str, data_config: str = "stages/demo/data.yaml", starts: int = 1,
                                  horizon: int = 24) -> dict[str, float]:
-    """The evaluation callback's value hook: open-loop figures ``<split>_<figure>`` per split and ``all``
-    (undefined ones left out)."""
+    """The evaluation callback's value hook: defined open-loop figures ``<split>_<figure>``, splits and ``all``."""
     from whale_pl.rollout.stats import value_stat
     from whale_pl.rollout.value_metrics import split_masks
 

@@ -1,6 +1,5 @@
-"""Figures of merit for value estimation and uncertainty quality (docs/method.md, "Value evaluation"), their
-per-split summaries and plots. A figure is NaN where it is undefined (equal real returns; a constant side for a
-correlation; regret@1 of a single policy)."""
+"""Figures of merit for value estimation and uncertainty quality (docs/method.md, "Value evaluation"), NaN where
+undefined, their per-split summaries and plots."""
 
 from __future__ import annotations
 
@@ -69,8 +68,7 @@ def split_masks(split_B) -> dict[str, np.ndarray]:
 
 
 def split_values(res: dict, on: dict, off: dict | None = None) -> dict:
-    """Per mode and split: ``value_intervals`` of ``on[mode]`` ([S, T, P, K]) (and on − off) against
-    ``res["real_TPK"]``, normalised by each task's real return range over every evaluated policy."""
+    """Per mode and split: ``value_intervals`` of ``on[mode]`` [S, T, P, K] (and on − off) on each task's range."""
     from whale_pl.rollout.stats import value_intervals
 
     real = np.asarray(res["real_TPK"], np.float64)
@@ -112,8 +110,7 @@ def _savefig(fig, path: Path, title: str) -> None:
 
 
 def plot_returns(real_TPK, split: list[str], models: dict[str, dict], path: Path, title: str = "") -> None:
-    """Imagined against real return per (task, policy) on the task's real range, a panel per mode; colour:
-    model (``models[label][mode]``: imagined returns [S, T, P, K]), marker: split."""
+    """Imagined against real return per (task, policy), a panel per mode; colour: model, marker: split."""
     real = np.asarray(real_TPK, np.float64).mean(-1)
     lo, rng = real.min(-1, keepdims=True), np.ptp(real, -1, keepdims=True).clip(1e-9)
     modes = [m for m in MODES if all(m in v for v in models.values())]
@@ -133,8 +130,7 @@ def plot_returns(real_TPK, split: list[str], models: dict[str, dict], path: Path
 
 
 def plot_step_auroc(unc: dict, path: Path, title: str = "") -> None:
-    """AUROC of each uncertainty within each imagined step (95 % band) against chance and the step index's
-    pooled AUROC."""
+    """AUROC of each uncertainty within each imagined step (95 % band), chance and the step index's pooled AUROC."""
     fig, axes = _panels(1)
     ax, first = axes[0][0], 2  # scored steps are imagined frames 2..H-1
     for c, (name, row) in enumerate(unc["scores"].items()):
@@ -155,8 +151,7 @@ def plot_step_auroc(unc: dict, path: Path, title: str = "") -> None:
 
 def write_plots(res: dict, stem: Path, models: dict[str, dict], names: tuple[str, str],
                 titles: tuple[str, str]) -> dict[str, str]:
-    """The return scatter (``<stem>_returns.png``) and, with uncertainty figures, the per-step AUROC curve
-    (``<stem>_step_auroc.png``); their paths under ``names``."""
+    """``<stem>_returns.png`` and, with uncertainty figures, ``<stem>_step_auroc.png``; their paths by ``names``."""
     r, plots = res["returns"], {names[0]: f"{stem}_returns.png"}
     plot_returns(r["real_TPK"], r["split"], models, Path(plots[names[0]]), titles[0])
     if "uncertainty" in res:
