@@ -61,7 +61,7 @@ def test_value_and_uncertainty_summaries_end_to_end(tiny_dynamics, tiny_data_yam
     real = collect_real(ev, progress=False)
     r = evaluate_values(wm, real, ev, modes=MODES, progress=False)
     errors = rollout_errors(wm, real, r["_rollouts"], baselines=True)
-    res = {"returns": r, "value": split_values(r, {m: [r[m]["imagined_TPK"]] for m in MODES}),
+    res = {"returns": r, "value": split_values(r, *[{m: [r[m]["imagined_TPK"]] for m in MODES}] * 2),
            "video": video_summary({"model": errors}, np.array([ev.split_of(p) for p in real.policy])),
            "uncertainty": uncertainty_summary(wm, r["_rollouts"], errors, 3, [wm, member])}
     pols = cfg.train_policies + cfg.ood_policies

@@ -75,13 +75,12 @@ def value_stat(real_TPK: np.ndarray, imag_STPK: np.ndarray, scale_T: np.ndarray)
     return {k: _nanmean(v, axis=(-2, -1)) for k, v in figs.items()}
 
 
-def value_intervals(real_TPK, on_STPK, off_STPK=None, scale_T=None, n_boot: int = N_BOOT,
-                    seed: int = 0) -> dict[str, dict]:
-    """Each value figure of ``on`` (and ``off``) with its interval, and the paired on − off difference;
+def value_intervals(real_TPK, on_STPK, off_STPK, scale_T=None, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, dict]:
+    """Each value figure of ``on`` and ``off`` with its interval, and the paired on − off difference;
     ``scale_T``: each task's real return range (default: over these policies), fixed under resampling."""
     real, on = np.asarray(real_TPK, np.float64), np.asarray(on_STPK, np.float64)
     scale = np.ptp(real.mean(-1), -1) if scale_T is None else np.asarray(scale_T, np.float64)
-    sides = {"on": on} if off_STPK is None else {"on": on, "off": np.asarray(off_STPK, np.float64)}
+    sides = {"on": on, "off": np.asarray(off_STPK, np.float64)}
     if any(v.shape != on.shape or v.shape[1:] != real.shape for v in sides.values()):
         raise ValueError(f"real {real.shape}, on {on.shape} and off must be [T, P, K] and [S, T, P, K] alike")
     rng = np.random.default_rng(seed)
@@ -94,10 +93,9 @@ def value_intervals(real_TPK, on_STPK, off_STPK=None, scale_T=None, n_boot: int 
     out = {}
     for fig in point["on"]:
         row = {k: float(point[k][fig]) for k in sides} | {f"{k}_ci": interval(boot[k][fig]) for k in sides}
-        if "off" in sides:
-            row["diff"] = row["on"] - row["off"]
-            row["diff_ci"] = interval(boot["on"][fig] - boot["off"][fig])
-            row["verdict"] = difference_verdict(row["diff"], *row["diff_ci"])
+        row["diff"] = row["on"] - row["off"]
+        row["diff_ci"] = interval(boot["on"][fig] - boot["off"][fig])
+        row["verdict"] = difference_verdict(row["diff"], *row["diff_ci"])
         out[fig] = row
     return out
 

@@ -84,20 +84,19 @@ class WorldModel:
         frame t, each action held one model step: ``ids_BThw``, ``reward_BT``, ``success_BT``, ``state_BTP``, ..."""
         if self.model.state_head is None:
             raise ValueError("closed-loop evaluation needs a dynamics model with a state head (data with state)")
-        raw: list[np.ndarray] = []
         norm: list[torch.Tensor] = []
 
         def act_fn(t: int, so_far: dict[str, torch.Tensor]) -> torch.Tensor:
             """The policy's action at step t from the real state (t = 0) or the predicted one."""
             state = state0_BP if t == 0 else so_far["state_BTP"][:, -1].float().cpu().numpy()
-            raw.append(np.asarray(policy_fn(t, np.asarray(state, dtype=np.float32)), dtype=np.float32))
-            norm.append(torch.as_tensor(self.normaliser.normalise_held(raw[-1]), device=self.device))
+            raw = np.asarray(policy_fn(t, np.asarray(state, dtype=np.float32)), dtype=np.float32)
+            norm.append(torch.as_tensor(self.normaliser.normalise_held(raw), device=self.device))
             return norm[-1]
 
         out = self.model.imagine(context_ids_B1hw, None, self.z_fn, horizon=horizon, steps=self.steps,
                                  temperature=self.temperature, act_fn=act_fn)
         return {"ids_BThw": out["ids_BThw"], **{k: out[k].float() for k in ("reward_BT", "success_BT", "state_BTP")},
-                "actions_raw_BTA": torch.as_tensor(np.stack(raw, 1)), "actions_norm_BTA": torch.stack(norm, 1)}
+                "actions_norm_BTA": torch.stack(norm, 1)}
 
     @torch.no_grad()
     def step_uncertainty(self, context_ids_BThw: torch.Tensor, imagined_ids_BThw: torch.Tensor,

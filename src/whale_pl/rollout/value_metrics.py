@@ -67,14 +67,14 @@ def split_masks(split_B) -> dict[str, np.ndarray]:
     return {s: split == s for s in dict.fromkeys(split.tolist())} | {"all": np.ones(len(split), bool)}
 
 
-def split_values(res: dict, on: dict, off: dict | None = None) -> dict:
-    """Per mode and split: ``value_intervals`` of ``on[mode]`` [S, T, P, K] (and on − off) on each task's range."""
+def split_values(res: dict, on: dict, off: dict) -> dict:
+    """Per mode and split: ``value_intervals`` of ``on[mode]`` and ``off[mode]`` [S, T, P, K] on each task's range."""
     from whale_pl.rollout.stats import value_intervals
 
     real = np.asarray(res["real_TPK"], np.float64)
     scale_T = np.ptp(real.mean(-1), -1)
     return {mode: {s: value_intervals(real[:, sel], np.asarray(on[mode])[:, :, sel],
-                                      None if off is None else np.asarray(off[mode])[:, :, sel], scale_T)
+                                      np.asarray(off[mode])[:, :, sel], scale_T)
                    for s, sel in split_masks(res["split"]).items()} for mode in MODES if mode in on}
 
 
@@ -151,10 +151,8 @@ def plot_step_auroc(unc: dict, path: Path, title: str = "") -> None:
 
 def write_plots(res: dict, stem: Path, models: dict[str, dict], names: tuple[str, str],
                 titles: tuple[str, str]) -> dict[str, str]:
-    """``<stem>_returns.png`` and, with uncertainty figures, ``<stem>_step_auroc.png``; their paths by ``names``."""
-    r, plots = res["returns"], {names[0]: f"{stem}_returns.png"}
-    plot_returns(r["real_TPK"], r["split"], models, Path(plots[names[0]]), titles[0])
-    if "uncertainty" in res:
-        plots[names[1]] = f"{stem}_step_auroc.png"
-        plot_step_auroc(res["uncertainty"]["mse"], Path(plots[names[1]]), titles[1])
+    """``<stem>_returns.png`` and ``<stem>_step_auroc.png``; their paths under ``names``."""
+    plots = {names[0]: f"{stem}_returns.png", names[1]: f"{stem}_step_auroc.png"}
+    plot_returns(res["returns"]["real_TPK"], res["returns"]["split"], models, Path(plots[names[0]]), titles[0])
+    plot_step_auroc(res["uncertainty"]["mse"], Path(plots[names[1]]), titles[1])
     return plots
