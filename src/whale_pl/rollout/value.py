@@ -143,11 +143,7 @@ class EvalSet:
 
     def __post_init__(self) -> None:
         self.splits = {k: list(v) for k, v in self.splits.items() if v}
-        self.policies = [p for v in self.splits.values() for p in v]
-        if not self.policies or not self.tasks:
-            raise ValueError(f"an evaluation set needs tasks and policies, got {self.tasks} / {self.splits}")
-        if len(set(self.policies)) != len(self.policies):
-            raise ValueError(f"the splits must be disjoint, got {self.splits}")
+        self.policies = [p for v in self.splits.values() for p in v]  # tasks, disjoint policies: CollectConfig
         if self.starts < 1 or self.horizon < 2 or not 0 < self.discount <= 1 or self.frame_stride < 1:
             raise ValueError(f"starts ({self.starts}) >= 1, horizon ({self.horizon}) >= 2, discount "
                              f"({self.discount}) in (0, 1], frame_stride ({self.frame_stride}) >= 1 expected")
