@@ -57,12 +57,12 @@ def trained(tiny_shards, tmp_path_factory):
     torch.manual_seed(0)
     module = StampedAE(data_spec=dm.data_spec)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, num_sanity_val_steps=0, logger=False,
-                        default_root_dir=tmp, callbacks=[cb := EvalCallback(num_clips=3, fvd=False)],
+                        default_root_dir=tmp, callbacks=[EvalCallback(num_clips=3, fvd=False)],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=dm)
     ckpt = tmp / "stamped.ckpt"
     trainer.save_checkpoint(ckpt)
-    return ckpt, cb.last_metrics, module
+    return ckpt, json.loads((tmp / "metrics.jsonl").read_text().splitlines()[-1]), module
 
 
 def test_eval_video_reproduces_the_callback(trained, tiny_shards, tmp_path, capsys):

@@ -81,7 +81,6 @@ class EvalCallback(Callback):
         self._fvd: FVD | None = None
         self._evaluator: VideoEvaluator | None = None
         self._shown: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.last_metrics: dict | None = None
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Decide whether this validation epoch is evaluated; on rank 0 set up the accumulators."""
@@ -134,7 +133,6 @@ class EvalCallback(Callback):
                   "eval_seconds": round(self._seconds + time.perf_counter() - t0, 3),  # eval_videos + metrics
                   "value_seconds": round(t_value, 3),
                   **{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}}
-        self.last_metrics = record
         self._log(trainer, metrics)
         append_jsonl(Path(log_dir) / "metrics.jsonl", record)
         self._evaluator.reset()
@@ -160,9 +158,8 @@ class EvalCallback(Callback):
             logger.log_metrics(scalars, step=trainer.global_step)
             if not isinstance(logger, TensorBoardLogger):
                 continue
-            if self._shown is not None:
-                grid = paired_video_grid(*self._shown, max_clips=LOG_CLIPS, max_frames=None)
-                logger.experiment.add_image("eval/real_vs_generated", grid, trainer.global_step)
+            grid = paired_video_grid(*self._shown, max_clips=LOG_CLIPS, max_frames=None)
+            logger.experiment.add_image("eval/real_vs_generated", grid, trainer.global_step)
             fig = Figure(figsize=(8, 3))
             a, b = fig.subplots(1, 2)
             a.plot(metrics["psnr_per_frame"], marker="o")
