@@ -1,5 +1,6 @@
-"""The value hook renders in a child process, so forked DataLoader workers that render afterwards
-in a later epoch do not hang (a forked worker that renders hangs if the parent rendered: README, Troubleshooting)."""
+"""The value hook: the callback hands it a temporary checkpoint and logs its figures; it renders in a child
+process, so forked DataLoader workers that render afterwards do not hang (a forked worker that renders hangs if
+the parent rendered: README, Troubleshooting)."""
 
 from __future__ import annotations
 
@@ -9,28 +10,15 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from whale_pl.callbacks import EvalCallback
-
-
-def render_value(ckpt_path: str, task: str = "reach-v3") -> dict:
-    """A value function in the hook's shape: reads the checkpoint and renders the simulator."""
-    from whale_pl.data.metaworld import MetaWorldEnv
-
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-    env = MetaWorldEnv(task, 32, "corner2")
-    try:
-        env.reset(0)
-        frame = env.render()
-    finally:
-        env.close()
-    return {"param_sum": float(sum(v.sum() for v in state.values())), "frame_mean": float(frame.mean()),
-            "pid": os.getpid(), "note": "strings are dropped"}
+from whale_pl import callbacks
+from whale_pl.callbacks import EvalCallback, run_value_hook
 
 
 class RenderedClips(Dataset):
@@ -83,43 +71,43 @@ def rendered_batches_in_forked_worker() -> list[dict]:
                            multiprocessing_context="fork"))
 
 
-def test_value_hook_runs_in_a_child_and_forked_rendering_workers_do_not_hang(tmp_path):
-    cb = EvalCallback(num_clips=2, fvd=False, value_fn="test_callbacks_value:render_value",
-                      value_kwargs={"task": "reach-v3"})
+def checkpoint_value(ckpt_path: str, kwargs: dict | None = None) -> dict:
+    """A stand-in for the value hook: the sum of the checkpoint's parameters."""
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    return {"param_sum": float(sum(v.sum() for v in state.values()))}
+
+
+def test_callback_hands_the_hook_a_temporary_checkpoint_and_logs_its_figures(tmp_path, monkeypatch):
+    calls = []
+
+    def hook(ckpt_path: str, kwargs: dict) -> dict:
+        calls.append(kwargs)
+        return checkpoint_value(ckpt_path)
+
+    monkeypatch.setattr(callbacks, "run_value_hook", hook)
+    cb = EvalCallback(num_clips=2, fvd=False, value_kwargs={"horizon": 3})
     module = ValueModule()
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, limit_train_batches=2, limit_val_batches=1,
                         num_sanity_val_steps=0, logger=CSVLogger(tmp_path), callbacks=[cb],
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
     data = DataLoader([{"frames": torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)}] * 4, batch_size=2)
     trainer.fit(module, data, data)
     (record,) = [json.loads(x) for x in open(f"{trainer.log_dir}/metrics.jsonl")]
-    assert record["value/pid"] != os.getpid() and 0 < record["value/frame_mean"] < 255
-    assert "value/note" not in record
+    assert calls == [{"horizon": 3}]
     expected = float(sum(v.sum() for v in module.state_dict().values()))
     assert record["value/param_sum"] == pytest.approx(expected, rel=1e-5)
-    assert not any((tmp_path / ".eval_tmp").glob("*.ckpt")) if (tmp_path / ".eval_tmp").exists() else True
+    assert not list((tmp_path / ".eval_tmp").glob("*.ckpt"))
+
+
+@pytest.mark.filterwarnings("ignore:Constant")
+def test_value_hook_renders_in_a_child_and_forked_rendering_workers_do_not_hang(tiny_dynamics, tiny_data_yaml):
+    out = run_value_hook(str(tiny_dynamics[0]), {"data_config": str(tiny_data_yaml), "starts": 1, "horizon": 3})
+    assert {"val_value_gap", "all_regret_at_1", "ood_params_value_gap"} <= set(out)
+    assert all(isinstance(v, float) and np.isfinite(v) for v in out.values())
     # the simulator rendered in the child only: a worker forked now can still render
     batches = rendered_batches_in_forked_worker()
     assert len(batches) == 2 and batches[0]["frames"].shape == (2, 2, 3, 16, 16)
-
-
-def test_value_gap_required_but_unsupported_is_an_error(tmp_path):
-    class Plain(ValueModule):
-        supports_value_eval = False
-
-    cb = EvalCallback(num_clips=2, fvd=False, value_gap=True, value_fn="test_callbacks_value:render_value")
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", limit_train_batches=1, limit_val_batches=1,
-                        num_sanity_val_steps=0, logger=False, callbacks=[cb], enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    data = DataLoader([{"frames": torch.zeros(2, 3, 8, 8, dtype=torch.uint8)}] * 2, batch_size=2)
-    with pytest.raises(RuntimeError, match="supports_value_eval=False"):
-        trainer.fit(Plain(), data, data)
-
-
-def checkpoint_value(ckpt_path: str) -> dict:
-    """A non-rendering value function: the sum of the checkpoint's parameters."""
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-    return {"param_sum": float(sum(v.sum() for v in state.values()))}
 
 
 DDP_SCRIPT = """
@@ -127,10 +115,12 @@ import json, sys, torch, lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 sys.path.insert(0, {tests!r})
-from test_callbacks_value import ValueModule
+from test_callbacks_value import ValueModule, checkpoint_value
+from whale_pl import callbacks
 from whale_pl.callbacks import EvalCallback
 
-cb = EvalCallback(num_clips=3, fvd=False, value_fn="test_callbacks_value:checkpoint_value")
+callbacks.run_value_hook = checkpoint_value  # the launcher re-runs this script on every rank
+cb = EvalCallback(num_clips=3, fvd=False)
 data = DataLoader([{{"frames": torch.full((2, 3, 8, 8), 60 * i, dtype=torch.uint8)}} for i in range(4)], batch_size=1)
 trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", limit_train_batches=2,
                     limit_val_batches=2, num_sanity_val_steps=0, logger=CSVLogger({out!r}, name="ddp"),

@@ -91,7 +91,7 @@ def test_command_lines_refuse_it_and_print_the_reason_last(evil, tmp_path):
     runs = [
         ("fit", "--config", "stages/demo/tokenizer.yaml", "--ckpt_path", str(path), "--trainer.logger", "false"),
         ("eval", "video", "--ckpt", str(path), "--shards", str(tmp_path), "--out", str(tmp_path / "v.json")),
-        ("eval", "value", "--dynamics", str(path), "--out", str(tmp_path / "value.json")),
+        ("eval", "gifs", "--ckpt", str(path), "--shards", str(tmp_path), "--out", str(tmp_path / "gifs")),
     ]
     for args in runs:
         proc = _whale(*args)

@@ -196,36 +196,3 @@ def test_missing_weights_skip_with_one_warning(no_weights):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert make_fvd() is None  # no second warning
-
-
-def test_named_i3d_file_missing_is_an_error(tmp_path):
-    with pytest.raises(I3DWeightsError, match="nope.pt"):
-        make_fvd(tmp_path / "nope.pt")
-
-
-class _ScriptedDetector(torch.nn.Module):
-    """Has the call signature of StyleGAN-V's i3d_torchscript.pt: forward(x, rescale, resize, return_features)."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(3, 400)
-
-    def forward(self, x: torch.Tensor, rescale: bool = True, resize: bool = True,
-                return_features: bool = False) -> torch.Tensor:
-        if rescale or resize or not return_features:
-            raise RuntimeError("expected preprocessed input and features")
-        return self.proj(x.mean(dim=(2, 3, 4)))
-
-
-def test_user_torchscript_detector_is_loaded_and_called_with_preprocessed_input(tmp_path):
-    path = tmp_path / "detector.pt"
-    torch.jit.save(torch.jit.script(_ScriptedDetector()), str(path))
-    scorer = make_fvd(path)
-    real = _clips(3)
-    feats = scorer.features(real)
-    assert feats.shape == (3, 400)
-    scorer.update(real, real)
-    assert scorer.compute() < 1e-6
-    (tmp_path / "junk.pt").write_bytes(b"not a torchscript file")
-    with pytest.raises(I3DWeightsError, match="junk.pt: not a loadable TorchScript"):
-        make_fvd(tmp_path / "junk.pt")

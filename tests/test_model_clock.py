@@ -32,22 +32,20 @@ def test_gifs_show_every_kth_frame(strided_ckpt, tiny_shards, tmp_path):
     import json
 
     from whale_pl.data.datamodule import ClipDataModule
-    from whale_pl.rollout.gif_cli import run
+    from whale_pl.rollout.gif import SCALE, write_gifs
 
-    start, H = 1, 20  # more than the 24-frame episodes hold at stride 2: clipped to what they have
-    index = run(str(strided_ckpt), str(tiny_shards), tmp_path, splits=["val"], per_split=1, horizon=H, start=start,
-                K=2, scale=1)
-    (c,) = index["clips"]
-    assert c["horizon"] == (24 - 1 - start) // K_CLOCK + 1 - 1 == 11
+    index = write_gifs(str(strided_ckpt), str(tiny_shards), tmp_path, "whale eval gifs ...")
+    c = index["clips"][0]  # the 24-horizon is more than the 24-frame episodes hold at stride 2: what they have
+    assert c["split"] == "val" and c["horizon"] == (24 - 1) // K_CLOCK + 1 - 1 == 11
     ep = {e.meta["episode_id"]: e for e in ClipDataModule(str(tiny_shards), num_workers=0).episodes("val")}[
         c["episode"]]
     frames = read_gif_frames(tmp_path / c["gif"])
-    lay = layout((32, 32), 1, title=True)
+    lay = layout((32, 32), SCALE, title=True)
     for t, f in enumerate(frames):
         x0, y0, x1, y1 = lay.real
         shown = f[y0:y1, x0:x1].astype(float)
-        want = upscale(ep.frames[start + K_CLOCK * (1 + t)], 1).astype(float)
-        other = upscale(ep.frames[start + 1 + t], 1).astype(float)
+        want = upscale(ep.frames[K_CLOCK * (1 + t)], SCALE).astype(float)
+        other = upscale(ep.frames[1 + t], SCALE).astype(float)
         err = ((shown - want) ** 2).mean()
         assert 10 * np.log10(255**2 / max(err, 1e-9)) > 35
         if t > 0:
@@ -81,7 +79,7 @@ def test_video_metrics_read_clips_on_the_clock(strided_ckpt, tiny_shards):
     from whale_pl.lit.dynamics_module import DynamicsModule
 
     module = DynamicsModule.load_from_checkpoint(str(strided_ckpt), map_location="cpu")
-    out = evaluate_video(module, tiny_shards, num_clips=2, clip_len=4, batch_size=2, fvd=False)
+    out = evaluate_video(module, tiny_shards, num_clips=2, clip_len=4)
     assert out["frame_stride"] == K_CLOCK and np.isfinite(out["psnr"])
 
 
@@ -92,9 +90,9 @@ def test_video_metrics_carry_the_copy_baseline_on_the_same_clips(strided_ckpt, t
     from whale_pl.lit.dynamics_module import DynamicsModule
 
     module = DynamicsModule.load_from_checkpoint(str(strided_ckpt), map_location="cpu")
-    out = evaluate_video(module, tiny_shards, num_clips=3, clip_len=4, batch_size=2, fvd=False)
+    out = evaluate_video(module, tiny_shards, num_clips=3, clip_len=4)
     assert np.isfinite(out["copy_psnr"]) and 0 < out["copy_ssim"] <= 1 and out["copy_psnr"] != out["psnr"]
     real_eval = module.eval_videos
     monkeypatch.setattr(module, "eval_videos", lambda b: (lambda r: (r, module.copy_videos(b, r)))(real_eval(b)[0]))
-    copied = evaluate_video(module, tiny_shards, num_clips=3, clip_len=4, batch_size=2, fvd=False)
+    copied = evaluate_video(module, tiny_shards, num_clips=3, clip_len=4)
     assert copied["psnr"] == pytest.approx(out["copy_psnr"]) and copied["ssim"] == pytest.approx(out["copy_ssim"])

@@ -64,10 +64,10 @@ def test_verdict_is_undefined_when_a_figure_is():
     assert interval(np.array([np.nan] * 6 + [1.0] * 4)) == [pytest.approx(float("nan"), nan_ok=True)] * 2
 
 
-def test_one_seed_and_one_side_have_intervals_too():
-    real, on, _ = _returns(np.random.default_rng(4), 0.2, 0.0)
-    r = value_intervals(real, on[:1], n_boot=200)["value_gap"]
-    assert "diff" not in r and r["on_ci"][0] <= r["on"] <= r["on_ci"][1]
+def test_one_seed_has_intervals_too():
+    real, on, off = _returns(np.random.default_rng(4), 0.2, 0.0)
+    r = value_intervals(real, on[:1], off[:1], n_boot=200)["value_gap"]
+    assert r["on_ci"][0] <= r["on"] <= r["on_ci"][1] and r["diff_ci"][0] <= r["diff"] <= r["diff_ci"][1]
 
 
 def _steps(rng, N: int = 120, H: int = 8):

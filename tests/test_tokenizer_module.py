@@ -113,7 +113,7 @@ def test_eval_videos_protocol_and_offline_video_eval(fitted, tiny_shards, tmp_pa
     assert torch.equal(recon, module.model.decode(module.model.encode(real)).float().clamp(-1, 1))
     out = tmp_path / "video.json"
     rc = eval_main(["video", "--ckpt", str(run / "checkpoints" / "best.ckpt"), "--shards", str(tiny_shards),
-                    "--num-clips", "2", "--clip-len", "4", "--batch-size", "2", "--no-fvd", "--out", str(out)])
+                    "--num-clips", "2", "--clip-len", "4", "--out", str(out)])
     res = json.loads(out.read_text())
     assert rc == 0 and res["num_clips"] == 2 and 5.0 < res["psnr"] < 100.0 and 0.0 < res["ssim"] <= 1.0
 

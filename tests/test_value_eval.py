@@ -1,19 +1,15 @@
-"""Policy evaluation in imagination: discounting and the penalised reward by hand; `whale eval value`
-end to end on tiny real checkpoints (the shared ``tiny_dynamics`` fixture; renders Meta-World)."""
+"""Policy evaluation in imagination: discounting by hand; the value and uncertainty
+summaries end to end on tiny real checkpoints (the shared ``tiny_dynamics`` fixture; renders Meta-World)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from whale_pl.rollout.value import discounted_return, penalised_reward
+from whale_pl.rollout.value import discounted_return
 
 
 def test_discounted_return_by_hand():
@@ -51,48 +47,34 @@ def test_real_rollouts_use_the_datasets_action_repeat(tmp_path, frame_stride):
         env.close()
 
 
-def test_penalised_reward_by_hand():
-    r = torch.tensor([[1.0, 2.0]])
-    u = torch.tensor([[0.5, 0.0]])
-    assert torch.equal(penalised_reward(r, u, 2.0), torch.tensor([[0.0, 2.0]]))
-    with pytest.raises(ValueError, match="differ"):
-        penalised_reward(r, u[:, :1], 1.0)
-
-
-def _cli(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MUJOCO_GL="egl")
-    return subprocess.run([sys.executable, "-m", "whale_pl.cli", "eval", "value", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd)
-
-
-def test_cli_names_a_missing_checkpoint(tmp_path):
-    p = _cli(["--dynamics", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "v.json")])
-    assert p.returncode == 2 and "nope.ckpt" in p.stderr
-    assert not (tmp_path / "v.json").exists()
-
-
 @pytest.mark.filterwarnings("ignore:Constant")
-def test_whale_eval_value_end_to_end(tiny_dynamics, tiny_data_yaml, tiny_config, tmp_path):
-    """What `whale eval value` writes (its main, in this process): returns per episode, figures per split with
-    intervals, the copy baseline beside the rollouts, uncertainty within step indices, the plots."""
-    from whale_pl.rollout.value_cli import main
+def test_value_and_uncertainty_summaries_end_to_end(tiny_dynamics, tiny_data_yaml, tiny_config, tmp_path):
+    """Returns per episode, figures per split with intervals, the copy baseline beside the rollouts,
+    uncertainty within step indices (retracing and a 2-member ensemble), the plots."""
+    from whale_pl.rollout.value import (EvalSet, WorldModel, collect_real, evaluate_values, rollout_errors,
+                                        uncertainty_summary)
+    from whale_pl.rollout.value_metrics import MODES, split_values, video_summary, write_plots
 
-    out, H, cfg = tmp_path / "value.json", 6, tiny_config
-    assert main(["--dynamics", str(tiny_dynamics[0]), "--ensemble", *map(str, tiny_dynamics), "--data-config",
-                 str(tiny_data_yaml), "--starts", "1", "--horizon", str(H), "--K", "3", "--out", str(out)]) == 0
-    res = json.loads(out.read_text())
-    r = res["returns"]
+    H, cfg = 6, tiny_config
+    wm, member = (WorldModel.load(c) for c in tiny_dynamics)
+    ev = EvalSet.from_data_config(tiny_data_yaml, starts=1, horizon=H, frame_stride=wm.frame_stride)
+    real = collect_real(ev, progress=False)
+    r = evaluate_values(wm, real, ev, modes=MODES, progress=False)
+    errors = rollout_errors(wm, real, r["_rollouts"], baselines=True)
+    res = {"returns": r, "value": split_values(r, *[{m: [r[m]["imagined_TPK"]] for m in MODES}] * 2),
+           "video": video_summary({"model": errors}, np.array([ev.split_of(p) for p in real.policy])),
+           "uncertainty": uncertainty_summary(wm, r["_rollouts"], errors, 3, [wm, member])}
     pols = cfg.train_policies + cfg.ood_policies
     assert r["policies"] == pols and r["split"] == ["val"] * len(cfg.train_policies) + ["ood_params"] * len(
         cfg.ood_policies)
     assert np.shape(r["real_TPK"]) == (len(cfg.tasks), len(pols), 1) and np.ptp(r["real_TPK"]) > 0
-    for mode in ("open_loop", "closed_loop"):
+    for mode in MODES:
         assert np.shape(r[mode]["imagined_TPK"]) == np.shape(r["real_TPK"])
         f = res["value"][mode]["all"]
         assert f["value_gap"]["on"] >= 0 and 0 <= f["regret_at_1"]["on"] <= 1
         assert f["value_gap"]["on_ci"][0] <= f["value_gap"]["on"] <= f["value_gap"]["on_ci"][1]
         ood = res["value"][mode]["ood_params"]  # one OOD policy: a gap on the task's range, no ranking figures
-        assert ood["value_gap"]["on"] >= 0 and ood["spearman"]["on"] is None and ood["regret_at_1"]["on"] is None
+        assert ood["value_gap"]["on"] >= 0 and np.isnan(ood["spearman"]["on"]) and np.isnan(ood["regret_at_1"]["on"])
     assert {"model", "copy the last real frame", "tokenizer reconstruction"} <= set(res["video"]["all"])
     u, B = res["uncertainty"], r["episodes"]
     for k in ("mse", "token_err", "retracing_score", "ensemble_score"):
@@ -103,9 +85,12 @@ def test_whale_eval_value_end_to_end(tiny_dynamics, tiny_data_yaml, tiny_config,
     for target in ("mse", "token_err"):
         assert set(u[target]["scores"]) == {"retracing", "ensemble", "step index"}
         for q in u[target]["scores"].values():
-            assert q["auroc_within"] is None or 0 <= q["auroc_within"] <= 1
+            assert np.isnan(q["auroc_within"]) or 0 <= q["auroc_within"] <= 1
             assert len(q["auroc_per_step"]) == H - 2
-    for png in res["plots"].values():
+    plots = write_plots(res, tmp_path / "value", {"model": {m: [r[m]["imagined_TPK"]] for m in MODES}},
+                        ("returns", "step_auroc"), ("t", "t"))
+    assert len(plots) == 2
+    for png in plots.values():
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,21 +1,13 @@
-"""Evaluation callback: PSNR/SSIM, FVD and (dynamics) value gap on held-out clips every N validations.
-
-The module implements ``eval_videos(batch) -> (real_BTCHW, generated_BTCHW)`` (docs/contracts.md). The
-value hook runs in a fresh child process, so the simulator's GL contexts never exist in the trainer
-process (forked DataLoader workers would hang on them). Results go to every logger (``eval/...``), to
-TensorBoard as pictures, and as one JSON line per evaluation to ``<log_dir>/metrics.jsonl``.
-"""
+"""Evaluation callback: PSNR/SSIM, FVD and (dynamics) value gap on held-out clips every N validations, to every
+logger, TensorBoard pictures and ``<log_dir>/metrics.jsonl`` (docs/contracts.md, Evaluation)."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +23,7 @@ from whale_pl.lit.logging import paired_video_grid
 from whale_pl.metrics.fvd import FVD, make_fvd
 from whale_pl.metrics.video import VideoEvaluator
 
-DEFAULT_VALUE_FN = "whale_pl.rollout.value:value_metrics_for_checkpoint"
+LOG_CLIPS = 4  # clips drawn to TensorBoard
 # the trainer's distributed environment must not leak into the value child (it is a lone process)
 _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
              "MASTER_PORT", "TORCHELASTIC_RUN_ID", "PL_GLOBAL_SEED")
@@ -40,9 +32,6 @@ _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK
 def call_eval_videos(module: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """`module.eval_videos(batch)` checked against the protocol; returns (real, generated)."""
     name = type(module).__name__
-    if getattr(module, "eval_videos", None) is None:
-        raise TypeError(f"{name} has no eval_videos(batch) -> (real_BTCHW, generated_BTCHW); "
-                        "see docs/contracts.md (Evaluation)")
     with torch.no_grad():
         out = module.eval_videos(batch)
     if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(v, torch.Tensor) for v in out)):
@@ -65,56 +54,33 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     write_bytes_atomic(path, old + json.dumps(record, allow_nan=False, sort_keys=True).encode() + b"\n")
 
 
-def value_fn_available(spec: str) -> bool:
-    """Whether 'module:function' names a function that can be imported."""
-    mod, _, name = spec.partition(":")
-    try:
-        return importlib.util.find_spec(mod) is not None and hasattr(importlib.import_module(mod), name)
-    except ImportError:
-        return False
-
-
-def run_value_hook(spec: str, ckpt_path: str, kwargs: dict, timeout: float | None = None) -> dict[str, float]:
-    """`spec(ckpt_path, **kwargs)` in a fresh interpreter (it never re-imports the trainer's `__main__`; DDP
-    variables removed); its numeric results as floats."""
-    with tempfile.TemporaryDirectory(prefix="whale_value_") as tmp:
-        req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        req.write_text(json.dumps({"spec": spec, "ckpt_path": ckpt_path, "kwargs": kwargs}))
-        env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        proc = subprocess.run([sys.executable, "-c", "from whale_pl.eval_cli import value_child_main; "
-                               "value_child_main()", str(req), str(res)],
-                              env=env, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"value function {spec} failed on {ckpt_path} (exit {proc.returncode}):\n"
-                               f"{proc.stderr[-4000:]}")
-        out = json.loads(res.read_text())
-    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+def run_value_hook(ckpt_path: str, kwargs: dict) -> dict[str, float]:
+    """``rollout.value.value_metrics_for_checkpoint(ckpt_path, **kwargs)`` in a fresh interpreter, so the simulator's
+    GL contexts never exist in the trainer (its forked DataLoader workers would hang on them)."""
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run([sys.executable, "-m", "whale_pl.rollout.value", ckpt_path, json.dumps(kwargs)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"value hook failed on {ckpt_path} (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])
 
 
 class EvalCallback(Callback):
-    """Video metrics on held-out clips every ``every_n_val_epochs`` validation epochs (sanity checks never
-    count): ``num_clips`` clips, FVD when ``fvd`` (clips of >= 9 frames; skipped with one warning without
-    I3D weights, or from ``i3d_path``, a TorchScript I3D), ``log_clips`` clips drawn to TensorBoard.
-    ``value_gap``: None = on for modules with ``supports_value_eval`` when ``value_fn`` ('module:function',
-    called as fn(ckpt_path, **value_kwargs) -> dict of floats) exists; True = required; False = off.
-    """
+    """Video metrics of ``num_clips`` held-out clips every ``every_n_val_epochs`` validations (sanity checks never
+    count), FVD when ``fvd``; the value hook (``value_kwargs``) for modules with ``supports_value_eval``."""
 
-    def __init__(self, every_n_val_epochs: int = 1, num_clips: int = 16, fvd: bool = True, i3d_path: str | None = None,
-                 fvd_batch_size: int = 8, log_clips: int = 4, value_gap: bool | None = None,
-                 value_fn: str = DEFAULT_VALUE_FN, value_kwargs: dict | None = None,
-                 metrics_file: str = "metrics.jsonl"):
+    def __init__(self, every_n_val_epochs: int = 1, num_clips: int = 16, fvd: bool = True,
+                 value_kwargs: dict | None = None):
         super().__init__()
         if every_n_val_epochs < 1 or num_clips < 1:
             raise ValueError(f"every_n_val_epochs ({every_n_val_epochs}) and num_clips ({num_clips}) must be >= 1")
-        self.every_n_val_epochs, self.num_clips, self.fvd, self.i3d_path = every_n_val_epochs, num_clips, fvd, i3d_path
-        self.fvd_batch_size, self.log_clips, self.value_gap, self.value_fn = fvd_batch_size, log_clips, value_gap, value_fn
-        self.value_kwargs, self.metrics_file = dict(value_kwargs or {}), metrics_file
+        self.every_n_val_epochs, self.num_clips, self.fvd = every_n_val_epochs, num_clips, fvd
+        self.value_kwargs = dict(value_kwargs or {})
         self._val_epochs, self._active, self._seconds, self._fvd_loaded = 0, False, 0.0, False
         self._fvd: FVD | None = None
         self._evaluator: VideoEvaluator | None = None
         self._shown: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.last_metrics: dict | None = None
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Decide whether this validation epoch is evaluated; on rank 0 set up the accumulators."""
@@ -125,7 +91,7 @@ class EvalCallback(Callback):
         self._active = self._val_epochs % self.every_n_val_epochs == 0
         if self._active and trainer.is_global_zero:
             if self.fvd and not self._fvd_loaded:
-                self._fvd, self._fvd_loaded = make_fvd(self.i3d_path, pl_module.device, self.fvd_batch_size), True
+                self._fvd, self._fvd_loaded = make_fvd(pl_module.device), True
             if self._fvd is not None:
                 self._fvd.reset()
             self._evaluator = VideoEvaluator(self._fvd if self.fvd else None)
@@ -141,8 +107,8 @@ class EvalCallback(Callback):
         real, fake = (v[:need] for v in call_eval_videos(pl_module, batch))
         self._evaluator.update(real, fake)
         self._seconds += time.perf_counter() - t0
-        if self._shown is None and self.log_clips > 0:
-            self._shown = (real[: self.log_clips].cpu(), fake[: self.log_clips].cpu())
+        if self._shown is None:
+            self._shown = (real[:LOG_CLIPS].cpu(), fake[:LOG_CLIPS].cpu())
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Compute the figures (+ value gap), log them and append a line to the metrics file."""
@@ -167,26 +133,18 @@ class EvalCallback(Callback):
                   "eval_seconds": round(self._seconds + time.perf_counter() - t0, 3),  # eval_videos + metrics
                   "value_seconds": round(t_value, 3),
                   **{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}}
-        self.last_metrics = record
         self._log(trainer, metrics)
-        append_jsonl(Path(log_dir) / self.metrics_file, record)
+        append_jsonl(Path(log_dir) / "metrics.jsonl", record)
         self._evaluator.reset()
 
     def _value_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """The value hook's figures, from a temporary checkpoint (every rank saves it: a collective call)."""
-        if self.value_gap is False:
-            return {}
-        supported = bool(getattr(pl_module, "supports_value_eval", False))
-        available = value_fn_available(self.value_fn)
-        if self.value_gap is True and not (supported and available):
-            raise RuntimeError(f"EvalCallback(value_gap=True): {type(pl_module).__name__} supports_value_eval="
-                               f"{supported}, {self.value_fn} available={available}")
-        if not (supported and available):
+        if not getattr(pl_module, "supports_value_eval", False):
             return {}
         ckpt = Path(trainer.default_root_dir) / ".eval_tmp" / f"value-step{trainer.global_step}.ckpt"
         trainer.save_checkpoint(str(ckpt))
         try:
-            return run_value_hook(self.value_fn, str(ckpt), self.value_kwargs) if trainer.is_global_zero else {}
+            return run_value_hook(str(ckpt), self.value_kwargs) if trainer.is_global_zero else {}
         finally:
             if trainer.is_global_zero:
                 ckpt.unlink(missing_ok=True)
@@ -200,9 +158,8 @@ class EvalCallback(Callback):
             logger.log_metrics(scalars, step=trainer.global_step)
             if not isinstance(logger, TensorBoardLogger):
                 continue
-            if self._shown is not None:
-                grid = paired_video_grid(*self._shown, max_clips=self.log_clips, max_frames=None)
-                logger.experiment.add_image("eval/real_vs_generated", grid, trainer.global_step)
+            grid = paired_video_grid(*self._shown, max_clips=LOG_CLIPS, max_frames=None)
+            logger.experiment.add_image("eval/real_vs_generated", grid, trainer.global_step)
             fig = Figure(figsize=(8, 3))
             a, b = fig.subplots(1, 2)
             a.plot(metrics["psnr_per_frame"], marker="o")

@@ -19,7 +19,7 @@ import numpy as np
 from whale_pl.io import write_json_atomic, write_text_atomic
 from whale_pl.pipeline import done_checkpoint, fmt_elapsed, sha256_of, written_checkpoint
 from whale_pl.rollout.stats import fmt, fmt_key
-from whale_pl.rollout.value_cli import MODES
+from whale_pl.rollout.value_metrics import MODES
 
 STEPS = {"demo": 300}  # scale -> steps of every run (else the config's trainer.max_steps), as make demo's side runs
 VAL_SPLITS = "[val]"  # checkpoints are chosen on the training families' held-out episodes, never on OOD ones
@@ -137,8 +137,8 @@ def evaluate(a: argparse.Namespace, runs: dict) -> dict:
     """One set of real rollouts; every on and off model's values and video errors; retracing of on-model 0
     against the ensemble of on-models 0..M-1."""
     from whale_pl.rollout.value import (EvalSet, WorldModel, collect_real, evaluate_values, frame_stride_of,
-                                        rollout_errors)
-    from whale_pl.rollout.value_cli import split_values, uncertainty_summary, video_summary
+                                        rollout_errors, uncertainty_summary)
+    from whale_pl.rollout.value_metrics import split_values, video_summary
 
     on_ckpts, off_ckpts = [r["ckpt"] for r in runs["on"]], [r["ckpt"] for r in runs["off"]]
     ev = EvalSet.from_data_config(a.data_config, starts=a.starts, horizon=a.horizon, discount=DISCOUNT,
@@ -324,7 +324,7 @@ def write_report(res: dict, path: Path) -> None:
 
 def write_plots(res: dict, out_dir: Path) -> None:
     """The return scatter (on and off) and the per-step AUROC curve, named in ``res["plots"]``."""
-    from whale_pl.rollout.value_cli import write_plots
+    from whale_pl.rollout.value_metrics import write_plots
 
     res["plots"] = write_plots(
         res, out_dir / "experiment", {g: res["returns"][g] for g in ("on", "off")},

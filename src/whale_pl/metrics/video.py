@@ -1,9 +1,6 @@
-"""PSNR and SSIM over video clips (torchmetrics), per frame index and overall, and an accumulator that
-also feeds FVD: the one implementation the stage modules, the callback and `whale eval video` use.
-
-Frames are uint8 or float in [-1, 1], [B, T, 3, H, W]; scores are per image on [0, 1] data. PSNR of an
-exact match is infinite: it is capped at `PSNR_CAP_DB` (`psnr_capped` counts the capped images).
-"""
+"""PSNR and SSIM of video clips (torchmetrics; uint8 or [-1, 1] frames [B, T, 3, H, W], per image on [0, 1]) and
+an accumulator that also feeds FVD, used by the stage modules, the callback and `whale eval video`. PSNR of an
+exact match is capped at `PSNR_CAP_DB` (`psnr_capped` counts the capped images)."""
 
 from __future__ import annotations
 
@@ -28,7 +25,8 @@ def _images01(frames_BTCHW: torch.Tensor, name: str) -> torch.Tensor:
 def video_psnr_ssim(real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-image PSNR (dB) and SSIM, shaped [B, T] each (float64)."""
     if real_BTCHW.shape != fake_BTCHW.shape:
-        raise ValueError(f"real {tuple(real_BTCHW.shape)} and generated {tuple(fake_BTCHW.shape)} clips differ in shape")
+        raise ValueError(f"real {tuple(real_BTCHW.shape)} and generated {tuple(fake_BTCHW.shape)} clips "
+                         "differ in shape")
     b = real_BTCHW.shape[0]
     real, fake = _images01(real_BTCHW, "real"), _images01(fake_BTCHW, "generated")
     with torch.autocast(real.device.type, enabled=False):  # bf16 ruins SSIM's variance terms
@@ -38,15 +36,13 @@ def video_psnr_ssim(real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor) -> dict[
 
 
 def psnr_ssim_per_sample(real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-clip PSNR (dB; each frame's capped at ``PSNR_CAP_DB``) and SSIM, averaged over the clip's frames:
-    ``(psnr_B, ssim_B)``, float32. SSIM runs in float32 whatever the caller's autocast."""
+    """Per-clip PSNR (dB; frames capped at ``PSNR_CAP_DB``) and SSIM averaged over the clip: ``(psnr_B, ssim_B)``."""
     scores = video_psnr_ssim(real_BTCHW, fake_BTCHW)
     return scores["psnr"].clamp(max=PSNR_CAP_DB).mean(1).float(), scores["ssim"].mean(1).float()
 
 
 class VideoEvaluator:
-    """Accumulates PSNR/SSIM (per frame index) and FVD features (unless `fvd` is None; clips under 9 frames
-    skip it with one warning) over batches of (real, generated) clips."""
+    """Accumulates PSNR/SSIM per frame index and FVD features (unless `fvd` is None) of (real, generated) clips."""
 
     def __init__(self, fvd: FVD | None = None):
         self.fvd, self.fvd_skipped = fvd, False

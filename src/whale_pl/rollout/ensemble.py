@@ -1,6 +1,5 @@
-"""The deep-ensemble baseline: N dynamics models trained with different seeds by the same command; the
-uncertainty of an imagined frame is the disagreement of their predictions of it from the same context,
-scored by the retracing rule (:func:`whale_pl.rollout.retracing.combine_predictions`)."""
+"""The deep-ensemble baseline: N dynamics models of different seeds predict each imagined frame from the same
+context, scored by the retracing rule (:func:`whale_pl.rollout.retracing.combine_predictions`)."""
 
 from __future__ import annotations
 
@@ -15,13 +14,9 @@ from whale_pl.rollout.retracing import ZFn, combine_predictions
 def ensemble_uncertainty(models: Sequence[torch.nn.Module], ids_BThw: torch.Tensor, actions_norm_BTA: torch.Tensor,
                          first: int, codebook_VE: torch.Tensor | None = None, z_fns: Sequence[ZFn | None] | None = None,
                          weight: float = 0.5) -> dict[str, torch.Tensor]:
-    """Per-step ensemble uncertainty of frames ``first .. N-1`` of a rollout: every member predicts frame n
-    from frames ``< n`` with the single-step actions. ``score_BT``, ``disagreement_BT``, ``entropy_BT``."""
-    if len(models) < 2:
-        raise ValueError(f"an ensemble needs at least 2 members, got {len(models)}")
+    """Per-step uncertainty of frames ``first .. N-1`` of a rollout from >= 2 members, each predicting frame n from
+    frames ``< n``: ``score_BT``, ``disagreement_BT``, ``entropy_BT``."""
     z_fns = list(z_fns) if z_fns is not None else [None] * len(models)
-    if len(z_fns) != len(models):
-        raise ValueError(f"{len(z_fns)} behavior priors for {len(models)} ensemble members")
     V = {m.codebook_size for m in models}
     if len(V) != 1:
         raise ValueError(f"ensemble members disagree on the codebook size: {sorted(V)}")

@@ -1,15 +1,15 @@
-"""Real-against-imagined rollout GIFs with the per-step uncertainty curve under them.
-
-GIF frame t: real frame t (left) and imagined frame t (right), upscaled (nearest neighbour); under them
-the uncertainty over the horizon (and the true error on a second axis) with a cursor at step t. The plot
-is drawn once with matplotlib (Agg), the cursor per frame with Pillow; GIF frames are palette images
-(256 colours each, no dithering), so a frame pair with few colours is stored exactly.
-"""
+"""`whale eval gifs`: real-against-imagined rollout GIFs of held-out episodes with the per-step uncertainty
+curve (and the true error) under them, a cursor at the current step, and ``index.json`` for the report. GIF
+frames are palette images (256 colours, no dithering), so a frame pair with few colours is stored exactly."""
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -17,6 +17,7 @@ MARGIN, GAP, LABEL_H, FOOTER_H = 4, 4, 14, 14
 CHROME_COLORS = 48
 MIN_WIDTH = 360  # room for a readable plot under small frames
 UNC_COLOR, ERR_COLOR, CURSOR_COLOR = "#1f77b4", "#d62728", (40, 40, 40)
+SPLITS, PER_SPLIT, HORIZON, K, SCALE = ("val", "ood"), 2, 24, 3, 3  # episodes per split, imagined steps, anchors
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,12 @@ class GifLayout:
     plot: tuple[int, int, int, int]
 
 
-def layout(frame_hw: tuple[int, int], scale: int, plot_height: int | None = None, title: bool = False) -> GifLayout:
+def layout(frame_hw: tuple[int, int], scale: int, title: bool = False) -> GifLayout:
     """Where the panels and the plot go for frames of ``frame_hw`` upscaled by ``scale``."""
     h, w = frame_hw[0] * scale, frame_hw[1] * scale
     width = max(MIN_WIDTH, 2 * MARGIN + 2 * w + GAP)
     left = (width - 2 * w - GAP) // 2  # panels centred
-    ph = plot_height or max(110, int(round(0.6 * h)))
+    ph = max(110, int(round(0.6 * h)))
     top = MARGIN + (LABEL_H if title else 0) + LABEL_H
     real = (left, top, left + w, top + h)
     imag = (left + w + GAP, top, left + 2 * w + GAP, top + h)
@@ -83,8 +84,8 @@ def _axis(ax, steps: np.ndarray, values_T: np.ndarray, style: str, color: str, l
     ax.yaxis.set_major_locator(MaxNLocator(nbins=4))
 
 
-def _curve_image(values_T: np.ndarray, error_T: np.ndarray | None, size: tuple[int, int], label: str,
-                 error_label: str) -> tuple[np.ndarray, list[tuple[int, int | None, int | None]], tuple[int, int]]:
+def _curve_image(values_T: np.ndarray, error_T: np.ndarray | None, size: tuple[int, int],
+                 label: str) -> tuple[np.ndarray, list[tuple[int, int | None, int | None]], tuple[int, int]]:
     """The plot as uint8 RGB ``[h, w, 3]``, per step its pixel (x, y of the uncertainty, y of the error;
     None where not finite), and the axes' vertical pixel extent (top, bottom)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -105,7 +106,7 @@ def _curve_image(values_T: np.ndarray, error_T: np.ndarray | None, size: tuple[i
     ax.grid(alpha=0.3, lw=0.5)
     ax2 = None if error_T is None else ax.twinx()
     if ax2 is not None:
-        _axis(ax2, steps, error_T, "s--", ERR_COLOR, error_label, ms=2, lw=1.0)
+        _axis(ax2, steps, error_T, "s--", ERR_COLOR, "pixel MSE", ms=2, lw=1.0)
     canvas.draw()
     img = np.asarray(canvas.buffer_rgba())[..., :3]
     H_img = img.shape[0]
@@ -146,17 +147,14 @@ def _chrome(lay: GifLayout, curve_HWC: np.ndarray, title: str, labels: tuple[str
 
 
 def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncertainty_T, error_T=None,
-                      scale: int = 4, fps: float = 4.0, title: str = "", labels: tuple[str, str] = ("real", "imagined"),
-                      uncertainty_label: str = "uncertainty", error_label: str = "true error",
-                      plot_height: int | None = None) -> GifLayout:
-    """Write the animated GIF (one frame per step, looping) atomically; returns its layout. Frames are
-    ``[T, 3, H, W]`` uint8 or float in [-1, 1]; ``uncertainty_T`` may hold NaN (no score: a gap)."""
+                      scale: int = 4, title: str = "", labels: tuple[str, str] = ("real", "imagined"),
+                      uncertainty_label: str = "uncertainty") -> GifLayout:
+    """Write the looping GIF (a frame per step, 4 fps) atomically; returns its layout. Frames ``[T, 3, H, W]``
+    uint8 or float in [-1, 1]; ``uncertainty_T`` may hold NaN (no score: a gap); ``error_T``: pixel MSE."""
     from PIL import Image, ImageDraw, ImageFont
 
     from whale_pl.io import atomic_path
 
-    if fps <= 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
     real = to_uint8_THWC(real_TCHW, "real frames")
     imag = to_uint8_THWC(imagined_TCHW, "imagined frames")
     if real.shape != imag.shape:
@@ -165,11 +163,9 @@ def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncerta
     T = real.shape[0]
     u = _series(uncertainty_T, T, "uncertainty")
     e = None if error_T is None else _series(error_T, T, "error")
-    if int(scale) != scale or scale < 1:
-        raise ValueError(f"scale must be a positive integer, got {scale}")
-    lay = layout(real.shape[1:3], int(scale), plot_height, bool(title))
+    lay = layout(real.shape[1:3], scale, bool(title))
     x0, y0, x1, y1 = lay.plot
-    curve, points, (ax_top, ax_bot) = _curve_image(u, e, (x1 - x0, y1 - y0), uncertainty_label, error_label)
+    curve, points, (ax_top, ax_bot) = _curve_image(u, e, (x1 - x0, y1 - y0), uncertainty_label)
     base, font = _chrome(lay, curve, title, labels), ImageFont.load_default()
     frames = []
     for t in range(T):
@@ -187,7 +183,7 @@ def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncerta
         d.text((MARGIN, y1 + 1), foot, fill=(0, 0, 0), font=font)
         frames.append(im.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE))
     with atomic_path(path) as tmp:
-        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(round(1000 / fps)),
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=250,
                        loop=0, optimize=False)
     return lay
 
@@ -198,3 +194,123 @@ def read_gif_frames(path: str | os.PathLike) -> list[np.ndarray]:
 
     with Image.open(path) as im:
         return [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name)).strip("-") or "x"
+
+
+def _task_policy(ep) -> tuple[str | None, str | None]:
+    return ep.meta.get("task"), (ep.meta.get("policy") or {}).get("name")
+
+
+def pick_episodes(dm, split: str, n: int, min_len: int) -> list:
+    """``n`` episodes of ``split`` at least ``min_len`` long, in manifest order, preferring a task and a
+    policy not yet picked (then a policy not yet picked, then any)."""
+    eps = [ep for ep in dm.iter_episodes(split) if len(ep) >= min_len]
+    chosen: list[int] = []
+    for rule in ("both", "policy", "any"):
+        for i, ep in enumerate(eps):
+            if len(chosen) >= n:
+                return [eps[j] for j in chosen]
+            if i in chosen:
+                continue
+            task, pol = _task_policy(ep)
+            new_task = task not in {_task_policy(eps[j])[0] for j in chosen}
+            new_pol = pol not in {_task_policy(eps[j])[1] for j in chosen}
+            if rule == "any" or (new_pol and (rule == "policy" or new_task)):
+                chosen.append(i)
+    return [eps[j] for j in chosen]
+
+
+def _floats(x: np.ndarray) -> list[float | None]:
+    return [float(v) if math.isfinite(float(v)) else None for v in np.asarray(x, dtype=np.float64).ravel()]
+
+
+def on_model_clock(ep, n: int, k: int, space) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` frames of an episode every ``k`` recorded steps and the ``n - 1`` raw actions between
+    them, each composed over its ``k`` recorded steps."""
+    from whale_pl.rollout.retracing import retracing_actions
+
+    idx = k * np.arange(n)
+    # row j of the stride-k retracing-actions composes recorded steps j..j+k-1: every k-th row
+    actions = retracing_actions(ep.actions[: idx[-1]], space, k)[::k] if n > 1 else ep.actions[:0]
+    return ep.frames[idx], actions.astype(np.float32)
+
+
+def imagine_episode(wm, ep, context: int, horizon: int) -> dict:
+    """Open-loop rollout of an episode on the model's clock and its per-step figures: ``real_TCHW``, ``imagined_TCHW``,
+    ``uncertainty_T`` (NaN where < 2 anchors), ``disagreement_T``, ``entropy_T``, ``n_predictions_T``, ``mse_T``, ..."""
+    import torch
+    from einops import rearrange
+
+    from whale_pl.data.frames import frames_to_unit
+
+    frames, actions = on_model_clock(ep, context + horizon, wm.frame_stride, wm.normaliser.space)
+    ctx = wm.tokenize(frames[None, :context])
+    out = wm.imagine_open_loop(ctx, actions[None], horizon, composed=True)
+    u = {k: v.cpu().numpy() for k, v in wm.step_uncertainty(ctx, out["ids_BThw"], out["actions_norm_BTA"], K=K).items()}
+    imagined = wm.decode(out["ids_BThw"])[0]  # [H, 3, h, w] in [-1, 1]
+    real = torch.as_tensor(rearrange(frames[context:], "t h w c -> t c h w").copy())
+    mse = ((imagined - frames_to_unit(real.to(imagined.device))) ** 2).mean(dim=(1, 2, 3)).cpu().double().numpy()
+    score = u["score_BT"][0].astype(np.float64)
+    score[u["n_predictions_T"] < 2] = np.nan
+    return {"real_TCHW": real.numpy(), "imagined_TCHW": imagined.cpu().numpy(), "uncertainty_T": score,
+            "disagreement_T": u["disagreement_BT"][0], "entropy_T": u["entropy_BT"][0],
+            "n_predictions_T": u["n_predictions_T"], "mse_T": mse,
+            "psnr_T": 10 * np.log10(4.0 / np.maximum(mse, 1e-10))}
+
+
+def clip_record(ep, split: str, name: str, context: int, horizon: int, r: dict) -> dict:
+    """The index entry of one GIF: which episode, and its figures per step (``imagine_episode``'s ``r``)."""
+    from whale_pl.rollout.value_metrics import rank_corr
+
+    pol = ep.meta.get("policy") or {}
+    u, e = r["uncertainty_T"], r["mse_T"]
+    ok = np.isfinite(u) & np.isfinite(e)
+    sp = float(rank_corr(u[ok], e[ok])) if ok.sum() >= 3 and np.ptp(u[ok]) > 0 and np.ptp(e[ok]) > 0 else math.nan
+    return {
+        "gif": name, "split": split, "task": ep.meta.get("task", "?"), "policy": pol.get("name"),
+        "family": pol.get("family"), "episode": ep.meta.get("episode_id"), "start": 0, "context": context,
+        "horizon": horizon, "K": K, "psnr_mean": float(np.mean(r["psnr_T"])), "mse_mean": float(np.mean(e)),
+        "uncertainty_mean": float(np.nanmean(u)) if np.isfinite(u).any() else None,
+        "spearman_uncertainty_vs_mse": float(sp) if math.isfinite(sp) else None,
+        "uncertainty": _floats(u), "disagreement": _floats(r["disagreement_T"]), "entropy": _floats(r["entropy_T"]),
+        "n_predictions": [int(v) for v in r["n_predictions_T"]], "mse": _floats(e), "psnr": _floats(r["psnr_T"]),
+    }
+
+
+def write_gifs(ckpt: str, shards: str, out: str | Path, command: str, device: str = "cpu") -> dict:
+    """GIFs of ``PER_SPLIT`` episodes of each of ``SPLITS`` and ``index.json`` under ``out``; returns the index."""
+    from whale_pl.data.datamodule import ClipDataModule
+    from whale_pl.io import write_json_atomic
+    from whale_pl.lit.handoff import SPEC_KEYS, check_data_spec
+    from whale_pl.rollout.value import WorldModel
+
+    t0, out = time.time(), Path(out)
+    wm = WorldModel.load(ckpt, device)
+    C, k = wm.module.loss_cfg.context_frames, wm.frame_stride
+    dm = ClipDataModule(str(shards), num_workers=0, rank=0, world_size=1)
+    check_data_spec(wm.module.hparams.get("data_spec"), dm.data_spec, where=f"{ckpt} on {shards}",
+                    keys=[key for key in SPEC_KEYS if key in dm.data_spec])
+    available, clips = dm.manifest().get("splits", {}), []
+    for split in SPLITS:
+        if split not in available:
+            raise ValueError(f"{shards}: no split {split!r} in manifest.json (has {sorted(available)})")
+        eps = pick_episodes(dm, split, PER_SPLIT, C * k + 1)  # C context frames and one imagined frame
+        if not eps:
+            raise ValueError(f"{shards}: split {split!r} has no episode of >= {C * k + 1} frames")
+        for i, ep in enumerate(eps):
+            H = min(HORIZON, (len(ep) - 1) // k + 1 - C)
+            r = imagine_episode(wm, ep, C, H)
+            task, pol = ep.meta.get("task", "?"), (ep.meta.get("policy") or {}).get("name", "?")
+            name = f"{_safe(split)}_{i:02d}_{_safe(task)}_{_safe(pol)}.gif"
+            write_rollout_gif(out / name, r["real_TCHW"], r["imagined_TCHW"], r["uncertainty_T"], r["mse_T"],
+                              scale=SCALE, title=f"{split} | {task} | {pol}")
+            clips.append(clip_record(ep, split, name, C, H, r))
+            print(f"[gifs] {out / name}: PSNR {clips[-1]['psnr_mean']:.2f} dB, Spearman(u, MSE) "
+                  f"{clips[-1]['spearman_uncertainty_vs_mse']}", flush=True)
+    index = {"ckpt": str(ckpt), "shards": str(shards), "uses_behavior": wm.uses_behavior, "K": K,
+             "command": command, "seconds": time.time() - t0, "clips": clips}
+    write_json_atomic(out / "index.json", index)
+    return index

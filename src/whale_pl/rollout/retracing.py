@@ -1,11 +1,6 @@
-"""Retracing-rollout uncertainty of imagined frames (docs/method.md, "Retracing-rollout").
-
-Imagined frame o_{t+1} is predicted K ways: for k = 1..K, from the stride-k context ending at o_{t-k+1}
-with the retracing-action compose(a_{t-k+1..t}), as the model was trained on stride-k clips. The K token
-distributions are scored by :func:`combine_predictions` (shared with the deep ensemble): the variance of
-the expected code vectors (disagreement), the normalised entropy of their mixture, and
-``score = w · disagreement + (1 − w) · entropy``.
-"""
+"""Retracing-rollout uncertainty of imagined frames (docs/method.md, "Retracing-rollout uncertainty"): each
+frame predicted K ways from stride-k contexts with composed actions, the K token distributions scored by
+:func:`combine_predictions` (shared with the deep ensemble)."""
 
 from __future__ import annotations
 
@@ -24,17 +19,9 @@ ZFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def combine_predictions(probs_KBSV: torch.Tensor, codebook_VE: torch.Tensor,
                         weight: float = 0.5) -> dict[str, torch.Tensor]:
-    """Uncertainty of B frames from K token distributions each (K × B frames × S positions × V codes) and
-    the code vectors ``codebook_VE``: ``disagreement``, ``entropy`` and ``score``, each [B] float32."""
-    if probs_KBSV.ndim != 4:
-        raise ValueError(f"probs_KBSV must be [K, B, S, V], got shape {tuple(probs_KBSV.shape)}")
-    K, _, _, V = probs_KBSV.shape
-    if codebook_VE.shape[0] != V:
-        raise ValueError(f"codebook has {codebook_VE.shape[0]} codes but the predictions have V={V}")
-    if K < 2:
-        raise ValueError(f"need at least 2 predictions of a frame to measure disagreement, got K={K}")
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"weight must be in [0, 1], got {weight}")
+    """``disagreement``, ``entropy`` and ``score`` ([B] each) of K >= 2 token distributions of B frames (S positions,
+    V codes) with the code vectors ``codebook_VE``."""
+    V = probs_KBSV.shape[-1]
     p = probs_KBSV.float()
     feats_KBSC = einsum(p, codebook_VE.float(), "k b s v, v c -> k b s c")
     disagreement_B = feats_KBSC.var(dim=0, unbiased=False).sum(-1).mean(-1)
@@ -45,8 +32,7 @@ def combine_predictions(probs_KBSV: torch.Tensor, codebook_VE: torch.Tensor,
 
 
 def retracing_actions(actions_raw_TA: np.ndarray, space: ActionSpace, k: int) -> np.ndarray:
-    """Raw retracing-actions of stride k: row j is compose(a_j..a_{j+k-1}), leading from frame j to j+k
-    (T-k+1 rows)."""
+    """Raw retracing-actions of stride k: row j is compose(a_j..a_{j+k-1}), from frame j to j+k (T-k+1 rows)."""
     check_composable(space)
     a = np.asarray(actions_raw_TA)
     if a.ndim != 2 or a.shape[1] != space.dim:
@@ -58,8 +44,6 @@ def retracing_actions(actions_raw_TA: np.ndarray, space: ActionSpace, k: int) ->
 
 def retracing_plan(t: int, K: int) -> list[tuple[int, int]]:
     """The (k, anchor frame t-k+1) pairs predicting frame t+1, k = 1..K, anchors >= 0."""
-    if K < 1:
-        raise ActionError(f"K must be >= 1, got {K}")
     return [(k, t - k + 1) for k in range(1, K + 1) if t - k + 1 >= 0]
 
 
@@ -69,8 +53,7 @@ def strided_context(anchor: int, k: int, max_frames: int) -> list[int]:
 
 
 def composed_action_table(actions_norm_BTA: torch.Tensor, normaliser: ActionNormaliser, K: int) -> list[torch.Tensor]:
-    """``table[k-1][:, j]``: the normalised stride-k action compose(a_j .. a_{j+k-1}) for k = 1..K (as far as
-    the T actions go)."""
+    """``table[k-1][:, j]``: the normalised stride-k action compose(a_j .. a_{j+k-1}), k = 1..K (as far as T goes)."""
     a = actions_norm_BTA.detach().cpu().numpy()
     out = [actions_norm_BTA]
     for k in range(2, min(K, a.shape[1]) + 1):
@@ -84,9 +67,8 @@ def composed_action_table(actions_norm_BTA: torch.Tensor, normaliser: ActionNorm
 def retracing_uncertainty(model: torch.nn.Module, ids_BThw: torch.Tensor, actions_norm_BTA: torch.Tensor,
                           normaliser: ActionNormaliser, first: int, K: int = 3, codebook_VE: torch.Tensor | None = None,
                           z_fn: ZFn | None = None, weight: float = 0.5) -> dict[str, torch.Tensor]:
-    """Per-step retracing uncertainty of frames ``first .. N-1`` of a rollout (``actions_norm_BTA[:, t]``
-    the single-step action taken at frame t): ``score_BT``, ``disagreement_BT``, ``entropy_BT`` and
-    ``n_predictions_T`` (anchors per step; one anchor gives disagreement 0). At most K passes a step."""
+    """Per-step retracing uncertainty of frames ``first .. N-1`` of a rollout (``actions_norm_BTA[:, t]`` taken at
+    frame t): ``score_BT``, ``disagreement_BT``, ``entropy_BT``, ``n_predictions_T`` (anchors; one: disagreement 0)."""
     check_composable(normaliser.space)
     if K < 2:
         raise ActionError(f"retracing needs K >= 2 predictions per step, got K={K}")

@@ -1,13 +1,6 @@
-"""Bootstrap intervals and verdicts for the headline experiment (docs/method.md, "Evaluation").
-
-Value figures: per task and model seed over the policies of a split (each policy's value the mean return
-over its start states; normalised by the task's real return range over every evaluated policy), then
-averaged over seeds and tasks. Their intervals resample seeds, policies and
-start states with replacement, each axis on its own (a crossed bootstrap; tasks are strata, never
-resampled); an on − off difference resamples both sides with the same indices (paired: seed i of one
-with seed i of the other, the same policies and starts). Uncertainty figures resample rollouts (rows).
-A percentile interval is undefined (NaN) when fewer than half the replicates define the figure.
-"""
+"""Bootstrap intervals and verdicts for the headline experiment (docs/method.md, "Value evaluation", Intervals):
+value figures over a crossed, paired bootstrap of seeds, policies and start states; uncertainty figures over
+resampled rollouts."""
 
 from __future__ import annotations
 
@@ -77,19 +70,17 @@ def _take(x: np.ndarray, idx_NI: np.ndarray, axis: int) -> np.ndarray:
 
 
 def value_stat(real_TPK: np.ndarray, imag_STPK: np.ndarray, scale_T: np.ndarray) -> dict[str, np.ndarray]:
-    """Value figures (``policy_figures``, normalised by each task's ``scale_T``) per seed and task, averaged
-    over them; leading axes pass through."""
+    """Value figures (``policy_figures`` on each task's ``scale_T``) per seed and task, averaged over them."""
     figs = policy_figures(real_TPK.mean(-1)[..., None, :, :], imag_STPK.mean(-1), scale_T)
     return {k: _nanmean(v, axis=(-2, -1)) for k, v in figs.items()}
 
 
-def value_intervals(real_TPK, on_STPK, off_STPK=None, scale_T=None, n_boot: int = N_BOOT, level: float = LEVEL,
-                    seed: int = 0) -> dict[str, dict]:
-    """Each value figure of ``on`` (and ``off``) with its interval, and the paired on − off difference.
+def value_intervals(real_TPK, on_STPK, off_STPK, scale_T=None, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, dict]:
+    """Each value figure of ``on`` and ``off`` with its interval, and the paired on − off difference;
     ``scale_T``: each task's real return range (default: over these policies), fixed under resampling."""
     real, on = np.asarray(real_TPK, np.float64), np.asarray(on_STPK, np.float64)
     scale = np.ptp(real.mean(-1), -1) if scale_T is None else np.asarray(scale_T, np.float64)
-    sides = {"on": on} if off_STPK is None else {"on": on, "off": np.asarray(off_STPK, np.float64)}
+    sides = {"on": on, "off": np.asarray(off_STPK, np.float64)}
     if any(v.shape != on.shape or v.shape[1:] != real.shape for v in sides.values()):
         raise ValueError(f"real {real.shape}, on {on.shape} and off must be [T, P, K] and [S, T, P, K] alike")
     rng = np.random.default_rng(seed)
@@ -101,20 +92,17 @@ def value_intervals(real_TPK, on_STPK, off_STPK=None, scale_T=None, n_boot: int 
             for k, v in sides.items()}
     out = {}
     for fig in point["on"]:
-        row = {k: float(point[k][fig]) for k in sides} | {f"{k}_ci": interval(boot[k][fig], level) for k in sides}
-        if "off" in sides:
-            row["diff"] = row["on"] - row["off"]
-            row["diff_ci"] = interval(boot["on"][fig] - boot["off"][fig], level)
-            row["verdict"] = difference_verdict(row["diff"], *row["diff_ci"])
+        row = {k: float(point[k][fig]) for k in sides} | {f"{k}_ci": interval(boot[k][fig]) for k in sides}
+        row["diff"] = row["on"] - row["off"]
+        row["diff_ci"] = interval(boot["on"][fig] - boot["off"][fig])
+        row["verdict"] = difference_verdict(row["diff"], *row["diff_ci"])
         out[fig] = row
     return out
 
 
 def step_stat(score_NH: np.ndarray, err_NH: np.ndarray) -> dict[str, np.ndarray]:
-    """Uncertainty against the true error of imagined steps (rows: rollouts, columns: step index): AUROC
-    (bad step = error above that step index's median) and Spearman within each step index, their means
-    over the step indices, and the AUROC / Spearman pooled over all steps (bad = above the overall
-    median). Leading axes pass through."""
+    """AUROC (bad: error above the step index's median) and Spearman of uncertainty against error within each
+    step index (columns) and their means, and both pooled over all steps (bad: above the overall median)."""
     s, e = np.swapaxes(score_NH, -1, -2), np.swapaxes(err_NH, -1, -2)  # [..., H, N]
     bad = e > np.median(e, axis=-1, keepdims=True)
     per_step = auroc(s, bad)
@@ -126,9 +114,9 @@ def step_stat(score_NH: np.ndarray, err_NH: np.ndarray) -> dict[str, np.ndarray]
 
 
 def uncertainty_intervals(scores: dict[str, np.ndarray], err_NH: np.ndarray, n_boot: int = N_BOOT,
-                          level: float = LEVEL, seed: int = 0) -> dict:
-    """``step_stat`` of each named score with intervals over resampled rollouts, the step-index-alone
-    baseline (``step index``), and paired differences of the within-step AUROC of every two scores."""
+                          seed: int = 0) -> dict:
+    """``step_stat`` of each named score and of the step index alone with intervals over resampled rollouts,
+    and paired differences of the within-step AUROC of every two scores."""
     err = np.asarray(err_NH, np.float64)
     N, H = err.shape
     scores = {**scores, "step index": np.broadcast_to(np.arange(H, dtype=np.float64), (N, H))}
@@ -138,9 +126,9 @@ def uncertainty_intervals(scores: dict[str, np.ndarray], err_NH: np.ndarray, n_b
     for k, v in scores.items():
         pt = step_stat(np.asarray(v, np.float64), err)
         row = {f: float(pt[f]) for f in pt if f != "auroc_per_step"}
-        row |= {f"{f}_ci": interval(boot[k][f], level) for f in row}
+        row |= {f"{f}_ci": interval(boot[k][f]) for f in row}
         row["auroc_per_step"] = pt["auroc_per_step"].tolist()
-        row["auroc_per_step_ci"] = [interval(boot[k]["auroc_per_step"][:, j], level) for j in range(H)]
+        row["auroc_per_step_ci"] = [interval(boot[k]["auroc_per_step"][:, j]) for j in range(H)]
         row["verdict_within"] = chance_verdict(row["auroc_within"], *row["auroc_within_ci"])
         row["verdict_pooled"] = chance_verdict(row["auroc_pooled"], *row["auroc_pooled_ci"])
         out["scores"][k] = row
@@ -148,7 +136,7 @@ def uncertainty_intervals(scores: dict[str, np.ndarray], err_NH: np.ndarray, n_b
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             d = out["scores"][a]["auroc_within"] - out["scores"][b]["auroc_within"]
-            ci = interval(boot[a]["auroc_within"] - boot[b]["auroc_within"], level)
+            ci = interval(boot[a]["auroc_within"] - boot[b]["auroc_within"])
             out["differences"][f"{a} - {b}"] = {"diff": d, "diff_ci": ci,
                                                 "verdict": verdict(d, *ci, f"{a} higher", f"{b} higher")}
     return out

@@ -1,11 +1,6 @@
-"""Policy evaluation in imagination against the simulator (docs/method.md, "Evaluation").
-
-Per policy and start state: the **real** return in Meta-World, and the imagined return (reward head)
-**open-loop** (from the real first frame with the recorded actions) and **closed-loop** (the same
-seeded scripted policy acting on the state head's prediction of each imagined frame). A step is one
-decision held for the model's ``frame_stride`` recorded steps, its reward their sum. For a policy
-optimiser, ``r − λ·u`` is :func:`penalised_reward` of ``reward_BT`` and :meth:`WorldModel.step_uncertainty`.
-"""
+"""Policy evaluation in imagination against the simulator (docs/method.md, "Value evaluation"): per policy and
+start state the real return in Meta-World and the imagined one, open loop (recorded actions) and closed loop (the
+policy acting on the state head's predictions); a step is one decision held for the model's ``frame_stride``."""
 
 from __future__ import annotations
 
@@ -28,13 +23,6 @@ from whale_pl.rollout.retracing import retracing_uncertainty
 PolicyFn = Callable[[int, np.ndarray], np.ndarray]  # (step, states [B, S] raw) -> raw actions [B, A]
 
 
-def _existing(ckpt_path: str | Path) -> Path:
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"dynamics checkpoint not found: {path}")
-    return path
-
-
 class WorldModel:
     """A trained dynamics stage (``DynamicsModule``) seen as a simulator of token frames."""
 
@@ -53,7 +41,7 @@ class WorldModel:
         """The world model of a dynamics checkpoint."""
         from whale_pl.lit.dynamics_module import DynamicsModule
 
-        return cls(load_module(_existing(ckpt_path), DynamicsModule, map_location=device))
+        return cls(load_module(ckpt_path, DynamicsModule, map_location=device))
 
     @property
     def device(self) -> torch.device:
@@ -79,9 +67,8 @@ class WorldModel:
     @torch.no_grad()
     def imagine_open_loop(self, context_ids_BThw: torch.Tensor, actions_raw_BTA: np.ndarray,
                           horizon: int, composed: bool = False) -> dict[str, torch.Tensor]:
-        """Replay raw actions, one per model step: decisions held ``frame_stride`` recorded steps, or with
-        ``composed`` already composed over them (a dataset episode). The model's ``imagine`` dict plus
-        ``actions_norm_BTA``."""
+        """Replay raw actions, one per model step, held ``frame_stride`` recorded steps or ``composed`` over them
+        (a dataset episode): the model's ``imagine`` dict plus ``actions_norm_BTA``."""
         n = self.normaliser
         norm = n.normalise(actions_raw_BTA, n.base) if composed else n.normalise_held(actions_raw_BTA)
         act = torch.as_tensor(norm, device=self.device)
@@ -93,32 +80,28 @@ class WorldModel:
     @torch.no_grad()
     def imagine_closed_loop(self, context_ids_B1hw: torch.Tensor, state0_BP: np.ndarray, policy_fn: PolicyFn,
                             horizon: int) -> dict[str, torch.Tensor]:
-        """The policy acts on the state the model predicts: ``policy_fn(t, states)`` gets the real state
-        (t = 0) or the state head's prediction of imagined frame t; each action is held one model step.
-        ``ids_BThw``, ``reward_BT``, ``success_BT``, ``state_BTP`` (frames 1..H), ``actions_raw_BTA``,
-        ``actions_norm_BTA``."""
+        """``policy_fn(t, states)`` acts on the real state (t = 0), then on the state head's prediction of imagined
+        frame t, each action held one model step: ``ids_BThw``, ``reward_BT``, ``success_BT``, ``state_BTP``, ..."""
         if self.model.state_head is None:
             raise ValueError("closed-loop evaluation needs a dynamics model with a state head (data with state)")
-        raw: list[np.ndarray] = []
         norm: list[torch.Tensor] = []
 
         def act_fn(t: int, so_far: dict[str, torch.Tensor]) -> torch.Tensor:
             """The policy's action at step t from the real state (t = 0) or the predicted one."""
             state = state0_BP if t == 0 else so_far["state_BTP"][:, -1].float().cpu().numpy()
-            raw.append(np.asarray(policy_fn(t, np.asarray(state, dtype=np.float32)), dtype=np.float32))
-            norm.append(torch.as_tensor(self.normaliser.normalise_held(raw[-1]), device=self.device))
+            raw = np.asarray(policy_fn(t, np.asarray(state, dtype=np.float32)), dtype=np.float32)
+            norm.append(torch.as_tensor(self.normaliser.normalise_held(raw), device=self.device))
             return norm[-1]
 
         out = self.model.imagine(context_ids_B1hw, None, self.z_fn, horizon=horizon, steps=self.steps,
                                  temperature=self.temperature, act_fn=act_fn)
         return {"ids_BThw": out["ids_BThw"], **{k: out[k].float() for k in ("reward_BT", "success_BT", "state_BTP")},
-                "actions_raw_BTA": torch.as_tensor(np.stack(raw, 1)), "actions_norm_BTA": torch.stack(norm, 1)}
+                "actions_norm_BTA": torch.stack(norm, 1)}
 
     @torch.no_grad()
     def step_uncertainty(self, context_ids_BThw: torch.Tensor, imagined_ids_BThw: torch.Tensor,
                          actions_norm_BTA: torch.Tensor, K: int = 3, weight: float = 0.5) -> dict[str, torch.Tensor]:
-        """Retracing uncertainty of every imagined frame aligned with ``reward_BT`` (column t: imagined frame
-        t+1; the first step has a single anchor, disagreement 0): ``score_BT``, ``disagreement_BT``, ..."""
+        """Retracing uncertainty of every imagined frame, aligned with ``reward_BT``: ``score_BT``, ..."""
         ids = torch.cat([context_ids_BThw, imagined_ids_BThw], 1)
         return retracing_uncertainty(self.model, ids, actions_norm_BTA, self.normaliser, context_ids_BThw.shape[1],
                                      K=K, codebook_VE=self.codebook_VE, z_fn=self.z_fn, weight=weight)
@@ -126,7 +109,7 @@ class WorldModel:
 
 def frame_stride_of(ckpt_path: str | Path) -> int:
     """The clock of a dynamics checkpoint: recorded steps per model step (data_spec ``frame_stride``, else 1)."""
-    hp = read_checkpoint(_existing(ckpt_path)).get("hyper_parameters") or {}
+    hp = read_checkpoint(ckpt_path).get("hyper_parameters") or {}
     return int((hp.get("data_spec") or {}).get("frame_stride", 1))
 
 
@@ -140,13 +123,6 @@ def start_seeds(base: int, task: str, n: int) -> list[int]:
     """The first n start states of a task (task variation, env seed, policy noise seed) from a seed base."""
     return [int(np.random.SeedSequence([base, zlib.crc32(task.encode()), i]).generate_state(1, np.uint32)[0])
             for i in range(n)]
-
-
-def penalised_reward(reward_BT: torch.Tensor, uncertainty_BT: torch.Tensor, lam: float) -> torch.Tensor:
-    """MOPO-style reward for offline model-based policy optimisation: r − λ·u, per imagined step."""
-    if reward_BT.shape != uncertainty_BT.shape:
-        raise ValueError(f"reward {tuple(reward_BT.shape)} and uncertainty {tuple(uncertainty_BT.shape)} differ")
-    return reward_BT - lam * uncertainty_BT
 
 
 @dataclass
@@ -167,21 +143,15 @@ class EvalSet:
 
     def __post_init__(self) -> None:
         self.splits = {k: list(v) for k, v in self.splits.items() if v}
-        self.policies = [p for v in self.splits.values() for p in v]
-        if not self.policies or not self.tasks:
-            raise ValueError(f"an evaluation set needs tasks and policies, got {self.tasks} / {self.splits}")
-        if len(set(self.policies)) != len(self.policies):
-            raise ValueError(f"the splits must be disjoint, got {self.splits}")
+        self.policies = [p for v in self.splits.values() for p in v]  # tasks, disjoint policies: CollectConfig
         if self.starts < 1 or self.horizon < 2 or not 0 < self.discount <= 1 or self.frame_stride < 1:
             raise ValueError(f"starts ({self.starts}) >= 1, horizon ({self.horizon}) >= 2, discount "
                              f"({self.discount}) in (0, 1], frame_stride ({self.frame_stride}) >= 1 expected")
 
     @classmethod
     def from_data_config(cls, path: str | Path, **kw) -> "EvalSet":
-        """Tasks, policies by split, frame size and camera of a Meta-World dataset config (stages/<scale>/
-        data.yaml): ``val`` its training policies; its ``ood_policies`` split by :func:`ood_split` into
-        ``ood_params`` (new parameters of the training families) and ``ood_families`` (families never seen in
-        training); pass ``frame_stride`` (:func:`frame_stride_of` the checkpoint) for a model on a coarser clock."""
+        """Tasks, policies by split (``val``; ``ood_params`` / ``ood_families`` by :func:`ood_split`), frame size
+        and camera of a Meta-World dataset config; ``frame_stride``: :func:`frame_stride_of` the checkpoint."""
         from whale_pl.data.metaworld import CollectConfig
         from whale_pl.data.policies import ood_split
 
@@ -256,10 +226,10 @@ def scripted_policy_fn(real: RealRollouts, index: Sequence[int]) -> PolicyFn:
 
 
 @torch.no_grad()
-def evaluate_values(wm: WorldModel, real: RealRollouts, ev: EvalSet, modes: Sequence[str] = ("open_loop", "closed_loop"),
-                    batch_size: int = 32, progress: bool = True) -> dict:
-    """Real returns (``real_TPK``) and, for each mode, imagined returns (``imagined_TPK``) of every episode;
-    keeps the open-loop rollouts (``_rollouts``: context ids, imagined ids, normalised actions per batch)."""
+def evaluate_values(wm: WorldModel, real: RealRollouts, ev: EvalSet, modes: Sequence[str],
+                    progress: bool = True) -> dict:
+    """Real and, per mode, imagined returns (``real_TPK``, ``<mode>.imagined_TPK``) of every episode, and the
+    open-loop rollouts (``_rollouts``: context ids, imagined ids, normalised actions per batch)."""
     if real.frame_stride != wm.frame_stride:
         raise ValueError(f"the real rollouts hold each decision {real.frame_stride} recorded step(s) but the world "
                          f"model steps {wm.frame_stride} at a time (its data_spec frame_stride): build the EvalSet "
@@ -269,11 +239,9 @@ def evaluate_values(wm: WorldModel, real: RealRollouts, ev: EvalSet, modes: Sequ
                  "real_TPK": real.grid(discounted_return(real.rewards, ev.discount)).tolist(),
                  "discount": ev.discount, "horizon": H, "episodes": B}
     for mode in modes:
-        if mode not in ("open_loop", "closed_loop"):
-            raise ValueError(f"unknown mode {mode!r}; expected open_loop or closed_loop")
         t0, v_hat, ids_all = time.time(), np.zeros(B), []
-        for i in tqdm(range(0, B, batch_size), desc=f"imagine {mode}", disable=not progress, leave=False):
-            idx = np.arange(i, min(B, i + batch_size))
+        for i in tqdm(range(0, B, 32), desc=f"imagine {mode}", disable=not progress, leave=False):
+            idx = np.arange(i, min(B, i + 32))
             ctx = wm.tokenize(real.frames[idx, :1])
             if mode == "open_loop":
                 o = wm.imagine_open_loop(ctx, real.actions[idx], H)
@@ -294,10 +262,8 @@ def _frames_BTCHW(frames_BThwc: np.ndarray, device: torch.device) -> torch.Tenso
 @torch.no_grad()
 def rollout_errors(wm: WorldModel, real: RealRollouts, rollouts: list,
                    baselines: bool = False) -> dict[str, np.ndarray]:
-    """Each imagined frame n = 1..H-1 of the open-loop rollouts against its real twin, [B, H-1]: pixel ``mse``
-    (decoded frame), ``token_err`` (share of wrong tokens), ``psnr`` and ``ssim``; ``baselines`` adds
-    ``copy_psnr`` / ``copy_ssim`` (repeating the last real context frame) and ``recon_psnr`` / ``recon_ssim``
-    (the tokenizer's reconstruction of the real frames: the ceiling)."""
+    """Imagined frames n = 1..H-1 of the open-loop rollouts against their real twins, [B, H-1]: ``mse``, ``token_err``,
+    ``psnr``, ``ssim``; ``baselines`` adds ``copy_*`` (the last real frame held) and ``recon_*`` (the tokenizer)."""
     from whale_pl.metrics.video import PSNR_CAP_DB, video_psnr_ssim
 
     acc: dict[str, list] = {}
@@ -323,10 +289,8 @@ def rollout_errors(wm: WorldModel, real: RealRollouts, rollouts: list,
 
 @torch.no_grad()
 def evaluate_uncertainty(wm: WorldModel, rollouts: list, K: int = 3, ensemble: Sequence[WorldModel] | None = None,
-                         weight: float = 0.5, progress: bool = True) -> dict:
-    """Per-step uncertainty of the open-loop rollouts' imagined frames n = 1..H-1, [B, H-1] each (the
-    columns of :func:`rollout_errors`): retracing on ``wm`` and, given members, the ensemble's
-    (``<method>_score`` / ``_disagreement`` / ``_entropy``); ``seconds`` per method."""
+                         progress: bool = True) -> dict:
+    """Per-step uncertainty [B, H-1] of imagined frames 1..H-1: retracing, and the ensemble's given members."""
     from whale_pl.rollout.ensemble import ensemble_uncertainty
 
     parts, methods = ("score", "disagreement", "entropy"), ["retracing"] + (["ensemble"] if ensemble else [])
@@ -338,40 +302,47 @@ def evaluate_uncertainty(wm: WorldModel, rollouts: list, K: int = 3, ensemble: S
             t0 = time.perf_counter()
             if m == "retracing":
                 u = retracing_uncertainty(wm.model, ids, acts, wm.normaliser, first=1, K=K,
-                                          codebook_VE=wm.codebook_VE, z_fn=wm.z_fn, weight=weight)
+                                          codebook_VE=wm.codebook_VE, z_fn=wm.z_fn)
             else:
                 u = ensemble_uncertainty([e.model for e in ensemble], ids, acts, first=1, codebook_VE=wm.codebook_VE,
-                                         z_fns=[e.z_fn for e in ensemble], weight=weight)
+                                         z_fns=[e.z_fn for e in ensemble])
             secs[m] += time.perf_counter() - t0
             for p in parts:
                 acc[f"{m}_{p}"].append(u[f"{p}_BT"].cpu())
-    return {"K": K, "ensemble_size": len(ensemble or ()), "seconds": secs,
-            "per_step": {k: torch.cat(v).double().numpy() for k, v in acc.items()}}
+    return {"seconds": secs, "per_step": {k: torch.cat(v).double().numpy() for k, v in acc.items()}}
 
 
-def uncertainty_figures(unc: dict, errors: dict[str, np.ndarray], **kw) -> dict:
-    """:func:`~whale_pl.rollout.stats.uncertainty_intervals` of each method's score against the pixel MSE
-    and the token error, over imagined frames n >= 2 (from 2 on, every step has >= 2 retracing anchors)."""
+def uncertainty_summary(wm: WorldModel, rollouts: list, errors: dict, K: int, members: list | None = None) -> dict:
+    """Seconds, ``uncertainty_intervals`` against MSE and token error over imagined frames n >= 2 (>= 2 anchors)
+    and the per-step uncertainties and errors of retracing (and the ensemble of ``members``)."""
     from whale_pl.rollout.stats import uncertainty_intervals
 
+    unc = evaluate_uncertainty(wm, rollouts, K=K, ensemble=members or None)
     scores = {k.removesuffix("_score"): v[:, 1:] for k, v in unc["per_step"].items() if k.endswith("_score")}
-    return {t: uncertainty_intervals(scores, errors[t][:, 1:], **kw) for t in ("mse", "token_err")}
+    steps = {**unc["per_step"], "mse": errors["mse"], "token_err": errors["token_err"]}
+    return {"K": K, "seconds": unc["seconds"],
+            **{t: uncertainty_intervals(scores, errors[t][:, 1:]) for t in ("mse", "token_err")},
+            "per_step": {k: np.asarray(v).tolist() for k, v in steps.items()}}
 
 
 def value_metrics_for_checkpoint(ckpt_path: str, data_config: str = "stages/demo/data.yaml", starts: int = 1,
-                                 horizon: int = 24, discount: float = 0.99, mode: str = "open_loop",
-                                 device: str = "cpu") -> dict[str, float]:
-    """The evaluation callback's value hook (docs/contracts.md): flat floats of one mode, ``<split>_<figure>``
-    for each split and ``all`` (undefined figures left out)."""
+                                 horizon: int = 24) -> dict[str, float]:
+    """The evaluation callback's value hook: defined open-loop figures ``<split>_<figure>``, splits and ``all``."""
     from whale_pl.rollout.stats import value_stat
-    from whale_pl.rollout.value_cli import split_masks
+    from whale_pl.rollout.value_metrics import split_masks
 
-    wm = WorldModel.load(ckpt_path, device)
-    ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, discount=discount,
-                                  frame_stride=wm.frame_stride)
-    res = evaluate_values(wm, collect_real(ev, progress=False), ev, modes=(mode,), progress=False)
-    real, imag = np.array(res["real_TPK"]), np.array(res[mode]["imagined_TPK"])[None]
+    wm = WorldModel.load(ckpt_path)
+    ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, frame_stride=wm.frame_stride)
+    res = evaluate_values(wm, collect_real(ev, progress=False), ev, modes=("open_loop",), progress=False)
+    real, imag = np.array(res["real_TPK"]), np.array(res["open_loop"]["imagined_TPK"])[None]
     scale_T = np.ptp(real.mean(-1), -1)
     out = {f"{name}_{k}": float(v) for name, sel in split_masks(res["split"]).items()
            for k, v in value_stat(real[:, sel], imag[:, :, sel], scale_T).items()}
     return {k: v for k, v in out.items() if np.isfinite(v)}
+
+
+if __name__ == "__main__":  # the evaluation callback's child process: argv = checkpoint, keyword arguments (JSON)
+    import json
+    import sys
+
+    print(json.dumps(value_metrics_for_checkpoint(sys.argv[1], **json.loads(sys.argv[2]))))
