@@ -247,6 +247,25 @@ def test_checkpoint_of_a_retired_option_is_refused_by_name(fitted, tmp_path):
         load_frozen(tmp_path / "clean.ckpt", DynamicsModule)
 
 
+def test_checkpoint_of_the_previous_groups_loads_and_a_removed_switch_off_is_refused(fitted, tmp_path):
+    """A checkpoint whose groups still hold the options removed since (at the values every config used) loads;
+    one trained with such a switch off fails naming it."""
+    from whale_pl.lit.dynamics_module import DynamicsModule
+
+    run, _ = fitted
+    raw = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    hp = raw["hyper_parameters"]
+    hp["net"] = {**hp["net"], "prev_frame_input": True, "copy_logit": True, "code_embed": True, "dropout": 0.0}
+    hp["sampling"] = {**hp["sampling"], "eval_horizon": None, "log_samples": 4}
+    hp["optim"] = {**hp["optim"], "betas": [0.9, 0.95], "total_steps": None}
+    torch.save(raw, tmp_path / "previous.ckpt")
+    assert load_frozen(tmp_path / "previous.ckpt", DynamicsModule).model.copy_gate is not None
+    hp["net"]["copy_logit"] = False
+    torch.save(raw, tmp_path / "no_copy.ckpt")
+    with pytest.raises(HandoffError, match=r"copy_logit=False, an option DynamicsModule no longer has"):
+        load_frozen(tmp_path / "no_copy.ckpt", DynamicsModule)
+
+
 def test_z_at_imagination_is_the_prior_on_the_same_history(fitted, monkeypatch):
     """Open loop, closed loop and retracing condition each imagined step on z_t = the behavior prior over the
     history so far: the real context, then the frames imagined so far, with the evaluated policy's actions.

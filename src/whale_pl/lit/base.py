@@ -28,11 +28,12 @@ class Optim:
 
     lr: float = 1e-3
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
-    total_steps: int | None = None  # the schedule's length; None: the Trainer's max_steps
     anneal_by_time: bool = False  # the cosine also follows the Trainer's max_time
+
+
+OPTIM_RETIRED = {"betas": [0.9, 0.95], "total_steps": None}  # Optim fields no config set (removed after cf14e40)
 
 
 def as_group(value: D | Mapping[str, Any] | None, cls: type[D], where: str, default: D | None = None) -> D:
@@ -60,7 +61,6 @@ class StageModule(L.LightningModule):
     """Base of the stage modules: groups, optimiser, checkpoint hooks and the data_spec contract."""
 
     GROUPS: ClassVar[dict[str, type]] = {"optim": Optim}
-    RENAMED: ClassVar[dict[str, str]] = {}  # old hyper-parameter name -> today's
     RETIRED: ClassVar[dict[str, Any]] = {}  # removed option -> the default it had
     FROZEN: ClassVar[tuple[str, ...]] = ()  # attributes holding frozen earlier stages
     SPEC_KEYS: ClassVar[Sequence[str] | None] = ()  # data_spec keys this stage must agree on (None: all)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from whale_pl.data.frames import frames_to_unit
-from whale_pl.lit.base import Optim, StageModule
+from whale_pl.lit.base import OPTIM_RETIRED, Optim, StageModule
 from whale_pl.lit.handoff import HandoffError
 from whale_pl.lit.logging import log_image, paired_video_grid
 from whale_pl.models.tokenizer import TokenizerNet, VideoTokenizer
@@ -30,12 +30,12 @@ class TokenizerModule(StageModule):
     """Trains stage 1: ``net`` is the ``VideoTokenizer``'s architecture, ``optim`` the optimiser's settings."""
 
     GROUPS = {"net": TokenizerNet, "optim": Optim}
-    RETIRED = {"encoder_spatial_radius": None, "sticky_margin": 0.0, "l1_weight": 0.0}  # inert values (cf14e40)
+    RETIRED = {"encoder_spatial_radius": None, "sticky_margin": 0.0, "l1_weight": 0.0,  # inert values (cf14e40)
+               "in_channels": 3, "ema": True, "dropout": 0.0, "log_images_every_n_epochs": 1, **OPTIM_RETIRED}
     SPEC_KEYS = ("frame_size",)
 
     def __init__(self, net: TokenizerNet = TokenizerNet(), optim: Optim = Optim(lr=1e-3, warmup_steps=100),
-                 log_images_every_n_epochs: int = 1, data_spec: dict[str, Any] | None = None,
-                 init_from: str | None = None) -> None:
+                 data_spec: dict[str, Any] | None = None, init_from: str | None = None) -> None:
         """``init_from``: a pretrained tokenizer checkpoint to start from when fitting (``lit/init_from.py``)."""
         super().__init__()
         self.save_hyperparameters()
@@ -104,9 +104,9 @@ class TokenizerModule(StageModule):
         if batch_idx == 0:
             self._grid_batch = (x[:4].detach(), recon[:4].detach())
 
-    def _eval_epoch_end(self, prefix: str, images: bool) -> None:
+    def _eval_epoch_end(self, prefix: str) -> None:
         self._log_usage(prefix)
-        if self._grid_batch is not None and images and self.global_rank == 0:
+        if self._grid_batch is not None and self.global_rank == 0:
             log_image(self, f"{prefix}/originals_above_reconstructions", paired_video_grid(*self._grid_batch))
         self._grid_batch = None
 
@@ -115,9 +115,8 @@ class TokenizerModule(StageModule):
         self._eval_step(batch, batch_idx, "val")
 
     def on_validation_epoch_end(self) -> None:
-        """Log codebook usage and (every ``log_images_every_n_epochs``) originals above reconstructions."""
-        every = self.hparams.log_images_every_n_epochs
-        self._eval_epoch_end("val", bool(every) and self.current_epoch % every == 0)
+        """Log codebook usage and originals above reconstructions."""
+        self._eval_epoch_end("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         """As ``validation_step``, under ``test/``."""
@@ -125,7 +124,7 @@ class TokenizerModule(StageModule):
 
     def on_test_epoch_end(self) -> None:
         """Log codebook usage and originals above reconstructions."""
-        self._eval_epoch_end("test", True)
+        self._eval_epoch_end("test")
 
     @torch.no_grad()
     def eval_videos(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
