@@ -35,6 +35,7 @@ class BehaviorModule(StageModule):
     IGNORED = ("code_cache",)  # a speed switch of earlier versions (token shards replace it); the model is the same
     FROZEN = ("tokenizer",)
     SPEC_KEYS = SPEC_KEYS
+    INIT_FROM_SPEC_KEYS = ("action_space",)  # a pretrained model must share the action space
 
     def __init__(self, tokenizer_ckpt: str, net: BehaviorNet = BehaviorNet(), beta: float = 0.1,
                  free_bits: float = 0.0, kl_warmup_steps: int = 0, kl_balance: float | None = None,
@@ -56,10 +57,6 @@ class BehaviorModule(StageModule):
         self.families: list[str] = list(data_spec.get("families") or [])
         self._val_z: list[torch.Tensor] = []
         self._val_family: list[torch.Tensor] = []
-
-    def init_from_spec_keys(self) -> tuple[str, ...]:
-        """A pretrained behavior model must share the action space."""
-        return ("action_space",)
 
     def setup(self, stage: str) -> None:
         """The base's data checks; token shards must come from this tokenizer; the families come from the
@@ -84,12 +81,6 @@ class BehaviorModule(StageModule):
         """Code vectors of a batch's clips: of its ``ids`` (token shards), else of its frames tokenised now."""
         ids_BThw = batch["ids"] if "ids" in batch else self.tokenize(batch["frames"])
         return self.tokenizer.model.embed(ids_BThw).float()
-
-    @torch.no_grad()
-    def behavior_z(self, frames_BTCHW: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
-        """The stage-3 behavior embedding from pixels: prior mean z_t [B,T,Z] (causal in t)."""
-        mu_BTZ, _ = self.model.prior(self.codes(frames_BTCHW), actions_BTA)
-        return mu_BTZ
 
     def current_beta(self) -> float:
         """The KL weight at this step: ``beta``, ramped linearly from 0 over ``kl_warmup_steps``."""

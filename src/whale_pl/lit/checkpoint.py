@@ -1,6 +1,5 @@
-"""Reading stage checkpoints: tensors and plain data only, and older hyper-parameters mapped onto today's.
-
-``read_checkpoint`` never unpickles Python objects (``weights_only=True``), so a checkpoint cannot run code.
+"""Reading stage checkpoints as tensors and plain data only (never unpickled objects, so a file cannot run
+code), with older hyper-parameters mapped onto today's arguments.
 """
 
 from __future__ import annotations
@@ -78,8 +77,7 @@ def _retired(cls: type, key: str, value: Any, where: str) -> bool:
 
 def load_module(path: str | Path, cls: type[M], where: str | None = None, map_location: str | torch.device = "cpu",
                 ckpt: Mapping[str, Any] | None = None, **overrides: Any) -> M:
-    """Rebuild a stage module of class ``cls`` from the checkpoint at ``path`` (or its contents already
-    read, ``ckpt``): its own hyper-parameters, ``overrides`` on top; weights loaded strictly."""
+    """A ``cls`` module rebuilt from the checkpoint at ``path`` (or its read ``ckpt``), ``overrides`` on top."""
     where = where or f"stage checkpoint {str(path)!r}"
     ckpt = read_checkpoint(path, where) if ckpt is None else ckpt
     want, got = qualified_name(cls), ckpt.get(CLASS_KEY)

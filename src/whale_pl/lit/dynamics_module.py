@@ -57,6 +57,7 @@ class DynamicsModule(StageModule):
     RETIRED = RETIRED
     FROZEN = ("tokenizer", "behavior")
     SPEC_KEYS = SPEC_KEYS
+    INIT_FROM_SPEC_KEYS = ("action_space",)  # a pretrained model must share the action space
     supports_value_eval = True  # the evaluation callback's value hook (contracts.md, Evaluation)
 
     def __init__(self, tokenizer_ckpt: str, behavior_ckpt: str | None = None, use_behavior: bool = True,
@@ -99,10 +100,6 @@ class DynamicsModule(StageModule):
                 f"{str(hp.tokenizer_ckpt)!r} (sha256 {str(behavior.hparams.get('tokenizer_sha256'))[:16]}... "
                 f"!= {hp.tokenizer_sha256[:16]}...); point both paths at the same stage-1 run")
         return tokenizer, behavior
-
-    def init_from_spec_keys(self) -> tuple[str, ...]:
-        """A pretrained dynamics model must share the action space."""
-        return ("action_space",)
 
     def setup(self, stage: str) -> None:
         """Thread count, the base's checks, token shards of this tokenizer, and at fit the behavior prior's clock."""
@@ -235,20 +232,6 @@ class DynamicsModule(StageModule):
         if frames is not None:
             res["psnr_recon_B"] = psnr_ssim_per_sample(real, recon)[0]
         return res
-
-    @torch.no_grad()
-    def imagine(self, context_frames_BTCHW: torch.Tensor, actions_BTA: torch.Tensor, horizon: int | None = None,
-                steps: int | None = None, temperature: float | None = None, stride_B: torch.Tensor | None = None,
-                use_cache: bool = True, return_probs: bool = False,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """``DynamicsModel.imagine`` from uint8 context frames, plus the decoded ``frames_BTCHW`` in [-1, 1]."""
-        ids = self.tokenize(context_frames_BTCHW)
-        out = self.model.imagine(ids, actions_BTA.float(), self.z_fn(), horizon=horizon,
-                                 steps=steps or self.sampling.maskgit_steps,
-                                 temperature=self.sampling.temperature if temperature is None else temperature,
-                                 stride_B=stride_B, use_cache=use_cache, return_probs=return_probs, generator=generator)
-        out["frames_BTCHW"] = self.tokenizer.model.decode(out["ids_BThw"]).float()
-        return out
 
     @torch.no_grad()
     def eval_videos(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

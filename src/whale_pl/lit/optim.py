@@ -1,8 +1,5 @@
-"""AdamW with linear warm-up and cosine decay, shared by every stage's LightningModule.
-
-Weight decay applies to matrices only; frozen parameters are left out. With ``anneal_by_time`` the cosine
-follows whichever runs out first, steps or the Trainer's ``max_time`` (so the lr depends on wall-clock speed).
-"""
+"""AdamW with linear warm-up and cosine decay, shared by every stage's LightningModule (docs/method.md,
+"Stage contracts")."""
 
 from __future__ import annotations
 
@@ -16,8 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1,
                          time_progress: Callable[[], float] | None = None) -> Callable[[int], float]:
-    """lr multiplier: 0 -> 1 linearly over ``warmup_steps``, then cosine down to ``min_lr_ratio``, following
-    the larger of the step progress and ``time_progress()`` (share of a time budget used) when given."""
+    """lr multiplier: linear warm-up, then cosine to ``min_lr_ratio`` over steps (or ``time_progress()``, if ahead)."""
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
 

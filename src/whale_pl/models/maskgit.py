@@ -1,7 +1,5 @@
-"""MaskGIT pieces: the cosine mask schedule, training masks, random-token corruption and per-frame decoding.
-
-Training masks ``ceil(cos(u * pi / 2) * S)`` of each future frame's S tokens (u ~ U(0, 1), at least one);
-decoding step i of a frame re-masks all but the ``S * (1 - cos(pi/2 * (i+1)/steps))`` most confident tokens.
+"""MaskGIT pieces: the cosine mask schedule, training masks, random-token corruption and per-frame decoding
+(docs/method.md, "Stage 3").
 """
 
 from __future__ import annotations
@@ -19,8 +17,7 @@ def cosine_mask_ratio(u: torch.Tensor) -> torch.Tensor:
 
 def training_mask(B: int, T: int, S: int, context_frames: int | torch.Tensor, device: torch.device | str = "cpu",
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Bool mask ``[B, T, S]`` (True = masked): frames ``< context_frames`` (an int, or one count per clip
-    ``[B]``) are clean, every later frame gets its own cosine-schedule ratio (at least one masked token)."""
+    """Bool mask ``[B, T, S]`` (True = masked): clean before ``context_frames`` (int or ``[B]``), cosine after."""
     u_BT = torch.rand(B, T, device=device, generator=generator)
     n_BT = torch.ceil(cosine_mask_ratio(u_BT) * S).clamp(min=1, max=S)
     ctx_B = torch.as_tensor(context_frames, device=device).expand(B)
@@ -32,8 +29,7 @@ def training_mask(B: int, T: int, S: int, context_frames: int | torch.Tensor, de
 def corrupt_tokens(ids_BTS: torch.Tensor, mask_BTS: torch.Tensor, context_frames: int | torch.Tensor,
                    max_prob: float, vocab: int, generator: torch.Generator | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace visible tokens of future frames by uniform random ids, each frame with its own probability
-    ~ U(0, max_prob), so the model learns to distrust its own samples. Returns (ids, bool mask of replaced)."""
+    """Visible tokens after the context replaced by random ids (p ~ U(0, max_prob) per frame): (ids, replaced)."""
     B, T, S = ids_BTS.shape
     if max_prob <= 0:
         return ids_BTS, torch.zeros_like(mask_BTS)
@@ -49,10 +45,8 @@ def corrupt_tokens(ids_BTS: torch.Tensor, mask_BTS: torch.Tensor, context_frames
 def maskgit_decode_frame(logits_fn: Callable[[torch.Tensor], torch.Tensor], B: int, S: int, mask_id: int, steps: int,
                          temperature: float, device: torch.device | str, generator: torch.Generator | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode one frame of S tokens in ``steps`` MaskGIT steps; ``logits_fn(ids_BS) -> [B, S, V]``.
-
-    ``temperature=0`` is greedy. Returns the ids, the probability each chosen token had when it was
-    fixed, and each position's distribution at that step: ``(ids_BS, token_prob_BS, probs_BSV)``."""
+    """One frame in ``steps`` MaskGIT steps of ``logits_fn(ids_BS) -> [B, S, V]`` (``temperature=0``: greedy):
+    ``(ids_BS, token_prob_BS, probs_BSV)``, each chosen token's probability and distribution when it was fixed."""
     if steps < 1:
         raise ValueError(f"MaskGIT steps must be >= 1, got {steps}")
     ids_BS = torch.full((B, S), mask_id, dtype=torch.long, device=device)

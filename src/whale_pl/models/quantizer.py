@@ -54,8 +54,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def lookup(self, z_XC: torch.Tensor) -> torch.Tensor:
-        """Index ``[...]`` of the nearest code (cosine similarity) for each latent ``[..., C]``, in float32 even
-        under autocast (a bf16 similarity flips near-ties between codes at random)."""
+        """Index ``[...]`` of the nearest code for each latent ``[..., C]``, in float32 under any autocast."""
         with torch.autocast(z_XC.device.type, enabled=False):
             return (F.normalize(z_XC.float(), dim=-1) @ self.normalized_codebook().float().t()).argmax(dim=-1)
 

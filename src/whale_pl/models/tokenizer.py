@@ -1,8 +1,5 @@
-"""Stage 1: the ST-ViViT VQ-VAE video tokenizer (Genie-style).
-
-Frames [B,T,C,H,W] in [-1,1] -> patches -> causal ``STTransformer`` -> low-dimensional codes -> ids [B,T,h,w];
-the decoder mirrors it back to pixels. Frame t's tokens and reconstruction depend on frames <= t only, and with
-no temporal position embedding clips may have any length.
+"""Stage 1: the ST-ViViT VQ-VAE video tokenizer (Genie-style), causal in time, any clip length
+(docs/method.md, "Stage 1").
 """
 
 from __future__ import annotations
@@ -121,8 +118,7 @@ class VideoTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
-        """frames in [-1, 1], [B,T,C,H,W] -> token ids [B,T,h,w] (long), in float32 under any autocast: the later
-        stages' tokens must not depend on the caller's precision (bf16 flipped ~1% of tokens)."""
+        """frames in [-1, 1], [B,T,C,H,W] -> token ids [B,T,h,w], in float32 under any autocast (bf16 flipped ~1%)."""
         with torch.autocast(frames_BTCHW.device.type, enabled=False):
             z_BTSE = self._encode_latent(frames_BTCHW.float())
         return rearrange(self.quantizer.lookup(z_BTSE), "b t (h w) -> b t h w", h=self.grid_hw()[0])
