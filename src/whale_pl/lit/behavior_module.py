@@ -67,11 +67,6 @@ class BehaviorModule(StageModule):
         if not self.families and getattr(dm, "data_spec", None) is not None:
             self.families = list(dm.data_spec.get("families") or [])
 
-    @torch.no_grad()
-    def tokenize(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
-        """uint8 frames [B,T,3,H,W] -> token ids [B,T,h,w], each frame alone (as the token shards hold them)."""
-        return encode_frames(self.tokenizer.model, frames_BTCHW)
-
     def codes(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
         """uint8 frames [B,T,3,H,W] -> frozen tokenizer code vectors [B,T,h,w,C]."""
         return self.batch_codes({"frames": frames_BTCHW})
@@ -79,7 +74,7 @@ class BehaviorModule(StageModule):
     @torch.no_grad()
     def batch_codes(self, batch: dict) -> torch.Tensor:
         """Code vectors of a batch's clips: of its ``ids`` (token shards), else of its frames tokenised now."""
-        ids_BThw = batch["ids"] if "ids" in batch else self.tokenize(batch["frames"])
+        ids_BThw = batch["ids"] if "ids" in batch else encode_frames(self.tokenizer.model, batch["frames"])
         return self.tokenizer.model.embed(ids_BThw).float()
 
     def current_beta(self) -> float:

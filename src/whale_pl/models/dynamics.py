@@ -41,8 +41,8 @@ class DynamicsModel(nn.Module):
 
     def __init__(self, codebook_size: int, grid_hw: tuple[int, int] | list[int], action_dim: int, behavior_dim: int = 0,
                  state_dim: int = 0, dim: int = 256, depth: int = 8, heads: int = 8, mlp_ratio: float = 4.0,
-                 max_frames: int = 16, max_stride: int = 4, code_dim: int = 0, change_weight: float = 1.0,
-                 transition_rank: int = 0) -> None:
+                 max_frames: int = 16, max_stride: int = 4, prev_frame_input: bool = False, copy_logit: bool = False,
+                 code_dim: int = 0, change_weight: float = 1.0, transition_rank: int = 0) -> None:
         super().__init__()
         if not change_weight > 0:
             raise ValueError(f"change_weight must be > 0, got {change_weight}")
@@ -56,16 +56,17 @@ class DynamicsModel(nn.Module):
         self.action_dim, self.behavior_dim, self.state_dim = action_dim, behavior_dim, state_dim
         self.max_frames, self.max_stride, self.dim = max_frames, max_stride, dim
         self.change_weight, self.code_dim, self.transition_rank = float(change_weight), code_dim, transition_rank
-        self._build_inputs()
+        self._build_inputs(prev_frame_input)
         self.transformer = STTransformer(dim, depth, heads, mlp_ratio, causal=True, cond_dim=dim)
-        self._build_outputs()
+        self._build_outputs(copy_logit)
 
-    def _build_inputs(self) -> None:
-        """Token, previous-id, position and conditioning embeddings."""
+    def _build_inputs(self, prev_frame_input: bool) -> None:
+        """Token, previous-id (``prev_frame_input``), position and conditioning embeddings."""
         V, D = self.codebook_size, self.dim
         self.tok_emb = nn.Embedding(V + 1, D)
-        self.prev_emb = nn.Embedding(V + 2, D)  # id V + 1: no earlier frame in the window
-        nn.init.normal_(self.prev_emb.weight, std=0.02)
+        self.prev_emb = nn.Embedding(V + 2, D) if prev_frame_input else None  # id V + 1: no earlier frame in the window
+        if prev_frame_input:
+            nn.init.normal_(self.prev_emb.weight, std=0.02)
         self.pos_s = nn.Parameter(torch.randn(self.num_tokens, D) * 0.02)
         self.pos_t = nn.Parameter(torch.randn(self.max_frames, D) * 0.02)
         self.act_mlp = nn.Sequential(nn.Linear(self.action_dim, D), nn.GELU(), nn.Linear(D, D))
@@ -74,7 +75,7 @@ class DynamicsModel(nn.Module):
         self.start = nn.Parameter(torch.zeros(D))
         self.cond_norm = nn.LayerNorm(D)
 
-    def _build_outputs(self) -> None:
+    def _build_outputs(self, copy_logit: bool) -> None:
         """Token logits (with the code-vector, transition and copy paths) and the frame heads."""
         V, D, C, r = self.codebook_size, self.dim, self.code_dim, self.transition_rank
         self.logits_head = nn.Linear(D, V)
@@ -89,9 +90,10 @@ class DynamicsModel(nn.Module):
             self.trans = nn.Embedding(self.num_tokens * V, C * r)
             nn.init.zeros_(self.trans.weight)  # starts as the plain model
             self.trans_in = nn.Linear(D, r)
-        self.copy_gate = nn.Linear(D, 1)
-        nn.init.zeros_(self.copy_gate.weight)
-        nn.init.constant_(self.copy_gate.bias, COPY_INIT)
+        self.copy_gate = nn.Linear(D, 1) if copy_logit else None
+        if copy_logit:
+            nn.init.zeros_(self.copy_gate.weight)
+            nn.init.constant_(self.copy_gate.bias, COPY_INIT)
         self.frame_head = nn.Sequential(nn.Linear(D, D), nn.GELU())
         self.reward_head = nn.Linear(D, 1)
         self.success_head = nn.Linear(D, 1)
@@ -157,7 +159,9 @@ class DynamicsModel(nn.Module):
         if self.code_in is not None:  # plus the projected code vector of each known id
             known = (ids_BTS < self.codebook_size).unsqueeze(-1)
             x = x + self.code_in((self.code_vectors[ids_BTS.clamp(max=self.codebook_size - 1)] * known).to(x.dtype))
-        x = x + self.pos_s + self.pos_t[t0 : t0 + T][:, None] + self.prev_emb(self.prev_ids(ids_BTS, prev_ids_BS))
+        x = x + self.pos_s + self.pos_t[t0 : t0 + T][:, None]
+        if self.prev_emb is not None:
+            x = x + self.prev_emb(self.prev_ids(ids_BTS, prev_ids_BS))
         return self.transformer(x, cond_BTD, kv_cache=kv_cache, return_kv=True)
 
     def token_logits(self, h_BTSD: torch.Tensor, prev_ids_BTS: torch.Tensor | None = None,
@@ -172,7 +176,8 @@ class DynamicsModel(nn.Module):
         if prev_ids_BTS is None:
             return logits
         bias = 0.0 if raw else math.log(self.change_weight)  # undoes the weighting's shift of the odds
-        return self.add_at_prev(logits, prev_ids_BTS, self.copy_gate(h_BTSD).to(logits.dtype) + bias)
+        bonus = bias if self.copy_gate is None else self.copy_gate(h_BTSD).to(logits.dtype) + bias
+        return self.add_at_prev(logits, prev_ids_BTS, bonus)
 
     def transition_query(self, h_BTSD: torch.Tensor, prev_ids_BTS: torch.Tensor) -> torch.Tensor:
         """The transition table's code-space query ``[B, T, S, code_dim]`` (zero where the previous id is >= V)."""
@@ -267,7 +272,8 @@ class DynamicsModel(nn.Module):
     @torch.no_grad()
     def predict_next(self, context_ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None = None,
                      stride_B: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The frame after the context in one step from a masked one (retracing; docs/contracts.md, "Stage 3")."""
+        """``probs_BhwV`` of the frame after the context, in one step from a masked one (retracing; stride_B k: after a
+        context strided by k, ``actions[:, -1]`` composed over k steps)."""
         self._check_inputs(actions_BTA, z_BTZ)
         C, hh = context_ids_BThw.shape[1], context_ids_BThw.shape[2]
         if actions_BTA.shape[1] != C:
@@ -279,18 +285,14 @@ class DynamicsModel(nn.Module):
         t0 = max(0, C + 1 - self.max_frames)  # keep the last max_frames slots; the window restarts at its first
         ids, act_in, z_in = ids[:, t0:], act_in[:, t0:], None if z_in is None else z_in[:, t0:]
         h, _ = self.trunk(ids, self.condition(act_in, z_in, stride_B))
-        heads = self.heads(h[:, -1:])
-        logits = self.token_logits(h[:, -1:], ids[:, -2:-1])[:, 0]
-        out = {"logits_BhwV": logits, "probs_BhwV": logits.float().softmax(-1), "features_BhwD": h[:, -1]}
-        return {**{k: rearrange(v, "b (h w) x -> b h w x", h=hh) for k, v in out.items()},
-                "reward_B": heads["reward"][:, 0], "success_B": heads["success_logit"][:, 0].sigmoid(),
-                **({"state_BP": heads["state"][:, 0]} if "state" in heads else {})}
+        probs_BSV = self.token_logits(h[:, -1:], ids[:, -2:-1])[:, 0].float().softmax(-1)
+        return {"probs_BhwV": rearrange(probs_BSV, "b (h w) v -> b h w v", h=hh)}
 
     @torch.no_grad()
     def imagine(self, context_ids_BThw: torch.Tensor, actions_BTA: torch.Tensor | None,
                 z: torch.Tensor | ZFn | None = None, horizon: int | None = None, steps: int = 4,
                 temperature: float = 1.0, stride_B: torch.Tensor | None = None, use_cache: bool = True,
-                return_probs: bool = False, generator: torch.Generator | None = None,
+                generator: torch.Generator | None = None,
                 act_fn: ActFn | None = None, shared_context: bool = False) -> dict[str, torch.Tensor]:
         """Roll out frame by frame from the context, open or closed loop (docs/contracts.md, "Stage 3").
         ``shared_context``: every row has the same history (one plan's candidates): its keys/values computed once."""
@@ -313,11 +315,11 @@ class DynamicsModel(nn.Module):
                 """Logits of the frame being decoded, given its ids so far."""
                 return self.token_logits(self._frame_after(past_BTS, ids_BS, cond_BTD, cache)[0], prev_B1S)[:, 0]
 
-            ids_BS, prob_BS, probs_BSV = maskgit_decode_frame(logits_fn, B, hh * ww, self.mask_id, steps, temperature,
-                                                              context_ids_BThw.device, generator)
+            ids_BS, prob_BS = maskgit_decode_frame(logits_fn, B, hh * ww, self.mask_id, steps, temperature,
+                                                   context_ids_BThw.device, generator)
             h_B1SD, kv = self._frame_after(past_BTS, ids_BS, cond_BTD, cache)
             cache = None if cache is None else append_kv(cache, kv)
-            roll.add_frame(ids_BS, prob_BS, probs_BSV if return_probs else None, self.heads(h_B1SD))
+            roll.add_frame(ids_BS, prob_BS, self.heads(h_B1SD))
         return roll.outputs()
 
     def _prime(self, past_BTS: torch.Tensor, cond_BTD: torch.Tensor, shared: bool) -> list[KV]:
@@ -380,7 +382,7 @@ class Rollout:
         while self.actions_BTA.shape[1] <= n:
             if self.act_fn is None:
                 raise ValueError(f"no action for frame {n}: {self.actions_BTA.shape[1]} given and no act_fn")
-            a_BA = self.act_fn(self.actions_BTA.shape[1], self.outputs(with_probs=False))
+            a_BA = self.act_fn(self.actions_BTA.shape[1], self.outputs())
             self.actions_BTA = torch.cat([self.actions_BTA, a_BA.unsqueeze(1)], dim=1)
         return self.actions_BTA[:, n]
 
@@ -395,18 +397,17 @@ class Rollout:
             self.z_rows.append(self.z(ids_hist, self.actions_BTA[:, : m + 1])[:, -1])
         return self.z_rows[n]
 
-    def add_frame(self, ids_BS: torch.Tensor, prob_BS: torch.Tensor, probs_BSV: torch.Tensor | None,
-                  heads: dict[str, torch.Tensor]) -> None:
+    def add_frame(self, ids_BS: torch.Tensor, prob_BS: torch.Tensor, heads: dict[str, torch.Tensor]) -> None:
         """Append an imagined frame: its ids, each chosen id's probability (and distribution, if kept), the heads."""
         self.ids_BTS = torch.cat([self.ids_BTS, ids_BS.unsqueeze(1)], dim=1)
         new = {"ids_BThw": ids_BS, "token_prob_BThw": prob_BS, "reward_BT": heads["reward"][:, 0],
                "success_BT": heads["success_logit"][:, 0].sigmoid(),
-               "state_BTP": heads["state"][:, 0] if "state" in heads else None, "probs_BThwV": probs_BSV}
+               "state_BTP": heads["state"][:, 0] if "state" in heads else None}
         for k, v in new.items():
             if v is not None:
                 self.rows[k].append(v)
 
-    def outputs(self, with_probs: bool = True) -> dict[str, torch.Tensor]:
+    def outputs(self) -> dict[str, torch.Tensor]:
         """The imagined frames so far, as ``DynamicsModel.imagine`` returns them (empty before the first)."""
-        out = {k: torch.stack(v, 1) for k, v in self.rows.items() if with_probs or k != "probs_BThwV"}
+        out = {k: torch.stack(v, 1) for k, v in self.rows.items()}
         return {k: rearrange(v, "b t (h w) ... -> b t h w ...", h=self.hh) if "hw" in k else v for k, v in out.items()}

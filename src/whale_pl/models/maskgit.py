@@ -44,15 +44,14 @@ def corrupt_tokens(ids_BTS: torch.Tensor, mask_BTS: torch.Tensor, context_frames
 
 def maskgit_decode_frame(logits_fn: Callable[[torch.Tensor], torch.Tensor], B: int, S: int, mask_id: int, steps: int,
                          temperature: float, device: torch.device | str, generator: torch.Generator | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """One frame in ``steps`` MaskGIT steps of ``logits_fn(ids_BS) -> [B, S, V]`` (``temperature=0``: greedy):
-    ``(ids_BS, token_prob_BS, probs_BSV)``, each chosen token's probability and distribution when it was fixed."""
+    ``(ids_BS, token_prob_BS)``, the probability each chosen token had when it was fixed."""
     if steps < 1:
         raise ValueError(f"MaskGIT steps must be >= 1, got {steps}")
     ids_BS = torch.full((B, S), mask_id, dtype=torch.long, device=device)
     fixed_BS = torch.zeros(B, S, dtype=torch.bool, device=device)
     token_prob_BS = torch.zeros(B, S, device=device)
-    probs_BSV = None
     for i in range(steps):
         logits_BSV = logits_fn(ids_BS).float()
         probs = logits_BSV.softmax(-1)
@@ -72,7 +71,5 @@ def maskgit_decode_frame(logits_fn: Callable[[torch.Tensor], torch.Tensor], B: i
         newly_BS = ~fixed_BS & ~remask_BS
         ids_BS = torch.where(newly_BS, sampled_BS, ids_BS)
         token_prob_BS = torch.where(newly_BS, conf_BS, token_prob_BS)
-        probs_BSV = torch.zeros_like(probs) if probs_BSV is None else probs_BSV
-        probs_BSV = torch.where(newly_BS.unsqueeze(-1), probs, probs_BSV)
         fixed_BS |= newly_BS
-    return ids_BS, token_prob_BS, probs_BSV
+    return ids_BS, token_prob_BS
