@@ -152,7 +152,7 @@ def test_validation_figures_and_rollout_picture_in_tensorboard(fitted):
     assert any(t in ea.Tags()["scalars"] for t in ("val/psnr_ar_train_family", "val/psnr_ar_ood"))
 
 
-def test_imagine_and_eval_videos_from_pixels_and_from_tokens(fitted, tiny_data_yaml, tokens_root):
+def test_eval_videos_and_rollouts_from_pixels_and_from_tokens(fitted, tiny_data_yaml, tokens_root):
     """Frame batches are scored against the recorded frames (with the tokenizer's reconstruction beside them);
     the same clips from token shards roll out the same and are scored against the decoded real ids."""
     from whale_pl.lit.dynamics_module import DynamicsModule

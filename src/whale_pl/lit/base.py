@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from whale_pl.data.tokens import check_token_tokenizer
 from whale_pl.lit.checkpoint import load_module
 from whale_pl.lit.handoff import (HandoffError, check_data_spec, fingerprint, freeze_, load_frozen, own_hparams,
                                   stamp_class)
@@ -121,7 +122,8 @@ class StageModule(L.LightningModule):
             check_data_spec(self.hparams["data_spec"], spec, where, self.spec_keys(spec))
 
     def setup(self, stage: str) -> None:
-        """Check the datamodule's data_spec (and record it when fitting); apply ``init_from`` when fitting."""
+        """Check the datamodule's data_spec (and record it when fitting) and token shards (of this stage's frozen
+        tokenizer); apply ``init_from`` when fitting."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         spec = getattr(dm, "data_spec", None)
         if spec is None and self.hparams.get("data_spec") is None:
@@ -130,6 +132,9 @@ class StageModule(L.LightningModule):
             self.check_data(spec, f"{type(self).__name__} (its data_spec vs datamodule {type(dm).__name__}'s)")
             if stage == "fit":  # the checkpoint describes the data it is trained on (its clock included)
                 self.hparams["data_spec"] = dict(spec)
+        if "tokenizer" in self.FROZEN:
+            where = f"{type(self).__name__} ({self.hparams.tokenizer_ckpt})"
+            check_token_tokenizer(dm, self.hparams.tokenizer_sha256, where)
         if stage == "fit" and (path := self.hparams.get("init_from")):
             n = init_from_checkpoint(self, path, self.INIT_FROM_SPEC_KEYS)
             rank_zero_info(f"[whale] {type(self).__name__}: {n} tensors initialised from {path} (weights only; "

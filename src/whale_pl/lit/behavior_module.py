@@ -11,7 +11,7 @@ import torch
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from whale_pl.analysis.probe import pca_2d, probe_accuracy, scatter_figure
-from whale_pl.data.tokens import check_token_tokenizer, encode_frames
+from whale_pl.data.tokens import encode_frames
 from whale_pl.lit.base import OPTIM_RETIRED, Optim, StageModule
 from whale_pl.lit.handoff import SPEC_KEYS
 from whale_pl.lit.tokenizer_module import TokenizerModule
@@ -59,11 +59,9 @@ class BehaviorModule(StageModule):
         self._val_family: list[torch.Tensor] = []
 
     def setup(self, stage: str) -> None:
-        """The base's data checks; token shards must come from this tokenizer; the families come from the
-        data when the checkpoint has none."""
+        """The base's checks; the families come from the data when the checkpoint has none."""
         super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        check_token_tokenizer(dm, self.hparams.tokenizer_sha256, f"{type(self).__name__} ({self.hparams.tokenizer_ckpt})")
         if not self.families and getattr(dm, "data_spec", None) is not None:
             self.families = list(dm.data_spec.get("families") or [])
 

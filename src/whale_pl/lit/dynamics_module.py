@@ -13,7 +13,7 @@ from einops import rearrange
 from torchmetrics import MeanMetric
 
 from whale_pl.data.frames import frames_to_unit
-from whale_pl.data.tokens import check_token_tokenizer, encode_frames
+from whale_pl.data.tokens import encode_frames
 from whale_pl.lit.base import OPTIM_RETIRED, Optim, StageModule
 from whale_pl.lit.handoff import SPEC_KEYS, HandoffError, values_equal
 from whale_pl.lit.logging import log_image, paired_video_grid
@@ -102,13 +102,11 @@ class DynamicsModule(StageModule):
         return tokenizer, behavior
 
     def setup(self, stage: str) -> None:
-        """Thread count, the base's checks, token shards of this tokenizer, and at fit the behavior prior's clock."""
+        """Thread count, the base's checks, and at fit the behavior prior's clock."""
         if self.hparams.intra_op_threads:
             torch.set_num_threads(int(self.hparams.intra_op_threads))
         super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        where = f"{type(self).__name__} ({self.hparams.tokenizer_ckpt})"
-        check_token_tokenizer(dm, self.hparams.tokenizer_sha256, where)
         if stage == "fit" and getattr(dm, "data_spec", None) is not None:
             self.check_behavior_clock(dm.data_spec)
 

@@ -117,7 +117,7 @@ class BehaviorModel(nn.Module):
             nn.Linear(decoder_hidden, decoder_hidden), nn.GELU(), nn.Linear(decoder_hidden, 2 * action_dim))
 
     def _features(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
-        """``frame_features`` of codes and actions of the shapes the model was built for, on the same [B, T]."""
+        """Per-frame features ``[B, T, dim]`` of codes, checked with the actions against the model's shapes."""
         if codes_BThwE.ndim != 5 or codes_BThwE.shape[-1] != self.code_dim:
             raise ValueError(f"codes must be [B,T,h,w,{self.code_dim}], got {tuple(codes_BThwE.shape)}")
         if actions_BTA.ndim != 3 or actions_BTA.shape[-1] != self.action_dim:
@@ -125,10 +125,6 @@ class BehaviorModel(nn.Module):
         if codes_BThwE.shape[:2] != actions_BTA.shape[:2]:
             raise ValueError(f"codes {tuple(codes_BThwE.shape[:2])} and actions {tuple(actions_BTA.shape[:2])} "
                              "disagree on [B, T]")
-        return self.frame_features(codes_BThwE)
-
-    def frame_features(self, codes_BThwE: torch.Tensor) -> torch.Tensor:
-        """[B, T, h, w, C] code vectors -> [B, T, dim] per-frame features."""
         return self.pool(codes_BThwE)
 
     def _encode(self, proj: nn.Linear, tf: STTransformer, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
