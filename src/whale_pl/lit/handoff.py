@@ -125,15 +125,14 @@ def own_hparams() -> Iterator[None]:
 
 
 def load_frozen(path: str | Path, expected_cls: type[M], data_spec: Mapping[str, Any] | None = None,
-                data_spec_keys: Sequence[str] | None = None, expect: Mapping[str, Any] | None = None,
-                map_location: str | torch.device = "cpu") -> M:
+                data_spec_keys: Sequence[str] | None = None, expect: Mapping[str, Any] | None = None) -> M:
     """An ``expected_cls`` checkpoint, frozen, whose ``data_spec`` (``data_spec_keys``) and ``expect`` items
     (attributes of the module or its ``model``, or hyper-parameters) agree; else ``HandoffError`` naming ``path``."""
     from whale_pl.lit.checkpoint import load_module, read_checkpoint
 
     where = f"stage checkpoint {str(path)!r}"
     ckpt = read_checkpoint(path, where)
-    module = load_module(path, expected_cls, where=where, map_location=map_location, ckpt=ckpt)
+    module = load_module(path, expected_cls, where=where, ckpt=ckpt)
     if data_spec is not None:
         check_data_spec(ckpt.get("hyper_parameters", {}).get("data_spec"), data_spec, where, data_spec_keys)
     hp = getattr(module, "hparams", {})
