@@ -139,21 +139,17 @@ class BehaviorModel(nn.Module):
         mu, logvar = h.float().chunk(2, dim=-1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
-    def posterior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
-        """q(z | tau_{0:T}) from per-frame features: (mu_BZ, logvar_BZ)."""
+    def posterior(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor,
+                  feat_BTD: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z | tau_{0:T}) -> (mu_BZ, logvar_BZ), bidirectional (``feat_BTD``: the codes' features, if computed)."""
+        feat_BTD = self._features(codes_BThwE, actions_BTA) if feat_BTD is None else feat_BTD
         return self._split(self.post_head(self._encode(self.post_in, self.post_tf, feat_BTD, actions_BTA).mean(dim=1)))
 
-    def prior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
-        """p(z_t | tau_{0:t}) from per-frame features: (mu_BTZ, logvar_BTZ)."""
+    def prior(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor,
+              feat_BTD: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """p(z_t | tau_{0:t}) -> (mu_BTZ, logvar_BTZ), causal: step t sees codes and actions at steps <= t only."""
+        feat_BTD = self._features(codes_BThwE, actions_BTA) if feat_BTD is None else feat_BTD
         return self._split(self.prior_head(self._encode(self.prior_in, self.prior_tf, feat_BTD, actions_BTA)))
-
-    def posterior(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z | tau_{0:T}) -> (mu_BZ, logvar_BZ), bidirectional over the whole segment."""
-        return self.posterior_from_features(self._features(codes_BThwE, actions_BTA), actions_BTA)
-
-    def prior(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """p(z_t | tau_{0:t}) -> (mu_BTZ, logvar_BTZ); step t sees codes and actions at steps <= t only."""
-        return self.prior_from_features(self._features(codes_BThwE, actions_BTA), actions_BTA)
 
     def decode(self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,8 +173,8 @@ class BehaviorModel(nn.Module):
              sample: bool = True, kl_balance: float | None = None) -> BehaviorOutput:
         """Action NLL + beta * KL(q || p_t), averaged over B and t; decodes a posterior draw (``sample``) or mean."""
         feat_BTD = self._features(codes_BThwE, actions_BTA)
-        mu_q, logvar_q = self.posterior_from_features(feat_BTD, actions_BTA)
-        mu_p, logvar_p = self.prior_from_features(feat_BTD, actions_BTA)
+        mu_q, logvar_q = self.posterior(codes_BThwE, actions_BTA, feat_BTD)
+        mu_p, logvar_p = self.prior(codes_BThwE, actions_BTA, feat_BTD)
         z_BZ = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp() if sample else mu_q
         nll_BT, a_mu = self.action_nll(feat_BTD, z_BZ[:, None].expand(-1, actions_BTA.shape[1], -1), actions_BTA)
         nll = nll_BT.mean()
