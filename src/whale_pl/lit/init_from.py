@@ -33,10 +33,7 @@ def own_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def _flat(hp: Mapping[str, Any]) -> dict[str, Any]:
     """Hyper-parameters with the ``net`` group opened into the top level."""
-    out: dict[str, Any] = {}
-    for k, v in hp.items():
-        out.update(v if k == "net" and isinstance(v, Mapping) else {k: v})
-    return out
+    return {**{k: v for k, v in hp.items() if k != "net"}, **(hp.get("net") or {})}
 
 
 def _first(items: Sequence[str], sep: str = ", ", n: int = 4) -> str:
