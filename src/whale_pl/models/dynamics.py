@@ -49,7 +49,7 @@ class DynamicsModel(nn.Module):
         if isinstance(transition_rank, bool) or not isinstance(transition_rank, int) or transition_rank < 0:
             raise ValueError(f"transition_rank must be an int >= 0, got {transition_rank!r}")
         if transition_rank > 0 and code_dim <= 0:
-            raise ValueError("transition_rank > 0 needs code_dim > 0 (code_embed): it adds to the code-space query")
+            raise ValueError("transition_rank > 0 needs code_dim > 0 (code vectors): it adds to the code-space query")
         self.codebook_size = self.mask_id = codebook_size
         self.grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
         self.num_tokens = self.grid_hw[0] * self.grid_hw[1]
