@@ -156,8 +156,8 @@ class DynamicsModule(StageModule):
         """The MaskGIT cross-entropy plus the weighted head losses; logs each part."""
         ids, actions, z, stride = self._inputs(batch)
         w = self.loss_cfg
-        out = self.model.training_losses(ids, actions, z, batch["rewards"], batch["success"], batch.get("state"), stride,
-                                         context_frames=w.context_frames, corrupt_prob=w.corrupt_prob,
+        out = self.model.training_losses(ids, actions, z, batch["rewards"], batch["success"], batch.get("state"),
+                                         stride, context_frames=w.context_frames, corrupt_prob=w.corrupt_prob,
                                          max_context_frames=w.max_context_frames)
         loss = out["ce"] + w.reward_weight * out["reward"] + w.success_weight * out["success"]
         if "state" in out:
