@@ -112,7 +112,7 @@ def test_action_nll_is_the_decoded_diagonal_gaussian():
     loss's NLL is its mean with the posterior-mean z at every step."""
     m = _model(decoder_prev_action=True).eval()
     codes, actions = _inputs()
-    feat, z = m.frame_features(codes), torch.randn(B, T, 6)
+    feat, z = m.pool(codes), torch.randn(B, T, 6)
     nll_BT, mean_BTA = m.action_nll(feat, z, actions)
     mu, logvar = m.decode(feat, z, actions)
     assert torch.equal(mean_BTA, mu)
@@ -161,7 +161,7 @@ def test_gridpool_pools_then_projects_like_project_then_pool():
 def test_decoder_prev_action_sees_a_prev_never_a_t():
     m = _model(decoder_prev_action=True).eval()
     codes, actions = _inputs()
-    feat = m.frame_features(codes)
+    feat = m.pool(codes)
     z = torch.randn(B, T, 6)
     mu, logvar = m.decode(feat, z, actions)
     t = 3

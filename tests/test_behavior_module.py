@@ -141,24 +141,6 @@ def test_pca_image_and_metrics_reach_tensorboard(fitted):
         assert tag in ea.Tags()["scalars"], tag
 
 
-def test_behavior_z_from_pixels_is_causal(fitted):
-    from whale_pl.lit.behavior_module import BehaviorModule
-
-    run, _ = fitted
-    beh = load_frozen(run / "checkpoints" / "last.ckpt", BehaviorModule)
-    g = torch.Generator().manual_seed(0)
-    frames = torch.randint(0, 256, (2, 10, 3, 32, 32), generator=g, dtype=torch.uint8)
-    actions = torch.randn(2, 10, 4, generator=g)
-    z = beh.behavior_z(frames, actions)
-    assert z.shape == (2, 10, beh.model.z_dim)
-    frames2, actions2 = frames.clone(), actions.clone()
-    frames2[:, 6:] = torch.randint(0, 256, frames2[:, 6:].shape, generator=g, dtype=torch.uint8)
-    actions2[:, 6:] = torch.randn(actions2[:, 6:].shape, generator=g)
-    z2 = beh.behavior_z(frames2, actions2)
-    assert torch.allclose(z[:, :6], z2[:, :6], atol=1e-5)
-    assert not torch.allclose(z[:, 6:], z2[:, 6:], atol=1e-4)
-
-
 def test_changed_tokenizer_file_is_rejected(fitted, tokenizer_ckpt, tmp_path):
     from whale_pl.lit.behavior_module import BehaviorModule
 

@@ -62,7 +62,7 @@ class Probe(L.LightningModule):
         self.tokenizer.model.encode(batch["frames"].float() / 127.5 - 1)
 
     def configure_optimizers(self):
-        return adamw_warmup_cosine(self, lr=1e-2, warmup_steps=1, total_steps=10)
+        return adamw_warmup_cosine(self, lr=1e-2, warmup_steps=1)
 
 
 def _snapshot(m: nn.Module) -> dict[str, torch.Tensor]:

@@ -38,7 +38,7 @@ class _Slow(L.LightningModule):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4)
 
     def configure_optimizers(self):
-        return adamw_warmup_cosine(self, lr=1e-2, warmup_steps=1, total_steps=100_000, min_lr_ratio=0.1,
+        return adamw_warmup_cosine(self, lr=1e-2, warmup_steps=1, min_lr_ratio=0.1,
                                    anneal_by_time=self.anneal)
 
 

@@ -81,7 +81,8 @@ def test_reconstruction_loss_falls_on_fixed_batch():
 
 def test_dead_codes_restart_onto_data():
     torch.manual_seed(0)
-    q = VectorQuantizer(codebook_size=16, code_dim=4, restart_threshold=0.1, init_from_data=False).train()
+    q = VectorQuantizer(codebook_size=16, code_dim=4, restart_threshold=0.1).train()
+    q.initialized.fill_(True)  # keep the random codebook (no initialisation from the first batch)
     # all data lies in a small cone: most random codes never win and must be restarted
     centre = F.normalize(torch.tensor([1.0, 1.0, 0.0, 0.0]), dim=0)
     data = F.normalize(centre + 0.05 * torch.randn(256, 4), dim=-1)
@@ -107,24 +108,14 @@ def test_dead_codes_restart_onto_data():
 
 def test_ema_pulls_codes_towards_assigned_inputs():
     torch.manual_seed(0)
-    q = VectorQuantizer(codebook_size=4, code_dim=3, decay=0.5, restart_threshold=0.0, init_from_data=False).train()
+    q = VectorQuantizer(codebook_size=4, code_dim=3, decay=0.5, restart_threshold=0.0).train()
+    q.initialized.fill_(True)
     target = F.normalize(q.codebook[0] + 0.3 * torch.randn(3), dim=0)
     data = target.expand(64, 3).clone()
     first = q.lookup(data)[0]
     for _ in range(10):
         q(data)
     assert F.cosine_similarity(q.codebook[first], target, dim=0) > 0.999
-
-
-def test_gradient_codebook_variant_learns():
-    torch.manual_seed(0)
-    q = VectorQuantizer(codebook_size=8, code_dim=4, ema=False, restart_threshold=0.0).train()
-    assert isinstance(q.codebook, torch.nn.Parameter)
-    z = torch.randn(32, 4, requires_grad=True)
-    out = q(z)
-    out.commit_loss.backward()
-    assert q.codebook.grad is not None and q.codebook.grad.abs().sum() > 0
-    assert z.grad is not None and z.grad.abs().sum() > 0
 
 
 def test_bad_frame_sizes_error_clearly():

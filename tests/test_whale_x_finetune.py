@@ -38,10 +38,9 @@ pytestmark = pytest.mark.skipif(not BRIDGE.is_dir(), reason=f"real OXE sample da
 TINY_TOK = dict(frame_size=[32, 32], patch_size=8, dim=32, enc_depth=1, dec_depth=1, heads=2, codebook_size=32,
                 code_dim=8)
 TINY_BEH = dict(net=dict(z_dim=4, dim=16, depth=1, heads=2, decoder_hidden=16))
-# the structural switches of the Whale-X dynamics config (copy paths, code vectors), at tiny size
+# the Whale-X dynamics config's change weight, at tiny size
 _XDYN = yaml.safe_load((ROOT / "stages" / "whale_x" / "dynamics.yaml").read_text())["model"]["init_args"]
-TINY_DYN = dict(net=dict(dim=32, depth=1, heads=2, **{k: _XDYN["net"][k] for k in (
-                    "prev_frame_input", "copy_logit", "code_embed", "change_weight") if k in _XDYN["net"]}),
+TINY_DYN = dict(net=dict(dim=32, depth=1, heads=2, change_weight=_XDYN["net"]["change_weight"]),
                 sampling=dict(maskgit_steps=2, rollout_horizon=3, rollout_batches=1))
 QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
              enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)

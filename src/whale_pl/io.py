@@ -1,7 +1,5 @@
-"""Atomic file writes: a reader (or a rerun after a crash) finds the old file or the whole new one.
-
-Temporary files are dot files ending in ``.tmp`` plus the target's suffix, so none looks like a result.
-"""
+"""Atomic file writes: a reader (or a rerun after a crash) finds the old file or the whole new one; temporary
+files are dot files ending in ``.tmp`` plus the target's suffix, so none looks like a result."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""What the three stage LightningModules share: argument groups, the optimiser, checkpoints, data checks.
-
-A stage takes its network's settings as one group (``net:``) and the optimiser's as another (``optim:``);
-checkpoints store them as plain dicts and leave the frozen earlier stages out (their sha256 is recorded).
+"""What the three stage LightningModules share: argument groups (stored as plain dicts), the optimiser,
+checkpoints without the frozen earlier stages (their sha256 is recorded), data checks (docs/contracts.md).
 """
 
 from __future__ import annotations
@@ -13,9 +11,10 @@ from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from whale_pl.data.tokens import check_token_tokenizer
 from whale_pl.lit.checkpoint import load_module
-from whale_pl.lit.handoff import (CLASS_KEY, HandoffError, check_data_spec, fingerprint, freeze_, load_frozen,
-                                  own_hparams, qualified_name, stamp_class)
+from whale_pl.lit.handoff import (HandoffError, check_data_spec, fingerprint, freeze_, load_frozen, own_hparams,
+                                  stamp_class)
 from whale_pl.lit.init_from import init_from_checkpoint
 from whale_pl.lit.optim import adamw_warmup_cosine
 
@@ -28,11 +27,12 @@ class Optim:
 
     lr: float = 1e-3
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
-    total_steps: int | None = None  # the schedule's length; None: the Trainer's max_steps
     anneal_by_time: bool = False  # the cosine also follows the Trainer's max_time
+
+
+OPTIM_RETIRED = {"betas": [0.9, 0.95], "total_steps": None}  # Optim fields no config set (removed after cf14e40)
 
 
 def as_group(value: D | Mapping[str, Any] | None, cls: type[D], where: str, default: D | None = None) -> D:
@@ -60,10 +60,10 @@ class StageModule(L.LightningModule):
     """Base of the stage modules: groups, optimiser, checkpoint hooks and the data_spec contract."""
 
     GROUPS: ClassVar[dict[str, type]] = {"optim": Optim}
-    RENAMED: ClassVar[dict[str, str]] = {}  # old hyper-parameter name -> today's
     RETIRED: ClassVar[dict[str, Any]] = {}  # removed option -> the default it had
     FROZEN: ClassVar[tuple[str, ...]] = ()  # attributes holding frozen earlier stages
     SPEC_KEYS: ClassVar[Sequence[str] | None] = ()  # data_spec keys this stage must agree on (None: all)
+    INIT_FROM_SPEC_KEYS: ClassVar[Sequence[str]] = ()  # those an init_from checkpoint must share (fine-tuning)
 
     def init_groups(self, **groups: Any) -> dict[str, Any]:
         """Each group as its dataclass; also stores them in the hyper-parameters as plain dicts."""
@@ -88,15 +88,7 @@ class StageModule(L.LightningModule):
             del sd[k]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse another stage's checkpoint or other data; put the frozen stages back for a strict load."""
-        got, want = checkpoint.get(CLASS_KEY), qualified_name(type(self))
-        if got is not None and got != want:
-            raise HandoffError(f"checkpoint holds a {got}, but this run trains a {want}: resume from a checkpoint "
-                               f"of the same stage")
-        stored, mine = (checkpoint.get("hyper_parameters") or {}).get("data_spec"), self.hparams.get("data_spec")
-        if stored is not None and mine is not None:
-            check_data_spec(stored, mine, f"{type(self).__name__} checkpoint (its data_spec vs this run's)",
-                            self.spec_keys(mine))
+        """Put the frozen stages back for a strict load (the class and data are checked where the file is read)."""
         for name in self.FROZEN:
             if (module := getattr(self, name, None)) is not None:
                 for k, v in module.state_dict().items():
@@ -105,8 +97,8 @@ class StageModule(L.LightningModule):
 
     def load_earlier(self, name: str, path: str, cls: type, data_spec: Mapping[str, Any] | None,
                      expect: Mapping[str, Any] | None = None, own_weights: bool = False) -> Any:
-        """Load the frozen earlier stage ``name`` from ``path``, checked against ``data_spec``, ``expect``
-        and the sha256 recorded as ``<name>_sha256`` (of the module, or with ``own_weights`` its ``model``)."""
+        """The frozen earlier stage ``name`` from ``path``, checked against ``data_spec``, ``expect`` and the
+        recorded ``<name>_sha256`` (of the module, or with ``own_weights`` its ``model``)."""
         keys = None if data_spec is None else self.spec_keys(data_spec)
         with own_hparams():
             module = load_frozen(path, cls, data_spec=data_spec, data_spec_keys=keys, expect=expect)
@@ -130,7 +122,8 @@ class StageModule(L.LightningModule):
             check_data_spec(self.hparams["data_spec"], spec, where, self.spec_keys(spec))
 
     def setup(self, stage: str) -> None:
-        """Check the datamodule's data_spec (and record it when fitting); apply ``init_from`` when fitting."""
+        """Check the datamodule's data_spec (and record it when fitting) and token shards (of this stage's frozen
+        tokenizer); apply ``init_from`` when fitting."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         spec = getattr(dm, "data_spec", None)
         if spec is None and self.hparams.get("data_spec") is None:
@@ -139,14 +132,13 @@ class StageModule(L.LightningModule):
             self.check_data(spec, f"{type(self).__name__} (its data_spec vs datamodule {type(dm).__name__}'s)")
             if stage == "fit":  # the checkpoint describes the data it is trained on (its clock included)
                 self.hparams["data_spec"] = dict(spec)
+        if "tokenizer" in self.FROZEN:
+            where = f"{type(self).__name__} ({self.hparams.tokenizer_ckpt})"
+            check_token_tokenizer(dm, self.hparams.tokenizer_sha256, where)
         if stage == "fit" and (path := self.hparams.get("init_from")):
-            n = init_from_checkpoint(self, path, self.init_from_spec_keys())
+            n = init_from_checkpoint(self, path, self.INIT_FROM_SPEC_KEYS)
             rank_zero_info(f"[whale] {type(self).__name__}: {n} tensors initialised from {path} (weights only; "
                            "new optimiser and schedule)")
-
-    def init_from_spec_keys(self) -> Sequence[str]:
-        """data_spec keys an ``init_from`` checkpoint must share (fine-tuning may change the rest)."""
-        return ()
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):

@@ -1,10 +1,6 @@
-"""Stage 2 LightningModule: trains the behavior-conditioning VAE on top of the frozen tokenizer.
-
-The model and its loss live in ``whale_pl.models.behavior``. This module loads the stage-1 tokenizer frozen
-(``load_frozen``), turns batches into code vectors (``tokenizer.embed`` of ``batch["ids"]`` or of the frames
-tokenised now, each frame alone) and logs the action error, the KL, a linear-probe accuracy and a PCA picture of
-the prior's z by family. Its checkpoint holds the tokenizer's path and weight fingerprint, not its weights:
-loading re-loads the tokenizer and refuses a file that changed, and stage 3 checks it uses the same tokenizer.
+"""Stage 2 LightningModule: trains the behavior-conditioning VAE (``models/behavior.py``) on the frozen tokenizer's
+code vectors; logs the action error, the KL, a linear probe and a PCA picture of the prior's z by family.
+The checkpoint holds the tokenizer's path and fingerprint, not its weights (docs/contracts.md, "Stage 2").
 """
 
 from __future__ import annotations
@@ -15,8 +11,8 @@ import torch
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from whale_pl.analysis.probe import pca_2d, probe_accuracy, scatter_figure
-from whale_pl.data.tokens import check_token_tokenizer, encode_frames
-from whale_pl.lit.base import Optim, StageModule
+from whale_pl.data.tokens import encode_frames
+from whale_pl.lit.base import OPTIM_RETIRED, Optim, StageModule
 from whale_pl.lit.handoff import SPEC_KEYS
 from whale_pl.lit.tokenizer_module import TokenizerModule
 from whale_pl.models.behavior import BehaviorModel, BehaviorNet
@@ -26,7 +22,9 @@ RETIRED = {  # options of earlier versions, with the value that left the model a
     "encoder_frames": True, "encoder": "transformer", "window": 4, "window_shared": False, "encoder_stats": False,
     "decoder_z": "input", "modulate_outliers": True, "prior_decode": 0.0, "marginal_decode": 0.0,
     "change_decode": 0.0, "change_decode_prior": 0.0, "change_edges": None, "change_levels": False,
+    "probe_max_points": 4000, **OPTIM_RETIRED,  # options no config set (removed after cf14e40)
 }
+PROBE_MAX_POINTS = 4000  # prior z_t points in the PCA picture
 
 
 class BehaviorModule(StageModule):
@@ -37,21 +35,14 @@ class BehaviorModule(StageModule):
     IGNORED = ("code_cache",)  # a speed switch of earlier versions (token shards replace it); the model is the same
     FROZEN = ("tokenizer",)
     SPEC_KEYS = SPEC_KEYS
+    INIT_FROM_SPEC_KEYS = ("action_space",)  # a pretrained model must share the action space
 
     def __init__(self, tokenizer_ckpt: str, net: BehaviorNet = BehaviorNet(), beta: float = 0.1,
                  free_bits: float = 0.0, kl_warmup_steps: int = 0, kl_balance: float | None = None,
                  optim: Optim = Optim(lr=1e-3, weight_decay=0.01, warmup_steps=50), probe_t_min: int = 8,
-                 probe_max_points: int = 4000, expect_codebook_size: int | None = None, data_spec: dict | None = None,
+                 expect_codebook_size: int | None = None, data_spec: dict | None = None,
                  tokenizer_sha256: str | None = None, init_from: str | None = None) -> None:
-        """``tokenizer_ckpt``: stage-1 checkpoint (``runs/<scale>/tokenizer/checkpoints/best.ckpt``), loaded frozen.
-        ``net``: the VAE's architecture (``BehaviorNet``). ``beta``: KL weight; ``free_bits``: nats per z
-        dimension below which KL is not penalised; ``kl_warmup_steps``: beta ramps linearly from 0 over this
-        many steps; ``kl_balance``: see ``BehaviorModel.kl_term`` (None: plain KL).
-        ``probe_t_min``: the in-training probe and PCA picture read the prior's z_t for t >= this.
-        ``expect_codebook_size``: when set, the tokenizer must have exactly this codebook size.
-        ``data_spec``: from the datamodule at fit; None inherits the tokenizer's.
-        ``tokenizer_sha256``: filled in automatically; a checkpoint's value must match the file.
-        ``init_from``: a pretrained behavior checkpoint to start the weights from (``lit/init_from.py``)."""
+        """Load the frozen tokenizer and build the VAE on its code size (arguments: docs/contracts.md, "Stage 2")."""
         super().__init__()
         self.save_hyperparameters()
         groups = self.init_groups(net=net, optim=optim)
@@ -67,23 +58,12 @@ class BehaviorModule(StageModule):
         self._val_z: list[torch.Tensor] = []
         self._val_family: list[torch.Tensor] = []
 
-    def init_from_spec_keys(self) -> tuple[str, ...]:
-        """A pretrained behavior model must share the action space."""
-        return ("action_space",)
-
     def setup(self, stage: str) -> None:
-        """The base's data checks; token shards must come from this tokenizer; the families come from the
-        data when the checkpoint has none."""
+        """The base's checks; the families come from the data when the checkpoint has none."""
         super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        check_token_tokenizer(dm, self.hparams.tokenizer_sha256, f"{type(self).__name__} ({self.hparams.tokenizer_ckpt})")
         if not self.families and getattr(dm, "data_spec", None) is not None:
             self.families = list(dm.data_spec.get("families") or [])
-
-    @torch.no_grad()
-    def tokenize(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
-        """uint8 frames [B,T,3,H,W] -> token ids [B,T,h,w], each frame alone (as the token shards hold them)."""
-        return encode_frames(self.tokenizer.model, frames_BTCHW)
 
     def codes(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
         """uint8 frames [B,T,3,H,W] -> frozen tokenizer code vectors [B,T,h,w,C]."""
@@ -92,14 +72,8 @@ class BehaviorModule(StageModule):
     @torch.no_grad()
     def batch_codes(self, batch: dict) -> torch.Tensor:
         """Code vectors of a batch's clips: of its ``ids`` (token shards), else of its frames tokenised now."""
-        ids_BThw = batch["ids"] if "ids" in batch else self.tokenize(batch["frames"])
+        ids_BThw = batch["ids"] if "ids" in batch else encode_frames(self.tokenizer.model, batch["frames"])
         return self.tokenizer.model.embed(ids_BThw).float()
-
-    @torch.no_grad()
-    def behavior_z(self, frames_BTCHW: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
-        """The stage-3 behavior embedding from pixels: prior mean z_t [B,T,Z] (causal in t)."""
-        mu_BTZ, _ = self.model.prior(self.codes(frames_BTCHW), actions_BTA)
-        return mu_BTZ
 
     def current_beta(self) -> float:
         """The KL weight at this step: ``beta``, ramped linearly from 0 over ``kl_warmup_steps``."""
@@ -154,7 +128,7 @@ class BehaviorModule(StageModule):
         if exp is not None and hasattr(exp, "add_figure") and self.global_rank == 0 and len(fam_B) >= 3:
             z_NZ = z_BTZ.flatten(0, 1)
             fam_N = fam_B.repeat_interleave(z_BTZ.shape[1])
-            keep = torch.randperm(len(fam_N), generator=torch.Generator().manual_seed(0))[: self.hparams.probe_max_points]
+            keep = torch.randperm(len(fam_N), generator=torch.Generator().manual_seed(0))[:PROBE_MAX_POINTS]
             fig = scatter_figure(pca_2d(z_NZ[keep]), fam_N[keep].numpy(), self.families or None,
                                  f"prior z_t (t >= {self.hparams.probe_t_min}), step {self.global_step}")
             exp.add_figure("val/z_pca_by_family", fig, self.global_step)

@@ -1,6 +1,5 @@
-"""Reading stage checkpoints: tensors and plain data only, and older hyper-parameters mapped onto today's.
-
-``read_checkpoint`` never unpickles Python objects (``weights_only=True``), so a checkpoint cannot run code.
+"""Reading stage checkpoints as tensors and plain data only (never unpickled objects, so a file cannot run
+code), with older hyper-parameters mapped onto today's arguments.
 """
 
 from __future__ import annotations
@@ -40,11 +39,11 @@ def read_checkpoint(path: str | Path, where: str | None = None) -> dict[str, Any
 
 
 def migrate_hparams(cls: type, hparams: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """A checkpoint's hyper-parameters as arguments of today's ``cls``: flat names moved into their
-    group, renamed ones renamed, retired ones dropped when at their default and refused otherwise, ignored
-    ones (``cls.IGNORED``) dropped whatever their value."""
+    """A checkpoint's hyper-parameters as arguments of today's ``cls``: flat names moved into their group,
+    retired ones (flat or in a group) dropped at the value the code still implements and refused otherwise,
+    ignored ones (``cls.IGNORED``) dropped whatever their value."""
     params = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    groups, renamed, retired = getattr(cls, "GROUPS", {}), getattr(cls, "RENAMED", {}), getattr(cls, "RETIRED", {})
+    groups = getattr(cls, "GROUPS", {})
     ignored = set(getattr(cls, "IGNORED", ()))  # removed options that never changed the trained model
     owner = {f.name: g for g, dc in reversed(groups.items()) for f in fields(dc)}  # field -> first group with it
     out: dict[str, Any] = {}
@@ -52,14 +51,10 @@ def migrate_hparams(cls: type, hparams: Mapping[str, Any], where: str) -> dict[s
     for key, value in hparams.items():
         if key in CLI_KEYS or key in ignored:
             continue
-        key = renamed.get(key, key)
         if key in groups and isinstance(value, Mapping):
-            nested[key].update(value)
-        elif key in retired:
-            if not values_equal(value, retired[key]):
-                raise HandoffError(
-                    f"{where} was trained with {key}={value!r}, an option {cls.__name__} no longer has (its default "
-                    f"was {retired[key]!r}); load it with a whale_pl release that has it, e.g. commit cf14e40")
+            nested[key].update({k: v for k, v in value.items() if not _retired(cls, k, v, where)})
+        elif _retired(cls, key, value, where):
+            continue
         elif key in params:
             out[key] = value
         elif key in owner:
@@ -69,10 +64,20 @@ def migrate_hparams(cls: type, hparams: Mapping[str, Any], where: str) -> dict[s
     return out | {g: v for g, v in nested.items() if v}
 
 
+def _retired(cls: type, key: str, value: Any, where: str) -> bool:
+    """Whether ``key`` is a retired option of ``cls`` (at its one implemented value; any other is refused)."""
+    retired = getattr(cls, "RETIRED", {})
+    if key not in retired:
+        return False
+    if not values_equal(value, retired[key]):
+        raise HandoffError(f"{where} was trained with {key}={value!r}, an option {cls.__name__} no longer has (the "
+                           f"code implements {retired[key]!r} only); load it with commit cf14e40 or an earlier one")
+    return True
+
+
 def load_module(path: str | Path, cls: type[M], where: str | None = None, map_location: str | torch.device = "cpu",
                 ckpt: Mapping[str, Any] | None = None, **overrides: Any) -> M:
-    """Rebuild a stage module of class ``cls`` from the checkpoint at ``path`` (or its contents already
-    read, ``ckpt``): its own hyper-parameters, ``overrides`` on top; weights loaded strictly."""
+    """A ``cls`` module rebuilt from the checkpoint at ``path`` (or its read ``ckpt``), ``overrides`` on top."""
     where = where or f"stage checkpoint {str(path)!r}"
     ckpt = read_checkpoint(path, where) if ckpt is None else ckpt
     want, got = qualified_name(cls), ckpt.get(CLASS_KEY)

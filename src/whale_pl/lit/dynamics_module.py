@@ -1,12 +1,6 @@
-"""Stage 3 LightningModule: trains the ST-MaskGIT dynamics on token grids of the frozen tokenizer,
-conditioned on actions and on the frozen behavior prior's embedding z_t.
-
-The model, its loss and generation live in ``whale_pl.models.dynamics``. This module loads the earlier stages
-frozen, turns batches into ids (``batch["ids"]``, or the frames tokenised now, each frame alone) and z, and
-validates: teacher-forced next-frame accuracy and CE against the copy-the-previous-frame baseline, and PSNR / SSIM
-of rollouts decoded to pixels, by training-family and OOD episodes. On token batches the "real" clip is the
-tokenizer's decoding of the real ids (the dynamics model is then measured against its ceiling). At fit, the
-behavior prior must have been trained on this data's clock (``check_behavior_clock``).
+"""Stage 3 LightningModule: trains the ST-MaskGIT dynamics (``models/dynamics.py``) on the frozen tokenizer's ids,
+conditioned on actions and the frozen behavior prior's z_t, and validates it against the copy baseline and by
+rollout PSNR / SSIM (docs/method.md, "Validation"; docs/contracts.md, "Stage 3").
 """
 
 from __future__ import annotations
@@ -19,15 +13,18 @@ from einops import rearrange
 from torchmetrics import MeanMetric
 
 from whale_pl.data.frames import frames_to_unit
-from whale_pl.data.tokens import check_token_tokenizer, encode_frames
-from whale_pl.lit.base import Optim, StageModule
+from whale_pl.data.tokens import encode_frames
+from whale_pl.lit.base import OPTIM_RETIRED, Optim, StageModule
 from whale_pl.lit.handoff import SPEC_KEYS, HandoffError, values_equal
 from whale_pl.lit.logging import log_image, paired_video_grid
 from whale_pl.metrics.video import psnr_ssim_per_sample
 from whale_pl.models.dynamics import DynamicsModel, DynamicsNet
 
-# options of earlier versions, each with the only value the code still implements (cf14e40)
-RETIRED = {"injection": "adanorm", "history": "masked", "full_mask_prob": 0.0, "change_input": False}
+# options of earlier versions, each with the only value the code still implements (the code of the others: cf14e40)
+RETIRED = {"injection": "adanorm", "history": "masked", "full_mask_prob": 0.0, "change_input": False,
+           "prev_frame_input": True, "copy_logit": True, "code_embed": True, "eval_horizon": None, "log_samples": 4,
+           "dropout": 0.0, "max_steps": None, **OPTIM_RETIRED}
+LOG_SAMPLES = 4  # clips in the TensorBoard picture of validation rollouts
 CLOCK_KEYS = ("frame_stride", "action_space", "action_mean", "action_std")  # the behavior prior's inputs
 
 
@@ -50,26 +47,17 @@ class Sampling:
     maskgit_steps: int = 4
     temperature: float = 0.0  # 0: greedy
     rollout_horizon: int = 8  # frames of the validation rollouts (val/psnr_ar_*)
-    eval_horizon: int | None = None  # frames of the evaluation callback's rollouts; None: the whole clip
     rollout_batches: int = 2  # validation batches rolled out
-    log_samples: int = 4  # clips in the TensorBoard picture
 
 
 class DynamicsModule(StageModule):
-    """Stage 3 training / validation around ``DynamicsModel``.
-
-    ``tokenizer_ckpt`` / ``behavior_ckpt``: the earlier stages' checkpoints, loaded frozen; ``use_behavior=False``:
-    the ablation without behavior-conditioning. ``data_spec``: None inherits the tokenizer's until ``fit`` records
-    the datamodule's. ``intra_op_threads``: ``torch.set_num_threads`` at setup (on a shared CPU box one thread was
-    6x faster per step than two). ``*_sha256``: filled in automatically. ``init_from``: a pretrained dynamics
-    checkpoint to start the weights from (``lit/init_from.py``).
-    """
+    """Stage 3 training / validation around ``DynamicsModel``; ``use_behavior=False`` is the ablation."""
 
     GROUPS = {"net": DynamicsNet, "loss": DynamicsLoss, "sampling": Sampling, "optim": Optim}
-    RENAMED = {"max_steps": "total_steps"}
     RETIRED = RETIRED
     FROZEN = ("tokenizer", "behavior")
     SPEC_KEYS = SPEC_KEYS
+    INIT_FROM_SPEC_KEYS = ("action_space",)  # a pretrained model must share the action space
     supports_value_eval = True  # the evaluation callback's value hook (contracts.md, Evaluation)
 
     def __init__(self, tokenizer_ckpt: str, behavior_ckpt: str | None = None, use_behavior: bool = True,
@@ -77,27 +65,23 @@ class DynamicsModule(StageModule):
                  optim: Optim = Optim(lr=3e-4, warmup_steps=200), intra_op_threads: int | None = None,
                  data_spec: dict | None = None, tokenizer_sha256: str | None = None,
                  behavior_sha256: str | None = None, init_from: str | None = None) -> None:
-        """Load the frozen earlier stages and build the dynamics model on their shapes (class docstring)."""
+        """Load the frozen earlier stages and build the model on their shapes (``intra_op_threads``: at setup)."""
         super().__init__()
         self.save_hyperparameters()
         groups = self.init_groups(net=net, loss=loss, sampling=sampling, optim=optim)
         self.loss_cfg, self.sampling = groups["loss"], groups["sampling"]
         self.tokenizer, self.behavior = self._load_earlier_stages(data_spec)
         tok, spec = self.tokenizer.model, self.hparams.data_spec
-        arch = asdict(groups["net"])
-        code_embed = arch.pop("code_embed")
         self.model = DynamicsModel(tok.codebook_size, tok.grid_hw(), action_dim=int(spec["action_dim"]),
                                    behavior_dim=self.behavior.model.z_dim if self.behavior is not None else 0,
-                                   state_dim=int(spec.get("state_dim") or 0),
-                                   code_dim=tok.quantizer.codebook.shape[1] if code_embed else 0, **arch)
-        if code_embed:
-            self.model.set_code_vectors(self.tokenizer.model.embed(torch.arange(tok.codebook_size)))
+                                   state_dim=int(spec.get("state_dim") or 0), code_dim=tok.code_dim,
+                                   prev_frame_input=True, copy_logit=True, **asdict(groups["net"]))
+        self.model.set_code_vectors(tok.embed(torch.arange(tok.codebook_size)))
         self.val_psnr = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})
         self.val_ssim = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})
 
     def _load_earlier_stages(self, data_spec: dict | None):
-        """The frozen tokenizer and behavior model from their paths, trained on this data, the behavior
-        model on this very tokenizer, and (re-loading) the files the dynamics model was trained with."""
+        """The frozen tokenizer and behavior model (trained on this very tokenizer) from their paths."""
         from whale_pl.lit.behavior_module import BehaviorModule
         from whale_pl.lit.tokenizer_module import TokenizerModule
 
@@ -117,26 +101,17 @@ class DynamicsModule(StageModule):
                 f"!= {hp.tokenizer_sha256[:16]}...); point both paths at the same stage-1 run")
         return tokenizer, behavior
 
-    def init_from_spec_keys(self) -> tuple[str, ...]:
-        """A pretrained dynamics model must share the action space."""
-        return ("action_space",)
-
     def setup(self, stage: str) -> None:
-        """Set the thread count; then the base's data checks and ``init_from``; token shards must come from
-        this tokenizer, and when fitting the behavior prior must be on this data's clock."""
+        """Thread count, the base's checks, and at fit the behavior prior's clock."""
         if self.hparams.intra_op_threads:
             torch.set_num_threads(int(self.hparams.intra_op_threads))
         super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        where = f"{type(self).__name__} ({self.hparams.tokenizer_ckpt})"
-        check_token_tokenizer(dm, self.hparams.tokenizer_sha256, where)
         if stage == "fit" and getattr(dm, "data_spec", None) is not None:
             self.check_behavior_clock(dm.data_spec)
 
     def check_behavior_clock(self, spec: dict) -> None:
-        """Refuse a behavior prior trained on another clock than ``spec``'s data: another ``frame_stride``,
-        action space or normalisation (of any dataset), or without a retracing stride ``spec`` draws;
-        the error names both values."""
+        """Refuse a behavior prior trained on another clock than ``spec``'s data, naming both values."""
         if self.behavior is None:
             return
         theirs = self.behavior.hparams.get("data_spec") or {}
@@ -155,8 +130,7 @@ class DynamicsModule(StageModule):
 
     @torch.no_grad()
     def tokenize(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
-        """uint8 frames -> token ids ``[B, T, h, w]`` of the frozen tokenizer, each frame alone (as the token
-        shards hold them)."""
+        """uint8 frames -> token ids ``[B, T, h, w]``, each frame alone (as the token shards hold them)."""
         return encode_frames(self.tokenizer.model, frames_BTCHW)
 
     @torch.no_grad()
@@ -173,12 +147,8 @@ class DynamicsModule(StageModule):
         return None if self.behavior is None else self.behavior_z
 
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """A batch as model inputs: token ids (its ``ids``, else its frames tokenised), actions, behavior
-        embeddings z (None when off), strides."""
+        """A batch as model inputs: token ids (its ``ids``, else its frames tokenised), actions, z, strides."""
         actions = batch["actions"].float()
-        if actions.shape[-1] != self.model.action_dim:
-            raise ValueError(f"batch['actions'] has {actions.shape[-1]} dims; this dynamics model was trained with "
-                             f"{self.model.action_dim}")
         ids = batch["ids"].long() if "ids" in batch else self.tokenize(batch["frames"])
         return ids, actions, self.behavior_z(ids, actions), batch.get("stride")
 
@@ -186,8 +156,8 @@ class DynamicsModule(StageModule):
         """The MaskGIT cross-entropy plus the weighted head losses; logs each part."""
         ids, actions, z, stride = self._inputs(batch)
         w = self.loss_cfg
-        out = self.model.training_losses(ids, actions, z, batch["rewards"], batch["success"], batch.get("state"), stride,
-                                         context_frames=w.context_frames, corrupt_prob=w.corrupt_prob,
+        out = self.model.training_losses(ids, actions, z, batch["rewards"], batch["success"], batch.get("state"),
+                                         stride, context_frames=w.context_frames, corrupt_prob=w.corrupt_prob,
                                          max_context_frames=w.max_context_frames)
         loss = out["ce"] + w.reward_weight * out["reward"] + w.success_weight * out["success"]
         if "state" in out:
@@ -224,7 +194,7 @@ class DynamicsModule(StageModule):
             if batch_idx == 0:
                 real = out["real_BTCHW"]
                 log_image(self, "val/rollout_real_vs_imagined", paired_video_grid(
-                    real, out["imagined_BTCHW"], max_clips=self.sampling.log_samples, max_frames=real.shape[1]))
+                    real, out["imagined_BTCHW"], max_clips=LOG_SAMPLES, max_frames=real.shape[1]))
 
     def on_validation_epoch_end(self) -> None:
         """Log the rollout PSNR / SSIM of each episode group (training families, OOD, all)."""
@@ -240,11 +210,8 @@ class DynamicsModule(StageModule):
     def rollout(self, batch: dict, horizon: int | None = None, ids: torch.Tensor | None = None,
                 actions: torch.Tensor | None = None, stride: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Autoregressive rollout of a batch's clips from their first ``context_frames`` frames with
-        the recorded actions; decoded frames and PSNR / SSIM (per clip) against the real frames,
-        beside two references: the tokenizer's reconstruction of the real frames (ceiling) and the
-        last context frame held still (floor). A token batch has no frames: its real clip is the
-        decoding of its real ids (module docstring), and there is no reconstruction reference."""
+        """Rollout of a batch's clips with the recorded actions, decoded, with PSNR / SSIM against the real clip
+        (a token batch: its decoding) beside the reconstruction and still-frame references."""
         if ids is None:
             ids, actions, _, stride = self._inputs(batch)
         C = self.loss_cfg.context_frames
@@ -265,32 +232,14 @@ class DynamicsModule(StageModule):
         return res
 
     @torch.no_grad()
-    def imagine(self, context_frames_BTCHW: torch.Tensor, actions_BTA: torch.Tensor, horizon: int | None = None,
-                steps: int | None = None, temperature: float | None = None, stride_B: torch.Tensor | None = None,
-                use_cache: bool = True, return_probs: bool = False,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Pixels in, pixels out: tokenise uint8 context frames, imagine with the behavior prior
-        re-evaluated on the imagined history, decode. Adds ``frames_BTCHW`` (float in [-1, 1])."""
-        ids = self.tokenize(context_frames_BTCHW)
-        out = self.model.imagine(ids, actions_BTA.float(), self.z_fn(), horizon=horizon,
-                                 steps=steps or self.sampling.maskgit_steps,
-                                 temperature=self.sampling.temperature if temperature is None else temperature,
-                                 stride_B=stride_B, use_cache=use_cache, return_probs=return_probs, generator=generator)
-        out["frames_BTCHW"] = self.tokenizer.model.decode(out["ids_BThw"]).float()
-        return out
-
-    @torch.no_grad()
     def eval_videos(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(real frames after the context, imagined rollout from the same context and recorded
-        actions), float [B, T, 3, H, W] in [-1, 1] — the evaluation callback's protocol. T is
-        ``eval_horizon`` (default: the whole clip after the context)."""
-        out = self.rollout(batch, horizon=self.sampling.eval_horizon or batch["actions"].shape[1])
+        """(real, imagined) clips after the context, float [B, T, 3, H, W]: the evaluation callback's protocol."""
+        out = self.rollout(batch, horizon=batch["actions"].shape[1])
         return out["real_BTCHW"], out["imagined_BTCHW"]
 
     @torch.no_grad()
     def copy_videos(self, batch: dict, real_BTCHW: torch.Tensor) -> torch.Tensor:
-        """The trivial baseline of :meth:`eval_videos` on the same clips: the last real context frame held
-        for every frame of ``real_BTCHW`` (a token batch: its decoding)."""
+        """The baseline of ``eval_videos``: the last real context frame (a token batch: decoded) held still."""
         C, frames = self.loss_cfg.context_frames, batch.get("frames")
         if frames is not None:
             last = frames_to_unit(frames[:, C - 1 : C])

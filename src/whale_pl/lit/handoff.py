@@ -1,7 +1,5 @@
-"""Stage hand-off: load an earlier stage's checkpoint, check it, and freeze it for good.
-
-Stage N holds stage N-1 as a submodule that must stay bit-identical (EMA codebook included), so it is frozen
-and *pinned* in eval mode: Lightning's ``.train()`` calls leave it in eval. Every error names the path.
+"""Stage hand-off: load an earlier stage's checkpoint, check it, and freeze it for good (pinned in eval mode, so
+it stays bit-identical, EMA codebook included). Every error names the path.
 """
 
 from __future__ import annotations
@@ -73,8 +71,7 @@ def _pinned_train(module: nn.Module, mode: bool = True) -> nn.Module:
 
 
 def freeze_(module: M) -> M:
-    """Freeze ``module`` in place: no gradients, eval mode, and ``.train()`` a no-op on it and all its
-    submodules. Returns the module."""
+    """Freeze ``module`` in place (no gradients, eval mode, ``.train()`` pinned to eval) and return it."""
     for p in module.parameters():
         p.requires_grad_(False)
     for m in module.modules():  # the instance attribute shadows nn.Module.train; the parent's train() calls it
@@ -105,8 +102,7 @@ def values_equal(a: Any, b: Any) -> bool:
 
 def check_data_spec(stored: Mapping[str, Any] | None, current: Mapping[str, Any], where: str,
                     keys: Sequence[str] | None = None) -> None:
-    """Raise ``HandoffError`` naming every key (``keys``, or all of ``current``) whose value differs between
-    a checkpoint's ``data_spec`` and the current one; a key the stored spec lacks is a mismatch too."""
+    """Raise ``HandoffError`` naming every key (``keys``, or all of ``current``) the stored spec lacks or differs on."""
     if stored is None:
         raise HandoffError(f"{where}: checkpoint has no data_spec in its hyper-parameters")
     bad = [f"{k}: missing in checkpoint, current {current[k]!r}" if k not in stored else
@@ -118,8 +114,7 @@ def check_data_spec(stored: Mapping[str, Any] | None, current: Mapping[str, Any]
 
 @contextlib.contextmanager
 def own_hparams() -> Iterator[None]:
-    """Load a checkpoint with its *own* hyper-parameters: inside LightningCLI every ``save_hyperparameters()``
-    would record the CLI's arguments, so an earlier stage loaded in a later one's ``__init__`` would get them."""
+    """Load with a checkpoint's own hyper-parameters, not the LightningCLI arguments of the stage loading it."""
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 
     token = _given_hyperparameters.set(None)
@@ -130,16 +125,14 @@ def own_hparams() -> Iterator[None]:
 
 
 def load_frozen(path: str | Path, expected_cls: type[M], data_spec: Mapping[str, Any] | None = None,
-                data_spec_keys: Sequence[str] | None = None, expect: Mapping[str, Any] | None = None,
-                map_location: str | torch.device = "cpu") -> M:
-    """An ``expected_cls`` checkpoint, frozen and pinned in eval mode, whose ``data_spec`` (all keys, or
-    ``data_spec_keys``) and ``expect`` items (attributes, ``.model`` attributes or hyper-parameters, e.g.
-    ``{"codebook_size": 1024}``) agree with the given ones; else ``HandoffError`` naming ``path``."""
+                data_spec_keys: Sequence[str] | None = None, expect: Mapping[str, Any] | None = None) -> M:
+    """An ``expected_cls`` checkpoint, frozen, whose ``data_spec`` (``data_spec_keys``) and ``expect`` items
+    (attributes of the module or its ``model``, or hyper-parameters) agree; else ``HandoffError`` naming ``path``."""
     from whale_pl.lit.checkpoint import load_module, read_checkpoint
 
     where = f"stage checkpoint {str(path)!r}"
     ckpt = read_checkpoint(path, where)
-    module = load_module(path, expected_cls, where=where, map_location=map_location, ckpt=ckpt)
+    module = load_module(path, expected_cls, where=where, ckpt=ckpt)
     if data_spec is not None:
         check_data_spec(ckpt.get("hyper_parameters", {}).get("data_spec"), data_spec, where, data_spec_keys)
     hp = getattr(module, "hparams", {})

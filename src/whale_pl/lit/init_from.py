@@ -1,8 +1,5 @@
-"""Fine-tuning: start a stage's own weights from a pretrained checkpoint of the same stage.
-
-At ``setup("fit")`` a module's *own* weights and buffers come from its ``init_from`` checkpoint; the optimiser,
-schedule and step start fresh (unlike a ``--ckpt_path`` resume), and frozen earlier stages come from the config.
-Class, model facts, named data_spec keys and tensor shapes must match; dropout, EMA decay or loss weights may differ.
+"""Fine-tuning: a stage's own weights and buffers from a pretrained checkpoint of the same stage, weights only
+(docs/contracts.md, "Fine-tuning"). Class, model facts, named data_spec keys and tensor shapes must match.
 """
 
 from __future__ import annotations
@@ -36,10 +33,7 @@ def own_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def _flat(hp: Mapping[str, Any]) -> dict[str, Any]:
     """Hyper-parameters with the ``net`` group opened into the top level."""
-    out: dict[str, Any] = {}
-    for k, v in hp.items():
-        out.update(v if k == "net" and isinstance(v, Mapping) else {k: v})
-    return out
+    return {**{k: v for k, v in hp.items() if k != "net"}, **(hp.get("net") or {})}
 
 
 def _first(items: Sequence[str], sep: str = ", ", n: int = 4) -> str:
@@ -56,8 +50,7 @@ def _differ(label: str, theirs: Mapping[str, Any], ours: Mapping[str, Any], name
 
 def check_init_compatible(module: nn.Module, ckpt: Mapping[str, Any], where: str,
                           data_spec_keys: Sequence[str] = ()) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors to load into ``module`` (its own, non-frozen ones), or ``InitFromError``
-    listing every mismatch."""
+    """The checkpoint's tensors for ``module``'s own (non-frozen) ones, or ``InitFromError`` listing every mismatch."""
     want, got = qualified_name(type(module)), ckpt.get(CLASS_KEY)
     if got is not None and got != want:
         raise InitFromError(f"{where} holds a {got}, not a {want}: init_from needs a checkpoint of the same stage")
@@ -90,8 +83,7 @@ def check_init_compatible(module: nn.Module, ckpt: Mapping[str, Any], where: str
 
 def init_from_checkpoint(module: nn.Module, path: str | Path, data_spec_keys: Sequence[str] = (),
                          map_location: str | torch.device = "cpu") -> int:
-    """Copy a pretrained checkpoint's weights and buffers into ``module``'s own (non-frozen) tensors in
-    place (parameters keep their identity). Returns the number of tensors copied."""
+    """Copy a checkpoint's tensors into ``module``'s own ones in place; returns how many were copied."""
     where = f"init_from checkpoint {str(Path(path))!r}"
     try:
         ckpt = read_checkpoint(path, where)

@@ -1,8 +1,5 @@
-"""AdamW with linear warm-up and cosine decay, shared by every stage's LightningModule.
-
-Weight decay applies to matrices only; frozen parameters are left out. With ``anneal_by_time`` the cosine
-follows whichever runs out first, steps or the Trainer's ``max_time`` (so the lr depends on wall-clock speed).
-"""
+"""AdamW with linear warm-up and cosine decay, shared by every stage's LightningModule (docs/method.md,
+"Stage contracts")."""
 
 from __future__ import annotations
 
@@ -16,8 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1,
                          time_progress: Callable[[], float] | None = None) -> Callable[[int], float]:
-    """lr multiplier: 0 -> 1 linearly over ``warmup_steps``, then cosine down to ``min_lr_ratio``, following
-    the larger of the step progress and ``time_progress()`` (share of a time budget used) when given."""
+    """lr multiplier: linear warm-up, then cosine to ``min_lr_ratio`` over steps (or ``time_progress()``, if ahead)."""
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
 
@@ -41,18 +37,15 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
-def adamw_warmup_cosine(module: L.LightningModule, lr: float, weight_decay: float = 0.05, betas: tuple = (0.9, 0.95),
-                        warmup_steps: int = 100, total_steps: int | None = None, min_lr_ratio: float = 0.1,
-                        anneal_by_time: bool = False) -> dict:
-    """A ``configure_optimizers`` dict; ``total_steps=None`` takes the Trainer's ``estimated_stepping_batches``."""
-    if total_steps is None:
-        est = module.trainer.estimated_stepping_batches
-        if not math.isfinite(est):
-            raise ValueError("set trainer.max_steps or max_epochs, or the model's total_steps, for the lr schedule")
-        total_steps = int(est)
-    opt = torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, betas=tuple(betas))
+def adamw_warmup_cosine(module: L.LightningModule, lr: float, weight_decay: float = 0.05, warmup_steps: int = 100,
+                        min_lr_ratio: float = 0.1, anneal_by_time: bool = False) -> dict:
+    """A ``configure_optimizers`` dict (betas 0.9, 0.95) over the Trainer's ``estimated_stepping_batches``."""
+    total_steps = module.trainer.estimated_stepping_batches
+    if not math.isfinite(total_steps):
+        raise ValueError("set trainer.max_steps or max_epochs for the lr schedule")
+    opt = torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, betas=(0.9, 0.95))
     time_progress = trainer_time_progress(module.trainer) if anneal_by_time else None
-    sched = LambdaLR(opt, warmup_cosine_lambda(warmup_steps, total_steps, min_lr_ratio, time_progress))
+    sched = LambdaLR(opt, warmup_cosine_lambda(warmup_steps, int(total_steps), min_lr_ratio, time_progress))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
 

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from whale_pl.data.frames import frames_to_unit
-from whale_pl.lit.base import Optim, StageModule
-from whale_pl.lit.handoff import HandoffError
+from whale_pl.lit.base import OPTIM_RETIRED, Optim, StageModule
 from whale_pl.lit.logging import log_image, paired_video_grid
 from whale_pl.models.tokenizer import TokenizerNet, VideoTokenizer
 
@@ -30,33 +29,29 @@ class TokenizerModule(StageModule):
     """Trains stage 1: ``net`` is the ``VideoTokenizer``'s architecture, ``optim`` the optimiser's settings."""
 
     GROUPS = {"net": TokenizerNet, "optim": Optim}
-    RETIRED = {"encoder_spatial_radius": None, "sticky_margin": 0.0, "l1_weight": 0.0}  # inert values (cf14e40)
+    RETIRED = {"encoder_spatial_radius": None, "sticky_margin": 0.0, "l1_weight": 0.0,  # inert values (cf14e40)
+               "in_channels": 3, "ema": True, "dropout": 0.0, "log_images_every_n_epochs": 1, **OPTIM_RETIRED}
     SPEC_KEYS = ("frame_size",)
 
     def __init__(self, net: TokenizerNet = TokenizerNet(), optim: Optim = Optim(lr=1e-3, warmup_steps=100),
-                 log_images_every_n_epochs: int = 1, data_spec: dict[str, Any] | None = None,
-                 init_from: str | None = None) -> None:
-        """``init_from``: a pretrained tokenizer checkpoint to start from when fitting (``lit/init_from.py``)."""
+                 data_spec: dict[str, Any] | None = None, init_from: str | None = None) -> None:
+        """Build the tokenizer from ``net`` (``init_from``: a pretrained tokenizer checkpoint, ``lit/init_from.py``)."""
         super().__init__()
         self.save_hyperparameters()
         self.model = VideoTokenizer(**asdict(self.init_groups(net=net, optim=optim)["net"]))
-        psnr, ssim = PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
-        self.val_psnr, self.val_ssim, self.test_psnr, self.test_ssim = (m(data_range=1.0) for m in (psnr, ssim) * 2)
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self._hist: dict[str, torch.Tensor] = {}
         self._grid_batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def check_data(self, spec: dict[str, Any], where: str) -> None:
-        """The data's frame size must equal the tokenizer's; a stored spec must match the data."""
+        """The data's frame size must equal the tokenizer's (its one ``SPEC_KEYS`` entry)."""
         fs = spec.get("frame_size")
         if fs is None:
             raise ValueError(f"{where}: data_spec has no 'frame_size'")
         if tuple(int(s) for s in fs) != tuple(self.model.frame_size):
             raise ValueError(f"{where}: data frame_size {list(fs)} differs from the tokenizer's configured "
                              f"frame_size {list(self.model.frame_size)} (model.init_args.net.frame_size)")
-        try:
-            super().check_data(spec, where)
-        except HandoffError as e:
-            raise ValueError(str(e)) from None
 
     def _count(self, key: str, ids: torch.Tensor) -> None:
         counts = torch.bincount(ids.reshape(-1), minlength=self.model.codebook_size).to(torch.long)
@@ -88,44 +83,28 @@ class TokenizerModule(StageModule):
         """Log the epoch's codebook usage and perplexity."""
         self._log_usage("train")
 
-    def _eval_step(self, batch: dict, batch_idx: int, prefix: str) -> None:
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Reconstruct through ``encode`` -> ``decode``; accumulate PSNR/SSIM and code counts."""
         x = frames_to_unit(batch["frames"], "batch['frames']")
         ids = self.model.encode(x)
         recon = self.model.decode(ids).float()
-        self._count(prefix, ids)
-        psnr, ssim = (self.val_psnr, self.val_ssim) if prefix == "val" else (self.test_psnr, self.test_ssim)
+        self._count("val", ids)
         a, b = ((recon + 1) / 2).flatten(0, 1), ((x + 1) / 2).flatten(0, 1)
         with torch.autocast(a.device.type, enabled=False):  # SSIM's variances cancel catastrophically in bf16
-            psnr.update(a, b)
-            ssim.update(a, b)
-        self.log(f"{prefix}/mse", F.mse_loss(recon, x), sync_dist=True)
-        self.log(f"{prefix}/psnr", psnr, prog_bar=True)
-        self.log(f"{prefix}/ssim", ssim)
+            self.val_psnr.update(a, b)
+            self.val_ssim.update(a, b)
+        self.log("val/mse", F.mse_loss(recon, x), sync_dist=True)
+        self.log("val/psnr", self.val_psnr, prog_bar=True)
+        self.log("val/ssim", self.val_ssim)
         if batch_idx == 0:
             self._grid_batch = (x[:4].detach(), recon[:4].detach())
 
-    def _eval_epoch_end(self, prefix: str, images: bool) -> None:
-        self._log_usage(prefix)
-        if self._grid_batch is not None and images and self.global_rank == 0:
-            log_image(self, f"{prefix}/originals_above_reconstructions", paired_video_grid(*self._grid_batch))
-        self._grid_batch = None
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Reconstruct through ``encode`` -> ``decode``; accumulate PSNR/SSIM and code counts."""
-        self._eval_step(batch, batch_idx, "val")
-
     def on_validation_epoch_end(self) -> None:
-        """Log codebook usage and (every ``log_images_every_n_epochs``) originals above reconstructions."""
-        every = self.hparams.log_images_every_n_epochs
-        self._eval_epoch_end("val", bool(every) and self.current_epoch % every == 0)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        """As ``validation_step``, under ``test/``."""
-        self._eval_step(batch, batch_idx, "test")
-
-    def on_test_epoch_end(self) -> None:
         """Log codebook usage and originals above reconstructions."""
-        self._eval_epoch_end("test", True)
+        self._log_usage("val")
+        if self._grid_batch is not None and self.global_rank == 0:
+            log_image(self, "val/originals_above_reconstructions", paired_video_grid(*self._grid_batch))
+        self._grid_batch = None
 
     @torch.no_grad()
     def eval_videos(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,5 @@
-"""Stage 2: the behavior-conditioning VAE (posterior, prior, action decoder).
-
-A behavior embedding z captures how the acting policy decides. Each frame's code vectors (from the frozen
-tokenizer) are pooled by ``GridPool``; step t becomes one token from (frame feature, a_t) plus a time embedding,
-run through an ``STTransformer`` with S = 1: bidirectional for the posterior q(z | tau_{0:T}), causal for the
-prior p(z_t | tau_{0:t}) whose mean conditions stage 3. The decoder pi(a_t | o_t, z) is a diagonal Gaussian.
-Loss: mean_t NLL(a_t) + beta * mean_t KL(q || p_t), with optional free bits and KL balancing (``kl_term``).
+"""Stage 2: the behavior-conditioning VAE: posterior q(z | tau_{0:T}), causal prior p(z_t | tau_{0:t}) whose
+mean conditions stage 3, and action decoder pi(a_t | o_t, z) (docs/method.md, "Stage 2").
 """
 
 from __future__ import annotations
@@ -43,8 +38,7 @@ def gaussian_nll(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> tor
 
 
 class GridPool(nn.Module):
-    """Multi-head attention pooling of a frame's h*w code vectors into one feature: each head softmaxes its scores
-    over the grid and averages its slice of the projected codes (it can look at the gripper and the object)."""
+    """Multi-head attention pooling of a frame's h*w code vectors into one feature (one softmax per head)."""
 
     def __init__(self, code_dim: int, dim: int, grid_tokens: int, heads: int) -> None:
         super().__init__()
@@ -123,7 +117,7 @@ class BehaviorModel(nn.Module):
             nn.Linear(decoder_hidden, decoder_hidden), nn.GELU(), nn.Linear(decoder_hidden, 2 * action_dim))
 
     def _features(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
-        """``frame_features`` of codes and actions of the shapes the model was built for, on the same [B, T]."""
+        """Per-frame features ``[B, T, dim]`` of codes, checked with the actions against the model's shapes."""
         if codes_BThwE.ndim != 5 or codes_BThwE.shape[-1] != self.code_dim:
             raise ValueError(f"codes must be [B,T,h,w,{self.code_dim}], got {tuple(codes_BThwE.shape)}")
         if actions_BTA.ndim != 3 or actions_BTA.shape[-1] != self.action_dim:
@@ -131,10 +125,6 @@ class BehaviorModel(nn.Module):
         if codes_BThwE.shape[:2] != actions_BTA.shape[:2]:
             raise ValueError(f"codes {tuple(codes_BThwE.shape[:2])} and actions {tuple(actions_BTA.shape[:2])} "
                              "disagree on [B, T]")
-        return self.frame_features(codes_BThwE)
-
-    def frame_features(self, codes_BThwE: torch.Tensor) -> torch.Tensor:
-        """[B, T, h, w, C] code vectors -> [B, T, dim] per-frame features."""
         return self.pool(codes_BThwE)
 
     def _encode(self, proj: nn.Linear, tf: STTransformer, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
@@ -149,26 +139,21 @@ class BehaviorModel(nn.Module):
         mu, logvar = h.float().chunk(2, dim=-1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
-    def posterior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
-        """q(z | tau_{0:T}) from per-frame features: (mu_BZ, logvar_BZ)."""
+    def posterior(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor,
+                  feat_BTD: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z | tau_{0:T}) -> (mu_BZ, logvar_BZ), bidirectional (``feat_BTD``: the codes' features, if computed)."""
+        feat_BTD = self._features(codes_BThwE, actions_BTA) if feat_BTD is None else feat_BTD
         return self._split(self.post_head(self._encode(self.post_in, self.post_tf, feat_BTD, actions_BTA).mean(dim=1)))
 
-    def prior_from_features(self, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
-        """p(z_t | tau_{0:t}) from per-frame features: (mu_BTZ, logvar_BTZ)."""
+    def prior(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor,
+              feat_BTD: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """p(z_t | tau_{0:t}) -> (mu_BTZ, logvar_BTZ), causal: step t sees codes and actions at steps <= t only."""
+        feat_BTD = self._features(codes_BThwE, actions_BTA) if feat_BTD is None else feat_BTD
         return self._split(self.prior_head(self._encode(self.prior_in, self.prior_tf, feat_BTD, actions_BTA)))
-
-    def posterior(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z | tau_{0:T}) -> (mu_BZ, logvar_BZ), bidirectional over the whole segment."""
-        return self.posterior_from_features(self._features(codes_BThwE, actions_BTA), actions_BTA)
-
-    def prior(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """p(z_t | tau_{0:t}) -> (mu_BTZ, logvar_BTZ); step t sees codes and actions at steps <= t only."""
-        return self.prior_from_features(self._features(codes_BThwE, actions_BTA), actions_BTA)
 
     def decode(self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """pi(a_t | o_t, z): mean and log-variance of each action, [B, T, A] each. With ``decoder_prev_action``
-        the decoder also sees a_{t-1} (zeros at t = 0, never a_t) from the clip's ``actions_BTA``."""
+        """pi(a_t | o_t, z) (``decoder_prev_action``: also a_{t-1}): mean and log-variance, [B, T, A] each."""
         parts = [feat_BTD]
         if self.decoder_prev_action:
             if actions_BTA is None:
@@ -186,11 +171,10 @@ class BehaviorModel(nn.Module):
 
     def loss(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor, beta: float, free_bits: float = 0.0,
              sample: bool = True, kl_balance: float | None = None) -> BehaviorOutput:
-        """Action NLL + beta * KL(q(z | tau_{0:T}) || p(z_t | tau_{0:t})), both averaged over B and t. ``sample``:
-        decode from a draw of the posterior (training) or its mean; ``free_bits``, ``kl_balance``: see ``kl_term``."""
+        """Action NLL + beta * KL(q || p_t), averaged over B and t; decodes a posterior draw (``sample``) or mean."""
         feat_BTD = self._features(codes_BThwE, actions_BTA)
-        mu_q, logvar_q = self.posterior_from_features(feat_BTD, actions_BTA)
-        mu_p, logvar_p = self.prior_from_features(feat_BTD, actions_BTA)
+        mu_q, logvar_q = self.posterior(codes_BThwE, actions_BTA, feat_BTD)
+        mu_p, logvar_p = self.prior(codes_BThwE, actions_BTA, feat_BTD)
         z_BZ = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp() if sample else mu_q
         nll_BT, a_mu = self.action_nll(feat_BTD, z_BZ[:, None].expand(-1, actions_BTA.shape[1], -1), actions_BTA)
         nll = nll_BT.mean()
@@ -204,10 +188,7 @@ class BehaviorModel(nn.Module):
     @staticmethod
     def kl_term(mu_q_BZ: torch.Tensor, logvar_q_BZ: torch.Tensor, mu_p_BTZ: torch.Tensor, logvar_p_BTZ: torch.Tensor,
                 free_bits: float = 0.0, kl_balance: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """KL(q || p_t) per z dimension, averaged over B and t, [Z], and the KL term of the loss.
-
-        ``free_bits`` (nats per z dimension) floors each dimension's batch-mean KL. ``kl_balance`` alpha (DreamerV2):
-        alpha * KL(sg(q) || p_t) + (1 - alpha) * KL(q || sg(p_t)), the same value with alpha of the gradient on p."""
+        """KL(q || p_t) per z dimension ``[Z]`` (mean over B, t) and the loss's KL term (free bits, KL balancing)."""
         mq, lq = mu_q_BZ[:, None], logvar_q_BZ[:, None]
         if kl_balance is None:
             kl_BTZ = gaussian_kl(mq, lq, mu_p_BTZ, logvar_p_BTZ)

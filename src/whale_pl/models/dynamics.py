@@ -1,11 +1,5 @@
-"""Stage 3: the action- and behavior-conditioned ST-MaskGIT dynamics model over token grids.
-
-Frames are grids of tokenizer ids flattened to S = h*w positions (``mask_id = codebook_size`` where masked),
-run through a causal ``STTransformer``. Slot t is conditioned (adaptive LayerNorm) on the action ``a_{t-1}``,
-the behavior embedding ``z_{t-1}`` (absent in the ablation) and the clip's frame stride; slot 0 takes a learned
-start vector. Training is MaskGIT per frame after clean context frames; heads on each frame's mean latent
-predict reward, success and state; ``imagine`` decodes frame by frame with a temporal key/value cache.
-The options are explained where ``DynamicsNet`` declares them.
+"""Stage 3: the action- and behavior-conditioned ST-MaskGIT dynamics model over token grids
+(docs/method.md, "Stage 3"; its interface: docs/contracts.md, "Stage 3").
 """
 
 from __future__ import annotations
@@ -38,10 +32,6 @@ class DynamicsNet:
     mlp_ratio: float = 4.0
     max_frames: int = 16  # frames one pass attends over (context + generated)
     max_stride: int = 4  # clip strides embedded (1, and 2.. for retracing), in units of frame_stride
-    dropout: float = 0.0
-    prev_frame_input: bool = False  # each position also embeds the id it held one frame earlier
-    copy_logit: bool = False  # a learned gate adds to that earlier id's logit (starts at copying)
-    code_embed: bool = False  # ids embedded and scored through the frozen tokenizer's code vectors
     change_weight: float = 1.0  # CE weight w of targets that change; log w on the previous id's logit undoes it
     transition_rank: int = 0  # r > 0: per-(position, previous id) rank-r maps on the code-space query
 
@@ -51,16 +41,15 @@ class DynamicsModel(nn.Module):
 
     def __init__(self, codebook_size: int, grid_hw: tuple[int, int] | list[int], action_dim: int, behavior_dim: int = 0,
                  state_dim: int = 0, dim: int = 256, depth: int = 8, heads: int = 8, mlp_ratio: float = 4.0,
-                 max_frames: int = 16, max_stride: int = 4, dropout: float = 0.0, prev_frame_input: bool = False,
-                 copy_logit: bool = False, code_dim: int = 0, change_weight: float = 1.0,
-                 transition_rank: int = 0) -> None:
+                 max_frames: int = 16, max_stride: int = 4, prev_frame_input: bool = False, copy_logit: bool = False,
+                 code_dim: int = 0, change_weight: float = 1.0, transition_rank: int = 0) -> None:
         super().__init__()
         if not change_weight > 0:
             raise ValueError(f"change_weight must be > 0, got {change_weight}")
         if isinstance(transition_rank, bool) or not isinstance(transition_rank, int) or transition_rank < 0:
             raise ValueError(f"transition_rank must be an int >= 0, got {transition_rank!r}")
         if transition_rank > 0 and code_dim <= 0:
-            raise ValueError("transition_rank > 0 needs code_dim > 0 (code_embed): it adds to the code-space query")
+            raise ValueError("transition_rank > 0 needs code_dim > 0 (code vectors): it adds to the code-space query")
         self.codebook_size = self.mask_id = codebook_size
         self.grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
         self.num_tokens = self.grid_hw[0] * self.grid_hw[1]
@@ -68,11 +57,11 @@ class DynamicsModel(nn.Module):
         self.max_frames, self.max_stride, self.dim = max_frames, max_stride, dim
         self.change_weight, self.code_dim, self.transition_rank = float(change_weight), code_dim, transition_rank
         self._build_inputs(prev_frame_input)
-        self.transformer = STTransformer(dim, depth, heads, mlp_ratio, causal=True, cond_dim=dim, dropout=dropout)
+        self.transformer = STTransformer(dim, depth, heads, mlp_ratio, causal=True, cond_dim=dim)
         self._build_outputs(copy_logit)
 
     def _build_inputs(self, prev_frame_input: bool) -> None:
-        """Token, position and conditioning embeddings."""
+        """Token, previous-id (``prev_frame_input``), position and conditioning embeddings."""
         V, D = self.codebook_size, self.dim
         self.tok_emb = nn.Embedding(V + 1, D)
         self.prev_emb = nn.Embedding(V + 2, D) if prev_frame_input else None  # id V + 1: no earlier frame in the window
@@ -125,8 +114,7 @@ class DynamicsModel(nn.Module):
         return self.beh_proj is not None
 
     def prev_ids(self, ids_BTS: torch.Tensor, prev_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
-        """Ids each slot's positions held one frame earlier ``[B, T, S]``: ``prev_ids_BS`` before the first,
-        or ``codebook_size + 1`` (no earlier frame in the window)."""
+        """Ids ``[B, T, S]`` held one frame earlier: ``prev_ids_BS`` before the first (None: ``codebook_size + 1``)."""
         first = torch.full_like(ids_BTS[:, 0], self.codebook_size + 1) if prev_ids_BS is None else prev_ids_BS
         return torch.cat([first.unsqueeze(1), ids_BTS[:, :-1]], dim=1)
 
@@ -144,8 +132,7 @@ class DynamicsModel(nn.Module):
 
     def condition(self, act_in_BTA: torch.Tensor, z_in_BTZ: torch.Tensor | None,
                   stride_B: torch.Tensor | None) -> torch.Tensor:
-        """Per-slot conditioning ``[B, T, D]`` from the action/behavior leading INTO each slot (slot 0: the start
-        vector) and the clip's stride (None: 1)."""
+        """Per-slot conditioning ``[B, T, D]`` from the action/z leading into each slot and the stride (None: 1)."""
         B = act_in_BTA.shape[0]
         c = self.act_mlp(act_in_BTA)
         if self.beh_proj is not None:
@@ -164,9 +151,7 @@ class DynamicsModel(nn.Module):
 
     def trunk(self, ids_BTS: torch.Tensor, cond_BTD: torch.Tensor, t0: int = 0, kv_cache: list[KV] | None = None,
               prev_ids_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KV]]:
-        """Hidden states ``[B, T, S, D]`` of frames at window positions ``t0 .. t0+T-1`` and their temporal
-        keys/values. ``kv_cache``: those of the window's frames before ``t0``; ``prev_ids_BS``: ids of the frame
-        before the first of these (None: none in the window)."""
+        """Hidden states ``[B, T, S, D]`` of window slots ``t0..t0+T-1`` after ``kv_cache``'s, and their keys/values."""
         T = ids_BTS.shape[1]
         if t0 + T > self.max_frames:
             raise ValueError(f"window of {t0 + T} frames exceeds max_frames={self.max_frames}")
@@ -181,8 +166,7 @@ class DynamicsModel(nn.Module):
 
     def token_logits(self, h_BTSD: torch.Tensor, prev_ids_BTS: torch.Tensor | None = None,
                      raw: bool = False) -> torch.Tensor:
-        """Token logits ``[B, T, S, V]``; at each position's previous id the copy gate g(h) is added and, unless
-        ``raw`` (the training loss), log ``change_weight``."""
+        """Token logits ``[B, T, S, V]``: copy gate and (unless ``raw``) log ``change_weight`` at the previous id."""
         logits = self.logits_head(h_BTSD)
         if self.code_out is not None:
             q = self.code_out(h_BTSD)
@@ -196,8 +180,7 @@ class DynamicsModel(nn.Module):
         return self.add_at_prev(logits, prev_ids_BTS, bonus)
 
     def transition_query(self, h_BTSD: torch.Tensor, prev_ids_BTS: torch.Tensor) -> torch.Tensor:
-        """``[B, T, S, code_dim]``: the (position, previous id) row of the transition table, a ``code_dim x r``
-        map, applied to an r-dim projection of h; zero where the previous id is unknown or masked (>= V)."""
+        """The transition table's code-space query ``[B, T, S, code_dim]`` (zero where the previous id is >= V)."""
         V, S = self.codebook_size, h_BTSD.shape[2]
         idx_BTS = torch.arange(S, device=h_BTSD.device) * V + prev_ids_BTS.clamp(max=V - 1)
         table_BTSER = rearrange(self.trans(idx_BTS), "b t s (c r) -> b t s c r", r=self.transition_rank)
@@ -207,8 +190,7 @@ class DynamicsModel(nn.Module):
 
     def add_at_prev(self, logits_NV: torch.Tensor, prev_ids_N: torch.Tensor,
                     bonus: torch.Tensor | float) -> torch.Tensor:
-        """``logits [..., V]`` plus ``bonus`` (a float, or ``[..., 1]``) at each position's previous id, where
-        that id is known (< V)."""
+        """``logits [..., V]`` plus ``bonus`` (a float, or ``[..., 1]``) at each known (< V) previous id."""
         if isinstance(bonus, float) and bonus == 0.0:
             return logits_NV
         V = self.codebook_size
@@ -225,8 +207,7 @@ class DynamicsModel(nn.Module):
 
     def forward(self, ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None = None,
                 stride_B: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits ``[B, T, h, w, V]`` for every position of ``ids_BThw`` (which may hold ``mask_id``) and the
-        heads' outputs; ``actions[:, t]``/``z[:, t]`` are taken at frame t."""
+        """Logits ``[B, T, h, w, V]`` of every position of ``ids_BThw`` (may hold ``mask_id``) and the heads."""
         self._check_inputs(actions_BTA, z_BTZ)
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
         h, _ = self.trunk(ids, self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B))
@@ -238,10 +219,7 @@ class DynamicsModel(nn.Module):
                         stride_B: torch.Tensor | None = None, context_frames: int = 1, corrupt_prob: float = 0.0,
                         generator: torch.Generator | None = None,
                         max_context_frames: int | None = None) -> dict[str, torch.Tensor]:
-        """MaskGIT cross-entropy on the masked (and corrupted) positions after the context, the head losses and
-        ``acc`` (masked positions, logits as callers see them). ``max_context_frames``: each clip draws its context
-        length from ``[context_frames, max_context_frames]`` (at most T-1); ``corrupt_prob``: up to this share of
-        the visible tokens after the context hold random ids."""
+        """MaskGIT ``ce`` after the context, the head losses and ``acc`` (docs/method.md, "Training")."""
         B, T, hh, ww = ids_BThw.shape
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
         ctx: int | torch.Tensor = context_frames
@@ -278,8 +256,7 @@ class DynamicsModel(nn.Module):
     @torch.no_grad()
     def teacher_forced(self, ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None = None,
                        stride_B: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``[B, T-1, h, w, V]`` for frames 1..T-1, each predicted in one step from a fully masked frame
-        given the clean ground-truth frames before it (the inference situation)."""
+        """Logits ``[B, T-1, h, w, V]`` of frames 1.., each in one step from a masked frame after the true ones."""
         self._check_inputs(actions_BTA, z_BTZ)
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
         cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B)
@@ -295,9 +272,8 @@ class DynamicsModel(nn.Module):
     @torch.no_grad()
     def predict_next(self, context_ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None = None,
                      stride_B: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The frame after the context, from a fully masked one, given ``actions[:, -1]`` (with ``stride_B`` k a
-        composed action over k steps, after a context strided by k): logits, probabilities and latent features
-        per position (``*_BhwV``, ``features_BhwD``) and the heads' outputs."""
+        """``probs_BhwV`` of the frame after the context, in one step from a masked one (retracing; stride_B k: after a
+        context strided by k, ``actions[:, -1]`` composed over k steps)."""
         self._check_inputs(actions_BTA, z_BTZ)
         C, hh = context_ids_BThw.shape[1], context_ids_BThw.shape[2]
         if actions_BTA.shape[1] != C:
@@ -309,29 +285,17 @@ class DynamicsModel(nn.Module):
         t0 = max(0, C + 1 - self.max_frames)  # keep the last max_frames slots; the window restarts at its first
         ids, act_in, z_in = ids[:, t0:], act_in[:, t0:], None if z_in is None else z_in[:, t0:]
         h, _ = self.trunk(ids, self.condition(act_in, z_in, stride_B))
-        heads = self.heads(h[:, -1:])
-        logits = self.token_logits(h[:, -1:], ids[:, -2:-1])[:, 0]
-        out = {"logits_BhwV": logits, "probs_BhwV": logits.float().softmax(-1), "features_BhwD": h[:, -1]}
-        return {**{k: rearrange(v, "b (h w) x -> b h w x", h=hh) for k, v in out.items()},
-                "reward_B": heads["reward"][:, 0], "success_B": heads["success_logit"][:, 0].sigmoid(),
-                **({"state_BP": heads["state"][:, 0]} if "state" in heads else {})}
+        probs_BSV = self.token_logits(h[:, -1:], ids[:, -2:-1])[:, 0].float().softmax(-1)
+        return {"probs_BhwV": rearrange(probs_BSV, "b (h w) v -> b h w v", h=hh)}
 
     @torch.no_grad()
     def imagine(self, context_ids_BThw: torch.Tensor, actions_BTA: torch.Tensor | None,
                 z: torch.Tensor | ZFn | None = None, horizon: int | None = None, steps: int = 4,
                 temperature: float = 1.0, stride_B: torch.Tensor | None = None, use_cache: bool = True,
-                return_probs: bool = False, generator: torch.Generator | None = None,
+                generator: torch.Generator | None = None,
                 act_fn: ActFn | None = None, shared_context: bool = False) -> dict[str, torch.Tensor]:
-        """Roll the model out frame by frame from ``context_ids_BThw``.
-
-        ``actions_BTA[:, t]`` is taken at frame t (from the first context frame): all given (open loop; ``horizon``
-        defaults to ``T - C + 1``), or past the given ones (None: none) chosen by ``act_fn(t, so_far)`` from the
-        outputs imagined so far. ``z``: a tensor ``[B, >=C+horizon-1, Z]`` aligned like the actions, or the prior
-        ``z_fn(ids_BThw, actions_BTA)`` on the growing history. Returns ``ids_BThw``, ``token_prob_BThw``,
-        ``reward_BT``, ``success_BT`` (probability), ``state_BTP`` (with a state head) and with ``return_probs``
-        ``probs_BThwV``. A rollout outgrowing ``max_frames`` restarts its window from its last ``max_frames // 2``.
-        ``shared_context``: every row has the same context frames, actions and z before its first imagined frame
-        (candidates of one plan), so their keys/values are computed once and shared."""
+        """Roll out frame by frame from the context, open or closed loop (docs/contracts.md, "Stage 3").
+        ``shared_context``: every row has the same history (one plan's candidates): its keys/values computed once."""
         B, C, hh, ww = context_ids_BThw.shape
         if actions_BTA is None:
             actions_BTA = torch.zeros(B, 0, self.action_dim, device=context_ids_BThw.device)
@@ -351,11 +315,11 @@ class DynamicsModel(nn.Module):
                 """Logits of the frame being decoded, given its ids so far."""
                 return self.token_logits(self._frame_after(past_BTS, ids_BS, cond_BTD, cache)[0], prev_B1S)[:, 0]
 
-            ids_BS, prob_BS, probs_BSV = maskgit_decode_frame(logits_fn, B, hh * ww, self.mask_id, steps, temperature,
-                                                              context_ids_BThw.device, generator)
+            ids_BS, prob_BS = maskgit_decode_frame(logits_fn, B, hh * ww, self.mask_id, steps, temperature,
+                                                   context_ids_BThw.device, generator)
             h_B1SD, kv = self._frame_after(past_BTS, ids_BS, cond_BTD, cache)
             cache = None if cache is None else append_kv(cache, kv)
-            roll.add_frame(ids_BS, prob_BS, probs_BSV if return_probs else None, self.heads(h_B1SD))
+            roll.add_frame(ids_BS, prob_BS, self.heads(h_B1SD))
         return roll.outputs()
 
     def _prime(self, past_BTS: torch.Tensor, cond_BTD: torch.Tensor, shared: bool) -> list[KV]:
@@ -392,8 +356,7 @@ class DynamicsModel(nn.Module):
 
     def _frame_after(self, past_BTS: torch.Tensor, ids_BS: torch.Tensor, cond_BTD: torch.Tensor,
                      cache: list[KV] | None) -> tuple[torch.Tensor, list[KV] | None]:
-        """Hidden state ``[B, 1, S, D]`` of frame ``ids_BS`` after the window's finished frames ``past_BTS``, and
-        its keys/values: from the keys/values of ``cache`` or, without one, a pass over the whole window."""
+        """Hidden state ``[B, 1, S, D]`` and keys/values of ``ids_BS`` after ``past_BTS`` (its ``cache``, or a pass)."""
         t = past_BTS.shape[1]
         if cache is None:
             h, _ = self.trunk(torch.cat([past_BTS, ids_BS.unsqueeze(1)], dim=1), cond_BTD)
@@ -403,8 +366,7 @@ class DynamicsModel(nn.Module):
 
 
 class Rollout:
-    """The growing history of one ``DynamicsModel.imagine`` call: every frame so far (context and imagined),
-    the actions and behavior embeddings taken at them, and the imagined frames' outputs."""
+    """The growing history of one ``imagine`` call: frames, actions and z so far, and the imagined outputs."""
 
     def __init__(self, context_ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z: torch.Tensor | ZFn | None,
                  act_fn: ActFn | None) -> None:
@@ -420,7 +382,7 @@ class Rollout:
         while self.actions_BTA.shape[1] <= n:
             if self.act_fn is None:
                 raise ValueError(f"no action for frame {n}: {self.actions_BTA.shape[1]} given and no act_fn")
-            a_BA = self.act_fn(self.actions_BTA.shape[1], self.outputs(with_probs=False))
+            a_BA = self.act_fn(self.actions_BTA.shape[1], self.outputs())
             self.actions_BTA = torch.cat([self.actions_BTA, a_BA.unsqueeze(1)], dim=1)
         return self.actions_BTA[:, n]
 
@@ -435,18 +397,17 @@ class Rollout:
             self.z_rows.append(self.z(ids_hist, self.actions_BTA[:, : m + 1])[:, -1])
         return self.z_rows[n]
 
-    def add_frame(self, ids_BS: torch.Tensor, prob_BS: torch.Tensor, probs_BSV: torch.Tensor | None,
-                  heads: dict[str, torch.Tensor]) -> None:
+    def add_frame(self, ids_BS: torch.Tensor, prob_BS: torch.Tensor, heads: dict[str, torch.Tensor]) -> None:
         """Append an imagined frame: its ids, each chosen id's probability (and distribution, if kept), the heads."""
         self.ids_BTS = torch.cat([self.ids_BTS, ids_BS.unsqueeze(1)], dim=1)
         new = {"ids_BThw": ids_BS, "token_prob_BThw": prob_BS, "reward_BT": heads["reward"][:, 0],
                "success_BT": heads["success_logit"][:, 0].sigmoid(),
-               "state_BTP": heads["state"][:, 0] if "state" in heads else None, "probs_BThwV": probs_BSV}
+               "state_BTP": heads["state"][:, 0] if "state" in heads else None}
         for k, v in new.items():
             if v is not None:
                 self.rows[k].append(v)
 
-    def outputs(self, with_probs: bool = True) -> dict[str, torch.Tensor]:
+    def outputs(self) -> dict[str, torch.Tensor]:
         """The imagined frames so far, as ``DynamicsModel.imagine`` returns them (empty before the first)."""
-        out = {k: torch.stack(v, 1) for k, v in self.rows.items() if with_probs or k != "probs_BThwV"}
+        out = {k: torch.stack(v, 1) for k, v in self.rows.items()}
         return {k: rearrange(v, "b t (h w) ... -> b t h w ...", h=self.hh) if "hw" in k else v for k, v in out.items()}

@@ -1,7 +1,5 @@
-"""MaskGIT pieces: the cosine mask schedule, training masks, random-token corruption and per-frame decoding.
-
-Training masks ``ceil(cos(u * pi / 2) * S)`` of each future frame's S tokens (u ~ U(0, 1), at least one);
-decoding step i of a frame re-masks all but the ``S * (1 - cos(pi/2 * (i+1)/steps))`` most confident tokens.
+"""MaskGIT pieces: the cosine mask schedule, training masks, random-token corruption and per-frame decoding
+(docs/method.md, "Stage 3").
 """
 
 from __future__ import annotations
@@ -19,8 +17,7 @@ def cosine_mask_ratio(u: torch.Tensor) -> torch.Tensor:
 
 def training_mask(B: int, T: int, S: int, context_frames: int | torch.Tensor, device: torch.device | str = "cpu",
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Bool mask ``[B, T, S]`` (True = masked): frames ``< context_frames`` (an int, or one count per clip
-    ``[B]``) are clean, every later frame gets its own cosine-schedule ratio (at least one masked token)."""
+    """Bool mask ``[B, T, S]`` (True = masked): clean before ``context_frames`` (int or ``[B]``), cosine after."""
     u_BT = torch.rand(B, T, device=device, generator=generator)
     n_BT = torch.ceil(cosine_mask_ratio(u_BT) * S).clamp(min=1, max=S)
     ctx_B = torch.as_tensor(context_frames, device=device).expand(B)
@@ -32,8 +29,7 @@ def training_mask(B: int, T: int, S: int, context_frames: int | torch.Tensor, de
 def corrupt_tokens(ids_BTS: torch.Tensor, mask_BTS: torch.Tensor, context_frames: int | torch.Tensor,
                    max_prob: float, vocab: int, generator: torch.Generator | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace visible tokens of future frames by uniform random ids, each frame with its own probability
-    ~ U(0, max_prob), so the model learns to distrust its own samples. Returns (ids, bool mask of replaced)."""
+    """Visible tokens after the context replaced by random ids (p ~ U(0, max_prob) per frame): (ids, replaced)."""
     B, T, S = ids_BTS.shape
     if max_prob <= 0:
         return ids_BTS, torch.zeros_like(mask_BTS)
@@ -48,17 +44,14 @@ def corrupt_tokens(ids_BTS: torch.Tensor, mask_BTS: torch.Tensor, context_frames
 
 def maskgit_decode_frame(logits_fn: Callable[[torch.Tensor], torch.Tensor], B: int, S: int, mask_id: int, steps: int,
                          temperature: float, device: torch.device | str, generator: torch.Generator | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode one frame of S tokens in ``steps`` MaskGIT steps; ``logits_fn(ids_BS) -> [B, S, V]``.
-
-    ``temperature=0`` is greedy. Returns the ids, the probability each chosen token had when it was
-    fixed, and each position's distribution at that step: ``(ids_BS, token_prob_BS, probs_BSV)``."""
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One frame in ``steps`` MaskGIT steps of ``logits_fn(ids_BS) -> [B, S, V]`` (``temperature=0``: greedy):
+    ``(ids_BS, token_prob_BS)``, the probability each chosen token had when it was fixed."""
     if steps < 1:
         raise ValueError(f"MaskGIT steps must be >= 1, got {steps}")
     ids_BS = torch.full((B, S), mask_id, dtype=torch.long, device=device)
     fixed_BS = torch.zeros(B, S, dtype=torch.bool, device=device)
     token_prob_BS = torch.zeros(B, S, device=device)
-    probs_BSV = None
     for i in range(steps):
         logits_BSV = logits_fn(ids_BS).float()
         probs = logits_BSV.softmax(-1)
@@ -78,7 +71,5 @@ def maskgit_decode_frame(logits_fn: Callable[[torch.Tensor], torch.Tensor], B: i
         newly_BS = ~fixed_BS & ~remask_BS
         ids_BS = torch.where(newly_BS, sampled_BS, ids_BS)
         token_prob_BS = torch.where(newly_BS, conf_BS, token_prob_BS)
-        probs_BSV = torch.zeros_like(probs) if probs_BSV is None else probs_BSV
-        probs_BSV = torch.where(newly_BS.unsqueeze(-1), probs, probs_BSV)
         fixed_BS |= newly_BS
-    return ids_BS, token_prob_BS, probs_BSV
+    return ids_BS, token_prob_BS

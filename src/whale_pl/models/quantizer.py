@@ -1,9 +1,6 @@
-"""Vector quantiser with low-dimensional, l2-normalised codes (ViT-VQGAN style).
-
-The nearest code is the one of highest cosine similarity; gradients pass straight through and a commitment loss
-pulls the encoder towards its codes. The codebook, initialised from the first training batch, is learned by EMA
-of the assigned inputs (``ema=True``) or by gradient; codes used less than ``restart_threshold`` times the
-expected share restart at badly fitted inputs. Under ``torch.distributed`` every rank keeps the same codebook.
+"""Vector quantiser with low-dimensional, l2-normalised codes (ViT-VQGAN style), its codebook initialised from
+the first training batch and learned by EMA, dead codes restarted (docs/method.md, "Stage 1").
+Under ``torch.distributed`` every rank keeps the same codebook.
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ class QuantizerOutput:
 
     codes_NC: torch.Tensor  # quantised, straight-through (gradient flows to the input)
     ids_N: torch.Tensor  # long code indices
-    commit_loss: torch.Tensor  # beta * ||z - sg(q)||^2 (+ codebook loss when not EMA)
+    commit_loss: torch.Tensor  # beta * ||z - sg(q)||^2
     restarted: int  # codes restarted in this call
 
 
@@ -34,22 +31,18 @@ def distributed() -> bool:
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour quantiser over ``codebook_size`` unit vectors of size ``code_dim``."""
 
-    def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25, ema: bool = True, decay: float = 0.99,
-                 restart_threshold: float = 0.03, init_from_data: bool = True) -> None:
+    def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25, decay: float = 0.99,
+                 restart_threshold: float = 0.03) -> None:
         super().__init__()
         if codebook_size < 2 or code_dim < 1:
             raise ValueError(f"codebook_size={codebook_size} must be >= 2 and code_dim={code_dim} >= 1")
         self.codebook_size, self.code_dim, self.beta = codebook_size, code_dim, beta
-        self.ema, self.decay, self.restart_threshold = ema, decay, restart_threshold
+        self.decay, self.restart_threshold = decay, restart_threshold
         init = F.normalize(torch.randn(codebook_size, code_dim), dim=-1)
-        if ema:
-            self.register_buffer("codebook", init.clone())
-            self.register_buffer("ema_sum", init.clone())
-        else:
-            self.codebook = nn.Parameter(init.clone())
-        # EMA of how many inputs each code received per step (both modes; drives restarts)
-        self.register_buffer("ema_count", torch.ones(codebook_size))
-        self.register_buffer("initialized", torch.tensor(not init_from_data))
+        self.register_buffer("codebook", init.clone())
+        self.register_buffer("ema_sum", init.clone())
+        self.register_buffer("ema_count", torch.ones(codebook_size))  # inputs each code received per step
+        self.register_buffer("initialized", torch.tensor(False))
 
     def normalized_codebook(self) -> torch.Tensor:
         """The codebook ``[V, C]`` with unit-length rows."""
@@ -61,8 +54,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def lookup(self, z_XC: torch.Tensor) -> torch.Tensor:
-        """Index ``[...]`` of the nearest code (cosine similarity) for each latent ``[..., C]``, in float32 even
-        under autocast (a bf16 similarity flips near-ties between codes at random)."""
+        """Index ``[...]`` of the nearest code for each latent ``[..., C]``, in float32 under any autocast."""
         with torch.autocast(z_XC.device.type, enabled=False):
             return (F.normalize(z_XC.float(), dim=-1) @ self.normalized_codebook().float().t()).argmax(dim=-1)
 
@@ -74,8 +66,6 @@ class VectorQuantizer(nn.Module):
         ids_N = self.lookup(z_NC)
         q_NC = self.embed(ids_N)
         loss = self.beta * F.mse_loss(z_NC, q_NC.detach())
-        if not self.ema:
-            loss = loss + F.mse_loss(q_NC, z_NC.detach())
         restarted = self._update(z_NC.detach(), ids_N) if self.training else 0
         return QuantizerOutput(z_NC + (q_NC - z_NC).detach(), ids_N, loss, restarted)
 
@@ -95,26 +85,23 @@ class VectorQuantizer(nn.Module):
     def _init_from(self, z_NC: torch.Tensor) -> None:
         """Set the codebook to rows of the first training batch."""
         rows = self._sample_rows(z_NC, self.codebook_size)
-        self.codebook.data.copy_(rows)
-        if self.ema:
-            self.ema_sum.copy_(rows)
+        self.codebook.copy_(rows)
+        self.ema_sum.copy_(rows)
         self.ema_count.zero_()  # codes that win nothing in the first steps are restarted at once
         self.initialized.fill_(True)
 
     @torch.no_grad()
     def _update(self, z_NC: torch.Tensor, ids_N: torch.Tensor) -> int:
-        """Update the usage (and EMA codebook) statistics with a batch's assignments; restart dead codes."""
+        """Update the EMA codebook and usage statistics with a batch's assignments; restart dead codes."""
         counts_K = torch.bincount(ids_N, minlength=self.codebook_size).float()
-        sums_KC = torch.zeros_like(self.ema_sum).index_add_(0, ids_N, z_NC) if self.ema else None
+        sums_KC = torch.zeros_like(self.ema_sum).index_add_(0, ids_N, z_NC)
         if distributed():
             dist.all_reduce(counts_K)
-            if sums_KC is not None:
-                dist.all_reduce(sums_KC)
+            dist.all_reduce(sums_KC)
         self.ema_count.mul_(self.decay).add_(counts_K, alpha=1 - self.decay)
-        if self.ema:
-            self.ema_sum.mul_(self.decay).add_(sums_KC, alpha=1 - self.decay)
-            used = self.ema_count > 1e-8
-            self.codebook[used] = F.normalize(self.ema_sum[used], dim=-1)
+        self.ema_sum.mul_(self.decay).add_(sums_KC, alpha=1 - self.decay)
+        used = self.ema_count > 1e-8
+        self.codebook[used] = F.normalize(self.ema_sum[used], dim=-1)
         # a dead code moves onto an input the codebook fits worst and gets a full share, so it has time to win
         expected = counts_K.sum() / self.codebook_size
         dead_K = self.ema_count < self.restart_threshold * expected
@@ -122,8 +109,7 @@ class VectorQuantizer(nn.Module):
         if n_dead:
             err_N = (1 - (z_NC @ self.normalized_codebook().t()).amax(dim=-1)).clamp_min(0)
             rows = self._sample_rows(z_NC, n_dead, err_N)
-            self.codebook.data[dead_K] = rows
+            self.codebook[dead_K] = rows
             self.ema_count[dead_K] = expected
-            if self.ema:
-                self.ema_sum[dead_K] = rows * expected
+            self.ema_sum[dead_K] = rows * expected
         return n_dead

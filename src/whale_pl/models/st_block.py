@@ -1,8 +1,6 @@
-"""The spatial-temporal transformer shared by the tokenizer, behavior model and dynamics.
-
-A pre-norm block runs spatial attention within each frame, temporal attention across frames at each position
-(causal by default), then an MLP. With ``cond_dim`` a per-frame vector modulates every LayerNorm (scale, shift
-and a zero-initialised residual gate, as in DiT). Temporal keys/values can be cached for frame-by-frame generation.
+"""The spatial-temporal transformer shared by the tokenizer, behavior model and dynamics: spatial attention
+within each frame, temporal attention across frames (causal, keys/values cacheable), an MLP; with ``cond_dim``
+adaptive LayerNorms (docs/method.md, "Stage 1" and "Stage 3").
 """
 
 from __future__ import annotations
@@ -84,8 +82,7 @@ class STBlock(nn.Module):
 
     def forward(self, x_BTSD: torch.Tensor, cond_BTD: torch.Tensor | None = None,
                 kv_cache: KV | None = None) -> tuple[torch.Tensor, KV]:
-        """[B, T, S, D] tokens after the block, and their temporal keys/values. ``kv_cache``: those of the
-        frames before these T, each [B*S, heads, T_past, D/heads]."""
+        """[B, T, S, D] tokens after the block and their temporal keys/values (after ``kv_cache``'s frames)."""
         B = x_BTSD.shape[0]
         h, gate = self.norm_s(x_BTSD, cond_BTD)
         h, _ = self.attn_s(rearrange(h, "b t s d -> (b t) s d"))
@@ -108,8 +105,7 @@ class STTransformer(nn.Module):
 
     def forward(self, x_BTSD: torch.Tensor, cond_BTD: torch.Tensor | None = None, kv_cache: list[KV] | None = None,
                 return_kv: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[KV]]:
-        """Run the blocks (each after its layer's ``kv_cache`` entry) and the final norm; with ``return_kv``
-        also this call's per-layer temporal keys/values."""
+        """The blocks (after ``kv_cache``'s frames) and final norm; with ``return_kv`` also per-layer keys/values."""
         new_kv: list[KV] = []
         for i, block in enumerate(self.blocks):
             x_BTSD, kv = block(x_BTSD, cond_BTD, None if kv_cache is None else kv_cache[i])

@@ -1,8 +1,5 @@
-"""Stage 1: the ST-ViViT VQ-VAE video tokenizer (Genie-style).
-
-Frames [B,T,C,H,W] in [-1,1] -> patches -> causal ``STTransformer`` -> low-dimensional codes -> ids [B,T,h,w];
-the decoder mirrors it back to pixels. Frame t's tokens and reconstruction depend on frames <= t only, and with
-no temporal position embedding clips may have any length.
+"""Stage 1: the ST-ViViT VQ-VAE video tokenizer (Genie-style), causal in time, any clip length
+(docs/method.md, "Stage 1").
 """
 
 from __future__ import annotations
@@ -33,7 +30,6 @@ class TokenizerNet:
     """The tokenizer's architecture (``TokenizerModule``'s ``net:`` group)."""
 
     frame_size: tuple[int, int] = (64, 64)
-    in_channels: int = 3
     patch_size: int = 8
     dim: int = 256
     enc_depth: int = 4
@@ -43,37 +39,35 @@ class TokenizerNet:
     codebook_size: int = 1024
     code_dim: int = 32
     beta: float = 0.25  # commitment weight
-    ema: bool = True  # codebook learned by exponential moving averages (else by gradient)
-    ema_decay: float = 0.99
+    ema_decay: float = 0.99  # of the EMA codebook
     restart_threshold: float = 0.03  # dead codes (usage below this share of uniform) restart from encoder outputs
-    dropout: float = 0.0
 
 
 class VideoTokenizer(nn.Module):
     """Patchify -> causal ST encoder -> VQ -> causal ST decoder -> pixels."""
 
-    def __init__(self, frame_size: tuple[int, int] | list[int] = (64, 64), in_channels: int = 3, patch_size: int = 8,
-                 dim: int = 256, enc_depth: int = 4, dec_depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
-                 codebook_size: int = 1024, code_dim: int = 32, beta: float = 0.25, ema: bool = True,
-                 ema_decay: float = 0.99, restart_threshold: float = 0.03, dropout: float = 0.0) -> None:
+    def __init__(self, frame_size: tuple[int, int] | list[int] = (64, 64), patch_size: int = 8, dim: int = 256,
+                 enc_depth: int = 4, dec_depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
+                 codebook_size: int = 1024, code_dim: int = 32, beta: float = 0.25, ema_decay: float = 0.99,
+                 restart_threshold: float = 0.03) -> None:
         super().__init__()
         H, W = (int(s) for s in frame_size)
         if H % patch_size or W % patch_size:
             raise ValueError(f"frame_size {H}x{W} is not divisible by patch_size={patch_size}; "
                              "choose a patch size that divides both sides")
-        self.frame_size, self.in_channels, self.patch_size = (H, W), in_channels, patch_size
+        self.frame_size, self.patch_size = (H, W), patch_size
         self.codebook_size, self.code_dim = codebook_size, code_dim
         h, w = H // patch_size, W // patch_size
-        patch_dim = in_channels * patch_size * patch_size
+        patch_dim = 3 * patch_size * patch_size  # RGB
         self.patch_embed = nn.Linear(patch_dim, dim)
         self.enc_pos = nn.Parameter(torch.randn(h * w, dim) * 0.02)
-        self.encoder = STTransformer(dim, enc_depth, heads, mlp_ratio, causal=True, dropout=dropout)
+        self.encoder = STTransformer(dim, enc_depth, heads, mlp_ratio, causal=True)
         self.to_code = nn.Linear(dim, code_dim)
-        self.quantizer = VectorQuantizer(codebook_size, code_dim, beta=beta, ema=ema, decay=ema_decay,
+        self.quantizer = VectorQuantizer(codebook_size, code_dim, beta=beta, decay=ema_decay,
                                          restart_threshold=restart_threshold)
         self.from_code = nn.Linear(code_dim, dim)
         self.dec_pos = nn.Parameter(torch.randn(h * w, dim) * 0.02)
-        self.decoder = STTransformer(dim, dec_depth, heads, mlp_ratio, causal=True, dropout=dropout)
+        self.decoder = STTransformer(dim, dec_depth, heads, mlp_ratio, causal=True)
         self.to_pixels = nn.Linear(dim, patch_dim)
         # per-position pixel bias, set to the first training batch's mean patch: the decoder learns residuals
         self.pixel_bias = nn.Parameter(torch.zeros(h * w, patch_dim))
@@ -89,9 +83,9 @@ class VideoTokenizer(nn.Module):
         if frames_BTCHW.ndim != 5:
             raise ValueError(f"frames must be [B, T, C, H, W], got shape {tuple(frames_BTCHW.shape)}")
         _, _, C, H, W = frames_BTCHW.shape
-        if (C, H, W) != (self.in_channels, *self.frame_size):
+        if (C, H, W) != (3, *self.frame_size):
             raise ValueError(f"frames are {C}x{H}x{W} (CxHxW) but the tokenizer was built for "
-                             f"{self.in_channels}x{self.frame_size[0]}x{self.frame_size[1]}")
+                             f"3x{self.frame_size[0]}x{self.frame_size[1]}")
         return self.to_code(self.encoder(self.patch_embed(self._patches(frames_BTCHW)) + self.enc_pos))
 
     def _patches(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
@@ -124,8 +118,7 @@ class VideoTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
-        """frames in [-1, 1], [B,T,C,H,W] -> token ids [B,T,h,w] (long), in float32 under any autocast: the later
-        stages' tokens must not depend on the caller's precision (bf16 flipped ~1% of tokens)."""
+        """frames in [-1, 1], [B,T,C,H,W] -> token ids [B,T,h,w], in float32 under any autocast (bf16 flipped ~1%)."""
         with torch.autocast(frames_BTCHW.device.type, enabled=False):
             z_BTSE = self._encode_latent(frames_BTCHW.float())
         return rearrange(self.quantizer.lookup(z_BTSE), "b t (h w) -> b t h w", h=self.grid_hw()[0])
