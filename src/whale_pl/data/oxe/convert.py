@@ -1,8 +1,6 @@
-"""RLDS (TFRecord) -> Episodes -> WebDataset shards; parallel over input files, streaming, resumable.
-
-Each input file converts, in a worker process, into its part directory ``<out>/.parts/<split>-<file index>/``
-(``part.json`` written last; a rerun skips matching parts); the parts merge in file and record order into
-``<out>``, so keys, order and bytes do not depend on the workers or on interruptions."""
+"""RLDS (TFRecord) -> Episodes -> WebDataset shards, streaming. Each input file converts, in a worker process,
+into its part ``<out>/.parts/<split>-<file index>/`` (``part.json`` written last; a rerun reuses it); the parts
+merge in file and record order into ``<out>``: keys, order and bytes do not depend on workers or interruptions."""
 
 from __future__ import annotations
 
@@ -150,45 +148,29 @@ def _source_id(path: Path) -> dict:
     return {"file": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def convert_file(job: tuple) -> Path | None:
+def convert_file(job: tuple) -> Path:
     """Convert one TFRecord file (its first ``limit`` episodes, if given) into its part directory, unless an
-    earlier run did; returns the part's shard directory (None: the file holds no episodes)."""
+    earlier run did; returns the part's shard directory."""
     src, path, split, file_index, expected, limit, plan, out = job
     part = out / PARTS / f"{split}-{file_index:05d}"
     marker = {"plan": plan.fingerprint(), "source": _source_id(path), "limit": limit}
-    done = read_json(part / "part.json")
-    if not (isinstance(done, dict) and done.get("id") == marker):
-        if part.exists():
-            shutil.rmtree(part)
-        part.mkdir(parents=True)
-        n_ep = _write_part(path, load_schema(src), plan, split, file_index, part / "shards", limit)
-        if n_ep != (expected if limit is None else limit):
-            raise ConversionError(f"{path}: dataset_info.json promises {expected} episodes, the file holds {n_ep}")
-        done = {"id": marker, "episodes": n_ep}
-        write_json_atomic(part / "part.json", done, sort_keys=True)
-    return part / "shards" if done["episodes"] else None
-
-
-def _write_part(path: Path, schema: DatasetSchema, plan: Plan, split: str, file_index: int, shards: Path,
-                limit: int | None) -> int:
-    """Convert one file's records (at most ``limit``) into the dataset ``shards``; returns the episodes."""
-    writer: ShardWriter | None = None
-    n_ep = 0
-    try:
+    if read_json(part / "part.json") == marker:
+        return part / "shards"
+    if part.exists():
+        shutil.rmtree(part)
+    part.mkdir(parents=True)
+    schema, n_ep = load_schema(src), 0
+    with ShardWriter(part / "shards", episodes_per_shard=1 << 30) as writer:
         for index, data in enumerate(iter_records(path)):
             ep = record_to_episode(data, schema, plan, Where(str(path), index), split, file_index)
-            writer = writer or ShardWriter(shards, episodes_per_shard=1 << 30)
             writer.write(ep, key=f"{split}-{file_index:05d}-{index:06d}")  # fixed by (split, file, record)
             n_ep += 1
             if n_ep == limit:
                 break
-        if writer is not None:
-            writer.close()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    return n_ep
+        if n_ep != (expected if limit is None else limit):
+            raise ConversionError(f"{path}: dataset_info.json promises {expected} episodes, the file holds {n_ep}")
+    write_json_atomic(part / "part.json", marker, sort_keys=True)
+    return part / "shards"
 
 
 def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions | None = None,
@@ -214,9 +196,8 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
     with ShardWriter(out, overwrite=True, extra={"oxe": oxe}) as w:  # the parts merge in file order as they finish
         for shards in tqdm(parts, total=len(jobs), desc=f"oxe {plan.cfg.name}: files", unit="file",
                            disable=not progress):
-            if shards is not None:
-                for ep, sample in _iter_encoded(shards):
-                    w.write(ep, key=sample["__key__"], sample=sample)
+            for ep, sample in _iter_encoded(shards):
+                w.write(ep, key=sample["__key__"], sample=sample)
     shutil.rmtree(out / PARTS, ignore_errors=True)
     manifest = read_json(out / MANIFEST)
     log.info("%s: %d episodes, %d frames", out, manifest["episodes"], manifest["frames"])
@@ -237,7 +218,8 @@ def _plan_jobs(src: Path, out: Path, plan: Plan, opts: ConvertOptions) -> tuple[
             if left == 0:
                 break
             take = expected if left is None else min(expected, left)
-            jobs.append((src, path, split, i, expected, None if take == expected else take, plan, out))
+            if take:  # a file of no episodes has no part
+                jobs.append((src, path, split, i, expected, None if take == expected else take, plan, out))
             left = None if left is None else left - take
     ident = {"plan": plan.fingerprint(), "sources": [_source_id(j[1]) for j in jobs],
              "max_episodes": opts.max_episodes}
