@@ -186,17 +186,17 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
         return read_json(out / MANIFEST)
     if state in ("other_config", "foreign") and not opts.overwrite:
         raise ConversionError(f"{what}; pass --overwrite to replace it, or choose another --out")
-    claim(out, KIND, ident)  # before the first part: an interrupted conversion resumes only as ours
     from tqdm import tqdm
 
     workers = opts.workers or min(len(jobs), os.cpu_count() or 1)
-    parts = map(convert_file, jobs) if workers <= 1 else map_ordered(convert_file, jobs, workers)
     oxe = {"id": ident, "dataset": plan.cfg.name, "version": plan.version, "size": plan.size,
            "registry": asdict(plan.cfg), "gripper_convention": "absolute opening in [0, 1]: 1 = open, 0 = closed"}
-    with ShardWriter(out, overwrite=True, extra={"oxe": oxe}) as w:  # the parts merge in file order as they finish
+    with ShardWriter(out, overwrite=True, extra={"oxe": oxe}) as w:  # first removes an earlier manifest
+        claim(out, KIND, ident)  # before the first part: an interrupted conversion resumes only as ours
+        parts = map(convert_file, jobs) if workers <= 1 else map_ordered(convert_file, jobs, workers)
         for shards in tqdm(parts, total=len(jobs), desc=f"oxe {plan.cfg.name}: files", unit="file",
                            disable=not progress):
-            for ep, sample in _iter_encoded(shards):
+            for ep, sample in _iter_encoded(shards):  # merged in file order as the parts finish
                 w.write(ep, key=sample["__key__"], sample=sample)
     shutil.rmtree(out / PARTS, ignore_errors=True)
     manifest = read_json(out / MANIFEST)
