@@ -109,19 +109,19 @@ def test_killed_metaworld_collector_leaves_no_worker(tmp_path):
 
 
 def _slow_rlds(root: Path, files: int = 32, per_file: int = 24, t: int = 40) -> Path:
-    """An unregistered single-camera dataset of ``files`` TFRecord files (hard links to one), each of
-    which takes a worker a fraction of a second: several seconds of work for two workers."""
+    """A dataset in BridgeData's layout (its registry entry converts it) of ``files`` TFRecord files (hard links
+    to one), each of which takes a worker a fraction of a second: several seconds of work for two workers."""
     rng = np.random.default_rng(0)
     frames = [rw.encode_image(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "png") for _ in range(t)]
     flags = {"steps/is_first": np.arange(t) == 0, "steps/is_last": np.arange(t) == t - 1}
     rec = rw.episode_record({"steps/action": rng.normal(size=(t, 7)).astype(np.float32),
-                             "steps/observation/image": frames, **flags})
-    steps = {"action": rw.tensor((7,)), "observation": {"image": rw.image(64, 64, "png")},
-             "is_first": rw.scalar("bool"), "is_last": rw.scalar("bool")}
-    d = rw.write_dataset(root / "slow_set" / "1.0.0", rw.features_json(steps), {"train": [[rec] * per_file]})
-    one = d / "slow_set-train.tfrecord-00000-of-00001"
+                             "steps/observation/image_0": frames, "steps/language_instruction": [b"go"] * t, **flags})
+    steps = {"action": rw.tensor((7,)), "observation": {"image_0": rw.image(64, 64, "png")},
+             "language_instruction": rw.text(), "is_first": rw.scalar("bool"), "is_last": rw.scalar("bool")}
+    d = rw.write_dataset(root / "bridge_dataset" / "1.0.0", rw.features_json(steps), {"train": [[rec] * per_file]})
+    one = d / "bridge_dataset-train.tfrecord-00000-of-00001"
     for i in range(files):
-        os.link(one, d / f"slow_set-train.tfrecord-{i:05d}-of-{files:05d}")
+        os.link(one, d / f"bridge_dataset-train.tfrecord-{i:05d}-of-{files:05d}")
     one.unlink()
     info = json.loads((d / "dataset_info.json").read_text())
     info["splits"][0]["shardLengths"] = [str(per_file)] * files

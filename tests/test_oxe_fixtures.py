@@ -19,7 +19,7 @@ from scipy.spatial.transform import Rotation
 
 from whale_pl.data.episode import EEF7_ACTION_SPACE
 from whale_pl.data.oxe.cli import main
-from whale_pl.data.oxe.convert import PARTS, ConversionError, ConvertOptions, convert_dataset, make_plan, source_files
+from whale_pl.data.oxe.convert import PARTS, ConversionError, ConvertOptions, convert_dataset, source_files
 from whale_pl.data.oxe.example_proto import parse_example
 from whale_pl.data.oxe.registry import REGISTRY, ActionMap
 from whale_pl.data.oxe.schema import load_schema
@@ -87,26 +87,6 @@ def rt1_dataset(root: Path, n_files=2, per_file=2, drop_key_at: int | None = Non
     return d, raw
 
 
-def plain_dataset(root: Path, name: str, cameras=("image",), action_shape=(7,), language=False,
-                  n=3, seed=1) -> tuple[Path, list]:
-    rng = np.random.default_rng(seed)
-    obs = {c: rw.image(H, W, "png") for c in cameras}
-    steps = {"action": rw.tensor(action_shape), "observation": obs, **_flag_schema()}
-    if language:
-        steps["language_instruction"] = rw.text()
-    raw, recs = [], []
-    for i in range(n):
-        vals = {"steps/action": rng.normal(size=(T,) + action_shape).astype(np.float32), **_flags()}
-        for c in cameras:
-            vals[f"steps/observation/{c}"] = [rw.encode_image(f, "png") for f in _frames(rng)]
-        if language:
-            vals["steps/language_instruction"] = [b"do it"] * T
-        raw.append(vals)
-        recs.append(rw.episode_record(vals))
-    d = rw.write_dataset(root / name / "1.0.0", rw.features_json(steps), {"train": [recs]})
-    return d, raw
-
-
 def _decode(b: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
 
@@ -135,7 +115,7 @@ def test_rt1_nested_actions_two_cameras_language(tmp_path):
                                                            for b in v["steps/observation/image"]]))
         assert ep.language == v["steps/observation/natural_language_instruction"][0].decode()
         np.testing.assert_array_equal(ep.success, [0, 0, 0, 0, 0, 1])
-    assert m["extra"]["oxe"]["plan"]["stride"] == 1  # 3 Hz: no stride
+    assert m["extra"]["oxe"]["registry"]["frame_stride"] == 1  # 3 Hz: no stride
 
 
 def test_stride_composes_actions(tmp_path, monkeypatch):
@@ -163,43 +143,20 @@ def test_stride_composes_actions(tmp_path, monkeypatch):
                                                        for i in (0, 4)]))
 
 
-def test_unregistered_unambiguous_without_language(tmp_path):
-    src, raw = plain_dataset(tmp_path / "src", "my_robot_set")
-    out = tmp_path / "out"
-    assert main(["--src", str(src), "--out", str(out), "--size", "0", "-q", "--workers", "1"]) == 0
-    eps = list(iter_episodes(out))
-    assert len(eps) == 3
-    for ep, v in zip(eps, raw):
-        assert ep.language == ""
-        np.testing.assert_array_equal(ep.actions, v["steps/action"])
-        np.testing.assert_array_equal(ep.frames, np.stack([_decode(b) for b in v["steps/observation/image"]]))
-    m = verify_dataset(out)
-    assert m["frame_size"] == [H, W] and m["extra"]["oxe"]["registry"] is None
-
-
-def test_unregistered_ambiguous_fails_listing_keys(tmp_path, capsys):
-    src, _ = plain_dataset(tmp_path / "src", "two_cam_set", cameras=("front", "side"), action_shape=(4,))
-    rc = main(["--src", str(src), "--out", str(tmp_path / "out"), "-q"])
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert "steps/observation/front" in err and "steps/observation/side" in err and "registry.py" in err
-    # one camera: the 4-D action stays native (not the 7-D layout)
-    src, _ = plain_dataset(tmp_path / "src", "one_cam_set", action_shape=(4,))
-    assert main(["--src", str(src), "--out", str(tmp_path / "out"), "-q", "--workers", "1"]) == 0
-    m = verify_dataset(tmp_path / "out")
-    assert m["action_space"]["names"] == ["a0", "a1", "a2", "a3"]
-    # nested actions without a registry entry: the action candidates are listed
-    src2, _ = rt1_dataset(tmp_path / "src2")
-    renamed = tmp_path / "src2" / "rt1_copy" / "0.1.0"
-    renamed.parent.mkdir(parents=True)
-    os.rename(src2, renamed)
-    info = json.loads((renamed / "dataset_info.json").read_text())
-    info["name"] = "fractal20220817_data"  # file names keep the original dataset name
-    (renamed / "dataset_info.json").write_text(json.dumps(info))
-    with pytest.raises(ConversionError) as e:
-        make_plan(renamed, load_schema(renamed), ConvertOptions())
-    msg = str(e.value)
-    assert "steps/action/world_vector" in msg and "not in the OXE registry" in msg and "2 camera keys" in msg
+def test_unregistered_dataset_or_missing_registry_key_fails_naming_it(tmp_path, capsys, monkeypatch):
+    src, _ = rt1_dataset(tmp_path / "src")
+    other = tmp_path / "src" / "my_robot_set" / "0.1.0"
+    other.parent.mkdir()
+    os.rename(src, other)
+    assert main(["--src", str(other), "--out", str(tmp_path / "out"), "-q"]) == 2
+    assert "dataset 'my_robot_set' is not in the OXE registry" in capsys.readouterr().err
+    # a registry entry naming keys features.json lacks: every such key is named
+    name = "fractal20220817_data"
+    monkeypatch.setitem(REGISTRY, name, dataclasses.replace(REGISTRY[name], camera="front", language="instruction"))
+    src, _ = rt1_dataset(tmp_path / "src2")
+    with pytest.raises(ConversionError, match=r"fractal20220817_data' names camera 'steps/observation/front', "
+                                              r"instruction 'steps/instruction', which features.json lacks"):
+        convert_dataset(src, tmp_path / "out", ConvertOptions(size=16, workers=1), progress=False)
 
 
 def test_missing_key_names_file_record_and_key(tmp_path):
@@ -267,24 +224,25 @@ def test_resume_after_interruption_gives_identical_output(tmp_path, monkeypatch)
     # an interrupted run: file 1 finished its part, file 2 left a half-written part, no manifest
     out = tmp_path / "resumed"
     opts = ConvertOptions(size=16, workers=1)
-    done = []
 
     def interrupted(fn, jobs, workers):
-        done.append(fn(jobs[1]))
+        fn(jobs[1])
         raise KeyboardInterrupt
 
     monkeypatch.setattr(conv, "map_ordered", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert_dataset(src, out, ConvertOptions(size=16, workers=2), progress=False)
     monkeypatch.undo()
-    (done1,) = done
-    assert done1["episodes"] == 2 and not done1["resumed"] and not (out / "manifest.json").exists()
+    assert (out / PARTS / "train-00001" / "part.json").is_file()
+    assert not (out / "manifest.json").exists()
     (out / PARTS / "train-00002").mkdir(parents=True)
     (out / PARTS / "train-00002" / "garbage").write_bytes(b"partial")
     (out / "shard-000000.tar").write_bytes(b"left by an interrupted merge")
-    timing: dict = {}
-    m = convert_dataset(src, out, opts, progress=False, timing=timing)
-    assert timing["parts"] == 3 and timing["parts_resumed"] == 1  # file 1's part is reused, not redone
+    converted, to_episode = set(), conv.record_to_episode
+    monkeypatch.setattr(conv, "record_to_episode", lambda data, schema, plan, where, *a:
+                        converted.add(Path(where.path).name) or to_episode(data, schema, plan, where, *a))
+    m = convert_dataset(src, out, opts, progress=False)
+    assert converted == {p.name for p, _ in source_files(src, "train")[::2]}  # file 1's part is reused, not redone
     assert not (out / PARTS).exists()
     mc = verify_dataset(clean)
     assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in mc["shards"]]

@@ -50,10 +50,7 @@ def parse_example(data: bytes) -> dict[str, np.ndarray | list]:
         kind = feat.WhichOneof("kind")
         if kind == "bytes_list":
             out[key] = list(feat.bytes_list.value)
-        elif kind == "float_list":
-            out[key] = np.array(feat.float_list.value, dtype=np.float32)
-        elif kind == "int64_list":
-            out[key] = np.array(feat.int64_list.value, dtype=np.int64)
         else:
-            out[key] = np.zeros(0, dtype=np.float32)
+            out[key] = np.array(getattr(feat, kind).value if kind else [],
+                                dtype=np.int64 if kind == "int64_list" else np.float32)
     return out

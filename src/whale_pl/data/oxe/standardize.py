@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from whale_pl.data.oxe.registry import ActionMap
-from whale_pl.data.oxe.schema import DatasetSchema, FeatureSpec
+from whale_pl.data.oxe.schema import DatasetSchema
 
 _SPEC = re.compile(r"^(?P<key>[A-Za-z0-9_\-/]+?)(?:\[(?P<a>\d+)(?::(?P<b>\d+))?\])?$")
 
@@ -54,14 +54,11 @@ def episode_length(ex: dict, schema: DatasetSchema, camera_key: str, where: Wher
 
 def step_array(ex: dict, schema: DatasetSchema, key: str, t: int, where: Where) -> np.ndarray:
     """A numeric step feature as float64 [T, n] (n = values per step from the schema)."""
-    spec: FeatureSpec | None = schema.features.get(key)
-    if spec is None:
-        raise where.err(key, f"not in features.json ({schema.path})")
     v = _get(ex, key, where)
     if isinstance(v, list):
-        raise where.err(key, f"holds byte strings (encoding {spec.encoding!r}); not readable as numbers")
+        raise where.err(key, "holds byte strings; not readable as numbers")
     arr = np.asarray(v, dtype=np.float64)
-    n = spec.size
+    n = schema.size(key)
     if n is None:
         if t == 0 or arr.size % t:
             raise where.err(key, f"{arr.size} values do not split into {t} steps")
@@ -162,10 +159,8 @@ def standard_actions(ex: dict, schema: DatasetSchema, amap: ActionMap, t: int, w
     return np.concatenate([xyz, rpy, g[:, None]], axis=1).astype(np.float32)
 
 
-def language_of(ex: dict, key: str | None, encoding: str, t: int, where: Where) -> str:
+def language_of(ex: dict, key: str, encoding: str, t: int, where: Where) -> str:
     """The episode's instruction: the first non-empty step instruction ('' when there is none)."""
-    if key is None:
-        return ""
     if encoding == "codepoints":
         arr = np.asarray(_get(ex, key, where), dtype=np.int64)
         if t == 0 or arr.size % t:
