@@ -169,14 +169,13 @@ def _clips(n: int, T: int = 9, size: int = 32, seed: int = 0) -> torch.Tensor:
 def test_fvd_zero_on_itself_and_grows_with_noise(i3d):
     real = _clips(2)
     scorer = FVD(i3d, batch_size=2)
-    scorer.update(real_BTCHW=real)
+    scorer.real = [scorer.features(real)]
     scorer.fake = [scorer.real[0].copy()]
     d_self = scorer.compute()
     noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(1))
     ds = []
     for sigma in (0.05, 0.3):
-        scorer.fake = []
-        scorer.update(fake_BTCHW=(real + sigma * noise).clamp(-1, 1))
+        scorer.fake = [scorer.features((real + sigma * noise).clamp(-1, 1))]
         ds.append(scorer.compute())
     assert d_self < 1e-6 * ds[0], (d_self, ds)
     assert 0 < ds[0] < ds[1], ds

@@ -16,15 +16,14 @@ from typing import Any
 from whale_pl.io import write_json_atomic
 
 
-def load_stage_module(ckpt_path: str | os.PathLike, class_path: str | None = None, device: str = "cpu"):
-    """A LightningModule checkpoint in eval mode, of the class `class_path` ('module.Class') or else the one
-    stamped into the checkpoint (`whale_pl.lit.handoff.CLASS_KEY`)."""
+def load_stage_module(ckpt_path: str | os.PathLike, device: str = "cpu"):
+    """A LightningModule checkpoint in eval mode, of the class stamped into it (`whale_pl.lit.handoff.CLASS_KEY`)."""
     from whale_pl.lit.checkpoint import load_module, read_checkpoint
     from whale_pl.lit.handoff import CLASS_KEY
 
     path = Path(ckpt_path)
     ckpt = read_checkpoint(path)
-    if (class_path := class_path or ckpt.get(CLASS_KEY)) is None:
+    if (class_path := ckpt.get(CLASS_KEY)) is None:
         raise ValueError(f"{path}: no {CLASS_KEY!r} entry naming the module class")
     mod, _, name = class_path.rpartition(".")
     try:

