@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from whale_pl.rollout.gif import layout, read_gif_frames, upscale
+from test_rollout_gifs import read_gif_frames  # (tests/ is on sys.path under pytest)
+from whale_pl.rollout.gif import layout, upscale
 
 K_CLOCK = 2
 

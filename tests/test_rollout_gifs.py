@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from whale_pl.rollout.gif import CURSOR_COLOR, layout, read_gif_frames, upscale, write_rollout_gif
+from whale_pl.rollout.gif import CURSOR_COLOR, layout, upscale, write_rollout_gif
+
+
+def read_gif_frames(path) -> list[np.ndarray]:
+    """Every frame of a GIF as uint8 RGB ``[h, w, 3]``."""
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as im:
+        return [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
 
 
 def _crop(img: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -50,22 +58,6 @@ def test_gif_has_a_frame_per_step_with_both_panels_exact_and_a_moving_cursor(tmp
     assert np.all(np.diff(cursor_x) > 0), cursor_x  # the marker walks along the horizon
 
 
-def test_gif_writer_rejects_mismatched_inputs(tmp_path):
-    rng = np.random.default_rng(1)
-    real = _few_colour_frames(rng, 4, 4)
-    with pytest.raises(ValueError, match=r"differ in shape: \(4, 3, 16, 20\) vs \(3, 3, 16, 20\)"):
-        write_rollout_gif(tmp_path / "a.gif", real, real[:3], np.zeros(4))
-    with pytest.raises(ValueError, match=r"uncertainty must be \[T=4\]"):
-        write_rollout_gif(tmp_path / "a.gif", real, real, np.zeros(5))
-    with pytest.raises(ValueError, match=r"must be \[T, 3, H, W\]"):
-        write_rollout_gif(tmp_path / "a.gif", real.transpose(0, 2, 3, 1), real.transpose(0, 2, 3, 1), np.zeros(4))
-    assert list(tmp_path.iterdir()) == []
-
-
-# ---------------------------------------------------------------------------------------------
-# end to end on a tiny trained model
-# ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
 def tiny_dynamics_ckpt(tiny_world) -> Path:
     """A tiny tokenizer and a tiny dynamics model (behavior off, strides up to 3), a few steps each."""
     return tiny_world("gif_ckpts")

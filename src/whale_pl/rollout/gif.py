@@ -44,28 +44,9 @@ def layout(frame_hw: tuple[int, int], scale: int, title: bool = False) -> GifLay
     return GifLayout(width, plot[3] + FOOTER_H + MARGIN, real, imag, plot)
 
 
-def to_uint8_THWC(frames_TCHW, name: str = "frames") -> np.ndarray:
-    """``[T, 3, H, W]`` uint8 or float in [-1, 1] (numpy or torch) -> uint8 ``[T, H, W, 3]``."""
-    import torch
-
-    from whale_pl.data.frames import frames_to_uint8
-
-    x = torch.as_tensor(np.asarray(frames_TCHW.detach().cpu() if hasattr(frames_TCHW, "detach") else frames_TCHW))
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"{name} must be [T, 3, H, W], got shape {tuple(x.shape)}")
-    return np.ascontiguousarray(frames_to_uint8(x, name).numpy().transpose(0, 2, 3, 1))
-
-
 def upscale(frame_HWC: np.ndarray, scale: int) -> np.ndarray:
     """Nearest-neighbour upscale: each pixel becomes a ``scale x scale`` block."""
     return np.repeat(np.repeat(frame_HWC, scale, axis=0), scale, axis=1)
-
-
-def _series(x, T: int, name: str) -> np.ndarray:
-    v = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, np.float64)
-    if v.shape != (T,):
-        raise ValueError(f"{name} must be [T={T}], got shape {v.shape}")
-    return v
 
 
 def _axis(ax, steps: np.ndarray, values_T: np.ndarray, style: str, color: str, label: str, **kw) -> None:
@@ -151,18 +132,17 @@ def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncerta
                       uncertainty_label: str = "uncertainty") -> GifLayout:
     """Write the looping GIF (a frame per step, 4 fps) atomically; returns its layout. Frames ``[T, 3, H, W]``
     uint8 or float in [-1, 1]; ``uncertainty_T`` may hold NaN (no score: a gap); ``error_T``: pixel MSE."""
+    import torch
     from PIL import Image, ImageDraw, ImageFont
 
+    from whale_pl.data.frames import frames_to_uint8
     from whale_pl.io import atomic_path
 
-    real = to_uint8_THWC(real_TCHW, "real frames")
-    imag = to_uint8_THWC(imagined_TCHW, "imagined frames")
-    if real.shape != imag.shape:
-        raise ValueError(f"real and imagined frames differ in shape: {tuple(np.shape(real_TCHW))} vs "
-                         f"{tuple(np.shape(imagined_TCHW))}")
+    real, imag = (frames_to_uint8(torch.as_tensor(np.asarray(f))).numpy().transpose(0, 2, 3, 1)
+                  for f in (real_TCHW, imagined_TCHW))
     T = real.shape[0]
-    u = _series(uncertainty_T, T, "uncertainty")
-    e = None if error_T is None else _series(error_T, T, "error")
+    u = np.asarray(uncertainty_T, np.float64)
+    e = None if error_T is None else np.asarray(error_T, np.float64)
     lay = layout(real.shape[1:3], scale, bool(title))
     x0, y0, x1, y1 = lay.plot
     curve, points, (ax_top, ax_bot) = _curve_image(u, e, (x1 - x0, y1 - y0), uncertainty_label)
@@ -186,14 +166,6 @@ def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncerta
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=250,
                        loop=0, optimize=False)
     return lay
-
-
-def read_gif_frames(path: str | os.PathLike) -> list[np.ndarray]:
-    """Every frame of a GIF as uint8 RGB ``[h, w, 3]`` (for checks)."""
-    from PIL import Image, ImageSequence
-
-    with Image.open(path) as im:
-        return [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
 
 
 def _safe(name: str) -> str:
