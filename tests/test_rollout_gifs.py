@@ -58,6 +58,10 @@ def test_gif_has_a_frame_per_step_with_both_panels_exact_and_a_moving_cursor(tmp
     assert np.all(np.diff(cursor_x) > 0), cursor_x  # the marker walks along the horizon
 
 
+# ---------------------------------------------------------------------------------------------
+# end to end on a tiny trained model
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
 def tiny_dynamics_ckpt(tiny_world) -> Path:
     """A tiny tokenizer and a tiny dynamics model (behavior off, strides up to 3), a few steps each."""
     return tiny_world("gif_ckpts")
