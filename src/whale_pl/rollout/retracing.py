@@ -61,12 +61,10 @@ def composed_action_table(actions_norm_BTA: torch.Tensor, normaliser: ActionNorm
 
 @torch.no_grad()
 def retracing_uncertainty(model: torch.nn.Module, ids_BThw: torch.Tensor, actions_norm_BTA: torch.Tensor,
-                          normaliser: ActionNormaliser, first: int, K: int = 3, codebook_VE: torch.Tensor | None = None,
-                          z_fn: ZFn | None = None, weight: float = 0.5) -> dict[str, torch.Tensor]:
+                          normaliser: ActionNormaliser, first: int, K: int, codebook_VE: torch.Tensor, z_fn: ZFn | None,
+                          weight: float = 0.5) -> dict[str, torch.Tensor]:
     """Per-step retracing uncertainty of frames ``first .. N-1`` of a rollout (``actions_norm_BTA[:, t]`` taken at
-    frame t): ``score_BT``, ``disagreement_BT``, ``entropy_BT``, ``n_predictions_T`` (anchors; one: disagreement 0).
-    K (2..``max_stride``) is checked where the user sets it (``PlanConfig.check``)."""
-    codes = torch.eye(model.codebook_size, device=ids_BThw.device) if codebook_VE is None else codebook_VE
+    frame t): ``score_BT``, ``disagreement_BT``, ``entropy_BT``, ``n_predictions_T`` (anchors; one: disagreement 0)."""
     table = composed_action_table(actions_norm_BTA, normaliser, K)
     parts: dict[str, list[torch.Tensor]] = {"score": [], "disagreement": [], "entropy": []}
     n_pred = []
@@ -79,7 +77,7 @@ def retracing_uncertainty(model: torch.nn.Module, ids_BThw: torch.Tensor, action
             z = None if z_fn is None else z_fn(ctx, acts)
             preds.append(model.predict_next(ctx, acts, z, stride)["probs_BhwV"].flatten(1, 2))
         n_pred.append(len(preds))
-        u = combine_predictions(torch.stack(preds * 2 if len(preds) == 1 else preds), codes, weight)
+        u = combine_predictions(torch.stack(preds * 2 if len(preds) == 1 else preds), codebook_VE, weight)
         for key in parts:
             parts[key].append(u[key])
     return {**{f"{k}_BT": torch.stack(v, 1) for k, v in parts.items()}, "n_predictions_T": torch.tensor(n_pred)}
