@@ -69,10 +69,6 @@ class VideoEvaluator:
 
     def compute(self) -> dict:
         """psnr, ssim, their per-frame means, num_clips, psnr_capped, and fvd / fvd_num_clips when computed."""
-        if not self.psnr:
-            raise ValueError("VideoEvaluator.compute() called before any update()")
-        if len({p.shape[1] for p in self.psnr}) != 1:
-            raise ValueError(f"clips of different lengths were accumulated: {sorted({p.shape[1] for p in self.psnr})}")
         psnr_BT, ssim_BT = np.concatenate(self.psnr), np.concatenate(self.ssim)
         capped = int(np.sum(~np.isfinite(psnr_BT) | (psnr_BT > PSNR_CAP_DB)))
         psnr_BT = np.minimum(np.nan_to_num(psnr_BT, posinf=PSNR_CAP_DB), PSNR_CAP_DB)
