@@ -180,17 +180,11 @@ def pick_episodes(dm, split: str, n: int, min_len: int) -> list:
     """``n`` episodes of ``split`` at least ``min_len`` long, in manifest order, preferring a task and a
     policy not yet picked (then a policy not yet picked, then any)."""
     eps = [ep for ep in dm.iter_episodes(split) if len(ep) >= min_len]
-    chosen: list[int] = []
+    keys, chosen = [_task_policy(ep) for ep in eps], []
     for rule in ("both", "policy", "any"):
-        for i, ep in enumerate(eps):
-            if len(chosen) >= n:
-                return [eps[j] for j in chosen]
-            if i in chosen:
-                continue
-            task, pol = _task_policy(ep)
-            new_task = task not in {_task_policy(eps[j])[0] for j in chosen}
-            new_pol = pol not in {_task_policy(eps[j])[1] for j in chosen}
-            if rule == "any" or (new_pol and (rule == "policy" or new_task)):
+        for i, (task, pol) in enumerate(keys):
+            new_task, new_pol = all(task != keys[j][0] for j in chosen), all(pol != keys[j][1] for j in chosen)
+            if len(chosen) < n and i not in chosen and (rule == "any" or (new_pol and (rule == "policy" or new_task))):
                 chosen.append(i)
     return [eps[j] for j in chosen]
 

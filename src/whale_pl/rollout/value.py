@@ -217,10 +217,9 @@ def scripted_policy_fn(real: RealRollouts, index: Sequence[int]) -> PolicyFn:
     """Fresh instances of the rollouts' policies (same task, same seed -> same noise), batched."""
     from whale_pl.data.policies import parse_policy
 
-    pols = []
-    for i in index:
-        pols.append(parse_policy(real.policy[i]))
-        pols[-1].reset(real.task[i], np.random.default_rng(real.seed[i]))
+    pols = [parse_policy(real.policy[i]) for i in index]
+    for p, i in zip(pols, index):
+        p.reset(real.task[i], np.random.default_rng(real.seed[i]))
     return lambda t, states_BP: np.stack([p.act(s.astype(np.float64)) for p, s in zip(pols, states_BP)])
 
 
