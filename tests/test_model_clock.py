@@ -41,7 +41,7 @@ def test_gifs_show_every_kth_frame(strided_ckpt, tiny_shards, tmp_path):
     ep = {e.meta["episode_id"]: e for e in ClipDataModule(str(tiny_shards), num_workers=0).episodes("val")}[
         c["episode"]]
     frames = read_gif_frames(tmp_path / c["gif"])
-    lay = layout((32, 32), SCALE, title=True)
+    lay = layout((32, 32), SCALE)
     for t, f in enumerate(frames):
         x0, y0, x1, y1 = lay.real
         shown = f[y0:y1, x0:x1].astype(float)

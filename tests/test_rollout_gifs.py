@@ -105,7 +105,7 @@ def test_gifs_command_writes_one_gif_per_clip_consistent_with_the_shards(gif_run
         frames = read_gif_frames(out / c["gif"])
         assert len(frames) == H
         ep = eps[c["episode"]]
-        lay = layout((32, 32), 3, title=True)
+        lay = layout((32, 32), 3)
         for t, f in enumerate(frames):
             real = upscale(ep.frames[1 + t], 3).astype(float)  # real frame after the 1-frame context
             shown_real = _crop(f, lay.real).astype(float)

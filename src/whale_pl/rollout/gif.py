@@ -31,13 +31,13 @@ class GifLayout:
     plot: tuple[int, int, int, int]
 
 
-def layout(frame_hw: tuple[int, int], scale: int, title: bool = False) -> GifLayout:
-    """Where the panels and the plot go for frames of ``frame_hw`` upscaled by ``scale``."""
+def layout(frame_hw: tuple[int, int], scale: int) -> GifLayout:
+    """Where the title, the panels and the plot go for frames of ``frame_hw`` upscaled by ``scale``."""
     h, w = frame_hw[0] * scale, frame_hw[1] * scale
     width = max(MIN_WIDTH, 2 * MARGIN + 2 * w + GAP)
     left = (width - 2 * w - GAP) // 2  # panels centred
     ph = max(110, int(round(0.6 * h)))
-    top = MARGIN + (LABEL_H if title else 0) + LABEL_H
+    top = MARGIN + 2 * LABEL_H  # the title, then the panel labels
     real = (left, top, left + w, top + h)
     imag = (left + w + GAP, top, left + 2 * w + GAP, top + h)
     plot = (0, top + h + GAP, width, top + h + GAP + ph)
@@ -118,8 +118,7 @@ def _chrome(lay: GifLayout, curve_HWC: np.ndarray, title: str, labels: tuple[str
     base = Image.new("RGB", (lay.width, lay.height), (255, 255, 255))
     draw = ImageDraw.Draw(base)
     draw.fontmode = "1"  # no antialiasing: text adds black only, leaving the palette to the frames
-    if title:
-        draw.text((MARGIN, MARGIN), title, fill=(0, 0, 0), font=font)
+    draw.text((MARGIN, MARGIN), title, fill=(0, 0, 0), font=font)
     for (bx0, by0, bx1, _), text in ((lay.real, labels[0]), (lay.imagined, labels[1])):
         tw = draw.textlength(text, font=font)
         draw.text((bx0 + (bx1 - bx0 - tw) / 2, by0 - LABEL_H + 1), text, fill=(0, 0, 0), font=font)
@@ -128,7 +127,7 @@ def _chrome(lay: GifLayout, curve_HWC: np.ndarray, title: str, labels: tuple[str
 
 
 def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncertainty_T, error_T=None,
-                      scale: int = 4, title: str = "", labels: tuple[str, str] = ("real", "imagined"),
+                      scale: int = 4, *, title: str, labels: tuple[str, str] = ("real", "imagined"),
                       uncertainty_label: str = "uncertainty") -> GifLayout:
     """Write the looping GIF (a frame per step, 4 fps) atomically; returns its layout. Frames ``[T, 3, H, W]``
     uint8 or float in [-1, 1]; ``uncertainty_T`` may hold NaN (no score: a gap); ``error_T``: pixel MSE."""
@@ -143,7 +142,7 @@ def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncerta
     T = real.shape[0]
     u = np.asarray(uncertainty_T, np.float64)
     e = None if error_T is None else np.asarray(error_T, np.float64)
-    lay = layout(real.shape[1:3], scale, bool(title))
+    lay = layout(real.shape[1:3], scale)
     x0, y0, x1, y1 = lay.plot
     curve, points, (ax_top, ax_bot) = _curve_image(u, e, (x1 - x0, y1 - y0), uncertainty_label)
     base, font = _chrome(lay, curve, title, labels), ImageFont.load_default()
