@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    m = load_stage_module(a.ckpt, None, "cpu")
+    m = load_stage_module(a.ckpt)
     steps = int(m.hparams.maskgit_steps)
     tot = {k: 0 for k in ("n", "chg", "one", "mg", "copy", "one_chg", "mg_chg", "one_same", "mg_same")}
     for split in ("val", "ood"):

@@ -13,6 +13,7 @@ import time
 import torch
 
 from whale_pl.metrics.fvd import FVD
+from whale_pl.metrics.i3d import load_i3d
 
 
 def clips(n: int, T: int, size: int, seed: int) -> torch.Tensor:
@@ -36,7 +37,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     a = p.parse_args()
     t0 = time.perf_counter()
-    fvd = FVD.load(batch_size=a.batch_size)
+    fvd = FVD(load_i3d(), batch_size=a.batch_size)
     load_s = time.perf_counter() - t0
     real = clips(a.clips, a.frames, a.size, seed=0)
     noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(1)) * 20

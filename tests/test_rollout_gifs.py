@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from whale_pl.rollout.gif import CURSOR_COLOR, layout, read_gif_frames, upscale, write_rollout_gif
+from whale_pl.rollout.gif import CURSOR_COLOR, layout, upscale, write_rollout_gif
+
+
+def read_gif_frames(path) -> list[np.ndarray]:
+    """Every frame of a GIF as uint8 RGB ``[h, w, 3]``."""
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as im:
+        return [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
 
 
 def _crop(img: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -48,18 +56,6 @@ def test_gif_has_a_frame_per_step_with_both_panels_exact_and_a_moving_cursor(tmp
         assert len(cols) >= 1, f"no cursor line in frame {t}"
         cursor_x.append(cols.mean())
     assert np.all(np.diff(cursor_x) > 0), cursor_x  # the marker walks along the horizon
-
-
-def test_gif_writer_rejects_mismatched_inputs(tmp_path):
-    rng = np.random.default_rng(1)
-    real = _few_colour_frames(rng, 4, 4)
-    with pytest.raises(ValueError, match=r"differ in shape: \(4, 3, 16, 20\) vs \(3, 3, 16, 20\)"):
-        write_rollout_gif(tmp_path / "a.gif", real, real[:3], np.zeros(4))
-    with pytest.raises(ValueError, match=r"uncertainty must be \[T=4\]"):
-        write_rollout_gif(tmp_path / "a.gif", real, real, np.zeros(5))
-    with pytest.raises(ValueError, match=r"must be \[T, 3, H, W\]"):
-        write_rollout_gif(tmp_path / "a.gif", real.transpose(0, 2, 3, 1), real.transpose(0, 2, 3, 1), np.zeros(4))
-    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +105,7 @@ def test_gifs_command_writes_one_gif_per_clip_consistent_with_the_shards(gif_run
         frames = read_gif_frames(out / c["gif"])
         assert len(frames) == H
         ep = eps[c["episode"]]
-        lay = layout((32, 32), 3, title=True)
+        lay = layout((32, 32), 3)
         for t, f in enumerate(frames):
             real = upscale(ep.frames[1 + t], 3).astype(float)  # real frame after the 1-frame context
             shown_real = _crop(f, lay.real).astype(float)

@@ -9,8 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from whale_pl.rollout.stats import (chance_verdict, difference_verdict, interval, uncertainty_intervals,
-                                    value_intervals)
+from whale_pl.rollout.stats import interval, uncertainty_intervals, value_intervals, verdict
 
 T, P, K, S = 3, 6, 5, 3
 
@@ -53,9 +52,9 @@ def test_paired_bootstrap_includes_zero_for_equal_models():
 
 
 def test_verdict_is_undefined_when_a_figure_is():
-    assert difference_verdict(float("nan"), -1.0, 1.0) == "undefined"
-    assert difference_verdict(-0.5, float("nan"), float("nan")) == "undefined"
-    assert chance_verdict(float("nan"), 0.4, 0.6) == "undefined"
+    assert verdict(float("nan"), -1.0, 1.0, "higher", "lower") == "undefined"
+    assert verdict(-0.5, float("nan"), float("nan"), "higher", "lower") == "undefined"
+    assert verdict(float("nan"), 0.4, 0.6, "better", "worse", 0.5) == "undefined"
     real = np.ones((T, P, K))  # equal real returns: no range to normalise by
     rng = np.random.default_rng(3)
     res = value_intervals(real, rng.normal(size=(S, T, P, K)), rng.normal(size=(S, T, P, K)), n_boot=100)

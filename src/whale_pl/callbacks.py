@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from whale_pl.io import write_bytes_atomic
 from whale_pl.lit.logging import paired_video_grid
-from whale_pl.metrics.fvd import FVD, make_fvd
+from whale_pl.metrics.fvd import make_fvd
 from whale_pl.metrics.video import VideoEvaluator
 
 LOG_CLIPS = 4  # clips drawn to TensorBoard
@@ -30,18 +30,9 @@ _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK
 
 
 def call_eval_videos(module: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """`module.eval_videos(batch)` checked against the protocol; returns (real, generated)."""
-    name = type(module).__name__
+    """`module.eval_videos(batch)` without gradients; returns (real, generated), detached."""
     with torch.no_grad():
-        out = module.eval_videos(batch)
-    if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(v, torch.Tensor) for v in out)):
-        got = type(out).__name__ + (f" with keys {list(out)}" if isinstance(out, dict) else "")
-        raise TypeError(f"{name}.eval_videos must return (real_BTCHW, generated_BTCHW) tensors, "
-                        f"got {got}; see docs/contracts.md (Evaluation)")
-    real, fake = out
-    if real.shape != fake.shape or real.ndim != 5 or real.shape[2] != 3:
-        raise ValueError(f"{name}.eval_videos: real {tuple(real.shape)} and generated "
-                         f"{tuple(fake.shape)} must both be [B, T, 3, H, W]")
+        real, fake = module.eval_videos(batch)
     return real.detach(), fake.detach()
 
 
@@ -77,8 +68,7 @@ class EvalCallback(Callback):
             raise ValueError(f"every_n_val_epochs ({every_n_val_epochs}) and num_clips ({num_clips}) must be >= 1")
         self.every_n_val_epochs, self.num_clips, self.fvd = every_n_val_epochs, num_clips, fvd
         self.value_kwargs = dict(value_kwargs or {})
-        self._val_epochs, self._active, self._seconds, self._fvd_loaded = 0, False, 0.0, False
-        self._fvd: FVD | None = None
+        self._val_epochs, self._active, self._seconds = 0, False, 0.0
         self._evaluator: VideoEvaluator | None = None
         self._shown: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -90,11 +80,9 @@ class EvalCallback(Callback):
         self._val_epochs += 1
         self._active = self._val_epochs % self.every_n_val_epochs == 0
         if self._active and trainer.is_global_zero:
-            if self.fvd and not self._fvd_loaded:
-                self._fvd, self._fvd_loaded = make_fvd(pl_module.device), True
-            if self._fvd is not None:
-                self._fvd.reset()
-            self._evaluator = VideoEvaluator(self._fvd if self.fvd else None)
+            if self._evaluator is None:  # the I3D weights load once
+                self._evaluator = VideoEvaluator(make_fvd(pl_module.device) if self.fvd else None)
+            self._evaluator.reset()
             self._shown, self._seconds = None, 0.0
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,

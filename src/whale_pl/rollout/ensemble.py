@@ -12,15 +12,10 @@ from whale_pl.rollout.retracing import ZFn, combine_predictions
 
 @torch.no_grad()
 def ensemble_uncertainty(models: Sequence[torch.nn.Module], ids_BThw: torch.Tensor, actions_norm_BTA: torch.Tensor,
-                         first: int, codebook_VE: torch.Tensor | None = None, z_fns: Sequence[ZFn | None] | None = None,
+                         first: int, codebook_VE: torch.Tensor, z_fns: Sequence[ZFn | None],
                          weight: float = 0.5) -> dict[str, torch.Tensor]:
     """Per-step uncertainty of frames ``first .. N-1`` of a rollout from >= 2 members, each predicting frame n from
     frames ``< n``: ``score_BT``, ``disagreement_BT``, ``entropy_BT``."""
-    z_fns = list(z_fns) if z_fns is not None else [None] * len(models)
-    V = {m.codebook_size for m in models}
-    if len(V) != 1:
-        raise ValueError(f"ensemble members disagree on the codebook size: {sorted(V)}")
-    codes = torch.eye(V.pop(), device=ids_BThw.device) if codebook_VE is None else codebook_VE
     parts: dict[str, list[torch.Tensor]] = {"score": [], "disagreement": [], "entropy": []}
     for n in range(first, ids_BThw.shape[1]):
         preds = []
@@ -29,7 +24,7 @@ def ensemble_uncertainty(models: Sequence[torch.nn.Module], ids_BThw: torch.Tens
             ctx, acts = ids_BThw[:, lo:n], actions_norm_BTA[:, lo:n]
             z = None if z_fn is None else z_fn(ctx, acts)
             preds.append(m.predict_next(ctx, acts, z)["probs_BhwV"].flatten(1, 2))
-        u = combine_predictions(torch.stack(preds), codes, weight)
+        u = combine_predictions(torch.stack(preds), codebook_VE, weight)
         for key in parts:
             parts[key].append(u[key])
     return {f"{k}_BT": torch.stack(v, 1) for k, v in parts.items()}

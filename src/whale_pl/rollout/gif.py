@@ -31,41 +31,22 @@ class GifLayout:
     plot: tuple[int, int, int, int]
 
 
-def layout(frame_hw: tuple[int, int], scale: int, title: bool = False) -> GifLayout:
-    """Where the panels and the plot go for frames of ``frame_hw`` upscaled by ``scale``."""
+def layout(frame_hw: tuple[int, int], scale: int) -> GifLayout:
+    """Where the title, the panels and the plot go for frames of ``frame_hw`` upscaled by ``scale``."""
     h, w = frame_hw[0] * scale, frame_hw[1] * scale
     width = max(MIN_WIDTH, 2 * MARGIN + 2 * w + GAP)
     left = (width - 2 * w - GAP) // 2  # panels centred
     ph = max(110, int(round(0.6 * h)))
-    top = MARGIN + (LABEL_H if title else 0) + LABEL_H
+    top = MARGIN + 2 * LABEL_H  # the title, then the panel labels
     real = (left, top, left + w, top + h)
     imag = (left + w + GAP, top, left + 2 * w + GAP, top + h)
     plot = (0, top + h + GAP, width, top + h + GAP + ph)
     return GifLayout(width, plot[3] + FOOTER_H + MARGIN, real, imag, plot)
 
 
-def to_uint8_THWC(frames_TCHW, name: str = "frames") -> np.ndarray:
-    """``[T, 3, H, W]`` uint8 or float in [-1, 1] (numpy or torch) -> uint8 ``[T, H, W, 3]``."""
-    import torch
-
-    from whale_pl.data.frames import frames_to_uint8
-
-    x = torch.as_tensor(np.asarray(frames_TCHW.detach().cpu() if hasattr(frames_TCHW, "detach") else frames_TCHW))
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"{name} must be [T, 3, H, W], got shape {tuple(x.shape)}")
-    return np.ascontiguousarray(frames_to_uint8(x, name).numpy().transpose(0, 2, 3, 1))
-
-
 def upscale(frame_HWC: np.ndarray, scale: int) -> np.ndarray:
     """Nearest-neighbour upscale: each pixel becomes a ``scale x scale`` block."""
     return np.repeat(np.repeat(frame_HWC, scale, axis=0), scale, axis=1)
-
-
-def _series(x, T: int, name: str) -> np.ndarray:
-    v = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, np.float64)
-    if v.shape != (T,):
-        raise ValueError(f"{name} must be [T={T}], got shape {v.shape}")
-    return v
 
 
 def _axis(ax, steps: np.ndarray, values_T: np.ndarray, style: str, color: str, label: str, **kw) -> None:
@@ -137,8 +118,7 @@ def _chrome(lay: GifLayout, curve_HWC: np.ndarray, title: str, labels: tuple[str
     base = Image.new("RGB", (lay.width, lay.height), (255, 255, 255))
     draw = ImageDraw.Draw(base)
     draw.fontmode = "1"  # no antialiasing: text adds black only, leaving the palette to the frames
-    if title:
-        draw.text((MARGIN, MARGIN), title, fill=(0, 0, 0), font=font)
+    draw.text((MARGIN, MARGIN), title, fill=(0, 0, 0), font=font)
     for (bx0, by0, bx1, _), text in ((lay.real, labels[0]), (lay.imagined, labels[1])):
         tw = draw.textlength(text, font=font)
         draw.text((bx0 + (bx1 - bx0 - tw) / 2, by0 - LABEL_H + 1), text, fill=(0, 0, 0), font=font)
@@ -147,23 +127,22 @@ def _chrome(lay: GifLayout, curve_HWC: np.ndarray, title: str, labels: tuple[str
 
 
 def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncertainty_T, error_T=None,
-                      scale: int = 4, title: str = "", labels: tuple[str, str] = ("real", "imagined"),
+                      scale: int = 4, *, title: str, labels: tuple[str, str] = ("real", "imagined"),
                       uncertainty_label: str = "uncertainty") -> GifLayout:
     """Write the looping GIF (a frame per step, 4 fps) atomically; returns its layout. Frames ``[T, 3, H, W]``
     uint8 or float in [-1, 1]; ``uncertainty_T`` may hold NaN (no score: a gap); ``error_T``: pixel MSE."""
+    import torch
     from PIL import Image, ImageDraw, ImageFont
 
+    from whale_pl.data.frames import frames_to_uint8
     from whale_pl.io import atomic_path
 
-    real = to_uint8_THWC(real_TCHW, "real frames")
-    imag = to_uint8_THWC(imagined_TCHW, "imagined frames")
-    if real.shape != imag.shape:
-        raise ValueError(f"real and imagined frames differ in shape: {tuple(np.shape(real_TCHW))} vs "
-                         f"{tuple(np.shape(imagined_TCHW))}")
+    real, imag = (frames_to_uint8(torch.as_tensor(np.asarray(f))).numpy().transpose(0, 2, 3, 1)
+                  for f in (real_TCHW, imagined_TCHW))
     T = real.shape[0]
-    u = _series(uncertainty_T, T, "uncertainty")
-    e = None if error_T is None else _series(error_T, T, "error")
-    lay = layout(real.shape[1:3], scale, bool(title))
+    u = np.asarray(uncertainty_T, np.float64)
+    e = None if error_T is None else np.asarray(error_T, np.float64)
+    lay = layout(real.shape[1:3], scale)
     x0, y0, x1, y1 = lay.plot
     curve, points, (ax_top, ax_bot) = _curve_image(u, e, (x1 - x0, y1 - y0), uncertainty_label)
     base, font = _chrome(lay, curve, title, labels), ImageFont.load_default()
@@ -188,14 +167,6 @@ def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncerta
     return lay
 
 
-def read_gif_frames(path: str | os.PathLike) -> list[np.ndarray]:
-    """Every frame of a GIF as uint8 RGB ``[h, w, 3]`` (for checks)."""
-    from PIL import Image, ImageSequence
-
-    with Image.open(path) as im:
-        return [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name)).strip("-") or "x"
 
@@ -208,17 +179,11 @@ def pick_episodes(dm, split: str, n: int, min_len: int) -> list:
     """``n`` episodes of ``split`` at least ``min_len`` long, in manifest order, preferring a task and a
     policy not yet picked (then a policy not yet picked, then any)."""
     eps = [ep for ep in dm.iter_episodes(split) if len(ep) >= min_len]
-    chosen: list[int] = []
+    keys, chosen = [_task_policy(ep) for ep in eps], []
     for rule in ("both", "policy", "any"):
-        for i, ep in enumerate(eps):
-            if len(chosen) >= n:
-                return [eps[j] for j in chosen]
-            if i in chosen:
-                continue
-            task, pol = _task_policy(ep)
-            new_task = task not in {_task_policy(eps[j])[0] for j in chosen}
-            new_pol = pol not in {_task_policy(eps[j])[1] for j in chosen}
-            if rule == "any" or (new_pol and (rule == "policy" or new_task)):
+        for i, (task, pol) in enumerate(keys):
+            new_task, new_pol = all(task != keys[j][0] for j in chosen), all(pol != keys[j][1] for j in chosen)
+            if len(chosen) < n and i not in chosen and (rule == "any" or (new_pol and (rule == "policy" or new_task))):
                 chosen.append(i)
     return [eps[j] for j in chosen]
 

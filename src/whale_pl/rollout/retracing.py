@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from einops import einsum
 
-from whale_pl.data.actions import ActionError, ActionNormaliser, check_composable
+from whale_pl.data.actions import ActionNormaliser, check_composable
 from whale_pl.data.episode import ActionSpace
 
 ZFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -34,12 +34,8 @@ def combine_predictions(probs_KBSV: torch.Tensor, codebook_VE: torch.Tensor,
 def retracing_actions(actions_raw_TA: np.ndarray, space: ActionSpace, k: int) -> np.ndarray:
     """Raw retracing-actions of stride k: row j is compose(a_j..a_{j+k-1}), from frame j to j+k (T-k+1 rows)."""
     check_composable(space)
-    a = np.asarray(actions_raw_TA)
-    if a.ndim != 2 or a.shape[1] != space.dim:
-        raise ActionError(f"actions must be [T, {space.dim}] for {space.names}, got {a.shape}")
-    if not 1 <= k <= a.shape[0]:
-        raise ActionError(f"stride k={k} must be in [1, T={a.shape[0]}]")
-    return space.compose(np.swapaxes(np.lib.stride_tricks.sliding_window_view(a, k, axis=0), -1, -2))
+    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(actions_raw_TA), k, axis=0)
+    return space.compose(np.swapaxes(windows, -1, -2))
 
 
 def retracing_plan(t: int, K: int) -> list[tuple[int, int]]:
@@ -65,16 +61,10 @@ def composed_action_table(actions_norm_BTA: torch.Tensor, normaliser: ActionNorm
 
 @torch.no_grad()
 def retracing_uncertainty(model: torch.nn.Module, ids_BThw: torch.Tensor, actions_norm_BTA: torch.Tensor,
-                          normaliser: ActionNormaliser, first: int, K: int = 3, codebook_VE: torch.Tensor | None = None,
-                          z_fn: ZFn | None = None, weight: float = 0.5) -> dict[str, torch.Tensor]:
+                          normaliser: ActionNormaliser, first: int, K: int, codebook_VE: torch.Tensor, z_fn: ZFn | None,
+                          weight: float = 0.5) -> dict[str, torch.Tensor]:
     """Per-step retracing uncertainty of frames ``first .. N-1`` of a rollout (``actions_norm_BTA[:, t]`` taken at
     frame t): ``score_BT``, ``disagreement_BT``, ``entropy_BT``, ``n_predictions_T`` (anchors; one: disagreement 0)."""
-    check_composable(normaliser.space)
-    if K < 2:
-        raise ActionError(f"retracing needs K >= 2 predictions per step, got K={K}")
-    if K > model.max_stride:
-        raise ActionError(f"K={K} exceeds the strides the model was trained for (max_stride={model.max_stride})")
-    codes = torch.eye(model.codebook_size, device=ids_BThw.device) if codebook_VE is None else codebook_VE
     table = composed_action_table(actions_norm_BTA, normaliser, K)
     parts: dict[str, list[torch.Tensor]] = {"score": [], "disagreement": [], "entropy": []}
     n_pred = []
@@ -87,7 +77,7 @@ def retracing_uncertainty(model: torch.nn.Module, ids_BThw: torch.Tensor, action
             z = None if z_fn is None else z_fn(ctx, acts)
             preds.append(model.predict_next(ctx, acts, z, stride)["probs_BhwV"].flatten(1, 2))
         n_pred.append(len(preds))
-        u = combine_predictions(torch.stack(preds * 2 if len(preds) == 1 else preds), codes, weight)
+        u = combine_predictions(torch.stack(preds * 2 if len(preds) == 1 else preds), codebook_VE, weight)
         for key in parts:
             parts[key].append(u[key])
     return {**{f"{k}_BT": torch.stack(v, 1) for k, v in parts.items()}, "n_predictions_T": torch.tensor(n_pred)}

@@ -1,6 +1,4 @@
-"""Bootstrap intervals and verdicts for the headline experiment (docs/method.md, "Value evaluation", Intervals):
-value figures over a crossed, paired bootstrap of seeds, policies and start states; uncertainty figures over
-resampled rollouts."""
+"""Bootstrap intervals and verdicts of the headline experiment (docs/method.md, "Value evaluation", Intervals)."""
 
 from __future__ import annotations
 
@@ -36,16 +34,6 @@ def verdict(x: float, lo: float, hi: float, above: str, below: str, ref: float =
     return above if lo > ref else below if hi < ref else neither
 
 
-def difference_verdict(diff: float, lo: float, hi: float) -> str:
-    """Verdict on an on − off difference from its interval."""
-    return verdict(diff, lo, hi, "higher with conditioning", "lower with conditioning")
-
-
-def chance_verdict(point: float, lo: float, hi: float) -> str:
-    """Verdict on an AUROC from its interval, against chance (0.5)."""
-    return verdict(point, lo, hi, "better than chance", "worse than chance", 0.5, "no better than chance")
-
-
 def fmt(x: float | None, nd: int = 3) -> str:
     """A figure with ``nd`` decimals, "n/a" where it is undefined (None or NaN)."""
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
@@ -76,13 +64,10 @@ def value_stat(real_TPK: np.ndarray, imag_STPK: np.ndarray, scale_T: np.ndarray)
 
 
 def value_intervals(real_TPK, on_STPK, off_STPK, scale_T=None, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, dict]:
-    """Each value figure of ``on`` and ``off`` with its interval, and the paired on − off difference;
-    ``scale_T``: each task's real return range (default: over these policies), fixed under resampling."""
+    """Each value figure of ``on`` and ``off`` with its interval, and the paired on − off difference."""
     real, on = np.asarray(real_TPK, np.float64), np.asarray(on_STPK, np.float64)
     scale = np.ptp(real.mean(-1), -1) if scale_T is None else np.asarray(scale_T, np.float64)
     sides = {"on": on, "off": np.asarray(off_STPK, np.float64)}
-    if any(v.shape != on.shape or v.shape[1:] != real.shape for v in sides.values()):
-        raise ValueError(f"real {real.shape}, on {on.shape} and off must be [T, P, K] and [S, T, P, K] alike")
     rng = np.random.default_rng(seed)
     S, _, P, K = on.shape
     i_s, i_p, i_k = (rng.integers(0, n, (n_boot, n)) for n in (S, P, K))
@@ -95,14 +80,13 @@ def value_intervals(real_TPK, on_STPK, off_STPK, scale_T=None, n_boot: int = N_B
         row = {k: float(point[k][fig]) for k in sides} | {f"{k}_ci": interval(boot[k][fig]) for k in sides}
         row["diff"] = row["on"] - row["off"]
         row["diff_ci"] = interval(boot["on"][fig] - boot["off"][fig])
-        row["verdict"] = difference_verdict(row["diff"], *row["diff_ci"])
+        row["verdict"] = verdict(row["diff"], *row["diff_ci"], "higher with conditioning", "lower with conditioning")
         out[fig] = row
     return out
 
 
 def step_stat(score_NH: np.ndarray, err_NH: np.ndarray) -> dict[str, np.ndarray]:
-    """AUROC (bad: error above the step index's median) and Spearman of uncertainty against error within each
-    step index (columns) and their means, and both pooled over all steps (bad: above the overall median)."""
+    """AUROC and Spearman of uncertainty against error within each step (column) and pooled over all steps."""
     s, e = np.swapaxes(score_NH, -1, -2), np.swapaxes(err_NH, -1, -2)  # [..., H, N]
     bad = e > np.median(e, axis=-1, keepdims=True)
     per_step = auroc(s, bad)
@@ -115,8 +99,7 @@ def step_stat(score_NH: np.ndarray, err_NH: np.ndarray) -> dict[str, np.ndarray]
 
 def uncertainty_intervals(scores: dict[str, np.ndarray], err_NH: np.ndarray, n_boot: int = N_BOOT,
                           seed: int = 0) -> dict:
-    """``step_stat`` of each named score and of the step index alone with intervals over resampled rollouts,
-    and paired differences of the within-step AUROC of every two scores."""
+    """``step_stat`` of each score and of the step index alone, with intervals, and paired AUROC differences."""
     err = np.asarray(err_NH, np.float64)
     N, H = err.shape
     scores = {**scores, "step index": np.broadcast_to(np.arange(H, dtype=np.float64), (N, H))}
@@ -129,8 +112,9 @@ def uncertainty_intervals(scores: dict[str, np.ndarray], err_NH: np.ndarray, n_b
         row |= {f"{f}_ci": interval(boot[k][f]) for f in row}
         row["auroc_per_step"] = pt["auroc_per_step"].tolist()
         row["auroc_per_step_ci"] = [interval(boot[k]["auroc_per_step"][:, j]) for j in range(H)]
-        row["verdict_within"] = chance_verdict(row["auroc_within"], *row["auroc_within_ci"])
-        row["verdict_pooled"] = chance_verdict(row["auroc_pooled"], *row["auroc_pooled_ci"])
+        for kind in ("within", "pooled"):
+            row[f"verdict_{kind}"] = verdict(row[f"auroc_{kind}"], *row[f"auroc_{kind}_ci"], "better than chance",
+                                             "worse than chance", 0.5, "no better than chance")
         out["scores"][k] = row
     names = list(scores)
     for i, a in enumerate(names):

@@ -179,7 +179,6 @@ class RealRollouts:
     rewards: np.ndarray  # float32 [B, H]
     state: np.ndarray  # float32 [B, H, S]
     seconds: float
-    frame_stride: int = 1  # recorded steps per decision (EvalSet.frame_stride)
     grid_shape: tuple[int, int, int] = (0, 0, 0)  # (tasks T, policies P, starts K): B = T * P * K
 
     def grid(self, x_B: np.ndarray) -> np.ndarray:
@@ -210,7 +209,7 @@ def collect_real(ev: EvalSet, progress: bool = True) -> RealRollouts:
     task, policy, seed = (list(x) for x in zip(*keys))
     return RealRollouts(task, policy, seed, *(np.stack([getattr(e, k) for e in eps])
                                               for k in ("frames", "actions", "rewards", "state")),
-                        seconds=time.time() - t0, frame_stride=ev.frame_stride,
+                        seconds=time.time() - t0,
                         grid_shape=(len(ev.tasks), len(ev.policies), ev.starts))
 
 
@@ -218,10 +217,9 @@ def scripted_policy_fn(real: RealRollouts, index: Sequence[int]) -> PolicyFn:
     """Fresh instances of the rollouts' policies (same task, same seed -> same noise), batched."""
     from whale_pl.data.policies import parse_policy
 
-    pols = []
-    for i in index:
-        pols.append(parse_policy(real.policy[i]))
-        pols[-1].reset(real.task[i], np.random.default_rng(real.seed[i]))
+    pols = [parse_policy(real.policy[i]) for i in index]
+    for p, i in zip(pols, index):
+        p.reset(real.task[i], np.random.default_rng(real.seed[i]))
     return lambda t, states_BP: np.stack([p.act(s.astype(np.float64)) for p, s in zip(pols, states_BP)])
 
 
@@ -230,10 +228,6 @@ def evaluate_values(wm: WorldModel, real: RealRollouts, ev: EvalSet, modes: Sequ
                     progress: bool = True) -> dict:
     """Real and, per mode, imagined returns (``real_TPK``, ``<mode>.imagined_TPK``) of every episode, and the
     open-loop rollouts (``_rollouts``: context ids, imagined ids, normalised actions per batch)."""
-    if real.frame_stride != wm.frame_stride:
-        raise ValueError(f"the real rollouts hold each decision {real.frame_stride} recorded step(s) but the world "
-                         f"model steps {wm.frame_stride} at a time (its data_spec frame_stride): build the EvalSet "
-                         f"with frame_stride=frame_stride_of(<checkpoint>)")
     B, H = real.actions.shape[:2]
     out: dict = {"tasks": list(ev.tasks), "policies": list(ev.policies), "split": [ev.split_of(p) for p in ev.policies],
                  "real_TPK": real.grid(discounted_return(real.rewards, ev.discount)).tolist(),
@@ -288,15 +282,16 @@ def rollout_errors(wm: WorldModel, real: RealRollouts, rollouts: list,
 
 
 @torch.no_grad()
-def evaluate_uncertainty(wm: WorldModel, rollouts: list, K: int = 3, ensemble: Sequence[WorldModel] | None = None,
-                         progress: bool = True) -> dict:
-    """Per-step uncertainty [B, H-1] of imagined frames 1..H-1: retracing, and the ensemble's given members."""
+def uncertainty_summary(wm: WorldModel, rollouts: list, errors: dict, K: int, members: list | None = None) -> dict:
+    """Seconds, ``uncertainty_intervals`` against MSE and token error over imagined frames n >= 2 (>= 2 anchors)
+    and the per-step uncertainties [B, H-1] of frames 1..H-1 by retracing (and the ensemble of ``members``)."""
     from whale_pl.rollout.ensemble import ensemble_uncertainty
+    from whale_pl.rollout.stats import uncertainty_intervals
 
-    parts, methods = ("score", "disagreement", "entropy"), ["retracing"] + (["ensemble"] if ensemble else [])
+    parts, methods = ("score", "disagreement", "entropy"), ["retracing"] + (["ensemble"] if members else [])
     acc: dict[str, list] = {f"{m}_{p}": [] for m in methods for p in parts}
     secs = dict.fromkeys(methods, 0.0)
-    for ctx, imag, acts in tqdm(rollouts, desc="uncertainty", disable=not progress, leave=False):
+    for ctx, imag, acts in tqdm(rollouts, desc="uncertainty", leave=False):
         ids = torch.cat([ctx, imag[:, : imag.shape[1] - 1]], 1)  # frames 0..H-1; frames 1..H-1 have a real twin
         for m in methods:
             t0 = time.perf_counter()
@@ -304,23 +299,15 @@ def evaluate_uncertainty(wm: WorldModel, rollouts: list, K: int = 3, ensemble: S
                 u = retracing_uncertainty(wm.model, ids, acts, wm.normaliser, first=1, K=K,
                                           codebook_VE=wm.codebook_VE, z_fn=wm.z_fn)
             else:
-                u = ensemble_uncertainty([e.model for e in ensemble], ids, acts, first=1, codebook_VE=wm.codebook_VE,
-                                         z_fns=[e.z_fn for e in ensemble])
+                u = ensemble_uncertainty([e.model for e in members], ids, acts, first=1, codebook_VE=wm.codebook_VE,
+                                         z_fns=[e.z_fn for e in members])
             secs[m] += time.perf_counter() - t0
             for p in parts:
                 acc[f"{m}_{p}"].append(u[f"{p}_BT"].cpu())
-    return {"seconds": secs, "per_step": {k: torch.cat(v).double().numpy() for k, v in acc.items()}}
-
-
-def uncertainty_summary(wm: WorldModel, rollouts: list, errors: dict, K: int, members: list | None = None) -> dict:
-    """Seconds, ``uncertainty_intervals`` against MSE and token error over imagined frames n >= 2 (>= 2 anchors)
-    and the per-step uncertainties and errors of retracing (and the ensemble of ``members``)."""
-    from whale_pl.rollout.stats import uncertainty_intervals
-
-    unc = evaluate_uncertainty(wm, rollouts, K=K, ensemble=members or None)
-    scores = {k.removesuffix("_score"): v[:, 1:] for k, v in unc["per_step"].items() if k.endswith("_score")}
-    steps = {**unc["per_step"], "mse": errors["mse"], "token_err": errors["token_err"]}
-    return {"K": K, "seconds": unc["seconds"],
+    per_step = {k: torch.cat(v).double().numpy() for k, v in acc.items()}
+    scores = {k.removesuffix("_score"): v[:, 1:] for k, v in per_step.items() if k.endswith("_score")}
+    steps = {**per_step, "mse": errors["mse"], "token_err": errors["token_err"]}
+    return {"K": K, "seconds": secs,
             **{t: uncertainty_intervals(scores, errors[t][:, 1:]) for t in ("mse", "token_err")},
             "per_step": {k: np.asarray(v).tolist() for k, v in steps.items()}}
 

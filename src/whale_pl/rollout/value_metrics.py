@@ -1,5 +1,5 @@
-"""Figures of merit for value estimation and uncertainty quality (docs/method.md, "Value evaluation"), NaN where
-undefined, their per-split summaries and plots."""
+"""Figures of merit of value estimation and uncertainty (docs/method.md, "Value evaluation"), NaN where undefined,
+their per-split summaries and plots."""
 
 from __future__ import annotations
 
@@ -44,8 +44,6 @@ def policy_figures(real_P: np.ndarray, imag_P: np.ndarray, scale: np.ndarray | N
 def auroc(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """AUROC of ``scores`` for binary ``labels`` over the last axis (Mann–Whitney U); NaN with one class present."""
     s, y = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
-    if y.shape != s.shape:
-        raise ValueError(f"scores {s.shape} and labels {y.shape} differ in shape")
     n_pos, n_neg = y.sum(-1), (~y).sum(-1)
     u = (stats.rankdata(s, axis=-1) * y).sum(-1) - n_pos * (n_pos + 1) / 2
     with np.errstate(invalid="ignore", divide="ignore"):
