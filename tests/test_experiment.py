@@ -142,7 +142,8 @@ def test_experiment_evaluates_and_reports_on_tiny_models(tiny_dynamics, tiny_dat
         assert f"({Path(png).name})" in md
     (out / "experiment.json").write_text(json.dumps(nan_to_none(res)))
     full = report.build_report("tiny", Path("runs"))
-    assert "## Experiment details" in full and "**One-seed version**" in full
+    assert "## Headline experiment (tiny scale)" in full and "### Verdicts" in full and "**One-seed version**" in full
+    assert all(f"({Path(png).name})" in full for png in res["plots"].values())  # report.md sits beside the plots
 
 
 def test_gpu_script_dry_run_prints_a_budgeted_bf16_pipeline(monkeypatch):
