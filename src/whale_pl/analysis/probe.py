@@ -33,10 +33,6 @@ class LinearProbe:
 def fit_linear_probe(x_NZ: torch.Tensor, y_N: torch.Tensor, n_classes: int | None = None) -> LinearProbe:
     """Fit logistic regression ``y ~ softmax(W x + b)`` (mean cross-entropy + ``L2 * |W|^2``); works inside
     ``torch.no_grad`` / ``torch.inference_mode`` too (``trainer.validate`` runs in the latter)."""
-    if x_NZ.ndim != 2 or y_N.ndim != 1 or x_NZ.shape[0] != y_N.shape[0]:
-        raise ValueError(f"need x [N, Z] and y [N] with the same N, got {tuple(x_NZ.shape)} and {tuple(y_N.shape)}")
-    if x_NZ.shape[0] == 0:
-        raise ValueError("cannot fit a probe on zero samples")
     with torch.inference_mode(False), torch.enable_grad():
         x, y = x_NZ.detach().double().cpu().clone(), y_N.detach().long().cpu().clone()
         K = int(n_classes if n_classes is not None else y.max().item() + 1)
@@ -63,14 +59,6 @@ def probe_accuracy(train_x_NZ: torch.Tensor, train_y_N: torch.Tensor, test_x_NZ:
     if n_classes is None:
         n_classes = int(max(train_y_N.max().item(), test_y_N.max().item()) + 1)
     return fit_linear_probe(train_x_NZ, train_y_N, n_classes).accuracy(test_x_NZ, test_y_N)
-
-
-def accuracy_by_history(correct_N, t_N) -> str:
-    """'t 8-15 0.60, t 16-31 0.76, ...': the share of correct points whose history length t falls in each
-    bucket (empty buckets left out). Arrays or tensors of the same length."""
-    ok, t = np.asarray(correct_N, dtype=float), np.asarray(t_N)
-    return ", ".join(f"t {lo}-{hi - 1} {ok[(t >= lo) & (t < hi)].mean():.2f}"
-                     for lo, hi in ((8, 16), (16, 32), (32, 64), (64, 120)) if ((t >= lo) & (t < hi)).any())
 
 
 def pca_2d(x_NZ: torch.Tensor) -> np.ndarray:

@@ -65,7 +65,7 @@ class PlanConfig:
 
 @dataclass
 class EvalConfig:
-    """Which start states, how many, which λ values are tried, and the models' experiment folder."""
+    """Which start states, how many, which λ values are tried, how many ensemble members."""
 
     starts: int = 10  # evaluation start states per task
     tune_starts: int = 1  # start states per task for choosing λ (their own seeds)
@@ -74,7 +74,6 @@ class EvalConfig:
     lambdas: dict[str, list[float]] = field(default_factory=lambda: {"retracing": [1.0, 10.0],
                                                                      "ensemble": [1.0, 10.0]})
     members: int = 2  # ensemble members: the experiment's on-models of seeds 0..M-1 (member 0 plans)
-    experiment: str = ""  # runs/<scale>/experiment/<N>_steps; empty: the one with the most on-models
     jobs: int = 1  # worker processes (one job per task and start state)
 
     def check(self) -> "EvalConfig":

@@ -166,20 +166,15 @@ def md_lines(res: dict) -> list[str]:
 
 
 def experiment_members(scale: str, ev: EvalConfig, runs: Path = Path("runs")) -> list[str]:
-    """The on-models' checkpoints (seeds 0..M-1) of the experiment folder (``evaluate.experiment``, else the
-    ``<N>_steps`` folder with the most finished on-models)."""
-    if ev.experiment:
-        groups = [Path(ev.experiment)]
-    else:
-        groups = sorted((runs / scale / "experiment").glob("*_steps"),
-                        key=lambda g: (len(list(g.glob("on/*/DONE"))), g.name))[-1:]
-    for g in groups:
-        done = sorted(g.glob("on/*/DONE"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 1 << 30)
-        if len(done) >= ev.members:
-            return [json.loads(p.read_text())["ckpt"] for p in done[: ev.members]]
-    raise SystemExit(f"[plan] need {ev.members} finished on-models under {groups or runs / scale / 'experiment'}: "
-                     f"run `make experiment SCALE={scale}` (or `python -m whale_pl.experiment --scale {scale} "
-                     f"--train-only --members {ev.members}`)")
+    """The on-models' checkpoints (seeds 0..M-1) of the ``<N>_steps`` experiment folder with the most of them."""
+    groups = sorted((runs / scale / "experiment").glob("*_steps"),
+                    key=lambda g: (len(list(g.glob("on/*/DONE"))), g.name))
+    done = sorted(groups[-1].glob("on/*/DONE"), key=lambda p: int(p.parent.name)) if groups else []
+    if len(done) < ev.members:
+        raise SystemExit(f"[plan] need {ev.members} finished on-models under {runs / scale / 'experiment'}: run "
+                         f"`make experiment SCALE={scale}` (or `python -m whale_pl.experiment --scale {scale} "
+                         f"--train-only --members {ev.members}`)")
+    return [json.loads(p.read_text())["ckpt"] for p in done[: ev.members]]
 
 
 def _setting(scale: str, ev: EvalConfig, members: list[str]) -> dict:
