@@ -81,14 +81,8 @@ def _data_args(cfg: Path) -> dict:
     return dict((yaml.safe_load(cfg.read_text()).get("data") or {}).get("init_args") or {})
 
 
-def uses_tokens(cfg: Path) -> bool:
-    """Whether a stage config's data section reads token shards (``tokens:`` set)."""
-    return _data_args(cfg).get("tokens") is not None
-
-
 def _token_sources(scale: str) -> list[str]:
-    """Every dataset directory (a Meta-World config's ``out``, or ``dirs``) that a behavior or dynamics config of
-    ``scale`` reads as tokens."""
+    """Every dataset directory (a Meta-World config's ``out``, or ``dirs``) the scale's stages read as tokens."""
     import yaml
 
     out: list[str] = []
@@ -139,7 +133,7 @@ def run_stage(scale: str, stage: str, extra: list[str] | None = None, force: boo
         print(f"[whale] {stage}: complete ({run_dir / 'DONE'}), reusing it", flush=True)
         return run_dir
     cmd = [sys.executable, "-m", "whale_pl.cli", "fit", "--config", str(cfg), *_handoff_args(scale, stage)]
-    if stage != "tokenizer" and uses_tokens(cfg):
+    if stage != "tokenizer" and _data_args(cfg).get("tokens") is not None:  # reads token shards
         cmd += ["--data.init_args.tokens", str(run_tokens(scale))]
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.exists() and not force and not (run_dir / "DONE").exists():

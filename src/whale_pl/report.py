@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from pathlib import Path
 
@@ -26,16 +25,6 @@ def _load(path: Path) -> dict | None:
 
 def _fmt(v: object) -> str:
     return f"{v:.3f}" if isinstance(v, float) else "—" if v is None else str(v)
-
-
-def _shards_of(scale: str) -> str:
-    """The shard directory of ``stages/<scale>/data.yaml`` (its ``out`` key), or a placeholder."""
-    try:
-        import yaml
-
-        return str(yaml.safe_load((Path("stages") / scale / "data.yaml").read_text())["out"])
-    except (OSError, KeyError, TypeError, ValueError, ImportError):
-        return "<shards>"
 
 
 def last_val_scalars(log_dir: Path) -> dict[str, tuple[int, float]]:
@@ -78,12 +67,12 @@ def gifs_section(scale: str, root: Path, runs: Path) -> list[str]:
     """Real-against-imagined rollout GIFs from ``<root>/gifs/index.json`` (``whale eval gifs``)."""
     gdir = root / "gifs"
     index = _load(gdir / "index.json")
-    default_cmd = (f"whale eval gifs --ckpt {runs / scale / 'dynamics' / 'checkpoints' / 'best.ckpt'} "
-                   f"--shards {_shards_of(scale)} --out {runs / scale / 'gifs'}")
     lines = ["## Rollouts: real against imagined", ""]
     if not index:
-        return lines + [f"_missing: {gdir / 'index.json'} (run `{default_cmd}`)_", ""]
-    cmd = index.get("command") or default_cmd
+        return lines + [f"_missing: {gdir / 'index.json'} (run `whale eval gifs --ckpt "
+                        f"{runs / scale / 'dynamics' / 'checkpoints' / 'best.ckpt'} --shards <data.yaml's out> "
+                        f"--out {gdir}`)_", ""]
+    cmd = index["command"]
     lines += ["Each GIF: a held-out episode's real frames (left) and the dynamics model's open-loop imagination "
               "of them (right), from its first real frame(s) with the recorded actions; under them the "
               f"retracing uncertainty of every imagined step (blue, K={index.get('K')} anchors; no score where a "
@@ -92,10 +81,8 @@ def gifs_section(scale: str, root: Path, runs: Path) -> list[str]:
               f"`{index.get('shards')}` (`val`: held-out episodes of the training policies; `ood`: held-out "
               "policies, new parameters of the training families or families never seen in training).", "",
               f"Regenerate all GIFs: `{cmd}`", ""]
-    if not index.get("clips"):
-        lines += [f"_missing: {gdir / 'index.json'} lists no clips (rerun `{cmd}`)_", ""]
-    for c in index.get("clips") or []:
-        rel = Path(os.path.relpath(gdir / c["gif"], root)).as_posix()
+    for c in index["clips"]:
+        rel = f"gifs/{c['gif']}"
         head = f"{c.get('split')}: {c.get('task')}, policy {c.get('policy')}"
         lines += [f"### {head}", ""]
         if not (gdir / c["gif"]).is_file():
@@ -106,8 +93,7 @@ def gifs_section(scale: str, root: Path, runs: Path) -> list[str]:
         lines += [f"![{head}]({rel})", "",
                   f"Episode `{c.get('episode')}` from frame {c.get('start')}, {c.get('context')} context frame(s), "
                   f"{c.get('horizon')} imagined steps: PSNR {_fmt(c.get('psnr_mean'))} dB, mean uncertainty "
-                  f"{_fmt(c.get('uncertainty_mean'))}, Spearman(uncertainty, MSE) over the steps {sp}. "
-                  f"Regenerate: `{cmd}`", ""]
+                  f"{_fmt(c.get('uncertainty_mean'))}, Spearman(uncertainty, MSE) over the steps {sp}.", ""]
     return lines
 
 
@@ -132,7 +118,8 @@ def video_section(root: Path, vid: dict | None) -> list[str]:
                     f"Command: `whale eval video --ckpt {vid.get('ckpt')} --shards {vid.get('shards', '<shards>')} "
                     f"--num-clips {vid.get('num_clips')} --clip-len {vid.get('clip_len', 16)} --split "
                     f"{vid.get('split', 'val')} --out {root / 'video_metrics.json'}`. The experiment's open-loop "
-                    "rollouts: table (3) of its section below. FVD is missing without I3D weights (`make setup`) or with fewer than 2 clips.", ""]
+                    "rollouts: table (3) of its section below. FVD is missing without I3D weights (`make setup`) "
+                    "or with fewer than 2 clips.", ""]
 
 
 def build_report(scale: str, runs: Path = Path("runs")) -> str:

@@ -78,17 +78,12 @@ class EvalConfig:
 
     def check(self) -> "EvalConfig":
         """Raise PlanConfigError naming the first bad key and value."""
-        _check(self, [("starts", self.starts >= 1, ">= 1"), ("tune_starts", self.tune_starts >= 1, ">= 1"),
-                      ("tune_seed", self.tune_seed != self.seed, f"!= seed={self.seed}"),
-                      ("members", self.members >= 2, ">= 2"), ("jobs", self.jobs >= 1, ">= 1")])
-        for pen, grid in self.lambdas.items():
-            if pen not in PENALTIES[1:] or not grid:
-                raise PlanConfigError(f"plan config: lambdas.{pen}={grid!r}: keys must be {PENALTIES[1:]}, "
-                                      "each a non-empty list")
-            for lam in grid:
-                if not lam >= 0:
-                    raise PlanConfigError(f"plan config: lambdas.{pen} holds lambda={lam!r}, expected >= 0")
-        return self
+        grids_ok = all(pen in PENALTIES[1:] and grid and all(lam >= 0 for lam in grid)
+                       for pen, grid in self.lambdas.items())
+        return _check(self, [("starts", self.starts >= 1, ">= 1"), ("tune_starts", self.tune_starts >= 1, ">= 1"),
+                             ("tune_seed", self.tune_seed != self.seed, f"!= seed={self.seed}"),
+                             ("members", self.members >= 2, ">= 2"), ("jobs", self.jobs >= 1, ">= 1"),
+                             ("lambdas", grids_ok, f"keys among {PENALTIES[1:]}, each a non-empty list of λ >= 0")])
 
 
 def _build(cls, d: dict | None, where: str):

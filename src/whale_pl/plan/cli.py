@@ -26,9 +26,8 @@ NAMES = {"plan_none": "plan, no penalty", "plan_retracing": "plan + retracing pe
 
 
 def episode_figures(ep: dict, discount: float) -> dict[str, float]:
-    """Real return and success of an episode; for a planned one also the imagined return of the executed
-    actions (each decision's first imagined reward), imagined success (any first-step success prob > 0.5),
-    their exploitation (imagined − real return) and consistency (imagined success == real success)."""
+    """Real return and success of an episode; for a planned one also its imagined return, exploitation,
+    consistency and mean uncertainty (docs/method.md, "Planning in imagination")."""
     out = {"return": float(discounted_return(ep["rewards_D"], discount)), "success": float(ep["success"])}
     if "imagined_rewards_D" in ep:
         out["imagined_return"] = float(discounted_return(ep["imagined_rewards_D"], discount))
@@ -68,8 +67,7 @@ def compare(a_TK: np.ndarray, b_TK: np.ndarray, a: str, b: str, idx: np.ndarray)
 
 
 def summarise(per_task: dict[str, dict[str, list]], discount: float) -> dict:
-    """Every method's success rate and return, each planner's exploitation and consistency, with intervals;
-    paired comparisons of each planner with each other method."""
+    """Every method's figures with intervals; paired comparisons of each planner with each other method."""
     g = grids(per_task, discount)
     T, K = next(iter(g.values()))["return"].shape
     idx = np.random.default_rng(0).integers(0, K, (N_BOOT, T, K))  # start states resampled within each task
@@ -115,8 +113,7 @@ def plot_success(res: dict, path: Path) -> None:
 
 
 def write_gif(wm, ep: dict, path: Path, title: str) -> None:
-    """The planned episode: real frame after each decision beside the frame the model imagined for it,
-    with the chosen plan's first-step uncertainty."""
+    """The planned episode: each decision's real frame beside the one the model imagined, with its uncertainty."""
     from whale_pl.rollout.gif import write_rollout_gif
 
     real_TCHW = np.ascontiguousarray(np.asarray(ep["frames"])[1:].transpose(0, 3, 1, 2))
@@ -152,12 +149,9 @@ def md_lines(res: dict) -> list[str]:
          f"chosen on {res['evaluate']['tune_starts']} other start state(s) per task (seed base "
          f"{res['evaluate']['tune_seed']}) by mean real return: " +
          "; ".join(f"{pen}: {g} -> {res['lambdas']['chosen'][pen]}" for pen, g in res["lambdas"]["grid"].items()) +
-         ". Returns are discounted per decision. Intervals: 95 % bootstrap over start states within each task, "
-         "paired across methods.", "", *table_lines(res), "",
-         "Imagined − real return: the reward head's prediction of each executed action (the chosen plan's first "
-         "step) summed like the real return, minus the real return (model exploitation). Consistency rate: share "
-         "of episodes whose imagined success (a first-step success probability > 0.5) agrees with the real one.",
-         "", "## Paired comparisons", "", "| comparison | difference | verdict |", "|---|---|---|"]
+         ". Returns are discounted per decision. The figures (imagined − real return: model exploitation) and "
+         "their paired intervals: docs/method.md, \"Planning in imagination\".", "", *table_lines(res), "",
+         "## Paired comparisons", "", "| comparison | difference | verdict |", "|---|---|---|"]
     L += [f"| {k} | {_ci(v)} | {v['verdict']} |" for k, v in s["comparisons"].items()]
     L += ["", f"![success per method]({Path(res['plot']).name})", ""]
     if res.get("gif"):
@@ -178,8 +172,7 @@ def experiment_members(scale: str, ev: EvalConfig, runs: Path = Path("runs")) ->
 
 
 def _setting(scale: str, ev: EvalConfig, members: list[str]) -> dict:
-    """Everything the jobs share: tasks, start states (refused where they are dataset episodes), clock,
-    baselines (best policy per task, behavior cloning)."""
+    """What the jobs share: tasks, start states (checked disjoint from the dataset), clock, baselines."""
     from whale_pl.data.metaworld import CollectConfig
     from whale_pl.plan.evaluate import best_policies, check_disjoint, train_bc, training_episodes
     from whale_pl.rollout.value import frame_stride_of, start_seeds
