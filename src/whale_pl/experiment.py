@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from whale_pl.io import write_json_atomic, write_text_atomic
-from whale_pl.pipeline import done_checkpoint, fmt_elapsed, sha256_of, written_checkpoint
+from whale_pl.pipeline import fmt_elapsed, handoff_args, run_fit, sha256_of
 from whale_pl.rollout.stats import fmt, fmt_key
 from whale_pl.rollout.value_metrics import MODES
 
@@ -54,15 +53,7 @@ def train_run(cmd: list[str], run_dir: Path, record: dict) -> tuple[Path, float]
                              f"{record}: move it aside to retrain")
         print(f"[experiment] {run_dir}: complete, reusing {info['ckpt']}", flush=True)
         return Path(info["ckpt"]), float(info["seconds"])
-    last = run_dir / "checkpoints" / "last.ckpt"
-    cmd = cmd + (["--ckpt_path", str(last)] if last.is_file() else [])
-    print(f"[experiment] {run_dir}: {' '.join(cmd[2:])}", flush=True)
-    t0 = time.time()
-    proc = subprocess.run(cmd)
-    if proc.returncode != 0:
-        raise SystemExit(f"[experiment] training {run_dir} failed (exit {proc.returncode}); rerun to resume")
-    seconds = time.time() - t0
-    ckpt = written_checkpoint(run_dir)
+    ckpt, seconds = run_fit(cmd, run_dir, "experiment")
     write_json_atomic(done, {**record, "ckpt": str(ckpt), "sha256": sha256_of(ckpt), "seconds": seconds,
                              "command": cmd[2:]})
     print(f"[experiment] {run_dir}: trained in {fmt_elapsed(seconds)}", flush=True)
@@ -93,9 +84,8 @@ def train_all(a: argparse.Namespace) -> dict:
         stages = ("tokenizer", "behavior") if group == "on" else ("tokenizer",)
         for st in stages:
             wait_for(root / st / "DONE", f"the {st} stage")
-        handoff = [x for st in stages for x in (f"--model.init_args.{st}_ckpt", str(done_checkpoint(a.scale, st)))]
         group_dir = root / "experiment" / f"{a.steps}_steps" / group
-        cmd = fit_command(config, group_dir, seed, group == "on", a.steps, handoff, a.fit_args)
+        cmd = fit_command(config, group_dir, seed, group == "on", a.steps, handoff_args(a.scale, stages), a.fit_args)
         return train_run(cmd, group_dir / str(seed),
                          {"seed": seed, "steps": a.steps, "use_behavior": group == "on", "fit_args": a.fit_args})
 
@@ -205,7 +195,7 @@ def _setup_lines(res: dict) -> list[str]:
     if res["seeds"] < 3:
         L += [f"**One-seed version** ({res['seeds']} seed each way, {res['members']} ensemble members): its intervals "
               "cover policies and start states, not the spread between training seeds. The full experiment: "
-              f"`{res['full_command']}` (`make experiment`).", ""]
+              f"`python -m whale_pl.experiment --scale {res['scale']}` (`make experiment`).", ""]
     L += [f"Command: `{res['command']}` (total {fmt_elapsed(res['seconds'])}; training "
           f"{fmt_elapsed(res['train_seconds'])}).", "",
           f"Evaluation set: tasks {', '.join(res['tasks'])}; {res['starts']} start state(s) per task (the same for "
@@ -354,8 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     res = evaluate(a, runs)
     res.update({k: getattr(a, k) for k in ("scale", "seeds", "members", "steps", "starts", "horizon")},
                discount=DISCOUNT, runs=runs, train_seconds=runs["seconds"],
-               command=" ".join(["python -m whale_pl.experiment", *argv]),
-               full_command=f"python -m whale_pl.experiment --scale {a.scale}")
+               command=" ".join(["python -m whale_pl.experiment", *argv]))
     out_dir = Path("runs") / a.scale
     write_plots(res, out_dir)
     res["seconds"] = time.time() - t_start

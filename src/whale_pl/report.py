@@ -73,13 +73,10 @@ def gifs_section(scale: str, root: Path, runs: Path) -> list[str]:
                         f"{runs / scale / 'dynamics' / 'checkpoints' / 'best.ckpt'} --shards <data.yaml's out> "
                         f"--out {gdir}`)_", ""]
     cmd = index["command"]
-    lines += ["Each GIF: a held-out episode's real frames (left) and the dynamics model's open-loop imagination "
-              "of them (right), from its first real frame(s) with the recorded actions; under them the "
-              f"retracing uncertainty of every imagined step (blue, K={index.get('K')} anchors; no score where a "
-              "step has a single anchor) and its true error, pixel MSE against the real frame (red, dashed), "
-              f"with a marker at the current step. Checkpoint `{index.get('ckpt')}`, episodes from "
-              f"`{index.get('shards')}` (`val`: held-out episodes of the training policies; `ood`: held-out "
-              "policies, new parameters of the training families or families never seen in training).", "",
+    lines += ["Each GIF: a held-out episode's real frames (left) beside the model's open-loop imagination with the "
+              f"recorded actions (right); under them the retracing uncertainty (blue, K={index.get('K')} anchors) and "
+              "the pixel MSE against the real frame (red, dashed). `val`: the training policies; `ood`: held-out "
+              f"policies. Checkpoint `{index.get('ckpt')}`, episodes from `{index.get('shards')}`.", "",
               f"Regenerate all GIFs: `{cmd}`", ""]
     for c in index["clips"]:
         rel = f"gifs/{c['gif']}"

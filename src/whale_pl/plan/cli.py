@@ -153,10 +153,8 @@ def md_lines(res: dict) -> list[str]:
          "their paired intervals: docs/method.md, \"Planning in imagination\".", "", *table_lines(res), "",
          "## Paired comparisons", "", "| comparison | difference | verdict |", "|---|---|---|"]
     L += [f"| {k} | {_ci(v)} | {v['verdict']} |" for k, v in s["comparisons"].items()]
-    L += ["", f"![success per method]({Path(res['plot']).name})", ""]
-    if res.get("gif"):
-        L += [f"One planned episode ({res['gif_caption']}): ![planned episode]({Path(res['gif']).name})", ""]
-    return L
+    return L + ["", f"![success per method]({Path(res['plot']).name})", "",
+                f"One planned episode ({res['gif_caption']}): ![planned episode]({Path(res['gif']).name})", ""]
 
 
 def experiment_members(scale: str, ev: EvalConfig, runs: Path = Path("runs")) -> list[str]:
@@ -226,17 +224,16 @@ def finish(scale: str, command: str, plan: PlanConfig, ev: EvalConfig, out: dict
     from whale_pl.rollout.value_metrics import nan_to_none
 
     root, s = Path("runs") / scale, out["setting"]
-    ep = next((e for r in out["per_task"].values() for e in r.get("plan_retracing", []) if "frames" in e), None)
+    ep = next(e for r in out["per_task"].values() for e in r["plan_retracing"] if "frames" in e)
     wm = WorldModel.load(out["members"][0])
     res = {"scale": scale, "command": command, "plan": asdict(plan),
            "evaluate": asdict(ev), "members": out["members"], "lambdas": out["lambdas"],
            "maskgit_steps": plan.maskgit_steps or wm.steps, "decisions": s["decisions"], "hold": s["hold"],
            "best_behavior": s["best"], "summary": summarise(out["per_task"], plan.discount),
-           "plot": str(root / "mbpo_success.png")}
+           "plot": str(root / "mbpo_success.png"), "gif": str(root / "mbpo_episode.gif"),
+           "gif_caption": f"{s['tasks'][0]}, retracing penalty"}
     plot_success(res, Path(res["plot"]))
-    if ep is not None:
-        res["gif"], res["gif_caption"] = str(root / "mbpo_episode.gif"), f"{s['tasks'][0]}, retracing penalty"
-        write_gif(wm, ep, Path(res["gif"]), f"{s['tasks'][0]}: plan + retracing (success {bool(ep['success'])})")
+    write_gif(wm, ep, Path(res["gif"]), f"{s['tasks'][0]}: plan + retracing (success {bool(ep['success'])})")
     res["seconds"] = time.time() - t_start
     write_json_atomic(root / "mbpo.json", nan_to_none(res))
     write_text_atomic(root / "mbpo.md", "\n".join(md_lines(res)) + "\n")

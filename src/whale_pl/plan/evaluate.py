@@ -154,24 +154,16 @@ class TaskJob:
     gif_method: str = ""  # keep the frames of this planner's episode
 
 
-def _planners(job: TaskJob):
-    """The world models of the job and one Planner per penalty."""
-    torch.set_num_threads(1)
-    models = [WorldModel.load(c) for c in (job.members if "ensemble" in job.lambdas else job.members[:1])]
-    return {pen: Planner(models[0], job.plan, pen, lam, members=models if pen == "ensemble" else (),
-                         seed=zlib.crc32(f"{job.task}/{pen}".encode())) for pen, lam in job.lambdas.items()}
-
-
-def _baseline_acts(job: TaskJob, seed: int) -> dict:
+def _baseline_acts(job: TaskJob) -> dict:
     """Per baseline its ``(act(step, obs), every)``: every simulator step (policies) or per decision (random)."""
     from whale_pl.data.policies import parse_policy
 
     b = job.baselines
     pol = parse_policy(b["behavior"])
-    pol.reset(job.task, np.random.default_rng(seed))
+    pol.reset(job.task, np.random.default_rng(job.seed))
     bc = BCPolicy(b["bc_tasks"], b["bc_dims"][0], b["bc_dims"][1])
     bc.load_state_dict(b["bc_state"])
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(job.seed)
     return {"behavior": (lambda t, obs: pol.act(obs), 1), "bc": (lambda t, obs: bc.act(job.task, obs), 1),
             "random": (lambda t, obs: rng.uniform(-1, 1, 4).astype(np.float32), job.hold)}
 
@@ -181,14 +173,17 @@ def run_task(job: TaskJob) -> dict:
     from whale_pl.data.metaworld import MetaWorldEnv
 
     os.environ.setdefault("MUJOCO_GL", "egl")
-    planners = _planners(job)
+    torch.set_num_threads(1)
+    models = [WorldModel.load(c) for c in (job.members if "ensemble" in job.lambdas else job.members[:1])]
     env = MetaWorldEnv(job.task, job.size, job.camera)
     out: dict[str, list] = {}
     try:
-        for pen, planner in planners.items():
+        for pen, lam in job.lambdas.items():
+            planner = Planner(models[0], job.plan, pen, lam, members=models if pen == "ensemble" else (),
+                              seed=zlib.crc32(f"{job.task}/{pen}".encode()))
             ep = planned_episode(planner, env, job.seed, job.decisions, job.hold, f"plan_{pen}" == job.gif_method)
             out[f"plan_{pen}"] = [{"seed": job.seed, **ep}]
-        for name, (act, every) in (_baseline_acts(job, job.seed).items() if job.baselines else ()):
+        for name, (act, every) in (_baseline_acts(job).items() if job.baselines else ()):
             out[name] = [{"seed": job.seed, **policy_episode(env, job.seed, act, job.decisions, job.hold, every)}]
     finally:
         env.close()
