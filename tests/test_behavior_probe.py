@@ -19,10 +19,11 @@ def _blobs(n_per: int, seed: int, sep: float):
 def test_probe_separates_linearly_separable_classes_and_not_noise():
     xtr, ytr = _blobs(100, 0, sep=8.0)
     xte, yte = _blobs(50, 1, sep=8.0)
-    assert probe_accuracy(xtr, ytr, xte, yte) > 0.97
+    assert probe_accuracy(xtr, ytr, xte, yte, 3) > 0.97
     # labels unrelated to the features: held-out accuracy stays near chance (1/3)
     g = torch.Generator().manual_seed(2)
-    acc = probe_accuracy(xtr, torch.randint(0, 3, (300,), generator=g), xte, torch.randint(0, 3, (150,), generator=g))
+    noise_tr, noise_te = torch.randint(0, 3, (300,), generator=g), torch.randint(0, 3, (150,), generator=g)
+    acc = probe_accuracy(xtr, noise_tr, xte, noise_te, 3)
     assert acc < 0.5
 
 
@@ -55,8 +56,8 @@ def test_probe_fits_inside_inference_mode():
     xte, yte = _blobs(50, 1, sep=8.0)
     with torch.inference_mode():
         xtr, ytr, xte, yte = xtr.clone(), ytr.clone(), xte.clone(), yte.clone()  # inference tensors
-        acc = probe_accuracy(xtr, ytr, xte, yte)
-    assert acc == probe_accuracy(xtr.clone(), ytr.clone(), xte.clone(), yte.clone()) and acc > 0.97
+        acc = probe_accuracy(xtr, ytr, xte, yte, 3)
+    assert acc == probe_accuracy(xtr.clone(), ytr.clone(), xte.clone(), yte.clone(), 3) and acc > 0.97
 
 
 def test_accuracy_by_history_buckets_points_by_history_length():

@@ -196,19 +196,16 @@ def _setup_lines(res: dict) -> list[str]:
         L += [f"**One-seed version** ({res['seeds']} seed each way, {res['members']} ensemble members): its intervals "
               "cover policies and start states, not the spread between training seeds. The full experiment: "
               f"`python -m whale_pl.experiment --scale {res['scale']}` (`make experiment`).", ""]
-    L += [f"Command: `{res['command']}` (total {fmt_elapsed(res['seconds'])}; training "
-          f"{fmt_elapsed(res['train_seconds'])}).", "",
-          f"Evaluation set: tasks {', '.join(res['tasks'])}; {res['starts']} start state(s) per task (the same for "
-          f"every policy); horizon {res['horizon']} model steps (the episode); discount {res['discount']}. Real "
-          "returns from Meta-World, imagined returns from the reward head. Splits: " +
-          "; ".join(f"`{k}` ({SPLIT_NOTES.get(k, k)}): {', '.join(v)}" for k, v in res["splits"].items()) + ".", "",
-          f"Models: `stages/{res['scale']}/dynamics.yaml` trained for {res['steps']} steps (no time limit) with "
-          f"seeds 0..{res['seeds'] - 1}, behavior-conditioning on and off; each checkpoint chosen on `val/ce` of the "
-          f"training families' held-out episodes only (`val_splits {VAL_SPLITS}`, no value hook). Ensemble: the on "
-          f"models of seeds 0..{res['members'] - 1}, same config and budget (member 0 is the retracing model). "
-          f"Intervals: 95 % bootstrap ({'paired over seeds, ' if res['seeds'] > 1 else 'over '}policies and start "
-          "states; tasks are strata; uncertainty figures over rollouts).", ""]
-    return L
+    return L + [f"Command: `{res['command']}` (total {fmt_elapsed(res['seconds'])}; training "
+                f"{fmt_elapsed(res['train_seconds'])}; it reuses the finished runs under `runs/{res['scale']}/"
+                f"experiment/{res['steps']}_steps`: move them aside to retrain).", "",
+                f"Evaluation set: tasks {', '.join(res['tasks'])}; {res['starts']} start state(s) per task; horizon "
+                f"{res['horizon']} model steps (the episode); discount {res['discount']}. Splits: " +
+                "; ".join(f"`{k}` ({SPLIT_NOTES.get(k, k)}): {', '.join(v)}" for k, v in res["splits"].items()) + ".",
+                "", f"Models: `stages/{res['scale']}/dynamics.yaml`, {res['steps']} steps, seeds 0..{res['seeds'] - 1} "
+                f"with behavior-conditioning on and off, each checkpoint chosen on `val/ce` of the `val` split only; "
+                f"the ensemble: the on models of seeds 0..{res['members'] - 1} (member 0 retraces). Intervals: "
+                "docs/method.md, \"Value evaluation\".", ""]
 
 
 def _value_lines(res: dict) -> list[str]:
@@ -284,8 +281,6 @@ def write_report(res: dict, path: Path) -> None:
     L += [f"![{k}]({Path(p).name})" for k, p in res["plots"].items() if k.startswith("returns")] + [""]
     L += _uncertainty_lines(res) + [f"![{k}]({Path(p).name})" for k, p in res["plots"].items()
                                     if k.startswith("AUROC")] + [""] + _video_lines(res) + _probe_lines(res)
-    L += [f"Regenerate: the command above (reuses the finished runs under `runs/{res['scale']}/experiment/"
-          f"{res['steps']}_steps`; move them aside to retrain).", ""]
     write_text_atomic(path, "\n".join(L))
 
 

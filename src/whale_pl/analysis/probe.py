@@ -53,10 +53,8 @@ def fit_linear_probe(x_NZ: torch.Tensor, y_N: torch.Tensor, n_classes: int | Non
 
 
 def probe_accuracy(train_x_NZ: torch.Tensor, train_y_N: torch.Tensor, test_x_NZ: torch.Tensor,
-                   test_y_N: torch.Tensor, n_classes: int | None = None) -> float:
+                   test_y_N: torch.Tensor, n_classes: int) -> float:
     """Fit on the training embeddings, return accuracy on the held-out ones."""
-    if n_classes is None:
-        n_classes = int(max(train_y_N.max().item(), test_y_N.max().item()) + 1)
     return fit_linear_probe(train_x_NZ, train_y_N, n_classes).accuracy(test_x_NZ, test_y_N)
 
 
