@@ -1,8 +1,6 @@
 """The headline experiment (docs/method.md, "the headline claims"): behavior-conditioning on against off over
-seeds, retracing against an ensemble, rollout PSNR/SSIM beside copying; one command, written to a report.
-
-    python -m whale_pl.experiment --scale demo [--seeds 3] [--members 5] [--steps N] [--starts 5] [--train-only]
-"""
+seeds, retracing against an ensemble, rollout PSNR/SSIM beside copying: ``python -m whale_pl.experiment --scale S``
+(``make experiment``), written to ``runs/<scale>/experiment.md``."""
 
 from __future__ import annotations
 

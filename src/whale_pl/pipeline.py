@@ -1,7 +1,5 @@
-"""Run the stages in order, reusing what is complete (``DONE``) and resuming what was interrupted.
-
-    python -m whale_pl.pipeline tokenizer|tokens|behavior|dynamics --scale demo [--force] [-- whale fit arguments]
-"""
+"""Run the stages in order, reusing what is complete (``DONE``) and resuming what was interrupted:
+``python -m whale_pl.pipeline tokenizer|tokens|behavior|dynamics --scale S [--force] [-- whale fit arguments]``."""
 
 from __future__ import annotations
 
