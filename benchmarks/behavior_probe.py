@@ -29,8 +29,16 @@ import time
 import numpy as np
 import torch
 
-from whale_pl.analysis.probe import accuracy_by_history, fit_linear_probe
+from whale_pl.analysis.probe import fit_linear_probe
 from whale_pl.data.actions import ActionNormaliser
+
+
+def accuracy_by_history(correct_N, t_N) -> str:
+    """'t 8-15 0.60, t 16-31 0.76, ...': the share of correct points whose history length t falls in each
+    bucket (empty buckets left out). Arrays or tensors of the same length."""
+    ok, t = np.asarray(correct_N, dtype=float), np.asarray(t_N)
+    return ", ".join(f"t {lo}-{hi - 1} {ok[(t >= lo) & (t < hi)].mean():.2f}"
+                     for lo, hi in ((8, 16), (16, 32), (32, 64), (64, 120)) if ((t >= lo) & (t < hi)).any())
 
 
 def clips_of(ep, clip_len: int, hop: int, norm: ActionNormaliser):

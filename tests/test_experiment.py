@@ -117,8 +117,7 @@ def test_experiment_evaluates_and_reports_on_tiny_models(tiny_dynamics, tiny_dat
             "off": [{"seed": 0, "ckpt": str(tiny_dynamics[1]), "seconds": 1.0}], "seconds": 3.0}
     res = experiment.evaluate(a, runs)
     res.update(scale="tiny", seeds=1, members=2, steps=6, starts=1, horizon=H, discount=0.99, runs=runs,
-               train_seconds=3.0, command="python -m whale_pl.experiment --scale tiny --seeds 1",
-               full_command="python -m whale_pl.experiment --scale tiny", seconds=9.0)
+               train_seconds=3.0, command="python -m whale_pl.experiment --scale tiny --seeds 1", seconds=9.0)
     out = Path("runs") / "tiny"
     experiment.write_plots(res, out)
     json.dumps(nan_to_none(res), allow_nan=False)
@@ -142,7 +141,8 @@ def test_experiment_evaluates_and_reports_on_tiny_models(tiny_dynamics, tiny_dat
         assert f"({Path(png).name})" in md
     (out / "experiment.json").write_text(json.dumps(nan_to_none(res)))
     full = report.build_report("tiny", Path("runs"))
-    assert "## Experiment details" in full and "**One-seed version**" in full
+    assert "## Headline experiment (tiny scale)" in full and "### Verdicts" in full and "**One-seed version**" in full
+    assert all(f"({Path(png).name})" in full for png in res["plots"].values())  # report.md sits beside the plots
 
 
 def test_gpu_script_dry_run_prints_a_budgeted_bf16_pipeline(monkeypatch):

@@ -44,8 +44,8 @@ def test_forced_retrain_moves_the_old_run_aside_and_later_stages_get_the_new_che
     assert sorted(p.name for p in (run / "checkpoints").glob("best*.ckpt")) == ["best.ckpt"]  # no best-v1
     done = json.loads((run / "DONE").read_text())
     assert done["sha256"] == pipeline.sha256_of(Path(done["checkpoint"]))
-    assert pipeline._handoff_args("tiny", "behavior") == ["--model.init_args.tokenizer_ckpt", done["checkpoint"]]
+    assert pipeline.handoff_args("tiny", ("tokenizer",)) == ["--model.init_args.tokenizer_ckpt", done["checkpoint"]]
     with open(done["checkpoint"], "ab") as f:  # the file changes after the stage finished
         f.write(b"\0")
     with pytest.raises(SystemExit, match=r"best\.ckpt.*has changed since the stage finished"):
-        pipeline._handoff_args("tiny", "behavior")
+        pipeline.handoff_args("tiny", ("tokenizer",))

@@ -10,7 +10,7 @@ import torch
 
 from whale_pl.plan.cem import History, PlanConfig, PlanConfigError, Planner, load_plan_yaml, shared_prefix_prior
 from whale_pl.plan.cli import compare, with_interval
-from whale_pl.plan.evaluate import check_disjoint, dataset_seeds, planned_episode
+from whale_pl.plan.evaluate import check_disjoint, planned_episode
 from whale_pl.rollout.value import WorldModel, start_seeds
 
 CFG = dict(samples=6, horizon=3, iterations=2, elites=2, context=2, K=2)
@@ -108,7 +108,7 @@ def test_plan_yaml_checked(tmp_path):
     assert plan.samples >= 2 and ev.starts >= 10 and ev.members >= 2
     p = tmp_path / "plan.yaml"
     p.write_text("planner: {samples: 8}\nevaluate: {lambdas: {retracing: [1.0, -2.0]}}\n")
-    with pytest.raises(PlanConfigError, match="lambda=-2.0"):
+    with pytest.raises(PlanConfigError, match=r"lambdas=\{'retracing': \[1.0, -2.0\]\}.*λ >= 0"):
         load_plan_yaml(p)
     p.write_text("planner: {samples: 1}\n")
     with pytest.raises(PlanConfigError, match="samples=1"):
@@ -116,11 +116,11 @@ def test_plan_yaml_checked(tmp_path):
 
 
 def test_start_states_disjoint_from_the_dataset(tiny_config):
-    from whale_pl.data.metaworld import CollectConfig
+    from whale_pl.data.metaworld import CollectConfig, make_jobs
 
     _, ev = load_plan_yaml("stages/demo/plan.yaml")
     for cfg in (CollectConfig.from_yaml("stages/demo/data.yaml"), tiny_config):
-        data = dataset_seeds(cfg)
+        data = {j.seed for j in make_jobs(cfg)}
         for base, n in ((ev.seed, ev.starts), (ev.tune_seed, ev.tune_starts)):
             seeds = [s for t in cfg.tasks for s in start_seeds(base, t, n)]
             assert len(set(seeds)) == len(seeds) and not set(seeds) & data
@@ -128,7 +128,7 @@ def test_start_states_disjoint_from_the_dataset(tiny_config):
         evals = {s for t in cfg.tasks for s in start_seeds(ev.seed, t, ev.starts)}
         assert not evals & {s for t in cfg.tasks for s in start_seeds(ev.tune_seed, t, ev.tune_starts)}
     with pytest.raises(ValueError, match="episode seeds of the dataset"):
-        check_disjoint([next(iter(dataset_seeds(tiny_config)))], tiny_config)
+        check_disjoint([make_jobs(tiny_config)[0].seed], tiny_config)
 
 
 def test_planned_episode_in_real_metaworld(wm, tiny_config):

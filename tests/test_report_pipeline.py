@@ -16,8 +16,8 @@ def test_report_names_missing_inputs_and_tables_present_ones(tmp_path, monkeypat
     assert "| tokenizer | complete | 12.500 |" in md
     assert "| behavior | missing |" in md
     assert "| dynamics model | 25.250 | 0.750 | — | 16 |" in md
-    assert "| copy the last real frame | not measured by `whale eval video` |" in md
-    assert "missing: " in md and "experiment.json" in md
+    assert "| copy the last real frame | — | — | — | 16 |" in md  # not in this file: no figures
+    assert "_missing: " in md and "experiment.md (run `python -m whale_pl.experiment --scale demo`)" in md
 
 
 def test_report_reads_the_dynamics_validation_from_tensorboard(tmp_path, monkeypatch):

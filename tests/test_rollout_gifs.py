@@ -143,10 +143,9 @@ def test_demo_makes_the_gifs_before_the_report():
     assert names.index("rollout gifs") < names.index("report")
 
 
-def test_report_metrics_table_has_every_metric_or_says_why_not(tmp_path, monkeypatch):
-    """PSNR, SSIM, FVD (each beside copying the last real frame), value gap and return correlation per split
-    with intervals, uncertainty AUROC, each with its value or a 'missing'/'undefined' reason; the plots
-    linked, an absent plot named."""
+def test_report_says_each_table_once_and_why_a_figure_is_missing(tmp_path, monkeypatch):
+    """``whale eval video``'s table beside copying (FVD missing as —), experiment.md embedded one heading level
+    down with its plot links as they are, absent inputs named."""
     from whale_pl import report
 
     monkeypatch.chdir(tmp_path)
@@ -155,43 +154,13 @@ def test_report_metrics_table_has_every_metric_or_says_why_not(tmp_path, monkeyp
     (root / "video_metrics.json").write_text(json.dumps({
         "psnr": 21.5, "ssim": 0.625, "num_clips": 16, "clip_len": 16, "split": "val", "ckpt": "d.ckpt",
         "shards": "data_shards/metaworld/demo", "copy_psnr": 23.25}))  # no "fvd": skipped
-    row = {"on": 0.125, "on_ci": [0.1, 0.15], "off": 0.25, "off_ci": [0.2, 0.3], "diff": -0.125,
-           "diff_ci": [-0.2, -0.05], "verdict": "lower with conditioning"}
-    undefined = {"on": None, "on_ci": [None, None], "off": None, "off_ci": [None, None], "diff": None,
-                 "diff_ci": [None, None], "verdict": "undefined"}
-    value = {"ood_params": {"value_gap": row, "spearman": undefined}, "all": {"value_gap": row}}
-    (root / "experiment_returns.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    auroc = {"auroc_within": 0.6875, "auroc_within_ci": [0.6, 0.75], "verdict_within": "better than chance"}
-    exp = {"horizon": 15, "seeds": 3, "starts": 5, "returns": {"policies": ["a", "b", "c"]},
-           "value": {"open_loop": value, "closed_loop": value},
-           "uncertainty": {"mse": {"scores": {"retracing": auroc, "ensemble": {"auroc_within": None,
-                                                                              "verdict_within": "undefined"},
-                                              "step index": {"auroc_pooled": 0.75, "auroc_pooled_ci": [0.7, 0.8]}}}},
-           "video": {"all": {"on": {"psnr": 20.5, "ssim": 0.5}, "copy the last real frame": {"psnr": 23.25,
-                                                                                            "ssim": 0.75}}},
-           "plots": {"returns (on and off)": str(root / "experiment_returns.png"),
-                     "AUROC per imagined step": str(root / "experiment_step_auroc.png")}}
-    (root / "experiment.json").write_text(json.dumps(exp))
+    (root / "experiment.md").write_text("# Headline experiment (demo scale)\n\n## Verdicts\n\n- (1) x\n\n"
+                                        "![returns (on and off)](experiment_returns.png)\n")
     md = report.build_report("demo", Path("runs"))
-    table = md.split("## Metrics", 1)[1].split("\n## ", 1)[0]
-    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
-    assert "21.500 (copy the last real frame: 23.250)" in rows["PSNR (dB), dynamics rollouts"]
-    assert "0.625 (copy baseline: not measured" in rows["SSIM, dynamics rollouts"]
-    assert "missing: FVD was skipped" in rows["FVD, dynamics rollouts"]
-    assert "--shards data_shards/metaworld/demo" in rows["FVD, dynamics rollouts"]
-    gap = rows["value gap, `ood_params` policies"]
-    assert ("open-loop: on 0.125 [0.100, 0.150], off 0.250 [0.200, 0.300], on − off -0.125 [-0.200, -0.050] "
-            "(lower with conditioning)") in gap and "3 seed(s) each way, 3 policies, 5 start(s)" in gap
-    assert "on undefined (" in rows["return Spearman, `ood_params` policies"]
-    assert "(undefined)" in rows["return Spearman, `ood_params` policies"]
-    auroc_row = rows[report.AUROC_ROW]
-    assert "retracing 0.688 [0.600, 0.750] (better than chance); ensemble undefined (" in auroc_row
-    assert "step index alone, pooled over steps 0.750 [0.700, 0.800]" in auroc_row
-    assert all("`python -m whale_pl.experiment --scale demo`" in rows[k] for k in
-               ("value gap, `ood_params` policies", report.AUROC_ROW))
-    assert "| copy the last real frame | 23.250 | 0.750 |" in md  # the experiment's rollouts
-    assert "### Return scatter: imagined against real return per task and policy (on and off)" in md
-    assert "![returns (on and off)](experiment_returns.png)" in md
-    assert f"_missing: {root / 'experiment_step_auroc.png'} (named in experiment.json)_" in md
+    assert "| dynamics model | 21.500 | 0.625 | — | 16 |" in md and "| copy the last real frame | 23.250 | — | — |" in md
+    assert "--shards data_shards/metaworld/demo" in md
+    assert "## Headline experiment (demo scale)\n\n### Verdicts\n\n- (1) x" in md
+    assert md.count("## Verdicts") == 1 and "![returns (on and off)](experiment_returns.png)" in md
+    assert "Regenerate: `python -m whale_pl.experiment --scale demo`" in md
     assert "## Rollouts: real against imagined" in md and "missing: runs/demo/gifs/index.json" in md
     assert "whale eval gifs --ckpt runs/demo/dynamics/checkpoints/best.ckpt" in md

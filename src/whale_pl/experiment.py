@@ -1,15 +1,12 @@
 """The headline experiment (docs/method.md, "the headline claims"): behavior-conditioning on against off over
-seeds, retracing against an ensemble, rollout PSNR/SSIM beside copying; one command, written to a report.
-
-    python -m whale_pl.experiment --scale demo [--seeds 3] [--members 5] [--steps N] [--starts 5] [--train-only]
-"""
+seeds, retracing against an ensemble, rollout PSNR/SSIM beside copying: ``python -m whale_pl.experiment --scale S``
+(``make experiment``), written to ``runs/<scale>/experiment.md``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from whale_pl.io import write_json_atomic, write_text_atomic
-from whale_pl.pipeline import done_checkpoint, fmt_elapsed, sha256_of, written_checkpoint
+from whale_pl.pipeline import fmt_elapsed, handoff_args, run_fit, sha256_of
 from whale_pl.rollout.stats import fmt, fmt_key
 from whale_pl.rollout.value_metrics import MODES
 
@@ -27,26 +24,20 @@ SPLIT_NOTES = {"val": "training families, new start states", "ood_params": "new 
                "ood_families": "behavior families never seen in training"}
 MODEL_KEYS = ("psnr", "ssim", "mse", "token_err")
 DISCOUNT, K = 0.99, 3  # per model step; retracing anchors per imagined step
-
-
-def _config(path: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
+VALUE_CLAIM = {"lower with conditioning": "consistent with the claim (conditioning lowers the value gap)",
+               "higher with conditioning": "against the claim (conditioning raises the value gap)"}
 
 
 def fit_command(config: Path, group_dir: Path, seed: int, use_behavior: bool, steps: int, handoff: list[str],
                 extra: list[str]) -> list[str]:
-    """The ``whale fit`` of one run: the stage config as is, but its budget in steps, validation (and so the
-    checkpoint choice) on the training-family split only and the value hook (the last callback) silenced."""
-    cbs = (_config(config).get("trainer") or {}).get("callbacks") or []
-    quiet = (["--trainer.callbacks.init_args.every_n_val_epochs", "1000000"]
-             if cbs and str(cbs[-1].get("class_path", "")).endswith("EvalCallback") else [])
+    """The ``whale fit`` of one run: the stage config with its budget in steps, validation (so the checkpoint
+    choice) on the training-family split only and the value hook (every config's last callback) silenced."""
     return [sys.executable, "-m", "whale_pl.cli", "fit", "--config", str(config), *handoff, "--seed_everything",
-            str(seed), *quiet, "--trainer.max_time", "null", "--trainer.max_steps", str(steps),
-            "--data.init_args.val_splits", VAL_SPLITS, "--trainer.logger.init_args.save_dir", str(group_dir),
-            "--trainer.logger.init_args.name", str(seed), "--trainer.logger.init_args.version", "",
-            "--model.init_args.use_behavior", "true" if use_behavior else "false", *extra]
+            str(seed), "--trainer.callbacks.init_args.every_n_val_epochs", "1000000", "--trainer.max_time", "null",
+            "--trainer.max_steps", str(steps), "--data.init_args.val_splits", VAL_SPLITS,
+            "--trainer.logger.init_args.save_dir", str(group_dir), "--trainer.logger.init_args.name", str(seed),
+            "--trainer.logger.init_args.version", "",
+            "--model.init_args.use_behavior", str(use_behavior).lower(), *extra]
 
 
 def train_run(cmd: list[str], run_dir: Path, record: dict) -> tuple[Path, float]:
@@ -60,15 +51,7 @@ def train_run(cmd: list[str], run_dir: Path, record: dict) -> tuple[Path, float]
                              f"{record}: move it aside to retrain")
         print(f"[experiment] {run_dir}: complete, reusing {info['ckpt']}", flush=True)
         return Path(info["ckpt"]), float(info["seconds"])
-    last = run_dir / "checkpoints" / "last.ckpt"
-    cmd = cmd + (["--ckpt_path", str(last)] if last.is_file() else [])
-    print(f"[experiment] {run_dir}: {' '.join(cmd[2:])}", flush=True)
-    t0 = time.time()
-    proc = subprocess.run(cmd)
-    if proc.returncode != 0:
-        raise SystemExit(f"[experiment] training {run_dir} failed (exit {proc.returncode}); rerun to resume")
-    seconds = time.time() - t0
-    ckpt = written_checkpoint(run_dir)
+    ckpt, seconds = run_fit(cmd, run_dir, "experiment")
     write_json_atomic(done, {**record, "ckpt": str(ckpt), "sha256": sha256_of(ckpt), "seconds": seconds,
                              "command": cmd[2:]})
     print(f"[experiment] {run_dir}: trained in {fmt_elapsed(seconds)}", flush=True)
@@ -99,9 +82,8 @@ def train_all(a: argparse.Namespace) -> dict:
         stages = ("tokenizer", "behavior") if group == "on" else ("tokenizer",)
         for st in stages:
             wait_for(root / st / "DONE", f"the {st} stage")
-        handoff = [x for st in stages for x in (f"--model.init_args.{st}_ckpt", str(done_checkpoint(a.scale, st)))]
         group_dir = root / "experiment" / f"{a.steps}_steps" / group
-        cmd = fit_command(config, group_dir, seed, group == "on", a.steps, handoff, a.fit_args)
+        cmd = fit_command(config, group_dir, seed, group == "on", a.steps, handoff_args(a.scale, stages), a.fit_args)
         return train_run(cmd, group_dir / str(seed),
                          {"seed": seed, "steps": a.steps, "use_behavior": group == "on", "fit_args": a.fit_args})
 
@@ -115,8 +97,7 @@ def train_all(a: argparse.Namespace) -> dict:
 
 
 def behavior_probe(wm, real, ev) -> dict:
-    """The linear probe of the behavior prior's z_t per split (``analysis.probe.split_probes``) on the real
-    rollouts, whose start states no stage saw or was chosen on; empty for a model without behavior."""
+    """``split_probes`` of the behavior prior's z_t on the real rollouts; empty for a model without behavior."""
     import torch
 
     from whale_pl.analysis.probe import split_probes
@@ -134,8 +115,7 @@ def behavior_probe(wm, real, ev) -> dict:
 
 
 def evaluate(a: argparse.Namespace, runs: dict) -> dict:
-    """One set of real rollouts; every on and off model's values and video errors; retracing of on-model 0
-    against the ensemble of on-models 0..M-1."""
+    """Real rollouts; every model's values and video errors; retracing of on-model 0 against the ensemble."""
     from whale_pl.rollout.value import (EvalSet, WorldModel, collect_real, evaluate_values, frame_stride_of,
                                         rollout_errors, uncertainty_summary)
     from whale_pl.rollout.value_metrics import split_values, video_summary
@@ -177,13 +157,6 @@ def evaluate(a: argparse.Namespace, runs: dict) -> dict:
             "real_seconds": real.seconds}
 
 
-def value_claim(gap: dict) -> str:
-    """What the on − off value-gap verdict says of claim (1)."""
-    return {"lower with conditioning": "consistent with the claim (conditioning lowers the value gap)",
-            "higher with conditioning": "against the claim (conditioning raises the value gap)"}.get(
-        gap["verdict"], gap["verdict"])
-
-
 def uncertainty_claim(u: dict) -> str:
     """What the within-step AUROCs say of claim (2): supported only when retracing is better than chance
     and not distinguishably worse than the ensemble; undefined when any figure is."""
@@ -200,14 +173,11 @@ def uncertainty_claim(u: dict) -> str:
 
 def verdicts(res: dict) -> list[str]:
     """The verdict lines of both claims, stated plainly with their intervals, whatever the answer."""
-    out = []
-    for mode in MODES:
-        for split, figs in res["value"][mode].items():
-            if split in ("all", "val"):
-                continue
-            g = figs["value_gap"]
-            out.append(f"- (1) {mode}, `{split}` ({SPLIT_NOTES.get(split, split)}): value gap on {fmt_key(g, 'on')} "
-                       f"vs off {fmt_key(g, 'off')}; on − off {fmt_key(g, 'diff')}: {value_claim(g)}.")
+    gaps = [(mode, split, figs["value_gap"]) for mode in MODES for split, figs in res["value"][mode].items()
+            if split not in ("all", "val")]
+    out = [f"- (1) {mode}, `{split}` ({SPLIT_NOTES.get(split, split)}): value gap on {fmt_key(g, 'on')} vs off "
+           f"{fmt_key(g, 'off')}; on − off {fmt_key(g, 'diff')}: {VALUE_CLAIM.get(g['verdict'], g['verdict'])}."
+           for mode, split, g in gaps]
     u = res["uncertainty"]
     r, e = u["mse"]["scores"]["retracing"], u["mse"]["scores"]["ensemble"]
     out.append(f"- (2) AUROC within a step index (pixel MSE): retracing {fmt_key(r, 'auroc_within', 2)} "
@@ -223,29 +193,24 @@ def _setup_lines(res: dict) -> list[str]:
     if res["seeds"] < 3:
         L += [f"**One-seed version** ({res['seeds']} seed each way, {res['members']} ensemble members): its intervals "
               "cover policies and start states, not the spread between training seeds. The full experiment: "
-              f"`{res['full_command']}` (`make experiment`).", ""]
-    L += [f"Command: `{res['command']}` (total {fmt_elapsed(res['seconds'])}; training "
-          f"{fmt_elapsed(res['train_seconds'])}).", "",
-          f"Evaluation set: tasks {', '.join(res['tasks'])}; {res['starts']} start state(s) per task (the same for "
-          f"every policy); horizon {res['horizon']} model steps (the episode); discount {res['discount']}. Real "
-          "returns from Meta-World, imagined returns from the reward head. Splits: " +
-          "; ".join(f"`{k}` ({SPLIT_NOTES.get(k, k)}): {', '.join(v)}" for k, v in res["splits"].items()) + ".", "",
-          f"Models: `stages/{res['scale']}/dynamics.yaml` trained for {res['steps']} steps (no time limit) with "
-          f"seeds 0..{res['seeds'] - 1}, behavior-conditioning on and off; each checkpoint chosen on `val/ce` of the "
-          f"training families' held-out episodes only (`val_splits {VAL_SPLITS}`, no value hook). Ensemble: the on "
-          f"models of seeds 0..{res['members'] - 1}, same config and budget (member 0 is the retracing model). "
-          f"Intervals: 95 % bootstrap ({'paired over seeds, ' if res['seeds'] > 1 else 'over '}policies and start "
-          "states; tasks are strata; uncertainty figures over rollouts).", ""]
-    return L
+              f"`python -m whale_pl.experiment --scale {res['scale']}` (`make experiment`).", ""]
+    return L + [f"Command: `{res['command']}` (total {fmt_elapsed(res['seconds'])}; training "
+                f"{fmt_elapsed(res['train_seconds'])}; it reuses the finished runs under `runs/{res['scale']}/"
+                f"experiment/{res['steps']}_steps`: move them aside to retrain).", "",
+                f"Evaluation set: tasks {', '.join(res['tasks'])}; {res['starts']} start state(s) per task; horizon "
+                f"{res['horizon']} model steps (the episode); discount {res['discount']}. Splits: " +
+                "; ".join(f"`{k}` ({SPLIT_NOTES.get(k, k)}): {', '.join(v)}" for k, v in res["splits"].items()) + ".",
+                "", f"Models: `stages/{res['scale']}/dynamics.yaml`, {res['steps']} steps, seeds 0..{res['seeds'] - 1} "
+                f"with behavior-conditioning on and off, each checkpoint chosen on `val/ce` of the `val` split only; "
+                f"the ensemble: the on models of seeds 0..{res['members'] - 1} (member 0 retraces). Intervals: "
+                "docs/method.md, \"Value evaluation\".", ""]
 
 
 def _value_lines(res: dict) -> list[str]:
     """One table per split: every value figure on and off with intervals, the difference, its verdict."""
     L = ["## (1) Behavior-conditioning on vs off: value estimation per split", "",
-         "Value gap: mean |V̂ − V| over the task's real return range; bias: mean (V̂ − V) over that range "
-         "(positive: over-estimates); Spearman / Pearson of imagined against real returns over the policies; "
-         "regret@1: real value lost by picking the policy the model ranks first, over the range. Per task and "
-         "seed over the split's policies, then averaged.", ""]
+         "The figures and their intervals: docs/method.md, \"Value evaluation\"; bias: mean (V̂ − V) over the "
+         "task's real return range (positive: over-estimates).", ""]
     for split in res["value"][MODES[0]]:
         pols = ", ".join(res["splits"].get(split, [])) or "every policy"
         L += [f"### `{split}`: {SPLIT_NOTES.get(split, 'all splits together')} ({pols})", "",
@@ -283,10 +248,9 @@ def _uncertainty_lines(res: dict) -> list[str]:
 def _video_lines(res: dict) -> list[str]:
     """PSNR / SSIM of the open-loop rollouts per split beside copying the last real frame."""
     L = ["## (3) Video fidelity of the open-loop rollouts", "",
-         "Imagined frames 1..H-1 against the real ones; on/off averaged over seeds. `copy the last real frame` "
-         "repeats the context frame on the same clips (what a model must beat); `tokenizer reconstruction` is the "
-         "ceiling. FVD: `whale eval video` (video_metrics.json).", "", "| split | rollout | PSNR (dB) | SSIM |",
-         "|---|---|---|---|"]
+         "Imagined frames 1..H-1 against the real ones; on/off averaged over seeds; copying the last real frame is "
+         "what a model must beat, the tokenizer's reconstruction the ceiling.", "",
+         "| split | rollout | PSNR (dB) | SSIM |", "|---|---|---|---|"]
     for split, rows in res["video"].items():
         L += [f"| {split} | {name} | {fmt(v['psnr'], 2)} | {fmt(v['ssim'])} |" for name, v in rows.items()]
     return L + [""]
@@ -298,11 +262,9 @@ def _probe_lines(res: dict) -> list[str]:
     L = ["## Behavior probe (a diagnostic)", ""]
     if not pr:
         return L + ["_no behavior-conditioned model: no probe_", ""]
-    L += [f"A linear probe of the on-model 0's prior z_t (t >= {pr['t_min']}) on the real rollouts above, whose start "
-          "states no stage saw or was chosen on. `family`: which training family acted (training policies: leave one "
-          "start state out; `ood_params`: fitted on every training-policy rollout; undefined for families never seen "
-          "in training). `policy`: which of the split's policies acted, leave one start state out. Interval: 95 % "
-          "bootstrap over episodes.", "", "| split | probe | accuracy | chance | episodes |", "|---|---|---|---|---|"]
+    L += [f"A linear probe of the on-model 0's prior z_t (t >= {pr['t_min']}) on the real rollouts above "
+          "(docs/method.md, \"Value evaluation\"); interval: 95 % bootstrap over episodes.", "",
+          "| split | probe | accuracy | chance | episodes |", "|---|---|---|---|---|"]
     for split in [k for k in pr if isinstance(pr[k], dict)]:
         for kind in ("family", "policy"):
             row = pr[split].get(kind)
@@ -317,8 +279,6 @@ def write_report(res: dict, path: Path) -> None:
     L += [f"![{k}]({Path(p).name})" for k, p in res["plots"].items() if k.startswith("returns")] + [""]
     L += _uncertainty_lines(res) + [f"![{k}]({Path(p).name})" for k, p in res["plots"].items()
                                     if k.startswith("AUROC")] + [""] + _video_lines(res) + _probe_lines(res)
-    L += [f"Regenerate: the command above (reuses the finished runs under `runs/{res['scale']}/experiment/"
-          f"{res['steps']}_steps`; move them aside to retrain).", ""]
     write_text_atomic(path, "\n".join(L))
 
 
@@ -350,10 +310,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.seeds < 1 or a.members < 2 or a.starts < 1:
         p.error(f"--seeds >= 1, --members >= 2 and --starts >= 1 expected, got {a.seeds}, {a.members}, {a.starts}")
+    import yaml
+
     from whale_pl.data.metaworld import CollectConfig
 
     a.data_config = str(Path("stages") / a.scale / "data.yaml")
-    cfg = _config(Path("stages") / a.scale / "dynamics.yaml")
+    cfg = yaml.safe_load((Path("stages") / a.scale / "dynamics.yaml").read_text())
     a.steps = a.steps or STEPS.get(a.scale) or int(cfg["trainer"]["max_steps"])
     stride = int(((cfg.get("data") or {}).get("init_args") or {}).get("frame_stride", 1))
     a.horizon = CollectConfig.from_yaml(a.data_config).max_steps // stride  # the whole episode
@@ -375,8 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     res = evaluate(a, runs)
     res.update({k: getattr(a, k) for k in ("scale", "seeds", "members", "steps", "starts", "horizon")},
                discount=DISCOUNT, runs=runs, train_seconds=runs["seconds"],
-               command=" ".join(["python -m whale_pl.experiment", *argv]),
-               full_command=f"python -m whale_pl.experiment --scale {a.scale}")
+               command=" ".join(["python -m whale_pl.experiment", *argv]))
     out_dir = Path("runs") / a.scale
     write_plots(res, out_dir)
     res["seconds"] = time.time() - t_start

@@ -1,7 +1,5 @@
-"""Run the stages in order, reusing what is complete (``DONE``) and resuming what was interrupted.
-
-    python -m whale_pl.pipeline tokenizer|tokens|behavior|dynamics --scale demo [--force] [-- whale fit arguments]
-"""
+"""Run the stages in order, reusing what is complete (``DONE``) and resuming what was interrupted:
+``python -m whale_pl.pipeline tokenizer|tokens|behavior|dynamics --scale S [--force] [-- whale fit arguments]``."""
 
 from __future__ import annotations
 
@@ -69,10 +67,21 @@ def written_checkpoint(run_dir: Path) -> Path:
     raise SystemExit(f"[whale] the fit finished but wrote no checkpoint under {run_dir / 'checkpoints'}")
 
 
-def _handoff_args(scale: str, stage: str) -> list[str]:
-    """The earlier stages' checkpoints, as their DONE records name them, for this stage's config."""
-    earlier = STAGES[: STAGES.index(stage)]
-    return [x for st in earlier for x in (f"--model.init_args.{st}_ckpt", str(done_checkpoint(scale, st)))]
+def run_fit(cmd: list[str], run_dir: Path, tag: str) -> tuple[Path, float]:
+    """Run ``whale fit`` (``cmd``), resuming from ``run_dir``'s ``last.ckpt``: the checkpoint it wrote, the seconds."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    cmd = cmd + (["--ckpt_path", str(last)] if last.is_file() else [])
+    print(f"[{tag}] {run_dir}: {' '.join(cmd[2:])}", flush=True)
+    t0 = time.time()
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        raise SystemExit(f"[{tag}] training {run_dir} failed (exit {proc.returncode}); rerun to resume")
+    return written_checkpoint(run_dir), time.time() - t0
+
+
+def handoff_args(scale: str, stages: tuple[str, ...]) -> list[str]:
+    """``--model.init_args.<stage>_ckpt <checkpoint>`` of each finished stage, as its DONE names it."""
+    return [x for st in stages for x in (f"--model.init_args.{st}_ckpt", str(done_checkpoint(scale, st)))]
 
 
 def _data_args(cfg: Path) -> dict:
@@ -81,14 +90,8 @@ def _data_args(cfg: Path) -> dict:
     return dict((yaml.safe_load(cfg.read_text()).get("data") or {}).get("init_args") or {})
 
 
-def uses_tokens(cfg: Path) -> bool:
-    """Whether a stage config's data section reads token shards (``tokens:`` set)."""
-    return _data_args(cfg).get("tokens") is not None
-
-
 def _token_sources(scale: str) -> list[str]:
-    """Every dataset directory (a Meta-World config's ``out``, or ``dirs``) that a behavior or dynamics config of
-    ``scale`` reads as tokens."""
+    """Every dataset directory (a Meta-World config's ``out``, or ``dirs``) the scale's stages read as tokens."""
     import yaml
 
     out: list[str] = []
@@ -138,25 +141,16 @@ def run_stage(scale: str, stage: str, extra: list[str] | None = None, force: boo
     if (run_dir / "DONE").exists() and not force:
         print(f"[whale] {stage}: complete ({run_dir / 'DONE'}), reusing it", flush=True)
         return run_dir
-    cmd = [sys.executable, "-m", "whale_pl.cli", "fit", "--config", str(cfg), *_handoff_args(scale, stage)]
-    if stage != "tokenizer" and uses_tokens(cfg):
+    cmd = [sys.executable, "-m", "whale_pl.cli", "fit", "--config", str(cfg),
+           *handoff_args(scale, STAGES[: STAGES.index(stage)])]
+    if stage != "tokenizer" and _data_args(cfg).get("tokens") is not None:  # reads token shards
         cmd += ["--data.init_args.tokens", str(run_tokens(scale))]
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.exists() and not force and not (run_dir / "DONE").exists():
-        print(f"[whale] {stage}: resuming interrupted run from {last}", flush=True)
-        cmd += ["--ckpt_path", str(last)]
-    else:
+    if force or not (run_dir / "checkpoints" / "last.ckpt").exists():  # else resume the interrupted run
         _move_aside(run_dir)
-    cmd += list(extra or [])
-    print(f"[whale] {stage}: {' '.join(cmd[1:])}", flush=True)
-    t0 = time.time()
-    proc = subprocess.run(cmd)
-    if proc.returncode != 0:
-        raise SystemExit(f"[whale] {stage}: training failed (exit {proc.returncode}); rerun to resume")
-    ckpt = written_checkpoint(run_dir)
+    ckpt, seconds = run_fit(cmd + list(extra or []), run_dir, "whale")
     write_text_atomic(run_dir / "DONE", json.dumps({"stage": stage, "scale": scale, "config": str(cfg), "seconds":
-                      time.time() - t0, "checkpoint": str(ckpt), "sha256": sha256_of(ckpt)}, indent=2))
-    print(f"[whale] {stage}: done in {fmt_elapsed(time.time() - t0)} -> {ckpt}", flush=True)
+                      seconds, "checkpoint": str(ckpt), "sha256": sha256_of(ckpt)}, indent=2))
+    print(f"[whale] {stage}: done in {fmt_elapsed(seconds)} -> {ckpt}", flush=True)
     return run_dir
 
 

@@ -31,12 +31,7 @@ class LinearProbe:
 
 
 def fit_linear_probe(x_NZ: torch.Tensor, y_N: torch.Tensor, n_classes: int | None = None) -> LinearProbe:
-    """Fit logistic regression ``y ~ softmax(W x + b)`` (mean cross-entropy + ``L2 * |W|^2``); works inside
-    ``torch.no_grad`` / ``torch.inference_mode`` too (``trainer.validate`` runs in the latter)."""
-    if x_NZ.ndim != 2 or y_N.ndim != 1 or x_NZ.shape[0] != y_N.shape[0]:
-        raise ValueError(f"need x [N, Z] and y [N] with the same N, got {tuple(x_NZ.shape)} and {tuple(y_N.shape)}")
-    if x_NZ.shape[0] == 0:
-        raise ValueError("cannot fit a probe on zero samples")
+    """Fit ``y ~ softmax(W x + b)`` (cross-entropy + ``L2 * |W|^2``), also inside ``torch.inference_mode``."""
     with torch.inference_mode(False), torch.enable_grad():
         x, y = x_NZ.detach().double().cpu().clone(), y_N.detach().long().cpu().clone()
         K = int(n_classes if n_classes is not None else y.max().item() + 1)
@@ -58,19 +53,9 @@ def fit_linear_probe(x_NZ: torch.Tensor, y_N: torch.Tensor, n_classes: int | Non
 
 
 def probe_accuracy(train_x_NZ: torch.Tensor, train_y_N: torch.Tensor, test_x_NZ: torch.Tensor,
-                   test_y_N: torch.Tensor, n_classes: int | None = None) -> float:
+                   test_y_N: torch.Tensor, n_classes: int) -> float:
     """Fit on the training embeddings, return accuracy on the held-out ones."""
-    if n_classes is None:
-        n_classes = int(max(train_y_N.max().item(), test_y_N.max().item()) + 1)
     return fit_linear_probe(train_x_NZ, train_y_N, n_classes).accuracy(test_x_NZ, test_y_N)
-
-
-def accuracy_by_history(correct_N, t_N) -> str:
-    """'t 8-15 0.60, t 16-31 0.76, ...': the share of correct points whose history length t falls in each
-    bucket (empty buckets left out). Arrays or tensors of the same length."""
-    ok, t = np.asarray(correct_N, dtype=float), np.asarray(t_N)
-    return ", ".join(f"t {lo}-{hi - 1} {ok[(t >= lo) & (t < hi)].mean():.2f}"
-                     for lo, hi in ((8, 16), (16, 32), (32, 64), (64, 120)) if ((t >= lo) & (t < hi)).any())
 
 
 def pca_2d(x_NZ: torch.Tensor) -> np.ndarray:
@@ -109,8 +94,7 @@ def _correct(fit_NTZ: torch.Tensor, fit_y_N: np.ndarray, x_NTZ: torch.Tensor, y_
 
 
 def _cv_by_start(x_NTZ: torch.Tensor, y_N: np.ndarray, start_N: np.ndarray, n_classes: int) -> np.ndarray:
-    """Correct predictions [N, T] of a probe fitted on the episodes of every other start state (leave one start
-    state out: no episode's own start, in any task, is seen in fitting)."""
+    """Correct predictions [N, T] of probes fitted on the episodes of every other start state."""
     correct = np.zeros(x_NTZ.shape[:2], bool)
     for s in np.unique(start_N):
         fit, test = start_N != s, start_N == s
@@ -130,10 +114,8 @@ def _accuracy(correct_NT: np.ndarray, chance: float) -> dict:
 
 
 def split_probes(z_NTZ: torch.Tensor, policy_N: list[str], split_N: list[str], start_N: np.ndarray) -> dict:
-    """The behavior probe per split, on rollouts from start states no stage ever saw (nothing was chosen on them):
-    ``family`` (the training families' policies: which family, leave one start state out; ``ood_params``: the
-    family of a new parameter, fitted on every training-family rollout; undefined for families never seen) and
-    ``policy`` (which policy of the split, leave one start state out). Points: z_t for t >= ``T_MIN``."""
+    """The ``family`` and ``policy`` probes per split (docs/method.md, "Value evaluation") on z_t, t >= ``T_MIN``;
+    no ``family`` probe for families never seen in training."""
     from whale_pl.data.policies import parse_policy
 
     x, split, start = z_NTZ[:, T_MIN:].double(), np.asarray(split_N), np.asarray(start_N)

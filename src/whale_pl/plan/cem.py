@@ -65,7 +65,7 @@ class PlanConfig:
 
 @dataclass
 class EvalConfig:
-    """Which start states, how many, which λ values are tried, and the models' experiment folder."""
+    """Which start states, how many, which λ values are tried, how many ensemble members."""
 
     starts: int = 10  # evaluation start states per task
     tune_starts: int = 1  # start states per task for choosing λ (their own seeds)
@@ -74,22 +74,16 @@ class EvalConfig:
     lambdas: dict[str, list[float]] = field(default_factory=lambda: {"retracing": [1.0, 10.0],
                                                                      "ensemble": [1.0, 10.0]})
     members: int = 2  # ensemble members: the experiment's on-models of seeds 0..M-1 (member 0 plans)
-    experiment: str = ""  # runs/<scale>/experiment/<N>_steps; empty: the one with the most on-models
     jobs: int = 1  # worker processes (one job per task and start state)
 
     def check(self) -> "EvalConfig":
         """Raise PlanConfigError naming the first bad key and value."""
-        _check(self, [("starts", self.starts >= 1, ">= 1"), ("tune_starts", self.tune_starts >= 1, ">= 1"),
-                      ("tune_seed", self.tune_seed != self.seed, f"!= seed={self.seed}"),
-                      ("members", self.members >= 2, ">= 2"), ("jobs", self.jobs >= 1, ">= 1")])
-        for pen, grid in self.lambdas.items():
-            if pen not in PENALTIES[1:] or not grid:
-                raise PlanConfigError(f"plan config: lambdas.{pen}={grid!r}: keys must be {PENALTIES[1:]}, "
-                                      "each a non-empty list")
-            for lam in grid:
-                if not lam >= 0:
-                    raise PlanConfigError(f"plan config: lambdas.{pen} holds lambda={lam!r}, expected >= 0")
-        return self
+        grids_ok = all(pen in PENALTIES[1:] and grid and all(lam >= 0 for lam in grid)
+                       for pen, grid in self.lambdas.items())
+        return _check(self, [("starts", self.starts >= 1, ">= 1"), ("tune_starts", self.tune_starts >= 1, ">= 1"),
+                             ("tune_seed", self.tune_seed != self.seed, f"!= seed={self.seed}"),
+                             ("members", self.members >= 2, ">= 2"), ("jobs", self.jobs >= 1, ">= 1"),
+                             ("lambdas", grids_ok, f"keys among {PENALTIES[1:]}, each a non-empty list of λ >= 0")])
 
 
 def _build(cls, d: dict | None, where: str):

@@ -26,9 +26,8 @@ NAMES = {"plan_none": "plan, no penalty", "plan_retracing": "plan + retracing pe
 
 
 def episode_figures(ep: dict, discount: float) -> dict[str, float]:
-    """Real return and success of an episode; for a planned one also the imagined return of the executed
-    actions (each decision's first imagined reward), imagined success (any first-step success prob > 0.5),
-    their exploitation (imagined − real return) and consistency (imagined success == real success)."""
+    """Real return and success of an episode; for a planned one also its imagined return, exploitation,
+    consistency and mean uncertainty (docs/method.md, "Planning in imagination")."""
     out = {"return": float(discounted_return(ep["rewards_D"], discount)), "success": float(ep["success"])}
     if "imagined_rewards_D" in ep:
         out["imagined_return"] = float(discounted_return(ep["imagined_rewards_D"], discount))
@@ -68,8 +67,7 @@ def compare(a_TK: np.ndarray, b_TK: np.ndarray, a: str, b: str, idx: np.ndarray)
 
 
 def summarise(per_task: dict[str, dict[str, list]], discount: float) -> dict:
-    """Every method's success rate and return, each planner's exploitation and consistency, with intervals;
-    paired comparisons of each planner with each other method."""
+    """Every method's figures with intervals; paired comparisons of each planner with each other method."""
     g = grids(per_task, discount)
     T, K = next(iter(g.values()))["return"].shape
     idx = np.random.default_rng(0).integers(0, K, (N_BOOT, T, K))  # start states resampled within each task
@@ -115,8 +113,7 @@ def plot_success(res: dict, path: Path) -> None:
 
 
 def write_gif(wm, ep: dict, path: Path, title: str) -> None:
-    """The planned episode: real frame after each decision beside the frame the model imagined for it,
-    with the chosen plan's first-step uncertainty."""
+    """The planned episode: each decision's real frame beside the one the model imagined, with its uncertainty."""
     from whale_pl.rollout.gif import write_rollout_gif
 
     real_TCHW = np.ascontiguousarray(np.asarray(ep["frames"])[1:].transpose(0, 3, 1, 2))
@@ -152,39 +149,28 @@ def md_lines(res: dict) -> list[str]:
          f"chosen on {res['evaluate']['tune_starts']} other start state(s) per task (seed base "
          f"{res['evaluate']['tune_seed']}) by mean real return: " +
          "; ".join(f"{pen}: {g} -> {res['lambdas']['chosen'][pen]}" for pen, g in res["lambdas"]["grid"].items()) +
-         ". Returns are discounted per decision. Intervals: 95 % bootstrap over start states within each task, "
-         "paired across methods.", "", *table_lines(res), "",
-         "Imagined − real return: the reward head's prediction of each executed action (the chosen plan's first "
-         "step) summed like the real return, minus the real return (model exploitation). Consistency rate: share "
-         "of episodes whose imagined success (a first-step success probability > 0.5) agrees with the real one.",
-         "", "## Paired comparisons", "", "| comparison | difference | verdict |", "|---|---|---|"]
+         ". Returns are discounted per decision. The figures (imagined − real return: model exploitation) and "
+         "their paired intervals: docs/method.md, \"Planning in imagination\".", "", *table_lines(res), "",
+         "## Paired comparisons", "", "| comparison | difference | verdict |", "|---|---|---|"]
     L += [f"| {k} | {_ci(v)} | {v['verdict']} |" for k, v in s["comparisons"].items()]
-    L += ["", f"![success per method]({Path(res['plot']).name})", ""]
-    if res.get("gif"):
-        L += [f"One planned episode ({res['gif_caption']}): ![planned episode]({Path(res['gif']).name})", ""]
-    return L
+    return L + ["", f"![success per method]({Path(res['plot']).name})", "",
+                f"One planned episode ({res['gif_caption']}): ![planned episode]({Path(res['gif']).name})", ""]
 
 
 def experiment_members(scale: str, ev: EvalConfig, runs: Path = Path("runs")) -> list[str]:
-    """The on-models' checkpoints (seeds 0..M-1) of the experiment folder (``evaluate.experiment``, else the
-    ``<N>_steps`` folder with the most finished on-models)."""
-    if ev.experiment:
-        groups = [Path(ev.experiment)]
-    else:
-        groups = sorted((runs / scale / "experiment").glob("*_steps"),
-                        key=lambda g: (len(list(g.glob("on/*/DONE"))), g.name))[-1:]
-    for g in groups:
-        done = sorted(g.glob("on/*/DONE"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 1 << 30)
-        if len(done) >= ev.members:
-            return [json.loads(p.read_text())["ckpt"] for p in done[: ev.members]]
-    raise SystemExit(f"[plan] need {ev.members} finished on-models under {groups or runs / scale / 'experiment'}: "
-                     f"run `make experiment SCALE={scale}` (or `python -m whale_pl.experiment --scale {scale} "
-                     f"--train-only --members {ev.members}`)")
+    """The on-models' checkpoints (seeds 0..M-1) of the ``<N>_steps`` experiment folder with the most of them."""
+    groups = sorted((runs / scale / "experiment").glob("*_steps"),
+                    key=lambda g: (len(list(g.glob("on/*/DONE"))), g.name))
+    done = sorted(groups[-1].glob("on/*/DONE"), key=lambda p: int(p.parent.name)) if groups else []
+    if len(done) < ev.members:
+        raise SystemExit(f"[plan] need {ev.members} finished on-models under {runs / scale / 'experiment'}: run "
+                         f"`make experiment SCALE={scale}` (or `python -m whale_pl.experiment --scale {scale} "
+                         f"--train-only --members {ev.members}`)")
+    return [json.loads(p.read_text())["ckpt"] for p in done[: ev.members]]
 
 
 def _setting(scale: str, ev: EvalConfig, members: list[str]) -> dict:
-    """Everything the jobs share: tasks, start states (refused where they are dataset episodes), clock,
-    baselines (best policy per task, behavior cloning)."""
+    """What the jobs share: tasks, start states (checked disjoint from the dataset), clock, baselines."""
     from whale_pl.data.metaworld import CollectConfig
     from whale_pl.plan.evaluate import best_policies, check_disjoint, train_bc, training_episodes
     from whale_pl.rollout.value import frame_stride_of, start_seeds
@@ -238,17 +224,16 @@ def finish(scale: str, command: str, plan: PlanConfig, ev: EvalConfig, out: dict
     from whale_pl.rollout.value_metrics import nan_to_none
 
     root, s = Path("runs") / scale, out["setting"]
-    ep = next((e for r in out["per_task"].values() for e in r.get("plan_retracing", []) if "frames" in e), None)
+    ep = next(e for r in out["per_task"].values() for e in r["plan_retracing"] if "frames" in e)
     wm = WorldModel.load(out["members"][0])
     res = {"scale": scale, "command": command, "plan": asdict(plan),
            "evaluate": asdict(ev), "members": out["members"], "lambdas": out["lambdas"],
            "maskgit_steps": plan.maskgit_steps or wm.steps, "decisions": s["decisions"], "hold": s["hold"],
            "best_behavior": s["best"], "summary": summarise(out["per_task"], plan.discount),
-           "plot": str(root / "mbpo_success.png")}
+           "plot": str(root / "mbpo_success.png"), "gif": str(root / "mbpo_episode.gif"),
+           "gif_caption": f"{s['tasks'][0]}, retracing penalty"}
     plot_success(res, Path(res["plot"]))
-    if ep is not None:
-        res["gif"], res["gif_caption"] = str(root / "mbpo_episode.gif"), f"{s['tasks'][0]}, retracing penalty"
-        write_gif(wm, ep, Path(res["gif"]), f"{s['tasks'][0]}: plan + retracing (success {bool(ep['success'])})")
+    write_gif(wm, ep, Path(res["gif"]), f"{s['tasks'][0]}: plan + retracing (success {bool(ep['success'])})")
     res["seconds"] = time.time() - t_start
     write_json_atomic(root / "mbpo.json", nan_to_none(res))
     write_text_atomic(root / "mbpo.md", "\n".join(md_lines(res)) + "\n")

@@ -20,8 +20,8 @@ from whale_pl.rollout.value import WorldModel, discounted_return
 
 def policy_episode(env, seed: int, act: Callable[[int, np.ndarray], np.ndarray], decisions: int, hold: int,
                    every: int = 1) -> dict:
-    """A policy acting every ``every`` simulator steps (1: each step; ``hold``: once per decision) for
-    ``decisions * hold`` steps; ``rewards_D`` summed per decision, ``success`` any step's."""
+    """A policy acting every ``every`` simulator steps for ``decisions * hold`` steps: ``rewards_D`` summed per
+    decision, ``success`` any step's."""
     obs, rewards, success = env.reset(seed), np.zeros(decisions), False
     for d in range(decisions):
         for j in range(0, hold, every):
@@ -32,48 +32,38 @@ def policy_episode(env, seed: int, act: Callable[[int, np.ndarray], np.ndarray],
 
 
 def planned_episode(planner: Planner, env, seed: int, decisions: int, hold: int, keep_frames: bool = False) -> dict:
-    """The planner in the real simulator: each decision imagines from the real history, executes the first
-    action of the best plan for ``hold`` steps. Also what the model believed of each executed action:
-    ``imagined_rewards_D`` / ``imagined_success_D`` (first imagined step of the chosen plan) and its
-    ``uncertainty_D``; with ``keep_frames`` the real frames and the imagined first frames (token ids)."""
+    """``policy_episode`` of the planner (each decision the first action of the best plan from the real history)
+    with what the model believed of it (the chosen plan's first imagined step); frames kept on request."""
     wm = planner.wm
-    env.reset(seed)
-    frame = env.render()
-    ids = [wm.tokenize(frame[None, None])[0, 0]]
-    acts: list[torch.Tensor] = []
-    out = {k: np.zeros(decisions) for k in ("rewards_D", "imagined_rewards_D", "imagined_success_D", "uncertainty_D")}
-    out["success"], frames, imagined, mean = False, [frame], [], None
-    for d in range(decisions):
-        hist = History(torch.stack(ids), torch.stack(acts) if acts else torch.zeros(0, wm.model.action_dim))
-        p = planner.plan(hist, mean)
+    ids, acts, frames, imagined, mean = [], [], [], [], None
+    believed = {"imagined_rewards_D": [], "imagined_success_D": [], "uncertainty_D": []}
+
+    def act(t: int, obs: np.ndarray) -> np.ndarray:
+        """Plan from the real frames so far (the newest rendered now) and the actions between them."""
+        nonlocal mean
+        frames.append(env.render())
+        ids.append(wm.tokenize(frames[-1][None, None])[0, 0])
+        p = planner.plan(History(torch.stack(ids), torch.stack(acts) if acts else torch.zeros(0, wm.model.action_dim)),
+                         mean)
+        for k, v in zip(believed, ("reward_NH", "success_NH", "uncertainty_NH")):
+            believed[k].append(float(p["best"][v][0]))
+        imagined.append(p["best"]["ids_NHhw"][0])
         a = p["actions_raw_HA"][0]
-        _, r, s = env.step_held(a, hold)
-        out["rewards_D"][d], out["success"] = r, out["success"] or any(s)
-        for k, v in (("imagined_rewards_D", "reward_NH"), ("imagined_success_D", "success_NH"),
-                     ("uncertainty_D", "uncertainty_NH")):
-            out[k][d] = float(p["best"][v][0])
-        frame = env.render()
-        ids.append(wm.tokenize(frame[None, None])[0, 0])
         acts.append(torch.as_tensor(wm.normaliser.normalise_held(a), device=wm.device))
         mean = np.concatenate([p["actions_raw_HA"][1:], np.zeros_like(p["actions_raw_HA"][:1])])  # warm start
-        if keep_frames:
-            frames.append(frame)
-            imagined.append(p["best"]["ids_NHhw"][0])
+        return a
+
+    out = policy_episode(env, seed, act, decisions, hold, every=hold) | {k: np.array(v) for k, v in believed.items()}
     if keep_frames:
-        out["frames"], out["imagined_ids"] = np.stack(frames), torch.stack(imagined)
+        out["frames"], out["imagined_ids"] = np.stack([*frames, env.render()]), torch.stack(imagined)
     return out
 
 
-def dataset_seeds(data_config) -> set[int]:
-    """Every episode seed of a Meta-World dataset config (train, val and OOD episodes)."""
+def check_disjoint(seeds: list[int], data_config) -> None:
+    """Refuse start seeds that name one of the dataset's episodes (train, val or OOD)."""
     from whale_pl.data.metaworld import make_jobs
 
-    return {j.seed for j in make_jobs(data_config)}
-
-
-def check_disjoint(seeds: list[int], data_config) -> None:
-    """Refuse start seeds that name one of the dataset's episodes."""
-    both = sorted(set(seeds) & dataset_seeds(data_config))
+    both = sorted(set(seeds) & {j.seed for j in make_jobs(data_config)})
     if both:
         raise ValueError(f"start seeds {both} are episode seeds of the dataset: pick another seed base")
 
@@ -164,24 +154,16 @@ class TaskJob:
     gif_method: str = ""  # keep the frames of this planner's episode
 
 
-def _planners(job: TaskJob):
-    """The world models of the job and one Planner per penalty."""
-    torch.set_num_threads(1)
-    models = [WorldModel.load(c) for c in (job.members if "ensemble" in job.lambdas else job.members[:1])]
-    return {pen: Planner(models[0], job.plan, pen, lam, members=models if pen == "ensemble" else (),
-                         seed=zlib.crc32(f"{job.task}/{pen}".encode())) for pen, lam in job.lambdas.items()}
-
-
-def _baseline_acts(job: TaskJob, seed: int) -> dict:
+def _baseline_acts(job: TaskJob) -> dict:
     """Per baseline its ``(act(step, obs), every)``: every simulator step (policies) or per decision (random)."""
     from whale_pl.data.policies import parse_policy
 
     b = job.baselines
     pol = parse_policy(b["behavior"])
-    pol.reset(job.task, np.random.default_rng(seed))
+    pol.reset(job.task, np.random.default_rng(job.seed))
     bc = BCPolicy(b["bc_tasks"], b["bc_dims"][0], b["bc_dims"][1])
     bc.load_state_dict(b["bc_state"])
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(job.seed)
     return {"behavior": (lambda t, obs: pol.act(obs), 1), "bc": (lambda t, obs: bc.act(job.task, obs), 1),
             "random": (lambda t, obs: rng.uniform(-1, 1, 4).astype(np.float32), job.hold)}
 
@@ -191,14 +173,17 @@ def run_task(job: TaskJob) -> dict:
     from whale_pl.data.metaworld import MetaWorldEnv
 
     os.environ.setdefault("MUJOCO_GL", "egl")
-    planners = _planners(job)
+    torch.set_num_threads(1)
+    models = [WorldModel.load(c) for c in (job.members if "ensemble" in job.lambdas else job.members[:1])]
     env = MetaWorldEnv(job.task, job.size, job.camera)
     out: dict[str, list] = {}
     try:
-        for pen, planner in planners.items():
+        for pen, lam in job.lambdas.items():
+            planner = Planner(models[0], job.plan, pen, lam, members=models if pen == "ensemble" else (),
+                              seed=zlib.crc32(f"{job.task}/{pen}".encode()))
             ep = planned_episode(planner, env, job.seed, job.decisions, job.hold, f"plan_{pen}" == job.gif_method)
             out[f"plan_{pen}"] = [{"seed": job.seed, **ep}]
-        for name, (act, every) in (_baseline_acts(job, job.seed).items() if job.baselines else ()):
+        for name, (act, every) in (_baseline_acts(job).items() if job.baselines else ()):
             out[name] = [{"seed": job.seed, **policy_episode(env, job.seed, act, job.decisions, job.hold, every)}]
     finally:
         env.close()
@@ -219,8 +204,7 @@ def run_jobs(jobs: list[TaskJob], workers: int, desc: str) -> list[dict]:
 
 
 def choose_lambdas(ev: EvalConfig, make_job, discount: float) -> dict:
-    """For each penalty, the λ of its grid with the highest mean real (discounted) return on the tuning start
-    states (ties: the smaller λ); every grid point's return."""
+    """Per penalty the λ of its grid with the highest mean real return on the tuning starts (ties: the smaller)."""
     grid = {pen: sorted(set(v)) for pen, v in ev.lambdas.items()}
     keys = [(pen, lam) for pen, lams in grid.items() for lam in lams]
     jobs = [make_job(pen, lam) for pen, lam in keys]
