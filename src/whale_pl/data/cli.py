@@ -2,7 +2,6 @@
 
     whale-data metaworld --config stages/demo/data.yaml [--out DIR] [--workers N] [--overwrite]
     whale-data metaworld --tasks door-open-v3 push-v3 --policies expert noise_0.1 --out DIR
-    whale-data verify DIR [DIR ...]        # checksums, manifest counts, decode every sample; print a summary
     whale-data oxe ...                     # Open X-Embodiment conversion (whale_pl.data.oxe.cli)
 """
 
@@ -56,27 +55,10 @@ def _summary(path: str, m: dict) -> None:
               f"{p['return_mean']:7.1f}±{p['return_std']:<6.1f} {p['success_rate']:7.2f}")
 
 
-def _verify(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="whale-data verify", description="Verify dataset directories completely.")
-    p.add_argument("dirs", nargs="+")
-    a = p.parse_args(argv)
-    from whale_pl.data.shards import ShardError, read_manifest, verify_contents
-
-    for d in a.dirs:
-        try:
-            n, _ = verify_contents(d)
-        except ShardError as e:
-            print(f"whale-data verify: error: {e}", file=sys.stderr)
-            return 1
-        _summary(d, read_manifest(d))
-        print(f"{d}: OK ({n} episodes decoded and checked)")
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``whale-data``: dispatch to a subcommand; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = {"metaworld": _metaworld, "verify": _verify}
+    cmds = {"metaworld": _metaworld}
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2

@@ -334,21 +334,3 @@ def iter_episodes(data_dir: str | Path, splits: Iterable[str] | None = None, ver
         if splits is None or sh["split"] in splits:
             for _, ep in iter_shard_episodes(data_dir, sh, m):
                 yield ep
-
-
-def verify_contents(data_dir: str | Path) -> tuple[int, int]:
-    """Verify a dataset completely (``whale-data verify``): checksums, the manifest's counts in all and per split,
-    then every sample decoded and each shard's episodes and frames counted. Returns (episodes, frames)."""
-    m = verify_dataset(data_dir)
-    for what in ("episodes", "frames"):
-        for sp, v in [("", m), *m["splits"].items()]:
-            n = sum(s[what] for s in m["shards"] if sp in ("", s["split"]))
-            if v[what] != n:
-                raise ShardError(f"{Path(data_dir) / MANIFEST}: manifest says {v[what]} {what}"
-                                 f"{sp and f' in split {sp!r}'}, its shards hold {n}")
-    for sh in m["shards"]:
-        lengths = [len(ep) for _, ep in iter_shard_episodes(data_dir, sh, m)]
-        if (len(lengths), sum(lengths)) != (sh["episodes"], sh["frames"]):
-            raise ShardError(f"{Path(data_dir) / sh['name']}: holds {len(lengths)} episodes / {sum(lengths)} frames, "
-                             f"the manifest says {sh['episodes']} / {sh['frames']}")
-    return m["episodes"], m["frames"]
