@@ -82,11 +82,10 @@ def test_shards_round_trip_and_manifest(tmp_path):
     assert keys == m["shards"][0]["keys"]
 
 
-def test_writer_refuses_to_overwrite_and_is_atomic(tmp_path):
+def test_writer_replaces_and_is_atomic(tmp_path):
     with ShardWriter(tmp_path / "d") as w:
         w.write(make_episode(0))
-    with pytest.raises(ShardError, match="not empty"):
-        ShardWriter(tmp_path / "d")
+        w.write(make_episode(1))
     with pytest.raises(RuntimeError):
         with ShardWriter(tmp_path / "e") as w:
             w.write(make_episode(0))
@@ -99,7 +98,7 @@ def test_writer_refuses_to_overwrite_and_is_atomic(tmp_path):
         w.write(make_episode(0, size=16))
         with pytest.raises(ShardError, match="frame_size"):
             w.write(make_episode(1, size=8))
-    with ShardWriter(tmp_path / "d", overwrite=True) as w:
+    with ShardWriter(tmp_path / "d") as w:
         w.write(make_episode(5))
     assert verify_dataset(tmp_path / "d")["episodes"] == 1
 

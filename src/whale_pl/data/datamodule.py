@@ -52,7 +52,7 @@ class ClipStream(IterableDataset):
         """The train or the validation stream of ``dm`` (its settings copied: workers get no datamodule)."""
         super().__init__()
         self.dirs, self.p = dirs, np.asarray(weights, np.float64) / np.sum(weights)
-        self.splits = tuple(dm.train_splits if train else dm.val_splits)
+        self.splits = ("train",) if train else tuple(dm.val_splits)
         self.clip_len, self.steps = (dm.clip_len, dm.steps_per_epoch) if train else (dm.val_clip_len, dm.val_steps)
         self.retrace_strides, self.retrace_prob = (dm.retrace_strides, dm.retrace_prob) if train else ([], 0.0)
         self.retrace_clip_len = dm.retrace_clip_len or dm.clip_len
@@ -207,7 +207,7 @@ class ClipDataModule(L.LightningDataModule):
     def __init__(self, dirs: list[str] | str, weights: list[float] | None = None, clip_len: int = 16,
                  frame_stride: int = 1, retrace_strides: list[int] | None = None, retrace_prob: float = 0.0,
                  batch_size: int = 8, num_workers: int = 2, steps_per_epoch: int = 100, val_steps: int = 10,
-                 train_splits: list[str] | None = None, val_splits: list[str] | None = None, seed: int = 0,
+                 val_splits: list[str] | None = None, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, pin_memory: bool = False,
                  val_clip_len: int | None = None, retrace_clip_len: int | None = None, tokens: str | None = None):
         super().__init__()
@@ -237,7 +237,6 @@ class ClipDataModule(L.LightningDataModule):
         self.retrace_clip_len = None if retrace_clip_len is None else int(retrace_clip_len)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.steps_per_epoch, self.val_steps = int(steps_per_epoch), int(val_steps)
-        self.train_splits = list(train_splits or ["train"])
         self.val_splits = list(val_splits or ["val"])
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.pin_memory = pin_memory

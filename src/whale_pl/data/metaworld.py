@@ -282,7 +282,7 @@ def collect(cfg: CollectConfig, overwrite: bool = False, progress: bool = True,
     jobs = make_jobs(cfg)
     claim(cfg.out, KIND, cfg.data_json())  # before the first shard: an interrupted run is resumable as ours
     bar = tqdm(total=len(jobs), desc=f"collect {cfg.name}", unit="ep", disable=not progress, dynamic_ncols=True)
-    with ShardWriter(cfg.out, episodes_per_shard=cfg.episodes_per_shard, overwrite=True,
+    with ShardWriter(cfg.out, episodes_per_shard=cfg.episodes_per_shard,
                      extra={"collect_config": cfg.data_json(), "expected_frames": len(jobs) * cfg.max_steps}) as w:
         for ep in iter_collect(jobs, cfg.size, cfg.camera, cfg.max_steps, cfg.workers, action_repeat=cfg.action_repeat):
             w.write(ep)

@@ -109,21 +109,15 @@ class _OpenShard:
 
 
 class ShardWriter:
-    """Write Episodes into ``out_dir`` (empty or absent unless ``overwrite``) as shards of one split each, then the
+    """Write Episodes into ``out_dir`` (replacing the dataset there) as shards of one split each, then the
     manifest (``extra`` stored as-is); after an exception in the ``with`` block there is none."""
 
-    def __init__(self, out_dir: str | Path, episodes_per_shard: int = 64, overwrite: bool = False,
-                 extra: dict | None = None):
+    def __init__(self, out_dir: str | Path, episodes_per_shard: int = 64, extra: dict | None = None):
         self.out_dir = Path(out_dir)
         self.episodes_per_shard, self.extra = episodes_per_shard, extra or {}
-        existing = sorted(p.name for p in self.out_dir.glob("*")) if self.out_dir.exists() else []
-        if existing and not overwrite:
-            raise ShardError(f"{self.out_dir}: output directory is not empty ({existing[:5]}...); "
-                             "pass overwrite=True to replace it")
-        if existing:
-            (self.out_dir / MANIFEST).unlink(missing_ok=True)  # first: the directory now reads as incomplete
-            for p in [*self.out_dir.glob("shard-*.tar"), *self.out_dir.glob(".shard-*.tar.tmp-*")]:
-                p.unlink()
+        (self.out_dir / MANIFEST).unlink(missing_ok=True)  # first: the directory now reads as incomplete
+        for p in [*self.out_dir.glob("shard-*.tar"), *self.out_dir.glob(".shard-*.tar.tmp-*")]:
+            p.unlink()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._open: dict[str, _OpenShard] = {}
         self._done: list[dict] = []

@@ -312,7 +312,7 @@ def _merge_parts(out: Path, jobs: list[tuple], opts: ConvertOptions, plan: Plan,
     summaries: list[dict] = []
     written: dict[str, int] = {}
     parts = map(convert_file, jobs) if workers <= 1 else map_ordered(convert_file, jobs, workers)
-    with ShardWriter(out, overwrite=True, extra={"oxe": oxe}) as w:
+    with ShardWriter(out, extra={"oxe": oxe}) as w:
         for p in tqdm(parts, total=len(jobs), desc=f"oxe {plan.dataset}: files", unit="file", disable=not progress):
             summaries.append(p)
             if p["episodes"]:
