@@ -44,11 +44,11 @@ def test_foreign_manifest_is_refused_by_collector_cli_and_prepare_data(tiny_conf
     assert dataset_status(cfg)[0] == "foreign"
     with pytest.raises(ShardError, match=r"theirs holds a manifest.json not written by whale-data.*--overwrite"):
         ensure_collected(cfg, progress=False)
-    assert data_main(["metaworld", "--tasks", "push-v3", "--policies", "expert", "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "holds a manifest.json not written by whale-data" in err[0] and str(out) in err[0]
     yaml_path = tmp_path / "data.yaml"
     yaml_path.write_text(json.dumps({**{k: v for k, v in dataclasses.asdict(tiny_config).items()}, "out": str(out)}))
+    assert data_main(["metaworld", "--config", str(yaml_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a manifest.json not written by whale-data" in err[0] and str(out) in err[0]
     with pytest.raises(ShardError, match="not written by whale-data"):
         MetaWorldDataModule(config=str(yaml_path), num_workers=0).prepare_data()
     assert _snapshot(out) == before

@@ -100,9 +100,10 @@ def _kill_parent_after_workers_start(cmd: list[str], n: int, grace_s: float) -> 
 
 
 def test_killed_metaworld_collector_leaves_no_worker(tmp_path):
-    cmd = [sys.executable, "-m", "whale_pl.data.cli", "metaworld", "--tasks", "push-v3", "--policies", "expert",
-           "--episodes-per-policy", "400", "--val-episodes-per-policy", "0", "--max-steps", "24", "--size", "32",
-           "--workers", "2", "--out", str(tmp_path / "out")]
+    cfg = {"tasks": ["push-v3"], "train_policies": ["expert"], "episodes_per_policy": 400, "val_episodes_per_policy": 0,
+           "max_steps": 24, "size": 32, "workers": 2, "out": str(tmp_path / "out")}
+    (tmp_path / "data.yaml").write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "whale_pl.data.cli", "metaworld", "--config", str(tmp_path / "data.yaml")]
     left = _kill_parent_after_workers_start(cmd, 2, grace_s=1.5)
     assert not left, f"processes left running: {left}"
 
