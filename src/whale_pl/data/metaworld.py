@@ -33,13 +33,6 @@ MAX_SIZE = 480
 MAY_BE_ZERO = ("val_episodes_per_policy", "ood_episodes_per_policy", "seed")  # every other int field is >= 1
 
 
-def valid_tasks() -> list[str]:
-    """Names of all Meta-World v3 tasks."""
-    import metaworld
-
-    return sorted(metaworld.ALL_V3_ENVIRONMENTS)
-
-
 @dataclass
 class CollectConfig:
     """What to collect. ``out`` and ``workers`` do not change the data; everything else does."""
@@ -78,6 +71,8 @@ class CollectConfig:
 
     def __post_init__(self) -> None:
         """Refuse, before any work, a value a user wrote wrong, naming the key, the value and what is valid."""
+        import metaworld
+
         for f in dataclasses.fields(self):
             k, v = f.name, getattr(self, f.name)
             if f.type == "list[str]":
@@ -94,9 +89,9 @@ class CollectConfig:
                 raise ValueError(f"{k} must be a string, got {v!r}")
         if not self.tasks or not self.train_policies:
             raise ValueError("tasks and train_policies must each name at least one")
-        bad = sorted(set(self.tasks) - set(valid_tasks()))
+        bad = sorted(set(self.tasks) - set(metaworld.ALL_V3_ENVIRONMENTS))
         if bad:
-            raise ValueError(f"unknown Meta-World task(s) {bad}; valid tasks: {valid_tasks()}")
+            raise ValueError(f"unknown Meta-World task(s) {bad}; valid tasks: {sorted(metaworld.ALL_V3_ENVIRONMENTS)}")
         names = self.train_policies + self.ood_policies
         for n in names:
             parse_policy(n)  # raises PolicyNameError listing the valid forms
