@@ -55,16 +55,12 @@ class ClipStream(IterableDataset):
         self.splits = ("train",) if train else tuple(dm.val_splits)
         self.clip_len, self.steps = (dm.clip_len, dm.steps_per_epoch) if train else (dm.val_clip_len, dm.val_steps)
         self.retrace_strides, self.retrace_prob = (dm.retrace_strides, dm.retrace_prob) if train else ([], 0.0)
-        self.retrace_clip_len = dm.retrace_clip_len or dm.clip_len
+        self.retrace_clip_len = dm.retrace_clip_len
         self.seed, self.fixed_seed, self.epoch = dm.seed if train else dm.seed + 7919, not train, 0
         spec = dm.data_spec
         self.frame_stride, self.batch_size, self.state_dim = dm.frame_stride, dm.batch_size, spec["state_dim"]
         self.rank, self.world_size = dm._rank, dm._world
         self.families, self.policies, self.ood_policies = spec["families"], spec["policies"], set(spec["ood_policies"])
-        for d in dirs:
-            if not d.shards(self.splits):
-                raise ShardError(f"{d.path}: no shards of split(s) {list(self.splits)} "
-                                 f"(has {sorted(d.m['splits'])})")
 
     def __len__(self) -> int:
         return self.steps
@@ -207,8 +203,8 @@ class ClipDataModule(L.LightningDataModule):
     def __init__(self, dirs: list[str] | str, weights: list[float] | None = None, clip_len: int = 16,
                  frame_stride: int = 1, retrace_strides: list[int] | None = None, retrace_prob: float = 0.0,
                  batch_size: int = 8, num_workers: int = 2, steps_per_epoch: int = 100, val_steps: int = 10,
-                 val_splits: list[str] | None = None, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None, pin_memory: bool = False,
+                 val_splits: list[str] | None = None, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None, pin_memory: bool = False,
                  val_clip_len: int | None = None, retrace_clip_len: int | None = None, tokens: str | None = None):
         super().__init__()
         self.dir_paths = [dirs] if isinstance(dirs, (str, Path)) else [str(d) for d in dirs]
@@ -221,25 +217,22 @@ class ClipDataModule(L.LightningDataModule):
         if not self.dir_paths or len(self.weights) != len(self.dir_paths) or min(self.weights) < 0 \
                 or sum(self.weights) <= 0:
             raise ValueError(f"weights {self.weights} must be >= 0, not all 0, one per directory {self.dir_paths}")
-        val_clip_len = clip_len if val_clip_len is None else val_clip_len
-        for name, v in (("clip_len", clip_len), ("val_clip_len", val_clip_len), ("frame_stride", frame_stride),
-                        ("batch_size", batch_size)):
-            if int(v) < 1:
+        self.clip_len, self.frame_stride, self.batch_size = int(clip_len), int(frame_stride), int(batch_size)
+        self.val_clip_len = self.clip_len if val_clip_len is None else int(val_clip_len)
+        self.retrace_clip_len = self.clip_len if retrace_clip_len is None else int(retrace_clip_len)
+        self.retrace_strides, self.retrace_prob = [int(s) for s in (retrace_strides or [])], float(retrace_prob)
+        for name, v in (("clip_len", self.clip_len), ("val_clip_len", self.val_clip_len), ("batch_size", batch_size),
+                        ("frame_stride", frame_stride), ("retrace_clip_len", self.retrace_clip_len),
+                        ("retrace_strides", min(self.retrace_strides, default=1))):
+            if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
-        self.clip_len, self.frame_stride = int(clip_len), int(frame_stride)
-        self.val_clip_len = int(val_clip_len)
-        self.retrace_strides = [int(s) for s in (retrace_strides or [])]
-        if any(s < 1 for s in self.retrace_strides) or not 0.0 <= retrace_prob <= 1.0:
-            raise ValueError(f"retrace_strides {retrace_strides} must be >= 1 and retrace_prob in [0, 1]")
-        self.retrace_prob = float(retrace_prob)
-        if retrace_clip_len is not None and not 1 <= int(retrace_clip_len) <= self.clip_len:
-            raise ValueError(f"retrace_clip_len must be in [1, clip_len={self.clip_len}], got {retrace_clip_len}")
-        self.retrace_clip_len = None if retrace_clip_len is None else int(retrace_clip_len)
-        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        if not 0.0 <= self.retrace_prob <= 1.0 or self.retrace_clip_len > self.clip_len:
+            raise ValueError(f"retrace_prob must be in [0, 1] (got {retrace_prob}) and retrace_clip_len <= clip_len "
+                             f"(got {self.retrace_clip_len} > {self.clip_len})")
+        self.num_workers, self.pin_memory = int(num_workers), pin_memory
         self.steps_per_epoch, self.val_steps = int(steps_per_epoch), int(val_steps)
         self.val_splits = list(val_splits or ["val"])
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
-        self.pin_memory = pin_memory
         self._dirs: list[_DirInfo] | None = None
         self._train_ds: ClipStream | None = None
 
@@ -304,17 +297,15 @@ class ClipDataModule(L.LightningDataModule):
     def _stream(self, train: bool) -> ClipStream:
         if not hasattr(self, "_rank"):
             self.setup()
-        dirs, weights = self._load(), self.weights
-        if not train:  # a mixture validates on the directories that have a held-out split
-            have = [i for i, d in enumerate(dirs) if d.shards(self.val_splits)]
-            if not have:
-                raise ShardError(f"{[d.path for d in dirs]}: no shards of split(s) {self.val_splits} in any directory "
-                                 "(convert with --split train,val, or set val_splits)")
-            if len(have) < len(dirs):
-                log.info("validation leaves out %s (no %s shards)",
-                         [d.name for d in dirs if not d.shards(self.val_splits)], self.val_splits)
-            dirs, weights = [dirs[i] for i in have], [weights[i] for i in have]
-        return ClipStream(self, dirs, weights, train)
+        dirs, splits = self._load(), ["train"] if train else self.val_splits
+        have = [i for i, d in enumerate(dirs) if d.shards(splits)]
+        lacking = [d.path for d in dirs if not d.shards(splits)]
+        if not have or train and lacking:  # a mixture validates on the directories that have a held-out split
+            raise ShardError(f"{lacking}: no shards of split(s) {splits}" + ("" if train else " in any directory "
+                             "(convert with --split train,val, or set val_splits)"))
+        if lacking:
+            log.info("validation leaves out %s (no %s shards)", lacking, splits)
+        return ClipStream(self, [dirs[i] for i in have], [self.weights[i] for i in have], train)
 
     def _loader(self, ds: ClipStream) -> DataLoader:
         nw = min(self.num_workers, max(1, ds.steps))

@@ -126,7 +126,6 @@ class ShardWriter:
         self._stats: dict[str, _ActionStats] = {}
         self._policies: dict[str, dict] = {}
         self._tasks: dict[str, int] = defaultdict(int)
-        self._next_shard = 0
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -145,8 +144,6 @@ class ShardWriter:
                              f"{SPLITS} (got {split!r})")
         if sample is None:
             sample = episode.to_sample(key)  # validates
-        else:
-            episode.validate(f"episode {key}")
         ref = {"frame_size": list(episode.frames.shape[1:3]), "action_space": episode.meta["action_space"],
                "state_dim": 0 if episode.state is None else int(episode.state.shape[1])}
         self._ref = self._ref or ref
@@ -155,8 +152,8 @@ class ShardWriter:
             raise ShardError(f"{where}: differs from the dataset's first episode in {diff} (this, first)")
         sh = self._open.get(split)
         if sh is None:
-            sh = self._open[split] = _OpenShard(self.out_dir / f"shard-{self._next_shard:06d}.tar", split)
-            self._next_shard += 1
+            name = f"shard-{len(self._done) + len(self._open):06d}.tar"
+            sh = self._open[split] = _OpenShard(self.out_dir / name, split)
         sh.add(sample, len(episode))
         self._keys.add(key)
         self._account(episode, split)
@@ -309,8 +306,6 @@ def iter_shard_episodes(data_dir: str | Path, shard: dict, manifest: dict,
                         keys: set[str] | None = None) -> Iterator[tuple[str, Episode]]:
     """(key, episode) of one shard (optionally only ``keys``); its keys checked against the manifest's."""
     path = Path(data_dir) / shard["name"]
-    if not path.exists():
-        raise ShardError(f"{path}: shard listed in the manifest is missing")
     seen, want = [], [k for k in shard["keys"] if keys is None or k in keys]
     for s in iter_tar_samples(path, keys=keys):
         seen.append(s["__key__"])
