@@ -1,6 +1,5 @@
 """The datamodule's action normalisation outside the loader, for evaluation and retracing: ``(a - k * mean) / std``
-on every dim but the gripper (raw), ``a`` a raw action composed over ``k`` recorded steps.
-"""
+on every dim but the gripper (raw), ``a`` a raw action composed over ``k`` recorded steps."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""Clips from episode shards (or their token shards): ``ClipDataModule`` and ``MetaWorldDataModule``.
-
-Batch layout, reader split, epochs and action normalisation: docs/contracts.md, "Batches".
-"""
+"""Clips from episode shards (or their token shards): ``ClipDataModule`` and ``MetaWorldDataModule``
+(batch layout, reader split, epochs and action normalisation: docs/contracts.md, "Batches")."""
 
 from __future__ import annotations
 
@@ -99,8 +97,7 @@ class ClipStream(IterableDataset):
                                  f"frame_stride={self.frame_stride})")
 
     def _clip(self, d: _DirInfo, ep_idx: int, ep: Episode, rng: np.random.Generator, m: int, T: int) -> dict[str, Any]:
-        """T frames (or ids) every m * frame_stride recorded steps; an episode too short for m takes the largest
-        retrace stride that fits, else 1."""
+        """T frames (or ids) every m * frame_stride recorded steps, m lowered to a stride that fits a short episode."""
         t_ep = len(ep)
         if T * m * self.frame_stride > t_ep:
             ok = [s for s in self.retrace_strides if T * s * self.frame_stride <= t_ep]
@@ -197,8 +194,7 @@ class _EpochLoader(DataLoader):
 
 
 class ClipDataModule(L.LightningDataModule):
-    """Random clips from one or more shard directories (their token shards with ``tokens``), for every stage;
-    arguments: docs/contracts.md, "Batches"."""
+    """Random clips from one or more shard directories (their token shards with ``tokens``), for every stage."""
 
     def __init__(self, dirs: list[str] | str, weights: list[float] | None = None, clip_len: int = 16,
                  frame_stride: int = 1, retrace_strides: list[int] | None = None, retrace_prob: float = 0.0,

@@ -1,6 +1,5 @@
-"""The Episode record, the action-space descriptor, and Episode <-> WebDataset sample (layout: docs/contracts.md,
-"Episodes and actions"; fixed zip timestamps, so the same episode always gives the same bytes).
-"""
+"""The Episode record, the action-space descriptor, and Episode <-> WebDataset sample (docs/contracts.md,
+"Episodes and actions"; fixed zip timestamps, so the same episode always gives the same bytes)."""
 
 from __future__ import annotations
 

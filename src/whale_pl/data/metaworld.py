@@ -260,9 +260,8 @@ def iter_collect(cfg: CollectConfig, jobs: list[Job]) -> Iterator[Episode]:
 
 
 def dataset_status(cfg: CollectConfig) -> tuple[str, str]:
-    """('complete'|'absent'|'incomplete'|'different'|'foreign', one line on what ``cfg.out`` holds):
-    'incomplete' is an interrupted or damaged collection of this config (its marker says so), 'different'
-    one of another config, 'foreign' anything else (another program's files, an unmarked broken dataset)."""
+    """('complete'|'absent'|'incomplete'|'different'|'foreign', one line on what ``cfg.out`` holds); 'incomplete':
+    a damaged collection of this config (its marker says so), 'different': another config's, 'foreign': the rest."""
     out = Path(cfg.out)
     want = json.loads(json.dumps(cfg.data_json()))
     state, what = ownership(out, KIND, want)

@@ -1,7 +1,5 @@
 """Which output folders a data writer may resume or replace: only its own, started with the same config, as the
-marker ``.whale_collect.json`` it writes first records (writer ``kind``, config hash). Any other non-empty folder
-is refused, naming what it holds, unless the caller passes ``overwrite``.
-"""
+marker ``.whale_collect.json`` it writes first records (writer ``kind``, config hash)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""Episode shards: an atomic writer, the manifest, and a verifying reader.
-
-A dataset directory holds WebDataset tars ``shard-000000.tar``, ... (one sample per episode, one split per shard)
-and ``manifest.json``, written last: a directory without one is an incomplete dataset (docs/contracts.md).
-"""
+"""Episode shards (WebDataset tars, one split each) and ``manifest.json``, written last: an atomic writer and a
+verifying reader (docs/contracts.md, "Shards and manifests")."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""Token shards: every frame of a dataset tokenised once by the frozen tokenizer, for stages 2 and 3.
-
-A token dataset mirrors a frame dataset shard for shard, ``<key>.ids.npy`` in place of the frames; each frame is
-encoded alone (a one-frame clip). Layout, resuming and the refusals: docs/contracts.md, "Token shards".
-"""
+"""Token shards: every frame of a dataset tokenised once, alone, by the frozen tokenizer, for stages 2 and 3
+(layout, resuming and the refusals: docs/contracts.md, "Token shards")."""
 
 from __future__ import annotations
 
