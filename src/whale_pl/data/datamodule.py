@@ -155,10 +155,9 @@ class ClipStream(IterableDataset):
         my_steps = self.steps // nw + (1 if wid < self.steps % nw else 0)
         if my_steps == 0:
             return
-        epoch = 0 if self.fixed_seed else self.epoch
-        rng = np.random.default_rng([self.seed, epoch, self.rank, wid])
-        sources = [self._episodes(d, reader, n_readers, np.random.default_rng([self.seed, epoch, self.rank, wid,
-                                                                              d.index])) for d in self.dirs]
+        seeds = [self.seed, self.epoch, self.rank, wid]  # the epoch stays 0 for validation (its loader never moves it)
+        rng = np.random.default_rng(seeds)
+        sources = [self._episodes(d, reader, n_readers, np.random.default_rng([*seeds, d.index])) for d in self.dirs]
         pools: list[list[list]] = [[] for _ in self.dirs]  # per dir: [ep_idx, episode, clips left]
         cum_p = np.minimum(np.cumsum(self.p), 1.0)
         cum_p[-1] = 1.0
