@@ -138,9 +138,6 @@ def test_checksum_and_listing_mismatch(small_ds):
     (small_ds / "shard-000000.tar").rename(small_ds / "moved.tar")
     with pytest.raises(ShardError, match=r"shard-000000\.tar: shard listed in the manifest is missing"):
         verify_dataset(small_ds)
-    (small_ds / "moved.tar").rename(small_ds / "shard-000009.tar")
-    with pytest.raises(ShardError, match=r"shards not in the manifest: \['shard-000009.tar'\]"):
-        verify_dataset(small_ds)
 
 
 def test_wrong_frame_size_and_keys_named(small_ds):
@@ -196,10 +193,6 @@ def test_uncomposable_space_raises():
     sp = ActionSpace(names=["dx", "joint7", "grip"], sum_dims=[0], gripper_index=2)
     with pytest.raises(EpisodeError, match=r"cannot compose dims \['joint7'\]"):
         sp.compose(np.zeros((2, 3)))
-    with pytest.raises(EpisodeError, match="more than one group"):
-        ActionSpace(names=["a", "b"], sum_dims=[0, 1], gripper_index=1)
-    with pytest.raises(EpisodeError, match="rot_dims"):
-        ActionSpace(names=["a", "b", "c"], sum_dims=[0], rot_dims=[1, 2])
     assert ActionSpace.from_json(EEF7_ACTION_SPACE.to_json()) == EEF7_ACTION_SPACE
 
 

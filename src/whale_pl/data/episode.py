@@ -30,19 +30,6 @@ class ActionSpace:
     rot_dims: list[int] = field(default_factory=list)
     gripper_index: int | None = None
 
-    def __post_init__(self) -> None:
-        groups = self._grouped()
-        if any(not 0 <= int(i) < len(self.names) for i in groups) or len(set(groups)) != len(groups):
-            raise EpisodeError(f"ActionSpace {self.names}: a dimension index is out of range or in more than one "
-                               f"group (sum_dims={self.sum_dims}, rot_dims={self.rot_dims}, "
-                               f"gripper_index={self.gripper_index})")
-        if len(self.rot_dims) not in (0, 3):
-            raise EpisodeError(f"ActionSpace {self.names}: rot_dims must be empty or (roll, pitch, yaw), "
-                               f"got {self.rot_dims}")
-
-    def _grouped(self) -> list[int]:
-        return [*self.sum_dims, *self.rot_dims, *([] if self.gripper_index is None else [self.gripper_index])]
-
     @property
     def dim(self) -> int:
         """Number of action dimensions."""
@@ -51,7 +38,7 @@ class ActionSpace:
     @property
     def uncomposable_dims(self) -> list[int]:
         """Dims in none of the sum / rotation / gripper groups."""
-        known = set(self._grouped())
+        known = {*self.sum_dims, *self.rot_dims, self.gripper_index}
         return [i for i in range(self.dim) if i not in known]
 
     @property
