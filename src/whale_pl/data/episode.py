@@ -157,10 +157,9 @@ class Episode:
         }
 
     @classmethod
-    def from_sample(cls, sample: dict[str, Any], frame_size: tuple[int, int] | None = None,
-                    action_dim: int | None = None) -> "Episode":
+    def from_sample(cls, sample: dict[str, Any], frame_size: tuple[int, int] | None = None) -> "Episode":
         """Decode a frame sample, or a token sample (``ids.npy`` -> ``ids``), checked against ``frame_size`` (or
-        the token grid) and ``action_dim`` when given; errors name the shard, the key and the field."""
+        the token grid) when given; errors name the shard, the key and the field."""
         loc = f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')}"
         member = "ids.npy" if "ids.npy" in sample else "frames.npz"
         try:
@@ -182,8 +181,6 @@ class Episode:
         if frame_size is not None and tuple(px.shape[1:3]) != tuple(frame_size):
             raise EpisodeError(f"{loc}: field '{name}' has size {tuple(px.shape[1:3])}, manifest says "
                                f"{tuple(frame_size)}")
-        if action_dim is not None and ep.actions.shape[1] != action_dim:
-            raise EpisodeError(f"{loc}: field 'actions' has {ep.actions.shape[1]} dims, manifest says {action_dim}")
         return ep
 
 

@@ -254,7 +254,6 @@ def iter_collect(cfg: CollectConfig, jobs: list[Job]) -> Iterator[Episode]:
     """Run the jobs in ``cfg.workers`` spawned processes, 8 jobs of one task at a time; yield episodes in job order."""
     groups = [list(g) for _, g in itertools.groupby(jobs, key=lambda j: j.task)]  # chunks never straddle tasks
     chunks = [(cfg, g[i:i + 8]) for g in groups for i in range(0, len(g), 8)]
-    os.environ.setdefault("MUJOCO_GL", "egl")  # inherited by the spawned workers
     for episodes in map_ordered(_rollout_chunk, chunks, max(1, min(cfg.workers, len(chunks))), _quiet_worker):
         yield from episodes
 

@@ -287,10 +287,10 @@ def _members(path: str, buf: mmap.mmap, keys: set[str] | None) -> Iterator[tuple
 
 def decode_sample(sample: dict[str, Any], manifest: dict) -> Episode:
     """Sample -> Episode (token ids when the manifest has a ``tokens`` section), checked against the manifest's
-    frame size (or token grid) and action dim; ShardError naming shard, key and field."""
+    frame size (or token grid); ShardError naming shard, key and field."""
     size = manifest["tokens"]["grid"] if "tokens" in manifest else manifest["frame_size"]
     try:
-        return Episode.from_sample(sample, frame_size=size, action_dim=manifest["action_dim"])
+        return Episode.from_sample(sample, frame_size=size)
     except EpisodeError as e:
         raise ShardError(str(e)) from e
 
