@@ -188,7 +188,8 @@ def _check_out_dir(job: TokenJob) -> dict | None:
             raise TokenError(f"{out}: complete token dataset is damaged ({e}); rebuild it with --force") from e
     for p in sorted((out / PARTS).glob("*.json")):
         part = json.loads(p.read_text())
-        job.check(part.get("identity", {}), f"token shard part {p}", part.get("tokenizer", "?"), part.get("source", "?"))
+        job.check(part.get("identity", {}), f"token shard part {p}", part.get("tokenizer", "?"),
+                  part.get("source", "?"))
     return None
 
 
