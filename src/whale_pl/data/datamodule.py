@@ -7,14 +7,10 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-
-try:
-    import lightning as L
-except ImportError:  # pragma: no cover - lightning is a dependency
-    import pytorch_lightning as L  # type: ignore
 
 from whale_pl.data.episode import ActionSpace, Episode, load_npz
 from whale_pl.data.shards import ShardError, iter_episodes, iter_shard_episodes, iter_tar_samples, verify_dataset
@@ -280,9 +276,8 @@ class ClipDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Resolve rank and world size (explicit, else from the Trainer) and load the manifests."""
         if self.rank is None or self.world_size is None:
-            tr = getattr(self, "trainer", None)
-            self._rank = tr.global_rank if tr is not None else 0
-            self._world = tr.world_size if tr is not None else 1
+            tr = self.trainer
+            self._rank, self._world = (tr.global_rank, tr.world_size) if tr is not None else (0, 1)
         else:
             self._rank, self._world = int(self.rank), int(self.world_size)
         if self._train_ds is not None and (self._train_ds.rank, self._train_ds.world_size) != (self._rank, self._world):
