@@ -246,8 +246,7 @@ def verify_dataset(data_dir: str | Path) -> dict:
 
 
 def iter_tar_samples(path: str | Path, keys: set[str] | None = None) -> Iterator[dict[str, Any]]:
-    """The samples {'__key__', '__url__', ext: bytes, ...} of a WebDataset tar (only ``keys``, when given), read
-    from a memory map by parsing the plain ustar headers ``ShardWriter`` writes (checksums checked)."""
+    """The samples {'__key__', '__url__', ext: bytes, ...} of a tar ``ShardWriter`` wrote (only ``keys``, if given)."""
     path = str(path)
     try:
         with open(path, "rb") as fh:
@@ -286,8 +285,7 @@ def _members(path: str, buf: mmap.mmap, keys: set[str] | None) -> Iterator[tuple
 
 
 def decode_sample(sample: dict[str, Any], manifest: dict) -> Episode:
-    """Sample -> Episode (token ids when the manifest has a ``tokens`` section), checked against the manifest's
-    frame size (or token grid); ShardError naming shard, key and field."""
+    """Sample -> Episode (token ids with a ``tokens`` manifest), checked against the manifest; ShardError if not."""
     size = manifest["tokens"]["grid"] if "tokens" in manifest else manifest["frame_size"]
     try:
         return Episode.from_sample(sample, frame_size=size)
