@@ -198,7 +198,7 @@ class MetaWorldEnv:
         self.env.close()
 
 
-def rollout(env: MetaWorldEnv, policy_name: str, seed: int, max_steps: int, action_repeat: int) -> Episode:
+def rollout(env: MetaWorldEnv, policy_name: str, seed: int, max_steps: int, action_repeat: int = 1) -> Episode:
     """One episode of ``max_steps`` decisions: frames[t] and state[t] before actions[t]. Each action is
     held for ``action_repeat`` simulator steps; rewards[t] sums their rewards, success[t] is the last one's."""
     pol = parse_policy(policy_name)
