@@ -1,4 +1,4 @@
-"""whale-data: bad names exit with the valid ones listed; verify; oxe dispatch."""
+"""whale-data: bad names exit with the valid ones listed; reuse; oxe dispatch."""
 
 from __future__ import annotations
 
@@ -7,24 +7,15 @@ import pytest
 from whale_pl.data.cli import main
 
 
-def test_bad_task_and_policy_list_valid_names(capsys, tmp_path):
-    assert main(["metaworld", "--tasks", "pushh-v3", "--policies", "expert", "--out", str(tmp_path / "x")]) == 2
-    err = capsys.readouterr().err
-    assert "unknown Meta-World task(s) ['pushh-v3']" in err and "'push-v3'" in err
-    assert main(["metaworld", "--tasks", "push-v3", "--policies", "expertt", "--out", str(tmp_path / "x")]) == 2
-    err = capsys.readouterr().err
-    assert "unknown behavior policy 'expertt'" in err and "noise_<sigma>" in err
-    assert not (tmp_path / "x").exists()
-    assert main(["frobnicate"]) == 2 and "valid: ['metaworld', 'verify', 'oxe']" in capsys.readouterr().err
+def test_unknown_command_lists_valid_ones(capsys):
+    assert main(["frobnicate"]) == 2 and "valid: ['metaworld', 'oxe']" in capsys.readouterr().err
 
 
-def test_verify_and_reuse(tiny_shards, tiny_data_yaml, capsys):
-    assert main(["verify", str(tiny_shards)]) == 0
-    out = capsys.readouterr().out
-    assert "OK (22 episodes decoded and checked)" in out and "noise_1.0" in out
+def test_reuse_prints_the_summary(tiny_shards, tiny_data_yaml, capsys):
     # the config's dataset is complete: nothing is collected, the summary is printed
     assert main(["metaworld", "--config", str(tiny_data_yaml)]) == 0
-    assert "22 episodes" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "22 episodes" in out and "noise_1.0" in out
 
 
 def test_oxe_dispatch():
@@ -38,6 +29,8 @@ def test_oxe_dispatch():
     ({"tasks": "push-v3"}, "tasks must be a list of names, got the string 'push-v3' (write [push-v3])"),
     ({"camera": "bogus"}, "unknown camera 'bogus'; valid cameras: ['topview', 'corner', 'corner2'"),
     ({"size": 100000}, "size 100000 > 480"),
+    ({"tasks": ["pushh-v3"]}, "unknown Meta-World task(s) ['pushh-v3']; valid tasks: ["),
+    ({"train_policies": ["expertt"]}, "unknown behavior policy 'expertt'; valid names: expert | noise_<sigma>"),
 ])
 def test_bad_config_values_get_one_line_before_any_work(bad, message, tiny_config, tmp_path, capsys):
     import dataclasses
@@ -51,24 +44,3 @@ def test_bad_config_values_get_one_line_before_any_work(bad, message, tiny_confi
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()  # nothing was started
-
-
-def test_verify_checks_the_manifest_counts_against_the_shards(tiny_shards, tmp_path, capsys):
-    import json
-    import shutil
-
-    d = tmp_path / "copy"
-    shutil.copytree(tiny_shards, d)
-    m = json.loads((d / "manifest.json").read_text())
-    (d / "manifest.json").write_text(json.dumps({**m, "episodes": 23}))
-    assert main(["verify", str(d)]) == 1
-    assert "manifest says 23 episodes, its shards hold 22" in capsys.readouterr().err
-    # counts that agree with each other but not with the samples: found by decoding every shard
-    sh = m["shards"][0]
-    sh["frames"] += 5
-    m["frames"] += 5
-    m["splits"][sh["split"]]["frames"] += 5
-    (d / "manifest.json").write_text(json.dumps(m))
-    assert main(["verify", str(d)]) == 1
-    assert f"{sh['name']}: holds 2 episodes / {sh['frames'] - 5} frames, the manifest says 2 / {sh['frames']}" \
-        in capsys.readouterr().err

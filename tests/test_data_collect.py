@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from whale_pl.data.metaworld import CollectConfig, collect, dataset_status, ensure_collected
+from whale_pl.data.metaworld import CollectConfig, dataset_status, ensure_collected
 from whale_pl.data.policies import SINE_PERIOD, PolicyNameError, ood_split, parse_policy
 from whale_pl.data.shards import iter_episodes, verify_dataset
 
@@ -45,7 +45,7 @@ def test_same_command_same_bytes_any_worker_count(tiny_shards, tiny_config, tmp_
 
     cfg = dataclasses.replace(tiny_config, tasks=["push-v3"], train_policies=["noise_0.5"], workers=1,
                               out=str(tmp_path / "again"))
-    collect(cfg, progress=False)
+    ensure_collected(cfg, progress=False)
     first = {e.meta["episode_id"]: e for e in iter_episodes(tiny_shards)}
     again = list(iter_episodes(cfg.out))
     assert len(again) == 5
@@ -60,15 +60,14 @@ def test_same_command_same_bytes_any_worker_count(tiny_shards, tiny_config, tmp_
 
 def test_episode_bytes_do_not_depend_on_the_previous_episode():
     """The same job gives the same frames whether or not the worker's env ran another episode first."""
-    from whale_pl.data.metaworld import Job, iter_collect
-
-    from whale_pl.data.metaworld import episode_seed
+    from whale_pl.data.metaworld import Job, episode_seed, iter_collect
 
     # a pair that exposed a stale goal marker in frame 0 (fixed in MetaWorldEnv.reset)
-    a = Job(0, "push-v3", "expert", "train", 3, episode_seed(0, "push-v3", "expert", "train", 3))
-    b = Job(1, "push-v3", "noise_0.1", "train", 0, episode_seed(0, "push-v3", "noise_0.1", "train", 0))
-    alone = list(iter_collect([Job(0, b.task, b.policy, b.split, b.episode, b.seed)], 64, "corner2", 120, 1))
-    after = list(iter_collect([a, b], 64, "corner2", 120, 1))
+    cfg = CollectConfig(tasks=["push-v3"], train_policies=["expert"], size=64, max_steps=120, workers=1)
+    a = Job("push-v3", "expert", "train", 3, episode_seed(0, "push-v3", "expert", "train", 3))
+    b = Job("push-v3", "noise_0.1", "train", 0, episode_seed(0, "push-v3", "noise_0.1", "train", 0))
+    alone = list(iter_collect(cfg, [b]))
+    after = list(iter_collect(cfg, [a, b]))
     assert after[1].to_sample("k") == alone[0].to_sample("k")
 
 

@@ -99,18 +99,19 @@ def test_readers_get_disjoint_episodes(tiny_shards):
         seen = []
         for rank in range(world):
             dm = ClipDataModule(str(tiny_shards), clip_len=4, batch_size=8, num_workers=0, steps_per_epoch=6,
-                                train_splits=[split], rank=rank, world_size=world)
+                                val_steps=6, rank=rank, world_size=world)
             dm.setup("fit")
-            seen.append({e for b in dm.train_dataloader() for e in b["episode"].tolist()})
+            loader = dm.val_dataloader() if split == "val" else dm.train_dataloader()
+            seen.append({e for b in loader for e in b["episode"].tolist()})
         for i in range(world):
             for j in range(i + 1, world):
                 assert not seen[i] & seen[j], (split, seen)
         m = verify_dataset(tiny_shards)
         assert len(set().union(*seen)) == m["splits"][split]["episodes"]
-    dm = ClipDataModule(str(tiny_shards), clip_len=4, num_workers=0, train_splits=["ood"], rank=5, world_size=6)
+    dm = ClipDataModule(str(tiny_shards), clip_len=4, num_workers=0, val_splits=["ood"], rank=5, world_size=6)
     dm.setup("fit")
     with pytest.raises(ShardError, match="fewer than the 6 readers"):
-        next(iter(dm.train_dataloader()))
+        next(iter(dm.val_dataloader()))
 
 
 def _synthetic_dir(path, shift: float, n: int = 4):

@@ -5,6 +5,7 @@ when half-written; a rerun resumes; shards split over ranks; and the pipeline's
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -237,8 +238,9 @@ def test_stage_configs_put_stages_two_and_three_on_one_clock():
 
 def test_ids_dtype_is_the_smallest_that_holds_the_codebook():
     assert [tk.ids_dtype(n).name for n in (2, 256, 257, 65536, 65537)] == ["uint8", "uint8", "uint16", "uint16", "uint32"]
-    ids = np.arange(512, dtype=np.uint16).reshape(2, 16, 16)
-    sample = {"__key__": "ep0", "__url__": "x", "ids.npy": tk._npy_bytes(ids), "meta.json": b"{}",
+    buf = io.BytesIO()
+    np.save(buf, np.arange(512, dtype=np.uint16).reshape(2, 16, 16))
+    sample = {"__key__": "ep0", "__url__": "x", "ids.npy": buf.getvalue(), "meta.json": b"{}",
               "steps.npz": b"not an npz"}
     with pytest.raises(ShardError, match="ep0: member steps.npz cannot be decoded"):
         decode_sample(sample, {"tokens": {"grid": [16, 16]}, "action_dim": 4})

@@ -26,6 +26,7 @@ import yaml
 from einops import rearrange
 
 from whale_pl.data.oxe.cli import main as oxe_main
+from whale_pl.data.shards import ShardWriter, iter_episodes
 from test_oxe_mixture import read_mixture  # noqa: E402  (tests/ is on sys.path under pytest)
 from whale_pl.lit.init_from import InitFromError, init_from_checkpoint, own_state
 
@@ -63,7 +64,13 @@ def shards(tmp_path_factory) -> dict[str, Path]:
                      "--split", "train,val", "--out", str(tmp / "oxe"), *common]) == 0
     assert oxe_main(["--src", str(BRIDGE), "--split", "val", "--max-episodes", "6",
                      "--out", str(tmp / "demos"), *common]) == 0
-    return {"mixture": tmp / "oxe", "demos": tmp / "demos"}
+    # the fine-tuning dataset: the same demonstrations as its train and its val split
+    with ShardWriter(tmp / "finetune") as w:
+        for ep in iter_episodes(tmp / "demos"):
+            for split in ("train", "val"):
+                ep.meta["split"] = split
+                w.write(ep)
+    return {"mixture": tmp / "oxe", "demos": tmp / "demos", "finetune": tmp / "finetune"}
 
 
 def _clip_dm(dirs, weights=None, clip_len=6, **kw):
@@ -74,7 +81,7 @@ def _clip_dm(dirs, weights=None, clip_len=6, **kw):
 
 
 def _demo_dm(shards, clip_len=6, **kw):
-    return _clip_dm([shards["demos"]], clip_len=clip_len, train_splits=["val"], val_splits=["val"], **kw)
+    return _clip_dm([shards["finetune"]], clip_len=clip_len, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +194,8 @@ def _finetune_cli(stage: str, run_root: Path, shards, pretrained, batch, tiny: d
         "--config", str(ROOT / "stages" / "whale_x_finetune" / f"{stage}.yaml"), *model,
         "--model.init_args.init_from", str(pretrained[stage]),
         "--model.init_args.optim.lr", "3e-3", "--model.init_args.optim.warmup_steps", "1",
-        "--data.init_args.dirs", json.dumps([str(shards["demos"])]), "--data.init_args.train_splits", "[val]",
-        "--data.init_args.val_splits", "[val]", "--data.init_args.clip_len", "4" if stage == "tokenizer" else "6",
+        "--data.init_args.dirs", json.dumps([str(shards["finetune"])]),
+        "--data.init_args.clip_len", "4" if stage == "tokenizer" else "6",
         "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
         "--data.init_args.steps_per_epoch", str(FINETUNE_STEPS), "--data.init_args.val_steps", "1",
         "--data.init_args.pin_memory", "false",

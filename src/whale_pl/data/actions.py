@@ -1,6 +1,5 @@
 """The datamodule's action normalisation outside the loader, for evaluation and retracing: ``(a - k * mean) / std``
-on every dim but the gripper (raw), ``a`` a raw action composed over ``k`` recorded steps.
-"""
+on every dim but the gripper (raw), ``a`` a raw action composed over ``k`` recorded steps."""
 
 from __future__ import annotations
 
@@ -31,9 +30,6 @@ class ActionNormaliser:
         self.space, self.base = space, int(base)
         self.mean = np.asarray(mean_A, dtype=np.float64)
         self.std = np.asarray(std_A, dtype=np.float64)
-        if self.mean.shape != (space.dim,) or self.std.shape != (space.dim,):
-            raise ActionError(f"action mean {self.mean.shape} / std {self.std.shape} do not match the {space.dim} "
-                              f"dims of {space.names}")
         self.mask = space.normalised_mask
 
     @classmethod
@@ -59,7 +55,6 @@ class ActionNormaliser:
 
     def compose_normalised(self, actions_norm_KA: np.ndarray) -> np.ndarray:
         """Normalised model-step actions [..., K, A] -> the normalised retracing-action [..., A]."""
-        check_composable(self.space)
         a = np.asarray(actions_norm_KA)
         raw = self.denormalise(a, self.base)
         return self.normalise(self.space.compose(raw), a.shape[-2] * self.base)
@@ -69,6 +64,5 @@ class ActionNormaliser:
         a = np.asarray(raw_A, dtype=np.float64)
         if self.base == 1:
             return self.normalise(a, 1)
-        check_composable(self.space)
         held = np.repeat(a[..., None, :], self.base, axis=-2)
         return self.normalise(self.space.compose(held), self.base)

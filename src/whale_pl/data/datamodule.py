@@ -1,7 +1,5 @@
-"""Clips from episode shards (or their token shards): ``ClipDataModule`` and ``MetaWorldDataModule``.
-
-Batch layout, reader split, epochs and action normalisation: docs/contracts.md, "Batches".
-"""
+"""Clips from episode shards (or their token shards): ``ClipDataModule`` and ``MetaWorldDataModule``
+(batch layout, reader split, epochs and action normalisation: docs/contracts.md, "Batches")."""
 
 from __future__ import annotations
 
@@ -9,14 +7,10 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-
-try:
-    import lightning as L
-except ImportError:  # pragma: no cover - lightning is a dependency
-    import pytorch_lightning as L  # type: ignore
 
 from whale_pl.data.episode import ActionSpace, Episode, load_npz
 from whale_pl.data.shards import ShardError, iter_episodes, iter_shard_episodes, iter_tar_samples, verify_dataset
@@ -52,19 +46,15 @@ class ClipStream(IterableDataset):
         """The train or the validation stream of ``dm`` (its settings copied: workers get no datamodule)."""
         super().__init__()
         self.dirs, self.p = dirs, np.asarray(weights, np.float64) / np.sum(weights)
-        self.splits = tuple(dm.train_splits if train else dm.val_splits)
+        self.splits = ("train",) if train else tuple(dm.val_splits)
         self.clip_len, self.steps = (dm.clip_len, dm.steps_per_epoch) if train else (dm.val_clip_len, dm.val_steps)
         self.retrace_strides, self.retrace_prob = (dm.retrace_strides, dm.retrace_prob) if train else ([], 0.0)
-        self.retrace_clip_len = dm.retrace_clip_len or dm.clip_len
+        self.retrace_clip_len = dm.retrace_clip_len
         self.seed, self.fixed_seed, self.epoch = dm.seed if train else dm.seed + 7919, not train, 0
         spec = dm.data_spec
         self.frame_stride, self.batch_size, self.state_dim = dm.frame_stride, dm.batch_size, spec["state_dim"]
         self.rank, self.world_size = dm._rank, dm._world
         self.families, self.policies, self.ood_policies = spec["families"], spec["policies"], set(spec["ood_policies"])
-        for d in dirs:
-            if not d.shards(self.splits):
-                raise ShardError(f"{d.path}: no shards of split(s) {list(self.splits)} "
-                                 f"(has {sorted(d.m['splits'])})")
 
     def __len__(self) -> int:
         return self.steps
@@ -103,8 +93,7 @@ class ClipStream(IterableDataset):
                                  f"frame_stride={self.frame_stride})")
 
     def _clip(self, d: _DirInfo, ep_idx: int, ep: Episode, rng: np.random.Generator, m: int, T: int) -> dict[str, Any]:
-        """T frames (or ids) every m * frame_stride recorded steps; an episode too short for m takes the largest
-        retrace stride that fits, else 1."""
+        """T frames (or ids) every m * frame_stride recorded steps, m lowered to a stride that fits a short episode."""
         t_ep = len(ep)
         if T * m * self.frame_stride > t_ep:
             ok = [s for s in self.retrace_strides if T * s * self.frame_stride <= t_ep]
@@ -162,10 +151,9 @@ class ClipStream(IterableDataset):
         my_steps = self.steps // nw + (1 if wid < self.steps % nw else 0)
         if my_steps == 0:
             return
-        epoch = 0 if self.fixed_seed else self.epoch
-        rng = np.random.default_rng([self.seed, epoch, self.rank, wid])
-        sources = [self._episodes(d, reader, n_readers, np.random.default_rng([self.seed, epoch, self.rank, wid,
-                                                                              d.index])) for d in self.dirs]
+        seeds = [self.seed, self.epoch, self.rank, wid]  # the epoch stays 0 for validation (its loader never moves it)
+        rng = np.random.default_rng(seeds)
+        sources = [self._episodes(d, reader, n_readers, np.random.default_rng([*seeds, d.index])) for d in self.dirs]
         pools: list[list[list]] = [[] for _ in self.dirs]  # per dir: [ep_idx, episode, clips left]
         cum_p = np.minimum(np.cumsum(self.p), 1.0)
         cum_p[-1] = 1.0
@@ -201,14 +189,13 @@ class _EpochLoader(DataLoader):
 
 
 class ClipDataModule(L.LightningDataModule):
-    """Random clips from one or more shard directories (their token shards with ``tokens``), for every stage;
-    arguments: docs/contracts.md, "Batches"."""
+    """Random clips from one or more shard directories (their token shards with ``tokens``), for every stage."""
 
     def __init__(self, dirs: list[str] | str, weights: list[float] | None = None, clip_len: int = 16,
                  frame_stride: int = 1, retrace_strides: list[int] | None = None, retrace_prob: float = 0.0,
                  batch_size: int = 8, num_workers: int = 2, steps_per_epoch: int = 100, val_steps: int = 10,
-                 train_splits: list[str] | None = None, val_splits: list[str] | None = None, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None, pin_memory: bool = False,
+                 val_splits: list[str] | None = None, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None, pin_memory: bool = False,
                  val_clip_len: int | None = None, retrace_clip_len: int | None = None, tokens: str | None = None):
         super().__init__()
         self.dir_paths = [dirs] if isinstance(dirs, (str, Path)) else [str(d) for d in dirs]
@@ -221,26 +208,22 @@ class ClipDataModule(L.LightningDataModule):
         if not self.dir_paths or len(self.weights) != len(self.dir_paths) or min(self.weights) < 0 \
                 or sum(self.weights) <= 0:
             raise ValueError(f"weights {self.weights} must be >= 0, not all 0, one per directory {self.dir_paths}")
-        val_clip_len = clip_len if val_clip_len is None else val_clip_len
-        for name, v in (("clip_len", clip_len), ("val_clip_len", val_clip_len), ("frame_stride", frame_stride),
-                        ("batch_size", batch_size)):
-            if int(v) < 1:
+        self.clip_len, self.frame_stride, self.batch_size = int(clip_len), int(frame_stride), int(batch_size)
+        self.val_clip_len = self.clip_len if val_clip_len is None else int(val_clip_len)
+        self.retrace_clip_len = self.clip_len if retrace_clip_len is None else int(retrace_clip_len)
+        self.retrace_strides, self.retrace_prob = [int(s) for s in (retrace_strides or [])], float(retrace_prob)
+        for name, v in (("clip_len", self.clip_len), ("val_clip_len", self.val_clip_len), ("batch_size", batch_size),
+                        ("frame_stride", frame_stride), ("retrace_clip_len", self.retrace_clip_len),
+                        ("retrace_strides", min(self.retrace_strides, default=1))):
+            if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
-        self.clip_len, self.frame_stride = int(clip_len), int(frame_stride)
-        self.val_clip_len = int(val_clip_len)
-        self.retrace_strides = [int(s) for s in (retrace_strides or [])]
-        if any(s < 1 for s in self.retrace_strides) or not 0.0 <= retrace_prob <= 1.0:
-            raise ValueError(f"retrace_strides {retrace_strides} must be >= 1 and retrace_prob in [0, 1]")
-        self.retrace_prob = float(retrace_prob)
-        if retrace_clip_len is not None and not 1 <= int(retrace_clip_len) <= self.clip_len:
-            raise ValueError(f"retrace_clip_len must be in [1, clip_len={self.clip_len}], got {retrace_clip_len}")
-        self.retrace_clip_len = None if retrace_clip_len is None else int(retrace_clip_len)
-        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        if not 0.0 <= self.retrace_prob <= 1.0 or self.retrace_clip_len > self.clip_len:
+            raise ValueError(f"retrace_prob must be in [0, 1] (got {retrace_prob}) and retrace_clip_len <= clip_len "
+                             f"(got {self.retrace_clip_len} > {self.clip_len})")
+        self.num_workers, self.pin_memory = int(num_workers), pin_memory
         self.steps_per_epoch, self.val_steps = int(steps_per_epoch), int(val_steps)
-        self.train_splits = list(train_splits or ["train"])
         self.val_splits = list(val_splits or ["val"])
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
-        self.pin_memory = pin_memory
         self._dirs: list[_DirInfo] | None = None
         self._train_ds: ClipStream | None = None
 
@@ -293,9 +276,8 @@ class ClipDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Resolve rank and world size (explicit, else from the Trainer) and load the manifests."""
         if self.rank is None or self.world_size is None:
-            tr = getattr(self, "trainer", None)
-            self._rank = tr.global_rank if tr is not None else 0
-            self._world = tr.world_size if tr is not None else 1
+            tr = self.trainer
+            self._rank, self._world = (tr.global_rank, tr.world_size) if tr is not None else (0, 1)
         else:
             self._rank, self._world = int(self.rank), int(self.world_size)
         if self._train_ds is not None and (self._train_ds.rank, self._train_ds.world_size) != (self._rank, self._world):
@@ -305,17 +287,15 @@ class ClipDataModule(L.LightningDataModule):
     def _stream(self, train: bool) -> ClipStream:
         if not hasattr(self, "_rank"):
             self.setup()
-        dirs, weights = self._load(), self.weights
-        if not train:  # a mixture validates on the directories that have a held-out split
-            have = [i for i, d in enumerate(dirs) if d.shards(self.val_splits)]
-            if not have:
-                raise ShardError(f"{[d.path for d in dirs]}: no shards of split(s) {self.val_splits} in any directory "
-                                 "(convert with --split train,val, or set val_splits)")
-            if len(have) < len(dirs):
-                log.info("validation leaves out %s (no %s shards)",
-                         [d.name for d in dirs if not d.shards(self.val_splits)], self.val_splits)
-            dirs, weights = [dirs[i] for i in have], [weights[i] for i in have]
-        return ClipStream(self, dirs, weights, train)
+        dirs, splits = self._load(), ["train"] if train else self.val_splits
+        have = [i for i, d in enumerate(dirs) if d.shards(splits)]
+        lacking = [d.path for d in dirs if not d.shards(splits)]
+        if not have or train and lacking:  # a mixture validates on the directories that have a held-out split
+            raise ShardError(f"{lacking}: no shards of split(s) {splits}" + ("" if train else " in any directory "
+                             "(convert with --split train,val, or set val_splits)"))
+        if lacking:
+            log.info("validation leaves out %s (no %s shards)", lacking, splits)
+        return ClipStream(self, [dirs[i] for i in have], [self.weights[i] for i in have], train)
 
     def _loader(self, ds: ClipStream) -> DataLoader:
         nw = min(self.num_workers, max(1, ds.steps))

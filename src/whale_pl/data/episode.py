@@ -1,6 +1,5 @@
-"""The Episode record, the action-space descriptor, and Episode <-> WebDataset sample (layout: docs/contracts.md,
-"Episodes and actions"; fixed zip timestamps, so the same episode always gives the same bytes).
-"""
+"""The Episode record, the action-space descriptor, and Episode <-> WebDataset sample (docs/contracts.md,
+"Episodes and actions"; fixed zip timestamps, so the same episode always gives the same bytes)."""
 
 from __future__ import annotations
 
@@ -31,19 +30,6 @@ class ActionSpace:
     rot_dims: list[int] = field(default_factory=list)
     gripper_index: int | None = None
 
-    def __post_init__(self) -> None:
-        groups = self._grouped()
-        if any(not 0 <= int(i) < len(self.names) for i in groups) or len(set(groups)) != len(groups):
-            raise EpisodeError(f"ActionSpace {self.names}: a dimension index is out of range or in more than one "
-                               f"group (sum_dims={self.sum_dims}, rot_dims={self.rot_dims}, "
-                               f"gripper_index={self.gripper_index})")
-        if len(self.rot_dims) not in (0, 3):
-            raise EpisodeError(f"ActionSpace {self.names}: rot_dims must be empty or (roll, pitch, yaw), "
-                               f"got {self.rot_dims}")
-
-    def _grouped(self) -> list[int]:
-        return [*self.sum_dims, *self.rot_dims, *([] if self.gripper_index is None else [self.gripper_index])]
-
     @property
     def dim(self) -> int:
         """Number of action dimensions."""
@@ -52,7 +38,7 @@ class ActionSpace:
     @property
     def uncomposable_dims(self) -> list[int]:
         """Dims in none of the sum / rotation / gripper groups."""
-        known = set(self._grouped())
+        known = {*self.sum_dims, *self.rot_dims, self.gripper_index}
         return [i for i in range(self.dim) if i not in known]
 
     @property
@@ -171,10 +157,9 @@ class Episode:
         }
 
     @classmethod
-    def from_sample(cls, sample: dict[str, Any], frame_size: tuple[int, int] | None = None,
-                    action_dim: int | None = None) -> "Episode":
+    def from_sample(cls, sample: dict[str, Any], frame_size: tuple[int, int] | None = None) -> "Episode":
         """Decode a frame sample, or a token sample (``ids.npy`` -> ``ids``), checked against ``frame_size`` (or
-        the token grid) and ``action_dim`` when given; errors name the shard, the key and the field."""
+        the token grid) when given; errors name the shard, the key and the field."""
         loc = f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')}"
         member = "ids.npy" if "ids.npy" in sample else "frames.npz"
         try:
@@ -196,8 +181,6 @@ class Episode:
         if frame_size is not None and tuple(px.shape[1:3]) != tuple(frame_size):
             raise EpisodeError(f"{loc}: field '{name}' has size {tuple(px.shape[1:3])}, manifest says "
                                f"{tuple(frame_size)}")
-        if action_dim is not None and ep.actions.shape[1] != action_dim:
-            raise EpisodeError(f"{loc}: field 'actions' has {ep.actions.shape[1]} dims, manifest says {action_dim}")
         return ep
 
 

@@ -6,6 +6,7 @@ written in job order, so a config gives the same bytes whatever the number of wo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import numpy as np
 from whale_pl.data.episode import METAWORLD_ACTION_SPACE, Episode
 from whale_pl.data.ownership import claim, config_hash, ownership
 from whale_pl.data.policies import parse_policy
-from whale_pl.data.shards import ShardError, ShardWriter, verify_dataset
+from whale_pl.data.shards import ShardError, ShardWriter, read_manifest, verify_dataset
 from whale_pl.data.workers import map_ordered
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,6 @@ KIND = "whale-data metaworld"
 CAMERAS = ("topview", "corner", "corner2", "corner3", "corner4", "behindGripper", "gripperPOV")
 MAX_SIZE = 480
 MAY_BE_ZERO = ("val_episodes_per_policy", "ood_episodes_per_policy", "seed")  # every other int field is >= 1
-
-
-def valid_tasks() -> list[str]:
-    """Names of all Meta-World v3 tasks."""
-    import metaworld
-
-    return sorted(metaworld.ALL_V3_ENVIRONMENTS)
 
 
 @dataclass
@@ -77,6 +71,8 @@ class CollectConfig:
 
     def __post_init__(self) -> None:
         """Refuse, before any work, a value a user wrote wrong, naming the key, the value and what is valid."""
+        import metaworld
+
         for f in dataclasses.fields(self):
             k, v = f.name, getattr(self, f.name)
             if f.type == "list[str]":
@@ -93,9 +89,9 @@ class CollectConfig:
                 raise ValueError(f"{k} must be a string, got {v!r}")
         if not self.tasks or not self.train_policies:
             raise ValueError("tasks and train_policies must each name at least one")
-        bad = sorted(set(self.tasks) - set(valid_tasks()))
+        bad = sorted(set(self.tasks) - set(metaworld.ALL_V3_ENVIRONMENTS))
         if bad:
-            raise ValueError(f"unknown Meta-World task(s) {bad}; valid tasks: {valid_tasks()}")
+            raise ValueError(f"unknown Meta-World task(s) {bad}; valid tasks: {sorted(metaworld.ALL_V3_ENVIRONMENTS)}")
         names = self.train_policies + self.ood_policies
         for n in names:
             parse_policy(n)  # raises PolicyNameError listing the valid forms
@@ -122,8 +118,7 @@ class CollectConfig:
 
 @dataclass(frozen=True)
 class Job:
-    """One episode to collect: its task, policy, split, index and seed."""
-    index: int
+    """One episode to collect: its task, policy, split, index within them, and seed."""
     task: str
     policy: str
     split: str
@@ -146,7 +141,7 @@ def make_jobs(cfg: CollectConfig) -> list[Job]:
         groups += [(p, "ood", cfg.ood_episodes_per_policy) for p in cfg.ood_policies]
         for pol, split, n in groups:
             for i in range(n):
-                jobs.append(Job(len(jobs), task, pol, split, i, episode_seed(cfg.seed, task, pol, split, i)))
+                jobs.append(Job(task, pol, split, i, episode_seed(cfg.seed, task, pol, split, i)))
     return jobs
 
 
@@ -239,62 +234,33 @@ def _quiet_worker() -> None:
 _env: MetaWorldEnv | None = None  # a worker process's env, kept while its jobs stay on one task
 
 
-def _rollout_chunk(args: tuple) -> list[Episode]:
+def _rollout_chunk(args: tuple[CollectConfig, list[Job]]) -> list[Episode]:
     """Roll out a chunk of jobs in a worker process (rebuilding its env only when the task changes)."""
     global _env
-    chunk, size, camera, max_steps, action_repeat = args
+    cfg, chunk = args
     out = []
     for job in chunk:
         if _env is None or _env.task != job.task:
             if _env is not None:
                 _env.close()
-            _env = MetaWorldEnv(job.task, size, camera)
-        ep = rollout(_env, job.policy, job.seed, max_steps, action_repeat)
+            _env = MetaWorldEnv(job.task, cfg.size, cfg.camera)
+        ep = rollout(_env, job.policy, job.seed, cfg.max_steps, cfg.action_repeat)
         ep.meta.update({"split": job.split, "episode_id": f"{job.task}/{job.policy}/{job.split}/{job.episode}"})
         out.append(ep)
     return out
 
 
-def iter_collect(jobs: list[Job], size: int, camera: str, max_steps: int, workers: int,
-                 action_repeat: int = 1) -> Iterator[Episode]:
-    """Run the jobs in ``workers`` spawned processes, 8 jobs of one task at a time; yield episodes in job order."""
-    chunks: list[list[Job]] = []
-    for j in jobs:  # chunks never straddle tasks
-        if chunks and len(chunks[-1]) < 8 and chunks[-1][-1].task == j.task:
-            chunks[-1].append(j)
-        else:
-            chunks.append([j])
-    os.environ.setdefault("MUJOCO_GL", "egl")  # inherited by the spawned workers
-    args = [(c, size, camera, max_steps, action_repeat) for c in chunks]
-    for episodes in map_ordered(_rollout_chunk, args, max(1, min(workers, len(chunks))), _quiet_worker):
+def iter_collect(cfg: CollectConfig, jobs: list[Job]) -> Iterator[Episode]:
+    """Run the jobs in ``cfg.workers`` spawned processes, 8 jobs of one task at a time; yield episodes in job order."""
+    groups = [list(g) for _, g in itertools.groupby(jobs, key=lambda j: j.task)]  # chunks never straddle tasks
+    chunks = [(cfg, g[i:i + 8]) for g in groups for i in range(0, len(g), 8)]
+    for episodes in map_ordered(_rollout_chunk, chunks, max(1, min(cfg.workers, len(chunks))), _quiet_worker):
         yield from episodes
 
 
-def collect(cfg: CollectConfig, overwrite: bool = False, progress: bool = True,
-            status: tuple[str, str] | None = None) -> dict:
-    """Collect ``cfg`` into ``cfg.out``; returns the manifest. ``cfg.out`` must be empty, or a collection
-    of this config (complete or not); anything else is replaced only with ``overwrite``."""
-    from tqdm import tqdm
-
-    state, why = status or dataset_status(cfg)
-    if state in ("different", "foreign") and not overwrite:
-        raise ShardError(f"{why}; pass --overwrite to replace it, or choose another out dir")
-    jobs = make_jobs(cfg)
-    claim(cfg.out, KIND, cfg.data_json())  # before the first shard: an interrupted run is resumable as ours
-    bar = tqdm(total=len(jobs), desc=f"collect {cfg.name}", unit="ep", disable=not progress, dynamic_ncols=True)
-    with ShardWriter(cfg.out, episodes_per_shard=cfg.episodes_per_shard, overwrite=True,
-                     extra={"collect_config": cfg.data_json(), "expected_frames": len(jobs) * cfg.max_steps}) as w:
-        for ep in iter_collect(jobs, cfg.size, cfg.camera, cfg.max_steps, cfg.workers, action_repeat=cfg.action_repeat):
-            w.write(ep)
-            bar.update(1)
-        bar.close()
-    return verify_dataset(cfg.out)
-
-
 def dataset_status(cfg: CollectConfig) -> tuple[str, str]:
-    """('complete'|'absent'|'incomplete'|'different'|'foreign', one line on what ``cfg.out`` holds):
-    'incomplete' is an interrupted or damaged collection of this config (its marker says so), 'different'
-    one of another config, 'foreign' anything else (another program's files, an unmarked broken dataset)."""
+    """('complete'|'absent'|'incomplete'|'different'|'foreign', one line on what ``cfg.out`` holds); 'incomplete':
+    a damaged collection of this config (its marker says so), 'different': another config's, 'foreign': the rest."""
     out = Path(cfg.out)
     want = json.loads(json.dumps(cfg.data_json()))
     state, what = ownership(out, KIND, want)
@@ -315,12 +281,24 @@ def dataset_status(cfg: CollectConfig) -> tuple[str, str]:
 
 
 def ensure_collected(cfg: CollectConfig, overwrite: bool = False, progress: bool = True) -> dict:
-    """Collect unless complete, verified shards of this exact config exist; returns the manifest. An
-    interrupted collection of this config is re-collected; anything else raises unless ``overwrite``."""
-    status, why = dataset_status(cfg)
-    if status == "complete":
-        return verify_dataset(cfg.out)
-    if status == "incomplete":
-        log.warning("re-collecting: %s", why)
-    return collect(cfg, overwrite, progress, (status, why))
+    """Collect ``cfg`` into ``cfg.out`` unless verified shards of this exact config are there; returns the manifest.
+    An interrupted collection of this config is redone; anything else is replaced only with ``overwrite``."""
+    from tqdm import tqdm
 
+    state, why = dataset_status(cfg)
+    if state == "complete":
+        return read_manifest(cfg.out)
+    if state in ("different", "foreign") and not overwrite:
+        raise ShardError(f"{why}; pass --overwrite to replace it, or choose another out dir")
+    if state == "incomplete":
+        log.warning("re-collecting: %s", why)
+    jobs = make_jobs(cfg)
+    claim(cfg.out, KIND, cfg.data_json())  # before the first shard: an interrupted run is resumable as ours
+    bar = tqdm(total=len(jobs), desc=f"collect {cfg.name}", unit="ep", disable=not progress, dynamic_ncols=True)
+    with ShardWriter(cfg.out, episodes_per_shard=cfg.episodes_per_shard,
+                     extra={"collect_config": cfg.data_json(), "expected_frames": len(jobs) * cfg.max_steps}) as w:
+        for ep in iter_collect(cfg, jobs):
+            w.write(ep)
+            bar.update(1)
+    bar.close()
+    return read_manifest(cfg.out)

@@ -1,7 +1,5 @@
 """Which output folders a data writer may resume or replace: only its own, started with the same config, as the
-marker ``.whale_collect.json`` it writes first records (writer ``kind``, config hash). Any other non-empty folder
-is refused, naming what it holds, unless the caller passes ``overwrite``.
-"""
+marker ``.whale_collect.json`` it writes first records (writer ``kind``, config hash)."""
 
 from __future__ import annotations
 
@@ -10,7 +8,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from whale_pl.data.shards import MANIFEST, SCHEMA_VERSION
 from whale_pl.io import write_json_atomic
 
 MARKER = ".whale_collect.json"
@@ -37,19 +34,6 @@ def read_json(path: Path) -> Any:
         return None
 
 
-def _describe(out: Path) -> str:
-    """What a folder without a valid marker holds, as the end of a sentence starting with its name."""
-    entries = sorted(p.name for p in out.iterdir())
-    if MANIFEST in entries:
-        m = read_json(out / MANIFEST)
-        if isinstance(m, dict) and m.get("schema_version") == SCHEMA_VERSION and "shards" in m:
-            return f"holds a whale_pl dataset ({m.get('episodes', '?')} episodes) without a whale-data marker " \
-                f"({MARKER})"
-        return f"holds a {MANIFEST} not written by whale-data"
-    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-    return f"holds {len(entries)} entries ({shown}) and no whale-data marker ({MARKER})"
-
-
 def ownership(out: str | Path, kind: str, config: Any) -> tuple[str, str]:
     """('empty' | 'ours' | 'other_config' | 'foreign', one line on what ``out`` holds) for writer ``kind``
     about to write ``config`` there: only 'empty' and 'ours' may be written without ``overwrite``."""
@@ -61,7 +45,9 @@ def ownership(out: str | Path, kind: str, config: Any) -> tuple[str, str]:
     if not any(out.iterdir()):
         return "empty", f"{out} is empty"
     if not (out / MARKER).exists():
-        return "foreign", f"{out} {_describe(out)}"
+        entries = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        return "foreign", f"{out} holds {len(entries)} entries ({shown}) and no whale-data marker ({MARKER})"
     m = read_json(out / MARKER)
     if not isinstance(m, dict) or m.get("project") != PROJECT:
         return "foreign", f"{out} holds a {MARKER} not written by whale-data"

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 
-FAMILIES = ("expert", "noise", "eps", "slow", "lag", "bias", "mix", "sine", "overshoot", "pause", "goal")
 NAME_HELP = ("expert | noise_<sigma> | eps_<p> | slow_<scale in (0,1]> | lag_<k steps> | "
              "bias_<axis in x,y,z,g><offset>[...] | mix_<name>+<name>[+...] | sine_<amplitude> | "
              "overshoot_<gain > 1> | pause_<p in [0,1]> | goal_<axis in x,y,z><offset in m>[...]")
@@ -39,10 +38,8 @@ class BehaviorPolicy:
 
     def reset(self, task: str, rng: np.random.Generator) -> None:
         """Start an episode of ``task`` with a fresh scripted expert; every random draw comes from ``rng``."""
-        from metaworld.policies import ENV_POLICY_MAP
+        from metaworld.policies import ENV_POLICY_MAP  # (every Meta-World v3 task, the tasks CollectConfig accepts)
 
-        if task not in ENV_POLICY_MAP:
-            raise PolicyNameError(f"no scripted expert for task {task!r}; valid tasks: {sorted(ENV_POLICY_MAP)}")
         self.expert, self.rng = ENV_POLICY_MAP[task](), rng
 
     def expert_action(self, obs: np.ndarray) -> np.ndarray:
@@ -184,50 +181,44 @@ class Goal(BehaviorPolicy):
         return self.expert_action(seen)
 
 
-# family -> (class, parameter, what it is, valid range)
-_NUMERIC = {"noise": (Noise, "sigma", "sigma", lambda v: v >= 0, ">= 0"),
-            "eps": (EpsRandom, "p", "probability", lambda v: 0 <= v <= 1, "in [0, 1]"),
-            "slow": (Slow, "scale", "scale", lambda v: 0 < v <= 1, "in (0, 1]"),
-            "sine": (Sine, "amplitude", "amplitude", lambda v: v > 0, "> 0"),
-            "overshoot": (Overshoot, "gain", "gain", lambda v: v > 1, "> 1"),
-            "pause": (Pause, "p", "probability", lambda v: 0 <= v <= 1, "in [0, 1]")}
+def _offsets(arg: str) -> dict[str, float]:
+    """'y-0.3z0.2' -> {'y': -0.3, 'z': 0.2}."""
+    return {a: float(v) for a, v in re.findall(rf"([xyzg])({_NUM})", arg)}
+
+
+# family -> (class, parameter, the argument's form, its value, the values allowed, the rule for the error message)
+_FAMILY = {
+    "noise": (Noise, "sigma", _NUM, float, lambda v: v >= 0, "sigma must be a number >= 0"),
+    "eps": (EpsRandom, "p", _NUM, float, lambda v: 0 <= v <= 1, "the probability must be a number in [0, 1]"),
+    "slow": (Slow, "scale", _NUM, float, lambda v: 0 < v <= 1, "the scale must be a number in (0, 1]"),
+    "sine": (Sine, "amplitude", _NUM, float, lambda v: v > 0, "the amplitude must be a number > 0"),
+    "overshoot": (Overshoot, "gain", _NUM, float, lambda v: v > 1, "the gain must be a number > 1"),
+    "pause": (Pause, "p", _NUM, float, lambda v: 0 <= v <= 1, "the probability must be a number in [0, 1]"),
+    "lag": (Lag, "k", r"\d+", int, lambda v: True, "lag must be a whole number of steps"),
+    "bias": (Bias, "offset", rf"(?:[xyzg]{_NUM})+", _offsets, lambda v: True,
+             "the offset must look like x0.4 or y-0.3z0.2 (axes x, y, z, g)"),
+    "goal": (Goal, "offset", rf"(?:[xyz]{_NUM})+", _offsets, lambda v: True,
+             "the offset must look like x0.1 or y-0.1z0.05 (axes x, y, z)"),
+}
 
 
 def parse_policy(name: str) -> BehaviorPolicy:
     """Build the policy a name describes; PolicyNameError listing the valid forms otherwise."""
-    if not isinstance(name, str) or not name:
-        raise PolicyNameError(f"policy name must be a non-empty string, got {name!r}; valid names: {NAME_HELP}")
     if name == "expert":
         return BehaviorPolicy(name, {})
     if name.startswith("mix_"):
-        parts = name[4:].split("+")
-        if len(parts) < 2:
+        comps = [parse_policy(p) for p in name[4:].split("+")]
+        if len(comps) < 2:  # (a component holds no '+', so it is never itself a mixture)
             raise PolicyNameError(f"policy {name!r}: a mixture needs >= 2 components joined by '+'; "
                                   f"valid names: {NAME_HELP}")
-        comps = [parse_policy(p) for p in parts]
-        if any(isinstance(c, Mix) for c in comps):
-            raise PolicyNameError(f"policy {name!r}: mixtures cannot nest")
         return Mix(name, {"components": [c.descriptor() for c in comps], "segment": MIX_SEGMENT}, comps)
     fam, _, arg = name.partition("_")
-    if fam in _NUMERIC:
-        cls, key, what, ok, valid = _NUMERIC[fam]
-        if not re.fullmatch(_NUM, arg):
-            raise PolicyNameError(f"policy {name!r}: {what} {arg!r} is not a number; valid names: {NAME_HELP}")
-        if not ok(float(arg)):
-            raise PolicyNameError(f"policy {name!r}: {what} must be {valid}")
-        return cls(name, {key: float(arg)})
-    if fam == "lag":
-        if not re.fullmatch(r"\d+", arg):
-            raise PolicyNameError(f"policy {name!r}: lag must be a whole number of steps; valid names: {NAME_HELP}")
-        return Lag(name, {"k": int(arg)})
-    if fam in ("bias", "goal"):
-        axes = "xyzg" if fam == "bias" else "xyz"
-        parts = re.findall(rf"([{axes}])({_NUM})", arg)
-        if not parts or "".join(a + v for a, v in parts) != arg:
-            raise PolicyNameError(f"policy {name!r}: offset must look like x0.4 or y-0.3z0.2 (axes {', '.join(axes)});"
-                                  f" valid names: {NAME_HELP}")
-        return (Bias if fam == "bias" else Goal)(name, {"offset": {a: float(v) for a, v in parts}})
-    raise PolicyNameError(f"unknown behavior policy {name!r}; valid names: {NAME_HELP} (families: {list(FAMILIES)})")
+    if fam not in _FAMILY:
+        raise PolicyNameError(f"unknown behavior policy {name!r}; valid names: {NAME_HELP}")
+    cls, key, form, value, ok, rule = _FAMILY[fam]
+    if not re.fullmatch(form, arg) or not ok(value(arg)):
+        raise PolicyNameError(f"policy {name!r}: {rule}; valid names: {NAME_HELP}")
+    return cls(name, {key: value(arg)})
 
 
 def families_of(name: str) -> set[str]:

@@ -1,8 +1,5 @@
-"""Episode shards: an atomic writer, the manifest, and a verifying reader.
-
-A dataset directory holds WebDataset tars ``shard-000000.tar``, ... (one sample per episode, one split per shard)
-and ``manifest.json``, written last: a directory without one is an incomplete dataset (docs/contracts.md).
-"""
+"""Episode shards (WebDataset tars, one split each) and ``manifest.json``, written last: an atomic writer and a
+verifying reader (docs/contracts.md, "Shards and manifests")."""
 
 from __future__ import annotations
 
@@ -109,21 +106,15 @@ class _OpenShard:
 
 
 class ShardWriter:
-    """Write Episodes into ``out_dir`` (empty or absent unless ``overwrite``) as shards of one split each, then the
+    """Write Episodes into ``out_dir`` (replacing the dataset there) as shards of one split each, then the
     manifest (``extra`` stored as-is); after an exception in the ``with`` block there is none."""
 
-    def __init__(self, out_dir: str | Path, episodes_per_shard: int = 64, overwrite: bool = False,
-                 extra: dict | None = None):
+    def __init__(self, out_dir: str | Path, episodes_per_shard: int = 64, extra: dict | None = None):
         self.out_dir = Path(out_dir)
         self.episodes_per_shard, self.extra = episodes_per_shard, extra or {}
-        existing = sorted(p.name for p in self.out_dir.glob("*")) if self.out_dir.exists() else []
-        if existing and not overwrite:
-            raise ShardError(f"{self.out_dir}: output directory is not empty ({existing[:5]}...); "
-                             "pass overwrite=True to replace it")
-        if existing:
-            (self.out_dir / MANIFEST).unlink(missing_ok=True)  # first: the directory now reads as incomplete
-            for p in [*self.out_dir.glob("shard-*.tar"), *self.out_dir.glob(".shard-*.tar.tmp-*")]:
-                p.unlink()
+        (self.out_dir / MANIFEST).unlink(missing_ok=True)  # first: the directory now reads as incomplete
+        for p in [*self.out_dir.glob("shard-*.tar"), *self.out_dir.glob(".shard-*.tar.tmp-*")]:
+            p.unlink()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._open: dict[str, _OpenShard] = {}
         self._done: list[dict] = []
@@ -132,7 +123,6 @@ class ShardWriter:
         self._stats: dict[str, _ActionStats] = {}
         self._policies: dict[str, dict] = {}
         self._tasks: dict[str, int] = defaultdict(int)
-        self._next_shard = 0
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -151,8 +141,6 @@ class ShardWriter:
                              f"{SPLITS} (got {split!r})")
         if sample is None:
             sample = episode.to_sample(key)  # validates
-        else:
-            episode.validate(f"episode {key}")
         ref = {"frame_size": list(episode.frames.shape[1:3]), "action_space": episode.meta["action_space"],
                "state_dim": 0 if episode.state is None else int(episode.state.shape[1])}
         self._ref = self._ref or ref
@@ -161,8 +149,8 @@ class ShardWriter:
             raise ShardError(f"{where}: differs from the dataset's first episode in {diff} (this, first)")
         sh = self._open.get(split)
         if sh is None:
-            sh = self._open[split] = _OpenShard(self.out_dir / f"shard-{self._next_shard:06d}.tar", split)
-            self._next_shard += 1
+            name = f"shard-{len(self._done) + len(self._open):06d}.tar"
+            sh = self._open[split] = _OpenShard(self.out_dir / name, split)
         sh.add(sample, len(episode))
         self._keys.add(key)
         self._account(episode, split)
@@ -243,13 +231,9 @@ def read_manifest(data_dir: str | Path) -> dict:
 
 
 def verify_dataset(data_dir: str | Path) -> dict:
-    """The manifest, once every shard it lists exists with its size (and sha256) and no other shard is there."""
+    """The manifest, once every shard it lists exists with its size and sha256."""
     d = Path(data_dir)
     m = read_manifest(d)
-    listed = {s["name"] for s in m["shards"]}
-    extra = sorted(p.name for p in d.glob("shard-*.tar") if p.name not in listed)
-    if extra:
-        raise ShardError(f"{d}: shards not in the manifest: {extra}")
     for s in m["shards"]:
         p = d / s["name"]
         if not p.exists():
@@ -262,8 +246,7 @@ def verify_dataset(data_dir: str | Path) -> dict:
 
 
 def iter_tar_samples(path: str | Path, keys: set[str] | None = None) -> Iterator[dict[str, Any]]:
-    """The samples {'__key__', '__url__', ext: bytes, ...} of a WebDataset tar (only ``keys``, when given), read
-    from a memory map by parsing the plain ustar headers ``ShardWriter`` writes (checksums checked)."""
+    """The samples {'__key__', '__url__', ext: bytes, ...} of a tar ``ShardWriter`` wrote (only ``keys``, if given)."""
     path = str(path)
     try:
         with open(path, "rb") as fh:
@@ -302,11 +285,10 @@ def _members(path: str, buf: mmap.mmap, keys: set[str] | None) -> Iterator[tuple
 
 
 def decode_sample(sample: dict[str, Any], manifest: dict) -> Episode:
-    """Sample -> Episode (token ids when the manifest has a ``tokens`` section), checked against the manifest's
-    frame size (or token grid) and action dim; ShardError naming shard, key and field."""
+    """Sample -> Episode (token ids with a ``tokens`` manifest), checked against the manifest; ShardError if not."""
     size = manifest["tokens"]["grid"] if "tokens" in manifest else manifest["frame_size"]
     try:
-        return Episode.from_sample(sample, frame_size=size, action_dim=manifest["action_dim"])
+        return Episode.from_sample(sample, frame_size=size)
     except EpisodeError as e:
         raise ShardError(str(e)) from e
 
@@ -315,8 +297,6 @@ def iter_shard_episodes(data_dir: str | Path, shard: dict, manifest: dict,
                         keys: set[str] | None = None) -> Iterator[tuple[str, Episode]]:
     """(key, episode) of one shard (optionally only ``keys``); its keys checked against the manifest's."""
     path = Path(data_dir) / shard["name"]
-    if not path.exists():
-        raise ShardError(f"{path}: shard listed in the manifest is missing")
     seen, want = [], [k for k in shard["keys"] if keys is None or k in keys]
     for s in iter_tar_samples(path, keys=keys):
         seen.append(s["__key__"])
@@ -334,21 +314,3 @@ def iter_episodes(data_dir: str | Path, splits: Iterable[str] | None = None, ver
         if splits is None or sh["split"] in splits:
             for _, ep in iter_shard_episodes(data_dir, sh, m):
                 yield ep
-
-
-def verify_contents(data_dir: str | Path) -> tuple[int, int]:
-    """Verify a dataset completely (``whale-data verify``): checksums, the manifest's counts in all and per split,
-    then every sample decoded and each shard's episodes and frames counted. Returns (episodes, frames)."""
-    m = verify_dataset(data_dir)
-    for what in ("episodes", "frames"):
-        for sp, v in [("", m), *m["splits"].items()]:
-            n = sum(s[what] for s in m["shards"] if sp in ("", s["split"]))
-            if v[what] != n:
-                raise ShardError(f"{Path(data_dir) / MANIFEST}: manifest says {v[what]} {what}"
-                                 f"{sp and f' in split {sp!r}'}, its shards hold {n}")
-    for sh in m["shards"]:
-        lengths = [len(ep) for _, ep in iter_shard_episodes(data_dir, sh, m)]
-        if (len(lengths), sum(lengths)) != (sh["episodes"], sh["frames"]):
-            raise ShardError(f"{Path(data_dir) / sh['name']}: holds {len(lengths)} episodes / {sum(lengths)} frames, "
-                             f"the manifest says {sh['episodes']} / {sh['frames']}")
-    return m["episodes"], m["frames"]

@@ -1,8 +1,5 @@
-"""Token shards: every frame of a dataset tokenised once by the frozen tokenizer, for stages 2 and 3.
-
-A token dataset mirrors a frame dataset shard for shard, ``<key>.ids.npy`` in place of the frames; each frame is
-encoded alone (a one-frame clip). Layout, resuming and the refusals: docs/contracts.md, "Token shards".
-"""
+"""Token shards: every frame of a dataset tokenised once, alone, by the frozen tokenizer, for stages 2 and 3
+(layout, resuming and the refusals: docs/contracts.md, "Token shards")."""
 
 from __future__ import annotations
 
@@ -126,25 +123,12 @@ def load_tokenizer(ckpt: str | Path, device: torch.device | str = "cpu") -> tupl
     return module.model.to(device), fingerprint(module), dict(module.hparams.get("data_spec") or {})
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _checked_part(job: TokenJob, p: Path) -> dict:
-    """The part recorded at ``p``, refused when made with another tokenizer or from another source."""
-    part = json.loads(p.read_text())
-    job.check(part.get("identity", {}), f"token shard part {p}", part.get("tokenizer", "?"), part.get("source", "?"))
-    return part
-
-
 def _kept_part(job: TokenJob, shard: dict) -> dict | None:
     """The recorded part of ``shard`` when its token shard is still the one recorded, else None."""
     p = Path(job.out) / PARTS / f"{shard['name']}.json"
     if not p.is_file():
         return None
-    part, f = _checked_part(job, p), Path(job.out) / shard["name"]
+    part, f = json.loads(p.read_text()), Path(job.out) / shard["name"]  # (its identity checked by _check_out_dir)
     if not f.is_file() or f.stat().st_size != part["bytes"] or sha256_file(f) != part["sha256"]:
         return None
     return part
@@ -161,8 +145,9 @@ def encode_shard(job: TokenJob, shard: dict, source_manifest: dict, tok: torch.n
             frames = torch.from_numpy(np.ascontiguousarray(ep.frames)).permute(0, 3, 1, 2)
             ids = [encode_frames(tok, frames[i : i + BATCH_FRAMES, None].to(device))[:, 0].cpu()
                    for i in range(0, len(frames), BATCH_FRAMES)]  # [T, h, w]: BATCH_FRAMES frames at a time
-            ids = torch.cat(ids).numpy().astype(ids_dtype(tok.codebook_size))
-            writer.add({"__key__": s["__key__"], "ids.npy": _npy_bytes(ids), "steps.npz": bytes(s["steps.npz"]),
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(torch.cat(ids).numpy().astype(ids_dtype(tok.codebook_size))))
+            writer.add({"__key__": s["__key__"], "ids.npy": buf.getvalue(), "steps.npz": bytes(s["steps.npz"]),
                         "meta.json": bytes(s["meta.json"])}, len(ep))
         rec = writer.close()  # its keys are checked against the source's by token_manifest
     except BaseException:
@@ -202,7 +187,9 @@ def _check_out_dir(job: TokenJob) -> dict | None:
         except ShardError as e:
             raise TokenError(f"{out}: complete token dataset is damaged ({e}); rebuild it with --force") from e
     for p in sorted((out / PARTS).glob("*.json")):
-        _checked_part(job, p)
+        part = json.loads(p.read_text())
+        job.check(part.get("identity", {}), f"token shard part {p}", part.get("tokenizer", "?"),
+                  part.get("source", "?"))
     return None
 
 

@@ -191,7 +191,7 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, opts: Conver
     workers = opts.workers or min(len(jobs), os.cpu_count() or 1)
     oxe = {"id": ident, "dataset": plan.cfg.name, "version": plan.version, "size": plan.size,
            "registry": asdict(plan.cfg), "gripper_convention": "absolute opening in [0, 1]: 1 = open, 0 = closed"}
-    with ShardWriter(out, overwrite=True, extra={"oxe": oxe}) as w:  # first removes an earlier manifest
+    with ShardWriter(out, extra={"oxe": oxe}) as w:  # first removes an earlier manifest
         claim(out, KIND, ident)  # before the first part: an interrupted conversion resumes only as ours
         parts = map(convert_file, jobs) if workers <= 1 else map_ordered(convert_file, jobs, workers)
         for shards in tqdm(parts, total=len(jobs), desc=f"oxe {plan.cfg.name}: files", unit="file",
