@@ -97,13 +97,11 @@ def train_all(a: argparse.Namespace) -> dict:
 
 
 def behavior_probe(wm, real, ev) -> dict:
-    """``split_probes`` of the behavior prior's z_t on the real rollouts; empty for a model without behavior."""
+    """``split_probes`` of the (behavior-conditioned) model's prior z_t on the real rollouts."""
     import torch
 
     from whale_pl.analysis.probe import split_probes
 
-    if not wm.uses_behavior:
-        return {}
     z = []
     with torch.no_grad():
         for i in range(0, len(real.policy), 32):
@@ -160,9 +158,8 @@ def evaluate(a: argparse.Namespace, runs: dict) -> dict:
 def uncertainty_claim(u: dict) -> str:
     """What the within-step AUROCs say of claim (2): supported only when retracing is better than chance
     and not distinguishably worse than the ensemble; undefined when any figure is."""
-    r, e = u["scores"]["retracing"], u["scores"].get("ensemble")
-    d = u["differences"].get("retracing - ensemble")
-    if e is None or d is None or "undefined" in (r["verdict_within"], e["verdict_within"], d["verdict"]):
+    r, e, d = u["scores"]["retracing"], u["scores"]["ensemble"], u["differences"]["retracing - ensemble"]
+    if "undefined" in (r["verdict_within"], e["verdict_within"], d["verdict"]):
         return "undefined (a figure or its interval is undefined)"
     if r["verdict_within"] != "better than chance":
         return f"not supported: retracing is {r['verdict_within']} within a step index"
@@ -258,13 +255,11 @@ def _video_lines(res: dict) -> list[str]:
 
 def _probe_lines(res: dict) -> list[str]:
     """The behavior probe per split (a diagnostic), beside chance."""
-    pr = res.get("probe") or {}
-    L = ["## Behavior probe (a diagnostic)", ""]
-    if not pr:
-        return L + ["_no behavior-conditioned model: no probe_", ""]
-    L += [f"A linear probe of the on-model 0's prior z_t (t >= {pr['t_min']}) on the real rollouts above "
-          "(docs/method.md, \"Value evaluation\"); interval: 95 % bootstrap over episodes.", "",
-          "| split | probe | accuracy | chance | episodes |", "|---|---|---|---|---|"]
+    pr = res["probe"]
+    L = ["## Behavior probe (a diagnostic)", "",
+         f"A linear probe of the on-model 0's prior z_t (t >= {pr['t_min']}) on the real rollouts above "
+         "(docs/method.md, \"Value evaluation\"); interval: 95 % bootstrap over episodes.", "",
+         "| split | probe | accuracy | chance | episodes |", "|---|---|---|---|---|"]
     for split in [k for k in pr if isinstance(pr[k], dict)]:
         for kind in ("family", "policy"):
             row = pr[split].get(kind)
