@@ -17,11 +17,6 @@ STAGES = ("tokenizer", "behavior", "dynamics")  # the trained stages (run direct
 TARGETS = ("tokenizer", "tokens", "behavior", "dynamics")  # what the command line builds
 
 
-def stage_dir(scale: str, stage: str, runs: Path = Path("runs")) -> Path:
-    """The run directory of a stage: ``runs/<scale>/<stage>``."""
-    return runs / scale / stage
-
-
 def stage_config(scale: str, stage: str) -> Path:
     """The config of a stage at a scale, ``stages/<scale>/<stage>.yaml``."""
     cfg = Path("stages") / scale / f"{stage}.yaml"
@@ -33,7 +28,7 @@ def stage_config(scale: str, stage: str) -> Path:
 
 def done_checkpoint(scale: str, stage: str) -> Path:
     """The checkpoint a finished stage's ``DONE`` names, checked against the sha256 recorded there."""
-    done = stage_dir(scale, stage) / "DONE"
+    done = Path("runs") / scale / stage / "DONE"
     info = json.loads(done.read_text())
     ckpt = Path(info["checkpoint"])
     if not ckpt.is_file() or sha256_of(ckpt) != info["sha256"]:
@@ -136,7 +131,7 @@ def run_tokens(scale: str, force: bool = False) -> Path:
 
 def run_stage(scale: str, stage: str, extra: list[str] | None = None, force: bool = False) -> Path:
     """Train one stage unless complete; resume an interrupted run from ``last.ckpt``; ``force`` starts clean."""
-    run_dir = stage_dir(scale, stage)
+    run_dir = Path("runs") / scale / stage
     cfg = stage_config(scale, stage)
     if (run_dir / "DONE").exists() and not force:
         print(f"[whale] {stage}: complete ({run_dir / 'DONE'}), reusing it", flush=True)

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from whale_pl.io import write_text_atomic
-from whale_pl.pipeline import STAGES, stage_dir
+from whale_pl.pipeline import STAGES
 
 VAL_TAGS = (("val/acc", "teacher-forced token accuracy"), ("val/copy_acc", "copy-the-previous-frame baseline"),
             ("val/acc_minus_copy", "accuracy minus copy"), ("val/ce", "teacher-forced cross-entropy (nats)"),
@@ -41,7 +41,7 @@ def last_val_scalars(log_dir: Path) -> dict[str, tuple[int, float]]:
 
 def dynamics_section(scale: str, runs: Path) -> list[str]:
     """The dynamics stage's last validation: teacher-forced accuracy beside copying, rollout PSNR."""
-    d = stage_dir(scale, "dynamics", runs)
+    d = runs / scale / "dynamics"
     lines = ["## Dynamics: last validation of the stage run", ""]
     vals = last_val_scalars(d)
     if not vals:
@@ -123,7 +123,7 @@ def build_report(scale: str, runs: Path = Path("runs")) -> str:
     lines = [f"# whale_pl demo report (scale `{scale}`)", "", "## Stages", "", "| stage | status | seconds |",
              "|---|---|---|"]
     for st in STAGES:
-        done = _load(stage_dir(scale, st, runs) / "DONE")
+        done = _load(runs / scale / st / "DONE")
         lines.append(f"| {st} | {'complete' if done else 'missing'} | {_fmt((done or {}).get('seconds'))} |")
     lines += ["", f"Regenerate a stage: `python -m whale_pl.pipeline <stage> --scale {scale} --force`.", ""]
     exp_cmd, plan_cmd = f"python -m whale_pl.experiment --scale {scale}", f"whale plan --scale {scale}"
