@@ -47,22 +47,15 @@ def grids(per_task: dict[str, dict[str, list]], discount: float) -> dict[str, di
     return out
 
 
-def _interval(x_TK: np.ndarray, idx: np.ndarray) -> list[float]:
-    """The bootstrap interval of the mean; undefined with one start state per task (nothing to resample)."""
-    if idx.shape[2] < 2:
-        return [float("nan")] * 2
-    return interval(np.take_along_axis(np.broadcast_to(x_TK, idx.shape), idx, axis=2).mean(axis=(1, 2)))
-
-
 def with_interval(x_TK: np.ndarray, idx: np.ndarray) -> dict:
-    """Mean over tasks and starts, and its bootstrap interval."""
-    return {"mean": float(np.mean(x_TK)), "ci": _interval(x_TK, idx)}
+    """Mean over tasks and starts, and its bootstrap interval (undefined with one start state per task)."""
+    boot = np.take_along_axis(np.broadcast_to(x_TK, idx.shape), idx, axis=2).mean(axis=(1, 2))
+    return {"mean": float(np.mean(x_TK)), "ci": interval(boot) if idx.shape[2] > 1 else [float("nan")] * 2}
 
 
 def compare(a_TK: np.ndarray, b_TK: np.ndarray, a: str, b: str, idx: np.ndarray) -> dict:
     """Paired difference a − b with its interval; "<a> beats <b>" only when the interval excludes zero."""
-    d = float(np.mean(a_TK - b_TK))
-    ci = _interval(a_TK - b_TK, idx)
+    d, ci = with_interval(a_TK - b_TK, idx).values()
     return {"diff": d, "ci": ci, "verdict": verdict(d, *ci, f"{a} beats {b}", f"{b} beats {a}")}
 
 
@@ -110,16 +103,6 @@ def plot_success(res: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_gif(wm, ep: dict, path: Path, title: str) -> None:
-    """The planned episode: each decision's real frame beside the one the model imagined, with its uncertainty."""
-    from whale_pl.rollout.gif import write_rollout_gif
-
-    real_TCHW = np.ascontiguousarray(np.asarray(ep["frames"])[1:].transpose(0, 3, 1, 2))
-    imag_TCHW = wm.decode(ep["imagined_ids"][None])[0].cpu().numpy()
-    write_rollout_gif(path, real_TCHW, imag_TCHW, np.asarray(ep["uncertainty_D"]), title=title,
-                      labels=("real", "imagined (plan's 1st step)"), uncertainty_label="uncertainty of the plan")
 
 
 def table_lines(res: dict) -> list[str]:
@@ -188,12 +171,13 @@ def _setting(scale: str, ev: EvalConfig, members: list[str]) -> dict:
             "hold": c.action_repeat * stride, "best": best_policies(eps), "bc": base, "seeds": seeds}
 
 
-def _jobs(s: dict, plan: PlanConfig, members: list[str], lambdas: dict, seeds: dict[str, list[int]],
-          baselines: bool, gif: str = "") -> list[TaskJob]:
-    """One job per task and start state (so the workers stay busy to the end)."""
+def _jobs(s: dict, plan: PlanConfig, members: list[str], lambdas: dict, final: bool) -> list[TaskJob]:
+    """One job per task and start state (so the workers stay busy to the end): the tuning start states, or the
+    ``final`` evaluation's with the baselines and the frames of the first retracing episode kept."""
+    seeds = s["seeds"]["eval" if final else "tune"]
     return [TaskJob(t, seed, lambdas, members, plan, s["size"], s["camera"], s["decisions"], s["hold"],
-                    {**s["bc"], "behavior": s["best"][t]["policy"]} if baselines else {},
-                    gif if (i, j) == (0, 0) else "")
+                    {**s["bc"], "behavior": s["best"][t]["policy"]} if final else {},
+                    "plan_retracing" if final and (i, j) == (0, 0) else "")
             for i, t in enumerate(s["tasks"]) for j, seed in enumerate(seeds[t])]
 
 
@@ -204,11 +188,10 @@ def evaluate(scale: str, plan: PlanConfig, ev: EvalConfig) -> dict:
     print(f"[plan] {len(s['tasks'])} tasks, {s['decisions']} decisions x {s['hold']} steps; members {members}; "
           f"best behavior policies {({t: v['policy'] for t, v in s['best'].items()})}", flush=True)
     t0 = time.time()
-    lams = choose_lambdas(ev, lambda pen, lam: _jobs(s, plan, members, {pen: lam}, s["seeds"]["tune"], False),
-                          plan.discount)
+    lams = choose_lambdas(ev, lambda pen, lam: _jobs(s, plan, members, {pen: lam}, False), plan.discount)
     print(f"[plan] lambda chosen in {time.time() - t0:.0f} s: {lams}", flush=True)
     lambdas = {"none": 0.0, **{pen: lams["chosen"][pen] for pen in ("retracing", "ensemble")}}
-    jobs = _jobs(s, plan, members, lambdas, s["seeds"]["eval"], True, gif="plan_retracing")
+    jobs = _jobs(s, plan, members, lambdas, True)
     per_task: dict[str, dict[str, list]] = {}  # task -> method -> episodes, in start order
     for job, res in zip(jobs, run_jobs(jobs, ev.jobs, "evaluation")):
         for method, eps in res.items():
@@ -220,6 +203,7 @@ def finish(scale: str, command: str, plan: PlanConfig, ev: EvalConfig, out: dict
     """Summaries, plot, GIF, ``mbpo.json`` / ``mbpo.md`` and the rebuilt ``report.md``."""
     from whale_pl.io import write_json_atomic, write_text_atomic
     from whale_pl.report import main as report_main
+    from whale_pl.rollout.gif import write_rollout_gif
     from whale_pl.rollout.value import WorldModel
     from whale_pl.rollout.value_metrics import nan_to_none
 
@@ -233,7 +217,11 @@ def finish(scale: str, command: str, plan: PlanConfig, ev: EvalConfig, out: dict
            "plot": str(root / "mbpo_success.png"), "gif": str(root / "mbpo_episode.gif"),
            "gif_caption": f"{s['tasks'][0]}, retracing penalty"}
     plot_success(res, Path(res["plot"]))
-    write_gif(wm, ep, Path(res["gif"]), f"{s['tasks'][0]}: plan + retracing (success {bool(ep['success'])})")
+    # each decision's real frame beside the one the model imagined (the plan's first step), with its uncertainty
+    write_rollout_gif(Path(res["gif"]), np.ascontiguousarray(np.asarray(ep["frames"])[1:].transpose(0, 3, 1, 2)),
+                      wm.decode(ep["imagined_ids"][None])[0].cpu().numpy(), np.asarray(ep["uncertainty_D"]),
+                      title=f"{s['tasks'][0]}: plan + retracing (success {bool(ep['success'])})",
+                      labels=("real", "imagined (plan's 1st step)"), uncertainty_label="uncertainty of the plan")
     res["seconds"] = time.time() - t_start
     write_json_atomic(root / "mbpo.json", nan_to_none(res))
     write_text_atomic(root / "mbpo.md", "\n".join(md_lines(res)) + "\n")

@@ -4,7 +4,6 @@ behavior cloning, random actions), one process per task and start state; the cho
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,12 +71,9 @@ def training_episodes(data_dir: str | Path) -> list[dict]:
     """Task, policy, state [T, S], actions [T, A] and return of every training-split episode of a dataset."""
     from whale_pl.data.shards import iter_episodes
 
-    out = [{"task": ep.meta["task"], "policy": ep.meta["policy"]["name"], "seed": int(ep.meta["seed"]),
-            "state": np.asarray(ep.state, np.float32), "actions": np.asarray(ep.actions, np.float32),
-            "return": float(np.sum(ep.rewards))} for ep in iter_episodes(data_dir, ["train"], verify=False)]
-    if not out:
-        raise ValueError(f"{data_dir}: no training episodes")
-    return out
+    return [{"task": ep.meta["task"], "policy": ep.meta["policy"]["name"], "seed": int(ep.meta["seed"]),
+             "state": np.asarray(ep.state, np.float32), "actions": np.asarray(ep.actions, np.float32),
+             "return": float(np.sum(ep.rewards))} for ep in iter_episodes(data_dir, ["train"], verify=False)]
 
 
 def best_policies(episodes: list[dict]) -> dict[str, dict]:
@@ -172,7 +168,6 @@ def run_task(job: TaskJob) -> dict:
     """Every method from the job's start state: per method a list of its one episode record."""
     from whale_pl.data.metaworld import MetaWorldEnv
 
-    os.environ.setdefault("MUJOCO_GL", "egl")
     torch.set_num_threads(1)
     models = [WorldModel.load(c) for c in (job.members if "ensemble" in job.lambdas else job.members[:1])]
     env = MetaWorldEnv(job.task, job.size, job.camera)
