@@ -26,8 +26,7 @@ NAMES = {"plan_none": "plan, no penalty", "plan_retracing": "plan + retracing pe
 
 
 def episode_figures(ep: dict, discount: float) -> dict[str, float]:
-    """Real return and success of an episode; for a planned one also its imagined return, exploitation,
-    consistency and mean uncertainty (docs/method.md, "Planning in imagination")."""
+    """Real return and success; a planned episode's imagined return, exploitation, consistency, uncertainty."""
     out = {"return": float(discounted_return(ep["rewards_D"], discount)), "success": float(ep["success"])}
     if "imagined_rewards_D" in ep:
         out["imagined_return"] = float(discounted_return(ep["imagined_rewards_D"], discount))
@@ -164,11 +163,8 @@ def _setting(scale: str, ev: EvalConfig, members: list[str]) -> dict:
     check_disjoint([x for v in seeds.values() for xs in v.values() for x in xs], c)
     stride = frame_stride_of(members[0])
     eps = training_episodes(c.out)
-    bc = train_bc(eps)
-    base = {"bc_state": bc.state_dict(), "bc_tasks": bc.tasks, "bc_dims": (eps[0]["state"].shape[1],
-                                                                            eps[0]["actions"].shape[1])}
     return {"tasks": list(c.tasks), "size": c.size, "camera": c.camera, "decisions": c.max_steps // stride,
-            "hold": c.action_repeat * stride, "best": best_policies(eps), "bc": base, "seeds": seeds}
+            "hold": c.action_repeat * stride, "best": best_policies(eps), "bc": train_bc(eps), "seeds": seeds}
 
 
 def _jobs(s: dict, plan: PlanConfig, members: list[str], lambdas: dict, final: bool) -> list[TaskJob]:
@@ -176,7 +172,7 @@ def _jobs(s: dict, plan: PlanConfig, members: list[str], lambdas: dict, final: b
     ``final`` evaluation's with the baselines and the frames of the first retracing episode kept."""
     seeds = s["seeds"]["eval" if final else "tune"]
     return [TaskJob(t, seed, lambdas, members, plan, s["size"], s["camera"], s["decisions"], s["hold"],
-                    {**s["bc"], "behavior": s["best"][t]["policy"]} if final else {},
+                    {"bc": s["bc"], "behavior": s["best"][t]["policy"]} if final else {},
                     "plan_retracing" if final and (i, j) == (0, 0) else "")
             for i, t in enumerate(s["tasks"]) for j, seed in enumerate(seeds[t])]
 

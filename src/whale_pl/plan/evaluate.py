@@ -19,8 +19,7 @@ from whale_pl.rollout.value import WorldModel, discounted_return
 
 def policy_episode(env, seed: int, act: Callable[[int, np.ndarray], np.ndarray], decisions: int, hold: int,
                    every: int = 1) -> dict:
-    """A policy acting every ``every`` simulator steps for ``decisions * hold`` steps: ``rewards_D`` summed per
-    decision, ``success`` any step's."""
+    """A policy acting every ``every`` of ``decisions * hold`` steps: rewards summed per decision, any success."""
     obs, rewards, success = env.reset(seed), np.zeros(decisions), False
     for d in range(decisions):
         for j in range(0, hold, every):
@@ -31,8 +30,7 @@ def policy_episode(env, seed: int, act: Callable[[int, np.ndarray], np.ndarray],
 
 
 def planned_episode(planner: Planner, env, seed: int, decisions: int, hold: int, keep_frames: bool = False) -> dict:
-    """``policy_episode`` of the planner (each decision the first action of the best plan from the real history)
-    with what the model believed of it (the chosen plan's first imagined step); frames kept on request."""
+    """``policy_episode`` of the planner with what the model believed (each chosen plan's first imagined step)."""
     wm = planner.wm
     ids, acts, frames, imagined, mean = [], [], [], [], None
     believed = {"imagined_rewards_D": [], "imagined_success_D": [], "uncertainty_D": []}
@@ -146,7 +144,7 @@ class TaskJob:
     camera: str
     decisions: int
     hold: int
-    baselines: dict = field(default_factory=dict)  # behavior policy name, BC state (empty: no baselines)
+    baselines: dict = field(default_factory=dict)  # behavior policy name, the BCPolicy (empty: no baselines)
     gif_method: str = ""  # keep the frames of this planner's episode
 
 
@@ -154,11 +152,8 @@ def _baseline_acts(job: TaskJob) -> dict:
     """Per baseline its ``(act(step, obs), every)``: every simulator step (policies) or per decision (random)."""
     from whale_pl.data.policies import parse_policy
 
-    b = job.baselines
-    pol = parse_policy(b["behavior"])
+    pol, bc = parse_policy(job.baselines["behavior"]), job.baselines["bc"]
     pol.reset(job.task, np.random.default_rng(job.seed))
-    bc = BCPolicy(b["bc_tasks"], b["bc_dims"][0], b["bc_dims"][1])
-    bc.load_state_dict(b["bc_state"])
     rng = np.random.default_rng(job.seed)
     return {"behavior": (lambda t, obs: pol.act(obs), 1), "bc": (lambda t, obs: bc.act(job.task, obs), 1),
             "random": (lambda t, obs: rng.uniform(-1, 1, 4).astype(np.float32), job.hold)}
