@@ -24,8 +24,7 @@ def _sh(cmd: list[str]) -> None:
 
 
 def build_steps(scale: str, side: dict | None = None) -> list[tuple]:
-    """The demo's steps in order, for ``scale``: (name for the progress lines, what runs it); ``side["proc"]``
-    is the background experiment training while it runs."""
+    """The demo's steps in order: (name, what runs it); ``side["proc"]``: the background experiment training."""
     import yaml
 
     py, run_root, side = sys.executable, Path("runs") / scale, {} if side is None else side

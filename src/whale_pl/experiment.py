@@ -30,8 +30,7 @@ VALUE_CLAIM = {"lower with conditioning": "consistent with the claim (conditioni
 
 def fit_command(config: Path, group_dir: Path, seed: int, use_behavior: bool, steps: int, handoff: list[str],
                 extra: list[str]) -> list[str]:
-    """The ``whale fit`` of one run: the stage config with its budget in steps, validation (so the checkpoint
-    choice) on the training-family split only and the value hook (every config's last callback) silenced."""
+    """One run's ``whale fit``: budget in steps, checkpoint chosen on the training families, value hook silenced."""
     return [sys.executable, "-m", "whale_pl.cli", "fit", "--config", str(config), *handoff, "--seed_everything",
             str(seed), "--trainer.callbacks.init_args.every_n_val_epochs", "1000000", "--trainer.max_time", "null",
             "--trainer.max_steps", str(steps), "--data.init_args.val_splits", VAL_SPLITS,
@@ -41,8 +40,7 @@ def fit_command(config: Path, group_dir: Path, seed: int, use_behavior: bool, st
 
 
 def train_run(cmd: list[str], run_dir: Path, record: dict) -> tuple[Path, float]:
-    """Train (or reuse, or resume) one run; returns (checkpoint, seconds). ``record`` (seed, steps, ...)
-    goes into ``DONE``; a finished run made with another record is refused, naming both."""
+    """Train (or reuse, or resume) one run: (checkpoint, seconds); a run ``DONE`` with another ``record`` is refused."""
     done = run_dir / "DONE"
     if done.is_file():
         info = json.loads(done.read_text())
@@ -97,11 +95,13 @@ def train_all(a: argparse.Namespace) -> dict:
 
 
 def behavior_probe(wm, real, ev) -> dict:
-    """``split_probes`` of the (behavior-conditioned) model's prior z_t on the real rollouts."""
+    """``split_probes`` of the behavior prior's z_t on the real rollouts; empty for a model without behavior."""
     import torch
 
     from whale_pl.analysis.probe import split_probes
 
+    if not wm.uses_behavior:
+        return {}
     z = []
     with torch.no_grad():
         for i in range(0, len(real.policy), 32):
@@ -156,8 +156,7 @@ def evaluate(a: argparse.Namespace, runs: dict) -> dict:
 
 
 def uncertainty_claim(u: dict) -> str:
-    """What the within-step AUROCs say of claim (2): supported only when retracing is better than chance
-    and not distinguishably worse than the ensemble; undefined when any figure is."""
+    """Claim (2) from the within-step AUROCs: retracing better than chance and not behind the ensemble."""
     r, e, d = u["scores"]["retracing"], u["scores"]["ensemble"], u["differences"]["retracing - ensemble"]
     if "undefined" in (r["verdict_within"], e["verdict_within"], d["verdict"]):
         return "undefined (a figure or its interval is undefined)"
@@ -256,10 +255,12 @@ def _video_lines(res: dict) -> list[str]:
 def _probe_lines(res: dict) -> list[str]:
     """The behavior probe per split (a diagnostic), beside chance."""
     pr = res["probe"]
-    L = ["## Behavior probe (a diagnostic)", "",
-         f"A linear probe of the on-model 0's prior z_t (t >= {pr['t_min']}) on the real rollouts above "
-         "(docs/method.md, \"Value evaluation\"); interval: 95 % bootstrap over episodes.", "",
-         "| split | probe | accuracy | chance | episodes |", "|---|---|---|---|---|"]
+    L = ["## Behavior probe (a diagnostic)", ""]
+    if not pr:
+        return L + ["_no behavior-conditioned model: no probe_", ""]
+    L += [f"A linear probe of the on-model 0's prior z_t (t >= {pr['t_min']}) on the real rollouts above "
+          "(docs/method.md, \"Value evaluation\"); interval: 95 % bootstrap over episodes.", "",
+          "| split | probe | accuracy | chance | episodes |", "|---|---|---|---|---|"]
     for split in [k for k in pr if isinstance(pr[k], dict)]:
         for kind in ("family", "policy"):
             row = pr[split].get(kind)

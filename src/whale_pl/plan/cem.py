@@ -110,8 +110,7 @@ def load_plan_yaml(path: str | Path) -> tuple[PlanConfig, EvalConfig]:
 
 @dataclass
 class History:
-    """The real episode so far on the model's clock: token frames ``ids_Thw`` and the normalised held
-    actions ``actions_norm_TA`` taken between them (one fewer)."""
+    """The real episode so far on the model's clock: token frames and the (one fewer) normalised actions between."""
 
     ids_Thw: torch.Tensor
     actions_norm_TA: torch.Tensor
@@ -123,8 +122,7 @@ class History:
 
 
 def shared_prefix_prior(z_fn, shared: int):
-    """The prior for N candidates that share their first ``shared`` frames and actions: a history within
-    that prefix is run once (batch 1) and broadcast; a longer one is run per candidate."""
+    """The prior of N candidates sharing their first ``shared`` frames: a history within them runs once, broadcast."""
     def prior(ids_BThw: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
         """z of every frame of the history, [B, T, Z]."""
         if ids_BThw.shape[1] <= shared:
@@ -134,8 +132,7 @@ def shared_prefix_prior(z_fn, shared: int):
 
 
 class Planner:
-    """CEM over raw action sequences scored in imagination, with an uncertainty penalty (none / retracing /
-    ensemble) weighted by ``lam``."""
+    """CEM over raw action sequences scored in imagination, minus ``lam`` x an uncertainty ``penalty``."""
 
     def __init__(self, wm: WorldModel, cfg: PlanConfig, penalty: str = "none", lam: float = 0.0,
                  members: Sequence[WorldModel] = (), seed: int = 0) -> None:
