@@ -17,7 +17,7 @@ import numpy as np
 
 from whale_pl.plan.cem import EvalConfig, PlanConfig, load_plan_yaml
 from whale_pl.plan.evaluate import TaskJob, choose_lambdas, run_jobs
-from whale_pl.rollout.stats import N_BOOT, fmt_ci, interval, verdict
+from whale_pl.rollout.stats import N_BOOT, fmt_key, interval, verdict
 from whale_pl.rollout.value import discounted_return
 
 NAMES = {"plan_none": "plan, no penalty", "plan_retracing": "plan + retracing penalty",
@@ -49,13 +49,13 @@ def grids(per_task: dict[str, dict[str, list]], discount: float) -> dict[str, di
 def with_interval(x_TK: np.ndarray, idx: np.ndarray) -> dict:
     """Mean over tasks and starts, and its bootstrap interval (undefined with one start state per task)."""
     boot = np.take_along_axis(np.broadcast_to(x_TK, idx.shape), idx, axis=2).mean(axis=(1, 2))
-    return {"mean": float(np.mean(x_TK)), "ci": interval(boot) if idx.shape[2] > 1 else [float("nan")] * 2}
+    return {"mean": float(np.mean(x_TK)), "mean_ci": interval(boot) if idx.shape[2] > 1 else [float("nan")] * 2}
 
 
 def compare(a_TK: np.ndarray, b_TK: np.ndarray, a: str, b: str, idx: np.ndarray) -> dict:
     """Paired difference a − b with its interval; "<a> beats <b>" only when the interval excludes zero."""
     d, ci = with_interval(a_TK - b_TK, idx).values()
-    return {"diff": d, "ci": ci, "verdict": verdict(d, *ci, f"{a} beats {b}", f"{b} beats {a}")}
+    return {"diff": d, "diff_ci": ci, "verdict": verdict(d, *ci, f"{a} beats {b}", f"{b} beats {a}")}
 
 
 def summarise(per_task: dict[str, dict[str, list]], discount: float) -> dict:
@@ -74,10 +74,6 @@ def summarise(per_task: dict[str, dict[str, list]], discount: float) -> dict:
             "per_task": {m: {f: v.mean(1).tolist() for f, v in figs.items()} for m, figs in g.items()}}
 
 
-def _ci(row: dict | None, nd: int = 2) -> str:
-    return fmt_ci(row.get("mean", row.get("diff")), row["ci"], nd) if row else "—"
-
-
 def plot_success(res: dict, path: Path) -> None:
     """Bar plot of the success rate per method with its 95 % interval."""
     import matplotlib
@@ -88,8 +84,8 @@ def plot_success(res: dict, path: Path) -> None:
     ms = res["summary"]["methods"]
     names = list(ms)
     mean = [ms[m]["success"]["mean"] for m in names]
-    lo = [max(0.0, mean[i] - ms[m]["success"]["ci"][0]) for i, m in enumerate(names)]
-    hi = [max(0.0, ms[m]["success"]["ci"][1] - mean[i]) for i, m in enumerate(names)]
+    lo = [max(0.0, mean[i] - ms[m]["success"]["mean_ci"][0]) for i, m in enumerate(names)]
+    hi = [max(0.0, ms[m]["success"]["mean_ci"][1] - mean[i]) for i, m in enumerate(names)]
     fig, ax = plt.subplots(figsize=(8, 3.6))
     ax.bar(range(len(names)), mean, yerr=[lo, hi], capsize=4, color=["C0"] * 3 + ["C7"] * (len(names) - 3))
     ax.set_xticks(range(len(names)), [NAMES.get(m, m).replace(" ", "\n", 2) for m in names], fontsize=7)
@@ -110,8 +106,9 @@ def table_lines(res: dict) -> list[str]:
          "|---|---|---|---|---|---|"]
     for m, f in res["summary"]["methods"].items():
         lam = res["lambdas"]["chosen"].get(m.removeprefix("plan_"), 0.0 if m == "plan_none" else None)
-        L.append(f"| {NAMES.get(m, m)} | {_ci(f['success'])} | {_ci(f['return'], 1)} | "
-                 f"{_ci(f.get('exploitation'), 1)} | {_ci(f.get('consistency'))} | {'' if lam is None else lam} |")
+        L.append(f"| {NAMES.get(m, m)} | {fmt_key(f['success'], 'mean', 2)} | {fmt_key(f['return'], 'mean', 1)} | "
+                 f"{fmt_key(f.get('exploitation', {}), 'mean', 1)} | {fmt_key(f.get('consistency', {}), 'mean', 2)} | "
+                 f"{'' if lam is None else lam} |")
     return L
 
 
@@ -134,7 +131,7 @@ def md_lines(res: dict) -> list[str]:
          ". Returns are discounted per decision. The figures (imagined − real return: model exploitation) and "
          "their paired intervals: docs/method.md, \"Planning in imagination\".", "", *table_lines(res), "",
          "## Paired comparisons", "", "| comparison | difference | verdict |", "|---|---|---|"]
-    L += [f"| {k} | {_ci(v)} | {v['verdict']} |" for k, v in s["comparisons"].items()]
+    L += [f"| {k} | {fmt_key(v, 'diff', 2)} | {v['verdict']} |" for k, v in s["comparisons"].items()]
     return L + ["", f"![success per method]({Path(res['plot']).name})", "",
                 f"One planned episode ({res['gif_caption']}): ![planned episode]({Path(res['gif']).name})", ""]
 
