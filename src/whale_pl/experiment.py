@@ -56,17 +56,6 @@ def train_run(cmd: list[str], run_dir: Path, record: dict) -> tuple[Path, float]
     return ckpt, seconds
 
 
-def wait_for(path: Path, what: str, timeout: float = 7200.0) -> None:
-    """Block until ``path`` exists (another process is producing it), printing once."""
-    if not path.is_file():
-        print(f"[experiment] waiting for {what} ({path})", flush=True)
-    t0 = time.time()
-    while not path.is_file():
-        if time.time() - t0 > timeout:
-            raise SystemExit(f"[experiment] gave up waiting for {path} after {timeout:.0f}s: build {what} first")
-        time.sleep(5)
-
-
 def train_all(a: argparse.Namespace) -> dict:
     """Train (or reuse) the off models (seeds 0..n-1) and the on models (seeds 0..max(n, M)-1)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -75,11 +64,16 @@ def train_all(a: argparse.Namespace) -> dict:
     config = Path("stages") / a.scale / "dynamics.yaml"
 
     def one(job: tuple[str, int]) -> tuple[Path, float]:
-        """Train (or reuse) one run once the stages it needs are done."""
+        """Train (or reuse) one run once the stages it needs are done (``make demo`` trains them meanwhile)."""
         group, seed = job
         stages = ("tokenizer", "behavior") if group == "on" else ("tokenizer",)
-        for st in stages:
-            wait_for(root / st / "DONE", f"the {st} stage")
+        for done, since in ((root / st / "DONE", time.time()) for st in stages):
+            if not done.is_file():
+                print(f"[experiment] waiting for {done}", flush=True)
+            while not done.is_file():
+                if time.time() - since > 7200:
+                    raise SystemExit(f"[experiment] gave up waiting for {done} after 7200 s: build that stage first")
+                time.sleep(5)
         group_dir = root / "experiment" / f"{a.steps}_steps" / group
         cmd = fit_command(config, group_dir, seed, group == "on", a.steps, handoff_args(a.scale, stages), a.fit_args)
         return train_run(cmd, group_dir / str(seed),

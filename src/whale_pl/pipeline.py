@@ -53,17 +53,9 @@ def _move_aside(run_dir: Path) -> None:
         print(f"[whale] moved the previous run aside to {aside}", flush=True)
 
 
-def written_checkpoint(run_dir: Path) -> Path:
-    """The best checkpoint the fit wrote (the newest ``best*.ckpt``; ``last.ckpt`` without one)."""
-    ckpts = sorted((run_dir / "checkpoints").glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
-    ckpts = ckpts or [p for p in [run_dir / "checkpoints" / "last.ckpt"] if p.is_file()]
-    if ckpts:
-        return ckpts[-1]
-    raise SystemExit(f"[whale] the fit finished but wrote no checkpoint under {run_dir / 'checkpoints'}")
-
-
 def run_fit(cmd: list[str], run_dir: Path, tag: str) -> tuple[Path, float]:
-    """Run ``whale fit`` (``cmd``), resuming from ``run_dir``'s ``last.ckpt``: the checkpoint it wrote, the seconds."""
+    """Run ``whale fit`` (``cmd``), resuming from ``run_dir``'s ``last.ckpt``: the newest ``best*.ckpt`` it wrote
+    (``last.ckpt`` without one) and the seconds."""
     last = run_dir / "checkpoints" / "last.ckpt"
     cmd = cmd + (["--ckpt_path", str(last)] if last.is_file() else [])
     print(f"[{tag}] {run_dir}: {' '.join(cmd[2:])}", flush=True)
@@ -71,7 +63,8 @@ def run_fit(cmd: list[str], run_dir: Path, tag: str) -> tuple[Path, float]:
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
         raise SystemExit(f"[{tag}] training {run_dir} failed (exit {proc.returncode}); rerun to resume")
-    return written_checkpoint(run_dir), time.time() - t0
+    best = sorted((run_dir / "checkpoints").glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return (best or [last])[-1], time.time() - t0
 
 
 def handoff_args(scale: str, stages: tuple[str, ...]) -> list[str]:

@@ -27,23 +27,18 @@ def _fmt(v: object) -> str:
     return f"{v:.3f}" if isinstance(v, float) else "—" if v is None else str(v)
 
 
-def last_val_scalars(log_dir: Path) -> dict[str, tuple[int, float]]:
-    """The last logged value (step, value) of each ``VAL_TAGS`` scalar in a run's TensorBoard events."""
-    if not any(log_dir.glob("events.out.tfevents.*")):
-        return {}
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    have = set(acc.Tags().get("scalars", []))
-    return {t: (acc.Scalars(t)[-1].step, float(acc.Scalars(t)[-1].value)) for t, _ in VAL_TAGS if t in have}
-
-
 def dynamics_section(scale: str, runs: Path) -> list[str]:
-    """The dynamics stage's last validation: teacher-forced accuracy beside copying, rollout PSNR."""
+    """The dynamics stage's last validation (TensorBoard): teacher-forced accuracy beside copying, rollout PSNR."""
     d = runs / scale / "dynamics"
     lines = ["## Dynamics: last validation of the stage run", ""]
-    vals = last_val_scalars(d)
+    vals = {}
+    if any(d.glob("events.out.tfevents.*")):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(d), size_guidance={"scalars": 0})
+        acc.Reload()
+        have = set(acc.Tags().get("scalars", []))
+        vals = {t: (acc.Scalars(t)[-1].step, float(acc.Scalars(t)[-1].value)) for t, _ in VAL_TAGS if t in have}
     if not vals:
         return lines + [f"_missing: no TensorBoard events with val/ scalars under {d} (train it: "
                         f"`python -m whale_pl.pipeline dynamics --scale {scale}`)_", ""]
