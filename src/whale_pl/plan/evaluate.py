@@ -182,15 +182,12 @@ def run_task(job: TaskJob) -> dict:
 
 def run_jobs(jobs: list[TaskJob], workers: int, desc: str) -> list[dict]:
     """Run the jobs in order, ``workers`` processes at once (spawned: each renders on its own)."""
-    from tqdm import tqdm
-
-    bar = dict(total=len(jobs), desc=desc)
-    if workers <= 1:
-        return [run_task(j) for j in tqdm(jobs, **bar)]
     import multiprocessing as mp
 
+    from tqdm import tqdm
+
     with mp.get_context("spawn").Pool(workers) as pool:
-        return list(tqdm(pool.imap(run_task, jobs), **bar))
+        return list(tqdm(pool.imap(run_task, jobs), total=len(jobs), desc=desc))
 
 
 def choose_lambdas(ev: EvalConfig, make_job, discount: float) -> dict:
