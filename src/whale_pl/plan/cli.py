@@ -37,15 +37,6 @@ def episode_figures(ep: dict, discount: float) -> dict[str, float]:
     return out
 
 
-def grids(per_task: dict[str, dict[str, list]], discount: float) -> dict[str, dict[str, np.ndarray]]:
-    """method -> figure -> [T, K] over tasks and start states."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for m in next(iter(per_task.values())):
-        rows = [[episode_figures(ep, discount) for ep in eps[m]] for eps in per_task.values()]
-        out[m] = {f: np.array([[r[f] for r in row] for row in rows]) for f in rows[0][0]}
-    return out
-
-
 def with_interval(x_TK: np.ndarray, idx: np.ndarray) -> dict:
     """Mean over tasks and starts, and its bootstrap interval (undefined with one start state per task)."""
     boot = np.take_along_axis(np.broadcast_to(x_TK, idx.shape), idx, axis=2).mean(axis=(1, 2))
@@ -60,7 +51,10 @@ def compare(a_TK: np.ndarray, b_TK: np.ndarray, a: str, b: str, idx: np.ndarray)
 
 def summarise(per_task: dict[str, dict[str, list]], discount: float) -> dict:
     """Every method's figures with intervals; paired comparisons of each planner with each other method."""
-    g = grids(per_task, discount)
+    g: dict[str, dict[str, np.ndarray]] = {}  # method -> figure -> [T, K] over tasks and start states
+    for m in next(iter(per_task.values())):
+        rows = [[episode_figures(ep, discount) for ep in eps[m]] for eps in per_task.values()]
+        g[m] = {f: np.array([[r[f] for r in row] for row in rows]) for f in rows[0][0]}
     T, K = next(iter(g.values()))["return"].shape
     idx = np.random.default_rng(0).integers(0, K, (N_BOOT, T, K))  # start states resampled within each task
     methods = {m: {f: with_interval(v, idx) for f, v in figs.items()} for m, figs in g.items()}
@@ -95,7 +89,6 @@ def plot_success(res: dict, path: Path) -> None:
     ax.set_title(f"Meta-World success, {len(s['tasks'])} tasks x {s['starts']} start states (95 % interval)",
                  fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -133,7 +126,8 @@ def md_lines(res: dict) -> list[str]:
          "## Paired comparisons", "", "| comparison | difference | verdict |", "|---|---|---|"]
     L += [f"| {k} | {fmt_key(v, 'diff', 2)} | {v['verdict']} |" for k, v in s["comparisons"].items()]
     return L + ["", f"![success per method]({Path(res['plot']).name})", "",
-                f"One planned episode ({res['gif_caption']}): ![planned episode]({Path(res['gif']).name})", ""]
+                f"One planned episode ({s['tasks'][0]}, retracing penalty): "
+                f"![planned episode]({Path(res['gif']).name})", ""]
 
 
 def experiment_members(scale: str, ev: EvalConfig, runs: Path = Path("runs")) -> list[str]:
@@ -207,8 +201,7 @@ def finish(scale: str, command: str, plan: PlanConfig, ev: EvalConfig, out: dict
            "evaluate": asdict(ev), "members": out["members"], "lambdas": out["lambdas"],
            "maskgit_steps": plan.maskgit_steps or wm.steps, "decisions": s["decisions"], "hold": s["hold"],
            "best_behavior": s["best"], "summary": summarise(out["per_task"], plan.discount),
-           "plot": str(root / "mbpo_success.png"), "gif": str(root / "mbpo_episode.gif"),
-           "gif_caption": f"{s['tasks'][0]}, retracing penalty"}
+           "plot": str(root / "mbpo_success.png"), "gif": str(root / "mbpo_episode.gif")}
     plot_success(res, Path(res["plot"]))
     # each decision's real frame beside the one the model imagined (the plan's first step), with its uncertainty
     write_rollout_gif(Path(res["gif"]), np.ascontiguousarray(np.asarray(ep["frames"])[1:].transpose(0, 3, 1, 2)),
