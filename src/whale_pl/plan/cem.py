@@ -115,11 +115,6 @@ class History:
     ids_Thw: torch.Tensor
     actions_norm_TA: torch.Tensor
 
-    def last(self, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last ``context`` frames [C, h, w] and the C-1 actions between them."""
-        C = min(context, self.ids_Thw.shape[0])
-        return self.ids_Thw[-C:], self.actions_norm_TA[self.actions_norm_TA.shape[0] - (C - 1):]
-
 
 def shared_prefix_prior(z_fn, shared: int):
     """The prior of N candidates sharing their first ``shared`` frames: a history within them runs once, broadcast."""
@@ -143,9 +138,9 @@ class Planner:
         self.A = wm.model.action_dim
 
     def _inputs(self, history: History, actions_raw_NHA: np.ndarray):
-        """Context ids [N, C, h, w], normalised actions [N, C-1+H, A] and the prior for a batch of candidates."""
-        N = actions_raw_NHA.shape[0]
-        ctx_Chw, hist_TA = history.last(self.cfg.context)
+        """The last C frames [N, C, h, w], the actions from them on [N, C-1+H, A], the prior, for N candidates."""
+        N, C = actions_raw_NHA.shape[0], min(self.cfg.context, history.ids_Thw.shape[0])
+        ctx_Chw, hist_TA = history.ids_Thw[-C:], history.actions_norm_TA[history.actions_norm_TA.shape[0] - (C - 1):]
         cand = torch.as_tensor(self.wm.normaliser.normalise_held(actions_raw_NHA), device=self.wm.device)
         acts = torch.cat([hist_TA.to(cand).expand(N, -1, -1), cand], 1)
         ctx = ctx_Chw.to(self.wm.device).expand(N, -1, -1, -1)

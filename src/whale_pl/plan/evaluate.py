@@ -148,21 +148,17 @@ class TaskJob:
     gif_method: str = ""  # keep the frames of this planner's episode
 
 
-def _baseline_acts(job: TaskJob) -> dict:
-    """Per baseline its ``(act(step, obs), every)``: every simulator step (policies) or per decision (random)."""
-    from whale_pl.data.policies import parse_policy
-
-    pol, bc = parse_policy(job.baselines["behavior"]), job.baselines["bc"]
-    pol.reset(job.task, np.random.default_rng(job.seed))
-    rng = np.random.default_rng(job.seed)
-    return {"behavior": (lambda t, obs: pol.act(obs), 1), "bc": (lambda t, obs: bc.act(job.task, obs), 1),
-            "random": (lambda t, obs: rng.uniform(-1, 1, 4).astype(np.float32), job.hold)}
-
-
 def run_task(job: TaskJob) -> dict:
     """Every method from the job's start state: per method a list of its one episode record."""
     from whale_pl.data.metaworld import MetaWorldEnv
+    from whale_pl.data.policies import parse_policy
 
+    baselines = {}  # name -> (act(step, obs), every): the policies act every simulator step, random per decision
+    if job.baselines:
+        pol, bc, rng = parse_policy(job.baselines["behavior"]), job.baselines["bc"], np.random.default_rng(job.seed)
+        pol.reset(job.task, np.random.default_rng(job.seed))
+        baselines = {"behavior": (lambda t, obs: pol.act(obs), 1), "bc": (lambda t, obs: bc.act(job.task, obs), 1),
+                     "random": (lambda t, obs: rng.uniform(-1, 1, 4).astype(np.float32), job.hold)}
     torch.set_num_threads(1)
     models = [WorldModel.load(c) for c in (job.members if "ensemble" in job.lambdas else job.members[:1])]
     env = MetaWorldEnv(job.task, job.size, job.camera)
@@ -173,7 +169,7 @@ def run_task(job: TaskJob) -> dict:
                               seed=zlib.crc32(f"{job.task}/{pen}".encode()))
             ep = planned_episode(planner, env, job.seed, job.decisions, job.hold, f"plan_{pen}" == job.gif_method)
             out[f"plan_{pen}"] = [{"seed": job.seed, **ep}]
-        for name, (act, every) in (_baseline_acts(job).items() if job.baselines else ()):
+        for name, (act, every) in baselines.items():
             out[name] = [{"seed": job.seed, **policy_episode(env, job.seed, act, job.decisions, job.hold, every)}]
     finally:
         env.close()
