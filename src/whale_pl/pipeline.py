@@ -54,8 +54,7 @@ def _move_aside(run_dir: Path) -> None:
 
 
 def run_fit(cmd: list[str], run_dir: Path, tag: str) -> tuple[Path, float]:
-    """Run ``whale fit`` (``cmd``), resuming from ``run_dir``'s ``last.ckpt``: the newest ``best*.ckpt`` it wrote
-    (``last.ckpt`` without one) and the seconds."""
+    """Run ``whale fit``, resuming from ``last.ckpt``: (the newest ``best*.ckpt``, else ``last.ckpt``; seconds)."""
     last = run_dir / "checkpoints" / "last.ckpt"
     cmd = cmd + (["--ckpt_path", str(last)] if last.is_file() else [])
     print(f"[{tag}] {run_dir}: {' '.join(cmd[2:])}", flush=True)

@@ -159,8 +159,7 @@ def _setting(scale: str, ev: EvalConfig, members: list[str]) -> dict:
 
 
 def _jobs(s: dict, plan: PlanConfig, members: list[str], lambdas: dict, final: bool) -> list[TaskJob]:
-    """One job per task and start state (so the workers stay busy to the end): the tuning start states, or the
-    ``final`` evaluation's with the baselines and the frames of the first retracing episode kept."""
+    """One job per task and tuning start state, or (``final``) evaluation start state with the baselines."""
     seeds = s["seeds"]["eval" if final else "tune"]
     return [TaskJob(t, seed, lambdas, members, plan, s["size"], s["camera"], s["decisions"], s["hold"],
                     {"bc": s["bc"], "behavior": s["best"][t]["policy"]} if final else {},
