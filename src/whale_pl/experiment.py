@@ -131,7 +131,6 @@ def evaluate(a: argparse.Namespace, runs: dict) -> dict:
             errors[group].append(rollout_errors(wm, real, rollouts, baselines=first))
             if first:
                 wm0, rollouts0 = wm, rollouts
-    probe = behavior_probe(wm0, real, ev)
     print(f"[experiment] retracing (K={K}) vs the {a.members}-member ensemble", flush=True)
     members = [wm0] + [WorldModel.load(c, a.device) for c in on_ckpts[1: a.members]]
     unc = uncertainty_summary(wm0, rollouts0, errors["on"][0], K, members)
@@ -145,7 +144,7 @@ def evaluate(a: argparse.Namespace, runs: dict) -> dict:
             "uncertainty": {**unc, "members": a.members,
                             "inference_cost_ratio": unc["seconds"]["ensemble"] / max(unc["seconds"]["retracing"], 1e-9),
                             "training_cost_ratio": sum(secs) / max(secs[0], 1e-9)},
-            "probe": probe, "splits": ev.splits, "tasks": ev.tasks,
+            "probe": behavior_probe(wm0, real, ev), "splits": ev.splits, "tasks": ev.tasks,
             "real_seconds": real.seconds}
 
 
