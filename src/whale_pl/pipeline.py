@@ -157,10 +157,8 @@ def run_until(scale: str, target: str, extra: list[str] | None = None, force: bo
 def main(argv: list[str] | None = None) -> None:
     """The command line: build the named stage and whatever it needs first."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1 :]
+    i = argv.index("--") if "--" in argv else len(argv)
+    argv, extra = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(prog="python -m whale_pl.pipeline", description=__doc__.split("\n")[0])
     p.add_argument("stage", choices=TARGETS)
     p.add_argument("--scale", default="demo")
