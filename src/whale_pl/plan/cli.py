@@ -130,13 +130,13 @@ def md_lines(res: dict) -> list[str]:
                 f"![planned episode]({Path(res['gif']).name})", ""]
 
 
-def experiment_members(scale: str, ev: EvalConfig, runs: Path = Path("runs")) -> list[str]:
+def experiment_members(scale: str, ev: EvalConfig) -> list[str]:
     """The on-models' checkpoints (seeds 0..M-1) of the ``<N>_steps`` experiment folder with the most of them."""
-    groups = sorted((runs / scale / "experiment").glob("*_steps"),
-                    key=lambda g: (len(list(g.glob("on/*/DONE"))), g.name))
+    exp = Path("runs") / scale / "experiment"
+    groups = sorted(exp.glob("*_steps"), key=lambda g: (len(list(g.glob("on/*/DONE"))), g.name))
     done = sorted(groups[-1].glob("on/*/DONE"), key=lambda p: int(p.parent.name)) if groups else []
     if len(done) < ev.members:
-        raise SystemExit(f"[plan] need {ev.members} finished on-models under {runs / scale / 'experiment'}: run "
+        raise SystemExit(f"[plan] need {ev.members} finished on-models under {exp}: run "
                          f"`make experiment SCALE={scale}` (or `python -m whale_pl.experiment --scale {scale} "
                          f"--train-only --members {ev.members}`)")
     return [json.loads(p.read_text())["ckpt"] for p in done[: ev.members]]
