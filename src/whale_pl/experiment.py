@@ -288,8 +288,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", default="demo")
     p.add_argument("--seeds", type=int, default=3, help="training seeds of each of on and off")
     p.add_argument("--members", type=int, default=5, help="ensemble members (on models of seeds 0..M-1)")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps of every run (default {STEPS} by scale, "
-                   "else the config's trainer.max_steps)")
+    p.add_argument("--steps", type=int, help=f"training steps of every run (default {STEPS}, else trainer.max_steps)")
     p.add_argument("--starts", type=int, default=5, help="start states per task")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (one process each)")

@@ -112,7 +112,7 @@ def build_report(scale: str, runs: Path = Path("runs")) -> str:
     lines = [f"# whale_pl demo report (scale `{scale}`)", "", "## Stages", "", "| stage | status | seconds |",
              "|---|---|---|"]
     for st in STAGES:
-        done = _load(runs / scale / st / "DONE")
+        done = _load(root / st / "DONE")
         lines.append(f"| {st} | {'complete' if done else 'missing'} | {_fmt((done or {}).get('seconds'))} |")
     lines += ["", f"Regenerate a stage: `python -m whale_pl.pipeline <stage> --scale {scale} --force`.", ""]
     exp_cmd, plan_cmd = f"python -m whale_pl.experiment --scale {scale}", f"whale plan --scale {scale}"
