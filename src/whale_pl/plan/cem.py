@@ -44,23 +44,16 @@ class PlanConfig:
     K: int = 3  # retracing anchors per imagined step
     weight: float = 0.5  # uncertainty = w * disagreement + (1 - w) * entropy
 
-    def check(self, max_frames: int | None = None, max_stride: int | None = None) -> "PlanConfig":
-        """Raise PlanConfigError naming the first bad key and its value; with a model's limits, check them too."""
-        rules = [("samples", self.samples >= 2, ">= 2"), ("horizon", self.horizon >= 1, ">= 1"),
-                 ("iterations", self.iterations >= 1, ">= 1"),
-                 ("elites", 1 <= self.elites <= self.samples, f"in [1, samples={self.samples}]"),
-                 ("init_std", self.init_std > 0, "> 0"), ("min_std", 0 <= self.min_std <= self.init_std,
-                                                           f"in [0, init_std={self.init_std}]"),
-                 ("context", self.context >= 1, ">= 1"), ("maskgit_steps", self.maskgit_steps >= 0, ">= 0"),
-                 ("discount", 0 < self.discount <= 1, "in (0, 1]"), ("K", self.K >= 2, ">= 2"),
-                 ("weight", 0 <= self.weight <= 1, "in [0, 1]")]
-        if max_frames is not None:
-            rules.append(("horizon", self.context + self.horizon <= max_frames,
-                          f"<= the model's max_frames ({max_frames}) - context ({self.context}) = "
-                          f"{max_frames - self.context}: the history and the imagined frames must fit one window"))
-        if max_stride is not None:
-            rules.append(("K", self.K <= max_stride, f"<= the model's max_stride ({max_stride})"))
-        return _check(self, rules)
+    def check(self) -> "PlanConfig":
+        """Raise PlanConfigError naming the first bad key and its value (the model's limits: ``Planner``)."""
+        return _check(self, [("samples", self.samples >= 2, ">= 2"), ("horizon", self.horizon >= 1, ">= 1"),
+                             ("iterations", self.iterations >= 1, ">= 1"),
+                             ("elites", 1 <= self.elites <= self.samples, f"in [1, samples={self.samples}]"),
+                             ("init_std", self.init_std > 0, "> 0"),
+                             ("min_std", 0 <= self.min_std <= self.init_std, f"in [0, init_std={self.init_std}]"),
+                             ("context", self.context >= 1, ">= 1"), ("maskgit_steps", self.maskgit_steps >= 0, ">= 0"),
+                             ("discount", 0 < self.discount <= 1, "in (0, 1]"), ("K", self.K >= 2, ">= 2"),
+                             ("weight", 0 <= self.weight <= 1, "in [0, 1]")])
 
 
 @dataclass
@@ -132,7 +125,10 @@ class Planner:
     def __init__(self, wm: WorldModel, cfg: PlanConfig, penalty: str = "none", lam: float = 0.0,
                  members: Sequence[WorldModel] = (), seed: int = 0) -> None:
         self.wm, self.cfg, self.penalty, self.lam, self.members = wm, cfg, penalty, float(lam), list(members)
-        cfg.check(wm.model.max_frames, wm.model.max_stride if penalty == "retracing" else None)
+        F, S = wm.model.max_frames, wm.model.max_stride  # the model's limits (the rest: load_plan_yaml's check)
+        _check(cfg, [("horizon", cfg.context + cfg.horizon <= F, f"<= the model's max_frames ({F}) - context "
+                      f"({cfg.context}) = {F - cfg.context}: the history and the imagined frames must fit one window"),
+                     ("K", penalty != "retracing" or cfg.K <= S, f"<= the model's max_stride ({S})")])
         self.steps = cfg.maskgit_steps or wm.steps
         self.rng = np.random.default_rng(seed)
         self.A = wm.model.action_dim
