@@ -1,22 +1,16 @@
 #!/usr/bin/env bash
 # The whole demo pipeline and the headline experiment (3 seeds each way, a 5-member ensemble) at a GPU
 # budget on one CUDA GPU: bf16, budgets in steps, every command under 10 minutes and 15 minutes in all.
-#   scripts/gpu_experiment.sh [--out DIR]   run; copy runs/<scale>/{report.md,experiment.md,experiment.json,*.png}
-#                                           and the log to DIR
-#   scripts/gpu_experiment.sh --dry-run     print the commands, run nothing (any machine)
+#   scripts/gpu_experiment.sh [--dry-run]   run (log: runs/<scale>/gpu_experiment.log); --dry-run prints the commands
 # Environment: PY (default .venv/bin/python), SCALE (default demo), STEPS (experiment runs, default 1500),
 # TOTAL_S (default 900). The stages keep their configs' step budgets; their time limits are lifted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DRY=""
-DEST=""
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --dry-run) DRY=1; shift ;;
-    --out) DEST="$2"; shift 2 ;;
-    *) echo "usage: $0 [--dry-run] [--out DIR]" >&2; exit 2 ;;
-  esac
-done
+case "${1:-}" in
+  "") DRY="" ;;
+  --dry-run) DRY=1 ;;
+  *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
+esac
 PY=${PY:-.venv/bin/python}
 SCALE=${SCALE:-demo}
 STEPS=${STEPS:-1500}
@@ -51,8 +45,3 @@ run "$PY" -m whale_pl.experiment --scale "$SCALE" --seeds 3 --members 5 --steps 
   --fit-args "${GPU[@]}"
 run "$PY" -m whale_pl.report --scale "$SCALE"
 echo "[gpu_experiment] $(( SECONDS - START ))s in all"
-if [[ -z $DRY && -n $DEST ]]; then
-  mkdir -p "$DEST"
-  cp "runs/$SCALE"/{report.md,experiment.md,experiment.json} "$LOG" "$DEST"/
-  cp "runs/$SCALE"/experiment_*.png "$DEST"/
-fi

@@ -154,7 +154,7 @@ def test_paired_verdict():
     assert compare(a, a[:, ::-1], "A", "B", idx)["verdict"] == "not distinguishable at this scale"
     one = np.zeros((500, 3, 1), int)  # one start state per task: no interval, no verdict, however large the gap
     assert compare(a[:, :1] + 5, a[:, :1], "A", "B", one)["verdict"] == "undefined"
-    assert np.isnan(with_interval(a[:, :1], one)["ci"]).all()
+    assert np.isnan(with_interval(a[:, :1], one)["mean_ci"]).all()
 
 
 def test_behavior_cloning_fits_the_data():

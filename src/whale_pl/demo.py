@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from whale_pl.pipeline import fmt_elapsed, run_stage, run_tokens, stage_dir
+from whale_pl.pipeline import fmt_elapsed, run_stage, run_tokens
 
-# one seed each way, two ensemble members, two start states per task, a shorter step budget
-EXPERIMENT_ARGS = ["--seeds", "1", "--members", "2", "--starts", "2", "--steps", "300"]
+# one seed each way, two ensemble members, two start states per task (the step budget: experiment.STEPS)
+EXPERIMENT_ARGS = ["--seeds", "1", "--members", "2", "--starts", "2"]
 
 
 def _sh(cmd: list[str]) -> None:
@@ -23,44 +23,14 @@ def _sh(cmd: list[str]) -> None:
         raise SystemExit(f"[demo] command failed (exit {proc.returncode}): {' '.join(cmd)}")
 
 
-class SideModels:
-    """The background ``python -m whale_pl.experiment ... --train-only`` run, logged to ``side_models.log``."""
-
-    def __init__(self, scale: str) -> None:
-        self.scale, self.proc, self.log = scale, None, Path("runs") / scale / "side_models.log"
-
-    def start(self) -> None:
-        """Start the background run, its output appended to the log."""
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "whale_pl.experiment", "--scale", self.scale, *EXPERIMENT_ARGS, "--train-only",
-               "--jobs", "2"]
-        print(f"    $ {' '.join(cmd)} > {self.log} 2>&1 &   (background: the experiment's on and off runs)",
-              flush=True)
-        with open(self.log, "ab") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-
-    def wait(self) -> None:
-        """Wait for the background run; the experiment step retrains whatever it failed to train."""
-        if self.proc is not None:
-            t0, rc = time.time(), self.proc.wait()
-            self.proc = None
-            print(f"    side models: finished (exit {rc}; if not 0, the experiment step retrains what is missing) "
-                  f"after waiting {fmt_elapsed(time.time() - t0)}; log {self.log}", flush=True)
-
-    def stop(self) -> None:
-        """Terminate the background run if it is still going."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait()
-
-
-def build_steps(scale: str, side: SideModels | None = None) -> list[tuple]:
-    """The demo's steps in order, for ``scale``: (name for the progress lines, what runs it)."""
+def build_steps(scale: str, side: dict | None = None) -> list[tuple]:
+    """The demo's steps in order: (name, what runs it); ``side["proc"]``: the background experiment training."""
     import yaml
 
-    py, run_root, side = sys.executable, Path("runs") / scale, side or SideModels(scale)
+    py, run_root, side = sys.executable, Path("runs") / scale, {} if side is None else side
     data_cfg = Path("stages") / scale / "data.yaml"
-    dynamics_ckpt = str(stage_dir(scale, "dynamics") / "checkpoints" / "best.ckpt")
+    dynamics_ckpt = str(run_root / "dynamics" / "checkpoints" / "best.ckpt")
+    log = run_root / "side_models.log"
 
     def tokenizer_then_side() -> None:
         """Stage 1 and the token shards alone on the machine, then the side models start."""
@@ -69,7 +39,10 @@ def build_steps(scale: str, side: SideModels | None = None) -> list[tuple]:
         # from here two trainings share the cores: one thread each (OpenMP spin-waiting on an
         # oversubscribed CPU made steps several times slower)
         os.environ["OMP_NUM_THREADS"] = "1"
-        side.start()
+        cmd = [py, "-m", "whale_pl.experiment", "--scale", scale, *EXPERIMENT_ARGS, "--train-only", "--jobs", "2"]
+        print(f"    $ {' '.join(cmd)} > {log} 2>&1 &   (background: the experiment's on and off runs)", flush=True)
+        with open(log, "ab") as f:
+            side["proc"] = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
 
     def evaluate(cmd: str, *args: str) -> None:
         """``whale eval <cmd>`` of the stage dynamics model on the demo shards."""
@@ -77,8 +50,11 @@ def build_steps(scale: str, side: SideModels | None = None) -> list[tuple]:
         _sh([py, "-m", "whale_pl.eval_cli", cmd, "--ckpt", dynamics_ckpt, "--shards", shards, *args])
 
     def experiment() -> None:
-        """The one-seed experiment, once the side models are trained."""
-        side.wait()
+        """The one-seed experiment, once the side models are trained (it retrains whatever they failed to)."""
+        if "proc" in side:
+            t0, rc = time.time(), side.pop("proc").wait()
+            print(f"    side models: finished (exit {rc}) after waiting {fmt_elapsed(time.time() - t0)}; log {log}",
+                  flush=True)
         _sh([py, "-m", "whale_pl.experiment", "--scale", scale, *EXPERIMENT_ARGS])
 
     return [
@@ -97,7 +73,7 @@ def build_steps(scale: str, side: SideModels | None = None) -> list[tuple]:
 def main(scale: str = "demo") -> None:
     """``python -m whale_pl.demo``: every step, resuming what exists."""
     os.environ.setdefault("MUJOCO_GL", "egl")
-    side = SideModels(scale)
+    side: dict = {}
     steps = build_steps(scale, side)
     t_start = time.time()
     try:
@@ -108,7 +84,9 @@ def main(scale: str = "demo") -> None:
             print(f"{head}: done in {fmt_elapsed(time.time() - t0)} (total {fmt_elapsed(time.time() - t_start)})",
                   flush=True)
     finally:
-        side.stop()  # an interrupted demo leaves no orphan training; a rerun resumes it
+        if "proc" in side and side["proc"].poll() is None:  # an interrupted demo leaves no orphan training
+            side["proc"].terminate()
+            side["proc"].wait()
     print(f"[demo] all done in {fmt_elapsed(time.time() - t_start)}: report at "
           f"{Path('runs') / scale / 'report.md'}", flush=True)
 

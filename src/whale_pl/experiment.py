@@ -30,8 +30,7 @@ VALUE_CLAIM = {"lower with conditioning": "consistent with the claim (conditioni
 
 def fit_command(config: Path, group_dir: Path, seed: int, use_behavior: bool, steps: int, handoff: list[str],
                 extra: list[str]) -> list[str]:
-    """The ``whale fit`` of one run: the stage config with its budget in steps, validation (so the checkpoint
-    choice) on the training-family split only and the value hook (every config's last callback) silenced."""
+    """One run's ``whale fit``: budget in steps, checkpoint chosen on the training families, value hook silenced."""
     return [sys.executable, "-m", "whale_pl.cli", "fit", "--config", str(config), *handoff, "--seed_everything",
             str(seed), "--trainer.callbacks.init_args.every_n_val_epochs", "1000000", "--trainer.max_time", "null",
             "--trainer.max_steps", str(steps), "--data.init_args.val_splits", VAL_SPLITS,
@@ -41,8 +40,7 @@ def fit_command(config: Path, group_dir: Path, seed: int, use_behavior: bool, st
 
 
 def train_run(cmd: list[str], run_dir: Path, record: dict) -> tuple[Path, float]:
-    """Train (or reuse, or resume) one run; returns (checkpoint, seconds). ``record`` (seed, steps, ...)
-    goes into ``DONE``; a finished run made with another record is refused, naming both."""
+    """Train (or reuse, or resume) one run: (checkpoint, seconds); a run ``DONE`` with another ``record`` is refused."""
     done = run_dir / "DONE"
     if done.is_file():
         info = json.loads(done.read_text())
@@ -58,17 +56,6 @@ def train_run(cmd: list[str], run_dir: Path, record: dict) -> tuple[Path, float]
     return ckpt, seconds
 
 
-def wait_for(path: Path, what: str, timeout: float = 7200.0) -> None:
-    """Block until ``path`` exists (another process is producing it), printing once."""
-    if not path.is_file():
-        print(f"[experiment] waiting for {what} ({path})", flush=True)
-    t0 = time.time()
-    while not path.is_file():
-        if time.time() - t0 > timeout:
-            raise SystemExit(f"[experiment] gave up waiting for {path} after {timeout:.0f}s: build {what} first")
-        time.sleep(5)
-
-
 def train_all(a: argparse.Namespace) -> dict:
     """Train (or reuse) the off models (seeds 0..n-1) and the on models (seeds 0..max(n, M)-1)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -77,11 +64,16 @@ def train_all(a: argparse.Namespace) -> dict:
     config = Path("stages") / a.scale / "dynamics.yaml"
 
     def one(job: tuple[str, int]) -> tuple[Path, float]:
-        """Train (or reuse) one run once the stages it needs are done."""
+        """Train (or reuse) one run once the stages it needs are done (``make demo`` trains them meanwhile)."""
         group, seed = job
         stages = ("tokenizer", "behavior") if group == "on" else ("tokenizer",)
-        for st in stages:
-            wait_for(root / st / "DONE", f"the {st} stage")
+        for done, since in ((root / st / "DONE", time.time()) for st in stages):
+            if not done.is_file():
+                print(f"[experiment] waiting for {done}", flush=True)
+            while not done.is_file():
+                if time.time() - since > 7200:
+                    raise SystemExit(f"[experiment] gave up waiting for {done} after 7200 s: build that stage first")
+                time.sleep(5)
         group_dir = root / "experiment" / f"{a.steps}_steps" / group
         cmd = fit_command(config, group_dir, seed, group == "on", a.steps, handoff_args(a.scale, stages), a.fit_args)
         return train_run(cmd, group_dir / str(seed),
@@ -139,7 +131,6 @@ def evaluate(a: argparse.Namespace, runs: dict) -> dict:
             errors[group].append(rollout_errors(wm, real, rollouts, baselines=first))
             if first:
                 wm0, rollouts0 = wm, rollouts
-    probe = behavior_probe(wm0, real, ev)
     print(f"[experiment] retracing (K={K}) vs the {a.members}-member ensemble", flush=True)
     members = [wm0] + [WorldModel.load(c, a.device) for c in on_ckpts[1: a.members]]
     unc = uncertainty_summary(wm0, rollouts0, errors["on"][0], K, members)
@@ -153,16 +144,14 @@ def evaluate(a: argparse.Namespace, runs: dict) -> dict:
             "uncertainty": {**unc, "members": a.members,
                             "inference_cost_ratio": unc["seconds"]["ensemble"] / max(unc["seconds"]["retracing"], 1e-9),
                             "training_cost_ratio": sum(secs) / max(secs[0], 1e-9)},
-            "probe": probe, "splits": ev.splits, "tasks": ev.tasks,
+            "probe": behavior_probe(wm0, real, ev), "splits": ev.splits, "tasks": ev.tasks,
             "real_seconds": real.seconds}
 
 
 def uncertainty_claim(u: dict) -> str:
-    """What the within-step AUROCs say of claim (2): supported only when retracing is better than chance
-    and not distinguishably worse than the ensemble; undefined when any figure is."""
-    r, e = u["scores"]["retracing"], u["scores"].get("ensemble")
-    d = u["differences"].get("retracing - ensemble")
-    if e is None or d is None or "undefined" in (r["verdict_within"], e["verdict_within"], d["verdict"]):
+    """Claim (2) from the within-step AUROCs: retracing better than chance and not behind the ensemble."""
+    r, e, d = u["scores"]["retracing"], u["scores"]["ensemble"], u["differences"]["retracing - ensemble"]
+    if "undefined" in (r["verdict_within"], e["verdict_within"], d["verdict"]):
         return "undefined (a figure or its interval is undefined)"
     if r["verdict_within"] != "better than chance":
         return f"not supported: retracing is {r['verdict_within']} within a step index"
@@ -258,7 +247,7 @@ def _video_lines(res: dict) -> list[str]:
 
 def _probe_lines(res: dict) -> list[str]:
     """The behavior probe per split (a diagnostic), beside chance."""
-    pr = res.get("probe") or {}
+    pr = res["probe"]
     L = ["## Behavior probe (a diagnostic)", ""]
     if not pr:
         return L + ["_no behavior-conditioned model: no probe_", ""]
@@ -299,8 +288,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", default="demo")
     p.add_argument("--seeds", type=int, default=3, help="training seeds of each of on and off")
     p.add_argument("--members", type=int, default=5, help="ensemble members (on models of seeds 0..M-1)")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps of every run (default {STEPS} by scale, "
-                   "else the config's trainer.max_steps)")
+    p.add_argument("--steps", type=int, help=f"training steps of every run (default {STEPS}, else trainer.max_steps)")
     p.add_argument("--starts", type=int, default=5, help="start states per task")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (one process each)")

@@ -17,11 +17,6 @@ STAGES = ("tokenizer", "behavior", "dynamics")  # the trained stages (run direct
 TARGETS = ("tokenizer", "tokens", "behavior", "dynamics")  # what the command line builds
 
 
-def stage_dir(scale: str, stage: str, runs: Path = Path("runs")) -> Path:
-    """The run directory of a stage: ``runs/<scale>/<stage>``."""
-    return runs / scale / stage
-
-
 def stage_config(scale: str, stage: str) -> Path:
     """The config of a stage at a scale, ``stages/<scale>/<stage>.yaml``."""
     cfg = Path("stages") / scale / f"{stage}.yaml"
@@ -33,7 +28,7 @@ def stage_config(scale: str, stage: str) -> Path:
 
 def done_checkpoint(scale: str, stage: str) -> Path:
     """The checkpoint a finished stage's ``DONE`` names, checked against the sha256 recorded there."""
-    done = stage_dir(scale, stage) / "DONE"
+    done = Path("runs") / scale / stage / "DONE"
     info = json.loads(done.read_text())
     ckpt = Path(info["checkpoint"])
     if not ckpt.is_file() or sha256_of(ckpt) != info["sha256"]:
@@ -58,17 +53,8 @@ def _move_aside(run_dir: Path) -> None:
         print(f"[whale] moved the previous run aside to {aside}", flush=True)
 
 
-def written_checkpoint(run_dir: Path) -> Path:
-    """The best checkpoint the fit wrote (the newest ``best*.ckpt``; ``last.ckpt`` without one)."""
-    ckpts = sorted((run_dir / "checkpoints").glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
-    ckpts = ckpts or [p for p in [run_dir / "checkpoints" / "last.ckpt"] if p.is_file()]
-    if ckpts:
-        return ckpts[-1]
-    raise SystemExit(f"[whale] the fit finished but wrote no checkpoint under {run_dir / 'checkpoints'}")
-
-
 def run_fit(cmd: list[str], run_dir: Path, tag: str) -> tuple[Path, float]:
-    """Run ``whale fit`` (``cmd``), resuming from ``run_dir``'s ``last.ckpt``: the checkpoint it wrote, the seconds."""
+    """Run ``whale fit``, resuming from ``last.ckpt``: (the newest ``best*.ckpt``, else ``last.ckpt``; seconds)."""
     last = run_dir / "checkpoints" / "last.ckpt"
     cmd = cmd + (["--ckpt_path", str(last)] if last.is_file() else [])
     print(f"[{tag}] {run_dir}: {' '.join(cmd[2:])}", flush=True)
@@ -76,7 +62,8 @@ def run_fit(cmd: list[str], run_dir: Path, tag: str) -> tuple[Path, float]:
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
         raise SystemExit(f"[{tag}] training {run_dir} failed (exit {proc.returncode}); rerun to resume")
-    return written_checkpoint(run_dir), time.time() - t0
+    best = sorted((run_dir / "checkpoints").glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return (best or [last])[-1], time.time() - t0
 
 
 def handoff_args(scale: str, stages: tuple[str, ...]) -> list[str]:
@@ -136,7 +123,7 @@ def run_tokens(scale: str, force: bool = False) -> Path:
 
 def run_stage(scale: str, stage: str, extra: list[str] | None = None, force: bool = False) -> Path:
     """Train one stage unless complete; resume an interrupted run from ``last.ckpt``; ``force`` starts clean."""
-    run_dir = stage_dir(scale, stage)
+    run_dir = Path("runs") / scale / stage
     cfg = stage_config(scale, stage)
     if (run_dir / "DONE").exists() and not force:
         print(f"[whale] {stage}: complete ({run_dir / 'DONE'}), reusing it", flush=True)
@@ -170,10 +157,8 @@ def run_until(scale: str, target: str, extra: list[str] | None = None, force: bo
 def main(argv: list[str] | None = None) -> None:
     """The command line: build the named stage and whatever it needs first."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1 :]
+    i = argv.index("--") if "--" in argv else len(argv)
+    argv, extra = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(prog="python -m whale_pl.pipeline", description=__doc__.split("\n")[0])
     p.add_argument("stage", choices=TARGETS)
     p.add_argument("--scale", default="demo")

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from whale_pl.io import write_text_atomic
-from whale_pl.pipeline import STAGES, stage_dir
+from whale_pl.pipeline import STAGES
 
 VAL_TAGS = (("val/acc", "teacher-forced token accuracy"), ("val/copy_acc", "copy-the-previous-frame baseline"),
             ("val/acc_minus_copy", "accuracy minus copy"), ("val/ce", "teacher-forced cross-entropy (nats)"),
@@ -27,23 +27,18 @@ def _fmt(v: object) -> str:
     return f"{v:.3f}" if isinstance(v, float) else "—" if v is None else str(v)
 
 
-def last_val_scalars(log_dir: Path) -> dict[str, tuple[int, float]]:
-    """The last logged value (step, value) of each ``VAL_TAGS`` scalar in a run's TensorBoard events."""
-    if not any(log_dir.glob("events.out.tfevents.*")):
-        return {}
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    have = set(acc.Tags().get("scalars", []))
-    return {t: (acc.Scalars(t)[-1].step, float(acc.Scalars(t)[-1].value)) for t, _ in VAL_TAGS if t in have}
-
-
 def dynamics_section(scale: str, runs: Path) -> list[str]:
-    """The dynamics stage's last validation: teacher-forced accuracy beside copying, rollout PSNR."""
-    d = stage_dir(scale, "dynamics", runs)
+    """The dynamics stage's last validation (TensorBoard): teacher-forced accuracy beside copying, rollout PSNR."""
+    d = runs / scale / "dynamics"
     lines = ["## Dynamics: last validation of the stage run", ""]
-    vals = last_val_scalars(d)
+    vals = {}
+    if any(d.glob("events.out.tfevents.*")):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(d), size_guidance={"scalars": 0})
+        acc.Reload()
+        have = set(acc.Tags().get("scalars", []))
+        vals = {t: (acc.Scalars(t)[-1].step, float(acc.Scalars(t)[-1].value)) for t, _ in VAL_TAGS if t in have}
     if not vals:
         return lines + [f"_missing: no TensorBoard events with val/ scalars under {d} (train it: "
                         f"`python -m whale_pl.pipeline dynamics --scale {scale}`)_", ""]
@@ -72,22 +67,16 @@ def gifs_section(scale: str, root: Path, runs: Path) -> list[str]:
         return lines + [f"_missing: {gdir / 'index.json'} (run `whale eval gifs --ckpt "
                         f"{runs / scale / 'dynamics' / 'checkpoints' / 'best.ckpt'} --shards <data.yaml's out> "
                         f"--out {gdir}`)_", ""]
-    cmd = index["command"]
     lines += ["Each GIF: a held-out episode's real frames (left) beside the model's open-loop imagination with the "
               f"recorded actions (right); under them the retracing uncertainty (blue, K={index.get('K')} anchors) and "
               "the pixel MSE against the real frame (red, dashed). `val`: the training policies; `ood`: held-out "
               f"policies. Checkpoint `{index.get('ckpt')}`, episodes from `{index.get('shards')}`.", "",
-              f"Regenerate all GIFs: `{cmd}`", ""]
+              f"Regenerate all GIFs: `{index['command']}`", ""]
     for c in index["clips"]:
-        rel = f"gifs/{c['gif']}"
         head = f"{c.get('split')}: {c.get('task')}, policy {c.get('policy')}"
-        lines += [f"### {head}", ""]
-        if not (gdir / c["gif"]).is_file():
-            lines += [f"_missing: {rel} (listed in {gdir / 'index.json'}; rerun `{cmd}`)_", ""]
-            continue
         sp = c.get("spearman_uncertainty_vs_mse")
         sp = _fmt(sp) if sp is not None else "undefined (too few scored steps or a constant curve)"
-        lines += [f"![{head}]({rel})", "",
+        lines += [f"### {head}", "", f"![{head}](gifs/{c['gif']})", "",
                   f"Episode `{c.get('episode')}` from frame {c.get('start')}, {c.get('context')} context frame(s), "
                   f"{c.get('horizon')} imagined steps: PSNR {_fmt(c.get('psnr_mean'))} dB, mean uncertainty "
                   f"{_fmt(c.get('uncertainty_mean'))}, Spearman(uncertainty, MSE) over the steps {sp}.", ""]
@@ -123,7 +112,7 @@ def build_report(scale: str, runs: Path = Path("runs")) -> str:
     lines = [f"# whale_pl demo report (scale `{scale}`)", "", "## Stages", "", "| stage | status | seconds |",
              "|---|---|---|"]
     for st in STAGES:
-        done = _load(stage_dir(scale, st, runs) / "DONE")
+        done = _load(root / st / "DONE")
         lines.append(f"| {st} | {'complete' if done else 'missing'} | {_fmt((done or {}).get('seconds'))} |")
     lines += ["", f"Regenerate a stage: `python -m whale_pl.pipeline <stage> --scale {scale} --force`.", ""]
     exp_cmd, plan_cmd = f"python -m whale_pl.experiment --scale {scale}", f"whale plan --scale {scale}"

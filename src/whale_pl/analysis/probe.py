@@ -114,8 +114,7 @@ def _accuracy(correct_NT: np.ndarray, chance: float) -> dict:
 
 
 def split_probes(z_NTZ: torch.Tensor, policy_N: list[str], split_N: list[str], start_N: np.ndarray) -> dict:
-    """The ``family`` and ``policy`` probes per split (docs/method.md, "Value evaluation") on z_t, t >= ``T_MIN``;
-    no ``family`` probe for families never seen in training."""
+    """The ``policy`` and (for families seen in training) ``family`` probes per split on z_t, t >= ``T_MIN``."""
     from whale_pl.data.policies import parse_policy
 
     x, split, start = z_NTZ[:, T_MIN:].double(), np.asarray(split_N), np.asarray(start_N)

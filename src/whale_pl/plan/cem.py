@@ -44,23 +44,16 @@ class PlanConfig:
     K: int = 3  # retracing anchors per imagined step
     weight: float = 0.5  # uncertainty = w * disagreement + (1 - w) * entropy
 
-    def check(self, max_frames: int | None = None, max_stride: int | None = None) -> "PlanConfig":
-        """Raise PlanConfigError naming the first bad key and its value; with a model's limits, check them too."""
-        rules = [("samples", self.samples >= 2, ">= 2"), ("horizon", self.horizon >= 1, ">= 1"),
-                 ("iterations", self.iterations >= 1, ">= 1"),
-                 ("elites", 1 <= self.elites <= self.samples, f"in [1, samples={self.samples}]"),
-                 ("init_std", self.init_std > 0, "> 0"), ("min_std", 0 <= self.min_std <= self.init_std,
-                                                           f"in [0, init_std={self.init_std}]"),
-                 ("context", self.context >= 1, ">= 1"), ("maskgit_steps", self.maskgit_steps >= 0, ">= 0"),
-                 ("discount", 0 < self.discount <= 1, "in (0, 1]"), ("K", self.K >= 2, ">= 2"),
-                 ("weight", 0 <= self.weight <= 1, "in [0, 1]")]
-        if max_frames is not None:
-            rules.append(("horizon", self.context + self.horizon <= max_frames,
-                          f"<= the model's max_frames ({max_frames}) - context ({self.context}) = "
-                          f"{max_frames - self.context}: the history and the imagined frames must fit one window"))
-        if max_stride is not None:
-            rules.append(("K", self.K <= max_stride, f"<= the model's max_stride ({max_stride})"))
-        return _check(self, rules)
+    def check(self) -> "PlanConfig":
+        """Raise PlanConfigError naming the first bad key and its value (the model's limits: ``Planner``)."""
+        return _check(self, [("samples", self.samples >= 2, ">= 2"), ("horizon", self.horizon >= 1, ">= 1"),
+                             ("iterations", self.iterations >= 1, ">= 1"),
+                             ("elites", 1 <= self.elites <= self.samples, f"in [1, samples={self.samples}]"),
+                             ("init_std", self.init_std > 0, "> 0"),
+                             ("min_std", 0 <= self.min_std <= self.init_std, f"in [0, init_std={self.init_std}]"),
+                             ("context", self.context >= 1, ">= 1"), ("maskgit_steps", self.maskgit_steps >= 0, ">= 0"),
+                             ("discount", 0 < self.discount <= 1, "in (0, 1]"), ("K", self.K >= 2, ">= 2"),
+                             ("weight", 0 <= self.weight <= 1, "in [0, 1]")])
 
 
 @dataclass
@@ -110,21 +103,14 @@ def load_plan_yaml(path: str | Path) -> tuple[PlanConfig, EvalConfig]:
 
 @dataclass
 class History:
-    """The real episode so far on the model's clock: token frames ``ids_Thw`` and the normalised held
-    actions ``actions_norm_TA`` taken between them (one fewer)."""
+    """The real episode so far on the model's clock: token frames and the (one fewer) normalised actions between."""
 
     ids_Thw: torch.Tensor
     actions_norm_TA: torch.Tensor
 
-    def last(self, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last ``context`` frames [C, h, w] and the C-1 actions between them."""
-        C = min(context, self.ids_Thw.shape[0])
-        return self.ids_Thw[-C:], self.actions_norm_TA[self.actions_norm_TA.shape[0] - (C - 1):]
-
 
 def shared_prefix_prior(z_fn, shared: int):
-    """The prior for N candidates that share their first ``shared`` frames and actions: a history within
-    that prefix is run once (batch 1) and broadcast; a longer one is run per candidate."""
+    """The prior of N candidates sharing their first ``shared`` frames: a history within them runs once, broadcast."""
     def prior(ids_BThw: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
         """z of every frame of the history, [B, T, Z]."""
         if ids_BThw.shape[1] <= shared:
@@ -134,21 +120,23 @@ def shared_prefix_prior(z_fn, shared: int):
 
 
 class Planner:
-    """CEM over raw action sequences scored in imagination, with an uncertainty penalty (none / retracing /
-    ensemble) weighted by ``lam``."""
+    """CEM over raw action sequences scored in imagination, minus ``lam`` x an uncertainty ``penalty``."""
 
     def __init__(self, wm: WorldModel, cfg: PlanConfig, penalty: str = "none", lam: float = 0.0,
                  members: Sequence[WorldModel] = (), seed: int = 0) -> None:
         self.wm, self.cfg, self.penalty, self.lam, self.members = wm, cfg, penalty, float(lam), list(members)
-        cfg.check(wm.model.max_frames, wm.model.max_stride if penalty == "retracing" else None)
+        F, S = wm.model.max_frames, wm.model.max_stride  # the model's limits (the rest: load_plan_yaml's check)
+        _check(cfg, [("horizon", cfg.context + cfg.horizon <= F, f"<= the model's max_frames ({F}) - context "
+                      f"({cfg.context}) = {F - cfg.context}: the history and the imagined frames must fit one window"),
+                     ("K", penalty != "retracing" or cfg.K <= S, f"<= the model's max_stride ({S})")])
         self.steps = cfg.maskgit_steps or wm.steps
         self.rng = np.random.default_rng(seed)
         self.A = wm.model.action_dim
 
     def _inputs(self, history: History, actions_raw_NHA: np.ndarray):
-        """Context ids [N, C, h, w], normalised actions [N, C-1+H, A] and the prior for a batch of candidates."""
-        N = actions_raw_NHA.shape[0]
-        ctx_Chw, hist_TA = history.last(self.cfg.context)
+        """The last C frames [N, C, h, w], the actions from them on [N, C-1+H, A], the prior, for N candidates."""
+        N, C = actions_raw_NHA.shape[0], min(self.cfg.context, history.ids_Thw.shape[0])
+        ctx_Chw, hist_TA = history.ids_Thw[-C:], history.actions_norm_TA[history.actions_norm_TA.shape[0] - (C - 1):]
         cand = torch.as_tensor(self.wm.normaliser.normalise_held(actions_raw_NHA), device=self.wm.device)
         acts = torch.cat([hist_TA.to(cand).expand(N, -1, -1), cand], 1)
         ctx = ctx_Chw.to(self.wm.device).expand(N, -1, -1, -1)

@@ -17,7 +17,7 @@ import numpy as np
 
 from whale_pl.plan.cem import EvalConfig, PlanConfig, load_plan_yaml
 from whale_pl.plan.evaluate import TaskJob, choose_lambdas, run_jobs
-from whale_pl.rollout.stats import N_BOOT, fmt_ci, interval, verdict
+from whale_pl.rollout.stats import N_BOOT, fmt_key, interval, verdict
 from whale_pl.rollout.value import discounted_return
 
 NAMES = {"plan_none": "plan, no penalty", "plan_retracing": "plan + retracing penalty",
@@ -26,8 +26,7 @@ NAMES = {"plan_none": "plan, no penalty", "plan_retracing": "plan + retracing pe
 
 
 def episode_figures(ep: dict, discount: float) -> dict[str, float]:
-    """Real return and success of an episode; for a planned one also its imagined return, exploitation,
-    consistency and mean uncertainty (docs/method.md, "Planning in imagination")."""
+    """Real return and success; a planned episode's imagined return, exploitation, consistency, uncertainty."""
     out = {"return": float(discounted_return(ep["rewards_D"], discount)), "success": float(ep["success"])}
     if "imagined_rewards_D" in ep:
         out["imagined_return"] = float(discounted_return(ep["imagined_rewards_D"], discount))
@@ -38,37 +37,24 @@ def episode_figures(ep: dict, discount: float) -> dict[str, float]:
     return out
 
 
-def grids(per_task: dict[str, dict[str, list]], discount: float) -> dict[str, dict[str, np.ndarray]]:
-    """method -> figure -> [T, K] over tasks and start states."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for m in next(iter(per_task.values())):
-        rows = [[episode_figures(ep, discount) for ep in eps[m]] for eps in per_task.values()]
-        out[m] = {f: np.array([[r[f] for r in row] for row in rows]) for f in rows[0][0]}
-    return out
-
-
-def _interval(x_TK: np.ndarray, idx: np.ndarray) -> list[float]:
-    """The bootstrap interval of the mean; undefined with one start state per task (nothing to resample)."""
-    if idx.shape[2] < 2:
-        return [float("nan")] * 2
-    return interval(np.take_along_axis(np.broadcast_to(x_TK, idx.shape), idx, axis=2).mean(axis=(1, 2)))
-
-
 def with_interval(x_TK: np.ndarray, idx: np.ndarray) -> dict:
-    """Mean over tasks and starts, and its bootstrap interval."""
-    return {"mean": float(np.mean(x_TK)), "ci": _interval(x_TK, idx)}
+    """Mean over tasks and starts, and its bootstrap interval (undefined with one start state per task)."""
+    boot = np.take_along_axis(np.broadcast_to(x_TK, idx.shape), idx, axis=2).mean(axis=(1, 2))
+    return {"mean": float(np.mean(x_TK)), "mean_ci": interval(boot) if idx.shape[2] > 1 else [float("nan")] * 2}
 
 
 def compare(a_TK: np.ndarray, b_TK: np.ndarray, a: str, b: str, idx: np.ndarray) -> dict:
     """Paired difference a − b with its interval; "<a> beats <b>" only when the interval excludes zero."""
-    d = float(np.mean(a_TK - b_TK))
-    ci = _interval(a_TK - b_TK, idx)
-    return {"diff": d, "ci": ci, "verdict": verdict(d, *ci, f"{a} beats {b}", f"{b} beats {a}")}
+    d, ci = with_interval(a_TK - b_TK, idx).values()
+    return {"diff": d, "diff_ci": ci, "verdict": verdict(d, *ci, f"{a} beats {b}", f"{b} beats {a}")}
 
 
 def summarise(per_task: dict[str, dict[str, list]], discount: float) -> dict:
     """Every method's figures with intervals; paired comparisons of each planner with each other method."""
-    g = grids(per_task, discount)
+    g: dict[str, dict[str, np.ndarray]] = {}  # method -> figure -> [T, K] over tasks and start states
+    for m in next(iter(per_task.values())):
+        rows = [[episode_figures(ep, discount) for ep in eps[m]] for eps in per_task.values()]
+        g[m] = {f: np.array([[r[f] for r in row] for row in rows]) for f in rows[0][0]}
     T, K = next(iter(g.values()))["return"].shape
     idx = np.random.default_rng(0).integers(0, K, (N_BOOT, T, K))  # start states resampled within each task
     methods = {m: {f: with_interval(v, idx) for f, v in figs.items()} for m, figs in g.items()}
@@ -82,10 +68,6 @@ def summarise(per_task: dict[str, dict[str, list]], discount: float) -> dict:
             "per_task": {m: {f: v.mean(1).tolist() for f, v in figs.items()} for m, figs in g.items()}}
 
 
-def _ci(row: dict | None, nd: int = 2) -> str:
-    return fmt_ci(row.get("mean", row.get("diff")), row["ci"], nd) if row else "—"
-
-
 def plot_success(res: dict, path: Path) -> None:
     """Bar plot of the success rate per method with its 95 % interval."""
     import matplotlib
@@ -96,8 +78,8 @@ def plot_success(res: dict, path: Path) -> None:
     ms = res["summary"]["methods"]
     names = list(ms)
     mean = [ms[m]["success"]["mean"] for m in names]
-    lo = [max(0.0, mean[i] - ms[m]["success"]["ci"][0]) for i, m in enumerate(names)]
-    hi = [max(0.0, ms[m]["success"]["ci"][1] - mean[i]) for i, m in enumerate(names)]
+    lo = [max(0.0, mean[i] - ms[m]["success"]["mean_ci"][0]) for i, m in enumerate(names)]
+    hi = [max(0.0, ms[m]["success"]["mean_ci"][1] - mean[i]) for i, m in enumerate(names)]
     fig, ax = plt.subplots(figsize=(8, 3.6))
     ax.bar(range(len(names)), mean, yerr=[lo, hi], capsize=4, color=["C0"] * 3 + ["C7"] * (len(names) - 3))
     ax.set_xticks(range(len(names)), [NAMES.get(m, m).replace(" ", "\n", 2) for m in names], fontsize=7)
@@ -107,19 +89,8 @@ def plot_success(res: dict, path: Path) -> None:
     ax.set_title(f"Meta-World success, {len(s['tasks'])} tasks x {s['starts']} start states (95 % interval)",
                  fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_gif(wm, ep: dict, path: Path, title: str) -> None:
-    """The planned episode: each decision's real frame beside the one the model imagined, with its uncertainty."""
-    from whale_pl.rollout.gif import write_rollout_gif
-
-    real_TCHW = np.ascontiguousarray(np.asarray(ep["frames"])[1:].transpose(0, 3, 1, 2))
-    imag_TCHW = wm.decode(ep["imagined_ids"][None])[0].cpu().numpy()
-    write_rollout_gif(path, real_TCHW, imag_TCHW, np.asarray(ep["uncertainty_D"]), title=title,
-                      labels=("real", "imagined (plan's 1st step)"), uncertainty_label="uncertainty of the plan")
 
 
 def table_lines(res: dict) -> list[str]:
@@ -128,8 +99,9 @@ def table_lines(res: dict) -> list[str]:
          "|---|---|---|---|---|---|"]
     for m, f in res["summary"]["methods"].items():
         lam = res["lambdas"]["chosen"].get(m.removeprefix("plan_"), 0.0 if m == "plan_none" else None)
-        L.append(f"| {NAMES.get(m, m)} | {_ci(f['success'])} | {_ci(f['return'], 1)} | "
-                 f"{_ci(f.get('exploitation'), 1)} | {_ci(f.get('consistency'))} | {'' if lam is None else lam} |")
+        L.append(f"| {NAMES.get(m, m)} | {fmt_key(f['success'], 'mean', 2)} | {fmt_key(f['return'], 'mean', 1)} | "
+                 f"{fmt_key(f.get('exploitation', {}), 'mean', 1)} | {fmt_key(f.get('consistency', {}), 'mean', 2)} | "
+                 f"{'' if lam is None else lam} |")
     return L
 
 
@@ -152,18 +124,19 @@ def md_lines(res: dict) -> list[str]:
          ". Returns are discounted per decision. The figures (imagined − real return: model exploitation) and "
          "their paired intervals: docs/method.md, \"Planning in imagination\".", "", *table_lines(res), "",
          "## Paired comparisons", "", "| comparison | difference | verdict |", "|---|---|---|"]
-    L += [f"| {k} | {_ci(v)} | {v['verdict']} |" for k, v in s["comparisons"].items()]
+    L += [f"| {k} | {fmt_key(v, 'diff', 2)} | {v['verdict']} |" for k, v in s["comparisons"].items()]
     return L + ["", f"![success per method]({Path(res['plot']).name})", "",
-                f"One planned episode ({res['gif_caption']}): ![planned episode]({Path(res['gif']).name})", ""]
+                f"One planned episode ({s['tasks'][0]}, retracing penalty): "
+                f"![planned episode]({Path(res['gif']).name})", ""]
 
 
-def experiment_members(scale: str, ev: EvalConfig, runs: Path = Path("runs")) -> list[str]:
+def experiment_members(scale: str, ev: EvalConfig) -> list[str]:
     """The on-models' checkpoints (seeds 0..M-1) of the ``<N>_steps`` experiment folder with the most of them."""
-    groups = sorted((runs / scale / "experiment").glob("*_steps"),
-                    key=lambda g: (len(list(g.glob("on/*/DONE"))), g.name))
+    exp = Path("runs") / scale / "experiment"
+    groups = sorted(exp.glob("*_steps"), key=lambda g: (len(list(g.glob("on/*/DONE"))), g.name))
     done = sorted(groups[-1].glob("on/*/DONE"), key=lambda p: int(p.parent.name)) if groups else []
     if len(done) < ev.members:
-        raise SystemExit(f"[plan] need {ev.members} finished on-models under {runs / scale / 'experiment'}: run "
+        raise SystemExit(f"[plan] need {ev.members} finished on-models under {exp}: run "
                          f"`make experiment SCALE={scale}` (or `python -m whale_pl.experiment --scale {scale} "
                          f"--train-only --members {ev.members}`)")
     return [json.loads(p.read_text())["ckpt"] for p in done[: ev.members]]
@@ -181,19 +154,16 @@ def _setting(scale: str, ev: EvalConfig, members: list[str]) -> dict:
     check_disjoint([x for v in seeds.values() for xs in v.values() for x in xs], c)
     stride = frame_stride_of(members[0])
     eps = training_episodes(c.out)
-    bc = train_bc(eps)
-    base = {"bc_state": bc.state_dict(), "bc_tasks": bc.tasks, "bc_dims": (eps[0]["state"].shape[1],
-                                                                            eps[0]["actions"].shape[1])}
     return {"tasks": list(c.tasks), "size": c.size, "camera": c.camera, "decisions": c.max_steps // stride,
-            "hold": c.action_repeat * stride, "best": best_policies(eps), "bc": base, "seeds": seeds}
+            "hold": c.action_repeat * stride, "best": best_policies(eps), "bc": train_bc(eps), "seeds": seeds}
 
 
-def _jobs(s: dict, plan: PlanConfig, members: list[str], lambdas: dict, seeds: dict[str, list[int]],
-          baselines: bool, gif: str = "") -> list[TaskJob]:
-    """One job per task and start state (so the workers stay busy to the end)."""
+def _jobs(s: dict, plan: PlanConfig, members: list[str], lambdas: dict, final: bool) -> list[TaskJob]:
+    """One job per task and tuning start state, or (``final``) evaluation start state with the baselines."""
+    seeds = s["seeds"]["eval" if final else "tune"]
     return [TaskJob(t, seed, lambdas, members, plan, s["size"], s["camera"], s["decisions"], s["hold"],
-                    {**s["bc"], "behavior": s["best"][t]["policy"]} if baselines else {},
-                    gif if (i, j) == (0, 0) else "")
+                    {"bc": s["bc"], "behavior": s["best"][t]["policy"]} if final else {},
+                    "plan_retracing" if final and (i, j) == (0, 0) else "")
             for i, t in enumerate(s["tasks"]) for j, seed in enumerate(seeds[t])]
 
 
@@ -204,11 +174,10 @@ def evaluate(scale: str, plan: PlanConfig, ev: EvalConfig) -> dict:
     print(f"[plan] {len(s['tasks'])} tasks, {s['decisions']} decisions x {s['hold']} steps; members {members}; "
           f"best behavior policies {({t: v['policy'] for t, v in s['best'].items()})}", flush=True)
     t0 = time.time()
-    lams = choose_lambdas(ev, lambda pen, lam: _jobs(s, plan, members, {pen: lam}, s["seeds"]["tune"], False),
-                          plan.discount)
+    lams = choose_lambdas(ev, lambda pen, lam: _jobs(s, plan, members, {pen: lam}, False), plan.discount)
     print(f"[plan] lambda chosen in {time.time() - t0:.0f} s: {lams}", flush=True)
     lambdas = {"none": 0.0, **{pen: lams["chosen"][pen] for pen in ("retracing", "ensemble")}}
-    jobs = _jobs(s, plan, members, lambdas, s["seeds"]["eval"], True, gif="plan_retracing")
+    jobs = _jobs(s, plan, members, lambdas, True)
     per_task: dict[str, dict[str, list]] = {}  # task -> method -> episodes, in start order
     for job, res in zip(jobs, run_jobs(jobs, ev.jobs, "evaluation")):
         for method, eps in res.items():
@@ -220,6 +189,7 @@ def finish(scale: str, command: str, plan: PlanConfig, ev: EvalConfig, out: dict
     """Summaries, plot, GIF, ``mbpo.json`` / ``mbpo.md`` and the rebuilt ``report.md``."""
     from whale_pl.io import write_json_atomic, write_text_atomic
     from whale_pl.report import main as report_main
+    from whale_pl.rollout.gif import write_rollout_gif
     from whale_pl.rollout.value import WorldModel
     from whale_pl.rollout.value_metrics import nan_to_none
 
@@ -230,10 +200,13 @@ def finish(scale: str, command: str, plan: PlanConfig, ev: EvalConfig, out: dict
            "evaluate": asdict(ev), "members": out["members"], "lambdas": out["lambdas"],
            "maskgit_steps": plan.maskgit_steps or wm.steps, "decisions": s["decisions"], "hold": s["hold"],
            "best_behavior": s["best"], "summary": summarise(out["per_task"], plan.discount),
-           "plot": str(root / "mbpo_success.png"), "gif": str(root / "mbpo_episode.gif"),
-           "gif_caption": f"{s['tasks'][0]}, retracing penalty"}
+           "plot": str(root / "mbpo_success.png"), "gif": str(root / "mbpo_episode.gif")}
     plot_success(res, Path(res["plot"]))
-    write_gif(wm, ep, Path(res["gif"]), f"{s['tasks'][0]}: plan + retracing (success {bool(ep['success'])})")
+    # each decision's real frame beside the one the model imagined (the plan's first step), with its uncertainty
+    write_rollout_gif(Path(res["gif"]), np.ascontiguousarray(np.asarray(ep["frames"])[1:].transpose(0, 3, 1, 2)),
+                      wm.decode(ep["imagined_ids"][None])[0].cpu().numpy(), np.asarray(ep["uncertainty_D"]),
+                      title=f"{s['tasks'][0]}: plan + retracing (success {bool(ep['success'])})",
+                      labels=("real", "imagined (plan's 1st step)"), uncertainty_label="uncertainty of the plan")
     res["seconds"] = time.time() - t_start
     write_json_atomic(root / "mbpo.json", nan_to_none(res))
     write_text_atomic(root / "mbpo.md", "\n".join(md_lines(res)) + "\n")

@@ -4,7 +4,6 @@ behavior cloning, random actions), one process per task and start state; the cho
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,8 +19,7 @@ from whale_pl.rollout.value import WorldModel, discounted_return
 
 def policy_episode(env, seed: int, act: Callable[[int, np.ndarray], np.ndarray], decisions: int, hold: int,
                    every: int = 1) -> dict:
-    """A policy acting every ``every`` simulator steps for ``decisions * hold`` steps: ``rewards_D`` summed per
-    decision, ``success`` any step's."""
+    """A policy acting every ``every`` of ``decisions * hold`` steps: rewards summed per decision, any success."""
     obs, rewards, success = env.reset(seed), np.zeros(decisions), False
     for d in range(decisions):
         for j in range(0, hold, every):
@@ -32,8 +30,7 @@ def policy_episode(env, seed: int, act: Callable[[int, np.ndarray], np.ndarray],
 
 
 def planned_episode(planner: Planner, env, seed: int, decisions: int, hold: int, keep_frames: bool = False) -> dict:
-    """``policy_episode`` of the planner (each decision the first action of the best plan from the real history)
-    with what the model believed of it (the chosen plan's first imagined step); frames kept on request."""
+    """``policy_episode`` of the planner with what the model believed (each chosen plan's first imagined step)."""
     wm = planner.wm
     ids, acts, frames, imagined, mean = [], [], [], [], None
     believed = {"imagined_rewards_D": [], "imagined_success_D": [], "uncertainty_D": []}
@@ -72,12 +69,9 @@ def training_episodes(data_dir: str | Path) -> list[dict]:
     """Task, policy, state [T, S], actions [T, A] and return of every training-split episode of a dataset."""
     from whale_pl.data.shards import iter_episodes
 
-    out = [{"task": ep.meta["task"], "policy": ep.meta["policy"]["name"], "seed": int(ep.meta["seed"]),
-            "state": np.asarray(ep.state, np.float32), "actions": np.asarray(ep.actions, np.float32),
-            "return": float(np.sum(ep.rewards))} for ep in iter_episodes(data_dir, ["train"], verify=False)]
-    if not out:
-        raise ValueError(f"{data_dir}: no training episodes")
-    return out
+    return [{"task": ep.meta["task"], "policy": ep.meta["policy"]["name"], "seed": int(ep.meta["seed"]),
+             "state": np.asarray(ep.state, np.float32), "actions": np.asarray(ep.actions, np.float32),
+             "return": float(np.sum(ep.rewards))} for ep in iter_episodes(data_dir, ["train"], verify=False)]
 
 
 def best_policies(episodes: list[dict]) -> dict[str, dict]:
@@ -150,29 +144,21 @@ class TaskJob:
     camera: str
     decisions: int
     hold: int
-    baselines: dict = field(default_factory=dict)  # behavior policy name, BC state (empty: no baselines)
+    baselines: dict = field(default_factory=dict)  # behavior policy name, the BCPolicy (empty: no baselines)
     gif_method: str = ""  # keep the frames of this planner's episode
-
-
-def _baseline_acts(job: TaskJob) -> dict:
-    """Per baseline its ``(act(step, obs), every)``: every simulator step (policies) or per decision (random)."""
-    from whale_pl.data.policies import parse_policy
-
-    b = job.baselines
-    pol = parse_policy(b["behavior"])
-    pol.reset(job.task, np.random.default_rng(job.seed))
-    bc = BCPolicy(b["bc_tasks"], b["bc_dims"][0], b["bc_dims"][1])
-    bc.load_state_dict(b["bc_state"])
-    rng = np.random.default_rng(job.seed)
-    return {"behavior": (lambda t, obs: pol.act(obs), 1), "bc": (lambda t, obs: bc.act(job.task, obs), 1),
-            "random": (lambda t, obs: rng.uniform(-1, 1, 4).astype(np.float32), job.hold)}
 
 
 def run_task(job: TaskJob) -> dict:
     """Every method from the job's start state: per method a list of its one episode record."""
     from whale_pl.data.metaworld import MetaWorldEnv
+    from whale_pl.data.policies import parse_policy
 
-    os.environ.setdefault("MUJOCO_GL", "egl")
+    baselines = {}  # name -> (act(step, obs), every): the policies act every simulator step, random per decision
+    if job.baselines:
+        pol, bc, rng = parse_policy(job.baselines["behavior"]), job.baselines["bc"], np.random.default_rng(job.seed)
+        pol.reset(job.task, np.random.default_rng(job.seed))
+        baselines = {"behavior": (lambda t, obs: pol.act(obs), 1), "bc": (lambda t, obs: bc.act(job.task, obs), 1),
+                     "random": (lambda t, obs: rng.uniform(-1, 1, 4).astype(np.float32), job.hold)}
     torch.set_num_threads(1)
     models = [WorldModel.load(c) for c in (job.members if "ensemble" in job.lambdas else job.members[:1])]
     env = MetaWorldEnv(job.task, job.size, job.camera)
@@ -183,7 +169,7 @@ def run_task(job: TaskJob) -> dict:
                               seed=zlib.crc32(f"{job.task}/{pen}".encode()))
             ep = planned_episode(planner, env, job.seed, job.decisions, job.hold, f"plan_{pen}" == job.gif_method)
             out[f"plan_{pen}"] = [{"seed": job.seed, **ep}]
-        for name, (act, every) in (_baseline_acts(job).items() if job.baselines else ()):
+        for name, (act, every) in baselines.items():
             out[name] = [{"seed": job.seed, **policy_episode(env, job.seed, act, job.decisions, job.hold, every)}]
     finally:
         env.close()
@@ -192,15 +178,12 @@ def run_task(job: TaskJob) -> dict:
 
 def run_jobs(jobs: list[TaskJob], workers: int, desc: str) -> list[dict]:
     """Run the jobs in order, ``workers`` processes at once (spawned: each renders on its own)."""
-    from tqdm import tqdm
-
-    bar = dict(total=len(jobs), desc=desc)
-    if workers <= 1:
-        return [run_task(j) for j in tqdm(jobs, **bar)]
     import multiprocessing as mp
 
+    from tqdm import tqdm
+
     with mp.get_context("spawn").Pool(workers) as pool:
-        return list(tqdm(pool.imap(run_task, jobs), **bar))
+        return list(tqdm(pool.imap(run_task, jobs), total=len(jobs), desc=desc))
 
 
 def choose_lambdas(ev: EvalConfig, make_job, discount: float) -> dict:
