@@ -58,15 +58,14 @@ def run_value_hook(ckpt_path: str, kwargs: dict) -> dict[str, float]:
 
 
 class EvalCallback(Callback):
-    """Video metrics of ``num_clips`` held-out clips every ``every_n_val_epochs`` validations (sanity checks never
-    count), FVD when ``fvd``; the value hook (``value_kwargs``) for modules with ``supports_value_eval``."""
+    """Video metrics and FVD of ``num_clips`` held-out clips every ``every_n_val_epochs`` validations (sanity checks
+    never count); the value hook (``value_kwargs``) for modules with ``supports_value_eval``."""
 
-    def __init__(self, every_n_val_epochs: int = 1, num_clips: int = 16, fvd: bool = True,
-                 value_kwargs: dict | None = None):
+    def __init__(self, every_n_val_epochs: int = 1, num_clips: int = 16, value_kwargs: dict | None = None):
         super().__init__()
         if every_n_val_epochs < 1 or num_clips < 1:
             raise ValueError(f"every_n_val_epochs ({every_n_val_epochs}) and num_clips ({num_clips}) must be >= 1")
-        self.every_n_val_epochs, self.num_clips, self.fvd = every_n_val_epochs, num_clips, fvd
+        self.every_n_val_epochs, self.num_clips = every_n_val_epochs, num_clips
         self.value_kwargs = dict(value_kwargs or {})
         self._val_epochs, self._active, self._seconds = 0, False, 0.0
         self._evaluator: VideoEvaluator | None = None
@@ -81,7 +80,7 @@ class EvalCallback(Callback):
         self._active = self._val_epochs % self.every_n_val_epochs == 0
         if self._active and trainer.is_global_zero:
             if self._evaluator is None:  # the I3D weights load once
-                self._evaluator = VideoEvaluator(make_fvd(pl_module.device) if self.fvd else None)
+                self._evaluator = VideoEvaluator(make_fvd(pl_module.device))
             self._evaluator.reset()
             self._shown, self._seconds = None, 0.0
 
