@@ -205,7 +205,7 @@ def on_model_clock(ep, n: int, k: int, space) -> tuple[np.ndarray, np.ndarray]:
 
 def imagine_episode(wm, ep, context: int, horizon: int) -> dict:
     """Open-loop rollout of an episode on the model's clock and its per-step figures: ``real_TCHW``, ``imagined_TCHW``,
-    ``uncertainty_T`` (NaN where < 2 anchors), ``disagreement_T``, ``entropy_T``, ``n_predictions_T``, ``mse_T``, ..."""
+    ``uncertainty_T`` (NaN where < 2 anchors), ``n_predictions_T``, ``mse_T``, ``psnr_T``."""
     import torch
     from einops import rearrange
 
@@ -221,7 +221,6 @@ def imagine_episode(wm, ep, context: int, horizon: int) -> dict:
     score = u["score_BT"][0].astype(np.float64)
     score[u["n_predictions_T"] < 2] = np.nan
     return {"real_TCHW": real.numpy(), "imagined_TCHW": imagined.cpu().numpy(), "uncertainty_T": score,
-            "disagreement_T": u["disagreement_BT"][0], "entropy_T": u["entropy_BT"][0],
             "n_predictions_T": u["n_predictions_T"], "mse_T": mse,
             "psnr_T": 10 * np.log10(4.0 / np.maximum(mse, 1e-10))}
 
@@ -240,8 +239,8 @@ def clip_record(ep, split: str, name: str, context: int, horizon: int, r: dict) 
         "horizon": horizon, "K": K, "psnr_mean": float(np.mean(r["psnr_T"])), "mse_mean": float(np.mean(e)),
         "uncertainty_mean": float(np.nanmean(u)) if np.isfinite(u).any() else None,
         "spearman_uncertainty_vs_mse": float(sp) if math.isfinite(sp) else None,
-        "uncertainty": _floats(u), "disagreement": _floats(r["disagreement_T"]), "entropy": _floats(r["entropy_T"]),
-        "n_predictions": [int(v) for v in r["n_predictions_T"]], "mse": _floats(e), "psnr": _floats(r["psnr_T"]),
+        "uncertainty": _floats(u), "n_predictions": [int(v) for v in r["n_predictions_T"]], "mse": _floats(e),
+        "psnr": _floats(r["psnr_T"]),
     }
 
 
