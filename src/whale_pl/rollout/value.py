@@ -18,7 +18,7 @@ from tqdm import tqdm
 from whale_pl.data.actions import ActionNormaliser
 from whale_pl.data.frames import frames_to_unit
 from whale_pl.lit.checkpoint import load_module, read_checkpoint
-from whale_pl.rollout.retracing import retracing_uncertainty
+from whale_pl.rollout.retracing import ensemble_uncertainty, retracing_uncertainty
 
 PolicyFn = Callable[[int, np.ndarray], np.ndarray]  # (step, states [B, S] raw) -> raw actions [B, A]
 
@@ -282,30 +282,29 @@ def rollout_errors(wm: WorldModel, real: RealRollouts, rollouts: list,
 
 
 @torch.no_grad()
-def uncertainty_summary(wm: WorldModel, rollouts: list, errors: dict, K: int, members: list | None = None) -> dict:
+def uncertainty_summary(wm: WorldModel, rollouts: list, errors: dict, K: int, members: list[WorldModel]) -> dict:
     """Seconds, ``uncertainty_intervals`` against MSE and token error over imagined frames n >= 2 (>= 2 anchors)
-    and the per-step uncertainties [B, H-1] of frames 1..H-1 by retracing (and the ensemble of ``members``)."""
-    from whale_pl.rollout.ensemble import ensemble_uncertainty
+    and the per-step uncertainties [B, H-1] of frames 1..H-1 by retracing and by the ensemble of ``members``."""
     from whale_pl.rollout.stats import uncertainty_intervals
 
-    parts, methods = ("score", "disagreement", "entropy"), ["retracing"] + (["ensemble"] if members else [])
-    acc: dict[str, list] = {f"{m}_{p}": [] for m in methods for p in parts}
+    methods = {
+        "retracing": lambda ids, acts: retracing_uncertainty(wm.model, ids, acts, wm.normaliser, first=1, K=K,
+                                                             codebook_VE=wm.codebook_VE, z_fn=wm.z_fn),
+        "ensemble": lambda ids, acts: ensemble_uncertainty([e.model for e in members], ids, acts, first=1,
+                                                           codebook_VE=wm.codebook_VE, z_fns=[e.z_fn for e in members]),
+    }
+    acc: dict[str, list] = {}
     secs = dict.fromkeys(methods, 0.0)
     for ctx, imag, acts in tqdm(rollouts, desc="uncertainty", leave=False):
         ids = torch.cat([ctx, imag[:, : imag.shape[1] - 1]], 1)  # frames 0..H-1; frames 1..H-1 have a real twin
-        for m in methods:
+        for m, uncertainty in methods.items():
             t0 = time.perf_counter()
-            if m == "retracing":
-                u = retracing_uncertainty(wm.model, ids, acts, wm.normaliser, first=1, K=K,
-                                          codebook_VE=wm.codebook_VE, z_fn=wm.z_fn)
-            else:
-                u = ensemble_uncertainty([e.model for e in members], ids, acts, first=1, codebook_VE=wm.codebook_VE,
-                                         z_fns=[e.z_fn for e in members])
+            u = uncertainty(ids, acts)
             secs[m] += time.perf_counter() - t0
-            for p in parts:
-                acc[f"{m}_{p}"].append(u[f"{p}_BT"].cpu())
+            for p in ("score", "disagreement", "entropy"):
+                acc.setdefault(f"{m}_{p}", []).append(u[f"{p}_BT"].cpu())
     per_step = {k: torch.cat(v).double().numpy() for k, v in acc.items()}
-    scores = {k.removesuffix("_score"): v[:, 1:] for k, v in per_step.items() if k.endswith("_score")}
+    scores = {m: per_step[f"{m}_score"][:, 1:] for m in methods}
     steps = {**per_step, "mse": errors["mse"], "token_err": errors["token_err"]}
     return {"K": K, "seconds": secs,
             **{t: uncertainty_intervals(scores, errors[t][:, 1:]) for t in ("mse", "token_err")},
