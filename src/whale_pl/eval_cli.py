@@ -105,8 +105,6 @@ def _video(a: argparse.Namespace) -> int:
             raise ValueError(f"--num-clips must be >= 1 and --clip-len >= 2, got {a.num_clips} and {a.clip_len}")
         if a.out and Path(a.out).is_dir():
             raise ValueError(f"--out {a.out} is a directory; give the path of the metrics JSON file to write")
-        if not Path(a.shards).is_dir():
-            raise ValueError(f"--shards {a.shards}: no such dataset directory")
         module = load_stage_module(a.ckpt, device=a.device)
         out = evaluate_video(module, a.shards, a.num_clips, a.clip_len, a.split, a.device)
     except (ValueError, FileNotFoundError, HandoffError) as e:  # a usage, data or hand-off error: one line
