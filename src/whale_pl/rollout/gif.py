@@ -171,15 +171,11 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name)).strip("-") or "x"
 
 
-def _task_policy(ep) -> tuple[str | None, str | None]:
-    return ep.meta.get("task"), (ep.meta.get("policy") or {}).get("name")
-
-
 def pick_episodes(dm, split: str, n: int, min_len: int) -> list:
     """``n`` episodes of ``split`` at least ``min_len`` long, in manifest order, preferring a task and a
     policy not yet picked (then a policy not yet picked, then any)."""
     eps = [ep for ep in dm.iter_episodes(split) if len(ep) >= min_len]
-    keys, chosen = [_task_policy(ep) for ep in eps], []
+    keys, chosen = [(ep.meta.get("task"), (ep.meta.get("policy") or {}).get("name")) for ep in eps], []
     for rule in ("both", "policy", "any"):
         for i, (task, pol) in enumerate(keys):
             new_task, new_pol = all(task != keys[j][0] for j in chosen), all(pol != keys[j][1] for j in chosen)
@@ -257,13 +253,12 @@ def write_gifs(ckpt: str, shards: str, out: str | Path, command: str, device: st
     dm = ClipDataModule(str(shards), num_workers=0, rank=0, world_size=1)
     check_data_spec(wm.module.hparams.get("data_spec"), dm.data_spec, where=f"{ckpt} on {shards}",
                     keys=[key for key in SPEC_KEYS if key in dm.data_spec])
-    available, clips = dm.manifest().get("splits", {}), []
+    clips = []
     for split in SPLITS:
-        if split not in available:
-            raise ValueError(f"{shards}: no split {split!r} in manifest.json (has {sorted(available)})")
         eps = pick_episodes(dm, split, PER_SPLIT, C * k + 1)  # C context frames and one imagined frame
         if not eps:
-            raise ValueError(f"{shards}: split {split!r} has no episode of >= {C * k + 1} frames")
+            raise ValueError(f"{shards}: split {split!r} has no episode of >= {C * k + 1} frames (the manifest's "
+                             f"splits: {sorted(dm.manifest().get('splits', {}))})")
         for i, ep in enumerate(eps):
             H = min(HORIZON, (len(ep) - 1) // k + 1 - C)
             r = imagine_episode(wm, ep, C, H)
