@@ -63,10 +63,8 @@ def i3d_input(frames_BTCHW: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_stats(feats_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and unbiased covariance (float64) of N feature vectors; needs N >= 2."""
+    """Mean and unbiased covariance (float64) of N >= 2 feature vectors (``VideoEvaluator`` checks N)."""
     feats_ND = np.asarray(feats_ND, dtype=np.float64)
-    if feats_ND.ndim != 2 or feats_ND.shape[0] < 2:
-        raise ValueError(f"need at least 2 feature vectors [N, D], got shape {feats_ND.shape}")
     return feats_ND.mean(axis=0), np.cov(feats_ND, rowvar=False)
 
 
