@@ -109,7 +109,7 @@ class EvalCallback(Callback):
         log_dir = trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
             return
-        if self._evaluator is None or self._evaluator.num_clips == 0:
+        if self._evaluator.num_clips == 0:
             rank_zero_warn("EvalCallback: no validation batches reached the callback; nothing evaluated")
             return
         t0 = time.perf_counter()

@@ -23,6 +23,10 @@ from whale_pl.rollout.retracing import ensemble_uncertainty, retracing_uncertain
 PolicyFn = Callable[[int, np.ndarray], np.ndarray]  # (step, states [B, S] raw) -> raw actions [B, A]
 
 
+def _frames_BTCHW(frames_BThwc: np.ndarray, device: torch.device) -> torch.Tensor:
+    return rearrange(torch.as_tensor(np.ascontiguousarray(frames_BThwc), device=device), "b t h w c -> b t c h w")
+
+
 class WorldModel:
     """A trained dynamics stage (``DynamicsModule``) seen as a simulator of token frames."""
 
@@ -56,8 +60,7 @@ class WorldModel:
     @torch.no_grad()
     def tokenize(self, frames_BTHWC_uint8: np.ndarray) -> torch.Tensor:
         """uint8 frames [B, T, H, W, 3] -> token ids [B, T, h, w]."""
-        f = torch.as_tensor(np.ascontiguousarray(frames_BTHWC_uint8), device=self.device)
-        return self.module.tokenize(rearrange(f, "b t h w c -> b t c h w"))
+        return self.module.tokenize(_frames_BTCHW(frames_BTHWC_uint8, self.device))
 
     @torch.no_grad()
     def decode(self, ids_BThw: torch.Tensor) -> torch.Tensor:
@@ -247,10 +250,6 @@ def evaluate_values(wm: WorldModel, real: RealRollouts, ev: EvalSet, modes: Sequ
         if mode == "open_loop":
             out["_rollouts"] = ids_all
     return out
-
-
-def _frames_BTCHW(frames_BThwc: np.ndarray, device: torch.device) -> torch.Tensor:
-    return rearrange(torch.as_tensor(np.ascontiguousarray(frames_BThwc), device=device), "b t h w c -> b t c h w")
 
 
 @torch.no_grad()
