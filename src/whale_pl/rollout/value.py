@@ -19,6 +19,7 @@ from whale_pl.data.actions import ActionNormaliser
 from whale_pl.data.frames import frames_to_unit
 from whale_pl.lit.checkpoint import load_module, read_checkpoint
 from whale_pl.rollout.retracing import ensemble_uncertainty, retracing_uncertainty
+from whale_pl.rollout.value_metrics import split_masks, uncertainty_intervals, value_stat
 
 PolicyFn = Callable[[int, np.ndarray], np.ndarray]  # (step, states [B, S] raw) -> raw actions [B, A]
 
@@ -282,40 +283,31 @@ def rollout_errors(wm: WorldModel, real: RealRollouts, rollouts: list,
 
 @torch.no_grad()
 def uncertainty_summary(wm: WorldModel, rollouts: list, errors: dict, K: int, members: list[WorldModel]) -> dict:
-    """Seconds, ``uncertainty_intervals`` against MSE and token error over imagined frames n >= 2 (>= 2 anchors)
-    and the per-step uncertainties [B, H-1] of frames 1..H-1 by retracing and by the ensemble of ``members``."""
-    from whale_pl.rollout.stats import uncertainty_intervals
-
+    """Seconds and ``uncertainty_intervals`` of retracing and of the ensemble of ``members`` against MSE and token
+    error over imagined frames n >= 2 (>= 2 anchors)."""
     methods = {
         "retracing": lambda ids, acts: retracing_uncertainty(wm.model, ids, acts, wm.normaliser, first=1, K=K,
                                                              codebook_VE=wm.codebook_VE, z_fn=wm.z_fn),
         "ensemble": lambda ids, acts: ensemble_uncertainty([e.model for e in members], ids, acts, first=1,
                                                            codebook_VE=wm.codebook_VE, z_fns=[e.z_fn for e in members]),
     }
-    acc: dict[str, list] = {}
+    acc: dict[str, list] = {m: [] for m in methods}
     secs = dict.fromkeys(methods, 0.0)
     for ctx, imag, acts in tqdm(rollouts, desc="uncertainty", leave=False):
         ids = torch.cat([ctx, imag[:, : imag.shape[1] - 1]], 1)  # frames 0..H-1; frames 1..H-1 have a real twin
         for m, uncertainty in methods.items():
             t0 = time.perf_counter()
-            u = uncertainty(ids, acts)
+            score_BT = uncertainty(ids, acts)["score_BT"]
             secs[m] += time.perf_counter() - t0
-            for p in ("score", "disagreement", "entropy"):
-                acc.setdefault(f"{m}_{p}", []).append(u[f"{p}_BT"].cpu())
-    per_step = {k: torch.cat(v).double().numpy() for k, v in acc.items()}
-    scores = {m: per_step[f"{m}_score"][:, 1:] for m in methods}
-    steps = {**per_step, "mse": errors["mse"], "token_err": errors["token_err"]}
+            acc[m].append(score_BT.cpu())
+    scores = {m: torch.cat(v).double().numpy()[:, 1:] for m, v in acc.items()}
     return {"K": K, "seconds": secs,
-            **{t: uncertainty_intervals(scores, errors[t][:, 1:]) for t in ("mse", "token_err")},
-            "per_step": {k: np.asarray(v).tolist() for k, v in steps.items()}}
+            **{t: uncertainty_intervals(scores, errors[t][:, 1:]) for t in ("mse", "token_err")}}
 
 
 def value_metrics_for_checkpoint(ckpt_path: str, data_config: str = "stages/demo/data.yaml", starts: int = 1,
                                  horizon: int = 24) -> dict[str, float]:
     """The evaluation callback's value hook: defined open-loop figures ``<split>_<figure>``, splits and ``all``."""
-    from whale_pl.rollout.stats import value_stat
-    from whale_pl.rollout.value_metrics import split_masks
-
     wm = WorldModel.load(ckpt_path)
     ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, frame_stride=wm.frame_stride)
     res = evaluate_values(wm, collect_real(ev, progress=False), ev, modes=("open_loop",), progress=False)
