@@ -109,23 +109,6 @@ def _fmt(v: float) -> str:
     return "n/a" if not np.isfinite(v) else f"{v:.3g}"
 
 
-def _chrome(lay: GifLayout, curve_HWC: np.ndarray, title: str, labels: tuple[str, str]):
-    """The static parts of every frame (title, panel labels, the plot), quantised to ``CHROME_COLORS``
-    colours so that a frame pair of up to 256 - CHROME_COLORS - 4 colours keeps its exact palette."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    base = Image.new("RGB", (lay.width, lay.height), (255, 255, 255))
-    draw = ImageDraw.Draw(base)
-    draw.fontmode = "1"  # no antialiasing: text adds black only, leaving the palette to the frames
-    draw.text((MARGIN, MARGIN), title, fill=(0, 0, 0), font=font)
-    for (bx0, by0, bx1, _), text in ((lay.real, labels[0]), (lay.imagined, labels[1])):
-        tw = draw.textlength(text, font=font)
-        draw.text((bx0 + (bx1 - bx0 - tw) / 2, by0 - LABEL_H + 1), text, fill=(0, 0, 0), font=font)
-    base.paste(Image.fromarray(curve_HWC), lay.plot[:2])
-    return base.quantize(CHROME_COLORS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).convert("RGB")
-
-
 def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncertainty_T, error_T=None,
                       scale: int = 4, *, title: str, labels: tuple[str, str] = ("real", "imagined"),
                       uncertainty_label: str = "uncertainty") -> GifLayout:
@@ -145,7 +128,17 @@ def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncerta
     lay = layout(real.shape[1:3], scale)
     x0, y0, x1, y1 = lay.plot
     curve, points, (ax_top, ax_bot) = _curve_image(u, e, (x1 - x0, y1 - y0), uncertainty_label)
-    base, font = _chrome(lay, curve, title, labels), ImageFont.load_default()
+    font = ImageFont.load_default()
+    base = Image.new("RGB", (lay.width, lay.height), (255, 255, 255))
+    draw = ImageDraw.Draw(base)
+    draw.fontmode = "1"  # no antialiasing: text adds black only, leaving the palette to the frames
+    draw.text((MARGIN, MARGIN), title, fill=(0, 0, 0), font=font)
+    for (bx0, by0, bx1, _), text in ((lay.real, labels[0]), (lay.imagined, labels[1])):
+        tw = draw.textlength(text, font=font)
+        draw.text((bx0 + (bx1 - bx0 - tw) / 2, by0 - LABEL_H + 1), text, fill=(0, 0, 0), font=font)
+    base.paste(Image.fromarray(curve), lay.plot[:2])
+    # the static parts in CHROME_COLORS colours: a frame pair of up to 256 - CHROME_COLORS - 4 keeps its palette
+    base = base.quantize(CHROME_COLORS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).convert("RGB")
     frames = []
     for t in range(T):
         im = base.copy()
