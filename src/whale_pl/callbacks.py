@@ -1,5 +1,4 @@
-"""Evaluation callback: PSNR/SSIM, FVD and (dynamics) value gap on held-out clips every N validations, to every
-logger, TensorBoard pictures and ``<log_dir>/metrics.jsonl`` (docs/contracts.md, Evaluation)."""
+"""Evaluation callback: PSNR/SSIM, FVD and (dynamics) value gap every N validations (docs/contracts.md, Evaluation)."""
 
 from __future__ import annotations
 
@@ -58,8 +57,7 @@ def run_value_hook(ckpt_path: str, kwargs: dict) -> dict[str, float]:
 
 
 class EvalCallback(Callback):
-    """Video metrics and FVD of ``num_clips`` held-out clips every ``every_n_val_epochs`` validations (sanity checks
-    never count); the value hook (``value_kwargs``) for modules with ``supports_value_eval``."""
+    """Video metrics of ``num_clips`` clips every ``every_n_val_epochs`` validations (+ value hook, for dynamics)."""
 
     def __init__(self, every_n_val_epochs: int = 1, num_clips: int = 16, value_kwargs: dict | None = None):
         super().__init__()

@@ -1,5 +1,4 @@
-"""`whale eval video|gifs ...`: what `EvalCallback` logs (PSNR/SSIM per frame and mean, FVD) offline, and
-rollout GIFs (`whale_pl.rollout.gif`)."""
+"""`whale eval video|gifs ...`: what `EvalCallback` logs, offline, and rollout GIFs (`whale_pl.rollout.gif`)."""
 
 from __future__ import annotations
 

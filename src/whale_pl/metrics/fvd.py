@@ -1,6 +1,5 @@
 """Fréchet Video Distance (Unterthiner et al. 2018) as google-research's reference (docs/method.md, "Video
-metrics"): TF1 bilinear resize to 224x224, I3D logits, the distance from the eigenvalues of the symmetric
-sqrt(S1) S2 sqrt(S1) in float64 (real also for the rank-deficient covariances of < 400 clips); no network access."""
+metrics"); tr((S1 S2)^1/2) from the symmetric sqrt(S1) S2 sqrt(S1), real also for rank-deficient covariances."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""`whale eval gifs`: real-against-imagined rollout GIFs of held-out episodes with the per-step uncertainty
-curve (and the true error) under them, a cursor at the current step, and ``index.json`` for the report. GIF
-frames are palette images (256 colours, no dithering), so a frame pair with few colours is stored exactly."""
+"""`whale eval gifs`: real-against-imagined rollout GIFs with the per-step uncertainty (and error) curve under them,
+and ``index.json``. Frames are 256-colour palette images without dithering: few colours are stored exactly."""
 
 from __future__ import annotations
 
@@ -165,8 +164,7 @@ def _safe(name: str) -> str:
 
 
 def pick_episodes(dm, split: str, n: int, min_len: int) -> list:
-    """``n`` episodes of ``split`` at least ``min_len`` long, in manifest order, preferring a task and a
-    policy not yet picked (then a policy not yet picked, then any)."""
+    """``n`` episodes of ``split`` of >= ``min_len`` frames, preferring a new task and policy, then a new policy."""
     eps = [ep for ep in dm.iter_episodes(split) if len(ep) >= min_len]
     keys, chosen = [(ep.meta.get("task"), (ep.meta.get("policy") or {}).get("name")) for ep in eps], []
     for rule in ("both", "policy", "any"):
@@ -182,8 +180,7 @@ def _floats(x: np.ndarray) -> list[float | None]:
 
 
 def on_model_clock(ep, n: int, k: int, space) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``n`` frames of an episode every ``k`` recorded steps and the ``n - 1`` raw actions between
-    them, each composed over its ``k`` recorded steps."""
+    """The first ``n`` frames of an episode every ``k`` steps and the ``n - 1`` raw actions composed between them."""
     from whale_pl.rollout.retracing import retracing_actions
 
     idx = k * np.arange(n)

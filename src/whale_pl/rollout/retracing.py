@@ -1,6 +1,5 @@
-"""Uncertainty of imagined frames (docs/method.md, "Retracing-rollout uncertainty"): each frame predicted K ways,
-from stride-k contexts with composed actions (retracing) or by N models of different seeds (the deep-ensemble
-baseline), the K token distributions scored by :func:`combine_predictions`."""
+"""Uncertainty of imagined frames (docs/method.md, "Retracing-rollout uncertainty"): K predictions of each frame,
+by retracing (stride-k contexts, composed actions) or a deep ensemble, scored by :func:`combine_predictions`."""
 
 from __future__ import annotations
 
@@ -84,8 +83,7 @@ def retracing_uncertainty(model: torch.nn.Module, ids_BThw: torch.Tensor, action
 def ensemble_uncertainty(models: Sequence[torch.nn.Module], ids_BThw: torch.Tensor, actions_norm_BTA: torch.Tensor,
                          first: int, codebook_VE: torch.Tensor, z_fns: Sequence[ZFn | None],
                          weight: float = 0.5) -> dict[str, torch.Tensor]:
-    """The deep ensemble's uncertainty of frames ``first .. N-1`` from >= 2 members, each predicting frame n from
-    frames ``< n``: ``score_BT``, ``disagreement_BT``, ``entropy_BT``."""
+    """The ensemble's ``score_BT``, ... of frames ``first .. N-1``: >= 2 members predict frame n from frames < n."""
     scored = []
     for n in range(first, ids_BThw.shape[1]):
         preds = []

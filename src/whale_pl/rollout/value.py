@@ -1,6 +1,5 @@
-"""Policy evaluation in imagination against the simulator (docs/method.md, "Value evaluation"): per policy and
-start state the real return in Meta-World and the imagined one, open loop (recorded actions) and closed loop (the
-policy acting on the state head's predictions); a step is one decision held for the model's ``frame_stride``."""
+"""Policy evaluation in imagination against the simulator, open and closed loop (docs/method.md, "Value
+evaluation"); a model step is one decision held for the model's ``frame_stride`` recorded steps."""
 
 from __future__ import annotations
 
@@ -154,8 +153,7 @@ class EvalSet:
 
     @classmethod
     def from_data_config(cls, path: str | Path, **kw) -> "EvalSet":
-        """Tasks, policies by split (``val``; ``ood_params`` / ``ood_families`` by :func:`ood_split`), frame size
-        and camera of a Meta-World dataset config; ``frame_stride``: :func:`frame_stride_of` the checkpoint."""
+        """Tasks, policies by split (``val``, then :func:`ood_split`), size and camera of a Meta-World data config."""
         from whale_pl.data.metaworld import CollectConfig
         from whale_pl.data.policies import ood_split
 
