@@ -95,30 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _video(a: argparse.Namespace) -> int:
-    """``whale eval video ...``: print the figures (and write them with ``--out``); 2 on a usage error."""
-    from whale_pl.lit.handoff import HandoffError
-
-    try:
-        if a.num_clips < 1 or a.clip_len < 2:
-            raise ValueError(f"--num-clips must be >= 1 and --clip-len >= 2, got {a.num_clips} and {a.clip_len}")
-        if a.out and Path(a.out).is_dir():
-            raise ValueError(f"--out {a.out} is a directory; give the path of the metrics JSON file to write")
-        module = load_stage_module(a.ckpt, device=a.device)
-        out = evaluate_video(module, a.shards, a.num_clips, a.clip_len, a.split, a.device)
-    except (ValueError, FileNotFoundError, HandoffError) as e:  # a usage, data or hand-off error: one line
-        print(f"whale eval video: error: {e}", file=sys.stderr)
-        return 2
-    out["ckpt"] = str(a.ckpt)
-    if a.out:
-        write_json_atomic(a.out, out)
-    print(json.dumps({k: out[k] for k in ("psnr", "ssim", "fvd", "copy_psnr", "copy_ssim", "copy_fvd", "num_clips")
-                      if k in out}))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``whale eval {video,gifs} ...``; 2 on a usage error."""
+    """``whale eval {video,gifs} ...``; 2 on a usage, data or hand-off error (one line)."""
+    from whale_pl.lit.handoff import HandoffError
     from whale_pl.rollout.gif import write_gifs
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -126,10 +105,26 @@ def main(argv: list[str] | None = None) -> int:
         a = _parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error argparse has printed
         return int(e.code or 0)
-    if a.cmd == "video":
-        return _video(a)
-    index = write_gifs(a.ckpt, a.shards, a.out, "whale eval " + shlex.join(argv), a.device)
-    print(f"[gifs] wrote {len(index['clips'])} GIFs and {Path(a.out) / 'index.json'} in {index['seconds']:.1f} s")
+    try:
+        if a.cmd == "gifs":
+            index = write_gifs(a.ckpt, a.shards, a.out, "whale eval " + shlex.join(argv), a.device)
+            print(f"[gifs] wrote {len(index['clips'])} GIFs and {Path(a.out) / 'index.json'} in "
+                  f"{index['seconds']:.1f} s")
+            return 0
+        if a.num_clips < 1 or a.clip_len < 2:
+            raise ValueError(f"--num-clips must be >= 1 and --clip-len >= 2, got {a.num_clips} and {a.clip_len}")
+        if a.out and Path(a.out).is_dir():
+            raise ValueError(f"--out {a.out} is a directory; give the path of the metrics JSON file to write")
+        module = load_stage_module(a.ckpt, device=a.device)
+        out = evaluate_video(module, a.shards, a.num_clips, a.clip_len, a.split, a.device)
+    except (ValueError, FileNotFoundError, HandoffError) as e:  # a usage, data or hand-off error: one line
+        print(f"whale eval {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    out["ckpt"] = str(a.ckpt)
+    if a.out:
+        write_json_atomic(a.out, out)
+    print(json.dumps({k: out[k] for k in ("psnr", "ssim", "fvd", "copy_psnr", "copy_ssim", "copy_fvd", "num_clips")
+                      if k in out}))
     return 0
 
 
