@@ -218,13 +218,13 @@ def clip_record(ep, split: str, name: str, context: int, horizon: int, r: dict) 
     pol = ep.meta.get("policy") or {}
     u, e = r["uncertainty_T"], r["mse_T"]
     ok = np.isfinite(u) & np.isfinite(e)
-    sp = float(rank_corr(u[ok], e[ok])) if ok.sum() >= 3 and np.ptp(u[ok]) > 0 and np.ptp(e[ok]) > 0 else math.nan
+    sp = float(rank_corr(u[ok], e[ok])) if ok.sum() >= 3 else math.nan  # NaN also where a side is constant
     return {
         "gif": name, "split": split, "task": ep.meta.get("task", "?"), "policy": pol.get("name"),
         "family": pol.get("family"), "episode": ep.meta.get("episode_id"), "start": 0, "context": context,
         "horizon": horizon, "K": K, "psnr_mean": float(np.mean(r["psnr_T"])), "mse_mean": float(np.mean(e)),
         "uncertainty_mean": float(np.nanmean(u)) if np.isfinite(u).any() else None,
-        "spearman_uncertainty_vs_mse": float(sp) if math.isfinite(sp) else None,
+        "spearman_uncertainty_vs_mse": sp if math.isfinite(sp) else None,
         "uncertainty": _floats(u), "n_predictions": [int(v) for v in r["n_predictions_T"]], "mse": _floats(e),
         "psnr": _floats(r["psnr_T"]),
     }
@@ -253,7 +253,7 @@ def write_gifs(ckpt: str, shards: str, out: str | Path, command: str, device: st
             H = min(HORIZON, (len(ep) - 1) // k + 1 - C)
             r = imagine_episode(wm, ep, C, H)
             task, pol = ep.meta.get("task", "?"), (ep.meta.get("policy") or {}).get("name", "?")
-            name = f"{_safe(split)}_{i:02d}_{_safe(task)}_{_safe(pol)}.gif"
+            name = f"{split}_{i:02d}_{_safe(task)}_{_safe(pol)}.gif"
             write_rollout_gif(out / name, r["real_TCHW"], r["imagined_TCHW"], r["uncertainty_T"], r["mse_T"],
                               scale=SCALE, title=f"{split} | {task} | {pol}")
             clips.append(clip_record(ep, split, name, C, H, r))
