@@ -51,8 +51,7 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
     dm = ClipDataModule(str(shards), clip_len=clip_len, frame_stride=stride, batch_size=8, num_workers=0,
                         val_steps=math.ceil(num_clips / 8), val_splits=[split], seed=0, rank=0, world_size=1)
     dm.setup("validate")
-    if stored is not None:
-        check_data_spec(stored, dm.data_spec, f"evaluating on {shards}", [k for k in SPEC_KEYS if k in dm.data_spec])
+    check_data_spec(stored, dm.data_spec, f"evaluating on {shards}", [k for k in SPEC_KEYS if k in dm.data_spec])
     if num_clips > (available := dm.val_clip_count()):
         raise ShardError(f"{shards}: split {split!r} holds {available} distinct clips of {clip_len} frames at stride "
                          f"{stride}; --num-clips {num_clips} would repeat clips")
