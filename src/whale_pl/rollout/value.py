@@ -193,8 +193,7 @@ def collect_real(ev: EvalSet, progress: bool = True) -> RealRollouts:
     """Run every policy from every start state in Meta-World (rendering in this process)."""
     from whale_pl.data.metaworld import MetaWorldEnv, rollout
 
-    t0 = time.time()
-    keys, eps = [], []
+    t0, keys, eps = time.time(), [], []
     bar = tqdm(total=len(ev.tasks) * len(ev.policies) * ev.starts, desc="real rollouts", disable=not progress,
                leave=False)
     for task in ev.tasks:
@@ -209,9 +208,8 @@ def collect_real(ev: EvalSet, progress: bool = True) -> RealRollouts:
             env.close()
     bar.close()
     task, policy, seed = (list(x) for x in zip(*keys))
-    return RealRollouts(task, policy, seed, *(np.stack([getattr(e, k) for e in eps])
-                                              for k in ("frames", "actions", "rewards", "state")),
-                        seconds=time.time() - t0,
+    arrays = (np.stack([getattr(e, k) for e in eps]) for k in ("frames", "actions", "rewards", "state"))
+    return RealRollouts(task, policy, seed, *arrays, seconds=time.time() - t0,
                         grid_shape=(len(ev.tasks), len(ev.policies), ev.starts))
 
 
@@ -261,21 +259,19 @@ def rollout_errors(wm: WorldModel, real: RealRollouts, rollouts: list,
     acc: dict[str, list] = {}
     start = 0
     for ctx, imag, _ in rollouts:
-        idx = np.arange(start, start + ctx.shape[0])
-        start += ctx.shape[0]
-        H = imag.shape[1]
-        ids, real_u8 = imag[:, : H - 1], real.frames[idx, 1:H]
-        real_f = _frames_BTCHW(real_u8, wm.device)
+        idx, start = np.arange(start, start + len(ctx)), start + len(ctx)
+        ids, real_u8 = imag[:, :-1], real.frames[idx, 1:imag.shape[1]]
+        real_f, real_ids = _frames_BTCHW(real_u8, wm.device), wm.tokenize(real_u8)
         fakes = {"": wm.decode(ids)}
         if baselines:
             fakes["copy_"] = _frames_BTCHW(real.frames[idx, :1], wm.device).expand_as(real_f)
-            fakes["recon_"] = wm.decode(wm.tokenize(real_u8))
+            fakes["recon_"] = wm.decode(real_ids)
         for pre, fake in fakes.items():
             sc = video_psnr_ssim(real_f, fake)
             acc.setdefault(f"{pre}psnr", []).append(sc["psnr"].clamp(max=PSNR_CAP_DB).cpu())
             acc.setdefault(f"{pre}ssim", []).append(sc["ssim"].cpu())
         acc.setdefault("mse", []).append(((fakes[""] - frames_to_unit(real_f)) ** 2).mean(dim=(2, 3, 4)).cpu())
-        acc.setdefault("token_err", []).append((wm.tokenize(real_u8) != ids).float().mean(dim=(2, 3)).cpu())
+        acc.setdefault("token_err", []).append((real_ids != ids).float().mean(dim=(2, 3)).cpu())
     return {k: torch.cat(v).double().numpy() for k, v in acc.items()}
 
 
