@@ -29,10 +29,9 @@ _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK
 
 
 def call_eval_videos(module: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """`module.eval_videos(batch)` without gradients; returns (real, generated), detached."""
+    """`module.eval_videos(batch)` without gradients: (real, generated)."""
     with torch.no_grad():
-        real, fake = module.eval_videos(batch)
-    return real.detach(), fake.detach()
+        return module.eval_videos(batch)
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
