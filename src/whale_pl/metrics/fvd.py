@@ -67,16 +67,12 @@ def gaussian_stats(feats_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats_ND.mean(axis=0), np.cov(feats_ND, rowvar=False)
 
 
-def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
-    evals, evecs = np.linalg.eigh((sigma + sigma.T) / 2)
-    return (evecs * np.sqrt(np.clip(evals, 0, None))) @ evecs.T
-
-
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64 (round-off negatives clipped)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    root1 = _psd_sqrt(sigma1)
+    evals, evecs = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (evecs * np.sqrt(np.clip(evals, 0, None))) @ evecs.T  # the PSD square root of S1
     inner = root1 @ sigma2 @ root1
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
