@@ -11,6 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from einops import rearrange
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageDraw, ImageFont
+
+from whale_pl.data.datamodule import ClipDataModule
+from whale_pl.data.frames import frames_to_uint8, frames_to_unit
+from whale_pl.io import atomic_path, write_json_atomic
+from whale_pl.lit.handoff import SPEC_KEYS, check_data_spec
+from whale_pl.rollout.retracing import retracing_actions
+from whale_pl.rollout.value import WorldModel
+from whale_pl.rollout.value_metrics import rank_corr
 
 MARGIN, GAP, LABEL_H, FOOTER_H = 4, 4, 14, 14
 CHROME_COLORS = 48
@@ -50,8 +64,6 @@ def upscale(frame_HWC: np.ndarray, scale: int) -> np.ndarray:
 
 def _axis(ax, steps: np.ndarray, values_T: np.ndarray, style: str, color: str, label: str, **kw) -> None:
     """One curve on its own y axis: limits around the finite values (8 % padding), label, 4 ticks."""
-    from matplotlib.ticker import MaxNLocator
-
     ax.plot(steps, values_T, style, color=color, label=label, **kw)
     finite = values_T[np.isfinite(values_T)]
     if finite.size:
@@ -68,10 +80,6 @@ def _curve_image(values_T: np.ndarray, error_T: np.ndarray | None, size: tuple[i
                  label: str) -> tuple[np.ndarray, list[tuple[int, int | None, int | None]], tuple[int, int]]:
     """The plot as uint8 RGB ``[h, w, 3]``, per step its pixel (x, y of the uncertainty, y of the error;
     None where not finite), and the axes' vertical pixel extent (top, bottom)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
     (w, h), T = size, len(values_T)
     fig = Figure(figsize=(w / 100, h / 100), dpi=100)
     canvas = FigureCanvasAgg(fig)
@@ -113,12 +121,6 @@ def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncerta
                       uncertainty_label: str = "uncertainty") -> GifLayout:
     """Write the looping GIF (a frame per step, 4 fps) atomically; returns its layout. Frames ``[T, 3, H, W]``
     uint8 or float in [-1, 1]; ``uncertainty_T`` may hold NaN (no score: a gap); ``error_T``: pixel MSE."""
-    import torch
-    from PIL import Image, ImageDraw, ImageFont
-
-    from whale_pl.data.frames import frames_to_uint8
-    from whale_pl.io import atomic_path
-
     real, imag = (frames_to_uint8(torch.as_tensor(np.asarray(f))).numpy().transpose(0, 2, 3, 1)
                   for f in (real_TCHW, imagined_TCHW))
     T = real.shape[0]
@@ -181,8 +183,6 @@ def _floats(x: np.ndarray) -> list[float | None]:
 
 def on_model_clock(ep, n: int, k: int, space) -> tuple[np.ndarray, np.ndarray]:
     """The first ``n`` frames of an episode every ``k`` steps and the ``n - 1`` raw actions composed between them."""
-    from whale_pl.rollout.retracing import retracing_actions
-
     idx = k * np.arange(n)
     # row j of the stride-k retracing-actions composes recorded steps j..j+k-1: every k-th row
     actions = retracing_actions(ep.actions[: idx[-1]], space, k)[::k] if n > 1 else ep.actions[:0]
@@ -192,11 +192,6 @@ def on_model_clock(ep, n: int, k: int, space) -> tuple[np.ndarray, np.ndarray]:
 def imagine_episode(wm, ep, context: int, horizon: int) -> dict:
     """Open-loop rollout of an episode on the model's clock and its per-step figures: ``real_TCHW``, ``imagined_TCHW``,
     ``uncertainty_T`` (NaN where < 2 anchors), ``n_predictions_T``, ``mse_T``, ``psnr_T``."""
-    import torch
-    from einops import rearrange
-
-    from whale_pl.data.frames import frames_to_unit
-
     frames, actions = on_model_clock(ep, context + horizon, wm.frame_stride, wm.normaliser.space)
     ctx = wm.tokenize(frames[None, :context])
     out = wm.imagine_open_loop(ctx, actions[None], horizon, composed=True)
@@ -213,8 +208,6 @@ def imagine_episode(wm, ep, context: int, horizon: int) -> dict:
 
 def clip_record(ep, split: str, name: str, context: int, horizon: int, r: dict) -> dict:
     """The index entry of one GIF: which episode, and its figures per step (``imagine_episode``'s ``r``)."""
-    from whale_pl.rollout.value_metrics import rank_corr
-
     pol = ep.meta.get("policy") or {}
     u, e = r["uncertainty_T"], r["mse_T"]
     ok = np.isfinite(u) & np.isfinite(e)
@@ -232,11 +225,6 @@ def clip_record(ep, split: str, name: str, context: int, horizon: int, r: dict) 
 
 def write_gifs(ckpt: str, shards: str, out: str | Path, command: str, device: str = "cpu") -> dict:
     """GIFs of ``PER_SPLIT`` episodes of each of ``SPLITS`` and ``index.json`` under ``out``; returns the index."""
-    from whale_pl.data.datamodule import ClipDataModule
-    from whale_pl.io import write_json_atomic
-    from whale_pl.lit.handoff import SPEC_KEYS, check_data_spec
-    from whale_pl.rollout.value import WorldModel
-
     t0, out = time.time(), Path(out)
     wm = WorldModel.load(ckpt, device)
     C, k = wm.module.loss_cfg.context_frames, wm.frame_stride
