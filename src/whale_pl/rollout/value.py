@@ -16,7 +16,9 @@ from tqdm import tqdm
 
 from whale_pl.data.actions import ActionNormaliser
 from whale_pl.data.frames import frames_to_unit
+from whale_pl.data.policies import ood_split, parse_policy
 from whale_pl.lit.checkpoint import load_module, read_checkpoint
+from whale_pl.metrics.video import PSNR_CAP_DB, video_psnr_ssim
 from whale_pl.rollout.retracing import ensemble_uncertainty, retracing_uncertainty
 from whale_pl.rollout.value_metrics import split_masks, uncertainty_intervals, value_stat
 
@@ -155,7 +157,6 @@ class EvalSet:
     def from_data_config(cls, path: str | Path, **kw) -> "EvalSet":
         """Tasks, policies by split (``val``, then :func:`ood_split`), size and camera of a Meta-World data config."""
         from whale_pl.data.metaworld import CollectConfig
-        from whale_pl.data.policies import ood_split
 
         c = CollectConfig.from_yaml(path)
         splits: dict[str, list[str]] = {"val": list(c.train_policies), "ood_params": [], "ood_families": []}
@@ -215,8 +216,6 @@ def collect_real(ev: EvalSet, progress: bool = True) -> RealRollouts:
 
 def scripted_policy_fn(real: RealRollouts, index: Sequence[int]) -> PolicyFn:
     """Fresh instances of the rollouts' policies (same task, same seed -> same noise), batched."""
-    from whale_pl.data.policies import parse_policy
-
     pols = [parse_policy(real.policy[i]) for i in index]
     for p, i in zip(pols, index):
         p.reset(real.task[i], np.random.default_rng(real.seed[i]))
@@ -254,8 +253,6 @@ def rollout_errors(wm: WorldModel, real: RealRollouts, rollouts: list,
                    baselines: bool = False) -> dict[str, np.ndarray]:
     """Imagined frames n = 1..H-1 of the open-loop rollouts against their real twins, [B, H-1]: ``mse``, ``token_err``,
     ``psnr``, ``ssim``; ``baselines`` adds ``copy_*`` (the last real frame held) and ``recon_*`` (the tokenizer)."""
-    from whale_pl.metrics.video import PSNR_CAP_DB, video_psnr_ssim
-
     acc: dict[str, list] = {}
     start = 0
     for ctx, imag, _ in rollouts:
