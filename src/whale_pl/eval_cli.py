@@ -12,14 +12,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm import tqdm
+
+from whale_pl.callbacks import call_eval_videos
+from whale_pl.data.datamodule import ClipDataModule
+from whale_pl.data.shards import ShardError
 from whale_pl.io import write_json_atomic
+from whale_pl.lit.checkpoint import load_module, read_checkpoint
+from whale_pl.lit.handoff import CLASS_KEY, SPEC_KEYS, HandoffError, check_data_spec
+from whale_pl.metrics.fvd import make_fvd
+from whale_pl.metrics.video import VideoEvaluator
+from whale_pl.rollout.gif import write_gifs
 
 
 def load_stage_module(ckpt_path: str | os.PathLike, device: str = "cpu"):
     """A LightningModule checkpoint in eval mode, of the class stamped into it (`whale_pl.lit.handoff.CLASS_KEY`)."""
-    from whale_pl.lit.checkpoint import load_module, read_checkpoint
-    from whale_pl.lit.handoff import CLASS_KEY
-
     path = Path(ckpt_path)
     ckpt = read_checkpoint(path)
     if (class_path := ckpt.get(CLASS_KEY)) is None:
@@ -36,16 +44,6 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
                    split: str = "val", device: str = "cpu") -> dict:
     """PSNR/SSIM/FVD of `module.eval_videos` on `num_clips` clips of the `split` of a shard set; for a module with
     `copy_videos` (dynamics) the same figures of copying the last real frame, as `copy_psnr` etc."""
-    import torch
-    from tqdm import tqdm
-
-    from whale_pl.callbacks import call_eval_videos
-    from whale_pl.data.datamodule import ClipDataModule
-    from whale_pl.data.shards import ShardError
-    from whale_pl.lit.handoff import SPEC_KEYS, check_data_spec
-    from whale_pl.metrics.fvd import make_fvd
-    from whale_pl.metrics.video import VideoEvaluator
-
     stored = dict(getattr(module, "hparams", {})).get("data_spec")
     stride = int((stored or {}).get("frame_stride", 1))  # clips on the clock the model was trained on
     dm = ClipDataModule(str(shards), clip_len=clip_len, frame_stride=stride, batch_size=8, num_workers=0,
@@ -96,9 +94,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``whale eval {video,gifs} ...``; 2 on a usage, data or hand-off error (one line)."""
-    from whale_pl.lit.handoff import HandoffError
-    from whale_pl.rollout.gif import write_gifs
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         a = _parser().parse_args(argv)
