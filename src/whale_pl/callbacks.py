@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
 from whale_pl.io import write_bytes_atomic
 from whale_pl.lit.logging import paired_video_grid
@@ -135,8 +136,6 @@ class EvalCallback(Callback):
 
     def _log(self, trainer: L.Trainer, metrics: dict) -> None:
         """Scalars to every logger; to TensorBoard also the clips and the per-frame curves."""
-        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
         scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "psnr_capped"}
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)

@@ -18,6 +18,7 @@ from whale_pl.data.actions import ActionNormaliser
 from whale_pl.data.frames import frames_to_unit
 from whale_pl.data.policies import ood_split, parse_policy
 from whale_pl.lit.checkpoint import load_module, read_checkpoint
+from whale_pl.lit.dynamics_module import DynamicsModule
 from whale_pl.metrics.video import PSNR_CAP_DB, video_psnr_ssim
 from whale_pl.rollout.retracing import ensemble_uncertainty, retracing_uncertainty
 from whale_pl.rollout.value_metrics import split_masks, uncertainty_intervals, value_stat
@@ -45,8 +46,6 @@ class WorldModel:
     @classmethod
     def load(cls, ckpt_path: str | Path, device: str = "cpu") -> "WorldModel":
         """The world model of a dynamics checkpoint."""
-        from whale_pl.lit.dynamics_module import DynamicsModule
-
         return cls(load_module(ckpt_path, DynamicsModule, map_location=device))
 
     @property
