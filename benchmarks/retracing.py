@@ -18,8 +18,7 @@ import torch
 
 from whale_pl.data.episode import METAWORLD_ACTION_SPACE
 from whale_pl.models.dynamics import DynamicsModel
-from whale_pl.rollout.ensemble import ensemble_uncertainty
-from whale_pl.rollout.retracing import ActionNormaliser, retracing_uncertainty
+from whale_pl.rollout.retracing import ActionNormaliser, ensemble_uncertainty, retracing_uncertainty
 
 
 def build(seed: int) -> DynamicsModel:

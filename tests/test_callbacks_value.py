@@ -85,7 +85,7 @@ def test_callback_hands_the_hook_a_temporary_checkpoint_and_logs_its_figures(tmp
         return checkpoint_value(ckpt_path)
 
     monkeypatch.setattr(callbacks, "run_value_hook", hook)
-    cb = EvalCallback(num_clips=2, fvd=False, value_kwargs={"horizon": 3})
+    cb = EvalCallback(num_clips=2, value_kwargs={"horizon": 3})
     module = ValueModule()
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, limit_train_batches=2, limit_val_batches=1,
                         num_sanity_val_steps=0, logger=CSVLogger(tmp_path), callbacks=[cb],
@@ -120,7 +120,7 @@ from whale_pl import callbacks
 from whale_pl.callbacks import EvalCallback
 
 callbacks.run_value_hook = checkpoint_value  # the launcher re-runs this script on every rank
-cb = EvalCallback(num_clips=3, fvd=False)
+cb = EvalCallback(num_clips=3)
 data = DataLoader([{{"frames": torch.full((2, 3, 8, 8), 60 * i, dtype=torch.uint8)}} for i in range(4)], batch_size=1)
 trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", limit_train_batches=2,
                     limit_val_batches=2, num_sanity_val_steps=0, logger=CSVLogger({out!r}, name="ddp"),

@@ -37,7 +37,7 @@ def _tiny_config(tmp_path: Path, tok: Path, data_yaml: Path) -> Path:
                            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                             "init_args": {"filename": "last", "enable_version_counter": False}},
                            {"class_path": "whale_pl.callbacks.EvalCallback",
-                            "init_args": {"num_clips": 1, "fvd": False}}]}}
+                            "init_args": {"num_clips": 1}}]}}
     path = tmp_path / "dynamics.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

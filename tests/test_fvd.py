@@ -52,11 +52,6 @@ def test_frechet_rank_deficient_is_real_and_zero_on_itself():
     assert np.isfinite(d) and d > 0
 
 
-def test_gaussian_stats_needs_two_samples():
-    with pytest.raises(ValueError, match="at least 2"):
-        gaussian_stats(np.zeros((1, 5)))
-
-
 # ----------------------------------------------------------------------------- preprocessing
 def test_resize_is_tf1_legacy_bilinear():
     # TF1 resize_bilinear(align_corners=False) of [a, b] to 4: [a, (a+b)/2, b, b] (no half-pixel centres)

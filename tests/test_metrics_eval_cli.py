@@ -57,7 +57,7 @@ def trained(tiny_shards, tmp_path_factory):
     torch.manual_seed(0)
     module = StampedAE(data_spec=dm.data_spec)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, num_sanity_val_steps=0, logger=False,
-                        default_root_dir=tmp, callbacks=[EvalCallback(num_clips=3, fvd=False)],
+                        default_root_dir=tmp, callbacks=[EvalCallback(num_clips=3)],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=dm)
     ckpt = tmp / "stamped.ckpt"

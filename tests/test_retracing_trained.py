@@ -11,9 +11,8 @@ import torch
 
 from whale_pl.data.episode import METAWORLD_ACTION_SPACE
 from whale_pl.models.dynamics import DynamicsModel
-from whale_pl.rollout.ensemble import ensemble_uncertainty
 from whale_pl.data.actions import ActionNormaliser
-from whale_pl.rollout.retracing import retracing_uncertainty
+from whale_pl.rollout.retracing import ensemble_uncertainty, retracing_uncertainty
 
 G, V, K, T = 2, 5, 3, 4  # grid side, codes, max stride, clip length
 NORM = ActionNormaliser(METAWORLD_ACTION_SPACE, np.zeros(4), np.ones(4))

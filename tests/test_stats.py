@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from whale_pl.rollout.stats import interval, uncertainty_intervals, value_intervals, verdict
+from whale_pl.rollout.value_metrics import interval, uncertainty_intervals, value_intervals, verdict
 
 T, P, K, S = 3, 6, 5, 3
 

@@ -52,6 +52,7 @@ def test_value_and_uncertainty_summaries_end_to_end(tiny_dynamics, tiny_data_yam
     uncertainty within step indices (retracing and a 2-member ensemble), the plots."""
     from whale_pl.rollout.value import (EvalSet, WorldModel, collect_real, evaluate_values, rollout_errors,
                                         uncertainty_summary)
+    from whale_pl.rollout.retracing import ensemble_uncertainty, retracing_uncertainty
     from whale_pl.rollout.value_metrics import MODES, split_values, video_summary, write_plots
 
     H, cfg = 6, tiny_config
@@ -75,12 +76,16 @@ def test_value_and_uncertainty_summaries_end_to_end(tiny_dynamics, tiny_data_yam
         ood = res["value"][mode]["ood_params"]  # one OOD policy: a gap on the task's range, no ranking figures
         assert ood["value_gap"]["on"] >= 0 and np.isnan(ood["spearman"]["on"]) and np.isnan(ood["regret_at_1"]["on"])
     assert {"model", "copy the last real frame", "tokenizer reconstruction"} <= set(res["video"]["all"])
-    u, B = res["uncertainty"], r["episodes"]
-    for k in ("mse", "token_err", "retracing_score", "ensemble_score"):
-        assert np.asarray(u["per_step"][k]).shape == (B, H - 1)
+    u = res["uncertainty"]
     # two differently seeded members disagree somewhere; one model's retracing anchors do too
-    assert np.asarray(u["per_step"]["ensemble_disagreement"]).max() > 0
-    assert np.asarray(u["per_step"]["retracing_disagreement"])[:, 1:].max() > 0
+    ctx, imag, acts = r["_rollouts"][0]
+    ids = torch.cat([ctx, imag[:, :-1]], 1)
+    ens = ensemble_uncertainty([wm.model, member.model], ids, acts, first=1, codebook_VE=wm.codebook_VE,
+                               z_fns=[wm.z_fn, member.z_fn])
+    ret = retracing_uncertainty(wm.model, ids, acts, wm.normaliser, first=1, K=3, codebook_VE=wm.codebook_VE,
+                                z_fn=wm.z_fn)
+    assert ens["disagreement_BT"].shape == ret["disagreement_BT"].shape == (len(ctx), H - 1)
+    assert ens["disagreement_BT"].max() > 0 and ret["disagreement_BT"][:, 1:].max() > 0
     for target in ("mse", "token_err"):
         assert set(u[target]["scores"]) == {"retracing", "ensemble", "step index"}
         for q in u[target]["scores"].values():

@@ -75,7 +75,7 @@ def test_auroc_by_hand():
 
 def test_step_figures_by_hand():
     """Within a step index: bad = error above that step's median; pooled: above the overall median."""
-    from whale_pl.rollout.stats import step_stat
+    from whale_pl.rollout.value_metrics import step_stat
 
     err = np.array([[0.1, 1.0], [0.2, 2.0], [0.3, 3.0], [0.4, 4.0]])  # rows: rollouts, columns: step index
     q = step_stat(np.array([[1.0, 4.0], [2.0, 3.0], [3.0, 2.0], [4.0, 1.0]]), err)

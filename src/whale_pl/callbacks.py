@@ -1,5 +1,4 @@
-"""Evaluation callback: PSNR/SSIM, FVD and (dynamics) value gap on held-out clips every N validations, to every
-logger, TensorBoard pictures and ``<log_dir>/metrics.jsonl`` (docs/contracts.md, Evaluation)."""
+"""Evaluation callback: PSNR/SSIM, FVD and (dynamics) value gap every N validations (docs/contracts.md, Evaluation)."""
 
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
 from whale_pl.io import write_bytes_atomic
 from whale_pl.lit.logging import paired_video_grid
@@ -30,10 +30,9 @@ _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK
 
 
 def call_eval_videos(module: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """`module.eval_videos(batch)` without gradients; returns (real, generated), detached."""
+    """`module.eval_videos(batch)` without gradients: (real, generated)."""
     with torch.no_grad():
-        real, fake = module.eval_videos(batch)
-    return real.detach(), fake.detach()
+        return module.eval_videos(batch)
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
@@ -58,15 +57,13 @@ def run_value_hook(ckpt_path: str, kwargs: dict) -> dict[str, float]:
 
 
 class EvalCallback(Callback):
-    """Video metrics of ``num_clips`` held-out clips every ``every_n_val_epochs`` validations (sanity checks never
-    count), FVD when ``fvd``; the value hook (``value_kwargs``) for modules with ``supports_value_eval``."""
+    """Video metrics of ``num_clips`` clips every ``every_n_val_epochs`` validations (+ value hook, for dynamics)."""
 
-    def __init__(self, every_n_val_epochs: int = 1, num_clips: int = 16, fvd: bool = True,
-                 value_kwargs: dict | None = None):
+    def __init__(self, every_n_val_epochs: int = 1, num_clips: int = 16, value_kwargs: dict | None = None):
         super().__init__()
         if every_n_val_epochs < 1 or num_clips < 1:
             raise ValueError(f"every_n_val_epochs ({every_n_val_epochs}) and num_clips ({num_clips}) must be >= 1")
-        self.every_n_val_epochs, self.num_clips, self.fvd = every_n_val_epochs, num_clips, fvd
+        self.every_n_val_epochs, self.num_clips = every_n_val_epochs, num_clips
         self.value_kwargs = dict(value_kwargs or {})
         self._val_epochs, self._active, self._seconds = 0, False, 0.0
         self._evaluator: VideoEvaluator | None = None
@@ -81,7 +78,7 @@ class EvalCallback(Callback):
         self._active = self._val_epochs % self.every_n_val_epochs == 0
         if self._active and trainer.is_global_zero:
             if self._evaluator is None:  # the I3D weights load once
-                self._evaluator = VideoEvaluator(make_fvd(pl_module.device) if self.fvd else None)
+                self._evaluator = VideoEvaluator(make_fvd(pl_module.device))
             self._evaluator.reset()
             self._shown, self._seconds = None, 0.0
 
@@ -110,7 +107,7 @@ class EvalCallback(Callback):
         log_dir = trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
             return
-        if self._evaluator is None or self._evaluator.num_clips == 0:
+        if self._evaluator.num_clips == 0:
             rank_zero_warn("EvalCallback: no validation batches reached the callback; nothing evaluated")
             return
         t0 = time.perf_counter()
@@ -139,8 +136,6 @@ class EvalCallback(Callback):
 
     def _log(self, trainer: L.Trainer, metrics: dict) -> None:
         """Scalars to every logger; to TensorBoard also the clips and the per-frame curves."""
-        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
         scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "psnr_capped"}
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)

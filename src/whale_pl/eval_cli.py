@@ -1,5 +1,4 @@
-"""`whale eval video|gifs ...`: what `EvalCallback` logs (PSNR/SSIM per frame and mean, FVD) offline, and
-rollout GIFs (`whale_pl.rollout.gif`)."""
+"""`whale eval video|gifs ...`: what `EvalCallback` logs, offline, and rollout GIFs (`whale_pl.rollout.gif`)."""
 
 from __future__ import annotations
 
@@ -13,14 +12,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm import tqdm
+
+from whale_pl.callbacks import call_eval_videos
+from whale_pl.data.datamodule import ClipDataModule
+from whale_pl.data.shards import ShardError
 from whale_pl.io import write_json_atomic
+from whale_pl.lit.checkpoint import load_module, read_checkpoint
+from whale_pl.lit.handoff import CLASS_KEY, SPEC_KEYS, HandoffError, check_data_spec
+from whale_pl.metrics.fvd import make_fvd
+from whale_pl.metrics.video import VideoEvaluator
+from whale_pl.rollout.gif import write_gifs
 
 
 def load_stage_module(ckpt_path: str | os.PathLike, device: str = "cpu"):
     """A LightningModule checkpoint in eval mode, of the class stamped into it (`whale_pl.lit.handoff.CLASS_KEY`)."""
-    from whale_pl.lit.checkpoint import load_module, read_checkpoint
-    from whale_pl.lit.handoff import CLASS_KEY
-
     path = Path(ckpt_path)
     ckpt = read_checkpoint(path)
     if (class_path := ckpt.get(CLASS_KEY)) is None:
@@ -37,23 +44,12 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
                    split: str = "val", device: str = "cpu") -> dict:
     """PSNR/SSIM/FVD of `module.eval_videos` on `num_clips` clips of the `split` of a shard set; for a module with
     `copy_videos` (dynamics) the same figures of copying the last real frame, as `copy_psnr` etc."""
-    import torch
-    from tqdm import tqdm
-
-    from whale_pl.callbacks import call_eval_videos
-    from whale_pl.data.datamodule import ClipDataModule
-    from whale_pl.data.shards import ShardError
-    from whale_pl.lit.handoff import SPEC_KEYS, check_data_spec
-    from whale_pl.metrics.fvd import make_fvd
-    from whale_pl.metrics.video import VideoEvaluator
-
     stored = dict(getattr(module, "hparams", {})).get("data_spec")
     stride = int((stored or {}).get("frame_stride", 1))  # clips on the clock the model was trained on
     dm = ClipDataModule(str(shards), clip_len=clip_len, frame_stride=stride, batch_size=8, num_workers=0,
                         val_steps=math.ceil(num_clips / 8), val_splits=[split], seed=0, rank=0, world_size=1)
     dm.setup("validate")
-    if stored is not None:
-        check_data_spec(stored, dm.data_spec, f"evaluating on {shards}", [k for k in SPEC_KEYS if k in dm.data_spec])
+    check_data_spec(stored, dm.data_spec, f"evaluating on {shards}", [k for k in SPEC_KEYS if k in dm.data_spec])
     if num_clips > (available := dm.val_clip_count()):
         raise ShardError(f"{shards}: split {split!r} holds {available} distinct clips of {clip_len} frames at stride "
                          f"{stride}; --num-clips {num_clips} would repeat clips")
@@ -96,43 +92,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _video(a: argparse.Namespace) -> int:
-    """``whale eval video ...``: print the figures (and write them with ``--out``); 2 on a usage error."""
-    from whale_pl.lit.handoff import HandoffError
-
+def main(argv: list[str] | None = None) -> int:
+    """``whale eval {video,gifs} ...``; 2 on a usage, data or hand-off error (one line)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        a = _parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse has printed
+        return int(e.code or 0)
+    try:
+        if a.cmd == "gifs":
+            index = write_gifs(a.ckpt, a.shards, a.out, "whale eval " + shlex.join(argv), a.device)
+            print(f"[gifs] wrote {len(index['clips'])} GIFs and {Path(a.out) / 'index.json'} in "
+                  f"{index['seconds']:.1f} s")
+            return 0
         if a.num_clips < 1 or a.clip_len < 2:
             raise ValueError(f"--num-clips must be >= 1 and --clip-len >= 2, got {a.num_clips} and {a.clip_len}")
         if a.out and Path(a.out).is_dir():
             raise ValueError(f"--out {a.out} is a directory; give the path of the metrics JSON file to write")
-        if not Path(a.shards).is_dir():
-            raise ValueError(f"--shards {a.shards}: no such dataset directory")
         module = load_stage_module(a.ckpt, device=a.device)
         out = evaluate_video(module, a.shards, a.num_clips, a.clip_len, a.split, a.device)
     except (ValueError, FileNotFoundError, HandoffError) as e:  # a usage, data or hand-off error: one line
-        print(f"whale eval video: error: {e}", file=sys.stderr)
+        print(f"whale eval {a.cmd}: error: {e}", file=sys.stderr)
         return 2
     out["ckpt"] = str(a.ckpt)
     if a.out:
         write_json_atomic(a.out, out)
     print(json.dumps({k: out[k] for k in ("psnr", "ssim", "fvd", "copy_psnr", "copy_ssim", "copy_fvd", "num_clips")
                       if k in out}))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``whale eval {video,gifs} ...``; 2 on a usage error."""
-    from whale_pl.rollout.gif import write_gifs
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        a = _parser().parse_args(argv)
-    except SystemExit as e:  # --help, or a usage error argparse has printed
-        return int(e.code or 0)
-    if a.cmd == "video":
-        return _video(a)
-    index = write_gifs(a.ckpt, a.shards, a.out, "whale eval " + shlex.join(argv), a.device)
-    print(f"[gifs] wrote {len(index['clips'])} GIFs and {Path(a.out) / 'index.json'} in {index['seconds']:.1f} s")
     return 0
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from whale_pl.io import write_json_atomic, write_text_atomic
 from whale_pl.pipeline import fmt_elapsed, handoff_args, run_fit, sha256_of
-from whale_pl.rollout.stats import fmt, fmt_key
+from whale_pl.rollout.value_metrics import fmt, fmt_key
 from whale_pl.rollout.value_metrics import MODES
 
 STEPS = {"demo": 300}  # scale -> steps of every run (else the config's trainer.max_steps), as make demo's side runs

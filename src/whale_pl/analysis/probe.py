@@ -106,7 +106,7 @@ def _cv_by_start(x_NTZ: torch.Tensor, y_N: np.ndarray, start_N: np.ndarray, n_cl
 
 def _accuracy(correct_NT: np.ndarray, chance: float) -> dict:
     """Mean accuracy over episodes (each the share of its points) with a 95 % bootstrap interval over episodes."""
-    from whale_pl.rollout.stats import N_BOOT, interval
+    from whale_pl.rollout.value_metrics import N_BOOT, interval
 
     per_ep = np.asarray(correct_NT, float).mean(1)
     boot = per_ep[np.random.default_rng(0).integers(0, len(per_ep), (N_BOOT, len(per_ep)))].mean(1)

@@ -1,6 +1,5 @@
 """Fréchet Video Distance (Unterthiner et al. 2018) as google-research's reference (docs/method.md, "Video
-metrics"): TF1 bilinear resize to 224x224, I3D logits, the distance from the eigenvalues of the symmetric
-sqrt(S1) S2 sqrt(S1) in float64 (real also for the rank-deficient covariances of < 400 clips); no network access."""
+metrics"); tr((S1 S2)^1/2) from the symmetric sqrt(S1) S2 sqrt(S1), real also for rank-deficient covariances."""
 
 from __future__ import annotations
 
@@ -63,23 +62,17 @@ def i3d_input(frames_BTCHW: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_stats(feats_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and unbiased covariance (float64) of N feature vectors; needs N >= 2."""
+    """Mean and unbiased covariance (float64) of N >= 2 feature vectors (``VideoEvaluator`` checks N)."""
     feats_ND = np.asarray(feats_ND, dtype=np.float64)
-    if feats_ND.ndim != 2 or feats_ND.shape[0] < 2:
-        raise ValueError(f"need at least 2 feature vectors [N, D], got shape {feats_ND.shape}")
     return feats_ND.mean(axis=0), np.cov(feats_ND, rowvar=False)
-
-
-def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
-    evals, evecs = np.linalg.eigh((sigma + sigma.T) / 2)
-    return (evecs * np.sqrt(np.clip(evals, 0, None))) @ evecs.T
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64 (round-off negatives clipped)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    root1 = _psd_sqrt(sigma1)
+    evals, evecs = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (evecs * np.sqrt(np.clip(evals, 0, None))) @ evecs.T  # the PSD square root of S1
     inner = root1 @ sigma2 @ root1
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
     diff = mu1 - mu2

@@ -1,6 +1,5 @@
-"""PSNR and SSIM of video clips (torchmetrics; uint8 or [-1, 1] frames [B, T, 3, H, W], per image on [0, 1]) and
-an accumulator that also feeds FVD, used by the stage modules, the callback and `whale eval video`. PSNR of an
-exact match is capped at `PSNR_CAP_DB` (`psnr_capped` counts the capped images)."""
+"""PSNR and SSIM of video clips and an accumulator that also feeds FVD (docs/method.md, "Video metrics"), used by
+the stage modules, the callback and `whale eval video`."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from whale_pl.rollout.ensemble import ensemble_uncertainty
+from whale_pl.rollout.retracing import ensemble_uncertainty
 from whale_pl.rollout.value import WorldModel
 
 PENALTIES = ("none", "retracing", "ensemble")

@@ -17,7 +17,7 @@ import numpy as np
 
 from whale_pl.plan.cem import EvalConfig, PlanConfig, load_plan_yaml
 from whale_pl.plan.evaluate import TaskJob, choose_lambdas, run_jobs
-from whale_pl.rollout.stats import N_BOOT, fmt_key, interval, verdict
+from whale_pl.rollout.value_metrics import N_BOOT, fmt_key, interval, verdict
 from whale_pl.rollout.value import discounted_return
 
 NAMES = {"plan_none": "plan, no penalty", "plan_retracing": "plan + retracing penalty",

@@ -1,6 +1,5 @@
-"""`whale eval gifs`: real-against-imagined rollout GIFs of held-out episodes with the per-step uncertainty
-curve (and the true error) under them, a cursor at the current step, and ``index.json`` for the report. GIF
-frames are palette images (256 colours, no dithering), so a frame pair with few colours is stored exactly."""
+"""`whale eval gifs`: real-against-imagined rollout GIFs with the per-step uncertainty (and error) curve under them,
+and ``index.json``. Frames are 256-colour palette images without dithering: few colours are stored exactly."""
 
 from __future__ import annotations
 
@@ -12,6 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from einops import rearrange
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageDraw, ImageFont
+
+from whale_pl.data.datamodule import ClipDataModule
+from whale_pl.data.frames import frames_to_uint8, frames_to_unit
+from whale_pl.io import atomic_path, write_json_atomic
+from whale_pl.lit.handoff import SPEC_KEYS, check_data_spec
+from whale_pl.rollout.retracing import retracing_actions
+from whale_pl.rollout.value import WorldModel
+from whale_pl.rollout.value_metrics import rank_corr
 
 MARGIN, GAP, LABEL_H, FOOTER_H = 4, 4, 14, 14
 CHROME_COLORS = 48
@@ -51,8 +64,6 @@ def upscale(frame_HWC: np.ndarray, scale: int) -> np.ndarray:
 
 def _axis(ax, steps: np.ndarray, values_T: np.ndarray, style: str, color: str, label: str, **kw) -> None:
     """One curve on its own y axis: limits around the finite values (8 % padding), label, 4 ticks."""
-    from matplotlib.ticker import MaxNLocator
-
     ax.plot(steps, values_T, style, color=color, label=label, **kw)
     finite = values_T[np.isfinite(values_T)]
     if finite.size:
@@ -69,10 +80,6 @@ def _curve_image(values_T: np.ndarray, error_T: np.ndarray | None, size: tuple[i
                  label: str) -> tuple[np.ndarray, list[tuple[int, int | None, int | None]], tuple[int, int]]:
     """The plot as uint8 RGB ``[h, w, 3]``, per step its pixel (x, y of the uncertainty, y of the error;
     None where not finite), and the axes' vertical pixel extent (top, bottom)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
     (w, h), T = size, len(values_T)
     fig = Figure(figsize=(w / 100, h / 100), dpi=100)
     canvas = FigureCanvasAgg(fig)
@@ -109,34 +116,11 @@ def _fmt(v: float) -> str:
     return "n/a" if not np.isfinite(v) else f"{v:.3g}"
 
 
-def _chrome(lay: GifLayout, curve_HWC: np.ndarray, title: str, labels: tuple[str, str]):
-    """The static parts of every frame (title, panel labels, the plot), quantised to ``CHROME_COLORS``
-    colours so that a frame pair of up to 256 - CHROME_COLORS - 4 colours keeps its exact palette."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    base = Image.new("RGB", (lay.width, lay.height), (255, 255, 255))
-    draw = ImageDraw.Draw(base)
-    draw.fontmode = "1"  # no antialiasing: text adds black only, leaving the palette to the frames
-    draw.text((MARGIN, MARGIN), title, fill=(0, 0, 0), font=font)
-    for (bx0, by0, bx1, _), text in ((lay.real, labels[0]), (lay.imagined, labels[1])):
-        tw = draw.textlength(text, font=font)
-        draw.text((bx0 + (bx1 - bx0 - tw) / 2, by0 - LABEL_H + 1), text, fill=(0, 0, 0), font=font)
-    base.paste(Image.fromarray(curve_HWC), lay.plot[:2])
-    return base.quantize(CHROME_COLORS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).convert("RGB")
-
-
 def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncertainty_T, error_T=None,
                       scale: int = 4, *, title: str, labels: tuple[str, str] = ("real", "imagined"),
                       uncertainty_label: str = "uncertainty") -> GifLayout:
     """Write the looping GIF (a frame per step, 4 fps) atomically; returns its layout. Frames ``[T, 3, H, W]``
     uint8 or float in [-1, 1]; ``uncertainty_T`` may hold NaN (no score: a gap); ``error_T``: pixel MSE."""
-    import torch
-    from PIL import Image, ImageDraw, ImageFont
-
-    from whale_pl.data.frames import frames_to_uint8
-    from whale_pl.io import atomic_path
-
     real, imag = (frames_to_uint8(torch.as_tensor(np.asarray(f))).numpy().transpose(0, 2, 3, 1)
                   for f in (real_TCHW, imagined_TCHW))
     T = real.shape[0]
@@ -145,7 +129,17 @@ def write_rollout_gif(path: str | os.PathLike, real_TCHW, imagined_TCHW, uncerta
     lay = layout(real.shape[1:3], scale)
     x0, y0, x1, y1 = lay.plot
     curve, points, (ax_top, ax_bot) = _curve_image(u, e, (x1 - x0, y1 - y0), uncertainty_label)
-    base, font = _chrome(lay, curve, title, labels), ImageFont.load_default()
+    font = ImageFont.load_default()
+    base = Image.new("RGB", (lay.width, lay.height), (255, 255, 255))
+    draw = ImageDraw.Draw(base)
+    draw.fontmode = "1"  # no antialiasing: text adds black only, leaving the palette to the frames
+    draw.text((MARGIN, MARGIN), title, fill=(0, 0, 0), font=font)
+    for (bx0, by0, bx1, _), text in ((lay.real, labels[0]), (lay.imagined, labels[1])):
+        tw = draw.textlength(text, font=font)
+        draw.text((bx0 + (bx1 - bx0 - tw) / 2, by0 - LABEL_H + 1), text, fill=(0, 0, 0), font=font)
+    base.paste(Image.fromarray(curve), lay.plot[:2])
+    # the static parts in CHROME_COLORS colours: a frame pair of up to 256 - CHROME_COLORS - 4 keeps its palette
+    base = base.quantize(CHROME_COLORS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).convert("RGB")
     frames = []
     for t in range(T):
         im = base.copy()
@@ -171,15 +165,10 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name)).strip("-") or "x"
 
 
-def _task_policy(ep) -> tuple[str | None, str | None]:
-    return ep.meta.get("task"), (ep.meta.get("policy") or {}).get("name")
-
-
 def pick_episodes(dm, split: str, n: int, min_len: int) -> list:
-    """``n`` episodes of ``split`` at least ``min_len`` long, in manifest order, preferring a task and a
-    policy not yet picked (then a policy not yet picked, then any)."""
+    """``n`` episodes of ``split`` of >= ``min_len`` frames, preferring a new task and policy, then a new policy."""
     eps = [ep for ep in dm.iter_episodes(split) if len(ep) >= min_len]
-    keys, chosen = [_task_policy(ep) for ep in eps], []
+    keys, chosen = [(ep.meta.get("task"), (ep.meta.get("policy") or {}).get("name")) for ep in eps], []
     for rule in ("both", "policy", "any"):
         for i, (task, pol) in enumerate(keys):
             new_task, new_pol = all(task != keys[j][0] for j in chosen), all(pol != keys[j][1] for j in chosen)
@@ -193,10 +182,7 @@ def _floats(x: np.ndarray) -> list[float | None]:
 
 
 def on_model_clock(ep, n: int, k: int, space) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``n`` frames of an episode every ``k`` recorded steps and the ``n - 1`` raw actions between
-    them, each composed over its ``k`` recorded steps."""
-    from whale_pl.rollout.retracing import retracing_actions
-
+    """The first ``n`` frames of an episode every ``k`` steps and the ``n - 1`` raw actions composed between them."""
     idx = k * np.arange(n)
     # row j of the stride-k retracing-actions composes recorded steps j..j+k-1: every k-th row
     actions = retracing_actions(ep.actions[: idx[-1]], space, k)[::k] if n > 1 else ep.actions[:0]
@@ -205,12 +191,7 @@ def on_model_clock(ep, n: int, k: int, space) -> tuple[np.ndarray, np.ndarray]:
 
 def imagine_episode(wm, ep, context: int, horizon: int) -> dict:
     """Open-loop rollout of an episode on the model's clock and its per-step figures: ``real_TCHW``, ``imagined_TCHW``,
-    ``uncertainty_T`` (NaN where < 2 anchors), ``disagreement_T``, ``entropy_T``, ``n_predictions_T``, ``mse_T``, ..."""
-    import torch
-    from einops import rearrange
-
-    from whale_pl.data.frames import frames_to_unit
-
+    ``uncertainty_T`` (NaN where < 2 anchors), ``n_predictions_T``, ``mse_T``, ``psnr_T``."""
     frames, actions = on_model_clock(ep, context + horizon, wm.frame_stride, wm.normaliser.space)
     ctx = wm.tokenize(frames[None, :context])
     out = wm.imagine_open_loop(ctx, actions[None], horizon, composed=True)
@@ -221,55 +202,46 @@ def imagine_episode(wm, ep, context: int, horizon: int) -> dict:
     score = u["score_BT"][0].astype(np.float64)
     score[u["n_predictions_T"] < 2] = np.nan
     return {"real_TCHW": real.numpy(), "imagined_TCHW": imagined.cpu().numpy(), "uncertainty_T": score,
-            "disagreement_T": u["disagreement_BT"][0], "entropy_T": u["entropy_BT"][0],
             "n_predictions_T": u["n_predictions_T"], "mse_T": mse,
             "psnr_T": 10 * np.log10(4.0 / np.maximum(mse, 1e-10))}
 
 
 def clip_record(ep, split: str, name: str, context: int, horizon: int, r: dict) -> dict:
     """The index entry of one GIF: which episode, and its figures per step (``imagine_episode``'s ``r``)."""
-    from whale_pl.rollout.value_metrics import rank_corr
-
     pol = ep.meta.get("policy") or {}
     u, e = r["uncertainty_T"], r["mse_T"]
     ok = np.isfinite(u) & np.isfinite(e)
-    sp = float(rank_corr(u[ok], e[ok])) if ok.sum() >= 3 and np.ptp(u[ok]) > 0 and np.ptp(e[ok]) > 0 else math.nan
+    sp = float(rank_corr(u[ok], e[ok])) if ok.sum() >= 3 else math.nan  # NaN also where a side is constant
     return {
         "gif": name, "split": split, "task": ep.meta.get("task", "?"), "policy": pol.get("name"),
         "family": pol.get("family"), "episode": ep.meta.get("episode_id"), "start": 0, "context": context,
         "horizon": horizon, "K": K, "psnr_mean": float(np.mean(r["psnr_T"])), "mse_mean": float(np.mean(e)),
         "uncertainty_mean": float(np.nanmean(u)) if np.isfinite(u).any() else None,
-        "spearman_uncertainty_vs_mse": float(sp) if math.isfinite(sp) else None,
-        "uncertainty": _floats(u), "disagreement": _floats(r["disagreement_T"]), "entropy": _floats(r["entropy_T"]),
-        "n_predictions": [int(v) for v in r["n_predictions_T"]], "mse": _floats(e), "psnr": _floats(r["psnr_T"]),
+        "spearman_uncertainty_vs_mse": sp if math.isfinite(sp) else None,
+        "uncertainty": _floats(u), "n_predictions": [int(v) for v in r["n_predictions_T"]], "mse": _floats(e),
+        "psnr": _floats(r["psnr_T"]),
     }
 
 
 def write_gifs(ckpt: str, shards: str, out: str | Path, command: str, device: str = "cpu") -> dict:
     """GIFs of ``PER_SPLIT`` episodes of each of ``SPLITS`` and ``index.json`` under ``out``; returns the index."""
-    from whale_pl.data.datamodule import ClipDataModule
-    from whale_pl.io import write_json_atomic
-    from whale_pl.lit.handoff import SPEC_KEYS, check_data_spec
-    from whale_pl.rollout.value import WorldModel
-
     t0, out = time.time(), Path(out)
     wm = WorldModel.load(ckpt, device)
     C, k = wm.module.loss_cfg.context_frames, wm.frame_stride
     dm = ClipDataModule(str(shards), num_workers=0, rank=0, world_size=1)
     check_data_spec(wm.module.hparams.get("data_spec"), dm.data_spec, where=f"{ckpt} on {shards}",
                     keys=[key for key in SPEC_KEYS if key in dm.data_spec])
-    available, clips = dm.manifest().get("splits", {}), []
+    clips = []
     for split in SPLITS:
-        if split not in available:
-            raise ValueError(f"{shards}: no split {split!r} in manifest.json (has {sorted(available)})")
         eps = pick_episodes(dm, split, PER_SPLIT, C * k + 1)  # C context frames and one imagined frame
         if not eps:
-            raise ValueError(f"{shards}: split {split!r} has no episode of >= {C * k + 1} frames")
+            raise ValueError(f"{shards}: split {split!r} has no episode of >= {C * k + 1} frames (the manifest's "
+                             f"splits: {sorted(dm.manifest().get('splits', {}))})")
         for i, ep in enumerate(eps):
             H = min(HORIZON, (len(ep) - 1) // k + 1 - C)
             r = imagine_episode(wm, ep, C, H)
             task, pol = ep.meta.get("task", "?"), (ep.meta.get("policy") or {}).get("name", "?")
-            name = f"{_safe(split)}_{i:02d}_{_safe(task)}_{_safe(pol)}.gif"
+            name = f"{split}_{i:02d}_{_safe(task)}_{_safe(pol)}.gif"
             write_rollout_gif(out / name, r["real_TCHW"], r["imagined_TCHW"], r["uncertainty_T"], r["mse_T"],
                               scale=SCALE, title=f"{split} | {task} | {pol}")
             clips.append(clip_record(ep, split, name, C, H, r))

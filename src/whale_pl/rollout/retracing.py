@@ -1,11 +1,10 @@
-"""Retracing-rollout uncertainty of imagined frames (docs/method.md, "Retracing-rollout uncertainty"): each
-frame predicted K ways from stride-k contexts with composed actions, the K token distributions scored by
-:func:`combine_predictions` (shared with the deep ensemble)."""
+"""Uncertainty of imagined frames (docs/method.md, "Retracing-rollout uncertainty"): K predictions of each frame,
+by retracing (stride-k contexts, composed actions) or a deep ensemble, scored by :func:`combine_predictions`."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -66,8 +65,7 @@ def retracing_uncertainty(model: torch.nn.Module, ids_BThw: torch.Tensor, action
     """Per-step retracing uncertainty of frames ``first .. N-1`` of a rollout (``actions_norm_BTA[:, t]`` taken at
     frame t): ``score_BT``, ``disagreement_BT``, ``entropy_BT``, ``n_predictions_T`` (anchors; one: disagreement 0)."""
     table = composed_action_table(actions_norm_BTA, normaliser, K)
-    parts: dict[str, list[torch.Tensor]] = {"score": [], "disagreement": [], "entropy": []}
-    n_pred = []
+    scored, n_pred = [], []
     for n in range(first, ids_BThw.shape[1]):
         preds = []
         for k, anchor in retracing_plan(n - 1, min(K, len(table))):
@@ -77,7 +75,27 @@ def retracing_uncertainty(model: torch.nn.Module, ids_BThw: torch.Tensor, action
             z = None if z_fn is None else z_fn(ctx, acts)
             preds.append(model.predict_next(ctx, acts, z, stride)["probs_BhwV"].flatten(1, 2))
         n_pred.append(len(preds))
-        u = combine_predictions(torch.stack(preds * 2 if len(preds) == 1 else preds), codebook_VE, weight)
-        for key in parts:
-            parts[key].append(u[key])
-    return {**{f"{k}_BT": torch.stack(v, 1) for k, v in parts.items()}, "n_predictions_T": torch.tensor(n_pred)}
+        scored.append(combine_predictions(torch.stack(preds * 2 if len(preds) == 1 else preds), codebook_VE, weight))
+    return {**_per_step(scored), "n_predictions_T": torch.tensor(n_pred)}
+
+
+@torch.no_grad()
+def ensemble_uncertainty(models: Sequence[torch.nn.Module], ids_BThw: torch.Tensor, actions_norm_BTA: torch.Tensor,
+                         first: int, codebook_VE: torch.Tensor, z_fns: Sequence[ZFn | None],
+                         weight: float = 0.5) -> dict[str, torch.Tensor]:
+    """The ensemble's ``score_BT``, ... of frames ``first .. N-1``: >= 2 members predict frame n from frames < n."""
+    scored = []
+    for n in range(first, ids_BThw.shape[1]):
+        preds = []
+        for m, z_fn in zip(models, z_fns):
+            lo = max(0, n - (m.max_frames - 1))
+            ctx, acts = ids_BThw[:, lo:n], actions_norm_BTA[:, lo:n]
+            z = None if z_fn is None else z_fn(ctx, acts)
+            preds.append(m.predict_next(ctx, acts, z)["probs_BhwV"].flatten(1, 2))
+        scored.append(combine_predictions(torch.stack(preds), codebook_VE, weight))
+    return _per_step(scored)
+
+
+def _per_step(scored: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``<part>_BT``: the frames' :func:`combine_predictions` parts, stacked along time."""
+    return {f"{k}_BT": torch.stack([u[k] for u in scored], 1) for k in scored[0]}

@@ -1,6 +1,5 @@
-"""Policy evaluation in imagination against the simulator (docs/method.md, "Value evaluation"): per policy and
-start state the real return in Meta-World and the imagined one, open loop (recorded actions) and closed loop (the
-policy acting on the state head's predictions); a step is one decision held for the model's ``frame_stride``."""
+"""Policy evaluation in imagination against the simulator, open and closed loop (docs/method.md, "Value
+evaluation"); a model step is one decision held for the model's ``frame_stride`` recorded steps."""
 
 from __future__ import annotations
 
@@ -17,10 +16,18 @@ from tqdm import tqdm
 
 from whale_pl.data.actions import ActionNormaliser
 from whale_pl.data.frames import frames_to_unit
+from whale_pl.data.policies import ood_split, parse_policy
 from whale_pl.lit.checkpoint import load_module, read_checkpoint
-from whale_pl.rollout.retracing import retracing_uncertainty
+from whale_pl.lit.dynamics_module import DynamicsModule
+from whale_pl.metrics.video import PSNR_CAP_DB, video_psnr_ssim
+from whale_pl.rollout.retracing import ensemble_uncertainty, retracing_uncertainty
+from whale_pl.rollout.value_metrics import split_masks, uncertainty_intervals, value_stat
 
 PolicyFn = Callable[[int, np.ndarray], np.ndarray]  # (step, states [B, S] raw) -> raw actions [B, A]
+
+
+def _frames_BTCHW(frames_BThwc: np.ndarray, device: torch.device) -> torch.Tensor:
+    return rearrange(torch.as_tensor(np.ascontiguousarray(frames_BThwc), device=device), "b t h w c -> b t c h w")
 
 
 class WorldModel:
@@ -39,8 +46,6 @@ class WorldModel:
     @classmethod
     def load(cls, ckpt_path: str | Path, device: str = "cpu") -> "WorldModel":
         """The world model of a dynamics checkpoint."""
-        from whale_pl.lit.dynamics_module import DynamicsModule
-
         return cls(load_module(ckpt_path, DynamicsModule, map_location=device))
 
     @property
@@ -56,8 +61,7 @@ class WorldModel:
     @torch.no_grad()
     def tokenize(self, frames_BTHWC_uint8: np.ndarray) -> torch.Tensor:
         """uint8 frames [B, T, H, W, 3] -> token ids [B, T, h, w]."""
-        f = torch.as_tensor(np.ascontiguousarray(frames_BTHWC_uint8), device=self.device)
-        return self.module.tokenize(rearrange(f, "b t h w c -> b t c h w"))
+        return self.module.tokenize(_frames_BTCHW(frames_BTHWC_uint8, self.device))
 
     @torch.no_grad()
     def decode(self, ids_BThw: torch.Tensor) -> torch.Tensor:
@@ -150,10 +154,8 @@ class EvalSet:
 
     @classmethod
     def from_data_config(cls, path: str | Path, **kw) -> "EvalSet":
-        """Tasks, policies by split (``val``; ``ood_params`` / ``ood_families`` by :func:`ood_split`), frame size
-        and camera of a Meta-World dataset config; ``frame_stride``: :func:`frame_stride_of` the checkpoint."""
+        """Tasks, policies by split (``val``, then :func:`ood_split`), size and camera of a Meta-World data config."""
         from whale_pl.data.metaworld import CollectConfig
-        from whale_pl.data.policies import ood_split
 
         c = CollectConfig.from_yaml(path)
         splits: dict[str, list[str]] = {"val": list(c.train_policies), "ood_params": [], "ood_families": []}
@@ -191,8 +193,7 @@ def collect_real(ev: EvalSet, progress: bool = True) -> RealRollouts:
     """Run every policy from every start state in Meta-World (rendering in this process)."""
     from whale_pl.data.metaworld import MetaWorldEnv, rollout
 
-    t0 = time.time()
-    keys, eps = [], []
+    t0, keys, eps = time.time(), [], []
     bar = tqdm(total=len(ev.tasks) * len(ev.policies) * ev.starts, desc="real rollouts", disable=not progress,
                leave=False)
     for task in ev.tasks:
@@ -207,16 +208,13 @@ def collect_real(ev: EvalSet, progress: bool = True) -> RealRollouts:
             env.close()
     bar.close()
     task, policy, seed = (list(x) for x in zip(*keys))
-    return RealRollouts(task, policy, seed, *(np.stack([getattr(e, k) for e in eps])
-                                              for k in ("frames", "actions", "rewards", "state")),
-                        seconds=time.time() - t0,
+    arrays = (np.stack([getattr(e, k) for e in eps]) for k in ("frames", "actions", "rewards", "state"))
+    return RealRollouts(task, policy, seed, *arrays, seconds=time.time() - t0,
                         grid_shape=(len(ev.tasks), len(ev.policies), ev.starts))
 
 
 def scripted_policy_fn(real: RealRollouts, index: Sequence[int]) -> PolicyFn:
     """Fresh instances of the rollouts' policies (same task, same seed -> same noise), batched."""
-    from whale_pl.data.policies import parse_policy
-
     pols = [parse_policy(real.policy[i]) for i in index]
     for p, i in zip(pols, index):
         p.reset(real.task[i], np.random.default_rng(real.seed[i]))
@@ -249,75 +247,57 @@ def evaluate_values(wm: WorldModel, real: RealRollouts, ev: EvalSet, modes: Sequ
     return out
 
 
-def _frames_BTCHW(frames_BThwc: np.ndarray, device: torch.device) -> torch.Tensor:
-    return rearrange(torch.as_tensor(np.ascontiguousarray(frames_BThwc), device=device), "b t h w c -> b t c h w")
-
-
 @torch.no_grad()
 def rollout_errors(wm: WorldModel, real: RealRollouts, rollouts: list,
                    baselines: bool = False) -> dict[str, np.ndarray]:
     """Imagined frames n = 1..H-1 of the open-loop rollouts against their real twins, [B, H-1]: ``mse``, ``token_err``,
     ``psnr``, ``ssim``; ``baselines`` adds ``copy_*`` (the last real frame held) and ``recon_*`` (the tokenizer)."""
-    from whale_pl.metrics.video import PSNR_CAP_DB, video_psnr_ssim
-
     acc: dict[str, list] = {}
     start = 0
     for ctx, imag, _ in rollouts:
-        idx = np.arange(start, start + ctx.shape[0])
-        start += ctx.shape[0]
-        H = imag.shape[1]
-        ids, real_u8 = imag[:, : H - 1], real.frames[idx, 1:H]
-        real_f = _frames_BTCHW(real_u8, wm.device)
+        idx, start = np.arange(start, start + len(ctx)), start + len(ctx)
+        ids, real_u8 = imag[:, :-1], real.frames[idx, 1:imag.shape[1]]
+        real_f, real_ids = _frames_BTCHW(real_u8, wm.device), wm.tokenize(real_u8)
         fakes = {"": wm.decode(ids)}
         if baselines:
             fakes["copy_"] = _frames_BTCHW(real.frames[idx, :1], wm.device).expand_as(real_f)
-            fakes["recon_"] = wm.decode(wm.tokenize(real_u8))
+            fakes["recon_"] = wm.decode(real_ids)
         for pre, fake in fakes.items():
             sc = video_psnr_ssim(real_f, fake)
             acc.setdefault(f"{pre}psnr", []).append(sc["psnr"].clamp(max=PSNR_CAP_DB).cpu())
             acc.setdefault(f"{pre}ssim", []).append(sc["ssim"].cpu())
         acc.setdefault("mse", []).append(((fakes[""] - frames_to_unit(real_f)) ** 2).mean(dim=(2, 3, 4)).cpu())
-        acc.setdefault("token_err", []).append((wm.tokenize(real_u8) != ids).float().mean(dim=(2, 3)).cpu())
+        acc.setdefault("token_err", []).append((real_ids != ids).float().mean(dim=(2, 3)).cpu())
     return {k: torch.cat(v).double().numpy() for k, v in acc.items()}
 
 
 @torch.no_grad()
-def uncertainty_summary(wm: WorldModel, rollouts: list, errors: dict, K: int, members: list | None = None) -> dict:
-    """Seconds, ``uncertainty_intervals`` against MSE and token error over imagined frames n >= 2 (>= 2 anchors)
-    and the per-step uncertainties [B, H-1] of frames 1..H-1 by retracing (and the ensemble of ``members``)."""
-    from whale_pl.rollout.ensemble import ensemble_uncertainty
-    from whale_pl.rollout.stats import uncertainty_intervals
-
-    parts, methods = ("score", "disagreement", "entropy"), ["retracing"] + (["ensemble"] if members else [])
-    acc: dict[str, list] = {f"{m}_{p}": [] for m in methods for p in parts}
+def uncertainty_summary(wm: WorldModel, rollouts: list, errors: dict, K: int, members: list[WorldModel]) -> dict:
+    """Seconds and ``uncertainty_intervals`` of retracing and of the ensemble of ``members`` against MSE and token
+    error over imagined frames n >= 2 (>= 2 anchors)."""
+    methods = {
+        "retracing": lambda ids, acts: retracing_uncertainty(wm.model, ids, acts, wm.normaliser, first=1, K=K,
+                                                             codebook_VE=wm.codebook_VE, z_fn=wm.z_fn),
+        "ensemble": lambda ids, acts: ensemble_uncertainty([e.model for e in members], ids, acts, first=1,
+                                                           codebook_VE=wm.codebook_VE, z_fns=[e.z_fn for e in members]),
+    }
+    acc: dict[str, list] = {m: [] for m in methods}
     secs = dict.fromkeys(methods, 0.0)
     for ctx, imag, acts in tqdm(rollouts, desc="uncertainty", leave=False):
         ids = torch.cat([ctx, imag[:, : imag.shape[1] - 1]], 1)  # frames 0..H-1; frames 1..H-1 have a real twin
-        for m in methods:
+        for m, uncertainty in methods.items():
             t0 = time.perf_counter()
-            if m == "retracing":
-                u = retracing_uncertainty(wm.model, ids, acts, wm.normaliser, first=1, K=K,
-                                          codebook_VE=wm.codebook_VE, z_fn=wm.z_fn)
-            else:
-                u = ensemble_uncertainty([e.model for e in members], ids, acts, first=1, codebook_VE=wm.codebook_VE,
-                                         z_fns=[e.z_fn for e in members])
+            score_BT = uncertainty(ids, acts)["score_BT"]
             secs[m] += time.perf_counter() - t0
-            for p in parts:
-                acc[f"{m}_{p}"].append(u[f"{p}_BT"].cpu())
-    per_step = {k: torch.cat(v).double().numpy() for k, v in acc.items()}
-    scores = {k.removesuffix("_score"): v[:, 1:] for k, v in per_step.items() if k.endswith("_score")}
-    steps = {**per_step, "mse": errors["mse"], "token_err": errors["token_err"]}
+            acc[m].append(score_BT.cpu())
+    scores = {m: torch.cat(v).double().numpy()[:, 1:] for m, v in acc.items()}
     return {"K": K, "seconds": secs,
-            **{t: uncertainty_intervals(scores, errors[t][:, 1:]) for t in ("mse", "token_err")},
-            "per_step": {k: np.asarray(v).tolist() for k, v in steps.items()}}
+            **{t: uncertainty_intervals(scores, errors[t][:, 1:]) for t in ("mse", "token_err")}}
 
 
 def value_metrics_for_checkpoint(ckpt_path: str, data_config: str = "stages/demo/data.yaml", starts: int = 1,
                                  horizon: int = 24) -> dict[str, float]:
     """The evaluation callback's value hook: defined open-loop figures ``<split>_<figure>``, splits and ``all``."""
-    from whale_pl.rollout.stats import value_stat
-    from whale_pl.rollout.value_metrics import split_masks
-
     wm = WorldModel.load(ckpt_path)
     ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, frame_stride=wm.frame_stride)
     res = evaluate_values(wm, collect_real(ev, progress=False), ev, modes=("open_loop",), progress=False)
