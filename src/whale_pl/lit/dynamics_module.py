@@ -74,8 +74,7 @@ class DynamicsModule(StageModule):
         tok, spec = self.tokenizer.model, self.hparams.data_spec
         self.model = DynamicsModel(tok.codebook_size, tok.grid_hw(), action_dim=int(spec["action_dim"]),
                                    behavior_dim=self.behavior.model.z_dim if self.behavior is not None else 0,
-                                   state_dim=int(spec.get("state_dim") or 0), code_dim=tok.code_dim,
-                                   prev_frame_input=True, copy_logit=True, **asdict(groups["net"]))
+                                   state_dim=int(spec.get("state_dim") or 0), code_dim=tok.code_dim, **asdict(groups["net"]))
         self.model.set_code_vectors(tok.embed(torch.arange(tok.codebook_size)))
         self.val_psnr = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})
         self.val_ssim = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})

@@ -41,8 +41,7 @@ class DynamicsModel(nn.Module):
 
     def __init__(self, codebook_size: int, grid_hw: tuple[int, int] | list[int], action_dim: int, behavior_dim: int = 0,
                  state_dim: int = 0, dim: int = 256, depth: int = 8, heads: int = 8, mlp_ratio: float = 4.0,
-                 max_frames: int = 16, max_stride: int = 4, prev_frame_input: bool = False, copy_logit: bool = False,
-                 code_dim: int = 0, change_weight: float = 1.0, transition_rank: int = 0) -> None:
+                 max_frames: int = 16, max_stride: int = 4, code_dim: int = 0, change_weight: float = 1.0, transition_rank: int = 0) -> None:
         super().__init__()
         if not change_weight > 0:
             raise ValueError(f"change_weight must be > 0, got {change_weight}")
@@ -56,17 +55,16 @@ class DynamicsModel(nn.Module):
         self.action_dim, self.behavior_dim, self.state_dim = action_dim, behavior_dim, state_dim
         self.max_frames, self.max_stride, self.dim = max_frames, max_stride, dim
         self.change_weight, self.code_dim, self.transition_rank = float(change_weight), code_dim, transition_rank
-        self._build_inputs(prev_frame_input)
+        self._build_inputs()
         self.transformer = STTransformer(dim, depth, heads, mlp_ratio, causal=True, cond_dim=dim)
-        self._build_outputs(copy_logit)
+        self._build_outputs()
 
-    def _build_inputs(self, prev_frame_input: bool) -> None:
-        """Token, previous-id (``prev_frame_input``), position and conditioning embeddings."""
+    def _build_inputs(self) -> None:
+        """Token, previous-id, position and conditioning embeddings."""
         V, D = self.codebook_size, self.dim
         self.tok_emb = nn.Embedding(V + 1, D)
-        self.prev_emb = nn.Embedding(V + 2, D) if prev_frame_input else None  # id V + 1: no earlier frame in the window
-        if prev_frame_input:
-            nn.init.normal_(self.prev_emb.weight, std=0.02)
+        self.prev_emb = nn.Embedding(V + 2, D)  # id V + 1: no earlier frame in the window
+        nn.init.normal_(self.prev_emb.weight, std=0.02)
         self.pos_s = nn.Parameter(torch.randn(self.num_tokens, D) * 0.02)
         self.pos_t = nn.Parameter(torch.randn(self.max_frames, D) * 0.02)
         self.act_mlp = nn.Sequential(nn.Linear(self.action_dim, D), nn.GELU(), nn.Linear(D, D))
@@ -75,7 +73,7 @@ class DynamicsModel(nn.Module):
         self.start = nn.Parameter(torch.zeros(D))
         self.cond_norm = nn.LayerNorm(D)
 
-    def _build_outputs(self, copy_logit: bool) -> None:
+    def _build_outputs(self) -> None:
         """Token logits (with the code-vector, transition and copy paths) and the frame heads."""
         V, D, C, r = self.codebook_size, self.dim, self.code_dim, self.transition_rank
         self.logits_head = nn.Linear(D, V)
@@ -90,10 +88,9 @@ class DynamicsModel(nn.Module):
             self.trans = nn.Embedding(self.num_tokens * V, C * r)
             nn.init.zeros_(self.trans.weight)  # starts as the plain model
             self.trans_in = nn.Linear(D, r)
-        self.copy_gate = nn.Linear(D, 1) if copy_logit else None
-        if copy_logit:
-            nn.init.zeros_(self.copy_gate.weight)
-            nn.init.constant_(self.copy_gate.bias, COPY_INIT)
+        self.copy_gate = nn.Linear(D, 1)
+        nn.init.zeros_(self.copy_gate.weight)
+        nn.init.constant_(self.copy_gate.bias, COPY_INIT)
         self.frame_head = nn.Sequential(nn.Linear(D, D), nn.GELU())
         self.reward_head = nn.Linear(D, 1)
         self.success_head = nn.Linear(D, 1)
@@ -160,8 +157,7 @@ class DynamicsModel(nn.Module):
             known = (ids_BTS < self.codebook_size).unsqueeze(-1)
             x = x + self.code_in((self.code_vectors[ids_BTS.clamp(max=self.codebook_size - 1)] * known).to(x.dtype))
         x = x + self.pos_s + self.pos_t[t0 : t0 + T][:, None]
-        if self.prev_emb is not None:
-            x = x + self.prev_emb(self.prev_ids(ids_BTS, prev_ids_BS))
+        x = x + self.prev_emb(self.prev_ids(ids_BTS, prev_ids_BS))
         return self.transformer(x, cond_BTD, kv_cache=kv_cache, return_kv=True)
 
     def token_logits(self, h_BTSD: torch.Tensor, prev_ids_BTS: torch.Tensor | None = None,
@@ -176,8 +172,7 @@ class DynamicsModel(nn.Module):
         if prev_ids_BTS is None:
             return logits
         bias = 0.0 if raw else math.log(self.change_weight)  # undoes the weighting's shift of the odds
-        bonus = bias if self.copy_gate is None else self.copy_gate(h_BTSD).to(logits.dtype) + bias
-        return self.add_at_prev(logits, prev_ids_BTS, bonus)
+        return self.add_at_prev(logits, prev_ids_BTS, self.copy_gate(h_BTSD).to(logits.dtype) + bias)
 
     def transition_query(self, h_BTSD: torch.Tensor, prev_ids_BTS: torch.Tensor) -> torch.Tensor:
         """The transition table's code-space query ``[B, T, S, code_dim]`` (zero where the previous id is >= V)."""
