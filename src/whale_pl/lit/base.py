@@ -96,12 +96,12 @@ class StageModule(L.LightningModule):
                 freeze_(module)
 
     def load_earlier(self, name: str, path: str, cls: type, data_spec: Mapping[str, Any] | None,
-                     expect: Mapping[str, Any] | None = None, own_weights: bool = False) -> Any:
-        """The frozen earlier stage ``name`` from ``path``, checked against ``data_spec``, ``expect`` and the
-        recorded ``<name>_sha256`` (of the module, or with ``own_weights`` its ``model``)."""
+                     own_weights: bool = False) -> Any:
+        """The frozen earlier stage ``name`` from ``path``, checked against ``data_spec`` and the recorded
+        ``<name>_sha256`` (of the module, or with ``own_weights`` its ``model``)."""
         keys = None if data_spec is None else self.spec_keys(data_spec)
         with own_hparams():
-            module = load_frozen(path, cls, data_spec=data_spec, data_spec_keys=keys, expect=expect)
+            module = load_frozen(path, cls, data_spec=data_spec, data_spec_keys=keys)
         sha = fingerprint(module.model if own_weights else module)
         recorded = self.hparams.get(f"{name}_sha256")
         if recorded is not None and recorded != sha:
