@@ -178,7 +178,7 @@ def print_summary(ckpt: str, module, res: dict, families: list[str], a, seconds:
     """The checkpoint's headline line, then val accuracy per family and by history length."""
     acc, hp, nan = res["acc"], module.hparams, float("nan")
     print(f"{ckpt}: beta={hp.beta} z_dim={module.model.z_dim} "
-          f"free_bits={hp.free_bits} | probe accuracy train {acc['train']:.3f}  val (held-out episodes) "
+          f"kl_balance={hp.kl_balance} | probe accuracy train {acc['train']:.3f}  val (held-out episodes) "
           f"{acc.get('val', nan):.3f}  ood (unseen policies) {acc.get('ood', nan):.3f} | "
           f"chance {1 / len(families):.3f} | whole-episode decisions: val {acc.get('val_episode', nan):.3f} "
           f"ood {acc.get('ood_episode', nan):.3f} | {len(res['pts']['train'][1])} train points, t >= {a.t_min} of "

@@ -74,8 +74,7 @@ class BehaviorOutput:
 
     loss: torch.Tensor
     nll: torch.Tensor  # mean over B, T of the action NLL summed over action dims
-    kl: torch.Tensor  # mean over B, T of KL(q || p_t) summed over z dims (before free bits)
-    kl_loss: torch.Tensor  # the KL term that enters the loss (after free bits)
+    kl: torch.Tensor  # mean over B, T of KL(q || p_t) summed over z dims (the loss's KL term)
     action_mse: torch.Tensor  # decoder mean vs true action, with posterior-mean z
     action_mse_prior: torch.Tensor  # decoder mean vs true action, with the prior mean z_t
     post_mu_BZ: torch.Tensor
@@ -169,8 +168,8 @@ class BehaviorModel(nn.Module):
         mu, logvar = self.decode(feat_BTD, z_BTZ, actions_BTA)
         return gaussian_nll(actions_BTA.float(), mu, logvar).sum(-1), mu
 
-    def loss(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor, beta: float, free_bits: float = 0.0,
-             sample: bool = True, kl_balance: float | None = None) -> BehaviorOutput:
+    def loss(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor, beta: float, sample: bool = True,
+             kl_balance: float | None = None) -> BehaviorOutput:
         """Action NLL + beta * KL(q || p_t), averaged over B and t; decodes a posterior draw (``sample``) or mean."""
         feat_BTD = self._features(codes_BThwE, actions_BTA)
         mu_q, logvar_q = self.posterior(codes_BThwE, actions_BTA, feat_BTD)
@@ -178,17 +177,17 @@ class BehaviorModel(nn.Module):
         z_BZ = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp() if sample else mu_q
         nll_BT, a_mu = self.action_nll(feat_BTD, z_BZ[:, None].expand(-1, actions_BTA.shape[1], -1), actions_BTA)
         nll = nll_BT.mean()
-        kl_Z, kl_loss = self.kl_term(mu_q, logvar_q, mu_p, logvar_p, free_bits, kl_balance)
+        kl = self.kl_term(mu_q, logvar_q, mu_p, logvar_p, kl_balance).sum()
         with torch.no_grad():
             mse = (a_mu - actions_BTA).pow(2).mean()
             mse_p = (self.decode(feat_BTD, mu_p, actions_BTA)[0] - actions_BTA).pow(2).mean()
-        return BehaviorOutput(loss=nll + beta * kl_loss, nll=nll, kl=kl_Z.sum(), kl_loss=kl_loss, action_mse=mse,
+        return BehaviorOutput(loss=nll + beta * kl, nll=nll, kl=kl, action_mse=mse,
                               action_mse_prior=mse_p, post_mu_BZ=mu_q, prior_mu_BTZ=mu_p)
 
     @staticmethod
     def kl_term(mu_q_BZ: torch.Tensor, logvar_q_BZ: torch.Tensor, mu_p_BTZ: torch.Tensor, logvar_p_BTZ: torch.Tensor,
-                free_bits: float = 0.0, kl_balance: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """KL(q || p_t) per z dimension ``[Z]`` (mean over B, t) and the loss's KL term (free bits, KL balancing)."""
+                kl_balance: float | None = None) -> torch.Tensor:
+        """KL(q || p_t) per z dimension ``[Z]`` (mean over B, t; with ``kl_balance``, its balanced gradient)."""
         mq, lq = mu_q_BZ[:, None], logvar_q_BZ[:, None]
         if kl_balance is None:
             kl_BTZ = gaussian_kl(mq, lq, mu_p_BTZ, logvar_p_BTZ)
@@ -196,5 +195,4 @@ class BehaviorModel(nn.Module):
             to_prior = gaussian_kl(mq.detach(), lq.detach(), mu_p_BTZ, logvar_p_BTZ)
             to_post = gaussian_kl(mq, lq, mu_p_BTZ.detach(), logvar_p_BTZ.detach())
             kl_BTZ = kl_balance * to_prior + (1 - kl_balance) * to_post
-        kl_Z = kl_BTZ.mean(dim=(0, 1))
-        return kl_Z, (kl_Z.clamp(min=free_bits).sum() if free_bits > 0 else kl_Z.sum())
+        return kl_BTZ.mean(dim=(0, 1))
