@@ -77,13 +77,7 @@ def freeze_(module: M) -> M:
     for m in module.modules():  # the instance attribute shadows nn.Module.train; the parent's train() calls it
         object.__setattr__(m, "train", functools.partial(_pinned_train, m))
         m.training = False
-    module.whale_frozen = True  # type: ignore[attr-defined]
     return module
-
-
-def is_frozen(module: nn.Module) -> bool:
-    """Whether ``freeze_`` froze this module."""
-    return bool(getattr(module, "whale_frozen", False))
 
 
 def values_equal(a: Any, b: Any) -> bool:

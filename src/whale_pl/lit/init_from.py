@@ -12,23 +12,11 @@ import torch
 from torch import nn
 
 from whale_pl.lit.checkpoint import migrate_hparams, read_checkpoint
-from whale_pl.lit.handoff import (CLASS_KEY, FACTS_KEY, HandoffError, is_frozen, model_facts, qualified_name,
-                                  values_equal)
+from whale_pl.lit.handoff import CLASS_KEY, FACTS_KEY, HandoffError, model_facts, qualified_name, values_equal
 
 
 class InitFromError(HandoffError):
     """A pretrained checkpoint cannot initialise this module (missing, other class, other shapes)."""
-
-
-def frozen_prefixes(module: nn.Module) -> tuple[str, ...]:
-    """State-dict prefixes of the frozen earlier stages held as submodules (``tokenizer.``, ...)."""
-    return tuple(f"{name}." for name, child in module.named_children() if is_frozen(child))
-
-
-def own_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state dict without its frozen earlier stages."""
-    skip = frozen_prefixes(module)
-    return {k: v for k, v in module.state_dict().items() if not k.startswith(skip)}
 
 
 def _flat(hp: Mapping[str, Any]) -> dict[str, Any]:
@@ -61,8 +49,9 @@ def check_init_compatible(module: nn.Module, ckpt: Mapping[str, Any], where: str
     hp_here, facts = _flat(getattr(module, "hparams", {})), model_facts(module)
     problems = _differ("", ckpt.get(FACTS_KEY) or {}, facts, facts)
     problems += _differ("data_spec ", hp_ckpt.get("data_spec") or {}, hp_here.get("data_spec") or {}, data_spec_keys)
-    theirs = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(frozen_prefixes(module))}
-    mine = own_state(module)
+    skip = tuple(f"{name}." for name in getattr(module, "FROZEN", ()))  # the frozen earlier stages
+    theirs = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(skip)}
+    mine = {k: v for k, v in module.state_dict().items() if not k.startswith(skip)}
     missing, unexpected = mine.keys() - theirs.keys(), theirs.keys() - mine.keys()
     shapes = _differ("", {k: list(v.shape) for k, v in theirs.items()}, {k: list(v.shape) for k, v in mine.items()},
                      sorted(mine.keys() & theirs.keys()))
@@ -81,8 +70,7 @@ def check_init_compatible(module: nn.Module, ckpt: Mapping[str, Any], where: str
     return theirs
 
 
-def init_from_checkpoint(module: nn.Module, path: str | Path, data_spec_keys: Sequence[str] = (),
-                         map_location: str | torch.device = "cpu") -> int:
+def init_from_checkpoint(module: nn.Module, path: str | Path, data_spec_keys: Sequence[str] = ()) -> int:
     """Copy a checkpoint's tensors into ``module``'s own ones in place; returns how many were copied."""
     where = f"init_from checkpoint {str(Path(path))!r}"
     try:
