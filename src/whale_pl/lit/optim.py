@@ -8,6 +8,7 @@ from typing import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from torch.optim.lr_scheduler import LambdaLR
 
 
@@ -44,15 +45,10 @@ def adamw_warmup_cosine(module: L.LightningModule, lr: float, weight_decay: floa
     if not math.isfinite(total_steps):
         raise ValueError("set trainer.max_steps or max_epochs for the lr schedule")
     opt = torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, betas=(0.9, 0.95))
-    time_progress = trainer_time_progress(module.trainer) if anneal_by_time else None
+    time_progress = None
+    if anneal_by_time:  # the share of the Trainer's max_time used so far (its Timer callback; survives a resume)
+        timer = next((c for c in module.trainer.callbacks if isinstance(c, Timer)), None)
+        duration = getattr(timer, "_duration", None)
+        time_progress = (lambda: timer.time_elapsed("train") / duration) if duration else None
     sched = LambdaLR(opt, warmup_cosine_lambda(warmup_steps, int(total_steps), min_lr_ratio, time_progress))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
-
-
-def trainer_time_progress(trainer: L.Trainer) -> Callable[[], float] | None:
-    """Share of the Trainer's ``max_time`` used so far (its Timer callback; survives a resume), or None."""
-    from lightning.pytorch.callbacks import Timer
-
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-    duration = getattr(timer, "_duration", None)
-    return (lambda: timer.time_elapsed("train") / duration) if duration else None
