@@ -207,8 +207,7 @@ class DynamicsModule(StageModule):
 
     @torch.no_grad()
     def rollout(self, batch: dict, horizon: int | None = None, ids: torch.Tensor | None = None,
-                actions: torch.Tensor | None = None, stride: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                actions: torch.Tensor | None = None, stride: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Rollout of a batch's clips with the recorded actions, decoded, with PSNR / SSIM against the real clip
         (a token batch: its decoding) beside the reconstruction and still-frame references."""
         if ids is None:
@@ -216,16 +215,15 @@ class DynamicsModule(StageModule):
         C = self.loss_cfg.context_frames
         H = min(horizon or self.sampling.rollout_horizon, ids.shape[1] - C)
         out = self.model.imagine(ids[:, :C], actions, self.z_fn(), horizon=H, steps=self.sampling.maskgit_steps,
-                                 temperature=self.sampling.temperature, stride_B=stride, generator=generator)
+                                 temperature=self.sampling.temperature, stride_B=stride)
         decode = self.tokenizer.model.decode
         imagined = decode(out["ids_BThw"]).float()
         recon = decode(ids[:, C : C + H]).float()  # the tokenizer's ceiling
         frames = batch.get("frames")
         real = recon if frames is None else frames_to_unit(frames[:, C : C + H])
-        last = decode(ids[:, C - 1 : C]).float() if frames is None else frames_to_unit(frames[:, C - 1 : C])
         psnr_B, ssim_B = psnr_ssim_per_sample(real, imagined)
         res = {**out, "imagined_BTCHW": imagined, "real_BTCHW": real, "psnr_B": psnr_B, "ssim_B": ssim_B,
-               "psnr_still_B": psnr_ssim_per_sample(real, last.expand_as(real))[0]}  # last context frame held
+               "psnr_still_B": psnr_ssim_per_sample(real, self.copy_videos(batch, real))[0]}
         if frames is not None:
             res["psnr_recon_B"] = psnr_ssim_per_sample(real, recon)[0]
         return res
@@ -243,5 +241,5 @@ class DynamicsModule(StageModule):
         if frames is not None:
             last = frames_to_unit(frames[:, C - 1 : C])
         else:
-            last = self.tokenizer.model.decode(self._inputs(batch)[0][:, C - 1 : C]).float()
+            last = self.tokenizer.model.decode(batch["ids"].long()[:, C - 1 : C]).float()
         return last.expand_as(real_BTCHW)
