@@ -150,13 +150,11 @@ class BehaviorModel(nn.Module):
         feat_BTD = self._features(codes_BThwE, actions_BTA) if feat_BTD is None else feat_BTD
         return self._split(self.prior_head(self._encode(self.prior_in, self.prior_tf, feat_BTD, actions_BTA)))
 
-    def decode(self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None = None
+    def decode(self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """pi(a_t | o_t, z) (``decoder_prev_action``: also a_{t-1}): mean and log-variance, [B, T, A] each."""
         parts = [feat_BTD]
         if self.decoder_prev_action:
-            if actions_BTA is None:
-                raise ValueError("decoder_prev_action=True: decode needs the clip's actions (for a_{t-1})")
             prev_BTA = torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA[:, :-1]], dim=1)
             parts.append(prev_BTA.to(feat_BTD.dtype))
         parts.append(z_BTZ.to(feat_BTD.dtype))

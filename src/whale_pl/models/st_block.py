@@ -114,8 +114,6 @@ class STTransformer(nn.Module):
         return (x_BTSD, new_kv) if return_kv else x_BTSD
 
 
-def append_kv(cache: list[KV] | None, new: list[KV]) -> list[KV]:
+def append_kv(cache: list[KV], new: list[KV]) -> list[KV]:
     """Concatenate per-layer temporal keys/values of newly finalised frames onto a cache."""
-    if cache is None:
-        return new
     return [(torch.cat([ck, nk], dim=2), torch.cat([cv, nv], dim=2)) for (ck, cv), (nk, nv) in zip(cache, new)]
