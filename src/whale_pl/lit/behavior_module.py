@@ -22,7 +22,7 @@ RETIRED = {  # options of earlier versions, with the value that left the model a
     "encoder_frames": True, "encoder": "transformer", "window": 4, "window_shared": False, "encoder_stats": False,
     "decoder_z": "input", "modulate_outliers": True, "prior_decode": 0.0, "marginal_decode": 0.0,
     "change_decode": 0.0, "change_decode_prior": 0.0, "change_edges": None, "change_levels": False,
-    "probe_max_points": 4000, "free_bits": 0.0, **OPTIM_RETIRED,  # options no config set (removed after cf14e40)
+    "probe_max_points": 4000, "free_bits": 0.0, "mlp_ratio": 4.0, **OPTIM_RETIRED,  # options no config set (removed after cf14e40)
 }
 PROBE_MAX_POINTS = 4000  # prior z_t points in the PCA picture
 

@@ -23,7 +23,7 @@ from whale_pl.models.dynamics import DynamicsModel, DynamicsNet
 # options of earlier versions, each with the only value the code still implements (the code of the others: cf14e40)
 RETIRED = {"injection": "adanorm", "history": "masked", "full_mask_prob": 0.0, "change_input": False,
            "prev_frame_input": True, "copy_logit": True, "code_embed": True, "eval_horizon": None, "log_samples": 4,
-           "dropout": 0.0, "max_steps": None, **OPTIM_RETIRED}
+           "dropout": 0.0, "max_steps": None, "mlp_ratio": 4.0, **OPTIM_RETIRED}
 LOG_SAMPLES = 4  # clips in the TensorBoard picture of validation rollouts
 CLOCK_KEYS = ("frame_stride", "action_space", "action_mean", "action_std")  # the behavior prior's inputs
 

@@ -30,7 +30,8 @@ class TokenizerModule(StageModule):
 
     GROUPS = {"net": TokenizerNet, "optim": Optim}
     RETIRED = {"encoder_spatial_radius": None, "sticky_margin": 0.0, "l1_weight": 0.0,  # inert values (cf14e40)
-               "in_channels": 3, "ema": True, "dropout": 0.0, "log_images_every_n_epochs": 1, **OPTIM_RETIRED}
+               "in_channels": 3, "ema": True, "dropout": 0.0, "log_images_every_n_epochs": 1, "mlp_ratio": 4.0,
+               **OPTIM_RETIRED}
     SPEC_KEYS = ("frame_size",)
 
     def __init__(self, net: TokenizerNet = TokenizerNet(), optim: Optim = Optim(lr=1e-3, warmup_steps=100),

@@ -89,7 +89,6 @@ class BehaviorNet:
     dim: int = 64
     depth: int = 2
     heads: int = 4
-    mlp_ratio: float = 4.0
     decoder_hidden: int = 128
     dropout: float = 0.0
     decoder_prev_action: bool = False  # the action decoder also sees a_{t-1} (never a_t)
@@ -99,7 +98,7 @@ class BehaviorModel(nn.Module):
     """Posterior, causal prior and action decoder over (code grids, actions)."""
 
     def __init__(self, code_dim: int, action_dim: int, grid_tokens: int, z_dim: int = 16, dim: int = 64,
-                 depth: int = 2, heads: int = 4, mlp_ratio: float = 4.0, decoder_hidden: int = 128,
+                 depth: int = 2, heads: int = 4, decoder_hidden: int = 128,
                  dropout: float = 0.0, decoder_prev_action: bool = False) -> None:
         super().__init__()
         self.decoder_prev_action = decoder_prev_action
@@ -107,8 +106,8 @@ class BehaviorModel(nn.Module):
         self.pool = GridPool(code_dim, dim, grid_tokens, heads)
         self.post_in = nn.Linear(dim + action_dim, dim)
         self.prior_in = nn.Linear(dim + action_dim, dim)
-        self.post_tf = STTransformer(dim, depth, heads, mlp_ratio, causal=False, dropout=dropout)
-        self.prior_tf = STTransformer(dim, depth, heads, mlp_ratio, causal=True, dropout=dropout)
+        self.post_tf = STTransformer(dim, depth, heads, causal=False, dropout=dropout)
+        self.prior_tf = STTransformer(dim, depth, heads, causal=True, dropout=dropout)
         self.post_head = nn.Linear(dim, 2 * z_dim)
         self.prior_head = nn.Linear(dim, 2 * z_dim)
         self.decoder = nn.Sequential(

@@ -29,7 +29,6 @@ class DynamicsNet:
     dim: int = 256
     depth: int = 8
     heads: int = 8
-    mlp_ratio: float = 4.0
     max_frames: int = 16  # frames one pass attends over (context + generated)
     max_stride: int = 4  # clip strides embedded (1, and 2.. for retracing), in units of frame_stride
     change_weight: float = 1.0  # CE weight w of targets that change; log w on the previous id's logit undoes it
@@ -40,7 +39,7 @@ class DynamicsModel(nn.Module):
     """ST-MaskGIT world model: ``forward(ids_BThw, actions_BTA, z_BTZ) -> logits_BThwV``."""
 
     def __init__(self, codebook_size: int, grid_hw: tuple[int, int] | list[int], action_dim: int, behavior_dim: int = 0,
-                 state_dim: int = 0, dim: int = 256, depth: int = 8, heads: int = 8, mlp_ratio: float = 4.0,
+                 state_dim: int = 0, dim: int = 256, depth: int = 8, heads: int = 8,
                  max_frames: int = 16, max_stride: int = 4, code_dim: int = 0, change_weight: float = 1.0, transition_rank: int = 0) -> None:
         super().__init__()
         if not change_weight > 0:
@@ -56,7 +55,7 @@ class DynamicsModel(nn.Module):
         self.max_frames, self.max_stride, self.dim = max_frames, max_stride, dim
         self.change_weight, self.code_dim, self.transition_rank = float(change_weight), code_dim, transition_rank
         self._build_inputs()
-        self.transformer = STTransformer(dim, depth, heads, mlp_ratio, causal=True, cond_dim=dim)
+        self.transformer = STTransformer(dim, depth, heads, causal=True, cond_dim=dim)
         self._build_outputs()
 
     def _build_inputs(self) -> None:
