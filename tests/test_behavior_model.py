@@ -50,17 +50,6 @@ def test_kl_and_nll_match_torch_distributions():
     assert torch.allclose(gaussian_nll(x, mq, lq), -Normal(mq, (0.5 * lq).exp()).log_prob(x), atol=1e-5)
 
 
-def test_bad_shapes_name_the_mismatch():
-    m = _model()
-    codes, actions = _inputs()
-    with pytest.raises(ValueError, match="grid_tokens=6"):
-        m.prior(torch.randn(B, T, 3, 3, C), actions)
-    with pytest.raises(ValueError, match=r"actions must be \[B,T,4\]"):
-        m.prior(codes, actions[..., :3])
-    with pytest.raises(ValueError, match="disagree"):
-        m.posterior(codes, actions[:, :-1])
-
-
 def _fit_then_eval(m, codes, actions, steps: int = 150):
     """Adam on the fixed batch (beta 0.02), then the loss in eval mode with posterior-mean z."""
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)

@@ -44,7 +44,7 @@ class GridPool(nn.Module):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim={dim} must be divisible by heads={heads}")
-        self.grid_tokens, self.heads = grid_tokens, heads
+        self.heads = heads
         self.inp = nn.Linear(code_dim, dim)
         self.pos_SD = nn.Parameter(torch.randn(grid_tokens, dim) * 0.02)
         self.norm = nn.LayerNorm(dim)
@@ -54,10 +54,7 @@ class GridPool(nn.Module):
 
     def forward(self, codes_BThwE: torch.Tensor) -> torch.Tensor:
         """[B, T, h, w, C] code vectors -> [B, T, dim] per-frame features."""
-        B, T, h, w, C = codes_BThwE.shape
-        if h * w != self.grid_tokens:
-            raise ValueError(f"codes grid {h}x{w} = {h * w} tokens, but the behavior model was built for "
-                             f"grid_tokens={self.grid_tokens}")
+        B = codes_BThwE.shape[0]
         x = self.norm(self.inp(rearrange(codes_BThwE, "b t h w c -> (b t) (h w) c")) + self.pos_SD)
         attn_NSH = self.score(x).softmax(dim=1)
         # the value map is affine and the weights sum to 1: pool each head first, then project its pool
@@ -114,17 +111,6 @@ class BehaviorModel(nn.Module):
             nn.Linear(dim + z_dim + (action_dim if decoder_prev_action else 0), decoder_hidden), nn.GELU(),
             nn.Linear(decoder_hidden, decoder_hidden), nn.GELU(), nn.Linear(decoder_hidden, 2 * action_dim))
 
-    def _features(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
-        """Per-frame features ``[B, T, dim]`` of codes, checked with the actions against the model's shapes."""
-        if codes_BThwE.ndim != 5 or codes_BThwE.shape[-1] != self.code_dim:
-            raise ValueError(f"codes must be [B,T,h,w,{self.code_dim}], got {tuple(codes_BThwE.shape)}")
-        if actions_BTA.ndim != 3 or actions_BTA.shape[-1] != self.action_dim:
-            raise ValueError(f"actions must be [B,T,{self.action_dim}], got {tuple(actions_BTA.shape)}")
-        if codes_BThwE.shape[:2] != actions_BTA.shape[:2]:
-            raise ValueError(f"codes {tuple(codes_BThwE.shape[:2])} and actions {tuple(actions_BTA.shape[:2])} "
-                             "disagree on [B, T]")
-        return self.pool(codes_BThwE)
-
     def _encode(self, proj: nn.Linear, tf: STTransformer, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
         """One token per step from (frame feature, a_t) plus its time embedding, through ``tf``: [B, T, dim]."""
         x = proj(torch.cat([feat_BTD, actions_BTA], dim=-1))
@@ -140,13 +126,13 @@ class BehaviorModel(nn.Module):
     def posterior(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor,
                   feat_BTD: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z | tau_{0:T}) -> (mu_BZ, logvar_BZ), bidirectional (``feat_BTD``: the codes' features, if computed)."""
-        feat_BTD = self._features(codes_BThwE, actions_BTA) if feat_BTD is None else feat_BTD
+        feat_BTD = self.pool(codes_BThwE) if feat_BTD is None else feat_BTD
         return self._split(self.post_head(self._encode(self.post_in, self.post_tf, feat_BTD, actions_BTA).mean(dim=1)))
 
     def prior(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor,
               feat_BTD: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """p(z_t | tau_{0:t}) -> (mu_BTZ, logvar_BTZ), causal: step t sees codes and actions at steps <= t only."""
-        feat_BTD = self._features(codes_BThwE, actions_BTA) if feat_BTD is None else feat_BTD
+        feat_BTD = self.pool(codes_BThwE) if feat_BTD is None else feat_BTD
         return self._split(self.prior_head(self._encode(self.prior_in, self.prior_tf, feat_BTD, actions_BTA)))
 
     def decode(self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor
@@ -168,7 +154,7 @@ class BehaviorModel(nn.Module):
     def loss(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor, beta: float, sample: bool = True,
              kl_balance: float | None = None) -> BehaviorOutput:
         """Action NLL + beta * KL(q || p_t), averaged over B and t; decodes a posterior draw (``sample``) or mean."""
-        feat_BTD = self._features(codes_BThwE, actions_BTA)
+        feat_BTD = self.pool(codes_BThwE)
         mu_q, logvar_q = self.posterior(codes_BThwE, actions_BTA, feat_BTD)
         mu_p, logvar_p = self.prior(codes_BThwE, actions_BTA, feat_BTD)
         z_BZ = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp() if sample else mu_q
