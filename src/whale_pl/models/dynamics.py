@@ -114,18 +114,6 @@ class DynamicsModel(nn.Module):
         first = torch.full_like(ids_BTS[:, 0], self.codebook_size + 1) if prev_ids_BS is None else prev_ids_BS
         return torch.cat([first.unsqueeze(1), ids_BTS[:, :-1]], dim=1)
 
-    def _check_inputs(self, actions_BTA: torch.Tensor, z: torch.Tensor | ZFn | None) -> None:
-        """Raise unless the actions and z (a tensor; for ``imagine`` also the prior as a callable) fit the model."""
-        if actions_BTA.shape[-1] != self.action_dim:
-            raise ValueError(f"actions have {actions_BTA.shape[-1]} dims, the model was built for {self.action_dim}")
-        if self.uses_behavior and z is None:
-            raise ValueError(f"this dynamics model is behavior-conditioned: pass z (behavior_dim={self.behavior_dim}); "
-                             "build it with behavior_dim=0 for the ablation")
-        if not self.uses_behavior and z is not None:
-            raise ValueError("this dynamics model has behavior-conditioning off (behavior_dim=0) but got z")
-        if torch.is_tensor(z) and z.shape[-1] != self.behavior_dim:
-            raise ValueError(f"z has {z.shape[-1]} dims, the model was built for {self.behavior_dim}")
-
     def condition(self, act_in_BTA: torch.Tensor, z_in_BTZ: torch.Tensor | None,
                   stride_B: torch.Tensor | None) -> torch.Tensor:
         """Per-slot conditioning ``[B, T, D]`` from the action/z leading into each slot and the stride (None: 1)."""
@@ -202,7 +190,6 @@ class DynamicsModel(nn.Module):
     def forward(self, ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None = None,
                 stride_B: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits ``[B, T, h, w, V]`` of every position of ``ids_BThw`` (may hold ``mask_id``) and the heads."""
-        self._check_inputs(actions_BTA, z_BTZ)
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
         h, _ = self.trunk(ids, self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B))
         logits = rearrange(self.token_logits(h, self.prev_ids(ids)), "b t (h w) v -> b t h w v", h=ids_BThw.shape[2])
@@ -222,7 +209,6 @@ class DynamicsModel(nn.Module):
             ctx = torch.randint(context_frames, hi + 1, (B,), generator=generator).to(ids.device)
         mask = training_mask(B, T, hh * ww, ctx, ids.device, generator)
         whole, hit = corrupt_tokens(ids, mask, ctx, corrupt_prob, self.codebook_size, generator)  # the copy source
-        self._check_inputs(actions_BTA, z_BTZ)
         cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B)
         h, _ = self.trunk(whole.masked_fill(mask, self.mask_id), cond)
         logits = self.token_logits(h, self.prev_ids(whole), raw=True)  # the copy path reads the unmasked input
@@ -251,7 +237,6 @@ class DynamicsModel(nn.Module):
     def teacher_forced(self, ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None = None,
                        stride_B: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, T-1, h, w, V]`` of frames 1.., each in one step from a masked frame after the true ones."""
-        self._check_inputs(actions_BTA, z_BTZ)
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
         cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B)
         _, kv = self.trunk(ids, cond)
@@ -268,7 +253,6 @@ class DynamicsModel(nn.Module):
                      stride_B: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``probs_BhwV`` of the frame after the context, in one step from a masked one (retracing; stride_B k: after a
         context strided by k, ``actions[:, -1]`` composed over k steps)."""
-        self._check_inputs(actions_BTA, z_BTZ)
         C, hh = context_ids_BThw.shape[1], context_ids_BThw.shape[2]
         if actions_BTA.shape[1] != C:
             raise ValueError(f"predict_next needs one action per context frame: {actions_BTA.shape[1]} != {C}")
@@ -293,7 +277,7 @@ class DynamicsModel(nn.Module):
         B, C, hh, ww = context_ids_BThw.shape
         if actions_BTA is None:
             actions_BTA = torch.zeros(B, 0, self.action_dim, device=context_ids_BThw.device)
-        horizon = self._check_rollout(C, actions_BTA, z, horizon, act_fn)
+        horizon = self._check_rollout(C, actions_BTA, horizon, act_fn)
         roll = Rollout(context_ids_BThw, actions_BTA, z, act_fn)
         start, cache = 0, None  # the window's first frame; temporal keys/values of its finished frames
         for n in range(C, C + horizon):
@@ -323,8 +307,7 @@ class DynamicsModel(nn.Module):
         B = past_BTS.shape[0]
         return [(k.repeat(B, 1, 1, 1), v.repeat(B, 1, 1, 1)) for k, v in self.trunk(past_BTS[:1], cond_BTD[:1])[1]]
 
-    def _check_rollout(self, C: int, actions_BTA: torch.Tensor, z: torch.Tensor | ZFn | None, horizon: int | None,
-                       act_fn: ActFn | None) -> int:
+    def _check_rollout(self, C: int, actions_BTA: torch.Tensor, horizon: int | None, act_fn: ActFn | None) -> int:
         """The rollout's horizon, after checking its inputs against the model."""
         if horizon is None:
             if act_fn is not None:
@@ -332,7 +315,6 @@ class DynamicsModel(nn.Module):
             horizon = actions_BTA.shape[1] - C + 1
         if horizon < 1 or (act_fn is None and actions_BTA.shape[1] < C + horizon - 1):
             raise ValueError(f"need >= C + horizon - 1 = {C + horizon - 1} actions, got {actions_BTA.shape[1]}")
-        self._check_inputs(actions_BTA, z)
         if C > self.max_frames - 1:
             raise ValueError(f"context of {C} frames leaves no room in max_frames={self.max_frames}")
         return horizon
