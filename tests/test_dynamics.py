@@ -218,12 +218,7 @@ def test_code_vectors_enter_embedding_and_logits():
     assert not torch.allclose(a, b, atol=1e-4)
     m.set_code_vectors(vec)
     assert torch.allclose(m(ids, act, z)[0], a)
-    # state_dict does not carry the codebook (it is the frozen tokenizer's); bad shapes are named
-    assert "code_vectors" not in m.state_dict()
-    with pytest.raises(ValueError, match=r"code vectors \(16, 4\)"):
-        m.set_code_vectors(torch.zeros(V, 4))
-    with pytest.raises(ValueError, match="code_dim=0"):
-        _model().set_code_vectors(vec)
+    assert "code_vectors" not in m.state_dict()  # the codebook is the frozen tokenizer's, not a weight
 
 
 def test_change_weight_weights_changed_targets_and_corrects_the_logits():

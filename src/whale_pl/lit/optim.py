@@ -32,8 +32,6 @@ def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: floa
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters split into decayed (ndim >= 2) and non-decayed groups."""
     params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"{type(module).__name__} has no trainable parameters")
     return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 

@@ -47,9 +47,7 @@ class TokenizerModule(StageModule):
 
     def check_data(self, spec: dict[str, Any], where: str) -> None:
         """The data's frame size must equal the tokenizer's (its one ``SPEC_KEYS`` entry)."""
-        fs = spec.get("frame_size")
-        if fs is None:
-            raise ValueError(f"{where}: data_spec has no 'frame_size'")
+        fs = spec["frame_size"]
         if tuple(int(s) for s in fs) != tuple(self.model.frame_size):
             raise ValueError(f"{where}: data frame_size {list(fs)} differs from the tokenizer's configured "
                              f"frame_size {list(self.model.frame_size)} (model.init_args.net.frame_size)")

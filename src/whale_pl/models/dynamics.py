@@ -97,11 +97,6 @@ class DynamicsModel(nn.Module):
 
     def set_code_vectors(self, code_vectors_VE: torch.Tensor) -> None:
         """Install the tokenizer's codebook ``[V, C]`` (unit code vectors) for ``code_dim > 0``."""
-        if self.code_in is None:
-            raise ValueError("this dynamics model was built with code_dim=0: it takes no code vectors")
-        if tuple(code_vectors_VE.shape) != (self.codebook_size, self.code_dim):
-            raise ValueError(f"code vectors {tuple(code_vectors_VE.shape)} != (codebook_size, code_dim) = "
-                             f"{(self.codebook_size, self.code_dim)}")
         self.code_vectors.copy_(code_vectors_VE.detach().to(self.code_vectors))
 
     @property
@@ -254,8 +249,6 @@ class DynamicsModel(nn.Module):
         """``probs_BhwV`` of the frame after the context, in one step from a masked one (retracing; stride_B k: after a
         context strided by k, ``actions[:, -1]`` composed over k steps)."""
         C, hh = context_ids_BThw.shape[1], context_ids_BThw.shape[2]
-        if actions_BTA.shape[1] != C:
-            raise ValueError(f"predict_next needs one action per context frame: {actions_BTA.shape[1]} != {C}")
         ids = rearrange(context_ids_BThw, "b t h w -> b t (h w)")
         ids = torch.cat([ids, torch.full_like(ids[:, :1], self.mask_id)], dim=1)
         act_in = torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA], dim=1)
