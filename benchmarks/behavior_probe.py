@@ -69,7 +69,8 @@ def embed_split(module, episodes, families, clip_len, hop, t_min, batch=32):
         fam = ep.meta["policy"]["family"]
         frames, actions = clips_of(ep, clip_len, hop, norm)
         for i in range(0, len(frames), batch):
-            z = module.model.prior(module.codes(frames[i : i + batch]), actions[i : i + batch])[0][:, t_min:]
+            codes = module.batch_codes({"frames": frames[i : i + batch]})
+            z = module.model.prior(codes, actions[i : i + batch])[0][:, t_min:]
             zs.append(z.flatten(0, 1))
             ys.append(torch.full((z.shape[0] * z.shape[1],), families.index(fam) if fam in families else -1))
             es.append(torch.full((z.shape[0] * z.shape[1],), e))
@@ -93,7 +94,8 @@ def embed_posterior(module, episodes, families, clip_len, hop, batch=32):
         fam = ep.meta["policy"]["family"]
         frames, actions = clips_of(ep, clip_len, hop, norm)
         for i in range(0, len(frames), batch):
-            mu_BZ, _ = module.model.posterior(module.codes(frames[i : i + batch]), actions[i : i + batch])
+            codes = module.batch_codes({"frames": frames[i : i + batch]})
+            mu_BZ, _ = module.model.posterior(codes, actions[i : i + batch])
             zs.append(mu_BZ.float())
             ys.append(torch.full((len(mu_BZ),), families.index(fam) if fam in families else -1))
     return torch.cat(zs), torch.cat(ys)

@@ -151,8 +151,8 @@ def in_domain_loss(stage: str, module: L.LightningModule, batch: dict) -> float:
                 x = batch["frames"].float() / 127.5 - 1
                 return float(F.mse_loss(module.model.decode(module.model.encode(x)).float(), x))
             if stage == "behavior":
-                out = module.model.loss(module.codes(batch["frames"]), batch["actions"], beta=float(module.hparams.beta),
-                                        sample=False)
+                codes = module.batch_codes({"frames": batch["frames"]})
+                out = module.model.loss(codes, batch["actions"], beta=float(module.hparams.beta), sample=False)
                 return float(out.loss)
             ids = module.tokenize(batch["frames"])
             z = module.behavior_z(ids, batch["actions"].float())

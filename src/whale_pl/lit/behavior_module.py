@@ -13,7 +13,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from whale_pl.analysis.probe import pca_2d, probe_accuracy, scatter_figure
 from whale_pl.data.tokens import encode_frames
 from whale_pl.lit.base import OPTIM_RETIRED, Optim, StageModule
-from whale_pl.lit.handoff import SPEC_KEYS, HandoffError
+from whale_pl.lit.handoff import HandoffError
 from whale_pl.lit.tokenizer_module import TokenizerModule
 from whale_pl.models.behavior import BehaviorModel, BehaviorNet
 
@@ -22,7 +22,8 @@ RETIRED = {  # options of earlier versions, with the value that left the model a
     "encoder_frames": True, "encoder": "transformer", "window": 4, "window_shared": False, "encoder_stats": False,
     "decoder_z": "input", "modulate_outliers": True, "prior_decode": 0.0, "marginal_decode": 0.0,
     "change_decode": 0.0, "change_decode_prior": 0.0, "change_edges": None, "change_levels": False,
-    "probe_max_points": 4000, "free_bits": 0.0, "mlp_ratio": 4.0, **OPTIM_RETIRED,  # options no config set (removed after cf14e40)
+    "probe_max_points": 4000, "free_bits": 0.0, "mlp_ratio": 4.0,
+    **OPTIM_RETIRED,  # options no config set (the code of the others: cf14e40)
 }
 PROBE_MAX_POINTS = 4000  # prior z_t points in the PCA picture
 
@@ -34,7 +35,6 @@ class BehaviorModule(StageModule):
     RETIRED = RETIRED
     IGNORED = ("code_cache",)  # a speed switch of earlier versions (token shards replace it); the model is the same
     FROZEN = ("tokenizer",)
-    SPEC_KEYS = SPEC_KEYS
     INIT_FROM_SPEC_KEYS = ("action_space",)  # a pretrained model must share the action space
 
     def __init__(self, tokenizer_ckpt: str, net: BehaviorNet = BehaviorNet(), beta: float = 0.1,
@@ -66,10 +66,6 @@ class BehaviorModule(StageModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if not self.families and getattr(dm, "data_spec", None) is not None:
             self.families = list(dm.data_spec.get("families") or [])
-
-    def codes(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
-        """uint8 frames [B,T,3,H,W] -> frozen tokenizer code vectors [B,T,h,w,C]."""
-        return self.batch_codes({"frames": frames_BTCHW})
 
     @torch.no_grad()
     def batch_codes(self, batch: dict) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric
 from whale_pl.data.frames import frames_to_unit
 from whale_pl.data.tokens import encode_frames
 from whale_pl.lit.base import OPTIM_RETIRED, Optim, StageModule
-from whale_pl.lit.handoff import SPEC_KEYS, HandoffError, values_equal
+from whale_pl.lit.handoff import HandoffError, values_equal
 from whale_pl.lit.logging import log_image, paired_video_grid
 from whale_pl.metrics.video import psnr_ssim_per_sample
 from whale_pl.models.dynamics import DynamicsModel, DynamicsNet
@@ -56,7 +56,6 @@ class DynamicsModule(StageModule):
     GROUPS = {"net": DynamicsNet, "loss": DynamicsLoss, "sampling": Sampling, "optim": Optim}
     RETIRED = RETIRED
     FROZEN = ("tokenizer", "behavior")
-    SPEC_KEYS = SPEC_KEYS
     INIT_FROM_SPEC_KEYS = ("action_space",)  # a pretrained model must share the action space
     supports_value_eval = True  # the evaluation callback's value hook (contracts.md, Evaluation)
 
@@ -74,7 +73,8 @@ class DynamicsModule(StageModule):
         tok, spec = self.tokenizer.model, self.hparams.data_spec
         self.model = DynamicsModel(tok.codebook_size, tok.grid_hw(), action_dim=int(spec["action_dim"]),
                                    behavior_dim=self.behavior.model.z_dim if self.behavior is not None else 0,
-                                   state_dim=int(spec.get("state_dim") or 0), code_dim=tok.code_dim, **asdict(groups["net"]))
+                                   state_dim=int(spec.get("state_dim") or 0), code_dim=tok.code_dim,
+                                   **asdict(groups["net"]))
         self.model.set_code_vectors(tok.embed(torch.arange(tok.codebook_size)))
         self.val_psnr = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})
         self.val_ssim = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})

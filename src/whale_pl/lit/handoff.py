@@ -120,7 +120,7 @@ def own_hparams() -> Iterator[None]:
 
 def load_frozen(path: str | Path, expected_cls: type[M], data_spec: Mapping[str, Any] | None = None,
                 data_spec_keys: Sequence[str] | None = None) -> M:
-    """An ``expected_cls`` checkpoint, frozen, whose ``data_spec`` agrees (on ``data_spec_keys``); else ``HandoffError``."""
+    """An ``expected_cls`` checkpoint, frozen, whose ``data_spec`` agrees on ``data_spec_keys`` (else HandoffError)."""
     from whale_pl.lit.checkpoint import load_module, read_checkpoint
 
     where = f"stage checkpoint {str(path)!r}"

@@ -39,8 +39,8 @@ class DynamicsModel(nn.Module):
     """ST-MaskGIT world model: ``forward(ids_BThw, actions_BTA, z_BTZ) -> logits_BThwV``."""
 
     def __init__(self, codebook_size: int, grid_hw: tuple[int, int] | list[int], action_dim: int, behavior_dim: int = 0,
-                 state_dim: int = 0, dim: int = 256, depth: int = 8, heads: int = 8,
-                 max_frames: int = 16, max_stride: int = 4, code_dim: int = 0, change_weight: float = 1.0, transition_rank: int = 0) -> None:
+                 state_dim: int = 0, dim: int = 256, depth: int = 8, heads: int = 8, max_frames: int = 16,
+                 max_stride: int = 4, code_dim: int = 0, change_weight: float = 1.0, transition_rank: int = 0) -> None:
         super().__init__()
         if not change_weight > 0:
             raise ValueError(f"change_weight must be > 0, got {change_weight}")
@@ -348,9 +348,7 @@ class Rollout:
 
     def action_at(self, n: int) -> torch.Tensor:
         """The action ``[B, A]`` taken at frame n: given, or chosen now by ``act_fn`` from what is imagined so far."""
-        while self.actions_BTA.shape[1] <= n:
-            if self.act_fn is None:
-                raise ValueError(f"no action for frame {n}: {self.actions_BTA.shape[1]} given and no act_fn")
+        while self.actions_BTA.shape[1] <= n:  # _check_rollout made sure act_fn is set when the given ones end
             a_BA = self.act_fn(self.actions_BTA.shape[1], self.outputs())
             self.actions_BTA = torch.cat([self.actions_BTA, a_BA.unsqueeze(1)], dim=1)
         return self.actions_BTA[:, n]

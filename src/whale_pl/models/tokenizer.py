@@ -129,8 +129,5 @@ class VideoTokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, ids_BThw: torch.Tensor) -> torch.Tensor:
         """token ids [B,T,h,w] -> frames [B,T,C,H,W], clamped to [-1, 1]."""
-        h, w = self.grid_hw()
-        if ids_BThw.ndim != 4 or tuple(ids_BThw.shape[2:]) != (h, w):
-            raise ValueError(f"ids must be [B, T, {h}, {w}], got shape {tuple(ids_BThw.shape)}")
         codes_BTSE = rearrange(self.embed(ids_BThw), "b t h w c -> b t (h w) c")
         return self._decode_codes(codes_BTSE).clamp(-1, 1)
