@@ -69,7 +69,8 @@ def embed_split(module, episodes, families, clip_len, hop, t_min, batch=32):
         fam = ep.meta["policy"]["family"]
         frames, actions = clips_of(ep, clip_len, hop, norm)
         for i in range(0, len(frames), batch):
-            z = module.model.prior(module.codes(frames[i : i + batch]), actions[i : i + batch])[0][:, t_min:]
+            codes = module.batch_codes({"frames": frames[i : i + batch]})
+            z = module.model.prior(codes, actions[i : i + batch])[0][:, t_min:]
             zs.append(z.flatten(0, 1))
             ys.append(torch.full((z.shape[0] * z.shape[1],), families.index(fam) if fam in families else -1))
             es.append(torch.full((z.shape[0] * z.shape[1],), e))
@@ -93,7 +94,8 @@ def embed_posterior(module, episodes, families, clip_len, hop, batch=32):
         fam = ep.meta["policy"]["family"]
         frames, actions = clips_of(ep, clip_len, hop, norm)
         for i in range(0, len(frames), batch):
-            mu_BZ, _ = module.model.posterior(module.codes(frames[i : i + batch]), actions[i : i + batch])
+            codes = module.batch_codes({"frames": frames[i : i + batch]})
+            mu_BZ, _ = module.model.posterior(codes, actions[i : i + batch])
             zs.append(mu_BZ.float())
             ys.append(torch.full((len(mu_BZ),), families.index(fam) if fam in families else -1))
     return torch.cat(zs), torch.cat(ys)
@@ -178,7 +180,7 @@ def print_summary(ckpt: str, module, res: dict, families: list[str], a, seconds:
     """The checkpoint's headline line, then val accuracy per family and by history length."""
     acc, hp, nan = res["acc"], module.hparams, float("nan")
     print(f"{ckpt}: beta={hp.beta} z_dim={module.model.z_dim} "
-          f"free_bits={hp.free_bits} | probe accuracy train {acc['train']:.3f}  val (held-out episodes) "
+          f"kl_balance={hp.kl_balance} | probe accuracy train {acc['train']:.3f}  val (held-out episodes) "
           f"{acc.get('val', nan):.3f}  ood (unseen policies) {acc.get('ood', nan):.3f} | "
           f"chance {1 / len(families):.3f} | whole-episode decisions: val {acc.get('val_episode', nan):.3f} "
           f"ood {acc.get('ood_episode', nan):.3f} | {len(res['pts']['train'][1])} train points, t >= {a.t_min} of "

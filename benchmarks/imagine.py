@@ -20,7 +20,7 @@ import yaml
 
 from whale_pl.models.dynamics import DynamicsModel
 
-MODEL_KEYS = ("dim", "depth", "heads", "mlp_ratio", "max_frames", "max_stride", "prev_frame_input", "copy_logit")
+MODEL_KEYS = ("dim", "depth", "heads", "max_frames", "max_stride")
 
 
 def build(cfg_path: Path, codebook: int, grid: int, action_dim: int, z_dim: int, state_dim: int) -> DynamicsModel:

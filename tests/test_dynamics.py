@@ -11,11 +11,11 @@ from whale_pl.models.maskgit import training_mask
 V, HW, A, Z, SD = 16, (3, 3), 4, 5, 6
 
 
-def _model(behavior=True, max_frames=6, seed=0, prev=False, copy=False, code=0, rank=0):
+def _model(behavior=True, max_frames=6, seed=0, code=0, rank=0):
     torch.manual_seed(seed)
     m = DynamicsModel(V, HW, A, behavior_dim=Z if behavior else 0, state_dim=SD, dim=32, depth=2,
-                      heads=4, max_frames=max_frames, max_stride=3, prev_frame_input=prev,
-                      copy_logit=copy, code_dim=code, transition_rank=rank)
+                      heads=4, max_frames=max_frames, max_stride=3, code_dim=code,
+                      transition_rank=rank)
     if code:
         m.set_code_vectors(torch.nn.functional.normalize(torch.randn(V, code), dim=-1))
     # zero-initialised adaptive norms would hide conditioning bugs: perturb every parameter
@@ -60,20 +60,13 @@ def test_causal_in_time_and_conditioned():
     assert not torch.allclose(m(ids, act, z, torch.tensor([2, 3]))[0], logits, atol=1e-4)
 
 
-def test_behavior_switch_and_bad_inputs():
+def test_behavior_switch_and_bad_stride():
     m_off = _model(behavior=False)
     ids, act, z = _batch()
     logits, _ = m_off(ids, act, None)
     assert logits.shape[-1] == V
-    with pytest.raises(ValueError, match="behavior-conditioning off"):
-        m_off(ids, act, z)
-    m_on = _model()
-    with pytest.raises(ValueError, match="pass z"):
-        m_on(ids, act, None)
-    with pytest.raises(ValueError, match="actions have 3 dims"):
-        m_on(ids, act[..., :3], z)
     with pytest.raises(ValueError, match="frame stride"):
-        m_on(ids, act, z, torch.tensor([1, 7]))
+        _model()(ids, act, z, torch.tensor([1, 7]))
 
 
 def test_loss_falls_on_fixed_batch():
@@ -95,9 +88,8 @@ def test_loss_falls_on_fixed_batch():
     assert loss.item() < 0.5 * first
 
 
-@pytest.mark.parametrize("prev,copy", [(False, False), (True, False), (True, True)])
-def test_teacher_forced_matches_masked_full_pass(prev, copy):
-    m = _model(prev=prev, copy=copy)
+def test_teacher_forced_matches_masked_full_pass():
+    m = _model()
     ids, act, z = _batch()
     tf = m.teacher_forced(ids, act, z)
     for t in (1, 4):
@@ -107,9 +99,8 @@ def test_teacher_forced_matches_masked_full_pass(prev, copy):
         assert torch.allclose(tf[:, t - 1], full[:, t], atol=1e-4)
 
 
-@pytest.mark.parametrize("copy", [False, True])
-def test_predict_next_matches_teacher_forced_and_strides(copy):
-    m = _model(copy=copy)
+def test_predict_next_matches_teacher_forced_and_strides():
+    m = _model()
     ids, act, z = _batch()
     tf = m.teacher_forced(ids, act, z)
     out = m.predict_next(ids[:, :3], act[:, :3], z[:, :3])
@@ -119,10 +110,9 @@ def test_predict_next_matches_teacher_forced_and_strides(copy):
     assert not torch.allclose(k2["probs_BhwV"], out["probs_BhwV"])
 
 
-@pytest.mark.parametrize("prev,copy,code,rank", [(False, False, 0, 0), (True, False, 0, 0), (True, True, 3, 0),
-                                                 (True, True, 3, 2)])
-def test_imagine_cache_equals_no_cache(prev, copy, code, rank):
-    m = _model(max_frames=4, prev=prev, copy=copy, code=code, rank=rank)  # 1 context + 7 new frames: the window restarts twice
+@pytest.mark.parametrize("code,rank", [(0, 0), (3, 0), (3, 2)])
+def test_imagine_cache_equals_no_cache(code, rank):
+    m = _model(max_frames=4, code=code, rank=rank)  # 1 context + 7 new frames: the window restarts twice
     ids, act, z = _batch(T=7)
     runs = []
     for use_cache in (True, False):
@@ -197,7 +187,7 @@ def test_copy_logit_starts_at_copy_baseline_and_learns_the_changes():
     """A fresh copy-logit model predicts 'same as the previous frame' everywhere; trained on clips
     where one position follows the action and the rest stand still, it beats copying."""
     torch.manual_seed(0)
-    m = DynamicsModel(V, HW, A, behavior_dim=0, dim=32, depth=2, heads=4, max_frames=6, copy_logit=True)
+    m = DynamicsModel(V, HW, A, behavior_dim=0, dim=32, depth=2, heads=4, max_frames=6)
     g = torch.Generator().manual_seed(0)
     B, T = 16, 5
     ids = torch.randint(0, V, (B, 1, *HW), generator=g).repeat(1, T, 1, 1)
@@ -228,12 +218,7 @@ def test_code_vectors_enter_embedding_and_logits():
     assert not torch.allclose(a, b, atol=1e-4)
     m.set_code_vectors(vec)
     assert torch.allclose(m(ids, act, z)[0], a)
-    # state_dict does not carry the codebook (it is the frozen tokenizer's); bad shapes are named
-    assert "code_vectors" not in m.state_dict()
-    with pytest.raises(ValueError, match=r"code vectors \(16, 4\)"):
-        m.set_code_vectors(torch.zeros(V, 4))
-    with pytest.raises(ValueError, match="code_dim=0"):
-        _model().set_code_vectors(vec)
+    assert "code_vectors" not in m.state_dict()  # the codebook is the frozen tokenizer's, not a weight
 
 
 def test_change_weight_weights_changed_targets_and_corrects_the_logits():
@@ -245,14 +230,14 @@ def test_change_weight_weights_changed_targets_and_corrects_the_logits():
     rew, suc = torch.zeros(4, 5), torch.zeros(4, 5)
     ce = {}
     for w in (1.0, 3.0, 1e6):
-        m = _model(prev=True, copy=True)
+        m = _model()
         m.change_weight = w
         g = torch.Generator().manual_seed(5)
         ce[w] = m.train().training_losses(ids, act, z, rew, suc, generator=g)["ce"].item()
     lo, hi = sorted((ce[1.0], ce[1e6]))
     assert lo < ce[3.0] < hi
-    plain = _model(prev=True, copy=True)
-    weighted = _model(prev=True, copy=True)
+    plain = _model()
+    weighted = _model()
     weighted.change_weight = 3.0
     diff = weighted.teacher_forced(ids, act, z) - plain.teacher_forced(ids, act, z)
     at_prev = torch.nn.functional.one_hot(ids[:, :-1], V).bool()
@@ -268,8 +253,7 @@ def test_change_weight_keeps_predictions_calibrated():
     while the corrected probabilities stay near the true 0.3, so the argmax mostly copies (measured:
     corrected p 0.37, copies 68 %, accuracy 0.60; raw p 0.71, copies 0 %, accuracy 0.19)."""
     torch.manual_seed(0)
-    m = DynamicsModel(V, HW, A, behavior_dim=0, dim=32, depth=1, heads=4, max_frames=6, prev_frame_input=True,
-                      copy_logit=True, change_weight=10.0)
+    m = DynamicsModel(V, HW, A, behavior_dim=0, dim=32, depth=1, heads=4, max_frames=6, change_weight=10.0)
     g = torch.Generator().manual_seed(0)
     B, T = 32, 5
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
@@ -316,8 +300,8 @@ def _perm_clips(perms_SV: torch.Tensor, B: int, T: int, seed: int) -> torch.Tens
 
 def _transition_model(rank: int) -> DynamicsModel:
     torch.manual_seed(0)
-    m = DynamicsModel(V, HW, A, dim=32, depth=2, heads=4, max_frames=6, prev_frame_input=True, copy_logit=True,
-                      code_dim=8, transition_rank=rank)
+    m = DynamicsModel(V, HW, A, dim=32, depth=2, heads=4, max_frames=6, code_dim=8,
+                      transition_rank=rank)
     m.set_code_vectors(torch.nn.functional.normalize(torch.randn(V, 8, generator=torch.Generator().manual_seed(5)), dim=-1))
     return m
 
@@ -371,7 +355,7 @@ def test_transition_rank_needs_code_vectors_and_a_whole_number():
 def test_shared_context_computes_the_history_once_and_imagines_the_same():
     """Candidates of one plan share their context frames, actions and z: with ``shared_context`` the history's
     keys/values are computed on one row (one trunk pass of batch 1) and the rollouts are those of the plain path."""
-    m = _model(prev=True, copy=True)
+    m = _model()
     ids, act, z = _batch(B=1, T=6)
     N = 5
     ctx = ids[:, :2].expand(N, -1, -1, -1)

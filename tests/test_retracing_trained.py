@@ -39,7 +39,7 @@ def strided_clip(ids, acts, k):
     return ids[:, idx], comp
 
 
-def train_tiny(seed: int, steps: int = 300) -> DynamicsModel:
+def train_tiny(seed: int, steps: int = 600) -> DynamicsModel:
     torch.manual_seed(seed)
     m = DynamicsModel(V, (G, G), 4, dim=32, depth=2, heads=4, max_frames=T, max_stride=K)
     opt = torch.optim.AdamW(m.parameters(), lr=6e-3)

@@ -31,7 +31,7 @@ def test_kv_cache_matches_full_pass():
     outs = []
     for t in range(5):
         y, kv = m(x[:, t : t + 1], c[:, t : t + 1], kv_cache=cache, return_kv=True)
-        cache = append_kv(cache, kv)
+        cache = kv if cache is None else append_kv(cache, kv)
         outs.append(y)
     assert torch.allclose(torch.cat(outs, 1), full, atol=1e-5)
 

@@ -28,7 +28,8 @@ from einops import rearrange
 from whale_pl.data.oxe.cli import main as oxe_main
 from whale_pl.data.shards import ShardWriter, iter_episodes
 from test_oxe_mixture import read_mixture  # noqa: E402  (tests/ is on sys.path under pytest)
-from whale_pl.lit.init_from import InitFromError, init_from_checkpoint, own_state
+from whale_pl.lit.handoff import HandoffError
+from whale_pl.lit.init_from import init_from_checkpoint
 
 from test_oxe_fixtures import rt1_dataset  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -157,8 +158,8 @@ def in_domain_loss(stage: str, module: L.LightningModule, batch: dict) -> float:
                 x = batch["frames"].float() / 127.5 - 1
                 return float(F.mse_loss(module.model.decode(module.model.encode(x)).float(), x))
             if stage == "behavior":
-                out = module.model.loss(module.codes(batch["frames"]), batch["actions"], beta=float(module.hparams.beta),
-                                        sample=False)
+                codes = module.batch_codes({"frames": batch["frames"]})
+                out = module.model.loss(codes, batch["actions"], beta=float(module.hparams.beta), sample=False)
                 return float(out.loss)
             ids = module.tokenize(batch["frames"])
             z = module.behavior_z(ids, batch["actions"].float())
@@ -175,7 +176,8 @@ class Probe(L.Callback):
         self.stage, self.batch = stage, batch
 
     def on_train_start(self, trainer, pl_module):
-        self.start = {k: v.detach().clone() for k, v in own_state(pl_module).items()}
+        skip = tuple(f"{name}." for name in pl_module.FROZEN)  # the module's own weights, not the frozen stages'
+        self.start = {k: v.detach().clone() for k, v in pl_module.state_dict().items() if not k.startswith(skip)}
         self.loss_start = in_domain_loss(self.stage, pl_module, self.batch)
 
     def on_train_end(self, trainer, pl_module):
@@ -304,18 +306,18 @@ def test_init_from_names_the_path_and_the_mismatch(pretrained, tmp_path):
     from whale_pl.lit.tokenizer_module import TokenizerModule
 
     tok = str(pretrained["tokenizer"])
-    with pytest.raises(InitFromError, match=r"'.*tokenizer\.ckpt'.*codebook_size 32 in the checkpoint != 64 here"):
+    with pytest.raises(HandoffError, match=r"'.*tokenizer\.ckpt'.*codebook_size 32 in the checkpoint != 64 here"):
         init_from_checkpoint(TokenizerModule(net=dict(TINY_TOK, codebook_size=64)), tok)
-    with pytest.raises(InitFromError, match=r"hyper-parameter dim 32 in the checkpoint != 48 here.*shape mismatch"):
+    with pytest.raises(HandoffError, match=r"hyper-parameter dim 32 in the checkpoint != 48 here.*shape mismatch"):
         init_from_checkpoint(TokenizerModule(net=dict(TINY_TOK, dim=48)), tok)
-    with pytest.raises(InitFromError, match=re.escape(f"'{pretrained['behavior']}' holds a "
+    with pytest.raises(HandoffError, match=re.escape(f"'{pretrained['behavior']}' holds a "
                                                       "whale_pl.lit.behavior_module.BehaviorModule, not a "
                                                       "whale_pl.lit.tokenizer_module.TokenizerModule")):
         init_from_checkpoint(TokenizerModule(net=TINY_TOK), pretrained["behavior"])
-    with pytest.raises(InitFromError, match=r"'.*nothing\.ckpt' does not exist"):
+    with pytest.raises(HandoffError, match=r"'.*nothing\.ckpt' does not exist"):
         init_from_checkpoint(TokenizerModule(net=TINY_TOK), tmp_path / "nothing.ckpt")
     off = DynamicsModule(tokenizer_ckpt=tok, use_behavior=False, **TINY_DYN)
-    with pytest.raises(InitFromError, match=r"'.*dynamics\.ckpt'.*behavior_dim 4 in the checkpoint != 0 here"):
+    with pytest.raises(HandoffError, match=r"'.*dynamics\.ckpt'.*behavior_dim 4 in the checkpoint != 0 here"):
         init_from_checkpoint(off, pretrained["dynamics"])
 
 

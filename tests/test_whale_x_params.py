@@ -44,7 +44,7 @@ def test_whale_x_total_is_414m():
         dyn = DynamicsModel(
             codebook_size=tok.codebook_size, grid_hw=(h, w), action_dim=OXE_ACTION_DIM,
             behavior_dim=beh.z_dim if dyn_args.get("use_behavior", True) else 0, state_dim=0,
-            **{k: dyn_args[k] for k in ("dim", "depth", "heads", "mlp_ratio", "max_frames", "max_stride")
+            **{k: dyn_args[k] for k in ("dim", "depth", "heads", "max_frames", "max_stride")
                if k in dyn_args},
         )
     counts = {"tokenizer": _count(tok), "behavior": _count(beh), "dynamics": _count(dyn)}

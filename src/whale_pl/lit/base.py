@@ -13,8 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from whale_pl.data.tokens import check_token_tokenizer
 from whale_pl.lit.checkpoint import load_module
-from whale_pl.lit.handoff import (HandoffError, check_data_spec, fingerprint, freeze_, load_frozen, own_hparams,
-                                  stamp_class)
+from whale_pl.lit.handoff import (SPEC_KEYS, HandoffError, check_data_spec, fingerprint, freeze_, load_frozen,
+                                  own_hparams, stamp_class)
 from whale_pl.lit.init_from import init_from_checkpoint
 from whale_pl.lit.optim import adamw_warmup_cosine
 
@@ -62,7 +62,7 @@ class StageModule(L.LightningModule):
     GROUPS: ClassVar[dict[str, type]] = {"optim": Optim}
     RETIRED: ClassVar[dict[str, Any]] = {}  # removed option -> the default it had
     FROZEN: ClassVar[tuple[str, ...]] = ()  # attributes holding frozen earlier stages
-    SPEC_KEYS: ClassVar[Sequence[str] | None] = ()  # data_spec keys this stage must agree on (None: all)
+    SPEC_KEYS: ClassVar[Sequence[str]] = SPEC_KEYS  # data_spec keys this stage must agree on
     INIT_FROM_SPEC_KEYS: ClassVar[Sequence[str]] = ()  # those an init_from checkpoint must share (fine-tuning)
 
     def init_groups(self, **groups: Any) -> dict[str, Any]:
@@ -96,12 +96,12 @@ class StageModule(L.LightningModule):
                 freeze_(module)
 
     def load_earlier(self, name: str, path: str, cls: type, data_spec: Mapping[str, Any] | None,
-                     expect: Mapping[str, Any] | None = None, own_weights: bool = False) -> Any:
-        """The frozen earlier stage ``name`` from ``path``, checked against ``data_spec``, ``expect`` and the
-        recorded ``<name>_sha256`` (of the module, or with ``own_weights`` its ``model``)."""
+                     own_weights: bool = False) -> Any:
+        """The frozen earlier stage ``name`` from ``path``, checked against ``data_spec`` and the recorded
+        ``<name>_sha256`` (of the module, or with ``own_weights`` its ``model``)."""
         keys = None if data_spec is None else self.spec_keys(data_spec)
         with own_hparams():
-            module = load_frozen(path, cls, data_spec=data_spec, data_spec_keys=keys, expect=expect)
+            module = load_frozen(path, cls, data_spec=data_spec, data_spec_keys=keys)
         sha = fingerprint(module.model if own_weights else module)
         recorded = self.hparams.get(f"{name}_sha256")
         if recorded is not None and recorded != sha:
@@ -112,9 +112,9 @@ class StageModule(L.LightningModule):
         self.hparams[f"{name}_sha256"] = sha
         return module
 
-    def spec_keys(self, spec: Mapping[str, Any]) -> list[str] | None:
-        """The keys of ``spec`` this stage compares (None: all)."""
-        return None if self.SPEC_KEYS is None else [k for k in self.SPEC_KEYS if k in spec]
+    def spec_keys(self, spec: Mapping[str, Any]) -> list[str]:
+        """The keys of ``spec`` this stage compares."""
+        return [k for k in self.SPEC_KEYS if k in spec]
 
     def check_data(self, spec: Mapping[str, Any], where: str) -> None:
         """Raise when the datamodule's data_spec does not fit this module (stages add their own checks)."""
@@ -122,8 +122,7 @@ class StageModule(L.LightningModule):
             check_data_spec(self.hparams["data_spec"], spec, where, self.spec_keys(spec))
 
     def setup(self, stage: str) -> None:
-        """Check the datamodule's data_spec (and record it when fitting) and token shards (of this stage's frozen
-        tokenizer); apply ``init_from`` when fitting."""
+        """Check the datamodule's data_spec (recorded when fitting) and token shards; apply ``init_from`` at fit."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         spec = getattr(dm, "data_spec", None)
         if spec is None and self.hparams.get("data_spec") is None:

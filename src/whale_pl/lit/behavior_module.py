@@ -13,7 +13,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from whale_pl.analysis.probe import pca_2d, probe_accuracy, scatter_figure
 from whale_pl.data.tokens import encode_frames
 from whale_pl.lit.base import OPTIM_RETIRED, Optim, StageModule
-from whale_pl.lit.handoff import SPEC_KEYS
+from whale_pl.lit.handoff import HandoffError
 from whale_pl.lit.tokenizer_module import TokenizerModule
 from whale_pl.models.behavior import BehaviorModel, BehaviorNet
 
@@ -22,7 +22,8 @@ RETIRED = {  # options of earlier versions, with the value that left the model a
     "encoder_frames": True, "encoder": "transformer", "window": 4, "window_shared": False, "encoder_stats": False,
     "decoder_z": "input", "modulate_outliers": True, "prior_decode": 0.0, "marginal_decode": 0.0,
     "change_decode": 0.0, "change_decode_prior": 0.0, "change_edges": None, "change_levels": False,
-    "probe_max_points": 4000, **OPTIM_RETIRED,  # options no config set (removed after cf14e40)
+    "probe_max_points": 4000, "free_bits": 0.0, "mlp_ratio": 4.0,
+    **OPTIM_RETIRED,  # options no config set (the code of the others: cf14e40)
 }
 PROBE_MAX_POINTS = 4000  # prior z_t points in the PCA picture
 
@@ -34,11 +35,10 @@ class BehaviorModule(StageModule):
     RETIRED = RETIRED
     IGNORED = ("code_cache",)  # a speed switch of earlier versions (token shards replace it); the model is the same
     FROZEN = ("tokenizer",)
-    SPEC_KEYS = SPEC_KEYS
     INIT_FROM_SPEC_KEYS = ("action_space",)  # a pretrained model must share the action space
 
     def __init__(self, tokenizer_ckpt: str, net: BehaviorNet = BehaviorNet(), beta: float = 0.1,
-                 free_bits: float = 0.0, kl_warmup_steps: int = 0, kl_balance: float | None = None,
+                 kl_warmup_steps: int = 0, kl_balance: float | None = None,
                  optim: Optim = Optim(lr=1e-3, weight_decay=0.01, warmup_steps=50), probe_t_min: int = 8,
                  expect_codebook_size: int | None = None, data_spec: dict | None = None,
                  tokenizer_sha256: str | None = None, init_from: str | None = None) -> None:
@@ -46,8 +46,10 @@ class BehaviorModule(StageModule):
         super().__init__()
         self.save_hyperparameters()
         groups = self.init_groups(net=net, optim=optim)
-        expect = {"codebook_size": expect_codebook_size} if expect_codebook_size is not None else None
-        self.tokenizer = self.load_earlier("tokenizer", tokenizer_ckpt, TokenizerModule, data_spec, expect)
+        self.tokenizer = self.load_earlier("tokenizer", tokenizer_ckpt, TokenizerModule, data_spec)
+        if expect_codebook_size is not None and self.tokenizer.model.codebook_size != expect_codebook_size:
+            raise HandoffError(f"stage checkpoint {str(tokenizer_ckpt)!r}: codebook_size is "
+                               f"{self.tokenizer.model.codebook_size}, expected {expect_codebook_size}")
         if data_spec is None:  # inherit the data the tokenizer was trained on; checked against the datamodule
             data_spec = self.hparams["data_spec"] = dict(self.tokenizer.hparams["data_spec"])
         tok = self.tokenizer.model
@@ -65,10 +67,6 @@ class BehaviorModule(StageModule):
         if not self.families and getattr(dm, "data_spec", None) is not None:
             self.families = list(dm.data_spec.get("families") or [])
 
-    def codes(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
-        """uint8 frames [B,T,3,H,W] -> frozen tokenizer code vectors [B,T,h,w,C]."""
-        return self.batch_codes({"frames": frames_BTCHW})
-
     @torch.no_grad()
     def batch_codes(self, batch: dict) -> torch.Tensor:
         """Code vectors of a batch's clips: of its ``ids`` (token shards), else of its frames tokenised now."""
@@ -83,8 +81,8 @@ class BehaviorModule(StageModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One stage-2 step on a batch of clips (posterior z sampled)."""
         beta = self.current_beta()
-        out = self.model.loss(self.batch_codes(batch), batch["actions"], beta=beta,
-                              free_bits=float(self.hparams.free_bits), sample=True, kl_balance=self.hparams.kl_balance)
+        out = self.model.loss(self.batch_codes(batch), batch["actions"], beta=beta, sample=True,
+                              kl_balance=self.hparams.kl_balance)
         B = batch["actions"].shape[0]
         self.log_dict({"train/loss": out.loss, "train/action_nll": out.nll, "train/kl": out.kl,
                        "train/action_mse": out.action_mse, "train/beta": beta}, prog_bar=False, batch_size=B)
@@ -93,8 +91,8 @@ class BehaviorModule(StageModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Validation loss with the posterior mean; keeps the prior's z_t (t >= probe_t_min) for the probe."""
-        out = self.model.loss(self.batch_codes(batch), batch["actions"], beta=float(self.hparams.beta),
-                              free_bits=float(self.hparams.free_bits), sample=False, kl_balance=self.hparams.kl_balance)
+        out = self.model.loss(self.batch_codes(batch), batch["actions"], beta=float(self.hparams.beta), sample=False,
+                              kl_balance=self.hparams.kl_balance)
         B = batch["actions"].shape[0]
         self.log_dict({"val/loss": out.loss, "val/action_nll": out.nll, "val/kl": out.kl,
                        "val/action_mse": out.action_mse, "val/action_mse_prior": out.action_mse_prior},

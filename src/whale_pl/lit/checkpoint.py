@@ -39,9 +39,8 @@ def read_checkpoint(path: str | Path, where: str | None = None) -> dict[str, Any
 
 
 def migrate_hparams(cls: type, hparams: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """A checkpoint's hyper-parameters as arguments of today's ``cls``: flat names moved into their group,
-    retired ones (flat or in a group) dropped at the value the code still implements and refused otherwise,
-    ignored ones (``cls.IGNORED``) dropped whatever their value."""
+    """A checkpoint's hyper-parameters as arguments of today's ``cls``: flat names moved into their group, ``RETIRED``
+    ones dropped at the value the code still implements (else refused), ``IGNORED`` ones dropped."""
     params = set(inspect.signature(cls.__init__).parameters) - {"self"}
     groups = getattr(cls, "GROUPS", {})
     ignored = set(getattr(cls, "IGNORED", ()))  # removed options that never changed the trained model

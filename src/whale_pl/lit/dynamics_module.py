@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric
 from whale_pl.data.frames import frames_to_unit
 from whale_pl.data.tokens import encode_frames
 from whale_pl.lit.base import OPTIM_RETIRED, Optim, StageModule
-from whale_pl.lit.handoff import SPEC_KEYS, HandoffError, values_equal
+from whale_pl.lit.handoff import HandoffError, values_equal
 from whale_pl.lit.logging import log_image, paired_video_grid
 from whale_pl.metrics.video import psnr_ssim_per_sample
 from whale_pl.models.dynamics import DynamicsModel, DynamicsNet
@@ -23,7 +23,7 @@ from whale_pl.models.dynamics import DynamicsModel, DynamicsNet
 # options of earlier versions, each with the only value the code still implements (the code of the others: cf14e40)
 RETIRED = {"injection": "adanorm", "history": "masked", "full_mask_prob": 0.0, "change_input": False,
            "prev_frame_input": True, "copy_logit": True, "code_embed": True, "eval_horizon": None, "log_samples": 4,
-           "dropout": 0.0, "max_steps": None, **OPTIM_RETIRED}
+           "dropout": 0.0, "max_steps": None, "mlp_ratio": 4.0, **OPTIM_RETIRED}
 LOG_SAMPLES = 4  # clips in the TensorBoard picture of validation rollouts
 CLOCK_KEYS = ("frame_stride", "action_space", "action_mean", "action_std")  # the behavior prior's inputs
 
@@ -56,7 +56,6 @@ class DynamicsModule(StageModule):
     GROUPS = {"net": DynamicsNet, "loss": DynamicsLoss, "sampling": Sampling, "optim": Optim}
     RETIRED = RETIRED
     FROZEN = ("tokenizer", "behavior")
-    SPEC_KEYS = SPEC_KEYS
     INIT_FROM_SPEC_KEYS = ("action_space",)  # a pretrained model must share the action space
     supports_value_eval = True  # the evaluation callback's value hook (contracts.md, Evaluation)
 
@@ -75,7 +74,7 @@ class DynamicsModule(StageModule):
         self.model = DynamicsModel(tok.codebook_size, tok.grid_hw(), action_dim=int(spec["action_dim"]),
                                    behavior_dim=self.behavior.model.z_dim if self.behavior is not None else 0,
                                    state_dim=int(spec.get("state_dim") or 0), code_dim=tok.code_dim,
-                                   prev_frame_input=True, copy_logit=True, **asdict(groups["net"]))
+                                   **asdict(groups["net"]))
         self.model.set_code_vectors(tok.embed(torch.arange(tok.codebook_size)))
         self.val_psnr = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})
         self.val_ssim = torch.nn.ModuleDict({k: MeanMetric() for k in ("train_family", "ood", "all")})
@@ -208,8 +207,7 @@ class DynamicsModule(StageModule):
 
     @torch.no_grad()
     def rollout(self, batch: dict, horizon: int | None = None, ids: torch.Tensor | None = None,
-                actions: torch.Tensor | None = None, stride: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                actions: torch.Tensor | None = None, stride: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Rollout of a batch's clips with the recorded actions, decoded, with PSNR / SSIM against the real clip
         (a token batch: its decoding) beside the reconstruction and still-frame references."""
         if ids is None:
@@ -217,16 +215,15 @@ class DynamicsModule(StageModule):
         C = self.loss_cfg.context_frames
         H = min(horizon or self.sampling.rollout_horizon, ids.shape[1] - C)
         out = self.model.imagine(ids[:, :C], actions, self.z_fn(), horizon=H, steps=self.sampling.maskgit_steps,
-                                 temperature=self.sampling.temperature, stride_B=stride, generator=generator)
+                                 temperature=self.sampling.temperature, stride_B=stride)
         decode = self.tokenizer.model.decode
         imagined = decode(out["ids_BThw"]).float()
         recon = decode(ids[:, C : C + H]).float()  # the tokenizer's ceiling
         frames = batch.get("frames")
         real = recon if frames is None else frames_to_unit(frames[:, C : C + H])
-        last = decode(ids[:, C - 1 : C]).float() if frames is None else frames_to_unit(frames[:, C - 1 : C])
         psnr_B, ssim_B = psnr_ssim_per_sample(real, imagined)
         res = {**out, "imagined_BTCHW": imagined, "real_BTCHW": real, "psnr_B": psnr_B, "ssim_B": ssim_B,
-               "psnr_still_B": psnr_ssim_per_sample(real, last.expand_as(real))[0]}  # last context frame held
+               "psnr_still_B": psnr_ssim_per_sample(real, self.copy_videos(batch, real))[0]}
         if frames is not None:
             res["psnr_recon_B"] = psnr_ssim_per_sample(real, recon)[0]
         return res
@@ -244,5 +241,5 @@ class DynamicsModule(StageModule):
         if frames is not None:
             last = frames_to_unit(frames[:, C - 1 : C])
         else:
-            last = self.tokenizer.model.decode(self._inputs(batch)[0][:, C - 1 : C]).float()
+            last = self.tokenizer.model.decode(batch["ids"].long()[:, C - 1 : C]).float()
         return last.expand_as(real_BTCHW)

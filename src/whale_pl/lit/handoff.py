@@ -77,13 +77,7 @@ def freeze_(module: M) -> M:
     for m in module.modules():  # the instance attribute shadows nn.Module.train; the parent's train() calls it
         object.__setattr__(m, "train", functools.partial(_pinned_train, m))
         m.training = False
-    module.whale_frozen = True  # type: ignore[attr-defined]
     return module
-
-
-def is_frozen(module: nn.Module) -> bool:
-    """Whether ``freeze_`` froze this module."""
-    return bool(getattr(module, "whale_frozen", False))
 
 
 def values_equal(a: Any, b: Any) -> bool:
@@ -125,9 +119,8 @@ def own_hparams() -> Iterator[None]:
 
 
 def load_frozen(path: str | Path, expected_cls: type[M], data_spec: Mapping[str, Any] | None = None,
-                data_spec_keys: Sequence[str] | None = None, expect: Mapping[str, Any] | None = None) -> M:
-    """An ``expected_cls`` checkpoint, frozen, whose ``data_spec`` (``data_spec_keys``) and ``expect`` items
-    (attributes of the module or its ``model``, or hyper-parameters) agree; else ``HandoffError`` naming ``path``."""
+                data_spec_keys: Sequence[str] | None = None) -> M:
+    """An ``expected_cls`` checkpoint, frozen, whose ``data_spec`` agrees on ``data_spec_keys`` (else HandoffError)."""
     from whale_pl.lit.checkpoint import load_module, read_checkpoint
 
     where = f"stage checkpoint {str(path)!r}"
@@ -135,12 +128,4 @@ def load_frozen(path: str | Path, expected_cls: type[M], data_spec: Mapping[str,
     module = load_module(path, expected_cls, where=where, ckpt=ckpt)
     if data_spec is not None:
         check_data_spec(ckpt.get("hyper_parameters", {}).get("data_spec"), data_spec, where, data_spec_keys)
-    hp = getattr(module, "hparams", {})
-    for name, value in (expect or {}).items():
-        owner = next((o for o in (module, getattr(module, "model", None)) if o is not None and hasattr(o, name)), None)
-        if owner is None and name not in hp:
-            raise HandoffError(f"{where}: has no attribute or hyper-parameter {name!r}")
-        have = getattr(owner, name) if owner is not None else hp[name]
-        if not values_equal(have, value):
-            raise HandoffError(f"{where}: {name} is {have!r}, expected {value!r}")
     return freeze_(module)

@@ -12,23 +12,7 @@ import torch
 from torch import nn
 
 from whale_pl.lit.checkpoint import migrate_hparams, read_checkpoint
-from whale_pl.lit.handoff import (CLASS_KEY, FACTS_KEY, HandoffError, is_frozen, model_facts, qualified_name,
-                                  values_equal)
-
-
-class InitFromError(HandoffError):
-    """A pretrained checkpoint cannot initialise this module (missing, other class, other shapes)."""
-
-
-def frozen_prefixes(module: nn.Module) -> tuple[str, ...]:
-    """State-dict prefixes of the frozen earlier stages held as submodules (``tokenizer.``, ...)."""
-    return tuple(f"{name}." for name, child in module.named_children() if is_frozen(child))
-
-
-def own_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state dict without its frozen earlier stages."""
-    skip = frozen_prefixes(module)
-    return {k: v for k, v in module.state_dict().items() if not k.startswith(skip)}
+from whale_pl.lit.handoff import CLASS_KEY, FACTS_KEY, HandoffError, model_facts, qualified_name, values_equal
 
 
 def _flat(hp: Mapping[str, Any]) -> dict[str, Any]:
@@ -50,19 +34,17 @@ def _differ(label: str, theirs: Mapping[str, Any], ours: Mapping[str, Any], name
 
 def check_init_compatible(module: nn.Module, ckpt: Mapping[str, Any], where: str,
                           data_spec_keys: Sequence[str] = ()) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors for ``module``'s own (non-frozen) ones, or ``InitFromError`` listing every mismatch."""
+    """The checkpoint's tensors for ``module``'s own (non-frozen) ones, or ``HandoffError`` listing every mismatch."""
     want, got = qualified_name(type(module)), ckpt.get(CLASS_KEY)
     if got is not None and got != want:
-        raise InitFromError(f"{where} holds a {got}, not a {want}: init_from needs a checkpoint of the same stage")
-    try:
-        hp_ckpt = _flat(migrate_hparams(type(module), ckpt.get("hyper_parameters") or {}, where))
-    except HandoffError as e:
-        raise InitFromError(str(e)) from None
+        raise HandoffError(f"{where} holds a {got}, not a {want}: init_from needs a checkpoint of the same stage")
+    hp_ckpt = _flat(migrate_hparams(type(module), ckpt.get("hyper_parameters") or {}, where))
     hp_here, facts = _flat(getattr(module, "hparams", {})), model_facts(module)
     problems = _differ("", ckpt.get(FACTS_KEY) or {}, facts, facts)
     problems += _differ("data_spec ", hp_ckpt.get("data_spec") or {}, hp_here.get("data_spec") or {}, data_spec_keys)
-    theirs = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(frozen_prefixes(module))}
-    mine = own_state(module)
+    skip = tuple(f"{name}." for name in getattr(module, "FROZEN", ()))  # the frozen earlier stages
+    theirs = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(skip)}
+    mine = {k: v for k, v in module.state_dict().items() if not k.startswith(skip)}
     missing, unexpected = mine.keys() - theirs.keys(), theirs.keys() - mine.keys()
     shapes = _differ("", {k: list(v.shape) for k, v in theirs.items()}, {k: list(v.shape) for k, v in mine.items()},
                      sorted(mine.keys() & theirs.keys()))
@@ -77,18 +59,13 @@ def check_init_compatible(module: nn.Module, ckpt: Mapping[str, Any], where: str
         names = inspect.signature(type(model).__init__).parameters if model is not None else ()
         problems = _differ("hyper-parameter ", hp_ckpt, hp_here, names) + problems
     if problems:
-        raise InitFromError(f"{where} does not fit this {type(module).__name__}: " + "; ".join(problems))
+        raise HandoffError(f"{where} does not fit this {type(module).__name__}: " + "; ".join(problems))
     return theirs
 
 
-def init_from_checkpoint(module: nn.Module, path: str | Path, data_spec_keys: Sequence[str] = (),
-                         map_location: str | torch.device = "cpu") -> int:
+def init_from_checkpoint(module: nn.Module, path: str | Path, data_spec_keys: Sequence[str] = ()) -> int:
     """Copy a checkpoint's tensors into ``module``'s own ones in place; returns how many were copied."""
     where = f"init_from checkpoint {str(Path(path))!r}"
-    try:
-        ckpt = read_checkpoint(path, where)
-    except HandoffError as e:
-        raise InitFromError(str(e)) from None
-    tensors = check_init_compatible(module, ckpt, where, data_spec_keys)
+    tensors = check_init_compatible(module, read_checkpoint(path, where), where, data_spec_keys)
     module.load_state_dict(tensors, strict=False)  # the check above made the keys match this module's own
     return len(tensors)

@@ -9,20 +9,16 @@ from whale_pl.data.frames import frames_to_unit
 
 
 def paired_video_grid(top_BTCHW: torch.Tensor, bottom_BTCHW: torch.Tensor, max_clips: int = 4,
-                      max_frames: int | None = 8, pad: int = 1) -> torch.Tensor:
+                      max_frames: int | None = 8) -> torch.Tensor:
     """One image [3, H', W'] in [0, 1]: per clip a row of ``top`` frames above a row of ``bottom`` frames,
     time running left to right. Frames are uint8 or float in [-1, 1]; ``max_frames=None`` shows all."""
-    if top_BTCHW.shape != bottom_BTCHW.shape:
-        raise ValueError(f"grid halves differ in shape: {tuple(top_BTCHW.shape)} vs {tuple(bottom_BTCHW.shape)}")
     halves = [(frames_to_unit(x[:max_clips, :max_frames]).cpu() + 1) / 2 for x in (top_BTCHW, bottom_BTCHW)]
-    rows_B2TCHW = torch.nn.functional.pad(torch.stack(halves, dim=1), (pad, pad, pad, pad), value=1.0)
+    rows_B2TCHW = torch.nn.functional.pad(torch.stack(halves, dim=1), (1, 1, 1, 1), value=1.0)
     return rearrange(rows_B2TCHW, "b r t c h w -> c (b r h) (t w)")
 
 
-def log_image(module, tag: str, image_CHW: torch.Tensor) -> bool:
-    """Write an image to the module's TensorBoard logger at the current step; False if it takes no images."""
+def log_image(module, tag: str, image_CHW: torch.Tensor) -> None:
+    """Write an image to the module's TensorBoard logger at the current step (when it takes images)."""
     exp = getattr(getattr(module, "logger", None), "experiment", None)
-    if not hasattr(exp, "add_image"):
-        return False
-    exp.add_image(tag, image_CHW, global_step=module.global_step)
-    return True
+    if hasattr(exp, "add_image"):
+        exp.add_image(tag, image_CHW, global_step=module.global_step)

@@ -8,6 +8,7 @@ from typing import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from torch.optim.lr_scheduler import LambdaLR
 
 
@@ -31,8 +32,6 @@ def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: floa
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters split into decayed (ndim >= 2) and non-decayed groups."""
     params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"{type(module).__name__} has no trainable parameters")
     return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
@@ -44,15 +43,10 @@ def adamw_warmup_cosine(module: L.LightningModule, lr: float, weight_decay: floa
     if not math.isfinite(total_steps):
         raise ValueError("set trainer.max_steps or max_epochs for the lr schedule")
     opt = torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, betas=(0.9, 0.95))
-    time_progress = trainer_time_progress(module.trainer) if anneal_by_time else None
+    time_progress = None
+    if anneal_by_time:  # the share of the Trainer's max_time used so far (its Timer callback; survives a resume)
+        timer = next((c for c in module.trainer.callbacks if isinstance(c, Timer)), None)
+        duration = getattr(timer, "_duration", None)
+        time_progress = (lambda: timer.time_elapsed("train") / duration) if duration else None
     sched = LambdaLR(opt, warmup_cosine_lambda(warmup_steps, int(total_steps), min_lr_ratio, time_progress))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
-
-
-def trainer_time_progress(trainer: L.Trainer) -> Callable[[], float] | None:
-    """Share of the Trainer's ``max_time`` used so far (its Timer callback; survives a resume), or None."""
-    from lightning.pytorch.callbacks import Timer
-
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-    duration = getattr(timer, "_duration", None)
-    return (lambda: timer.time_elapsed("train") / duration) if duration else None

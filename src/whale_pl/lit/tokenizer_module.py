@@ -17,10 +17,7 @@ from whale_pl.models.tokenizer import TokenizerNet, VideoTokenizer
 
 def usage_and_perplexity(hist_K: torch.Tensor) -> tuple[float, float]:
     """Share of codes used at least once, and exp(entropy) of the code distribution."""
-    total = hist_K.sum()
-    if total == 0:
-        return 0.0, 0.0
-    p = hist_K.double() / total
+    p = hist_K.double() / hist_K.sum()
     ent = -(p[p > 0] * p[p > 0].log()).sum()
     return float((hist_K > 0).double().mean()), float(ent.exp())
 
@@ -30,8 +27,8 @@ class TokenizerModule(StageModule):
 
     GROUPS = {"net": TokenizerNet, "optim": Optim}
     RETIRED = {"encoder_spatial_radius": None, "sticky_margin": 0.0, "l1_weight": 0.0,  # inert values (cf14e40)
-               "in_channels": 3, "ema": True, "dropout": 0.0, "log_images_every_n_epochs": 1, **OPTIM_RETIRED}
-    SPEC_KEYS = ("frame_size",)
+               "in_channels": 3, "ema": True, "dropout": 0.0, "log_images_every_n_epochs": 1, "mlp_ratio": 4.0,
+               **OPTIM_RETIRED}
 
     def __init__(self, net: TokenizerNet = TokenizerNet(), optim: Optim = Optim(lr=1e-3, warmup_steps=100),
                  data_spec: dict[str, Any] | None = None, init_from: str | None = None) -> None:
@@ -45,10 +42,8 @@ class TokenizerModule(StageModule):
         self._grid_batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def check_data(self, spec: dict[str, Any], where: str) -> None:
-        """The data's frame size must equal the tokenizer's (its one ``SPEC_KEYS`` entry)."""
-        fs = spec.get("frame_size")
-        if fs is None:
-            raise ValueError(f"{where}: data_spec has no 'frame_size'")
+        """The data's frame size must equal the tokenizer's (the one data_spec key it depends on)."""
+        fs = spec["frame_size"]
         if tuple(int(s) for s in fs) != tuple(self.model.frame_size):
             raise ValueError(f"{where}: data frame_size {list(fs)} differs from the tokenizer's configured "
                              f"frame_size {list(self.model.frame_size)} (model.init_args.net.frame_size)")

@@ -42,9 +42,7 @@ class GridPool(nn.Module):
 
     def __init__(self, code_dim: int, dim: int, grid_tokens: int, heads: int) -> None:
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
-        self.grid_tokens, self.heads = grid_tokens, heads
+        self.heads = heads  # dim % heads is checked by the transformers' attention
         self.inp = nn.Linear(code_dim, dim)
         self.pos_SD = nn.Parameter(torch.randn(grid_tokens, dim) * 0.02)
         self.norm = nn.LayerNorm(dim)
@@ -54,10 +52,7 @@ class GridPool(nn.Module):
 
     def forward(self, codes_BThwE: torch.Tensor) -> torch.Tensor:
         """[B, T, h, w, C] code vectors -> [B, T, dim] per-frame features."""
-        B, T, h, w, C = codes_BThwE.shape
-        if h * w != self.grid_tokens:
-            raise ValueError(f"codes grid {h}x{w} = {h * w} tokens, but the behavior model was built for "
-                             f"grid_tokens={self.grid_tokens}")
+        B = codes_BThwE.shape[0]
         x = self.norm(self.inp(rearrange(codes_BThwE, "b t h w c -> (b t) (h w) c")) + self.pos_SD)
         attn_NSH = self.score(x).softmax(dim=1)
         # the value map is affine and the weights sum to 1: pool each head first, then project its pool
@@ -74,8 +69,7 @@ class BehaviorOutput:
 
     loss: torch.Tensor
     nll: torch.Tensor  # mean over B, T of the action NLL summed over action dims
-    kl: torch.Tensor  # mean over B, T of KL(q || p_t) summed over z dims (before free bits)
-    kl_loss: torch.Tensor  # the KL term that enters the loss (after free bits)
+    kl: torch.Tensor  # mean over B, T of KL(q || p_t) summed over z dims (the loss's KL term)
     action_mse: torch.Tensor  # decoder mean vs true action, with posterior-mean z
     action_mse_prior: torch.Tensor  # decoder mean vs true action, with the prior mean z_t
     post_mu_BZ: torch.Tensor
@@ -90,7 +84,6 @@ class BehaviorNet:
     dim: int = 64
     depth: int = 2
     heads: int = 4
-    mlp_ratio: float = 4.0
     decoder_hidden: int = 128
     dropout: float = 0.0
     decoder_prev_action: bool = False  # the action decoder also sees a_{t-1} (never a_t)
@@ -100,7 +93,7 @@ class BehaviorModel(nn.Module):
     """Posterior, causal prior and action decoder over (code grids, actions)."""
 
     def __init__(self, code_dim: int, action_dim: int, grid_tokens: int, z_dim: int = 16, dim: int = 64,
-                 depth: int = 2, heads: int = 4, mlp_ratio: float = 4.0, decoder_hidden: int = 128,
+                 depth: int = 2, heads: int = 4, decoder_hidden: int = 128,
                  dropout: float = 0.0, decoder_prev_action: bool = False) -> None:
         super().__init__()
         self.decoder_prev_action = decoder_prev_action
@@ -108,24 +101,13 @@ class BehaviorModel(nn.Module):
         self.pool = GridPool(code_dim, dim, grid_tokens, heads)
         self.post_in = nn.Linear(dim + action_dim, dim)
         self.prior_in = nn.Linear(dim + action_dim, dim)
-        self.post_tf = STTransformer(dim, depth, heads, mlp_ratio, causal=False, dropout=dropout)
-        self.prior_tf = STTransformer(dim, depth, heads, mlp_ratio, causal=True, dropout=dropout)
+        self.post_tf = STTransformer(dim, depth, heads, causal=False, dropout=dropout)
+        self.prior_tf = STTransformer(dim, depth, heads, causal=True, dropout=dropout)
         self.post_head = nn.Linear(dim, 2 * z_dim)
         self.prior_head = nn.Linear(dim, 2 * z_dim)
         self.decoder = nn.Sequential(
             nn.Linear(dim + z_dim + (action_dim if decoder_prev_action else 0), decoder_hidden), nn.GELU(),
             nn.Linear(decoder_hidden, decoder_hidden), nn.GELU(), nn.Linear(decoder_hidden, 2 * action_dim))
-
-    def _features(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor) -> torch.Tensor:
-        """Per-frame features ``[B, T, dim]`` of codes, checked with the actions against the model's shapes."""
-        if codes_BThwE.ndim != 5 or codes_BThwE.shape[-1] != self.code_dim:
-            raise ValueError(f"codes must be [B,T,h,w,{self.code_dim}], got {tuple(codes_BThwE.shape)}")
-        if actions_BTA.ndim != 3 or actions_BTA.shape[-1] != self.action_dim:
-            raise ValueError(f"actions must be [B,T,{self.action_dim}], got {tuple(actions_BTA.shape)}")
-        if codes_BThwE.shape[:2] != actions_BTA.shape[:2]:
-            raise ValueError(f"codes {tuple(codes_BThwE.shape[:2])} and actions {tuple(actions_BTA.shape[:2])} "
-                             "disagree on [B, T]")
-        return self.pool(codes_BThwE)
 
     def _encode(self, proj: nn.Linear, tf: STTransformer, feat_BTD: torch.Tensor, actions_BTA: torch.Tensor):
         """One token per step from (frame feature, a_t) plus its time embedding, through ``tf``: [B, T, dim]."""
@@ -142,22 +124,20 @@ class BehaviorModel(nn.Module):
     def posterior(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor,
                   feat_BTD: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z | tau_{0:T}) -> (mu_BZ, logvar_BZ), bidirectional (``feat_BTD``: the codes' features, if computed)."""
-        feat_BTD = self._features(codes_BThwE, actions_BTA) if feat_BTD is None else feat_BTD
+        feat_BTD = self.pool(codes_BThwE) if feat_BTD is None else feat_BTD
         return self._split(self.post_head(self._encode(self.post_in, self.post_tf, feat_BTD, actions_BTA).mean(dim=1)))
 
     def prior(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor,
               feat_BTD: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """p(z_t | tau_{0:t}) -> (mu_BTZ, logvar_BTZ), causal: step t sees codes and actions at steps <= t only."""
-        feat_BTD = self._features(codes_BThwE, actions_BTA) if feat_BTD is None else feat_BTD
+        feat_BTD = self.pool(codes_BThwE) if feat_BTD is None else feat_BTD
         return self._split(self.prior_head(self._encode(self.prior_in, self.prior_tf, feat_BTD, actions_BTA)))
 
-    def decode(self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor | None = None
+    def decode(self, feat_BTD: torch.Tensor, z_BTZ: torch.Tensor, actions_BTA: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """pi(a_t | o_t, z) (``decoder_prev_action``: also a_{t-1}): mean and log-variance, [B, T, A] each."""
         parts = [feat_BTD]
         if self.decoder_prev_action:
-            if actions_BTA is None:
-                raise ValueError("decoder_prev_action=True: decode needs the clip's actions (for a_{t-1})")
             prev_BTA = torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA[:, :-1]], dim=1)
             parts.append(prev_BTA.to(feat_BTD.dtype))
         parts.append(z_BTZ.to(feat_BTD.dtype))
@@ -169,26 +149,26 @@ class BehaviorModel(nn.Module):
         mu, logvar = self.decode(feat_BTD, z_BTZ, actions_BTA)
         return gaussian_nll(actions_BTA.float(), mu, logvar).sum(-1), mu
 
-    def loss(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor, beta: float, free_bits: float = 0.0,
-             sample: bool = True, kl_balance: float | None = None) -> BehaviorOutput:
+    def loss(self, codes_BThwE: torch.Tensor, actions_BTA: torch.Tensor, beta: float, sample: bool = True,
+             kl_balance: float | None = None) -> BehaviorOutput:
         """Action NLL + beta * KL(q || p_t), averaged over B and t; decodes a posterior draw (``sample``) or mean."""
-        feat_BTD = self._features(codes_BThwE, actions_BTA)
+        feat_BTD = self.pool(codes_BThwE)
         mu_q, logvar_q = self.posterior(codes_BThwE, actions_BTA, feat_BTD)
         mu_p, logvar_p = self.prior(codes_BThwE, actions_BTA, feat_BTD)
         z_BZ = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp() if sample else mu_q
         nll_BT, a_mu = self.action_nll(feat_BTD, z_BZ[:, None].expand(-1, actions_BTA.shape[1], -1), actions_BTA)
         nll = nll_BT.mean()
-        kl_Z, kl_loss = self.kl_term(mu_q, logvar_q, mu_p, logvar_p, free_bits, kl_balance)
+        kl = self.kl_term(mu_q, logvar_q, mu_p, logvar_p, kl_balance).sum()
         with torch.no_grad():
             mse = (a_mu - actions_BTA).pow(2).mean()
             mse_p = (self.decode(feat_BTD, mu_p, actions_BTA)[0] - actions_BTA).pow(2).mean()
-        return BehaviorOutput(loss=nll + beta * kl_loss, nll=nll, kl=kl_Z.sum(), kl_loss=kl_loss, action_mse=mse,
+        return BehaviorOutput(loss=nll + beta * kl, nll=nll, kl=kl, action_mse=mse,
                               action_mse_prior=mse_p, post_mu_BZ=mu_q, prior_mu_BTZ=mu_p)
 
     @staticmethod
     def kl_term(mu_q_BZ: torch.Tensor, logvar_q_BZ: torch.Tensor, mu_p_BTZ: torch.Tensor, logvar_p_BTZ: torch.Tensor,
-                free_bits: float = 0.0, kl_balance: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """KL(q || p_t) per z dimension ``[Z]`` (mean over B, t) and the loss's KL term (free bits, KL balancing)."""
+                kl_balance: float | None = None) -> torch.Tensor:
+        """KL(q || p_t) per z dimension ``[Z]`` (mean over B, t; with ``kl_balance``, its balanced gradient)."""
         mq, lq = mu_q_BZ[:, None], logvar_q_BZ[:, None]
         if kl_balance is None:
             kl_BTZ = gaussian_kl(mq, lq, mu_p_BTZ, logvar_p_BTZ)
@@ -196,5 +176,4 @@ class BehaviorModel(nn.Module):
             to_prior = gaussian_kl(mq.detach(), lq.detach(), mu_p_BTZ, logvar_p_BTZ)
             to_post = gaussian_kl(mq, lq, mu_p_BTZ.detach(), logvar_p_BTZ.detach())
             kl_BTZ = kl_balance * to_prior + (1 - kl_balance) * to_post
-        kl_Z = kl_BTZ.mean(dim=(0, 1))
-        return kl_Z, (kl_Z.clamp(min=free_bits).sum() if free_bits > 0 else kl_Z.sum())
+        return kl_BTZ.mean(dim=(0, 1))

@@ -29,7 +29,6 @@ class DynamicsNet:
     dim: int = 256
     depth: int = 8
     heads: int = 8
-    mlp_ratio: float = 4.0
     max_frames: int = 16  # frames one pass attends over (context + generated)
     max_stride: int = 4  # clip strides embedded (1, and 2.. for retracing), in units of frame_stride
     change_weight: float = 1.0  # CE weight w of targets that change; log w on the previous id's logit undoes it
@@ -40,9 +39,8 @@ class DynamicsModel(nn.Module):
     """ST-MaskGIT world model: ``forward(ids_BThw, actions_BTA, z_BTZ) -> logits_BThwV``."""
 
     def __init__(self, codebook_size: int, grid_hw: tuple[int, int] | list[int], action_dim: int, behavior_dim: int = 0,
-                 state_dim: int = 0, dim: int = 256, depth: int = 8, heads: int = 8, mlp_ratio: float = 4.0,
-                 max_frames: int = 16, max_stride: int = 4, prev_frame_input: bool = False, copy_logit: bool = False,
-                 code_dim: int = 0, change_weight: float = 1.0, transition_rank: int = 0) -> None:
+                 state_dim: int = 0, dim: int = 256, depth: int = 8, heads: int = 8, max_frames: int = 16,
+                 max_stride: int = 4, code_dim: int = 0, change_weight: float = 1.0, transition_rank: int = 0) -> None:
         super().__init__()
         if not change_weight > 0:
             raise ValueError(f"change_weight must be > 0, got {change_weight}")
@@ -56,17 +54,16 @@ class DynamicsModel(nn.Module):
         self.action_dim, self.behavior_dim, self.state_dim = action_dim, behavior_dim, state_dim
         self.max_frames, self.max_stride, self.dim = max_frames, max_stride, dim
         self.change_weight, self.code_dim, self.transition_rank = float(change_weight), code_dim, transition_rank
-        self._build_inputs(prev_frame_input)
-        self.transformer = STTransformer(dim, depth, heads, mlp_ratio, causal=True, cond_dim=dim)
-        self._build_outputs(copy_logit)
+        self._build_inputs()
+        self.transformer = STTransformer(dim, depth, heads, causal=True, cond_dim=dim)
+        self._build_outputs()
 
-    def _build_inputs(self, prev_frame_input: bool) -> None:
-        """Token, previous-id (``prev_frame_input``), position and conditioning embeddings."""
+    def _build_inputs(self) -> None:
+        """Token, previous-id, position and conditioning embeddings."""
         V, D = self.codebook_size, self.dim
         self.tok_emb = nn.Embedding(V + 1, D)
-        self.prev_emb = nn.Embedding(V + 2, D) if prev_frame_input else None  # id V + 1: no earlier frame in the window
-        if prev_frame_input:
-            nn.init.normal_(self.prev_emb.weight, std=0.02)
+        self.prev_emb = nn.Embedding(V + 2, D)  # id V + 1: no earlier frame in the window
+        nn.init.normal_(self.prev_emb.weight, std=0.02)
         self.pos_s = nn.Parameter(torch.randn(self.num_tokens, D) * 0.02)
         self.pos_t = nn.Parameter(torch.randn(self.max_frames, D) * 0.02)
         self.act_mlp = nn.Sequential(nn.Linear(self.action_dim, D), nn.GELU(), nn.Linear(D, D))
@@ -75,7 +72,7 @@ class DynamicsModel(nn.Module):
         self.start = nn.Parameter(torch.zeros(D))
         self.cond_norm = nn.LayerNorm(D)
 
-    def _build_outputs(self, copy_logit: bool) -> None:
+    def _build_outputs(self) -> None:
         """Token logits (with the code-vector, transition and copy paths) and the frame heads."""
         V, D, C, r = self.codebook_size, self.dim, self.code_dim, self.transition_rank
         self.logits_head = nn.Linear(D, V)
@@ -90,10 +87,9 @@ class DynamicsModel(nn.Module):
             self.trans = nn.Embedding(self.num_tokens * V, C * r)
             nn.init.zeros_(self.trans.weight)  # starts as the plain model
             self.trans_in = nn.Linear(D, r)
-        self.copy_gate = nn.Linear(D, 1) if copy_logit else None
-        if copy_logit:
-            nn.init.zeros_(self.copy_gate.weight)
-            nn.init.constant_(self.copy_gate.bias, COPY_INIT)
+        self.copy_gate = nn.Linear(D, 1)
+        nn.init.zeros_(self.copy_gate.weight)
+        nn.init.constant_(self.copy_gate.bias, COPY_INIT)
         self.frame_head = nn.Sequential(nn.Linear(D, D), nn.GELU())
         self.reward_head = nn.Linear(D, 1)
         self.success_head = nn.Linear(D, 1)
@@ -101,11 +97,6 @@ class DynamicsModel(nn.Module):
 
     def set_code_vectors(self, code_vectors_VE: torch.Tensor) -> None:
         """Install the tokenizer's codebook ``[V, C]`` (unit code vectors) for ``code_dim > 0``."""
-        if self.code_in is None:
-            raise ValueError("this dynamics model was built with code_dim=0: it takes no code vectors")
-        if tuple(code_vectors_VE.shape) != (self.codebook_size, self.code_dim):
-            raise ValueError(f"code vectors {tuple(code_vectors_VE.shape)} != (codebook_size, code_dim) = "
-                             f"{(self.codebook_size, self.code_dim)}")
         self.code_vectors.copy_(code_vectors_VE.detach().to(self.code_vectors))
 
     @property
@@ -117,18 +108,6 @@ class DynamicsModel(nn.Module):
         """Ids ``[B, T, S]`` held one frame earlier: ``prev_ids_BS`` before the first (None: ``codebook_size + 1``)."""
         first = torch.full_like(ids_BTS[:, 0], self.codebook_size + 1) if prev_ids_BS is None else prev_ids_BS
         return torch.cat([first.unsqueeze(1), ids_BTS[:, :-1]], dim=1)
-
-    def _check_inputs(self, actions_BTA: torch.Tensor, z: torch.Tensor | ZFn | None) -> None:
-        """Raise unless the actions and z (a tensor; for ``imagine`` also the prior as a callable) fit the model."""
-        if actions_BTA.shape[-1] != self.action_dim:
-            raise ValueError(f"actions have {actions_BTA.shape[-1]} dims, the model was built for {self.action_dim}")
-        if self.uses_behavior and z is None:
-            raise ValueError(f"this dynamics model is behavior-conditioned: pass z (behavior_dim={self.behavior_dim}); "
-                             "build it with behavior_dim=0 for the ablation")
-        if not self.uses_behavior and z is not None:
-            raise ValueError("this dynamics model has behavior-conditioning off (behavior_dim=0) but got z")
-        if torch.is_tensor(z) and z.shape[-1] != self.behavior_dim:
-            raise ValueError(f"z has {z.shape[-1]} dims, the model was built for {self.behavior_dim}")
 
     def condition(self, act_in_BTA: torch.Tensor, z_in_BTZ: torch.Tensor | None,
                   stride_B: torch.Tensor | None) -> torch.Tensor:
@@ -160,8 +139,7 @@ class DynamicsModel(nn.Module):
             known = (ids_BTS < self.codebook_size).unsqueeze(-1)
             x = x + self.code_in((self.code_vectors[ids_BTS.clamp(max=self.codebook_size - 1)] * known).to(x.dtype))
         x = x + self.pos_s + self.pos_t[t0 : t0 + T][:, None]
-        if self.prev_emb is not None:
-            x = x + self.prev_emb(self.prev_ids(ids_BTS, prev_ids_BS))
+        x = x + self.prev_emb(self.prev_ids(ids_BTS, prev_ids_BS))
         return self.transformer(x, cond_BTD, kv_cache=kv_cache, return_kv=True)
 
     def token_logits(self, h_BTSD: torch.Tensor, prev_ids_BTS: torch.Tensor | None = None,
@@ -176,8 +154,7 @@ class DynamicsModel(nn.Module):
         if prev_ids_BTS is None:
             return logits
         bias = 0.0 if raw else math.log(self.change_weight)  # undoes the weighting's shift of the odds
-        bonus = bias if self.copy_gate is None else self.copy_gate(h_BTSD).to(logits.dtype) + bias
-        return self.add_at_prev(logits, prev_ids_BTS, bonus)
+        return self.add_at_prev(logits, prev_ids_BTS, self.copy_gate(h_BTSD).to(logits.dtype) + bias)
 
     def transition_query(self, h_BTSD: torch.Tensor, prev_ids_BTS: torch.Tensor) -> torch.Tensor:
         """The transition table's code-space query ``[B, T, S, code_dim]`` (zero where the previous id is >= V)."""
@@ -208,7 +185,6 @@ class DynamicsModel(nn.Module):
     def forward(self, ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None = None,
                 stride_B: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits ``[B, T, h, w, V]`` of every position of ``ids_BThw`` (may hold ``mask_id``) and the heads."""
-        self._check_inputs(actions_BTA, z_BTZ)
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
         h, _ = self.trunk(ids, self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B))
         logits = rearrange(self.token_logits(h, self.prev_ids(ids)), "b t (h w) v -> b t h w v", h=ids_BThw.shape[2])
@@ -228,7 +204,6 @@ class DynamicsModel(nn.Module):
             ctx = torch.randint(context_frames, hi + 1, (B,), generator=generator).to(ids.device)
         mask = training_mask(B, T, hh * ww, ctx, ids.device, generator)
         whole, hit = corrupt_tokens(ids, mask, ctx, corrupt_prob, self.codebook_size, generator)  # the copy source
-        self._check_inputs(actions_BTA, z_BTZ)
         cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B)
         h, _ = self.trunk(whole.masked_fill(mask, self.mask_id), cond)
         logits = self.token_logits(h, self.prev_ids(whole), raw=True)  # the copy path reads the unmasked input
@@ -257,7 +232,6 @@ class DynamicsModel(nn.Module):
     def teacher_forced(self, ids_BThw: torch.Tensor, actions_BTA: torch.Tensor, z_BTZ: torch.Tensor | None = None,
                        stride_B: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, T-1, h, w, V]`` of frames 1.., each in one step from a masked frame after the true ones."""
-        self._check_inputs(actions_BTA, z_BTZ)
         ids = rearrange(ids_BThw, "b t h w -> b t (h w)")
         cond = self.condition(self.shift_in(actions_BTA), self.shift_in(z_BTZ), stride_B)
         _, kv = self.trunk(ids, cond)
@@ -274,10 +248,7 @@ class DynamicsModel(nn.Module):
                      stride_B: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``probs_BhwV`` of the frame after the context, in one step from a masked one (retracing; stride_B k: after a
         context strided by k, ``actions[:, -1]`` composed over k steps)."""
-        self._check_inputs(actions_BTA, z_BTZ)
         C, hh = context_ids_BThw.shape[1], context_ids_BThw.shape[2]
-        if actions_BTA.shape[1] != C:
-            raise ValueError(f"predict_next needs one action per context frame: {actions_BTA.shape[1]} != {C}")
         ids = rearrange(context_ids_BThw, "b t h w -> b t (h w)")
         ids = torch.cat([ids, torch.full_like(ids[:, :1], self.mask_id)], dim=1)
         act_in = torch.cat([torch.zeros_like(actions_BTA[:, :1]), actions_BTA], dim=1)
@@ -299,7 +270,7 @@ class DynamicsModel(nn.Module):
         B, C, hh, ww = context_ids_BThw.shape
         if actions_BTA is None:
             actions_BTA = torch.zeros(B, 0, self.action_dim, device=context_ids_BThw.device)
-        horizon = self._check_rollout(C, actions_BTA, z, horizon, act_fn)
+        horizon = self._check_rollout(C, actions_BTA, horizon, act_fn)
         roll = Rollout(context_ids_BThw, actions_BTA, z, act_fn)
         start, cache = 0, None  # the window's first frame; temporal keys/values of its finished frames
         for n in range(C, C + horizon):
@@ -329,8 +300,7 @@ class DynamicsModel(nn.Module):
         B = past_BTS.shape[0]
         return [(k.repeat(B, 1, 1, 1), v.repeat(B, 1, 1, 1)) for k, v in self.trunk(past_BTS[:1], cond_BTD[:1])[1]]
 
-    def _check_rollout(self, C: int, actions_BTA: torch.Tensor, z: torch.Tensor | ZFn | None, horizon: int | None,
-                       act_fn: ActFn | None) -> int:
+    def _check_rollout(self, C: int, actions_BTA: torch.Tensor, horizon: int | None, act_fn: ActFn | None) -> int:
         """The rollout's horizon, after checking its inputs against the model."""
         if horizon is None:
             if act_fn is not None:
@@ -338,7 +308,6 @@ class DynamicsModel(nn.Module):
             horizon = actions_BTA.shape[1] - C + 1
         if horizon < 1 or (act_fn is None and actions_BTA.shape[1] < C + horizon - 1):
             raise ValueError(f"need >= C + horizon - 1 = {C + horizon - 1} actions, got {actions_BTA.shape[1]}")
-        self._check_inputs(actions_BTA, z)
         if C > self.max_frames - 1:
             raise ValueError(f"context of {C} frames leaves no room in max_frames={self.max_frames}")
         return horizon
@@ -379,9 +348,7 @@ class Rollout:
 
     def action_at(self, n: int) -> torch.Tensor:
         """The action ``[B, A]`` taken at frame n: given, or chosen now by ``act_fn`` from what is imagined so far."""
-        while self.actions_BTA.shape[1] <= n:
-            if self.act_fn is None:
-                raise ValueError(f"no action for frame {n}: {self.actions_BTA.shape[1]} given and no act_fn")
+        while self.actions_BTA.shape[1] <= n:  # _check_rollout made sure act_fn is set when the given ones end
             a_BA = self.act_fn(self.actions_BTA.shape[1], self.outputs())
             self.actions_BTA = torch.cat([self.actions_BTA, a_BA.unsqueeze(1)], dim=1)
         return self.actions_BTA[:, n]

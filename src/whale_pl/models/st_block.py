@@ -68,7 +68,7 @@ def _gated(delta: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
 class STBlock(nn.Module):
     """Spatial attention (within a frame) -> temporal attention (across frames) -> MLP."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, causal: bool = True, cond_dim: int | None = None,
+    def __init__(self, dim: int, heads: int, causal: bool = True, cond_dim: int | None = None,
                  dropout: float = 0.0) -> None:
         super().__init__()
         self.causal = causal
@@ -77,8 +77,7 @@ class STBlock(nn.Module):
         self.norm_t = AdaNorm(dim, cond_dim)
         self.attn_t = Attention(dim, heads, dropout)
         self.norm_m = AdaNorm(dim, cond_dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x_BTSD: torch.Tensor, cond_BTD: torch.Tensor | None = None,
                 kv_cache: KV | None = None) -> tuple[torch.Tensor, KV]:
@@ -97,10 +96,10 @@ class STBlock(nn.Module):
 class STTransformer(nn.Module):
     """A stack of ``STBlock``s with a final LayerNorm; caches per-layer temporal keys/values."""
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, causal: bool = True,
+    def __init__(self, dim: int, depth: int, heads: int, causal: bool = True,
                  cond_dim: int | None = None, dropout: float = 0.0) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(STBlock(dim, heads, mlp_ratio, causal, cond_dim, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(STBlock(dim, heads, causal, cond_dim, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x_BTSD: torch.Tensor, cond_BTD: torch.Tensor | None = None, kv_cache: list[KV] | None = None,
@@ -114,8 +113,6 @@ class STTransformer(nn.Module):
         return (x_BTSD, new_kv) if return_kv else x_BTSD
 
 
-def append_kv(cache: list[KV] | None, new: list[KV]) -> list[KV]:
+def append_kv(cache: list[KV], new: list[KV]) -> list[KV]:
     """Concatenate per-layer temporal keys/values of newly finalised frames onto a cache."""
-    if cache is None:
-        return new
     return [(torch.cat([ck, nk], dim=2), torch.cat([cv, nv], dim=2)) for (ck, cv), (nk, nv) in zip(cache, new)]

@@ -35,7 +35,6 @@ class TokenizerNet:
     enc_depth: int = 4
     dec_depth: int = 4
     heads: int = 4
-    mlp_ratio: float = 4.0
     codebook_size: int = 1024
     code_dim: int = 32
     beta: float = 0.25  # commitment weight
@@ -47,7 +46,7 @@ class VideoTokenizer(nn.Module):
     """Patchify -> causal ST encoder -> VQ -> causal ST decoder -> pixels."""
 
     def __init__(self, frame_size: tuple[int, int] | list[int] = (64, 64), patch_size: int = 8, dim: int = 256,
-                 enc_depth: int = 4, dec_depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
+                 enc_depth: int = 4, dec_depth: int = 4, heads: int = 4,
                  codebook_size: int = 1024, code_dim: int = 32, beta: float = 0.25, ema_decay: float = 0.99,
                  restart_threshold: float = 0.03) -> None:
         super().__init__()
@@ -61,13 +60,13 @@ class VideoTokenizer(nn.Module):
         patch_dim = 3 * patch_size * patch_size  # RGB
         self.patch_embed = nn.Linear(patch_dim, dim)
         self.enc_pos = nn.Parameter(torch.randn(h * w, dim) * 0.02)
-        self.encoder = STTransformer(dim, enc_depth, heads, mlp_ratio, causal=True)
+        self.encoder = STTransformer(dim, enc_depth, heads, causal=True)
         self.to_code = nn.Linear(dim, code_dim)
         self.quantizer = VectorQuantizer(codebook_size, code_dim, beta=beta, decay=ema_decay,
                                          restart_threshold=restart_threshold)
         self.from_code = nn.Linear(code_dim, dim)
         self.dec_pos = nn.Parameter(torch.randn(h * w, dim) * 0.02)
-        self.decoder = STTransformer(dim, dec_depth, heads, mlp_ratio, causal=True)
+        self.decoder = STTransformer(dim, dec_depth, heads, causal=True)
         self.to_pixels = nn.Linear(dim, patch_dim)
         # per-position pixel bias, set to the first training batch's mean patch: the decoder learns residuals
         self.pixel_bias = nn.Parameter(torch.zeros(h * w, patch_dim))
@@ -130,8 +129,5 @@ class VideoTokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, ids_BThw: torch.Tensor) -> torch.Tensor:
         """token ids [B,T,h,w] -> frames [B,T,C,H,W], clamped to [-1, 1]."""
-        h, w = self.grid_hw()
-        if ids_BThw.ndim != 4 or tuple(ids_BThw.shape[2:]) != (h, w):
-            raise ValueError(f"ids must be [B, T, {h}, {w}], got shape {tuple(ids_BThw.shape)}")
         codes_BTSE = rearrange(self.embed(ids_BThw), "b t h w c -> b t (h w) c")
         return self._decode_codes(codes_BTSE).clamp(-1, 1)
