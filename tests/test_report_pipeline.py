@@ -43,6 +43,19 @@ def test_report_reads_the_dynamics_validation_from_tensorboard(tmp_path, monkeyp
     assert "global step 200" in md and "one step = 8 recorded steps" in md
 
 
+def test_report_says_why_the_ood_rollout_psnr_is_not_logged(tmp_path, monkeypatch):
+    """A stage that validates on the training families only (the configs' `val_splits: [val]`) logs no OOD PSNR."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    monkeypatch.chdir(tmp_path)
+    log = TensorBoardLogger(str(tmp_path / "runs" / "demo"), name="dynamics", version="")
+    log.log_metrics({"val/acc": 0.9, "val/psnr_ar_train_family": 26.0}, step=10)
+    log.experiment.flush()
+    md = report.build_report("demo", tmp_path / "runs")
+    assert "training-family episodes | 26.000 |" in md
+    assert "`ood_families`) | not logged: the stage validates on its `val_splits` only" in md
+
+
 def test_run_until_reuses_complete_stages_and_names_missing_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for st in pipeline.STAGES:
