@@ -17,8 +17,8 @@ def test_demo_dataset_returns_span_near_expert_to_poor():
     os.chdir(ROOT)
     cfg = CollectConfig.from_yaml("stages/demo/data.yaml")
     m = ensure_collected(cfg)  # collects into data_shards/metaworld/demo unless it is complete (~1.5-3 min)
-    assert {k: v["episodes"] for k, v in m["splits"].items()} == {"train": 96, "val": 24, "ood": 36}
-    assert m["families"] == ["bias", "eps", "expert", "lag", "mix", "noise", "slow"]
+    assert {k: v["episodes"] for k, v in m["splits"].items()} == {"train": 96, "val": 24, "ood": 42}
+    assert m["families"] == ["bias", "eps", "expert", "goal", "lag", "mix", "noise", "pause", "sine", "slow"]
     r = {k: v["return_mean"] for k, v in m["policies"].items()}
     sr = {k: v["success_rate"] for k, v in m["policies"].items()}
     for group in (cfg.train_policies, cfg.ood_policies):
