@@ -191,9 +191,8 @@ class DynamicsModule(StageModule):
                 self.val_psnr[name].update(out["psnr_B"].float(), sel.float())
                 self.val_ssim[name].update(out["ssim_B"].float(), sel.float())
             if batch_idx == 0:
-                real = out["real_BTCHW"]
                 log_image(self, "val/rollout_real_vs_imagined", paired_video_grid(
-                    real, out["imagined_BTCHW"], max_clips=LOG_SAMPLES, max_frames=real.shape[1]))
+                    out["real_BTCHW"], out["imagined_BTCHW"], max_clips=LOG_SAMPLES, max_frames=None))
 
     def on_validation_epoch_end(self) -> None:
         """Log the rollout PSNR / SSIM of each episode group (training families, OOD, all)."""
