@@ -99,9 +99,8 @@ class StageModule(L.LightningModule):
                      own_weights: bool = False) -> Any:
         """The frozen earlier stage ``name`` from ``path``, checked against ``data_spec`` and the recorded
         ``<name>_sha256`` (of the module, or with ``own_weights`` its ``model``)."""
-        keys = None if data_spec is None else self.spec_keys(data_spec)
         with own_hparams():
-            module = load_frozen(path, cls, data_spec=data_spec, data_spec_keys=keys)
+            module = load_frozen(path, cls, data_spec=data_spec, data_spec_keys=self.spec_keys(data_spec or {}))
         sha = fingerprint(module.model if own_weights else module)
         recorded = self.hparams.get(f"{name}_sha256")
         if recorded is not None and recorded != sha:
