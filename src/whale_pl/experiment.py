@@ -15,8 +15,7 @@ import numpy as np
 
 from whale_pl.io import write_json_atomic, write_text_atomic
 from whale_pl.pipeline import fmt_elapsed, handoff_args, run_fit, sha256_of
-from whale_pl.rollout.value_metrics import fmt, fmt_key
-from whale_pl.rollout.value_metrics import MODES
+from whale_pl.rollout.value_metrics import MODES, fmt, fmt_key, nan_to_none, split_values, video_summary
 
 STEPS = {"demo": 300}  # scale -> steps of every run (else the config's trainer.max_steps), as make demo's side runs
 VAL_SPLITS = "[val]"  # checkpoints are chosen on the training families' held-out episodes, never on OOD ones
@@ -110,7 +109,6 @@ def evaluate(a: argparse.Namespace, runs: dict) -> dict:
     """Real rollouts; every model's values and video errors; retracing of on-model 0 against the ensemble."""
     from whale_pl.rollout.value import (EvalSet, WorldModel, collect_real, evaluate_values, frame_stride_of,
                                         rollout_errors, uncertainty_summary)
-    from whale_pl.rollout.value_metrics import split_values, video_summary
 
     on_ckpts, off_ckpts = [r["ckpt"] for r in runs["on"]], [r["ckpt"] for r in runs["off"]]
     ev = EvalSet.from_data_config(a.data_config, starts=a.starts, horizon=a.horizon, discount=DISCOUNT,
@@ -312,8 +310,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Train or reuse the runs; unless ``--train-only``, evaluate and write the report."""
-    from whale_pl.rollout.value_metrics import nan_to_none
-
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
