@@ -15,8 +15,7 @@ import numpy as np
 
 from whale_pl.io import write_json_atomic, write_text_atomic
 from whale_pl.pipeline import fmt_elapsed, handoff_args, run_fit, sha256_of
-from whale_pl.rollout.value_metrics import fmt, fmt_key
-from whale_pl.rollout.value_metrics import MODES
+from whale_pl.rollout.value_metrics import MODES, fmt, fmt_key, nan_to_none, split_values, video_summary
 
 STEPS = {"demo": 300}  # scale -> steps of every run (else the config's trainer.max_steps), as make demo's side runs
 VAL_SPLITS = "[val]"  # checkpoints are chosen on the training families' held-out episodes, never on OOD ones
@@ -108,13 +107,13 @@ def behavior_probe(wm, real, ev) -> dict:
 
 def evaluate(a: argparse.Namespace, runs: dict) -> dict:
     """Real rollouts; every model's values and video errors; retracing of on-model 0 against the ensemble."""
-    from whale_pl.rollout.value import (EvalSet, WorldModel, collect_real, evaluate_values, frame_stride_of,
-                                        rollout_errors, uncertainty_summary)
-    from whale_pl.rollout.value_metrics import split_values, video_summary
+    from whale_pl.rollout.value import (EvalSet, WorldModel, collect_real, evaluate_values, rollout_errors,
+                                        uncertainty_summary)
 
     on_ckpts, off_ckpts = [r["ckpt"] for r in runs["on"]], [r["ckpt"] for r in runs["off"]]
+    wm0 = WorldModel.load(on_ckpts[0], a.device)  # on-model 0 retraces; its clock is the evaluation's
     ev = EvalSet.from_data_config(a.data_config, starts=a.starts, horizon=a.horizon, discount=DISCOUNT,
-                                  frame_stride=frame_stride_of(on_ckpts[0]))
+                                  frame_stride=wm0.frame_stride)
     print(f"[experiment] real rollouts: {len(ev.tasks)} tasks x {len(ev.policies)} policies x {a.starts} starts, "
           f"{a.horizon} steps", flush=True)
     real = collect_real(ev)
@@ -123,14 +122,15 @@ def evaluate(a: argparse.Namespace, runs: dict) -> dict:
     for group, ckpts in (("on", on_ckpts[: a.seeds]), ("off", off_ckpts)):
         for i, ck in enumerate(ckpts):
             print(f"[experiment] imagining with {group} seed {i}: {ck}", flush=True)
-            wm = WorldModel.load(ck, a.device)
+            first = group == "on" and i == 0
+            wm = wm0 if first else WorldModel.load(ck, a.device)
             res = evaluate_values(wm, real, ev, modes=MODES)
             for m in MODES:
                 imag[group][m].append(res[m]["imagined_TPK"])
-            rollouts, first = res.pop("_rollouts"), group == "on" and i == 0
+            rollouts = res.pop("_rollouts")
             errors[group].append(rollout_errors(wm, real, rollouts, baselines=first))
             if first:
-                wm0, rollouts0 = wm, rollouts
+                rollouts0 = rollouts
     print(f"[experiment] retracing (K={K}) vs the {a.members}-member ensemble", flush=True)
     members = [wm0] + [WorldModel.load(c, a.device) for c in on_ckpts[1: a.members]]
     unc = uncertainty_summary(wm0, rollouts0, errors["on"][0], K, members)
@@ -312,8 +312,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Train or reuse the runs; unless ``--train-only``, evaluate and write the report."""
-    from whale_pl.rollout.value_metrics import nan_to_none
-
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")

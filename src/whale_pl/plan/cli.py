@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from whale_pl.io import write_json_atomic, write_text_atomic
 from whale_pl.plan.cem import EvalConfig, PlanConfig, load_plan_yaml
-from whale_pl.plan.evaluate import TaskJob, choose_lambdas, run_jobs
-from whale_pl.rollout.value_metrics import N_BOOT, fmt_key, interval, verdict
-from whale_pl.rollout.value import discounted_return
+from whale_pl.plan.evaluate import (TaskJob, best_policies, check_disjoint, choose_lambdas, run_jobs, train_bc,
+                                    training_episodes)
+from whale_pl.rollout.value import WorldModel, discounted_return, frame_stride_of, start_seeds
+from whale_pl.rollout.value_metrics import N_BOOT, fmt_key, interval, nan_to_none, verdict
 
 NAMES = {"plan_none": "plan, no penalty", "plan_retracing": "plan + retracing penalty",
          "plan_ensemble": "plan + ensemble penalty", "behavior": "best behavior policy in the data",
@@ -145,8 +147,6 @@ def experiment_members(scale: str, ev: EvalConfig) -> list[str]:
 def _setting(scale: str, ev: EvalConfig, members: list[str]) -> dict:
     """What the jobs share: tasks, start states (checked disjoint from the dataset), clock, baselines."""
     from whale_pl.data.metaworld import CollectConfig
-    from whale_pl.plan.evaluate import best_policies, check_disjoint, train_bc, training_episodes
-    from whale_pl.rollout.value import frame_stride_of, start_seeds
 
     c = CollectConfig.from_yaml(Path("stages") / scale / "data.yaml")
     seeds = {k: {t: start_seeds(base, t, n) for t in c.tasks}
@@ -187,11 +187,8 @@ def evaluate(scale: str, plan: PlanConfig, ev: EvalConfig) -> dict:
 
 def finish(scale: str, command: str, plan: PlanConfig, ev: EvalConfig, out: dict, t_start: float) -> dict:
     """Summaries, plot, GIF, ``mbpo.json`` / ``mbpo.md`` and the rebuilt ``report.md``."""
-    from whale_pl.io import write_json_atomic, write_text_atomic
     from whale_pl.report import main as report_main
     from whale_pl.rollout.gif import write_rollout_gif
-    from whale_pl.rollout.value import WorldModel
-    from whale_pl.rollout.value_metrics import nan_to_none
 
     root, s = Path("runs") / scale, out["setting"]
     ep = next(e for r in out["per_task"].values() for e in r["plan_retracing"] if "frames" in e)

@@ -21,7 +21,6 @@ from PIL import Image, ImageDraw, ImageFont
 from whale_pl.data.datamodule import ClipDataModule
 from whale_pl.data.frames import frames_to_uint8, frames_to_unit
 from whale_pl.io import atomic_path, write_json_atomic
-from whale_pl.lit.handoff import SPEC_KEYS, check_data_spec
 from whale_pl.rollout.retracing import retracing_actions
 from whale_pl.rollout.value import WorldModel
 from whale_pl.rollout.value_metrics import rank_corr
@@ -229,8 +228,7 @@ def write_gifs(ckpt: str, shards: str, out: str | Path, command: str, device: st
     wm = WorldModel.load(ckpt, device)
     C, k = wm.module.loss_cfg.context_frames, wm.frame_stride
     dm = ClipDataModule(str(shards), num_workers=0, rank=0, world_size=1)
-    check_data_spec(wm.module.hparams.get("data_spec"), dm.data_spec, where=f"{ckpt} on {shards}",
-                    keys=[key for key in SPEC_KEYS if key in dm.data_spec])
+    wm.module.check_data(dm.data_spec, f"{ckpt} on {shards}")
     clips = []
     for split in SPLITS:
         eps = pick_episodes(dm, split, PER_SPLIT, C * k + 1)  # C context frames and one imagined frame
