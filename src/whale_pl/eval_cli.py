@@ -21,7 +21,7 @@ from whale_pl.data.shards import ShardError
 from whale_pl.io import write_json_atomic
 from whale_pl.lit.checkpoint import load_module, read_checkpoint
 from whale_pl.lit.handoff import CLASS_KEY, SPEC_KEYS, HandoffError, check_data_spec
-from whale_pl.metrics.fvd import make_fvd
+from whale_pl.metrics.fvd import FVD, make_fvd
 from whale_pl.metrics.video import VideoEvaluator
 from whale_pl.rollout.gif import write_gifs
 
@@ -54,7 +54,8 @@ def evaluate_video(module: Any, shards: str | os.PathLike, num_clips: int = 64, 
         raise ShardError(f"{shards}: split {split!r} holds {available} distinct clips of {clip_len} frames at stride "
                          f"{stride}; --num-clips {num_clips} would repeat clips")
     evaluator = VideoEvaluator(make_fvd(device))
-    copy = VideoEvaluator(make_fvd(device)) if hasattr(module, "copy_videos") else None
+    copy_fvd = FVD(evaluator.fvd.i3d, device) if evaluator.fvd else None  # one I3D for both
+    copy = VideoEvaluator(copy_fvd) if hasattr(module, "copy_videos") else None
     module = module.to(device).eval()
     with tqdm(total=num_clips, desc="eval video", unit="clip", disable=None) as bar:
         for batch in dm.val_dataloader():
