@@ -21,7 +21,7 @@ from whale_pl.lit.checkpoint import load_module, read_checkpoint
 from whale_pl.lit.dynamics_module import DynamicsModule
 from whale_pl.metrics.video import PSNR_CAP_DB, video_psnr_ssim
 from whale_pl.rollout.retracing import ensemble_uncertainty, retracing_uncertainty
-from whale_pl.rollout.value_metrics import split_masks, uncertainty_intervals, value_stat
+from whale_pl.rollout.value_metrics import split_masks, task_scale, uncertainty_intervals, value_stat
 
 PolicyFn = Callable[[int, np.ndarray], np.ndarray]  # (step, states [B, S] raw) -> raw actions [B, A]
 
@@ -302,7 +302,7 @@ def value_metrics_for_checkpoint(ckpt_path: str, data_config: str = "stages/demo
     ev = EvalSet.from_data_config(data_config, starts=starts, horizon=horizon, frame_stride=wm.frame_stride)
     res = evaluate_values(wm, collect_real(ev, progress=False), ev, modes=("open_loop",), progress=False)
     real, imag = np.array(res["real_TPK"]), np.array(res["open_loop"]["imagined_TPK"])[None]
-    scale_T = np.ptp(real.mean(-1), -1)
+    scale_T = task_scale(real)
     out = {f"{name}_{k}": float(v) for name, sel in split_masks(res["split"]).items()
            for k, v in value_stat(real[:, sel], imag[:, :, sel], scale_T).items()}
     return {k: v for k, v in out.items() if np.isfinite(v)}

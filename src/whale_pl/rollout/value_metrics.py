@@ -113,6 +113,11 @@ def _take(x: np.ndarray, idx_NI: np.ndarray, axis: int) -> np.ndarray:
     return np.take_along_axis(x, idx_NI.reshape(shape), axis=axis)
 
 
+def task_scale(real_TPK: np.ndarray) -> np.ndarray:
+    """Each task's range of the policies' mean real returns [T]: the scale value gaps are normalised by."""
+    return np.ptp(np.asarray(real_TPK, np.float64).mean(-1), -1)
+
+
 def value_stat(real_TPK: np.ndarray, imag_STPK: np.ndarray, scale_T: np.ndarray) -> dict[str, np.ndarray]:
     """Value figures (``policy_figures`` on each task's ``scale_T``) per seed and task, averaged over them."""
     figs = policy_figures(real_TPK.mean(-1)[..., None, :, :], imag_STPK.mean(-1), scale_T)
@@ -122,7 +127,7 @@ def value_stat(real_TPK: np.ndarray, imag_STPK: np.ndarray, scale_T: np.ndarray)
 def value_intervals(real_TPK, on_STPK, off_STPK, scale_T=None, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, dict]:
     """Each value figure of ``on`` and ``off`` with its interval, and the paired on − off difference."""
     real, on = np.asarray(real_TPK, np.float64), np.asarray(on_STPK, np.float64)
-    scale = np.ptp(real.mean(-1), -1) if scale_T is None else np.asarray(scale_T, np.float64)
+    scale = task_scale(real) if scale_T is None else np.asarray(scale_T, np.float64)
     sides = {"on": on, "off": np.asarray(off_STPK, np.float64)}
     rng = np.random.default_rng(seed)
     S, _, P, K = on.shape
@@ -185,7 +190,7 @@ def uncertainty_intervals(scores: dict[str, np.ndarray], err_NH: np.ndarray, n_b
 def split_values(res: dict, on: dict, off: dict) -> dict:
     """Per mode and split: ``value_intervals`` of ``on[mode]`` and ``off[mode]`` [S, T, P, K] on each task's range."""
     real = np.asarray(res["real_TPK"], np.float64)
-    scale_T = np.ptp(real.mean(-1), -1)
+    scale_T = task_scale(real)
     return {mode: {s: value_intervals(real[:, sel], np.asarray(on[mode])[:, :, sel],
                                       np.asarray(off[mode])[:, :, sel], scale_T)
                    for s, sel in split_masks(res["split"]).items()} for mode in MODES if mode in on}
