@@ -248,8 +248,8 @@ def build_tokens(source: str | Path, out: str | Path, tokenizer_ckpt: str | Path
                          initializer=partial(torch.set_num_threads, 1)))
     if r != 0:
         return None
-    parts = _wait_for_parts(job, source_manifest["shards"])
-    write_json_atomic(Path(out) / MANIFEST, token_manifest(job, source_manifest, parts))
+    m = token_manifest(job, source_manifest, _wait_for_parts(job, source_manifest["shards"]))  # parts sha256'd
+    write_json_atomic(Path(out) / MANIFEST, m)
     for stale in Path(out).glob(".shard-*.tar.tmp-*"):  # left by an interrupted run; every writer has finished
         stale.unlink()
-    return read_token_manifest(out, source)
+    return m
