@@ -225,6 +225,7 @@ class ClipDataModule(L.LightningDataModule):
         self.val_splits = list(val_splits or ["val"])
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self._dirs: list[_DirInfo] | None = None
+        self._verified: dict[str, dict] = {}  # manifests prepare_data already verified, by directory
         self._train_ds: ClipStream | None = None
 
     @property
@@ -234,7 +235,7 @@ class ClipDataModule(L.LightningDataModule):
 
     def _read(self, i: int, p: str) -> _DirInfo:
         if self.tokens is None:
-            return _DirInfo(p, verify_dataset(p), i)
+            return _DirInfo(p, self._verified.get(p) or verify_dataset(p), i)
         t = Path(self.tokens) / Path(p).name
         return _DirInfo(str(t), read_token_manifest(t, source_dir=p), i)
 
@@ -345,7 +346,7 @@ class MetaWorldDataModule(ClipDataModule):
         """Collect the config into its ``out`` directory unless complete shards of it are there."""
         from whale_pl.data.metaworld import ensure_collected
 
-        ensure_collected(self.collect_config)
+        self._verified[self.dir_paths[0]] = ensure_collected(self.collect_config)  # verified: setup reuses it
 
     @property
     def data_spec(self) -> dict:

@@ -158,14 +158,17 @@ def encode_shard(job: TokenJob, shard: dict, source_manifest: dict, tok: torch.n
     return part
 
 
-def encode_shards(job: TokenJob, names: list[str], device: str) -> None:
-    """Tokenise the shards ``names`` of the job that have no kept part."""
+def encode_shards(job: TokenJob, names: list[str], device: str) -> dict[str, dict]:
+    """Tokenise the shards ``names`` of the job that have no kept part; returns the part of each, by name."""
     source_manifest = read_manifest(job.source)
-    todo = [sh for sh in source_manifest["shards"] if sh["name"] in set(names) and _kept_part(job, sh) is None]
+    mine = [sh for sh in source_manifest["shards"] if sh["name"] in set(names)]
+    parts = {sh["name"]: p for sh in mine if (p := _kept_part(job, sh)) is not None}
+    todo = [sh for sh in mine if sh["name"] not in parts]
     if todo:
         tok, _, _ = load_tokenizer(job.tokenizer_ckpt, device)
         for sh in todo:
-            encode_shard(job, sh, source_manifest, tok, device)
+            parts[sh["name"]] = encode_shard(job, sh, source_manifest, tok, device)
+    return parts
 
 
 def _check_out_dir(job: TokenJob) -> dict | None:
@@ -193,9 +196,9 @@ def _check_out_dir(job: TokenJob) -> dict | None:
     return None
 
 
-def _wait_for_parts(job: TokenJob, shards: list[dict]) -> list[dict]:
-    """Every shard's kept part (other ranks may still be writing theirs), in shard order."""
-    t0, parts = time.time(), {}
+def _wait_for_parts(job: TokenJob, shards: list[dict], parts: dict[str, dict]) -> list[dict]:
+    """Every shard's kept part in shard order: ``parts`` (this rank's, by name), the others' once written."""
+    t0, parts = time.time(), dict(parts)
     while True:
         for sh in shards:
             if sh["name"] not in parts and (part := _kept_part(job, sh)) is not None:
@@ -242,14 +245,14 @@ def build_tokens(source: str | Path, out: str | Path, tokenizer_ckpt: str | Path
     if torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
     if workers == 1:
-        encode_shards(job, assignment[0], device)
+        mine = encode_shards(job, assignment[0], device)
     else:  # one torch thread per spawned worker, which exits with this process
-        list(map_ordered(partial(encode_shards, job, device=device), assignment, workers,
-                         initializer=partial(torch.set_num_threads, 1)))
+        mine = {k: p for ps in map_ordered(partial(encode_shards, job, device=device), assignment, workers,
+                                           initializer=partial(torch.set_num_threads, 1)) for k, p in ps.items()}
     if r != 0:
         return None
-    parts = _wait_for_parts(job, source_manifest["shards"])
-    write_json_atomic(Path(out) / MANIFEST, token_manifest(job, source_manifest, parts))
+    m = token_manifest(job, source_manifest, _wait_for_parts(job, source_manifest["shards"], mine))
+    write_json_atomic(Path(out) / MANIFEST, m)
     for stale in Path(out).glob(".shard-*.tar.tmp-*"):  # left by an interrupted run; every writer has finished
         stale.unlink()
-    return read_token_manifest(out, source)
+    return m
